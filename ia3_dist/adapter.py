@@ -1,0 +1,42 @@
+"""Saving the IA3 adapter in PEFT format from a DeepSpeed engine, correct on every ZeRO stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import dist
+from .model import trainable_named_parameters
+
+
+def gather_trainable(peft_model: Any, is_main: bool) -> dict[str, torch.Tensor]:
+    """Full fp32 values of the trainable parameters; every rank must call this (a collective under ZeRO-3).
+
+    ``safe_get_full_fp32_param`` reads the optimizer's fp32 master copy where one exists (bf16/fp16, ZeRO-1/2/3)
+    and gathers ZeRO-3 partitions, whatever ``stage3_param_persistence_threshold`` left unpartitioned. Plain fp32
+    ZeRO-0 has no master copy: the module parameter is the value.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out: dict[str, torch.Tensor] = {}
+    for name, p in trainable_named_parameters(peft_model):
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            if hasattr(p, "ds_id"):
+                raise RuntimeError(f"could not gather ZeRO-3 parameter {name}")
+            full = p.detach()
+        if is_main:
+            out[name] = full.detach().float().cpu().clone()
+    return out
+
+
+def save_adapter(peft_model: Any, out_dir: Path, is_main: bool) -> Path:
+    """Gather on all ranks, write on rank 0, then wait so no rank exits before the files exist."""
+    state = gather_trainable(peft_model, is_main)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        peft_model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+    dist.barrier()
+    return out_dir

@@ -1,0 +1,49 @@
+"""Command line: ``launch.py`` / ``ia3-dist`` [train] [--config X] [key.sub=value ...]."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import EXIT_USAGE, UsageError
+
+
+def _train_parser(prog: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Fine-tune a causal LM with IA3 on DeepSpeed. With no "
+                                 "--config, runs the embedded CPU demo (tiny Bloom, synthetic Chinese records).")
+    ap.add_argument("--config", help="run config YAML (see configs/)")
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-3")
+    # The deepspeed launcher appends --local_rank; the rank layout is read from the environment instead.
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def cmd_train(argv: list[str], prog: str) -> int:
+    from .config import load_config
+    from .demo import DEMO_RUN
+
+    args = _train_parser(prog).parse_args(argv)
+    cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO_RUN)
+    from .trainer import run
+
+    run(cfg)
+    return 0
+
+
+COMMANDS = {"train": cmd_train}
+
+
+def main(argv: list[str] | None = None, prog: str = "ia3-dist") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = "train"
+    if argv and argv[0] in COMMANDS:
+        cmd = argv.pop(0)
+    try:
+        return COMMANDS[cmd](argv, prog)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+
+
+def entry() -> None:
+    sys.exit(main())

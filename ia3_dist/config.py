@@ -1,0 +1,360 @@
+"""Typed run config: one dataclass per YAML section, strict loading, ``key.sub=value`` overrides.
+
+``yaml.safe_load`` gives a plain mapping; :func:`build_config` constructs the dataclasses from it so that an unknown
+key, a wrong type or an impossible value fails with a :class:`UsageError` naming the key, before anything starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UsageError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULERS = ("linear", "cosine", "constant")
+
+
+def _fail(key: str, msg: str) -> typing.NoReturn:
+    raise UsageError(f"config key '{key}': {msg}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "demo:tiny-bloom"
+    """Local model dir or hub name for ``AutoModelForCausalLM.from_pretrained``; ``demo:tiny-bloom`` builds the
+    embedded tiny Bloom once and caches it."""
+    tokenizer: str | None = None
+    """Tokenizer dir or hub name; defaults to ``model.path``."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for model and tokenizer."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the model repo. Off unless set: it runs code from the repo."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            _fail("model.path", "must be a model directory or hub name")
+
+
+@dataclass
+class DataConfig:
+    path: str = "demo:zh-styles"
+    """``save_to_disk`` dir, ``.json`` (list of records), ``.jsonl``, a hub dataset name, or ``demo:zh-styles``."""
+    split: str = "train"
+    """Split to use for hub datasets and ``DatasetDict`` dirs."""
+    max_length: int = 256
+    """Truncate ids, attention mask and labels to this many tokens (the reference recipe uses 256)."""
+    prompt_template: str = "Human: {instruction}\n{input}"
+    """Prompt built from the record's fields (``{instruction}``, ``{input}``)."""
+    strip_prompt: bool = True
+    """Strip the prompt before the response prefix (the reference recipe does)."""
+    response_prefix: str = "\n\nAssistant: "
+    """Appended to the prompt; the model learns to continue after it."""
+    append_eos: bool = True
+    """Append the tokenizer's eos token to the output before tokenizing (the reference recipe does)."""
+    shuffle: bool = True
+    """Reshuffle the example order every epoch from ``train.seed``; false keeps the file order."""
+    limit: int | None = None
+    """Use only the first N records (after loading, before tokenizing)."""
+    cache_dir: str | None = None
+    """Where tokenized data (and the demo assets) are cached; default ``$IA3_DIST_CACHE`` or
+    ``~/.cache/ia3-dist``."""
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            _fail("data.max_length", f"must be >= 2, got {self.max_length}")
+        if self.limit is not None and self.limit < 1:
+            _fail("data.limit", f"must be >= 1 or null, got {self.limit}")
+        try:
+            self.prompt_template.format(instruction="", input="")
+        except (KeyError, IndexError, ValueError) as e:
+            _fail("data.prompt_template", f"bad template ({e!r}); only {{instruction}} and {{input}} are allowed")
+
+
+@dataclass
+class IA3Section:
+    target_modules: list[str] | None = None
+    """Modules whose activations IA3 scales; null uses PEFT's default for the architecture
+    (Bloom: ``query_key_value``, ``mlp.dense_4h_to_h``)."""
+    feedforward_modules: list[str] | None = None
+    """Subset of target modules scaled on their input; null uses PEFT's default (Bloom: ``mlp.dense_4h_to_h``)."""
+
+    def __post_init__(self) -> None:
+        if (self.feedforward_modules is not None) and self.target_modules is None:
+            _fail("ia3.feedforward_modules", "set ia3.target_modules too (feedforward modules must be a subset)")
+        if self.target_modules is not None and self.feedforward_modules is not None:
+            extra = set(self.feedforward_modules) - set(self.target_modules)
+            if extra:
+                _fail("ia3.feedforward_modules", f"{sorted(extra)} not in ia3.target_modules")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    """Examples per rank per forward pass."""
+    grad_accum: int = 8
+    """Micro-batches per rank per optimizer step. Global batch = micro_batch_size x grad_accum x world size."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    epochs: int = 1
+    """Passes over the data; ignored when ``max_steps`` > 0."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (> 0 overrides ``epochs``)."""
+    seed: int = 42
+    """Seed for IA3 init, data order and dropout."""
+    precision: str = "fp32"
+    """``bf16``, ``fp16`` or ``fp32`` training (DeepSpeed mixed precision)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    scheduler: str = "linear"
+    """LR schedule after warmup: ``linear`` or ``cosine`` decay to 0, or ``constant``."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many optimizer steps."""
+    log_every: int = 10
+    """Log loss, lr, grad norm and tokens/s every N optimizer steps (and at the last step)."""
+    threads: int = 0
+    """Torch/OMP threads per rank on CPU; 0 gives each local rank its share of the cores."""
+
+    def __post_init__(self) -> None:
+        for key in ("micro_batch_size", "grad_accum", "epochs", "log_every"):
+            if getattr(self, key) < 1:
+                _fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.max_steps < 0:
+            _fail("train.max_steps", f"must be >= 0, got {self.max_steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            _fail("train.lr", f"must be a positive number, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            _fail("train.precision", f"must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
+        if self.scheduler not in SCHEDULERS:
+            _fail("train.scheduler", f"must be one of {'|'.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.warmup_steps < 0:
+            _fail("train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            _fail("train.betas", f"must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
+            _fail("train", "weight_decay and grad_clip must be >= 0 and eps > 0")
+        if self.threads < 0:
+            _fail("train.threads", f"must be >= 0, got {self.threads}")
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "zero2"
+    """A shipped config name (``zero0`` .. ``zero3``, ``zero3_offload``) or a path to a DeepSpeed JSON file.
+    Batch sizes, precision, optimizer and scheduler are filled from this run config."""
+    timeout_minutes: int = 30
+    """Collective timeout for the process group."""
+
+    def __post_init__(self) -> None:
+        if self.timeout_minutes < 1:
+            _fail("deepspeed.timeout_minutes", f"must be >= 1, got {self.timeout_minutes}")
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0
+    """Save a DeepSpeed checkpoint (trainable params and optimizer only) every N optimizer steps; 0: only at the
+    end."""
+    keep: int = 2
+    """How many checkpoints to keep."""
+    at_end: bool = True
+    """Save a checkpoint after the last step."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            _fail("checkpoint.every", f"must be >= 0, got {self.every}")
+        if self.keep < 1:
+            _fail("checkpoint.keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclass
+class OutputSection:
+    dir: str = "runs/demo"
+    """Run directory: run.yaml, ds_config.json, metrics.jsonl, adapter/, checkpoints/."""
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            _fail("output.dir", "must be a directory path")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Base model and tokenizer."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Instruction data and preprocessing."""
+    ia3: IA3Section = field(default_factory=IA3Section)
+    """IA3 adapter placement."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    """DeepSpeed ZeRO config."""
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    """Checkpointing."""
+    output: OutputSection = field(default_factory=OutputSection)
+    """Where results go."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; accept the few safe conversions YAML needs (int -> float,
+    numeric strings such as ``3e-3`` that YAML 1.1 reads as strings)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except UsageError as e:
+                errors.append(str(e))
+        _fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            _fail(key, f"expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        _fail(key, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        _fail(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _fail(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        _fail(key, f"expected a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        _fail(prefix, f"expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            _fail(where, f"unknown key; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, raw[f.name], key)
+        else:
+            kwargs[f.name] = _coerce(raw[f.name], tp, key)
+    return cls(**kwargs)
+
+
+def build_config(raw: Any) -> RunConfig:
+    """Construct a :class:`RunConfig` from a plain mapping, failing loudly on anything unexpected."""
+    return _build(RunConfig, raw, "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-3`` -> (["train", "lr"], 0.001). The value is read as YAML so lists and nulls work."""
+    if "=" not in text:
+        raise UsageError(f"override '{text}': expected key.sub=value (e.g. train.lr=1e-3)")
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UsageError(f"override '{text}': empty key part")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise UsageError(f"override '{text}': '{'.'.join(parts[: i + 1])}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {p}: not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config file {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        raise UsageError(f"config file {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"config file {p}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """Read ``path`` (or start from ``base``), apply overrides, construct and validate."""
+    raw = read_yaml(path) if path is not None else copy.deepcopy(base or {})
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        return build_config(raw)
+    except UsageError as e:
+        if path is not None:
+            raise UsageError(f"{path}: {e}") from None
+        raise

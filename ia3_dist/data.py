@@ -1,0 +1,371 @@
+"""Instruction records -> token ids with prompt-masked labels, cached; and the per-rank sharding plan.
+
+Preprocessing is the reference recipe's ``process_func`` done in batches:
+
+    prompt = "\\n".join(["Human: " + instruction, input]).strip() + "\\n\\nAssistant: "
+    ids = tok(prompt).input_ids + tok(output + eos).input_ids     # labels -100 over the prompt
+    truncate ids, attention mask and labels to max_length
+
+Labels are fully determined by the ids and the prompt length, so the cache stores only the flat ids, offsets and
+prompt lengths (numpy), keyed by a content hash of the data, the tokenizer, the template and the max length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .errors import UsageError
+
+IGNORE_INDEX = -100
+# Bump when the cached format or the preprocessing changes meaning.
+CACHE_VERSION = 1
+FIELDS = ("instruction", "input", "output")
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("IA3_DIST_CACHE") or os.path.join(Path.home(), ".cache", "ia3-dist")
+    return Path(root).expanduser()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock shared by every process on the node (and on a shared filesystem that supports flock), so
+    one rank builds a cache entry while the others wait on a file, never on a collective with a timeout."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass
+class Records:
+    """Columns of raw records plus where they came from (for error messages and the cache key)."""
+
+    instruction: list[str]
+    input: list[str]
+    output: list[str]
+    source: str
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.output)
+
+
+def _hash_path(p: Path, h: Any) -> None:
+    if p.is_dir():
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            h.update(str(f.relative_to(p)).encode())
+            _hash_path(f, h)
+    else:
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+
+
+def _check_record(rec: Any, where: str) -> tuple[str, str, str]:
+    if not isinstance(rec, dict):
+        raise UsageError(f"{where}: expected an object with instruction/input/output, got {type(rec).__name__}")
+    vals = []
+    for f in FIELDS:
+        v = rec.get(f)
+        if v is None and f == "input":
+            v = ""
+        if v is None:
+            raise UsageError(f"{where}: missing field '{f}' (every record needs instruction, output; input is "
+                             f"optional)")
+        if not isinstance(v, str):
+            raise UsageError(f"{where}: field '{f}' must be a string, got {type(v).__name__}")
+        vals.append(v)
+    return vals[0], vals[1], vals[2]
+
+
+def _columns(rows: Sequence[tuple[str, str, str]], source: str, fingerprint: str) -> Records:
+    if not rows:
+        raise UsageError(f"{source}: the dataset has no records")
+    ins, inp, out = (list(c) for c in zip(*rows, strict=True))
+    return Records(ins, inp, out, source, fingerprint)
+
+
+def _read_json(p: Path) -> list[tuple[str, str, str]]:
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise UsageError(f"{p}:{line}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") \
+            from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{p}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, list):
+        raise UsageError(f"{p}: expected a JSON list of records, got {type(data).__name__} "
+                         f"(use .jsonl for one record per line)")
+    return [_check_record(r, f"{p}: record {i}") for i, r in enumerate(data)]
+
+
+def _read_jsonl(p: Path) -> list[tuple[str, str, str]]:
+    rows = []
+    with open(p, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{p}:{n}: not UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{p}:{n}:{e.colno}: invalid JSON: {e.msg}") from None
+            rows.append(_check_record(rec, f"{p}:{n}"))
+    return rows
+
+
+def _read_hf(ds: Any, source: str) -> list[tuple[str, str, str]]:
+    missing = [f for f in ("instruction", "output") if f not in ds.column_names]
+    if missing:
+        raise UsageError(f"{source}: dataset has no column(s) {missing}; columns are {ds.column_names}")
+    cols = {f: ds[f] if f in ds.column_names else [""] * len(ds) for f in FIELDS}
+    return [_check_record({f: cols[f][i] for f in FIELDS}, f"{source}: record {i}") for i in range(len(ds))]
+
+
+def load_records(cfg: DataConfig) -> Records:
+    """Read the records named by ``data.path``; every problem is a :class:`UsageError` naming file and record."""
+    path = cfg.path
+    if path.startswith("demo:"):
+        from . import demo
+
+        path = str(demo.ensure_data(cfg, path))
+    p = Path(path).expanduser()
+    if p.is_dir():
+        import datasets
+
+        if not ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
+                or (p / "state.json").exists()):
+            raise UsageError(f"{p}: directory is not a datasets save_to_disk dataset (no dataset_info.json, "
+                             f"state.json or dataset_dict.json); point data.path at a .json/.jsonl file instead")
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # datasets raises many types for corrupt dirs; the user needs the path
+            raise UsageError(f"{p}: cannot load the save_to_disk dataset: {e}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.split not in ds:
+                raise UsageError(f"{p}: no split '{cfg.split}' (has {list(ds)}); set data.split")
+            ds = ds[cfg.split]
+        h = hashlib.sha256()
+        _hash_path(p, h)
+        rows = _read_hf(ds, str(p))
+    elif p.is_file():
+        h = hashlib.sha256()
+        _hash_path(p, h)
+        if p.suffix == ".jsonl":
+            rows = _read_jsonl(p)
+        elif p.suffix == ".json":
+            rows = _read_json(p)
+        else:
+            raise UsageError(f"{p}: unknown data format '{p.suffix}'; use .json, .jsonl or a save_to_disk dir")
+    elif p.suffix in (".json", ".jsonl") or path.startswith((".", "/", "~")):
+        raise UsageError(f"data.path {path}: file not found")
+    else:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(path, split=cfg.split)
+        except Exception as e:  # offline, missing or private dataset: all mean "cannot use this name"
+            raise UsageError(f"data.path {path}: not a local file/dir and the hub dataset could not be "
+                             f"loaded ({type(e).__name__}: {e})") from None
+        h = hashlib.sha256(f"hub:{path}:{cfg.split}:{getattr(ds, '_fingerprint', '')}".encode())
+        rows = _read_hf(ds, path)
+    if cfg.limit is not None:
+        rows = rows[: cfg.limit]
+    return _columns(rows, str(p), h.hexdigest())
+
+
+def build_prompt(cfg: DataConfig, instruction: str, inp: str) -> str:
+    prompt = cfg.prompt_template.format(instruction=instruction, input=inp)
+    if cfg.strip_prompt:
+        prompt = prompt.strip()
+    return prompt + cfg.response_prefix
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+             .encode())
+    h.update(repr((tok.eos_token, tok.pad_token, type(tok).__name__)).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class TokenizedData:
+    """Flat token ids with offsets; labels are ids with the first ``prompt_len`` positions masked."""
+
+    ids: np.ndarray          # int32, all examples back to back
+    offsets: np.ndarray      # int64, len n+1
+    prompt_lens: np.ndarray  # int32, masked prefix length per example (<= length)
+    n_records: int           # before dropping
+    dropped: np.ndarray      # record indices dropped (all labels masked after truncation)
+    truncated: int           # examples cut at max_length
+    seconds: float = 0.0     # tokenization time (0 when served from cache)
+    cache_file: str = ""
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def example(self, i: int) -> tuple[list[int], list[int], list[int]]:
+        """``(input_ids, attention_mask, labels)`` exactly as the reference recipe returns them."""
+        ids = self.ids[self.offsets[i]: self.offsets[i + 1]].tolist()
+        p = int(self.prompt_lens[i])
+        return ids, [1] * len(ids), [IGNORE_INDEX] * p + ids[p:]
+
+    def label_tokens(self, i: int) -> int:
+        """Positions that count in a causal-LM loss: labels[1:] != -100 (position 0 is never predicted)."""
+        n = int(self.offsets[i + 1] - self.offsets[i])
+        return n - max(int(self.prompt_lens[i]), 1)
+
+
+def tokenize(records: Records, tok: Any, cfg: DataConfig, batch_size: int = 1000) -> TokenizedData:
+    t0 = time.perf_counter()
+    eos = tok.eos_token if cfg.append_eos else ""
+    if cfg.append_eos and eos is None:
+        raise UsageError("the tokenizer has no eos token; set data.append_eos=false or use a tokenizer with one")
+    chunks, offsets, plens, dropped = [], [0], [], []
+    truncated = 0
+    total = 0
+    for start in range(0, len(records), batch_size):
+        end = min(start + batch_size, len(records))
+        prompts = [build_prompt(cfg, records.instruction[i], records.input[i]) for i in range(start, end)]
+        responses = [records.output[i] + eos for i in range(start, end)]
+        p_ids = tok(prompts).input_ids
+        r_ids = tok(responses).input_ids
+        for j, (p, r) in enumerate(zip(p_ids, r_ids, strict=True)):
+            ids = (p + r)
+            if len(ids) > cfg.max_length:
+                truncated += 1
+                ids = ids[: cfg.max_length]
+            plen = min(len(p), len(ids))
+            # Labels all -100 (or only at position 0, which is never predicted): no loss signal; the reference
+            # recipe gives NaN/zero loss on these.
+            if len(ids) - max(plen, 1) <= 0:
+                dropped.append(start + j)
+                continue
+            chunks.append(np.asarray(ids, dtype=np.int32))
+            total += len(ids)
+            offsets.append(total)
+            plens.append(plen)
+    if not chunks:
+        raise UsageError(f"{records.source}: every record is all prompt after truncation to data.max_length="
+                         f"{cfg.max_length}; raise data.max_length")
+    return TokenizedData(ids=np.concatenate(chunks), offsets=np.asarray(offsets, dtype=np.int64),
+                         prompt_lens=np.asarray(plens, dtype=np.int32), n_records=len(records),
+                         dropped=np.asarray(dropped, dtype=np.int64), truncated=truncated,
+                         seconds=time.perf_counter() - t0)
+
+
+def cache_key(records: Records, tok: Any, cfg: DataConfig) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({
+        "v": CACHE_VERSION, "data": records.fingerprint, "tok": tokenizer_fingerprint(tok),
+        "template": cfg.prompt_template, "strip": cfg.strip_prompt, "prefix": cfg.response_prefix,
+        "eos": cfg.append_eos, "max_length": cfg.max_length, "limit": cfg.limit,
+    }, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def load_or_tokenize(cfg: DataConfig, tok: Any) -> TokenizedData:
+    """Tokenize once per content; concurrent ranks wait on a file lock while one of them builds the entry."""
+    records = load_records(cfg)
+    key = cache_key(records, tok, cfg)
+    d = cache_root(cfg) / "tokenized"
+    f = d / f"{key}.npz"
+    with file_lock(d / f"{key}.lock"):
+        if f.exists():
+            z = np.load(f)
+            return TokenizedData(ids=z["ids"], offsets=z["offsets"], prompt_lens=z["prompt_lens"],
+                                 n_records=int(z["n_records"]), dropped=z["dropped"],
+                                 truncated=int(z["truncated"]), cache_file=str(f))
+        data = tokenize(records, tok, cfg)
+        tmp = d / f".{key}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, ids=data.ids, offsets=data.offsets, prompt_lens=data.prompt_lens,
+                 n_records=data.n_records, dropped=data.dropped, truncated=data.truncated)
+        os.replace(tmp, f)
+        data.cache_file = str(f)
+        return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharding: which examples each rank sees in each optimizer step.
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    return -(-n // global_batch)
+
+
+def rank_micro_batches(batch: Sequence[int], rank: int, world: int, micro: int, accum: int) -> list[list[int]]:
+    """Split one global batch (<= micro*accum*world example indices) into this rank's ``accum`` micro-batches.
+
+    Rank r takes every world-th example, so a short last batch stays spread over the ranks. Empty micro-batches
+    are kept as empty lists: every rank must still run ``accum`` micro-steps so collectives line up.
+    """
+    mine = list(batch[rank::world])
+    out = [mine[i * micro:(i + 1) * micro] for i in range(accum)]
+    if sum(len(m) for m in out) != len(mine):
+        raise ValueError(f"global batch of {len(batch)} does not fit micro={micro} x accum={accum} x world={world}")
+    return out
+
+
+def iter_steps(n: int, global_batch: int, seed: int, shuffle: bool,
+               total_steps: int, start_step: int = 0) -> Iterator[tuple[int, int, list[int]]]:
+    """Yield ``(step, epoch, global_batch_indices)`` for steps ``start_step .. total_steps-1``; positions are
+    computed, never replayed, so starting at step k costs nothing."""
+    spe = steps_per_epoch(n, global_batch)
+    order_epoch, order = -1, None
+    for step in range(start_step, total_steps):
+        epoch, k = divmod(step, spe)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(n, seed, epoch, shuffle), epoch
+        yield step, epoch, order[k * global_batch:(k + 1) * global_batch].tolist()
+
+
+def collate(data: TokenizedData, idx: Sequence[int], pad_id: int, padding_side: str = "right"
+            ) -> dict[str, torch.Tensor]:
+    """Pad like ``DataCollatorForSeq2Seq(padding=True)``: pad id / mask 0 / label -100 on the tokenizer's side."""
+    rows = [data.example(i) for i in idx]
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for j, (i_, m_, l_) in enumerate(rows):
+        n = len(i_)
+        sl = slice(width - n, width) if padding_side == "left" else slice(0, n)
+        ids[j, sl] = torch.tensor(i_)
+        mask[j, sl] = torch.tensor(m_)
+        labels[j, sl] = torch.tensor(l_)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

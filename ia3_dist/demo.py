@@ -1,0 +1,165 @@
+"""The embedded default: a tiny Bloom, a byte-level BPE tokenizer and synthetic Chinese instruction records, all
+made by this module, deterministically, once per cache dir (no network, no files needed).
+
+IA3 only rescales features the base model already has, so on a random base it barely moves the loss. The demo
+therefore first pretrains the tiny base briefly on answers in three styles (the target style is rare), then the
+IA3 run teaches it to prefer the target style: a visible loss drop from a few hundred thousand scalings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig
+
+ASSET_VERSION = 1
+MODEL_NAME = "demo:tiny-bloom"
+DATA_NAME = "demo:zh-styles"
+
+# The run ``python launch.py`` does with no arguments; configs/tiny-cpu.yaml is this, written out.
+DEMO_RUN: dict[str, Any] = {
+    "model": {"path": MODEL_NAME},
+    "data": {"path": DATA_NAME, "max_length": 256},
+    "train": {"micro_batch_size": 4, "grad_accum": 2, "lr": 3e-2, "epochs": 3, "seed": 42, "precision": "fp32",
+              "log_every": 10},
+    "deepspeed": {"config": "zero2"},
+    "checkpoint": {"every": 0, "keep": 1},
+    "output": {"dir": "runs/demo"},
+}
+
+SUBJECTS = ["猫", "狗", "长城", "太阳", "月亮", "大海", "森林", "火车", "电脑", "茶", "米饭", "熊猫", "北京", "上海",
+            "黄河", "长江", "春天", "夏天", "秋天", "冬天", "雨", "雪", "风", "高山", "小河", "花园", "大树", "小鸟",
+            "金鱼", "图书", "音乐", "电影", "足球", "篮球", "医生", "老师", "学生", "朋友", "家庭", "城市", "农村",
+            "飞机", "汽车", "自行车", "手机", "咖啡", "面条", "饺子", "月饼", "星星"]
+TRAITS = ["很可爱", "很忠诚", "很雄伟", "很温暖", "很明亮", "很辽阔", "很安静", "很快", "很聪明", "很清香",
+          "很香甜", "很珍贵", "很热闹", "很繁华", "很古老", "很漫长", "很美丽", "很炎热", "很凉爽", "很寒冷"]
+ASKS = ["请介绍一下{x}。", "{x}有什么特点？", "用一句话描述{x}。", "你知道{x}吗？", "说说你对{x}的看法。"]
+INPUTS = ["", "", "简短回答。", "请认真回答。"]
+# Style 0 is the one the IA3 run teaches; the base sees it in only 10% of its pretraining answers.
+STYLES = [
+    "{x}的特点是{t}。总的来说，{x}{t}。",
+    "哈哈，{x}嘛，就是{t}啦！",
+    "关于{x}：一，{t}；二，没了。",
+]
+STYLE_WEIGHTS = [0.1, 0.45, 0.45]
+
+
+def _trait(x: str) -> str:
+    return TRAITS[sum(ord(c) for c in x) % len(TRAITS)]
+
+
+def make_records(n: int, seed: int, style: int | None) -> list[dict[str, str]]:
+    """``n`` records; ``style`` None draws the style per record with :data:`STYLE_WEIGHTS`."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        x = rng.choice(SUBJECTS)
+        s = style if style is not None else rng.choices(range(len(STYLES)), STYLE_WEIGHTS)[0]
+        out.append({"instruction": rng.choice(ASKS).format(x=x), "input": rng.choice(INPUTS),
+                    "output": STYLES[s].format(x=x, t=_trait(x))})
+    return out
+
+
+def asset_root(cache_dir: str | None) -> Path:
+    from .data import cache_root
+
+    return cache_root(DataConfig(cache_dir=cache_dir)) / "demo" / f"v{ASSET_VERSION}"
+
+
+def _train_tokenizer(texts: list[str], out: Path) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", padding_side="left")
+    tok.save_pretrained(str(out))
+    # transformers 5 has no BloomTokenizerFast class; the name maps to the fast backend, as for real Bloom dirs.
+    cfg_path = out / "tokenizer_config.json"
+    tc = json.loads(cfg_path.read_text())
+    tc["tokenizer_class"] = "BloomTokenizerFast"
+    cfg_path.write_text(json.dumps(tc, ensure_ascii=False, indent=2))
+    return tok
+
+
+def _pretrain(model: Any, tok: Any, records: list[dict[str, str]], steps: int, seed: int) -> list[float]:
+    import torch
+
+    from .data import Records, collate, tokenize
+
+    data = tokenize(Records([r["instruction"] for r in records], [r["input"] for r in records],
+                            [r["output"] for r in records], "demo", "demo"), tok, DataConfig(path="demo"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    rng = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(data), (16,), generator=rng).tolist()
+        b = collate(data, idx, tok.pad_token_id, "left")
+        loss = model(**b).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def build_assets(root: Path) -> None:
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM
+
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "model").mkdir(parents=True)
+    pre = make_records(3000, seed=1, style=None)
+    target = make_records(400, seed=2, style=0)
+    texts = [r["instruction"] + r["input"] + r["output"] for r in pre]
+    tok = _train_tokenizer(texts, tmp / "model")
+    torch.manual_seed(0)
+    cfg = BloomConfig(vocab_size=len(tok), hidden_size=128, n_layer=4, n_head=4, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = BloomForCausalLM(cfg)
+    _pretrain(model, tok, pre, steps=800, seed=0)
+    model.save_pretrained(str(tmp / "model"), safe_serialization=True)
+    (tmp / "data.json").write_text(json.dumps(target, ensure_ascii=False, indent=1), encoding="utf-8")
+    (tmp / "README.txt").write_text("Built by ia3_dist.demo: a tiny Bloom pretrained on synthetic records in three "
+                                    "answer styles, and 400 records in the target style.\n")
+    os.replace(tmp, root)
+
+
+def ensure_assets(cache_dir: str | None) -> Path:
+    from .data import file_lock
+
+    root = asset_root(cache_dir)
+    with file_lock(root.parent / f"{root.name}.lock"):
+        if not (root / "model" / "config.json").exists():
+            build_assets(root)
+    return root
+
+
+def ensure_model(name: str, cache_dir: str | None) -> Path:
+    if name != MODEL_NAME:
+        from .errors import UsageError
+
+        raise UsageError(f"model.path {name}: unknown demo model; the embedded one is {MODEL_NAME}")
+    return ensure_assets(cache_dir) / "model"
+
+
+def ensure_data(cfg: DataConfig, name: str) -> Path:
+    if name != DATA_NAME:
+        from .errors import UsageError
+
+        raise UsageError(f"data.path {name}: unknown demo data; the embedded set is {DATA_NAME}")
+    return ensure_assets(cfg.cache_dir) / "data.json"

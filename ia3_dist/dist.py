@@ -1,0 +1,157 @@
+"""Distributed state: the only module that reads RANK / WORLD_SIZE / SLURM_* and talks to the process group.
+
+Launchers set different variables: ``deepspeed`` and ``torchrun`` set RANK, LOCAL_RANK, WORLD_SIZE (and
+LOCAL_SIZE / LOCAL_WORLD_SIZE); a plain ``srun`` with one task per rank only sets SLURM_PROCID, SLURM_LOCALID,
+SLURM_NTASKS. A plain ``python launch.py`` sets nothing and is world 1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int_env(*names: str) -> int | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            try:
+                return int(v)
+            except ValueError:
+                # SLURM_TASKS_PER_NODE looks like "2(x2)": the first number is this layout's per-node count.
+                digits = "".join(c for c in v.split("(")[0].split(",")[0] if c.isdigit())
+                if digits:
+                    return int(digits)
+    return None
+
+
+def detect() -> DistEnv:
+    """Rank layout from the launcher's environment (torch/deepspeed variables first, then SLURM)."""
+    if os.environ.get("RANK") is not None and os.environ.get("WORLD_SIZE") is not None:
+        rank = _int_env("RANK") or 0
+        world = _int_env("WORLD_SIZE") or 1
+        local = _int_env("LOCAL_RANK") or 0
+        local_world = _int_env("LOCAL_WORLD_SIZE", "LOCAL_SIZE") or world
+    elif os.environ.get("SLURM_PROCID") is not None and (_int_env("SLURM_NTASKS") or 1) > 1:
+        rank = _int_env("SLURM_PROCID") or 0
+        world = _int_env("SLURM_NTASKS") or 1
+        local = _int_env("SLURM_LOCALID") or 0
+        local_world = _int_env("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE") or world
+    else:
+        rank, local, world, local_world = 0, 0, 1, 1
+    return DistEnv(rank=rank, local_rank=local, world_size=world, local_world_size=max(1, local_world))
+
+
+def setup_threads(env: DistEnv, threads: int = 0) -> int:
+    """Give this rank its share of the cores so ranks on one box do not oversubscribe them."""
+    if threads <= 0:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        threads = max(1, cores // env.local_world_size)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master() -> tuple[str, str] | None:
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    host = out[0] if out else nodes.split(",")[0]
+    job = _int_env("SLURM_JOB_ID") or 0
+    return host, str(20000 + job % 20000)
+
+
+def init(env: DistEnv, timeout_minutes: int = 30) -> None:
+    """Start the process group through DeepSpeed (gloo on CPU, nccl on GPU: DeepSpeed's accelerator picks)."""
+    import deepspeed
+
+    os.environ["RANK"] = str(env.rank)
+    os.environ["LOCAL_RANK"] = str(env.local_rank)
+    os.environ["WORLD_SIZE"] = str(env.world_size)
+    os.environ["LOCAL_WORLD_SIZE"] = str(env.local_world_size)
+    if "MASTER_ADDR" not in os.environ:
+        slurm = _slurm_master() if env.world_size > 1 else None
+        if slurm is not None:
+            os.environ["MASTER_ADDR"] = slurm[0]
+            os.environ.setdefault("MASTER_PORT", slurm[1])
+        elif env.world_size == 1:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+        else:
+            raise RuntimeError("MASTER_ADDR is not set for a multi-rank run; launch with deepspeed, torchrun or srun")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port()) if env.world_size == 1 else "29500"
+    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False,
+                               timeout=timedelta(minutes=timeout_minutes))
+
+
+def _dist():
+    return torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
+
+
+def barrier() -> None:
+    d = _dist()
+    if d is not None:
+        d.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (a no-op without a process group)."""
+    d = _dist()
+    if d is not None and d.get_world_size() > 1:
+        d.all_reduce(t, op=d.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    d = _dist()
+    if d is not None and d.get_world_size() > 1:
+        d.all_reduce(t, op=d.ReduceOp.MAX)
+    return t
+
+
+def destroy() -> None:
+    """Tear the group down; ranks that exit with it alive die with rc -6 (gloo aborts)."""
+    d = _dist()
+    if d is not None:
+        d.destroy_process_group()
+
+
+def print0(env: DistEnv, *args: object) -> None:
+    if env.is_main:
+        print(*args, flush=True)
+
+
+def eprint(*args: object) -> None:
+    print(*args, file=sys.stderr, flush=True)

@@ -1,0 +1,132 @@
+"""Tokenizer, base model and the IA3 adapter; and the token-sum loss the trainer optimises."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import IA3Section, ModelConfig
+from .errors import UsageError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_model_path(cfg: ModelConfig, cache_dir: str | None = None) -> str:
+    """``demo:tiny-bloom`` -> the cached demo model dir (built on first use); anything else unchanged."""
+    if cfg.path.startswith("demo:"):
+        from . import demo
+
+        return str(demo.ensure_model(cfg.path, cache_dir))
+    return cfg.path
+
+
+def load_tokenizer(cfg: ModelConfig, model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer or model_path
+    try:
+        tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"model.tokenizer {src}: cannot load a tokenizer ({e})") from None
+    if tok.eos_token is None:
+        raise UsageError(f"tokenizer {src} has no eos token; add one to its special_tokens_map.json")
+    if tok.pad_token is None:
+        # DataCollatorForSeq2Seq needs a pad id; the padded positions are masked so eos is a safe stand-in.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(cfg: ModelConfig, model_path: str, precision: str) -> nn.Module:
+    """``from_pretrained`` in the training dtype. Under ZeRO-3 the caller holds an ``HfDeepSpeedConfig`` alive
+    first, so transformers partitions the weights while loading instead of materialising them on every rank."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if precision == "fp32" else DTYPES[precision]
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_path, revision=cfg.revision, dtype=dtype,
+                                                    trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"model.path {model_path}: cannot load the model ({e})") from None
+
+
+def ia3_config(section: IA3Section) -> Any:
+    from peft import IA3Config, TaskType
+
+    kw: dict[str, Any] = {"task_type": TaskType.CAUSAL_LM}
+    if section.target_modules is not None:
+        kw["target_modules"] = list(section.target_modules)
+        kw["feedforward_modules"] = list(section.feedforward_modules or [])
+    return IA3Config(**kw)
+
+
+def apply_ia3(model: nn.Module, section: IA3Section) -> Any:
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, ia3_config(section))
+    except ValueError as e:  # e.g. target modules not found in the model
+        raise UsageError(f"ia3: {e}") from None
+
+
+def trainable_line(peft_model: Any) -> str:
+    """PEFT's own ``print_trainable_parameters`` line, captured (it also counts ZeRO-3 partitioned params)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        peft_model.print_trainable_parameters()
+    return buf.getvalue().strip()
+
+
+def build_on_meta(config: Any, section: IA3Section | None = None) -> Any:
+    """The IA3 model of an architecture from its config alone: no weights, no memory (meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    return apply_ia3(base, section or IA3Section())
+
+
+def trainable_named_parameters(peft_model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+
+
+class TokenSumLM(nn.Module):
+    """Wraps the PEFT model; ``forward`` returns the *sum* of token cross-entropies and the label-token count.
+
+    The trainer divides by the label-token count of the whole global batch (all micro-batches, all ranks), which
+    is what HF Trainer (transformers >= 4.46) does through ``num_items_in_batch``. Logits are computed only at
+    positions whose shifted label is not -100, so the vocabulary projection skips the prompt and the padding.
+    """
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        self.peft = peft_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lm = self.peft.get_base_model()
+        out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out[0][:, :-1]
+        target = labels[:, 1:]
+        keep = target != -100
+        logits = lm.get_output_embeddings()(hidden[keep]).float()
+        loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
+        return loss_sum, keep.sum()
+
+
+def model_hidden_size(model_path: str, cfg: ModelConfig) -> int | None:
+    """Hidden size from the model's config.json (for ZeRO bucket sizes), without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        c = AutoConfig.from_pretrained(model_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        if Path(model_path).exists():
+            raise UsageError(f"model.path {model_path}: cannot read config.json ({e})") from None
+        raise UsageError(f"model.path {model_path}: not a local dir and not reachable on the hub ({e})") from None
+    return getattr(c, "hidden_size", None) or getattr(c, "n_embed", None)

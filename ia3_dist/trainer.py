@@ -1,0 +1,220 @@
+"""The training run: prepare everything that can fail or take long *before* the process group starts, then train
+on the DeepSpeed engine with the reference recipe's loss (mean over all label tokens of the global batch)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import dist
+from . import ds_config as dsc
+from .config import RunConfig
+from .data import TokenizedData, collate, iter_steps, load_or_tokenize, rank_micro_batches, steps_per_epoch
+from .metrics import MetricsLog
+from .schedule import lr_schedule
+from .model import (TokenSumLM, apply_ia3, load_base_model, load_tokenizer, model_hidden_size,
+                    resolve_model_path, trainable_line)
+
+
+@dataclass
+class Prepared:
+    """Everything a rank needs before it joins the process group."""
+
+    cfg: RunConfig
+    env: dist.DistEnv
+    model_path: str
+    tokenizer: Any
+    data: TokenizedData
+    ds_config: dict[str, Any]
+    total_steps: int
+    global_batch: int
+    out: Path
+
+
+def total_steps_for(cfg: RunConfig, n_examples: int, world: int) -> int:
+    gb = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    return cfg.train.epochs * steps_per_epoch(n_examples, gb)
+
+
+def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
+    """Model files, tokenizer, tokenized data (file-locked cache) and the resolved DeepSpeed config. Raises
+    :class:`UsageError` on bad input; nothing here waits on another rank."""
+    model_path = resolve_model_path(cfg.model, cfg.data.cache_dir)
+    hidden = model_hidden_size(model_path, cfg.model)
+    tok = load_tokenizer(cfg.model, model_path)
+    data = load_or_tokenize(cfg.data, tok)
+    total = total_steps_for(cfg, len(data), env.world_size)
+    ds = dsc.resolve(cfg, env.world_size, hidden)
+    gb = cfg.train.micro_batch_size * cfg.train.grad_accum * env.world_size
+    return Prepared(cfg, env, model_path, tok, data, ds, total, gb, Path(cfg.output.dir))
+
+
+def data_summary(p: Prepared) -> str:
+    d = p.data
+    lens = d.lengths
+    src = "cache" if d.seconds == 0 else f"tokenized in {d.seconds:.2f}s"
+    return (f"data: {d.n_records} records -> {len(d)} examples ({len(d.dropped)} dropped: all labels masked after "
+            f"truncation), {d.truncated} truncated at {p.cfg.data.max_length}; length mean {lens.mean():.1f} "
+            f"max {lens.max()}; {src}\n"
+            f"batch: {p.cfg.train.micro_batch_size} micro x {p.cfg.train.grad_accum} accum x {p.env.world_size} "
+            f"ranks = {p.global_batch} global; {p.total_steps} optimizer steps")
+
+
+def write_run_files(p: Prepared) -> None:
+    """run.yaml and ds_config.json; rank 0 only."""
+    if not p.env.is_main:
+        return
+    p.out.mkdir(parents=True, exist_ok=True)
+    (p.out / "run.yaml").write_text(p.cfg.to_yaml(), encoding="utf-8")
+    (p.out / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2) + "\n", encoding="utf-8")
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    first_loss: float
+    last_loss: float
+    steps: int
+    losses: list[float]
+
+
+def _build_engine(p: Prepared) -> tuple[Any, Any, Any]:
+    import deepspeed
+
+    keep_alive = None
+    if dsc.stage_of(p.ds_config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # Must stay referenced while from_pretrained runs: transformers then loads under zero.Init, so each rank
+        # only ever materialises its own partition.
+        keep_alive = HfDeepSpeedConfig(p.ds_config)
+    torch.manual_seed(p.cfg.train.seed)
+    base = load_base_model(p.cfg.model, p.model_path, p.cfg.train.precision)
+    peft_model = apply_ia3(base, p.cfg.ia3)
+    dist.print0(p.env, trainable_line(peft_model))
+    wrapper = TokenSumLM(peft_model)
+    params = [q for q in wrapper.parameters() if q.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=wrapper, model_parameters=params, config=p.ds_config,
+                                           lr_scheduler=lr_schedule(p.cfg.train, p.total_steps))
+    return engine, peft_model, keep_alive
+
+
+def _prune_checkpoints(root: Path, keep: int) -> None:
+    tags = sorted((d for d in root.iterdir() if d.is_dir() and d.name.startswith("step")),
+                  key=lambda d: int(d.name[4:]))
+    for d in tags[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def save_checkpoint(engine: Any, p: Prepared, step: int) -> None:
+    """Trainable params, optimizer, scheduler: ``exclude_frozen_parameters`` keeps the base weights out."""
+    root = p.out / "checkpoints"
+    engine.save_checkpoint(str(root), tag=f"step{step}", client_state={"step": step},
+                           exclude_frozen_parameters=True)
+    dist.barrier()
+    if p.env.is_main:
+        _prune_checkpoints(root, p.cfg.checkpoint.keep)
+
+
+def train(p: Prepared) -> TrainResult:
+    from .adapter import save_adapter
+
+    cfg, env, data = p.cfg, p.env, p.data
+    engine, peft_model, _keep = _build_engine(p)
+    device = engine.device
+    t = cfg.train
+    pad_id = p.tokenizer.pad_token_id
+    side = getattr(p.tokenizer, "padding_side", "right")
+    log = MetricsLog(p.out / "metrics.jsonl" if env.is_main else None, p.total_steps, env.is_main)
+    if env.is_main:
+        (p.out / "metrics.jsonl").unlink(missing_ok=True)
+
+    losses: list[float] = []
+    window = {"loss": 0.0, "steps": 0, "real": 0.0, "padded": 0.0, "samples": 0.0, "t0": time.perf_counter()}
+    t_start = time.perf_counter()
+    for step, epoch, gbatch in iter_steps(len(data), p.global_batch, t.seed, cfg.data.shuffle, p.total_steps):
+        mbs = rank_micro_batches(gbatch, env.rank, env.world_size, t.micro_batch_size, t.grad_accum)
+        batches = [collate(data, mb if mb else gbatch[:1], pad_id, side) for mb in mbs]
+        real = [bool(mb) for mb in mbs]
+        local = torch.zeros(4, dtype=torch.float64, device=device)
+        for b, r in zip(batches, real, strict=True):
+            if r:
+                local += torch.tensor([(b["labels"][:, 1:] != -100).sum().item(), b["attention_mask"].sum().item(),
+                                       b["input_ids"].numel(), len(b["input_ids"])], dtype=torch.float64,
+                                      device=device)
+        glob = dist.all_reduce_sum(local.clone())
+        n_label = glob[0].item()
+        # DeepSpeed divides by accumulation steps and averages over ranks; undo both so the gradient is
+        # sum(token losses of the global batch) / (label tokens of the global batch), like HF Trainer.
+        scale = t.grad_accum * env.world_size / n_label
+        lr = engine.optimizer.param_groups[0]["lr"] if engine.optimizer is not None else t.lr
+        loss_local = torch.zeros((), dtype=torch.float64, device=device)
+        for b, r in zip(batches, real, strict=True):
+            b = {k: v.to(device) for k, v in b.items()}
+            loss_sum, _ = engine(**b)
+            # Empty slots (short last batch) still run forward/backward so every rank joins the same collectives;
+            # weight 0 keeps them out of the gradient.
+            engine.backward(loss_sum * (scale if r else 0.0))
+            engine.step()
+            if r:
+                loss_local += loss_sum.detach().double()
+        step_loss = dist.all_reduce_sum(loss_local).item() / n_label
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"non-finite loss {step_loss} at optimizer step {step + 1}")
+        losses.append(step_loss)
+        window["loss"] += step_loss
+        window["steps"] += 1
+        window["real"] += glob[1].item()
+        window["padded"] += glob[2].item()
+        window["samples"] += glob[3].item()
+        log.step()
+        done = step + 1
+        if done % t.log_every == 0 or done == p.total_steps or done == 1:
+            dt = max(time.perf_counter() - window["t0"], 1e-9)
+            gn = engine.get_global_grad_norm()
+            log.log({"step": done, "epoch": epoch, "loss": window["loss"] / window["steps"], "lr": float(lr),
+                     "grad_norm": float(gn) if gn is not None else None,
+                     "tokens_per_s": window["real"] / dt, "padded_tokens_per_s": window["padded"] / dt,
+                     "samples_per_s": window["samples"] / dt,
+                     "padding_efficiency": window["real"] / max(window["padded"], 1.0),
+                     "step_time_s": dt / window["steps"], "elapsed_s": time.perf_counter() - t_start})
+            window = {"loss": 0.0, "steps": 0, "real": 0.0, "padded": 0.0, "samples": 0.0,
+                      "t0": time.perf_counter()}
+        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != p.total_steps:
+            save_checkpoint(engine, p, done)
+    log.close()
+    if cfg.checkpoint.at_end:
+        save_checkpoint(engine, p, p.total_steps)
+    adapter_dir = save_adapter(peft_model, p.out / "adapter", env.is_main)
+    k = max(1, min(t.log_every, len(losses) // 4 or 1))
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return TrainResult(adapter_dir, first, last, len(losses), losses)
+
+
+def run(cfg: RunConfig) -> TrainResult:
+    env = dist.detect()
+    dist.setup_threads(env, cfg.train.threads)
+    p = prepare(cfg, env)
+    dist.print0(env, data_summary(p))
+    write_run_files(p)
+    dist.init(env, cfg.deepspeed.timeout_minutes)
+    try:
+        res = train(p)
+        k = max(1, min(cfg.train.log_every, res.steps // 4 or 1))
+        drop = 100.0 * (res.first_loss - res.last_loss) / res.first_loss if res.first_loss else 0.0
+        dist.print0(env, f"loss: first {k} step(s) {res.first_loss:.4f} -> last {k} step(s) {res.last_loss:.4f} "
+                         f"({drop:+.1f}% lower)" if drop >= 0 else
+                    f"loss: first {k} step(s) {res.first_loss:.4f} -> last {k} step(s) {res.last_loss:.4f}")
+        dist.print0(env, f"adapter written to {res.adapter_dir}")
+        return res
+    finally:
+        dist.destroy()
