@@ -14,8 +14,9 @@ class MetricsLog:
 
         self.enabled = enabled
         self.path = path
-        self.bar = tqdm(total=total_steps, initial=initial, disable=None if enabled else True, desc="train", unit="step",
-                        dynamic_ncols=True, mininterval=1.0)
+        # disable=None: tqdm draws the bar on a terminal only; the per-log lines are written either way.
+        self.bar = tqdm(total=total_steps, initial=initial, disable=None if enabled else True, desc="train",
+                        unit="step", dynamic_ncols=True, mininterval=1.0)
         self.history: list[dict[str, Any]] = []
 
     def step(self) -> None:

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,16 @@ from . import ds_config as dsc
 from .config import RunConfig
 from .data import TokenizedData, collate, iter_steps, load_or_tokenize, rank_micro_batches, steps_per_epoch
 from .metrics import MetricsLog
+from .model import (
+    TokenSumLM,
+    apply_ia3,
+    load_base_model,
+    load_tokenizer,
+    model_hidden_size,
+    resolve_model_path,
+    trainable_line,
+)
 from .schedule import lr_schedule
-from .model import (TokenSumLM, apply_ia3, load_base_model, load_tokenizer, model_hidden_size,
-                    resolve_model_path, trainable_line)
 
 
 @dataclass
@@ -81,10 +89,15 @@ def write_run_files(p: Prepared) -> None:
 @dataclass
 class TrainResult:
     adapter_dir: Path
-    first_loss: float
-    last_loss: float
-    steps: int
     losses: list[float]
+    engine: Any
+    """The DeepSpeed engine, still live until the process group is destroyed."""
+    peft_model: Any
+
+    def loss_change(self, window: int) -> tuple[int, float, float]:
+        """Mean loss of the first and last ``k`` steps, k = min(window, steps // 4) (at least 1)."""
+        k = max(1, min(window, len(self.losses) // 4))
+        return k, sum(self.losses[:k]) / k, sum(self.losses[-k:]) / k
 
 
 def _build_engine(p: Prepared) -> tuple[Any, Any, Any]:
@@ -195,12 +208,12 @@ def train(p: Prepared) -> TrainResult:
     if cfg.checkpoint.at_end:
         save_checkpoint(engine, p, p.total_steps)
     adapter_dir = save_adapter(peft_model, p.out / "adapter", env.is_main)
-    k = max(1, min(t.log_every, len(losses) // 4 or 1))
-    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    return TrainResult(adapter_dir, first, last, len(losses), losses)
+    return TrainResult(adapter_dir, losses, engine, peft_model)
 
 
-def run(cfg: RunConfig) -> TrainResult:
+def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | None = None) -> TrainResult:
+    """The whole run. ``on_trained`` runs on every rank after the adapter is saved, while the engine and the
+    process group are still alive (evaluation hooks, tests)."""
     env = dist.detect()
     dist.setup_threads(env, cfg.train.threads)
     p = prepare(cfg, env)
@@ -209,12 +222,12 @@ def run(cfg: RunConfig) -> TrainResult:
     dist.init(env, cfg.deepspeed.timeout_minutes)
     try:
         res = train(p)
-        k = max(1, min(cfg.train.log_every, res.steps // 4 or 1))
-        drop = 100.0 * (res.first_loss - res.last_loss) / res.first_loss if res.first_loss else 0.0
-        dist.print0(env, f"loss: first {k} step(s) {res.first_loss:.4f} -> last {k} step(s) {res.last_loss:.4f} "
-                         f"({drop:+.1f}% lower)" if drop >= 0 else
-                    f"loss: first {k} step(s) {res.first_loss:.4f} -> last {k} step(s) {res.last_loss:.4f}")
+        k, first, last = res.loss_change(cfg.train.log_every)
+        dist.print0(env, f"loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f} "
+                         f"({100.0 * (last - first) / first:+.1f}%)")
         dist.print0(env, f"adapter written to {res.adapter_dir}")
+        if on_trained is not None:
+            on_trained(p, res)
         return res
     finally:
         dist.destroy()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# ./dev.sh demo   set up .venv if needed, then run the embedded CPU demo on 2 ranks (python launch.py for 1)
+# ./dev.sh test   set up .venv if needed, then run the whole test suite (what CI runs)
+# ./dev.sh lint   ruff
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/setup.sh
+. .venv/bin/activate
+case "${1:-}" in
+  demo) shift; exec deepspeed --num_accelerators 2 launch.py --config configs/tiny-cpu.yaml "$@" ;;
+  test) shift; exec python -m pytest "$@" ;;
+  lint) exec ruff check . ;;
+  *) echo "usage: ./dev.sh demo|test|lint [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,59 @@
+"""Helpers for tests that run the launcher as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bin_path(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def launch(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None,
+           script: str = "launch.py", launcher: str = "deepspeed") -> subprocess.CompletedProcess:
+    """Run the launcher for real: ``python launch.py`` for one process, ``deepspeed`` (or torchrun) for more."""
+    e = {**os.environ, **(env or {})}
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    if nproc == 1 and launcher == "deepspeed":
+        cmd = [sys.executable, script, *args]
+    elif launcher == "torchrun":
+        cmd = [bin_path("torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", script, *args]
+    else:
+        cmd = [bin_path("deepspeed"), f"--num_accelerators={nproc}", f"--master_port={free_port()}", script, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def adapter_tensors(adapter_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path

@@ -1,0 +1,46 @@
+"""Shared fixtures: one cache dir per session (the demo assets are built once, ~45 s), CPU-only settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "alpaca_zh_demo.json"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Reuse a cache across sessions when the caller provides one (CI sets it); never the user's own.
+    d = Path(os.environ.get("IA3_DIST_TEST_CACHE") or tmp_path_factory.mktemp("ia3cache"))
+    os.environ["IA3_DIST_CACHE"] = str(d)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return d
+
+
+@pytest.fixture(scope="session")
+def demo_root(session_cache: Path) -> Path:
+    from ia3_dist.demo import ensure_assets
+
+    return ensure_assets(None)
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_root: Path) -> Path:
+    return demo_root / "model"
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_model: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(demo_model))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"{SHARED_DATA} not present")
+    return SHARED_DATA

@@ -1,0 +1,142 @@
+"""Config loading, overrides and errors; every shipped YAML and DeepSpeed JSON parses and resolves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ia3_dist import ds_config as dsc
+from ia3_dist.config import RunConfig, build_config, load_config
+from ia3_dist.demo import DEMO_RUN
+from ia3_dist.errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_reference_recipe() -> None:
+    c = RunConfig()
+    assert (c.train.micro_batch_size, c.train.grad_accum, c.train.lr, c.train.epochs) == (1, 8, 3e-3, 1)
+    assert c.data.max_length == 256 and c.train.log_every == 10
+    assert c.model.trust_remote_code is False
+
+
+def test_overrides_apply_with_types(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 1.0e-3\n")
+    c = load_config(f, ["train.lr=3e-3", "train.grad_accum=4", "data.shuffle=false", "output.dir=/x",
+                        "ia3.target_modules=[query_key_value]", "ia3.feedforward_modules=[]", "data.limit=null"])
+    assert c.train.lr == 3e-3 and c.train.grad_accum == 4 and c.data.shuffle is False
+    assert c.output.dir == "/x" and c.ia3.target_modules == ["query_key_value"] and c.data.limit is None
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"train": {"lr_rate": 1}}, "train.lr_rate"),
+    ({"trian": {}}, "trian"),
+    ({"train": {"micro_batch_size": "two"}}, "train.micro_batch_size"),
+    ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size"),
+    ({"train": {"grad_accum": 1.5}}, "train.grad_accum"),
+    ({"train": {"precision": "fp8"}}, "train.precision"),
+    ({"train": {"lr": -1}}, "train.lr"),
+    ({"train": {"lr": "fast"}}, "train.lr"),
+    ({"train": {"max_steps": -2}}, "train.max_steps"),
+    ({"train": {"betas": [0.9]}}, "train.betas"),
+    ({"train": {"scheduler": "step"}}, "train.scheduler"),
+    ({"data": {"max_length": 1}}, "data.max_length"),
+    ({"data": {"shuffle": "yes"}}, "data.shuffle"),
+    ({"data": {"prompt_template": "{question}"}}, "data.prompt_template"),
+    ({"model": {"trust_remote_code": 1}}, "model.trust_remote_code"),
+    ({"ia3": {"feedforward_modules": ["x"]}}, "ia3.feedforward_modules"),
+    ({"checkpoint": {"keep": 0}}, "checkpoint.keep"),
+    ({"output": "runs"}, "output"),
+])
+def test_bad_config_names_the_key(raw: dict, key: str) -> None:
+    with pytest.raises(UsageError, match=f"'{key}'"):
+        build_config(raw)
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(UsageError, match=r"bad.yaml:\d+:\d+: invalid YAML"):
+        load_config(f)
+
+
+def test_override_syntax() -> None:
+    with pytest.raises(UsageError, match="key.sub=value"):
+        load_config(None, ["train.lr"], base={})
+    with pytest.raises(UsageError, match="not a section"):
+        load_config(None, ["train.lr=1", "train.lr.x=2"], base={})
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_yaml_parses_and_starts_with_its_command(path: Path) -> None:
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# ") and any(w in first for w in ("launch.py", "sbatch", "ia3-dist")), first
+    cfg = load_config(path)
+    ds = dsc.resolve(cfg, world_size=2, hidden_size=64)
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
+
+
+def test_tiny_cpu_yaml_is_the_embedded_default() -> None:
+    assert load_config(ROOT / "configs" / "tiny-cpu.yaml") == load_config(None, base=DEMO_RUN)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_shipped_ds_configs_resolve_with_no_auto_left(path: Path, precision: str) -> None:
+    cfg = build_config({"deepspeed": {"config": str(path)}, "train": {"precision": precision, "grad_accum": 4}})
+    ds = dsc.resolve(cfg, world_size=4, hidden_size=2048)
+    assert "auto" not in json.dumps(ds)
+    assert ds["train_batch_size"] == 1 * 4 * 4
+    assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["gradient_accumulation_steps"] == 4
+    assert ds["bf16"]["enabled"] is (precision == "bf16") and ds["fp16"]["enabled"] is (precision == "fp16")
+    assert ds["optimizer"] == {"type": "AdamW", "params": {
+        "lr": 3e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+        "torch_adam": not dsc.offloads_optimizer(ds)}}
+    assert ds["gradient_clipping"] == 1.0 and "scheduler" not in ds
+    stage = ds["zero_optimization"]["stage"]
+    assert stage == int(path.stem[4])
+    if stage == 3:
+        assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 20480
+
+
+def _ds(tmp_path: Path, body: dict) -> str:
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps(body))
+    return str(f)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu"),
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
+    ({"train_batch_size": 64}, "train_batch_size"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled"),
+    ({"optimizer": {"type": "Lamb"}}, "optimizer.type"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, "optimizer.params.lr"),
+    ({"scheduler": {"type": "WarmupLR"}}, "'scheduler'"),
+    ({"zero_optimization": {"stage": 4}}, "stage"),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs stage 3"),
+    ({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}, "foo": "auto"}, "foo"),
+])
+def test_ds_config_conflicts_are_refused(tmp_path: Path, body: dict, needle: str) -> None:
+    cfg = build_config({"deepspeed": {"config": _ds(tmp_path, body)}})
+    with pytest.raises(UsageError, match=needle.replace(".", r"\.")):
+        dsc.resolve(cfg, world_size=1, hidden_size=None)
+
+
+def test_ds_config_agreeing_values_are_kept(tmp_path: Path) -> None:
+    body = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 16, "gradient_clipping": 1,
+            "zero_optimization": {"stage": 1}}
+    cfg = build_config({"deepspeed": {"config": _ds(tmp_path, body)}})
+    assert dsc.resolve(cfg, world_size=2, hidden_size=None)["train_batch_size"] == 16
+
+
+def test_ds_config_missing_and_invalid(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no such file"):
+        dsc.resolve(build_config({"deepspeed": {"config": "zero9"}}), 1, None)
+    f = tmp_path / "x.json"
+    f.write_text('{"a": 1,,}')
+    with pytest.raises(UsageError, match=r"x.json:1:\d+: invalid JSON"):
+        dsc.resolve(build_config({"deepspeed": {"config": str(f)}}), 1, None)

@@ -1,0 +1,195 @@
+"""Preprocessing equals the reference recipe's function; truncation, masking, dropping; cache; sharding; padding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ia3_dist.config import DataConfig
+from ia3_dist.data import collate, iter_steps, load_or_tokenize, load_records, rank_micro_batches, steps_per_epoch
+from ia3_dist.demo import make_records
+
+
+def reference_process_func(example: dict, tokenizer, max_length: int = 256) -> dict:
+    """The reference recipe's preprocessing, verbatim apart from the max-length parameter."""
+    input_ids, attention_mask, labels = [], [], []
+    instruction = tokenizer("\n".join(["Human: " + example["instruction"], example["input"]]).strip()
+                            + "\n\nAssistant: ")
+    response = tokenizer(example["output"] + tokenizer.eos_token)
+    input_ids = instruction["input_ids"] + response["input_ids"]
+    attention_mask = instruction["attention_mask"] + response["attention_mask"]
+    labels = [-100] * len(instruction["input_ids"]) + response["input_ids"]
+    if len(input_ids) > max_length:
+        input_ids = input_ids[:max_length]
+        attention_mask = attention_mask[:max_length]
+        labels = labels[:max_length]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _edge_records() -> list[dict]:
+    recs = make_records(150, seed=7, style=None)
+    recs += [
+        {"instruction": "  空白指令  ", "input": "", "output": "好。"},
+        {"instruction": "翻译", "input": "  hello world \n", "output": ""},
+        {"instruction": "长" * 400, "input": "", "output": "短"},            # prompt alone exceeds max_length
+        {"instruction": "问", "input": "", "output": "答" * 600},            # response truncated
+        {"instruction": "emoji 😀", "input": "x\ty", "output": "混合 mixed 文本"},
+    ]
+    return recs
+
+
+def _check_identical(path: Path, tok, max_length: int, cache: Path) -> tuple[int, int]:
+    cfg = DataConfig(path=str(path), max_length=max_length, cache_dir=str(cache))
+    data = load_or_tokenize(cfg, tok)
+    recs = json.loads(path.read_text(encoding="utf-8"))
+    dropped = set(data.dropped.tolist())
+    j = 0
+    for i, r in enumerate(recs):
+        ref = reference_process_func(r, tok, max_length)
+        if i in dropped:
+            assert all(v == -100 for v in ref["labels"][1:]), i
+            continue
+        ids, mask, labels = data.example(j)
+        assert ids == ref["input_ids"] and mask == ref["attention_mask"] and labels == ref["labels"], i
+        j += 1
+    assert j == len(data) and data.n_records == len(recs)
+    return len(dropped), data.truncated
+
+
+def test_preprocessing_identical_on_generated_data(tmp_path: Path, demo_tokenizer) -> None:
+    f = tmp_path / "gen.json"
+    f.write_text(json.dumps(_edge_records(), ensure_ascii=False), encoding="utf-8")
+    dropped, truncated = _check_identical(f, demo_tokenizer, 256, tmp_path)
+    assert dropped == 1 and truncated == 2
+    dropped, truncated = _check_identical(f, demo_tokenizer, 24, tmp_path)
+    assert dropped > 1 and truncated > 2
+
+
+@pytest.mark.parametrize("max_length", [256, 64])
+def test_preprocessing_identical_on_shared_alpaca(shared_data: Path, demo_tokenizer, tmp_path: Path,
+                                                  max_length: int) -> None:
+    dropped, truncated = _check_identical(shared_data, demo_tokenizer, max_length, tmp_path)
+    assert truncated > 0
+    if max_length == 64:
+        assert dropped > 0
+
+
+def test_dropped_records_are_counted_and_logged(tmp_path: Path, demo_tokenizer) -> None:
+    recs = [{"instruction": "长" * 300, "input": "", "output": "短"}] + make_records(5, 1, 0)
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs), encoding="utf-8")
+    data = load_or_tokenize(DataConfig(path=str(f), cache_dir=str(tmp_path)), demo_tokenizer)
+    assert data.dropped.tolist() == [0] and len(data) == 5
+
+
+def test_save_to_disk_dir_matches_json(tmp_path: Path, demo_tokenizer) -> None:
+    import datasets
+
+    recs = make_records(40, seed=3, style=None)
+    (tmp_path / "a.json").write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
+    datasets.Dataset.from_list(recs).save_to_disk(str(tmp_path / "alpaca_data_zh"))
+    a = load_or_tokenize(DataConfig(path=str(tmp_path / "a.json"), cache_dir=str(tmp_path)), demo_tokenizer)
+    b = load_or_tokenize(DataConfig(path=str(tmp_path / "alpaca_data_zh"), cache_dir=str(tmp_path)),
+                         demo_tokenizer)
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.prompt_lens, b.prompt_lens)
+
+
+def test_cache_reuse_and_invalidation(tmp_path: Path, demo_tokenizer) -> None:
+    f = tmp_path / "c.json"
+    recs = make_records(30, seed=4, style=None)
+    f.write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
+    cfg = DataConfig(path=str(f), cache_dir=str(tmp_path / "cache"))
+    first = load_or_tokenize(cfg, demo_tokenizer)
+    assert first.seconds > 0
+    again = load_or_tokenize(cfg, demo_tokenizer)
+    assert again.seconds == 0 and again.cache_file == first.cache_file
+    assert np.array_equal(again.ids, first.ids)
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*.npz"))) == 1
+    # Content change (same path, same size class) -> new entry.
+    recs[0]["output"] += "改"
+    f.write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
+    changed = load_or_tokenize(cfg, demo_tokenizer)
+    assert changed.seconds > 0 and changed.cache_file != first.cache_file
+    # Template and max length are part of the key too.
+    for other in (DataConfig(path=str(f), cache_dir=cfg.cache_dir, max_length=32),
+                  DataConfig(path=str(f), cache_dir=cfg.cache_dir, response_prefix="\n\nAI: ")):
+        assert load_or_tokenize(other, demo_tokenizer).cache_file not in (first.cache_file, changed.cache_file)
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*.npz"))) == 4
+
+
+def test_cache_invalidated_by_tokenizer_change(tmp_path: Path, demo_tokenizer) -> None:
+    import copy
+
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps(make_records(10, 5, 0), ensure_ascii=False), encoding="utf-8")
+    cfg = DataConfig(path=str(f), cache_dir=str(tmp_path))
+    a = load_or_tokenize(cfg, demo_tokenizer)
+    tok2 = copy.deepcopy(demo_tokenizer)
+    tok2.add_tokens(["新词"])
+    assert load_or_tokenize(cfg, tok2).cache_file != a.cache_file
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("micro, accum", [(1, 8), (2, 3), (4, 1)])
+def test_sharding_disjoint_complete_reshuffled(world: int, micro: int, accum: int) -> None:
+    n = 53
+    gb = micro * accum * world
+    spe = steps_per_epoch(n, gb)
+    orders = []
+    for epoch in range(2):
+        seen: list[int] = []
+        per_rank: list[set[int]] = [set() for _ in range(world)]
+        order: list[int] = []
+        for _, ep, batch in iter_steps(n, gb, seed=3, shuffle=True, total_steps=(epoch + 1) * spe,
+                                       start_step=epoch * spe):
+            assert ep == epoch
+            order += batch
+            for r in range(world):
+                mbs = rank_micro_batches(batch, r, world, micro, accum)
+                assert len(mbs) == accum and all(len(m) <= micro for m in mbs)
+                for m in mbs:
+                    per_rank[r].update(m)
+                    seen += m
+        assert sorted(seen) == list(range(n))                       # complete, each example once
+        assert sum(len(s) for s in per_rank) == n                   # disjoint across ranks
+        orders.append(order)
+    assert orders[0] != orders[1]                                   # new order each epoch
+    again = [b for _, _, b in iter_steps(n, gb, seed=3, shuffle=True, total_steps=spe)]
+    assert sum(again, []) == orders[0]                              # reproducible from the seed
+    other = [b for _, _, b in iter_steps(n, gb, seed=4, shuffle=True, total_steps=spe)]
+    assert sum(other, []) != orders[0]
+
+
+def test_sequential_order_and_resume_position() -> None:
+    steps = list(iter_steps(10, 4, seed=0, shuffle=False, total_steps=6))
+    assert [s[2] for s in steps[:3]] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [s[1] for s in steps] == [0, 0, 0, 1, 1, 1]
+    assert list(iter_steps(10, 4, seed=0, shuffle=False, total_steps=6, start_step=4)) == steps[4:]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collate_matches_datacollator_for_seq2seq(tmp_path: Path, demo_tokenizer, side: str) -> None:
+    from transformers import DataCollatorForSeq2Seq
+
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(make_records(12, 6, None), ensure_ascii=False), encoding="utf-8")
+    data = load_or_tokenize(DataConfig(path=str(f), cache_dir=str(tmp_path)), demo_tokenizer)
+    demo_tokenizer.padding_side = side
+    try:
+        ref = DataCollatorForSeq2Seq(demo_tokenizer, padding=True)([dict(zip(
+            ("input_ids", "attention_mask", "labels"), data.example(i))) for i in (0, 3, 7)])
+        mine = collate(data, [0, 3, 7], demo_tokenizer.pad_token_id, side)
+    finally:
+        demo_tokenizer.padding_side = "left"
+    for k in ("input_ids", "attention_mask", "labels"):
+        assert mine[k].tolist() == ref[k].tolist(), k
+
+
+def test_records_reader_accepts_missing_input(tmp_path: Path) -> None:
+    f = tmp_path / "r.jsonl"
+    f.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "input": null, "output": "d"}\n')
+    r = load_records(DataConfig(path=str(f)))
+    assert r.input == ["", ""] and r.output == ["b", "d"]

@@ -1,0 +1,50 @@
+"""Model code: the bloom-1b4-zh IA3 parameter line from config alone; the token-sum loss equals HF's loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ia3_dist.arch import bloom_config
+from ia3_dist.config import DataConfig, IA3Section
+from ia3_dist.data import collate, load_or_tokenize
+from ia3_dist.demo import make_records
+from ia3_dist.model import TokenSumLM, apply_ia3, build_on_meta, trainable_line
+
+
+def test_bloom_1b4_zh_from_config_on_meta(capsys: pytest.CaptureFixture) -> None:
+    model = build_on_meta(bloom_config("bloom-1b4-zh"))
+    line = trainable_line(model)
+    assert line.startswith("trainable params: 344,064 || all params: 1,303,455,744 || trainable%:"), line
+    names = {n.split(".ia3_l")[0].split(".")[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {"query_key_value", "dense_4h_to_h"}
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_custom_targets() -> None:
+    model = build_on_meta(bloom_config("bloom-560m"), IA3Section(target_modules=["query_key_value"],
+                                                                 feedforward_modules=[]))
+    assert "trainable params: 73,728 ||" in trainable_line(model)  # 24 layers x 3 x 1024
+
+
+def test_token_sum_loss_equals_hf_loss(tmp_path: Path, demo_model: Path, demo_tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(make_records(16, 9, None), ensure_ascii=False), encoding="utf-8")
+    data = load_or_tokenize(DataConfig(path=str(f), cache_dir=str(tmp_path)), demo_tokenizer)
+    peft = apply_ia3(AutoModelForCausalLM.from_pretrained(str(demo_model)), IA3Section())
+    with torch.no_grad():
+        for _, p in peft.named_parameters():
+            if p.requires_grad:
+                p.uniform_(0.5, 1.5)
+    wrapper = TokenSumLM(peft)
+    for side in ("left", "right"):
+        b = collate(data, [0, 5, 9, 11], demo_tokenizer.pad_token_id, side)
+        loss_sum, n = wrapper(**b)
+        hf = peft(**b).loss
+        assert n.item() == (b["labels"][:, 1:] != -100).sum().item()
+        torch.testing.assert_close(loss_sum / n, hf, rtol=1e-6, atol=1e-6)
