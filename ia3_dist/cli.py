@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import EXIT_USAGE, UsageError
+from .errors import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USAGE, NonFiniteLoss, Preempted, UsageError
 
 
 def _train_parser(prog: str) -> argparse.ArgumentParser:
@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None, prog: str = "ia3-dist") -> int:
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except Preempted as e:
+        print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    except NonFiniteLoss as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
 
 
 def entry() -> None:

@@ -128,6 +128,12 @@ class TrainConfig:
     """Log loss, lr, grad norm and tokens/s every N optimizer steps (and at the last step)."""
     threads: int = 0
     """Torch/OMP threads per rank on CPU; 0 gives each local rank its share of the cores."""
+    resume: str = "none"
+    """``auto`` (newest complete checkpoint in ``<output.dir>/checkpoints``, or a fresh start if there is none),
+    a checkpoint path, or ``none``."""
+    stop_after_steps: int = 0
+    """End this invocation after N optimizer steps with a checkpoint (exit 0), without changing the schedule: for
+    chunked jobs under short time limits. 0: run to the end."""
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "grad_accum", "epochs", "log_every"):
@@ -149,6 +155,10 @@ class TrainConfig:
             _fail("train", "weight_decay and grad_clip must be >= 0 and eps > 0")
         if self.threads < 0:
             _fail("train.threads", f"must be >= 0, got {self.threads}")
+        if self.stop_after_steps < 0:
+            _fail("train.stop_after_steps", f"must be >= 0, got {self.stop_after_steps}")
+        if not self.resume:
+            _fail("train.resume", "must be auto, none or a checkpoint path")
 
 
 @dataclass
@@ -185,6 +195,8 @@ class CheckpointSection:
 class OutputSection:
     dir: str = "runs/demo"
     """Run directory: run.yaml, ds_config.json, metrics.jsonl, adapter/, checkpoints/."""
+    overwrite: bool = False
+    """Start over in an output dir that holds another run's checkpoints (they are deleted)."""
 
     def __post_init__(self) -> None:
         if not self.dir:

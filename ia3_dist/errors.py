@@ -12,3 +12,20 @@ class UsageError(Exception):
 
 
 EXIT_USAGE = 2
+# Stopped on SIGTERM/SIGUSR1 after saving a checkpoint: requeue and resume (EX_TEMPFAIL, "try again").
+EXIT_PREEMPTED = 75
+# A non-finite loss stopped the run; the last good checkpoint is kept.
+EXIT_NONFINITE = 3
+
+
+class Preempted(Exception):
+    """All ranks agreed to stop at a step boundary after a signal; a checkpoint was saved."""
+
+    def __init__(self, step: int, signame: str, checkpoint: str) -> None:
+        super().__init__(f"stopped by {signame} after step {step}; checkpoint {checkpoint}; resume with "
+                         f"train.resume=auto")
+        self.step = step
+
+
+class NonFiniteLoss(Exception):
+    """NaN/inf loss at an optimizer step."""

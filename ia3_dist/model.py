@@ -107,6 +107,17 @@ class TokenSumLM(nn.Module):
         super().__init__()
         self.peft = peft_model
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Only trainable tensors. DeepSpeed's ``exclude_frozen_parameters`` drops frozen names it finds in
+        ``named_parameters()``, which lists a tied weight once; Bloom's frozen ``lm_head.weight`` (tied to the
+        embeddings) would otherwise ride along in every checkpoint under its second name."""
+        sd = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if not p.requires_grad:
+                sd.pop(prefix + name, None)
+        return sd
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lm = self.peft.get_base_model()

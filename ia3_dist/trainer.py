@@ -8,16 +8,18 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import checkpoint as ckpt
 from . import dist
 from . import ds_config as dsc
 from .config import RunConfig
 from .data import TokenizedData, collate, iter_steps, load_or_tokenize, rank_micro_batches, steps_per_epoch
+from .errors import NonFiniteLoss, Preempted
 from .metrics import MetricsLog
 from .model import (
     TokenSumLM,
@@ -28,6 +30,7 @@ from .model import (
     resolve_model_path,
     trainable_line,
 )
+from .preempt import StopFlag
 from .schedule import lr_schedule
 
 
@@ -44,6 +47,9 @@ class Prepared:
     total_steps: int
     global_batch: int
     out: Path
+    resume_from: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    """What a checkpoint records so a resume can check it continues the same run."""
 
 
 def total_steps_for(cfg: RunConfig, n_examples: int, world: int) -> int:
@@ -54,8 +60,10 @@ def total_steps_for(cfg: RunConfig, n_examples: int, world: int) -> int:
 
 
 def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
-    """Model files, tokenizer, tokenized data (file-locked cache) and the resolved DeepSpeed config. Raises
-    :class:`UsageError` on bad input; nothing here waits on another rank."""
+    """Model files, tokenizer, tokenized data (file-locked cache), the resolved DeepSpeed config, the output-dir
+    guard and the resume point. Raises :class:`UsageError` on bad input; nothing here waits on another rank."""
+    out = Path(cfg.output.dir)
+    ckpt.guard_output_dir(out, cfg.train.resume, cfg.output.overwrite)
     model_path = resolve_model_path(cfg.model, cfg.data.cache_dir)
     hidden = model_hidden_size(model_path, cfg.model)
     tok = load_tokenizer(cfg.model, model_path)
@@ -63,24 +71,35 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     total = total_steps_for(cfg, len(data), env.world_size)
     ds = dsc.resolve(cfg, env.world_size, hidden)
     gb = cfg.train.micro_batch_size * cfg.train.grad_accum * env.world_size
-    return Prepared(cfg, env, model_path, tok, data, ds, total, gb, Path(cfg.output.dir))
+    meta = {"world_size": env.world_size, "micro_batch_size": cfg.train.micro_batch_size,
+            "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed, "shuffle": cfg.data.shuffle,
+            "total_steps": total, "data_key": Path(data.cache_file).stem, "n_examples": len(data)}
+    resume_from = ckpt.resolve_resume(cfg.train.resume, out)
+    if resume_from is not None:
+        ckpt.check_compatible(resume_from, meta)
+    return Prepared(cfg, env, model_path, tok, data, ds, total, gb, out, resume_from, meta)
 
 
 def data_summary(p: Prepared) -> str:
     d = p.data
     lens = d.lengths
     src = "cache" if d.seconds == 0 else f"tokenized in {d.seconds:.2f}s"
-    return (f"data: {d.n_records} records -> {len(d)} examples ({len(d.dropped)} dropped: all labels masked after "
+    text = (f"data: {d.n_records} records -> {len(d)} examples ({len(d.dropped)} dropped: all labels masked after "
             f"truncation), {d.truncated} truncated at {p.cfg.data.max_length}; length mean {lens.mean():.1f} "
             f"max {lens.max()}; {src}\n"
             f"batch: {p.cfg.train.micro_batch_size} micro x {p.cfg.train.grad_accum} accum x {p.env.world_size} "
             f"ranks = {p.global_batch} global; {p.total_steps} optimizer steps")
+    if p.resume_from is not None:
+        text += f"\nresuming from {p.resume_from}"
+    return text
 
 
 def write_run_files(p: Prepared) -> None:
-    """run.yaml and ds_config.json; rank 0 only."""
+    """run.yaml and ds_config.json (and, with output.overwrite, the old checkpoints go); rank 0 only."""
     if not p.env.is_main:
         return
+    if p.cfg.output.overwrite and p.resume_from is None:
+        shutil.rmtree(ckpt.root_of(p.out), ignore_errors=True)
     p.out.mkdir(parents=True, exist_ok=True)
     (p.out / "run.yaml").write_text(p.cfg.to_yaml(), encoding="utf-8")
     (p.out / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2) + "\n", encoding="utf-8")
@@ -90,9 +109,11 @@ def write_run_files(p: Prepared) -> None:
 class TrainResult:
     adapter_dir: Path
     losses: list[float]
+    """Per-step losses of this invocation (steps start_step+1 .. end)."""
     engine: Any
     """The DeepSpeed engine, still live until the process group is destroyed."""
     peft_model: Any
+    start_step: int = 0
 
     def loss_change(self, window: int) -> tuple[int, float, float]:
         """Mean loss of the first and last ``k`` steps, k = min(window, steps // 4) (at least 1)."""
@@ -121,21 +142,12 @@ def _build_engine(p: Prepared) -> tuple[Any, Any, Any]:
     return engine, peft_model, keep_alive
 
 
-def _prune_checkpoints(root: Path, keep: int) -> None:
-    tags = sorted((d for d in root.iterdir() if d.is_dir() and d.name.startswith("step")),
-                  key=lambda d: int(d.name[4:]))
-    for d in tags[:-keep]:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def save_checkpoint(engine: Any, p: Prepared, step: int) -> None:
-    """Trainable params, optimizer, scheduler: ``exclude_frozen_parameters`` keeps the base weights out."""
-    root = p.out / "checkpoints"
-    engine.save_checkpoint(str(root), tag=f"step{step}", client_state={"step": step},
-                           exclude_frozen_parameters=True)
-    dist.barrier()
-    if p.env.is_main:
-        _prune_checkpoints(root, p.cfg.checkpoint.keep)
+def _trim_metrics(path: Path, upto: int) -> None:
+    """On resume, drop metric lines past the checkpoint (steps a killed run logged but never saved)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto]
+    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def train(p: Prepared) -> TrainResult:
@@ -143,72 +155,97 @@ def train(p: Prepared) -> TrainResult:
 
     cfg, env, data = p.cfg, p.env, p.data
     engine, peft_model, _keep = _build_engine(p)
+    start = ckpt.load(engine, p.resume_from) if p.resume_from is not None else 0
     device = engine.device
     t = cfg.train
     pad_id = p.tokenizer.pad_token_id
     side = getattr(p.tokenizer, "padding_side", "right")
-    log = MetricsLog(p.out / "metrics.jsonl" if env.is_main else None, p.total_steps, env.is_main)
+    mpath = p.out / "metrics.jsonl"
     if env.is_main:
-        (p.out / "metrics.jsonl").unlink(missing_ok=True)
+        if start:
+            _trim_metrics(mpath, start)
+        else:
+            mpath.unlink(missing_ok=True)
+    log = MetricsLog(mpath if env.is_main else None, p.total_steps, env.is_main, initial=start)
+    stop = StopFlag().install()
+    end = p.total_steps if not t.stop_after_steps else min(p.total_steps, start + t.stop_after_steps)
+    saved = start
+
+    def save(step: int) -> Path:
+        nonlocal saved
+        saved = step
+        return ckpt.save(engine, p.out, step, p.meta, cfg.checkpoint.keep, env)
 
     losses: list[float] = []
     window = {"loss": 0.0, "steps": 0, "real": 0.0, "padded": 0.0, "samples": 0.0, "t0": time.perf_counter()}
     t_start = time.perf_counter()
-    for step, epoch, gbatch in iter_steps(len(data), p.global_batch, t.seed, cfg.data.shuffle, p.total_steps):
-        mbs = rank_micro_batches(gbatch, env.rank, env.world_size, t.micro_batch_size, t.grad_accum)
-        batches = [collate(data, mb if mb else gbatch[:1], pad_id, side) for mb in mbs]
-        real = [bool(mb) for mb in mbs]
-        local = torch.zeros(4, dtype=torch.float64, device=device)
-        for b, r in zip(batches, real, strict=True):
-            if r:
-                local += torch.tensor([(b["labels"][:, 1:] != -100).sum().item(), b["attention_mask"].sum().item(),
-                                       b["input_ids"].numel(), len(b["input_ids"])], dtype=torch.float64,
-                                      device=device)
-        glob = dist.all_reduce_sum(local.clone())
-        n_label = glob[0].item()
-        # DeepSpeed divides by accumulation steps and averages over ranks; undo both so the gradient is
-        # sum(token losses of the global batch) / (label tokens of the global batch), like HF Trainer.
-        scale = t.grad_accum * env.world_size / n_label
-        lr = engine.optimizer.param_groups[0]["lr"] if engine.optimizer is not None else t.lr
-        loss_local = torch.zeros((), dtype=torch.float64, device=device)
-        for b, r in zip(batches, real, strict=True):
-            b = {k: v.to(device) for k, v in b.items()}
-            loss_sum, _ = engine(**b)
-            # Empty slots (short last batch) still run forward/backward so every rank joins the same collectives;
-            # weight 0 keeps them out of the gradient.
-            engine.backward(loss_sum * (scale if r else 0.0))
-            engine.step()
-            if r:
-                loss_local += loss_sum.detach().double()
-        step_loss = dist.all_reduce_sum(loss_local).item() / n_label
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"non-finite loss {step_loss} at optimizer step {step + 1}")
-        losses.append(step_loss)
-        window["loss"] += step_loss
-        window["steps"] += 1
-        window["real"] += glob[1].item()
-        window["padded"] += glob[2].item()
-        window["samples"] += glob[3].item()
-        log.step()
-        done = step + 1
-        if done % t.log_every == 0 or done == p.total_steps or done == 1:
-            dt = max(time.perf_counter() - window["t0"], 1e-9)
-            gn = engine.get_global_grad_norm()
-            log.log({"step": done, "epoch": epoch, "loss": window["loss"] / window["steps"], "lr": float(lr),
-                     "grad_norm": float(gn) if gn is not None else None,
-                     "tokens_per_s": window["real"] / dt, "padded_tokens_per_s": window["padded"] / dt,
-                     "samples_per_s": window["samples"] / dt,
-                     "padding_efficiency": window["real"] / max(window["padded"], 1.0),
-                     "step_time_s": dt / window["steps"], "elapsed_s": time.perf_counter() - t_start})
-            window = {"loss": 0.0, "steps": 0, "real": 0.0, "padded": 0.0, "samples": 0.0,
-                      "t0": time.perf_counter()}
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != p.total_steps:
-            save_checkpoint(engine, p, done)
-    log.close()
-    if cfg.checkpoint.at_end:
-        save_checkpoint(engine, p, p.total_steps)
+    try:
+        for step, epoch, gbatch in iter_steps(len(data), p.global_batch, t.seed, cfg.data.shuffle, end, start):
+            mbs = rank_micro_batches(gbatch, env.rank, env.world_size, t.micro_batch_size, t.grad_accum)
+            batches = [collate(data, mb if mb else gbatch[:1], pad_id, side) for mb in mbs]
+            real = [bool(mb) for mb in mbs]
+            local = torch.zeros(5, dtype=torch.float64, device=device)
+            for b, r in zip(batches, real, strict=True):
+                if r:
+                    local[:4] += torch.tensor([(b["labels"][:, 1:] != -100).sum().item(),
+                                               b["attention_mask"].sum().item(), b["input_ids"].numel(),
+                                               len(b["input_ids"])], dtype=torch.float64, device=device)
+            local[4] = float(stop.requested)
+            # One collective per step carries the token counts and the stop flag, so all ranks agree on both.
+            glob = dist.all_reduce_sum(local.clone())
+            if glob[4].item() > 0:
+                where = save(step) if step > saved else ckpt.root_of(p.out) / ckpt.tag_for(step)
+                raise Preempted(step, stop.signame or "a signal on another rank", str(where))
+            n_label = glob[0].item()
+            # DeepSpeed divides by accumulation steps and averages over ranks; undo both so the gradient is
+            # sum(token losses of the global batch) / (label tokens of the global batch), like HF Trainer.
+            scale = t.grad_accum * env.world_size / n_label
+            lr = engine.optimizer.param_groups[0]["lr"] if engine.optimizer is not None else t.lr
+            loss_local = torch.zeros((), dtype=torch.float64, device=device)
+            for b, r in zip(batches, real, strict=True):
+                b = {k: v.to(device) for k, v in b.items()}
+                loss_sum, _ = engine(**b)
+                # Empty slots (short last batch) still run forward/backward so every rank joins the same
+                # collectives; weight 0 keeps them out of the gradient.
+                engine.backward(loss_sum * (scale if r else 0.0))
+                engine.step()
+                if r:
+                    loss_local += loss_sum.detach().double()
+            step_loss = dist.all_reduce_sum(loss_local).item() / n_label
+            done = step + 1
+            if not math.isfinite(step_loss):
+                last = ckpt.latest(ckpt.root_of(p.out))
+                raise NonFiniteLoss(f"loss is {step_loss} at optimizer step {done}; stopped without saving. Last "
+                                    f"good checkpoint: {last if last else 'none'} (lower train.lr or check the "
+                                    f"data, then resume with train.resume=auto)")
+            losses.append(step_loss)
+            window["loss"] += step_loss
+            window["steps"] += 1
+            window["real"] += glob[1].item()
+            window["padded"] += glob[2].item()
+            window["samples"] += glob[3].item()
+            log.step()
+            if done % t.log_every == 0 or done == p.total_steps or done == start + 1 or done == end:
+                dt = max(time.perf_counter() - window["t0"], 1e-9)
+                gn = engine.get_global_grad_norm()
+                log.log({"step": done, "epoch": epoch, "loss": window["loss"] / window["steps"], "lr": float(lr),
+                         "grad_norm": float(gn) if gn is not None else None,
+                         "tokens_per_s": window["real"] / dt, "padded_tokens_per_s": window["padded"] / dt,
+                         "samples_per_s": window["samples"] / dt,
+                         "padding_efficiency": window["real"] / max(window["padded"], 1.0),
+                         "step_time_s": dt / window["steps"], "elapsed_s": time.perf_counter() - t_start})
+                window = {"loss": 0.0, "steps": 0, "real": 0.0, "padded": 0.0, "samples": 0.0,
+                          "t0": time.perf_counter()}
+            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < end:
+                save(done)
+    finally:
+        stop.uninstall()
+        log.close()
+    if end < p.total_steps or cfg.checkpoint.at_end:
+        if saved < end:
+            save(end)
     adapter_dir = save_adapter(peft_model, p.out / "adapter", env.is_main)
-    return TrainResult(adapter_dir, losses, engine, peft_model)
+    return TrainResult(adapter_dir, losses, engine, peft_model, start)
 
 
 def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | None = None) -> TrainResult:
@@ -222,9 +259,14 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     dist.init(env, cfg.deepspeed.timeout_minutes)
     try:
         res = train(p)
-        k, first, last = res.loss_change(cfg.train.log_every)
-        dist.print0(env, f"loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f} "
-                         f"({100.0 * (last - first) / first:+.1f}%)")
+        if res.losses:
+            k, first, last = res.loss_change(cfg.train.log_every)
+            dist.print0(env, f"loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f} "
+                             f"({100.0 * (last - first) / first:+.1f}%)")
+        done = res.start_step + len(res.losses)
+        if done < p.total_steps:
+            dist.print0(env, f"stopped after step {done} of {p.total_steps} (train.stop_after_steps); continue "
+                             f"with train.resume=auto")
         dist.print0(env, f"adapter written to {res.adapter_dir}")
         if on_trained is not None:
             on_trained(p, res)

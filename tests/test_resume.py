@@ -1,0 +1,126 @@
+"""Checkpoints: small (trainable state only), atomic, exactly resumable on 2 gloo ranks (ZeRO-2 and ZeRO-3, across
+an epoch boundary), keep-K pruning, a refused world-size change, and the output-dir guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _util import adapter_tensors, check, launch, metrics
+
+from ia3_dist.checkpoint import complete_checkpoints, dir_size, latest
+
+pytestmark = pytest.mark.slow
+TINY = "configs/tiny-cpu.yaml"
+# 80 examples / global batch 16 = 5 steps per epoch, 2 epochs = 10 steps.
+RUN = ["data.limit=80", "train.epochs=2", "train.log_every=1"]
+
+
+def run2(out: Path, *extra: str, ds: str = "zero2", env: dict | None = None):
+    return launch(["--config", TINY, f"deepspeed.config={ds}", f"output.dir={out}", *RUN, *extra], nproc=2,
+                  env=env)
+
+
+def assert_same_training(a: Path, b: Path, tol: float = 1e-6) -> None:
+    la = {r["step"]: r["loss"] for r in metrics(a)}
+    lb = {r["step"]: r["loss"] for r in metrics(b)}
+    assert sorted(la) == sorted(lb) == list(range(1, 11))
+    for s in la:
+        assert la[s] == pytest.approx(lb[s], rel=tol, abs=1e-6), (s, la[s], lb[s])
+    ta, tb = adapter_tensors(a / "adapter"), adapter_tensors(b / "adapter")
+    assert set(ta) == set(tb)
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=tol, atol=tol)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> dict[str, Path]:
+    """Uninterrupted reference runs."""
+    outs = {}
+    for ds in ("zero2", "zero3"):
+        out = tmp_path_factory.mktemp(f"straight-{ds}")
+        check(run2(out, ds=ds))
+        outs[ds] = out
+    return outs
+
+
+@pytest.mark.parametrize("ds, first_chunk", [("zero2", 3), ("zero3", 5)])
+def test_resume_is_exact(straight: dict[str, Path], tmp_path: Path, ds: str, first_chunk: int) -> None:
+    """zero2 stops mid-epoch 0 and the resumed run crosses the epoch boundary; zero3 stops exactly on it."""
+    out = tmp_path / "chunked"
+    proc = check(run2(out, f"train.stop_after_steps={first_chunk}", ds=ds))
+    assert f"stopped after step {first_chunk} of 10" in proc.stdout
+    assert latest(out / "checkpoints").name == f"step{first_chunk}"
+    meta = json.loads((out / "checkpoints" / f"step{first_chunk}" / "meta.json").read_text())
+    assert meta["step"] == first_chunk and meta["world_size"] == 2
+    proc = check(run2(out, "train.resume=auto", ds=ds))
+    assert f"resuming from {out / 'checkpoints' / f'step{first_chunk}'}" in proc.stdout
+    assert_same_training(out, straight[ds])
+
+
+@pytest.mark.parametrize("ds", ["zero2", "zero3"])
+def test_checkpoint_size_follows_trainable_params(tmp_path: Path, demo_model: Path, ds: str) -> None:
+    """Two bases with the same IA3 parameters, one 3x larger (a wider vocabulary): same checkpoint size."""
+    from transformers import AutoModelForCausalLM
+
+    big = tmp_path / "big"
+    m = AutoModelForCausalLM.from_pretrained(str(demo_model))
+    m.resize_token_embeddings(16000, mean_resizing=False)
+    m.save_pretrained(str(big))
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(demo_model)).save_pretrained(str(big))
+    sizes = {}
+    for name, path in (("small", str(demo_model)), ("big", str(big))):
+        out = tmp_path / name
+        check(run2(out, f"model.path={path}", "train.max_steps=2", ds=ds))
+        (ck,) = complete_checkpoints(out / "checkpoints")
+        sizes[name] = dir_size(ck)
+    base_small = sum(f.stat().st_size for f in demo_model.glob("*.safetensors"))
+    base_big = sum(f.stat().st_size for f in big.glob("*.safetensors"))
+    assert base_big > 2.5 * base_small
+    assert abs(sizes["big"] - sizes["small"]) < 0.02 * sizes["small"], sizes
+    # 3,584 trainable fp32 params + Adam moments + master copy: tens of KB, never the base's megabytes.
+    assert sizes["small"] < base_small / 4, (sizes, base_small)
+
+
+def test_kill_during_save_keeps_previous_checkpoint(straight: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    proc = run2(out, "checkpoint.every=2", env={"IA3_DIST_FAULT": "save:4:1"})
+    assert proc.returncode != 0
+    root = out / "checkpoints"
+    assert latest(root).name == "step2"
+    assert [c.name for c in complete_checkpoints(root)] == ["step2"]  # step4 never completed
+    check(run2(out, "checkpoint.every=2", "train.resume=auto"))
+    assert_same_training(out, straight["zero2"])
+
+
+def test_keep_last_k(tmp_path: Path) -> None:
+    out = tmp_path / "keep"
+    check(run2(out, "checkpoint.every=1", "checkpoint.keep=2", "train.max_steps=5"))
+    assert [c.name for c in complete_checkpoints(out / "checkpoints")] == ["step4", "step5"]
+    assert latest(out / "checkpoints").name == "step5"
+
+
+def test_changed_world_size_is_refused(straight: dict[str, Path], tmp_path: Path) -> None:
+    src = straight["zero2"]
+    for world in (1,):
+        proc = launch(["--config", TINY, "deepspeed.config=zero2", f"output.dir={src}", *RUN,
+                       "train.resume=auto"], nproc=world)
+        assert proc.returncode == 2
+        assert "world_size=2" in proc.stderr and "this run has 1" in proc.stderr
+
+
+def test_output_dir_guard(straight: dict[str, Path], tmp_path: Path) -> None:
+    src = straight["zero2"]
+    before = sorted(p.name for p in (src / "checkpoints").iterdir())
+    proc = run2(src)
+    assert proc.returncode == 2 and "holds another run's checkpoints" in proc.stderr
+    assert sorted(p.name for p in (src / "checkpoints").iterdir()) == before
+    # Resuming a finished run does no more steps and rewrites the same adapter.
+    ad = adapter_tensors(src / "adapter")
+    check(run2(src, "train.resume=auto"))
+    for k, v in adapter_tensors(src / "adapter").items():
+        assert torch.equal(v, ad[k])
