@@ -30,7 +30,31 @@ def cmd_train(argv: list[str], prog: str) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train}
+def cmd_resolve(argv: list[str], prog: str) -> int:
+    """Print one resolved config value (config + overrides), e.g. for job scripts: --key output.dir."""
+    from .config import load_config
+
+    ap = argparse.ArgumentParser(prog=f"{prog} resolve", description=cmd_resolve.__doc__)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--key", required=True, help="dotted key, e.g. output.dir")
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = ap.parse_intermixed_args(argv)
+    node: object = load_config(args.config, args.overrides).to_dict()
+    for part in args.key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise UsageError(f"--key {args.key}: no such config key")
+        node = node[part]
+    print(node)
+    return 0
+
+
+def cmd_slurm(argv: list[str], prog: str) -> int:
+    from .slurm import main as slurm_main
+
+    return slurm_main(argv, f"{prog} slurm")
+
+
+COMMANDS = {"train": cmd_train, "resolve": cmd_resolve, "slurm": cmd_slurm}
 
 
 def main(argv: list[str] | None = None, prog: str = "ia3-dist") -> int:
@@ -53,3 +77,7 @@ def main(argv: list[str] | None = None, prog: str = "ia3-dist") -> int:
 
 def entry() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m ia3_dist.cli"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -32,6 +33,9 @@ from .model import (
 )
 from .preempt import StopFlag
 from .schedule import lr_schedule
+
+PID_FILE = "rank0.pid"
+PREEMPTED_FILE = "preempted.json"
 
 
 @dataclass
@@ -103,6 +107,9 @@ def write_run_files(p: Prepared) -> None:
     p.out.mkdir(parents=True, exist_ok=True)
     (p.out / "run.yaml").write_text(p.cfg.to_yaml(), encoding="utf-8")
     (p.out / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2) + "\n", encoding="utf-8")
+    # For schedulers' preemption traps (slurm/lib.sh): signal rank 0 and every rank stops at the next step.
+    (p.out / PID_FILE).write_text(str(os.getpid()))
+    (p.out / PREEMPTED_FILE).unlink(missing_ok=True)
 
 
 @dataclass
@@ -150,7 +157,7 @@ def _trim_metrics(path: Path, upto: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def train(p: Prepared) -> TrainResult:
+def train(p: Prepared, stop: StopFlag | None = None) -> TrainResult:
     from .adapter import save_adapter
 
     cfg, env, data = p.cfg, p.env, p.data
@@ -167,7 +174,7 @@ def train(p: Prepared) -> TrainResult:
         else:
             mpath.unlink(missing_ok=True)
     log = MetricsLog(mpath if env.is_main else None, p.total_steps, env.is_main, initial=start)
-    stop = StopFlag().install()
+    stop = stop or StopFlag()
     end = p.total_steps if not t.stop_after_steps else min(p.total_steps, start + t.stop_after_steps)
     saved = start
 
@@ -239,7 +246,6 @@ def train(p: Prepared) -> TrainResult:
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < end:
                 save(done)
     finally:
-        stop.uninstall()
         log.close()
     if end < p.total_steps or cfg.checkpoint.at_end:
         if saved < end:
@@ -252,13 +258,19 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     """The whole run. ``on_trained`` runs on every rank after the adapter is saved, while the engine and the
     process group are still alive (evaluation hooks, tests)."""
     env = dist.detect()
+    # Installed first, so a signal while the model loads is honoured at the first step boundary.
+    stop = StopFlag().install()
     dist.setup_threads(env, cfg.train.threads)
-    p = prepare(cfg, env)
+    try:
+        p = prepare(cfg, env)
+    except BaseException:
+        stop.uninstall()
+        raise
     dist.print0(env, data_summary(p))
     write_run_files(p)
     dist.init(env, cfg.deepspeed.timeout_minutes)
     try:
-        res = train(p)
+        res = train(p, stop)
         if res.losses:
             k, first, last = res.loss_change(cfg.train.log_every)
             dist.print0(env, f"loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f} "
@@ -271,5 +283,12 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
         if on_trained is not None:
             on_trained(p, res)
         return res
+    except Preempted as e:
+        if env.is_main:
+            (p.out / PREEMPTED_FILE).write_text(json.dumps({"step": e.step, "message": str(e)}))
+        raise
     finally:
+        stop.uninstall()
+        if env.is_main:
+            (p.out / PID_FILE).unlink(missing_ok=True)
         dist.destroy()

@@ -1,0 +1,64 @@
+# Sourced by the ia3-dist sbatch templates (run from the repo root: cd "$IA3_DIST_HOME" first).
+# Sets CONFIG, OVERRIDES, OUTPUT_DIR, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, LOG_DIR; installs the preemption
+# trap; ia3_run runs the training step in the background (a bash trap only fires between commands, so the work
+# runs as `srun ... & wait`), and requeues the job when the run stopped on a signal after checkpointing.
+
+ia3_log() { echo "[ia3-dist $(date +%H:%M:%S)] $*"; }
+
+ia3_setup() {
+  if [ $# -lt 1 ]; then echo "usage: sbatch $0 CONFIG.yaml [key.sub=value ...]" >&2; exit 2; fi
+  CONFIG=$1; shift
+  OVERRIDES=("$@")
+  PYTHON=${PYTHON:-python}
+  # output.dir as the run will see it (config + overrides), for the pid file and the preemption marker.
+  OUTPUT_DIR=$("$PYTHON" -m ia3_dist.cli resolve --config "$CONFIG" "${OVERRIDES[@]}" --key output.dir) || exit 2
+  NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
+  NPROC_PER_NODE=${NPROC_PER_NODE##*:}          # "a100:4" -> 4
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  LOG_DIR=${LOG_DIR:-logs}
+  mkdir -p "$LOG_DIR"
+  export MASTER_ADDR MASTER_PORT
+  # Cluster-specific NCCL settings (uncomment what your fabric needs):
+  # export NCCL_DEBUG=WARN
+  # export NCCL_SOCKET_IFNAME=ib0            # or eth0 / hsn0: the interface between nodes
+  # export NCCL_IB_HCA=mlx5                   # InfiniBand HCAs to use
+  # export NCCL_NET_GDR_LEVEL=PHB             # GPUDirect RDMA
+  # export NCCL_ASYNC_ERROR_HANDLING=1        # fail fast instead of hanging on a dead peer
+  ia3_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $SLURM_NNODES node(s) x" \
+          "$NPROC_PER_NODE rank(s), master $MASTER_ADDR:$MASTER_PORT, output $OUTPUT_DIR"
+  trap 'ia3_forward USR1' USR1
+  trap 'ia3_forward TERM' TERM
+}
+
+# Forward the preemption warning to global rank 0 (on this node, the job's first); the stop flag rides on the
+# per-step all-reduce, so every rank stops at the same step boundary and checkpoints.
+ia3_forward() {
+  local f="$OUTPUT_DIR/rank0.pid"
+  if [ -s "$f" ]; then
+    ia3_log "caught SIG$1: asking the run (rank 0, pid $(cat "$f")) to checkpoint and stop"
+    kill -USR1 "$(cat "$f")" 2>/dev/null || true
+  else
+    ia3_log "caught SIG$1 before training started: requeueing"
+    PREEMPT_EARLY=1
+    [ -n "${WORK_PID:-}" ] && kill -TERM "$WORK_PID" 2>/dev/null
+  fi
+}
+
+ia3_run() {
+  rm -f "$OUTPUT_DIR/preempted.json"
+  "$@" &
+  WORK_PID=$!
+  local rc
+  while :; do
+    wait "$WORK_PID"; rc=$?
+    kill -0 "$WORK_PID" 2>/dev/null || break   # wait returned for a trapped signal: keep waiting
+  done
+  if [ "$rc" = 75 ] || [ -e "$OUTPUT_DIR/preempted.json" ] || [ -n "${PREEMPT_EARLY:-}" ]; then
+    ia3_log "run stopped after a checkpoint (exit $rc): requeueing job $SLURM_JOB_ID; it resumes with train.resume=auto"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  ia3_log "run finished with exit $rc"
+  exit "$rc"
+}

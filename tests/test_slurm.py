@@ -1,0 +1,188 @@
+"""The sbatch templates on a real Slurm (the local cluster from ../shared/slurm, 2 emulated nodes on loopback).
+
+1 node x 2 ranks (deepspeed launcher task, and srun one task per rank) and 2 nodes x 1 rank (deepspeed --no_ssh,
+and torchrun c10d) each train configs/tiny-cpu.yaml to the adapter of the same run launched with deepspeed
+directly. A USR1 to the batch shell (what --signal=B:USR1@N delivers) makes the job checkpoint, requeue itself,
+resume and finish with the adapter of an uninterrupted run.
+
+.ci/run starts the cluster and stops it by PID. Elsewhere these tests skip when no cluster answers (sinfo).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _util import ROOT, adapter_tensors, check, launch
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+TINY = "configs/tiny-cpu.yaml"
+SHORT = ["train.max_steps=10"]
+# Long enough to preempt mid-run: 75 steps of 4 micro-steps per rank.
+LONG = ["train.micro_batch_size=1", "train.grad_accum=4", "train.log_every=1", "checkpoint.every=5"]
+
+
+def _idle_nodes() -> int:
+    if not shutil.which("sinfo"):
+        return 0
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return len({ln.split()[0] for ln in out.stdout.splitlines() if ln.strip() and ln.split()[1] in ("idle", "mix",
+                                                                                                "alloc")})
+
+
+@pytest.fixture(scope="module")
+def cluster() -> int:
+    n = _idle_nodes()
+    if n == 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI: no Slurm cluster answers; .ci/run should have started one")
+        pytest.skip("no Slurm cluster (start one: NODES=2 ../shared/slurm/start-local-slurm.sh)")
+    return n
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env.update(IA3_DIST_HOME=str(ROOT), LOG_DIR=str(tmp / "logs"), PYTHON=sys.executable)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def sbatch(tmp: Path, template: str, sbatch_args: list[str], run_args: list[str]) -> str:
+    tmp.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp}", *sbatch_args, str(ROOT / "slurm" / template),
+                           TINY, *run_args], capture_output=True, text=True, env=_env(tmp), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_state(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    for tok in out.split():
+        if tok.startswith("JobState="):
+            return tok.split("=", 1)[1]
+    return "GONE"
+
+
+def wait_job(job: str, timeout: float = 600) -> str:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        st = job_state(job)
+        if st not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"):
+            return st
+        time.sleep(1)
+    subprocess.run(["scancel", job])
+    raise AssertionError(f"job {job} did not finish in {timeout}s")
+
+
+def logs(tmp: Path, tail: int | None = 3000) -> str:
+    """Job and per-rank logs (each file's last ``tail`` characters; None for all)."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.suffix in (".out", ".log", ".err"))
+    return "\n".join(f"== {p.relative_to(tmp)}\n{p.read_text(errors='replace')[-(tail or 0):]}" for p in files)
+
+
+def same_adapter(a: Path, b: Path) -> None:
+    ta, tb = adapter_tensors(a / "adapter"), adapter_tensors(b / "adapter")
+    assert set(ta) == set(tb)
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def direct(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> dict[str, Path]:
+    """The same runs launched with deepspeed directly."""
+    outs = {}
+    for name, extra in (("short", SHORT), ("long", LONG)):
+        out = tmp_path_factory.mktemp(f"direct-{name}")
+        check(launch(["--config", TINY, f"output.dir={out}", *extra], nproc=2))
+        outs[name] = out
+    return outs
+
+
+LAYOUTS = {
+    "1node-deepspeed": ("single_node.sbatch", ["--nodes=1", "--cpus-per-task=2",
+                                               "--export=ALL,NPROC_PER_NODE=2"], 1),
+    "1node-srun-per-rank": ("srun_per_rank.sbatch", ["--nodes=1", "--ntasks-per-node=2"], 1),
+    "2nodes-deepspeed": ("multi_node.sbatch", ["--nodes=2", "--cpus-per-task=1", "--export=ALL,NPROC_PER_NODE=1"],
+                         2),
+    "2nodes-torchrun": ("multi_node.sbatch", ["--nodes=2", "--cpus-per-task=1",
+                                              "--export=ALL,NPROC_PER_NODE=1,LAUNCHER=torchrun"], 2),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_template_trains_like_direct_deepspeed(cluster: int, direct: dict[str, Path], tmp_path: Path,
+                                               layout: str) -> None:
+    template, args, nodes = LAYOUTS[layout]
+    if nodes > cluster:
+        pytest.skip(f"needs {nodes} Slurm nodes")
+    out = tmp_path / "out"
+    job = sbatch(tmp_path, template, args, [f"output.dir={out}", *SHORT])
+    state = wait_job(job)
+    assert state == "COMPLETED", logs(tmp_path)
+    text = logs(tmp_path)
+    assert f"{nodes} node(s) x {2 // nodes} rank(s)" in text and "run finished with exit 0" in text
+    rank_logs = [p for p in (tmp_path / "logs").rglob("*") if p.is_file() and p.stat().st_size > 0
+                 and ("rank" in p.name or p.parent.name.isdigit())]
+    assert len(rank_logs) >= 2, sorted(str(p) for p in (tmp_path / "logs").rglob("*"))  # one log per rank
+    same_adapter(out, direct["short"])
+
+
+def test_preemption_requeues_and_resumes(cluster: int, direct: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    job = sbatch(tmp_path, "single_node.sbatch", ["--nodes=1", "--cpus-per-task=2", "--export=ALL,NPROC_PER_NODE=2"],
+                 [f"output.dir={out}", *LONG])
+    metrics = out / "metrics.jsonl"
+    t0 = time.time()
+    while True:
+        assert time.time() - t0 < 300, logs(tmp_path)
+        assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), logs(tmp_path)
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if lines and json.loads(lines[-1])["step"] >= 3:
+            break
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    t0 = time.time()
+    released = False
+    while "restart 1" not in logs(tmp_path, None):
+        assert time.time() - t0 < 300, logs(tmp_path)
+        if not released and job_state(job) == "PENDING":
+            # A requeued job is held ~120 s before it may start again; the test skips the wait, but only once the
+            # old instance is cleaned up (released at once, Slurm kills the restart: "Job credential revoked").
+            time.sleep(5)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+            released = True
+        time.sleep(0.5)
+    assert wait_job(job) == "COMPLETED", logs(tmp_path)
+    text = logs(tmp_path, None)
+    assert "caught SIGUSR1" in text and "requeueing job" in text and "resuming from" in text, text
+    assert "run finished with exit 0" in text
+    same_adapter(out, direct["long"])
+
+
+def test_generator_writes_a_submittable_file(cluster: int, direct: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "gen-out"
+    f = tmp_path / "job.sbatch"
+    proc = subprocess.run([sys.executable, "launch.py", "slurm", "--config", TINY, "--nodes", "1",
+                           "--gpus-per-node", "0", "--cpus-per-node", "2", "--time", "00:20:00", "--out", str(f),
+                           f"output.dir={out}", *SHORT], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"sbatch {f}" in proc.stdout
+    text = f.read_text()
+    assert "#SBATCH --time=00:20:00" in text and "#SBATCH --nodes=1" in text and "NPROC_PER_NODE=2" in text
+    sub = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", str(f)], capture_output=True, text=True,
+                         env=_env(tmp_path))
+    assert sub.returncode == 0, sub.stderr
+    assert wait_job(sub.stdout.strip()) == "COMPLETED", logs(tmp_path)
+    same_adapter(out, direct["short"])
