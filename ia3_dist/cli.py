@@ -30,6 +30,32 @@ def cmd_train(argv: list[str], prog: str) -> int:
     return 0
 
 
+def cmd_check(argv: list[str], prog: str) -> int:
+    """Preflight alone: config, data, model and tokenizer dirs, DeepSpeed config, output dir; prints the data
+    statistics and the run shape. Exit 0 if a run would start, 2 (naming the problem) if not. Writes nothing into
+    the output dir."""
+    from . import dist, preflight
+    from .config import load_config
+    from .demo import DEMO_RUN
+    from .trainer import prepare
+
+    ap = argparse.ArgumentParser(prog=f"{prog} check", description=cmd_check.__doc__)
+    ap.add_argument("--config")
+    ap.add_argument("--world-size", type=int, default=None, help="ranks the run will have (default: this "
+                    "launcher's, else 1)")
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = ap.parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO_RUN)
+    env = dist.detect()
+    if args.world_size is not None:
+        if args.world_size < 1:
+            raise UsageError("--world-size must be >= 1")
+        env = dist.DistEnv(0, 0, args.world_size, args.world_size)
+    print(preflight.report(prepare(cfg, env)))
+    print("preflight: OK")
+    return 0
+
+
 def cmd_resolve(argv: list[str], prog: str) -> int:
     """Print one resolved config value (config + overrides), e.g. for job scripts: --key output.dir."""
     from .config import load_config
@@ -54,7 +80,7 @@ def cmd_slurm(argv: list[str], prog: str) -> int:
     return slurm_main(argv, f"{prog} slurm")
 
 
-COMMANDS = {"train": cmd_train, "resolve": cmd_resolve, "slurm": cmd_slurm}
+COMMANDS = {"train": cmd_train, "check": cmd_check, "resolve": cmd_resolve, "slurm": cmd_slurm}
 
 
 def main(argv: list[str] | None = None, prog: str = "ia3-dist") -> int:

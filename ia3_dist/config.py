@@ -64,6 +64,9 @@ class DataConfig:
     """Reshuffle the example order every epoch from ``train.seed``; false keeps the file order."""
     limit: int | None = None
     """Use only the first N records (after loading, before tokenizing)."""
+    on_bad_record: str = "error"
+    """A malformed record (bad JSON line, missing/non-string field, empty record): ``error`` stops before training
+    naming file and line; ``skip`` drops it and reports how many and where."""
     cache_dir: str | None = None
     """Where tokenized data (and the demo assets) are cached; default ``$IA3_DIST_CACHE`` or
     ``~/.cache/ia3-dist``."""
@@ -71,11 +74,13 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.max_length < 2:
             _fail("data.max_length", f"must be >= 2, got {self.max_length}")
+        if self.on_bad_record not in ("error", "skip"):
+            _fail("data.on_bad_record", f"must be error or skip, got {self.on_bad_record!r}")
         if self.limit is not None and self.limit < 1:
             _fail("data.limit", f"must be >= 1 or null, got {self.limit}")
         try:
             self.prompt_template.format(instruction="", input="")
-        except (KeyError, IndexError, ValueError) as e:
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
             _fail("data.prompt_template", f"bad template ({e!r}); only {{instruction}} and {{input}} are allowed")
 
 

@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from .errors import UsageError
 
 IGNORE_INDEX = -100
 # Bump when the cached format or the preprocessing changes meaning.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 FIELDS = ("instruction", "input", "output")
 
 
@@ -62,6 +62,8 @@ class Records:
     output: list[str]
     source: str
     fingerprint: str
+    skipped: list[str]
+    """Messages for records dropped by ``data.on_bad_record=skip``."""
 
     def __len__(self) -> int:
         return len(self.output)
@@ -87,22 +89,46 @@ def _check_record(rec: Any, where: str) -> tuple[str, str, str]:
         if v is None and f == "input":
             v = ""
         if v is None:
-            raise UsageError(f"{where}: missing field '{f}' (every record needs instruction, output; input is "
-                             f"optional)")
+            raise UsageError(f"{where}: missing field '{f}' (every record needs instruction and output strings; "
+                             f"input is optional)")
         if not isinstance(v, str):
             raise UsageError(f"{where}: field '{f}' must be a string, got {type(v).__name__}")
         vals.append(v)
+    if not vals[0].strip() and not vals[2].strip():
+        raise UsageError(f"{where}: empty record (instruction and output are both empty)")
     return vals[0], vals[1], vals[2]
 
 
-def _columns(rows: Sequence[tuple[str, str, str]], source: str, fingerprint: str) -> Records:
+class _Collector:
+    """Applies ``data.on_bad_record``: raise on the first bad record, or skip it and remember where it was."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.rows: list[tuple[str, str, str]] = []
+        self.skipped: list[str] = []
+
+    def bad(self, err: UsageError) -> None:
+        if self.policy == "error":
+            raise UsageError(f"{err} (or set data.on_bad_record=skip to drop bad records)") from None
+        self.skipped.append(str(err))
+
+    def add(self, rec: Any, where: str) -> None:
+        try:
+            self.rows.append(_check_record(rec, where))
+        except UsageError as e:
+            self.bad(e)
+
+
+def _columns(c: _Collector, source: str, fingerprint: str, limit: int | None) -> Records:
+    rows = c.rows[:limit] if limit is not None else c.rows
     if not rows:
-        raise UsageError(f"{source}: the dataset has no records")
-    ins, inp, out = (list(c) for c in zip(*rows, strict=True))
-    return Records(ins, inp, out, source, fingerprint)
+        extra = f" ({len(c.skipped)} bad records skipped)" if c.skipped else ""
+        raise UsageError(f"{source}: the dataset has no usable records{extra}")
+    ins, inp, out = (list(col) for col in zip(*rows, strict=True))
+    return Records(ins, inp, out, source, fingerprint, c.skipped)
 
 
-def _read_json(p: Path) -> list[tuple[str, str, str]]:
+def _read_json(p: Path, c: _Collector) -> None:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -113,36 +139,43 @@ def _read_json(p: Path) -> list[tuple[str, str, str]]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"{p}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise UsageError(f"{p}: JSON nested too deeply") from None
     if not isinstance(data, list):
         raise UsageError(f"{p}: expected a JSON list of records, got {type(data).__name__} "
                          f"(use .jsonl for one record per line)")
-    return [_check_record(r, f"{p}: record {i}") for i, r in enumerate(data)]
+    for i, r in enumerate(data):
+        c.add(r, f"{p}: record {i}")
 
 
-def _read_jsonl(p: Path) -> list[tuple[str, str, str]]:
-    rows = []
+def _read_jsonl(p: Path, c: _Collector) -> None:
     with open(p, "rb") as fh:
         for n, raw in enumerate(fh, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UsageError(f"{p}:{n}: not UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
+                c.bad(UsageError(f"{p}:{n}: not UTF-8 ({e.reason}); re-encode the file as UTF-8"))
+                continue
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UsageError(f"{p}:{n}:{e.colno}: invalid JSON: {e.msg}") from None
-            rows.append(_check_record(rec, f"{p}:{n}"))
-    return rows
+                c.bad(UsageError(f"{p}:{n}:{e.colno}: invalid JSON: {e.msg}"))
+                continue
+            except RecursionError:
+                c.bad(UsageError(f"{p}:{n}: JSON nested too deeply"))
+                continue
+            c.add(rec, f"{p}:{n}")
 
 
-def _read_hf(ds: Any, source: str) -> list[tuple[str, str, str]]:
+def _read_hf(ds: Any, source: str, c: _Collector) -> None:
     missing = [f for f in ("instruction", "output") if f not in ds.column_names]
     if missing:
         raise UsageError(f"{source}: dataset has no column(s) {missing}; columns are {ds.column_names}")
     cols = {f: ds[f] if f in ds.column_names else [""] * len(ds) for f in FIELDS}
-    return [_check_record({f: cols[f][i] for f in FIELDS}, f"{source}: record {i}") for i in range(len(ds))]
+    for i in range(len(ds)):
+        c.add({f: cols[f][i] for f in FIELDS}, f"{source}: record {i}")
 
 
 def load_records(cfg: DataConfig) -> Records:
@@ -153,6 +186,7 @@ def load_records(cfg: DataConfig) -> Records:
 
         path = str(demo.ensure_data(cfg, path))
     p = Path(path).expanduser()
+    c = _Collector(cfg.on_bad_record)
     if p.is_dir():
         import datasets
 
@@ -170,14 +204,14 @@ def load_records(cfg: DataConfig) -> Records:
             ds = ds[cfg.split]
         h = hashlib.sha256()
         _hash_path(p, h)
-        rows = _read_hf(ds, str(p))
+        _read_hf(ds, str(p), c)
     elif p.is_file():
         h = hashlib.sha256()
         _hash_path(p, h)
         if p.suffix == ".jsonl":
-            rows = _read_jsonl(p)
+            _read_jsonl(p, c)
         elif p.suffix == ".json":
-            rows = _read_json(p)
+            _read_json(p, c)
         else:
             raise UsageError(f"{p}: unknown data format '{p.suffix}'; use .json, .jsonl or a save_to_disk dir")
     elif p.suffix in (".json", ".jsonl") or path.startswith((".", "/", "~")):
@@ -191,10 +225,8 @@ def load_records(cfg: DataConfig) -> Records:
             raise UsageError(f"data.path {path}: not a local file/dir and the hub dataset could not be "
                              f"loaded ({type(e).__name__}: {e})") from None
         h = hashlib.sha256(f"hub:{path}:{cfg.split}:{getattr(ds, '_fingerprint', '')}".encode())
-        rows = _read_hf(ds, path)
-    if cfg.limit is not None:
-        rows = rows[: cfg.limit]
-    return _columns(rows, str(p), h.hexdigest())
+        _read_hf(ds, path, c)
+    return _columns(c, str(p), h.hexdigest(), cfg.limit)
 
 
 def build_prompt(cfg: DataConfig, instruction: str, inp: str) -> str:
@@ -225,6 +257,7 @@ class TokenizedData:
     truncated: int           # examples cut at max_length
     seconds: float = 0.0     # tokenization time (0 when served from cache)
     cache_file: str = ""
+    skipped: list[str] = field(default_factory=list)  # bad records skipped (data.on_bad_record=skip)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -280,7 +313,7 @@ def tokenize(records: Records, tok: Any, cfg: DataConfig, batch_size: int = 1000
     return TokenizedData(ids=np.concatenate(chunks), offsets=np.asarray(offsets, dtype=np.int64),
                          prompt_lens=np.asarray(plens, dtype=np.int32), n_records=len(records),
                          dropped=np.asarray(dropped, dtype=np.int64), truncated=truncated,
-                         seconds=time.perf_counter() - t0)
+                         seconds=time.perf_counter() - t0, skipped=list(records.skipped))
 
 
 def cache_key(records: Records, tok: Any, cfg: DataConfig) -> str:
@@ -288,7 +321,7 @@ def cache_key(records: Records, tok: Any, cfg: DataConfig) -> str:
     h.update(json.dumps({
         "v": CACHE_VERSION, "data": records.fingerprint, "tok": tokenizer_fingerprint(tok),
         "template": cfg.prompt_template, "strip": cfg.strip_prompt, "prefix": cfg.response_prefix,
-        "eos": cfg.append_eos, "max_length": cfg.max_length, "limit": cfg.limit,
+        "eos": cfg.append_eos, "max_length": cfg.max_length, "limit": cfg.limit, "bad": cfg.on_bad_record,
     }, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
@@ -304,11 +337,13 @@ def load_or_tokenize(cfg: DataConfig, tok: Any) -> TokenizedData:
             z = np.load(f)
             return TokenizedData(ids=z["ids"], offsets=z["offsets"], prompt_lens=z["prompt_lens"],
                                  n_records=int(z["n_records"]), dropped=z["dropped"],
-                                 truncated=int(z["truncated"]), cache_file=str(f))
+                                 truncated=int(z["truncated"]), cache_file=str(f),
+                                 skipped=json.loads(str(z["skipped"])))
         data = tokenize(records, tok, cfg)
         tmp = d / f".{key}.{os.getpid()}.tmp.npz"
         np.savez(tmp, ids=data.ids, offsets=data.offsets, prompt_lens=data.prompt_lens,
-                 n_records=data.n_records, dropped=data.dropped, truncated=data.truncated)
+                 n_records=data.n_records, dropped=data.dropped, truncated=data.truncated,
+                 skipped=np.array(json.dumps(data.skipped, ensure_ascii=False)))
         os.replace(tmp, f)
         data.cache_file = str(f)
         return data

@@ -99,7 +99,7 @@ def _pretrain(model: Any, tok: Any, records: list[dict[str, str]], steps: int, s
     from .data import Records, collate, tokenize
 
     data = tokenize(Records([r["instruction"] for r in records], [r["input"] for r in records],
-                            [r["output"] for r in records], "demo", "demo"), tok, DataConfig(path="demo"))
+                            [r["output"] for r in records], "demo", "demo", []), tok, DataConfig(path="demo"))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     rng = torch.Generator().manual_seed(seed)
     losses = []

@@ -30,10 +30,13 @@ def load_tokenizer(cfg: ModelConfig, model_path: str) -> Any:
     from transformers import AutoTokenizer
 
     src = cfg.tokenizer or model_path
+    from .preflight import check_tokenizer_dir
+
+    check_tokenizer_dir(src)
     try:
         tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"model.tokenizer {src}: cannot load a tokenizer ({e})") from None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"tokenizer {src}: cannot load it ({type(e).__name__}: {e})") from None
     if tok.eos_token is None:
         raise UsageError(f"tokenizer {src} has no eos token; add one to its special_tokens_map.json")
     if tok.pad_token is None:
@@ -130,8 +133,8 @@ class TokenSumLM(nn.Module):
         return loss_sum, keep.sum()
 
 
-def model_hidden_size(model_path: str, cfg: ModelConfig) -> int | None:
-    """Hidden size from the model's config.json (for ZeRO bucket sizes), without loading weights."""
+def load_model_config(model_path: str, cfg: ModelConfig) -> Any:
+    """The model's config.json (shapes for ZeRO bucket sizes and the vocabulary check), without weights."""
     from transformers import AutoConfig
 
     try:
@@ -140,4 +143,8 @@ def model_hidden_size(model_path: str, cfg: ModelConfig) -> int | None:
         if Path(model_path).exists():
             raise UsageError(f"model.path {model_path}: cannot read config.json ({e})") from None
         raise UsageError(f"model.path {model_path}: not a local dir and not reachable on the hub ({e})") from None
-    return getattr(c, "hidden_size", None) or getattr(c, "n_embed", None)
+    return c
+
+
+def hidden_size_of(model_config: Any) -> int | None:
+    return getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embed", None)

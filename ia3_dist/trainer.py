@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import dist
+from . import dist, preflight
 from . import ds_config as dsc
 from .config import RunConfig
 from .data import TokenizedData, collate, iter_steps, load_or_tokenize, rank_micro_batches, steps_per_epoch
@@ -25,9 +25,10 @@ from .metrics import MetricsLog
 from .model import (
     TokenSumLM,
     apply_ia3,
+    hidden_size_of,
     load_base_model,
+    load_model_config,
     load_tokenizer,
-    model_hidden_size,
     resolve_model_path,
     trainable_line,
 )
@@ -69,8 +70,11 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     out = Path(cfg.output.dir)
     ckpt.guard_output_dir(out, cfg.train.resume, cfg.output.overwrite)
     model_path = resolve_model_path(cfg.model, cfg.data.cache_dir)
-    hidden = model_hidden_size(model_path, cfg.model)
+    preflight.check_model_dir(model_path)
+    model_config = load_model_config(model_path, cfg.model)
     tok = load_tokenizer(cfg.model, model_path)
+    preflight.check_vocab(tok, model_config, cfg.model.tokenizer or model_path)
+    hidden = hidden_size_of(model_config)
     data = load_or_tokenize(cfg.data, tok)
     total = total_steps_for(cfg, len(data), env.world_size)
     ds = dsc.resolve(cfg, env.world_size, hidden)
@@ -82,20 +86,6 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     if resume_from is not None:
         ckpt.check_compatible(resume_from, meta)
     return Prepared(cfg, env, model_path, tok, data, ds, total, gb, out, resume_from, meta)
-
-
-def data_summary(p: Prepared) -> str:
-    d = p.data
-    lens = d.lengths
-    src = "cache" if d.seconds == 0 else f"tokenized in {d.seconds:.2f}s"
-    text = (f"data: {d.n_records} records -> {len(d)} examples ({len(d.dropped)} dropped: all labels masked after "
-            f"truncation), {d.truncated} truncated at {p.cfg.data.max_length}; length mean {lens.mean():.1f} "
-            f"max {lens.max()}; {src}\n"
-            f"batch: {p.cfg.train.micro_batch_size} micro x {p.cfg.train.grad_accum} accum x {p.env.world_size} "
-            f"ranks = {p.global_batch} global; {p.total_steps} optimizer steps")
-    if p.resume_from is not None:
-        text += f"\nresuming from {p.resume_from}"
-    return text
 
 
 def write_run_files(p: Prepared) -> None:
@@ -266,7 +256,7 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     except BaseException:
         stop.uninstall()
         raise
-    dist.print0(env, data_summary(p))
+    dist.print0(env, preflight.report(p))
     write_run_files(p)
     dist.init(env, cfg.deepspeed.timeout_minutes)
     try:

@@ -1,0 +1,102 @@
+"""Checks that need files on disk (model and tokenizer dirs) and the report printed before every run and by
+``ia3-dist check``. Config, data and DeepSpeed problems are raised where those are parsed; everything here runs
+before any process group starts and writes nothing into the output dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .errors import UsageError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
+
+
+def check_model_dir(path: str) -> None:
+    """A local model dir must hold config.json and complete weights; a hub name is checked when it loads."""
+    p = Path(path).expanduser()
+    if not looks_local(path):
+        return
+    if not p.is_dir():
+        raise UsageError(f"model.path {path}: no such directory")
+    if not (p / "config.json").is_file():
+        raise UsageError(f"model.path {p}: no config.json; point model.path at a save_pretrained directory")
+    if not any((p / f).is_file() for f in WEIGHT_FILES) and not list(p.glob("*.safetensors")):
+        raise UsageError(f"model.path {p}: no weights ({', '.join(WEIGHT_FILES)}); the download or copy is "
+                         f"incomplete")
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (p / index).is_file():
+            try:
+                shards = set(json.loads((p / index).read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UsageError(f"{p / index}: unreadable weight index ({e})") from None
+            missing = sorted(s for s in shards if not (p / s).is_file())
+            if missing:
+                raise UsageError(f"model.path {p}: weight shards missing: {', '.join(missing[:5])}"
+                                 f"{' ...' if len(missing) > 5 else ''}")
+
+
+def check_tokenizer_dir(path: str) -> None:
+    p = Path(path).expanduser()
+    if looks_local(path) and p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise UsageError(f"tokenizer {p}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); set model.tokenizer "
+                         f"to the tokenizer's directory")
+
+
+def check_vocab(tok: Any, model_config: Any, where: str) -> None:
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab is not None and len(tok) > vocab:
+        raise UsageError(f"{where}: the tokenizer has {len(tok)} tokens but the model's embeddings have {vocab} "
+                         f"rows; ids past {vocab - 1} would index out of range. Use the model's own tokenizer "
+                         f"(model.tokenizer)")
+
+
+def output_state(out: Path, resume_from: Path | None) -> str:
+    if resume_from is not None:
+        return f"{out}: resuming from {resume_from}"
+    if not out.exists():
+        return f"{out}: new"
+    n = len(ckpt.complete_checkpoints(ckpt.root_of(out)))
+    return f"{out}: exists, {n} checkpoint(s)" + (" (output.overwrite=true: they will be deleted)" if n else "")
+
+
+def report(p: Any) -> str:
+    """Data statistics and the resolved run shape (``p`` is a trainer.Prepared)."""
+    d, cfg = p.data, p.cfg
+    lens = d.lengths
+    pct = np.percentile(lens, [50, 90, 99]).round().astype(int).tolist()
+    n_labels = int(lens.sum() - np.maximum(d.prompt_lens, 1).sum())
+    lines = [
+        f"data: {d.n_records + len(d.skipped)} records read from {cfg.data.path}"
+        + (f"; {len(d.skipped)} bad records skipped (data.on_bad_record=skip), first: "
+           + "; ".join(d.skipped[:3]) if d.skipped else ""),
+        f"  {len(d)} examples; {len(d.dropped)} dropped (all labels masked after truncation)"
+        + (f", records {d.dropped[:5].tolist()}" if len(d.dropped) else ""),
+        f"  truncated at {cfg.data.max_length}: {d.truncated} ({100.0 * d.truncated / max(d.n_records, 1):.1f}%); "
+        f"length p50 {pct[0]} p90 {pct[1]} p99 {pct[2]} max {int(lens.max())}; {n_labels} label tokens; "
+        + ("from cache" if d.seconds == 0 else f"tokenized in {d.seconds:.2f}s"),
+        f"batch: {cfg.train.micro_batch_size} micro x {cfg.train.grad_accum} accum x {p.env.world_size} ranks = "
+        f"{p.global_batch} global; {p.total_steps} optimizer steps",
+        f"deepspeed: ZeRO-{p.ds_config['zero_optimization']['stage']}, {cfg.train.precision}, "
+        f"{'offload' if ckpt_offload(p.ds_config) else 'no offload'} ({cfg.deepspeed.config})",
+        f"output: {output_state(p.out, p.resume_from)}",
+    ]
+    if p.tokenizer.pad_token == p.tokenizer.eos_token:
+        lines.append("note: the tokenizer has no pad token of its own; padding uses eos (masked out of the loss)")
+    return "\n".join(lines)
+
+
+def ckpt_offload(ds: dict[str, Any]) -> bool:
+    z = ds.get("zero_optimization", {})
+    return any(isinstance(z.get(k), dict) and z[k].get("device", "none") not in ("none", None)
+               for k in ("offload_optimizer", "offload_param"))
