@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from .errors import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USAGE, NonFiniteLoss, Preempted, UsageError
 
@@ -56,6 +59,132 @@ def cmd_check(argv: list[str], prog: str) -> int:
     return 0
 
 
+def _gen_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--adapter", required=True, help="adapter dir (runs/x/adapter) or a merged model dir")
+    ap.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def _gen_options(a: argparse.Namespace) -> Any:
+    from .export import GenOptions
+
+    if a.max_new_tokens < 1 or a.temperature <= 0 or not 0 < a.top_p <= 1 or a.top_k < 0:
+        raise UsageError("need --max-new-tokens >= 1, --temperature > 0, 0 < --top-p <= 1, --top-k >= 0")
+    return GenOptions(a.max_new_tokens, a.sample, a.temperature, a.top_p, a.top_k, a.seed, a.repetition_penalty)
+
+
+def _parse_request(line: str, where: str) -> tuple[str, str]:
+    """A plain-text prompt, or a JSON object with instruction (and input)."""
+    s = line.strip()
+    if s.startswith("{"):
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj.get("instruction"), str) or not isinstance(obj.get("input", ""), str):
+            raise UsageError(f"{where}: a JSON prompt needs a string 'instruction' (and optional 'input')")
+        return obj["instruction"], obj.get("input", "")
+    return s, ""
+
+
+def cmd_generate(argv: list[str], prog: str) -> int:
+    """Generate responses with the training template. Prompts come from the arguments, else from --file, else
+    from stdin (one per line; plain text or {"instruction": ..., "input": ...}). Writes JSONL."""
+    from .export import generate, load_for_inference
+
+    ap = argparse.ArgumentParser(prog=f"{prog} generate", description=cmd_generate.__doc__)
+    _gen_args(ap)
+    ap.add_argument("--file", help="prompts file (.txt or .jsonl, one per line)")
+    ap.add_argument("--out", help="JSONL output file (default stdout)")
+    ap.add_argument("prompts", nargs="*")
+    a = ap.parse_intermixed_args(argv)
+    opts = _gen_options(a)
+    if a.prompts:
+        reqs = [_parse_request(p, f"prompt {i + 1}") for i, p in enumerate(a.prompts)]
+    else:
+        if a.file:
+            try:
+                lines = Path(a.file).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"--file {a.file}: {e}") from None
+            src = a.file
+        else:
+            lines, src = sys.stdin.read().splitlines(), "stdin"
+        reqs = [_parse_request(ln, f"{src}:{n}") for n, ln in enumerate(lines, start=1) if ln.strip()]
+    if not reqs:
+        raise UsageError("no prompts (give them as arguments, with --file, or on stdin)")
+    model, tok, template, _ = load_for_inference(a.adapter, a.base, a.dtype)
+    responses = generate(model, tok, template, reqs, opts)
+    out = open(a.out, "w", encoding="utf-8") if a.out else sys.stdout
+    try:
+        for (ins, inp), r in zip(reqs, responses, strict=True):
+            out.write(json.dumps({"instruction": ins, "input": inp, "response": r}, ensure_ascii=False) + "\n")
+    finally:
+        if a.out:
+            out.close()
+    return 0
+
+
+def cmd_chat(argv: list[str], prog: str) -> int:
+    """Interactive: type an instruction, get the model's answer (the training template, one turn each).
+    Empty line or /quit ends it."""
+    from .export import generate, load_for_inference
+
+    ap = argparse.ArgumentParser(prog=f"{prog} chat", description=cmd_chat.__doc__)
+    _gen_args(ap)
+    a = ap.parse_intermixed_args(argv)
+    opts = _gen_options(a)
+    model, tok, template, _ = load_for_inference(a.adapter, a.base, a.dtype)
+    print(f"ia3-dist chat with {a.adapter} (empty line or /quit to end)", flush=True)
+    while True:
+        try:
+            line = input("Human: ")
+        except EOFError:
+            break
+        if not line.strip() or line.strip() == "/quit":
+            break
+        print("Assistant: " + generate(model, tok, template, [_parse_request(line, "input")], opts)[0], flush=True)
+    return 0
+
+
+def cmd_export(argv: list[str], prog: str) -> int:
+    """Merge the IA3 adapter into its base (PEFT merge_and_unload) and save a standard HF model (safetensors),
+    its tokenizer and the prompt template."""
+    from .export import export_merged
+
+    ap = argparse.ArgumentParser(prog=f"{prog} export", description=cmd_export.__doc__)
+    ap.add_argument("--adapter", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--base")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    a = ap.parse_args(argv)
+    print(f"merged model written to {export_merged(a.adapter, a.out, a.base, a.dtype)}")
+    return 0
+
+
+def cmd_plot(argv: list[str], prog: str) -> int:
+    """PNG of a run's loss, eval loss, lr and tokens/s from <dir>/metrics.jsonl."""
+    from .plots import plot_metrics
+
+    ap = argparse.ArgumentParser(prog=f"{prog} plot", description=cmd_plot.__doc__)
+    ap.add_argument("dir")
+    ap.add_argument("--out", help="PNG path (default <dir>/metrics.png)")
+    a = ap.parse_args(argv)
+    d = Path(a.dir)
+    out = plot_metrics(d / "metrics.jsonl", Path(a.out) if a.out else d / "metrics.png")
+    if out is None:
+        raise UsageError(f"{d}/metrics.jsonl has no logged steps yet")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_resolve(argv: list[str], prog: str) -> int:
     """Print one resolved config value (config + overrides), e.g. for job scripts: --key output.dir."""
     from .config import load_config
@@ -80,7 +209,8 @@ def cmd_slurm(argv: list[str], prog: str) -> int:
     return slurm_main(argv, f"{prog} slurm")
 
 
-COMMANDS = {"train": cmd_train, "check": cmd_check, "resolve": cmd_resolve, "slurm": cmd_slurm}
+COMMANDS = {"train": cmd_train, "check": cmd_check, "generate": cmd_generate, "chat": cmd_chat,
+            "export": cmd_export, "plot": cmd_plot, "slurm": cmd_slurm, "resolve": cmd_resolve}
 
 
 def main(argv: list[str] | None = None, prog: str = "ia3-dist") -> int:

@@ -64,6 +64,10 @@ class DataConfig:
     """Reshuffle the example order every epoch from ``train.seed``; false keeps the file order."""
     limit: int | None = None
     """Use only the first N records (after loading, before tokenizing)."""
+    eval_ratio: float = 0.0
+    """Hold out this fraction of the examples (chosen from ``train.seed``) for eval loss and perplexity."""
+    eval_path: str | None = None
+    """A separate held-out file or dir (same formats as ``path``); excludes ``eval_ratio``."""
     on_bad_record: str = "error"
     """A malformed record (bad JSON line, missing/non-string field, empty record): ``error`` stops before training
     naming file and line; ``skip`` drops it and reports how many and where."""
@@ -74,6 +78,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.max_length < 2:
             _fail("data.max_length", f"must be >= 2, got {self.max_length}")
+        if not 0.0 <= self.eval_ratio < 1.0:
+            _fail("data.eval_ratio", f"must be in [0, 1), got {self.eval_ratio}")
+        if self.eval_ratio and self.eval_path:
+            _fail("data.eval_ratio", "set either data.eval_ratio or data.eval_path, not both")
         if self.on_bad_record not in ("error", "skip"):
             _fail("data.on_bad_record", f"must be error or skip, got {self.on_bad_record!r}")
         if self.limit is not None and self.limit < 1:
@@ -131,6 +139,9 @@ class TrainConfig:
     """Linear warmup from 0 over this many optimizer steps."""
     log_every: int = 10
     """Log loss, lr, grad norm and tokens/s every N optimizer steps (and at the last step)."""
+    eval_every: int = 0
+    """Evaluate on the held-out data every N optimizer steps (0: only at the end); needs data.eval_ratio or
+    data.eval_path."""
     threads: int = 0
     """Torch/OMP threads per rank on CPU; 0 gives each local rank its share of the cores."""
     resume: str = "none"
@@ -141,6 +152,8 @@ class TrainConfig:
     chunked jobs under short time limits. 0: run to the end."""
 
     def __post_init__(self) -> None:
+        if self.eval_every < 0:
+            _fail("train.eval_every", f"must be >= 0, got {self.eval_every}")
         for key in ("micro_batch_size", "grad_accum", "epochs", "log_every"):
             if getattr(self, key) < 1:
                 _fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")

@@ -266,6 +266,17 @@ class TokenizedData:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def subset(self, idx: Sequence[int]) -> TokenizedData:
+        """The examples at ``idx``, in that order (train/eval splits)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        lens = self.lengths[idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        ids = np.concatenate([self.ids[self.offsets[i]:self.offsets[i + 1]] for i in idx]) if len(idx) else \
+            self.ids[:0]
+        return TokenizedData(ids=ids, offsets=offsets, prompt_lens=self.prompt_lens[idx], n_records=len(idx),
+                             dropped=self.dropped[:0], truncated=0, cache_file=self.cache_file)
+
     def example(self, i: int) -> tuple[list[int], list[int], list[int]]:
         """``(input_ids, attention_mask, labels)`` exactly as the reference recipe returns them."""
         ids = self.ids[self.offsets[i]: self.offsets[i + 1]].tolist()
@@ -351,6 +362,16 @@ def load_or_tokenize(cfg: DataConfig, tok: Any) -> TokenizedData:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sharding: which examples each rank sees in each optimizer step.
+
+
+def split_eval(data: TokenizedData, ratio: float, seed: int) -> tuple[TokenizedData, TokenizedData]:
+    """(train, eval): a seeded random ``ratio`` of the examples is held out; train keeps file order."""
+    n_eval = max(1, round(len(data) * ratio))
+    if n_eval >= len(data):
+        raise UsageError(f"data.eval_ratio={ratio} leaves no training examples out of {len(data)}")
+    held = np.sort(np.random.default_rng([seed, 7919]).permutation(len(data))[:n_eval])
+    keep = np.setdiff1d(np.arange(len(data)), held)
+    return data.subset(keep), data.subset(held)
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:

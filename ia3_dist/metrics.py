@@ -18,6 +18,14 @@ class MetricsLog:
         self.bar = tqdm(total=total_steps, initial=initial, disable=None if enabled else True, desc="train",
                         unit="step", dynamic_ncols=True, mininterval=1.0)
         self.history: list[dict[str, Any]] = []
+        self.tb = None
+        if enabled and path is not None:
+            try:  # TensorBoard event files when tensorboard is installed; metrics.jsonl is the record either way
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(path.parent / "tensorboard"))
+            except ImportError:
+                self.tb = None
 
     def step(self) -> None:
         self.bar.update(1)
@@ -30,10 +38,16 @@ class MetricsLog:
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")
-        short = {k: rec[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s") if k in rec}
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, rec["step"])
+        short = {k: rec[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_ppl") if k in rec}
         self.bar.set_postfix(short, refresh=False)
         self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
                                 {"step": rec.get("step"), **short}.items()))
 
     def close(self) -> None:
         self.bar.close()
+        if self.tb is not None:
+            self.tb.close()

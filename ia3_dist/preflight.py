@@ -85,6 +85,7 @@ def report(p: Any) -> str:
         f"  truncated at {cfg.data.max_length}: {d.truncated} ({100.0 * d.truncated / max(d.n_records, 1):.1f}%); "
         f"length p50 {pct[0]} p90 {pct[1]} p99 {pct[2]} max {int(lens.max())}; {n_labels} label tokens; "
         + ("from cache" if d.seconds == 0 else f"tokenized in {d.seconds:.2f}s"),
+        *([f"  held out for eval: {len(p.eval_data)} examples"] if p.eval_data is not None else []),
         f"batch: {cfg.train.micro_batch_size} micro x {cfg.train.grad_accum} accum x {p.env.world_size} ranks = "
         f"{p.global_batch} global; {p.total_steps} optimizer steps",
         f"deepspeed: ZeRO-{p.ds_config['zero_optimization']['stage']}, {cfg.train.precision}, "

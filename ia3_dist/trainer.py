@@ -9,7 +9,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,18 @@ from . import checkpoint as ckpt
 from . import dist, preflight
 from . import ds_config as dsc
 from .config import RunConfig
-from .data import TokenizedData, collate, iter_steps, load_or_tokenize, rank_micro_batches, steps_per_epoch
+from .data import (
+    TokenizedData,
+    collate,
+    iter_steps,
+    load_or_tokenize,
+    rank_micro_batches,
+    split_eval,
+    steps_per_epoch,
+)
 from .errors import NonFiniteLoss, Preempted
+from .evaluate import evaluate
+from .export import save_template
 from .metrics import MetricsLog
 from .model import (
     TokenSumLM,
@@ -32,6 +42,7 @@ from .model import (
     resolve_model_path,
     trainable_line,
 )
+from .plots import plot_metrics
 from .preempt import StopFlag
 from .schedule import lr_schedule
 
@@ -54,6 +65,7 @@ class Prepared:
     out: Path
     resume_from: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    eval_data: TokenizedData | None = None
     """What a checkpoint records so a resume can check it continues the same run."""
 
 
@@ -76,16 +88,22 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     preflight.check_vocab(tok, model_config, cfg.model.tokenizer or model_path)
     hidden = hidden_size_of(model_config)
     data = load_or_tokenize(cfg.data, tok)
+    eval_data = None
+    if cfg.data.eval_ratio:
+        data, eval_data = split_eval(data, cfg.data.eval_ratio, cfg.train.seed)
+    elif cfg.data.eval_path:
+        eval_data = load_or_tokenize(replace(cfg.data, path=cfg.data.eval_path, eval_path=None, limit=None), tok)
     total = total_steps_for(cfg, len(data), env.world_size)
     ds = dsc.resolve(cfg, env.world_size, hidden)
     gb = cfg.train.micro_batch_size * cfg.train.grad_accum * env.world_size
     meta = {"world_size": env.world_size, "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed, "shuffle": cfg.data.shuffle,
-            "total_steps": total, "data_key": Path(data.cache_file).stem, "n_examples": len(data)}
+            "total_steps": total, "data_key": Path(data.cache_file).stem, "n_examples": len(data),
+            "eval_ratio": cfg.data.eval_ratio}
     resume_from = ckpt.resolve_resume(cfg.train.resume, out)
     if resume_from is not None:
         ckpt.check_compatible(resume_from, meta)
-    return Prepared(cfg, env, model_path, tok, data, ds, total, gb, out, resume_from, meta)
+    return Prepared(cfg, env, model_path, tok, data, ds, total, gb, out, resume_from, meta, eval_data)
 
 
 def write_run_files(p: Prepared) -> None:
@@ -111,6 +129,7 @@ class TrainResult:
     """The DeepSpeed engine, still live until the process group is destroyed."""
     peft_model: Any
     start_step: int = 0
+    eval: dict[str, float] | None = None
 
     def loss_change(self, window: int) -> tuple[int, float, float]:
         """Mean loss of the first and last ``k`` steps, k = min(window, steps // 4) (at least 1)."""
@@ -167,6 +186,11 @@ def train(p: Prepared, stop: StopFlag | None = None) -> TrainResult:
     stop = stop or StopFlag()
     end = p.total_steps if not t.stop_after_steps else min(p.total_steps, start + t.stop_after_steps)
     saved = start
+
+    def run_eval(step: int) -> dict[str, float]:
+        res = evaluate(engine, p.eval_data, env, t.micro_batch_size, pad_id, side)
+        log.log({"step": step, **res})
+        return res
 
     def save(step: int) -> Path:
         nonlocal saved
@@ -233,15 +257,23 @@ def train(p: Prepared, stop: StopFlag | None = None) -> TrainResult:
                          "step_time_s": dt / window["steps"], "elapsed_s": time.perf_counter() - t_start})
                 window = {"loss": 0.0, "steps": 0, "real": 0.0, "padded": 0.0, "samples": 0.0,
                           "t0": time.perf_counter()}
+            if p.eval_data is not None and t.eval_every and done % t.eval_every == 0 and done < end:
+                run_eval(done)
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < end:
                 save(done)
+        final_eval = run_eval(end) if p.eval_data is not None else None
     finally:
         log.close()
     if end < p.total_steps or cfg.checkpoint.at_end:
         if saved < end:
             save(end)
     adapter_dir = save_adapter(peft_model, p.out / "adapter", env.is_main)
-    return TrainResult(adapter_dir, losses, engine, peft_model, start)
+    if env.is_main:
+        # Tokenizer and prompt template beside the adapter: generate/chat/export need nothing else.
+        p.tokenizer.save_pretrained(str(adapter_dir))
+        save_template(cfg.data, adapter_dir)
+        plot_metrics(mpath, p.out / "metrics.png")
+    return TrainResult(adapter_dir, losses, engine, peft_model, start, final_eval)
 
 
 def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | None = None) -> TrainResult:
@@ -265,6 +297,9 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
             k, first, last = res.loss_change(cfg.train.log_every)
             dist.print0(env, f"loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f} "
                              f"({100.0 * (last - first) / first:+.1f}%)")
+        if res.eval is not None:
+            dist.print0(env, f"eval: loss {res.eval['eval_loss']:.4f}, perplexity {res.eval['eval_ppl']:.2f} over "
+                             f"{int(res.eval['eval_tokens'])} tokens")
         done = res.start_step + len(res.losses)
         if done < p.total_steps:
             dist.print0(env, f"stopped after step {done} of {p.total_steps} (train.stop_after_steps); continue "

@@ -1,0 +1,36 @@
+"""Held-out loss and perplexity, token-weighted over all ranks, on the live DeepSpeed engine."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from . import dist
+from .data import TokenizedData, collate
+
+
+def evaluate(engine: Any, data: TokenizedData, env: dist.DistEnv, micro: int, pad_id: int,
+             side: str) -> dict[str, float]:
+    """Rank r evaluates examples r, r+world, ...; every rank runs the same number of forward passes (ZeRO-3
+    gathers parameters collectively), padding its shard with weight-0 batches."""
+    mine = list(range(env.rank, len(data), env.world_size))
+    per_rank = -(-len(data) // env.world_size)
+    n_batches = -(-per_rank // micro)
+    device = engine.device
+    acc = torch.zeros(2, dtype=torch.float64, device=device)
+    was_training = engine.module.training
+    engine.module.eval()
+    with torch.no_grad():
+        for b in range(n_batches):
+            idx = mine[b * micro:(b + 1) * micro]
+            batch = collate(data, idx or [0], pad_id, side)
+            loss_sum, n = engine(**{k: v.to(device) for k, v in batch.items()})
+            if idx:
+                acc += torch.stack([loss_sum.detach().double(), n.detach().double()])
+    if was_training:
+        engine.module.train()
+    dist.all_reduce_sum(acc)
+    loss = acc[0].item() / max(acc[1].item(), 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": acc[1].item()}

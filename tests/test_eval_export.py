@@ -1,0 +1,148 @@
+"""Held-out eval (token-weighted over ranks), export (merged logits == adapter logits), generate/chat from an
+adapter or a merged dir, and plots."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from _util import check, launch, metrics
+
+from ia3_dist.cli import main
+from ia3_dist.config import load_config
+from ia3_dist.data import collate, load_or_tokenize, split_eval
+from ia3_dist.export import load_for_inference
+
+pytestmark = pytest.mark.slow
+TINY = "configs/tiny-cpu.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Path:
+    """2 ranks, ZeRO-3, 10% held out, eval every 10 steps."""
+    out = tmp_path_factory.mktemp("trained")
+    check(launch(["--config", TINY, "deepspeed.config=zero3", f"output.dir={out}", "data.eval_ratio=0.1",
+                  "train.eval_every=10", "train.max_steps=30"], nproc=2))
+    return out
+
+
+def _reference_eval_loss(out: Path) -> tuple[float, int]:
+    """Token-mean loss of the saved adapter on the held-out split, computed in one process."""
+    cfg = load_config(out / "run.yaml")
+    model, tok, _, _ = load_for_inference(str(out / "adapter"))
+    data = load_or_tokenize(cfg.data, tok)
+    _, held = split_eval(data, cfg.data.eval_ratio, cfg.train.seed)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(held)):
+            b = collate(held, [i], tok.pad_token_id)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            tgt = b["labels"][:, 1:]
+            keep = tgt != -100
+            total += torch.nn.functional.cross_entropy(logits[keep].float(), tgt[keep], reduction="sum").item()
+            n += int(keep.sum())
+    return total / n, n
+
+
+def test_eval_is_logged_and_token_weighted_over_ranks(trained: Path) -> None:
+    recs = [r for r in metrics(trained) if "eval_loss" in r]
+    assert [r["step"] for r in recs] == [10, 20, 30]
+    for r in recs:
+        assert math.isclose(r["eval_ppl"], math.exp(r["eval_loss"]), rel_tol=1e-4)
+    assert recs[-1]["eval_loss"] < recs[0]["eval_loss"]
+    ref, n = _reference_eval_loss(trained)
+    assert recs[-1]["eval_tokens"] == n
+    assert recs[-1]["eval_loss"] == pytest.approx(ref, rel=1e-5)
+    # 40 held-out examples never appear in training: the run trained on 360.
+    assert json.loads((trained / "checkpoints" / "step30" / "meta.json").read_text())["n_examples"] == 360
+
+
+def test_export_merged_logits_equal_adapter_logits(trained: Path, tmp_path: Path, capsys) -> None:
+    merged = tmp_path / "merged"
+    assert main(["export", "--adapter", str(trained / "adapter"), "--out", str(merged)]) == 0
+    assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
+    assert not (merged / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    adapter_model, tok, _, _ = load_for_inference(str(trained / "adapter"))
+    enc = tok(["Human: 请介绍一下猫。\n\nAssistant: ", "Human: 你知道长城吗？\n简短回答。\n\nAssistant: "],
+              return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a = adapter_model(**enc).logits
+        b = plain(**enc).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), adapter_model.disable_adapter():
+        base = adapter_model(**enc).logits
+    assert (base - a).abs().max() > 1e-3  # the merge carried the trained scalings
+
+
+def _generate(args: list[str], capsys, stdin: str | None = None, monkeypatch=None) -> list[dict]:
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    assert main(["generate", *args]) == 0
+    return [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+
+
+def test_generate_from_adapter_and_merged_dir(trained: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    merged = tmp_path / "m"
+    assert main(["export", "--adapter", str(trained / "adapter"), "--out", str(merged)]) == 0
+    capsys.readouterr()
+    prompts = ["请介绍一下猫。", "你知道长城吗？"]
+    a = _generate(["--adapter", str(trained / "adapter"), "--max-new-tokens", "20", *prompts], capsys)
+    b = _generate(["--adapter", str(merged), "--max-new-tokens", "20", *prompts], capsys)
+    assert [r["instruction"] for r in a] == prompts
+    assert [r["response"] for r in a] == [r["response"] for r in b]
+    assert all(r["response"] for r in a)
+    # stdin (plain and JSON lines) and --file give the same answers for the same prompts.
+    c = _generate(["--adapter", str(merged), "--max-new-tokens", "20"], capsys,
+                  stdin='请介绍一下猫。\n{"instruction": "你知道长城吗？", "input": ""}\n', monkeypatch=monkeypatch)
+    f = tmp_path / "p.txt"
+    f.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    assert main(["generate", "--adapter", str(merged), "--max-new-tokens", "20", "--file", str(f),
+                 "--out", str(out)]) == 0
+    d = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [r["response"] for r in c] == [r["response"] for r in d] == [r["response"] for r in a]
+    # Sampling: reproducible from its seed, and differs from greedy somewhere over a few seeds.
+    s1 = _generate(["--adapter", str(merged), "--max-new-tokens", "20", "--sample", "--temperature", "1.5",
+                    "--seed", "3", *prompts], capsys)
+    s2 = _generate(["--adapter", str(merged), "--max-new-tokens", "20", "--sample", "--temperature", "1.5",
+                    "--seed", "3", *prompts], capsys)
+    assert s1 == s2
+    outs = {r["response"] for seed in range(4) for r in _generate(
+        ["--adapter", str(merged), "--max-new-tokens", "20", "--sample", "--temperature", "1.5", "--seed",
+         str(seed), prompts[0]], capsys)}
+    assert len(outs) > 1
+
+
+def test_generate_errors(trained: Path, tmp_path: Path, capsys) -> None:
+    assert main(["generate", "--adapter", str(tmp_path / "none"), "x"]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["generate", "--adapter", str(trained / "adapter"), "--top-p", "0", "x"]) == 2
+    assert main(["generate", "--adapter", str(trained / "adapter"), '{"instruction": 3}']) == 2
+    assert "needs a string 'instruction'" in capsys.readouterr().err
+
+
+def test_chat_answers_each_line(trained: Path, capsys, monkeypatch) -> None:
+    want = _generate(["--adapter", str(trained / "adapter"), "--max-new-tokens", "20", "请介绍一下猫。",
+                      "你知道长城吗？"], capsys)
+    monkeypatch.setattr("sys.stdin", io.StringIO("请介绍一下猫。\n你知道长城吗？\n/quit\n"))
+    assert main(["chat", "--adapter", str(trained / "adapter"), "--max-new-tokens", "20"]) == 0
+    out = capsys.readouterr().out
+    assert [ln.split("Assistant: ", 1)[1] for ln in out.splitlines() if "Assistant: " in ln] == \
+        [r["response"] for r in want]
+
+
+def test_plots(trained: Path, tmp_path: Path, capsys) -> None:
+    png = trained / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    out = tmp_path / "p.png"
+    assert main(["plot", str(trained), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path)]) == 2
