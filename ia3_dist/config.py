@@ -62,6 +62,9 @@ class DataConfig:
     """Append the tokenizer's eos token to the output before tokenizing (the reference recipe does)."""
     shuffle: bool = True
     """Reshuffle the example order every epoch from ``train.seed``; false keeps the file order."""
+    group_by_length: bool | None = None
+    """Build micro-batches of similar lengths (sorted within large groups, shuffled between them) so little compute
+    goes to padding. null (auto): on when micro_batch_size > 1 and shuffle is on; off keeps the plain order."""
     limit: int | None = None
     """Use only the first N records (after loading, before tokenizing)."""
     eval_ratio: float = 0.0
@@ -144,6 +147,10 @@ class TrainConfig:
     data.eval_path."""
     threads: int = 0
     """Torch/OMP threads per rank on CPU; 0 gives each local rank its share of the cores."""
+    bind_cores: bool = False
+    """Pin each local rank to its own slice of the cores (CPU runs)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for the MFU estimate; 0: known GPUs are looked up, otherwise MFU is omitted."""
     resume: str = "none"
     """``auto`` (newest complete checkpoint in ``<output.dir>/checkpoints``, or a fresh start if there is none),
     a checkpoint path, or ``none``."""
@@ -171,6 +178,8 @@ class TrainConfig:
             _fail("train.betas", f"must be two numbers in [0, 1), got {self.betas}")
         if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
             _fail("train", "weight_decay and grad_clip must be >= 0 and eps > 0")
+        if self.peak_tflops < 0:
+            _fail("train.peak_tflops", f"must be >= 0, got {self.peak_tflops}")
         if self.threads < 0:
             _fail("train.threads", f"must be >= 0, got {self.threads}")
         if self.stop_after_steps < 0:

@@ -384,6 +384,24 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
     return -(-n // global_batch)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How examples are cut into optimizer steps: global batch = micro x accum x world."""
+
+    micro: int
+    accum: int
+    world: int
+    seed: int
+    shuffle: bool
+    group_by_length: bool
+    group_steps: int = 64
+    """Steps per length group (grouped mode): large enough to sort well, small enough to keep order random."""
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+
 def rank_micro_batches(batch: Sequence[int], rank: int, world: int, micro: int, accum: int) -> list[list[int]]:
     """Split one global batch (<= micro*accum*world example indices) into this rank's ``accum`` micro-batches.
 
@@ -397,17 +415,56 @@ def rank_micro_batches(batch: Sequence[int], rank: int, world: int, micro: int, 
     return out
 
 
-def iter_steps(n: int, global_batch: int, seed: int, shuffle: bool,
-               total_steps: int, start_step: int = 0) -> Iterator[tuple[int, int, list[int]]]:
-    """Yield ``(step, epoch, global_batch_indices)`` for steps ``start_step .. total_steps-1``; positions are
-    computed, never replayed, so starting at step k costs nothing."""
-    spe = steps_per_epoch(n, global_batch)
-    order_epoch, order = -1, None
+def plan_epoch(lengths: np.ndarray, lay: Layout, epoch: int) -> list[list[list[int]]]:
+    """Every step of one epoch as ``world x accum`` micro-batches (rank r's are ``[r*accum:(r+1)*accum]``).
+
+    Plain mode: consecutive global batches of the epoch order. Length-grouped mode: the epoch order is cut into
+    groups of ``group_steps`` global batches; inside a group examples are sorted by length and cut into
+    micro-batches of similar lengths (little padding), which are then shuffled within the group. Either way
+    each example appears exactly once per epoch and the plan is a pure function of (seed, epoch).
+    """
+    n = len(lengths)
+    order = epoch_order(n, lay.seed, epoch, lay.shuffle)
+    per_step = lay.world * lay.accum
+    steps: list[list[list[int]]] = []
+    if not lay.group_by_length:
+        for k in range(steps_per_epoch(n, lay.global_batch)):
+            batch = order[k * lay.global_batch:(k + 1) * lay.global_batch].tolist()
+            steps.append([mb for r in range(lay.world)
+                          for mb in rank_micro_batches(batch, r, lay.world, lay.micro, lay.accum)])
+        return steps
+    rng = np.random.default_rng([lay.seed, epoch, 1])
+    group = lay.global_batch * lay.group_steps
+    mbs: list[list[int]] = []
+    for g in range(0, n, group):
+        idx = order[g:g + group]
+        idx = idx[np.argsort(-lengths[idx], kind="stable")]
+        chunk = [idx[i:i + lay.micro].tolist() for i in range(0, len(idx), lay.micro)]
+        mbs += [chunk[j] for j in rng.permutation(len(chunk))]
+    for k in range(0, len(mbs), per_step):
+        step = mbs[k:k + per_step]
+        step += [[] for _ in range(per_step - len(step))]
+        steps.append(step)
+    return steps
+
+
+def iter_steps(lengths: np.ndarray, lay: Layout, total_steps: int,
+               start_step: int = 0) -> Iterator[tuple[int, int, list[list[int]]]]:
+    """Yield ``(step, epoch, micro_batches)`` for steps ``start_step .. total_steps-1``; positions are computed,
+    never replayed, so starting at step k costs nothing."""
+    spe = steps_per_epoch(len(lengths), lay.global_batch)
+    plan_of, plan = -1, []
     for step in range(start_step, total_steps):
         epoch, k = divmod(step, spe)
-        if epoch != order_epoch:
-            order, order_epoch = epoch_order(n, seed, epoch, shuffle), epoch
-        yield step, epoch, order[k * global_batch:(k + 1) * global_batch].tolist()
+        if epoch != plan_of:
+            plan, plan_of = plan_epoch(lengths, lay, epoch), epoch
+            if len(plan) != spe:
+                raise AssertionError(f"epoch plan has {len(plan)} steps, expected {spe}")
+        yield step, epoch, plan[k]
+
+
+def rank_slice(step: list[list[int]], rank: int, accum: int) -> list[list[int]]:
+    return step[rank * accum:(rank + 1) * accum]
 
 
 def collate(data: TokenizedData, idx: Sequence[int], pad_id: int, padding_side: str = "right"

@@ -60,14 +60,19 @@ def detect() -> DistEnv:
     return DistEnv(rank=rank, local_rank=local, world_size=world, local_world_size=max(1, local_world))
 
 
-def setup_threads(env: DistEnv, threads: int = 0) -> int:
-    """Give this rank its share of the cores so ranks on one box do not oversubscribe them."""
+def setup_threads(env: DistEnv, threads: int = 0, bind: bool = False) -> int:
+    """Give this rank its share of the cores so ranks on one box do not oversubscribe them (2 threads per rank
+    on 2 cores halve throughput); with ``bind``, pin the rank to its own slice of them."""
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = list(range(os.cpu_count() or 1))
+    share = max(1, len(cores) // env.local_world_size)
+    if bind and hasattr(os, "sched_setaffinity"):
+        start = (env.local_rank * share) % len(cores)
+        os.sched_setaffinity(0, cores[start:start + share] or cores)
     if threads <= 0:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cores = os.cpu_count() or 1
-        threads = max(1, cores // env.local_world_size)
+        threads = share
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     return threads

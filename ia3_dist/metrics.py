@@ -7,6 +7,39 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
+# Dense peak TFLOP/s of one device by name fragment (bf16/fp16 tensor cores; fp32 uses TF32 where it exists).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10G": 125.0,
+               "V100": 125.0, "L4": 121.0, "T4": 65.0}
+
+
+def device_peak_tflops(configured: float) -> float | None:
+    if configured > 0:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for k, v in PEAK_TFLOPS.items():
+            if k in name:
+                return v
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Max allocated on a GPU; peak RSS of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def model_flops(lengths: torch.Tensor, n_params: int, n_layer: int, hidden: int) -> float:
+    """Training FLOPs by the usual convention: 6 N per token plus attention, 12 L h T per token of a length-T
+    sequence (forward + backward). MFU is reported against this."""
+    lf = lengths.double()
+    return float((6.0 * n_params * lf + 12.0 * n_layer * hidden * lf * lf).sum())
+
 
 class MetricsLog:
     def __init__(self, path: Path | None, total_steps: int, enabled: bool, initial: int = 0) -> None:

@@ -87,7 +87,9 @@ def report(p: Any) -> str:
         + ("from cache" if d.seconds == 0 else f"tokenized in {d.seconds:.2f}s"),
         *([f"  held out for eval: {len(p.eval_data)} examples"] if p.eval_data is not None else []),
         f"batch: {cfg.train.micro_batch_size} micro x {cfg.train.grad_accum} accum x {p.env.world_size} ranks = "
-        f"{p.global_batch} global; {p.total_steps} optimizer steps",
+        f"{p.global_batch} global; {p.total_steps} optimizer steps; "
+        f"{'length-grouped' if p.layout.group_by_length else 'plain'} micro-batches, "
+        f"padding efficiency {padding_efficiency(d.lengths, p.layout):.1%}",
         f"deepspeed: ZeRO-{p.ds_config['zero_optimization']['stage']}, {cfg.train.precision}, "
         f"{'offload' if ckpt_offload(p.ds_config) else 'no offload'} ({cfg.deepspeed.config})",
         f"output: {output_state(p.out, p.resume_from)}",
@@ -95,6 +97,20 @@ def report(p: Any) -> str:
     if p.tokenizer.pad_token == p.tokenizer.eos_token:
         lines.append("note: the tokenizer has no pad token of its own; padding uses eos (masked out of the loss)")
     return "\n".join(lines)
+
+
+def padding_efficiency(lengths: np.ndarray, layout: Any) -> float:
+    """Real tokens / padded tokens over epoch 0's micro-batches (what the run will compute on)."""
+    from .data import plan_epoch
+
+    real = padded = 0
+    for step in plan_epoch(lengths, layout, 0):
+        for mb in step:
+            if mb:
+                ls = lengths[mb]
+                real += int(ls.sum())
+                padded += int(ls.max()) * len(mb)
+    return real / max(padded, 1)
 
 
 def ckpt_offload(ds: dict[str, Any]) -> bool:

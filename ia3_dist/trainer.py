@@ -20,18 +20,19 @@ from . import dist, preflight
 from . import ds_config as dsc
 from .config import RunConfig
 from .data import (
+    Layout,
     TokenizedData,
     collate,
     iter_steps,
     load_or_tokenize,
-    rank_micro_batches,
+    rank_slice,
     split_eval,
     steps_per_epoch,
 )
 from .errors import NonFiniteLoss, Preempted
 from .evaluate import evaluate
 from .export import save_template
-from .metrics import MetricsLog
+from .metrics import MetricsLog, device_peak_tflops, model_flops, peak_memory_gb
 from .model import (
     TokenSumLM,
     apply_ia3,
@@ -66,6 +67,7 @@ class Prepared:
     resume_from: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     eval_data: TokenizedData | None = None
+    layout: Layout | None = None
     """What a checkpoint records so a resume can check it continues the same run."""
 
 
@@ -96,14 +98,19 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     total = total_steps_for(cfg, len(data), env.world_size)
     ds = dsc.resolve(cfg, env.world_size, hidden)
     gb = cfg.train.micro_batch_size * cfg.train.grad_accum * env.world_size
+    grouped = cfg.data.group_by_length
+    if grouped is None:
+        grouped = cfg.train.micro_batch_size > 1 and cfg.data.shuffle
+    layout = Layout(cfg.train.micro_batch_size, cfg.train.grad_accum, env.world_size, cfg.train.seed,
+                    cfg.data.shuffle, grouped)
     meta = {"world_size": env.world_size, "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed, "shuffle": cfg.data.shuffle,
             "total_steps": total, "data_key": Path(data.cache_file).stem, "n_examples": len(data),
-            "eval_ratio": cfg.data.eval_ratio}
+            "eval_ratio": cfg.data.eval_ratio, "group_by_length": grouped}
     resume_from = ckpt.resolve_resume(cfg.train.resume, out)
     if resume_from is not None:
         ckpt.check_compatible(resume_from, meta)
-    return Prepared(cfg, env, model_path, tok, data, ds, total, gb, out, resume_from, meta, eval_data)
+    return Prepared(cfg, env, model_path, tok, data, ds, total, gb, out, resume_from, meta, eval_data, layout)
 
 
 def write_run_files(p: Prepared) -> None:
@@ -198,19 +205,30 @@ def train(p: Prepared, stop: StopFlag | None = None) -> TrainResult:
         return ckpt.save(engine, p.out, step, p.meta, cfg.checkpoint.keep, env)
 
     losses: list[float] = []
-    window = {"loss": 0.0, "steps": 0, "real": 0.0, "padded": 0.0, "samples": 0.0, "t0": time.perf_counter()}
+
+    def new_window() -> dict[str, float]:
+        return {"loss": 0.0, "steps": 0, "real": 0.0, "padded": 0.0, "samples": 0.0, "flops": 0.0,
+                "t0": time.perf_counter()}
+
+    window = new_window()
+    mc = peft_model.get_base_model().config
+    n_params = sum(getattr(q, "ds_numel", q.numel()) for q in peft_model.parameters())
+    shape = (n_params, getattr(mc, "n_layer", getattr(mc, "num_hidden_layers", 0)), hidden_size_of(mc) or 0)
+    peak = device_peak_tflops(t.peak_tflops)
     t_start = time.perf_counter()
     try:
-        for step, epoch, gbatch in iter_steps(len(data), p.global_batch, t.seed, cfg.data.shuffle, end, start):
-            mbs = rank_micro_batches(gbatch, env.rank, env.world_size, t.micro_batch_size, t.grad_accum)
-            batches = [collate(data, mb if mb else gbatch[:1], pad_id, side) for mb in mbs]
+        for step, epoch, step_mbs in iter_steps(data.lengths, p.layout, end, start):
+            mbs = rank_slice(step_mbs, env.rank, t.grad_accum)
+            filler = next(mb for mb in step_mbs if mb)[:1]
+            batches = [collate(data, mb if mb else filler, pad_id, side) for mb in mbs]
             real = [bool(mb) for mb in mbs]
-            local = torch.zeros(5, dtype=torch.float64, device=device)
+            local = torch.zeros(6, dtype=torch.float64, device=device)
             for b, r in zip(batches, real, strict=True):
                 if r:
                     local[:4] += torch.tensor([(b["labels"][:, 1:] != -100).sum().item(),
                                                b["attention_mask"].sum().item(), b["input_ids"].numel(),
                                                len(b["input_ids"])], dtype=torch.float64, device=device)
+                    local[5] += model_flops(b["attention_mask"].sum(1), *shape)
             local[4] = float(stop.requested)
             # One collective per step carries the token counts and the stop flag, so all ranks agree on both.
             glob = dist.all_reduce_sum(local.clone())
@@ -245,18 +263,23 @@ def train(p: Prepared, stop: StopFlag | None = None) -> TrainResult:
             window["real"] += glob[1].item()
             window["padded"] += glob[2].item()
             window["samples"] += glob[3].item()
+            window["flops"] += glob[5].item()
             log.step()
             if done % t.log_every == 0 or done == p.total_steps or done == start + 1 or done == end:
                 dt = max(time.perf_counter() - window["t0"], 1e-9)
                 gn = engine.get_global_grad_norm()
+                mem = dist.all_reduce_max(torch.tensor([peak_memory_gb(device)], device=device)).item()
+                tflops = window["flops"] / dt / 1e12
+                perf = {"tflops": tflops, "peak_mem_gb": mem}
+                if peak:
+                    perf["mfu"] = tflops / (peak * env.world_size)
                 log.log({"step": done, "epoch": epoch, "loss": window["loss"] / window["steps"], "lr": float(lr),
                          "grad_norm": float(gn) if gn is not None else None,
                          "tokens_per_s": window["real"] / dt, "padded_tokens_per_s": window["padded"] / dt,
                          "samples_per_s": window["samples"] / dt,
                          "padding_efficiency": window["real"] / max(window["padded"], 1.0),
-                         "step_time_s": dt / window["steps"], "elapsed_s": time.perf_counter() - t_start})
-                window = {"loss": 0.0, "steps": 0, "real": 0.0, "padded": 0.0, "samples": 0.0,
-                          "t0": time.perf_counter()}
+                         "step_time_s": dt / window["steps"], **perf, "elapsed_s": time.perf_counter() - t_start})
+                window = new_window()
             if p.eval_data is not None and t.eval_every and done % t.eval_every == 0 and done < end:
                 run_eval(done)
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < end:
@@ -282,7 +305,7 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     env = dist.detect()
     # Installed first, so a signal while the model loads is honoured at the first step boundary.
     stop = StopFlag().install()
-    dist.setup_threads(env, cfg.train.threads)
+    dist.setup_threads(env, cfg.train.threads, cfg.train.bind_cores)
     try:
         p = prepare(cfg, env)
     except BaseException:

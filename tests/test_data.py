@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ia3_dist.config import DataConfig
-from ia3_dist.data import collate, iter_steps, load_or_tokenize, load_records, rank_micro_batches, steps_per_epoch
+from ia3_dist.data import Layout, collate, iter_steps, load_or_tokenize, load_records, rank_slice, steps_per_epoch
 from ia3_dist.demo import make_records
 
 
@@ -132,42 +132,68 @@ def test_cache_invalidated_by_tokenizer_change(tmp_path: Path, demo_tokenizer) -
     assert load_or_tokenize(cfg, tok2).cache_file != a.cache_file
 
 
+def _lengths(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(8, 257, size=n)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("micro, accum", [(1, 8), (2, 3), (4, 1)])
-def test_sharding_disjoint_complete_reshuffled(world: int, micro: int, accum: int) -> None:
+def test_sharding_disjoint_complete_reshuffled(world: int, micro: int, accum: int, grouped: bool) -> None:
     n = 53
-    gb = micro * accum * world
-    spe = steps_per_epoch(n, gb)
+    lengths = _lengths(n)
+    lay = Layout(micro, accum, world, seed=3, shuffle=True, group_by_length=grouped, group_steps=2)
+    spe = steps_per_epoch(n, lay.global_batch)
     orders = []
     for epoch in range(2):
         seen: list[int] = []
         per_rank: list[set[int]] = [set() for _ in range(world)]
-        order: list[int] = []
-        for _, ep, batch in iter_steps(n, gb, seed=3, shuffle=True, total_steps=(epoch + 1) * spe,
-                                       start_step=epoch * spe):
-            assert ep == epoch
-            order += batch
+        for _, ep, step in iter_steps(lengths, lay, total_steps=(epoch + 1) * spe, start_step=epoch * spe):
+            assert ep == epoch and len(step) == world * accum
             for r in range(world):
-                mbs = rank_micro_batches(batch, r, world, micro, accum)
+                mbs = rank_slice(step, r, accum)
                 assert len(mbs) == accum and all(len(m) <= micro for m in mbs)
                 for m in mbs:
                     per_rank[r].update(m)
                     seen += m
         assert sorted(seen) == list(range(n))                       # complete, each example once
         assert sum(len(s) for s in per_rank) == n                   # disjoint across ranks
-        orders.append(order)
+        orders.append(seen)
     assert orders[0] != orders[1]                                   # new order each epoch
-    again = [b for _, _, b in iter_steps(n, gb, seed=3, shuffle=True, total_steps=spe)]
+    again = [mb for _, _, st in iter_steps(lengths, lay, total_steps=spe) for mb in st]
     assert sum(again, []) == orders[0]                              # reproducible from the seed
-    other = [b for _, _, b in iter_steps(n, gb, seed=4, shuffle=True, total_steps=spe)]
-    assert sum(other, []) != orders[0]
+    other = Layout(micro, accum, world, seed=4, shuffle=True, group_by_length=grouped, group_steps=2)
+    assert sum([mb for _, _, st in iter_steps(lengths, other, total_steps=spe) for mb in st], []) != orders[0]
 
 
 def test_sequential_order_and_resume_position() -> None:
-    steps = list(iter_steps(10, 4, seed=0, shuffle=False, total_steps=6))
-    assert [s[2] for s in steps[:3]] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    lay = Layout(1, 2, 2, seed=0, shuffle=False, group_by_length=False)
+    steps = list(iter_steps(np.ones(10, dtype=int), lay, total_steps=6))
+    flat = [sum(st, []) for _, _, st in steps[:3]]
+    assert [sorted(f) for f in flat] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert [s[1] for s in steps] == [0, 0, 0, 1, 1, 1]
-    assert list(iter_steps(10, 4, seed=0, shuffle=False, total_steps=6, start_step=4)) == steps[4:]
+    assert list(iter_steps(np.ones(10, dtype=int), lay, total_steps=6, start_step=4)) == steps[4:]
+
+
+def _efficiency(lengths: np.ndarray, lay: Layout) -> float:
+    from ia3_dist.preflight import padding_efficiency
+
+    return padding_efficiency(lengths, lay)
+
+
+def test_length_grouping_cuts_padding() -> None:
+    lengths = _lengths(4000, seed=1)
+    plain = Layout(8, 1, 1, seed=0, shuffle=True, group_by_length=False)
+    grouped = Layout(8, 1, 1, seed=0, shuffle=True, group_by_length=True)
+    assert _efficiency(lengths, plain) < 0.75
+    assert _efficiency(lengths, grouped) > 0.97
+
+
+def test_length_grouping_on_shared_alpaca(shared_data: Path, demo_tokenizer, tmp_path: Path) -> None:
+    data = load_or_tokenize(DataConfig(path=str(shared_data), cache_dir=str(tmp_path)), demo_tokenizer)
+    for world in (1, 2):
+        lay = Layout(8, 1, world, seed=0, shuffle=True, group_by_length=True)
+        assert _efficiency(data.lengths, lay) >= 0.97
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
