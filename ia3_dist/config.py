@@ -38,6 +38,8 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) for model and tokenizer."""
     trust_remote_code: bool = False
     """Allow custom modelling code from the model repo. Off unless set: it runs code from the repo."""
+    fused_gelu: bool = True
+    """Run Bloom's tanh GeLU as one fused kernel (same formula; last-bit rounding differs, max 5e-7)."""
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -71,6 +73,8 @@ class DataConfig:
     """Hold out this fraction of the examples (chosen from ``train.seed``) for eval loss and perplexity."""
     eval_path: str | None = None
     """A separate held-out file or dir (same formats as ``path``); excludes ``eval_ratio``."""
+    num_proc: int = 0
+    """Tokenizer processes for large datasets (0: one per available core; 1: in this process)."""
     on_bad_record: str = "error"
     """A malformed record (bad JSON line, missing/non-string field, empty record): ``error`` stops before training
     naming file and line; ``skip`` drops it and reports how many and where."""
@@ -85,6 +89,8 @@ class DataConfig:
             _fail("data.eval_ratio", f"must be in [0, 1), got {self.eval_ratio}")
         if self.eval_ratio and self.eval_path:
             _fail("data.eval_ratio", "set either data.eval_ratio or data.eval_path, not both")
+        if self.num_proc < 0:
+            _fail("data.num_proc", f"must be >= 0, got {self.num_proc}")
         if self.on_bad_record not in ("error", "skip"):
             _fail("data.on_bad_record", f"must be error or skip, got {self.on_bad_record!r}")
         if self.limit is not None and self.limit < 1:

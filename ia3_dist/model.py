@@ -58,6 +58,25 @@ def load_base_model(cfg: ModelConfig, model_path: str, precision: str) -> nn.Mod
         raise UsageError(f"model.path {model_path}: cannot load the model ({e})") from None
 
 
+class TanhGelu(nn.Module):
+    """Bloom's GeLU (tanh approximation) as one fused ATen kernel with a fused backward. Bloom's own version is
+    the same formula spelled as a Python autograd function of ~10 elementwise kernels: about 12% of a CPU training
+    step on a 100M model. Results differ only in the last bits (max 5e-7)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+def fuse_gelu(model: nn.Module) -> int:
+    """Swap Bloom's GeLU modules for :class:`TanhGelu`; returns how many were swapped (0 for other models)."""
+    n = 0
+    for mod in model.modules():
+        if type(getattr(mod, "gelu_impl", None)).__name__ == "BloomGelu":
+            mod.gelu_impl = TanhGelu()
+            n += 1
+    return n
+
+
 def ia3_config(section: IA3Section) -> Any:
     from peft import IA3Config, TaskType
 

@@ -36,6 +36,7 @@ from .metrics import MetricsLog, device_peak_tflops, model_flops, peak_memory_gb
 from .model import (
     TokenSumLM,
     apply_ia3,
+    fuse_gelu,
     hidden_size_of,
     load_base_model,
     load_model_config,
@@ -156,6 +157,8 @@ def _build_engine(p: Prepared) -> tuple[Any, Any, Any]:
         keep_alive = HfDeepSpeedConfig(p.ds_config)
     torch.manual_seed(p.cfg.train.seed)
     base = load_base_model(p.cfg.model, p.model_path, p.cfg.train.precision)
+    if p.cfg.model.fused_gelu:
+        fuse_gelu(base)
     peft_model = apply_ia3(base, p.cfg.ia3)
     dist.print0(p.env, trainable_line(peft_model))
     wrapper = TokenSumLM(peft_model)

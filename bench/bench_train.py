@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Reference recipe vs ia3-dist, side by side, in one invocation: same model, same data, same global batch (8).
+
+    python bench/bench_train.py --model 100m --steps 10            # CPU, ~106M-parameter Bloom
+    python bench/bench_train.py --model tiny --steps 30
+    python bench/bench_train.py --model 1b4 --steps 20 --bf16      # GPU, bloom-1b4-zh shape
+
+Models are built locally from their config (random weights, `save_pretrained` once, cached) with the embedded demo
+tokenizer; data is ../shared/data/alpaca_zh_demo.json where present, else the demo records. Each side runs in its
+own process. Prints each side's real tokens/s and the ratio, padding efficiency, peak memory, tokenization time;
+on CPU also a large fp32 matmul's FLOP/s for scale, and with --two-ranks the 2-rank launcher against 1 process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data" / "alpaca_zh_demo.json"
+SHAPES = {  # name: (vocab, hidden, layers, heads)
+    "tiny": (1200, 128, 4, 4),
+    "100m": (46145, 768, 10, 12),
+    "1b4": (46145, 2048, 24, 16),
+}
+
+
+def build_model(name: str, cache: Path, bf16: bool = False) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM
+
+    from ia3_dist.demo import ensure_assets
+
+    d = cache / f"bench-{name}"
+    if (d / "config.json").exists():
+        return d
+    demo = ensure_assets(str(cache))
+    vocab, hidden, layers, heads = SHAPES[name]
+    torch.manual_seed(0)
+    cfg = BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = BloomForCausalLM(cfg).to(torch.bfloat16 if bf16 else torch.float32)
+    model.save_pretrained(str(d), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(demo / "model")).save_pretrained(str(d))
+    return d
+
+
+def matmul_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf16: bool, micro: int,
+                 extra: list[str]) -> dict:
+    """The launcher on the same model, data and global batch 8, length-grouped micro-batches."""
+    args = ["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"model.path={model}", f"data.path={data}",
+            f"output.dir={out}", f"train.max_steps={steps}", f"train.micro_batch_size={micro}",
+            f"train.grad_accum={8 // (micro * nproc)}", "train.lr=3e-3", "train.log_every=1",
+            "data.group_by_length=true", "checkpoint.at_end=false",
+            f"train.precision={'bf16' if bf16 else 'fp32'}", "output.overwrite=true", *extra]
+    if nproc == 1:
+        cmd = [sys.executable, "launch.py", *args]
+    else:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), f"--num_accelerators={nproc}", "launch.py", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"launcher failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    timed = [r for r in recs if "loss" in r][2:]  # first steps: allocator and cache warm-up
+    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in timed)
+    padded = sum(r["padded_tokens_per_s"] * r["step_time_s"] for r in timed)
+    secs = sum(r["step_time_s"] for r in timed)
+    tok_line = next((ln for ln in proc.stdout.splitlines() if "tokenized in" in ln), "")
+    return {"side": f"ia3-dist x{nproc}", "tokens_per_s": tokens / secs, "padding_efficiency": tokens / padded,
+            "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "mfu": timed[-1].get("mfu"),
+            "tflops": sum(r["tflops"] * r["step_time_s"] for r in timed) / secs, "tokenize_line": tok_line.strip()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(SHAPES), default="100m")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--records", type=int, default=400, help="records used (the shared file has 1000)")
+    ap.add_argument("--micro", type=int, default=8, help="launcher micro-batch (global batch stays 8)")
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--two-ranks", action="store_true", help="also run the launcher on 2 ranks")
+    ap.add_argument("--cache", default=os.environ.get("IA3_DIST_CACHE", str(Path.home() / ".cache" / "ia3-dist")))
+    ap.add_argument("--work", default="/tmp/ia3-bench")
+    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--data", help="records file (default: the shared Alpaca sample, else the demo records)")
+    ap.add_argument("--ds", default="zero0", help="launcher DeepSpeed config")
+    a = ap.parse_args()
+
+    cache, work = Path(a.cache), Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["IA3_DIST_CACHE"] = str(cache)
+    model = build_model(a.model, cache, a.bf16)
+    src = Path(a.data) if a.data else SHARED
+    if src.exists():
+        records = json.loads(src.read_text(encoding="utf-8"))[: a.records]
+        source = src.name
+    else:
+        from ia3_dist.demo import ensure_assets
+
+        records = json.loads((ensure_assets(str(cache)) / "data.json").read_text(encoding="utf-8"))[: a.records]
+        source = "demo records"
+    data = work / "records.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+
+    import torch
+
+    results = []
+    ref_json = work / "reference.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "reference_recipe.py"), "--model", str(model), "--data", str(data),
+           "--steps", str(a.steps), "--out", str(ref_json)] + (["--bf16"] if a.bf16 else [])
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"reference failed:\n{proc.stderr[-3000:]}")
+    ref = json.loads(ref_json.read_text())
+    results.append(ref)
+    ds = [f"deepspeed.config={a.ds}"]
+    results.append(run_launcher(model, data, a.steps, work / "launcher", 1, a.bf16, a.micro, ds))
+    if a.two_ranks:
+        results.append(run_launcher(model, data, a.steps, work / "launcher2", 2, a.bf16, a.micro // 2, ds))
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    n = ref["n_params"]
+    print(f"\nmodel {a.model} ({n / 1e6:.1f}M params incl. IA3), {source}, {len(records)} records, global batch 8, "
+          f"{a.steps} steps ({'bf16' if a.bf16 else 'fp32'}), device: {dev}")
+    print(f"{'side':<16}{'real tok/s':>12}{'ratio':>8}{'pad eff':>9}{'peak GB':>9}{'TFLOP/s*':>10}{'MFU':>7}")
+    for r in results:
+        ratio = r["tokens_per_s"] / ref["tokens_per_s"]
+        tfl = r.get("tflops")
+        mfu = r.get("mfu")
+        print(f"{r['side']:<16}{r['tokens_per_s']:>12.1f}{ratio:>8.2f}{r['padding_efficiency']:>9.1%}"
+              f"{r['peak_mem_gb']:>9.2f}{(f'{tfl:.3f}' if tfl else '-'):>10}{(f'{mfu:.1%}' if mfu else '-'):>7}")
+    print("* model FLOPs: 6 N per token + attention (launcher side)")
+    ia3_flops = 4 * n * results[1]["tokens_per_s"]
+    if not torch.cuda.is_available():
+        mm = matmul_gflops(os.cpu_count() or 1)
+        print(f"IA3 training FLOP/s (4 N per real token, N = all params): {ia3_flops / 1e9:.1f} GFLOP/s = "
+              f"{ia3_flops / 1e9 / mm:.0%} of a 2048^3 fp32 matmul ({mm:.1f} GFLOP/s, same box, same run)")
+    print(f"tokenization: reference unbatched map {ref['tokenize_s']:.2f}s; launcher: {results[1]['tokenize_line']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"model": a.model, "device": dev, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The reference recipe as a benchmark side: HF Trainer + PEFT IA3 + DataCollatorForSeq2Seq, micro-batch 1 x
+accumulation 8, lr 3e-3, exactly as in DEVELOPERS.md, for --steps optimizer steps. Writes a JSON summary.
+
+    python bench/reference_recipe.py --model DIR --data FILE --steps N --out result.json [--bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def process_func(example: dict, tokenizer, max_length: int = 256) -> dict:
+    instruction = tokenizer("\n".join(["Human: " + example["instruction"], example["input"]]).strip()
+                            + "\n\nAssistant: ")
+    response = tokenizer(example["output"] + tokenizer.eos_token)
+    input_ids = instruction["input_ids"] + response["input_ids"]
+    attention_mask = instruction["attention_mask"] + response["attention_mask"]
+    labels = [-100] * len(instruction["input_ids"]) + response["input_ids"]
+    if len(input_ids) > max_length:
+        input_ids, attention_mask, labels = input_ids[:max_length], attention_mask[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2, help="optimizer steps excluded from the timing")
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+
+    from peft import IA3Config, TaskType, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    records = json.loads(Path(a.data).read_text(encoding="utf-8"))
+    t0 = time.perf_counter()
+    try:
+        from datasets import Dataset
+
+        ds = Dataset.from_list(records)
+        tokenized = ds.map(lambda ex: process_func(ex, tok), remove_columns=ds.column_names)
+    except ImportError:  # a box without `datasets`: a list of examples is a map-style dataset too
+        tokenized = [process_func(r, tok) for r in records]
+    tok_s = time.perf_counter() - t0
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if a.bf16 else torch.float32)
+    model = get_peft_model(model, IA3Config(task_type=TaskType.CAUSAL_LM))
+    if torch.cuda.is_available():
+        model = model.cuda()
+
+    tokens: list[int] = []
+    stamps: list[float] = []
+
+    class Timing(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            tokens.append(0)
+
+    class Counting(Trainer):
+        def training_step(self, model, inputs, *rest, **kw):
+            if not tokens:
+                tokens.append(0)
+            tokens[-1] += int(inputs["attention_mask"].sum())
+            return super().training_step(model, inputs, *rest, **kw)
+
+    args = TrainingArguments(output_dir=str(Path(a.out).parent / "ref-trainer"), per_device_train_batch_size=1,
+                             gradient_accumulation_steps=8, learning_rate=3e-3, num_train_epochs=1,
+                             max_steps=a.steps, logging_steps=10, save_strategy="no", report_to=[],
+                             bf16=a.bf16, use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=42)
+    trainer = Counting(model=model, args=args, train_dataset=tokenized,
+                       data_collator=DataCollatorForSeq2Seq(tokenizer=tok, padding=True), callbacks=[Timing()])
+    start = time.perf_counter()
+    trainer.train()
+    # tokens[i] counts the micro-batches that ended at stamps[i] (the list grows one step ahead).
+    per_step = tokens[: len(stamps)]
+    t_begin = stamps[a.warmup - 1] if a.warmup > 0 else start
+    timed_tokens = sum(per_step[a.warmup:])
+    secs = stamps[-1] - t_begin
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    Path(a.out).write_text(json.dumps({
+        "side": "reference", "steps_timed": len(per_step) - a.warmup, "real_tokens": timed_tokens,
+        "seconds": secs, "tokens_per_s": timed_tokens / secs, "padding_efficiency": 1.0,
+        "peak_mem_gb": peak, "tokenize_s": tok_s, "records": len(records),
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
