@@ -185,6 +185,37 @@ def cmd_plot(argv: list[str], prog: str) -> int:
     return 0
 
 
+def _gib(text: str) -> float:
+    t = text.strip().lower().removesuffix("ib").removesuffix("g").removesuffix("b")
+    try:
+        return float(t)
+    except ValueError:
+        raise UsageError(f"--gpu-mem {text!r}: expected a size such as 80GiB or 40") from None
+
+
+def cmd_plan(argv: list[str], prog: str) -> int:
+    """Per-rank memory for weights, gradients, optimizer and activations on ZeRO 0-3 and ZeRO-3 offload, the
+    largest micro-batch that fits and a recommended DeepSpeed config. Needs no GPU and no weights."""
+    from .config import load_config
+    from .plan import plan
+
+    ap = argparse.ArgumentParser(prog=f"{prog} plan", description=cmd_plan.__doc__)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--nodes", type=int)
+    ap.add_argument("--gpus-per-node", type=int)
+    ap.add_argument("--gpu-mem", help="per GPU, e.g. 80GiB (default: the config's hardware section)")
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    a = ap.parse_intermixed_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    hw = cfg.hardware
+    nodes, gpus = a.nodes or hw.nodes, a.gpus_per_node or hw.gpus_per_node
+    if nodes < 1 or gpus < 1:
+        raise UsageError("--nodes and --gpus-per-node must be >= 1")
+    text, _ = plan(cfg, nodes, gpus, _gib(a.gpu_mem) if a.gpu_mem else hw.gpu_mem_gib)
+    print(text)
+    return 0
+
+
 def cmd_resolve(argv: list[str], prog: str) -> int:
     """Print one resolved config value (config + overrides), e.g. for job scripts: --key output.dir."""
     from .config import load_config
@@ -210,7 +241,7 @@ def cmd_slurm(argv: list[str], prog: str) -> int:
 
 
 COMMANDS = {"train": cmd_train, "check": cmd_check, "generate": cmd_generate, "chat": cmd_chat,
-            "export": cmd_export, "plot": cmd_plot, "slurm": cmd_slurm, "resolve": cmd_resolve}
+            "export": cmd_export, "plot": cmd_plot, "plan": cmd_plan, "slurm": cmd_slurm, "resolve": cmd_resolve}
 
 
 def main(argv: list[str] | None = None, prog: str = "ia3-dist") -> int:

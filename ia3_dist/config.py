@@ -34,6 +34,9 @@ class ModelConfig:
     embedded tiny Bloom once and caches it."""
     tokenizer: str | None = None
     """Tokenizer dir or hub name; defaults to ``model.path``."""
+    arch: str | None = None
+    """Bloom family architecture (bloom-560m, bloom-1b1, bloom-1b7, bloom-3b, bloom-7b1, bloom, bloom-1b4-zh), so
+    ``ia3-dist plan`` works without weights or network."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) for model and tokenizer."""
     trust_remote_code: bool = False
@@ -44,6 +47,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.path:
             _fail("model.path", "must be a model directory or hub name")
+        from .arch import BLOOM_FAMILY
+
+        if self.arch is not None and self.arch not in BLOOM_FAMILY:
+            _fail("model.arch", f"unknown {self.arch!r}; known: {', '.join(BLOOM_FAMILY)}")
 
 
 @dataclass
@@ -153,6 +160,9 @@ class TrainConfig:
     data.eval_path."""
     threads: int = 0
     """Torch/OMP threads per rank on CPU; 0 gives each local rank its share of the cores."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass (HF non-reentrant checkpointing): activation
+    memory drops from ~34 to ~2 bytes per token and hidden unit per layer, for ~1/3 more compute."""
     bind_cores: bool = False
     """Pin each local rank to its own slice of the cores (CPU runs)."""
     peak_tflops: float = 0.0
@@ -237,6 +247,20 @@ class OutputSection:
 
 
 @dataclass
+class HardwareSection:
+    nodes: int = 1
+    """Nodes the run is meant for (``ia3-dist plan`` defaults; the launcher uses what it is given)."""
+    gpus_per_node: int = 1
+    """GPUs per node the run is meant for."""
+    gpu_mem_gib: float = 80.0
+    """Memory of one GPU, GiB."""
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1 or self.gpu_mem_gib <= 0:
+            _fail("hardware", "nodes and gpus_per_node must be >= 1 and gpu_mem_gib > 0")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Base model and tokenizer."""
@@ -252,6 +276,8 @@ class RunConfig:
     """Checkpointing."""
     output: OutputSection = field(default_factory=OutputSection)
     """Where results go."""
+    hardware: HardwareSection = field(default_factory=HardwareSection)
+    """The hardware the run is sized for (used by ``ia3-dist plan``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

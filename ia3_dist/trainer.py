@@ -159,6 +159,10 @@ def _build_engine(p: Prepared) -> tuple[Any, Any, Any]:
     base = load_base_model(p.cfg.model, p.model_path, p.cfg.train.precision)
     if p.cfg.model.fused_gelu:
         fuse_gelu(base)
+    if p.cfg.train.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (IA3 leaves the embeddings frozen) and under every ZeRO stage.
+        base.config.use_cache = False
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = apply_ia3(base, p.cfg.ia3)
     dist.print0(p.env, trainable_line(peft_model))
     wrapper = TokenSumLM(peft_model)
