@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from reference_recipe import process_func  # noqa: E402
 
 from ia3_dist.config import DataConfig
 from ia3_dist.data import Layout, collate, iter_steps, load_or_tokenize, load_records, rank_slice, steps_per_epoch
@@ -14,19 +18,8 @@ from ia3_dist.demo import make_records
 
 
 def reference_process_func(example: dict, tokenizer, max_length: int = 256) -> dict:
-    """The reference recipe's preprocessing, verbatim apart from the max-length parameter."""
-    input_ids, attention_mask, labels = [], [], []
-    instruction = tokenizer("\n".join(["Human: " + example["instruction"], example["input"]]).strip()
-                            + "\n\nAssistant: ")
-    response = tokenizer(example["output"] + tokenizer.eos_token)
-    input_ids = instruction["input_ids"] + response["input_ids"]
-    attention_mask = instruction["attention_mask"] + response["attention_mask"]
-    labels = [-100] * len(instruction["input_ids"]) + response["input_ids"]
-    if len(input_ids) > max_length:
-        input_ids = input_ids[:max_length]
-        attention_mask = attention_mask[:max_length]
-        labels = labels[:max_length]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    """The reference recipe's preprocessing, verbatim apart from the max-length parameter (one copy, in bench/)."""
+    return process_func(example, tokenizer, max_length)
 
 
 def _edge_records() -> list[dict]:

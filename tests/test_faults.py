@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from _util import ROOT, adapter_tensors, bin_path, check, free_port, launch
+from _util import ROOT, adapter_tensors, bin_path, check, free_port, launch, spawn_slurm_style
 
 from ia3_dist.checkpoint import latest
 from ia3_dist.errors import EXIT_NONFINITE, EXIT_PREEMPTED
@@ -114,14 +113,7 @@ def test_dead_rank_under_deepspeed_launcher(tmp_path: Path) -> None:
 def test_dead_rank_without_a_launcher(tmp_path: Path) -> None:
     """Ranks started like `srun` does (one process each, SLURM_* only): the survivor must exit by itself."""
     out = tmp_path / "dead-srun"
-    port = str(free_port())
-    procs = []
-    for r in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "launch.py", *_args(out)], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = spawn_slurm_style(_args(out))
     _wait_for_step(out, procs[0], 7)
     t0 = time.time()
     procs[1].kill()

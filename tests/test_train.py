@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from _util import ROOT, adapter_tensors, check, free_port, launch, metrics
+from _util import adapter_tensors, check, launch, metrics, spawn_slurm_style
 
 pytestmark = pytest.mark.slow
 TINY = "configs/tiny-cpu.yaml"
@@ -125,19 +124,8 @@ def test_torchrun_two_ranks(tmp_path: Path, demo_model: Path) -> None:
 
 def test_plain_slurm_rank_variables(tmp_path: Path, demo_model: Path) -> None:
     """srun with one task per rank sets only SLURM_*: two processes started that way form a world of 2."""
-    import subprocess
-    import sys
-
     out = tmp_path / "sl"
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "launch.py", "--config", TINY, f"output.dir={out}",
-                                       "train.max_steps=6"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+    procs = spawn_slurm_style(["--config", TINY, f"output.dir={out}", "train.max_steps=6"])
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "16 global" in logs[0]
