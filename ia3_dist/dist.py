@@ -146,11 +146,23 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+SHM_PREFIX = "/dev/shm/deepspeed_allreduce_buffer_"
+
+
 def destroy() -> None:
     """Tear the group down; ranks that exit with it alive die with rc -6 (gloo aborts)."""
     d = _dist()
     if d is not None:
+        rank = d.get_rank()
         d.destroy_process_group()
+        # DeepSpeed's CPU shared-memory allreduce maps a 69 MB /dev/shm segment per rank and never unlinks it:
+        # every run would leak RAM until reboot. Peers have it mapped already, so unlinking ours is safe.
+        name = (f"{SHM_PREFIX}{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
+                f"_{rank}")
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
 
 
 def print0(env: DistEnv, *args: object) -> None:

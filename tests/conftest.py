@@ -20,6 +20,20 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+def _shm_segments() -> set[str]:
+    return {str(p) for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sweep_shared_memory():
+    """Ranks that the fault tests kill on purpose cannot unlink DeepSpeed's /dev/shm segments; remove what this
+    session left behind so repeated runs do not fill the RAM-backed /dev/shm."""
+    before = _shm_segments()
+    yield
+    for name in _shm_segments() - before:
+        Path(name).unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def demo_root(session_cache: Path) -> Path:
     from ia3_dist.demo import ensure_assets

@@ -59,15 +59,23 @@ def test_embedded_default_one_process(tmp_path: Path, demo_model: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_rank_runs(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> dict[str, Path]:
+def two_rank_runs(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> dict:
+    from conftest import _shm_segments
+
     outs = {}
+    before = _shm_segments()
     for name, extra in {"zero2": [], "zero3": [], "zero3_bf16": ["train.precision=bf16"]}.items():
         out = tmp_path_factory.mktemp(name)
         ds = name.split("_")[0]
         check(launch(["--config", TINY, f"deepspeed.config=ds_configs/{ds}.json", f"output.dir={out}",
                       "train.max_steps=30", *extra], nproc=2))
         outs[name] = out
+    outs["leaked_shm"] = sorted(_shm_segments() - before)
     return outs
+
+
+def test_runs_leave_no_shared_memory_behind(two_rank_runs: dict) -> None:
+    assert two_rank_runs["leaked_shm"] == []
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_bf16"])
