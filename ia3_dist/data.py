@@ -283,11 +283,6 @@ class TokenizedData:
         p = int(self.prompt_lens[i])
         return ids, [1] * len(ids), [IGNORE_INDEX] * p + ids[p:]
 
-    def label_tokens(self, i: int) -> int:
-        """Positions that count in a causal-LM loss: labels[1:] != -100 (position 0 is never predicted)."""
-        n = int(self.offsets[i + 1] - self.offsets[i])
-        return n - max(int(self.prompt_lens[i]), 1)
-
 
 def _pack(p_ids: list[list[int]], r_ids: list[list[int]], max_length: int
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], int]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -169,6 +168,3 @@ def print0(env: DistEnv, *args: object) -> None:
     if env.is_main:
         print(*args, flush=True)
 
-
-def eprint(*args: object) -> None:
-    print(*args, file=sys.stderr, flush=True)

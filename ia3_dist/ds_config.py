@@ -75,6 +75,13 @@ def stage_of(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def offloads(ds: dict[str, Any]) -> bool:
+    """Any ZeRO offload (optimizer or parameters) configured."""
+    z = ds.get("zero_optimization", {})
+    return any(isinstance(z.get(k), dict) and z[k].get("device", "none") not in ("none", None)
+               for k in ("offload_optimizer", "offload_param"))
+
+
 def offloads_optimizer(ds: dict[str, Any]) -> bool:
     dev = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return dev not in (None, "none")

@@ -50,7 +50,6 @@ class MetricsLog:
         # disable=None: tqdm draws the bar on a terminal only; the per-log lines are written either way.
         self.bar = tqdm(total=total_steps, initial=initial, disable=None if enabled else True, desc="train",
                         unit="step", dynamic_ncols=True, mininterval=1.0)
-        self.history: list[dict[str, Any]] = []
         self.tb = None
         if enabled and path is not None:
             try:  # TensorBoard event files when tensorboard is installed; metrics.jsonl is the record either way
@@ -67,7 +66,6 @@ class MetricsLog:
         if not self.enabled:
             return
         rec = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in rec.items()}
-        self.history.append(rec)
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")

@@ -167,3 +167,7 @@ def load_model_config(model_path: str, cfg: ModelConfig) -> Any:
 
 def hidden_size_of(model_config: Any) -> int | None:
     return getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embed", None)
+
+
+def layers_of(model_config: Any) -> int:
+    return getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 0)

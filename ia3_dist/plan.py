@@ -40,7 +40,7 @@ class Shape:
 
 def model_shape(cfg: RunConfig) -> Shape:
     from .arch import bloom_config
-    from .model import build_on_meta, trainable_line
+    from .model import build_on_meta, layers_of, trainable_line
 
     if cfg.model.arch:
         mc = bloom_config(cfg.model.arch)
@@ -55,7 +55,7 @@ def model_shape(cfg: RunConfig) -> Shape:
     peft = build_on_meta(mc, cfg.ia3)
     n = sum(p.numel() for p in peft.parameters())
     t = sum(p.numel() for p in peft.parameters() if p.requires_grad)
-    return Shape(n, t, mc.vocab_size, mc.hidden_size, getattr(mc, "n_layer", getattr(mc, "num_hidden_layers", 0)),
+    return Shape(n, t, mc.vocab_size, mc.hidden_size, layers_of(mc),
                  getattr(mc, "n_head", getattr(mc, "num_attention_heads", 1)), trainable_line(peft))
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import ds_config as dsc
 from .errors import UsageError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -90,8 +91,8 @@ def report(p: Any) -> str:
         f"{p.global_batch} global; {p.total_steps} optimizer steps; "
         f"{'length-grouped' if p.layout.group_by_length else 'plain'} micro-batches, "
         f"padding efficiency {padding_efficiency(d.lengths, p.layout):.1%}",
-        f"deepspeed: ZeRO-{p.ds_config['zero_optimization']['stage']}, {cfg.train.precision}, "
-        f"{'offload' if ckpt_offload(p.ds_config) else 'no offload'} ({cfg.deepspeed.config})",
+        f"deepspeed: ZeRO-{dsc.stage_of(p.ds_config)}, {cfg.train.precision}, "
+        f"{'offload' if dsc.offloads(p.ds_config) else 'no offload'} ({cfg.deepspeed.config})",
         f"output: {output_state(p.out, p.resume_from)}",
     ]
     if p.tokenizer.pad_token == p.tokenizer.eos_token:
@@ -111,9 +112,3 @@ def padding_efficiency(lengths: np.ndarray, layout: Any) -> float:
                 real += int(ls.sum())
                 padded += int(ls.max()) * len(mb)
     return real / max(padded, 1)
-
-
-def ckpt_offload(ds: dict[str, Any]) -> bool:
-    z = ds.get("zero_optimization", {})
-    return any(isinstance(z.get(k), dict) and z[k].get("device", "none") not in ("none", None)
-               for k in ("offload_optimizer", "offload_param"))

@@ -38,6 +38,7 @@ from .model import (
     apply_ia3,
     fuse_gelu,
     hidden_size_of,
+    layers_of,
     load_base_model,
     load_model_config,
     load_tokenizer,
@@ -220,7 +221,7 @@ def train(p: Prepared, stop: StopFlag | None = None) -> TrainResult:
     window = new_window()
     mc = peft_model.get_base_model().config
     n_params = sum(getattr(q, "ds_numel", q.numel()) for q in peft_model.parameters())
-    shape = (n_params, getattr(mc, "n_layer", getattr(mc, "num_hidden_layers", 0)), hidden_size_of(mc) or 0)
+    shape = (n_params, layers_of(mc), hidden_size_of(mc) or 0)
     peak = device_peak_tflops(t.peak_tflops)
     t_start = time.perf_counter()
     try:
