@@ -27,6 +27,7 @@ SHARED = ROOT.parent / "shared" / "data" / "alpaca_zh_demo.json"
 SHAPES = {  # name: (vocab, hidden, layers, heads)
     "tiny": (1200, 128, 4, 4),
     "100m": (46145, 768, 10, 12),
+    "160m": (46145, 1024, 9, 16),
     "1b4": (46145, 2048, 24, 16),
 }
 

@@ -204,6 +204,9 @@ def cmd_plan(argv: list[str], prog: str) -> int:
     ap.add_argument("--nodes", type=int)
     ap.add_argument("--gpus-per-node", type=int)
     ap.add_argument("--gpu-mem", help="per GPU, e.g. 80GiB (default: the config's hardware section)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="CPU ranks: --gpus-per-node is ranks per node, --gpu-mem host memory per rank, and the "
+                         "table gives RSS per rank")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
     a = ap.parse_intermixed_args(argv)
     cfg = load_config(a.config, a.overrides)
@@ -211,7 +214,7 @@ def cmd_plan(argv: list[str], prog: str) -> int:
     nodes, gpus = a.nodes or hw.nodes, a.gpus_per_node or hw.gpus_per_node
     if nodes < 1 or gpus < 1:
         raise UsageError("--nodes and --gpus-per-node must be >= 1")
-    text, _ = plan(cfg, nodes, gpus, _gib(a.gpu_mem) if a.gpu_mem else hw.gpu_mem_gib)
+    text, _ = plan(cfg, nodes, gpus, _gib(a.gpu_mem) if a.gpu_mem else hw.gpu_mem_gib, cpu=a.cpu)
     print(text)
     return 0
 

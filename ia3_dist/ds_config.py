@@ -138,8 +138,12 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
 
     if hidden_size:
         h = hidden_size
+        # Live gathered parameters: two transformer layers (12 h^2 each), capped at DeepSpeed's 1e9. A fixed 1e9
+        # exceeds a whole small model, so ZeRO-3 would keep every gathered layer and end up holding the full model.
+        live = min(10**9, 2 * 12 * h * h)
         for key, val in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
-                         ("stage3_param_persistence_threshold", 10 * h)):
+                         ("stage3_param_persistence_threshold", 10 * h), ("stage3_max_live_parameters", live),
+                         ("stage3_max_reuse_distance", live)):
             if zero.get(key) == AUTO:
                 zero[key] = val
     ds.setdefault("steps_per_print", 10 ** 9)  # the launcher logs; silence DeepSpeed's own step prints

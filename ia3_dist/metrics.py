@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .hostmem import peak_rss_gib
+
 # Dense peak TFLOP/s of one device by name fragment (bf16/fp16 tensor cores; fp32 uses TF32 where it exists).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10G": 125.0,
                "V100": 125.0, "L4": 121.0, "T4": 65.0}
@@ -29,9 +31,7 @@ def peak_memory_gb(device: torch.device) -> float:
     """Max allocated on a GPU; peak RSS of this process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_gib()
 
 
 def model_flops(lengths: torch.Tensor, n_params: int, n_layer: int, hidden: int) -> float:

@@ -46,8 +46,8 @@ def load_tokenizer(cfg: ModelConfig, model_path: str) -> Any:
 
 
 def load_base_model(cfg: ModelConfig, model_path: str, precision: str) -> nn.Module:
-    """``from_pretrained`` in the training dtype. Under ZeRO-3 the caller holds an ``HfDeepSpeedConfig`` alive
-    first, so transformers partitions the weights while loading instead of materialising them on every rank."""
+    """``from_pretrained`` in the training dtype: every rank holds the whole model (ZeRO 0-2; ZeRO-3 loads
+    through :mod:`ia3_dist.zero_load` instead)."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if precision == "fp32" else DTYPES[precision]

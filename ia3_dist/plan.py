@@ -9,11 +9,17 @@ Per-rank memory model (bytes; b = 2 for bf16/fp16, 4 for fp32; N all params, T t
 - activations per micro-batch (Korthikanti et al., 2022), per layer s*m*h*(34 + 5*a*s/h)*b/2 without
   checkpointing, s*m*h*b per layer plus one layer's full set with it; plus fp32 logits at label positions
   (the launcher computes no others), counted at the whole sequence as an upper bound;
-- a fixed 1.5 GiB for the CUDA context and allocator slack.
+- ZeRO-3 gathers each parameter whole before use: the embedding matrix (used first, and again by the tied
+  lm_head at the end) plus the live parameters DeepSpeed keeps within its reuse distance (the launcher's "auto"
+  is two layers, capped at 1e9);
+- a fixed 1.5 GiB for the CUDA context and allocator slack on a GPU; on CPU ranks (``--cpu``) everything is host
+  memory (RSS) and the fixed part is the framework itself (torch, transformers, PEFT, DeepSpeed), measured in
+  this process after importing the same stack.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,15 +54,25 @@ def model_shape(cfg: RunConfig) -> Shape:
         from transformers import AutoConfig
 
         try:
-            mc = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+            from .model import resolve_model_path
+
+            mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model, cfg.data.cache_dir),
+                                            trust_remote_code=cfg.model.trust_remote_code)
         except (OSError, ValueError) as e:
             raise UsageError(f"model.path {cfg.model.path}: no config to plan from ({e}); set model.arch to one of "
                              f"the Bloom family names") from None
-    peft = build_on_meta(mc, cfg.ia3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # PEFT calls transformers' deprecated spellings
+        peft = build_on_meta(mc, cfg.ia3)
     n = sum(p.numel() for p in peft.parameters())
     t = sum(p.numel() for p in peft.parameters() if p.requires_grad)
     return Shape(n, t, mc.vocab_size, mc.hidden_size, layers_of(mc),
                  getattr(mc, "n_head", getattr(mc, "num_attention_heads", 1)), trainable_line(peft))
+
+
+def live_params(hidden: int) -> int:
+    """The launcher's "auto" for ``stage3_max_live_parameters`` (ds_config.resolve): two transformer layers."""
+    return min(10**9, 2 * 12 * hidden * hidden)
 
 
 @dataclass
@@ -67,10 +83,14 @@ class RankMemory:
     optimizer: float
     activations: float
     cpu: float
+    gathered: float = 0.0
+    """ZeRO-3's working set of whole parameters."""
+    overhead: float = OVERHEAD
 
     @property
     def gpu_total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + OVERHEAD
+        """Device memory per rank (on CPU ranks: everything but the offloaded part, which is host memory too)."""
+        return self.weights + self.grads + self.optimizer + self.activations + self.gathered + self.overhead
 
 
 def activation_bytes(s: Shape, seq: int, micro: int, b: int, checkpointing: bool) -> float:
@@ -81,7 +101,7 @@ def activation_bytes(s: Shape, seq: int, micro: int, b: int, checkpointing: bool
 
 
 def rank_memory(s: Shape, name: str, stage: int, offload: bool, world: int, seq: int, micro: int, b: int,
-                checkpointing: bool) -> RankMemory:
+                checkpointing: bool, overhead: float = OVERHEAD) -> RankMemory:
     weights_all = s.n_params * b
     weights = weights_all / world if stage == 3 else weights_all
     grads = s.trainable * b / (world if stage >= 2 else 1)
@@ -91,15 +111,31 @@ def rank_memory(s: Shape, name: str, stage: int, offload: bool, world: int, seq:
     if offload:
         cpu = weights + opt
         weights, opt = 0.0, 0.0
-    return RankMemory(name, weights, grads, opt, activation_bytes(s, seq, micro, b, checkpointing), cpu)
+    gathered = 0.0
+    if stage == 3:
+        gathered = (s.vocab * s.hidden + min(live_params(s.hidden), s.n_params)) * b
+    return RankMemory(name, weights, grads, opt, activation_bytes(s, seq, micro, b, checkpointing), cpu, gathered,
+                      overhead)
 
 
 def largest_micro(s: Shape, stage: int, offload: bool, world: int, seq: int, b: int, ckpt: bool,
-                  gpu_bytes: float) -> int:
+                  gpu_bytes: float, overhead: float = OVERHEAD) -> int:
     m = 0
-    while m < 4096 and rank_memory(s, "", stage, offload, world, seq, m + 1, b, ckpt).gpu_total <= gpu_bytes:
+    while m < 4096 and rank_memory(s, "", stage, offload, world, seq, m + 1, b, ckpt,
+                                   overhead).gpu_total <= gpu_bytes:
         m += 1
     return m
+
+
+def framework_rss() -> float:
+    """Host memory of a rank before any model: this process's RSS with the same stack imported."""
+    import deepspeed  # noqa: F401 - imported for its footprint
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    from .hostmem import rss_gib
+
+    return rss_gib() * GIB
 
 
 def deepspeed_estimate(s: Shape, nodes: int, gpus: int) -> str:
@@ -120,43 +156,53 @@ def gib(x: float) -> str:
     return f"{x / GIB:8.2f}"
 
 
-def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float) -> tuple[str, dict[str, Any]]:
+def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
+         cpu: bool = False) -> tuple[str, dict[str, Any]]:
+    """The table and its numbers. ``cpu``: CPU ranks (``gpus_per_node`` ranks per node, ``gpu_mem_gib`` of host
+    memory per rank); every byte then counts against the same host memory, offloaded or not."""
     s = model_shape(cfg)
     world = nodes * gpus_per_node
     b = 4 if cfg.train.precision == "fp32" else 2
     seq, micro = cfg.data.max_length, cfg.train.micro_batch_size
     ckpt = cfg.train.gradient_checkpointing
     cap = gpu_mem_gib * GIB
-    lines = [s.line, f"layout: {nodes} node(s) x {gpus_per_node} GPU(s) = {world} ranks, {gpu_mem_gib:g} GiB each; "
-             f"{cfg.train.precision}, seq {seq}, micro-batch {micro}, gradient checkpointing "
-             f"{'on' if ckpt else 'off'}",
-             f"{'config':<14}{'weights':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'GPU tot':>9}{'CPU':>9}"
-             f"{'max micro':>11}{'(ckpt)':>8}  GiB per rank"]
+    overhead = framework_rss() if cpu else OVERHEAD
+    unit, total_name = ("CPU rank", "RSS") if cpu else ("GPU", "GPU tot")
+    lines = [s.line, f"layout: {nodes} node(s) x {gpus_per_node} {unit}(s) = {world} ranks, {gpu_mem_gib:g} GiB "
+             f"each; {cfg.train.precision}, seq {seq}, micro-batch {micro}, gradient checkpointing "
+             f"{'on' if ckpt else 'off'}"
+             + (f"; framework {overhead / GIB:.2f} GiB per rank (measured here)" if cpu else ""),
+             f"{'config':<14}{'weights':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'gather':>9}{total_name:>9}"
+             f"{'' if cpu else 'CPU':>9}{'max micro':>11}{'(ckpt)':>8}  GiB per rank"]
     rows = {}
     fits_at = None
     for name, stage, off in STAGES:
-        r = rank_memory(s, name, stage, off, world, seq, micro, b, ckpt)
-        mm = largest_micro(s, stage, off, world, seq, b, False, cap)
-        mm_ck = largest_micro(s, stage, off, world, seq, b, True, cap)
-        rows[name] = {"gpu_gib": r.gpu_total / GIB, "cpu_gib": r.cpu / GIB, "max_micro": mm,
-                      "max_micro_ckpt": mm_ck, "fits": r.gpu_total <= cap}
-        lines.append(f"{name:<14}{gib(r.weights)}{gib(r.grads)}{gib(r.optimizer)}{gib(r.activations)}"
-                     f"{gib(r.gpu_total)}{gib(r.cpu)}{mm:>11}{mm_ck:>8}")
-        if fits_at is None and r.gpu_total <= cap:
+        # On CPU ranks "offloaded" memory is the same host memory: count it in place.
+        dev_off = off and not cpu
+        r = rank_memory(s, name, stage, dev_off, world, seq, micro, b, ckpt, overhead)
+        total = r.gpu_total
+        mm = largest_micro(s, stage, dev_off, world, seq, b, False, cap, overhead)
+        mm_ck = largest_micro(s, stage, dev_off, world, seq, b, True, cap, overhead)
+        rows[name] = {"gpu_gib": r.gpu_total / GIB, "cpu_gib": r.cpu / GIB, "total_gib": total / GIB,
+                      "max_micro": mm, "max_micro_ckpt": mm_ck, "fits": total <= cap}
+        lines.append(f"{name:<14}{gib(r.weights)}{gib(r.grads)}{gib(r.optimizer)}"
+                     f"{gib(r.activations)}{gib(r.gathered)}{gib(total)}{'' if cpu else gib(r.cpu):>9}"
+                     f"{mm:>11}{mm_ck:>8}")
+        if fits_at is None and total <= cap:
             fits_at = name
     est = deepspeed_estimate(s, nodes, gpus_per_node)
-    if est:
+    if est and not cpu:
         lines.append(est)
     if fits_at is None:
-        lines.append(f"does not fit: even {STAGES[-1][0]} needs {rows[STAGES[-1][0]]['gpu_gib']:.1f} GiB per GPU "
-                     f"at micro-batch {micro}; turn on train.gradient_checkpointing, lower the micro-batch or add "
-                     f"GPUs")
+        lines.append(f"does not fit: even {STAGES[-1][0]} needs {rows[STAGES[-1][0]]['total_gib']:.1f} GiB per "
+                     f"{unit} at micro-batch {micro}; turn on train.gradient_checkpointing, lower the micro-batch or "
+                     f"add {unit}s")
     else:
         lines.append(f"recommended: deepspeed.config={fits_at} (the lowest stage that fits: least communication); "
                      f"largest micro-batch there {rows[fits_at]['max_micro']} "
                      f"({rows[fits_at]['max_micro_ckpt']} with gradient checkpointing)")
     info = {"n_params": s.n_params, "trainable": s.trainable, "world": world, "rows": rows, "recommended": fits_at,
-            "chosen": rows.get(_chosen(cfg))}
+            "chosen": rows.get(_chosen(cfg)), "overhead_gib": overhead / GIB}
     return "\n".join(lines), info
 
 

@@ -88,7 +88,7 @@ def report(p: Any) -> str:
         + ("from cache" if d.seconds == 0 else f"tokenized in {d.seconds:.2f}s"),
         *([f"  held out for eval: {len(p.eval_data)} examples"] if p.eval_data is not None else []),
         f"batch: {cfg.train.micro_batch_size} micro x {cfg.train.grad_accum} accum x {p.env.world_size} ranks = "
-        f"{p.global_batch} global; {p.total_steps} optimizer steps; "
+        f"{p.layout.global_batch} global; {p.total_steps} optimizer steps; "
         f"{'length-grouped' if p.layout.group_by_length else 'plain'} micro-batches, "
         f"padding efficiency {padding_efficiency(d.lengths, p.layout):.1%}",
         f"deepspeed: ZeRO-{dsc.stage_of(p.ds_config)}, {cfg.train.precision}, "

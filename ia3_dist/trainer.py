@@ -3,6 +3,7 @@ on the DeepSpeed engine with the reference recipe's loss (mean over all label to
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import dist, preflight
+from . import dist, hostmem, preflight
 from . import ds_config as dsc
 from .config import RunConfig
 from .data import (
@@ -34,6 +35,7 @@ from .evaluate import evaluate
 from .export import save_template
 from .metrics import MetricsLog, device_peak_tflops, model_flops, peak_memory_gb
 from .model import (
+    DTYPES,
     TokenSumLM,
     apply_ia3,
     fuse_gelu,
@@ -62,15 +64,17 @@ class Prepared:
     model_path: str
     tokenizer: Any
     data: TokenizedData
+    model_config: Any
+    """The base model's config.json (shapes), read without weights."""
     ds_config: dict[str, Any]
     total_steps: int
-    global_batch: int
+    layout: Layout
+    """Micro-batch x accumulation x world and the sample order: the one source of the batch sizes."""
     out: Path
     resume_from: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-    eval_data: TokenizedData | None = None
-    layout: Layout | None = None
     """What a checkpoint records so a resume can check it continues the same run."""
+    eval_data: TokenizedData | None = None
 
 
 def total_steps_for(cfg: RunConfig, n_examples: int, world: int) -> int:
@@ -99,7 +103,6 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         eval_data = load_or_tokenize(replace(cfg.data, path=cfg.data.eval_path, eval_path=None, limit=None), tok)
     total = total_steps_for(cfg, len(data), env.world_size)
     ds = dsc.resolve(cfg, env.world_size, hidden)
-    gb = cfg.train.micro_batch_size * cfg.train.grad_accum * env.world_size
     grouped = cfg.data.group_by_length
     if grouped is None:
         grouped = cfg.train.micro_batch_size > 1 and cfg.data.shuffle
@@ -112,7 +115,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     resume_from = ckpt.resolve_resume(cfg.train.resume, out)
     if resume_from is not None:
         ckpt.check_compatible(resume_from, meta)
-    return Prepared(cfg, env, model_path, tok, data, ds, total, gb, out, resume_from, meta, eval_data, layout)
+    return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data)
 
 
 def write_run_files(p: Prepared) -> None:
@@ -146,18 +149,32 @@ class TrainResult:
         return k, sum(self.losses[:k]) / k, sum(self.losses[-k:]) / k
 
 
+def _load_base(p: Prepared) -> tuple[Any, Any]:
+    """The base model; under ZeRO-3 built partitioned and filled rank by rank (see zero_load.py). Returns it and
+    the ``HfDeepSpeedConfig`` that must stay referenced while it lives under ZeRO-3 (transformers and PEFT then
+    treat its parameters as partitioned: shapes, gradient checkpointing, generation)."""
+    if dsc.stage_of(p.ds_config) != 3:
+        return load_base_model(p.cfg.model, p.model_path, p.cfg.train.precision), None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from .zero_load import build_partitioned, load_partitions, local_model_dir
+
+    keep_alive = HfDeepSpeedConfig(p.ds_config)
+    base = build_partitioned(p.model_config, p.ds_config, DTYPES[p.cfg.train.precision],
+                             p.cfg.model.trust_remote_code)
+    stats = load_partitions(base, local_model_dir(p.model_path, p.cfg.model.revision))
+    gc.collect()  # the untied lm_head that tie_weights replaced still holds its partition until collected
+    hostmem.trim()
+    dist.print0(p.env, f"ZeRO-3 load: rank 0 read {stats['bytes_read'] / 2**20:.1f} MiB of weights (its partition "
+                       f"of {stats['tensors']} tensors; largest single read {stats['largest_read'] / 2**20:.1f} MiB)")
+    return base, keep_alive
+
+
 def _build_engine(p: Prepared) -> tuple[Any, Any, Any]:
     import deepspeed
 
-    keep_alive = None
-    if dsc.stage_of(p.ds_config) == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        # Must stay referenced while from_pretrained runs: transformers then loads under zero.Init, so each rank
-        # only ever materialises its own partition.
-        keep_alive = HfDeepSpeedConfig(p.ds_config)
     torch.manual_seed(p.cfg.train.seed)
-    base = load_base_model(p.cfg.model, p.model_path, p.cfg.train.precision)
+    base, keep_alive = _load_base(p)
     if p.cfg.model.fused_gelu:
         fuse_gelu(base)
     if p.cfg.train.gradient_checkpointing:
@@ -186,6 +203,10 @@ def train(p: Prepared, stop: StopFlag | None = None) -> TrainResult:
 
     cfg, env, data = p.cfg, p.env, p.data
     engine, peft_model, _keep = _build_engine(p)
+    # Peak host RSS of the worst rank once the engine is ready: what loading cost (ZeRO-3: a partition, not the
+    # model). Every rank joins the reduction.
+    load_rss = dist.all_reduce_max(torch.tensor([hostmem.peak_rss_gib()], dtype=torch.float64,
+                                                device=engine.device)).item()
     start = ckpt.load(engine, p.resume_from) if p.resume_from is not None else 0
     device = engine.device
     t = cfg.train
@@ -276,9 +297,10 @@ def train(p: Prepared, stop: StopFlag | None = None) -> TrainResult:
             if done % t.log_every == 0 or done == p.total_steps or done == start + 1 or done == end:
                 dt = max(time.perf_counter() - window["t0"], 1e-9)
                 gn = engine.get_global_grad_norm()
-                mem = dist.all_reduce_max(torch.tensor([peak_memory_gb(device)], device=device)).item()
+                mem = dist.all_reduce_max(torch.tensor([peak_memory_gb(device), hostmem.peak_rss_gib()],
+                                                       dtype=torch.float64, device=device)).tolist()
                 tflops = window["flops"] / dt / 1e12
-                perf = {"tflops": tflops, "peak_mem_gb": mem}
+                perf = {"tflops": tflops, "peak_mem_gb": mem[0], "peak_rss_gb": mem[1], "load_peak_rss_gb": load_rss}
                 if peak:
                     perf["mfu"] = tflops / (peak * env.world_size)
                 log.log({"step": done, "epoch": epoch, "loss": window["loss"] / window["steps"], "lr": float(lr),
@@ -320,6 +342,13 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
         stop.uninstall()
         raise
     dist.print0(env, preflight.report(p))
+    lean = cfg.train.lean_host_memory
+    if lean is None:
+        from deepspeed.accelerator import get_accelerator
+
+        lean = dsc.stage_of(p.ds_config) == 3 and get_accelerator().device_name() == "cpu"
+    if lean and not hostmem.lean_malloc():
+        dist.print0(env, "train.lean_host_memory: not a glibc C library; the allocator keeps its defaults")
     write_run_files(p)
     dist.init(env, cfg.deepspeed.timeout_minutes)
     try:

@@ -73,3 +73,25 @@ def test_gradient_checkpointing_same_loss(tmp_path: Path, demo_model: Path, worl
                      nproc=world))
         runs[ck] = [r["loss"] for r in metrics(out)]
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+
+
+def test_zero3_counts_the_gathered_working_set() -> None:
+    """ZeRO-3 gathers whole parameters: the embedding matrix plus two layers of live parameters."""
+    s = model_shape(build_config({"model": {"arch": "bloom-7b1"}}))
+    z3 = rank_memory(s, "zero3", 3, False, 8, 256, 1, 2, False)
+    assert z3.gathered == (s.vocab * s.hidden + 2 * 12 * s.hidden**2) * 2
+    assert rank_memory(s, "zero2", 2, False, 8, 256, 1, 2, False).gathered == 0
+
+
+def test_cpu_plan_is_host_memory(capsys) -> None:
+    """On CPU ranks the offloaded part is the same host memory, and the fixed part is the framework's RSS."""
+    cfg = build_config({"model": {"arch": "bloom-560m"}, "deepspeed": {"config": "zero3_offload"}})
+    _, gpu = plan(cfg, 1, 2, 64)
+    _, cpu = plan(cfg, 1, 2, 64, cpu=True)
+    assert 0.1 < cpu["overhead_gib"] < 4
+    z3, off = cpu["rows"]["zero3"], cpu["rows"]["zero3_offload"]
+    assert off["total_gib"] == pytest.approx(z3["total_gib"])  # offloading to the CPU you are on saves nothing
+    assert gpu["rows"]["zero3_offload"]["total_gib"] < gpu["rows"]["zero3"]["total_gib"]
+    assert main(["plan", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--cpu", "--gpus-per-node", "2",
+                 "--gpu-mem", "8GiB"]) == 0
+    assert "CPU rank(s)" in capsys.readouterr().out

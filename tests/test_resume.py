@@ -106,11 +106,18 @@ def test_keep_last_k(tmp_path: Path) -> None:
 
 def test_changed_world_size_is_refused(straight: dict[str, Path], tmp_path: Path) -> None:
     src = straight["zero2"]
-    for world in (1,):
-        proc = launch(["--config", TINY, "deepspeed.config=zero2", f"output.dir={src}", *RUN,
-                       "train.resume=auto"], nproc=world)
-        assert proc.returncode == 2
-        assert "world_size=2" in proc.stderr and "this run has 1" in proc.stderr
+    proc = launch(["--config", TINY, "deepspeed.config=zero2", f"output.dir={src}", *RUN, "train.resume=auto"])
+    assert proc.returncode == 2
+    assert "world_size=2" in proc.stderr and "this run has 1" in proc.stderr
+    # And the other way: a 1-rank checkpoint is not resumed on 2 ranks, and stays as it was.
+    one = tmp_path / "one"
+    check(launch(["--config", TINY, "deepspeed.config=zero2", f"output.dir={one}", *RUN,
+                  "train.stop_after_steps=2"]))
+    before = sorted(p.name for p in (one / "checkpoints").iterdir())
+    proc = run2(one, "train.resume=auto")
+    assert proc.returncode == 2
+    assert "world_size=1" in proc.stderr and "this run has 2" in proc.stderr
+    assert sorted(p.name for p in (one / "checkpoints").iterdir()) == before
 
 
 def test_output_dir_guard(straight: dict[str, Path], tmp_path: Path) -> None:

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Peak host RSS per rank of a ~160M-parameter Bloom on 2 CPU ranks under ZeRO-0, ZeRO-3 and ZeRO-3 offload,
+against what ``ia3-dist plan --cpu`` predicts for the same run.
+
+    python bench/bench_memory.py                      # 160M Bloom, 2 ranks, 4 optimizer steps each
+    python bench/bench_memory.py --steps 8 --json out.json
+
+Each run is a real ``deepspeed --num_accelerators 2 launch.py`` on the shared Alpaca sample (else the demo
+records), micro-batch 1, sequence cap 256 (the reference recipe's). The launcher logs the worst rank's peak RSS
+once the engine is ready (loading) and over the whole run (training); both are printed with their ratio to
+ZeRO-0 and the plan's error. ZeRO-3 runs use the launcher's default there, train.lean_host_memory on; add
+``--no-lean`` to see glibc's default allocator policy instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_train import SHARED, build_model  # noqa: E402
+
+CONFIGS = ("zero0", "zero3", "zero3_offload")
+
+
+def run(model: Path, data: Path, ds: str, steps: int, out: Path, extra: list[str]) -> dict:
+    args = ["--config", "configs/tiny-cpu.yaml", f"model.path={model}", f"data.path={data}", f"output.dir={out}",
+            f"deepspeed.config={ds}", f"train.max_steps={steps}", "train.micro_batch_size=1", "train.grad_accum=4",
+            "train.log_every=1", "data.max_length=256", "checkpoint.at_end=false", "output.overwrite=true", *extra]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators=2", "launch.py", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{ds} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    timed = [r for r in recs if "loss" in r][1:]
+    secs = sum(r["step_time_s"] for r in timed)
+    return {"config": ds, "peak_rss_gib": max(r["peak_rss_gb"] for r in recs),
+            "load_peak_rss_gib": recs[-1]["load_peak_rss_gb"],
+            "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / secs,
+            "losses": [r["loss"] for r in recs if "loss" in r]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="160m")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--records", type=int, default=200)
+    ap.add_argument("--no-lean", action="store_true", help="train.lean_host_memory=false on every run")
+    ap.add_argument("--cache", default=os.environ.get("IA3_DIST_CACHE", str(Path.home() / ".cache" / "ia3-dist")))
+    ap.add_argument("--work", default="/tmp/ia3-bench-memory")
+    ap.add_argument("--json", help="write all results here")
+    a = ap.parse_args()
+
+    cache, work = Path(a.cache), Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["IA3_DIST_CACHE"] = str(cache)
+    model = build_model(a.model, cache)
+    if SHARED.exists():
+        records = json.loads(SHARED.read_text(encoding="utf-8"))[: a.records]
+    else:
+        from ia3_dist.demo import ensure_assets
+
+        records = json.loads((ensure_assets(str(cache)) / "data.json").read_text(encoding="utf-8"))[: a.records]
+    data = work / "records.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    extra = ["train.lean_host_memory=false"] if a.no_lean else []
+    results = [run(model, data, ds, a.steps, work / ds, extra) for ds in CONFIGS]
+
+    from ia3_dist.config import load_config
+    from ia3_dist.plan import plan
+
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"model.path={model}", "train.micro_batch_size=1",
+                                                           "data.max_length=256"])
+    _, info = plan(cfg, 1, 2, 1e6, cpu=True)
+    base = results[0]
+    print(f"\n{a.model} Bloom ({info['n_params'] / 1e6:.1f}M params), 2 CPU ranks on {os.cpu_count()} cores, fp32, "
+          f"micro-batch 1, seq <= 256, {a.steps} steps; framework RSS {info['overhead_gib']:.2f} GiB "
+          f"(plan, measured in-process)")
+    print(f"{'config':<15}{'peak RSS':>10}{'vs zero0':>10}{'load peak':>11}{'vs zero0':>10}{'plan':>8}{'error':>8}"
+          f"{'tok/s':>8}   GiB per rank (worst rank)")
+    for r in results:
+        pred = info["rows"][r["config"]]["total_gib"]
+        r["plan_gib"] = pred
+        print(f"{r['config']:<15}{r['peak_rss_gib']:>10.2f}{r['peak_rss_gib'] / base['peak_rss_gib']:>10.2f}"
+              f"{r['load_peak_rss_gib']:>11.2f}{r['load_peak_rss_gib'] / base['load_peak_rss_gib']:>10.2f}"
+              f"{pred:>8.2f}{(pred - r['peak_rss_gib']) / r['peak_rss_gib']:>+8.0%}{r['tokens_per_s']:>8.1f}")
+    diff = max(abs(x - y) / abs(y) for r in results for x, y in zip(r["losses"], base["losses"], strict=True))
+    print(f"per-step losses of the three configs agree within {diff:.1e} (relative)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"model": a.model, "plan_overhead_gib": info["overhead_gib"],
+                                            "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""ZeRO-3 loading in which no rank ever holds the full model.
+
+transformers' own ZeRO-3 path (``from_pretrained`` under ``HfDeepSpeedConfig``) has rank 0 read every checkpoint
+file into one merged state dict and then broadcasts it module by module: rank 0 holds the whole model in host
+memory (350 GB for bloom-176b), and the 2-rank 160M bench measured a higher peak RSS per rank on ZeRO-3 than on
+ZeRO-0. Here the model is built empty under ``deepspeed.zero.Init`` (so every parameter is born partitioned) and
+each rank then reads, straight from the checkpoint files, only the byte range of its own partition of each
+tensor, into that partition. No collective, no gathered tensor, no full-size buffer: the largest temporary is one
+partition of one tensor, and only when the file's dtype differs from the training dtype.
+
+Safetensors files are read with ``pread`` on the exact byte ranges (the header is a JSON table of offsets);
+PyTorch ``.bin`` files are memory-mapped, so a rank touches only the pages of its own ranges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """Random access to the tensors of one ``.safetensors`` file by flat element range, without mmap."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fh = open(path, "rb")  # noqa: SIM115 - closed by close()
+        head = self.fh.read(8)
+        if len(head) != 8:
+            raise UsageError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            self.header: dict[str, Any] = json.loads(self.fh.read(n))
+        except ValueError as e:
+            raise UsageError(f"{path}: corrupt safetensors header ({e})") from None
+        self.header.pop("__metadata__", None)
+        self.base = 8 + n
+
+    def keys(self) -> Iterator[str]:
+        return iter(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> int:
+        """Elements ``[start, start + out.numel())`` of the flattened tensor into ``out`` (any dtype, CPU or GPU).
+        Returns the bytes read from the file."""
+        info = self.header[key]
+        dtype = ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise UsageError(f"{self.path}: tensor {key} has dtype {info['dtype']}, which the loader cannot read")
+        n = out.numel()
+        item = torch.empty((), dtype=dtype).element_size()
+        begin = self.base + info["data_offsets"][0] + start * item
+        direct = out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+        buf = out if direct else torch.empty(n, dtype=dtype)
+        view = memoryview(buf.view(-1).view(torch.uint8).numpy())
+        got = 0
+        while got < len(view):
+            k = os.preadv(self.fh.fileno(), [view[got:]], begin + got)
+            if k <= 0:
+                raise UsageError(f"{self.path}: truncated (tensor {key} ends past the end of the file)")
+            got += k
+        if not direct:
+            out.copy_(buf.view(out.shape))
+        return got
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class TorchBinFile:
+    """A PyTorch ``.bin`` checkpoint, memory-mapped: reading a range touches only that range's pages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise UsageError(f"{path}: cannot memory-map this checkpoint ({e}); convert it to safetensors") from None
+
+    def keys(self) -> Iterator[str]:
+        return iter(self.sd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.sd[key].shape)
+
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> int:
+        src = self.sd[key].reshape(-1).narrow(0, start, out.numel())
+        out.copy_(src.view(out.shape))
+        return src.numel() * src.element_size()
+
+    def close(self) -> None:
+        self.sd = {}
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The weight files of a model dir: sharded (an index) or single, safetensors preferred."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (model_dir / index).exists():
+            try:
+                names = sorted(set(json.loads((model_dir / index).read_text())["weight_map"].values()))
+            except (ValueError, KeyError) as e:
+                raise UsageError(f"{model_dir / index}: unreadable shard index ({e})") from None
+            return [model_dir / n for n in names]
+        if (model_dir / single).exists():
+            return [model_dir / single]
+    raise UsageError(f"model.path {model_dir}: no model.safetensors, pytorch_model.bin or shard index in it")
+
+
+def local_model_dir(path: str, revision: str | None) -> Path:
+    """A local dir as is; a hub name through the hub cache (every rank asks; the hub client locks downloads)."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
+    except Exception as e:  # the hub client raises many types (offline, 404, auth); all mean "cannot get it"
+        raise UsageError(f"model.path {path}: not a local dir and not downloadable ({type(e).__name__}: {e})") \
+            from None
+
+
+def _open(path: Path) -> SafetensorsFile | TorchBinFile:
+    if not path.exists():
+        raise UsageError(f"{path}: listed in the shard index but missing")
+    return SafetensorsFile(path) if path.suffix == ".safetensors" else TorchBinFile(path)
+
+
+def build_partitioned(model_config: Any, ds_config: dict[str, Any], dtype: torch.dtype,
+                      trust_remote_code: bool = False) -> nn.Module:
+    """The model's modules with every parameter partitioned at birth and left uninitialised (it is loaded next)."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    from transformers.modeling_utils import set_zero3_state
+
+    # set_zero3_state stops from_config from opening a zero.Init of its own (and then re-initialising every
+    # weight with gathers); no_init_weights skips random init that the load overwrites anyway. zero.Init gets its
+    # dtype from the config's bf16/fp16 blocks only: given both a config and dtype=float32 it picks bf16 on a
+    # CPU (an operator-precedence slip in DeepSpeed 0.19's Init._set_dtype), silently rounding every weight.
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config), set_zero3_state():
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # from_config leaves tying to from_pretrained; Bloom's lm_head is the embedding matrix
+    wrong = {p.dtype for p in model.parameters()} - {dtype}
+    if wrong:
+        raise RuntimeError(f"ZeRO-3 built parameters in {wrong}, not {dtype}: the DeepSpeed config's bf16/fp16 "
+                           f"blocks disagree with the training precision")
+    return model
+
+
+def _candidates(name: str, prefix: str) -> list[str]:
+    """Checkpoint keys a parameter may be stored under: with or without the base-model prefix (bigscience's
+    Bloom checkpoints have no ``transformer.``; models saved by transformers do)."""
+    out = [name]
+    if prefix and name.startswith(prefix + "."):
+        out.append(name[len(prefix) + 1:])
+    elif prefix:
+        out.append(f"{prefix}.{name}")
+    return out
+
+
+def load_partitions(model: nn.Module, model_dir: Path) -> dict[str, int]:
+    """Fill each rank's partition of every parameter from the checkpoint files. Returns {"bytes_read", "tensors",
+    "largest_read"} for this rank (the tests check that a rank reads its share, not the model)."""
+    import torch.distributed as tdist
+
+    files = checkpoint_files(model_dir)
+    prefix = getattr(model, "base_model_prefix", "")
+    # Every name of every parameter: a tied weight (lm_head = embeddings) may be stored under either name.
+    names: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+        params[id(p)] = p
+    stats = {"bytes_read": 0, "tensors": 0, "largest_read": 0}
+    with ExitStack() as stack:
+        opened = [_open(f) for f in files]
+        for f in opened:
+            stack.callback(f.close)
+        where = {k: f for f in opened for k in f.keys()}
+        missing = []
+        for pid, p in params.items():
+            key = next((c for n in names[pid] for c in _candidates(n, prefix) if c in where), None)
+            if key is None:
+                missing.append(names[pid][0])
+                continue
+            f = where[key]
+            full = tuple(p.ds_shape)
+            if f.shape(key) != full:
+                raise UsageError(f"{f.path}: {key} has shape {list(f.shape(key))}, the model config expects "
+                                 f"{list(full)}; config.json and the weights disagree")
+            part = p.ds_tensor
+            if getattr(part, "final_location", None) is not None:
+                raise UsageError("zero_optimization.offload_param.device nvme is not supported by the ZeRO-3 "
+                                 "loader; use cpu")
+            size = part.ds_numel
+            rank = tdist.get_rank(group=p.ds_process_group) if tdist.is_initialized() else 0
+            start = size * rank
+            n = max(0, min(size, p.ds_numel - start))
+            if n:
+                got = f.read_into(key, start, part.data.view(-1).narrow(0, 0, n))
+                stats["bytes_read"] += got
+                stats["largest_read"] = max(stats["largest_read"], got)
+            stats["tensors"] += 1
+        # Buffers are not partitioned: persistent ones (none in Bloom) are read whole, non-persistent ones were
+        # computed by their modules' constructors.
+        for mname, mod in model.named_modules():
+            for bname, b in mod.named_buffers(recurse=False):
+                if b is None or bname in mod._non_persistent_buffers_set:
+                    continue
+                full_name = f"{mname}.{bname}" if mname else bname
+                key = next((c for c in _candidates(full_name, prefix) if c in where), None)
+                if key is None:
+                    missing.append(full_name)
+                    continue
+                stats["bytes_read"] += where[key].read_into(key, 0, b.data.view(-1))
+        if missing:
+            raise UsageError(f"model.path {model_dir}: the checkpoint has no weights for {', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''} ({len(missing)} parameter(s))")
+    return stats
