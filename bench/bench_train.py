@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--data", help="records file (default: the shared Alpaca sample, else the demo records)")
     ap.add_argument("--ds", default="zero0", help="launcher DeepSpeed config")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra launcher override, e.g. --set model.last_mlp_at_labels=false (repeatable)")
     a = ap.parse_args()
 
     cache, work = Path(a.cache), Path(a.work)
@@ -133,7 +135,7 @@ def main() -> None:
         raise SystemExit(f"reference failed:\n{proc.stderr[-3000:]}")
     ref = json.loads(ref_json.read_text())
     results.append(ref)
-    ds = [f"deepspeed.config={a.ds}"]
+    ds = [f"deepspeed.config={a.ds}", *a.set]
     results.append(run_launcher(model, data, a.steps, work / "launcher", 1, a.bf16, a.micro, ds))
     if a.two_ranks:
         results.append(run_launcher(model, data, a.steps, work / "launcher2", 2, a.bf16, a.micro // 2, ds))

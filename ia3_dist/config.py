@@ -43,6 +43,9 @@ class ModelConfig:
     """Allow custom modelling code from the model repo. Off unless set: it runs code from the repo."""
     fused_gelu: bool = True
     """Run Bloom's tanh GeLU as one fused kernel (same formula; last-bit rounding differs, max 5e-7)."""
+    last_mlp_at_labels: bool = True
+    """Run the last layer's MLP only at positions that predict a label token (no other position reaches the
+    loss). Off by itself under gradient checkpointing, whose recomputation would see all positions."""
 
     def __post_init__(self) -> None:
         if not self.path:

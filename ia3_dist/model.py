@@ -117,6 +117,42 @@ def trainable_named_parameters(peft_model: nn.Module) -> list[tuple[str, nn.Para
     return [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
 
 
+class LastMLPRows:
+    """Pre-hooks on the last Bloom block that hand its post-attention layernorm and MLP only the rows in ``idx``
+    (flat batch x position indices); the block then returns those rows, in order, as an (N, hidden) tensor.
+    Every op after the attention is row-wise, so those rows are computed exactly as before; the others never
+    reach the loss, so the MLP (2/3 of a layer's FLOPs) is skipped on prompt and padding positions."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.idx: torch.Tensor | None = None
+        block.post_attention_layernorm.register_forward_pre_hook(self._norm_rows)
+        block.mlp.register_forward_pre_hook(self._mlp_rows)
+
+    def _select(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.idx)
+
+    def _norm_rows(self, _mod: nn.Module, args: tuple) -> tuple | None:
+        if self.idx is None:
+            return None
+        return (self._select(args[0]), *args[1:])
+
+    def _mlp_rows(self, _mod: nn.Module, args: tuple) -> tuple | None:
+        if self.idx is None:
+            return None
+        hidden, residual = args[0], args[1]
+        if residual.dim() == 3:  # the attention output; already selected when the residual is the layernorm's
+            residual = self._select(residual)
+        return (hidden, residual, *args[2:])
+
+    @staticmethod
+    def install(model: nn.Module) -> LastMLPRows | None:
+        """On the last block of a Bloom model; None for other architectures."""
+        blocks = getattr(getattr(model, "transformer", None), "h", None)
+        if not blocks or type(blocks[-1]).__name__ != "BloomBlock":
+            return None
+        return LastMLPRows(blocks[-1])
+
+
 class TokenSumLM(nn.Module):
     """Wraps the PEFT model; ``forward`` returns the *sum* of token cross-entropies and the label-token count.
 
@@ -125,9 +161,10 @@ class TokenSumLM(nn.Module):
     positions whose shifted label is not -100, so the vocabulary projection skips the prompt and the padding.
     """
 
-    def __init__(self, peft_model: nn.Module) -> None:
+    def __init__(self, peft_model: nn.Module, last_mlp_rows: LastMLPRows | None = None) -> None:
         super().__init__()
         self.peft = peft_model
+        self.rows = last_mlp_rows
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Only trainable tensors. DeepSpeed's ``exclude_frozen_parameters`` drops frozen names it finds in
@@ -143,11 +180,21 @@ class TokenSumLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lm = self.peft.get_base_model()
-        out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out[0][:, :-1]
         target = labels[:, 1:]
         keep = target != -100
-        logits = lm.get_output_embeddings()(hidden[keep]).float()
+        if self.rows is None:
+            out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = out[0][:, :-1][keep]
+        else:
+            # Positions t < T-1 whose next token is a label, as flat indices: the same rows, in the same order,
+            # as hidden[:, :-1][keep].
+            at = F.pad(keep, (0, 1))
+            self.rows.idx = at.reshape(-1).nonzero().squeeze(1)
+            try:
+                hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+            finally:
+                self.rows.idx = None  # other callers of the model (eval via peft, generation) see every row
+        logits = lm.get_output_embeddings()(hidden).float()
         loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
         return loss_sum, keep.sum()
 

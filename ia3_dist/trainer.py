@@ -36,6 +36,7 @@ from .export import save_template
 from .metrics import MetricsLog, device_peak_tflops, model_flops, peak_memory_gb
 from .model import (
     DTYPES,
+    LastMLPRows,
     TokenSumLM,
     apply_ia3,
     fuse_gelu,
@@ -183,7 +184,10 @@ def _build_engine(p: Prepared) -> tuple[Any, Any, Any]:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = apply_ia3(base, p.cfg.ia3)
     dist.print0(p.env, trainable_line(peft_model))
-    wrapper = TokenSumLM(peft_model)
+    rows = None
+    if p.cfg.model.last_mlp_at_labels and not p.cfg.train.gradient_checkpointing:
+        rows = LastMLPRows.install(base)
+    wrapper = TokenSumLM(peft_model, rows)
     params = [q for q in wrapper.parameters() if q.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=wrapper, model_parameters=params, config=p.ds_config,
                                            lr_scheduler=lr_schedule(p.cfg.train, p.total_steps))

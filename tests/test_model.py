@@ -12,7 +12,7 @@ from ia3_dist.arch import bloom_config
 from ia3_dist.config import DataConfig, IA3Section
 from ia3_dist.data import collate, load_or_tokenize
 from ia3_dist.demo import make_records
-from ia3_dist.model import TokenSumLM, apply_ia3, build_on_meta, trainable_line
+from ia3_dist.model import LastMLPRows, TokenSumLM, apply_ia3, build_on_meta, trainable_line
 
 
 def test_bloom_1b4_zh_from_config_on_meta(capsys: pytest.CaptureFixture) -> None:
@@ -41,10 +41,21 @@ def test_token_sum_loss_equals_hf_loss(tmp_path: Path, demo_model: Path, demo_to
         for _, p in peft.named_parameters():
             if p.requires_grad:
                 p.uniform_(0.5, 1.5)
-    wrapper = TokenSumLM(peft)
+    plain = TokenSumLM(peft)
+    rows = TokenSumLM(peft, LastMLPRows.install(peft.get_base_model()))
+    assert rows.rows is not None
     for side in ("left", "right"):
         b = collate(data, [0, 5, 9, 11], demo_tokenizer.pad_token_id, side)
-        loss_sum, n = wrapper(**b)
         hf = peft(**b).loss
-        assert n.item() == (b["labels"][:, 1:] != -100).sum().item()
-        torch.testing.assert_close(loss_sum / n, hf, rtol=1e-6, atol=1e-6)
+        grads = []
+        for wrapper in (plain, rows):
+            peft.zero_grad()
+            loss_sum, n = wrapper(**b)
+            assert n.item() == (b["labels"][:, 1:] != -100).sum().item()
+            torch.testing.assert_close(loss_sum / n, hf, rtol=1e-6, atol=1e-6)
+            (loss_sum / n).backward()
+            grads.append({k: q.grad.clone() for k, q in peft.named_parameters() if q.requires_grad})
+        # The last MLP on label rows only: same loss, same IA3 gradients; the full model afterwards is unaffected.
+        for k in grads[0]:
+            torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(peft(**b).loss, hf, rtol=0, atol=0)
