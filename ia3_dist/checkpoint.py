@@ -30,7 +30,7 @@ LATEST = "latest"
 META = "meta.json"
 # Keys of meta.json that must match the resuming run for the continuation to be exact.
 MUST_MATCH = ("world_size", "micro_batch_size", "grad_accum", "seed", "shuffle", "total_steps", "data_key",
-              "n_examples", "group_by_length")
+              "n_examples", "group_by_length", "order_version")
 
 
 def root_of(out: Path) -> Path:

@@ -426,6 +426,10 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
     return -(-n // global_batch)
 
 
+ORDER_VERSION = 2
+"""Bumped whenever plan_epoch orders examples differently: a checkpoint of another order is not resumed."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """How examples are cut into optimizer steps: global batch = micro x accum x world."""
@@ -475,18 +479,19 @@ def plan_epoch(lengths: np.ndarray, lay: Layout, epoch: int) -> list[list[list[i
             steps.append([mb for r in range(lay.world)
                           for mb in rank_micro_batches(batch, r, lay.world, lay.micro, lay.accum)])
         return steps
-    rng = np.random.default_rng([lay.seed, epoch, 1])
+    rng = np.random.default_rng([lay.seed, epoch, 2])
     group = lay.global_batch * lay.group_steps
-    mbs: list[list[int]] = []
     for g in range(0, n, group):
         idx = order[g:g + group]
         idx = idx[np.argsort(-lengths[idx], kind="stable")]
         chunk = [idx[i:i + lay.micro].tolist() for i in range(0, len(idx), lay.micro)]
-        mbs += [chunk[j] for j in rng.permutation(len(chunk))]
-    for k in range(0, len(mbs), per_step):
-        step = mbs[k:k + per_step]
-        step += [[] for _ in range(per_step - len(step))]
-        steps.append(step)
+        # Whole steps of neighbouring micro-batches are shuffled, not single micro-batches, and a step's
+        # micro-batches are dealt round-robin to the ranks: every rank of a step gets about the same number of
+        # tokens, so none waits for another at the gradient all-reduce.
+        blocks = [chunk[i:i + per_step] for i in range(0, len(chunk), per_step)]
+        for j in rng.permutation(len(blocks)):
+            b = blocks[j] + [[] for _ in range(per_step - len(blocks[j]))]
+            steps.append([b[a * lay.world + r] for r in range(lay.world) for a in range(lay.accum)])
     return steps
 
 

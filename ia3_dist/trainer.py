@@ -21,6 +21,7 @@ from . import dist, hostmem, preflight
 from . import ds_config as dsc
 from .config import RunConfig
 from .data import (
+    ORDER_VERSION,
     Layout,
     TokenizedData,
     collate,
@@ -112,7 +113,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     meta = {"world_size": env.world_size, "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed, "shuffle": cfg.data.shuffle,
             "total_steps": total, "data_key": Path(data.cache_file).stem, "n_examples": len(data),
-            "eval_ratio": cfg.data.eval_ratio, "group_by_length": grouped}
+            "eval_ratio": cfg.data.eval_ratio, "group_by_length": grouped, "order_version": ORDER_VERSION}
     resume_from = ckpt.resolve_resume(cfg.train.resume, out)
     if resume_from is not None:
         ckpt.check_compatible(resume_from, meta)
