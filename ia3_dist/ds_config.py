@@ -101,6 +101,9 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
         dev = zero.get(kind, {}).get("device", "none") if isinstance(zero.get(kind), dict) else "none"
         if dev not in ("none", None, "cpu", "nvme"):
             raise UsageError(f"{src}: zero_optimization.{kind}.device is {dev!r}; use none, cpu or nvme")
+        if kind == "offload_param" and dev == "nvme":
+            raise UsageError(f"{src}: zero_optimization.offload_param.device nvme is not supported (the ZeRO-3 "
+                             f"loader writes each rank's partitions in memory); use cpu")
         if dev not in ("none", None) and ((kind == "offload_param" and stage != 3)
                                           or (kind == "offload_optimizer" and stage < 1)):
             raise UsageError(f"{src}: zero_optimization.{kind} needs stage {'3' if kind == 'offload_param' else '1+'}"

@@ -105,6 +105,12 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         eval_data = load_or_tokenize(replace(cfg.data, path=cfg.data.eval_path, eval_path=None, limit=None), tok)
     total = total_steps_for(cfg, len(data), env.world_size)
     ds = dsc.resolve(cfg, env.world_size, hidden)
+    if Path(model_path).is_dir() and (dsc.stage_of(ds) == 3 or model_config.model_type == "bloom"):
+        # ZeRO-3's loader needs every tensor; for Bloom (known key names) the other stages get the same check,
+        # where from_pretrained would only warn and train on randomly initialised weights.
+        from .zero_load import check_checkpoint
+
+        check_checkpoint(model_config, Path(model_path), cfg.model.trust_remote_code)
     grouped = cfg.data.group_by_length
     if grouped is None:
         grouped = cfg.train.micro_batch_size > 1 and cfg.data.shuffle

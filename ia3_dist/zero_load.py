@@ -18,7 +18,7 @@ import json
 import os
 import struct
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,10 @@ def local_model_dir(path: str, revision: str | None) -> Path:
             from None
 
 
-def _open(path: Path) -> SafetensorsFile | TorchBinFile:
+CheckpointFile = SafetensorsFile | TorchBinFile
+
+
+def _open(path: Path) -> CheckpointFile:
     if not path.exists():
         raise UsageError(f"{path}: listed in the shard index but missing")
     return SafetensorsFile(path) if path.suffix == ".safetensors" else TorchBinFile(path)
@@ -176,51 +179,84 @@ def _candidates(name: str, prefix: str) -> list[str]:
     return out
 
 
-def load_partitions(model: nn.Module, model_dir: Path) -> dict[str, int]:
-    """Fill each rank's partition of every parameter from the checkpoint files. Returns {"bytes_read", "tensors",
-    "largest_read"} for this rank (the tests check that a rank reads its share, not the model)."""
-    import torch.distributed as tdist
-
-    files = checkpoint_files(model_dir)
-    prefix = getattr(model, "base_model_prefix", "")
-    # Every name of every parameter: a tied weight (lm_head = embeddings) may be stored under either name.
+def _params_by_identity(model: nn.Module) -> list[tuple[nn.Parameter, list[str]]]:
+    """Each parameter once, with every name it has: a tied weight (lm_head = embeddings) may be stored under
+    either name."""
     names: dict[int, list[str]] = {}
     params: dict[int, nn.Parameter] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(n)
         params[id(p)] = p
-    stats = {"bytes_read": 0, "tensors": 0, "largest_read": 0}
+    return [(params[i], names[i]) for i in params]
+
+
+def _match(model: nn.Module, where: dict[str, CheckpointFile], model_dir: Path) -> list[tuple[nn.Parameter, str]]:
+    """The checkpoint key of every parameter, checked for presence and shape (UsageError naming the first
+    problems). Works on a meta model as well as on a partitioned one."""
+    prefix = getattr(model, "base_model_prefix", "")
+    out, missing = [], []
+    for p, names in _params_by_identity(model):
+        key = next((c for n in names for c in _candidates(n, prefix) if c in where), None)
+        if key is None:
+            missing.append(names[0])
+            continue
+        full = tuple(getattr(p, "ds_shape", p.shape))
+        if where[key].shape(key) != full:
+            raise UsageError(f"{where[key].path}: {key} has shape {list(where[key].shape(key))}, the model config "
+                             f"expects {list(full)}; config.json and the weights disagree")
+        out.append((p, key))
+    if missing:
+        raise UsageError(f"model.path {model_dir}: the checkpoint has no weights for {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)} parameter(s))")
+    return out
+
+
+def check_checkpoint(model_config: Any, model_dir: Path, trust_remote_code: bool = False) -> None:
+    """Before any process group: the checkpoint files hold a tensor of the right shape for every parameter of
+    the architecture (built on the meta device: no memory), so a mismatch fails on every rank with exit 2
+    instead of after the ranks have met."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    with _opened(model_dir) as where:
+        _match(model, where, model_dir)
+
+
+@contextmanager
+def _opened(model_dir: Path) -> Iterator[dict[str, CheckpointFile]]:
+    """Every tensor name of the model dir's checkpoint files -> its open file."""
     with ExitStack() as stack:
-        opened = [_open(f) for f in files]
-        for f in opened:
-            stack.callback(f.close)
-        where = {k: f for f in opened for k in f.keys()}
-        missing = []
-        for pid, p in params.items():
-            key = next((c for n in names[pid] for c in _candidates(n, prefix) if c in where), None)
-            if key is None:
-                missing.append(names[pid][0])
-                continue
-            f = where[key]
-            full = tuple(p.ds_shape)
-            if f.shape(key) != full:
-                raise UsageError(f"{f.path}: {key} has shape {list(f.shape(key))}, the model config expects "
-                                 f"{list(full)}; config.json and the weights disagree")
+        opened = []
+        for f in checkpoint_files(model_dir):
+            opened.append(_open(f))
+            stack.callback(opened[-1].close)
+        yield {k: f for f in opened for k in f.keys()}
+
+
+def load_partitions(model: nn.Module, model_dir: Path) -> dict[str, int]:
+    """Fill each rank's partition of every parameter from the checkpoint files. Returns {"bytes_read", "tensors",
+    "largest_read"} for this rank (the tests check that a rank reads its share, not the model)."""
+    import torch.distributed as tdist
+
+    stats = {"bytes_read": 0, "tensors": 0, "largest_read": 0}
+    prefix = getattr(model, "base_model_prefix", "")
+    with _opened(model_dir) as where:
+        for p, key in _match(model, where, model_dir):
             part = p.ds_tensor
-            if getattr(part, "final_location", None) is not None:
-                raise UsageError("zero_optimization.offload_param.device nvme is not supported by the ZeRO-3 "
-                                 "loader; use cpu")
             size = part.ds_numel
             rank = tdist.get_rank(group=p.ds_process_group) if tdist.is_initialized() else 0
             start = size * rank
             n = max(0, min(size, p.ds_numel - start))
             if n:
-                got = f.read_into(key, start, part.data.view(-1).narrow(0, 0, n))
+                got = where[key].read_into(key, start, part.data.view(-1).narrow(0, 0, n))
                 stats["bytes_read"] += got
                 stats["largest_read"] = max(stats["largest_read"], got)
             stats["tensors"] += 1
         # Buffers are not partitioned: persistent ones (none in Bloom) are read whole, non-persistent ones were
         # computed by their modules' constructors.
+        missing = []
         for mname, mod in model.named_modules():
             for bname, b in mod.named_buffers(recurse=False):
                 if b is None or bname in mod._non_persistent_buffers_set:
@@ -232,6 +268,5 @@ def load_partitions(model: nn.Module, model_dir: Path) -> dict[str, int]:
                     continue
                 stats["bytes_read"] += where[key].read_into(key, 0, b.data.view(-1))
         if missing:
-            raise UsageError(f"model.path {model_dir}: the checkpoint has no weights for {', '.join(missing[:5])}"
-                             f"{' ...' if len(missing) > 5 else ''} ({len(missing)} parameter(s))")
+            raise UsageError(f"model.path {model_dir}: the checkpoint has no buffers {', '.join(missing[:5])}")
     return stats

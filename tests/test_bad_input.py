@@ -69,6 +69,24 @@ def _sharded_missing(tmp: Path, demo_model: Path) -> str:
     return str(d)
 
 
+def _weights_without(tmp: Path, demo_model: Path, key: str = "transformer.h.0.mlp.dense_4h_to_h.weight") -> str:
+    from safetensors.torch import load_file, save_file
+
+    d = _model_copy(demo_model, tmp / "holey")
+    sd = load_file(str(d / "model.safetensors"))
+    del sd[key]
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return str(d)
+
+
+def _config_disagrees(tmp: Path, demo_model: Path) -> str:
+    d = _model_copy(demo_model, tmp / "wider")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vocab_size"] += 8
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
 def _fake_checkpoint(out: Path) -> None:
     (out / "checkpoints" / "step3").mkdir(parents=True)
     (out / "checkpoints" / "step3" / "meta.json").write_text("{}")
@@ -142,6 +160,9 @@ CASES: dict[str, Case] = {
                          "no weights"),
     "model-missing-shard": (path_arg("model.path", _sharded_missing), "weight shards missing"),
     "vocab-too-large": (path_arg("model.path", _small_vocab_model), "embeddings have 100 rows"),
+    "weights-missing-tensor": (path_arg("model.path", _weights_without),
+                               "no weights for transformer.h.0.mlp.dense_4h_to_h.weight"),
+    "weights-config-disagree": (path_arg("model.path", _config_disagrees), "config.json and the weights disagree"),
     "tokenizer-no-eos": (path_arg("model.tokenizer", _no_eos_tokenizer), "no eos token"),
     "tokenizer-empty-dir": (path_arg("model.tokenizer", lambda t, m: _mkdir(t / "tk")), "no tokenizer files"),
     # deepspeed
@@ -149,6 +170,8 @@ CASES: dict[str, Case] = {
     "ds-conflict": (dsfile({"train_micro_batch_size_per_gpu": 16}), "'train_micro_batch_size_per_gpu' is 16"),
     "ds-offload-stage": (dsfile({"zero_optimization": {"stage": 1, "offload_param": {"device": "cpu"}}}),
                          "offload_param needs stage 3"),
+    "ds-nvme-params": (dsfile({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}),
+                       "offload_param.device nvme is not supported"),
     "ds-json-syntax": (dsfile('{"zero_optimization": }'), "ds.json:1:23: invalid JSON"),
     "ds-leftover-auto": (dsfile({"steps_per_print": "auto"}), 'cannot resolve "auto" for steps_per_print'),
     "ds-missing": (lambda t, m: ["deepspeed.config=zero11"], "zero11: no such file"),
