@@ -269,9 +269,7 @@ class TokenizedData:
     def subset(self, idx: Sequence[int]) -> TokenizedData:
         """The examples at ``idx``, in that order (train/eval splits)."""
         idx = np.asarray(idx, dtype=np.int64)
-        lens = self.lengths[idx]
-        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
-        np.cumsum(lens, out=offsets[1:])
+        offsets = _offsets(self.lengths[idx])
         ids = np.concatenate([self.ids[self.offsets[i]:self.offsets[i + 1]] for i in idx]) if len(idx) else \
             self.ids[:0]
         return TokenizedData(ids=ids, offsets=offsets, prompt_lens=self.prompt_lens[idx], n_records=len(idx),
@@ -282,6 +280,13 @@ class TokenizedData:
         ids = self.ids[self.offsets[i]: self.offsets[i + 1]].tolist()
         p = int(self.prompt_lens[i])
         return ids, [1] * len(ids), [IGNORE_INDEX] * p + ids[p:]
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    """Example boundaries in the flat id array: 0, then the running sum of the lengths."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
 
 
 def _pack(p_ids: list[list[int]], r_ids: list[list[int]], max_length: int
@@ -362,9 +367,7 @@ def tokenize(records: Records, tok: Any, cfg: DataConfig, chunk: int = 4000) -> 
     if not len(lens):
         raise UsageError(f"{records.source}: every record is all prompt after truncation to data.max_length="
                          f"{cfg.max_length}; raise data.max_length")
-    offsets = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    return TokenizedData(ids=flat, offsets=offsets, prompt_lens=plens, n_records=len(records),
+    return TokenizedData(ids=flat, offsets=_offsets(lens), prompt_lens=plens, n_records=len(records),
                          dropped=np.asarray(dropped, dtype=np.int64), truncated=truncated,
                          seconds=time.perf_counter() - t0, skipped=list(records.skipped))
 
@@ -466,8 +469,9 @@ def plan_epoch(lengths: np.ndarray, lay: Layout, epoch: int) -> list[list[list[i
 
     Plain mode: consecutive global batches of the epoch order. Length-grouped mode: the epoch order is cut into
     groups of ``group_steps`` global batches; inside a group examples are sorted by length and cut into
-    micro-batches of similar lengths (little padding), which are then shuffled within the group. Either way
-    each example appears exactly once per epoch and the plan is a pure function of (seed, epoch).
+    micro-batches of similar lengths (little padding); runs of one step's worth of neighbouring micro-batches
+    are shuffled within the group and dealt round-robin to the ranks. Either way each example appears exactly
+    once per epoch and the plan is a pure function of (seed, epoch).
     """
     n = len(lengths)
     order = epoch_order(n, lay.seed, epoch, lay.shuffle)

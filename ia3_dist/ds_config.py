@@ -87,6 +87,13 @@ def offloads_optimizer(ds: dict[str, Any]) -> bool:
     return dev not in (None, "none")
 
 
+def live_params(hidden: int) -> int:
+    """``"auto"`` for ``stage3_max_live_parameters`` and ``stage3_max_reuse_distance``: two transformer layers
+    (12 h^2 each), capped at DeepSpeed's 1e9. A fixed 1e9 exceeds a whole small model, so ZeRO-3 would keep every
+    gathered layer and end up holding the full model."""
+    return min(10**9, 2 * 12 * hidden * hidden)
+
+
 def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[str, Any]:
     src = locate(cfg.deepspeed.config)
     ds = copy.deepcopy(read(src))
@@ -141,9 +148,7 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
 
     if hidden_size:
         h = hidden_size
-        # Live gathered parameters: two transformer layers (12 h^2 each), capped at DeepSpeed's 1e9. A fixed 1e9
-        # exceeds a whole small model, so ZeRO-3 would keep every gathered layer and end up holding the full model.
-        live = min(10**9, 2 * 12 * h * h)
+        live = live_params(h)
         for key, val in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
                          ("stage3_param_persistence_threshold", 10 * h), ("stage3_max_live_parameters", live),
                          ("stage3_max_reuse_distance", live)):

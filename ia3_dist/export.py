@@ -14,6 +14,7 @@ from .config import DataConfig
 from .data import build_prompt
 from .errors import UsageError
 from .model import DTYPES
+from .preflight import has_tokenizer_files
 
 TEMPLATE_FILE = "ia3_dist.json"
 
@@ -46,10 +47,6 @@ def load_template(d: Path) -> Template:
         raise UsageError(f"{f}: unreadable prompt template ({e})") from None
 
 
-def _has_tokenizer(d: Path) -> bool:
-    return (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()
-
-
 def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") -> tuple[Any, Any, Template, bool]:
     """``(model, tokenizer, template, is_adapter)`` from an adapter dir (base from its adapter_config.json unless
     ``base`` is given) or a merged model dir."""
@@ -71,7 +68,7 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
         except OSError as e:
             raise UsageError(f"base model {base_path}: cannot load it ({e}); pass --base") from None
         model = PeftModel.from_pretrained(model, str(d))
-        tok_src = str(d) if _has_tokenizer(d) else base_path
+        tok_src = str(d) if has_tokenizer_files(d) else base_path
     elif (d / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch_dtype)
         tok_src = str(d)

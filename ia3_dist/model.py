@@ -50,9 +50,8 @@ def load_base_model(cfg: ModelConfig, model_path: str, precision: str) -> nn.Mod
     through :mod:`ia3_dist.zero_load` instead)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if precision == "fp32" else DTYPES[precision]
     try:
-        return AutoModelForCausalLM.from_pretrained(model_path, revision=cfg.revision, dtype=dtype,
+        return AutoModelForCausalLM.from_pretrained(model_path, revision=cfg.revision, dtype=DTYPES[precision],
                                                     trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UsageError(f"model.path {model_path}: cannot load the model ({e})") from None
@@ -104,13 +103,17 @@ def trainable_line(peft_model: Any) -> str:
     return buf.getvalue().strip()
 
 
-def build_on_meta(config: Any, section: IA3Section | None = None) -> Any:
-    """The IA3 model of an architecture from its config alone: no weights, no memory (meta device)."""
+def base_on_meta(config: Any, trust_remote_code: bool = False) -> nn.Module:
+    """The base model of an architecture from its config alone: no weights, no memory (meta device)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(config)
-    return apply_ia3(base, section or IA3Section())
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def build_on_meta(config: Any, section: IA3Section | None = None) -> Any:
+    """The IA3 model of an architecture from its config alone (meta device)."""
+    return apply_ia3(base_on_meta(config), section or IA3Section())
 
 
 def trainable_named_parameters(peft_model: nn.Module) -> list[tuple[str, nn.Parameter]]:

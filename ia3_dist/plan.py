@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import RunConfig
+from .ds_config import live_params
 from .errors import UsageError
 
 GIB = 2**30
@@ -68,11 +69,6 @@ def model_shape(cfg: RunConfig) -> Shape:
     t = sum(p.numel() for p in peft.parameters() if p.requires_grad)
     return Shape(n, t, mc.vocab_size, mc.hidden_size, layers_of(mc),
                  getattr(mc, "n_head", getattr(mc, "num_attention_heads", 1)), trainable_line(peft))
-
-
-def live_params(hidden: int) -> int:
-    """The launcher's "auto" for ``stage3_max_live_parameters`` (ds_config.resolve): two transformer layers."""
-    return min(10**9, 2 * 12 * hidden * hidden)
 
 
 @dataclass

@@ -4,7 +4,6 @@ before any process group starts and writes nothing into the output dir."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +12,9 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import ds_config as dsc
 from .errors import UsageError
+from .zero_load import WEIGHT_LAYOUTS, shard_names
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = tuple(f for layout in WEIGHT_LAYOUTS for f in reversed(layout))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -35,21 +34,21 @@ def check_model_dir(path: str) -> None:
     if not any((p / f).is_file() for f in WEIGHT_FILES) and not list(p.glob("*.safetensors")):
         raise UsageError(f"model.path {p}: no weights ({', '.join(WEIGHT_FILES)}); the download or copy is "
                          f"incomplete")
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index, _ in WEIGHT_LAYOUTS:
         if (p / index).is_file():
-            try:
-                shards = set(json.loads((p / index).read_text())["weight_map"].values())
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise UsageError(f"{p / index}: unreadable weight index ({e})") from None
-            missing = sorted(s for s in shards if not (p / s).is_file())
+            missing = [s for s in shard_names(p / index) if not (p / s).is_file()]
             if missing:
                 raise UsageError(f"model.path {p}: weight shards missing: {', '.join(missing[:5])}"
                                  f"{' ...' if len(missing) > 5 else ''}")
 
 
+def has_tokenizer_files(d: Path) -> bool:
+    return any((d / f).is_file() for f in TOKENIZER_FILES)
+
+
 def check_tokenizer_dir(path: str) -> None:
     p = Path(path).expanduser()
-    if looks_local(path) and p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
+    if looks_local(path) and p.is_dir() and not has_tokenizer_files(p):
         raise UsageError(f"tokenizer {p}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); set model.tokenizer "
                          f"to the tokenizer's directory")
 

@@ -79,11 +79,10 @@ class Prepared:
     eval_data: TokenizedData | None = None
 
 
-def total_steps_for(cfg: RunConfig, n_examples: int, world: int) -> int:
-    gb = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+def total_steps_for(cfg: RunConfig, n_examples: int, layout: Layout) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
-    return cfg.train.epochs * steps_per_epoch(n_examples, gb)
+    return cfg.train.epochs * steps_per_epoch(n_examples, layout.global_batch)
 
 
 def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
@@ -103,7 +102,6 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         data, eval_data = split_eval(data, cfg.data.eval_ratio, cfg.train.seed)
     elif cfg.data.eval_path:
         eval_data = load_or_tokenize(replace(cfg.data, path=cfg.data.eval_path, eval_path=None, limit=None), tok)
-    total = total_steps_for(cfg, len(data), env.world_size)
     ds = dsc.resolve(cfg, env.world_size, hidden)
     if Path(model_path).is_dir() and (dsc.stage_of(ds) == 3 or model_config.model_type == "bloom"):
         # ZeRO-3's loader needs every tensor; for Bloom (known key names) the other stages get the same check,
@@ -116,6 +114,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         grouped = cfg.train.micro_batch_size > 1 and cfg.data.shuffle
     layout = Layout(cfg.train.micro_batch_size, cfg.train.grad_accum, env.world_size, cfg.train.seed,
                     cfg.data.shuffle, grouped)
+    total = total_steps_for(cfg, len(data), layout)
     meta = {"world_size": env.world_size, "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed, "shuffle": cfg.data.shuffle,
             "total_steps": total, "data_key": Path(data.cache_file).stem, "n_examples": len(data),

@@ -107,16 +107,24 @@ class TorchBinFile:
         self.sd = {}
 
 
+# (shard index, single file) as transformers saves them, in the order it prefers them.
+WEIGHT_LAYOUTS = (("model.safetensors.index.json", "model.safetensors"),
+                  ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files a ``*.index.json`` names (its weight_map values), sorted."""
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"{index}: unreadable weight index ({e})") from None
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """The weight files of a model dir: sharded (an index) or single, safetensors preferred."""
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index, single in WEIGHT_LAYOUTS:
         if (model_dir / index).exists():
-            try:
-                names = sorted(set(json.loads((model_dir / index).read_text())["weight_map"].values()))
-            except (ValueError, KeyError) as e:
-                raise UsageError(f"{model_dir / index}: unreadable shard index ({e})") from None
-            return [model_dir / n for n in names]
+            return [model_dir / n for n in shard_names(model_dir / index)]
         if (model_dir / single).exists():
             return [model_dir / single]
     raise UsageError(f"model.path {model_dir}: no model.safetensors, pytorch_model.bin or shard index in it")
@@ -215,11 +223,9 @@ def check_checkpoint(model_config: Any, model_dir: Path, trust_remote_code: bool
     """Before any process group: the checkpoint files hold a tensor of the right shape for every parameter of
     the architecture (built on the meta device: no memory), so a mismatch fails on every rank with exit 2
     instead of after the ranks have met."""
-    from transformers import AutoModelForCausalLM
+    from .model import base_on_meta
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
-    model.tie_weights()
+    model = base_on_meta(model_config, trust_remote_code)
     with _opened(model_dir) as where:
         _match(model, where, model_dir)
 
