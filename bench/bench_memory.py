@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,26 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_train import SHARED, build_model  # noqa: E402
+from bench_train import bench_records, build_model, run_launcher  # noqa: E402
 
 CONFIGS = ("zero0", "zero3", "zero3_offload")
 
 
 def run(model: Path, data: Path, ds: str, steps: int, out: Path, extra: list[str]) -> dict:
-    args = ["--config", "configs/tiny-cpu.yaml", f"model.path={model}", f"data.path={data}", f"output.dir={out}",
-            f"deepspeed.config={ds}", f"train.max_steps={steps}", "train.micro_batch_size=1", "train.grad_accum=4",
-            "train.log_every=1", "data.max_length=256", "checkpoint.at_end=false", "output.overwrite=true", *extra]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators=2", "launch.py", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{ds} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    timed = [r for r in recs if "loss" in r][1:]
-    secs = sum(r["step_time_s"] for r in timed)
-    return {"config": ds, "peak_rss_gib": max(r["peak_rss_gb"] for r in recs),
-            "load_peak_rss_gib": recs[-1]["load_peak_rss_gb"],
-            "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / secs,
-            "losses": [r["loss"] for r in recs if "loss" in r]}
+    """2 ranks x micro-batch 1 x accumulation 4 (global batch 8) on ``ds``; peaks from the worst rank."""
+    r = run_launcher(model, data, steps, out, 2, False, 1, [f"deepspeed.config={ds}", *extra])
+    recs = r["metrics"]
+    return {"config": ds, "peak_rss_gib": max(x["peak_rss_gb"] for x in recs),
+            "load_peak_rss_gib": recs[-1]["load_peak_rss_gb"], "tokens_per_s": r["tokens_per_s"],
+            "losses": [x["loss"] for x in recs if "loss" in x]}
 
 
 def main() -> None:
@@ -62,14 +53,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ["IA3_DIST_CACHE"] = str(cache)
     model = build_model(a.model, cache)
-    if SHARED.exists():
-        records = json.loads(SHARED.read_text(encoding="utf-8"))[: a.records]
-    else:
-        from ia3_dist.demo import ensure_assets
-
-        records = json.loads((ensure_assets(str(cache)) / "data.json").read_text(encoding="utf-8"))[: a.records]
-    data = work / "records.json"
-    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    data, _, _ = bench_records(None, a.records, cache, work)
     extra = ["train.lean_host_memory=false"] if a.no_lean else []
     results = [run(model, data, ds, a.steps, work / ds, extra) for ds in CONFIGS]
 

@@ -80,7 +80,9 @@ def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf1
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"launcher failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    from ia3_dist.plots import read_metrics
+
+    recs = read_metrics(out / "metrics.jsonl")
     timed = [r for r in recs if "loss" in r][2:]  # first steps: allocator and cache warm-up
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in timed)
     padded = sum(r["padded_tokens_per_s"] * r["step_time_s"] for r in timed)
@@ -88,7 +90,25 @@ def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf1
     tok_line = next((ln for ln in proc.stdout.splitlines() if "tokenized in" in ln), "")
     return {"side": f"ia3-dist x{nproc}", "tokens_per_s": tokens / secs, "padding_efficiency": tokens / padded,
             "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "mfu": timed[-1].get("mfu"),
-            "tflops": sum(r["tflops"] * r["step_time_s"] for r in timed) / secs, "tokenize_line": tok_line.strip()}
+            "tflops": sum(r["tflops"] * r["step_time_s"] for r in timed) / secs, "tokenize_line": tok_line.strip(),
+            "metrics": recs}
+
+
+def bench_records(src: Path | None, n: int, cache: Path, work: Path) -> tuple[Path, str, int]:
+    """The first ``n`` records of ``src`` (default: the shared Alpaca sample, else the demo records) written to
+    ``work/records.json``; returns that path, the source's name and the count."""
+    src = src or SHARED
+    if src.exists():
+        records = json.loads(src.read_text(encoding="utf-8"))[:n]
+        source = src.name
+    else:
+        from ia3_dist.demo import ensure_assets
+
+        records = json.loads((ensure_assets(str(cache)) / "data.json").read_text(encoding="utf-8"))[:n]
+        source = "demo records"
+    data = work / "records.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return data, source, len(records)
 
 
 def main() -> None:
@@ -112,17 +132,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ["IA3_DIST_CACHE"] = str(cache)
     model = build_model(a.model, cache, a.bf16)
-    src = Path(a.data) if a.data else SHARED
-    if src.exists():
-        records = json.loads(src.read_text(encoding="utf-8"))[: a.records]
-        source = src.name
-    else:
-        from ia3_dist.demo import ensure_assets
-
-        records = json.loads((ensure_assets(str(cache)) / "data.json").read_text(encoding="utf-8"))[: a.records]
-        source = "demo records"
-    data = work / "records.json"
-    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    data, source, n_records = bench_records(Path(a.data) if a.data else None, a.records, cache, work)
 
     import torch
 
@@ -142,7 +152,7 @@ def main() -> None:
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     n = ref["n_params"]
-    print(f"\nmodel {a.model} ({n / 1e6:.1f}M params incl. IA3), {source}, {len(records)} records, global batch 8, "
+    print(f"\nmodel {a.model} ({n / 1e6:.1f}M params incl. IA3), {source}, {n_records} records, global batch 8, "
           f"{a.steps} steps ({'bf16' if a.bf16 else 'fp32'}), device: {dev}")
     print(f"{'side':<16}{'real tok/s':>12}{'ratio':>8}{'pad eff':>9}{'peak GB':>9}{'TFLOP/s*':>10}{'MFU':>7}")
     for r in results:
