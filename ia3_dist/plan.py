@@ -47,21 +47,16 @@ class Shape:
 
 def model_shape(cfg: RunConfig) -> Shape:
     from .arch import bloom_config
-    from .model import build_on_meta, layers_of, trainable_line
+    from .model import build_on_meta, layers_of, load_model_config, resolve_model_path, trainable_line
 
     if cfg.model.arch:
         mc = bloom_config(cfg.model.arch)
     else:
-        from transformers import AutoConfig
-
         try:
-            from .model import resolve_model_path
-
-            mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model, cfg.data.cache_dir),
-                                            trust_remote_code=cfg.model.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"model.path {cfg.model.path}: no config to plan from ({e}); set model.arch to one of "
-                             f"the Bloom family names") from None
+            mc = load_model_config(resolve_model_path(cfg.model, cfg.data.cache_dir), cfg.model)
+        except UsageError as e:
+            raise UsageError(f"{e}; or set model.arch to one of the Bloom family names to plan without it") \
+                from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # PEFT calls transformers' deprecated spellings
         peft = build_on_meta(mc, cfg.ia3)
@@ -85,7 +80,7 @@ class RankMemory:
 
     @property
     def gpu_total(self) -> float:
-        """Device memory per rank (on CPU ranks: everything but the offloaded part, which is host memory too)."""
+        """Device memory per rank; on CPU ranks (where plan counts nothing as offloaded) all of it."""
         return self.weights + self.grads + self.optimizer + self.activations + self.gathered + self.overhead
 
 
