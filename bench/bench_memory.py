@@ -58,7 +58,7 @@ def main() -> None:
     results = [run(model, data, ds, a.steps, work / ds, extra) for ds in CONFIGS]
 
     from ia3_dist.config import load_config
-    from ia3_dist.plan import plan
+    from ia3_dist.tools.plan import plan
 
     cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"model.path={model}", "train.micro_batch_size=1",
                                                            "data.max_length=256"])

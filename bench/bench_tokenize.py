@@ -33,12 +33,13 @@ def main() -> None:
     from reference_recipe import process_func
     from transformers import AutoTokenizer
 
-    from ia3_dist.config import DataConfig
-    from ia3_dist.data import load_records, tokenize
-    from ia3_dist.demo import ensure_assets
+    from ia3_dist.config import DataSection
+    from ia3_dist.data.records import load_records
+    from ia3_dist.data.tokenize import tokenize
+    from ia3_dist.train.demo import ensure_assets, ensure_data
 
     demo = ensure_assets(None)
-    src = SHARED if SHARED.exists() else demo / "data.json"
+    src = SHARED if SHARED.exists() else ensure_data(None)
     base = json.loads(src.read_text(encoding="utf-8"))
     records = (base * (a.records // len(base) + 1))[: a.records]
     if a.unique:
@@ -52,7 +53,7 @@ def main() -> None:
         ds = Dataset.from_list(records)
         ref = ds.map(lambda ex: process_func(ex, tok), remove_columns=ds.column_names)
         t_ref = time.perf_counter() - t0
-        cfg = DataConfig(path=str(f), num_proc=a.num_proc)
+        cfg = DataSection(path=str(f), num_proc=a.num_proc)
         t0 = time.perf_counter()
         data = tokenize(load_records(cfg), tok, cfg)
         t_ours = time.perf_counter() - t0

@@ -36,7 +36,7 @@ def build_model(name: str, cache: Path, bf16: bool = False) -> Path:
     import torch
     from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM
 
-    from ia3_dist.demo import ensure_assets
+    from ia3_dist.train.demo import ensure_assets
 
     d = cache / f"bench-{name}"
     if (d / "config.json").exists():
@@ -80,7 +80,7 @@ def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf1
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"launcher failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    from ia3_dist.plots import read_metrics
+    from ia3_dist.train.plots import read_metrics
 
     recs = read_metrics(out / "metrics.jsonl")
     timed = [r for r in recs if "loss" in r][2:]  # first steps: allocator and cache warm-up
@@ -102,9 +102,9 @@ def bench_records(src: Path | None, n: int, cache: Path, work: Path) -> tuple[Pa
         records = json.loads(src.read_text(encoding="utf-8"))[:n]
         source = src.name
     else:
-        from ia3_dist.demo import ensure_assets
+        from ia3_dist.train.demo import ensure_data
 
-        records = json.loads((ensure_assets(str(cache)) / "data.json").read_text(encoding="utf-8"))[:n]
+        records = json.loads(ensure_data(str(cache)).read_text(encoding="utf-8"))[:n]
         source = "demo records"
     data = work / "records.json"
     data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")

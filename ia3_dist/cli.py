@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from .errors import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USAGE, NonFiniteLoss, Preempted, UsageError
+from .runtime import console
 
 
 def _train_parser(prog: str) -> argparse.ArgumentParser:
@@ -23,11 +25,11 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 
 def cmd_train(argv: list[str], prog: str) -> int:
     from .config import load_config
-    from .demo import DEMO_RUN
+    from .train.demo import DEMO_RUN
 
     args = _train_parser(prog).parse_args(argv)
     cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO_RUN)
-    from .trainer import run
+    from .train.run import run
 
     run(cfg)
     return 0
@@ -37,12 +39,13 @@ def cmd_check(argv: list[str], prog: str) -> int:
     """Preflight alone: config, data, model and tokenizer dirs, DeepSpeed config, output dir; prints the data
     statistics and the run shape. Exit 0 if a run would start, 2 (naming the problem) if not. Writes nothing into
     the output dir."""
-    from . import dist, preflight
     from .config import load_config
-    from .demo import DEMO_RUN
-    from .trainer import prepare
+    from .runtime import dist
+    from .train.demo import DEMO_RUN
+    from .train.report import report
+    from .train.run import prepare
 
-    ap = argparse.ArgumentParser(prog=f"{prog} check", description=cmd_check.__doc__)
+    ap = argparse.ArgumentParser(prog=prog, description=cmd_check.__doc__)
     ap.add_argument("--config")
     ap.add_argument("--world-size", type=int, default=None, help="ranks the run will have (default: this "
                     "launcher's, else 1)")
@@ -54,7 +57,7 @@ def cmd_check(argv: list[str], prog: str) -> int:
         if args.world_size < 1:
             raise UsageError("--world-size must be >= 1")
         env = dist.DistEnv(0, 0, args.world_size, args.world_size)
-    print(preflight.report(prepare(cfg, env)))
+    print(report(prepare(cfg, env)))
     print("preflight: OK")
     return 0
 
@@ -73,7 +76,7 @@ def _gen_args(ap: argparse.ArgumentParser) -> None:
 
 
 def _gen_options(a: argparse.Namespace) -> Any:
-    from .export import GenOptions
+    from .tools.inference import GenOptions
 
     if a.max_new_tokens < 1 or a.temperature <= 0 or not 0 < a.top_p <= 1 or a.top_k < 0:
         raise UsageError("need --max-new-tokens >= 1, --temperature > 0, 0 < --top-p <= 1, --top-k >= 0")
@@ -97,9 +100,9 @@ def _parse_request(line: str, where: str) -> tuple[str, str]:
 def cmd_generate(argv: list[str], prog: str) -> int:
     """Generate responses with the training template. Prompts come from the arguments, else from --file, else
     from stdin (one per line; plain text or {"instruction": ..., "input": ...}). Writes JSONL."""
-    from .export import generate, load_for_inference
+    from .tools.inference import generate, load_for_inference
 
-    ap = argparse.ArgumentParser(prog=f"{prog} generate", description=cmd_generate.__doc__)
+    ap = argparse.ArgumentParser(prog=prog, description=cmd_generate.__doc__)
     _gen_args(ap)
     ap.add_argument("--file", help="prompts file (.txt or .jsonl, one per line)")
     ap.add_argument("--out", help="JSONL output file (default stdout)")
@@ -135,9 +138,9 @@ def cmd_generate(argv: list[str], prog: str) -> int:
 def cmd_chat(argv: list[str], prog: str) -> int:
     """Interactive: type an instruction, get the model's answer (the training template, one turn each).
     Empty line or /quit ends it."""
-    from .export import generate, load_for_inference
+    from .tools.inference import generate, load_for_inference
 
-    ap = argparse.ArgumentParser(prog=f"{prog} chat", description=cmd_chat.__doc__)
+    ap = argparse.ArgumentParser(prog=prog, description=cmd_chat.__doc__)
     _gen_args(ap)
     a = ap.parse_intermixed_args(argv)
     opts = _gen_options(a)
@@ -157,9 +160,9 @@ def cmd_chat(argv: list[str], prog: str) -> int:
 def cmd_export(argv: list[str], prog: str) -> int:
     """Merge the IA3 adapter into its base (PEFT merge_and_unload) and save a standard HF model (safetensors),
     its tokenizer and the prompt template."""
-    from .export import export_merged
+    from .tools.export import export_merged
 
-    ap = argparse.ArgumentParser(prog=f"{prog} export", description=cmd_export.__doc__)
+    ap = argparse.ArgumentParser(prog=prog, description=cmd_export.__doc__)
     ap.add_argument("--adapter", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--base")
@@ -171,9 +174,9 @@ def cmd_export(argv: list[str], prog: str) -> int:
 
 def cmd_plot(argv: list[str], prog: str) -> int:
     """PNG of a run's loss, eval loss, lr and tokens/s from <dir>/metrics.jsonl."""
-    from .plots import plot_metrics
+    from .train.plots import plot_metrics
 
-    ap = argparse.ArgumentParser(prog=f"{prog} plot", description=cmd_plot.__doc__)
+    ap = argparse.ArgumentParser(prog=prog, description=cmd_plot.__doc__)
     ap.add_argument("dir")
     ap.add_argument("--out", help="PNG path (default <dir>/metrics.png)")
     a = ap.parse_args(argv)
@@ -197,9 +200,9 @@ def cmd_plan(argv: list[str], prog: str) -> int:
     """Per-rank memory for weights, gradients, optimizer and activations on ZeRO 0-3 and ZeRO-3 offload, the
     largest micro-batch that fits and a recommended DeepSpeed config. Needs no GPU and no weights."""
     from .config import load_config
-    from .plan import plan
+    from .tools.plan import plan
 
-    ap = argparse.ArgumentParser(prog=f"{prog} plan", description=cmd_plan.__doc__)
+    ap = argparse.ArgumentParser(prog=prog, description=cmd_plan.__doc__)
     ap.add_argument("--config", required=True)
     ap.add_argument("--nodes", type=int)
     ap.add_argument("--gpus-per-node", type=int)
@@ -223,7 +226,7 @@ def cmd_resolve(argv: list[str], prog: str) -> int:
     """Print one resolved config value (config + overrides), e.g. for job scripts: --key output.dir."""
     from .config import load_config
 
-    ap = argparse.ArgumentParser(prog=f"{prog} resolve", description=cmd_resolve.__doc__)
+    ap = argparse.ArgumentParser(prog=prog, description=cmd_resolve.__doc__)
     ap.add_argument("--config", required=True)
     ap.add_argument("--key", required=True, help="dotted key, e.g. output.dir")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -238,22 +241,55 @@ def cmd_resolve(argv: list[str], prog: str) -> int:
 
 
 def cmd_slurm(argv: list[str], prog: str) -> int:
-    from .slurm import main as slurm_main
+    from .tools.slurm import main as slurm_main
 
-    return slurm_main(argv, f"{prog} slurm")
+    return slurm_main(argv, prog)
 
 
-COMMANDS = {"train": cmd_train, "check": cmd_check, "generate": cmd_generate, "chat": cmd_chat,
-            "export": cmd_export, "plot": cmd_plot, "plan": cmd_plan, "slurm": cmd_slurm, "resolve": cmd_resolve}
+# name: (handler, one line for ``ia3-dist --help``)
+COMMANDS: dict[str, tuple[Any, str]] = {
+    "train": (cmd_train, "train IA3 on DeepSpeed (the default: `ia3-dist --config X` trains; no --config runs the "
+                         "embedded CPU demo)"),
+    "check": (cmd_check, "preflight only: config, data, model and DeepSpeed checks and the data report; exit 0 or 2"),
+    "plan": (cmd_plan, "per-rank memory on ZeRO 0-3/offload, the largest micro-batch that fits, a recommended "
+                       "config"),
+    "slurm": (cmd_slurm, "write a filled sbatch file for a run config (checks the config first)"),
+    "generate": (cmd_generate, "generate responses from an adapter or merged model with the training template"),
+    "chat": (cmd_chat, "interactive chat with an adapter or merged model"),
+    "export": (cmd_export, "merge the IA3 adapter into its base and save a plain HF model"),
+    "plot": (cmd_plot, "PNG of a run's loss, eval loss, lr and tokens/s"),
+    "resolve": (cmd_resolve, "print one resolved config value (for job scripts)"),
+}
+
+
+def usage(prog: str) -> str:
+    width = max(len("-h, --help"), *map(len, COMMANDS))
+    lines = [f"usage: {prog} [COMMAND] [options] [key.sub=value ...]", "",
+             "Fine-tune causal LMs with IA3 (PEFT) on DeepSpeed, from one CPU box to SLURM clusters.", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {line}" for name, (_, line) in COMMANDS.items()]
+    lines += ["", "options:",
+              f"  {'--verbose':<{width}}  show third-party log lines and warnings too (or IA3_DIST_VERBOSE=1)",
+              f"  {'-h, --help':<{width}}  this list; `{prog} COMMAND --help` gives a command's options", "",
+              "exit codes: 0 done, 2 bad input (nothing started), 3 non-finite loss, 75 stopped by a signal after "
+              "checkpointing"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None, prog: str = "ia3-dist") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in argv:
+        argv.remove("--verbose")
+        os.environ[console.VERBOSE_ENV] = "1"
+    console.quiet_third_party()
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(usage(prog))
+        return 0
     cmd = "train"
     if argv and argv[0] in COMMANDS:
         cmd = argv.pop(0)
     try:
-        return COMMANDS[cmd](argv, prog)
+        return COMMANDS[cmd][0](argv, f"{prog} {cmd}")
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -267,7 +303,3 @@ def main(argv: list[str] | None = None, prog: str = "ia3-dist") -> int:
 
 def entry() -> None:
     sys.exit(main())
-
-
-if __name__ == "__main__":
-    sys.exit(main(prog="python -m ia3_dist.cli"))

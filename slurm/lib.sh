@@ -11,7 +11,7 @@ ia3_setup() {
   OVERRIDES=("$@")
   PYTHON=${PYTHON:-python}
   # output.dir as the run will see it (config + overrides), for the pid file and the preemption marker.
-  OUTPUT_DIR=$("$PYTHON" -m ia3_dist.cli resolve --config "$CONFIG" "${OVERRIDES[@]}" --key output.dir) || exit 2
+  OUTPUT_DIR=$("$PYTHON" -m ia3_dist resolve --config "$CONFIG" "${OVERRIDES[@]}" --key output.dir) || exit 2
   NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
   NPROC_PER_NODE=${NPROC_PER_NODE##*:}          # "a100:4" -> 4
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)

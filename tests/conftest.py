@@ -1,4 +1,9 @@
-"""Shared fixtures: one cache dir per session (the demo assets are built once, ~45 s), CPU-only settings."""
+"""Shared fixtures: one cache dir per session, CPU-only settings.
+
+Two tiny Bloom asset sets, both made by ``ia3_dist.train.demo`` with the same tokenizer and shapes:
+- ``tiny_*``: random weights, built in about a second: what the unit tier (``-m "not slow"``) uses;
+- ``demo_*``: pretrained briefly (~45 s, once per cache), so IA3 visibly lowers the loss: the slow tier's runs.
+"""
 
 from __future__ import annotations
 
@@ -35,8 +40,27 @@ def sweep_shared_memory():
 
 
 @pytest.fixture(scope="session")
+def tiny_root(session_cache: Path) -> Path:
+    from ia3_dist.train.demo import ensure_assets
+
+    return ensure_assets(None, pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_root: Path) -> Path:
+    return tiny_root / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(scope="session")
 def demo_root(session_cache: Path) -> Path:
-    from ia3_dist.demo import ensure_assets
+    from ia3_dist.train.demo import ensure_assets
 
     return ensure_assets(None)
 

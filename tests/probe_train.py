@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ia3_dist.cli import _train_parser  # noqa: E402
 from ia3_dist.config import load_config  # noqa: E402
-from ia3_dist.data import collate  # noqa: E402
-from ia3_dist.trainer import run  # noqa: E402
+from ia3_dist.data.collate import collate  # noqa: E402
+from ia3_dist.train.run import run  # noqa: E402
 
 
 def probe(p, res) -> None:

@@ -12,9 +12,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ia3_dist import dist  # noqa: E402
-from ia3_dist.model import DTYPES  # noqa: E402
-from ia3_dist.zero_load import build_partitioned, checkpoint_files, load_partitions  # noqa: E402
+from ia3_dist.models.files import checkpoint_files  # noqa: E402
+from ia3_dist.models.load import DTYPES  # noqa: E402
+from ia3_dist.models.zero3_load import build_partitioned, load_partitions  # noqa: E402
+from ia3_dist.runtime import dist  # noqa: E402
 
 DS = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
       "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}

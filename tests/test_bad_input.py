@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ia3_dist.cli import main
-from ia3_dist.config import DataConfig, apply_overrides, build_config, load_config
-from ia3_dist.data import load_records
+from ia3_dist.config import DataSection, apply_overrides, build_config, load_config
+from ia3_dist.data.records import load_records
 from ia3_dist.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,18 +39,18 @@ def _model_copy(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> Path:
     return dst
 
 
-def _small_vocab_model(tmp: Path, demo_model: Path) -> str:
+def _small_vocab_model(tmp: Path, tiny_model: Path) -> str:
     from transformers import BloomConfig, BloomForCausalLM
 
     d = tmp / "small-vocab"
     BloomForCausalLM(BloomConfig(vocab_size=100, hidden_size=32, n_layer=1, n_head=2)).save_pretrained(str(d))
-    for f in demo_model.glob("tokenizer*"):
+    for f in tiny_model.glob("tokenizer*"):
         shutil.copy(f, d / f.name)
     return str(d)
 
 
-def _no_eos_tokenizer(tmp: Path, demo_model: Path) -> str:
-    d = _model_copy(demo_model, tmp / "no-eos")
+def _no_eos_tokenizer(tmp: Path, tiny_model: Path) -> str:
+    d = _model_copy(tiny_model, tmp / "no-eos")
     tc = json.loads((d / "tokenizer_config.json").read_text())
     tc.pop("eos_token", None)
     (d / "tokenizer_config.json").write_text(json.dumps(tc))
@@ -62,25 +62,25 @@ def _no_eos_tokenizer(tmp: Path, demo_model: Path) -> str:
     return str(d)
 
 
-def _sharded_missing(tmp: Path, demo_model: Path) -> str:
-    d = _model_copy(demo_model, tmp / "sharded", drop=("model.safetensors",))
+def _sharded_missing(tmp: Path, tiny_model: Path) -> str:
+    d = _model_copy(tiny_model, tmp / "sharded", drop=("model.safetensors",))
     (d / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     return str(d)
 
 
-def _weights_without(tmp: Path, demo_model: Path, key: str = "transformer.h.0.mlp.dense_4h_to_h.weight") -> str:
+def _weights_without(tmp: Path, tiny_model: Path, key: str = "transformer.h.0.mlp.dense_4h_to_h.weight") -> str:
     from safetensors.torch import load_file, save_file
 
-    d = _model_copy(demo_model, tmp / "holey")
+    d = _model_copy(tiny_model, tmp / "holey")
     sd = load_file(str(d / "model.safetensors"))
     del sd[key]
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     return str(d)
 
 
-def _config_disagrees(tmp: Path, demo_model: Path) -> str:
-    d = _model_copy(demo_model, tmp / "wider")
+def _config_disagrees(tmp: Path, tiny_model: Path) -> str:
+    d = _model_copy(tiny_model, tmp / "wider")
     cfg = json.loads((d / "config.json").read_text())
     cfg["vocab_size"] += 8
     (d / "config.json").write_text(json.dumps(cfg))
@@ -176,20 +176,24 @@ CASES: dict[str, Case] = {
     "ds-leftover-auto": (dsfile({"steps_per_print": "auto"}), 'cannot resolve "auto" for steps_per_print'),
     "ds-missing": (lambda t, m: ["deepspeed.config=zero11"], "zero11: no such file"),
     # output dir and resume
-    "output-has-checkpoints": (lambda t, m: _fake_checkpoint(t / "out") or [], "holds another run's checkpoints"),
+    "output-has-checkpoints": (lambda t, m: _fake_checkpoint(t / "out") or ["output.overwrite=false"],
+                               "holds another run's checkpoints"),
     "resume-not-checkpoint": (path_arg("train.resume", lambda t, m: _mkdir(t / "rr")), "not a complete checkpoint"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_malformed_input_exits_2_naming_the_problem(case: str, tmp_path: Path, demo_model: Path,
+def test_malformed_input_exits_2_naming_the_problem(case: str, tmp_path: Path, tiny_model: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     build, needle = CASES[case]
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     (out / "keep.txt").write_text("user data")
-    extra = build(tmp_path, demo_model)
-    args = ["check", *(extra if "--config" in extra else ["--config", TINY, *extra]), f"output.dir={out}"]
+    extra = build(tmp_path, tiny_model)
+    if "--config" not in extra:
+        model = [] if any(a.startswith("model.path=") for a in extra) else [f"model.path={tiny_model}"]
+        extra = ["--config", TINY, *model, *extra]
+    args = ["check", *extra, f"output.dir={out}"]
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     rc = main(args)
     err = capsys.readouterr().err
@@ -203,10 +207,10 @@ def test_table_is_big_enough() -> None:
     assert len(CASES) >= 30
 
 
-def test_check_passes_and_reports_stats(tmp_path: Path, capsys: pytest.CaptureFixture, demo_model: Path) -> None:
+def test_check_passes_and_reports_stats(tmp_path: Path, capsys: pytest.CaptureFixture, tiny_model: Path) -> None:
     f = tmp_path / "d.json"
     f.write_text(json.dumps(GOOD + [{"instruction": "长" * 300, "output": "x"}], ensure_ascii=False))
-    assert main(["check", "--config", TINY, f"data.path={f}", "--world-size", "2",
+    assert main(["check", "--config", TINY, f"data.path={f}", "--world-size", "2", f"model.path={tiny_model}",
                  f"output.dir={tmp_path / 'o'}"]) == 0
     out = capsys.readouterr().out
     assert "4 records read" in out and "3 examples; 1 dropped" in out and "records [3]" in out
@@ -216,20 +220,20 @@ def test_check_passes_and_reports_stats(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_skip_policy_counts_and_names_bad_records(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                  demo_model: Path) -> None:
+                                                  tiny_model: Path) -> None:
     lines = [json.dumps(GOOD[0]), "{bad json", json.dumps({"instruction": "a"}), json.dumps(GOOD[0]),
              json.dumps({"instruction": "x", "output": ["list"]})]
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(lines) + "\n")
-    r = load_records(DataConfig(path=str(f), on_bad_record="skip"))
+    r = load_records(DataSection(path=str(f), on_bad_record="skip"))
     assert len(r) == 2 and len(r.skipped) == 3
     assert [s.split(":")[1] for s in r.skipped] == ["2", "3", "5"]
-    assert main(["check", "--config", TINY, f"data.path={f}", "data.on_bad_record=skip",
+    assert main(["check", "--config", TINY, f"data.path={f}", "data.on_bad_record=skip", f"model.path={tiny_model}",
                  f"output.dir={tmp_path / 'o'}"]) == 0
     out = capsys.readouterr().out
     assert "3 bad records skipped" in out and f"{f}:2:" in out
     with pytest.raises(UsageError, match="d.jsonl:2:2: invalid JSON.*on_bad_record=skip"):
-        load_records(DataConfig(path=str(f)))
+        load_records(DataSection(path=str(f)))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -249,7 +253,7 @@ def test_fuzz_record_reader_bytes(tmp_path: Path, data: bytes, suffix: str, poli
     f = tmp_path / f"fuzz{suffix}"
     f.write_bytes(data)
     try:
-        load_records(DataConfig(path=str(f), on_bad_record=policy))
+        load_records(DataSection(path=str(f), on_bad_record=policy))
     except UsageError:
         pass
 
@@ -261,7 +265,7 @@ def test_fuzz_record_reader_structures(tmp_path: Path, recs: list, policy: str, 
     f = tmp_path / ("fuzz.jsonl" if as_lines else "fuzz.json")
     f.write_text("\n".join(json.dumps(r) for r in recs) if as_lines else json.dumps(recs))
     try:
-        r = load_records(DataConfig(path=str(f), on_bad_record=policy))
+        r = load_records(DataSection(path=str(f), on_bad_record=policy))
     except UsageError:
         return
     assert all(isinstance(x, str) for col in (r.instruction, r.input, r.output) for x in col)

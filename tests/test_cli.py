@@ -1,11 +1,15 @@
-"""Bad input exits 2 with a message naming the problem, before any process group, leaving the output dir alone."""
+"""Bad input exits 2 with a message naming the problem, before any process group, leaving the output dir alone;
+and the command line a new user meets (``--help``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch.distributed
 from _util import launch
+
+from ia3_dist.cli import COMMANDS, main
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -16,23 +20,38 @@ from _util import launch
     (["--config", "configs/tiny-cpu.yaml", "data.path=/no/such.json"], "/no/such.json"),
     (["--config", "configs/tiny-cpu.yaml", "model.path=/no/model"], "/no/model"),
 ])
-def test_bad_input_exits_2_and_keeps_output(tmp_path: Path, args: list[str], needle: str) -> None:
+def test_bad_input_exits_2_and_keeps_output(tmp_path: Path, args: list[str], needle: str, tiny_model: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     out.mkdir()
     keep = out / "precious.txt"
     keep.write_text("keep me")
-    proc = launch([*args, f"output.dir={out}"], timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert needle in proc.stderr and "error:" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert "init_distributed" not in proc.stderr + proc.stdout
+    model = [] if any(a.startswith("model.path=") for a in args) else [f"model.path={tiny_model}"]
+    assert main([*args, *model, f"output.dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "error:" in err
+    assert not torch.distributed.is_initialized()
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"] and keep.read_text() == "keep me"
 
 
-def test_bad_data_file_names_line(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_bad_data_file_names_line_in_a_real_process(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n')
     proc = launch(["--config", "configs/tiny-cpu.yaml", f"data.path={bad}", f"output.dir={tmp_path / 'o'}"])
     assert proc.returncode == 2
     assert f"{bad}:2: field 'output' must be a string" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert any(line.split()[:1] == [name] and len(line.split()) > 2 for line in out.splitlines()), name
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: ia3-dist {name}")

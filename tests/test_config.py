@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ia3_dist import ds_config as dsc
 from ia3_dist.config import RunConfig, build_config, load_config
-from ia3_dist.demo import DEMO_RUN
 from ia3_dist.errors import UsageError
+from ia3_dist.runtime import ds_config as dsc
+from ia3_dist.train.demo import DEMO_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 

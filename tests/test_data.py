@@ -12,18 +12,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from reference_recipe import process_func  # noqa: E402
 
-from ia3_dist.config import DataConfig
-from ia3_dist.data import (
-    Layout,
-    collate,
-    iter_steps,
-    load_or_tokenize,
-    load_records,
-    plan_epoch,
-    rank_slice,
-    steps_per_epoch,
-)
-from ia3_dist.demo import make_records
+from ia3_dist.config import DataSection
+from ia3_dist.data.collate import collate
+from ia3_dist.data.records import load_records
+from ia3_dist.data.sampler import Layout, iter_steps, plan_epoch, rank_slice, steps_per_epoch
+from ia3_dist.data.tokenize import load_or_tokenize
+from ia3_dist.train.demo import make_records
 
 
 def reference_process_func(example: dict, tokenizer, max_length: int = 256) -> dict:
@@ -44,7 +38,7 @@ def _edge_records() -> list[dict]:
 
 
 def _check_identical(path: Path, tok, max_length: int, cache: Path) -> tuple[int, int]:
-    cfg = DataConfig(path=str(path), max_length=max_length, cache_dir=str(cache))
+    cfg = DataSection(path=str(path), max_length=max_length, cache_dir=str(cache))
     data = load_or_tokenize(cfg, tok)
     recs = json.loads(path.read_text(encoding="utf-8"))
     dropped = set(data.dropped.tolist())
@@ -61,75 +55,75 @@ def _check_identical(path: Path, tok, max_length: int, cache: Path) -> tuple[int
     return len(dropped), data.truncated
 
 
-def test_preprocessing_identical_on_generated_data(tmp_path: Path, demo_tokenizer) -> None:
+def test_preprocessing_identical_on_generated_data(tmp_path: Path, tiny_tokenizer) -> None:
     f = tmp_path / "gen.json"
     f.write_text(json.dumps(_edge_records(), ensure_ascii=False), encoding="utf-8")
-    dropped, truncated = _check_identical(f, demo_tokenizer, 256, tmp_path)
+    dropped, truncated = _check_identical(f, tiny_tokenizer, 256, tmp_path)
     assert dropped == 1 and truncated == 2
-    dropped, truncated = _check_identical(f, demo_tokenizer, 24, tmp_path)
+    dropped, truncated = _check_identical(f, tiny_tokenizer, 24, tmp_path)
     assert dropped > 1 and truncated > 2
 
 
 @pytest.mark.parametrize("max_length", [256, 64])
-def test_preprocessing_identical_on_shared_alpaca(shared_data: Path, demo_tokenizer, tmp_path: Path,
+def test_preprocessing_identical_on_shared_alpaca(shared_data: Path, tiny_tokenizer, tmp_path: Path,
                                                   max_length: int) -> None:
-    dropped, truncated = _check_identical(shared_data, demo_tokenizer, max_length, tmp_path)
+    dropped, truncated = _check_identical(shared_data, tiny_tokenizer, max_length, tmp_path)
     assert truncated > 0
     if max_length == 64:
         assert dropped > 0
 
 
-def test_dropped_records_are_counted_and_logged(tmp_path: Path, demo_tokenizer) -> None:
+def test_dropped_records_are_counted_and_logged(tmp_path: Path, tiny_tokenizer) -> None:
     recs = [{"instruction": "长" * 300, "input": "", "output": "短"}] + make_records(5, 1, 0)
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs), encoding="utf-8")
-    data = load_or_tokenize(DataConfig(path=str(f), cache_dir=str(tmp_path)), demo_tokenizer)
+    data = load_or_tokenize(DataSection(path=str(f), cache_dir=str(tmp_path)), tiny_tokenizer)
     assert data.dropped.tolist() == [0] and len(data) == 5
 
 
-def test_save_to_disk_dir_matches_json(tmp_path: Path, demo_tokenizer) -> None:
+def test_save_to_disk_dir_matches_json(tmp_path: Path, tiny_tokenizer) -> None:
     import datasets
 
     recs = make_records(40, seed=3, style=None)
     (tmp_path / "a.json").write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
     datasets.Dataset.from_list(recs).save_to_disk(str(tmp_path / "alpaca_data_zh"))
-    a = load_or_tokenize(DataConfig(path=str(tmp_path / "a.json"), cache_dir=str(tmp_path)), demo_tokenizer)
-    b = load_or_tokenize(DataConfig(path=str(tmp_path / "alpaca_data_zh"), cache_dir=str(tmp_path)),
-                         demo_tokenizer)
+    a = load_or_tokenize(DataSection(path=str(tmp_path / "a.json"), cache_dir=str(tmp_path)), tiny_tokenizer)
+    b = load_or_tokenize(DataSection(path=str(tmp_path / "alpaca_data_zh"), cache_dir=str(tmp_path)),
+                         tiny_tokenizer)
     assert np.array_equal(a.ids, b.ids) and np.array_equal(a.prompt_lens, b.prompt_lens)
 
 
-def test_cache_reuse_and_invalidation(tmp_path: Path, demo_tokenizer) -> None:
+def test_cache_reuse_and_invalidation(tmp_path: Path, tiny_tokenizer) -> None:
     f = tmp_path / "c.json"
     recs = make_records(30, seed=4, style=None)
     f.write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
-    cfg = DataConfig(path=str(f), cache_dir=str(tmp_path / "cache"))
-    first = load_or_tokenize(cfg, demo_tokenizer)
+    cfg = DataSection(path=str(f), cache_dir=str(tmp_path / "cache"))
+    first = load_or_tokenize(cfg, tiny_tokenizer)
     assert first.seconds > 0
-    again = load_or_tokenize(cfg, demo_tokenizer)
+    again = load_or_tokenize(cfg, tiny_tokenizer)
     assert again.seconds == 0 and again.cache_file == first.cache_file
     assert np.array_equal(again.ids, first.ids)
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.npz"))) == 1
     # Content change (same path, same size class) -> new entry.
     recs[0]["output"] += "改"
     f.write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
-    changed = load_or_tokenize(cfg, demo_tokenizer)
+    changed = load_or_tokenize(cfg, tiny_tokenizer)
     assert changed.seconds > 0 and changed.cache_file != first.cache_file
     # Template and max length are part of the key too.
-    for other in (DataConfig(path=str(f), cache_dir=cfg.cache_dir, max_length=32),
-                  DataConfig(path=str(f), cache_dir=cfg.cache_dir, response_prefix="\n\nAI: ")):
-        assert load_or_tokenize(other, demo_tokenizer).cache_file not in (first.cache_file, changed.cache_file)
+    for other in (DataSection(path=str(f), cache_dir=cfg.cache_dir, max_length=32),
+                  DataSection(path=str(f), cache_dir=cfg.cache_dir, response_prefix="\n\nAI: ")):
+        assert load_or_tokenize(other, tiny_tokenizer).cache_file not in (first.cache_file, changed.cache_file)
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.npz"))) == 4
 
 
-def test_cache_invalidated_by_tokenizer_change(tmp_path: Path, demo_tokenizer) -> None:
+def test_cache_invalidated_by_tokenizer_change(tmp_path: Path, tiny_tokenizer) -> None:
     import copy
 
     f = tmp_path / "t.json"
     f.write_text(json.dumps(make_records(10, 5, 0), ensure_ascii=False), encoding="utf-8")
-    cfg = DataConfig(path=str(f), cache_dir=str(tmp_path))
-    a = load_or_tokenize(cfg, demo_tokenizer)
-    tok2 = copy.deepcopy(demo_tokenizer)
+    cfg = DataSection(path=str(f), cache_dir=str(tmp_path))
+    a = load_or_tokenize(cfg, tiny_tokenizer)
+    tok2 = copy.deepcopy(tiny_tokenizer)
     tok2.add_tokens(["新词"])
     assert load_or_tokenize(cfg, tok2).cache_file != a.cache_file
 
@@ -178,7 +172,7 @@ def test_sequential_order_and_resume_position() -> None:
 
 
 def _efficiency(lengths: np.ndarray, lay: Layout) -> float:
-    from ia3_dist.preflight import padding_efficiency
+    from ia3_dist.train.report import padding_efficiency
 
     return padding_efficiency(lengths, lay)
 
@@ -207,27 +201,27 @@ def test_length_grouping_balances_ranks(world: int, accum: int) -> None:
     assert mean / busiest > 0.98, mean / busiest
 
 
-def test_length_grouping_on_shared_alpaca(shared_data: Path, demo_tokenizer, tmp_path: Path) -> None:
-    data = load_or_tokenize(DataConfig(path=str(shared_data), cache_dir=str(tmp_path)), demo_tokenizer)
+def test_length_grouping_on_shared_alpaca(shared_data: Path, tiny_tokenizer, tmp_path: Path) -> None:
+    data = load_or_tokenize(DataSection(path=str(shared_data), cache_dir=str(tmp_path)), tiny_tokenizer)
     for world in (1, 2):
         lay = Layout(8, 1, world, seed=0, shuffle=True, group_by_length=True)
         assert _efficiency(data.lengths, lay) >= 0.97
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_collate_matches_datacollator_for_seq2seq(tmp_path: Path, demo_tokenizer, side: str) -> None:
+def test_collate_matches_datacollator_for_seq2seq(tmp_path: Path, tiny_tokenizer, side: str) -> None:
     from transformers import DataCollatorForSeq2Seq
 
     f = tmp_path / "p.json"
     f.write_text(json.dumps(make_records(12, 6, None), ensure_ascii=False), encoding="utf-8")
-    data = load_or_tokenize(DataConfig(path=str(f), cache_dir=str(tmp_path)), demo_tokenizer)
-    demo_tokenizer.padding_side = side
+    data = load_or_tokenize(DataSection(path=str(f), cache_dir=str(tmp_path)), tiny_tokenizer)
+    tiny_tokenizer.padding_side = side
     try:
-        ref = DataCollatorForSeq2Seq(demo_tokenizer, padding=True)([dict(zip(
+        ref = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True)([dict(zip(
             ("input_ids", "attention_mask", "labels"), data.example(i))) for i in (0, 3, 7)])
-        mine = collate(data, [0, 3, 7], demo_tokenizer.pad_token_id, side)
+        mine = collate(data, [0, 3, 7], tiny_tokenizer.pad_token_id, side)
     finally:
-        demo_tokenizer.padding_side = "left"
+        tiny_tokenizer.padding_side = "left"
     for k in ("input_ids", "attention_mask", "labels"):
         assert mine[k].tolist() == ref[k].tolist(), k
 
@@ -235,5 +229,5 @@ def test_collate_matches_datacollator_for_seq2seq(tmp_path: Path, demo_tokenizer
 def test_records_reader_accepts_missing_input(tmp_path: Path) -> None:
     f = tmp_path / "r.jsonl"
     f.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "input": null, "output": "d"}\n')
-    r = load_records(DataConfig(path=str(f)))
+    r = load_records(DataSection(path=str(f)))
     assert r.input == ["", ""] and r.output == ["b", "d"]

@@ -14,8 +14,10 @@ from _util import check, launch, metrics
 
 from ia3_dist.cli import main
 from ia3_dist.config import load_config
-from ia3_dist.data import collate, load_or_tokenize, split_eval
-from ia3_dist.export import load_for_inference
+from ia3_dist.data.collate import collate
+from ia3_dist.data.sampler import split_eval
+from ia3_dist.data.tokenize import load_or_tokenize
+from ia3_dist.tools.inference import load_for_inference
 
 pytestmark = pytest.mark.slow
 TINY = "configs/tiny-cpu.yaml"

@@ -15,8 +15,8 @@ import pytest
 import torch
 from _util import ROOT, adapter_tensors, bin_path, check, free_port, launch, spawn_slurm_style
 
-from ia3_dist.checkpoint import latest
 from ia3_dist.errors import EXIT_NONFINITE, EXIT_PREEMPTED
+from ia3_dist.runtime.checkpoint import latest
 
 pytestmark = pytest.mark.slow
 TINY = "configs/tiny-cpu.yaml"

@@ -8,15 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from ia3_dist.arch import bloom_config
-from ia3_dist.config import DataConfig, IA3Section
-from ia3_dist.data import collate, load_or_tokenize
-from ia3_dist.demo import make_records
-from ia3_dist.model import LastMLPRows, TokenSumLM, apply_ia3, build_on_meta, trainable_line
+from ia3_dist.config import DataSection, IA3Section
+from ia3_dist.data.collate import collate
+from ia3_dist.data.tokenize import load_or_tokenize
+from ia3_dist.models.families import arch_config
+from ia3_dist.models.families.bloom import LastMLPRows
+from ia3_dist.models.ia3 import apply_ia3, build_on_meta, trainable_line
+from ia3_dist.models.loss import TokenSumLM
+from ia3_dist.train.demo import make_records
 
 
 def test_bloom_1b4_zh_from_config_on_meta(capsys: pytest.CaptureFixture) -> None:
-    model = build_on_meta(bloom_config("bloom-1b4-zh"))
+    model = build_on_meta(arch_config("bloom-1b4-zh"))
     line = trainable_line(model)
     assert line.startswith("trainable params: 344,064 || all params: 1,303,455,744 || trainable%:"), line
     names = {n.split(".ia3_l")[0].split(".")[-1] for n, p in model.named_parameters() if p.requires_grad}
@@ -25,27 +28,27 @@ def test_bloom_1b4_zh_from_config_on_meta(capsys: pytest.CaptureFixture) -> None
 
 
 def test_custom_targets() -> None:
-    model = build_on_meta(bloom_config("bloom-560m"), IA3Section(target_modules=["query_key_value"],
+    model = build_on_meta(arch_config("bloom-560m"), IA3Section(target_modules=["query_key_value"],
                                                                  feedforward_modules=[]))
     assert "trainable params: 73,728 ||" in trainable_line(model)  # 24 layers x 3 x 1024
 
 
-def test_token_sum_loss_equals_hf_loss(tmp_path: Path, demo_model: Path, demo_tokenizer) -> None:
+def test_token_sum_loss_equals_hf_loss(tmp_path: Path, tiny_model: Path, tiny_tokenizer) -> None:
     from transformers import AutoModelForCausalLM
 
     f = tmp_path / "d.json"
     f.write_text(json.dumps(make_records(16, 9, None), ensure_ascii=False), encoding="utf-8")
-    data = load_or_tokenize(DataConfig(path=str(f), cache_dir=str(tmp_path)), demo_tokenizer)
-    peft = apply_ia3(AutoModelForCausalLM.from_pretrained(str(demo_model)), IA3Section())
+    data = load_or_tokenize(DataSection(path=str(f), cache_dir=str(tmp_path)), tiny_tokenizer)
+    peft = apply_ia3(AutoModelForCausalLM.from_pretrained(str(tiny_model)), IA3Section())
     with torch.no_grad():
         for _, p in peft.named_parameters():
             if p.requires_grad:
                 p.uniform_(0.5, 1.5)
     plain = TokenSumLM(peft)
-    rows = TokenSumLM(peft, LastMLPRows.install(peft.get_base_model()))
+    rows = TokenSumLM(peft, LastMLPRows(peft.get_base_model().transformer.h[-1]))
     assert rows.rows is not None
     for side in ("left", "right"):
-        b = collate(data, [0, 5, 9, 11], demo_tokenizer.pad_token_id, side)
+        b = collate(data, [0, 5, 9, 11], tiny_tokenizer.pad_token_id, side)
         hf = peft(**b).loss
         grads = []
         for wrapper in (plain, rows):

@@ -19,7 +19,7 @@ import torch
 from _util import adapter_tensors, check, launch, metrics
 from test_data import reference_process_func
 
-from ia3_dist.demo import make_records
+from ia3_dist.train.demo import make_records
 
 pytestmark = pytest.mark.slow
 N_RECORDS = 96   # 12 optimizer steps of global batch 8

@@ -10,7 +10,7 @@ from _util import check, launch, metrics
 
 from ia3_dist.cli import main
 from ia3_dist.config import build_config, load_config
-from ia3_dist.plan import GIB, model_shape, plan, rank_memory
+from ia3_dist.tools.plan import GIB, model_shape, plan, rank_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_zero3_counts_the_gathered_working_set() -> None:
     assert rank_memory(s, "zero2", 2, False, 8, 256, 1, 2, False).gathered == 0
 
 
-def test_cpu_plan_is_host_memory(capsys) -> None:
+def test_cpu_plan_is_host_memory(capsys, tiny_model: Path) -> None:
     """On CPU ranks the offloaded part is the same host memory, and the fixed part is the framework's RSS."""
     cfg = build_config({"model": {"arch": "bloom-560m"}, "deepspeed": {"config": "zero3_offload"}})
     _, gpu = plan(cfg, 1, 2, 64)
@@ -93,5 +93,5 @@ def test_cpu_plan_is_host_memory(capsys) -> None:
     assert off["total_gib"] == pytest.approx(z3["total_gib"])  # offloading to the CPU you are on saves nothing
     assert gpu["rows"]["zero3_offload"]["total_gib"] < gpu["rows"]["zero3"]["total_gib"]
     assert main(["plan", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--cpu", "--gpus-per-node", "2",
-                 "--gpu-mem", "8GiB"]) == 0
+                 "--gpu-mem", "8GiB", f"model.path={tiny_model}"]) == 0
     assert "CPU rank(s)" in capsys.readouterr().out

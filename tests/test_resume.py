@@ -10,7 +10,7 @@ import pytest
 import torch
 from _util import adapter_tensors, check, launch, metrics
 
-from ia3_dist.checkpoint import complete_checkpoints, dir_size, latest
+from ia3_dist.runtime.checkpoint import complete_checkpoints, dir_size, latest
 
 pytestmark = pytest.mark.slow
 TINY = "configs/tiny-cpu.yaml"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def read_metrics(path: Path) -> list[dict]:

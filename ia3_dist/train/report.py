@@ -1,6 +1,4 @@
-"""Checks that need files on disk (model and tokenizer dirs) and the report printed before every run and by
-``ia3-dist check``. Config, data and DeepSpeed problems are raised where those are parsed; everything here runs
-before any process group starts and writes nothing into the output dir."""
+"""The report printed before every run and by ``ia3-dist check``: data statistics and the resolved run shape."""
 
 from __future__ import annotations
 
@@ -9,56 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint as ckpt
-from . import ds_config as dsc
-from .errors import UsageError
-from .zero_load import WEIGHT_LAYOUTS, shard_names
-
-WEIGHT_FILES = tuple(f for layout in WEIGHT_LAYOUTS for f in reversed(layout))
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def looks_local(path: str) -> bool:
-    return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
-
-
-def check_model_dir(path: str) -> None:
-    """A local model dir must hold config.json and complete weights; a hub name is checked when it loads."""
-    p = Path(path).expanduser()
-    if not looks_local(path):
-        return
-    if not p.is_dir():
-        raise UsageError(f"model.path {path}: no such directory")
-    if not (p / "config.json").is_file():
-        raise UsageError(f"model.path {p}: no config.json; point model.path at a save_pretrained directory")
-    if not any((p / f).is_file() for f in WEIGHT_FILES) and not list(p.glob("*.safetensors")):
-        raise UsageError(f"model.path {p}: no weights ({', '.join(WEIGHT_FILES)}); the download or copy is "
-                         f"incomplete")
-    for index, _ in WEIGHT_LAYOUTS:
-        if (p / index).is_file():
-            missing = [s for s in shard_names(p / index) if not (p / s).is_file()]
-            if missing:
-                raise UsageError(f"model.path {p}: weight shards missing: {', '.join(missing[:5])}"
-                                 f"{' ...' if len(missing) > 5 else ''}")
-
-
-def has_tokenizer_files(d: Path) -> bool:
-    return any((d / f).is_file() for f in TOKENIZER_FILES)
-
-
-def check_tokenizer_dir(path: str) -> None:
-    p = Path(path).expanduser()
-    if looks_local(path) and p.is_dir() and not has_tokenizer_files(p):
-        raise UsageError(f"tokenizer {p}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); set model.tokenizer "
-                         f"to the tokenizer's directory")
-
-
-def check_vocab(tok: Any, model_config: Any, where: str) -> None:
-    vocab = getattr(model_config, "vocab_size", None)
-    if vocab is not None and len(tok) > vocab:
-        raise UsageError(f"{where}: the tokenizer has {len(tok)} tokens but the model's embeddings have {vocab} "
-                         f"rows; ids past {vocab - 1} would index out of range. Use the model's own tokenizer "
-                         f"(model.tokenizer)")
+from ..data.sampler import plan_epoch
+from ..runtime import checkpoint as ckpt
+from ..runtime import ds_config as dsc
 
 
 def output_state(out: Path, resume_from: Path | None) -> str:
@@ -101,8 +52,6 @@ def report(p: Any) -> str:
 
 def padding_efficiency(lengths: np.ndarray, layout: Any) -> float:
     """Real tokens / padded tokens over epoch 0's micro-batches (what the run will compute on)."""
-    from .data import plan_epoch
-
     real = padded = 0
     for step in plan_epoch(lengths, layout, 0):
         for mb in step:

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UsageError
+from ..errors import UsageError
+from .files import checkpoint_files
+from .load import base_on_meta
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -105,29 +107,6 @@ class TorchBinFile:
 
     def close(self) -> None:
         self.sd = {}
-
-
-# (shard index, single file) as transformers saves them, in the order it prefers them.
-WEIGHT_LAYOUTS = (("model.safetensors.index.json", "model.safetensors"),
-                  ("pytorch_model.bin.index.json", "pytorch_model.bin"))
-
-
-def shard_names(index: Path) -> list[str]:
-    """The shard files a ``*.index.json`` names (its weight_map values), sorted."""
-    try:
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"{index}: unreadable weight index ({e})") from None
-
-
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The weight files of a model dir: sharded (an index) or single, safetensors preferred."""
-    for index, single in WEIGHT_LAYOUTS:
-        if (model_dir / index).exists():
-            return [model_dir / n for n in shard_names(model_dir / index)]
-        if (model_dir / single).exists():
-            return [model_dir / single]
-    raise UsageError(f"model.path {model_dir}: no model.safetensors, pytorch_model.bin or shard index in it")
 
 
 def local_model_dir(path: str, revision: str | None) -> Path:
@@ -223,8 +202,6 @@ def check_checkpoint(model_config: Any, model_dir: Path, trust_remote_code: bool
     """Before any process group: the checkpoint files hold a tensor of the right shape for every parameter of
     the architecture (built on the meta device: no memory), so a mismatch fails on every rank with exit 2
     instead of after the ranks have met."""
-    from .model import base_on_meta
-
     model = base_on_meta(model_config, trust_remote_code)
     with _opened(model_dir) as where:
         _match(model, where, model_dir)

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from . import dist
-from .errors import UsageError
 
 LATEST = "latest"
 META = "meta.json"

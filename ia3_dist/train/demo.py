@@ -12,10 +12,18 @@ import json
 import os
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig
+import torch
+
+from ..config import DataSection
+from ..data.cache import cache_root, file_lock
+from ..data.collate import collate
+from ..data.records import Records
+from ..data.tokenize import tokenize
+from ..errors import UsageError
 
 ASSET_VERSION = 1
 MODEL_NAME = "demo:tiny-bloom"
@@ -30,7 +38,8 @@ DEMO_RUN: dict[str, Any] = {
               "log_every": 10},
     "deepspeed": {"config": "zero2"},
     "checkpoint": {"every": 0, "keep": 1},
-    "output": {"dir": "runs/demo"},
+    # A demo is run again and again: each run starts over in its own output dir.
+    "output": {"dir": "runs/demo", "overwrite": True},
 }
 
 SUBJECTS = ["猫", "狗", "长城", "太阳", "月亮", "大海", "森林", "火车", "电脑", "茶", "米饭", "熊猫", "北京", "上海",
@@ -66,10 +75,9 @@ def make_records(n: int, seed: int, style: int | None) -> list[dict[str, str]]:
     return out
 
 
-def asset_root(cache_dir: str | None) -> Path:
-    from .data import cache_root
-
-    return cache_root(DataConfig(cache_dir=cache_dir)) / "demo" / f"v{ASSET_VERSION}"
+def asset_root(cache_dir: str | None, pretrained: bool = True) -> Path:
+    name = f"v{ASSET_VERSION}" + ("" if pretrained else "-random")
+    return cache_root(DataSection(cache_dir=cache_dir)) / "demo" / name
 
 
 def _train_tokenizer(texts: list[str], out: Path) -> Any:
@@ -95,12 +103,8 @@ def _train_tokenizer(texts: list[str], out: Path) -> Any:
 
 
 def _pretrain(model: Any, tok: Any, records: list[dict[str, str]], steps: int, seed: int) -> list[float]:
-    import torch
-
-    from .data import Records, collate, tokenize
-
     data = tokenize(Records([r["instruction"] for r in records], [r["input"] for r in records],
-                            [r["output"] for r in records], "demo", "demo", []), tok, DataConfig(path="demo"))
+                            [r["output"] for r in records], "demo", "demo", []), tok, DataSection(path="demo"))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     rng = torch.Generator().manual_seed(seed)
     losses = []
@@ -117,50 +121,65 @@ def _pretrain(model: Any, tok: Any, records: list[dict[str, str]], steps: int, s
     return losses
 
 
-def build_assets(root: Path) -> None:
-    import torch
+def build_assets(root: Path, pretrain_steps: int = 800) -> None:
+    """Tokenizer, tiny Bloom (pretrained for ``pretrain_steps``; 0 leaves it random, for fast unit tests) and the
+    target-style records, written to a temp dir and renamed into place."""
     from transformers import BloomConfig, BloomForCausalLM
 
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "model").mkdir(parents=True)
     pre = make_records(3000, seed=1, style=None)
-    target = make_records(400, seed=2, style=0)
     texts = [r["instruction"] + r["input"] + r["output"] for r in pre]
     tok = _train_tokenizer(texts, tmp / "model")
     torch.manual_seed(0)
     cfg = BloomConfig(vocab_size=len(tok), hidden_size=128, n_layer=4, n_head=4, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = BloomForCausalLM(cfg)
-    _pretrain(model, tok, pre, steps=800, seed=0)
+    _pretrain(model, tok, pre, steps=pretrain_steps, seed=0)
     model.save_pretrained(str(tmp / "model"), safe_serialization=True)
-    (tmp / "data.json").write_text(json.dumps(target, ensure_ascii=False, indent=1), encoding="utf-8")
     (tmp / "README.txt").write_text("Built by ia3_dist.demo: a tiny Bloom pretrained on synthetic records in three "
-                                    "answer styles, and 400 records in the target style.\n")
+                                    "answer styles.\n")
     os.replace(tmp, root)
 
 
-def ensure_assets(cache_dir: str | None) -> Path:
-    from .data import file_lock
-
-    root = asset_root(cache_dir)
+def ensure_assets(cache_dir: str | None, pretrained: bool = True) -> Path:
+    """The demo assets under the cache dir, built once (concurrent ranks wait on a file lock). ``pretrained``
+    False gives the same tokenizer and shapes with random weights, in about a second."""
+    root = asset_root(cache_dir, pretrained)
     with file_lock(root.parent / f"{root.name}.lock"):
         if not (root / "model" / "config.json").exists():
-            build_assets(root)
+            build_assets(root, 800 if pretrained else 0)
     return root
 
 
 def ensure_model(name: str, cache_dir: str | None) -> Path:
     if name != MODEL_NAME:
-        from .errors import UsageError
-
         raise UsageError(f"model.path {name}: unknown demo model; the embedded one is {MODEL_NAME}")
     return ensure_assets(cache_dir) / "model"
 
 
-def ensure_data(cfg: DataConfig, name: str) -> Path:
-    if name != DATA_NAME:
-        from .errors import UsageError
+def model_path(path: str, cache_dir: str | None) -> str:
+    """``demo:tiny-bloom`` -> the cached demo model dir (built on first use); any other path unchanged."""
+    return str(ensure_model(path, cache_dir)) if path.startswith("demo:") else path
 
-        raise UsageError(f"data.path {name}: unknown demo data; the embedded set is {DATA_NAME}")
-    return ensure_assets(cfg.cache_dir) / "data.json"
+
+def data_section(cfg: DataSection) -> DataSection:
+    """``cfg`` with ``data.path: demo:zh-styles`` replaced by the cached demo records (built on first use)."""
+    if not cfg.path.startswith("demo:"):
+        return cfg
+    if cfg.path != DATA_NAME:
+        raise UsageError(f"data.path {cfg.path}: unknown demo data; the embedded set is {DATA_NAME}")
+    return replace(cfg, path=str(ensure_data(cfg.cache_dir)))
+
+
+def ensure_data(cache_dir: str | None) -> Path:
+    """The demo's 400 target-style records as a JSON file (written once, atomically; needs no model)."""
+    f = asset_root(cache_dir).with_name(f"zh-styles-v{ASSET_VERSION}.json")
+    if not f.exists():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f"{f.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(make_records(400, seed=2, style=0), ensure_ascii=False, indent=1),
+                       encoding="utf-8")
+        os.replace(tmp, f)
+    return f

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from . import dist
-from .model import trainable_named_parameters
 
 
 def gather_trainable(peft_model: Any, is_main: bool) -> dict[str, torch.Tensor]:
@@ -21,7 +20,9 @@ def gather_trainable(peft_model: Any, is_main: bool) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
 
     out: dict[str, torch.Tensor] = {}
-    for name, p in trainable_named_parameters(peft_model):
+    for name, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            continue
         full = safe_get_full_fp32_param(p)
         if full is None:
             if hasattr(p, "ds_id"):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .hostmem import peak_rss_gib
+from ..runtime.hostmem import peak_rss_gib
 
 # Dense peak TFLOP/s of one device by name fragment (bf16/fp16 tensor cores; fp32 uses TF32 where it exists).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10G": 125.0,

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
-from .errors import UsageError
+from ..config import RunConfig
+from ..errors import UsageError
 
 AUTO = "auto"
 SHIPPED = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
@@ -20,8 +20,8 @@ SHIPPED = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
 
 def shipped_dir() -> Path:
     """``ds_configs/`` beside the package in a checkout, or the installed ``ia3_dist.ds_configs`` package data."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "ds_configs", here / "ds_configs"):
+    pkg = Path(__file__).resolve().parents[1]
+    for cand in (pkg.parent / "ds_configs", pkg / "ds_configs"):
         if cand.is_dir():
             return cand
     raise FileNotFoundError("ds_configs directory not found next to ia3_dist")

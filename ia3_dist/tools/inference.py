@@ -1,50 +1,18 @@
-"""Loading a trained model for inference (adapter dir or merged dir), merging IA3 into the base, generation."""
+"""Loading a trained model for inference (adapter dir or merged dir) and generating with the training template."""
 
 from __future__ import annotations
 
 import json
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import DataConfig
-from .data import build_prompt
-from .errors import UsageError
-from .model import DTYPES
-from .preflight import has_tokenizer_files
-
-TEMPLATE_FILE = "ia3_dist.json"
-
-
-@dataclass
-class Template:
-    """The training prompt format, saved beside every adapter so inference prompts match training."""
-
-    prompt_template: str = DataConfig.prompt_template
-    strip_prompt: bool = DataConfig.strip_prompt
-    response_prefix: str = DataConfig.response_prefix
-
-    def prompt(self, instruction: str, inp: str = "") -> str:
-        return build_prompt(DataConfig(prompt_template=self.prompt_template, strip_prompt=self.strip_prompt,
-                                       response_prefix=self.response_prefix), instruction, inp)
-
-
-def save_template(cfg: DataConfig, out_dir: Path) -> None:
-    t = Template(cfg.prompt_template, cfg.strip_prompt, cfg.response_prefix)
-    (out_dir / TEMPLATE_FILE).write_text(json.dumps(asdict(t), ensure_ascii=False, indent=1), encoding="utf-8")
-
-
-def load_template(d: Path) -> Template:
-    f = d / TEMPLATE_FILE
-    if not f.is_file():
-        return Template()
-    try:
-        return Template(**json.loads(f.read_text(encoding="utf-8")))
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"{f}: unreadable prompt template ({e})") from None
+from ..data.template import Template
+from ..errors import UsageError
+from ..models.files import has_tokenizer_files
+from ..models.load import DTYPES
 
 
 def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") -> tuple[Any, Any, Template, bool]:
@@ -77,23 +45,7 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     tok = AutoTokenizer.from_pretrained(tok_src)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return model.eval(), tok, load_template(d), is_adapter
-
-
-def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = "fp32") -> Path:
-    """Merge IA3 into the base weights (PEFT ``merge_and_unload``) and save a plain HF model + tokenizer."""
-    model, tok, _, is_adapter = load_for_inference(adapter, base, dtype)
-    if not is_adapter:
-        raise UsageError(f"{adapter}: not an adapter dir (no adapter_config.json)")
-    merged = model.merge_and_unload()
-    o = Path(out)
-    o.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(o), safe_serialization=True)
-    tok.save_pretrained(str(o))
-    src = Path(adapter) / TEMPLATE_FILE
-    if src.is_file():
-        shutil.copy(src, o / TEMPLATE_FILE)
-    return o
+    return model.eval(), tok, Template.load(d), is_adapter
 
 
 @dataclass

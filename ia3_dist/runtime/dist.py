@@ -15,6 +15,8 @@ from datetime import timedelta
 
 import torch
 
+from . import console
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -116,8 +118,9 @@ def init(env: DistEnv, timeout_minutes: int = 30) -> None:
             raise RuntimeError("MASTER_ADDR is not set for a multi-rank run; launch with deepspeed, torchrun or srun")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port()) if env.world_size == 1 else "29500"
-    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False,
-                               timeout=timedelta(minutes=timeout_minutes))
+    with console.filtered_prints():
+        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False,
+                                   timeout=timedelta(minutes=timeout_minutes))
 
 
 def _dist():

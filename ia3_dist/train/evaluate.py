@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from . import dist
-from .data import TokenizedData, collate
+from ..data.collate import collate
+from ..data.tokenize import TokenizedData
+from ..runtime import dist
 
 
 def evaluate(engine: Any, data: TokenizedData, env: dist.DistEnv, micro: int, pad_id: int,

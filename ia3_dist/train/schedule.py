@@ -12,7 +12,7 @@ from collections.abc import Callable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import TrainConfig
+from ..config import TrainSection
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -29,6 +29,6 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def lr_schedule(t: TrainConfig, total_steps: int) -> Callable[[Optimizer], LambdaLR]:
+def lr_schedule(t: TrainSection, total_steps: int) -> Callable[[Optimizer], LambdaLR]:
     fn = lr_lambda(t.scheduler, t.warmup_steps, total_steps)
     return lambda opt: LambdaLR(opt, fn)

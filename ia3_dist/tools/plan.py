@@ -23,9 +23,14 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from .config import RunConfig
-from .ds_config import live_params
-from .errors import UsageError
+from ..config import RunConfig
+from ..errors import UsageError
+from ..models.families import arch_config
+from ..models.ia3 import build_on_meta, trainable_line
+from ..models.load import layers_of, load_model_config
+from ..runtime.ds_config import live_params
+from ..runtime.hostmem import rss_gib
+from ..train import demo
 
 GIB = 2**30
 OVERHEAD = 1.5 * GIB
@@ -46,14 +51,11 @@ class Shape:
 
 
 def model_shape(cfg: RunConfig) -> Shape:
-    from .arch import bloom_config
-    from .model import build_on_meta, layers_of, load_model_config, resolve_model_path, trainable_line
-
     if cfg.model.arch:
-        mc = bloom_config(cfg.model.arch)
+        mc = arch_config(cfg.model.arch)
     else:
         try:
-            mc = load_model_config(resolve_model_path(cfg.model, cfg.data.cache_dir), cfg.model)
+            mc = load_model_config(demo.model_path(cfg.model.path, cfg.data.cache_dir), cfg.model)
         except UsageError as e:
             raise UsageError(f"{e}; or set model.arch to one of the Bloom family names to plan without it") \
                 from None
@@ -123,8 +125,6 @@ def framework_rss() -> float:
     import deepspeed  # noqa: F401 - imported for its footprint
     import peft  # noqa: F401
     import transformers  # noqa: F401
-
-    from .hostmem import rss_gib
 
     return rss_gib() * GIB
 

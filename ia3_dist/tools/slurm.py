@@ -7,16 +7,16 @@ import re
 import shlex
 from pathlib import Path
 
-from .config import load_config
-from .errors import UsageError
+from ..config import load_config
+from ..errors import UsageError
 
 TEMPLATES = {"deepspeed": "single_node.sbatch", "multi": "multi_node.sbatch", "srun": "srun_per_rank.sbatch"}
 
 
 def template_dir() -> Path:
     """``slurm/`` beside the package in a checkout, or the installed ``ia3_dist.slurm_templates`` data."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "slurm", here / "slurm_templates"):
+    pkg = Path(__file__).resolve().parents[1]
+    for cand in (pkg.parent / "slurm", pkg / "slurm_templates"):
         if (cand / "lib.sh").is_file():
             return cand
     raise FileNotFoundError("slurm templates not found next to ia3_dist")

@@ -1,34 +1,31 @@
-"""Typed run config: one dataclass per YAML section, strict loading, ``key.sub=value`` overrides.
+"""The run config's schema: one dataclass per YAML section, each field documented, checks in ``__post_init__``.
 
-``yaml.safe_load`` gives a plain mapping; :func:`build_config` constructs the dataclasses from it so that an unknown
-key, a wrong type or an impossible value fails with a :class:`UsageError` naming the key, before anything starts.
+Loading (YAML, overrides, type coercion, unknown keys) is in :mod:`ia3_dist.config.load`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import UsageError
+from ..errors import UsageError
+from .archs import ARCHS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 
 
-def _fail(key: str, msg: str) -> typing.NoReturn:
+def fail(key: str, msg: str) -> typing.NoReturn:
     raise UsageError(f"config key '{key}': {msg}")
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
     path: str = "demo:tiny-bloom"
     """Local model dir or hub name for ``AutoModelForCausalLM.from_pretrained``; ``demo:tiny-bloom`` builds the
     embedded tiny Bloom once and caches it."""
@@ -49,15 +46,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.path:
-            _fail("model.path", "must be a model directory or hub name")
-        from .arch import BLOOM_FAMILY
-
-        if self.arch is not None and self.arch not in BLOOM_FAMILY:
-            _fail("model.arch", f"unknown {self.arch!r}; known: {', '.join(BLOOM_FAMILY)}")
+            fail("model.path", "must be a model directory or hub name")
+        if self.arch is not None and self.arch not in ARCHS:
+            fail("model.arch", f"unknown {self.arch!r}; known: {', '.join(ARCHS)}")
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     path: str = "demo:zh-styles"
     """``save_to_disk`` dir, ``.json`` (list of records), ``.jsonl``, a hub dataset name, or ``demo:zh-styles``."""
     split: str = "train"
@@ -94,21 +89,21 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
-            _fail("data.max_length", f"must be >= 2, got {self.max_length}")
+            fail("data.max_length", f"must be >= 2, got {self.max_length}")
         if not 0.0 <= self.eval_ratio < 1.0:
-            _fail("data.eval_ratio", f"must be in [0, 1), got {self.eval_ratio}")
+            fail("data.eval_ratio", f"must be in [0, 1), got {self.eval_ratio}")
         if self.eval_ratio and self.eval_path:
-            _fail("data.eval_ratio", "set either data.eval_ratio or data.eval_path, not both")
+            fail("data.eval_ratio", "set either data.eval_ratio or data.eval_path, not both")
         if self.num_proc < 0:
-            _fail("data.num_proc", f"must be >= 0, got {self.num_proc}")
+            fail("data.num_proc", f"must be >= 0, got {self.num_proc}")
         if self.on_bad_record not in ("error", "skip"):
-            _fail("data.on_bad_record", f"must be error or skip, got {self.on_bad_record!r}")
+            fail("data.on_bad_record", f"must be error or skip, got {self.on_bad_record!r}")
         if self.limit is not None and self.limit < 1:
-            _fail("data.limit", f"must be >= 1 or null, got {self.limit}")
+            fail("data.limit", f"must be >= 1 or null, got {self.limit}")
         try:
             self.prompt_template.format(instruction="", input="")
         except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
-            _fail("data.prompt_template", f"bad template ({e!r}); only {{instruction}} and {{input}} are allowed")
+            fail("data.prompt_template", f"bad template ({e!r}); only {{instruction}} and {{input}} are allowed")
 
 
 @dataclass
@@ -121,15 +116,15 @@ class IA3Section:
 
     def __post_init__(self) -> None:
         if (self.feedforward_modules is not None) and self.target_modules is None:
-            _fail("ia3.feedforward_modules", "set ia3.target_modules too (feedforward modules must be a subset)")
+            fail("ia3.feedforward_modules", "set ia3.target_modules too (feedforward modules must be a subset)")
         if self.target_modules is not None and self.feedforward_modules is not None:
             extra = set(self.feedforward_modules) - set(self.target_modules)
             if extra:
-                _fail("ia3.feedforward_modules", f"{sorted(extra)} not in ia3.target_modules")
+                fail("ia3.feedforward_modules", f"{sorted(extra)} not in ia3.target_modules")
 
 
 @dataclass
-class TrainConfig:
+class TrainSection:
     micro_batch_size: int = 1
     """Examples per rank per forward pass."""
     grad_accum: int = 8
@@ -183,32 +178,32 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.eval_every < 0:
-            _fail("train.eval_every", f"must be >= 0, got {self.eval_every}")
+            fail("train.eval_every", f"must be >= 0, got {self.eval_every}")
         for key in ("micro_batch_size", "grad_accum", "epochs", "log_every"):
             if getattr(self, key) < 1:
-                _fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+                fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         if self.max_steps < 0:
-            _fail("train.max_steps", f"must be >= 0, got {self.max_steps}")
+            fail("train.max_steps", f"must be >= 0, got {self.max_steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            _fail("train.lr", f"must be a positive number, got {self.lr}")
+            fail("train.lr", f"must be a positive number, got {self.lr}")
         if self.precision not in PRECISIONS:
-            _fail("train.precision", f"must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
+            fail("train.precision", f"must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
         if self.scheduler not in SCHEDULERS:
-            _fail("train.scheduler", f"must be one of {'|'.join(SCHEDULERS)}, got {self.scheduler!r}")
+            fail("train.scheduler", f"must be one of {'|'.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.warmup_steps < 0:
-            _fail("train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+            fail("train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            _fail("train.betas", f"must be two numbers in [0, 1), got {self.betas}")
+            fail("train.betas", f"must be two numbers in [0, 1), got {self.betas}")
         if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
-            _fail("train", "weight_decay and grad_clip must be >= 0 and eps > 0")
+            fail("train", "weight_decay and grad_clip must be >= 0 and eps > 0")
         if self.peak_tflops < 0:
-            _fail("train.peak_tflops", f"must be >= 0, got {self.peak_tflops}")
+            fail("train.peak_tflops", f"must be >= 0, got {self.peak_tflops}")
         if self.threads < 0:
-            _fail("train.threads", f"must be >= 0, got {self.threads}")
+            fail("train.threads", f"must be >= 0, got {self.threads}")
         if self.stop_after_steps < 0:
-            _fail("train.stop_after_steps", f"must be >= 0, got {self.stop_after_steps}")
+            fail("train.stop_after_steps", f"must be >= 0, got {self.stop_after_steps}")
         if not self.resume:
-            _fail("train.resume", "must be auto, none or a checkpoint path")
+            fail("train.resume", "must be auto, none or a checkpoint path")
 
 
 @dataclass
@@ -221,7 +216,7 @@ class DeepSpeedSection:
 
     def __post_init__(self) -> None:
         if self.timeout_minutes < 1:
-            _fail("deepspeed.timeout_minutes", f"must be >= 1, got {self.timeout_minutes}")
+            fail("deepspeed.timeout_minutes", f"must be >= 1, got {self.timeout_minutes}")
 
 
 @dataclass
@@ -236,9 +231,9 @@ class CheckpointSection:
 
     def __post_init__(self) -> None:
         if self.every < 0:
-            _fail("checkpoint.every", f"must be >= 0, got {self.every}")
+            fail("checkpoint.every", f"must be >= 0, got {self.every}")
         if self.keep < 1:
-            _fail("checkpoint.keep", f"must be >= 1, got {self.keep}")
+            fail("checkpoint.keep", f"must be >= 1, got {self.keep}")
 
 
 @dataclass
@@ -250,7 +245,7 @@ class OutputSection:
 
     def __post_init__(self) -> None:
         if not self.dir:
-            _fail("output.dir", "must be a directory path")
+            fail("output.dir", "must be a directory path")
 
 
 @dataclass
@@ -264,18 +259,18 @@ class HardwareSection:
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1 or self.gpu_mem_gib <= 0:
-            _fail("hardware", "nodes and gpus_per_node must be >= 1 and gpu_mem_gib > 0")
+            fail("hardware", "nodes and gpus_per_node must be >= 1 and gpu_mem_gib > 0")
 
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     """Base model and tokenizer."""
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataSection = field(default_factory=DataSection)
     """Instruction data and preprocessing."""
     ia3: IA3Section = field(default_factory=IA3Section)
     """IA3 adapter placement."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainSection = field(default_factory=TrainSection)
     """Optimisation."""
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     """DeepSpeed ZeRO config."""
@@ -293,146 +288,3 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; accept the few safe conversions YAML needs (int -> float,
-    numeric strings such as ``3e-3`` that YAML 1.1 reads as strings)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except UsageError as e:
-                errors.append(str(e))
-        _fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            _fail(key, f"expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        _fail(key, f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        _fail(key, f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        _fail(key, f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        _fail(key, f"expected a string, got {value!r}")
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        _fail(prefix, f"expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in raw:
-        if k not in names:
-            where = f"{prefix}.{k}" if prefix else str(k)
-            _fail(where, f"unknown key; valid keys here: {', '.join(sorted(names))}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            continue
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, raw[f.name], key)
-        else:
-            kwargs[f.name] = _coerce(raw[f.name], tp, key)
-    return cls(**kwargs)
-
-
-def build_config(raw: Any) -> RunConfig:
-    """Construct a :class:`RunConfig` from a plain mapping, failing loudly on anything unexpected."""
-    return _build(RunConfig, raw, "")
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``train.lr=1e-3`` -> (["train", "lr"], 0.001). The value is read as YAML so lists and nulls work."""
-    if "=" not in text:
-        raise UsageError(f"override '{text}': expected key.sub=value (e.g. train.lr=1e-3)")
-    key, _, value = text.partition("=")
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise UsageError(f"override '{text}': empty key part")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
-    return parts, parsed
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = raw
-        for i, p in enumerate(parts[:-1]):
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise UsageError(f"override '{text}': '{'.'.join(parts[: i + 1])}' is not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return raw
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"config file {p}: not found")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise UsageError(f"config file {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
-        raise UsageError(f"config file {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UsageError(f"config file {p}: top level must be a mapping of sections, got {type(raw).__name__}")
-    return raw
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> RunConfig:
-    """Read ``path`` (or start from ``base``), apply overrides, construct and validate."""
-    raw = read_yaml(path) if path is not None else copy.deepcopy(base or {})
-    raw = apply_overrides(raw, list(overrides or []))
-    try:
-        return build_config(raw)
-    except UsageError as e:
-        if path is not None:
-            raise UsageError(f"{path}: {e}") from None
-        raise

@@ -1,0 +1,29 @@
+"""Where tokenized data and the demo assets are cached, and the file lock that serialises building an entry."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..config import DataSection
+
+
+def cache_root(cfg: DataSection) -> Path:
+    root = cfg.cache_dir or os.environ.get("IA3_DIST_CACHE") or os.path.join(Path.home(), ".cache", "ia3-dist")
+    return Path(root).expanduser()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock shared by every process on the node (and on a shared filesystem that supports flock), so
+    one rank builds a cache entry while the others wait on a file, never on a collective with a timeout."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -1,0 +1,121 @@
+"""Which examples each rank sees in each optimizer step: the held-out split, the epoch order, length-grouped
+micro-batches and the per-rank slices. A pure function of (seed, epoch, step), so a resume needs no replay."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UsageError
+from .tokenize import TokenizedData
+
+
+def split_eval(data: TokenizedData, ratio: float, seed: int) -> tuple[TokenizedData, TokenizedData]:
+    """(train, eval): a seeded random ``ratio`` of the examples is held out; train keeps file order."""
+    n_eval = max(1, round(len(data) * ratio))
+    if n_eval >= len(data):
+        raise UsageError(f"data.eval_ratio={ratio} leaves no training examples out of {len(data)}")
+    held = np.sort(np.random.default_rng([seed, 7919]).permutation(len(data))[:n_eval])
+    keep = np.setdiff1d(np.arange(len(data)), held)
+    return data.subset(keep), data.subset(held)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    return -(-n // global_batch)
+
+
+ORDER_VERSION = 2
+"""Bumped whenever plan_epoch orders examples differently: a checkpoint of another order is not resumed."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How examples are cut into optimizer steps: global batch = micro x accum x world."""
+
+    micro: int
+    accum: int
+    world: int
+    seed: int
+    shuffle: bool
+    group_by_length: bool
+    group_steps: int = 64
+    """Steps per length group (grouped mode): large enough to sort well, small enough to keep order random."""
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+
+def rank_micro_batches(batch: Sequence[int], rank: int, world: int, micro: int, accum: int) -> list[list[int]]:
+    """Split one global batch (<= micro*accum*world example indices) into this rank's ``accum`` micro-batches.
+
+    Rank r takes every world-th example, so a short last batch stays spread over the ranks. Empty micro-batches
+    are kept as empty lists: every rank must still run ``accum`` micro-steps so collectives line up.
+    """
+    mine = list(batch[rank::world])
+    out = [mine[i * micro:(i + 1) * micro] for i in range(accum)]
+    if sum(len(m) for m in out) != len(mine):
+        raise ValueError(f"global batch of {len(batch)} does not fit micro={micro} x accum={accum} x world={world}")
+    return out
+
+
+def plan_epoch(lengths: np.ndarray, lay: Layout, epoch: int) -> list[list[list[int]]]:
+    """Every step of one epoch as ``world x accum`` micro-batches (rank r's are ``[r*accum:(r+1)*accum]``).
+
+    Plain mode: consecutive global batches of the epoch order. Length-grouped mode: the epoch order is cut into
+    groups of ``group_steps`` global batches; inside a group examples are sorted by length and cut into
+    micro-batches of similar lengths (little padding); runs of one step's worth of neighbouring micro-batches
+    are shuffled within the group and dealt round-robin to the ranks. Either way each example appears exactly
+    once per epoch and the plan is a pure function of (seed, epoch).
+    """
+    n = len(lengths)
+    order = epoch_order(n, lay.seed, epoch, lay.shuffle)
+    per_step = lay.world * lay.accum
+    steps: list[list[list[int]]] = []
+    if not lay.group_by_length:
+        for k in range(steps_per_epoch(n, lay.global_batch)):
+            batch = order[k * lay.global_batch:(k + 1) * lay.global_batch].tolist()
+            steps.append([mb for r in range(lay.world)
+                          for mb in rank_micro_batches(batch, r, lay.world, lay.micro, lay.accum)])
+        return steps
+    rng = np.random.default_rng([lay.seed, epoch, 2])
+    group = lay.global_batch * lay.group_steps
+    for g in range(0, n, group):
+        idx = order[g:g + group]
+        idx = idx[np.argsort(-lengths[idx], kind="stable")]
+        chunk = [idx[i:i + lay.micro].tolist() for i in range(0, len(idx), lay.micro)]
+        # Whole steps of neighbouring micro-batches are shuffled, not single micro-batches, and a step's
+        # micro-batches are dealt round-robin to the ranks: every rank of a step gets about the same number of
+        # tokens, so none waits for another at the gradient all-reduce.
+        blocks = [chunk[i:i + per_step] for i in range(0, len(chunk), per_step)]
+        for j in rng.permutation(len(blocks)):
+            b = blocks[j] + [[] for _ in range(per_step - len(blocks[j]))]
+            steps.append([b[a * lay.world + r] for r in range(lay.world) for a in range(lay.accum)])
+    return steps
+
+
+def iter_steps(lengths: np.ndarray, lay: Layout, total_steps: int,
+               start_step: int = 0) -> Iterator[tuple[int, int, list[list[int]]]]:
+    """Yield ``(step, epoch, micro_batches)`` for steps ``start_step .. total_steps-1``; positions are computed,
+    never replayed, so starting at step k costs nothing."""
+    spe = steps_per_epoch(len(lengths), lay.global_batch)
+    plan_of, plan = -1, []
+    for step in range(start_step, total_steps):
+        epoch, k = divmod(step, spe)
+        if epoch != plan_of:
+            plan, plan_of = plan_epoch(lengths, lay, epoch), epoch
+            if len(plan) != spe:
+                raise AssertionError(f"epoch plan has {len(plan)} steps, expected {spe}")
+        yield step, epoch, plan[k]
+
+
+def rank_slice(step: list[list[int]], rank: int, accum: int) -> list[list[int]]:
+    return step[rank * accum:(rank + 1) * accum]

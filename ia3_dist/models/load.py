@@ -1,0 +1,74 @@
+"""Tokenizer, base model and its config.json: the users' ``from_pretrained`` path (ZeRO 0-2; ZeRO-3 loads
+through :mod:`ia3_dist.models.zero3_load`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ModelSection
+from ..errors import UsageError
+from .files import check_tokenizer_dir
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_tokenizer(cfg: ModelSection, model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer or model_path
+    check_tokenizer_dir(src)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"tokenizer {src}: cannot load it ({type(e).__name__}: {e})") from None
+    if tok.eos_token is None:
+        raise UsageError(f"tokenizer {src} has no eos token; add one to its special_tokens_map.json")
+    if tok.pad_token is None:
+        # DataCollatorForSeq2Seq needs a pad id; the padded positions are masked so eos is a safe stand-in.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(cfg: ModelSection, model_path: str, precision: str) -> nn.Module:
+    """``from_pretrained`` in the training dtype: every rank holds the whole model (ZeRO 0-2; ZeRO-3 loads
+    through :mod:`ia3_dist.zero_load` instead)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_path, revision=cfg.revision, dtype=DTYPES[precision],
+                                                    trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"model.path {model_path}: cannot load the model ({e})") from None
+
+
+def base_on_meta(config: Any, trust_remote_code: bool = False) -> nn.Module:
+    """The base model of an architecture from its config alone: no weights, no memory (meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def load_model_config(model_path: str, cfg: ModelSection) -> Any:
+    """The model's config.json (shapes for ZeRO bucket sizes and the vocabulary check), without weights."""
+    from transformers import AutoConfig
+
+    try:
+        c = AutoConfig.from_pretrained(model_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        if Path(model_path).exists():
+            raise UsageError(f"model.path {model_path}: cannot read config.json ({e})") from None
+        raise UsageError(f"model.path {model_path}: not a local dir and not reachable on the hub ({e})") from None
+    return c
+
+
+def hidden_size_of(model_config: Any) -> int | None:
+    return getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embed", None)
+
+
+def layers_of(model_config: Any) -> int:
+    return getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 0)

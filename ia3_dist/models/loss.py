@@ -1,0 +1,64 @@
+"""The loss the trainer optimises: the *sum* of token cross-entropies, computed only where a label exists."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.tokenize import IGNORE_INDEX
+
+
+class RowSelector(Protocol):
+    """A family's hook that makes the last block compute only some rows (see ``families.bloom.LastMLPRows``)."""
+
+    idx: torch.Tensor | None
+
+
+class TokenSumLM(nn.Module):
+    """Wraps the PEFT model; ``forward`` returns the *sum* of token cross-entropies and the label-token count.
+
+    The trainer divides by the label-token count of the whole global batch (all micro-batches, all ranks), which
+    is what HF Trainer (transformers >= 4.46) does through ``num_items_in_batch``. Logits are computed only at
+    positions whose shifted label is not ``IGNORE_INDEX``, so the vocabulary projection skips the prompt and the
+    padding.
+    """
+
+    def __init__(self, peft_model: nn.Module, last_mlp_rows: RowSelector | None = None) -> None:
+        super().__init__()
+        self.peft = peft_model
+        self.rows = last_mlp_rows
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Only trainable tensors. DeepSpeed's ``exclude_frozen_parameters`` drops frozen names it finds in
+        ``named_parameters()``, which lists a tied weight once; Bloom's frozen ``lm_head.weight`` (tied to the
+        embeddings) would otherwise ride along in every checkpoint under its second name."""
+        sd = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if not p.requires_grad:
+                sd.pop(prefix + name, None)
+        return sd
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lm = self.peft.get_base_model()
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        if self.rows is None:
+            out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = out[0][:, :-1][keep]
+        else:
+            # Positions t < T-1 whose next token is a label, as flat indices: the same rows, in the same order,
+            # as hidden[:, :-1][keep].
+            at = F.pad(keep, (0, 1))
+            self.rows.idx = at.reshape(-1).nonzero().squeeze(1)
+            try:
+                hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+            finally:
+                self.rows.idx = None  # other callers of the model (eval via peft, generation) see every row
+        logits = lm.get_output_embeddings()(hidden).float()
+        loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
+        return loss_sum, keep.sum()

@@ -1,0 +1,1 @@
+"""User-facing tools beside training: plan, slurm, inference (generate, chat), export, plots."""

@@ -1,0 +1,276 @@
+"""The engine loop: one optimizer step at a time on the DeepSpeed engine, with the reference recipe's loss (mean
+over all label tokens of the global batch), metrics, periodic eval and checkpoints.
+
+A step is :meth:`Trainer.step`: collate this rank's micro-batches, agree with every other rank on the step's
+:class:`StepStats` (one collective: token counts and the stop flag), then forward/backward each micro-batch.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from dataclasses import astuple, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..data.collate import collate
+from ..data.sampler import iter_steps, rank_slice
+from ..data.tokenize import IGNORE_INDEX
+from ..errors import NonFiniteLoss, Preempted
+from ..models.families import apply_speedups
+from ..models.ia3 import apply_ia3, trainable_line
+from ..models.load import DTYPES, hidden_size_of, layers_of, load_base_model
+from ..models.loss import TokenSumLM
+from ..runtime import checkpoint as ckpt
+from ..runtime import dist, hostmem
+from ..runtime import ds_config as dsc
+from ..runtime.preempt import StopFlag
+from .evaluate import evaluate
+from .metrics import MetricsLog, device_peak_tflops, model_flops, peak_memory_gb
+from .schedule import lr_schedule
+
+if TYPE_CHECKING:
+    from .run import Prepared
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step needs to know about the whole global batch. It travels as one float64 all-reduce
+    (sum over ranks), so every rank agrees on the loss normaliser and on whether to stop."""
+
+    label_tokens: float = 0.0
+    """Tokens that carry a label (the loss normaliser of the global batch)."""
+    real_tokens: float = 0.0
+    """Non-padding tokens."""
+    padded_tokens: float = 0.0
+    """Tokens computed on, padding included."""
+    samples: float = 0.0
+    stop_requested: float = 0.0
+    """> 0 when a signal reached any rank."""
+    flops: float = 0.0
+    """Training FLOPs by the 6N convention plus attention (see :func:`model_flops`)."""
+
+    def all_reduce(self, device: torch.device) -> StepStats:
+        t = torch.tensor(astuple(self), dtype=torch.float64, device=device)
+        return StepStats(*dist.all_reduce_sum(t).tolist())
+
+    def __iadd__(self, other: StepStats) -> StepStats:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+
+@dataclass
+class Window:
+    """Steps since the last logged line: their summed stats and mean loss."""
+
+    stats: StepStats = field(default_factory=StepStats)
+    loss: float = 0.0
+    steps: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    losses: list[float]
+    """Per-step losses of this invocation (steps start_step+1 .. end)."""
+    engine: Any
+    """The DeepSpeed engine, still live until the process group is destroyed."""
+    peft_model: Any
+    start_step: int = 0
+    eval: dict[str, float] | None = None
+
+    def loss_change(self, window: int) -> tuple[int, float, float]:
+        """Mean loss of the first and last ``k`` steps, k = min(window, steps // 4) (at least 1)."""
+        k = max(1, min(window, len(self.losses) // 4))
+        return k, sum(self.losses[:k]) / k, sum(self.losses[-k:]) / k
+
+
+def load_base(p: Prepared) -> tuple[Any, Any]:
+    """The base model; under ZeRO-3 built partitioned and filled rank by rank (see zero3_load.py). Returns it and
+    the ``HfDeepSpeedConfig`` that must stay referenced while it lives under ZeRO-3 (transformers and PEFT then
+    treat its parameters as partitioned: shapes, gradient checkpointing, generation)."""
+    if dsc.stage_of(p.ds_config) != 3:
+        return load_base_model(p.cfg.model, p.model_path, p.cfg.train.precision), None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from ..models.zero3_load import build_partitioned, load_partitions, local_model_dir
+
+    keep_alive = HfDeepSpeedConfig(p.ds_config)
+    base = build_partitioned(p.model_config, p.ds_config, DTYPES[p.cfg.train.precision],
+                             p.cfg.model.trust_remote_code)
+    stats = load_partitions(base, local_model_dir(p.model_path, p.cfg.model.revision))
+    gc.collect()  # the untied lm_head that tie_weights replaced still holds its partition until collected
+    hostmem.trim()
+    dist.print0(p.env, f"ZeRO-3 load: rank 0 read {stats['bytes_read'] / 2**20:.1f} MiB of weights (its partition "
+                       f"of {stats['tensors']} tensors; largest single read {stats['largest_read'] / 2**20:.1f} MiB)")
+    return base, keep_alive
+
+
+def build_engine(p: Prepared) -> tuple[Any, Any, Any]:
+    """``(engine, peft_model, keep_alive)``: base + family speed-ups + IA3, wrapped in the token-sum loss."""
+    import deepspeed
+
+    torch.manual_seed(p.cfg.train.seed)
+    base, keep_alive = load_base(p)
+    gc_on = p.cfg.train.gradient_checkpointing
+    if gc_on:
+        # Non-reentrant: works with frozen inputs (IA3 leaves the embeddings frozen) and under every ZeRO stage.
+        base.config.use_cache = False
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rows = apply_speedups(base, p.cfg.model, gc_on)
+    peft_model = apply_ia3(base, p.cfg.ia3)
+    dist.print0(p.env, trainable_line(peft_model))
+    wrapper = TokenSumLM(peft_model, rows)
+    params = [q for q in wrapper.parameters() if q.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=wrapper, model_parameters=params, config=p.ds_config,
+                                           lr_scheduler=lr_schedule(p.cfg.train, p.total_steps))
+    return engine, peft_model, keep_alive
+
+
+def trim_metrics(path: Path, upto: int) -> None:
+    """On resume, drop metric lines past the checkpoint (steps a killed run logged but never saved)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+class Trainer:
+    """Holds the live engine and the loop's state; :meth:`fit` runs the steps of this invocation."""
+
+    def __init__(self, p: Prepared, stop: StopFlag) -> None:
+        self.p, self.stop = p, stop
+        self.engine, self.peft_model, self._keep_alive = build_engine(p)
+        self.device = self.engine.device
+        # Peak host RSS of the worst rank once the engine is ready: what loading cost (ZeRO-3: a partition, not
+        # the model). Every rank joins the reduction.
+        self.load_rss = dist.all_reduce_max(torch.tensor([hostmem.peak_rss_gib()], dtype=torch.float64,
+                                                         device=self.device)).item()
+        self.start = ckpt.load(self.engine, p.resume_from) if p.resume_from is not None else 0
+        t = p.cfg.train
+        self.end = p.total_steps if not t.stop_after_steps else min(p.total_steps, self.start + t.stop_after_steps)
+        self.saved = self.start
+        self.pad_id = p.tokenizer.pad_token_id
+        self.side = getattr(p.tokenizer, "padding_side", "right")
+        self.metrics_path = p.out / "metrics.jsonl"
+        if p.env.is_main:
+            if self.start:
+                trim_metrics(self.metrics_path, self.start)
+            else:
+                self.metrics_path.unlink(missing_ok=True)
+        self.log = MetricsLog(self.metrics_path if p.env.is_main else None, p.total_steps, p.env.is_main,
+                              initial=self.start)
+        mc = self.peft_model.get_base_model().config
+        n_params = sum(getattr(q, "ds_numel", q.numel()) for q in self.peft_model.parameters())
+        self.shape = (n_params, layers_of(mc), hidden_size_of(mc) or 0)
+        self.peak_tflops = device_peak_tflops(t.peak_tflops)
+        self.losses: list[float] = []
+
+    # -- one step --------------------------------------------------------------------------------------------
+
+    def local_stats(self, batches: list[dict[str, torch.Tensor]], real: list[bool]) -> StepStats:
+        s = StepStats(stop_requested=float(self.stop.requested))
+        for b, r in zip(batches, real, strict=True):
+            if r:
+                lengths = b["attention_mask"].sum(1)
+                s += StepStats(label_tokens=float((b["labels"][:, 1:] != IGNORE_INDEX).sum()),
+                               real_tokens=float(lengths.sum()), padded_tokens=float(b["input_ids"].numel()),
+                               samples=float(len(b["input_ids"])), flops=model_flops(lengths, *self.shape))
+        return s
+
+    def step(self, step: int, step_mbs: list[list[int]]) -> tuple[float, StepStats]:
+        """One optimizer step; returns its loss (mean over the global batch's label tokens) and its stats."""
+        env, t = self.p.env, self.p.cfg.train
+        mbs = rank_slice(step_mbs, env.rank, t.grad_accum)
+        filler = next(mb for mb in step_mbs if mb)[:1]
+        batches = [collate(self.p.data, mb if mb else filler, self.pad_id, self.side) for mb in mbs]
+        real = [bool(mb) for mb in mbs]
+        glob = self.local_stats(batches, real).all_reduce(self.device)
+        if glob.stop_requested > 0:
+            where = self.save(step) if step > self.saved else ckpt.root_of(self.p.out) / ckpt.tag_for(step)
+            raise Preempted(step, self.stop.signame or "a signal on another rank", str(where))
+        # DeepSpeed divides by accumulation steps and averages over ranks; undo both so the gradient is
+        # sum(token losses of the global batch) / (label tokens of the global batch), like HF Trainer.
+        scale = t.grad_accum * env.world_size / glob.label_tokens
+        loss_local = torch.zeros((), dtype=torch.float64, device=self.device)
+        for b, r in zip(batches, real, strict=True):
+            loss_sum, _ = self.engine(**{k: v.to(self.device) for k, v in b.items()})
+            # Empty slots (short last batch) still run forward/backward so every rank joins the same
+            # collectives; weight 0 keeps them out of the gradient.
+            self.engine.backward(loss_sum * (scale if r else 0.0))
+            self.engine.step()
+            if r:
+                loss_local += loss_sum.detach().double()
+        loss = dist.all_reduce_sum(loss_local).item() / glob.label_tokens
+        if not math.isfinite(loss):
+            last = ckpt.latest(ckpt.root_of(self.p.out))
+            raise NonFiniteLoss(f"loss is {loss} at optimizer step {step + 1}; stopped without saving. Last good "
+                                f"checkpoint: {last if last else 'none'} (lower train.lr or check the data, then "
+                                f"resume with train.resume=auto)")
+        return loss, glob
+
+    # -- around the steps -------------------------------------------------------------------------------------
+
+    def save(self, step: int) -> Path:
+        self.saved = step
+        return ckpt.save(self.engine, self.p.out, step, self.p.meta, self.p.cfg.checkpoint.keep, self.p.env)
+
+    def run_eval(self, step: int) -> dict[str, float]:
+        res = evaluate(self.engine, self.p.eval_data, self.p.env, self.p.cfg.train.micro_batch_size, self.pad_id,
+                       self.side)
+        self.log.log({"step": step, **res})
+        return res
+
+    def log_window(self, w: Window, done: int, epoch: int, lr: float, t_start: float) -> None:
+        """Every rank joins the memory reduction; rank 0 writes the line."""
+        dt = max(time.perf_counter() - w.t0, 1e-9)
+        gn = self.engine.get_global_grad_norm()
+        mem = dist.all_reduce_max(torch.tensor([peak_memory_gb(self.device), hostmem.peak_rss_gib()],
+                                               dtype=torch.float64, device=self.device)).tolist()
+        s = w.stats
+        tflops = s.flops / dt / 1e12
+        perf = {"tflops": tflops, "peak_mem_gb": mem[0], "peak_rss_gb": mem[1], "load_peak_rss_gb": self.load_rss}
+        if self.peak_tflops:
+            perf["mfu"] = tflops / (self.peak_tflops * self.p.env.world_size)
+        self.log.log({"step": done, "epoch": epoch, "loss": w.loss / w.steps, "lr": float(lr),
+                      "grad_norm": float(gn) if gn is not None else None,
+                      "tokens_per_s": s.real_tokens / dt, "padded_tokens_per_s": s.padded_tokens / dt,
+                      "samples_per_s": s.samples / dt, "padding_efficiency": s.real_tokens / max(s.padded_tokens, 1.0),
+                      "step_time_s": dt / w.steps, **perf, "elapsed_s": time.perf_counter() - t_start})
+
+    def fit(self) -> dict[str, float] | None:
+        """Steps ``start .. end``; returns the final eval (None without eval data)."""
+        p, t = self.p, self.p.cfg.train
+        w = Window()
+        t_start = time.perf_counter()
+        try:
+            for step, epoch, step_mbs in iter_steps(p.data.lengths, p.layout, self.end, self.start):
+                lr = self.engine.optimizer.param_groups[0]["lr"] if self.engine.optimizer is not None else t.lr
+                loss, stats = self.step(step, step_mbs)
+                done = step + 1
+                self.losses.append(loss)
+                w.loss += loss
+                w.steps += 1
+                w.stats += stats
+                self.log.step()
+                if done % t.log_every == 0 or done in (p.total_steps, self.start + 1, self.end):
+                    self.log_window(w, done, epoch, lr, t_start)
+                    w = Window()
+                if p.eval_data is not None and t.eval_every and done % t.eval_every == 0 and done < self.end:
+                    self.run_eval(done)
+                if p.cfg.checkpoint.every and done % p.cfg.checkpoint.every == 0 and done < self.end:
+                    self.save(done)
+            return self.run_eval(self.end) if p.eval_data is not None else None
+        finally:
+            self.log.close()
+
+    def finish(self) -> None:
+        """The last checkpoint (stopped early, or ``checkpoint.at_end``) unless this step is saved already."""
+        if (self.end < self.p.total_steps or self.p.cfg.checkpoint.at_end) and self.saved < self.end:
+            self.save(self.end)
