@@ -1,4 +1,7 @@
-"""Command line: ``launch.py`` / ``ia3-dist`` [train] [--config X] [key.sub=value ...]."""
+"""Command line: ``launch.py`` / ``ia3-dist`` / ``python -m ia3_dist`` [COMMAND] [--config X] [key.sub=value ...].
+
+Each command imports what it needs when it runs, so ``--help`` and bad-argument errors answer without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -42,8 +45,8 @@ def cmd_check(argv: list[str], prog: str) -> int:
     from .config import load_config
     from .runtime import dist
     from .train.demo import DEMO_RUN
+    from .train.prepare import prepare
     from .train.report import report
-    from .train.run import prepare
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_check.__doc__)
     ap.add_argument("--config")

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -25,16 +25,15 @@ from ..models.families import apply_speedups
 from ..models.ia3 import apply_ia3, trainable_line
 from ..models.load import DTYPES, hidden_size_of, layers_of, load_base_model
 from ..models.loss import TokenSumLM
+from ..models.zero3_load import build_partitioned, load_partitions, local_model_dir
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, hostmem
 from ..runtime import ds_config as dsc
 from ..runtime.preempt import StopFlag
 from .evaluate import evaluate
 from .metrics import MetricsLog, device_peak_tflops, model_flops, peak_memory_gb
+from .prepare import Prepared
 from .schedule import lr_schedule
-
-if TYPE_CHECKING:
-    from .run import Prepared
 
 
 @dataclass
@@ -98,8 +97,6 @@ def load_base(p: Prepared) -> tuple[Any, Any]:
     if dsc.stage_of(p.ds_config) != 3:
         return load_base_model(p.cfg.model, p.model_path, p.cfg.train.precision), None
     from transformers.integrations import HfDeepSpeedConfig
-
-    from ..models.zero3_load import build_partitioned, load_partitions, local_model_dir
 
     keep_alive = HfDeepSpeedConfig(p.ds_config)
     base = build_partitioned(p.model_config, p.ds_config, DTYPES[p.cfg.train.precision],

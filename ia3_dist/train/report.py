@@ -10,6 +10,7 @@ import numpy as np
 from ..data.sampler import plan_epoch
 from ..runtime import checkpoint as ckpt
 from ..runtime import ds_config as dsc
+from .prepare import Prepared
 
 
 def output_state(out: Path, resume_from: Path | None) -> str:
@@ -21,8 +22,8 @@ def output_state(out: Path, resume_from: Path | None) -> str:
     return f"{out}: exists, {n} checkpoint(s)" + (" (output.overwrite=true: they will be deleted)" if n else "")
 
 
-def report(p: Any) -> str:
-    """Data statistics and the resolved run shape (``p`` is a trainer.Prepared)."""
+def report(p: Prepared) -> str:
+    """Data statistics and the resolved run shape."""
     d, cfg = p.data, p.cfg
     lens = d.lengths
     pct = np.percentile(lens, [50, 90, 99]).round().astype(int).tolist()
