@@ -15,6 +15,9 @@ from typing import Any
 from .errors import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USAGE, NonFiniteLoss, Preempted, UsageError
 from .runtime import console
 
+# More ranks than any cluster has; a bound keeps the step planner's per-rank lists finite on hostile input.
+MAX_WORLD_SIZE = 1 << 20
+
 
 def _train_parser(prog: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Fine-tune a causal LM with IA3 on DeepSpeed. With no "
@@ -57,8 +60,8 @@ def cmd_check(argv: list[str], prog: str) -> int:
     cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO_RUN)
     env = dist.detect()
     if args.world_size is not None:
-        if args.world_size < 1:
-            raise UsageError("--world-size must be >= 1")
+        if not 1 <= args.world_size <= MAX_WORLD_SIZE:
+            raise UsageError(f"--world-size must be between 1 and {MAX_WORLD_SIZE}")
         env = dist.DistEnv(0, 0, args.world_size, args.world_size)
     print(report(prepare(cfg, env)))
     print("preflight: OK")
@@ -79,10 +82,16 @@ def _gen_args(ap: argparse.ArgumentParser) -> None:
 
 
 def _gen_options(a: argparse.Namespace) -> Any:
+    import math
+
     from .tools.inference import GenOptions
 
-    if a.max_new_tokens < 1 or a.temperature <= 0 or not 0 < a.top_p <= 1 or a.top_k < 0:
-        raise UsageError("need --max-new-tokens >= 1, --temperature > 0, 0 < --top-p <= 1, --top-k >= 0")
+    # nan passes `x <= 0`; generation would fail on it deep inside transformers.
+    finite = math.isfinite(a.temperature) and math.isfinite(a.repetition_penalty)
+    if (not finite or a.max_new_tokens < 1 or a.temperature <= 0 or not 0 < a.top_p <= 1 or a.top_k < 0
+            or a.repetition_penalty <= 0):
+        raise UsageError("need --max-new-tokens >= 1, finite --temperature > 0, 0 < --top-p <= 1, --top-k >= 0 and "
+                         "finite --repetition-penalty > 0")
     return GenOptions(a.max_new_tokens, a.sample, a.temperature, a.top_p, a.top_k, a.seed, a.repetition_penalty)
 
 
@@ -94,16 +103,28 @@ def _parse_request(line: str, where: str) -> tuple[str, str]:
             obj = json.loads(s)
         except json.JSONDecodeError as e:
             raise UsageError(f"{where}: invalid JSON ({e.msg})") from None
+        except ValueError as e:  # an integer literal past Python's digit limit
+            raise UsageError(f"{where}: invalid JSON ({e})") from None
+        except RecursionError:
+            raise UsageError(f"{where}: invalid JSON (nested too deeply)") from None
         if not isinstance(obj.get("instruction"), str) or not isinstance(obj.get("input", ""), str):
             raise UsageError(f"{where}: a JSON prompt needs a string 'instruction' (and optional 'input')")
-        return obj["instruction"], obj.get("input", "")
-    return s, ""
+        req = obj["instruction"], obj.get("input", "")
+    else:
+        req = s, ""
+    for text in req:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable argv bytes or a JSON \ud800 escape; tokenizers reject them
+            raise UsageError(f"{where}: not valid Unicode text (undecodable bytes or an unpaired \\uD800-\\uDFFF "
+                             f"escape)") from None
+    return req
 
 
 def cmd_generate(argv: list[str], prog: str) -> int:
     """Generate responses with the training template. Prompts come from the arguments, else from --file, else
     from stdin (one per line; plain text or {"instruction": ..., "input": ...}). Writes JSONL."""
-    from .tools.inference import generate, load_for_inference
+    from .tools.inference import generate, load_for_inference, read_prompt_lines
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_generate.__doc__)
     _gen_args(ap)
@@ -117,18 +138,25 @@ def cmd_generate(argv: list[str], prog: str) -> int:
     else:
         if a.file:
             try:
-                lines = Path(a.file).read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                raise UsageError(f"--file {a.file}: {e}") from None
+                fh = open(a.file, encoding="utf-8")  # noqa: SIM115 - closed below
+            except OSError as e:
+                raise UsageError(f"--file {a.file}: cannot open it ({e.strerror or e})") from None
+            with fh:
+                lines = read_prompt_lines(fh, f"--file {a.file}")
             src = a.file
         else:
-            lines, src = sys.stdin.read().splitlines(), "stdin"
-        reqs = [_parse_request(ln, f"{src}:{n}") for n, ln in enumerate(lines, start=1) if ln.strip()]
+            lines, src = read_prompt_lines(sys.stdin, "stdin"), "stdin"
+        reqs = [_parse_request(ln, f"{src}:{n}") for n, ln in lines]
     if not reqs:
         raise UsageError("no prompts (give them as arguments, with --file, or on stdin)")
+    if a.out and (Path(a.out).is_dir() or not Path(a.out).parent.is_dir()):
+        raise UsageError(f"--out {a.out}: not a file in an existing directory")
     model, tok, template, _ = load_for_inference(a.adapter, a.base, a.dtype)
     responses = generate(model, tok, template, reqs, opts)
-    out = open(a.out, "w", encoding="utf-8") if a.out else sys.stdout
+    try:
+        out = open(a.out, "w", encoding="utf-8") if a.out else sys.stdout  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise UsageError(f"--out {a.out}: cannot write it ({e.strerror or e})") from None
     try:
         for (ins, inp), r in zip(reqs, responses, strict=True):
             out.write(json.dumps({"instruction": ins, "input": inp, "response": r}, ensure_ascii=False) + "\n")
@@ -141,7 +169,7 @@ def cmd_generate(argv: list[str], prog: str) -> int:
 def cmd_chat(argv: list[str], prog: str) -> int:
     """Interactive: type an instruction, get the model's answer (the training template, one turn each).
     Empty line or /quit ends it."""
-    from .tools.inference import generate, load_for_inference
+    from .tools.inference import MAX_PROMPT_CHARS, generate, load_for_inference
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_chat.__doc__)
     _gen_args(ap)
@@ -149,29 +177,52 @@ def cmd_chat(argv: list[str], prog: str) -> int:
     opts = _gen_options(a)
     model, tok, template, _ = load_for_inference(a.adapter, a.base, a.dtype)
     print(f"ia3-dist chat with {a.adapter} (empty line or /quit to end)", flush=True)
+    interactive = sys.stdin.isatty()
+    n = 0
     while True:
+        n += 1
         try:
-            line = input("Human: ")
+            if interactive:  # the terminal bounds a line; input() gives line editing
+                line = input("Human: ")
+            else:
+                # Piped input has no such bound: a bounded readline, so a stream with no newline cannot fill memory.
+                print("Human: ", end="", flush=True)
+                line = sys.stdin.readline(MAX_PROMPT_CHARS + 1)
+                if not line:
+                    break
         except EOFError:
             break
+        except UnicodeDecodeError as e:
+            raise UsageError(f"stdin:{n}: not UTF-8 ({e.reason}); use a UTF-8 terminal or input") from None
+        if len(line) > MAX_PROMPT_CHARS and not line.endswith("\n"):
+            raise UsageError(f"stdin:{n}: line longer than {MAX_PROMPT_CHARS} characters, the limit for one prompt")
         if not line.strip() or line.strip() == "/quit":
             break
-        print("Assistant: " + generate(model, tok, template, [_parse_request(line, "input")], opts)[0], flush=True)
+        try:
+            req = _parse_request(line, f"input {n}")
+        except UsageError as e:  # a typo should not end the session
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        print("Assistant: " + generate(model, tok, template, [req], opts)[0], flush=True)
     return 0
 
 
 def cmd_export(argv: list[str], prog: str) -> int:
     """Merge the IA3 adapter into its base (PEFT merge_and_unload) and save a standard HF model (safetensors),
-    its tokenizer and the prompt template."""
-    from .tools.export import export_merged
+    its tokenizer and the prompt template into --out, which must be new or empty (see --force)."""
+    from .tools.export import MARKER, export_merged
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_export.__doc__)
     ap.add_argument("--adapter", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="directory for the merged model: new or empty, unless --force")
     ap.add_argument("--base")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--force", action="store_true",
+                    help=f"replace an earlier `ia3-dist export` in --out (the files its {MARKER} lists: stale weight "
+                         f"shards go, other files there are kept). A non-empty dir that export did not write is "
+                         f"refused even with --force")
     a = ap.parse_args(argv)
-    print(f"merged model written to {export_merged(a.adapter, a.out, a.base, a.dtype)}")
+    print(f"merged model written to {export_merged(a.adapter, a.out, a.base, a.dtype, force=a.force)}")
     return 0
 
 

@@ -239,7 +239,7 @@ def test_skip_policy_counts_and_names_bad_records(tmp_path: Path, capsys: pytest
 # ------------------------------------------------------------------------------------------------------------
 # Fuzzing: whatever the bytes or the config, only UsageError may escape.
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),
                            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=4),
                            max_leaves=12)

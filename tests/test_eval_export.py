@@ -18,6 +18,7 @@ from ia3_dist.data.collate import collate
 from ia3_dist.data.sampler import split_eval
 from ia3_dist.data.tokenize import load_or_tokenize
 from ia3_dist.tools.inference import load_for_inference
+from ia3_dist.train import demo
 
 pytestmark = pytest.mark.slow
 TINY = "configs/tiny-cpu.yaml"
@@ -37,7 +38,7 @@ def _reference_eval_loss(out: Path) -> tuple[float, int]:
     """Token-mean loss of the saved adapter on the held-out split, computed in one process."""
     cfg = load_config(out / "run.yaml")
     model, tok, _, _ = load_for_inference(str(out / "adapter"))
-    data = load_or_tokenize(cfg.data, tok)
+    data = load_or_tokenize(demo.data_section(cfg.data), tok)
     _, held = split_eval(data, cfg.data.eval_ratio, cfg.train.seed)
     total, n = 0.0, 0
     with torch.no_grad():

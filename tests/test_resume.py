@@ -123,7 +123,7 @@ def test_changed_world_size_is_refused(straight: dict[str, Path], tmp_path: Path
 def test_output_dir_guard(straight: dict[str, Path], tmp_path: Path) -> None:
     src = straight["zero2"]
     before = sorted(p.name for p in (src / "checkpoints").iterdir())
-    proc = run2(src)
+    proc = run2(src, "output.overwrite=false")  # the demo config starts over by default
     assert proc.returncode == 2 and "holds another run's checkpoints" in proc.stderr
     assert sorted(p.name for p in (src / "checkpoints").iterdir()) == before
     # Resuming a finished run does no more steps and rewrites the same adapter.

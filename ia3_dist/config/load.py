@@ -1,7 +1,8 @@
 """Loading a run config: strict YAML, ``key.sub=value`` overrides, and construction of the typed sections.
 
-``yaml.safe_load`` gives a plain mapping; :func:`build_config` constructs the dataclasses from it so that an unknown
-key, a wrong type or an impossible value fails with a :class:`UsageError` naming the key, before anything starts.
+:class:`RunConfigLoader` (a ``yaml.SafeLoader`` that refuses aliases, anchors, merge keys, duplicate keys and deep
+nesting) gives a plain mapping; :func:`build_config` constructs the dataclasses from it so that an unknown key, a
+wrong type or an impossible value fails with a :class:`UsageError` naming the key, before anything starts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,81 @@ from typing import Any
 import yaml
 
 from ..errors import UsageError
-from .schema import RunConfig, fail
+from .schema import RunConfig, brief, fail, show
+
+MAX_CONFIG_BYTES = 1 << 20
+"""A run config is a few hundred bytes; anything near this is not one, and YAML parsing is slow per byte."""
+MAX_DEPTH = 32
+"""Nesting a run config may have (it needs 3); PyYAML composes nodes recursively and would hit RecursionError."""
+
+
+_WHY_NO_ALIASES = "anchors and aliases are refused: nested aliases expand a small file into gigabytes"
+
+
+class RefusedYAML(yaml.MarkedYAMLError):
+    """Valid YAML that a run config must not use; the mark gives the file position."""
+
+
+class RunConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` for run configs and override values.
+
+    Refused, each naming line and column: aliases and anchors (a 500-byte "billion laughs" file of nested aliases
+    expands to gigabytes), merge keys (only useful with aliases), duplicate keys (YAML silently keeps the last, so
+    ``lr: 0.1`` then ``lr: 0.2`` trains with 0.2), nesting beyond :data:`MAX_DEPTH`, and scalars Python cannot
+    represent (integers over 4300 digits, dates such as 2024-02-30).
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise RefusedYAML(None, None, f"YAML alias *{show(event.anchor)[1:-1]} is not allowed in a run config "
+                              f"({_WHY_NO_ALIASES}); write the value out", event.start_mark)
+        if isinstance(event, yaml.NodeEvent) and event.anchor is not None:
+            raise RefusedYAML(None, None, f"YAML anchor &{show(event.anchor)[1:-1]} is not allowed in a run "
+                              f"config ({_WHY_NO_ALIASES}); write each value out", event.start_mark)
+        if self._depth >= MAX_DEPTH:
+            raise RefusedYAML(None, None, f"nested more than {MAX_DEPTH} levels deep; a run config is sections of "
+                              f"keys", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError):
+            what = node.tag.rpartition(":")[2] if isinstance(node.tag, str) else "value"
+            if what == "int" and isinstance(node.value, str):
+                raise RefusedYAML(None, None, f"integer of {len(node.value)} characters is too large",
+                                  node.start_mark) from None
+            raise RefusedYAML(None, None, f"cannot read {show(node.value)} as {what}; quote it to make it a string",
+                              node.start_mark) from None
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise RefusedYAML(None, None, "merge keys (<<) are not allowed in a run config; write the keys "
+                                      "out", key_node.start_mark)
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = first.get(key)
+                except TypeError:
+                    continue  # unhashable: SafeConstructor reports it with its position
+                if seen is not None:
+                    raise RefusedYAML(None, None, f"duplicate key {show(key)} (first at line {seen.line + 1}); YAML "
+                                      f"would silently keep the last one: keep one", key_node.start_mark)
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=RunConfigLoader)  # a SafeLoader subclass: no object construction
 
 
 def _type_name(tp: Any) -> str:
@@ -39,37 +114,46 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except UsageError as e:
                 errors.append(str(e))
-        fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {show(value)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            fail(key, f"expected a list, got {value!r}")
+            fail(key, f"expected a list, got {show(value)}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        fail(key, f"expected true or false, got {value!r}")
+        fail(key, f"expected true or false, got {show(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        fail(key, f"expected an integer, got {value!r}")
+        fail(key, f"expected an integer, got {show(value)}")
     if tp is float:
+        # Range and finiteness are the schema's checks; here only "is it a number at all".
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                fail(key, f"number out of range, got {show(value)}")
         if isinstance(value, str):
             try:
                 return float(value)
             except ValueError:
                 pass
-        fail(key, f"expected a number, got {value!r}")
+        fail(key, f"expected a number, got {show(value)}")
     if tp is str:
+        # str() of an int over 4300 digits raises; no string setting is a number that long.
+        if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
+                                        and value.bit_length() <= 256):
+            value = str(value)
         if isinstance(value, str):
+            # Every string ends up in a path, a prompt or a command line, where NUL is an error or a truncation.
+            if "\0" in value:
+                fail(key, f"contains a NUL character: {show(value)}")
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        fail(key, f"expected a string, got {value!r}")
+        fail(key, f"expected a string, got {show(value)}")
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
 
 
@@ -77,13 +161,13 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        fail(prefix, f"expected a mapping of keys, got {raw!r}")
+        fail(prefix, f"expected a mapping of keys, got {show(raw)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in raw:
         if k not in names:
-            where = f"{prefix}.{k}" if prefix else str(k)
-            fail(where, f"unknown key; valid keys here: {', '.join(sorted(names))}")
+            name = k if isinstance(k, str) else show(k)
+            fail(f"{prefix}.{name}" if prefix else name, f"unknown key; valid keys here: {', '.join(sorted(names))}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in raw:
@@ -103,16 +187,17 @@ def build_config(raw: Any) -> RunConfig:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``train.lr=1e-3`` -> (["train", "lr"], 0.001). The value is read as YAML so lists and nulls work."""
+    """``train.lr=1e-3`` -> (["train", "lr"], 0.001). The value is read as YAML so lists and nulls work; what the
+    strict loader refuses (bad syntax, aliases, duplicate keys) is kept as the literal string."""
     if "=" not in text:
-        raise UsageError(f"override '{text}': expected key.sub=value (e.g. train.lr=1e-3)")
+        raise UsageError(f"override '{brief(text)}': expected key.sub=value (e.g. train.lr=1e-3)")
     key, _, value = text.partition("=")
     parts = key.strip().split(".")
     if not all(parts):
-        raise UsageError(f"override '{text}': empty key part")
+        raise UsageError(f"override '{brief(text)}': empty key part")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+        parsed = _load_yaml(value) if value.strip() else ""
+    except (yaml.YAMLError, RecursionError):
         parsed = value
     return parts, parsed
 
@@ -126,28 +211,52 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if nxt is None:
                 nxt = node[p] = {}
             if not isinstance(nxt, dict):
-                raise UsageError(f"override '{text}': '{'.'.join(parts[: i + 1])}' is not a section")
+                raise UsageError(f"override '{brief(text)}': '{brief('.'.join(parts[: i + 1]))}' "
+                                 f"is not a section")
             node = nxt
         node[parts[-1]] = value
     return raw
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a run config file; every way the file can be unusable is a :class:`UsageError` naming it."""
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"config file {p}: not found")
+    name = brief(str(p))
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        if p.is_dir():
+            raise UsageError(f"config file {name}: is a directory; give the path of a YAML file")
+        if not p.exists():
+            raise UsageError(f"config file {name}: not found")
+        if not p.is_file():
+            raise UsageError(f"config file {name}: not a regular file; give the path of a YAML file")
+        with p.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        hint = "; check its permissions" if isinstance(e, PermissionError) else ""
+        raise UsageError(f"config file {name}: cannot read it ({e.strerror or e}){hint}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UsageError(f"config file {name}: larger than {MAX_CONFIG_BYTES} bytes; is it a run config?")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UsageError(f"config file {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UsageError(f"config file {name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        raw = _load_yaml(text)
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        raise UsageError(f"config file {name}:{line}: invalid YAML: character #x{e.character:04x} is not allowed; "
+                         f"remove it") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
-        raise UsageError(f"config file {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else name
+        what = "" if isinstance(e, RefusedYAML) else "invalid YAML: "
+        raise UsageError(f"config file {where}: {what}{getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise UsageError(f"config file {name}: nested too deeply; a run config is sections of keys") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise UsageError(f"config file {p}: top level must be a mapping of sections, got {type(raw).__name__}")
+        raise UsageError(f"config file {name}: top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
 
 
@@ -160,5 +269,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         return build_config(raw)
     except UsageError as e:
         if path is not None:
-            raise UsageError(f"{path}: {e}") from None
+            raise UsageError(f"{brief(str(path))}: {e}") from None
         raise

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
+import string
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +22,78 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 
 
+SHOW_CHARS = 200
+"""Longest quote of a user value in an error message: a hostile value can be megabytes (or, expanded, gigabytes)."""
+MAX_TEXT = 4096
+"""Longest prompt template or response prefix: both are repeated in every example."""
+MAX_STEPS = 10**9
+"""Bound on every step count and interval: far beyond any real run, small enough that no arithmetic overflows."""
+
+
+class _BoundedRepr(reprlib.Repr):
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset = 3, 6, 8, 8, 8
+        self.maxstring, self.maxother = SHOW_CHARS, SHOW_CHARS
+
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() of an int over 4300 digits raises ValueError instead of printing.
+        if x.bit_length() > 256:
+            return f"<integer of about {int(x.bit_length() * 0.30103) + 1} digits>"
+        return repr(x)
+
+
+_REPR = _BoundedRepr()
+
+
+def show(value: Any) -> str:
+    """``repr(value)`` for an error message, at most about :data:`SHOW_CHARS` characters and on one line, in time
+    bounded by the limit rather than the value's size."""
+    text = _REPR.repr(value)
+    return text if len(text) <= SHOW_CHARS else text[:SHOW_CHARS] + "..."
+
+
+def brief(text: str) -> str:
+    """``text`` as it is when short and printable (a key, a path); otherwise escaped and shortened like
+    :func:`show`, without the quotes, so the message stays one short line."""
+    return text if len(text) <= SHOW_CHARS and text.isprintable() else show(text)[1:-1]
+
+
 def fail(key: str, msg: str) -> typing.NoReturn:
-    raise UsageError(f"config key '{key}': {msg}")
+    raise UsageError(f"config key '{brief(key)}': {msg}")
+
+
+def _in_range(key: str, value: int | float, lo: int | float, hi: int | float) -> None:
+    if value < lo:
+        fail(key, f"must be >= {lo}, got {show(value)}")
+    if value > hi:
+        fail(key, f"must be <= {hi}, got {show(value)}")
+
+
+def _finite(key: str, value: float, lo: float = 0.0, strict: bool = False) -> None:
+    """``value`` must be finite and >= ``lo`` (> ``lo`` when ``strict``): NaN compares false with everything, so
+    ``value < lo`` alone would let it through to the optimizer."""
+    if not math.isfinite(value) or value < lo or (strict and value == lo):
+        fail(key, f"must be a finite number {'>' if strict else '>='} {lo}, got {show(value)}")
+
+
+def _check_template(key: str, template: str) -> None:
+    """Only plain ``{instruction}`` and ``{input}``: a format spec such as ``{instruction:>99999999999}`` asks
+    str.format for gigabytes, and attribute or index access reaches into objects."""
+    allowed = "only plain {instruction} and {input} fields are allowed (write a literal brace as {{ or }})"
+    if len(template) > MAX_TEXT:
+        fail(key, f"{len(template)} characters; at most {MAX_TEXT}")
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as e:
+        fail(key, f"bad template ({e}); {allowed}")
+    for _, name, spec, conversion in fields:
+        if name is None:
+            continue
+        if name not in ("instruction", "input") or spec or conversion is not None:
+            text = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            fail(key, f"field {show(text)} is not allowed; {allowed}, with no format spec, conversion, index "
+                      f"or attribute")
 
 
 @dataclass
@@ -48,7 +120,7 @@ class ModelSection:
         if not self.path:
             fail("model.path", "must be a model directory or hub name")
         if self.arch is not None and self.arch not in ARCHS:
-            fail("model.arch", f"unknown {self.arch!r}; known: {', '.join(ARCHS)}")
+            fail("model.arch", f"unknown {show(self.arch)}; known: {', '.join(ARCHS)}")
 
 
 @dataclass
@@ -88,22 +160,20 @@ class DataSection:
     ``~/.cache/ia3-dist``."""
 
     def __post_init__(self) -> None:
-        if self.max_length < 2:
-            fail("data.max_length", f"must be >= 2, got {self.max_length}")
+        _in_range("data.max_length", self.max_length, 2, 1 << 20)
         if not 0.0 <= self.eval_ratio < 1.0:
-            fail("data.eval_ratio", f"must be in [0, 1), got {self.eval_ratio}")
+            fail("data.eval_ratio", f"must be in [0, 1), got {show(self.eval_ratio)}")
         if self.eval_ratio and self.eval_path:
             fail("data.eval_ratio", "set either data.eval_ratio or data.eval_path, not both")
-        if self.num_proc < 0:
-            fail("data.num_proc", f"must be >= 0, got {self.num_proc}")
+        # Each process is a fork with its own tokenizer: thousands would exhaust the machine, not speed it up.
+        _in_range("data.num_proc", self.num_proc, 0, 1024)
         if self.on_bad_record not in ("error", "skip"):
-            fail("data.on_bad_record", f"must be error or skip, got {self.on_bad_record!r}")
+            fail("data.on_bad_record", f"must be error or skip, got {show(self.on_bad_record)}")
         if self.limit is not None and self.limit < 1:
-            fail("data.limit", f"must be >= 1 or null, got {self.limit}")
-        try:
-            self.prompt_template.format(instruction="", input="")
-        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
-            fail("data.prompt_template", f"bad template ({e!r}); only {{instruction}} and {{input}} are allowed")
+            fail("data.limit", f"must be >= 1 or null, got {show(self.limit)}")
+        _check_template("data.prompt_template", self.prompt_template)
+        if len(self.response_prefix) > MAX_TEXT:
+            fail("data.response_prefix", f"{len(self.response_prefix)} characters; at most {MAX_TEXT}")
 
 
 @dataclass
@@ -115,12 +185,19 @@ class IA3Section:
     """Subset of target modules scaled on their input; null uses PEFT's default (Bloom: ``mlp.dense_4h_to_h``)."""
 
     def __post_init__(self) -> None:
+        for key in ("target_modules", "feedforward_modules"):
+            names = getattr(self, key)
+            if names is not None and not all(names):
+                fail(f"ia3.{key}", f"empty module name in {show(names)}")
+        if self.target_modules == []:
+            # PEFT fails on an empty list only once the model is built, after the process group started.
+            fail("ia3.target_modules", "must name at least one module, or be null for PEFT's default")
         if (self.feedforward_modules is not None) and self.target_modules is None:
             fail("ia3.feedforward_modules", "set ia3.target_modules too (feedforward modules must be a subset)")
         if self.target_modules is not None and self.feedforward_modules is not None:
             extra = set(self.feedforward_modules) - set(self.target_modules)
             if extra:
-                fail("ia3.feedforward_modules", f"{sorted(extra)} not in ia3.target_modules")
+                fail("ia3.feedforward_modules", f"{show(sorted(extra))} not in ia3.target_modules")
 
 
 @dataclass
@@ -177,31 +254,29 @@ class TrainSection:
     chunked jobs under short time limits. 0: run to the end."""
 
     def __post_init__(self) -> None:
-        if self.eval_every < 0:
-            fail("train.eval_every", f"must be >= 0, got {self.eval_every}")
-        for key in ("micro_batch_size", "grad_accum", "epochs", "log_every"):
-            if getattr(self, key) < 1:
-                fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
-        if self.max_steps < 0:
-            fail("train.max_steps", f"must be >= 0, got {self.max_steps}")
+        # Upper bounds: a micro-batch or accumulation count of 10**12 would make preflight plan 10**12 micro-steps.
+        _in_range("train.micro_batch_size", self.micro_batch_size, 1, 65536)
+        _in_range("train.grad_accum", self.grad_accum, 1, 65536)
+        _in_range("train.epochs", self.epochs, 1, 10**6)
+        _in_range("train.log_every", self.log_every, 1, MAX_STEPS)
+        for key in ("max_steps", "eval_every", "warmup_steps", "stop_after_steps"):
+            _in_range(f"train.{key}", getattr(self, key), 0, MAX_STEPS)
+        # numpy's and torch's generators take seeds in [0, 2**32) everywhere the seed is used.
+        if not 0 <= self.seed < 2**32:
+            fail("train.seed", f"must be in [0, 2**32) (0 .. {2**32 - 1}), got {show(self.seed)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            fail("train.lr", f"must be a positive number, got {self.lr}")
+            fail("train.lr", f"must be a positive number (finite, e.g. 3e-3), got {show(self.lr)}")
         if self.precision not in PRECISIONS:
-            fail("train.precision", f"must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
+            fail("train.precision", f"must be one of {'|'.join(PRECISIONS)}, got {show(self.precision)}")
         if self.scheduler not in SCHEDULERS:
-            fail("train.scheduler", f"must be one of {'|'.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.warmup_steps < 0:
-            fail("train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+            fail("train.scheduler", f"must be one of {'|'.join(SCHEDULERS)}, got {show(self.scheduler)}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            fail("train.betas", f"must be two numbers in [0, 1), got {self.betas}")
-        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
-            fail("train", "weight_decay and grad_clip must be >= 0 and eps > 0")
-        if self.peak_tflops < 0:
-            fail("train.peak_tflops", f"must be >= 0, got {self.peak_tflops}")
-        if self.threads < 0:
-            fail("train.threads", f"must be >= 0, got {self.threads}")
-        if self.stop_after_steps < 0:
-            fail("train.stop_after_steps", f"must be >= 0, got {self.stop_after_steps}")
+            fail("train.betas", f"must be two numbers in [0, 1), got {show(self.betas)}")
+        _finite("train.weight_decay", self.weight_decay)
+        _finite("train.eps", self.eps, strict=True)
+        _finite("train.grad_clip", self.grad_clip)
+        _finite("train.peak_tflops", self.peak_tflops)
+        _in_range("train.threads", self.threads, 0, 4096)
         if not self.resume:
             fail("train.resume", "must be auto, none or a checkpoint path")
 
@@ -215,8 +290,10 @@ class DeepSpeedSection:
     """Collective timeout for the process group."""
 
     def __post_init__(self) -> None:
-        if self.timeout_minutes < 1:
-            fail("deepspeed.timeout_minutes", f"must be >= 1, got {self.timeout_minutes}")
+        if not self.config:
+            fail("deepspeed.config", "must be a shipped config name or a DeepSpeed JSON path")
+        # timedelta and the collectives' millisecond timeouts overflow long before 10**5 minutes (~69 days).
+        _in_range("deepspeed.timeout_minutes", self.timeout_minutes, 1, 10**5)
 
 
 @dataclass
@@ -230,10 +307,8 @@ class CheckpointSection:
     """Save a checkpoint after the last step."""
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            fail("checkpoint.every", f"must be >= 0, got {self.every}")
-        if self.keep < 1:
-            fail("checkpoint.keep", f"must be >= 1, got {self.keep}")
+        _in_range("checkpoint.every", self.every, 0, MAX_STEPS)
+        _in_range("checkpoint.keep", self.keep, 1, 10**6)
 
 
 @dataclass
@@ -241,7 +316,8 @@ class OutputSection:
     dir: str = "runs/demo"
     """Run directory: run.yaml, ds_config.json, metrics.jsonl, adapter/, checkpoints/."""
     overwrite: bool = False
-    """Start over in an output dir that holds another run's checkpoints (they are deleted)."""
+    """Start over in an output dir that holds another run of ours: only the files ia3-dist wrote there (listed in
+    its ``.ia3-dist-run.json``) are removed; a dir holding anything else is refused, overwrite or not."""
 
     def __post_init__(self) -> None:
         if not self.dir:
@@ -258,8 +334,10 @@ class HardwareSection:
     """Memory of one GPU, GiB."""
 
     def __post_init__(self) -> None:
-        if self.nodes < 1 or self.gpus_per_node < 1 or self.gpu_mem_gib <= 0:
-            fail("hardware", "nodes and gpus_per_node must be >= 1 and gpu_mem_gib > 0")
+        _in_range("hardware.nodes", self.nodes, 1, 10**5)
+        _in_range("hardware.gpus_per_node", self.gpus_per_node, 1, 4096)
+        _finite("hardware.gpu_mem_gib", self.gpu_mem_gib, strict=True)
+        _in_range("hardware.gpu_mem_gib", self.gpu_mem_gib, 0, 10**6)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,11 @@ from ..config import DataSection
 from ..errors import UsageError
 
 FIELDS = ("instruction", "input", "output")
+# One JSONL line (or one record's fields together, in characters) may be at most this long: lines are read with a
+# bounded readline, so a file with no newlines fails here instead of being read whole into memory.
+MAX_RECORD_BYTES = 16 << 20
+# A .json list is parsed whole (text plus Python objects, several times the file size); past this, use .jsonl.
+MAX_JSON_BYTES = 1 << 30
 
 
 @dataclass
@@ -31,15 +37,25 @@ class Records:
         return len(self.output)
 
 
+def _open(p: Path) -> Any:
+    try:
+        return open(p, "rb")  # noqa: SIM115 - the callers close it
+    except OSError as e:
+        raise UsageError(f"{p}: cannot open the data file ({e.strerror or e}); check its permissions") from None
+
+
 def _hash_path(p: Path, h: Any) -> None:
     if p.is_dir():
         for f in sorted(x for x in p.rglob("*") if x.is_file()):
             h.update(str(f.relative_to(p)).encode())
             _hash_path(f, h)
     else:
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        with _open(p) as fh:
+            try:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            except OSError as e:
+                raise UsageError(f"{p}: cannot read the data file ({e.strerror or e})") from None
 
 
 def _check_record(rec: Any, where: str) -> tuple[str, str, str]:
@@ -55,7 +71,16 @@ def _check_record(rec: Any, where: str) -> tuple[str, str, str]:
                              f"input is optional)")
         if not isinstance(v, str):
             raise UsageError(f"{where}: field '{f}' must be a string, got {type(v).__name__}")
+        if not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape; tokenizers reject it
+                raise UsageError(f"{where}: field '{f}' holds an unpaired UTF-16 surrogate (a \\uD800-\\uDFFF "
+                                 f"escape without its pair); fix the escape") from None
         vals.append(v)
+    if sum(map(len, vals)) > MAX_RECORD_BYTES:
+        raise UsageError(f"{where}: record of {sum(map(len, vals))} characters, more than the limit of "
+                         f"{MAX_RECORD_BYTES} (data.max_length keeps only the first tokens anyway); shorten it")
     if not vals[0].strip() and not vals[2].strip():
         raise UsageError(f"{where}: empty record (instruction and output are both empty)")
     return vals[0], vals[1], vals[2]
@@ -90,17 +115,36 @@ def _columns(c: _Collector, source: str, fingerprint: str, limit: int | None) ->
     return Records(ins, inp, out, source, fingerprint, c.skipped)
 
 
+def _too_big_json(p: Path, size: str) -> UsageError:
+    return UsageError(f"{p}: {size} bytes; a .json list is parsed whole and may be at most {MAX_JSON_BYTES} bytes. "
+                      f"Write one record per line as .jsonl, which is read a line at a time")
+
+
 def _read_json(p: Path, c: _Collector) -> None:
+    with _open(p) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > MAX_JSON_BYTES:
+            raise _too_big_json(p, str(size))
+        try:
+            # The size check again on what is read: /proc-style files report 0 and a file may grow meanwhile.
+            raw = fh.read(MAX_JSON_BYTES + 1)
+        except OSError as e:
+            raise UsageError(f"{p}: cannot read the data file ({e.strerror or e})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise _too_big_json(p, f"more than {MAX_JSON_BYTES}")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         raise UsageError(f"{p}:{line}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") \
             from None
+    del raw
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"{p}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except ValueError as e:  # an integer literal past Python's digit limit
+        raise UsageError(f"{p}: invalid JSON: {e}") from None
     except RecursionError:
         raise UsageError(f"{p}: JSON nested too deeply") from None
     if not isinstance(data, list):
@@ -110,9 +154,30 @@ def _read_json(p: Path, c: _Collector) -> None:
         c.add(r, f"{p}: record {i}")
 
 
+def _lines(p: Path, fh: Any, c: _Collector) -> Any:
+    """``(line number, bytes)`` of each line no longer than :data:`MAX_RECORD_BYTES`; an over-long line is a bad
+    record, and is skipped (with the skip policy) without ever being held whole."""
+    n = 0
+    while True:
+        try:
+            raw = fh.readline(MAX_RECORD_BYTES + 1)
+        except OSError as e:
+            raise UsageError(f"{p}: cannot read the data file ({e.strerror or e})") from None
+        if not raw:
+            return
+        n += 1
+        if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
+            c.bad(UsageError(f"{p}:{n}: line longer than {MAX_RECORD_BYTES} bytes, the limit for one record; "
+                             f"is this really one JSON record per line?"))
+            while raw and not raw.endswith(b"\n"):
+                raw = fh.readline(1 << 20)
+            continue
+        yield n, raw
+
+
 def _read_jsonl(p: Path, c: _Collector) -> None:
-    with open(p, "rb") as fh:
-        for n, raw in enumerate(fh, start=1):
+    with _open(p) as fh:
+        for n, raw in _lines(p, fh, c):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -124,6 +189,9 @@ def _read_jsonl(p: Path, c: _Collector) -> None:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 c.bad(UsageError(f"{p}:{n}:{e.colno}: invalid JSON: {e.msg}"))
+                continue
+            except ValueError as e:  # an integer literal past Python's digit limit
+                c.bad(UsageError(f"{p}:{n}: invalid JSON: {e}"))
                 continue
             except RecursionError:
                 c.bad(UsageError(f"{p}:{n}: JSON nested too deeply"))
@@ -164,14 +232,18 @@ def load_records(cfg: DataSection) -> Records:
         _hash_path(p, h)
         _read_hf(ds, str(p), c)
     elif p.is_file():
-        h = hashlib.sha256()
-        _hash_path(p, h)
         if p.suffix == ".jsonl":
             _read_jsonl(p, c)
         elif p.suffix == ".json":
             _read_json(p, c)
         else:
             raise UsageError(f"{p}: unknown data format '{p.suffix}'; use .json, .jsonl or a save_to_disk dir")
+        # Hashed after reading, so a file over the size limits is refused before it is scanned end to end.
+        h = hashlib.sha256()
+        _hash_path(p, h)
+    elif p.exists():
+        raise UsageError(f"data.path {path}: not a regular file or directory (a device, pipe or socket); "
+                         f"point it at a .json/.jsonl file or a save_to_disk dir")
     elif p.suffix in (".json", ".jsonl") or path.startswith((".", "/", "~")):
         raise UsageError(f"data.path {path}: file not found")
     else:

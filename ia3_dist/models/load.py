@@ -3,6 +3,7 @@ through :mod:`ia3_dist.models.zero3_load`)."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from ..config import ModelSection
 from ..errors import UsageError
-from .files import check_tokenizer_dir
+from .files import check_tokenizer_dir, error_line
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,14 +36,14 @@ def load_tokenizer(cfg: ModelSection, model_path: str) -> Any:
 
 def load_base_model(cfg: ModelSection, model_path: str, precision: str) -> nn.Module:
     """``from_pretrained`` in the training dtype: every rank holds the whole model (ZeRO 0-2; ZeRO-3 loads
-    through :mod:`ia3_dist.zero_load` instead)."""
+    through :mod:`ia3_dist.models.zero3_load` instead). A hub model is only checked here, as it loads."""
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(model_path, revision=cfg.revision, dtype=DTYPES[precision],
                                                     trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"model.path {model_path}: cannot load the model ({e})") from None
+    except (OSError, ValueError, pickle.UnpicklingError) as e:
+        raise UsageError(f"model.path {model_path}: cannot load the model ({error_line(e)})") from None
 
 
 def base_on_meta(config: Any, trust_remote_code: bool = False) -> nn.Module:

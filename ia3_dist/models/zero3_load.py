@@ -14,9 +14,8 @@ PyTorch ``.bin`` files are memory-mapped, so a rank touches only the pages of it
 
 from __future__ import annotations
 
-import json
 import os
-import struct
+import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .files import checkpoint_files
+from .files import checkpoint_files, safetensors_header, torch_load_weights
 from .load import base_on_meta
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -39,17 +38,14 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fh = open(path, "rb")  # noqa: SIM115 - closed by close()
-        head = self.fh.read(8)
-        if len(head) != 8:
-            raise UsageError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", head)
+        # Every offset read_into uses is checked against the file size here, so a truncated or hostile file fails
+        # at open, naming itself, and no read is sized from an unchecked header field.
+        self.header: dict[str, Any]
+        self.header, self.base = safetensors_header(path)
         try:
-            self.header: dict[str, Any] = json.loads(self.fh.read(n))
-        except ValueError as e:
-            raise UsageError(f"{path}: corrupt safetensors header ({e})") from None
-        self.header.pop("__metadata__", None)
-        self.base = 8 + n
+            self.fh = open(path, "rb")  # noqa: SIM115 - closed by close()
+        except OSError as e:
+            raise UsageError(f"{path}: cannot read the weights ({e})") from None
 
     def keys(self) -> Iterator[str]:
         return iter(self.header)
@@ -89,10 +85,14 @@ class TorchBinFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            self.sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except (RuntimeError, OSError, ValueError) as e:
-            raise UsageError(f"{path}: cannot memory-map this checkpoint ({e}); convert it to safetensors") from None
+        if not zipfile.is_zipfile(path):
+            raise UsageError(f"{path}: cannot memory-map this checkpoint (saved before torch 1.6, not a zip "
+                             f"archive); convert it to safetensors")
+        self.sd = torch_load_weights(path, mmap=True)
+        if not isinstance(self.sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in self.sd.items()):
+            raise UsageError(f"{path}: not a state dict of tensors (it holds non-tensor objects); it will not be "
+                             f"loaded")
 
     def keys(self) -> Iterator[str]:
         return iter(self.sd)

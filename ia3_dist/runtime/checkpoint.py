@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -24,13 +25,17 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from . import dist
+from . import dist, manifest, safe_load
 
 LATEST = "latest"
 META = "meta.json"
 # Keys of meta.json that must match the resuming run for the continuation to be exact.
 MUST_MATCH = ("world_size", "micro_batch_size", "grad_accum", "seed", "shuffle", "total_steps", "data_key",
               "n_examples", "group_by_length", "order_version")
+
+
+# What tag_for writes; ASCII digits only, so int() of the rest never fails.
+TAG = re.compile(r"step[0-9]+")
 
 
 def root_of(out: Path) -> Path:
@@ -45,25 +50,42 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Tag dirs with a meta.json (written last), oldest first."""
     if not root.is_dir():
         return []
-    tags = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step") and d.name[4:].isdigit()
-            and (d / META).is_file()]
+    tags = [d for d in root.iterdir() if TAG.fullmatch(d.name) and d.is_dir() and (d / META).is_file()]
     return sorted(tags, key=lambda d: int(d.name[4:]))
 
 
 def latest(root: Path) -> Path | None:
+    """The checkpoint ``<root>/latest`` names, if it is complete. The pointer may only name a ``stepN`` dir of
+    ``root`` itself: a damaged or edited one is refused rather than followed anywhere else."""
     f = root / LATEST
     if not f.is_file():
         return None
-    d = root / f.read_text().strip()
+    fix = (f"delete {f} and resume from a checkpoint with train.resume={root}/stepN, or start over with "
+           f"train.resume=none output.overwrite=true")
+    try:
+        name = f.read_bytes().decode("utf-8").strip()
+    except OSError as e:
+        raise UsageError(f"{f}: cannot read it ({e.strerror or e}); {fix}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{f}: not UTF-8 text (it should hold the name of a stepN dir); {fix}") from None
+    d = root / name
+    if not TAG.fullmatch(name) or d.is_symlink():
+        raise UsageError(f"{f} names {name[:60]!r}, not a stepN dir inside {root}; {fix}")
     return d if (d / META).is_file() else None
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
+    f = ckpt / META
+    fix = "pick another checkpoint with train.resume=<path to a stepN dir>"
     try:
-        return json.loads((ckpt / META).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"checkpoint {ckpt}: unreadable {META} ({e}); pick another with train.resume=<path>") \
-            from None
+        meta = json.loads(f.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise UsageError(f"{f}: unreadable ({e.strerror or e}); {fix}") from None
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise UsageError(f"{f}: unreadable {META} ({e}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{f}: a JSON {type(meta).__name__} where a checkpoint's {META} holds an object; {fix}")
+    return meta
 
 
 def resolve_resume(resume: str, out: Path) -> Path | None:
@@ -96,20 +118,58 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> dict[str, Any]:
 
 
 def guard_output_dir(out: Path, resume: str, overwrite: bool) -> None:
-    """Refuse to start over another run's checkpoints unless resuming or told to overwrite."""
-    ckpts = complete_checkpoints(root_of(out))
-    if ckpts and resume == "none" and not overwrite:
-        raise UsageError(f"output.dir {out} holds another run's checkpoints ({ckpts[-1].name}); resume it with "
-                         f"train.resume=auto, or set output.overwrite=true to start over, or pick a new output.dir")
+    """Preflight for ``output.dir``: it must be (or be creatable as) a writable directory, and a run may start in
+    it only if that destroys nothing: it is new or empty, or holds only the setup files of a run of ours that never
+    trained, or the run resumes ours, or ``overwrite`` is set (which removes only what a run writes; see
+    :mod:`.manifest`). Names it cannot write without destroying something (a symlinked ``run.yaml``, a file named
+    ``adapter``) are refused even then."""
+    manifest.check_writable_dir(out, "output.dir")
+    st = manifest.inspect(out)
+    if st.clashes:
+        raise UsageError(f"output.dir {out}: {manifest.few(st.clashes, 3)}; move it away or pick another "
+                         f"output.dir")
+    if not st.entries or overwrite:
+        return
+    kept = f"; {manifest.few(st.foreign)} would stay" if st.foreign else ""
+    if resume == "none":
+        ckpts = complete_tags(out, st)
+        if ckpts:
+            raise UsageError(f"output.dir {out} holds another run's checkpoints ({ckpts[-1]}); resume it with "
+                             f"train.resume=auto, or set output.overwrite=true to start over (only ia3-dist's own "
+                             f"files are removed{kept}), or pick a new output.dir")
+        theirs = st.results or st.unclaimed
+        if theirs:
+            raise UsageError(f"output.dir {out} holds another run's files ({manifest.few(theirs)}); "
+                             f"set output.overwrite=true to start over (only ia3-dist's own files are removed"
+                             f"{kept}), or pick a new output.dir")
+    if st.foreign and (resume == "none" or st.manifest is None):
+        what = f"not an ia3-dist run dir (no {manifest.MANIFEST})" if st.manifest is None else "not empty"
+        raise UsageError(f"output.dir {out} is {what}: it holds {manifest.few(st.foreign)}, which ia3-dist did not "
+                         f"write; pick a new or empty output.dir, or set "
+                         f"output.overwrite=true to run beside those files (they are kept; only ia3-dist's own "
+                         f"files are replaced)")
+
+
+def complete_tags(out: Path, st: manifest.DirState) -> list[str]:
+    """Complete checkpoint tags among the entries ``inspect`` owns, oldest first."""
+    tags = [e.split("/", 1)[1] for e in st.owned if e.startswith(manifest.CHECKPOINTS + "/")]
+    return sorted((t for t in tags if TAG.fullmatch(t) and (out / manifest.CHECKPOINTS / t / META).is_file()),
+                  key=lambda t: int(t[4:]))
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors, numbers and lists only: a checkpoint must load with torch's restricted unpickler
+    (see safe_load.py), which has no numpy types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state()}
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
 
 
@@ -141,7 +201,9 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
 
 
 def load(engine: Any, ckpt: Path) -> int:
-    """Restore trainable params, optimizer, scheduler and RNG; return the number of completed steps."""
+    """Restore trainable params, optimizer, scheduler and RNG; return the number of completed steps. Files are
+    read with the restricted unpickler (prepare() has scanned them before the process group started)."""
+    safe_load.harden(engine)
     path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:

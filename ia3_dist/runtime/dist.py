@@ -8,8 +8,10 @@ SLURM_NTASKS. A plain ``python launch.py`` sets nothing and is world 1.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,9 +32,9 @@ class DistEnv:
         return self.rank == 0
 
 
-def _int_env(*names: str) -> int | None:
+def _int_env(environ: Mapping[str, str], *names: str) -> int | None:
     for n in names:
-        v = os.environ.get(n)
+        v = environ.get(n)
         if v not in (None, ""):
             try:
                 return int(v)
@@ -44,18 +46,19 @@ def _int_env(*names: str) -> int | None:
     return None
 
 
-def detect() -> DistEnv:
+def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Rank layout from the launcher's environment (torch/deepspeed variables first, then SLURM)."""
-    if os.environ.get("RANK") is not None and os.environ.get("WORLD_SIZE") is not None:
-        rank = _int_env("RANK") or 0
-        world = _int_env("WORLD_SIZE") or 1
-        local = _int_env("LOCAL_RANK") or 0
-        local_world = _int_env("LOCAL_WORLD_SIZE", "LOCAL_SIZE") or world
-    elif os.environ.get("SLURM_PROCID") is not None and (_int_env("SLURM_NTASKS") or 1) > 1:
-        rank = _int_env("SLURM_PROCID") or 0
-        world = _int_env("SLURM_NTASKS") or 1
-        local = _int_env("SLURM_LOCALID") or 0
-        local_world = _int_env("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE") or world
+    e = os.environ if environ is None else environ
+    if e.get("RANK") is not None and e.get("WORLD_SIZE") is not None:
+        rank = _int_env(e, "RANK") or 0
+        world = _int_env(e, "WORLD_SIZE") or 1
+        local = _int_env(e, "LOCAL_RANK") or 0
+        local_world = _int_env(e, "LOCAL_WORLD_SIZE", "LOCAL_SIZE") or world
+    elif e.get("SLURM_PROCID") is not None and (_int_env(e, "SLURM_NTASKS") or 1) > 1:
+        rank = _int_env(e, "SLURM_PROCID") or 0
+        world = _int_env(e, "SLURM_NTASKS") or 1
+        local = _int_env(e, "SLURM_LOCALID") or 0
+        local_world = _int_env(e, "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE") or world
     else:
         rank, local, world, local_world = 0, 0, 1, 1
     return DistEnv(rank=rank, local_rank=local, world_size=world, local_world_size=max(1, local_world))
@@ -85,17 +88,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _slurm_master() -> tuple[str, str] | None:
-    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list without ``scontrol``: ``gpu[007-010,12],cpu1`` -> ``gpu007``."""
+    # The pattern matches any string (every part may be empty), so there is always a match.
+    prefix, ranges, suffix = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist.strip()).groups()
+    if not ranges:
+        return prefix + suffix
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def slurm_master(environ: Mapping[str, str], use_scontrol: bool = True) -> tuple[str, str] | None:
+    """MASTER_ADDR and MASTER_PORT of a plain ``srun`` job: the first host of the allocation (as ``scontrol show
+    hostnames`` orders it) and a port derived from the job id, so every task computes the same pair alone."""
+    nodes = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     if not nodes:
         return None
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        out = []
-    host = out[0] if out else nodes.split(",")[0]
-    job = _int_env("SLURM_JOB_ID") or 0
+    out: list[str] = []
+    if use_scontrol:
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            out = []
+    host = out[0] if out else first_host(nodes)
+    job = _int_env(environ, "SLURM_JOB_ID") or 0
     return host, str(20000 + job % 20000)
 
 
@@ -108,7 +124,7 @@ def init(env: DistEnv, timeout_minutes: int = 30) -> None:
     os.environ["WORLD_SIZE"] = str(env.world_size)
     os.environ["LOCAL_WORLD_SIZE"] = str(env.local_world_size)
     if "MASTER_ADDR" not in os.environ:
-        slurm = _slurm_master() if env.world_size > 1 else None
+        slurm = slurm_master(os.environ) if env.world_size > 1 else None
         if slurm is not None:
             os.environ["MASTER_ADDR"] = slurm[0]
             os.environ.setdefault("MASTER_PORT", slurm[1])

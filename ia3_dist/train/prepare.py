@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
+from ..config.schema import fail
 from ..data.sampler import ORDER_VERSION, Layout, split_eval, steps_per_epoch
 from ..data.tokenize import TokenizedData, load_or_tokenize
 from ..models.files import check_model_dir, check_vocab
 from ..models.load import hidden_size_of, load_model_config, load_tokenizer
 from ..models.zero3_load import check_checkpoint
 from ..runtime import checkpoint as ckpt
-from ..runtime import dist
+from ..runtime import dist, manifest, safe_load
 from ..runtime import ds_config as dsc
 from . import demo
 
@@ -71,6 +71,11 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     elif cfg.data.eval_path:
         eval_data = load_or_tokenize(demo.data_section(replace(cfg.data, path=cfg.data.eval_path, eval_path=None,
                                                                limit=None)), tok)
+    if cfg.train.grad_accum > len(data):
+        # Refused before the sampler plans anything: each step's last micro-steps would hold no example on any rank.
+        fail("train.grad_accum", f"{cfg.train.grad_accum} is more than the {len(data)} training examples, so every "
+                                 f"optimizer step would run micro-steps with no example on any rank; set it to at most "
+                                 f"{len(data)}")
     ds = dsc.resolve(cfg, env.world_size, hidden)
     if Path(model_path).is_dir() and (dsc.stage_of(ds) == 3 or model_config.model_type == "bloom"):
         # ZeRO-3's loader needs every tensor; for Bloom (known key names) the other stages get the same check,
@@ -89,18 +94,27 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     resume_from = ckpt.resolve_resume(cfg.train.resume, out)
     if resume_from is not None:
         ckpt.check_compatible(resume_from, meta)
+        safe_load.check_checkpoint_dir(resume_from)
     return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data)
 
 
 def write_run_files(p: Prepared) -> None:
-    """run.yaml and ds_config.json (and, with output.overwrite, the old checkpoints go); rank 0 only."""
+    """The run manifest, run.yaml and ds_config.json (and, with output.overwrite, the previous run's files go);
+    rank 0 only."""
     if not p.env.is_main:
         return
-    if p.cfg.output.overwrite and p.resume_from is None:
-        shutil.rmtree(ckpt.root_of(p.out), ignore_errors=True)
-    p.out.mkdir(parents=True, exist_ok=True)
+    start_run_dir(p.out, p.cfg.output.overwrite and p.resume_from is None)
     (p.out / "run.yaml").write_text(p.cfg.to_yaml(), encoding="utf-8")
     (p.out / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2) + "\n", encoding="utf-8")
     # For schedulers' preemption traps (slurm/lib.sh): signal rank 0 and every rank stops at the next step.
     (p.out / PID_FILE).write_text(str(os.getpid()))
     (p.out / PREEMPTED_FILE).unlink(missing_ok=True)
+
+
+def start_run_dir(out: Path, start_over: bool) -> list[str]:
+    """Create ``out`` and claim it with the manifest first, so a run that dies in the next line is still known as
+    ours; ``start_over`` then removes what an earlier run wrote (only those names: see :mod:`..runtime.manifest`)
+    and returns them."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.write_manifest(out)
+    return manifest.remove_owned(out) if start_over else []

@@ -10,16 +10,24 @@ import numpy as np
 from ..data.sampler import plan_epoch
 from ..runtime import checkpoint as ckpt
 from ..runtime import ds_config as dsc
+from ..runtime import manifest
 from .prepare import Prepared
 
 
 def output_state(out: Path, resume_from: Path | None) -> str:
+    """One line on the output dir: new, resumed, or what is there (and what a fresh start would do with it)."""
     if resume_from is not None:
         return f"{out}: resuming from {resume_from}"
     if not out.exists():
         return f"{out}: new"
-    n = len(ckpt.complete_checkpoints(ckpt.root_of(out)))
-    return f"{out}: exists, {n} checkpoint(s)" + (" (output.overwrite=true: they will be deleted)" if n else "")
+    st = manifest.inspect(out)
+    n = len(ckpt.complete_tags(out, st))
+    line = f"{out}: exists, {n} checkpoint(s)"
+    if st.results:
+        line += f"; output.overwrite=true removes the earlier run's files ({manifest.few(st.results, 4)})"
+    if st.foreign:
+        line += f"; kept: {manifest.few(st.foreign, 4)} (not written by ia3-dist)"
+    return line
 
 
 def report(p: Prepared) -> str:

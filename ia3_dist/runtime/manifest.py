@@ -1,0 +1,223 @@
+"""What a run owns in its output dir, and whether a directory can be written at all.
+
+A run writes a fixed set of names into ``output.dir`` (:data:`RUN_FILES`, :data:`RUN_DIRS`; inside
+``checkpoints/`` only ``stepN`` dirs, the ``latest`` pointer and DeepSpeed's recovery scripts, :data:`CKPT_FILES`).
+Rank 0 records that in :data:`MANIFEST` before it writes anything else, so a later start can tell one of our runs
+from a directory that merely holds files: the guard (``checkpoint.guard_output_dir``) refuses the latter, and
+``output.overwrite`` removes only :func:`inspect`'s ``owned`` entries. ``adapter/`` and ``tensorboard/`` count as
+the run's as a whole; ``checkpoints/`` does not, so a file of the user's there stays. Symlinks are never ours.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import UsageError
+
+MANIFEST = ".ia3-dist-run.json"
+TOOL = "ia3-dist"
+FORMAT = 1
+CHECKPOINTS = "checkpoints"
+# Written before the process group starts (or only to signal it): a dir of our own that holds nothing else never
+# trained, so a fresh start over it loses nothing. This is also what the other ranks may see when rank 0 is a
+# little ahead of them, and they must not refuse their own launch.
+SETUP_FILES = frozenset({"run.yaml", "ds_config.json", "rank0.pid", "preempted.json", MANIFEST, MANIFEST + ".tmp"})
+RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.png"}
+RUN_DIRS = frozenset({"adapter", "tensorboard", CHECKPOINTS})
+# checkpoint.save's names (tag_for, LATEST and its temp file); tests/test_output_safety.py keeps them in step.
+# DeepSpeed's engine.save_checkpoint copies its recovery scripts beside the tag dirs on every ZeRO save.
+CKPT_DIR = re.compile(r"step[0-9]+")
+CKPT_FILES = frozenset({"latest", "latest.tmp", "zero_to_fp32.py", "zero_to_torch.py"})
+
+
+@dataclass
+class DirState:
+    """What :func:`inspect` found in an output dir; entries are paths relative to it, sorted."""
+
+    manifest: dict[str, Any] | None = None
+    owned: list[str] = field(default_factory=list)
+    """Names a run writes, of the kind it writes them (a file, or a real directory)."""
+    foreign: list[str] = field(default_factory=list)
+    """Names a run never writes: the user's, or another tool's."""
+    clashes: list[str] = field(default_factory=list)
+    """Names a run writes, but of another kind (a symlink, a file where it makes a dir): writing would destroy them."""
+
+    @property
+    def entries(self) -> list[str]:
+        return sorted(self.owned + self.foreign + self.clashes)
+
+    @property
+    def unclaimed(self) -> list[str]:
+        """Owned names that, without a manifest, could as well be someone else's (the manifest's temp file never
+        is: it only exists while rank 0 writes the manifest)."""
+        return [] if self.manifest is not None else [e for e in self.owned if e != MANIFEST + ".tmp"]
+
+    @property
+    def results(self) -> list[str]:
+        """Owned entries that a training step produced (everything but the setup files and an empty checkpoints/)."""
+        return [e for e in self.owned if e not in SETUP_FILES and e != CHECKPOINTS]
+
+
+def few(names: list[str], n: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c and 4 more``: for messages."""
+    head = ", ".join(names[:n])
+    return head + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest if it is one of ours; a damaged or foreign one counts as none (the dir is then not ours)."""
+    try:
+        m = json.loads((out / MANIFEST).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("tool") == TOOL else None
+
+
+def _kind_ok(p: Path, want_dir: bool) -> bool:
+    # A symlink is never ours: writing through it would land outside the output dir.
+    return not p.is_symlink() and (p.is_dir() if want_dir else p.is_file())
+
+
+def inspect(out: Path) -> DirState:
+    """Sort the entries of ``out`` into owned, foreign and clashing; raises UsageError if it cannot be listed."""
+    st = DirState()
+    if not out.is_dir():
+        return st
+    try:
+        for e in _listing(out):
+            name = e.name
+            if name in RUN_FILES or name in RUN_DIRS:
+                if not _kind_ok(e, name in RUN_DIRS):
+                    kind = "directory" if name in RUN_DIRS else "file"
+                    st.clashes.append(f"{name} (ia3-dist writes a {kind} there, this is not one)")
+                elif name == CHECKPOINTS:
+                    _inspect_checkpoints(e, st)
+                else:
+                    st.owned.append(name)
+            else:
+                st.foreign.append(name)
+    except OSError as e:
+        raise UsageError(f"output.dir {out}: cannot read it ({e.strerror or e}); fix its permissions or pick "
+                         f"another output.dir") from None
+    st.manifest = read_manifest(out) if MANIFEST in st.owned else None
+    return st
+
+
+def _listing(d: Path) -> list[Path]:
+    # Another rank's rank 0 may be removing an earlier run's files while this one looks: gone is empty.
+    try:
+        return sorted(d.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _inspect_checkpoints(root: Path, st: DirState) -> None:
+    children = _listing(root)
+    if not children:
+        st.owned.append(CHECKPOINTS)
+    for c in children:
+        rel = f"{CHECKPOINTS}/{c.name}"
+        if CKPT_DIR.fullmatch(c.name) or c.name in CKPT_FILES:
+            if _kind_ok(c, c.name not in CKPT_FILES):
+                st.owned.append(rel)
+            else:
+                st.clashes.append(f"{rel} (not what ia3-dist writes under that name)")
+        else:
+            st.foreign.append(rel)
+
+
+def write_manifest(out: Path) -> None:
+    """Atomically (temp + rename): a reader sees the old manifest or the new one, never half of one."""
+    body = {"tool": TOOL, "format": FORMAT, "version": __version__,
+            "owns": sorted(RUN_FILES | {d + "/" for d in RUN_DIRS}),
+            "checkpoints": ["step<N>/", *sorted(CKPT_FILES)],
+            "note": "ia3-dist writes these names here; output.overwrite=true removes only them"}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / MANIFEST)
+
+
+def remove_owned(out: Path) -> list[str]:
+    """Start over: delete what a run writes (not the manifest, which the caller rewrites), nothing else; returns
+    what went. Foreign and clashing entries stay, so ``checkpoints/`` goes only if nothing else is in it."""
+    st = inspect(out)
+    gone = []
+    for rel in st.owned:
+        p = out / rel
+        if rel in (MANIFEST, CHECKPOINTS):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(rel)
+    root = out / CHECKPOINTS
+    if _kind_ok(root, True) and not any(root.iterdir()):
+        root.rmdir()
+    return gone
+
+
+def nearest_existing(p: Path) -> Path:
+    """``p`` or its closest ancestor that exists (a dangling symlink counts as existing: it blocks mkdir)."""
+    for c in (p, *p.parents):
+        if c.exists() or c.is_symlink():
+            return c
+    return Path(p.anchor or ".")
+
+
+def _write_probe(d: Path) -> str | None:
+    """None if a file can be created in ``d``, else why not. os.access alone says yes to root on a read-only
+    mount, so this also creates one: unnamed (O_TMPFILE) where the filesystem allows, so nothing appears in
+    ``d``, else a named temp file removed at once."""
+    if not os.access(d, os.W_OK | os.X_OK):
+        return "no write permission"
+    try:
+        if os.statvfs(d).f_flag & os.ST_RDONLY:
+            return "read-only filesystem"
+    except (OSError, AttributeError):
+        pass
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        try:
+            os.close(os.open(d, tmpfile | os.O_WRONLY, 0o600))
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                return e.strerror or str(e)
+    try:
+        fd, name = tempfile.mkstemp(dir=d, prefix=".ia3-dist-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """UsageError unless ``path`` is a directory that can be written, or can be created (its nearest existing
+    ancestor is a writable directory). ``what`` names the setting in the message (``output.dir``, ``--out``)."""
+    p = Path(path)
+    try:
+        base = nearest_existing(p.absolute())
+        if base == p.absolute() and not p.is_dir():
+            kind = "a dangling symlink" if p.is_symlink() and not p.exists() else "a file"
+            raise UsageError(f"{what} {path} is {kind}, not a directory; pick a directory path (it is created if "
+                             f"missing)")
+        if not base.is_dir():
+            raise UsageError(f"{what} {path}: {base} is not a directory, so it cannot be created; pick another "
+                             f"path")
+        why = _write_probe(base)
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot check it ({e.strerror or e}); pick another path") from None
+    if why:
+        where = "" if base == p.absolute() else f" ({base}, where it would be created)"
+        raise UsageError(f"{what} {path} is not writable{where}: {why}; pick a writable location")

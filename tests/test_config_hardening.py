@@ -1,0 +1,509 @@
+"""Hostile run configs and DeepSpeed files from the security review: each input that used to hang, exhaust memory or
+end in a traceback is now a one-line UsageError (exit 2 from ``ia3-dist check``, output dir untouched) naming the
+file/line or key. Families of inputs are fuzzed with hypothesis."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import string
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ia3_dist.cli import main
+from ia3_dist.config import DataSection, build_config, load_config, parse_override, read_yaml
+from ia3_dist.config.schema import SHOW_CHARS, show
+from ia3_dist.data.template import Template
+from ia3_dist.errors import UsageError
+from ia3_dist.runtime import ds_config as dsc
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny-cpu.yaml")
+GOOD = [{"instruction": "问题", "input": "", "output": "回答。"}] * 3
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Longest a config error may be: the key, the bounded value quote and the fix fit well inside.
+MAX_MESSAGE = 1000
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Turn a hang (the defects here ran for ever) into a failure instead of a stuck test session."""
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _w(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _one_line(msg: str) -> str:
+    assert "\n" not in msg and len(msg) <= MAX_MESSAGE, msg
+    return msg
+
+
+def _refused(fn: Any, *args: Any, **kwargs: Any) -> str:
+    with pytest.raises(UsageError) as e:
+        fn(*args, **kwargs)
+    return _one_line(str(e.value))
+
+
+def check_exits_2(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture, args: list[str],
+                  seconds: float = 120) -> str:
+    """``ia3-dist check`` with ``args`` (``--config TINY`` unless given) exits 2 with no traceback, within
+    ``seconds``, leaving the output dir as it was; returns stderr."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / "keep.txt").write_text("user data")
+    if "--config" not in args:
+        args = ["--config", TINY, *args]
+    with deadline(seconds):
+        rc = main(["check", *args, f"model.path={tiny_model}", f"output.dir={out}"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+    return _one_line(err.strip())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 1. YAML aliases and anchors ("billion laughs"), and bounded values in messages.
+
+def bomb(width: int = 9, depth: int = 9) -> str:
+    names = string.ascii_lowercase
+    lines = [f"{names[0]}: &{names[0]} [{','.join(['lol'] * width)}]"]
+    lines += [f"{names[i]}: &{names[i]} [{','.join(['*' + names[i - 1]] * width)}]" for i in range(1, depth)]
+    return "\n".join(lines) + "\n"
+
+
+def test_billion_laughs_is_refused_at_once(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
+    text = bomb()
+    assert len(text) < 600
+    f = _w(tmp_path / "bomb.yaml", text)
+    err = check_exits_2(tmp_path, tiny_model, capsys, ["--config", f], seconds=20)
+    assert f"{f}:1:" in err and "anchor &a" in err and "aliases" in err
+
+
+@FUZZ
+@given(width=st.integers(1, 12), depth=st.integers(1, 12))
+def test_fuzz_alias_bombs(tmp_path: Path, width: int, depth: int) -> None:
+    f = tmp_path / "bomb.yaml"
+    f.write_text(bomb(width, depth))
+    with deadline(10):
+        msg = _refused(load_config, f)
+    assert f"{f}:1:" in msg and "anchor" in msg
+
+
+@FUZZ
+@given(section=st.sampled_from(["train", "data", "model", "ia3"]), anchor=st.from_regex(r"[a-z][a-z0-9]{0,8}",
+                                                                                     fullmatch=True),
+       use_alias=st.booleans())
+def test_fuzz_any_anchor_or_alias_is_refused(tmp_path: Path, section: str, anchor: str, use_alias: bool) -> None:
+    f = tmp_path / "c.yaml"
+    # The alias alone (anchor missing) is invalid YAML; anchored and aliased is what a bomb needs.
+    text = f"{section}: &{anchor} {{}}\n" + (f"other: *{anchor}\n" if use_alias else "")
+    f.write_text(text)
+    msg = _refused(load_config, f)
+    assert f"{f}:1:" in msg and f"&{anchor}" in msg
+
+
+def test_alias_in_an_override_is_not_expanded() -> None:
+    parts, value = parse_override("train.betas=[&a 0.9, *a]")
+    assert parts == ["train", "betas"] and value == "[&a 0.9, *a]"
+    assert "'train.betas[0]'" in _refused(load_config, None, ["train.betas=[&a 0.9, *a]"], base={})
+
+
+def test_expanded_value_in_a_message_is_bounded() -> None:
+    # The shape a bomb expands to, built with shared references (9**9 leaves if printed in full).
+    value: Any = ["lol"] * 9
+    for _ in range(8):
+        value = [value] * 9
+    for raw in ({"train": {"lr": value}}, {"train": {"betas": value}}, {"ia3": {"target_modules": value}},
+                {"train": {"precision": "x" * 10**6}}, {"train": value}, {"x" * 10**5: 1},
+                {"train": {"seed": 10**5000}}, {"output": {"dir": 10**5000}}):
+        with deadline(10):
+            msg = _refused(build_config, raw)
+        assert "..." in msg or "digits" in msg, msg
+
+
+@given(value=st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=2000)
+                          | st.binary(max_size=2000),
+                          lambda c: st.lists(c, max_size=30) | st.dictionaries(st.text(max_size=300), c, max_size=30),
+                          max_leaves=200))
+@FUZZ
+def test_fuzz_show_is_short_and_one_line(value: Any) -> None:
+    text = show(value)
+    assert len(text) <= SHOW_CHARS + 3 and "\n" not in text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 2. Duplicate keys.
+
+@pytest.mark.parametrize("text, line, key", [
+    ("train: {lr: 0.1, lr: 0.2}\n", 1, "'lr'"),
+    ("train:\n  lr: 0.1\ndata: {}\ntrain:\n  epochs: 2\n", 4, "'train'"),
+    ("train:\n  lr: 0.1\n  epochs: 1\n  lr: 0.1\n", 4, "'lr'"),
+])
+def test_duplicate_keys_are_refused(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture, text: str,
+                                    line: int, key: str) -> None:
+    f = _w(tmp_path / "dup.yaml", text)
+    msg = _refused(read_yaml, f)
+    assert f"{f}:{line}:" in msg and f"duplicate key {key}" in msg
+    err = check_exits_2(tmp_path, tiny_model, capsys, ["--config", f])
+    assert f"{f}:{line}:" in err and f"duplicate key {key}" in err
+
+
+@FUZZ
+@given(keys=st.lists(st.from_regex(r"[a-z_]{1,10}", fullmatch=True), min_size=1, max_size=5, unique=True),
+       dup=st.data(), nested=st.booleans(), flow=st.booleans())
+def test_fuzz_duplicate_keys(tmp_path: Path, keys: list[str], dup: st.DataObject, nested: bool, flow: bool) -> None:
+    again = dup.draw(st.sampled_from(keys))
+    order = [*keys, again]
+    if flow:
+        body = "{" + ", ".join(f"{k}: {i}" for i, k in enumerate(order)) + "}"
+        text = f"train: {body}\n" if nested else body + "\n"
+        line = 1
+    else:
+        indent = "  " if nested else ""
+        text = ("train:\n" if nested else "") + "".join(f"{indent}{k}: {i}\n" for i, k in enumerate(order))
+        line = len(order) + (1 if nested else 0)
+    f = tmp_path / "dup.yaml"
+    f.write_text(text)
+    msg = _refused(read_yaml, f)
+    assert f"{f}:{line}:" in msg and f"duplicate key '{again}'" in msg
+
+
+def test_other_yaml_features_are_refused_with_position(tmp_path: Path) -> None:
+    for text, needle in [("train: {<<: {lr: 1}}\n", ":1:9: merge keys"),
+                         ("train: {seed: " + "1" * 5000 + "}\n", ":1:15: integer of 5000 characters"),
+                         ("train: {resume: 2024-02-30}\n", ":1:17: cannot read '2024-02-30'"),
+                         ("a: " + "[" * 100000 + "]" * 100000 + "\n", "nested more than 32 levels"),
+                         ("? [a]\n: 1\n", ":1:3: invalid YAML: found unhashable key"),
+                         ("train: {}\nmodel: {path: a\x00b}\n", ":2: invalid YAML: character #x0000 is not allowed")]:
+        f = tmp_path / "c.yaml"
+        f.write_text(text)
+        with deadline(20):
+            assert needle in _refused(load_config, f)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 3. Bounds on counts, and train.grad_accum against the number of examples.
+
+BOUNDS = {"train.micro_batch_size": (1, 65536), "train.grad_accum": (1, 65536), "train.epochs": (1, 10**6),
+          "train.max_steps": (0, 10**9), "train.log_every": (1, 10**9), "train.eval_every": (0, 10**9),
+          "train.warmup_steps": (0, 10**9), "train.stop_after_steps": (0, 10**9), "train.threads": (0, 4096),
+          "data.max_length": (2, 1 << 20), "data.num_proc": (0, 1024),
+          "checkpoint.every": (0, 10**9), "checkpoint.keep": (1, 10**6), "deepspeed.timeout_minutes": (1, 10**5),
+          "hardware.nodes": (1, 10**5), "hardware.gpus_per_node": (1, 4096)}
+
+
+def test_huge_grad_accum_is_refused_at_once(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
+    err = check_exits_2(tmp_path, tiny_model, capsys, ["train.grad_accum=1000000000000"], seconds=30)
+    assert "'train.grad_accum': must be <= 65536, got 1000000000000" in err
+
+
+@FUZZ
+@given(key=st.sampled_from(sorted(BOUNDS)), data=st.data())
+def test_fuzz_integer_bounds(key: str, data: st.DataObject) -> None:
+    lo, hi = BOUNDS[key]
+    section, name = key.split(".")
+    good = data.draw(st.sampled_from([lo, hi]) | st.integers(lo, hi))
+    build_config({section: {name: good}})
+    bad = data.draw(st.integers(hi + 1, 10**30) | st.integers(-(10**30), lo - 1))
+    assert f"'{key}'" in _refused(build_config, {section: {name: bad}})
+
+
+def test_grad_accum_above_example_count_is_refused_before_planning(tmp_path: Path, tiny_model: Path,
+                                                                   capsys: pytest.CaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_planning(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the sampler planned steps before the grad_accum check")
+
+    import ia3_dist.data.sampler as sampler
+    import ia3_dist.train.report as report
+
+    for mod in (sampler, report):
+        monkeypatch.setattr(mod, "plan_epoch", no_planning)
+    monkeypatch.setattr(sampler, "rank_micro_batches", no_planning)
+    f = _w(tmp_path / "d.json", json.dumps(GOOD, ensure_ascii=False))
+    err = check_exits_2(tmp_path, tiny_model, capsys, [f"data.path={f}", "train.grad_accum=4"])
+    assert "'train.grad_accum': 4 is more than the 3 training examples" in err and "at most 3" in err
+
+
+def test_grad_accum_equal_to_example_count_passes(tmp_path: Path, tiny_model: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    f = _w(tmp_path / "d.json", json.dumps(GOOD, ensure_ascii=False))
+    assert main(["check", "--config", TINY, f"data.path={f}", "train.grad_accum=3", f"model.path={tiny_model}",
+                 f"output.dir={tmp_path / 'o'}"]) == 0, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 4. Prompt templates: plain {instruction} and {input} only.
+
+@pytest.mark.parametrize("how", ["override", "file"])
+def test_huge_format_width_is_refused(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture,
+                                      how: str) -> None:
+    # Unquoted on the command line the value is a YAML flow mapping; quoted it is the template string.
+    if how == "override":
+        args = ['data.prompt_template="{instruction:>99999999999}"']
+    else:
+        args = ["--config", _w(tmp_path / "t.yaml", "data:\n  prompt_template: '{instruction:>99999999999}'\n")]
+    err = check_exits_2(tmp_path, tiny_model, capsys, args, seconds=30)
+    assert "'data.prompt_template'" in err and "{instruction:>99999999999}" in err
+
+
+FIELD_NAMES = ["instruction", "input", "output", "0", "", "instruction.__class__", "input[0]", "instruction.x"]
+
+
+@FUZZ
+@given(fields=st.lists(st.tuples(st.sampled_from(FIELD_NAMES), st.sampled_from([None, "r", "s", "a"]),
+                                 st.sampled_from(["", ">99999999999", "x", ",", "{input}"])), max_size=4),
+       literal=st.text(alphabet="ab \n{}", max_size=6))
+def test_fuzz_template_fields(fields: list[tuple[str, str | None, str]], literal: str) -> None:
+    lit = literal.replace("{", "{{").replace("}", "}}")
+    template = lit + "".join("{" + n + (f"!{c}" if c else "") + (f":{s}" if s else "") + "}" + lit
+                             for n, c, s in fields)
+    plain = all(n in ("instruction", "input") and c is None and not s for n, c, s in fields)
+    if plain:
+        t = Template(template, strip_prompt=False, response_prefix="")
+        assert t.prompt("I", "N") == template.format(instruction="I", input="N")
+    else:
+        assert "'data.prompt_template'" in _refused(DataSection, prompt_template=template)
+
+
+@FUZZ
+@given(template=st.text(max_size=80))
+def test_fuzz_any_accepted_template_formats_in_bounded_size(template: str) -> None:
+    try:
+        DataSection(prompt_template=template)
+    except UsageError as e:
+        _one_line(str(e))
+        return
+    out = template.format(instruction="I" * 10, input="N" * 10)
+    assert len(out) <= len(template) * 10
+
+
+def test_template_length_is_bounded() -> None:
+    assert "at most 4096" in _refused(DataSection, prompt_template="{instruction}" + "x" * 5000)
+    assert "'data.response_prefix'" in _refused(DataSection, response_prefix="x" * 5000)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 5. Non-finite floats; 6. seeds.
+
+FLOAT_KEYS = ["train.lr", "train.weight_decay", "train.eps", "train.grad_clip", "train.peak_tflops",
+              "data.eval_ratio", "hardware.gpu_mem_gib"]
+
+
+@pytest.mark.parametrize("override", ["train.eps=nan", "train.weight_decay=nan", "train.grad_clip=inf",
+                                      "train.betas=[nan, 0.999]", "train.betas=[0.9, .inf]", "train.lr=.nan",
+                                      "train.lr=1e999", "train.seed=-1"])
+def test_non_finite_floats_and_bad_seed_exit_2(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture,
+                                               override: str) -> None:
+    key = override.partition("=")[0]
+    assert f"'{key}'" in check_exits_2(tmp_path, tiny_model, capsys, [override])
+
+
+NON_FINITE = [math.nan, math.inf, -math.inf, "nan", "NaN", ".inf", "-Infinity", "1e999", "-1e400"]
+
+
+@FUZZ
+@given(key=st.sampled_from(FLOAT_KEYS + ["train.betas"]),
+       x=st.sampled_from(NON_FINITE) | st.floats(allow_nan=True, allow_infinity=True))
+def test_fuzz_floats_name_the_key(key: str, x: float | str) -> None:
+    section, name = key.split(".")
+    value: Any = [x, 0.9] if name == "betas" else x
+    try:
+        cfg = build_config({section: {name: value}})
+    except UsageError as e:
+        assert f"'{key}" in _one_line(str(e))  # train.betas may be named as train.betas[0]
+        return
+    got = getattr(getattr(cfg, section), name)
+    assert all(math.isfinite(v) for v in (got if isinstance(got, list) else [got])), (key, x)
+
+
+@FUZZ
+@given(seed=st.integers(-(2**70), 2**70))
+def test_fuzz_seed_range(seed: int) -> None:
+    if 0 <= seed < 2**32:
+        assert build_config({"train": {"seed": seed}}).train.seed == seed
+    else:
+        assert "'train.seed': must be in [0, 2**32)" in _refused(build_config, {"train": {"seed": seed}})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 7. DeepSpeed JSON with wrong-typed sections.
+
+DS_CASES = {
+    "bf16-bool": ({"bf16": True}, "'bf16' must be a JSON object"),
+    "offload-string": ({"zero_optimization": {"offload_optimizer": "cpu"}},
+                       "zero_optimization.offload_optimizer must be an object"),
+    "params-string": ({"optimizer": {"params": "fast"}}, "'optimizer.params' must be a JSON object"),
+    "stage-string": ({"zero_optimization": {"stage": "3"}}, "zero_optimization.stage is '3'"),
+    "stage-bool": ({"zero_optimization": {"stage": True}}, "zero_optimization.stage is True"),
+    "nested-100k": ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    "nested-object": ('{"a":' * 40 + "1" + "}" * 40, "nested more than 16 levels"),
+    "nan": ('{"gradient_clipping": NaN}', "NaN is not a JSON number"),
+    "huge-float": ('{"gradient_clipping": 1e999}', "'1e999' is out of range"),
+    "huge-int": ('{"train_batch_size": ' + "9" * 400 + "}", "'train_batch_size' is <integer of about"),
+    "huge-int-digits": ('{"train_batch_size": ' + "9" * 5000 + "}", "a number too large"),
+    "duplicate": ('{"zero_optimization": {"stage": 1, "stage": 3}}', "duplicate key 'stage'"),
+    "zero-field-type": ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "lots"}},
+                        "'zero_optimization.reduce_bucket_size'"),
+    "fp16-field-type": ({"fp16": {"loss_scale": "x"}}, "'fp16.loss_scale'"),
+    "top-level-type": ({"steps_per_print": "often"}, "'steps_per_print' must be int"),
+    "device-list": ({"zero_optimization": {"stage": 3, "offload_param": {"device": ["cpu"]}}},
+                    "zero_optimization.offload_param.device is ['cpu']"),
+    "auto-in-list": ({"x": [1, "auto"]}, 'cannot resolve "auto" for x[1]'),
+}
+
+
+def _ds(tmp_path: Path, body: str | dict) -> str:
+    return _w(tmp_path / "ds.json", body if isinstance(body, str) else json.dumps(body))
+
+
+@pytest.mark.parametrize("case", list(DS_CASES))
+def test_bad_deepspeed_json_is_a_usage_error(tmp_path: Path, case: str) -> None:
+    body, needle = DS_CASES[case]
+    f = _ds(tmp_path, body)
+    with deadline(30):
+        msg = _refused(dsc.resolve, build_config({"deepspeed": {"config": f}}), 1, 64)
+    assert msg.startswith(f) and needle in msg, msg
+
+
+@pytest.mark.parametrize("case", ["bf16-bool", "offload-string", "params-string", "stage-string", "nested-100k"])
+def test_bad_deepspeed_json_exits_2(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture,
+                                   case: str) -> None:
+    body, needle = DS_CASES[case]
+    err = check_exits_2(tmp_path, tiny_model, capsys, [f"deepspeed.config={_ds(tmp_path, body)}"])
+    assert needle in err and "ds.json" in err
+
+
+def test_ds_helpers_do_not_crash_on_wrong_types() -> None:
+    for ds in ({}, {"zero_optimization": "x"}, {"zero_optimization": {"offload_optimizer": "cpu"}},
+               {"zero_optimization": {"offload_param": ["cpu"], "offload_optimizer": None}}):
+        assert dsc.offloads(ds) is False and dsc.offloads_optimizer(ds) is False
+    assert dsc.stage_of({"zero_optimization": None}) == 0
+    for stage in ("3", True, 3.0, 7, None):
+        assert "zero_optimization.stage" in _refused(dsc.stage_of, {"zero_optimization": {"stage": stage}})
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                           max_leaves=8)
+DS_PATHS = ["bf16", "bf16.enabled", "fp16", "fp16.loss_scale", "optimizer", "optimizer.params",
+            "optimizer.params.lr", "optimizer.type", "zero_optimization", "zero_optimization.stage",
+            "zero_optimization.offload_optimizer", "zero_optimization.offload_optimizer.device",
+            "zero_optimization.offload_param", "zero_optimization.reduce_bucket_size", "scheduler",
+            "gradient_clipping", "train_batch_size", "steps_per_print"]
+
+
+@FUZZ
+@given(shipped=st.sampled_from(dsc.SHIPPED), path=st.sampled_from(DS_PATHS), value=json_values)
+def test_fuzz_deepspeed_json_wrong_types(tmp_path: Path, shipped: str, path: str, value: Any) -> None:
+    ds = json.loads((dsc.shipped_dir() / f"{shipped}.json").read_text())
+    node = ds
+    *parents, last = path.split(".")
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[last] = value
+    f = _ds(tmp_path, ds)
+    try:
+        out = dsc.resolve(build_config({"deepspeed": {"config": f}}), 2, 64)
+    except UsageError as e:
+        assert _one_line(str(e)).startswith(f)
+        return
+    assert dsc.stage_of(out) in (0, 1, 2, 3)
+    dsc.offloads(out)
+    dsc.offloads_optimizer(out)
+    json.dumps(out, allow_nan=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 8. Config files that cannot be read.
+
+def test_config_that_is_a_directory(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
+    d = tmp_path / "conf.yaml"
+    d.mkdir()
+    assert f"config file {d}: is a directory" in _refused(load_config, d)
+    assert f"{d}: is a directory" in check_exits_2(tmp_path, tiny_model, capsys, ["--config", str(d)])
+
+
+def test_config_without_read_permission(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    f = Path(_w(tmp_path / "secret.yaml", "train: {lr: 0.1}\n"))
+    real_open = Path.open
+
+    def deny(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == f:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    # As root chmod 000 still reads, so the refusal the OS would give is simulated.
+    monkeypatch.setattr(Path, "open", deny)
+    msg = _refused(load_config, f)
+    assert f"config file {f}: cannot read it (Permission denied)" in msg
+    assert f"{f}: cannot read it" in check_exits_2(tmp_path, tiny_model, capsys, ["--config", str(f)])
+
+
+def test_config_chmod_000(tmp_path: Path) -> None:
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads files regardless of their mode")
+    f = tmp_path / "c.yaml"
+    f.write_text("train: {}\n")
+    f.chmod(0)
+    assert "cannot read it" in _refused(load_config, f)
+
+
+def test_other_unusable_config_paths(tmp_path: Path) -> None:
+    assert "not a regular file" in _refused(load_config, "/dev/null")
+    assert "cannot read it" in _refused(load_config, tmp_path / ("a" * 5000))
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (1 << 20) + "\n")
+    assert "larger than" in _refused(load_config, big)
+
+
+def test_nul_in_a_path_setting(tmp_path: Path) -> None:
+    f = _w(tmp_path / "c.yaml", 'output: {dir: "runs/a\\0b"}\n')
+    assert "'output.dir': contains a NUL character" in _refused(load_config, f)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Everything at once: whatever the YAML, only a short one-line UsageError escapes.
+
+yaml_atoms = st.sampled_from(["lr", "train", "data", "seed", "1e999", ".nan", "-.inf", "&a", "*a", "<<", "{", "}",
+                              "[", "]", ":", ", ", "\n", "  ", "- ", "!!binary", "!!python/object:os.system", "'",
+                              '"', "\\0", "\x00", "\x07", "\t", "\r", "\ufeff", "9" * 50, "2024-02-30",
+                              "{instruction:>9}", "?", "#"])
+
+
+@FUZZ
+@given(parts=st.lists(yaml_atoms, max_size=40))
+def test_fuzz_hostile_yaml_gives_one_line_usage_errors(tmp_path: Path, parts: list[str]) -> None:
+    f = tmp_path / "fuzz.yaml"
+    f.write_text("".join(parts), encoding="utf-8")
+    with deadline(20):
+        try:
+            load_config(f)
+        except UsageError as e:
+            _one_line(str(e))

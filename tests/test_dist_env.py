@@ -1,0 +1,43 @@
+"""Rank layout and rendezvous address from each launcher's environment variables alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from ia3_dist.runtime.dist import DistEnv, detect, first_host, slurm_master
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, DistEnv(0, 0, 1, 1)),
+    # deepspeed / torchrun
+    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, DistEnv(3, 1, 8, 2)),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_SIZE": "2"}, DistEnv(0, 0, 2, 2)),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, DistEnv(1, 0, 2, 2)),
+    # the launcher's variables win over an enclosing srun step's
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
+     DistEnv(1, 1, 2, 2)),
+    # plain srun, one task per rank
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4"},
+     DistEnv(5, 1, 8, 4)),
+    ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_TASKS_PER_NODE": "2(x2)"},
+     DistEnv(2, 0, 4, 2)),
+    # one srun task that runs a launcher itself: not a rank layout
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}, DistEnv(0, 0, 1, 1)),
+])
+def test_detect(env: dict[str, str], want: DistEnv) -> None:
+    assert detect(env) == want
+
+
+@pytest.mark.parametrize("nodelist, host", [
+    ("n1", "n1"), ("n[1-2]", "n1"), ("gpu[007-010,12],cpu1", "gpu007"), ("a,b", "a"), ("x[3]-ib", "x3-ib"),
+    ("node-[5-7]", "node-5"), ("c[12,3-4]", "c12"),
+])
+def test_first_host_without_scontrol(nodelist: str, host: str) -> None:
+    assert first_host(nodelist) == host
+
+
+def test_slurm_master_port_from_job_id() -> None:
+    env = {"SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_JOB_ID": "123456"}
+    assert slurm_master(env, use_scontrol=False) == ("gpu003", str(20000 + 123456 % 20000))
+    assert slurm_master({"SLURM_NODELIST": "n2", "SLURM_JOB_ID": "7"}, use_scontrol=False) == ("n2", "20007")
+    assert slurm_master({}, use_scontrol=False) is None

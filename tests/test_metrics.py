@@ -1,0 +1,42 @@
+"""The FLOP formula behind tokens-to-TFLOP/s and MFU, and the per-step statistics that travel as one collective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import BloomConfig, BloomForCausalLM
+
+from ia3_dist.train.loop import StepStats
+from ia3_dist.train.metrics import model_flops
+
+
+def test_formula_by_hand() -> None:
+    # 6 N per token plus 12 L h T per token of a length-T sequence: two sequences of 3 and 5 tokens.
+    n, layers, h = 1000, 2, 16
+    want = 6 * n * (3 + 5) + 12 * layers * h * (3 * 3 + 5 * 5)
+    assert model_flops(torch.tensor([3, 5]), n, layers, h) == want
+
+
+def test_formula_matches_counted_matmuls() -> None:
+    """Forward matmul FLOPs counted by torch equal a third of the training formula (2N + 4LhT per token) within
+    a few percent on a small Bloom: the attention term and the (tied) LM head are both accounted for."""
+    torch.manual_seed(0)
+    cfg = BloomConfig(vocab_size=512, hidden_size=64, n_layer=3, n_head=4)
+    model = BloomForCausalLM(cfg).eval()
+    T = 96
+    ids = torch.randint(0, 512, (2, T))
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(input_ids=ids)
+    n = sum(p.numel() for p in model.parameters())  # the tied embedding counts once, as the LM head
+    formula = model_flops(torch.tensor([T, T]), n, cfg.n_layer, cfg.hidden_size)
+    assert fc.get_total_flops() == pytest.approx(formula / 3, rel=0.05)
+
+
+def test_step_stats_travel_as_one_tensor_and_add_by_name() -> None:
+    a = StepStats(label_tokens=3, real_tokens=10, padded_tokens=12, samples=2, stop_requested=0, flops=5e9)
+    b = StepStats(label_tokens=1, real_tokens=4, padded_tokens=4, samples=1, stop_requested=1, flops=1e9)
+    a += b
+    assert a == StepStats(4, 14, 16, 3, 1, 6e9)
+    # No process group: the reduction is the identity, and the fields come back by name.
+    assert a.all_reduce(torch.device("cpu")) == a

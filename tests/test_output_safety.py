@@ -1,0 +1,471 @@
+"""Output dirs are never destroyed by surprise: each defect of the security review, reproduced with its input.
+
+1. ``output.overwrite=true`` removes only what a run writes (the manifest's names), never other files, also not
+   under ``checkpoints/``;
+2. without it, another run's files or a user's unrelated files in ``output.dir`` are refused, not overwritten;
+3. ``export --out`` refuses a dir holding another model, with or without ``--force``;
+4. an ``output.dir`` that is a file or cannot be written is refused in preflight;
+5. a damaged ``checkpoints/latest`` or ``meta.json`` exits 2 naming the file, and ``latest`` never leads outside
+   the checkpoints dir.
+
+Every refusal exits 2 before any process group starts and leaves each pre-existing file byte-identical.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch.distributed
+
+from ia3_dist.cli import main
+from ia3_dist.errors import UsageError
+from ia3_dist.runtime import checkpoint as ckpt
+from ia3_dist.runtime import manifest
+from ia3_dist.train.prepare import PID_FILE, PREEMPTED_FILE, start_run_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny-cpu.yaml")
+META = {"world_size": 1, "micro_batch_size": 4, "grad_accum": 2, "seed": 42, "shuffle": True, "total_steps": 2,
+        "data_key": "x", "n_examples": 8, "group_by_length": False, "order_version": 1, "step": 2}
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every entry under ``root``: file bytes, None for a dir (symlinks by their target)."""
+    out: dict[str, bytes | None] = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = ("->" + os.readlink(p)).encode() if p.is_symlink() else (p.read_bytes() if p.is_file() else None)
+    return out
+
+
+def w(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def previous_run(out: Path, with_manifest: bool = True, checkpoint: bool = True) -> None:
+    """What a finished run of ours leaves behind (checkpoint.at_end)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if with_manifest:
+        manifest.write_manifest(out)
+    w(out / "run.yaml", "model: {}\n")
+    w(out / "ds_config.json", "{}\n")
+    w(out / "metrics.jsonl", '{"step": 1, "loss": 2.0}\n')
+    w(out / "metrics.png", b"\x89PNG fake")
+    w(out / "adapter" / "adapter_model.safetensors", b"weights")
+    w(out / "adapter" / "adapter_config.json", "{}")
+    w(out / "tensorboard" / "events.out.tfevents.1", b"tb")
+    if checkpoint:
+        w(out / "checkpoints" / "step2" / "meta.json", json.dumps(META))
+        w(out / "checkpoints" / "step2" / "mp_rank_00_model_states.pt", b"state")
+        w(out / "checkpoints" / "latest", "step2")
+        w(out / "checkpoints" / "zero_to_fp32.py", "# DeepSpeed's recovery script")
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    rc = main(args)
+    captured = capsys.readouterr()
+    return rc, captured.err + captured.out
+
+
+def train_args(tiny_model: Path, out: Path | str, *extra: str) -> list[str]:
+    return ["--config", TINY, f"model.path={tiny_model}", f"output.dir={out}", "train.max_steps=2", *extra]
+
+
+# -- 1. overwrite removes only what a run writes -------------------------------------------------------------
+
+
+def test_overwrite_removes_only_run_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    previous_run(out)
+    w(out / "notes.txt", "my notes")
+    w(out / "checkpoints" / "mine.txt", "keep me")
+    w(out / "data" / "train.json", "[]")
+    user = {k: v for k, v in snapshot(out).items() if k.startswith(("notes", "checkpoints/mine", "data"))}
+    gone = start_run_dir(out, start_over=True)
+    assert {"run.yaml", "metrics.jsonl", "adapter", "tensorboard", "checkpoints/step2", "checkpoints/latest"} <= \
+        set(gone)
+    left = snapshot(out)
+    assert sorted(left) == sorted([*user, manifest.MANIFEST, "checkpoints"])
+    assert all(left[k] == v for k, v in user.items())
+    # With nothing of the user's in it, checkpoints/ goes too.
+    (out / "checkpoints" / "mine.txt").unlink()
+    previous_run(out)
+    start_run_dir(out, start_over=True)
+    assert not (out / "checkpoints").exists()
+
+
+def test_overwrite_never_follows_or_deletes_symlinks(tmp_path: Path) -> None:
+    precious = w(tmp_path / "elsewhere" / "model.safetensors", b"precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter").symlink_to(precious.parent, target_is_directory=True)
+    before = snapshot(tmp_path)
+    with pytest.raises(UsageError, match="adapter"):
+        ckpt.guard_output_dir(out, "none", True)
+    start_run_dir(out, start_over=True)  # even if the guard were skipped
+    assert precious.read_bytes() == b"precious" and (out / "adapter").is_symlink()
+    assert {k: v for k, v in snapshot(tmp_path).items() if manifest.MANIFEST not in k} == before
+
+
+def test_overwrite_check_reports_what_stays(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    previous_run(out)
+    w(out / "notes.txt", "my notes")
+    before = snapshot(out)
+    rc, text = run_cli(["check", *train_args(tiny_model, out, "output.overwrite=true")], capsys)
+    assert rc == 0, text
+    assert "kept: notes.txt" in text and "removes the earlier run's files" in text
+    assert snapshot(out) == before
+
+
+# -- 2. without overwrite, nothing of another run or of the user is overwritten -------------------------------
+
+def _foreign_run(out: Path) -> None:
+    previous_run(out, with_manifest=False, checkpoint=False)
+
+
+def _our_finished_run(out: Path) -> None:
+    previous_run(out, checkpoint=False)
+
+
+def _user_files(out: Path) -> None:
+    w(out / "notes.txt", "my notes")
+    w(out / "results" / "table.csv", "a,b\n")
+
+
+def _our_checkpoints_and_user_file(out: Path) -> None:
+    previous_run(out)
+    w(out / "notes.txt", "my notes")
+
+
+def _user_run_yaml(out: Path) -> None:
+    w(out / "run.yaml", "my own run.yaml\n")
+
+
+REFUSED = {
+    # case: (build, extra overrides, text in the message)
+    "another-run-no-manifest": (_foreign_run, [], "holds another run's files"),
+    "our-finished-run": (_our_finished_run, [], "holds another run's files (adapter"),
+    "user-files": (_user_files, [], "not an ia3-dist run dir"),
+    "user-run-yaml": (_user_run_yaml, [], "holds another run's files (run.yaml)"),
+    "checkpoints-and-user-file": (_our_checkpoints_and_user_file, [], "holds another run's checkpoints (step2)"),
+    "resume-into-user-files": (_user_files, ["train.resume=auto"], "not an ia3-dist run dir"),
+}
+
+
+@pytest.mark.parametrize("command", ["check", "train"])
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_occupied_output_dir_is_refused(case: str, command: str, tmp_path: Path, tiny_model: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    build, extra, needle = REFUSED[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    build(out)
+    before = snapshot(out)
+    args = train_args(tiny_model, out, "output.overwrite=false", *extra)
+    rc, text = run_cli([command, *args], capsys)
+    assert rc == 2, text
+    assert needle in text and str(out) in text, text
+    assert "Traceback" not in text
+    assert not torch.distributed.is_initialized()
+    assert snapshot(out) == before
+
+
+def test_refusal_names_the_first_few_entries(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for i in range(9):
+        w(out / f"f{i}.txt", "x")
+    with pytest.raises(UsageError, match=r"f0.txt, f1.txt, f2.txt, f3.txt, f4.txt and 4 more"):
+        ckpt.guard_output_dir(out, "none", False)
+
+
+ACCEPTED = {
+    # The dir may be used as is: nothing there is lost.
+    "new": (lambda out: None, "none", False),
+    "empty": (lambda out: out.mkdir(), "none", False),
+    # What the other ranks see when rank 0 is a step ahead of them (write_run_files before dist.init).
+    "setup-files-of-ours": (lambda out: (start_run_dir(out, False), w(out / "run.yaml", "x"),
+                                         w(out / PID_FILE, "1")), "none", False),
+    "manifest-being-written": (lambda out: w(out / (manifest.MANIFEST + ".tmp"), "{"), "none", False),
+    "resume-ours-with-user-file": (lambda out: (_our_checkpoints_and_user_file(out)), "auto", False),
+    "resume-ours-without-manifest": (lambda out: previous_run(out, with_manifest=False), "auto", False),
+    "overwrite-beside-user-files": (_user_files, "none", True),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED))
+def test_guard_accepts(case: str, tmp_path: Path) -> None:
+    build, resume, overwrite = ACCEPTED[case]
+    out = tmp_path / "out"
+    build(out)
+    ckpt.guard_output_dir(out, resume, overwrite)
+
+
+def test_output_dir_guard_semantics_of_test_resume(tmp_path: Path) -> None:
+    """tests/test_resume.py test_output_dir_guard on a finished run: refused as another run's checkpoints without
+    resume or overwrite (the checkpoints stay), accepted with train.resume=auto."""
+    out = tmp_path / "out"
+    previous_run(out)
+    before = snapshot(out)
+    with pytest.raises(UsageError, match="holds another run's checkpoints"):
+        ckpt.guard_output_dir(out, "none", False)
+    ckpt.guard_output_dir(out, "auto", False)
+    assert ckpt.resolve_resume("auto", out) == out / "checkpoints" / "step2"
+    assert snapshot(out) == before
+
+
+# -- 3. export never overwrites another model -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """A small IA3 adapter of the tiny model, made without training."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ia3_dist.config.schema import IA3Section
+    from ia3_dist.models.ia3 import apply_ia3
+
+    d = tmp_path_factory.mktemp("adapter")
+    model = apply_ia3(AutoModelForCausalLM.from_pretrained(str(tiny_model)), IA3Section())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(1.5)
+    model.save_pretrained(str(d))
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(str(d))
+    return d
+
+
+def _other_model(d: Path) -> None:
+    w(d / "config.json", '{"model_type": "llama"}')
+    w(d / "model-00001-of-00002.safetensors", os.urandom(64))
+    w(d / "model-00002-of-00002.safetensors", os.urandom(64))
+    w(d / "model.safetensors.index.json", '{"weight_map": {}}')
+    w(d / "tokenizer.json", "{}")
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_export_refuses_a_dir_with_another_model(adapter: Path, tmp_path: Path, force: bool,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    d = tmp_path / "other"
+    _other_model(d)
+    before = snapshot(d)
+    rc, text = run_cli(["export", "--adapter", str(adapter), "--out", str(d), *(["--force"] if force else [])],
+                       capsys)
+    assert rc == 2, text
+    assert str(d) in text and ("did not write" in text or "not empty" in text), text
+    assert snapshot(d) == before
+
+
+def test_export_force_replaces_only_its_own_earlier_export(adapter: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    from ia3_dist.tools.export import MARKER
+
+    d = tmp_path / "merged"
+    assert run_cli(["export", "--adapter", str(adapter), "--out", str(d)], capsys)[0] == 0
+    recorded = json.loads((d / MARKER).read_text())["files"]
+    assert "model.safetensors" in recorded and "config.json" in recorded
+    assert not [p for p in d.iterdir() if p.name.startswith(".ia3-dist-export-staging")]
+    # Again without --force: refused, nothing changes.
+    before = snapshot(d)
+    rc, text = run_cli(["export", "--adapter", str(adapter), "--out", str(d)], capsys)
+    assert rc == 2 and "--force" in text and snapshot(d) == before
+    # An earlier (sharded) export of ours left a shard this one does not write; the user added notes.
+    w(d / "model-00002-of-00002.safetensors", b"stale shard")
+    marker = json.loads((d / MARKER).read_text())
+    marker["files"] += ["model-00002-of-00002.safetensors", "../outside.txt"]
+    (d / MARKER).write_text(json.dumps(marker))
+    outside = w(tmp_path / "outside.txt", "not in the export dir")
+    w(d / "notes.txt", "my notes")
+    rc, text = run_cli(["export", "--adapter", str(adapter), "--out", str(d), "--force"], capsys)
+    assert rc == 0, text
+    assert not (d / "model-00002-of-00002.safetensors").exists()
+    assert (d / "notes.txt").read_text() == "my notes" and outside.read_text() == "not in the export dir"
+    assert (d / "model.safetensors").is_file()
+    # A file at a name the export writes, that the earlier export did not write: refused, nothing changes.
+    marker = json.loads((d / MARKER).read_text())
+    marker["files"].remove("config.json")
+    (d / MARKER).write_text(json.dumps(marker))
+    before = snapshot(d)
+    rc, text = run_cli(["export", "--adapter", str(adapter), "--out", str(d), "--force"], capsys)
+    assert rc == 2 and "config.json would be overwritten" in text, text
+    assert snapshot(d) == before
+
+
+def test_export_out_is_a_file(adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    f = w(tmp_path / "model.bin", b"weights")
+    rc, text = run_cli(["export", "--adapter", str(adapter), "--out", str(f), "--force"], capsys)
+    assert rc == 2 and "is a file" in text and f.read_bytes() == b"weights"
+
+
+# -- 4. an output.dir that cannot be a writable directory fails preflight -------------------------------------
+
+def _sys_unwritable() -> Path | None:
+    d = Path("/sys/kernel")
+    if not d.is_dir():
+        return None
+    try:
+        fd, name = tempfile.mkstemp(dir=d)
+    except OSError:
+        return d
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+@pytest.mark.parametrize("command", ["check", "train"])
+@pytest.mark.parametrize("case", ["regular-file", "under-a-file", "read-only-mount", "chmod-555", "sysfs"])
+def test_unusable_output_dir_fails_preflight(case: str, command: str, tmp_path: Path, tiny_model: Path,
+                                             capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    w(tmp_path / "notes.txt", "my notes")
+    if case == "regular-file":
+        out, needle = w(tmp_path / "out", "a file"), "is a file"
+    elif case == "under-a-file":
+        out, needle = w(tmp_path / "out", "a file") / "run", "is not a directory"
+    elif case == "read-only-mount":
+        # What a read-only mount reports; as root, os.access alone would say it is writable.
+        monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_flag=os.ST_RDONLY))
+        out, needle = tmp_path / "out", "read-only filesystem"
+    elif case == "chmod-555":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a 0555 dir (the read-only-mount and sysfs cases cover root)")
+        (tmp_path / "ro").mkdir(mode=0o555)
+        out, needle = tmp_path / "ro" / "out", "not writable"
+    else:
+        base = _sys_unwritable()
+        if base is None:
+            pytest.skip("no unwritable /sys/kernel here")
+        out, needle = base / "ia3-dist-test-out", "not writable"
+    before = snapshot(tmp_path)
+    rc, text = run_cli([command, *train_args(tiny_model, out)], capsys)
+    monkeypatch.undo()
+    assert rc == 2, text
+    assert needle in text and str(out) in text and "Traceback" not in text, text
+    assert not torch.distributed.is_initialized()
+    assert snapshot(tmp_path) == before
+
+
+def test_writability_probe_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    mtime = out.stat().st_mtime_ns
+    manifest.check_writable_dir(out, "output.dir")
+    manifest.check_writable_dir(out / "a" / "b", "output.dir")
+    assert list(out.iterdir()) == []
+    if getattr(os, "O_TMPFILE", 0):
+        assert out.stat().st_mtime_ns == mtime  # an unnamed temp file never touches the dir
+
+
+# -- 5. damaged checkpoint pointers and metadata --------------------------------------------------------------
+
+def _run_with_checkpoint(out: Path) -> Path:
+    previous_run(out)
+    return out / "checkpoints"
+
+
+CORRUPT = {
+    # case: (file to write under out, its bytes, train.resume, text in the message)
+    "latest-not-utf8": ("checkpoints/latest", b"\xff\xfe\x00step2", "auto", "not UTF-8"),
+    "latest-escapes": ("checkpoints/latest", b"../../evil", "auto", "not a stepN dir"),
+    "latest-absolute": ("checkpoints/latest", b"/etc", "auto", "not a stepN dir"),
+    "latest-dotdot-inside": ("checkpoints/latest", b"step2/../../../evil", "auto", "not a stepN dir"),
+    "latest-empty": ("checkpoints/latest", b"", "auto", "not a stepN dir"),
+    "latest-explicit-root": ("checkpoints/latest", b"../../evil", "{out}/checkpoints", "not a stepN dir"),
+    "meta-list": ("checkpoints/step2/meta.json", b"[1, 2]", "auto", "a JSON list"),
+    "meta-not-utf8": ("checkpoints/step2/meta.json", b"\xff\xfe{}", "auto", "unreadable"),
+    "meta-syntax": ("checkpoints/step2/meta.json", b'{"step": ', "auto", "unreadable"),
+    "meta-string-explicit": ("checkpoints/step2/meta.json", b'"step2"', "{out}/checkpoints/step2", "a JSON str"),
+    "root-meta-list": ("checkpoints/meta.json", b"[]", "{out}/checkpoints", "a JSON list"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_damaged_checkpoint_files_exit_2_naming_them(case: str, tmp_path: Path, tiny_model: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    rel, data, resume, needle = CORRUPT[case]
+    out = tmp_path / "out"
+    _run_with_checkpoint(out)
+    if case == "root-meta-list":
+        (out / "checkpoints" / "latest").unlink()
+    w(out / rel, data)
+    # A complete checkpoint outside the checkpoints dir, for a pointer to lead to.
+    w(tmp_path / "evil" / "meta.json", json.dumps(META))
+    before = snapshot(tmp_path)
+    args = train_args(tiny_model, out, "output.overwrite=false", f"train.resume={resume.format(out=out)}")
+    rc, text = run_cli(["check", *args], capsys)
+    assert rc == 2, text
+    assert needle in text and str(out / rel) in text and "Traceback" not in text, text
+    assert snapshot(tmp_path) == before
+
+
+def test_latest_never_leads_outside(tmp_path: Path) -> None:
+    root = _run_with_checkpoint(tmp_path / "out")
+    assert ckpt.latest(root) == root / "step2"
+    w(tmp_path / "evil" / "meta.json", json.dumps(META))
+    (root / "step9").symlink_to(tmp_path / "evil", target_is_directory=True)
+    (root / "latest").write_text("step9")
+    with pytest.raises(UsageError, match="not a stepN dir"):
+        ckpt.latest(root)
+
+
+# -- the manifest's names are the ones the code writes --------------------------------------------------------
+
+def test_manifest_names_match_the_writers() -> None:
+    assert ckpt.TAG.fullmatch(ckpt.tag_for(12)) and manifest.CKPT_DIR.fullmatch(ckpt.tag_for(12))
+    assert ckpt.LATEST in manifest.CKPT_FILES and ckpt.LATEST + ".tmp" in manifest.CKPT_FILES
+    assert ckpt.root_of(Path("o")).name == manifest.CHECKPOINTS
+    assert {PID_FILE, PREEMPTED_FILE} <= manifest.SETUP_FILES
+    # Every `<out> / "name"` a run writes into the output dir is one the manifest owns.
+    written: set[str] = set()
+    # demo.py writes its assets into the cache, not into an output dir.
+    sources = [f for d in ("train", "runtime") for f in (ROOT / "ia3_dist" / d).glob("*.py") if f.name != "demo.py"]
+    for f in sources:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
+                    and isinstance(node.right.value, str)
+                    and re.search(r"\b(p\.out|out|path\.parent)\b", ast.unparse(node.left))):
+                written.add(node.right.value)
+    names = {n for n in written if "/" not in n and n not in (manifest.MANIFEST,)}
+    assert names, "the scan found no writes"
+    unknown = names - manifest.RUN_FILES - manifest.RUN_DIRS - {"checkpoints"}
+    assert not unknown, f"written into output.dir but not owned by the manifest: {unknown}"
+
+
+# -- a real run, twice, over the user's files -----------------------------------------------------------------
+
+def ckpt_entries(out: Path) -> list[str]:
+    """checkpoints/ without DeepSpeed's recovery scripts (ZeRO saves copy them there)."""
+    return sorted(c.name for c in (out / "checkpoints").iterdir() if not c.name.startswith("zero_to_"))
+
+
+@pytest.mark.slow
+def test_rerun_with_overwrite_keeps_user_files(tmp_path: Path, tiny_model: Path) -> None:
+    """The demo's rerun (output.overwrite=true) starts over and leaves files it did not write alone, also in
+    checkpoints/."""
+    from _util import check, launch, metrics
+
+    out = tmp_path / "run"
+    notes = w(out / "notes.txt", "my notes\n")
+    mine = w(out / "checkpoints" / "mine.txt", "keep me too\n")
+    args = ["--config", TINY, f"model.path={tiny_model}", f"output.dir={out}", "output.overwrite=true",
+            "train.log_every=1", "checkpoint.keep=5"]
+    check(launch([*args, "train.max_steps=2", "checkpoint.every=1"]))
+    assert ckpt_entries(out) == ["latest", "mine.txt", "step1", "step2"]
+    assert manifest.read_manifest(out) is not None
+    first_adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    proc = check(launch([*args, "train.max_steps=1", "train.lr=1e-3"]))
+    assert "kept: checkpoints/mine.txt, notes.txt" in proc.stdout, proc.stdout[-3000:]
+    # Started over: step 1 of 1 from scratch; the first run's step2 checkpoint and metrics are gone.
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1]
+    assert ckpt_entries(out) == ["latest", "mine.txt", "step1"]
+    assert ckpt.read_meta(out / "checkpoints" / "step1")["total_steps"] == 1
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != first_adapter
+    assert notes.read_text() == "my notes\n" and mine.read_text() == "keep me too\n"

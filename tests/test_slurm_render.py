@@ -1,0 +1,329 @@
+"""``ia3-dist slurm`` as a renderer (unit tier: no Slurm cluster, no training).
+
+Every value that reaches the generated script is checked against Slurm's grammar or written inert: the inputs of
+the security review (a newline in --account, a backslash escape in --job-name, a group reference in --time) are
+refused with exit 2, overrides stay shell-quoted data, and --out never overwrites a file without --force.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ia3_dist.cli import main as cli_main
+from ia3_dist.errors import UsageError
+from ia3_dist.tools.slurm import NAME_MAX, _set_directive, render, safe_name, template_dir
+from ia3_dist.tools.slurm import main as slurm_main
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+BASH = shutil.which("bash")
+needs_bash = pytest.mark.skipif(BASH is None, reason="no bash")
+# No example database: it would write .hypothesis/ into the shared working tree.
+PROPERTY = settings(max_examples=60, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+VALID_NAME = st.from_regex(r"\A[A-Za-z0-9_][A-Za-z0-9._+-]{0,63}\Z")
+
+
+def _render(**kw) -> str:
+    args = dict(config=str(TINY), overrides=[], nodes=1, gpus_per_node=1, time="01:00:00")
+    args.update(kw)
+    return render(**args)
+
+
+def directives(text: str, opt: str) -> list[str]:
+    return [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith(f"#SBATCH --{opt}=")]
+
+
+def bash_syntax_ok(text: str) -> bool:
+    return subprocess.run([BASH, "-n"], input=text, text=True, capture_output=True).returncode == 0
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = cli_main(["slurm", "--config", str(TINY), *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_usage_exit(rc: int, err: str, *needles: str) -> None:
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+    for n in needles:
+        assert n in err, err
+
+
+# --- the review's inputs ------------------------------------------------------------------------------------------
+
+
+def test_account_with_a_newline_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UsageError, match="--account"):
+        _render(account="proj\ntouch X")
+    out = tmp_path / "job.sbatch"
+    rc, _, err = run_cli(["--account", "proj\ntouch X", "--out", str(out)], capsys)
+    assert_usage_exit(rc, err, "--account")
+    assert not out.exists()
+
+
+def test_job_name_with_backslash_n_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UsageError, match="--job-name"):
+        _render(job_name=r"x\ntouch X")
+    out = tmp_path / "job.sbatch"
+    rc, _, err = run_cli(["--job-name", r"x\ntouch X", "--out", str(out)], capsys)
+    assert_usage_exit(rc, err, "--job-name")
+    assert not out.exists()
+
+
+def test_time_with_a_group_reference_exits_2_not_re_error(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "job.sbatch"
+    with pytest.raises(UsageError, match="--time"):
+        slurm_main(["--config", str(TINY), "--time", "1:00\\1", "--out", str(out)], "ia3-dist slurm")
+    rc, _, err = run_cli(["--time", "1:00\\1", "--out", str(out)], capsys)
+    assert_usage_exit(rc, err, "--time")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", [r"x\ntouch X", r"1:00\1", r"\g<0>", "a\\", r"\\n"])
+def test_directive_values_are_written_literally(value: str) -> None:
+    # The backstop below the validators: whatever reaches _set_directive is copied, never read as a template.
+    text = (template_dir() / "single_node.sbatch").read_text()
+    for opt in ("job-name", "account"):  # replaced in place / appended
+        got = _set_directive(text, opt, value)
+        assert directives(got, opt) == [value]
+        assert len(got.splitlines()) == len(text.splitlines()) + (opt == "account")
+
+
+def test_directive_refuses_a_multi_line_value() -> None:
+    text = (template_dir() / "single_node.sbatch").read_text()
+    with pytest.raises(ValueError):
+        _set_directive(text, "account", "proj\ntouch X")
+
+
+# --- grammar of each value ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["90", "90:00", "12:00:00", "04:00:00", "2-0", "2-12:00", "2-12:00:00", "0"])
+def test_slurm_time_formats_are_accepted(value: str) -> None:
+    assert directives(_render(time=value), "time") == [value]
+
+
+@pytest.mark.parametrize("value", ["", " 1:00", "1:00 ", "1:00:00:00", "1-", "-1", "1-2-3", "1h", "1:", ":1",
+                                   "1-2:3:4:5", "1.5", "\u0663", "1:00\n#SBATCH --x=1", "1:00\\1", "UNLIMITED"])
+def test_bad_time_is_refused(value: str) -> None:
+    with pytest.raises(UsageError, match="--time"):
+        _render(time=value)
+
+
+BAD_NAMES = ["", " ", "a b", "a;b", "$(touch X)", "`x`", "a/b", "..", ".hidden", "-x", "+x", "a'b", 'a"b', "a\tb",
+             "a\rb", "a\x1bb", "caf\u00e9", "x" * (NAME_MAX + 1), "a=b"]
+
+
+@pytest.mark.parametrize("opt", ["account", "job_name", "partition"])
+@pytest.mark.parametrize("value", BAD_NAMES)
+def test_bad_names_are_refused(opt: str, value: str) -> None:
+    with pytest.raises(UsageError, match="--" + opt.replace("_", "-")):
+        _render(**{opt: value})
+
+
+@pytest.mark.parametrize("value", ["gpu,", ",gpu", "gpu,,cpu", "gpu, cpu", ","])
+def test_bad_partition_lists_are_refused(value: str) -> None:
+    with pytest.raises(UsageError, match="--partition"):
+        _render(partition=value)
+
+
+@pytest.mark.parametrize("opt", ["account", "job_name"])
+def test_only_partition_takes_a_list(opt: str) -> None:
+    with pytest.raises(UsageError, match="--" + opt.replace("_", "-")):
+        _render(**{opt: "a,b"})
+
+
+def test_partition_list_and_plain_names_are_accepted() -> None:
+    text = _render(partition="gpu,gpu-long", account="proj_01.x+y", job_name="run-1.b")
+    assert directives(text, "partition") == ["gpu,gpu-long"]
+    assert directives(text, "account") == ["proj_01.x+y"]
+    assert directives(text, "job-name") == ["run-1.b"]
+    assert directives(_render(account="a" * NAME_MAX), "account") == ["a" * NAME_MAX]
+
+
+@pytest.mark.parametrize(("kw", "opt"), [({"nodes": 0}, "--nodes"), ({"nodes": -3}, "--nodes"),
+                                         ({"nodes": True}, "--nodes"), ({"gpus_per_node": -1}, "--gpus-per-node"),
+                                         ({"gpus_per_node": 0, "cpus_per_node": -1}, "--cpus-per-node"),
+                                         ({"gpus_per_node": 0, "cpus_per_node": 0}, "--cpus-per-node"),
+                                         ({"launcher": "mpirun"}, "--launcher")])
+def test_numbers_and_launcher_are_checked(kw: dict, opt: str) -> None:
+    with pytest.raises(UsageError, match=opt):
+        _render(**kw)
+
+
+def test_control_characters_in_the_config_path_are_refused() -> None:
+    with pytest.raises(UsageError, match="--config"):
+        _render(config=str(TINY) + "\n")
+
+
+# --- property: hostile strings cannot add a line or break the script ----------------------------------------------
+
+
+@needs_bash
+@PROPERTY
+@given(opt=st.sampled_from(["account", "job_name", "partition"]),
+       value=st.one_of(st.text(max_size=80), VALID_NAME, st.lists(VALID_NAME, min_size=1, max_size=3).map(",".join),
+                       st.text(alphabet="ab\\\n\r$();'\"`,.-_ 1{}&|<>#=", max_size=20)))
+def test_any_name_is_refused_or_stays_one_directive(opt: str, value: str) -> None:
+    benign = _render(**{opt: "benign"})
+    try:
+        text = _render(**{opt: value})
+    except UsageError as e:
+        assert ("--" + opt.replace("_", "-")) in str(e) and "\n" not in str(e)
+        return
+    assert len(text.splitlines()) == len(benign.splitlines())
+    assert directives(text, opt.replace("_", "-")) == [value]
+    assert bash_syntax_ok(text)
+
+
+@PROPERTY
+@given(value=VALID_NAME)
+def test_valid_names_are_accepted_verbatim(value: str) -> None:
+    assert directives(_render(account=value, job_name=value), "account") == [value]
+
+
+@PROPERTY
+@given(raw=st.text(max_size=120))
+def test_safe_name_is_a_plain_file_name(raw: str) -> None:
+    name = safe_name(raw)
+    assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._+-]*", name) and len(name) <= NAME_MAX
+    assert Path(f"{name}.sbatch").parent == Path(".")
+
+
+# --- overrides and the config path stay data ----------------------------------------------------------------------
+
+HOSTILE = ["output.dir=x$(touch MARKER)", "data.prompt_template=Q: {instruction}\n$(touch MARKER2)\n`touch MARKER3`"
+           "\n{input}", "model.revision=main;touch MARKER4", "data.cache_dir=x' ; touch MARKER5 ; '\\'"]
+
+
+@needs_bash
+def test_hostile_overrides_stay_inert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = tmp_path / "job.sbatch"
+    assert slurm_main(["--config", str(TINY), "--out", str(job), *HOSTILE], "ia3-dist slurm") == 0
+    text = job.read_text()
+    assert os.access(job, os.X_OK)
+    assert subprocess.run([BASH, "-n", str(job)], cwd=tmp_path, capture_output=True).returncode == 0
+    # The default job name comes from output.dir, made safe.
+    assert directives(text, "job-name") == ["x-touch-MARKER"]
+    # Run the generated script's own shell lines with a stand-in lib.sh that records the arguments it receives:
+    # the baked-in `set --` line must hand over the overrides byte for byte and run none of them.
+    home = tmp_path / "home"
+    (home / "slurm").mkdir(parents=True)
+    (home / "slurm" / "lib.sh").write_text('ia3_setup() { printf "%s\\0" "$@" > "$ARGS_OUT"; exit 0; }\n')
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "IA3_DIST_HOME": str(home),
+           "ARGS_OUT": str(tmp_path / "args")}
+    proc = subprocess.run([BASH, str(job)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    got = (tmp_path / "args").read_bytes().split(b"\0")[:-1]
+    assert [a.decode() for a in got] == [str(TINY), *HOSTILE]
+    made = [p for p in tmp_path.rglob("MARKER*")] + list(Path.cwd().glob("MARKER*"))
+    assert made == []
+
+
+def test_control_characters_other_than_newline_and_tab_in_overrides_are_refused() -> None:
+    with pytest.raises(UsageError, match="override"):
+        _render(overrides=["output.dir=a\x1b[2Kb"])
+    assert "'output.dir=a\tb'" in _render(overrides=["output.dir=a\tb"])
+
+
+# --- --out ---------------------------------------------------------------------------------------------------------
+
+
+def test_out_onto_an_existing_file_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "job.sbatch"
+    f.write_text("keep me\n")
+    rc, _, err = run_cli(["--out", str(f)], capsys)
+    assert_usage_exit(rc, err, "--out", str(f), "--force")
+    assert f.read_text() == "keep me\n"
+    rc, out, err = run_cli(["--out", str(f), "--force"], capsys)
+    assert rc == 0, err
+    assert f.read_text().startswith("#!/bin/bash\n") and f"sbatch {f}" in out
+
+
+def test_out_onto_an_empty_file_or_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "empty.sbatch"
+    f.touch()
+    assert run_cli(["--out", str(f)], capsys)[0] == 0
+    assert f.read_text().startswith("#!/bin/bash\n")
+    rc, _, err = run_cli(["--out", str(tmp_path), "--force"], capsys)
+    assert_usage_exit(rc, err, "--out", "directory")
+    rc, _, err = run_cli(["--out", str(tmp_path / "no" / "such" / "dir" / "x.sbatch")], capsys)
+    assert_usage_exit(rc, err, "--out")
+
+
+@pytest.mark.parametrize(("out_dir", "expect"), [("runs/demo", "demo.sbatch"), ("..", "ia3-dist.sbatch"),
+                                                  ("../../..", "ia3-dist.sbatch"), ("/", "ia3-dist.sbatch"),
+                                                  ("runs/.hidden", "hidden.sbatch"),
+                                                  ("runs/my run$(touch X)", "my-run-touch-X.sbatch"),
+                                                  ("runs/-rf", "rf.sbatch"), ("runs/a\nb", "a-b.sbatch")])
+def test_default_out_name_is_a_plain_file_in_the_current_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str], out_dir: str,
+                                                            expect: str) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert slurm_main(["--config", str(TINY), f"output.dir={out_dir}"], "ia3-dist slurm") == 0
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["work", expect])
+    # The same name again is an existing file: refused without --force.
+    with pytest.raises(UsageError, match="--force"):
+        slurm_main(["--config", str(TINY), f"output.dir={out_dir}"], "ia3-dist slurm")
+
+
+# --- plain rendering ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_directives_appear_once_with_the_given_values(nodes: int) -> None:
+    text = render(str(TINY), [], nodes, 4, "2-12:00:00", partition="gpu", account="proj", job_name="myjob")
+    for opt, want in [("nodes", str(nodes)), ("time", "2-12:00:00"), ("gpus-per-node", "4"), ("partition", "gpu"),
+                      ("account", "proj"), ("job-name", "myjob"), ("ntasks-per-node", "1")]:
+        assert directives(text, opt) == [want], opt
+    assert directives(text, "cpus-per-task") == []
+    tmpl = "multi_node.sbatch" if nodes > 1 else "single_node.sbatch"
+    assert text.splitlines()[-1] == (template_dir() / tmpl).read_text().splitlines()[-1]
+    assert "export NPROC_PER_NODE=4\n" in text
+
+
+def test_absent_partition_and_account_give_no_directive() -> None:
+    text = _render()
+    assert directives(text, "partition") == [] and directives(text, "account") == []
+    assert directives(text, "job-name") == ["demo"]  # output.dir runs/demo
+
+
+def test_srun_launcher_sets_ntasks_per_node() -> None:
+    text = render(str(TINY), [], 2, 8, "01:00:00", launcher="srun")
+    assert directives(text, "ntasks-per-node") == ["8"]
+    assert "launch.py" in text and "deepspeed --" not in text  # the srun_per_rank template
+
+
+def test_torchrun_launcher_exports_launcher() -> None:
+    text = render(str(TINY), [], 2, 2, "01:00:00", launcher="torchrun")
+    assert "export LAUNCHER=torchrun\n" in text and directives(text, "nodes") == ["2"]
+
+
+def test_cpu_nodes() -> None:
+    text = render(str(TINY), [], 1, 0, "00:20:00", cpus_per_node=2)
+    assert directives(text, "gpus-per-node") == []
+    assert directives(text, "cpus-per-task") == ["2"]
+    assert directives(text, "ntasks-per-node") == ["1"]
+    assert "export NPROC_PER_NODE=2\n" in text
+
+
+def test_baked_in_set_line() -> None:
+    text = render(str(TINY), ["train.max_steps=10", "output.dir=runs/a b"], 1, 1, "01:00:00")
+    lines = text.splitlines()
+    want = f"[ $# -gt 0 ] || set -- {TINY} train.max_steps=10 'output.dir=runs/a b'"
+    assert lines.count(want) == 1
+    i = lines.index(want)
+    assert lines.index("set -uo pipefail") < i < lines.index("source slurm/lib.sh")
