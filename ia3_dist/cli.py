@@ -95,36 +95,12 @@ def _gen_options(a: argparse.Namespace) -> Any:
     return GenOptions(a.max_new_tokens, a.sample, a.temperature, a.top_p, a.top_k, a.seed, a.repetition_penalty)
 
 
-def _parse_request(line: str, where: str) -> tuple[str, str]:
-    """A plain-text prompt, or a JSON object with instruction (and input)."""
-    s = line.strip()
-    if s.startswith("{"):
-        try:
-            obj = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where}: invalid JSON ({e.msg})") from None
-        except ValueError as e:  # an integer literal past Python's digit limit
-            raise UsageError(f"{where}: invalid JSON ({e})") from None
-        except RecursionError:
-            raise UsageError(f"{where}: invalid JSON (nested too deeply)") from None
-        if not isinstance(obj.get("instruction"), str) or not isinstance(obj.get("input", ""), str):
-            raise UsageError(f"{where}: a JSON prompt needs a string 'instruction' (and optional 'input')")
-        req = obj["instruction"], obj.get("input", "")
-    else:
-        req = s, ""
-    for text in req:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # undecodable argv bytes or a JSON \ud800 escape; tokenizers reject them
-            raise UsageError(f"{where}: not valid Unicode text (undecodable bytes or an unpaired \\uD800-\\uDFFF "
-                             f"escape)") from None
-    return req
-
-
 def cmd_generate(argv: list[str], prog: str) -> int:
     """Generate responses with the training template. Prompts come from the arguments, else from --file, else
-    from stdin (one per line; plain text or {"instruction": ..., "input": ...}). Writes JSONL."""
-    from .tools.inference import generate, load_for_inference, read_prompt_lines
+    from stdin, one per line: plain text, or JSON as the training data spells it ({"instruction", "input",
+    "system", "history"}, {"messages": [...]} or {"conversations": [...]}, ending with the user's turn). Writes
+    JSONL: each request with its "response"."""
+    from .tools.inference import generate, load_for_inference, parse_request, read_prompt_lines
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_generate.__doc__)
     _gen_args(ap)
@@ -134,7 +110,8 @@ def cmd_generate(argv: list[str], prog: str) -> int:
     a = ap.parse_intermixed_args(argv)
     opts = _gen_options(a)
     if a.prompts:
-        reqs = [_parse_request(p, f"prompt {i + 1}") for i, p in enumerate(a.prompts)]
+        lines = list(enumerate(a.prompts, start=1))
+        src = None
     else:
         if a.file:
             try:
@@ -146,7 +123,7 @@ def cmd_generate(argv: list[str], prog: str) -> int:
             src = a.file
         else:
             lines, src = read_prompt_lines(sys.stdin, "stdin"), "stdin"
-        reqs = [_parse_request(ln, f"{src}:{n}") for n, ln in lines]
+    reqs = [parse_request(ln, f"prompt {n}" if src is None else f"{src}:{n}") for n, ln in lines]
     if not reqs:
         raise UsageError("no prompts (give them as arguments, with --file, or on stdin)")
     if a.out and (Path(a.out).is_dir() or not Path(a.out).parent.is_dir()):
@@ -158,8 +135,10 @@ def cmd_generate(argv: list[str], prog: str) -> int:
     except OSError as e:
         raise UsageError(f"--out {a.out}: cannot write it ({e.strerror or e})") from None
     try:
-        for (ins, inp), r in zip(reqs, responses, strict=True):
-            out.write(json.dumps({"instruction": ins, "input": inp, "response": r}, ensure_ascii=False) + "\n")
+        for (_, line), req, r in zip(lines, reqs, responses, strict=True):
+            echo = json.loads(line) if line.strip().startswith("{") else {"instruction": req.turns[-1].instruction,
+                                                                          "input": ""}
+            out.write(json.dumps({**echo, "response": r}, ensure_ascii=False) + "\n")
     finally:
         if a.out:
             out.close()
@@ -167,16 +146,18 @@ def cmd_generate(argv: list[str], prog: str) -> int:
 
 
 def cmd_chat(argv: list[str], prog: str) -> int:
-    """Interactive: type an instruction, get the model's answer (the training template, one turn each).
-    Empty line or /quit ends it."""
-    from .tools.inference import MAX_PROMPT_CHARS, generate, load_for_inference
+    """Interactive, multi-turn: type a message, get the model's answer with the conversation so far in the
+    training template. /reset starts a new conversation; an empty line or /quit ends it."""
+    from .data.records import Conversation, Turn
+    from .tools.inference import MAX_PROMPT_CHARS, generate, load_for_inference, parse_request
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_chat.__doc__)
     _gen_args(ap)
     a = ap.parse_intermixed_args(argv)
     opts = _gen_options(a)
     model, tok, template, _ = load_for_inference(a.adapter, a.base, a.dtype)
-    print(f"ia3-dist chat with {a.adapter} (empty line or /quit to end)", flush=True)
+    print(f"ia3-dist chat with {a.adapter} (/reset for a new conversation; empty line or /quit to end)", flush=True)
+    history: list[Turn] = []
     interactive = sys.stdin.isatty()
     n = 0
     while True:
@@ -198,12 +179,19 @@ def cmd_chat(argv: list[str], prog: str) -> int:
             raise UsageError(f"stdin:{n}: line longer than {MAX_PROMPT_CHARS} characters, the limit for one prompt")
         if not line.strip() or line.strip() == "/quit":
             break
+        if line.strip() == "/reset":
+            history = []
+            print("(new conversation)", flush=True)
+            continue
         try:
-            req = _parse_request(line, f"input {n}")
+            req = parse_request(line, f"input {n}")
         except UsageError as e:  # a typo should not end the session
             print(f"error: {e}", file=sys.stderr, flush=True)
             continue
-        print("Assistant: " + generate(model, tok, template, [req], opts)[0], flush=True)
+        conv = Conversation([*history, *req.turns], req.system)
+        answer = generate(model, tok, template, [conv], opts)[0]
+        history = [*conv.turns[:-1], Turn(conv.turns[-1].instruction, conv.turns[-1].input, answer)]
+        print("Assistant: " + answer, flush=True)
     return 0
 
 

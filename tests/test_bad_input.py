@@ -148,7 +148,7 @@ CASES: dict[str, Case] = {
                       "d.json:1: not UTF-8"),
     "non-utf8-jsonl": (data("d.jsonl", REC.encode() + b"\n" + bytes([0xC3, 0x28]) + b"\n"), "d.jsonl:2: not UTF-8"),
     "dir-not-dataset": (path_arg("data.path", lambda t, m: _mkdir(t / "dd")), "not a datasets save_to_disk dataset"),
-    "unknown-format": (data("d.csv", "a,b"), "unknown data format '.csv'"),
+    "unknown-format": (data("d.txt", "a,b"), "unknown data format '.txt'"),
     "data-missing": (path_arg("data.path", lambda t, m: t / "none.json"), "file not found"),
     "all-prompt": (data("d.json", json.dumps([{"instruction": "长" * 300, "output": "x"}])),
                    "every record is all prompt"),
@@ -268,7 +268,7 @@ def test_fuzz_record_reader_structures(tmp_path: Path, recs: list, policy: str, 
         r = load_records(DataSection(path=str(f), on_bad_record=policy))
     except UsageError:
         return
-    assert all(isinstance(x, str) for col in (r.instruction, r.input, r.output) for x in col)
+    assert all(isinstance(x, str) for c in r.examples for t in c.turns for x in (t.instruction, t.input, t.output))
 
 
 SECTIONS = ["model", "data", "ia3", "train", "deepspeed", "checkpoint", "output", "bogus"]

@@ -79,6 +79,12 @@ def test_shipped_yaml_parses_and_starts_with_its_command(path: Path) -> None:
     assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
 
 
+def test_reference_recipe_config_keeps_the_reference_batches() -> None:
+    c = load_config(ROOT / "configs" / "bloom-1b4-zh.yaml")
+    assert (c.data.template, c.data.truncation, c.data.unlabeled) == ("human_assistant", "right", "keep")
+    assert (c.train.micro_batch_size, c.train.grad_accum, c.train.lr, c.data.max_length) == (1, 8, 3e-3, 256)
+
+
 def test_tiny_cpu_yaml_is_the_embedded_default() -> None:
     assert load_config(ROOT / "configs" / "tiny-cpu.yaml") == load_config(None, base=DEMO_RUN)
 

@@ -281,7 +281,7 @@ def test_fuzz_template_fields(fields: list[tuple[str, str | None, str]], literal
                              for n, c, s in fields)
     plain = all(n in ("instruction", "input") and c is None and not s for n, c, s in fields)
     if plain:
-        t = Template(template, strip_prompt=False, response_prefix="")
+        t = Template(prompt_template=template, strip_prompt=False, response_prefix="")
         assert t.prompt("I", "N") == template.format(instruction="I", input="N")
     else:
         assert "'data.prompt_template'" in _refused(DataSection, prompt_template=template)

@@ -37,8 +37,8 @@ def _edge_records() -> list[dict]:
     return recs
 
 
-def _check_identical(path: Path, tok, max_length: int, cache: Path) -> tuple[int, int]:
-    cfg = DataSection(path=str(path), max_length=max_length, cache_dir=str(cache))
+def _check_identical(path: Path, tok, max_length: int, cache: Path, unlabeled: str = "drop") -> tuple[int, int]:
+    cfg = DataSection(path=str(path), max_length=max_length, cache_dir=str(cache), unlabeled=unlabeled)
     data = load_or_tokenize(cfg, tok)
     recs = json.loads(path.read_text(encoding="utf-8"))
     dropped = set(data.dropped.tolist())
@@ -55,6 +55,19 @@ def _check_identical(path: Path, tok, max_length: int, cache: Path) -> tuple[int
     return len(dropped), data.truncated
 
 
+def test_unlabeled_keep_is_the_reference_for_every_record(tmp_path: Path, tiny_tokenizer) -> None:
+    """data.unlabeled=keep: every record, including those whose prompt alone fills max_length, is exactly the
+    reference recipe's example; drop removes exactly those and counts them."""
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(_edge_records(), ensure_ascii=False), encoding="utf-8")
+    assert _check_identical(f, tiny_tokenizer, 24, tmp_path, unlabeled="keep")[0] == 0
+    kept = load_or_tokenize(DataSection(path=str(f), max_length=24, cache_dir=str(tmp_path), unlabeled="keep"),
+                            tiny_tokenizer)
+    dropped = load_or_tokenize(DataSection(path=str(f), max_length=24, cache_dir=str(tmp_path)), tiny_tokenizer)
+    assert kept.unlabeled == dropped.unlabeled == len(dropped.dropped) > 0
+    assert len(kept) == len(dropped) + len(dropped.dropped) == len(_edge_records())
+
+
 def test_preprocessing_identical_on_generated_data(tmp_path: Path, tiny_tokenizer) -> None:
     f = tmp_path / "gen.json"
     f.write_text(json.dumps(_edge_records(), ensure_ascii=False), encoding="utf-8")
@@ -64,7 +77,7 @@ def test_preprocessing_identical_on_generated_data(tmp_path: Path, tiny_tokenize
     assert dropped > 1 and truncated > 2
 
 
-@pytest.mark.parametrize("max_length", [256, 64])
+@pytest.mark.parametrize("max_length", [256, pytest.param(64, marks=pytest.mark.slow)])
 def test_preprocessing_identical_on_shared_alpaca(shared_data: Path, tiny_tokenizer, tmp_path: Path,
                                                   max_length: int) -> None:
     dropped, truncated = _check_identical(shared_data, tiny_tokenizer, max_length, tmp_path)
@@ -90,7 +103,7 @@ def test_save_to_disk_dir_matches_json(tmp_path: Path, tiny_tokenizer) -> None:
     a = load_or_tokenize(DataSection(path=str(tmp_path / "a.json"), cache_dir=str(tmp_path)), tiny_tokenizer)
     b = load_or_tokenize(DataSection(path=str(tmp_path / "alpaca_data_zh"), cache_dir=str(tmp_path)),
                          tiny_tokenizer)
-    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.prompt_lens, b.prompt_lens)
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.label_mask, b.label_mask)
 
 
 def test_cache_reuse_and_invalidation(tmp_path: Path, tiny_tokenizer) -> None:
@@ -230,4 +243,4 @@ def test_records_reader_accepts_missing_input(tmp_path: Path) -> None:
     f = tmp_path / "r.jsonl"
     f.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "input": null, "output": "d"}\n')
     r = load_records(DataSection(path=str(f)))
-    assert r.input == ["", ""] and r.output == ["b", "d"]
+    assert [(t.input, t.output) for c in r.examples for t in c.turns] == [("", "b"), ("", "d")]

@@ -21,7 +21,7 @@ import torch
 from ia3_dist.cli import main
 from ia3_dist.config import DataSection
 from ia3_dist.data import records
-from ia3_dist.data.records import load_records
+from ia3_dist.data.records import Conversation, Turn, load_records
 from ia3_dist.errors import UsageError
 from ia3_dist.models.files import check_model_dir, safetensors_header
 from ia3_dist.models.zero3_load import SafetensorsFile, TorchBinFile
@@ -105,7 +105,7 @@ def test_jsonl_over_long_line_error_and_skip(tmp_path: Path, monkeypatch) -> Non
     with pytest.raises(UsageError, match=r"d\.jsonl:2: line longer than 200 bytes"):
         _records(f)
     r = _records(f, "skip")
-    assert len(r) == 2 and r.output[1] == "y" * (200 - len(json.dumps({**REC, "output": ""})))
+    assert len(r) == 2 and r.examples[1].turns[-1].output == "y" * (200 - len(json.dumps({**REC, "output": ""})))
     assert [s.split(":")[1] for s in r.skipped] == ["2", "4", "5"]
     # The same without a trailing newline: the last, over-long line still counts as line 5.
     f.write_text("\n".join([LINE, long, at_limit, "{bad", long]))
@@ -234,7 +234,8 @@ def test_megabyte_prompt_keeps_its_end(tiny_model: Path, capsys, monkeypatch) ->
 
     monkeypatch.setattr(model, "generate", spy)
     prompt = "天" * (1 << 20)  # ~1 MB: the attention for it alone would need hundreds of GB
-    outs = generate(model, tok, template, [(prompt, ""), ("短", "")], GenOptions(max_new_tokens=4))
+    reqs = [Conversation([Turn(prompt, "", "")]), Conversation([Turn("短", "", "")])]
+    outs = generate(model, tok, template, reqs, GenOptions(max_new_tokens=4))
     assert len(outs) == 2
     budget = inference.DEFAULT_CONTEXT - 4
     assert seen[0].shape == (2, budget)
@@ -279,7 +280,7 @@ def test_bad_generate_options_and_prompts(tmp_path: Path, tiny_model: Path, caps
     # chat: a bad JSON line is reported and the session goes on.
     monkeypatch.setattr("sys.stdin", io.StringIO('{"instruction": 3}\n你好\n'))
     rc, out, err = _run(["chat", "--adapter", str(tiny_model), "--max-new-tokens", "2"], capsys)
-    assert rc == 0 and "input 1: a JSON prompt needs" in err and out.count("Assistant: ") == 1
+    assert rc == 0 and "input 1: instruction must be a string, got int" in err and out.count("Assistant: ") == 1
 
 
 # --- 4. truncated or corrupt safetensors ---------------------------------------------------------------------------

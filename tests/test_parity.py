@@ -4,8 +4,11 @@ Reference side: HF ``Trainer`` + PEFT IA3 + ``DataCollatorForSeq2Seq`` exactly a
 accumulation 8, lr 3e-3, 1 epoch, default AdamW and linear schedule), run as one process because HF Trainer +
 DeepSpeed on CPU silently trains every rank on all data. Its sampling is made sequential
 (``train_sampling_strategy="sequential"``) and the launcher runs with ``data.shuffle=false``, so both see the same
-global batches. Per-step losses and final IA3 vectors must agree within 1e-4 relative for
-(world 1, ZeRO-0), (world 2, ZeRO-2), (world 2, ZeRO-3), and for the splits 1x8, 2x4, 8x1 of global batch 8.
+global batches. The data mixes in records whose prompt alone exceeds max_length (no label left after
+truncation): the recipe keeps them in its batches, and so does the launcher with ``data.unlabeled=keep``.
+Per-step losses must agree within 1e-6 relative and the final IA3 vectors within 1e-5 (fp32 reassociation in
+a few thousand AdamW updates), for (world 1, ZeRO-0), (world 2, ZeRO-2), (world 2, ZeRO-3), and for the splits
+1x8, 2x4, 8x1 of global batch 8.
 """
 
 from __future__ import annotations
@@ -23,22 +26,23 @@ from ia3_dist.train.demo import make_records
 
 pytestmark = pytest.mark.slow
 N_RECORDS = 96   # 12 optimizer steps of global batch 8
-RTOL = 1e-4
+RTOL_LOSS = 1e-6
+RTOL_VECTORS = 1e-5
+# Records (of the 96) whose prompt is made longer than max_length, spread over the steps: labels all masked.
+LONG_AT = (3, 17, 40, 41, 66, 90)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_zh_demo.json"
 
 
 def _records(tok) -> list[dict]:
-    """Shared Alpaca records where present (else generated), keeping ones with a response token inside 256 so
-    both sides train on the same examples (the launcher drops all-masked records, the recipe does not)."""
+    """Shared Alpaca records where present (else generated); at LONG_AT the input is repeated until the prompt
+    alone passes 256 tokens, so those examples have no label after truncation."""
     pool = json.loads(SHARED.read_text(encoding="utf-8")) if SHARED.exists() else make_records(400, 11, None)
-    out = []
-    for r in pool:
-        ex = reference_process_func(r, tok)
-        if any(v != -100 for v in ex["labels"][1:]):
-            out.append({k: r[k] for k in ("instruction", "input", "output")})
-        if len(out) == N_RECORDS:
-            return out
-    raise AssertionError("not enough usable records")
+    out = [{k: r[k] for k in ("instruction", "input", "output")} for r in pool[:N_RECORDS]]
+    for i in LONG_AT:
+        r = out[i]
+        r["input"] = (r["input"] or r["instruction"]) * 300
+        assert all(v == -100 for v in reference_process_func(r, tok)["labels"]), i
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +112,7 @@ def test_launcher_matches_reference(case: str, reference: dict, parity_data: Pat
     check(launch(["--config", "configs/tiny-cpu.yaml", f"data.path={parity_data}", "data.shuffle=false",
                   f"deepspeed.config={ds}", f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
                   "train.lr=3e-3", "train.epochs=1", "train.log_every=1", "train.precision=fp32",
-                  "checkpoint.at_end=false", f"output.dir={out}"], nproc=world))
+                  "checkpoint.at_end=false", "data.unlabeled=keep", f"output.dir={out}"], nproc=world))
     got = [r["loss"] for r in metrics(out)]
     want = reference["losses"]
     assert len(got) == len(want) == N_RECORDS // 8
@@ -120,5 +124,5 @@ def test_launcher_matches_reference(case: str, reference: dict, parity_data: Pat
     print(f"\nparity {case}: per-step loss max rel diff {loss_rel:.2e}, IA3 vectors max rel diff {vec_rel:.2e} "
           f"(vectors moved up to {moved:.3f} from init)")
     assert moved > 1e-3
-    assert loss_rel < RTOL, (got, want)
-    assert vec_rel < RTOL
+    assert loss_rel < RTOL_LOSS, (got, want)
+    assert vec_rel < RTOL_VECTORS

@@ -123,10 +123,36 @@ class ModelSection:
             fail("model.arch", f"unknown {show(self.arch)}; known: {', '.join(ARCHS)}")
 
 
+FORMATS = ("auto", "alpaca", "sharegpt", "messages")
+# What data.columns may map: record columns, message keys, role values.
+COLUMN_NAMES = ("instruction", "input", "output", "system", "history", "conversations", "messages", "role",
+                "content", "user", "assistant")
+
+
 @dataclass
 class DataSection:
-    path: str = "demo:zh-styles"
-    """``save_to_disk`` dir, ``.json`` (list of records), ``.jsonl``, a hub dataset name, or ``demo:zh-styles``."""
+    path: str | list[str] = "demo:zh-styles"
+    """A data file (``.json`` list, ``.jsonl``, ``.parquet``, ``.csv``, ``.arrow``), a ``save_to_disk`` dir, a hub
+    dataset name, ``demo:zh-styles``, or a list of files (concatenated in order, each in its own format)."""
+    format: str = "auto"
+    """Record format: ``alpaca`` (instruction/input/output, optional system and history), ``sharegpt``
+    (conversations of from/value), ``messages`` (role/content), or ``auto``: detected per file from its columns."""
+    columns: dict[str, str] | None = None
+    """Our name -> the data's name, for columns (instruction, input, output, system, history, conversations,
+    messages), message keys (role, content) and role values (user, assistant); e.g.
+    ``{instruction: question, output: answer}`` or ``{user: customer, assistant: agent}``."""
+    template: str = "human_assistant"
+    """How a conversation becomes text: ``human_assistant`` (the reference recipe's ``Human: ...\n\nAssistant: ``,
+    turn after turn), ``chat_template`` (the tokenizer's own), or a path to a Jinja chat-template file."""
+    train_on: str = "all"
+    """Which assistant turns carry labels: ``all`` of them, or the ``last`` one only. System, user text and
+    template scaffolding are never labels."""
+    truncation: str = "right"
+    """At ``max_length``: ``right`` cuts the end (the reference recipe), ``prompt`` cuts the oldest prompt text
+    first so the last response survives (then the response's end, if it alone is too long)."""
+    unlabeled: str = "drop"
+    """Examples left with no label token after truncation: ``drop`` them (they carry no loss), or ``keep`` them in
+    the batches as the reference recipe does (its exact batch composition)."""
     split: str = "train"
     """Split to use for hub datasets and ``DatasetDict`` dirs."""
     max_length: int = 256
@@ -167,6 +193,25 @@ class DataSection:
             fail("data.eval_ratio", "set either data.eval_ratio or data.eval_path, not both")
         # Each process is a fork with its own tokenizer: thousands would exhaust the machine, not speed it up.
         _in_range("data.num_proc", self.num_proc, 0, 1024)
+        for key, allowed in (("format", FORMATS), ("train_on", ("all", "last")), ("truncation", ("right", "prompt")),
+                             ("unlabeled", ("drop", "keep"))):
+            if getattr(self, key) not in allowed:
+                fail(f"data.{key}", f"must be one of {'|'.join(allowed)}, got {show(getattr(self, key))}")
+        if isinstance(self.path, list):
+            if not self.path or not all(self.path):
+                fail("data.path", "a list of data files must name at least one file, none empty")
+            if any(p.startswith("demo:") for p in self.path):
+                fail("data.path", "the demo data cannot be part of a list")
+        elif not self.path:
+            fail("data.path", "must be a data file, dir, list of files or hub dataset name")
+        if self.columns is not None:
+            unknown = sorted(set(self.columns) - set(COLUMN_NAMES))
+            if unknown:
+                fail("data.columns", f"unknown name(s) {show(unknown)}; map any of {', '.join(COLUMN_NAMES)}")
+            if not all(self.columns.values()):
+                fail("data.columns", "every mapped name must be non-empty")
+        if not self.template:
+            fail("data.template", "use human_assistant, chat_template or a path to a Jinja file")
         if self.on_bad_record not in ("error", "skip"):
             fail("data.on_bad_record", f"must be error or skip, got {show(self.on_bad_record)}")
         if self.limit is not None and self.limit < 1:

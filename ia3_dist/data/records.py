@@ -1,40 +1,62 @@
-"""Reading instruction records from files and datasets; every problem is a :class:`UsageError` naming file and
-record (or, with ``data.on_bad_record=skip``, a counted skip)."""
+"""Reading instruction records from files and datasets into :class:`Conversation` s (formats: :mod:`.formats`);
+every problem is a :class:`UsageError` naming file and record (or, with ``data.on_bad_record=skip``, a counted
+skip)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import DataSection
+from ..config.schema import show
 from ..errors import UsageError
+from .formats import (
+    REQUIRED,
+    Columns,
+    Conversation,
+    Turn,
+    detect,
+    requirement,
+    text_length,
+    to_conversation,
+    undetected,
+)
 
-FIELDS = ("instruction", "input", "output")
-# One JSONL line (or one record's fields together, in characters) may be at most this long: lines are read with a
+__all__ = ["MAX_JSON_BYTES", "MAX_RECORD_BYTES", "Conversation", "Records", "Turn", "load_records"]
+
+# One JSONL line (or one record's text together, in characters) may be at most this long: lines are read with a
 # bounded readline, so a file with no newlines fails here instead of being read whole into memory.
 MAX_RECORD_BYTES = 16 << 20
 # A .json list is parsed whole (text plus Python objects, several times the file size); past this, use .jsonl.
 MAX_JSON_BYTES = 1 << 30
+# Rows per batch read from Parquet files and Arrow datasets (each batch becomes Python dicts).
+BATCH_ROWS = 256
+SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+# Bump when the same files and settings come to mean different conversations.
+RECORDS_VERSION = 2
 
 
 @dataclass
 class Records:
-    """Columns of raw records plus where they came from (for error messages and the cache key)."""
+    """The conversations read, plus where they came from (for error messages and the cache key)."""
 
-    instruction: list[str]
-    input: list[str]
-    output: list[str]
+    examples: list[Conversation]
     source: str
+    """The path, or the paths joined by ", "."""
     fingerprint: str
+    """Content hash of all files plus the data.format and data.columns settings."""
     skipped: list[str]
     """Messages for records dropped by ``data.on_bad_record=skip``."""
+    formats: dict[str, str]
+    """Each source file/dir/hub name -> the format read from it (absent: no record identified one)."""
 
     def __len__(self) -> int:
-        return len(self.output)
+        return len(self.examples)
 
 
 def _open(p: Path) -> Any:
@@ -58,40 +80,12 @@ def _hash_path(p: Path, h: Any) -> None:
                 raise UsageError(f"{p}: cannot read the data file ({e.strerror or e})") from None
 
 
-def _check_record(rec: Any, where: str) -> tuple[str, str, str]:
-    if not isinstance(rec, dict):
-        raise UsageError(f"{where}: expected an object with instruction/input/output, got {type(rec).__name__}")
-    vals = []
-    for f in FIELDS:
-        v = rec.get(f)
-        if v is None and f == "input":
-            v = ""
-        if v is None:
-            raise UsageError(f"{where}: missing field '{f}' (every record needs instruction and output strings; "
-                             f"input is optional)")
-        if not isinstance(v, str):
-            raise UsageError(f"{where}: field '{f}' must be a string, got {type(v).__name__}")
-        if not v.isascii():
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape; tokenizers reject it
-                raise UsageError(f"{where}: field '{f}' holds an unpaired UTF-16 surrogate (a \\uD800-\\uDFFF "
-                                 f"escape without its pair); fix the escape") from None
-        vals.append(v)
-    if sum(map(len, vals)) > MAX_RECORD_BYTES:
-        raise UsageError(f"{where}: record of {sum(map(len, vals))} characters, more than the limit of "
-                         f"{MAX_RECORD_BYTES} (data.max_length keeps only the first tokens anyway); shorten it")
-    if not vals[0].strip() and not vals[2].strip():
-        raise UsageError(f"{where}: empty record (instruction and output are both empty)")
-    return vals[0], vals[1], vals[2]
-
-
 class _Collector:
     """Applies ``data.on_bad_record``: raise on the first bad record, or skip it and remember where it was."""
 
     def __init__(self, policy: str) -> None:
         self.policy = policy
-        self.rows: list[tuple[str, str, str]] = []
+        self.rows: list[Conversation] = []
         self.skipped: list[str] = []
 
     def bad(self, err: UsageError) -> None:
@@ -99,20 +93,72 @@ class _Collector:
             raise UsageError(f"{err} (or set data.on_bad_record=skip to drop bad records)") from None
         self.skipped.append(str(err))
 
+
+class _Source:
+    """One file, dir or hub dataset: its format (``data.format``, or detected from its first record's keys) and
+    its records, converted and checked."""
+
+    def __init__(self, name: str, cfg: DataSection, cols: Columns, c: _Collector) -> None:
+        self.name, self.cols, self.c = name, cols, c
+        self.fmt: str | None = None if cfg.format == "auto" else cfg.format
+        self.seen: set[str] = set()  # renamed optional columns some record has
+        self.first_keys: list[Any] | None = None
+
     def add(self, rec: Any, where: str) -> None:
         try:
-            self.rows.append(_check_record(rec, where))
+            conv = self._convert(rec, where)
         except UsageError as e:
-            self.bad(e)
+            self.c.bad(e)
+        else:
+            self.c.rows.append(conv)
 
+    def _convert(self, rec: Any, where: str) -> Conversation:
+        if not isinstance(rec, dict):
+            what = requirement(self.fmt, self.cols) if self.fmt else "a record in alpaca, sharegpt or messages format"
+            raise UsageError(f"{where}: expected an object ({what}), got {type(rec).__name__}")
+        if self.first_keys is None:
+            self.first_keys = list(rec)[:64]
+        if self.fmt is None:
+            self.fmt = detect(rec, self.cols)
+            if self.fmt is None:
+                raise UsageError(f"{where}: {undetected(rec, self.cols)}")
+        for ours in self.cols.mapped_optional(self.fmt):
+            if self.cols.name(ours) in rec:
+                self.seen.add(ours)
+        conv = to_conversation(rec, self.fmt, self.cols, where)
+        n = text_length(conv)
+        if n > MAX_RECORD_BYTES:
+            raise UsageError(f"{where}: record of {n} characters, more than the limit of {MAX_RECORD_BYTES} "
+                             f"(data.max_length keeps only the first tokens anyway); shorten it")
+        return conv
 
-def _columns(c: _Collector, source: str, fingerprint: str, limit: int | None) -> Records:
-    rows = c.rows[:limit] if limit is not None else c.rows
-    if not rows:
-        extra = f" ({len(c.skipped)} bad records skipped)" if c.skipped else ""
-        raise UsageError(f"{source}: the dataset has no usable records{extra}")
-    ins, inp, out = (list(col) for col in zip(*rows, strict=True))
-    return Records(ins, inp, out, source, fingerprint, c.skipped)
+    def check_columns(self, names: list[str]) -> None:
+        """For tables (Parquet, CSV, Arrow, datasets): the format from the column names, which must include the
+        format's required columns and every column data.columns renames."""
+        if self.fmt is None:
+            self.fmt = detect(names, self.cols)
+            if self.fmt is None:
+                raise UsageError(f"{self.name}: {undetected(names, self.cols)}")
+        need = [*REQUIRED[self.fmt], *self.cols.mapped_optional(self.fmt)]
+        missing = [self.cols.name(ours) for ours in need if self.cols.name(ours) not in names]
+        if missing:
+            mapped = {o: self.cols.name(o) for o in need if o in self.cols.mapping}
+            note = f"; data.columns maps {show(mapped)}" if mapped else ""
+            need_text = requirement(self.fmt, self.cols)
+            raise UsageError(f"{self.name}: dataset has no column(s) {show(missing)} ({need_text}{note}); columns are "
+                             f"{show(names)}. Rename yours with data.columns "
+                             f"(e.g. data.columns.instruction=question)")
+        self.seen.update(self.cols.mapped_optional(self.fmt))
+
+    def check_mapped_seen(self) -> None:
+        """For record files, once read: a column that data.columns renames must occur in some record."""
+        if self.fmt is None:
+            return
+        missing = [ours for ours in self.cols.mapped_optional(self.fmt) if ours not in self.seen]
+        if missing:
+            mapped = ", ".join(f"{o} -> {show(self.cols.name(o))}" for o in missing)
+            raise UsageError(f"{self.name}: data.columns maps {mapped}, but no record has such a field; the first "
+                             f"record has keys {show(self.first_keys)}. Fix or remove the mapping")
 
 
 def _too_big_json(p: Path, size: str) -> UsageError:
@@ -120,7 +166,7 @@ def _too_big_json(p: Path, size: str) -> UsageError:
                       f"Write one record per line as .jsonl, which is read a line at a time")
 
 
-def _read_json(p: Path, c: _Collector) -> None:
+def _read_json(p: Path, src: _Source) -> None:
     with _open(p) as fh:
         size = os.fstat(fh.fileno()).st_size
         if size > MAX_JSON_BYTES:
@@ -151,7 +197,8 @@ def _read_json(p: Path, c: _Collector) -> None:
         raise UsageError(f"{p}: expected a JSON list of records, got {type(data).__name__} "
                          f"(use .jsonl for one record per line)")
     for i, r in enumerate(data):
-        c.add(r, f"{p}: record {i}")
+        src.add(r, f"{p}: record {i}")
+    src.check_mapped_seen()
 
 
 def _lines(p: Path, fh: Any, c: _Collector) -> Any:
@@ -175,7 +222,8 @@ def _lines(p: Path, fh: Any, c: _Collector) -> Any:
         yield n, raw
 
 
-def _read_jsonl(p: Path, c: _Collector) -> None:
+def _read_jsonl(p: Path, src: _Source) -> None:
+    c = src.c
     with _open(p) as fh:
         for n, raw in _lines(p, fh, c):
             try:
@@ -196,64 +244,176 @@ def _read_jsonl(p: Path, c: _Collector) -> None:
             except RecursionError:
                 c.bad(UsageError(f"{p}:{n}: JSON nested too deeply"))
                 continue
-            c.add(rec, f"{p}:{n}")
+            src.add(rec, f"{p}:{n}")
+    src.check_mapped_seen()
 
 
-def _read_hf(ds: Any, source: str, c: _Collector) -> None:
-    missing = [f for f in ("instruction", "output") if f not in ds.column_names]
-    if missing:
-        raise UsageError(f"{source}: dataset has no column(s) {missing}; columns are {ds.column_names}")
-    cols = {f: ds[f] if f in ds.column_names else [""] * len(ds) for f in FIELDS}
-    for i in range(len(ds)):
-        c.add({f: cols[f][i] for f in FIELDS}, f"{source}: record {i}")
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
-def load_records(cfg: DataSection) -> Records:
-    """Read the records named by ``data.path``; every problem is a :class:`UsageError` naming file and record."""
-    path = cfg.path
+def _broken(p: Path | str, kind: str, e: BaseException) -> UsageError:
+    return UsageError(f"{p}: cannot read the {kind} file ({type(e).__name__}: {_one_line(e)}); check that it is a "
+                      f"complete, valid {kind} file")
+
+
+def _guarded(it: Iterator[Any], rows: Callable[[Any], list[dict[str, Any]]], p: Path | str, kind: str
+             ) -> Iterator[dict[str, Any]]:
+    """The rows of each batch ``it`` yields; pyarrow's and datasets' exceptions (a corrupt file shows up only as
+    it is read) become a :class:`UsageError` naming the file."""
+    while True:
+        try:
+            batch = next(it, None)
+            if batch is None:
+                return
+            got = rows(batch)
+        except UsageError:
+            raise
+        except Exception as e:  # pyarrow and datasets raise many types for corrupt data
+            raise _broken(p, kind, e) from None
+        yield from got
+
+
+def _dict_rows(batch: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(batch)
+    return [dict(zip(keys, vals)) for vals in zip(*batch.values())]
+
+
+def _read_dataset(ds: Any, src: _Source, kind: str = "dataset") -> None:
+    src.check_columns(list(ds.column_names))
+    rows = _guarded(iter(ds.iter(batch_size=BATCH_ROWS)), _dict_rows, src.name, kind)
+    for i, row in enumerate(rows):
+        src.add(row, f"{src.name}: record {i}")
+
+
+def _read_parquet(p: Path, src: _Source) -> None:
+    import pyarrow.parquet as pq
+
+    with _open(p) as fh:
+        try:
+            pf = pq.ParquetFile(fh)
+            names = list(pf.schema_arrow.names)
+            batches = pf.iter_batches(batch_size=BATCH_ROWS)
+        except Exception as e:  # ArrowInvalid, OSError, ...: not a Parquet file
+            raise _broken(p, "Parquet", e) from None
+        src.check_columns(names)
+        for i, row in enumerate(_guarded(batches, lambda b: b.to_pylist(), p, "Parquet")):
+            src.add(row, f"{p}: record {i}")
+
+
+def _read_csv(p: Path, src: _Source) -> None:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    # A block must hold the longest row; quoted cells may span lines.
+    read = pacsv.ReadOptions(block_size=max(1 << 20, MAX_RECORD_BYTES + (1 << 16)))
+    parse = pacsv.ParseOptions(newlines_in_values=True)
+    with _open(p) as fh:
+        try:
+            with pacsv.open_csv(fh, read_options=read, parse_options=parse) as r:
+                names = list(r.schema.names)
+        except Exception as e:
+            raise _broken(p, "CSV", e) from None
+    src.check_columns(names)
+    # Every cell a string (no type guessing: "1" stays "1"); an empty cell is "".
+    convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
+    with _open(p) as fh:
+        try:
+            reader = pacsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
+        except Exception as e:
+            raise _broken(p, "CSV", e) from None
+        with reader:
+            for i, row in enumerate(_guarded(iter(reader), lambda b: b.to_pylist(), p, "CSV")):
+                src.add(row, f"{p}: record {i}")
+
+
+def _read_arrow(p: Path, src: _Source) -> None:
+    import datasets
+
+    _open(p).close()  # a readable file, or the usual message
+    try:
+        ds = datasets.Dataset.from_file(str(p))
+    except Exception as e:  # not an Arrow stream, truncated, ...
+        raise _broken(p, "Arrow", e) from None
+    _read_dataset(ds, src, "Arrow")
+
+
+READERS: dict[str, Callable[[Path, _Source], None]] = {
+    ".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet, ".csv": _read_csv, ".arrow": _read_arrow}
+
+
+def _read_source(path: str, cfg: DataSection, cols: Columns, c: _Collector) -> tuple[str, str, str | None]:
+    """Read one ``data.path`` entry into ``c``; returns its name, its content hash and the format read."""
     p = Path(path).expanduser()
-    c = _Collector(cfg.on_bad_record)
     if p.is_dir():
         import datasets
 
+        src = _Source(str(p), cfg, cols, c)
         if not ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
                 or (p / "state.json").exists()):
             raise UsageError(f"{p}: directory is not a datasets save_to_disk dataset (no dataset_info.json, "
-                             f"state.json or dataset_dict.json); point data.path at a .json/.jsonl file instead")
+                             f"state.json or dataset_dict.json); point data.path at a data file instead "
+                             f"({', '.join(SUFFIXES)})")
         try:
             ds = datasets.load_from_disk(str(p))
         except Exception as e:  # datasets raises many types for corrupt dirs; the user needs the path
-            raise UsageError(f"{p}: cannot load the save_to_disk dataset: {e}") from None
+            raise UsageError(f"{p}: cannot load the save_to_disk dataset: {_one_line(e)}") from None
         if isinstance(ds, datasets.DatasetDict):
             if cfg.split not in ds:
                 raise UsageError(f"{p}: no split '{cfg.split}' (has {list(ds)}); set data.split")
             ds = ds[cfg.split]
         h = hashlib.sha256()
         _hash_path(p, h)
-        _read_hf(ds, str(p), c)
+        _read_dataset(ds, src)
     elif p.is_file():
-        if p.suffix == ".jsonl":
-            _read_jsonl(p, c)
-        elif p.suffix == ".json":
-            _read_json(p, c)
-        else:
-            raise UsageError(f"{p}: unknown data format '{p.suffix}'; use .json, .jsonl or a save_to_disk dir")
+        reader = READERS.get(p.suffix.lower())
+        if reader is None:
+            raise UsageError(f"{p}: unknown data format '{p.suffix}'; use {', '.join(SUFFIXES)} or a save_to_disk "
+                             f"dir")
+        src = _Source(str(p), cfg, cols, c)
+        reader(p, src)
         # Hashed after reading, so a file over the size limits is refused before it is scanned end to end.
         h = hashlib.sha256()
         _hash_path(p, h)
     elif p.exists():
         raise UsageError(f"data.path {path}: not a regular file or directory (a device, pipe or socket); "
-                         f"point it at a .json/.jsonl file or a save_to_disk dir")
-    elif p.suffix in (".json", ".jsonl") or path.startswith((".", "/", "~")):
+                         f"point it at a data file ({', '.join(SUFFIXES)}) or a save_to_disk dir")
+    elif p.suffix.lower() in SUFFIXES or path.startswith((".", "/", "~")):
         raise UsageError(f"data.path {path}: file not found")
     else:
         import datasets
 
+        src = _Source(path, cfg, cols, c)
         try:
             ds = datasets.load_dataset(path, split=cfg.split)
         except Exception as e:  # offline, missing or private dataset: all mean "cannot use this name"
             raise UsageError(f"data.path {path}: not a local file/dir and the hub dataset could not be "
-                             f"loaded ({type(e).__name__}: {e})") from None
+                             f"loaded ({type(e).__name__}: {_one_line(e)})") from None
         h = hashlib.sha256(f"hub:{path}:{cfg.split}:{getattr(ds, '_fingerprint', '')}".encode())
-        _read_hf(ds, path, c)
-    return _columns(c, str(p), h.hexdigest(), cfg.limit)
+        _read_dataset(ds, src)
+    return src.name, h.hexdigest(), src.fmt
+
+
+def load_records(cfg: DataSection) -> Records:
+    """Read the records named by ``data.path`` (one source or a list, concatenated in order, each in its own
+    format) as conversations; every problem is a :class:`UsageError` naming file and record."""
+    paths = cfg.path if isinstance(cfg.path, list) else [cfg.path]
+    cols = Columns(cfg.columns)
+    c = _Collector(cfg.on_bad_record)
+    # The settings that change what the same bytes mean are part of the content hash (the cache key).
+    h = hashlib.sha256(json.dumps({"v": RECORDS_VERSION, "format": cfg.format, "columns": cfg.columns or {}},
+                                  sort_keys=True).encode())
+    names, formats = [], {}
+    for path in paths:
+        name, digest, fmt = _read_source(path, cfg, cols, c)
+        h.update(f"{digest}:{fmt}\n".encode())
+        names.append(name)
+        if fmt is not None:
+            formats[name] = fmt
+    source = ", ".join(names)
+    rows = c.rows[: cfg.limit] if cfg.limit is not None else c.rows
+    if not rows:
+        extra = f" ({len(c.skipped)} bad records skipped)" if c.skipped else ""
+        raise UsageError(f"{source}: the dataset has no usable records{extra}")
+    return Records(rows, source, h.hexdigest(), c.skipped, formats)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, TextIO
 
 import torch
 
+from ..data.records import Conversation, Turn
 from ..data.template import TEMPLATE_FILE, Template
 from ..errors import UsageError
 from ..models.files import (
@@ -214,11 +216,11 @@ def _n_truncated(tok: Any, prompts: list[str], enc: Any, budget: int) -> int:
     return sum(len(ids) > budget for ids in tok(prompts)["input_ids"])
 
 
-def generate(model: Any, tok: Any, template: Template, requests: list[tuple[str, str]], opts: GenOptions,
+def generate(model: Any, tok: Any, template: Template, requests: list[Conversation], opts: GenOptions,
              batch_size: int = 8) -> list[str]:
-    """Responses to ``(instruction, input)`` requests, formatted with the training template. A prompt longer than
-    the model's context (minus ``max_new_tokens``) keeps its last tokens, where the response prefix is, and
-    stderr says so once per call."""
+    """The answer to the last turn of each conversation (its output is ignored), formatted with the training
+    template after the earlier turns. A prompt longer than the model's context (minus ``max_new_tokens``) keeps its
+    last tokens, where the response prefix is, and stderr says so once per call."""
     torch.manual_seed(opts.seed)
     budget, ctx = prompt_budget(model, tok, opts.max_new_tokens)
     side, trunc_side = tok.padding_side, tok.truncation_side
@@ -228,8 +230,10 @@ def generate(model: Any, tok: Any, template: Template, requests: list[tuple[str,
     cut = 0
     try:
         for i in range(0, len(requests), batch_size):
-            prompts = [template.prompt(ins, inp) for ins, inp in requests[i:i + batch_size]]
-            enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=budget)
+            prompts = [template.prompt_for(c.turns[:-1], c.system, c.turns[-1].instruction, c.turns[-1].input, tok)
+                       for c in requests[i:i + batch_size]]
+            enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=budget,
+                      add_special_tokens=template.add_special_tokens)
             cut += _n_truncated(tok, prompts, enc, budget)
             kw: dict[str, Any] = {"max_new_tokens": opts.max_new_tokens, "do_sample": opts.sample,
                                   "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
@@ -246,3 +250,80 @@ def generate(model: Any, tok: Any, template: Template, requests: list[tuple[str,
         print(f"note: {cut} prompt(s) longer than {budget} tokens were cut to their last {budget} (the context of "
               f"{ctx} tokens less --max-new-tokens {opts.max_new_tokens})", file=sys.stderr, flush=True)
     return outs
+
+
+def _text(v: Any, where: str, what: str) -> str:
+    if not isinstance(v, str):
+        raise UsageError(f"{where}: {what} must be a string, got {type(v).__name__}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable argv bytes or a JSON \ud800 escape; tokenizers reject them
+        raise UsageError(f"{where}: not valid Unicode text (undecodable bytes or an unpaired \\uD800-\\uDFFF "
+                         f"escape)") from None
+    return v
+
+
+ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+
+
+def _from_messages(msgs: Any, where: str, role_key: str, content_key: str) -> Conversation:
+    """A conversation that ends with the user's turn to answer: [system], user, assistant, ..., user."""
+    if not isinstance(msgs, list) or not msgs:
+        raise UsageError(f"{where}: expected a non-empty list of messages")
+    system = ""
+    turns: list[Turn] = []
+    pending: str | None = None
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise UsageError(f"{where}: message {k} is not an object")
+        role = ROLE_ALIASES.get(m.get(role_key))  # type: ignore[arg-type]
+        content = _text(m.get(content_key), where, f"message {k} {content_key}")
+        if role is None:
+            raise UsageError(f"{where}: message {k} has role {m.get(role_key)!r}; use system, user or assistant")
+        if role == "system" and k == 0:
+            system = content
+        elif role == "user" and pending is None:
+            pending = content
+        elif role == "assistant" and pending is not None:
+            turns.append(Turn(pending, "", content))
+            pending = None
+        else:
+            raise UsageError(f"{where}: message {k} ({role}) is out of order; messages alternate user and "
+                             f"assistant after an optional system message")
+    if pending is None:
+        raise UsageError(f"{where}: the last message must be the user's (the one to answer)")
+    return Conversation([*turns, Turn(pending, "", "")], system)
+
+
+def parse_request(line: str, where: str) -> Conversation:
+    """A prompt line: plain text, or JSON as the training data spells it: ``{"instruction", "input", "system",
+    "history"}``, ``{"messages": [{role, content}...]}`` or ``{"conversations": [{from, value}...]}``, ending with
+    the user's turn to answer."""
+    s = line.strip()
+    if not s.startswith("{"):
+        return Conversation([Turn(_text(s, where, "the prompt"), "", "")])
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: invalid JSON ({e.msg})") from None
+    except ValueError as e:  # an integer literal past Python's digit limit
+        raise UsageError(f"{where}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: invalid JSON (nested too deeply)") from None
+    if "messages" in obj:
+        return _from_messages(obj["messages"], where, "role", "content")
+    if "conversations" in obj:
+        conv = _from_messages(obj["conversations"], where, "from", "value")
+        if "system" in obj:
+            conv.system = _text(obj["system"], where, "system")
+        return conv
+    if "instruction" not in obj:
+        raise UsageError(f"{where}: a JSON prompt needs 'instruction' (and optional 'input', 'system', 'history'), "
+                         f"'messages' or 'conversations'")
+    history = obj.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
+        raise UsageError(f"{where}: history must be a list of [user, assistant] pairs")
+    turns = [Turn(_text(u, where, "history"), "", _text(a, where, "history")) for u, a in history]
+    turns.append(Turn(_text(obj["instruction"], where, "instruction"), _text(obj.get("input", ""), where, "input"),
+                      ""))
+    return Conversation(turns, _text(obj.get("system", ""), where, "system"))

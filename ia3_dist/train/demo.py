@@ -21,7 +21,7 @@ import torch
 from ..config import DataSection
 from ..data.cache import cache_root, file_lock
 from ..data.collate import collate
-from ..data.records import Records
+from ..data.records import Conversation, Records, Turn
 from ..data.tokenize import tokenize
 from ..errors import UsageError
 
@@ -103,8 +103,8 @@ def _train_tokenizer(texts: list[str], out: Path) -> Any:
 
 
 def _pretrain(model: Any, tok: Any, records: list[dict[str, str]], steps: int, seed: int) -> list[float]:
-    data = tokenize(Records([r["instruction"] for r in records], [r["input"] for r in records],
-                            [r["output"] for r in records], "demo", "demo", []), tok, DataSection(path="demo"))
+    convs = [Conversation([Turn(r["instruction"], r["input"], r["output"])]) for r in records]
+    data = tokenize(Records(convs, "demo", "demo", [], {}), tok, DataSection(path="demo"))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     rng = torch.Generator().manual_seed(seed)
     losses = []
@@ -166,7 +166,7 @@ def model_path(path: str, cache_dir: str | None) -> str:
 
 def data_section(cfg: DataSection) -> DataSection:
     """``cfg`` with ``data.path: demo:zh-styles`` replaced by the cached demo records (built on first use)."""
-    if not cfg.path.startswith("demo:"):
+    if isinstance(cfg.path, list) or not cfg.path.startswith("demo:"):
         return cfg
     if cfg.path != DATA_NAME:
         raise UsageError(f"data.path {cfg.path}: unknown demo data; the embedded set is {DATA_NAME}")

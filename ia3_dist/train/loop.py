@@ -194,7 +194,9 @@ class Trainer:
             raise Preempted(step, self.stop.signame or "a signal on another rank", str(where))
         # DeepSpeed divides by accumulation steps and averages over ranks; undo both so the gradient is
         # sum(token losses of the global batch) / (label tokens of the global batch), like HF Trainer.
-        scale = t.grad_accum * env.world_size / glob.label_tokens
+        # A global batch with no label token at all (possible with data.unlabeled=keep) contributes nothing; the
+        # reference recipe would divide 0 by 0 there.
+        scale = t.grad_accum * env.world_size / glob.label_tokens if glob.label_tokens else 0.0
         loss_local = torch.zeros((), dtype=torch.float64, device=self.device)
         for b, r in zip(batches, real, strict=True):
             loss_sum, _ = self.engine(**{k: v.to(self.device) for k, v in b.items()})
@@ -204,7 +206,7 @@ class Trainer:
             self.engine.step()
             if r:
                 loss_local += loss_sum.detach().double()
-        loss = dist.all_reduce_sum(loss_local).item() / glob.label_tokens
+        loss = dist.all_reduce_sum(loss_local).item() / max(glob.label_tokens, 1.0)
         if not math.isfinite(loss):
             last = ckpt.latest(ckpt.root_of(self.p.out))
             raise NonFiniteLoss(f"loss is {loss} at optimizer step {step + 1}; stopped without saving. Last good "

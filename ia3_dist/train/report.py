@@ -35,13 +35,17 @@ def report(p: Prepared) -> str:
     d, cfg = p.data, p.cfg
     lens = d.lengths
     pct = np.percentile(lens, [50, 90, 99]).round().astype(int).tolist()
-    n_labels = int(lens.sum() - np.maximum(d.prompt_lens, 1).sum())
+    n_labels = d.label_tokens()
+    sources = (", ".join(f"{src} ({fmt})" for src, fmt in d.formats.items()) if d.formats
+               else str(cfg.data.path))
     lines = [
-        f"data: {d.n_records + len(d.skipped)} records read from {cfg.data.path}"
+        f"data: {d.n_records + len(d.skipped)} records read from {sources}"
         + (f"; {len(d.skipped)} bad records skipped (data.on_bad_record=skip), first: "
            + "; ".join(d.skipped[:3]) if d.skipped else ""),
-        f"  {len(d)} examples; {len(d.dropped)} dropped (all labels masked after truncation)"
-        + (f", records {d.dropped[:5].tolist()}" if len(d.dropped) else ""),
+        f"  {len(d)} examples; {len(d.dropped)} dropped (no label token after truncation, data.unlabeled=drop)"
+        + (f", records {d.dropped[:5].tolist()}" if len(d.dropped) else "")
+        + (f"; {d.unlabeled} kept with no label token (data.unlabeled=keep, as the reference recipe)"
+           if d.unlabeled and not len(d.dropped) else ""),
         f"  truncated at {cfg.data.max_length}: {d.truncated} ({100.0 * d.truncated / max(d.n_records, 1):.1f}%); "
         f"length p50 {pct[0]} p90 {pct[1]} p99 {pct[2]} max {int(lens.max())}; {n_labels} label tokens; "
         + ("from cache" if d.seconds == 0 else f"tokenized in {d.seconds:.2f}s"),

@@ -27,7 +27,7 @@ def train(p: Prepared, stop: StopFlag | None = None) -> TrainResult:
     adapter_dir = save_adapter(trainer.peft_model, p.out / "adapter", p.env.is_main)
     if p.env.is_main:
         p.tokenizer.save_pretrained(str(adapter_dir))
-        Template.of(p.cfg.data).save(adapter_dir)
+        Template.of(p.cfg.data, p.tokenizer).save(adapter_dir)
         plot_metrics(trainer.metrics_path, p.out / "metrics.png")
     return TrainResult(adapter_dir, trainer.losses, trainer.engine, trainer.peft_model, trainer.start, final_eval)
 

@@ -1,0 +1,141 @@
+"""Multi-turn rendering and masking: the label tokens of a conversation decode to exactly its assistant turns
+(+ eos, or the chat template's end-of-turn markup), for each template; truncation modes; train_on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ia3_dist.config import DataSection
+from ia3_dist.data.records import Conversation, Records, Turn
+from ia3_dist.data.template import Template
+from ia3_dist.data.tokenize import tokenize, truncate
+from ia3_dist.errors import UsageError
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+CONVS = [
+    Conversation([Turn("你好", "", "你好！有什么可以帮你？"), Turn("介绍一下熊猫。", "", "熊猫是中国的国宝。"),
+                  Turn("它吃什么？", "", "主要吃竹子。")], system="你是一个乐于助人的助手。"),
+    Conversation([Turn("翻译成英文", "猫很可爱", "Cats are cute.")]),
+    Conversation([Turn("一", "", "二"), Turn("三", "", "四")]),
+]
+
+
+def _label_spans(data, i: int, tok) -> list[str]:
+    s = slice(data.offsets[i], data.offsets[i + 1])
+    ids, mask = data.ids[s], data.label_mask[s].astype(bool)
+    spans, cur = [], []
+    for t, m in zip(ids.tolist(), mask.tolist(), strict=True):
+        if m:
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    return [tok.decode(sp) for sp in spans]
+
+
+def _records(convs: list[Conversation]) -> Records:
+    return Records(list(convs), "test", "fp", [], {})
+
+
+@pytest.fixture
+def chat_tok(tiny_tokenizer):
+    tok = tiny_tokenizer
+    old = tok.chat_template
+    tok.chat_template = CHATML
+    yield tok
+    tok.chat_template = old
+
+
+@pytest.mark.parametrize("train_on", ["all", "last"])
+def test_human_assistant_labels_are_the_answers(tiny_tokenizer, train_on: str) -> None:
+    tok = tiny_tokenizer
+    data = tokenize(_records(CONVS), tok, DataSection(path="x", max_length=1024, train_on=train_on))
+    for i, conv in enumerate(CONVS):
+        want = [t.output + tok.eos_token for t in conv.turns]
+        assert _label_spans(data, i, tok) == (want if train_on == "all" else want[-1:])
+
+
+def test_human_assistant_single_turn_is_the_reference_text(tiny_tokenizer) -> None:
+    t = Template.of(DataSection(path="x"), tiny_tokenizer)
+    segs = t.segments(CONVS[1], tiny_tokenizer)
+    assert segs == [("\n".join(["Human: 翻译成英文", "猫很可爱"]).strip() + "\n\nAssistant: ", False),
+                    ("Cats are cute." + tiny_tokenizer.eos_token, True)]
+    multi = "".join(text for text, _ in t.segments(CONVS[0], tiny_tokenizer))
+    assert multi == ("你是一个乐于助人的助手。\n\nHuman: 你好\n\nAssistant: 你好！有什么可以帮你？</s>"
+                     "Human: 介绍一下熊猫。\n\nAssistant: 熊猫是中国的国宝。</s>"
+                     "Human: 它吃什么？\n\nAssistant: 主要吃竹子。</s>")
+
+
+@pytest.mark.parametrize("source", ["tokenizer", "file"])
+@pytest.mark.parametrize("train_on", ["all", "last"])
+def test_chat_template_labels_are_the_answers(chat_tok, tmp_path: Path, source: str, train_on: str) -> None:
+    if source == "file":
+        f = tmp_path / "chatml.jinja"
+        f.write_text(CHATML, encoding="utf-8")
+        chat_tok.chat_template = None
+        template = str(f)
+    else:
+        template = "chat_template"
+    cfg = DataSection(path="x", max_length=1024, template=template, train_on=train_on)
+    data = tokenize(_records(CONVS), chat_tok, cfg)
+    for i, conv in enumerate(CONVS):
+        want = [t.output + "<|im_end|>\n" for t in conv.turns]
+        assert _label_spans(data, i, chat_tok) == (want if train_on == "all" else want[-1:])
+        s = slice(data.offsets[i], data.offsets[i + 1])
+        text = chat_tok.decode(data.ids[s])
+        assert text.startswith("<|im_start|>system\n" if conv.system else "<|im_start|>user\n")
+
+
+def test_tokenizer_without_chat_template_is_refused(tiny_tokenizer) -> None:
+    with pytest.raises(UsageError, match="ships no chat template"):
+        tokenize(_records(CONVS), tiny_tokenizer, DataSection(path="x", template="chat_template"))
+    with pytest.raises(UsageError, match="data.template /no/such.jinja"):
+        tokenize(_records(CONVS), tiny_tokenizer, DataSection(path="x", template="/no/such.jinja"))
+
+
+def test_truncation_modes() -> None:
+    ids = list(range(10))
+    mask = [0, 0, 0, 1, 1, 0, 0, 1, 1, 1]
+    assert truncate(ids, mask, 7, 6, "right") == (ids[:6], mask[:6])
+    assert truncate(ids, mask, 7, 6, "prompt") == (ids[4:], mask[4:])   # oldest text goes, the last answer stays
+    assert truncate(ids, mask, 7, 2, "prompt") == ([7, 8], [1, 1])      # then the answer's end
+    assert truncate(ids, mask, 7, 20, "prompt") == (ids, mask)
+
+
+def test_prompt_truncation_keeps_the_response(tiny_tokenizer) -> None:
+    tok = tiny_tokenizer
+    long = [Conversation([Turn("长" * 400, "", "短答案")])]
+    right = tokenize(_records(long), tok, DataSection(path="x", max_length=64, unlabeled="keep"))
+    assert right.unlabeled == 1 and not right.label_mask.any()
+    kept = tokenize(_records(long), tok, DataSection(path="x", max_length=64, truncation="prompt"))
+    assert kept.unlabeled == 0 and len(kept) == 1 and kept.lengths[0] == 64
+    assert _label_spans(kept, 0, tok) == ["短答案" + tok.eos_token]
+    with pytest.raises(UsageError, match="every record is all prompt"):
+        tokenize(_records(long), tok, DataSection(path="x", max_length=64))
+
+
+def test_prompt_for_inference_continues_the_conversation(tiny_tokenizer, chat_tok) -> None:
+    t = Template()
+    text = t.prompt_for(CONVS[0].turns[:1], CONVS[0].system, "再见", "", tiny_tokenizer)
+    assert text == ("你是一个乐于助人的助手。\n\nHuman: 你好\n\nAssistant: 你好！有什么可以帮你？</s>"
+                    "Human: 再见\n\nAssistant: ")
+    c = Template("chat_template", chat_template=CHATML)
+    text = c.prompt_for([Turn("一", "", "二")], "", "三", "", chat_tok)
+    assert text == ("<|im_start|>user\n一<|im_end|>\n<|im_start|>assistant\n二<|im_end|>\n<|im_start|>user\n三"
+                    "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_template_round_trips_beside_the_adapter(tmp_path: Path, chat_tok) -> None:
+    t = Template.of(DataSection(path="x", template="chat_template"), chat_tok)
+    t.save(tmp_path)
+    assert Template.load(tmp_path) == t
+    (tmp_path / "ia3_dist.json").write_text(json.dumps({"kind": "weird"}))
+    with pytest.raises(UsageError, match="unknown template kind"):
+        Template.load(tmp_path)
