@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 bash scripts/setup.sh
 . .venv/bin/activate
 case "${1:-}" in
-  demo) shift; exec deepspeed --num_accelerators 2 launch.py --config configs/tiny-cpu.yaml "$@" ;;
+  demo) shift; exec deepspeed --quiet --num_accelerators 2 launch.py --config configs/tiny-cpu.yaml "$@" ;;
   test) shift; exec python -m pytest "$@" ;;
   lint) exec ruff check . ;;
   *) echo "usage: ./dev.sh demo|test|lint [args]" >&2; exit 2 ;;

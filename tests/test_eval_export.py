@@ -129,17 +129,18 @@ def test_generate_errors(trained: Path, tmp_path: Path, capsys) -> None:
     assert "no such directory" in capsys.readouterr().err
     assert main(["generate", "--adapter", str(trained / "adapter"), "--top-p", "0", "x"]) == 2
     assert main(["generate", "--adapter", str(trained / "adapter"), '{"instruction": 3}']) == 2
-    assert "needs a string 'instruction'" in capsys.readouterr().err
+    assert "instruction must be a string, got int" in capsys.readouterr().err
 
 
-def test_chat_answers_each_line(trained: Path, capsys, monkeypatch) -> None:
-    want = _generate(["--adapter", str(trained / "adapter"), "--max-new-tokens", "20", "请介绍一下猫。",
-                      "你知道长城吗？"], capsys)
+def test_chat_answers_each_line_with_the_conversation_so_far(trained: Path, capsys, monkeypatch) -> None:
+    """Chat is multi-turn: its second answer is generate's answer to the second question after the first turn."""
     monkeypatch.setattr("sys.stdin", io.StringIO("请介绍一下猫。\n你知道长城吗？\n/quit\n"))
     assert main(["chat", "--adapter", str(trained / "adapter"), "--max-new-tokens", "20"]) == 0
-    out = capsys.readouterr().out
-    assert [ln.split("Assistant: ", 1)[1] for ln in out.splitlines() if "Assistant: " in ln] == \
-        [r["response"] for r in want]
+    got = [ln.split("Assistant: ", 1)[1] for ln in capsys.readouterr().out.splitlines() if "Assistant: " in ln]
+    first = _generate(["--adapter", str(trained / "adapter"), "--max-new-tokens", "20", "请介绍一下猫。"], capsys)
+    second = _generate(["--adapter", str(trained / "adapter"), "--max-new-tokens", "20", json.dumps(
+        {"instruction": "你知道长城吗？", "history": [["请介绍一下猫。", first[0]["response"]]]})], capsys)
+    assert got == [first[0]["response"], second[0]["response"]]
 
 
 def test_plots(trained: Path, tmp_path: Path, capsys) -> None:

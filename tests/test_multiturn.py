@@ -139,3 +139,47 @@ def test_template_round_trips_beside_the_adapter(tmp_path: Path, chat_tok) -> No
     (tmp_path / "ia3_dist.json").write_text(json.dumps({"kind": "weird"}))
     with pytest.raises(UsageError, match="unknown template kind"):
         Template.load(tmp_path)
+
+
+def test_chat_keeps_the_conversation_and_reset_clears_it(tiny_model: Path, capsys, monkeypatch) -> None:
+    """``chat`` prompts each turn with the conversation so far (in the training template); /reset starts over;
+    ``generate`` takes multi-turn JSON in the training spellings."""
+    import io
+
+    from transformers import AutoModelForCausalLM
+
+    from ia3_dist.cli import main
+
+    prompts: list[str] = []
+    real = AutoModelForCausalLM.from_pretrained(str(tiny_model)).generate
+    tok_holder: dict = {}
+
+    def spy(self, **kw):
+        prompts.append(tok_holder["tok"].decode(kw["input_ids"][0], skip_special_tokens=False))
+        return real(**kw)
+
+    from ia3_dist.tools import inference
+
+    orig = inference.load_for_inference
+
+    def load(*a, **k):
+        model, tok, template, is_adapter = orig(*a, **k)
+        tok_holder["tok"] = tok
+        monkeypatch.setattr(type(model), "generate", spy)
+        return model, tok, template, is_adapter
+
+    monkeypatch.setattr(inference, "load_for_inference", load)
+    monkeypatch.setattr("sys.stdin", io.StringIO("第一句\n第二句\n/reset\n第三句\n/quit\n"))
+    assert main(["chat", "--adapter", str(tiny_model), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Assistant: ") == 3 and "(new conversation)" in out
+    p1, p2, p3 = (p.replace("<pad>", "") for p in prompts)
+    assert p1 == "Human: 第一句\n\nAssistant: "
+    assert p2.startswith("Human: 第一句\n\nAssistant: ") and p2.endswith("</s>Human: 第二句\n\nAssistant: ")
+    assert p3 == "Human: 第三句\n\nAssistant: "
+    prompts.clear()
+    msgs = {"messages": [{"role": "system", "content": "系统"}, {"role": "user", "content": "甲"},
+                         {"role": "assistant", "content": "乙"}, {"role": "user", "content": "丙"}]}
+    assert main(["generate", "--adapter", str(tiny_model), "--max-new-tokens", "2", json.dumps(msgs)]) == 0
+    assert prompts[0].replace("<pad>", "") == "系统\n\nHuman: 甲\n\nAssistant: 乙</s>Human: 丙\n\nAssistant: "
+    assert json.loads(capsys.readouterr().out)["messages"] == msgs["messages"]

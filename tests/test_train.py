@@ -38,9 +38,14 @@ def _assert_trained_adapter(out: Path, demo_model: Path) -> dict:
     return tensors
 
 
+NOISE = ("Setting accelerator to CPU", "built successfully", "FutureWarning", "Loading weights", "warnings.warn")
+
+
 def test_embedded_default_one_process(tmp_path: Path, demo_model: Path) -> None:
     out = tmp_path / "demo"
     proc = check(launch([f"output.dir={out}"]))
+    console = proc.stdout + proc.stderr
+    assert not [n for n in NOISE if n in console], console[-3000:]
     assert "trainable params: 3,584 || all params: 950,784" in proc.stdout
     m = re.search(r"loss: first (\d+) steps ([\d.]+) -> last \d+ steps ([\d.]+) \(([-+\d.]+)%\)", proc.stdout)
     assert m, proc.stdout[-3000:]
@@ -56,6 +61,12 @@ def test_embedded_default_one_process(tmp_path: Path, demo_model: Path) -> None:
     assert "demo:tiny-bloom" in run and "lr: 0.03" in run
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 8 and ds["zero_optimization"]["stage"] == 2
+    # A demo is run again and again: the rerun starts over (never refuses), and --verbose shows the library lines.
+    first_adapter = adapter_tensors(out / "adapter")
+    again = check(launch([f"output.dir={out}", "train.max_steps=3", "--verbose"]))
+    assert "Setting accelerator to CPU" in again.stdout + again.stderr
+    assert [r["step"] for r in metrics(out)] == [1, 3]
+    assert adapter_tensors(out / "adapter").keys() == first_adapter.keys()
 
 
 @pytest.fixture(scope="module")
