@@ -183,6 +183,13 @@ def destroy() -> None:
             pass
 
 
+def announce(env: DistEnv, threads: int) -> None:
+    """One line from every rank (the only one the others print): in per-rank logs of a multi-node job it says
+    which rank wrote the log, where it ran and with how many threads."""
+    print(f"rank {env.rank}/{env.world_size} on {socket.gethostname()}: local rank {env.local_rank}/"
+          f"{env.local_world_size}, {threads} thread(s)", flush=True)
+
+
 def print0(env: DistEnv, *args: object) -> None:
     if env.is_main:
         print(*args, flush=True)

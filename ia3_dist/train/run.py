@@ -38,7 +38,7 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     env = dist.detect()
     # Installed first, so a signal while the model loads is honoured at the first step boundary.
     stop = StopFlag().install()
-    dist.setup_threads(env, cfg.train.threads, cfg.train.bind_cores)
+    dist.announce(env, dist.setup_threads(env, cfg.train.threads, cfg.train.bind_cores))
     try:
         p = prepare(cfg, env)
     except BaseException:
