@@ -12,7 +12,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USAGE, NonFiniteLoss, Preempted, UsageError
+from .errors import (
+    EXIT_CHECKPOINT_WRITE,
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    CheckpointWriteError,
+    NonFiniteLoss,
+    Preempted,
+    UsageError,
+)
 from .runtime import console
 
 # More ranks than any cluster has; a bound keeps the step planner's per-rank lists finite on hostile input.
@@ -313,8 +322,9 @@ def usage(prog: str) -> str:
     lines += ["", "options:",
               f"  {'--verbose':<{width}}  show third-party log lines and warnings too (or IA3_DIST_VERBOSE=1)",
               f"  {'-h, --help':<{width}}  this list; `{prog} COMMAND --help` gives a command's options", "",
-              "exit codes: 0 done, 2 bad input (nothing started), 3 non-finite loss, 75 stopped by a signal after "
-              "checkpointing"]
+              "exit codes: 0 done, 2 bad input (nothing started), 3 non-finite loss, 74 a checkpoint could not be "
+              "written (disk full), 75 stopped by a signal after checkpointing, 76 hang watchdog (no progress for "
+              "train.hang_timeout_s)"]
     return "\n".join(lines)
 
 
@@ -341,6 +351,9 @@ def main(argv: list[str] | None = None, prog: str = "ia3-dist") -> int:
     except NonFiniteLoss as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
+    except CheckpointWriteError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINT_WRITE
 
 
 def entry() -> None:

@@ -16,6 +16,11 @@ EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
 # A non-finite loss stopped the run; the last good checkpoint is kept.
 EXIT_NONFINITE = 3
+# A checkpoint could not be written (disk full, quota, I/O error); the previous checkpoint stays `latest`
+# (EX_IOERR).
+EXIT_CHECKPOINT_WRITE = 74
+# The hang watchdog ended a rank that made no progress for train.hang_timeout_s; requeue and resume like 75.
+EXIT_HUNG = 76
 
 
 class Preempted(Exception):
@@ -29,3 +34,7 @@ class Preempted(Exception):
 
 class NonFiniteLoss(Exception):
     """NaN/inf loss at an optimizer step."""
+
+
+class CheckpointWriteError(Exception):
+    """Some rank could not write its part of a checkpoint; every rank raises it together."""

@@ -1,7 +1,8 @@
 # Sourced by the ia3-dist sbatch templates (run from the repo root: cd "$IA3_DIST_HOME" first).
 # Sets CONFIG, OVERRIDES, OUTPUT_DIR, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, LOG_DIR; installs the preemption
 # trap; ia3_run runs the training step in the background (a bash trap only fires between commands, so the work
-# runs as `srun ... & wait`), and requeues the job when the run stopped on a signal after checkpointing.
+# runs as `srun ... & wait`), and requeues the job when the run stopped on a signal after checkpointing or the hang
+# watchdog ended it.
 
 ia3_log() { echo "[ia3-dist $(date +%H:%M:%S)] $*"; }
 
@@ -46,7 +47,7 @@ ia3_forward() {
 }
 
 ia3_run() {
-  rm -f "$OUTPUT_DIR/preempted.json"
+  rm -f "$OUTPUT_DIR/preempted.json" "$OUTPUT_DIR/hung.json"
   "$@" &
   WORK_PID=$!
   local rc
@@ -58,6 +59,22 @@ ia3_run() {
     ia3_log "run stopped after a checkpoint (exit $rc): requeueing job $SLURM_JOB_ID; it resumes with train.resume=auto"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
+  fi
+  # Exit 76 (or hung.json: torchrun exits 1 and srun may report a killed peer's code): the hang watchdog ended the
+  # run. Requeue like a preemption, at most MAX_HANG_REQUEUES times per job, so a hang that comes back every
+  # time (a bug, not a bad node) does not loop for ever.
+  if [ "$rc" = 76 ] || [ -e "$OUTPUT_DIR/hung.json" ]; then
+    local count_file="$LOG_DIR/.ia3-dist-hangs-$SLURM_JOB_ID" n
+    n=$(( $(cat "$count_file" 2>/dev/null || echo 0) + 1 ))
+    echo "$n" > "$count_file"
+    if [ "$n" -le "${MAX_HANG_REQUEUES:-3}" ]; then
+      ia3_log "hang watchdog ended the run (exit $rc; $(cat "$OUTPUT_DIR/hung.json" 2>/dev/null)): requeueing job" \
+              "$SLURM_JOB_ID (hang $n of at most ${MAX_HANG_REQUEUES:-3}); it resumes with train.resume=auto"
+      scontrol requeue "$SLURM_JOB_ID"
+      exit 0
+    fi
+    ia3_log "hang watchdog ended the run $n times: not requeueing again (MAX_HANG_REQUEUES=${MAX_HANG_REQUEUES:-3})"
+    exit 76
   fi
   ia3_log "run finished with exit $rc"
   exit "$rc"

@@ -70,3 +70,44 @@ def adapter_tensors(adapter_dir: Path) -> dict:
 def write_records(path: Path, records: list[dict]) -> Path:
     path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     return path
+
+
+def tagged_ranks(tag: str) -> dict[int, int]:
+    """``{rank: pid}`` of the rank processes started with ``IA3_TEST_TAG=tag`` in their environment, whatever
+    launched them (deepspeed, torchrun, srun): python processes running launch.py, not the launchers."""
+    import psutil
+
+    found: dict[int, int] = {}
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        if env.get("IA3_TEST_TAG") != tag or not any(a.endswith("launch.py") for a in cmd):
+            continue
+        if any("deepspeed.launcher" in a or a.endswith("torchrun") or a.endswith("deepspeed") for a in cmd):
+            continue
+        rank = env.get("RANK") or env.get("SLURM_PROCID")
+        if rank is not None and cmd[0].split("/")[-1].startswith("python"):
+            found[int(rank)] = p.pid
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    """The pids still running (zombies count as gone)."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def job_segments(port: int) -> list[str]:
+    """DeepSpeed shared-memory segments of the job on ``port`` still in /dev/shm."""
+    return sorted(str(p) for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

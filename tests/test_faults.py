@@ -1,6 +1,8 @@
 """Faults on 2 gloo ranks: a signal on one rank stops all at a step boundary with a checkpoint and exit 75, and the
 resumed run ends with the uninterrupted adapter; a rank killed with -9 takes the others down within 60 s (with and
-without a launcher watching); a non-finite loss stops the run naming the step."""
+without a launcher watching); a non-finite loss stops the run naming the step. Hangs (a frozen rank, a rank stuck
+in Python or in a collective, a cut link between two network namespaces) end the job through the hang watchdog
+with exit 76 and every rank's stacks in the log; a full disk during a save keeps the previous checkpoint."""
 
 from __future__ import annotations
 
@@ -8,15 +10,28 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from _util import ROOT, adapter_tensors, bin_path, check, free_port, launch, spawn_slurm_style
+from _util import (
+    ROOT,
+    adapter_tensors,
+    alive,
+    bin_path,
+    check,
+    free_port,
+    job_segments,
+    launch,
+    spawn_slurm_style,
+    tagged_ranks,
+)
 
-from ia3_dist.errors import EXIT_NONFINITE, EXIT_PREEMPTED
+from ia3_dist.errors import EXIT_CHECKPOINT_WRITE, EXIT_HUNG, EXIT_NONFINITE, EXIT_PREEMPTED
 from ia3_dist.runtime.checkpoint import latest
+from ia3_dist.runtime.watchdog import HUNG_FILE
 
 pytestmark = pytest.mark.slow
 TINY = "configs/tiny-cpu.yaml"
@@ -44,10 +59,14 @@ def _rank_pids(launcher: subprocess.Popen) -> list[int]:
     return [found[r] for r in sorted(found)]
 
 
-def _start(out: Path, *extra: str) -> subprocess.Popen:
+def _start(out: Path, *extra: str, launcher: str = "deepspeed", env: dict[str, str] | None = None,
+           port: int | None = None) -> subprocess.Popen:
     e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    return subprocess.Popen([bin_path("deepspeed"), "--num_accelerators=2", f"--master_port={free_port()}",
-                             "launch.py", *_args(out, *extra)], cwd=ROOT, env=e, stdout=subprocess.PIPE,
+    e.update(env or {})
+    port = port or free_port()
+    head = ([bin_path("torchrun"), "--nproc_per_node=2", f"--master_port={port}"] if launcher == "torchrun" else
+            [bin_path("deepspeed"), "--num_accelerators=2", f"--master_port={port}"])
+    return subprocess.Popen([*head, "launch.py", *_args(out, *extra)], cwd=ROOT, env=e, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -130,3 +149,174 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path: Path) -> None:
     assert "at optimizer step" in proc.stderr and "Last good checkpoint" in proc.stderr
     ck = latest(out / "checkpoints")
     assert ck is not None
+
+
+# -- hangs: the watchdog ends the job ---------------------------------------------------------------------------
+
+HANG_S = 5
+# A faulthandler dump: one header per thread, the current (watchdog) thread included.
+STACKS = "(most recent call first)"
+
+
+def _hung_log_checks(log: str, ranks: list[int]) -> None:
+    for r in ranks:
+        assert f"hang watchdog on rank {r}: no progress" in log, log[-4000:]
+    assert log.count(STACKS) >= 2 * len(ranks), log[-4000:]  # the main thread and the watchdog, per rank
+
+
+def _wait_ranks(tag: str, n: int = 2, timeout: float = 60) -> dict[int, int]:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        pids = tagged_ranks(tag)
+        if len(pids) == n:
+            return pids
+        time.sleep(0.2)
+    raise AssertionError(f"found ranks {tagged_ranks(tag)}")
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_frozen_rank_ends_the_job_and_resumes_exactly(straight: Path, tmp_path: Path, launcher: str) -> None:
+    """SIGSTOP one rank mid-run: the other waits in a collective no timeout reaches; its watchdog dumps the stacks
+    and exits 76, the launcher kills the frozen rank, nothing is left, and train.resume=auto finishes with the
+    uninterrupted run's adapter."""
+    out, tag, port = tmp_path / "hang", f"hang-{launcher}-{os.getpid()}", free_port()
+    proc = _start(out, f"train.hang_timeout_s={HANG_S}", launcher=launcher, env={"IA3_TEST_TAG": tag}, port=port)
+    pids = _wait_ranks(tag)
+    _wait_for_step(out, proc, 7)
+    os.kill(pids[1], signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        log = proc.communicate(timeout=HANG_S + 120)[0]
+    finally:
+        for pid in alive(list(pids.values())):
+            os.kill(pid, signal.SIGKILL)
+    took = time.time() - t0
+    print(f"{launcher}: frozen rank -> job ended in {took:.1f} s (hang_timeout_s={HANG_S})")
+    assert took < HANG_S + 60, took
+    # The deepspeed launcher passes the rank's code on; torchrun exits 1 and hung.json says why.
+    assert proc.returncode == (EXIT_HUNG if launcher == "deepspeed" else 1), log[-3000:]
+    assert json.loads((out / HUNG_FILE).read_text())["rank"] == 0
+    _hung_log_checks(log, [0])
+    assert "in optimizer step" in log
+    assert alive(list(pids.values())) == [], "a rank outlived the job"
+    assert job_segments(port) == []
+    ck = latest(out / "checkpoints")
+    assert ck is not None and int(ck.name[4:]) >= 5
+    check(launch(_args(out, "train.resume=auto"), nproc=2))
+    assert not (out / HUNG_FILE).exists()
+    ta, tb = adapter_tensors(out / "adapter"), adapter_tensors(straight / "adapter")
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("action, where", [("spin", "in hit"), ("collective", "all_reduce")])
+def test_rank_stuck_in_python_or_in_a_collective(tmp_path: Path, action: str, where: str) -> None:
+    """Rank 1 loops in Python, or waits in an all-reduce the others never join: both watchdogs fire (rank 0 waits
+    in the step's collective), each rank's stacks show where it was, exit 76."""
+    out, tag = tmp_path / action, f"stuck-{action}-{os.getpid()}"
+    proc = _start(out, f"train.hang_timeout_s={HANG_S}", env={"IA3_TEST_TAG": tag,
+                                                              "IA3_DIST_FAULT": f"step:8:1:{action}"})
+    pids = _wait_ranks(tag)
+    t0 = time.time()
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == EXIT_HUNG, log[-3000:]
+    assert f"{action} on rank 1 at point 'step', step 8" in log
+    _hung_log_checks(log, [0, 1])
+    # Rank 1's dump shows the fault hook's frame; the step it hung in is named.
+    assert where in log and "faults.py" in log and "in optimizer step 8" in log, log[-4000:]
+    assert alive(list(pids.values())) == []
+    print(f"{action}: job ended {time.time() - t0:.1f} s after start (hang at step 8, hang_timeout_s={HANG_S})")
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(straight: Path, tmp_path: Path) -> None:
+    """The output dir on a 32 MiB tmpfs; at the step-10 save the disk fills up: every rank stops with exit 74 and a
+    message naming the checkpoint, step5 stays `latest`, and once space is freed the run resumes from it to the
+    uninterrupted adapter."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out, filler = mnt / "out", mnt / "filler"
+        proc = launch(_args(out), nproc=2, env={"IA3_DIST_FAULT": "save-begin:10:0:fill",
+                                                "IA3_DIST_FAULT_FILL": str(filler)})
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == EXIT_CHECKPOINT_WRITE, log[-3000:]
+        assert "checkpoint step10 could not be written" in log and "the filesystem is full" in log, log[-3000:]
+        assert "step5 stays the latest checkpoint" in log
+        assert latest(out / "checkpoints") == out / "checkpoints" / "step5"
+        assert not (out / "checkpoints" / "step10").exists()
+        filler.unlink()
+        check(launch(_args(out, "train.resume=auto"), nproc=2))
+        ta, tb = adapter_tensors(out / "adapter"), adapter_tensors(straight / "adapter")
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], rtol=1e-6, atol=1e-6)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def two_hosts() -> list[tuple[str, str, str]]:
+    """Two network namespaces joined by a veth pair, each end with a loopback-range address (127.77.0.x: nothing
+    outside this machine is ever addressed). In each, `lo` keeps only 127.0.0.1 as local (not all of 127.0.0.0/8),
+    so the peer's 127.77.0.x routes over the veth (route_localnet lets 127.x leave an interface) while a rank can
+    still reach its own address through `lo`."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and iproute2")
+    tag = str(os.getpid() % 100000)
+    hosts = [(f"ia3h0-{tag}", f"ia3v0-{tag}", "127.77.0.1"), (f"ia3h1-{tag}", f"ia3v1-{tag}", "127.77.0.2")]
+    try:
+        for ns, _, _ in hosts:
+            _ip("netns", "add", ns)
+        _ip("link", "add", hosts[0][1], "type", "veth", "peer", "name", hosts[1][1])
+        for ns, dev, addr in hosts:
+            _ip("link", "set", dev, "netns", ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "route", "del", "local", "127.0.0.0/8", "dev", "lo", "table", "local")
+            subprocess.run(["ip", "-n", ns, "route", "add", "local", "127.0.0.1", "dev", "lo", "table", "local"],
+                           capture_output=True)  # present already on some kernels
+            for conf in ("all", dev):
+                _ip("netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.conf.{conf}.route_localnet=1")
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+        yield hosts
+    finally:
+        for ns, _, _ in hosts:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_cut_link_between_two_hosts_ends_both_sides(two_hosts: list[tuple[str, str, str]], tmp_path: Path) -> None:
+    """One rank per emulated host (srun-style, no launcher watching); the link goes down mid-run: neither side gets
+    an error from gloo (TCP to a silent peer waits), both watchdogs end their rank with exit 76 in bounded time."""
+    out = tmp_path / "netns"
+    port = str(free_port())
+    procs = []
+    for rank, (ns, dev, _) in enumerate(two_hosts):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(SLURM_PROCID=str(rank), SLURM_LOCALID="0", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1",
+                   MASTER_ADDR=two_hosts[0][2], MASTER_PORT=port, GLOO_SOCKET_IFNAME=dev, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "launch.py",
+                                       *_args(out, f"train.hang_timeout_s={HANG_S}", "train.threads=1")],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        _wait_for_step(out, procs[0], 7)
+        _ip("-n", two_hosts[0][0], "link", "set", two_hosts[0][1], "down")
+        t0 = time.time()
+        logs = [p.communicate(timeout=HANG_S + 120)[0] for p in procs]
+        took = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+    print(f"link cut -> both ranks ended in {took:.1f} s (hang_timeout_s={HANG_S})")
+    assert took < HANG_S + 60, took
+    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
+        assert p.returncode == EXIT_HUNG, f"rank {rank}: exit {p.returncode}\n{log[-3000:]}"
+        _hung_log_checks(log, [rank])
+    ck = latest(out / "checkpoints")
+    assert ck is not None and int(ck.name[4:]) >= 5

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _util import ROOT, adapter_tensors, check, launch
+from _util import ROOT, adapter_tensors, alive, check, launch, tagged_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 TINY = "configs/tiny-cpu.yaml"
@@ -59,10 +60,12 @@ def _env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def sbatch(tmp: Path, template: str, sbatch_args: list[str], run_args: list[str]) -> str:
+def sbatch(tmp: Path, template: str, sbatch_args: list[str], run_args: list[str],
+           env: dict[str, str] | None = None) -> str:
     tmp.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp}", *sbatch_args, str(ROOT / "slurm" / template),
-                           TINY, *run_args], capture_output=True, text=True, env=_env(tmp), timeout=60)
+                           TINY, *run_args], capture_output=True, text=True, env={**_env(tmp), **(env or {})},
+                          timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -84,6 +87,33 @@ def wait_job(job: str, timeout: float = 600) -> str:
         time.sleep(1)
     subprocess.run(["scancel", job])
     raise AssertionError(f"job {job} did not finish in {timeout}s")
+
+
+def wait_restart(job: str, tmp: Path, timeout: float = 300) -> None:
+    """Until the requeued job's second instance has started."""
+    t0 = time.time()
+    released = False
+    while "restart 1" not in logs(tmp, None):
+        assert time.time() - t0 < timeout, logs(tmp)
+        if not released and job_state(job) == "PENDING":
+            # A requeued job is held ~120 s before it may start again; the test skips the wait, but only once the
+            # old instance is cleaned up (released at once, Slurm kills the restart: "Job credential revoked").
+            time.sleep(5)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+            released = True
+        time.sleep(0.5)
+
+
+def wait_step(job: str, tmp: Path, out: Path, step: int, timeout: float = 300) -> None:
+    metrics = out / "metrics.jsonl"
+    t0 = time.time()
+    while True:
+        assert time.time() - t0 < timeout, logs(tmp)
+        assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), logs(tmp)
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if lines and json.loads(lines[-1])["step"] >= step:
+            return
+        time.sleep(0.2)
 
 
 def logs(tmp: Path, tail: int | None = 3000) -> str:
@@ -143,30 +173,36 @@ def test_preemption_requeues_and_resumes(cluster: int, direct: dict[str, Path], 
     out = tmp_path / "out"
     job = sbatch(tmp_path, "single_node.sbatch", ["--nodes=1", "--cpus-per-task=2", "--export=ALL,NPROC_PER_NODE=2"],
                  [f"output.dir={out}", *LONG])
-    metrics = out / "metrics.jsonl"
-    t0 = time.time()
-    while True:
-        assert time.time() - t0 < 300, logs(tmp_path)
-        assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), logs(tmp_path)
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        if lines and json.loads(lines[-1])["step"] >= 3:
-            break
-        time.sleep(0.2)
+    wait_step(job, tmp_path, out, 3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    t0 = time.time()
-    released = False
-    while "restart 1" not in logs(tmp_path, None):
-        assert time.time() - t0 < 300, logs(tmp_path)
-        if not released and job_state(job) == "PENDING":
-            # A requeued job is held ~120 s before it may start again; the test skips the wait, but only once the
-            # old instance is cleaned up (released at once, Slurm kills the restart: "Job credential revoked").
-            time.sleep(5)
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
-            released = True
-        time.sleep(0.5)
+    wait_restart(job, tmp_path)
     assert wait_job(job) == "COMPLETED", logs(tmp_path)
     text = logs(tmp_path, None)
     assert "caught SIGUSR1" in text and "requeueing job" in text and "resuming from" in text, text
+    assert "run finished with exit 0" in text
+    same_adapter(out, direct["long"])
+
+
+def test_frozen_rank_requeues_and_resumes(cluster: int, direct: dict[str, Path], tmp_path: Path) -> None:
+    """Plain srun, one task per rank: SIGSTOP rank 1 mid-run. Rank 0's hang watchdog exits 76 with its stacks in its
+    log, srun --kill-on-bad-exit ends the frozen rank, the job requeues itself, resumes and finishes with the
+    uninterrupted run's adapter."""
+    out, tag, hang_s = tmp_path / "out", f"slurm-hang-{os.getpid()}", 5
+    job = sbatch(tmp_path, "srun_per_rank.sbatch", ["--nodes=1", "--ntasks-per-node=2"],
+                 [f"output.dir={out}", *LONG, f"train.hang_timeout_s={hang_s}"], env={"IA3_TEST_TAG": tag})
+    wait_step(job, tmp_path, out, 7)
+    pids = tagged_ranks(tag)
+    assert sorted(pids) == [0, 1], pids
+    os.kill(pids[1], signal.SIGSTOP)
+    t0 = time.time()
+    while alive(list(pids.values())):
+        assert time.time() - t0 < hang_s + 60, logs(tmp_path)
+        time.sleep(0.5)
+    wait_restart(job, tmp_path)
+    assert wait_job(job) == "COMPLETED", logs(tmp_path)
+    text = logs(tmp_path, None)
+    assert "hang watchdog on rank 0: no progress" in text and "(most recent call first)" in text, text[-5000:]
+    assert "hang watchdog ended the run" in text and "resuming from" in text, text[-5000:]
     assert "run finished with exit 0" in text
     same_adapter(out, direct["long"])
 

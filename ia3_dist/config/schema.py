@@ -297,6 +297,12 @@ class TrainSection:
     stop_after_steps: int = 0
     """End this invocation after N optimizer steps with a checkpoint (exit 0), without changing the schedule: for
     chunked jobs under short time limits. 0: run to the end."""
+    hang_timeout_s: float = 600.0
+    """End the job (exit 76, every rank's Python stacks in its log) when no optimizer step completes for this many
+    seconds: a frozen or dead peer, a cut link, a rank stuck in Python or in a collective. Armed after the first
+    step (loading, compilation and warm-up never count); a checkpoint save gets 10x (at least 30 min). Choose
+    several times the slowest real step: 600 s covers steps of a minute or two with room for a slow log or eval
+    batch; the run warns when a step takes more than a third of it. 0: off."""
 
     def __post_init__(self) -> None:
         # Upper bounds: a micro-batch or accumulation count of 10**12 would make preflight plan 10**12 micro-steps.
@@ -322,6 +328,9 @@ class TrainSection:
         _finite("train.grad_clip", self.grad_clip)
         _finite("train.peak_tflops", self.peak_tflops)
         _in_range("train.threads", self.threads, 0, 4096)
+        _finite("train.hang_timeout_s", self.hang_timeout_s)
+        if 0 < self.hang_timeout_s < 1:
+            fail("train.hang_timeout_s", f"must be 0 (off) or at least 1 second, got {show(self.hang_timeout_s)}")
         if not self.resume:
             fail("train.resume", "must be auto, none or a checkpoint path")
 

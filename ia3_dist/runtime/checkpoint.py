@@ -17,15 +17,14 @@ import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import UsageError
-from . import dist, manifest, safe_load
+from ..errors import CheckpointWriteError, UsageError
+from . import dist, faults, manifest, safe_load
 
 LATEST = "latest"
 META = "meta.json"
@@ -173,27 +172,67 @@ def set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
 
 
-def _fault(point: str, step: int, rank: int) -> None:
-    """Fault injection for the tests: IA3_DIST_FAULT=<point>:<step>:<rank> kills that rank there with SIGKILL."""
-    spec = os.environ.get("IA3_DIST_FAULT", "")
-    if spec == f"{point}:{step}:{rank}":
-        os.kill(os.getpid(), signal.SIGKILL)
+def _why(error: Exception | None, root: Path) -> str:
+    if error is None:
+        return "this rank's part was written"
+    what = (error.strerror if isinstance(error, OSError) else None) or str(error).splitlines()[0][:200]
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return f"this rank: {what}"
+    full = "the filesystem is full: " if free < 1 << 20 else ""
+    return f"this rank: {what}; {full}{free} bytes free there"
+
+
+def _agree_failed(failed: bool) -> int:
+    """Every rank joins: how many ranks failed."""
+    return int(dist.all_reduce_sum(torch.tensor([float(failed)], dtype=torch.float64)).item())
 
 
 def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env: dist.DistEnv) -> Path:
-    """Every rank writes its part; the pointer moves only after all of them have finished."""
+    """Every rank writes its part; the pointer moves only after all of them have finished.
+
+    A write that fails on any rank (disk full, quota, I/O error) fails the save on every rank together: the
+    partial tag dir is removed, ``latest`` keeps naming the previous checkpoint, and every rank raises
+    :class:`CheckpointWriteError` (exit 74) instead of one rank dying and leaving the others in a barrier."""
     root = root_of(out)
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "rng": rng_state()},
-                           save_latest=False, exclude_frozen_parameters=True)
-    _fault("save", step, env.rank)
-    dist.barrier()  # every rank's files are on disk
-    if env.is_main:
+    faults.hit("save-begin", step, env.rank)
+    error: Exception | None = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "rng": rng_state()},
+                               save_latest=False, exclude_frozen_parameters=True)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError ("iostream error")
+        error = e
+        # DeepSpeed's save ends with a barrier, which ranks whose writes succeeded are waiting in: join it, so the
+        # next collective (the agreement below) pairs up on every rank.
+        dist.barrier()
+    faults.hit("save", step, env.rank)
+    if not _agree_failed(error is not None) and env.is_main:
         # meta.json last in the tag dir, then the pointer: a dir without meta.json is an unfinished save.
-        for name, text in ((tag + "/" + META, json.dumps({**meta, "step": step}, indent=1)), (LATEST, tag)):
-            tmp = root / f"{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, root / name)
+        try:
+            for name, text in ((tag + "/" + META, json.dumps({**meta, "step": step}, indent=1)), (LATEST, tag)):
+                tmp = root / f"{name}.tmp"
+                tmp.write_text(text)
+                os.replace(tmp, root / name)
+        except OSError as e:
+            error = e
+    failed = _agree_failed(error is not None)
+    if failed:
+        prev = latest(root) if env.is_main else None
+        if env.is_main:
+            # Frees the space the partial save took; `latest` still names the previous complete checkpoint
+            # (the pointer is the last thing written, so a failed save never moved it).
+            shutil.rmtree(root / tag, ignore_errors=True)
+            for f in root.glob("*.tmp"):
+                f.unlink(missing_ok=True)
+        dist.barrier()
+        raise CheckpointWriteError(
+            f"checkpoint {tag} could not be written to {root} ({failed} rank(s) failed; {_why(error, root)})"
+            f"{f'; {prev} stays the latest checkpoint' if prev is not None else '; no earlier checkpoint exists'}. "
+            f"Free space there (lower checkpoint.keep, or move output.dir to a bigger filesystem), then resume with "
+            f"train.resume=auto")
+    if env.is_main:
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -149,11 +150,11 @@ def barrier() -> None:
         d.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place (a no-op without a process group)."""
+def all_reduce_sum(t: torch.Tensor, group: object = None) -> torch.Tensor:
+    """Sum over ranks (of ``group``, default all), in place (a no-op without a process group)."""
     d = _dist()
     if d is not None and d.get_world_size() > 1:
-        d.all_reduce(t, op=d.ReduceOp.SUM)
+        d.all_reduce(t, op=d.ReduceOp.SUM, group=group)
     return t
 
 
@@ -167,20 +168,33 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 SHM_PREFIX = "/dev/shm/deepspeed_allreduce_buffer_"
 
 
-def destroy() -> None:
-    """Tear the group down; ranks that exit with it alive die with rc -6 (gloo aborts)."""
+def remove_shm_segments(every_rank: bool = False) -> None:
+    """DeepSpeed's CPU shared-memory allreduce maps a 69 MB /dev/shm segment per rank and never unlinks it: every
+    run would leak RAM until reboot. Peers that still run have it mapped already, so unlinking is safe. A rank
+    that leaves normally removes its own; the hang watchdog removes those of every rank of this job on this host
+    (a frozen or killed peer never will)."""
+    job = f"{SHM_PREFIX}{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_"
     d = _dist()
-    if d is not None:
-        rank = d.get_rank()
-        d.destroy_process_group()
-        # DeepSpeed's CPU shared-memory allreduce maps a 69 MB /dev/shm segment per rank and never unlinks it:
-        # every run would leak RAM until reboot. Peers have it mapped already, so unlinking ours is safe.
-        name = (f"{SHM_PREFIX}{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
-                f"_{rank}")
+    if every_rank:
+        stem = Path(job).name
+        names = [str(p) for p in Path("/dev/shm").glob(stem + "*") if p.name[len(stem):].isdigit()]
+    elif d is not None:
+        names = [f"{job}{d.get_rank()}"]
+    else:
+        names = []
+    for name in names:
         try:
             os.unlink(name)
         except FileNotFoundError:
             pass
+
+
+def destroy() -> None:
+    """Tear the group down; ranks that exit with it alive die with rc -6 (gloo aborts)."""
+    d = _dist()
+    if d is not None:
+        remove_shm_segments()
+        d.destroy_process_group()
 
 
 def announce(env: DistEnv, threads: int) -> None:

@@ -30,7 +30,8 @@ CHECKPOINTS = "checkpoints"
 # Written before the process group starts (or only to signal it): a dir of our own that holds nothing else never
 # trained, so a fresh start over it loses nothing. This is also what the other ranks may see when rank 0 is a
 # little ahead of them, and they must not refuse their own launch.
-SETUP_FILES = frozenset({"run.yaml", "ds_config.json", "rank0.pid", "preempted.json", MANIFEST, MANIFEST + ".tmp"})
+SETUP_FILES = frozenset({"run.yaml", "ds_config.json", "rank0.pid", "preempted.json", "hung.json", MANIFEST,
+                         MANIFEST + ".tmp"})
 RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.png"}
 RUN_DIRS = frozenset({"adapter", "tensorboard", CHECKPOINTS})
 # checkpoint.save's names (tag_for, LATEST and its temp file); tests/test_output_safety.py keeps them in step.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,10 +13,11 @@ from ..data.tokenize import TokenizedData
 from ..runtime import dist
 
 
-def evaluate(engine: Any, data: TokenizedData, env: dist.DistEnv, micro: int, pad_id: int,
-             side: str) -> dict[str, float]:
+def evaluate(engine: Any, data: TokenizedData, env: dist.DistEnv, micro: int, pad_id: int, side: str,
+             on_batch: Callable[[], None] | None = None) -> dict[str, float]:
     """Rank r evaluates examples r, r+world, ...; every rank runs the same number of forward passes (ZeRO-3
-    gathers parameters collectively), padding its shard with weight-0 batches."""
+    gathers parameters collectively), padding its shard with weight-0 batches. ``on_batch`` runs after each
+    forward pass (the hang watchdog's progress beat)."""
     mine = list(range(env.rank, len(data), env.world_size))
     per_rank = -(-len(data) // env.world_size)
     n_batches = -(-per_rank // micro)
@@ -30,6 +32,8 @@ def evaluate(engine: Any, data: TokenizedData, env: dist.DistEnv, micro: int, pa
             loss_sum, n = engine(**{k: v.to(device) for k, v in batch.items()})
             if idx:
                 acc += torch.stack([loss_sum.detach().double(), n.detach().double()])
+            if on_batch is not None:
+                on_batch()
     if was_training:
         engine.module.train()
     dist.all_reduce_sum(acc)

@@ -27,9 +27,10 @@ from ..models.load import DTYPES, hidden_size_of, layers_of, load_base_model
 from ..models.loss import TokenSumLM
 from ..models.zero3_load import build_partitioned, load_partitions, local_model_dir
 from ..runtime import checkpoint as ckpt
-from ..runtime import dist, hostmem
+from ..runtime import dist, faults, hostmem
 from ..runtime import ds_config as dsc
 from ..runtime.preempt import StopFlag
+from ..runtime.watchdog import Watchdog
 from .evaluate import evaluate
 from .metrics import MetricsLog, device_peak_tflops, model_flops, peak_memory_gb
 from .prepare import Prepared
@@ -141,8 +142,9 @@ def trim_metrics(path: Path, upto: int) -> None:
 class Trainer:
     """Holds the live engine and the loop's state; :meth:`fit` runs the steps of this invocation."""
 
-    def __init__(self, p: Prepared, stop: StopFlag) -> None:
+    def __init__(self, p: Prepared, stop: StopFlag, watchdog: Watchdog | None = None) -> None:
         self.p, self.stop = p, stop
+        self.watchdog = watchdog or Watchdog(0.0, p.env)
         self.engine, self.peft_model, self._keep_alive = build_engine(p)
         self.device = self.engine.device
         # Peak host RSS of the worst rank once the engine is ready: what loading cost (ZeRO-3: a partition, not
@@ -168,6 +170,7 @@ class Trainer:
         self.shape = (n_params, layers_of(mc), hidden_size_of(mc) or 0)
         self.peak_tflops = device_peak_tflops(t.peak_tflops)
         self.losses: list[float] = []
+        self._warned = False
 
     # -- one step --------------------------------------------------------------------------------------------
 
@@ -184,6 +187,7 @@ class Trainer:
     def step(self, step: int, step_mbs: list[list[int]]) -> tuple[float, StepStats]:
         """One optimizer step; returns its loss (mean over the global batch's label tokens) and its stats."""
         env, t = self.p.env, self.p.cfg.train
+        faults.hit("step", step + 1, env.rank)
         mbs = rank_slice(step_mbs, env.rank, t.grad_accum)
         filler = next(mb for mb in step_mbs if mb)[:1]
         batches = [collate(self.p.data, mb if mb else filler, self.pad_id, self.side) for mb in mbs]
@@ -218,11 +222,12 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         self.saved = step
-        return ckpt.save(self.engine, self.p.out, step, self.p.meta, self.p.cfg.checkpoint.keep, self.p.env)
+        with self.watchdog.saving(step):
+            return ckpt.save(self.engine, self.p.out, step, self.p.meta, self.p.cfg.checkpoint.keep, self.p.env)
 
     def run_eval(self, step: int) -> dict[str, float]:
         res = evaluate(self.engine, self.p.eval_data, self.p.env, self.p.cfg.train.micro_batch_size, self.pad_id,
-                       self.side)
+                       self.side, on_batch=lambda: self.watchdog.beat(step, "eval", arm=False))
         self.log.log({"step": step, **res})
         return res
 
@@ -250,6 +255,8 @@ class Trainer:
         t_start = time.perf_counter()
         try:
             for step, epoch, step_mbs in iter_steps(p.data.lengths, p.layout, self.end, self.start):
+                # Armed from the second step on: the first one of an invocation may compile and warm up.
+                self.watchdog.beat(step + 1, arm=step > self.start)
                 lr = self.engine.optimizer.param_groups[0]["lr"] if self.engine.optimizer is not None else t.lr
                 loss, stats = self.step(step, step_mbs)
                 done = step + 1
@@ -261,6 +268,10 @@ class Trainer:
                 if done % t.log_every == 0 or done in (p.total_steps, self.start + 1, self.end):
                     self.log_window(w, done, epoch, lr, t_start)
                     w = Window()
+                    warn = self.watchdog.headroom()
+                    if warn and not self._warned:
+                        self._warned = True
+                        dist.print0(p.env, warn)
                 if p.eval_data is not None and t.eval_every and done % t.eval_every == 0 and done < self.end:
                     self.run_eval(done)
                 if p.cfg.checkpoint.every and done % p.cfg.checkpoint.every == 0 and done < self.end:

@@ -19,6 +19,7 @@ from ..models.zero3_load import check_checkpoint
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, manifest, safe_load
 from ..runtime import ds_config as dsc
+from ..runtime.watchdog import HUNG_FILE
 from . import demo
 
 PID_FILE = "rank0.pid"
@@ -109,6 +110,7 @@ def write_run_files(p: Prepared) -> None:
     # For schedulers' preemption traps (slurm/lib.sh): signal rank 0 and every rank stops at the next step.
     (p.out / PID_FILE).write_text(str(os.getpid()))
     (p.out / PREEMPTED_FILE).unlink(missing_ok=True)
+    (p.out / HUNG_FILE).unlink(missing_ok=True)
 
 
 def start_run_dir(out: Path, start_over: bool) -> list[str]:

@@ -8,23 +8,25 @@ from collections.abc import Callable
 from ..config import RunConfig
 from ..data.template import Template
 from ..errors import Preempted
-from ..runtime import dist, hostmem
+from ..runtime import dist, faults, hostmem
 from ..runtime import ds_config as dsc
 from ..runtime.adapter import save_adapter
 from ..runtime.preempt import StopFlag
+from ..runtime.watchdog import Watchdog
 from .loop import Trainer, TrainResult
 from .plots import plot_metrics
 from .prepare import PID_FILE, PREEMPTED_FILE, Prepared, prepare, write_run_files
 from .report import report
 
 
-def train(p: Prepared, stop: StopFlag | None = None) -> TrainResult:
+def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None = None) -> TrainResult:
     """Train on the live process group, then write the adapter with the tokenizer and prompt template beside it
     (generate/chat/export need nothing else) and the metrics plot."""
-    trainer = Trainer(p, stop or StopFlag())
+    trainer = Trainer(p, stop or StopFlag(), watchdog)
     final_eval = trainer.fit()
     trainer.finish()
-    adapter_dir = save_adapter(trainer.peft_model, p.out / "adapter", p.env.is_main)
+    with trainer.watchdog.saving(trainer.end):
+        adapter_dir = save_adapter(trainer.peft_model, p.out / "adapter", p.env.is_main)
     if p.env.is_main:
         p.tokenizer.save_pretrained(str(adapter_dir))
         Template.of(p.cfg.data, p.tokenizer).save(adapter_dir)
@@ -54,8 +56,10 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
         dist.print0(env, "train.lean_host_memory: not a glibc C library; the allocator keeps its defaults")
     write_run_files(p)
     dist.init(env, cfg.deepspeed.timeout_minutes)
+    faults.setup()
+    watchdog = Watchdog(cfg.train.hang_timeout_s, env, p.out).start()
     try:
-        res = train(p, stop)
+        res = train(p, stop, watchdog)
         if res.losses:
             k, first, last = res.loss_change(cfg.train.log_every)
             dist.print0(env, f"loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f} "
@@ -76,6 +80,7 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
             (p.out / PREEMPTED_FILE).write_text(json.dumps({"step": e.step, "message": str(e)}))
         raise
     finally:
+        watchdog.stop()
         stop.uninstall()
         if env.is_main:
             (p.out / PID_FILE).unlink(missing_ok=True)

@@ -1,0 +1,86 @@
+"""Fault injection for the fault tests, off unless ``IA3_DIST_FAULT`` is set.
+
+``IA3_DIST_FAULT=<point>:<step>:<rank>[:<action>]`` makes that rank misbehave when it reaches ``point`` at optimizer
+step ``step`` (1-based, the step in progress):
+
+- points: ``step`` (start of the step, before its stats all-reduce), ``save-begin`` (before a checkpoint write),
+  ``save`` (after this rank wrote its part, before the pointer moves);
+- actions: ``kill`` (SIGKILL itself, the default), ``spin`` (a Python loop that never ends: a rank stuck in data
+  loading or a deadlock in Python), ``collective`` (an all-reduce on a side group the other ranks never join: a
+  rank stuck inside a collective), ``fill`` (grow the file ``IA3_DIST_FAULT_FILL`` names until its filesystem
+  is full: the next write there gets ENOSPC).
+
+Real processes do the real thing; the tests only pick where.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from . import dist
+
+ENV = "IA3_DIST_FAULT"
+FILL_ENV = "IA3_DIST_FAULT_FILL"
+ACTIONS = ("kill", "spin", "collective", "fill")
+
+
+def _spec() -> tuple[str, int, int, str] | None:
+    raw = os.environ.get(ENV, "")
+    if not raw:
+        return None
+    parts = raw.split(":")
+    if len(parts) not in (3, 4) or parts[3:] and parts[3] not in ACTIONS:
+        raise ValueError(f"{ENV}={raw!r}: expected <point>:<step>:<rank>[:{'|'.join(ACTIONS)}]")
+    return parts[0], int(parts[1]), int(parts[2]), parts[3] if len(parts) == 4 else "kill"
+
+
+_side_group: Any = None
+
+
+def setup() -> None:
+    """Every rank: create the side group a ``collective`` fault waits on (group creation is itself collective, so
+    it happens up front on all ranks, not only on the faulty one)."""
+    global _side_group
+    s = _spec()
+    if s is not None and s[3] == "collective":
+        import torch.distributed as td
+
+        _side_group = td.new_group(backend="gloo")
+
+
+def hit(point: str, step: int, rank: int) -> None:
+    s = _spec()
+    if s is None or (s[0], s[1], s[2]) != (point, step, rank):
+        return
+    action = s[3]
+    print(f"ia3-dist: {ENV}: {action} on rank {rank} at point {point!r}, step {step}", flush=True)
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "spin":
+        while True:
+            time.sleep(0.01)
+    elif action == "collective":
+        import torch
+
+        dist.all_reduce_sum(torch.zeros(1), group=_side_group)
+    elif action == "fill":
+        _fill(Path(os.environ[FILL_ENV]))
+
+
+def _fill(path: Path) -> None:
+    """Write zeros until the filesystem refuses (ENOSPC), and keep the file: the disk stays full. Unbuffered, so
+    nothing is left to flush (and fail) on close."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
