@@ -198,6 +198,7 @@ def test_frozen_rank_requeues_and_resumes(cluster: int, direct: dict[str, Path],
     while alive(list(pids.values())):
         assert time.time() - t0 < hang_s + 60, logs(tmp_path)
         time.sleep(0.5)
+    print(f"srun per rank: frozen rank -> both ranks gone in {time.time() - t0:.1f} s (hang_timeout_s={hang_s})")
     wait_restart(job, tmp_path)
     assert wait_job(job) == "COMPLETED", logs(tmp_path)
     text = logs(tmp_path, None)

@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,9 +36,12 @@ HUNG_FILE = "hung.json"
 class Watchdog:
     """``timeout_s`` <= 0 makes every method a no-op (train.hang_timeout_s: 0)."""
 
-    def __init__(self, timeout_s: float, env: dist.DistEnv, out: Path | None = None,
-                 poll_s: float | None = None) -> None:
+    def __init__(self, timeout_s: float, env: dist.DistEnv, out: Path | None = None, poll_s: float | None = None,
+                 exit_fn: Callable[[int], object] = os._exit) -> None:
         self.timeout_s = float(timeout_s)
+        # os._exit: the main thread is stuck where no exception reaches it, and atexit handlers could block on a
+        # peer. Replaceable only so the unit tier can watch it fire in-process.
+        self._exit = exit_fn
         self.env = env
         self.out = out
         self.poll_s = poll_s if poll_s is not None else min(5.0, max(self.timeout_s / 20.0, 0.05))
@@ -115,6 +118,7 @@ class Watchdog:
                 allowance, step, phase = self._allowance, self.step, self.phase
             if fire:
                 self._fire(idle, allowance, step, phase)
+                return
 
     def _fire(self, idle: float, allowance: float, step: int, phase: str) -> None:
         """Stacks to the log, shared memory removed, marker written, process gone: nothing here may block on a
@@ -131,7 +135,7 @@ class Watchdog:
             dist.remove_shm_segments(every_rank=True)
             self._mark(step, phase, idle)
         finally:
-            os._exit(EXIT_HUNG)
+            self._exit(EXIT_HUNG)
 
     def _mark(self, step: int, phase: str, idle: float) -> None:
         """``hung.json`` in the output dir for job scripts whose launcher does not pass our exit code on

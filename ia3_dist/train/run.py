@@ -60,6 +60,7 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     watchdog = Watchdog(cfg.train.hang_timeout_s, env, p.out).start()
     try:
         res = train(p, stop, watchdog)
+        watchdog.stop()  # training is over: the hooks below may take as long as they need
         if res.losses:
             k, first, last = res.loss_change(cfg.train.log_every)
             dist.print0(env, f"loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f} "
