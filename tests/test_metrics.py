@@ -7,8 +7,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BloomConfig, BloomForCausalLM
 
-from ia3_dist.train.loop import StepStats
-from ia3_dist.train.metrics import model_flops
+from ia3_dist.config import IA3Section
+from ia3_dist.models.ia3 import apply_ia3
+from ia3_dist.models.loss import TokenSumLM
+from ia3_dist.train.loop import StepStats, model_shape
+from ia3_dist.train.metrics import executed_flops, model_flops
 
 
 def test_formula_by_hand() -> None:
@@ -40,3 +43,27 @@ def test_step_stats_travel_as_one_tensor_and_add_by_name() -> None:
     assert a == StepStats(4, 14, 16, 3, 1, 6e9)
     # No process group: the reduction is the identity, and the fields come back by name.
     assert a.all_reduce(torch.device("cpu")) == a
+
+
+@pytest.mark.parametrize("chunk_rows", [0, 7])
+def test_executed_flops_match_counted_forward_and_backward(chunk_rows: int) -> None:
+    """An IA3 step's matmuls counted by torch (forward + backward through activations, frozen base, LM head on label
+    rows only, optionally chunked and recomputed) match :func:`executed_flops` within a few percent; the 6N figure
+    is far above it."""
+    torch.manual_seed(0)
+    cfg = BloomConfig(vocab_size=512, hidden_size=64, n_layer=6, n_head=4)
+    peft = apply_ia3(BloomForCausalLM(cfg), IA3Section())
+    wrapper = TokenSumLM(peft, chunk_bytes=chunk_rows * 4 * cfg.vocab_size)
+    T, rows = 48, 2
+    ids = torch.randint(0, 512, (rows, T))
+    labels = ids.clone()
+    labels[:, : T // 2] = -100  # the prompt half
+    with FlopCounterMode(display=False) as fc:
+        loss, n = wrapper(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+        loss.backward()
+    shape = model_shape(peft)
+    assert shape.vocab == 512 and shape.linear_params == 6 * 12 * 64 * 64
+    chunked = float(n) if chunk_rows else 0.0
+    want = executed_flops(T, rows, float(n), shape, recompute=False, chunked_rows=chunked)
+    assert fc.get_total_flops() == pytest.approx(want, rel=0.05)
+    assert model_flops(torch.tensor([T] * rows), shape.n_params, 6, 64) > 1.3 * want

@@ -47,18 +47,28 @@ def test_token_sum_loss_equals_hf_loss(tmp_path: Path, tiny_model: Path, tiny_to
     plain = TokenSumLM(peft)
     rows = TokenSumLM(peft, LastMLPRows(peft.get_base_model().transformer.h[-1]))
     assert rows.rows is not None
+    # Label rows through the LM head 3 at a time, each chunk recomputed in backward.
+    head = peft.get_base_model().get_output_embeddings()
+    chunked = TokenSumLM(peft, chunk_bytes=3 * 4 * head.out_features)
+    calls: list[int] = []
+    hook = head.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
     for side in ("left", "right"):
         b = collate(data, [0, 5, 9, 11], tiny_tokenizer.pad_token_id, side)
         hf = peft(**b).loss
         grads = []
-        for wrapper in (plain, rows):
+        for wrapper in (plain, rows, chunked):
+            calls.clear()
             peft.zero_grad()
             loss_sum, n = wrapper(**b)
             assert n.item() == (b["labels"][:, 1:] != -100).sum().item()
             torch.testing.assert_close(loss_sum / n, hf, rtol=1e-6, atol=1e-6)
             (loss_sum / n).backward()
             grads.append({k: q.grad.clone() for k, q in peft.named_parameters() if q.requires_grad})
+            if wrapper is chunked:  # forward chunks, then the same again in backward; never more than 3 rows
+                assert max(calls) == 3 and sum(calls) == 2 * n.item(), calls
         # The last MLP on label rows only: same loss, same IA3 gradients; the full model afterwards is unaffected.
         for k in grads[0]:
             torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(grads[2][k], grads[0][k], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(peft(**b).loss, hf, rtol=0, atol=0)
+    hook.remove()

@@ -297,6 +297,10 @@ class TrainSection:
     stop_after_steps: int = 0
     """End this invocation after N optimizer steps with a checkpoint (exit 0), without changing the schedule: for
     chunked jobs under short time limits. 0: run to the end."""
+    loss_chunk_mib: int = 256
+    """The LM head's fp32 logits of a micro-batch's label rows are computed this many MiB at a time (each chunk
+    recomputed in the backward pass), so full logits never exist at once. At Bloom's 250,880-token vocabulary a row
+    costs 1 MB: 256 MiB is 268 rows per chunk. Below the budget nothing changes. 0: never chunk."""
     hang_timeout_s: float = 600.0
     """End the job (exit 76, every rank's Python stacks in its log) when no optimizer step completes for this many
     seconds: a frozen or dead peer, a cut link, a rank stuck in Python or in a collective. Armed after the first
@@ -328,6 +332,7 @@ class TrainSection:
         _finite("train.grad_clip", self.grad_clip)
         _finite("train.peak_tflops", self.peak_tflops)
         _in_range("train.threads", self.threads, 0, 4096)
+        _in_range("train.loss_chunk_mib", self.loss_chunk_mib, 0, 1 << 20)
         _finite("train.hang_timeout_s", self.hang_timeout_s)
         if 0 < self.hang_timeout_s < 1:
             fail("train.hang_timeout_s", f"must be 0 (off) or at least 1 second, got {show(self.hang_timeout_s)}")

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..data.tokenize import IGNORE_INDEX
 
@@ -26,10 +27,12 @@ class TokenSumLM(nn.Module):
     padding.
     """
 
-    def __init__(self, peft_model: nn.Module, last_mlp_rows: RowSelector | None = None) -> None:
+    def __init__(self, peft_model: nn.Module, last_mlp_rows: RowSelector | None = None,
+                 chunk_bytes: int = 0) -> None:
         super().__init__()
         self.peft = peft_model
         self.rows = last_mlp_rows
+        self.chunk_bytes = chunk_bytes
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Only trainable tensors. DeepSpeed's ``exclude_frozen_parameters`` drops frozen names it finds in
@@ -59,6 +62,25 @@ class TokenSumLM(nn.Module):
                 hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
             finally:
                 self.rows.idx = None  # other callers of the model (eval via peft, generation) see every row
-        logits = lm.get_output_embeddings()(hidden).float()
-        loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
-        return loss_sum, keep.sum()
+        return self.head_loss(lm, hidden, target[keep]), keep.sum()
+
+    def head_loss(self, lm: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Sum of cross-entropies of ``hidden`` rows through the LM head. When the fp32 logits of all rows would
+        pass ``chunk_bytes``, rows go through in chunks of that size, each recomputed in the backward pass
+        (non-reentrant checkpoint: ZeRO-3 gathers the head again), so at most one chunk's logits exist at a time:
+        a 250,880-token vocabulary (bloom-560m..176b) costs 1 MB of fp32 logits per row. The extra cost is one
+        more LM-head forward over the chunked rows."""
+        head = lm.get_output_embeddings()
+        # out_features, not weight.shape: under ZeRO-3 the weight is a partition.
+        vocab = getattr(head, "out_features", None) or lm.config.vocab_size
+        per = max(1, self.chunk_bytes // (4 * vocab)) if self.chunk_bytes > 0 else len(hidden)
+        if len(hidden) <= per:
+            return F.cross_entropy(head(hidden).float(), target, reduction="sum")
+
+        def ce(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+        grad = torch.is_grad_enabled()
+        parts = [checkpoint(ce, hidden[i:i + per], target[i:i + per], use_reentrant=False) if grad
+                 else ce(hidden[i:i + per], target[i:i + per]) for i in range(0, len(hidden), per)]
+        return torch.stack(parts).sum()

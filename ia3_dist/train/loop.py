@@ -32,7 +32,7 @@ from ..runtime import ds_config as dsc
 from ..runtime.preempt import StopFlag
 from ..runtime.watchdog import Watchdog
 from .evaluate import evaluate
-from .metrics import MetricsLog, device_peak_tflops, model_flops, peak_memory_gb
+from .metrics import MetricsLog, Shape, device_peak_tflops, executed_flops, model_flops, peak_memory_gb
 from .prepare import Prepared
 from .schedule import lr_schedule
 
@@ -53,6 +53,8 @@ class StepStats:
     """> 0 when a signal reached any rank."""
     flops: float = 0.0
     """Training FLOPs by the 6N convention plus attention (see :func:`model_flops`)."""
+    executed_flops: float = 0.0
+    """FLOPs the step actually executes (see :func:`executed_flops`)."""
 
     def all_reduce(self, device: torch.device) -> StepStats:
         t = torch.tensor(astuple(self), dtype=torch.float64, device=device)
@@ -124,11 +126,33 @@ def build_engine(p: Prepared) -> tuple[Any, Any, Any]:
     rows = apply_speedups(base, p.cfg.model, gc_on)
     peft_model = apply_ia3(base, p.cfg.ia3)
     dist.print0(p.env, trainable_line(peft_model))
-    wrapper = TokenSumLM(peft_model, rows)
+    wrapper = TokenSumLM(peft_model, rows, p.cfg.train.loss_chunk_mib << 20)
     params = [q for q in wrapper.parameters() if q.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=wrapper, model_parameters=params, config=p.ds_config,
                                            lr_scheduler=lr_schedule(p.cfg.train, p.total_steps))
     return engine, peft_model, keep_alive
+
+
+def model_shape(peft_model: Any) -> Shape:
+    """Parameter counts for the FLOP formulas; ``ds_numel`` under ZeRO-3, where a weight is a partition."""
+    base = peft_model.get_base_model()
+    mc = base.config
+    head = base.get_output_embeddings()
+
+    def numel(q: torch.Tensor) -> int:
+        return int(getattr(q, "ds_numel", q.numel()))
+
+    linear = sum(numel(m.weight) for m in base.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return Shape(n_params=sum(numel(q) for q in peft_model.parameters()), linear_params=linear,
+                 n_layer=layers_of(mc), hidden=hidden_size_of(mc) or 0,
+                 vocab=int(getattr(head, "out_features", None) or mc.vocab_size))
+
+
+def process_start_time() -> float:
+    """When this process started (epoch seconds): the launcher's start-up counts too, not only ours."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def trim_metrics(path: Path, upto: int) -> None:
@@ -165,23 +189,28 @@ class Trainer:
                 self.metrics_path.unlink(missing_ok=True)
         self.log = MetricsLog(self.metrics_path if p.env.is_main else None, p.total_steps, p.env.is_main,
                               initial=self.start)
-        mc = self.peft_model.get_base_model().config
-        n_params = sum(getattr(q, "ds_numel", q.numel()) for q in self.peft_model.parameters())
-        self.shape = (n_params, layers_of(mc), hidden_size_of(mc) or 0)
+        self.shape = model_shape(self.peft_model)
+        self.recompute = t.gradient_checkpointing
+        self.chunk_rows = max(1, (t.loss_chunk_mib << 20) // (4 * self.shape.vocab)) if t.loss_chunk_mib else 0
         self.peak_tflops = device_peak_tflops(t.peak_tflops)
         self.losses: list[float] = []
         self._warned = False
+        self.startup_s = 0.0
 
     # -- one step --------------------------------------------------------------------------------------------
 
     def local_stats(self, batches: list[dict[str, torch.Tensor]], real: list[bool]) -> StepStats:
         s = StepStats(stop_requested=float(self.stop.requested))
+        sh = self.shape
         for b, r in zip(batches, real, strict=True):
             if r:
                 lengths = b["attention_mask"].sum(1)
-                s += StepStats(label_tokens=float((b["labels"][:, 1:] != IGNORE_INDEX).sum()),
-                               real_tokens=float(lengths.sum()), padded_tokens=float(b["input_ids"].numel()),
-                               samples=float(len(b["input_ids"])), flops=model_flops(lengths, *self.shape))
+                labels = float((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+                rows, seq = b["input_ids"].shape
+                chunked = labels if self.chunk_rows and labels > self.chunk_rows else 0.0  # as TokenSumLM
+                s += StepStats(label_tokens=labels, real_tokens=float(lengths.sum()), padded_tokens=float(rows * seq),
+                               samples=float(rows), flops=model_flops(lengths, sh.n_params, sh.n_layer, sh.hidden),
+                               executed_flops=executed_flops(seq, rows, labels, sh, self.recompute, chunked))
         return s
 
     def step(self, step: int, step_mbs: list[list[int]]) -> tuple[float, StepStats]:
@@ -238,21 +267,27 @@ class Trainer:
         mem = dist.all_reduce_max(torch.tensor([peak_memory_gb(self.device), hostmem.peak_rss_gib()],
                                                dtype=torch.float64, device=self.device)).tolist()
         s = w.stats
-        tflops = s.flops / dt / 1e12
-        perf = {"tflops": tflops, "peak_mem_gb": mem[0], "peak_rss_gb": mem[1], "load_peak_rss_gb": self.load_rss}
+        tflops, executed = s.flops / dt / 1e12, s.executed_flops / dt / 1e12
+        perf = {"tflops": tflops, "tflops_executed": executed, "peak_mem_gb": mem[0], "peak_rss_gb": mem[1],
+                "load_peak_rss_gb": self.load_rss}
         if self.peak_tflops:
             perf["mfu"] = tflops / (self.peak_tflops * self.p.env.world_size)
+            perf["mfu_executed"] = executed / (self.peak_tflops * self.p.env.world_size)
         self.log.log({"step": done, "epoch": epoch, "loss": w.loss / w.steps, "lr": float(lr),
                       "grad_norm": float(gn) if gn is not None else None,
                       "tokens_per_s": s.real_tokens / dt, "padded_tokens_per_s": s.padded_tokens / dt,
                       "samples_per_s": s.samples / dt, "padding_efficiency": s.real_tokens / max(s.padded_tokens, 1.0),
-                      "step_time_s": dt / w.steps, **perf, "elapsed_s": time.perf_counter() - t_start})
+                      "step_time_s": dt / w.steps, **perf, "elapsed_s": time.perf_counter() - t_start,
+                      **({"startup_s": self.startup_s} if done == self.start + 1 else {})})
 
     def fit(self) -> dict[str, float] | None:
         """Steps ``start .. end``; returns the final eval (None without eval data)."""
         p, t = self.p, self.p.cfg.train
         w = Window()
         t_start = time.perf_counter()
+        # Process start to the first step: loading, partitioning, engine set-up (and on resume the checkpoint).
+        self.startup_s = time.time() - process_start_time()
+        dist.print0(p.env, f"startup: {self.startup_s:.1f} s from process start to the first step")
         try:
             for step, epoch, step_mbs in iter_steps(p.data.lengths, p.layout, self.end, self.start):
                 # Armed from the second step on: the first one of an invocation may compile and warm up.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,44 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def model_flops(lengths: torch.Tensor, n_params: int, n_layer: int, hidden: int) -> float:
     """Training FLOPs by the usual convention: 6 N per token plus attention, 12 L h T per token of a length-T
-    sequence (forward + backward). MFU is reported against this."""
+    sequence (forward + backward), on real tokens. MFU is reported against this. It is what full fine-tuning would
+    need, not what IA3 executes (see :func:`executed_flops`): a comparable figure across tools, not a measure of
+    how busy the device was."""
     lf = lengths.double()
     return float((6.0 * n_params * lf + 12.0 * n_layer * hidden * lf * lf).sum())
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the FLOP counts need to know about the model."""
+
+    n_params: int
+    """All parameters (the 6N convention)."""
+    linear_params: int
+    """Weights of the blocks' matmuls (every nn.Linear but the LM head)."""
+    n_layer: int
+    hidden: int
+    vocab: int
+
+
+def executed_flops(seq_len: int, n_seqs: int, label_rows: float, shape: Shape, recompute: bool,
+                   chunked_rows: float = 0.0) -> float:
+    """FLOPs a micro-batch of ``n_seqs`` rows padded to ``seq_len`` actually executes in an IA3 step.
+
+    Forward: every block matmul on every position, padding included (2 x linear params per token), attention
+    scores and values (4 L h T^2 per row), and the LM head only on label rows (2 h V each). Backward: the frozen
+    base computes no weight gradients, only gradients of activations: the same matmul FLOPs again for the blocks
+    and the head, twice the attention forward. Gradient checkpointing adds one more forward of the blocks; a chunked
+    loss (``train.loss_chunk_mib``) one more head forward over its rows. IA3's elementwise scalings, norms and
+    the softmax are not counted."""
+    tokens = float(seq_len * n_seqs)
+    linear = 2.0 * shape.linear_params * tokens
+    attn = 4.0 * shape.n_layer * shape.hidden * float(seq_len) ** 2 * n_seqs
+    head = 2.0 * shape.hidden * shape.vocab
+    total = (linear + attn + head * label_rows) + (linear + 2.0 * attn + head * label_rows)
+    if recompute:
+        total += linear + attn
+    return total + head * chunked_rows
 
 
 class MetricsLog:
