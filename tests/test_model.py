@@ -72,3 +72,39 @@ def test_token_sum_loss_equals_hf_loss(tmp_path: Path, tiny_model: Path, tiny_to
             torch.testing.assert_close(grads[2][k], grads[0][k], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(peft(**b).loss, hf, rtol=0, atol=0)
     hook.remove()
+
+
+def test_sdpa_attention_equals_eager(tmp_path: Path, tiny_model: Path, tiny_tokenizer) -> None:
+    """model.attention=sdpa: the same loss and IA3 gradients as Bloom's eager attention (fp32 rounding), with left
+    and right padding; switching back restores the eager forward."""
+    from transformers import AutoModelForCausalLM
+
+    from ia3_dist.models.families.bloom import set_attention
+
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(make_records(16, 9, None), ensure_ascii=False), encoding="utf-8")
+    data = load_or_tokenize(DataSection(path=str(f), cache_dir=str(tmp_path)), tiny_tokenizer)
+    peft = apply_ia3(AutoModelForCausalLM.from_pretrained(str(tiny_model)), IA3Section())
+    with torch.no_grad():
+        for _, p in peft.named_parameters():
+            if p.requires_grad:
+                p.uniform_(0.5, 1.5)
+    wrapper = TokenSumLM(peft)
+    attn = peft.get_base_model().transformer.h[0].self_attention
+    for side in ("left", "right"):
+        b = collate(data, [0, 5, 9, 11], tiny_tokenizer.pad_token_id, side)
+        results = []
+        for kind in ("eager", "sdpa"):
+            assert set_attention(peft, kind) == len(peft.get_base_model().transformer.h)
+            assert ("forward" in attn.__dict__) == (kind == "sdpa")
+            peft.zero_grad()
+            loss_sum, n = wrapper(**b)
+            (loss_sum / n).backward()
+            results.append((loss_sum.detach(), {k: q.grad.clone() for k, q in peft.named_parameters()
+                                                if q.requires_grad}))
+        (le, ge), (ls, gs) = results
+        torch.testing.assert_close(ls, le, rtol=1e-6, atol=1e-5)
+        for k in ge:
+            torch.testing.assert_close(gs[k], ge[k], rtol=1e-5, atol=1e-6)
+    set_attention(peft, "eager")
+    assert "forward" not in attn.__dict__

@@ -7,8 +7,8 @@ DeepSpeed on CPU silently trains every rank on all data. Its sampling is made se
 global batches. The data mixes in records whose prompt alone exceeds max_length (no label left after
 truncation): the recipe keeps them in its batches, and so does the launcher with ``data.unlabeled=keep``.
 Per-step losses must agree within 1e-6 relative and the final IA3 vectors within 1e-5 (fp32 reassociation in
-a few thousand AdamW updates), for (world 1, ZeRO-0), (world 2, ZeRO-2), (world 2, ZeRO-3), and for the splits
-1x8, 2x4, 8x1 of global batch 8.
+a few thousand AdamW updates), for (world 1, ZeRO-0), (world 2, ZeRO-2), (world 2, ZeRO-3), for the splits
+1x8, 2x4, 8x1 of global batch 8, and with the speed options on (SDPA attention, chunked loss).
 """
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ CASES = {
     "w1-zero0-8x1": (1, "zero0", 8, 1),
     "w2-zero2-1x4": (2, "zero2", 1, 4),
     "w2-zero3-1x4": (2, "zero3", 1, 4),
+    # The speed options on: Bloom attention through SDPA, the LM-head loss in chunks of 1 MiB of logits.
+    "w1-zero0-8x1-sdpa-chunked": (1, "zero0", 8, 1, "model.attention=sdpa", "train.loss_chunk_mib=1"),
 }
 
 
@@ -107,12 +109,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_launcher_matches_reference(case: str, reference: dict, parity_data: Path, tmp_path: Path) -> None:
-    world, ds, micro, accum = CASES[case]
+    world, ds, micro, accum, *extra = CASES[case]
     out = tmp_path / case
     check(launch(["--config", "configs/tiny-cpu.yaml", f"data.path={parity_data}", "data.shuffle=false",
                   f"deepspeed.config={ds}", f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
                   "train.lr=3e-3", "train.epochs=1", "train.log_every=1", "train.precision=fp32",
-                  "checkpoint.at_end=false", "data.unlabeled=keep", f"output.dir={out}"], nproc=world))
+                  "checkpoint.at_end=false", "data.unlabeled=keep", f"output.dir={out}", *extra], nproc=world))
     got = [r["loss"] for r in metrics(out)]
     want = reference["losses"]
     assert len(got) == len(want) == N_RECORDS // 8

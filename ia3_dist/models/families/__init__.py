@@ -39,6 +39,13 @@ def apply_speedups(model: nn.Module, section: ModelSection, gradient_checkpointi
         return None
     if section.fused_gelu and fam.fuse_activations is not None:
         fam.fuse_activations(model)
+    if fam.attention is not None:
+        kind = section.attention
+        if kind == "auto":
+            import torch
+
+            kind = "sdpa" if torch.cuda.is_available() else "eager"
+        fam.attention(model, kind)
     if section.last_mlp_at_labels and not gradient_checkpointing and fam.last_rows is not None:
         return fam.last_rows(model)
     return None

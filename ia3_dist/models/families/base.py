@@ -18,3 +18,5 @@ class Family:
     """Swap activation modules for fused equivalents in place; returns how many were swapped."""
     last_rows: Callable[[nn.Module], RowSelector] | None = None
     """Install a row selector on the last block, so it computes only rows that predict a label."""
+    attention: Callable[[nn.Module, str], int] | None = None
+    """Switch the attention modules to an implementation (``model.attention``: ``sdpa`` or ``eager``)."""

@@ -1,4 +1,5 @@
-"""Bloom's exact speed-ups: its GeLU as one fused kernel, and the last block's MLP only at label rows."""
+"""Bloom's exact speed-ups: its GeLU as one fused kernel, attention through SDPA with the ALiBi bias, and the last
+block's MLP only at label rows."""
 
 from __future__ import annotations
 
@@ -30,6 +31,50 @@ def fuse_activations(model: nn.Module) -> int:
     return n
 
 
+
+
+def _sdpa_forward(self: nn.Module, hidden_states: torch.Tensor, residual: torch.Tensor, alibi: torch.Tensor,
+                  attention_mask: torch.Tensor | None, layer_past: object = None, use_cache: bool = False,
+                  output_attentions: bool = False, **kwargs: object) -> tuple[torch.Tensor, None]:
+    """``BloomAttention.forward`` through ``scaled_dot_product_attention``: the ALiBi bias and the additive
+    causal/padding mask go in as one float mask, the scale is Bloom's 1/sqrt(head_dim). Bloom computes
+    ``alibi + scale * q k^T + mask``, softmax, then ``@ v``; SDPA computes the same, without keeping the
+    probabilities for the backward pass (the fused kernels recompute them). Generation with a cache, returned
+    attention weights and Bloom's tensor-parallel slicing keep the eager path."""
+    from transformers.models.bloom.modeling_bloom import dropout_add
+
+    if layer_past is not None or output_attentions or (self.pretraining_tp > 1 and self.slow_but_exact):
+        return type(self).forward(self, hidden_states, residual, alibi, attention_mask, layer_past, use_cache,
+                                  output_attentions, **kwargs)
+    b, t, _ = hidden_states.shape
+    q, k, v = self._reshape(self.query_key_value(hidden_states))  # [b, heads, t, head_dim]
+    bias = alibi.view(b, self.num_heads, 1, -1)  # [b * heads, 1, kv] -> broadcast over query rows
+    if attention_mask is None:
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+        attention_mask = torch.zeros(t, t, dtype=q.dtype, device=q.device).masked_fill(causal,
+                                                                                        torch.finfo(q.dtype).min)
+    mask = (bias + attention_mask).to(q.dtype)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.inv_norm_factor,
+                                         dropout_p=self.attention_dropout.p if self.training else 0.0)
+    ctx = ctx.transpose(1, 2).reshape(b, t, self.hidden_size)
+    out = dropout_add(self.dense(ctx), residual, self.hidden_dropout, self.training)
+    return out, None
+
+
+def set_attention(model: nn.Module, kind: str) -> int:
+    """``sdpa``: every BloomAttention runs :func:`_sdpa_forward` (per instance; the class is untouched);
+    ``eager``: Bloom's own. Returns how many modules were set."""
+    from transformers.models.bloom.modeling_bloom import BloomAttention
+
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, BloomAttention):
+            if kind == "sdpa":
+                mod.forward = _sdpa_forward.__get__(mod)
+            else:
+                mod.__dict__.pop("forward", None)
+            n += 1
+    return n
 
 
 class LastMLPRows:
@@ -65,4 +110,5 @@ def last_rows(model: nn.Module) -> LastMLPRows:
     return LastMLPRows(model.transformer.h[-1])
 
 
-FAMILY = Family(model_type="bloom", fuse_activations=fuse_activations, last_rows=last_rows)
+FAMILY = Family(model_type="bloom", fuse_activations=fuse_activations, last_rows=last_rows,
+                attention=set_attention)
