@@ -29,6 +29,7 @@ SHAPES = {  # name: (vocab, hidden, layers, heads)
     "100m": (46145, 768, 10, 12),
     "160m": (46145, 1024, 9, 16),
     "1b4": (46145, 2048, 24, 16),
+    "7b1": (250880, 4096, 30, 32),
 }
 
 
@@ -89,9 +90,18 @@ def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf1
     secs = sum(r["step_time_s"] for r in timed)
     tok_line = next((ln for ln in proc.stdout.splitlines() if "tokenized in" in ln), "")
     return {"side": f"ia3-dist x{nproc}", "tokens_per_s": tokens / secs, "padding_efficiency": tokens / padded,
-            "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "mfu": timed[-1].get("mfu"),
-            "tflops": sum(r["tflops"] * r["step_time_s"] for r in timed) / secs, "tokenize_line": tok_line.strip(),
-            "metrics": recs}
+            "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "mfu": _time_mean(timed, "mfu"),
+            "mfu_executed": _time_mean(timed, "mfu_executed"), "tflops": _time_mean(timed, "tflops"),
+            "tflops_executed": _time_mean(timed, "tflops_executed"),
+            "startup_s": next((r["startup_s"] for r in recs if "startup_s" in r), None),
+            "tokenize_line": tok_line.strip(), "metrics": recs}
+
+
+def _time_mean(recs: list[dict], key: str) -> float | None:
+    """A rate's mean over the timed steps, weighted by step time (None when the launcher did not log it)."""
+    if not recs or any(r.get(key) is None for r in recs):
+        return None
+    return sum(r[key] * r["step_time_s"] for r in recs) / sum(r["step_time_s"] for r in recs)
 
 
 def bench_records(src: Path | None, n: int, cache: Path, work: Path) -> tuple[Path, str, int]:
@@ -124,6 +134,8 @@ def main() -> None:
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--data", help="records file (default: the shared Alpaca sample, else the demo records)")
     ap.add_argument("--ds", default="zero0", help="launcher DeepSpeed config")
+    ap.add_argument("--reference-json", help="reuse the reference side measured by an earlier run (same model, data "
+                    "and steps), written there when absent")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra launcher override, e.g. --set model.last_mlp_at_labels=false (repeatable)")
     a = ap.parse_args()
@@ -137,12 +149,13 @@ def main() -> None:
     import torch
 
     results = []
-    ref_json = work / "reference.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "reference_recipe.py"), "--model", str(model), "--data", str(data),
-           "--steps", str(a.steps), "--out", str(ref_json)] + (["--bf16"] if a.bf16 else [])
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"reference failed:\n{proc.stderr[-3000:]}")
+    ref_json = Path(a.reference_json) if a.reference_json else work / "reference.json"
+    if not (a.reference_json and ref_json.exists()):
+        cmd = [sys.executable, str(ROOT / "bench" / "reference_recipe.py"), "--model", str(model), "--data",
+               str(data), "--steps", str(a.steps), "--out", str(ref_json)] + (["--bf16"] if a.bf16 else [])
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"reference failed:\n{proc.stderr[-3000:]}")
     ref = json.loads(ref_json.read_text())
     results.append(ref)
     ds = [f"deepspeed.config={a.ds}", *a.set]
@@ -154,14 +167,18 @@ def main() -> None:
     n = ref["n_params"]
     print(f"\nmodel {a.model} ({n / 1e6:.1f}M params incl. IA3), {source}, {n_records} records, global batch 8, "
           f"{a.steps} steps ({'bf16' if a.bf16 else 'fp32'}), device: {dev}")
-    print(f"{'side':<16}{'real tok/s':>12}{'ratio':>8}{'pad eff':>9}{'peak GB':>9}{'TFLOP/s*':>10}{'MFU':>7}")
+    print(f"{'side':<16}{'real tok/s':>12}{'ratio':>8}{'pad eff':>9}{'peak GB':>9}{'TFLOP/s*':>10}{'MFU':>7}"
+          f"{'exec TFLOP/s':>14}{'exec util':>11}")
+
+    def fmt(v: float | None, spec: str) -> str:
+        return format(v, spec) if v else "-"
+
     for r in results:
         ratio = r["tokens_per_s"] / ref["tokens_per_s"]
-        tfl = r.get("tflops")
-        mfu = r.get("mfu")
         print(f"{r['side']:<16}{r['tokens_per_s']:>12.1f}{ratio:>8.2f}{r['padding_efficiency']:>9.1%}"
-              f"{r['peak_mem_gb']:>9.2f}{(f'{tfl:.3f}' if tfl else '-'):>10}{(f'{mfu:.1%}' if mfu else '-'):>7}")
-    print("* model FLOPs: 6 N per token + attention (launcher side)")
+              f"{r['peak_mem_gb']:>9.2f}{fmt(r.get('tflops'), '.3f'):>10}{fmt(r.get('mfu'), '.1%'):>7}"
+              f"{fmt(r.get('tflops_executed'), '.3f'):>14}{fmt(r.get('mfu_executed'), '.1%'):>11}")
+    print("* model FLOPs: 6 N per token + attention; exec: what the IA3 step executes (launcher side, see README)")
     ia3_flops = 4 * n * results[1]["tokens_per_s"]
     if not torch.cuda.is_available():
         mm = matmul_gflops(os.cpu_count() or 1)
@@ -169,7 +186,8 @@ def main() -> None:
               f"{ia3_flops / 1e9 / mm:.0%} of a 2048^3 fp32 matmul ({mm:.1f} GFLOP/s, same box, same run)")
     print(f"tokenization: reference unbatched map {ref['tokenize_s']:.2f}s; launcher: {results[1]['tokenize_line']}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"model": a.model, "device": dev, "results": results}, indent=1))
+        Path(a.json).write_text(json.dumps({"model": a.model, "device": dev, "ds": a.ds, "micro": a.micro,
+                                            "bf16": a.bf16, "steps": a.steps, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -507,3 +507,10 @@ def test_fuzz_hostile_yaml_gives_one_line_usage_errors(tmp_path: Path, parts: li
             load_config(f)
         except UsageError as e:
             _one_line(str(e))
+
+
+def test_compile_under_zero3_is_refused(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
+    f = _w(tmp_path / "d.json", json.dumps(GOOD, ensure_ascii=False))
+    err = check_exits_2(tmp_path, tiny_model, capsys, [f"data.path={f}", "train.compile=true",
+                                                       "deepspeed.config=zero3"])
+    assert "'train.compile'" in err and "ZeRO-3" in err

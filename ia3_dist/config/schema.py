@@ -307,6 +307,9 @@ class TrainSection:
     stop_after_steps: int = 0
     """End this invocation after N optimizer steps with a checkpoint (exit 0), without changing the schedule: for
     chunked jobs under short time limits. 0: run to the end."""
+    compile: bool = False
+    """``torch.compile`` each decoder block (not under ZeRO-3). Measured on CPU it does not pay (see README:
+    compile time of minutes against a small step-time gain), so it is off unless asked for."""
     loss_chunk_mib: int = 256
     """The LM head's fp32 logits of a micro-batch's label rows are computed this many MiB at a time (each chunk
     recomputed in the backward pass), so full logits never exist at once. At Bloom's 250,880-token vocabulary a row

@@ -73,3 +73,20 @@ def hidden_size_of(model_config: Any) -> int | None:
 
 def layers_of(model_config: Any) -> int:
     return getattr(model_config, "n_layer", None) or getattr(model_config, "num_hidden_layers", 0)
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks, in order: modules of the classes the model itself declares as its blocks
+    (``_no_split_modules``, e.g. BloomBlock, LlamaDecoderLayer)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compile_blocks(model: nn.Module, skip: nn.Module | None = None) -> int:
+    """``torch.compile`` every decoder block in place, except ``skip``; returns how many. Blocks, not the whole
+    model: the loss, IA3's PEFT wrapper and DeepSpeed's hooks stay eager, and one compiled graph serves all layers
+    of the same shape."""
+    blocks = [b for b in decoder_blocks(model) if b is not skip]
+    for b in blocks:
+        b.compile(dynamic=None)
+    return len(blocks)

@@ -184,9 +184,9 @@ def _why(error: Exception | None, root: Path) -> str:
     return f"this rank: {what}; {full}{free} bytes free there"
 
 
-def _agree_failed(failed: bool) -> int:
-    """Every rank joins: how many ranks failed."""
-    return int(dist.all_reduce_sum(torch.tensor([float(failed)], dtype=torch.float64)).item())
+def _agree_failed(failed: bool, device: torch.device) -> int:
+    """Every rank joins: how many ranks failed (on the engine's device: NCCL reduces only GPU tensors)."""
+    return int(dist.all_reduce_sum(torch.tensor([float(failed)], dtype=torch.float64, device=device)).item())
 
 
 def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env: dist.DistEnv) -> Path:
@@ -208,7 +208,7 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
         # next collective (the agreement below) pairs up on every rank.
         dist.barrier()
     faults.hit("save", step, env.rank)
-    if not _agree_failed(error is not None) and env.is_main:
+    if not _agree_failed(error is not None, engine.device) and env.is_main:
         # meta.json last in the tag dir, then the pointer: a dir without meta.json is an unfinished save.
         try:
             for name, text in ((tag + "/" + META, json.dumps({**meta, "step": step}, indent=1)), (LATEST, tag)):
@@ -217,10 +217,16 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
                 os.replace(tmp, root / name)
         except OSError as e:
             error = e
-    failed = _agree_failed(error is not None)
+    failed = _agree_failed(error is not None, engine.device)
     if failed:
-        prev = latest(root) if env.is_main else None
+        # Rank 0 wrote the pointer, so rank 0 says where it points (other ranks may not see that filesystem).
+        where = ""
         if env.is_main:
+            try:
+                prev = latest(root)
+            except UsageError:  # a damaged pointer: still leave together, below
+                prev = None
+            where = f"; {prev} stays the latest checkpoint" if prev is not None else "; no earlier checkpoint exists"
             # Frees the space the partial save took; `latest` still names the previous complete checkpoint
             # (the pointer is the last thing written, so a failed save never moved it).
             shutil.rmtree(root / tag, ignore_errors=True)
@@ -229,7 +235,7 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
         dist.barrier()
         raise CheckpointWriteError(
             f"checkpoint {tag} could not be written to {root} ({failed} rank(s) failed; {_why(error, root)})"
-            f"{f'; {prev} stays the latest checkpoint' if prev is not None else '; no earlier checkpoint exists'}. "
+            f"{where}. "
             f"Free space there (lower checkpoint.keep, or move output.dir to a bigger filesystem), then resume with "
             f"train.resume=auto")
     if env.is_main:

@@ -21,9 +21,9 @@ from ..data.collate import collate
 from ..data.sampler import iter_steps, rank_slice
 from ..data.tokenize import IGNORE_INDEX
 from ..errors import NonFiniteLoss, Preempted
-from ..models.families import apply_speedups
+from ..models.families import apply_speedups, last_block
 from ..models.ia3 import apply_ia3, trainable_line
-from ..models.load import DTYPES, hidden_size_of, layers_of, load_base_model
+from ..models.load import DTYPES, compile_blocks, hidden_size_of, layers_of, load_base_model
 from ..models.loss import TokenSumLM
 from ..models.zero3_load import build_partitioned, load_partitions, local_model_dir
 from ..runtime import checkpoint as ckpt
@@ -124,6 +124,10 @@ def build_engine(p: Prepared) -> tuple[Any, Any, Any]:
         base.config.use_cache = False
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rows = apply_speedups(base, p.cfg.model, gc_on)
+    if p.cfg.train.compile:
+        # The last block keeps eager mode when it computes only label rows: its row count changes every batch.
+        n = compile_blocks(base, skip=last_block(base) if rows is not None else None)
+        dist.print0(p.env, f"train.compile: {n} decoder blocks compiled (the first steps include the compile)")
     peft_model = apply_ia3(base, p.cfg.ia3)
     dist.print0(p.env, trainable_line(peft_model))
     wrapper = TokenSumLM(peft_model, rows, p.cfg.train.loss_chunk_mib << 20)

@@ -78,6 +78,9 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
                                  f"optimizer step would run micro-steps with no example on any rank; set it to at most "
                                  f"{len(data)}")
     ds = dsc.resolve(cfg, env.world_size, hidden)
+    if cfg.train.compile and dsc.stage_of(ds) == 3:
+        # ZeRO-3 gathers and releases each parameter in module hooks that a compiled block would trace around.
+        fail("train.compile", "is not supported with ZeRO-3 (deepspeed.config); use ZeRO-0/1/2 or set it to false")
     if Path(model_path).is_dir() and (dsc.stage_of(ds) == 3 or model_config.model_type == "bloom"):
         # ZeRO-3's loader needs every tensor; for Bloom (known key names) the other stages get the same check,
         # where from_pretrained would only warn and train on randomly initialised weights.

@@ -10,6 +10,7 @@ from torch import nn
 from ...config import ModelSection
 from ...config.archs import ARCHS
 from ...errors import UsageError
+from ..load import decoder_blocks
 from ..loss import RowSelector
 from . import bloom
 from .base import Family
@@ -49,3 +50,9 @@ def apply_speedups(model: nn.Module, section: ModelSection, gradient_checkpointi
     if section.last_mlp_at_labels and not gradient_checkpointing and fam.last_rows is not None:
         return fam.last_rows(model)
     return None
+
+
+
+def last_block(model: nn.Module) -> nn.Module | None:
+    blocks = decoder_blocks(model)
+    return blocks[-1] if blocks else None
