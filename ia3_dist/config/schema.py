@@ -310,10 +310,12 @@ class TrainSection:
     compile: bool = False
     """``torch.compile`` each decoder block (not under ZeRO-3). Measured on CPU it does not pay (see README:
     compile time of minutes against a small step-time gain), so it is off unless asked for."""
-    loss_chunk_mib: int = 256
+    loss_chunk_mib: int = 1024
     """The LM head's fp32 logits of a micro-batch's label rows are computed this many MiB at a time (each chunk
     recomputed in the backward pass), so full logits never exist at once. At Bloom's 250,880-token vocabulary a row
-    costs 1 MB: 256 MiB is 268 rows per chunk. Below the budget nothing changes. 0: never chunk."""
+    costs 1 MB: 1024 MiB is 1070 rows per chunk. Below the budget nothing changes (the reference shape's 46,145
+    entries stay whole up to 5,800 label rows). The recomputation costs one more LM-head forward over the chunked
+    rows, so the budget is large by default. 0: never chunk."""
     hang_timeout_s: float = 600.0
     """End the job (exit 76, every rank's Python stacks in its log) when no optimizer step completes for this many
     seconds: a frozen or dead peer, a cut link, a rank stuck in Python or in a collective. Armed after the first
