@@ -33,17 +33,23 @@ def test_custom_targets() -> None:
     assert "trainable params: 73,728 ||" in trainable_line(model)  # 24 layers x 3 x 1024
 
 
-def test_token_sum_loss_equals_hf_loss(tmp_path: Path, tiny_model: Path, tiny_tokenizer) -> None:
+def _data_and_model(tmp_path: Path, tiny_model: Path, tokenizer) -> tuple:
+    """16 demo records tokenized, and the tiny Bloom with IA3 vectors drawn away from 1 (so they matter)."""
     from transformers import AutoModelForCausalLM
 
     f = tmp_path / "d.json"
     f.write_text(json.dumps(make_records(16, 9, None), ensure_ascii=False), encoding="utf-8")
-    data = load_or_tokenize(DataSection(path=str(f), cache_dir=str(tmp_path)), tiny_tokenizer)
+    data = load_or_tokenize(DataSection(path=str(f), cache_dir=str(tmp_path)), tokenizer)
     peft = apply_ia3(AutoModelForCausalLM.from_pretrained(str(tiny_model)), IA3Section())
     with torch.no_grad():
         for _, p in peft.named_parameters():
             if p.requires_grad:
                 p.uniform_(0.5, 1.5)
+    return data, peft
+
+
+def test_token_sum_loss_equals_hf_loss(tmp_path: Path, tiny_model: Path, tiny_tokenizer) -> None:
+    data, peft = _data_and_model(tmp_path, tiny_model, tiny_tokenizer)
     plain = TokenSumLM(peft)
     rows = TokenSumLM(peft, LastMLPRows(peft.get_base_model().transformer.h[-1]))
     assert rows.rows is not None
@@ -77,18 +83,9 @@ def test_token_sum_loss_equals_hf_loss(tmp_path: Path, tiny_model: Path, tiny_to
 def test_sdpa_attention_equals_eager(tmp_path: Path, tiny_model: Path, tiny_tokenizer) -> None:
     """model.attention=sdpa: the same loss and IA3 gradients as Bloom's eager attention (fp32 rounding), with left
     and right padding; switching back restores the eager forward."""
-    from transformers import AutoModelForCausalLM
-
     from ia3_dist.models.families.bloom import set_attention
 
-    f = tmp_path / "d.json"
-    f.write_text(json.dumps(make_records(16, 9, None), ensure_ascii=False), encoding="utf-8")
-    data = load_or_tokenize(DataSection(path=str(f), cache_dir=str(tmp_path)), tiny_tokenizer)
-    peft = apply_ia3(AutoModelForCausalLM.from_pretrained(str(tiny_model)), IA3Section())
-    with torch.no_grad():
-        for _, p in peft.named_parameters():
-            if p.requires_grad:
-                p.uniform_(0.5, 1.5)
+    data, peft = _data_and_model(tmp_path, tiny_model, tiny_tokenizer)
     wrapper = TokenSumLM(peft)
     attn = peft.get_base_model().transformer.h[0].self_attention
     for side in ("left", "right"):
