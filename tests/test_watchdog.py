@@ -45,7 +45,7 @@ def test_fires_after_the_limit_with_stacks_cleanup_and_marker(tmp_path: Path, ca
         t0 = time.monotonic()
         assert exited.wait(5)
         took = time.monotonic() - t0
-        assert codes == [EXIT_HUNG] and 0.3 <= took < 2, took
+        assert codes == [EXIT_HUNG] and 0.3 <= took < 3, took  # + the 1 s it waits for peers to dump too
         err = capfd.readouterr().err
         assert "hang watchdog on rank 0: no progress" in err and "in optimizer step 2 (train)" in err
         # faulthandler's dump: this (main) thread, sleeping in the test, and the watchdog thread itself.

@@ -134,6 +134,10 @@ class Watchdog:
             sys.stderr.flush()
             dist.remove_shm_segments(every_rank=True)
             self._mark(step, phase, idle)
+            # Peers idle since about the same moment fire within a poll or two. Leaving at once would close our
+            # connections under them, and they would end on a gloo "connection closed" error instead of writing
+            # their own stacks: stay that long, so every rank that can still run dumps where it was.
+            time.sleep(2 * self.poll_s + 1.0)
         finally:
             self._exit(EXIT_HUNG)
 
