@@ -257,8 +257,11 @@ class IA3Section:
 
 @dataclass
 class TrainSection:
-    micro_batch_size: int = 1
-    """Examples per rank per forward pass."""
+    micro_batch_size: int | str = 1
+    """Examples per rank per forward pass, or ``auto``: the largest micro-batch that fits among the divisors of
+    ``grad_accum`` (plan's memory model, then one probe step on the longest examples; ZeRO-3: the plan alone).
+    ``grad_accum`` then counts examples per rank per optimizer step and the accumulation becomes grad_accum /
+    micro-batch, so the global batch stays grad_accum x world size. A resumed run keeps its checkpoint's."""
     grad_accum: int = 8
     """Micro-batches per rank per optimizer step. Global batch = micro_batch_size x grad_accum x world size."""
     lr: float = 3e-3
@@ -325,7 +328,11 @@ class TrainSection:
 
     def __post_init__(self) -> None:
         # Upper bounds: a micro-batch or accumulation count of 10**12 would make preflight plan 10**12 micro-steps.
-        _in_range("train.micro_batch_size", self.micro_batch_size, 1, 65536)
+        if isinstance(self.micro_batch_size, str):
+            if self.micro_batch_size != "auto":
+                fail("train.micro_batch_size", f"must be a positive integer or auto, got {show(self.micro_batch_size)}")
+        else:
+            _in_range("train.micro_batch_size", self.micro_batch_size, 1, 65536)
         _in_range("train.grad_accum", self.grad_accum, 1, 65536)
         _in_range("train.epochs", self.epochs, 1, 10**6)
         _in_range("train.log_every", self.log_every, 1, MAX_STEPS)

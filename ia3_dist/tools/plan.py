@@ -155,6 +155,8 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
     world = nodes * gpus_per_node
     b = 4 if cfg.train.precision == "fp32" else 2
     seq, micro = cfg.data.max_length, cfg.train.micro_batch_size
+    if micro == "auto":
+        micro = 1  # the "max micro" columns are what auto chooses from
     ckpt = cfg.train.gradient_checkpointing
     cap = gpu_mem_gib * GIB
     overhead = framework_rss() if cpu else OVERHEAD

@@ -31,9 +31,10 @@ from ..runtime import dist, faults, hostmem
 from ..runtime import ds_config as dsc
 from ..runtime.preempt import StopFlag
 from ..runtime.watchdog import Watchdog
+from . import autobatch
 from .evaluate import evaluate
 from .metrics import MetricsLog, Shape, device_peak_tflops, executed_flops, model_flops, peak_memory_gb
-from .prepare import Prepared
+from .prepare import Prepared, write_batch_files
 from .schedule import lr_schedule
 
 
@@ -175,6 +176,8 @@ class Trainer:
         self.watchdog = watchdog or Watchdog(0.0, p.env)
         self.engine, self.peft_model, self._keep_alive = build_engine(p)
         self.device = self.engine.device
+        if p.auto is not None:
+            self._settle_micro_batch()
         # Peak host RSS of the worst rank once the engine is ready: what loading cost (ZeRO-3: a partition, not
         # the model). Every rank joins the reduction.
         self.load_rss = dist.all_reduce_max(torch.tensor([hostmem.peak_rss_gib()], dtype=torch.float64,
@@ -200,6 +203,19 @@ class Trainer:
         self.losses: list[float] = []
         self._warned = False
         self.startup_s = 0.0
+
+    def _settle_micro_batch(self) -> None:
+        """``train.micro_batch_size: auto``: probe the preflight's pick (ZeRO-0/1/2, fresh runs), switch the
+        engine and the layout if it had to shrink, and say what was chosen."""
+        p = self.p
+        if p.auto.source == "plan" and dsc.stage_of(p.ds_config) < 3:
+            planned = p.cfg.train.micro_batch_size
+            p.auto = autobatch.probe(self.engine, p, p.auto)
+            if p.auto.micro != planned:
+                autobatch.relayout(p, p.auto.micro, self.engine)
+                if p.env.is_main:  # what the run really uses, for resume and for the reader
+                    write_batch_files(p)
+        dist.print0(p.env, p.auto.line())
 
     # -- one step --------------------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from ..runtime import checkpoint as ckpt
 from ..runtime import dist, manifest, safe_load
 from ..runtime import ds_config as dsc
 from ..runtime.watchdog import HUNG_FILE
-from . import demo
+from . import autobatch, demo
 
 PID_FILE = "rank0.pid"
 PREEMPTED_FILE = "preempted.json"
@@ -46,6 +46,8 @@ class Prepared:
     meta: dict[str, Any] = field(default_factory=dict)
     """What a checkpoint records so a resume can check it continues the same run."""
     eval_data: TokenizedData | None = None
+    auto: autobatch.AutoBatch | None = None
+    """How ``train.micro_batch_size: auto`` was resolved (``cfg`` holds the result)."""
 
 
 def total_steps_for(cfg: RunConfig, n_examples: int, layout: Layout) -> int:
@@ -72,6 +74,10 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     elif cfg.data.eval_path:
         eval_data = load_or_tokenize(demo.data_section(replace(cfg.data, path=cfg.data.eval_path, eval_path=None,
                                                                limit=None)), tok)
+    auto_micro = cfg.train.micro_batch_size == autobatch.AUTO
+    if auto_micro:
+        # Provisional (micro-batch 1 over the same examples per step) for the checks and the DeepSpeed config.
+        cfg = autobatch.with_micro(cfg, 1, cfg.train.grad_accum)
     if cfg.train.grad_accum > len(data):
         # Refused before the sampler plans anything: each step's last micro-steps would hold no example on any rank.
         fail("train.grad_accum", f"{cfg.train.grad_accum} is more than the {len(data)} training examples, so every "
@@ -85,6 +91,12 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         # ZeRO-3's loader needs every tensor; for Bloom (known key names) the other stages get the same check,
         # where from_pretrained would only warn and train on randomly initialised weights.
         check_checkpoint(model_config, Path(model_path), cfg.model.trust_remote_code)
+    resume_from = ckpt.resolve_resume(cfg.train.resume, out)
+    auto = None
+    if auto_micro:
+        auto = autobatch.choose(cfg, env, ds, int(data.lengths.max()), resume_from)
+        cfg = autobatch.with_micro(cfg, auto.micro, auto.samples_per_rank)
+        autobatch.set_ds_batch(ds, cfg, env.world_size)
     grouped = cfg.data.group_by_length
     if grouped is None:
         grouped = cfg.train.micro_batch_size > 1 and cfg.data.shuffle
@@ -95,11 +107,11 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
             "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed, "shuffle": cfg.data.shuffle,
             "total_steps": total, "data_key": Path(data.cache_file).stem, "n_examples": len(data),
             "eval_ratio": cfg.data.eval_ratio, "group_by_length": grouped, "order_version": ORDER_VERSION}
-    resume_from = ckpt.resolve_resume(cfg.train.resume, out)
     if resume_from is not None:
         ckpt.check_compatible(resume_from, meta)
         safe_load.check_checkpoint_dir(resume_from)
-    return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data)
+    return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data,
+                    auto)
 
 
 def write_run_files(p: Prepared) -> None:
@@ -108,12 +120,17 @@ def write_run_files(p: Prepared) -> None:
     if not p.env.is_main:
         return
     start_run_dir(p.out, p.cfg.output.overwrite and p.resume_from is None)
-    (p.out / "run.yaml").write_text(p.cfg.to_yaml(), encoding="utf-8")
-    (p.out / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2) + "\n", encoding="utf-8")
+    write_batch_files(p)
     # For schedulers' preemption traps (slurm/lib.sh): signal rank 0 and every rank stops at the next step.
     (p.out / PID_FILE).write_text(str(os.getpid()))
     (p.out / PREEMPTED_FILE).unlink(missing_ok=True)
     (p.out / HUNG_FILE).unlink(missing_ok=True)
+
+
+def write_batch_files(p: Prepared) -> None:
+    """run.yaml and ds_config.json: the resolved run (``auto`` batch sizes written as chosen); rank 0 only."""
+    (p.out / "run.yaml").write_text(p.cfg.to_yaml(), encoding="utf-8")
+    (p.out / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2) + "\n", encoding="utf-8")
 
 
 def start_run_dir(out: Path, start_over: bool) -> list[str]:
