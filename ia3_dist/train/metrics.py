@@ -98,7 +98,8 @@ class MetricsLog:
     def log(self, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        rec = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in rec.items()}
+        # 7 significant digits, not decimals: a grad norm of 3e-5 or a warmup lr of 2e-7 keeps its value.
+        rec = {k: (float(f"{v:.7g}") if isinstance(v, float) and math.isfinite(v) else v) for k, v in rec.items()}
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")
