@@ -323,6 +323,16 @@ def read_ids(out: Path) -> dict[str, Any]:
     return ids if isinstance(ids, dict) else {}
 
 
+def start_hint(name: str, out: Path) -> str:
+    """What to check when a tracker cannot start."""
+    if name == "wandb":
+        return "log in (wandb login or WANDB_API_KEY), or set WANDB_MODE=offline to record locally and wandb sync later"
+    if name == "mlflow":
+        uri, default = mlflow_uri(out)
+        return f"check the tracking store {uri}" + ("" if default else " (MLFLOW_TRACKING_URI)")
+    return f"check that {out / 'tensorboard'} can be written"
+
+
 def start_trackers(cfg: RunConfig, env: dist.DistEnv, out: Path, start: int, resumed: bool) -> Trackers:
     """Start the named trackers on rank 0 (the other ranks get none). A tracker that cannot start (not logged in,
     server unreachable) is a UsageError; the ones started before it are closed. ``resumed``: continue the tracker
@@ -339,7 +349,8 @@ def start_trackers(cfg: RunConfig, env: dist.DistEnv, out: Path, start: int, res
         except Exception as e:  # any failure to start is the same answer: fix the setup or drop the tracker
             Trackers(live, say).close("failed")
             raise UsageError(f"config key 'output.report_to': {name} could not start ({type(e).__name__}: "
-                             f"{str(e)[:2000]}); fix its setup or remove {name} from output.report_to") from None
+                             f"{str(e)[:2000]}); {start_hint(name, out)}, or remove {name} from output.report_to"
+                             ) from None
     ids.update({t.name: t.ids() for t in live if t.ids()})
     if ids:
         (out / IDS_FILE).write_text(json.dumps(ids, indent=1) + "\n", encoding="utf-8")
