@@ -69,6 +69,32 @@ def test_missing_package_is_found_on_every_rank(tmp_path: Path, monkeypatch: pyt
                                     dist.DistEnv(1, 1, 2, 2)) == ["tensorboard"]
 
 
+class _Recorder(trackers.Tracker):
+    def __init__(self, name: str, fail_at: int | None = None) -> None:
+        self.name, self.fail_at, self.got, self.status = name, fail_at, [], None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if step == self.fail_at:
+            raise ConnectionError("server went away")
+        self.got.append((step, values))
+
+    def close(self, status: str) -> None:
+        self.status = status
+
+
+def test_a_tracker_failing_mid_run_is_dropped_and_the_others_go_on() -> None:
+    said: list[str] = []
+    ok, bad = _Recorder("ok"), _Recorder("bad", fail_at=2)
+    t = trackers.Trackers([ok, bad], say=said.append)
+    for step in (1, 2, 3):
+        t.log({"step": step, "loss": 1.0 / step})
+    t.close("finished")
+    assert [s for s, _ in ok.got] == [1, 2, 3] and [s for s, _ in bad.got] == [1]
+    assert (ok.status, bad.status) == ("finished", "failed") and t.live == [ok]
+    assert said == ["bad: stopped reporting at step 2 (ConnectionError: server went away); metrics.jsonl and the "
+                    "output dir have everything"]
+
+
 class _Hide:
     """A meta-path finder that makes a package look uninstalled."""
 

@@ -62,7 +62,8 @@ def mlflow_uri(out: Path) -> tuple[str, bool]:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri, False
-    return f"sqlite:///{(out / 'mlflow' / 'mlflow.db').absolute()}", True
+    store = out / "mlflow"
+    return f"sqlite:///{(store / 'mlflow.db').absolute()}", True
 
 
 def _modules(name: str, out: Path) -> tuple[str, ...]:
@@ -209,7 +210,8 @@ class WandbTracker(Tracker):
         self.run.log(values, step=step)
 
     def close(self, status: str) -> None:
-        self.run.finish(exit_code=0 if status == "finished" else 1)
+        # A preempted invocation stopped at a checkpoint and will be resumed: not a failure.
+        self.run.finish(exit_code=1 if status == "failed" else 0)
         if self.offline:
             self.say(f"wandb: run {self.run_id} recorded offline; {self.sync_hint}")
 
@@ -227,7 +229,8 @@ class MlflowTracker(Tracker):
 
         self.uri, default = mlflow_uri(ctx.out)
         if default:
-            (ctx.out / "mlflow").mkdir(exist_ok=True)
+            store = ctx.out / "mlflow"
+            store.mkdir(exist_ok=True)
         self.client = c = MlflowClient(tracking_uri=self.uri)
         prev = ctx.ids.get(self.name, {})
         run = None
@@ -240,7 +243,7 @@ class MlflowTracker(Tracker):
             project = ctx.cfg.output.project
             exp = c.get_experiment_by_name(project)
             # The default store keeps its artifacts beside it, not in ./mlruns of whatever dir the job started in.
-            art = (ctx.out / "mlflow" / "artifacts").absolute().as_uri() if default else None
+            art = (store / "artifacts").absolute().as_uri() if default else None
             exp_id = exp.experiment_id if exp is not None else c.create_experiment(project, artifact_location=art)
             run = c.create_run(exp_id, run_name=ctx.run_name, tags={"ia3_dist.output_dir": str(ctx.out.absolute())})
         else:
@@ -292,14 +295,19 @@ class Trackers:
             try:
                 t.log(int(rec["step"]), values)
             except Exception as e:  # a tracker that fails mid-run must not end training: metrics.jsonl has it all
-                self.say(f"{t.name}: stopped reporting at step {rec['step']} ({type(e).__name__}: {e}); "
-                         f"metrics.jsonl has every line")
-                self.live.remove(t)
-                self._close(t, "failed")
+                self._drop(t, f"stopped reporting at step {rec['step']}", e)
 
     def artifact(self, adapter_dir: Path) -> None:
-        for t in self.live:
-            t.artifact(adapter_dir)
+        for t in list(self.live):
+            try:
+                t.artifact(adapter_dir)
+            except Exception as e:  # the adapter is saved in the output dir either way
+                self._drop(t, f"could not store {adapter_dir}", e)
+
+    def _drop(self, t: Tracker, what: str, e: Exception) -> None:
+        self.say(f"{t.name}: {what} ({type(e).__name__}: {e}); metrics.jsonl and the output dir have everything")
+        self.live.remove(t)
+        self._close(t, "failed")
 
     def close(self, status: str) -> None:
         if self.closed:
