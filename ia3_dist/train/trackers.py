@@ -75,12 +75,14 @@ def _modules(name: str, out: Path) -> tuple[str, ...]:
 
 def check_installed(cfg: RunConfig, env: dist.DistEnv) -> list[str]:
     """UsageError unless every named tracker's packages can be imported; returns the tracker names. Rank 0 imports
-    them (a broken install shows here, not mid-run); the other ranks only look for them."""
+    them (a broken install shows here, not mid-run); the other ranks, and the default tensorboard (used because it
+    is there), only look for them."""
     out = Path(cfg.output.dir)
+    named = cfg.output.report_to is not None
     for name in names(cfg):
         for mod in _modules(name, out):
             try:
-                if env.is_main:
+                if env.is_main and named:
                     importlib.import_module(mod)
                 elif importlib.util.find_spec(mod) is None:
                     raise ModuleNotFoundError(f"No module named '{mod}'")
