@@ -224,14 +224,21 @@ def cmd_export(argv: list[str], prog: str) -> int:
 
 
 def cmd_plot(argv: list[str], prog: str) -> int:
-    """PNG of a run's loss, eval loss, lr and tokens/s from <dir>/metrics.jsonl."""
-    from .train.plots import plot_metrics
+    """PNG of a run's loss, eval loss, lr, tokens/s and grad norm from <dir>/metrics.jsonl; with several run dirs,
+    their loss, eval loss and tokens/s overlaid in one PNG, each line labelled by its run dir."""
+    from .train.plots import plot_metrics, plot_runs
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_plot.__doc__)
-    ap.add_argument("dir")
-    ap.add_argument("--out", help="PNG path (default <dir>/metrics.png)")
+    ap.add_argument("dirs", nargs="+", metavar="RUN", help="run output dir(s)")
+    ap.add_argument("--out", help="PNG path (default <dir>/metrics.png for one run, metrics-compare.png in the "
+                                  "current dir for several)")
     a = ap.parse_args(argv)
-    d = Path(a.dir)
+    dirs = [Path(d) for d in a.dirs]
+    if len(dirs) > 1:
+        out = plot_runs(dirs, Path(a.out) if a.out else Path("metrics-compare.png"))
+        print(f"wrote {out}")
+        return 0
+    d = dirs[0]
     out = plot_metrics(d / "metrics.jsonl", Path(a.out) if a.out else d / "metrics.png")
     if out is None:
         raise UsageError(f"{d}/metrics.jsonl has no logged steps yet")
@@ -308,7 +315,7 @@ COMMANDS: dict[str, tuple[Any, str]] = {
     "generate": (cmd_generate, "generate responses from an adapter or merged model with the training template"),
     "chat": (cmd_chat, "interactive chat with an adapter or merged model"),
     "export": (cmd_export, "merge the IA3 adapter into its base and save a plain HF model"),
-    "plot": (cmd_plot, "PNG of a run's loss, eval loss, lr and tokens/s"),
+    "plot": (cmd_plot, "PNG of a run's loss, eval loss, lr and tokens/s; several runs overlaid in one PNG"),
     "resolve": (cmd_resolve, "print one resolved config value (for job scripts)"),
 }
 

@@ -20,6 +20,7 @@ from .archs import ARCHS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 SHOW_CHARS = 200
@@ -399,10 +400,32 @@ class OutputSection:
     overwrite: bool = False
     """Start over in an output dir that holds another run of ours: only the files ia3-dist wrote there (listed in
     its ``.ia3-dist-run.json``) are removed; a dir holding anything else is refused, overwrite or not."""
+    report_to: list[str] | None = None
+    """Experiment trackers that get every line of metrics.jsonl (rank 0 only): any of ``tensorboard`` (event files
+    in ``<output.dir>/tensorboard``), ``wandb`` (honours ``WANDB_MODE``; offline under Slurm unless it is set),
+    ``mlflow`` (honours ``MLFLOW_TRACKING_URI``; default a SQLite store in ``<output.dir>/mlflow``). ``[]`` or
+    ``none``: no tracker. null: tensorboard if it is installed."""
+    project: str = "ia3-dist"
+    """wandb project and MLflow experiment the run is reported to."""
+    run_name: str | None = None
+    """wandb and MLflow run name; null: the output dir's name."""
 
     def __post_init__(self) -> None:
         if not self.dir:
             fail("output.dir", "must be a directory path")
+        if self.report_to == ["none"]:
+            self.report_to = []
+        if self.report_to is not None:
+            unknown = [t for t in self.report_to if t not in TRACKERS]
+            if unknown:
+                fail("output.report_to", f"unknown tracker(s) {show(unknown)}; choose from {', '.join(TRACKERS)} "
+                                         f"(a list, e.g. [tensorboard, wandb]), or [] for none")
+            if len(set(self.report_to)) != len(self.report_to):
+                fail("output.report_to", f"names a tracker twice: {show(self.report_to)}")
+        if not self.project.strip():
+            fail("output.project", "must be a non-empty name")
+        if self.run_name is not None and not self.run_name.strip():
+            fail("output.run_name", "must be a non-empty name, or null for the output dir's name")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from ..runtime import checkpoint as ckpt
 from ..runtime import dist, manifest, safe_load
 from ..runtime import ds_config as dsc
 from ..runtime.watchdog import HUNG_FILE
-from . import autobatch, demo
+from . import autobatch, demo, trackers
 
 PID_FILE = "rank0.pid"
 PREEMPTED_FILE = "preempted.json"
@@ -61,6 +61,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     guard and the resume point. Raises :class:`UsageError` on bad input; nothing here waits on another rank."""
     out = Path(cfg.output.dir)
     ckpt.guard_output_dir(out, cfg.train.resume, cfg.output.overwrite)
+    trackers.check_installed(cfg, env)
     model_path = demo.model_path(cfg.model.path, cfg.data.cache_dir)
     check_model_dir(model_path)
     model_config = load_model_config(model_path, cfg.model)
