@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from .families import checkpoint_prefix
 from .files import checkpoint_files, safetensors_header, torch_load_weights
 from .load import base_on_meta
 
@@ -157,7 +158,8 @@ def build_partitioned(model_config: Any, ds_config: dict[str, Any], dtype: torch
 
 def _candidates(name: str, prefix: str) -> list[str]:
     """Checkpoint keys a parameter may be stored under: with or without the base-model prefix (bigscience's
-    Bloom checkpoints have no ``transformer.``; models saved by transformers do)."""
+    Bloom checkpoints have no ``transformer.``; models saved by transformers do: ``model.`` for Llama, Qwen2 and
+    Mistral, ``gpt_neox.`` for GPT-NeoX)."""
     out = [name]
     if prefix and name.startswith(prefix + "."):
         out.append(name[len(prefix) + 1:])
@@ -180,7 +182,7 @@ def _params_by_identity(model: nn.Module) -> list[tuple[nn.Parameter, list[str]]
 def _match(model: nn.Module, where: dict[str, CheckpointFile], model_dir: Path) -> list[tuple[nn.Parameter, str]]:
     """The checkpoint key of every parameter, checked for presence and shape (UsageError naming the first
     problems). Works on a meta model as well as on a partitioned one."""
-    prefix = getattr(model, "base_model_prefix", "")
+    prefix = checkpoint_prefix(model)
     out, missing = [], []
     for p, names in _params_by_identity(model):
         key = next((c for n in names for c in _candidates(n, prefix) if c in where), None)
@@ -224,7 +226,7 @@ def load_partitions(model: nn.Module, model_dir: Path) -> dict[str, int]:
     import torch.distributed as tdist
 
     stats = {"bytes_read": 0, "tensors": 0, "largest_read": 0}
-    prefix = getattr(model, "base_model_prefix", "")
+    prefix = checkpoint_prefix(model)
     with _opened(model_dir) as where:
         for p, key in _match(model, where, model_dir):
             part = p.ds_tensor
