@@ -18,6 +18,7 @@ from ia3_dist.data.template import CHAT_TEMPLATE, HUMAN_ASSISTANT
 from ia3_dist.errors import UsageError
 from ia3_dist.models.families import FAMILIES, peft_ia3_defaults, support_case
 from ia3_dist.models.load import base_on_meta, decoder_blocks
+from ia3_dist.models.zero3_load import check_checkpoint
 from ia3_dist.tools.inference import load_for_inference
 from ia3_dist.train.demo import make_records
 
@@ -32,7 +33,10 @@ def test_family_facts_agree_with_peft_and_the_model(model_type: str, family_mode
 
     fam = FAMILIES[model_type]
     assert (list(fam.target_modules), list(fam.feedforward_modules)) == peft_ia3_defaults(model_type)
-    model = base_on_meta(AutoConfig.from_pretrained(str(_dir(model_type, family_models, tiny_model))))
+    d = _dir(model_type, family_models, tiny_model)
+    config = AutoConfig.from_pretrained(str(d))
+    check_checkpoint(config, d)  # every parameter found under the family's checkpoint key names
+    model = base_on_meta(config)
     blocks = list(fam.block_list(model))
     assert blocks and blocks == decoder_blocks(model)
     assert fam.checkpoint_prefix == model.base_model_prefix

@@ -111,7 +111,10 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
     return list(fam.block_list(model)) if fam is not None and fam.blocks else decoder_blocks(model)
 
 
-def checkpoint_prefix(model: nn.Module) -> str:
-    """The key prefix a checkpoint of this model may carry or omit (see :attr:`Family.checkpoint_prefix`)."""
+def checkpoint_names(model: nn.Module) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """How checkpoints name this model's weights: the key prefix they may carry or omit (see
+    :attr:`Family.checkpoint_prefix`) and the family's renames (:attr:`Family.checkpoint_renames`)."""
     fam = family_of(getattr(model, "config", None))
-    return fam.checkpoint_prefix if fam is not None else getattr(model, "base_model_prefix", "")
+    if fam is not None:
+        return fam.checkpoint_prefix, fam.checkpoint_renames
+    return getattr(model, "base_model_prefix", ""), ()

@@ -27,6 +27,9 @@ class Family:
     checkpoint_prefix: str = ""
     """The base model's attribute name, which saved checkpoints put before its weights' keys
     (``model.layers.0...``) and some publishers leave out (bigscience's Bloom: ``h.0...``)."""
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    """``(our parameter-name prefix, the checkpoints' prefix)`` pairs where transformers renames weights on load:
+    GPT-NeoX's head is ``lm_head`` in the model and ``embed_out`` in every saved checkpoint."""
     fuse_activations: Callable[[nn.Module], int] | None = None
     """Swap activation modules for fused equivalents in place; returns how many were swapped."""
     last_rows: Callable[[nn.Module], RowSelector] | None = None

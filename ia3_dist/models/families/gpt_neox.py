@@ -17,4 +17,4 @@ def last_rows(model: nn.Module) -> ScatterMLPRows:
 
 FAMILY = Family(model_type="gpt_neox", name="GPT-NeoX", target_modules=("query_key_value", "dense_4h_to_h"),
                 feedforward_modules=("dense_4h_to_h",), blocks="gpt_neox.layers", checkpoint_prefix="gpt_neox",
-                last_rows=last_rows)
+                checkpoint_renames=(("lm_head.", "embed_out."),), last_rows=last_rows)
