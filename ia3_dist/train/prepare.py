@@ -13,8 +13,10 @@ from ..config import RunConfig
 from ..config.schema import fail
 from ..data.sampler import ORDER_VERSION, Layout, split_eval, steps_per_epoch
 from ..data.tokenize import TokenizedData, load_or_tokenize
+from ..models.families import family_of, support_case
 from ..models.files import check_model_dir, check_vocab
-from ..models.load import hidden_size_of, load_model_config, load_tokenizer
+from ..models.ia3 import apply_ia3
+from ..models.load import base_on_meta, hidden_size_of, load_model_config, load_tokenizer
 from ..models.zero3_load import check_checkpoint
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, manifest, safe_load
@@ -48,6 +50,8 @@ class Prepared:
     eval_data: TokenizedData | None = None
     auto: autobatch.AutoBatch | None = None
     """How ``train.micro_batch_size: auto`` was resolved (``cfg`` holds the result)."""
+    support: str = ""
+    """Which case the model is in (tested family, PEFT defaults, explicit targets): the preflight's model line."""
 
 
 def total_steps_for(cfg: RunConfig, n_examples: int, layout: Layout) -> int:
@@ -65,6 +69,10 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     model_path = demo.model_path(cfg.model.path, cfg.data.cache_dir)
     check_model_dir(model_path)
     model_config = load_model_config(model_path, cfg.model)
+    _, support = support_case(model_config, cfg.ia3)
+    if cfg.ia3.target_modules is not None:
+        # On the meta device (no memory): names that match no module fail here, not after the ranks have met.
+        apply_ia3(base_on_meta(model_config, cfg.model.trust_remote_code), cfg.ia3)
     tok = load_tokenizer(cfg.model, model_path)
     check_vocab(tok, model_config, cfg.model.tokenizer or model_path)
     hidden = hidden_size_of(model_config)
@@ -88,9 +96,9 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     if cfg.train.compile and dsc.stage_of(ds) == 3:
         # ZeRO-3 gathers and releases each parameter in module hooks that a compiled block would trace around.
         fail("train.compile", "is not supported with ZeRO-3 (deepspeed.config); use ZeRO-0/1/2 or set it to false")
-    if Path(model_path).is_dir() and (dsc.stage_of(ds) == 3 or model_config.model_type == "bloom"):
-        # ZeRO-3's loader needs every tensor; for Bloom (known key names) the other stages get the same check,
-        # where from_pretrained would only warn and train on randomly initialised weights.
+    if Path(model_path).is_dir() and (dsc.stage_of(ds) == 3 or family_of(model_config) is not None):
+        # ZeRO-3's loader needs every tensor; for the tested families (known key names) the other stages get the
+        # same check, where from_pretrained would only warn and train on randomly initialised weights.
         check_checkpoint(model_config, Path(model_path), cfg.model.trust_remote_code)
     resume_from = ckpt.resolve_resume(cfg.train.resume, out)
     auto = None
@@ -112,7 +120,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         ckpt.check_compatible(resume_from, meta)
         safe_load.check_checkpoint_dir(resume_from)
     return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data,
-                    auto)
+                    auto=auto, support=support)
 
 
 def write_run_files(p: Prepared) -> None:

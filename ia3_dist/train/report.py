@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..data.sampler import plan_epoch
+from ..data.template import HUMAN_ASSISTANT
 from ..runtime import checkpoint as ckpt
 from ..runtime import ds_config as dsc
 from ..runtime import manifest
@@ -39,6 +40,7 @@ def report(p: Prepared) -> str:
     sources = (", ".join(f"{src} ({fmt})" for src, fmt in d.formats.items()) if d.formats
                else str(cfg.data.path))
     lines = [
+        *([f"model: {p.support}"] if p.support else []),
         f"data: {d.n_records + len(d.skipped)} records read from {sources}"
         + (f"; {len(d.skipped)} bad records skipped (data.on_bad_record=skip), first: "
            + "; ".join(d.skipped[:3]) if d.skipped else ""),
@@ -58,6 +60,9 @@ def report(p: Prepared) -> str:
         f"{'offload' if dsc.offloads(p.ds_config) else 'no offload'} ({cfg.deepspeed.config})",
         f"output: {output_state(p.out, p.resume_from)}",
     ]
+    if cfg.data.template == HUMAN_ASSISTANT and getattr(p.tokenizer, "chat_template", None):
+        lines.append("note: the tokenizer ships a chat template; data.template=chat_template trains in it (the "
+                     "format the model was tuned on), human_assistant is the reference recipe's")
     if p.tokenizer.pad_token == p.tokenizer.eos_token:
         lines.append("note: the tokenizer has no pad token of its own; padding uses eos (masked out of the loss)")
     return "\n".join(lines)
