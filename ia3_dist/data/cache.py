@@ -17,12 +17,27 @@ def cache_root(cfg: DataSection) -> Path:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path, required: bool = True) -> Iterator[None]:
     """Exclusive lock shared by every process on the node (and on a shared filesystem that supports flock), so
-    one rank builds a cache entry while the others wait on a file, never on a collective with a timeout."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    one rank builds a cache entry while the others wait on a file, never on a collective with a timeout.
+    ``required=False``: where the lock cannot be taken (read-only dir, a filesystem without flock), go on
+    without it; for callers whose correctness does not rest on it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")  # noqa: SIM115 - closed below
+    except OSError:
+        if required:
+            raise
+        yield
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:
+            if required:
+                raise
+            yield
+            return
         try:
             yield
         finally:
