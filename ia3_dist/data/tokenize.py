@@ -412,7 +412,7 @@ def _build(stream: RecordStream, tok: Any, cfg: DataSection, root: Any, key: str
                          f"writable directory") from None
     try:
         t0 = time.perf_counter()
-        tokenize_stream(stream, tok, cfg, w, progress=progress)
+        tokenize_stream(stream, tok, cfg, w, CHUNK_RECORDS, progress)
         if not w.n_tokens:
             raise no_examples(stream.source, cfg)
         seconds = time.perf_counter() - t0
