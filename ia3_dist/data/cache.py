@@ -22,23 +22,22 @@ def file_lock(path: Path, required: bool = True) -> Iterator[None]:
     one rank builds a cache entry while the others wait on a file, never on a collective with a timeout.
     ``required=False``: where the lock cannot be taken (read-only dir, a filesystem without flock), go on
     without it; for callers whose correctness does not rest on it."""
+    fh = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")  # noqa: SIM115 - closed below
+        fcntl.flock(fh, fcntl.LOCK_EX)
     except OSError:
+        if fh is not None:
+            fh.close()
         if required:
             raise
+        fh = None
+    if fh is None:
         yield
         return
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError:
-            if required:
-                raise
-            yield
-            return
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()

@@ -294,14 +294,15 @@ def _prepend(first: list[Conversation], second: list[Conversation] | None, rest:
 
 
 def _progress(show: bool) -> Any:
-    """A records/s progress bar on stderr (updates every second on a terminal, every 30 s in a log file)."""
+    """A records/s progress bar on stderr (updates every second on a terminal, every 30 s in a log file), shown
+    only once tokenizing has taken a few seconds: small data keeps a clean log."""
     if not show:
         return None
     from tqdm import tqdm
 
     tty = sys.stderr.isatty()
     return tqdm(desc="tokenizing", unit=" records", unit_scale=True, file=sys.stderr, mininterval=1 if tty else 30,
-                dynamic_ncols=tty)
+                dynamic_ncols=tty, delay=3)
 
 
 class _Collect:
