@@ -77,6 +77,24 @@ def cmd_check(argv: list[str], prog: str) -> int:
     return 0
 
 
+def cmd_prepare(argv: list[str], prog: str) -> int:
+    """Tokenize the run's data into the token cache (data.cache_dir: e.g. a shared filesystem) and print the data
+    report; run it on a login or CPU node before sbatch, with the run's config and overrides. The run then reads
+    the cache memory-mapped and never tokenizes (data.require_prepared=true: a missing cache is an error). Writes
+    nothing into the output dir."""
+    from .config import load_config
+    from .train.demo import DEMO_RUN
+    from .train.prepare import prepare_data
+
+    ap = argparse.ArgumentParser(prog=prog, description=cmd_prepare.__doc__)
+    ap.add_argument("--config")
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = ap.parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO_RUN)
+    print(prepare_data(cfg), flush=True)
+    return 0
+
+
 def _gen_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--adapter", required=True, help="adapter dir (runs/x/adapter) or a merged model dir")
     ap.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
@@ -309,6 +327,8 @@ COMMANDS: dict[str, tuple[Any, str]] = {
     "train": (cmd_train, "train IA3 on DeepSpeed (the default: `ia3-dist --config X` trains; no --config runs the "
                          "embedded CPU demo)"),
     "check": (cmd_check, "preflight only: config, data, model and DeepSpeed checks and the data report; exit 0 or 2"),
+    "prepare": (cmd_prepare, "tokenize the data into the token cache (data.cache_dir) before the job; prints the "
+                             "data report"),
     "plan": (cmd_plan, "per-rank memory on ZeRO 0-3/offload, the largest micro-batch that fits, a recommended "
                        "config"),
     "slurm": (cmd_slurm, "write a filled sbatch file for a run config (checks the config first)"),

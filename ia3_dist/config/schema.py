@@ -195,6 +195,9 @@ class DataSection:
     cache_dir: str | None = None
     """Where tokenized data (and the demo assets) are cached; default ``$IA3_DIST_CACHE`` or
     ``~/.cache/ia3-dist``."""
+    require_prepared: bool = False
+    """true: a run whose token cache is missing stops (exit 2, before the process group starts) instead of
+    tokenizing in the job; build the cache first with ``ia3-dist prepare`` (e.g. on a login or CPU node)."""
 
     def __post_init__(self) -> None:
         _in_range("data.max_length", self.max_length, 2, 1 << 20)

@@ -54,6 +54,11 @@ class Prepared:
     """Which case the model is in (tested family, PEFT defaults, explicit targets): the preflight's model line."""
 
 
+def eval_section(cfg: RunConfig) -> Any:
+    """The data section that reads ``data.eval_path`` (whole, in its own cache entry)."""
+    return demo.data_section(replace(cfg.data, path=cfg.data.eval_path, eval_path=None, limit=None))
+
+
 def total_steps_for(cfg: RunConfig, n_examples: int, layout: Layout) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
@@ -76,13 +81,14 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     tok = load_tokenizer(cfg.model, model_path)
     check_vocab(tok, model_config, cfg.model.tokenizer or model_path)
     hidden = hidden_size_of(model_config)
-    data = load_or_tokenize(demo.data_section(cfg.data), tok)
+    # Every rank opens the token cache memory-mapped; where it is missing, one rank per node tokenizes into it
+    # (or, with data.require_prepared, the run stops here, before the process group).
+    data = load_or_tokenize(demo.data_section(cfg.data), tok, progress=True)
     eval_data = None
     if cfg.data.eval_ratio:
         data, eval_data = split_eval(data, cfg.data.eval_ratio, cfg.train.seed)
     elif cfg.data.eval_path:
-        eval_data = load_or_tokenize(demo.data_section(replace(cfg.data, path=cfg.data.eval_path, eval_path=None,
-                                                               limit=None)), tok)
+        eval_data = load_or_tokenize(eval_section(cfg), tok, progress=True)
     auto_micro = cfg.train.micro_batch_size == autobatch.AUTO
     if auto_micro:
         # Provisional (micro-batch 1 over the same examples per step) for the checks and the DeepSpeed config.
@@ -121,6 +127,31 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         safe_load.check_checkpoint_dir(resume_from)
     return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data,
                     auto=auto, support=support)
+
+
+def prepare_data(cfg: RunConfig) -> str:
+    """``ia3-dist prepare``: tokenize ``data.path`` (and ``data.eval_path``) into the token cache under
+    ``data.cache_dir``, once, and return the data report. Needs the tokenizer and the model's config.json, no
+    weights, no process group and no output dir."""
+    from ..data import token_cache
+    from .report import data_lines
+
+    model_path = demo.model_path(cfg.model.path, cfg.data.cache_dir)
+    tok = load_tokenizer(cfg.model, model_path)
+    check_vocab(tok, load_model_config(model_path, cfg.model), cfg.model.tokenizer or model_path)
+    sections = [("data.path", demo.data_section(cfg.data))]
+    if cfg.data.eval_path:
+        sections.append(("data.eval_path", eval_section(cfg)))
+    lines = []
+    for key, section in sections:
+        data = load_or_tokenize(section, tok, build=True, progress=True)
+        d = Path(data.cache_file)
+        lines += [f"{key}:", *data_lines(data, replace(cfg, data=section)),
+                  f"  cache: {d} ({int(data.offsets[-1])} tokens as {data.ids.dtype}, "
+                  f"{token_cache.cache_bytes(d) / 2**20:.1f} MiB)"]
+    lines.append("prepared: a run with this config and the same data.* settings and data.cache_dir reads this cache "
+                 "(data.require_prepared=true makes a missing one an error instead of tokenizing in the job)")
+    return "\n".join(lines)
 
 
 def write_run_files(p: Prepared) -> None:
