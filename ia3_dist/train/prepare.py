@@ -14,6 +14,7 @@ from ..config.schema import fail
 from ..data.sampler import ORDER_VERSION, Layout, split_eval, steps_per_epoch
 from ..data.tokenize import TokenizedData, load_or_tokenize
 from ..models.files import check_model_dir, check_vocab
+from ..models.ia3 import paper_targets
 from ..models.load import hidden_size_of, load_model_config, load_tokenizer
 from ..models.zero3_load import check_checkpoint
 from ..runtime import checkpoint as ckpt
@@ -64,6 +65,8 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     model_config = load_model_config(model_path, cfg.model)
     tok = load_tokenizer(cfg.model, model_path)
     check_vocab(tok, model_config, cfg.model.tokenizer or model_path)
+    if cfg.ia3.variant == "paper":
+        paper_targets(model_config.model_type)  # refuses a family it is not defined for, before any rank waits
     hidden = hidden_size_of(model_config)
     data = load_or_tokenize(demo.data_section(cfg.data), tok)
     eval_data = None
