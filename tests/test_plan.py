@@ -3,6 +3,9 @@ gradient checkpointing gives the same training as without it."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +56,6 @@ def test_non_bloom_configs_are_shipped() -> None:
 def test_shipped_configs_fit_their_hardware(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.model.arch, f"{path.name} must name model.arch so plan works offline"
-    assert path.read_text().startswith(("# deepspeed", "# sbatch")), f"{path.name} must start with its command"
     hw = cfg.hardware
     text, info = plan(cfg, hw.nodes, hw.gpus_per_node, hw.gpu_mem_gib)
     chosen = info["chosen"]
@@ -181,3 +183,24 @@ def test_plan_reads_a_config_json(tmp_path: Path, capsys) -> None:
     assert block_activations(AutoConfig.for_model("llama", **fields)) == (4 * 32 + 6 * 32 + 4 * 16 + 2 * 32 + 8 * 88,
                                                                            2.0)
     assert block_activations(AutoConfig.for_model("bloom", **TINY["bloom"][1])) == (34 * 32, 5.0)  # Korthikanti
+
+
+@pytest.mark.slow
+def test_cpu_plan_is_within_15_percent_of_a_measured_llama_run(tmp_path: Path, session_cache: Path) -> None:
+    """``bench/bench_memory.py`` on a 70M Llama (GQA, gated MLP, untied head; saved once to the cache): one CPU
+    rank, ZeRO-0, 3 steps on the shared Alpaca records; ``plan --cpu``'s RSS per rank within 15% of the
+    measured peak. The plan runs in the bench's own fresh process, so its framework figure is not this one's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_train import build_model
+
+    build_model("llama-70m", session_cache)  # here, so the bench process plans without the model's leftovers
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench/bench_memory.py", "--model", "llama-70m", "--ranks", "1",
+                           "--configs", "zero0", "--accum", "1", "--steps", "3", "--records", "32",
+                           "--cache", str(session_cache), "--work", str(tmp_path / "work"), "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["family"] == "llama" and 60e6 < res["n_params"] < 80e6
+    run = res["results"][0]
+    assert abs(run["plan_gib"] - run["peak_rss_gib"]) <= 0.15 * run["peak_rss_gib"], proc.stdout[-2000:]

@@ -107,7 +107,8 @@ class ModelSection:
     tokenizer: str | None = None
     """Tokenizer dir or hub name; defaults to ``model.path``."""
     arch: str | None = None
-    """Bloom family architecture (bloom-560m, bloom-1b1, bloom-1b7, bloom-3b, bloom-7b1, bloom, bloom-1b4-zh), so
+    """A shipped shape (Bloom: bloom-560m .. bloom, bloom-1b4-zh; llama-3.2-1b/3b, llama-3.1-8b/70b;
+    qwen2.5-0.5b .. qwen2.5-72b; mistral-7b, mistral-7b-v0.3; all in ``ia3_dist/config/archs.py``), so
     ``ia3-dist plan`` works without weights or network."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) for model and tokenizer."""
