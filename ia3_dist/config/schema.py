@@ -108,7 +108,8 @@ class ModelSection:
     tokenizer: str | None = None
     """Tokenizer dir or hub name; defaults to ``model.path``."""
     arch: str | None = None
-    """Bloom family architecture (bloom-560m, bloom-1b1, bloom-1b7, bloom-3b, bloom-7b1, bloom, bloom-1b4-zh), so
+    """A shipped shape (Bloom: bloom-560m .. bloom, bloom-1b4-zh; llama-3.2-1b/3b, llama-3.1-8b/70b;
+    qwen2.5-0.5b .. qwen2.5-72b; mistral-7b, mistral-7b-v0.3; all in ``ia3_dist/config/archs.py``), so
     ``ia3-dist plan`` works without weights or network."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) for model and tokenizer."""
@@ -235,6 +236,9 @@ class DataSection:
             fail("data.response_prefix", f"{len(self.response_prefix)} characters; at most {MAX_TEXT}")
 
 
+IA3_VARIANTS = ("default", "paper")
+
+
 @dataclass
 class IA3Section:
     target_modules: list[str] | None = None
@@ -242,8 +246,19 @@ class IA3Section:
     (Bloom: ``query_key_value``, ``mlp.dense_4h_to_h``)."""
     feedforward_modules: list[str] | None = None
     """Subset of target modules scaled on their input; null uses PEFT's default (Bloom: ``mlp.dense_4h_to_h``)."""
+    variant: str = "default"
+    """``default``: PEFT's IA3 as configured above. ``paper``: the IA3 paper's choice, keys, values and the MLP's
+    inner activations but not queries. Where q, k and v are one fused Linear (Bloom, GPT-NeoX
+    ``query_key_value``) its vector keeps the full size and the query entries stay exactly 1.0; on separate
+    projections the targets are ``k_proj``, ``v_proj`` and ``down_proj`` (Llama, Mistral: PEFT's default already;
+    Qwen2: PEFT's default scales ``q_proj`` instead of ``k_proj``). Sets the targets itself."""
 
     def __post_init__(self) -> None:
+        if self.variant not in IA3_VARIANTS:
+            fail("ia3.variant", f"must be one of {'|'.join(IA3_VARIANTS)}, got {show(self.variant)}")
+        if self.variant == "paper" and self.target_modules is not None:
+            fail("ia3.variant", "paper chooses the target modules itself; set ia3.target_modules to null or use "
+                                "ia3.variant=default")
         for key in ("target_modules", "feedforward_modules"):
             names = getattr(self, key)
             if names is not None and not all(names):

@@ -6,9 +6,10 @@ Per-rank memory model (bytes; b = 2 for bf16/fp16, 4 for fp32; N all params, T t
 - gradients: T*b, /W from ZeRO-2 on (IA3: tiny);
 - optimizer: Adam m and v (8 bytes) plus an fp32 master copy in mixed precision (4), per trainable param, /W from
   ZeRO-1 on, 0 on the GPU with optimizer offload;
-- activations per micro-batch (Korthikanti et al., 2022), per layer s*m*h*(34 + 5*a*s/h)*b/2 without
-  checkpointing, s*m*h*b per layer plus one layer's full set with it; plus fp32 logits at label positions
-  (the launcher computes no others), counted at the whole sequence as an upper bound;
+- activations per micro-batch (Korthikanti et al., 2022), per layer s*m*(34h + 5*a*s)*b/2 for a GPT block
+  without checkpointing, generalised per family to grouped k/v heads and gated MLPs of ``intermediate_size``
+  (:func:`block_activations`), s*m*h*b per layer plus one layer's full set with it; plus fp32 logits at label
+  positions (the launcher computes no others), counted at the whole sequence as an upper bound;
 - ZeRO-3 gathers each parameter whole before use: the embedding matrix (used first, and again by the tied
   lm_head at the end) plus the live parameters DeepSpeed keeps within its reuse distance (the launcher's "auto"
   is two layers, capped at 1e9);
@@ -19,15 +20,17 @@ Per-rank memory model (bytes; b = 2 for bf16/fp16, 4 for fp32; N all params, T t
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import RunConfig
+from ..config import IA3Section, RunConfig
+from ..config.archs import ARCHS, BLOCKS, GENERIC_BLOCK
 from ..errors import UsageError
 from ..models.families import arch_config
-from ..models.ia3 import build_on_meta, trainable_line
-from ..models.load import layers_of, load_model_config
+from ..models.ia3 import FIXED, build_on_meta, fixed_entries, trainable_text
+from ..models.load import decoder_blocks, hidden_size_of, layers_of, load_model_config
 from ..runtime.ds_config import live_params
 from ..runtime.hostmem import rss_gib
 from ..train import demo
@@ -42,12 +45,76 @@ STAGES = (("zero0", 0, False), ("zero1", 1, False), ("zero2", 2, False), ("zero3
 class Shape:
     n_params: int
     trainable: int
+    """IA3 parameters allocated (optimizer states are per allocated entry)."""
     vocab: int
     hidden: int
     layers: int
     heads: int
     line: str
-    """PEFT's trainable-parameter line."""
+    """PEFT's trainable-parameter line (under ``ia3.variant: paper`` the trained count)."""
+    act_per_token: float = 0.0
+    """Activation bytes per token and layer at 16 bits, without the attention scores (Korthikanti et al.'s 34h
+    for a GPT block)."""
+    score_bytes: float = 5.0
+    """Bytes per head and key position per token and layer at 16 bits for the attention scores (5 with
+    Korthikanti's dropout masks, 2 for the softmax output alone)."""
+    trained: int = 0
+    """IA3 parameters actually trained (``trainable`` less the query entries ``ia3.variant: paper`` fixes)."""
+
+
+def block_activations(mc: Any) -> tuple[float, float]:
+    """``(act_per_token, score_bytes)`` of one decoder block at 16 bits, from the config and the family's block
+    facts. Korthikanti et al. (2022) per token: layer norms 4h; attention 2h (q,k,v input) + 2h (q) + 2 kv (k)
+    + 2 kv (v) + 2h (output projection input) + h (dropout mask); MLP 2h (input) + 2i + 2i (activation input and
+    output) + h (dropout mask), or with a gate 2h + 4 x 2i (gate, up, activation, product). With kv = h, i = 4h
+    and the masks: 34h, the published figure (kept for Bloom)."""
+    facts = BLOCKS.get(getattr(mc, "model_type", ""), GENERIC_BLOCK)
+    h = hidden_size_of(mc) or 0
+    heads = mc.num_attention_heads
+    head_dim = getattr(mc, "head_dim", None) or h // heads
+    kv = (getattr(mc, "num_key_value_heads", None) or heads) * head_dim
+    inter = getattr(mc, "intermediate_size", None) or getattr(mc, "ffn_dim", None) or 4 * h
+    masks = facts.dropout_masks
+    attn = 2 * h + 2 * heads * head_dim + 4 * kv + 2 * heads * head_dim + (h if masks else 0)
+    mlp = 2 * h + 8 * inter if facts.gated_mlp else 2 * h + 4 * inter + (h if masks else 0)
+    return float(4 * h + attn + mlp), 5.0 if masks else 2.0
+
+
+def _one_block(mc: Any) -> Any | None:
+    """A copy of the config with a single decoder block; None where the family is not known to stack identical
+    blocks (the whole model is then built)."""
+    if getattr(mc, "model_type", None) not in BLOCKS:
+        return None
+    one = copy.deepcopy(mc)
+    one.num_hidden_layers = 1  # Bloom maps it to n_layer
+    if isinstance(getattr(one, "layer_types", None), list):
+        one.layer_types = one.layer_types[:1]  # same parameters whatever each layer's attention pattern
+    return one
+
+
+def count_params(mc: Any, section: IA3Section) -> tuple[int, int, int]:
+    """``(all, trainable, fixed)`` parameters of the IA3 model: exact, from the real transformers model and PEFT
+    on the meta device. Families of identical blocks are built with one block and counted as the parts outside
+    the blocks plus L x one block (a 70B model plans in a fraction of a second)."""
+    layers = layers_of(mc)
+    one = _one_block(mc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # PEFT calls transformers' deprecated spellings
+        peft = build_on_meta(one if one is not None else mc, section)
+    blocks = decoder_blocks(peft.get_base_model())
+    extra = layers - len(blocks) if one is not None else 0
+    if extra and len(blocks) != 1:
+        raise RuntimeError(f"{mc.model_type}: expected one decoder block, found {len(blocks)}")
+
+    def total(params: Any, trainable: bool) -> int:
+        return sum(p.numel() for p in params if p.requires_grad or not trainable)
+
+    per_block = (total(blocks[0].parameters(), False), total(blocks[0].parameters(), True)) if extra else (0, 0)
+    fixed = sum(int(m.sum()) for m in fixed_entries(peft).values())
+    fixed_block = sum(int(getattr(m, FIXED).sum()) for m in blocks[0].modules() if hasattr(m, FIXED)) \
+        if extra else 0
+    return (total(peft.parameters(), False) + extra * per_block[0],
+            total(peft.parameters(), True) + extra * per_block[1], fixed + extra * fixed_block)
 
 
 def model_shape(cfg: RunConfig) -> Shape:
@@ -57,15 +124,12 @@ def model_shape(cfg: RunConfig) -> Shape:
         try:
             mc = load_model_config(demo.model_path(cfg.model.path, cfg.data.cache_dir), cfg.model)
         except UsageError as e:
-            raise UsageError(f"{e}; or set model.arch to one of the Bloom family names to plan without it") \
-                from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # PEFT calls transformers' deprecated spellings
-        peft = build_on_meta(mc, cfg.ia3)
-    n = sum(p.numel() for p in peft.parameters())
-    t = sum(p.numel() for p in peft.parameters() if p.requires_grad)
-    return Shape(n, t, mc.vocab_size, mc.hidden_size, layers_of(mc),
-                 getattr(mc, "n_head", getattr(mc, "num_attention_heads", 1)), trainable_line(peft))
+            raise UsageError(f"{e}; or set model.arch to one of the named shapes ({', '.join(ARCHS)}) to plan "
+                             f"without it") from None
+    n, t, fixed = count_params(mc, cfg.ia3)
+    act, score = block_activations(mc)
+    return Shape(n, t, mc.vocab_size, hidden_size_of(mc) or 0, layers_of(mc), mc.num_attention_heads,
+                 trainable_text(t, n, fixed), act, score, t - fixed)
 
 
 @dataclass
@@ -87,7 +151,7 @@ class RankMemory:
 
 
 def activation_bytes(s: Shape, seq: int, micro: int, b: int, checkpointing: bool) -> float:
-    per_layer_full = seq * micro * s.hidden * (34 + 5 * s.heads * seq / s.hidden) * b / 2
+    per_layer_full = seq * micro * (s.act_per_token + s.score_bytes * s.heads * seq) * b / 2
     layers = (s.layers * seq * micro * s.hidden * b + per_layer_full) if checkpointing else s.layers * per_layer_full
     logits = seq * micro * s.vocab * 4 * 2  # fp32 logits and their gradient
     return layers + logits

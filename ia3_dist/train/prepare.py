@@ -15,7 +15,7 @@ from ..data.sampler import ORDER_VERSION, Layout, split_eval, steps_per_epoch
 from ..data.tokenize import TokenizedData, load_or_tokenize
 from ..models.families import family_of, support_case
 from ..models.files import check_model_dir, check_vocab
-from ..models.ia3 import apply_ia3
+from ..models.ia3 import apply_ia3, paper_targets
 from ..models.load import base_on_meta, hidden_size_of, load_model_config, load_tokenizer
 from ..models.zero3_load import check_checkpoint
 from ..runtime import checkpoint as ckpt
@@ -80,6 +80,8 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         apply_ia3(base_on_meta(model_config, cfg.model.trust_remote_code), cfg.ia3)
     tok = load_tokenizer(cfg.model, model_path)
     check_vocab(tok, model_config, cfg.model.tokenizer or model_path)
+    if cfg.ia3.variant == "paper":
+        paper_targets(model_config.model_type)  # refuses a family it is not defined for, before any rank waits
     hidden = hidden_size_of(model_config)
     # Every rank opens the token cache memory-mapped; where it is missing, one rank per node tokenizes into it
     # (or, with data.require_prepared, the run stops here, before the process group).

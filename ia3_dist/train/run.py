@@ -8,6 +8,7 @@ from collections.abc import Callable
 from ..config import RunConfig
 from ..data.template import Template
 from ..errors import Preempted
+from ..models.ia3 import fixed_entries
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, faults, hostmem
 from ..runtime import ds_config as dsc
@@ -29,7 +30,8 @@ def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None =
     final_eval = trainer.fit()
     trainer.finish()
     with trainer.watchdog.saving(trainer.end):
-        adapter_dir = save_adapter(trainer.peft_model, p.out / "adapter", p.env.is_main)
+        adapter_dir = save_adapter(trainer.peft_model, p.out / "adapter", p.env.is_main,
+                                   fixed_entries(trainer.peft_model))
     if p.env.is_main:
         p.tokenizer.save_pretrained(str(adapter_dir))
         Template.of(p.cfg.data, p.tokenizer).save(adapter_dir)
