@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
-from .tokenize import Chunk, TokenizedData
+from .tokens import Chunk, TokenizedData
 
 FORMAT = 1
 MANIFEST = "manifest.json"

@@ -29,17 +29,15 @@ from __future__ import annotations
 import gc
 import threading
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..config import RunConfig
 from ..data.sampler import Layout
+from ..models import memory
 from ..runtime import dist, faults, hostmem
 from ..runtime import ds_config as dsc
-
-if TYPE_CHECKING:
-    from .prepare import Prepared
 
 AUTO = "auto"
 BUDGET_FRACTION = 0.9
@@ -94,31 +92,30 @@ def memory_budget(local_world: int, local_rank: int) -> float:
     return psutil.virtual_memory().total * BUDGET_FRACTION / max(local_world, 1)
 
 
-def plan_pick(cfg: RunConfig, env: dist.DistEnv, ds: dict[str, Any], longest: int,
+def plan_pick(cfg: RunConfig, model_config: Any, env: dist.DistEnv, ds: dict[str, Any], longest: int,
               budget: float | None = None) -> AutoBatch:
     """The largest divisor of ``grad_accum`` that ``plan``'s memory model fits in the budget at ``longest``
     tokens per example (at least 1: a micro-batch of 1 that does not fit is ``plan``'s message to give)."""
-    from ..tools import plan as planner
-
     on_cpu = not torch.cuda.is_available()
-    s = planner.model_shape(cfg)
+    s = memory.shape_of(model_config, cfg.ia3)
     stage = dsc.stage_of(ds)
     offload = not on_cpu and stage == 3 and dsc.offloads(ds)
     b = 4 if cfg.train.precision == "fp32" else 2
     budget = memory_budget(env.local_world_size, env.local_rank) if budget is None else budget
-    overhead = planner.framework_rss() if on_cpu else planner.OVERHEAD
-    fits = planner.largest_micro(s, stage, offload, env.world_size, longest, b, cfg.train.gradient_checkpointing,
+    overhead = memory.framework_rss() if on_cpu else memory.OVERHEAD
+    fits = memory.largest_micro(s, stage, offload, env.world_size, longest, b, cfg.train.gradient_checkpointing,
                                  budget, overhead)
     samples = cfg.train.grad_accum
     pick = next((d for d in divisors_desc(samples) if d <= fits), 1)
     return AutoBatch(samples, pick, budget / 2**30)
 
 
-def choose(cfg: RunConfig, env: dist.DistEnv, ds: dict[str, Any], longest: int, resume_from: Any) -> AutoBatch:
+def choose(cfg: RunConfig, model_config: Any, env: dist.DistEnv, ds: dict[str, Any], longest: int,
+           resume_from: Any) -> AutoBatch:
     """The preflight's pick: the checkpoint's micro-batch on resume (when it divides the examples per step; a
     mismatch is then refused by the resume check), else :func:`plan_pick`. ``cfg`` is the provisional config
     (micro-batch 1, ``grad_accum`` = examples per rank per step)."""
-    auto = plan_pick(cfg, env, ds, longest)
+    auto = plan_pick(cfg, model_config, env, ds, longest)
     if resume_from is not None:
         from ..runtime.checkpoint import read_meta
 
@@ -186,9 +183,10 @@ def _measure(engine: Any, batch: dict[str, torch.Tensor], leaf: dict[str, torch.
     return sampler.peak
 
 
-def probe(engine: Any, p: Prepared, auto: AutoBatch) -> AutoBatch:
-    """Probe the planned micro-batch (and smaller divisors while it does not fit); every rank joins the agreement
-    once. Returns ``auto`` with the final micro-batch and the measured peak."""
+def probe(engine: Any, p: Any, auto: AutoBatch) -> AutoBatch:
+    """Probe the planned micro-batch (and smaller divisors while it does not fit) of ``p`` (the run's
+    :class:`~.prepare.Prepared`, which imports this module); every rank joins the agreement once. Returns
+    ``auto`` with the final micro-batch and the measured peak."""
     from ..data.collate import collate
 
     data = p.data
@@ -229,7 +227,7 @@ def probe(engine: Any, p: Prepared, auto: AutoBatch) -> AutoBatch:
                    source="probe")
 
 
-def relayout(p: Prepared, micro: int, engine: Any | None = None) -> None:
+def relayout(p: Any, micro: int, engine: Any | None = None) -> None:
     """Make ``p`` (config, layout, resume meta, DeepSpeed config) and the live engine use ``micro``."""
     cfg = with_micro(p.cfg, micro, p.layout.micro * p.layout.accum)
     t = cfg.train

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..config.schema import fail
+from ..data.report import data_lines
 from ..data.sampler import ORDER_VERSION, Layout, split_eval, steps_per_epoch
 from ..data.tokenize import TokenizedData, load_or_tokenize
 from ..models.families import family_of, support_case
@@ -111,7 +112,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     resume_from = ckpt.resolve_resume(cfg.train.resume, out)
     auto = None
     if auto_micro:
-        auto = autobatch.choose(cfg, env, ds, int(data.lengths.max()), resume_from)
+        auto = autobatch.choose(cfg, model_config, env, ds, int(data.lengths.max()), resume_from)
         cfg = autobatch.with_micro(cfg, auto.micro, auto.samples_per_rank)
         autobatch.set_ds_batch(ds, cfg, env.world_size)
     grouped = cfg.data.group_by_length
@@ -136,7 +137,6 @@ def prepare_data(cfg: RunConfig) -> str:
     ``data.cache_dir``, once, and return the data report. Needs the tokenizer and the model's config.json, no
     weights, no process group and no output dir."""
     from ..data import token_cache
-    from .report import data_lines
 
     model_path = demo.model_path(cfg.model.path, cfg.data.cache_dir)
     tok = load_tokenizer(cfg.model, model_path)

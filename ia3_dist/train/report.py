@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import RunConfig
+from ..data.report import data_lines
 from ..data.sampler import plan_epoch
 from ..data.template import HUMAN_ASSISTANT
-from ..data.tokenize import TokenizedData
 from ..runtime import checkpoint as ckpt
 from ..runtime import ds_config as dsc
 from ..runtime import manifest
@@ -31,33 +30,6 @@ def output_state(out: Path, resume_from: Path | None) -> str:
     if st.foreign:
         line += f"; kept: {manifest.few(st.foreign, 4)} (not written by ia3-dist)"
     return line
-
-
-def data_lines(d: TokenizedData, cfg: RunConfig) -> list[str]:
-    """The data statistics: records, examples, drops, truncation, lengths, label tokens, where the tokens came
-    from."""
-    lens = d.lengths
-    pct = np.percentile(lens, [50, 90, 99]).round().astype(int).tolist()
-    n_labels = d.label_tokens()
-    sources = (", ".join(f"{src} ({fmt})" for src, fmt in d.formats.items()) if d.formats
-               else str(cfg.data.path))
-    n_skipped = d.skipped_total if d.skipped_total is not None else len(d.skipped)
-    if d.seconds == 0:
-        origin = f"from cache {d.cache_file}" if d.cache_file else "from cache"
-    else:
-        origin = (f"tokenized in {d.seconds:.2f}s ({(d.n_records + n_skipped) / d.seconds:,.0f} records/s)"
-                  + (f" into {d.cache_file}" if d.cache_file else ""))
-    return [
-        f"data: {d.n_records + n_skipped} records read from {sources}"
-        + (f"; {n_skipped} bad records skipped (data.on_bad_record=skip), first: "
-           + "; ".join(d.skipped[:3]) if n_skipped else ""),
-        f"  {len(d)} examples; {len(d.dropped)} dropped (no label token after truncation, data.unlabeled=drop)"
-        + (f", records {d.dropped[:5].tolist()}" if len(d.dropped) else "")
-        + (f"; {d.unlabeled} kept with no label token (data.unlabeled=keep, as the reference recipe)"
-           if d.unlabeled and not len(d.dropped) else ""),
-        f"  truncated at {cfg.data.max_length}: {d.truncated} ({100.0 * d.truncated / max(d.n_records, 1):.1f}%); "
-        f"length p50 {pct[0]} p90 {pct[1]} p99 {pct[2]} max {int(lens.max())}; {n_labels} label tokens; " + origin,
-    ]
 
 
 def report(p: Prepared) -> str:
