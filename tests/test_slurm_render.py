@@ -216,17 +216,19 @@ def test_hostile_overrides_stay_inert(tmp_path: Path, capsys: pytest.CaptureFixt
     assert subprocess.run([BASH, "-n", str(job)], cwd=tmp_path, capture_output=True).returncode == 0
     # The default job name comes from output.dir, made safe.
     assert directives(text, "job-name") == ["x-touch-MARKER"]
-    # Run the generated script's own shell lines with a stand-in lib.sh that records the arguments it receives:
-    # the baked-in `set --` line must hand over the overrides byte for byte and run none of them.
-    home = tmp_path / "home"
-    (home / "slurm").mkdir(parents=True)
-    (home / "slurm" / "lib.sh").write_text('ia3_setup() { printf "%s\\0" "$@" > "$ARGS_OUT"; exit 0; }\n')
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "IA3_DIST_HOME": str(home),
+    # Run the generated script with a stand-in python (IA3_DIST_PYTHON) that passes the import check and records
+    # the arguments of the first real call (resolve): the baked-in `set --` line must hand over the overrides byte
+    # for byte and run none of them.
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\nif [ "$1" = -c ]; then echo /x/ia3_dist/__init__.py; exit 0; fi\n'
+                    'printf "%s\\0" "$@" > "$ARGS_OUT"; exit 1\n')
+    stub.chmod(0o755)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "IA3_DIST_PYTHON": str(stub),
            "ARGS_OUT": str(tmp_path / "args")}
     proc = subprocess.run([BASH, str(job)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    got = (tmp_path / "args").read_bytes().split(b"\0")[:-1]
-    assert [a.decode() for a in got] == [str(TINY), *HOSTILE]
+    assert proc.returncode == 2, proc.stderr
+    got = [a.decode() for a in (tmp_path / "args").read_bytes().split(b"\0")[:-1]]
+    assert got == ["-m", "ia3_dist", "resolve", "--config", str(TINY), *HOSTILE, "--key", "output.dir"]
     made = [p for p in tmp_path.rglob("MARKER*")] + list(Path.cwd().glob("MARKER*"))
     assert made == []
 
@@ -304,7 +306,7 @@ def test_absent_partition_and_account_give_no_directive() -> None:
 def test_srun_launcher_sets_ntasks_per_node() -> None:
     text = render(str(TINY), [], 2, 8, "01:00:00", launcher="srun")
     assert directives(text, "ntasks-per-node") == ["8"]
-    assert "launch.py" in text and "deepspeed --" not in text  # the srun_per_rank template
+    assert '"$PYTHON" -m ia3_dist --config' in text and "deepspeed.launcher" not in text  # srun_per_rank
 
 
 def test_torchrun_launcher_exports_launcher() -> None:
@@ -326,4 +328,4 @@ def test_baked_in_set_line() -> None:
     want = f"[ $# -gt 0 ] || set -- {TINY} train.max_steps=10 'output.dir=runs/a b'"
     assert lines.count(want) == 1
     i = lines.index(want)
-    assert lines.index("set -uo pipefail") < i < lines.index("source slurm/lib.sh")
+    assert lines.index("set -uo pipefail") < i < lines.index('ia3_setup "$@"')
