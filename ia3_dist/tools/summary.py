@@ -256,7 +256,7 @@ def plot_losses(runs: list[Run], keys: list[str], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 6), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(10, 6))
     for run in drawn:
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(run.config.get(k))}" for k in keys) or run.label
         pts = [(x["step"], x["loss"]) for x in run.records if x.get("loss") is not None and "step" in x]
@@ -270,7 +270,7 @@ def plot_losses(runs: list[Run], keys: list[str], out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return out
 

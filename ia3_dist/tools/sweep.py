@@ -13,6 +13,7 @@ output dir or a config.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import math
@@ -28,7 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..config import load_config
+from ..config import RunConfig, load_config
+from ..config.load import apply_overrides, build_config, read_yaml
+from ..config.schema import brief
 from ..errors import UsageError
 from . import slurm
 
@@ -122,12 +125,20 @@ def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_d
         sizes = " x ".join(str(len(v)) for v in grid.values())
         raise UsageError(f"--grid: {sizes} = {count} tasks, more than {max_tasks}; narrow the grid or raise the "
                          f"limit with --max-tasks {count} (the cluster's MaxArraySize must allow it too)")
-    load_config(config, base)  # the sweep's own config and overrides first
-    # One value at a time first, so a bad key or value is named as the user wrote it.
+    raw = read_yaml(config)  # once: a grid of hundreds of tasks builds hundreds of configs
+
+    def build(overrides: list[str]) -> RunConfig:
+        try:
+            return build_config(apply_overrides(copy.deepcopy(raw), [*base, *overrides]))
+        except UsageError as e:
+            raise UsageError(f"{brief(config)}: {e}") from None
+
+    build([])  # the sweep's own config and overrides first
+    # One value at a time next, so a bad key or value is named as the user wrote it.
     for key, values in grid.items():
         for v in values:
             try:
-                load_config(config, [*base, f"{key}={v}"])
+                build([f"{key}={v}"])
             except UsageError as e:
                 raise UsageError(f"--grid {key}={v}: {e}") from None
     tasks: list[Task] = []
@@ -147,7 +158,7 @@ def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_d
             raise UsageError(f"--grid: {_show(other.values)} and {_show(values)} give the same output dir {name}; "
                              f"make the values differ in letters or digits")
         try:
-            cfg = load_config(config, [*base, *task.overrides])
+            cfg = build(task.overrides)
         except UsageError as e:
             raise UsageError(f"--grid task {i} ({_show(values)}): {e}") from None
         d = cfg.to_dict()
