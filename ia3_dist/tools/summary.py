@@ -34,6 +34,9 @@ from ..errors import UsageError
 RECENT_S = 900
 """A pid file without a live local process counts as running when the run wrote within this many seconds."""
 IGNORED_KEYS = ("output.dir", "train.resume")
+SWEEP_FILE = "sweep.json"
+"""What ``ia3-dist sweep`` writes into a sweep dir (see :mod:`.sweep`): the grid, the tasks, the job id."""
+FORMAT = 1
 _RUN_MARKERS = (".ia3-dist-run.json", "run.yaml", "metrics.jsonl")
 
 
@@ -151,14 +154,23 @@ def slurm_states(job: str | None) -> dict[int, str] | None:
     return out
 
 
+def read_sweep(sweep_dir: Path) -> dict:
+    path = sweep_dir / SWEEP_FILE
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: not a readable sweep record ({e})") from None
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT or not isinstance(rec.get("tasks"), list):
+        raise UsageError(f"{path}: not a sweep record of this ia3-dist (format {FORMAT})")
+    return rec
+
+
 def _is_run(d: Path) -> bool:
     return any((d / m).exists() for m in _RUN_MARKERS)
 
 
 def collect(paths: list[str]) -> tuple[list[Run], Path | None]:
     """The runs to show, in order; and the sweep dir when exactly one was given."""
-    from .sweep import SWEEP_FILE, read_sweep
-
     runs: list[Run] = []
     sweeps = []
     for raw in paths:

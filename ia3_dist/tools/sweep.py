@@ -34,10 +34,11 @@ from ..config.load import apply_overrides, build_config, read_yaml
 from ..config.schema import brief
 from ..errors import UsageError
 from . import slurm
+from .summary import FORMAT, SWEEP_FILE, run_status
+from .summary import main as summary_main
 
 MAX_TASKS = 1000
 """Tasks a grid may have without ``--max-tasks``: Slurm's default MaxArraySize (1001) allows indices 0-1000."""
-SWEEP_FILE = "sweep.json"
 SCRIPT = "sweep.sbatch"
 LOGS = "logs"
 # Task dir names: the characters of a Slurm name plus '=' and ',' (key=value,key=value); anything else in a value
@@ -46,7 +47,6 @@ _DIR_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
 NAME_MAX = 200
 # The sweep dir lands in `#SBATCH --output=...`: no spaces, quotes or '%' (Slurm's file name patterns).
 _SAFE_PATH = re.compile(r"[A-Za-z0-9._+=,/-]+")
-FORMAT = 1
 
 
 @dataclass
@@ -241,17 +241,6 @@ def write_sweep(sweep_dir: Path, record: dict) -> None:
     tmp.replace(sweep_dir / SWEEP_FILE)
 
 
-def read_sweep(sweep_dir: Path) -> dict:
-    path = sweep_dir / SWEEP_FILE
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: not a readable sweep record ({e})") from None
-    if not isinstance(rec, dict) or rec.get("format") != FORMAT or not isinstance(rec.get("tasks"), list):
-        raise UsageError(f"{path}: not a sweep record of this ia3-dist (format {FORMAT})")
-    return rec
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -261,8 +250,6 @@ def _free_port() -> int:
 def run_local(config: str, base: list[str], tasks: list[Task], sweep_dir: Path, nproc: int) -> list[int]:
     """Each task in turn, in this process's environment; output to ``logs/<name>.log``. Tasks whose run is done
     already are skipped. Returns the indices of the tasks that failed."""
-    from .summary import run_status
-
     failed = []
     for t in tasks:
         label = f"[{t.index + 1}/{len(tasks)}] {t.name}"
@@ -344,8 +331,6 @@ def main(argv: list[str], prog: str) -> int:
     print(f"sweep of {len(tasks)} task(s) in {sweep_dir}", flush=True)
     if a.local:
         failed = run_local(config, a.overrides, tasks, sweep_dir, a.nproc)
-        from .summary import main as summary_main
-
         summary_main([str(sweep_dir)], "ia3-dist summary")
         if failed:
             print(f"{prog}: {len(failed)} task(s) failed: {', '.join(tasks[i].name for i in failed)}",
