@@ -338,14 +338,15 @@ def _task_state(job: str) -> str:
     return out[0] if out else "GONE"
 
 
-def test_sweep_runs_as_a_job_array(cluster: int, demo_model: Path, tmp_path: Path) -> None:
+def test_sweep_runs_as_a_job_array(cluster: int, tiny_model: Path, tmp_path: Path) -> None:
     """4 tiny tasks, 2 at a time: each trains into its own dir; task 0 is preempted, requeued alone and resumes;
     the summary follows them from running / pending over preempted to done, with the values that differ."""
     proj = tmp_path / "proj"
     proj.mkdir()
     env = _env(tmp_path)
     env.pop("LOG_DIR")
-    steps = ["train.max_steps=8", "train.micro_batch_size=1", "train.grad_accum=1", "train.log_every=1",
+    # The random tiny Bloom: no adapter is compared here, and it is built in a second.
+    steps = [f"model.path={tiny_model}", "train.max_steps=8", "train.micro_batch_size=1", "train.grad_accum=1", "train.log_every=1",
              "checkpoint.every=2", "train.eval_every=0"]
     proc = subprocess.run([sys.executable, "-m", "ia3_dist", "sweep", "--config", str(ROOT / TINY), "--grid",
                            "train.lr=3e-3,3e-2", "--grid", "data.max_length=64,128", "--gpus-per-node", "0",

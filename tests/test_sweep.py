@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,25 @@ def test_stale_pid_file_is_failed_when_old(tmp_path: Path) -> None:
     assert run_status(d, slurm_state="RUNNING", job_known=True) == "running"
     (d / "preempted.json").write_text("{}")
     assert run_status(d, slurm_state="PENDING", job_known=True) == "preempted"
+
+
+@pytest.mark.slow
+def test_local_sweep_runs_the_grid_in_turn(tmp_path: Path, tiny_model: Path) -> None:
+    """--local: both tasks train here, one after the other, each into its own dir; the summary closes the output;
+    run again, the finished tasks are skipped."""
+    d = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "ia3_dist", "sweep", "--local", "--config", str(TINY), "--grid", "train.lr=3e-3,3e-2",
+           "--dir", str(d), f"model.path={tiny_model}", "train.max_steps=2", "train.log_every=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.index("[1/2] lr=3e-3: done in") < out.index("[2/2] lr=3e-2: training") < out.index("[2/2] lr=3e-2: done")
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("lr=")]
+    assert [r[:4] for r in rows] == [["lr=3e-3", "0.003", "done", "2"], ["lr=3e-2", "0.03", "done", "2"]], out
+    for name in ("lr=3e-3", "lr=3e-2"):
+        assert (d / name / "adapter" / "adapter_model.safetensors").is_file()
+        assert (d / "logs" / f"{name}.log").stat().st_size > 0
+    assert (d / "summary.png").is_file()
+    again = subprocess.run([*cmd, "--force"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("done already, skipped") == 2
