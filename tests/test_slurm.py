@@ -346,8 +346,8 @@ def test_sweep_runs_as_a_job_array(cluster: int, tiny_model: Path, tmp_path: Pat
     env = _env(tmp_path)
     env.pop("LOG_DIR")
     # The random tiny Bloom: no adapter is compared here, and it is built in a second.
-    steps = [f"model.path={tiny_model}", "train.max_steps=8", "train.micro_batch_size=1", "train.grad_accum=1", "train.log_every=1",
-             "checkpoint.every=2", "train.eval_every=0"]
+    steps = [f"model.path={tiny_model}", "train.max_steps=8", "train.micro_batch_size=1", "train.grad_accum=1",
+             "train.log_every=1", "checkpoint.every=2", "train.eval_every=0"]
     proc = subprocess.run([sys.executable, "-m", "ia3_dist", "sweep", "--config", str(ROOT / TINY), "--grid",
                            "train.lr=3e-3,3e-2", "--grid", "data.max_length=64,128", "--gpus-per-node", "0",
                            "--cpus-per-node", "1", "--max-concurrent", "2", "--time", "00:20:00", "--dir", "sw",
