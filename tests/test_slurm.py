@@ -338,6 +338,9 @@ def _task_state(job: str) -> str:
     return out[0] if out else "GONE"
 
 
+STEPS = 40  # long enough that the preemption lands mid-run even on a loaded box
+
+
 def test_sweep_runs_as_a_job_array(cluster: int, tiny_model: Path, tmp_path: Path) -> None:
     """4 tiny tasks, 2 at a time: each trains into its own dir; task 0 is preempted, requeued alone and resumes;
     the summary follows them from running / pending over preempted to done, with the values that differ."""
@@ -346,8 +349,8 @@ def test_sweep_runs_as_a_job_array(cluster: int, tiny_model: Path, tmp_path: Pat
     env = _env(tmp_path)
     env.pop("LOG_DIR")
     # The random tiny Bloom: no adapter is compared here, and it is built in a second.
-    steps = [f"model.path={tiny_model}", "train.max_steps=8", "train.micro_batch_size=1", "train.grad_accum=1",
-             "train.log_every=1", "checkpoint.every=2", "train.eval_every=0"]
+    steps = [f"model.path={tiny_model}", f"train.max_steps={STEPS}", "train.micro_batch_size=1",
+             "train.grad_accum=1", "train.log_every=1", "checkpoint.every=10", "train.eval_every=0"]
     proc = subprocess.run([sys.executable, "-m", "ia3_dist", "sweep", "--config", str(ROOT / TINY), "--grid",
                            "train.lr=3e-3,3e-2", "--grid", "data.max_length=64,128", "--gpus-per-node", "0",
                            "--cpus-per-node", "1", "--max-concurrent", "2", "--time", "00:20:00", "--dir", "sw",
@@ -363,8 +366,11 @@ def test_sweep_runs_as_a_job_array(cluster: int, tiny_model: Path, tmp_path: Pat
         got = _summary(sw, env, "--no-plot")
         states = [r["status"] for r in got["rows"]]
         assert states[0] == "running" and states[2:] == ["pending", "pending"], got
-        subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_0"], check=True)
         t0 = time.time()
+        # Slurm answers "can not be altered now, try again later" for a moment around a task's state changes.
+        while subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_0"]).returncode != 0:
+            assert time.time() - t0 < 30
+            time.sleep(1)
         while _task_state(f"{job}_0") != "PENDING":
             assert time.time() - t0 < 120, logs(tmp_path)
             time.sleep(0.5)
@@ -376,7 +382,10 @@ def test_sweep_runs_as_a_job_array(cluster: int, tiny_model: Path, tmp_path: Pat
             assert time.time() - t0 < 600, logs(tmp_path)
             time.sleep(1)
     finally:
-        subprocess.run(["scancel", job], capture_output=True)
+        # A task cancelled while it starts counts as preempted early and requeues itself (lib.sh): cancel twice.
+        for _ in range(2):
+            subprocess.run(["scancel", job], capture_output=True)
+            time.sleep(1)
     text = logs(sw, None)
     for t in tasks:
         assert job_state(f"{job}_{t['index']}") == "COMPLETED", text[-5000:]
@@ -387,9 +396,9 @@ def test_sweep_runs_as_a_job_array(cluster: int, tiny_model: Path, tmp_path: Pat
     assert [r["status"] for r in rows] == ["done"] * 4, rows
     assert [(r["train.lr"], r["data.max_length"]) for r in rows] == [(0.003, 64), (0.003, 128), (0.03, 64),
                                                                      (0.03, 128)]
-    assert all(r["step"] == 8 and r["train_loss"] > 0 and r["tokens_per_s"] > 0 for r in rows), rows
+    assert all(r["step"] == STEPS and r["train_loss"] > 0 and r["tokens_per_s"] > 0 for r in rows), rows
     assert len({r["train_loss"] for r in rows}) == 4  # four different runs
     assert (sw / "summary.png").stat().st_size > 0
     for t in tasks:
         m = [json.loads(ln) for ln in (Path(t["dir"]) / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in m if "loss" in r] == list(range(1, 9)), t["name"]
+        assert [r["step"] for r in m if "loss" in r] == list(range(1, STEPS + 1)), t["name"]
