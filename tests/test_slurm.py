@@ -272,11 +272,19 @@ def _installed_env(venv: Path, tmp: Path) -> dict[str, str]:
     return env
 
 
-def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str, Path], installed: Path,
-                                                 tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def direct_tiny(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """LONG on the random tiny Bloom (built in a second), launched with deepspeed directly."""
+    out = tmp_path_factory.mktemp("direct-tiny")
+    check(launch(["--config", TINY, f"output.dir={out}", f"model.path={tiny_model}", *LONG], nproc=2))
+    return out
+
+
+def test_pip_install_renders_self_contained_jobs(cluster: int, direct_tiny: Path, installed: Path,
+                                                 tiny_model: Path, tmp_path: Path) -> None:
     """`ia3-dist slurm` of the installed package, run in an empty folder: 1 node x 2 ranks trains to the direct
-    run's adapter; 2 nodes x 1 rank is preempted (USR1), requeues itself, resumes and ends with the adapter of an
-    uninterrupted run. Neither file nor job touches the checkout."""
+    run's adapter; 2 nodes x 1 rank is preempted (USR1), requeues itself, resumes and ends with the same adapter.
+    Neither file nor job touches the checkout."""
     if cluster < 2:
         pytest.skip("needs 2 Slurm nodes")
     proj, cfgdir = tmp_path / "proj", tmp_path / "cfg"
@@ -299,8 +307,9 @@ def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str,
         assert f"PYTHON={installed}/bin/python\n" in text
         return proj / f"{name}.sbatch"
 
-    one = render("one", "--cpus-per-node", "2", "output.dir=runs/one", *SHORT)
-    two = render("two", "--nodes", "2", "--cpus-per-node", "1", "output.dir=runs/two", *LONG)
+    model = f"model.path={tiny_model}"
+    one = render("one", "--cpus-per-node", "2", "output.dir=runs/one", model, *LONG)
+    two = render("two", "--nodes", "2", "--cpus-per-node", "1", "output.dir=runs/two", model, *LONG)
     assert "2 node(s) x 1 CPU rank(s)" in two.read_text().splitlines()[1]
 
     def submit(f: Path, *extra: str) -> str:
@@ -319,8 +328,8 @@ def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str,
     text = logs(tmp_path, None)
     assert text.count(f"ia3_dist from {Path(site).parent}") >= 3, text[-3000:]  # j1, j2 and j2's restart
     assert "caught SIGUSR1" in text and "requeueing job" in text and "resuming from" in text, text[-5000:]
-    same_adapter(proj / "runs" / "one", direct["short"])
-    same_adapter(proj / "runs" / "two", direct["long"])
+    same_adapter(proj / "runs" / "one", direct_tiny)
+    same_adapter(proj / "runs" / "two", direct_tiny)
 
 
 # --- a sweep as one job array ---------------------------------------------------------------------------------
@@ -367,8 +376,10 @@ def test_sweep_runs_as_a_job_array(cluster: int, tiny_model: Path, tmp_path: Pat
         states = [r["status"] for r in got["rows"]]
         assert states[0] == "running" and states[2:] == ["pending", "pending"], got
         t0 = time.time()
-        # Slurm answers "can not be altered now, try again later" for a moment around a task's state changes.
-        while subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_0"]).returncode != 0:
+        # By the task's own job id: Slurm 22.05 refuses `scancel --batch` on the JOB_TASK form ("can not be altered").
+        raw = subprocess.run(["squeue", "-h", "-j", f"{job}_0", "-o", "%A"], capture_output=True,
+                             text=True).stdout.strip()
+        while subprocess.run(["scancel", "--signal=USR1", "--batch", raw]).returncode != 0:
             assert time.time() - t0 < 30
             time.sleep(1)
         while _task_state(f"{job}_0") != "PENDING":
