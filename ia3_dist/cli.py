@@ -322,6 +322,18 @@ def cmd_slurm(argv: list[str], prog: str) -> int:
     return slurm_main(argv, prog)
 
 
+def cmd_sweep(argv: list[str], prog: str) -> int:
+    from .tools.sweep import main as sweep_main
+
+    return sweep_main(argv, prog)
+
+
+def cmd_summary(argv: list[str], prog: str) -> int:
+    from .tools.summary import main as summary_main
+
+    return summary_main(argv, prog)
+
+
 # name: (handler, one line for ``ia3-dist --help``)
 COMMANDS: dict[str, tuple[Any, str]] = {
     "train": (cmd_train, "train IA3 on DeepSpeed (the default: `ia3-dist --config X` trains; no --config runs the "
@@ -331,7 +343,10 @@ COMMANDS: dict[str, tuple[Any, str]] = {
                              "data report"),
     "plan": (cmd_plan, "per-rank memory on ZeRO 0-3/offload, the largest micro-batch that fits, a recommended "
                        "config"),
-    "slurm": (cmd_slurm, "write a filled sbatch file for a run config (checks the config first)"),
+    "slurm": (cmd_slurm, "write a self-contained sbatch file for a run config (checks the config first)"),
+    "sweep": (cmd_sweep, "a grid of config values (--grid train.lr=3e-3,1e-2) as one Slurm job array, or --local"),
+    "summary": (cmd_summary, "one table of runs or a sweep (differing values, status, losses, tokens/s, memory) "
+                             "and their loss curves"),
     "generate": (cmd_generate, "generate responses from an adapter or merged model with the training template"),
     "chat": (cmd_chat, "interactive chat with an adapter or merged model"),
     "export": (cmd_export, "merge the IA3 adapter into its base and save a plain HF model"),
