@@ -255,32 +255,18 @@ def table(rows: list[dict[str, Any]], keys: list[str]) -> str:
 
 
 def plot_losses(runs: list[Run], keys: list[str], out: Path) -> Path | None:
-    """Train loss of every run against the step (lines), eval loss as markers in the same colour. None when no run
-    has logged a loss yet.
-
-    A small overlay of its own; ``ia3-dist plot`` draws one run's full panel set.
-    """
+    """``ia3-dist plot``'s overlay (train loss, eval loss, real tokens/s) of the runs, each labelled by the values
+    that differ and its status. None when no run has logged a loss yet."""
     drawn = [r for r in runs if any(x.get("loss") is not None or x.get("eval_loss") is not None for x in r.records)]
     if not drawn:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 6))
-    for run in drawn:
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(run.config.get(k))}" for k in keys) or run.label
-        pts = [(x["step"], x["loss"]) for x in run.records if x.get("loss") is not None and "step" in x]
-        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{label} ({run.status})")
-        ev = [(x["step"], x["eval_loss"]) for x in run.records if x.get("eval_loss") is not None and "step" in x]
-        if ev:
-            ax.plot([p[0] for p in ev], [p[1] for p in ev], "o--", color=line.get_color())
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title("train loss (lines), eval loss (markers)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    from ..train.plots import overlay_figure
+
+    labels = [(", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(r.config.get(k))}" for k in keys) or r.label)
+              + f" ({r.status})" for r in drawn]
+    fig = overlay_figure([(lab, [x for x in r.records if "step" in x]) for lab, r in zip(labels, drawn, strict=True)])
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
