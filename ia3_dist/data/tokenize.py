@@ -17,7 +17,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import deque
@@ -29,6 +28,7 @@ import numpy as np
 
 from ..config import DataSection
 from ..errors import UsageError
+from ..runtime.cpus import usable_cpus
 from .cache import cache_root, file_lock
 from .records import Conversation, Records, RecordStream
 from .template import Template
@@ -158,7 +158,7 @@ def _chunks(convs: Iterable[Conversation], size: int) -> Iterator[list[Conversat
 
 
 def _procs(num_proc: int) -> int:
-    return num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return num_proc or usable_cpus()
 
 
 def tokenize_stream(convs: Iterable[Conversation], tok: Any, cfg: DataSection, sink: Callable[[Chunk], None],
