@@ -228,6 +228,8 @@ def _pooled(parts: Iterator[list[Conversation]], tok: Any, cfg: DataSection, pro
     except (BrokenProcessPool, FutureTimeout) as e:
         failed = e
     finally:
+        # A stalled worker must be killed: the executor would join it at interpreter exit. The executor has no
+        # public handle on its processes; _processes has held them since Python 3.2.
         procs_left = list(getattr(pool, "_processes", {}).values())
         pool.shutdown(wait=failed is None, cancel_futures=True)
         if failed is not None:
