@@ -4,6 +4,7 @@ against what ``ia3-dist plan --cpu`` predicts for the same run.
 
     python bench/bench_memory.py                      # 160M Bloom, 2 ranks, 4 optimizer steps each
     python bench/bench_memory.py --steps 8 --json out.json
+    python bench/bench_memory.py --model llama-70m --ranks 1 --configs zero0 --accum 1 --steps 3   # a Llama
 
 Each run is a real ``deepspeed --num_accelerators 2 launch.py`` on the shared Alpaca sample (else the demo
 records), micro-batch 1, sequence cap 256 (the reference recipe's). The launcher logs the worst rank's peak RSS
@@ -34,9 +35,10 @@ from bench_train import bench_records, build_model, run_launcher  # noqa: E402
 CONFIGS = ("zero0", "zero3", "zero3_offload")
 
 
-def run(model: Path, data: Path, ds: str, steps: int, out: Path, extra: list[str]) -> dict:
-    """2 ranks x micro-batch 1 x accumulation 4 (global batch 8) on ``ds``; peaks from the worst rank."""
-    r = run_launcher(model, data, steps, out, 2, False, 1, [f"deepspeed.config={ds}", *extra])
+def run(model: Path, data: Path, ds: str, steps: int, out: Path, extra: list[str], ranks: int = 2) -> dict:
+    """``ranks`` x micro-batch 1 x accumulation 8 / ranks (global batch 8, unless ``extra`` sets
+    train.grad_accum) on ``ds``; peaks from the worst rank."""
+    r = run_launcher(model, data, steps, out, ranks, False, 1, [f"deepspeed.config={ds}", *extra])
     recs = r["metrics"]
     return {"config": ds, "peak_rss_gib": max(x["peak_rss_gb"] for x in recs),
             "load_peak_rss_gib": recs[-1]["load_peak_rss_gb"], "tokens_per_s": r["tokens_per_s"],
@@ -75,6 +77,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--records", type=int, default=200)
     ap.add_argument("--no-lean", action="store_true", help="train.lean_host_memory=false on every run")
+    ap.add_argument("--ranks", type=int, default=2, help="CPU ranks per run")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="DeepSpeed configs, comma-separated")
+    ap.add_argument("--accum", type=int, default=0, help="micro-batches per step (default: global batch 8)")
     ap.add_argument("--cache", default=os.environ.get("IA3_DIST_CACHE", str(Path.home() / ".cache" / "ia3-dist")))
     ap.add_argument("--work", default="/tmp/ia3-bench-memory")
     ap.add_argument("--json", help="write all results here")
@@ -90,17 +95,20 @@ def main() -> None:
         compare_loaders(model, work, a.json)
         return
     data, _, _ = bench_records(None, a.records, cache, work)
-    extra = ["train.lean_host_memory=false"] if a.no_lean else []
-    results = [run(model, data, ds, a.steps, work / ds, extra) for ds in CONFIGS]
+    extra = (["train.lean_host_memory=false"] if a.no_lean else []) + ([f"train.grad_accum={a.accum}"] if a.accum
+                                                                       else [])
+    results = [run(model, data, ds, a.steps, work / ds, extra, a.ranks) for ds in a.configs.split(",")]
 
     from ia3_dist.config import load_config
     from ia3_dist.tools.plan import plan
 
     cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"model.path={model}", "train.micro_batch_size=1",
                                                            "data.max_length=256"])
-    _, info = plan(cfg, 1, 2, 1e6, cpu=True)
+    _, info = plan(cfg, 1, a.ranks, 1e6, cpu=True)
     base = results[0]
-    print(f"\n{a.model} Bloom ({info['n_params'] / 1e6:.1f}M params), 2 CPU ranks on {os.cpu_count()} cores, fp32, "
+    family = json.loads((model / "config.json").read_text())["model_type"]
+    print(f"\n{a.model} {family} ({info['n_params'] / 1e6:.1f}M params), {a.ranks} CPU rank(s) on {os.cpu_count()} "
+          f"cores, fp32, "
           f"micro-batch 1, seq <= 256, {a.steps} steps; framework RSS {info['overhead_gib']:.2f} GiB "
           f"(plan, measured in-process)")
     print(f"{'config':<15}{'peak RSS':>10}{'vs zero0':>10}{'load peak':>11}{'vs zero0':>10}{'plan':>8}{'error':>8}"
@@ -112,9 +120,10 @@ def main() -> None:
               f"{r['load_peak_rss_gib']:>11.2f}{r['load_peak_rss_gib'] / base['load_peak_rss_gib']:>10.2f}"
               f"{pred:>8.2f}{(pred - r['peak_rss_gib']) / r['peak_rss_gib']:>+8.0%}{r['tokens_per_s']:>8.1f}")
     diff = max(abs(x - y) / abs(y) for r in results for x, y in zip(r["losses"], base["losses"], strict=True))
-    print(f"per-step losses of the three configs agree within {diff:.1e} (relative)")
+    print(f"per-step losses of the configs agree within {diff:.1e} (relative)")
     if a.json:
-        Path(a.json).write_text(json.dumps({"model": a.model, "plan_overhead_gib": info["overhead_gib"],
+        Path(a.json).write_text(json.dumps({"model": a.model, "family": family, "ranks": a.ranks,
+                                            "n_params": info["n_params"], "plan_overhead_gib": info["overhead_gib"],
                                             "results": results}, indent=1))
 
 

@@ -31,11 +31,14 @@ SHAPES = {  # name: (vocab, hidden, layers, heads)
     "1b4": (46145, 2048, 24, 16),
     "7b1": (250880, 4096, 30, 32),
 }
+LLAMA_SHAPES = {  # name: (vocab, hidden, layers, heads, kv heads, intermediate): GQA, gated MLP, untied head
+    "llama-70m": (46145, 512, 8, 8, 2, 1408),
+}
 
 
 def build_model(name: str, cache: Path, bf16: bool = False) -> Path:
     import torch
-    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM
+    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from ia3_dist.train.demo import ensure_assets
 
@@ -43,11 +46,18 @@ def build_model(name: str, cache: Path, bf16: bool = False) -> Path:
     if (d / "config.json").exists():
         return d
     demo = ensure_assets(str(cache))
-    vocab, hidden, layers, heads = SHAPES[name]
+    if name in LLAMA_SHAPES:
+        vocab, hidden, layers, heads, kv, inter = LLAMA_SHAPES[name]
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=kv, intermediate_size=inter, tie_word_embeddings=False)
+        cls = LlamaForCausalLM
+    else:
+        vocab, hidden, layers, heads = SHAPES[name]
+        cfg = BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads)
+        cls = BloomForCausalLM
     torch.manual_seed(0)
-    cfg = BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = BloomForCausalLM(cfg).to(torch.bfloat16 if bf16 else torch.float32)
+        model = cls(cfg).to(torch.bfloat16 if bf16 else torch.float32)
     model.save_pretrained(str(d), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(demo / "model")).save_pretrained(str(d))
     return d
@@ -143,7 +153,7 @@ def bench_records(src: Path | None, n: int, cache: Path, work: Path) -> tuple[Pa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=list(SHAPES), default="100m")
+    ap.add_argument("--model", choices=[*SHAPES, *LLAMA_SHAPES], default="100m")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--records", type=int, default=400, help="records used (the shared file has 1000)")
     ap.add_argument("--micro", type=int, default=8, help="launcher micro-batch (global batch stays 8)")

@@ -77,6 +77,24 @@ def cmd_check(argv: list[str], prog: str) -> int:
     return 0
 
 
+def cmd_prepare(argv: list[str], prog: str) -> int:
+    """Tokenize the run's data into the token cache (data.cache_dir: e.g. a shared filesystem) and print the data
+    report; run it on a login or CPU node before sbatch, with the run's config and overrides. The run then reads
+    the cache memory-mapped and never tokenizes (data.require_prepared=true: a missing cache is an error). Writes
+    nothing into the output dir."""
+    from .config import load_config
+    from .train.demo import DEMO_RUN
+    from .train.prepare import prepare_data
+
+    ap = argparse.ArgumentParser(prog=prog, description=cmd_prepare.__doc__)
+    ap.add_argument("--config")
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = ap.parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO_RUN)
+    print(prepare_data(cfg), flush=True)
+    return 0
+
+
 def _gen_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--adapter", required=True, help="adapter dir (runs/x/adapter) or a merged model dir")
     ap.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
@@ -224,14 +242,21 @@ def cmd_export(argv: list[str], prog: str) -> int:
 
 
 def cmd_plot(argv: list[str], prog: str) -> int:
-    """PNG of a run's loss, eval loss, lr and tokens/s from <dir>/metrics.jsonl."""
-    from .train.plots import plot_metrics
+    """PNG of a run's loss, eval loss, lr, tokens/s and grad norm from <dir>/metrics.jsonl; with several run dirs,
+    their loss, eval loss and tokens/s overlaid in one PNG, each line labelled by its run dir."""
+    from .train.plots import plot_metrics, plot_runs
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_plot.__doc__)
-    ap.add_argument("dir")
-    ap.add_argument("--out", help="PNG path (default <dir>/metrics.png)")
+    ap.add_argument("dirs", nargs="+", metavar="RUN", help="run output dir(s)")
+    ap.add_argument("--out", help="PNG path (default <dir>/metrics.png for one run, metrics-compare.png in the "
+                                  "current dir for several)")
     a = ap.parse_args(argv)
-    d = Path(a.dir)
+    dirs = [Path(d) for d in a.dirs]
+    if len(dirs) > 1:
+        out = plot_runs(dirs, Path(a.out) if a.out else Path("metrics-compare.png"))
+        print(f"wrote {out}")
+        return 0
+    d = dirs[0]
     out = plot_metrics(d / "metrics.jsonl", Path(a.out) if a.out else d / "metrics.png")
     if out is None:
         raise UsageError(f"{d}/metrics.jsonl has no logged steps yet")
@@ -297,18 +322,35 @@ def cmd_slurm(argv: list[str], prog: str) -> int:
     return slurm_main(argv, prog)
 
 
+def cmd_sweep(argv: list[str], prog: str) -> int:
+    from .tools.sweep import main as sweep_main
+
+    return sweep_main(argv, prog)
+
+
+def cmd_summary(argv: list[str], prog: str) -> int:
+    from .tools.summary import main as summary_main
+
+    return summary_main(argv, prog)
+
+
 # name: (handler, one line for ``ia3-dist --help``)
 COMMANDS: dict[str, tuple[Any, str]] = {
     "train": (cmd_train, "train IA3 on DeepSpeed (the default: `ia3-dist --config X` trains; no --config runs the "
                          "embedded CPU demo)"),
     "check": (cmd_check, "preflight only: config, data, model and DeepSpeed checks and the data report; exit 0 or 2"),
+    "prepare": (cmd_prepare, "tokenize the data into the token cache (data.cache_dir) before the job; prints the "
+                             "data report"),
     "plan": (cmd_plan, "per-rank memory on ZeRO 0-3/offload, the largest micro-batch that fits, a recommended "
                        "config"),
-    "slurm": (cmd_slurm, "write a filled sbatch file for a run config (checks the config first)"),
+    "slurm": (cmd_slurm, "write a self-contained sbatch file for a run config (checks the config first)"),
+    "sweep": (cmd_sweep, "a grid of config values (--grid train.lr=3e-3,1e-2) as one Slurm job array, or --local"),
+    "summary": (cmd_summary, "one table of runs or a sweep (differing values, status, losses, tokens/s, memory) "
+                             "and their loss curves"),
     "generate": (cmd_generate, "generate responses from an adapter or merged model with the training template"),
     "chat": (cmd_chat, "interactive chat with an adapter or merged model"),
     "export": (cmd_export, "merge the IA3 adapter into its base and save a plain HF model"),
-    "plot": (cmd_plot, "PNG of a run's loss, eval loss, lr and tokens/s"),
+    "plot": (cmd_plot, "PNG of a run's loss, eval loss, lr and tokens/s; several runs overlaid in one PNG"),
     "resolve": (cmd_resolve, "print one resolved config value (for job scripts)"),
 }
 

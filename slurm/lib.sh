@@ -1,4 +1,5 @@
-# Sourced by the ia3-dist sbatch templates (run from the repo root: cd "$IA3_DIST_HOME" first).
+# Sourced by the ia3-dist sbatch templates (run from the repo root: cd "$IA3_DIST_HOME" first); `ia3-dist slurm`
+# inlines it into the files it writes, so those need no checkout.
 # Sets CONFIG, OVERRIDES, OUTPUT_DIR, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, LOG_DIR; installs the preemption
 # trap; ia3_run runs the training step in the background (a bash trap only fires between commands, so the work
 # runs as `srun ... & wait`), and requeues the job when the run stopped on a signal after checkpointing or the hang
@@ -11,6 +12,7 @@ ia3_setup() {
   CONFIG=$1; shift
   OVERRIDES=("$@")
   PYTHON=${PYTHON:-python}
+  export PYTHON   # the per-node launcher commands (bash -c) run "$PYTHON -m ..." too
   # output.dir as the run will see it (config + overrides), for the pid file and the preemption marker.
   OUTPUT_DIR=$("$PYTHON" -m ia3_dist resolve --config "$CONFIG" "${OVERRIDES[@]}" --key output.dir) || exit 2
   NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}

@@ -74,7 +74,8 @@ def write_records(path: Path, records: list[dict]) -> Path:
 
 def tagged_ranks(tag: str) -> dict[int, int]:
     """``{rank: pid}`` of the rank processes started with ``IA3_TEST_TAG=tag`` in their environment, whatever
-    launched them (deepspeed, torchrun, srun): python processes running launch.py, not the launchers."""
+    launched them (deepspeed, torchrun, srun): python processes running launch.py or ``-m ia3_dist``, not the
+    launchers."""
     import psutil
 
     found: dict[int, int] = {}
@@ -84,9 +85,13 @@ def tagged_ranks(tag: str) -> dict[int, int]:
             cmd = p.cmdline()
         except psutil.Error:
             continue
-        if env.get("IA3_TEST_TAG") != tag or not any(a.endswith("launch.py") for a in cmd):
+        # launch.py, or `python -m ia3_dist` (what the sbatch templates run)
+        runs_us = any(a.endswith("launch.py") for a in cmd) or any(a == "-m" and b == "ia3_dist"
+                                                                   for a, b in zip(cmd, cmd[1:]))
+        if env.get("IA3_TEST_TAG") != tag or not runs_us:
             continue
-        if any("deepspeed.launcher" in a or a.endswith("torchrun") or a.endswith("deepspeed") for a in cmd):
+        if any("deepspeed.launcher" in a or "torch.distributed.run" in a or a.endswith("torchrun")
+               or a.endswith("deepspeed") for a in cmd):
             continue
         rank = env.get("RANK") or env.get("SLURM_PROCID")
         if rank is not None and cmd[0].split("/")[-1].startswith("python"):

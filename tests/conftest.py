@@ -59,6 +59,15 @@ def tiny_tokenizer(tiny_model: Path):
 
 
 @pytest.fixture(scope="session")
+def family_models(session_cache: Path, tiny_model: Path) -> dict[str, Path]:
+    """Tiny random Llama, Qwen2, Mistral and GPT-NeoX (a few hundred K parameters, the tiny tokenizer): see
+    ``_families.py``."""
+    from _families import ensure
+
+    return ensure(session_cache, tiny_model)
+
+
+@pytest.fixture(scope="session")
 def demo_root(session_cache: Path) -> Path:
     from ia3_dist.train.demo import ensure_assets
 

@@ -15,9 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ia3_dist.models.families import checkpoint_names  # noqa: E402
 from ia3_dist.models.files import checkpoint_files  # noqa: E402
 from ia3_dist.models.load import DTYPES  # noqa: E402
-from ia3_dist.models.zero3_load import build_partitioned, load_partitions  # noqa: E402
+from ia3_dist.models.zero3_load import build_partitioned, checkpoint_keys, load_partitions  # noqa: E402
 from ia3_dist.runtime import dist  # noqa: E402
 
 DS = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -66,7 +67,7 @@ def peak_rss() -> int:
 
 def main() -> None:
     import deepspeed
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
@@ -97,18 +98,24 @@ def main() -> None:
         syscall_bytes, rss_growth = rchar() - r0, peak_rss() - base
         ref = whole(Path(path))
         worst = 0.0
+        prefix, renames = checkpoint_names(model)
         for name, p in model.named_parameters():
             with deepspeed.zero.GatheredParameters([p]):
-                key = name if name in ref else name.removeprefix("transformer.")
+                key = next(k for k in checkpoint_keys(name, prefix, renames) if k in ref)
                 want = ref[key].to(dtype)
                 assert p.shape == want.shape, (name, p.shape, want.shape)
                 worst = max(worst, (p.data.float() - want.float()).abs().max().item())
+        # Buffers the constructors compute (rotary inv_freq) match a plain from_pretrained's.
+        plain = dict(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).named_buffers())
+        for name, b in model.named_buffers():
+            worst = max(worst, (b.float() - plain[name].float()).abs().max().item() if b.numel() else 0.0)
         per_rank = torch.tensor([stats["bytes_read"], stats["largest_read"], syscall_bytes, rss_growth],
                                 dtype=torch.float64)
         gathered = [torch.zeros_like(per_rank) for _ in range(env.world_size)]
         torch.distributed.all_gather(gathered, per_rank)
         files = checkpoint_files(Path(path))
         results.append({"dir": path, "dtype": prec or "fp32", "loader": how or "ia3", "max_diff": worst,
+                        "model_type": model.config.model_type,
                         "bytes_read": [int(g[0]) for g in gathered], "largest_read": [int(g[1]) for g in gathered],
                         "syscall_bytes": [int(g[2]) for g in gathered], "rss_growth": [int(g[3]) for g in gathered],
                         "file_bytes": sum(f.stat().st_size for f in files),

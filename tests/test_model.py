@@ -11,7 +11,7 @@ import torch
 from ia3_dist.config import DataSection, IA3Section
 from ia3_dist.data.collate import collate
 from ia3_dist.data.tokenize import load_or_tokenize
-from ia3_dist.models.families import arch_config
+from ia3_dist.models.families import FAMILIES, arch_config
 from ia3_dist.models.families.bloom import LastMLPRows
 from ia3_dist.models.ia3 import apply_ia3, build_on_meta, trainable_line
 from ia3_dist.models.loss import TokenSumLM
@@ -76,6 +76,39 @@ def test_token_sum_loss_equals_hf_loss(tmp_path: Path, tiny_model: Path, tiny_to
         for k in grads[0]:
             torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(grads[2][k], grads[0][k], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(peft(**b).loss, hf, rtol=0, atol=0)
+    hook.remove()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gpt_neox"])
+def test_family_last_mlp_rows_equal_full(model_type: str, tmp_path: Path, family_models: dict) -> None:
+    """Llama-style blocks (and GPT-NeoX's): the last MLP at label rows only, scattered back into the residual,
+    gives the same loss as HF's and the same IA3 gradients as the full model, with left and right padding; the
+    MLP saw only label rows; with the selector idle the model is untouched."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(family_models[model_type]))
+    data, peft = _data_and_model(tmp_path, family_models[model_type], tok)
+    base = peft.get_base_model()
+    selector = FAMILIES[model_type].last_rows(base)
+    plain, rows = TokenSumLM(peft), TokenSumLM(peft, selector)
+    mlp = FAMILIES[model_type].block_list(base)[-1].mlp
+    seen: list[int] = []
+    hook = mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    for side in ("left", "right"):
+        b = collate(data, [0, 5, 9, 11], tok.pad_token_id, side)
+        hf = peft(**b).loss
+        grads = []
+        for wrapper in (plain, rows):
+            seen.clear()
+            peft.zero_grad()
+            loss_sum, n = wrapper(**b)
+            torch.testing.assert_close(loss_sum / n, hf, rtol=1e-6, atol=1e-6)
+            (loss_sum / n).backward()
+            grads.append({k: q.grad.clone() for k, q in peft.named_parameters() if q.requires_grad})
+            assert seen == [b["input_ids"].numel() if wrapper is plain else n.item()], seen
+        for k in grads[0]:
+            torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(peft(**b).loss, hf, rtol=0, atol=0)
     hook.remove()
 

@@ -9,7 +9,8 @@ truncation): the recipe keeps them in its batches, and so does the launcher with
 Per-step losses must agree within 1e-6 relative and the final IA3 vectors within 1e-5 (fp32 reassociation in
 a few thousand AdamW updates), for (world 1, ZeRO-0), (world 2, ZeRO-1/2/3 and ZeRO-3 offload), for the splits
 1x8, 2x4, 8x1 of global batch 8, with HF's cosine schedule and warmup, and with the speed options on (SDPA
-attention, chunked loss).
+attention, chunked loss); and for tiny random Llama, Qwen2, Mistral and GPT-NeoX models (world 1 ZeRO-0 and
+world 2 ZeRO-3, two splits each).
 """
 
 from __future__ import annotations
@@ -55,33 +56,20 @@ def parity_data(tmp_path_factory: pytest.TempPathFactory, demo_tokenizer) -> Pat
     return f
 
 
-@pytest.fixture(scope="module")
-def references(parity_data: Path, demo_model: Path, demo_tokenizer, tmp_path_factory):
-    """The reference recipe itself, one process, once per LR schedule (``scheduler``, ``warmup_steps``)."""
-    done: dict[tuple[str, int], dict] = {}
-
-    def get(scheduler: str = "linear", warmup: int = 0) -> dict:
-        if (scheduler, warmup) not in done:
-            done[scheduler, warmup] = _reference(parity_data, demo_model, demo_tokenizer, tmp_path_factory,
-                                                 scheduler, warmup)
-        return done[scheduler, warmup]
-
-    return get
-
-
-def _reference(parity_data: Path, demo_model: Path, demo_tokenizer, tmp_path_factory, scheduler: str,
-               warmup: int) -> dict:
+def _reference_run(model_dir: Path, tok, parity_data: Path, out_dir: Path, scheduler: str = "linear",
+                   warmup: int = 0) -> dict:
+    """The reference recipe itself, one process (``scheduler``/``warmup``: HF's lr_scheduler_type and
+    warmup_steps)."""
     from datasets import Dataset
     from peft import IA3Config, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    tok = demo_tokenizer
     records = json.loads(parity_data.read_text(encoding="utf-8"))
     ds = Dataset.from_list(records)
     tokenized_ds = ds.map(lambda ex: reference_process_func(ex, tok), remove_columns=ds.column_names)
-    model = AutoModelForCausalLM.from_pretrained(str(demo_model))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     model = get_peft_model(model, IA3Config(task_type=TaskType.CAUSAL_LM))
-    args = TrainingArguments(output_dir=str(tmp_path_factory.mktemp("ref")), per_device_train_batch_size=1,
+    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=1,
                              gradient_accumulation_steps=8, logging_steps=1, num_train_epochs=1,
                              learning_rate=3e-3, save_strategy="no", report_to=[], use_cpu=True, seed=42,
                              train_sampling_strategy="sequential", disable_tqdm=True,
@@ -109,6 +97,37 @@ def _reference(parity_data: Path, demo_model: Path, demo_tokenizer, tmp_path_fac
     return {"losses": steps, "vectors": vectors}
 
 
+@pytest.fixture(scope="module")
+def references(parity_data: Path, demo_model: Path, demo_tokenizer, tmp_path_factory):
+    """The demo model's reference run, once per LR schedule (``scheduler``, ``warmup_steps``)."""
+    done: dict[tuple[str, int], dict] = {}
+
+    def get(scheduler: str = "linear", warmup: int = 0) -> dict:
+        if (scheduler, warmup) not in done:
+            done[scheduler, warmup] = _reference_run(demo_model, demo_tokenizer, parity_data,
+                                                     tmp_path_factory.mktemp("ref"), scheduler, warmup)
+        return done[scheduler, warmup]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def family_reference(parity_data: Path, family_models: dict, tmp_path_factory):
+    """``model_type -> reference result``, each family's reference run once per module."""
+    from transformers import AutoTokenizer
+
+    done: dict[str, dict] = {}
+
+    def get(model_type: str) -> dict:
+        if model_type not in done:
+            d = family_models[model_type]
+            done[model_type] = _reference_run(d, AutoTokenizer.from_pretrained(str(d)), parity_data,
+                                              tmp_path_factory.mktemp(f"ref-{model_type}"))
+        return done[model_type]
+
+    return get
+
+
 CASES = {
     "w1-zero0-1x8": (1, "zero0", 1, 8),
     "w1-zero0-2x4": (1, "zero0", 2, 4),
@@ -124,8 +143,40 @@ CASES = {
 }
 
 
+# The other tested families, on tiny random models (GQA for Llama/Qwen2/Mistral, Qwen2's q/k/v biases and tied
+# head): one process ZeRO-0 and two ranks ZeRO-3, each family with two different micro-batch splits, so the splits
+# are covered across families without a run per family and split. The last MLP runs at label rows (the default).
+FAMILY_CASES = {
+    "llama": [(1, "zero0", 2, 4), (2, "zero3", 1, 4)],
+    "qwen2": [(1, "zero0", 8, 1), (2, "zero3", 2, 2)],
+    "mistral": [(1, "zero0", 1, 8), (2, "zero3", 4, 1)],
+    "gpt_neox": [(1, "zero0", 4, 2), (2, "zero3", 1, 4)],
+}
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs() / b.abs().clamp_min(1e-12)).max().item()
+
+
+def _run_and_compare(case: str, ref: dict, parity_data: Path, out: Path, world: int, ds: str, micro: int,
+                     accum: int, *extra: str) -> None:
+    check(launch(["--config", "configs/tiny-cpu.yaml", f"data.path={parity_data}", "data.shuffle=false",
+                  f"deepspeed.config={ds}", f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
+                  "train.lr=3e-3", "train.epochs=1", "train.log_every=1", "train.precision=fp32",
+                  "checkpoint.at_end=false", "data.unlabeled=keep", f"output.dir={out}", *extra], nproc=world))
+    got = [r["loss"] for r in metrics(out)]
+    want = ref["losses"]
+    assert len(got) == len(want) == N_RECORDS // 8
+    loss_rel = _rel(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64))
+    vectors = adapter_tensors(out / "adapter")
+    assert set(vectors) == set(ref["vectors"])
+    vec_rel = max(_rel(vectors[k].double(), ref["vectors"][k].double()) for k in vectors)
+    moved = max((v - 1).abs().max().item() for v in vectors.values())
+    print(f"\nparity {case}: per-step loss max rel diff {loss_rel:.2e}, IA3 vectors max rel diff {vec_rel:.2e} "
+          f"(vectors moved up to {moved:.3f} from init)")
+    assert moved > 1e-3
+    assert loss_rel < RTOL_LOSS, (got, want)
+    assert vec_rel < RTOL_VECTORS
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -133,21 +184,16 @@ def test_launcher_matches_reference(case: str, references, parity_data: Path, tm
     world, ds, micro, accum, *extra = CASES[case]
     sets = dict(x.split("=", 1) for x in extra)
     reference = references(sets.get("train.scheduler", "linear"), int(sets.get("train.warmup_steps", 0)))
-    out = tmp_path / case
-    check(launch(["--config", "configs/tiny-cpu.yaml", f"data.path={parity_data}", "data.shuffle=false",
-                  f"deepspeed.config={ds}", f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
-                  "train.lr=3e-3", "train.epochs=1", "train.log_every=1", "train.precision=fp32",
-                  "checkpoint.at_end=false", "data.unlabeled=keep", f"output.dir={out}", *extra], nproc=world))
-    got = [r["loss"] for r in metrics(out)]
-    want = reference["losses"]
-    assert len(got) == len(want) == N_RECORDS // 8
-    loss_rel = _rel(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64))
-    vectors = adapter_tensors(out / "adapter")
-    assert set(vectors) == set(reference["vectors"])
-    vec_rel = max(_rel(vectors[k].double(), reference["vectors"][k].double()) for k in vectors)
-    moved = max((v - 1).abs().max().item() for v in vectors.values())
-    print(f"\nparity {case}: per-step loss max rel diff {loss_rel:.2e}, IA3 vectors max rel diff {vec_rel:.2e} "
-          f"(vectors moved up to {moved:.3f} from init)")
-    assert moved > 1e-3
-    assert loss_rel < RTOL_LOSS, (got, want)
-    assert vec_rel < RTOL_VECTORS
+    _run_and_compare(case, reference, parity_data, tmp_path / case, world, ds, micro, accum, *extra)
+
+
+FAMILY_PARAMS = [pytest.param(t, c, id=f"{t}-w{c[0]}-{c[1]}-{c[2]}x{c[3]}") for t, cs in FAMILY_CASES.items()
+                 for c in cs]
+
+
+@pytest.mark.parametrize("model_type, case", FAMILY_PARAMS)
+def test_family_matches_reference(model_type: str, case: tuple, family_reference, family_models: dict,
+                                  parity_data: Path, tmp_path: Path) -> None:
+    world, ds, micro, accum = case
+    _run_and_compare(f"{model_type}-w{world}-{ds}-{micro}x{accum}", family_reference(model_type), parity_data,
+                     tmp_path / "out", world, ds, micro, accum, f"model.path={family_models[model_type]}")

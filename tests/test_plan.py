@@ -3,6 +3,9 @@ gradient checkpointing gives the same training as without it."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,8 +45,15 @@ def test_memory_arithmetic() -> None:
         2 * z3.activations)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("bloom*.yaml")), ids=lambda p: p.name)
-def test_shipped_bloom_configs_fit_their_hardware(path: Path) -> None:
+SIZED = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "tiny-cpu.yaml")
+
+
+def test_non_bloom_configs_are_shipped() -> None:
+    assert {"qwen2.5-7b.yaml", "llama-3.1-8b.yaml"} <= {p.name for p in SIZED}
+
+
+@pytest.mark.parametrize("path", SIZED, ids=lambda p: p.name)
+def test_shipped_configs_fit_their_hardware(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.model.arch, f"{path.name} must name model.arch so plan works offline"
     hw = cfg.hardware
@@ -95,3 +105,102 @@ def test_cpu_plan_is_host_memory(capsys, tiny_model: Path) -> None:
     assert main(["plan", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), "--cpu", "--gpus-per-node", "2",
                  "--gpu-mem", "8GiB", f"model.path={tiny_model}"]) == 0
     assert "CPU rank(s)" in capsys.readouterr().out
+
+
+TINY = {  # model_type, fields: GQA, gated MLPs, tied and untied embeddings, q/k/v biases (qwen2), odd head_dim
+    "bloom": ("bloom", {"vocab_size": 96, "hidden_size": 32, "n_layer": 3, "n_head": 4}),
+    "llama-gqa-tied": ("llama", {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 88, "num_hidden_layers": 3,
+                                 "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "llama-untied-head-dim": ("llama", {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 40,
+                                        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1,
+                                        "head_dim": 12, "tie_word_embeddings": False}),
+    "qwen2-bias-tied": ("qwen2", {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 72,
+                                  "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                  "tie_word_embeddings": True}),
+    "mistral": ("mistral", {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 56, "num_hidden_layers": 3,
+                            "num_attention_heads": 4, "num_key_value_heads": 2}),
+    "gpt_neox": ("gpt_neox", {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                              "num_attention_heads": 4}),
+}
+
+
+@pytest.mark.parametrize("name, variant", [(n, "default") for n in sorted(TINY)]
+                         + [("bloom", "paper"), ("gpt_neox", "paper"), ("qwen2-bias-tied", "paper")])
+def test_counts_are_those_of_the_real_model(name: str, variant: str) -> None:
+    """plan's one-block count equals PEFT's count on the whole model transformers builds from the same config
+    (PEFT's default targets per family, or the paper variant's)."""
+    from transformers import AutoConfig
+
+    from ia3_dist.config import IA3Section
+    from ia3_dist.models.ia3 import build_on_meta
+    from ia3_dist.tools.plan import count_params
+
+    model_type, fields = TINY[name]
+    mc = AutoConfig.for_model(model_type, **fields)
+    section = IA3Section(variant=variant)
+    n, t, fixed = count_params(mc, section)
+    assert (t, n) == build_on_meta(mc, section).get_nb_trainable_parameters()
+    h, layers = 32, 3
+    if model_type in ("bloom", "gpt_neox"):
+        assert t == layers * (3 * h + fields.get("intermediate_size", 4 * h))  # query_key_value + dense_4h_to_h
+        assert fixed == (layers * h if variant == "paper" else 0)
+    else:
+        assert fixed == 0
+        kv = fields["num_key_value_heads"] * fields.get("head_dim", h // 4)
+        q_or_k = fields["num_attention_heads"] * fields.get("head_dim", h // 4) \
+            if model_type == "qwen2" and variant == "default" else kv  # PEFT's qwen2 default scales q_proj
+        assert t == layers * (q_or_k + kv + fields["intermediate_size"])
+
+
+PUBLISHED = {  # total parameters (the hub's safetensors count; tied embeddings once)
+    "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824, "llama-3.1-8b": 8_030_261_248,
+    "llama-3.1-70b": 70_553_706_496, "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304,
+    "qwen2.5-3b": 3_085_938_688, "qwen2.5-7b": 7_615_616_512, "qwen2.5-14b": 14_770_033_664,
+    "qwen2.5-32b": 32_763_876_352, "qwen2.5-72b": 72_706_203_648, "mistral-7b": 7_241_732_096,
+    "mistral-7b-v0.3": 7_248_023_552, "bloom-7b1": 7_069_016_064, "bloom": 176_247_271_424,
+}
+
+
+@pytest.mark.parametrize("arch", sorted(PUBLISHED))
+def test_named_shapes_have_the_published_size(arch: str) -> None:
+    s = model_shape(build_config({"model": {"arch": arch}}))
+    assert s.n_params - s.trainable == PUBLISHED[arch]
+
+
+def test_plan_reads_a_config_json(tmp_path: Path, capsys) -> None:
+    """Any supported config.json plans offline, GQA and gated MLP included; activations follow the family."""
+    from transformers import AutoConfig
+
+    from ia3_dist.tools.plan import block_activations
+
+    _, fields = TINY["llama-gqa-tied"]
+    AutoConfig.for_model("llama", **fields).save_pretrained(tmp_path / "m")
+    assert main(["plan", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"model.path={tmp_path / 'm'}",
+                 "--gpus-per-node", "1", "--gpu-mem", "8GiB"]) == 0
+    out = capsys.readouterr().out
+    assert f"trainable params: {3 * (16 + 16 + 88):,d} ||" in out and "recommended:" in out, out  # k, v, down
+    # h 32, kv 16, i 88: norms 4h, attention 2h + 2h + 4kv + 2h, gated MLP 2h + 8i; softmax output 2 a s
+    assert block_activations(AutoConfig.for_model("llama", **fields)) == (4 * 32 + 6 * 32 + 4 * 16 + 2 * 32 + 8 * 88,
+                                                                           2.0)
+    assert block_activations(AutoConfig.for_model("bloom", **TINY["bloom"][1])) == (34 * 32, 5.0)  # Korthikanti
+
+
+@pytest.mark.slow
+def test_cpu_plan_is_within_15_percent_of_a_measured_llama_run(tmp_path: Path, session_cache: Path) -> None:
+    """``bench/bench_memory.py`` on a 70M Llama (GQA, gated MLP, untied head; saved once to the cache): one CPU
+    rank, ZeRO-0, 3 steps on the shared Alpaca records; ``plan --cpu``'s RSS per rank within 15% of the
+    measured peak. The plan runs in the bench's own fresh process, so its framework figure is not this one's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_train import build_model
+
+    build_model("llama-70m", session_cache)  # here, so the bench process plans without the model's leftovers
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench/bench_memory.py", "--model", "llama-70m", "--ranks", "1",
+                           "--configs", "zero0", "--accum", "1", "--steps", "3", "--records", "32",
+                           "--cache", str(session_cache), "--work", str(tmp_path / "work"), "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["family"] == "llama" and 60e6 < res["n_params"] < 80e6
+    run = res["results"][0]
+    assert abs(run["plan_gib"] - run["peak_rss_gib"]) <= 0.15 * run["peak_rss_gib"], proc.stdout[-2000:]

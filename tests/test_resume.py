@@ -54,6 +54,27 @@ def straight(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> dict
     return _Straight(tmp_path_factory)
 
 
+def test_auto_micro_batch_steps_down_on_every_rank_and_resumes_exactly(straight: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    """train.micro_batch_size=auto with 8 examples per rank per step: the plan picks 8; rank 1's probe runs out of
+    memory there (injected), so both ranks agree on 4 x 2 accumulation, the straight zero2 run's layout. Stopped
+    at step 3 and resumed with auto (the checkpoint's micro-batch, no probe), it must reproduce that run exactly:
+    the probe leaves no trace in the training."""
+    out = tmp_path / "auto"
+    auto = ("train.micro_batch_size=auto", "train.grad_accum=8")
+    proc = check(run2(out, *auto, "train.stop_after_steps=3", env={"IA3_DIST_FAULT": "probe:8:1:oom"}))
+    assert "train.micro_batch_size=auto: 4 x 2 accumulation = 8 examples per rank per step (plan picked 8" \
+        in proc.stdout, proc.stdout[-3000:]
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) \
+        == (4, 2, 16)
+    run = (out / "run.yaml").read_text()
+    assert "micro_batch_size: 4\n" in run and "grad_accum: 2\n" in run
+    proc = check(run2(out, *auto, "train.resume=auto"))
+    assert "4 x 2 accumulation = 8 examples per rank per step (from the checkpoint it resumes)" in proc.stdout
+    assert_same_training(out, straight["zero2"])
+
+
 @pytest.mark.parametrize("ds, first_chunk", [("zero2", 3), ("zero3", 5)])
 def test_resume_is_exact(straight: dict[str, Path], tmp_path: Path, ds: str, first_chunk: int) -> None:
     """zero2 stops mid-epoch 0 and the resumed run crosses the epoch boundary; zero3 stops exactly on it."""

@@ -266,3 +266,161 @@ def test_plain_srun_without_master_variables(cluster: int, direct: dict[str, Pat
 def _nodelist() -> str:
     out = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True, check=True).stdout
     return out.split()[0]
+
+
+# --- from a pip install: a wheel in a fresh venv, rendered and submitted from a folder outside the checkout -------
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with this project's wheel and nothing else of the checkout.
+
+    The heavy dependencies (torch, deepspeed, transformers: GBs) come from the project's venv through a .pth line
+    in the fresh venv's site-packages, not from a download. Not --system-site-packages: the project venv is itself
+    a venv, and that flag would reach the base interpreter's packages, not its. A .pth line only appends the
+    directory to sys.path (its own .pth files, among them the editable install pointing at a checkout, are not
+    run), so ia3_dist is imported from the wheel's copy, which comes first.
+    """
+    base = tmp_path_factory.mktemp("wheel")
+    src = base / "src"  # pip wheel writes build/ and *.egg-info into the source tree: a copy, not the checkout
+    for name in ("ia3_dist", "slurm", "ds_configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    check(subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                          str(base / "dist"), str(src)], capture_output=True, text=True, timeout=300))
+    (wheel,) = (base / "dist").glob("ia3_dist-*.whl")
+    venv = base / "venv"
+    check(subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], capture_output=True,
+                         text=True, timeout=120))
+    py = venv / "bin" / "python"
+    check(subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index",
+                          "-q", str(wheel)], capture_output=True, text=True, timeout=300))
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    import torch as _torch
+
+    (Path(purelib) / "ia3_dist_test_deps.pth").write_text(str(Path(_torch.__file__).parents[1]) + "\n")
+    shutil.rmtree(src)
+    return venv
+
+
+def _installed_env(venv: Path, tmp: Path) -> dict[str, str]:
+    """The environment of a user of the installed package: its venv first on PATH, nothing of the checkout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "IA3_DIST_HOME", "PYTHON",
+                                                            "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    dirs = [d for d in env.get("PATH", "/usr/bin:/bin").split(":") if d and Path(d) != Path(sys.executable).parent]
+    env.update(PATH=":".join([str(venv / "bin"), *dirs]), VIRTUAL_ENV=str(venv), LOG_DIR=str(tmp / "logs"))
+    return env
+
+
+def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str, Path], installed: Path,
+                                                 demo_model: Path, tmp_path: Path) -> None:
+    """`ia3-dist slurm` of the installed package, run in an empty folder: 1 node x 2 ranks trains to the direct
+    run's adapter; the 2-node file is rendered for that install. Neither file nor job touches the checkout.
+    (Not here yet: the 2-node job preempted, requeued and resumed from this install ended 2.4e-4 off the direct
+    run's adapter, where the checkout's 1-node preemption test is exact: open in issue 21.)"""
+    proj, cfgdir = tmp_path / "proj", tmp_path / "cfg"
+    proj.mkdir()
+    cfgdir.mkdir()
+    cfg = cfgdir / "tiny.yaml"
+    shutil.copy2(ROOT / TINY, cfg)
+    env = _installed_env(installed, tmp_path)
+    site = subprocess.run([str(installed / "bin" / "python"), "-c", "import ia3_dist; print(ia3_dist.__file__)"],
+                          capture_output=True, text=True, env=env, cwd=proj, check=True).stdout.strip()
+    assert site.startswith(str(installed)), site  # the wheel's copy, not the checkout's
+
+    def render(name: str, *args: str) -> Path:
+        proc = subprocess.run([str(installed / "bin" / "ia3-dist"), "slurm", "--config", str(cfg), "--gpus-per-node",
+                               "0", "--time", "00:20:00", "--out", f"{name}.sbatch", *args], cwd=proj, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        text = (proj / f"{name}.sbatch").read_text()
+        assert str(ROOT) not in text and "slurm/lib.sh\n" not in text and "launch.py" not in text
+        assert f"PYTHON={installed}/bin/python\n" in text
+        return proj / f"{name}.sbatch"
+
+    model = f"model.path={demo_model}"  # the direct run's model
+    one = render("one", "--cpus-per-node", "2", "output.dir=runs/one", model, *LONG)
+    two = render("two", "--nodes", "2", "--cpus-per-node", "1", "output.dir=runs/two", model, *LONG)
+    assert "2 node(s) x 1 CPU rank(s)" in two.read_text().splitlines()[1]
+
+    def submit(f: Path, *extra: str) -> str:
+        sub = subprocess.run(["sbatch", "--parsable", *extra, f.name], cwd=proj, env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert sub.returncode == 0, sub.stderr
+        return sub.stdout.strip().split(";")[0]
+
+    # --cpus-per-task=1 on the command line (it beats the file's 2): one thread per rank, as the direct run's.
+    j1 = submit(one, "--cpus-per-task=1")
+    assert wait_job(j1) == "COMPLETED", logs(tmp_path)
+    text = logs(tmp_path, None)
+    assert f"ia3_dist from {Path(site).parent}" in text, text[-3000:]
+    same_adapter(proj / "runs" / "one", direct["long"])
+
+
+# --- a sweep as one job array ---------------------------------------------------------------------------------
+
+
+def _summary(sweep_dir: Path, env: dict[str, str], *extra: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "ia3_dist", "summary", "--json", *extra, str(sweep_dir)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+STEPS = 20  # long enough to see the first tasks running while the others wait
+
+
+def test_sweep_runs_as_a_job_array(cluster: int, tiny_model: Path, tmp_path: Path) -> None:
+    """4 tiny tasks, 2 at a time: each trains into its own dir; the summary follows them from running / pending to
+    done, with the values that differ. (Preempting one task by `scancel --signal=USR1 --batch` was tried here: on
+    the loaded box slurmctld answered "Job can not be altered now, try again later" for minutes.)"""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    env = _env(tmp_path)
+    env.pop("LOG_DIR")
+    # The random tiny Bloom: no adapter is compared here, and it is built in a second.
+    steps = [f"model.path={tiny_model}", f"train.max_steps={STEPS}", "train.micro_batch_size=1",
+             "train.grad_accum=1", "train.log_every=1", "checkpoint.every=10", "train.eval_every=0"]
+    proc = subprocess.run([sys.executable, "-m", "ia3_dist", "sweep", "--config", str(ROOT / TINY), "--grid",
+                           "train.lr=3e-3,3e-2", "--grid", "data.max_length=64,128", "--gpus-per-node", "0",
+                           "--cpus-per-node", "1", "--max-concurrent", "2", "--time", "00:20:00", "--dir", "sw",
+                           *steps], cwd=proj, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    sw = proj / "sw"
+    rec = json.loads((sw / "sweep.json").read_text())
+    job, tasks = rec["job"], rec["tasks"]
+    assert [t["name"] for t in tasks] == ["lr=3e-3,max_length=64", "lr=3e-3,max_length=128",
+                                          "lr=3e-2,max_length=64", "lr=3e-2,max_length=128"]
+    try:
+        wait_step(f"{job}_0", tmp_path, Path(tasks[0]["dir"]), 2, timeout=900)
+        got = _summary(sw, env, "--no-plot")
+        states = [r["status"] for r in got["rows"]]
+        assert states[0] == "running" and states[2:] == ["pending", "pending"], got
+        t0 = time.time()
+        while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+            assert time.time() - t0 < 1200, logs(tmp_path)
+            time.sleep(1)
+    finally:
+        # A task cancelled while it starts counts as preempted early and requeues itself (lib.sh): cancel twice.
+        for _ in range(2):
+            subprocess.run(["scancel", job], capture_output=True)
+            time.sleep(1)
+    text = logs(sw, None)
+    for t in tasks:
+        assert job_state(f"{job}_{t['index']}") == "COMPLETED", text[-5000:]
+    got = _summary(sw, env)
+    assert got["keys"] == ["data.max_length", "train.lr"] or got["keys"] == ["train.lr", "data.max_length"], got
+    rows = got["rows"]
+    assert [r["status"] for r in rows] == ["done"] * 4, rows
+    assert [(r["train.lr"], r["data.max_length"]) for r in rows] == [(0.003, 64), (0.003, 128), (0.03, 64),
+                                                                     (0.03, 128)]
+    assert all(r["step"] == STEPS and r["train_loss"] > 0 and r["tokens_per_s"] > 0 for r in rows), rows
+    # The learning rate changes the run; max_length 64 or 128 truncates none of the demo's ~35-token records.
+    assert rows[0]["train_loss"] != rows[2]["train_loss"] and rows[1]["train_loss"] != rows[3]["train_loss"], rows
+    assert (sw / "summary.png").stat().st_size > 0
+    for t in tasks:
+        m = [json.loads(ln) for ln in (Path(t["dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in m if "loss" in r] == list(range(1, STEPS + 1)), t["name"]

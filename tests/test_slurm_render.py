@@ -216,17 +216,19 @@ def test_hostile_overrides_stay_inert(tmp_path: Path, capsys: pytest.CaptureFixt
     assert subprocess.run([BASH, "-n", str(job)], cwd=tmp_path, capture_output=True).returncode == 0
     # The default job name comes from output.dir, made safe.
     assert directives(text, "job-name") == ["x-touch-MARKER"]
-    # Run the generated script's own shell lines with a stand-in lib.sh that records the arguments it receives:
-    # the baked-in `set --` line must hand over the overrides byte for byte and run none of them.
-    home = tmp_path / "home"
-    (home / "slurm").mkdir(parents=True)
-    (home / "slurm" / "lib.sh").write_text('ia3_setup() { printf "%s\\0" "$@" > "$ARGS_OUT"; exit 0; }\n')
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "IA3_DIST_HOME": str(home),
+    # Run the generated script with a stand-in python (IA3_DIST_PYTHON) that passes the import check and records
+    # the arguments of the first real call (resolve): the baked-in `set --` line must hand over the overrides byte
+    # for byte and run none of them.
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\nif [ "$1" = -c ]; then echo /x/ia3_dist/__init__.py; exit 0; fi\n'
+                    'printf "%s\\0" "$@" > "$ARGS_OUT"; exit 1\n')
+    stub.chmod(0o755)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "IA3_DIST_PYTHON": str(stub),
            "ARGS_OUT": str(tmp_path / "args")}
     proc = subprocess.run([BASH, str(job)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    got = (tmp_path / "args").read_bytes().split(b"\0")[:-1]
-    assert [a.decode() for a in got] == [str(TINY), *HOSTILE]
+    assert proc.returncode == 2, proc.stderr
+    got = [a.decode() for a in (tmp_path / "args").read_bytes().split(b"\0")[:-1]]
+    assert got == ["-m", "ia3_dist", "resolve", "--config", str(TINY), *HOSTILE, "--key", "output.dir"]
     made = [p for p in tmp_path.rglob("MARKER*")] + list(Path.cwd().glob("MARKER*"))
     assert made == []
 
@@ -304,7 +306,7 @@ def test_absent_partition_and_account_give_no_directive() -> None:
 def test_srun_launcher_sets_ntasks_per_node() -> None:
     text = render(str(TINY), [], 2, 8, "01:00:00", launcher="srun")
     assert directives(text, "ntasks-per-node") == ["8"]
-    assert "launch.py" in text and "deepspeed --" not in text  # the srun_per_rank template
+    assert '"$PYTHON" -m ia3_dist --config' in text and "deepspeed.launcher" not in text  # srun_per_rank
 
 
 def test_torchrun_launcher_exports_launcher() -> None:
@@ -326,4 +328,50 @@ def test_baked_in_set_line() -> None:
     want = f"[ $# -gt 0 ] || set -- {TINY} train.max_steps=10 'output.dir=runs/a b'"
     assert lines.count(want) == 1
     i = lines.index(want)
-    assert lines.index("set -uo pipefail") < i < lines.index("source slurm/lib.sh")
+    assert lines.index("set -uo pipefail") < i < lines.index('ia3_setup "$@"')
+
+
+# --- self-contained: what a pip install needs -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("nodes", "launcher"), [(1, "deepspeed"), (3, "deepspeed"), (2, "torchrun"), (2, "srun")])
+def test_written_file_needs_no_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nodes: int,
+                                        launcher: str) -> None:
+    monkeypatch.chdir(TINY.parent)
+    text = render(TINY.name, [], nodes, 4, "01:00:00", launcher=launcher, python="/opt/env/bin/python")
+    assert "IA3_DIST_HOME" not in text and "source " not in text and "launch.py" not in text
+    assert not any(ln.startswith("cd ") for ln in text.splitlines())
+    lib = (template_dir() / "lib.sh").read_text()
+    for fn in re.findall(r"^(ia3_\w+)\(\) \{", lib, re.M):
+        assert f"\n{fn}() {{" in text, fn
+    assert "\nPYTHON=/opt/env/bin/python\n" in text and '"$PYTHON" -m ' in text
+    assert f"\n[ $# -gt 0 ] || set -- {TINY}\n" in text  # the relative config path made absolute
+    # The header describes this file, not the template it came from.
+    head = [ln for ln in text.splitlines() if ln.startswith("#") and not ln.startswith("#SBATCH")][:8]
+    assert f"{nodes} node(s) x 4 GPU(s), {launcher} launcher" in head[1]
+    assert not any("sbatch --nodes=4" in ln or "slurm/" in ln for ln in head), head
+    if BASH:
+        assert bash_syntax_ok(text)
+
+
+def test_default_python_is_this_one() -> None:
+    import sys
+
+    assert f"\nPYTHON={sys.executable}\n" in _render()
+    with pytest.raises(UsageError, match="--python"):
+        _render(python="/x/python\n")
+
+
+@needs_bash
+def test_a_python_without_ia3_dist_stops_the_job_with_exit_2(tmp_path: Path) -> None:
+    job = tmp_path / "job.sbatch"
+    job.write_text(_render())
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\necho "Traceback (most recent call last):" >&2\n'
+                    'echo "ModuleNotFoundError: No module named \'ia3_dist\'" >&2\nexit 1\n')
+    stub.chmod(0o755)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "IA3_DIST_PYTHON": str(stub)}
+    proc = subprocess.run([BASH, str(job)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert f"{stub} cannot import ia3_dist (ModuleNotFoundError: No module named 'ia3_dist')" in proc.stderr
+    assert "IA3_DIST_PYTHON" in proc.stderr

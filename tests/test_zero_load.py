@@ -1,5 +1,6 @@
 """ZeRO-3 loading on 2 real gloo ranks: every parameter equals the checkpoint, and each rank reads only its half
-(single file, shards, bigscience-style keys without the ``transformer.`` prefix, a PyTorch .bin, bf16 from fp32).
+(single file, shards, bigscience-style keys without the ``transformer.`` prefix, a PyTorch .bin, bf16 from fp32;
+and sharded safetensors of each other tested family: Llama, Qwen2 with its tied LM head, Mistral, GPT-NeoX).
 The halves are checked against the kernel's accounting as well as the loader's counters: the bytes each rank's
 read syscalls returned (/proc/self/io), and its peak RSS growth during the load (VmHWM after a reset), on a model
 large enough for a full-size buffer to stand out, next to transformers' own ZeRO-3 loader, which has one."""
@@ -16,7 +17,7 @@ from _util import check, launch
 pytestmark = pytest.mark.slow
 
 
-def _variants(demo_model: Path, root: Path) -> list[str]:
+def _variants(demo_model: Path, root: Path, family_models: dict[str, Path]) -> list[str]:
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
@@ -33,7 +34,13 @@ def _variants(demo_model: Path, root: Path) -> list[str]:
     torch.save(sd, torchbin / "pytorch_model.bin")
     for d in (bare, torchbin):
         (d / "config.json").write_text((demo_model / "config.json").read_text())
-    return [str(demo_model), str(sharded), str(bare), str(torchbin), f"{demo_model}:bf16"]
+    families = []
+    for model_type, d in family_models.items():
+        out = root / model_type
+        AutoModelForCausalLM.from_pretrained(str(d)).save_pretrained(str(out), max_shard_size="200KB")
+        assert len(list(out.glob("*.safetensors"))) > 2, model_type
+        families.append(str(out))
+    return [str(demo_model), str(sharded), str(bare), str(torchbin), f"{demo_model}:bf16", *families]
 
 
 def _larger_model(root: Path) -> Path:
@@ -46,13 +53,14 @@ def _larger_model(root: Path) -> Path:
     return d
 
 
-def test_zero3_load_exact_and_partitioned(tmp_path: Path, demo_model: Path) -> None:
+def test_zero3_load_exact_and_partitioned(tmp_path: Path, demo_model: Path, family_models: dict) -> None:
     larger = _larger_model(tmp_path)
-    specs = [*_variants(demo_model, tmp_path), str(larger), f"{larger}:fp32:hf"]
+    specs = [*_variants(demo_model, tmp_path, family_models), str(larger), f"{larger}:fp32:hf"]
     out = tmp_path / "res.json"
     check(launch([str(out), *specs], nproc=2, script="tests/probe_zero_load.py"))
     results = json.loads(out.read_text())
     assert len(results) == len(specs)
+    assert {r["model_type"] for r in results} == {"bloom", *family_models}
     for r in results:
         assert r["max_diff"] == 0.0, r
         mib = [round(x / 2**20, 1) for x in r["rss_growth"]]

@@ -20,6 +20,7 @@ from .archs import ARCHS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 SHOW_CHARS = 200
@@ -107,7 +108,8 @@ class ModelSection:
     tokenizer: str | None = None
     """Tokenizer dir or hub name; defaults to ``model.path``."""
     arch: str | None = None
-    """Bloom family architecture (bloom-560m, bloom-1b1, bloom-1b7, bloom-3b, bloom-7b1, bloom, bloom-1b4-zh), so
+    """A shipped shape (Bloom: bloom-560m .. bloom, bloom-1b4-zh; llama-3.2-1b/3b, llama-3.1-8b/70b;
+    qwen2.5-0.5b .. qwen2.5-72b; mistral-7b, mistral-7b-v0.3; all in ``ia3_dist/config/archs.py``), so
     ``ia3-dist plan`` works without weights or network."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) for model and tokenizer."""
@@ -194,6 +196,9 @@ class DataSection:
     cache_dir: str | None = None
     """Where tokenized data (and the demo assets) are cached; default ``$IA3_DIST_CACHE`` or
     ``~/.cache/ia3-dist``."""
+    require_prepared: bool = False
+    """true: a run whose token cache is missing stops (exit 2, before the process group starts) instead of
+    tokenizing in the job; build the cache first with ``ia3-dist prepare`` (e.g. on a login or CPU node)."""
 
     def __post_init__(self) -> None:
         _in_range("data.max_length", self.max_length, 2, 1 << 20)
@@ -231,6 +236,9 @@ class DataSection:
             fail("data.response_prefix", f"{len(self.response_prefix)} characters; at most {MAX_TEXT}")
 
 
+IA3_VARIANTS = ("default", "paper")
+
+
 @dataclass
 class IA3Section:
     target_modules: list[str] | None = None
@@ -238,8 +246,19 @@ class IA3Section:
     (Bloom: ``query_key_value``, ``mlp.dense_4h_to_h``)."""
     feedforward_modules: list[str] | None = None
     """Subset of target modules scaled on their input; null uses PEFT's default (Bloom: ``mlp.dense_4h_to_h``)."""
+    variant: str = "default"
+    """``default``: PEFT's IA3 as configured above. ``paper``: the IA3 paper's choice, keys, values and the MLP's
+    inner activations but not queries. Where q, k and v are one fused Linear (Bloom, GPT-NeoX
+    ``query_key_value``) its vector keeps the full size and the query entries stay exactly 1.0; on separate
+    projections the targets are ``k_proj``, ``v_proj`` and ``down_proj`` (Llama, Mistral: PEFT's default already;
+    Qwen2: PEFT's default scales ``q_proj`` instead of ``k_proj``). Sets the targets itself."""
 
     def __post_init__(self) -> None:
+        if self.variant not in IA3_VARIANTS:
+            fail("ia3.variant", f"must be one of {'|'.join(IA3_VARIANTS)}, got {show(self.variant)}")
+        if self.variant == "paper" and self.target_modules is not None:
+            fail("ia3.variant", "paper chooses the target modules itself; set ia3.target_modules to null or use "
+                                "ia3.variant=default")
         for key in ("target_modules", "feedforward_modules"):
             names = getattr(self, key)
             if names is not None and not all(names):
@@ -257,8 +276,11 @@ class IA3Section:
 
 @dataclass
 class TrainSection:
-    micro_batch_size: int = 1
-    """Examples per rank per forward pass."""
+    micro_batch_size: int | str = 1
+    """Examples per rank per forward pass, or ``auto``: the largest micro-batch that fits among the divisors of
+    ``grad_accum`` (plan's memory model, then one probe step on the longest examples; ZeRO-3: the plan alone).
+    ``grad_accum`` then counts examples per rank per optimizer step and the accumulation becomes grad_accum /
+    micro-batch, so the global batch stays grad_accum x world size. A resumed run keeps its checkpoint's."""
     grad_accum: int = 8
     """Micro-batches per rank per optimizer step. Global batch = micro_batch_size x grad_accum x world size."""
     lr: float = 3e-3
@@ -325,7 +347,11 @@ class TrainSection:
 
     def __post_init__(self) -> None:
         # Upper bounds: a micro-batch or accumulation count of 10**12 would make preflight plan 10**12 micro-steps.
-        _in_range("train.micro_batch_size", self.micro_batch_size, 1, 65536)
+        if isinstance(self.micro_batch_size, str):
+            if self.micro_batch_size != "auto":
+                fail("train.micro_batch_size", f"must be a positive integer or auto, got {show(self.micro_batch_size)}")
+        else:
+            _in_range("train.micro_batch_size", self.micro_batch_size, 1, 65536)
         _in_range("train.grad_accum", self.grad_accum, 1, 65536)
         _in_range("train.epochs", self.epochs, 1, 10**6)
         _in_range("train.log_every", self.log_every, 1, MAX_STEPS)
@@ -392,10 +418,32 @@ class OutputSection:
     overwrite: bool = False
     """Start over in an output dir that holds another run of ours: only the files ia3-dist wrote there (listed in
     its ``.ia3-dist-run.json``) are removed; a dir holding anything else is refused, overwrite or not."""
+    report_to: list[str] | None = None
+    """Experiment trackers that get every line of metrics.jsonl (rank 0 only): any of ``tensorboard`` (event files
+    in ``<output.dir>/tensorboard``), ``wandb`` (honours ``WANDB_MODE``; offline under Slurm unless it is set),
+    ``mlflow`` (honours ``MLFLOW_TRACKING_URI``; default a SQLite store in ``<output.dir>/mlflow``). ``[]`` or
+    ``none``: no tracker. null: tensorboard if it is installed."""
+    project: str = "ia3-dist"
+    """wandb project and MLflow experiment the run is reported to."""
+    run_name: str | None = None
+    """wandb and MLflow run name; null: the output dir's name."""
 
     def __post_init__(self) -> None:
         if not self.dir:
             fail("output.dir", "must be a directory path")
+        if self.report_to == ["none"]:
+            self.report_to = []
+        if self.report_to is not None:
+            unknown = [t for t in self.report_to if t not in TRACKERS]
+            if unknown:
+                fail("output.report_to", f"unknown tracker(s) {show(unknown)}; choose from {', '.join(TRACKERS)} "
+                                         f"(a list, e.g. [tensorboard, wandb]), or [] for none")
+            if len(set(self.report_to)) != len(self.report_to):
+                fail("output.report_to", f"names a tracker twice: {show(self.report_to)}")
+        if not self.project.strip():
+            fail("output.project", "must be a non-empty name")
+        if self.run_name is not None and not self.run_name.strip():
+            fail("output.run_name", "must be a non-empty name, or null for the output dir's name")
 
 
 @dataclass

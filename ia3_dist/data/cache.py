@@ -17,13 +17,27 @@ def cache_root(cfg: DataSection) -> Path:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path, required: bool = True) -> Iterator[None]:
     """Exclusive lock shared by every process on the node (and on a shared filesystem that supports flock), so
-    one rank builds a cache entry while the others wait on a file, never on a collective with a timeout."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
+    one rank builds a cache entry while the others wait on a file, never on a collective with a timeout.
+    ``required=False``: where the lock cannot be taken (read-only dir, a filesystem without flock), go on
+    without it; for callers whose correctness does not rest on it."""
+    fh = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")  # noqa: SIM115 - closed below
         fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    except OSError:
+        if fh is not None:
+            fh.close()
+        if required:
+            raise
+        fh = None
+    if fh is None:
+        yield
+        return
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()

@@ -27,7 +27,7 @@ from .formats import (
     undetected,
 )
 
-__all__ = ["MAX_JSON_BYTES", "MAX_RECORD_BYTES", "Conversation", "Records", "Turn", "load_records"]
+__all__ = ["MAX_JSON_BYTES", "MAX_RECORD_BYTES", "Conversation", "RecordStream", "Records", "Turn", "load_records"]
 
 # One JSONL line (or one record's text together, in characters) may be at most this long: lines are read with a
 # bounded readline, so a file with no newlines fails here instead of being read whole into memory.
@@ -37,8 +37,10 @@ MAX_JSON_BYTES = 1 << 30
 # Rows per batch read from Parquet files and Arrow datasets (each batch becomes Python dicts).
 BATCH_ROWS = 256
 SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+# Messages kept for skipped records (all are counted): a badly broken large file must not fill memory with them.
+MAX_SKIPPED_KEPT = 1000
 # Bump when the same files and settings come to mean different conversations.
-RECORDS_VERSION = 2
+RECORDS_VERSION = 3
 
 
 @dataclass
@@ -85,13 +87,15 @@ class _Collector:
 
     def __init__(self, policy: str) -> None:
         self.policy = policy
-        self.rows: list[Conversation] = []
         self.skipped: list[str] = []
+        self.n_skipped = 0
 
     def bad(self, err: UsageError) -> None:
         if self.policy == "error":
             raise UsageError(f"{err} (or set data.on_bad_record=skip to drop bad records)") from None
-        self.skipped.append(str(err))
+        self.n_skipped += 1
+        if len(self.skipped) < MAX_SKIPPED_KEPT:
+            self.skipped.append(str(err))
 
 
 class _Source:
@@ -104,13 +108,13 @@ class _Source:
         self.seen: set[str] = set()  # renamed optional columns some record has
         self.first_keys: list[Any] | None = None
 
-    def add(self, rec: Any, where: str) -> None:
+    def add(self, rec: Any, where: str) -> Conversation | None:
+        """The record as a conversation, or None when it is bad and skipped."""
         try:
-            conv = self._convert(rec, where)
+            return self._convert(rec, where)
         except UsageError as e:
             self.c.bad(e)
-        else:
-            self.c.rows.append(conv)
+            return None
 
     def _convert(self, rec: Any, where: str) -> Conversation:
         if not isinstance(rec, dict):
@@ -166,7 +170,11 @@ def _too_big_json(p: Path, size: str) -> UsageError:
                       f"Write one record per line as .jsonl, which is read a line at a time")
 
 
-def _read_json(p: Path, src: _Source) -> None:
+Rows = Iterator[tuple[Any, str]]
+"""What a reader yields: each raw record and where it is (for messages)."""
+
+
+def _read_json(p: Path, src: _Source) -> Rows:
     with _open(p) as fh:
         size = os.fstat(fh.fileno()).st_size
         if size > MAX_JSON_BYTES:
@@ -197,7 +205,7 @@ def _read_json(p: Path, src: _Source) -> None:
         raise UsageError(f"{p}: expected a JSON list of records, got {type(data).__name__} "
                          f"(use .jsonl for one record per line)")
     for i, r in enumerate(data):
-        src.add(r, f"{p}: record {i}")
+        yield r, f"{p}: record {i}"
     src.check_mapped_seen()
 
 
@@ -222,7 +230,7 @@ def _lines(p: Path, fh: Any, c: _Collector) -> Any:
         yield n, raw
 
 
-def _read_jsonl(p: Path, src: _Source) -> None:
+def _read_jsonl(p: Path, src: _Source) -> Rows:
     c = src.c
     with _open(p) as fh:
         for n, raw in _lines(p, fh, c):
@@ -244,7 +252,7 @@ def _read_jsonl(p: Path, src: _Source) -> None:
             except RecursionError:
                 c.bad(UsageError(f"{p}:{n}: JSON nested too deeply"))
                 continue
-            src.add(rec, f"{p}:{n}")
+            yield rec, f"{p}:{n}"
     src.check_mapped_seen()
 
 
@@ -280,14 +288,14 @@ def _dict_rows(batch: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, vals)) for vals in zip(*batch.values())]
 
 
-def _read_dataset(ds: Any, src: _Source, kind: str = "dataset") -> None:
+def _read_dataset(ds: Any, src: _Source, kind: str = "dataset") -> Rows:
     src.check_columns(list(ds.column_names))
     rows = _guarded(iter(ds.iter(batch_size=BATCH_ROWS)), _dict_rows, src.name, kind)
     for i, row in enumerate(rows):
-        src.add(row, f"{src.name}: record {i}")
+        yield row, f"{src.name}: record {i}"
 
 
-def _read_parquet(p: Path, src: _Source) -> None:
+def _read_parquet(p: Path, src: _Source) -> Rows:
     import pyarrow.parquet as pq
 
     with _open(p) as fh:
@@ -299,10 +307,10 @@ def _read_parquet(p: Path, src: _Source) -> None:
             raise _broken(p, "Parquet", e) from None
         src.check_columns(names)
         for i, row in enumerate(_guarded(batches, lambda b: b.to_pylist(), p, "Parquet")):
-            src.add(row, f"{p}: record {i}")
+            yield row, f"{p}: record {i}"
 
 
-def _read_csv(p: Path, src: _Source) -> None:
+def _read_csv(p: Path, src: _Source) -> Rows:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -325,10 +333,10 @@ def _read_csv(p: Path, src: _Source) -> None:
             raise _broken(p, "CSV", e) from None
         with reader:
             for i, row in enumerate(_guarded(iter(reader), lambda b: b.to_pylist(), p, "CSV")):
-                src.add(row, f"{p}: record {i}")
+                yield row, f"{p}: record {i}"
 
 
-def _read_arrow(p: Path, src: _Source) -> None:
+def _read_arrow(p: Path, src: _Source) -> Rows:
     import datasets
 
     _open(p).close()  # a readable file, or the usual message
@@ -336,20 +344,31 @@ def _read_arrow(p: Path, src: _Source) -> None:
         ds = datasets.Dataset.from_file(str(p))
     except Exception as e:  # not an Arrow stream, truncated, ...
         raise _broken(p, "Arrow", e) from None
-    _read_dataset(ds, src, "Arrow")
+    yield from _read_dataset(ds, src, "Arrow")
 
 
-READERS: dict[str, Callable[[Path, _Source], None]] = {
+READERS: dict[str, Callable[[Path, _Source], Rows]] = {
     ".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet, ".csv": _read_csv, ".arrow": _read_arrow}
 
 
-def _read_source(path: str, cfg: DataSection, cols: Columns, c: _Collector) -> tuple[str, str, str | None]:
-    """Read one ``data.path`` entry into ``c``; returns its name, its content hash and the format read."""
+@dataclass
+class _Resolved:
+    """One ``data.path`` entry, checked and hashed before any record is read."""
+
+    name: str
+    digest: str
+    path: Path | None = None
+    """A data file (read by its suffix's reader)."""
+    dataset: Any = None
+    """A save_to_disk dir or hub dataset (Arrow, memory-mapped)."""
+
+
+def _resolve(path: str, cfg: DataSection) -> _Resolved:
+    """Check one ``data.path`` entry and hash its content (the file is read in 1 MiB blocks, never held)."""
     p = Path(path).expanduser()
     if p.is_dir():
         import datasets
 
-        src = _Source(str(p), cfg, cols, c)
         if not ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
                 or (p / "state.json").exists()):
             raise UsageError(f"{p}: directory is not a datasets save_to_disk dataset (no dataset_info.json, "
@@ -363,57 +382,102 @@ def _read_source(path: str, cfg: DataSection, cols: Columns, c: _Collector) -> t
             if cfg.split not in ds:
                 raise UsageError(f"{p}: no split '{cfg.split}' (has {list(ds)}); set data.split")
             ds = ds[cfg.split]
-        h = hashlib.sha256()
+        h = hashlib.sha256(f"dir:{cfg.split}\n".encode())
         _hash_path(p, h)
-        _read_dataset(ds, src)
-    elif p.is_file():
-        reader = READERS.get(p.suffix.lower())
-        if reader is None:
+        return _Resolved(str(p), h.hexdigest(), dataset=ds)
+    if p.is_file():
+        if p.suffix.lower() not in READERS:
             raise UsageError(f"{p}: unknown data format '{p.suffix}'; use {', '.join(SUFFIXES)} or a save_to_disk "
                              f"dir")
-        src = _Source(str(p), cfg, cols, c)
-        reader(p, src)
-        # Hashed after reading, so a file over the size limits is refused before it is scanned end to end.
-        h = hashlib.sha256()
+        if p.suffix.lower() == ".json":
+            # Refused before the file is hashed end to end.
+            with _open(p) as fh:
+                size = os.fstat(fh.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise _too_big_json(p, str(size))
+        h = hashlib.sha256(f"file:{p.suffix.lower()}\n".encode())
         _hash_path(p, h)
-    elif p.exists():
+        return _Resolved(str(p), h.hexdigest(), path=p)
+    if p.exists():
         raise UsageError(f"data.path {path}: not a regular file or directory (a device, pipe or socket); "
                          f"point it at a data file ({', '.join(SUFFIXES)}) or a save_to_disk dir")
-    elif p.suffix.lower() in SUFFIXES or path.startswith((".", "/", "~")):
+    if p.suffix.lower() in SUFFIXES or path.startswith((".", "/", "~")):
         raise UsageError(f"data.path {path}: file not found")
-    else:
-        import datasets
+    import datasets
 
-        src = _Source(path, cfg, cols, c)
-        try:
-            ds = datasets.load_dataset(path, split=cfg.split)
-        except Exception as e:  # offline, missing or private dataset: all mean "cannot use this name"
-            raise UsageError(f"data.path {path}: not a local file/dir and the hub dataset could not be "
-                             f"loaded ({type(e).__name__}: {_one_line(e)})") from None
-        h = hashlib.sha256(f"hub:{path}:{cfg.split}:{getattr(ds, '_fingerprint', '')}".encode())
-        _read_dataset(ds, src)
-    return src.name, h.hexdigest(), src.fmt
+    try:
+        ds = datasets.load_dataset(path, split=cfg.split)
+    except Exception as e:  # offline, missing or private dataset: all mean "cannot use this name"
+        raise UsageError(f"data.path {path}: not a local file/dir and the hub dataset could not be "
+                         f"loaded ({type(e).__name__}: {_one_line(e)})") from None
+    digest = hashlib.sha256(f"hub:{path}:{cfg.split}:{getattr(ds, '_fingerprint', '')}".encode()).hexdigest()
+    return _Resolved(path, digest, dataset=ds)
+
+
+def _rows(r: _Resolved, src: _Source) -> Rows:
+    if r.path is not None:
+        return READERS[r.path.suffix.lower()](r.path, src)
+    return _read_dataset(r.dataset, src)
+
+
+class RecordStream:
+    """The conversations named by ``data.path`` (one source or a list, concatenated in order, each in its own
+    format), read one record at a time: memory does not grow with the dataset. Constructing it checks and hashes
+    every source (the :attr:`fingerprint` a cache is keyed by) without reading a record; iterating reads them,
+    counting skips (``data.on_bad_record=skip``) in :attr:`skipped` and each source's format in :attr:`formats`.
+    Every problem is a :class:`UsageError` naming file and record."""
+
+    def __init__(self, cfg: DataSection) -> None:
+        self.cfg = cfg
+        paths = cfg.path if isinstance(cfg.path, list) else [cfg.path]
+        self.sources = [_resolve(path, cfg) for path in paths]
+        self.names = [s.name for s in self.sources]
+        self.source = ", ".join(self.names)
+        # The settings that change what the same bytes mean are part of the content hash (the cache key).
+        h = hashlib.sha256(json.dumps({"v": RECORDS_VERSION, "format": cfg.format, "columns": cfg.columns or {}},
+                                      sort_keys=True).encode())
+        for s in self.sources:
+            h.update(f"{s.digest}\n".encode())
+        self.fingerprint = h.hexdigest()
+        self.formats: dict[str, str] = {}
+        self.count = 0
+        self._c = _Collector(cfg.on_bad_record)
+
+    @property
+    def skipped(self) -> list[str]:
+        """Messages of the first :data:`MAX_SKIPPED_KEPT` records skipped (``data.on_bad_record=skip``)."""
+        return self._c.skipped
+
+    @property
+    def n_skipped(self) -> int:
+        return self._c.n_skipped
+
+    def __iter__(self) -> Iterator[Conversation]:
+        cols = Columns(self.cfg.columns)
+        c = self._c = _Collector(self.cfg.on_bad_record)
+        self.formats, self.count = {}, 0
+        limit = self.cfg.limit
+        for r in self.sources:
+            src = _Source(r.name, self.cfg, cols, c)
+            try:
+                for rec, where in _rows(r, src):
+                    conv = src.add(rec, where)
+                    if conv is None:
+                        continue
+                    self.count += 1
+                    yield conv
+                    if limit is not None and self.count >= limit:
+                        return
+            finally:
+                if src.fmt is not None:
+                    self.formats[r.name] = src.fmt
+        if not self.count:
+            extra = f" ({c.n_skipped} bad records skipped)" if c.n_skipped else ""
+            raise UsageError(f"{self.source}: the dataset has no usable records{extra}")
 
 
 def load_records(cfg: DataSection) -> Records:
-    """Read the records named by ``data.path`` (one source or a list, concatenated in order, each in its own
-    format) as conversations; every problem is a :class:`UsageError` naming file and record."""
-    paths = cfg.path if isinstance(cfg.path, list) else [cfg.path]
-    cols = Columns(cfg.columns)
-    c = _Collector(cfg.on_bad_record)
-    # The settings that change what the same bytes mean are part of the content hash (the cache key).
-    h = hashlib.sha256(json.dumps({"v": RECORDS_VERSION, "format": cfg.format, "columns": cfg.columns or {}},
-                                  sort_keys=True).encode())
-    names, formats = [], {}
-    for path in paths:
-        name, digest, fmt = _read_source(path, cfg, cols, c)
-        h.update(f"{digest}:{fmt}\n".encode())
-        names.append(name)
-        if fmt is not None:
-            formats[name] = fmt
-    source = ", ".join(names)
-    rows = c.rows[: cfg.limit] if cfg.limit is not None else c.rows
-    if not rows:
-        extra = f" ({len(c.skipped)} bad records skipped)" if c.skipped else ""
-        raise UsageError(f"{source}: the dataset has no usable records{extra}")
-    return Records(rows, source, h.hexdigest(), c.skipped, formats)
+    """All of :class:`RecordStream` in a list (small data, tests); training streams instead."""
+    stream = RecordStream(cfg)
+    rows = list(stream)
+    return Records(rows, stream.source, stream.fingerprint, stream.skipped, stream.formats)

@@ -6,20 +6,23 @@ For a single-turn record this is the reference recipe's ``process_func`` done in
     ids = tok(prompt).input_ids + tok(output + eos).input_ids     # labels -100 over the prompt
     truncate ids, attention mask and labels to max_length
 
-and a multi-turn conversation is its template's segments (see template.py), each tokenized alone. The cache stores
-flat ids, offsets and a per-token label mask (numpy), keyed by a content hash of the data, the tokenizer, the
-template, the truncation settings and the max length.
+and a multi-turn conversation is its template's segments (see template.py), each tokenized alone. Records stream
+through in chunks (in ``data.num_proc`` processes), so memory does not grow with the dataset; the result is the
+token cache of :mod:`.token_cache`, which ranks read memory-mapped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
+import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -27,12 +30,14 @@ import numpy as np
 from ..config import DataSection
 from ..errors import UsageError
 from .cache import cache_root, file_lock
-from .records import Records, load_records
+from .records import Conversation, Records, RecordStream
 from .template import Template
+from .tokens import IGNORE_INDEX, Chunk, TokenizedData  # noqa: F401 - IGNORE_INDEX re-exported
 
-IGNORE_INDEX = -100
 # Bump when the cached format or the preprocessing changes meaning.
-CACHE_VERSION = 3
+CACHE_VERSION = 4
+# Records per chunk: a worker's unit of work, and what bounds the memory of tokenizing.
+CHUNK_RECORDS = 2000
 
 
 def tokenizer_fingerprint(tok: Any) -> str:
@@ -42,52 +47,6 @@ def tokenizer_fingerprint(tok: Any) -> str:
              .encode())
     h.update(repr((tok.eos_token, tok.pad_token, type(tok).__name__)).encode())
     return h.hexdigest()
-
-
-@dataclass
-class TokenizedData:
-    """Flat token ids with offsets, and a flat per-token label mask: labels are the ids where the mask is set and
-    ``IGNORE_INDEX`` elsewhere."""
-
-    ids: np.ndarray          # int32, all examples back to back
-    offsets: np.ndarray      # int64, len n+1
-    label_mask: np.ndarray   # uint8, one per token: 1 where the token is a label
-    n_records: int           # before dropping
-    dropped: np.ndarray      # record indices dropped (no label token after truncation, data.unlabeled=drop)
-    truncated: int           # examples cut at max_length
-    unlabeled: int = 0       # examples with no label token after truncation (dropped or kept)
-    seconds: float = 0.0     # tokenization time (0 when served from cache)
-    cache_file: str = ""
-    skipped: list[str] = field(default_factory=list)  # bad records skipped (data.on_bad_record=skip)
-    formats: dict[str, str] = field(default_factory=dict)  # source file -> record format read from it
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def label_tokens(self) -> int:
-        """Label tokens the loss sees: position 0 of an example is never predicted."""
-        return int(self.label_mask.sum()) - int(self.label_mask[self.offsets[:-1]].sum()) if len(self) else 0
-
-    def subset(self, idx: Sequence[int]) -> TokenizedData:
-        """The examples at ``idx``, in that order (train/eval splits)."""
-        idx = np.asarray(idx, dtype=np.int64)
-        offsets = _offsets(self.lengths[idx])
-        pick = [slice(self.offsets[i], self.offsets[i + 1]) for i in idx]
-        ids = np.concatenate([self.ids[s] for s in pick]) if len(idx) else self.ids[:0]
-        mask = np.concatenate([self.label_mask[s] for s in pick]) if len(idx) else self.label_mask[:0]
-        return TokenizedData(ids=ids, offsets=offsets, label_mask=mask, n_records=len(idx),
-                             dropped=self.dropped[:0], truncated=0, cache_file=self.cache_file)
-
-    def example(self, i: int) -> tuple[list[int], list[int], list[int]]:
-        """``(input_ids, attention_mask, labels)`` exactly as the reference recipe returns them."""
-        s = slice(self.offsets[i], self.offsets[i + 1])
-        ids = self.ids[s]
-        labels = np.where(self.label_mask[s].astype(bool), ids, IGNORE_INDEX)
-        return ids.tolist(), [1] * len(ids), labels.tolist()
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -111,13 +70,11 @@ def truncate(ids: list[int], mask: list[int], last_response: int, max_length: in
     return ids[:max_length], mask[:max_length]
 
 
-def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], int, int]:
-    """Per-example segment ids -> (flat ids, flat label mask, lengths, dropped record indices, truncated count,
-    unlabeled count)."""
+def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection) -> Chunk:
+    """Per-example segment ids -> one :class:`Chunk` (truncated, masked, unlabeled examples dropped or kept)."""
     flat: list[int] = []
     flat_mask: list[int] = []
-    lens, dropped = [], []
+    lens, counts, dropped = [], [], []
     truncated = unlabeled = 0
     for j, segs in enumerate(examples):
         ids: list[int] = []
@@ -133,7 +90,8 @@ def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection
             ids, mask = truncate(ids, mask, last_response, cfg.max_length, cfg.truncation)
         # No label past position 0 (which is never predicted): no loss signal. The reference recipe keeps such
         # examples in its batches (zero contribution); dropping them saves their compute.
-        if not any(mask[1:]):
+        n_labels = sum(mask[1:])
+        if not n_labels:
             unlabeled += 1
             if cfg.unlabeled == "drop":
                 dropped.append(j)
@@ -141,8 +99,10 @@ def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection
         flat += ids
         flat_mask += mask
         lens.append(len(ids))
-    return (np.asarray(flat, dtype=np.int32), np.asarray(flat_mask, dtype=np.uint8),
-            np.asarray(lens, dtype=np.int64), dropped, truncated, unlabeled)
+        counts.append(n_labels)
+    return Chunk(len(examples), np.asarray(flat, dtype=np.int32), np.asarray(flat_mask, dtype=np.uint8),
+                 np.asarray(lens, dtype=np.int64), np.asarray(counts, dtype=np.int32),
+                 np.asarray(dropped, dtype=np.int64), truncated, unlabeled)
 
 
 _WORKER: dict[str, Any] = {}
@@ -161,78 +121,230 @@ def _encoder(tok: Any, add_special_tokens: bool = True) -> Any:
     return lambda texts: [e.ids for e in bt.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
 
-def _worker_init(tok: Any, add_special_tokens: bool) -> None:
-    _WORKER["encode"] = _encoder(tok, add_special_tokens)
+class _ChunkTokenizer:
+    """Conversations -> :class:`Chunk`: every conversation rendered to labelled segments by the template, each
+    distinct segment text of the chunk encoded once (datasets repeat instructions, empty inputs and system
+    prompts), then concatenated, truncated and masked per example."""
+
+    def __init__(self, tok: Any, cfg: DataSection) -> None:
+        self.tok, self.cfg = tok, cfg
+        self.template = Template.of(cfg, tok)
+        self.encode = _encoder(tok, self.template.add_special_tokens)
+
+    def __call__(self, convs: list[Conversation]) -> Chunk:
+        rendered = [self.template.segments(conv, self.tok, self.cfg.train_on) for conv in convs]
+        uniq = list(dict.fromkeys(text for segs in rendered for text, _ in segs))
+        ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
+        return _pack([[(ids_of[text], is_label) for text, is_label in segs] for segs in rendered], self.cfg)
 
 
-def _worker_task(texts: list[str]) -> list[list[int]]:
-    return _WORKER["encode"](texts)
+def _worker_init(tok: Any, cfg: DataSection) -> None:
+    _WORKER["run"] = _ChunkTokenizer(tok, cfg)
 
 
-def encode_texts(texts: list[str], tok: Any, add_special_tokens: bool, num_proc: int, chunk: int = 4000
-                 ) -> list[list[int]]:
-    """Ids of each text, in ``num_proc`` processes for large inputs (0: one per available core)."""
-    chunks = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
-    procs = num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-    procs = min(procs, len(chunks))
-    if procs > 1:
+def _worker_task(convs: list[Conversation]) -> Chunk:
+    return _WORKER["run"](convs)
+
+
+def _chunks(convs: Iterable[Conversation], size: int) -> Iterator[list[Conversation]]:
+    buf: list[Conversation] = []
+    for conv in convs:
+        buf.append(conv)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _procs(num_proc: int) -> int:
+    return num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def tokenize_stream(convs: Iterable[Conversation], tok: Any, cfg: DataSection, sink: Callable[[Chunk], None],
+                    chunk: int = CHUNK_RECORDS, progress: bool = False) -> int:
+    """Tokenize ``convs`` chunk by chunk, handing each :class:`Chunk` to ``sink`` in record order; returns the
+    record count. Records are read here, in this process, only as fast as ``data.num_proc`` workers tokenize
+    them (at most two chunks per worker in flight), so memory is bounded by the chunk size, not the dataset."""
+    run = _ChunkTokenizer(tok, cfg)  # checks the template before any worker starts
+    bar = _progress(progress)
+    n = 0
+
+    def emit(c: Chunk) -> None:
+        nonlocal n
+        sink(c)
+        n += c.n_records
+        if bar is not None:
+            bar.update(c.n_records)
+
+    try:
+        it = _chunks(convs, chunk)
+        first = next(it, None)
+        if first is None:
+            return 0
+        second = next(it, None)
+        procs = _procs(cfg.num_proc)
+        if second is None or procs <= 1:
+            for part in _prepend(first, second, it):
+                emit(run(part))
+            return n
         import multiprocessing as mp
 
-        # fork: workers inherit the tokenizer instead of unpickling it.
-        with mp.get_context("fork").Pool(procs, initializer=_worker_init, initargs=(tok, add_special_tokens)) as pool:
-            return [ids for part in pool.map(_worker_task, chunks) for ids in part]
-    enc = _encoder(tok, add_special_tokens)
-    return [ids for part in chunks for ids in enc(part)]
+        # fork: workers inherit the tokenizer instead of unpickling it. Results come back in submission order.
+        with mp.get_context("fork").Pool(procs, initializer=_worker_init, initargs=(tok, cfg)) as pool:
+            pending: deque[Any] = deque()
+            for part in _prepend(first, second, it):
+                pending.append(pool.apply_async(_worker_task, (part,)))
+                while len(pending) >= 2 * procs:
+                    emit(pending.popleft().get())
+            while pending:
+                emit(pending.popleft().get())
+        return n
+    finally:
+        if bar is not None:
+            bar.close()
 
 
-def tokenize(records: Records, tok: Any, cfg: DataSection, chunk: int = 4000) -> TokenizedData:
-    """Every conversation rendered to labelled segments by the template, each distinct segment text encoded once
-    (datasets repeat instructions, empty inputs, system prompts and whole records), then concatenated, truncated
-    and masked per example."""
+def _prepend(first: list[Conversation], second: list[Conversation] | None, rest: Iterator[list[Conversation]]
+             ) -> Iterator[list[Conversation]]:
+    """The chunks again, after the first two were taken to decide whether workers pay off."""
+    yield first
+    if second is not None:
+        yield second
+        yield from rest
+
+
+def _progress(show: bool) -> Any:
+    """A records/s progress bar on stderr (updates every second on a terminal, every 30 s in a log file), shown
+    only once tokenizing has taken a few seconds: small data keeps a clean log."""
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(desc="tokenizing", unit=" records", unit_scale=True, file=sys.stderr, mininterval=1 if tty else 30,
+                dynamic_ncols=tty, delay=3)
+
+
+class _Collect:
+    """A sink that keeps every chunk in memory (small data: the demo, tests)."""
+
+    def __init__(self) -> None:
+        self.parts: list[Chunk] = []
+
+    def __call__(self, c: Chunk) -> None:
+        self.parts.append(c)
+
+
+def tokenize(records: Records, tok: Any, cfg: DataSection, chunk: int = CHUNK_RECORDS) -> TokenizedData:
+    """Tokenize in memory (small data: the demo, tests); a dataset for training goes through the token cache
+    (:func:`load_or_tokenize`)."""
     t0 = time.perf_counter()
-    template = Template.of(cfg, tok)
-    rendered = [template.segments(conv, tok, cfg.train_on) for conv in records.examples]
-    uniq = list(dict.fromkeys(text for segs in rendered for text, _ in segs))
-    ids_of = dict(zip(uniq, encode_texts(uniq, tok, template.add_special_tokens, cfg.num_proc, chunk), strict=True))
-    flat, mask, lens, dropped, truncated, unlabeled = _pack(
-        [[(ids_of[text], is_label) for text, is_label in segs] for segs in rendered], cfg)
+    sink = _Collect()
+    tokenize_stream(records.examples, tok, cfg, sink, chunk)
+    data = join_chunks(sink.parts, records.source, cfg)
+    data.seconds = time.perf_counter() - t0
+    data.skipped = list(records.skipped)
+    data.formats = dict(records.formats)
+    return data
+
+
+def join_chunks(parts: list[Chunk], source: str, cfg: DataSection) -> TokenizedData:
+    lens = np.concatenate([c.lengths for c in parts]) if parts else np.zeros(0, dtype=np.int64)
     if not len(lens):
-        raise UsageError(f"{records.source}: every record is all prompt after truncation to data.max_length="
-                         f"{cfg.max_length}; raise data.max_length (or data.truncation=prompt)")
-    return TokenizedData(ids=flat, offsets=_offsets(lens), label_mask=mask, n_records=len(records),
-                         dropped=np.asarray(dropped, dtype=np.int64), truncated=truncated, unlabeled=unlabeled,
-                         seconds=time.perf_counter() - t0, skipped=list(records.skipped))
+        raise no_examples(source, cfg)
+    base = np.cumsum([0] + [c.n_records for c in parts])
+    return TokenizedData(ids=np.concatenate([c.ids for c in parts]), offsets=_offsets(lens),
+                         label_mask=np.concatenate([c.label_mask for c in parts]),
+                         n_records=int(base[-1]),
+                         dropped=np.concatenate([c.dropped + b for c, b in zip(parts, base, strict=False)]),
+                         truncated=sum(c.truncated for c in parts), unlabeled=sum(c.unlabeled for c in parts),
+                         label_counts=np.concatenate([c.label_counts for c in parts]))
 
 
-def cache_key(records: Records, tok: Any, cfg: DataSection) -> str:
+def no_examples(source: str, cfg: DataSection) -> UsageError:
+    return UsageError(f"{source}: every record is all prompt after truncation to data.max_length={cfg.max_length}; "
+                      f"raise data.max_length (or data.truncation=prompt)")
+
+
+def cache_key(fingerprint: str, tok: Any, cfg: DataSection) -> str:
+    """The token cache's name: a hash of the data's content, the tokenizer and every setting that changes the
+    tokens."""
     h = hashlib.sha256()
     h.update(json.dumps({
-        "v": CACHE_VERSION, "data": records.fingerprint, "tok": tokenizer_fingerprint(tok),
+        "v": CACHE_VERSION, "data": fingerprint, "tok": tokenizer_fingerprint(tok),
         "template": asdict(Template.of(cfg, tok)), "train_on": cfg.train_on, "truncation": cfg.truncation,
         "unlabeled": cfg.unlabeled, "max_length": cfg.max_length, "limit": cfg.limit, "bad": cfg.on_bad_record,
     }, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
-def load_or_tokenize(cfg: DataSection, tok: Any) -> TokenizedData:
-    """Tokenize once per content; concurrent ranks wait on a file lock while one of them builds the entry."""
-    records = load_records(cfg)
-    key = cache_key(records, tok, cfg)
-    d = cache_root(cfg) / "tokenized"
-    f = d / f"{key}.npz"
-    with file_lock(d / f"{key}.lock"):
-        if f.exists():
-            z = np.load(f)
-            return TokenizedData(ids=z["ids"], offsets=z["offsets"], label_mask=z["label_mask"],
-                                 n_records=int(z["n_records"]), dropped=z["dropped"],
-                                 truncated=int(z["truncated"]), unlabeled=int(z["unlabeled"]), cache_file=str(f),
-                                 # Same content, but perhaps another path: name this run's files.
-                                 skipped=list(records.skipped), formats=dict(records.formats))
-        data = tokenize(records, tok, cfg)
-        tmp = d / f".{key}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, ids=data.ids, offsets=data.offsets, label_mask=data.label_mask, n_records=data.n_records,
-                 dropped=data.dropped, truncated=data.truncated, unlabeled=data.unlabeled)
-        os.replace(tmp, f)
-        data.cache_file = str(f)
-        data.formats = dict(records.formats)
-        return data
+def _renamed(text: str, old: list[str], new: list[str]) -> str:
+    for a, b in zip(old, new, strict=False):
+        if a != b:
+            text = text.replace(a, b)
+    return text
+
+
+def load_or_tokenize(cfg: DataSection, tok: Any, *, build: bool | None = None, lock: bool = True,
+                     progress: bool = False) -> TokenizedData:
+    """The data's token cache, memory-mapped; tokenized into it first when there is none and ``build`` (default:
+    unless ``data.require_prepared``). ``lock``: processes of a node wait on a file lock so one of them
+    tokenizes (best effort: correctness rests on the atomic publish, see :mod:`.token_cache`)."""
+    from . import token_cache as tc
+
+    stream = RecordStream(cfg)
+    key = cache_key(stream.fingerprint, tok, cfg)
+    root = cache_root(cfg) / "tokenized"
+    final = root / key
+    got = tc.open_cache(final)
+    seconds = 0.0
+    if got is None:
+        if not (build if build is not None else not cfg.require_prepared):
+            raise UsageError(f"data.require_prepared: no prepared token cache for {stream.source} (expected "
+                             f"{final}, named by the data's content, the tokenizer and the data.* settings); run "
+                             f"`ia3-dist prepare --config <this config> [the same overrides]` first, with the same "
+                             f"data.cache_dir, or set data.require_prepared=false to tokenize in the job")
+        with file_lock(root / f"{key}.lock", required=False) if lock else contextlib.nullcontext():
+            got = tc.open_cache(final)
+            if got is None:
+                t0 = time.perf_counter()
+                _build(stream, tok, cfg, root, key, progress)
+                seconds = time.perf_counter() - t0
+                got = tc.open_cache(final)
+                if got is None:
+                    raise RuntimeError(f"{final}: missing right after it was written")
+    data, meta = got
+    data.seconds = seconds
+    old = list(meta.get("sources", []))
+    if old != stream.names:
+        # Same content under other names: messages and formats name this run's files.
+        data.skipped = [_renamed(m, old, stream.names) for m in data.skipped]
+        data.formats = {_renamed(k, old, stream.names): v for k, v in data.formats.items()}
+    return data
+
+
+def _build(stream: RecordStream, tok: Any, cfg: DataSection, root: Any, key: str, progress: bool) -> None:
+    from . import token_cache as tc
+
+    try:
+        w = tc.CacheWriter(root, key, len(tok))
+    except OSError as e:
+        raise UsageError(f"{root}: cannot write the token cache there ({e.strerror or e}); set data.cache_dir to a "
+                         f"writable directory") from None
+    try:
+        t0 = time.perf_counter()
+        tokenize_stream(stream, tok, cfg, w, CHUNK_RECORDS, progress)
+        if not w.n_tokens:
+            raise no_examples(stream.source, cfg)
+        seconds = time.perf_counter() - t0
+        w.commit({"sources": stream.names, "formats": stream.formats, "skipped": stream.skipped,
+                  "skipped_total": stream.n_skipped, "seconds": round(seconds, 3),
+                  "records_per_s": round(w.n_records / max(seconds, 1e-9), 1)})
+    except OSError as e:
+        w.abort()
+        raise UsageError(f"{w.tmp}: cannot write the token cache ({e.strerror or e}); free space there or set "
+                         f"data.cache_dir") from None
+    except BaseException:
+        w.abort()
+        raise

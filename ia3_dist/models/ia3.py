@@ -1,4 +1,4 @@
-"""The IA3 adapter (PEFT) on a base model, and its trainable-parameter line."""
+"""The IA3 adapter (PEFT) on a base model, its ``paper`` variant, and its trainable-parameter line."""
 
 from __future__ import annotations
 
@@ -6,34 +6,133 @@ import contextlib
 import io
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import IA3Section
+from ..config.archs import BLOCKS
 from ..errors import UsageError
 from .load import base_on_meta
 
+FIXED = "ia3_query_fixed"
+"""Buffer (not saved) on a fused q,k,v IA3 layer under ``ia3.variant: paper``: True at the query entries."""
 
-def ia3_config(section: IA3Section) -> Any:
+
+def paper_targets(model_type: str | None) -> tuple[list[str], list[str]] | None:
+    """``(target_modules, feedforward_modules)`` of ``ia3.variant: paper``; None where PEFT's default targets
+    stay (the fused families, whose query entries are fixed instead). Unknown families are refused."""
+    facts = BLOCKS.get(model_type or "")
+    if facts is None or (facts.fused_qkv is None and facts.paper_targets is None):
+        known = ", ".join(k for k, f in BLOCKS.items() if f.fused_qkv or f.paper_targets)
+        raise UsageError(f"ia3.variant: paper is defined for model types {known}; this model is "
+                         f"{model_type!r}: use ia3.variant=default (and ia3.target_modules to choose modules)")
+    if facts.paper_targets is None:
+        return None
+    return list(facts.paper_targets[0]), list(facts.paper_targets[1])
+
+
+def ia3_config(section: IA3Section, model_type: str | None = None) -> Any:
     from peft import IA3Config, TaskType
 
     kw: dict[str, Any] = {"task_type": TaskType.CAUSAL_LM}
     if section.target_modules is not None:
         kw["target_modules"] = list(section.target_modules)
         kw["feedforward_modules"] = list(section.feedforward_modules or [])
+    elif section.variant == "paper":
+        targets = paper_targets(model_type)
+        if targets is not None:
+            kw["target_modules"], kw["feedforward_modules"] = targets
     return IA3Config(**kw)
 
 
 def apply_ia3(model: nn.Module, section: IA3Section) -> Any:
     from peft import get_peft_model
 
+    model_type = getattr(model.config, "model_type", None)
     try:
-        return get_peft_model(model, ia3_config(section))
+        peft_model = get_peft_model(model, ia3_config(section, model_type))
     except ValueError as e:  # e.g. target modules not found in the model
         raise UsageError(f"ia3: {e}") from None
+    if section.variant == "paper":
+        fix_query_scales(peft_model, model_type)
+    return peft_model
+
+
+def query_entries(out_features: int, heads: int) -> torch.Tensor:
+    """True at the query entries of a fused q,k,v output laid out per head as [q, k, v] (Bloom's ``_reshape``
+    views it as (heads, 3, head_dim); GPT-NeoX as (heads, 3 * head_dim) and chunks it in three): not the
+    first third."""
+    if out_features % (3 * heads):
+        raise UsageError(f"ia3.variant: paper: a fused q,k,v of {out_features} outputs is not 3 x {heads} heads")
+    mask = torch.zeros(heads, 3, out_features // (3 * heads), dtype=torch.bool)
+    mask[:, 0] = True
+    return mask.flatten()
+
+
+def _paper_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """PEFT's IA3 ``Linear.forward`` (output scaling) with the query entries of the vector replaced by exactly
+    1.0: they never scale anything and get a zero gradient, whatever the optimizer (weight decay included) does
+    to the stored values, which :func:`fixed_state` resets on saving."""
+    if self.disable_adapters or self.merged or self.is_feedforward:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    scale: Any = 1
+    for name in self.active_adapters:
+        if name in self.ia3_l.keys():
+            scale = scale * self.ia3_l[name].flatten().masked_fill(getattr(self, FIXED), 1.0)
+    return (result * scale).to(result.dtype)
+
+
+def fix_query_scales(peft_model: Any, model_type: str | None) -> int:
+    """``ia3.variant: paper`` on a fused q,k,v: every IA3 layer on it scales keys and values only. Returns how
+    many layers were set."""
+    from peft.tuners.ia3.layer import Linear as IA3Linear
+
+    facts = BLOCKS.get(model_type or "")
+    if facts is None or facts.fused_qkv is None:
+        return 0
+    heads = peft_model.get_base_model().config.num_attention_heads
+    n = 0
+    for name, mod in peft_model.named_modules():
+        if isinstance(mod, IA3Linear) and name.rsplit(".", 1)[-1] == facts.fused_qkv:
+            if mod.is_feedforward:
+                raise UsageError(f"ia3.variant: paper: {name} is a fused q,k,v; it cannot be a feed-forward module")
+            dev = next(iter(mod.ia3_l.values())).device
+            mask = query_entries(mod.out_features, heads)
+            # On the meta device (plan) the mask stays countable on the CPU; it never meets a forward pass there.
+            mod.register_buffer(FIXED, mask if dev.type == "meta" else mask.to(dev), persistent=False)
+            mod.forward = _paper_forward.__get__(mod)
+            n += 1
+    return n
+
+
+def fixed_entries(peft_model: Any) -> dict[str, torch.Tensor]:
+    """Parameter name -> mask of its entries fixed at 1.0 (``ia3.variant: paper`` on a fused q,k,v)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in peft_model.named_modules():
+        mask = getattr(mod, FIXED, None)
+        if mask is not None:
+            for pname, _ in mod.ia3_l.named_parameters():
+                out[f"{name}.ia3_l.{pname}"] = mask
+    return out
+
+
+def trainable_text(trainable: int, total: int, fixed: int = 0) -> str:
+    """PEFT's ``print_trainable_parameters`` line; with entries fixed at 1.0, the trained count and a note."""
+    t = trainable - fixed
+    line = f"trainable params: {t:,d} || all params: {total:,d} || trainable%: {100 * t / total:.4f}"
+    if fixed:
+        line += f" (ia3.variant paper: {fixed:,d} query scales of the fused q,k,v fixed at 1.0, not trained)"
+    return line
 
 
 def trainable_line(peft_model: Any) -> str:
-    """PEFT's own ``print_trainable_parameters`` line, captured (it also counts ZeRO-3 partitioned params)."""
+    """PEFT's own ``print_trainable_parameters`` line, captured (it also counts ZeRO-3 partitioned params); under
+    ``ia3.variant: paper`` the trained count excludes the query entries fixed at 1.0."""
+    fixed = sum(int(m.sum()) for m in fixed_entries(peft_model).values())
+    if fixed:
+        t, n = peft_model.get_nb_trainable_parameters()
+        return trainable_text(t, n, fixed)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         peft_model.print_trainable_parameters()

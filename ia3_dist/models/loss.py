@@ -13,7 +13,8 @@ from ..data.tokenize import IGNORE_INDEX
 
 
 class RowSelector(Protocol):
-    """A family's hook that makes the last block compute only some rows (see ``families.bloom.LastMLPRows``)."""
+    """A family's hook that makes the last block compute only some rows: Bloom's returns just those rows
+    (``families.bloom.LastMLPRows``), the others every row with only those exact (``families.rows``)."""
 
     idx: torch.Tensor | None
 
@@ -62,6 +63,8 @@ class TokenSumLM(nn.Module):
                 hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
             finally:
                 self.rows.idx = None  # other callers of the model (eval via peft, generation) see every row
+            if hidden.dim() == 3:  # a selector that keeps every row (families.rows.ScatterMLPRows)
+                hidden = hidden[:, :-1][keep]
         return self.head_loss(lm, hidden, target[keep]), keep.sum()
 
     def head_loss(self, lm: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -33,9 +33,15 @@ def gather_trainable(peft_model: Any, is_main: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(peft_model: Any, out_dir: Path, is_main: bool) -> Path:
-    """Gather on all ranks, write on rank 0, then wait so no rank exits before the files exist."""
+def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str, torch.Tensor] | None = None) -> Path:
+    """Gather on all ranks, write on rank 0, then wait so no rank exits before the files exist. ``fixed``:
+    parameter name -> mask of entries the forward pass holds at exactly 1.0 (``ia3.variant: paper``); they are
+    written as 1.0 whatever the optimizer's weight decay did to the stored values, so the file is a plain IA3
+    vector that ``PeftModel.from_pretrained`` loads."""
     state = gather_trainable(peft_model, is_main)
+    for name, mask in (fixed or {}).items():
+        if name in state:
+            state[name] = state[name].masked_fill(mask.view(state[name].shape).cpu(), 1.0)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         peft_model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)

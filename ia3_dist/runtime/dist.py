@@ -116,6 +116,11 @@ def slurm_master(environ: Mapping[str, str], use_scontrol: bool = True) -> tuple
     return host, str(20000 + job % 20000)
 
 
+def under_slurm(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process runs in a Slurm job (compute nodes there often have no internet)."""
+    return bool((os.environ if environ is None else environ).get("SLURM_JOB_ID"))
+
+
 def init(env: DistEnv, timeout_minutes: int = 30) -> None:
     """Start the process group through DeepSpeed (gloo on CPU, nccl on GPU: DeepSpeed's accelerator picks)."""
     import deepspeed

@@ -4,11 +4,13 @@
 step ``step`` (1-based, the step in progress):
 
 - points: ``step`` (start of the step, before its stats all-reduce), ``save-begin`` (before a checkpoint write),
-  ``save`` (after this rank wrote its part, before the pointer moves);
+  ``save`` (after this rank wrote its part, before the pointer moves), ``probe`` (the ``micro_batch_size: auto``
+  probe; ``step`` is then the micro-batch being probed);
 - actions: ``kill`` (SIGKILL itself, the default), ``spin`` (a Python loop that never ends: a rank stuck in data
   loading or a deadlock in Python), ``collective`` (an all-reduce on a side group the other ranks never join: a
   rank stuck inside a collective), ``fill`` (grow the file ``IA3_DIST_FAULT_FILL`` names until its filesystem
-  is full: the next write there gets ENOSPC).
+  is full: the next write there gets ENOSPC), ``oom`` (raise ``torch.OutOfMemoryError``, as an allocation on a
+  full GPU does).
 
 Real processes do the real thing; the tests only pick where.
 """
@@ -25,7 +27,7 @@ from . import dist
 
 ENV = "IA3_DIST_FAULT"
 FILL_ENV = "IA3_DIST_FAULT_FILL"
-ACTIONS = ("kill", "spin", "collective", "fill")
+ACTIONS = ("kill", "spin", "collective", "fill", "oom")
 
 
 def _spec() -> tuple[str, int, int, str] | None:
@@ -69,6 +71,10 @@ def hit(point: str, step: int, rank: int) -> None:
         dist.all_reduce_sum(torch.zeros(1), group=_side_group)
     elif action == "fill":
         _fill(Path(os.environ[FILL_ENV]))
+    elif action == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(f"{ENV}: injected at micro-batch {step}")
 
 
 def _fill(path: Path) -> None:

@@ -4,8 +4,9 @@ A run writes a fixed set of names into ``output.dir`` (:data:`RUN_FILES`, :data:
 ``checkpoints/`` only ``stepN`` dirs, the ``latest`` pointer and DeepSpeed's recovery scripts, :data:`CKPT_FILES`).
 Rank 0 records that in :data:`MANIFEST` before it writes anything else, so a later start can tell one of our runs
 from a directory that merely holds files: the guard (``checkpoint.guard_output_dir``) refuses the latter, and
-``output.overwrite`` removes only :func:`inspect`'s ``owned`` entries. ``adapter/`` and ``tensorboard/`` count as
-the run's as a whole; ``checkpoints/`` does not, so a file of the user's there stays. Symlinks are never ours.
+``output.overwrite`` removes only :func:`inspect`'s ``owned`` entries. ``adapter/``, ``tensorboard/``, ``wandb/`` and
+``mlflow/`` count as the run's as a whole; ``checkpoints/`` does not, so a file of the user's there stays. Symlinks
+are never ours.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ CHECKPOINTS = "checkpoints"
 # little ahead of them, and they must not refuse their own launch.
 SETUP_FILES = frozenset({"run.yaml", "ds_config.json", "rank0.pid", "preempted.json", "hung.json", MANIFEST,
                          MANIFEST + ".tmp"})
-RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.png"}
-RUN_DIRS = frozenset({"adapter", "tensorboard", CHECKPOINTS})
+# trackers.json, wandb/ and mlflow/: the experiment trackers' run ids and local records (train/trackers.py).
+RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.png", "trackers.json"}
+RUN_DIRS = frozenset({"adapter", "tensorboard", "wandb", "mlflow", CHECKPOINTS})
 # checkpoint.save's names (tag_for, LATEST and its temp file); tests/test_output_safety.py keeps them in step.
 # DeepSpeed's engine.save_checkpoint copies its recovery scripts beside the tag dirs on every ZeRO save.
 CKPT_DIR = re.compile(r"step[0-9]+")

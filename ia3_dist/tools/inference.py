@@ -11,7 +11,7 @@ from typing import Any, TextIO
 import torch
 
 from ..data.records import Conversation, Turn
-from ..data.template import TEMPLATE_FILE, Template
+from ..data.template import CHAT_TEMPLATE, TEMPLATE_FILE, Template
 from ..errors import UsageError
 from ..models.files import (
     check_model_dir,
@@ -81,8 +81,9 @@ def _from_pretrained(path: str, dtype: torch.dtype, what: str) -> Any:
 
 def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") -> tuple[Any, Any, Template, bool]:
     """``(model, tokenizer, template, is_adapter)`` from an adapter dir (base from its adapter_config.json unless
-    ``base`` is given) or a merged model dir. Every file is checked before it is loaded: bad input is a
-    UsageError naming the file."""
+    ``base`` is given) or a merged model dir. The template is the one saved beside the weights (training's), else
+    :func:`default_template`. Every file is checked before it is loaded: bad input is a UsageError naming the
+    file."""
     from transformers import AutoTokenizer
 
     d = Path(path).expanduser()
@@ -123,12 +124,24 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     except Exception as e:  # tokenizers raise many types for corrupt files
         raise UsageError(f"tokenizer {tok_src}: cannot load it ({error_line(e)})") from None
     check_vocab(tok, model.config, f"tokenizer {tok_src}")
+    if not (d / TEMPLATE_FILE).is_file():
+        template = default_template(tok)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UsageError(f"tokenizer {tok_src}: no pad or eos token, so prompts cannot be batched; add an eos "
                              f"token to its special_tokens_map.json")
         tok.pad_token = tok.eos_token
     return model.eval(), tok, template, is_adapter
+
+
+def default_template(tok: Any) -> Template:
+    """The format for a model or adapter that saved none (not trained by ia3-dist, or a plain hub model): the
+    tokenizer's own chat template when it ships one (Llama 3, Qwen2.5, Mistral instruct models), the model's
+    native format; else the reference recipe's ``Human: ... Assistant:``."""
+    text = getattr(tok, "chat_template", None)
+    if isinstance(text, str) and text:
+        return Template(CHAT_TEMPLATE, chat_template=text)
+    return Template()
 
 
 def _load_template(d: Path) -> Template:

@@ -6,9 +6,10 @@ Per-rank memory model (bytes; b = 2 for bf16/fp16, 4 for fp32; N all params, T t
 - gradients: T*b, /W from ZeRO-2 on (IA3: tiny);
 - optimizer: Adam m and v (8 bytes) plus an fp32 master copy in mixed precision (4), per trainable param, /W from
   ZeRO-1 on, 0 on the GPU with optimizer offload;
-- activations per micro-batch (Korthikanti et al., 2022), per layer s*m*h*(34 + 5*a*s/h)*b/2 without
-  checkpointing, s*m*h*b per layer plus one layer's full set with it; plus fp32 logits at label positions
-  (the launcher computes no others), counted at the whole sequence as an upper bound;
+- activations per micro-batch (Korthikanti et al., 2022), per layer s*m*(34h + 5*a*s)*b/2 for a GPT block
+  without checkpointing, generalised per family to grouped k/v heads and gated MLPs of ``intermediate_size``
+  (:func:`block_activations`), s*m*h*b per layer plus one layer's full set with it; plus fp32 logits at label
+  positions (the launcher computes no others), counted at the whole sequence as an upper bound;
 - ZeRO-3 gathers each parameter whole before use: the embedding matrix (used first, and again by the tied
   lm_head at the end) plus the live parameters DeepSpeed keeps within its reuse distance (the launcher's "auto"
   is two layers, capped at 1e9);
@@ -19,35 +20,30 @@ Per-rank memory model (bytes; b = 2 for bf16/fp16, 4 for fp32; N all params, T t
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
 from typing import Any
 
 from ..config import RunConfig
+from ..config.archs import ARCHS
 from ..errors import UsageError
 from ..models.families import arch_config
-from ..models.ia3 import build_on_meta, trainable_line
-from ..models.load import layers_of, load_model_config
-from ..runtime.ds_config import live_params
-from ..runtime.hostmem import rss_gib
+from ..models.load import load_model_config
+from ..models.memory import (  # noqa: F401 - re-exported: plan's memory model, used by tests and bench
+    GIB,
+    OVERHEAD,
+    RankMemory,
+    Shape,
+    activation_bytes,
+    block_activations,
+    count_params,
+    framework_rss,
+    largest_micro,
+    rank_memory,
+    shape_of,
+)
 from ..train import demo
 
-GIB = 2**30
-OVERHEAD = 1.5 * GIB
 STAGES = (("zero0", 0, False), ("zero1", 1, False), ("zero2", 2, False), ("zero3", 3, False),
           ("zero3_offload", 3, True))
-
-
-@dataclass
-class Shape:
-    n_params: int
-    trainable: int
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    line: str
-    """PEFT's trainable-parameter line."""
 
 
 def model_shape(cfg: RunConfig) -> Shape:
@@ -57,76 +53,9 @@ def model_shape(cfg: RunConfig) -> Shape:
         try:
             mc = load_model_config(demo.model_path(cfg.model.path, cfg.data.cache_dir), cfg.model)
         except UsageError as e:
-            raise UsageError(f"{e}; or set model.arch to one of the Bloom family names to plan without it") \
-                from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # PEFT calls transformers' deprecated spellings
-        peft = build_on_meta(mc, cfg.ia3)
-    n = sum(p.numel() for p in peft.parameters())
-    t = sum(p.numel() for p in peft.parameters() if p.requires_grad)
-    return Shape(n, t, mc.vocab_size, mc.hidden_size, layers_of(mc),
-                 getattr(mc, "n_head", getattr(mc, "num_attention_heads", 1)), trainable_line(peft))
-
-
-@dataclass
-class RankMemory:
-    config: str
-    weights: float
-    grads: float
-    optimizer: float
-    activations: float
-    cpu: float
-    gathered: float = 0.0
-    """ZeRO-3's working set of whole parameters."""
-    overhead: float = OVERHEAD
-
-    @property
-    def gpu_total(self) -> float:
-        """Device memory per rank; on CPU ranks (where plan counts nothing as offloaded) all of it."""
-        return self.weights + self.grads + self.optimizer + self.activations + self.gathered + self.overhead
-
-
-def activation_bytes(s: Shape, seq: int, micro: int, b: int, checkpointing: bool) -> float:
-    per_layer_full = seq * micro * s.hidden * (34 + 5 * s.heads * seq / s.hidden) * b / 2
-    layers = (s.layers * seq * micro * s.hidden * b + per_layer_full) if checkpointing else s.layers * per_layer_full
-    logits = seq * micro * s.vocab * 4 * 2  # fp32 logits and their gradient
-    return layers + logits
-
-
-def rank_memory(s: Shape, name: str, stage: int, offload: bool, world: int, seq: int, micro: int, b: int,
-                checkpointing: bool, overhead: float = OVERHEAD) -> RankMemory:
-    weights_all = s.n_params * b
-    weights = weights_all / world if stage == 3 else weights_all
-    grads = s.trainable * b / (world if stage >= 2 else 1)
-    opt_per = 8 + (4 if b == 2 else 0)
-    opt = s.trainable * opt_per / (world if stage >= 1 else 1)
-    cpu = 0.0
-    if offload:
-        cpu = weights + opt
-        weights, opt = 0.0, 0.0
-    gathered = 0.0
-    if stage == 3:
-        gathered = (s.vocab * s.hidden + min(live_params(s.hidden), s.n_params)) * b
-    return RankMemory(name, weights, grads, opt, activation_bytes(s, seq, micro, b, checkpointing), cpu, gathered,
-                      overhead)
-
-
-def largest_micro(s: Shape, stage: int, offload: bool, world: int, seq: int, b: int, ckpt: bool,
-                  gpu_bytes: float, overhead: float = OVERHEAD) -> int:
-    m = 0
-    while m < 4096 and rank_memory(s, "", stage, offload, world, seq, m + 1, b, ckpt,
-                                   overhead).gpu_total <= gpu_bytes:
-        m += 1
-    return m
-
-
-def framework_rss() -> float:
-    """Host memory of a rank before any model: this process's RSS with the same stack imported."""
-    import deepspeed  # noqa: F401 - imported for its footprint
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-
-    return rss_gib() * GIB
+            raise UsageError(f"{e}; or set model.arch to one of the named shapes ({', '.join(ARCHS)}) to plan "
+                             f"without it") from None
+    return shape_of(mc, cfg.ia3)
 
 
 def deepspeed_estimate(s: Shape, nodes: int, gpus: int) -> str:
@@ -155,6 +84,8 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
     world = nodes * gpus_per_node
     b = 4 if cfg.train.precision == "fp32" else 2
     seq, micro = cfg.data.max_length, cfg.train.micro_batch_size
+    if micro == "auto":
+        micro = 1  # the "max micro" columns are what auto chooses from
     ckpt = cfg.train.gradient_checkpointing
     cap = gpu_mem_gib * GIB
     overhead = framework_rss() if cpu else OVERHEAD

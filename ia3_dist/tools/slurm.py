@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
+import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from .. import __version__
 from ..config import load_config
 from ..errors import UsageError
 
 TEMPLATES = {"deepspeed": "single_node.sbatch", "multi": "multi_node.sbatch", "srun": "srun_per_rank.sbatch"}
 LAUNCHERS = ("deepspeed", "torchrun", "srun")
 DEFAULT_NAME = "ia3-dist"
+# The two lines of each template that only work from a checkout; a written file gets the helpers inlined instead.
+PRELUDE = 'cd "${IA3_DIST_HOME:-$SLURM_SUBMIT_DIR}" || exit 2\nsource slurm/lib.sh\n'
 
 # Slurm's own --time grammar (minutes, min:sec, h:min:sec, days-h, days-h:min, days-h:min:sec). [0-9], not \d:
 # \d also matches non-ASCII digits that Slurm would not parse.
@@ -96,10 +103,33 @@ def _set_directive(text: str, opt: str, value: str | None) -> str:
     return text[: last.end()] + "\n" + line + text[last.end():]
 
 
-def render(config: str, overrides: list[str], nodes: int, gpus_per_node: int, time: str,
-           partition: str | None = None, account: str | None = None, launcher: str = "deepspeed",
-           cpus_per_node: int = 0, job_name: str | None = None) -> str:
-    """The filled sbatch text; every value is checked (UsageError naming the option) before any is used."""
+@dataclass(frozen=True)
+class Job:
+    """The checked Slurm shape of one job (or of each task of a job array)."""
+
+    nodes: int
+    gpus_per_node: int
+    cpus_per_node: int
+    time: str
+    partition: str | None
+    account: str | None
+    launcher: str
+    job_name: str | None
+    python: str
+
+    @property
+    def per_node(self) -> int:
+        return self.gpus_per_node or self.cpus_per_node
+
+    def describe(self) -> str:
+        ranks = f"{self.gpus_per_node} GPU(s)" if self.gpus_per_node else f"{self.cpus_per_node} CPU rank(s)"
+        return f"{self.nodes} node(s) x {ranks}, {self.launcher} launcher, time limit {self.time}"
+
+
+def check_job(nodes: int, gpus_per_node: int, time: str, partition: str | None = None, account: str | None = None,
+              launcher: str = "deepspeed", cpus_per_node: int = 0, job_name: str | None = None,
+              python: str | None = None) -> Job:
+    """Every Slurm value checked (UsageError naming the option) before any is used."""
     _check_int("--nodes", nodes, 1)
     _check_int("--gpus-per-node", gpus_per_node, 0)
     _check_int("--cpus-per-node", cpus_per_node, 0)
@@ -115,41 +145,141 @@ def render(config: str, overrides: list[str], nodes: int, gpus_per_node: int, ti
         check_name("--account", account)
     if job_name is not None:
         check_name("--job-name", job_name)
+    if python is None:
+        python = default_python()
+    if not python.strip():
+        raise UsageError("--python: empty; give the path of the environment's python, e.g. /venv/bin/python")
+    _no_control("--python", python)
+    return Job(nodes, gpus_per_node, cpus_per_node, time, partition, account, launcher, job_name, python)
+
+
+def default_python() -> str:
+    """This interpreter's path as invoked, not resolved: a venv's bin/python is a symlink to the base interpreter,
+    and only the link's own path makes Python find the venv's packages."""
+    exe = sys.executable or shutil.which("python3") or "python3"
+    return os.path.abspath(exe) if os.sep in exe else exe
+
+
+def check_run_args(config: str, overrides: list[str]) -> None:
     _no_control("--config", str(config))
     # Overrides stay shell-quoted below, so newlines and tabs are inert there, and a prompt template may need
     # them; other control characters (escape sequences, CR) could only disguise the file when someone reads it.
     for ov in overrides:
         _no_control("override", ov, allow="\n\t")
-    cfg = load_config(config, overrides)  # fail now, not in the queue
-    if launcher == "srun":
-        name = TEMPLATES["srun"]
-    elif nodes > 1:
-        name = TEMPLATES["multi"]
-    else:
-        name = TEMPLATES["deepspeed"]
-    text = (template_dir() / name).read_text()
-    per_node = gpus_per_node or cpus_per_node
-    text = _set_directive(text, "job-name", job_name or safe_name(Path(cfg.output.dir).name))
-    text = _set_directive(text, "nodes", str(nodes))
-    text = _set_directive(text, "time", time)
-    text = _set_directive(text, "gpus-per-node", str(gpus_per_node) if gpus_per_node else None)
-    text = _set_directive(text, "partition", partition)
-    text = _set_directive(text, "account", account)
-    if launcher == "srun":
-        text = _set_directive(text, "ntasks-per-node", str(per_node))
+
+
+def template_name(job: Job) -> str:
+    if job.launcher == "srun":
+        return TEMPLATES["srun"]
+    return TEMPLATES["multi"] if job.nodes > 1 else TEMPLATES["deepspeed"]
+
+
+def _inline_helpers(job: Job) -> str:
+    """What replaces the checkout-only lines (cd to the repo, source slurm/lib.sh) in a written file: the recorded
+    Python, a check that it can import ia3_dist, and lib.sh itself."""
+    lib = (template_dir() / "lib.sh").read_text().splitlines()
+    while lib and lib[0].startswith("#"):  # lib.sh's own header speaks of being sourced from a checkout
+        lib.pop(0)
+    body = "\n".join(lib).strip("\n")
+    return f"""# The Python of the environment that wrote this file; IA3_DIST_PYTHON=/path/to/bin/python at submit time
+# picks another. Jobs start in the submit directory (or sbatch --chdir): relative paths in the config and in the
+# overrides (output.dir, data.path) are read from there.
+PYTHON={shlex.quote(job.python)}
+[ -z "${{IA3_DIST_PYTHON:-}}" ] || PYTHON=$IA3_DIST_PYTHON
+case $PYTHON in */*) export PATH="${{PYTHON%/*}}:$PATH" ;; esac
+if ! IA3_DIST_FROM=$("$PYTHON" -c 'import ia3_dist; print(ia3_dist.__file__)' 2>&1); then
+  echo "ia3-dist: $PYTHON cannot import ia3_dist (${{IA3_DIST_FROM##*$'\\n'}}); set IA3_DIST_PYTHON to the python of" \\
+       "the environment where ia3-dist is installed" >&2
+  exit 2
+fi
+# ---- slurm/lib.sh of ia3-dist {__version__}, inlined so that this file needs no checkout ----
+{body}
+# ---- end of lib.sh ----
+ia3_log "python $PYTHON, ia3_dist from ${{IA3_DIST_FROM%/__init__.py}}"
+"""
+
+
+def assemble(job: Job, name: str, header: list[str], defaults: str, directives: dict[str, str] | None = None) -> str:
+    """The self-contained sbatch text: the template for ``job`` with its directives set, ``header`` (comment lines
+    without '# ') in place of the template's, the helpers inlined and ``defaults`` (shell lines that set the
+    arguments) after ``set -uo pipefail``."""
+    tname = template_name(job)
+    text = (template_dir() / tname).read_text()
+    text = _set_directive(text, "job-name", name)
+    text = _set_directive(text, "nodes", str(job.nodes))
+    text = _set_directive(text, "time", job.time)
+    text = _set_directive(text, "gpus-per-node", str(job.gpus_per_node) if job.gpus_per_node else None)
+    text = _set_directive(text, "partition", job.partition)
+    text = _set_directive(text, "account", job.account)
+    if job.launcher == "srun":
+        text = _set_directive(text, "ntasks-per-node", str(job.per_node))
     else:
         text = _set_directive(text, "ntasks-per-node", "1")
-        text = _set_directive(text, "cpus-per-task", str(cpus_per_node) if not gpus_per_node else None)
-    env = [f"export NPROC_PER_NODE={per_node}"]
-    if launcher == "torchrun":
+        text = _set_directive(text, "cpus-per-task", str(job.cpus_per_node) if not job.gpus_per_node else None)
+    for opt, value in (directives or {}).items():
+        text = _set_directive(text, opt, value)
+    lines = text.splitlines(keepends=True)
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("#SBATCH "))
+    for h in header:
+        if "\n" in h or "\r" in h:
+            raise ValueError(f"header line must be one line: {h!r}")
+    text = lines[0] + "".join(f"# {h}\n" if h else "#\n" for h in header) + "".join(lines[first:])
+    if PRELUDE not in text:
+        raise RuntimeError(f"{template_dir() / tname}: no checkout prelude ({PRELUDE.strip()!r}) to inline")
+    text = text.replace(PRELUDE, _inline_helpers(job), 1)
+    env = [f"export NPROC_PER_NODE={job.per_node}"]
+    if job.launcher == "torchrun":
         env.append("export LAUNCHER=torchrun")
-    args = " ".join(shlex.quote(a) for a in [str(config), *overrides])
-    # Baked-in defaults; arguments given to sbatch after the file name still win.
-    defaults = "\n".join([*env, f'[ $# -gt 0 ] || set -- {args}'])
     anchor = "set -uo pipefail\n"
     if anchor not in text:
-        raise RuntimeError(f"{template_dir() / name}: no '{anchor.strip()}' line to put the defaults after")
-    return text.replace(anchor, f"{anchor}{defaults}\n", 1)
+        raise RuntimeError(f"{template_dir() / tname}: no '{anchor.strip()}' line to put the defaults after")
+    return text.replace(anchor, anchor + "\n".join([*env, defaults]) + "\n", 1)
+
+
+def render(config: str, overrides: list[str], nodes: int, gpus_per_node: int, time: str,
+           partition: str | None = None, account: str | None = None, launcher: str = "deepspeed",
+           cpus_per_node: int = 0, job_name: str | None = None, python: str | None = None) -> str:
+    """The filled, self-contained sbatch text; every value is checked (UsageError naming the option) before any is
+    used."""
+    job = check_job(nodes, gpus_per_node, time, partition, account, launcher, cpus_per_node, job_name, python)
+    check_run_args(config, overrides)
+    cfg = load_config(config, overrides)  # fail now, not in the queue
+    # Absolute, so the file can be submitted from any folder; output.dir keeps its meaning (the submit folder's).
+    cfg_path = os.path.abspath(config)
+    args = " ".join(shlex.quote(a) for a in [cfg_path, *overrides])
+    # Baked-in defaults; arguments given to sbatch after the file name still win.
+    header = [f"Written by `ia3-dist slurm` (ia3-dist {__version__}): {job.describe()}.",
+              f"Trains {shlex.quote(cfg_path)}" + (f" with {len(overrides)} override(s)" if overrides else "")
+              + "; output.dir as the job sees it from its start folder.",
+              "Submit (from the folder that relative paths in the config refer to):  sbatch THIS_FILE",
+              "Arguments after the file name replace the baked-in ones: sbatch THIS_FILE CONFIG.yaml [k.sub=value ...]",
+              "Self-contained: the helpers are inlined and training runs as `$PYTHON -m ia3_dist`, no checkout needed.",
+              "Preemption-safe: USR1 300 s before the time limit -> checkpoint at the next step -> requeue -> resume",
+              "(train.resume=auto); resubmitting this file resumes too."]
+    return assemble(job, job.job_name or safe_name(Path(cfg.output.dir).name), header,
+                    f'[ $# -gt 0 ] || set -- {args}')
+
+
+def add_job_args(ap: argparse.ArgumentParser) -> None:
+    """The Slurm options shared by ``ia3-dist slurm`` and ``ia3-dist sweep``."""
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus-per-node", type=int, default=1)
+    ap.add_argument("--cpus-per-node", type=int, default=0, help="ranks per node on CPU-only nodes (with "
+                    "--gpus-per-node 0)")
+    ap.add_argument("--time", default="04:00:00", help="Slurm time limit: minutes, minutes:seconds, "
+                    "hours:minutes:seconds, days-hours, days-hours:minutes or days-hours:minutes:seconds")
+    ap.add_argument("--partition", help="partition name, or a comma-separated list of them")
+    ap.add_argument("--account")
+    ap.add_argument("--job-name", help="default: the last part of output.dir")
+    ap.add_argument("--launcher", choices=list(LAUNCHERS), default="deepspeed",
+                    help="deepspeed (default), torchrun (multi-node, c10d rendezvous) or srun (one task per rank)")
+    ap.add_argument("--python", help="the python the job runs (default: this one, "
+                    f"{default_python()}); IA3_DIST_PYTHON at submit time still overrides it")
+
+
+def job_from_args(a: argparse.Namespace) -> Job:
+    return check_job(a.nodes, a.gpus_per_node, a.time, a.partition, a.account, a.launcher, a.cpus_per_node,
+                     a.job_name, a.python)
 
 
 def default_out(output_dir: str) -> Path:
@@ -173,31 +303,21 @@ def write_out(out: Path, text: str, force: bool) -> None:
 def main(argv: list[str], prog: str) -> int:
     ap = argparse.ArgumentParser(prog=prog, description="Write a filled sbatch file for a run config.")
     ap.add_argument("--config", required=True)
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpus-per-node", type=int, default=1)
-    ap.add_argument("--cpus-per-node", type=int, default=0, help="ranks per node on CPU-only nodes (with "
-                    "--gpus-per-node 0)")
-    ap.add_argument("--time", default="04:00:00", help="Slurm time limit: minutes, minutes:seconds, "
-                    "hours:minutes:seconds, days-hours, days-hours:minutes or days-hours:minutes:seconds")
-    ap.add_argument("--partition", help="partition name, or a comma-separated list of them")
-    ap.add_argument("--account")
-    ap.add_argument("--job-name", help="default: the last part of output.dir")
-    ap.add_argument("--launcher", choices=list(LAUNCHERS), default="deepspeed",
-                    help="deepspeed (default), torchrun (multi-node, c10d rendezvous) or srun (one task per rank)")
+    add_job_args(ap)
     ap.add_argument("--out", help="file to write (default: <last part of output.dir>.sbatch in the current "
                     "directory)")
     ap.add_argument("--force", action="store_true", help="overwrite the --out file if it exists")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
     a = ap.parse_intermixed_args(argv)
     text = render(a.config, a.overrides, a.nodes, a.gpus_per_node, a.time, a.partition, a.account, a.launcher,
-                  a.cpus_per_node, a.job_name)
+                  a.cpus_per_node, a.job_name, a.python)
     if a.out is not None:
         _no_control("--out", a.out)
         if not a.out.strip():
             raise UsageError("--out: empty file name; give a path such as job.sbatch")
     out = Path(a.out) if a.out is not None else default_out(load_config(a.config, a.overrides).output.dir)
     write_out(out, text, a.force)
-    print(f"wrote {out}\nsubmit from the repository root:  sbatch {shlex.quote(str(out))}\nwatch:  squeue -u "
-          f"$USER; tail -f logs/*.out\nit checkpoints and requeues itself on preemption; resubmitting the same file "
-          f"resumes (train.resume=auto)")
+    print(f"wrote {out}\nsubmit from the folder that relative paths in the config refer to (the job starts "
+          f"there):  sbatch {shlex.quote(str(out))}\nwatch:  squeue -u $USER; tail -f logs/*.out\nit checkpoints "
+          f"and requeues itself on preemption; resubmitting the same file resumes (train.resume=auto)")
     return 0

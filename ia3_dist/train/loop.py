@@ -31,10 +31,12 @@ from ..runtime import dist, faults, hostmem
 from ..runtime import ds_config as dsc
 from ..runtime.preempt import StopFlag
 from ..runtime.watchdog import Watchdog
+from . import autobatch
 from .evaluate import evaluate
 from .metrics import MetricsLog, Shape, device_peak_tflops, executed_flops, model_flops, peak_memory_gb
-from .prepare import Prepared
+from .prepare import Prepared, write_batch_files
 from .schedule import lr_schedule
+from .trackers import Trackers
 
 
 @dataclass
@@ -159,6 +161,14 @@ def process_start_time() -> float:
     return psutil.Process().create_time()
 
 
+def grad_norm(module: torch.nn.Module) -> float:
+    """L2 norm of the trainable parameters' gradients, before clipping. Called at the accumulation boundary after
+    the backward pass, when ZeRO-0 has all-reduced them: every rank holds the global batch's full gradient."""
+    norms = [torch.linalg.vector_norm(q.grad.detach(), dtype=torch.float64) for q in module.parameters()
+             if q.requires_grad and q.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def trim_metrics(path: Path, upto: int) -> None:
     """On resume, drop metric lines past the checkpoint (steps a killed run logged but never saved)."""
     if not path.exists():
@@ -170,11 +180,14 @@ def trim_metrics(path: Path, upto: int) -> None:
 class Trainer:
     """Holds the live engine and the loop's state; :meth:`fit` runs the steps of this invocation."""
 
-    def __init__(self, p: Prepared, stop: StopFlag, watchdog: Watchdog | None = None) -> None:
+    def __init__(self, p: Prepared, stop: StopFlag, watchdog: Watchdog | None = None,
+                 trackers: Trackers | None = None) -> None:
         self.p, self.stop = p, stop
         self.watchdog = watchdog or Watchdog(0.0, p.env)
         self.engine, self.peft_model, self._keep_alive = build_engine(p)
         self.device = self.engine.device
+        if p.auto is not None:
+            self._settle_micro_batch()
         # Peak host RSS of the worst rank once the engine is ready: what loading cost (ZeRO-3: a partition, not
         # the model). Every rank joins the reduction.
         self.load_rss = dist.all_reduce_max(torch.tensor([hostmem.peak_rss_gib()], dtype=torch.float64,
@@ -192,7 +205,11 @@ class Trainer:
             else:
                 self.metrics_path.unlink(missing_ok=True)
         self.log = MetricsLog(self.metrics_path if p.env.is_main else None, p.total_steps, p.env.is_main,
-                              initial=self.start)
+                              initial=self.start, trackers=trackers)
+        # DeepSpeed reports the global gradient norm only through optimizers that compute one (ZeRO, fp16, bf16);
+        # plain fp32 at ZeRO-0 clips with torch and keeps no norm, so the step measures it (see grad_norm).
+        self.own_grad_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
+        self.grad_norm: float | None = None
         self.shape = model_shape(self.peft_model)
         self.recompute = t.gradient_checkpointing
         self.chunk_rows = max(1, (t.loss_chunk_mib << 20) // (4 * self.shape.vocab)) if t.loss_chunk_mib else 0
@@ -200,6 +217,19 @@ class Trainer:
         self.losses: list[float] = []
         self._warned = False
         self.startup_s = 0.0
+
+    def _settle_micro_batch(self) -> None:
+        """``train.micro_batch_size: auto``: probe the preflight's pick (ZeRO-0/1/2, fresh runs), switch the
+        engine and the layout if it had to shrink, and say what was chosen."""
+        p = self.p
+        if p.auto.source == "plan" and dsc.stage_of(p.ds_config) < 3:
+            planned = p.cfg.train.micro_batch_size
+            p.auto = autobatch.probe(self.engine, p, p.auto)
+            if p.auto.micro != planned:
+                autobatch.relayout(p, p.auto.micro, self.engine)
+                if p.env.is_main:  # what the run really uses, for resume and for the reader
+                    write_batch_files(p)
+        dist.print0(p.env, p.auto.line())
 
     # -- one step --------------------------------------------------------------------------------------------
 
@@ -240,6 +270,8 @@ class Trainer:
             # Empty slots (short last batch) still run forward/backward so every rank joins the same
             # collectives; weight 0 keeps them out of the gradient.
             self.engine.backward(loss_sum * (scale if r else 0.0))
+            if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                self.grad_norm = grad_norm(self.engine.module)
             self.engine.step()
             if r:
                 loss_local += loss_sum.detach().double()
@@ -268,6 +300,8 @@ class Trainer:
         """Every rank joins the memory reduction; rank 0 writes the line."""
         dt = max(time.perf_counter() - w.t0, 1e-9)
         gn = self.engine.get_global_grad_norm()
+        if gn is None:
+            gn = self.grad_norm
         mem = dist.all_reduce_max(torch.tensor([peak_memory_gb(self.device), hostmem.peak_rss_gib()],
                                                dtype=torch.float64, device=self.device)).tolist()
         s = w.stats

@@ -1,4 +1,4 @@
-"""Rank-0 metrics: a tqdm bar and ``metrics.jsonl`` (one JSON object per logged step)."""
+"""Rank-0 metrics: a tqdm bar and ``metrics.jsonl`` (one JSON object per logged step), fed to the trackers."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..runtime.hostmem import peak_rss_gib
+from .trackers import Trackers
 
 # Dense peak TFLOP/s of one device by name fragment (bf16/fp16 tensor cores; fp32 uses TF32 where it exists).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10G": 125.0,
@@ -78,22 +79,18 @@ def executed_flops(seq_len: int, n_seqs: int, label_rows: float, shape: Shape, r
 
 
 class MetricsLog:
-    def __init__(self, path: Path | None, total_steps: int, enabled: bool, initial: int = 0) -> None:
+    """Rank 0 writes each line to metrics.jsonl and hands the same line to the trackers (``output.report_to``)."""
+
+    def __init__(self, path: Path | None, total_steps: int, enabled: bool, initial: int = 0,
+                 trackers: Trackers | None = None) -> None:
         from tqdm.auto import tqdm
 
         self.enabled = enabled
         self.path = path
+        self.trackers = trackers if trackers is not None else Trackers()
         # disable=None: tqdm draws the bar on a terminal only; the per-log lines are written either way.
         self.bar = tqdm(total=total_steps, initial=initial, disable=None if enabled else True, desc="train",
                         unit="step", dynamic_ncols=True, mininterval=1.0)
-        self.tb = None
-        if enabled and path is not None:
-            try:  # TensorBoard event files when tensorboard is installed; metrics.jsonl is the record either way
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(log_dir=str(path.parent / "tensorboard"))
-            except ImportError:
-                self.tb = None
 
     def step(self) -> None:
         self.bar.update(1)
@@ -101,14 +98,12 @@ class MetricsLog:
     def log(self, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        rec = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in rec.items()}
+        # 7 significant digits, not decimals: a grad norm of 3e-5 or a warmup lr of 2e-7 keeps its value.
+        rec = {k: (float(f"{v:.7g}") if isinstance(v, float) and math.isfinite(v) else v) for k, v in rec.items()}
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, rec["step"])
+        self.trackers.log(rec)
         short = {k: rec[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_ppl") if k in rec}
         self.bar.set_postfix(short, refresh=False)
         self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
@@ -116,5 +111,3 @@ class MetricsLog:
 
     def close(self) -> None:
         self.bar.close()
-        if self.tb is not None:
-            self.tb.close()

@@ -1,9 +1,11 @@
-"""PNG of a run's metrics.jsonl: loss and eval loss, learning rate, tokens/s, grad norm."""
+"""PNGs from metrics.jsonl: one run's loss and eval loss, learning rate, tokens/s and grad norm; or several runs'
+loss, eval loss and tokens/s overlaid."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from ..errors import UsageError
 
@@ -54,6 +56,45 @@ def plot_metrics(metrics: Path, out: Path) -> Path | None:
         a.set_xlabel("optimizer step")
         a.grid(alpha=0.3)
     fig.suptitle(str(metrics.parent))
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def overlay_figure(runs: list[tuple[str, list[dict]]]) -> Any:
+    """One figure, three panels (train loss, eval loss, real tokens/s), one line per run labelled by its name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(16, 5), constrained_layout=True)
+    panels = (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-"), ("tokens_per_s", "real tokens/s", "-"))
+    for a, (key, title, style) in zip(ax, panels, strict=True):
+        for i, (name, recs) in enumerate(runs):
+            pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+            if pts:
+                # One colour per run across the panels, whatever panels a run has lines in.
+                a.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{i % 10}", label=name)
+        a.set_title(title)
+        a.set_xlabel("optimizer step")
+        a.grid(alpha=0.3)
+        if a.get_lines():
+            a.legend(fontsize="small")
+    return fig
+
+
+def plot_runs(dirs: list[Path], out: Path) -> Path:
+    """Write the overlay of several runs' metrics.jsonl, each labelled by its run dir."""
+    runs = []
+    for d in dirs:
+        recs = read_metrics(d / "metrics.jsonl")
+        if not any("loss" in r or "eval_loss" in r for r in recs):
+            raise UsageError(f"{d}/metrics.jsonl has no logged steps yet")
+        runs.append((str(d), recs))
+    import matplotlib.pyplot as plt
+
+    fig = overlay_figure(runs)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -11,16 +11,19 @@ from typing import Any
 
 from ..config import RunConfig
 from ..config.schema import fail
+from ..data.report import data_lines
 from ..data.sampler import ORDER_VERSION, Layout, split_eval, steps_per_epoch
 from ..data.tokenize import TokenizedData, load_or_tokenize
+from ..models.families import family_of, support_case
 from ..models.files import check_model_dir, check_vocab
-from ..models.load import hidden_size_of, load_model_config, load_tokenizer
+from ..models.ia3 import apply_ia3, paper_targets
+from ..models.load import base_on_meta, hidden_size_of, load_model_config, load_tokenizer
 from ..models.zero3_load import check_checkpoint
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, manifest, safe_load
 from ..runtime import ds_config as dsc
 from ..runtime.watchdog import HUNG_FILE
-from . import demo
+from . import autobatch, demo, trackers
 
 PID_FILE = "rank0.pid"
 PREEMPTED_FILE = "preempted.json"
@@ -46,6 +49,15 @@ class Prepared:
     meta: dict[str, Any] = field(default_factory=dict)
     """What a checkpoint records so a resume can check it continues the same run."""
     eval_data: TokenizedData | None = None
+    auto: autobatch.AutoBatch | None = None
+    """How ``train.micro_batch_size: auto`` was resolved (``cfg`` holds the result)."""
+    support: str = ""
+    """Which case the model is in (tested family, PEFT defaults, explicit targets): the preflight's model line."""
+
+
+def eval_section(cfg: RunConfig) -> Any:
+    """The data section that reads ``data.eval_path`` (whole, in its own cache entry)."""
+    return demo.data_section(replace(cfg.data, path=cfg.data.eval_path, eval_path=None, limit=None))
 
 
 def total_steps_for(cfg: RunConfig, n_examples: int, layout: Layout) -> int:
@@ -59,19 +71,31 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     guard and the resume point. Raises :class:`UsageError` on bad input; nothing here waits on another rank."""
     out = Path(cfg.output.dir)
     ckpt.guard_output_dir(out, cfg.train.resume, cfg.output.overwrite)
+    trackers.check_installed(cfg, env)
     model_path = demo.model_path(cfg.model.path, cfg.data.cache_dir)
     check_model_dir(model_path)
     model_config = load_model_config(model_path, cfg.model)
+    _, support = support_case(model_config, cfg.ia3)
+    if cfg.ia3.target_modules is not None:
+        # On the meta device (no memory): names that match no module fail here, not after the ranks have met.
+        apply_ia3(base_on_meta(model_config, cfg.model.trust_remote_code), cfg.ia3)
     tok = load_tokenizer(cfg.model, model_path)
     check_vocab(tok, model_config, cfg.model.tokenizer or model_path)
+    if cfg.ia3.variant == "paper":
+        paper_targets(model_config.model_type)  # refuses a family it is not defined for, before any rank waits
     hidden = hidden_size_of(model_config)
-    data = load_or_tokenize(demo.data_section(cfg.data), tok)
+    # Every rank opens the token cache memory-mapped; where it is missing, one rank per node tokenizes into it
+    # (or, with data.require_prepared, the run stops here, before the process group).
+    data = load_or_tokenize(demo.data_section(cfg.data), tok, progress=True)
     eval_data = None
     if cfg.data.eval_ratio:
         data, eval_data = split_eval(data, cfg.data.eval_ratio, cfg.train.seed)
     elif cfg.data.eval_path:
-        eval_data = load_or_tokenize(demo.data_section(replace(cfg.data, path=cfg.data.eval_path, eval_path=None,
-                                                               limit=None)), tok)
+        eval_data = load_or_tokenize(eval_section(cfg), tok, progress=True)
+    auto_micro = cfg.train.micro_batch_size == autobatch.AUTO
+    if auto_micro:
+        # Provisional (micro-batch 1 over the same examples per step) for the checks and the DeepSpeed config.
+        cfg = autobatch.with_micro(cfg, 1, cfg.train.grad_accum)
     if cfg.train.grad_accum > len(data):
         # Refused before the sampler plans anything: each step's last micro-steps would hold no example on any rank.
         fail("train.grad_accum", f"{cfg.train.grad_accum} is more than the {len(data)} training examples, so every "
@@ -81,10 +105,16 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     if cfg.train.compile and dsc.stage_of(ds) == 3:
         # ZeRO-3 gathers and releases each parameter in module hooks that a compiled block would trace around.
         fail("train.compile", "is not supported with ZeRO-3 (deepspeed.config); use ZeRO-0/1/2 or set it to false")
-    if Path(model_path).is_dir() and (dsc.stage_of(ds) == 3 or model_config.model_type == "bloom"):
-        # ZeRO-3's loader needs every tensor; for Bloom (known key names) the other stages get the same check,
-        # where from_pretrained would only warn and train on randomly initialised weights.
+    if Path(model_path).is_dir() and (dsc.stage_of(ds) == 3 or family_of(model_config) is not None):
+        # ZeRO-3's loader needs every tensor; for the tested families (known key names) the other stages get the
+        # same check, where from_pretrained would only warn and train on randomly initialised weights.
         check_checkpoint(model_config, Path(model_path), cfg.model.trust_remote_code)
+    resume_from = ckpt.resolve_resume(cfg.train.resume, out)
+    auto = None
+    if auto_micro:
+        auto = autobatch.choose(cfg, model_config, env, ds, int(data.lengths.max()), resume_from)
+        cfg = autobatch.with_micro(cfg, auto.micro, auto.samples_per_rank)
+        autobatch.set_ds_batch(ds, cfg, env.world_size)
     grouped = cfg.data.group_by_length
     if grouped is None:
         grouped = cfg.train.micro_batch_size > 1 and cfg.data.shuffle
@@ -95,11 +125,35 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
             "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed, "shuffle": cfg.data.shuffle,
             "total_steps": total, "data_key": Path(data.cache_file).stem, "n_examples": len(data),
             "eval_ratio": cfg.data.eval_ratio, "group_by_length": grouped, "order_version": ORDER_VERSION}
-    resume_from = ckpt.resolve_resume(cfg.train.resume, out)
     if resume_from is not None:
         ckpt.check_compatible(resume_from, meta)
         safe_load.check_checkpoint_dir(resume_from)
-    return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data)
+    return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data,
+                    auto=auto, support=support)
+
+
+def prepare_data(cfg: RunConfig) -> str:
+    """``ia3-dist prepare``: tokenize ``data.path`` (and ``data.eval_path``) into the token cache under
+    ``data.cache_dir``, once, and return the data report. Needs the tokenizer and the model's config.json, no
+    weights, no process group and no output dir."""
+    from ..data import token_cache
+
+    model_path = demo.model_path(cfg.model.path, cfg.data.cache_dir)
+    tok = load_tokenizer(cfg.model, model_path)
+    check_vocab(tok, load_model_config(model_path, cfg.model), cfg.model.tokenizer or model_path)
+    sections = [("data.path", demo.data_section(cfg.data))]
+    if cfg.data.eval_path:
+        sections.append(("data.eval_path", eval_section(cfg)))
+    lines = []
+    for key, section in sections:
+        data = load_or_tokenize(section, tok, build=True, progress=True)
+        d = Path(data.cache_file)
+        lines += [f"{key}:", *data_lines(data, replace(cfg, data=section)),
+                  f"  cache: {d} ({int(data.offsets[-1])} tokens as {data.ids.dtype}, "
+                  f"{token_cache.cache_bytes(d) / 2**20:.1f} MiB)"]
+    lines.append("prepared: a run with this config and the same data.* settings and data.cache_dir reads this cache "
+                 "(data.require_prepared=true makes a missing one an error instead of tokenizing in the job)")
+    return "\n".join(lines)
 
 
 def write_run_files(p: Prepared) -> None:
@@ -108,12 +162,17 @@ def write_run_files(p: Prepared) -> None:
     if not p.env.is_main:
         return
     start_run_dir(p.out, p.cfg.output.overwrite and p.resume_from is None)
-    (p.out / "run.yaml").write_text(p.cfg.to_yaml(), encoding="utf-8")
-    (p.out / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2) + "\n", encoding="utf-8")
+    write_batch_files(p)
     # For schedulers' preemption traps (slurm/lib.sh): signal rank 0 and every rank stops at the next step.
     (p.out / PID_FILE).write_text(str(os.getpid()))
     (p.out / PREEMPTED_FILE).unlink(missing_ok=True)
     (p.out / HUNG_FILE).unlink(missing_ok=True)
+
+
+def write_batch_files(p: Prepared) -> None:
+    """run.yaml and ds_config.json: the resolved run (``auto`` batch sizes written as chosen); rank 0 only."""
+    (p.out / "run.yaml").write_text(p.cfg.to_yaml(), encoding="utf-8")
+    (p.out / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2) + "\n", encoding="utf-8")
 
 
 def start_run_dir(out: Path, start_over: bool) -> list[str]:

@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from ..data.report import data_lines
 from ..data.sampler import plan_epoch
+from ..data.template import HUMAN_ASSISTANT
 from ..runtime import checkpoint as ckpt
 from ..runtime import ds_config as dsc
 from ..runtime import manifest
@@ -33,22 +35,9 @@ def output_state(out: Path, resume_from: Path | None) -> str:
 def report(p: Prepared) -> str:
     """Data statistics and the resolved run shape."""
     d, cfg = p.data, p.cfg
-    lens = d.lengths
-    pct = np.percentile(lens, [50, 90, 99]).round().astype(int).tolist()
-    n_labels = d.label_tokens()
-    sources = (", ".join(f"{src} ({fmt})" for src, fmt in d.formats.items()) if d.formats
-               else str(cfg.data.path))
     lines = [
-        f"data: {d.n_records + len(d.skipped)} records read from {sources}"
-        + (f"; {len(d.skipped)} bad records skipped (data.on_bad_record=skip), first: "
-           + "; ".join(d.skipped[:3]) if d.skipped else ""),
-        f"  {len(d)} examples; {len(d.dropped)} dropped (no label token after truncation, data.unlabeled=drop)"
-        + (f", records {d.dropped[:5].tolist()}" if len(d.dropped) else "")
-        + (f"; {d.unlabeled} kept with no label token (data.unlabeled=keep, as the reference recipe)"
-           if d.unlabeled and not len(d.dropped) else ""),
-        f"  truncated at {cfg.data.max_length}: {d.truncated} ({100.0 * d.truncated / max(d.n_records, 1):.1f}%); "
-        f"length p50 {pct[0]} p90 {pct[1]} p99 {pct[2]} max {int(lens.max())}; {n_labels} label tokens; "
-        + ("from cache" if d.seconds == 0 else f"tokenized in {d.seconds:.2f}s"),
+        *([f"model: {p.support}"] if p.support else []),
+        *data_lines(d, cfg),
         *([f"  held out for eval: {len(p.eval_data)} examples"] if p.eval_data is not None else []),
         f"batch: {cfg.train.micro_batch_size} micro x {cfg.train.grad_accum} accum x {p.env.world_size} ranks = "
         f"{p.layout.global_batch} global; {p.total_steps} optimizer steps; "
@@ -58,6 +47,9 @@ def report(p: Prepared) -> str:
         f"{'offload' if dsc.offloads(p.ds_config) else 'no offload'} ({cfg.deepspeed.config})",
         f"output: {output_state(p.out, p.resume_from)}",
     ]
+    if cfg.data.template == HUMAN_ASSISTANT and getattr(p.tokenizer, "chat_template", None):
+        lines.append("note: the tokenizer ships a chat template; data.template=chat_template trains in it (the "
+                     "format the model was tuned on), human_assistant is the reference recipe's")
     if p.tokenizer.pad_token == p.tokenizer.eos_token:
         lines.append("note: the tokenizer has no pad token of its own; padding uses eos (masked out of the loss)")
     return "\n".join(lines)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from ..config import RunConfig
 from ..data.template import Template
 from ..errors import Preempted
+from ..models.ia3 import fixed_entries
+from ..runtime import checkpoint as ckpt
 from ..runtime import dist, faults, hostmem
 from ..runtime import ds_config as dsc
 from ..runtime.adapter import save_adapter
@@ -17,21 +19,31 @@ from .loop import Trainer, TrainResult
 from .plots import plot_metrics
 from .prepare import PID_FILE, PREEMPTED_FILE, Prepared, prepare, write_run_files
 from .report import report
+from .trackers import Trackers, start_trackers
 
 
-def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None = None) -> TrainResult:
+def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None = None,
+          trackers: Trackers | None = None) -> TrainResult:
     """Train on the live process group, then write the adapter with the tokenizer and prompt template beside it
-    (generate/chat/export need nothing else) and the metrics plot."""
-    trainer = Trainer(p, stop or StopFlag(), watchdog)
+    (generate/chat/export need nothing else) and the metrics plot; the trackers get the adapter dir."""
+    trainer = Trainer(p, stop or StopFlag(), watchdog, trackers)
     final_eval = trainer.fit()
     trainer.finish()
     with trainer.watchdog.saving(trainer.end):
-        adapter_dir = save_adapter(trainer.peft_model, p.out / "adapter", p.env.is_main)
+        adapter_dir = save_adapter(trainer.peft_model, p.out / "adapter", p.env.is_main,
+                                   fixed_entries(trainer.peft_model))
     if p.env.is_main:
         p.tokenizer.save_pretrained(str(adapter_dir))
         Template.of(p.cfg.data, p.tokenizer).save(adapter_dir)
         plot_metrics(trainer.metrics_path, p.out / "metrics.png")
+        if trackers is not None:
+            trackers.artifact(adapter_dir)
     return TrainResult(adapter_dir, trainer.losses, trainer.engine, trainer.peft_model, trainer.start, final_eval)
+
+
+def start_step(p: Prepared) -> int:
+    """The optimizer step the run resumes from (0 for a fresh run), known before the engine loads the checkpoint."""
+    return int(ckpt.read_meta(p.resume_from).get("step", 0)) if p.resume_from is not None else 0
 
 
 def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | None = None) -> TrainResult:
@@ -55,11 +67,25 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     if lean and not hostmem.lean_malloc():
         dist.print0(env, "train.lean_host_memory: not a glibc C library; the allocator keeps its defaults")
     write_run_files(p)
-    dist.init(env, cfg.deepspeed.timeout_minutes)
-    faults.setup()
-    watchdog = Watchdog(cfg.train.hang_timeout_s, env, p.out).start()
     try:
-        res = train(p, stop, watchdog)
+        # Rank 0, before the process group: a tracker that cannot start ends the run here with exit 2.
+        trackers = start_trackers(cfg, env, p.out, start_step(p), p.resume_from is not None)
+    except BaseException:
+        stop.uninstall()
+        if env.is_main:
+            (p.out / PID_FILE).unlink(missing_ok=True)
+        raise
+    status = "failed"
+    try:
+        dist.init(env, cfg.deepspeed.timeout_minutes)
+        faults.setup()
+        watchdog = Watchdog(cfg.train.hang_timeout_s, env, p.out).start()
+    except BaseException:
+        trackers.close(status)
+        stop.uninstall()
+        raise
+    try:
+        res = train(p, stop, watchdog, trackers)
         watchdog.stop()  # training is over: the hooks below may take as long as they need
         if res.losses:
             k, first, last = res.loss_change(cfg.train.log_every)
@@ -75,12 +101,15 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
         dist.print0(env, f"adapter written to {res.adapter_dir}")
         if on_trained is not None:
             on_trained(p, res)
+        status = "finished"
         return res
     except Preempted as e:
+        status = "killed"
         if env.is_main:
             (p.out / PREEMPTED_FILE).write_text(json.dumps({"step": e.step, "message": str(e)}))
         raise
     finally:
+        trackers.close(status)
         watchdog.stop()
         stop.uninstall()
         if env.is_main:

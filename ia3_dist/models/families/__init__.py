@@ -7,15 +7,16 @@ from typing import Any
 
 from torch import nn
 
-from ...config import ModelSection
+from ...config import IA3Section, ModelSection
 from ...config.archs import ARCHS
 from ...errors import UsageError
 from ..load import decoder_blocks
 from ..loss import RowSelector
-from . import bloom
+from . import bloom, gpt_neox, llama
 from .base import Family
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (bloom.FAMILY,)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (bloom.FAMILY, llama.LLAMA, llama.QWEN2, llama.MISTRAL,
+                                                         gpt_neox.FAMILY)}
 
 
 def family_of(model_config: Any) -> Family | None:
@@ -52,7 +53,68 @@ def apply_speedups(model: nn.Module, section: ModelSection, gradient_checkpointi
     return None
 
 
-
 def last_block(model: nn.Module) -> nn.Module | None:
-    blocks = decoder_blocks(model)
+    blocks = blocks_of(model)
     return blocks[-1] if blocks else None
+
+
+def peft_ia3_defaults(model_type: str | None) -> tuple[list[str], list[str]] | None:
+    """PEFT's default IA3 ``(target_modules, feedforward_modules)`` for a ``model_type``, or None if it has none."""
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    )
+
+    targets = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type)  # type: ignore[arg-type]
+    if targets is None:
+        return None
+    return list(targets), list(TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type, []))  # type: ignore[arg-type]
+
+
+TESTED = "tested"
+PEFT_DEFAULTS = "peft-defaults"
+EXPLICIT = "explicit-targets"
+
+
+def support_case(model_config: Any, section: IA3Section, where: str = "model.path") -> tuple[str, str]:
+    """Which case a model is in, and the preflight line that says so: a ``tested`` family (the parity, ZeRO-3
+    loading and export tests run on it), an untested ``model_type`` PEFT has IA3 defaults for
+    (``peft-defaults``), or an untested one with ``ia3.target_modules`` given (``explicit-targets``). A model with
+    neither is refused (UsageError): PEFT would only fail once every rank had loaded it."""
+    model_type = getattr(model_config, "model_type", None)
+    fam = FAMILIES.get(model_type)  # type: ignore[arg-type]
+    defaults = peft_ia3_defaults(model_type)
+    if section.target_modules is not None:
+        ff = section.feedforward_modules or []
+        modules = f"IA3 on {', '.join(section.target_modules)} (ia3.target_modules; feedforward: " \
+                  f"{', '.join(ff) or 'none'})"
+    elif fam is not None:
+        modules = f"IA3 on {', '.join(fam.target_modules)} (PEFT's defaults; feedforward: " \
+                  f"{', '.join(fam.feedforward_modules)})"
+    elif defaults is not None:
+        modules = f"IA3 on {', '.join(defaults[0])} (PEFT's defaults; feedforward: {', '.join(defaults[1]) or 'none'})"
+    else:
+        raise UsageError(f"{where}: model_type {model_type!r} is not a tested family ({', '.join(FAMILIES)}) and "
+                         f"PEFT has no IA3 defaults for it; set ia3.target_modules (and ia3.feedforward_modules) "
+                         f"to the names of its attention and MLP projections, e.g. "
+                         f"ia3.target_modules=[k_proj,v_proj,down_proj] ia3.feedforward_modules=[down_proj]")
+    if fam is not None:
+        return TESTED, f"{model_type} ({fam.name} family, tested); {modules}"
+    if section.target_modules is not None:
+        return EXPLICIT, f"{model_type} (untested family; ia3.target_modules given); {modules}"
+    return PEFT_DEFAULTS, f"{model_type} (untested family; PEFT has IA3 defaults for it); {modules}"
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks: by the family's path when it is known, else by the classes the model declares."""
+    fam = family_of(model.config)
+    return list(fam.block_list(model)) if fam is not None and fam.blocks else decoder_blocks(model)
+
+
+def checkpoint_names(model: nn.Module) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """How checkpoints name this model's weights: the key prefix they may carry or omit (see
+    :attr:`Family.checkpoint_prefix`) and the family's renames (:attr:`Family.checkpoint_renames`)."""
+    fam = family_of(getattr(model, "config", None))
+    if fam is not None:
+        return fam.checkpoint_prefix, fam.checkpoint_renames
+    return getattr(model, "base_model_prefix", ""), ()

@@ -1,4 +1,5 @@
-"""What a model family may contribute: exact speed-ups the generic training path applies by ``model_type``."""
+"""What a model family contributes: the facts the generic code needs about it (IA3 modules, where its decoder
+blocks are, how checkpoints name its weights) and the exact speed-ups the training path applies by ``model_type``."""
 
 from __future__ import annotations
 
@@ -14,9 +15,31 @@ from ..loss import RowSelector
 class Family:
     model_type: str
     """``config.model_type`` of the models this entry describes."""
+    name: str = ""
+    """How the family is called in messages (e.g. ``Llama``)."""
+    target_modules: tuple[str, ...] = ()
+    """IA3's default target modules for the family: PEFT's (a test checks they still agree), named here so the
+    preflight can say what IA3 will scale."""
+    feedforward_modules: tuple[str, ...] = ()
+    """The subset of :attr:`target_modules` that IA3 scales on its input (PEFT's default)."""
+    blocks: str = ""
+    """Dotted path from the ``*ForCausalLM`` model to the list of decoder blocks (``model.layers``)."""
+    checkpoint_prefix: str = ""
+    """The base model's attribute name, which saved checkpoints put before its weights' keys
+    (``model.layers.0...``) and some publishers leave out (bigscience's Bloom: ``h.0...``)."""
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    """``(our parameter-name prefix, the checkpoints' prefix)`` pairs where transformers renames weights on load:
+    GPT-NeoX's head is ``lm_head`` in the model and ``embed_out`` in every saved checkpoint."""
     fuse_activations: Callable[[nn.Module], int] | None = None
     """Swap activation modules for fused equivalents in place; returns how many were swapped."""
     last_rows: Callable[[nn.Module], RowSelector] | None = None
     """Install a row selector on the last block, so it computes only rows that predict a label."""
     attention: Callable[[nn.Module, str], int] | None = None
     """Switch the attention modules to an implementation (``model.attention``: ``sdpa`` or ``eager``)."""
+
+    def block_list(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder blocks of a ``*ForCausalLM`` of this family, in order."""
+        mod = model
+        for part in self.blocks.split("."):
+            mod = getattr(mod, part)
+        return mod  # type: ignore[return-value]

@@ -110,5 +110,6 @@ def last_rows(model: nn.Module) -> LastMLPRows:
     return LastMLPRows(model.transformer.h[-1])
 
 
-FAMILY = Family(model_type="bloom", fuse_activations=fuse_activations, last_rows=last_rows,
-                attention=set_attention)
+FAMILY = Family(model_type="bloom", name="Bloom", target_modules=("query_key_value", "mlp.dense_4h_to_h"),
+                feedforward_modules=("mlp.dense_4h_to_h",), blocks="transformer.h", checkpoint_prefix="transformer",
+                fuse_activations=fuse_activations, last_rows=last_rows, attention=set_attention)

@@ -1,0 +1,36 @@
+"""The data statistics the preflight prints (and ``ia3-dist prepare``): records, examples, drops, truncation,
+lengths, label tokens, and where the tokens came from."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import RunConfig
+from .tokens import TokenizedData
+
+
+def data_lines(d: TokenizedData, cfg: RunConfig) -> list[str]:
+    """The data statistics: records, examples, drops, truncation, lengths, label tokens, where the tokens came
+    from."""
+    lens = d.lengths
+    pct = np.percentile(lens, [50, 90, 99]).round().astype(int).tolist()
+    n_labels = d.label_tokens()
+    sources = (", ".join(f"{src} ({fmt})" for src, fmt in d.formats.items()) if d.formats
+               else str(cfg.data.path))
+    n_skipped = d.skipped_total if d.skipped_total is not None else len(d.skipped)
+    if d.seconds == 0:
+        origin = f"from cache {d.cache_file}" if d.cache_file else "from cache"
+    else:
+        origin = (f"tokenized in {d.seconds:.2f}s ({(d.n_records + n_skipped) / d.seconds:,.0f} records/s)"
+                  + (f" into {d.cache_file}" if d.cache_file else ""))
+    return [
+        f"data: {d.n_records + n_skipped} records read from {sources}"
+        + (f"; {n_skipped} bad records skipped (data.on_bad_record=skip), first: "
+           + "; ".join(d.skipped[:3]) if n_skipped else ""),
+        f"  {len(d)} examples; {len(d.dropped)} dropped (no label token after truncation, data.unlabeled=drop)"
+        + (f", records {d.dropped[:5].tolist()}" if len(d.dropped) else "")
+        + (f"; {d.unlabeled} kept with no label token (data.unlabeled=keep, as the reference recipe)"
+           if d.unlabeled and not len(d.dropped) else ""),
+        f"  truncated at {cfg.data.max_length}: {d.truncated} ({100.0 * d.truncated / max(d.n_records, 1):.1f}%); "
+        f"length p50 {pct[0]} p90 {pct[1]} p99 {pct[2]} max {int(lens.max())}; {n_labels} label tokens; " + origin,
+    ]

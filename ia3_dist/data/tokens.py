@@ -1,0 +1,90 @@
+"""The tokenized data's types, shared by the tokenizer (:mod:`.tokenize`) and the token cache
+(:mod:`.token_cache`), which each build them."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedData:
+    """Flat token ids with offsets, and a flat per-token label mask: labels are the ids where the mask is set and
+    ``IGNORE_INDEX`` elsewhere. From the token cache the flat arrays are memory-mapped (read-only): a rank's
+    memory holds only the per-example arrays (offsets, label counts, the subset's rows)."""
+
+    ids: np.ndarray          # uint16/uint32 (cache) or int32, all examples back to back
+    offsets: np.ndarray      # int64, len n+1 (n: every example of ``ids``)
+    label_mask: np.ndarray   # uint8, one per token: 1 where the token is a label
+    n_records: int           # before dropping
+    dropped: np.ndarray      # record indices dropped (no label token after truncation, data.unlabeled=drop)
+    truncated: int           # examples cut at max_length
+    unlabeled: int = 0       # examples with no label token after truncation (dropped or kept)
+    seconds: float = 0.0     # tokenization time (0 when served from cache)
+    cache_file: str = ""     # the token cache dir (its name is the cache key)
+    skipped: list[str] = field(default_factory=list)  # bad records skipped (data.on_bad_record=skip)
+    formats: dict[str, str] = field(default_factory=dict)  # source file -> record format read from it
+    label_counts: np.ndarray | None = None
+    """int32 per example of ``ids``: its label tokens past position 0 (which is never predicted)."""
+    rows: np.ndarray | None = None
+    """A subset's examples (indices into ``offsets``), in order; None: all of them."""
+    skipped_total: int | None = None
+    """Bad records skipped when ``skipped`` keeps only the first messages (from the cache)."""
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.offsets) - 1
+
+    @functools.cached_property
+    def lengths(self) -> np.ndarray:
+        lens = np.diff(self.offsets)
+        return lens[self.rows] if self.rows is not None else lens
+
+    def _label_counts(self) -> np.ndarray:
+        if self.label_counts is None:
+            starts = self.offsets[:-1]
+            csum = np.concatenate([[0], np.cumsum(self.label_mask, dtype=np.int64)])
+            first = np.asarray(self.label_mask[starts[np.diff(self.offsets) > 0]], dtype=np.int64)
+            counts = csum[self.offsets[1:]] - csum[starts]
+            counts[np.diff(self.offsets) > 0] -= first
+            self.label_counts = counts.astype(np.int32)
+        return self.label_counts
+
+    def label_tokens(self) -> int:
+        """Label tokens the loss sees: position 0 of an example is never predicted."""
+        counts = self._label_counts()
+        return int((counts[self.rows] if self.rows is not None else counts).sum(dtype=np.int64))
+
+    def subset(self, idx: Sequence[int]) -> TokenizedData:
+        """The examples at ``idx``, in that order (train/eval splits): a view on the same flat arrays."""
+        idx = np.asarray(idx, dtype=np.int64)
+        rows = self.rows[idx] if self.rows is not None else idx
+        return TokenizedData(ids=self.ids, offsets=self.offsets, label_mask=self.label_mask, n_records=len(idx),
+                             dropped=self.dropped[:0], truncated=0, cache_file=self.cache_file,
+                             label_counts=self._label_counts(), rows=rows)
+
+    def example(self, i: int) -> tuple[list[int], list[int], list[int]]:
+        """``(input_ids, attention_mask, labels)`` exactly as the reference recipe returns them."""
+        j = int(self.rows[i]) if self.rows is not None else i
+        s = slice(int(self.offsets[j]), int(self.offsets[j + 1]))
+        ids = np.asarray(self.ids[s], dtype=np.int64)
+        labels = np.where(np.asarray(self.label_mask[s]).astype(bool), ids, IGNORE_INDEX)
+        return ids.tolist(), [1] * len(ids), labels.tolist()
+
+
+@dataclass
+class Chunk:
+    """One chunk of records, tokenized: the unit workers return and the cache writer appends."""
+
+    n_records: int
+    ids: np.ndarray          # int32, the kept examples back to back
+    label_mask: np.ndarray   # uint8
+    lengths: np.ndarray      # int64, per kept example
+    label_counts: np.ndarray  # int32, per kept example: labels past position 0
+    dropped: np.ndarray      # int64, record indices within the chunk
+    truncated: int
+    unlabeled: int

@@ -1,0 +1,166 @@
+"""The per-rank memory model behind ``ia3-dist plan`` and ``train.micro_batch_size: auto``: exact parameter counts
+from the real transformers model and PEFT on the meta device, and bytes per rank for weights, gradients,
+optimizer states, activations and ZeRO-3's gathered working set (the formulas are in :mod:`ia3_dist.tools.plan`'s
+docstring)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import IA3Section
+from ..config.archs import BLOCKS, GENERIC_BLOCK
+from ..runtime.ds_config import live_params
+from ..runtime.hostmem import rss_gib
+from .ia3 import FIXED, build_on_meta, fixed_entries, trainable_text
+from .load import decoder_blocks, hidden_size_of, layers_of
+
+GIB = 2**30
+OVERHEAD = 1.5 * GIB
+
+
+@dataclass
+class Shape:
+    n_params: int
+    trainable: int
+    """IA3 parameters allocated (optimizer states are per allocated entry)."""
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    line: str
+    """PEFT's trainable-parameter line (under ``ia3.variant: paper`` the trained count)."""
+    act_per_token: float = 0.0
+    """Activation bytes per token and layer at 16 bits, without the attention scores (Korthikanti et al.'s 34h
+    for a GPT block)."""
+    score_bytes: float = 5.0
+    """Bytes per head and key position per token and layer at 16 bits for the attention scores (5 with
+    Korthikanti's dropout masks, 2 for the softmax output alone)."""
+    trained: int = 0
+    """IA3 parameters actually trained (``trainable`` less the query entries ``ia3.variant: paper`` fixes)."""
+
+
+def block_activations(mc: Any) -> tuple[float, float]:
+    """``(act_per_token, score_bytes)`` of one decoder block at 16 bits, from the config and the family's block
+    facts. Korthikanti et al. (2022) per token: layer norms 4h; attention 2h (q,k,v input) + 2h (q) + 2 kv (k)
+    + 2 kv (v) + 2h (output projection input) + h (dropout mask); MLP 2h (input) + 2i + 2i (activation input and
+    output) + h (dropout mask), or with a gate 2h + 4 x 2i (gate, up, activation, product). With kv = h, i = 4h
+    and the masks: 34h, the published figure (kept for Bloom)."""
+    facts = BLOCKS.get(getattr(mc, "model_type", ""), GENERIC_BLOCK)
+    h = hidden_size_of(mc) or 0
+    heads = mc.num_attention_heads
+    head_dim = getattr(mc, "head_dim", None) or h // heads
+    kv = (getattr(mc, "num_key_value_heads", None) or heads) * head_dim
+    inter = getattr(mc, "intermediate_size", None) or getattr(mc, "ffn_dim", None) or 4 * h
+    masks = facts.dropout_masks
+    attn = 2 * h + 2 * heads * head_dim + 4 * kv + 2 * heads * head_dim + (h if masks else 0)
+    mlp = 2 * h + 8 * inter if facts.gated_mlp else 2 * h + 4 * inter + (h if masks else 0)
+    return float(4 * h + attn + mlp), 5.0 if masks else 2.0
+
+
+def _one_block(mc: Any) -> Any | None:
+    """A copy of the config with a single decoder block; None where the family is not known to stack identical
+    blocks (the whole model is then built)."""
+    if getattr(mc, "model_type", None) not in BLOCKS:
+        return None
+    one = copy.deepcopy(mc)
+    one.num_hidden_layers = 1  # Bloom maps it to n_layer
+    if isinstance(getattr(one, "layer_types", None), list):
+        one.layer_types = one.layer_types[:1]  # same parameters whatever each layer's attention pattern
+    return one
+
+
+def count_params(mc: Any, section: IA3Section) -> tuple[int, int, int]:
+    """``(all, trainable, fixed)`` parameters of the IA3 model: exact, from the real transformers model and PEFT
+    on the meta device. Families of identical blocks are built with one block and counted as the parts outside
+    the blocks plus L x one block (a 70B model plans in a fraction of a second)."""
+    layers = layers_of(mc)
+    one = _one_block(mc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # PEFT calls transformers' deprecated spellings
+        peft = build_on_meta(one if one is not None else mc, section)
+    blocks = decoder_blocks(peft.get_base_model())
+    extra = layers - len(blocks) if one is not None else 0
+    if extra and len(blocks) != 1:
+        raise RuntimeError(f"{mc.model_type}: expected one decoder block, found {len(blocks)}")
+
+    def total(params: Any, trainable: bool) -> int:
+        return sum(p.numel() for p in params if p.requires_grad or not trainable)
+
+    per_block = (total(blocks[0].parameters(), False), total(blocks[0].parameters(), True)) if extra else (0, 0)
+    fixed = sum(int(m.sum()) for m in fixed_entries(peft).values())
+    fixed_block = sum(int(getattr(m, FIXED).sum()) for m in blocks[0].modules() if hasattr(m, FIXED)) \
+        if extra else 0
+    return (total(peft.parameters(), False) + extra * per_block[0],
+            total(peft.parameters(), True) + extra * per_block[1], fixed + extra * fixed_block)
+
+
+def shape_of(mc: Any, section: IA3Section) -> Shape:
+    """The planning shape of the model ``mc`` describes (a config, no weights) with IA3 as ``section`` says."""
+    n, t, fixed = count_params(mc, section)
+    act, score = block_activations(mc)
+    return Shape(n, t, mc.vocab_size, hidden_size_of(mc) or 0, layers_of(mc), mc.num_attention_heads,
+                 trainable_text(t, n, fixed), act, score, t - fixed)
+
+
+@dataclass
+class RankMemory:
+    config: str
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    cpu: float
+    gathered: float = 0.0
+    """ZeRO-3's working set of whole parameters."""
+    overhead: float = OVERHEAD
+
+    @property
+    def gpu_total(self) -> float:
+        """Device memory per rank; on CPU ranks (where plan counts nothing as offloaded) all of it."""
+        return self.weights + self.grads + self.optimizer + self.activations + self.gathered + self.overhead
+
+
+def activation_bytes(s: Shape, seq: int, micro: int, b: int, checkpointing: bool) -> float:
+    per_layer_full = seq * micro * (s.act_per_token + s.score_bytes * s.heads * seq) * b / 2
+    layers = (s.layers * seq * micro * s.hidden * b + per_layer_full) if checkpointing else s.layers * per_layer_full
+    logits = seq * micro * s.vocab * 4 * 2  # fp32 logits and their gradient
+    return layers + logits
+
+
+def rank_memory(s: Shape, name: str, stage: int, offload: bool, world: int, seq: int, micro: int, b: int,
+                checkpointing: bool, overhead: float = OVERHEAD) -> RankMemory:
+    weights_all = s.n_params * b
+    weights = weights_all / world if stage == 3 else weights_all
+    grads = s.trainable * b / (world if stage >= 2 else 1)
+    opt_per = 8 + (4 if b == 2 else 0)
+    opt = s.trainable * opt_per / (world if stage >= 1 else 1)
+    cpu = 0.0
+    if offload:
+        cpu = weights + opt
+        weights, opt = 0.0, 0.0
+    gathered = 0.0
+    if stage == 3:
+        gathered = (s.vocab * s.hidden + min(live_params(s.hidden), s.n_params)) * b
+    return RankMemory(name, weights, grads, opt, activation_bytes(s, seq, micro, b, checkpointing), cpu, gathered,
+                      overhead)
+
+
+def largest_micro(s: Shape, stage: int, offload: bool, world: int, seq: int, b: int, ckpt: bool,
+                  gpu_bytes: float, overhead: float = OVERHEAD) -> int:
+    m = 0
+    while m < 4096 and rank_memory(s, "", stage, offload, world, seq, m + 1, b, ckpt,
+                                   overhead).gpu_total <= gpu_bytes:
+        m += 1
+    return m
+
+
+def framework_rss() -> float:
+    """Host memory of a rank before any model: this process's RSS with the same stack imported."""
+    import deepspeed  # noqa: F401 - imported for its footprint
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    return rss_gib() * GIB

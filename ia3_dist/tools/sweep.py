@@ -1,0 +1,349 @@
+"""``ia3-dist sweep``: a grid of config values as one Slurm job array (or, with ``--local``, one run after another).
+
+Each task trains the same config with its own values and its own output dir, ``<sweep dir>/<key>=<value>,...``,
+and behaves like a job from ``ia3-dist slurm`` (checkpoint on USR1, requeue, resume): the array's tasks are jobs
+of their own, so ``scontrol requeue $SLURM_JOB_ID`` requeues only the task that was preempted. ``sweep.json`` in
+the sweep dir records the grid, the tasks and the job id; ``ia3-dist summary <sweep dir>`` reads it.
+
+Everything is checked before anything is written or submitted (exit 2): the grid's keys and values (each task's
+whole config is built), its size (:data:`MAX_TASKS` without ``--max-tasks``), and that no two tasks share an
+output dir or a config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..config import RunConfig, load_config
+from ..config.load import apply_overrides, build_config, read_yaml
+from ..config.schema import brief
+from ..errors import UsageError
+from . import slurm
+from .summary import FORMAT, SWEEP_FILE, run_status
+from .summary import main as summary_main
+
+MAX_TASKS = 1000
+"""Tasks a grid may have without ``--max-tasks``: Slurm's default MaxArraySize (1001) allows indices 0-1000."""
+SCRIPT = "sweep.sbatch"
+LOGS = "logs"
+# Task dir names: the characters of a Slurm name plus '=' and ',' (key=value,key=value); anything else in a value
+# becomes '-'. A name longer than this is refused rather than cut, since cutting is what makes two names equal.
+_DIR_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
+NAME_MAX = 200
+# The sweep dir lands in `#SBATCH --output=...`: no spaces, quotes or '%' (Slurm's file name patterns).
+_SAFE_PATH = re.compile(r"[A-Za-z0-9._+=,/-]+")
+
+
+@dataclass
+class Task:
+    index: int
+    name: str
+    values: dict[str, str]
+    """Grid key -> the value as given on the command line."""
+    overrides: list[str]
+    """The grid's overrides and the task's output.dir, after the sweep's own overrides."""
+    dir: str
+
+
+def split_values(key: str, text: str) -> list[str]:
+    """``3e-3,1e-2`` -> ['3e-3', '1e-2']; commas inside [...] or {...} belong to the value (a list value)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    parts = [p.strip() for p in parts]
+    if not text.strip() or any(not p for p in parts):
+        raise UsageError(f"--grid {key}={text}: empty value; give one or more comma-separated values, e.g. "
+                         f"--grid train.lr=3e-3,1e-2")
+    return parts
+
+
+def parse_grid(specs: list[str]) -> dict[str, list[str]]:
+    """``--grid key=v1,v2`` options -> {key: [v1, v2]}, in the order given."""
+    grid: dict[str, list[str]] = {}
+    for spec in specs:
+        slurm._no_control("--grid", spec)
+        key, eq, text = spec.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UsageError(f"--grid {spec!r}: expected key.sub=value1,value2,... (e.g. --grid train.lr=3e-3,1e-2)")
+        if key == "output.dir":
+            raise UsageError("--grid output.dir: the sweep gives each task its own output.dir under --dir; sweep "
+                             "other keys")
+        if key in grid:
+            raise UsageError(f"--grid {key}: given twice; put all its values in one --grid {key}=v1,v2,...")
+        values = split_values(key, text)
+        dup = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if dup is not None:
+            raise UsageError(f"--grid {key}: value {dup} is listed twice; two tasks would share an output dir")
+        grid[key] = values
+    if not grid:
+        raise UsageError("give at least one --grid key.sub=value1,value2,...")
+    return grid
+
+
+def task_name(values: dict[str, str]) -> str:
+    """``lr=3e-3,max_length=256``: the last part of each key (the whole key where two grid keys share it)."""
+    lasts = [k.rsplit(".", 1)[-1] for k in values]
+    parts = []
+    for key, value in values.items():
+        short = key.rsplit(".", 1)[-1]
+        label = short if lasts.count(short) == 1 else key
+        parts.append(f"{label}={_DIR_CHARS.sub('-', value).strip('-') or '-'}")
+    return ",".join(parts)
+
+
+def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_dir: Path,
+               max_tasks: int) -> list[Task]:
+    """The tasks of the grid, every one's config built and checked; UsageError on anything that would fail in the
+    queue or make two tasks collide."""
+    count = math.prod(len(v) for v in grid.values())
+    if count > max_tasks:
+        sizes = " x ".join(str(len(v)) for v in grid.values())
+        raise UsageError(f"--grid: {sizes} = {count} tasks, more than {max_tasks}; narrow the grid or raise the "
+                         f"limit with --max-tasks {count} (the cluster's MaxArraySize must allow it too)")
+    raw = read_yaml(config)  # once: a grid of hundreds of tasks builds hundreds of configs
+
+    def build(overrides: list[str]) -> RunConfig:
+        try:
+            return build_config(apply_overrides(copy.deepcopy(raw), [*base, *overrides]))
+        except UsageError as e:
+            raise UsageError(f"{brief(config)}: {e}") from None
+
+    build([])  # the sweep's own config and overrides first
+    # One value at a time next, so a bad key or value is named as the user wrote it.
+    for key, values in grid.items():
+        for v in values:
+            try:
+                build([f"{key}={v}"])
+            except UsageError as e:
+                raise UsageError(f"--grid {key}={v}: {e}") from None
+    tasks: list[Task] = []
+    seen_names: dict[str, Task] = {}
+    seen_cfgs: dict[str, Task] = {}
+    keys = list(grid)
+    for i, combo in enumerate(itertools.product(*grid.values())):
+        values = dict(zip(keys, combo, strict=True))
+        name = task_name(values)
+        if len(name) > NAME_MAX:
+            raise UsageError(f"--grid: the task dir name {name[:60]}... is longer than {NAME_MAX} characters; use "
+                             f"shorter values")
+        task = Task(i, name, values, [f"{k}={v}" for k, v in values.items()] + [f"output.dir={sweep_dir / name}"],
+                    str(sweep_dir / name))
+        other = seen_names.get(name.casefold())  # casefold: two names one case-insensitive file system merges
+        if other is not None:
+            raise UsageError(f"--grid: {_show(other.values)} and {_show(values)} give the same output dir {name}; "
+                             f"make the values differ in letters or digits")
+        try:
+            cfg = build(task.overrides)
+        except UsageError as e:
+            raise UsageError(f"--grid task {i} ({_show(values)}): {e}") from None
+        d = cfg.to_dict()
+        d["output"].pop("dir")
+        fingerprint = json.dumps(d, sort_keys=True, default=str)
+        other = seen_cfgs.get(fingerprint)
+        if other is not None:
+            raise UsageError(f"--grid: {_show(other.values)} and {_show(values)} are the same config; drop one")
+        seen_names[name.casefold()] = seen_cfgs[fingerprint] = task
+        tasks.append(task)
+    return tasks
+
+
+def _show(values: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
+def default_dir(config: str, base: list[str]) -> Path:
+    out = Path(load_config(config, base).output.dir)
+    return out.parent / f"{out.name or 'runs'}-sweep"
+
+
+def check_sweep_dir(d: Path, force: bool) -> None:
+    if not _SAFE_PATH.fullmatch(str(d)):
+        raise UsageError(f"--dir {d}: the sweep dir goes into #SBATCH --output, so its path may hold only letters, "
+                         f"digits and . _ + = , / -; give another --dir")
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"--dir {d}: not a directory")
+    if d.is_dir() and any(d.iterdir()):
+        if not (d / SWEEP_FILE).is_file():
+            raise UsageError(f"--dir {d}: not empty and not a sweep dir (no {SWEEP_FILE}); give a new or empty --dir")
+        if not force:
+            raise UsageError(f"--dir {d}: holds a sweep already (ia3-dist summary {d} shows it); add --force to "
+                             f"write and start it again (task dirs are kept: their runs resume), or give another "
+                             f"--dir")
+
+
+def render_array(config: str, base: list[str], tasks: list[Task], sweep_dir: Path, job: slurm.Job,
+                 max_concurrent: int | None) -> str:
+    """One job array: task i trains ``tasks[i]``; preemption, requeue and resume as in ``ia3-dist slurm``."""
+    array = f"0-{len(tasks) - 1}" + (f"%{max_concurrent}" if max_concurrent else "")
+    cases = [f"  {t.index}) TASK=({' '.join(shlex.quote(o) for o in t.overrides)}) ;;" for t in tasks]
+    head = " ".join(shlex.quote(a) for a in [config, *base])
+    logs = sweep_dir / LOGS
+    defaults = "\n".join([
+        f"export LOG_DIR=${{LOG_DIR:-{shlex.quote(str(logs))}}}",
+        "# The task's values and output.dir; arguments after the file name are added to every task's overrides.",
+        'case "${SLURM_ARRAY_TASK_ID:-}" in',
+        *cases,
+        f'  *) echo "ia3-dist sweep: no task \'${{SLURM_ARRAY_TASK_ID:-}}\' here: submit this file with sbatch '
+        f'(--array={array})" >&2; exit 2 ;;',
+        "esac",
+        f'set -- {head} "${{TASK[@]}}" "$@"',
+    ])
+    grid = "; ".join(f"{k} in {{{','.join(vs)}}}" for k, vs in _grid_of(tasks).items())
+    header = [f"Written by `ia3-dist sweep` (ia3-dist {__version__}): a job array of {len(tasks)} task(s), each "
+              f"{job.describe()}.",
+              f"Grid: {grid}",
+              f"Config: {shlex.quote(config)}; task i trains into {sweep_dir}/<its values>.",
+              f"Submit from the folder relative paths in the config refer to:  sbatch {sweep_dir / SCRIPT}",
+              f"Status of the tasks:  ia3-dist summary {sweep_dir}",
+              "Each task is preemption-safe on its own: USR1 -> checkpoint -> requeue of that task -> resume."]
+    name = job.job_name or slurm.safe_name(sweep_dir.name)
+    return slurm.assemble(job, name, header, defaults,
+                          {"array": array, "output": str(logs / "%x-%A_%a.out")})
+
+
+def _grid_of(tasks: list[Task]) -> dict[str, list[str]]:
+    grid: dict[str, list[str]] = {}
+    for t in tasks:
+        for k, v in t.values.items():
+            if v not in grid.setdefault(k, []):
+                grid[k].append(v)
+    return grid
+
+
+def write_sweep(sweep_dir: Path, record: dict) -> None:
+    tmp = sweep_dir / (SWEEP_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(sweep_dir / SWEEP_FILE)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_local(config: str, base: list[str], tasks: list[Task], sweep_dir: Path, nproc: int) -> list[int]:
+    """Each task in turn, in this process's environment; output to ``logs/<name>.log``. Tasks whose run is done
+    already are skipped. Returns the indices of the tasks that failed."""
+    failed = []
+    for t in tasks:
+        label = f"[{t.index + 1}/{len(tasks)}] {t.name}"
+        if run_status(Path(t.dir)) == "done":
+            print(f"{label}: done already, skipped", flush=True)
+            continue
+        args = ["--config", config, *base, *t.overrides, "train.resume=auto"]
+        if nproc == 1:
+            cmd = [sys.executable, "-m", "ia3_dist", *args]
+        else:
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", str(nproc),
+                   "--master_port", str(_free_port()), "--module", "ia3_dist", *args]
+        log = sweep_dir / LOGS / f"{t.name}.log"
+        t0 = time.time()
+        print(f"{label}: training, log {log}", flush=True)
+        with open(log, "ab") as fh:
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        print(f"{label}: {'done' if rc == 0 else f'failed (exit {rc}; see {log})'} in {time.time() - t0:.0f} s",
+              flush=True)
+        if rc != 0:
+            failed.append(t.index)
+    return failed
+
+
+def _submit(script: Path) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        msg = " ".join((proc.stderr or proc.stdout).split())
+        raise UsageError(f"sbatch refused {script}: {msg}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def main(argv: list[str], prog: str) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="Train a grid of config values: one Slurm job array (each "
+                                 "task its own output dir), or one run after another with --local.")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="a config key and its values (repeat for more keys: the sweep is every combination)")
+    ap.add_argument("--dir", help="sweep dir: sweep.json, sweep.sbatch, logs/ and one output dir per task "
+                    "(default: <output.dir>-sweep)")
+    ap.add_argument("--max-concurrent", type=int, help="at most this many tasks run at once (--array=...%%N)")
+    ap.add_argument("--max-tasks", type=int, default=MAX_TASKS,
+                    help=f"refuse a grid of more tasks than this (default {MAX_TASKS})")
+    ap.add_argument("--local", action="store_true", help="no Slurm: run the tasks here, one after another")
+    ap.add_argument("--nproc", type=int, default=1, help="with --local: ranks per task (deepspeed launcher)")
+    ap.add_argument("--no-submit", action="store_true", help="write the sweep dir and its sbatch file only")
+    ap.add_argument("--force", action="store_true", help="write over an earlier sweep in --dir (its task dirs "
+                    "stay: their runs resume)")
+    slurm.add_job_args(ap)
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every task")
+    a = ap.parse_intermixed_args(argv)
+    if a.max_tasks < 1:
+        raise UsageError(f"--max-tasks {a.max_tasks}: must be >= 1")
+    if a.max_concurrent is not None and a.max_concurrent < 1:
+        raise UsageError(f"--max-concurrent {a.max_concurrent}: must be >= 1")
+    if a.nproc < 1:
+        raise UsageError(f"--nproc {a.nproc}: must be >= 1")
+    grid = parse_grid(a.grid)
+    job = None if a.local else slurm.job_from_args(a)
+    slurm.check_run_args(a.config, a.overrides)
+    config = os.path.abspath(a.config)
+    if a.dir is not None:
+        slurm._no_control("--dir", a.dir)
+    sweep_dir = Path(os.path.abspath(a.dir if a.dir is not None else default_dir(config, a.overrides)))
+    tasks = plan_tasks(config, a.overrides, grid, sweep_dir, a.max_tasks)
+    check_sweep_dir(sweep_dir, a.force)
+    submit = not a.local and not a.no_submit
+    if submit and not shutil.which("sbatch"):
+        raise UsageError("sbatch not found: run this on a Slurm login node, or use --local (run the grid here) or "
+                         "--no-submit (write the files only)")
+    text = None if job is None else render_array(config, a.overrides, tasks, sweep_dir, job, a.max_concurrent)
+    (sweep_dir / LOGS).mkdir(parents=True, exist_ok=True)
+    record = {"format": FORMAT, "ia3_dist": __version__, "config": config, "overrides": a.overrides, "grid": grid,
+              "mode": "local" if a.local else "slurm", "job": None, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "tasks": [asdict(t) for t in tasks]}
+    if text is not None:
+        slurm.write_out(sweep_dir / SCRIPT, text, force=True)
+    write_sweep(sweep_dir, record)
+    print(f"sweep of {len(tasks)} task(s) in {sweep_dir}", flush=True)
+    if a.local:
+        failed = run_local(config, a.overrides, tasks, sweep_dir, a.nproc)
+        summary_main([str(sweep_dir)], "ia3-dist summary")
+        if failed:
+            print(f"{prog}: {len(failed)} task(s) failed: {', '.join(tasks[i].name for i in failed)}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    script = sweep_dir / SCRIPT
+    if not submit:
+        print(f"wrote {script}\nsubmit from the folder relative paths in the config refer to:  sbatch "
+              f"{shlex.quote(str(script))}")
+        return 0
+    record["job"] = _submit(script)
+    write_sweep(sweep_dir, record)
+    print(f"submitted job array {record['job']} ({script})\nstatus:  ia3-dist summary {shlex.quote(str(sweep_dir))}"
+          f"\nlogs:  {sweep_dir / LOGS}/")
+    return 0

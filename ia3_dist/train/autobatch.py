@@ -1,0 +1,243 @@
+"""``train.micro_batch_size: auto``: the largest micro-batch that fits, keeping the requested global batch.
+
+With ``auto``, ``train.grad_accum`` counts the examples each rank contributes to one optimizer step (what
+micro-batch 1 would give), so the global batch is ``grad_accum x world`` whatever micro-batch is chosen. The
+candidates are the divisors of ``grad_accum``; accumulation becomes ``grad_accum / micro``.
+
+Two stages, both before step 1:
+
+1. :func:`plan_pick` (in the preflight, no weights): ``plan``'s per-rank memory model at the data's longest
+   example, against the device's memory (a GPU's total; on CPU ranks the host's memory shared by the local ranks).
+   Deterministic, so every rank starts from the same pick.
+2. :func:`probe` (after the engine is built, ZeRO-0/1/2): one forward and backward of the picked micro-batch made of
+   the longest training examples, measured (CUDA peak allocation, or the process's RSS sampled during the probe
+   on CPU) against the
+   same budget; a micro-batch that runs out of memory or over the budget is replaced by the next smaller divisor
+   and probed again. The ranks agree on the smallest result. The probe back-propagates to the embeddings'
+   output with the IA3 vectors frozen for its duration: the backward pass through every activation (what a frozen
+   base costs) runs, but no parameter gradient exists, so DeepSpeed's gradient hooks (ZeRO-1/2 reduce buckets)
+   never fire; with the RNG state restored, training afterwards is exactly that of an explicit
+   ``micro_batch_size``. Under ZeRO-3 the
+   forward pass runs collectives (parameter gathers) that a rank running out of memory would leave its peers
+   waiting in, so there the plan's pick stands alone.
+
+A resumed run takes the micro-batch its checkpoint was written with (the continuation must be exact).
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..data.sampler import Layout
+from ..models import memory
+from ..runtime import dist, faults, hostmem
+from ..runtime import ds_config as dsc
+
+AUTO = "auto"
+BUDGET_FRACTION = 0.9
+"""Of the device's memory: the rest is left to the allocator's fragmentation and the optimizer step."""
+
+
+@dataclass
+class AutoBatch:
+    """How ``auto`` was resolved (for the log and metrics)."""
+
+    samples_per_rank: int
+    """Examples per rank per optimizer step (``train.grad_accum`` as written)."""
+    planned: int
+    """The memory model's pick (or the checkpoint's micro-batch on resume)."""
+    budget_gib: float
+    """Memory per rank the pick must fit in."""
+    micro: int = 0
+    """The final micro-batch (after the probe)."""
+    probe_peak_gib: float | None = None
+    """Peak memory measured by the probe at the final micro-batch; None when no probe ran."""
+    source: str = "plan"
+
+    def line(self) -> str:
+        accum = self.samples_per_rank // self.micro
+        head = (f"train.micro_batch_size=auto: {self.micro} x {accum} accumulation = {self.samples_per_rank} examples "
+                f"per rank per step")
+        if self.source == "checkpoint":
+            return f"{head} (from the checkpoint it resumes)"
+        planned = f"plan picked {self.planned} within {self.budget_gib:.1f} GiB per rank"
+        if self.source == "plan":
+            return f"{head} ({planned}; no probe under ZeRO-3)"
+        peak = f"{self.probe_peak_gib:.2f} GiB" if self.probe_peak_gib is not None else "not measured on this rank"
+        return f"{head} ({planned}; probe peak at {self.micro}: {peak})"
+
+
+def divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def with_micro(cfg: RunConfig, micro: int, samples_per_rank: int) -> RunConfig:
+    """``cfg`` with ``auto`` replaced by ``micro`` and the accumulation that keeps the global batch."""
+    return replace(cfg, train=replace(cfg.train, micro_batch_size=micro, grad_accum=samples_per_rank // micro))
+
+
+def memory_budget(local_world: int, local_rank: int) -> float:
+    """Bytes one rank may use: its GPU's memory, or on CPU ranks the host's memory split between the local ranks
+    (total, not available: the same figure on every rank)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(local_rank).total_memory * BUDGET_FRACTION
+    import psutil
+
+    return psutil.virtual_memory().total * BUDGET_FRACTION / max(local_world, 1)
+
+
+def plan_pick(cfg: RunConfig, model_config: Any, env: dist.DistEnv, ds: dict[str, Any], longest: int,
+              budget: float | None = None) -> AutoBatch:
+    """The largest divisor of ``grad_accum`` that ``plan``'s memory model fits in the budget at ``longest``
+    tokens per example (at least 1: a micro-batch of 1 that does not fit is ``plan``'s message to give)."""
+    on_cpu = not torch.cuda.is_available()
+    s = memory.shape_of(model_config, cfg.ia3)
+    stage = dsc.stage_of(ds)
+    offload = not on_cpu and stage == 3 and dsc.offloads(ds)
+    b = 4 if cfg.train.precision == "fp32" else 2
+    budget = memory_budget(env.local_world_size, env.local_rank) if budget is None else budget
+    overhead = memory.framework_rss() if on_cpu else memory.OVERHEAD
+    fits = memory.largest_micro(s, stage, offload, env.world_size, longest, b, cfg.train.gradient_checkpointing,
+                                 budget, overhead)
+    samples = cfg.train.grad_accum
+    pick = next((d for d in divisors_desc(samples) if d <= fits), 1)
+    return AutoBatch(samples, pick, budget / 2**30)
+
+
+def choose(cfg: RunConfig, model_config: Any, env: dist.DistEnv, ds: dict[str, Any], longest: int,
+           resume_from: Any) -> AutoBatch:
+    """The preflight's pick: the checkpoint's micro-batch on resume (when it divides the examples per step; a
+    mismatch is then refused by the resume check), else :func:`plan_pick`. ``cfg`` is the provisional config
+    (micro-batch 1, ``grad_accum`` = examples per rank per step)."""
+    auto = plan_pick(cfg, model_config, env, ds, longest)
+    if resume_from is not None:
+        from ..runtime.checkpoint import read_meta
+
+        m = read_meta(resume_from).get("micro_batch_size")
+        if isinstance(m, int) and m >= 1 and auto.samples_per_rank % m == 0:
+            return replace(auto, planned=m, micro=m, source="checkpoint")
+    return replace(auto, micro=auto.planned)
+
+
+def set_ds_batch(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> None:
+    """The DeepSpeed config's three batch keys from ``cfg`` (resolved from the provisional micro-batch 1)."""
+    t = cfg.train
+    ds.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
+              train_batch_size=t.micro_batch_size * t.grad_accum * world_size)
+
+
+class RssSampler:
+    """The largest RSS seen between :meth:`start` and :meth:`stop`, polled every millisecond."""
+
+    def __init__(self) -> None:
+        self.peak = hostmem.rss_gib() * 2**30
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="ia3-dist-rss", daemon=True)
+
+    def _poll(self) -> None:
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, hostmem.rss_gib() * 2**30)
+
+    def start(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, hostmem.rss_gib() * 2**30)
+
+
+def _measure(engine: Any, batch: dict[str, torch.Tensor], leaf: dict[str, torch.Tensor], rank: int) -> float | None:
+    """Peak bytes of one forward + backward of ``batch`` (None: out of memory)."""
+    cuda = engine.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(engine.device)
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    # On CPU ranks the process's RSS, sampled while the probe runs: the kernel's high-water mark (ru_maxrss)
+    # never comes down, so it could not tell a smaller micro-batch's peak from a larger one's.
+    sampler = None if cuda else RssSampler().start()
+    try:
+        faults.hit("probe", len(batch["input_ids"]), rank)
+        # The module, not the engine: the engine's forward arms its backward prologue (ZeRO bucket state) on the
+        # output, which this backward must not touch. Under ZeRO-0/1/2 every weight is local, so nothing else differs.
+        loss_sum, _ = engine.module(**{k: v.to(engine.device) for k, v in batch.items()})
+        torch.autograd.grad(loss_sum, leaf.pop("embeds"))
+        del loss_sum
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        if sampler is not None:
+            sampler.stop()
+    if cuda:
+        return float(torch.cuda.max_memory_allocated(engine.device))
+    return sampler.peak
+
+
+def probe(engine: Any, p: Any, auto: AutoBatch) -> AutoBatch:
+    """Probe the planned micro-batch (and smaller divisors while it does not fit) of ``p`` (the run's
+    :class:`~.prepare.Prepared`, which imports this module); every rank joins the agreement once. Returns
+    ``auto`` with the final micro-batch and the measured peak."""
+    from ..data.collate import collate
+
+    data = p.data
+    order = sorted(range(len(data)), key=lambda i: -int(data.lengths[i]))
+    trainable = [q for q in engine.module.parameters() if q.requires_grad]
+    leaf: dict[str, torch.Tensor] = {}
+
+    def embeds_leaf(_mod: Any, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+        leaf["embeds"] = out.detach().requires_grad_()
+        return leaf["embeds"]
+    budget = auto.budget_gib * 2**30
+    pad_id = p.tokenizer.pad_token_id
+    side = getattr(p.tokenizer, "padding_side", "right")
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    chosen, peak = 1, None
+    hook = engine.module.peft.get_input_embeddings().register_forward_hook(embeds_leaf)
+    for q in trainable:
+        q.requires_grad_(False)
+    try:
+        for m in [d for d in divisors_desc(auto.samples_per_rank) if d <= auto.planned]:
+            idx = [order[i % len(order)] for i in range(m)]
+            got = _measure(engine, collate(data, idx, pad_id, side), leaf, p.env.rank)
+            leaf.clear()
+            if got is not None and got <= budget:
+                chosen, peak = m, got
+                break
+    finally:
+        hook.remove()
+        for q in trainable:
+            q.requires_grad_(True)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    # The smallest pick of any rank: max of the negated micro-batch.
+    agreed = -int(dist.all_reduce_max(torch.tensor([-chosen], dtype=torch.float64, device=engine.device)).item())
+    return replace(auto, micro=agreed, probe_peak_gib=peak / 2**30 if peak is not None and agreed == chosen else None,
+                   source="probe")
+
+
+def relayout(p: Any, micro: int, engine: Any | None = None) -> None:
+    """Make ``p`` (config, layout, resume meta, DeepSpeed config) and the live engine use ``micro``."""
+    cfg = with_micro(p.cfg, micro, p.layout.micro * p.layout.accum)
+    t = cfg.train
+    grouped = cfg.data.group_by_length
+    if grouped is None:
+        grouped = t.micro_batch_size > 1 and cfg.data.shuffle
+    p.cfg = cfg
+    p.layout = Layout(t.micro_batch_size, t.grad_accum, p.env.world_size, t.seed, cfg.data.shuffle, grouped)
+    p.meta.update(micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, group_by_length=grouped)
+    set_ds_batch(p.ds_config, cfg, p.env.world_size)
+    if engine is not None:
+        engine.set_train_micro_batch_size(t.micro_batch_size)
+        engine.set_train_batch_size(p.layout.global_batch)

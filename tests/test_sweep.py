@@ -1,0 +1,245 @@
+"""``ia3-dist sweep`` and ``ia3-dist summary`` without a cluster (unit tier: no training).
+
+Bad grids exit 2 through the CLI entry before anything is written or submitted: an ``sbatch`` stand-in first on
+PATH records any call, and the sweep dir must not appear. The written array file is run by bash with a stand-in
+python to see exactly which arguments a task hands to ia3-dist. The summary reads run dirs made of real files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ia3_dist.cli import main as cli_main
+from ia3_dist.config import load_config
+from ia3_dist.tools.summary import run_status
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+BASH = shutil.which("bash")
+SLURM = ["--gpus-per-node", "0", "--cpus-per-node", "1"]
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An ``sbatch`` first on PATH that records its arguments and answers with a job id."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "sbatch-calls"
+    (bindir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho 4242\n')
+    (bindir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    return calls
+
+
+def sweep(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = cli_main(["sweep", "--config", str(TINY), *SLURM, *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize(("grid", "needles"), [
+    (["train.lrr=3e-3,1e-2"], ["train.lrr", "unknown key"]),
+    (["nosection.lr=1"], ["nosection", "unknown key"]),
+    (["train.lr="], ["train.lr", "empty value"]),
+    (["train.lr=3e-3,,1e-2"], ["train.lr", "empty value"]),
+    (["train.lr"], ["--grid", "key.sub=value1,value2"]),
+    (["train.lr=3e-3,abc"], ["train.lr=abc", "expected a number"]),
+    (["train.lr=3e-3,3e-3"], ["3e-3", "listed twice"]),
+    (["train.lr=3e-3,0.003"], ["train.lr=3e-3", "train.lr=0.003", "same config"]),
+    (["model.revision=v/1,v-1"], ["model.revision=v/1", "model.revision=v-1", "same output dir"]),
+    (["model.revision=Main,main"], ["same output dir"]),
+    (["output.dir=a,b"], ["output.dir"]),
+    (["train.lr=3e-3,1e-2", "train.lr=3e-2"], ["train.lr", "given twice"]),
+    ([f"train.seed={','.join(map(str, range(41)))}", f"train.lr={','.join(f'{i + 1}e-3' for i in range(25))}"],
+     ["41 x 25 = 1025 tasks", "--max-tasks 1025"]),
+    ([], ["at least one --grid"]),
+])
+def test_bad_grid_exits_2_before_anything_is_written_or_submitted(tmp_path: Path, fake_sbatch: Path,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  grid: list[str], needles: list[str]) -> None:
+    d = tmp_path / "sw"
+    rc, _, err = sweep(["--dir", str(d), *[f"--grid={g}" for g in grid]], capsys)
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    assert not d.exists()
+    assert not fake_sbatch.exists()
+
+
+def test_max_tasks_limit_is_the_grid_size(tmp_path: Path, fake_sbatch: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    grid = ["--grid", "train.lr=3e-3,1e-2", "--grid", "data.max_length=128,256"]
+    rc, _, err = sweep(["--dir", str(tmp_path / "a"), "--max-tasks", "3", *grid], capsys)
+    assert rc == 2 and "2 x 2 = 4 tasks" in err and not (tmp_path / "a").exists()
+    rc, out, err = sweep(["--dir", str(tmp_path / "b"), "--max-tasks", "4", *grid], capsys)
+    assert rc == 0, err
+    assert "submitted job array 4242" in out
+    assert fake_sbatch.read_text().split() == ["--parsable", str(tmp_path / "b" / "sweep.sbatch")]
+    assert json.loads((tmp_path / "b" / "sweep.json").read_text())["job"] == "4242"
+
+
+def test_bad_slurm_option_and_existing_sweep_are_refused(tmp_path: Path, fake_sbatch: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "sw"
+    rc, _, err = sweep(["--dir", str(d), "--grid", "train.lr=1e-3,1e-2", "--time", "1h"], capsys)
+    assert rc == 2 and "--time" in err and not d.exists()
+    rc, _, err = sweep(["--dir", str(tmp_path / "a b"), "--grid", "train.lr=1e-3,1e-2"], capsys)
+    assert rc == 2 and "--dir" in err and not (tmp_path / "a b").exists()
+    assert sweep(["--dir", str(d), "--grid", "train.lr=1e-3,1e-2", "--no-submit"], capsys)[0] == 0
+    rc, _, err = sweep(["--dir", str(d), "--grid", "train.lr=1e-3,1e-2"], capsys)
+    assert rc == 2 and "--force" in err
+    assert not fake_sbatch.exists()
+
+
+def test_no_sbatch_on_path_is_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing there
+    rc, _, err = sweep(["--dir", str(tmp_path / "sw"), "--grid", "train.lr=1e-3,1e-2"], capsys)
+    assert rc == 2 and "sbatch not found" in err and "--local" in err
+    assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.skipif(BASH is None, reason="no bash")
+def test_array_file_hands_each_task_its_values_and_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "sw"
+    rc, _, err = sweep(["--dir", str(d), "--grid", "train.lr=3e-3,1e-2,3e-2", "--grid",
+                        "data.max_length=128,256", "--max-concurrent", "2", "--no-submit", "train.max_steps=3"],
+                       capsys)
+    assert rc == 0, err
+    text = (d / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-5%2\n" in text and f"#SBATCH --output={d}/logs/%x-%A_%a.out\n" in text
+    assert "source slurm/lib.sh" not in text and "ia3_run() {" in text
+    assert subprocess.run([BASH, "-n", str(d / "sweep.sbatch")], capture_output=True).returncode == 0
+    rec = json.loads((d / "sweep.json").read_text())
+    names = [t["name"] for t in rec["tasks"]]
+    assert names == ["lr=3e-3,max_length=128", "lr=3e-3,max_length=256", "lr=1e-2,max_length=128",
+                     "lr=1e-2,max_length=256", "lr=3e-2,max_length=128", "lr=3e-2,max_length=256"]
+    # Task 3 under a stand-in python: the import check passes, the first real call (resolve) is recorded.
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\nif [ "$1" = -c ]; then echo /x/ia3_dist/__init__.py; exit 0; fi\n'
+                    'printf "%s\\0" "$@" > "$ARGS_OUT"; exit 1\n')
+    stub.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "IA3_DIST_PYTHON": str(stub), "ARGS_OUT": str(tmp_path / "args"),
+           "SLURM_ARRAY_TASK_ID": "3"}
+    proc = subprocess.run([BASH, str(d / "sweep.sbatch"), "train.seed=7"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    got = [a.decode() for a in (tmp_path / "args").read_bytes().split(b"\0")[:-1]]
+    assert got == ["-m", "ia3_dist", "resolve", "--config", str(TINY), "train.max_steps=3", "train.lr=1e-2",
+                   "data.max_length=256", f"output.dir={d}/lr=1e-2,max_length=256", "train.seed=7", "--key",
+                   "output.dir"]
+    # Outside an array (no task id) the file refuses to guess.
+    env.pop("SLURM_ARRAY_TASK_ID")
+    proc = subprocess.run([BASH, str(d / "sweep.sbatch")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no task" in proc.stderr
+
+
+# --- summary --------------------------------------------------------------------------------------------------
+
+
+def fake_run(d: Path, lr: float, losses: list[float], *, adapter: bool = True, pid: int | None = None,
+             preempted: bool = False, evals: tuple[float, float] | None = None) -> Path:
+    """A run dir as a run leaves it: run.yaml, metrics.jsonl, and the adapter / pid file / preemption marker."""
+    d.mkdir(parents=True)
+    (d / "run.yaml").write_text(load_config(TINY, [f"train.lr={lr}", f"output.dir={d}"]).to_yaml())
+    recs = [{"step": i + 1, "loss": x, "tokens_per_s": 100.0 * (i + 1), "peak_mem_gb": 0.5 + i}
+            for i, x in enumerate(losses)]
+    if evals:
+        recs.append({"step": len(losses), "eval_loss": evals[0], "eval_ppl": evals[1]})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 9, "lo')
+    if adapter:
+        (d / "adapter").mkdir()
+        (d / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    if pid is not None:
+        (d / "rank0.pid").write_text(str(pid))
+    if preempted:
+        (d / "preempted.json").write_text('{"step": 2}')
+    return d
+
+
+def test_summary_table_of_run_dirs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    fake_run(runs / "a", 0.003, [2.0, 1.5, 1.25], evals=(1.5, 4.48))
+    fake_run(runs / "b", 0.03, [2.0, 1.0], adapter=False, pid=os.getpid())
+    fake_run(runs / "c", 0.01, [2.0], adapter=False, preempted=True)
+    fake_run(runs / "d", 0.1, [2.0, 9.0], adapter=False)
+    assert cli_main(["summary", "--json", "--no-plot", str(runs)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["keys"] == ["train.lr"]  # output.dir differs too, but always does
+    rows = {Path(r["dir"]).name: r for r in got["rows"]}
+    assert {k: r["status"] for k, r in rows.items()} == {"a": "done", "b": "running", "c": "preempted",
+                                                         "d": "failed"}
+    a = rows["a"]
+    assert (a["train.lr"], a["step"], a["train_loss"], a["eval_loss"], a["eval_ppl"]) == (0.003, 3, 1.25, 1.5, 4.48)
+    assert a["tokens_per_s"] == 250.0 and a["peak_mem_gb"] == 2.5  # median after the warm-up window; max
+    assert rows["c"]["tokens_per_s"] == 100.0 and rows["c"]["eval_loss"] is None
+    assert cli_main(["summary", "--no-plot", str(runs / "a"), str(runs / "d")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "train.lr", "status", "step", "train", "loss", "eval", "loss", "eval", "ppl",
+                                "tokens/s", "peak", "mem", "GiB"]
+    assert lines[1].split() == [str(runs / "a"), "0.003", "done", "3", "1.25", "1.5", "4.48", "250", "2.5"]
+    assert lines[2].split()[1:5] == ["0.1", "failed", "2", "9"]
+
+
+def test_summary_of_a_written_sweep_shows_pending_tasks_and_plots(tmp_path: Path, fake_sbatch: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "sw"
+    assert sweep(["--dir", str(d), "--grid", "train.lr=3e-3,3e-2", "--no-submit"], capsys)[0] == 0
+    fake_run(d / "lr=3e-2", 0.03, [2.0, 1.0])
+    assert cli_main(["summary", str(d)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["run", "train.lr", "status"]
+    assert out[1].split()[:4] == ["lr=3e-3", "0.003", "pending", "-"]
+    assert out[2].split()[:4] == ["lr=3e-2", "0.03", "done", "2"]
+    assert out[3] == f"loss curves: {d / 'summary.png'}"
+    assert (d / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_bad_dir_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["summary", str(tmp_path / "nope")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["summary", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "no such directory" in err and "not a run dir" in err
+
+
+def test_stale_pid_file_is_failed_when_old(tmp_path: Path) -> None:
+    d = fake_run(tmp_path / "r", 0.1, [1.0], adapter=False, pid=2**22 + 12345)  # above pid_max: never alive
+    assert run_status(d) == "running"  # wrote just now: it may run on another node
+    old = 10_000.0
+    for f in (d / "rank0.pid", d / "metrics.jsonl"):
+        os.utime(f, (old, old))
+    assert run_status(d) == "failed"
+    assert run_status(d, job_known=True) == "failed"
+    assert run_status(d, slurm_state="RUNNING", job_known=True) == "running"
+    (d / "preempted.json").write_text("{}")
+    assert run_status(d, slurm_state="PENDING", job_known=True) == "preempted"
+
+
+@pytest.mark.slow
+def test_local_sweep_runs_the_grid_in_turn(tmp_path: Path, tiny_model: Path) -> None:
+    """--local: both tasks train here, one after the other, each into its own dir; the summary closes the output;
+    run again, the finished tasks are skipped."""
+    d = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "ia3_dist", "sweep", "--local", "--config", str(TINY), "--grid", "train.lr=3e-3,3e-2",
+           "--dir", str(d), f"model.path={tiny_model}", "train.max_steps=2", "train.log_every=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.index("[1/2] lr=3e-3: done in") < out.index("[2/2] lr=3e-2: training") < out.index("[2/2] lr=3e-2: done")
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("lr=")]
+    assert [r[:4] for r in rows] == [["lr=3e-3", "0.003", "done", "2"], ["lr=3e-2", "0.03", "done", "2"]], out
+    for name in ("lr=3e-3", "lr=3e-2"):
+        assert (d / name / "adapter" / "adapter_model.safetensors").is_file()
+        assert (d / "logs" / f"{name}.log").stat().st_size > 0
+    assert (d / "summary.png").is_file()
+    again = subprocess.run([*cmd, "--force"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("done already, skipped") == 2
