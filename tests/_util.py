@@ -23,18 +23,70 @@ def bin_path(name: str) -> str:
 
 
 def launch(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None,
-           script: str = "launch.py", launcher: str = "deepspeed") -> subprocess.CompletedProcess:
-    """Run the launcher for real: ``python launch.py`` for one process, ``deepspeed`` (or torchrun) for more."""
+           script: str = "launch.py", launcher: str = "direct") -> subprocess.CompletedProcess:
+    """Run the launcher for real: ``python launch.py`` for one process; for more, ``deepspeed`` or ``torchrun``
+    when a test is about that launcher, else ``direct``: the ranks started here with the variables torchrun
+    sets. The ranks are the same real processes (DeepSpeed engine, gloo); ``direct`` only skips the launcher's
+    own two interpreter start-ups (torch and deepspeed imported twice, about 10 s per run on 2 cores)."""
     e = {**os.environ, **(env or {})}
     e.pop("RANK", None)
     e.pop("WORLD_SIZE", None)
-    if nproc == 1 and launcher == "deepspeed":
+    if nproc == 1 and launcher in ("deepspeed", "direct"):
         cmd = [sys.executable, script, *args]
+    elif launcher == "direct":
+        return _direct([sys.executable, script, *args], nproc, e, timeout)
     elif launcher == "torchrun":
         cmd = [bin_path("torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", script, *args]
     else:
         cmd = [bin_path("deepspeed"), f"--num_accelerators={nproc}", f"--master_port={free_port()}", script, *args]
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+# What deepspeed's launcher gives the other ranks after one fails: SIGTERM, then SIGKILL this much later.
+_GRACE_S = 30.0
+
+
+def _direct(cmd: list[str], nproc: int, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``nproc`` ranks of ``cmd`` on this host, their output interleaved into one stdout and one stderr as under
+    a launcher. As deepspeed's launcher does, the first rank to fail ends the others and its exit code is the
+    result; past ``timeout`` every rank is killed and TimeoutExpired raised, as by ``subprocess.run``."""
+    import signal
+    import tempfile
+    import time
+
+    port = str(free_port())
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        procs = []
+        for r in range(nproc):
+            e = {**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
+                 "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=out, stderr=err, stdin=subprocess.DEVNULL))
+        deadline = time.monotonic() + timeout
+        failed, kill_at = 0, None
+        try:
+            while any(p.poll() is None for p in procs):
+                now = time.monotonic()
+                if now > deadline:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+                bad = next((p.returncode for p in procs if p.returncode not in (None, 0)), 0)
+                if bad and not failed:
+                    failed, kill_at = bad, now + _GRACE_S
+                    for p in procs:
+                        if p.poll() is None:
+                            p.send_signal(signal.SIGTERM)
+                if kill_at is not None and now > kill_at:
+                    break
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        failed = failed or next((p.returncode for p in procs if p.returncode), 0)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, failed, out.read().decode(errors="replace"),
+                                           err.read().decode(errors="replace"))
 
 
 def spawn_slurm_style(args: list[str], world: int = 2) -> list[subprocess.Popen]:

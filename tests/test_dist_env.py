@@ -41,3 +41,21 @@ def test_slurm_master_port_from_job_id() -> None:
     assert slurm_master(env, use_scontrol=False) == ("gpu003", str(20000 + 123456 % 20000))
     assert slurm_master({"SLURM_NODELIST": "n2", "SLURM_JOB_ID": "7"}, use_scontrol=False) == ("n2", "20007")
     assert slurm_master({}, use_scontrol=False) is None
+
+
+@pytest.mark.parametrize("files,want", [
+    ({}, None), ({"cpu.max": "max 100000\n"}, None), ({"cpu.max": "150000 100000\n"}, 2),
+    ({"cpu.max": "50000 100000\n"}, 1), ({"cpu/cpu.cfs_quota_us": "200000", "cpu/cpu.cfs_period_us": "100000"}, 2),
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None)])
+def test_usable_cpus_follow_a_cgroup_quota(tmp_path, files, want) -> None:
+    """A container capped at 2 CPUs by quota shows every host core in the affinity mask: ranks' threads and the
+    tokenizer's workers are sized from the quota instead."""
+    import os
+
+    from ia3_dist.runtime.cpus import usable_cpus
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    mask = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == (mask if want is None else min(mask, want))

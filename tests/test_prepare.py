@@ -262,3 +262,37 @@ def test_rank_memory_does_not_grow_with_the_dataset(tmp_path: Path, tiny_model: 
                       "checkpoint.at_end=false"], nproc=2))
     assert f"from cache {cache / 'tokenized'}" in r.stdout, r.stdout
     assert "tokenizing" not in r.stderr and "tokenized in" not in r.stdout
+
+
+def _dies_on_marked_chunk(convs):
+    if convs[0].turns[0].instruction == "DIE":
+        os._exit(3)
+    return tk._WORKER["run"](convs)
+
+
+def _stalls_on_marked_chunk(convs):
+    if convs[0].turns[0].instruction == "DIE":
+        time.sleep(600)
+    return tk._WORKER["run"](convs)
+
+
+@pytest.mark.parametrize("task,word", [(_dies_on_marked_chunk, "died"), (_stalls_on_marked_chunk, "stalled")])
+def test_a_lost_tokenizer_worker_does_not_hang_the_job(tmp_path: Path, tiny_tokenizer, monkeypatch, capsys,
+                                                       task, word) -> None:
+    """A forked worker that dies (or hangs on a lock inherited at the fork) once left ``Pool`` waiting for ever on
+    its task: now the rest is tokenized in this process, with a warning, and the tokens are unchanged."""
+    recs = make_records(60, seed=11, style=None)
+    recs[20]["instruction"] = "DIE"  # the first record of the third chunk of 10
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    one = DataSection(path=str(f), num_proc=1)
+    ref = tk.tokenize(load_records(one), tiny_tokenizer, one, chunk=10)
+    monkeypatch.setattr(tk, "_worker_task", task)  # forked workers inherit the patched module
+    monkeypatch.setattr(tk, "_WORKER_STALL_S", 5.0)
+    two = DataSection(path=str(f), num_proc=2)
+    t0 = time.monotonic()
+    got = tk.tokenize(load_records(two), tiny_tokenizer, two, chunk=10)
+    assert time.monotonic() - t0 < 60
+    assert f"a tokenizer worker {word}" in capsys.readouterr().err
+    assert np.array_equal(got.ids, ref.ids) and np.array_equal(got.label_mask, ref.label_mask)
+    assert got.offsets.tolist() == ref.offsets.tolist()

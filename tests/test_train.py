@@ -78,8 +78,9 @@ def two_rank_runs(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) ->
     for name, extra in {"zero2": [], "zero3": [], "zero3_bf16": ["train.precision=bf16"]}.items():
         out = tmp_path_factory.mktemp(name)
         ds = name.split("_")[0]
+        # zero2 under deepspeed's own launcher: the users' `deepspeed launch.py` path, end to end.
         check(launch(["--config", TINY, f"deepspeed.config=ds_configs/{ds}.json", f"output.dir={out}",
-                      "train.max_steps=30", *extra], nproc=2))
+                      "train.max_steps=30", *extra], nproc=2, launcher="deepspeed" if name == "zero2" else "direct"))
         outs[name] = out
     outs["leaked_shm"] = sorted(_shm_segments() - before)
     return outs

@@ -17,7 +17,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import deque
@@ -29,6 +28,7 @@ import numpy as np
 
 from ..config import DataSection
 from ..errors import UsageError
+from ..runtime.cpus import usable_cpus
 from .cache import cache_root, file_lock
 from .records import Conversation, Records, RecordStream
 from .template import Template
@@ -158,7 +158,7 @@ def _chunks(convs: Iterable[Conversation], size: int) -> Iterator[list[Conversat
 
 
 def _procs(num_proc: int) -> int:
-    return num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return num_proc or usable_cpus()
 
 
 def tokenize_stream(convs: Iterable[Conversation], tok: Any, cfg: DataSection, sink: Callable[[Chunk], None],
@@ -188,21 +188,59 @@ def tokenize_stream(convs: Iterable[Conversation], tok: Any, cfg: DataSection, s
             for part in _prepend(first, second, it):
                 emit(run(part))
             return n
-        import multiprocessing as mp
-
-        # fork: workers inherit the tokenizer instead of unpickling it. Results come back in submission order.
-        with mp.get_context("fork").Pool(procs, initializer=_worker_init, initargs=(tok, cfg)) as pool:
-            pending: deque[Any] = deque()
-            for part in _prepend(first, second, it):
-                pending.append(pool.apply_async(_worker_task, (part,)))
-                while len(pending) >= 2 * procs:
-                    emit(pending.popleft().get())
-            while pending:
-                emit(pending.popleft().get())
+        for c in _pooled(_prepend(first, second, it), tok, cfg, procs, run):
+            emit(c)
         return n
     finally:
         if bar is not None:
             bar.close()
+
+
+# A chunk of 2,000 records takes well under a second; a worker silent for this long is stuck, not slow.
+_WORKER_STALL_S = 300.0
+
+
+def _pooled(parts: Iterator[list[Conversation]], tok: Any, cfg: DataSection, procs: int,
+            run: Callable[[list[Conversation]], Chunk]) -> Iterator[Chunk]:
+    """The parts tokenized in ``procs`` forked workers, in submission order (at most two parts per worker in
+    flight). A worker that dies or stalls does not hang the job: a forked child can inherit a lock that another
+    thread held at the fork (torch's and tokenizers' thread pools) - seen as a launcher waiting for ever on a lost
+    task under ``multiprocessing.Pool``. Then the rest is tokenized here, with a warning; the tokens are the same."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+    from concurrent.futures.process import BrokenProcessPool
+
+    # fork: workers inherit the tokenizer instead of unpickling it, and never re-import the caller's __main__.
+    pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("fork"), initializer=_worker_init,
+                               initargs=(tok, cfg))
+    pending: deque[tuple[list[Conversation], Any]] = deque()
+    failed = None
+    try:
+        for part in parts:
+            pending.append((part, pool.submit(_worker_task, part)))
+            while len(pending) >= 2 * procs:
+                yield pending[0][1].result(timeout=_WORKER_STALL_S)
+                pending.popleft()
+        while pending:
+            yield pending[0][1].result(timeout=_WORKER_STALL_S)
+            pending.popleft()
+    except (BrokenProcessPool, FutureTimeout) as e:
+        failed = e
+    finally:
+        procs_left = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=failed is None, cancel_futures=True)
+        if failed is not None:
+            for p in procs_left:
+                p.kill()
+    if failed is None:
+        return
+    print(f"warning: a tokenizer worker {'died' if isinstance(failed, BrokenProcessPool) else 'stalled'}; "
+          "tokenizing the rest in this process (set data.num_proc=1 to skip the workers)", file=sys.stderr)
+    for part, _ in pending:
+        yield run(part)
+    for part in parts:
+        yield run(part)
 
 
 def _prepend(first: list[Conversation], second: list[Conversation] | None, rest: Iterator[list[Conversation]]

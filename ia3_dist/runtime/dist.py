@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import console
+from .cpus import usable_cpus
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def setup_threads(env: DistEnv, threads: int = 0, bind: bool = False) -> int:
         cores = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = list(range(os.cpu_count() or 1))
-    share = max(1, len(cores) // env.local_world_size)
+    share = max(1, usable_cpus() // env.local_world_size)
     if bind and hasattr(os, "sched_setaffinity"):
         start = (env.local_rank * share) % len(cores)
         os.sched_setaffinity(0, cores[start:start + share] or cores)

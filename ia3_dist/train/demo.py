@@ -104,7 +104,8 @@ def _train_tokenizer(texts: list[str], out: Path) -> Any:
 
 def _pretrain(model: Any, tok: Any, records: list[dict[str, str]], steps: int, seed: int) -> list[float]:
     convs = [Conversation([Turn(r["instruction"], r["input"], r["output"])]) for r in records]
-    data = tokenize(Records(convs, "demo", "demo", [], {}), tok, DataSection(path="demo"))
+    # 3,000 short records: worker processes would cost more than they save.
+    data = tokenize(Records(convs, "demo", "demo", [], {}), tok, DataSection(path="demo", num_proc=1))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     rng = torch.Generator().manual_seed(seed)
     losses = []

@@ -42,12 +42,9 @@ def apply_speedups(model: nn.Module, section: ModelSection, gradient_checkpointi
     if section.fused_gelu and fam.fuse_activations is not None:
         fam.fuse_activations(model)
     if fam.attention is not None:
-        kind = section.attention
-        if kind == "auto":
-            import torch
-
-            kind = "sdpa" if torch.cuda.is_available() else "eager"
-        fam.attention(model, kind)
+        # auto is eager everywhere: measured on an H200 (bloom-1b4-zh shape, bf16, micro-batch 8 x 256 tokens)
+        # eager ran 1.33x faster than SDPA, whose float ALiBi mask rules out the flash kernel; on CPU they tie.
+        fam.attention(model, "eager" if section.attention == "auto" else section.attention)
     if section.last_mlp_at_labels and not gradient_checkpointing and fam.last_rows is not None:
         return fam.last_rows(model)
     return None
