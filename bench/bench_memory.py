@@ -11,6 +11,11 @@ records), micro-batch 1, sequence cap 256 (the reference recipe's). The launcher
 once the engine is ready (loading) and over the whole run (training); both are printed with their ratio to
 ZeRO-0 and the plan's error. ZeRO-3 runs use the launcher's default there, train.lean_host_memory on; add
 ``--no-lean`` to see glibc's default allocator policy instead.
+
+``--zero3-loaders`` measures only the ZeRO-3 load, both ways, on the same model and 2 ranks: ia3-dist's loader
+against transformers' own (``from_pretrained`` under ``HfDeepSpeedConfig``, where rank 0 reads the whole state
+dict). It prints each rank's peak RSS growth during the load (the kernel's high-water mark, reset just before)
+and the bytes its read syscalls returned (tests/probe_zero_load.py, which also checks every parameter).
 """
 
 from __future__ import annotations
@@ -40,6 +45,32 @@ def run(model: Path, data: Path, ds: str, steps: int, out: Path, extra: list[str
             "losses": [x["loss"] for x in recs if "loss" in x]}
 
 
+def compare_loaders(model: Path, work: Path, json_out: str | None) -> None:
+    """Both ZeRO-3 loaders on 2 ranks, load only: peak RSS growth and bytes read per rank."""
+    import subprocess
+
+    out = work / "loaders.json"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators=2", "tests/probe_zero_load.py",
+           str(out), f"{model}:fp32", f"{model}:fp32:hf"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"probe failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    results = json.loads(out.read_text())
+    gib = 2**30
+    print(f"\nZeRO-3 load of {model.name} ({results[0]['weight_bytes'] / gib:.2f} GiB of fp32 weights), 2 CPU ranks")
+    print(f"{'loader':<28}{'peak RSS growth per rank (GiB)':>32}{'read syscalls per rank (GiB)':>30}")
+    for r in results:
+        name = "transformers from_pretrained" if r["loader"] == "hf" else "ia3-dist zero3_load"
+        growth = " / ".join(f"{x / gib:.2f}" for x in r["rss_growth"])
+        reads = " / ".join(f"{x / gib:.2f}" for x in r["syscall_bytes"])
+        print(f"{name:<28}{growth:>32}{reads:>30}")
+    print("(ia3-dist: growth while its loader fills the partitions, after zero.Init built them; transformers: "
+          "build and load, one call. transformers reads safetensors through mmap: its bytes show in RSS, not in "
+          "read syscalls)")
+    if json_out:
+        Path(json_out).write_text(json.dumps({"model": str(model), "loaders": results}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="160m")
@@ -52,12 +83,17 @@ def main() -> None:
     ap.add_argument("--cache", default=os.environ.get("IA3_DIST_CACHE", str(Path.home() / ".cache" / "ia3-dist")))
     ap.add_argument("--work", default="/tmp/ia3-bench-memory")
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--zero3-loaders", action="store_true",
+                    help="only the ZeRO-3 load: ia3-dist's loader against transformers' from_pretrained")
     a = ap.parse_args()
 
     cache, work = Path(a.cache), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     os.environ["IA3_DIST_CACHE"] = str(cache)
     model = build_model(a.model, cache)
+    if a.zero3_loaders:
+        compare_loaders(model, work, a.json)
+        return
     data, _, _ = bench_records(None, a.records, cache, work)
     extra = (["train.lean_host_memory=false"] if a.no_lean else []) + ([f"train.grad_accum={a.accum}"] if a.accum
                                                                        else [])

@@ -76,13 +76,27 @@ def matmul_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
+GLOBAL_BATCH = 8  # the reference recipe's: micro-batch 1 x accumulation 8
+WARMUP_STEPS = 2  # optimizer steps left out of the timing on both sides (allocator and cache warm-up)
+
+
+def grad_accum_for(micro: int, nproc: int) -> int:
+    """Accumulation that keeps the reference's global batch; a split that cannot is refused, never shrunk."""
+    if micro < 1 or GLOBAL_BATCH % (micro * nproc):
+        raise SystemExit(f"micro-batch {micro} x {nproc} rank(s) does not divide the reference's global batch of "
+                         f"{GLOBAL_BATCH}; choose --micro among 1, 2, 4, 8 (with --two-ranks: 2, 4, 8)")
+    return GLOBAL_BATCH // (micro * nproc)
+
+
 def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf16: bool, micro: int,
                  extra: list[str]) -> dict:
-    """The launcher on the same model, data and global batch 8, length-grouped micro-batches."""
+    """The launcher on the same model, data and global batch 8, length-grouped micro-batches. Records whose
+    prompt alone fills max_length stay in (data.unlabeled=keep), as the reference's Dataset.map keeps them: both
+    sides process the same examples."""
     args = ["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"model.path={model}", f"data.path={data}",
             f"output.dir={out}", f"train.max_steps={steps}", f"train.micro_batch_size={micro}",
-            f"train.grad_accum={8 // (micro * nproc)}", "train.lr=3e-3", "train.log_every=1",
-            "data.group_by_length=true", "checkpoint.at_end=false",
+            f"train.grad_accum={grad_accum_for(micro, nproc)}", "train.lr=3e-3", "train.log_every=1",
+            "data.group_by_length=true", "data.unlabeled=keep", "checkpoint.at_end=false",
             f"train.precision={'bf16' if bf16 else 'fp32'}", "output.overwrite=true", *extra]
     if nproc == 1:
         cmd = [sys.executable, "launch.py", *args]
@@ -94,11 +108,16 @@ def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf1
     from ia3_dist.train.plots import read_metrics
 
     recs = read_metrics(out / "metrics.jsonl")
-    steps = [r for r in recs if "loss" in r]
-    timed = steps[2:] or steps  # first steps: allocator and cache warm-up (kept when there are no others)
+    steps_logged = [r for r in recs if "loss" in r]
+    if len(steps_logged) <= WARMUP_STEPS:
+        raise SystemExit(f"--steps must be more than the {WARMUP_STEPS} warm-up steps")
+    timed = steps_logged[WARMUP_STEPS:]
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in timed)
     padded = sum(r["padded_tokens_per_s"] * r["step_time_s"] for r in timed)
-    secs = sum(r["step_time_s"] for r in timed)
+    # Wall clock from the end of the last warm-up step to the end of the last step, as the reference side is
+    # timed: everything between steps (this side's per-step log line, the reference's logging) is included.
+    # step_time_s alone would leave out the launcher's logging block.
+    secs = timed[-1]["elapsed_s"] - steps_logged[WARMUP_STEPS - 1]["elapsed_s"]
     tok_line = next((ln for ln in proc.stdout.splitlines() if "tokenized in" in ln), "")
     return {"side": f"ia3-dist x{nproc}", "tokens_per_s": tokens / secs, "padding_efficiency": tokens / padded,
             "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "mfu": _time_mean(timed, "mfu"),
@@ -150,6 +169,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra launcher override, e.g. --set model.last_mlp_at_labels=false (repeatable)")
     a = ap.parse_args()
+    grad_accum_for(a.micro, 1)  # refused before anything is built or run
+    if a.two_ranks:
+        if a.micro % 2:
+            raise SystemExit(f"--two-ranks gives each rank half of --micro: {a.micro} is odd; use 2, 4 or 8")
+        grad_accum_for(a.micro // 2, 2)
 
     cache, work = Path(a.cache), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -163,7 +187,8 @@ def main() -> None:
     ref_json = Path(a.reference_json) if a.reference_json else work / "reference.json"
     if not (a.reference_json and ref_json.exists()):
         cmd = [sys.executable, str(ROOT / "bench" / "reference_recipe.py"), "--model", str(model), "--data",
-               str(data), "--steps", str(a.steps), "--out", str(ref_json)] + (["--bf16"] if a.bf16 else [])
+               str(data), "--steps", str(a.steps), "--warmup", str(WARMUP_STEPS), "--out", str(ref_json)] + (
+            ["--bf16"] if a.bf16 else [])
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"reference failed:\n{proc.stderr[-3000:]}")

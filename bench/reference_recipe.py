@@ -85,7 +85,9 @@ def main() -> None:
 
     args = TrainingArguments(output_dir=str(Path(a.out).parent / "ref-trainer"), per_device_train_batch_size=1,
                              gradient_accumulation_steps=8, learning_rate=3e-3, num_train_epochs=1,
-                             max_steps=a.steps, logging_steps=10, save_strategy="no", report_to=[],
+                             # Logs every step, as the launcher side does (train.log_every=1): both sides'
+                             # timings include their per-step logging.
+                             max_steps=a.steps, logging_steps=1, save_strategy="no", report_to=[],
                              bf16=a.bf16, use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=42)
     trainer = Counting(model=model, args=args, train_dataset=tokenized,
                        data_collator=DataCollatorForSeq2Seq(tokenizer=tok, padding=True), callbacks=[Timing()])

@@ -23,22 +23,26 @@ def bin_path(name: str) -> str:
 
 
 def launch(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None,
-           script: str = "launch.py", launcher: str = "direct") -> subprocess.CompletedProcess:
+           script: str = "launch.py", launcher: str = "direct", port: int | None = None
+           ) -> subprocess.CompletedProcess:
     """Run the launcher for real: ``python launch.py`` for one process; for more, ``deepspeed`` or ``torchrun``
     when a test is about that launcher, else ``direct``: the ranks started here with the variables torchrun
     sets. The ranks are the same real processes (DeepSpeed engine, gloo); ``direct`` only skips the launcher's
-    own two interpreter start-ups (torch and deepspeed imported twice, about 10 s per run on 2 cores)."""
+    own two interpreter start-ups (torch and deepspeed imported twice, about 10 s per run on 2 cores). ``port``:
+    the rendezvous port (a free one by default), for tests that find a run's resources by it."""
     e = {**os.environ, **(env or {})}
     e.pop("RANK", None)
     e.pop("WORLD_SIZE", None)
     if nproc == 1 and launcher in ("deepspeed", "direct"):
         cmd = [sys.executable, script, *args]
     elif launcher == "direct":
-        return _direct([sys.executable, script, *args], nproc, e, timeout)
+        return _direct([sys.executable, script, *args], nproc, e, timeout, port or free_port())
     elif launcher == "torchrun":
-        cmd = [bin_path("torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", script, *args]
+        cmd = [bin_path("torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port or free_port()}", script,
+               *args]
     else:
-        cmd = [bin_path("deepspeed"), f"--num_accelerators={nproc}", f"--master_port={free_port()}", script, *args]
+        cmd = [bin_path("deepspeed"), f"--num_accelerators={nproc}", f"--master_port={port or free_port()}", script,
+               *args]
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
@@ -46,7 +50,7 @@ def launch(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None
 _GRACE_S = 30.0
 
 
-def _direct(cmd: list[str], nproc: int, env: dict, timeout: float) -> subprocess.CompletedProcess:
+def _direct(cmd: list[str], nproc: int, env: dict, timeout: float, port: int) -> subprocess.CompletedProcess:
     """``nproc`` ranks of ``cmd`` on this host, their output interleaved into one stdout and one stderr as under
     a launcher. As deepspeed's launcher does, the first rank to fail ends the others and its exit code is the
     result; past ``timeout`` every rank is killed and TimeoutExpired raised, as by ``subprocess.run``."""
@@ -54,12 +58,11 @@ def _direct(cmd: list[str], nproc: int, env: dict, timeout: float) -> subprocess
     import tempfile
     import time
 
-    port = str(free_port())
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         procs = []
         for r in range(nproc):
             e = {**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
-                 "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+                 "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=out, stderr=err, stdin=subprocess.DEVNULL))
         deadline = time.monotonic() + timeout
         failed, kill_at = 0, None

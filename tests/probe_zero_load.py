@@ -1,6 +1,9 @@
 """Load model dirs with the ZeRO-3 loader on every rank, then gather each parameter and compare it with the
 checkpoint read whole. Run as ``deepspeed --num_accelerators 2 tests/probe_zero_load.py OUT.json DIR[:dtype] ...``;
-rank 0 writes one result per dir: max abs difference, and per rank the bytes it read and the largest read."""
+rank 0 writes one result per dir: max abs difference, and per rank the bytes it read and the largest read (the
+loader's own counters), the bytes its read syscalls returned and its peak RSS growth (measured by the kernel).
+``DIR:fp32:hf`` loads through transformers' own ZeRO-3 path (``from_pretrained`` under ``HfDeepSpeedConfig``)
+instead, for comparison."""
 
 from __future__ import annotations
 
@@ -31,6 +34,37 @@ def whole(model_dir: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def rchar() -> int:
+    """Bytes returned to this process by read-type syscalls (read, pread, preadv; page-cache hits included),
+    from the kernel's per-process I/O accounting. The loader reads safetensors with preadv, so this counts every
+    weight byte it takes from a file without trusting its own counters. (read_bytes would count only what came from
+    the disk, missing cached files; and a memory-mapped .bin is read by page faults, which rchar does not see.)"""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("no rchar in /proc/self/io")
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's high-water mark of this process's RSS (``5`` to clear_refs, Linux >= 4.0); returns the
+    current RSS in bytes, the baseline the peak is compared with."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    """The RSS high-water mark since the last reset, in bytes (anonymous and file-backed pages: a full-size buffer
+    and the touched pages of a memory-mapped file both count)."""
+    return _status_kib("VmHWM") * 1024
+
+
 def main() -> None:
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -41,12 +75,27 @@ def main() -> None:
     dist.init(env)
     results = []
     for spec in args[1:]:
-        path, _, prec = spec.partition(":")
+        path, _, rest = spec.partition(":")
+        prec, _, how = rest.partition(":")
         dtype = DTYPES[prec or "fp32"]
         ds = {**DS, "bf16": {"enabled": dtype == torch.bfloat16}}
         keep = HfDeepSpeedConfig(ds)
-        model = build_partitioned(AutoConfig.from_pretrained(path), ds, dtype)
-        stats = load_partitions(model, Path(path))
+        model_config = AutoConfig.from_pretrained(path)
+        dist.barrier()
+        if how == "hf":
+            from transformers import AutoModelForCausalLM
+
+            # Building and loading are one call here: the growth covers both.
+            base, r0 = reset_peak_rss(), rchar()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            stats = {"bytes_read": 0, "largest_read": 0}
+        else:
+            # The growth covers the load only: building under zero.Init materialises each parameter whole for a
+            # moment before partitioning it (DeepSpeed's, before any weight is read), which is not the loader's.
+            model = build_partitioned(model_config, ds, dtype)
+            base, r0 = reset_peak_rss(), rchar()
+            stats = load_partitions(model, Path(path))
+        syscall_bytes, rss_growth = rchar() - r0, peak_rss() - base
         ref = whole(Path(path))
         worst = 0.0
         prefix, renames = checkpoint_names(model)
@@ -60,12 +109,18 @@ def main() -> None:
         plain = dict(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).named_buffers())
         for name, b in model.named_buffers():
             worst = max(worst, (b.float() - plain[name].float()).abs().max().item() if b.numel() else 0.0)
-        per_rank = torch.tensor([stats["bytes_read"], stats["largest_read"]], dtype=torch.float64)
+        per_rank = torch.tensor([stats["bytes_read"], stats["largest_read"], syscall_bytes, rss_growth],
+                                dtype=torch.float64)
         gathered = [torch.zeros_like(per_rank) for _ in range(env.world_size)]
         torch.distributed.all_gather(gathered, per_rank)
-        results.append({"dir": path, "dtype": prec or "fp32", "max_diff": worst, "model_type": model.config.model_type,
+        files = checkpoint_files(Path(path))
+        results.append({"dir": path, "dtype": prec or "fp32", "loader": how or "ia3", "max_diff": worst,
+                        "model_type": model.config.model_type,
                         "bytes_read": [int(g[0]) for g in gathered], "largest_read": [int(g[1]) for g in gathered],
-                        "file_bytes": sum(f.stat().st_size for f in checkpoint_files(Path(path)))})
+                        "syscall_bytes": [int(g[2]) for g in gathered], "rss_growth": [int(g[3]) for g in gathered],
+                        "file_bytes": sum(f.stat().st_size for f in files),
+                        "safetensors": all(f.suffix == ".safetensors" for f in files),
+                        "weight_bytes": sum(v.numel() * v.element_size() for v in ref.values())})
         del keep, model
     if env.is_main:
         Path(args[0]).write_text(json.dumps(results, indent=1))

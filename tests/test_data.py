@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +251,32 @@ def test_records_reader_accepts_missing_input(tmp_path: Path) -> None:
     f.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "input": null, "output": "d"}\n')
     r = load_records(DataSection(path=str(f)))
     assert [(t.input, t.output) for c in r.examples for t in c.turns] == [("", "b"), ("", "d")]
+
+
+@pytest.mark.slow  # a process pool: seconds on a busy 2-core box
+def test_multi_process_tokenization_equals_one_process(shared_data: Path, tiny_tokenizer, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.num_proc=2 with a small chunk (the default 4,000 distinct texts never split the test data): the
+    worker pool really starts (each worker records its pid) and gives the same ids, masks and offsets as one
+    process."""
+    from ia3_dist.data import tokenize as tokmod
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    init = tokmod._worker_init
+
+    def recording_init(*a) -> None:  # runs in each forked worker
+        (pids / str(os.getpid())).touch()
+        init(*a)
+
+    monkeypatch.setattr(tokmod, "_worker_init", recording_init)
+    cfg = DataSection(path=str(shared_data), limit=300)
+    records = load_records(cfg)
+    one = tokmod.tokenize(records, tiny_tokenizer, replace(cfg, num_proc=1), chunk=40)
+    assert not any(pids.iterdir())
+    two = tokmod.tokenize(records, tiny_tokenizer, replace(cfg, num_proc=2), chunk=40)
+    workers = {int(p.name) for p in pids.iterdir()}
+    assert len(workers) == 2 and os.getpid() not in workers, workers
+    for k in ("ids", "offsets", "label_mask", "dropped"):
+        assert np.array_equal(getattr(one, k), getattr(two, k)), k
+    assert len(one) == 300 - len(one.dropped) and one.ids.size > 30_000

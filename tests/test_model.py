@@ -138,3 +138,27 @@ def test_sdpa_attention_equals_eager(tmp_path: Path, tiny_model: Path, tiny_toke
             torch.testing.assert_close(gs[k], ge[k], rtol=1e-5, atol=1e-6)
     set_attention(peft, "eager")
     assert "forward" not in attn.__dict__
+
+
+def test_fused_gelu_equals_bloom_gelu() -> None:
+    """model.fused_gelu: the fused tanh GeLU against transformers' BloomGelu (the training-mode autograd function
+    and the eval-mode formula), forward and backward, over inputs up to |x| ~ 40. Measured: 4.8e-7 absolute on the
+    output, 1.1e-6 relative (to the upstream gradient) on the input gradient."""
+    from transformers.models.bloom.modeling_bloom import BloomGelu
+
+    from ia3_dist.models.families.bloom import TanhGelu
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(1 << 13, generator=g) * s for s in (1.0, 4.0, 10.0)])
+    up = torch.randn(x.shape, generator=g)
+    ours_in = x.clone().requires_grad_(True)
+    ours = TanhGelu()(ours_in)
+    ours.backward(up)
+    for mode in ("train", "eval"):
+        ref_in = x.clone().requires_grad_(True)
+        ref = getattr(BloomGelu(), mode)()(ref_in)
+        assert (ours - ref).abs().max().item() <= 6e-7, mode
+        ref.backward(up)
+        assert ((ours_in.grad - ref_in.grad).abs() / up.abs().clamp_min(1.0)).max().item() <= 2e-6, mode
+    # The comparison is not vacuous: the exact (erf) GeLU differs from the tanh formula by far more.
+    assert (torch.nn.functional.gelu(x) - ours).abs().max().item() > 1e-4

@@ -7,9 +7,10 @@ DeepSpeed on CPU silently trains every rank on all data. Its sampling is made se
 global batches. The data mixes in records whose prompt alone exceeds max_length (no label left after
 truncation): the recipe keeps them in its batches, and so does the launcher with ``data.unlabeled=keep``.
 Per-step losses must agree within 1e-6 relative and the final IA3 vectors within 1e-5 (fp32 reassociation in
-a few thousand AdamW updates), for (world 1, ZeRO-0), (world 2, ZeRO-2), (world 2, ZeRO-3), for the splits
-1x8, 2x4, 8x1 of global batch 8, and with the speed options on (SDPA attention, chunked loss); and for tiny
-random Llama, Qwen2, Mistral and GPT-NeoX models (world 1 ZeRO-0 and world 2 ZeRO-3, two splits each).
+a few thousand AdamW updates), for (world 1, ZeRO-0), (world 2, ZeRO-1/2/3 and ZeRO-3 offload), for the splits
+1x8, 2x4, 8x1 of global batch 8, with HF's cosine schedule and warmup, and with the speed options on (SDPA
+attention, chunked loss); and for tiny random Llama, Qwen2, Mistral and GPT-NeoX models (world 1 ZeRO-0 and
+world 2 ZeRO-3, two splits each).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_zh_de
 def _records(tok) -> list[dict]:
     """Shared Alpaca records where present (else generated); at LONG_AT the input is repeated until the prompt
     alone passes 256 tokens, so those examples have no label after truncation."""
+    if not SHARED.exists() and os.environ.get("CI"):
+        pytest.fail(f"CI: {SHARED} not present (the parity data must be the real records there)")
     pool = json.loads(SHARED.read_text(encoding="utf-8")) if SHARED.exists() else make_records(400, 11, None)
     out = [{k: r[k] for k in ("instruction", "input", "output")} for r in pool[:N_RECORDS]]
     for i in LONG_AT:
@@ -53,8 +56,10 @@ def parity_data(tmp_path_factory: pytest.TempPathFactory, demo_tokenizer) -> Pat
     return f
 
 
-def _reference_run(model_dir: Path, tok, parity_data: Path, out_dir: Path) -> dict:
-    """The reference recipe itself, one process."""
+def _reference_run(model_dir: Path, tok, parity_data: Path, out_dir: Path, scheduler: str = "linear",
+                   warmup: int = 0) -> dict:
+    """The reference recipe itself, one process (``scheduler``/``warmup``: HF's lr_scheduler_type and
+    warmup_steps)."""
     from datasets import Dataset
     from peft import IA3Config, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -67,7 +72,8 @@ def _reference_run(model_dir: Path, tok, parity_data: Path, out_dir: Path) -> di
     args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=1,
                              gradient_accumulation_steps=8, logging_steps=1, num_train_epochs=1,
                              learning_rate=3e-3, save_strategy="no", report_to=[], use_cpu=True, seed=42,
-                             train_sampling_strategy="sequential", disable_tqdm=True)
+                             train_sampling_strategy="sequential", disable_tqdm=True,
+                             lr_scheduler_type=scheduler, warmup_steps=warmup)
     micro_losses: list[float] = []
 
     class RecordingTrainer(Trainer):
@@ -92,8 +98,17 @@ def _reference_run(model_dir: Path, tok, parity_data: Path, out_dir: Path) -> di
 
 
 @pytest.fixture(scope="module")
-def reference(parity_data: Path, demo_model: Path, demo_tokenizer, tmp_path_factory) -> dict:
-    return _reference_run(demo_model, demo_tokenizer, parity_data, tmp_path_factory.mktemp("ref"))
+def references(parity_data: Path, demo_model: Path, demo_tokenizer, tmp_path_factory):
+    """The demo model's reference run, once per LR schedule (``scheduler``, ``warmup_steps``)."""
+    done: dict[tuple[str, int], dict] = {}
+
+    def get(scheduler: str = "linear", warmup: int = 0) -> dict:
+        if (scheduler, warmup) not in done:
+            done[scheduler, warmup] = _reference_run(demo_model, demo_tokenizer, parity_data,
+                                                     tmp_path_factory.mktemp("ref"), scheduler, warmup)
+        return done[scheduler, warmup]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +134,10 @@ CASES = {
     "w1-zero0-8x1": (1, "zero0", 8, 1),
     "w2-zero2-1x4": (2, "zero2", 1, 4),
     "w2-zero3-1x4": (2, "zero3", 1, 4),
+    "w2-zero1-1x4": (2, "zero1", 1, 4),
+    "w2-zero3_offload-1x4": (2, "zero3_offload", 1, 4),
+    # HF's cosine schedule with warmup (the reference gets the same lr_scheduler_type and warmup_steps).
+    "w1-zero0-2x4-cosine-warmup3": (1, "zero0", 2, 4, "train.scheduler=cosine", "train.warmup_steps=3"),
     # The speed options on: Bloom attention through SDPA, the LM-head loss in chunks of 1 MiB of logits.
     "w1-zero0-8x1-sdpa-chunked": (1, "zero0", 8, 1, "model.attention=sdpa", "train.loss_chunk_mib=1"),
 }
@@ -161,8 +180,10 @@ def _run_and_compare(case: str, ref: dict, parity_data: Path, out: Path, world: 
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_launcher_matches_reference(case: str, reference: dict, parity_data: Path, tmp_path: Path) -> None:
+def test_launcher_matches_reference(case: str, references, parity_data: Path, tmp_path: Path) -> None:
     world, ds, micro, accum, *extra = CASES[case]
+    sets = dict(x.split("=", 1) for x in extra)
+    reference = references(sets.get("train.scheduler", "linear"), int(sets.get("train.warmup_steps", 0)))
     _run_and_compare(case, reference, parity_data, tmp_path / case, world, ds, micro, accum, *extra)
 
 

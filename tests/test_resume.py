@@ -35,15 +35,23 @@ def assert_same_training(a: Path, b: Path, tol: float = 1e-6) -> None:
         torch.testing.assert_close(ta[k], tb[k], rtol=tol, atol=tol)
 
 
+class _Straight(dict):
+    """Uninterrupted reference runs, each run the first time a test asks for its ZeRO stage."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        super().__init__()
+        self.tmp = tmp_path_factory
+
+    def __missing__(self, ds: str) -> Path:
+        out = self.tmp.mktemp(f"straight-{ds}")
+        check(run2(out, ds=ds))
+        self[ds] = out
+        return out
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> dict[str, Path]:
-    """Uninterrupted reference runs."""
-    outs = {}
-    for ds in ("zero2", "zero3"):
-        out = tmp_path_factory.mktemp(f"straight-{ds}")
-        check(run2(out, ds=ds))
-        outs[ds] = out
-    return outs
+    return _Straight(tmp_path_factory)
 
 
 def test_auto_micro_batch_steps_down_on_every_rank_and_resumes_exactly(straight: dict[str, Path],
@@ -139,6 +147,45 @@ def test_changed_world_size_is_refused(straight: dict[str, Path], tmp_path: Path
     assert proc.returncode == 2
     assert "world_size=1" in proc.stderr and "this run has 2" in proc.stderr
     assert sorted(p.name for p in (one / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("change, key, saved, now", [
+    (["train.seed=7"], "seed", 42, 7),
+    # Another batch layout with the same global batch (2 ranks x 2 x 4 instead of 2 ranks x 4 x 2).
+    (["train.micro_batch_size=2", "train.grad_accum=4"], "micro_batch_size", 4, 2),
+    (["data.shuffle=false"], "shuffle", True, False),
+    # Another dataset of the same size: one answer edited.
+    (["data.path=EDITED"], "data_key", None, None),
+])
+def test_changed_layout_seed_or_data_is_refused(straight: dict[str, Path], tmp_path: Path, change: list[str],
+                                                key: str, saved: object, now: object) -> None:
+    """The real checkpoint of a 2-rank run, resumed by the real preflight of a 2-rank run with one thing changed:
+    refused before any process group starts, naming what differs."""
+    from ia3_dist.config import load_config
+    from ia3_dist.errors import UsageError
+    from ia3_dist.runtime.dist import DistEnv
+    from ia3_dist.train.demo import ensure_data
+    from ia3_dist.train.prepare import prepare
+
+    if change == ["data.path=EDITED"]:
+        records = json.loads(ensure_data(None).read_text(encoding="utf-8"))
+        records[0]["output"] += "。"
+        edited = tmp_path / "edited.json"
+        edited.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+        change = [f"data.path={edited}"]
+    src = straight["zero2"]
+    cfg = load_config(TINY, ["deepspeed.config=zero2", f"output.dir={src}", *RUN, "train.resume=auto", *change])
+    before = sorted(p.name for p in (src / "checkpoints").iterdir())
+    with pytest.raises(UsageError) as e:
+        prepare(cfg, DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2))
+    msg = str(e.value)
+    assert f"saved with {key}=" in msg and "this run has" in msg, msg
+    if saved is not None:
+        assert f"saved with {key}={saved}" in msg and f"this run has {now}" in msg, msg
+    assert sorted(p.name for p in (src / "checkpoints").iterdir()) == before
+    # The unchanged run is accepted by the same preflight (so each refusal above is the change's).
+    ok = load_config(TINY, ["deepspeed.config=zero2", f"output.dir={src}", *RUN, "train.resume=auto"])
+    assert prepare(ok, DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2)).resume_from is not None
 
 
 def test_output_dir_guard(straight: dict[str, Path], tmp_path: Path) -> None:

@@ -41,13 +41,18 @@ def _idle_nodes() -> int:
                                                                                                 "alloc")})
 
 
+def _missing(why: str) -> None:
+    """Under CI a Slurm test never skips: what it needs is missing, so it fails."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: {why}; .ci/run should have started a 2-node cluster")
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="module")
 def cluster() -> int:
     n = _idle_nodes()
     if n == 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI: no Slurm cluster answers; .ci/run should have started one")
-        pytest.skip("no Slurm cluster (start one: NODES=2 ../shared/slurm/start-local-slurm.sh)")
+        _missing("no Slurm cluster answers (start one: NODES=2 ../shared/slurm/start-local-slurm.sh)")
     return n
 
 
@@ -129,15 +134,23 @@ def same_adapter(a: Path, b: Path) -> None:
         torch.testing.assert_close(ta[k], tb[k], rtol=1e-6, atol=1e-6)
 
 
+class _Direct(dict):
+    """The same runs launched with deepspeed directly, each run the first time a test asks for it."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        super().__init__()
+        self.tmp = tmp_path_factory
+
+    def __missing__(self, name: str) -> Path:
+        out = self.tmp.mktemp(f"direct-{name}")
+        check(launch(["--config", TINY, f"output.dir={out}", *{"short": SHORT, "long": LONG}[name]], nproc=2))
+        self[name] = out
+        return out
+
+
 @pytest.fixture(scope="module")
 def direct(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> dict[str, Path]:
-    """The same runs launched with deepspeed directly."""
-    outs = {}
-    for name, extra in (("short", SHORT), ("long", LONG)):
-        out = tmp_path_factory.mktemp(f"direct-{name}")
-        check(launch(["--config", TINY, f"output.dir={out}", *extra], nproc=2))
-        outs[name] = out
-    return outs
+    return _Direct(tmp_path_factory)
 
 
 LAYOUTS = {
@@ -156,7 +169,7 @@ def test_template_trains_like_direct_deepspeed(cluster: int, direct: dict[str, P
                                                layout: str) -> None:
     template, args, nodes = LAYOUTS[layout]
     if nodes > cluster:
-        pytest.skip(f"needs {nodes} Slurm nodes")
+        _missing(f"needs {nodes} Slurm nodes, the cluster has {cluster}")
     out = tmp_path / "out"
     job = sbatch(tmp_path, template, args, [f"output.dir={out}", *SHORT])
     state = wait_job(job)
@@ -223,6 +236,36 @@ def test_generator_writes_a_submittable_file(cluster: int, direct: dict[str, Pat
     assert sub.returncode == 0, sub.stderr
     assert wait_job(sub.stdout.strip()) == "COMPLETED", logs(tmp_path)
     same_adapter(out, direct["short"])
+
+
+def test_plain_srun_without_master_variables(cluster: int, direct: dict[str, Path], tmp_path: Path) -> None:
+    """`srun` one task per rank on 2 nodes with no MASTER_ADDR/MASTER_PORT anywhere (no template, no lib.sh): the
+    ranks meet at the first host of the allocation on the port derived from the job id, and train the same adapter
+    as deepspeed directly."""
+    if cluster < 2:
+        _missing(f"needs 2 Slurm nodes, the cluster has {cluster}")
+    out = tmp_path / "out"
+    env = _env(tmp_path)
+    assert not {"MASTER_ADDR", "MASTER_PORT"} & set(env)
+    proc = subprocess.run(["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+                           "--kill-on-bad-exit=1", f"--chdir={ROOT}", sys.executable, "launch.py", "--config", TINY,
+                           f"output.dir={out}", *SHORT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import re
+
+    m = re.search(r"rendezvous at (\S+):(\d+) \(first host of Slurm job (\d+)'s allocation", proc.stdout)
+    assert m, proc.stdout[-3000:]
+    host, port, job = m.group(1), int(m.group(2)), int(m.group(3))
+    first = subprocess.run(["scontrol", "show", "hostnames", _nodelist()], capture_output=True, text=True,
+                           check=True).stdout.split()[0]
+    assert host == first and port == 20000 + job % 20000, m.group(0)
+    assert "rank 1/2 on" in proc.stdout and "rank 0/2 on" in proc.stdout
+    same_adapter(out, direct["short"])
+
+
+def _nodelist() -> str:
+    out = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True, check=True).stdout
+    return out.split()[0]
 
 
 # --- from a pip install: a wheel in a fresh venv, rendered and submitted from a folder outside the checkout -------

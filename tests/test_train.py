@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _util import adapter_tensors, check, launch, metrics, spawn_slurm_style
+from _util import adapter_tensors, check, free_port, job_segments, launch, metrics, spawn_slurm_style
 
 pytestmark = pytest.mark.slow
 TINY = "configs/tiny-cpu.yaml"
@@ -71,22 +71,45 @@ def test_embedded_default_one_process(tmp_path: Path, demo_model: Path) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> dict:
-    from conftest import _shm_segments
+    import threading
 
     outs = {}
-    before = _shm_segments()
-    for name, extra in {"zero2": [], "zero3": [], "zero3_bf16": ["train.precision=bf16"]}.items():
-        out = tmp_path_factory.mktemp(name)
-        ds = name.split("_")[0]
-        # zero2 under deepspeed's own launcher: the users' `deepspeed launch.py` path, end to end.
-        check(launch(["--config", TINY, f"deepspeed.config=ds_configs/{ds}.json", f"output.dir={out}",
-                      "train.max_steps=30", *extra], nproc=2, launcher="deepspeed" if name == "zero2" else "direct"))
-        outs[name] = out
-    outs["leaked_shm"] = sorted(_shm_segments() - before)
+    ports = [free_port() for _ in range(3)]
+    # These runs' segments (named by their ports, so other jobs on the box do not count) seen while the runs were
+    # up: the leak check below means something only if the runs made some.
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.1):
+            seen.update(s for port in ports for s in job_segments(port))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        for port, (name, extra) in zip(ports, {"zero2": [], "zero3": [], "zero3_bf16": ["train.precision=bf16"]}
+                                       .items(), strict=True):
+            out = tmp_path_factory.mktemp(name)
+            ds = name.split("_")[0]
+            # zero2 under deepspeed's own launcher: the users' `deepspeed launch.py` path, end to end.
+            check(launch(["--config", TINY, f"deepspeed.config=ds_configs/{ds}.json", f"output.dir={out}",
+                          "train.max_steps=30", *extra], nproc=2, port=port,
+                         launcher="deepspeed" if name == "zero2" else "direct"))
+            outs[name] = out
+    finally:
+        done.set()
+        watcher.join()
+    outs["leaked_shm"] = [s for port in ports for s in job_segments(port)]
+    outs["seen_shm"] = sorted(seen)
+    outs["ports"] = ports
     return outs
 
 
 def test_runs_leave_no_shared_memory_behind(two_rank_runs: dict) -> None:
+    # DeepSpeed maps its shared-memory all-reduce only when LOCAL_SIZE (set by its launcher, not by the direct
+    # start) says every rank is local: the zero2 run under deepspeed made one segment per rank, and none is left.
+    assert len(two_rank_runs["seen_shm"]) == 2, two_rank_runs["seen_shm"]
+    assert all(f"_{two_rank_runs['ports'][0]}_" in s for s in two_rank_runs["seen_shm"]), two_rank_runs["seen_shm"]
     assert two_rank_runs["leaked_shm"] == []
 
 

@@ -135,6 +135,10 @@ def init(env: DistEnv, timeout_minutes: int = 30) -> None:
         if slurm is not None:
             os.environ["MASTER_ADDR"] = slurm[0]
             os.environ.setdefault("MASTER_PORT", slurm[1])
+            if env.is_main:
+                # Said once, so a job's log shows where a plain srun's ranks met (and a test can check it).
+                print(f"rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} (first host of Slurm "
+                      f"job {os.environ.get('SLURM_JOB_ID', '?')}'s allocation; no MASTER_ADDR set)", flush=True)
         elif env.world_size == 1:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
         else:
