@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Where a launcher step's time goes: torch.profiler over a few optimizer steps of one process, in-process.
+
+    python bench/profile_step.py --model 1b4 --micro 8 --bf16 --ds zero2 [--set KEY=VALUE ...] [--out DIR]
+    python bench/profile_step.py --model tiny --micro 1 --steps 2          # CPU: checks the script
+
+Same model, data and global batch (8) as bench_train.py. Steps ``--warmup`` .. ``--warmup + --steps`` of the
+launcher's own loop (``Trainer.step``) run under the profiler; printed: wall time per step, device busy time per
+step (the sum of kernel times, so busy / wall is how much of the step the accelerator computes), kernel launches
+and host<->device syncs per step, and the top operators by host and by device time. A Chrome trace goes to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync",
+               "cudaMemcpy")
+
+
+def main() -> None:
+    from bench_train import SHAPES, bench_records, build_model, grad_accum_for
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(SHAPES), default="tiny")
+    ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--ds", default="zero2")
+    ap.add_argument("--warmup", type=int, default=4, help="optimizer steps before the profiled ones")
+    ap.add_argument("--steps", type=int, default=3, help="profiled optimizer steps")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--cache", default=os.environ.get("IA3_DIST_CACHE", str(Path.home() / ".cache" / "ia3-dist")))
+    ap.add_argument("--work", default="/tmp/ia3-profile")
+    ap.add_argument("--out", default=None, help="where the Chrome trace and summary JSON go")
+    ap.add_argument("--rows", type=int, default=25)
+    a = ap.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cache, work = Path(a.cache), Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["IA3_DIST_CACHE"] = str(cache)
+    model = build_model(a.model, cache, a.bf16)
+    data, _, _ = bench_records(None, 400, cache, work)
+
+    from ia3_dist import cli
+    from ia3_dist.train import loop
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    state: dict = {"calls": 0, "walls": []}
+    orig = loop.Trainer.step
+
+    def step(self, step_no, step_mbs):  # noqa: ANN001, ANN202
+        state["calls"] += 1
+        k = state["calls"]
+        if not (a.warmup < k <= a.warmup + a.steps):
+            return orig(self, step_no, step_mbs)
+        if k == a.warmup + 1:
+            state["prof"] = profile(activities=acts, record_shapes=False, with_stack=False)
+            state["prof"].__enter__()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        res = orig(self, step_no, step_mbs)
+        if cuda:
+            torch.cuda.synchronize()
+        state["walls"].append(time.perf_counter() - t0)
+        if k == a.warmup + a.steps:
+            state["prof"].__exit__(None, None, None)
+        return res
+
+    loop.Trainer.step = step
+    steps = a.warmup + a.steps + 1
+    args = ["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"model.path={model}", f"data.path={data}",
+            f"output.dir={work / 'run'}", f"train.max_steps={steps}", f"train.micro_batch_size={a.micro}",
+            f"train.grad_accum={grad_accum_for(a.micro, 1)}", "train.lr=3e-3", "train.log_every=1",
+            "data.group_by_length=true", "data.unlabeled=keep", "checkpoint.at_end=false",
+            f"train.precision={'bf16' if a.bf16 else 'fp32'}", "output.overwrite=true",
+            f"deepspeed.config={a.ds}", *a.set]
+    rc = cli.main(args, prog="launch.py")
+    if rc:
+        raise SystemExit(f"launcher exited {rc}")
+    prof = state.get("prof")
+    if prof is None:
+        raise SystemExit("no step was profiled: raise --steps/--warmup below the run's steps")
+    n = len(state["walls"])
+    ev = prof.key_averages()
+    dev_attr = "self_device_time_total" if hasattr(ev[0], "self_device_time_total") else "self_cuda_time_total"
+    kernels = [e for e in prof.events() if getattr(e, "device_type", None) is not None
+               and str(e.device_type).endswith("CUDA")]
+    busy_us = sum(e.device_time if hasattr(e, "device_time") else e.cuda_time for e in kernels)
+    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    syncs = {e.key: e.count / n for e in ev if e.key in SYNC_EVENTS}
+    wall = sum(state["walls"]) / n
+    summary = {"model": a.model, "micro": a.micro, "ds": a.ds, "set": a.set, "steps": n, "wall_ms": wall * 1e3,
+               "device_busy_ms": busy_us / 1e3 / n, "busy_fraction": busy_us / 1e6 / n / wall if cuda else None,
+               "kernel_launches_per_step": launches / n, "syncs_per_step": syncs,
+               "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    print("\nPROFILE " + json.dumps(summary))
+    print(ev.table(sort_by="self_cpu_time_total", row_limit=a.rows))
+    if cuda:
+        print(ev.table(sort_by=dev_attr, row_limit=a.rows))
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        tag = f"{a.model}-{a.ds}-m{a.micro}" + "".join(f"-{s.split('=')[0].split('.')[-1]}" for s in a.set)
+        (out / f"profile-{tag}.json").write_text(json.dumps(summary, indent=1))
+        prof.export_chrome_trace(str(out / f"trace-{tag}.json"))
+
+
+if __name__ == "__main__":
+    main()
