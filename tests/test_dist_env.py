@@ -58,4 +58,16 @@ def test_usable_cpus_follow_a_cgroup_quota(tmp_path, files, want) -> None:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     mask = len(os.sched_getaffinity(0))
-    assert usable_cpus(tmp_path) == (mask if want is None else min(mask, want))
+    assert usable_cpus(tmp_path, {}) == (mask if want is None else min(mask, want))
+
+
+@pytest.mark.parametrize("value,want", [("1", 1), ("", None), ("0", None), ("two", None), ("4096", None)])
+def test_usable_cpus_follow_slurms_allocation(tmp_path, value: str, want: int | None) -> None:
+    """A Slurm cluster without CPU confinement shows a job every core of a shared node: its ranks size their
+    threads from SLURM_CPUS_ON_NODE instead (unset or unreadable: the mask)."""
+    import os
+
+    from ia3_dist.runtime.cpus import usable_cpus
+
+    mask = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path, {"SLURM_CPUS_ON_NODE": value}) == (mask if want is None else min(mask, want))

@@ -1,12 +1,16 @@
-"""How many CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota.
+"""How many CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota and by the CPUs
+Slurm allocated to the job on this node.
 
 A container limited to 2 CPUs by quota still shows every host core in ``sched_getaffinity`` and ``cpu_count``;
-sizing thread pools and tokenizer workers from those starts dozens of workers that share two cores."""
+sizing thread pools and tokenizer workers from those starts dozens of workers that share two cores. Likewise a
+Slurm cluster without CPU confinement (no ``task/cgroup`` or ``task/affinity`` plugin) lets a job with
+``--cpus-per-task=1`` see every core of a node that other jobs share: ``SLURM_CPUS_ON_NODE`` says what it got."""
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -25,10 +29,23 @@ def _quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
         return None
 
 
-def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+def _slurm_cpus(environ: Mapping[str, str]) -> int | None:
+    """CPUs Slurm allocated to this job on this node (shared by the ranks a launcher starts in one task, or by the
+    tasks of one node under ``srun``); None outside Slurm or when unreadable."""
+    try:
+        n = int(environ.get("SLURM_CPUS_ON_NODE", ""))
+    except ValueError:
+        return None
+    return n if n > 0 else None
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), environ: Mapping[str, str] | None = None) -> int:
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         n = os.cpu_count() or 1
     q = _quota(cgroup_root)
-    return max(1, min(n, math.ceil(q)) if q else n)
+    if q:
+        n = min(n, math.ceil(q))
+    s = _slurm_cpus(os.environ if environ is None else environ)
+    return max(1, min(n, s) if s else n)
