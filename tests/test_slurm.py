@@ -483,9 +483,17 @@ def test_a_preempted_sweep_task_requeues_and_resumes_alone(cluster: int, demo_mo
             time.sleep(1)
     text = logs(sw, None)
     assert all(job_state(f"{job}_{t['index']}") == "COMPLETED" for t in tasks), text[-5000:]
+    # The batch shell's log per array task (%A_%a); the ranks' logs go under the task's own job id (%j).
     (log0,), (log1,) = ([f.read_text(errors="replace") for f in sw.rglob(f"*-{job}_{i}.out")] for i in (0, 1))
-    assert "caught SIGUSR1" in log0 and "requeueing job" in log0 and "resuming from" in log0, log0[-5000:]
-    assert "caught SIGUSR1" not in log1 and "resuming from" not in log1, log1[-5000:]
+    assert "caught SIGUSR1" in log0 and "requeueing job" in log0 and "(restart 1)" in log0, log0[-5000:]
+    assert "caught SIGUSR1" not in log1 and "(restart 1)" not in log1, log1[-5000:]
+    import re
+
+    def rank_logs(batch_log: str) -> str:
+        task_job = re.search(r"job (\d+) \(restart 0\)", batch_log).group(1)
+        return "".join(f.read_text(errors="replace") for f in (sw / "logs").glob(f"*-{task_job}/*"))
+
+    assert "resuming from" in rank_logs(log0) and "resuming from" not in rank_logs(log1)
     assert [r["status"] for r in _summary(sw, env, "--no-plot")["rows"]] == ["done", "done"]
     m = [json.loads(ln) for ln in (Path(tasks[0]["dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in m if "loss" in r] == list(range(1, 41))  # no step lost or logged twice

@@ -39,11 +39,18 @@ def _slurm_cpus(environ: Mapping[str, str]) -> int | None:
     return n if n > 0 else None
 
 
-def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), environ: Mapping[str, str] | None = None) -> int:
+def affinity() -> list[int]:
+    """The CPUs this process may run on (every CPU where the OS has no affinity call)."""
     try:
-        n = len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), environ: Mapping[str, str] | None = None,
+                cores: list[int] | None = None) -> int:
+    """``len(cores)`` (default: this process's affinity) capped by the cgroup quota and Slurm's allocation."""
+    n = len(affinity() if cores is None else cores)
     q = _quota(cgroup_root)
     if q:
         n = min(n, math.ceil(q))

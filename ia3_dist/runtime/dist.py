@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import console
-from .cpus import usable_cpus
+from .cpus import affinity, usable_cpus
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,8 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
 def setup_threads(env: DistEnv, threads: int = 0, bind: bool = False) -> int:
     """Give this rank its share of the cores so ranks on one box do not oversubscribe them (2 threads per rank
     on 2 cores halve throughput); with ``bind``, pin the rank to its own slice of them."""
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = list(range(os.cpu_count() or 1))
-    share = max(1, usable_cpus() // env.local_world_size)
+    cores = affinity()
+    share = max(1, usable_cpus(cores=cores) // env.local_world_size)
     if bind and hasattr(os, "sched_setaffinity"):
         start = (env.local_rank * share) % len(cores)
         os.sched_setaffinity(0, cores[start:start + share] or cores)
