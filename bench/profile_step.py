@@ -6,8 +6,10 @@
 
 Same model, data and global batch (8) as bench_train.py. Steps ``--warmup`` .. ``--warmup + --steps`` of the
 launcher's own loop (``Trainer.step``) run under the profiler; printed: wall time per step, device busy time per
-step (the sum of kernel times, so busy / wall is how much of the step the accelerator computes), kernel launches
-and host<->device syncs per step, and the top operators by host and by device time. A Chrome trace goes to --out.
+step (the union of its kernels' and copies' intervals, so busy / wall is how much of the step the accelerator
+works), device operations (kernels, copies, memsets) and host syncs per step, and the top operators by host and
+by device time. A Chrome trace goes to --out. The window also holds the loop's work between the profiled steps
+(logging every step), which ``wall_ms`` leaves out: busy_fraction is an upper bound.
 """
 
 from __future__ import annotations
@@ -99,13 +101,22 @@ def main() -> None:
     dev_attr = "self_device_time_total" if hasattr(ev[0], "self_device_time_total") else "self_cuda_time_total"
     kernels = [e for e in prof.events() if getattr(e, "device_type", None) is not None
                and str(e.device_type).endswith("CUDA")]
-    busy_us = sum(e.device_time if hasattr(e, "device_time") else e.cuda_time for e in kernels)
-    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    syncs = {e.key: e.count / n for e in ev if e.key in SYNC_EVENTS}
+    # Busy = the union of device intervals (kernels, copies, memsets): work on overlapping streams counts once.
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy_us, end = 0.0, float("-inf")
+    for a0, a1 in spans:
+        if a1 > end:
+            busy_us += a1 - max(a0, end)
+            end = a1
+    # The two torch.cuda.synchronize() per step around the timing are this script's own; cudaMemcpyAsync is a
+    # sync only when it copies to pageable host memory, so it is reported as copies.
+    syncs = {e.key: e.count / n - (2 if e.key == "cudaDeviceSynchronize" else 0) for e in ev
+             if e.key in SYNC_EVENTS}
     wall = sum(state["walls"]) / n
     summary = {"model": a.model, "micro": a.micro, "ds": a.ds, "set": a.set, "steps": n, "wall_ms": wall * 1e3,
-               "device_busy_ms": busy_us / 1e3 / n, "busy_fraction": busy_us / 1e6 / n / wall if cuda else None,
-               "kernel_launches_per_step": launches / n, "syncs_per_step": syncs,
+               "device_busy_ms": busy_us / 1e3 / n if cuda else None,
+               "busy_fraction": busy_us / 1e6 / n / wall if cuda else None,
+               "device_ops_per_step": len(kernels) / n, "syncs_and_copies_per_step": syncs,
                "device": torch.cuda.get_device_name() if cuda else "cpu"}
     print("\nPROFILE " + json.dumps(summary))
     print(ev.table(sort_by="self_cpu_time_total", row_limit=a.rows))

@@ -71,3 +71,60 @@ def test_usable_cpus_follow_slurms_allocation(tmp_path, value: str, want: int | 
 
     mask = len(os.sched_getaffinity(0))
     assert usable_cpus(tmp_path, {"SLURM_CPUS_ON_NODE": value}) == (mask if want is None else min(mask, want))
+
+
+@pytest.mark.parametrize("cores,slurm,local,want", [
+    (64, None, 2, 32),  # outside Slurm: the mask split between the local ranks
+    (2, None, 2, 1),
+    (64, "8", 2, 4),    # a cluster that confines nothing: the node's allocation, not the node, is split
+    (4, "32", 8, 4),    # srun one task per rank, each confined to its own 4 CPUs: the mask is already the share
+    (8, "8", 8, 1),     # a launcher's 8 ranks in one task confined to the job's 8 CPUs
+    (8, "1", 2, 1),
+])
+def test_rank_share_under_and_outside_slurm(tmp_path, cores: int, slurm: str | None, local: int, want: int) -> None:
+    from ia3_dist.runtime.cpus import mask_is_allocation, rank_share
+
+    env = {} if slurm is None else {"SLURM_CPUS_ON_NODE": slurm}
+    assert rank_share(local, list(range(cores)), tmp_path, env) == want
+    # Pinning to slices of the mask stays inside the job only where the mask is the job's own CPUs.
+    assert mask_is_allocation(list(range(cores)), env) == (slurm is None or int(slurm) >= cores)
+
+
+def test_rank_share_follows_a_cgroup_quota(tmp_path) -> None:
+    from ia3_dist.runtime.cpus import rank_share
+
+    (tmp_path / "cpu.max").write_text("400000 100000\n")
+    assert rank_share(2, list(range(64)), tmp_path, {}) == 2
+
+
+@pytest.mark.parametrize("slurm", [None, "1"])
+def test_bind_cores_pins_only_inside_the_jobs_cpus(monkeypatch: pytest.MonkeyPatch, capsys, slurm: str | None) -> None:
+    """train.bind_cores pins local rank 1 of 2 to the second half of the mask; where Slurm allocated fewer CPUs than
+    the mask shows (nothing confines the job), it pins nothing and says why."""
+    import os
+
+    import torch
+
+    from ia3_dist.runtime.dist import setup_threads
+
+    mask = sorted(os.sched_getaffinity(0))
+    if len(mask) < 2:
+        pytest.skip("needs 2 CPUs")
+    if slurm is None:
+        monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_CPUS_ON_NODE", slurm)
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # restored afterwards
+    threads = torch.get_num_threads()
+    try:
+        got = setup_threads(DistEnv(0, 1, 2, 2), bind=True)
+        pinned = sorted(os.sched_getaffinity(0))
+    finally:
+        os.sched_setaffinity(0, mask)
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    if slurm is None:
+        share = len(mask) // 2
+        assert got == share and pinned == mask[share:2 * share] and "not pinning" not in out
+    else:
+        assert got == 1 and pinned == mask and "train.bind_cores: not pinning ranks" in out

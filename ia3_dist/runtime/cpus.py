@@ -47,12 +47,39 @@ def affinity() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), environ: Mapping[str, str] | None = None,
-                cores: list[int] | None = None) -> int:
-    """``len(cores)`` (default: this process's affinity) capped by the cgroup quota and Slurm's allocation."""
-    n = len(affinity() if cores is None else cores)
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), environ: Mapping[str, str] | None = None) -> int:
+    """CPUs for this node's work (e.g. tokenizer processes): the affinity mask capped by the cgroup quota and by
+    Slurm's allocation on this node."""
+    n = len(affinity())
     q = _quota(cgroup_root)
     if q:
         n = min(n, math.ceil(q))
     s = _slurm_cpus(os.environ if environ is None else environ)
     return max(1, min(n, s) if s else n)
+
+
+def rank_share(local_world: int, cores: list[int] | None = None, cgroup_root: Path = Path("/sys/fs/cgroup"),
+               environ: Mapping[str, str] | None = None) -> int:
+    """CPU threads for one of ``local_world`` ranks on this node.
+
+    Outside Slurm the usable CPUs are split between the local ranks. Under Slurm the affinity mask is the job's
+    CPUs (one task per node running a launcher), this task's own CPUs (``srun`` one task per rank with
+    task/affinity or task/cgroup), or the whole node (a cluster that confines nothing); the node's allocation,
+    ``SLURM_CPUS_ON_NODE``, is split between the local ranks in every case, and a rank never gets more than its
+    mask."""
+    n = len(affinity() if cores is None else cores)
+    q = _quota(cgroup_root)
+    if q:
+        n = min(n, math.ceil(q))
+    s = _slurm_cpus(os.environ if environ is None else environ)
+    if s is None:
+        return max(1, n // local_world)
+    return max(1, min(n, s // local_world))
+
+
+def mask_is_allocation(cores: list[int], environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``cores`` are this job's own CPUs, so pinning ranks to slices of them stays inside the job: false
+    where Slurm allocated fewer CPUs on this node than the mask shows (nothing confines the job, and which cores
+    are its own is unknown)."""
+    s = _slurm_cpus(os.environ if environ is None else environ)
+    return s is None or s >= len(cores)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import console
-from .cpus import affinity, usable_cpus
+from .cpus import affinity, mask_is_allocation, rank_share
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,12 @@ def setup_threads(env: DistEnv, threads: int = 0, bind: bool = False) -> int:
     """Give this rank its share of the cores so ranks on one box do not oversubscribe them (2 threads per rank
     on 2 cores halve throughput); with ``bind``, pin the rank to its own slice of them."""
     cores = affinity()
-    share = max(1, usable_cpus(cores=cores) // env.local_world_size)
-    if bind and hasattr(os, "sched_setaffinity"):
+    share = rank_share(env.local_world_size, cores)
+    if bind and not mask_is_allocation(cores):
+        print0(env, f"train.bind_cores: not pinning ranks: Slurm allocated fewer CPUs on this node than the "
+                    f"{len(cores)} this job may run on (the cluster does not confine jobs), so which are this "
+                    f"job's is unknown; {share} thread(s) per rank")
+    elif bind and hasattr(os, "sched_setaffinity"):
         start = (env.local_rank * share) % len(cores)
         os.sched_setaffinity(0, cores[start:start + share] or cores)
     if threads <= 0:
