@@ -55,10 +55,12 @@ def cmd_check(argv: list[str], prog: str) -> int:
     statistics and the run shape. Exit 0 if a run would start, 2 (naming the problem) if not. Writes nothing into
     the output dir."""
     from .config import load_config
-    from .runtime import dist
+    from .runtime import dist, lazy
     from .train.demo import DEMO_RUN
     from .train.prepare import prepare
     from .train.report import report
+
+    lazy.import_deepspeed()
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_check.__doc__)
     ap.add_argument("--config")
@@ -244,6 +246,7 @@ def cmd_export(argv: list[str], prog: str) -> int:
 def cmd_plot(argv: list[str], prog: str) -> int:
     """PNG of a run's loss, eval loss, lr, tokens/s and grad norm from <dir>/metrics.jsonl; with several run dirs,
     their loss, eval loss and tokens/s overlaid in one PNG, each line labelled by its run dir."""
+    from .config.schema import brief
     from .train.plots import plot_metrics, plot_runs
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_plot.__doc__)
@@ -252,14 +255,15 @@ def cmd_plot(argv: list[str], prog: str) -> int:
                                   "current dir for several)")
     a = ap.parse_args(argv)
     dirs = [Path(d) for d in a.dirs]
+    what = "--out " if a.out else ""  # how a refusal names the PNG: the file exactly as written, never X.png
     if len(dirs) > 1:
-        out = plot_runs(dirs, Path(a.out) if a.out else Path("metrics-compare.png"))
+        out = plot_runs(dirs, Path(a.out) if a.out else Path("metrics-compare.png"), what)
         print(f"wrote {out}")
         return 0
     d = dirs[0]
-    out = plot_metrics(d / "metrics.jsonl", Path(a.out) if a.out else d / "metrics.png")
+    out = plot_metrics(d / "metrics.jsonl", Path(a.out) if a.out else d / "metrics.png", what)
     if out is None:
-        raise UsageError(f"{d}/metrics.jsonl has no logged steps yet")
+        raise UsageError(f"{brief(str(d))}/metrics.jsonl has no logged steps yet")
     print(f"wrote {out}")
     return 0
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,20 +27,24 @@ def bin_path(name: str) -> str:
 
 
 def launch(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None,
-           script: str = "launch.py", launcher: str = "direct", port: int | None = None
+           script: str = "launch.py", launcher: str = "direct", port: int | None = None, fresh: bool = False
            ) -> subprocess.CompletedProcess:
     """Run the launcher for real: ``python launch.py`` for one process; for more, ``deepspeed`` or ``torchrun``
     when a test is about that launcher, else ``direct``: the ranks started here with the variables torchrun
     sets. The ranks are the same real processes (DeepSpeed engine, gloo); ``direct`` only skips the launcher's
     own two interpreter start-ups (torch and deepspeed imported twice, about 10 s per run on 2 cores). ``port``:
-    the rendezvous port (a free one by default), for tests that find a run's resources by it."""
+    the rendezvous port (a free one by default), for tests that find a run's resources by it. Direct ranks are
+    forked from a warm interpreter (``_ForkServer``) unless ``fresh``: a test about what a new interpreter does
+    (import-time output, start-up) asks for one."""
     e = {**os.environ, **(env or {})}
     e.pop("RANK", None)
     e.pop("WORLD_SIZE", None)
     if nproc == 1 and launcher in ("deepspeed", "direct"):
         cmd = [sys.executable, script, *args]
+        if not fresh and _use_forkserver(cmd):
+            return _direct(cmd, 1, e, timeout, 0, rank_env=False)
     elif launcher == "direct":
-        return _direct([sys.executable, script, *args], nproc, e, timeout, port or free_port())
+        return _direct([sys.executable, script, *args], nproc, e, timeout, port or free_port(), fork=not fresh)
     elif launcher == "torchrun":
         cmd = [bin_path("torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port or free_port()}", script,
                *args]
@@ -50,20 +58,141 @@ def launch(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None
 _GRACE_S = 30.0
 
 
-def _direct(cmd: list[str], nproc: int, env: dict, timeout: float, port: int) -> subprocess.CompletedProcess:
+class _ForkServer:
+    """Client of ``tests/_forkserver.py``: one warm interpreter per test session that forks the ranks of direct
+    runs (see there for why). ``IA3_TEST_FORKSERVER=0`` starts every rank as a fresh interpreter instead."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.next_id = 0
+        self.buf = b""
+        self.pids: dict[int, int] = {}
+        self.rcs: dict[int, int] = {}
+
+    def _ensure(self) -> subprocess.Popen:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "_forkserver.py")], cwd=ROOT,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, env={**os.environ})
+            self.buf = b""
+        return self.proc
+
+    def _pump(self, wait: float) -> None:
+        import select
+
+        proc = self._ensure()
+        ready, _, _ = select.select([proc.stdout], [], [], wait)
+        if not ready:
+            return
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            raise RuntimeError("the test fork server died")
+        self.buf += chunk
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if "pid" in msg:
+                self.pids[msg["id"]] = msg["pid"]
+            else:
+                self.rcs[msg["id"]] = msg["rc"]
+
+    def start(self, argv: list[str], env: dict, out: str, err: str) -> int:
+        proc = self._ensure()
+        self.next_id += 1
+        rid = self.next_id
+        req = {"id": rid, "argv": argv, "env": env, "cwd": str(ROOT), "out": out, "err": err}
+        proc.stdin.write((json.dumps(req) + "\n").encode())
+        proc.stdin.flush()
+        while rid not in self.pids:
+            self._pump(1.0)
+        return rid
+
+    def pid(self, rid: int) -> int:
+        return self.pids[rid]
+
+    def poll(self, rid: int) -> int | None:
+        self._pump(0)
+        return self.rcs.get(rid)
+
+
+    def close(self) -> None:
+        """End of the session: the server exits once its running children have."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+_FORKSERVER = _ForkServer()
+atexit.register(_FORKSERVER.close)
+
+
+def _use_forkserver(cmd: list[str]) -> bool:
+    return os.environ.get("IA3_TEST_FORKSERVER", "1") != "0" and cmd[0] == sys.executable
+
+
+class _ForkedRank:
+    """A rank forked by the fork server, with the part of ``subprocess.Popen``'s interface ``_direct`` uses."""
+
+    def __init__(self, rid: int) -> None:
+        self.rid = rid
+        self.pid = _FORKSERVER.pid(rid)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = _FORKSERVER.poll(self.rid)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self) -> int:
+        import time
+
+        while self.poll() is None:
+            time.sleep(0.02)
+        return self.returncode
+
+
+def _direct(cmd: list[str], nproc: int, env: dict, timeout: float, port: int, rank_env: bool = True,
+            fork: bool = True) -> subprocess.CompletedProcess:
     """``nproc`` ranks of ``cmd`` on this host, their output interleaved into one stdout and one stderr as under
     a launcher. As deepspeed's launcher does, the first rank to fail ends the others and its exit code is the
-    result; past ``timeout`` every rank is killed and TimeoutExpired raised, as by ``subprocess.run``."""
+    result; past ``timeout`` every rank is killed and TimeoutExpired raised, as by ``subprocess.run``. The ranks
+    are forked by the warm fork server (``_ForkServer``) unless ``IA3_TEST_FORKSERVER=0``."""
     import signal
     import tempfile
     import time
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    forked = fork and _use_forkserver(cmd)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path, err_path = Path(tmp) / "out", Path(tmp) / "err"
+        out_path.touch()
+        err_path.touch()
         procs = []
         for r in range(nproc):
+            # rank_env=False: one plain `python script` process, which a launcher's variables would not describe.
             e = {**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
-                 "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=out, stderr=err, stdin=subprocess.DEVNULL))
+                 "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)
+                 } if rank_env else env
+            if forked:
+                procs.append(_ForkedRank(_FORKSERVER.start(cmd[1:], e, str(out_path), str(err_path))))
+            else:
+                with open(out_path, "ab") as out, open(err_path, "ab") as err:
+                    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=out, stderr=err,
+                                                  stdin=subprocess.DEVNULL))
         deadline = time.monotonic() + timeout
         failed, kill_at = 0, None
         try:
@@ -86,10 +215,8 @@ def _direct(cmd: list[str], nproc: int, env: dict, timeout: float, port: int) ->
                     p.kill()
                 p.wait()
         failed = failed or next((p.returncode for p in procs if p.returncode), 0)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(cmd, failed, out.read().decode(errors="replace"),
-                                           err.read().decode(errors="replace"))
+        return subprocess.CompletedProcess(cmd, failed, out_path.read_bytes().decode(errors="replace"),
+                                           err_path.read_bytes().decode(errors="replace"))
 
 
 def spawn_slurm_style(args: list[str], world: int = 2) -> list[subprocess.Popen]:
@@ -171,3 +298,65 @@ def alive(pids: list[int]) -> list[int]:
 def job_segments(port: int) -> list[str]:
     """DeepSpeed shared-memory segments of the job on ``port`` still in /dev/shm."""
     return sorted(str(p) for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+class Measured(NamedTuple):
+    rc: int
+    out: str
+    err: str
+    seconds: float
+    peak_rss_mib: float
+
+
+def measured_cli(args: list[str], timeout: float, stdin: str = "", env: dict | None = None,
+                 address_space: int | None = 4 << 30) -> Measured:
+    """``python -m ia3_dist ARGS`` as its own process, fed ``stdin``, for what hangs or blows up a real CLI: exit
+    code, output, seconds and the peak RSS of that process alone. Reaped with ``wait4``, not ``Popen.wait``: its
+    rusage is this child's own, where RUSAGE_CHILDREN would be the largest of every child this test process ever
+    had. ``address_space`` (RLIMIT_AS) keeps a regression from swapping the box; past ``timeout`` the process is
+    killed and the test fails (a hang)."""
+    import resource
+    import tempfile
+    import time
+
+    def limit() -> None:
+        if address_space:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fin, fout, ferr = (Path(tmp) / n for n in ("in", "out", "err"))
+        fin.write_text(stdin, encoding="utf-8")
+        t0 = time.monotonic()
+        with fin.open("rb") as i, fout.open("wb") as o, ferr.open("wb") as e:
+            p = subprocess.Popen([sys.executable, "-m", "ia3_dist", *args], cwd=ROOT, stdin=i, stdout=o, stderr=e,
+                                 env={**os.environ, **(env or {})}, preexec_fn=limit)
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - t0 > timeout:
+                p.kill()
+                os.wait4(p.pid, 0)
+                p.returncode = -9  # reaped here: Popen must not wait again
+                raise AssertionError(f"ia3-dist {' '.join(args)[:200]} still running after {timeout} s (a hang)")
+            time.sleep(0.05)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        return Measured(p.returncode, fout.read_text(errors="replace"), ferr.read_text(errors="replace"),
+                        time.monotonic() - t0, usage.ru_maxrss / 1024)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """An in-process hang (a blocking read, a runaway loop) becomes a test failure instead of a stuck session."""
+    import signal
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

@@ -16,10 +16,34 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "alpaca_zh_demo.json"
 
 
+# Files whose tests take longest run first, so that under `-n 2 --dist loadfile` (what `./dev.sh test` runs) the
+# Slurm jobs, which mostly wait on the cluster, overlap the CPU-bound tests of the other worker instead of
+# trailing at the end. The other files follow in their usual order.
+FIRST = ("test_slurm.py", "test_faults.py", "test_resume.py", "test_parity.py", "test_train.py", "test_plan.py",
+         "test_security_adapters.py", "test_security_checkpoints.py", "test_prepare.py", "test_trackers.py",
+         "test_checkpoint_safety.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(FIRST)))  # stable: each file keeps its own order
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
 @pytest.fixture(scope="session", autouse=True)
-def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Reuse a cache across sessions when the caller provides one (CI sets it); never the user's own.
-    d = Path(os.environ.get("IA3_DIST_TEST_CACHE") or tmp_path_factory.mktemp("ia3cache"))
+def session_cache(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    # Reuse a cache across sessions when the caller provides one; never the user's own. The workers of one
+    # `-n 2` run share theirs (their base temp dirs are siblings): the demo model is built once, under its lock.
+    if os.environ.get("IA3_DIST_TEST_CACHE"):
+        d = Path(os.environ["IA3_DIST_TEST_CACHE"])
+    elif _is_worker(request.config):
+        d = tmp_path_factory.getbasetemp().parent / "ia3cache"
+        d.mkdir(exist_ok=True)
+    else:
+        d = tmp_path_factory.mktemp("ia3cache")
     os.environ["IA3_DIST_CACHE"] = str(d)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return d
@@ -29,14 +53,23 @@ def _shm_segments() -> set[str]:
     return {str(p) for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def sweep_shared_memory():
+_SHM_BEFORE = pytest.StashKey[set]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not _is_worker(session.config):
+        session.config.stash[_SHM_BEFORE] = _shm_segments()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
     """Ranks that the fault tests kill on purpose cannot unlink DeepSpeed's /dev/shm segments; remove what this
-    session left behind so repeated runs do not fill the RAM-backed /dev/shm."""
-    before = _shm_segments()
-    yield
-    for name in _shm_segments() - before:
+    run left behind so repeated runs do not fill the RAM-backed /dev/shm. Once, in the main process, after every
+    worker is done (a worker finishing early must not unlink the segments of the other's running job)."""
+    if _is_worker(session.config) or _SHM_BEFORE not in session.config.stash:
+        return
+    for name in _shm_segments() - session.config.stash[_SHM_BEFORE]:
         Path(name).unlink(missing_ok=True)
+
 
 
 @pytest.fixture(scope="session")

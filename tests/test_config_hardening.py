@@ -4,16 +4,14 @@ file/line or key. Families of inputs are fuzzed with hypothesis."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
 import string
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _util import deadline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,20 +29,6 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 # Longest a config error may be: the key, the bounded value quote and the fix fit well inside.
 MAX_MESSAGE = 1000
 
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Turn a hang (the defects here ran for ever) into a failure instead of a stuck test session."""
-    def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _w(path: Path, text: str) -> str:

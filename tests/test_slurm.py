@@ -163,36 +163,34 @@ def direct(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> dict[s
     return _Direct(tmp_path_factory)
 
 
-LAYOUTS = {
-    "1node-deepspeed": ("single_node.sbatch", ["--nodes=1", "--cpus-per-task=2",
-                                               "--export=ALL,NPROC_PER_NODE=2"], 1),
-    "1node-srun-per-rank": ("srun_per_rank.sbatch", ["--nodes=1", "--ntasks-per-node=2"], 1),
-    "2nodes-deepspeed": ("multi_node.sbatch", ["--nodes=2", "--cpus-per-task=1", "--export=ALL,NPROC_PER_NODE=1"],
-                         2),
-    "2nodes-torchrun": ("multi_node.sbatch", ["--nodes=2", "--cpus-per-task=1",
-                                              "--export=ALL,NPROC_PER_NODE=1,LAUNCHER=torchrun"], 2),
-}
-
-
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_template_trains_like_direct_deepspeed(cluster: int, direct: dict[str, Path], tmp_path: Path,
-                                               layout: str) -> None:
-    template, args, nodes = LAYOUTS[layout]
-    if nodes > cluster:
-        _missing(f"needs {nodes} Slurm nodes, the cluster has {cluster}")
-    out = tmp_path / "out"
-    job = sbatch(tmp_path, template, args, [f"output.dir={out}", *SHORT])
-    state = wait_job(job)
-    assert state == "COMPLETED", logs(tmp_path)
-    text = logs(tmp_path)
-    assert f"{nodes} node(s) x {2 // nodes} rank(s)" in text and "run finished with exit 0" in text
-    rank_logs = [p for p in (tmp_path / "logs").rglob("*") if p.is_file() and p.stat().st_size > 0
+def layout_checks(tmp: Path, nodes: int) -> None:
+    """The job said its layout (nodes x ranks per node), finished, and each rank wrote its own log."""
+    text = logs(tmp)
+    assert f"{nodes} node(s) x {2 // nodes} rank(s)" in text and "run finished with exit 0" in text, text
+    rank_logs = [p for p in (tmp / "logs").rglob("*") if p.is_file() and p.stat().st_size > 0
                  and ("rank" in p.name or p.parent.name.isdigit())]
-    assert len(rank_logs) >= 2, sorted(str(p) for p in (tmp_path / "logs").rglob("*"))  # one log per rank
+    assert len(rank_logs) >= 2, sorted(str(p) for p in (tmp / "logs").rglob("*"))  # one log per rank
+
+
+# Each template and launcher trains the direct run's adapter: single_node.sbatch (deepspeed) in the preemption
+# test, srun_per_rank.sbatch in the frozen-rank test, multi_node.sbatch with deepspeed as `ia3-dist slurm` renders
+# it (test_generator_...), and multi_node.sbatch with torchrun here. One job each carries all of its checks.
+def test_two_node_torchrun_template_trains_like_direct_deepspeed(cluster: int, direct: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    if cluster < 2:
+        _missing(f"needs 2 Slurm nodes, the cluster has {cluster}")
+    out = tmp_path / "out"
+    job = sbatch(tmp_path, "multi_node.sbatch", ["--nodes=2", "--cpus-per-task=1",
+                                                 "--export=ALL,NPROC_PER_NODE=1,LAUNCHER=torchrun"],
+                 [f"output.dir={out}", *SHORT])
+    assert wait_job(job) == "COMPLETED", logs(tmp_path)
+    layout_checks(tmp_path, 2)
     same_adapter(out, direct["short"])
 
 
 def test_preemption_requeues_and_resumes(cluster: int, direct: dict[str, Path], tmp_path: Path) -> None:
+    """single_node.sbatch, the deepspeed launcher with 2 ranks: USR1 to the batch shell mid-run checkpoints, requeues
+    and resumes; the job ends on the uninterrupted direct run's adapter."""
     out = tmp_path / "out"
     job = sbatch(tmp_path, "single_node.sbatch", ["--nodes=1", "--cpus-per-task=2", "--export=ALL,NPROC_PER_NODE=2"],
                  [f"output.dir={out}", *LONG])
@@ -202,7 +200,7 @@ def test_preemption_requeues_and_resumes(cluster: int, direct: dict[str, Path], 
     assert wait_job(job) == "COMPLETED", logs(tmp_path)
     text = logs(tmp_path, None)
     assert "caught SIGUSR1" in text and "requeueing job" in text and "resuming from" in text, text
-    assert "run finished with exit 0" in text
+    layout_checks(tmp_path, 1)
     same_adapter(out, direct["long"])
 
 
@@ -227,24 +225,29 @@ def test_frozen_rank_requeues_and_resumes(cluster: int, direct: dict[str, Path],
     text = logs(tmp_path, None)
     assert "hang watchdog on rank 0: no progress" in text and "(most recent call first)" in text, text[-5000:]
     assert "hang watchdog ended the run" in text and "resuming from" in text, text[-5000:]
-    assert "run finished with exit 0" in text
+    layout_checks(tmp_path, 1)
     same_adapter(out, direct["long"])
 
 
 def test_generator_writes_a_submittable_file(cluster: int, direct: dict[str, Path], tmp_path: Path) -> None:
+    """`launch.py slurm` from the checkout renders multi_node.sbatch for 2 nodes x 1 CPU rank (the deepspeed
+    launcher, --no_ssh); submitted as written, it trains the direct run's adapter."""
+    if cluster < 2:
+        _missing(f"needs 2 Slurm nodes, the cluster has {cluster}")
     out = tmp_path / "gen-out"
     f = tmp_path / "job.sbatch"
-    proc = subprocess.run([sys.executable, "launch.py", "slurm", "--config", TINY, "--nodes", "1",
-                           "--gpus-per-node", "0", "--cpus-per-node", "2", "--time", "00:20:00", "--out", str(f),
+    proc = subprocess.run([sys.executable, "launch.py", "slurm", "--config", TINY, "--nodes", "2",
+                           "--gpus-per-node", "0", "--cpus-per-node", "1", "--time", "00:20:00", "--out", str(f),
                            f"output.dir={out}", *SHORT], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert f"sbatch {f}" in proc.stdout
     text = f.read_text()
-    assert "#SBATCH --time=00:20:00" in text and "#SBATCH --nodes=1" in text and "NPROC_PER_NODE=2" in text
+    assert "#SBATCH --time=00:20:00" in text and "#SBATCH --nodes=2" in text and "NPROC_PER_NODE=1" in text
     sub = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", str(f)], capture_output=True, text=True,
                          env=_env(tmp_path))
     assert sub.returncode == 0, sub.stderr
     assert wait_job(sub.stdout.strip()) == "COMPLETED", logs(tmp_path)
+    layout_checks(tmp_path, 2)
     same_adapter(out, direct["short"])
 
 
@@ -401,85 +404,39 @@ def _summary(sweep_dir: Path, env: dict[str, str], *extra: str) -> dict:
     return json.loads(proc.stdout)
 
 
-STEPS = 20  # long enough to see the first tasks running while the others wait
+STEPS = 40  # long enough to see the first tasks running while the others wait, and to signal one mid-run
 
 
-def test_sweep_runs_as_a_job_array(cluster: int, tiny_model: Path, tmp_path: Path) -> None:
-    """4 tiny tasks, 2 at a time: each trains into its own dir; the summary follows them from running / pending to
-    done, with the values that differ. (Preempting one task by `scancel --signal=USR1 --batch` was tried here: on
-    the loaded box slurmctld answered "Job can not be altered now, try again later" for minutes.)"""
+def test_sweep_runs_as_a_job_array_and_a_preempted_task_resumes_alone(cluster: int, demo_model: Path,
+                                                                      tmp_path: Path) -> None:
+    """One 4-task array (train.lr x train.log_every), 2 at a time, carries the sweep's checks: each task trains into
+    its own dir; the summary follows them from running / pending to done with the values that differ. USR1 to task
+    0's batch shell while tasks 0 and 1 run: task 0 checkpoints, the summary shows it preempted while Slurm holds
+    the requeued task, and it resumes under its own job id to task 1's adapter (same lr, only log_every differs,
+    never interrupted); no other task is signalled or resumed. (On a loaded box slurmctld may answer "Job can not
+    be altered now, try again later" to the signal: retried.)"""
     proj = tmp_path / "proj"
     proj.mkdir()
     env = _env(tmp_path)
     env.pop("LOG_DIR")
-    # The random tiny Bloom: no adapter is compared here, and it is built in a second.
-    steps = [f"model.path={tiny_model}", f"train.max_steps={STEPS}", "train.micro_batch_size=1",
-             "train.grad_accum=1", "train.log_every=1", "checkpoint.every=10", "train.eval_every=0"]
-    proc = subprocess.run([sys.executable, "-m", "ia3_dist", "sweep", "--config", str(ROOT / TINY), "--grid",
-                           "train.lr=3e-3,3e-2", "--grid", "data.max_length=64,128", "--gpus-per-node", "0",
-                           "--cpus-per-node", "1", "--max-concurrent", "2", "--time", "00:20:00", "--dir", "sw",
-                           *steps], cwd=proj, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    sw = proj / "sw"
-    rec = json.loads((sw / "sweep.json").read_text())
-    job, tasks = rec["job"], rec["tasks"]
-    assert [t["name"] for t in tasks] == ["lr=3e-3,max_length=64", "lr=3e-3,max_length=128",
-                                          "lr=3e-2,max_length=64", "lr=3e-2,max_length=128"]
-    try:
-        wait_step(f"{job}_0", tmp_path, Path(tasks[0]["dir"]), 2, timeout=900)
-        got = _summary(sw, env, "--no-plot")
-        states = [r["status"] for r in got["rows"]]
-        assert states[0] == "running" and states[2:] == ["pending", "pending"], got
-        t0 = time.time()
-        while queued(job):
-            assert time.time() - t0 < 1200, logs(tmp_path)
-            time.sleep(1)
-    finally:
-        # A task cancelled while it starts counts as preempted early and requeues itself (lib.sh): cancel twice.
-        for _ in range(2):
-            subprocess.run(["scancel", job], capture_output=True)
-            time.sleep(1)
-    text = logs(sw, None)
-    for t in tasks:
-        assert job_state(f"{job}_{t['index']}") == "COMPLETED", text[-5000:]
-    got = _summary(sw, env)
-    assert got["keys"] == ["data.max_length", "train.lr"] or got["keys"] == ["train.lr", "data.max_length"], got
-    rows = got["rows"]
-    assert [r["status"] for r in rows] == ["done"] * 4, rows
-    assert [(r["train.lr"], r["data.max_length"]) for r in rows] == [(0.003, 64), (0.003, 128), (0.03, 64),
-                                                                     (0.03, 128)]
-    assert all(r["step"] == STEPS and r["train_loss"] > 0 and r["tokens_per_s"] > 0 for r in rows), rows
-    # The learning rate changes the run; max_length 64 or 128 truncates none of the demo's ~35-token records.
-    assert rows[0]["train_loss"] != rows[2]["train_loss"] and rows[1]["train_loss"] != rows[3]["train_loss"], rows
-    assert (sw / "summary.png").stat().st_size > 0
-    for t in tasks:
-        m = [json.loads(ln) for ln in (Path(t["dir"]) / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in m if "loss" in r] == list(range(1, STEPS + 1)), t["name"]
-
-
-def test_a_preempted_sweep_task_requeues_and_resumes_alone(cluster: int, demo_model: Path, tmp_path: Path) -> None:
-    """Two array tasks that differ only in train.log_every (so they train alike), both running: USR1 to task 0's
-    batch shell checkpoints it, the summary shows it preempted while Slurm holds the requeued task, and it resumes
-    to task 1's adapter (never interrupted) while task 1 runs on untouched."""
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    env = _env(tmp_path)
-    env.pop("LOG_DIR")
-    run = [f"model.path={demo_model}", "train.max_steps=40", "train.micro_batch_size=1", "train.grad_accum=4",
+    run = [f"model.path={demo_model}", f"train.max_steps={STEPS}", "train.micro_batch_size=1", "train.grad_accum=4",
            "checkpoint.every=5", "train.eval_every=0"]
     proc = subprocess.run([sys.executable, "-m", "ia3_dist", "sweep", "--config", str(ROOT / TINY), "--grid",
-                           "train.log_every=1,2", "--gpus-per-node", "0", "--cpus-per-node", "1", "--time",
-                           "00:20:00", "--dir", "sw", *run], cwd=proj, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           "train.lr=3e-2,3e-3", "--grid", "train.log_every=1,2", "--gpus-per-node", "0",
+                           "--cpus-per-node", "1", "--max-concurrent", "2", "--time", "00:20:00", "--dir", "sw",
+                           *run], cwd=proj, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     sw = proj / "sw"
     rec = json.loads((sw / "sweep.json").read_text())
     job, tasks = rec["job"], rec["tasks"]
+    assert [t["name"] for t in tasks] == ["lr=3e-2,log_every=1", "lr=3e-2,log_every=2", "lr=3e-3,log_every=1",
+                                          "lr=3e-3,log_every=2"]
     first = f"{job}_0"
     try:
         wait_step(first, sw, Path(tasks[0]["dir"]), 3, timeout=600)
+        states = [r["status"] for r in _summary(sw, env, "--no-plot")["rows"]]
+        assert states[0] == "running" and states[2:] == ["pending", "pending"], states
         t0 = time.time()
-        # slurmctld may answer "Job can not be altered now, try again later" while it is busy: retry.
         while subprocess.run(["scancel", "--signal=USR1", "--batch", first], capture_output=True).returncode:
             assert time.time() - t0 < 120, logs(sw)
             time.sleep(2)
@@ -497,23 +454,36 @@ def test_a_preempted_sweep_task_requeues_and_resumes_alone(cluster: int, demo_mo
             assert time.time() - t0 < 900, logs(sw)
             time.sleep(1)
     finally:
+        # A task cancelled while it starts counts as preempted early and requeues itself (lib.sh): cancel twice.
         for _ in range(2):
             subprocess.run(["scancel", job], capture_output=True)
             time.sleep(1)
     text = logs(sw, None)
     assert all(job_state(f"{job}_{t['index']}") == "COMPLETED" for t in tasks), text[-5000:]
+    got = _summary(sw, env)
+    assert sorted(got["keys"]) == ["train.log_every", "train.lr"], got
+    rows = got["rows"]
+    assert [r["status"] for r in rows] == ["done"] * 4, rows
+    assert [(r["train.lr"], r["train.log_every"]) for r in rows] == [(0.03, 1), (0.03, 2), (0.003, 1), (0.003, 2)]
+    assert all(r["step"] == STEPS and r["train_loss"] > 0 and r["tokens_per_s"] > 0 for r in rows), rows
+    assert rows[0]["train_loss"] != rows[2]["train_loss"], rows  # the learning rate changes the run
+    assert (sw / "summary.png").stat().st_size > 0
     # The batch shell's log per array task (%A_%a); the ranks' logs go under the task's own job id (%j).
-    (log0,), (log1,) = ([f.read_text(errors="replace") for f in sw.rglob(f"*-{job}_{i}.out")] for i in (0, 1))
-    assert "caught SIGUSR1" in log0 and "requeueing job" in log0 and "(restart 1)" in log0, log0[-5000:]
-    assert "caught SIGUSR1" not in log1 and "(restart 1)" not in log1, log1[-5000:]
+    batch = [next(sw.rglob(f"*-{job}_{i}.out")).read_text(errors="replace") for i in range(4)]
+    assert "caught SIGUSR1" in batch[0] and "requeueing job" in batch[0] and "(restart 1)" in batch[0], batch[0][-5000:]
+    for other in batch[1:]:
+        assert "caught SIGUSR1" not in other and "(restart 1)" not in other, other[-5000:]
     import re
 
     def rank_logs(batch_log: str) -> str:
         task_job = re.search(r"job (\d+) \(restart 0\)", batch_log).group(1)
         return "".join(f.read_text(errors="replace") for f in (sw / "logs").glob(f"*-{task_job}/*"))
 
-    assert "resuming from" in rank_logs(log0) and "resuming from" not in rank_logs(log1)
-    assert [r["status"] for r in _summary(sw, env, "--no-plot")["rows"]] == ["done", "done"]
-    m = [json.loads(ln) for ln in (Path(tasks[0]["dir"]) / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in m if "loss" in r] == list(range(1, 41))  # no step lost or logged twice
+    assert "resuming from" in rank_logs(batch[0]) and "resuming from" not in rank_logs(batch[1])
+    for t, every in zip(tasks, (1, 2, 1, 2), strict=True):
+        m = [json.loads(ln) for ln in (Path(t["dir"]) / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in m if "loss" in r]
+        assert steps == sorted(set(steps)) and steps[-1] == STEPS, (t["name"], steps)  # none lost or twice
+        if every == 1:
+            assert steps == list(range(1, STEPS + 1)), t["name"]
     same_adapter(Path(tasks[0]["dir"]), Path(tasks[1]["dir"]))

@@ -256,7 +256,11 @@ def test_out_onto_an_existing_file_needs_force(tmp_path: Path, capsys: pytest.Ca
 def test_out_onto_an_empty_file_or_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "empty.sbatch"
     f.touch()
-    assert run_cli(["--out", str(f)], capsys)[0] == 0
+    # An empty file is an existing file too (someone's placeholder): --force, as for any other.
+    rc, _, err = run_cli(["--out", str(f)], capsys)
+    assert_usage_exit(rc, err, "--out", "--force")
+    assert f.read_bytes() == b""
+    assert run_cli(["--out", str(f), "--force"], capsys)[0] == 0
     assert f.read_text().startswith("#!/bin/bash\n")
     rc, _, err = run_cli(["--out", str(tmp_path), "--force"], capsys)
     assert_usage_exit(rc, err, "--out", "directory")

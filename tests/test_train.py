@@ -43,7 +43,7 @@ NOISE = ("Setting accelerator to CPU", "built successfully", "FutureWarning", "L
 
 def test_embedded_default_one_process(tmp_path: Path, demo_model: Path) -> None:
     out = tmp_path / "demo"
-    proc = check(launch([f"output.dir={out}"]))
+    proc = check(launch([f"output.dir={out}"], fresh=True))  # a new interpreter: import-time noise counts too
     console = proc.stdout + proc.stderr
     assert not [n for n in NOISE if n in console], console[-3000:]
     assert "trainable params: 3,584 || all params: 950,784" in proc.stdout
@@ -63,7 +63,7 @@ def test_embedded_default_one_process(tmp_path: Path, demo_model: Path) -> None:
     assert ds["train_batch_size"] == 8 and ds["zero_optimization"]["stage"] == 2
     # A demo is run again and again: the rerun starts over (never refuses), and --verbose shows the library lines.
     first_adapter = adapter_tensors(out / "adapter")
-    again = check(launch([f"output.dir={out}", "train.max_steps=3", "--verbose"]))
+    again = check(launch([f"output.dir={out}", "train.max_steps=3", "--verbose"], fresh=True))
     assert "Setting accelerator to CPU" in again.stdout + again.stderr
     assert [r["step"] for r in metrics(out)] == [1, 3]
     assert adapter_tensors(out / "adapter").keys() == first_adapter.keys()

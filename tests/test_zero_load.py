@@ -14,7 +14,30 @@ import pytest
 import torch
 from _util import check, launch
 
-pytestmark = pytest.mark.slow
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ranges_read_from_the_file_are_the_tensors(tmp_path: Path, dtype: torch.dtype) -> None:
+    """The unit under every ZeRO-3 load: any flat element range of any tensor (each rank's slice starts mid-tensor)
+    equals that range of the tensor safetensors saved, read into a buffer of the file's dtype or another."""
+    from safetensors.torch import save_file
+
+    from ia3_dist.models.zero3_load import SafetensorsFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(7, 5, generator=g).to(dtype), "b": torch.randn(33, generator=g).to(dtype),
+               "c": torch.arange(12, dtype=torch.float32).to(dtype)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    try:
+        for key, t in tensors.items():
+            flat = t.reshape(-1)
+            for start, n in ((0, flat.numel()), (1, 3), (flat.numel() // 2, flat.numel() - flat.numel() // 2)):
+                for out_dtype in (dtype, torch.float64):
+                    out = torch.empty(n, dtype=out_dtype)
+                    f.read_into(key, start, out)
+                    assert torch.equal(out, flat[start:start + n].to(out_dtype)), (key, start, n, out_dtype)
+    finally:
+        f.close()
 
 
 def _variants(demo_model: Path, root: Path, family_models: dict[str, Path]) -> list[str]:
@@ -53,6 +76,7 @@ def _larger_model(root: Path) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_zero3_load_exact_and_partitioned(tmp_path: Path, demo_model: Path, family_models: dict) -> None:
     larger = _larger_model(tmp_path)
     specs = [*_variants(demo_model, tmp_path, family_models), str(larger), f"{larger}:fp32:hf"]

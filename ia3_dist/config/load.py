@@ -84,8 +84,10 @@ class RunConfigLoader(yaml.SafeLoader):
                 except TypeError:
                     continue  # unhashable: SafeConstructor reports it with its position
                 if seen is not None:
-                    raise RefusedYAML(None, None, f"duplicate key {show(key)} (first at line {seen.line + 1}); YAML "
-                                      f"would silently keep the last one: keep one", key_node.start_mark)
+                    # As written (`no`, not the boolean YAML 1.1 reads it as), so the user finds it in the file.
+                    written = key_node.value if isinstance(key_node, yaml.ScalarNode) else key
+                    raise RefusedYAML(None, None, f"duplicate key {show(written)} (first at line {seen.line + 1}); "
+                                      f"YAML would silently keep the last one: keep one", key_node.start_mark)
                 first[key] = key_node.start_mark
         return super().construct_mapping(node, deep)
 

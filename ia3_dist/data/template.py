@@ -19,17 +19,23 @@ Two kinds:
 - ``chat_template``: the tokenizer's own Jinja chat template (or one read from a file). Each assistant turn's
   label span is what rendering the conversation through that turn adds to rendering it up to the generation
   prompt: the answer plus the template's end-of-turn markup, so the model learns to stop.
+
+A chat template is a program, and one saved in an adapter dir comes from strangers: it is rendered within a budget
+of steps, seconds, characters and list items (:mod:`.chat_render`), so a template that loops for ever or asks for
+gigabytes stops with a UsageError naming it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..config import DataSection
+from ..config.schema import MAX_TEXT, _check_template
 from ..errors import UsageError
+from .chat_render import RenderLimit, compile_chat, render_chat, special_tokens
 from .records import Conversation, Turn
 
 TEMPLATE_FILE = "ia3_dist.json"
@@ -37,6 +43,12 @@ HUMAN_ASSISTANT = "human_assistant"
 CHAT_TEMPLATE = "chat_template"
 # A chat template file is Jinja text of a few KiB; anything far larger is not one.
 MAX_TEMPLATE_FILE = 1 << 20
+# Real chat templates (tool calling included) are under 20 KiB. The bound also bounds the work one loop iteration
+# can do between two checks of the render budget.
+MAX_CHAT_TEMPLATE = 128 << 10
+# Labelling a conversation under a chat template renders it once per turn up to that turn (the template is a
+# program: only rendering shows where a turn's text ends), so the work grows with the square of its turns.
+MAX_CHAT_TURNS = 256
 
 Segment = tuple[str, bool]
 
@@ -44,6 +56,9 @@ Segment = tuple[str, bool]
 @dataclass
 class Template:
     """The training text format (saved beside every adapter as ``ia3_dist.json``)."""
+
+    # Not a dataclass field (no annotation): where the template came from, for error messages; never saved.
+    where = "data.template"
 
     kind: str = HUMAN_ASSISTANT
     """``human_assistant`` or ``chat_template``."""
@@ -69,7 +84,8 @@ class Template:
             if not isinstance(text, str) or not text:
                 raise UsageError("data.template chat_template: this tokenizer ships no chat template (Bloom's do "
                                  "not); use data.template=human_assistant or a path to a Jinja file")
-            return cls(CHAT_TEMPLATE, chat_template=text, **base)
+            return cls(CHAT_TEMPLATE, chat_template=text, **base).checked("data.template chat_template (the "
+                                                                          "tokenizer's)")
         p = Path(cfg.template).expanduser()
         if not p.is_file():
             raise UsageError(f"data.template {cfg.template}: not human_assistant, chat_template or a Jinja file")
@@ -81,7 +97,39 @@ class Template:
             text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"data.template {p}: cannot read it ({e})") from None
-        return cls(CHAT_TEMPLATE, chat_template=text, **base)
+        return cls(CHAT_TEMPLATE, chat_template=text, **base).checked(f"data.template {p}")
+
+    def checked(self, where: str) -> Template:
+        """``self``, its fields checked as a config's template is (types, plain format fields, lengths) and a chat
+        template compiled; UsageError naming ``where`` otherwise. Sets :attr:`where` for later render errors."""
+        types = {"kind": str, "prompt_template": str, "strip_prompt": bool, "response_prefix": str,
+                 "append_eos": bool}
+        for name, want in types.items():
+            if not isinstance(getattr(self, name), want):
+                raise UsageError(f"{where}: unusable prompt template ({name} must be a {want.__name__}, got "
+                                 f"{type(getattr(self, name)).__name__})")
+        if self.kind not in (HUMAN_ASSISTANT, CHAT_TEMPLATE):
+            raise UsageError(f"{where}: unknown template kind {_show(self.kind)}")
+        try:
+            _check_template("prompt_template", self.prompt_template)
+        except UsageError as e:
+            raise UsageError(f"{where}: unusable prompt template ({str(e).removeprefix(_CONFIG_KEY)})") from None
+        if len(self.response_prefix) > MAX_TEXT:
+            raise UsageError(f"{where}: unusable prompt template (response_prefix of {len(self.response_prefix)} "
+                             f"characters; at most {MAX_TEXT})")
+        if self.kind == CHAT_TEMPLATE or self.chat_template is not None:
+            if not isinstance(self.chat_template, str) or not self.chat_template:
+                raise UsageError(f"{where}: unusable chat template (chat_template must be non-empty Jinja text, "
+                                 f"got {_show(self.chat_template)})")
+            if len(self.chat_template) > MAX_CHAT_TEMPLATE:
+                raise UsageError(f"{where}: a chat template of {len(self.chat_template)} characters; at most "
+                                 f"{MAX_CHAT_TEMPLATE} (real ones are a few KiB)")
+            try:
+                compile_chat(self.chat_template)
+            except Exception as e:  # TemplateSyntaxError, RecursionError (deep nesting), RenderLimit...
+                raise UsageError(f"{where}: the chat template does not compile ({_one_line(e)})") from None
+        self.where = where
+        return self
 
     # -- rendering ---------------------------------------------------------------------------------------------
 
@@ -108,6 +156,11 @@ class Template:
                 segs.append((self._turn_prompt(t, k == 0, conv.system), False))
                 segs.append((t.output + eos, train_on == "all" or k == last))
             return segs
+        if len(conv.turns) > MAX_CHAT_TURNS:
+            raise UsageError(f"{self.where}: a conversation of {len(conv.turns)} turns; under a chat template a "
+                             f"conversation may have at most {MAX_CHAT_TURNS} (each turn's labels come from "
+                             f"rendering the conversation up to it, so the cost grows with the square of the "
+                             f"turns); split it into shorter conversations or use data.template=human_assistant")
         msgs = _messages(conv)
         segs, prev = [], ""
         for k in range(len(conv.turns)):
@@ -115,7 +168,7 @@ class Template:
             prompt = self._render(tok, msgs[:upto_user], generation_prompt=True)
             full = self._render(tok, msgs[:upto_user + 1], generation_prompt=False)
             if not (prompt.startswith(prev) and full.startswith(prompt)):
-                raise UsageError(f"data.template: the chat template does not render a conversation as a prefix of "
+                raise UsageError(f"{self.where}: the chat template does not render a conversation as a prefix of "
                                  f"its continuation (turn {k + 1}), so assistant spans cannot be labelled; use a "
                                  f"prefix-stable template or data.template=human_assistant")
             segs.append((prompt[len(prev):], False))
@@ -137,12 +190,14 @@ class Template:
         return self._turn_prompt(Turn(instruction, inp, ""), True, "")
 
     def _render(self, tok: Any, msgs: list[dict[str, str]], generation_prompt: bool) -> str:
+        if not isinstance(self.chat_template, str) or len(self.chat_template) > MAX_CHAT_TEMPLATE:
+            self.checked(self.where)
         try:
-            return tok.apply_chat_template(msgs, chat_template=self.chat_template, tokenize=False,
-                                           add_generation_prompt=generation_prompt)
+            return render_chat(self.chat_template, msgs, generation_prompt, special_tokens(tok))
+        except RenderLimit as e:
+            raise UsageError(f"{self.where}: the chat template was stopped: {e}") from None
         except Exception as e:  # jinja2 raises TemplateError subclasses and whatever the template itself raises
-            raise UsageError(f"data.template: the chat template fails to render ({type(e).__name__}: "
-                             f"{str(e)[:200]})") from None
+            raise UsageError(f"{self.where}: the chat template fails to render ({_one_line(e)})") from None
 
     # -- persistence -------------------------------------------------------------------------------------------
 
@@ -161,12 +216,28 @@ class Template:
                 raw = fh.read(MAX_TEMPLATE_FILE + 1)
             if len(raw) > MAX_TEMPLATE_FILE:
                 raise ValueError(f"larger than {MAX_TEMPLATE_FILE} bytes")
-            t = cls(**json.loads(raw.decode("utf-8")))
-        except (OSError, ValueError, TypeError) as e:
-            raise UsageError(f"{f}: unreadable prompt template ({e})") from None
-        if t.kind not in (HUMAN_ASSISTANT, CHAT_TEMPLATE) or (t.kind == CHAT_TEMPLATE and not t.chat_template):
-            raise UsageError(f"{f}: unknown template kind {t.kind!r}")
-        return t
+            obj = json.loads(raw.decode("utf-8"))
+            if not isinstance(obj, dict):
+                raise ValueError(f"expected a JSON object, got a {type(obj).__name__}")
+            unknown = sorted(set(obj) - {fl.name for fl in fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown key(s) {_show(unknown)}")
+            t = cls(**obj)
+        except (OSError, ValueError, TypeError, RecursionError) as e:
+            raise UsageError(f"{f}: unreadable prompt template ({_one_line(e)})") from None
+        return t.checked(str(f))
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+
+
+_CONFIG_KEY = "config key 'prompt_template': "
+
+
+def _show(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 def _messages(conv: Conversation) -> list[dict[str, str]]:

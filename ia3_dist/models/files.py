@@ -8,7 +8,7 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..errors import UsageError
 
@@ -34,11 +34,19 @@ def error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
+def open_file(path: Path, what: str) -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file (through symlinks: the hub cache links its files), else
+    a UsageError naming it: a FIFO or device in its place would hang or never end a read."""
+    from ..runtime.safe_io import open_regular
+
+    return open_regular(path, f"it should be the {what}; download or copy it again", follow=True)
+
+
 def read_small_json(path: Path, what: str) -> Any:
     """A small JSON file (index, adapter config) parsed; UsageError naming the file if it is unreadable, too large
     or not JSON."""
     try:
-        with open(path, "rb") as fh:
+        with open_file(path, what) as fh:
             raw = fh.read(MAX_SMALL_JSON + 1)
     except OSError as e:
         raise UsageError(f"{path}: cannot read the {what} ({error_line(e)})") from None
@@ -119,7 +127,7 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     read from the header alone. UsageError naming the file if the header is corrupt or the file is shorter (or
     longer) than the header says: a truncated download must fail here, not halfway through loading."""
     try:
-        with open(path, "rb") as fh:
+        with open_file(path, "weights") as fh:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             if len(head) != 8:
@@ -180,8 +188,7 @@ def _tensor_entry_problem(info: Any) -> str | None:
 def check_torch_bin(path: Path) -> None:
     """A PyTorch ``.bin`` checkpoint must be a dict of tensors loadable with ``weights_only``: anything else is
     refused before transformers, PEFT or the ZeRO-3 loader touch it. Memory-mapped, so only the pickle is read."""
-    # Files from before torch 1.6 (not zip) cannot be memory-mapped; they are read whole, as from_pretrained would.
-    sd = torch_load_weights(path, mmap=zipfile.is_zipfile(path))
+    sd = torch_load_weights(path)
     if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
         raise UsageError(f"{path}: not a state dict (a {type(sd).__name__}, not tensor name -> tensor); it will "
                          f"not be loaded")
@@ -195,11 +202,21 @@ def check_torch_bin(path: Path) -> None:
 
 def torch_load_weights(path: Path, mmap: bool = True) -> Any:
     """``torch.load`` with ``weights_only``: a pickle that would build arbitrary objects (and could run code) is
-    refused with a UsageError naming the file; so is any file torch cannot read."""
+    refused with a UsageError naming the file; so is any file torch cannot read, anything but a regular file, and
+    a zip whose directory is not what torch.save writes (a compressed pickle inflates before it can be refused:
+    see ``runtime/safe_load.check_torch_zip``). ``mmap``: map the tensors instead of reading them (zip files)."""
     import torch
 
+    from ..runtime.safe_load import check_torch_zip
+
+    with open_file(path, "weights") as fh:
+        is_zip = zipfile.is_zipfile(fh)
+        if is_zip:
+            check_torch_zip(fh, path, "the weights file is corrupt or not a torch.save file; download or copy it "
+                                      "again, or use safetensors weights")
     try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        # Files from before torch 1.6 (not zip) cannot be memory-mapped: read whole, as from_pretrained would.
+        return torch.load(path, map_location="cpu", mmap=mmap and is_zip, weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():
             raise UsageError(f"{path}: holds non-tensor objects (a pickle that builds arbitrary Python objects and "

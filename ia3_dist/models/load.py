@@ -3,7 +3,11 @@ through :mod:`ia3_dist.models.zero3_load`)."""
 
 from __future__ import annotations
 
+import io
 import pickle
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +21,31 @@ from .files import check_tokenizer_dir, error_line
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@contextmanager
+def no_code_prompt() -> Iterator[None]:
+    """Around every transformers load: with ``trust_remote_code`` left unset, transformers asks "run the custom
+    code? [y/N]" on stdin, where a piped prompt (``ia3-dist chat``) would answer it. Every load here passes the
+    flag; inside this block a path that did not still cannot ask: the question times out at once (an error) and
+    stdin reads as empty."""
+    from transformers import dynamic_module_utils
+
+    timeout, stdin = dynamic_module_utils.TIME_OUT_REMOTE_CODE, sys.stdin
+    dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0
+    sys.stdin = io.StringIO()
+    try:
+        yield
+    finally:
+        dynamic_module_utils.TIME_OUT_REMOTE_CODE, sys.stdin = timeout, stdin
+
+
 def load_tokenizer(cfg: ModelSection, model_path: str) -> Any:
     from transformers import AutoTokenizer
 
     src = cfg.tokenizer or model_path
     check_tokenizer_dir(src)
     try:
-        tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        with no_code_prompt():
+            tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise UsageError(f"tokenizer {src}: cannot load it ({type(e).__name__}: {e})") from None
     if tok.eos_token is None:
@@ -40,8 +62,9 @@ def load_base_model(cfg: ModelSection, model_path: str, precision: str) -> nn.Mo
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(model_path, revision=cfg.revision, dtype=DTYPES[precision],
-                                                    trust_remote_code=cfg.trust_remote_code)
+        with no_code_prompt():
+            return AutoModelForCausalLM.from_pretrained(model_path, revision=cfg.revision, dtype=DTYPES[precision],
+                                                        trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, pickle.UnpicklingError) as e:
         raise UsageError(f"model.path {model_path}: cannot load the model ({error_line(e)})") from None
 
@@ -50,7 +73,7 @@ def base_on_meta(config: Any, trust_remote_code: bool = False) -> nn.Module:
     """The base model of an architecture from its config alone: no weights, no memory (meta device)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"), no_code_prompt():
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
@@ -59,7 +82,8 @@ def load_model_config(model_path: str, cfg: ModelSection) -> Any:
     from transformers import AutoConfig
 
     try:
-        c = AutoConfig.from_pretrained(model_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        with no_code_prompt():
+            c = AutoConfig.from_pretrained(model_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         if Path(model_path).exists():
             raise UsageError(f"model.path {model_path}: cannot read config.json ({e})") from None

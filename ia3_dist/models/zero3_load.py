@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import UsageError
 from .families import checkpoint_names
 from .files import checkpoint_files, safetensors_header, torch_load_weights
-from .load import base_on_meta
+from .load import base_on_meta, no_code_prompt
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -146,7 +146,7 @@ def build_partitioned(model_config: Any, ds_config: dict[str, Any], dtype: torch
     # weight with gathers); no_init_weights skips random init that the load overwrites anyway. zero.Init gets its
     # dtype from the config's bf16/fp16 blocks only: given both a config and dtype=float32 it picks bf16 on a
     # CPU (an operator-precedence slip in DeepSpeed 0.19's Init._set_dtype), silently rounding every weight.
-    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config), set_zero3_state():
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config), set_zero3_state(), no_code_prompt():
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # from_config leaves tying to from_pretrained; Bloom's lm_head is the embedding matrix
     wrong = {p.dtype for p in model.parameters()} - {dtype}

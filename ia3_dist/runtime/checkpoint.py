@@ -13,6 +13,7 @@ replay of consumed batches.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -23,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config.schema import show
 from ..errors import CheckpointWriteError, UsageError
-from . import dist, faults, manifest, safe_load
+from . import dist, faults, manifest, safe_io, safe_load
 
 LATEST = "latest"
 META = "meta.json"
@@ -35,6 +37,18 @@ MUST_MATCH = ("world_size", "micro_batch_size", "grad_accum", "seed", "shuffle",
 
 # What tag_for writes; ASCII digits only, so int() of the rest never fails.
 TAG = re.compile(r"step[0-9]+")
+MAX_META = 1 << 20
+"""meta.json is a few hundred bytes; ``latest`` a tag name. Larger files are not ours and are not read whole."""
+MAX_LATEST = 4096
+MAX_INT = 2**63 - 1
+"""What an int64 holds: the bound of every count in meta.json (steps, sizes, the seed)."""
+META_TYPES: dict[str, str] = {
+    "step": "int", "world_size": "int", "micro_batch_size": "int", "grad_accum": "int", "seed": "int",
+    "total_steps": "int", "n_examples": "int", "order_version": "int", "shuffle": "bool", "group_by_length": "bool",
+    "data_key": "str", "eval_ratio": "ratio",
+}
+"""The fields of meta.json a resume reads, by kind; each is checked in :func:`read_meta` before anything uses it
+(``True == 1`` and ``2.0 == 2`` in Python, so a bool or a float would otherwise pass for an int)."""
 
 
 def root_of(out: Path) -> Path:
@@ -46,10 +60,11 @@ def tag_for(step: int) -> str:
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Tag dirs with a meta.json (written last), oldest first."""
+    """Tag dirs with a meta.json (written last), oldest first. Symlinks are never checkpoints of ours."""
     if not root.is_dir():
         return []
-    tags = [d for d in root.iterdir() if TAG.fullmatch(d.name) and d.is_dir() and (d / META).is_file()]
+    tags = [d for d in root.iterdir()
+            if TAG.fullmatch(d.name) and not d.is_symlink() and d.is_dir() and (d / META).is_file()]
     return sorted(tags, key=lambda d: int(d.name[4:]))
 
 
@@ -57,33 +72,64 @@ def latest(root: Path) -> Path | None:
     """The checkpoint ``<root>/latest`` names, if it is complete. The pointer may only name a ``stepN`` dir of
     ``root`` itself: a damaged or edited one is refused rather than followed anywhere else."""
     f = root / LATEST
-    if not f.is_file():
+    if not os.path.lexists(f):
         return None
     fix = (f"delete {f} and resume from a checkpoint with train.resume={root}/stepN, or start over with "
            f"train.resume=none output.overwrite=true")
     try:
-        name = f.read_bytes().decode("utf-8").strip()
-    except OSError as e:
-        raise UsageError(f"{f}: cannot read it ({e.strerror or e}); {fix}") from None
+        name = safe_io.read_bounded(f, MAX_LATEST, fix).decode("utf-8").strip()
     except UnicodeDecodeError:
         raise UsageError(f"{f}: not UTF-8 text (it should hold the name of a stepN dir); {fix}") from None
     d = root / name
     if not TAG.fullmatch(name) or d.is_symlink():
         raise UsageError(f"{f} names {name[:60]!r}, not a stepN dir inside {root}; {fix}")
-    return d if (d / META).is_file() else None
+    # A meta.json that is there but not a file (a FIFO, a link) is refused by read_meta, not taken for "incomplete".
+    return d if os.path.lexists(d / META) else None
+
+
+def _no_constants(text: str) -> Any:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _field_problem(kind: str, v: Any) -> str | None:
+    if kind == "int":
+        if type(v) is not int:
+            return "an integer"
+        return None if 0 <= v <= MAX_INT else f"an integer from 0 to {MAX_INT}"
+    if kind == "bool":
+        return None if type(v) is bool else "true or false"
+    if kind == "str":
+        return None if type(v) is str and 0 < len(v) <= 1000 else "a short string"
+    ok = type(v) in (int, float) and math.isfinite(v) and 0 <= v < 1
+    return None if ok else "a number from 0 to below 1"
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json: a regular file (not a link) of at most :data:`MAX_META` bytes holding an object
+    whose :data:`META_TYPES` fields have their types, with ``step`` from 1 to ``total_steps``. Anything else is a
+    UsageError naming the file and the field, raised before a resume uses any of it."""
     f = ckpt / META
     fix = "pick another checkpoint with train.resume=<path to a stepN dir>"
+    raw = safe_io.read_bounded(f, MAX_META, fix)
     try:
-        meta = json.loads(f.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise UsageError(f"{f}: unreadable ({e.strerror or e}); {fix}") from None
-    except ValueError as e:  # not UTF-8, or not JSON
-        raise UsageError(f"{f}: unreadable {META} ({e}); {fix}") from None
+        meta = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+    except RecursionError:
+        raise UsageError(f"{f}: unreadable {META} (nested too deeply); {fix}") from None
+    except ValueError as e:  # not UTF-8, not JSON, NaN/Infinity, an int of more than 4300 digits
+        raise UsageError(f"{f}: unreadable {META} ({str(e)[:200]}); {fix}") from None
     if not isinstance(meta, dict):
         raise UsageError(f"{f}: a JSON {type(meta).__name__} where a checkpoint's {META} holds an object; {fix}")
+    if "step" not in meta:
+        raise UsageError(f"{f}: no 'step' (the step the checkpoint was saved at); {fix}")
+    for key, kind in META_TYPES.items():
+        if key in meta:
+            want = _field_problem(kind, meta[key])
+            if want:
+                raise UsageError(f"{f}: '{key}' is {show(meta[key])}, where a checkpoint's {META} holds {want}; "
+                                 f"{fix}")
+    total = meta.get("total_steps", MAX_INT)
+    if not 1 <= meta["step"] <= total:
+        raise UsageError(f"{f}: 'step' is {meta['step']}, outside 1..{total} (1 to the run's total_steps); {fix}")
     return meta
 
 
@@ -93,26 +139,42 @@ def resolve_resume(resume: str, out: Path) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":
-        return latest(root_of(out))
+        root = root_of(out)
+        found = latest(root)
+        done = complete_checkpoints(root) if found is None else []
+        if done:
+            # Starting at step 1 here would prune these checkpoints at its first save: never silently.
+            newest = done[-1]
+            why = (f"{root / LATEST} is missing" if not os.path.lexists(root / LATEST) else
+                   f"{root / LATEST} names a checkpoint without {META}")
+            raise UsageError(f"train.resume=auto: {why}, but {root} holds complete checkpoints (the newest is "
+                             f"{newest}); resume from it with train.resume={newest}, or start over with "
+                             f"train.resume=none output.overwrite=true")
+        return found
     p = Path(resume).expanduser()
-    if (p / LATEST).is_file():
+    if os.path.lexists(p / LATEST):
         p = latest(p) or p
-    if not (p / META).is_file():
+    if not os.path.lexists(p / META):
         raise UsageError(f"train.resume {resume}: not a complete checkpoint (no {META}); use auto, none or a "
                          f"checkpoints/stepN dir")
     return p
 
 
+def _same(a: Any, b: Any) -> bool:
+    # type() too: 1 == True == 1.0 in Python, and a checkpoint of another kind must not pass for this run's.
+    return type(a) is type(b) and a == b
+
+
 def check_compatible(ckpt: Path, expected: dict[str, Any]) -> dict[str, Any]:
     meta = read_meta(ckpt)
     for k in MUST_MATCH:
-        if meta.get(k) != expected.get(k):
+        if not _same(meta.get(k), expected.get(k)):
             hint = ""
             if k == "world_size":
                 hint = (" Resuming with a different world size is refused: ZeRO partitions and the per-rank data "
                         "split both depend on it. Resume with the same number of ranks, or start a new run")
-            raise UsageError(f"checkpoint {ckpt}: saved with {k}={meta.get(k)!r}, this run has {expected.get(k)!r}; "
-                             f"the continuation would not be exact.{hint}")
+            raise UsageError(f"checkpoint {ckpt}: saved with {k}={show(meta.get(k))}, this run has "
+                             f"{show(expected.get(k))}; the continuation would not be exact.{hint}")
     return meta
 
 
@@ -253,8 +315,18 @@ def load(engine: Any, ckpt: Path) -> int:
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
-    set_rng_state(client["rng"])
-    return int(client["step"])
+    # The preflight checked meta.json, not the client state inside the .pt files: both come from the same save.
+    fix = f"the files of {ckpt} do not belong together; resume from another checkpoint or start over"
+    step, saved = client.get("step") if isinstance(client, dict) else None, read_meta(ckpt)["step"]
+    if not _same(step, saved):
+        raise UsageError(f"checkpoint {ckpt}: its model states record step {show(step)}, its {META} step {saved}; "
+                         f"{fix}")
+    try:
+        set_rng_state(client["rng"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UsageError(f"checkpoint {ckpt}: unusable RNG state in its model states ({type(e).__name__}); "
+                         f"{fix}") from None
+    return step
 
 
 def dir_size(p: Path) -> int:

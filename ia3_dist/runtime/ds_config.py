@@ -31,6 +31,23 @@ TOP_LEVEL_TYPES: dict[str, tuple[type, ...]] = {
 }
 """Top-level scalars DeepSpeed reads without type checks (a wrong type fails inside deepspeed.initialize, after
 the process group started). The sections it validates itself are checked with its own models in :func:`resolve`."""
+MAX_BUCKET = 2**31
+"""Bound on ZeRO bucket sizes, in elements. DeepSpeed allocates a reduce bucket of that many gradient elements (two
+with overlap_comm, on the device) when it builds the ZeRO optimizer: ``1e13`` passes its config model (an int > 0)
+and fails there, on every rank, after the process group started. DeepSpeed's defaults are 5e7 to 5e8; 2**31
+elements is already 8 GiB of fp32 per buffer."""
+# (section, key, least, most, what the value is): numbers DeepSpeed's models accept (any int, or int >= 0) but its
+# engine then divides by, allocates or raises 2 to; aliases (DeepSpeed's models take both names) listed apiece.
+BOUNDS: tuple[tuple[str, str, int, int, str], ...] = (
+    ("", "steps_per_print", 1, 2**63 - 1, "a step interval (the engine takes the step count modulo it)"),
+    ("zero_optimization", "reduce_bucket_size", 1, MAX_BUCKET, "elements of a buffer DeepSpeed allocates"),
+    ("zero_optimization", "allgather_bucket_size", 2, MAX_BUCKET, "elements per all-gather"),
+    ("zero_optimization", "stage3_prefetch_bucket_size", 0, MAX_BUCKET, "elements prefetched ahead"),
+    ("zero_optimization", "prefetch_bucket_size", 0, MAX_BUCKET, "elements prefetched ahead"),
+    ("fp16", "initial_scale_power", 0, 64, "the loss scale's power of 2 (fp16 overflows past 2**16)"),
+    ("fp16", "loss_scale_window", 1, 2**31, "steps between loss-scale increases (the scaler takes a modulo)"),
+    ("fp16", "hysteresis", 1, 2**31, "overflows tolerated before the scale drops"),
+)
 
 
 def shipped_dir() -> Path:
@@ -220,6 +237,62 @@ def _check_with_deepspeed(ds: dict[str, Any], src: Path) -> None:
             raise UsageError(f"{src}: '{section}': {brief(str(e))}") from None
 
 
+def _check_bounds(ds: dict[str, Any], src: Path) -> None:
+    for section, key, lo, hi, what in BOUNDS:
+        node = ds.get(section) if section else ds
+        if not isinstance(node, dict) or key not in node:
+            continue
+        v, where = node[key], f"{section}.{key}" if section else key
+        # type(): True is an int; 5e8 (a JSON float) is how DeepSpeed's own examples write bucket sizes.
+        if type(v) not in (int, float) or v != v // 1:
+            raise UsageError(f"{src}: '{where}' must be a whole number ({what}), got {show(v)}")
+        if not lo <= v <= hi:
+            raise UsageError(f"{src}: '{where}' is {show(v)}, outside {lo}..{hi} ({what}); DeepSpeed would fail "
+                             f"with it after the process group started. Set it within that range or remove it "
+                             f"(DeepSpeed's default)")
+
+
+def _check_reduction(ds: dict[str, Any], src: Path, stage: int) -> None:
+    """What DeepSpeed's ZeRO optimizers assert when they are built (inside deepspeed.initialize, on every rank):
+    refused here with the fix instead."""
+    zero = _zero(ds)
+    f = ds.get("gradient_predivide_factor", 1.0)
+    if not 0 < f <= 2**31:  # type checked by _check_top_level; NaN/inf never parse
+        raise UsageError(f"{src}: 'gradient_predivide_factor' is {show(f)}; it divides the gradients before they "
+                         f"are reduced, so it must be > 0 (normally 1.0, DeepSpeed's default). Remove it")
+    mean = str(ds.get("gradient_allreduce_op", "mean")).lower() == "mean"
+    # ZeRO-2 asserts this when it averages gradients (gradient_allreduce_op mean, the default); ZeRO-3 always.
+    if stage in (2, 3) and zero.get("reduce_scatter", True) and (stage == 3 or mean):
+        for key, bad, fix in (("gradient_predivide_factor", f != 1, "remove it or set it to 1.0"),
+                              ("prescale_gradients", ds.get("prescale_gradients") is True, "set it to false")):
+            if bad:
+                raise UsageError(f"{src}: '{key}' is {show(ds[key])}, which DeepSpeed's ZeRO-{stage} with "
+                                 f"reduce_scatter does not support (it fails when the optimizer is built, after the "
+                                 f"process group started); {fix}, or set zero_optimization.reduce_scatter to false")
+    ag = zero.get("allgather_bucket_size")
+    if stage in (1, 2) and type(ag) in (int, float) and ag % 2:
+        raise UsageError(f"{src}: 'zero_optimization.allgather_bucket_size' is {show(ag)}; ZeRO-{stage} needs a "
+                         f"multiple of 2 (its all-gather alignment); use an even number such as 500000000")
+
+
+def _check_with_deepspeed_config(ds: dict[str, Any], src: Path) -> None:
+    """The whole config through DeepSpeed's own parser (``DeepSpeedConfig``, what deepspeed.initialize builds
+    first): its ValueErrors (communication_data_type "fp8", gradient_allreduce_op "max", ...) are then exit 2 here.
+    ``train_batch_size`` is left out: outside a process group the parser assumes one rank, and the launcher has
+    set the three batch keys consistently itself."""
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+    except ImportError:
+        return
+    probe = {k: copy.deepcopy(v) for k, v in ds.items() if k != "train_batch_size"}
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as e:  # DeepSpeed raises ValueError, AssertionError, KeyError, TypeError, pydantic errors
+        lines = str(e).strip().splitlines()
+        raise UsageError(f"{src}: DeepSpeed refuses this config: {brief(lines[0] if lines else type(e).__name__)}"
+                         ) from None
+
+
 def _check_top_level(ds: dict[str, Any], src: Path) -> None:
     for key, types in TOP_LEVEL_TYPES.items():
         if key in ds:
@@ -307,4 +380,7 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
         raise UsageError(f"{src}: cannot resolve \"auto\" for {brief(', '.join(left))}; give explicit values")
     _check_top_level(ds, src)
     _check_with_deepspeed(ds, src)
+    _check_bounds(ds, src)
+    _check_reduction(ds, src, stage)
+    _check_with_deepspeed_config(ds, src)
     return ds

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +34,9 @@ CHECKPOINTS = "checkpoints"
 # little ahead of them, and they must not refuse their own launch.
 SETUP_FILES = frozenset({"run.yaml", "ds_config.json", "rank0.pid", "preempted.json", "hung.json", MANIFEST,
                          MANIFEST + ".tmp"})
-# trackers.json, wandb/ and mlflow/: the experiment trackers' run ids and local records (train/trackers.py).
-RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.png", "trackers.json"}
+# trackers.json, wandb/ and mlflow/: the experiment trackers' run ids and local records (train/trackers.py);
+# metrics.jsonl.tmp: a resume rewrites metrics.jsonl through it (train/metrics.py trim_metrics).
+RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.jsonl.tmp", "metrics.png", "trackers.json"}
 RUN_DIRS = frozenset({"adapter", "tensorboard", "wandb", "mlflow", CHECKPOINTS})
 # checkpoint.save's names (tag_for, LATEST and its temp file); tests/test_output_safety.py keeps them in step.
 # DeepSpeed's engine.save_checkpoint copies its recovery scripts beside the tag dirs on every ZeRO save.
@@ -76,11 +78,23 @@ def few(names: list[str], n: int = 5) -> str:
     return head + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+MAX_MANIFEST = 1 << 20
+"""Ours is under 1 KB; a larger file is not read whole."""
+
+
 def read_manifest(out: Path) -> dict[str, Any] | None:
-    """The manifest if it is one of ours; a damaged or foreign one counts as none (the dir is then not ours)."""
+    """The manifest if it is one of ours; a damaged or foreign one counts as none (the dir is then not ours), as
+    does anything but a small regular file (a FIFO would block the read; deep nesting would recurse)."""
+    f = out / MANIFEST
     try:
-        m = json.loads((out / MANIFEST).read_bytes().decode("utf-8"))
-    except (OSError, ValueError):
+        if not stat.S_ISREG(f.lstat().st_mode):
+            return None
+        with open(f, "rb") as fh:
+            raw = fh.read(MAX_MANIFEST + 1)
+        if len(raw) > MAX_MANIFEST:
+            return None
+        m = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
     return m if isinstance(m, dict) and m.get("tool") == TOOL else None
 

@@ -9,18 +9,26 @@ non-tensor types DeepSpeed's states hold (everything else in them is tensors, nu
   is executed) and one with any other global is refused with exit 2 naming the file;
 - the engine's checkpoint loader is replaced by ``torch.load(weights_only=True)`` under the same allow-list, so a
   file swapped in after the scan still cannot construct anything else.
+
+The scan itself reads nothing it cannot bound: a file must be a regular file inside the checkpoint dir (not a
+symlink, FIFO, device, socket or dir, whose read could hang or lead anywhere), and its zip directory must look like
+what ``torch.save`` writes (stored entries, a pickle of at most :data:`MAX_PICKLE` bytes, sizes within the file)
+before torch inflates or copies any entry of it.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import zipfile
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from ..errors import UsageError
+from .safe_io import open_regular
 
 # Non-tensor types found in DeepSpeed 0.19 checkpoints of ZeRO 0-3 (fp32/bf16/fp16, with and without offload):
 # plain data holders, none of which runs code when rebuilt.
@@ -41,13 +49,67 @@ def allowed_objects() -> list[Any]:
     return out
 
 
-def check_file(path: Path) -> None:
-    """Refuse ``path`` if its pickle names any global outside torch's safe set and :data:`ALLOWED_GLOBALS`."""
+MAX_PICKLE = 64 << 20
+"""Bound on a ``.pkl`` entry of a torch zip. Tensors are entries of their own, so the pickle holds only names, shapes
+and small objects: a few MiB for a model with thousands of tensors. torch reads the entry whole (and copies it)
+before unpickling, so its declared size is what the scan would cost."""
+MAX_CENTRAL_DIR = 64 << 20
+"""Bound on the zip directory, which zipfile and torch's reader each load whole: tens of bytes per tensor."""
+RESUME_FIX = "resume from another checkpoint (train.resume=<dir>) or start over"
+
+def check_torch_zip(fh: IO[bytes], path: Path, fix: str, label: str = "") -> None:
+    """Refuse a zip whose directory is not what ``torch.save`` writes, from the directory alone (no entry is read).
+
+    torch stores every entry uncompressed, but its reader inflates compressed ones: a 1 MB file whose ``data.pkl``
+    inflates to 1 GB would cost gigabytes per rank before the pickle could be refused. So: only stored entries, a
+    pickle of at most :data:`MAX_PICKLE` bytes, and entries that fit in the file without overlapping (overlapping
+    entries would make one stored block count many times)."""
+    def bad(why: str) -> UsageError:
+        return UsageError(f"{label}{path}: {why}, which torch.save never writes; {fix}")
+
+    size = os.fstat(fh.fileno()).st_size
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as e:  # not a zip archive, truncated, unreadable: torch raises several types
-        raise UsageError(f"checkpoint file {path}: unreadable ({type(e).__name__}: {str(e)[:200]}); resume from "
-                         f"another checkpoint (train.resume=<dir>) or start over") from None
+        fh.seek(0)
+        end = zipfile._EndRecData(fh)  # type: ignore[attr-defined]  # the stdlib's own EOCD (and zip64) reader
+        if end is None:
+            raise UsageError(f"{label}{path}: unreadable (not a zip archive, the format torch.save writes); {fix}")
+        if end[zipfile._ECD_SIZE] > min(MAX_CENTRAL_DIR, size):  # type: ignore[attr-defined]
+            raise bad(f"a zip directory of {end[zipfile._ECD_SIZE]} bytes")  # type: ignore[attr-defined]
+        fh.seek(0)
+        infos = zipfile.ZipFile(fh).infolist()
+    except UsageError:
+        raise
+    except Exception as e:  # BadZipFile, struct.error, EOFError, OSError, ...: a damaged directory
+        raise UsageError(f"{label}{path}: unreadable (a damaged zip directory: {type(e).__name__}: "
+                         f"{str(e)[:200]}); {fix}") from None
+    total = 0
+    for i in infos:
+        name = i.filename[:100]
+        if i.compress_type != zipfile.ZIP_STORED:
+            raise bad(f"entry {name!r} is compressed (method {i.compress_type})")
+        if i.compress_size != i.file_size:
+            raise bad(f"entry {name!r} declares {i.file_size} bytes stored in {i.compress_size}")
+        if i.filename.endswith(".pkl") and i.file_size > MAX_PICKLE:
+            raise bad(f"a pickle entry {name!r} of {i.file_size} bytes (more than {MAX_PICKLE >> 20} MiB)")
+        if i.header_offset + i.compress_size > size:
+            raise bad(f"entry {name!r} declares {i.file_size} bytes past the end of the {size}-byte file")
+        total += i.file_size
+    if total > size:
+        raise bad(f"entries declaring {total} bytes in all in a {size}-byte file (entries overlap)")
+    fh.seek(0)
+
+
+def check_file(path: Path) -> None:
+    """Refuse ``path`` if it is not a regular file holding a torch zip of bounded size, or if its pickle names any
+    global outside torch's safe set and :data:`ALLOWED_GLOBALS`."""
+    label = "checkpoint file "
+    with open_regular(path, RESUME_FIX, label) as fh:
+        check_torch_zip(fh, path, RESUME_FIX, label)
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(fh)
+        except Exception as e:  # not a torch zip, truncated, unreadable: torch raises several types
+            raise UsageError(f"{label}{path}: unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                             f"{RESUME_FIX}") from None
     unexpected = sorted(set(names) - set(ALLOWED_GLOBALS))
     if unexpected:
         raise UsageError(f"checkpoint file {path}: holds objects of types {', '.join(unexpected[:5])}, which a "
@@ -57,7 +119,10 @@ def check_file(path: Path) -> None:
 
 def check_checkpoint_dir(ckpt: Path) -> None:
     """Scan every ``.pt`` file of a checkpoint dir (all ranks' files: each rank checks the whole checkpoint)."""
-    files = sorted(ckpt.glob("*.pt"))
+    try:
+        files = sorted(f for f in ckpt.iterdir() if f.name.endswith(".pt"))
+    except OSError as e:
+        raise UsageError(f"checkpoint {ckpt}: cannot list it ({e.strerror or e}); {RESUME_FIX}") from None
     if not files:
         raise UsageError(f"checkpoint {ckpt}: no .pt files; resume from another checkpoint")
     for f in files:

@@ -66,7 +66,7 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
     """Merge IA3 into the base weights (PEFT ``merge_and_unload``) and save a plain HF model + tokenizer + prompt
     template into ``out`` (see the module docstring for what may be there already)."""
     previous = check_target(out, force)
-    model, tok, _, is_adapter = load_for_inference(adapter, base, dtype)
+    model, tok, template, is_adapter = load_for_inference(adapter, base, dtype)
     if not is_adapter:
         raise UsageError(f"{adapter}: not an adapter dir (no adapter_config.json)")
     merged = model.merge_and_unload()
@@ -76,9 +76,9 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
     try:
         merged.save_pretrained(str(staging), safe_serialization=True)
         tok.save_pretrained(str(staging))
-        src = Path(adapter) / TEMPLATE_FILE
-        if src.is_file():
-            shutil.copy(src, staging / TEMPLATE_FILE)
+        if (Path(adapter).expanduser() / TEMPLATE_FILE).is_file():
+            # The template as it was checked and loaded, not the file again: it may have changed since.
+            template.save(staging)
         _publish(staging, o, previous, {"adapter": str(adapter), "base": base, "dtype": dtype})
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from ..data.records import Conversation, Turn
 from ..data.template import CHAT_TEMPLATE, TEMPLATE_FILE, Template
 from ..errors import UsageError
 from ..models.files import (
+    MAX_SMALL_JSON,
     check_model_dir,
     check_vocab,
     check_weight_file,
@@ -22,7 +24,7 @@ from ..models.files import (
     looks_local,
     read_small_json,
 )
-from ..models.load import DTYPES
+from ..models.load import DTYPES, no_code_prompt
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
@@ -37,6 +39,26 @@ MAX_SANE_CONTEXT = 1 << 20
 # stream with no newline (/dev/zero) fails fast instead of filling memory.
 MAX_PROMPT_CHARS = 16 << 20
 MAX_PROMPTS_CHARS = 1 << 30
+# A prompt past the context is cut to its end *before* it is tokenized (a 16 MiB prompt tokenized whole takes
+# gigabytes): first to this many characters per token of the budget, then four times more while the tail still
+# tokenizes to fewer than the budget plus TAIL_MARGIN tokens. The margin absorbs the tokens the cut itself
+# changes (a word cut in two), which truncation then drops.
+TAIL_CHARS_PER_TOKEN = 8
+TAIL_MARGIN = 64
+
+# The adapters the inference tools load: what ia3-dist trains. Anything else fails here, by name, instead of
+# somewhere inside PEFT (or, for weights that match no module, not at all: PEFT only warns).
+ADAPTER_PEFT_TYPE = "IA3"
+ADAPTER_TASK_TYPE = "CAUSAL_LM"
+# target_modules, feedforward_modules and exclude_modules may be a regular expression that PEFT full-matches
+# against every module name. Only a small subset is accepted: no back-references or lookarounds, no repeated
+# group, at most MAX_PATTERN_REPEATS repeats of single characters (each `.*` multiplies the backtracking of a
+# failed match by the name length), so one match costs at most about len(name) ** 2 steps.
+MAX_PATTERN = 256
+MAX_PATTERN_REPEATS = 2
+MAX_MODULE_NAMES = 4096
+# modules_to_save names are pasted into a regex by PEFT: plain dotted names only.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]{1,256}")
 
 
 def _short(v: Any) -> str:
@@ -58,6 +80,12 @@ def read_adapter_config(d: Path) -> dict[str, Any]:
     if peft_type not in {t.value for t in PeftType}:
         raise UsageError(f"{f}: 'peft_type' is {_short(peft_type)}, not a PEFT adapter type such as \"IA3\"; "
                          f"re-save the adapter")
+    if peft_type != ADAPTER_PEFT_TYPE:
+        raise UsageError(f"{f}: 'peft_type' is {_short(peft_type)}; ia3-dist loads {ADAPTER_PEFT_TYPE} adapters "
+                         f"only")
+    if cfg.get("task_type") != ADAPTER_TASK_TYPE:
+        raise UsageError(f"{f}: 'task_type' is {_short(cfg.get('task_type'))}, not \"{ADAPTER_TASK_TYPE}\"; "
+                         f"ia3-dist loads causal-LM adapters only")
     base = cfg.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise UsageError(f"{f}: 'base_model_name_or_path' must be a string, got {type(base).__name__}; fix it or "
@@ -65,18 +93,125 @@ def read_adapter_config(d: Path) -> dict[str, Any]:
     return cfg
 
 
+def _safe_pattern(p: str) -> str | None:
+    """Why the regex ``p`` is not in the accepted subset (see :data:`MAX_PATTERN`), or None if it is."""
+    import re._constants as sre_c  # the stdlib parser itself: what re.compile will run
+    import re._parser as sre_p
+
+    if len(p) > MAX_PATTERN:
+        return f"{len(p)} characters, at most {MAX_PATTERN}"
+    try:
+        parsed = sre_p.parse(p)
+    except (re.error, RecursionError, OverflowError) as e:
+        return f"it does not compile: {e}"
+    single = {sre_c.LITERAL, sre_c.NOT_LITERAL, sre_c.ANY, sre_c.IN, sre_c.CATEGORY}
+    repeats = {sre_c.MAX_REPEAT, sre_c.MIN_REPEAT, sre_c.POSSESSIVE_REPEAT}
+
+    def one_char(items: Any) -> bool:
+        if len(items) != 1:
+            return False
+        op, av = items[0]
+        return op in single or (op == sre_c.SUBPATTERN and one_char(av[-1]))
+
+    n = 0
+    stack = [parsed]
+    while stack:
+        for op, av in stack.pop():
+            if op in repeats:
+                _, hi, body = av
+                if hi > 1:
+                    if not one_char(body):
+                        return "a repeated group: nested repetition backtracks exponentially"
+                    n += 1
+                else:
+                    stack.append(body)
+            elif op == sre_c.SUBPATTERN or op == sre_c.ATOMIC_GROUP:
+                stack.append(av[-1] if op == sre_c.SUBPATTERN else av)
+            elif op == sre_c.BRANCH:
+                stack.extend(av[1])
+            elif op not in single and op != sre_c.AT:
+                return f"{str(op).lower()}: back-references and lookarounds are not accepted"
+    if n > MAX_PATTERN_REPEATS:
+        return f"{n} repetitions, at most {MAX_PATTERN_REPEATS}: each one multiplies the matching work"
+    return None
+
+
+def _check_module_fields(cfg: dict[str, Any], where: str) -> None:
+    """The adapter config's module selectors, checked before PEFT matches them against every module name."""
+    for key in ("target_modules", "feedforward_modules", "exclude_modules", "modules_to_save"):
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if isinstance(v, str) and key != "modules_to_save":
+            why = _safe_pattern(v)
+            if why:
+                raise UsageError(f"{where} ('{key}' is not an accepted regular expression: {why}; give a list of "
+                                 f"module names instead)")
+            continue
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            raise UsageError(f"{where} ('{key}' must be a list of module names, got {_short(v)})")
+        if len(v) > MAX_MODULE_NAMES or any(len(x) > 256 for x in v):
+            raise UsageError(f"{where} ('{key}': at most {MAX_MODULE_NAMES} names of at most 256 characters)")
+        if key == "modules_to_save" and not all(PLAIN_NAME.fullmatch(x) for x in v):
+            raise UsageError(f"{where} ('modules_to_save' names may hold only letters, digits, '_' and '.')")
+    for key in ("fan_in_fan_out", "init_ia3_weights", "inference_mode"):
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise UsageError(f"{where} ('{key}' must be true or false, got {_short(cfg[key])})")
+
+
 def _check_local_model(path: str, what: str) -> None:
     if looks_local(path):
         check_model_dir(path, what)
+
+
+def _cannot_load(what: str, path: str, e: Exception) -> UsageError:
+    """The error for a failed load; where the dir names custom code (``auto_map``), that is the reason given:
+    transformers refuses it because trust_remote_code is off, and it stays off."""
+    p = Path(path).expanduser()
+    for name in ("config.json", "tokenizer_config.json"):
+        f = p / name
+        try:
+            if f.is_file() and f.stat().st_size <= MAX_SMALL_JSON:
+                obj = json.loads(f.read_bytes())
+                if isinstance(obj, dict) and obj.get("auto_map"):
+                    return UsageError(f"{what} {path}: cannot load it without running the custom code that {f} "
+                                      f"names (auto_map: {_short(obj['auto_map'])}); ia3-dist never runs code "
+                                      f"from a model, adapter or tokenizer dir")
+        except (OSError, ValueError, RecursionError):
+            pass
+    return UsageError(f"{what} {path}: cannot load it ({error_line(e)})")
 
 
 def _from_pretrained(path: str, dtype: torch.dtype, what: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with no_code_prompt():
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for bad dirs and hub names; all mean "cannot load it"
-        raise UsageError(f"{what} {path}: cannot load it ({error_line(e)})") from None
+        raise _cannot_load(what, path, e) from None
+
+
+def _load_adapter(model: Any, d: Path, base_path: str) -> Any:
+    """``PeftModel.from_pretrained(model, d)`` as PEFT does it, keeping the load result that it only warns about:
+    every IA3 vector of the model must come from the file and every tensor of the file must land in the model,
+    else the adapter is not for this base (an export would write the base unchanged)."""
+    from peft import IA3Config, PeftModelForCausalLM
+
+    where = f"{d}: cannot load the adapter onto {base_path}"
+    try:
+        config = IA3Config.from_pretrained(str(d))
+        config.inference_mode = True
+        pm = PeftModelForCausalLM(model, config)
+        result = pm.load_adapter(str(d), "default", key_mapping=getattr(model, "_checkpoint_conversion_mapping", {}))
+    except Exception as e:  # PEFT raises many types (KeyError, TypeError, ValueError...) for one cause
+        raise UsageError(f"{where} ({error_line(e)}); was it trained on this base model?") from None
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        what = (f"{len(missing)} IA3 vector(s) of the model are not in its weights, e.g. {missing[0]}" if missing
+                else f"{len(unexpected)} tensor(s) in its weights match no module, e.g. {unexpected[0]}")
+        raise UsageError(f"{where} ({what}); was it trained on this base model?")
+    return pm.eval()
 
 
 def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") -> tuple[Any, Any, Template, bool]:
@@ -84,7 +219,7 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     ``base`` is given) or a merged model dir. The template is the one saved beside the weights (training's), else
     :func:`default_template`. Every file is checked before it is loaded: bad input is a UsageError naming the
     file."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
     d = Path(path).expanduser()
     if not d.is_dir():
@@ -93,8 +228,6 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     is_adapter = (d / ADAPTER_CONFIG).is_file()
     template = _load_template(d)
     if is_adapter:
-        from peft import PeftModel
-
         cfg = read_adapter_config(d)
         base_path = base or cfg.get("base_model_name_or_path")
         if not base_path:
@@ -105,13 +238,9 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
                              f"completely")
         check_weight_file(weights)
         what = "base model" + ("" if base else f" (from {d / ADAPTER_CONFIG}; --base overrides it)")
+        _check_module_fields(cfg, f"{d}: cannot load the adapter onto {base_path}")
         _check_local_model(base_path, what)
-        model = _from_pretrained(base_path, torch_dtype, what)
-        try:
-            model = PeftModel.from_pretrained(model, str(d))
-        except Exception as e:  # PEFT raises many types (KeyError, TypeError, ValueError...) for one cause
-            raise UsageError(f"{d}: cannot load the adapter onto {base_path} ({error_line(e)}); was it trained on "
-                             f"this base model?") from None
+        model = _load_adapter(_from_pretrained(base_path, torch_dtype, what), d, base_path)
         tok_src = str(d) if has_tokenizer_files(d) else base_path
     elif (d / "config.json").is_file():
         check_model_dir(str(d), "merged model")
@@ -120,27 +249,33 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     else:
         raise UsageError(f"{d}: neither an adapter dir (adapter_config.json) nor a model dir (config.json)")
     try:
-        tok = AutoTokenizer.from_pretrained(tok_src)
+        with no_code_prompt():
+            tok = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=False)
     except Exception as e:  # tokenizers raise many types for corrupt files
-        raise UsageError(f"tokenizer {tok_src}: cannot load it ({error_line(e)})") from None
+        raise _cannot_load("tokenizer", tok_src, e) from None
     check_vocab(tok, model.config, f"tokenizer {tok_src}")
     if not (d / TEMPLATE_FILE).is_file():
-        template = default_template(tok)
+        template = default_template(tok, f"tokenizer {tok_src} chat_template")
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UsageError(f"tokenizer {tok_src}: no pad or eos token, so prompts cannot be batched; add an eos "
                              f"token to its special_tokens_map.json")
         tok.pad_token = tok.eos_token
+    # Tried once here so a template that cannot render (or runs past its budget) fails naming its source.
+    template.prompt_for([], "", "hello", "", tok)
+    # The dir's generation_config.json is not read: it could ask for a thousand beams or a decoding mode that
+    # only custom code provides. Decoding is what GenOptions says, nothing else.
+    model.generation_config = GenerationConfig()
     return model.eval(), tok, template, is_adapter
 
 
-def default_template(tok: Any) -> Template:
+def default_template(tok: Any, where: str = "the tokenizer's chat_template") -> Template:
     """The format for a model or adapter that saved none (not trained by ia3-dist, or a plain hub model): the
     tokenizer's own chat template when it ships one (Llama 3, Qwen2.5, Mistral instruct models), the model's
     native format; else the reference recipe's ``Human: ... Assistant:``."""
     text = getattr(tok, "chat_template", None)
     if isinstance(text, str) and text:
-        return Template(CHAT_TEMPLATE, chat_template=text)
+        return Template(CHAT_TEMPLATE, chat_template=text).checked(where)
     return Template()
 
 
@@ -165,7 +300,7 @@ def context_limit(model: Any, tok: Any) -> tuple[int, bool]:
     for name in CONTEXT_FIELDS:
         v = getattr(cfg, name, None)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v, True
+            return min(v, MAX_SANE_CONTEXT), True
     m = getattr(tok, "model_max_length", None)
     if isinstance(m, int) and 0 < m <= MAX_SANE_CONTEXT:
         return m, False
@@ -229,6 +364,18 @@ def _n_truncated(tok: Any, prompts: list[str], enc: Any, budget: int) -> int:
     return sum(len(ids) > budget for ids in tok(prompts)["input_ids"])
 
 
+def cut_to_tail(tok: Any, text: str, budget: int, add_special_tokens: bool = True) -> str:
+    """``text``, or an end of it long enough that its last ``budget`` tokens are those of the whole text (see
+    :data:`TAIL_CHARS_PER_TOKEN`): tokenizing costs what the tail costs, not what the text does."""
+    n = max(budget, 1) * TAIL_CHARS_PER_TOKEN
+    while n < len(text):
+        tail = text[-n:]
+        if len(tok(tail, add_special_tokens=add_special_tokens)["input_ids"]) >= budget + TAIL_MARGIN:
+            return tail
+        n *= 4
+    return text
+
+
 def generate(model: Any, tok: Any, template: Template, requests: list[Conversation], opts: GenOptions,
              batch_size: int = 8) -> list[str]:
     """The answer to the last turn of each conversation (its output is ignored), formatted with the training
@@ -243,7 +390,9 @@ def generate(model: Any, tok: Any, template: Template, requests: list[Conversati
     cut = 0
     try:
         for i in range(0, len(requests), batch_size):
-            prompts = [template.prompt_for(c.turns[:-1], c.system, c.turns[-1].instruction, c.turns[-1].input, tok)
+            prompts = [cut_to_tail(tok, template.prompt_for(c.turns[:-1], c.system, c.turns[-1].instruction,
+                                                            c.turns[-1].input, tok), budget,
+                                   template.add_special_tokens)
                        for c in requests[i:i + batch_size]]
             enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=budget,
                       add_special_tokens=template.add_special_tokens)

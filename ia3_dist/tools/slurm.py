@@ -8,12 +8,15 @@ import re
 import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
 from ..config import load_config
+from ..config.schema import brief, show
 from ..errors import UsageError
+from ..runtime.safe_io import write_file
 
 TEMPLATES = {"deepspeed": "single_node.sbatch", "multi": "multi_node.sbatch", "srun": "srun_per_rank.sbatch"}
 LAUNCHERS = ("deepspeed", "torchrun", "srun")
@@ -30,6 +33,11 @@ _NAME_CHARS = "A-Za-z0-9._+-"
 _NAME_RE = re.compile(rf"[A-Za-z0-9_][{_NAME_CHARS}]*")
 NAME_MAX = 64
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Cost bounds on what lands in #SBATCH lines: beyond any real cluster, so a typo or a hostile script cannot request
+# a trillion nodes. Slurm itself has no such limits by default.
+MAX_NODES = 100_000
+MAX_GPUS_PER_NODE = 256
+MAX_CPUS_PER_NODE = 4096
 
 
 def template_dir() -> Path:
@@ -44,13 +52,27 @@ def template_dir() -> Path:
 def _no_control(opt: str, value: str, allow: str = "") -> None:
     bad = [c for c in _CONTROL_RE.findall(value) if c not in allow]
     if bad:
-        raise UsageError(f"{opt} {value!r}: contains a control character ({bad[0]!r}); remove it")
+        raise UsageError(f"{opt} {show(value)}: contains a control character ({bad[0]!r}); remove it")
+
+
+def int_option(opt: str, lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer option in [lo, hi]. It raises UsageError itself (argparse passes that
+    through): one line, exit 2, the value quoted shortened, where argparse's own error would print usage and quote
+    all of a 10,000-character value."""
+    def parse(text: str) -> int:
+        t = text.strip()
+        if not re.fullmatch(r"[+-]?[0-9]{1,18}", t) or not lo <= int(t) <= hi:
+            raise UsageError(f"{opt} {show(text)}: expected an integer from {lo} to {hi}")
+        return int(t)
+
+    parse.__name__ = "int"
+    return parse
 
 
 def check_time(value: str) -> str:
     """``value`` if it is a Slurm time limit, else a UsageError naming ``--time``."""
     if not isinstance(value, str) or not _TIME_RE.fullmatch(value):
-        raise UsageError(f"--time {value!r}: expected a Slurm time limit such as 90, 90:00, 12:00:00, 2-0, 2-12:00 "
+        raise UsageError(f"--time {show(value)}: expected a Slurm time limit such as 90, 90:00, 12:00:00, 2-0, 2-12:00 "
                          f"or 2-12:00:00 (digits only: minutes, minutes:seconds, hours:minutes:seconds, "
                          f"days-hours[:minutes[:seconds]])")
     return value
@@ -59,21 +81,21 @@ def check_time(value: str) -> str:
 def check_name(opt: str, value: str, allow_list: bool = False) -> str:
     """``value`` if it is a safe Slurm name (``allow_list``: a comma-separated list of them), else a UsageError."""
     if not isinstance(value, str):
-        raise UsageError(f"{opt}: expected a name, got {value!r}")
+        raise UsageError(f"{opt}: expected a name, got {show(value)}")
     _no_control(opt, value)
     parts = value.split(",") if allow_list else [value]
     for part in parts:
         if not (_NAME_RE.fullmatch(part) and len(part) <= NAME_MAX):
             what = "a comma-separated list of names" if allow_list else "a name"
-            raise UsageError(f"{opt} {value!r}: expected {what} of 1-{NAME_MAX} characters from "
+            raise UsageError(f"{opt} {show(value)}: expected {what} of 1-{NAME_MAX} characters from "
                              f"[{_NAME_CHARS}], not starting with '.', '+' or '-'")
     return value
 
 
-def _check_int(opt: str, value: int, minimum: int) -> int:
+def _check_int(opt: str, value: int, minimum: int, maximum: int) -> int:
     # bool is an int subclass: `True` nodes is a caller bug, not 1.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{opt} {value!r}: must be an integer >= {minimum}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise UsageError(f"{opt} {show(value)}: must be an integer from {minimum} to {maximum}")
     return value
 
 
@@ -91,7 +113,7 @@ def _set_directive(text: str, opt: str, value: str | None) -> str:
     """Replace ``#SBATCH --opt=...`` (or drop it for None); add it after the last directive if absent."""
     if value is not None and ("\n" in value or "\r" in value):
         # The public entry points validate first; this keeps one directive one line whatever the caller.
-        raise ValueError(f"#SBATCH --{opt} value must be one line: {value!r}")
+        raise ValueError(f"#SBATCH --{opt} value must be one line: {show(value)}")
     pat = re.compile(rf"^#SBATCH --{re.escape(opt)}=.*$", re.M)
     line = f"#SBATCH --{opt}={value}" if value is not None else ""
     if pat.search(text):
@@ -130,14 +152,14 @@ def check_job(nodes: int, gpus_per_node: int, time: str, partition: str | None =
               launcher: str = "deepspeed", cpus_per_node: int = 0, job_name: str | None = None,
               python: str | None = None) -> Job:
     """Every Slurm value checked (UsageError naming the option) before any is used."""
-    _check_int("--nodes", nodes, 1)
-    _check_int("--gpus-per-node", gpus_per_node, 0)
-    _check_int("--cpus-per-node", cpus_per_node, 0)
+    _check_int("--nodes", nodes, 1, MAX_NODES)
+    _check_int("--gpus-per-node", gpus_per_node, 0, MAX_GPUS_PER_NODE)
+    _check_int("--cpus-per-node", cpus_per_node, 0, MAX_CPUS_PER_NODE)
     if gpus_per_node == 0 and cpus_per_node < 1:
         raise UsageError("give --gpus-per-node G (G >= 1), or --gpus-per-node 0 with --cpus-per-node N for CPU "
                          "nodes")
     if launcher not in LAUNCHERS:
-        raise UsageError(f"--launcher {launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+        raise UsageError(f"--launcher {show(launcher)}: expected one of {', '.join(LAUNCHERS)}")
     check_time(time)
     if partition is not None:
         check_name("--partition", partition, allow_list=True)
@@ -222,7 +244,7 @@ def assemble(job: Job, name: str, header: list[str], defaults: str, directives: 
     first = next(i for i, ln in enumerate(lines) if ln.startswith("#SBATCH "))
     for h in header:
         if "\n" in h or "\r" in h:
-            raise ValueError(f"header line must be one line: {h!r}")
+            raise ValueError(f"header line must be one line: {show(h)}")
     text = lines[0] + "".join(f"# {h}\n" if h else "#\n" for h in header) + "".join(lines[first:])
     if PRELUDE not in text:
         raise RuntimeError(f"{template_dir() / tname}: no checkout prelude ({PRELUDE.strip()!r}) to inline")
@@ -262,16 +284,17 @@ def render(config: str, overrides: list[str], nodes: int, gpus_per_node: int, ti
 
 def add_job_args(ap: argparse.ArgumentParser) -> None:
     """The Slurm options shared by ``ia3-dist slurm`` and ``ia3-dist sweep``."""
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpus-per-node", type=int, default=1)
-    ap.add_argument("--cpus-per-node", type=int, default=0, help="ranks per node on CPU-only nodes (with "
-                    "--gpus-per-node 0)")
+    ap.add_argument("--nodes", type=int_option("--nodes", 1, MAX_NODES), default=1)
+    ap.add_argument("--gpus-per-node", type=int_option("--gpus-per-node", 0, MAX_GPUS_PER_NODE), default=1)
+    ap.add_argument("--cpus-per-node", type=int_option("--cpus-per-node", 0, MAX_CPUS_PER_NODE), default=0,
+                    help="ranks per node on CPU-only nodes (with --gpus-per-node 0)")
     ap.add_argument("--time", default="04:00:00", help="Slurm time limit: minutes, minutes:seconds, "
                     "hours:minutes:seconds, days-hours, days-hours:minutes or days-hours:minutes:seconds")
     ap.add_argument("--partition", help="partition name, or a comma-separated list of them")
     ap.add_argument("--account")
     ap.add_argument("--job-name", help="default: the last part of output.dir")
-    ap.add_argument("--launcher", choices=list(LAUNCHERS), default="deepspeed",
+    # Checked by check_job, not by argparse's choices: its error would quote all of a 10,000-character value.
+    ap.add_argument("--launcher", default="deepspeed", metavar="{" + ",".join(LAUNCHERS) + "}",
                     help="deepspeed (default), torchrun (multi-node, c10d rendezvous) or srun (one task per rank)")
     ap.add_argument("--python", help="the python the job runs (default: this one, "
                     f"{default_python()}); IA3_DIST_PYTHON at submit time still overrides it")
@@ -287,17 +310,15 @@ def default_out(output_dir: str) -> Path:
     return Path(f"{safe_name(Path(output_dir).name)}.sbatch")
 
 
-def write_out(out: Path, text: str, force: bool) -> None:
-    """Write the job file; an existing non-empty file is kept unless ``force``."""
-    if out.is_dir():
-        raise UsageError(f"--out {out}: is a directory; give a file name")
-    if not force and out.exists() and out.stat().st_size > 0:
-        raise UsageError(f"--out {out}: file exists; give another --out or add --force to overwrite it")
-    try:
-        out.write_text(text)
-        out.chmod(0o755)
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write ({e.strerror or e}); give a writable path") from None
+def write_out(out: Path, text: str, force: bool, what: str = "--out ", fix: str | None = None) -> None:
+    """Write the job file, mode 755. Any existing entry (an empty file too: it may be someone's placeholder) is
+    kept unless ``force``; a symlink, dir or other non-regular file always (see :func:`..runtime.safe_io.write_file`).
+    ``what`` and ``fix``: how an error names the file and what it suggests."""
+    fix = fix or "give another --out"
+    if os.path.lexists(out) and not os.path.islink(out) and not out.is_dir() and not force:
+        raise UsageError(f"{what}{brief(str(out))}: file exists; {fix} or add --force to overwrite it")
+    write_file(out, lambda fh: fh.write(text.encode("utf-8")), what, overwrite=force, mode=0o755, chmod=0o755,
+               fix=fix)
 
 
 def main(argv: list[str], prog: str) -> int:

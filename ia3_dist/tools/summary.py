@@ -11,25 +11,38 @@ RSS on CPU). Status:
 - preempted: stopped at a checkpoint after a signal (or by the hang watchdog); it resumes when requeued;
 - failed: it started and ended without an adapter (or its job is gone while the pid file says it runs);
 - pending: a sweep task that has not started.
+
+Run dirs and sweep dirs may come from elsewhere and are read as untrusted: every file through the bounded readers
+of :mod:`..train.plots` (regular files only, never through a symlink, size-bounded), ``run.yaml`` with the strict
+loader (no aliases: an 825-byte alias bomb would expand to gigabytes), config values shown only for the keys a run
+config has, metric records slimmed to the numbers shown and capped in number over all runs. A damaged file of one
+run is a one-line note on stderr and that run's row shows less; a damaged ``sweep.json`` is exit 2 naming it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..config.load import MAX_CONFIG_BYTES, RunConfigLoader
+from ..config.schema import brief, show
 from ..errors import UsageError
+from ..runtime.safe_io import read_bounded
+from ..train.plots import MAX_RECORDS, note, overlay_figure, save_figure, scan_metrics
 
 RECENT_S = 900
 """A pid file without a live local process counts as running when the run wrote within this many seconds."""
@@ -38,6 +51,18 @@ SWEEP_FILE = "sweep.json"
 """What ``ia3-dist sweep`` writes into a sweep dir (see :mod:`.sweep`): the grid, the tasks, the job id."""
 FORMAT = 1
 _RUN_MARKERS = (".ia3-dist-run.json", "run.yaml", "metrics.jsonl")
+MAX_SWEEP_BYTES = 16 << 20
+"""sweep.json is a few hundred bytes per task: this is some 40k tasks (``ia3-dist sweep --max-tasks`` allows
+10k)."""
+PID_MAX = 1 << 22
+"""Linux's largest pid_max: a larger (or non-positive) pid in rank0.pid is no process (``kill(0)``/``kill(-1)``
+would ask about a whole process group)."""
+METRIC_KEYS = ("step", "loss", "eval_loss", "eval_ppl", "tokens_per_s", "peak_mem_gb")
+"""What the table and the overlay use of a metric record; nothing else is kept."""
+# What `ia3-dist sweep` names a task dir (see sweep.task_name): one plain path component.
+_TASK_NAME = re.compile(r"[A-Za-z0-9._+=,-]{1,255}")
+_JOB_ID = re.compile(r"[0-9]{1,20}")
+_NOT_SHOWN = "its config values are not shown"
 
 
 @dataclass
@@ -68,21 +93,21 @@ class Run:
                 "peak_mem_gb": max(mem) if mem else None}
 
 
-def read_records(path: Path) -> list[dict]:
-    """metrics.jsonl, skipping lines that do not parse (the last one of a live run may be half written)."""
+def read_records(path: Path, keep: int = MAX_RECORDS) -> list[dict]:
+    """The numbers of :data:`METRIC_KEYS` from metrics.jsonl, at most the last ``keep`` records. Lines that are not
+    records are skipped and counted (a live run's half-written last line is not counted); what was skipped, or why
+    the file could not be read at all, is one note on stderr."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        got = scan_metrics(path, METRIC_KEYS, keep)
+    except UsageError as e:
+        note(f"{e}; its metrics are not shown")
         return []
-    out = []
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+    if got is None:
+        return []
+    msg = got.describe(path)
+    if msg:
+        note(msg)
+    return got.records
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -94,11 +119,50 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@cache
+def _schema() -> tuple[frozenset[str], frozenset[str]]:
+    """The flat keys of a run config and the sections that hold them."""
+    from ..config import RunConfig
+
+    keys = frozenset(flatten(RunConfig().to_dict()))
+    return keys, frozenset(k.rsplit(".", i)[0] for k in keys for i in range(1, k.count(".") + 1))
+
+
+def config_view(raw: Any) -> dict[str, Any]:
+    """``raw`` (a run config mapping, or already flat ``key.sub`` keys) as flat keys, only the keys a run config of
+    this ia3-dist has: a file from elsewhere cannot add thousands of columns to the table (a dict value such as
+    ``data.columns`` stays one value)."""
+    keys, sections = _schema()
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if not isinstance(node, dict):
+            return
+        for k, v in node.items():
+            if not isinstance(k, str):
+                continue
+            key = f"{prefix}.{k}" if prefix else k
+            if key in keys:
+                out[key] = v
+            elif key in sections:
+                walk(v, key)
+
+    walk(raw, "")
+    return out
+
+
 def _pid_alive(pid_file: Path) -> bool:
     try:
-        pid = int(pid_file.read_text().strip())
+        data = read_bounded(pid_file, 32, missing_ok=True)
+    except UsageError:
+        return False
+    text = (data or b"").decode("ascii", "replace").strip()
+    pid = int(text) if text.isdigit() else 0
+    if not 0 < pid <= PID_MAX:
+        return False
+    try:
         os.kill(pid, 0)
-    except (OSError, ValueError):
+    except OSError:
         return False
     try:  # a zombie (ended, not yet reaped) is not running
         with open(f"/proc/{pid}/stat") as fh:
@@ -155,14 +219,63 @@ def slurm_states(job: str | None) -> dict[int, str] | None:
 
 
 def read_sweep(sweep_dir: Path) -> dict:
+    """The record in ``sweep.json``, every field this module uses checked; anything else is a UsageError naming
+    the file."""
     path = sweep_dir / SWEEP_FILE
+    name = brief(str(path))
+    fix = "give a sweep dir that `ia3-dist sweep` wrote"
     try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: not a readable sweep record ({e})") from None
-    if not isinstance(rec, dict) or rec.get("format") != FORMAT or not isinstance(rec.get("tasks"), list):
-        raise UsageError(f"{path}: not a sweep record of this ia3-dist (format {FORMAT})")
+        data = read_bounded(path, MAX_SWEEP_BYTES, missing_ok=True)
+    except UsageError as e:
+        raise UsageError(f"{e}; {fix}") from None
+    if data is None:
+        raise UsageError(f"{name}: missing; {fix}")
+    try:
+        rec = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{name}: not a readable sweep record (not UTF-8 at byte {e.start}); {fix}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, an int of over 4300 digits, deep nesting
+        why = "nested too deeply" if isinstance(e, RecursionError) else brief(str(e))
+        raise UsageError(f"{name}: not a readable sweep record ({why}); {fix}") from None
+    problem = _sweep_problem(rec)
+    if problem:
+        raise UsageError(f"{name}: not a sweep record of this ia3-dist (format {FORMAT}): {problem}; {fix}")
     return rec
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _sweep_problem(rec: Any) -> str | None:
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    if type(rec.get("format")) is not int or rec["format"] != FORMAT:
+        return f"format {show(rec.get('format'))}"
+    if not isinstance(rec.get("config"), str):
+        return "no config path"
+    if not _str_list(rec.get("overrides", [])):
+        return "overrides is not a list of strings"
+    job = rec.get("job")
+    if job is not None and not (isinstance(job, str) and _JOB_ID.fullmatch(job)):
+        return f"job {show(job)} is not a Slurm job id"
+    tasks = rec.get("tasks")
+    if not isinstance(tasks, list):
+        return "no list of tasks"
+    for i, t in enumerate(tasks):
+        if not isinstance(t, dict):
+            return f"task {i} is not a JSON object"
+        name = t.get("name")
+        if not (isinstance(name, str) and _TASK_NAME.fullmatch(name) and name not in (".", "..")):
+            return f"task {i} has the name {show(name)}, not a task dir name"
+        if type(t.get("index")) is not int or not 0 <= t["index"] < len(tasks):
+            return f"task {i} has the index {show(t.get('index'))}"
+        if not _str_list(t.get("overrides")):
+            return f"task {i} has no list of overrides"
+        values = t.get("values", {})
+        if not (isinstance(values, dict) and all(isinstance(v, str) for v in values.values())):
+            return f"task {i}: values is not a mapping of strings"
+    return None
 
 
 def _is_run(d: Path) -> bool:
@@ -172,54 +285,97 @@ def _is_run(d: Path) -> bool:
 def collect(paths: list[str]) -> tuple[list[Run], Path | None]:
     """The runs to show, in order; and the sweep dir when exactly one was given."""
     runs: list[Run] = []
-    sweeps = []
+    sweeps: list[Path] = []
     for raw in paths:
-        d = Path(raw)
-        if not d.is_dir():
-            raise UsageError(f"{raw}: no such directory; give run dirs (output.dir) or sweep dirs")
-        if (d / SWEEP_FILE).is_file():
-            rec = read_sweep(d)
-            sweeps.append(d)
-            states = slurm_states(rec.get("job"))
-            for t in rec["tasks"]:
-                run = Run(Path(t["dir"]), f"{d.name}/{t['name']}" if len(paths) > 1 else t["name"])
-                if states is not None:
-                    run.job_known, run.slurm = True, states.get(int(t["index"]))
-                if not (run.dir / "run.yaml").is_file():
-                    run.config = {"from_sweep": True, **_task_config(rec, t)}
-                runs.append(run)
-        elif _is_run(d):
-            runs.append(Run(d, str(raw)))
-        else:
-            subs = sorted(s for s in d.iterdir() if s.is_dir() and _is_run(s))
-            if not subs:
-                raise UsageError(f"{raw}: not a run dir (no {', '.join(_RUN_MARKERS)}), not a sweep dir (no "
-                                 f"{SWEEP_FILE}) and holds no run dirs")
-            runs += [Run(s, str(s)) for s in subs]
+        try:
+            _collect_one(raw, len(paths), runs, sweeps)
+        except OSError as e:  # a name too long, a dir without read permission, ...
+            raise UsageError(f"{brief(raw)}: cannot read it ({e.strerror or e})") from None
+    keep = MAX_RECORDS // max(1, len(runs))  # a bound on memory over all runs, not per run
     for run in runs:
         if not run.config.pop("from_sweep", False):
             run.config = _run_config(run.dir)
-        run.records = read_records(run.dir / "metrics.jsonl")
+        run.records = read_records(run.dir / "metrics.jsonl", keep)
         run.status = run_status(run.dir, run.slurm, run.job_known)
     return runs, (sweeps[0] if len(paths) == 1 and sweeps else None)
 
 
+def _collect_one(raw: str, n_paths: int, runs: list[Run], sweeps: list[Path]) -> None:
+    d = Path(raw)
+    if not d.is_dir():
+        raise UsageError(f"{brief(raw)}: no such directory; give run dirs (output.dir) or sweep dirs")
+    if os.path.lexists(d / SWEEP_FILE):
+        rec = read_sweep(d)
+        sweeps.append(d)
+        states = slurm_states(rec.get("job"))
+        base = _sweep_config(rec)
+        for t in rec["tasks"]:
+            # The task dir from its name, not the path recorded: a sweep dir copied from elsewhere records paths of
+            # that machine, and a hostile record could name any dir.
+            run = Run(Path(os.path.abspath(d)) / t["name"], f"{d.name}/{t['name']}" if n_paths > 1 else t["name"])
+            if states is not None:
+                run.job_known, run.slurm = True, states.get(t["index"])
+            if not os.path.lexists(run.dir / "run.yaml"):
+                run.config = {"from_sweep": True, **_task_config(rec, t, base)}
+            runs.append(run)
+    elif _is_run(d):
+        runs.append(Run(d, raw))
+    else:
+        subs = sorted(s for s in d.iterdir() if s.is_dir() and _is_run(s))
+        if not subs:
+            raise UsageError(f"{brief(raw)}: not a run dir (no {', '.join(_RUN_MARKERS)}), not a sweep dir (no "
+                             f"{SWEEP_FILE}) and holds no run dirs")
+        runs += [Run(s, str(s)) for s in subs]
+
+
 def _run_config(d: Path) -> dict[str, Any]:
+    """The run's config values from run.yaml, or {} with a note saying why not."""
+    path = d / "run.yaml"
     try:
-        return flatten(yaml.safe_load((d / "run.yaml").read_text(encoding="utf-8")) or {})
-    except (OSError, yaml.YAMLError):
+        data = read_bounded(path, MAX_CONFIG_BYTES, missing_ok=True)
+    except UsageError as e:
+        note(f"{e}; {_NOT_SHOWN}")
         return {}
+    if data is None:
+        return {}
+    try:
+        raw = yaml.load(data.decode("utf-8"), Loader=RunConfigLoader)  # a SafeLoader: no aliases, bounded depth
+    except UnicodeDecodeError as e:
+        why = f"not UTF-8 text (at byte {e.start})"
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        why = f"{where}{brief(str(getattr(e, 'problem', None) or e))}"
+    except RecursionError:
+        why = "nested too deeply"
+    else:
+        return config_view(raw)
+    note(f"{brief(str(path))}: {why}; {_NOT_SHOWN}")
+    return {}
 
 
-def _task_config(rec: dict, task: dict) -> dict[str, Any]:
+def _sweep_config(rec: dict) -> dict[str, Any] | None:
+    """The sweep's config file as a mapping (read once for all its tasks), or None if it is unusable."""
+    from ..config import read_yaml
+
+    try:
+        return read_yaml(rec["config"])
+    except (UsageError, OSError):
+        return None
+
+
+def _task_config(rec: dict, task: dict, base: dict[str, Any] | None) -> dict[str, Any]:
     """A task that has not written run.yaml yet: its config as the sweep builds it (the grid values alone if the
     config file is gone)."""
-    from ..config import load_config
+    from ..config import apply_overrides, build_config
 
-    try:
-        return flatten(load_config(rec["config"], [*rec.get("overrides", []), *task["overrides"]]).to_dict())
-    except (UsageError, OSError):
-        return dict(task.get("values", {}))
+    if base is not None:
+        try:
+            raw = apply_overrides(copy.deepcopy(base), [*rec.get("overrides", []), *task["overrides"]])
+            return config_view(build_config(raw).to_dict())
+        except (UsageError, OSError):
+            pass
+    return config_view(dict(task.get("values", {})))
 
 
 def differing(runs: list[Run]) -> list[str]:
@@ -236,8 +392,11 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return str(v)
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.0f}"
-    return str(v)
+        return f"{v:.0f}" if 1e5 <= abs(v) < 1e15 else f"{v:.4g}"  # 1e308 is not 309 digits wide
+    if isinstance(v, (str, bool)) or (isinstance(v, int) and v.bit_length() <= 256):
+        # Values from files of elsewhere: escape sequences and megabyte strings must not reach the terminal.
+        return brief(str(v))
+    return show(v)
 
 
 HEADINGS = {"status": "status", "step": "step", "train_loss": "train loss", "eval_loss": "eval loss",
@@ -260,17 +419,15 @@ def plot_losses(runs: list[Run], keys: list[str], out: Path) -> Path | None:
     drawn = [r for r in runs if any(x.get("loss") is not None or x.get("eval_loss") is not None for x in r.records)]
     if not drawn:
         return None
-    import matplotlib.pyplot as plt
-
-    from ..train.plots import overlay_figure
-
     labels = [(", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(r.config.get(k))}" for k in keys) or r.label)
               + f" ({r.status})" for r in drawn]
-    fig = overlay_figure([(lab, [x for x in r.records if "step" in x]) for lab, r in zip(labels, drawn, strict=True)])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--plot {brief(str(out))}: cannot write it ({e.strerror or e}); give another --plot") \
+            from None
+    fig = overlay_figure([(lab, r.records) for lab, r in zip(labels, drawn, strict=True)])
+    return save_figure(fig, out, "--plot ", fix="give another --plot", dpi=100, bbox_inches="tight")
 
 
 def main(argv: list[str], prog: str) -> int:
@@ -287,13 +444,12 @@ def main(argv: list[str], prog: str) -> int:
     runs, sweep_dir = collect(a.dirs)
     keys = differing(runs)
     rows = [r.row(keys) for r in runs]
-    print(json.dumps({"keys": keys, "rows": rows}, indent=1) if a.json else table(rows, keys), flush=True)
+    # default=str: a YAML date or set in a run.yaml is not JSON.
+    print(json.dumps({"keys": keys, "rows": rows}, indent=1, default=str) if a.json else table(rows, keys),
+          flush=True)
     if not a.no_plot:
         out = Path(a.plot) if a.plot else (sweep_dir / "summary.png" if sweep_dir else Path("summary.png"))
-        try:
-            written = plot_losses(runs, keys, out)
-        except OSError as e:
-            raise UsageError(f"--plot {out}: cannot write ({e.strerror or e}); give another --plot") from None
+        written = plot_losses(runs, keys, out)
         if not a.json:
             print(f"loss curves: {written}" if written else "loss curves: no run has logged a loss yet")
     return 0

@@ -22,6 +22,7 @@ import re
 import shlex
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -31,14 +32,18 @@ from pathlib import Path
 from .. import __version__
 from ..config import RunConfig, load_config
 from ..config.load import apply_overrides, build_config, read_yaml
-from ..config.schema import brief
+from ..config.schema import brief, show
 from ..errors import UsageError
+from ..runtime.safe_io import write_file
 from . import slurm
 from .summary import FORMAT, SWEEP_FILE, run_status
 from .summary import main as summary_main
 
 MAX_TASKS = 1000
 """Tasks a grid may have without ``--max-tasks``: Slurm's default MaxArraySize (1001) allows indices 0-1000."""
+MAX_TASKS_LIMIT = 10_000
+"""The most ``--max-tasks`` may allow: every task's config is built before anything is written, and ``ia3-dist
+summary`` reads sweep.json up to :data:`.summary.MAX_SWEEP_BYTES`."""
 SCRIPT = "sweep.sbatch"
 LOGS = "logs"
 # Task dir names: the characters of a Slurm name plus '=' and ',' (key=value,key=value); anything else in a value
@@ -76,7 +81,7 @@ def split_values(key: str, text: str) -> list[str]:
     parts.append(cur)
     parts = [p.strip() for p in parts]
     if not text.strip() or any(not p for p in parts):
-        raise UsageError(f"--grid {key}={text}: empty value; give one or more comma-separated values, e.g. "
+        raise UsageError(f"--grid {brief(f'{key}={text}')}: empty value; give one or more comma-separated values, e.g. "
                          f"--grid train.lr=3e-3,1e-2")
     return parts
 
@@ -89,16 +94,19 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
         key, eq, text = spec.partition("=")
         key = key.strip()
         if not eq or not key:
-            raise UsageError(f"--grid {spec!r}: expected key.sub=value1,value2,... (e.g. --grid train.lr=3e-3,1e-2)")
+            raise UsageError(f"--grid {show(spec)}: expected key.sub=value1,value2,... (e.g. --grid "
+                             f"train.lr=3e-3,1e-2)")
         if key == "output.dir":
             raise UsageError("--grid output.dir: the sweep gives each task its own output.dir under --dir; sweep "
                              "other keys")
         if key in grid:
-            raise UsageError(f"--grid {key}: given twice; put all its values in one --grid {key}=v1,v2,...")
+            raise UsageError(f"--grid {brief(key)}: given twice; put all its values in one --grid "
+                             f"{brief(key)}=v1,v2,...")
         values = split_values(key, text)
         dup = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if dup is not None:
-            raise UsageError(f"--grid {key}: value {dup} is listed twice; two tasks would share an output dir")
+            raise UsageError(f"--grid {brief(key)}: value {brief(dup)} is listed twice; two tasks would share an "
+                             f"output dir")
         grid[key] = values
     if not grid:
         raise UsageError("give at least one --grid key.sub=value1,value2,...")
@@ -121,8 +129,12 @@ def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_d
     """The tasks of the grid, every one's config built and checked; UsageError on anything that would fail in the
     queue or make two tasks collide."""
     count = math.prod(len(v) for v in grid.values())
+    sizes = brief(" x ".join(str(len(v)) for v in grid.values()))
+    if count > MAX_TASKS_LIMIT:
+        # show(): str() of a product of thousands of --grid keys can be an int too long to print.
+        raise UsageError(f"--grid: {sizes} = {show(count)} tasks, more than a sweep may have ({MAX_TASKS_LIMIT}); "
+                         f"narrow the grid")
     if count > max_tasks:
-        sizes = " x ".join(str(len(v)) for v in grid.values())
         raise UsageError(f"--grid: {sizes} = {count} tasks, more than {max_tasks}; narrow the grid or raise the "
                          f"limit with --max-tasks {count} (the cluster's MaxArraySize must allow it too)")
     raw = read_yaml(config)  # once: a grid of hundreds of tasks builds hundreds of configs
@@ -140,7 +152,7 @@ def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_d
             try:
                 build([f"{key}={v}"])
             except UsageError as e:
-                raise UsageError(f"--grid {key}={v}: {e}") from None
+                raise UsageError(f"--grid {brief(f'{key}={v}')}: {e}") from None
     tasks: list[Task] = []
     seen_names: dict[str, Task] = {}
     seen_cfgs: dict[str, Task] = {}
@@ -155,7 +167,8 @@ def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_d
                     str(sweep_dir / name))
         other = seen_names.get(name.casefold())  # casefold: two names one case-insensitive file system merges
         if other is not None:
-            raise UsageError(f"--grid: {_show(other.values)} and {_show(values)} give the same output dir {name}; "
+            raise UsageError(f"--grid: {_show(other.values)} and {_show(values)} give the same output dir "
+                             f"{brief(name)}; "
                              f"make the values differ in letters or digits")
         try:
             cfg = build(task.overrides)
@@ -173,7 +186,7 @@ def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_d
 
 
 def _show(values: dict[str, str]) -> str:
-    return " ".join(f"{k}={v}" for k, v in values.items())
+    return brief(" ".join(f"{k}={v}" for k, v in values.items()))
 
 
 def default_dir(config: str, base: list[str]) -> Path:
@@ -182,24 +195,42 @@ def default_dir(config: str, base: list[str]) -> Path:
 
 
 def check_sweep_dir(d: Path, force: bool) -> None:
+    name = brief(str(d))
     if not _SAFE_PATH.fullmatch(str(d)):
-        raise UsageError(f"--dir {d}: the sweep dir goes into #SBATCH --output, so its path may hold only letters, "
-                         f"digits and . _ + = , / -; give another --dir")
+        raise UsageError(f"--dir {name}: the sweep dir goes into #SBATCH --output, so its path may hold only "
+                         f"letters, digits and . _ + = , / -; give another --dir")
+    try:
+        _check_entries(d, name, force)
+    except OSError as e:  # a name too long, a dir without search permission, ...
+        raise UsageError(f"--dir {name}: cannot use it ({e.strerror or e}); give another --dir") from None
+
+
+def _check_entries(d: Path, name: str, force: bool) -> None:
     if d.exists() and not d.is_dir():
-        raise UsageError(f"--dir {d}: not a directory")
+        raise UsageError(f"--dir {name}: not a directory")
     if d.is_dir() and any(d.iterdir()):
         if not (d / SWEEP_FILE).is_file():
-            raise UsageError(f"--dir {d}: not empty and not a sweep dir (no {SWEEP_FILE}); give a new or empty --dir")
-        if not force:
-            raise UsageError(f"--dir {d}: holds a sweep already (ia3-dist summary {d} shows it); add --force to "
-                             f"write and start it again (task dirs are kept: their runs resume), or give another "
+            raise UsageError(f"--dir {name}: not empty and not a sweep dir (no {SWEEP_FILE}); give a new or empty "
                              f"--dir")
+        if not force:
+            raise UsageError(f"--dir {name}: holds a sweep already (ia3-dist summary {name} shows it); add --force "
+                             f"to write and start it again (task dirs are kept: their runs resume), or give another "
+                             f"--dir")
+    for entry, want_dir in ((SCRIPT, False), (SWEEP_FILE, False), (LOGS, True)):
+        # Checked before anything is written: these are written (or, logs/, written into) by the sweep and its tasks,
+        # and through a link (a sweep dir from elsewhere, given with --force) they would be anywhere.
+        p = d / entry
+        if p.is_symlink() or (p.exists() and (p.is_dir() != want_dir or not (want_dir or p.is_file()))):
+            kind = "a symlink" if p.is_symlink() else ("not a directory" if want_dir else "not a regular file")
+            raise UsageError(f"--dir {name}: {entry} is {kind}, which the sweep does not write through; remove it "
+                             f"or give another --dir")
 
 
 def render_array(config: str, base: list[str], tasks: list[Task], sweep_dir: Path, job: slurm.Job,
                  max_concurrent: int | None) -> str:
     """One job array: task i trains ``tasks[i]``; preemption, requeue and resume as in ``ia3-dist slurm``."""
-    array = f"0-{len(tasks) - 1}" + (f"%{max_concurrent}" if max_concurrent else "")
+    # More than the tasks would mean nothing to Slurm: write what it means.
+    array = f"0-{len(tasks) - 1}" + (f"%{min(max_concurrent, len(tasks))}" if max_concurrent else "")
     cases = [f"  {t.index}) TASK=({' '.join(shlex.quote(o) for o in t.overrides)}) ;;" for t in tasks]
     head = " ".join(shlex.quote(a) for a in [config, *base])
     logs = sweep_dir / LOGS
@@ -236,9 +267,18 @@ def _grid_of(tasks: list[Task]) -> dict[str, list[str]]:
 
 
 def write_sweep(sweep_dir: Path, record: dict) -> None:
-    tmp = sweep_dir / (SWEEP_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(sweep_dir / SWEEP_FILE)
+    """Atomically, and never through a symlink (a sweep dir given with --force may come from elsewhere)."""
+    data = (json.dumps(record, indent=1) + "\n").encode("utf-8")
+    write_file(sweep_dir / SWEEP_FILE, lambda fh: fh.write(data), fix="give another --dir")
+
+
+def _open_log(log: Path) -> int:
+    """``log`` for appending, never through a symlink (O_NOFOLLOW) and never a FIFO or device."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError("not a regular file")
+    return fd
 
 
 def _free_port() -> int:
@@ -264,8 +304,15 @@ def run_local(config: str, base: list[str], tasks: list[Task], sweep_dir: Path, 
                    "--master_port", str(_free_port()), "--module", "ia3_dist", *args]
         log = sweep_dir / LOGS / f"{t.name}.log"
         t0 = time.time()
+        try:
+            fd = _open_log(log)
+        except OSError as e:
+            print(f"{label}: failed: cannot open its log {log} ({e.strerror or e}; a log is never written through "
+                  f"a symlink or into anything but a regular file)", flush=True)
+            failed.append(t.index)
+            continue
         print(f"{label}: training, log {log}", flush=True)
-        with open(log, "ab") as fh:
+        with os.fdopen(fd, "ab") as fh:
             rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
         print(f"{label}: {'done' if rc == 0 else f'failed (exit {rc}; see {log})'} in {time.time() - t0:.0f} s",
               flush=True)
@@ -278,7 +325,7 @@ def _submit(script: Path) -> str:
     proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         msg = " ".join((proc.stderr or proc.stdout).split())
-        raise UsageError(f"sbatch refused {script}: {msg}")
+        raise UsageError(f"sbatch refused {brief(str(script))}: {brief(msg)}")
     return proc.stdout.strip().split(";")[0]
 
 
@@ -290,23 +337,19 @@ def main(argv: list[str], prog: str) -> int:
                     help="a config key and its values (repeat for more keys: the sweep is every combination)")
     ap.add_argument("--dir", help="sweep dir: sweep.json, sweep.sbatch, logs/ and one output dir per task "
                     "(default: <output.dir>-sweep)")
-    ap.add_argument("--max-concurrent", type=int, help="at most this many tasks run at once (--array=...%%N)")
-    ap.add_argument("--max-tasks", type=int, default=MAX_TASKS,
-                    help=f"refuse a grid of more tasks than this (default {MAX_TASKS})")
+    ap.add_argument("--max-concurrent", type=slurm.int_option("--max-concurrent", 1, MAX_TASKS_LIMIT),
+                    help="at most this many tasks run at once (--array=...%%N)")
+    ap.add_argument("--max-tasks", type=slurm.int_option("--max-tasks", 1, MAX_TASKS_LIMIT), default=MAX_TASKS,
+                    help=f"refuse a grid of more tasks than this (default {MAX_TASKS}, at most {MAX_TASKS_LIMIT})")
     ap.add_argument("--local", action="store_true", help="no Slurm: run the tasks here, one after another")
-    ap.add_argument("--nproc", type=int, default=1, help="with --local: ranks per task (deepspeed launcher)")
+    ap.add_argument("--nproc", type=slurm.int_option("--nproc", 1, slurm.MAX_CPUS_PER_NODE), default=1,
+                    help="with --local: ranks per task (deepspeed launcher)")
     ap.add_argument("--no-submit", action="store_true", help="write the sweep dir and its sbatch file only")
     ap.add_argument("--force", action="store_true", help="write over an earlier sweep in --dir (its task dirs "
                     "stay: their runs resume)")
     slurm.add_job_args(ap)
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every task")
     a = ap.parse_intermixed_args(argv)
-    if a.max_tasks < 1:
-        raise UsageError(f"--max-tasks {a.max_tasks}: must be >= 1")
-    if a.max_concurrent is not None and a.max_concurrent < 1:
-        raise UsageError(f"--max-concurrent {a.max_concurrent}: must be >= 1")
-    if a.nproc < 1:
-        raise UsageError(f"--nproc {a.nproc}: must be >= 1")
     grid = parse_grid(a.grid)
     job = None if a.local else slurm.job_from_args(a)
     slurm.check_run_args(a.config, a.overrides)
@@ -321,12 +364,16 @@ def main(argv: list[str], prog: str) -> int:
         raise UsageError("sbatch not found: run this on a Slurm login node, or use --local (run the grid here) or "
                          "--no-submit (write the files only)")
     text = None if job is None else render_array(config, a.overrides, tasks, sweep_dir, job, a.max_concurrent)
-    (sweep_dir / LOGS).mkdir(parents=True, exist_ok=True)
+    try:
+        (sweep_dir / LOGS).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--dir {brief(str(sweep_dir))}: cannot create it ({e.strerror or e}); give another --dir") \
+            from None
     record = {"format": FORMAT, "ia3_dist": __version__, "config": config, "overrides": a.overrides, "grid": grid,
               "mode": "local" if a.local else "slurm", "job": None, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "tasks": [asdict(t) for t in tasks]}
     if text is not None:
-        slurm.write_out(sweep_dir / SCRIPT, text, force=True)
+        slurm.write_out(sweep_dir / SCRIPT, text, force=True, what="", fix="give another --dir")
     write_sweep(sweep_dir, record)
     print(f"sweep of {len(tasks)} task(s) in {sweep_dir}", flush=True)
     if a.local:

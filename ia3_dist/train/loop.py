@@ -8,7 +8,6 @@ A step is :meth:`Trainer.step`: collate this rank's micro-batches, agree with ev
 from __future__ import annotations
 
 import gc
-import json
 import math
 import time
 from dataclasses import astuple, dataclass, field, fields
@@ -33,7 +32,7 @@ from ..runtime.preempt import StopFlag
 from ..runtime.watchdog import Watchdog
 from . import autobatch
 from .evaluate import evaluate
-from .metrics import MetricsLog, Shape, device_peak_tflops, executed_flops, model_flops, peak_memory_gb
+from .metrics import MetricsLog, Shape, device_peak_tflops, executed_flops, model_flops, peak_memory_gb, trim_metrics
 from .prepare import Prepared, write_batch_files
 from .schedule import lr_schedule
 from .trackers import Trackers
@@ -169,14 +168,6 @@ def grad_norm(module: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def trim_metrics(path: Path, upto: int) -> None:
-    """On resume, drop metric lines past the checkpoint (steps a killed run logged but never saved)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto]
-    path.write_text("".join(ln + "\n" for ln in keep))
-
-
 class Trainer:
     """Holds the live engine and the loop's state; :meth:`fit` runs the steps of this invocation."""
 
@@ -201,7 +192,9 @@ class Trainer:
         self.metrics_path = p.out / "metrics.jsonl"
         if p.env.is_main:
             if self.start:
-                trim_metrics(self.metrics_path, self.start)
+                note = trim_metrics(self.metrics_path, self.start)
+                if note:
+                    dist.print0(p.env, note)
             else:
                 self.metrics_path.unlink(missing_ok=True)
         self.log = MetricsLog(self.metrics_path if p.env.is_main else None, p.total_steps, p.env.is_main,

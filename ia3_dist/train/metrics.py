@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -76,6 +77,76 @@ def executed_flops(seq_len: int, n_seqs: int, label_rows: float, shape: Shape, r
     if recompute:
         total += linear + attn
     return total + head * chunked_rows
+
+
+MAX_LINE = 1 << 20
+"""A metrics line is a few hundred bytes; a longer one is damage, and is skipped without being held whole."""
+
+
+def trim_metrics(path: Path, upto: int) -> str | None:
+    """On resume, keep the lines of ``metrics.jsonl`` up to step ``upto`` (a killed run may have logged steps it
+    never saved), rewritten atomically and streamed (never held whole). The file is the run's own output but may be
+    damaged: a last line cut off by a kill or a full disk is dropped, any other line that is not a JSON object with
+    an integer ``step`` (or is over :data:`MAX_LINE` bytes) is skipped, and nothing raises, since this runs after
+    the ranks have met. Returns one line saying what was dropped, or None."""
+    if not path.is_file():
+        return None
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            bad, torn, _ = _scan(src, upto, dst)
+        os.replace(tmp, path)
+    except OSError as e:
+        # A full disk (what may have cut the line) or a read-only dir: cut the file after its last kept line
+        # instead, which needs no space, so the next line logged starts on a line of its own.
+        tmp.unlink(missing_ok=True)
+        try:
+            with open(path, "rb") as src:
+                end = _scan(src, upto, None)[2]
+            os.truncate(path, end)
+        except OSError:
+            pass
+        return f"{path}: could not rewrite it ({e.strerror or e}); cut it after its last record up to step {upto}"
+    notes = ([f"dropped its last line ({torn}), cut off mid-write"] if torn else []) + \
+        ([f"skipped {bad} line(s) that are not metric records"] if bad else [])
+    return f"{path}: {'; '.join(notes)}" if notes else None
+
+
+def _scan(src: IO[bytes], upto: int, dst: IO[bytes] | None) -> tuple[int, int, int]:
+    """Copy the records up to step ``upto`` from ``src`` to ``dst``: (bad lines, the torn last line's number or 0,
+    the offset in ``src`` just after the last record kept)."""
+    bad, torn, n, kept_end = 0, 0, 0, 0
+    while line := src.readline(MAX_LINE + 1):
+        n += 1
+        if len(line) > MAX_LINE:
+            while line and not line.endswith(b"\n"):  # the rest of it, a bounded piece at a time
+                line = src.readline(MAX_LINE + 1)
+            bad += 1
+            continue
+        if not line.strip():
+            continue
+        rec = _record(line)
+        if rec is None:
+            # Only the last line can lack its newline: that one was cut off mid-write.
+            if line.endswith(b"\n"):
+                bad += 1
+            else:
+                torn = n
+            continue
+        if rec["step"] <= upto:
+            if dst is not None:
+                dst.write(line if line.endswith(b"\n") else line + b"\n")
+            kept_end = src.tell()
+    return bad, torn, kept_end
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, an int of more than 4300 digits, deep nesting
+        return None
+    ok = isinstance(rec, dict) and type(rec.get("step")) is int
+    return rec if ok else None
 
 
 class MetricsLog:

@@ -10,7 +10,7 @@ from ..data.template import Template
 from ..errors import Preempted
 from ..models.ia3 import fixed_entries
 from ..runtime import checkpoint as ckpt
-from ..runtime import dist, faults, hostmem
+from ..runtime import dist, faults, hostmem, lazy
 from ..runtime import ds_config as dsc
 from ..runtime.adapter import save_adapter
 from ..runtime.preempt import StopFlag
@@ -50,6 +50,7 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     """The whole run. ``on_trained`` runs on every rank after the adapter is saved, while the engine and the
     process group are still alive (evaluation hooks, tests)."""
     env = dist.detect()
+    lazy.import_deepspeed()
     # Installed first, so a signal while the model loads is honoured at the first step boundary.
     stop = StopFlag().install()
     dist.announce(env, dist.setup_threads(env, cfg.train.threads, cfg.train.bind_cores))

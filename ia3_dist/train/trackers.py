@@ -26,6 +26,7 @@ from ..config import RunConfig
 from ..config.schema import TRACKERS
 from ..errors import UsageError
 from ..runtime import dist
+from ..runtime.safe_io import read_bounded
 
 IDS_FILE = "trackers.json"
 TRACK_EXTRA = "pip install 'ia3-dist[track]'"
@@ -325,10 +326,17 @@ class Trackers:
             self.say(f"{t.name}: could not close its run ({type(e).__name__}: {e})")
 
 
+MAX_IDS = 1 << 20
+"""Ours is a few hundred bytes."""
+
+
 def read_ids(out: Path) -> dict[str, Any]:
+    """The trackers' run ids of an earlier invocation; damage (a FIFO, a huge or deeply nested file, garbage in a
+    run dir from elsewhere) counts as none: the trackers start new runs."""
     try:
-        ids = json.loads((out / IDS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = read_bounded(out / IDS_FILE, MAX_IDS, missing_ok=True)
+        ids = json.loads(raw.decode("utf-8")) if raw is not None else {}
+    except (UsageError, ValueError, RecursionError):
         return {}
     return ids if isinstance(ids, dict) else {}
 

@@ -1,0 +1,137 @@
+"""Reading and writing files that may come from elsewhere, without following them anywhere.
+
+Checkpoints, adapters, run and sweep dirs are untrusted (README: Security). A FIFO with no writer in place of a
+file hangs a plain ``open()``, ``/dev/zero`` never ends a read, a device may act when opened, and a symlink in a
+dir from elsewhere can lead to any file of the reader's, or make a write land there. So every read here checks
+that the file is regular before and after opening it (``O_NONBLOCK``: a FIFO swapped in between cannot block the
+open), and every write goes to a new file renamed into place, never through a link. No torch here: the tools that
+read run dirs (``summary``, ``plot``) stay light.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from ..config.schema import brief
+from ..errors import UsageError
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symlink"))
+
+
+def kind(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is, in words (for the messages)."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _tail(fix: str) -> str:
+    return f"; {fix}" if fix else ""
+
+
+def open_regular(path: Path, fix: str = "", label: str = "", follow: bool = False,
+                 missing_ok: bool = False) -> IO[bytes] | None:
+    """``path`` open for reading if it is a regular file, else a UsageError ``<label><path>: <kind>, not a regular
+    file; <fix>``. ``follow``: a symlink is followed (the hub cache links its files); otherwise it is refused, as
+    for the files of a checkpoint or run dir, which ia3-dist never writes as links. ``missing_ok``: a missing
+    file is None instead of an error."""
+    name = f"{label}{brief(str(path))}"
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        what = "a dangling symlink" if follow and os.path.islink(path) else "missing"
+        raise UsageError(f"{name}: {what}{_tail(fix)}") from None
+    except OSError as e:
+        raise UsageError(f"{name}: cannot read it ({e.strerror or e}){_tail(fix)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{name}: {kind(st.st_mode)}, not a regular file{_tail(fix)}")
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise UsageError(f"{name}: missing{_tail(fix)}") from None
+    except OSError as e:
+        raise UsageError(f"{name}: cannot read it ({e.strerror or e}){_tail(fix)}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UsageError(f"{name}: {kind(mode)}, not a regular file{_tail(fix)}")
+    return os.fdopen(fd, "rb")
+
+
+def read_bounded(path: Path, limit: int, fix: str = "", label: str = "", follow: bool = False,
+                 missing_ok: bool = False) -> bytes | None:
+    """The bytes of a small regular file (see :func:`open_regular`); a UsageError if it holds more than
+    ``limit``, None if it is missing and ``missing_ok``."""
+    fh = open_regular(path, fix, label, follow, missing_ok)
+    if fh is None:
+        return None
+    name = f"{label}{brief(str(path))}"
+    with fh:
+        try:
+            data = fh.read(limit + 1)
+        except OSError as e:
+            raise UsageError(f"{name}: cannot read it ({e.strerror or e}){_tail(fix)}") from None
+    if len(data) > limit:
+        raise UsageError(f"{name}: larger than {limit} bytes, which this file never is{_tail(fix)}")
+    return data
+
+
+def write_file(path: Path, fill: Callable[[IO[bytes]], object], what: str = "", overwrite: bool = True,
+               mode: int = 0o666, chmod: int | None = None, fix: str = "give another path") -> Path:
+    """Write ``path`` through ``fill(binary file)`` and return it, never through a symlink or into anything but a
+    regular file: a link at ``path`` (or a dir, FIFO, device) is a UsageError ``<what><path>: ...; <fix>``.
+
+    ``overwrite``: an existing regular file is replaced atomically (written as a temp file in the same dir, then
+    renamed over it: a link swapped in meanwhile is replaced, not followed, and a reader never sees half a file).
+    Otherwise any existing entry is refused, atomically (``O_CREAT | O_EXCL``). ``chmod``: the new file's exact
+    mode (else ``mode`` less the umask)."""
+    name = f"{what}{brief(str(path))}"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise UsageError(f"{name}: cannot write it ({e.strerror or e}); {fix}") from None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            raise UsageError(f"{name}: a symlink, which ia3-dist does not write through (it could lead to any "
+                             f"file); remove it or {fix}")
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{name}: is a directory; {fix}")
+        if not overwrite:
+            raise UsageError(f"{name}: exists; {fix}")
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{name}: {kind(st.st_mode)}, not a regular file; remove it or {fix}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    target = path.parent / f".{path.name[:100]}.{secrets.token_hex(6)}.tmp" if overwrite else path
+    try:
+        fd = os.open(target, flags, mode)
+    except FileExistsError:
+        raise UsageError(f"{name}: exists; {fix}") from None
+    except OSError as e:
+        raise UsageError(f"{name}: cannot write it ({e.strerror or e}); {fix}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fill(fh)
+            if chmod is not None:
+                os.fchmod(fh.fileno(), chmod)
+        if overwrite:
+            os.replace(target, path)
+    except BaseException as e:
+        try:
+            os.unlink(target)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise UsageError(f"{name}: cannot write it ({e.strerror or e}); {fix}") from None
+        raise
+    return path
