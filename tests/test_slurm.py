@@ -404,7 +404,7 @@ def _summary(sweep_dir: Path, env: dict[str, str], *extra: str) -> dict:
     return json.loads(proc.stdout)
 
 
-STEPS = 40  # long enough to see the first tasks running while the others wait, and to signal one mid-run
+STEPS = 60  # long enough to see the first tasks running while the others wait, and to signal one mid-run
 
 
 def test_sweep_runs_as_a_job_array_and_a_preempted_task_resumes_alone(cluster: int, demo_model: Path,
@@ -436,17 +436,22 @@ def test_sweep_runs_as_a_job_array_and_a_preempted_task_resumes_alone(cluster: i
         wait_step(first, sw, Path(tasks[0]["dir"]), 3, timeout=600)
         states = [r["status"] for r in _summary(sw, env, "--no-plot")["rows"]]
         assert states[0] == "running" and states[2:] == ["pending", "pending"], states
+        # Sent until the task's batch shell says it caught it: scancel's exit code is no guide here (it has answered
+        # "Job can not be altered now" on a loaded box, and non-zero for an array task it did signal).
+        log0 = next(sw.rglob(f"*-{job}_0.out"))
         t0 = time.time()
-        while subprocess.run(["scancel", "--signal=USR1", "--batch", first], capture_output=True).returncode:
+        while "caught SIGUSR1" not in log0.read_text(errors="replace"):
             assert time.time() - t0 < 120, logs(sw)
+            subprocess.run(["scancel", "--signal=USR1", "--batch", first], capture_output=True)
             time.sleep(2)
+        # Requeued: Slurm holds the task before it may start again; the summary says preempted from the moment the
+        # task's checkpoint is written.
         t0 = time.time()
-        while (st := job_state(first)) != "PENDING":  # requeued, held by Slurm before it may start again
-            # A finished or failed task will not come back: say so now, not after the timeout.
-            assert time.time() - t0 < 300 and st in ("RUNNING", "COMPLETING", "REQUEUED", "CONFIGURING"), logs(sw)
+        while "requeueing job" not in log0.read_text(errors="replace"):
+            assert time.time() - t0 < 300 and job_state(first) in ("RUNNING", "COMPLETING", "REQUEUED",
+                                                                   "CONFIGURING", "PENDING"), logs(sw)
             time.sleep(0.5)
-        got = _summary(sw, env, "--no-plot")
-        assert got["rows"][0]["status"] == "preempted", got
+        assert _summary(sw, env, "--no-plot")["rows"][0]["status"] == "preempted", logs(sw)
         time.sleep(5)  # see wait_restart: release the hold once the old instance is cleaned up
         subprocess.run(["scontrol", "update", f"JobId={first}", "StartTime=now"], capture_output=True)
         t0 = time.time()

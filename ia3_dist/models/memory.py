@@ -158,9 +158,12 @@ def largest_micro(s: Shape, stage: int, offload: bool, world: int, seq: int, b: 
 
 
 def framework_rss() -> float:
-    """Host memory of a rank before any model: this process's RSS with the same stack imported."""
-    import deepspeed  # noqa: F401 - imported for its footprint
-    import peft  # noqa: F401
+    """Host memory of a rank before any model: this process's RSS with the same stack imported, DeepSpeed as a
+    rank imports it (without MLflow: :func:`..runtime.lazy.import_deepspeed`)."""
+    from ..runtime.lazy import import_deepspeed
+
+    import_deepspeed()
+    import peft  # noqa: F401 - imported for its footprint
     import transformers  # noqa: F401
 
     return rss_gib() * GIB
