@@ -51,15 +51,20 @@ def _copy(dst: Path) -> None:
 
 
 def run(name: str, tier: str) -> bool:
-    path, old, new, tests = MUTANTS[name]
-    with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-") as tmp:
+    """Whether the tests fail on mutant ``name``; ``name=None``: the unmutated copy (the control, which must pass, so
+    that a catch is the mutant's and not the copy's)."""
+    path, old, new, tests = MUTANTS[name] if name else ("", "", "", sorted({t for m in MUTANTS.values() for t in m[3]}))
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{name or 'control'}-") as tmp:
         work = Path(tmp) / "ia3-dist"
         _copy(work)
-        f = work / path
-        text = f.read_text()
-        if text.count(old) != 1:
-            raise SystemExit(f"{name}: the code to mutate is not in {path} exactly once; update MUTANTS")
-        f.write_text(text.replace(old, new))
+        if name:
+            f = work / path
+            text = f.read_text()
+            if text.count(old) != 1:
+                raise SystemExit(f"{name}: the code to mutate is not in {path} exactly once; update MUTANTS")
+            f.write_text(text.replace(old, new))
+        control = not name
+        name = name or "control (no mutant)"
         targets = ["-m", "not slow", *tests] if tier == "unit" else []
         env = {**os.environ, "PYTHONPATH": str(work)}
         t0 = time.monotonic()
@@ -67,7 +72,8 @@ def run(name: str, tier: str) -> bool:
                               cwd=work, env=env, capture_output=True, text=True)
         tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
         caught = proc.returncode == 1  # test failures; 2-5 are usage/collection errors, not a catch
-        print(f"{name}: {'caught' if caught else 'NOT CAUGHT'} in {time.monotonic() - t0:.0f} s ({tail})", flush=True)
+        verdict = ("fails" if caught else "passes") if control else ("caught" if caught else "NOT CAUGHT")
+        print(f"{name}: {verdict} in {time.monotonic() - t0:.0f} s ({tail})", flush=True)
         if proc.returncode not in (0, 1):
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
         return caught
@@ -78,6 +84,8 @@ def main() -> None:
     ap.add_argument("--tier", choices=["unit", "all"], default="unit")
     ap.add_argument("--only", choices=list(MUTANTS), action="append")
     a = ap.parse_args()
+    if run(None, a.tier):
+        raise SystemExit("the unmutated copy fails its tests: fix that first")
     missed = [n for n in (a.only or MUTANTS) if not run(n, a.tier)]
     if missed:
         raise SystemExit(f"mutants no test caught: {', '.join(missed)}")

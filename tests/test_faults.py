@@ -37,8 +37,11 @@ from ia3_dist.runtime.watchdog import HUNG_FILE
 
 pytestmark = pytest.mark.slow
 TINY = "configs/tiny-cpu.yaml"
-# Long enough (75 steps of 4 micro-steps per rank) to signal or kill a rank mid-run.
-RUN = ["train.micro_batch_size=1", "train.grad_accum=4", "train.log_every=1", "checkpoint.every=5"]
+# Long enough (60 steps of 4 micro-steps per rank; the tests act at step 3 to 10) to signal, freeze or kill a rank
+# mid-run, and no longer: every resumed run trains the rest.
+STEPS = 60
+RUN = ["train.micro_batch_size=1", "train.grad_accum=4", "train.log_every=1", "checkpoint.every=5",
+       f"train.max_steps={STEPS}"]
 
 
 def _args(out: Path, *extra: str) -> list[str]:
@@ -106,7 +109,7 @@ def test_signal_on_one_rank_checkpoints_all_and_resumes(straight: Path, tmp_path
     # The checkpoint is the one written at the stop: the step every rank stopped after, the last one logged,
     # and nothing later was saved.
     stopped = json.loads((out / "preempted.json").read_text())["step"]
-    assert 3 <= stopped < 75
+    assert 3 <= stopped < STEPS
     assert latest(out / "checkpoints") == out / "checkpoints" / f"step{stopped}"
     assert json.loads((out / "checkpoints" / f"step{stopped}" / "meta.json").read_text())["step"] == stopped
     assert [r["step"] for r in metrics(out)][-1] == stopped

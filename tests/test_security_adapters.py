@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _util import measured_cli
+from _util import deadline, measured_cli
 
 from ia3_dist.cli import main
 from ia3_dist.config import DataSection
@@ -158,6 +159,43 @@ def _copy(src: Path, dst: Path, config: dict[str, Any] | None = None) -> Path:
         c.update(config)
         (dst / "adapter_config.json").write_text(json.dumps({k: v for k, v in c.items() if v is not ...}))
     return dst
+
+
+@pytest.mark.parametrize("where, name, make", [
+    ("adapter", "tokenizer.json", "fifo"),
+    ("adapter", "tokenizer_config.json", "fifo"),
+    ("adapter", "special_tokens_map.json", "fifo"),
+    ("adapter", "tokenizer.json", "dangling"),
+    ("base", "tokenizer.json", "fifo"),
+    ("base", "config.json", "fifo"),
+    ("merged", "tokenizer_config.json", "fifo"),
+])
+def test_a_fifo_or_dangling_link_in_a_dir_is_refused_before_any_load(where: str, name: str, make: str,
+                                                                    adapter: Path, tiny_model: Path, tmp_path: Path,
+                                                                    capsys) -> None:
+    """A FIFO with no writer named like a tokenizer or config file would block the library loader that opens it
+    for ever; a dangling link fails there with a traceback. Either is exit 2 naming it, before anything loads."""
+    if where == "merged":
+        d = shutil.copytree(tiny_model, tmp_path / "merged")
+        args = ["generate", "--adapter", str(d), "x"]
+    elif where == "base":
+        d = shutil.copytree(tiny_model, tmp_path / "base")
+        ad = _copy(adapter, tmp_path / "ad")
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (ad / f).unlink()  # the tokenizer then comes from the base
+        args = ["generate", "--adapter", str(ad), "--base", str(d), "x"]
+    else:
+        d = _copy(adapter, tmp_path / "ad")
+        args = ["generate", "--adapter", str(d), "x"]
+    f = d / name
+    f.unlink(missing_ok=True)
+    if make == "fifo":
+        os.mkfifo(f)
+    else:
+        f.symlink_to(tmp_path / "nowhere")
+    with deadline(60):
+        rc, _, err = _run(args, capsys)
+    _refused(rc, err, name, "named pipe" if make == "fifo" else "dangling symlink")
 
 
 def _edit_json(f: Path, **change: Any) -> None:

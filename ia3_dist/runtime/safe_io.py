@@ -67,6 +67,32 @@ def open_regular(path: Path, fix: str = "", label: str = "", follow: bool = Fals
     return os.fdopen(fd, "rb")
 
 
+MAX_DIR_ENTRIES = 10_000
+"""A model, adapter or tokenizer dir holds a few dozen files."""
+
+
+def check_dir_files(d: Path, what: str) -> None:
+    """Every entry of ``d`` (not recursive) is a regular file or a dir, symlinks followed (the hub cache links its
+    files): a FIFO, socket or device named like a tokenizer or config file would hang or never end the library
+    loader that opens it, and a dangling link fails there with a traceback. UsageError naming the entry."""
+    try:
+        with os.scandir(d) as it:
+            for n, entry in enumerate(it):
+                if n >= MAX_DIR_ENTRIES:
+                    raise UsageError(f"{what} {brief(str(d))}: more than {MAX_DIR_ENTRIES} entries, which no model or "
+                                     f"adapter dir has")
+                try:
+                    mode = os.stat(entry.path).st_mode
+                except FileNotFoundError:
+                    raise UsageError(f"{what} {brief(entry.path)}: a dangling symlink; remove it or copy the file "
+                                     f"again") from None
+                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    raise UsageError(f"{what} {brief(entry.path)}: {kind(mode)}, not a regular file; remove it or "
+                                     f"copy the file again")
+    except OSError as e:
+        raise UsageError(f"{what} {brief(str(d))}: cannot list it ({e.strerror or e})") from None
+
+
 def read_bounded(path: Path, limit: int, fix: str = "", label: str = "", follow: bool = False,
                  missing_ok: bool = False) -> bytes | None:
     """The bytes of a small regular file (see :func:`open_regular`); a UsageError if it holds more than

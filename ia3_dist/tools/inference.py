@@ -25,6 +25,7 @@ from ..models.files import (
     read_small_json,
 )
 from ..models.load import DTYPES, no_code_prompt
+from ..runtime.safe_io import check_dir_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
@@ -224,6 +225,7 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     d = Path(path).expanduser()
     if not d.is_dir():
         raise UsageError(f"{path}: no such directory (give an adapter dir, e.g. runs/x/adapter, or a merged dir)")
+    check_dir_files(d, "adapter or model dir")
     torch_dtype = DTYPES[dtype]
     is_adapter = (d / ADAPTER_CONFIG).is_file()
     template = _load_template(d)
@@ -239,6 +241,8 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
         check_weight_file(weights)
         what = "base model" + ("" if base else f" (from {d / ADAPTER_CONFIG}; --base overrides it)")
         _check_module_fields(cfg, f"{d}: cannot load the adapter onto {base_path}")
+        if Path(base_path).expanduser().is_dir():
+            check_dir_files(Path(base_path).expanduser(), "base model dir")
         _check_local_model(base_path, what)
         model = _load_adapter(_from_pretrained(base_path, torch_dtype, what), d, base_path)
         tok_src = str(d) if has_tokenizer_files(d) else base_path
