@@ -37,11 +37,12 @@ from ia3_dist.runtime.watchdog import HUNG_FILE
 
 pytestmark = pytest.mark.slow
 TINY = "configs/tiny-cpu.yaml"
-# Long enough (60 steps of 4 micro-steps per rank; the tests act at step 3 to 10) to signal, freeze or kill a rank
-# mid-run, and no longer: every resumed run trains the rest.
-STEPS = 60
-RUN = ["train.micro_batch_size=1", "train.grad_accum=4", "train.log_every=1", "checkpoint.every=5",
-       f"train.max_steps={STEPS}"]
+# Long enough (150 steps of 4 micro-steps per rank) to signal, freeze or kill a rank mid-run even on a loaded box:
+# the tests act at step 3 to 10, and finding the ranks (psutil over every process) can take seconds under load. A
+# rank frozen after the last step would leave the other waiting in the final collectives, where the hang watchdog
+# no longer runs.
+STEPS = 150
+RUN = ["train.micro_batch_size=1", "train.grad_accum=4", "train.log_every=1", "checkpoint.every=5"]
 
 
 def _args(out: Path, *extra: str) -> list[str]:

@@ -26,9 +26,9 @@ from _util import ROOT, adapter_tensors, alive, check, launch, tagged_ranks
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 TINY = "configs/tiny-cpu.yaml"
 SHORT = ["train.max_steps=10"]
-# Long enough to preempt or freeze a rank mid-run (the tests act at step 3 or 7): 60 steps of 4 micro-steps per rank.
-LONG = ["train.micro_batch_size=1", "train.grad_accum=4", "train.log_every=1", "checkpoint.every=5",
-        "train.max_steps=60"]
+# Long enough to preempt or freeze a rank mid-run on a loaded box (the tests act at step 3 or 7, through Slurm):
+# 150 steps of 4 micro-steps per rank.
+LONG = ["train.micro_batch_size=1", "train.grad_accum=4", "train.log_every=1", "checkpoint.every=5"]
 
 
 def _idle_nodes() -> int:
