@@ -25,8 +25,36 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
+"""Operators that make the host wait for the device (a value read back, a data-dependent shape, a tensor used as a
+bool). Counted on every machine: on CPU they cost nothing, but each one is a stall of the GPU queue there."""
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync",
                "cudaMemcpy")
+
+
+def _sync_sites_mode():  # noqa: ANN202
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = {op.split("::")[1] for op in HOST_SYNC_OPS}
+
+    class SyncSites(TorchDispatchMode):
+        """Records the Python call site (outside torch) of each host-sync operator."""
+
+        def __init__(self, where: dict) -> None:
+            super().__init__()
+            self.where = where
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func.__name__.split(".")[0] in names:
+                frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-3:]
+                key = func.__name__.split(".")[0] + "  " + " <- ".join(
+                    f"{Path(f.filename).name}:{f.lineno}({f.name})" for f in reversed(frames))
+                self.where[key] = self.where.get(key, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    return SyncSites
 
 
 def main() -> None:
@@ -44,6 +72,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/ia3-profile")
     ap.add_argument("--out", default=None, help="where the Chrome trace and summary JSON go")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--stacks", action="store_true", help="print the Python stack of each host-sync operator")
     a = ap.parse_args()
 
     import torch
@@ -61,6 +90,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     state: dict = {"calls": 0, "walls": []}
+    SyncSites = _sync_sites_mode()  # noqa: N806
     orig = loop.Trainer.step
 
     def step(self, step_no, step_mbs):  # noqa: ANN001, ANN202
@@ -74,7 +104,11 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        res = orig(self, step_no, step_mbs)
+        if a.stacks:
+            with SyncSites(state.setdefault("where", {})):
+                res = orig(self, step_no, step_mbs)
+        else:
+            res = orig(self, step_no, step_mbs)
         if cuda:
             torch.cuda.synchronize()
         state["walls"].append(time.perf_counter() - t0)
@@ -113,13 +147,18 @@ def main() -> None:
     syncs = {e.key: e.count / n - (2 if e.key == "cudaDeviceSynchronize" else 0) for e in ev
              if e.key in SYNC_EVENTS}
     wall = sum(state["walls"]) / n
+    host_syncs = {e.key: e.count / n for e in ev if e.key in HOST_SYNC_OPS}
     summary = {"model": a.model, "micro": a.micro, "ds": a.ds, "set": a.set, "steps": n, "wall_ms": wall * 1e3,
                "device_busy_ms": busy_us / 1e3 / n if cuda else None,
                "busy_fraction": busy_us / 1e6 / n / wall if cuda else None,
-               "device_ops_per_step": len(kernels) / n, "syncs_and_copies_per_step": syncs,
+               "device_ops_per_step": len(kernels) / n,
+               "host_syncs_per_step": sum(host_syncs.values()), "host_sync_ops": host_syncs,
+               "syncs_and_copies_per_step": syncs,
                "device": torch.cuda.get_device_name() if cuda else "cpu"}
     print("\nPROFILE " + json.dumps(summary))
     print(ev.table(sort_by="self_cpu_time_total", row_limit=a.rows))
+    for where, count in sorted(state.get("where", {}).items(), key=lambda kv: -kv[1]):
+        print(f"{count / n:5.1f} per step  {where}")
     if cuda:
         print(ev.table(sort_by=dev_attr, row_limit=a.rows))
     if a.out:

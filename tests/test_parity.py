@@ -10,7 +10,8 @@ Per-step losses must agree within 1e-6 relative and the final IA3 vectors within
 a few thousand AdamW updates), for (world 1, ZeRO-0), (world 2, ZeRO-1/2/3 and ZeRO-3 offload), for the splits
 1x8, 2x4, 8x1 of global batch 8, with HF's cosine schedule and warmup, and with the speed options on (SDPA
 attention, chunked loss); and for tiny random Llama, Qwen2, Mistral and GPT-NeoX models (world 1 ZeRO-0 and
-world 2 ZeRO-3, two splits each).
+world 2 ZeRO-3, two splits each). Packed runs (``data.packing``) meet the same tolerances against the unpacked
+reference: Bloom on world 1 ZeRO-0 and world 2 ZeRO-2 and ZeRO-3, each other family once.
 """
 
 from __future__ import annotations
@@ -140,6 +141,11 @@ CASES = {
     "w1-zero0-2x4-cosine-warmup3": (1, "zero0", 2, 4, "train.scheduler=cosine", "train.warmup_steps=3"),
     # The speed options on: Bloom attention through SDPA, the LM-head loss in chunks of 1 MiB of logits.
     "w1-zero0-8x1-sdpa-chunked": (1, "zero0", 8, 1, "model.attention=sdpa", "train.loss_chunk_mib=1"),
+    # Packed rows (data.packing): the same losses and vectors as the unpacked reference; at 1x4 each rank's 4
+    # examples fill fewer rows than micro-steps, so zero-weight rows fill the rest.
+    "w1-zero0-2x4-packed": (1, "zero0", 2, 4, "data.packing=true"),
+    "w2-zero2-1x4-packed": (2, "zero2", 1, 4, "data.packing=true"),
+    "w2-zero3-2x2-packed-512": (2, "zero3", 2, 2, "data.packing=true", "data.pack_length=512"),
 }
 
 
@@ -147,10 +153,10 @@ CASES = {
 # head): one process ZeRO-0 and two ranks ZeRO-3, each family with two different micro-batch splits, so the splits
 # are covered across families without a run per family and split. The last MLP runs at label rows (the default).
 FAMILY_CASES = {
-    "llama": [(1, "zero0", 2, 4), (2, "zero3", 1, 4)],
-    "qwen2": [(1, "zero0", 8, 1), (2, "zero3", 2, 2)],
-    "mistral": [(1, "zero0", 1, 8), (2, "zero3", 4, 1)],
-    "gpt_neox": [(1, "zero0", 4, 2), (2, "zero3", 1, 4)],
+    "llama": [(1, "zero0", 2, 4), (2, "zero3", 1, 4), (2, "zero2", 2, 2, "data.packing=true")],
+    "qwen2": [(1, "zero0", 8, 1), (2, "zero3", 2, 2), (1, "zero0", 4, 2, "data.packing=true")],
+    "mistral": [(1, "zero0", 1, 8), (2, "zero3", 4, 1), (2, "zero3", 2, 2, "data.packing=true")],
+    "gpt_neox": [(1, "zero0", 4, 2), (2, "zero3", 1, 4), (2, "zero2", 1, 4, "data.packing=true")],
 }
 
 
@@ -187,13 +193,14 @@ def test_launcher_matches_reference(case: str, references, parity_data: Path, tm
     _run_and_compare(case, reference, parity_data, tmp_path / case, world, ds, micro, accum, *extra)
 
 
-FAMILY_PARAMS = [pytest.param(t, c, id=f"{t}-w{c[0]}-{c[1]}-{c[2]}x{c[3]}") for t, cs in FAMILY_CASES.items()
-                 for c in cs]
+FAMILY_PARAMS = [pytest.param(t, c, id=f"{t}-w{c[0]}-{c[1]}-{c[2]}x{c[3]}{'-packed' if c[4:] else ''}")
+                 for t, cs in FAMILY_CASES.items() for c in cs]
 
 
 @pytest.mark.parametrize("model_type, case", FAMILY_PARAMS)
 def test_family_matches_reference(model_type: str, case: tuple, family_reference, family_models: dict,
                                   parity_data: Path, tmp_path: Path) -> None:
-    world, ds, micro, accum = case
-    _run_and_compare(f"{model_type}-w{world}-{ds}-{micro}x{accum}", family_reference(model_type), parity_data,
-                     tmp_path / "out", world, ds, micro, accum, f"model.path={family_models[model_type]}")
+    world, ds, micro, accum, *extra = case
+    _run_and_compare(f"{model_type}-w{world}-{ds}-{micro}x{accum}{'-packed' if extra else ''}",
+                     family_reference(model_type), parity_data, tmp_path / "out", world, ds, micro, accum,
+                     f"model.path={family_models[model_type]}", *extra)

@@ -181,7 +181,16 @@ class DataSection:
     """Reshuffle the example order every epoch from ``train.seed``; false keeps the file order."""
     group_by_length: bool | None = None
     """Build micro-batches of similar lengths (sorted within large groups, shuffled between them) so little compute
-    goes to padding. null (auto): on when micro_batch_size > 1 and shuffle is on; off keeps the plain order."""
+    goes to padding. null (auto): on when micro_batch_size > 1 and shuffle is on and data.packing is off; off keeps
+    the plain order."""
+    packing: bool = False
+    """Lay the examples of each rank's optimizer step end to end in rows of ``data.pack_length`` tokens, each
+    example attending only to itself with its own positions (exact: the same losses as unpacked, within float
+    summation order). Which examples form each step does not change, only their layout; no length grouping is
+    needed, so the order stays freely shuffled. Tested families only (Bloom, Llama, Qwen2, Mistral, GPT-NeoX)."""
+    pack_length: int | str = "auto"
+    """Tokens per packed row: ``auto`` picks, from the run's own batches, the width (a multiple of 64, at least the
+    longest example) that packs best; the data report states the efficiency it reaches."""
     limit: int | None = None
     """Use only the first N records (after loading, before tokenizing)."""
     eval_ratio: float = 0.0
@@ -232,6 +241,11 @@ class DataSection:
         if self.limit is not None and self.limit < 1:
             fail("data.limit", f"must be >= 1 or null, got {show(self.limit)}")
         _check_template("data.prompt_template", self.prompt_template)
+        if isinstance(self.pack_length, str):
+            if self.pack_length != "auto":
+                fail("data.pack_length", f"must be a positive integer or auto, got {show(self.pack_length)}")
+        else:
+            _in_range("data.pack_length", self.pack_length, 2, 1 << 20)
         if len(self.response_prefix) > MAX_TEXT:
             fail("data.response_prefix", f"{len(self.response_prefix)} characters; at most {MAX_TEXT}")
 

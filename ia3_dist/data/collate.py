@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .tokenize import IGNORE_INDEX, TokenizedData
@@ -24,3 +25,13 @@ def collate(data: TokenizedData, idx: Sequence[int], pad_id: int, padding_side: 
         mask[j, sl] = torch.tensor(m_)
         labels[j, sl] = torch.tensor(l_)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat (row x position) indices of the positions whose next token is a label: the rows the LM head computes.
+    Found here, on the host, where the batch is built (numpy: no device work and no device sync), instead of by a
+    data-dependent ``nonzero`` on the device in every micro-step."""
+    lab = labels.numpy()
+    nxt = np.full(lab.shape, IGNORE_INDEX, dtype=lab.dtype)
+    nxt[:, :-1] = lab[:, 1:]
+    return torch.from_numpy(np.flatnonzero(nxt != IGNORE_INDEX))

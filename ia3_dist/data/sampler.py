@@ -48,6 +48,9 @@ class Layout:
     group_by_length: bool
     group_steps: int = 64
     """Steps per length group (grouped mode): large enough to sort well, small enough to keep order random."""
+    pack_length: int = 0
+    """Tokens per packed row with ``data.packing`` (0: not packed). Packing changes where a step's examples sit
+    in its micro-steps, never which examples form the step."""
 
     @property
     def global_batch(self) -> int:

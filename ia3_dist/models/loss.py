@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -29,11 +30,13 @@ class TokenSumLM(nn.Module):
     """
 
     def __init__(self, peft_model: nn.Module, last_mlp_rows: RowSelector | None = None,
-                 chunk_bytes: int = 0) -> None:
+                 chunk_bytes: int = 0, packed: Callable[..., dict[str, Any]] | None = None) -> None:
         super().__init__()
         self.peft = peft_model
         self.rows = last_mlp_rows
         self.chunk_bytes = chunk_bytes
+        self.packed = packed
+        """The family's packed-batch inputs (``data.packing``; see ``families.packed``), None when not packing."""
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Only trainable tensors. DeepSpeed's ``exclude_frozen_parameters`` drops frozen names it finds in
@@ -46,26 +49,35 @@ class TokenSumLM(nn.Module):
                 sd.pop(prefix + name, None)
         return sd
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
+                label_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``seq_ids`` and ``position_ids`` mark a packed batch (``data.packing``). ``label_pos`` (from the
+        collator, optional): the flat indices of positions whose next token is a label, found on the host, so the
+        device never stops to learn how many rows the head computes."""
         lm = self.peft.get_base_model()
-        target = labels[:, 1:]
-        keep = target != IGNORE_INDEX
-        if self.rows is None:
-            out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            hidden = out[0][:, :-1][keep]
+        if seq_ids is not None:
+            if self.packed is None:
+                raise ValueError("a packed batch reached a model that was not set up for packing (data.packing)")
+            inputs = self.packed(seq_ids, position_ids, lm.dtype)
         else:
-            # Positions t < T-1 whose next token is a label, as flat indices: the same rows, in the same order,
-            # as hidden[:, :-1][keep].
-            at = F.pad(keep, (0, 1))
-            self.rows.idx = at.reshape(-1).nonzero().squeeze(1)
+            inputs = {"attention_mask": attention_mask}
+        # Flat (row x position) targets: position t predicts label t+1; the last position predicts nothing.
+        flat_target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        if label_pos is None:
+            label_pos = (flat_target != IGNORE_INDEX).nonzero().squeeze(1)
+        if self.rows is not None:
+            self.rows.idx = label_pos
             try:
-                hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+                hidden = lm.base_model(input_ids=input_ids, use_cache=False, **inputs)[0]
             finally:
                 self.rows.idx = None  # other callers of the model (eval via peft, generation) see every row
-            if hidden.dim() == 3:  # a selector that keeps every row (families.rows.ScatterMLPRows)
-                hidden = hidden[:, :-1][keep]
-        return self.head_loss(lm, hidden, target[keep]), keep.sum()
+        else:
+            hidden = lm.base_model(input_ids=input_ids, use_cache=False, **inputs)[0]
+        if hidden.dim() == 3:  # every row came back (no selector, or families.rows.ScatterMLPRows)
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, label_pos)
+        count = torch.full((), label_pos.numel(), dtype=torch.long, device=labels.device)
+        return self.head_loss(lm, hidden, flat_target.index_select(0, label_pos)), count
 
     def head_loss(self, lm: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Sum of cross-entropies of ``hidden`` rows through the LM head. When the fp32 logits of all rows would

@@ -14,13 +14,14 @@ from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..data.collate import collate
+from ..data.collate import collate, label_positions
+from ..data.packing import collate_packed, pack_step
 from ..data.sampler import iter_steps, rank_slice
-from ..data.tokenize import IGNORE_INDEX
 from ..errors import NonFiniteLoss, Preempted
-from ..models.families import apply_speedups, last_block
+from ..models.families import apply_speedups, family_of, last_block
 from ..models.ia3 import apply_ia3, trainable_line
 from ..models.load import DTYPES, compile_blocks, hidden_size_of, layers_of, load_base_model
 from ..models.loss import TokenSumLM
@@ -50,6 +51,9 @@ class StepStats:
     padded_tokens: float = 0.0
     """Tokens computed on, padding included."""
     samples: float = 0.0
+    """Examples (packed: documents, not rows)."""
+    rows: float = 0.0
+    """Rows computed on (equal to samples unpacked)."""
     stop_requested: float = 0.0
     """> 0 when a signal reached any rank."""
     flops: float = 0.0
@@ -129,9 +133,15 @@ def build_engine(p: Prepared) -> tuple[Any, Any, Any]:
         # The last block keeps eager mode when it computes only label rows: its row count changes every batch.
         n = compile_blocks(base, skip=last_block(base) if rows is not None else None)
         dist.print0(p.env, f"train.compile: {n} decoder blocks compiled (the first steps include the compile)")
+    packed = None
+    if p.layout.pack_length:
+        fam = family_of(base.config)
+        if fam is None or fam.packed_inputs is None:  # the preflight refuses this; kept for direct callers
+            raise ValueError(f"data.packing: no exact packing for model_type {base.config.model_type!r}")
+        packed = fam.packed_inputs(base)
     peft_model = apply_ia3(base, p.cfg.ia3)
     dist.print0(p.env, trainable_line(peft_model))
-    wrapper = TokenSumLM(peft_model, rows, p.cfg.train.loss_chunk_mib << 20)
+    wrapper = TokenSumLM(peft_model, rows, p.cfg.train.loss_chunk_mib << 20, packed)
     params = [q for q in wrapper.parameters() if q.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=wrapper, model_parameters=params, config=p.ds_config,
                                            lr_scheduler=lr_schedule(p.cfg.train, p.total_steps))
@@ -227,27 +237,50 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------------------------
 
     def local_stats(self, batches: list[dict[str, torch.Tensor]], real: list[bool]) -> StepStats:
+        """This rank's share of the step's stats, from the host copies of the batches (numpy: no device sync)."""
         s = StepStats(stop_requested=float(self.stop.requested))
         sh = self.shape
         for b, r in zip(batches, real, strict=True):
             if r:
-                lengths = b["attention_mask"].sum(1)
-                labels = float((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-                rows, seq = b["input_ids"].shape
+                mask = b["attention_mask"].numpy()
+                rows, seq = mask.shape
+                if "seq_ids" in b:  # packed: each document is a sequence of its own
+                    seq_ids = b["seq_ids"].numpy()
+                    lengths = np.concatenate([np.bincount(row[row > 0])[1:] for row in seq_ids])
+                else:
+                    lengths = mask.sum(1)
+                labels = float(len(b["label_pos"]))
                 chunked = labels if self.chunk_rows and labels > self.chunk_rows else 0.0  # as TokenSumLM
-                s += StepStats(label_tokens=labels, real_tokens=float(lengths.sum()), padded_tokens=float(rows * seq),
-                               samples=float(rows), flops=model_flops(lengths, sh.n_params, sh.n_layer, sh.hidden),
+                s += StepStats(label_tokens=labels, real_tokens=float(mask.sum()), padded_tokens=float(rows * seq),
+                               samples=float(len(lengths)), rows=float(rows),
+                               flops=model_flops(lengths, sh.n_params, sh.n_layer, sh.hidden),
                                executed_flops=executed_flops(seq, rows, labels, sh, self.recompute, chunked))
         return s
+
+    def batches(self, step_mbs: list[list[int]]) -> tuple[list[dict[str, torch.Tensor]], list[bool]]:
+        """This rank's micro-batches of the step, collated (packed with ``data.packing``), and which are real: an
+        empty micro-step gets a copy of the first one, run at weight 0 (every rank joins every micro-step)."""
+        p, t = self.p, self.p.cfg.train
+        mbs = rank_slice(step_mbs, p.env.rank, t.grad_accum)
+        cap = p.layout.pack_length
+        if cap:
+            rows = pack_step(mbs, p.data.lengths, cap) if any(mbs) else mbs
+            filler = next((r for r in rows if r), None) or [[next(mb for mb in step_mbs if mb)[0]]]
+            out = [collate_packed(p.data, r if r else filler[:1], self.pad_id, cap) for r in rows]
+            real = [bool(r) for r in rows]
+        else:
+            filler = next(mb for mb in step_mbs if mb)[:1]
+            out = [collate(p.data, mb if mb else filler, self.pad_id, self.side) for mb in mbs]
+            real = [bool(mb) for mb in mbs]
+        for b in out:
+            b["label_pos"] = label_positions(b["labels"])
+        return out, real
 
     def step(self, step: int, step_mbs: list[list[int]]) -> tuple[float, StepStats]:
         """One optimizer step; returns its loss (mean over the global batch's label tokens) and its stats."""
         env, t = self.p.env, self.p.cfg.train
         faults.hit("step", step + 1, env.rank)
-        mbs = rank_slice(step_mbs, env.rank, t.grad_accum)
-        filler = next(mb for mb in step_mbs if mb)[:1]
-        batches = [collate(self.p.data, mb if mb else filler, self.pad_id, self.side) for mb in mbs]
-        real = [bool(mb) for mb in mbs]
+        batches, real = self.batches(step_mbs)
         glob = self.local_stats(batches, real).all_reduce(self.device)
         if glob.stop_requested > 0:
             where = self.save(step) if step > self.saved else ckpt.root_of(self.p.out) / ckpt.tag_for(step)
@@ -301,6 +334,12 @@ class Trainer:
         tflops, executed = s.flops / dt / 1e12, s.executed_flops / dt / 1e12
         perf = {"tflops": tflops, "tflops_executed": executed, "peak_mem_gb": mem[0], "peak_rss_gb": mem[1],
                 "load_peak_rss_gb": self.load_rss}
+        if self.p.cfg.train.compile:
+            # Graphs dynamo has compiled so far: flat after warm-up means no recompiles (a changing shape would
+            # add graphs); packed rows keep the width fixed for that reason.
+            from torch._dynamo.utils import counters
+
+            perf["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
         if self.peak_tflops:
             perf["mfu"] = tflops / (self.peak_tflops * self.p.env.world_size)
             perf["mfu_executed"] = executed / (self.peak_tflops * self.p.env.world_size)
@@ -308,6 +347,7 @@ class Trainer:
                       "grad_norm": float(gn) if gn is not None else None,
                       "tokens_per_s": s.real_tokens / dt, "padded_tokens_per_s": s.padded_tokens / dt,
                       "samples_per_s": s.samples / dt, "padding_efficiency": s.real_tokens / max(s.padded_tokens, 1.0),
+                      "rows_per_step": s.rows / w.steps,
                       "step_time_s": dt / w.steps, **perf, "elapsed_s": time.perf_counter() - t_start,
                       **({"startup_s": self.startup_s} if done == self.start + 1 else {})})
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 from ..runtime.hostmem import peak_rss_gib
@@ -37,12 +38,13 @@ def peak_memory_gb(device: torch.device) -> float:
     return peak_rss_gib()
 
 
-def model_flops(lengths: torch.Tensor, n_params: int, n_layer: int, hidden: int) -> float:
+def model_flops(lengths: torch.Tensor | np.ndarray, n_params: int, n_layer: int, hidden: int) -> float:
     """Training FLOPs by the usual convention: 6 N per token plus attention, 12 L h T per token of a length-T
     sequence (forward + backward), on real tokens. MFU is reported against this. It is what full fine-tuning would
     need, not what IA3 executes (see :func:`executed_flops`): a comparable figure across tools, not a measure of
     how busy the device was."""
-    lf = lengths.double()
+    # numpy: the loop calls this on host tensors every micro-step, where a torch reduction's .item() is a sync.
+    lf = np.asarray(lengths, dtype=np.float64)
     return float((6.0 * n_params * lf + 12.0 * n_layer * hidden * lf * lf).sum())
 
 

@@ -11,8 +11,9 @@ from typing import Any
 
 from ..config import RunConfig
 from ..config.schema import fail
+from ..data.packing import check_pack_length, choose_pack_length
 from ..data.report import data_lines
-from ..data.sampler import ORDER_VERSION, Layout, split_eval, steps_per_epoch
+from ..data.sampler import ORDER_VERSION, Layout, plan_epoch, split_eval, steps_per_epoch
 from ..data.tokenize import TokenizedData, load_or_tokenize
 from ..models.families import family_of, support_case
 from ..models.files import check_model_dir, check_vocab
@@ -66,6 +67,23 @@ def total_steps_for(cfg: RunConfig, n_examples: int, layout: Layout) -> int:
     return cfg.train.epochs * steps_per_epoch(n_examples, layout.global_batch)
 
 
+def pack_length_for(cfg: RunConfig, model_config: Any, data: TokenizedData, layout: Layout, auto_micro: bool) -> int:
+    """``data.pack_length`` resolved (``auto`` from epoch 0's batches), or a UsageError naming the key."""
+    fam = family_of(model_config)
+    if fam is None or fam.packed_inputs is None:
+        from ..models.families import FAMILIES
+
+        fail("data.packing", f"exact packing is built for the tested families ({', '.join(FAMILIES)}); model_type "
+                             f"{getattr(model_config, 'model_type', None)!r} is not one. Set data.packing=false")
+    if auto_micro:
+        fail("data.packing", "does not combine with train.micro_batch_size=auto (the probe measures padded "
+                             "batches); give train.micro_batch_size a number")
+    if cfg.data.pack_length == "auto":
+        return choose_pack_length(plan_epoch(data.lengths, layout, 0), data.lengths, layout.accum, layout.world)
+    check_pack_length(int(cfg.data.pack_length), data.lengths)
+    return int(cfg.data.pack_length)
+
+
 def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     """Model files, tokenizer, tokenized data (file-locked cache), the resolved DeepSpeed config, the output-dir
     guard and the resume point. Raises :class:`UsageError` on bad input; nothing here waits on another rank."""
@@ -116,10 +134,12 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         cfg = autobatch.with_micro(cfg, auto.micro, auto.samples_per_rank)
         autobatch.set_ds_batch(ds, cfg, env.world_size)
     grouped = cfg.data.group_by_length
-    if grouped is None:
-        grouped = cfg.train.micro_batch_size > 1 and cfg.data.shuffle
+    if grouped is None:  # packed rows waste little whatever the lengths: the order stays freely shuffled
+        grouped = cfg.train.micro_batch_size > 1 and cfg.data.shuffle and not cfg.data.packing
     layout = Layout(cfg.train.micro_batch_size, cfg.train.grad_accum, env.world_size, cfg.train.seed,
                     cfg.data.shuffle, grouped)
+    if cfg.data.packing:
+        layout = replace(layout, pack_length=pack_length_for(cfg, model_config, data, layout, auto_micro))
     total = total_steps_for(cfg, len(data), layout)
     meta = {"world_size": env.world_size, "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed, "shuffle": cfg.data.shuffle,

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.packing import efficiency
 from ..data.report import data_lines
 from ..data.sampler import plan_epoch
 from ..data.template import HUMAN_ASSISTANT
@@ -42,7 +43,7 @@ def report(p: Prepared) -> str:
         f"batch: {cfg.train.micro_batch_size} micro x {cfg.train.grad_accum} accum x {p.env.world_size} ranks = "
         f"{p.layout.global_batch} global; {p.total_steps} optimizer steps; "
         f"{'length-grouped' if p.layout.group_by_length else 'plain'} micro-batches, "
-        f"padding efficiency {padding_efficiency(d.lengths, p.layout):.1%}",
+        f"{layout_line(d.lengths, p.layout)}",
         f"deepspeed: ZeRO-{dsc.stage_of(p.ds_config)}, {cfg.train.precision}, "
         f"{'offload' if dsc.offloads(p.ds_config) else 'no offload'} ({cfg.deepspeed.config})",
         f"output: {output_state(p.out, p.resume_from)}",
@@ -53,6 +54,15 @@ def report(p: Prepared) -> str:
     if p.tokenizer.pad_token == p.tokenizer.eos_token:
         lines.append("note: the tokenizer has no pad token of its own; padding uses eos (masked out of the loss)")
     return "\n".join(lines)
+
+
+def layout_line(lengths: np.ndarray, layout: Any) -> str:
+    """How full the rows will be: padding efficiency, or with packing the packing efficiency and rows per step."""
+    if not layout.pack_length:
+        return f"padding efficiency {padding_efficiency(lengths, layout):.1%}"
+    eff, rows = efficiency(plan_epoch(lengths, layout, 0), lengths, layout.accum, layout.world, layout.pack_length)
+    return (f"packed in rows of {layout.pack_length} tokens (data.pack_length), packing efficiency {eff:.1%}, "
+            f"{rows:.1f} rows per step")
 
 
 def padding_efficiency(lengths: np.ndarray, layout: Any) -> float:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..loss import RowSelector
+from .packed import PackedInputs
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class Family:
     """Install a row selector on the last block, so it computes only rows that predict a label."""
     attention: Callable[[nn.Module, str], int] | None = None
     """Switch the attention modules to an implementation (``model.attention``: ``sdpa`` or ``eager``)."""
+    packed_inputs: Callable[[nn.Module], PackedInputs] | None = None
+    """Prepare the model for packed rows (``data.packing``) and return how a packed batch becomes its base model's
+    keyword arguments (see :mod:`.packed`). None: the family cannot be packed exactly."""
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks of a ``*ForCausalLM`` of this family, in order."""

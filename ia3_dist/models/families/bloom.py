@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Family
+from .packed import PackedInputs, document_mask
 
 
 class TanhGelu(nn.Module):
@@ -110,6 +111,47 @@ def last_rows(model: nn.Module) -> LastMLPRows:
     return LastMLPRows(model.transformer.h[-1])
 
 
+def _alibi_slopes(num_heads: int, device: torch.device) -> torch.Tensor:
+    """Bloom's per-head ALiBi slopes, read from its own ``build_alibi_tensor`` (a 2-token mask gives slope x 1)."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    ones = torch.ones(1, 2, dtype=torch.long, device=device)
+    return build_alibi_tensor(ones, num_heads, torch.float32).view(num_heads, 2)[:, 1]
+
+
+def _document_alibi(self: nn.Module, attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype
+                    ) -> torch.Tensor:
+    """``BloomModel.build_alibi_tensor`` that also takes a packed batch's 4-D document mask. Bloom's ALiBi is
+    ``slope x key position`` (the query's own term cancels in the softmax); unpacked, the position is the token's
+    index among the row's real tokens. Packed, it must be the index within its document: exactly the number of
+    keys the token's own query row may see, minus one. Same formula and dtypes as Bloom's, so a document gets the
+    bias it has unpadded, bit for bit."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    if attention_mask.dim() != 4:
+        return build_alibi_tensor(attention_mask, num_heads, dtype)
+    rows, _, t, _ = attention_mask.shape
+    pos = ((attention_mask[:, 0] == 0).sum(-1) - 1)[:, None, :]
+    alibi = _alibi_slopes(num_heads, attention_mask.device)[..., None] * pos
+    return alibi.reshape(rows * num_heads, 1, t).to(dtype)
+
+
+def packed_inputs(model: nn.Module) -> PackedInputs:
+    """Bloom ignores ``position_ids`` and builds ALiBi and its causal mask from a 2-D mask, so a flattened batch
+    lets every document see the previous ones. Packed, it gets the 4-D per-document mask (which transformers
+    passes through as is) and ALiBi from each document's own positions (:func:`_document_alibi`, set on this
+    model's ``BloomModel`` only)."""
+    import types
+
+    model.transformer.build_alibi_tensor = types.MethodType(_document_alibi, model.transformer)
+
+    def inputs(seq_ids: torch.Tensor, _position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, object]:
+        return {"attention_mask": document_mask(seq_ids, dtype)}
+
+    return inputs
+
+
 FAMILY = Family(model_type="bloom", name="Bloom", target_modules=("query_key_value", "mlp.dense_4h_to_h"),
                 feedforward_modules=("mlp.dense_4h_to_h",), blocks="transformer.h", checkpoint_prefix="transformer",
-                fuse_activations=fuse_activations, last_rows=last_rows, attention=set_attention)
+                fuse_activations=fuse_activations, last_rows=last_rows, attention=set_attention,
+                packed_inputs=packed_inputs)

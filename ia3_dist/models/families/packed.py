@@ -1,0 +1,36 @@
+"""How each family sees a packed row (``data.packing``): one causal mask per document and positions that restart
+at each document. The collator gives ``seq_ids`` (documents of a row numbered from 1, trailing padding 0) and
+``position_ids``; a family turns them into the keyword arguments of its base model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+PackedInputs = Callable[[torch.Tensor, torch.Tensor, torch.dtype], dict[str, Any]]
+"""``(seq_ids, position_ids, dtype) -> base-model kwargs`` for a packed batch."""
+
+
+def document_mask(seq_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive ``(rows, 1, T, T)`` mask of a packed batch: 0 where query t may see key s (same document,
+    s <= t), the dtype's minimum elsewhere: what transformers' eager mask holds for one unpadded sequence, per
+    document."""
+    t = seq_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=seq_ids.device).tril()
+    allowed = (seq_ids[:, :, None] == seq_ids[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seq_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def rotary_inputs(_model: Any) -> PackedInputs:
+    """Llama, Qwen2, Mistral, GPT-NeoX: no 2-D mask and positions that restart per document. transformers then
+    builds the per-document causal mask itself from where the positions restart (``find_packed_sequence_indices``,
+    for eager and SDPA; flash-attention reads the positions as variable-length sequences), and the rotary
+    embedding sees each document's own positions."""
+
+    def inputs(_seq_ids: torch.Tensor, position_ids: torch.Tensor, _dtype: torch.dtype) -> dict[str, Any]:
+        return {"attention_mask": None, "position_ids": position_ids}
+
+    return inputs
