@@ -42,7 +42,8 @@ def _same_training(a: Path, b: Path, tol: float) -> None:
 
 def _run(out: Path, data: Path, world: int, ds: str, *extra: str):
     return launch(["--config", TINY, f"data.path={data}", f"deepspeed.config={ds}", f"output.dir={out}",
-                   "train.epochs=1", "train.lr=3e-3", "train.log_every=1", "train.micro_batch_size=4", "train.grad_accum=2",
+                   "train.epochs=1", "train.lr=3e-3", "train.log_every=1", "train.micro_batch_size=4",
+                   "train.grad_accum=2",
                    "data.max_length=192", *extra], nproc=world)
 
 

@@ -52,14 +52,14 @@ class StepStats:
     """Tokens computed on, padding included."""
     samples: float = 0.0
     """Examples (packed: documents, not rows)."""
-    rows: float = 0.0
-    """Rows computed on (equal to samples unpacked)."""
     stop_requested: float = 0.0
     """> 0 when a signal reached any rank."""
     flops: float = 0.0
     """Training FLOPs by the 6N convention plus attention (see :func:`model_flops`)."""
     executed_flops: float = 0.0
     """FLOPs the step actually executes (see :func:`executed_flops`)."""
+    rows: float = 0.0
+    """Rows computed on (equal to samples unpacked)."""
 
     def all_reduce(self, device: torch.device) -> StepStats:
         t = torch.tensor(astuple(self), dtype=torch.float64, device=device)
