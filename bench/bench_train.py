@@ -120,6 +120,7 @@ def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf1
     secs = timed[-1]["elapsed_s"] - steps_logged[WARMUP_STEPS - 1]["elapsed_s"]
     tok_line = next((ln for ln in proc.stdout.splitlines() if "tokenized in" in ln), "")
     return {"side": f"ia3-dist x{nproc}", "tokens_per_s": tokens / secs, "padding_efficiency": tokens / padded,
+            "step_ms": secs / len(timed) * 1e3,
             "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "mfu": _time_mean(timed, "mfu"),
             "mfu_executed": _time_mean(timed, "mfu_executed"), "tflops": _time_mean(timed, "tflops"),
             "tflops_executed": _time_mean(timed, "tflops_executed"),
@@ -166,6 +167,8 @@ def main() -> None:
     ap.add_argument("--ds", default="zero0", help="launcher DeepSpeed config")
     ap.add_argument("--reference-json", help="reuse the reference side measured by an earlier run (same model, data "
                     "and steps), written there when absent")
+    ap.add_argument("--peer", action="store_true", help="also run HF Trainer + PEFT IA3 at the launcher's "
+                    "micro-batch and accumulation (the same-shape peer; the reference recipe is micro 1 x 8)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra launcher override, e.g. --set model.last_mlp_at_labels=false (repeatable)")
     a = ap.parse_args()
@@ -194,6 +197,15 @@ def main() -> None:
             raise SystemExit(f"reference failed:\n{proc.stderr[-3000:]}")
     ref = json.loads(ref_json.read_text())
     results.append(ref)
+    if a.peer and a.micro > 1:
+        peer_json = work / f"peer-m{a.micro}.json"  # one per micro-batch and work dir: rows of one shape share it
+        cmd = [sys.executable, str(ROOT / "bench" / "reference_recipe.py"), "--model", str(model), "--data",
+               str(data), "--steps", str(a.steps), "--warmup", str(WARMUP_STEPS), "--micro", str(a.micro),
+               "--out", str(peer_json)] + (["--bf16"] if a.bf16 else [])
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True) if not peer_json.exists() else None
+        if proc is not None and proc.returncode != 0:
+            raise SystemExit(f"same-shape peer failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(peer_json.read_text()))
     ds = [f"deepspeed.config={a.ds}", *a.set]
     results.append(run_launcher(model, data, a.steps, work / "launcher", 1, a.bf16, a.micro, ds))
     if a.two_ranks:
@@ -215,12 +227,13 @@ def main() -> None:
               f"{r['peak_mem_gb']:>9.2f}{fmt(r.get('tflops'), '.3f'):>10}{fmt(r.get('mfu'), '.1%'):>7}"
               f"{fmt(r.get('tflops_executed'), '.3f'):>14}{fmt(r.get('mfu_executed'), '.1%'):>11}")
     print("* model FLOPs: 6 N per token + attention; exec: what the IA3 step executes (launcher side, see README)")
-    ia3_flops = 4 * n * results[1]["tokens_per_s"]
+    launcher = next(r for r in results if r["side"].startswith("ia3-dist"))
+    ia3_flops = 4 * n * launcher["tokens_per_s"]
     if not torch.cuda.is_available():
         mm = matmul_gflops(os.cpu_count() or 1)
         print(f"IA3 training FLOP/s (4 N per real token, N = all params): {ia3_flops / 1e9:.1f} GFLOP/s = "
               f"{ia3_flops / 1e9 / mm:.0%} of a 2048^3 fp32 matmul ({mm:.1f} GFLOP/s, same box, same run)")
-    print(f"tokenization: reference unbatched map {ref['tokenize_s']:.2f}s; launcher: {results[1]['tokenize_line']}")
+    print(f"tokenization: reference unbatched map {ref['tokenize_s']:.2f}s; launcher: {launcher['tokenize_line']}")
     if a.json:
         Path(a.json).write_text(json.dumps({"model": a.model, "device": dev, "ds": a.ds, "micro": a.micro,
                                             "bf16": a.bf16, "steps": a.steps, "results": results}, indent=1))

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# bash bench/gpu_check.sh            one GPU, about 8 minutes: the figures issue 15 asks for, as one table
+# bash bench/gpu_check.sh            one GPU, about 8 minutes: the figures issues 15 and 29 ask for, as one table
 # bash bench/gpu_check.sh --smoke    the same pipeline on CPU with the tiny shape (checks the script, 2.5 min)
 #
-# The reference recipe (HF Trainer, micro-batch 1 x 8) and the launcher on the bloom-1b4-zh shape (random weights
-# built locally, no hub), bf16: ZeRO-2 at micro-batches 1, 4 and 8 (global batch 8 throughout) and ZeRO-3 at 8
+# The reference recipe (HF Trainer, micro-batch 1 x 8), HF Trainer at each launcher row's own micro-batch (the
+# same-shape peer), and the launcher on the bloom-1b4-zh shape (random weights built locally, no hub), bf16 (rows
+# below; global batch 8 throughout), ZeRO-3 at 8
 # (the partitioned loader, models/zero3_load.py, on CUDA); then the bloom-7b1 shape (250,880-token vocabulary) on
 # ZeRO-3 against its own reference. Data: ../shared/data/alpaca_zh_demo.json where present. Every row's ratio is
 # against the reference measured in the same invocation. JSON per run under $OUT.
@@ -17,14 +18,23 @@ if [ "${1:-}" = "--smoke" ]; then
 else
   SMALL=1b4; BIG=7b1; PREC=(--bf16); STEPS=20; BIG_STEPS=8
 fi
-bench() {  # name model steps ds micro
-  "$PY" bench/bench_train.py --model "$2" --steps "$3" --ds "$4" --micro "$5" "${PREC[@]}" --work "$OUT/work-$2" \
-    --reference-json "$OUT/reference-$2.json" --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1 \
-    || { echo "$1 failed: see $OUT/$1.log" >&2; tail -20 "$OUT/$1.log" >&2; exit 1; }
-  echo "[gpu_check $(date +%H:%M:%S)] $1 done"
+bench() {  # name model steps ds micro [launcher overrides...]
+  local name=$1 model=$2 steps=$3 ds=$4 micro=$5; shift 5
+  local sets=(); for kv in "$@"; do sets+=(--set "$kv"); done
+  "$PY" bench/bench_train.py --model "$model" --steps "$steps" --ds "$ds" --micro "$micro" "${PREC[@]}" --peer \
+    --work "$OUT/work-$model" --reference-json "$OUT/reference-$model.json" --json "$OUT/$name.json" \
+    "${sets[@]}" > "$OUT/$name.log" 2>&1 \
+    || { echo "$name failed: see $OUT/$name.log" >&2; tail -20 "$OUT/$name.log" >&2; exit 1; }
+  echo "[gpu_check $(date +%H:%M:%S)] $name done"
 }
-rm -f "$OUT"/reference-*.json
-for m in 1 4 8; do bench "$SMALL-zero2-m$m" "$SMALL" "$STEPS" zero2 "$m"; done
+rm -f "$OUT"/reference-*.json "$OUT"/work-*/peer-*.json
+# The seed's shape (1 x 8) on the stage plan picks for IA3 (ZeRO-1: the frozen weights fit), then micro-batches 4
+# and 8 on ZeRO-1 and ZeRO-2, packed + compiled rows at 8, ZeRO-3 at 8, and the 7b1 shape on ZeRO-3.
+bench "$SMALL-zero1-m1" "$SMALL" "$STEPS" zero1 1
+bench "$SMALL-zero1-m4" "$SMALL" "$STEPS" zero1 4
+bench "$SMALL-zero1-m8" "$SMALL" "$STEPS" zero1 8
+bench "$SMALL-zero2-m8" "$SMALL" "$STEPS" zero2 8
+bench "$SMALL-zero1-m8-packed-compiled" "$SMALL" "$STEPS" zero1 8 data.packing=true train.compile=true
 bench "$SMALL-zero3-m8" "$SMALL" "$STEPS" zero3 8
 bench "$BIG-zero3-m4" "$BIG" "$BIG_STEPS" zero3 4
 "$PY" - "$OUT" <<'PYEOF'
@@ -32,21 +42,28 @@ import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-runs = [json.loads(f.read_text()) for f in sorted(out.glob("*.json")) if not f.name.startswith("reference-")]
-print(f"\ndevice: {runs[0]['device']}; global batch 8; ratio = launcher tokens/s over the reference's, same invocation")
-head = (f"{'shape':<6}{'zero':>6}{'micro':>6}{'ref tok/s':>11}{'tok/s':>10}{'ratio':>7}{'MFU 6N':>8}{'exec util':>10}"
-        f"{'peak GB':>9}{'startup s':>10}")
+runs = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"), key=lambda f: f.stat().st_mtime)
+        if not f.name.startswith("reference-")]
+print(f"\ndevice: {runs[0]['device']}; global batch 8; ratios: launcher tokens/s over HF Trainer's, same invocation "
+      f"(ref: the recipe's 1 x 8; peer: HF Trainer at the launcher's own micro x accum)")
+head = (f"{'run':<34}{'ref tok/s':>10}{'peer tok/s':>11}{'tok/s':>9}{'ms/step':>8}{'x ref':>7}{'x peer':>7}"
+        f"{'MFU 6N':>8}{'exec util':>10}{'peak GB':>8}{'startup s':>10}")
 print(head)
 z2 = {}
-for r in runs:
-    ref, l = r["results"][0], r["results"][1]
+for f, r in zip(sorted(out.glob("*.json"), key=lambda f: f.stat().st_mtime), runs):
+    sides = {x["side"]: x for x in r["results"]}
+    ref = sides["reference"]
+    peer = next((x for k, x in sides.items() if k.startswith("HF peer")), ref if r["micro"] == 1 else None)
+    l = next(x for k, x in sides.items() if k.startswith("ia3-dist"))
     if r["ds"] == "zero2" and r["micro"] == 8:
         z2[r["model"]] = l["tokens_per_s"]
     pct = lambda v: f"{v:.1%}" if v else "-"
-    print(f"{r['model']:<6}{r['ds']:>6}{r['micro']:>6}{ref['tokens_per_s']:>11.1f}{l['tokens_per_s']:>10.1f}"
-          f"{l['tokens_per_s'] / ref['tokens_per_s']:>7.2f}{pct(l.get('mfu')):>8}{pct(l.get('mfu_executed')):>10}"
-          f"{l['peak_mem_gb']:>9.2f}{(l.get('startup_s') or 0):>10.1f}")
+    print(f"{f.stem:<34}{ref['tokens_per_s']:>10.1f}{(peer or {}).get('tokens_per_s', 0):>11.1f}"
+          f"{l['tokens_per_s']:>9.1f}{l.get('step_ms', 0):>8.1f}{l['tokens_per_s'] / ref['tokens_per_s']:>7.2f}"
+          f"{(l['tokens_per_s'] / peer['tokens_per_s']) if peer else 0:>7.2f}{pct(l.get('mfu')):>8}"
+          f"{pct(l.get('mfu_executed')):>10}{l['peak_mem_gb']:>8.2f}{(l.get('startup_s') or 0):>10.1f}")
 for r in runs:
     if r["ds"] == "zero3" and r["micro"] == 8 and r["model"] in z2:
-        print(f"{r['model']} ZeRO-3 / ZeRO-2 at micro 8: {r['results'][1]['tokens_per_s'] / z2[r['model']]:.2f}x")
+        l = next(x for x in r["results"] if x["side"].startswith("ia3-dist"))
+        print(f"{r['model']} ZeRO-3 / ZeRO-2 at micro 8: {l['tokens_per_s'] / z2[r['model']]:.2f}x")
 PYEOF

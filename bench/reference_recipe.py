@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2, help="optimizer steps excluded from the timing")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--micro", type=int, default=1, choices=(1, 2, 4, 8),
+                    help="per_device_train_batch_size (accumulation 8 / micro: global batch 8). 1 is the recipe; "
+                         "others are the same-shape HF peer of a launcher row")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
@@ -67,6 +70,7 @@ def main() -> None:
         model = model.cuda()
 
     tokens: list[int] = []
+    slots = [0]
     stamps: list[float] = []
 
     class Timing(TrainerCallback):
@@ -81,10 +85,11 @@ def main() -> None:
             if not tokens:
                 tokens.append(0)
             tokens[-1] += int(inputs["attention_mask"].sum())
+            slots[0] += int(inputs["attention_mask"].numel())
             return super().training_step(model, inputs, *rest, **kw)
 
-    args = TrainingArguments(output_dir=str(Path(a.out).parent / "ref-trainer"), per_device_train_batch_size=1,
-                             gradient_accumulation_steps=8, learning_rate=3e-3, num_train_epochs=1,
+    args = TrainingArguments(output_dir=str(Path(a.out).parent / "ref-trainer"), per_device_train_batch_size=a.micro,
+                             gradient_accumulation_steps=8 // a.micro, learning_rate=3e-3, num_train_epochs=1,
                              # Logs every step, as the launcher side does (train.log_every=1): both sides'
                              # timings include their per-step logging.
                              max_steps=a.steps, logging_steps=1, save_strategy="no", report_to=[],
@@ -101,8 +106,10 @@ def main() -> None:
     peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     Path(a.out).write_text(json.dumps({
-        "side": "reference", "steps_timed": len(per_step) - a.warmup, "real_tokens": timed_tokens,
-        "seconds": secs, "tokens_per_s": timed_tokens / secs, "padding_efficiency": 1.0,
+        "side": "reference" if a.micro == 1 else f"HF peer {a.micro}x{8 // a.micro}", "micro": a.micro,
+        "steps_timed": len(per_step) - a.warmup, "real_tokens": timed_tokens,
+        "seconds": secs, "tokens_per_s": timed_tokens / secs,
+        "step_ms": secs / max(len(per_step) - a.warmup, 1) * 1e3, "padding_efficiency": sum(tokens) / max(slots[0], 1),
         "peak_mem_gb": peak, "tokenize_s": tok_s, "records": len(records),
         "n_params": sum(p.numel() for p in model.parameters()),
     }, indent=1))

@@ -102,6 +102,9 @@ def test_shipped_ds_configs_resolve_with_no_auto_left(path: Path, precision: str
         "lr": 3e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
         "torch_adam": not dsc.offloads_optimizer(ds)}}
     assert ds["gradient_clipping"] == 1.0 and "scheduler" not in ds
+    # No per-step device syncs DeepSpeed can skip: its throughput timer, and bf16's overflow check.
+    assert ds["timers"]["throughput"]["enabled"] is False
+    assert ds["bf16"]["check_grad_overflow"] is False
     stage = ds["zero_optimization"]["stage"]
     assert stage == int(path.stem[4])
     if stage == 3:
@@ -137,6 +140,17 @@ def test_ds_config_agreeing_values_are_kept(tmp_path: Path) -> None:
             "zero_optimization": {"stage": 1}}
     cfg = build_config({"deepspeed": {"config": _ds(tmp_path, body)}})
     assert dsc.resolve(cfg, world_size=2, hidden_size=None)["train_batch_size"] == 16
+
+
+def test_ds_config_stalls_off_unless_the_file_asks(tmp_path: Path) -> None:
+    cfg = build_config({"deepspeed": {"config": _ds(tmp_path, {"zero_optimization": {"stage": 1}})},
+                        "train": {"precision": "bf16"}})
+    ds = dsc.resolve(cfg, world_size=1, hidden_size=None)
+    assert ds["timers"] == {"throughput": {"enabled": False}} and ds["bf16"]["check_grad_overflow"] is False
+    body = {"timers": {"throughput": {"enabled": True}}, "bf16": {"enabled": "auto", "check_grad_overflow": True}}
+    cfg = build_config({"deepspeed": {"config": _ds(tmp_path, body)}, "train": {"precision": "bf16"}})
+    ds = dsc.resolve(cfg, world_size=1, hidden_size=None)
+    assert ds["timers"]["throughput"]["enabled"] is True and ds["bf16"]["check_grad_overflow"] is True
 
 
 def test_ds_config_missing_and_invalid(tmp_path: Path) -> None:

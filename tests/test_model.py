@@ -113,27 +113,37 @@ def test_family_last_mlp_rows_equal_full(model_type: str, tmp_path: Path, family
     hook.remove()
 
 
-def test_sdpa_attention_equals_eager(tmp_path: Path, tiny_model: Path, tiny_tokenizer) -> None:
-    """model.attention=sdpa: the same loss and IA3 gradients as Bloom's eager attention (fp32 rounding), with left
-    and right padding; switching back restores the eager forward."""
-    from ia3_dist.models.families.bloom import set_attention
+@pytest.mark.parametrize("kind", ["sdpa", "flex"])
+def test_fused_attention_equals_eager(kind: str, tmp_path: Path, tiny_model: Path, tiny_tokenizer) -> None:
+    """model.attention=sdpa and flex (FlexAttention, ALiBi as a score_mod): the same loss and IA3 gradients as
+    Bloom's eager attention (fp32 rounding), with left and right padding and on packed rows; switching back
+    restores the eager forward. FlexAttention has no backward on CPU (torch 2.13): there the loss is compared
+    (the gradients on a GPU, bench/gpu_check.sh) and training with it is refused in the preflight."""
+    from ia3_dist.data.packing import collate_packed
+    from ia3_dist.models.families.bloom import packed_inputs, set_attention
 
     data, peft = _data_and_model(tmp_path, tiny_model, tiny_tokenizer)
-    wrapper = TokenSumLM(peft)
+    wrapper = TokenSumLM(peft, packed=packed_inputs(peft.get_base_model()))
     attn = peft.get_base_model().transformer.h[0].self_attention
-    for side in ("left", "right"):
-        b = collate(data, [0, 5, 9, 11], tiny_tokenizer.pad_token_id, side)
+    backward = kind != "flex" or torch.cuda.is_available()
+    packed = collate_packed(data, [[0, 5], [9, 11]], tiny_tokenizer.pad_token_id,
+                            sum(len(data.example(i)[0]) for i in (0, 5, 9, 11)))
+    for b in (collate(data, [0, 5, 9, 11], tiny_tokenizer.pad_token_id, "left"),
+              collate(data, [0, 5, 9, 11], tiny_tokenizer.pad_token_id, "right"), packed):
         results = []
-        for kind in ("eager", "sdpa"):
-            assert set_attention(peft, kind) == len(peft.get_base_model().transformer.h)
-            assert ("forward" in attn.__dict__) == (kind == "sdpa")
+        for k_ in ("eager", kind):
+            assert set_attention(peft, k_) == len(peft.get_base_model().transformer.h)
+            assert ("forward" in attn.__dict__) == (k_ == kind)
             peft.zero_grad()
-            loss_sum, n = wrapper(**b)
-            (loss_sum / n).backward()
+            with torch.set_grad_enabled(backward):
+                loss_sum, n = wrapper(**b)
+            if backward:
+                (loss_sum / n).backward()
             results.append((loss_sum.detach(), {k: q.grad.clone() for k, q in peft.named_parameters()
-                                                if q.requires_grad}))
+                                                if q.requires_grad and q.grad is not None}))
         (le, ge), (ls, gs) = results
         torch.testing.assert_close(ls, le, rtol=1e-6, atol=1e-5)
+        assert len(gs) == len(ge) == (len(ge) if backward else 0)
         for k in ge:
             torch.testing.assert_close(gs[k], ge[k], rtol=1e-5, atol=1e-6)
     set_attention(peft, "eager")
@@ -162,3 +172,11 @@ def test_fused_gelu_equals_bloom_gelu() -> None:
         assert ((ours_in.grad - ref_in.grad).abs() / up.abs().clamp_min(1.0)).max().item() <= 2e-6, mode
     # The comparison is not vacuous: the exact (erf) GeLU differs from the tanh formula by far more.
     assert (torch.nn.functional.gelu(x) - ours).abs().max().item() > 1e-4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="FlexAttention trains on GPUs")
+def test_flex_attention_training_is_refused_on_cpu(tmp_path: Path, tiny_model: Path, capsys) -> None:
+    from test_config_hardening import check_exits_2
+
+    err = check_exits_2(tmp_path, tiny_model, capsys, ["model.attention=flex"])
+    assert "model.attention" in err and "no backward pass on CPU" in err, err

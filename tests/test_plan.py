@@ -204,3 +204,27 @@ def test_cpu_plan_is_within_15_percent_of_a_measured_llama_run(tmp_path: Path, s
     assert res["family"] == "llama" and 60e6 < res["n_params"] < 80e6
     run = res["results"][0]
     assert abs(run["plan_gib"] - run["peak_rss_gib"]) <= 0.15 * run["peak_rss_gib"], proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("precision, stage", [("fp32", "zero0"), ("bf16", "zero1")])
+def test_auto_deepspeed_config_is_the_lowest_stage_that_fits(precision: str, stage: str, tiny_model: Path,
+                                                             tmp_path: Path, capsys) -> None:
+    """deepspeed.config=auto on this box's host memory: the tiny model fits everywhere, so fp32 takes ZeRO-0 and
+    mixed precision ZeRO-1 (DeepSpeed's stage-0 bf16 optimizer syncs per tensor); the resolved config says so."""
+    rc = main(["check", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"model.path={tiny_model}",
+               "deepspeed.config=auto", f"train.precision={precision}", f"output.dir={tmp_path / 'out'}"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"deepspeed.config=auto: {stage}, the lowest stage that fits" in out, out
+    assert f"deepspeed: ZeRO-{stage[-1]}, {precision}" in out, out
+
+
+def test_auto_deepspeed_config_refuses_when_nothing_fits(tiny_model: Path) -> None:
+    from ia3_dist.config import IA3Section, ModelSection
+    from ia3_dist.models.load import load_model_config
+    from ia3_dist.models.memory import lowest_stage, shape_of
+
+    s = shape_of(load_model_config(str(tiny_model), ModelSection(path=str(tiny_model))), IA3Section())
+    assert lowest_stage(s, 1, 256, 1, 2, False, cap=1.0) is None
+    assert lowest_stage(s, 1, 256, 1, 4, False, cap=1e12)[0] == "zero0"
+    assert lowest_stage(s, 1, 256, 1, 2, False, cap=1e12)[0] == "zero1"

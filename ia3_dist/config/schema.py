@@ -97,7 +97,7 @@ def _check_template(key: str, template: str) -> None:
                       f"or attribute")
 
 
-ATTENTIONS = ("auto", "sdpa", "eager")
+ATTENTIONS = ("auto", "sdpa", "eager", "flex")
 
 
 @dataclass
@@ -120,8 +120,9 @@ class ModelSection:
     attention: str = "auto"
     """Bloom's attention: ``sdpa`` (``scaled_dot_product_attention`` with the ALiBi bias as its mask: same maths,
     the probabilities are not kept for the backward pass, so it needs less memory), ``eager`` (transformers' own),
-    or ``auto``: eager, the faster one where measured (an H200 in bf16: eager 1.33x SDPA, whose float ALiBi mask
-    rules out the flash kernel; CPU: the same speed within noise). Families without an alternative ignore it."""
+    ``flex`` (FlexAttention with ALiBi as a score modification: same maths; fused when compiled), or ``auto``:
+    eager, the faster one where measured (an H200 in bf16: eager 1.33x SDPA, whose float ALiBi mask rules out the
+    flash kernel; CPU: the same speed within noise). Families without an alternative ignore it."""
     last_mlp_at_labels: bool = True
     """Run the last layer's MLP only at positions that predict a label token (no other position reaches the
     loss). Off by itself under gradient checkpointing, whose recomputation would see all positions."""
@@ -398,8 +399,9 @@ class TrainSection:
 @dataclass
 class DeepSpeedSection:
     config: str = "zero2"
-    """A shipped config name (``zero0`` .. ``zero3``, ``zero3_offload``) or a path to a DeepSpeed JSON file.
-    Batch sizes, precision, optimizer and scheduler are filled from this run config."""
+    """A shipped config name (``zero0`` .. ``zero3``, ``zero3_offload``), a path to a DeepSpeed JSON file, or
+    ``auto``: the lowest shipped stage whose per-rank memory fits this rank's GPU (or host share), by ``plan``'s
+    memory model. Batch sizes, precision, optimizer and scheduler are filled from this run config."""
     timeout_minutes: int = 30
     """Collective timeout for the process group."""
 

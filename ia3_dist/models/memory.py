@@ -148,6 +148,32 @@ def rank_memory(s: Shape, name: str, stage: int, offload: bool, world: int, seq:
                       overhead)
 
 
+STAGES = (("zero0", 0, False), ("zero1", 1, False), ("zero2", 2, False), ("zero3", 3, False),
+          ("zero3_offload", 3, True))
+"""The shipped DeepSpeed configs in the order plan and ``deepspeed.config: auto`` try them: least communication
+first. IA3 trains ~0.03% of the weights, so ZeRO-0/1 (gradients reduced once, at the accumulation boundary) fit
+wherever the frozen weights do; ZeRO-2 reduces at every micro-step and ZeRO-3 gathers every layer."""
+
+
+def candidate_stages(b: int) -> tuple[tuple[str, int, bool], ...]:
+    """:data:`STAGES` a recommendation may pick at ``b`` bytes per weight. Mixed precision (b = 2) starts at
+    ZeRO-1: DeepSpeed 0.19's stage-0 bf16/fp16 optimizer checks every tensor for overflow at every step, a host
+    sync per tensor (``bench/host_syncs.py``: 19 per step on the tiny Bloom against 1 at ZeRO-1), and ZeRO-1 costs
+    IA3 nothing (its optimizer state is a few MB)."""
+    return STAGES[1:] if b == 2 else STAGES
+
+
+def lowest_stage(s: Shape, world: int, seq: int, micro: int, b: int, ckpt: bool, cap: float,
+                 overhead: float = OVERHEAD, host: bool = False) -> tuple[str, float] | None:
+    """``(config name, bytes per rank)`` of the first of :func:`candidate_stages` that fits ``cap`` bytes per rank
+    at this micro-batch, or None. ``host``: CPU ranks, where offloaded memory is the same memory."""
+    for name, stage, off in candidate_stages(b):
+        total = rank_memory(s, name, stage, off and not host, world, seq, micro, b, ckpt, overhead).gpu_total
+        if total <= cap:
+            return name, total
+    return None
+
+
 def largest_micro(s: Shape, stage: int, offload: bool, world: int, seq: int, b: int, ckpt: bool,
                   gpu_bytes: float, overhead: float = OVERHEAD) -> int:
     m = 0

@@ -149,6 +149,15 @@ def init(env: DistEnv, timeout_minutes: int = 30) -> None:
     with console.filtered_prints():
         deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False,
                                    timeout=timedelta(minutes=timeout_minutes))
+    global _HOST_GROUP
+    d = torch.distributed
+    if d.get_world_size() > 1 and d.get_backend() != "gloo":
+        # Every rank creates it at the same point, right after the default group (new_group is collective).
+        _HOST_GROUP = d.new_group(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
+
+
+_HOST_GROUP: object = None
+"""A gloo group over every rank when the default group is not gloo (NCCL on GPUs): host tensors reduce there."""
 
 
 def _dist():
@@ -167,6 +176,12 @@ def all_reduce_sum(t: torch.Tensor, group: object = None) -> torch.Tensor:
     if d is not None and d.get_world_size() > 1:
         d.all_reduce(t, op=d.ReduceOp.SUM, group=group)
     return t
+
+
+def host_all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a host (CPU) tensor over ranks without touching the device's queue: on NCCL jobs through a gloo group,
+    so a step's bookkeeping (token counts, the stop flag) never waits for the GPU to drain."""
+    return all_reduce_sum(t, _HOST_GROUP)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:

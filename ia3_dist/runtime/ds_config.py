@@ -302,6 +302,23 @@ def _check_top_level(ds: dict[str, Any], src: Path) -> None:
                 raise UsageError(f"{src}: '{key}' must be {names}, got {show(v)}")
 
 
+def no_stalls(ds: dict[str, Any], precision: str) -> None:
+    """Turn off DeepSpeed's per-step host syncs that cost the launcher nothing to drop, unless the file sets them:
+    - ``timers.throughput.enabled``: DeepSpeed's throughput timer synchronizes the device at every ``forward`` and
+      ``step`` by default (``synchronized: true``); the launcher times its own steps and logs them.
+    - ``bf16.check_grad_overflow`` (bf16 runs): bf16 has fp32's range and needs no loss scaling; the check reads a
+      device value back every step. A non-finite loss still stops the run before anything is saved (the loop
+      checks every step's loss, on the device, before each log line, eval and checkpoint)."""
+    timers = ds.setdefault("timers", {})
+    if isinstance(timers, dict):
+        throughput = timers.setdefault("throughput", {})
+        if isinstance(throughput, dict):
+            throughput.setdefault("enabled", False)
+    bf16 = ds.get("bf16")
+    if precision == "bf16" and isinstance(bf16, dict):
+        bf16.setdefault("check_grad_overflow", False)
+
+
 def live_params(hidden: int) -> int:
     """``"auto"`` for ``stage3_max_live_parameters`` and ``stage3_max_reuse_distance``: two transformer layers
     (12 h^2 each), capped at DeepSpeed's 1e9. A fixed 1e9 exceeds a whole small model, so ZeRO-3 would keep every
@@ -375,6 +392,7 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
             if zero.get(key) == AUTO:
                 zero[key] = val
     ds.setdefault("steps_per_print", 10 ** 9)  # the launcher logs; silence DeepSpeed's own step prints
+    no_stalls(ds, t.precision)
     left = _leftover_autos(ds)
     if left:
         raise UsageError(f"{src}: cannot resolve \"auto\" for {brief(', '.join(left))}; give explicit values")

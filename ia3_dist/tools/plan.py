@@ -30,10 +30,12 @@ from ..models.load import load_model_config
 from ..models.memory import (  # noqa: F401 - re-exported: plan's memory model, used by tests and bench
     GIB,
     OVERHEAD,
+    STAGES,
     RankMemory,
     Shape,
     activation_bytes,
     block_activations,
+    candidate_stages,
     count_params,
     framework_rss,
     largest_micro,
@@ -41,9 +43,6 @@ from ..models.memory import (  # noqa: F401 - re-exported: plan's memory model, 
     shape_of,
 )
 from ..train import demo
-
-STAGES = (("zero0", 0, False), ("zero1", 1, False), ("zero2", 2, False), ("zero3", 3, False),
-          ("zero3_offload", 3, True))
 
 
 def model_shape(cfg: RunConfig) -> Shape:
@@ -110,7 +109,7 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
         lines.append(f"{name:<14}{gib(r.weights)}{gib(r.grads)}{gib(r.optimizer)}"
                      f"{gib(r.activations)}{gib(r.gathered)}{gib(total)}{'' if cpu else gib(r.cpu):>9}"
                      f"{mm:>11}{mm_ck:>8}")
-        if fits_at is None and total <= cap:
+        if fits_at is None and total <= cap and (name, stage, off) in candidate_stages(b):
             fits_at = name
     est = deepspeed_estimate(s, nodes, gpus_per_node)
     if est and not cpu:
@@ -120,7 +119,8 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
                      f"{unit} at micro-batch {micro}; turn on train.gradient_checkpointing, lower the micro-batch or "
                      f"add {unit}s")
     else:
-        lines.append(f"recommended: deepspeed.config={fits_at} (the lowest stage that fits: least communication); "
+        why = "least communication" + ("; ZeRO-0's mixed-precision optimizer syncs per tensor" if b == 2 else "")
+        lines.append(f"recommended: deepspeed.config={fits_at} (the lowest stage that fits: {why}); "
                      f"largest micro-batch there {rows[fits_at]['max_micro']} "
                      f"({rows[fits_at]['max_micro_ckpt']} with gradient checkpointing)")
     info = {"n_params": s.n_params, "trainable": s.trainable, "world": world, "rows": rows, "recommended": fits_at,

@@ -61,9 +61,10 @@ class StepStats:
     rows: float = 0.0
     """Rows computed on (equal to samples unpacked)."""
 
-    def all_reduce(self, device: torch.device) -> StepStats:
-        t = torch.tensor(astuple(self), dtype=torch.float64, device=device)
-        return StepStats(*dist.all_reduce_sum(t).tolist())
+    def all_reduce(self) -> StepStats:
+        """On the host (a gloo group on GPU jobs): the step's scale and stop decision never wait for the device."""
+        t = torch.tensor(astuple(self), dtype=torch.float64)
+        return StepStats(*dist.host_all_reduce_sum(t).tolist())
 
     def __iadd__(self, other: StepStats) -> StepStats:
         for f in fields(self):
@@ -170,12 +171,21 @@ def process_start_time() -> float:
     return psutil.Process().create_time()
 
 
-def grad_norm(module: torch.nn.Module) -> float:
-    """L2 norm of the trainable parameters' gradients, before clipping. Called at the accumulation boundary after
-    the backward pass, when ZeRO-0 has all-reduced them: every rank holds the global batch's full gradient."""
+def grad_norm(module: torch.nn.Module) -> torch.Tensor | None:
+    """L2 norm of the trainable parameters' gradients, before clipping, as a device tensor (read on log steps
+    only). Called at the accumulation boundary after the backward pass, when ZeRO-0 has all-reduced them: every
+    rank holds the global batch's full gradient."""
     norms = [torch.linalg.vector_norm(q.grad.detach(), dtype=torch.float64) for q in module.parameters()
              if q.requires_grad and q.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host batch -> device. On CUDA through pinned memory, asynchronously: a copy from pageable memory would make
+    the host wait for it before queueing the forward pass."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class Trainer:
@@ -212,7 +222,11 @@ class Trainer:
         # DeepSpeed reports the global gradient norm only through optimizers that compute one (ZeRO, fp16, bf16);
         # plain fp32 at ZeRO-0 clips with torch and keeps no norm, so the step measures it (see grad_norm).
         self.own_grad_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
-        self.grad_norm: float | None = None
+        self.grad_norm: torch.Tensor | None = None
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        """(step, loss) of steps whose loss is still on the device: read together at the next log step, eval or
+        save (one host sync there instead of one per step), checked finite before anything is saved."""
+        self.window = Window()
         self.shape = model_shape(self.peft_model)
         self.recompute = t.gradient_checkpointing
         self.chunk_rows = max(1, (t.loss_chunk_mib << 20) // (4 * self.shape.vocab)) if t.loss_chunk_mib else 0
@@ -281,7 +295,7 @@ class Trainer:
         env, t = self.p.env, self.p.cfg.train
         faults.hit("step", step + 1, env.rank)
         batches, real = self.batches(step_mbs)
-        glob = self.local_stats(batches, real).all_reduce(self.device)
+        glob = self.local_stats(batches, real).all_reduce()
         if glob.stop_requested > 0:
             where = self.save(step) if step > self.saved else ckpt.root_of(self.p.out) / ckpt.tag_for(step)
             raise Preempted(step, self.stop.signame or "a signal on another rank", str(where))
@@ -292,7 +306,7 @@ class Trainer:
         scale = t.grad_accum * env.world_size / glob.label_tokens if glob.label_tokens else 0.0
         loss_local = torch.zeros((), dtype=torch.float64, device=self.device)
         for b, r in zip(batches, real, strict=True):
-            loss_sum, _ = self.engine(**{k: v.to(self.device) for k, v in b.items()})
+            loss_sum, _ = self.engine(**to_device(b, self.device))
             # Empty slots (short last batch) still run forward/backward so every rank joins the same
             # collectives; weight 0 keeps them out of the gradient.
             self.engine.backward(loss_sum * (scale if r else 0.0))
@@ -301,22 +315,38 @@ class Trainer:
             self.engine.step()
             if r:
                 loss_local += loss_sum.detach().double()
-        loss = dist.all_reduce_sum(loss_local).item() / max(glob.label_tokens, 1.0)
-        if not math.isfinite(loss):
-            last = ckpt.latest(ckpt.root_of(self.p.out))
-            raise NonFiniteLoss(f"loss is {loss} at optimizer step {step + 1}; stopped without saving. Last good "
-                                f"checkpoint: {last if last else 'none'} (lower train.lr or check the data, then "
-                                f"resume with train.resume=auto)")
+        # Stays on the device (the all-reduce is queued, not waited for); flush() reads it.
+        loss = dist.all_reduce_sum(loss_local) / max(glob.label_tokens, 1.0)
+        self.pending.append((step + 1, loss))
         return loss, glob
+
+    def flush(self) -> None:
+        """Read the pending steps' losses from the device at once, add them to the window and the run's list, and
+        stop on a non-finite one (naming its step) before anything else is logged or saved."""
+        if not self.pending:
+            return
+        steps = [s for s, _ in self.pending]
+        values = torch.stack([v for _, v in self.pending]).tolist()
+        self.pending = []
+        for s, v in zip(steps, values, strict=True):
+            if not math.isfinite(v):
+                last = ckpt.latest(ckpt.root_of(self.p.out))
+                raise NonFiniteLoss(f"loss is {v} at optimizer step {s}; stopped without saving. Last good "
+                                    f"checkpoint: {last if last else 'none'} (lower train.lr or check the data, "
+                                    f"then resume with train.resume=auto)")
+        self.losses.extend(values)
+        self.window.loss += sum(values)
 
     # -- around the steps -------------------------------------------------------------------------------------
 
     def save(self, step: int) -> Path:
+        self.flush()  # a run whose loss went non-finite saves nothing
         self.saved = step
         with self.watchdog.saving(step):
             return ckpt.save(self.engine, self.p.out, step, self.p.meta, self.p.cfg.checkpoint.keep, self.p.env)
 
     def run_eval(self, step: int) -> dict[str, float]:
+        self.flush()
         res = evaluate(self.engine, self.p.eval_data, self.p.env, self.p.cfg.train.micro_batch_size, self.pad_id,
                        self.side, on_batch=lambda: self.watchdog.beat(step, "eval", arm=False))
         self.log.log({"step": step, **res})
@@ -326,8 +356,8 @@ class Trainer:
         """Every rank joins the memory reduction; rank 0 writes the line."""
         dt = max(time.perf_counter() - w.t0, 1e-9)
         gn = self.engine.get_global_grad_norm()
-        if gn is None:
-            gn = self.grad_norm
+        if gn is None and self.grad_norm is not None:
+            gn = float(self.grad_norm)
         mem = dist.all_reduce_max(torch.tensor([peak_memory_gb(self.device), hostmem.peak_rss_gib()],
                                                dtype=torch.float64, device=self.device)).tolist()
         s = w.stats
@@ -354,7 +384,7 @@ class Trainer:
     def fit(self) -> dict[str, float] | None:
         """Steps ``start .. end``; returns the final eval (None without eval data)."""
         p, t = self.p, self.p.cfg.train
-        w = Window()
+        self.window = Window()
         t_start = time.perf_counter()
         # Process start to the first step: loading, partitioning, engine set-up (and on resume the checkpoint).
         self.startup_s = time.time() - process_start_time()
@@ -364,16 +394,15 @@ class Trainer:
                 # Armed from the second step on: the first one of an invocation may compile and warm up.
                 self.watchdog.beat(step + 1, arm=step > self.start)
                 lr = self.engine.optimizer.param_groups[0]["lr"] if self.engine.optimizer is not None else t.lr
-                loss, stats = self.step(step, step_mbs)
+                _, stats = self.step(step, step_mbs)
                 done = step + 1
-                self.losses.append(loss)
-                w.loss += loss
-                w.steps += 1
-                w.stats += stats
+                self.window.steps += 1
+                self.window.stats += stats
                 self.log.step()
                 if done % t.log_every == 0 or done in (p.total_steps, self.start + 1, self.end):
-                    self.log_window(w, done, epoch, lr, t_start)
-                    w = Window()
+                    self.flush()
+                    self.log_window(self.window, done, epoch, lr, t_start)
+                    self.window = Window()
                     warn = self.watchdog.headroom()
                     if warn and not self._warned:
                         self._warned = True
@@ -382,6 +411,7 @@ class Trainer:
                     self.run_eval(done)
                 if p.cfg.checkpoint.every and done % p.cfg.checkpoint.every == 0 and done < self.end:
                     self.save(done)
+            self.flush()
             return self.run_eval(self.end) if p.eval_data is not None else None
         finally:
             self.log.close()

@@ -54,6 +54,8 @@ class Prepared:
     """How ``train.micro_batch_size: auto`` was resolved (``cfg`` holds the result)."""
     support: str = ""
     """Which case the model is in (tested family, PEFT defaults, explicit targets): the preflight's model line."""
+    stage_note: str = ""
+    """How ``deepspeed.config: auto`` was resolved (empty when a config was named)."""
 
 
 def eval_section(cfg: RunConfig) -> Any:
@@ -65,6 +67,38 @@ def total_steps_for(cfg: RunConfig, n_examples: int, layout: Layout) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     return cfg.train.epochs * steps_per_epoch(n_examples, layout.global_batch)
+
+
+def rank_memory_bytes(env: dist.DistEnv) -> tuple[float, bool]:
+    """(bytes one rank may use, on the host?): this rank's GPU, else the node's memory shared by its ranks."""
+    import torch
+
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(env.local_rank % torch.cuda.device_count()).total_memory), False
+    import psutil
+
+    return psutil.virtual_memory().total / max(env.local_world_size, 1), True
+
+
+def auto_stage(cfg: RunConfig, model_config: Any, env: dist.DistEnv) -> tuple[RunConfig, str]:
+    """``deepspeed.config: auto``: the lowest shipped ZeRO stage whose per-rank memory (plan's model: weights,
+    gradients, optimizer, activations at this micro-batch) fits this rank's device (or host share)."""
+    from ..models.memory import GIB, OVERHEAD, framework_rss, lowest_stage, shape_of
+
+    cap, host = rank_memory_bytes(env)
+    micro = cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1
+    b = 4 if cfg.train.precision == "fp32" else 2
+    shape = shape_of(model_config, cfg.ia3)
+    got = lowest_stage(shape, env.world_size, cfg.data.max_length, micro, b, cfg.train.gradient_checkpointing, cap,
+                       framework_rss() if host else OVERHEAD, host)
+    if got is None:
+        fail("deepspeed.config", f"auto: no shipped ZeRO stage fits {cap / GIB:.1f} GiB per rank at micro-batch "
+                                 f"{micro} (see ia3-dist plan); lower train.micro_batch_size, turn on "
+                                 f"train.gradient_checkpointing or add ranks")
+    name, need = got
+    note = (f"deepspeed.config=auto: {name}, the lowest stage that fits ({need / GIB:.1f} of "
+            f"{cap / GIB:.1f} GiB per rank{' of host memory' if host else ''}; plan's memory model)")
+    return replace(cfg, deepspeed=replace(cfg.deepspeed, config=name)), note
 
 
 def pack_length_for(cfg: RunConfig, model_config: Any, data: TokenizedData, layout: Layout, auto_micro: bool) -> int:
@@ -99,6 +133,12 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         apply_ia3(base_on_meta(model_config, cfg.model.trust_remote_code), cfg.ia3)
     tok = load_tokenizer(cfg.model, model_path)
     check_vocab(tok, model_config, cfg.model.tokenizer or model_path)
+    if cfg.model.attention == "flex" and getattr(model_config, "model_type", None) == "bloom":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("model.attention", "flex: FlexAttention has no backward pass on CPU (torch "
+                                    f"{torch.__version__.split('+')[0]}); use eager or sdpa here, flex on GPUs")
     if cfg.ia3.variant == "paper":
         paper_targets(model_config.model_type)  # refuses a family it is not defined for, before any rank waits
     hidden = hidden_size_of(model_config)
@@ -119,6 +159,9 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         fail("train.grad_accum", f"{cfg.train.grad_accum} is more than the {len(data)} training examples, so every "
                                  f"optimizer step would run micro-steps with no example on any rank; set it to at most "
                                  f"{len(data)}")
+    stage_note = ""
+    if cfg.deepspeed.config == "auto":
+        cfg, stage_note = auto_stage(cfg, model_config, env)
     ds = dsc.resolve(cfg, env.world_size, hidden)
     if cfg.train.compile and dsc.stage_of(ds) == 3:
         # ZeRO-3 gathers and releases each parameter in module hooks that a compiled block would trace around.
@@ -149,7 +192,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         ckpt.check_compatible(resume_from, meta)
         safe_load.check_checkpoint_dir(resume_from)
     return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data,
-                    auto=auto, support=support)
+                    auto=auto, support=support, stage_note=stage_note)
 
 
 def prepare_data(cfg: RunConfig) -> str:

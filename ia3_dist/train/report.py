@@ -46,6 +46,7 @@ def report(p: Prepared) -> str:
         f"{layout_line(d.lengths, p.layout)}",
         f"deepspeed: ZeRO-{dsc.stage_of(p.ds_config)}, {cfg.train.precision}, "
         f"{'offload' if dsc.offloads(p.ds_config) else 'no offload'} ({cfg.deepspeed.config})",
+        *([p.stage_note] if p.stage_note else []),
         f"output: {output_state(p.out, p.resume_from)}",
     ]
     if cfg.data.template == HUMAN_ASSISTANT and getattr(p.tokenizer, "chat_template", None):

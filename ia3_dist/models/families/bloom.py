@@ -62,16 +62,56 @@ def _sdpa_forward(self: nn.Module, hidden_states: torch.Tensor, residual: torch.
     return out, None
 
 
+def _flex_forward(self: nn.Module, hidden_states: torch.Tensor, residual: torch.Tensor, alibi: torch.Tensor,
+                  attention_mask: torch.Tensor | None, layer_past: object = None, use_cache: bool = False,
+                  output_attentions: bool = False, **kwargs: object) -> tuple[torch.Tensor, None]:
+    """``BloomAttention.forward`` through FlexAttention: ALiBi is a ``score_mod`` (Bloom's per-key bias
+    ``slope x position``, in fp32, as Bloom adds it) and the causal/padding or per-document mask is applied in
+    the same ``score_mod`` with Bloom's own fill value (the dtype's minimum, so a row that sees nothing stays
+    finite as in eager). Compiled (``train.compile`` or a GPU), the scores never exist in memory; eager (CPU, no
+    compile), it is a reference implementation, for the exactness tests. Generation with a cache, returned
+    attention weights and Bloom's tensor-parallel slicing keep the eager path."""
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.models.bloom.modeling_bloom import dropout_add
+
+    if (layer_past is not None or output_attentions or (self.pretraining_tp > 1 and self.slow_but_exact)
+            or (self.training and self.attention_dropout.p > 0)):
+        return type(self).forward(self, hidden_states, residual, alibi, attention_mask, layer_past, use_cache,
+                                  output_attentions, **kwargs)
+    b, t, _ = hidden_states.shape
+    q, k, v = self._reshape(self.query_key_value(hidden_states))  # [b, heads, t, head_dim]
+    bias = alibi.view(b, self.num_heads, -1).float()
+    if attention_mask is None:
+        allowed = torch.ones(t, t, dtype=torch.bool, device=q.device).tril().expand(b, t, t)
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask[:, 0]
+    else:
+        allowed = attention_mask[:, 0] == 0
+    fill = torch.finfo(q.dtype).min
+
+    def score_mod(score: torch.Tensor, bi: torch.Tensor, h: torch.Tensor, qi: torch.Tensor,
+                  ki: torch.Tensor) -> torch.Tensor:
+        return torch.where(allowed[bi, qi, ki], score + bias[bi, h, ki], fill)
+
+    ctx = flex_attention(q, k, v, score_mod=score_mod, scale=self.inv_norm_factor)
+    ctx = ctx.transpose(1, 2).reshape(b, t, self.hidden_size)
+    out = dropout_add(self.dense(ctx), residual, self.hidden_dropout, self.training)
+    return out, None
+
+
+FORWARDS = {"sdpa": _sdpa_forward, "flex": _flex_forward}
+
+
 def set_attention(model: nn.Module, kind: str) -> int:
-    """``sdpa``: every BloomAttention runs :func:`_sdpa_forward` (per instance; the class is untouched);
-    ``eager``: Bloom's own. Returns how many modules were set."""
+    """``sdpa`` / ``flex``: every BloomAttention runs :func:`_sdpa_forward` / :func:`_flex_forward` (per instance;
+    the class is untouched); ``eager``: Bloom's own. Returns how many modules were set."""
     from transformers.models.bloom.modeling_bloom import BloomAttention
 
     n = 0
     for mod in model.modules():
         if isinstance(mod, BloomAttention):
-            if kind == "sdpa":
-                mod.forward = _sdpa_forward.__get__(mod)
+            if kind in FORWARDS:
+                mod.forward = FORWARDS[kind].__get__(mod)
             else:
                 mod.__dict__.pop("forward", None)
             n += 1
