@@ -29,6 +29,9 @@ SHORT = ["train.max_steps=10"]
 # Long enough to preempt or freeze a rank mid-run on a loaded box (the tests act at step 3 or 7, through Slurm):
 # 150 steps of 4 micro-steps per rank.
 LONG = ["train.micro_batch_size=1", "train.grad_accum=4", "train.log_every=1", "checkpoint.every=5"]
+# Preemption acts at step 3 and takes a second or two: 60 steps leave it ample room. (A frozen rank needs LONG: on a
+# loaded box the freeze could otherwise land after the last step, where the hang watchdog no longer runs.)
+MID = [*LONG, "train.max_steps=60"]
 
 
 def _idle_nodes() -> int:
@@ -154,7 +157,8 @@ class _Direct(dict):
 
     def __missing__(self, name: str) -> Path:
         out = self.tmp.mktemp(f"direct-{name}")
-        check(launch(["--config", TINY, f"output.dir={out}", *{"short": SHORT, "long": LONG}[name]], nproc=2))
+        runs = {"short": SHORT, "mid": MID, "long": LONG}
+        check(launch(["--config", TINY, f"output.dir={out}", *runs[name]], nproc=2))
         self[name] = out
         return out
 
@@ -194,7 +198,7 @@ def test_preemption_requeues_and_resumes(cluster: int, direct: dict[str, Path], 
     and resumes; the job ends on the uninterrupted direct run's adapter."""
     out = tmp_path / "out"
     job = sbatch(tmp_path, "single_node.sbatch", ["--nodes=1", "--cpus-per-task=2", "--export=ALL,NPROC_PER_NODE=2"],
-                 [f"output.dir={out}", *LONG])
+                 [f"output.dir={out}", *MID])
     wait_step(job, tmp_path, out, 3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     wait_restart(job, tmp_path)
@@ -202,7 +206,7 @@ def test_preemption_requeues_and_resumes(cluster: int, direct: dict[str, Path], 
     text = logs(tmp_path, None)
     assert "caught SIGUSR1" in text and "requeueing job" in text and "resuming from" in text, text
     layout_checks(tmp_path, 1)
-    same_adapter(out, direct["long"])
+    same_adapter(out, direct["mid"])
 
 
 def test_frozen_rank_requeues_and_resumes(cluster: int, direct: dict[str, Path], tmp_path: Path) -> None:
@@ -355,8 +359,8 @@ def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str,
         return proj / f"{name}.sbatch"
 
     model = f"model.path={demo_model}"  # the direct run's model
-    one = render("one", "--cpus-per-node", "2", "output.dir=runs/one", model, *LONG)
-    two = render("two", "--nodes", "2", "--cpus-per-node", "1", "output.dir=runs/two", model, *LONG)
+    one = render("one", "--cpus-per-node", "2", "output.dir=runs/one", model, *MID)
+    two = render("two", "--nodes", "2", "--cpus-per-node", "1", "output.dir=runs/two", model, *MID)
     assert "2 node(s) x 1 CPU rank(s)" in two.read_text().splitlines()[1]
 
     def submit(f: Path, *extra: str) -> str:
@@ -370,7 +374,7 @@ def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str,
     assert wait_job(j1) == "COMPLETED", logs(tmp_path)
     text = logs(tmp_path, None)
     assert f"ia3_dist from {Path(site).parent}" in text, text[-3000:]
-    same_adapter(proj / "runs" / "one", direct["long"])
+    same_adapter(proj / "runs" / "one", direct["mid"])
 
     # The 2-node file, preempted mid-run: checkpoint, requeue, resume from the same install, same adapter.
     if cluster < 2:
@@ -392,7 +396,7 @@ def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str,
     ranks = re.findall(r"rank (\d)/2 on \S+: local rank 0/1, (\d+) thread\(s\)",
                        "".join(f.read_text() for f in (tmp_path / "logs").glob(f"two-{j2}/*") if f.is_file()))
     assert sorted(ranks) == [("0", "1"), ("0", "1"), ("1", "1"), ("1", "1")], ranks
-    same_adapter(proj / "runs" / "two", direct["long"])
+    same_adapter(proj / "runs" / "two", direct["mid"])
 
 
 # --- a sweep as one job array ---------------------------------------------------------------------------------
