@@ -89,7 +89,7 @@ def grad_accum_for(micro: int, nproc: int) -> int:
 
 
 def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf16: bool, micro: int,
-                 extra: list[str]) -> dict:
+                 extra: list[str], warmup: int = WARMUP_STEPS) -> dict:
     """The launcher on the same model, data and global batch 8, length-grouped micro-batches. Records whose
     prompt alone fills max_length stay in (data.unlabeled=keep), as the reference's Dataset.map keeps them: both
     sides process the same examples."""
@@ -109,15 +109,15 @@ def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf1
 
     recs = read_metrics(out / "metrics.jsonl")
     steps_logged = [r for r in recs if "loss" in r]
-    if len(steps_logged) <= WARMUP_STEPS:
-        raise SystemExit(f"--steps must be more than the {WARMUP_STEPS} warm-up steps")
-    timed = steps_logged[WARMUP_STEPS:]
+    if len(steps_logged) <= warmup:
+        raise SystemExit(f"--steps must be more than the {warmup} warm-up steps")
+    timed = steps_logged[warmup:]
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in timed)
     padded = sum(r["padded_tokens_per_s"] * r["step_time_s"] for r in timed)
     # Wall clock from the end of the last warm-up step to the end of the last step, as the reference side is
     # timed: everything between steps (this side's per-step log line, the reference's logging) is included.
     # step_time_s alone would leave out the launcher's logging block.
-    secs = timed[-1]["elapsed_s"] - steps_logged[WARMUP_STEPS - 1]["elapsed_s"]
+    secs = timed[-1]["elapsed_s"] - steps_logged[warmup - 1]["elapsed_s"]
     tok_line = next((ln for ln in proc.stdout.splitlines() if "tokenized in" in ln), "")
     return {"side": f"ia3-dist x{nproc}", "tokens_per_s": tokens / secs, "padding_efficiency": tokens / padded,
             "step_ms": secs / len(timed) * 1e3,
@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--ds", default="zero0", help="launcher DeepSpeed config")
     ap.add_argument("--reference-json", help="reuse the reference side measured by an earlier run (same model, data "
                     "and steps), written there when absent")
+    ap.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="launcher steps left out of the timing "
+                    "(more for compiled runs, whose first steps compile)")
     ap.add_argument("--peer", action="store_true", help="also run HF Trainer + PEFT IA3 at the launcher's "
                     "micro-batch and accumulation (the same-shape peer; the reference recipe is micro 1 x 8)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -207,9 +209,10 @@ def main() -> None:
             raise SystemExit(f"same-shape peer failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(peer_json.read_text()))
     ds = [f"deepspeed.config={a.ds}", *a.set]
-    results.append(run_launcher(model, data, a.steps, work / "launcher", 1, a.bf16, a.micro, ds))
+    results.append(run_launcher(model, data, a.steps, work / "launcher", 1, a.bf16, a.micro, ds, a.warmup))
     if a.two_ranks:
-        results.append(run_launcher(model, data, a.steps, work / "launcher2", 2, a.bf16, a.micro // 2, ds))
+        results.append(run_launcher(model, data, a.steps, work / "launcher2", 2, a.bf16, a.micro // 2, ds,
+                                    a.warmup))
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     n = ref["n_params"]

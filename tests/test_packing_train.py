@@ -66,8 +66,9 @@ def test_multi_turn_packed_trains_like_unpacked_and_resumes_exactly(multiturn: P
 
 
 def test_compiled_packed_run_stops_compiling_after_warm_up(tmp_path: Path) -> None:
-    """train.compile on packed rows: the width is fixed and the row count changes; dynamo compiles the first
-    shape, recompiles once with the row count dynamic, and never again (graph count logged every step)."""
+    """train.compile on packed rows: the width is fixed and the row count changes; the blocks are compiled
+    shape-generic at the first step, once more for a one-row micro-step (dynamo specializes size 1), and nothing
+    recompiles after that (graph count logged every step)."""
     out = tmp_path / "compiled"
     check(launch(["--config", TINY, "deepspeed.config=zero2", f"output.dir={out}", "train.max_steps=10",
                   "train.log_every=1", "data.packing=true", "train.compile=true", "checkpoint.at_end=false"]))
