@@ -38,6 +38,8 @@ bench "$SMALL-zero2-m8" "$SMALL" "$STEPS" zero2 8
 # Compiled: the first steps compile (shape-generic, and once more for a one-row micro-step); timed after them.
 WARMUP=$((STEPS / 2)) bench "$SMALL-zero1-m8-packed-compiled" "$SMALL" "$STEPS" zero1 8 data.packing=true \
   train.compile=true
+WARMUP=$((STEPS / 2)) bench "$SMALL-zero1-m8-packed-cudagraphs" "$SMALL" "$STEPS" zero1 8 data.packing=true \
+  train.compile=true train.compile_mode=reduce-overhead
 bench "$SMALL-zero3-m8" "$SMALL" "$STEPS" zero3 8
 bench "$BIG-zero3-m4" "$BIG" "$BIG_STEPS" zero3 4
 "$PY" - "$OUT" <<'PYEOF'

@@ -98,6 +98,7 @@ def _check_template(key: str, template: str) -> None:
 
 
 ATTENTIONS = ("auto", "sdpa", "eager", "flex")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -347,6 +348,10 @@ class TrainSection:
     compile: bool = False
     """``torch.compile`` each decoder block (not under ZeRO-3). Measured on CPU it does not pay (see README:
     compile time of minutes against a small step-time gain), so it is off unless asked for."""
+    compile_mode: str = "default"
+    """``torch.compile`` mode for ``train.compile``: ``default``, ``reduce-overhead`` (CUDA graphs: each block's
+    kernels replayed as one launch, for host-bound GPU steps; pair it with ``data.packing`` so shapes repeat) or
+    ``max-autotune-no-cudagraphs``. Off the GPU, CUDA graphs do not apply and the modes compile alike."""
     loss_chunk_mib: int = 1024
     """The LM head's fp32 logits of a micro-batch's label rows are computed this many MiB at a time (each chunk
     recomputed in the backward pass), so full logits never exist at once. At Bloom's 250,880-token vocabulary a row
@@ -389,6 +394,8 @@ class TrainSection:
         _finite("train.peak_tflops", self.peak_tflops)
         _in_range("train.threads", self.threads, 0, 4096)
         _in_range("train.loss_chunk_mib", self.loss_chunk_mib, 0, 1 << 20)
+        if self.compile_mode not in COMPILE_MODES:
+            fail("train.compile_mode", f"must be one of {'|'.join(COMPILE_MODES)}, got {show(self.compile_mode)}")
         _finite("train.hang_timeout_s", self.hang_timeout_s)
         if 0 < self.hang_timeout_s < 1:
             fail("train.hang_timeout_s", f"must be 0 (off) or at least 1 second, got {show(self.hang_timeout_s)}")

@@ -106,13 +106,14 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def compile_blocks(model: nn.Module, skip: nn.Module | None = None, dynamic: bool | None = None) -> int:
+def compile_blocks(model: nn.Module, skip: nn.Module | None = None, dynamic: bool | None = None,
+                   mode: str = "default") -> int:
     """``torch.compile`` every decoder block in place, except ``skip``; returns how many. Blocks, not the whole
     model: the loss, IA3's PEFT wrapper and DeepSpeed's hooks stay eager, and one compiled graph serves all layers
     of the same shape. ``dynamic=True`` (packed rows: fixed width, a row count that varies) compiles shape-generic
     graphs at the first step, so no later step recompiles; None lets dynamo decide (it recompiles once when a
-    size first changes)."""
+    size first changes). ``mode``: ``train.compile_mode``."""
     blocks = [b for b in decoder_blocks(model) if b is not skip]
     for b in blocks:
-        b.compile(dynamic=dynamic)
+        b.compile(dynamic=dynamic, mode=None if mode == "default" else mode)
     return len(blocks)
