@@ -1,6 +1,7 @@
-"""Packed training runs (``data.packing``) on the real engine: multi-turn data packed (stopped and resumed) and
-unpacked train the same (1 process ZeRO-0, 2 gloo ranks ZeRO-3), and a compiled packed run stops compiling after
-its warm-up. (Single-turn packed runs against the HF Trainer reference are in test_parity.py.)"""
+"""Packed training runs (``data.packing``) on the real engine: for every tested family, packed and unpacked runs
+train the same on 1 process ZeRO-0 and 2 gloo ranks ZeRO-2 and ZeRO-3, single- and multi-turn; a packed run
+resumes exactly; a compiled packed run stops compiling after its warm-up.
+(Packed runs against the HF Trainer reference are in test_parity.py.)"""
 
 from __future__ import annotations
 
@@ -17,12 +18,22 @@ pytestmark = pytest.mark.slow
 TINY = "configs/tiny-cpu.yaml"
 
 
+N = 32  # records: 8 steps on 1 process, 4 on 2 ranks (micro 2 x accum 2 per rank)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    f = tmp_path_factory.mktemp("st") / "single.json"
+    f.write_text(json.dumps(make_records(N, 17, None), ensure_ascii=False), encoding="utf-8")
+    return f
+
+
 @pytest.fixture(scope="module")
 def multiturn(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """80 records, most with one or two earlier exchanges as history (every assistant turn labelled)."""
-    recs = make_records(80, 13, None)
+    """Records with zero to two earlier exchanges as history (every assistant turn labelled)."""
+    recs = make_records(N, 17, None)
     for i, r in enumerate(recs):
-        r["history"] = [[recs[(i + k) % 80]["instruction"], recs[(i + k) % 80]["output"]] for k in range(1, i % 3 + 1)]
+        r["history"] = [[recs[(i + k) % N]["instruction"], recs[(i + k) % N]["output"]] for k in range(1, i % 3 + 1)]
     f = tmp_path_factory.mktemp("mt") / "multiturn.json"
     f.write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
     return f
@@ -31,7 +42,7 @@ def multiturn(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _same_training(a: Path, b: Path, tol: float) -> None:
     la = {r["step"]: r["loss"] for r in metrics(a) if "loss" in r}
     lb = {r["step"]: r["loss"] for r in metrics(b) if "loss" in r}
-    assert sorted(la) == sorted(lb) and len(la) >= 5
+    assert sorted(la) == sorted(lb) and len(la) >= 4
     for s in la:
         assert la[s] == pytest.approx(lb[s], rel=tol), (s, la[s], lb[s])
     ta, tb = adapter_tensors(a / "adapter"), adapter_tensors(b / "adapter")
@@ -42,27 +53,43 @@ def _same_training(a: Path, b: Path, tol: float) -> None:
 
 def _run(out: Path, data: Path, world: int, ds: str, *extra: str):
     return launch(["--config", TINY, f"data.path={data}", f"deepspeed.config={ds}", f"output.dir={out}",
-                   "train.epochs=1", "train.lr=3e-3", "train.log_every=1", "train.micro_batch_size=4",
-                   "train.grad_accum=2",
+                   "train.epochs=1", "train.lr=3e-3", "train.log_every=1", "train.micro_batch_size=2",
+                   "train.grad_accum=2", "train.precision=fp32",
                    "data.max_length=192", *extra], nproc=world)
 
 
-@pytest.mark.parametrize("world, ds", [(1, "zero0"), (2, "zero3")])
-def test_multi_turn_packed_trains_like_unpacked_and_resumes_exactly(multiturn: Path, tmp_path: Path, world: int,
-                                                                    ds: str) -> None:
-    """The packed run is stopped after step 2 and resumed: per-step losses and the final adapter still equal the
-    uninterrupted unpacked run's."""
-    plain, packed = tmp_path / "plain", tmp_path / "packed"
-    check(_run(plain, multiturn, world, ds))
-    proc = check(_run(packed, multiturn, world, ds, "data.packing=true", "train.stop_after_steps=2"))
-    assert "packed in rows of" in proc.stdout and "packing efficiency" in proc.stdout
-    proc = check(_run(packed, multiturn, world, ds, "data.packing=true", "train.resume=auto"))
+CONFIGS = [(1, "zero0"), (2, "zero2"), (2, "zero3")]
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "llama", "qwen2", "mistral", "gpt_neox"])
+def test_packed_and_unpacked_runs_train_alike(model_type: str, family_models: dict, tiny_model: Path,
+                                              multiturn: Path, single: Path, tmp_path: Path) -> None:
+    """The exactness matrix, per family: 1 process ZeRO-0, 2 ranks ZeRO-2 and ZeRO-3, single- and multi-turn
+    records; a packed and an unpacked run over the same examples agree step by step (1e-6) and in the final
+    vectors (1e-5). Packed rows are fewer than the examples, and the efficiency logged is theirs."""
+    model = tiny_model if model_type == "bloom" else family_models[model_type]
+    for world, ds in CONFIGS:
+        for data in (single, multiturn):
+            name = f"{world}-{ds}-{data.stem}"
+            plain, packed = tmp_path / f"{name}-plain", tmp_path / f"{name}-packed"
+            check(_run(plain, data, world, ds, f"model.path={model}"))
+            proc = check(_run(packed, data, world, ds, f"model.path={model}", "data.packing=true"))
+            assert "packed in rows of" in proc.stdout and "packing efficiency" in proc.stdout
+            _same_training(packed, plain, tol=1e-6)
+            m = [r for r in metrics(packed) if "loss" in r]
+            assert all(r["rows_per_step"] < 4 * world for r in m)
+            assert all(0.5 < r["padding_efficiency"] <= 1.0 for r in m)
+
+
+def test_packed_run_resumes_exactly(multiturn: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """Stopped after step 2 on 2 ranks (ZeRO-2) and resumed: the uninterrupted packed run, step for step."""
+    straight, chunked = tmp_path / "straight", tmp_path / "chunked"
+    packed = (f"model.path={tiny_model}", "data.packing=true")
+    check(_run(straight, multiturn, 2, "zero2", *packed))
+    check(_run(chunked, multiturn, 2, "zero2", *packed, "train.stop_after_steps=2"))
+    proc = check(_run(chunked, multiturn, 2, "zero2", *packed, "train.resume=auto"))
     assert "resuming from" in proc.stdout
-    _same_training(packed, plain, tol=1e-6)
-    m = [r for r in metrics(packed) if "loss" in r]
-    # Fewer rows than examples, and the efficiency logged is the packed rows' (real tokens / row slots).
-    assert all(r["rows_per_step"] < 8 * world for r in m)
-    assert all(0.5 < r["padding_efficiency"] <= 1.0 for r in m)
+    _same_training(chunked, straight, tol=1e-6)
 
 
 def test_compiled_packed_run_stops_compiling_after_warm_up(tmp_path: Path) -> None:
