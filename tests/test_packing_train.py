@@ -1,5 +1,6 @@
 """Packed training runs (``data.packing``) on the real engine: for every tested family, packed and unpacked runs
-train the same on 1 process ZeRO-0 and 2 gloo ranks ZeRO-2 and ZeRO-3, single- and multi-turn; a packed run
+train the same on 1 process ZeRO-0 and 2 gloo ranks ZeRO-2 and ZeRO-3, on mixed single- and multi-turn records; a
+packed run
 resumes exactly; a compiled packed run stops compiling after its warm-up.
 (Packed runs against the HF Trainer reference are in test_parity.py.)"""
 
@@ -22,15 +23,9 @@ N = 32  # records: 8 steps on 1 process, 4 on 2 ranks (micro 2 x accum 2 per ran
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    f = tmp_path_factory.mktemp("st") / "single.json"
-    f.write_text(json.dumps(make_records(N, 17, None), ensure_ascii=False), encoding="utf-8")
-    return f
-
-
-@pytest.fixture(scope="module")
 def multiturn(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Records with zero to two earlier exchanges as history (every assistant turn labelled)."""
+    """Records with zero (every third one: single-turn) to two earlier exchanges as history (every assistant turn
+    labelled)."""
     recs = make_records(N, 17, None)
     for i, r in enumerate(recs):
         r["history"] = [[recs[(i + k) % N]["instruction"], recs[(i + k) % N]["output"]] for k in range(1, i % 3 + 1)]
@@ -63,22 +58,21 @@ CONFIGS = [(1, "zero0"), (2, "zero2"), (2, "zero3")]
 
 @pytest.mark.parametrize("model_type", ["bloom", "llama", "qwen2", "mistral", "gpt_neox"])
 def test_packed_and_unpacked_runs_train_alike(model_type: str, family_models: dict, tiny_model: Path,
-                                              multiturn: Path, single: Path, tmp_path: Path) -> None:
-    """The exactness matrix, per family: 1 process ZeRO-0, 2 ranks ZeRO-2 and ZeRO-3, single- and multi-turn
-    records; a packed and an unpacked run over the same examples agree step by step (1e-6) and in the final
-    vectors (1e-5). Packed rows are fewer than the examples, and the efficiency logged is theirs."""
+                                              multiturn: Path, tmp_path: Path) -> None:
+    """The exactness matrix, per family: 1 process ZeRO-0, 2 ranks ZeRO-2 and ZeRO-3, on records of which a third
+    are single-turn and the rest multi-turn (the batches mix both); a packed and an unpacked run over the same
+    examples agree step by step (1e-6) and in the final vectors (1e-5). Packed rows are fewer than the examples,
+    and the efficiency logged is theirs."""
     model = tiny_model if model_type == "bloom" else family_models[model_type]
     for world, ds in CONFIGS:
-        for data in (single, multiturn):
-            name = f"{world}-{ds}-{data.stem}"
-            plain, packed = tmp_path / f"{name}-plain", tmp_path / f"{name}-packed"
-            check(_run(plain, data, world, ds, f"model.path={model}"))
-            proc = check(_run(packed, data, world, ds, f"model.path={model}", "data.packing=true"))
-            assert "packed in rows of" in proc.stdout and "packing efficiency" in proc.stdout
-            _same_training(packed, plain, tol=1e-6)
-            m = [r for r in metrics(packed) if "loss" in r]
-            assert all(r["rows_per_step"] < 4 * world for r in m)
-            assert all(0.5 < r["padding_efficiency"] <= 1.0 for r in m)
+        plain, packed = tmp_path / f"{world}-{ds}-plain", tmp_path / f"{world}-{ds}-packed"
+        check(_run(plain, multiturn, world, ds, f"model.path={model}"))
+        proc = check(_run(packed, multiturn, world, ds, f"model.path={model}", "data.packing=true"))
+        assert "packed in rows of" in proc.stdout and "packing efficiency" in proc.stdout
+        _same_training(packed, plain, tol=1e-6)
+        m = [r for r in metrics(packed) if "loss" in r]
+        assert all(r["rows_per_step"] < 4 * world for r in m)
+        assert all(0.5 < r["padding_efficiency"] <= 1.0 for r in m)
 
 
 def test_packed_run_resumes_exactly(multiturn: Path, tiny_model: Path, tmp_path: Path) -> None:
