@@ -11,8 +11,7 @@ a few thousand AdamW updates), for (world 1, ZeRO-0), (world 2, ZeRO-1/2/3 and Z
 1x8, 2x4, 8x1 of global batch 8, with HF's cosine schedule and warmup, and with the speed options on (SDPA
 attention, chunked loss); and for tiny random Llama, Qwen2, Mistral and GPT-NeoX models (world 1 ZeRO-0 and
 world 2 ZeRO-3, two splits each). Packed runs (``data.packing``) meet the same tolerances against the unpacked
-reference: Bloom on world 2 ZeRO-3, GPT-NeoX on world 2 ZeRO-2 (packed against unpacked for every family and
-stage: test_packing_train.py).
+reference: Bloom on world 2 ZeRO-3 (packed against unpacked for every family and stage: test_packing_train.py).
 """
 
 from __future__ import annotations
@@ -142,9 +141,8 @@ CASES = {
     "w1-zero0-2x4-cosine-warmup3": (1, "zero0", 2, 4, "train.scheduler=cosine", "train.warmup_steps=3"),
     # The speed options on: Bloom attention through SDPA, the LM-head loss in chunks of 1 MiB of logits.
     "w1-zero0-8x1-sdpa-chunked": (1, "zero0", 8, 1, "model.attention=sdpa", "train.loss_chunk_mib=1"),
-    # Packed rows (data.packing): the same losses and vectors as the unpacked reference (ZeRO-2 packed: the
-    # GPT-NeoX case below, where at 1x4 each rank's 4 examples fill fewer rows than micro-steps; packed against
-    # unpacked for every family and stage: test_packing_train.py).
+    # Packed rows (data.packing): the same losses and vectors as the unpacked reference (packed against unpacked
+    # for every family and stage: test_packing_train.py).
     "w2-zero3-2x2-packed-512": (2, "zero3", 2, 2, "data.packing=true", "data.pack_length=512"),
 }
 
@@ -156,7 +154,7 @@ FAMILY_CASES = {
     "llama": [(1, "zero0", 2, 4), (2, "zero3", 1, 4)],
     "qwen2": [(1, "zero0", 8, 1), (2, "zero3", 2, 2)],
     "mistral": [(1, "zero0", 1, 8), (2, "zero3", 4, 1)],
-    "gpt_neox": [(1, "zero0", 4, 2), (2, "zero3", 1, 4), (2, "zero2", 1, 4, "data.packing=true")],
+    "gpt_neox": [(1, "zero0", 4, 2), (2, "zero3", 1, 4)],
 }
 
 
@@ -193,8 +191,8 @@ def test_launcher_matches_reference(case: str, references, parity_data: Path, tm
     _run_and_compare(case, reference, parity_data, tmp_path / case, world, ds, micro, accum, *extra)
 
 
-FAMILY_PARAMS = [pytest.param(t, c, id=f"{t}-w{c[0]}-{c[1]}-{c[2]}x{c[3]}{'-packed' if c[4:] else ''}")
-                 for t, cs in FAMILY_CASES.items() for c in cs]
+FAMILY_PARAMS = [pytest.param(t, c, id=f"{t}-w{c[0]}-{c[1]}-{c[2]}x{c[3]}") for t, cs in FAMILY_CASES.items()
+                 for c in cs]
 
 
 @pytest.mark.parametrize("model_type, case", FAMILY_PARAMS)
