@@ -8,8 +8,8 @@ batch's label count, so that re-layout is exact up to float summation order. Lab
 first token of every document carries no label, as in an unpacked row, where it is never a target either.
 
 A micro-step's tensors are ``rows x pack_length``: the width is fixed for the run and the row count is at most the
-micro-batch's example count, so a compiled step sees a bounded set of shapes (dynamo marks the row dimension
-dynamic after the first change and stops recompiling).
+micro-batch's example count, so a compiled step sees a bounded set of shapes (the loop compiles packed runs'
+blocks shape-generic, so the row count does not recompile them).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from .sampler import rank_slice
 from .tokenize import IGNORE_INDEX, TokenizedData
 
 ROW_ALIGN = 64
@@ -103,7 +104,7 @@ def efficiency(steps: list[list[list[int]]], lengths: np.ndarray, accum: int, wo
     real = slots = 0
     for step in steps:
         for r in range(world):
-            mbs = step[r * accum:(r + 1) * accum]
+            mbs = rank_slice(step, r, accum)
             if not any(mbs):
                 continue
             real += sum(int(lengths[i]) for mb in mbs for i in mb)
@@ -117,9 +118,8 @@ def choose_pack_length(steps: list[list[list[int]]], lengths: np.ndarray, accum:
     than half a point to be chosen (attention work grows with the row on the masked path)."""
     longest = int(lengths.max())
     base = -(-longest // ROW_ALIGN) * ROW_ALIGN
-    per_rank = max((sum(len(mb) for mb in s[r * accum:(r + 1) * accum]) for s in steps[:AUTO_STEPS]
-                    for r in range(world)), default=1)
     sample = steps[:AUTO_STEPS]
+    per_rank = max((sum(len(mb) for mb in rank_slice(s, r, accum)) for s in sample for r in range(world)), default=1)
     best, best_eff = base, efficiency(sample, lengths, accum, world, base)[0]
     width = base * 2
     while width <= max(base, per_rank * longest) and width <= 16 * base:

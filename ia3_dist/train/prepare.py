@@ -133,7 +133,8 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         apply_ia3(base_on_meta(model_config, cfg.model.trust_remote_code), cfg.ia3)
     tok = load_tokenizer(cfg.model, model_path)
     check_vocab(tok, model_config, cfg.model.tokenizer or model_path)
-    if cfg.model.attention == "flex" and getattr(model_config, "model_type", None) == "bloom":
+    fam = family_of(model_config)
+    if cfg.model.attention == "flex" and fam is not None and fam.attention is not None:
         import torch
 
         if not torch.cuda.is_available():
