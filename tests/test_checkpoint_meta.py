@@ -1,4 +1,5 @@
-"""Resume refuses a checkpoint whose run differs in anything that would make the continuation inexact."""
+"""Resume refuses a checkpoint whose run differs in anything that would make the continuation inexact, and takes one
+saved on another layout (ranks, cut, ZeRO stage) with the same global batch through its layout-independent state."""
 
 from __future__ import annotations
 
@@ -8,30 +9,80 @@ from pathlib import Path
 import pytest
 
 from ia3_dist.errors import UsageError
-from ia3_dist.runtime.checkpoint import MUST_MATCH, check_compatible
+from ia3_dist.runtime import portable
+from ia3_dist.runtime.checkpoint import LAYOUT, MUST_MATCH, RECORDED_SINCE_2, check_compatible, resume_line
 
 META = {"world_size": 2, "micro_batch_size": 1, "grad_accum": 4, "seed": 42, "shuffle": True, "total_steps": 12,
-        "data_key": "abc123", "n_examples": 96, "eval_ratio": 0.0, "group_by_length": False, "order_version": 2}
-CHANGED = {"world_size": 1, "micro_batch_size": 2, "grad_accum": 8, "seed": 7, "shuffle": False, "total_steps": 24,
-           "data_key": "def456", "n_examples": 95, "group_by_length": True, "order_version": 1}
+        "data_key": "abc123", "n_examples": 96, "eval_ratio": 0.0, "group_by_length": False, "order_version": 2,
+        "global_batch": 8, "zero_stage": 2, "precision": "fp32", "offload_optimizer": False,
+        "model_key": "bloom-0123456789abcdef", "ia3": '{"variant": "default"}', "schedule": "lr 0.003, linear"}
+CHANGED = {"seed": 7, "shuffle": False, "total_steps": 24, "data_key": "def456", "n_examples": 95,
+           "group_by_length": True, "order_version": 1, "precision": "bf16", "model_key": "llama-0123456789abcdef",
+           "ia3": '{"variant": "paper"}', "schedule": "lr 0.01, linear"}
+# The same 8 examples per step, cut otherwise.
+RECUT = [{"world_size": 1, "grad_accum": 8}, {"micro_batch_size": 2, "grad_accum": 2}, {"zero_stage": 3},
+         {"world_size": 4, "grad_accum": 2, "zero_stage": 0}]
 
 
-def _ckpt(tmp_path: Path) -> Path:
+def _ckpt(tmp_path: Path, meta: dict | None = None, state: bool = True) -> Path:
     d = tmp_path / "checkpoints" / "step3"
     d.mkdir(parents=True)
-    (d / "meta.json").write_text(json.dumps({**META, "step": 3}))
+    (d / "meta.json").write_text(json.dumps({**(META if meta is None else meta), "step": 3}))
+    if state:  # check_compatible only asks whether they are there; their contents are checked when they load
+        (d / portable.STATE).write_bytes(b"")
+        (d / portable.INFO).write_text("{}")
     return d
 
 
-def test_same_run_is_accepted(tmp_path: Path) -> None:
-    assert check_compatible(_ckpt(tmp_path), dict(META))["step"] == 3
+def test_same_run_is_accepted_on_deepspeeds_files(tmp_path: Path) -> None:
+    meta, moved = check_compatible(_ckpt(tmp_path), dict(META))
+    assert meta["step"] == 3 and not moved
 
 
 def test_every_key_is_checked() -> None:
-    assert set(CHANGED) == set(MUST_MATCH)
+    assert set(CHANGED) | {"global_batch"} == set(MUST_MATCH)
+    assert set(LAYOUT) | set(MUST_MATCH) | {"offload_optimizer", "eval_ratio"} == set(META)
 
 
 @pytest.mark.parametrize("key", list(CHANGED))
 def test_each_difference_is_refused_naming_it(tmp_path: Path, key: str) -> None:
     with pytest.raises(UsageError, match=f"saved with {key}=.*this run has"):
         check_compatible(_ckpt(tmp_path), {**META, key: CHANGED[key]})
+
+
+def test_another_global_batch_is_refused_with_the_key_that_keeps_it(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as e:
+        check_compatible(_ckpt(tmp_path), {**META, "world_size": 1, "global_batch": 4})
+    msg = str(e.value)
+    assert "saved with a global batch of 8 examples per step (2 ranks x micro-batch 1 x 4 accumulation, ZeRO-2)" \
+        in msg and "this run has 4 (1 rank x micro-batch 1 x 4 accumulation" in msg
+    assert "train.global_batch_size=8" in msg
+
+
+@pytest.mark.parametrize("change", RECUT, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_another_cut_of_the_same_global_batch_loads_the_portable_state(tmp_path: Path, change: dict) -> None:
+    now = {**META, **change}
+    meta, moved = check_compatible(_ckpt(tmp_path), now)
+    assert moved
+    line = resume_line(tmp_path, meta, now, moved)
+    assert line.startswith(f"resuming step 3 saved on 2 ranks, now on {now['world_size']} ranks (saved as 2 ranks")
+    assert "the same 8 examples per step" in line
+
+
+def test_another_cut_without_portable_state_names_the_layout_it_needs(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no layout-independent state .* resumes only on its own layout: 2 ranks x "
+                                         "micro-batch 1 x 4 accumulation, ZeRO-2"):
+        check_compatible(_ckpt(tmp_path, state=False), {**META, "world_size": 1, "grad_accum": 8})
+
+
+def test_optimizer_offload_keeps_the_layout(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="optimizer offload"):
+        check_compatible(_ckpt(tmp_path), {**META, "world_size": 1, "grad_accum": 8, "offload_optimizer": True})
+
+
+def test_checkpoint_of_an_earlier_version(tmp_path: Path) -> None:
+    """Without the keys recorded since layout-independent checkpoints: the global batch comes from its layout, the
+    keys it lacks are not held against it, and its own layout resumes on DeepSpeed's files."""
+    old = {k: v for k, v in META.items() if k not in (*RECORDED_SINCE_2, "global_batch")}
+    meta, moved = check_compatible(_ckpt(tmp_path, old, state=False), {**META, "precision": "bf16"})
+    assert not moved

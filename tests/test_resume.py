@@ -1,5 +1,7 @@
 """Checkpoints: small (trainable state only), atomic, exactly resumable on 2 gloo ranks (ZeRO-2 and ZeRO-3, across
-an epoch boundary), keep-K pruning, a refused world-size change, and the output-dir guard."""
+an epoch boundary), resumable on another allocation with the same global batch (1 <-> 2 ranks, another ZeRO stage,
+into another output dir), keep-K pruning, refused changes of the global batch and the run, and the output-dir
+guard."""
 
 from __future__ import annotations
 
@@ -76,6 +78,113 @@ def test_auto_micro_batch_steps_down_on_every_rank_and_resumes_exactly(straight:
 
 
 @pytest.mark.parametrize("ds, first_chunk", [("zero2", 3), ("zero3", 5)])
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
+
+
+def assert_continues(straight: Path, resumed: Path, first: int, tol: float = 1e-5) -> None:
+    """``resumed`` logged steps ``first``..10 and ended on ``straight``'s adapter, both within ``tol`` (relative:
+    another cut of the global batch sums in another order)."""
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == list(range(first, 11)), sorted(b)
+    for s in b:
+        assert b[s] == pytest.approx(a[s], rel=tol), (s, a[s], b[s])
+    ta, tb = adapter_tensors(straight / "adapter"), adapter_tensors(resumed / "adapter")
+    assert set(ta) == set(tb)
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=tol, atol=tol * float(ta[k].abs().max()))
+
+
+def examples_by_step(*outs: Path) -> dict[int, list[int]]:
+    """examples.jsonl of one or more output dirs (an interrupted run's pieces), by step; a step twice is an error."""
+    got: dict[int, list[int]] = {}
+    for out in outs:
+        for line in (out / "examples.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            assert r["step"] not in got, f"step {r['step']} logged twice"
+            got[r["step"]] = r["examples"]
+    return got
+
+
+def assert_each_example_once_per_epoch(got: dict[int, list[int]], n: int = 80, per_epoch: int = 5) -> None:
+    assert sorted(got) == list(range(1, 11))
+    for epoch in range(2):
+        used = [i for s in range(epoch * per_epoch + 1, (epoch + 1) * per_epoch + 1) for i in got[s]]
+        assert sorted(used) == list(range(n)), (epoch, sorted(used))
+
+
+# global batch 16 on either allocation: 2 ranks x 4 x 2, or 1 rank x 4 x 4.
+G16 = ("train.global_batch_size=16", "output.log_examples=true")
+
+
+@pytest.mark.parametrize("ds, k", [("zero2", 3), ("zero3", 5)])
+def test_resume_on_another_allocation(straight: dict[str, Path], tmp_path: Path, ds: str, k: int) -> None:
+    """B: 2 ranks stopped by SIGTERM at step k, resumed on 1 rank (twice the accumulation). C: 1 rank stopped at step
+    k, continued on 2 ranks in a new output dir from C's checkpoint. Both end on the uninterrupted 2-rank run A's
+    adapter, with A's losses after the resume, and every example of each epoch is used exactly once across the
+    pieces (examples.jsonl). Under zero2, B's checkpoint also continues on 1 rank under ZeRO-3 (a stage change)."""
+    import shutil
+
+    a = straight[ds]
+    b = tmp_path / "b"
+    proc = run2(b, *G16, ds=ds, env={"IA3_DIST_FAULT": f"step:{k + 1}:1:term"})
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert latest(b / "checkpoints").name == f"step{k}"
+    saved = shutil.copytree(b / "checkpoints" / f"step{k}", tmp_path / "saved" / f"step{k}")
+    proc = check(launch(["--config", TINY, f"deepspeed.config={ds}", f"output.dir={b}", *RUN, *G16,
+                         "train.resume=auto"]))
+    assert f"resuming step {k} saved on 2 ranks, now on 1 ranks (saved as 2 ranks x micro-batch 4 x 2 " \
+           f"accumulation, ZeRO-{ds[-1]}, now 1 rank x micro-batch 4 x 4 accumulation" in proc.stdout, proc.stdout
+    assert json.loads((b / "ds_config.json").read_text())["gradient_accumulation_steps"] == 4
+    assert_continues(a, b, 1)
+    assert_each_example_once_per_epoch(examples_by_step(b))
+
+    c, c2 = tmp_path / "c", tmp_path / "c2"
+    proc = launch(["--config", TINY, f"deepspeed.config={ds}", f"output.dir={c}", *RUN, *G16],
+                  env={"IA3_DIST_FAULT": f"step:{k + 1}:0:term"})
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    proc = check(run2(c2, *G16, f"train.resume={c / 'checkpoints' / f'step{k}'}", ds=ds))
+    assert f"resuming step {k} saved on 1 ranks, now on 2 ranks" in proc.stdout, proc.stdout
+    assert_continues(a, c2, k + 1)
+    assert_each_example_once_per_epoch(examples_by_step(c, c2))
+    # The new dir holds its own checkpoints; the one it started from is untouched.
+    assert latest(c2 / "checkpoints").name == "step10" and latest(c / "checkpoints").name == f"step{k}"
+
+    if ds == "zero2":
+        d = tmp_path / "d"
+        proc = check(launch(["--config", TINY, "deepspeed.config=zero3", f"output.dir={d}", *RUN, *G16,
+                             f"train.resume={saved}"]))
+        assert "now 1 rank x micro-batch 4 x 4 accumulation, ZeRO-3" in proc.stdout, proc.stdout
+        assert_continues(a, d, k + 1)
+
+
+def test_checkpoint_of_an_earlier_version_resumes_on_its_layout(straight: dict[str, Path], tmp_path: Path) -> None:
+    """A checkpoint as earlier versions wrote it (no layout-independent files, no meta keys added since) still
+    resumes on its own layout, exactly; on another layout it is refused, naming the layout it needs."""
+    from ia3_dist.config import load_config
+    from ia3_dist.errors import UsageError
+    from ia3_dist.runtime.checkpoint import RECORDED_SINCE_2
+    from ia3_dist.runtime.dist import DistEnv
+    from ia3_dist.train.prepare import prepare
+
+    out = tmp_path / "old"
+    check(run2(out, "train.stop_after_steps=3"))
+    ck = out / "checkpoints" / "step3"
+    for f in ("ia3_state.safetensors", "ia3_state.json"):
+        (ck / f).unlink()
+    meta = json.loads((ck / "meta.json").read_text())
+    for key in (*RECORDED_SINCE_2, "global_batch", "examples_consumed"):
+        meta.pop(key)
+    (ck / "meta.json").write_text(json.dumps(meta))
+    cfg = load_config(TINY, ["deepspeed.config=zero2", f"output.dir={out}", *RUN, "train.resume=auto",
+                             "train.global_batch_size=16"])
+    with pytest.raises(UsageError, match="no layout-independent state .* resumes only on its own layout: 2 ranks x "
+                                         "micro-batch 4 x 2 accumulation"):
+        prepare(cfg, DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1))
+    check(run2(out, "train.resume=auto"))
+    assert_same_training(out, straight["zero2"])
+
+
 def test_resume_is_exact(straight: dict[str, Path], tmp_path: Path, ds: str, first_chunk: int) -> None:
     """zero2 stops mid-epoch 0 and the resumed run crosses the epoch boundary; zero3 stops exactly on it."""
     out = tmp_path / "chunked"
@@ -133,26 +242,31 @@ def test_keep_last_k(tmp_path: Path) -> None:
     assert latest(out / "checkpoints").name == "step5"
 
 
-def test_changed_world_size_is_refused(straight: dict[str, Path], tmp_path: Path) -> None:
+def test_changed_global_batch_is_refused(straight: dict[str, Path], tmp_path: Path) -> None:
+    """Another number of ranks with the same micro-batch and accumulation changes the global batch: refused with exit
+    2 before any process group, naming both layouts and the key that keeps the batch."""
     src = straight["zero2"]
     proc = launch(["--config", TINY, "deepspeed.config=zero2", f"output.dir={src}", *RUN, "train.resume=auto"])
     assert proc.returncode == 2
-    assert "world_size=2" in proc.stderr and "this run has 1" in proc.stderr
-    # And the other way: a 1-rank checkpoint is not resumed on 2 ranks, and stays as it was.
+    assert "saved with a global batch of 16 examples per step (2 ranks x micro-batch 4 x 2 accumulation, ZeRO-2)" \
+        in proc.stderr and "this run has 8 (1 rank x micro-batch 4 x 2 accumulation" in proc.stderr, proc.stderr
+    assert "train.global_batch_size=16" in proc.stderr
+    # And the other way: a 1-rank checkpoint is not resumed on 2 ranks at a doubled batch, and stays as it was.
     one = tmp_path / "one"
     check(launch(["--config", TINY, "deepspeed.config=zero2", f"output.dir={one}", *RUN,
                   "train.stop_after_steps=2"]))
     before = sorted(p.name for p in (one / "checkpoints").iterdir())
     proc = run2(one, "train.resume=auto")
     assert proc.returncode == 2
-    assert "world_size=1" in proc.stderr and "this run has 2" in proc.stderr
+    assert "global batch of 8 examples per step" in proc.stderr and "this run has 16" in proc.stderr
     assert sorted(p.name for p in (one / "checkpoints").iterdir()) == before
 
 
 @pytest.mark.parametrize("change, key, saved, now", [
     (["train.seed=7"], "seed", 42, 7),
-    # Another batch layout with the same global batch (2 ranks x 2 x 4 instead of 2 ranks x 4 x 2).
-    (["train.micro_batch_size=2", "train.grad_accum=4"], "micro_batch_size", 4, 2),
+    (["train.lr=0.1"], "schedule", None, None),
+    (["train.precision=bf16"], "precision", "'fp32'", "'bf16'"),
+    (["ia3.variant=paper"], "ia3", None, None),
     (["data.shuffle=false"], "shuffle", True, False),
     # Another dataset of the same size: one answer edited.
     (["data.path=EDITED"], "data_key", None, None),
@@ -183,9 +297,15 @@ def test_changed_layout_seed_or_data_is_refused(straight: dict[str, Path], tmp_p
     if saved is not None:
         assert f"saved with {key}={saved}" in msg and f"this run has {now}" in msg, msg
     assert sorted(p.name for p in (src / "checkpoints").iterdir()) == before
-    # The unchanged run is accepted by the same preflight (so each refusal above is the change's).
+    # The unchanged run is accepted by the same preflight (so each refusal above is the change's), on its own
+    # layout with DeepSpeed's files, and cut otherwise (2 x 4 instead of 4 x 2, ZeRO-3) with the portable state.
     ok = load_config(TINY, ["deepspeed.config=zero2", f"output.dir={src}", *RUN, "train.resume=auto"])
-    assert prepare(ok, DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2)).resume_from is not None
+    p = prepare(ok, DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2))
+    assert p.resume_from is not None and not p.resume_portable
+    cut = load_config(TINY, ["deepspeed.config=zero3", f"output.dir={src}", *RUN, "train.resume=auto",
+                             "train.micro_batch_size=2", "train.grad_accum=4"])
+    p = prepare(cut, DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2))
+    assert p.resume_portable and "now 2 ranks x micro-batch 2 x 4 accumulation, ZeRO-3" in p.resume_line
 
 
 def test_output_dir_guard(straight: dict[str, Path], tmp_path: Path) -> None:

@@ -299,6 +299,11 @@ class TrainSection:
     micro-batch, so the global batch stays grad_accum x world size. A resumed run keeps its checkpoint's."""
     grad_accum: int = 8
     """Micro-batches per rank per optimizer step. Global batch = micro_batch_size x grad_accum x world size."""
+    global_batch_size: int = 0
+    """Examples per optimizer step over all ranks. 0: micro_batch_size x grad_accum x world size. > 0: replaces
+    ``grad_accum``, which becomes global_batch_size / (micro_batch_size x world size) on whatever allocation the
+    run gets (it must divide), so a job that resumes on fewer or more ranks (a Slurm node range, a requeue after a
+    node failure) trains the same steps. With ``micro_batch_size: auto`` it fixes the examples per rank per step."""
     lr: float = 3e-3
     """Peak learning rate (AdamW)."""
     epochs: int = 1
@@ -373,6 +378,7 @@ class TrainSection:
         else:
             _in_range("train.micro_batch_size", self.micro_batch_size, 1, 65536)
         _in_range("train.grad_accum", self.grad_accum, 1, 65536)
+        _in_range("train.global_batch_size", self.global_batch_size, 0, 1 << 30)
         _in_range("train.epochs", self.epochs, 1, 10**6)
         _in_range("train.log_every", self.log_every, 1, MAX_STEPS)
         for key in ("max_steps", "eval_every", "warmup_steps", "stop_after_steps"):
@@ -450,6 +456,10 @@ class OutputSection:
     """wandb project and MLflow experiment the run is reported to."""
     run_name: str | None = None
     """wandb and MLflow run name; null: the output dir's name."""
+    log_examples: bool = False
+    """Write ``examples.jsonl`` (rank 0): one line per optimizer step with the training examples it used, as
+    indices into the training set (file order, after the held-out split). For auditing the data order across
+    preemptions and resumes; a resume trims it to the checkpoint's step like metrics.jsonl."""
 
     def __post_init__(self) -> None:
         if not self.dir:

@@ -32,6 +32,12 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
     return -(-n // global_batch)
 
 
+def examples_consumed(steps: int, n: int, global_batch: int) -> int:
+    """Examples of the global order trained in the first ``steps`` steps (every epoch's last step may be short)."""
+    epoch, k = divmod(steps, steps_per_epoch(n, global_batch))
+    return epoch * n + min(k * global_batch, n)
+
+
 ORDER_VERSION = 2
 """Bumped whenever plan_epoch orders examples differently: a checkpoint of another order is not resumed."""
 

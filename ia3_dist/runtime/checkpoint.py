@@ -26,13 +26,27 @@ import torch
 
 from ..config.schema import show
 from ..errors import CheckpointWriteError, UsageError
-from . import dist, faults, manifest, safe_io, safe_load
+from . import dist, faults, manifest, portable, safe_io, safe_load
 
 LATEST = "latest"
 META = "meta.json"
-# Keys of meta.json that must match the resuming run for the continuation to be exact.
-MUST_MATCH = ("world_size", "micro_batch_size", "grad_accum", "seed", "shuffle", "total_steps", "data_key",
-              "n_examples", "group_by_length", "order_version")
+LAYOUT = ("world_size", "micro_batch_size", "grad_accum", "zero_stage")
+"""How the global batch is cut over ranks and micro-steps, and the ZeRO stage. They may change between a save and
+its resume as long as the global batch stays: every step then trains the same examples (the sampler's order is a
+function of the global batch, not of its cut) and :mod:`.portable` carries the trainable state across."""
+MUST_MATCH = ("global_batch", "seed", "shuffle", "total_steps", "data_key", "n_examples", "group_by_length",
+              "order_version", "precision", "model_key", "ia3", "schedule")
+"""Keys of meta.json that must match the resuming run for the continuation to be exact. Checkpoints of earlier
+versions lack some (they are checked where present; ``global_batch`` is computed from the layout)."""
+RECORDED_SINCE_2 = ("precision", "model_key", "ia3", "schedule", "zero_stage", "offload_optimizer")
+"""Keys meta.json has held since layout-independent checkpoints (meta ``version`` 2); older ones resume unchecked
+on them, as before."""
+FIX = {
+    "group_by_length": "set data.group_by_length explicitly to the saved value (its default follows the "
+                       "micro-batch)",
+    "precision": "set train.precision to the saved value",
+    "seed": "set train.seed to the saved value",
+}
 
 
 # What tag_for writes; ASCII digits only, so int() of the rest never fails.
@@ -45,7 +59,9 @@ MAX_INT = 2**63 - 1
 META_TYPES: dict[str, str] = {
     "step": "int", "world_size": "int", "micro_batch_size": "int", "grad_accum": "int", "seed": "int",
     "total_steps": "int", "n_examples": "int", "order_version": "int", "shuffle": "bool", "group_by_length": "bool",
-    "data_key": "str", "eval_ratio": "ratio",
+    "data_key": "str", "eval_ratio": "ratio", "global_batch": "int", "zero_stage": "int", "precision": "str",
+    "model_key": "str", "ia3": "str", "schedule": "str", "examples_consumed": "int",
+    "offload_optimizer": "bool",
 }
 """The fields of meta.json a resume reads, by kind; each is checked in :func:`read_meta` before anything uses it
 (``True == 1`` and ``2.0 == 2`` in Python, so a bool or a float would otherwise pass for an int)."""
@@ -165,17 +181,63 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def check_compatible(ckpt: Path, expected: dict[str, Any]) -> dict[str, Any]:
+def layout_of(meta: dict[str, Any]) -> str:
+    ranks = meta.get("world_size")
+    return (f"{ranks} rank{'s' if ranks != 1 else ''} x micro-batch {meta.get('micro_batch_size')} x "
+            f"{meta.get('grad_accum')} accumulation"
+            + (f", ZeRO-{meta['zero_stage']}" if "zero_stage" in meta else ""))
+
+
+def global_batch_of(meta: dict[str, Any]) -> Any:
+    if "global_batch" in meta:
+        return meta["global_batch"]
+    try:  # written before checkpoints recorded it
+        return meta["world_size"] * meta["micro_batch_size"] * meta["grad_accum"]
+    except (KeyError, TypeError):
+        return None
+
+
+def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``(meta, portable)``: the checkpoint continues this run exactly, on its own layout (``portable`` False:
+    DeepSpeed's files load) or on another one with the same global batch (True: :mod:`.portable`'s state loads).
+    Anything else is a UsageError naming the key and both values, raised before any process group starts."""
     meta = read_meta(ckpt)
+    saved_g = global_batch_of(meta)
+    if not _same(saved_g, expected["global_batch"]):
+        raise UsageError(f"checkpoint {ckpt}: saved with a global batch of {show(saved_g)} examples per step "
+                         f"({layout_of(meta)}), this run has {expected['global_batch']} ({layout_of(expected)}); "
+                         f"the continuation would not be exact. Keep the global batch: set "
+                         f"train.global_batch_size={show(saved_g)} (train.grad_accum then follows the number of "
+                         f"ranks), or resume with the saved layout")
     for k in MUST_MATCH:
+        if k == "global_batch" or (k in RECORDED_SINCE_2 and k not in meta):
+            continue
         if not _same(meta.get(k), expected.get(k)):
-            hint = ""
-            if k == "world_size":
-                hint = (" Resuming with a different world size is refused: ZeRO partitions and the per-rank data "
-                        "split both depend on it. Resume with the same number of ranks, or start a new run")
+            hint = f" ({FIX[k]})" if k in FIX else ""
             raise UsageError(f"checkpoint {ckpt}: saved with {k}={show(meta.get(k))}, this run has "
-                             f"{show(expected.get(k))}; the continuation would not be exact.{hint}")
-    return meta
+                             f"{show(expected.get(k))}; the continuation would not be exact{hint}")
+    changed = [k for k in LAYOUT if k in meta and not _same(meta[k], expected.get(k))]
+    if not changed:
+        return meta, False
+    what = ", ".join(f"{k}={show(meta[k])} (now {show(expected.get(k))})" for k in changed)
+    if not portable.has_state(ckpt):
+        raise UsageError(f"checkpoint {ckpt}: saved with {what}; it has no layout-independent state (written by an "
+                         f"earlier ia3-dist), so it resumes only on its own layout: {layout_of(meta)}")
+    if expected.get("offload_optimizer") or meta.get("offload_optimizer"):
+        raise UsageError(f"checkpoint {ckpt}: saved with {what}; with ZeRO optimizer offload the optimizer is "
+                         f"DeepSpeed's CPU Adam, whose state the layout-independent checkpoint does not fill. Resume "
+                         f"on the saved layout ({layout_of(meta)}) or without offload_optimizer")
+    return meta, True
+
+
+def resume_line(ckpt: Path, meta: dict[str, Any], expected: dict[str, Any], changed: bool) -> str:
+    """What the rank log says about the resume."""
+    w, now = meta.get("world_size"), expected["world_size"]
+    line = f"resuming step {meta['step']} saved on {w} ranks, now on {now} ranks"
+    if changed:
+        line += (f" (saved as {layout_of(meta)}, now {layout_of(expected)}: the same {expected['global_batch']} "
+                 f"examples per step; layout-independent state from {ckpt})")
+    return line
 
 
 def guard_output_dir(out: Path, resume: str, overwrite: bool) -> None:
@@ -261,6 +323,9 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
     tag = tag_for(step)
     faults.hit("save-begin", step, env.rank)
     error: Exception | None = None
+    # Before any write (every rank joins its gathers): a failed write below must not leave ranks in different
+    # collectives.
+    state, info = portable.gather(engine)
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "rng": rng_state()},
                                save_latest=False, exclude_frozen_parameters=True)
@@ -273,6 +338,7 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
     if not _agree_failed(error is not None, engine.device) and env.is_main:
         # meta.json last in the tag dir, then the pointer: a dir without meta.json is an unfinished save.
         try:
+            portable.write(root / tag, state, info, rng_state())
             for name, text in ((tag + "/" + META, json.dumps({**meta, "step": step}, indent=1)), (LATEST, tag)):
                 tmp = root / f"{name}.tmp"
                 tmp.write_text(text)
@@ -307,25 +373,34 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
     return root / tag
 
 
-def load(engine: Any, ckpt: Path) -> int:
-    """Restore trainable params, optimizer, scheduler and RNG; return the number of completed steps. Files are
-    read with the restricted unpickler (prepare() has scanned them before the process group started)."""
-    safe_load.harden(engine)
-    path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
-    # The preflight checked meta.json, not the client state inside the .pt files: both come from the same save.
+def load(engine: Any, ckpt: Path, portable_state: bool = False) -> int:
+    """Restore trainable params, optimizer, scheduler and RNG; return the number of completed steps. DeepSpeed's
+    files are read with the restricted unpickler (prepare() has scanned them before the process group started);
+    ``portable_state``: from the layout-independent files instead (another world size, cut or ZeRO stage)."""
+    saved = read_meta(ckpt)["step"]
     fix = f"the files of {ckpt} do not belong together; resume from another checkpoint or start over"
-    step, saved = client.get("step") if isinstance(client, dict) else None, read_meta(ckpt)["step"]
-    if not _same(step, saved):
-        raise UsageError(f"checkpoint {ckpt}: its model states record step {show(step)}, its {META} step {saved}; "
-                         f"{fix}")
+    if portable_state:
+        rng = portable.apply(engine, ckpt)
+        if engine.global_steps != saved:
+            raise UsageError(f"checkpoint {ckpt}: its {portable.INFO} records step {engine.global_steps}, its "
+                             f"{META} step {saved}; {fix}")
+        step = saved
+    else:
+        safe_load.harden(engine)
+        path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
+        # The preflight checked meta.json, not the client state inside the .pt files: both come from the same save.
+        step = client.get("step") if isinstance(client, dict) else None
+        if not _same(step, saved):
+            raise UsageError(f"checkpoint {ckpt}: its model states record step {show(step)}, its {META} step "
+                             f"{saved}; {fix}")
+        rng = client.get("rng")
     try:
-        set_rng_state(client["rng"])
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise UsageError(f"checkpoint {ckpt}: unusable RNG state in its model states ({type(e).__name__}); "
-                         f"{fix}") from None
+        set_rng_state(rng)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise UsageError(f"checkpoint {ckpt}: unusable RNG state ({type(e).__name__}); {fix}") from None
     return step
 
 

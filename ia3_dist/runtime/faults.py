@@ -10,7 +10,8 @@ step ``step`` (1-based, the step in progress):
   loading or a deadlock in Python), ``collective`` (an all-reduce on a side group the other ranks never join: a
   rank stuck inside a collective), ``fill`` (grow the file ``IA3_DIST_FAULT_FILL`` names until its filesystem
   is full: the next write there gets ENOSPC), ``oom`` (raise ``torch.OutOfMemoryError``, as an allocation on a
-  full GPU does).
+  full GPU does), ``term`` (SIGTERM to itself, as a scheduler's preemption sends: the run checkpoints at this
+  step and stops).
 
 Real processes do the real thing; the tests only pick where.
 """
@@ -27,7 +28,7 @@ from . import dist
 
 ENV = "IA3_DIST_FAULT"
 FILL_ENV = "IA3_DIST_FAULT_FILL"
-ACTIONS = ("kill", "spin", "collective", "fill", "oom")
+ACTIONS = ("kill", "spin", "collective", "fill", "oom", "term")
 
 
 def _spec() -> tuple[str, int, int, str] | None:
@@ -71,6 +72,8 @@ def hit(point: str, step: int, rank: int) -> None:
         dist.all_reduce_sum(torch.zeros(1), group=_side_group)
     elif action == "fill":
         _fill(Path(os.environ[FILL_ENV]))
+    elif action == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
     elif action == "oom":
         import torch
 

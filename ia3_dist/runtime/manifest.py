@@ -36,7 +36,8 @@ SETUP_FILES = frozenset({"run.yaml", "ds_config.json", "rank0.pid", "preempted.j
                          MANIFEST + ".tmp"})
 # trackers.json, wandb/ and mlflow/: the experiment trackers' run ids and local records (train/trackers.py);
 # metrics.jsonl.tmp: a resume rewrites metrics.jsonl through it (train/metrics.py trim_metrics).
-RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.jsonl.tmp", "metrics.png", "trackers.json"}
+RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.jsonl.tmp", "metrics.png", "trackers.json", "examples.jsonl",
+                           "examples.jsonl.tmp"}
 RUN_DIRS = frozenset({"adapter", "tensorboard", "wandb", "mlflow", CHECKPOINTS})
 # checkpoint.save's names (tag_for, LATEST and its temp file); tests/test_output_safety.py keeps them in step.
 # DeepSpeed's engine.save_checkpoint copies its recovery scripts beside the tag dirs on every ZeRO save.

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..config import load_config
@@ -67,6 +68,22 @@ def int_option(opt: str, lo: int, hi: int) -> Callable[[str], int]:
 
     parse.__name__ = "int"
     return parse
+
+
+def nodes_option(text: str) -> tuple[int, int]:
+    """``--nodes N`` or ``--nodes MIN-MAX`` (Slurm's node range: the job starts on as many as it can get, at least
+    MIN): ``(min, max)``, each from 1 to :data:`MAX_NODES`, as a UsageError otherwise."""
+    t = text.strip()
+    m = re.fullmatch(r"([0-9]{1,18})(?:-([0-9]{1,18}))?", t)
+    if not m:
+        raise UsageError(f"--nodes {show(text)}: expected a node count N or a range MIN-MAX (e.g. 2 or 1-4)")
+    lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    if not 1 <= lo <= hi <= MAX_NODES:
+        raise UsageError(f"--nodes {show(text)}: expected counts from 1 to {MAX_NODES}, the first at most the second")
+    return lo, hi
+
+
+nodes_option.__name__ = "nodes"
 
 
 def check_time(value: str) -> str:
@@ -130,6 +147,7 @@ class Job:
     """The checked Slurm shape of one job (or of each task of a job array)."""
 
     nodes: int
+    """The most nodes the job runs on (the only count without a range)."""
     gpus_per_node: int
     cpus_per_node: int
     time: str
@@ -138,6 +156,16 @@ class Job:
     launcher: str
     job_name: str | None
     python: str
+    min_nodes: int = 0
+    """With a node range (``--nodes MIN-MAX``) the fewest nodes the job accepts; 0: exactly ``nodes``."""
+
+    @property
+    def node_counts(self) -> range:
+        return range(self.min_nodes or self.nodes, self.nodes + 1)
+
+    @property
+    def nodes_directive(self) -> str:
+        return f"{self.min_nodes}-{self.nodes}" if self.min_nodes and self.min_nodes < self.nodes else str(self.nodes)
 
     @property
     def per_node(self) -> int:
@@ -145,14 +173,18 @@ class Job:
 
     def describe(self) -> str:
         ranks = f"{self.gpus_per_node} GPU(s)" if self.gpus_per_node else f"{self.cpus_per_node} CPU rank(s)"
-        return f"{self.nodes} node(s) x {ranks}, {self.launcher} launcher, time limit {self.time}"
+        return f"{self.nodes_directive} node(s) x {ranks}, {self.launcher} launcher, time limit {self.time}"
 
 
-def check_job(nodes: int, gpus_per_node: int, time: str, partition: str | None = None, account: str | None = None,
-              launcher: str = "deepspeed", cpus_per_node: int = 0, job_name: str | None = None,
-              python: str | None = None) -> Job:
-    """Every Slurm value checked (UsageError naming the option) before any is used."""
+def check_job(nodes: int | tuple[int, int], gpus_per_node: int, time: str, partition: str | None = None,
+              account: str | None = None, launcher: str = "deepspeed", cpus_per_node: int = 0,
+              job_name: str | None = None, python: str | None = None) -> Job:
+    """Every Slurm value checked (UsageError naming the option) before any is used. ``nodes``: a count, or a
+    ``(min, max)`` range."""
+    lo, nodes = nodes if isinstance(nodes, tuple) else (0, nodes)
     _check_int("--nodes", nodes, 1, MAX_NODES)
+    if lo:
+        _check_int("--nodes (the range's first count)", lo, 1, nodes)
     _check_int("--gpus-per-node", gpus_per_node, 0, MAX_GPUS_PER_NODE)
     _check_int("--cpus-per-node", cpus_per_node, 0, MAX_CPUS_PER_NODE)
     if gpus_per_node == 0 and cpus_per_node < 1:
@@ -172,7 +204,8 @@ def check_job(nodes: int, gpus_per_node: int, time: str, partition: str | None =
     if not python.strip():
         raise UsageError("--python: empty; give the path of the environment's python, e.g. /venv/bin/python")
     _no_control("--python", python)
-    return Job(nodes, gpus_per_node, cpus_per_node, time, partition, account, launcher, job_name, python)
+    return Job(nodes, gpus_per_node, cpus_per_node, time, partition, account, launcher, job_name, python,
+               lo if lo < nodes else 0)
 
 
 def default_python() -> str:
@@ -228,7 +261,7 @@ def assemble(job: Job, name: str, header: list[str], defaults: str, directives: 
     tname = template_name(job)
     text = (template_dir() / tname).read_text()
     text = _set_directive(text, "job-name", name)
-    text = _set_directive(text, "nodes", str(job.nodes))
+    text = _set_directive(text, "nodes", job.nodes_directive)
     text = _set_directive(text, "time", job.time)
     text = _set_directive(text, "gpus-per-node", str(job.gpus_per_node) if job.gpus_per_node else None)
     text = _set_directive(text, "partition", job.partition)
@@ -258,7 +291,30 @@ def assemble(job: Job, name: str, header: list[str], defaults: str, directives: 
     return text.replace(anchor, anchor + "\n".join([*env, defaults]) + "\n", 1)
 
 
-def render(config: str, overrides: list[str], nodes: int, gpus_per_node: int, time: str,
+def check_node_range(job: Job, cfg: Any) -> None:
+    """A job with a node range may start (and, requeued, restart) on any count in it: the run must keep its global
+    batch on each, so ``train.global_batch_size`` is required and must divide on every allocation."""
+    if not job.min_nodes:
+        return
+    t = cfg.train
+    g = t.global_batch_size
+    if not g:
+        at_most = t.micro_batch_size * t.grad_accum * job.nodes * job.per_node if isinstance(t.micro_batch_size, int) \
+            else t.grad_accum * job.nodes * job.per_node
+        raise UsageError(f"--nodes {job.nodes_directive}: the job may start or resume on any of these node counts, and "
+                         f"a resume on another number of ranks must keep the global batch; set "
+                         f"train.global_batch_size (e.g. train.global_batch_size={at_most}, this config's global batch "
+                         f"on {job.nodes} nodes), so that train.grad_accum follows the ranks")
+    per = t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1
+    bad = [n for n in job.node_counts if g % (per * n * job.per_node)]
+    if bad:
+        raise UsageError(f"--nodes {job.nodes_directive}: train.global_batch_size={g} does not divide over "
+                         f"{', '.join(f'{n} node(s) x {job.per_node} rank(s)' for n in bad[:3])}"
+                         f"{' ...' if len(bad) > 3 else ''} at micro-batch {per}; choose a global batch that every "
+                         f"count in the range divides, or a narrower range")
+
+
+def render(config: str, overrides: list[str], nodes: int | tuple[int, int], gpus_per_node: int, time: str,
            partition: str | None = None, account: str | None = None, launcher: str = "deepspeed",
            cpus_per_node: int = 0, job_name: str | None = None, python: str | None = None) -> str:
     """The filled, self-contained sbatch text; every value is checked (UsageError naming the option) before any is
@@ -266,6 +322,7 @@ def render(config: str, overrides: list[str], nodes: int, gpus_per_node: int, ti
     job = check_job(nodes, gpus_per_node, time, partition, account, launcher, cpus_per_node, job_name, python)
     check_run_args(config, overrides)
     cfg = load_config(config, overrides)  # fail now, not in the queue
+    check_node_range(job, cfg)
     # Absolute, so the file can be submitted from any folder; output.dir keeps its meaning (the submit folder's).
     cfg_path = os.path.abspath(config)
     args = " ".join(shlex.quote(a) for a in [cfg_path, *overrides])
@@ -284,7 +341,9 @@ def render(config: str, overrides: list[str], nodes: int, gpus_per_node: int, ti
 
 def add_job_args(ap: argparse.ArgumentParser) -> None:
     """The Slurm options shared by ``ia3-dist slurm`` and ``ia3-dist sweep``."""
-    ap.add_argument("--nodes", type=int_option("--nodes", 1, MAX_NODES), default=1)
+    ap.add_argument("--nodes", type=nodes_option, default=(1, 1),
+                    help="nodes, or a range MIN-MAX: the job starts (and, requeued, resumes) on as many as it gets; "
+                         "needs train.global_batch_size")
     ap.add_argument("--gpus-per-node", type=int_option("--gpus-per-node", 0, MAX_GPUS_PER_NODE), default=1)
     ap.add_argument("--cpus-per-node", type=int_option("--cpus-per-node", 0, MAX_CPUS_PER_NODE), default=0,
                     help="ranks per node on CPU-only nodes (with --gpus-per-node 0)")

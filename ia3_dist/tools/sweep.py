@@ -352,6 +352,10 @@ def main(argv: list[str], prog: str) -> int:
     a = ap.parse_intermixed_args(argv)
     grid = parse_grid(a.grid)
     job = None if a.local else slurm.job_from_args(a)
+    if job is not None and job.min_nodes:
+        # Each task may override the batch keys; a fixed count keeps every task's layout what its grid says.
+        raise UsageError(f"--nodes {job.nodes_directive}: a sweep's tasks run on a fixed number of nodes; give one "
+                         f"count (node ranges are for ia3-dist slurm)")
     slurm.check_run_args(a.config, a.overrides)
     config = os.path.abspath(a.config)
     if a.dir is not None:

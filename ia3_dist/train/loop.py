@@ -8,6 +8,7 @@ A step is :meth:`Trainer.step`: collate this rank's micro-batches, agree with ev
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
 from dataclasses import astuple, dataclass, field, fields
@@ -19,7 +20,7 @@ import torch
 
 from ..data.collate import collate, label_positions
 from ..data.packing import collate_packed, pack_step
-from ..data.sampler import iter_steps, rank_slice
+from ..data.sampler import examples_consumed, iter_steps, rank_slice
 from ..errors import NonFiniteLoss, Preempted
 from ..models.families import apply_speedups, family_of, last_block
 from ..models.ia3 import apply_ia3, trainable_line
@@ -204,7 +205,10 @@ class Trainer:
         # the model). Every rank joins the reduction.
         self.load_rss = dist.all_reduce_max(torch.tensor([hostmem.peak_rss_gib()], dtype=torch.float64,
                                                          device=self.device)).item()
-        self.start = ckpt.load(self.engine, p.resume_from) if p.resume_from is not None else 0
+        self.start = 0
+        if p.resume_from is not None:
+            dist.print0(p.env, p.resume_line)
+            self.start = ckpt.load(self.engine, p.resume_from, p.resume_portable)
         t = p.cfg.train
         self.end = p.total_steps if not t.stop_after_steps else min(p.total_steps, self.start + t.stop_after_steps)
         self.saved = self.start
@@ -218,6 +222,12 @@ class Trainer:
                     dist.print0(p.env, note)
             else:
                 self.metrics_path.unlink(missing_ok=True)
+        self.examples_path = p.out / "examples.jsonl"
+        self.examples = None
+        if p.env.is_main and p.cfg.output.log_examples:
+            if self.start:
+                trim_metrics(self.examples_path, self.start)
+            self.examples = open(self.examples_path, "a" if self.start else "w", encoding="utf-8")
         self.log = MetricsLog(self.metrics_path if p.env.is_main else None, p.total_steps, p.env.is_main,
                               initial=self.start, trackers=trackers)
         # DeepSpeed reports the global gradient norm only through optimizers that compute one (ZeRO, fp16, bf16);
@@ -344,7 +354,9 @@ class Trainer:
         self.flush()  # a run whose loss went non-finite saves nothing
         self.saved = step
         with self.watchdog.saving(step):
-            return ckpt.save(self.engine, self.p.out, step, self.p.meta, self.p.cfg.checkpoint.keep, self.p.env)
+            meta = {**self.p.meta, "examples_consumed": examples_consumed(step, len(self.p.data),
+                                                                           self.p.layout.global_batch)}
+            return ckpt.save(self.engine, self.p.out, step, meta, self.p.cfg.checkpoint.keep, self.p.env)
 
     def run_eval(self, step: int) -> dict[str, float]:
         self.flush()
@@ -400,6 +412,9 @@ class Trainer:
                 self.window.steps += 1
                 self.window.stats += stats
                 self.log.step()
+                if self.examples is not None:
+                    self.examples.write(json.dumps({"step": done, "examples": [i for mb in step_mbs for i in mb]})
+                                        + "\n")
                 if done % t.log_every == 0 or done in (p.total_steps, self.start + 1, self.end):
                     self.flush()
                     self.log_window(self.window, done, epoch, lr, t_start)
@@ -416,6 +431,8 @@ class Trainer:
             return self.run_eval(self.end) if p.eval_data is not None else None
         finally:
             self.log.close()
+            if self.examples is not None:
+                self.examples.close()
 
     def finish(self) -> None:
         """The last checkpoint (stopped early, or ``checkpoint.at_end``) unless this step is saved already."""

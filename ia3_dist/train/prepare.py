@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,10 @@ class Prepared:
     """Which case the model is in (tested family, PEFT defaults, explicit targets): the preflight's model line."""
     stage_note: str = ""
     """How ``deepspeed.config: auto`` was resolved (empty when a config was named)."""
+    resume_portable: bool = False
+    """The checkpoint was saved on another layout (ranks, cut or ZeRO stage): its layout-independent state loads."""
+    resume_line: str = ""
+    """What the rank log says about the resume (saved on W ranks, now on W')."""
 
 
 def eval_section(cfg: RunConfig) -> Any:
@@ -67,6 +71,34 @@ def total_steps_for(cfg: RunConfig, n_examples: int, layout: Layout) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     return cfg.train.epochs * steps_per_epoch(n_examples, layout.global_batch)
+
+
+def with_global_batch(cfg: RunConfig, world: int) -> RunConfig:
+    """``train.global_batch_size`` > 0: the accumulation that makes it on ``world`` ranks (with ``micro_batch_size:
+    auto``, the examples per rank per step); a UsageError when it does not divide."""
+    g, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    per = world * (micro if isinstance(micro, int) else 1)
+    if g % per:
+        cut = f"micro_batch_size {micro} x {world} rank(s)" if isinstance(micro, int) else f"{world} rank(s)"
+        fail("train.global_batch_size", f"{g} is not a multiple of {cut} = {per}, so no whole accumulation makes it "
+                                        f"on this allocation; choose a multiple of {per} (or another micro-batch)")
+    return replace(cfg, train=replace(cfg.train, grad_accum=g // per))
+
+
+def run_keys(cfg: RunConfig, model_config: Any) -> dict[str, str]:
+    """What, besides the data and the batch, a resume must share with the run it continues: the base model's
+    architecture (its config.json, minus what loading sets), the IA3 settings and the optimizer's schedule."""
+    import hashlib
+
+    arch = {k: v for k, v in model_config.to_dict().items()
+            if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
+                         "_attn_implementation", "_attn_implementation_autoset", "attn_implementation")}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    t, ia3 = cfg.train, cfg.ia3
+    return {"model_key": f"{getattr(model_config, 'model_type', '?')}-{digest}",
+            "ia3": json.dumps(asdict(ia3), sort_keys=True),
+            "schedule": f"lr {t.lr}, {t.scheduler}, warmup {t.warmup_steps}, weight_decay {t.weight_decay}, betas "
+                        f"{t.betas}, eps {t.eps}, grad_clip {t.grad_clip}"}
 
 
 def rank_memory_bytes(env: dist.DistEnv) -> tuple[float, bool]:
@@ -151,6 +183,8 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         data, eval_data = split_eval(data, cfg.data.eval_ratio, cfg.train.seed)
     elif cfg.data.eval_path:
         eval_data = load_or_tokenize(eval_section(cfg), tok, progress=True)
+    if cfg.train.global_batch_size:
+        cfg = with_global_batch(cfg, env.world_size)
     auto_micro = cfg.train.micro_batch_size == autobatch.AUTO
     if auto_micro:
         # Provisional (micro-batch 1 over the same examples per step) for the checks and the DeepSpeed config.
@@ -188,12 +222,17 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     meta = {"world_size": env.world_size, "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed, "shuffle": cfg.data.shuffle,
             "total_steps": total, "data_key": Path(data.cache_file).stem, "n_examples": len(data),
-            "eval_ratio": cfg.data.eval_ratio, "group_by_length": grouped, "order_version": ORDER_VERSION}
+            "eval_ratio": cfg.data.eval_ratio, "group_by_length": grouped, "order_version": ORDER_VERSION,
+            "global_batch": layout.global_batch, "zero_stage": dsc.stage_of(ds), "precision": cfg.train.precision,
+            "offload_optimizer": dsc.offloads_optimizer(ds), **run_keys(cfg, model_config)}
+    portable, line = False, ""
     if resume_from is not None:
-        ckpt.check_compatible(resume_from, meta)
-        safe_load.check_checkpoint_dir(resume_from)
+        saved, portable = ckpt.check_compatible(resume_from, meta)
+        line = ckpt.resume_line(resume_from, saved, meta, portable)
+        if not portable:
+            safe_load.check_checkpoint_dir(resume_from)
     return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data,
-                    auto=auto, support=support, stage_note=stage_note)
+                    auto=auto, support=support, stage_note=stage_note, resume_portable=portable, resume_line=line)
 
 
 def prepare_data(cfg: RunConfig) -> str:

@@ -1,0 +1,206 @@
+"""The layout-independent part of a checkpoint: what a resume on another allocation needs.
+
+DeepSpeed's own checkpoint files hold each rank's partition of the optimizer (ZeRO-1/2/3) and load only into the
+same data-parallel size and stage. IA3 trains a few hundred thousand parameters, so beside them every save also
+writes, from rank 0, the whole trainable state in a form that no layout shapes:
+
+- ``ia3_state.safetensors``: per trainable parameter (named as in the model, compile wrappers left out) its fp32
+  master copy and AdamW's two moments, gathered from the ranks' partitions; and rank 0's torch RNG state;
+- ``ia3_state.json``: AdamW's step count, the LR scheduler's state and the current LR, the engine's step and
+  sample counters and rank 0's Python and NumPy RNG states.
+
+No pickle anywhere: safetensors and JSON load without running code. A resume on the same layout and ZeRO stage
+keeps using DeepSpeed's files; any other layout with the same global batch (:mod:`.checkpoint` decides) builds a
+fresh engine and fills it from these two files on every rank (:func:`apply`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from . import safe_io
+
+STATE = "ia3_state.safetensors"
+INFO = "ia3_state.json"
+FORMAT = 1
+MOMENTS = ("exp_avg", "exp_avg_sq")
+MAX_STATE = 4 << 30
+"""IA3 on a 176B model is ~10M parameters (three fp32 copies: 120 MB); a larger file is not ours."""
+MAX_INFO = 1 << 20
+_PREFIX = ("param/", "exp_avg/", "exp_avg_sq/")
+
+
+def _key(name: str) -> str:
+    # torch.compile wraps a block as ``<block>._orig_mod``: a compiled run and an eager one name a parameter alike.
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(_key(n), p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def base_optimizer(engine: Any) -> Any:
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO-1/2/3 and bf16 keep it as ``.optimizer``)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    """A parameter's real shape (ZeRO-3 keeps an empty placeholder in ``p`` and the shape in ``ds_shape``)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def _state_keys(engine: Any) -> tuple[list[torch.Tensor], bool]:
+    """The tensors AdamW keys its state by, and whether they are DeepSpeed's: the flat fp32 partitions of its
+    ZeRO-3, ZeRO-1/2 and bf16 optimizers (True), or the parameters themselves (ZeRO-0 in fp32, False)."""
+    opt = engine.optimizer
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        flats = getattr(opt, name, None)
+        if flats:
+            return list(flats), True
+    return [t for g in base_optimizer(engine).param_groups for t in g["params"]], False
+
+
+def gather(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every rank calls this (under ZeRO the full values are all-gathered from the partitions); only rank 0's
+    result is written. Returns the tensors and the JSON part (without the RNG, which :func:`write` adds)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    base = base_optimizer(engine)
+    out: dict[str, torch.Tensor] = {}
+    for key, p in trainable(engine.module):
+        master = safe_get_full_fp32_param(p)
+        if master is None:
+            # ZeRO-0 without mixed precision: the parameter is its own master and the optimizer keys state by it.
+            st = base.state.get(p, {})
+            master, moments = p.detach(), [st.get(m) for m in MOMENTS]
+        else:
+            moments = [safe_get_full_optimizer_state(p, m) for m in MOMENTS]
+        shape = full_shape(p)
+        for prefix, t in zip(_PREFIX, [master, *moments], strict=True):
+            if t is None:
+                raise RuntimeError(f"no {prefix[:-1]} for {key}: the optimizer has not stepped yet")
+            out[prefix + key] = t.detach().float().reshape(shape).cpu().contiguous()
+    steps = {int(float(st["step"])) for st in base.state.values() if "step" in st}
+    if len(steps) != 1:
+        raise RuntimeError(f"AdamW step counts {sorted(steps)}: expected one shared count")
+    sched = engine.lr_scheduler
+    info = {"format": FORMAT, "optimizer_step": steps.pop(), "lr": [g["lr"] for g in base.param_groups],
+            "scheduler": _json_state(sched.state_dict()) if sched is not None else None,
+            "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples)}
+    return out, info
+
+
+def _json_state(sd: dict[str, Any]) -> dict[str, Any]:
+    # LambdaLR keeps its lambdas as None in the state dict: the schedule itself is rebuilt from the run config.
+    return {k: v for k, v in sd.items() if v is None or isinstance(v, (bool, int, float, str, list))}
+
+
+def write(ckpt: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any], rng: dict[str, Any]) -> None:
+    """Rank 0: the two files into the checkpoint's tag dir (before its meta.json, which marks it complete)."""
+    from safetensors.torch import save_file
+
+    save_file({**tensors, "rng/torch": rng["torch"]}, str(ckpt / STATE), metadata={"format": str(FORMAT)})
+    (ckpt / INFO).write_text(json.dumps({**info, "rng": {"python": rng["python"], "numpy": rng["numpy"]}}))
+
+
+def has_state(ckpt: Path) -> bool:
+    return (ckpt / STATE).is_file() and (ckpt / INFO).is_file()
+
+
+def read(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Both files, bounded and checked for their shape; a UsageError naming the file otherwise."""
+    from safetensors.torch import load as load_tensors
+
+    fix = "resume on the layout it was saved with, or from another checkpoint"
+    raw = safe_io.read_bounded(ckpt / STATE, MAX_STATE, fix)
+    try:
+        tensors = load_tensors(raw)
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise UsageError(f"{ckpt / STATE}: unreadable ({str(e)[:200]}); {fix}") from None
+    try:
+        info = json.loads(safe_io.read_bounded(ckpt / INFO, MAX_INFO, fix).decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise UsageError(f"{ckpt / INFO}: unreadable ({str(e)[:200]}); {fix}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise UsageError(f"{ckpt / INFO}: not format {FORMAT} of ia3-dist's layout-independent state; {fix}")
+    for k in ("optimizer_step", "global_steps", "global_samples"):
+        if type(info.get(k)) is not int or info[k] < 0:
+            raise UsageError(f"{ckpt / INFO}: '{k}' is not a count; {fix}")
+    lrs = info.get("lr")
+    if not isinstance(lrs, list) or not all(type(x) in (int, float) and math.isfinite(x) for x in lrs):
+        raise UsageError(f"{ckpt / INFO}: 'lr' is not a list of numbers; {fix}")
+    if "rng/torch" not in tensors or not isinstance(info.get("rng"), dict):
+        raise UsageError(f"{ckpt}: no RNG state in {STATE} / {INFO}; {fix}")
+    return tensors, info
+
+
+def apply(engine: Any, ckpt: Path) -> dict[str, Any]:
+    """Every rank: fill a fresh engine (any world size, micro-batch, accumulation or ZeRO stage) with the saved
+    trainable state: masters, model weights, AdamW moments and step count, scheduler, LR and counters. Returns
+    rank 0's RNG states for :func:`.checkpoint.set_rng_state`."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    tensors, info = read(ckpt)
+    params = trainable(engine.module)
+    fix = f"{ckpt} was saved by a run of another model or IA3 setting; resume it with that model"
+    want = {key for key, _ in params}
+    have = {k.split("/", 1)[1] for k in tensors if k.startswith("param/")}
+    if want != have:
+        miss, extra = sorted(want - have), sorted(have - want)
+        raise UsageError(f"{ckpt / STATE}: trainable parameters differ (missing {miss[:3]}, not in this model "
+                         f"{extra[:3]}); {fix}")
+    for key, p in params:
+        for prefix in _PREFIX:
+            t = tensors.get(prefix + key)
+            if t is None or tuple(t.shape) != full_shape(p):
+                raise UsageError(f"{ckpt / STATE}: {prefix + key} has shape "
+                                 f"{None if t is None else tuple(t.shape)}, the model's is {full_shape(p)}; {fix}")
+    base = base_optimizer(engine)
+    # A fresh engine's AdamW has no state until its first step: create what that step would, at the saved count.
+    step = torch.tensor(float(info["optimizer_step"]), dtype=torch.float32)
+    keys, partitioned = _state_keys(engine)
+    for t in keys:
+        base.state[t] = {"step": step.clone(), **{m: torch.zeros_like(t) for m in MOMENTS}}
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO-1/2 and bf16 map each parameter's fragment of the flat state once it exists
+        link()
+    zero3 = any(hasattr(p, "ds_id") for _, p in params)
+    for key, p in params:
+        master = tensors["param/" + key]
+        if partitioned:  # each rank sets its own fragment (none where the parameter lies in another's partition)
+            safe_set_full_fp32_param(p, master.to(engine.device))
+            for m in MOMENTS:
+                safe_set_full_optimizer_state(p, tensors[f"{m}/{key}"].to(engine.device), m)
+        else:
+            st = base.state[p]
+            for m in MOMENTS:
+                st[m].copy_(tensors[f"{m}/{key}"])
+        if not zero3:
+            with torch.no_grad():
+                p.copy_(master.to(p.dtype))
+    if zero3:
+        # The model's own (partitioned) copies: gathered, set to the master values on every rank, re-partitioned.
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            with torch.no_grad():
+                for key, p in params:
+                    p.copy_(tensors["param/" + key].to(p.dtype))
+    if len(info["lr"]) != len(base.param_groups):
+        raise UsageError(f"{ckpt / INFO}: {len(info['lr'])} parameter groups, this run has "
+                         f"{len(base.param_groups)}; {fix}")
+    for g, lr in zip(base.param_groups, info["lr"], strict=True):
+        g["lr"] = lr
+    if engine.lr_scheduler is not None and info.get("scheduler") is not None:
+        sd = engine.lr_scheduler.state_dict()
+        sd.update({k: v for k, v in info["scheduler"].items() if k in sd})
+        engine.lr_scheduler.load_state_dict(sd)
+    engine.global_steps = info["global_steps"]
+    engine.global_samples = info["global_samples"]
+    return {**info["rng"], "torch": tensors["rng/torch"]}
