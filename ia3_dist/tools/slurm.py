@@ -142,6 +142,14 @@ def _set_directive(text: str, opt: str, value: str | None) -> str:
     return text[: last.end()] + "\n" + line + text[last.end():]
 
 
+def _set_flag(text: str, opt: str) -> str:
+    """Add ``#SBATCH --opt`` (a directive without a value) after the last directive, once."""
+    if re.search(rf"^#SBATCH --{re.escape(opt)}$", text, re.M):
+        return text
+    last = list(re.finditer(r"^#SBATCH .*$", text, re.M))[-1]
+    return text[: last.end()] + f"\n#SBATCH --{opt}" + text[last.end():]
+
+
 @dataclass(frozen=True)
 class Job:
     """The checked Slurm shape of one job (or of each task of a job array)."""
@@ -192,6 +200,10 @@ def check_job(nodes: int | tuple[int, int], gpus_per_node: int, time: str, parti
                          "nodes")
     if launcher not in LAUNCHERS:
         raise UsageError(f"--launcher {show(launcher)}: expected one of {', '.join(LAUNCHERS)}")
+    if launcher == "srun" and lo and lo < nodes:
+        raise UsageError(f"--nodes {lo}-{nodes}: a node range needs --launcher deepspeed or torchrun (one launcher "
+                         f"per node starts that node's ranks); srun starts a fixed number of rank tasks, which Slurm "
+                         f"would pack onto fewer nodes")
     check_time(time)
     if partition is not None:
         check_name("--partition", partition, allow_list=True)
@@ -266,11 +278,18 @@ def assemble(job: Job, name: str, header: list[str], defaults: str, directives: 
     text = _set_directive(text, "gpus-per-node", str(job.gpus_per_node) if job.gpus_per_node else None)
     text = _set_directive(text, "partition", job.partition)
     text = _set_directive(text, "account", job.account)
+    ranged = bool(job.min_nodes)
     if job.launcher == "srun":
         text = _set_directive(text, "ntasks-per-node", str(job.per_node))
     else:
-        text = _set_directive(text, "ntasks-per-node", "1")
+        text = _set_directive(text, "ntasks-per-node", "1" if not ranged else None)
+        text = _set_directive(text, "ntasks", str(job.nodes) if ranged else None)
         text = _set_directive(text, "cpus-per-task", str(job.cpus_per_node) if not job.gpus_per_node else None)
+    if ranged:
+        # Slurm gives a range the fewest nodes its tasks fit on: as many tasks as the range's most nodes, spread,
+        # take every free node up to it, and fit on fewer when fewer are left (the template starts one launcher
+        # per node it got).
+        text = _set_flag(text, "spread-job")
     for opt, value in (directives or {}).items():
         text = _set_directive(text, opt, value)
     lines = text.splitlines(keepends=True)
