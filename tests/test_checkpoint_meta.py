@@ -86,3 +86,48 @@ def test_checkpoint_of_an_earlier_version(tmp_path: Path) -> None:
     old = {k: v for k, v in META.items() if k not in (*RECORDED_SINCE_2, "global_batch")}
     meta, moved = check_compatible(_ckpt(tmp_path, old, state=False), {**META, "precision": "bf16"})
     assert not moved
+
+
+def _portable(tmp_path: Path, info: dict | None = None, state: bytes | None = None) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp_path / "step3"
+    d.mkdir()
+    save_file({"param/w": torch.ones(2), "exp_avg/w": torch.zeros(2), "exp_avg_sq/w": torch.zeros(2),
+               "rng/torch": torch.get_rng_state()}, str(d / portable.STATE))
+    if state is not None:
+        (d / portable.STATE).write_bytes(state)
+    base = {"format": portable.FORMAT, "optimizer_step": 3, "lr": [0.001], "scheduler": None, "global_steps": 3,
+            "global_samples": 24, "rng": {"python": [], "numpy": []}}
+    (d / portable.INFO).write_text(json.dumps({**base, **(info or {})}))
+    return d
+
+
+def test_portable_state_reads_back(tmp_path: Path) -> None:
+    tensors, info = portable.read(_portable(tmp_path))
+    assert set(tensors) == {"param/w", "exp_avg/w", "exp_avg_sq/w", "rng/torch"} and info["optimizer_step"] == 3
+
+
+@pytest.mark.parametrize("info, state, needle", [
+    ({"format": 99}, None, "not format 1"),
+    ({"optimizer_step": -1}, None, "'optimizer_step' is not a count"),
+    ({"global_steps": True}, None, "'global_steps' is not a count"),
+    ({"lr": "0.1"}, None, "'lr' is not a list of numbers"),
+    ({"rng": None}, None, "no RNG state"),
+    (None, b"\x80\x04\x95 a pickle, not safetensors", "unreadable"),
+    (None, b"\xff" * 8 + b"{}", "unreadable"),
+])
+def test_damaged_portable_state_is_refused_naming_the_file(tmp_path: Path, info: dict | None, state: bytes | None,
+                                                           needle: str) -> None:
+    with pytest.raises(UsageError, match=needle):
+        portable.read(_portable(tmp_path, info, state))
+
+
+def test_portable_state_behind_a_symlink_is_refused(tmp_path: Path) -> None:
+    d = _portable(tmp_path)
+    real = tmp_path / "elsewhere.safetensors"
+    (d / portable.STATE).rename(real)
+    (d / portable.STATE).symlink_to(real)
+    with pytest.raises(UsageError, match=portable.STATE):
+        portable.read(d)

@@ -164,3 +164,19 @@ def test_ds_config_missing_and_invalid(tmp_path: Path) -> None:
     f.write_text('{"a": 1,,}')
     with pytest.raises(UsageError, match=r"x.json:1:\d+: invalid JSON"):
         dsc.resolve(build_config({"deepspeed": {"config": str(f)}}), 1, None)
+
+
+def test_global_batch_size_sets_the_accumulation_per_allocation() -> None:
+    """train.global_batch_size: grad_accum = global / (micro x ranks) on each allocation (with micro auto: the
+    examples per rank per step); a global batch that does not divide is exit 2 naming the key."""
+    from ia3_dist.train.prepare import with_global_batch
+
+    cfg = load_config(None, ["train.global_batch_size=16", "train.micro_batch_size=2"])
+    assert [with_global_batch(cfg, w).train.grad_accum for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    auto = load_config(None, ["train.global_batch_size=16", "train.micro_batch_size=auto"])
+    assert with_global_batch(auto, 4).train.grad_accum == 4
+    with pytest.raises(UsageError, match=r"'train.global_batch_size': 16 is not a multiple of micro_batch_size 2 x 3 "
+                                         r"rank\(s\) = 6"):
+        with_global_batch(cfg, 3)
+    with pytest.raises(UsageError, match="train.global_batch_size"):
+        load_config(None, ["train.global_batch_size=-1"])

@@ -379,3 +379,40 @@ def test_a_python_without_ia3_dist_stops_the_job_with_exit_2(tmp_path: Path) -> 
     assert proc.returncode == 2
     assert f"{stub} cannot import ia3_dist (ModuleNotFoundError: No module named 'ia3_dist')" in proc.stderr
     assert "IA3_DIST_PYTHON" in proc.stderr
+
+
+# --- node ranges (resume on whatever nodes a requeued job gets) --------------------------------------------------
+
+
+def test_node_range_renders_a_range_that_takes_every_free_node() -> None:
+    text = _render(nodes=(2, 4), gpus_per_node=8, overrides=["train.global_batch_size=384"])
+    assert directives(text, "nodes") == ["2-4"] and directives(text, "ntasks") == ["4"]
+    assert "#SBATCH --spread-job\n" in text and not directives(text, "ntasks-per-node")
+    assert "2-4 node(s) x 8 GPU(s)" in text.splitlines()[1]
+    # A range of one count is a plain count.
+    fixed = _render(nodes=(2, 2), gpus_per_node=8)
+    assert directives(fixed, "nodes") == ["2"] and "--spread-job" not in fixed
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--nodes", "1-2", "--gpus-per-node", "0", "--cpus-per-node", "1"],
+     ["--nodes 1-2", "set train.global_batch_size", "train.global_batch_size=16"]),
+    (["--nodes", "1-3", "--gpus-per-node", "0", "--cpus-per-node", "1", "train.global_batch_size=16"],
+     ["train.global_batch_size=16 does not divide over 3 node(s) x 1 rank(s)"]),
+    (["--nodes", "1-2", "--launcher", "srun", "train.global_batch_size=16"],
+     ["needs --launcher deepspeed or torchrun"]),
+    (["--nodes", "3-2"], ["--nodes '3-2'", "the first at most the second"]),
+    (["--nodes", "0-2"], ["expected counts from 1"]),
+    (["--nodes", "1-2-3"], ["a node count N or a range MIN-MAX"]),
+])
+def test_bad_node_ranges_exit_2_naming_the_fix(capsys: pytest.CaptureFixture[str], args: list[str],
+                                               needles: list[str]) -> None:
+    rc, _, err = run_cli(args, capsys)
+    assert_usage_exit(rc, err, *needles)
+
+
+def test_a_sweep_keeps_a_fixed_node_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli_main(["sweep", "--config", str(TINY), "--grid", "train.lr=0.1,0.2", "--nodes", "1-2",
+                   "--dir", str(tmp_path / "s")])
+    _, err = capsys.readouterr()
+    assert_usage_exit(rc, err, "a sweep's tasks run on a fixed number of nodes")
