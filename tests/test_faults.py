@@ -1,8 +1,9 @@
 """Faults on 2 gloo ranks: a signal on one rank stops all at a step boundary with a checkpoint and exit 75, and the
-resumed run ends with the uninterrupted adapter; a rank killed with -9 takes the others down within 60 s (with and
-without a launcher watching); a non-finite loss stops the run naming the step. Hangs (a frozen rank, a rank stuck
-in Python or in a collective, a cut link between two network namespaces) end the job through the hang watchdog
-with exit 76 and every rank's stacks in the log; a full disk during a save keeps the previous checkpoint."""
+resumed run continues with the uninterrupted run's per-step losses; a rank killed with -9 takes the others down
+within 60 s (with and without a launcher watching); a non-finite loss stops the run naming the step. Hangs (a frozen
+rank, a rank stuck in Python or in a collective, a cut link between two network namespaces) end the job through the
+hang watchdog with exit 76 and every rank's stacks in the log; a full disk during a save keeps the previous
+checkpoint."""
 
 from __future__ import annotations
 
@@ -16,10 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from _util import (
     ROOT,
-    adapter_tensors,
     alive,
     bin_path,
     check,
@@ -90,11 +89,30 @@ def _wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float 
     raise AssertionError("run did not reach the step in time")
 
 
+# The uninterrupted run goes this far into the same 150-step schedule: past every checkpoint a test below resumes
+# from (step 3 to ~30 on a loaded box) plus RESUMED steps, in a fifth of the whole run's time.
+STRAIGHT = 40
+RESUMED = 5
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Path:
     out = tmp_path_factory.mktemp("straight")
-    check(launch(_args(out), nproc=2))
+    check(launch(_args(out, f"train.stop_after_steps={STRAIGHT}"), nproc=2))
     return out
+
+
+def resumes_exactly(out: Path, straight: Path) -> None:
+    """``train.resume=auto`` continues ``out`` from its latest checkpoint for RESUMED steps with the uninterrupted
+    run's per-step losses: the state it restored is the one that run had at that step (parameters, optimizer,
+    schedule, data position)."""
+    start = int(latest(out / "checkpoints").name[4:])
+    assert start + RESUMED <= STRAIGHT, f"checkpoint step{start} is past the straight run's {STRAIGHT} steps"
+    check(launch(_args(out, "train.resume=auto", f"train.stop_after_steps={RESUMED}"), nproc=2))
+    a = {r["step"]: r["loss"] for r in metrics(straight) if "loss" in r}
+    b = {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
+    for step in range(start + 1, start + RESUMED + 1):
+        assert b[step] == pytest.approx(a[step], rel=1e-6), (step, a[step], b[step])
 
 
 @pytest.mark.parametrize("sig, rank", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
@@ -115,10 +133,7 @@ def test_signal_on_one_rank_checkpoints_all_and_resumes(straight: Path, tmp_path
     assert json.loads((out / "checkpoints" / f"step{stopped}" / "meta.json").read_text())["step"] == stopped
     assert [r["step"] for r in metrics(out)][-1] == stopped
     assert max(int(d.name[4:]) for d in (out / "checkpoints").glob("step*")) == stopped
-    check(launch(_args(out, "train.resume=auto"), nproc=2))
-    ta, tb = adapter_tensors(out / "adapter"), adapter_tensors(straight / "adapter")
-    for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], rtol=1e-6, atol=1e-6)
+    resumes_exactly(out, straight)
 
 
 def test_dead_rank_under_deepspeed_launcher(tmp_path: Path) -> None:
@@ -195,8 +210,8 @@ def _wait_ranks(tag: str, n: int = 2, timeout: float = 60) -> dict[int, int]:
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_frozen_rank_ends_the_job_and_resumes_exactly(straight: Path, tmp_path: Path, launcher: str) -> None:
     """SIGSTOP one rank mid-run: the other waits in a collective no timeout reaches; its watchdog dumps the stacks
-    and exits 76, the launcher kills the frozen rank, nothing is left, and train.resume=auto finishes with the
-    uninterrupted run's adapter."""
+    and exits 76, the launcher kills the frozen rank, nothing is left, and train.resume=auto continues with the
+    uninterrupted run's losses."""
     out, tag, port = tmp_path / "hang", f"hang-{launcher}-{os.getpid()}", free_port()
     proc = _start(out, f"train.hang_timeout_s={HANG_S}", launcher=launcher, env={"IA3_TEST_TAG": tag}, port=port)
     pids = _wait_ranks(tag)
@@ -224,11 +239,8 @@ def test_frozen_rank_ends_the_job_and_resumes_exactly(straight: Path, tmp_path: 
     assert job_segments(port) == []
     ck = latest(out / "checkpoints")
     assert ck is not None and int(ck.name[4:]) >= 5
-    check(launch(_args(out, "train.resume=auto"), nproc=2))
+    resumes_exactly(out, straight)
     assert not (out / HUNG_FILE).exists()
-    ta, tb = adapter_tensors(out / "adapter"), adapter_tensors(straight / "adapter")
-    for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("action, where", [("spin", "in hit"), ("collective", "all_reduce")])
@@ -253,7 +265,7 @@ def test_rank_stuck_in_python_or_in_a_collective(tmp_path: Path, action: str, wh
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(straight: Path, tmp_path: Path) -> None:
     """The output dir on a 32 MiB tmpfs; at the step-10 save the disk fills up: every rank stops with exit 74 and a
     message naming the checkpoint, step5 stays `latest`, and once space is freed the run resumes from it to the
-    uninterrupted adapter."""
+    uninterrupted run's losses."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)]).returncode != 0:
@@ -269,10 +281,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(straight: Path, t
         assert latest(out / "checkpoints") == out / "checkpoints" / "step5"
         assert not (out / "checkpoints" / "step10").exists()
         filler.unlink()
-        check(launch(_args(out, "train.resume=auto"), nproc=2))
-        ta, tb = adapter_tensors(out / "adapter"), adapter_tensors(straight / "adapter")
-        for k in ta:
-            torch.testing.assert_close(ta[k], tb[k], rtol=1e-6, atol=1e-6)
+        resumes_exactly(out, straight)
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
 

@@ -77,7 +77,6 @@ def test_auto_micro_batch_steps_down_on_every_rank_and_resumes_exactly(straight:
     assert_same_training(out, straight["zero2"])
 
 
-@pytest.mark.parametrize("ds, first_chunk", [("zero2", 3), ("zero3", 5)])
 def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
 
@@ -185,6 +184,7 @@ def test_checkpoint_of_an_earlier_version_resumes_on_its_layout(straight: dict[s
     assert_same_training(out, straight["zero2"])
 
 
+@pytest.mark.parametrize("ds, first_chunk", [("zero2", 3), ("zero3", 5)])
 def test_resume_is_exact(straight: dict[str, Path], tmp_path: Path, ds: str, first_chunk: int) -> None:
     """zero2 stops mid-epoch 0 and the resumed run crosses the epoch boundary; zero3 stops exactly on it."""
     out = tmp_path / "chunked"

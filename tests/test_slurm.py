@@ -3,7 +3,8 @@
 1 node x 2 ranks (deepspeed launcher task, and srun one task per rank) and 2 nodes x 1 rank (deepspeed --no_ssh,
 and torchrun c10d) each train configs/tiny-cpu.yaml to the adapter of the same run launched with deepspeed
 directly. A USR1 to the batch shell (what --signal=B:USR1@N delivers) makes the job checkpoint, requeue itself,
-resume and finish with the adapter of an uninterrupted run.
+resume and finish with the adapter of an uninterrupted run: a node-range job (1-2 nodes) preempted with one node
+drained resumes on the other with twice the accumulation (the pip-install test), a sweep's array task alone.
 
 .ci/run starts the cluster and stops it by PID. Elsewhere these tests skip when no cluster answers (sinfo).
 """
@@ -188,9 +189,10 @@ def layout_checks(tmp: Path, nodes: int) -> None:
     assert len(rank_logs) >= 2, sorted(str(p) for p in (tmp / "logs").rglob("*"))  # one log per rank
 
 
-# Each template and launcher trains the direct run's adapter: single_node.sbatch (deepspeed) in the preemption
-# test, srun_per_rank.sbatch in the frozen-rank test, multi_node.sbatch with deepspeed as `ia3-dist slurm` renders
-# it (test_generator_...), and multi_node.sbatch with torchrun here. One job each carries all of its checks.
+# Each template and launcher trains the direct run's adapter: single_node.sbatch (deepspeed) in the pip-install
+# test's first job, srun_per_rank.sbatch in the frozen-rank test, multi_node.sbatch with deepspeed as
+# `ia3-dist slurm` renders it (test_generator_...), and multi_node.sbatch with torchrun here. One job each carries
+# all of its checks.
 def test_two_node_torchrun_template_trains_like_direct_deepspeed(cluster: int, direct: dict[str, Path],
                                                                  tmp_path: Path) -> None:
     if cluster < 2:
@@ -202,22 +204,6 @@ def test_two_node_torchrun_template_trains_like_direct_deepspeed(cluster: int, d
     assert wait_job(job) == "COMPLETED", logs(tmp_path)
     layout_checks(tmp_path, 2)
     same_adapter(out, direct["short"])
-
-
-def test_preemption_requeues_and_resumes(cluster: int, direct: dict[str, Path], tmp_path: Path) -> None:
-    """single_node.sbatch, the deepspeed launcher with 2 ranks: USR1 to the batch shell mid-run checkpoints, requeues
-    and resumes; the job ends on the uninterrupted direct run's adapter."""
-    out = tmp_path / "out"
-    job = sbatch(tmp_path, "single_node.sbatch", ["--nodes=1", "--cpus-per-task=2", "--export=ALL,NPROC_PER_NODE=2"],
-                 [f"output.dir={out}", *MID])
-    wait_step(job, tmp_path, out, 3)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    wait_restart(job, tmp_path)
-    assert wait_job(job) == "COMPLETED", logs(tmp_path)
-    text = logs(tmp_path, None)
-    assert "caught SIGUSR1" in text and "requeueing job" in text and "resuming from" in text, text
-    layout_checks(tmp_path, 1)
-    same_adapter(out, direct["mid"])
 
 
 def test_frozen_rank_requeues_and_resumes(cluster: int, direct: dict[str, Path], tmp_path: Path) -> None:

@@ -324,8 +324,8 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
     faults.hit("save-begin", step, env.rank)
     error: Exception | None = None
     # Before any write (every rank joins its gathers): a failed write below must not leave ranks in different
-    # collectives.
-    state, info = portable.gather(engine)
+    # collectives. Not with optimizer offload, where a layout change is refused anyway (see check_compatible).
+    state = None if meta.get("offload_optimizer") else portable.gather(engine)
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "rng": rng_state()},
                                save_latest=False, exclude_frozen_parameters=True)
@@ -338,7 +338,8 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
     if not _agree_failed(error is not None, engine.device) and env.is_main:
         # meta.json last in the tag dir, then the pointer: a dir without meta.json is an unfinished save.
         try:
-            portable.write(root / tag, state, info, rng_state())
+            if state is not None:
+                portable.write(root / tag, *state, rng_state())
             for name, text in ((tag + "/" + META, json.dumps({**meta, "step": step}, indent=1)), (LATEST, tag)):
                 tmp = root / f"{name}.tmp"
                 tmp.write_text(text)
