@@ -319,3 +319,20 @@ def test_output_dir_guard(straight: dict[str, Path], tmp_path: Path) -> None:
     check(run2(src, "train.resume=auto"))
     for k, v in adapter_tensors(src / "adapter").items():
         assert torch.equal(v, ad[k])
+
+
+def test_mixed_precision_zero0_checkpoint_moves_to_another_layout(tmp_path: Path) -> None:
+    """bf16 under ZeRO-0 keeps its fp32 masters in DeepSpeed's FP16 optimizer (one copy per parameter), not in ZeRO's
+    partitions: its checkpoint continues on 2 ranks under ZeRO-2 with the 1-rank run's losses, within what bf16
+    itself moves between layouts (two uninterrupted bf16 runs, 1 and 2 ranks, differ by up to 2e-3 here)."""
+    bf16 = ("train.precision=bf16", "train.global_batch_size=16", "checkpoint.every=3", "checkpoint.keep=2")
+    one = tmp_path / "one"
+    check(launch(["--config", TINY, "deepspeed.config=zero0", f"output.dir={one}", *RUN, *bf16,
+                  "train.stop_after_steps=5"]))
+    two = tmp_path / "two"
+    proc = check(run2(two, *bf16, f"train.resume={one / 'checkpoints' / 'step3'}", "train.stop_after_steps=2"))
+    assert "resuming step 3 saved on 1 ranks, now on 2 ranks" in proc.stdout and "ZeRO-0, now 2 ranks" in proc.stdout
+    a, b = losses(one), losses(two)
+    assert sorted(b) == [4, 5]
+    for s in b:
+        assert b[s] == pytest.approx(a[s], rel=1e-2), (s, a[s], b[s])

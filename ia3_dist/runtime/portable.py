@@ -67,16 +67,44 @@ def _state_keys(engine: Any) -> tuple[list[torch.Tensor], bool]:
     return [t for g in base_optimizer(engine).param_groups for t in g["params"]], False
 
 
+def _flat_slots(engine: Any) -> dict[int, tuple[torch.Tensor, int, int]]:
+    """ZeRO-0 with bf16/fp16 (DeepSpeed's FP16_Optimizer and FP16_UnfusedOptimizer): each trainable parameter's
+    ``(master, offset, numel)``: its slice of the group's flat fp32 master (flattened in the group's parameter
+    order), or its own fp32 copy; AdamW keys its state by the master tensor."""
+    opt = engine.optimizer
+    groups, flats = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups_flat", None)
+    out: dict[int, tuple[torch.Tensor, int, int]] = {}
+    if groups and getattr(opt, "fp32_groups", None):  # the unfused variant: an fp32 copy per parameter
+        for params, copies in zip(groups, opt.fp32_groups, strict=True):
+            for p, c in zip(params, copies, strict=True):
+                out[id(p)] = (c, 0, p.numel())
+        return out
+    if not groups or not flats:
+        return {}
+    for params, flat in zip(groups, flats, strict=True):
+        off = 0
+        for p in params:
+            out[id(p)] = (flat, off, p.numel())
+            off += p.numel()
+    return out
+
+
 def gather(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every rank calls this (under ZeRO the full values are all-gathered from the partitions); only rank 0's
     result is written. Returns the tensors and the JSON part (without the RNG, which :func:`write` adds)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     base = base_optimizer(engine)
+    slots = _flat_slots(engine)
     out: dict[str, torch.Tensor] = {}
     for key, p in trainable(engine.module):
         master = safe_get_full_fp32_param(p)
-        if master is None:
+        if master is None and id(p) in slots:
+            flat, off, n = slots[id(p)]
+            st = base.state.get(flat, {})
+            master = flat.view(-1)[off:off + n]
+            moments = [st[m].view(-1)[off:off + n] if m in st else None for m in MOMENTS]
+        elif master is None:
             # ZeRO-0 without mixed precision: the parameter is its own master and the optimizer keys state by it.
             st = base.state.get(p, {})
             master, moments = p.detach(), [st.get(m) for m in MOMENTS]
@@ -173,12 +201,19 @@ def apply(engine: Any, ckpt: Path) -> dict[str, Any]:
     if link is not None:  # ZeRO-1/2 and bf16 map each parameter's fragment of the flat state once it exists
         link()
     zero3 = any(hasattr(p, "ds_id") for _, p in params)
+    slots = _flat_slots(engine)
     for key, p in params:
         master = tensors["param/" + key]
         if partitioned:  # each rank sets its own fragment (none where the parameter lies in another's partition)
             safe_set_full_fp32_param(p, master.to(engine.device))
             for m in MOMENTS:
                 safe_set_full_optimizer_state(p, tensors[f"{m}/{key}"].to(engine.device), m)
+        elif id(p) in slots:
+            flat, off, n = slots[id(p)]
+            with torch.no_grad():
+                flat.view(-1)[off:off + n].copy_(master.flatten())
+            for m in MOMENTS:
+                base.state[flat][m].view(-1)[off:off + n].copy_(tensors[f"{m}/{key}"].flatten())
         else:
             st = base.state[p]
             for m in MOMENTS:
