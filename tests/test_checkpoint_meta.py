@@ -15,10 +15,12 @@ from ia3_dist.runtime.checkpoint import LAYOUT, MUST_MATCH, RECORDED_SINCE_2, ch
 META = {"world_size": 2, "micro_batch_size": 1, "grad_accum": 4, "seed": 42, "shuffle": True, "total_steps": 12,
         "data_key": "abc123", "n_examples": 96, "eval_ratio": 0.0, "group_by_length": False, "order_version": 2,
         "global_batch": 8, "zero_stage": 2, "precision": "fp32", "offload_optimizer": False,
-        "model_key": "bloom-0123456789abcdef", "ia3": '{"variant": "default"}', "schedule": "lr 0.003, linear"}
+        "model_key": "bloom-0123456789abcdef", "ia3": '{"variant": "default"}', "schedule": "lr 0.003, linear",
+        "objective": "sft"}
 CHANGED = {"seed": 7, "shuffle": False, "total_steps": 24, "data_key": "def456", "n_examples": 95,
            "group_by_length": True, "order_version": 1, "precision": "bf16", "model_key": "llama-0123456789abcdef",
-           "ia3": '{"variant": "paper"}', "schedule": "lr 0.01, linear"}
+           "ia3": '{"variant": "paper"}', "schedule": "lr 0.01, linear",
+           "objective": "dpo beta=0.1 loss_type=sigmoid label_smoothing=0.0"}
 # The same 8 examples per step, cut otherwise.
 RECUT = [{"world_size": 1, "grad_accum": 8}, {"micro_batch_size": 2, "grad_accum": 2}, {"zero_stage": 3},
          {"world_size": 4, "grad_accum": 2, "zero_stage": 0}]

@@ -137,10 +137,12 @@ class ModelSection:
             fail("model.attention", f"must be one of {'|'.join(ATTENTIONS)}, got {show(self.attention)}")
 
 
-FORMATS = ("auto", "alpaca", "sharegpt", "messages")
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt")
 # What data.columns may map: record columns, message keys, role values.
 COLUMN_NAMES = ("instruction", "input", "output", "system", "history", "conversations", "messages", "role",
-                "content", "user", "assistant")
+                "content", "user", "assistant", "prompt", "chosen", "rejected")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+DPO_LOSSES = ("sigmoid", "ipo", "robust", "hinge")
 
 
 @dataclass
@@ -268,8 +270,14 @@ class IA3Section:
     ``query_key_value``) its vector keeps the full size and the query entries stay exactly 1.0; on separate
     projections the targets are ``k_proj``, ``v_proj`` and ``down_proj`` (Llama, Mistral: PEFT's default already;
     Qwen2: PEFT's default scales ``q_proj`` instead of ``k_proj``). Sets the targets itself."""
+    init_from: str | None = None
+    """An adapter dir (``<output.dir>/adapter`` of an earlier run, or PEFT's) to start from instead of a fresh
+    adapter: SFT, then DPO from the SFT adapter. Its vectors must match this model and these ia3.* settings. Under
+    ``train.objective: dpo`` it is also the reference. Null: a fresh adapter (every vector 1.0)."""
 
     def __post_init__(self) -> None:
+        if self.init_from is not None and not self.init_from.strip():
+            fail("ia3.init_from", "must be an adapter dir, or null for a fresh adapter")
         if self.variant not in IA3_VARIANTS:
             fail("ia3.variant", f"must be one of {'|'.join(IA3_VARIANTS)}, got {show(self.variant)}")
         if self.variant == "paper" and self.target_modules is not None:
@@ -363,6 +371,26 @@ class TrainSection:
     costs 1 MB: 1024 MiB is 1070 rows per chunk. Below the budget nothing changes (the reference shape's 46,145
     entries stay whole up to 5,800 label rows). The recomputation costs one more LM-head forward over the chunked
     rows, so the budget is large by default. 0: never chunk."""
+    objective: str = "sft"
+    """What the adapter learns. ``sft``: the reference recipe's token cross-entropy on instruction data. On
+    preference pairs (``chosen``/``rejected``, see README: Preference training), as TRL defines them: ``dpo``
+    (against a frozen reference: the base model, or the starting adapter of ``ia3.init_from``, its log-probs
+    computed once before step 1), ``orpo`` (odds ratio plus the chosen sequence's NLL) and ``simpo``
+    (length-normalised margin, no reference)."""
+    beta: float = 0.1
+    """Preference objectives' temperature (TRL's ``beta``; for ``loss_type: ipo`` the regularisation tau, for
+    ``orpo`` the weight of the odds-ratio term)."""
+    loss_type: str = "sigmoid"
+    """``dpo``'s loss (TRL's ``loss_type``): ``sigmoid`` (DPO), ``ipo`` (IPO, length-normalised), ``robust``
+    (conservative DPO under ``label_smoothing`` label noise) or ``hinge``."""
+    label_smoothing: float = 0.0
+    """Assumed probability that a pair's preference is flipped, in [0, 0.5): ``dpo`` with ``loss_type: robust``,
+    and ``simpo`` (TRL's conservative form)."""
+    simpo_gamma: float = 0.5
+    """``simpo``'s target reward margin gamma (TRL's ``simpo_gamma``)."""
+    cpo_alpha: float = 0.0
+    """``simpo``: weight of the chosen responses' NLL added to the loss (TRL's ``cpo_alpha``; 0 is SimPO itself,
+    TRL's CPOConfig defaults to 1.0)."""
     hang_timeout_s: float = 600.0
     """End the job (exit 76, every rank's Python stacks in its log) when no optimizer step completes for this many
     seconds: a frozen or dead peer, a cut link, a rank stuck in Python or in a collective. Armed after the first
@@ -407,6 +435,21 @@ class TrainSection:
             fail("train.hang_timeout_s", f"must be 0 (off) or at least 1 second, got {show(self.hang_timeout_s)}")
         if not self.resume:
             fail("train.resume", "must be auto, none or a checkpoint path")
+        if self.objective not in OBJECTIVES:
+            fail("train.objective", f"must be one of {'|'.join(OBJECTIVES)}, got {show(self.objective)}")
+        if self.loss_type not in DPO_LOSSES:
+            fail("train.loss_type", f"must be one of {'|'.join(DPO_LOSSES)} (dpo's loss), got {show(self.loss_type)}")
+        if self.loss_type != "sigmoid" and self.objective != "dpo":
+            fail("train.loss_type", f"{self.loss_type} is a dpo loss; train.objective is {self.objective}")
+        _finite("train.beta", self.beta, strict=True)
+        _finite("train.simpo_gamma", self.simpo_gamma)
+        _finite("train.cpo_alpha", self.cpo_alpha)
+        _finite("train.label_smoothing", self.label_smoothing)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            fail("train.label_smoothing", f"must be in [0, 0.5), got {show(self.label_smoothing)}")
+        if self.label_smoothing and not (self.objective == "simpo" or self.loss_type == "robust"):
+            fail("train.label_smoothing", "applies to train.objective=simpo and to dpo with train.loss_type=robust "
+                                          "(TRL's sigmoid DPO has no label smoothing)")
 
 
 @dataclass
@@ -513,6 +556,18 @@ class RunConfig:
     """Where results go."""
     hardware: HardwareSection = field(default_factory=HardwareSection)
     """The hardware the run is sized for (used by ``ia3-dist plan``)."""
+
+    def __post_init__(self) -> None:
+        pairs = self.train.objective != "sft"
+        if pairs and self.data.packing:
+            fail("data.packing", f"packs SFT examples; train.objective={self.train.objective} trains on pairs (two "
+                                 f"rows each, padded): set data.packing=false")
+        if pairs and self.train.micro_batch_size == "auto":
+            fail("train.micro_batch_size", f"auto probes SFT batches; with train.objective={self.train.objective} "
+                                           f"give it a number (each pair is two rows)")
+        if not pairs and self.data.format == "prompt":
+            fail("data.format", "prompt is a preference-pair format (prompt, chosen, rejected); set "
+                                "train.objective to dpo, orpo or simpo")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

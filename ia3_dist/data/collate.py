@@ -35,3 +35,48 @@ def label_positions(labels: torch.Tensor) -> torch.Tensor:
     nxt = np.full(lab.shape, IGNORE_INDEX, dtype=lab.dtype)
     nxt[:, :-1] = lab[:, 1:]
     return torch.from_numpy(np.flatnonzero(nxt != IGNORE_INDEX))
+
+
+def collate_pairs(data: TokenizedData, idx: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference pairs ``idx`` as one batch, the chosen rows first and then the rejected ones in the same order,
+    right-padded to the longest (TRL's ``DataCollatorForPreference`` layout): row ``k`` and row ``k + len(idx)``
+    are pair ``k``'s two sides. ``pair_index``: each pair's index in ``data`` (for its reference log-probs)."""
+    seq = data.sequence_rows(idx).reshape(-1, 2)
+    b = collate(data, [*seq[:, 0].tolist(), *seq[:, 1].tolist()], pad_id, "right")
+    b["pair_index"] = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+    return b
+
+
+def pair_batch(data: TokenizedData, idx: list[int], pad_id: int, nll: str) -> dict[str, torch.Tensor]:
+    """The pairs ``idx`` collated, plus the flat positions the head computes (``pos``: where the next token is an
+    answer label, and with ``nll`` = ``all`` every position of a chosen row whose next token is real, ORPO's NLL;
+    ``answer``: the chosen rows' labels), the token each predicts, its row, and which of the terms it belongs to.
+    All found on the host."""
+    b = collate_pairs(data, idx, pad_id)
+    ids, mask, lab = b["input_ids"].numpy(), b["attention_mask"].numpy(), b["labels"].numpy()
+    rows, width = ids.shape
+    m = rows // 2
+    nxt_lab = np.full(lab.shape, IGNORE_INDEX, dtype=lab.dtype)
+    nxt_lab[:, :-1] = lab[:, 1:]
+    is_label = nxt_lab != IGNORE_INDEX
+    chosen = np.zeros((rows, 1), dtype=bool)
+    chosen[:m] = True
+    if nll == "all":
+        nxt_mask = np.zeros(mask.shape, dtype=bool)
+        nxt_mask[:, :-1] = mask[:, 1:] > 0
+        is_nll = nxt_mask & chosen
+    elif nll == "answer":
+        is_nll = is_label & chosen
+    else:
+        is_nll = np.zeros(mask.shape, dtype=bool)
+    keep = is_label | is_nll
+    pos = np.flatnonzero(keep)
+    nxt_ids = np.zeros(ids.shape, dtype=ids.dtype)
+    nxt_ids[:, :-1] = ids[:, 1:]
+    out = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+           "pos": torch.from_numpy(pos), "target": torch.from_numpy(nxt_ids.reshape(-1)[pos]),
+           "row": torch.from_numpy(pos // width), "is_label": torch.from_numpy(is_label.reshape(-1)[pos]),
+           "is_nll": torch.from_numpy(is_nll.reshape(-1)[pos]),
+           "n_answer": torch.from_numpy(is_label.sum(1).astype(np.float64)),
+           "pair_index": b["pair_index"]}
+    return out

@@ -16,6 +16,7 @@ from ..config import DataSection
 from ..config.schema import show
 from ..errors import UsageError
 from .formats import (
+    FORMATS,
     REQUIRED,
     Columns,
     Conversation,
@@ -26,6 +27,7 @@ from .formats import (
     to_conversation,
     undetected,
 )
+from .pairs import PAIR_REQUIRED, Pair, detect_pair, pair_requirement, to_pair, undetected_pair
 
 __all__ = ["MAX_JSON_BYTES", "MAX_RECORD_BYTES", "Conversation", "RecordStream", "Records", "Turn", "load_records"]
 
@@ -102,13 +104,20 @@ class _Source:
     """One file, dir or hub dataset: its format (``data.format``, or detected from its first record's keys) and
     its records, converted and checked."""
 
-    def __init__(self, name: str, cfg: DataSection, cols: Columns, c: _Collector) -> None:
-        self.name, self.cols, self.c = name, cols, c
+    def __init__(self, name: str, cfg: DataSection, cols: Columns, c: _Collector, pairs: bool = False) -> None:
+        self.name, self.cols, self.c, self.pairs = name, cols, c, pairs
         self.fmt: str | None = None if cfg.format == "auto" else cfg.format
+        if self.fmt is not None and not pairs and self.fmt not in FORMATS:
+            raise UsageError(f"data.format: {self.fmt} is a preference-pair format; set train.objective to dpo, "
+                             f"orpo or simpo, or choose {', '.join(FORMATS)}")
+        self.detect = detect_pair if pairs else detect
+        self.undetected = undetected_pair if pairs else undetected
+        self.required = PAIR_REQUIRED if pairs else REQUIRED
+        self.requirement = pair_requirement if pairs else requirement
         self.seen: set[str] = set()  # renamed optional columns some record has
         self.first_keys: list[Any] | None = None
 
-    def add(self, rec: Any, where: str) -> Conversation | None:
+    def add(self, rec: Any, where: str) -> Conversation | Pair | None:
         """The record as a conversation, or None when it is bad and skipped."""
         try:
             return self._convert(rec, where)
@@ -116,19 +125,28 @@ class _Source:
             self.c.bad(e)
             return None
 
-    def _convert(self, rec: Any, where: str) -> Conversation:
+    def _convert(self, rec: Any, where: str) -> Conversation | Pair:
         if not isinstance(rec, dict):
-            what = requirement(self.fmt, self.cols) if self.fmt else "a record in alpaca, sharegpt or messages format"
+            what = (self.requirement(self.fmt, self.cols) if self.fmt else
+                    "a record in alpaca, sharegpt or messages format" if not self.pairs else
+                    "a preference record with chosen and rejected")
             raise UsageError(f"{where}: expected an object ({what}), got {type(rec).__name__}")
         if self.first_keys is None:
             self.first_keys = list(rec)[:64]
         if self.fmt is None:
-            self.fmt = detect(rec, self.cols)
+            self.fmt = self.detect(rec, self.cols)
             if self.fmt is None:
-                raise UsageError(f"{where}: {undetected(rec, self.cols)}")
-        for ours in self.cols.mapped_optional(self.fmt):
+                raise UsageError(f"{where}: {self.undetected(rec, self.cols)}")
+        for ours in self.cols.mapped_optional(self.fmt) if self.fmt in REQUIRED else ():
             if self.cols.name(ours) in rec:
                 self.seen.add(ours)
+        if self.pairs:
+            pair = to_pair(rec, self.fmt, self.cols, where)
+            n = text_length(pair.chosen) + len(pair.rejected.turns[-1].output)
+            if n > MAX_RECORD_BYTES:
+                raise UsageError(f"{where}: record of {n} characters, more than the limit of {MAX_RECORD_BYTES} "
+                                 f"(data.max_length keeps only the first tokens anyway); shorten it")
+            return pair
         conv = to_conversation(rec, self.fmt, self.cols, where)
         n = text_length(conv)
         if n > MAX_RECORD_BYTES:
@@ -140,23 +158,24 @@ class _Source:
         """For tables (Parquet, CSV, Arrow, datasets): the format from the column names, which must include the
         format's required columns and every column data.columns renames."""
         if self.fmt is None:
-            self.fmt = detect(names, self.cols)
+            self.fmt = self.detect(names, self.cols)
             if self.fmt is None:
-                raise UsageError(f"{self.name}: {undetected(names, self.cols)}")
-        need = [*REQUIRED[self.fmt], *self.cols.mapped_optional(self.fmt)]
+                raise UsageError(f"{self.name}: {self.undetected(names, self.cols)}")
+        need = [*self.required[self.fmt], *(self.cols.mapped_optional(self.fmt) if self.fmt in REQUIRED else ())]
         missing = [self.cols.name(ours) for ours in need if self.cols.name(ours) not in names]
         if missing:
             mapped = {o: self.cols.name(o) for o in need if o in self.cols.mapping}
             note = f"; data.columns maps {show(mapped)}" if mapped else ""
-            need_text = requirement(self.fmt, self.cols)
+            need_text = self.requirement(self.fmt, self.cols)
             raise UsageError(f"{self.name}: dataset has no column(s) {show(missing)} ({need_text}{note}); columns are "
                              f"{show(names)}. Rename yours with data.columns "
                              f"(e.g. data.columns.instruction=question)")
-        self.seen.update(self.cols.mapped_optional(self.fmt))
+        if self.fmt in REQUIRED:
+            self.seen.update(self.cols.mapped_optional(self.fmt))
 
     def check_mapped_seen(self) -> None:
         """For record files, once read: a column that data.columns renames must occur in some record."""
-        if self.fmt is None:
+        if self.fmt is None or self.fmt not in REQUIRED:
             return
         missing = [ours for ours in self.cols.mapped_optional(self.fmt) if ours not in self.seen]
         if missing:
@@ -427,15 +446,15 @@ class RecordStream:
     counting skips (``data.on_bad_record=skip``) in :attr:`skipped` and each source's format in :attr:`formats`.
     Every problem is a :class:`UsageError` naming file and record."""
 
-    def __init__(self, cfg: DataSection) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: DataSection, pairs: bool = False) -> None:
+        self.cfg, self.pairs = cfg, pairs
         paths = cfg.path if isinstance(cfg.path, list) else [cfg.path]
         self.sources = [_resolve(path, cfg) for path in paths]
         self.names = [s.name for s in self.sources]
         self.source = ", ".join(self.names)
         # The settings that change what the same bytes mean are part of the content hash (the cache key).
-        h = hashlib.sha256(json.dumps({"v": RECORDS_VERSION, "format": cfg.format, "columns": cfg.columns or {}},
-                                      sort_keys=True).encode())
+        h = hashlib.sha256(json.dumps({"v": RECORDS_VERSION, "format": cfg.format, "columns": cfg.columns or {},
+                                       **({"pairs": True} if pairs else {})}, sort_keys=True).encode())
         for s in self.sources:
             h.update(f"{s.digest}\n".encode())
         self.fingerprint = h.hexdigest()
@@ -452,13 +471,13 @@ class RecordStream:
     def n_skipped(self) -> int:
         return self._c.n_skipped
 
-    def __iter__(self) -> Iterator[Conversation]:
+    def __iter__(self) -> Iterator[Conversation | Pair]:
         cols = Columns(self.cfg.columns)
         c = self._c = _Collector(self.cfg.on_bad_record)
         self.formats, self.count = {}, 0
         limit = self.cfg.limit
         for r in self.sources:
-            src = _Source(r.name, self.cfg, cols, c)
+            src = _Source(r.name, self.cfg, cols, c, self.pairs)
             try:
                 for rec, where in _rows(r, src):
                     conv = src.add(rec, where)
@@ -476,8 +495,8 @@ class RecordStream:
             raise UsageError(f"{self.source}: the dataset has no usable records{extra}")
 
 
-def load_records(cfg: DataSection) -> Records:
+def load_records(cfg: DataSection, pairs: bool = False) -> Records:
     """All of :class:`RecordStream` in a list (small data, tests); training streams instead."""
-    stream = RecordStream(cfg)
+    stream = RecordStream(cfg, pairs)
     rows = list(stream)
     return Records(rows, stream.source, stream.fingerprint, stream.skipped, stream.formats)

@@ -57,6 +57,10 @@ class Layout:
     pack_length: int = 0
     """Tokens per packed row with ``data.packing`` (0: not packed). Packing changes where a step's examples sit
     in its micro-steps, never which examples form the step."""
+    consecutive: bool = False
+    """Micro-batches are runs of consecutive examples of the step's order, dealt to the ranks in turn (plain mode),
+    instead of every world-th example per rank: the preference objectives, whose per-micro-batch terms (ORPO's
+    NLL, TRL's means) then see the micro-batches a one-process TRL run sees, on any number of ranks."""
 
     @property
     def global_batch(self) -> int:
@@ -76,6 +80,14 @@ def rank_micro_batches(batch: Sequence[int], rank: int, world: int, micro: int, 
     return out
 
 
+def rank_runs(batch: Sequence[int], rank: int, world: int, micro: int, accum: int) -> list[list[int]]:
+    """Like :func:`rank_micro_batches`, but micro-batch c of the step is examples ``[c*micro, (c+1)*micro)`` of
+    ``batch`` and goes to rank ``c % world`` (a short last batch stays spread over the ranks)."""
+    runs = [list(batch[i:i + micro]) for i in range(0, len(batch), micro)]
+    out = runs[rank::world][:accum]
+    return out + [[] for _ in range(accum - len(out))]
+
+
 def plan_epoch(lengths: np.ndarray, lay: Layout, epoch: int) -> list[list[list[int]]]:
     """Every step of one epoch as ``world x accum`` micro-batches (rank r's are ``[r*accum:(r+1)*accum]``).
 
@@ -92,8 +104,8 @@ def plan_epoch(lengths: np.ndarray, lay: Layout, epoch: int) -> list[list[list[i
     if not lay.group_by_length:
         for k in range(steps_per_epoch(n, lay.global_batch)):
             batch = order[k * lay.global_batch:(k + 1) * lay.global_batch].tolist()
-            steps.append([mb for r in range(lay.world)
-                          for mb in rank_micro_batches(batch, r, lay.world, lay.micro, lay.accum)])
+            deal = rank_runs if lay.consecutive else rank_micro_batches
+            steps.append([mb for r in range(lay.world) for mb in deal(batch, r, lay.world, lay.micro, lay.accum)])
         return steps
     rng = np.random.default_rng([lay.seed, epoch, 2])
     group = lay.global_batch * lay.group_steps

@@ -30,6 +30,7 @@ from ..config import DataSection
 from ..errors import UsageError
 from ..runtime.cpus import usable_cpus
 from .cache import cache_root, file_lock
+from .pairs import Pair, split_pair, truncate_pair
 from .records import Conversation, Records, RecordStream
 from .template import Template
 from .tokens import IGNORE_INDEX, Chunk, TokenizedData  # noqa: F401 - IGNORE_INDEX re-exported
@@ -105,6 +106,32 @@ def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection) -> Chu
                  np.asarray(dropped, dtype=np.int64), truncated, unlabeled)
 
 
+def _pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], cfg: DataSection) -> Chunk:
+    """Per pair ``(prompt, chosen, rejected)`` ids -> a :class:`Chunk` of two rows per pair (prompt + chosen, prompt
+    + rejected; labels on the answers), cut to ``data.max_length`` with the prompt the same on both rows. A pair
+    whose prompt leaves no answer token on a side compares nothing: it is dropped and counted as unlabeled (the
+    data report's line), whatever ``data.unlabeled`` says."""
+    flat: list[int] = []
+    flat_mask: list[int] = []
+    lens, counts, dropped = [], [], []
+    truncated = unlabeled = 0
+    for j, (prompt, chosen, rejected) in enumerate(pairs):
+        prompt, chosen, rejected, cut = truncate_pair(prompt, chosen, rejected, cfg.max_length, cfg.truncation)
+        truncated += cut
+        if not chosen or not rejected or (not prompt and (len(chosen) < 2 or len(rejected) < 2)):
+            unlabeled += 1
+            dropped.append(j)
+            continue
+        for answer in (chosen, rejected):
+            flat += prompt + answer
+            flat_mask += [0] * len(prompt) + [1] * len(answer)
+            lens.append(len(prompt) + len(answer))
+            counts.append(len(answer) - (0 if prompt else 1))
+    return Chunk(len(pairs), np.asarray(flat, dtype=np.int32), np.asarray(flat_mask, dtype=np.uint8),
+                 np.asarray(lens, dtype=np.int64), np.asarray(counts, dtype=np.int32),
+                 np.asarray(dropped, dtype=np.int64), truncated, unlabeled)
+
+
 _WORKER: dict[str, Any] = {}
 
 
@@ -131,11 +158,24 @@ class _ChunkTokenizer:
         self.template = Template.of(cfg, tok)
         self.encode = _encoder(tok, self.template.add_special_tokens)
 
-    def __call__(self, convs: list[Conversation]) -> Chunk:
+    def __call__(self, convs: list[Conversation] | list[Pair]) -> Chunk:
+        if convs and isinstance(convs[0], Pair):
+            return self.pairs(convs)
         rendered = [self.template.segments(conv, self.tok, self.cfg.train_on) for conv in convs]
         uniq = list(dict.fromkeys(text for segs in rendered for text, _ in segs))
         ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
         return _pack([[(ids_of[text], is_label) for text, is_label in segs] for segs in rendered], self.cfg)
+
+    def pairs(self, pairs: list[Pair]) -> Chunk:
+        """Both sides of each pair rendered like an SFT conversation with labels on the last answer only."""
+        rendered = [(self.template.segments(p.chosen, self.tok, "last"), self.template.segments(p.rejected, self.tok,
+                                                                                                 "last"))
+                    for p in pairs]
+        uniq = list(dict.fromkeys(text for both in rendered for segs in both for text, _ in segs))
+        ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
+        parts = [split_pair(*[[(ids_of[text], lab) for text, lab in segs] for segs in both], "data.template")
+                 for both in rendered]
+        return _pack_pairs(parts, self.cfg)
 
 
 def _worker_init(tok: Any, cfg: DataSection) -> None:
@@ -283,6 +323,8 @@ def tokenize(records: Records, tok: Any, cfg: DataSection, chunk: int = CHUNK_RE
     sink = _Collect()
     tokenize_stream(records.examples, tok, cfg, sink, chunk)
     data = join_chunks(sink.parts, records.source, cfg)
+    if records.examples and isinstance(records.examples[0], Pair):
+        data.group = 2
     data.seconds = time.perf_counter() - t0
     data.skipped = list(records.skipped)
     data.formats = dict(records.formats)
@@ -327,13 +369,13 @@ def _renamed(text: str, old: list[str], new: list[str]) -> str:
 
 
 def load_or_tokenize(cfg: DataSection, tok: Any, *, build: bool | None = None, lock: bool = True,
-                     progress: bool = False) -> TokenizedData:
+                     progress: bool = False, pairs: bool = False) -> TokenizedData:
     """The data's token cache, memory-mapped; tokenized into it first when there is none and ``build`` (default:
     unless ``data.require_prepared``). ``lock``: processes of a node wait on a file lock so one of them
     tokenizes (best effort: correctness rests on the atomic publish, see :mod:`.token_cache`)."""
     from . import token_cache as tc
 
-    stream = RecordStream(cfg)
+    stream = RecordStream(cfg, pairs)  # pairs: part of the fingerprint, so of the key
     key = cache_key(stream.fingerprint, tok, cfg)
     root = cache_root(cfg) / "tokenized"
     final = root / key
@@ -356,6 +398,7 @@ def load_or_tokenize(cfg: DataSection, tok: Any, *, build: bool | None = None, l
                     raise RuntimeError(f"{final}: missing right after it was written")
     data, meta = got
     data.seconds = seconds
+    data.group = 2 if pairs else 1
     old = list(meta.get("sources", []))
     if old != stream.names:
         # Same content under other names: messages and formats name this run's files.

@@ -35,14 +35,24 @@ class TokenizedData:
     """A subset's examples (indices into ``offsets``), in order; None: all of them."""
     skipped_total: int | None = None
     """Bad records skipped when ``skipped`` keeps only the first messages (from the cache)."""
+    group: int = 1
+    """Sequences per example: 1, or 2 for preference pairs (sequence 2i is pair i's chosen, 2i+1 its rejected:
+    see :mod:`.pairs`). Lengths, subsets and the sampler count examples."""
 
     def __len__(self) -> int:
-        return len(self.rows) if self.rows is not None else len(self.offsets) - 1
+        return (len(self.rows) if self.rows is not None else len(self.offsets) - 1) // self.group
 
     @functools.cached_property
     def lengths(self) -> np.ndarray:
+        """Per example; a pair's is its longer sequence (what its rows are padded to)."""
         lens = np.diff(self.offsets)
-        return lens[self.rows] if self.rows is not None else lens
+        lens = lens[self.rows] if self.rows is not None else lens
+        return lens.reshape(-1, self.group).max(1) if self.group > 1 else lens
+
+    def sequence_rows(self, idx: Sequence[int]) -> np.ndarray:
+        """The sequences (indices into this data's rows) of examples ``idx``, each example's together."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return (idx[:, None] * self.group + np.arange(self.group)).reshape(-1) if self.group > 1 else idx
 
     def _label_counts(self) -> np.ndarray:
         if self.label_counts is None:
@@ -61,14 +71,15 @@ class TokenizedData:
 
     def subset(self, idx: Sequence[int]) -> TokenizedData:
         """The examples at ``idx``, in that order (train/eval splits): a view on the same flat arrays."""
-        idx = np.asarray(idx, dtype=np.int64)
-        rows = self.rows[idx] if self.rows is not None else idx
+        seq = self.sequence_rows(idx)
+        rows = self.rows[seq] if self.rows is not None else seq
         return TokenizedData(ids=self.ids, offsets=self.offsets, label_mask=self.label_mask, n_records=len(idx),
                              dropped=self.dropped[:0], truncated=0, cache_file=self.cache_file,
-                             label_counts=self._label_counts(), rows=rows)
+                             label_counts=self._label_counts(), rows=rows, group=self.group)
 
     def example(self, i: int) -> tuple[list[int], list[int], list[int]]:
-        """``(input_ids, attention_mask, labels)`` exactly as the reference recipe returns them."""
+        """``(input_ids, attention_mask, labels)`` of sequence ``i`` (an example, or one side of a pair) exactly as
+        the reference recipe returns them."""
         j = int(self.rows[i]) if self.rows is not None else i
         s = slice(int(self.offsets[j]), int(self.offsets[j + 1]))
         ids = np.asarray(self.ids[s], dtype=np.int64)

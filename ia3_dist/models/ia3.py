@@ -142,3 +142,53 @@ def trainable_line(peft_model: Any) -> str:
 def build_on_meta(config: Any, section: IA3Section | None = None) -> Any:
     """The IA3 model of an architecture from its config alone (meta device)."""
     return apply_ia3(base_on_meta(config), section or IA3Section())
+
+
+ADAPTER_FILE = "adapter_model.safetensors"
+# IA3 vectors are a few hundred K floats even on large models; a file far past that is not an IA3 adapter.
+MAX_ADAPTER_BYTES = 1 << 30
+
+
+def init_adapter_tensors(path: str) -> dict[str, torch.Tensor]:
+    """The IA3 vectors of the adapter dir ``path`` (safetensors only: nothing in it can run code), by PEFT's saved
+    names; a :class:`UsageError` naming the file when it is not one."""
+    from pathlib import Path
+
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    f = Path(path) / ADAPTER_FILE
+    if not f.is_file():
+        raise UsageError(f"ia3.init_from: {f} not found; point it at an adapter dir written by ia3-dist or PEFT "
+                         f"(with {ADAPTER_FILE})")
+    if f.stat().st_size > MAX_ADAPTER_BYTES:
+        raise UsageError(f"ia3.init_from: {f} is {f.stat().st_size} bytes, not an IA3 adapter (at most "
+                         f"{MAX_ADAPTER_BYTES})")
+    try:
+        tensors = load_file(str(f))
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise UsageError(f"ia3.init_from: {f}: not a readable safetensors file ({e})") from None
+    return tensors
+
+
+def load_init_adapter(peft_model: Any, path: str) -> None:
+    """Copy the vectors of ``path`` into the (fresh) IA3 parameters of ``peft_model``; every IA3 parameter must
+    come from the file and every tensor of the file must land, with its shape."""
+    tensors = init_adapter_tensors(path)
+    params = {n.replace(".default", ""): q for n, q in peft_model.named_parameters() if q.requires_grad}
+    missing = sorted(set(params) - set(tensors))
+    extra = sorted(set(tensors) - set(params))
+    where = f"ia3.init_from: {path}/{ADAPTER_FILE}"
+    if missing or extra:
+        what = (f"{len(missing)} IA3 vector(s) of this model are not in it, e.g. {missing[0]}" if missing else
+                f"{len(extra)} tensor(s) in it match no IA3 vector of this model, e.g. {extra[0]}")
+        raise UsageError(f"{where}: {what}; was it trained on this base model with the same ia3.* settings?")
+    with torch.no_grad():
+        for name, q in params.items():
+            src = tensors[name]
+            shape = tuple(getattr(q, "ds_shape", q.shape))
+            if tuple(src.shape) != shape:
+                raise UsageError(f"{where}: {name} has shape {tuple(src.shape)}, this model's is {shape}")
+            if not torch.isfinite(src).all():
+                raise UsageError(f"{where}: {name} holds non-finite values")
+            q.copy_(src.to(q.dtype))

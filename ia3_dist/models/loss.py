@@ -99,3 +99,35 @@ class TokenSumLM(nn.Module):
         parts = [checkpoint(ce, hidden[i:i + per], target[i:i + per], use_reentrant=False) if grad
                  else ce(hidden[i:i + per], target[i:i + per]) for i in range(0, len(hidden), per)]
         return torch.stack(parts).sum()
+
+
+class TokenLogpLM(TokenSumLM):
+    """For sequence-level objectives (preference pairs): ``forward`` returns the log-probability of each target
+    token at the flat positions ``pos`` (fp32, with gradient), which the objective sums per row. Only those
+    positions go through the last block's row selector and the LM head."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pos: torch.Tensor,  # type: ignore[override]
+                target: torch.Tensor) -> torch.Tensor:
+        lm = self.peft.get_base_model()
+        if self.rows is not None:
+            self.rows.idx = pos
+            try:
+                hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+            finally:
+                self.rows.idx = None
+        else:
+            hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        if hidden.dim() == 3:
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos)
+        head = lm.get_output_embeddings()
+        vocab = getattr(head, "out_features", None) or lm.config.vocab_size
+        per = max(1, self.chunk_bytes // (4 * vocab)) if self.chunk_bytes > 0 else len(hidden)
+
+        def logp(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return torch.log_softmax(head(h).float(), -1).gather(1, t[:, None]).squeeze(1)
+
+        if len(hidden) <= per:
+            return logp(hidden, target)
+        grad = torch.is_grad_enabled()
+        return torch.cat([checkpoint(logp, hidden[i:i + per], target[i:i + per], use_reentrant=False) if grad
+                          else logp(hidden[i:i + per], target[i:i + per]) for i in range(0, len(hidden), per)])

@@ -35,7 +35,7 @@ LAYOUT = ("world_size", "micro_batch_size", "grad_accum", "zero_stage")
 its resume as long as the global batch stays: every step then trains the same examples (the sampler's order is a
 function of the global batch, not of its cut) and :mod:`.portable` carries the trainable state across."""
 MUST_MATCH = ("global_batch", "seed", "shuffle", "total_steps", "data_key", "n_examples", "group_by_length",
-              "order_version", "precision", "model_key", "ia3", "schedule")
+              "order_version", "precision", "model_key", "ia3", "schedule", "objective")
 """Keys of meta.json that must match the resuming run for the continuation to be exact. Checkpoints of earlier
 versions lack some (they are checked where present; ``global_batch`` is computed from the layout)."""
 RECORDED_SINCE_2 = ("precision", "model_key", "ia3", "schedule", "zero_stage", "offload_optimizer")
@@ -61,7 +61,7 @@ META_TYPES: dict[str, str] = {
     "total_steps": "int", "n_examples": "int", "order_version": "int", "shuffle": "bool", "group_by_length": "bool",
     "data_key": "str", "eval_ratio": "ratio", "global_batch": "int", "zero_stage": "int", "precision": "str",
     "model_key": "str", "ia3": "str", "schedule": "str", "examples_consumed": "int",
-    "offload_optimizer": "bool",
+    "offload_optimizer": "bool", "objective": "str",
 }
 """The fields of meta.json a resume reads, by kind; each is checked in :func:`read_meta` before anything uses it
 (``True == 1`` and ``2.0 == 2`` in Python, so a bool or a float would otherwise pass for an int)."""
@@ -212,10 +212,13 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
     for k in MUST_MATCH:
         if k == "global_batch" or (k in RECORDED_SINCE_2 and k not in meta):
             continue
-        if not _same(meta.get(k), expected.get(k)):
+        # Checkpoints from before train.objective are SFT runs.
+        default = "sft" if k == "objective" else None
+        saved, now = meta.get(k, default), expected.get(k, default)
+        if not _same(saved, now):
             hint = f" ({FIX[k]})" if k in FIX else ""
-            raise UsageError(f"checkpoint {ckpt}: saved with {k}={show(meta.get(k))}, this run has "
-                             f"{show(expected.get(k))}; the continuation would not be exact{hint}")
+            raise UsageError(f"checkpoint {ckpt}: saved with {k}={show(saved)}, this run has {show(now)}; the "
+                             f"continuation would not be exact{hint}")
     changed = [k for k in LAYOUT if k in meta and not _same(meta[k], expected.get(k))]
     if not changed:
         return meta, False

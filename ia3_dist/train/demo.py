@@ -28,6 +28,7 @@ from ..errors import UsageError
 ASSET_VERSION = 1
 MODEL_NAME = "demo:tiny-bloom"
 DATA_NAME = "demo:zh-styles"
+PAIRS_NAME = "demo:zh-pairs"
 
 # The run ``python launch.py`` does with no arguments; configs/tiny-cpu.yaml is this, written out.
 DEMO_RUN: dict[str, Any] = {
@@ -165,13 +166,38 @@ def model_path(path: str, cache_dir: str | None) -> str:
     return str(ensure_model(path, cache_dir)) if path.startswith("demo:") else path
 
 
-def data_section(cfg: DataSection) -> DataSection:
-    """``cfg`` with ``data.path: demo:zh-styles`` replaced by the cached demo records (built on first use)."""
+def data_section(cfg: DataSection, pairs: bool = False) -> DataSection:
+    """``cfg`` with ``data.path: demo:zh-styles`` (``demo:zh-pairs`` for preference objectives) replaced by the
+    cached demo records (built on first use)."""
     if isinstance(cfg.path, list) or not cfg.path.startswith("demo:"):
         return cfg
-    if cfg.path != DATA_NAME:
-        raise UsageError(f"data.path {cfg.path}: unknown demo data; the embedded set is {DATA_NAME}")
-    return replace(cfg, path=str(ensure_data(cfg.cache_dir)))
+    name = PAIRS_NAME if pairs else DATA_NAME
+    if cfg.path != name:
+        other = "a preference objective (train.objective)" if pairs else "train.objective: sft"
+        raise UsageError(f"data.path {cfg.path}: unknown demo data; the embedded set for {other} is {name}")
+    return replace(cfg, path=str(ensure_pairs(cfg.cache_dir) if pairs else ensure_data(cfg.cache_dir)))
+
+
+def make_pairs(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` preference records: the target style (0) chosen over one of the two styles the demo base prefers."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        x = rng.choice(SUBJECTS)
+        out.append({"prompt": rng.choice(ASKS).format(x=x), "chosen": STYLES[0].format(x=x, t=_trait(x)),
+                    "rejected": STYLES[rng.choice((1, 2))].format(x=x, t=_trait(x))})
+    return out
+
+
+def ensure_pairs(cache_dir: str | None) -> Path:
+    """The preference demo's 400 pairs as a JSON file (written once, atomically; needs no model)."""
+    f = asset_root(cache_dir).with_name(f"zh-pairs-v{ASSET_VERSION}.json")
+    if not f.exists():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f"{f.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(make_pairs(400, seed=5), ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, f)
+    return f
 
 
 def ensure_data(cache_dir: str | None) -> Path:

@@ -11,66 +11,29 @@ import gc
 import json
 import math
 import time
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..data.collate import collate, label_positions
-from ..data.packing import collate_packed, pack_step
-from ..data.sampler import examples_consumed, iter_steps, rank_slice
+from ..data.sampler import examples_consumed, iter_steps
 from ..errors import NonFiniteLoss, Preempted
 from ..models.families import apply_speedups, family_of, last_block
-from ..models.ia3 import apply_ia3, trainable_line
+from ..models.ia3 import apply_ia3, load_init_adapter, trainable_line
 from ..models.load import DTYPES, compile_blocks, hidden_size_of, layers_of, load_base_model
-from ..models.loss import TokenSumLM
 from ..models.zero3_load import build_partitioned, load_partitions, local_model_dir
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, faults, hostmem
 from ..runtime import ds_config as dsc
 from ..runtime.preempt import StopFlag
 from ..runtime.watchdog import Watchdog
-from . import autobatch
-from .evaluate import evaluate
-from .metrics import MetricsLog, Shape, device_peak_tflops, executed_flops, model_flops, peak_memory_gb, trim_metrics
+from . import autobatch, objectives
+from .metrics import MetricsLog, Shape, device_peak_tflops, peak_memory_gb, trim_metrics
 from .prepare import Prepared, write_batch_files
 from .schedule import lr_schedule
+from .stats import StepStats
 from .trackers import Trackers
-
-
-@dataclass
-class StepStats:
-    """What one optimizer step needs to know about the whole global batch. It travels as one float64 all-reduce
-    (sum over ranks), so every rank agrees on the loss normaliser and on whether to stop."""
-
-    label_tokens: float = 0.0
-    """Tokens that carry a label (the loss normaliser of the global batch)."""
-    real_tokens: float = 0.0
-    """Non-padding tokens."""
-    padded_tokens: float = 0.0
-    """Tokens computed on, padding included."""
-    samples: float = 0.0
-    """Examples (packed: documents, not rows)."""
-    stop_requested: float = 0.0
-    """> 0 when a signal reached any rank."""
-    flops: float = 0.0
-    """Training FLOPs by the 6N convention plus attention (see :func:`model_flops`)."""
-    executed_flops: float = 0.0
-    """FLOPs the step actually executes (see :func:`executed_flops`)."""
-    rows: float = 0.0
-    """Rows computed on (equal to samples unpacked)."""
-
-    def all_reduce(self) -> StepStats:
-        """On the host (a gloo group on GPU jobs): the step's scale and stop decision never wait for the device."""
-        t = torch.tensor(astuple(self), dtype=torch.float64)
-        return StepStats(*dist.host_all_reduce_sum(t).tolist())
-
-    def __iadd__(self, other: StepStats) -> StepStats:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-        return self
 
 
 @dataclass
@@ -119,8 +82,9 @@ def load_base(p: Prepared) -> tuple[Any, Any]:
     return base, keep_alive
 
 
-def build_engine(p: Prepared) -> tuple[Any, Any, Any]:
-    """``(engine, peft_model, keep_alive)``: base + family speed-ups + IA3, wrapped in the token-sum loss."""
+def build_engine(p: Prepared, objective: objectives.Objective | None = None) -> tuple[Any, Any, Any]:
+    """``(engine, peft_model, keep_alive)``: base + family speed-ups + IA3 (from ``ia3.init_from`` when set),
+    wrapped in the objective's module (default: the token-sum loss)."""
     import deepspeed
 
     torch.manual_seed(p.cfg.train.seed)
@@ -143,8 +107,12 @@ def build_engine(p: Prepared) -> tuple[Any, Any, Any]:
             raise ValueError(f"data.packing: no exact packing for model_type {base.config.model_type!r}")
         packed = fam.packed_inputs(base)
     peft_model = apply_ia3(base, p.cfg.ia3)
+    if p.cfg.ia3.init_from:
+        load_init_adapter(peft_model, p.cfg.ia3.init_from)
+        dist.print0(p.env, f"ia3.init_from: starting from the adapter in {p.cfg.ia3.init_from}")
     dist.print0(p.env, trainable_line(peft_model))
-    wrapper = TokenSumLM(peft_model, rows, p.cfg.train.loss_chunk_mib << 20, packed)
+    objective = objective or objectives.build(p.cfg)
+    wrapper = objective.module(peft_model, rows, p.cfg.train.loss_chunk_mib << 20, packed)
     params = [q for q in wrapper.parameters() if q.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=wrapper, model_parameters=params, config=p.ds_config,
                                            lr_scheduler=lr_schedule(p.cfg.train, p.total_steps))
@@ -197,10 +165,19 @@ class Trainer:
                  trackers: Trackers | None = None) -> None:
         self.p, self.stop = p, stop
         self.watchdog = watchdog or Watchdog(0.0, p.env)
-        self.engine, self.peft_model, self._keep_alive = build_engine(p)
+        self.objective = objectives.build(p.cfg)
+        self.engine, self.peft_model, self._keep_alive = build_engine(p, self.objective)
         self.device = self.engine.device
+        self.pad_id = p.tokenizer.pad_token_id
+        self.side = getattr(p.tokenizer, "padding_side", "right")
+        t = p.cfg.train
+        self.shape = model_shape(self.peft_model)
+        self.recompute = t.gradient_checkpointing
+        self.chunk_rows = max(1, (t.loss_chunk_mib << 20) // (4 * self.shape.vocab)) if t.loss_chunk_mib else 0
         if p.auto is not None:
             self._settle_micro_batch()
+        # Before a checkpoint is loaded: the model is still the run's starting point (DPO's reference).
+        self.objective.setup(self)
         # Peak host RSS of the worst rank once the engine is ready: what loading cost (ZeRO-3: a partition, not
         # the model). Every rank joins the reduction.
         self.load_rss = dist.all_reduce_max(torch.tensor([hostmem.peak_rss_gib()], dtype=torch.float64,
@@ -209,11 +186,8 @@ class Trainer:
         if p.resume_from is not None:
             dist.print0(p.env, p.resume_line)
             self.start = ckpt.load(self.engine, p.resume_from, p.resume_portable)
-        t = p.cfg.train
         self.end = p.total_steps if not t.stop_after_steps else min(p.total_steps, self.start + t.stop_after_steps)
         self.saved = self.start
-        self.pad_id = p.tokenizer.pad_token_id
-        self.side = getattr(p.tokenizer, "padding_side", "right")
         self.metrics_path = p.out / "metrics.jsonl"
         if p.env.is_main:
             if self.start:
@@ -238,9 +212,6 @@ class Trainer:
         """(step, loss) of steps whose loss is still on the device: read together at the next log step, eval or
         save (one host sync there instead of one per step), checked finite before anything is saved."""
         self.window = Window()
-        self.shape = model_shape(self.peft_model)
-        self.recompute = t.gradient_checkpointing
-        self.chunk_rows = max(1, (t.loss_chunk_mib << 20) // (4 * self.shape.vocab)) if t.loss_chunk_mib else 0
         self.peak_tflops = device_peak_tflops(t.peak_tflops)
         self.losses: list[float] = []
         self._warned = False
@@ -261,63 +232,23 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------------------
 
-    def local_stats(self, batches: list[dict[str, torch.Tensor]], real: list[bool]) -> StepStats:
-        """This rank's share of the step's stats, from the host copies of the batches (numpy: no device sync)."""
-        s = StepStats(stop_requested=float(self.stop.requested))
-        sh = self.shape
-        for b, r in zip(batches, real, strict=True):
-            if r:
-                mask = b["attention_mask"].numpy()
-                rows, seq = mask.shape
-                if "seq_ids" in b:  # packed: each document is a sequence of its own
-                    seq_ids = b["seq_ids"].numpy()
-                    lengths = np.concatenate([np.bincount(row[row > 0])[1:] for row in seq_ids])
-                else:
-                    lengths = mask.sum(1)
-                labels = float(len(b["label_pos"]))
-                chunked = labels if self.chunk_rows and labels > self.chunk_rows else 0.0  # as TokenSumLM
-                s += StepStats(label_tokens=labels, real_tokens=float(mask.sum()), padded_tokens=float(rows * seq),
-                               samples=float(len(lengths)), rows=float(rows),
-                               flops=model_flops(lengths, sh.n_params, sh.n_layer, sh.hidden),
-                               executed_flops=executed_flops(seq, rows, labels, sh, self.recompute, chunked))
-        return s
-
-    def batches(self, step_mbs: list[list[int]]) -> tuple[list[dict[str, torch.Tensor]], list[bool]]:
-        """This rank's micro-batches of the step, collated (packed with ``data.packing``), and which are real: an
-        empty micro-step gets a copy of the first one, run at weight 0 (every rank joins every micro-step)."""
-        p, t = self.p, self.p.cfg.train
-        mbs = rank_slice(step_mbs, p.env.rank, t.grad_accum)
-        cap = p.layout.pack_length
-        if cap:
-            rows = pack_step(mbs, p.data.lengths, cap) if any(mbs) else mbs
-            filler = next((r for r in rows if r), None) or [[next(mb for mb in step_mbs if mb)[0]]]
-            out = [collate_packed(p.data, r if r else filler[:1], self.pad_id, cap) for r in rows]
-            real = [bool(r) for r in rows]
-        else:
-            filler = next(mb for mb in step_mbs if mb)[:1]
-            out = [collate(p.data, mb if mb else filler, self.pad_id, self.side) for mb in mbs]
-            real = [bool(mb) for mb in mbs]
-        for b in out:
-            b["label_pos"] = label_positions(b["labels"])
-        return out, real
-
     def step(self, step: int, step_mbs: list[list[int]]) -> tuple[float, StepStats]:
-        """One optimizer step; returns its loss (mean over the global batch's label tokens) and its stats."""
+        """One optimizer step; returns its loss (the objective's: sft, the mean over the global batch's label
+        tokens) and its stats."""
         env, t = self.p.env, self.p.cfg.train
         faults.hit("step", step + 1, env.rank)
-        batches, real = self.batches(step_mbs)
-        glob = self.local_stats(batches, real).all_reduce()
+        batches, real = self.objective.batches(self, step_mbs)
+        glob = self.objective.stats(self, batches, real).all_reduce()
         if glob.stop_requested > 0:
             where = self.save(step) if step > self.saved else ckpt.root_of(self.p.out) / ckpt.tag_for(step)
             raise Preempted(step, self.stop.signame or "a signal on another rank", str(where))
         # DeepSpeed divides by accumulation steps and averages over ranks; undo both so the gradient is
-        # sum(token losses of the global batch) / (label tokens of the global batch), like HF Trainer.
-        # A global batch with no label token at all (possible with data.unlabeled=keep) contributes nothing; the
-        # reference recipe would divide 0 by 0 there.
-        scale = t.grad_accum * env.world_size / glob.label_tokens if glob.label_tokens else 0.0
+        # sum(terms of the global batch) / normaliser (sft: label tokens of the global batch, like HF Trainer).
+        norm = self.objective.normaliser(glob)
+        scale = t.grad_accum * env.world_size / norm if norm else 0.0
         loss_local = torch.zeros((), dtype=torch.float64, device=self.device)
         for b, r in zip(batches, real, strict=True):
-            loss_sum, _ = self.engine(**to_device(b, self.device))
+            loss_sum = self.objective.term(self.engine, to_device(b, self.device), r)
             # Empty slots (short last batch) still run forward/backward so every rank joins the same
             # collectives; weight 0 keeps them out of the gradient.
             self.engine.backward(loss_sum * (scale if r else 0.0))
@@ -327,7 +258,7 @@ class Trainer:
             if r:
                 loss_local += loss_sum.detach().double()
         # Stays on the device (the all-reduce is queued, not waited for); flush() reads it.
-        loss = dist.all_reduce_sum(loss_local) / max(glob.label_tokens, 1.0)
+        loss = dist.all_reduce_sum(loss_local) / max(norm, 1.0)
         self.pending.append((step + 1, loss))
         return loss, glob
 
@@ -360,8 +291,7 @@ class Trainer:
 
     def run_eval(self, step: int) -> dict[str, float]:
         self.flush()
-        res = evaluate(self.engine, self.p.eval_data, self.p.env, self.p.cfg.train.micro_batch_size, self.pad_id,
-                       self.side, on_batch=lambda: self.watchdog.beat(step, "eval", arm=False))
+        res = self.objective.evaluate(self, on_batch=lambda: self.watchdog.beat(step, "eval", arm=False))
         self.log.log({"step": step, **res})
         return res
 
@@ -374,6 +304,7 @@ class Trainer:
         mem = dist.all_reduce_max(torch.tensor([peak_memory_gb(self.device), hostmem.peak_rss_gib()],
                                                dtype=torch.float64, device=self.device)).tolist()
         s = w.stats
+        objective_metrics = self.objective.window_metrics(s.micro_batches)
         tflops, executed = s.flops / dt / 1e12, s.executed_flops / dt / 1e12
         perf = {"tflops": tflops, "tflops_executed": executed, "peak_mem_gb": mem[0], "peak_rss_gb": mem[1],
                 "load_peak_rss_gb": self.load_rss}
@@ -391,7 +322,8 @@ class Trainer:
                       "tokens_per_s": s.real_tokens / dt, "padded_tokens_per_s": s.padded_tokens / dt,
                       "samples_per_s": s.samples / dt, "padding_efficiency": s.real_tokens / max(s.padded_tokens, 1.0),
                       "rows_per_step": s.rows / w.steps,
-                      "step_time_s": dt / w.steps, **perf, "elapsed_s": time.perf_counter() - t_start,
+                      **objective_metrics, "step_time_s": dt / w.steps, **perf,
+                      "elapsed_s": time.perf_counter() - t_start,
                       **({"startup_s": self.startup_s} if done == self.start + 1 else {})})
 
     def fit(self) -> dict[str, float] | None:

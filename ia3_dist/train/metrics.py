@@ -151,6 +151,11 @@ def _record(line: bytes) -> dict[str, Any] | None:
     return rec if ok else None
 
 
+CONSOLE = ("loss", "lr", "grad_norm", "rewards/accuracies", "rewards/margins", "tokens_per_s", "eval_loss", "eval_ppl",
+           "eval_rewards/accuracies")
+"""What a metrics line shows on the console (everything goes to metrics.jsonl)."""
+
+
 class MetricsLog:
     """Rank 0 writes each line to metrics.jsonl and hands the same line to the trackers (``output.report_to``)."""
 
@@ -177,7 +182,7 @@ class MetricsLog:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")
         self.trackers.log(rec)
-        short = {k: rec[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_ppl") if k in rec}
+        short = {k: rec[k] for k in CONSOLE if k in rec}
         self.bar.set_postfix(short, refresh=False)
         self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
                                 {"step": rec.get("step"), **short}.items()))

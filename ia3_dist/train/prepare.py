@@ -17,14 +17,14 @@ from ..data.sampler import ORDER_VERSION, Layout, plan_epoch, split_eval, steps_
 from ..data.tokenize import TokenizedData, load_or_tokenize
 from ..models.families import family_of, support_case
 from ..models.files import check_model_dir, check_vocab
-from ..models.ia3 import apply_ia3, paper_targets
+from ..models.ia3 import apply_ia3, load_init_adapter, paper_targets
 from ..models.load import base_on_meta, hidden_size_of, load_model_config, load_tokenizer
 from ..models.zero3_load import check_checkpoint
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, manifest, safe_load
 from ..runtime import ds_config as dsc
 from ..runtime.watchdog import HUNG_FILE
-from . import autobatch, demo, trackers
+from . import autobatch, demo, objectives, trackers
 
 PID_FILE = "rank0.pid"
 PREEMPTED_FILE = "preempted.json"
@@ -64,7 +64,8 @@ class Prepared:
 
 def eval_section(cfg: RunConfig) -> Any:
     """The data section that reads ``data.eval_path`` (whole, in its own cache entry)."""
-    return demo.data_section(replace(cfg.data, path=cfg.data.eval_path, eval_path=None, limit=None))
+    return demo.data_section(replace(cfg.data, path=cfg.data.eval_path, eval_path=None, limit=None),
+                             objectives.is_pairwise(cfg))
 
 
 def total_steps_for(cfg: RunConfig, n_examples: int, layout: Layout) -> int:
@@ -95,8 +96,16 @@ def run_keys(cfg: RunConfig, model_config: Any) -> dict[str, str]:
                          "_attn_implementation", "_attn_implementation_autoset", "attn_implementation")}
     digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
     t, ia3 = cfg.train, cfg.ia3
+    objective = t.objective
+    if t.objective == "dpo":
+        objective += f" beta={t.beta} loss_type={t.loss_type} label_smoothing={t.label_smoothing}"
+    elif t.objective == "orpo":
+        objective += f" beta={t.beta}"
+    elif t.objective == "simpo":
+        objective += (f" beta={t.beta} simpo_gamma={t.simpo_gamma} cpo_alpha={t.cpo_alpha} "
+                      f"label_smoothing={t.label_smoothing}")
     return {"model_key": f"{getattr(model_config, 'model_type', '?')}-{digest}",
-            "ia3": json.dumps(asdict(ia3), sort_keys=True),
+            "ia3": json.dumps(asdict(ia3), sort_keys=True), "objective": objective,
             "schedule": f"lr {t.lr}, {t.scheduler}, warmup {t.warmup_steps}, weight_decay {t.weight_decay}, betas "
                         f"{t.betas}, eps {t.eps}, grad_clip {t.grad_clip}"}
 
@@ -160,9 +169,12 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     check_model_dir(model_path)
     model_config = load_model_config(model_path, cfg.model)
     _, support = support_case(model_config, cfg.ia3)
-    if cfg.ia3.target_modules is not None:
-        # On the meta device (no memory): names that match no module fail here, not after the ranks have met.
-        apply_ia3(base_on_meta(model_config, cfg.model.trust_remote_code), cfg.ia3)
+    if cfg.ia3.target_modules is not None or cfg.ia3.init_from:
+        # On the meta device (no memory): names that match no module, and a starting adapter that does not fit,
+        # fail here, not after the ranks have met.
+        on_meta = apply_ia3(base_on_meta(model_config, cfg.model.trust_remote_code), cfg.ia3)
+        if cfg.ia3.init_from:
+            load_init_adapter(on_meta, cfg.ia3.init_from)
     tok = load_tokenizer(cfg.model, model_path)
     check_vocab(tok, model_config, cfg.model.tokenizer or model_path)
     fam = family_of(model_config)
@@ -177,12 +189,13 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     hidden = hidden_size_of(model_config)
     # Every rank opens the token cache memory-mapped; where it is missing, one rank per node tokenizes into it
     # (or, with data.require_prepared, the run stops here, before the process group).
-    data = load_or_tokenize(demo.data_section(cfg.data), tok, progress=True)
+    pairs = objectives.is_pairwise(cfg)
+    data = load_or_tokenize(demo.data_section(cfg.data, pairs), tok, progress=True, pairs=pairs)
     eval_data = None
     if cfg.data.eval_ratio:
         data, eval_data = split_eval(data, cfg.data.eval_ratio, cfg.train.seed)
     elif cfg.data.eval_path:
-        eval_data = load_or_tokenize(eval_section(cfg), tok, progress=True)
+        eval_data = load_or_tokenize(eval_section(cfg), tok, progress=True, pairs=pairs)
     if cfg.train.global_batch_size:
         cfg = with_global_batch(cfg, env.world_size)
     auto_micro = cfg.train.micro_batch_size == autobatch.AUTO
@@ -215,7 +228,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     if grouped is None:  # packed rows waste little whatever the lengths: the order stays freely shuffled
         grouped = cfg.train.micro_batch_size > 1 and cfg.data.shuffle and not cfg.data.packing
     layout = Layout(cfg.train.micro_batch_size, cfg.train.grad_accum, env.world_size, cfg.train.seed,
-                    cfg.data.shuffle, grouped)
+                    cfg.data.shuffle, grouped, consecutive=pairs)
     if cfg.data.packing:
         layout = replace(layout, pack_length=pack_length_for(cfg, model_config, data, layout, auto_micro))
     total = total_steps_for(cfg, len(data), layout)
@@ -244,12 +257,13 @@ def prepare_data(cfg: RunConfig) -> str:
     model_path = demo.model_path(cfg.model.path, cfg.data.cache_dir)
     tok = load_tokenizer(cfg.model, model_path)
     check_vocab(tok, load_model_config(model_path, cfg.model), cfg.model.tokenizer or model_path)
-    sections = [("data.path", demo.data_section(cfg.data))]
+    pairs = objectives.is_pairwise(cfg)
+    sections = [("data.path", demo.data_section(cfg.data, pairs))]
     if cfg.data.eval_path:
         sections.append(("data.eval_path", eval_section(cfg)))
     lines = []
     for key, section in sections:
-        data = load_or_tokenize(section, tok, build=True, progress=True)
+        data = load_or_tokenize(section, tok, build=True, progress=True, pairs=pairs)
         d = Path(data.cache_file)
         lines += [f"{key}:", *data_lines(data, replace(cfg, data=section)),
                   f"  cache: {d} ({int(data.offsets[-1])} tokens as {data.ids.dtype}, "

@@ -92,9 +92,13 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
             k, first, last = res.loss_change(cfg.train.log_every)
             dist.print0(env, f"loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f} "
                              f"({100.0 * (last - first) / first:+.1f}%)")
-        if res.eval is not None:
+        if res.eval is not None and "eval_ppl" in res.eval:
             dist.print0(env, f"eval: loss {res.eval['eval_loss']:.4f}, perplexity {res.eval['eval_ppl']:.2f} over "
                              f"{int(res.eval['eval_tokens'])} tokens")
+        elif res.eval is not None:
+            e = res.eval
+            dist.print0(env, f"eval: loss {e['eval_loss']:.4f}, pair accuracy {e['eval_rewards/accuracies']:.3f}, "
+                             f"margin {e['eval_rewards/margins']:.4f} over {int(e['eval_pairs'])} held-out pairs")
         done = res.start_step + len(res.losses)
         if done < p.total_steps:
             dist.print0(env, f"stopped after step {done} of {p.total_steps} (train.stop_after_steps); continue "

@@ -1,0 +1,166 @@
+"""Preference pairs: records with a shared prompt and a ``chosen`` and a ``rejected`` response, in the formats
+people bring, read into two :class:`Conversation` s that differ only in the last answer.
+
+- ``prompt``: ``prompt`` (a string: the user's message; or a list of messages ending with the user's, as TRL's
+  conversational format), ``chosen``, ``rejected``.
+- ``alpaca``: ``instruction``, optional ``input``/``system``/``history``, ``chosen``, ``rejected``.
+- ``sharegpt``: LLaMA-Factory's ranking files: ``conversations`` ending with the user's message, ``chosen`` and
+  ``rejected`` each one assistant message.
+- ``messages``: ``messages`` ending with the user's message, ``chosen`` and ``rejected``.
+
+A response is a string, one assistant message (``{"role": "assistant", "content": ...}``, sharegpt's
+``{"from": "gpt", "value": ...}``) or a list holding one. ``data.columns`` renames columns and message keys as for
+SFT data (``prompt``, ``chosen``, ``rejected`` included). On disk a pair is two rows of the token cache, chosen then
+rejected, with labels on the response only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UsageError
+from .formats import ALPACA, MESSAGES, SHAREGPT, Columns, Conversation, _alpaca, _chat, _keys, _text
+
+PROMPT = "prompt"
+PAIR_FORMATS = (PROMPT, ALPACA, SHAREGPT, MESSAGES)
+# The column whose presence identifies a pair format, in detection order.
+PAIR_DETECT = ((SHAREGPT, "conversations"), (MESSAGES, "messages"), (PROMPT, "prompt"), (ALPACA, "instruction"))
+PAIR_REQUIRED = {PROMPT: ("prompt", "chosen", "rejected"), ALPACA: ("instruction", "chosen", "rejected"),
+                 SHAREGPT: ("conversations", "chosen", "rejected"), MESSAGES: ("messages", "chosen", "rejected")}
+
+
+@dataclass
+class Pair:
+    """One preference record: the same conversation ending in the chosen and in the rejected answer."""
+
+    chosen: Conversation
+    rejected: Conversation
+
+
+def detect_pair(keys: Iterable[str], cols: Columns) -> str | None:
+    keys = set(keys)
+    for fmt, ours in PAIR_DETECT:
+        if cols.name(ours) in keys:
+            return fmt
+    return None
+
+
+def pair_requirement(fmt: str, cols: Columns) -> str:
+    return f"every {fmt} preference record needs {' and '.join(cols.label(c) for c in PAIR_REQUIRED[fmt])}"
+
+
+def undetected_pair(keys: Iterable[Any], cols: Columns) -> str:
+    need = "; ".join(pair_requirement(f, cols) for f, _ in PAIR_DETECT)
+    return (f"missing field: cannot detect the preference format from the keys found, {_keys(keys)} ({need}). "
+            f"Rename your columns with data.columns (e.g. data.columns.chosen=better) or set data.format")
+
+
+def _response(v: Any, what: str, fmt: str, cols: Columns, where: str) -> str:
+    """A response as text: a string, one assistant message, or a list of one."""
+    if isinstance(v, str):
+        text = _text(v, what, where)
+    else:
+        if isinstance(v, list | tuple):
+            if len(v) != 1:
+                raise UsageError(f"{where}: {what} is a list of {len(v)} messages; a response is one assistant "
+                                 f"message (or a string)")
+            v = v[0]
+        if not isinstance(v, Mapping):
+            raise UsageError(f"{where}: {what} must be a string or an assistant message, got {type(v).__name__}")
+        role_key, content_key = cols.keys(SHAREGPT if fmt == SHAREGPT else MESSAGES)
+        if role_key not in v or content_key not in v:
+            raise UsageError(f"{where}: {what} is a message without '{role_key}' and '{content_key}' (it has keys "
+                             f"{_keys(v)}); set data.columns.role and data.columns.content to the keys it uses")
+        roles = cols.roles(SHAREGPT if fmt == SHAREGPT else MESSAGES)
+        if roles.get(v[role_key]) != "assistant":
+            raise UsageError(f"{where}: {what} has role {v[role_key]!r}; a response must be the assistant's")
+        text = _text(v[content_key], f"{what} content", where)
+    if not text.strip():
+        raise UsageError(f"{where}: {what} is empty: a preference pair needs two answers to compare")
+    return text
+
+
+def to_pair(rec: Any, fmt: str, cols: Columns, where: str) -> Pair:
+    """One preference record of format ``fmt``; a :class:`UsageError` naming ``where`` if it is bad (missing key,
+    empty response, chosen identical to rejected, a prompt that does not end with the user)."""
+    if not isinstance(rec, Mapping):
+        raise UsageError(f"{where}: expected an object ({pair_requirement(fmt, cols)}), got {type(rec).__name__}")
+    for ours in PAIR_REQUIRED[fmt]:
+        if rec.get(cols.name(ours)) is None:
+            raise UsageError(f"{where}: missing field {cols.label(ours)} ({pair_requirement(fmt, cols)}); the "
+                             f"record has keys {_keys(rec)}")
+    answers = [_response(rec[cols.name(k)], f"field {cols.label(k)}", fmt, cols, where)
+               for k in ("chosen", "rejected")]
+    if answers[0] == answers[1]:
+        raise UsageError(f"{where}: {cols.label('chosen')} and {cols.label('rejected')} are the same text: the pair "
+                         f"prefers nothing; drop the record")
+    convs = [_conversation(rec, fmt, cols, where, a) for a in answers]
+    return Pair(*convs)
+
+
+def _conversation(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str, answer: str) -> Conversation:
+    """The record's prompt followed by ``answer`` as the last assistant turn, parsed by the SFT format readers."""
+    if fmt == ALPACA:
+        return _alpaca({**rec, cols.name("output"): answer}, cols, where)
+    if fmt == PROMPT:
+        prompt = rec[cols.name("prompt")]
+        if isinstance(prompt, str):
+            one = {cols.name("instruction"): _text(prompt, f"field {cols.label('prompt')}", where),
+                   cols.name("output"): answer}
+            if rec.get(cols.name("system")) is not None:
+                one[cols.name("system")] = rec[cols.name("system")]
+            return _alpaca(one, cols, where)
+        if not isinstance(prompt, list | tuple):
+            raise UsageError(f"{where}: field {cols.label('prompt')} must be a string or a list of messages, got "
+                             f"{type(prompt).__name__}")
+        key, chat_fmt = cols.name("messages"), MESSAGES
+        msgs = list(prompt)
+    else:
+        key, chat_fmt = cols.name("conversations" if fmt == SHAREGPT else "messages"), fmt
+        msgs = rec[key]
+        if not isinstance(msgs, list | tuple):
+            raise UsageError(f"{where}: field {cols.label('conversations' if fmt == SHAREGPT else 'messages')} must "
+                             f"be a list of messages, got {type(msgs).__name__}")
+        msgs = list(msgs)
+    role_key, content_key = cols.keys(chat_fmt)
+    assistant = cols.name("assistant") if "assistant" in cols.mapping else ("gpt" if chat_fmt == SHAREGPT
+                                                                            else "assistant")
+    roles = cols.roles(chat_fmt)
+    if msgs and isinstance(msgs[-1], Mapping) and roles.get(msgs[-1].get(role_key)) == "assistant":
+        raise UsageError(f"{where}: the prompt ends with an assistant message; a preference prompt ends with the "
+                         f"user's message and the two answers are in {cols.label('chosen')} and "
+                         f"{cols.label('rejected')}")
+    full = {key: [*msgs, {role_key: assistant, content_key: answer}]}
+    if cols.name("system") in rec:
+        full[cols.name("system")] = rec[cols.name("system")]
+    return _chat(full, chat_fmt, cols, where)
+
+
+def split_pair(chosen: list[tuple[list[int], bool]], rejected: list[tuple[list[int], bool]], where: str
+               ) -> tuple[list[int], list[int], list[int]]:
+    """``(prompt ids, chosen ids, rejected ids)`` from the two rendered, tokenized conversations (segments with
+    labels on the last answer only). The prompt segments must be the same on both sides."""
+    pc = [t for ids, lab in chosen[:-1] for t in ids]
+    pr = [t for ids, lab in rejected[:-1] for t in ids]
+    if pc != pr or not chosen[-1][1] or not rejected[-1][1]:
+        raise UsageError(f"{where}: the template renders the prompt differently before the two answers; use a "
+                         f"template whose prompt does not depend on the answer")
+    return pc, list(chosen[-1][0]), list(rejected[-1][0])
+
+
+def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, mode: str
+                  ) -> tuple[list[int], list[int], list[int], bool]:
+    """Fit both sequences into ``max_length`` with the prompt the same on both sides: ``right`` cuts each
+    sequence's end (the responses first, as TRL's ``keep_start``); ``prompt`` first cuts the oldest prompt tokens
+    (the same ones on both sides) so the longer answer fits, then the answers' ends. Returns the parts and
+    whether anything was cut."""
+    longest = len(prompt) + max(len(chosen), len(rejected))
+    if longest <= max_length:
+        return prompt, chosen, rejected, False
+    if mode == "prompt":
+        prompt = prompt[min(len(prompt), longest - max_length):]
+    prompt = prompt[:max_length]
+    room = max_length - len(prompt)
+    return prompt, chosen[:room], rejected[:room], True

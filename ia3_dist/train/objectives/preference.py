@@ -1,0 +1,205 @@
+"""Preference objectives on chosen/rejected pairs, as TRL defines them (same formulas, hyperparameter names and
+metric names): ``dpo`` (``DPOTrainer``: ``sigmoid``, ``ipo``, ``robust``, ``hinge``), ``orpo`` (``ORPOTrainer``)
+and ``simpo`` (``CPOTrainer(loss_type="simpo")``).
+
+A micro-batch holds m pairs as 2m rows (chosen rows, then rejected: :func:`..data.collate.collate_pairs`). Its
+loss term is TRL's loss of that micro-batch (a mean over its pairs, plus ORPO's NLL, a token mean over its chosen
+rows); the step's loss is the mean of its micro-batches' terms over all ranks, which is what HF Trainer's gradient
+accumulation makes of TRL's per-micro-batch losses. Metrics are TRL's too: per micro-batch means, averaged over
+the micro-batches of the logging window.
+
+DPO's reference is the model the run starts from (the base with a fresh, identity IA3 adapter, or the adapter of
+``ia3.init_from``): its log-probabilities of every pair are computed once before step 1 (:mod:`.reference`), so no
+second model is held and the reference costs one forward pass over the data instead of one per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...data.collate import pair_batch
+from ...data.sampler import rank_slice
+from ...models.loss import TokenLogpLM
+from ...runtime import dist
+from ..metrics import executed_flops, model_flops
+from ..stats import StepStats
+
+COMMON = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+          "logps/rejected")
+EXTRA = {"dpo": (), "orpo": ("nll_loss", "log_odds_ratio", "log_odds_chosen"), "simpo": ("nll_loss",)}
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (TRL's ``log1mexp``)."""
+    t = -0.6931471805599453
+    return torch.where(x < t, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+class Preference:
+    """``dpo``, ``orpo`` or ``simpo`` (see the module doc)."""
+
+    def __init__(self, t: Any) -> None:
+        self.t = t
+        self.name = t.objective
+        self.nll = {"orpo": "all", "simpo": "answer" if t.cpo_alpha else ""}.get(self.name, "")
+        self.keys = (*COMMON, *EXTRA[self.name])
+        self.acc: torch.Tensor | None = None
+        self.ref: dict[str, torch.Tensor] = {}
+        """``train``/``eval`` -> (pairs, 2) reference log-probs (dpo), indexed by the pair's index."""
+
+    # -- the loop's hooks -------------------------------------------------------------------------------------
+
+    def module(self, peft_model: Any, rows: Any, chunk_bytes: int, packed: Any) -> torch.nn.Module:
+        return TokenLogpLM(peft_model, rows, chunk_bytes)
+
+    def batches(self, tr: Any, step_mbs: list[list[int]]) -> tuple[list[dict[str, torch.Tensor]], list[bool]]:
+        p = tr.p
+        mbs = rank_slice(step_mbs, p.env.rank, p.cfg.train.grad_accum)
+        filler = next(mb for mb in step_mbs if mb)[:1]
+        out = [pair_batch(p.data, mb if mb else filler, tr.pad_id, self.nll) for mb in mbs]
+        for b in out:
+            b["split"] = torch.zeros((), dtype=torch.long)  # training pairs' reference
+        return out, [bool(mb) for mb in mbs]
+
+    def stats(self, tr: Any, batches: list[dict[str, torch.Tensor]], real: list[bool]) -> Any:
+        s = StepStats(stop_requested=float(tr.stop.requested))
+        sh = tr.shape
+        for b, r in zip(batches, real, strict=True):
+            if r:
+                mask = b["attention_mask"].numpy()
+                rows, seq = mask.shape
+                lengths = mask.sum(1)
+                labels = float(b["is_label"].sum())
+                computed = float(len(b["pos"]))
+                s += StepStats(label_tokens=labels, real_tokens=float(mask.sum()), padded_tokens=float(rows * seq),
+                               samples=float(rows // 2), rows=float(rows), micro_batches=1.0,
+                               flops=model_flops(lengths, sh.n_params, sh.n_layer, sh.hidden),
+                               executed_flops=executed_flops(seq, rows, computed, sh, tr.recompute, 0.0))
+        return s
+
+    def normaliser(self, glob: Any) -> float:
+        return glob.micro_batches
+
+    def term(self, engine: Any, batch: dict[str, torch.Tensor], real: bool) -> torch.Tensor:
+        lp = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pos=batch["pos"],
+                    target=batch["target"])
+        loss, metrics = self.loss(lp, batch, self.reference_of(batch))
+        if real:
+            self.acc = metrics if self.acc is None else self.acc + metrics
+        return loss
+
+    def setup(self, tr: Any) -> None:
+        if self.name != "dpo":
+            return
+        from .reference import reference_logps
+
+        self.ref["train"] = torch.from_numpy(reference_logps(tr, tr.p.data, "train"))
+        if tr.p.eval_data is not None:
+            self.ref["eval"] = torch.from_numpy(reference_logps(tr, tr.p.eval_data, "eval"))
+
+    def window_metrics(self, micro_batches: float) -> dict[str, float]:
+        device = self.acc.device if self.acc is not None else torch.device("cpu")
+        acc = self.acc.double() if self.acc is not None else torch.zeros(len(self.keys), dtype=torch.float64,
+                                                                           device=device)
+        self.acc = None
+        total = dist.all_reduce_sum(acc.clone()).tolist()
+        return {k: v / max(micro_batches, 1.0) for k, v in zip(self.keys, total, strict=True)}
+
+    def evaluate(self, tr: Any, on_batch: Any) -> dict[str, float]:
+        """Rank r takes pairs r, r+world, ...; every rank runs the same number of forward passes. Pair-weighted
+        means of the metrics (``eval_rewards/accuracies``: the held-out pair accuracy) and the mean of the
+        micro-batches' losses."""
+        p, engine = tr.p, tr.engine
+        data = p.eval_data
+        world, micro = p.env.world_size, p.cfg.train.micro_batch_size
+        mine = list(range(p.env.rank, len(data), world))
+        per_rank = -(-len(data) // world)
+        n_batches = -(-per_rank // micro)
+        acc = torch.zeros(len(self.keys) + 3, dtype=torch.float64, device=engine.device)
+        was_training = engine.module.training
+        engine.module.eval()
+        with torch.no_grad():
+            for k in range(n_batches):
+                idx = mine[k * micro:(k + 1) * micro]
+                b = pair_batch(data, idx or [0], tr.pad_id, self.nll)
+                b["split"] = torch.ones((), dtype=torch.long)
+                b = {n: v.to(engine.device) for n, v in b.items()}
+                lp = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pos=b["pos"],
+                            target=b["target"])
+                loss, metrics = self.loss(lp, b, self.reference_of(b))
+                if idx:
+                    acc += torch.cat([metrics.double() * len(idx),
+                                      torch.stack([loss.double(), acc.new_ones(()), acc.new_tensor(len(idx))])])
+                if on_batch is not None:
+                    on_batch()
+        if was_training:
+            engine.module.train()
+        total = dist.all_reduce_sum(acc).tolist()
+        pairs = max(total[-1], 1.0)
+        out = {"eval_loss": total[-3] / max(total[-2], 1.0), "eval_pairs": total[-1]}
+        out.update({f"eval_{k}": v / pairs for k, v in zip(self.keys, total, strict=False)})
+        return out
+
+    # -- the formulas -----------------------------------------------------------------------------------------
+
+    def reference_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.name != "dpo":
+            return None
+        table = self.ref["eval" if int(batch["split"]) else "train"]
+        return table[batch["pair_index"].cpu()].to(batch["n_answer"].device)
+
+    def loss(self, lp: torch.Tensor, b: dict[str, torch.Tensor], ref: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """TRL's loss of one micro-batch and its metrics (detached, in :attr:`keys` order) from the per-token
+        log-probs ``lp`` at ``b["pos"]``."""
+        t = self.t
+        rows = len(b["n_answer"])
+        m = rows // 2
+        lab = b["is_label"]
+        sums = torch.zeros(rows, dtype=lp.dtype, device=lp.device).index_add(0, b["row"][lab], lp[lab])
+        n_answer = b["n_answer"].to(lp.dtype)
+        if self.name == "dpo":
+            chosen, rejected = sums[:m], sums[m:]
+            ref = ref.to(lp.dtype)
+            c_ratio, r_ratio = chosen - ref[:, 0], rejected - ref[:, 1]
+            delta = c_ratio - r_ratio
+            if t.loss_type == "sigmoid":
+                losses = -F.logsigmoid(t.beta * delta)
+            elif t.loss_type == "hinge":
+                losses = torch.relu(1 - t.beta * delta)
+            elif t.loss_type == "ipo":
+                ipo = c_ratio / n_answer[:m].clamp(min=1.0) - r_ratio / n_answer[m:].clamp(min=1.0)
+                losses = (ipo - 1 / (2 * t.beta)) ** 2
+            else:  # robust
+                eps = t.label_smoothing
+                losses = (-(1 - eps) * F.logsigmoid(t.beta * delta) + eps * F.logsigmoid(-t.beta * delta)) / (
+                    1 - 2 * eps)
+            loss = losses.mean()
+            c_reward, r_reward = t.beta * c_ratio.detach(), t.beta * r_ratio.detach()
+            extra: list[torch.Tensor] = []
+        else:
+            avg = sums / n_answer
+            chosen, rejected = avg[:m], avg[m:]
+            nll = lp.new_zeros(())
+            if self.nll:
+                sel = b["is_nll"]
+                nll = -lp[sel].sum() / sel.sum().clamp(min=1)
+            if self.name == "orpo":
+                log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+                ratio = F.logsigmoid(log_odds)
+                loss = nll - (t.beta * ratio).mean()
+                extra = [nll.detach(), ratio.detach().mean(), log_odds.detach().mean()]
+            else:  # simpo
+                logits = chosen - rejected - t.simpo_gamma / t.beta
+                eps = t.label_smoothing
+                losses = -F.logsigmoid(t.beta * logits) * (1 - eps) - F.logsigmoid(-t.beta * logits) * eps
+                loss = losses.mean() + t.cpo_alpha * nll
+                extra = [nll.detach()]
+            c_reward, r_reward = t.beta * chosen.detach(), t.beta * rejected.detach()
+        metrics = torch.stack([c_reward.mean(), r_reward.mean(), (c_reward > r_reward).to(lp.dtype).mean(),
+                               (c_reward - r_reward).mean(), chosen.detach().mean(), rejected.detach().mean(),
+                               *extra])
+        return loss, metrics
