@@ -38,8 +38,8 @@ def run_trl(objective: str, model_dir: Path, tok: Any, pairs: list, out_dir: Pat
             steps: int, lr: float, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
             simpo_gamma: float = 0.5, cpo_alpha: float = 0.0, init_adapter: Path | None = None) -> dict:
     """Per-step losses, per-step metrics (TRL's names) and the final IA3 vectors of a TRL run. ``init_adapter``:
-    start from that adapter, with it also loaded, frozen, as the ``ref`` adapter (what TRL's own set-up misses
-    for IA3 names, see README: Preference training)."""
+    start from that adapter, and copy it into TRL's frozen ``ref`` adapter by hand (TRL's own copy misses IA3's
+    parameter names: ``ref_was_base`` says whether it did)."""
     from datasets import Dataset
     from peft import IA3Config, PeftModel, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -47,8 +47,6 @@ def run_trl(objective: str, model_dir: Path, tok: Any, pairs: list, out_dir: Pat
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     if init_adapter is not None:
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-        model.load_adapter(str(init_adapter), adapter_name="ref", is_trainable=False)
-        model.set_adapter("default")
     else:
         model = get_peft_model(model, IA3Config(task_type=TaskType.CAUSAL_LM))
     common = dict(output_dir=str(out_dir), per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
@@ -108,6 +106,16 @@ def run_trl(objective: str, model_dir: Path, tok: Any, pairs: list, out_dir: Pat
             return loss
 
     trainer = Recording(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Record()])
+    ref_was_base = None
+    if init_adapter is not None:
+        # DPOTrainer adds a "ref" adapter and copies the starting one into it by names containing ".default.";
+        # IA3's end in ".ia3_l.default", so its "ref" stays fresh (all 1.0: the base). Set it by hand.
+        ref = {n: q for n, q in model.named_parameters() if n.endswith(".ia3_l.ref")}
+        assert ref, "TRL did not add its ref adapter"
+        ref_was_base = all(bool((q == 1.0).all()) for q in ref.values())
+        with torch.no_grad():
+            for n, q in ref.items():
+                q.copy_(model.get_parameter(n[:-len("ref")] + "default"))
     env_keep = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
     try:
         trainer.train()
@@ -117,7 +125,7 @@ def run_trl(objective: str, model_dir: Path, tok: Any, pairs: list, out_dir: Pat
     losses = [sum(micro_losses[i:i + accum]) for i in range(0, len(micro_losses), accum)]
     vectors = {n.replace(".default", ""): q.detach().clone() for n, q in model.named_parameters()
                if "ia3_l" in n and ".default" in n}
-    return {"losses": losses, "metrics": logs, "vectors": vectors}
+    return {"losses": losses, "metrics": logs, "vectors": vectors, "ref_was_base": ref_was_base}
 
 
 def max_rel(a: list[float], b: list[float]) -> float:

@@ -154,7 +154,7 @@ def init_adapter_tensors(path: str) -> dict[str, torch.Tensor]:
     names; a :class:`UsageError` naming the file when it is not one."""
     from pathlib import Path
 
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     f = Path(path) / ADAPTER_FILE
@@ -166,7 +166,7 @@ def init_adapter_tensors(path: str) -> dict[str, torch.Tensor]:
                          f"{MAX_ADAPTER_BYTES})")
     try:
         tensors = load_file(str(f))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise UsageError(f"ia3.init_from: {f}: not a readable safetensors file ({e})") from None
     return tensors
 

@@ -25,8 +25,8 @@ from ...data.collate import pair_batch
 from ...data.tokens import TokenizedData
 from ...runtime import dist
 
-VERSION = 2
-"""Bumped when the stored values change meaning (2: summed in the training dtype)."""
+VERSION = 3
+"""Bumped when the stored values change meaning (2: summed in the training dtype; 3: batched as training)."""
 
 
 def _files_digest(h: Any, path: Path, content: bool) -> None:
@@ -80,14 +80,17 @@ def reference_logps(tr: Any, data: TokenizedData, split: str) -> np.ndarray:
         dist.print0(p.env, f"dpo reference: {n} {split} pairs' log-probs read from {path}")
         return got
     world, micro = p.env.world_size, p.cfg.train.micro_batch_size
-    mine = list(range(p.env.rank, n, world))
-    per_rank = -(-n // world)
+    # Runs of `micro` consecutive pairs, dealt to the ranks in turn: the micro-batches of an unshuffled epoch
+    # (data.sampler.rank_runs), so their padding and sums are the training step's and the first step's margins
+    # are exactly 0 there.
+    runs = [list(range(i, min(i + micro, n))) for i in range(0, n, micro)]
+    mine = runs[p.env.rank::world]
     table = torch.zeros((n, 2), dtype=torch.float64)
     was_training = engine.module.training
     engine.module.eval()
     with torch.no_grad():
-        for k in range(-(-per_rank // micro)):
-            idx = mine[k * micro:(k + 1) * micro]
+        for k in range(-(-len(runs) // world)):
+            idx = mine[k] if k < len(mine) else []
             b = pair_batch(data, idx or [0], tr.pad_id, "")
             d = {name: b[name].to(engine.device) for name in ("input_ids", "attention_mask", "pos", "target")}
             lp = engine(**d)
