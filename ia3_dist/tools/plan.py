@@ -85,12 +85,15 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
     seq, micro = cfg.data.max_length, cfg.train.micro_batch_size
     if micro == "auto":
         micro = 1  # the "max micro" columns are what auto chooses from
+    # A preference pair is two sequences (chosen, rejected) in one forward pass: rows = 2 x micro-batch.
+    per = 2 if cfg.train.objective != "sft" else 1
+    rows_of = f"micro-batch {micro}" + (f" pairs ({per * micro} sequences)" if per > 1 else "")
     ckpt = cfg.train.gradient_checkpointing
     cap = gpu_mem_gib * GIB
     overhead = framework_rss() if cpu else OVERHEAD
     unit, total_name = ("CPU rank", "RSS") if cpu else ("GPU", "GPU tot")
     lines = [s.line, f"layout: {nodes} node(s) x {gpus_per_node} {unit}(s) = {world} ranks, {gpu_mem_gib:g} GiB "
-             f"each; {cfg.train.precision}, seq {seq}, micro-batch {micro}, gradient checkpointing "
+             f"each; {cfg.train.precision}, seq {seq}, {rows_of}, gradient checkpointing "
              f"{'on' if ckpt else 'off'}"
              + (f"; framework {overhead / GIB:.2f} GiB per rank (measured here)" if cpu else ""),
              f"{'config':<14}{'weights':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'gather':>9}{total_name:>9}"
@@ -100,10 +103,10 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
     for name, stage, off in STAGES:
         # On CPU ranks "offloaded" memory is the same host memory: count it in place.
         dev_off = off and not cpu
-        r = rank_memory(s, name, stage, dev_off, world, seq, micro, b, ckpt, overhead)
+        r = rank_memory(s, name, stage, dev_off, world, seq, per * micro, b, ckpt, overhead)
         total = r.gpu_total
-        mm = largest_micro(s, stage, dev_off, world, seq, b, False, cap, overhead)
-        mm_ck = largest_micro(s, stage, dev_off, world, seq, b, True, cap, overhead)
+        mm = largest_micro(s, stage, dev_off, world, seq, b, False, cap, overhead) // per
+        mm_ck = largest_micro(s, stage, dev_off, world, seq, b, True, cap, overhead) // per
         rows[name] = {"gpu_gib": r.gpu_total / GIB, "cpu_gib": r.cpu / GIB, "total_gib": total / GIB,
                       "max_micro": mm, "max_micro_ckpt": mm_ck, "fits": total <= cap}
         lines.append(f"{name:<14}{gib(r.weights)}{gib(r.grads)}{gib(r.optimizer)}"
@@ -116,7 +119,7 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
         lines.append(est)
     if fits_at is None:
         lines.append(f"does not fit: even {STAGES[-1][0]} needs {rows[STAGES[-1][0]]['total_gib']:.1f} GiB per "
-                     f"{unit} at micro-batch {micro}; turn on train.gradient_checkpointing, lower the micro-batch or "
+                     f"{unit} at {rows_of}; turn on train.gradient_checkpointing, lower the micro-batch or "
                      f"add {unit}s")
     else:
         why = "least communication" + ("; ZeRO-0's mixed-precision optimizer syncs per tensor" if b == 2 else "")

@@ -2,7 +2,8 @@
 of their loss curves.
 
 A row: the config values that differ between the runs, the status, the last step, the final train loss, the last
-eval loss and perplexity, the median tokens/s and the peak memory (``peak_mem_gb``: GPU max allocated, or peak
+eval loss and perplexity (preference runs: the held-out pair accuracy), the median tokens/s and the peak memory
+(``peak_mem_gb``: GPU max allocated, or peak
 RSS on CPU). Status:
 
 - done: the adapter is written and the run has ended;
@@ -57,7 +58,7 @@ MAX_SWEEP_BYTES = 16 << 20
 PID_MAX = 1 << 22
 """Linux's largest pid_max: a larger (or non-positive) pid in rank0.pid is no process (``kill(0)``/``kill(-1)``
 would ask about a whole process group)."""
-METRIC_KEYS = ("step", "loss", "eval_loss", "eval_ppl", "tokens_per_s", "peak_mem_gb")
+METRIC_KEYS = ("step", "loss", "eval_loss", "eval_ppl", "eval_rewards/accuracies", "tokens_per_s", "peak_mem_gb")
 """What the table and the overlay use of a metric record; nothing else is kept."""
 # What `ia3-dist sweep` names a task dir (see sweep.task_name): one plain path component.
 _TASK_NAME = re.compile(r"[A-Za-z0-9._+=,-]{1,255}")
@@ -89,6 +90,7 @@ class Run:
                 "train_loss": train[-1]["loss"] if train else None,
                 "eval_loss": evals[-1]["eval_loss"] if evals else None,
                 "eval_ppl": evals[-1].get("eval_ppl") if evals else None,
+                "pair_acc": evals[-1].get("eval_rewards/accuracies") if evals else None,
                 "tokens_per_s": statistics.median(tps) if tps else None,
                 "peak_mem_gb": max(mem) if mem else None}
 
@@ -400,12 +402,16 @@ def _fmt(v: Any) -> str:
 
 
 HEADINGS = {"status": "status", "step": "step", "train_loss": "train loss", "eval_loss": "eval loss",
-            "eval_ppl": "eval ppl", "tokens_per_s": "tokens/s", "peak_mem_gb": "peak mem GiB"}
+            "eval_ppl": "eval ppl", "pair_acc": "eval pair acc", "tokens_per_s": "tokens/s",
+            "peak_mem_gb": "peak mem GiB"}
+OPTIONAL = ("pair_acc",)
+"""Columns shown only when some run has a value: preference runs' held-out pair accuracy."""
 
 
 def table(rows: list[dict[str, Any]], keys: list[str]) -> str:
-    cols = ["run", *keys, *HEADINGS]
-    heads = ["run", *keys, *HEADINGS.values()]
+    shown = {c: h for c, h in HEADINGS.items() if c not in OPTIONAL or any(r.get(c) is not None for r in rows)}
+    cols = ["run", *keys, *shown]
+    heads = ["run", *keys, *shown.values()]
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]

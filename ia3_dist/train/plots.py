@@ -31,7 +31,8 @@ MAX_RECORDS = 400_000
 """Records held at once over all the runs a command reads (about 1 KB each): beyond it each run keeps its last
 ``MAX_RECORDS // runs``, so a folder of many huge runs cannot exhaust memory."""
 MAX_STEP = 1 << 62
-PLOT_KEYS = ("loss", "eval_loss", "lr", "tokens_per_s", "grad_norm")
+PLOT_KEYS = ("loss", "eval_loss", "lr", "tokens_per_s", "grad_norm", "rewards/accuracies", "rewards/margins",
+             "eval_rewards/accuracies", "eval_rewards/margins")
 PLOT_MAX = 1e100
 """Values beyond this (and NaN, inf) are left out of a plot: no loss, lr or rate is that large."""
 def note(msg: str) -> None:
@@ -196,7 +197,8 @@ def plot_metrics(metrics: Path, out: Path, what: str = "") -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    pairs = any("rewards/accuracies" in r for r in train)
+    fig, ax = plt.subplots(2, 3 if pairs else 2, figsize=(16 if pairs else 11, 7), constrained_layout=True)
     ax[0, 0].plot(*_points(train, "loss"), label="train loss")
     if evals:
         ax[0, 0].plot(*_points(evals, "eval_loss"), "o-", label="eval loss")
@@ -208,6 +210,13 @@ def plot_metrics(metrics: Path, out: Path, what: str = "") -> Path | None:
     ax[1, 0].set_title("real tokens/s")
     ax[1, 1].plot(*_points(train, "grad_norm"))
     ax[1, 1].set_title("grad norm")
+    if pairs:  # preference objectives: TRL's reward metrics, train and held-out
+        for row, key, title in ((0, "rewards/accuracies", "pair accuracy"), (1, "rewards/margins", "reward margin")):
+            ax[row, 2].plot(*_points(train, key), label="train")
+            if any(f"eval_{key}" in r for r in evals):
+                ax[row, 2].plot(*_points(evals, f"eval_{key}"), "o-", label="eval")
+            ax[row, 2].set_title(title)
+            ax[row, 2].legend()
     for a in ax.flat:
         a.set_xlabel("optimizer step")
         a.grid(alpha=0.3)

@@ -128,6 +128,7 @@ def auto_stage(cfg: RunConfig, model_config: Any, env: dist.DistEnv) -> tuple[Ru
 
     cap, host = rank_memory_bytes(env)
     micro = cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1
+    micro *= 2 if objectives.is_pairwise(cfg) else 1  # a pair is two sequences in one forward pass
     b = 4 if cfg.train.precision == "fp32" else 2
     shape = shape_of(model_config, cfg.ia3)
     got = lowest_stage(shape, env.world_size, cfg.data.max_length, micro, b, cfg.train.gradient_checkpointing, cap,
