@@ -207,11 +207,11 @@ def _wait_ranks(tag: str, n: int = 2, timeout: float = 60) -> dict[int, int]:
     raise AssertionError(f"found ranks {tagged_ranks(tag)}")
 
 
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
-def test_frozen_rank_ends_the_job_and_resumes_exactly(straight: Path, tmp_path: Path, launcher: str) -> None:
+def test_frozen_rank_ends_the_job_and_resumes_exactly(straight: Path, tmp_path: Path) -> None:
     """SIGSTOP one rank mid-run: the other waits in a collective no timeout reaches; its watchdog dumps the stacks
     and exits 76, the launcher kills the frozen rank, nothing is left, and train.resume=auto continues with the
-    uninterrupted run's losses."""
+    uninterrupted run's losses. (Under torchrun: test_rank_stuck_in_python_or_in_a_collective[collective].)"""
+    launcher = "deepspeed"
     out, tag, port = tmp_path / "hang", f"hang-{launcher}-{os.getpid()}", free_port()
     proc = _start(out, f"train.hang_timeout_s={HANG_S}", launcher=launcher, env={"IA3_TEST_TAG": tag}, port=port)
     pids = _wait_ranks(tag)
@@ -243,17 +243,20 @@ def test_frozen_rank_ends_the_job_and_resumes_exactly(straight: Path, tmp_path: 
     assert not (out / HUNG_FILE).exists()
 
 
-@pytest.mark.parametrize("action, where", [("spin", "in hit"), ("collective", "all_reduce")])
-def test_rank_stuck_in_python_or_in_a_collective(tmp_path: Path, action: str, where: str) -> None:
+@pytest.mark.parametrize("action, where, launcher", [("spin", "in hit", "deepspeed"),
+                                                     ("collective", "all_reduce", "torchrun")])
+def test_rank_stuck_in_python_or_in_a_collective(tmp_path: Path, action: str, where: str, launcher: str) -> None:
     """Rank 1 loops in Python, or waits in an all-reduce the others never join: both watchdogs fire (rank 0 waits
-    in the step's collective), each rank's stacks show where it was, exit 76."""
+    in the step's collective), each rank's stacks show where it was, exit 76 (the deepspeed launcher passes the
+    rank's code on; torchrun exits 1 and hung.json says why)."""
     out, tag = tmp_path / action, f"stuck-{action}-{os.getpid()}"
-    proc = _start(out, f"train.hang_timeout_s={HANG_S}", env={"IA3_TEST_TAG": tag,
-                                                              "IA3_DIST_FAULT": f"step:8:1:{action}"})
+    proc = _start(out, f"train.hang_timeout_s={HANG_S}", launcher=launcher,
+                  env={"IA3_TEST_TAG": tag, "IA3_DIST_FAULT": f"step:8:1:{action}"})
     pids = _wait_ranks(tag)
     t0 = time.time()
     log = proc.communicate(timeout=600)[0]
-    assert proc.returncode == EXIT_HUNG, log[-3000:]
+    assert proc.returncode == (EXIT_HUNG if launcher == "deepspeed" else 1), log[-3000:]
+    assert json.loads((out / HUNG_FILE).read_text())["rank"] in (0, 1)
     assert f"{action} on rank 1 at point 'step', step 8" in log
     _hung_log_checks(log, [0, 1])
     # Rank 1's dump shows the fault hook's frame; the step it hung in is named.
