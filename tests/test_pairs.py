@@ -115,6 +115,12 @@ def test_pairs_are_two_rows_with_labels_on_the_answers(tmp_path: Path, tiny_toke
     cfg = DataSection(path=str(_write(tmp_path, recs)), max_length=64)
     data = tokenize(load_records(cfg, pairs=True), tiny_tokenizer, cfg)
     assert len(data) == 2 and data.group == 2 and data.unlabeled == 1  # the long prompt left no answer: dropped
+    from ia3_dist.config import RunConfig
+    from ia3_dist.data.report import data_lines
+
+    report = "\n".join(data_lines(data, RunConfig(data=cfg)))
+    assert "2 preference pairs (2 rows each); 1 dropped (the prompt left no answer token" in report
+    assert "records [1]" in report, report
     for i in range(len(data)):
         (ci, _, cl), (ri, _, rl) = data.example(2 * i), data.example(2 * i + 1)
         n = next(k for k, v in enumerate(cl) if v != -100)

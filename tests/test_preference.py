@@ -190,7 +190,18 @@ def test_demo_learns_the_preference_on_two_ranks(tmp_path: Path) -> None:
     assert last["eval_rewards/accuracies"] >= 0.8, evals
     assert last["eval_rewards/margins"] > first["eval_rewards/margins"] > 0
     assert "pair accuracy" in proc.stdout + proc.stderr
-    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    # The result is a plain IA3 adapter: generate from it, and from its merged export, the same answers.
+    from ia3_dist.cli import main
+
+    merged = tmp_path / "merged"
+    assert main(["export", "--adapter", str(out / "adapter"), "--out", str(merged)]) == 0
+    answers = []
+    for src in (out / "adapter", merged):
+        f = tmp_path / f"{src.name}.jsonl"
+        assert main(["generate", "--adapter", str(src), "--max-new-tokens", "24", "--out", str(f),
+                     "请介绍一下熊猫。", "说说你对咖啡的看法。"]) == 0
+        answers.append([json.loads(line)["response"] for line in f.read_text().splitlines()])
+    assert answers[0] == answers[1] and all(answers[0]), answers
 
 
 def test_dpo_resumes_exactly_on_another_allocation(models: dict, pair_file: Path, tmp_path: Path) -> None:

@@ -27,7 +27,9 @@ def data_lines(d: TokenizedData, cfg: RunConfig) -> list[str]:
         f"data: {d.n_records + n_skipped} records read from {sources}"
         + (f"; {n_skipped} bad records skipped (data.on_bad_record=skip), first: "
            + "; ".join(d.skipped[:3]) if n_skipped else ""),
-        f"  {len(d)} examples; {len(d.dropped)} dropped (no label token after truncation, data.unlabeled=drop)"
+        (f"  {len(d)} preference pairs (2 rows each); {len(d.dropped)} dropped (the prompt left no answer token on a "
+         f"side after truncation to data.max_length)" if d.group == 2 else
+         f"  {len(d)} examples; {len(d.dropped)} dropped (no label token after truncation, data.unlabeled=drop)")
         + (f", records {d.dropped[:5].tolist()}" if len(d.dropped) else "")
         + (f"; {d.unlabeled} kept with no label token (data.unlabeled=keep, as the reference recipe)"
            if d.unlabeled and not len(d.dropped) else ""),
