@@ -20,6 +20,7 @@ from .errors import (
     CheckpointWriteError,
     NonFiniteLoss,
     Preempted,
+    RunFinished,
     UsageError,
 )
 from .runtime import console
@@ -332,6 +333,12 @@ def cmd_sweep(argv: list[str], prog: str) -> int:
     return sweep_main(argv, prog)
 
 
+def cmd_eval(argv: list[str], prog: str) -> int:
+    from .tools.benchmark import main as eval_main
+
+    return eval_main(argv, prog)
+
+
 def cmd_summary(argv: list[str], prog: str) -> int:
     from .tools.summary import main as summary_main
 
@@ -354,6 +361,8 @@ COMMANDS: dict[str, tuple[Any, str]] = {
     "generate": (cmd_generate, "generate responses from an adapter or merged model with the training template"),
     "chat": (cmd_chat, "interactive chat with an adapter or merged model"),
     "export": (cmd_export, "merge the IA3 adapter into its base and save a plain HF model"),
+    "eval": (cmd_eval, "a run's checkpoints on lm-eval benchmarks (offline, local tasks) and its held-out data, "
+                       "the base loaded once"),
     "plot": (cmd_plot, "PNG of a run's loss, eval loss, lr and tokens/s; several runs overlaid in one PNG"),
     "resolve": (cmd_resolve, "print one resolved config value (for job scripts)"),
 }
@@ -394,6 +403,9 @@ def main(argv: list[str] | None = None, prog: str = "ia3-dist") -> int:
     except Preempted as e:
         print(f"{prog}: {e}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
+    except RunFinished as e:
+        print(f"{prog}: {e}", flush=True)
+        return 0
     except NonFiniteLoss as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE

@@ -32,6 +32,10 @@ class Preempted(Exception):
         self.step = step
 
 
+class RunFinished(Exception):
+    """Nothing to do: the run to resume has ended for good (early stopping); exit 0 with the reason."""
+
+
 class NonFiniteLoss(Exception):
     """NaN/inf loss at an optimizer step."""
 

@@ -41,6 +41,10 @@ ia3_forward() {
   if [ -s "$f" ]; then
     ia3_log "caught SIG$1: asking the run (rank 0, pid $(cat "$f")) to checkpoint and stop"
     kill -USR1 "$(cat "$f")" 2>/dev/null || true
+  elif [ -n "${RUN_STAMP:-}" ] && [ "$OUTPUT_DIR/run.yaml" -nt "$RUN_STAMP" ]; then
+    # This start wrote run.yaml and rank 0 has since removed its pid file: training is over (the run is writing
+    # its adapter or exiting). Requeueing now would start a finished run again.
+    ia3_log "caught SIG$1 after training ended: letting the run finish"
   else
     ia3_log "caught SIG$1 before training started: requeueing"
     PREEMPT_EARLY=1
@@ -50,6 +54,9 @@ ia3_forward() {
 
 ia3_run() {
   rm -f "$OUTPUT_DIR/preempted.json" "$OUTPUT_DIR/hung.json"
+  # Older than anything this start writes (the run's imports alone take seconds, so even 1 s mtimes order them):
+  # run.yaml newer than it means this start's run got past its setup.
+  RUN_STAMP=$(mktemp "${TMPDIR:-/tmp}/ia3-dist-start.XXXXXX")
   "$@" &
   WORK_PID=$!
   local rc
@@ -57,6 +64,7 @@ ia3_run() {
     wait "$WORK_PID"; rc=$?
     kill -0 "$WORK_PID" 2>/dev/null || break   # wait returned for a trapped signal: keep waiting
   done
+  rm -f "$RUN_STAMP"
   if [ "$rc" = 75 ] || [ -e "$OUTPUT_DIR/preempted.json" ] || [ -n "${PREEMPT_EARLY:-}" ]; then
     ia3_log "run stopped after a checkpoint (exit $rc): requeueing job $SLURM_JOB_ID; it resumes with train.resume=auto"
     scontrol requeue "$SLURM_JOB_ID"

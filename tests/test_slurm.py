@@ -30,9 +30,13 @@ SHORT = ["train.max_steps=10"]
 # Long enough to preempt or freeze a rank mid-run on a loaded box (the tests act at step 3 or 7, through Slurm):
 # 150 steps of 4 micro-steps per rank.
 LONG = ["train.micro_batch_size=1", "train.grad_accum=4", "train.log_every=1", "checkpoint.every=5"]
-# Preemption acts at step 3 and takes a second or two: 60 steps leave it ample room. (A frozen rank needs LONG: on a
-# loaded box the freeze could otherwise land after the last step, where the hang watchdog no longer runs.)
-MID = [*LONG, "train.max_steps=60"]
+# Preemption acts at step 3 while rank 0 holds at step 4 (HOLD below), so a short run leaves it room. (A frozen rank
+# needs LONG: on a loaded box the freeze could otherwise land after the last step, where the hang watchdog no longer
+# runs; a hold cannot help there, the watchdog would see it.)
+MID = [*LONG, "train.max_steps=20"]
+# Rank 0 stalls at the start of step 4 until a preemption signal reaches it or the file IA3_DIST_FAULT_RELEASE names
+# exists (ia3_dist/runtime/faults.py).
+HOLD = "step:4:0:hold"
 
 
 def _idle_nodes() -> int:
@@ -366,9 +370,9 @@ def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str,
     assert "1-2 node(s) x 1 CPU rank(s)" in two.read_text().splitlines()[1]
     assert "#SBATCH --nodes=1-2\n" in two.read_text()
 
-    def submit(f: Path, *extra: str) -> str:
-        sub = subprocess.run(["sbatch", "--parsable", *extra, f.name], cwd=proj, env=env, capture_output=True,
-                             text=True, timeout=60)
+    def submit(f: Path, *extra: str, fault: dict[str, str] | None = None) -> str:
+        sub = subprocess.run(["sbatch", "--parsable", *extra, f.name], cwd=proj, env={**env, **(fault or {})},
+                             capture_output=True, text=True, timeout=60)
         assert sub.returncode == 0, sub.stderr
         return sub.stdout.strip().split(";")[0]
 
@@ -383,7 +387,9 @@ def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str,
     # job preempted mid-run: checkpoint, requeue, resume on the one node left from the same install, same adapter.
     if cluster < 2:
         _missing(f"needs 2 Slurm nodes, the cluster has {cluster}")
-    j2 = submit(two)
+    release = tmp_path / "release"
+    j2 = submit(two, fault={"IA3_DIST_FAULT": HOLD, "IA3_DIST_FAULT_RELEASE": str(release),
+                            "IA3_DIST_FAULT_HOLD_S": "600"})
     drained = None
     try:
         wait_step(j2, tmp_path, proj / "runs" / "two", 3)
@@ -393,6 +399,11 @@ def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str,
         subprocess.run(["scontrol", "update", f"NodeName={drained}", "State=DRAIN", "Reason=ia3-dist-test"],
                        check=True)
         subprocess.run(["scancel", "--signal=USR1", "--batch", j2], check=True)
+        t0 = time.time()
+        while "caught SIGUSR1" not in logs(tmp_path, None):
+            assert time.time() - t0 < 120, logs(tmp_path)
+            time.sleep(0.5)
+        release.touch()  # the resumed run goes past step 4
         wait_restart(j2, tmp_path)
         assert wait_job(j2) == "COMPLETED", logs(tmp_path)
     finally:
@@ -422,8 +433,9 @@ def _summary(sweep_dir: Path, env: dict[str, str], *extra: str) -> dict:
     return json.loads(proc.stdout)
 
 
-STEPS = 90  # long enough to see the first tasks running while the others wait, and to signal one mid-run (60 let
-# a fast 1-rank task finish before the summary check and the signal on a loaded box)
+STEPS = 12  # the tasks hold at step 4 (HOLD) until the test has signalled task 0 and created the release file: it
+# acts at a known step instead of racing fast tasks (90 steps were not always enough on an idle box), and the last
+# two tasks certainly wait while the first two hold.
 
 
 def test_sweep_runs_as_a_job_array_and_a_preempted_task_resumes_alone(cluster: int, demo_model: Path,
@@ -438,6 +450,8 @@ def test_sweep_runs_as_a_job_array_and_a_preempted_task_resumes_alone(cluster: i
     proj.mkdir()
     env = _env(tmp_path)
     env.pop("LOG_DIR")
+    release = tmp_path / "release"
+    env.update(IA3_DIST_FAULT=HOLD, IA3_DIST_FAULT_RELEASE=str(release), IA3_DIST_FAULT_HOLD_S="600")
     run = [f"model.path={demo_model}", f"train.max_steps={STEPS}", "train.micro_batch_size=1", "train.grad_accum=4",
            "checkpoint.every=5", "train.eval_every=0"]
     proc = subprocess.run([sys.executable, "-m", "ia3_dist", "sweep", "--config", str(ROOT / TINY), "--grid",
@@ -463,6 +477,7 @@ def test_sweep_runs_as_a_job_array_and_a_preempted_task_resumes_alone(cluster: i
             assert time.time() - t0 < 120, logs(sw)
             subprocess.run(["scancel", "--signal=USR1", "--batch", first], capture_output=True)
             time.sleep(2)
+        release.touch()  # the other tasks (and task 0 once resumed) go on past step 4
         # Requeued: Slurm holds the task before it may start again; the summary says preempted from the moment the
         # task's checkpoint is written.
         t0 = time.time()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -416,3 +418,73 @@ def test_a_sweep_keeps_a_fixed_node_count(tmp_path: Path, capsys: pytest.Capture
                    "--dir", str(tmp_path / "s")])
     _, err = capsys.readouterr()
     assert_usage_exit(rc, err, "a sweep's tasks run on a fixed number of nodes")
+
+
+FAKE_RUN = """sleep 1.1  # a run's imports take seconds: its run.yaml is newer than the batch shell's start stamp
+echo "output: {}" > "$OUTPUT_DIR/run.yaml"
+echo $$ > "$OUTPUT_DIR/rank0.pid"
+trap 'touch "$OUTPUT_DIR/stop-asked"' USR1
+until [ -e "$OUTPUT_DIR/trained" ]; do sleep 0.05; done
+rm -f "$OUTPUT_DIR/rank0.pid"   # as run.py does when training is over, before the process exits
+touch "$OUTPUT_DIR/ended"
+until [ -e "$OUTPUT_DIR/go" ]; do sleep 0.05; done
+"""
+
+
+def _batch_shell(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """lib.sh's trap and ia3_run around a stand-in for the run (scontrol recorded, not called)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "run.sh").write_text(FAKE_RUN)
+    script = (f'source "{template_dir() / "lib.sh"}"; OUTPUT_DIR="{out}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
+              f'scontrol() {{ echo "$*" >> "{tmp_path}/scontrol"; }}; '
+              "trap 'ia3_forward USR1' USR1; export OUTPUT_DIR; "
+              f'ia3_run bash "{tmp_path}/run.sh"')
+    proc = subprocess.Popen([BASH, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, out
+
+
+def _wait_for(path: Path, proc: subprocess.Popen) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None and time.time() - t0 < 30, proc.communicate()[0] if proc.poll() is not None else ""
+        time.sleep(0.05)
+
+
+@needs_bash
+def test_a_signal_after_training_ended_does_not_requeue_a_finished_run(tmp_path: Path) -> None:
+    """The scheduler's warning can land after rank 0 removed its pid file at the end of training: the batch shell
+    lets the run finish (exit 0) instead of taking it for a run that never started and requeueing it."""
+    proc, out = _batch_shell(tmp_path)
+    _wait_for(out / "rank0.pid", proc)
+    (out / "trained").touch()
+    _wait_for(out / "ended", proc)
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)
+    (out / "go").touch()
+    text = proc.communicate(timeout=30)[0]
+    assert "caught SIGUSR1 after training ended: letting the run finish" in text, text
+    assert "run finished with exit 0" in text and proc.returncode == 0, text
+    assert not (tmp_path / "scontrol").exists(), text
+
+
+@needs_bash
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_signal_before_or_during_training_requeues(tmp_path: Path, when: str) -> None:
+    """Before rank 0 wrote its pid file the batch shell stops the start and requeues; during training it forwards
+    the signal to rank 0 (which checkpoints and writes preempted.json) and requeues."""
+    proc, out = _batch_shell(tmp_path)
+    if when == "during":
+        _wait_for(out / "rank0.pid", proc)
+        proc.send_signal(signal.SIGUSR1)
+        _wait_for(out / "stop-asked", proc)
+        (out / "preempted.json").write_text("{}")
+        (out / "trained").touch()
+        (out / "go").touch()
+    else:
+        time.sleep(0.3)  # the batch shell is inside ia3_run, the run has not written run.yaml
+        proc.send_signal(signal.SIGUSR1)
+    text = proc.communicate(timeout=30)[0]
+    said = "asking the run (rank 0" if when == "during" else "before training started: requeueing"
+    assert said in text and "requeueing job 7" in text and proc.returncode == 0, text
+    assert (tmp_path / "scontrol").read_text() == "requeue 7\n", text

@@ -98,3 +98,38 @@ def test_hang_timeout_bounds(tmp_path: Path, value: float, ok: bool) -> None:
     else:
         with pytest.raises(UsageError, match="train.hang_timeout_s"):
             load_config(f, [f"train.hang_timeout_s={value}"])
+
+
+def test_hold_fault_ends_on_the_stop_flag_the_release_file_or_its_deadline(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """IA3_DIST_FAULT=...:hold (what the Slurm tests use to signal a run at a known step) stalls only the named
+    point, step and rank, and ends when the run's stop flag is set, the release file appears, or the deadline
+    passes."""
+    from ia3_dist.runtime import faults
+    from ia3_dist.runtime.preempt import StopFlag
+
+    release = tmp_path / "release"
+    monkeypatch.setenv("IA3_DIST_FAULT", "step:4:0:hold")
+    monkeypatch.setenv("IA3_DIST_FAULT_RELEASE", str(release))
+    monkeypatch.setenv("IA3_DIST_FAULT_HOLD_S", "0.3")
+    t0 = time.monotonic()
+    faults.hit("step", 3, 0)
+    faults.hit("step", 4, 1)
+    assert time.monotonic() - t0 < 0.2  # another step or rank: no hold
+    faults.hit("step", 4, 0)
+    assert 0.3 <= time.monotonic() - t0 < 2  # the deadline
+    monkeypatch.setenv("IA3_DIST_FAULT_HOLD_S", "60")
+    for end in ("stop", "release"):
+        stop = StopFlag()
+
+        def later(end: str = end, stop: StopFlag = stop) -> None:
+            time.sleep(0.2)
+            if end == "stop":
+                stop.signame = "SIGUSR1"
+            else:
+                release.touch()
+
+        threading.Thread(target=later).start()
+        t0 = time.monotonic()
+        faults.hit("step", 4, 0, stop)
+        assert 0.2 <= time.monotonic() - t0 < 5, end

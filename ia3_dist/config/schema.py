@@ -142,6 +142,22 @@ FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt")
 COLUMN_NAMES = ("instruction", "input", "output", "system", "history", "conversations", "messages", "role",
                 "content", "user", "assistant", "prompt", "chosen", "rejected")
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+# What an evaluation on the held-out data reports, by objective (the eval lines of metrics.jsonl): the metrics
+# train.early_stopping and checkpoint.keep_best may follow.
+EVAL_METRICS = {"sft": ("eval_loss", "eval_ppl")}
+_PAIR_METRICS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen",
+                 "eval_rewards/rejected", "eval_logps/chosen", "eval_logps/rejected")
+EVAL_METRICS.update(dpo=_PAIR_METRICS, orpo=(*_PAIR_METRICS, "eval_nll_loss", "eval_log_odds_ratio",
+                                             "eval_log_odds_chosen"), simpo=(*_PAIR_METRICS, "eval_nll_loss"))
+STOP_MODES = ("auto", "min", "max")
+
+
+def lower_is_better(metric: str, mode: str = "auto") -> bool:
+    """``min`` / ``max`` as given; ``auto``: losses, perplexities and log-prob-free error terms go down, accuracies,
+    margins and rewards go up."""
+    if mode != "auto":
+        return mode == "min"
+    return metric.endswith(("loss", "ppl", "nll_loss"))
 DPO_LOSSES = ("sigmoid", "ipo", "robust", "hinge")
 
 
@@ -299,6 +315,35 @@ class IA3Section:
 
 
 @dataclass
+class EarlyStoppingSection:
+    metric: str = ""
+    """Stop training when this held-out metric has not improved for ``patience`` evaluations in a row: ``eval_loss``
+    or ``eval_ppl`` (sft), ``eval_rewards/accuracies``, ``eval_rewards/margins``, ``eval_loss`` ... (preference
+    objectives). Needs held-out data and ``train.eval_every``. The run ends cleanly (exit 0) with a final
+    checkpoint and the log line saying why; resuming it is a no-op. "": off."""
+    patience: int = 3
+    """Evaluations in a row without an improvement of more than ``min_delta`` before the run stops."""
+    min_delta: float = 0.0
+    """The smallest change that counts as an improvement (in the metric's own units)."""
+    mode: str = "auto"
+    """``min``, ``max``, or ``auto``: losses and perplexities lower is better, accuracies, margins and rewards
+    higher."""
+    final: str = "best"
+    """What ``adapter/`` holds when the run stops early: ``best`` (the vectors of the best evaluation) or ``last``
+    (the step it stopped at)."""
+
+    def __post_init__(self) -> None:
+        _in_range("train.early_stopping.patience", self.patience, 1, MAX_STEPS)
+        _finite("train.early_stopping.min_delta", self.min_delta)
+        if self.min_delta < 0:
+            fail("train.early_stopping.min_delta", f"must be >= 0, got {show(self.min_delta)}")
+        if self.mode not in STOP_MODES:
+            fail("train.early_stopping.mode", f"must be one of {'|'.join(STOP_MODES)}, got {show(self.mode)}")
+        if self.final not in ("best", "last"):
+            fail("train.early_stopping.final", f"must be best or last, got {show(self.final)}")
+
+
+@dataclass
 class TrainSection:
     micro_batch_size: int | str = 1
     """Examples per rank per forward pass, or ``auto``: the largest micro-batch that fits among the divisors of
@@ -391,6 +436,8 @@ class TrainSection:
     cpo_alpha: float = 0.0
     """``simpo``: weight of the chosen responses' NLL added to the loss (TRL's ``cpo_alpha``; 0 is SimPO itself,
     TRL's CPOConfig defaults to 1.0)."""
+    early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)
+    """Stop when a held-out metric stops improving (see its keys; off unless ``metric`` is set)."""
     hang_timeout_s: float = 600.0
     """End the job (exit 76, every rank's Python stacks in its log) when no optimizer step completes for this many
     seconds: a frozen or dead peer, a cut link, a rank stuck in Python or in a collective. Armed after the first
@@ -477,6 +524,10 @@ class CheckpointSection:
     """How many checkpoints to keep."""
     at_end: bool = True
     """Save a checkpoint after the last step."""
+    keep_best: str = ""
+    """A held-out metric (as for ``train.early_stopping.metric``; its ``mode`` decides the direction, ``auto``
+    otherwise): the checkpoint of the best evaluation so far is saved at that step and kept outside the rotation
+    of ``keep``, named by ``checkpoints/best``. Needs held-out data and ``train.eval_every``. "": off."""
 
     def __post_init__(self) -> None:
         _in_range("checkpoint.every", self.every, 0, MAX_STEPS)
@@ -568,6 +619,17 @@ class RunConfig:
         if not pairs and self.data.format == "prompt":
             fail("data.format", "prompt is a preference-pair format (prompt, chosen, rejected); set "
                                 "train.objective to dpo, orpo or simpo")
+        valid = EVAL_METRICS[self.train.objective]
+        for key, metric in (("train.early_stopping.metric", self.train.early_stopping.metric),
+                            ("checkpoint.keep_best", self.checkpoint.keep_best)):
+            if not metric:
+                continue
+            if metric not in valid:
+                fail(key, f"{show(metric)} is not a held-out metric of train.objective={self.train.objective}; "
+                          f"one of {', '.join(valid)}")
+            if not (self.data.eval_ratio or self.data.eval_path) or not self.train.eval_every:
+                fail(key, "follows the held-out evaluation: set data.eval_ratio (or data.eval_path) and "
+                          "train.eval_every (evaluations every N steps)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

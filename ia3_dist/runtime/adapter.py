@@ -33,12 +33,14 @@ def gather_trainable(peft_model: Any, is_main: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str, torch.Tensor] | None = None) -> Path:
+def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str, torch.Tensor] | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
     """Gather on all ranks, write on rank 0, then wait so no rank exits before the files exist. ``fixed``:
     parameter name -> mask of entries the forward pass holds at exactly 1.0 (``ia3.variant: paper``); they are
     written as 1.0 whatever the optimizer's weight decay did to the stored values, so the file is a plain IA3
-    vector that ``PeftModel.from_pretrained`` loads."""
-    state = gather_trainable(peft_model, is_main)
+    vector that ``PeftModel.from_pretrained`` loads. ``state``: vectors gathered earlier (:func:`gather_trainable`:
+    the best evaluation's) instead of the model's current ones."""
+    state = gather_trainable(peft_model, is_main) if state is None else dict(state)
     for name, mask in (fixed or {}).items():
         if name in state:
             state[name] = state[name].masked_fill(mask.view(state[name].shape).cpu(), 1.0)

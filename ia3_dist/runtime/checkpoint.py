@@ -29,6 +29,8 @@ from ..errors import CheckpointWriteError, UsageError
 from . import dist, faults, manifest, portable, safe_io, safe_load
 
 LATEST = "latest"
+BEST = "best"
+"""Names the checkpoint of the best evaluation (checkpoint.keep_best): kept outside the rotation."""
 META = "meta.json"
 LAYOUT = ("world_size", "micro_batch_size", "grad_accum", "zero_stage")
 """How the global batch is cut over ranks and micro-steps, and the ZeRO stage. They may change between a save and
@@ -84,10 +86,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(tags, key=lambda d: int(d.name[4:]))
 
 
-def latest(root: Path) -> Path | None:
-    """The checkpoint ``<root>/latest`` names, if it is complete. The pointer may only name a ``stepN`` dir of
-    ``root`` itself: a damaged or edited one is refused rather than followed anywhere else."""
-    f = root / LATEST
+def latest(root: Path, pointer: str = LATEST) -> Path | None:
+    """The checkpoint ``<root>/latest`` (or ``pointer``: :data:`BEST`) names, if it is complete. The pointer may
+    only name a ``stepN`` dir of ``root`` itself: a damaged or edited one is refused rather than followed anywhere
+    else."""
+    f = root / pointer
     if not os.path.lexists(f):
         return None
     fix = (f"delete {f} and resume from a checkpoint with train.resume={root}/stepN, or start over with "
@@ -316,7 +319,8 @@ def _agree_failed(failed: bool, device: torch.device) -> int:
     return int(dist.all_reduce_sum(torch.tensor([float(failed)], dtype=torch.float64, device=device)).item())
 
 
-def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env: dist.DistEnv) -> Path:
+def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env: dist.DistEnv,
+         best: bool = False) -> Path:
     """Every rank writes its part; the pointer moves only after all of them have finished.
 
     A write that fails on any rank (disk full, quota, I/O error) fails the save on every rank together: the
@@ -343,7 +347,8 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
         try:
             if state is not None:
                 portable.write(root / tag, *state, rng_state())
-            for name, text in ((tag + "/" + META, json.dumps({**meta, "step": step}, indent=1)), (LATEST, tag)):
+            pointers = ((LATEST, tag), (BEST, tag)) if best else ((LATEST, tag),)
+            for name, text in ((tag + "/" + META, json.dumps({**meta, "step": step}, indent=1)), *pointers):
                 tmp = root / f"{name}.tmp"
                 tmp.write_text(text)
                 os.replace(tmp, root / name)
@@ -371,8 +376,13 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
             f"Free space there (lower checkpoint.keep, or move output.dir to a bigger filesystem), then resume with "
             f"train.resume=auto")
     if env.is_main:
+        try:
+            kept = latest(root, BEST)
+        except UsageError:  # a damaged pointer protects nothing; the next best save rewrites it
+            kept = None
         for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != kept:
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return root / tag
 

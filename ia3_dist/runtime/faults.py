@@ -28,7 +28,9 @@ from . import dist
 
 ENV = "IA3_DIST_FAULT"
 FILL_ENV = "IA3_DIST_FAULT_FILL"
-ACTIONS = ("kill", "spin", "collective", "fill", "oom", "term")
+HOLD_ENV = "IA3_DIST_FAULT_HOLD_S"
+RELEASE_ENV = "IA3_DIST_FAULT_RELEASE"
+ACTIONS = ("kill", "spin", "collective", "fill", "oom", "term", "hold")
 
 
 def _spec() -> tuple[str, int, int, str] | None:
@@ -55,7 +57,8 @@ def setup() -> None:
         _side_group = td.new_group(backend="gloo")
 
 
-def hit(point: str, step: int, rank: int) -> None:
+def hit(point: str, step: int, rank: int, stop: Any = None) -> None:
+    """``stop``: the run's StopFlag, which ends a ``hold`` early."""
     s = _spec()
     if s is None or (s[0], s[1], s[2]) != (point, step, rank):
         return
@@ -74,6 +77,12 @@ def hit(point: str, step: int, rank: int) -> None:
         _fill(Path(os.environ[FILL_ENV]))
     elif action == "term":
         os.kill(os.getpid(), signal.SIGTERM)
+    elif action == "hold":
+        deadline = time.monotonic() + float(os.environ.get(HOLD_ENV, "120"))
+        release = Path(os.environ[RELEASE_ENV]) if os.environ.get(RELEASE_ENV) else None
+        while time.monotonic() < deadline and not (stop is not None and stop.requested) \
+                and not (release is not None and release.exists()):
+            time.sleep(0.05)
     elif action == "oom":
         import torch
 

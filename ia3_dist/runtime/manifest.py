@@ -1,7 +1,8 @@
 """What a run owns in its output dir, and whether a directory can be written at all.
 
 A run writes a fixed set of names into ``output.dir`` (:data:`RUN_FILES`, :data:`RUN_DIRS`; inside
-``checkpoints/`` only ``stepN`` dirs, the ``latest`` pointer and DeepSpeed's recovery scripts, :data:`CKPT_FILES`).
+``checkpoints/`` only ``stepN`` dirs, the ``latest`` and ``best`` pointers and DeepSpeed's recovery scripts,
+:data:`CKPT_FILES`).
 Rank 0 records that in :data:`MANIFEST` before it writes anything else, so a later start can tell one of our runs
 from a directory that merely holds files: the guard (``checkpoint.guard_output_dir``) refuses the latter, and
 ``output.overwrite`` removes only :func:`inspect`'s ``owned`` entries. ``adapter/``, ``tensorboard/``, ``wandb/`` and
@@ -42,7 +43,7 @@ RUN_DIRS = frozenset({"adapter", "tensorboard", "wandb", "mlflow", CHECKPOINTS})
 # checkpoint.save's names (tag_for, LATEST and its temp file); tests/test_output_safety.py keeps them in step.
 # DeepSpeed's engine.save_checkpoint copies its recovery scripts beside the tag dirs on every ZeRO save.
 CKPT_DIR = re.compile(r"step[0-9]+")
-CKPT_FILES = frozenset({"latest", "latest.tmp", "zero_to_fp32.py", "zero_to_torch.py"})
+CKPT_FILES = frozenset({"latest", "latest.tmp", "best", "best.tmp", "zero_to_fp32.py", "zero_to_torch.py"})
 
 
 @dataclass

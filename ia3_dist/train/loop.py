@@ -26,12 +26,14 @@ from ..models.zero3_load import build_partitioned, load_partitions, local_model_
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, faults, hostmem
 from ..runtime import ds_config as dsc
+from ..runtime.adapter import gather_trainable
 from ..runtime.preempt import StopFlag
 from ..runtime.watchdog import Watchdog
 from . import autobatch, objectives
 from .metrics import MetricsLog, Shape, device_peak_tflops, peak_memory_gb, trim_metrics
 from .prepare import Prepared, write_batch_files
 from .schedule import lr_schedule
+from .selection import Selection
 from .stats import StepStats
 from .trackers import Trackers
 
@@ -56,6 +58,8 @@ class TrainResult:
     peft_model: Any
     start_step: int = 0
     eval: dict[str, float] | None = None
+    stopped_early: str = ""
+    """Why train.early_stopping ended the run ("" if it did not)."""
 
     def loss_change(self, window: int) -> tuple[int, float, float]:
         """Mean loss of the first and last ``k`` steps, k = min(window, steps // 4) (at least 1)."""
@@ -183,9 +187,13 @@ class Trainer:
         self.load_rss = dist.all_reduce_max(torch.tensor([hostmem.peak_rss_gib()], dtype=torch.float64,
                                                          device=self.device)).item()
         self.start = 0
+        self.selection = Selection.of(p.cfg)
+        self.best_state: dict[str, torch.Tensor] | None = None
+        """train.early_stopping.final=best: the best evaluation's vectors (rank 0; gathered on every rank)."""
         if p.resume_from is not None:
             dist.print0(p.env, p.resume_line)
             self.start = ckpt.load(self.engine, p.resume_from, p.resume_portable)
+            self.selection.restore(ckpt.read_meta(p.resume_from), str(p.resume_from / ckpt.META))
         self.end = p.total_steps if not t.stop_after_steps else min(p.total_steps, self.start + t.stop_after_steps)
         self.saved = self.start
         self.metrics_path = p.out / "metrics.jsonl"
@@ -236,7 +244,7 @@ class Trainer:
         """One optimizer step; returns its loss (the objective's: sft, the mean over the global batch's label
         tokens) and its stats."""
         env, t = self.p.env, self.p.cfg.train
-        faults.hit("step", step + 1, env.rank)
+        faults.hit("step", step + 1, env.rank, self.stop)
         batches, real = self.objective.batches(self, step_mbs)
         glob = self.objective.stats(self, batches, real).all_reduce()
         if glob.stop_requested > 0:
@@ -281,13 +289,31 @@ class Trainer:
 
     # -- around the steps -------------------------------------------------------------------------------------
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int, best: bool = False) -> Path:
+        """``best``: this step's evaluation is the best so far of checkpoint.keep_best (the pointer moves)."""
         self.flush()  # a run whose loss went non-finite saves nothing
         self.saved = step
         with self.watchdog.saving(step):
             meta = {**self.p.meta, "examples_consumed": examples_consumed(step, len(self.p.data),
-                                                                           self.p.layout.global_batch)}
-            return ckpt.save(self.engine, self.p.out, step, meta, self.p.cfg.checkpoint.keep, self.p.env)
+                                                                           self.p.layout.global_batch),
+                    **self.selection.meta()}
+            return ckpt.save(self.engine, self.p.out, step, meta, self.p.cfg.checkpoint.keep, self.p.env, best)
+
+    def follow(self, step: int, res: dict[str, float]) -> bool:
+        """After the evaluation at ``step``: keep its checkpoint if it is the best, remember its vectors if the
+        early-stopping metric improved, and say whether to stop here."""
+        keep, best, stop = self.selection.after_eval(step, res)
+        es = self.p.cfg.train.early_stopping
+        if best and es.final == "best":
+            self.best_state = gather_trainable(self.peft_model, self.p.env.is_main)
+        if keep:
+            k = self.selection.keeper
+            dist.print0(self.p.env, f"checkpoint.keep_best: {k.metric} {k.best:.6g} at step {step} is the best so "
+                                    f"far; checkpoints/best names it")
+            self.save(step, best=True)
+        if stop:
+            dist.print0(self.p.env, f"early stopping: {self.selection.stopped_early}")
+        return stop
 
     def run_eval(self, step: int) -> dict[str, float]:
         self.flush()
@@ -356,17 +382,27 @@ class Trainer:
                         self._warned = True
                         dist.print0(p.env, warn)
                 if p.eval_data is not None and t.eval_every and done % t.eval_every == 0 and done < self.end:
-                    self.run_eval(done)
-                if p.cfg.checkpoint.every and done % p.cfg.checkpoint.every == 0 and done < self.end:
+                    res = self.run_eval(done)
+                    if self.selection.active and self.follow(done, res):
+                        self.end = done  # finish() saves this step, with the reason in its meta.json
+                        return res
+                if p.cfg.checkpoint.every and done % p.cfg.checkpoint.every == 0 and self.saved < done < self.end:
                     self.save(done)
             self.flush()
-            return self.run_eval(self.end) if p.eval_data is not None else None
+            if p.eval_data is None:
+                return None
+            res = self.run_eval(self.end)
+            if self.selection.active and self.end == p.total_steps:
+                self.follow(self.end, res)  # the last evaluation counts too (a best at the end is kept)
+            return res
         finally:
             self.log.close()
             if self.examples is not None:
                 self.examples.close()
 
     def finish(self) -> None:
-        """The last checkpoint (stopped early, or ``checkpoint.at_end``) unless this step is saved already."""
-        if (self.end < self.p.total_steps or self.p.cfg.checkpoint.at_end) and self.saved < self.end:
+        """The last checkpoint (stopped early, or ``checkpoint.at_end``) unless this step is saved already; a run
+        that early stopping ended saves its step again with the reason, so a resume of it is a no-op."""
+        stopped = bool(self.selection.stopped_early)
+        if (self.end < self.p.total_steps or self.p.cfg.checkpoint.at_end) and (self.saved < self.end or stopped):
             self.save(self.end)

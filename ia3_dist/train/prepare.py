@@ -15,6 +15,7 @@ from ..data.packing import check_pack_length, choose_pack_length
 from ..data.report import data_lines
 from ..data.sampler import ORDER_VERSION, Layout, plan_epoch, split_eval, steps_per_epoch
 from ..data.tokenize import TokenizedData, load_or_tokenize
+from ..errors import RunFinished
 from ..models.families import family_of, support_case
 from ..models.files import check_model_dir, check_vocab
 from ..models.ia3 import apply_ia3, load_init_adapter, paper_targets
@@ -25,6 +26,7 @@ from ..runtime import dist, manifest, safe_load
 from ..runtime import ds_config as dsc
 from ..runtime.watchdog import HUNG_FILE
 from . import autobatch, demo, objectives, trackers
+from .selection import stopped_early
 
 PID_FILE = "rank0.pid"
 PREEMPTED_FILE = "preempted.json"
@@ -220,6 +222,13 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         # same check, where from_pretrained would only warn and train on randomly initialised weights.
         check_checkpoint(model_config, Path(model_path), cfg.model.trust_remote_code)
     resume_from = ckpt.resolve_resume(cfg.train.resume, out)
+    if resume_from is not None:
+        why = stopped_early(ckpt.read_meta(resume_from))
+        if why:
+            # Before anything is written or any rank waits: the run dir stays as the finished run left it.
+            raise RunFinished(f"{resume_from} is the last checkpoint of a run that ended by early stopping ({why}); "
+                              f"nothing to do: its adapter is in {out / 'adapter'}. To train on, start a new run "
+                              f"from it with ia3.init_from={out / 'adapter'}")
     auto = None
     if auto_micro:
         auto = autobatch.choose(cfg, model_config, env, ds, int(data.lengths.max()), resume_from)

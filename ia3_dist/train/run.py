@@ -29,16 +29,23 @@ def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None =
     trainer = Trainer(p, stop or StopFlag(), watchdog, trackers)
     final_eval = trainer.fit()
     trainer.finish()
+    best = None
+    stopper = trainer.selection.stopper
+    if trainer.selection.stopped_early and trainer.best_state is not None and stopper.best_step != trainer.end:
+        best = trainer.best_state
+        dist.print0(p.env, f"adapter: the vectors of step {stopper.best_step}, the best {stopper.metric} "
+                           f"({stopper.best:.6g}; train.early_stopping.final=best)")
     with trainer.watchdog.saving(trainer.end):
         adapter_dir = save_adapter(trainer.peft_model, p.out / "adapter", p.env.is_main,
-                                   fixed_entries(trainer.peft_model))
+                                   fixed_entries(trainer.peft_model), state=best)
     if p.env.is_main:
         p.tokenizer.save_pretrained(str(adapter_dir))
         Template.of(p.cfg.data, p.tokenizer).save(adapter_dir)
         plot_metrics(trainer.metrics_path, p.out / "metrics.png")
         if trackers is not None:
             trackers.artifact(adapter_dir)
-    return TrainResult(adapter_dir, trainer.losses, trainer.engine, trainer.peft_model, trainer.start, final_eval)
+    return TrainResult(adapter_dir, trainer.losses, trainer.engine, trainer.peft_model, trainer.start, final_eval,
+                       trainer.selection.stopped_early)
 
 
 def start_step(p: Prepared) -> int:
@@ -100,7 +107,9 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
             dist.print0(env, f"eval: loss {e['eval_loss']:.4f}, pair accuracy {e['eval_rewards/accuracies']:.3f}, "
                              f"margin {e['eval_rewards/margins']:.4f} over {int(e['eval_pairs'])} held-out pairs")
         done = res.start_step + len(res.losses)
-        if done < p.total_steps:
+        if res.stopped_early:
+            dist.print0(env, f"stopped early after step {done} of {p.total_steps}: a resume of this run is a no-op")
+        elif done < p.total_steps:
             dist.print0(env, f"stopped after step {done} of {p.total_steps} (train.stop_after_steps); continue "
                              f"with train.resume=auto")
         dist.print0(env, f"adapter written to {res.adapter_dir}")

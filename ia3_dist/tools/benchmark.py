@@ -1,0 +1,367 @@
+"""``ia3-dist eval RUN_OR_ADAPTER --tasks ...``: every checkpoint of a run on benchmarks (lm-evaluation-harness,
+offline) and on the run's held-out data, with the base model loaded once.
+
+A checkpoint is a few hundred K IA3 scalings over a shared base: the base and the adapter structure are loaded
+once (from the run's final adapter), and each checkpoint's vectors (the fp32 masters of its layout-independent
+state, ``ia3_state.safetensors``) are copied into the IA3 parameters in place before its evaluation. Tasks come
+from lm-eval's registry (their data must be on this machine: ``HF_DATASETS_OFFLINE`` is set) or from local task
+YAML files (``--include DIR``). Results: ``<run>/eval/results.json`` (one row per task, metric and checkpoint),
+a table on the console and a PNG per metric against the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from ..runtime import safe_io
+
+TAG = re.compile(r"step([0-9]+)")
+STATE = "ia3_state.safetensors"
+ADAPTER = "adapter_model.safetensors"
+MAX_STATE_BYTES = 4 << 30
+"""A checkpoint's IA3 state (vectors and two AdamW moments) is a few MB; past this it is not ours."""
+RESULTS = "results.json"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One thing to evaluate: a checkpoint (``stepN``) or the final adapter."""
+
+    name: str
+    step: int
+    path: Path
+    """The checkpoint dir (its ia3_state.safetensors) or the adapter dir."""
+
+
+def _step_of_adapter(run: Path) -> int:
+    """The final adapter's step: the last step the run logged, or the best evaluation's where early stopping
+    ended the run and wrote the best vectors (train.early_stopping.final=best); 0 when unknown."""
+    from ..runtime import checkpoint as ckpt
+    from ..train.selection import META_KEY
+
+    try:
+        last = ckpt.latest(run / "checkpoints")
+        sel = ckpt.read_meta(last).get(META_KEY) if last is not None else None
+        from ..config import load_config
+
+        final = load_config(run / "run.yaml").train.early_stopping.final if (run / "run.yaml").is_file() else ""
+    except UsageError:
+        sel, final = None, ""
+    if isinstance(sel, dict) and sel.get("stopped_early") and final == "best":
+        best = (sel.get("early_stopping") or {}).get("best_step")
+        if type(best) is int and best > 0:
+            return best
+    steps = 0
+    m = run / "metrics.jsonl"
+    if m.is_file():
+        from ..train.plots import read_metrics
+
+        for r in read_metrics(m, ("step",)):
+            if isinstance(r.get("step"), int):
+                steps = max(steps, r["step"])
+    return steps
+
+
+def points_of(path: Path, which: str) -> tuple[Path, list[Point]]:
+    """``(adapter dir, points)``: a run dir's checkpoints (``all``, ``latest``, ``best`` by held-out loss, or a
+    comma list of tags such as ``step10,final``) and its final adapter; an adapter dir alone is one point."""
+    if (path / "adapter_config.json").is_file():
+        if which not in ("all", "latest", "final"):
+            raise UsageError(f"--checkpoints {which}: {path} is an adapter dir (one point); give its run dir to pick "
+                             f"checkpoints")
+        return path, [Point("final", 0, path)]
+    adapter = path / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise UsageError(f"{path}: neither a run dir with adapter/ (the final adapter, written at the end of "
+                         f"training) nor an adapter dir; evaluate a finished run or an adapter")
+    ckdir = path / "checkpoints"
+    found = sorted(((int(m.group(1)), d) for d in (ckdir.iterdir() if ckdir.is_dir() else [])
+                    if (m := TAG.fullmatch(d.name)) and (d / STATE).is_file()), key=lambda x: x[0])
+    final = Point("final", _step_of_adapter(path), adapter)
+    # A checkpoint at the final adapter's step holds the same vectors: the adapter file itself stands for it.
+    pts = sorted([Point(d.name, s, d) for s, d in found if s != final.step] + [final], key=lambda q: q.step)
+    if which == "all":
+        return adapter, pts
+    if which == "latest":
+        return adapter, pts[-1:]
+    if which == "best":
+        kept = _kept_best(path, pts)
+        return adapter, [kept or _best(path, pts)]
+    want = [w.strip() for w in which.split(",") if w.strip()]
+    by_name = {p.name: p for p in pts}
+    missing = [w for w in want if w not in by_name]
+    if missing or not want:
+        raise UsageError(f"--checkpoints {which}: no checkpoint {missing or which} in {path}; it has "
+                         f"{', '.join(by_name)}")
+    return adapter, [by_name[w] for w in want]
+
+
+def _kept_best(run: Path, pts: list[Point]) -> Point | None:
+    """The checkpoint ``checkpoints/best`` names (checkpoint.keep_best), if the run kept one."""
+    from ..runtime import checkpoint as ckpt
+
+    d = ckpt.latest(run / "checkpoints", ckpt.BEST) if (run / "checkpoints" / ckpt.BEST).exists() else None
+    return next((p for p in pts if d is not None and p.path == d), None) or \
+        (Point(d.name, int(d.name[4:]), d) if d is not None and (d / STATE).is_file() else None)
+
+
+def _best(run: Path, pts: list[Point]) -> Point:
+    """The point whose step has the lowest held-out loss in metrics.jsonl."""
+    from ..train.plots import read_metrics
+
+    m = run / "metrics.jsonl"
+    evals = {r["step"]: r["eval_loss"] for r in (read_metrics(m, ("step", "eval_loss")) if m.is_file() else [])
+             if isinstance(r.get("step"), int) and isinstance(r.get("eval_loss"), float)}
+    scored = [p for p in pts if p.step in evals]
+    if not scored:
+        raise UsageError(f"--checkpoints best: {run}/metrics.jsonl has no held-out loss at a checkpoint's step "
+                         f"(train with data.eval_ratio or data.eval_path and train.eval_every = checkpoint.every)")
+    return min(scored, key=lambda p: evals[p.step])
+
+
+def vectors_of(p: Point) -> dict[str, torch.Tensor]:
+    """The point's IA3 vectors by PEFT parameter name without the adapter name (``...ia3_l``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    f = p.path / (ADAPTER if p.name == "final" else STATE)
+    try:
+        raw = safe_io.read_bounded(f, MAX_STATE_BYTES, label="IA3 state")
+        tensors = load(raw)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UsageError(f"{f}: not a readable IA3 state ({e})") from None
+    if p.name == "final":
+        return {k: v for k, v in tensors.items()}
+    out = {}
+    for k, v in tensors.items():
+        if k.startswith("param/"):
+            name = k[len("param/"):].removeprefix("peft.").replace(".default", "")
+            out[name] = v
+    return out
+
+
+def swap_in(peft_model: Any, vectors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``vectors`` into the model's IA3 parameters in place; every one must be there, with its shape."""
+    params = {n.replace(".default", ""): q for n, q in peft_model.named_parameters() if "ia3_l" in n}
+    if set(params) != set(vectors):
+        miss = sorted(set(params) - set(vectors)) or sorted(set(vectors) - set(params))
+        raise UsageError(f"{where}: its IA3 vectors do not match the run's adapter (e.g. {miss[0]}); is it from this "
+                         f"run?")
+    with torch.no_grad():
+        for n, q in params.items():
+            if tuple(vectors[n].shape) != tuple(q.shape):
+                raise UsageError(f"{where}: {n} has shape {tuple(vectors[n].shape)}, the adapter's is "
+                                 f"{tuple(q.shape)}")
+            q.copy_(vectors[n].to(q.dtype))
+
+
+def require_lm_eval() -> Any:
+    try:
+        import lm_eval
+    except ImportError:
+        raise UsageError("ia3-dist eval runs lm-evaluation-harness, which is not installed: pip install "
+                         "'ia3-dist[eval]' (or lm-eval>=0.4.13,<0.5)") from None
+    return lm_eval
+
+
+def _local_task_files(include: Path | None) -> None:
+    """Every data file a local task YAML names must exist here: the job runs offline."""
+    if include is None:
+        return
+    import yaml
+
+    if not include.is_dir():
+        raise UsageError(f"--include {include}: not a directory of task YAML files")
+    for f in sorted(include.glob("*.yaml")):
+        try:
+            spec = yaml.safe_load(f.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UsageError(f"{f}: not a valid task YAML ({' '.join(str(e).split())[:200]})") from None
+        if not isinstance(spec, dict):
+            raise UsageError(f"{f}: a task file is a mapping (task, dataset_path, output_type, ...)")
+        files = (spec.get("dataset_kwargs") or {}).get("data_files") if isinstance(spec.get("dataset_kwargs"),
+                                                                                    dict) else None
+        for split, name in (files.items() if isinstance(files, dict) else []):
+            for one in name if isinstance(name, list) else [name]:
+                p = Path(one).expanduser()  # datasets resolves a relative path from the working directory
+                if not p.is_file():
+                    raise UsageError(f"{f}: task {spec.get('task')!r} names data file {one} ({split}), which is not "
+                                     f"on this machine; evaluation runs offline")
+
+
+def check_tasks(tasks: list[str], include: Path | None) -> Any:
+    """lm-eval's TaskManager with the local tasks; every task known (a UsageError naming the unknown ones)."""
+    require_lm_eval()
+    _local_task_files(include)
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(include) if include else None)
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        raise UsageError(f"--tasks: unknown task(s) {unknown}: not in lm-eval's registry nor in "
+                         f"{include or 'a local task dir (--include DIR)'}")
+    return tm
+
+
+def run_tasks(model: Any, tok: Any, tasks: list[str], tm: Any, batch_size: int, limit: int | None) -> dict:
+    """``{task: {metric: value}}`` (lm-eval's ``metric,filter`` keys; stderr entries left out)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(next(model.parameters()).device))
+    try:
+        res = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, bootstrap_iters=0, log_samples=False,
+                              limit=limit)
+    except Exception as e:  # datasets and lm-eval raise many types for missing data and bad task definitions
+        raise UsageError(f"--tasks {','.join(tasks)}: lm-eval could not run them ({' '.join(str(e).split())[:300]})"
+                         f"; is every task's data on this machine?") from None
+    out = {}
+    for task, metrics in res["results"].items():
+        out[task] = {k: float(v) for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and "_stderr" not in k}
+    return out
+
+
+def heldout_loss(model: Any, tok: Any, run: Path, batch: int) -> float | None:
+    """The run's held-out loss (its data.eval_ratio split or data.eval_path) under the current vectors."""
+    from ..config import load_config
+    from ..data.sampler import split_eval
+    from ..data.tokenize import load_or_tokenize
+    from ..runtime.dist import DistEnv
+    from ..train import demo
+    from ..train.evaluate import evaluate
+    from ..train.prepare import eval_section
+
+    cfg = load_config(run / "run.yaml")
+    if cfg.train.objective != "sft" or not (cfg.data.eval_ratio or cfg.data.eval_path):
+        return None
+    if cfg.data.eval_ratio:
+        _, data = split_eval(load_or_tokenize(demo.data_section(cfg.data), tok), cfg.data.eval_ratio, cfg.train.seed)
+    else:
+        data = load_or_tokenize(eval_section(cfg), tok)
+
+    class _Engine:
+        """What :func:`..train.evaluate.evaluate` asks of an engine, on a plain module."""
+
+        def __init__(self, module: Any) -> None:
+            self.module, self.device = module, torch.device("cpu")
+
+        def __call__(self, **kw: Any) -> Any:
+            return self.module(**kw)
+
+    from ..models.loss import TokenSumLM
+
+    res = evaluate(_Engine(TokenSumLM(model)), data, DistEnv(0, 0, 1, 1), batch, tok.pad_token_id,
+                   getattr(tok, "padding_side", "right"))
+    return res["eval_loss"]
+
+
+def evaluate_points(adapter: Path, pts: list[Point], tasks: list[str], tm: Any, batch_size: int,
+                    limit: int | None, run: Path | None, base: str | None = None) -> list[dict]:
+    """Rows ``{checkpoint, step, task, metric, value}``: the base loaded once, each point's vectors swapped in."""
+    from ..models.ia3 import fix_query_scales
+    from .inference import load_for_inference
+
+    model, tok, _, _ = load_for_inference(str(adapter), base)
+    if run is not None and (run / "run.yaml").is_file():
+        from ..config import load_config
+
+        if load_config(run / "run.yaml").ia3.variant == "paper":
+            # Raw checkpoint vectors may hold weight-decayed query entries that training's forward fixed at 1.0.
+            fix_query_scales(model, getattr(model.config, "model_type", None))
+    rows = []
+    for p in pts:
+        swap_in(model, vectors_of(p), str(p.path))
+        scores = run_tasks(model, tok, tasks, tm, batch_size, limit) if tasks else {}
+        for task, metrics in scores.items():
+            for metric, value in metrics.items():
+                rows.append({"checkpoint": p.name, "step": p.step, "task": task, "metric": metric, "value": value})
+        loss = heldout_loss(model, tok, run, batch_size) if run is not None else None
+        if loss is not None:
+            rows.append({"checkpoint": p.name, "step": p.step, "task": "heldout", "metric": "loss", "value": loss})
+        print(f"evaluated {p.name} (step {p.step})", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cols = sorted({(r["task"], r["metric"]) for r in rows})
+    pts = list(dict.fromkeys((r["checkpoint"], r["step"]) for r in rows))
+    val = {(r["checkpoint"], r["task"], r["metric"]): r["value"] for r in rows}
+    heads = ["checkpoint", "step", *[f"{t} {m}" for t, m in cols]]
+    cells = [[c, str(s), *[f"{val[(c, t, m)]:.4f}" if (c, t, m) in val else "-" for t, m in cols]] for c, s in pts]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(heads)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
+                     for line in [heads, *cells])
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """A PNG per (task, metric) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..train.plots import save_figure
+
+    done = []
+    for task, metric in sorted({(r["task"], r["metric"]) for r in rows}):
+        pts = sorted((r["step"], r["value"]) for r in rows if (r["task"], r["metric"]) == (task, metric))
+        fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+        ax.plot([s for s, _ in pts], [v for _, v in pts], "o-")
+        ax.set_xlabel("optimizer step")
+        ax.set_title(f"{task} {metric}")
+        ax.grid(alpha=0.3)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{task}-{metric}") + ".png"
+        done.append(save_figure(fig, out / name, "--out ", dpi=100))
+    return done
+
+
+def main(argv: list[str], prog: str) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="Evaluate a run's checkpoints (or an adapter) on "
+                                 "lm-evaluation-harness tasks, offline, with the base model loaded once, and on the "
+                                 "run's held-out data.")
+    ap.add_argument("path", metavar="RUN_OR_ADAPTER", help="a run dir (output.dir) or an adapter dir")
+    ap.add_argument("--tasks", default="", help="comma-separated lm-eval task names (registry or --include)")
+    ap.add_argument("--include", type=Path, help="a dir of local task YAML files (data files local)")
+    ap.add_argument("--checkpoints", default="all", help="all | latest | best (lowest held-out loss) | a comma list "
+                    "of names such as step10,final")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--limit", type=int, help="at most this many documents per task")
+    ap.add_argument("--base", help="the base model (default: the adapter's base_model_name_or_path)")
+    ap.add_argument("--out", type=Path, help="where results.json and the plots go (default: <run>/eval)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(args.path).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"{args.path}: no such directory (a run dir or an adapter dir)")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    run = None if (path / "adapter_config.json").is_file() else path
+    if not tasks and run is None:
+        raise UsageError("--tasks: name at least one task (an adapter dir has no held-out data of its own)")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise UsageError("--batch-size and --limit must be positive")
+    adapter, pts = points_of(path, args.checkpoints)
+    tm = check_tasks(tasks, args.include) if tasks else None
+    rows = evaluate_points(adapter, pts, tasks, tm, args.batch_size, args.limit, run, args.base)
+    out = args.out or ((run or path) / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS).write_text(json.dumps({"tasks": tasks, "rows": rows}, indent=1) + "\n", encoding="utf-8")
+    print(table(rows))
+    for f in plot(rows, out):
+        print(f"wrote {f}")
+    print(f"results: {out / RESULTS}")
+    bad = [r for r in rows if not math.isfinite(r["value"])]
+    if bad:
+        print(f"warning: {len(bad)} non-finite value(s), e.g. {bad[0]}")
+    return 0

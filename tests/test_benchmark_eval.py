@@ -1,0 +1,107 @@
+"""``ia3-dist eval`` (issue 33): a run's checkpoints on a local multiple-choice task with the base loaded once and
+each checkpoint's vectors swapped in, equal to lm-eval's own CLI on that checkpoint exported as a merged model; the
+held-out loss per checkpoint; refusals before anything loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _util import check, launch
+
+from ia3_dist.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "configs/tiny-cpu.yaml"
+TASKS = ROOT / "tests" / "data"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Path:
+    """10 steps of the demo with checkpoints at 5 and 10 and a held-out split."""
+    out = tmp_path_factory.mktemp("evalrun") / "run"
+    check(launch(["--config", TINY, f"model.path={demo_model}", "train.max_steps=10", "checkpoint.every=5",
+                  "checkpoint.keep=2", "data.eval_ratio=0.05", "train.eval_every=5", f"output.dir={out}"]))
+    return out
+
+
+def _adapter_of(run: Path, ckpt: str, dest: Path) -> Path:
+    """The checkpoint's vectors as a PEFT adapter dir (the run's adapter files, its vectors replaced)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run / "adapter", dest)
+    state = load_file(str(run / "checkpoints" / ckpt / "ia3_state.safetensors"))
+    vec = {k[len("param/peft."):].replace(".default", ""): v for k, v in state.items() if k.startswith("param/")}
+    assert set(vec) == set(load_file(str(dest / "adapter_model.safetensors")))
+    save_file(vec, str(dest / "adapter_model.safetensors"))
+    return dest
+
+
+def _lm_eval_cli(model_dir: Path, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={model_dir},dtype=float32", "--tasks", "tiny_mc", "--include_path",
+                           str(TASKS), "--batch_size", "8", "--device", "cpu", "--output_path", str(out),
+                           "--bootstrap_iters", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [res] = list(out.rglob("results*.json"))
+    return json.loads(res.read_text())["results"]["tiny_mc"]
+
+
+@pytest.mark.slow
+def test_checkpoints_equal_lm_eval_on_their_merged_exports(run: Path, tmp_path: Path, monkeypatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(ROOT)
+    assert main(["eval", str(run), "--tasks", "tiny_mc", "--include", str(TASKS)]) == 0
+    text = capsys.readouterr().out
+    rows = json.loads((run / "eval" / "results.json").read_text())["rows"]
+    got = {(r["checkpoint"], r["task"], r["metric"]): r["value"] for r in rows}
+    assert {c for c, _, _ in got} == {"step5", "final"}  # step10 is the final adapter's step
+    assert {("heldout", "loss")} <= {(t, m) for _, t, m in got}
+    assert "tiny_mc acc,none" in text and (run / "eval" / "tiny_mc-acc_none.png").is_file()
+    # The held-out loss at each checkpoint is the one training logged at that step.
+    logged = {r["step"]: r["eval_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "eval_loss" in r}
+    assert got[("step5", "heldout", "loss")] == pytest.approx(logged[5], rel=1e-5)
+    assert got[("final", "heldout", "loss")] == pytest.approx(logged[10], rel=1e-5)
+    # lm-eval's own CLI on each checkpoint exported as a merged model.
+    for name, adapter in (("step5", _adapter_of(run, "step5", tmp_path / "a5")), ("final", run / "adapter")):
+        merged = tmp_path / f"merged-{name}"
+        assert main(["export", "--adapter", str(adapter), "--out", str(merged)]) == 0
+        ref = _lm_eval_cli(merged, tmp_path / f"out-{name}")
+        for metric in ("acc,none", "acc_norm,none"):
+            assert got[(name, "tiny_mc", metric)] == pytest.approx(ref[metric], abs=1e-6), (name, metric)
+    # Swapping vectors in place equals loading the checkpoint's adapter afresh.
+    assert main(["eval", str(tmp_path / "a5"), "--tasks", "tiny_mc", "--include", str(TASKS), "--out",
+                 str(tmp_path / "fresh")]) == 0
+    fresh = json.loads((tmp_path / "fresh" / "results.json").read_text())["rows"]
+    for r in fresh:
+        assert r["value"] == got[("step5", r["task"], r["metric"])], r
+
+
+@pytest.mark.slow
+def test_refusals_before_anything_loads(run: Path, tmp_path: Path, monkeypatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(ROOT)
+    assert main(["eval", str(run), "--tasks", "no_such_task", "--include", str(TASKS)]) == 2
+    assert "unknown task(s) ['no_such_task']" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "t.yaml").write_text("task: [unclosed\n")
+    assert main(["eval", str(run), "--tasks", "t", "--include", str(bad)]) == 2
+    assert "not a valid task YAML" in capsys.readouterr().err
+    far = tmp_path / "far"
+    far.mkdir()
+    (far / "t.yaml").write_text((TASKS / "tiny_mc.yaml").read_text().replace("tests/data/tiny_mc.jsonl",
+                                                                             "/nowhere/x.jsonl"))
+    assert main(["eval", str(run), "--tasks", "tiny_mc", "--include", str(far)]) == 2
+    assert "not on this machine" in capsys.readouterr().err
+    assert main(["eval", str(run), "--tasks", "tiny_mc", "--include", str(TASKS), "--checkpoints", "step7"]) == 2
+    assert "no checkpoint ['step7']" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    assert main(["eval", str(run), "--tasks", "tiny_mc"]) == 2
+    assert "pip install 'ia3-dist[eval]'" in capsys.readouterr().err

@@ -1,0 +1,141 @@
+"""train.early_stopping and checkpoint.keep_best (issue 33): the trackers and the config checks (unit), and a real
+2-rank ZeRO-3 run whose held-out loss stops improving: it stops after ``patience`` evaluations, keeps the best
+checkpoint outside the rotation, writes the best vectors as its adapter, and a resume of it changes nothing."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from _util import adapter_tensors, check, launch, metrics
+
+from ia3_dist.config import load_config
+from ia3_dist.config.schema import lower_is_better
+from ia3_dist.errors import UsageError
+from ia3_dist.train.selection import Selection, Tracker, stopped_early
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny-cpu.yaml"
+HELD_OUT = ["data.eval_ratio=0.1", "train.eval_every=2"]
+
+
+def test_tracker_follows_the_direction_and_min_delta() -> None:
+    t = Tracker("eval_loss", lower=True, min_delta=0.05)
+    assert t.update(2, 1.0) and t.best_step == 2
+    assert not t.update(4, 0.97) and t.bad == 1  # better, but not by more than min_delta
+    assert t.update(6, 0.9) and (t.best, t.best_step, t.bad) == (0.9, 6, 0)
+    assert not t.update(8, math.nan) and t.bad == 1  # a non-finite evaluation is never the best
+    up = Tracker("eval_rewards/accuracies", lower=False)
+    assert up.update(2, 0.5) and not up.update(4, 0.5) and up.update(6, 0.75)
+    assert lower_is_better("eval_loss") and lower_is_better("eval_ppl") and lower_is_better("eval_nll_loss")
+    assert not lower_is_better("eval_rewards/accuracies") and not lower_is_better("eval_rewards/margins")
+    assert not lower_is_better("eval_loss", "max") and lower_is_better("eval_rewards/accuracies", "min")
+
+
+def _cfg(*extra: str):
+    return load_config(TINY, [*HELD_OUT, *extra])
+
+
+def test_selection_stops_after_patience_and_round_trips_through_meta() -> None:
+    sel = Selection.of(_cfg("train.early_stopping.metric=eval_loss", "train.early_stopping.patience=2",
+                            "checkpoint.keep_best=eval_ppl"))
+    assert sel.after_eval(2, {"eval_loss": 1.0, "eval_ppl": 2.7}) == (True, True, False)
+    assert sel.after_eval(4, {"eval_loss": 1.1, "eval_ppl": 2.5}) == (True, False, False)
+    assert sel.after_eval(6, {"eval_loss": 1.2, "eval_ppl": 3.3}) == (False, False, True)
+    assert "eval_loss has not improved" in sel.stopped_early and "best 1 at step 2, stopped at step 6" in \
+        sel.stopped_early
+    meta = sel.meta()
+    assert stopped_early(meta) == sel.stopped_early and stopped_early({}) == ""
+    again = Selection.of(_cfg("train.early_stopping.metric=eval_loss", "train.early_stopping.patience=2",
+                              "checkpoint.keep_best=eval_ppl"))
+    again.restore(meta, "meta.json")
+    assert again.stopper == sel.stopper and again.keeper == sel.keeper
+    # Another metric followed before: counting starts afresh; a damaged state is refused naming the file.
+    other = Selection.of(_cfg("train.early_stopping.metric=eval_ppl"))
+    other.restore(meta, "meta.json")
+    assert other.stopper.best is None and other.stopper.bad == 0
+    bad = {"selection": {"early_stopping": {"metric": "eval_loss", "best": "x", "best_step": 1, "bad": 0}}}
+    with pytest.raises(UsageError, match="meta.json: 'selection' holds"):
+        Selection.of(_cfg("train.early_stopping.metric=eval_loss")).restore(bad, "meta.json")
+    with pytest.raises(UsageError, match="not an object"):
+        Selection.of(_cfg("train.early_stopping.metric=eval_loss")).restore({"selection": [1]}, "meta.json")
+    assert not Selection.of(_cfg()).active
+
+
+@pytest.mark.parametrize("overrides, key, says", [
+    (["train.early_stopping.metric=eval_acc"], "train.early_stopping.metric", "not a held-out metric"),
+    (["checkpoint.keep_best=eval_rewards/accuracies"], "checkpoint.keep_best", "one of eval_loss, eval_ppl"),
+    (["train.early_stopping.patience=0"], "train.early_stopping.patience", ""),
+    (["train.early_stopping.mode=up"], "train.early_stopping.mode", "min|max"),
+    (["train.early_stopping.final=first"], "train.early_stopping.final", "best or last"),
+    (["train.early_stopping.min_delta=-1"], "train.early_stopping.min_delta", ""),
+])
+def test_bad_settings_name_the_key(overrides: list[str], key: str, says: str) -> None:
+    with pytest.raises(UsageError, match=key.replace(".", r"\.")) as e:
+        _cfg(*overrides)
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize("missing", ["data.eval_ratio=0", "train.eval_every=0"])
+def test_following_a_metric_needs_held_out_evaluations(missing: str) -> None:
+    for key in ("train.early_stopping.metric", "checkpoint.keep_best"):
+        with pytest.raises(UsageError, match="set data.eval_ratio"):
+            _cfg(f"{key}=eval_loss", missing)
+
+
+def test_pair_objectives_follow_pair_metrics() -> None:
+    cfg = load_config(ROOT / "configs" / "tiny-dpo-cpu.yaml",
+                      ["data.eval_ratio=0.1", "train.eval_every=2",
+                       "train.early_stopping.metric=eval_rewards/accuracies"])
+    assert not Selection.of(cfg).stopper.lower
+
+
+def _vectors(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = load_file(str(ckpt / "ia3_state.safetensors"))
+    return {k[len("param/peft."):].replace(".default", ""): v for k, v in state.items() if k.startswith("param/")}
+
+
+@pytest.mark.slow
+def test_early_stopping_keeps_the_best_and_a_resume_is_a_no_op(tmp_path: Path, demo_model: Path) -> None:
+    """lr 1.0 makes the held-out loss wander up after a few steps; patience 2 of evaluations every 2 steps."""
+    out = tmp_path / "run"
+    args = ["--config", str(TINY), f"model.path={demo_model}", "train.max_steps=40", "train.lr=1.0", *HELD_OUT,
+            "train.log_every=2", "checkpoint.every=4", "checkpoint.keep=1", "checkpoint.keep_best=eval_loss",
+            "train.early_stopping.metric=eval_loss", "train.early_stopping.patience=2", "deepspeed.config=zero3",
+            f"output.dir={out}"]
+    proc = check(launch(args, nproc=2))
+    lines = metrics(out)
+    evals = [(r["step"], r["eval_loss"]) for r in lines if "eval_loss" in r]
+    best, best_step, bad, stop = math.inf, 0, 0, None
+    for step, value in evals:  # the rule, replayed on the logged evaluations
+        if value < best:
+            best, best_step, bad = value, step, 0
+        else:
+            bad += 1
+        if bad >= 2:
+            stop = step
+            break
+    assert stop is not None and stop < 40, evals
+    assert evals[-1][0] == stop and max(r["step"] for r in lines) == stop, evals
+    assert "early stopping: eval_loss has not improved by more than 0 for 2 evaluation(s)" in proc.stdout
+    assert f"best {best:.6g} at step {best_step}, stopped at step {stop}" in proc.stdout
+    assert f"stopped early after step {stop} of 40" in proc.stdout
+    # keep=1 keeps the last checkpoint; the best one stays beside it, named by checkpoints/best.
+    root = out / "checkpoints"
+    assert (root / "best").read_text() == f"step{best_step}"
+    assert {d.name for d in root.glob("step*")} == {f"step{best_step}", f"step{stop}"}
+    # The adapter holds the best evaluation's vectors (train.early_stopping.final=best), not the last step's.
+    ad = adapter_tensors(out / "adapter")
+    kept, last = _vectors(root / f"step{best_step}"), _vectors(root / f"step{stop}")
+    assert set(kept) == set(ad)
+    assert all(torch.equal(kept[k], ad[k].float()) for k in ad)
+    assert any(not torch.equal(last[k], ad[k].float()) for k in ad)
+    # Resuming it (a requeue, a chunked job's next chunk) is a no-op that says so and leaves every file as it was.
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    again = check(launch([*args, "train.resume=auto"], nproc=2))
+    assert "ended by early stopping" in again.stdout and "nothing to do" in again.stdout, again.stdout[-2000:]
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == before
