@@ -20,6 +20,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "alpaca_zh_demo.json"
 # Slurm jobs, which mostly wait on the cluster, overlap the CPU-bound tests of the other worker instead of
 # trailing at the end. The other files follow in their usual order.
 FIRST = ("test_slurm.py", "test_faults.py", "test_preference.py", "test_resume.py", "test_parity.py",
+         "test_benchmark_eval.py",
          "test_packing_train.py", "test_train.py", "test_plan.py", "test_security_adapters.py",
          "test_security_checkpoints.py", "test_prepare.py", "test_trackers.py", "test_checkpoint_safety.py",
          "test_cli.py")

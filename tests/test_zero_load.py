@@ -93,8 +93,9 @@ def test_zero3_load_exact_and_partitioned(tmp_path: Path, demo_model: Path, fami
               f"peak RSS growth per rank {mib} MiB")
         if r["loader"] == "hf":
             # transformers' path (build and load in one call): the whole state dict is held at once. The same
-            # measurement sees it, so the bound below would catch such a buffer in ours.
-            assert max(r["rss_growth"]) > r["weight_bytes"], r
+            # measurement sees it, so the bound below would catch such a buffer in ours. (0.85: pages the allocator
+            # kept from the earlier loads may serve part of it; measured 0.93-1.3x the weights.)
+            assert max(r["rss_growth"]) > 0.85 * r["weight_bytes"], r
             continue
         total = sum(r["bytes_read"])
         if r["dtype"] == "fp32":

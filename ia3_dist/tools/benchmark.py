@@ -24,13 +24,13 @@ import torch
 
 from ..errors import UsageError
 from ..runtime import safe_io
+from .summary import RESULTS
 
 TAG = re.compile(r"step([0-9]+)")
 STATE = "ia3_state.safetensors"
 ADAPTER = "adapter_model.safetensors"
 MAX_STATE_BYTES = 4 << 30
 """A checkpoint's IA3 state (vectors and two AdamW moments) is a few MB; past this it is not ours."""
-RESULTS = "results.json"
 
 
 @dataclass(frozen=True)

@@ -436,6 +436,47 @@ def plot_losses(runs: list[Run], keys: list[str], out: Path) -> Path | None:
     return save_figure(fig, out, "--plot ", fix="give another --plot", dpi=100, bbox_inches="tight")
 
 
+RESULTS = "results.json"
+"""What ``ia3-dist eval`` writes into ``<run>/eval`` (:mod:`.benchmark`)."""
+MAX_RESULTS_BYTES = 64 << 20
+"""``eval/results.json`` holds a row per task, metric and checkpoint: tens of KB in practice."""
+
+
+def eval_value(d: Path, metric: str) -> float | None:
+    """The run's value of ``metric`` (``TASK/METRIC`` as in ``<run>/eval/results.json``, e.g. ``tiny_mc/acc,none``
+    or ``heldout/loss``): its final adapter's row, else its latest checkpoint's; None without one. Read as
+    untrusted: bounded, a regular file, anything malformed is a note and no value."""
+    f = d / "eval" / RESULTS
+    if not os.path.lexists(f):
+        return None
+    task, _, name = metric.partition("/")
+    try:
+        rows = json.loads(read_bounded(f, MAX_RESULTS_BYTES, "run ia3-dist eval again").decode("utf-8"),
+                          parse_constant=lambda c: None)["rows"]
+        hits = [r for r in rows if r["task"] == task and r["metric"] == name and type(r["step"]) is int
+                and type(r["value"]) in (int, float)]
+    except (UsageError, OSError, ValueError, KeyError, TypeError) as e:
+        note(f"{brief(str(f))}: not readable as eval results ({brief(str(e))}); the run shows no {brief(metric)}")
+        return None
+    final = [r for r in hits if r.get("checkpoint") == "final"]
+    best = final or sorted(hits, key=lambda r: r["step"])[-1:]
+    return float(best[0]["value"]) if best else None
+
+
+def rank_by(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Rows ordered best first by ``metric`` (losses and perplexities ascending, anything else descending), runs
+    without a value last; each gets its ``rank``."""
+    from ..config.schema import lower_is_better
+
+    lower = lower_is_better(metric.rsplit("/", 1)[-1].split(",")[0])
+    scored = sorted((r for r in rows if r.get(metric) is not None and math.isfinite(r[metric])),
+                    key=lambda r: r[metric] if lower else -r[metric])
+    rest = [r for r in rows if r not in scored]
+    for i, r in enumerate(scored, 1):
+        r["rank"] = i
+    return scored + rest
+
+
 def main(argv: list[str], prog: str) -> int:
     ap = argparse.ArgumentParser(prog=prog, description="One table of runs: the values that differ, status, "
                                  "final train loss, eval loss/perplexity, tokens/s, peak memory; and an overlay "
@@ -446,10 +487,20 @@ def main(argv: list[str], prog: str) -> int:
                     "else summary.png in the current directory)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    ap.add_argument("--metric", help="TASK/METRIC of `ia3-dist eval`'s results (e.g. tiny_mc/acc,none or "
+                    "heldout/loss): a column with each run's value, the runs ranked by it (losses lower first)")
     a = ap.parse_args(argv)
+    if a.metric is not None and not re.fullmatch(r"[^/\s]{1,200}/[^/\s]{1,200}", a.metric):
+        raise UsageError(f"--metric {brief(a.metric)}: expected TASK/METRIC as in eval/results.json, e.g. "
+                         f"tiny_mc/acc,none or heldout/loss")
     runs, sweep_dir = collect(a.dirs)
     keys = differing(runs)
     rows = [r.row(keys) for r in runs]
+    if a.metric:
+        for run, row in zip(runs, rows, strict=True):
+            row[a.metric] = eval_value(run.dir, a.metric)
+        rows = rank_by(rows, a.metric)
+        keys = ["rank", *keys, a.metric]
     # default=str: a YAML date or set in a run.yaml is not JSON.
     print(json.dumps({"keys": keys, "rows": rows}, indent=1, default=str) if a.json else table(rows, keys),
           flush=True)
