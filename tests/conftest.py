@@ -18,12 +18,12 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "alpaca_zh_demo.json"
 
 # Files whose tests take longest run first, so that under `-n 2 --dist loadfile` (what `./dev.sh test` runs) the
 # Slurm jobs, which mostly wait on the cluster, overlap the CPU-bound tests of the other worker instead of
-# trailing at the end. The other files follow in their usual order.
-FIRST = ("test_slurm.py", "test_faults.py", "test_preference.py", "test_resume.py", "test_parity.py",
-         "test_benchmark_eval.py",
-         "test_packing_train.py", "test_train.py", "test_plan.py", "test_security_adapters.py",
-         "test_security_checkpoints.py", "test_prepare.py", "test_trackers.py", "test_checkpoint_safety.py",
-         "test_cli.py")
+# trailing at the end; second, files that need no demo model, so the other worker has work while the first one
+# builds it (the fault tests would wait on its lock). The other files follow in their usual order.
+FIRST = ("test_slurm.py", "test_security_adapters.py", "test_model.py", "test_faults.py", "test_preference.py",
+         "test_resume.py", "test_parity.py", "test_benchmark_eval.py", "test_packing_train.py", "test_train.py",
+         "test_plan.py", "test_security_checkpoints.py", "test_prepare.py", "test_trackers.py",
+         "test_checkpoint_safety.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

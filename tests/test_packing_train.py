@@ -68,7 +68,9 @@ def test_packed_and_unpacked_runs_train_alike(model_type: str, family_models: di
     model = f"model.path={tiny_model if model_type == 'bloom' else family_models[model_type]}"
     plain = tmp_path / "plain"
     check(_run(plain, multiturn, 1, "zero0", model, "train.grad_accum=4"))
-    for world, ds, accum in CONFIGS:
+    # Bloom on all three; the other families on ZeRO-0 and ZeRO-3 (ZeRO-2 packs the same rows as ZeRO-0 and was
+    # matched too; left out for suite time).
+    for world, ds, accum in CONFIGS if model_type == "bloom" else [c for c in CONFIGS if c[1] != "zero2"]:
         packed = tmp_path / f"{world}-{ds}-packed"
         proc = check(_run(packed, multiturn, world, ds, model, f"train.grad_accum={accum}", "data.packing=true"))
         assert "packed in rows of" in proc.stdout and "packing efficiency" in proc.stdout

