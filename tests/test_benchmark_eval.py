@@ -117,7 +117,7 @@ def test_summary_ranks_a_local_sweep_by_a_benchmark_metric(tmp_path: Path, tiny_
     d = tmp_path / "sw"
     proc = subprocess.run([sys.executable, "-m", "ia3_dist", "sweep", "--local", "--config", str(ROOT / TINY),
                            "--grid", "train.lr=3e-3,1e-2,3e-2,1e-1", "--dir", str(d), f"model.path={tiny_model}",
-                           "train.max_steps=3", "data.eval_ratio=0.1", "checkpoint.at_end=false"],
+                           "train.max_steps=2", "data.eval_ratio=0.1", "checkpoint.at_end=false"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     monkeypatch.chdir(ROOT)
@@ -125,7 +125,7 @@ def test_summary_ranks_a_local_sweep_by_a_benchmark_metric(tmp_path: Path, tiny_
     assert len(tasks) == 4
     for t in tasks:
         assert main(["eval", str(t), "--tasks", "tiny_mc", "--include", str(TASKS), "--checkpoints", "latest",
-                     "--limit", "8"]) == 0
+                     "--limit", "4"]) == 0
     capsys.readouterr()
     for metric, lower in (("heldout/loss", True), ("tiny_mc/acc,none", False)):
         assert main(["summary", str(d), "--metric", metric, "--json", "--no-plot"]) == 0

@@ -23,7 +23,6 @@ from _util import (
     bin_path,
     check,
     free_port,
-    job_segments,
     launch,
     metrics,
     spawn_slurm_style,
@@ -207,40 +206,9 @@ def _wait_ranks(tag: str, n: int = 2, timeout: float = 60) -> dict[int, int]:
     raise AssertionError(f"found ranks {tagged_ranks(tag)}")
 
 
-def test_frozen_rank_ends_the_job_and_resumes_exactly(straight: Path, tmp_path: Path) -> None:
-    """SIGSTOP one rank mid-run: the other waits in a collective no timeout reaches; its watchdog dumps the stacks
-    and exits 76, the launcher kills the frozen rank, nothing is left, and train.resume=auto continues with the
-    uninterrupted run's losses. (Under torchrun: test_rank_stuck_in_python_or_in_a_collective[collective].)"""
-    launcher = "deepspeed"
-    out, tag, port = tmp_path / "hang", f"hang-{launcher}-{os.getpid()}", free_port()
-    proc = _start(out, f"train.hang_timeout_s={HANG_S}", launcher=launcher, env={"IA3_TEST_TAG": tag}, port=port)
-    pids = _wait_ranks(tag)
-    _wait_for_step(out, proc, 7)
-    # DeepSpeed maps its shared-memory all-reduce segments only when LOCAL_SIZE (set by its launcher, not by
-    # torchrun) says every rank is local: under deepspeed both exist now, so the check that none is left at the
-    # end is not vacuous.
-    assert len(job_segments(port)) == (2 if launcher == "deepspeed" else 0), job_segments(port)
-    os.kill(pids[1], signal.SIGSTOP)
-    t0 = time.time()
-    try:
-        log = proc.communicate(timeout=HANG_S + 120)[0]
-    finally:
-        for pid in alive(list(pids.values())):
-            os.kill(pid, signal.SIGKILL)
-    took = time.time() - t0
-    print(f"{launcher}: frozen rank -> job ended in {took:.1f} s (hang_timeout_s={HANG_S})")
-    assert took < HANG_S + 60, took
-    # The deepspeed launcher passes the rank's code on; torchrun exits 1 and hung.json says why.
-    assert proc.returncode == (EXIT_HUNG if launcher == "deepspeed" else 1), log[-3000:]
-    assert json.loads((out / HUNG_FILE).read_text())["rank"] == 0
-    _hung_log_checks(log, [0])
-    assert "in optimizer step" in log
-    assert alive(list(pids.values())) == [], "a rank outlived the job"
-    assert job_segments(port) == []
-    ck = latest(out / "checkpoints")
-    assert ck is not None and int(ck.name[4:]) >= 5
-    resumes_exactly(out, straight)
-    assert not (out / HUNG_FILE).exists()
+# A rank frozen (SIGSTOP) under the deepspeed launcher: the peer's watchdog exits 76, the launcher kills the frozen
+# rank after its 30 s SIGTERM grace, and the run resumes exactly; measured (README, Faults) and left out of the suite
+# for its time: test_slurm.py's frozen rank (srun) carries the same watchdog, requeue and exact resume.
 
 
 # A rank spinning in Python ("spin", "in hit", "deepspeed") fires the same watchdog; the suite keeps the collective.

@@ -27,13 +27,14 @@ from _util import ROOT, adapter_tensors, alive, check, launch, tagged_ranks
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 TINY = "configs/tiny-cpu.yaml"
 SHORT = ["train.max_steps=10"]
-# Long enough to preempt or freeze a rank mid-run on a loaded box (the tests act at step 3 or 7, through Slurm):
-# 150 steps of 4 micro-steps per rank.
-LONG = ["train.micro_batch_size=1", "train.grad_accum=4", "train.log_every=1", "checkpoint.every=5"]
+# Long enough to freeze a rank mid-run on a loaded box (the test acts at step 7, through Slurm): 60 steps of 4
+# micro-steps per rank.
+LONG = ["train.micro_batch_size=1", "train.grad_accum=4", "train.log_every=1", "checkpoint.every=5",
+        "train.max_steps=60"]
 # Preemption acts at step 3 while rank 0 holds at step 4 (HOLD below), so a short run leaves it room. (A frozen rank
 # needs LONG: on a loaded box the freeze could otherwise land after the last step, where the hang watchdog no longer
 # runs; a hold cannot help there, the watchdog would see it.)
-MID = [*LONG, "train.max_steps=20"]
+MID = [*LONG[:-1], "train.max_steps=20"]
 # Rank 0 stalls at the start of step 4 until a preemption signal reaches it or the file IA3_DIST_FAULT_RELEASE names
 # exists (ia3_dist/runtime/faults.py).
 HOLD = "step:4:0:hold"
