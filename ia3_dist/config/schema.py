@@ -153,11 +153,11 @@ STOP_MODES = ("auto", "min", "max")
 
 
 def lower_is_better(metric: str, mode: str = "auto") -> bool:
-    """``min`` / ``max`` as given; ``auto``: losses, perplexities and log-prob-free error terms go down, accuracies,
+    """``min`` / ``max`` as given; ``auto``: losses (``nll_loss`` too) and perplexities go down, accuracies,
     margins and rewards go up."""
     if mode != "auto":
         return mode == "min"
-    return metric.endswith(("loss", "ppl", "nll_loss"))
+    return metric.endswith(("loss", "ppl"))
 DPO_LOSSES = ("sigmoid", "ipo", "robust", "hinge")
 
 

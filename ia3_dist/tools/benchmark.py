@@ -110,9 +110,10 @@ def _kept_best(run: Path, pts: list[Point]) -> Point | None:
     """The checkpoint ``checkpoints/best`` names (checkpoint.keep_best), if the run kept one."""
     from ..runtime import checkpoint as ckpt
 
-    d = ckpt.latest(run / "checkpoints", ckpt.BEST) if (run / "checkpoints" / ckpt.BEST).exists() else None
-    return next((p for p in pts if d is not None and p.path == d), None) or \
-        (Point(d.name, int(d.name[4:]), d) if d is not None and (d / STATE).is_file() else None)
+    d = ckpt.latest(run / "checkpoints", ckpt.BEST)
+    if d is None or not (d / STATE).is_file():
+        return None
+    return next((p for p in pts if p.path == d), Point(d.name, int(d.name[4:]), d))
 
 
 def _best(run: Path, pts: list[Point]) -> Point:
@@ -232,23 +233,25 @@ def run_tasks(model: Any, tok: Any, tasks: list[str], tm: Any, batch_size: int, 
     return out
 
 
-def heldout_loss(model: Any, tok: Any, run: Path, batch: int) -> float | None:
-    """The run's held-out loss (its data.eval_ratio split or data.eval_path) under the current vectors."""
-    from ..config import load_config
+def heldout_data(cfg: Any, tok: Any) -> Any:
+    """The run's held-out examples (its data.eval_ratio split or data.eval_path), tokenized once for every point;
+    None for a run without them or with pairs."""
     from ..data.sampler import split_eval
     from ..data.tokenize import load_or_tokenize
-    from ..runtime.dist import DistEnv
     from ..train import demo
-    from ..train.evaluate import evaluate
     from ..train.prepare import eval_section
 
-    cfg = load_config(run / "run.yaml")
     if cfg.train.objective != "sft" or not (cfg.data.eval_ratio or cfg.data.eval_path):
         return None
     if cfg.data.eval_ratio:
-        _, data = split_eval(load_or_tokenize(demo.data_section(cfg.data), tok), cfg.data.eval_ratio, cfg.train.seed)
-    else:
-        data = load_or_tokenize(eval_section(cfg), tok)
+        return split_eval(load_or_tokenize(demo.data_section(cfg.data), tok), cfg.data.eval_ratio, cfg.train.seed)[1]
+    return load_or_tokenize(eval_section(cfg), tok)
+
+
+def heldout_loss(model: Any, tok: Any, data: Any, batch: int) -> float:
+    """The held-out loss of ``data`` under the model's current vectors."""
+    from ..runtime.dist import DistEnv
+    from ..train.evaluate import evaluate
 
     class _Engine:
         """What :func:`..train.evaluate.evaluate` asks of an engine, on a plain module."""
@@ -273,12 +276,15 @@ def evaluate_points(adapter: Path, pts: list[Point], tasks: list[str], tm: Any, 
     from .inference import load_for_inference
 
     model, tok, _, _ = load_for_inference(str(adapter), base)
+    held_out = None
     if run is not None and (run / "run.yaml").is_file():
         from ..config import load_config
 
-        if load_config(run / "run.yaml").ia3.variant == "paper":
+        cfg = load_config(run / "run.yaml")
+        if cfg.ia3.variant == "paper":
             # Raw checkpoint vectors may hold weight-decayed query entries that training's forward fixed at 1.0.
             fix_query_scales(model, getattr(model.config, "model_type", None))
+        held_out = heldout_data(cfg, tok)
     rows = []
     for p in pts:
         swap_in(model, vectors_of(p), str(p.path))
@@ -286,8 +292,8 @@ def evaluate_points(adapter: Path, pts: list[Point], tasks: list[str], tm: Any, 
         for task, metrics in scores.items():
             for metric, value in metrics.items():
                 rows.append({"checkpoint": p.name, "step": p.step, "task": task, "metric": metric, "value": value})
-        loss = heldout_loss(model, tok, run, batch_size) if run is not None else None
-        if loss is not None:
+        if held_out is not None:
+            loss = heldout_loss(model, tok, held_out, batch_size)
             rows.append({"checkpoint": p.name, "step": p.step, "task": "heldout", "metric": "loss", "value": loss})
         print(f"evaluated {p.name} (step {p.step})", flush=True)
     return rows
