@@ -103,11 +103,19 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; accept the few safe conversions YAML needs (int -> float,
     numeric strings such as ``3e-3`` that YAML 1.1 reads as strings)."""
+    if dataclasses.is_dataclass(tp):  # a list of sections: data.sources
+        return _build(tp, value, key)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        for arg in args:
+            item = typing.get_args(arg)
+            if isinstance(value, list) and typing.get_origin(arg) is list and dataclasses.is_dataclass(item[0]):
+                # A list of sections: its own message (data.sources[1].wieght: unknown key) says more than "expected
+                # a list".
+                return _coerce(value, arg, key)
         errors = []
         for arg in args:
             if arg is type(None):

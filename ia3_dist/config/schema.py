@@ -28,6 +28,8 @@ SHOW_CHARS = 200
 MAX_TEXT = 4096
 """Longest prompt template or response prefix: both are repeated in every example."""
 MAX_STEPS = 10**9
+MAX_SOURCES = 256
+"""Sources one mixture may name: each is read, hashed and reported on its own."""
 """Bound on every step count and interval: far beyond any real run, small enough that no arithmetic overflows."""
 
 
@@ -161,11 +163,44 @@ def lower_is_better(metric: str, mode: str = "auto") -> bool:
 DPO_LOSSES = ("sigmoid", "ipo", "robust", "hinge")
 
 
+MIX_BY = ("examples", "tokens")
+
+
+@dataclass
+class DataSource:
+    """One source of a weighted mixture (``data.sources``): its own file, format, columns and template."""
+
+    path: str = ""
+    """A data file, ``save_to_disk`` dir or hub dataset name, as ``data.path`` takes (not the demo data)."""
+    weight: float = 1.0
+    """Sampling ratio against the other sources' weights (normalised: 0.7/0.2/0.1 and 7/2/1 mix alike); by
+    examples, or by tokens with ``data.mix_by: tokens``. A source drawn more often than it has examples repeats
+    them (over-sampling), less often uses a seeded subset."""
+    format: str | None = None
+    """This source's record format; null: ``data.format``."""
+    columns: dict[str, str] | None = None
+    """This source's column renames; null: ``data.columns``."""
+    template: str | None = None
+    """How this source's conversations become text; null: ``data.template``. (Prompts at inference follow
+    ``data.template``.)"""
+    max_examples: int | None = None
+    """Read only this source's first N records (as ``data.limit`` does for a single source); null: all."""
+
+
 @dataclass
 class DataSection:
     path: str | list[str] = "demo:zh-styles"
     """A data file (``.json`` list, ``.jsonl``, ``.parquet``, ``.csv``, ``.arrow``), a ``save_to_disk`` dir, a hub
     dataset name, ``demo:zh-styles``, or a list of files (concatenated in order, each in its own format)."""
+    sources: list[DataSource] | None = None
+    """A weighted mixture instead of ``data.path``: a list of ``{path, weight, format, columns, template,
+    max_examples}``. The mixture draws as many examples (or tokens, ``mix_by``) as the sources hold together, each
+    source's share its weight's; it is fixed when the data is prepared (seeded by ``train.seed``), so every rank,
+    epoch and resume trains on the same draws. ``eval_ratio`` holds out each source's share before the draws and
+    the eval reports a loss per source."""
+    mix_by: str = "examples"
+    """What ``data.sources`` weights divide: ``examples`` (default) or ``tokens`` (each source's share of the
+    mixture's tokens)."""
     format: str = "auto"
     """Record format: ``alpaca`` (instruction/input/output, optional system and history), ``sharegpt``
     (conversations of from/value), ``messages`` (role/content), or ``auto``: detected per file from its columns."""
@@ -241,6 +276,10 @@ class DataSection:
                              ("unlabeled", ("drop", "keep"))):
             if getattr(self, key) not in allowed:
                 fail(f"data.{key}", f"must be one of {'|'.join(allowed)}, got {show(getattr(self, key))}")
+        if self.mix_by not in MIX_BY:
+            fail("data.mix_by", f"must be one of {'|'.join(MIX_BY)}, got {show(self.mix_by)}")
+        if self.sources is not None:
+            self._check_sources()
         if isinstance(self.path, list):
             if not self.path or not all(self.path):
                 fail("data.path", "a list of data files must name at least one file, none empty")
@@ -268,6 +307,36 @@ class DataSection:
             _in_range("data.pack_length", self.pack_length, 2, 1 << 20)
         if len(self.response_prefix) > MAX_TEXT:
             fail("data.response_prefix", f"{len(self.response_prefix)} characters; at most {MAX_TEXT}")
+
+    def _check_sources(self) -> None:
+        """Each source's values, named by its index (``data.sources[1].weight``)."""
+        if not self.sources:
+            fail("data.sources", "a mixture needs at least one source ({path: ..., weight: ...}); or remove the key")
+        if self.path != DataSection.path:
+            fail("data.sources", "set either data.path or data.sources, not both (each source names its own path)")
+        if self.limit is not None:
+            fail("data.limit", "does not apply to a mixture; set data.sources[i].max_examples per source")
+        if len(self.sources) > MAX_SOURCES:
+            fail("data.sources", f"{len(self.sources)} sources; at most {MAX_SOURCES}")
+        for i, s in enumerate(self.sources):
+            key = f"data.sources[{i}]"
+            if not s.path:
+                fail(f"{key}.path", "every source needs a path (a data file, save_to_disk dir or hub dataset)")
+            if s.path.startswith("demo:"):
+                fail(f"{key}.path", "the demo data cannot be part of a mixture")
+            _finite(f"{key}.weight", s.weight, 0.0, strict=True)
+            if s.format is not None and s.format not in FORMATS:
+                fail(f"{key}.format", f"must be one of {'|'.join(FORMATS)}, got {show(s.format)}")
+            if s.columns is not None:
+                unknown = sorted(set(s.columns) - set(COLUMN_NAMES))
+                if unknown:
+                    fail(f"{key}.columns", f"unknown name(s) {show(unknown)}; map any of {', '.join(COLUMN_NAMES)}")
+                if not all(s.columns.values()):
+                    fail(f"{key}.columns", "every mapped name must be non-empty")
+            if s.template is not None and not s.template:
+                fail(f"{key}.template", "use human_assistant, chat_template or a path to a Jinja file (or null)")
+            if s.max_examples is not None and s.max_examples < 1:
+                fail(f"{key}.max_examples", f"must be >= 1 or null, got {show(s.max_examples)}")
 
 
 IA3_VARIANTS = ("default", "paper")

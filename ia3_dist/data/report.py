@@ -35,4 +35,5 @@ def data_lines(d: TokenizedData, cfg: RunConfig) -> list[str]:
            if d.unlabeled and not len(d.dropped) else ""),
         f"  truncated at {cfg.data.max_length}: {d.truncated} ({100.0 * d.truncated / max(d.n_records, 1):.1f}%); "
         f"length p50 {pct[0]} p90 {pct[1]} p99 {pct[2]} max {int(lens.max())}; {n_labels} label tokens; " + origin,
+        *(d.mix.lines() if d.mix is not None else []),
     ]

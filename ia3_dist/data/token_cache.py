@@ -92,6 +92,11 @@ class CacheWriter:
         self.dropped: list[np.ndarray] = []
         self.n_records = self.n_tokens = self.truncated = self.unlabeled = 0
 
+    @property
+    def n_examples(self) -> int:
+        """Kept examples (sequences) written so far."""
+        return sum(len(x) for x in self.lengths)
+
     def __call__(self, c: Chunk) -> None:
         if c.ids.size and (int(c.ids.max()) > np.iinfo(self.dtype).max or int(c.ids.min()) < 0):
             raise RuntimeError(f"token id outside the vocabulary's {self.dtype} range")  # a tokenizer bug

@@ -373,31 +373,15 @@ def load_or_tokenize(cfg: DataSection, tok: Any, *, build: bool | None = None, l
     """The data's token cache, memory-mapped; tokenized into it first when there is none and ``build`` (default:
     unless ``data.require_prepared``). ``lock``: processes of a node wait on a file lock so one of them
     tokenizes (best effort: correctness rests on the atomic publish, see :mod:`.token_cache`)."""
-    from . import token_cache as tc
-
     stream = RecordStream(cfg, pairs)  # pairs: part of the fingerprint, so of the key
-    key = cache_key(stream.fingerprint, tok, cfg)
-    root = cache_root(cfg) / "tokenized"
-    final = root / key
-    got = tc.open_cache(final)
-    seconds = 0.0
-    if got is None:
-        if not (build if build is not None else not cfg.require_prepared):
-            raise UsageError(f"data.require_prepared: no prepared token cache for {stream.source} (expected "
-                             f"{final}, named by the data's content, the tokenizer and the data.* settings); run "
-                             f"`ia3-dist prepare --config <this config> [the same overrides]` first, with the same "
-                             f"data.cache_dir, or set data.require_prepared=false to tokenize in the job")
-        with file_lock(root / f"{key}.lock", required=False) if lock else contextlib.nullcontext():
-            got = tc.open_cache(final)
-            if got is None:
-                t0 = time.perf_counter()
-                _build(stream, tok, cfg, root, key, progress)
-                seconds = time.perf_counter() - t0
-                got = tc.open_cache(final)
-                if got is None:
-                    raise RuntimeError(f"{final}: missing right after it was written")
-    data, meta = got
-    data.seconds = seconds
+
+    def write(w: Any) -> dict[str, Any]:
+        tokenize_stream(stream, tok, cfg, w, CHUNK_RECORDS, progress)
+        return {"sources": stream.names, "formats": stream.formats, "skipped": stream.skipped,
+                "skipped_total": stream.n_skipped}
+
+    data, meta = cached(cfg, cache_key(stream.fingerprint, tok, cfg), len(tok), stream.source, write, build=build,
+                        lock=lock)
     data.group = 2 if pairs else 1
     old = list(meta.get("sources", []))
     if old != stream.names:
@@ -407,22 +391,53 @@ def load_or_tokenize(cfg: DataSection, tok: Any, *, build: bool | None = None, l
     return data
 
 
-def _build(stream: RecordStream, tok: Any, cfg: DataSection, root: Any, key: str, progress: bool) -> None:
+def cached(cfg: DataSection, key: str, vocab_size: int, source: str, write: Callable[[Any], dict[str, Any]], *,
+           build: bool | None = None, lock: bool = True) -> tuple[TokenizedData, dict[str, Any]]:
+    """The token cache entry ``key`` (and its manifest), memory-mapped; when there is none and ``build`` (default:
+    unless ``data.require_prepared``), ``write(writer)`` fills a :class:`.token_cache.CacheWriter` first and
+    returns what the manifest records besides the counts."""
+    from . import token_cache as tc
+
+    root = cache_root(cfg) / "tokenized"
+    final = root / key
+    got = tc.open_cache(final)
+    seconds = 0.0
+    if got is None:
+        if not (build if build is not None else not cfg.require_prepared):
+            raise UsageError(f"data.require_prepared: no prepared token cache for {source} (expected "
+                             f"{final}, named by the data's content, the tokenizer and the data.* settings); run "
+                             f"`ia3-dist prepare --config <this config> [the same overrides]` first, with the same "
+                             f"data.cache_dir, or set data.require_prepared=false to tokenize in the job")
+        with file_lock(root / f"{key}.lock", required=False) if lock else contextlib.nullcontext():
+            got = tc.open_cache(final)
+            if got is None:
+                t0 = time.perf_counter()
+                _build(root, key, vocab_size, source, cfg, write)
+                seconds = time.perf_counter() - t0
+                got = tc.open_cache(final)
+                if got is None:
+                    raise RuntimeError(f"{final}: missing right after it was written")
+    data, meta = got
+    data.seconds = seconds
+    return data, meta
+
+
+def _build(root: Any, key: str, vocab_size: int, source: str, cfg: DataSection,
+           write: Callable[[Any], dict[str, Any]]) -> None:
     from . import token_cache as tc
 
     try:
-        w = tc.CacheWriter(root, key, len(tok))
+        w = tc.CacheWriter(root, key, vocab_size)
     except OSError as e:
         raise UsageError(f"{root}: cannot write the token cache there ({e.strerror or e}); set data.cache_dir to a "
                          f"writable directory") from None
     try:
         t0 = time.perf_counter()
-        tokenize_stream(stream, tok, cfg, w, CHUNK_RECORDS, progress)
+        meta = write(w)
         if not w.n_tokens:
-            raise no_examples(stream.source, cfg)
+            raise no_examples(source, cfg)
         seconds = time.perf_counter() - t0
-        w.commit({"sources": stream.names, "formats": stream.formats, "skipped": stream.skipped,
-                  "skipped_total": stream.n_skipped, "seconds": round(seconds, 3),
+        w.commit({**meta, "seconds": round(seconds, 3),
                   "records_per_s": round(w.n_records / max(seconds, 1e-9), 1)})
     except OSError as e:
         w.abort()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,11 @@ class TokenizedData:
     group: int = 1
     """Sequences per example: 1, or 2 for preference pairs (sequence 2i is pair i's chosen, 2i+1 its rejected:
     see :mod:`.pairs`). Lengths, subsets and the sampler count examples."""
+    mix: Any = None
+    """A mixture's draws (:class:`.mixture.Mixture`) when this is the training data of ``data.sources``."""
+    parts: list[tuple[str, np.ndarray]] | None = None
+    """Named parts of this data, each its examples' positions (a mixture's held-out examples, source by source):
+    the eval reports a loss per part."""
 
     def __len__(self) -> int:
         return (len(self.rows) if self.rows is not None else len(self.offsets) - 1) // self.group

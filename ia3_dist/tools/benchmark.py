@@ -236,16 +236,11 @@ def run_tasks(model: Any, tok: Any, tasks: list[str], tm: Any, batch_size: int, 
 def heldout_data(cfg: Any, tok: Any) -> Any:
     """The run's held-out examples (its data.eval_ratio split or data.eval_path), tokenized once for every point;
     None for a run without them or with pairs."""
-    from ..data.sampler import split_eval
-    from ..data.tokenize import load_or_tokenize
-    from ..train import demo
-    from ..train.prepare import eval_section
+    from ..train.prepare import load_data
 
     if cfg.train.objective != "sft" or not (cfg.data.eval_ratio or cfg.data.eval_path):
         return None
-    if cfg.data.eval_ratio:
-        return split_eval(load_or_tokenize(demo.data_section(cfg.data), tok), cfg.data.eval_ratio, cfg.train.seed)[1]
-    return load_or_tokenize(eval_section(cfg), tok)
+    return load_data(cfg, tok)[1]
 
 
 def heldout_loss(model: Any, tok: Any, data: Any, batch: int) -> float:

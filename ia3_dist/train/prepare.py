@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..config.schema import fail
+from ..data.mixture import load_or_mix
 from ..data.packing import check_pack_length, choose_pack_length
 from ..data.report import data_lines
 from ..data.sampler import ORDER_VERSION, Layout, plan_epoch, split_eval, steps_per_epoch
@@ -66,8 +67,27 @@ class Prepared:
 
 def eval_section(cfg: RunConfig) -> Any:
     """The data section that reads ``data.eval_path`` (whole, in its own cache entry)."""
-    return demo.data_section(replace(cfg.data, path=cfg.data.eval_path, eval_path=None, limit=None),
+    return demo.data_section(replace(cfg.data, path=cfg.data.eval_path, eval_path=None, limit=None, sources=None),
                              objectives.is_pairwise(cfg))
+
+
+def load_data(cfg: RunConfig, tok: Any, *, build: bool | None = None, progress: bool = False
+              ) -> tuple[TokenizedData, TokenizedData | None]:
+    """(training data, held-out data or None): ``data.path``'s token cache, or ``data.sources``' cache and draws;
+    held out by ``data.eval_ratio`` (a mixture: from each source, before the draws) or read from
+    ``data.eval_path``."""
+    pairs = objectives.is_pairwise(cfg)
+    eval_data = None
+    if cfg.data.sources:
+        data, eval_data = load_or_mix(cfg.data, tok, cfg.train.seed, cfg.data.eval_ratio, build=build,
+                                      progress=progress, pairs=pairs)
+    else:
+        data = load_or_tokenize(demo.data_section(cfg.data, pairs), tok, build=build, progress=progress, pairs=pairs)
+        if cfg.data.eval_ratio:
+            data, eval_data = split_eval(data, cfg.data.eval_ratio, cfg.train.seed)
+    if cfg.data.eval_path:
+        eval_data = load_or_tokenize(eval_section(cfg), tok, build=build, progress=progress, pairs=pairs)
+    return data, eval_data
 
 
 def total_steps_for(cfg: RunConfig, n_examples: int, layout: Layout) -> int:
@@ -193,12 +213,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     # Every rank opens the token cache memory-mapped; where it is missing, one rank per node tokenizes into it
     # (or, with data.require_prepared, the run stops here, before the process group).
     pairs = objectives.is_pairwise(cfg)
-    data = load_or_tokenize(demo.data_section(cfg.data, pairs), tok, progress=True, pairs=pairs)
-    eval_data = None
-    if cfg.data.eval_ratio:
-        data, eval_data = split_eval(data, cfg.data.eval_ratio, cfg.train.seed)
-    elif cfg.data.eval_path:
-        eval_data = load_or_tokenize(eval_section(cfg), tok, progress=True, pairs=pairs)
+    data, eval_data = load_data(cfg, tok, progress=True)
     if cfg.train.global_batch_size:
         cfg = with_global_batch(cfg, env.world_size)
     auto_micro = cfg.train.micro_batch_size == autobatch.AUTO
@@ -242,9 +257,10 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     if cfg.data.packing:
         layout = replace(layout, pack_length=pack_length_for(cfg, model_config, data, layout, auto_micro))
     total = total_steps_for(cfg, len(data), layout)
+    data_key = data.mix.key if data.mix is not None else Path(data.cache_file).stem
     meta = {"world_size": env.world_size, "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed, "shuffle": cfg.data.shuffle,
-            "total_steps": total, "data_key": Path(data.cache_file).stem, "n_examples": len(data),
+            "total_steps": total, "data_key": data_key, "n_examples": len(data),
             "eval_ratio": cfg.data.eval_ratio, "group_by_length": grouped, "order_version": ORDER_VERSION,
             "global_batch": layout.global_batch, "zero_stage": dsc.stage_of(ds), "precision": cfg.train.precision,
             "offload_optimizer": dsc.offloads_optimizer(ds), **run_keys(cfg, model_config)}
@@ -268,10 +284,18 @@ def prepare_data(cfg: RunConfig) -> str:
     tok = load_tokenizer(cfg.model, model_path)
     check_vocab(tok, load_model_config(model_path, cfg.model), cfg.model.tokenizer or model_path)
     pairs = objectives.is_pairwise(cfg)
-    sections = [("data.path", demo.data_section(cfg.data, pairs))]
+    sections = [("data.path", demo.data_section(cfg.data, pairs))] if not cfg.data.sources else []
     if cfg.data.eval_path:
         sections.append(("data.eval_path", eval_section(cfg)))
     lines = []
+    if cfg.data.sources:
+        data, held = load_or_mix(cfg.data, tok, cfg.train.seed, cfg.data.eval_ratio, build=True, progress=True,
+                                 pairs=pairs)
+        d = Path(data.cache_file)
+        lines += ["data.sources:", *data_lines(data, cfg),
+                  *([f"  held out for eval: {len(held)} examples"] if held is not None else []),
+                  f"  cache: {d} ({int(data.offsets[-1])} tokens as {data.ids.dtype}, "
+                  f"{token_cache.cache_bytes(d) / 2**20:.1f} MiB)"]
     for key, section in sections:
         data = load_or_tokenize(section, tok, build=True, progress=True, pairs=pairs)
         d = Path(data.cache_file)

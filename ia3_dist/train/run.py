@@ -100,8 +100,10 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
             dist.print0(env, f"loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f} "
                              f"({100.0 * (last - first) / first:+.1f}%)")
         if res.eval is not None and "eval_ppl" in res.eval:
+            per = ", ".join(f"{k.removeprefix('eval_loss/')} {v:.4f}" for k, v in res.eval.items()
+                            if k.startswith("eval_loss/"))
             dist.print0(env, f"eval: loss {res.eval['eval_loss']:.4f}, perplexity {res.eval['eval_ppl']:.2f} over "
-                             f"{int(res.eval['eval_tokens'])} tokens")
+                             f"{int(res.eval['eval_tokens'])} tokens" + (f"; by source: {per}" if per else ""))
         elif res.eval is not None:
             e = res.eval
             dist.print0(env, f"eval: loss {e['eval_loss']:.4f}, pair accuracy {e['eval_rewards/accuracies']:.3f}, "

@@ -1,0 +1,223 @@
+"""Weighted mixtures (``data.sources``): realised shares by examples and by tokens, an order fixed by the seed and
+kept in the cache (the same in another process, from the draws file or drawn again, on 1 or 2 ranks and after a
+resume), held-out examples per source with a loss per source, each source in its own format, the report, and
+bad input named by its key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _util import ROOT, adapter_tensors, check, launch, metrics
+
+from ia3_dist.cli import main
+from ia3_dist.config import load_config
+from ia3_dist.data import mixture
+from ia3_dist.data.report import data_lines
+from ia3_dist.errors import UsageError
+from ia3_dist.train.prepare import load_data
+
+TINY = str(ROOT / "configs" / "tiny-cpu.yaml")
+WEIGHTS = (0.7, 0.2, 0.1)
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _three(d: Path, n: tuple[int, int, int] = (5000, 3000, 2000)) -> list[Path]:
+    """An alpaca, a sharegpt and a messages file of different sizes and answer lengths."""
+    return [
+        _jsonl(d / "instruct.jsonl", [{"instruction": f"问题{i}", "output": "答" * (1 + i % 7)} for i in range(n[0])]),
+        _jsonl(d / "domain.jsonl", [{"conversations": [{"from": "human", "value": f"你好{i}"},
+                                                       {"from": "gpt", "value": "好" * (3 + i % 11)}]}
+                                    for i in range(n[1])]),
+        _jsonl(d / "safety.jsonl", [{"messages": [{"role": "user", "content": f"早{i}"},
+                                                  {"role": "assistant", "content": "不" * (9 + i % 4)}]}
+                                    for i in range(n[2])]),
+    ]
+
+
+def _cfg(files: list[Path], cache: Path, *extra: str, weights: tuple[float, ...] = WEIGHTS):
+    sources = ", ".join(f"{{path: {f}, weight: {w}}}" for f, w in zip(files, weights, strict=True))
+    return load_config(None, [f"data.sources=[{sources}]", f"data.cache_dir={cache}", *extra])
+
+
+def _source_of(data, order_positions: np.ndarray) -> np.ndarray:
+    bounds = np.asarray([s.first for s in data.mix.sources] + [data.mix.sources[-1].end])
+    return np.searchsorted(bounds, order_positions, side="right") - 1
+
+
+def _shares(data, by: str, upto: int | None = None) -> np.ndarray:
+    order = data.mix.order[:upto]
+    which = _source_of(data, order)
+    cost = np.diff(data.offsets)[order] if by == "tokens" else np.ones(len(order))
+    return np.asarray([cost[which == i].sum() for i in range(3)]) / cost.sum()
+
+
+@pytest.mark.parametrize("by", ["examples", "tokens"])
+def test_realised_shares_match_the_weights(tmp_path: Path, tiny_tokenizer, by: str) -> None:
+    files = _three(tmp_path)
+    data, held = load_data(_cfg(files, tmp_path / "cache", f"data.mix_by={by}"), tiny_tokenizer)
+    assert held is None
+    n = len(data)
+    # By examples the mixture holds as many draws as the sources' examples, 10,000; by tokens as many tokens.
+    if by == "examples":
+        assert n == 10_000
+    else:
+        assert int(np.diff(data.offsets)[data.mix.order].sum()) == pytest.approx(
+            int(data.offsets[-1]), abs=int(np.diff(data.offsets).max()))
+    assert np.abs(_shares(data, by) - WEIGHTS).max() < 0.01
+    # Any part of the order is mixed too (no source comes in one block): every 500-draw prefix is within 1%.
+    for upto in range(500, n, 500):
+        assert np.abs(_shares(data, by, upto) - WEIGHTS).max() < 0.01, upto
+    # The first source is over-sampled (0.7 of 10,000 > its 5,000: each example once or twice), the others are
+    # seeded subsets without repeats.
+    which = _source_of(data, data.mix.order)
+    counts = [np.bincount(data.mix.order[which == i]) for i in range(3)]
+    assert counts[0][data.mix.sources[0].first:].min() >= 1 and counts[0].max() == 2
+    assert counts[1].max() == 1 and counts[2].max() == 1
+    report = "\n".join(data_lines(data, _cfg(files, tmp_path / "cache")))
+    assert "mixture of 3 sources by " + by in report and "instruct (alpaca): 5000 records" in report
+    assert "domain (sharegpt)" in report and "safety (messages)" in report and "weight 70.0%" in report
+
+
+def test_order_is_fixed_by_the_cache_and_the_seed(tmp_path: Path, tiny_tokenizer) -> None:
+    files = _three(tmp_path, (300, 200, 100))
+    cache = tmp_path / "cache"
+    cfg = _cfg(files, cache, "data.eval_ratio=0.1")
+    data, held = load_data(cfg, tiny_tokenizer)
+    [draws] = (cache / "mixtures").glob("*.npz")
+    assert data.mix.file == draws
+    # Read back from the draws file, drawn again without it, and drawn in another process: the same order.
+    again, _ = load_data(cfg, tiny_tokenizer)
+    assert np.array_equal(again.mix.order, data.mix.order)
+    draws.unlink()
+    fresh, fresh_held = load_data(cfg, tiny_tokenizer)
+    assert np.array_equal(fresh.mix.order, data.mix.order) and draws.is_file()
+    assert np.array_equal(np.asarray(fresh_held.rows), np.asarray(held.rows))
+    code = ("import sys, numpy as np; from transformers import AutoTokenizer; from ia3_dist.config import load_config;"
+            "from ia3_dist.train.prepare import load_data;"
+            f"d, _ = load_data(load_config(None, sys.argv[1:]), AutoTokenizer.from_pretrained({str(tiny_tokenizer.name_or_path)!r}));"
+            "sys.stdout.write(','.join(map(str, d.mix.order.tolist())))")
+    sources = ", ".join(f"{{path: {f}, weight: {w}}}" for f, w in zip(files, WEIGHTS, strict=True))
+    other = tmp_path / "other-cache"
+    out = subprocess.run([sys.executable, "-c", code, f"data.sources=[{sources}]", f"data.cache_dir={other}",
+                          "data.eval_ratio=0.1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert [int(x) for x in out.stdout.split(",")] == data.mix.order.tolist()
+    # Another seed or weight draws differently, under another key.
+    seeded, _ = load_data(_cfg(files, cache, "data.eval_ratio=0.1", "train.seed=7"), tiny_tokenizer)
+    reweighted, _ = load_data(_cfg(files, cache, "data.eval_ratio=0.1", weights=(0.5, 0.25, 0.25)), tiny_tokenizer)
+    assert len({data.mix.key, seeded.mix.key, reweighted.mix.key}) == 3
+    assert not np.array_equal(seeded.mix.order, data.mix.order)
+    # One token cache entry serves all of them: the weights and seed change the draws, not the tokens.
+    assert len([d for d in (cache / "tokenized").iterdir() if d.is_dir()]) == 1
+
+
+def test_held_out_examples_come_from_each_source_before_the_draws(tmp_path: Path, tiny_tokenizer) -> None:
+    files = _three(tmp_path, (300, 200, 100))
+    data, held = load_data(_cfg(files, tmp_path / "cache", "data.eval_ratio=0.1"), tiny_tokenizer)
+    assert [name for name, _ in held.parts] == ["instruct", "domain", "safety"]
+    assert [len(pos) for _, pos in held.parts] == [30, 20, 10]
+    held_rows = np.asarray(held.rows)
+    for i, (_, pos) in enumerate(held.parts):
+        s = data.mix.sources[i]
+        assert ((held_rows[pos] >= s.first) & (held_rows[pos] < s.end)).all()
+    # No held-out example is ever drawn for training.
+    assert not set(held_rows.tolist()) & set(data.mix.order.tolist())
+    assert len(data) == 540
+
+
+def test_sources_keep_their_own_format_columns_and_limit(tmp_path: Path, tiny_tokenizer) -> None:
+    a = _jsonl(tmp_path / "qa.jsonl", [{"question": f"问{i}", "answer": f"答{i}"} for i in range(40)])
+    b = _jsonl(tmp_path / "chat.jsonl", [{"conversations": [{"from": "human", "value": f"你{i}"},
+                                                            {"from": "gpt", "value": f"好{i}"}]} for i in range(40)])
+    cfg = load_config(None, [f"data.sources=[{{path: {a}, weight: 1, format: alpaca, columns: {{instruction: question, "
+                             f"output: answer}}}}, {{path: {b}, weight: 3, max_examples: 10}}]",
+                             f"data.cache_dir={tmp_path / 'cache'}"])
+    data, _ = load_data(cfg, tiny_tokenizer)
+    assert [(s.records, s.examples) for s in data.mix.sources] == [(40, 40), (10, 10)]
+    # 50 draws at 1:3: 12 or 13 from the first (its subset), 37 or 38 from the ten of the second, repeated.
+    assert [s.drawn for s in data.mix.sources] in ([13, 37], [12, 38])
+    first = tiny_tokenizer.decode(data.example(0)[0])
+    assert first.startswith("Human: ")
+
+
+def test_bad_sources_are_named_by_their_key(tmp_path: Path, tiny_tokenizer) -> None:
+    good = _jsonl(tmp_path / "ok.jsonl", [{"instruction": "一", "output": "二"}] * 4)
+    cache = tmp_path / "cache"
+    with pytest.raises(UsageError, match=r"data\.sources\[1\]\.path: .*missing\.jsonl: file not found"):
+        load_data(load_config(None, [f"data.sources=[{{path: {good}}}, {{path: {tmp_path}/missing.jsonl}}]",
+                                     f"data.cache_dir={cache}"]), tiny_tokenizer)
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"instruction": "一", "output": "二"}, {"question": "三"}])
+    with pytest.raises(UsageError, match=r"bad\.jsonl:2: missing field"):
+        load_data(load_config(None, [f"data.sources=[{{path: {good}}}, {{path: {bad}, format: alpaca}}]",
+                                     f"data.cache_dir={cache}"]), tiny_tokenizer)
+    with pytest.raises(UsageError, match=r"data\.sources\[0\] \(.*ok\.jsonl\): data\.eval_ratio=0\.9 holds out all of its 4 examples"):
+        load_data(load_config(None, [f"data.sources=[{{path: {good}}}]", "data.eval_ratio=0.9",
+                                     f"data.cache_dir={cache}"]), tiny_tokenizer)
+    for override, msg in [
+        (f"data.sources=[{{path: {good}, wieght: 2}}]", r"data\.sources\[0\]\.wieght': unknown key"),
+        (f"data.sources=[{{path: {good}, weight: -1}}]", r"data\.sources\[0\]\.weight': must be a finite number > 0"),
+        (f"data.sources=[{{path: {good}, weight: .nan}}]", r"data\.sources\[0\]\.weight'"),
+        (f"data.sources=[{{path: {good}}}, {{path: demo:zh-styles}}]", r"data\.sources\[1\]\.path'.*demo"),
+        (f"data.sources=[{{path: {good}, format: xml}}]", r"data\.sources\[0\]\.format'"),
+        (f"data.sources=[{{path: {good}, columns: {{nope: x}}}}]", r"data\.sources\[0\]\.columns'"),
+        ("data.sources=[]", r"'data\.sources': a mixture needs at least one source"),
+        ("data.mix_by=bytes", r"'data\.mix_by': must be one of examples\|tokens"),
+    ]:
+        with pytest.raises(UsageError, match=msg):
+            load_config(None, [override])
+    with pytest.raises(UsageError, match="set either data.path or data.sources"):
+        load_config(None, [f"data.sources=[{{path: {good}}}]", f"data.path={good}"])
+    with pytest.raises(UsageError, match=r"data\.limit'.*max_examples"):
+        load_config(None, [f"data.sources=[{{path: {good}}}]", "data.limit=3"])
+
+
+def test_prepare_reports_each_source(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
+    files = _three(tmp_path, (60, 40, 20))
+    sources = ", ".join(f"{{path: {f}, weight: {w}}}" for f, w in zip(files, WEIGHTS, strict=True))
+    cache = tmp_path / "cache"
+    args = ["--config", TINY, f"model.path={tiny_model}", f"data.sources=[{sources}]", f"data.cache_dir={cache}",
+            "data.mix_by=tokens", "data.eval_ratio=0.1", f"output.dir={tmp_path / 'run'}"]
+    assert main(["prepare", *args]) == 0
+    text = capsys.readouterr().out
+    assert "data.sources:" in text and "mixture of 3 sources by tokens" in text and "held out for eval: 12" in text
+    assert len(list((cache / "mixtures").glob("*.npz"))) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_mixture_trains_on_two_ranks_with_a_loss_per_source_and_resumes_on_one(tmp_path: Path,
+                                                                                 demo_model: Path) -> None:
+    files = _three(tmp_path, (60, 40, 20))
+    sources = ", ".join(f"{{path: {f}, weight: {w}}}" for f, w in zip(files, WEIGHTS, strict=True))
+    base = ["--config", TINY, f"data.sources=[{sources}]", "data.eval_ratio=0.1", "train.eval_every=3",
+            "train.log_every=1", "train.max_steps=6", "checkpoint.every=3", "train.micro_batch_size=2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    # a: 2 ranks x accum 2, stopped after step 3, resumed on 1 rank x accum 4 (the same global batch of 8).
+    check(launch([*base, f"output.dir={a}", "train.grad_accum=2", "train.stop_after_steps=3"], nproc=2))
+    run = check(launch([*base, f"output.dir={a}", "train.grad_accum=4", "train.resume=auto"], nproc=1))
+    assert "by source: instruct" in run.stdout + run.stderr
+    # b: straight through on 1 rank.
+    check(launch([*base, f"output.dir={b}", "train.grad_accum=4"], nproc=1))
+    la = {r["step"]: r for r in metrics(a) if "loss" in r}
+    lb = {r["step"]: r for r in metrics(b) if "loss" in r}
+    assert sorted(la) == sorted(lb) == list(range(1, 7))
+    for s in range(1, 7):
+        assert la[s]["loss"] == pytest.approx(lb[s]["loss"], rel=1e-5)
+    evals = [r for r in metrics(a) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    for r in evals:
+        per = {k: v for k, v in r.items() if k.startswith("eval_loss/")}
+        assert set(per) == {"eval_loss/instruct", "eval_loss/domain", "eval_loss/safety"}
+        # The sources' losses, weighted by their tokens, make the overall loss.
+        assert min(per.values()) <= r["eval_loss"] <= max(per.values())
+    ta, tb = adapter_tensors(a / "adapter"), adapter_tensors(b / "adapter")
+    for k in ta:
+        np.testing.assert_allclose(ta[k].numpy(), tb[k].numpy(), rtol=1e-4, atol=1e-6)
