@@ -130,6 +130,7 @@ def cmd_generate(argv: list[str], prog: str) -> int:
     from stdin, one per line: plain text, or JSON as the training data spells it ({"instruction", "input",
     "system", "history"}, {"messages": [...]} or {"conversations": [...]}, ending with the user's turn). Writes
     JSONL: each request with its "response"."""
+    from .data.tools import parse_calls
     from .tools.inference import generate, load_for_inference, parse_request, read_prompt_lines
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_generate.__doc__)
@@ -168,7 +169,9 @@ def cmd_generate(argv: list[str], prog: str) -> int:
         for (_, line), req, r in zip(lines, reqs, responses, strict=True):
             echo = json.loads(line) if line.strip().startswith("{") else {"instruction": req.turns[-1].instruction,
                                                                           "input": ""}
-            out.write(json.dumps({**echo, "response": r}, ensure_ascii=False) + "\n")
+            calls = parse_calls(r)
+            out.write(json.dumps({**echo, "response": r, **({"tool_calls": calls} if calls else {})},
+                                 ensure_ascii=False) + "\n")
     finally:
         if a.out:
             out.close()
@@ -179,14 +182,19 @@ def cmd_chat(argv: list[str], prog: str) -> int:
     """Interactive, multi-turn: type a message, get the model's answer with the conversation so far in the
     training template. /reset starts a new conversation; an empty line or /quit ends it."""
     from .data.records import Conversation, Turn
-    from .tools.inference import MAX_PROMPT_CHARS, generate, load_for_inference, parse_request
+    from .data.tools import parse_calls
+    from .tools.inference import MAX_PROMPT_CHARS, generate, load_for_inference, parse_request, read_tools
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_chat.__doc__)
     _gen_args(ap)
+    ap.add_argument("--tools", help="a JSON file with the list of tools (function schemas) the model may call; "
+                                    "answer its calls with /result TEXT")
     a = ap.parse_intermixed_args(argv)
     opts = _gen_options(a)
+    tools = read_tools(a.tools) if a.tools else ()
     model, tok, template, _ = load_for_inference(a.adapter, a.base, a.dtype)
-    print(f"ia3-dist chat with {a.adapter} (/reset for a new conversation; empty line or /quit to end)", flush=True)
+    print(f"ia3-dist chat with {a.adapter} (/reset for a new conversation; empty line or /quit to end"
+          + (f"; {len(tools)} tools offered, /result TEXT answers a tool call" if tools else "") + ")", flush=True)
     history: list[Turn] = []
     interactive = sys.stdin.isatty()
     n = 0
@@ -213,15 +221,31 @@ def cmd_chat(argv: list[str], prog: str) -> int:
             history = []
             print("(new conversation)", flush=True)
             continue
-        try:
-            req = parse_request(line, f"input {n}")
-        except UsageError as e:  # a typo should not end the session
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            continue
-        conv = Conversation([*history, *req.turns], req.system)
+        if line.strip().startswith("/result"):
+            if not history or not history[-1].calls:
+                print("error: /result answers the assistant's tool call; there is none to answer", file=sys.stderr,
+                      flush=True)
+                continue
+            turn = Turn("", "", "", results=({"content": line.strip().removeprefix("/result").strip()},))
+            conv = Conversation([*history, turn], "", tools)
+        else:
+            try:
+                req = parse_request(line, f"input {n}")
+            except UsageError as e:  # a typo should not end the session
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                continue
+            conv = Conversation([*history, *req.turns], req.system, req.tools or tools)
         answer = generate(model, tok, template, [conv], opts)[0]
-        history = [*conv.turns[:-1], Turn(conv.turns[-1].instruction, conv.turns[-1].input, answer)]
+        calls = parse_calls(answer) if conv.tools else []
+        last = conv.turns[-1]
+        history = [*conv.turns[:-1], Turn(last.instruction, last.input, answer, results=last.results,
+                                          calls=tuple({"type": "function", "function": {
+                                              "name": c["name"], "arguments": c.get("arguments", c.get(
+                                                  "parameters", {}))}} for c in calls))]
         print("Assistant: " + answer, flush=True)
+        for c in calls:
+            args = c.get("arguments", c.get("parameters", {}))
+            print(f"Tool call: {c['name']} {json.dumps(args, ensure_ascii=False)}", flush=True)
     return 0
 
 

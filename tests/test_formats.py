@@ -297,7 +297,8 @@ U, A = {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}
 BAD: dict[str, tuple[dict | str, str]] = {
     "unknown-role": ({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
                      "record 0: message 1: unknown role 'bot'; accepted roles: system (system), user (user), "
-                     "assistant (assistant). Map other role names with data.columns.user / data.columns.assistant"),
+                     "assistant (assistant), tool (tool). Map other role names with data.columns (user, assistant, "
+                     "function_call, observation, tool)"),
     "unknown-role-not-text": ({"conversations": [{"from": ["human"], "value": "q"}, A]},
                               "record 0: message 0: unknown role ['human']; accepted roles: system (system), "
                               "human (user), user (user), gpt (assistant), assistant (assistant)"),
@@ -365,7 +366,8 @@ def test_bad_record(case: str, tmp_path: Path) -> None:
     assert r.examples == [c if convert is alpaca else merged(c) for c in CONVS[1:3]]
     rest = msg.removeprefix(f"{f}: record 0: ").removesuffix(" (or set data.on_bad_record=skip to drop bad records)")
     if isinstance(rec, str):  # once the file's format is known, the message says what that format needs
-        rest = "expected an object (every sharegpt record needs 'conversations'; 'system' optional), got str"
+        rest = ("expected an object (every sharegpt record needs 'conversations'; 'system', 'tools' optional), got "
+                "str")
     assert r.skipped == [f"{g}:2: {rest}"]
 
 

@@ -16,7 +16,6 @@ from _util import ROOT, adapter_tensors, check, launch, metrics
 
 from ia3_dist.cli import main
 from ia3_dist.config import load_config
-from ia3_dist.data import mixture
 from ia3_dist.data.report import data_lines
 from ia3_dist.errors import UsageError
 from ia3_dist.train.prepare import load_data
@@ -101,14 +100,16 @@ def test_order_is_fixed_by_the_cache_and_the_seed(tmp_path: Path, tiny_tokenizer
     fresh, fresh_held = load_data(cfg, tiny_tokenizer)
     assert np.array_equal(fresh.mix.order, data.mix.order) and draws.is_file()
     assert np.array_equal(np.asarray(fresh_held.rows), np.asarray(held.rows))
-    code = ("import sys, numpy as np; from transformers import AutoTokenizer; from ia3_dist.config import load_config;"
+    code = ("import sys; from transformers import AutoTokenizer; from ia3_dist.config import load_config;"
             "from ia3_dist.train.prepare import load_data;"
-            f"d, _ = load_data(load_config(None, sys.argv[1:]), AutoTokenizer.from_pretrained({str(tiny_tokenizer.name_or_path)!r}));"
+            "tok = AutoTokenizer.from_pretrained(sys.argv[1]);"
+            "d, _ = load_data(load_config(None, sys.argv[2:]), tok);"
             "sys.stdout.write(','.join(map(str, d.mix.order.tolist())))")
     sources = ", ".join(f"{{path: {f}, weight: {w}}}" for f, w in zip(files, WEIGHTS, strict=True))
     other = tmp_path / "other-cache"
-    out = subprocess.run([sys.executable, "-c", code, f"data.sources=[{sources}]", f"data.cache_dir={other}",
-                          "data.eval_ratio=0.1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_tokenizer.name_or_path), f"data.sources=[{sources}]",
+                          f"data.cache_dir={other}", "data.eval_ratio=0.1"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert [int(x) for x in out.stdout.split(",")] == data.mix.order.tolist()
     # Another seed or weight draws differently, under another key.
@@ -159,7 +160,8 @@ def test_bad_sources_are_named_by_their_key(tmp_path: Path, tiny_tokenizer) -> N
     with pytest.raises(UsageError, match=r"bad\.jsonl:2: missing field"):
         load_data(load_config(None, [f"data.sources=[{{path: {good}}}, {{path: {bad}, format: alpaca}}]",
                                      f"data.cache_dir={cache}"]), tiny_tokenizer)
-    with pytest.raises(UsageError, match=r"data\.sources\[0\] \(.*ok\.jsonl\): data\.eval_ratio=0\.9 holds out all of its 4 examples"):
+    held_all = r"data\.sources\[0\] \(.*ok\.jsonl\): data\.eval_ratio=0\.9 holds out all of its 4 examples"
+    with pytest.raises(UsageError, match=held_all):
         load_data(load_config(None, [f"data.sources=[{{path: {good}}}]", "data.eval_ratio=0.9",
                                      f"data.cache_dir={cache}"]), tiny_tokenizer)
     for override, msg in [

@@ -142,7 +142,8 @@ class ModelSection:
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt")
 # What data.columns may map: record columns, message keys, role values.
 COLUMN_NAMES = ("instruction", "input", "output", "system", "history", "conversations", "messages", "role",
-                "content", "user", "assistant", "prompt", "chosen", "rejected")
+                "content", "user", "assistant", "prompt", "chosen", "rejected", "tools", "function_call",
+                "observation", "tool")
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
 # What an evaluation on the held-out data reports, by objective (the eval lines of metrics.jsonl): the metrics
 # train.early_stopping and checkpoint.keep_best may follow.

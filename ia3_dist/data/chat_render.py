@@ -517,11 +517,14 @@ def special_tokens(tok: Any) -> dict[str, Any]:
     return out
 
 
-def render_chat(text: str, messages: list[dict[str, str]], add_generation_prompt: bool,
-                special: dict[str, Any]) -> str:
-    """``text`` rendered as ``tok.apply_chat_template(messages, tokenize=False)`` renders it, within a
-    :class:`_Budget` sized by the input; :class:`RenderLimit` past it."""
-    n_in = sum(len(m.get("content", "")) for m in messages)
+def render_chat(text: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                special: dict[str, Any], tools: list[dict[str, Any]] | None = None) -> str:
+    """``text`` rendered as ``tok.apply_chat_template(messages, tools=tools, tokenize=False)`` renders it, within
+    a :class:`_Budget` sized by the input; :class:`RenderLimit` past it."""
+    n_in = sum(len(m.get("content") or "") for m in messages)
+    if tools or any("tool_calls" in m for m in messages):
+        # Schemas and calls are written out as JSON (tojson), so their JSON text is input too.
+        n_in += len(json.dumps([tools, [m.get("tool_calls") for m in messages]], ensure_ascii=False))
     n_in += sum(len(v) if isinstance(v, str) else sum(map(len, v)) for v in special.values())
     b = _Budget(len(messages), n_in)
     token = _CURRENT.set(b)
@@ -529,7 +532,7 @@ def render_chat(text: str, messages: list[dict[str, str]], add_generation_prompt
         tpl = _compiled(text)
         out: list[str] = []
         size = 0
-        for chunk in tpl.generate(messages=messages, tools=None, documents=None,
+        for chunk in tpl.generate(messages=messages, tools=tools, documents=None,
                                   add_generation_prompt=add_generation_prompt, **special):
             size += len(chunk)
             b.chars(size, "an output")

@@ -10,45 +10,66 @@
 
 Conversations may open with one system message, then alternate user and assistant and end with an assistant
 message. ``data.columns`` renames columns, message keys and role values (ours -> the data's).
+
+Tool calling (see :mod:`.tools`): sharegpt's ``function_call`` / ``observation`` turns (LLaMA-Factory's
+``glaive_toolcall``), messages' assistant ``tool_calls`` and ``role: tool`` results, and a per-record ``tools``
+list. An assistant turn may call tools (with or without text); the next turn may then open with the tools'
+results instead of a user message.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..config.schema import brief, show
 from ..errors import UsageError
+from .tools import _json, check_calls, tool_calls, tool_list
 
 ALPACA, SHAREGPT, MESSAGES = "alpaca", "sharegpt", "messages"
 FORMATS = (ALPACA, SHAREGPT, MESSAGES)
 # The column whose presence identifies a format, in detection order.
 DETECT = ((SHAREGPT, "conversations"), (MESSAGES, "messages"), (ALPACA, "instruction"))
 REQUIRED = {ALPACA: ("instruction", "output"), SHAREGPT: ("conversations",), MESSAGES: ("messages",)}
-OPTIONAL = {ALPACA: ("input", "system", "history"), SHAREGPT: ("system",), MESSAGES: ("system",)}
+OPTIONAL = {ALPACA: ("input", "system", "history"), SHAREGPT: ("system", "tools"), MESSAGES: ("system", "tools")}
 # Message keys and role values when data.columns does not rename them.
 MESSAGE_KEYS = {SHAREGPT: ("from", "value"), MESSAGES: ("role", "content")}
-ROLES = {SHAREGPT: {"user": ("human", "user"), "assistant": ("gpt", "assistant")},
-         MESSAGES: {"user": ("user",), "assistant": ("assistant",)}}
+ROLES = {SHAREGPT: {"user": ("human", "user"), "assistant": ("gpt", "assistant"),
+                    "function_call": ("function_call",), "observation": ("observation",)},
+         MESSAGES: {"user": ("user",), "assistant": ("assistant",), "tool": ("tool",)}}
 SYSTEM_ROLE = "system"
+# Message kinds: who speaks. A call is the assistant's (sharegpt's function_call turn); a result the tools'.
+USER, ASSISTANT, CALL, RESULT = "user", "assistant", "function_call", "tool"
+KIND = {"user": USER, "assistant": ASSISTANT, "function_call": CALL, "observation": RESULT, "tool": RESULT,
+        SYSTEM_ROLE: SYSTEM_ROLE}
 
 
 @dataclass(frozen=True)
 class Turn:
     instruction: str
-    """The user's message (alpaca: its instruction)."""
+    """The user's message (alpaca: its instruction); "" when the turn opens with tool results."""
     input: str
     """Alpaca's ``input`` field for that turn; "" in every other format."""
     output: str
-    """The assistant's answer."""
+    """The assistant's answer (its text; "" for a turn that only calls tools)."""
+    calls: tuple[dict[str, Any], ...] = ()
+    """The assistant's tool calls, each ``{"type": "function", "function": {"name": str, "arguments": dict}}``
+    (plus ``id`` when the data gives one): what transformers' chat templates take."""
+    results: tuple[dict[str, Any], ...] = ()
+    """Tool results that open this turn instead of a user message, each ``{"content": str}`` (plus ``name`` /
+    ``tool_call_id`` when the data gives them), answering the previous turn's calls."""
 
 
 @dataclass
 class Conversation:
     turns: list[Turn]
-    """At least one; user/assistant pairs in order."""
+    """At least one; each a user message (or tool results) and the assistant's answer, in order."""
     system: str = ""
+    tools: tuple[dict[str, Any], ...] = ()
+    """The tools the assistant may call, each ``{"type": "function", "function": {name, description,
+    parameters}}`` (a JSON schema, as transformers passes ``tools`` to a chat template)."""
 
 
 class Columns:
@@ -167,24 +188,40 @@ def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conver
     if not msgs:
         raise UsageError(f"{where}: empty conversation ({field} has no messages)")
     top_system = _optional_text(rec, "system", cols, where)
+    tools = tool_list(rec.get(cols.name("tools")), f"field {cols.label('tools')}", where)
     roles = cols.roles(fmt)
-    parsed: list[tuple[str, str]] = []
+    parsed: list[tuple[str, Any]] = []
     rename = "set data.columns.role and data.columns.content to the keys your messages use"
     for i, m in enumerate(msgs):
         at = f"{where}: message {i}"
         if not isinstance(m, Mapping):
             raise UsageError(f"{at}: expected an object with '{brief(role_key)}' and '{brief(content_key)}', got "
                              f"{type(m).__name__}")
-        for key in (role_key, content_key):
-            if key not in m:
-                raise UsageError(f"{at}: missing key '{brief(key)}' (the message has keys {_keys(m)}); {rename}")
+        if role_key not in m:
+            raise UsageError(f"{at}: missing key '{brief(role_key)}' (the message has keys {_keys(m)}); {rename}")
         role = m[role_key]
-        kind = roles.get(role) if isinstance(role, str) else None
+        kind = KIND.get(roles.get(role, "")) if isinstance(role, str) else None
         if kind is None:
             accepted = ", ".join(f"{brief(v)} ({k})" for v, k in roles.items())
             raise UsageError(f"{at}: unknown role {show(role)}; accepted roles: {accepted}. Map other role names "
-                             f"with data.columns.user / data.columns.assistant")
-        parsed.append((kind, _text(m[content_key], f"'{brief(content_key)}'", at)))
+                             f"with data.columns (user, assistant, function_call, observation, tool)")
+        calls = m.get("tool_calls") if fmt == MESSAGES and kind == ASSISTANT else None
+        content = m.get(content_key)
+        if content_key not in m and not calls:
+            raise UsageError(f"{at}: missing key '{brief(content_key)}' (the message has keys {_keys(m)}); {rename}")
+        text = "" if content is None and calls else _text(content, f"'{brief(content_key)}'", at)
+        if kind == CALL:  # sharegpt: the call is the message's text, JSON
+            parsed.append((ASSISTANT, ("", tool_calls(_json(text, "function_call", at), at))))
+        elif kind == ASSISTANT:
+            parsed.append((ASSISTANT, (text, tool_calls(calls, at) if calls is not None else ())))
+        elif kind == RESULT:
+            result = {"content": text}
+            for extra in ("name", "tool_call_id"):
+                if isinstance(m.get(extra), str):
+                    result[extra] = m[extra]
+            parsed.append((RESULT, result))
+        else:
+            parsed.append((kind, text))
     system = top_system
     if parsed[0][0] == SYSTEM_ROLE:
         if top_system:
@@ -192,22 +229,50 @@ def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conver
                              f"field; keep only one of them")
         system = parsed.pop(0)[1]
     offset = len(msgs) - len(parsed)
-    if not any(kind == "assistant" for kind, _ in parsed):
+    if not any(kind == ASSISTANT for kind, _ in parsed):
         raise UsageError(f"{where}: conversation has no assistant turn: nothing to train on; add the assistant's "
                          f"answer or drop the record")
     for k, (kind, _) in enumerate(parsed):
-        expected = "user" if k % 2 == 0 else "assistant"
         if kind == SYSTEM_ROLE:
             raise UsageError(f"{where}: message {k + offset}: a system message may only come first")
-        if kind != expected:
-            article = "a" if expected == "user" else "an"
-            raise UsageError(f"{where}: message {k + offset}: expected {article} {expected} message, got {kind} (roles "
-                             f"must alternate user, assistant, user, assistant, ... after an optional system message)")
-    if len(parsed) % 2:
-        raise UsageError(f"{where}: conversation ends with a user turn: no assistant turn to train on; drop the last "
-                         f"message or add the answer")
-    turns = [Turn(parsed[k][1], "", parsed[k + 1][1]) for k in range(0, len(parsed), 2)]
-    return Conversation(turns, system)
+    turns: list[Turn] = []
+    k = 0
+    while k < len(parsed):
+        kind, payload = parsed[k]
+        at = f"{where}: message {k + offset}"
+        if kind == ASSISTANT:
+            raise UsageError(f"{at}: expected a user message, got assistant (roles must alternate user, assistant, "
+                             f"user, assistant, ... after an optional system message; tool results may stand for a "
+                             f"user message after the assistant's tool call)")
+        if kind == USER:
+            user, results = payload, ()
+            k += 1
+        else:
+            if not turns or not turns[-1].calls:
+                raise UsageError(f"{at}: a tool result with no preceding call (the message before it is not an "
+                                 f"assistant's tool call); put the call first or drop the result")
+            group = []
+            while k < len(parsed) and parsed[k][0] == RESULT:
+                group.append(parsed[k][1])
+                k += 1
+            user, results = "", tuple(group)
+        if k == len(parsed):
+            what = "a tool result" if results else "a user turn"
+            raise UsageError(f"{where}: conversation ends with {what}: no assistant turn to train on; drop the last "
+                             f"message or add the answer")
+        if parsed[k][0] == RESULT:
+            raise UsageError(f"{where}: message {k + offset}: a tool result with no preceding call (the message "
+                             f"before it is not an assistant's tool call); put the call first or drop the result")
+        if parsed[k][0] != ASSISTANT:
+            raise UsageError(f"{where}: message {k + offset}: expected an assistant message, got {parsed[k][0]} "
+                             f"(roles must alternate user, assistant, user, assistant, ... after an optional system "
+                             f"message)")
+        text, calls = parsed[k][1]
+        turns.append(Turn(user, "", text, calls=calls, results=results))
+        k += 1
+    if any(t.calls for t in turns) or tools:
+        check_calls(turns, tools, where)
+    return Conversation(turns, system, tools)
 
 
 def to_conversation(rec: Any, fmt: str, cols: Columns, where: str) -> Conversation:
@@ -222,5 +287,8 @@ def to_conversation(rec: Any, fmt: str, cols: Columns, where: str) -> Conversati
 
 
 def text_length(conv: Conversation) -> int:
-    """Characters of text in ``conv``."""
-    return len(conv.system) + sum(len(t.instruction) + len(t.input) + len(t.output) for t in conv.turns)
+    """Characters of text in ``conv`` (tool schemas, calls and results included, as JSON)."""
+    n = len(conv.system) + sum(len(t.instruction) + len(t.input) + len(t.output) for t in conv.turns)
+    if conv.tools or any(t.calls or t.results for t in conv.turns):
+        n += len(json.dumps([conv.tools, [(t.calls, t.results) for t in conv.turns]], ensure_ascii=False))
+    return n

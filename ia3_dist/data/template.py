@@ -37,6 +37,7 @@ from ..config.schema import MAX_TEXT, _check_template
 from ..errors import UsageError
 from .chat_render import RenderLimit, compile_chat, render_chat, special_tokens
 from .records import Conversation, Turn
+from .tools import calls_text, results_text, tools_text
 
 TEMPLATE_FILE = "ia3_dist.json"
 HUMAN_ASSISTANT = "human_assistant"
@@ -139,61 +140,85 @@ class Template:
         return self.kind == HUMAN_ASSISTANT
 
     def _turn_prompt(self, t: Turn, first: bool, system: str) -> str:
-        prompt = self.prompt_template.format(instruction=t.instruction, input=t.input)
+        if t.results:  # the tools' answers stand where the user's message would
+            prompt = results_text(t.results)
+        else:
+            prompt = self.prompt_template.format(instruction=t.instruction, input=t.input)
         if self.strip_prompt:
             prompt = prompt.strip()
         prompt += self.response_prefix
         return f"{system}\n\n{prompt}" if first and system else prompt
 
     def segments(self, conv: Conversation, tok: Any, train_on: str = "all") -> list[Segment]:
-        """The conversation as ``(text, is_label)`` segments; labels on every assistant turn, or on the last one
-        only (``train_on="last"``)."""
+        """The conversation as ``(text, is_label)`` segments; labels on every assistant turn (its text and tool
+        calls), or on the last one only (``train_on="last"``); never on tool results."""
         last = len(conv.turns) - 1
         if self.kind == HUMAN_ASSISTANT:
             eos = tok.eos_token if self.append_eos else ""
+            preamble = "\n\n".join(x for x in (conv.system, tools_text(conv.tools) if conv.tools else "") if x)
             segs: list[Segment] = []
             for k, t in enumerate(conv.turns):
-                segs.append((self._turn_prompt(t, k == 0, conv.system), False))
-                segs.append((t.output + eos, train_on == "all" or k == last))
+                segs.append((self._turn_prompt(t, k == 0, preamble), False))
+                answer = "\n".join(x for x in (t.output, calls_text(t.calls)) if x) if t.calls else t.output
+                segs.append((answer + eos, train_on == "all" or k == last))
             return segs
         if len(conv.turns) > MAX_CHAT_TURNS:
             raise UsageError(f"{self.where}: a conversation of {len(conv.turns)} turns; under a chat template a "
                              f"conversation may have at most {MAX_CHAT_TURNS} (each turn's labels come from "
                              f"rendering the conversation up to it, so the cost grows with the square of the "
                              f"turns); split it into shorter conversations or use data.template=human_assistant")
-        msgs = _messages(conv)
+        msgs, ends = _messages(conv)
         segs, prev = [], ""
-        for k in range(len(conv.turns)):
-            upto_user = 2 * k + 1 + (1 if conv.system else 0)
-            prompt = self._render(tok, msgs[:upto_user], generation_prompt=True)
-            full = self._render(tok, msgs[:upto_user + 1], generation_prompt=False)
+        for k, (prompt_end, answer_end) in enumerate(ends):
+            prompt = self._render(tok, msgs[:prompt_end], True, conv.tools)
+            full = self._render(tok, msgs[:answer_end], False, conv.tools)
             if not (prompt.startswith(prev) and full.startswith(prompt)):
                 raise UsageError(f"{self.where}: the chat template does not render a conversation as a prefix of "
                                  f"its continuation (turn {k + 1}), so assistant spans cannot be labelled; use a "
                                  f"prefix-stable template or data.template=human_assistant")
+            answer = full[len(prompt):]
+            for c in conv.turns[k].calls:
+                if c["function"]["name"] not in answer:
+                    raise UsageError(f"{self.where}: the chat template drops the assistant's tool calls (turn "
+                                     f"{k + 1}'s call of {c['function']['name']!r} is not in what it renders), so "
+                                     f"the model would learn an empty answer; use a template that renders "
+                                     f"tool_calls or data.template=human_assistant")
             segs.append((prompt[len(prev):], False))
-            segs.append((full[len(prompt):], train_on == "all" or k == last))
+            segs.append((answer, train_on == "all" or k == last))
             prev = full
+        missing = [t["function"]["name"] for t in conv.tools if t["function"]["name"] not in prev]
+        if missing:
+            raise UsageError(f"{self.where}: the chat template does not render the record's tools ({missing[0]!r} "
+                             f"is nowhere in its output), so the model would call tools it was never shown; use a "
+                             f"template that renders tools or data.template=human_assistant")
         return segs
 
     def prompt_for(self, history: list[Turn], system: str, instruction: str, inp: str, tok: Any) -> str:
-        """The text a model continues to answer ``instruction`` after ``history`` (inference: generate, chat)."""
-        turns = [*history, Turn(instruction, inp, "")]
+        """The text a model continues to answer ``instruction`` after ``history``."""
+        return self.prompt_of(Conversation([*history, Turn(instruction, inp, "")], system), tok)
+
+    def prompt_of(self, conv: Conversation, tok: Any) -> str:
+        """The text a model continues to answer the last turn of ``conv`` (its user message or tool results; its
+        answer is ignored), with the conversation's tools offered as in training (inference: generate, chat)."""
+        last = conv.turns[-1]
+        conv = Conversation([*conv.turns[:-1], Turn(last.instruction, last.input, "", results=last.results)],
+                            conv.system, conv.tools)
         if self.kind == HUMAN_ASSISTANT:
-            segs = self.segments(Conversation(turns, system), tok)
+            segs = self.segments(conv, tok)
             return "".join(text for text, _ in segs[:-1])
-        msgs = _messages(Conversation(turns, system))[:-1]
-        return self._render(tok, msgs, generation_prompt=True)
+        msgs, ends = _messages(conv)
+        return self._render(tok, msgs[:ends[-1][0]], True, conv.tools)
 
     def prompt(self, instruction: str, inp: str = "") -> str:
         """The human_assistant prompt of one turn (needs no tokenizer)."""
         return self._turn_prompt(Turn(instruction, inp, ""), True, "")
 
-    def _render(self, tok: Any, msgs: list[dict[str, str]], generation_prompt: bool) -> str:
+    def _render(self, tok: Any, msgs: list[dict[str, Any]], generation_prompt: bool,
+                tools: tuple[dict[str, Any], ...] = ()) -> str:
         if not isinstance(self.chat_template, str) or len(self.chat_template) > MAX_CHAT_TEMPLATE:
             self.checked(self.where)
         try:
-            return render_chat(self.chat_template, msgs, generation_prompt, special_tokens(tok))
+            return render_chat(self.chat_template, msgs, generation_prompt, special_tokens(tok), list(tools) or None)
         except RenderLimit as e:
             raise UsageError(f"{self.where}: the chat template was stopped: {e}") from None
         except Exception as e:  # jinja2 raises TemplateError subclasses and whatever the template itself raises
@@ -240,10 +265,21 @@ def _show(v: Any) -> str:
     return r if len(r) <= 80 else r[:77] + "..."
 
 
-def _messages(conv: Conversation) -> list[dict[str, str]]:
-    """OpenAI-style messages of a conversation; alpaca's input joins its instruction on a new line."""
-    msgs = [{"role": "system", "content": conv.system}] if conv.system else []
+def _messages(conv: Conversation) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
+    """OpenAI-style messages of a conversation (as transformers' chat templates take them: tool calls with object
+    arguments, ``role: tool`` results) and, per turn, where its prompt side and its answer end in them; alpaca's
+    input joins its instruction on a new line."""
+    msgs: list[dict[str, Any]] = [{"role": "system", "content": conv.system}] if conv.system else []
+    ends = []
     for t in conv.turns:
-        msgs.append({"role": "user", "content": f"{t.instruction}\n{t.input}" if t.input else t.instruction})
-        msgs.append({"role": "assistant", "content": t.output})
-    return msgs
+        if t.results:
+            msgs += [{"role": "tool", **r} for r in t.results]
+        else:
+            msgs.append({"role": "user", "content": f"{t.instruction}\n{t.input}" if t.input else t.instruction})
+        prompt_end = len(msgs)
+        answer: dict[str, Any] = {"role": "assistant", "content": t.output}
+        if t.calls:
+            answer["tool_calls"] = [dict(c) for c in t.calls]
+        msgs.append(answer)
+        ends.append((prompt_end, len(msgs)))
+    return msgs, ends

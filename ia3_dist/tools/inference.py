@@ -394,9 +394,7 @@ def generate(model: Any, tok: Any, template: Template, requests: list[Conversati
     cut = 0
     try:
         for i in range(0, len(requests), batch_size):
-            prompts = [cut_to_tail(tok, template.prompt_for(c.turns[:-1], c.system, c.turns[-1].instruction,
-                                                            c.turns[-1].input, tok), budget,
-                                   template.add_special_tokens)
+            prompts = [cut_to_tail(tok, template.prompt_of(c, tok), budget, template.add_special_tokens)
                        for c in requests[i:i + batch_size]]
             enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=budget,
                       add_special_tokens=template.add_special_tokens)
@@ -461,6 +459,52 @@ def _from_messages(msgs: Any, where: str, role_key: str, content_key: str) -> Co
     return Conversation([*turns, Turn(pending, "", "")], system)
 
 
+TOOL_ROLES = ("tool", "function_call", "observation")
+MAX_TOOLS_FILE = 1 << 20
+
+
+def read_tools(path: str) -> tuple[dict[str, Any], ...]:
+    """``--tools FILE``: a JSON list of function schemas (bare or ``{"type": "function", "function": ...}``)."""
+    from ..data.tools import tool_list
+
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_TOOLS_FILE + 1)
+    except OSError as e:
+        raise UsageError(f"--tools {path}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > MAX_TOOLS_FILE:
+        raise UsageError(f"--tools {path}: larger than {MAX_TOOLS_FILE} bytes; not a list of tool schemas")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--tools {path}: not UTF-8 ({e.reason})") from None
+    return tool_list(text, "the tools", f"--tools {path}")
+
+
+def _uses_tools(obj: dict[str, Any]) -> bool:
+    msgs = obj.get("messages", obj.get("conversations"))
+    return "tools" in obj or (isinstance(msgs, list) and any(
+        isinstance(m, dict) and (m.get("role", m.get("from")) in TOOL_ROLES or "tool_calls" in m) for m in msgs))
+
+
+def _tool_request(obj: dict[str, Any], where: str) -> Conversation:
+    """A request with tools or tool turns, read by the training data's own parser (the same shapes, the same
+    checks): it ends with the user's message or the tools' results, the turn to answer."""
+    from ..data.formats import MESSAGES, SHAREGPT, Columns, to_conversation
+
+    fmt, key, role, content = ((MESSAGES, "messages", "role", "content") if "messages" in obj else
+                               (SHAREGPT, "conversations", "from", "value"))
+    msgs = obj.get(key)
+    if not isinstance(msgs, list) or not msgs:
+        raise UsageError(f"{where}: a request with tools needs 'messages' (or 'conversations') ending with the "
+                         f"user's message or the tools' results")
+    last = msgs[-1].get(role) if isinstance(msgs[-1], dict) else None
+    if last in ("assistant", "gpt", "function_call") or (isinstance(msgs[-1], dict) and "tool_calls" in msgs[-1]):
+        raise UsageError(f"{where}: the last message must be the user's or a tool result (the turn to answer)")
+    return to_conversation({**obj, key: [*msgs, {role: "assistant" if fmt == MESSAGES else "gpt", content: ""}]},
+                           fmt, Columns(None), where)
+
+
 def parse_request(line: str, where: str) -> Conversation:
     """A prompt line: plain text, or JSON as the training data spells it: ``{"instruction", "input", "system",
     "history"}``, ``{"messages": [{role, content}...]}`` or ``{"conversations": [{from, value}...]}``, ending with
@@ -476,6 +520,10 @@ def parse_request(line: str, where: str) -> Conversation:
         raise UsageError(f"{where}: invalid JSON ({e})") from None
     except RecursionError:
         raise UsageError(f"{where}: invalid JSON (nested too deeply)") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{where}: a JSON prompt must be an object")
+    if _uses_tools(obj):
+        return _tool_request(obj, where)
     if "messages" in obj:
         return _from_messages(obj["messages"], where, "role", "content")
     if "conversations" in obj:

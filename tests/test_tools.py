@@ -1,0 +1,309 @@
+"""Tool-calling conversations: sharegpt's function_call/observation turns (LLaMA-Factory's glaive_toolcall) and
+OpenAI-style messages (tool_calls, role: tool, a tools list) read into one conversation; rendered by the real
+Qwen2.5 and Llama 3.1 chat templates exactly as ``tokenizer.apply_chat_template(messages, tools=...)`` renders
+them, with labels on the assistant's text and calls and never on tool results; the documented human_assistant
+form; the same conversation in both formats gives the same tokens and labels; bad tool data is named by file and
+record; inference reads tool requests and shows the calls a model writes."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from ia3_dist.config import DataSection
+from ia3_dist.data.formats import MESSAGES, SHAREGPT, Columns, to_conversation
+from ia3_dist.data.records import load_records
+from ia3_dist.data.template import Template
+from ia3_dist.data.tokenize import tokenize
+from ia3_dist.data.tools import parse_calls
+from ia3_dist.errors import UsageError
+
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+WEATHER = {"name": "get_weather", "description": "The current weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "城市"}},
+                          "required": ["city"]}}
+TIME = {"name": "get_time", "description": "The local time in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+# One conversation, written the two ways people bring it: a user question, a call, its result, an answer that
+# uses it, a second question answered with a call made together with some text, its result, the last answer.
+SHAREGPT_REC = {
+    "conversations": [
+        {"from": "human", "value": "巴黎天气怎么样？"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": '{"temp": 21, "sky": "晴"}'},
+        {"from": "gpt", "value": "巴黎现在21度，晴。"},
+        {"from": "human", "value": "那里几点了？"},
+        {"from": "function_call", "value": json.dumps({"name": "get_time", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": '{"time": "14:05"}'},
+        {"from": "gpt", "value": "现在是14:05。"},
+    ],
+    "system": "你是一个会用工具的助手。",
+    "tools": json.dumps([WEATHER, TIME], ensure_ascii=False),
+}
+MESSAGES_REC = {
+    "messages": [
+        {"role": "system", "content": "你是一个会用工具的助手。"},
+        {"role": "user", "content": "巴黎天气怎么样？"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                               "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21, "sky": "晴"}'},
+        {"role": "assistant", "content": "巴黎现在21度，晴。"},
+        {"role": "user", "content": "那里几点了？"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_time", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": '{"time": "14:05"}'},
+        {"role": "assistant", "content": "现在是14:05。"},
+    ],
+    "tools": [{"type": "function", "function": WEATHER}, {"type": "function", "function": TIME}],
+}
+# What transformers' chat templates are given for it (arguments as objects, as its docs ask).
+HF_MESSAGES = [
+    {"role": "system", "content": "你是一个会用工具的助手。"},
+    {"role": "user", "content": "巴黎天气怎么样？"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": '{"temp": 21, "sky": "晴"}'},
+    {"role": "assistant", "content": "巴黎现在21度，晴。"},
+    {"role": "user", "content": "那里几点了？"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_time", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": '{"time": "14:05"}'},
+    {"role": "assistant", "content": "现在是14:05。"},
+]
+HF_TOOLS = [{"type": "function", "function": WEATHER}, {"type": "function", "function": TIME}]
+ANSWERS = ("巴黎现在21度，晴。", "现在是14:05。")
+RESULTS = ('{"temp": 21, "sky": "晴"}', '{"time": "14:05"}')
+QUESTIONS = ("巴黎天气怎么样？", "那里几点了？")
+
+
+def _label_spans(data, i: int, tok) -> list[str]:
+    s = slice(data.offsets[i], data.offsets[i + 1])
+    ids, mask = data.ids[s].tolist(), data.label_mask[s].astype(bool).tolist()
+    spans, cur = [], []
+    for t, m in zip(ids, mask, strict=True):
+        if m:
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    return [tok.decode(sp) for sp in spans]
+
+
+def _both(tmp_path: Path) -> list[Path]:
+    out = []
+    for name, rec in (("glaive.jsonl", SHAREGPT_REC), ("openai.jsonl", MESSAGES_REC)):
+        (tmp_path / name).write_text(json.dumps(rec, ensure_ascii=False) + "\n", encoding="utf-8")
+        out.append(tmp_path / name)
+    return out
+
+
+def _tokenized(path: Path, tok, **kw):
+    cfg = DataSection(path=str(path), max_length=4096, **kw)
+    return tokenize(load_records(cfg), tok, cfg)
+
+
+def test_both_formats_read_into_one_conversation() -> None:
+    a = to_conversation(SHAREGPT_REC, SHAREGPT, Columns(None), "r")
+    b = to_conversation(MESSAGES_REC, MESSAGES, Columns(None), "r")
+    assert a.tools == b.tools == tuple(HF_TOOLS) and a.system == b.system
+    # Turn by turn: question -> call, result -> answer, question -> call, result -> answer.
+    for conv in (a, b):
+        assert [(t.instruction, t.output, [c["function"]["name"] for c in t.calls],
+                 [r["content"] for r in t.results]) for t in conv.turns] == [
+            (QUESTIONS[0], "", ["get_weather"], []), ("", ANSWERS[0], [], [RESULTS[0]]),
+            (QUESTIONS[1], "", ["get_time"], []), ("", ANSWERS[1], [], [RESULTS[1]])]
+        assert all(c["function"]["arguments"] == {"city": "Paris"} for t in conv.turns for c in t.calls)
+    # The messages version keeps what the data gave besides (ids), which templates may use.
+    assert b.turns[0].calls[0]["id"] == "call_1" and b.turns[1].results[0]["tool_call_id"] == "call_1"
+
+
+def test_human_assistant_form(tiny_tokenizer, tmp_path: Path) -> None:
+    tok = tiny_tokenizer
+    glaive, openai = _both(tmp_path)
+    conv = load_records(DataSection(path=str(glaive))).examples[0]
+    segs = Template().segments(conv, tok)
+    eos = tok.eos_token
+    tools = "Tools:\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in (WEATHER, TIME))
+    assert segs == [
+        (f"你是一个会用工具的助手。\n\n{tools}\n\nHuman: 巴黎天气怎么样？\n\nAssistant: ", False),
+        ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' + eos, True),
+        ('Observation: {"temp": 21, "sky": "晴"}\n\nAssistant: ', False),
+        ("巴黎现在21度，晴。" + eos, True),
+        ("Human: 那里几点了？\n\nAssistant: ", False),
+        ('<tool_call>{"name": "get_time", "arguments": {"city": "Paris"}}</tool_call>' + eos, True),
+        ('Observation: {"time": "14:05"}\n\nAssistant: ', False),
+        ("现在是14:05。" + eos, True),
+    ]
+    # The same tokens and labels from either format; the labels decode to the calls and answers only.
+    a, b = _tokenized(glaive, tok), _tokenized(openai, tok)
+    assert a.ids.tolist() == b.ids.tolist() and a.label_mask.tolist() == b.label_mask.tolist()
+    spans = _label_spans(a, 0, tok)
+    assert len(spans) == 4 and "get_weather" in spans[0] and spans[1].startswith(ANSWERS[0])
+    assert not any(r in s for s in spans for r in RESULTS) and not any(q in s for s in spans for q in QUESTIONS)
+    # train_on=last: only the final answer.
+    last = _label_spans(_tokenized(glaive, tok, train_on="last"), 0, tok)
+    assert len(last) == 1 and last[0].startswith(ANSWERS[1])
+
+
+BAD = {
+    "result without a call": ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"},
+                                            {"role": "assistant", "content": "a"}]},
+                              "message 1: a tool result with no preceding call"),
+    "result first": ({"conversations": [{"from": "observation", "value": "r"}, {"from": "gpt", "value": "a"}]},
+                     "message 0: a tool result with no preceding call"),
+    "arguments not JSON": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{city: Paris"}}]}]},
+        "message 1: malformed tool call arguments: not JSON"),
+    "function_call not JSON": ({"conversations": [{"from": "human", "value": "q"},
+                                                  {"from": "function_call", "value": "get_weather(Paris)"}]},
+                               "message 1: malformed function_call: not JSON"),
+    "arguments not an object": ({"conversations": [{"from": "human", "value": "q"}, {
+        "from": "function_call", "value": '{"name": "f", "arguments": [1, 2]}'}]},
+        "message 1: malformed tool call arguments: expected a JSON object"),
+    "call without a name": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"arguments": {}}}]}]}, "message 1: malformed tool call"),
+    "unknown tool role": ({"messages": [{"role": "user", "content": "q"}, {"role": "ipython", "content": "r"},
+                                       {"role": "assistant", "content": "a"}]},
+                          "message 1: unknown role 'ipython'; accepted roles: system (system), user (user), "
+                          "assistant (assistant), tool (tool)"),
+    "ends with a result": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
+        {"function": {"name": "f", "arguments": {}}}]}, {"role": "tool", "content": "r"}]},
+        "conversation ends with a tool result"),
+    "undeclared tool": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
+        {"function": {"name": "g", "arguments": {}}}]}], "tools": [WEATHER]},
+        "turn 1 calls tool 'g', which the record's tools do not declare (get_weather)"),
+    "tools not a list": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                          "tools": {"name": "f"}}, "field 'tools' must be a list of function schemas"),
+    "tools JSON broken": ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+                           "tools": "[{"}, "malformed field 'tools' (a JSON list of function schemas): not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_tool_data_is_named_by_file_and_record(case: str, tmp_path: Path) -> None:
+    rec, needle = BAD[case]
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(rec) + "\n", encoding="utf-8")
+    with pytest.raises(UsageError) as e:
+        load_records(DataSection(path=str(f)))
+    assert str(e.value).startswith(f"{f}:1: {needle}"), str(e.value)
+
+
+def test_bad_tool_data_exits_2_in_the_preflight(tmp_path: Path, tiny_model: Path, capsys) -> None:
+    from ia3_dist.cli import main
+
+    f = tmp_path / "d.jsonl"
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    f.write_text(json.dumps(good) + "\n" + json.dumps(BAD["result without a call"][0]) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    rc = main(["check", "--config", str(Path(__file__).parents[1] / "configs" / "tiny-cpu.yaml"),
+               f"model.path={tiny_model}", f"data.path={f}", f"output.dir={out}"])
+    assert rc == 2 and f"{f}:2: message 1: a tool result with no preceding call" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_template_that_ignores_tools_is_refused(tiny_tokenizer, tmp_path: Path) -> None:
+    glaive, _ = _both(tmp_path)
+    plain = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    conv = load_records(DataSection(path=str(glaive))).examples[0]
+    with pytest.raises(UsageError, match="drops the assistant's tool calls"):
+        Template("chat_template", chat_template=plain).segments(conv, tiny_tokenizer)
+    no_calls = copy.deepcopy(conv)
+    no_calls.turns = [t for t in conv.turns if not t.calls and not t.results] or [
+        type(conv.turns[0])(QUESTIONS[0], "", ANSWERS[0])]
+    with pytest.raises(UsageError, match="does not render the record's tools"):
+        Template("chat_template", chat_template=plain).segments(no_calls, tiny_tokenizer)
+
+
+def test_parse_calls_reads_the_forms_models_write() -> None:
+    assert parse_calls('先查一下。\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                       '</tool_call>') == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert parse_calls('{"name": "get_time", "parameters": {"city": "Paris"}}') == [
+        {"name": "get_time", "parameters": {"city": "Paris"}}]
+    assert parse_calls("巴黎现在21度。") == [] and parse_calls("<tool_call>not json</tool_call>") == []
+
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    pm = get_peft_model(model, IA3Config(task_type="CAUSAL_LM"))
+    d = tmp_path_factory.mktemp("adapter") / "adapter"
+    pm.save_pretrained(str(d))
+    return d
+
+
+class _Recorder:
+    """The real generate, recording each prompt it renders; ``answers`` (when given) replace the tiny random
+    model's text, which never calls a tool, so the display of a call can be checked."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, answers: list[str] | None = None) -> None:
+        from ia3_dist.tools import inference
+
+        self.prompts: list[str] = []
+        self.answers = list(answers or [])
+        real = inference.generate
+
+        def run(model, tok, template, requests, opts, batch_size=8):
+            self.prompts += [template.prompt_of(c, tok) for c in requests]
+            out = real(model, tok, template, requests, opts, batch_size)
+            return [self.answers.pop(0) for _ in out] if self.answers else out
+
+        monkeypatch.setattr(inference, "generate", run)
+
+
+def test_generate_takes_tools_and_shows_the_calls(adapter: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from ia3_dist.cli import main
+
+    req = {"messages": HF_MESSAGES[1:4], "tools": HF_TOOLS}
+    call = '<tool_call>{"name": "get_time", "arguments": {"city": "Paris"}}</tool_call>'
+    rec = _Recorder(monkeypatch, ["巴黎现在21度。", call])
+    assert main(["generate", "--adapter", str(adapter), "--max-new-tokens", "2", json.dumps(req, ensure_ascii=False),
+                 json.dumps({"messages": [HF_MESSAGES[5]], "tools": HF_TOOLS}, ensure_ascii=False)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    # The first request ends with the tool's result: the prompt is the training form up to it.
+    tools = "Tools:\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in (WEATHER, TIME))
+    assert rec.prompts[0] == (f"{tools}\n\nHuman: 巴黎天气怎么样？\n\nAssistant: "
+                              '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call></s>'
+                              'Observation: {"temp": 21, "sky": "晴"}\n\nAssistant: ')
+    assert lines[0]["response"] == "巴黎现在21度。" and "tool_calls" not in lines[0]
+    assert lines[1]["tool_calls"] == [{"name": "get_time", "arguments": {"city": "Paris"}}]
+    # A request that ends with the assistant's call has nothing to answer.
+    bad = {"messages": HF_MESSAGES[1:3], "tools": HF_TOOLS}
+    assert main(["generate", "--adapter", str(adapter), json.dumps(bad)]) == 2
+    assert "the last message must be the user's or a tool result" in capsys.readouterr().err
+
+
+def test_chat_offers_tools_shows_a_call_and_takes_its_result(adapter: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import io
+
+    from ia3_dist.cli import main
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER, TIME], ensure_ascii=False), encoding="utf-8")
+    rec = _Recorder(monkeypatch, ['<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+                                  "巴黎现在21度，晴。"])
+    monkeypatch.setattr("sys.stdin", io.StringIO('/result {"temp": 1}\n巴黎天气怎么样？\n/result {"temp": 21, "sky": '
+                                                 '"晴"}\n/quit\n'))
+    assert main(["chat", "--adapter", str(adapter), "--max-new-tokens", "2", "--tools", str(tools)]) == 0
+    cap = capsys.readouterr()
+    assert "2 tools offered" in cap.out and "there is none to answer" in cap.err
+    assert 'Tool call: get_weather {"city": "Paris"}' in cap.out and "Assistant: 巴黎现在21度，晴。" in cap.out
+    assert rec.prompts[1].endswith('</tool_call></s>Observation: {"temp": 21, "sky": "晴"}\n\nAssistant: ')
+    assert rec.prompts[1].startswith("Tools:\n")
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"description": "no name"}]')
+    assert main(["chat", "--adapter", str(adapter), "--tools", str(bad)]) == 2
+    assert f"--tools {bad}: the tools entry 0 is not a function schema" in capsys.readouterr().err
