@@ -1,6 +1,7 @@
 """``ia3-dist eval`` (issue 33): a run's checkpoints on a local multiple-choice task with the base loaded once and
-each checkpoint's vectors swapped in, equal to lm-eval's own CLI on that checkpoint exported as a merged model; the
-held-out loss per checkpoint; refusals before anything loads."""
+each checkpoint's vectors swapped in, data-parallel on 2 ranks, equal to lm-eval's own CLI on that checkpoint
+exported as a merged model and to one process loading it afresh; the held-out loss per checkpoint; refusals before
+anything loads."""
 
 from __future__ import annotations
 
@@ -57,8 +58,11 @@ def _lm_eval_cli(model_dir: Path, out: Path) -> dict:
 def test_checkpoints_equal_lm_eval_on_their_merged_exports(run: Path, tmp_path: Path, monkeypatch,
                                                            capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(ROOT)
-    assert main(["eval", str(run), "--tasks", "tiny_mc", "--include", str(TASKS)]) == 0
-    text = capsys.readouterr().out
+    # Data-parallel on 2 ranks (each task's documents and the held-out data split between them); the single-process
+    # path is the fresh adapter's below, and the two must agree exactly.
+    proc = check(launch(["eval", str(run), "--tasks", "tiny_mc", "--include", str(TASKS)], nproc=2))
+    text = proc.stdout
+    assert "evaluated step5 (step 5) on 2 ranks" in text
     rows = json.loads((run / "eval" / "results.json").read_text())["rows"]
     got = {(r["checkpoint"], r["task"], r["metric"]): r["value"] for r in rows}
     assert {c for c, _, _ in got} == {"step5", "final"}  # step10 is the final adapter's step

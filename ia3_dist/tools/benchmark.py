@@ -1,5 +1,6 @@
 """``ia3-dist eval RUN_OR_ADAPTER --tasks ...``: every checkpoint of a run on benchmarks (lm-evaluation-harness,
-offline) and on the run's held-out data, with the base model loaded once.
+offline) and on the run's held-out data, with the base model loaded once; data-parallel over the ranks it is
+launched on (``torchrun --nproc_per_node N launch.py eval ...``, ``srun``).
 
 A checkpoint is a few hundred K IA3 scalings over a shared base: the base and the adapter structure are loaded
 once (from the run's final adapter), and each checkpoint's vectors (the fp32 masters of its layout-independent
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from ..runtime import safe_io
+from ..runtime import dist, safe_io
+from ..runtime.dist import DistEnv
 from .summary import RESULTS
 
 TAG = re.compile(r"step([0-9]+)")
@@ -214,18 +216,48 @@ def check_tasks(tasks: list[str], include: Path | None) -> Any:
     return tm
 
 
-def run_tasks(model: Any, tok: Any, tasks: list[str], tm: Any, batch_size: int, limit: int | None) -> dict:
-    """``{task: {metric: value}}`` (lm-eval's ``metric,filter`` keys; stderr entries left out)."""
-    from lm_eval import simple_evaluate
+def _ranked_lm(model: Any, tok: Any, batch_size: int, env: DistEnv) -> Any:
+    """lm-eval's HF model on the already loaded (vector-swapped) model, taking part in this job's process group:
+    lm-eval then builds each task's requests for documents ``rank, rank + world, ...`` and gathers the per-document
+    metrics to rank 0 before aggregating them (its own data-parallel path, which it otherwise runs only under
+    ``accelerate launch`` with a model it loads itself)."""
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(next(model.parameters()).device))
+    class RankedLM(HFLM):
+        def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+            if self.world_size <= 1:
+                return tensor
+            one = tensor.reshape(1) if tensor.dim() == 0 else tensor
+            parts = [torch.zeros_like(one) for _ in range(self.world_size)]
+            torch.distributed.all_gather(parts, one)
+            return torch.cat(parts)
+
+        def barrier(self) -> None:
+            dist.barrier()
+
+    lm = RankedLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(next(model.parameters()).device))
+    lm._rank, lm._world_size = env.rank, env.world_size
+    return lm
+
+
+def run_tasks(model: Any, tok: Any, tasks: list[str], tm: Any, batch_size: int, limit: int | None,
+              env: DistEnv | None = None) -> dict:
+    """``{task: {metric: value}}`` (lm-eval's ``metric,filter`` keys; stderr entries left out); on ranks other than
+    0 of a data-parallel evaluation, ``{}`` (rank 0 holds the gathered result)."""
+    from lm_eval import simple_evaluate
+
+    env = env or DistEnv(0, 0, 1, 1)
+    lm = _ranked_lm(model, tok, batch_size, env)
     try:
         res = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, bootstrap_iters=0, log_samples=False,
                               limit=limit)
     except Exception as e:  # datasets and lm-eval raise many types for missing data and bad task definitions
+        if env.world_size > 1:
+            raise  # a rank that stops alone leaves the others in a collective: fail the job, not exit 2
         raise UsageError(f"--tasks {','.join(tasks)}: lm-eval could not run them ({' '.join(str(e).split())[:300]})"
                          f"; is every task's data on this machine?") from None
+    if res is None:
+        return {}
     out = {}
     for task, metrics in res["results"].items():
         out[task] = {k: float(v) for k, v in metrics.items()
@@ -243,34 +275,40 @@ def heldout_data(cfg: Any, tok: Any) -> Any:
     return load_data(cfg, tok)[1]
 
 
-def heldout_loss(model: Any, tok: Any, data: Any, batch: int) -> float:
-    """The held-out loss of ``data`` under the model's current vectors."""
-    from ..runtime.dist import DistEnv
+def heldout_loss(model: Any, tok: Any, data: Any, batch: int, env: DistEnv | None = None) -> float:
+    """The held-out loss of ``data`` under the model's current vectors (sharded over the ranks of ``env``, summed
+    by token as training's eval is)."""
     from ..train.evaluate import evaluate
 
     class _Engine:
         """What :func:`..train.evaluate.evaluate` asks of an engine, on a plain module."""
 
         def __init__(self, module: Any) -> None:
-            self.module, self.device = module, torch.device("cpu")
+            self.module, self.device = module, next(model.parameters()).device
 
         def __call__(self, **kw: Any) -> Any:
             return self.module(**kw)
 
     from ..models.loss import TokenSumLM
 
-    res = evaluate(_Engine(TokenSumLM(model)), data, DistEnv(0, 0, 1, 1), batch, tok.pad_token_id,
+    res = evaluate(_Engine(TokenSumLM(model)), data, env or DistEnv(0, 0, 1, 1), batch, tok.pad_token_id,
                    getattr(tok, "padding_side", "right"))
     return res["eval_loss"]
 
 
 def evaluate_points(adapter: Path, pts: list[Point], tasks: list[str], tm: Any, batch_size: int,
-                    limit: int | None, run: Path | None, base: str | None = None) -> list[dict]:
-    """Rows ``{checkpoint, step, task, metric, value}``: the base loaded once, each point's vectors swapped in."""
+                    limit: int | None, run: Path | None, base: str | None = None,
+                    env: DistEnv | None = None) -> list[dict]:
+    """Rows ``{checkpoint, step, task, metric, value}``: the base loaded once, each point's vectors swapped in.
+    On several ranks each evaluates its share of every task and of the held-out data; rank 0 returns the rows,
+    the others ``[]``."""
     from ..models.ia3 import fix_query_scales
     from .inference import load_for_inference
 
+    env = env or DistEnv(0, 0, 1, 1)
     model, tok, _, _ = load_for_inference(str(adapter), base)
+    if torch.cuda.is_available():
+        model.to(torch.device("cuda", env.local_rank % torch.cuda.device_count()))
     held_out = None
     if run is not None and (run / "run.yaml").is_file():
         from ..config import load_config
@@ -283,15 +321,16 @@ def evaluate_points(adapter: Path, pts: list[Point], tasks: list[str], tm: Any, 
     rows = []
     for p in pts:
         swap_in(model, vectors_of(p), str(p.path))
-        scores = run_tasks(model, tok, tasks, tm, batch_size, limit) if tasks else {}
+        scores = run_tasks(model, tok, tasks, tm, batch_size, limit, env) if tasks else {}
         for task, metrics in scores.items():
             for metric, value in metrics.items():
                 rows.append({"checkpoint": p.name, "step": p.step, "task": task, "metric": metric, "value": value})
         if held_out is not None:
-            loss = heldout_loss(model, tok, held_out, batch_size)
+            loss = heldout_loss(model, tok, held_out, batch_size, env)
             rows.append({"checkpoint": p.name, "step": p.step, "task": "heldout", "metric": "loss", "value": loss})
-        print(f"evaluated {p.name} (step {p.step})", flush=True)
-    return rows
+        dist.print0(env, f"evaluated {p.name} (step {p.step})" + (f" on {env.world_size} ranks"
+                                                                   if env.world_size > 1 else ""))
+    return rows if env.is_main else []
 
 
 def table(rows: list[dict]) -> str:
@@ -354,7 +393,18 @@ def main(argv: list[str], prog: str) -> int:
         raise UsageError("--batch-size and --limit must be positive")
     adapter, pts = points_of(path, args.checkpoints)
     tm = check_tasks(tasks, args.include) if tasks else None
-    rows = evaluate_points(adapter, pts, tasks, tm, args.batch_size, args.limit, run, args.base)
+    # Launched on several ranks (torchrun, deepspeed, srun), every rank has made the checks above alike; they
+    # then split each task's documents and the held-out data, and rank 0 writes what they found together.
+    env = dist.detect()
+    if env.world_size > 1:
+        dist.setup_threads(env)
+        dist.init(env)
+    try:
+        rows = evaluate_points(adapter, pts, tasks, tm, args.batch_size, args.limit, run, args.base, env)
+    finally:
+        dist.destroy()
+    if not env.is_main:
+        return 0
     out = args.out or ((run or path) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).write_text(json.dumps({"tasks": tasks, "rows": rows}, indent=1) + "\n", encoding="utf-8")
