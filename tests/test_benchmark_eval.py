@@ -90,6 +90,42 @@ def test_checkpoints_equal_lm_eval_on_their_merged_exports(run: Path, tmp_path: 
 
 
 @pytest.mark.slow
+def test_benchmarks_during_training_follow_the_best_on_zero2_and_zero3(tmp_path: Path, demo_model: Path, monkeypatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """eval.tasks at eval.every on 2 ranks: data-parallel under ZeRO-2, every rank the whole task under ZeRO-3 (its
+    forward passes gather parameters collectively); both log the same scores, equal to ia3-dist eval on the
+    checkpoints afterwards, and checkpoint.keep_best follows a benchmark metric."""
+    monkeypatch.chdir(ROOT)
+    metric = "tiny_mc/acc_norm,none"
+    common = ["--config", TINY, f"model.path={demo_model}", "train.max_steps=6", "checkpoint.every=3",
+              "checkpoint.keep=3", "eval.tasks=[tiny_mc]", f"eval.include={TASKS}", "eval.every=3",
+              f"checkpoint.keep_best={metric}", "train.lr=3e-2"]
+    logged = {}
+    for ds in ("zero2", "zero3"):
+        out = tmp_path / ds
+        proc = check(launch([*common, f"deepspeed.config={ds}", f"output.dir={out}"], nproc=2))
+        assert "benchmarks: tiny_mc/acc,none" in proc.stdout, proc.stdout[-1500:]
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        logged[ds] = {r["step"]: r for r in recs if metric in r}
+        assert sorted(logged[ds]) == [3, 6]
+    for step in (3, 6):
+        for m in ("tiny_mc/acc,none", metric):
+            assert logged["zero3"][step][m] == pytest.approx(logged["zero2"][step][m], abs=1e-6), (step, m)
+    # The same scores from ia3-dist eval on the checkpoints afterwards (one process, vectors swapped in).
+    run = tmp_path / "zero2"
+    assert main(["eval", str(run), "--tasks", "tiny_mc", "--include", str(TASKS), "--checkpoints", "step3,final"]) == 0
+    capsys.readouterr()
+    rows = json.loads((run / "eval" / "results.json").read_text())["rows"]
+    after = {(r["step"], f"{r['task']}/{r['metric']}"): r["value"] for r in rows}
+    for step in (3, 6):
+        for m in ("tiny_mc/acc,none", metric):
+            assert after[(step, m)] == pytest.approx(logged["zero2"][step][m], abs=1e-6), (step, m)
+    # checkpoint.keep_best: the first step with the highest acc_norm.
+    best = max((3, 6), key=lambda s: (logged["zero2"][s][metric], -s))
+    assert (run / "checkpoints" / "best").read_text().strip() == f"step{best}"
+
+
+@pytest.mark.slow
 def test_refusals_before_anything_loads(run: Path, tmp_path: Path, monkeypatch,
                                         capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(ROOT)

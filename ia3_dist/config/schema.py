@@ -660,6 +660,39 @@ class HardwareSection:
 
 
 @dataclass
+class EvalSection:
+    """Benchmarks during training: lm-evaluation-harness tasks on the live model (data-parallel over the ranks),
+    as ``ia3-dist eval`` runs them on checkpoints afterwards."""
+
+    tasks: list[str] | None = None
+    """lm-eval task names (its registry, with the data on this machine, or local task files in ``eval.include``);
+    each metric is logged as ``<task>/<metric>`` (e.g. ``tiny_mc/acc,none``), and ``train.early_stopping.metric``
+    and ``checkpoint.keep_best`` may follow one."""
+    include: str | None = None
+    """A directory of local task YAML files (their data files must be local: training runs offline)."""
+    every: int = 0
+    """Steps between benchmark evaluations (and one at the end); 0: at every held-out evaluation
+    (``train.eval_every``), or only at the end without one."""
+    limit: int | None = None
+    """At most this many documents per task (a quick signal on big benchmarks)."""
+    batch_size: int = 8
+    """Requests per forward pass."""
+
+    def __post_init__(self) -> None:
+        if self.tasks is not None:
+            if not self.tasks or not all(t.strip() for t in self.tasks):
+                fail("eval.tasks", "name at least one lm-eval task, none empty (or null for no benchmarks)")
+            if len(self.tasks) > 256:
+                fail("eval.tasks", f"{len(self.tasks)} tasks; at most 256")
+        elif self.include is not None:
+            fail("eval.include", "names task files for eval.tasks; set eval.tasks too")
+        _in_range("eval.every", self.every, 0, MAX_STEPS)
+        _in_range("eval.batch_size", self.batch_size, 1, 1 << 16)
+        if self.limit is not None:
+            _in_range("eval.limit", self.limit, 1, MAX_STEPS)
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     """Base model and tokenizer."""
@@ -677,6 +710,8 @@ class RunConfig:
     """Where results go."""
     hardware: HardwareSection = field(default_factory=HardwareSection)
     """The hardware the run is sized for (used by ``ia3-dist plan``)."""
+    eval: EvalSection = field(default_factory=EvalSection)
+    """Benchmarks during training (lm-eval tasks)."""
 
     def __post_init__(self) -> None:
         pairs = self.train.objective != "sft"
@@ -690,13 +725,20 @@ class RunConfig:
             fail("data.format", "prompt is a preference-pair format (prompt, chosen, rejected); set "
                                 "train.objective to dpo, orpo or simpo")
         valid = EVAL_METRICS[self.train.objective]
+        tasks = self.eval.tasks or []
         for key, metric in (("train.early_stopping.metric", self.train.early_stopping.metric),
                             ("checkpoint.keep_best", self.checkpoint.keep_best)):
             if not metric:
                 continue
+            if metric.partition("/")[0] in tasks and metric.partition("/")[2]:
+                if not (self.eval.every or self.train.eval_every):
+                    fail(key, f"follows the benchmark {show(metric)}: set eval.every (or train.eval_every) so it is "
+                              f"evaluated during training")
+                continue
             if metric not in valid:
+                bench = f", or <task>/<metric> of eval.tasks {tasks}" if tasks else ""
                 fail(key, f"{show(metric)} is not a held-out metric of train.objective={self.train.objective}; "
-                          f"one of {', '.join(valid)}")
+                          f"one of {', '.join(valid)}{bench}")
             if not (self.data.eval_ratio or self.data.eval_path) or not self.train.eval_every:
                 fail(key, "follows the held-out evaluation: set data.eval_ratio (or data.eval_path) and "
                           "train.eval_every (evaluations every N steps)")

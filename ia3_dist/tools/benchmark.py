@@ -26,6 +26,7 @@ import torch
 from ..errors import UsageError
 from ..runtime import dist, safe_io
 from ..runtime.dist import DistEnv
+from ..train.benchmarks import check_tasks, run_tasks
 from .summary import RESULTS
 
 TAG = re.compile(r"step([0-9]+)")
@@ -166,103 +167,6 @@ def swap_in(peft_model: Any, vectors: dict[str, torch.Tensor], where: str) -> No
                 raise UsageError(f"{where}: {n} has shape {tuple(vectors[n].shape)}, the adapter's is "
                                  f"{tuple(q.shape)}")
             q.copy_(vectors[n].to(q.dtype))
-
-
-def require_lm_eval() -> Any:
-    try:
-        import lm_eval
-    except ImportError:
-        raise UsageError("ia3-dist eval runs lm-evaluation-harness, which is not installed: pip install "
-                         "'ia3-dist[eval]' (or lm-eval>=0.4.13,<0.5)") from None
-    return lm_eval
-
-
-def _local_task_files(include: Path | None) -> None:
-    """Every data file a local task YAML names must exist here: the job runs offline."""
-    if include is None:
-        return
-    import yaml
-
-    if not include.is_dir():
-        raise UsageError(f"--include {include}: not a directory of task YAML files")
-    for f in sorted(include.glob("*.yaml")):
-        try:
-            spec = yaml.safe_load(f.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UsageError(f"{f}: not a valid task YAML ({' '.join(str(e).split())[:200]})") from None
-        if not isinstance(spec, dict):
-            raise UsageError(f"{f}: a task file is a mapping (task, dataset_path, output_type, ...)")
-        files = (spec.get("dataset_kwargs") or {}).get("data_files") if isinstance(spec.get("dataset_kwargs"),
-                                                                                    dict) else None
-        for split, name in (files.items() if isinstance(files, dict) else []):
-            for one in name if isinstance(name, list) else [name]:
-                p = Path(one).expanduser()  # datasets resolves a relative path from the working directory
-                if not p.is_file():
-                    raise UsageError(f"{f}: task {spec.get('task')!r} names data file {one} ({split}), which is not "
-                                     f"on this machine; evaluation runs offline")
-
-
-def check_tasks(tasks: list[str], include: Path | None) -> Any:
-    """lm-eval's TaskManager with the local tasks; every task known (a UsageError naming the unknown ones)."""
-    require_lm_eval()
-    _local_task_files(include)
-    from lm_eval.tasks import TaskManager
-
-    tm = TaskManager(include_path=str(include) if include else None)
-    unknown = [t for t in tasks if t not in tm.all_tasks]
-    if unknown:
-        raise UsageError(f"--tasks: unknown task(s) {unknown}: not in lm-eval's registry nor in "
-                         f"{include or 'a local task dir (--include DIR)'}")
-    return tm
-
-
-def _ranked_lm(model: Any, tok: Any, batch_size: int, env: DistEnv) -> Any:
-    """lm-eval's HF model on the already loaded (vector-swapped) model, taking part in this job's process group:
-    lm-eval then builds each task's requests for documents ``rank, rank + world, ...`` and gathers the per-document
-    metrics to rank 0 before aggregating them (its own data-parallel path, which it otherwise runs only under
-    ``accelerate launch`` with a model it loads itself)."""
-    from lm_eval.models.huggingface import HFLM
-
-    class RankedLM(HFLM):
-        def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-            if self.world_size <= 1:
-                return tensor
-            one = tensor.reshape(1) if tensor.dim() == 0 else tensor
-            parts = [torch.zeros_like(one) for _ in range(self.world_size)]
-            torch.distributed.all_gather(parts, one)
-            return torch.cat(parts)
-
-        def barrier(self) -> None:
-            dist.barrier()
-
-    lm = RankedLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(next(model.parameters()).device))
-    lm._rank, lm._world_size = env.rank, env.world_size
-    return lm
-
-
-def run_tasks(model: Any, tok: Any, tasks: list[str], tm: Any, batch_size: int, limit: int | None,
-              env: DistEnv | None = None) -> dict:
-    """``{task: {metric: value}}`` (lm-eval's ``metric,filter`` keys; stderr entries left out); on ranks other than
-    0 of a data-parallel evaluation, ``{}`` (rank 0 holds the gathered result)."""
-    from lm_eval import simple_evaluate
-
-    env = env or DistEnv(0, 0, 1, 1)
-    lm = _ranked_lm(model, tok, batch_size, env)
-    try:
-        res = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, bootstrap_iters=0, log_samples=False,
-                              limit=limit)
-    except Exception as e:  # datasets and lm-eval raise many types for missing data and bad task definitions
-        if env.world_size > 1:
-            raise  # a rank that stops alone leaves the others in a collective: fail the job, not exit 2
-        raise UsageError(f"--tasks {','.join(tasks)}: lm-eval could not run them ({' '.join(str(e).split())[:300]})"
-                         f"; is every task's data on this machine?") from None
-    if res is None:
-        return {}
-    out = {}
-    for task, metrics in res["results"].items():
-        out[task] = {k: float(v) for k, v in metrics.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool) and "_stderr" not in k}
-    return out
 
 
 def heldout_data(cfg: Any, tok: Any) -> Any:

@@ -315,9 +315,15 @@ class Trainer:
             dist.print0(self.p.env, f"early stopping: {self.selection.stopped_early}")
         return stop
 
-    def run_eval(self, step: int) -> dict[str, float]:
+    def run_eval(self, step: int, heldout: bool = True, bench: bool = False) -> dict[str, float]:
+        """The held-out evaluation and (``eval.tasks``) the benchmarks due at ``step``, logged as one line."""
         self.flush()
-        res = self.objective.evaluate(self, on_batch=lambda: self.watchdog.beat(step, "eval", arm=False))
+        beat = lambda: self.watchdog.beat(step, "eval", arm=False)  # noqa: E731
+        res: dict[str, float] = {}
+        if heldout and self.p.eval_data is not None:
+            res.update(self.objective.evaluate(self, on_batch=beat))
+        if bench and self.p.bench is not None:
+            res.update(self.p.bench.run(self.peft_model, self.p.tokenizer, beat))
         self.log.log({"step": step, **res})
         return res
 
@@ -381,17 +387,19 @@ class Trainer:
                     if warn and not self._warned:
                         self._warned = True
                         dist.print0(p.env, warn)
-                if p.eval_data is not None and t.eval_every and done % t.eval_every == 0 and done < self.end:
-                    res = self.run_eval(done)
+                heldout = p.eval_data is not None and bool(t.eval_every) and done % t.eval_every == 0
+                bench = p.bench is not None and p.bench.due(done, p.total_steps)
+                if (heldout or bench) and done < self.end:
+                    res = self.run_eval(done, heldout, bench)
                     if self.selection.active and self.follow(done, res):
                         self.end = done  # finish() saves this step, with the reason in its meta.json
                         return res
                 if p.cfg.checkpoint.every and done % p.cfg.checkpoint.every == 0 and self.saved < done < self.end:
                     self.save(done)
             self.flush()
-            if p.eval_data is None:
+            if p.eval_data is None and p.bench is None:
                 return None
-            res = self.run_eval(self.end)
+            res = self.run_eval(self.end, True, p.bench is not None)
             if self.selection.active and self.end == p.total_steps:
                 self.follow(self.end, res)  # the last evaluation counts too (a best at the end is kept)
             return res

@@ -183,6 +183,7 @@ class MetricsLog:
                 fh.write(json.dumps(rec) + "\n")
         self.trackers.log(rec)
         short = {k: rec[k] for k in CONSOLE if k in rec}
+        short.update({k: v for k, v in rec.items() if "/" in k and "," in k})  # benchmarks: task/metric,filter
         self.bar.set_postfix(short, refresh=False)
         self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
                                 {"step": rec.get("step"), **short}.items()))

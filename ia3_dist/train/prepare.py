@@ -63,6 +63,8 @@ class Prepared:
     """The checkpoint was saved on another layout (ranks, cut or ZeRO stage): its layout-independent state loads."""
     resume_line: str = ""
     """What the rank log says about the resume (saved on W ranks, now on W')."""
+    bench: Any = None
+    """``eval.tasks``: the benchmark runner (:class:`.benchmarks.Benchmarks`), its tasks checked; None without."""
 
 
 def eval_section(cfg: RunConfig) -> Any:
@@ -270,8 +272,15 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         line = ckpt.resume_line(resume_from, saved, meta, portable)
         if not portable:
             safe_load.check_checkpoint_dir(resume_from)
+    bench = None
+    if cfg.eval.tasks:
+        from .benchmarks import Benchmarks
+
+        # lm-eval installed, every task known and its data on this machine: refused here, exit 2, not mid-run.
+        bench = Benchmarks(cfg, env, replicated=dsc.stage_of(ds) == 3)
     return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data,
-                    auto=auto, support=support, stage_note=stage_note, resume_portable=portable, resume_line=line)
+                    auto=auto, support=support, stage_note=stage_note, resume_portable=portable, resume_line=line,
+                    bench=bench)
 
 
 def prepare_data(cfg: RunConfig) -> str:

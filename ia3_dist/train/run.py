@@ -99,12 +99,15 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
             k, first, last = res.loss_change(cfg.train.log_every)
             dist.print0(env, f"loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f} "
                              f"({100.0 * (last - first) / first:+.1f}%)")
+        bench = {k: v for k, v in (res.eval or {}).items() if "/" in k and not k.startswith(("eval_", "rewards"))}
+        if bench:
+            dist.print0(env, "benchmarks: " + ", ".join(f"{k} {v:.4f}" for k, v in bench.items()))
         if res.eval is not None and "eval_ppl" in res.eval:
             per = ", ".join(f"{k.removeprefix('eval_loss/')} {v:.4f}" for k, v in res.eval.items()
                             if k.startswith("eval_loss/"))
             dist.print0(env, f"eval: loss {res.eval['eval_loss']:.4f}, perplexity {res.eval['eval_ppl']:.2f} over "
                              f"{int(res.eval['eval_tokens'])} tokens" + (f"; by source: {per}" if per else ""))
-        elif res.eval is not None:
+        elif res.eval is not None and "eval_rewards/accuracies" in res.eval:
             e = res.eval
             dist.print0(env, f"eval: loss {e['eval_loss']:.4f}, pair accuracy {e['eval_rewards/accuracies']:.3f}, "
                              f"margin {e['eval_rewards/margins']:.4f} over {int(e['eval_pairs'])} held-out pairs")

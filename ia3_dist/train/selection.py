@@ -108,9 +108,12 @@ class Selection:
     def after_eval(self, step: int, res: dict[str, float]) -> tuple[bool, bool, bool]:
         """``(new best to keep, new best of the early-stopping metric, stop now)`` after the evaluation at
         ``step``."""
-        keep = self.keeper is not None and self.keeper.update(step, float(res[self.keeper.metric]))
+        # An evaluation that did not compute a tracker's metric (benchmarks and held-out data on other schedules)
+        # leaves that tracker as it was.
+        keep = (self.keeper is not None and self.keeper.metric in res
+                and self.keeper.update(step, float(res[self.keeper.metric])))
         best = stop = False
-        if self.stopper is not None:
+        if self.stopper is not None and self.stopper.metric in res:
             s = self.stopper
             best = s.update(step, float(res[s.metric]))
             if s.bad >= self.patience:
