@@ -144,9 +144,20 @@ def test_refusals_before_anything_loads(run: Path, tmp_path: Path, monkeypatch,
     assert "not on this machine" in capsys.readouterr().err
     assert main(["eval", str(run), "--tasks", "tiny_mc", "--include", str(TASKS), "--checkpoints", "step7"]) == 2
     assert "no checkpoint ['step7']" in capsys.readouterr().err
+    # eval.tasks during training: the same checks in the run's preflight, nothing written.
+    out = tmp_path / "train"
+    assert main(["check", "--config", TINY, f"output.dir={out}", "eval.tasks=[tiny_mc, nope]",
+                 f"eval.include={TASKS}"]) == 2
+    assert "eval.tasks: unknown task(s) ['nope']" in capsys.readouterr().err and not out.exists()
+    assert main(["check", "--config", TINY, f"output.dir={out}", "eval.tasks=[tiny_mc]", f"eval.include={far}"]) == 2
+    assert "not on this machine" in capsys.readouterr().err
+    assert main(["check", "--config", TINY, f"output.dir={out}", "checkpoint.keep_best=tiny_mc/acc,none"]) == 2
+    assert "or <task>/<metric> of eval.tasks" not in capsys.readouterr().err  # no tasks: not offered
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     assert main(["eval", str(run), "--tasks", "tiny_mc"]) == 2
     assert "pip install 'ia3-dist[eval]'" in capsys.readouterr().err
+    assert main(["check", "--config", TINY, f"output.dir={out}", "eval.tasks=[tiny_mc]"]) == 2
+    assert "pip install 'ia3-dist[eval]'" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.slow
