@@ -3,7 +3,7 @@
 # Sets CONFIG, OVERRIDES, OUTPUT_DIR, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, LOG_DIR; installs the preemption
 # trap; ia3_run runs the training step in the background (a bash trap only fires between commands, so the work
 # runs as `srun ... & wait`), and requeues the job when the run stopped on a signal after checkpointing or the hang
-# watchdog ended it.
+# watchdog ended it. ia3_eval is the evaluation job's (eval.sbatch) whole body.
 
 ia3_log() { echo "[ia3-dist $(date +%H:%M:%S)] $*"; }
 
@@ -87,5 +87,34 @@ ia3_run() {
     exit 76
   fi
   ia3_log "run finished with exit $rc"
+  exit "$rc"
+}
+
+# The evaluation job: `ia3-dist eval` on the run's output.dir. Arguments: CONFIG [overrides ...] [-- eval options];
+# the training job's config and overrides, so output.dir resolves (from the same start folder) as it did there.
+# No trap and no requeue of its own: an evaluation keeps no state between starts, so a job Slurm requeues
+# (preemption, node failure) simply evaluates again.
+ia3_eval() {
+  local run=() rc
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do run+=("$1"); shift; done
+  [ $# -eq 0 ] || shift   # the --
+  if [ ${#run[@]} -lt 1 ]; then
+    echo "usage: sbatch $0 CONFIG.yaml [key.sub=value ...] [-- ia3-dist eval options]" >&2; exit 2
+  fi
+  PYTHON=${PYTHON:-python}
+  OUTPUT_DIR=$("$PYTHON" -m ia3_dist resolve --config "${run[0]}" "${run[@]:1}" --key output.dir) || exit 2
+  local n=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+  n=${n##*:}   # "a100:4" -> 4
+  ia3_log "eval job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST, ${n:-1} rank(s):" \
+          "ia3-dist eval $OUTPUT_DIR $*"
+  if [ "${n:-1}" -gt 1 ] 2>/dev/null; then
+    # One rank per GPU (per CPU rank on CPU nodes): ia3-dist eval splits each task's documents and the held-out
+    # data over the ranks, and rank 0 writes the results.
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$n" -m ia3_dist eval "$OUTPUT_DIR" "$@"
+  else
+    "$PYTHON" -m ia3_dist eval "$OUTPUT_DIR" "$@"
+  fi
+  rc=$?
+  ia3_log "eval finished with exit $rc"
   exit "$rc"
 }

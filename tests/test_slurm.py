@@ -155,6 +155,13 @@ def same_adapter(a: Path, b: Path, tol: float = 1e-6) -> None:
         torch.testing.assert_close(ta[k], tb[k], rtol=tol, atol=tol)
 
 
+def _job_fields(job: str) -> dict[str, str]:
+    """``scontrol show job``'s fields (JobState, Reason, Dependency, StartTime, EndTime, ...); kept for an hour after
+    the job ended (the local cluster's MinJobAge; it has no accounting for sacct)."""
+    show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+    return dict(tok.split("=", 1) for tok in show.split() if "=" in tok)
+
+
 def _job_nodes(job: str) -> list[str]:
     """The hosts of a running job, batch host first."""
     show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
@@ -258,6 +265,39 @@ def test_generator_writes_a_submittable_file(cluster: int, direct: dict[str, Pat
     assert sub.returncode == 0 and "to start at" in sub.stderr, sub.stderr
 
 
+def test_eval_job_never_runs_after_a_failed_training_job(cluster: int, tmp_path: Path) -> None:
+    """The submit script of `ia3-dist slurm --eval` with its training file replaced by one that fails at once:
+    Slurm marks the afterok dependency failed and cancels the evaluation job without ever starting it
+    (--kill-on-invalid-dep=yes), instead of leaving it pending for ever. (The job that succeeds after a requeue:
+    test_pip_install_renders_self_contained_jobs.)"""
+    proc = subprocess.run([sys.executable, "-m", "ia3_dist", "slurm", "--config", TINY, "--gpus-per-node", "0",
+                           "--cpus-per-node", "1", "--time", "00:05:00", "--out", str(tmp_path / "job.sbatch"),
+                           "--eval", "data.eval_ratio=0.05", f"output.dir={tmp_path / 'out'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "job.sbatch").write_text("#!/bin/bash\n#SBATCH --time=1\nexit 1\n")
+    sub = subprocess.run(["bash", str(tmp_path / "job.submit.sh")], cwd=tmp_path, env=_env(tmp_path),
+                         capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    import re
+
+    train, ev = re.match(r"training job (\d+)\nevaluation job (\d+) ", sub.stdout).groups()
+    try:
+        assert wait_job(train, timeout=120) == "FAILED"
+        t0 = time.time()
+        while (st := _job_fields(ev))["JobState"] == "PENDING":
+            assert time.time() - t0 < 60, st  # pending with DependencyNeverSatisfied: the flag did not reach Slurm
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["scancel", train, ev], capture_output=True)
+    assert (st["JobState"], st["Reason"], st["Dependency"]) == ("CANCELLED", "DependencyNeverSatisfied",
+                                                                f"afterok:{train}(failed)"), st
+    # Never started: no node, no batch host, no log (RunTime and StartTime of a job cancelled while pending are
+    # not reliable: "Unknown", or the cancel time).
+    assert st["NodeList"] in ("", "(null)") and "BatchHost" not in st, st
+    assert not list(tmp_path.glob("*-eval-*.out"))
+
+
 def test_plain_srun_without_master_variables(cluster: int, direct: dict[str, Path], tmp_path: Path) -> None:
     """`srun` one task per rank on 2 nodes with no MASTER_ADDR/MASTER_PORT anywhere (no template, no lib.sh): the
     ranks meet at the first host of the allocation on the port derived from the job id, and train the same adapter
@@ -337,9 +377,12 @@ def _installed_env(venv: Path, tmp: Path) -> dict[str, str]:
 
 def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str, Path], installed: Path,
                                                  demo_model: Path, tmp_path: Path) -> None:
-    """`ia3-dist slurm` of the installed package, run in an empty folder: the 2-node job, preempted mid-run,
-    requeues, resumes from the same install on the one node left and ends on the direct run's adapter. Neither file
-    nor job touches the checkout."""
+    """`ia3-dist slurm --eval` of the installed package, run in an empty folder: the 2-node job, preempted mid-run,
+    requeues, resumes from the same install on the one node left and ends on the direct run's adapter. Its
+    evaluation job, submitted by the written submit script with afterok on the training job, stays pending through
+    the requeue and starts only after the training job ended: the held-out loss of each checkpoint in
+    <output.dir>/eval/results.json, the final one equal to what training logged. Neither file nor job touches the
+    checkout."""
     proj, cfgdir = tmp_path / "proj", tmp_path / "cfg"
     proj.mkdir()
     cfgdir.mkdir()
@@ -349,6 +392,14 @@ def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str,
     site = subprocess.run([str(installed / "bin" / "python"), "-c", "import ia3_dist; print(ia3_dist.__file__)"],
                           capture_output=True, text=True, env=env, cwd=proj, check=True).stdout.strip()
     assert site.startswith(str(installed)), site  # the wheel's copy, not the checkout's
+
+    # Held-out data for the evaluation job's loss: a separate file (data.eval_path), so that the training data, and
+    # with them the adapter compared with the direct run below, stay those of the run without it.
+    from ia3_dist.train.demo import make_records
+
+    heldout = cfgdir / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_records(16, 7, 0)),
+                       encoding="utf-8")
 
     def render(name: str, *args: str) -> Path:
         proc = subprocess.run([str(installed / "bin" / "ia3-dist"), "slurm", "--config", str(cfg), "--gpus-per-node",
@@ -366,16 +417,15 @@ def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str,
     # accumulation (train.global_batch_size keeps the direct run's 2 x 1 x 4 = 8 examples per step).
     # train.threads=1: on the one node left the rank would take both tasks' CPUs, and another thread count sums
     # the matmuls in another order (measured: 6.6e-5 on the adapter after 60 steps instead of < 1e-5).
-    two = render("two", "--nodes", "1-2", "--cpus-per-node", "1", "output.dir=runs/two", model, *MID,
-                 "train.global_batch_size=8", "train.threads=1")
+    # checkpoint.keep=2: more than one checkpoint for the evaluation job (rotation does not change the run).
+    two = render("two", "--nodes", "1-2", "--cpus-per-node", "1", "--eval", "--eval-time", "00:10:00",
+                 "output.dir=runs/two", model, *MID, "train.global_batch_size=8", "train.threads=1",
+                 f"data.eval_path={heldout}", "checkpoint.keep=2")
     assert "1-2 node(s) x 1 CPU rank(s)" in two.read_text().splitlines()[1]
     assert "#SBATCH --nodes=1-2\n" in two.read_text()
-
-    def submit(f: Path, *extra: str, fault: dict[str, str] | None = None) -> str:
-        sub = subprocess.run(["sbatch", "--parsable", *extra, f.name], cwd=proj, env={**env, **(fault or {})},
-                             capture_output=True, text=True, timeout=60)
-        assert sub.returncode == 0, sub.stderr
-        return sub.stdout.strip().split(";")[0]
+    two_eval, two_submit = proj / "two.eval.sbatch", proj / "two.submit.sh"
+    assert "#SBATCH --nodes=1\n" in two_eval.read_text() and "#SBATCH --time=00:10:00\n" in two_eval.read_text()
+    assert f"PYTHON={installed}/bin/python\n" in two_eval.read_text() and str(ROOT) not in two_eval.read_text()
 
     # The 1-node file renders alike (the 1 node x 2 ranks job from the install was run and matched the direct run;
     # the 2-node job below carries the checks, for suite time).
@@ -386,10 +436,17 @@ def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str,
     if cluster < 2:
         _missing(f"needs 2 Slurm nodes, the cluster has {cluster}")
     release = tmp_path / "release"
-    j2 = submit(two, fault={"IA3_DIST_FAULT": HOLD, "IA3_DIST_FAULT_RELEASE": str(release),
-                            "IA3_DIST_FAULT_HOLD_S": "600"})
+    sub = subprocess.run(["bash", two_submit.name], cwd=proj, capture_output=True, text=True, timeout=60,
+                         env={**env, "IA3_DIST_FAULT": HOLD, "IA3_DIST_FAULT_RELEASE": str(release),
+                              "IA3_DIST_FAULT_HOLD_S": "600"})
+    assert sub.returncode == 0, sub.stderr
+    import re
+
+    j2, je = re.fullmatch(r"training job (\d+)\nevaluation job (\d+) \(starts after job \1 completes with exit "
+                          r"0\)\n", sub.stdout).groups()
     drained = None
     try:
+        assert _job_fields(je)["Dependency"] == f"afterok:{j2}(unfulfilled)", _job_fields(je)
         wait_step(j2, tmp_path, proj / "runs" / "two", 3)
         nodes = _job_nodes(j2)
         assert len(nodes) == 2, nodes
@@ -403,19 +460,36 @@ def test_pip_install_renders_self_contained_jobs(cluster: int, direct: dict[str,
             time.sleep(0.5)
         release.touch()  # the resumed run goes past step 4
         wait_restart(j2, tmp_path)
+        # Requeued and restarted under the same id: the evaluation still waits on it.
+        ev = _job_fields(je)
+        assert (ev["JobState"], ev["Reason"], ev["Dependency"]) == ("PENDING", "Dependency",
+                                                                    f"afterok:{j2}(unfulfilled)"), ev
         assert wait_job(j2) == "COMPLETED", logs(tmp_path)
+        assert wait_job(je, timeout=300) == "COMPLETED", logs(tmp_path)
     finally:
-        subprocess.run(["scancel", j2], capture_output=True)  # a failed wait must not leave it holding both nodes
+        subprocess.run(["scancel", j2, je], capture_output=True)  # a failed wait must not leave them holding nodes
         if drained is not None:
             subprocess.run(["scontrol", "update", f"NodeName={drained}", "State=RESUME"], capture_output=True)
+    # The evaluation started after the training job's last start had ended (Slurm's times, 1 s resolution).
+    tr, ev = _job_fields(j2), _job_fields(je)
+    assert ev["StartTime"] >= tr["EndTime"] and ev["Restarts"] == "0", (tr, ev)
+    run_two = proj / "runs" / "two"
+    rows = json.loads((run_two / "eval" / "results.json").read_text())["rows"]
+    assert all((r["task"], r["metric"]) == ("heldout", "loss") and r["value"] > 0 for r in rows), rows
+    kept = sorted(int(d.name[4:]) for d in (run_two / "checkpoints").glob("step*") if (d / "ia3_state.safetensors")
+                  .is_file())
+    assert [(r["checkpoint"], r["step"]) for r in rows] == [*[(f"step{s}", s) for s in kept if s < 20],
+                                                            ("final", 20)], (kept, rows)
+    assert len(rows) >= 2, rows
+    logged = [json.loads(ln) for ln in (run_two / "metrics.jsonl").read_text().splitlines()]
+    final_eval = [r["eval_loss"] for r in logged if r.get("step") == 20 and "eval_loss" in r]
+    assert rows[-1]["value"] == pytest.approx(final_eval[-1], rel=1e-5), (rows, final_eval)
     text = logs(tmp_path, None)
     assert f"ia3_dist from {Path(site).parent}" in text, text[-3000:]
     assert text.count("caught SIGUSR1") == 1 and "2 node(s) x 1 rank(s)" in text and "1 node(s) x 1 rank(s)" in text
     assert "resuming step " in text and " saved on 2 ranks, now on 1 ranks (saved as 2 ranks x micro-batch 1 x 4 " \
         "accumulation, ZeRO-2, now 1 rank x micro-batch 1 x 8 accumulation" in text, text[-5000:]
     # 1 thread per rank on both starts, as in the direct run (train.threads=1 above).
-    import re
-
     ranks = re.findall(r"rank (\d)/(\d) on \S+: local rank 0/1, (\d+) thread\(s\)",
                        "".join(f.read_text() for f in (tmp_path / "logs").glob(f"two-{j2}/*") if f.is_file()))
     assert sorted(ranks) == [("0", "1", "1"), ("0", "2", "1"), ("1", "2", "1")], ranks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shlex
@@ -20,6 +21,7 @@ from ..errors import UsageError
 from ..runtime.safe_io import write_file
 
 TEMPLATES = {"deepspeed": "single_node.sbatch", "multi": "multi_node.sbatch", "srun": "srun_per_rank.sbatch"}
+EVAL_TEMPLATE = "eval.sbatch"
 LAUNCHERS = ("deepspeed", "torchrun", "srun")
 DEFAULT_NAME = "ia3-dist"
 # The two lines of each template that only work from a checkout; a written file gets the helpers inlined instead.
@@ -39,6 +41,12 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_NODES = 100_000
 MAX_GPUS_PER_NODE = 256
 MAX_CPUS_PER_NODE = 4096
+# lm-eval task and group names (e.g. ceval-valid_computer_network, tiny_mc): they go into the eval job's command
+# line shell-quoted anyway; the class keeps a typo (a space, a stray quote) from reaching the queue.
+_TASK_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+:-]{0,199}")
+# What `ia3-dist eval --checkpoints` takes: a selection, or a comma list of checkpoint names.
+_CHECKPOINT_WORDS = ("all", "latest", "best")
+_CHECKPOINT_LIST_RE = re.compile(r"(?:step[0-9]{1,18}|final)(?:,(?:step[0-9]{1,18}|final))*")
 
 
 def template_dir() -> Path:
@@ -86,13 +94,27 @@ def nodes_option(text: str) -> tuple[int, int]:
 nodes_option.__name__ = "nodes"
 
 
-def check_time(value: str) -> str:
-    """``value`` if it is a Slurm time limit, else a UsageError naming ``--time``."""
+def check_time(value: str, opt: str = "--time") -> str:
+    """``value`` if it is a Slurm time limit, else a UsageError naming ``opt``."""
     if not isinstance(value, str) or not _TIME_RE.fullmatch(value):
-        raise UsageError(f"--time {show(value)}: expected a Slurm time limit such as 90, 90:00, 12:00:00, 2-0, 2-12:00 "
+        raise UsageError(f"{opt} {show(value)}: expected a Slurm time limit such as 90, 90:00, 12:00:00, 2-0, 2-12:00 "
                          f"or 2-12:00:00 (digits only: minutes, minutes:seconds, hours:minutes:seconds, "
                          f"days-hours[:minutes[:seconds]])")
     return value
+
+
+def time_seconds(value: str, opt: str = "--time") -> float:
+    """A Slurm time limit in seconds (checked, naming ``opt``); ``inf`` for zero, which Slurm reads as no limit."""
+    check_time(value, opt)
+    if "-" in value:  # days-hours[:minutes[:seconds]]
+        days, rest = value.split("-", 1)
+        h, m, s = ([int(x) for x in rest.split(":")] + [0, 0])[:3]
+        secs = int(days) * 86400 + h * 3600 + m * 60 + s
+    else:  # minutes, minutes:seconds or hours:minutes:seconds
+        parts = [int(x) for x in value.split(":")]
+        h, m, s = parts if len(parts) == 3 else [0, *(parts + [0])[:2]]
+        secs = h * 3600 + m * 60 + s
+    return math.inf if secs == 0 else float(secs)
 
 
 def check_name(opt: str, value: str, allow_list: bool = False) -> str:
@@ -266,11 +288,12 @@ ia3_log "python $PYTHON, ia3_dist from ${{IA3_DIST_FROM%/__init__.py}}"
 """
 
 
-def assemble(job: Job, name: str, header: list[str], defaults: str, directives: dict[str, str] | None = None) -> str:
-    """The self-contained sbatch text: the template for ``job`` with its directives set, ``header`` (comment lines
-    without '# ') in place of the template's, the helpers inlined and ``defaults`` (shell lines that set the
-    arguments) after ``set -uo pipefail``."""
-    tname = template_name(job)
+def assemble(job: Job, name: str, header: list[str], defaults: str, directives: dict[str, str | None] | None = None,
+             template: str | None = None) -> str:
+    """The self-contained sbatch text: the template for ``job`` (or ``template``) with its directives set (a None
+    value drops one), ``header`` (comment lines without '# ') in place of the template's, the helpers inlined and
+    ``defaults`` (shell lines that set the arguments) after ``set -uo pipefail``."""
+    tname = template or template_name(job)
     text = (template_dir() / tname).read_text()
     text = _set_directive(text, "job-name", name)
     text = _set_directive(text, "nodes", job.nodes_directive)
@@ -358,6 +381,171 @@ def render(config: str, overrides: list[str], nodes: int | tuple[int, int], gpus
                     f'[ $# -gt 0 ] || set -- {args}')
 
 
+# --- the evaluation job (`ia3-dist slurm --eval`) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """The checked evaluation job: its Slurm shape and the ``ia3-dist eval`` options it runs."""
+
+    job: Job
+    args: tuple[str, ...]
+    """``ia3-dist eval`` options after the run dir: --checkpoints, and --tasks / --include when given."""
+
+    def describe(self) -> str:
+        what = f"{self.job.gpus_per_node} GPU(s)" if self.job.gpus_per_node else (
+            f"{self.job.cpus_per_node} CPU(s)" if self.job.cpus_per_node else "no GPU")
+        return f"1 node x {what}, time limit {self.job.time}"
+
+
+def has_heldout(cfg: Any) -> bool:
+    """Whether ``ia3-dist eval`` computes a held-out loss for this run (see ``benchmark.heldout_data``)."""
+    return cfg.train.objective == "sft" and bool(cfg.data.eval_ratio or cfg.data.eval_path)
+
+
+def eval_name(train_name: str) -> str:
+    """The evaluation job's name: the training job's with ``-eval``, within :data:`NAME_MAX`."""
+    return safe_name(train_name[: NAME_MAX - len("-eval")]) + "-eval"
+
+
+def check_eval(train: Job, cfg: Any, tasks: str | None, include: str | None, checkpoints: str | None,
+               gpus: int | None, time: str | None) -> EvalJob:
+    """Every ``--eval-*`` value checked (a UsageError naming the option) against the training job ``train`` and
+    its config ``cfg``: one node, never more GPUs per node or a longer time limit than training, and something to
+    evaluate (lm-eval tasks, or the run's held-out loss)."""
+    task_list: list[str] = []
+    if tasks is not None:
+        _no_control("--eval-tasks", tasks)
+        task_list = tasks.split(",")
+        if not all(_TASK_RE.fullmatch(x) for x in task_list):
+            raise UsageError(f"--eval-tasks {show(tasks)}: expected a comma-separated list of lm-eval task names "
+                             f"(letters, digits and ._+:-, no spaces), e.g. tiny_mc,ceval-valid_computer_network")
+    if not task_list and not has_heldout(cfg):
+        raise UsageError("--eval-tasks: this run has no held-out data (data.eval_ratio or data.eval_path, "
+                         "train.objective sft), so without lm-eval tasks the evaluation job would have nothing to "
+                         "evaluate; name tasks or give the run held-out data")
+    args = ["--checkpoints", checkpoints or "all"]
+    if checkpoints is not None:
+        _no_control("--eval-checkpoints", checkpoints)
+        if checkpoints not in _CHECKPOINT_WORDS and not _CHECKPOINT_LIST_RE.fullmatch(checkpoints):
+            raise UsageError(f"--eval-checkpoints {show(checkpoints)}: expected all, latest, best or a comma list "
+                             f"of checkpoint names such as step500,final")
+        if checkpoints == "best" and not (cfg.data.eval_ratio or cfg.data.eval_path):
+            raise UsageError("--eval-checkpoints best: picks the checkpoint with the lowest held-out loss, and this "
+                             "run has none (set data.eval_ratio or data.eval_path)")
+    if task_list:
+        args += ["--tasks", ",".join(task_list)]
+    if include is not None:
+        _no_control("--eval-include", include)
+        if not task_list:
+            raise UsageError(f"--eval-include {show(include)}: a dir of local task files needs --eval-tasks naming "
+                             f"the tasks to run")
+        if not include.strip() or not os.path.isdir(Path(include).expanduser()):
+            raise UsageError(f"--eval-include {show(include)}: not a directory of lm-eval task YAML files")
+        from ..train.benchmarks import _local_task_files
+
+        try:  # the job runs offline: a task's data file missing here would fail only once the training is done
+            _local_task_files(Path(include).expanduser())
+        except UsageError as e:
+            raise UsageError(f"--eval-include {show(include)}: {e}") from None
+        # Absolute, like the config: the file may be submitted from any folder.
+        args += ["--include", os.path.abspath(Path(include).expanduser())]
+    gpus = train.gpus_per_node if gpus is None else gpus
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or not 0 <= gpus <= train.gpus_per_node:
+        raise UsageError(f"--eval-gpus {show(gpus)}: expected 0 to {train.gpus_per_node}, the training job's GPUs "
+                         f"per node; the evaluation job never asks for more than the training job")
+    time = train.time if time is None else time
+    if time_seconds(time, "--eval-time") > time_seconds(train.time):
+        raise UsageError(f"--eval-time {show(time)}: longer than the training job's time limit ({train.time}); the "
+                         f"evaluation job never asks for more than the training job")
+    # Without GPUs the job gets the training job's CPUs per node (CPU nodes) or Slurm's default (GPU nodes).
+    job = Job(1, gpus, train.cpus_per_node if not gpus else 0, time, train.partition, train.account, "deepspeed",
+              eval_name(train.job_name or safe_name(Path(cfg.output.dir).name)), train.python)
+    return EvalJob(job, tuple(args))
+
+
+def render_eval(config: str, overrides: list[str], ev: EvalJob, train_file: str) -> str:
+    """The evaluation job's self-contained sbatch text (``eval.sbatch`` filled): ``ia3-dist eval`` on the run that
+    ``config`` and ``overrides`` describe, with the training job's python."""
+    cfg_path = os.path.abspath(config)
+    run = " ".join(shlex.quote(a) for a in [cfg_path, *overrides])
+    opts = " ".join(shlex.quote(a) for a in ev.args)
+    header = [f"Written by `ia3-dist slurm --eval` (ia3-dist {__version__}): the evaluation job of {train_file}: "
+              f"{ev.describe()}.",
+              f"Runs `ia3-dist eval <output.dir> {opts}` on {max(1, ev.job.per_node)} rank(s) (one per GPU; "
+              f"torch.distributed.run",
+              "for more than one) with the training job's python, config and overrides (output.dir as the job sees "
+              "it from its",
+              "start folder); results in <output.dir>/eval/results.json.",
+              "Submit after the training job, from the same folder (the .submit.sh script beside this file submits "
+              "both):",
+              "  sbatch --dependency=afterok:<training job id> THIS_FILE",
+              "afterok holds through the training job's requeues (same job id) until it completes with exit 0; if "
+              "it fails,",
+              "times out or is cancelled, Slurm cancels this job (--kill-on-invalid-dep=yes).",
+              "Arguments after the file name replace the baked-in ones: CONFIG.yaml [k.sub=value ...] -- [eval "
+              "options]"]
+    # A GPU job's evaluation without GPUs: no --cpus-per-task=0, Slurm's default CPUs.
+    directives = {"cpus-per-task": None} if not ev.job.per_node else None
+    return assemble(ev.job, ev.job.job_name or DEFAULT_NAME, header, f"[ $# -gt 0 ] || set -- {run} -- {opts}",
+                    directives, template=EVAL_TEMPLATE)
+
+
+def render_submit(train_file: Path, eval_file: Path) -> str:
+    """A script that submits the training job, then the evaluation job depending on it (``afterok``)."""
+    tq, eq = shlex.quote(train_file.name), shlex.quote(eval_file.name)
+    return f"""#!/bin/bash
+# Written by `ia3-dist slurm --eval` (ia3-dist {__version__}): submits the training job ({train_file.name}), then
+# its evaluation job ({eval_file.name}) with --dependency=afterok:<training job id>. Slurm starts the evaluation
+# only once the training job has completed with exit 0: a requeue (preemption, the USR1 checkpoint, the hang
+# watchdog) keeps the job id and the dependency waits through it. If training fails, times out or is cancelled,
+# the evaluation job is cancelled (--kill-on-invalid-dep=yes) instead of pending for ever; a resubmitted training
+# job has a new id, so run this script again (training resumes from its last checkpoint).
+# Run it from the folder that relative paths in the config refer to: the jobs start there.
+set -euo pipefail
+if [ $# -gt 0 ]; then echo "usage: bash $0 (no arguments)" >&2; exit 2; fi
+DIR=$(cd "$(dirname "$0")" && pwd)
+train=$(sbatch --parsable "$DIR"/{tq})
+train=${{train%%;*}}   # --parsable prints JOBID[;CLUSTER]
+if ! evaljob=$(sbatch --parsable --dependency="afterok:$train" --kill-on-invalid-dep=yes "$DIR"/{eq}); then
+  echo "training job $train submitted, but not its evaluation; submit that with:" \\
+       "sbatch --dependency=afterok:$train --kill-on-invalid-dep=yes $DIR/{eq}" >&2
+  exit 1
+fi
+echo "training job $train"
+echo "evaluation job ${{evaljob%%;*}} (starts after job $train completes with exit 0)"
+"""
+
+
+def eval_paths(out: Path) -> tuple[Path, Path]:
+    """The evaluation job file and the submit script beside the training job file ``out``."""
+    stem = out.name[: -len(".sbatch")] if out.name.endswith(".sbatch") and out.name != ".sbatch" else out.name
+    return out.with_name(f"{stem}.eval.sbatch"), out.with_name(f"{stem}.submit.sh")
+
+
+def check_writable(files: list[tuple[Path, str]], force: bool) -> None:
+    """Each ``(path, how an error names it)`` can be written (what :func:`write_out` would refuse, refused first),
+    so that no file of a set is written when another would be refused."""
+    for path, what in files:
+        name = f"{what}{brief(str(path))}"
+        if os.path.islink(path):
+            raise UsageError(f"{name}: a symlink, which ia3-dist does not write through; remove it or give another "
+                             f"--out")
+        # os.path's tests, not Path's: they answer False to any OSError (a name too long, too many links).
+        if os.path.isdir(path):
+            raise UsageError(f"{name}: is a directory; give another --out")
+        if os.path.lexists(path) and not force:
+            raise UsageError(f"{name}: file exists; give another --out or add --force to overwrite it")
+        if not os.path.isdir(path.parent):
+            raise UsageError(f"{name}: no such directory ({brief(str(path.parent))}); give another --out")
+        try:
+            name_max = os.pathconf(path.parent, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            name_max = 255
+        if len(os.fsencode(path.name)) > name_max:  # the suffixed names are longer than --out's own
+            raise UsageError(f"{name}: file name longer than {name_max} bytes; give a shorter --out")
+
+
 def add_job_args(ap: argparse.ArgumentParser) -> None:
     """The Slurm options shared by ``ia3-dist slurm`` and ``ia3-dist sweep``."""
     ap.add_argument("--nodes", type=nodes_option, default=(1, 1),
@@ -399,24 +587,65 @@ def write_out(out: Path, text: str, force: bool, what: str = "--out ", fix: str 
                fix=fix)
 
 
+EVAL_OPTS = ("eval_tasks", "eval_include", "eval_checkpoints", "eval_gpus", "eval_time")
+
+
 def main(argv: list[str], prog: str) -> int:
     ap = argparse.ArgumentParser(prog=prog, description="Write a filled sbatch file for a run config.")
     ap.add_argument("--config", required=True)
     add_job_args(ap)
     ap.add_argument("--out", help="file to write (default: <last part of output.dir>.sbatch in the current "
                     "directory)")
-    ap.add_argument("--force", action="store_true", help="overwrite the --out file if it exists")
+    ap.add_argument("--force", action="store_true", help="overwrite the --out file (and with --eval the files "
+                    "beside it) if it exists")
+    ev = ap.add_argument_group("evaluation job (--eval): `ia3-dist eval` on one node once training completed")
+    ev.add_argument("--eval", action="store_true", help="also write <out>.eval.sbatch, an evaluation job that "
+                    "Slurm starts after the training job completes with exit 0 (afterok), and <out>.submit.sh, "
+                    "which submits both")
+    ev.add_argument("--eval-tasks", help="comma-separated lm-eval tasks, as `ia3-dist eval --tasks` (default: "
+                    "none, the held-out loss per checkpoint only)")
+    ev.add_argument("--eval-include", help="a dir of local lm-eval task YAML files, as `ia3-dist eval --include`")
+    ev.add_argument("--eval-checkpoints", help="all (default) | latest | best | a comma list such as step500,final, "
+                    "as `ia3-dist eval --checkpoints`")
+    ev.add_argument("--eval-gpus", type=int_option("--eval-gpus", 0, MAX_GPUS_PER_NODE),
+                    help="GPUs of the evaluation job's one node (default and most: the training job's per node)")
+    ev.add_argument("--eval-time", help="the evaluation job's time limit (default and most: the training job's)")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
     a = ap.parse_intermixed_args(argv)
+    given = [o for o in EVAL_OPTS if getattr(a, o) is not None]
+    if given and not a.eval:
+        raise UsageError(f"--{given[0].replace('_', '-')}: an option of the evaluation job; add --eval")
     text = render(a.config, a.overrides, a.nodes, a.gpus_per_node, a.time, a.partition, a.account, a.launcher,
                   a.cpus_per_node, a.job_name, a.python)
     if a.out is not None:
         _no_control("--out", a.out)
         if not a.out.strip():
             raise UsageError("--out: empty file name; give a path such as job.sbatch")
-    out = Path(a.out) if a.out is not None else default_out(load_config(a.config, a.overrides).output.dir)
+    cfg = load_config(a.config, a.overrides)
+    out = Path(a.out) if a.out is not None else default_out(cfg.output.dir)
+    if not a.eval:
+        write_out(out, text, a.force)
+        print(f"wrote {out}\nsubmit from the folder that relative paths in the config refer to (the job starts "
+              f"there):  sbatch {shlex.quote(str(out))}\nwatch:  squeue -u $USER; tail -f logs/*.out\nit "
+              f"checkpoints and requeues itself on preemption; resubmitting the same file resumes "
+              f"(train.resume=auto)")
+        return 0
+    ev_job = check_eval(job_from_args(a), cfg, a.eval_tasks, a.eval_include, a.eval_checkpoints, a.eval_gpus,
+                        a.eval_time)
+    eval_out, submit = eval_paths(out)
+    eval_text = render_eval(a.config, a.overrides, ev_job, out.name)
+    # All three checked before any is written: a refusal leaves no half-written set behind.
+    check_writable([(out, "--out "), (eval_out, "--eval: "), (submit, "--eval: ")], a.force)
     write_out(out, text, a.force)
-    print(f"wrote {out}\nsubmit from the folder that relative paths in the config refer to (the job starts "
-          f"there):  sbatch {shlex.quote(str(out))}\nwatch:  squeue -u $USER; tail -f logs/*.out\nit checkpoints "
-          f"and requeues itself on preemption; resubmitting the same file resumes (train.resume=auto)")
+    write_out(eval_out, eval_text, a.force, what="--eval: ", fix="give another --out")
+    write_out(submit, render_submit(out, eval_out), a.force, what="--eval: ", fix="give another --out")
+    q = shlex.quote
+    print(f"wrote {out} (training), {eval_out} (evaluation: {ev_job.describe()}) and {submit}\n"
+          f"submit both from the folder that relative paths in the config refer to (the jobs start there):  "
+          f"bash {q(str(submit))}\n"
+          f"or by hand:  train=$(sbatch --parsable {q(str(out))}) && sbatch --dependency=afterok:${{train%%;*}} "
+          f"--kill-on-invalid-dep=yes {q(str(eval_out))}\n"
+          f"the evaluation starts once the training job has completed with exit 0 (its requeues keep the job id, "
+          f"the dependency waits through them); a failed training job cancels it\n"
+          f"results: <output.dir>/eval/results.json; watch:  squeue -u $USER")
     return 0
