@@ -58,6 +58,12 @@ def check_tasks(tasks: list[str], include: Path | None, keys: tuple[str, str] = 
     _local_task_files(include, keys[1])
     from lm_eval.tasks import TaskManager
 
+    if include is not None:
+        # Indexing lm-eval's registry (some 15,000 task files) takes seconds per process, per rank; a run whose
+        # tasks are all local skips it.
+        local = TaskManager(include_path=str(include), include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
     tm = TaskManager(include_path=str(include) if include else None)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
