@@ -307,3 +307,69 @@ def test_chat_offers_tools_shows_a_call_and_takes_its_result(adapter: Path, tmp_
     bad.write_text('[{"description": "no name"}]')
     assert main(["chat", "--adapter", str(adapter), "--tools", str(bad)]) == 2
     assert f"--tools {bad}: the tools entry 0 is not a function schema" in capsys.readouterr().err
+
+
+# The real templates' special tokens (bos for Llama 3.1 is its <|begin_of_text|>).
+FAMILIES = {
+    "qwen2_5": (["<|im_start|>", "<|im_end|>"], None),
+    "llama3_1": (["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+                  "<|python_tag|>"], "<|begin_of_text|>"),
+}
+LABELS = {
+    "qwen2_5": ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n',
+                "巴黎现在21度，晴。<|im_end|>\n",
+                '<tool_call>\n{"name": "get_time", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n',
+                "现在是14:05。<|im_end|>\n"],
+    "llama3_1": ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', "巴黎现在21度，晴。<|eot_id|>",
+                 '{"name": "get_time", "parameters": {"city": "Paris"}}<|eot_id|>', "现在是14:05。<|eot_id|>"],
+}
+
+
+def _family_tok(family: str, tiny_model: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    specials, bos = FAMILIES[family]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    if bos is not None:
+        tok.bos_token = bos
+    tok.chat_template = (TEMPLATES / f"{family}.jinja").read_text(encoding="utf-8")
+    return tok
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_real_chat_templates_render_tools_as_transformers_does(family: str, tiny_model: Path, tmp_path: Path) -> None:
+    tok = _family_tok(family, tiny_model)
+    expected = tok.apply_chat_template(HF_MESSAGES, tools=HF_TOOLS, tokenize=False)
+    assert "get_weather" in expected and "14:05" in expected  # tools, calls and results all rendered
+    got = []
+    for path in _both(tmp_path):
+        cfg = DataSection(path=str(path), template="chat_template", max_length=4096)
+        conv = load_records(cfg).examples[0]
+        segs = Template.of(cfg, tok).segments(conv, tok)
+        # The text is exactly transformers' rendering of the whole conversation with its tools.
+        assert "".join(text for text, _ in segs) == expected
+        data = tokenize(load_records(cfg), tok, cfg)
+        # The labels decode to the assistant's calls and answers with the template's end-of-turn markup: never a
+        # tool result, a user message or the tools.
+        assert _label_spans(data, 0, tok) == LABELS[family]
+        got.append((data.ids.tolist(), data.label_mask.tolist()))
+    assert got[0] == got[1]  # the same conversation in both formats: the same tokens and labels
+    # The prompt a model continues after a tool result is transformers' generation prompt there.
+    conv = load_records(DataSection(path=str(tmp_path / "openai.jsonl"))).examples[0]
+    conv.turns = conv.turns[:2]
+    prompt = Template.of(DataSection(path="x", template="chat_template"), tok).prompt_of(conv, tok)
+    assert prompt == tok.apply_chat_template(HF_MESSAGES[:4], tools=HF_TOOLS, tokenize=False,
+                                             add_generation_prompt=True)
+
+
+def test_llama_3_1_refuses_parallel_calls_by_name(tiny_model: Path, tmp_path: Path) -> None:
+    tok = _family_tok("llama3_1", tiny_model)
+    rec = copy.deepcopy(MESSAGES_REC)
+    rec["messages"][2]["tool_calls"].append({"type": "function", "function": {"name": "get_time",
+                                                                               "arguments": {"city": "Paris"}}})
+    f = tmp_path / "par.jsonl"
+    f.write_text(json.dumps(rec, ensure_ascii=False) + "\n", encoding="utf-8")
+    cfg = DataSection(path=str(f), template="chat_template")
+    with pytest.raises(UsageError, match="fails to render .*only supports single tool-calls at once"):
+        tokenize(load_records(cfg), tok, cfg)
