@@ -169,7 +169,7 @@ def cmd_generate(argv: list[str], prog: str) -> int:
         for (_, line), req, r in zip(lines, reqs, responses, strict=True):
             echo = json.loads(line) if line.strip().startswith("{") else {"instruction": req.turns[-1].instruction,
                                                                           "input": ""}
-            calls = parse_calls(r)
+            calls = parse_calls(r) if req.tools else []
             out.write(json.dumps({**echo, "response": r, **({"tool_calls": calls} if calls else {})},
                                  ensure_ascii=False) + "\n")
     finally:
@@ -182,7 +182,7 @@ def cmd_chat(argv: list[str], prog: str) -> int:
     """Interactive, multi-turn: type a message, get the model's answer with the conversation so far in the
     training template. /reset starts a new conversation; an empty line or /quit ends it."""
     from .data.records import Conversation, Turn
-    from .data.tools import parse_calls
+    from .data.tools import parse_calls, text_without_calls
     from .tools.inference import MAX_PROMPT_CHARS, generate, load_for_inference, parse_request, read_tools
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_chat.__doc__)
@@ -191,11 +191,13 @@ def cmd_chat(argv: list[str], prog: str) -> int:
                                     "answer its calls with /result TEXT")
     a = ap.parse_intermixed_args(argv)
     opts = _gen_options(a)
-    tools = read_tools(a.tools) if a.tools else ()
+    offered = read_tools(a.tools) if a.tools else ()
+    tools = offered
     model, tok, template, _ = load_for_inference(a.adapter, a.base, a.dtype)
     print(f"ia3-dist chat with {a.adapter} (/reset for a new conversation; empty line or /quit to end"
           + (f"; {len(tools)} tools offered, /result TEXT answers a tool call" if tools else "") + ")", flush=True)
     history: list[Turn] = []
+    system = ""
     interactive = sys.stdin.isatty()
     n = 0
     while True:
@@ -218,7 +220,7 @@ def cmd_chat(argv: list[str], prog: str) -> int:
         if not line.strip() or line.strip() == "/quit":
             break
         if line.strip() == "/reset":
-            history = []
+            history, system, tools = [], "", offered
             print("(new conversation)", flush=True)
             continue
         if line.strip().startswith("/result"):
@@ -227,18 +229,22 @@ def cmd_chat(argv: list[str], prog: str) -> int:
                       flush=True)
                 continue
             turn = Turn("", "", "", results=({"content": line.strip().removeprefix("/result").strip()},))
-            conv = Conversation([*history, turn], "", tools)
+            conv = Conversation([*history, turn], system, tools)
         else:
             try:
                 req = parse_request(line, f"input {n}")
             except UsageError as e:  # a typo should not end the session
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 continue
-            conv = Conversation([*history, *req.turns], req.system, req.tools or tools)
+            # The conversation keeps its system prompt and tools from the line that set them (or --tools).
+            system, tools = req.system or (system if history else ""), req.tools or tools
+            conv = Conversation([*history, *req.turns], system, tools)
         answer = generate(model, tok, template, [conv], opts)[0]
         calls = parse_calls(answer) if conv.tools else []
         last = conv.turns[-1]
-        history = [*conv.turns[:-1], Turn(last.instruction, last.input, answer, results=last.results,
+        # The turn keeps the calls apart from the text: the template writes them (once) in the next prompt.
+        history = [*conv.turns[:-1], Turn(last.instruction, last.input, text_without_calls(answer) if calls else answer,
+                                          results=last.results,
                                           calls=tuple({"type": "function", "function": {
                                               "name": c["name"], "arguments": c.get("arguments", c.get(
                                                   "parameters", {}))}} for c in calls))]

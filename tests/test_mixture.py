@@ -135,6 +135,14 @@ def test_held_out_examples_come_from_each_source_before_the_draws(tmp_path: Path
     assert len(data) == 540
 
 
+def test_source_labels_are_unique() -> None:
+    from ia3_dist.config.schema import DataSource
+    from ia3_dist.data.mixture import labels_of
+
+    labels = labels_of([DataSource("a.jsonl"), DataSource("b/a.jsonl"), DataSource("x/a-1.jsonl"), DataSource("hub/x")])
+    assert len(set(labels)) == 4 and labels[3] == "x", labels
+
+
 def test_sources_keep_their_own_format_columns_and_limit(tmp_path: Path, tiny_tokenizer) -> None:
     a = _jsonl(tmp_path / "qa.jsonl", [{"question": f"问{i}", "answer": f"答{i}"} for i in range(40)])
     b = _jsonl(tmp_path / "chat.jsonl", [{"conversations": [{"from": "human", "value": f"你{i}"},

@@ -32,6 +32,10 @@ def test_tracker_follows_the_direction_and_min_delta() -> None:
     assert lower_is_better("eval_loss") and lower_is_better("eval_ppl") and lower_is_better("eval_nll_loss")
     assert not lower_is_better("eval_rewards/accuracies") and not lower_is_better("eval_rewards/margins")
     assert not lower_is_better("eval_loss", "max") and lower_is_better("eval_rewards/accuracies", "min")
+    # Benchmarks (<task>/<metric>,<filter>) by the metric's own name; per-source losses by their head.
+    assert not lower_is_better("tiny_mc/acc,none") and not lower_is_better("ceval/acc_norm,none")
+    assert lower_is_better("wikitext/word_perplexity,none") and lower_is_better("wikitext/bits_per_byte,none")
+    assert lower_is_better("eval_loss/instruct") and lower_is_better("heldout/loss")
 
 
 def _cfg(*extra: str):

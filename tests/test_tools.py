@@ -302,7 +302,7 @@ def test_chat_offers_tools_shows_a_call_and_takes_its_result(adapter: Path, tmp_
     assert "2 tools offered" in cap.out and "there is none to answer" in cap.err
     assert 'Tool call: get_weather {"city": "Paris"}' in cap.out and "Assistant: 巴黎现在21度，晴。" in cap.out
     assert rec.prompts[1].endswith('</tool_call></s>Observation: {"temp": 21, "sky": "晴"}\n\nAssistant: ')
-    assert rec.prompts[1].startswith("Tools:\n")
+    assert rec.prompts[1].startswith("Tools:\n") and rec.prompts[1].count("<tool_call>") == 1  # the call once
     bad = tmp_path / "bad.json"
     bad.write_text('[{"description": "no name"}]')
     assert main(["chat", "--adapter", str(adapter), "--tools", str(bad)]) == 2

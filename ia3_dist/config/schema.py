@@ -160,7 +160,11 @@ def lower_is_better(metric: str, mode: str = "auto") -> bool:
     margins and rewards go up."""
     if mode != "auto":
         return mode == "min"
-    return metric.endswith(("loss", "ppl"))
+    # A benchmark's is "<task>/<metric>,<filter>" (wikitext/word_perplexity,none): judge the metric's own name; a
+    # per-source loss (eval_loss/<source>) by its head.
+    name = metric.rsplit("/", 1)[-1].split(",", 1)[0]
+    return metric.split("/", 1)[0].endswith(("loss", "ppl")) or name.endswith(("loss", "ppl", "perplexity",
+                                                                                "bits_per_byte"))
 DPO_LOSSES = ("sigmoid", "ipo", "robust", "hinge")
 
 
@@ -198,7 +202,7 @@ class DataSection:
     max_examples}``. The mixture draws as many examples (or tokens, ``mix_by``) as the sources hold together, each
     source's share its weight's; it is fixed when the data is prepared (seeded by ``train.seed``), so every rank,
     epoch and resume trains on the same draws. ``eval_ratio`` holds out each source's share before the draws and
-    the eval reports a loss per source."""
+    the eval reports a loss per source (sft)."""
     mix_by: str = "examples"
     """What ``data.sources`` weights divide: ``examples`` (default) or ``tokens`` (each source's share of the
     mixture's tokens)."""
@@ -724,6 +728,10 @@ class RunConfig:
         if not pairs and self.data.format == "prompt":
             fail("data.format", "prompt is a preference-pair format (prompt, chosen, rejected); set "
                                 "train.objective to dpo, orpo or simpo")
+        for i, s in enumerate(self.data.sources or []):
+            if not pairs and s.format == "prompt":
+                fail(f"data.sources[{i}].format", "prompt is a preference-pair format (prompt, chosen, rejected); "
+                                                  "set train.objective to dpo, orpo or simpo")
         valid = EVAL_METRICS[self.train.objective]
         tasks = self.eval.tasks or []
         for key, metric in (("train.early_stopping.metric", self.train.early_stopping.metric),

@@ -55,7 +55,10 @@ def labels_of(sources: list[DataSource]) -> list[str]:
     made unique with ``-<index>``."""
     stems = [re.sub(r"[^\w.-]+", "_", Path(s.path).stem if Path(s.path).suffix else Path(s.path).name) or "source"
              for s in sources]
-    return [f"{st}-{i}" if stems.count(st) > 1 else st for i, st in enumerate(stems)]
+    labels = [f"{st}-{i}" if stems.count(st) > 1 else st for i, st in enumerate(stems)]
+    while len(set(labels)) < len(labels):  # a suffixed name may equal another source's own stem
+        labels = [f"{lab}-{i}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+    return labels
 
 
 @dataclass

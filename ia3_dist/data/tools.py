@@ -133,6 +133,14 @@ def results_text(results: tuple[dict[str, Any], ...]) -> str:
     return "\n".join(OBSERVATION + r["content"] for r in results)
 
 
+def text_without_calls(text: str) -> str:
+    """A model's answer with the tool calls :func:`parse_calls` found taken out (what stays is its text): a
+    conversation keeps the calls apart, and its template writes them back."""
+    if CALL_OPEN in text:
+        return text.split(CALL_OPEN, 1)[0].strip()
+    return "" if parse_calls(text) else text
+
+
 def parse_calls(text: str) -> list[dict[str, Any]]:
     """The tool calls a model wrote (``<tool_call>{...}</tool_call>``, the form both this template and Qwen's
     use; or a bare JSON object ``{"name": ..., "parameters"/"arguments": ...}``, Llama 3.1's), for display."""

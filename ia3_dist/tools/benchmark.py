@@ -172,10 +172,13 @@ def swap_in(peft_model: Any, vectors: dict[str, torch.Tensor], where: str) -> No
 def heldout_data(cfg: Any, tok: Any) -> Any:
     """The run's held-out examples (its data.eval_ratio split or data.eval_path), tokenized once for every point;
     None for a run without them or with pairs."""
-    from ..train.prepare import load_data
+    from ..data.tokenize import load_or_tokenize
+    from ..train.prepare import eval_section, load_data
 
     if cfg.train.objective != "sft" or not (cfg.data.eval_ratio or cfg.data.eval_path):
         return None
+    if cfg.data.eval_path:  # the held-out file alone: the training data need not be reachable from here
+        return load_or_tokenize(eval_section(cfg), tok)
     return load_data(cfg, tok)[1]
 
 

@@ -430,7 +430,7 @@ def check_eval(train: Job, cfg: Any, tasks: str | None, include: str | None, che
         if checkpoints not in _CHECKPOINT_WORDS and not _CHECKPOINT_LIST_RE.fullmatch(checkpoints):
             raise UsageError(f"--eval-checkpoints {show(checkpoints)}: expected all, latest, best or a comma list "
                              f"of checkpoint names such as step500,final")
-        if checkpoints == "best" and not (cfg.data.eval_ratio or cfg.data.eval_path):
+        if checkpoints == "best" and not (cfg.data.eval_ratio or cfg.data.eval_path or cfg.checkpoint.keep_best):
             raise UsageError("--eval-checkpoints best: picks the checkpoint with the lowest held-out loss, and this "
                              "run has none (set data.eval_ratio or data.eval_path)")
     if task_list:

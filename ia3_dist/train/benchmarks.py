@@ -97,22 +97,27 @@ def _ranked_lm(model: Any, tok: Any, batch_size: int, env: DistEnv) -> Any:
 
 
 def run_tasks(model: Any, tok: Any, tasks: list[str], tm: Any, batch_size: int, limit: int | None,
-              env: DistEnv | None = None, replicated: bool = False) -> dict:
+              env: DistEnv | None = None, replicated: bool = False, key: str = "--tasks",
+              reseed: bool = True) -> dict:
     """``{task: {metric: value}}`` (lm-eval's ``metric,filter`` keys; stderr entries left out); on ranks other than
     0 of a data-parallel evaluation, ``{}`` (rank 0 holds the gathered result). ``replicated``: every rank runs
     every request, in the same order, and returns the result (ZeRO-3, whose forward passes gather parameters
-    collectively: every rank must run the same ones)."""
+    collectively: every rank must run the same ones). ``key`` names the tasks in messages; ``reseed``: lm-eval's
+    fixed seeds for Python, NumPy and torch (as its CLI sets them; training keeps its own RNG state instead)."""
     from lm_eval import simple_evaluate
 
     env = env or DistEnv(0, 0, 1, 1)
     lm = _ranked_lm(model, tok, batch_size, DistEnv(0, 0, 1, 1) if replicated else env)
     try:
+        seeds = {} if reseed else {"random_seed": None, "numpy_random_seed": None, "torch_random_seed": None}
         res = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, bootstrap_iters=0, log_samples=False,
-                              limit=limit)
+                              limit=limit, **seeds)
+    except RuntimeError:
+        raise  # out of memory, a failed collective: not bad input
     except Exception as e:  # datasets and lm-eval raise many types for missing data and bad task definitions
         if env.world_size > 1:
             raise  # a rank that stops alone leaves the others in a collective: fail the job, not exit 2
-        raise UsageError(f"--tasks {','.join(tasks)}: lm-eval could not run them ({' '.join(str(e).split())[:300]})"
+        raise UsageError(f"{key} {','.join(tasks)}: lm-eval could not run them ({' '.join(str(e).split())[:300]})"
                          f"; is every task's data on this machine?") from None
     if res is None:
         return {}
@@ -130,8 +135,11 @@ class Benchmarks:
     best checkpoint alike."""
 
     def __init__(self, cfg: Any, env: DistEnv, replicated: bool) -> None:
-        self.cfg, self.env, self.replicated = cfg, env, replicated
         e = cfg.eval
+        # Fewer documents than ranks would leave a rank with none, which lm-eval refuses on that rank alone: then
+        # every rank runs them all.
+        replicated = replicated or (e.limit is not None and e.limit < env.world_size)
+        self.cfg, self.env, self.replicated = cfg, env, replicated
         self.tasks = list(e.tasks or [])
         self.every = e.every or cfg.train.eval_every
         self.tm = check_tasks(self.tasks, Path(e.include).expanduser() if e.include else None,
@@ -143,17 +151,23 @@ class Benchmarks:
     def run(self, model: Any, tok: Any, beat: Any = None) -> dict[str, float]:
         """``{"<task>/<metric>": value}`` on every rank; ``beat`` runs after each forward pass (the hang
         watchdog's progress beat: a benchmark may take minutes)."""
-        hook = model.register_forward_hook(lambda *_: beat()) if beat is not None else None
+        # On the innermost model: generation (generate_until tasks) runs its forward passes, not the PEFT wrapper's.
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hook = inner.register_forward_hook(lambda *_: beat()) if beat is not None else None
         was_training = model.training
         try:
+            if beat is not None:
+                beat()  # loading a task's data comes before its first forward pass
             scores = run_tasks(model, tok, self.tasks, self.tm, self.cfg.eval.batch_size, self.cfg.eval.limit,
-                               self.env, self.replicated)
+                               self.env, self.replicated, key="eval.tasks", reseed=False)
         finally:
             if hook is not None:
                 hook.remove()
             model.train(was_training)
         flat = {f"{task}/{metric}": value for task, metrics in scores.items() for metric, value in metrics.items()}
-        if self.env.world_size > 1 and not self.replicated:
+        # Rank 0's scores on every rank, replicated or not: each rank's trackers then decide the same stop and
+        # checkpoint (collectives), even where kernels round differently from rank to rank.
+        if self.env.world_size > 1:
             box = [flat]
             torch.distributed.broadcast_object_list(box, src=0)
             flat = box[0]

@@ -267,7 +267,9 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        # MLflow refuses "," in a name; lm-eval's metrics have one (tiny_mc/acc,none -> tiny_mc/acc:none).
+        self.client.log_batch(self.run_id, metrics=[Metric(k.replace(",", ":"), v, now, step)
+                                                    for k, v in values.items()])
 
     def artifact(self, adapter_dir: Path) -> None:
         self.client.log_artifacts(self.run_id, str(adapter_dir), artifact_path="adapter")
