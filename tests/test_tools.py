@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_multiturn import _label_spans
 
 from ia3_dist.config import DataSection
 from ia3_dist.data.formats import MESSAGES, SHAREGPT, Columns, to_conversation
@@ -79,21 +80,6 @@ HF_TOOLS = [{"type": "function", "function": WEATHER}, {"type": "function", "fun
 ANSWERS = ("巴黎现在21度，晴。", "现在是14:05。")
 RESULTS = ('{"temp": 21, "sky": "晴"}', '{"time": "14:05"}')
 QUESTIONS = ("巴黎天气怎么样？", "那里几点了？")
-
-
-def _label_spans(data, i: int, tok) -> list[str]:
-    s = slice(data.offsets[i], data.offsets[i + 1])
-    ids, mask = data.ids[s].tolist(), data.label_mask[s].astype(bool).tolist()
-    spans, cur = [], []
-    for t, m in zip(ids, mask, strict=True):
-        if m:
-            cur.append(t)
-        elif cur:
-            spans.append(cur)
-            cur = []
-    if cur:
-        spans.append(cur)
-    return [tok.decode(sp) for sp in spans]
 
 
 def _both(tmp_path: Path) -> list[Path]:

@@ -466,14 +466,10 @@ MAX_TOOLS_FILE = 1 << 20
 def read_tools(path: str) -> tuple[dict[str, Any], ...]:
     """``--tools FILE``: a JSON list of function schemas (bare or ``{"type": "function", "function": ...}``)."""
     from ..data.tools import tool_list
+    from ..runtime.safe_io import read_bounded
 
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_TOOLS_FILE + 1)
-    except OSError as e:
-        raise UsageError(f"--tools {path}: cannot read it ({e.strerror or e})") from None
-    if len(raw) > MAX_TOOLS_FILE:
-        raise UsageError(f"--tools {path}: larger than {MAX_TOOLS_FILE} bytes; not a list of tool schemas")
+    raw = read_bounded(Path(path), MAX_TOOLS_FILE, fix="give a JSON list of tool schemas", label="--tools ",
+                       follow=True) or b""  # never None: missing_ok is off, a missing file is a UsageError
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
