@@ -32,29 +32,30 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
                "cudaMemcpy")
 
 
-def _sync_sites_mode():  # noqa: ANN202
-    import traceback
+SYNC_READS = ("aten::_local_scalar_dense", "aten::nonzero")
+"""One of these per host sync: a value read back (``.item()``, ``float()``, ``bool()`` of a tensor: an
+``aten::is_nonzero`` wraps one) or a data-dependent shape."""
+READS_ITS_OWN_STATE = ("aten::_fused_adamw_", "aten::_fused_adam_")
+"""Kernels whose CPU form reads its step count from host memory; the CUDA form reads it on the device."""
 
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    names = {op.split("::")[1] for op in HOST_SYNC_OPS}
-
-    class SyncSites(TorchDispatchMode):
-        """Records the Python call site (outside torch) of each host-sync operator."""
-
-        def __init__(self, where: dict) -> None:
-            super().__init__()
-            self.where = where
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            if func.__name__.split(".")[0] in names:
-                frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-3:]
-                key = func.__name__.split(".")[0] + "  " + " <- ".join(
-                    f"{Path(f.filename).name}:{f.lineno}({f.name})" for f in reversed(frames))
-                self.where[key] = self.where.get(key, 0) + 1
-            return func(*args, **(kwargs or {}))
-
-    return SyncSites
+def sync_sites(events: list) -> dict[str, int]:
+    """Each host sync among a profile's events (``with_stack=True``), keyed by its three innermost Python frames
+    outside torch (what asked for it), reads inside :data:`READS_ITS_OWN_STATE` left out."""
+    where: dict[str, int] = {}
+    for e in events:
+        if e.name not in SYNC_READS:
+            continue
+        chain, p = [], e.cpu_parent
+        while p is not None and p.name not in READS_ITS_OWN_STATE:
+            chain.append(p.name)
+            p = p.cpu_parent
+        if p is not None:
+            continue
+        frames = [n for n in chain if ".py(" in n and not n.startswith("torch/")][:3]
+        key = e.name.split("::")[1] + "  " + (" <- ".join(frames) or "(no Python frame)")
+        where[key] = where.get(key, 0) + 1
+    return where
 
 
 def main() -> None:
@@ -90,7 +91,6 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     state: dict = {"calls": 0, "walls": []}
-    SyncSites = _sync_sites_mode()  # noqa: N806
     orig = loop.Trainer.step
 
     def step(self, step_no, step_mbs):  # noqa: ANN001, ANN202
@@ -99,16 +99,14 @@ def main() -> None:
         if not (a.warmup < k <= a.warmup + a.steps):
             return orig(self, step_no, step_mbs)
         if k == a.warmup + 1:
-            state["prof"] = profile(activities=acts, record_shapes=False, with_stack=False)
+            # Python frames (with_stack) say where each sync comes from, over the whole window: between the
+            # steps too, where the loop's own bookkeeping runs.
+            state["prof"] = profile(activities=acts, record_shapes=False, with_stack=a.stacks)
             state["prof"].__enter__()
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        if a.stacks:
-            with SyncSites(state.setdefault("where", {})):
-                res = orig(self, step_no, step_mbs)
-        else:
-            res = orig(self, step_no, step_mbs)
+        res = orig(self, step_no, step_mbs)
         if cuda:
             torch.cuda.synchronize()
         state["walls"].append(time.perf_counter() - t0)
@@ -157,7 +155,7 @@ def main() -> None:
                "device": torch.cuda.get_device_name() if cuda else "cpu"}
     print("\nPROFILE " + json.dumps(summary))
     print(ev.table(sort_by="self_cpu_time_total", row_limit=a.rows))
-    for where, count in sorted(state.get("where", {}).items(), key=lambda kv: -kv[1]):
+    for where, count in sorted((sync_sites(prof.events()) if a.stacks else {}).items(), key=lambda kv: -kv[1]):
         print(f"{count / n:5.1f} per step  {where}")
     if cuda:
         print(ev.table(sort_by=dev_attr, row_limit=a.rows))

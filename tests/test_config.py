@@ -104,7 +104,7 @@ def test_shipped_ds_configs_resolve_with_no_auto_left(path: Path, precision: str
     assert ds["bf16"]["enabled"] is (precision == "bf16") and ds["fp16"]["enabled"] is (precision == "fp16")
     assert ds["optimizer"] == {"type": "AdamW", "params": {
         "lr": 3e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
-        "torch_adam": not dsc.offloads_optimizer(ds)}}
+        "torch_adam": not dsc.offloads_optimizer(ds), **({"fused": True} if not dsc.offloads_optimizer(ds) else {})}}
     assert ds["gradient_clipping"] == 1.0 and "scheduler" not in ds
     # No per-step device syncs DeepSpeed can skip: its throughput timer, and bf16's overflow check.
     assert ds["timers"]["throughput"]["enabled"] is False

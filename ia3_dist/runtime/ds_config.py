@@ -375,6 +375,10 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
         _fill(ds, f"optimizer.params.{k}", v, f"train.{k}", src)
     # torch.optim.AdamW is what the reference recipe steps; DeepSpeed's CPU Adam is required with offload.
     opt["params"].setdefault("torch_adam", not offloads_optimizer(ds))
+    if opt["params"]["torch_adam"]:
+        # AdamW's fused form (one kernel over all tensors, on GPU and CPU) keeps its step count on the device; the
+        # per-tensor form reads the count back with .item() for every tensor at every step.
+        opt["params"].setdefault("fused", True)
 
     # The launcher owns the LR schedule (see schedule.py): DeepSpeed's Warmup* schedulers clamp warmup to >= 2
     # steps (lr 0 on step 0 with no warmup) and torch schedulers named in the JSON cannot wrap a ZeRO optimizer.

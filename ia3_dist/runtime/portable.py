@@ -193,10 +193,13 @@ def apply(engine: Any, ckpt: Path) -> dict[str, Any]:
                                  f"{None if t is None else tuple(t.shape)}, the model's is {full_shape(p)}; {fix}")
     base = base_optimizer(engine)
     # A fresh engine's AdamW has no state until its first step: create what that step would, at the saved count.
-    step = torch.tensor(float(info["optimizer_step"]), dtype=torch.float32)
+    # The fused AdamW (and the capturable one) keep the count on the parameter's device, the others on the host.
+    on_device = any(g.get("fused") or g.get("capturable") for g in base.param_groups)
     keys, partitioned = _state_keys(engine)
     for t in keys:
-        base.state[t] = {"step": step.clone(), **{m: torch.zeros_like(t) for m in MOMENTS}}
+        step = torch.tensor(float(info["optimizer_step"]), dtype=torch.float32,
+                            device=t.device if on_device else "cpu")
+        base.state[t] = {"step": step, **{m: torch.zeros_like(t) for m in MOMENTS}}
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2 and bf16 map each parameter's fragment of the flat state once it exists
         link()

@@ -24,7 +24,7 @@ from ..models.ia3 import apply_ia3, load_init_adapter, trainable_line
 from ..models.load import DTYPES, compile_blocks, hidden_size_of, layers_of, load_base_model
 from ..models.zero3_load import build_partitioned, load_partitions, local_model_dir
 from ..runtime import checkpoint as ckpt
-from ..runtime import dist, faults, hostmem
+from ..runtime import dist, ds_syncs, faults, hostmem
 from ..runtime import ds_config as dsc
 from ..runtime.adapter import gather_trainable
 from ..runtime.preempt import StopFlag
@@ -118,6 +118,9 @@ def build_engine(p: Prepared, objective: objectives.Objective | None = None) -> 
     objective = objective or objectives.build(p.cfg)
     wrapper = objective.module(peft_model, rows, p.cfg.train.loss_chunk_mib << 20, packed)
     params = [q for q in wrapper.parameters() if q.requires_grad]
+    if not ds_syncs.install():
+        dist.print0(p.env, f"deepspeed {deepspeed.__version__}: its ZeRO gradient-norm code is not the one the "
+                           f"launcher's sync-free form was checked against; kept as is (two host syncs per step)")
     engine, _, _, _ = deepspeed.initialize(model=wrapper, model_parameters=params, config=p.ds_config,
                                            lr_scheduler=lr_schedule(p.cfg.train, p.total_steps))
     return engine, peft_model, keep_alive

@@ -1,0 +1,92 @@
+"""Optimizer steps that never make the host wait for the device (the GPU step issue).
+
+Unit tier: the launcher's replacements for DeepSpeed's gradient-norm functions (``runtime/ds_syncs.py``) give
+DeepSpeed's own results, bit for bit, on finite, infinite, NaN and negative (DeepSpeed's sentinel) norms, with and
+without clipping and loss scale. Slow tier: real training steps (``tests/probe_syncs.py``: the launcher's path, a
+``TorchDispatchMode`` over steps 3-6, no log step among them) read nothing back, except where DeepSpeed itself
+decides on the host whether to skip a step (fp32 ZeRO-1/2, once per step).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _util import check, launch
+
+from ia3_dist.runtime import ds_syncs
+
+TINY = "configs/tiny-cpu.yaml"
+NORMS = [0.5, 3.0, 1e-9, 0.0, float("inf"), float("-inf"), float("nan"), -1.0]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_deepspeed_functions_are_replaced() -> None:
+    assert ds_syncs.install() is True, "DeepSpeed's gradient-norm code changed: re-check ds_syncs against it"
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    assert stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads is ds_syncs.unscale_and_clip_grads
+    assert stage_1_and_2.mask_nan_or_inf_with_val_inplace is ds_syncs.mask_invalid_norm
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_mask_invalid_norm_is_deepspeeds(norm: float) -> None:
+    ours, theirs = torch.tensor(norm), torch.tensor(norm)
+    ds_syncs.mask_invalid_norm(ours, device="cpu")
+    ds_syncs.originals()["mask_nan_or_inf_with_val_inplace"](theirs, device="cpu")
+    _same(ours, theirs)
+
+
+# DeepSpeed passes the norm as a tensor; a float only reaches the clip as its invalid-norm fallback (its own code
+# fails on a finite float: torch.clamp of a float).
+CLIP_CASES = [(norm, clip, scale, as_tensor) for norm in NORMS for clip, scale in [(1.0, 1.0), (0.5, 1024.0),
+                                                                                   (0.0, 8.0), (0.0, 1.0)]
+              for as_tensor in (True, False) if as_tensor or not (clip > 0 and 0 <= norm < float("inf"))]
+
+
+@pytest.mark.parametrize("norm,clip_grad,loss_scale,as_tensor", CLIP_CASES)
+def test_unscale_and_clip_is_deepspeeds(norm: float, clip_grad: float, loss_scale: float, as_tensor: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(37, generator=g) * 5
+    parts = [torch.randn(5, generator=g), torch.randn(3, generator=g)]
+    results = []
+    for fn in (ds_syncs.unscale_and_clip_grads, ds_syncs.originals()["unscale_and_clip_grads"]):
+        opt = SimpleNamespace(clip_grad=clip_grad, loss_scale=loss_scale, device="cpu")
+        grads = [flat.clone(), [p.clone() for p in parts]]
+        fn(opt, grads, torch.tensor(norm) if as_tensor else norm)
+        results.append(torch.cat([grads[0], *grads[1]]))
+    _same(*results)
+
+
+def _sites(tmp: Path, tiny_model: Path, *overrides: str) -> dict[str, float]:
+    probe = tmp / "probe.json"
+    check(launch(["--config", TINY, f"model.path={tiny_model}", f"output.dir={tmp / 'run'}", "data.limit=96",
+                  "train.max_steps=8", "train.log_every=1000", "train.micro_batch_size=4", "train.grad_accum=2",
+                  "checkpoint.at_end=false", *overrides], script="tests/probe_syncs.py",
+                 env={"IA3_TEST_PROBE": str(probe), "IA3_TEST_SYNC_FROM": "3", "IA3_TEST_SYNC_TO": "6"}))
+    out = json.loads(probe.read_text())
+    return {site: n / out["steps"] for site, n in out["sites"].items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds,precision", [("zero1", "bf16"), ("zero2", "bf16"), ("zero0", "fp32"),
+                                          ("zero2", "fp32")])
+def test_steps_read_nothing_back(tmp_path: Path, tiny_model: Path, ds: str, precision: str) -> None:
+    """zero2 fp32 is the default config. Left in fp32 ZeRO-1/2: DeepSpeed's skip of a step whose gradient norm is
+    not finite (its host decision, ``is_invalid_grad_norm`` in ``step``), once per step."""
+    sites = _sites(tmp_path, tiny_model, f"deepspeed.config={ds}", f"train.precision={precision}")
+    allowed = {s: n for s, n in sites.items()
+               if [f.split("): ")[-1] for f in s.split("  ")[-1].split(" <- ")[:2]] == ["is_invalid_grad_norm", "step"]
+               and "zero/stage_1_and_2.py" in s}
+    others = {s: n for s, n in sites.items() if s not in allowed}
+    assert others == {}, f"host syncs per step outside DeepSpeed's skip decision: {others}"
+    if precision == "fp32" and ds != "zero0":
+        assert sum(allowed.values()) == 1.0, sites
+    else:
+        assert allowed == {}, sites
