@@ -65,7 +65,7 @@ def main() -> None:
     print("\nsites (count per step, operator, innermost non-torch frames):")
     for ds, prec, *_, sites in rows:
         print(f"{ds} {prec}:")
-        for s in sites or ["(none seen by the dispatcher)"]:
+        for s in sites or ["(none)"]:
             print(f"  {s}")
 
 

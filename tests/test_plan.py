@@ -217,6 +217,16 @@ def test_auto_deepspeed_config_is_the_lowest_stage_that_fits(precision: str, sta
     assert rc == 0, out
     assert f"deepspeed.config=auto: {stage}, the lowest stage that fits" in out, out
     assert f"deepspeed: ZeRO-{stage[-1]}, {precision}" in out, out
+    assert "note: ZeRO-0 in" not in out, out
+
+
+def test_zero0_in_mixed_precision_names_the_stage_without_syncs(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    rc = main(["check", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"model.path={tiny_model}",
+               "deepspeed.config=zero0", "train.precision=bf16", f"output.dir={tmp_path / 'out'}"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "note: ZeRO-0 in bf16 runs DeepSpeed's stage-0 mixed-precision optimizer" in out, out
+    assert "deepspeed.config=zero1 trains the same with none" in out, out
 
 
 def test_auto_deepspeed_config_refuses_when_nothing_fits(tiny_model: Path) -> None:
