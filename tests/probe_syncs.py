@@ -4,7 +4,7 @@ runs there), no log step in that window. A sync is an ``aten::_local_scalar_dens
 ``.item()``, ``bool()``, ``float()`` of a tensor) or an ``aten::nonzero`` (a data-dependent shape), counted by
 ``bench/profile_step.sync_sites`` (reads inside the fused AdamW kernel left out: its CPU form reads the step count
 from host memory, the CUDA form on the device). Each is written with its innermost frames outside torch to
-``IA3_TEST_PROBE`` as JSON.
+``IA3_TEST_PROBE`` as JSON. ``IA3_TEST_DS_ORIGINALS=1``: DeepSpeed's own functions, not ``runtime/ds_syncs``'s.
 
 Run as ``python tests/probe_syncs.py --config X [overrides]`` (one process).
 """
@@ -31,7 +31,11 @@ from ia3_dist.train.run import run  # noqa: E402
 
 
 def main() -> None:
-    first, last = int(os.environ["IA3_TEST_SYNC_FROM"]), int(os.environ["IA3_TEST_SYNC_TO"])
+    if os.environ.get("IA3_TEST_DS_ORIGINALS") == "1":  # DeepSpeed's own steps, to compare the results with
+        from ia3_dist.runtime import ds_syncs
+
+        ds_syncs.install = lambda: False
+    first, last = int(os.environ.get("IA3_TEST_SYNC_FROM", 0)), int(os.environ.get("IA3_TEST_SYNC_TO", 0))
     where: dict[str, int] = {}
     state: dict = {}
     orig = loop.Trainer.step
@@ -50,8 +54,9 @@ def main() -> None:
     loop.Trainer.step = step
     args = _train_parser("probe_syncs.py").parse_args()
     run(load_config(args.config, args.overrides))
-    assert state.get("done"), "the window's last step never ran"
-    Path(os.environ["IA3_TEST_PROBE"]).write_text(json.dumps({"steps": last - first + 1, "sites": where}))
+    if first:
+        assert state.get("done"), "the window's last step never ran"
+        Path(os.environ["IA3_TEST_PROBE"]).write_text(json.dumps({"steps": last - first + 1, "sites": where}))
 
 
 if __name__ == "__main__":

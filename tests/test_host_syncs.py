@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _util import check, launch
+from _util import adapter_tensors, check, launch, metrics
 
 from ia3_dist.runtime import ds_syncs
 
@@ -29,10 +29,12 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def test_deepspeed_functions_are_replaced() -> None:
     assert ds_syncs.install() is True, "DeepSpeed's gradient-norm code changed: re-check ds_syncs against it"
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.zero import stage_1_and_2
 
     assert stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads is ds_syncs.unscale_and_clip_grads
     assert stage_1_and_2.mask_nan_or_inf_with_val_inplace is ds_syncs.mask_invalid_norm
+    assert FP16_UnfusedOptimizer.step is ds_syncs.unfused_step
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -75,8 +77,8 @@ def _sites(tmp: Path, tiny_model: Path, *overrides: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ds,precision", [("zero1", "bf16"), ("zero2", "bf16"), ("zero0", "fp32"),
-                                          ("zero2", "fp32")])
+@pytest.mark.parametrize("ds,precision", [("zero0", "bf16"), ("zero1", "bf16"), ("zero2", "bf16"),
+                                          ("zero0", "fp32"), ("zero2", "fp32")])
 def test_steps_read_nothing_back(tmp_path: Path, tiny_model: Path, ds: str, precision: str) -> None:
     """zero2 fp32 is the default config. Left in fp32 ZeRO-1/2: DeepSpeed's skip of a step whose gradient norm is
     not finite (its host decision, ``is_invalid_grad_norm`` in ``step``), once per step."""
@@ -90,3 +92,30 @@ def test_steps_read_nothing_back(tmp_path: Path, tiny_model: Path, ds: str, prec
         assert sum(allowed.values()) == 1.0, sites
     else:
         assert allowed == {}, sites
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds,precision", [("zero0", "bf16"), ("zero2", "bf16"), ("zero2", "fp32")])
+def test_steps_train_as_deepspeeds_own(tmp_path: Path, tiny_model: Path, ds: str, precision: str) -> None:
+    """The same run with DeepSpeed's own functions and with the launcher's: the same per-step losses and IA3
+    vectors, with the clip active at every step (train.grad_clip below every gradient norm). ZeRO-1/2 compute the
+    clip factor with the same tensor operations (exact); ZeRO-0's norm sums in fp32 on the device where DeepSpeed
+    sums in float64 on the host (the last bits of the clip factor)."""
+    runs = {}
+    for which in ("ours", "deepspeed"):
+        out = tmp_path / which
+        check(launch(["--config", TINY, f"model.path={tiny_model}", f"output.dir={out}", "data.limit=96",
+                      "train.max_steps=6", "train.log_every=1", "train.micro_batch_size=4", "train.grad_accum=2",
+                      "train.grad_clip=0.001", f"deepspeed.config={ds}", f"train.precision={precision}"],
+                     script="tests/probe_syncs.py",
+                     env={"IA3_TEST_DS_ORIGINALS": "1" if which == "deepspeed" else "0"}))
+        rows = [r for r in metrics(out) if "loss" in r]
+        runs[which] = ([r["loss"] for r in rows], [r["grad_norm"] for r in rows], adapter_tensors(out / "adapter"))
+    (loss_a, norm_a, vec_a), (loss_b, norm_b, vec_b) = runs["ours"], runs["deepspeed"]
+    assert len(loss_a) == 6 and min(norm_b) > 0.001, norm_b  # clipped at every step
+    tol = 0 if ds != "zero0" else 1e-6
+    torch.testing.assert_close(torch.tensor(loss_a), torch.tensor(loss_b), rtol=tol, atol=0)
+    torch.testing.assert_close(torch.tensor(norm_a), torch.tensor(norm_b), rtol=max(tol, 1e-6), atol=0)
+    assert vec_a.keys() == vec_b.keys()
+    for k in vec_a:
+        torch.testing.assert_close(vec_a[k], vec_b[k], rtol=tol, atol=tol)

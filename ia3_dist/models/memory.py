@@ -157,9 +157,9 @@ wherever the frozen weights do; ZeRO-2 reduces at every micro-step and ZeRO-3 ga
 
 def candidate_stages(b: int) -> tuple[tuple[str, int, bool], ...]:
     """:data:`STAGES` a recommendation may pick at ``b`` bytes per weight. Mixed precision (b = 2) starts at
-    ZeRO-1: DeepSpeed 0.19's stage-0 bf16/fp16 optimizer checks every tensor for overflow at every step, a host
-    sync per tensor (``bench/host_syncs.py``: 11 per step on the tiny Bloom against 0 at ZeRO-1), and ZeRO-1 costs
-    IA3 nothing (its optimizer state is a few MB)."""
+    ZeRO-1: DeepSpeed 0.19's stage-0 fp16 optimizer checks every tensor for overflow at every step (its loss
+    scaling needs it), a host sync per tensor, and ZeRO-1 costs IA3 nothing (its optimizer state is a few MB). In
+    bf16 the launcher runs stage 0 without those checks (``runtime/ds_syncs``), and ZeRO-1 trains the same."""
     return STAGES[1:] if b == 2 else STAGES
 
 

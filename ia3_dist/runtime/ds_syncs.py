@@ -1,4 +1,4 @@
-"""DeepSpeed's ZeRO-1/2 gradient-norm path without host reads.
+"""DeepSpeed's optimizer steps without host reads.
 
 After the config has turned off what DeepSpeed lets a config turn off (``runtime/ds_config.no_stalls``), a ZeRO-1/2
 optimizer step still makes the host wait for the device twice, both on the clipping norm:
@@ -9,9 +9,15 @@ Both decisions can stay on the device (``torch.where``), with the same values: t
 What stays a host decision is DeepSpeed's own skip of a step whose norm is not finite, which it makes in fp32 and
 fp16 (and in bf16 only with ``bf16.check_grad_overflow``): skipping is a choice the host has to know about.
 
-:func:`install` swaps these two functions in, once per process, only where DeepSpeed's code is the code they were
-written against (a fingerprint of its source); another DeepSpeed keeps its own and the launcher says so.
-``tests/test_host_syncs.py`` checks both against DeepSpeed's originals and counts the syncs of real steps.
+ZeRO-0 in bf16 runs DeepSpeed's ``FP16_UnfusedOptimizer``, which ignores ``bf16.check_grad_overflow``: it checks
+every gradient tensor on the host, reads the norm back and compares the clip factor on the host. With the check
+off (the launcher's default), no loss scaling (bf16 has none) and no model or expert parallelism, its step runs
+here instead: the same norm, clip and fp32-master update, decided on the device, as ZeRO-1/2 do in bf16 (a
+non-finite norm clips the update to nothing rather than skipping it; the loop stops on the non-finite loss).
+
+:func:`install` swaps these in, once per process, only where DeepSpeed's code is the code they were written against
+(a fingerprint of its source); another DeepSpeed keeps its own and the launcher says so.
+``tests/test_host_syncs.py`` checks them against DeepSpeed's originals and counts the syncs of real steps.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import torch
 _FINGERPRINTS = {
     "mask_nan_or_inf_with_val_inplace": "9728853d4df6cd692cc5bc0aa2bfa4b54d85b0b06f30129a424cbdf93cd4ce3c",
     "unscale_and_clip_grads": "6bf2ce6f97eafcc24c08a0355e7c180992c8e86da5b7f02026eef6fbd68efa74",
+    "unfused_step": "626bd9aa8af843e9dbc3d2d98ca05e0f31951af9f63c46bd1104e1afe513e16d",
+    "unfused_unscale_and_clip_grads": "748792c7d1075f9d761b686a5edd42e7daf1e8937a27e9f27670ef14f23ee865",
 }
 
 _state: dict[str, Any] = {}
@@ -58,6 +66,50 @@ def unscale_and_clip_grads(self: Any, grad_groups_flat: list, total_norm: Any) -
             g.data.mul_(1. / combined_scale)
 
 
+def _unfused_on_device(self: Any) -> bool:
+    """The bf16 ZeRO-0 case :func:`unfused_step` covers; anything else takes DeepSpeed's own step."""
+    lsc = self.loss_scale_config
+    engine = getattr(self.overflow_checker, "deepspeed", None)
+    check = getattr(getattr(getattr(engine, "_config", None), "bfloat16_config", None), "check_grad_overflow", True)
+    return (self.low_precision_dtype is torch.bfloat16 and not check and not self.fused_lamb_legacy
+            and not self.custom_loss_scaler and not lsc.dynamic_loss_scale and lsc.cur_scale == 1.0
+            and self.mpu is None and not self.overflow_checker.has_moe_params)
+
+
+def unfused_step(self: Any, closure: Any = None) -> bool:
+    """``FP16_UnfusedOptimizer.step`` for bf16 without the overflow check (see the module doc): the gradient norm
+    (a tensor, what ``get_global_grad_norm`` returns) and the clip factor stay on the device."""
+    if not _unfused_on_device(self):
+        return _state["originals"]["unfused_step"](self, closure)
+    squares = []
+    for i, group in enumerate(self.fp16_groups):
+        squares += [g.float().norm(2) ** 2 for g in (p.grad for p in group) if g is not None]
+        for fp32_param, fp16_param in zip(self.fp32_groups[i], group):
+            fp32_param.grad = (torch.zeros(fp16_param.size(), dtype=fp32_param.dtype, device=fp32_param.device)
+                               if fp16_param.grad is None else fp16_param.grad.to(fp32_param.dtype))
+    dev = self.fp32_groups[0][0].device if self.fp32_groups and self.fp32_groups[0] else None
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), device=dev)
+    self.overflow = False
+    self._global_grad_norm = total
+    self._update_scale(False)
+    if self.clip_grad > 0.:
+        # DeepSpeed's unscale_and_clip_grads at a loss scale of 1 (checked above): divide by the clip factor where
+        # it exceeds 1; a non-finite norm clips by an infinite one.
+        norm = torch.where(torch.isfinite(total), total, torch.full_like(total, float("inf")))
+        clip = (norm + 1e-6) / self.clip_grad
+        combined = torch.where(clip > 1, clip, torch.ones_like(clip))
+        for group in self.fp32_groups:
+            for q in group:
+                if q.grad is not None:
+                    q.grad.data.mul_(1. / combined)
+    self.optimizer.step()
+    for fp32_group, fp16_group in zip(self.fp32_groups, self.fp16_groups):
+        for fp32_param, fp16_param in zip(fp32_group, fp16_group):
+            fp32_param.grad = None
+            fp16_param.data.copy_(fp32_param.data)
+    return self.overflow
+
+
 def fingerprint(fn: Any) -> str:
     return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
 
@@ -67,29 +119,34 @@ def install() -> bool:
     are not the ones they were checked against."""
     if "installed" in _state:
         return _state["installed"]
-    from deepspeed.runtime import utils as ds_utils
-    from deepspeed.runtime.zero import stage3, stage_1_and_2
-
-    zero = stage_1_and_2.DeepSpeedZeroOptimizer
-    originals = {"mask_nan_or_inf_with_val_inplace": ds_utils.mask_nan_or_inf_with_val_inplace,
-                 "unscale_and_clip_grads": zero.unscale_and_clip_grads}
+    originals = _deepspeeds()
     ok = all(fingerprint(fn) == _FINGERPRINTS[name] for name, fn in originals.items())
     if ok:
+        from deepspeed.runtime import utils as ds_utils
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+        from deepspeed.runtime.zero import stage3, stage_1_and_2
+
         _state["originals"] = originals
         for mod in (ds_utils, stage_1_and_2, stage3):
             if getattr(mod, "mask_nan_or_inf_with_val_inplace", None) is originals["mask_nan_or_inf_with_val_inplace"]:
                 mod.mask_nan_or_inf_with_val_inplace = mask_invalid_norm
-        zero.unscale_and_clip_grads = unscale_and_clip_grads
+        stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads = unscale_and_clip_grads
+        FP16_UnfusedOptimizer.step = unfused_step
     _state["installed"] = ok
     return ok
 
 
-def originals() -> dict[str, Any]:
-    """DeepSpeed's own functions (for the tests that compare against them); installs first."""
-    install()
+def _deepspeeds() -> dict[str, Any]:
     from deepspeed.runtime import utils as ds_utils
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.zero import stage_1_and_2
 
-    return _state.get("originals") or {
-        "mask_nan_or_inf_with_val_inplace": ds_utils.mask_nan_or_inf_with_val_inplace,
-        "unscale_and_clip_grads": stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads}
+    return {"mask_nan_or_inf_with_val_inplace": ds_utils.mask_nan_or_inf_with_val_inplace,
+            "unscale_and_clip_grads": stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads,
+            "unfused_step": FP16_UnfusedOptimizer.step,
+            "unfused_unscale_and_clip_grads": FP16_UnfusedOptimizer.unscale_and_clip_grads}
+
+
+def originals() -> dict[str, Any]:
+    """DeepSpeed's own functions (for the tests that compare against them), whether or not installed."""
+    return _state.get("originals") or _deepspeeds()

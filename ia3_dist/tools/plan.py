@@ -122,7 +122,7 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
                      f"{unit} at {rows_of}; turn on train.gradient_checkpointing, lower the micro-batch or "
                      f"add {unit}s")
     else:
-        why = "least communication" + ("; ZeRO-0's mixed-precision optimizer syncs per tensor" if b == 2 else "")
+        why = "least communication" + ("; in fp16 ZeRO-0's optimizer checks every tensor on the host" if b == 2 else "")
         lines.append(f"recommended: deepspeed.config={fits_at} (the lowest stage that fits: {why}); "
                      f"largest micro-batch there {rows[fits_at]['max_micro']} "
                      f"({rows[fits_at]['max_micro_ckpt']} with gradient checkpointing)")

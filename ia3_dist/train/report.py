@@ -52,10 +52,10 @@ def report(p: Prepared) -> str:
     if cfg.data.template == HUMAN_ASSISTANT and getattr(p.tokenizer, "chat_template", None):
         lines.append("note: the tokenizer ships a chat template; data.template=chat_template trains in it (the "
                      "format the model was tuned on), human_assistant is the reference recipe's")
-    if dsc.stage_of(p.ds_config) == 0 and cfg.train.precision != "fp32":
-        lines.append(f"note: ZeRO-0 in {cfg.train.precision} runs DeepSpeed's stage-0 mixed-precision optimizer, "
-                     f"which checks every gradient tensor on the host at every step (a device sync each); "
-                     f"deepspeed.config=zero1 trains the same with none (IA3's optimizer state is a few MB)")
+    if dsc.stage_of(p.ds_config) == 0 and cfg.train.precision == "fp16":
+        lines.append("note: ZeRO-0 in fp16 runs DeepSpeed's stage-0 mixed-precision optimizer, which checks every "
+                     "gradient tensor for overflow on the host at every step (a device sync each; fp16's loss scaling "
+                     "needs the check); bf16 needs none")
     if p.tokenizer.pad_token == p.tokenizer.eos_token:
         lines.append("note: the tokenizer has no pad token of its own; padding uses eos (masked out of the loss)")
     return "\n".join(lines)
