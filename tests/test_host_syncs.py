@@ -77,10 +77,10 @@ def _sites(tmp: Path, tiny_model: Path, *overrides: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ds,precision", [("zero0", "bf16"), ("zero1", "bf16"), ("zero2", "bf16"),
-                                          ("zero0", "fp32"), ("zero2", "fp32")])
+@pytest.mark.parametrize("ds,precision", [("zero0", "bf16"), ("zero1", "bf16"), ("zero0", "fp32"), ("zero2", "fp32")])
 def test_steps_read_nothing_back(tmp_path: Path, tiny_model: Path, ds: str, precision: str) -> None:
-    """zero2 fp32 is the default config. Left in fp32 ZeRO-1/2: DeepSpeed's skip of a step whose gradient norm is
+    """zero2 fp32 is the default config (ZeRO-2 runs ZeRO-1's optimizer code, bench/host_syncs.py counts both).
+    Left in fp32 ZeRO-1/2: DeepSpeed's skip of a step whose gradient norm is
     not finite (its host decision, ``is_invalid_grad_norm`` in ``step``), once per step."""
     sites = _sites(tmp_path, tiny_model, f"deepspeed.config={ds}", f"train.precision={precision}")
     allowed = {s: n for s, n in sites.items()
@@ -95,7 +95,7 @@ def test_steps_read_nothing_back(tmp_path: Path, tiny_model: Path, ds: str, prec
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ds,precision", [("zero0", "bf16"), ("zero2", "bf16"), ("zero2", "fp32")])
+@pytest.mark.parametrize("ds,precision", [("zero0", "bf16"), ("zero2", "bf16")])
 def test_steps_train_as_deepspeeds_own(tmp_path: Path, tiny_model: Path, ds: str, precision: str) -> None:
     """The same run with DeepSpeed's own functions and with the launcher's: the same per-step losses and IA3
     vectors, with the clip active at every step (train.grad_clip below every gradient norm). ZeRO-1/2 compute the
