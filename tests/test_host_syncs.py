@@ -2,9 +2,10 @@
 
 Unit tier: the launcher's replacements for DeepSpeed's gradient-norm functions (``runtime/ds_syncs.py``) give
 DeepSpeed's own results, bit for bit, on finite, infinite, NaN and negative (DeepSpeed's sentinel) norms, with and
-without clipping and loss scale. Slow tier: real training steps (``tests/probe_syncs.py``: the launcher's path, a
-``TorchDispatchMode`` over steps 3-6, no log step among them) read nothing back, except where DeepSpeed itself
-decides on the host whether to skip a step (fp32 ZeRO-1/2, once per step).
+without clipping and loss scale. Slow tier: real training steps (``tests/probe_syncs.py``: the launcher's path
+under torch.profiler over steps 3-6, no log step among them) read nothing back, except where DeepSpeed itself
+decides on the host whether to skip a step (fp32 ZeRO-1/2, once per step); and in bf16 they train as DeepSpeed's
+own functions do.
 """
 
 from __future__ import annotations
@@ -66,23 +67,26 @@ def test_unscale_and_clip_is_deepspeeds(norm: float, clip_grad: float, loss_scal
     _same(*results)
 
 
-def _sites(tmp: Path, tiny_model: Path, *overrides: str) -> dict[str, float]:
-    probe = tmp / "probe.json"
-    check(launch(["--config", TINY, f"model.path={tiny_model}", f"output.dir={tmp / 'run'}", "data.limit=96",
+def _run(tmp: Path, tiny_model: Path, name: str, *overrides: str, originals: bool = False,
+         count: bool = True) -> tuple[Path, dict[str, float]]:
+    """A run of 8 steps through tests/probe_syncs.py; with ``count``, the host syncs per step of steps 3-6 (no log
+    step among them) by site. ``originals``: DeepSpeed's own functions instead of runtime/ds_syncs's."""
+    probe, out = tmp / f"{name}.json", tmp / name
+    env = {"IA3_TEST_DS_ORIGINALS": "1" if originals else "0"}
+    if count:
+        env.update(IA3_TEST_PROBE=str(probe), IA3_TEST_SYNC_FROM="3", IA3_TEST_SYNC_TO="6")
+    check(launch(["--config", TINY, f"model.path={tiny_model}", f"output.dir={out}", "data.limit=96",
                   "train.max_steps=8", "train.log_every=1000", "train.micro_batch_size=4", "train.grad_accum=2",
-                  "checkpoint.at_end=false", *overrides], script="tests/probe_syncs.py",
-                 env={"IA3_TEST_PROBE": str(probe), "IA3_TEST_SYNC_FROM": "3", "IA3_TEST_SYNC_TO": "6"}))
-    out = json.loads(probe.read_text())
-    return {site: n / out["steps"] for site, n in out["sites"].items()}
+                  *overrides], script="tests/probe_syncs.py", env=env))
+    if not count:
+        return out, {}
+    res = json.loads(probe.read_text())
+    return out, {site: n / res["steps"] for site, n in res["sites"].items()}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("ds,precision", [("zero0", "bf16"), ("zero1", "bf16"), ("zero0", "fp32"), ("zero2", "fp32")])
-def test_steps_read_nothing_back(tmp_path: Path, tiny_model: Path, ds: str, precision: str) -> None:
-    """zero2 fp32 is the default config (ZeRO-2 runs ZeRO-1's optimizer code, bench/host_syncs.py counts both).
-    Left in fp32 ZeRO-1/2: DeepSpeed's skip of a step whose gradient norm is
-    not finite (its host decision, ``is_invalid_grad_norm`` in ``step``), once per step."""
-    sites = _sites(tmp_path, tiny_model, f"deepspeed.config={ds}", f"train.precision={precision}")
+def _assert_no_syncs_but_deepspeeds_skip(sites: dict[str, float], ds: str, precision: str) -> None:
+    """Left in fp32 ZeRO-1/2: DeepSpeed's skip of a step whose gradient norm is not finite (its host decision,
+    ``is_invalid_grad_norm`` in ``step``), once per step."""
     allowed = {s: n for s, n in sites.items()
                if [f.split("): ")[-1] for f in s.split("  ")[-1].split(" <- ")[:2]] == ["is_invalid_grad_norm", "step"]
                and "zero/stage_1_and_2.py" in s}
@@ -95,27 +99,33 @@ def test_steps_read_nothing_back(tmp_path: Path, tiny_model: Path, ds: str, prec
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ds,precision", [("zero0", "bf16"), ("zero2", "bf16")])
-def test_steps_train_as_deepspeeds_own(tmp_path: Path, tiny_model: Path, ds: str, precision: str) -> None:
-    """The same run with DeepSpeed's own functions and with the launcher's: the same per-step losses and IA3
-    vectors, with the clip active at every step (train.grad_clip below every gradient norm). ZeRO-1/2 compute the
-    clip factor with the same tensor operations (exact); ZeRO-0's norm sums in fp32 on the device where DeepSpeed
-    sums in float64 on the host (the last bits of the clip factor)."""
-    runs = {}
-    for which in ("ours", "deepspeed"):
-        out = tmp_path / which
-        check(launch(["--config", TINY, f"model.path={tiny_model}", f"output.dir={out}", "data.limit=96",
-                      "train.max_steps=6", "train.log_every=1", "train.micro_batch_size=4", "train.grad_accum=2",
-                      "train.grad_clip=0.001", f"deepspeed.config={ds}", f"train.precision={precision}"],
-                     script="tests/probe_syncs.py",
-                     env={"IA3_TEST_DS_ORIGINALS": "1" if which == "deepspeed" else "0"}))
-        rows = [r for r in metrics(out) if "loss" in r]
-        runs[which] = ([r["loss"] for r in rows], [r["grad_norm"] for r in rows], adapter_tensors(out / "adapter"))
-    (loss_a, norm_a, vec_a), (loss_b, norm_b, vec_b) = runs["ours"], runs["deepspeed"]
-    assert len(loss_a) == 6 and min(norm_b) > 0.001, norm_b  # clipped at every step
+@pytest.mark.parametrize("ds,precision", [("zero0", "fp32"), ("zero2", "fp32")])
+def test_steps_read_nothing_back(tmp_path: Path, tiny_model: Path, ds: str, precision: str) -> None:
+    """zero2 fp32 is the default config (ZeRO-2 runs ZeRO-1's optimizer code); bf16 below."""
+    _, sites = _run(tmp_path, tiny_model, "run", f"deepspeed.config={ds}", f"train.precision={precision}")
+    _assert_no_syncs_but_deepspeeds_skip(sites, ds, precision)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds", ["zero0", "zero1"])
+def test_bf16_steps_read_nothing_back_and_train_as_deepspeeds_own(tmp_path: Path, tiny_model: Path, ds: str) -> None:
+    """bf16 (zero1: what deepspeed.config=auto picks) reads nothing back; the same run with DeepSpeed's own
+    functions ends with the same IA3 vectors, the clip active at every step (train.grad_clip below every gradient
+    norm): ZeRO-1/2 compute the clip factor with the same tensor operations (exact); ZeRO-0's norm sums in fp32 on
+    the device where DeepSpeed sums in float64 on the host (the last bits of the clip factor)."""
+    run = (f"deepspeed.config={ds}", "train.precision=bf16", "train.grad_clip=0.001")
+    ours, sites = _run(tmp_path, tiny_model, "ours", *run)
+    _assert_no_syncs_but_deepspeeds_skip(sites, ds, "bf16")
+    theirs, _ = _run(tmp_path, tiny_model, "theirs", *run, originals=True, count=False)
+    rows = {k: [r for r in metrics(d) if "loss" in r] for k, d in (("ours", ours), ("theirs", theirs))}
+    # Logged: the first and the last step (train.log_every=1000).
+    assert [r["step"] for r in rows["ours"]] == [1, 8] and min(r["grad_norm"] for r in rows["theirs"]) > 0.001
     tol = 0 if ds != "zero0" else 1e-6
-    torch.testing.assert_close(torch.tensor(loss_a), torch.tensor(loss_b), rtol=tol, atol=0)
-    torch.testing.assert_close(torch.tensor(norm_a), torch.tensor(norm_b), rtol=max(tol, 1e-6), atol=0)
-    assert vec_a.keys() == vec_b.keys()
-    for k in vec_a:
-        torch.testing.assert_close(vec_a[k], vec_b[k], rtol=tol, atol=tol)
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in rows["ours"]]),
+                                   torch.tensor([r[key] for r in rows["theirs"]]),
+                                   rtol=max(tol, 1e-6) if key == "grad_norm" else tol, atol=0)
+    a, b = adapter_tensors(ours / "adapter"), adapter_tensors(theirs / "adapter")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=tol, atol=tol)
