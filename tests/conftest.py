@@ -18,17 +18,30 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "alpaca_zh_demo.json"
 
 # Files whose tests take longest run first, so that under `-n 2 --dist loadfile` (what `./dev.sh test` runs) the
 # Slurm jobs, which mostly wait on the cluster, overlap the CPU-bound tests of the other worker instead of
-# trailing at the end; second, files that need no demo model, so the other worker has work while the first one
-# builds it (the fault tests would wait on its lock). The other files follow in their usual order.
-FIRST = ("test_slurm.py", "test_security_adapters.py", "test_model.py", "test_faults.py", "test_preference.py",
+# trailing at the end. Right after the first EARLY of them (no demo model either) come the files with no slow test (the unit tier, which
+# never needs the demo model), so the other worker has about a minute and a half of work while `.ci/run` builds the
+# demo model in the background (a test that needs it waits on its lock: both workers waited ~70 s before). The
+# rest of FIRST follows, then the other files in their usual order.
+FIRST = ("test_slurm.py", "test_security_adapters.py", "test_model.py", "test_host_syncs.py", "test_faults.py", "test_preference.py",
          "test_resume.py", "test_parity.py", "test_benchmark_eval.py", "test_packing_train.py", "test_train.py",
          "test_plan.py", "test_security_checkpoints.py", "test_prepare.py", "test_trackers.py",
          "test_checkpoint_safety.py", "test_cli.py")
+EARLY = 4  # test_host_syncs.py: slow, but on the random tiny model only
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    slow_files = {it.path.name for it in items if it.get_closest_marker("slow")}
     rank = {name: i for i, name in enumerate(FIRST)}
-    items.sort(key=lambda it: rank.get(it.path.name, len(FIRST)))  # stable: each file keeps its own order
+
+    def key(it: pytest.Item) -> tuple[int, int]:
+        name = it.path.name
+        if rank.get(name, EARLY) < EARLY:
+            return 0, rank[name]
+        if name not in slow_files:
+            return 1, 0
+        return 2, rank.get(name, len(FIRST))
+
+    items.sort(key=key)  # stable: each file keeps its own order
 
 
 def _is_worker(config: pytest.Config) -> bool:
