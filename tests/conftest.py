@@ -19,9 +19,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "alpaca_zh_demo.json"
 # Files whose tests take longest run first, so that under `-n 2 --dist loadfile` (what `./dev.sh test` runs) the
 # Slurm jobs, which mostly wait on the cluster, overlap the CPU-bound tests of the other worker instead of
 # trailing at the end. Right after the first EARLY of them (no demo model either) come the files with no slow test
-# (the unit tier, which never needs the demo model), so the other worker has about a minute and a half of work
-# while `.ci/run` builds the demo model in the background (a test that needs it waits on its lock: both workers
-# waited ~70 s before). The rest of FIRST follows, then the other files in their usual order.
+# (the unit tier, which never needs the demo model), so on a fresh test cache the other worker has work while the
+# first test that needs the demo model builds it (the others wait on its lock). The rest of FIRST follows, then the
+# other files in their usual order. (`.ci/run` builds the demo model before the tests, while Slurm starts.)
 FIRST = ("test_slurm.py", "test_security_adapters.py", "test_model.py", "test_host_syncs.py", "test_faults.py",
          "test_preference.py", "test_resume.py", "test_parity.py", "test_benchmark_eval.py", "test_packing_train.py",
          "test_train.py", "test_plan.py", "test_security_checkpoints.py", "test_prepare.py", "test_trackers.py",
