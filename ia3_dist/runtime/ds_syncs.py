@@ -45,22 +45,27 @@ def mask_invalid_norm(input: torch.Tensor, device: Any = None, val: float = -1.0
     input.copy_(torch.where(torch.isfinite(input), input, torch.full_like(input, -1.0)))
 
 
+def clip_scale(total_norm: Any, clip_grad: float, loss_scale: float, device: Any) -> Any:
+    """What the gradients are divided by when clipping (``clip_grad > 0``): the loss scale, times
+    ``(norm / loss_scale + 1e-6) / clip_grad`` where that exceeds 1, in DeepSpeed's arithmetic; a NaN, infinite or
+    negative (DeepSpeed's -1 sentinel) norm clips by an infinite one, decided on the device."""
+    clip_norm = total_norm
+    if torch.is_tensor(clip_norm):
+        bad = (~torch.isfinite(clip_norm)) | (clip_norm < 0)
+        clip_norm = torch.where(bad, torch.full_like(clip_norm, float("inf")), clip_norm)
+    elif not (float(clip_norm) >= 0 and float(clip_norm) != float("inf")):
+        clip_norm = torch.tensor(float("inf"), dtype=torch.float, device=device)
+    clip = ((clip_norm / loss_scale) + 1e-6) / clip_grad
+    return torch.clamp(clip, min=1.0) * loss_scale
+
+
 def unscale_and_clip_grads(self: Any, grad_groups_flat: list, total_norm: Any) -> None:
-    """``DeepSpeedZeroOptimizer.unscale_and_clip_grads`` with the invalid-norm test on the device: a NaN, infinite
-    or negative (DeepSpeed's -1 sentinel) norm clips by an infinite norm, as the original does after its host read."""
+    """``DeepSpeedZeroOptimizer.unscale_and_clip_grads`` with the invalid-norm test on the device (:func:`clip_scale`),
+    where the original reads it back first."""
     if self.clip_grad == 0.0 and self.loss_scale == 1.0:
         return
-    combined_scale = self.loss_scale
-    if self.clip_grad > 0.:
-        clip_norm = total_norm
-        if torch.is_tensor(clip_norm):
-            bad = (~torch.isfinite(clip_norm)) | (clip_norm < 0)
-            clip_norm = torch.where(bad, torch.full_like(clip_norm, float("inf")), clip_norm)
-        elif not (float(clip_norm) >= 0 and float(clip_norm) != float("inf")):
-            clip_norm = torch.tensor(float("inf"), dtype=torch.float, device=self.device)
-        clip = ((clip_norm / self.loss_scale) + 1e-6) / self.clip_grad
-        clip = torch.clamp(clip, min=1.0)
-        combined_scale = clip * self.loss_scale
+    combined_scale = (clip_scale(total_norm, self.clip_grad, self.loss_scale, self.device) if self.clip_grad > 0.
+                      else self.loss_scale)
     for grad in grad_groups_flat:
         for g in grad if isinstance(grad, list) else [grad]:
             g.data.mul_(1. / combined_scale)
@@ -92,12 +97,8 @@ def unfused_step(self: Any, closure: Any = None) -> bool:
     self.overflow = False
     self._global_grad_norm = total
     self._update_scale(False)
-    if self.clip_grad > 0.:
-        # DeepSpeed's unscale_and_clip_grads at a loss scale of 1 (checked above): divide by the clip factor where
-        # it exceeds 1; a non-finite norm clips by an infinite one.
-        norm = torch.where(torch.isfinite(total), total, torch.full_like(total, float("inf")))
-        clip = (norm + 1e-6) / self.clip_grad
-        combined = torch.where(clip > 1, clip, torch.ones_like(clip))
+    if self.clip_grad > 0.:  # the loss scale is 1 (checked above)
+        combined = clip_scale(total, self.clip_grad, 1.0, total.device)
         for group in self.fp32_groups:
             for q in group:
                 if q.grad is not None:
@@ -119,32 +120,34 @@ def install() -> bool:
     are not the ones they were checked against."""
     if "installed" in _state:
         return _state["installed"]
+    ds_utils, stage_1_and_2, stage3, unfused = _modules()
     originals = _deepspeeds()
     ok = all(fingerprint(fn) == _FINGERPRINTS[name] for name, fn in originals.items())
     if ok:
-        from deepspeed.runtime import utils as ds_utils
-        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-        from deepspeed.runtime.zero import stage3, stage_1_and_2
-
         _state["originals"] = originals
         for mod in (ds_utils, stage_1_and_2, stage3):
             if getattr(mod, "mask_nan_or_inf_with_val_inplace", None) is originals["mask_nan_or_inf_with_val_inplace"]:
                 mod.mask_nan_or_inf_with_val_inplace = mask_invalid_norm
         stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads = unscale_and_clip_grads
-        FP16_UnfusedOptimizer.step = unfused_step
+        unfused.step = unfused_step
     _state["installed"] = ok
     return ok
 
 
-def _deepspeeds() -> dict[str, Any]:
+def _modules() -> tuple[Any, Any, Any, Any]:
     from deepspeed.runtime import utils as ds_utils
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-    from deepspeed.runtime.zero import stage_1_and_2
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
 
+    return ds_utils, stage_1_and_2, stage3, FP16_UnfusedOptimizer
+
+
+def _deepspeeds() -> dict[str, Any]:
+    ds_utils, stage_1_and_2, _, unfused = _modules()
     return {"mask_nan_or_inf_with_val_inplace": ds_utils.mask_nan_or_inf_with_val_inplace,
             "unscale_and_clip_grads": stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads,
-            "unfused_step": FP16_UnfusedOptimizer.step,
-            "unfused_unscale_and_clip_grads": FP16_UnfusedOptimizer.unscale_and_clip_grads}
+            "unfused_step": unfused.step,
+            "unfused_unscale_and_clip_grads": unfused.unscale_and_clip_grads}
 
 
 def originals() -> dict[str, Any]:
