@@ -264,8 +264,8 @@ def test_bad_generate_options_and_prompts(tmp_path: Path, tiny_model: Path, caps
     for opt in (["--temperature", "nan"], ["--repetition-penalty", "0"], ["--repetition-penalty", "inf"]):
         rc, _, err = _run(["generate", "--adapter", none, *opt, "x"], capsys)
         assert rc == 2 and "finite --temperature" in err, err
-    for prompt, needle in (('{"instruction": ' + "1" * 5000 + "}", "prompt 1: invalid JSON (Exceeds"),
-                           ('{"instruction": ' + "[" * 100000 + "}", "prompt 1: invalid JSON"),
+    for prompt, needle in (('{"instruction": ' + "1" * 5000 + "}", "prompt 1: invalid JSON: Exceeds"),
+                           ('{"instruction": ' + "[" * 100000 + "}", "prompt 1: JSON nested too deeply"),
                            ('{"instruction": "\\ud800"}', "prompt 1: not valid Unicode"),
                            ("a\udcff", "prompt 1: not valid Unicode")):
         rc, _, err = _run(["generate", "--adapter", none, prompt], capsys)

@@ -135,6 +135,24 @@ def test_held_out_examples_come_from_each_source_before_the_draws(tmp_path: Path
     assert len(data) == 540
 
 
+def test_a_one_source_mixture_holds_out_what_data_path_would() -> None:
+    from ia3_dist.data.mixture import SourceStats, hold_out
+    from ia3_dist.data.sampler import held_out
+
+    one = SourceStats(name="a.json", label="a", weight=1.0, first=0, end=500, records=500, skipped=0, dropped=0,
+                      truncated=0, tokens=0, formats={})
+    two = SourceStats(name="b.json", label="b", weight=1.0, first=500, end=800, records=300, skipped=0, dropped=0,
+                      truncated=0, tokens=0, formats={})
+    for seed in (0, 42):
+        alone = held_out(500, 0.1, [seed, 7919])
+        assert alone is not None and len(alone) == 50
+        assert np.array_equal(hold_out([one], 0.1, seed)[0], alone)
+        # A second source draws from its own stream, offset into its part of the cache.
+        b = hold_out([one, two], 0.1, seed)[1]
+        assert len(b) == 30 and b.min() >= 500 and b.max() < 800
+    assert held_out(1, 0.1, [0, 7919]) is None and held_out(5, 0.95, [0, 7919]) is None  # none left to train
+
+
 def test_source_labels_are_unique() -> None:
     from ia3_dist.config.schema import DataSource
     from ia3_dist.data.mixture import labels_of

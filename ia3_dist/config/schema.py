@@ -292,12 +292,7 @@ class DataSection:
                 fail("data.path", "the demo data cannot be part of a list")
         elif not self.path:
             fail("data.path", "must be a data file, dir, list of files or hub dataset name")
-        if self.columns is not None:
-            unknown = sorted(set(self.columns) - set(COLUMN_NAMES))
-            if unknown:
-                fail("data.columns", f"unknown name(s) {show(unknown)}; map any of {', '.join(COLUMN_NAMES)}")
-            if not all(self.columns.values()):
-                fail("data.columns", "every mapped name must be non-empty")
+        _check_columns("data.columns", self.columns)
         if not self.template:
             fail("data.template", "use human_assistant, chat_template or a path to a Jinja file")
         if self.on_bad_record not in ("error", "skip"):
@@ -332,16 +327,22 @@ class DataSection:
             _finite(f"{key}.weight", s.weight, 0.0, strict=True)
             if s.format is not None and s.format not in FORMATS:
                 fail(f"{key}.format", f"must be one of {'|'.join(FORMATS)}, got {show(s.format)}")
-            if s.columns is not None:
-                unknown = sorted(set(s.columns) - set(COLUMN_NAMES))
-                if unknown:
-                    fail(f"{key}.columns", f"unknown name(s) {show(unknown)}; map any of {', '.join(COLUMN_NAMES)}")
-                if not all(s.columns.values()):
-                    fail(f"{key}.columns", "every mapped name must be non-empty")
+            _check_columns(f"{key}.columns", s.columns)
             if s.template is not None and not s.template:
                 fail(f"{key}.template", "use human_assistant, chat_template or a path to a Jinja file (or null)")
             if s.max_examples is not None and s.max_examples < 1:
                 fail(f"{key}.max_examples", f"must be >= 1 or null, got {show(s.max_examples)}")
+
+
+def _check_columns(key: str, columns: dict[str, str] | None) -> None:
+    """A column map (``data.columns`` or a source's) names only known fields, each mapped to a non-empty column."""
+    if columns is None:
+        return
+    unknown = sorted(set(columns) - set(COLUMN_NAMES))
+    if unknown:
+        fail(key, f"unknown name(s) {show(unknown)}; map any of {', '.join(COLUMN_NAMES)}")
+    if not all(columns.values()):
+        fail(key, "every mapped name must be non-empty")
 
 
 IA3_VARIANTS = ("default", "paper")

@@ -34,11 +34,11 @@ from ..config import DataSection
 from ..config.schema import DataSource
 from ..errors import UsageError
 from .cache import cache_root
+from .sampler import EVAL_SALT, held_out
 from .tokens import TokenizedData
 
 MIX_VERSION = 1
 """Bumped whenever the same sources, weights and seed would draw differently."""
-_EVAL_SALT = 7919  # as split_eval's: a one-source mixture holds out what data.path would
 _DRAW_SALT = 6007
 
 
@@ -150,12 +150,11 @@ def hold_out(stats: list[SourceStats], ratio: float, seed: int) -> list[np.ndarr
         if not ratio:
             held.append(np.zeros(0, dtype=np.int64))
             continue
-        n_eval = max(1, round(s.examples * ratio))
-        if n_eval >= s.examples:
+        picked = held_out(s.examples, ratio, [seed, EVAL_SALT, i])
+        if picked is None:
             raise UsageError(f"data.sources[{i}] ({s.name}): data.eval_ratio={ratio} holds out all of its "
                              f"{s.examples} examples; give it more data or lower data.eval_ratio")
-        rng = np.random.default_rng([seed, _EVAL_SALT, i])
-        held.append(np.sort(rng.permutation(s.examples)[:n_eval]).astype(np.int64) + s.first)
+        held.append(picked.astype(np.int64) + s.first)
     return held
 
 

@@ -184,6 +184,20 @@ class _Source:
                              f"record has keys {show(self.first_keys)}. Fix or remove the mapping")
 
 
+def parse_json(text: str, where: str, one_line: bool = False) -> Any:
+    """``json.loads`` whose every failure is a UsageError starting with ``where`` and the position (``line:column``,
+    or the column alone for ``one_line`` text, whose ``where`` names the line already)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"{e.colno}" if one_line else f"{e.lineno}:{e.colno}"
+        raise UsageError(f"{where}:{at}: invalid JSON: {e.msg}") from None
+    except ValueError as e:  # an integer literal past Python's digit limit
+        raise UsageError(f"{where}: invalid JSON: {e}") from None
+    except RecursionError:
+        raise UsageError(f"{where}: JSON nested too deeply") from None
+
+
 def _too_big_json(p: Path, size: str) -> UsageError:
     return UsageError(f"{p}: {size} bytes; a .json list is parsed whole and may be at most {MAX_JSON_BYTES} bytes. "
                       f"Write one record per line as .jsonl, which is read a line at a time")
@@ -212,14 +226,7 @@ def _read_json(p: Path, src: _Source) -> Rows:
         raise UsageError(f"{p}:{line}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") \
             from None
     del raw
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{p}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-    except ValueError as e:  # an integer literal past Python's digit limit
-        raise UsageError(f"{p}: invalid JSON: {e}") from None
-    except RecursionError:
-        raise UsageError(f"{p}: JSON nested too deeply") from None
+    data = parse_json(text, str(p))
     if not isinstance(data, list):
         raise UsageError(f"{p}: expected a JSON list of records, got {type(data).__name__} "
                          f"(use .jsonl for one record per line)")
@@ -261,15 +268,9 @@ def _read_jsonl(p: Path, src: _Source) -> Rows:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                c.bad(UsageError(f"{p}:{n}:{e.colno}: invalid JSON: {e.msg}"))
-                continue
-            except ValueError as e:  # an integer literal past Python's digit limit
-                c.bad(UsageError(f"{p}:{n}: invalid JSON: {e}"))
-                continue
-            except RecursionError:
-                c.bad(UsageError(f"{p}:{n}: JSON nested too deeply"))
+                rec = parse_json(line, f"{p}:{n}", one_line=True)
+            except UsageError as e:
+                c.bad(e)
                 continue
             yield rec, f"{p}:{n}"
     src.check_mapped_seen()

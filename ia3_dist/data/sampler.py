@@ -11,13 +11,25 @@ import numpy as np
 from ..errors import UsageError
 from .tokenize import TokenizedData
 
+EVAL_SALT = 7919
+"""Mixed into the eval hold-out's seed; a mixture adds the source's index, and since numpy's seed sequences ignore
+trailing zeros, a one-source mixture holds out what ``data.path`` would."""
+
+
+def held_out(n: int, ratio: float, key: Sequence[int]) -> np.ndarray | None:
+    """Sorted indices of a seeded ``ratio`` of ``n`` examples (at least one), drawn by ``default_rng(key)``; None
+    when that would leave no training example (the caller names the data in its error)."""
+    n_eval = max(1, round(n * ratio))
+    if n_eval >= n:
+        return None
+    return np.sort(np.random.default_rng(list(key)).permutation(n)[:n_eval])
+
 
 def split_eval(data: TokenizedData, ratio: float, seed: int) -> tuple[TokenizedData, TokenizedData]:
     """(train, eval): a seeded random ``ratio`` of the examples is held out; train keeps file order."""
-    n_eval = max(1, round(len(data) * ratio))
-    if n_eval >= len(data):
+    held = held_out(len(data), ratio, [seed, EVAL_SALT])
+    if held is None:
         raise UsageError(f"data.eval_ratio={ratio} leaves no training examples out of {len(data)}")
-    held = np.sort(np.random.default_rng([seed, 7919]).permutation(len(data))[:n_eval])
     keep = np.setdiff1d(np.arange(len(data)), held)
     return data.subset(keep), data.subset(held)
 

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import torch
 
-from ..data.records import Conversation, Turn
+from ..data.records import Conversation, Turn, parse_json
 from ..data.template import CHAT_TEMPLATE, TEMPLATE_FILE, Template
 from ..errors import UsageError
 from ..models.files import (
@@ -508,14 +508,7 @@ def parse_request(line: str, where: str) -> Conversation:
     s = line.strip()
     if not s.startswith("{"):
         return Conversation([Turn(_text(s, where, "the prompt"), "", "")])
-    try:
-        obj = json.loads(s)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{where}: invalid JSON ({e.msg})") from None
-    except ValueError as e:  # an integer literal past Python's digit limit
-        raise UsageError(f"{where}: invalid JSON ({e})") from None
-    except RecursionError:
-        raise UsageError(f"{where}: invalid JSON (nested too deeply)") from None
+    obj = parse_json(s, where, one_line=True)
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: a JSON prompt must be an object")
     if _uses_tools(obj):

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -189,24 +190,23 @@ def make_pairs(n: int, seed: int) -> list[dict[str, str]]:
     return out
 
 
-def ensure_pairs(cache_dir: str | None) -> Path:
-    """The preference demo's 400 pairs as a JSON file (written once, atomically; needs no model)."""
-    f = asset_root(cache_dir).with_name(f"zh-pairs-v{ASSET_VERSION}.json")
+def _ensure_json(cache_dir: str | None, name: str, make: Callable[[], list[dict[str, str]]]) -> Path:
+    """``make()`` as a JSON file beside the demo model, written once and atomically (concurrent ranks or test
+    workers each write a temporary file and the last rename wins with the same content)."""
+    f = asset_root(cache_dir).with_name(f"{name}-v{ASSET_VERSION}.json")
     if not f.exists():
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_name(f"{f.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(make_pairs(400, seed=5), ensure_ascii=False, indent=1), encoding="utf-8")
+        tmp.write_text(json.dumps(make(), ensure_ascii=False, indent=1), encoding="utf-8")
         os.replace(tmp, f)
     return f
+
+
+def ensure_pairs(cache_dir: str | None) -> Path:
+    """The preference demo's 400 pairs as a JSON file (needs no model)."""
+    return _ensure_json(cache_dir, "zh-pairs", lambda: make_pairs(400, seed=5))
 
 
 def ensure_data(cache_dir: str | None) -> Path:
-    """The demo's 400 target-style records as a JSON file (written once, atomically; needs no model)."""
-    f = asset_root(cache_dir).with_name(f"zh-styles-v{ASSET_VERSION}.json")
-    if not f.exists():
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f"{f.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(make_records(400, seed=2, style=0), ensure_ascii=False, indent=1),
-                       encoding="utf-8")
-        os.replace(tmp, f)
-    return f
+    """The demo's 400 target-style records as a JSON file (needs no model)."""
+    return _ensure_json(cache_dir, "zh-styles", lambda: make_records(400, seed=2, style=0))
