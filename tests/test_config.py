@@ -111,6 +111,9 @@ def test_shipped_ds_configs_resolve_with_no_auto_left(path: Path, precision: str
     assert ds["bf16"]["check_grad_overflow"] is False
     stage = ds["zero_optimization"]["stage"]
     assert stage == int(path.stem[4])
+    # ZeRO-1/2 with overlap_comm synchronize the device after every backward pass (their gradient partition
+    # epilogue) to overlap a reduction IA3's few hundred K gradients do not need overlapped.
+    assert ds["zero_optimization"].get("overlap_comm", False) is False or stage == 3
     if stage == 3:
         assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 20480
 
@@ -132,6 +135,9 @@ def _ds(tmp_path: Path, body: dict) -> str:
     ({"zero_optimization": {"stage": 4}}, "stage"),
     ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs stage 3"),
     ({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}, "foo": "auto"}, "foo"),
+    ({"optimizer": {"params": {"fused": True, "foreach": True}}}, "sets both fused and foreach"),
+    ({"optimizer": {"params": {"torch_adam": False, "fused": True}}}, "optimizer.params.fused is an option"),
+    ({"optimizer": {"params": {"torch_adam": False, "foreach": False}}}, "optimizer.params.foreach is an option"),
 ])
 def test_ds_config_conflicts_are_refused(tmp_path: Path, body: dict, needle: str) -> None:
     cfg = build_config({"deepspeed": {"config": _ds(tmp_path, body)}})
@@ -144,6 +150,12 @@ def test_ds_config_agreeing_values_are_kept(tmp_path: Path) -> None:
             "zero_optimization": {"stage": 1}}
     cfg = build_config({"deepspeed": {"config": _ds(tmp_path, body)}})
     assert dsc.resolve(cfg, world_size=2, hidden_size=None)["train_batch_size"] == 16
+
+
+def test_ds_config_foreach_adamw_is_kept_without_fused(tmp_path: Path) -> None:
+    cfg = build_config({"deepspeed": {"config": _ds(tmp_path, {"optimizer": {"params": {"foreach": True}}})}})
+    params = dsc.resolve(cfg, world_size=1, hidden_size=None)["optimizer"]["params"]
+    assert params["foreach"] is True and "fused" not in params
 
 
 def test_ds_config_stalls_off_unless_the_file_asks(tmp_path: Path) -> None:

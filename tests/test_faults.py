@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from _util import (
     ROOT,
+    adapter_tensors,
     alive,
     bin_path,
     check,
@@ -181,6 +183,30 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path: Path) -> None:
     assert m.group(2) == str(out / "checkpoints" / f"step{bad - 1}")
     assert max(int(d.name[4:]) for d in (out / "checkpoints").glob("step*")) == bad - 1
     assert [r["step"] for r in metrics(out)] == list(range(1, bad))
+
+
+@pytest.mark.parametrize("ds,precision,stops", [("zero0", "bf16", True), ("zero1", "bf16", True),
+                                                 ("zero0", "fp32", True), ("zero1", "fp32", False)])
+def test_non_finite_gradients_stop_at_the_step_that_applied_them(tmp_path: Path, ds: str, precision: str,
+                                                                  stops: bool) -> None:
+    """Step 3's gradients are NaN, its loss finite. Where the optimizer applies such a step (bf16 without
+    DeepSpeed's overflow check: ZeRO-0 through runtime/ds_syncs, ZeRO-1 DeepSpeed's own; fp32 ZeRO-0: torch's
+    clip), the run stops naming step 3 and its checkpoint is never written; where DeepSpeed skips it (fp32
+    ZeRO-1), the run goes on and ends with finite vectors."""
+    out = tmp_path / f"{ds}-{precision}"
+    proc = launch(_args(out, f"deepspeed.config={ds}", f"train.precision={precision}", "checkpoint.every=1",
+                        "train.max_steps=5"), env={"IA3_DIST_FAULT": "grad:3:0:nan"})
+    assert "NaN gradients on rank 0 at step 3" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    if not stops:
+        check(proc)
+        assert all(torch.isfinite(t).all() for t in adapter_tensors(out / "adapter").values())
+        return
+    assert proc.returncode == EXIT_NONFINITE, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert re.search(r"the gradient norm is not finite \(inf or NaN\) while the loss is [-0-9.e]+, and the update "
+                     r"was applied at optimizer step 3; stopped without saving\. Last good checkpoint: "
+                     + re.escape(str(out / "checkpoints" / "step2")), proc.stderr), proc.stderr[-2000:]
+    assert latest(out / "checkpoints") == out / "checkpoints" / "step2"
+    assert not (out / "checkpoints" / "step3").exists()
 
 
 # -- hangs: the watchdog ends the job ---------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Unit tier: the launcher's replacements for DeepSpeed's gradient-norm functions (``runtime/ds_syncs.py``) give
 DeepSpeed's own results, bit for bit, on finite, infinite, NaN and negative (DeepSpeed's sentinel) norms, with and
 without clipping and loss scale. Slow tier: real training steps (``tests/probe_syncs.py``: the launcher's path
-under torch.profiler over steps 3-6, no log step among them) read nothing back, except where DeepSpeed itself
-decides on the host whether to skip a step (fp32 ZeRO-1/2, once per step); and in bf16 they train as DeepSpeed's
-own functions do.
+under torch.profiler over steps 3-6, no log step among them) read nothing back and never wait for the whole device
+(DeepSpeed's ``synchronize()`` calls, counted as a GPU would take them), except where DeepSpeed itself decides on
+the host whether to skip a step (fp32 ZeRO-1/2, once per step); and in bf16 they train as DeepSpeed's own
+functions do.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _util import adapter_tensors, check, launch, metrics
+from _util import ROOT, adapter_tensors, check, launch, metrics
 
 from ia3_dist.runtime import ds_syncs
 
@@ -30,12 +31,30 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def test_deepspeed_functions_are_replaced() -> None:
     assert ds_syncs.install() is True, "DeepSpeed's gradient-norm code changed: re-check ds_syncs against it"
+    from deepspeed.runtime import utils as ds_utils
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    assert stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads is ds_syncs.unscale_and_clip_grads
+    for mod in (ds_utils, stage_1_and_2, stage3):
+        assert mod.mask_nan_or_inf_with_val_inplace is ds_syncs.mask_invalid_norm, mod.__name__
+    assert FP16_UnfusedOptimizer.step is ds_syncs.unfused_step
+
+
+def test_another_deepspeed_keeps_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module whose source differs from the one checked (here: a fingerprint that no source has), or whose
+    source cannot be read, leaves every DeepSpeed function as it is."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.zero import stage_1_and_2
 
-    assert stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads is ds_syncs.unscale_and_clip_grads
-    assert stage_1_and_2.mask_nan_or_inf_with_val_inplace is ds_syncs.mask_invalid_norm
-    assert FP16_UnfusedOptimizer.step is ds_syncs.unfused_step
+    before = (stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads, FP16_UnfusedOptimizer.step,
+              stage_1_and_2.mask_nan_or_inf_with_val_inplace)
+    monkeypatch.setattr(ds_syncs, "_state", {})
+    monkeypatch.setitem(ds_syncs._FINGERPRINTS, "deepspeed.runtime.zero.stage3", "0" * 64)
+    assert ds_syncs.install() is False
+    assert (stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads, FP16_UnfusedOptimizer.step,
+            stage_1_and_2.mask_nan_or_inf_with_val_inplace) == before
+    assert ds_syncs.fingerprint(len) is None  # a builtin: no source
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -104,6 +123,20 @@ def test_steps_read_nothing_back(tmp_path: Path, tiny_model: Path, ds: str, prec
     """zero2 fp32 is the default config (ZeRO-2 runs ZeRO-1's optimizer code); bf16 below."""
     _, sites = _run(tmp_path, tiny_model, "run", f"deepspeed.config={ds}", f"train.precision={precision}")
     _assert_no_syncs_but_deepspeeds_skip(sites, ds, precision)
+
+
+@pytest.mark.slow
+def test_deepspeeds_device_wide_waits_are_counted(tmp_path: Path, tiny_model: Path) -> None:
+    """What every resolved config turns off unless the file asks: DeepSpeed's throughput timer waits for the whole
+    device at every forward pass and step, and the probe counts each wait (as a GPU would take them)."""
+    ds = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    ds["timers"]["throughput"]["enabled"] = True
+    f = tmp_path / "zero2-timed.json"
+    f.write_text(json.dumps(ds))
+    _, sites = _run(tmp_path, tiny_model, "timed", f"deepspeed.config={f}")
+    waits = {s: n for s, n in sites.items() if s.startswith("synchronize  ")}
+    assert sum(waits.values()) >= 3, sites  # a forward per micro-step (accumulation 2) and the step
+    assert all("deepspeed/utils/timer.py" in s for s in waits), waits
 
 
 @pytest.mark.slow

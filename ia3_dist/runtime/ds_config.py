@@ -374,11 +374,21 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
     for k, v in params.items():
         _fill(ds, f"optimizer.params.{k}", v, f"train.{k}", src)
     # torch.optim.AdamW is what the reference recipe steps; DeepSpeed's CPU Adam is required with offload.
-    opt["params"].setdefault("torch_adam", not offloads_optimizer(ds))
-    if opt["params"]["torch_adam"]:
-        # AdamW's fused form (one kernel over all tensors, on GPU and CPU) keeps its step count on the device; the
-        # per-tensor form reads the count back with .item() for every tensor at every step.
-        opt["params"].setdefault("fused", True)
+    prm = opt["params"]
+    prm.setdefault("torch_adam", not offloads_optimizer(ds))
+    if prm["torch_adam"]:
+        # AdamW's fused form: one kernel over all tensors per step (on GPU and CPU), where the per-tensor form
+        # launches several per tensor and reads each tensor's step count from host memory; HF Trainer's default
+        # (adamw_torch_fused) too. torch takes fused or foreach, not both: a file that sets foreach keeps it.
+        if prm.get("fused") is True and prm.get("foreach") is True:
+            raise UsageError(f"{src}: optimizer.params sets both fused and foreach; torch's AdamW takes one "
+                             f"(remove foreach: the fused form is the default)")
+        if prm.get("foreach") is not True:
+            prm.setdefault("fused", True)
+    elif "fused" in prm or "foreach" in prm:
+        raise UsageError(f"{src}: optimizer.params.{'fused' if 'fused' in prm else 'foreach'} is an option of "
+                         f"torch's AdamW (torch_adam: true); DeepSpeed's own Adam (torch_adam: false) has no such "
+                         f"parameter: remove it")
 
     # The launcher owns the LR schedule (see schedule.py): DeepSpeed's Warmup* schedulers clamp warmup to >= 2
     # steps (lr 0 on step 0 with no warmup) and torch schedulers named in the JSON cannot wrap a ZeRO optimizer.

@@ -12,11 +12,13 @@ fp16 (and in bf16 only with ``bf16.check_grad_overflow``): skipping is a choice 
 ZeRO-0 in bf16 runs DeepSpeed's ``FP16_UnfusedOptimizer``, which ignores ``bf16.check_grad_overflow``: it checks
 every gradient tensor on the host, reads the norm back and compares the clip factor on the host. With the check
 off (the launcher's default), no loss scaling (bf16 has none) and no model or expert parallelism, its step runs
-here instead: the same norm, clip and fp32-master update, decided on the device, as ZeRO-1/2 do in bf16 (a
-non-finite norm clips the update to nothing rather than skipping it; the loop stops on the non-finite loss).
+here instead: the same norm, clip and fp32-master update, decided on the device, as ZeRO-1/2 do in bf16. As there,
+a step whose norm is not finite is applied, not skipped (its gradients' non-finite elements reach the fp32 masters);
+the loop reads each applied step's norm with its loss and stops the run at that step, before anything is saved.
 
-:func:`install` swaps these in, once per process, only where DeepSpeed's code is the code they were written against
-(a fingerprint of its source); another DeepSpeed keeps its own and the launcher says so.
+:func:`install` swaps these in, once per process, only where DeepSpeed's modules are the ones they were written
+against (a fingerprint of each module's whole source, so that the helpers the replaced functions call and the
+state they share are covered too); another DeepSpeed keeps its own and the launcher says so.
 ``tests/test_host_syncs.py`` checks them against DeepSpeed's originals and counts the syncs of real steps.
 """
 
@@ -24,16 +26,17 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import sys
 from typing import Any
 
 import torch
 
-# sha256 of inspect.getsource of DeepSpeed's originals these replacements were checked against (0.19.8).
+# sha256 of inspect.getsource of the DeepSpeed modules these replacements were checked against (0.19.8).
 _FINGERPRINTS = {
-    "mask_nan_or_inf_with_val_inplace": "9728853d4df6cd692cc5bc0aa2bfa4b54d85b0b06f30129a424cbdf93cd4ce3c",
-    "unscale_and_clip_grads": "6bf2ce6f97eafcc24c08a0355e7c180992c8e86da5b7f02026eef6fbd68efa74",
-    "unfused_step": "626bd9aa8af843e9dbc3d2d98ca05e0f31951af9f63c46bd1104e1afe513e16d",
-    "unfused_unscale_and_clip_grads": "748792c7d1075f9d761b686a5edd42e7daf1e8937a27e9f27670ef14f23ee865",
+    "deepspeed.runtime.utils": "f50261801c3407d385e7e29b795b10866f527f29b45b5cabb063ef00bd3cda25",
+    "deepspeed.runtime.zero.stage_1_and_2": "752235af95d0de6f5fe6322b13409c736abe9d0c77be24f85d87489cc41489cb",
+    "deepspeed.runtime.zero.stage3": "4ff3fdb4cbabaddfeaa866e43785b49a69cdfe35db4e0ceda6f1b432b6fbf9d7",
+    "deepspeed.runtime.fp16.unfused_optimizer": "6081dd055585c1788f03a9031d737c3c08f42e9668ecdef0a5a826e8d4e2d2ae",
 }
 
 _state: dict[str, Any] = {}
@@ -111,8 +114,13 @@ def unfused_step(self: Any, closure: Any = None) -> bool:
     return self.overflow
 
 
-def fingerprint(fn: Any) -> str:
-    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
+def fingerprint(obj: Any) -> str | None:
+    """sha256 of a module's (or function's) source; None where the source cannot be read (an install without
+    ``.py`` files), which counts as not matching."""
+    try:
+        return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+    except (OSError, TypeError):
+        return None
 
 
 def install() -> bool:
@@ -122,7 +130,7 @@ def install() -> bool:
         return _state["installed"]
     ds_utils, stage_1_and_2, stage3, unfused = _modules()
     originals = _deepspeeds()
-    ok = all(fingerprint(fn) == _FINGERPRINTS[name] for name, fn in originals.items())
+    ok = all(fingerprint(sys.modules[name]) == digest for name, digest in _FINGERPRINTS.items())
     if ok:
         _state["originals"] = originals
         for mod in (ds_utils, stage_1_and_2, stage3):

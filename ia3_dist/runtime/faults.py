@@ -11,7 +11,9 @@ step ``step`` (1-based, the step in progress):
   rank stuck inside a collective), ``fill`` (grow the file ``IA3_DIST_FAULT_FILL`` names until its filesystem
   is full: the next write there gets ENOSPC), ``oom`` (raise ``torch.OutOfMemoryError``, as an allocation on a
   full GPU does), ``term`` (SIGTERM to itself, as a scheduler's preemption sends: the run checkpoints at this
-  step and stops).
+  step and stops);
+- ``grad:<step>:<rank>:nan`` (see :func:`poisoned`): every loss term of that step on that rank keeps its value and
+  gets a NaN gradient, as an overflow in the backward pass would give.
 
 Real processes do the real thing; the tests only pick where.
 """
@@ -24,13 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import dist
 
 ENV = "IA3_DIST_FAULT"
 FILL_ENV = "IA3_DIST_FAULT_FILL"
 HOLD_ENV = "IA3_DIST_FAULT_HOLD_S"
 RELEASE_ENV = "IA3_DIST_FAULT_RELEASE"
-ACTIONS = ("kill", "spin", "collective", "fill", "oom", "term", "hold")
+ACTIONS = ("kill", "spin", "collective", "fill", "oom", "term", "hold", "nan")
 
 
 def _spec() -> tuple[str, int, int, str] | None:
@@ -40,7 +44,10 @@ def _spec() -> tuple[str, int, int, str] | None:
     parts = raw.split(":")
     if len(parts) not in (3, 4) or parts[3:] and parts[3] not in ACTIONS:
         raise ValueError(f"{ENV}={raw!r}: expected <point>:<step>:<rank>[:{'|'.join(ACTIONS)}]")
-    return parts[0], int(parts[1]), int(parts[2]), parts[3] if len(parts) == 4 else "kill"
+    action = parts[3] if len(parts) == 4 else "kill"
+    if (parts[0] == "grad") != (action == "nan"):
+        raise ValueError(f"{ENV}={raw!r}: the grad point takes the nan action, and only it")
+    return parts[0], int(parts[1]), int(parts[2]), action
 
 
 _side_group: Any = None
@@ -70,8 +77,6 @@ def hit(point: str, step: int, rank: int, stop: Any = None) -> None:
         while True:
             time.sleep(0.01)
     elif action == "collective":
-        import torch
-
         dist.all_reduce_sum(torch.zeros(1), group=_side_group)
     elif action == "fill":
         _fill(Path(os.environ[FILL_ENV]))
@@ -84,9 +89,26 @@ def hit(point: str, step: int, rank: int, stop: Any = None) -> None:
                 and not (release is not None and release.exists()):
             time.sleep(0.05)
     elif action == "oom":
-        import torch
-
         raise torch.OutOfMemoryError(f"{ENV}: injected at micro-batch {step}")
+
+
+def poisoned(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """``loss`` itself, or under ``grad:<step>:<rank>:nan`` at that step and rank, a term of the same value whose
+    gradient is NaN."""
+    if _spec() != ("grad", step, rank, "nan"):
+        return loss
+    print(f"ia3-dist: {ENV}: NaN gradients on rank {rank} at step {step}", flush=True)
+    return _NanGrad.apply(loss)
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(g, float("nan"))
 
 
 def _fill(path: Path) -> None:

@@ -157,6 +157,18 @@ def grad_norm(module: torch.nn.Module) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
 
 
+def grad_norm_ok(norm: Any, device: torch.device) -> bool | torch.Tensor | None:
+    """Whether an applied step's gradient norm is a real one (finite and not DeepSpeed's -1 sentinel): a host bool
+    where the norm is a host number, else a flag left on ``device`` for :meth:`Trainer.flush` to read with the
+    losses (a norm on another device, as with ZeRO-3 offload, is read now). None: no norm to check."""
+    if norm is None:
+        return None
+    if not torch.is_tensor(norm):
+        return math.isfinite(float(norm)) and float(norm) >= 0
+    ok = torch.isfinite(norm) & (norm >= 0)
+    return ok if ok.device == device else bool(ok)
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Host batch -> device. On CUDA through pinned memory, asynchronously: a copy from pageable memory would make
     the host wait for it before queueing the forward pass."""
@@ -219,9 +231,11 @@ class Trainer:
         # plain fp32 at ZeRO-0 clips with torch and keeps no norm, so the step measures it (see grad_norm).
         self.own_grad_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
         self.grad_norm: torch.Tensor | None = None
-        self.pending: list[tuple[int, torch.Tensor]] = []
-        """(step, loss) of steps whose loss is still on the device: read together at the next log step, eval or
-        save (one host sync there instead of one per step), checked finite before anything is saved."""
+        self.pending: list[tuple[int, torch.Tensor, bool | torch.Tensor | None]] = []
+        """(step, loss, gradient norm ok) of steps whose loss is still on the device: read together at the next
+        log step, eval or save (one host sync there instead of one per step), checked finite before anything is
+        saved. The norm is checked for steps the optimizer applied: bf16 without DeepSpeed's overflow check, and
+        fp32 ZeRO-0, apply a step whose gradients are not finite (where DeepSpeed skips one, nothing is applied)."""
         self.window = Window()
         self.peak_tflops = device_peak_tflops(t.peak_tflops)
         self.losses: list[float] = []
@@ -258,8 +272,10 @@ class Trainer:
         norm = self.objective.normaliser(glob)
         scale = t.grad_accum * env.world_size / norm if norm else 0.0
         loss_local = torch.zeros((), dtype=torch.float64, device=self.device)
+        skipped = self.engine.skipped_steps
         for b, r in zip(batches, real, strict=True):
-            loss_sum = self.objective.term(self.engine, to_device(b, self.device), r)
+            loss_sum = faults.poisoned(self.objective.term(self.engine, to_device(b, self.device), r), step + 1,
+                                       env.rank)
             # Empty slots (short last batch) still run forward/backward so every rank joins the same
             # collectives; weight 0 keeps them out of the gradient.
             self.engine.backward(loss_sum * (scale if r else 0.0))
@@ -270,23 +286,32 @@ class Trainer:
                 loss_local += loss_sum.detach().double()
         # Stays on the device (the all-reduce is queued, not waited for); flush() reads it.
         loss = dist.all_reduce_sum(loss_local) / max(norm, 1.0)
-        self.pending.append((step + 1, loss))
+        applied = self.engine.skipped_steps == skipped  # DeepSpeed's skip is a host decision already made
+        gn = self.grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
+        self.pending.append((step + 1, loss, grad_norm_ok(gn, loss.device) if applied else None))
         return loss, glob
 
     def flush(self) -> None:
-        """Read the pending steps' losses from the device at once, add them to the window and the run's list, and
-        stop on a non-finite one (naming its step) before anything else is logged or saved."""
+        """Read the pending steps' losses (and gradient-norm flags) from the device at once, add the losses to the
+        window and the run's list, and stop at the first step whose loss is not finite or whose applied update
+        came from non-finite gradients (naming it) before anything else is logged or saved."""
         if not self.pending:
             return
-        steps = [s for s, _ in self.pending]
-        values = torch.stack([v for _, v in self.pending]).tolist()
-        self.pending = []
-        for s, v in zip(steps, values, strict=True):
-            if not math.isfinite(v):
+        pending, self.pending = self.pending, []
+        on_device = [i for i, (_, _, ok) in enumerate(pending) if torch.is_tensor(ok)]
+        read = torch.stack([v for _, v, _ in pending] + [pending[i][2].to(torch.float64) for i in on_device]).tolist()
+        values, flags = read[:len(pending)], dict(zip(on_device, read[len(pending):], strict=True))
+        for i, ((s, _, ok), v) in enumerate(zip(pending, values, strict=True)):
+            grads_ok = bool(flags[i]) if i in flags else ok is not False
+            if not math.isfinite(v) or not grads_ok:
                 last = ckpt.latest(ckpt.root_of(self.p.out))
-                raise NonFiniteLoss(f"loss is {v} at optimizer step {s}; stopped without saving. Last good "
-                                    f"checkpoint: {last if last else 'none'} (lower train.lr or check the data, "
-                                    f"then resume with train.resume=auto)")
+                what = (f"loss is {v}" if not math.isfinite(v) else
+                        f"the gradient norm is not finite (inf or NaN) while the loss is {v:.6g}, and the update "
+                        f"was applied")
+                raise NonFiniteLoss(f"{what} at optimizer step {s}; stopped without saving. Last good checkpoint: "
+                                    f"{last if last else 'none'} (lower train.lr or check the data, then resume "
+                                    f"with train.resume=auto; in bf16, DeepSpeed skips such steps instead with "
+                                    f"\"check_grad_overflow\": true in the bf16 block of the DeepSpeed config)")
         self.losses.extend(values)
         self.window.loss += sum(values)
 
