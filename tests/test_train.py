@@ -105,6 +105,24 @@ def two_rank_runs(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) ->
     return outs
 
 
+def test_demo_model_is_the_same_whatever_the_callers_threads(tmp_path: Path) -> None:
+    """A demo model built inside a 2-rank run (a thread per rank) is the one a single process builds: built with
+    the caller's threads, 20 pretraining steps already differed in the last bits."""
+    from ia3_dist.train.demo import build_assets
+
+    threads = torch.get_num_threads()
+    built = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            build_assets(tmp_path / f"t{n}", pretrain_steps=20)
+            built.append((tmp_path / f"t{n}" / "model" / "model.safetensors").read_bytes())
+            assert torch.get_num_threads() == n  # the caller's setting is given back
+    finally:
+        torch.set_num_threads(threads)
+    assert built[0] == built[1]
+
+
 def test_runs_leave_no_shared_memory_behind(two_rank_runs: dict) -> None:
     # DeepSpeed maps its shared-memory all-reduce only when LOCAL_SIZE (set by its launcher, not by the direct
     # start) says every rank is local: the zero2 run under deepspeed made one segment per rank, and none is left.

@@ -124,9 +124,24 @@ def _pretrain(model: Any, tok: Any, records: list[dict[str, str]], steps: int, s
     return losses
 
 
+BUILD_THREADS = 2
+"""Threads the demo model is built with, whatever the caller's share of the cores: sums split across threads round
+differently, so a model built inside a 2-rank run (a thread per rank) differed from one built by one process (two
+threads on 2 cores), and so did every number the demo prints."""
+
+
 def build_assets(root: Path, pretrain_steps: int = 800) -> None:
     """Tokenizer, tiny Bloom (pretrained for ``pretrain_steps``; 0 leaves it random, for fast unit tests) and the
     target-style records, written to a temp dir and renamed into place."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        _build_assets(root, pretrain_steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_assets(root: Path, pretrain_steps: int) -> None:
     from transformers import BloomConfig, BloomForCausalLM
 
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
