@@ -9,9 +9,10 @@ truncation): the recipe keeps them in its batches, and so does the launcher with
 Per-step losses must agree within 1e-6 relative and the final IA3 vectors within 1e-5 (fp32 reassociation in
 a few thousand AdamW updates), for (world 1, ZeRO-0), (world 2, ZeRO-1/2/3 and ZeRO-3 offload), for the splits
 1x8, 2x4, 8x1 of global batch 8, with HF's cosine schedule and warmup, and with the speed options on (SDPA
-attention, chunked loss); and for tiny random Llama, Qwen2, Mistral and GPT-NeoX models (world 1 ZeRO-0 and
-world 2 ZeRO-3, two splits each). Packed runs (``data.packing``) meet the same tolerances against the unpacked
-reference: Bloom on world 2 ZeRO-3 (packed against unpacked for every family and stage: test_packing_train.py).
+attention, chunked loss); and for tiny random Llama, Qwen2, Mistral and GPT-NeoX models (one layout each, world 1
+ZeRO-0 or world 2 ZeRO-3, the splits spread across them). Packed runs (``data.packing``) meet the same tolerances
+against the unpacked reference: Bloom on world 2 ZeRO-3 (packed against unpacked for every family and stage:
+test_packing_train.py).
 """
 
 from __future__ import annotations
@@ -151,8 +152,9 @@ if os.environ.get("IA3_PARITY_OFFLOAD") == "1":
 
 
 # The other tested families, on tiny random models (GQA for Llama/Qwen2/Mistral, Qwen2's q/k/v biases and tied
-# head): one process ZeRO-0 and two ranks ZeRO-3, each family with two different micro-batch splits, so the splits
-# are covered across families without a run per family and split. The last MLP runs at label rows (the default).
+# head): one layout each, one process ZeRO-0 or two ranks ZeRO-3 with a different micro-batch split, so layouts
+# and splits are covered across families without a run per family, layout and split. The last MLP runs at label
+# rows (the default).
 FAMILY_CASES = {
     "llama": [(2, "zero3", 1, 4)],
     "qwen2": [(1, "zero0", 8, 1)],
