@@ -86,6 +86,35 @@ def test_unscale_and_clip_is_deepspeeds(norm: float, clip_grad: float, loss_scal
     _same(*results)
 
 
+def _unfused(**change: object) -> SimpleNamespace:
+    """The attributes of an ``FP16_UnfusedOptimizer`` that decide whose step runs: bf16, no overflow check, no
+    loss scaling, no model or expert parallelism (what :func:`ds_syncs.unfused_step` covers), then ``change``."""
+    engine = SimpleNamespace(_config=SimpleNamespace(bfloat16_config=SimpleNamespace(check_grad_overflow=False)))
+    opt = SimpleNamespace(low_precision_dtype=torch.bfloat16, fused_lamb_legacy=False, custom_loss_scaler=False,
+                          loss_scale_config=SimpleNamespace(dynamic_loss_scale=False, cur_scale=1.0), mpu=None,
+                          overflow_checker=SimpleNamespace(deepspeed=engine, has_moe_params=False))
+    for k, v in change.items():
+        if k == "check_grad_overflow":
+            engine._config.bfloat16_config.check_grad_overflow = v
+        elif k in ("dynamic_loss_scale", "cur_scale"):
+            setattr(opt.loss_scale_config, k, v)
+        elif k == "has_moe_params":
+            opt.overflow_checker.has_moe_params = v
+        else:
+            setattr(opt, k, v)
+    return opt
+
+
+@pytest.mark.parametrize("change", [{}, {"check_grad_overflow": True}, {"low_precision_dtype": torch.float16},
+                                    {"dynamic_loss_scale": True}, {"cur_scale": 1024.0}, {"mpu": object()},
+                                    {"has_moe_params": True}, {"fused_lamb_legacy": True},
+                                    {"custom_loss_scaler": True}], ids=lambda c: ",".join(c) or "covered")
+def test_only_the_covered_bf16_zero0_case_leaves_deepspeeds_step(change: dict) -> None:
+    """Anything unfused_step does not reproduce (the overflow check asked for, fp16, loss scaling, model or expert
+    parallelism, LAMB) runs DeepSpeed's own step."""
+    assert ds_syncs._unfused_on_device(_unfused(**change)) is (change == {})
+
+
 def _run(tmp: Path, tiny_model: Path, name: str, *overrides: str, originals: bool = False,
          count: bool = True) -> tuple[Path, dict[str, float]]:
     """A run of 8 steps through tests/probe_syncs.py; with ``count``, the host syncs per step of steps 3-6 (no log

@@ -307,8 +307,9 @@ def no_stalls(ds: dict[str, Any], precision: str) -> None:
     - ``timers.throughput.enabled``: DeepSpeed's throughput timer synchronizes the device at every ``forward`` and
       ``step`` by default (``synchronized: true``); the launcher times its own steps and logs them.
     - ``bf16.check_grad_overflow`` (bf16 runs): bf16 has fp32's range and needs no loss scaling; the check reads a
-      device value back every step. A non-finite loss still stops the run before anything is saved (the loop
-      checks every step's loss, on the device, before each log line, eval and checkpoint)."""
+      device value back every step. Without it DeepSpeed applies a step whose gradients are not finite instead of
+      skipping it; the run still stops before anything is saved (the loop checks every step's loss and applied
+      gradient norm, on the device, before each log line, eval and checkpoint)."""
     timers = ds.setdefault("timers", {})
     if isinstance(timers, dict):
         throughput = timers.setdefault("throughput", {})
