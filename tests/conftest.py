@@ -12,6 +12,13 @@ from pathlib import Path
 
 import pytest
 
+# Two test workers on 2 cores run their launches side by side, each rank with its share of the cores, so OpenMP
+# threads outnumber the cores whenever both workers train. libgomp's default lets an idle thread spin for a while
+# before it sleeps, and spinning threads take the cores from the working ones: two one-process demo runs side by
+# side took 72 s with it and 12.6 s with passive waits. Every process the tests start inherits this (read when
+# libgomp loads, so set before torch is imported here).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "alpaca_zh_demo.json"
 
