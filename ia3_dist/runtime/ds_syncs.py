@@ -154,8 +154,7 @@ def _deepspeeds() -> dict[str, Any]:
     ds_utils, stage_1_and_2, _, unfused = _modules()
     return {"mask_nan_or_inf_with_val_inplace": ds_utils.mask_nan_or_inf_with_val_inplace,
             "unscale_and_clip_grads": stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads,
-            "unfused_step": unfused.step,
-            "unfused_unscale_and_clip_grads": unfused.unscale_and_clip_grads}
+            "unfused_step": unfused.step}
 
 
 def originals() -> dict[str, Any]:
