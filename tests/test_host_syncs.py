@@ -12,12 +12,14 @@ functions do.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from _util import ROOT, adapter_tensors, check, launch, metrics
+from _util import ROOT, adapter_tensors, check, free_port, launch, metrics
 
 from ia3_dist.runtime import ds_syncs
 
@@ -113,6 +115,32 @@ def test_only_the_covered_bf16_zero0_case_leaves_deepspeeds_step(change: dict) -
     """Anything unfused_step does not reproduce (the overflow check asked for, fp16, loss scaling, model or expert
     parallelism, LAMB) runs DeepSpeed's own step."""
     assert ds_syncs._unfused_on_device(_unfused(**change)) is (change == {})
+
+
+@pytest.mark.slow
+def test_unfused_step_is_deepspeeds_on_a_built_optimizer(tmp_path: Path) -> None:
+    """``unfused_step`` against DeepSpeed's own ``FP16_UnfusedOptimizer.step`` on optimizers DeepSpeed built
+    (``tests/probe_unfused.py``): neither skips a finite step; the same bf16 parameters bit for bit after every step,
+    clipping off, active and not reached, a missing gradient included; the fp32 masters and the gradient norm within
+    1e-6 (DeepSpeed sums the squares in float64 on the host, ``unfused_step`` in fp32 on the device)."""
+    out = tmp_path / "unfused.pt"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "probe_unfused.py"), str(out), str(free_port())],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = torch.load(out)
+    assert {(r["clip"], r["step"]) for r in rows} == {(c, s) for c in (0.0, 1e-3, 100.0) for s in range(4)}
+    for r in rows:
+        ours, theirs = r["ours"], r["theirs"]
+        assert ours["returned"] is theirs["returned"] is False, r
+        assert ours["masters_grads_cleared"] and theirs["masters_grads_cleared"]
+        assert ours["norm"] == pytest.approx(theirs["norm"], rel=1e-6), r
+        for a, b in zip(ours["params"], theirs["params"], strict=True):
+            _same(a, b)
+        for a, b in zip(ours["masters"], theirs["masters"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    # The clip really acted where asked: at 1e-3 the updates differ from those without clipping.
+    last = {r["clip"]: r["theirs"]["masters"] for r in rows if r["step"] == 3}
+    assert any(not torch.equal(a, b) for a, b in zip(last[0.0], last[1e-3]))
 
 
 def _run(tmp: Path, tiny_model: Path, name: str, *overrides: str, originals: bool = False,

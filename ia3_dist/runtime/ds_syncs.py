@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import sys
+import threading
 from typing import Any
 
 import torch
@@ -40,6 +41,9 @@ _FINGERPRINTS = {
 }
 
 _state: dict[str, Any] = {}
+# One swap per process even if two threads ask at once: a second swap would record the replacements as DeepSpeed's
+# originals, and the non-covered cases would then call ours instead of DeepSpeed's step.
+_lock = threading.Lock()
 
 
 def mask_invalid_norm(input: torch.Tensor, device: Any = None, val: float = -1.0) -> None:  # noqa: A002
@@ -126,6 +130,11 @@ def fingerprint(obj: Any) -> str | None:
 def install() -> bool:
     """Swap the replacements into DeepSpeed (idempotent). False, with nothing changed, where DeepSpeed's originals
     are not the ones they were checked against."""
+    with _lock:
+        return _install()
+
+
+def _install() -> bool:
     if "installed" in _state:
         return _state["installed"]
     ds_utils, stage_1_and_2, stage3, unfused = _modules()
