@@ -133,3 +133,65 @@ def test_portable_state_behind_a_symlink_is_refused(tmp_path: Path) -> None:
     (d / portable.STATE).symlink_to(real)
     with pytest.raises(UsageError, match=portable.STATE):
         portable.read(d)
+
+
+def test_fp16_keeps_the_layout(tmp_path: Path) -> None:
+    """fp16's dynamic loss scale is DeepSpeed's optimizer state, which the portable state does not carry: the same
+    layout resumes on DeepSpeed's files, another one is refused naming the way out."""
+    fp16 = {**META, "precision": "fp16"}
+    assert not check_compatible(_ckpt(tmp_path / "same", fp16), dict(fp16))[1]
+    with pytest.raises(UsageError, match=r"in fp16 the dynamic loss scale .* Resume on the saved layout \(2 ranks "
+                                         r"x micro-batch 1 x 4 accumulation, ZeRO-2\), or train in bf16"):
+        check_compatible(_ckpt(tmp_path / "cut", fp16), {**fp16, "world_size": 1, "grad_accum": 8})
+
+
+def _step(root: Path, step: int) -> Path:
+    d = root / f"step{step}"
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text(json.dumps({**META, "step": step}))
+    return d
+
+
+def test_a_resume_before_the_runs_own_later_checkpoints_is_refused(tmp_path: Path) -> None:
+    """A roll-back to step 4 of a run that saved up to step 12: its saves would go over step8's files and its
+    rotation would delete its own new checkpoints first (step12 being higher), so the resume is refused naming the
+    later ones; once they are moved away, or from the newest, it goes ahead."""
+    from ia3_dist.runtime.checkpoint import refuse_later
+
+    out = tmp_path / "run"
+    four, eight, twelve = (_step(out / "checkpoints", s) for s in (4, 8, 12))
+    (out / "checkpoints" / "step16").mkdir()  # an unfinished save (no meta.json) is not a checkpoint
+    with pytest.raises(UsageError) as e:
+        refuse_later(four, out)
+    assert f"resumes at step 4, but {out / 'checkpoints'} holds checkpoints past it (step8, step12)" in str(e.value)
+    assert "train.resume=auto" in str(e.value)
+    refuse_later(twelve, out)
+    refuse_later(four, tmp_path / "elsewhere")  # into another output dir: nothing there to lose
+    eight.rename(tmp_path / "step8")
+    twelve.rename(tmp_path / "step12")
+    refuse_later(four, out)
+
+
+def test_best_vectors_read_back_or_are_refused_naming_the_file(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from ia3_dist.runtime.checkpoint import BEST_VECTORS, read_best_vectors
+
+    d = _ckpt(tmp_path)
+    assert read_best_vectors(d) is None  # an earlier ia3-dist's checkpoint
+    v = {"a.ia3_l": torch.rand(4), "b.ia3_l": torch.rand(1, 3)}
+    save_file(v, str(d / BEST_VECTORS))
+    back = read_best_vectors(d)
+    assert back.keys() == v.keys() and all(torch.equal(back[k], v[k]) for k in v)
+    for bad, why in ((b"not safetensors", "unreadable"), (None, "not the trainable vectors")):
+        if bad is None:
+            save_file({"a": torch.arange(3)}, str(d / BEST_VECTORS))
+        else:
+            (d / BEST_VECTORS).write_bytes(bad)
+        with pytest.raises(UsageError, match=f"{BEST_VECTORS}: {why}"):
+            read_best_vectors(d)
+    (d / BEST_VECTORS).unlink()
+    (d / BEST_VECTORS).symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(UsageError):
+        read_best_vectors(d)

@@ -242,6 +242,31 @@ def test_keep_last_k(tmp_path: Path) -> None:
     assert latest(out / "checkpoints").name == "step5"
 
 
+def test_roll_back_past_the_runs_own_checkpoints(tmp_path: Path) -> None:
+    """train.resume=<an earlier stepN> in a run dir that holds later checkpoints: exit 2 before anything starts,
+    naming them, nothing touched; with them moved away as the message says, the run goes on from there with the
+    uninterrupted run's losses and its own checkpoints (the rotation would have deleted those first)."""
+    out = tmp_path / "run"
+    run = ["--config", TINY, "deepspeed.config=zero2", f"output.dir={out}", *RUN, "train.max_steps=6",
+           "checkpoint.every=2", "checkpoint.keep=2"]
+    check(launch(run))
+    first = {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
+    root = out / "checkpoints"
+    assert [c.name for c in complete_checkpoints(root)] == ["step4", "step6"]
+    before = sorted(str(p) for p in out.rglob("*"))
+    proc = launch([*run, f"train.resume={root / 'step4'}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"resumes at step 4, but {root} holds checkpoints past it (step6)" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(str(p) for p in out.rglob("*")) == before
+    (root / "step6").rename(tmp_path / "step6")
+    check(launch([*run, f"train.resume={root / 'step4'}"]))
+    again = {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
+    assert sorted(again) == list(range(1, 7))
+    for s in (5, 6):
+        assert again[s] == pytest.approx(first[s], rel=1e-6)
+    assert [c.name for c in complete_checkpoints(root)] == ["step4", "step6"] and latest(root).name == "step6"
+
+
 def test_changed_global_batch_is_refused(straight: dict[str, Path], tmp_path: Path) -> None:
     """Another number of ranks with the same micro-batch and accumulation changes the global batch: refused with exit
     2 before any process group, naming both layouts and the key that keeps the batch."""

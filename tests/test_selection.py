@@ -143,3 +143,28 @@ def test_early_stopping_keeps_the_best_and_a_resume_is_a_no_op(tmp_path: Path, d
     again = check(launch([*args, "train.resume=auto"], nproc=2))
     assert "ended by early stopping" in again.stdout and "nothing to do" in again.stdout, again.stdout[-2000:]
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == before
+
+    # The same run in chunks of 4 steps (train.stop_after_steps, as a time-limited job array would run it): every
+    # chunk ends on the evaluation grid, where the next chunk starts past that evaluation, so the chunk that ran it
+    # follows it; the best vectors travel in the checkpoints (the best step's own checkpoint may be gone). Same
+    # evaluations, same stop, same best, the same adapter.
+    chunked = tmp_path / "chunked"
+    cargs = [*[a for a in args if not a.startswith("output.dir=")], f"output.dir={chunked}", "train.resume=auto",
+             "train.stop_after_steps=4"]
+    for _ in range(stop // 4 + 2):
+        last = launch(cargs, nproc=2)
+        if "nothing to do" in last.stdout:
+            break
+        check(last)
+    else:
+        raise AssertionError(f"the chunked run did not end: {last.stdout[-3000:]}")
+    got = [(r["step"], r["eval_loss"]) for r in metrics(chunked) if "eval_loss" in r]
+    assert [s for s, _ in got] == [s for s, _ in evals[:len(got)]] and got[-1][0] == stop, (got, evals)
+    for (_, a), (_, b) in zip(got, evals, strict=False):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert (chunked / "checkpoints" / "best").read_text() == f"step{best_step}"
+    assert (chunked / "checkpoints" / f"step{stop}" / "meta.json").is_file()
+    ad2 = adapter_tensors(chunked / "adapter")
+    assert set(ad2) == set(ad)
+    for k in ad:
+        torch.testing.assert_close(ad2[k].float(), ad[k].float(), rtol=1e-5, atol=1e-6)

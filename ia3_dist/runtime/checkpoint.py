@@ -32,6 +32,11 @@ LATEST = "latest"
 BEST = "best"
 """Names the checkpoint of the best evaluation (checkpoint.keep_best): kept outside the rotation."""
 META = "meta.json"
+BEST_VECTORS = "early_stopping_best.safetensors"
+"""train.early_stopping.final=best: the best evaluation's trainable vectors so far, in every checkpoint written
+after it (a few MB at most: IA3 vectors), so a resumed run that then stops early still writes them as its adapter,
+whether or not the best step's own checkpoint was kept."""
+MAX_BEST_VECTORS = 1 << 30
 LAYOUT = ("world_size", "micro_batch_size", "grad_accum", "zero_stage")
 """How the global batch is cut over ranks and micro-steps, and the ZeRO stage. They may change between a save and
 its resume as long as the global batch stays: every step then trains the same examples (the sampler's order is a
@@ -229,11 +234,52 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
     if not portable.has_state(ckpt):
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; it has no layout-independent state (written by an "
                          f"earlier ia3-dist), so it resumes only on its own layout: {layout_of(meta)}")
+    if "fp16" in (meta.get("precision"), expected.get("precision")):
+        raise UsageError(f"checkpoint {ckpt}: saved with {what}; in fp16 the dynamic loss scale lives in DeepSpeed's "
+                         f"optimizer state, which the layout-independent checkpoint does not carry (restarted at "
+                         f"2^16, the run would skip other steps than the saved run). Resume on the saved layout "
+                         f"({layout_of(meta)}), or train in bf16")
     if expected.get("offload_optimizer") or meta.get("offload_optimizer"):
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; with ZeRO optimizer offload the optimizer is "
                          f"DeepSpeed's CPU Adam, whose state the layout-independent checkpoint does not fill. Resume "
                          f"on the saved layout ({layout_of(meta)}) or without offload_optimizer")
     return meta, True
+
+
+def refuse_later(ckpt: Path, out: Path) -> None:
+    """``train.resume=<a stepN dir>``: a UsageError where the run's own checkpoints go past step N (a roll-back,
+    or another run's). The resumed run would write over their tags with other states, its rotation would count them
+    as newer than its own saves and delete these first, and ``train.resume=auto`` after a preemption would pick the
+    abandoned ones. (``auto`` resumes from the newest complete checkpoint ``latest`` names.)"""
+    step = read_meta(ckpt)["step"]
+    root = root_of(out)
+    later = [d for d in complete_checkpoints(root) if int(d.name[4:]) > step]
+    if later:
+        names = ", ".join(d.name for d in later)
+        raise UsageError(f"train.resume={ckpt}: resumes at step {step}, but {root} holds checkpoints past it "
+                         f"({names}); the resumed run would save over them and its rotation would delete its own "
+                         f"new ones first. Move them out of the run's directory (mv {root}/step<N> <somewhere "
+                         f"else>), or resume from the newest with train.resume=auto")
+
+
+def read_best_vectors(ckpt: Path) -> dict[str, torch.Tensor] | None:
+    """A checkpoint's :data:`BEST_VECTORS` (None where it has none): bounded, safetensors only (no code runs), float
+    tensors; a UsageError naming the file otherwise."""
+    from safetensors.torch import load as load_tensors
+
+    f = ckpt / BEST_VECTORS
+    fix = "delete it (the resumed run then writes its last vectors if it stops early) or resume from another checkpoint"
+    raw = safe_io.read_bounded(f, MAX_BEST_VECTORS, fix, missing_ok=True)
+    if raw is None:
+        return None
+    try:
+        tensors = load_tensors(raw)
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise UsageError(f"{f}: unreadable ({str(e)[:200]}); {fix}") from None
+    if not tensors or not all(t.is_floating_point() for t in tensors.values()):
+        raise UsageError(f"{f}: not the trainable vectors ia3-dist writes (empty, or a tensor that is not floating "
+                         f"point); {fix}")
+    return tensors
 
 
 def resume_line(ckpt: Path, meta: dict[str, Any], expected: dict[str, Any], changed: bool) -> str:
@@ -320,8 +366,10 @@ def _agree_failed(failed: bool, device: torch.device) -> int:
 
 
 def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env: dist.DistEnv,
-         best: bool = False) -> Path:
-    """Every rank writes its part; the pointer moves only after all of them have finished.
+         best: bool = False, tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Every rank writes its part; the pointer moves only after all of them have finished. ``tensors``: further
+    safetensors files rank 0 writes into the tag dir (file name -> tensors; empty ones are left out), before its
+    meta.json.
 
     A write that fails on any rank (disk full, quota, I/O error) fails the save on every rank together: the
     partial tag dir is removed, ``latest`` keeps naming the previous checkpoint, and every rank raises
@@ -330,9 +378,15 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
     tag = tag_for(step)
     faults.hit("save-begin", step, env.rank)
     error: Exception | None = None
+    if env.is_main:
+        # The same step saved again (a resume=auto after a kill between this tag's meta.json and the pointer):
+        # incomplete until rewritten, so a kill while the other ranks write over it leaves no torn "complete" one.
+        (root / tag / META).unlink(missing_ok=True)
     # Before any write (every rank joins its gathers): a failed write below must not leave ranks in different
-    # collectives. Not with optimizer offload, where a layout change is refused anyway (see check_compatible).
-    state = None if meta.get("offload_optimizer") else portable.gather(engine)
+    # collectives. Not with optimizer offload or fp16, where a layout change is refused anyway (check_compatible).
+    state = None if meta.get("offload_optimizer") or meta.get("precision") == "fp16" else portable.gather(engine)
+    if state is None:
+        dist.barrier()  # no rank writes into the tag dir before rank 0 has marked it incomplete
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "rng": rng_state()},
                                save_latest=False, exclude_frozen_parameters=True)
@@ -347,6 +401,11 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
         try:
             if state is not None:
                 portable.write(root / tag, *state, rng_state())
+            from safetensors.torch import save_file
+
+            for name, extra in (tensors or {}).items():
+                if extra:
+                    save_file({k: v.contiguous() for k, v in extra.items()}, str(root / tag / name))
             pointers = ((LATEST, tag), (BEST, tag)) if best else ((LATEST, tag),)
             for name, text in ((tag + "/" + META, json.dumps({**meta, "step": step}, indent=1)), *pointers):
                 tmp = root / f"{name}.tmp"
@@ -365,8 +424,10 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
                 prev = None
             where = f"; {prev} stays the latest checkpoint" if prev is not None else "; no earlier checkpoint exists"
             # Frees the space the partial save took; `latest` still names the previous complete checkpoint
-            # (the pointer is the last thing written, so a failed save never moved it).
-            shutil.rmtree(root / tag, ignore_errors=True)
+            # (the pointer is the last thing written, so a failed save never moved it). Never a tag a pointer
+            # names (a pointer is not moved before the tag is complete; this guards the pointers' own word).
+            if root / tag not in (prev, _pointed(root, BEST)):
+                shutil.rmtree(root / tag, ignore_errors=True)
             for f in root.glob("*.tmp"):
                 f.unlink(missing_ok=True)
         dist.barrier()
@@ -376,15 +437,21 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
             f"Free space there (lower checkpoint.keep, or move output.dir to a bigger filesystem), then resume with "
             f"train.resume=auto")
     if env.is_main:
-        try:
-            kept = latest(root, BEST)
-        except UsageError:  # a damaged pointer protects nothing; the next best save rewrites it
-            kept = None
+        kept = _pointed(root, BEST)
+        # The highest steps stay; never the one just written (a checkpoint past it is refused at the resume that
+        # would leave one: refuse_later).
         for old in complete_checkpoints(root)[:-keep]:
-            if old != kept:
+            if old not in (kept, root / tag):
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return root / tag
+
+
+def _pointed(root: Path, pointer: str) -> Path | None:
+    try:
+        return latest(root, pointer)
+    except UsageError:  # a damaged pointer protects nothing; the next save rewrites it
+        return None
 
 
 def load(engine: Any, ckpt: Path, portable_state: bool = False) -> int:

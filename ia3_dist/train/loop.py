@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..data.sampler import examples_consumed, iter_steps
-from ..errors import NonFiniteLoss, Preempted
+from ..errors import NonFiniteLoss, Preempted, UsageError
 from ..models.families import apply_speedups, family_of, last_block
 from ..models.ia3 import apply_ia3, load_init_adapter, trainable_line
 from ..models.load import DTYPES, compile_blocks, hidden_size_of, layers_of, load_base_model
@@ -209,8 +209,11 @@ class Trainer:
             dist.print0(p.env, p.resume_line)
             self.start = ckpt.load(self.engine, p.resume_from, p.resume_portable)
             self.selection.restore(ckpt.read_meta(p.resume_from), str(p.resume_from / ckpt.META))
+            self._restore_best()
         self.end = p.total_steps if not t.stop_after_steps else min(p.total_steps, self.start + t.stop_after_steps)
         self.saved = self.start
+        self.saved_stopped = False
+        """Whether the checkpoint of step :attr:`saved` (written by this invocation) records the early stop."""
         self.metrics_path = p.out / "metrics.jsonl"
         if p.env.is_main:
             if self.start:
@@ -241,6 +244,28 @@ class Trainer:
         self.losses: list[float] = []
         self._warned = False
         self.startup_s = 0.0
+
+    def _restore_best(self) -> None:
+        """train.early_stopping.final=best on resume: the best evaluation's vectors from the checkpoint (on rank 0,
+        as :meth:`follow` holds them), checked against this model's trainable parameters on every rank."""
+        stopper, p = self.selection.stopper, self.p
+        if stopper is None or p.cfg.train.early_stopping.final != "best" or not stopper.best_step:
+            return
+        if p.resume_best is None:
+            dist.print0(p.env, f"train.early_stopping.final=best: {p.resume_from} carries no best vectors (written "
+                               f"by an earlier ia3-dist); if the run stops early before a new best, its adapter "
+                               f"holds the last step's vectors, not step {stopper.best_step}'s")
+            return
+        shapes = {n: tuple(getattr(q, "ds_shape", q.shape)) for n, q in self.peft_model.named_parameters()
+                  if q.requires_grad}
+        got = {n: tuple(t.shape) for n, t in p.resume_best.items()}
+        if got != shapes:
+            raise UsageError(f"{p.resume_from / ckpt.BEST_VECTORS}: its tensors are not this model's trainable "
+                             f"vectors ({len(got)} against {len(shapes)}; first difference: "
+                             f"{next(iter(sorted(set(got.items()) ^ set(shapes.items()))), None)}); delete the file "
+                             f"(the run then writes its last vectors if it stops early) or resume from another "
+                             f"checkpoint")
+        self.best_state = dict(p.resume_best) if p.env.is_main else {}
 
     def _settle_micro_batch(self) -> None:
         """``train.micro_batch_size: auto``: probe the preflight's pick (ZeRO-0/1/2, fresh runs), switch the
@@ -321,11 +346,13 @@ class Trainer:
         """``best``: this step's evaluation is the best so far of checkpoint.keep_best (the pointer moves)."""
         self.flush()  # a run whose loss went non-finite saves nothing
         self.saved = step
+        self.saved_stopped = bool(self.selection.stopped_early)
         with self.watchdog.saving(step):
             meta = {**self.p.meta, "examples_consumed": examples_consumed(step, len(self.p.data),
                                                                            self.p.layout.global_batch),
                     **self.selection.meta()}
-            return ckpt.save(self.engine, self.p.out, step, meta, self.p.cfg.checkpoint.keep, self.p.env, best)
+            return ckpt.save(self.engine, self.p.out, step, meta, self.p.cfg.checkpoint.keep, self.p.env, best,
+                             {ckpt.BEST_VECTORS: self.best_state} if self.best_state else None)
 
     def follow(self, step: int, res: dict[str, float]) -> bool:
         """After the evaluation at ``step``: keep its checkpoint if it is the best, remember its vectors if the
@@ -343,17 +370,32 @@ class Trainer:
             dist.print0(self.p.env, f"early stopping: {self.selection.stopped_early}")
         return stop
 
-    def run_eval(self, step: int, heldout: bool = True, bench: bool = False) -> dict[str, float]:
-        """The held-out evaluation and (``eval.tasks``) the benchmarks due at ``step``, logged as one line."""
+    def due(self, step: int) -> tuple[bool, bool]:
+        """Whether the held-out evaluation (``train.eval_every``) and the benchmarks (``eval.every``) fall on
+        ``step``."""
+        p, every = self.p, self.p.cfg.train.eval_every
+        return (p.eval_data is not None and bool(every) and step % every == 0,
+                p.bench is not None and p.bench.due(step, p.total_steps))
+
+    def evaluate(self, step: int, heldout: bool = True, bench: bool = False
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+        """The held-out evaluation and (``eval.tasks``) the benchmarks asked for at ``step`` (each where the run has
+        it), logged as one line; returned apart."""
         self.flush()
         beat = lambda: self.watchdog.beat(step, "eval", arm=False)  # noqa: E731
-        res: dict[str, float] = {}
+        held: dict[str, float] = {}
+        marks: dict[str, float] = {}
         if heldout and self.p.eval_data is not None:
-            res.update(self.objective.evaluate(self, on_batch=beat))
+            held = self.objective.evaluate(self, on_batch=beat)
         if bench and self.p.bench is not None:
-            res.update(self.p.bench.run(self.peft_model, self.p.tokenizer, beat))
-        self.log.log({"step": step, **res})
-        return res
+            marks = self.p.bench.run(self.peft_model, self.p.tokenizer, beat)
+        self.log.log({"step": step, **held, **marks})
+        return held, marks
+
+    def run_eval(self, step: int, heldout: bool = True, bench: bool = False) -> dict[str, float]:
+        """:meth:`evaluate`, as one result."""
+        held, marks = self.evaluate(step, heldout, bench)
+        return {**held, **marks}
 
     def log_window(self, w: Window, done: int, epoch: int, lr: float, t_start: float) -> None:
         """Every rank joins the memory reduction; rank 0 writes the line."""
@@ -415,8 +457,7 @@ class Trainer:
                     if warn and not self._warned:
                         self._warned = True
                         dist.print0(p.env, warn)
-                heldout = p.eval_data is not None and bool(t.eval_every) and done % t.eval_every == 0
-                bench = p.bench is not None and p.bench.due(done, p.total_steps)
+                heldout, bench = self.due(done)
                 if (heldout or bench) and done < self.end:
                     res = self.run_eval(done, heldout, bench)
                     if self.selection.active and self.follow(done, res):
@@ -427,10 +468,17 @@ class Trainer:
             self.flush()
             if p.eval_data is None and p.bench is None:
                 return None
-            res = self.run_eval(self.end, True, p.bench is not None)
-            if self.selection.active and self.end == p.total_steps:
-                self.follow(self.end, res)  # the last evaluation counts too (a best at the end is kept)
-            return res
+            heldout_due, bench_due = self.due(self.end)
+            parts = self.evaluate(self.end, True, p.bench is not None)
+            if self.selection.active:
+                if self.end == p.total_steps:
+                    self.follow(self.end, {**parts[0], **parts[1]})  # the last evaluation counts (a best is kept)
+                elif heldout_due or bench_due:
+                    # A chunk (train.stop_after_steps) ending on the evaluation grid: what the uninterrupted run
+                    # evaluated here is followed here, or no invocation would (the next one starts past it).
+                    # (Stopping here, finish() saves this step with the reason, as the whole run would.)
+                    self.follow(self.end, {**(parts[0] if heldout_due else {}), **(parts[1] if bench_due else {})})
+            return {**parts[0], **parts[1]}
         finally:
             self.log.close()
             if self.examples is not None:
@@ -440,5 +488,8 @@ class Trainer:
         """The last checkpoint (stopped early, or ``checkpoint.at_end``) unless this step is saved already; a run
         that early stopping ended saves its step again with the reason, so a resume of it is a no-op."""
         stopped = bool(self.selection.stopped_early)
-        if (self.end < self.p.total_steps or self.p.cfg.checkpoint.at_end) and (self.saved < self.end or stopped):
+        # Not twice: keep_best's save of this step already carries the reason when the same evaluation stopped it
+        # (a second write of a complete tag could only lose it).
+        again = stopped and not self.saved_stopped
+        if (self.end < self.p.total_steps or self.p.cfg.checkpoint.at_end) and (self.saved < self.end or again):
             self.save(self.end)

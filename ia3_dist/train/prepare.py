@@ -62,6 +62,9 @@ class Prepared:
     resume_portable: bool = False
     """The checkpoint was saved on another layout (ranks, cut or ZeRO stage): its layout-independent state loads."""
     resume_line: str = ""
+    resume_best: dict[str, Any] | None = None
+    """train.early_stopping.final=best on resume: the best evaluation's vectors the checkpoint carries
+    (:data:`..runtime.checkpoint.BEST_VECTORS`), read and checked here; None where it has none."""
     """What the rank log says about the resume (saved on W ranks, now on W')."""
     bench: Any = None
     """``eval.tasks``: the benchmark runner (:class:`.benchmarks.Benchmarks`), its tasks checked; None without."""
@@ -239,6 +242,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         # same check, where from_pretrained would only warn and train on randomly initialised weights.
         check_checkpoint(model_config, Path(model_path), cfg.model.trust_remote_code)
     resume_from = ckpt.resolve_resume(cfg.train.resume, out)
+    resume_best = None
     if resume_from is not None:
         why = stopped_early(ckpt.read_meta(resume_from))
         if why:
@@ -246,6 +250,11 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
             raise RunFinished(f"{resume_from} is the last checkpoint of a run that ended by early stopping ({why}); "
                               f"nothing to do: its adapter is in {out / 'adapter'}. To train on, start a new run "
                               f"from it with ia3.init_from={out / 'adapter'}")
+        if cfg.train.resume != "auto":
+            ckpt.refuse_later(resume_from, out)
+        es = cfg.train.early_stopping
+        if es.metric and es.final == "best":
+            resume_best = ckpt.read_best_vectors(resume_from)
     auto = None
     if auto_micro:
         auto = autobatch.choose(cfg, model_config, env, ds, int(data.lengths.max()), resume_from)
@@ -280,7 +289,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         bench = Benchmarks(cfg, env, replicated=dsc.stage_of(ds) == 3)
     return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data,
                     auto=auto, support=support, stage_note=stage_note, resume_portable=portable, resume_line=line,
-                    bench=bench)
+                    resume_best=resume_best, bench=bench)
 
 
 def prepare_data(cfg: RunConfig) -> str:

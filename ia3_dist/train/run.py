@@ -35,6 +35,11 @@ def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None =
         best = trainer.best_state
         dist.print0(p.env, f"adapter: the vectors of step {stopper.best_step}, the best {stopper.metric} "
                            f"({stopper.best:.6g}; train.early_stopping.final=best)")
+    elif trainer.selection.stopped_early and p.cfg.train.early_stopping.final == "best" \
+            and stopper.best_step != trainer.end:
+        dist.print0(p.env, f"adapter: the vectors of the last step ({trainer.end}), not those of step "
+                           f"{stopper.best_step} (the best {stopper.metric}): the checkpoint this run resumed from "
+                           f"did not carry them")
     with trainer.watchdog.saving(trainer.end):
         adapter_dir = save_adapter(trainer.peft_model, p.out / "adapter", p.env.is_main,
                                    fixed_entries(trainer.peft_model), state=best)
