@@ -336,8 +336,12 @@ def rng_state() -> dict[str, Any]:
     """RNG states as tensors, numbers and lists only: a checkpoint must load with torch's restricted unpickler
     (see safe_load.py), which has no numpy types."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "torch": torch.get_rng_state()}
+    out = {"python": random.getstate(), "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # The device's generator (dropout on a GPU draws from it), which the engine's start re-seeds otherwise.
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
@@ -346,6 +350,8 @@ def set_rng_state(s: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = s["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
 
 
 def _why(error: Exception | None, root: Path) -> str:

@@ -134,7 +134,8 @@ def write(ckpt: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any], rn
     """Rank 0: the two files into the checkpoint's tag dir (before its meta.json, which marks it complete)."""
     from safetensors.torch import save_file
 
-    save_file({**tensors, "rng/torch": rng["torch"]}, str(ckpt / STATE), metadata={"format": str(FORMAT)})
+    devices = {"rng/cuda": rng["cuda"]} if "cuda" in rng else {}
+    save_file({**tensors, "rng/torch": rng["torch"], **devices}, str(ckpt / STATE), metadata={"format": str(FORMAT)})
     (ckpt / INFO).write_text(json.dumps({**info, "rng": {"python": rng["python"], "numpy": rng["numpy"]}}))
 
 
@@ -241,4 +242,5 @@ def apply(engine: Any, ckpt: Path) -> dict[str, Any]:
         engine.lr_scheduler.load_state_dict(sd)
     engine.global_steps = info["global_steps"]
     engine.global_samples = info["global_samples"]
-    return {**info["rng"], "torch": tensors["rng/torch"]}
+    devices = {"cuda": tensors["rng/cuda"]} if "rng/cuda" in tensors else {}
+    return {**info["rng"], "torch": tensors["rng/torch"], **devices}
