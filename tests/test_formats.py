@@ -272,6 +272,35 @@ def test_auto_detection_and_its_error(tmp_path: Path) -> None:
     assert error(t).startswith(f"{t}: missing field: cannot detect the format from the keys found, ['prompt', ")
 
 
+def test_a_byte_order_mark_opens_any_text_file(tmp_path: Path) -> None:
+    """Files saved with a UTF-8 byte-order mark (Windows editors, utf-8-sig exports) read like those without."""
+    recs = [alpaca(c) for c in SINGLE]
+    want = load(write_jsonl(tmp_path / "plain.jsonl", recs)).examples
+    for f in (write_json(tmp_path / "d.json", recs), write_jsonl(tmp_path / "d.jsonl", recs),
+              write_csv(tmp_path / "d.csv", recs)):
+        f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+        assert load(f, on_bad_record="error").examples == want, f
+
+
+def test_a_mapped_column_decides_the_format(tmp_path: Path) -> None:
+    """role/content messages stored under ``conversations`` (sharegpt's column name): data.columns.messages names
+    it, and the records read as messages, not as sharegpt (whose message keys they lack)."""
+    recs = [{"conversations": messages(c)["messages"]} for c in SINGLE]
+    f = write_jsonl(tmp_path / "d.jsonl", recs)
+    assert "message 0: missing key 'from'" in error(f)  # unmapped, the column's name says sharegpt
+    assert load(f, columns={"messages": "conversations"}).examples == [merged(c) for c in SINGLE]
+
+
+def test_an_empty_tool_call_list_is_a_plain_answer(tmp_path: Path) -> None:
+    """``"tool_calls": []`` on an assistant message (OpenAI-style exports write it on every answer) reads like
+    no tool_calls at all."""
+    plain = [messages(c) for c in SINGLE]
+    listed = [{"messages": [{**m, "tool_calls": []} if m["role"] == "assistant" else m for m in r["messages"]]}
+              for r in plain]
+    assert load(write_jsonl(tmp_path / "a.jsonl", listed)).examples == \
+        load(write_jsonl(tmp_path / "b.jsonl", plain)).examples == [merged(c) for c in SINGLE]
+
+
 def test_format_is_fixed_per_file_by_its_first_record(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "d.jsonl", [alpaca(CONVS[0]), sharegpt(CONVS[1])])
     msg = error(f)
@@ -338,7 +367,10 @@ BAD: dict[str, tuple[dict | str, str]] = {
     "missing-output": ({"instruction": "q"}, "record 0: missing field 'output' (every alpaca record needs "
                                              "'instruction' and 'output'; 'input', 'system', 'history' optional); "
                                              "the record has keys ['instruction']"),
-    "missing-conversations": ({"conversations": None}, "record 0: missing field 'conversations'"),
+    "null-conversations": ({"conversations": None}, "record 0: field 'conversations' is null (every sharegpt record "
+                                                    "needs 'conversations'"),
+    "null-output": ({"instruction": "q", "input": "", "output": None},
+                    "record 0: field 'output' is null (every alpaca record needs 'instruction' and 'output'"),
     "non-string-field": ({"instruction": "q", "output": "a", "system": 3},
                          "record 0: field 'system' must be a string, got int"),
     "empty-record": ({"instruction": " ", "input": "", "output": "", "history": [["", "\n"]]},

@@ -93,6 +93,19 @@ def test_chat_template_labels_are_the_answers(chat_tok, tmp_path: Path, source: 
         assert text.startswith("<|im_start|>system\n" if conv.system else "<|im_start|>user\n")
 
 
+def test_named_chat_templates_use_default(chat_tok) -> None:
+    """A tokenizer shipping several named templates renders with "default", as transformers does; without one the
+    refusal names those it has and the way out (a file)."""
+    want = tokenize(_records(CONVS), chat_tok, DataSection(path="x", template="chat_template"))
+    chat_tok.chat_template = {"default": CHATML, "tool_use": "{{ messages }}"}
+    got = tokenize(_records(CONVS), chat_tok, DataSection(path="x", template="chat_template"))
+    assert got.ids.tolist() == want.ids.tolist() and got.label_mask.tolist() == want.label_mask.tolist()
+    chat_tok.chat_template = {"rag": CHATML, "tool_use": CHATML}
+    with pytest.raises(UsageError, match=r"named chat templates \('rag', 'tool_use'\) and none called 'default'; "
+                                         r"save the one to train with as a Jinja file"):
+        tokenize(_records(CONVS), chat_tok, DataSection(path="x", template="chat_template"))
+
+
 def test_tokenizer_without_chat_template_is_refused(tiny_tokenizer) -> None:
     with pytest.raises(UsageError, match="ships no chat template"):
         tokenize(_records(CONVS), tiny_tokenizer, DataSection(path="x", template="chat_template"))

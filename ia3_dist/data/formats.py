@@ -108,9 +108,11 @@ def _keys(keys: Iterable[Any]) -> str:
 
 
 def detect(keys: Iterable[str], cols: Columns) -> str | None:
-    """The format whose identifying column (after renaming) is among ``keys``, or None."""
+    """The format whose identifying column (after renaming) is among ``keys``, or None. A column data.columns maps
+    explicitly decides first: ``data.columns.messages=conversations`` reads role/content messages stored under
+    ``conversations``, which the detection order alone would take for sharegpt."""
     keys = set(keys)
-    for fmt, ours in DETECT:
+    for fmt, ours in (*[d for d in DETECT if d[1] in cols.mapping], *DETECT):
         if cols.name(ours) in keys:
             return fmt
     return None
@@ -144,6 +146,9 @@ def _text(value: Any, what: str, where: str) -> str:
 def _required(rec: Mapping[str, Any], ours: str, fmt: str, cols: Columns, where: str) -> Any:
     v = rec.get(cols.name(ours))
     if v is None:
+        if cols.name(ours) in rec:
+            raise UsageError(f"{where}: field {cols.label(ours)} is null ({requirement(fmt, cols)}); give it a value "
+                             f"or drop the record")
         raise UsageError(f"{where}: missing field {cols.label(ours)} ({requirement(fmt, cols)}); the record has "
                          f"keys {_keys(rec)}")
     return v
@@ -206,6 +211,8 @@ def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conver
             raise UsageError(f"{at}: unknown role {show(role)}; accepted roles: {accepted}. Map other role names "
                              f"with data.columns (user, assistant, function_call, observation, tool)")
         calls = m.get("tool_calls") if fmt == MESSAGES and kind == ASSISTANT else None
+        if isinstance(calls, list | tuple) and not calls:
+            calls = None  # "tool_calls": [] (what OpenAI-style exporters write on a plain answer): no calls
         content = m.get(content_key)
         if content_key not in m and not calls:
             raise UsageError(f"{at}: missing key '{brief(content_key)}' (the message has keys {_keys(m)}); {rename}")

@@ -89,6 +89,9 @@ def to_pair(rec: Any, fmt: str, cols: Columns, where: str) -> Pair:
         raise UsageError(f"{where}: expected an object ({pair_requirement(fmt, cols)}), got {type(rec).__name__}")
     for ours in PAIR_REQUIRED[fmt]:
         if rec.get(cols.name(ours)) is None:
+            if cols.name(ours) in rec:
+                raise UsageError(f"{where}: field {cols.label(ours)} is null ({pair_requirement(fmt, cols)}); give it "
+                                 f"a value or drop the record")
             raise UsageError(f"{where}: missing field {cols.label(ours)} ({pair_requirement(fmt, cols)}); the "
                              f"record has keys {_keys(rec)}")
     answers = [_response(rec[cols.name(k)], f"field {cols.label(k)}", fmt, cols, where)

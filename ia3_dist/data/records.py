@@ -220,7 +220,8 @@ def _read_json(p: Path, src: _Source) -> Rows:
     if len(raw) > MAX_JSON_BYTES:
         raise _too_big_json(p, f"more than {MAX_JSON_BYTES}")
     try:
-        text = raw.decode("utf-8")
+        # A byte-order mark (Windows editors, utf-8-sig exports) is not part of the JSON.
+        text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise UsageError(f"{p}:{line}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") \
@@ -262,6 +263,8 @@ def _read_jsonl(p: Path, src: _Source) -> Rows:
         for n, raw in _lines(p, fh, c):
             try:
                 line = raw.decode("utf-8")
+                if n == 1:
+                    line = line.removeprefix("\ufeff")  # a byte-order mark opening the file
             except UnicodeDecodeError as e:
                 c.bad(UsageError(f"{p}:{n}: not UTF-8 ({e.reason}); re-encode the file as UTF-8"))
                 continue

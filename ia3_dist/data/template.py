@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DataSection
-from ..config.schema import MAX_TEXT, _check_template
+from ..config.schema import MAX_TEXT, _check_template, show
 from ..errors import UsageError
 from .chat_render import RenderLimit, compile_chat, render_chat, special_tokens
 from .records import Conversation, Turn
@@ -82,6 +82,14 @@ class Template:
             return cls(HUMAN_ASSISTANT, **base)
         if cfg.template == CHAT_TEMPLATE:
             text = getattr(tok, "chat_template", None)
+            if isinstance(text, dict) and text:
+                # Several named templates (e.g. "default" and "tool_use"): transformers renders with "default".
+                if not isinstance(text.get("default"), str):
+                    raise UsageError(f"data.template chat_template: this tokenizer ships named chat templates "
+                                     f"({', '.join(show(k) for k in sorted(map(str, text)))}) and none called "
+                                     f"'default'; save the one to train with as a Jinja file and set data.template "
+                                     f"to its path")
+                text = text["default"]
             if not isinstance(text, str) or not text:
                 raise UsageError("data.template chat_template: this tokenizer ships no chat template (Bloom's do "
                                  "not); use data.template=human_assistant or a path to a Jinja file")
