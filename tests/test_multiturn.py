@@ -93,6 +93,38 @@ def test_chat_template_labels_are_the_answers(chat_tok, tmp_path: Path, source: 
         assert text.startswith("<|im_start|>system\n" if conv.system else "<|im_start|>user\n")
 
 
+def test_a_record_the_template_cannot_render_is_named_or_skipped(chat_tok, tmp_path: Path) -> None:
+    """A template that raises on what one record holds (here: a system prompt, as several models' templates do)
+    names that record by file and position; with data.on_bad_record=skip it is left out and reported with the
+    reader's skips, in memory and through the token cache, and the other records are tokenized as without it."""
+    from ia3_dist.data.tokenize import load_or_tokenize
+
+    chat_tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System "
+                              "role not supported') }}{% endif %}" + CHATML[len("{% for m in messages %}"):])
+    recs = [{"instruction": f"q{i}", "input": "", "output": f"a{i}", **({"system": "s"} if i == 1 else {})}
+            for i in range(4)]
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(recs), encoding="utf-8")
+    common = {"path": str(f), "template": "chat_template", "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(UsageError) as e:
+        load_or_tokenize(DataSection(**common), chat_tok)
+    assert str(e.value).startswith(f"{f}: record 1: data.template chat_template (the tokenizer's): the chat "
+                                   f"template fails to render (") and "System role not supported" in str(e.value)
+    assert str(e.value).endswith("(or set data.on_bad_record=skip to drop the records it cannot render)")
+    f2 = tmp_path / "without.json"
+    f2.write_text(json.dumps([r for i, r in enumerate(recs) if i != 1]), encoding="utf-8")
+    want = load_or_tokenize(DataSection(**{**common, "path": str(f2)}), chat_tok)
+    for _ in range(2):  # built, then read back from the cache
+        got = load_or_tokenize(DataSection(**common, on_bad_record="skip"), chat_tok)
+        assert got.ids.tolist() == want.ids.tolist() and got.label_mask.tolist() == want.label_mask.tolist()
+        assert got.n_records == 3 and got.skipped_total == 1 and got.skipped[0].startswith(f"{f}: record 1: ")
+    from ia3_dist.data.records import load_records
+
+    mem = tokenize(load_records(DataSection(path=str(f), on_bad_record="skip")), chat_tok,
+                   DataSection(path=str(f), template="chat_template", on_bad_record="skip"))
+    assert mem.ids.tolist() == want.ids.tolist() and mem.skipped_total == 1 and "record 1" in mem.skipped[0]
+
+
 def test_named_chat_templates_use_default(chat_tok) -> None:
     """A tokenizer shipping several named templates renders with "default", as transformers does; without one the
     refusal names those it has and the way out (a file)."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.schema import brief, show
@@ -70,6 +70,8 @@ class Conversation:
     tools: tuple[dict[str, Any], ...] = ()
     """The tools the assistant may call, each ``{"type": "function", "function": {name, description,
     parameters}}`` (a JSON schema, as transformers passes ``tools`` to a chat template)."""
+    where: str = field(default="", compare=False)
+    """Where the record was read (``file:line``, ``file: record i``), for messages about it; "" when built in code."""
 
 
 class Columns:

@@ -212,7 +212,9 @@ def load_or_mix(cfg: DataSection, tok: Any, seed: int, eval_ratio: float, *, bui
     def write(w: Any) -> dict[str, Any]:
         parts, formats, skipped, n_skipped = [], {}, [], 0
         for i, (st, sec) in enumerate(zip(streams, secs, strict=True)):
-            first, records, tokens, truncated = w.n_examples, w.n_records, w.n_tokens, w.truncated
+            first, records, tokens, truncated, unrendered = (w.n_examples, w.n_records, w.n_tokens, w.truncated,
+                                                             w.n_skipped)
+            shown = len(w.skipped)
             dropped = sum(len(d) for d in w.dropped)
             tokenize_stream(st, tok, sec, w, CHUNK_RECORDS, progress)
             group = 2 if pairs else 1
@@ -220,12 +222,12 @@ def load_or_mix(cfg: DataSection, tok: Any, seed: int, eval_ratio: float, *, bui
                 raise UsageError(f"data.sources[{i}] ({st.source}): no example left (every record dropped: no label "
                                  f"token within data.max_length={cfg.max_length}); a weighted source needs examples")
             parts.append({"name": st.source, "first": first // group, "end": w.n_examples // group,
-                          "records": w.n_records - records, "skipped": st.n_skipped,
+                          "records": w.n_records - records, "skipped": st.n_skipped + w.n_skipped - unrendered,
                           "dropped": sum(len(d) for d in w.dropped) - dropped, "truncated": w.truncated - truncated,
                           "tokens": w.n_tokens - tokens, "formats": dict(st.formats)})
             formats.update(st.formats)
-            skipped += st.skipped
-            n_skipped += st.n_skipped
+            skipped += st.skipped + w.skipped[shown:]
+            n_skipped += st.n_skipped + w.n_skipped - unrendered
         return {"sources": names, "formats": formats, "skipped": skipped, "skipped_total": n_skipped,
                 "mixture": parts}
 

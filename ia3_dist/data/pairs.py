@@ -17,7 +17,7 @@ rejected, with labels on the response only.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
@@ -37,6 +37,8 @@ class Pair:
 
     chosen: Conversation
     rejected: Conversation
+    where: str = field(default="", compare=False)
+    """Where the record was read, for messages about it."""
 
 
 def detect_pair(keys: Iterable[str], cols: Columns) -> str | None:

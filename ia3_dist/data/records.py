@@ -146,12 +146,14 @@ class _Source:
             if n > MAX_RECORD_BYTES:
                 raise UsageError(f"{where}: record of {n} characters, more than the limit of {MAX_RECORD_BYTES} "
                                  f"(data.max_length keeps only the first tokens anyway); shorten it")
+            pair.where = where
             return pair
         conv = to_conversation(rec, self.fmt, self.cols, where)
         n = text_length(conv)
         if n > MAX_RECORD_BYTES:
             raise UsageError(f"{where}: record of {n} characters, more than the limit of {MAX_RECORD_BYTES} "
                              f"(data.max_length keeps only the first tokens anyway); shorten it")
+        conv.where = where
         return conv
 
     def check_columns(self, names: list[str]) -> None:

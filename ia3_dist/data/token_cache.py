@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
+from .records import MAX_SKIPPED_KEPT
 from .tokens import Chunk, TokenizedData
 
 FORMAT = 1
@@ -91,6 +92,10 @@ class CacheWriter:
         self.counts: list[np.ndarray] = []
         self.dropped: list[np.ndarray] = []
         self.n_records = self.n_tokens = self.truncated = self.unlabeled = 0
+        self.skipped: list[str] = []
+        """Records the template could not render (data.on_bad_record=skip): the first messages; all counted in
+        :attr:`n_skipped`. The caller records them with the reader's skips."""
+        self.n_skipped = 0
 
     @property
     def n_examples(self) -> int:
@@ -109,6 +114,8 @@ class CacheWriter:
         self.n_tokens += int(c.ids.size)
         self.truncated += c.truncated
         self.unlabeled += c.unlabeled
+        self.n_skipped += len(c.skipped)
+        self.skipped += c.skipped[:max(0, MAX_SKIPPED_KEPT - len(self.skipped))]
 
     def commit(self, meta: dict[str, Any]) -> bool:
         """Write the small arrays and the manifest (last), fsync, rename into place. False when another writer

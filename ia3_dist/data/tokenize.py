@@ -31,7 +31,7 @@ from ..errors import UsageError
 from ..runtime.cpus import usable_cpus
 from .cache import cache_root, file_lock
 from .pairs import Pair, split_pair, truncate_pair
-from .records import Conversation, Records, RecordStream
+from .records import MAX_SKIPPED_KEPT, Conversation, Records, RecordStream
 from .template import Template
 from .tokens import IGNORE_INDEX, Chunk, TokenizedData  # noqa: F401 - IGNORE_INDEX re-exported
 
@@ -161,21 +161,41 @@ class _ChunkTokenizer:
     def __call__(self, convs: list[Conversation] | list[Pair]) -> Chunk:
         if convs and isinstance(convs[0], Pair):
             return self.pairs(convs)
-        rendered = [self.template.segments(conv, self.tok, self.cfg.train_on) for conv in convs]
+        rendered, skipped = self._each(convs, lambda c: self.template.segments(c, self.tok, self.cfg.train_on))
         uniq = list(dict.fromkeys(text for segs in rendered for text, _ in segs))
         ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
-        return _pack([[(ids_of[text], is_label) for text, is_label in segs] for segs in rendered], self.cfg)
+        c = _pack([[(ids_of[text], is_label) for text, is_label in segs] for segs in rendered], self.cfg)
+        c.skipped = skipped
+        return c
 
     def pairs(self, pairs: list[Pair]) -> Chunk:
         """Both sides of each pair rendered like an SFT conversation with labels on the last answer only."""
-        rendered = [(self.template.segments(p.chosen, self.tok, "last"), self.template.segments(p.rejected, self.tok,
-                                                                                                 "last"))
-                    for p in pairs]
-        uniq = list(dict.fromkeys(text for both in rendered for segs in both for text, _ in segs))
+        rendered, skipped = self._each(pairs, lambda p: (p, self.template.segments(p.chosen, self.tok, "last"),
+                                                         self.template.segments(p.rejected, self.tok, "last")))
+        uniq = list(dict.fromkeys(text for _, *both in rendered for segs in both for text, _ in segs))
         ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
-        parts = [split_pair(*[[(ids_of[text], lab) for text, lab in segs] for segs in both], "data.template")
-                 for both in rendered]
-        return _pack_pairs(parts, self.cfg)
+        # The two sides must share their prompt's tokens: a pair whose template renders them apart is named too.
+        parts, unsplit = self._each(rendered, lambda r: split_pair(
+            *[[(ids_of[text], lab) for text, lab in segs] for segs in r[1:]], "data.template"), lambda r: r[0].where)
+        c = _pack_pairs(parts, self.cfg)
+        c.skipped = skipped + unsplit
+        return c
+
+    def _each(self, items: list[Any], render: Callable[[Any], Any],
+              where: Callable[[Any], str] = lambda it: it.where) -> tuple[list[Any], list[str]]:
+        """``render`` of each record; one the template cannot render (a template that raises on it, a limit) is
+        named by where it was read and, under data.on_bad_record=skip, left out with its message."""
+        out, skipped = [], []
+        for it in items:
+            try:
+                out.append(render(it))
+            except UsageError as e:
+                msg = f"{where(it)}: {e}" if where(it) else str(e)
+                if self.cfg.on_bad_record != "skip":
+                    raise UsageError(f"{msg} (or set data.on_bad_record=skip to drop the records it cannot "
+                                     f"render)") from None
+                skipped.append(msg)
+        return out, skipped
 
 
 def _worker_init(tok: Any, cfg: DataSection) -> None:
@@ -326,7 +346,9 @@ def tokenize(records: Records, tok: Any, cfg: DataSection, chunk: int = CHUNK_RE
     if records.examples and isinstance(records.examples[0], Pair):
         data.group = 2
     data.seconds = time.perf_counter() - t0
-    data.skipped = list(records.skipped)
+    rendered = [m for c in sink.parts for m in c.skipped]
+    data.skipped = (list(records.skipped) + rendered)[:MAX_SKIPPED_KEPT]
+    data.skipped_total = len(records.skipped) + len(rendered)
     data.formats = dict(records.formats)
     return data
 
@@ -377,8 +399,9 @@ def load_or_tokenize(cfg: DataSection, tok: Any, *, build: bool | None = None, l
 
     def write(w: Any) -> dict[str, Any]:
         tokenize_stream(stream, tok, cfg, w, CHUNK_RECORDS, progress)
-        return {"sources": stream.names, "formats": stream.formats, "skipped": stream.skipped,
-                "skipped_total": stream.n_skipped}
+        return {"sources": stream.names, "formats": stream.formats,
+                "skipped": (stream.skipped + w.skipped)[:MAX_SKIPPED_KEPT],
+                "skipped_total": stream.n_skipped + w.n_skipped}
 
     data, meta = cached(cfg, cache_key(stream.fingerprint, tok, cfg), len(tok), stream.source, write, build=build,
                         lock=lock)

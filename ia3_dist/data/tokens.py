@@ -105,3 +105,6 @@ class Chunk:
     dropped: np.ndarray      # int64, record indices within the chunk
     truncated: int
     unlabeled: int
+    skipped: list[str] = field(default_factory=list)
+    """Records the template could not render (data.on_bad_record=skip), each message naming the record; they are
+    not among ``n_records``."""
