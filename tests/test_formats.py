@@ -272,6 +272,13 @@ def test_auto_detection_and_its_error(tmp_path: Path) -> None:
     assert error(t).startswith(f"{t}: missing field: cannot detect the format from the keys found, ['prompt', ")
 
 
+def test_json_lines_named_json_says_so(tmp_path: Path) -> None:
+    f = tmp_path / "d.json"
+    f.write_text("".join(json.dumps(alpaca(c)) + "\n" for c in SINGLE), encoding="utf-8")
+    assert error(f).endswith(f"{f}:2:1: invalid JSON: Extra data (one record per line is JSON Lines: name the file "
+                             f".jsonl)")
+
+
 def test_a_byte_order_mark_opens_any_text_file(tmp_path: Path) -> None:
     """Files saved with a UTF-8 byte-order mark (Windows editors, utf-8-sig exports) read like those without."""
     recs = [alpaca(c) for c in SINGLE]

@@ -193,7 +193,10 @@ def parse_json(text: str, where: str, one_line: bool = False) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         at = f"{e.colno}" if one_line else f"{e.lineno}:{e.colno}"
-        raise UsageError(f"{where}:{at}: invalid JSON: {e.msg}") from None
+        # A second value after a complete first line: one record per line, JSON Lines under another name.
+        lines = " (one record per line is JSON Lines: name the file .jsonl)" \
+            if not one_line and e.msg == "Extra data" and e.colno == 1 and e.lineno == 2 else ""
+        raise UsageError(f"{where}:{at}: invalid JSON: {e.msg}{lines}") from None
     except ValueError as e:  # an integer literal past Python's digit limit
         raise UsageError(f"{where}: invalid JSON: {e}") from None
     except RecursionError:
