@@ -266,7 +266,12 @@ def test_fuzz_template_fields(fields: list[tuple[str, str | None, str]], literal
     plain = all(n in ("instruction", "input") and c is None and not s for n, c, s in fields)
     if plain:
         t = Template(prompt_template=template, strip_prompt=False, response_prefix="")
-        assert t.prompt("I", "N") == template.format(instruction="I", input="N")
+        if any(n == "input" for n, _, _ in fields):
+            assert t.prompt("I", "N") == template.format(instruction="I", input="N")
+        else:  # an input it has no place for is refused, not dropped
+            assert t.prompt("I") == template.format(instruction="I", input="")
+            with pytest.raises(UsageError, match="has no {input} field, and this record has an input"):
+                t.prompt("I", "N")
     else:
         assert "'data.prompt_template'" in _refused(DataSection, prompt_template=template)
 

@@ -125,6 +125,23 @@ def test_a_record_the_template_cannot_render_is_named_or_skipped(chat_tok, tmp_p
     assert mem.ids.tolist() == want.ids.tolist() and mem.skipped_total == 1 and "record 1" in mem.skipped[0]
 
 
+def test_a_prompt_template_without_input_refuses_records_with_one(tiny_tokenizer, tmp_path: Path) -> None:
+    """data.prompt_template without {input}: a record with an input would lose it from its prompt, so it is named
+    (or skipped with data.on_bad_record=skip); records without one tokenize as before."""
+    from ia3_dist.data.tokenize import load_or_tokenize
+
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([{"instruction": "q0", "input": "", "output": "a0"},
+                             {"instruction": "q1", "input": "x", "output": "a1"}]), encoding="utf-8")
+    common = {"path": str(f), "prompt_template": "Q: {instruction}", "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(UsageError, match=rf"^{f}: record 1: data.prompt_template 'Q: {{instruction}}' has no "
+                                         rf"{{input}} field, and this record has an input"):
+        load_or_tokenize(DataSection(**common), tiny_tokenizer)
+    kept = load_or_tokenize(DataSection(**common, on_bad_record="skip"), tiny_tokenizer)
+    assert kept.n_records == 1 and kept.skipped_total == 1
+    assert tiny_tokenizer.decode(kept.ids.tolist()).startswith("Q: q0")
+
+
 def test_named_chat_templates_use_default(chat_tok) -> None:
     """A tokenizer shipping several named templates renders with "default", as transformers does; without one the
     refusal names those it has and the way out (a file)."""

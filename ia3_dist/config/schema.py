@@ -99,6 +99,8 @@ def _check_template(key: str, template: str) -> None:
                       f"or attribute")
 
 
+PROMPT_DEFAULT = "Human: {instruction}\n{input}"
+"""The reference recipe's prompt: ``"\n".join(["Human: " + instruction, input])``."""
 ATTENTIONS = ("auto", "sdpa", "eager", "flex")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
@@ -229,7 +231,7 @@ class DataSection:
     """Split to use for hub datasets and ``DatasetDict`` dirs."""
     max_length: int = 256
     """Truncate ids, attention mask and labels to this many tokens (the reference recipe uses 256)."""
-    prompt_template: str = "Human: {instruction}\n{input}"
+    prompt_template: str = PROMPT_DEFAULT
     """Prompt built from the record's fields (``{instruction}``, ``{input}``)."""
     strip_prompt: bool = True
     """Strip the prompt before the response prefix (the reference recipe does)."""

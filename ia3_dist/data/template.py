@@ -28,12 +28,13 @@ gigabytes stops with a UsageError naming it.
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..config import DataSection
-from ..config.schema import MAX_TEXT, _check_template, show
+from ..config.schema import MAX_TEXT, PROMPT_DEFAULT, _check_template, show
 from ..errors import UsageError
 from .chat_render import RenderLimit, compile_chat, render_chat, special_tokens
 from .records import Conversation, Turn
@@ -151,6 +152,12 @@ class Template:
         if t.results:  # the tools' answers stand where the user's message would
             prompt = results_text(t.results)
         else:
+            if t.input and "input" not in {f[1] for f in string.Formatter().parse(self.prompt_template)}:
+                # Formatted anyway, the input would vanish from the prompt: the model learns answers to questions
+                # it was never shown the rest of.
+                raise UsageError(f"data.prompt_template {show(self.prompt_template)} has no {{input}} field, and "
+                                 f"this record has an input; add {{input}} where it belongs (the default is "
+                                 f"{show(PROMPT_DEFAULT)}), or map no column to input")
             prompt = self.prompt_template.format(instruction=t.instruction, input=t.input)
         if self.strip_prompt:
             prompt = prompt.strip()
