@@ -143,6 +143,9 @@ def test_fp16_keeps_the_layout(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"in fp16 the dynamic loss scale .* Resume on the saved layout \(2 ranks "
                                          r"x micro-batch 1 x 4 accumulation, ZeRO-2\), or train in bf16"):
         check_compatible(_ckpt(tmp_path / "cut", fp16), {**fp16, "world_size": 1, "grad_accum": 8})
+    # As saved now (no portable state in fp16 checkpoints): the same reason, not "an earlier ia3-dist".
+    with pytest.raises(UsageError, match="in fp16 the dynamic loss scale"):
+        check_compatible(_ckpt(tmp_path / "bare", fp16, state=False), {**fp16, "world_size": 1, "grad_accum": 8})
 
 
 def _step(root: Path, step: int) -> Path:

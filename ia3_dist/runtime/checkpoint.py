@@ -231,14 +231,16 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
     if not changed:
         return meta, False
     what = ", ".join(f"{k}={show(meta[k])} (now {show(expected.get(k))})" for k in changed)
-    if not portable.has_state(ckpt):
-        raise UsageError(f"checkpoint {ckpt}: saved with {what}; it has no layout-independent state (written by an "
-                         f"earlier ia3-dist), so it resumes only on its own layout: {layout_of(meta)}")
+    # Before the portable-state check: fp16 checkpoints carry none (save skips it), and not for want of a newer
+    # ia3-dist.
     if "fp16" in (meta.get("precision"), expected.get("precision")):
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; in fp16 the dynamic loss scale lives in DeepSpeed's "
                          f"optimizer state, which the layout-independent checkpoint does not carry (restarted at "
                          f"2^16, the run would skip other steps than the saved run). Resume on the saved layout "
                          f"({layout_of(meta)}), or train in bf16")
+    if not portable.has_state(ckpt):
+        raise UsageError(f"checkpoint {ckpt}: saved with {what}; it has no layout-independent state (written by an "
+                         f"earlier ia3-dist), so it resumes only on its own layout: {layout_of(meta)}")
     if expected.get("offload_optimizer") or meta.get("offload_optimizer"):
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; with ZeRO optimizer offload the optimizer is "
                          f"DeepSpeed's CPU Adam, whose state the layout-independent checkpoint does not fill. Resume "
