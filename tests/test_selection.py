@@ -5,6 +5,7 @@ checkpoint outside the rotation, writes the best vectors as its adapter, and a r
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,23 +144,33 @@ def test_early_stopping_keeps_the_best_and_a_resume_is_a_no_op(tmp_path: Path, d
     again = check(launch([*args, "train.resume=auto"], nproc=2))
     assert "ended by early stopping" in again.stdout and "nothing to do" in again.stdout, again.stdout[-2000:]
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == before
+    # Killed between its last checkpoint and its adapter: the resume trains nothing and writes that adapter.
+    shutil.rmtree(out / "adapter")
+    again = check(launch([*args, "train.resume=auto"], nproc=2))
+    assert "its adapter was not written after it: writing it" in again.stdout, again.stdout[-2000:]
+    assert f"step {stop} is the run's last: nothing to train" in again.stdout, again.stdout[-2000:]
+    rewritten = adapter_tensors(out / "adapter")
+    assert rewritten.keys() == ad.keys() and all(torch.equal(rewritten[k], ad[k]) for k in ad)
+    assert metrics(out) == lines
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")} == \
+        {p: v for p, v in before.items() if root in p.parents}
 
-    # The same run in chunks of 4 steps (train.stop_after_steps, as a time-limited job array would run it): every
-    # chunk ends on the evaluation grid, where the next chunk starts past that evaluation, so the chunk that ran it
+    # The same run in chunks (train.stop_after_steps, as a time-limited job array would run it) of 3, 3, then 4
+    # steps: the first ends off the evaluation grid (step 3: nothing is evaluated there, as in the uninterrupted
+    # run), the others on it (6, 10, ...), where the next chunk starts past that evaluation, so the chunk that ran it
     # follows it; the best vectors travel in the checkpoints (the best step's own checkpoint may be gone). Same
     # evaluations, same stop, same best, the same adapter.
     chunked = tmp_path / "chunked"
-    cargs = [*[a for a in args if not a.startswith("output.dir=")], f"output.dir={chunked}", "train.resume=auto",
-             "train.stop_after_steps=4"]
-    for _ in range(stop // 4 + 2):
-        last = launch(cargs, nproc=2)
+    cargs = [*[a for a in args if not a.startswith("output.dir=")], f"output.dir={chunked}", "train.resume=auto"]
+    for i in range(stop // 4 + 3):
+        last = launch([*cargs, f"train.stop_after_steps={3 if i < 2 else 4}"], nproc=2)
         if "nothing to do" in last.stdout:
             break
         check(last)
     else:
         raise AssertionError(f"the chunked run did not end: {last.stdout[-3000:]}")
     got = [(r["step"], r["eval_loss"]) for r in metrics(chunked) if "eval_loss" in r]
-    assert [s for s, _ in got] == [s for s, _ in evals[:len(got)]] and got[-1][0] == stop, (got, evals)
+    assert [s for s, _ in got] == [s for s, _ in evals] and got[-1][0] == stop, (got, evals)
     for (_, a), (_, b) in zip(got, evals, strict=False):
         assert a == pytest.approx(b, rel=1e-5)
     assert (chunked / "checkpoints" / "best").read_text() == f"step{best_step}"
@@ -168,3 +179,26 @@ def test_early_stopping_keeps_the_best_and_a_resume_is_a_no_op(tmp_path: Path, d
     assert set(ad2) == set(ad)
     for k in ad:
         torch.testing.assert_close(ad2[k].float(), ad[k].float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_evaluates_nothing_again(tmp_path: Path, demo_model: Path) -> None:
+    """A run that reached its last step without stopping early, resumed (a requeue after it ended): its last
+    evaluation is not run, logged or counted again. Here it would have been the one evaluation too many:
+    min_delta 100 makes every evaluation after the first one without improvement, the run ends at step 6 with 2
+    of its patience of 3, and a third would stop it early and write the step-2 vectors as its adapter."""
+    out = tmp_path / "run"
+    args = ["--config", str(TINY), f"model.path={demo_model}", "train.max_steps=6", *HELD_OUT,
+            "train.early_stopping.metric=eval_loss", "train.early_stopping.patience=3",
+            "train.early_stopping.min_delta=100", f"output.dir={out}"]
+    first = check(launch(args))
+    assert "early stopping" not in first.stdout
+    lines = metrics(out)
+    assert [r["step"] for r in lines if "eval_loss" in r] == [2, 4, 6], lines
+    ad = adapter_tensors(out / "adapter")
+    again = check(launch([*args, "train.resume=auto"]))
+    assert "step 6 is the run's last: nothing to train" in again.stdout, again.stdout[-2000:]
+    assert "early stopping" not in again.stdout and "stopped early" not in again.stdout, again.stdout[-2000:]
+    assert metrics(out) == lines
+    rewritten = adapter_tensors(out / "adapter")
+    assert rewritten.keys() == ad.keys() and all(torch.equal(rewritten[k], ad[k]) for k in ad)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from ..config.schema import show
 from ..errors import CheckpointWriteError, UsageError
@@ -414,12 +415,17 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
             for name, extra in (tensors or {}).items():
                 if extra:
                     save_file({k: v.contiguous() for k, v in extra.items()}, str(root / tag / name))
-            pointers = ((LATEST, tag), (BEST, tag)) if best else ((LATEST, tag),)
-            for name, text in ((tag + "/" + META, json.dumps({**meta, "step": step}, indent=1)), *pointers):
-                tmp = root / f"{name}.tmp"
-                tmp.write_text(text)
-                os.replace(tmp, root / name)
-        except OSError as e:
+            tmp = root / tag / f"{META}.tmp"
+            tmp.write_text(json.dumps({**meta, "step": step}, indent=1))
+            os.replace(tmp, root / tag / META)
+            # Both pointers' files before either moves: a full disk fails the save with neither moved (after one
+            # had, the save would report a failure while `latest` named the new checkpoint).
+            pointers = (LATEST, BEST) if best else (LATEST,)
+            for name in pointers:
+                (root / f"{name}.tmp").write_text(tag)
+            for name in pointers:
+                os.replace(root / f"{name}.tmp", root / name)
+        except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
             error = e
     failed = _agree_failed(error is not None, engine.device)
     if failed:

@@ -211,9 +211,12 @@ class Trainer:
             self.selection.restore(ckpt.read_meta(p.resume_from), str(p.resume_from / ckpt.META))
             self._restore_best()
         self.end = p.total_steps if not t.stop_after_steps else min(p.total_steps, self.start + t.stop_after_steps)
+        if self.selection.stopped_early:  # the stopped run's last checkpoint, resumed to write its adapter
+            self.end = self.start
         self.saved = self.start
-        self.saved_stopped = False
-        """Whether the checkpoint of step :attr:`saved` (written by this invocation) records the early stop."""
+        self.saved_stopped = bool(self.selection.stopped_early)
+        """Whether the checkpoint of step :attr:`saved` records the early stop (written by this invocation, or the
+        stopped run's last one, resumed to write its adapter)."""
         self.metrics_path = p.out / "metrics.jsonl"
         if p.env.is_main:
             if self.start:
@@ -436,6 +439,15 @@ class Trainer:
         # Process start to the first step: loading, partitioning, engine set-up (and on resume the checkpoint).
         self.startup_s = time.time() - process_start_time()
         dist.print0(p.env, f"startup: {self.startup_s:.1f} s from process start to the first step")
+        if self.start == self.end:
+            # The run's last checkpoint (a requeue after the run ended, or an adapter its run did not get to
+            # write): its run evaluated and followed this step before saving it; again would log it twice and count
+            # it twice towards train.early_stopping.patience.
+            dist.print0(p.env, f"step {self.start} is the run's last: nothing to train; writing its adapter")
+            self.log.close()
+            if self.examples is not None:
+                self.examples.close()
+            return None
         try:
             for step, epoch, step_mbs in iter_steps(p.data.lengths, p.layout, self.end, self.start):
                 # Armed from the second step on: the first one of an invocation may compile and warm up.
@@ -468,16 +480,19 @@ class Trainer:
             self.flush()
             if p.eval_data is None and p.bench is None:
                 return None
+            last = self.end == p.total_steps
             heldout_due, bench_due = self.due(self.end)
-            parts = self.evaluate(self.end, True, p.bench is not None)
+            if not (last or heldout_due or bench_due):
+                # A chunk (train.stop_after_steps) ending off the evaluation grid: the uninterrupted run evaluates
+                # nothing here, so neither does the chunk (its metrics stay the uninterrupted run's).
+                return None
+            # The run's end evaluates everything it has; a chunk ending on the grid what is due there.
+            parts = self.evaluate(self.end, last or heldout_due, (last and p.bench is not None) or bench_due)
             if self.selection.active:
-                if self.end == p.total_steps:
-                    self.follow(self.end, {**parts[0], **parts[1]})  # the last evaluation counts (a best is kept)
-                elif heldout_due or bench_due:
-                    # A chunk (train.stop_after_steps) ending on the evaluation grid: what the uninterrupted run
-                    # evaluated here is followed here, or no invocation would (the next one starts past it).
-                    # (Stopping here, finish() saves this step with the reason, as the whole run would.)
-                    self.follow(self.end, {**(parts[0] if heldout_due else {}), **(parts[1] if bench_due else {})})
+                # The last evaluation counts (a best is kept); a chunk ending on the grid follows its evaluation
+                # here, or no invocation would (the next one starts past it). Stopping here, finish() saves this
+                # step with the reason, as the whole run would.
+                self.follow(self.end, {**parts[0], **parts[1]})
             return {**parts[0], **parts[1]}
         finally:
             self.log.close()

@@ -19,7 +19,7 @@ from ..data.tokenize import TokenizedData, load_or_tokenize
 from ..errors import RunFinished
 from ..models.families import family_of, support_case
 from ..models.files import check_model_dir, check_vocab
-from ..models.ia3 import apply_ia3, load_init_adapter, paper_targets
+from ..models.ia3 import ADAPTER_FILE, apply_ia3, load_init_adapter, paper_targets
 from ..models.load import base_on_meta, hidden_size_of, load_model_config, load_tokenizer
 from ..models.zero3_load import check_checkpoint
 from ..runtime import checkpoint as ckpt
@@ -187,6 +187,16 @@ def pack_length_for(cfg: RunConfig, model_config: Any, data: TokenizedData, layo
     return int(cfg.data.pack_length)
 
 
+def _adapter_written_after(adapter: Path, meta: Path) -> bool:
+    """Whether the run wrote ``adapter`` after the checkpoint whose meta.json is ``meta`` (the run writes its adapter
+    after its last checkpoint; a kill in between leaves none, or an earlier chunk's). Both were written by the same
+    process, so their times are one clock's."""
+    try:
+        return (adapter / ADAPTER_FILE).stat().st_mtime_ns >= meta.stat().st_mtime_ns
+    except OSError:
+        return False
+
+
 def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     """Model files, tokenizer, tokenized data (file-locked cache), the resolved DeepSpeed config, the output-dir
     guard and the resume point. Raises :class:`UsageError` on bad input; nothing here waits on another rank."""
@@ -245,7 +255,11 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     resume_best = None
     if resume_from is not None:
         why = stopped_early(ckpt.read_meta(resume_from))
-        if why:
+        if why and not _adapter_written_after(out / "adapter", resume_from / ckpt.META):
+            # Killed between its last checkpoint and its adapter: this resume trains nothing and writes it.
+            dist.print0(env, f"{resume_from} is the last checkpoint of a run that ended by early stopping, and its "
+                             f"adapter was not written after it: writing it")
+        elif why:
             # Before anything is written or any rank waits: the run dir stays as the finished run left it.
             raise RunFinished(f"{resume_from} is the last checkpoint of a run that ended by early stopping ({why}); "
                               f"nothing to do: its adapter is in {out / 'adapter'}. To train on, start a new run "

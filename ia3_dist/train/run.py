@@ -35,6 +35,9 @@ def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None =
         best = trainer.best_state
         dist.print0(p.env, f"adapter: the vectors of step {stopper.best_step}, the best {stopper.metric} "
                            f"({stopper.best:.6g}; train.early_stopping.final=best)")
+    elif trainer.selection.stopped_early and p.cfg.train.early_stopping.final == "best" and stopper.best is None:
+        dist.print0(p.env, f"adapter: the vectors of the last step ({trainer.end}): no evaluation of "
+                           f"{stopper.metric} was finite")
     elif trainer.selection.stopped_early and p.cfg.train.early_stopping.final == "best" \
             and stopper.best_step != trainer.end:
         dist.print0(p.env, f"adapter: the vectors of the last step ({trainer.end}), not those of step "

@@ -94,6 +94,8 @@ class Selection:
             self.stopper.restore(saved.get("early_stopping"), where)
         if self.keeper is not None:
             self.keeper.restore(saved.get("keep_best"), where)
+        # The run's last checkpoint, resumed only to write an adapter its run did not get to write (see prepare).
+        self.stopped_early = stopped_early(meta)
 
     def meta(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -118,9 +120,12 @@ class Selection:
             best = s.update(step, float(res[s.metric]))
             if s.bad >= self.patience:
                 stop = True
+                # Non-finite evaluations count as no improvement, so a run may stop before any finite one.
+                best_so_far = f"best {s.best:.6g} at step {s.best_step}" if s.best is not None else \
+                    "no finite value yet"
                 self.stopped_early = (f"{s.metric} has not improved by more than {s.min_delta:g} "
                                       f"for {s.bad} evaluation(s) (train.early_stopping.patience={self.patience}); "
-                                      f"best {s.best:.6g} at step {s.best_step}, stopped at step {step}")
+                                      f"{best_so_far}, stopped at step {step}")
         return keep, best, stop
 
 
