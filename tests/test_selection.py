@@ -67,6 +67,12 @@ def test_selection_stops_after_patience_and_round_trips_through_meta() -> None:
     with pytest.raises(UsageError, match="not an object"):
         Selection.of(_cfg("train.early_stopping.metric=eval_loss")).restore({"selection": [1]}, "meta.json")
     assert not Selection.of(_cfg()).active
+    # A restored stopped run says so (its resume only writes the adapter); non-finite evaluations before any finite
+    # one count against patience and the reason says no value was finite.
+    assert again.stopped_early == sel.stopped_early
+    nan = Selection.of(_cfg("train.early_stopping.metric=eval_loss", "train.early_stopping.patience=1"))
+    assert nan.after_eval(2, {"eval_loss": math.inf}) == (False, False, True)
+    assert "no finite value yet, stopped at step 2" in nan.stopped_early
 
 
 @pytest.mark.parametrize("overrides, key, says", [
