@@ -4,6 +4,7 @@ half-written, and a rank's memory does not grow with the dataset."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -276,11 +277,30 @@ def _stalls_on_marked_chunk(convs):
     return tk._WORKER["run"](convs)
 
 
-@pytest.mark.parametrize("task,word", [(_dies_on_marked_chunk, "died"), (_stalls_on_marked_chunk, "stalled")])
+class _Slowly(list):
+    """Records read with a pause before record ``at``: reading a real file takes the main process time, during
+    which a worker's death is noticed at the next submit, not at a result."""
+
+    def __init__(self, items, at: int) -> None:
+        super().__init__(items)
+        self.at = at
+
+    def __iter__(self):
+        for i, c in enumerate(super().__iter__()):
+            if i == self.at:
+                time.sleep(1)
+            yield c
+
+
+@pytest.mark.parametrize("task,word,pause", [(_dies_on_marked_chunk, "died", None),
+                                             (_dies_on_marked_chunk, "died", 40),
+                                             (_stalls_on_marked_chunk, "stalled", None)],
+                         ids=["died", "died-before-a-submit", "stalled"])
 def test_a_lost_tokenizer_worker_does_not_hang_the_job(tmp_path: Path, tiny_tokenizer, monkeypatch, capsys,
-                                                       task, word) -> None:
+                                                       task, word, pause) -> None:
     """A forked worker that dies (or hangs on a lock inherited at the fork) once left ``Pool`` waiting for ever on
-    its task: now the rest is tokenized in this process, with a warning, and the tokens are unchanged."""
+    its task: now the rest is tokenized in this process, with a warning, and the tokens are unchanged (also when
+    the death is noticed at a submit: that chunk was once lost)."""
     recs = make_records(60, seed=11, style=None)
     recs[20]["instruction"] = "DIE"  # the first record of the third chunk of 10
     f = tmp_path / "d.jsonl"
@@ -291,7 +311,10 @@ def test_a_lost_tokenizer_worker_does_not_hang_the_job(tmp_path: Path, tiny_toke
     monkeypatch.setattr(tk, "_WORKER_STALL_S", 5.0)
     two = DataSection(path=str(f), num_proc=2)
     t0 = time.monotonic()
-    got = tk.tokenize(load_records(two), tiny_tokenizer, two, chunk=10)
+    records = load_records(two)
+    if pause is not None:
+        records = dataclasses.replace(records, examples=_Slowly(records.examples, pause))
+    got = tk.tokenize(records, tiny_tokenizer, two, chunk=10)
     assert time.monotonic() - t0 < 60
     assert f"a tokenizer worker {word}" in capsys.readouterr().err
     assert np.array_equal(got.ids, ref.ids) and np.array_equal(got.label_mask, ref.label_mask)

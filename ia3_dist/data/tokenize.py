@@ -278,7 +278,9 @@ def _pooled(parts: Iterator[list[Conversation]], tok: Any, cfg: DataSection, pro
     failed = None
     try:
         for part in parts:
-            pending.append((part, pool.submit(_worker_task, part)))
+            # Queued before submit: a pool already broken raises there, and this part is then redone here too.
+            pending.append((part, None))
+            pending[-1] = (part, pool.submit(_worker_task, part))
             while len(pending) >= 2 * procs:
                 yield pending[0][1].result(timeout=_WORKER_STALL_S)
                 pending.popleft()
