@@ -94,6 +94,16 @@ def test_dropped_records_are_counted_and_logged(tmp_path: Path, tiny_tokenizer) 
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs), encoding="utf-8")
     data = load_or_tokenize(DataSection(path=str(f), cache_dir=str(tmp_path)), tiny_tokenizer)
     assert data.dropped.tolist() == [0] and len(data) == 5
+    # Held-out data split off: the preflight's report still tells what was read, dropped and truncated.
+    from ia3_dist.config import RunConfig
+    from ia3_dist.data.report import data_lines
+    from ia3_dist.data.sampler import split_eval
+
+    train, held = split_eval(data, 0.2, 0)
+    assert len(train) == 4 and len(held) == 1
+    report = "\n".join(data_lines(train, RunConfig(data=DataSection(path=str(f)))))
+    assert "data: 6 records read" in report and "4 examples; 1 dropped" in report and "records [0]" in report, \
+        report
 
 
 def test_save_to_disk_dir_matches_json(tmp_path: Path, tiny_tokenizer) -> None:

@@ -235,10 +235,8 @@ def load_or_mix(cfg: DataSection, tok: Any, seed: int, eval_ratio: float, *, bui
     data.group = 2 if pairs else 1
     stats = cache_sources(meta, sources)
     mix = _draws(cfg, data, stats, key, seed, eval_ratio)
-    train = data.subset(mix.order)
     # The report describes everything read (records, drops, truncation), not the draws alone.
-    for name in ("n_records", "dropped", "truncated", "unlabeled", "seconds", "skipped", "skipped_total", "formats"):
-        setattr(train, name, getattr(data, name))
+    train = data.subset(mix.order).with_report_of(data)
     train.mix = mix
     held = None
     if eval_ratio:

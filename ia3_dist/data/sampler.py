@@ -31,7 +31,8 @@ def split_eval(data: TokenizedData, ratio: float, seed: int) -> tuple[TokenizedD
     if held is None:
         raise UsageError(f"data.eval_ratio={ratio} leaves no training examples out of {len(data)}")
     keep = np.setdiff1d(np.arange(len(data)), held)
-    return data.subset(keep), data.subset(held)
+    # The training part reports everything read (records, drops, truncation), not only what it kept.
+    return data.subset(keep).with_report_of(data), data.subset(held)
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:

@@ -83,6 +83,14 @@ class TokenizedData:
                              dropped=self.dropped[:0], truncated=0, cache_file=self.cache_file,
                              label_counts=self._label_counts(), rows=rows, group=self.group)
 
+    def with_report_of(self, whole: TokenizedData) -> TokenizedData:
+        """This subset (training examples split off or drawn from ``whole``), reporting everything ``whole`` read:
+        records, drops, truncation, skips, formats, time."""
+        for name in ("n_records", "dropped", "truncated", "unlabeled", "seconds", "skipped", "skipped_total",
+                     "formats"):
+            setattr(self, name, getattr(whole, name))
+        return self
+
     def example(self, i: int) -> tuple[list[int], list[int], list[int]]:
         """``(input_ids, attention_mask, labels)`` of sequence ``i`` (an example, or one side of a pair) exactly as
         the reference recipe returns them."""
