@@ -59,6 +59,13 @@ def test_renamed_columns(tmp_path: Path) -> None:
     cfg = DataSection(path=str(_write(tmp_path, [rec])), columns={"prompt": "q", "chosen": "good",
                                                                   "rejected": "bad"})
     assert load_records(cfg, pairs=True).examples[0].rejected.turns[0].output == "不知道。"
+    # A column mapped explicitly decides the format: role/content messages stored under `conversations` are
+    # messages, not the sharegpt the detection order alone would take them for (as for SFT records).
+    rec = {"conversations": [{"role": "user", "content": "什么是猫？"}], "chosen": "猫是动物。", "rejected": "不知道。"}
+    cfg = DataSection(path=str(_write(tmp_path, [rec], "conv.jsonl")), columns={"messages": "conversations"})
+    recs = load_records(cfg, pairs=True)
+    assert recs.examples[0].chosen.turns[0].instruction == "什么是猫？"
+    assert recs.formats[str(tmp_path / "conv.jsonl")] == "messages"
 
 
 @pytest.mark.parametrize("rec, message", [

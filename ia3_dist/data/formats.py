@@ -110,11 +110,16 @@ def _keys(keys: Iterable[Any]) -> str:
 
 
 def detect(keys: Iterable[str], cols: Columns) -> str | None:
-    """The format whose identifying column (after renaming) is among ``keys``, or None. A column data.columns maps
-    explicitly decides first: ``data.columns.messages=conversations`` reads role/content messages stored under
-    ``conversations``, which the detection order alone would take for sharegpt."""
-    keys = set(keys)
-    for fmt, ours in (*[d for d in DETECT if d[1] in cols.mapping], *DETECT):
+    """The format whose identifying column (after renaming) is among ``keys``, or None."""
+    return detect_in(DETECT, keys, cols)
+
+
+def detect_in(table: Iterable[tuple[str, str]], keys: Iterable[str], cols: Columns) -> str | None:
+    """The first ``(format, identifying column)`` of ``table`` whose column (after renaming) is among ``keys``. A
+    column data.columns maps explicitly decides first: ``data.columns.messages=conversations`` reads role/content
+    messages stored under ``conversations``, which the detection order alone would take for sharegpt."""
+    keys, table = set(keys), list(table)
+    for fmt, ours in (*[d for d in table if d[1] in cols.mapping], *table):
         if cols.name(ours) in keys:
             return fmt
     return None

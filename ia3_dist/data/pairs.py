@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
-from .formats import ALPACA, MESSAGES, SHAREGPT, Columns, Conversation, _alpaca, _chat, _keys, _text
+from .formats import ALPACA, MESSAGES, SHAREGPT, Columns, Conversation, _alpaca, _chat, _keys, _text, detect_in
 
 PROMPT = "prompt"
 PAIR_FORMATS = (PROMPT, ALPACA, SHAREGPT, MESSAGES)
@@ -42,11 +42,7 @@ class Pair:
 
 
 def detect_pair(keys: Iterable[str], cols: Columns) -> str | None:
-    keys = set(keys)
-    for fmt, ours in PAIR_DETECT:
-        if cols.name(ours) in keys:
-            return fmt
-    return None
+    return detect_in(PAIR_DETECT, keys, cols)
 
 
 def pair_requirement(fmt: str, cols: Columns) -> str:
