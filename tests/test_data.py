@@ -158,6 +158,28 @@ def test_cache_invalidated_by_tokenizer_change(tmp_path: Path, tiny_tokenizer) -
     assert load_or_tokenize(cfg, tok2).cache_file != a.cache_file
 
 
+def test_split_special_tokens_is_refused_for_training_and_keyed(tmp_path: Path, tiny_model: Path) -> None:
+    """A tokenizer that splits special-token text would split the eos every training example ends with: training
+    refuses it naming the setting. The ids and the cache key still follow the setting (the fast encoder once lost
+    it in a copy of the backend)."""
+    from transformers import AutoTokenizer
+
+    from ia3_dist.config.schema import ModelSection
+    from ia3_dist.data.tokenize import _encoder, tokenizer_fingerprint
+    from ia3_dist.errors import UsageError
+    from ia3_dist.models.load import load_tokenizer
+
+    plain, split = (AutoTokenizer.from_pretrained(str(tiny_model), split_special_tokens=flag)
+                   for flag in (False, True))
+    texts = ["hi" + plain.eos_token + "ok", "ok"]
+    assert _encoder(split)(texts) == split(texts).input_ids != plain(texts).input_ids
+    assert tokenizer_fingerprint(split) != tokenizer_fingerprint(plain)
+    d = tmp_path / "tok"
+    split.save_pretrained(str(d))
+    with pytest.raises(UsageError, match="split_special_tokens is true in its tokenizer_config.json"):
+        load_tokenizer(ModelSection(), str(d))
+
+
 def _lengths(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(8, 257, size=n)
 

@@ -46,7 +46,14 @@ def tokenizer_fingerprint(tok: Any) -> str:
     backend = getattr(tok, "backend_tokenizer", None)
     h.update(backend.to_str().encode() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
              .encode())
-    h.update(repr((tok.eos_token, tok.pad_token, type(tok).__name__)).encode())
+    # What the backend's serialisation leaves out but changes the ids: the special tokens the templates render
+    # as text, and whether special-token text is split.
+    h.update(repr((tok.eos_token, tok.pad_token, tok.bos_token, type(tok).__name__,
+                   getattr(tok, "split_special_tokens", False))).encode())
+    if backend is None:
+        # A slow tokenizer's settings (add_bos_token, legacy, ...), less the paths it was read from.
+        h.update(json.dumps({k: v for k, v in getattr(tok, "init_kwargs", {}).items()
+                             if not k.endswith("_file") and k != "name_or_path"}, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -143,6 +150,7 @@ def _encoder(tok: Any, add_special_tokens: bool = True) -> Any:
     if backend is None:
         return lambda texts: tok(texts, add_special_tokens=add_special_tokens).input_ids
     bt = copy.deepcopy(backend)
+    bt.encode_special_tokens = backend.encode_special_tokens  # a runtime setting: a copy starts without it
     bt.no_truncation()
     bt.no_padding()
     return lambda texts: [e.ids for e in bt.encode_batch(texts, add_special_tokens=add_special_tokens)]

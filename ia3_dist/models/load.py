@@ -50,6 +50,12 @@ def load_tokenizer(cfg: ModelSection, model_path: str) -> Any:
         raise UsageError(f"tokenizer {src}: cannot load it ({type(e).__name__}: {e})") from None
     if tok.eos_token is None:
         raise UsageError(f"tokenizer {src} has no eos token; add one to its special_tokens_map.json")
+    if getattr(tok, "split_special_tokens", False):
+        # The templates write special tokens as text (the recipe's output + eos, a chat template's turn markers):
+        # split, the model would learn the characters of "</s>" instead of ending its answers.
+        raise UsageError(f"tokenizer {src}: split_special_tokens is true in its tokenizer_config.json, so the eos "
+                         f"token the training examples end with ({tok.eos_token!r}) would be split into plain text; "
+                         f"set it to false there for training")
     if tok.pad_token is None:
         # DataCollatorForSeq2Seq needs a pad id; the padded positions are masked so eos is a safe stand-in.
         tok.pad_token = tok.eos_token
