@@ -93,6 +93,43 @@ def test_chat_template_labels_are_the_answers(chat_tok, tmp_path: Path, source: 
         assert text.startswith("<|im_start|>system\n" if conv.system else "<|im_start|>user\n")
 
 
+# Mistral v0.1's chat template (its shape): answers follow "[/INST]" directly and end with the eos.
+MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+           "' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def _sentencepiece_style_tokenizer():
+    """A tiny BPE with a Metaspace pre-tokenizer (Llama 2 and Mistral's kind): every separate encoding starts with
+    a word-start marker."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    bpe.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    corpus = ["[INST] hello there [/INST] fine thanks", "[INST] how are you [/INST] good, and you"] * 50
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = MISTRAL
+    return tok
+
+
+@pytest.mark.parametrize("train_on", ["all", "last"])
+def test_chat_template_tokens_are_apply_chat_templates(train_on: str) -> None:
+    """A chat template's conversation is trained on the tokens ``apply_chat_template`` gives it (and inference
+    feeds), labelled on the answers: encoded in pieces, a SentencePiece-style tokenizer put a word-start marker
+    at the start of every answer that the whole text does not have."""
+    tok = _sentencepiece_style_tokenizer()
+    convs = [Conversation([Turn("hello there", "", "fine thanks"), Turn("how are you", "", "good, and you")])]
+    data = tokenize(_records(convs), tok, DataSection(path="x", template="chat_template", train_on=train_on))
+    msgs = [{"role": r, "content": c} for t in convs[0].turns for r, c in (("user", t.instruction),
+                                                                           ("assistant", t.output))]
+    want = tok.apply_chat_template(msgs, tokenize=True, return_dict=False)
+    assert data.ids[data.offsets[0]:data.offsets[1]].tolist() == want
+    answers = ["fine thanks</s>", "good, and you</s>"]
+    assert _label_spans(data, 0, tok) == (answers if train_on == "all" else answers[-1:])
+
+
 def test_a_record_the_template_cannot_render_is_named_or_skipped(chat_tok, tmp_path: Path) -> None:
     """A template that raises on what one record holds (here: a system prompt, as several models' templates do)
     names that record by file and position; with data.on_bad_record=skip it is left out and reported with the

@@ -36,7 +36,7 @@ from .template import Template
 from .tokens import IGNORE_INDEX, Chunk, TokenizedData  # noqa: F401 - IGNORE_INDEX re-exported
 
 # Bump when the cached format or the preprocessing changes meaning.
-CACHE_VERSION = 4
+CACHE_VERSION = 5  # 5: a chat template's conversation encoded whole
 # Records per chunk: a worker's unit of work, and what bounds the memory of tokenizing.
 CHUNK_RECORDS = 2000
 
@@ -156,23 +156,65 @@ def _encoder(tok: Any, add_special_tokens: bool = True) -> Any:
     return lambda texts: [e.ids for e in bt.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
 
+def _whole_encoder(tok: Any) -> Callable[[list[str]], list[tuple[list[int], list[tuple[int, int]]]]] | None:
+    """``texts -> [(ids, character offsets)]`` of each whole text, without added special tokens (as
+    ``apply_chat_template(tokenize=True)`` encodes); None for a tokenizer without a Rust backend."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    bt = copy.deepcopy(backend)
+    bt.encode_special_tokens = backend.encode_special_tokens
+    bt.no_truncation()
+    bt.no_padding()
+    return lambda texts: [(e.ids, e.offsets) for e in bt.encode_batch(texts, add_special_tokens=False)]
+
+
+def _labelled_runs(text_segs: list[tuple[str, bool]], ids: list[int], offsets: list[tuple[int, int]]
+                   ) -> list[tuple[list[int], bool]]:
+    """The whole text's tokens cut into runs of the same label: a token is labelled when any of its characters is
+    in a labelled segment (as transformers' assistant-token masks are made: a token merged across the end of a
+    prompt and the start of an answer is the answer's)."""
+    ends = np.cumsum([len(t) for t, _ in text_segs])
+    labelled = np.concatenate([[0], np.cumsum([lab for _, lab in text_segs])])
+    last = len(text_segs) - 1
+    first_seg = np.minimum(np.searchsorted(ends, [a for a, _ in offsets], side="right"), last)
+    last_seg = np.minimum(np.searchsorted(ends, [max(b - 1, a) for a, b in offsets], side="right"), last)
+    labels = (labelled[last_seg + 1] - labelled[first_seg]) > 0
+    runs: list[tuple[list[int], bool]] = []
+    for t, lab in zip(ids, labels.tolist(), strict=True):
+        if runs and runs[-1][1] == lab:
+            runs[-1][0].append(t)
+        else:
+            runs.append(([t], lab))
+    return runs
+
+
 class _ChunkTokenizer:
-    """Conversations -> :class:`Chunk`: every conversation rendered to labelled segments by the template, each
-    distinct segment text of the chunk encoded once (datasets repeat instructions, empty inputs and system
-    prompts), then concatenated, truncated and masked per example."""
+    """Conversations -> :class:`Chunk`: every conversation rendered to labelled segments by the template, then
+    encoded, truncated and masked per example. ``human_assistant`` encodes each segment on its own, as the reference
+    recipe does (``tok(prompt) + tok(output + eos)``), each distinct segment text of the chunk once (datasets
+    repeat instructions, empty inputs and system prompts). A chat template's conversation is encoded whole and
+    labelled by character offsets, as ``apply_chat_template`` encodes it for inference: a SentencePiece-style
+    tokenizer (Llama 2, Mistral) starts every separate encoding with a word-start marker the whole text has not."""
 
     def __init__(self, tok: Any, cfg: DataSection) -> None:
         self.tok, self.cfg = tok, cfg
         self.template = Template.of(cfg, tok)
         self.encode = _encoder(tok, self.template.add_special_tokens)
+        self.encode_whole = None if self.template.add_special_tokens else _whole_encoder(tok)
 
     def __call__(self, convs: list[Conversation] | list[Pair]) -> Chunk:
         if convs and isinstance(convs[0], Pair):
             return self.pairs(convs)
         rendered, skipped = self._each(convs, lambda c: self.template.segments(c, self.tok, self.cfg.train_on))
-        uniq = list(dict.fromkeys(text for segs in rendered for text, _ in segs))
-        ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
-        c = _pack([[(ids_of[text], is_label) for text, is_label in segs] for segs in rendered], self.cfg)
+        if self.encode_whole is not None:
+            whole = self.encode_whole(["".join(text for text, _ in segs) for segs in rendered])
+            examples = [_labelled_runs(segs, ids, offs) for segs, (ids, offs) in zip(rendered, whole, strict=True)]
+        else:
+            uniq = list(dict.fromkeys(text for segs in rendered for text, _ in segs))
+            ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
+            examples = [[(ids_of[text], is_label) for text, is_label in segs] for segs in rendered]
+        c = _pack(examples, self.cfg)
         c.skipped = skipped
         return c
 
