@@ -280,8 +280,8 @@ def main(argv: list[str], prog: str) -> int:
     ap.add_argument("path", metavar="RUN_OR_ADAPTER", help="a run dir (output.dir) or an adapter dir")
     ap.add_argument("--tasks", default="", help="comma-separated lm-eval task names (registry or --include)")
     ap.add_argument("--include", type=Path, help="a dir of local task YAML files (data files local)")
-    ap.add_argument("--checkpoints", default="all", help="all | latest | best (lowest held-out loss) | a comma list "
-                    "of names such as step10,final")
+    ap.add_argument("--checkpoints", default="all", help="all | latest | best (the checkpoint checkpoints/best names; "
+                    "without one, the lowest held-out loss logged) | a comma list of names such as step10,final")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--limit", type=int, help="at most this many documents per task")
     ap.add_argument("--base", help="the base model (default: the adapter's base_model_name_or_path)")

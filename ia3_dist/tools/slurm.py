@@ -599,9 +599,9 @@ def main(argv: list[str], prog: str) -> int:
     ap.add_argument("--force", action="store_true", help="overwrite the --out file (and with --eval the files "
                     "beside it) if it exists")
     ev = ap.add_argument_group("evaluation job (--eval): `ia3-dist eval` on one node once training completed")
-    ev.add_argument("--eval", action="store_true", help="also write <out>.eval.sbatch, an evaluation job that "
-                    "Slurm starts after the training job completes with exit 0 (afterok), and <out>.submit.sh, "
-                    "which submits both")
+    ev.add_argument("--eval", action="store_true", help="also write <name>.eval.sbatch beside the --out file "
+                    "<name>.sbatch, an evaluation job that Slurm starts after the training job completes with exit 0 "
+                    "(afterok), and <name>.submit.sh, which submits both")
     ev.add_argument("--eval-tasks", help="comma-separated lm-eval tasks, as `ia3-dist eval --tasks` (default: "
                     "none, the held-out loss per checkpoint only)")
     ev.add_argument("--eval-include", help="a dir of local lm-eval task YAML files, as `ia3-dist eval --include`")
