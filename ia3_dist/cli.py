@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -159,23 +160,40 @@ def cmd_generate(argv: list[str], prog: str) -> int:
         raise UsageError("no prompts (give them as arguments, with --file, or on stdin)")
     if a.out and (Path(a.out).is_dir() or not Path(a.out).parent.is_dir()):
         raise UsageError(f"--out {a.out}: not a file in an existing directory")
-    model, tok, template, _ = load_for_inference(a.adapter, a.base, a.dtype)
-    responses = generate(model, tok, template, reqs, opts)
+    tmp = None
+    if a.out:
+        # Made before the model loads (a directory it cannot write to is found now, not after hours of
+        # generation), renamed over --out at the end (a link there is replaced, never followed).
+        import tempfile
+
+        try:
+            fd, tmp = tempfile.mkstemp(dir=Path(a.out).parent, prefix=f".{Path(a.out).name}.", suffix=".tmp")
+        except OSError as e:
+            raise UsageError(f"--out {a.out}: cannot write there ({e.strerror or e})") from None
+        os.close(fd)
     try:
-        out = open(a.out, "w", encoding="utf-8") if a.out else sys.stdout  # noqa: SIM115 - closed below
-    except OSError as e:
-        raise UsageError(f"--out {a.out}: cannot write it ({e.strerror or e})") from None
-    try:
+        model, tok, template, _ = load_for_inference(a.adapter, a.base, a.dtype)
+        responses = generate(model, tok, template, reqs, opts)
+        rows = []
         for (_, line), req, r in zip(lines, reqs, responses, strict=True):
             echo = json.loads(line) if line.strip().startswith("{") else {"instruction": req.turns[-1].instruction,
                                                                           "input": ""}
             calls = parse_calls(r) if req.tools else []
-            out.write(json.dumps({**echo, "response": r, **({"tool_calls": calls} if calls else {})},
-                                 ensure_ascii=False) + "\n")
+            rows.append(json.dumps({**echo, "response": r, **({"tool_calls": calls} if calls else {})},
+                                   ensure_ascii=False) + "\n")
+        if tmp is None:
+            sys.stdout.write("".join(rows))
+            return 0
+        try:
+            Path(tmp).write_text("".join(rows), encoding="utf-8")
+            os.replace(tmp, a.out)
+        except OSError as e:
+            raise UsageError(f"--out {a.out}: cannot write it ({e.strerror or e})") from None
+        tmp = None
+        return 0
     finally:
-        if a.out:
-            out.close()
-    return 0
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def cmd_chat(argv: list[str], prog: str) -> int:
@@ -300,11 +318,17 @@ def cmd_plot(argv: list[str], prog: str) -> int:
 
 
 def _gib(text: str) -> float:
-    t = text.strip().lower().removesuffix("ib").removesuffix("g").removesuffix("b")
+    """A GPU memory size in GiB: 80, 80G, 80GB, 80GiB (any case); finite and positive."""
+    t = text.strip().lower()
+    for unit in ("gib", "gb", "g"):
+        t = t.removesuffix(unit)
     try:
-        return float(t)
+        v = float(t)
     except ValueError:
-        raise UsageError(f"--gpu-mem {text!r}: expected a size such as 80GiB or 40") from None
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise UsageError(f"--gpu-mem {text!r}: expected a positive size such as 80GiB, 80GB or 40")
+    return v
 
 
 def cmd_plan(argv: list[str], prog: str) -> int:
@@ -325,7 +349,8 @@ def cmd_plan(argv: list[str], prog: str) -> int:
     a = ap.parse_intermixed_args(argv)
     cfg = load_config(a.config, a.overrides)
     hw = cfg.hardware
-    nodes, gpus = a.nodes or hw.nodes, a.gpus_per_node or hw.gpus_per_node
+    nodes = a.nodes if a.nodes is not None else hw.nodes
+    gpus = a.gpus_per_node if a.gpus_per_node is not None else hw.gpus_per_node
     if nodes < 1 or gpus < 1:
         raise UsageError("--nodes and --gpus-per-node must be >= 1")
     text, _ = plan(cfg, nodes, gpus, _gib(a.gpu_mem) if a.gpu_mem else hw.gpu_mem_gib, cpu=a.cpu)

@@ -26,9 +26,9 @@ EXIT_HUNG = 76
 class Preempted(Exception):
     """All ranks agreed to stop at a step boundary after a signal; a checkpoint was saved."""
 
-    def __init__(self, step: int, signame: str, checkpoint: str) -> None:
-        super().__init__(f"stopped by {signame} after step {step}; checkpoint {checkpoint}; resume with "
-                         f"train.resume=auto")
+    def __init__(self, step: int, signame: str, checkpoint: str | None) -> None:
+        saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (stopped before the first step)"
+        super().__init__(f"stopped by {signame} after step {step}; {saved}; resume with train.resume=auto")
         self.step = step
 
 

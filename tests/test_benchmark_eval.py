@@ -160,6 +160,36 @@ def test_refusals_before_anything_loads(run: Path, tmp_path: Path, monkeypatch,
     assert "pip install 'ia3-dist[eval]'" in capsys.readouterr().err and not out.exists()
 
 
+def test_a_run_with_nothing_to_evaluate_or_a_linked_eval_dir_is_refused_first(tmp_path: Path, tiny_model: Path,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    """No tasks and no held-out data: exit 2 naming why, before any model loads, and an earlier results.json stays
+    (it was replaced by an empty one, then the table crashed). A run dir's eval/ that is a link is not written
+    through."""
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)), IA3Config(task_type="CAUSAL_LM")) \
+        .save_pretrained(str(run / "adapter"))
+    shutil.copy2(ROOT / TINY, run / "run.yaml")
+    earlier = '{"tasks": ["tiny_mc"], "rows": []}\n'
+    (run / "eval" / "results.json").write_text(earlier)
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "has no held-out data" in err and "name lm-eval tasks" in err and "Traceback" not in err, err
+    assert (run / "eval" / "results.json").read_text() == earlier
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    shutil.copy2(ROOT / TINY, linked / "run.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (linked / "eval").symlink_to(elsewhere)
+    assert main(["eval", str(linked), "--tasks", "tiny_mc", "--include", str(TASKS)]) == 2
+    assert "a link; evaluation results go into a real directory" in capsys.readouterr().err
+    assert not list(elsewhere.iterdir())
+
+
 @pytest.mark.slow
 def test_summary_ranks_a_local_sweep_by_a_benchmark_metric(tmp_path: Path, tiny_model: Path, monkeypatch,
                                                            capsys: pytest.CaptureFixture) -> None:

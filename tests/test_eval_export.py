@@ -124,12 +124,18 @@ def test_generate_from_adapter_and_merged_dir(trained: Path, tmp_path: Path, cap
     assert len(outs) > 1
 
 
-def test_generate_errors(trained: Path, tmp_path: Path, capsys) -> None:
+def test_generate_errors(trained: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     assert main(["generate", "--adapter", str(tmp_path / "none"), "x"]) == 2
     assert "no such directory" in capsys.readouterr().err
     assert main(["generate", "--adapter", str(trained / "adapter"), "--top-p", "0", "x"]) == 2
     assert main(["generate", "--adapter", str(trained / "adapter"), '{"instruction": 3}']) == 2
     assert "instruction must be a string, got int" in capsys.readouterr().err
+    # An --out where nothing can be written is found before the model loads, not after the generation.
+    from ia3_dist.tools import inference
+
+    monkeypatch.setattr(inference, "load_for_inference", lambda *a: pytest.fail("loaded the model"))
+    assert main(["generate", "--adapter", str(trained / "adapter"), "--out", "/proc/answers.jsonl", "x"]) == 2
+    assert "--out /proc/answers.jsonl: cannot write there" in capsys.readouterr().err
 
 
 def test_chat_answers_each_line_with_the_conversation_so_far(trained: Path, capsys, monkeypatch) -> None:

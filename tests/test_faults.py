@@ -108,6 +108,7 @@ class Straight:
         if step > self.steps:
             n = max(step, STRAIGHT)
             out = self.root / f"straight{n}"
+            print(f"the uninterrupted run, to step {n}")
             # Only its losses are compared with: no checkpoints but the last (eight saves were a third of its time).
             check(launch(_args(out, f"train.stop_after_steps={n}", "checkpoint.every=0"), nproc=2))
             self.losses = {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
@@ -137,10 +138,13 @@ def resumes_exactly(out: Path, straight: Straight) -> None:
 def test_signal_on_one_rank_checkpoints_all_and_resumes(straight: Straight, tmp_path: Path, sig: int,
                                                         rank: int) -> None:
     out = tmp_path / "sig"
+    t0 = time.monotonic()
     proc = _start(out)
     _wait_for_step(out, proc, 3)
     os.kill(_rank_pids(proc)[rank], sig)
+    print(f"{time.monotonic() - t0:.1f} s: signalled")
     log = proc.communicate(timeout=300)[0]
+    print(f"{time.monotonic() - t0:.1f} s: the run ended\n{log[-4000:]}")
     assert proc.returncode == EXIT_PREEMPTED, log[-3000:]
     assert "train.resume=auto" in log
     # The checkpoint is the one written at the stop: the step every rank stopped after, the last one logged,
@@ -152,6 +156,18 @@ def test_signal_on_one_rank_checkpoints_all_and_resumes(straight: Straight, tmp_
     assert [r["step"] for r in metrics(out)][-1] == stopped
     assert max(int(d.name[4:]) for d in (out / "checkpoints").glob("step*")) == stopped
     resumes_exactly(out, straight)
+    print(f"{time.monotonic() - t0:.1f} s: resumed and compared (stopped at step {stopped})")
+
+
+def test_a_signal_before_the_first_step_names_no_checkpoint(tmp_path: Path) -> None:
+    """SIGTERM while the first step starts: exit 75 with nothing saved, and the message says so (it named a
+    step0 checkpoint that does not exist)."""
+    out = tmp_path / "early"
+    proc = launch(_args(out), env={"IA3_DIST_FAULT": "step:1:0:term"})
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
+    assert "after step 0; no checkpoint (stopped before the first step); resume with train.resume=auto" in \
+        proc.stderr, proc.stderr[-3000:]
+    assert not list((out / "checkpoints").glob("step*"))
 
 
 def test_dead_rank_under_deepspeed_launcher(tmp_path: Path) -> None:

@@ -130,6 +130,52 @@ def test_chat_template_tokens_are_apply_chat_templates(train_on: str) -> None:
     assert _label_spans(data, 0, tok) == (answers if train_on == "all" else answers[-1:])
 
 
+@pytest.mark.parametrize("template", ["human_assistant", "chat_template"])
+def test_inference_feeds_the_ids_training_had_before_the_answer(template: str) -> None:
+    """generate's prompt ids are the training example's up to the last answer: human_assistant encodes each turn's
+    prompt and answer apart (the reference recipe's tok(prompt) + tok(output + eos)), so a tokenizer that adds a
+    BOS on every call (Llama's) or starts every encoding with a word-start marker (SentencePiece's) has them
+    between turns too, where one encoding of the joined text had neither."""
+    from tokenizers import processors
+
+    from ia3_dist.tools.inference import prompt_ids
+
+    tok = _sentencepiece_style_tokenizer()
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>",
+                                                                                                             bos)])
+    conv = Conversation([Turn("hello there", "", "fine thanks"), Turn("how are you", "", "good, and you")])
+    cfg = DataSection(path="x", template=template, train_on="last")
+    data = tokenize(_records([conv]), tok, cfg)
+    ids, mask = data.ids[data.offsets[0]:data.offsets[1]].tolist(), data.label_mask[data.offsets[0]:data.offsets[1]]
+    answer = int(mask.argmax())  # where the last answer starts
+    t = Template.of(cfg, tok)
+    assert prompt_ids(t, conv, tok, 10**6) == (ids[:answer], False)
+    assert prompt_ids(t, conv, tok, 5) == (ids[answer - 5:answer], True)
+    if template == "human_assistant":  # one encoding of the joined prompt text has one BOS only
+        assert ids[:answer].count(bos) == 3 and tok(t.prompt_of(conv, tok)).input_ids.count(bos) == 1
+    # generate feeds them, left-padded in a batch with a shorter conversation.
+    import torch
+
+    from ia3_dist.tools import inference
+
+    fed = []
+
+    class Model:
+        config = type("C", (), {"max_position_embeddings": 4096})()
+
+        def generate(self, input_ids, attention_mask, **kw):
+            fed.append((input_ids.tolist(), attention_mask.tolist()))
+            return torch.cat([input_ids, torch.full((len(input_ids), 1), tok.eos_token_id)], 1)
+
+    short = Conversation([Turn("hello there", "", "")])
+    inference.generate(Model(), tok, t, [conv, short], inference.GenOptions(max_new_tokens=4))
+    (rows, masks), = fed
+    assert rows[0] == ids[:answer] and masks[0] == [1] * answer
+    k = len(prompt_ids(t, short, tok, 10**6)[0])
+    assert rows[1][answer - k:] == prompt_ids(t, short, tok, 10**6)[0] and masks[1] == [0] * (answer - k) + [1] * k
+
+
 def test_a_record_the_template_cannot_render_is_named_or_skipped(chat_tok, tmp_path: Path) -> None:
     """A template that raises on what one record holds (here: a system prompt, as several models' templates do)
     names that record by file and position; with data.on_bad_record=skip it is left out and reported with the

@@ -24,6 +24,18 @@ def test_bloom_1b4_zh_counts(capsys) -> None:
     assert "trainable params: 344,064 || all params: 1,303,455,744" in out and "recommended:" in out
 
 
+def test_gpu_memory_and_node_counts_are_checked(capsys) -> None:
+    from ia3_dist.cli import _gib
+
+    assert [_gib(s) for s in ("80GB", "80gib", "80G", " 80 ", "40.5GiB")] == [80, 80, 80, 80, 40.5]
+    cfg = str(ROOT / "configs" / "bloom-1b4-zh.yaml")
+    for size in ("nan", "-4", "inf", "0", "80TB"):
+        assert main(["plan", "--config", cfg, "--gpu-mem", size]) == 2, size
+        assert "expected a positive size" in capsys.readouterr().err
+    assert main(["plan", "--config", cfg, "--nodes", "0"]) == 2  # not the config's node count
+    assert "--nodes and --gpus-per-node must be >= 1" in capsys.readouterr().err
+
+
 def test_bloom_176b_ia3_is_7hL() -> None:
     s = model_shape(build_config({"model": {"arch": "bloom"}}))
     assert s.trainable == 7 * 14336 * 70 == 7_024_640

@@ -181,6 +181,18 @@ def test_submit_script_chains_the_jobs_by_id(tmp_path: Path, capsys: pytest.Capt
     proc = subprocess.run([BASH, str(tmp_path / "job.submit.sh"), "--qos=x"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "no arguments" in proc.stderr
+    # A file name with shell syntax in it is printed, never run (it once stood inside a double-quoted echo).
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    name = "j`touch PWNED`$(touch PWNED2)$UNSET_VAR"
+    assert cli_main(["slurm", "--config", str(TINY), "--out", str(odd / f"{name}.sbatch"), "--eval", HELDOUT]) == 0
+    capsys.readouterr()
+    log.unlink()
+    proc = subprocess.run([BASH, str(odd / f"{name}.submit.sh")], cwd=work, env={**env, "FAIL_AT": "2"},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and not list(work.glob("PWNED*")) and not list(odd.glob("PWNED*")), proc.stderr
+    assert f"--kill-on-invalid-dep=yes {odd}/j\\`touch\\ PWNED\\`\\$\\(touch\\ PWNED2\\)\\$UNSET_VAR.eval.sbatch" \
+        in proc.stderr, proc.stderr
 
 
 @needs_bash

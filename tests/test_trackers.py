@@ -159,7 +159,7 @@ def tracked(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
     tmp = tmp_path_factory.mktemp("tracked")
     out = tmp / "run"
     base = ["--config", TINY, f"model.path={tiny_model}", "deepspeed.config=zero0", f"output.dir={out}",
-            "data.limit=64", "data.eval_ratio=0.1", "train.max_steps=6", "train.log_every=1", ALL,
+            "data.limit=64", "data.eval_ratio=0.1", "train.eval_every=3", "train.max_steps=6", "train.log_every=1", ALL,
             "output.project=ia3-test", "output.run_name=tracked"]
     probe = tmp / "probe.json"
     first = check(_run([*base, "train.stop_after_steps=3"], script="tests/probe_grad_norm.py",

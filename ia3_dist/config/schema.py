@@ -157,6 +157,12 @@ EVAL_METRICS.update(dpo=_PAIR_METRICS, orpo=(*_PAIR_METRICS, "eval_nll_loss", "e
 STOP_MODES = ("auto", "min", "max")
 
 
+def has_heldout(cfg: Any) -> bool:
+    """Whether a run has held-out data whose loss ``ia3-dist eval`` computes per checkpoint (an SFT run with
+    ``data.eval_ratio`` or ``data.eval_path``)."""
+    return cfg.train.objective == "sft" and bool(cfg.data.eval_ratio or cfg.data.eval_path)
+
+
 def lower_is_better(metric: str, mode: str = "auto") -> bool:
     """``min`` / ``max`` as given; ``auto``: losses (``nll_loss`` too) and perplexities go down, accuracies,
     margins and rewards go up."""

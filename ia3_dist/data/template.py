@@ -215,14 +215,19 @@ class Template:
     def prompt_of(self, conv: Conversation, tok: Any) -> str:
         """The text a model continues to answer the last turn of ``conv`` (its user message or tool results; its
         answer is ignored), with the conversation's tools offered as in training (inference: generate, chat)."""
+        return "".join(self.prompt_pieces(conv, tok))
+
+    def prompt_pieces(self, conv: Conversation, tok: Any) -> list[str]:
+        """:meth:`prompt_of` in the pieces training encodes apart: ``human_assistant`` each turn's prompt and
+        answer (the reference recipe's ``tok(prompt) + tok(output + eos)``, turn after turn), a chat template the
+        whole text."""
         last = conv.turns[-1]
         conv = Conversation([*conv.turns[:-1], Turn(last.instruction, last.input, "", results=last.results)],
                             conv.system, conv.tools)
         if self.kind == HUMAN_ASSISTANT:
-            segs = self.segments(conv, tok)
-            return "".join(text for text, _ in segs[:-1])
+            return [text for text, _ in self.segments(conv, tok)[:-1]]
         msgs, ends = _messages(conv)
-        return self._render(tok, msgs[:ends[-1][0]], True, conv.tools)
+        return [self._render(tok, msgs[:ends[-1][0]], True, conv.tools)]
 
     def prompt(self, instruction: str, inp: str = "") -> str:
         """The human_assistant prompt of one turn (needs no tokenizer)."""

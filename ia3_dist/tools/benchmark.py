@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..config.schema import has_heldout
 from ..errors import UsageError
 from ..runtime import dist, safe_io
 from ..runtime.dist import DistEnv
@@ -169,13 +170,19 @@ def swap_in(peft_model: Any, vectors: dict[str, torch.Tensor], where: str) -> No
             q.copy_(vectors[n].to(q.dtype))
 
 
+def _run_has_heldout(run: Path) -> bool:
+    from ..config import load_config
+
+    return (run / "run.yaml").is_file() and has_heldout(load_config(run / "run.yaml"))
+
+
 def heldout_data(cfg: Any, tok: Any) -> Any:
     """The run's held-out examples (its data.eval_ratio split or data.eval_path), tokenized once for every point;
     None for a run without them or with pairs."""
     from ..data.tokenize import load_or_tokenize
     from ..train.prepare import eval_section, load_data
 
-    if cfg.train.objective != "sft" or not (cfg.data.eval_ratio or cfg.data.eval_path):
+    if not has_heldout(cfg):
         return None
     if cfg.data.eval_path:  # the held-out file alone: the training data need not be reachable from here
         return load_or_tokenize(eval_section(cfg), tok)
@@ -296,6 +303,16 @@ def main(argv: list[str], prog: str) -> int:
     run = None if (path / "adapter_config.json").is_file() else path
     if not tasks and run is None:
         raise UsageError("--tasks: name at least one task (an adapter dir has no held-out data of its own)")
+    if not tasks and not _run_has_heldout(run):
+        # Before the model loads, and before an earlier results.json is replaced by an empty one.
+        raise UsageError(f"--tasks: {run} has no held-out data (its run.yaml sets no data.eval_ratio or "
+                         f"data.eval_path for train.objective sft), so there is nothing to evaluate without tasks; "
+                         f"name lm-eval tasks")
+    out = args.out or ((run or path) / "eval")
+    if args.out is None and out.is_symlink():  # a run dir from elsewhere decides nothing about where we write
+        raise UsageError(f"{out}: a link; evaluation results go into a real directory there, or give --out")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: not a directory; give a directory for results.json and the plots")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UsageError("--batch-size and --limit must be positive")
     adapter, pts = points_of(path, args.checkpoints)
@@ -312,9 +329,10 @@ def main(argv: list[str], prog: str) -> int:
         dist.destroy()
     if not env.is_main:
         return 0
-    out = args.out or ((run or path) / "eval")
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS).write_text(json.dumps({"tasks": tasks, "rows": rows}, indent=1) + "\n", encoding="utf-8")
+    text = json.dumps({"tasks": tasks, "rows": rows}, indent=1) + "\n"
+    # Never through a link planted in a run dir from elsewhere; atomically, for `ia3-dist summary --metric`.
+    safe_io.write_file(out / RESULTS, lambda f: f.write(text.encode("utf-8")), "--out ")
     print(table(rows))
     for f in plot(rows, out):
         print(f"wrote {f}")

@@ -359,13 +359,18 @@ class GenOptions:
     repetition_penalty: float = 1.0
 
 
-def _n_truncated(tok: Any, prompts: list[str], enc: Any, budget: int) -> int:
-    """How many of ``prompts`` the tokenizer cut: a fast tokenizer records the overflow, a slow one is asked
-    again (tokenizing a megabyte prompt takes seconds; twice only where there is no other way)."""
-    encodings = getattr(enc, "encodings", None)
-    if encodings is not None:
-        return sum(bool(e.overflowing) for e in encodings)
-    return sum(len(ids) > budget for ids in tok(prompts)["input_ids"])
+def prompt_ids(template: Template, conv: Conversation, tok: Any, budget: int) -> tuple[list[int], bool]:
+    """The ids a model continues to answer the last turn of ``conv``, encoded as training encodes the
+    conversation (its pieces apart: :meth:`Template.prompt_pieces`), cut to their last ``budget``; and whether they
+    were cut. Encoded from the end, each piece only as far back as the budget needs (:func:`cut_to_tail`)."""
+    add = template.add_special_tokens
+    pieces = template.prompt_pieces(conv, tok)
+    ids: list[int] = []
+    for k in range(len(pieces) - 1, -1, -1):
+        if len(ids) >= budget:  # the earlier pieces fall outside the budget
+            return ids[-budget:], True
+        ids = tok(cut_to_tail(tok, pieces[k], budget - len(ids), add), add_special_tokens=add)["input_ids"] + ids
+    return (ids[-budget:], True) if len(ids) > budget else (ids, False)
 
 
 def cut_to_tail(tok: Any, text: str, budget: int, add_special_tokens: bool = True) -> str:
@@ -382,34 +387,30 @@ def cut_to_tail(tok: Any, text: str, budget: int, add_special_tokens: bool = Tru
 
 def generate(model: Any, tok: Any, template: Template, requests: list[Conversation], opts: GenOptions,
              batch_size: int = 8) -> list[str]:
-    """The answer to the last turn of each conversation (its output is ignored), formatted with the training
-    template after the earlier turns. A prompt longer than the model's context (minus ``max_new_tokens``) keeps its
-    last tokens, where the response prefix is, and stderr says so once per call."""
+    """The answer to the last turn of each conversation (its output is ignored), after the earlier turns, encoded
+    as training encodes them (:func:`prompt_ids`). A prompt longer than the model's context (minus
+    ``max_new_tokens``) keeps its last tokens, where the response prefix is, and stderr says so once per call."""
     torch.manual_seed(opts.seed)
     budget, ctx = prompt_budget(model, tok, opts.max_new_tokens)
-    side, trunc_side = tok.padding_side, tok.truncation_side
-    tok.padding_side = "left"  # decoder-only generation continues from the right edge
-    tok.truncation_side = "left"  # the response prefix ends the prompt; the model must see it
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     outs: list[str] = []
     cut = 0
-    try:
-        for i in range(0, len(requests), batch_size):
-            prompts = [cut_to_tail(tok, template.prompt_of(c, tok), budget, template.add_special_tokens)
-                       for c in requests[i:i + batch_size]]
-            enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=budget,
-                      add_special_tokens=template.add_special_tokens)
-            cut += _n_truncated(tok, prompts, enc, budget)
-            kw: dict[str, Any] = {"max_new_tokens": opts.max_new_tokens, "do_sample": opts.sample,
-                                  "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
-                                  "repetition_penalty": opts.repetition_penalty}
-            if opts.sample:
-                kw.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k)
-            with torch.no_grad():
-                ids = model.generate(**enc, **kw)
-            new = ids[:, enc["input_ids"].shape[1]:]
-            outs += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tok.padding_side, tok.truncation_side = side, trunc_side
+    for i in range(0, len(requests), batch_size):
+        got = [prompt_ids(template, c, tok, budget) for c in requests[i:i + batch_size]]
+        cut += sum(was_cut for _, was_cut in got)
+        width = max(len(ids) for ids, _ in got)
+        # Padded on the left: decoder-only generation continues from the right edge.
+        enc = {"input_ids": torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in got]),
+               "attention_mask": torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in got])}
+        kw: dict[str, Any] = {"max_new_tokens": opts.max_new_tokens, "do_sample": opts.sample,
+                              "pad_token_id": pad, "eos_token_id": tok.eos_token_id,
+                              "repetition_penalty": opts.repetition_penalty}
+        if opts.sample:
+            kw.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k)
+        with torch.no_grad():
+            ids = model.generate(**enc, **kw)
+        new = ids[:, width:]
+        outs += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
     if cut:
         print(f"note: {cut} prompt(s) longer than {budget} tokens were cut to their last {budget} (the context of "
               f"{ctx} tokens less --max-new-tokens {opts.max_new_tokens})", file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import load_config
-from ..config.schema import brief, show
+from ..config.schema import brief, has_heldout, show
 from ..errors import UsageError
 from ..runtime.safe_io import write_file
 
@@ -398,11 +398,6 @@ class EvalJob:
         return f"1 node x {what}, time limit {self.job.time}"
 
 
-def has_heldout(cfg: Any) -> bool:
-    """Whether ``ia3-dist eval`` computes a held-out loss for this run (see ``benchmark.heldout_data``)."""
-    return cfg.train.objective == "sft" and bool(cfg.data.eval_ratio or cfg.data.eval_path)
-
-
 def eval_name(train_name: str) -> str:
     """The evaluation job's name: the training job's with ``-eval``, within :data:`NAME_MAX`."""
     return safe_name(train_name[: NAME_MAX - len("-eval")]) + "-eval"
@@ -508,8 +503,9 @@ DIR=$(cd "$(dirname "$0")" && pwd)
 train=$(sbatch --parsable "$DIR"/{tq})
 train=${{train%%;*}}   # --parsable prints JOBID[;CLUSTER]
 if ! evaljob=$(sbatch --parsable --dependency="afterok:$train" --kill-on-invalid-dep=yes "$DIR"/{eq}); then
-  echo "training job $train submitted, but not its evaluation; submit that with:" \\
-       "sbatch --dependency=afterok:$train --kill-on-invalid-dep=yes $DIR/{eq}" >&2
+  # The file name as an argument, never inside a double-quoted string (where ` and $ in it would run).
+  printf '%s\\n' "training job $train submitted, but not its evaluation; submit that with:" >&2
+  printf 'sbatch --dependency=afterok:%s --kill-on-invalid-dep=yes %q\\n' "$train" "$DIR"/{eq} >&2
   exit 1
 fi
 echo "training job $train"

@@ -294,7 +294,9 @@ class Trainer:
         glob = self.objective.stats(self, batches, real).all_reduce()
         if glob.stop_requested > 0:
             where = self.save(step) if step > self.saved else ckpt.root_of(self.p.out) / ckpt.tag_for(step)
-            raise Preempted(step, self.stop.signame or "a signal on another rank", str(where))
+            # Step 0 of a fresh run has no checkpoint (a resume starts it afresh); a resumed run's is the one it
+            # resumed from.
+            raise Preempted(step, self.stop.signame or "a signal on another rank", str(where) if step else None)
         # DeepSpeed divides by accumulation steps and averages over ranks; undo both so the gradient is
         # sum(terms of the global batch) / normaliser (sft: label tokens of the global batch, like HF Trainer).
         norm = self.objective.normaliser(glob)
