@@ -158,6 +158,26 @@ def test_cache_invalidated_by_tokenizer_change(tmp_path: Path, tiny_tokenizer) -
     assert load_or_tokenize(cfg, tok2).cache_file != a.cache_file
 
 
+def test_a_pad_token_set_for_batching_is_not_written(tmp_path: Path, tiny_model: Path) -> None:
+    """A tokenizer without a pad token batches with its eos as pad, but the adapter's (and an export's) copy is
+    written as it was read: shipped with pad = eos, collators that mask pad labels would mask the eos too."""
+    from transformers import AutoTokenizer
+
+    from ia3_dist.config.schema import ModelSection
+    from ia3_dist.models.load import load_tokenizer, save_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    save_tokenizer(tok, tmp_path / "own")  # a pad of its own is kept
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "own")).pad_token == tok.pad_token is not None
+    tok.pad_token = None
+    tok.save_pretrained(str(tmp_path / "nopad"))
+    loaded = load_tokenizer(ModelSection(), str(tmp_path / "nopad"))
+    assert loaded.pad_token == loaded.eos_token
+    save_tokenizer(loaded, tmp_path / "out")
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).pad_token is None
+    assert loaded.pad_token == loaded.eos_token  # still batching
+
+
 def test_split_special_tokens_is_refused_for_training_and_keyed(tmp_path: Path, tiny_model: Path) -> None:
     """A tokenizer that splits special-token text would split the eos every training example ends with: training
     refuses it naming the setting. The ids and the cache key still follow the setting (the fast encoder once lost

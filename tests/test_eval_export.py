@@ -67,9 +67,14 @@ def test_eval_is_logged_and_token_weighted_over_ranks(trained: Path) -> None:
 
 def test_export_merged_logits_equal_adapter_logits(trained: Path, tmp_path: Path, capsys) -> None:
     merged = tmp_path / "merged"
+    # What a killed export left there: removed by the next export (the dir counts as empty).
+    left = merged / ".ia3-dist-export-staging-killed"
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"0" * 1024)
     assert main(["export", "--adapter", str(trained / "adapter"), "--out", str(merged)]) == 0
     assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
-    assert not (merged / "adapter_config.json").exists()
+    assert not (merged / "adapter_config.json").exists() and not left.exists()
+    assert not list(merged.glob(".ia3-dist-export-staging-*"))
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(str(merged)).eval()

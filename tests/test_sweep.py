@@ -145,10 +145,12 @@ def test_array_file_hands_each_task_its_values_and_dir(tmp_path: Path, capsys: p
 
 
 def fake_run(d: Path, lr: float, losses: list[float], *, adapter: bool = True, pid: int | None = None,
-             preempted: bool = False, evals: tuple[float, float] | None = None) -> Path:
-    """A run dir as a run leaves it: run.yaml, metrics.jsonl, and the adapter / pid file / preemption marker."""
+             preempted: bool = False, evals: tuple[float, float] | None = None, resolved: tuple[str, ...] = ()
+             ) -> Path:
+    """A run dir as a run leaves it: run.yaml (with ``resolved``: values its start resolved), metrics.jsonl, and
+    the adapter / pid file / preemption marker."""
     d.mkdir(parents=True)
-    (d / "run.yaml").write_text(load_config(TINY, [f"train.lr={lr}", f"output.dir={d}"]).to_yaml())
+    (d / "run.yaml").write_text(load_config(TINY, [f"train.lr={lr}", f"output.dir={d}", *resolved]).to_yaml())
     recs = [{"step": i + 1, "loss": x, "tokens_per_s": 100.0 * (i + 1), "peak_mem_gb": 0.5 + i}
             for i, x in enumerate(losses)]
     if evals:
@@ -189,10 +191,13 @@ def test_summary_table_of_run_dirs(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_summary_of_a_written_sweep_shows_pending_tasks_and_plots(tmp_path: Path, fake_sbatch: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     d = tmp_path / "sw"
     assert sweep(["--dir", str(d), "--grid", "train.lr=3e-3,3e-2", "--no-submit"], capsys)[0] == 0
-    fake_run(d / "lr=3e-2", 0.03, [2.0, 1.0])
+    # The started task's run.yaml holds a value its start resolved (as train.global_batch_size resolves
+    # grad_accum); the pending task's config is as written: not a value that differs.
+    fake_run(d / "lr=3e-2", 0.03, [2.0, 1.0], resolved=("train.grad_accum=3",))
     assert cli_main(["summary", str(d)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["run", "train.lr", "status"]
@@ -200,6 +205,14 @@ def test_summary_of_a_written_sweep_shows_pending_tasks_and_plots(tmp_path: Path
     assert out[2].split()[:4] == ["lr=3e-2", "0.03", "done", "2"]
     assert out[3] == f"loss curves: {d / 'summary.png'}"
     assert (d / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Ranked by a metric, the curves are still labelled by the values that differ (not rank=-, ..., metric=-).
+    from ia3_dist.tools import summary
+
+    labels = []
+    real = summary.overlay_figure
+    monkeypatch.setattr(summary, "overlay_figure", lambda runs: labels.extend(lab for lab, _ in runs) or real(runs))
+    assert cli_main(["summary", "--metric", "heldout/loss", str(d)]) == 0
+    assert labels == ["lr=0.03 (done)"], labels
 
 
 def test_summary_bad_dir_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -58,8 +58,32 @@ def load_tokenizer(cfg: ModelSection, model_path: str) -> Any:
                          f"set it to false there for training")
     if tok.pad_token is None:
         # DataCollatorForSeq2Seq needs a pad id; the padded positions are masked so eos is a safe stand-in.
-        tok.pad_token = tok.eos_token
+        pad_with_eos(tok)
     return tok
+
+
+_PAD_IS_EOS = "_ia3_dist_pad_is_eos"
+
+
+def pad_with_eos(tok: Any) -> None:
+    """A pad token for batching where the tokenizer has none: its eos (padded positions are masked). Marked, so
+    :func:`save_tokenizer` writes the tokenizer as it was read."""
+    tok.pad_token = tok.eos_token
+    setattr(tok, _PAD_IS_EOS, True)
+
+
+def save_tokenizer(tok: Any, out_dir: Path) -> None:
+    """``tok.save_pretrained(out_dir)`` without a pad token :func:`pad_with_eos` set: shipped with pad = eos (an
+    adapter, an export), the tokenizer would lead collators that mask pad labels to mask the eos as well, and a
+    model trained on it never learns to stop."""
+    if not getattr(tok, _PAD_IS_EOS, False):
+        tok.save_pretrained(str(out_dir))
+        return
+    tok.pad_token = None
+    try:
+        tok.save_pretrained(str(out_dir))
+    finally:
+        tok.pad_token = tok.eos_token
 
 
 def load_base_model(cfg: ModelSection, model_path: str, precision: str) -> nn.Module:

@@ -18,6 +18,7 @@ from typing import Any
 from .. import __version__
 from ..data.template import TEMPLATE_FILE
 from ..errors import UsageError
+from ..models.load import save_tokenizer
 from ..runtime.manifest import check_writable_dir, few
 from .inference import load_for_inference
 
@@ -72,10 +73,15 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
     merged = model.merge_and_unload()
     o = Path(out).expanduser()
     o.mkdir(parents=True, exist_ok=True)
+    # What a killed export left (a whole merged model, GBs): ours by name, never part of an export. (Two exports
+    # into one dir at once would clash anyway.)
+    for d in o.iterdir():
+        if d.name.startswith(STAGING_PREFIX) and d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=o, prefix=STAGING_PREFIX))
     try:
         merged.save_pretrained(str(staging), safe_serialization=True)
-        tok.save_pretrained(str(staging))
+        save_tokenizer(tok, staging)
         if (Path(adapter).expanduser() / TEMPLATE_FILE).is_file():
             # The template as it was checked and loaded, not the file again: it may have changed since.
             template.save(staging)

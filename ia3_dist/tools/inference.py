@@ -24,7 +24,7 @@ from ..models.files import (
     looks_local,
     read_small_json,
 )
-from ..models.load import DTYPES, no_code_prompt
+from ..models.load import DTYPES, no_code_prompt, pad_with_eos
 from ..runtime.safe_io import check_dir_files
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -264,7 +264,7 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
         if tok.eos_token is None:
             raise UsageError(f"tokenizer {tok_src}: no pad or eos token, so prompts cannot be batched; add an eos "
                              f"token to its special_tokens_map.json")
-        tok.pad_token = tok.eos_token
+        pad_with_eos(tok)
     # Tried once here so a template that cannot render (or runs past its budget) fails naming its source.
     template.prompt_for([], "", "hello", "", tok)
     # The dir's generation_config.json is not read: it could ask for a thousand beams or a decoding mode that

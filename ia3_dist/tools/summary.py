@@ -311,6 +311,8 @@ def _collect_one(raw: str, n_paths: int, runs: list[Run], sweeps: list[Path]) ->
         sweeps.append(d)
         states = slurm_states(rec.get("job"))
         base = _sweep_config(rec)
+        pending: list[tuple[Run, dict]] = []
+        started: Run | None = None
         for t in rec["tasks"]:
             # The task dir from its name, not the path recorded: a sweep dir copied from elsewhere records paths of
             # that machine, and a hostile record could name any dir.
@@ -319,7 +321,19 @@ def _collect_one(raw: str, n_paths: int, runs: list[Run], sweeps: list[Path]) ->
                 run.job_known, run.slurm = True, states.get(t["index"])
             if not os.path.lexists(run.dir / "run.yaml"):
                 run.config = {"from_sweep": True, **_task_config(rec, t, base)}
+                pending.append((run, t))
+            elif started is None:
+                started = run
             runs.append(run)
+        if started is not None and pending:
+            # A started task's run.yaml holds values resolved at its start (train.grad_accum from
+            # train.global_batch_size, micro_batch_size: auto, the chosen stage); a pending task has the config
+            # as written. Outside the grid they are the sweep's alike, so the started task's stand for them: else
+            # they show as values that differ.
+            resolved = _run_config(started.dir)
+            for run, t in pending:
+                grid = set(t.get("values", {})) | {"output.dir"}
+                run.config.update({k: v for k, v in resolved.items() if k not in grid})
     elif _is_run(d):
         runs.append(Run(d, raw))
     else:
@@ -500,13 +514,13 @@ def main(argv: list[str], prog: str) -> int:
         for run, row in zip(runs, rows, strict=True):
             row[a.metric] = eval_value(run.dir, a.metric)
         rows = rank_by(rows, a.metric)
-        keys = ["rank", *keys, a.metric]
+    columns = ["rank", *keys, a.metric] if a.metric else keys
     # default=str: a YAML date or set in a run.yaml is not JSON.
-    print(json.dumps({"keys": keys, "rows": rows}, indent=1, default=str) if a.json else table(rows, keys),
+    print(json.dumps({"keys": columns, "rows": rows}, indent=1, default=str) if a.json else table(rows, columns),
           flush=True)
     if not a.no_plot:
         out = Path(a.plot) if a.plot else (sweep_dir / "summary.png" if sweep_dir else Path("summary.png"))
-        written = plot_losses(runs, keys, out)
+        written = plot_losses(runs, keys, out)  # labelled by the config values that differ, not the ranking
         if not a.json:
             print(f"loss curves: {written}" if written else "loss curves: no run has logged a loss yet")
     return 0

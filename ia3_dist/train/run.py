@@ -9,6 +9,7 @@ from ..config import RunConfig
 from ..data.template import Template
 from ..errors import Preempted
 from ..models.ia3 import fixed_entries
+from ..models.load import save_tokenizer
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, faults, hostmem, lazy
 from ..runtime import ds_config as dsc
@@ -47,7 +48,7 @@ def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None =
         adapter_dir = save_adapter(trainer.peft_model, p.out / "adapter", p.env.is_main,
                                    fixed_entries(trainer.peft_model), state=best)
     if p.env.is_main:
-        p.tokenizer.save_pretrained(str(adapter_dir))
+        save_tokenizer(p.tokenizer, adapter_dir)
         Template.of(p.cfg.data, p.tokenizer).save(adapter_dir)
         plot_metrics(trainer.metrics_path, p.out / "metrics.png")
         if trackers is not None:
