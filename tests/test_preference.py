@@ -231,3 +231,71 @@ def test_dpo_resumes_exactly_on_another_allocation(models: dict, pair_file: Path
         for key in ("loss", *COMMON):
             assert abs(ours[key] - ref[key]) <= 1e-5 * max(abs(ref[key]), REWARD_FLOOR), (key, ours, ref)
     assert vectors_close(adapter_tensors(out / "adapter"), adapter_tensors(tmp_path / "straight" / "adapter")) < 1e-5
+
+
+def _pairs(n: int):
+    """``n`` preference pairs of random tokens (a 3-token prompt, answers of 2 to 8 tokens)."""
+    from ia3_dist.data.tokens import TokenizedData
+
+    rng = np.random.default_rng(0)
+    ids, mask, offs = [], [], [0]
+    for _ in range(2 * n):
+        answer = int(rng.integers(2, 9))
+        ids += rng.integers(5, 50, 3 + answer).tolist()
+        mask += [0] * 3 + [1] * answer
+        offs.append(offs[-1] + 3 + answer)
+    return TokenizedData(ids=np.array(ids), offsets=np.array(offs), label_mask=np.array(mask, np.uint8),
+                         n_records=n, dropped=np.zeros(0, np.int64), truncated=0, group=2)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo"])
+def test_held_out_pair_metrics_do_not_depend_on_ranks_or_micro_batch(objective: str, monkeypatch) -> None:
+    """Preference.evaluate on each rank of 1 to 3 (a stand-in engine whose log-probs follow the tokens, the
+    all-reduce summing what the ranks computed): eval_loss and the pair metrics are pair-weighted, so neither the
+    world size nor the micro-batch size moves them (eval_loss was the mean of the micro-batches' means; ORPO's
+    loss holds a per-batch token mean). A rank
+    with no pair in a logging window all-reduces its zeros on the engine's device (NCCL takes no CPU tensor)."""
+    from types import SimpleNamespace
+
+    from ia3_dist.train.objectives import preference as P
+
+    data = _pairs(7)
+    t = SimpleNamespace(objective=objective, beta=0.5, simpo_gamma=0.5, cpo_alpha=0.0, label_smoothing=0.0,
+                        loss_type="sigmoid")
+
+    class Engine:
+        device = torch.device("cpu")
+        module = SimpleNamespace(training=False, eval=lambda: None, train=lambda: None)
+
+        def __call__(self, input_ids, attention_mask, pos, target):
+            return -(target.double() % 7 + 1).float() * 0.1
+
+    def run(world: int, micro: int) -> dict[str, float]:
+        parts: list[torch.Tensor] = []
+        monkeypatch.setattr(P.dist, "all_reduce_sum", lambda a: parts.append(a.clone()) or a)
+        for r in range(world):
+            tr = SimpleNamespace(p=SimpleNamespace(eval_data=data, env=SimpleNamespace(rank=r, world_size=world),
+                                                   cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=micro))),
+                                 engine=Engine(), pad_id=0, device=Engine.device)
+            obj = P.Preference(t)
+            if objective == "dpo":  # the reference is the policy itself: margins 0
+                obj.ref["eval"] = torch.zeros(7, 2, dtype=torch.float64)
+            obj.evaluate(tr, None)
+        total = torch.stack(parts).sum(0)
+        monkeypatch.setattr(P.dist, "all_reduce_sum", lambda a, total=total: total.clone())
+        return obj.evaluate(tr, None)
+
+    want = run(1, 1)
+    assert want["eval_pairs"] == 7
+    # ORPO's NLL term is a token mean per micro-batch (as TRL's): it, and the loss holding it, move with the batching.
+    per_batch = {"eval_loss", "eval_nll_loss"} if objective == "orpo" else set()
+    for world, micro in [(1, 4), (2, 4), (3, 2), (2, 1)]:
+        got = run(world, micro)
+        assert {k: v for k, v in got.items() if k not in per_batch} == pytest.approx(
+            {k: v for k, v in want.items() if k not in per_batch}, rel=1e-6), (world, micro)  # fp32 sums per batch
+    seen = []
+    monkeypatch.setattr(P.dist, "all_reduce_sum", lambda a: seen.append(a.device) or torch.zeros(a.shape))
+    obj = P.Preference(t)
+    obj.device = torch.device("meta")  # as setup() sets it from the engine
+    obj.window_metrics(1.0)
+    assert seen == [torch.device("meta")]

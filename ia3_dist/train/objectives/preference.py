@@ -47,6 +47,9 @@ class Preference:
         self.nll = {"orpo": "all", "simpo": "answer" if t.cpo_alpha else ""}.get(self.name, "")
         self.keys = (*COMMON, *EXTRA[self.name])
         self.acc: torch.Tensor | None = None
+        self.device = torch.device("cpu")
+        """The engine's: a rank with no pair in a logging window all-reduces zeros there (NCCL takes no CPU
+        tensor)."""
         self.ref: dict[str, torch.Tensor] = {}
         """``train``/``eval`` -> (pairs, 2) reference log-probs (dpo), indexed by the pair's index."""
 
@@ -92,6 +95,7 @@ class Preference:
         return loss
 
     def setup(self, tr: Any) -> None:
+        self.device = tr.device
         if self.name != "dpo":
             return
         from .reference import reference_logps
@@ -101,24 +105,24 @@ class Preference:
             self.ref["eval"] = torch.from_numpy(reference_logps(tr, tr.p.eval_data, "eval"))
 
     def window_metrics(self, micro_batches: float) -> dict[str, float]:
-        device = self.acc.device if self.acc is not None else torch.device("cpu")
         acc = self.acc.double() if self.acc is not None else torch.zeros(len(self.keys), dtype=torch.float64,
-                                                                           device=device)
+                                                                           device=self.device)
         self.acc = None
         total = dist.all_reduce_sum(acc.clone()).tolist()
         return {k: v / max(micro_batches, 1.0) for k, v in zip(self.keys, total, strict=True)}
 
     def evaluate(self, tr: Any, on_batch: Any) -> dict[str, float]:
         """Rank r takes pairs r, r+world, ...; every rank runs the same number of forward passes. Pair-weighted
-        means of the metrics (``eval_rewards/accuracies``: the held-out pair accuracy) and the mean of the
-        micro-batches' losses."""
+        means of the metrics (``eval_rewards/accuracies``: the held-out pair accuracy) and of the micro-batches'
+        losses (each weighted by its pairs, as HF Trainer's evaluation weights a batch by its size): the same on
+        any number of ranks and micro-batch size."""
         p, engine = tr.p, tr.engine
         data = p.eval_data
         world, micro = p.env.world_size, p.cfg.train.micro_batch_size
         mine = list(range(p.env.rank, len(data), world))
         per_rank = -(-len(data) // world)
         n_batches = -(-per_rank // micro)
-        acc = torch.zeros(len(self.keys) + 3, dtype=torch.float64, device=engine.device)
+        acc = torch.zeros(len(self.keys) + 2, dtype=torch.float64, device=engine.device)
         was_training = engine.module.training
         engine.module.eval()
         with torch.no_grad():
@@ -131,15 +135,14 @@ class Preference:
                             target=b["target"])
                 loss, metrics = self.loss(lp, b, self.reference_of(b))
                 if idx:
-                    acc += torch.cat([metrics.double() * len(idx),
-                                      torch.stack([loss.double(), acc.new_ones(()), acc.new_tensor(len(idx))])])
+                    acc += torch.cat([metrics.double(), loss.double().reshape(1), acc.new_ones(1)]) * len(idx)
                 if on_batch is not None:
                     on_batch()
         if was_training:
             engine.module.train()
         total = dist.all_reduce_sum(acc).tolist()
         pairs = max(total[-1], 1.0)
-        out = {"eval_loss": total[-3] / max(total[-2], 1.0), "eval_pairs": total[-1]}
+        out = {"eval_loss": total[-2] / pairs, "eval_pairs": total[-1]}
         out.update({f"eval_{k}": v / pairs for k, v in zip(self.keys, total, strict=False)})
         return out
 
