@@ -180,3 +180,20 @@ def test_flex_attention_training_is_refused_on_cpu(tmp_path: Path, tiny_model: P
 
     err = check_exits_2(tmp_path, tiny_model, capsys, ["model.attention=flex"])
     assert "model.attention" in err and "no backward pass on CPU" in err, err
+
+
+def test_gradients_are_copied_before_autograd_keeps_them() -> None:
+    """train.compile_mode: reduce-overhead: what a (CUDA-graph) backward returns is never kept as .grad itself -
+    the next replay would overwrite it - and the accumulated gradient is the same."""
+    from ia3_dist.models.load import copy_gradients
+
+    lin = torch.nn.Linear(3, 2)
+    lin.bias.requires_grad_(False)
+    returned = []
+    lin.weight.register_hook(lambda g: returned.append(g))  # sees what the backward returned, before the copy
+    assert copy_gradients(lin) == 1
+    x = torch.randn(4, 3)
+    for _ in range(2):  # two micro-steps, accumulated
+        lin(x).sum().backward()
+    assert all(lin.weight.grad.data_ptr() != g.data_ptr() for g in returned)
+    torch.testing.assert_close(lin.weight.grad, 2 * returned[0])

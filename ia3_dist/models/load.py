@@ -136,6 +136,18 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
+def copy_gradients(model: nn.Module) -> int:
+    """Give autograd a copy of each trainable parameter's gradient to accumulate; returns how many parameters.
+    Under CUDA graphs (``train.compile_mode: reduce-overhead``) a compiled block's backward returns the gradients
+    in the graph's static output buffers; autograd keeps the first micro-step's as ``.grad`` itself, and the next
+    replay overwrites it, so the sum over ``grad_accum`` micro-steps is silently wrong (pytorch#96693, #169545).
+    IA3's vectors are a few MB: the copy is not measurable next to the step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.register_hook(torch.Tensor.clone)
+    return len(params)
+
+
 def compile_blocks(model: nn.Module, skip: nn.Module | None = None, dynamic: bool | None = None,
                    mode: str = "default") -> int:
     """``torch.compile`` every decoder block in place, except ``skip``; returns how many. Blocks, not the whole

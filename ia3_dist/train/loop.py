@@ -21,7 +21,7 @@ from ..data.sampler import examples_consumed, iter_steps
 from ..errors import NonFiniteLoss, Preempted, UsageError
 from ..models.families import apply_speedups, family_of, last_block
 from ..models.ia3 import apply_ia3, load_init_adapter, trainable_line
-from ..models.load import DTYPES, compile_blocks, hidden_size_of, layers_of, load_base_model
+from ..models.load import DTYPES, compile_blocks, copy_gradients, hidden_size_of, layers_of, load_base_model
 from ..models.zero3_load import build_partitioned, load_partitions, local_model_dir
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, ds_syncs, faults, hostmem
@@ -111,6 +111,8 @@ def build_engine(p: Prepared, objective: objectives.Objective | None = None) -> 
             raise ValueError(f"data.packing: no exact packing for model_type {base.config.model_type!r}")
         packed = fam.packed_inputs(base)
     peft_model = apply_ia3(base, p.cfg.ia3)
+    if p.cfg.train.compile and p.cfg.train.compile_mode == "reduce-overhead":
+        copy_gradients(peft_model)
     if p.cfg.ia3.init_from:
         load_init_adapter(peft_model, p.cfg.ia3.init_from)
         dist.print0(p.env, f"ia3.init_from: starting from the adapter in {p.cfg.ia3.init_from}")
