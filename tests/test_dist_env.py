@@ -128,3 +128,18 @@ def test_bind_cores_pins_only_inside_the_jobs_cpus(monkeypatch: pytest.MonkeyPat
         assert got == share and pinned == mask[share:2 * share] and "not pinning" not in out
     else:
         assert got == 1 and pinned == mask and "train.bind_cores: not pinning ranks" in out
+
+
+def test_device_index_is_among_the_devices_the_rank_sees(monkeypatch) -> None:
+    """srun --gpus-per-task=1: local rank 3 sees one GPU, device 0 (DeepSpeed takes LOCAL_RANK as the index)."""
+    import torch
+
+    from ia3_dist.runtime.dist import device_index
+
+    env = DistEnv(rank=3, local_rank=3, world_size=4, local_world_size=4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_index(env) == 3  # off the GPU nothing changes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for seen, want in ((4, 3), (1, 0), (2, 1)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda seen=seen: seen)
+        assert device_index(env) == want

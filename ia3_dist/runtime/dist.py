@@ -123,12 +123,23 @@ def under_slurm(environ: Mapping[str, str] | None = None) -> bool:
     return bool((os.environ if environ is None else environ).get("SLURM_JOB_ID"))
 
 
+def device_index(env: DistEnv) -> int:
+    """This rank's CUDA device among those it sees (its local rank where it sees them all); its local rank off the
+    GPU."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return env.local_rank % n if n else env.local_rank
+
+
 def init(env: DistEnv, timeout_minutes: int = 30) -> None:
     """Start the process group through DeepSpeed (gloo on CPU, nccl on GPU: DeepSpeed's accelerator picks)."""
     import deepspeed
 
     os.environ["RANK"] = str(env.rank)
-    os.environ["LOCAL_RANK"] = str(env.local_rank)
+    # DeepSpeed takes LOCAL_RANK for the CUDA device index: a task that sees fewer GPUs than the node has ranks
+    # (srun --gpus-per-task=1, cgroup-constrained devices) uses the one it sees.
+    os.environ["LOCAL_RANK"] = str(device_index(env))
     os.environ["WORLD_SIZE"] = str(env.world_size)
     os.environ["LOCAL_WORLD_SIZE"] = str(env.local_world_size)
     if "MASTER_ADDR" not in os.environ:

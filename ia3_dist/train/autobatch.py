@@ -86,7 +86,7 @@ def memory_budget(local_world: int, local_rank: int) -> float:
     """Bytes one rank may use: its GPU's memory, or on CPU ranks the host's memory split between the local ranks
     (total, not available: the same figure on every rank)."""
     if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(local_rank).total_memory * BUDGET_FRACTION
+        return torch.cuda.get_device_properties(local_rank % torch.cuda.device_count()).total_memory * BUDGET_FRACTION
     import psutil
 
     return psutil.virtual_memory().total * BUDGET_FRACTION / max(local_world, 1)
