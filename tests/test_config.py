@@ -44,6 +44,8 @@ def test_overrides_apply_with_types(tmp_path: Path) -> None:
     ({"train": {"betas": [0.9]}}, "train.betas"),
     ({"train": {"scheduler": "step"}}, "train.scheduler"),
     ({"train": {"compile_mode": "cudagraphs"}}, "train.compile_mode"),
+    ({"train": {"compile_backend": "tvm"}}, "train.compile_backend"),
+    ({"train": {"compile_backend": "eager", "compile_mode": "reduce-overhead"}}, "train.compile_mode"),
     ({"data": {"pack_length": 0}}, "data.pack_length"),
     ({"data": {"packing": "yes"}}, "data.packing"),
     ({"model": {"attention": "flash"}}, "model.attention"),

@@ -103,6 +103,7 @@ PROMPT_DEFAULT = "Human: {instruction}\n{input}"
 """The reference recipe's prompt: ``"\n".join(["Human: " + instruction, input])``."""
 ATTENTIONS = ("auto", "sdpa", "eager", "flex")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 @dataclass
@@ -493,6 +494,11 @@ class TrainSection:
     """``torch.compile`` mode for ``train.compile``: ``default``, ``reduce-overhead`` (CUDA graphs: each block's
     kernels replayed as one launch, for host-bound GPU steps; pair it with ``data.packing`` so shapes repeat) or
     ``max-autotune-no-cudagraphs``. Off the GPU, CUDA graphs do not apply and the modes compile alike."""
+    compile_backend: str = "inductor"
+    """``torch.compile`` backend for ``train.compile``: ``inductor`` (fused kernels: the one that speeds a step
+    up), or ``aot_eager`` / ``eager`` (the same graph capture and recompile behaviour without code generation:
+    for checking that a setup compiles without recompiles in seconds instead of minutes, or for isolating an
+    inductor problem). ``train.compile_mode`` is inductor's."""
     loss_chunk_mib: int = 1024
     """The LM head's fp32 logits of a micro-batch's label rows are computed this many MiB at a time (each chunk
     recomputed in the backward pass), so full logits never exist at once. At Bloom's 250,880-token vocabulary a row
@@ -560,6 +566,12 @@ class TrainSection:
         _in_range("train.loss_chunk_mib", self.loss_chunk_mib, 0, 1 << 20)
         if self.compile_mode not in COMPILE_MODES:
             fail("train.compile_mode", f"must be one of {'|'.join(COMPILE_MODES)}, got {show(self.compile_mode)}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            fail("train.compile_backend",
+                 f"must be one of {'|'.join(COMPILE_BACKENDS)}, got {show(self.compile_backend)}")
+        if self.compile_backend != "inductor" and self.compile_mode != "default":
+            fail("train.compile_mode", f"{self.compile_mode} is a mode of the inductor backend; with "
+                                       f"train.compile_backend={self.compile_backend} leave it at default")
         _finite("train.hang_timeout_s", self.hang_timeout_s)
         if 0 < self.hang_timeout_s < 1:
             fail("train.hang_timeout_s", f"must be 0 (off) or at least 1 second, got {show(self.hang_timeout_s)}")

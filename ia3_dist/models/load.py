@@ -149,13 +149,13 @@ def copy_gradients(model: nn.Module) -> int:
 
 
 def compile_blocks(model: nn.Module, skip: nn.Module | None = None, dynamic: bool | None = None,
-                   mode: str = "default") -> int:
+                   mode: str = "default", backend: str = "inductor") -> int:
     """``torch.compile`` every decoder block in place, except ``skip``; returns how many. Blocks, not the whole
     model: the loss, IA3's PEFT wrapper and DeepSpeed's hooks stay eager, and one compiled graph serves all layers
     of the same shape. ``dynamic=True`` (packed rows: fixed width, a row count that varies) compiles shape-generic
     graphs at the first step, so no later step recompiles; None lets dynamo decide (it recompiles once when a
-    size first changes). ``mode``: ``train.compile_mode``."""
+    size first changes). ``mode``, ``backend``: ``train.compile_mode``, ``train.compile_backend``."""
     blocks = [b for b in decoder_blocks(model) if b is not skip]
     for b in blocks:
-        b.compile(dynamic=dynamic, mode=None if mode == "default" else mode)
+        b.compile(dynamic=dynamic, mode=None if mode == "default" else mode, backend=backend)
     return len(blocks)

@@ -102,7 +102,8 @@ def build_engine(p: Prepared, objective: objectives.Objective | None = None) -> 
     if p.cfg.train.compile:
         # The last block keeps eager mode when it computes only label rows: its row count changes every batch.
         n = compile_blocks(base, skip=last_block(base) if rows is not None else None,
-                           dynamic=True if p.layout.pack_length else None, mode=p.cfg.train.compile_mode)
+                           dynamic=True if p.layout.pack_length else None, mode=p.cfg.train.compile_mode,
+                           backend=p.cfg.train.compile_backend)
         dist.print0(p.env, f"train.compile: {n} decoder blocks compiled (the first steps include the compile)")
     packed = None
     if p.layout.pack_length:
