@@ -37,6 +37,17 @@ class TokenSumLM(nn.Module):
         self.chunk_bytes = chunk_bytes
         self.packed = packed
         """The family's packed-batch inputs (``data.packing``; see ``families.packed``), None when not packing."""
+        self.agree: Callable[[int], int] | None = None
+        """Under ZeRO-3 on several ranks: the number of LM-head chunks all ranks use, from this rank's (the most any
+        rank needs). Every head call gathers the head's partitions, a collective: ranks that chunked their rows
+        differently called it a different number of times and their collectives crossed."""
+
+    def chunks(self, hidden: torch.Tensor, vocab: int) -> int:
+        """How many pieces the LM head takes ``hidden``'s rows in (:attr:`chunk_bytes` of fp32 logits each)."""
+        if self.chunk_bytes <= 0:  # train.loss_chunk_mib: 0, never chunked (on every rank alike)
+            return 1
+        n = max(1, -(-len(hidden) // max(1, self.chunk_bytes // (4 * vocab))))
+        return self.agree(n) if self.agree is not None else n
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Only trainable tensors. DeepSpeed's ``exclude_frozen_parameters`` drops frozen names it finds in
@@ -88,16 +99,16 @@ class TokenSumLM(nn.Module):
         head = lm.get_output_embeddings()
         # out_features, not weight.shape: under ZeRO-3 the weight is a partition.
         vocab = getattr(head, "out_features", None) or lm.config.vocab_size
-        per = max(1, self.chunk_bytes // (4 * vocab)) if self.chunk_bytes > 0 else len(hidden)
-        if len(hidden) <= per:
+        n = self.chunks(hidden, vocab)
+        if n == 1:
             return F.cross_entropy(head(hidden).float(), target, reduction="sum")
 
         def ce(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(head(h).float(), t, reduction="sum")
 
         grad = torch.is_grad_enabled()
-        parts = [checkpoint(ce, hidden[i:i + per], target[i:i + per], use_reentrant=False) if grad
-                 else ce(hidden[i:i + per], target[i:i + per]) for i in range(0, len(hidden), per)]
+        parts = [checkpoint(ce, h, t, use_reentrant=False) if grad else ce(h, t)
+                 for h, t in zip(hidden.tensor_split(n), target.tensor_split(n), strict=True)]
         return torch.stack(parts).sum()
 
 
@@ -121,13 +132,13 @@ class TokenLogpLM(TokenSumLM):
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos)
         head = lm.get_output_embeddings()
         vocab = getattr(head, "out_features", None) or lm.config.vocab_size
-        per = max(1, self.chunk_bytes // (4 * vocab)) if self.chunk_bytes > 0 else len(hidden)
+        n = self.chunks(hidden, vocab)
 
         def logp(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return torch.log_softmax(head(h).float(), -1).gather(1, t[:, None]).squeeze(1)
 
-        if len(hidden) <= per:
+        if n == 1:
             return logp(hidden, target)
         grad = torch.is_grad_enabled()
-        return torch.cat([checkpoint(logp, hidden[i:i + per], target[i:i + per], use_reentrant=False) if grad
-                          else logp(hidden[i:i + per], target[i:i + per]) for i in range(0, len(hidden), per)])
+        return torch.cat([checkpoint(logp, h, t, use_reentrant=False) if grad else logp(h, t)
+                          for h, t in zip(hidden.tensor_split(n), target.tensor_split(n), strict=True)])

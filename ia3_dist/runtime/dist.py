@@ -195,6 +195,16 @@ def host_all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t, _HOST_GROUP)
 
 
+def host_max(value: int) -> int:
+    """The largest ``value`` over ranks, through the host group (no device sync); ``value`` without a group."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    d.all_reduce(t, op=d.ReduceOp.MAX, group=_HOST_GROUP)
+    return int(t.item())
+
+
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     d = _dist()
     if d is not None and d.get_world_size() > 1:

@@ -120,6 +120,8 @@ def build_engine(p: Prepared, objective: objectives.Objective | None = None) -> 
     dist.print0(p.env, trainable_line(peft_model))
     objective = objective or objectives.build(p.cfg)
     wrapper = objective.module(peft_model, rows, p.cfg.train.loss_chunk_mib << 20, packed)
+    if dsc.stage_of(p.ds_config) == 3 and p.env.world_size > 1:
+        wrapper.agree = dist.host_max  # ZeRO-3 gathers the head at each call: every rank calls it equally often
     params = [q for q in wrapper.parameters() if q.requires_grad]
     if not ds_syncs.install():
         dist.print0(p.env, f"deepspeed {deepspeed.__version__}: its ZeRO gradient-norm code is not the one the "
