@@ -219,15 +219,18 @@ def _direct(cmd: list[str], nproc: int, env: dict, timeout: float, port: int, ra
                                            err_path.read_bytes().decode(errors="replace"))
 
 
-def spawn_slurm_style(args: list[str], world: int = 2) -> list[subprocess.Popen]:
-    """Start ``world`` ranks the way a plain ``srun`` task-per-rank does: only SLURM_* variables, no launcher."""
+def spawn_slurm_style(args: list[str], world: int = 2, per_rank: list[list[str]] | None = None
+                      ) -> list[subprocess.Popen]:
+    """Start ``world`` ranks the way a plain ``srun`` task-per-rank does: only SLURM_* variables, no launcher.
+    ``per_rank``: further arguments of each rank (as if its node resolved the config otherwise)."""
     port = str(free_port())
     procs = []
     for rank in range(world):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(world),
                    SLURM_NTASKS_PER_NODE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
+        procs.append(subprocess.Popen([sys.executable, "launch.py", *args, *(per_rank or [[]] * world)[rank]],
+                                      cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 

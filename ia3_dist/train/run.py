@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 
 from ..config import RunConfig
 from ..data.template import Template
-from ..errors import Preempted
+from ..errors import Preempted, UsageError
 from ..models.ia3 import fixed_entries
 from ..models.load import save_tokenizer
 from ..runtime import checkpoint as ckpt
@@ -57,6 +58,29 @@ def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None =
                        trainer.selection.stopped_early)
 
 
+def same_plan_on_every_rank(p: Prepared) -> None:
+    """Every rank resolved the same DeepSpeed config, batch layout and data (``auto`` choices are made per rank
+    from its own GPU or host memory before the process group exists; a node with other hardware, or a stale token
+    cache, would choose otherwise): else all ranks stop together here, exit 2, instead of crossing collectives in
+    the engine's start."""
+    import hashlib
+
+    stage = dsc.stage_of(p.ds_config)
+    if p.auto is not None and p.auto.source == "plan" and stage < 3:
+        # micro_batch_size: auto below ZeRO-3: the probe at the engine's start agrees on the smallest pick.
+        what: dict = {"stage": stage, "global": p.layout.global_batch}
+    else:
+        what = {"ds": p.ds_config, "layout": asdict(p.layout)}
+    plan = json.dumps({**what, "steps": p.total_steps, "examples": len(p.data)}, sort_keys=True, default=str)
+    h = int(hashlib.sha256(plan.encode()).hexdigest()[:15], 16)
+    if dist.host_max(h) != -dist.host_max(-h):
+        raise UsageError(f"the ranks resolved different runs (rank {p.env.rank}: ZeRO-{stage}, "
+                         f"micro-batch {p.layout.micro} x {p.layout.accum} accumulation, {len(p.data)} examples, "
+                         f"{p.total_steps} steps): nodes with different GPUs or memory choose differently for "
+                         f"micro_batch_size/deepspeed.config auto; set them explicitly (or check that every node "
+                         f"reads the same data)")
+
+
 def start_step(p: Prepared) -> int:
     """The optimizer step the run resumes from (0 for a fresh run), known before the engine loads the checkpoint."""
     return int(ckpt.read_meta(p.resume_from).get("step", 0)) if p.resume_from is not None else 0
@@ -95,11 +119,15 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     status = "failed"
     try:
         dist.init(env, cfg.deepspeed.timeout_minutes)
+        same_plan_on_every_rank(p)
         faults.setup()
         watchdog = Watchdog(cfg.train.hang_timeout_s, env, p.out).start()
     except BaseException:
         trackers.close(status)
         stop.uninstall()
+        if env.is_main:
+            (p.out / PID_FILE).unlink(missing_ok=True)
+        dist.destroy()
         raise
     try:
         res = train(p, stop, watchdog, trackers)
