@@ -446,16 +446,13 @@ class Trainer:
         # Process start to the first step: loading, partitioning, engine set-up (and on resume the checkpoint).
         self.startup_s = time.time() - process_start_time()
         dist.print0(p.env, f"startup: {self.startup_s:.1f} s from process start to the first step")
-        if self.start == self.end:
-            # The run's last checkpoint (a requeue after the run ended, or an adapter its run did not get to
-            # write): its run evaluated and followed this step before saving it; again would log it twice and count
-            # it twice towards train.early_stopping.patience.
-            dist.print0(p.env, f"step {self.start} is the run's last: nothing to train; writing its adapter")
-            self.log.close()
-            if self.examples is not None:
-                self.examples.close()
-            return None
         try:
+            if self.start == self.end:
+                # The run's last checkpoint (a requeue after the run ended, or an adapter its run did not get to
+                # write): its run evaluated and followed this step before saving it; again would log it twice and
+                # count it twice towards train.early_stopping.patience.
+                dist.print0(p.env, f"step {self.start} is the run's last: nothing to train; writing its adapter")
+                return None
             for step, epoch, step_mbs in iter_steps(p.data.lengths, p.layout, self.end, self.start):
                 # Armed from the second step on: the first one of an invocation may compile and warm up.
                 self.watchdog.beat(step + 1, arm=step > self.start)
