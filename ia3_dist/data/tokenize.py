@@ -142,30 +142,36 @@ def _pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], cfg: DataSe
 _WORKER: dict[str, Any] = {}
 
 
-def _encoder(tok: Any, add_special_tokens: bool = True) -> Any:
-    """``texts -> ids`` equal to ``tok(texts, add_special_tokens=...).input_ids``. With a fast tokenizer it calls
-    the Rust backend directly (truncation and padding off, as ``tok(text)`` has them), skipping the Python
-    wrapper's per-text overhead."""
+def _backend_copy(tok: Any) -> Any | None:
+    """A private copy of a fast tokenizer's Rust backend that encodes as ``tok(text)`` does (truncation and
+    padding off; the copy is ours, so turning them off leaves the caller's tokenizer as it was); None for a slow
+    tokenizer."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
-        return lambda texts: tok(texts, add_special_tokens=add_special_tokens).input_ids
+        return None
     bt = copy.deepcopy(backend)
     bt.encode_special_tokens = backend.encode_special_tokens  # a runtime setting: a copy starts without it
     bt.no_truncation()
     bt.no_padding()
+    return bt
+
+
+def _encoder(tok: Any, add_special_tokens: bool = True) -> Any:
+    """``texts -> ids`` equal to ``tok(texts, add_special_tokens=...).input_ids``. With a fast tokenizer it calls
+    the Rust backend directly (truncation and padding off, as ``tok(text)`` has them), skipping the Python
+    wrapper's per-text overhead."""
+    bt = _backend_copy(tok)
+    if bt is None:
+        return lambda texts: tok(texts, add_special_tokens=add_special_tokens).input_ids
     return lambda texts: [e.ids for e in bt.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
 
 def _whole_encoder(tok: Any) -> Callable[[list[str]], list[tuple[list[int], list[tuple[int, int]]]]] | None:
     """``texts -> [(ids, character offsets)]`` of each whole text, without added special tokens (as
     ``apply_chat_template(tokenize=True)`` encodes); None for a tokenizer without a Rust backend."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
+    bt = _backend_copy(tok)
+    if bt is None:
         return None
-    bt = copy.deepcopy(backend)
-    bt.encode_special_tokens = backend.encode_special_tokens
-    bt.no_truncation()
-    bt.no_padding()
     return lambda texts: [(e.ids, e.offsets) for e in bt.encode_batch(texts, add_special_tokens=False)]
 
 
