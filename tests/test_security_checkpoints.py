@@ -536,6 +536,15 @@ DS_REFUSED: dict[str, tuple[int, dict[str, Any], dict[str, Any], dict[str, Any] 
     "steps-per-print-zero": (0, {"steps_per_print": 0}, {}, None, "'steps_per_print' is 0"),
     "loss-scale-window-zero": (0, {}, {}, {"enabled": "auto", "loss_scale_window": 0}, "fp16.loss_scale_window"),
     "scale-power-huge": (0, {}, {}, {"enabled": "auto", "initial_scale_power": 4000}, "fp16.initial_scale_power"),
+    # Loaders around the launcher's hardened one (load_universal: torch.load(weights_only=False) of the
+    # optimizer's files) and old spellings DeepSpeed still honours that the launcher's checks would not see.
+    "load-universal": (2, {"checkpoint": {"load_universal": True}}, {}, None, "checkpoint.load_universal is not"),
+    "node-local-storage": (1, {"checkpoint": {"tag_validation": "Warn", "use_node_local_storage": True}}, {}, None,
+                           "checkpoint.use_node_local_storage"),
+    "checkpoint-not-object": (0, {"checkpoint": []}, {}, None, "'checkpoint' must be an object"),
+    "bfloat16-alias": (0, {"bfloat16": {"enabled": True}}, {}, None, "'bfloat16' is an old DeepSpeed key"),
+    "cpu-offload": (2, {}, {"cpu_offload": True}, None, "'zero_optimization.cpu_offload' is an old"),
+    "cpu-offload-param": (3, {}, {"cpu_offload_param": True}, None, "offload_param: {"),
     # DeepSpeed's own parser (DeepSpeedConfig) raises these inside deepspeed.initialize.
     "comm-dtype": (2, {"communication_data_type": "fp8"}, {}, None, "Invalid communication_data_type"),
     "allreduce-op": (0, {"gradient_allreduce_op": "max"}, {}, None, "Invalid gradient_allreduce_op"),
@@ -558,6 +567,7 @@ def test_deepspeed_value_that_fails_in_training_is_refused(case: str, tmp_path: 
     (2, {"gradient_predivide_factor": 2.0, "prescale_gradients": True}, {"reduce_scatter": False}),
     (2, {"gradient_predivide_factor": 2.0, "gradient_allreduce_op": "sum"}, {}),
     (2, {}, {"reduce_bucket_size": 5e8, "allgather_bucket_size": 2e8}),  # DeepSpeed's documented values
+    (2, {"checkpoint": {"tag_validation": "Fail"}}, {}),  # only checks that the ranks agree on the tag
     (3, {}, {"reduce_bucket_size": 2**31, "stage3_prefetch_bucket_size": 0}),
 ])
 def test_deepspeed_values_that_train_are_kept(tmp_path: Path, stage: int, top: dict[str, Any],
@@ -610,10 +620,14 @@ def test_zip_bomb_and_fifo_in_a_real_process(tmp_path: Path, tiny_model: Path, b
 
 
 @pytest.mark.slow
-def test_real_resume_over_a_torn_metrics_line(tmp_path: Path, tiny_model: Path) -> None:
+def test_real_resume_over_a_torn_metrics_line_and_a_planted_step_dir(tmp_path: Path, tiny_model: Path) -> None:
     """A real 1-rank run stopped after step 1, its metrics.jsonl then cut mid-line (a kill, a full disk): the
     resume (real DeepSpeed checkpoint files through the zip checks and the hardened loader) finishes, saying once
-    what it dropped, and the log holds exactly steps 1 and 2."""
+    what it dropped, and the log holds exactly steps 1 and 2.
+
+    The run dir also holds an unfinished step2/ (a save killed before its meta.json, or a dir from whoever had
+    the run dir before) with links where the step-2 save writes, DeepSpeed's file and ours: the save writes into
+    a fresh dir, and the files the links named keep their bytes."""
     out = tmp_path / "out"
     extra = ("train.log_every=1", "checkpoint.every=1", "output.report_to=[none]")
     args = [sys.executable, "launch.py", *run_args(tiny_model, out, *extra)]
@@ -622,8 +636,17 @@ def test_real_resume_over_a_torn_metrics_line(tmp_path: Path, tiny_model: Path) 
     assert first.returncode == 0, first.stderr[-3000:]
     log = out / "metrics.jsonl"
     log.write_bytes(log.read_bytes() + b'{"step": 2, "loss": 1.')
+    planted = out / "checkpoints" / "step2"
+    planted.mkdir()
+    victims = {name: tmp_path / f"victim-{i}" for i, name in enumerate((f"{ckpt.META}.tmp", MODEL_PT))}
+    for name, victim in victims.items():
+        victim.write_text("the user's own file\n")
+        os.symlink(victim, planted / name)
     second = subprocess.run([*args, "train.resume=auto"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     text = second.stdout + second.stderr
     assert text.count("cut off mid-write") == 1, text[-3000:]
     assert [json.loads(ln)["step"] for ln in log.read_text().splitlines() if '"loss"' in ln] == [1, 2]
+    assert all(v.read_text() == "the user's own file\n" for v in victims.values())
+    assert ckpt.latest(out / "checkpoints") == planted
+    assert not any(f.is_symlink() for f in planted.rglob("*")) and (planted / MODEL_PT).stat().st_size > 0

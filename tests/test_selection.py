@@ -14,7 +14,8 @@ from _util import adapter_tensors, check, launch, metrics
 
 from ia3_dist.config import load_config
 from ia3_dist.config.schema import lower_is_better
-from ia3_dist.errors import UsageError
+from ia3_dist.errors import EXIT_PREEMPTED, UsageError
+from ia3_dist.runtime import checkpoint as ckpt
 from ia3_dist.train.selection import Selection, Tracker, stopped_early
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,3 +209,26 @@ def test_resuming_a_finished_run_evaluates_nothing_again(tmp_path: Path, demo_mo
     assert metrics(out) == lines
     rewritten = adapter_tensors(out / "adapter")
     assert rewritten.keys() == ad.keys() and all(torch.equal(rewritten[k], ad[k]) for k in ad)
+
+    # A signal after step 4, before its evaluation (which could outlast the scheduler's grace time): the run saves
+    # step 4 saying its evaluation is to do and stops (exit 75); the resume runs that evaluation first, counting it
+    # once. Signalled again before the last evaluation, then resumed: the same evaluations, the same adapter.
+    sig = tmp_path / "signalled"
+    sargs = [*[a for a in args if not a.startswith("output.dir=")], f"output.dir={sig}"]
+    for fault in ("eval:4:0:term", "eval:6:0:term"):
+        stopped = launch([*sargs, "train.resume=auto"], env={"IA3_DIST_FAULT": fault})
+        assert stopped.returncode == EXIT_PREEMPTED, (stopped.stdout + stopped.stderr)[-3000:]
+        at = int(fault.split(":")[1])
+        assert "(its evaluation runs first when resumed)" in stopped.stdout + stopped.stderr
+        assert ckpt.read_meta(sig / "checkpoints" / f"step{at}")["eval_pending"] is True
+        assert not (sig / "adapter").exists()
+    assert [r["step"] for r in metrics(sig) if "eval_loss" in r] == [2, 4]
+    done = check(launch([*sargs, "train.resume=auto"]))
+    assert "early stopping" not in done.stdout, done.stdout[-2000:]
+    got = metrics(sig)
+    assert [r["step"] for r in got if "eval_loss" in r] == [2, 4, 6]
+    # (Training-loss lines are per log window, and a resumed run starts a window at its first step.)
+    want = {r["step"]: r["eval_loss"] for r in lines if "eval_loss" in r}
+    assert {r["step"]: r["eval_loss"] for r in got if "eval_loss" in r} == pytest.approx(want, rel=1e-6)
+    resumed = adapter_tensors(sig / "adapter")
+    assert resumed.keys() == ad.keys() and all(torch.allclose(resumed[k], ad[k], rtol=1e-6) for k in ad)

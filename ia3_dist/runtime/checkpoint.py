@@ -19,7 +19,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ META_TYPES: dict[str, str] = {
     "total_steps": "int", "n_examples": "int", "order_version": "int", "shuffle": "bool", "group_by_length": "bool",
     "data_key": "str", "eval_ratio": "ratio", "global_batch": "int", "zero_stage": "int", "precision": "str",
     "model_key": "str", "ia3": "str", "schedule": "str", "examples_consumed": "int",
-    "offload_optimizer": "bool", "objective": "str",
+    "offload_optimizer": "bool", "objective": "str", "eval_pending": "bool",
 }
 """The fields of meta.json a resume reads, by kind; each is checked in :func:`read_meta` before anything uses it
 (``True == 1`` and ``2.0 == 2`` in Python, so a bool or a float would otherwise pass for an int)."""
@@ -362,7 +362,7 @@ def _why(error: Exception | None, root: Path) -> str:
         return "this rank's part was written"
     what = (error.strerror if isinstance(error, OSError) else None) or str(error).splitlines()[0][:200]
     try:
-        free = shutil.disk_usage(root).free
+        free = shutil.disk_usage(manifest.nearest_existing(root)).free  # root itself may be what could not be made
     except OSError:
         return f"this rank: {what}"
     full = "the filesystem is full: " if free < 1 << 20 else ""
@@ -372,6 +372,58 @@ def _why(error: Exception | None, root: Path) -> str:
 def _agree_failed(failed: bool, device: torch.device) -> int:
     """Every rank joins: how many ranks failed (on the engine's device: NCCL reduces only GPU tensors)."""
     return int(dist.all_reduce_sum(torch.tensor([float(failed)], dtype=torch.float64, device=device)).item())
+
+
+def _fresh_tag_dir(root: Path, tag: str) -> OSError | None:
+    """Rank 0, before a save: ``root/tag`` empty and new, so nothing in it is followed. A tag dir already there
+    is an unfinished save of this step (a resume after a kill between its meta.json and the pointer) or one
+    left by a run whose dir this is: a symlink planted in it would send the save's writes (DeepSpeed's files,
+    meta.json, the portable state) to any file the user can write. A tag a pointer names keeps its files
+    (removing them would leave the pointer naming nothing if this save fails); its meta.json goes, so a kill
+    while it is rewritten leaves no torn "complete" checkpoint. Returns the error of a failed write."""
+    d = root / tag
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for f in root.glob("*.tmp"):  # stale pointer temps (written fresh below, never through a link)
+            f.unlink(missing_ok=True)
+        if d.is_symlink() or (d.exists() and not d.is_dir()):
+            d.unlink()
+        elif d.is_dir() and d in (_pointed(root, LATEST), _pointed(root, BEST)):
+            (d / META).unlink(missing_ok=True)
+            for c in d.iterdir():
+                if c.is_symlink():
+                    c.unlink()
+        elif d.is_dir():
+            shutil.rmtree(d)
+        d.mkdir(exist_ok=True)
+    except OSError as e:
+        return e
+    return None
+
+
+def _failed_save(root: Path, tag: str, env: dist.DistEnv, error: Exception | None, failed: int) -> NoReturn:
+    """Every rank: leave a save that failed on ``failed`` ranks together, its partial files gone (rank 0)."""
+    # Rank 0 wrote the pointer, so rank 0 says where it points (other ranks may not see that filesystem).
+    where = ""
+    if env.is_main:
+        try:
+            prev = latest(root)
+        except UsageError:  # a damaged pointer: still leave together, below
+            prev = None
+        where = f"; {prev} stays the latest checkpoint" if prev is not None else "; no earlier checkpoint exists"
+        # Frees the space the partial save took; `latest` still names the previous complete checkpoint
+        # (the pointer is the last thing written, so a failed save never moved it). Never a tag a pointer
+        # names (a pointer is not moved before the tag is complete; this guards the pointers' own word).
+        if root / tag not in (prev, _pointed(root, BEST)):
+            shutil.rmtree(root / tag, ignore_errors=True)
+        for f in root.glob("*.tmp"):
+            f.unlink(missing_ok=True)
+    dist.barrier()
+    raise CheckpointWriteError(
+        f"checkpoint {tag} could not be written to {root} ({failed} rank(s) failed; {_why(error, root)})"
+        f"{where}. "
+        f"Free space there (lower checkpoint.keep, or move output.dir to a bigger filesystem), then resume with "
+        f"train.resume=auto")
 
 
 def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env: dist.DistEnv,
@@ -388,18 +440,22 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
     faults.hit("save-begin", step, env.rank)
     error: Exception | None = None
     if env.is_main:
-        # The same step saved again (a resume=auto after a kill between this tag's meta.json and the pointer):
-        # incomplete until rewritten, so a kill while the other ranks write over it leaves no torn "complete" one.
-        (root / tag / META).unlink(missing_ok=True)
+        error = _fresh_tag_dir(root, tag)
+    # Rank 0 made the dirs DeepSpeed would make before its own collectives (a failure there, a full disk or a
+    # quota, would leave rank 0 in a barrier the others passed, and the collectives after it mismatched): every
+    # rank learns of it here and leaves together.
+    failed = _agree_failed(error is not None, engine.device)
+    if failed:
+        _failed_save(root, tag, env, error, failed)
     # Before any write (every rank joins its gathers): a failed write below must not leave ranks in different
     # collectives. Not with optimizer offload or fp16, where a layout change is refused anyway (check_compatible).
     state = None if meta.get("offload_optimizer") or meta.get("precision") == "fp16" else portable.gather(engine)
-    if state is None:
-        dist.barrier()  # no rank writes into the tag dir before rank 0 has marked it incomplete
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "rng": rng_state()},
                                save_latest=False, exclude_frozen_parameters=True)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError ("iostream error")
+        if isinstance(e, (torch.OutOfMemoryError, torch.distributed.DistError)):
+            raise  # not a write: a lost peer or memory, which no barrier below could pair up
         error = e
         # DeepSpeed's save ends with a barrier, which ranks whose writes succeeded are waiting in: join it, so the
         # next collective (the agreement below) pairs up on every rank.
@@ -429,27 +485,7 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
             error = e
     failed = _agree_failed(error is not None, engine.device)
     if failed:
-        # Rank 0 wrote the pointer, so rank 0 says where it points (other ranks may not see that filesystem).
-        where = ""
-        if env.is_main:
-            try:
-                prev = latest(root)
-            except UsageError:  # a damaged pointer: still leave together, below
-                prev = None
-            where = f"; {prev} stays the latest checkpoint" if prev is not None else "; no earlier checkpoint exists"
-            # Frees the space the partial save took; `latest` still names the previous complete checkpoint
-            # (the pointer is the last thing written, so a failed save never moved it). Never a tag a pointer
-            # names (a pointer is not moved before the tag is complete; this guards the pointers' own word).
-            if root / tag not in (prev, _pointed(root, BEST)):
-                shutil.rmtree(root / tag, ignore_errors=True)
-            for f in root.glob("*.tmp"):
-                f.unlink(missing_ok=True)
-        dist.barrier()
-        raise CheckpointWriteError(
-            f"checkpoint {tag} could not be written to {root} ({failed} rank(s) failed; {_why(error, root)})"
-            f"{where}. "
-            f"Free space there (lower checkpoint.keep, or move output.dir to a bigger filesystem), then resume with "
-            f"train.resume=auto")
+        _failed_save(root, tag, env, error, failed)
     if env.is_main:
         kept = _pointed(root, BEST)
         # The highest steps stay; never the one just written (a checkpoint past it is refused at the resume that

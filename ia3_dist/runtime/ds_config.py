@@ -327,6 +327,45 @@ def live_params(hidden: int) -> int:
     return min(10**9, 2 * 12 * hidden * hidden)
 
 
+# DeepSpeed keys that take a path around the launcher's own handling of the same thing, each with what to use.
+_BYPASS_TOP = {
+    # DeepSpeed reads `bf16` before this old alias: a file setting it would be silently ignored, where a value set
+    # in both configs must agree.
+    "bfloat16": "use 'bf16' (its current name), or train.precision",
+}
+_BYPASS_ZERO = {
+    # Old spellings DeepSpeed still maps onto the offload sections: the launcher's offload checks (and the optimizer
+    # offload needs, DeepSpeed's CPU Adam) read the new ones only.
+    "cpu_offload": "use zero_optimization.offload_optimizer: {\"device\": \"cpu\"}",
+    "cpu_offload_param": "use zero_optimization.offload_param: {\"device\": \"cpu\"}",
+    "cpu_offload_use_pin_memory": "use pin_memory inside zero_optimization.offload_optimizer / offload_param",
+}
+# The `checkpoint` section's loaders: load_universal reads the optimizer's files with torch.load(weights_only=False)
+# outside the loader the launcher hardens (a checkpoint dir could run code), node-local storage has every node's
+# local rank 0 write (the launcher's files are rank 0's alone). tag_validation only checks that ranks agree.
+_CHECKPOINT_KEYS_OK = {"tag_validation"}
+
+
+def _refuse_bypasses(ds: dict[str, Any], zero: dict[str, Any], src: Path) -> None:
+    for key, fix in _BYPASS_TOP.items():
+        if key in ds:
+            raise UsageError(f"{src}: '{key}' is an old DeepSpeed key the launcher does not check; {fix}")
+    for key, fix in _BYPASS_ZERO.items():
+        if key in zero:
+            raise UsageError(f"{src}: 'zero_optimization.{key}' is an old DeepSpeed key the launcher does not "
+                             f"check; {fix}")
+    section = ds.get("checkpoint")
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise UsageError(f"{src}: 'checkpoint' must be an object, got {show(section)}")
+    other = sorted(set(section) - _CHECKPOINT_KEYS_OK)
+    if other:
+        raise UsageError(f"{src}: checkpoint.{other[0]} is not supported: the launcher saves and resumes "
+                         f"checkpoints itself (checkpoint.* and train.resume in the run config, which also resume "
+                         f"on another world size); remove it from the DeepSpeed file")
+
+
 def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[str, Any]:
     src = locate(cfg.deepspeed.config)
     ds = copy.deepcopy(read(src))
@@ -338,6 +377,7 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
     # type() and not ==: true == 1 and 3.0 == 3 would pass a bool or a float on to DeepSpeed.
     if type(stage) is not int or stage not in (0, 1, 2, 3):
         raise UsageError(f"{src}: zero_optimization.stage is {show(stage)}; use 0, 1, 2 or 3 (a JSON integer)")
+    _refuse_bypasses(ds, zero, src)
     for kind in ("offload_optimizer", "offload_param"):
         off = zero.get(kind)
         if off is not None and not isinstance(off, dict):

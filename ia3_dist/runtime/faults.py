@@ -4,14 +4,16 @@
 step ``step`` (1-based, the step in progress):
 
 - points: ``step`` (start of the step, before its stats all-reduce), ``save-begin`` (before a checkpoint write),
-  ``save`` (after this rank wrote its part, before the pointer moves), ``probe`` (the ``micro_batch_size: auto``
+  ``save`` (after this rank wrote its part, before the pointer moves), ``eval`` (after the step, before the
+  evaluation due there), ``probe`` (the ``micro_batch_size: auto``
   probe; ``step`` is then the micro-batch being probed);
 - actions: ``kill`` (SIGKILL itself, the default), ``spin`` (a Python loop that never ends: a rank stuck in data
   loading or a deadlock in Python), ``collective`` (an all-reduce on a side group the other ranks never join: a
   rank stuck inside a collective), ``fill`` (grow the file ``IA3_DIST_FAULT_FILL`` names until its filesystem
-  is full: the next write there gets ENOSPC), ``oom`` (raise ``torch.OutOfMemoryError``, as an allocation on a
-  full GPU does), ``term`` (SIGTERM to itself, as a scheduler's preemption sends: the run checkpoints at this
-  step and stops);
+  is full: the next write there gets ENOSPC), ``inodes`` (as ``fill``, then empty files beside it until no
+  inode is left: the next file or dir made there gets ENOSPC, as on a full inode quota), ``oom`` (raise
+  ``torch.OutOfMemoryError``, as an allocation on a full GPU does), ``term`` (SIGTERM to itself, as a
+  scheduler's preemption sends: the run checkpoints at this step and stops);
 - ``grad:<step>:<rank>:nan`` (see :func:`poisoned`): every loss term of that step on that rank keeps its value and
   gets a NaN gradient, as an overflow in the backward pass would give.
 
@@ -34,7 +36,7 @@ ENV = "IA3_DIST_FAULT"
 FILL_ENV = "IA3_DIST_FAULT_FILL"
 HOLD_ENV = "IA3_DIST_FAULT_HOLD_S"
 RELEASE_ENV = "IA3_DIST_FAULT_RELEASE"
-ACTIONS = ("kill", "spin", "collective", "fill", "oom", "term", "hold", "nan")
+ACTIONS = ("kill", "spin", "collective", "fill", "inodes", "oom", "term", "hold", "nan")
 
 
 def _spec() -> tuple[str, int, int, str] | None:
@@ -80,6 +82,9 @@ def hit(point: str, step: int, rank: int, stop: Any = None) -> None:
         dist.all_reduce_sum(torch.zeros(1), group=_side_group)
     elif action == "fill":
         _fill(Path(os.environ[FILL_ENV]))
+    elif action == "inodes":
+        _fill(Path(os.environ[FILL_ENV]))
+        _use_inodes(Path(os.environ[FILL_ENV] + ".inodes"))
     elif action == "term":
         os.kill(os.getpid(), signal.SIGTERM)
     elif action == "hold":
@@ -124,3 +129,14 @@ def _fill(path: Path) -> None:
                 pass
     finally:
         os.close(fd)
+
+
+def _use_inodes(d: Path, most: int = 1 << 16) -> None:
+    """Empty files in ``d`` until the filesystem has no inode left (bounded: a filesystem with millions would take
+    long; the tests mount one with few)."""
+    d.mkdir()
+    for i in range(most):
+        try:
+            os.close(os.open(d / str(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except OSError:
+            return

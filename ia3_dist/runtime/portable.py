@@ -94,6 +94,11 @@ def gather(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     result is written. Returns the tensors and the JSON part (without the RNG, which :func:`write` adds)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    # DeepSpeed links each parameter to its optimizer state at the first step after it is built or loaded: a save
+    # straight after a resume (an evaluation a signal put off, then its checkpoint) comes before any step.
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None and base_optimizer(engine).state:
+        link()
     base = base_optimizer(engine)
     slots = _flat_slots(engine)
     out: dict[str, torch.Tensor] = {}

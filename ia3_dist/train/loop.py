@@ -207,14 +207,21 @@ class Trainer:
         self.load_rss = dist.all_reduce_max(torch.tensor([hostmem.peak_rss_gib()], dtype=torch.float64,
                                                          device=self.device)).item()
         self.start = 0
+        self.eval_pending = False
+        """The checkpoint resumed from was saved when a signal came before its step's evaluation: it runs first."""
+        self.stale: int | None = None
+        """A step whose checkpoint still says its evaluation is pending after it ran: saved again when it is needed
+        (a resume from it would evaluate, and log, that step twice)."""
         self.selection = Selection.of(p.cfg)
         self.best_state: dict[str, torch.Tensor] | None = None
         """train.early_stopping.final=best: the best evaluation's vectors (rank 0; gathered on every rank)."""
         if p.resume_from is not None:
             dist.print0(p.env, p.resume_line)
             self.start = ckpt.load(self.engine, p.resume_from, p.resume_portable)
-            self.selection.restore(ckpt.read_meta(p.resume_from), str(p.resume_from / ckpt.META))
+            resumed_meta = ckpt.read_meta(p.resume_from)
+            self.selection.restore(resumed_meta, str(p.resume_from / ckpt.META))
             self._restore_best()
+            self.eval_pending = bool(resumed_meta.get("eval_pending"))
         self.end = p.total_steps if not t.stop_after_steps else min(p.total_steps, self.start + t.stop_after_steps)
         if self.selection.stopped_early:  # the stopped run's last checkpoint, resumed to write its adapter
             self.end = self.start
@@ -298,7 +305,8 @@ class Trainer:
         batches, real = self.objective.batches(self, step_mbs)
         glob = self.objective.stats(self, batches, real).all_reduce()
         if glob.stop_requested > 0:
-            where = self.save(step) if step > self.saved else ckpt.root_of(self.p.out) / ckpt.tag_for(step)
+            where = self.save(step) if step > self.saved or step == self.stale else \
+                ckpt.root_of(self.p.out) / ckpt.tag_for(step)
             # Step 0 of a fresh run has no checkpoint (a resume starts it afresh); a resumed run's is the one it
             # resumed from.
             raise Preempted(step, self.stop.signame or "a signal on another rank", str(where) if step else None)
@@ -352,17 +360,47 @@ class Trainer:
 
     # -- around the steps -------------------------------------------------------------------------------------
 
-    def save(self, step: int, best: bool = False) -> Path:
-        """``best``: this step's evaluation is the best so far of checkpoint.keep_best (the pointer moves)."""
+    def save(self, step: int, best: bool = False, eval_pending: bool = False) -> Path:
+        """``best``: this step's evaluation is the best so far of checkpoint.keep_best (the pointer moves).
+        ``eval_pending``: saved before this step's evaluation (a signal came first); a resume runs it first."""
         self.flush()  # a run whose loss went non-finite saves nothing
         self.saved = step
         self.saved_stopped = bool(self.selection.stopped_early)
+        if self.stale == step:
+            self.stale = None
         with self.watchdog.saving(step):
             meta = {**self.p.meta, "examples_consumed": examples_consumed(step, len(self.p.data),
                                                                            self.p.layout.global_batch),
-                    **self.selection.meta()}
+                    **self.selection.meta(), **({"eval_pending": True} if eval_pending else {})}
             return ckpt.save(self.engine, self.p.out, step, meta, self.p.cfg.checkpoint.keep, self.p.env, best,
                              {ckpt.BEST_VECTORS: self.best_state} if self.best_state else None)
+
+    def stop_before_eval(self, step: int) -> None:
+        """Before the evaluation at ``step`` (every rank joins): a signal that came during the step, or before an
+        evaluation that could outlast the scheduler's grace time, stops the run here. Its checkpoint says the
+        evaluation is still to do, and the resume runs it first, so the run logs and follows the same evaluations
+        as an uninterrupted one."""
+        faults.hit("eval", step, self.p.env.rank, self.stop)
+        flag = torch.tensor([float(self.stop.requested)], dtype=torch.float64, device=self.device)
+        if dist.all_reduce_sum(flag).item() > 0:
+            where = self.save(step, eval_pending=True)
+            raise Preempted(step, self.stop.signame or "a signal on another rank",
+                            f"{where} (its evaluation runs first when resumed)")
+
+    def pending_eval(self) -> dict[str, float] | None:
+        """The mid-run evaluation of step :attr:`start` that a signal put off (the run's end evaluates in
+        :meth:`fit`'s own path); returns it when it stopped the run (early stopping)."""
+        start = self.start
+        heldout, bench = self.due(start)
+        self.stale = start
+        if not (heldout or bench):
+            return None
+        dist.print0(self.p.env, f"step {start}: the evaluation a signal put off")
+        res = self.run_eval(start, heldout, bench)
+        if self.selection.active and self.follow(start, res):
+            self.end = start
+            return res
+        return None
 
     def follow(self, step: int, res: dict[str, float]) -> bool:
         """After the evaluation at ``step``: keep its checkpoint if it is the best, remember its vectors if the
@@ -447,7 +485,13 @@ class Trainer:
         self.startup_s = time.time() - process_start_time()
         dist.print0(p.env, f"startup: {self.startup_s:.1f} s from process start to the first step")
         try:
-            if self.start == self.end:
+            if self.eval_pending and self.start < self.end:
+                res = self.pending_eval()
+                if res is not None:
+                    return res
+            elif self.eval_pending:
+                self.stale = self.start  # the end's evaluation below is the one put off
+            if self.start == self.end and not self.eval_pending:
                 # The run's last checkpoint (a requeue after the run ended, or an adapter its run did not get to
                 # write): its run evaluated and followed this step before saving it; again would log it twice and
                 # count it twice towards train.early_stopping.patience.
@@ -475,6 +519,7 @@ class Trainer:
                         dist.print0(p.env, warn)
                 heldout, bench = self.due(done)
                 if (heldout or bench) and done < self.end:
+                    self.stop_before_eval(done)
                     res = self.run_eval(done, heldout, bench)
                     if self.selection.active and self.follow(done, res):
                         self.end = done  # finish() saves this step, with the reason in its meta.json
@@ -490,6 +535,7 @@ class Trainer:
                 # A chunk (train.stop_after_steps) ending off the evaluation grid: the uninterrupted run evaluates
                 # nothing here, so neither does the chunk (its metrics stay the uninterrupted run's).
                 return None
+            self.stop_before_eval(self.end)
             # The run's end evaluates everything it has; a chunk ending on the grid what is due there.
             parts = self.evaluate(self.end, last or heldout_due, (last and p.bench is not None) or bench_due)
             if self.selection.active:
@@ -510,5 +556,6 @@ class Trainer:
         # Not twice: keep_best's save of this step already carries the reason when the same evaluation stopped it
         # (a second write of a complete tag could only lose it).
         again = stopped and not self.saved_stopped
-        if (self.end < self.p.total_steps or self.p.cfg.checkpoint.at_end) and (self.saved < self.end or again):
+        if ((self.end < self.p.total_steps or self.p.cfg.checkpoint.at_end) and (self.saved < self.end or again)) \
+                or self.stale == self.end:
             self.save(self.end)
