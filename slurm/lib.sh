@@ -14,11 +14,14 @@ ia3_setup() {
   PYTHON=${PYTHON:-python}
   export PYTHON   # the per-node launcher commands (bash -c) run "$PYTHON -m ..." too
   # output.dir as the run will see it (config + overrides), for the pid file and the preemption marker.
-  OUTPUT_DIR=$("$PYTHON" -m ia3_dist resolve --config "$CONFIG" "${OVERRIDES[@]}" --key output.dir) || exit 2
+  OUTPUT_DIR=$("$PYTHON" -m ia3_dist resolve --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --key output.dir) || exit 2
   NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
   NPROC_PER_NODE=${NPROC_PER_NODE##*:}          # "a100:4" -> 4
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-  MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  # From the job id, not an inherited MASTER_PORT (sbatch exports the submitting shell's: every job from it would
+  # share one port); below Linux's ephemeral range (32768+), where a port may be taken by any outgoing connection.
+  # IA3_DIST_MASTER_PORT picks one by hand.
+  MASTER_PORT=${IA3_DIST_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
   LOG_DIR=${LOG_DIR:-logs}
   mkdir -p "$LOG_DIR"
   export MASTER_ADDR MASTER_PORT
@@ -34,13 +37,34 @@ ia3_setup() {
   trap 'ia3_forward TERM' TERM
 }
 
+# The pid in rank0.pid when it is a live ia3-dist process on this host; nothing for a pid file left by a run that
+# was killed (SIGKILL, OOM, the hang watchdog), whose pid may since belong to any other process.
+ia3_rank0_pid() {
+  local pid
+  pid=$(head -c 32 "$OUTPUT_DIR/rank0.pid" 2>/dev/null) || return 0
+  case "$pid" in ''|*[!0-9]*) return 0 ;; esac
+  tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qE 'ia3_dist|ia3-dist|launch\.py' && echo "$pid"
+  return 0
+}
+
+# Whether Slurm cancelled this job (scancel): its TERM then means stop, not preemption; no requeue follows.
+ia3_cancelled() {
+  scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q 'JobState=CANCELLED'
+}
+
 # Forward the preemption warning to global rank 0 (on this node, the job's first); the stop flag rides on the
 # per-step all-reduce, so every rank stops at the same step boundary and checkpoints.
 ia3_forward() {
-  local f="$OUTPUT_DIR/rank0.pid"
-  if [ -s "$f" ]; then
-    ia3_log "caught SIG$1: asking the run (rank 0, pid $(cat "$f")) to checkpoint and stop"
-    kill -USR1 "$(cat "$f")" 2>/dev/null || true
+  local pid
+  if [ "$1" = TERM ] && ia3_cancelled; then
+    # Still checkpointed (a resume with train.resume=auto goes on from it), but not requeued: the user's scancel.
+    CANCELLED=1
+    ia3_log "caught SIGTERM: job $SLURM_JOB_ID was cancelled; the run checkpoints and is not requeued"
+  fi
+  pid=$(ia3_rank0_pid)
+  if [ -n "$pid" ]; then
+    ia3_log "caught SIG$1: asking the run (rank 0, pid $pid) to checkpoint and stop"
+    kill -USR1 "$pid" 2>/dev/null || true
   elif [ -n "${RUN_STAMP:-}" ] && [ "$OUTPUT_DIR/run.yaml" -nt "$RUN_STAMP" ]; then
     # This start wrote run.yaml and rank 0 has since removed its pid file: training is over (the run is writing
     # its adapter or exiting). Requeueing now would start a finished run again.
@@ -54,17 +78,26 @@ ia3_forward() {
 
 ia3_run() {
   rm -f "$OUTPUT_DIR/preempted.json" "$OUTPUT_DIR/hung.json"
+  # A pid file of a run that did not end cleanly: until the new rank 0 writes its own, a signal must not reach
+  # whatever process has that pid now. (One naming a live run stays: that run refuses a second one in its dir.)
+  [ -n "$(ia3_rank0_pid)" ] || rm -f "$OUTPUT_DIR/rank0.pid"
   # Older than anything this start writes (the run's imports alone take seconds, so even 1 s mtimes order them):
   # run.yaml newer than it means this start's run got past its setup.
   RUN_STAMP=$(mktemp "${TMPDIR:-/tmp}/ia3-dist-start.XXXXXX")
   "$@" &
   WORK_PID=$!
   local rc
-  while :; do
-    wait "$WORK_PID"; rc=$?
-    kill -0 "$WORK_PID" 2>/dev/null || break   # wait returned for a trapped signal: keep waiting
+  # wait returns early for a trapped signal: keep waiting while the run lives; the last wait gives its exit code
+  # (a trap that ran as the run ended leaves the interrupted wait's 128+n, and bash keeps the code to ask again).
+  while kill -0 "$WORK_PID" 2>/dev/null; do
+    wait "$WORK_PID"
   done
+  wait "$WORK_PID"; rc=$?
   rm -f "$RUN_STAMP"
+  if [ -n "${CANCELLED:-}" ]; then
+    ia3_log "run stopped (exit $rc) after job $SLURM_JOB_ID was cancelled: not requeueing"
+    exit "$rc"
+  fi
   if [ "$rc" = 75 ] || [ -e "$OUTPUT_DIR/preempted.json" ] || [ -n "${PREEMPT_EARLY:-}" ]; then
     ia3_log "run stopped after a checkpoint (exit $rc): requeueing job $SLURM_JOB_ID; it resumes with train.resume=auto"
     scontrol requeue "$SLURM_JOB_ID"

@@ -17,6 +17,8 @@ import ast
 import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -469,3 +471,27 @@ def test_rerun_with_overwrite_keeps_user_files(tmp_path: Path, tiny_model: Path)
     assert ckpt.read_meta(out / "checkpoints" / "step1")["total_steps"] == 1
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != first_adapter
     assert notes.read_text() == "my notes\n" and mine.read_text() == "keep me too\n"
+
+
+def test_a_run_training_in_the_dir_is_refused_a_stale_pid_file_is_not(tmp_path: Path) -> None:
+    """A second run in an output dir where one trains now (a job submitted twice, sweep --force over a live sweep)
+    would write the same checkpoints: rank 0's preflight refuses it, naming the pid. A pid file naming a process
+    that is not an ia3-dist run (a killed run's pid, reused), this process, or junk refuses nothing."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "ia3_dist"])
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        for body, refused in ((str(live.pid), True), (str(other.pid), False), (str(os.getpid()), False),
+                              ("not a pid", False), ("", False), ("-1", False), ("9" * 40, False)):
+            (tmp_path / PID_FILE).write_text(body)
+            if refused:
+                with pytest.raises(UsageError, match=f"is in use: a run is training there now .rank 0 is pid {body}"):
+                    manifest.refuse_live_run(tmp_path)
+            else:
+                manifest.refuse_live_run(tmp_path)
+        live.kill()
+        live.wait()
+        (tmp_path / PID_FILE).write_text(str(live.pid))
+        manifest.refuse_live_run(tmp_path)  # it ended: the file is stale
+    finally:
+        live.kill()
+        other.kill()

@@ -431,15 +431,18 @@ until [ -e "$OUTPUT_DIR/go" ]; do sleep 0.05; done
 """
 
 
-def _batch_shell(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
-    """lib.sh's trap and ia3_run around a stand-in for the run (scontrol recorded, not called)."""
+def _batch_shell(tmp_path: Path, state: str = "RUNNING", before: str = "") -> tuple[subprocess.Popen, Path]:
+    """lib.sh's trap and ia3_run around a stand-in for the run (scontrol recorded, not called; `scontrol show job`
+    says the job is in ``state``). The stand-in's name holds "ia3_dist", as a real rank 0's command line does:
+    lib.sh signals only such a process. ``before``: shell run before ia3_run."""
     out = tmp_path / "out"
     out.mkdir()
-    (tmp_path / "run.sh").write_text(FAKE_RUN)
+    (tmp_path / "fake-ia3_dist-run.sh").write_text(FAKE_RUN)
     script = (f'source "{template_dir() / "lib.sh"}"; OUTPUT_DIR="{out}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
-              f'scontrol() {{ echo "$*" >> "{tmp_path}/scontrol"; }}; '
-              "trap 'ia3_forward USR1' USR1; export OUTPUT_DIR; "
-              f'ia3_run bash "{tmp_path}/run.sh"')
+              f'scontrol() {{ if [ "$1" = show ]; then echo "JobId=7 JobState={state} Reason=None"; '
+              f'else echo "$*" >> "{tmp_path}/scontrol"; fi; }}; '
+              "trap 'ia3_forward USR1' USR1; trap 'ia3_forward TERM' TERM; export OUTPUT_DIR; "
+              f'{before}ia3_run bash "{tmp_path}/fake-ia3_dist-run.sh"')
     proc = subprocess.Popen([BASH, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, out
 
@@ -488,3 +491,37 @@ def test_a_signal_before_or_during_training_requeues(tmp_path: Path, when: str) 
     said = "asking the run (rank 0" if when == "during" else "before training started: requeueing"
     assert said in text and "requeueing job 7" in text and proc.returncode == 0, text
     assert (tmp_path / "scontrol").read_text() == "requeue 7\n", text
+
+
+@needs_bash
+def test_a_stale_pid_file_is_never_signalled(tmp_path: Path) -> None:
+    """rank0.pid left by a run that was killed (SIGKILL, out of memory, the hang watchdog) names a pid some other
+    process may have now: the next start removes it, and a signal before the new rank 0 writes its own takes the
+    not-started path (requeue) instead of killing that process."""
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        proc, out = _batch_shell(tmp_path, before=f'echo {other.pid} > "$OUTPUT_DIR/rank0.pid"; ')
+        time.sleep(0.3)  # inside ia3_run; the stand-in has not written its pid file yet
+        proc.send_signal(signal.SIGUSR1)
+        text = proc.communicate(timeout=30)[0]
+        assert "before training started: requeueing" in text and "requeueing job 7" in text, text
+        assert other.poll() is None, "the stale pid's process was signalled"
+    finally:
+        other.kill()
+
+
+@needs_bash
+def test_a_cancelled_job_checkpoints_and_is_not_requeued(tmp_path: Path) -> None:
+    """scancel sends TERM, as a preemption does; Slurm already shows the job CANCELLED: the run is still asked to
+    checkpoint (a resume goes on from it), but the job is not requeued against the user's cancel."""
+    proc, out = _batch_shell(tmp_path, state="CANCELLED")
+    _wait_for(out / "rank0.pid", proc)
+    proc.send_signal(signal.SIGTERM)
+    _wait_for(out / "stop-asked", proc)
+    (out / "preempted.json").write_text("{}")
+    (out / "trained").touch()
+    (out / "go").touch()
+    text = proc.communicate(timeout=30)[0]
+    assert "was cancelled; the run checkpoints and is not requeued" in text, text
+    assert "asking the run (rank 0" in text and "not requeueing" in text, text
+    assert not (tmp_path / "scontrol").exists(), text

@@ -98,6 +98,28 @@ def test_bad_slurm_option_and_existing_sweep_are_refused(tmp_path: Path, fake_sb
     assert not fake_sbatch.exists()
 
 
+def test_force_over_a_live_array_is_refused(tmp_path: Path, fake_sbatch: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """--force writes a sweep again (its task dirs resume); while the earlier array still has tasks in the queue
+    (squeue lists them) that would start a second run in each task dir: refused, naming the job to cancel."""
+    squeue = fake_sbatch.parent / "bin" / "squeue"
+    queue = tmp_path / "queue"
+    squeue.write_text(f'#!/bin/sh\ncat {queue} 2>/dev/null\n')
+    squeue.chmod(0o755)
+    d = tmp_path / "sw"
+    assert sweep(["--dir", str(d), "--grid", "train.lr=1e-3,1e-2"], capsys)[0] == 0
+    assert json.loads((d / "sweep.json").read_text())["job"] == "4242"
+    queue.write_text("0|RUNNING\n1|PENDING\n")
+    rc, _, err = sweep(["--dir", str(d), "--grid", "train.lr=1e-3,1e-2", "--force"], capsys)
+    assert rc == 2 and "job array 4242 still has 2 task(s) queued or running" in err and "scancel 4242" in err, err
+    queue.write_text("")
+    assert sweep(["--dir", str(d), "--grid", "train.lr=1e-3,1e-2", "--force"], capsys)[0] == 0
+    # --local writes no #SBATCH line: a space in its dir is fine there.
+    from ia3_dist.tools.sweep import check_sweep_dir
+
+    check_sweep_dir(tmp_path / "a b", False, local=True)
+
+
 def test_no_sbatch_on_path_is_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing there

@@ -33,7 +33,12 @@ CHECKPOINTS = "checkpoints"
 # Written before the process group starts (or only to signal it): a dir of our own that holds nothing else never
 # trained, so a fresh start over it loses nothing. This is also what the other ranks may see when rank 0 is a
 # little ahead of them, and they must not refuse their own launch.
-SETUP_FILES = frozenset({"run.yaml", "ds_config.json", "rank0.pid", "preempted.json", "hung.json", MANIFEST,
+PID_FILE = "rank0.pid"
+"""Rank 0's pid while it trains, for schedulers' preemption traps (slurm/lib.sh signal it)."""
+# What a live run's rank 0 runs as (python -m ia3_dist under a launcher, launch.py, the ia3-dist script): a pid
+# file naming another program is stale (its run was killed; the pid was reused).
+_RUN_CMD = re.compile(rb"ia3_dist|ia3-dist|launch\.py")
+SETUP_FILES = frozenset({"run.yaml", "ds_config.json", PID_FILE, "preempted.json", "hung.json", MANIFEST,
                          MANIFEST + ".tmp"})
 # trackers.json, wandb/ and mlflow/: the experiment trackers' run ids and local records (train/trackers.py);
 # metrics.jsonl.tmp: a resume rewrites metrics.jsonl through it (train/metrics.py trim_metrics).
@@ -240,3 +245,29 @@ def check_writable_dir(path: Path, what: str) -> None:
     if why:
         where = "" if base == p.absolute() else f" ({base}, where it would be created)"
         raise UsageError(f"{what} {path} is not writable{where}: {why}; pick a writable location")
+
+
+def live_run_pid(out: Path) -> int | None:
+    """The pid in ``<out>/rank0.pid`` when it is a live ia3-dist process on this host other than this one: a run
+    training in ``out`` now. None for no file, a stale one, or a process elsewhere (a pid file on a shared
+    filesystem written on another node says nothing about this host's processes)."""
+    try:
+        with open(out / PID_FILE, "rb") as f:
+            raw = f.read(32)
+        pid = int(raw.strip() or b"x")
+        if pid <= 0 or pid == os.getpid():
+            return None
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read(1 << 16)
+    except (OSError, ValueError):
+        return None
+    return pid if _RUN_CMD.search(cmd) else None
+
+
+def refuse_live_run(out: Path) -> None:
+    """Rank 0's preflight: two runs in one output dir would write the same checkpoints and metrics (a job submitted
+    twice, ``sweep --force`` over a live sweep)."""
+    pid = live_run_pid(out)
+    if pid is not None:
+        raise UsageError(f"output.dir {out} is in use: a run is training there now (rank 0 is pid {pid}, in "
+                         f"{PID_FILE}); wait for it to end or stop it, or pick another output.dir")

@@ -557,7 +557,7 @@ def add_job_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--job-name", help="default: the last part of output.dir")
     # Checked by check_job, not by argparse's choices: its error would quote all of a 10,000-character value.
     ap.add_argument("--launcher", default="deepspeed", metavar="{" + ",".join(LAUNCHERS) + "}",
-                    help="deepspeed (default), torchrun (multi-node, c10d rendezvous) or srun (one task per rank)")
+                    help="deepspeed (default), torchrun (multi-node, static rendezvous) or srun (one task per rank)")
     ap.add_argument("--python", help="the python the job runs (default: this one, "
                     f"{default_python()}); IA3_DIST_PYTHON at submit time still overrides it")
 

@@ -36,7 +36,7 @@ from ..config.schema import brief, show
 from ..errors import UsageError
 from ..runtime.safe_io import write_file
 from . import slurm
-from .summary import FORMAT, SWEEP_FILE, run_status
+from .summary import FORMAT, SWEEP_FILE, run_status, slurm_states
 from .summary import main as summary_main
 
 MAX_TASKS = 1000
@@ -194,15 +194,27 @@ def default_dir(config: str, base: list[str]) -> Path:
     return out.parent / f"{out.name or 'runs'}-sweep"
 
 
-def check_sweep_dir(d: Path, force: bool) -> None:
+def check_sweep_dir(d: Path, force: bool, local: bool = False) -> None:
     name = brief(str(d))
-    if not _SAFE_PATH.fullmatch(str(d)):
+    if not local and not _SAFE_PATH.fullmatch(str(d)):
         raise UsageError(f"--dir {name}: the sweep dir goes into #SBATCH --output, so its path may hold only "
                          f"letters, digits and . _ + = , / -; give another --dir")
     try:
         _check_entries(d, name, force)
     except OSError as e:  # a name too long, a dir without search permission, ...
         raise UsageError(f"--dir {name}: cannot use it ({e.strerror or e}); give another --dir") from None
+
+
+def _refuse_live_array(d: Path, name: str) -> None:
+    """--force over a sweep whose job array still runs: each task dir would get a second run beside the live one."""
+    try:
+        job = json.loads((d / SWEEP_FILE).read_text(encoding="utf-8")).get("job")
+    except (OSError, ValueError, AttributeError):
+        return  # a damaged record names no job; the sweep written now replaces it
+    live = slurm_states(str(job)) if isinstance(job, (str, int)) and not isinstance(job, bool) else None
+    if live:
+        raise UsageError(f"--dir {name}: its job array {job} still has {len(live)} task(s) queued or running; "
+                         f"cancel it first (scancel {job}) or wait for it, then run this again")
 
 
 def _check_entries(d: Path, name: str, force: bool) -> None:
@@ -216,6 +228,7 @@ def _check_entries(d: Path, name: str, force: bool) -> None:
             raise UsageError(f"--dir {name}: holds a sweep already (ia3-dist summary {name} shows it); add --force "
                              f"to write and start it again (task dirs are kept: their runs resume), or give another "
                              f"--dir")
+        _refuse_live_array(d, name)
     for entry, want_dir in ((SCRIPT, False), (SWEEP_FILE, False), (LOGS, True)):
         # Checked before anything is written: these are written (or, logs/, written into) by the sweep and its tasks,
         # and through a link (a sweep dir from elsewhere, given with --force) they would be anywhere.
@@ -362,7 +375,7 @@ def main(argv: list[str], prog: str) -> int:
         slurm._no_control("--dir", a.dir)
     sweep_dir = Path(os.path.abspath(a.dir if a.dir is not None else default_dir(config, a.overrides)))
     tasks = plan_tasks(config, a.overrides, grid, sweep_dir, a.max_tasks)
-    check_sweep_dir(sweep_dir, a.force)
+    check_sweep_dir(sweep_dir, a.force, a.local)
     submit = not a.local and not a.no_submit
     if submit and not shutil.which("sbatch"):
         raise UsageError("sbatch not found: run this on a Slurm login node, or use --local (run the grid here) or "
