@@ -47,20 +47,10 @@ ia3_rank0_pid() {
   return 0
 }
 
-# Whether Slurm cancelled this job (scancel): its TERM then means stop, not preemption; no requeue follows.
-ia3_cancelled() {
-  scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q 'JobState=CANCELLED'
-}
-
 # Forward the preemption warning to global rank 0 (on this node, the job's first); the stop flag rides on the
 # per-step all-reduce, so every rank stops at the same step boundary and checkpoints.
 ia3_forward() {
   local pid
-  if [ "$1" = TERM ] && ia3_cancelled; then
-    # Still checkpointed (a resume with train.resume=auto goes on from it), but not requeued: the user's scancel.
-    CANCELLED=1
-    ia3_log "caught SIGTERM: job $SLURM_JOB_ID was cancelled; the run checkpoints and is not requeued"
-  fi
   pid=$(ia3_rank0_pid)
   if [ -n "$pid" ]; then
     ia3_log "caught SIG$1: asking the run (rank 0, pid $pid) to checkpoint and stop"
@@ -94,10 +84,6 @@ ia3_run() {
   done
   wait "$WORK_PID"; rc=$?
   rm -f "$RUN_STAMP"
-  if [ -n "${CANCELLED:-}" ]; then
-    ia3_log "run stopped (exit $rc) after job $SLURM_JOB_ID was cancelled: not requeueing"
-    exit "$rc"
-  fi
   if [ "$rc" = 75 ] || [ -e "$OUTPUT_DIR/preempted.json" ] || [ -n "${PREEMPT_EARLY:-}" ]; then
     ia3_log "run stopped after a checkpoint (exit $rc): requeueing job $SLURM_JOB_ID; it resumes with train.resume=auto"
     scontrol requeue "$SLURM_JOB_ID"

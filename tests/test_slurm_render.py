@@ -431,17 +431,16 @@ until [ -e "$OUTPUT_DIR/go" ]; do sleep 0.05; done
 """
 
 
-def _batch_shell(tmp_path: Path, state: str = "RUNNING", before: str = "") -> tuple[subprocess.Popen, Path]:
-    """lib.sh's trap and ia3_run around a stand-in for the run (scontrol recorded, not called; `scontrol show job`
-    says the job is in ``state``). The stand-in's name holds "ia3_dist", as a real rank 0's command line does:
-    lib.sh signals only such a process. ``before``: shell run before ia3_run."""
+def _batch_shell(tmp_path: Path, before: str = "") -> tuple[subprocess.Popen, Path]:
+    """lib.sh's trap and ia3_run around a stand-in for the run (scontrol recorded, not called). The stand-in's name
+    holds "ia3_dist", as a real rank 0's command line does: lib.sh signals only such a process. ``before``: shell
+    run before ia3_run."""
     out = tmp_path / "out"
     out.mkdir()
     (tmp_path / "fake-ia3_dist-run.sh").write_text(FAKE_RUN)
     script = (f'source "{template_dir() / "lib.sh"}"; OUTPUT_DIR="{out}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
-              f'scontrol() {{ if [ "$1" = show ]; then echo "JobId=7 JobState={state} Reason=None"; '
-              f'else echo "$*" >> "{tmp_path}/scontrol"; fi; }}; '
-              "trap 'ia3_forward USR1' USR1; trap 'ia3_forward TERM' TERM; export OUTPUT_DIR; "
+              f'scontrol() {{ echo "$*" >> "{tmp_path}/scontrol"; }}; '
+              "trap 'ia3_forward USR1' USR1; export OUTPUT_DIR; "
               f'{before}ia3_run bash "{tmp_path}/fake-ia3_dist-run.sh"')
     proc = subprocess.Popen([BASH, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, out
@@ -509,19 +508,3 @@ def test_a_stale_pid_file_is_never_signalled(tmp_path: Path) -> None:
     finally:
         other.kill()
 
-
-@needs_bash
-def test_a_cancelled_job_checkpoints_and_is_not_requeued(tmp_path: Path) -> None:
-    """scancel sends TERM, as a preemption does; Slurm already shows the job CANCELLED: the run is still asked to
-    checkpoint (a resume goes on from it), but the job is not requeued against the user's cancel."""
-    proc, out = _batch_shell(tmp_path, state="CANCELLED")
-    _wait_for(out / "rank0.pid", proc)
-    proc.send_signal(signal.SIGTERM)
-    _wait_for(out / "stop-asked", proc)
-    (out / "preempted.json").write_text("{}")
-    (out / "trained").touch()
-    (out / "go").touch()
-    text = proc.communicate(timeout=30)[0]
-    assert "was cancelled; the run checkpoints and is not requeued" in text, text
-    assert "asking the run (rank 0" in text and "not requeueing" in text, text
-    assert not (tmp_path / "scontrol").exists(), text
