@@ -47,3 +47,80 @@ def test_plan_pick_is_the_largest_divisor_the_memory_model_fits(tiny_model: Path
     picked = autobatch.plan_pick(cfg, mc, env, ds, 64, budget=(need[0] + need[1]) / 2)
     assert picked.planned == 4
     assert "plan picked 4" in autobatch.AutoBatch(12, 4, 1.0, micro=4, probe_peak_gib=0.5, source="probe").line()
+
+
+def _cgroup(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize("files, proc, env, want", [
+    ({}, "", {}, None),
+    # cgroup v2: the container's own limit (its namespace shows "/"), "max" is none
+    ({"memory.max": f"{8 * GIB}\n"}, "0::/\n", {}, 8 * GIB),
+    ({"memory.max": "max\n"}, "0::/\n", {}, None),
+    # v2 without a namespace: this process's cgroup and its ancestors, the smallest
+    ({"job/memory.max": f"{6 * GIB}\n", "job/step/memory.max": "max\n"}, "0::/job/step\n", {}, 6 * GIB),
+    # cgroup v1: the memory controller's hierarchy; its "no limit" is a huge page-aligned number
+    ({"memory/memory.limit_in_bytes": "9223372036854771712\n"}, "4:memory:/\n", {}, None),
+    ({"memory/a/memory.limit_in_bytes": f"{3 * GIB}\n"}, "4:memory:/a\n0::/\n", {}, 3 * GIB),
+    # Slurm's allocation on the node (MiB): per node, or per CPU times the node's CPUs; the smallest of all
+    ({"memory.max": f"{8 * GIB}\n"}, "0::/\n", {"SLURM_MEM_PER_NODE": "4096"}, 4 * GIB),
+    ({}, "", {"SLURM_MEM_PER_CPU": "1024", "SLURM_CPUS_ON_NODE": "3"}, 3 * GIB),
+    ({}, "", {"SLURM_MEM_PER_NODE": "0"}, None),
+])
+def test_host_memory_limit_is_the_smallest_of_cgroup_and_slurm(tmp_path: Path, files: dict, proc: str, env: dict,
+                                                               want: int | None) -> None:
+    root = _cgroup(tmp_path / "cg", files)
+    (tmp_path / "cgroup").write_text(proc)
+    assert autobatch.host_memory_limit(root, env, tmp_path / "cgroup") == want
+
+
+def test_cpu_budget_is_the_limit_split_between_the_local_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container (or Slurm job) allowed 4 GiB on a big host: each of 2 local ranks plans within 0.9 x 2 GiB."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(autobatch, "host_memory_limit", lambda: 4 * GIB)
+    assert autobatch.memory_budget(2, 0) == pytest.approx(4 * GIB * autobatch.BUDGET_FRACTION / 2)
+
+
+def test_probe_labels_every_real_position(tiny_model: Path, tiny_tokenizer, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LM head runs only at label rows, so the probe labels every real position (an upper bound for any
+    micro-batch of these lengths), not the examples' own few answer tokens."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ia3_dist.config import DataSection
+    from ia3_dist.data.records import load_records
+    from ia3_dist.data.tokenize import IGNORE_INDEX, tokenize
+    from ia3_dist.models.loss import TokenSumLM
+
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([{"instruction": "长的问题" * (5 + i), "output": "是"} for i in range(6)],
+                            ensure_ascii=False))
+    cfg = DataSection(path=str(f), max_length=64)
+    data = tokenize(load_records(cfg), tiny_tokenizer, cfg)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)), IA3Config(task_type="CAUSAL_LM"))
+    engine = SimpleNamespace(module=TokenSumLM(peft), device=torch.device("cpu"))
+    seen = []
+    measure = autobatch._measure
+    monkeypatch.setattr(autobatch, "_measure", lambda e, b, leaf, rank: seen.append(b) or measure(e, b, leaf, rank))
+    p = SimpleNamespace(data=data, tokenizer=tiny_tokenizer, env=DistEnv(0, 0, 1, 1))
+    out = autobatch.probe(engine, p, autobatch.AutoBatch(4, 4, 1024.0, micro=4))
+    assert out.micro == 4 and out.probe_peak_gib is not None
+    [b] = seen
+    real = b["attention_mask"] == 1
+    assert torch.equal(b["labels"][real], b["input_ids"][real]) and bool((b["labels"][~real] == IGNORE_INDEX).all())
+    own = sum(sum(v != IGNORE_INDEX for v in data.example(i)[2]) for i in range(len(data)))
+    assert int(real.sum()) > own  # the examples' own labels: the answers alone

@@ -125,6 +125,72 @@ def test_benchmarks_during_training_follow_the_best_on_zero2_and_zero3(tmp_path:
     assert (run / "checkpoints" / "best").read_text().strip() == f"step{best}"
 
 
+def _one_doc_task(d: Path) -> Path:
+    """tiny_mc's first document alone, as task tiny_one in ``d``: fewer documents than 2 ranks."""
+    d.mkdir(parents=True, exist_ok=True)
+    data = d / "one.jsonl"
+    data.write_text((TASKS / "tiny_mc.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    (d / "tiny_one.yaml").write_text((TASKS / "tiny_mc.yaml").read_text(encoding="utf-8")
+                                     .replace("task: tiny_mc", "task: tiny_one")
+                                     .replace("tests/data/tiny_mc.jsonl", str(data)), encoding="utf-8")
+    return d
+
+
+def _adapter(tiny_model: Path, dest: Path) -> Path:
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)), IA3Config(task_type="CAUSAL_LM")) \
+        .save_pretrained(str(dest))
+    return dest
+
+
+@pytest.mark.slow
+def test_a_task_with_fewer_documents_than_ranks_runs_on_every_rank(tmp_path: Path, tiny_model: Path, monkeypatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """lm-eval deals documents rank, rank + world, ...: a rank with none raised on that rank alone and failed the
+    job. A task with 1 document on 2 ranks (no --limit, so the old eval.limit < world guard cannot see it) is
+    evaluated whole by every rank, by ia3-dist eval and during training, with one process's scores."""
+    monkeypatch.chdir(ROOT)
+    tasks = _one_doc_task(tmp_path / "tasks")
+    adapter = _adapter(tiny_model, tmp_path / "adapter")
+    common = ["eval", str(adapter), "--tasks", "tiny_one", "--include", str(tasks)]
+    proc = check(launch([*common, "--out", str(tmp_path / "two")], nproc=2))
+    assert "fewer documents than the 2 ranks in tiny_one (1): every rank evaluates every document" in proc.stdout
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    two, one = (json.loads((tmp_path / d / "results.json").read_text())["rows"] for d in ("two", "one"))
+    assert two == one and {r["metric"] for r in one} >= {"acc,none", "acc_norm,none"}, (two, one)
+    out = tmp_path / "train"
+    proc = check(launch(["--config", TINY, f"model.path={tiny_model}", "train.max_steps=2", "eval.tasks=[tiny_one]",
+                         f"eval.include={tasks}", "eval.every=2", f"output.dir={out}"], nproc=2))
+    assert "benchmarks: tiny_one/acc,none" in proc.stdout, proc.stdout[-1500:]
+
+
+def test_task_data_preflight_follows_lm_evals_include_path(tmp_path: Path) -> None:
+    """lm-eval indexes an include dir recursively and datasets takes data_files as one path, a list or a mapping:
+    a missing local file is refused in each shape, a task file in lm-eval's own layout (!function tags) and a
+    glob that matches are not."""
+    from ia3_dist.errors import UsageError
+    from ia3_dist.train.benchmarks import _local_task_files
+
+    here = tmp_path / "here.jsonl"
+    here.write_text("{}\n")
+    head = "task: t\ndataset_path: json\noutput_type: multiple_choice\n"
+    for name, files in (("sub/a.yaml", "/nowhere/a.jsonl"), ("b.yaml", f"[{here}, /nowhere/b.jsonl]"),
+                        ("c.yaml", "{test: [/nowhere/c.jsonl]}")):
+        d = tmp_path / name.replace("/", "-")
+        (d / name).parent.mkdir(parents=True)
+        (d / name).write_text(f"{head}dataset_kwargs:\n  data_files: {files}\n")
+        with pytest.raises(UsageError, match=f"names data file /nowhere/{name[-6]}.jsonl .*not on this machine"):
+            _local_task_files(d)
+    ok = tmp_path / "ok"
+    (ok / "deep" / "er").mkdir(parents=True)
+    (ok / "deep" / "er" / "t.yaml").write_text(f"{head}process_docs: !function utils.process_docs\n"
+                                               f"dataset_kwargs:\n  data_files: {tmp_path}/*.jsonl\n")
+    _local_task_files(ok)
+
+
 @pytest.mark.slow
 def test_refusals_before_anything_loads(run: Path, tmp_path: Path, monkeypatch,
                                         capsys: pytest.CaptureFixture) -> None:

@@ -234,6 +234,25 @@ def test_sharding_disjoint_complete_reshuffled(world: int, micro: int, accum: in
     assert sum([mb for _, _, st in iter_steps(lengths, other, total_steps=spe) for mb in st], []) != orders[0]
 
 
+@pytest.mark.parametrize("n, lay", [
+    (21, Layout(2, 1, 2, seed=0, shuffle=True, group_by_length=True)),  # the short step mid-epoch: [4,4,4,1,4,4]
+    (53, Layout(2, 3, 2, seed=3, shuffle=True, group_by_length=True, group_steps=2)),
+    (53, Layout(4, 1, 3, seed=1, shuffle=False, group_by_length=False)),
+    (7, Layout(1, 1, 3, seed=5, shuffle=True, group_by_length=True, group_steps=1)),
+])
+def test_examples_consumed_is_exact_where_grouping_moves_the_short_step(n: int, lay: Layout) -> None:
+    """The checkpoint's examples_consumed counts what the plan trained, wherever the epoch's short step sits."""
+    from ia3_dist.data.sampler import examples_consumed
+
+    lengths = _lengths(n)
+    spe = steps_per_epoch(n, lay.global_batch)
+    done = 0
+    for step, _, micro_batches in iter_steps(lengths, lay, total_steps=2 * spe):
+        assert examples_consumed(step, n, lay) == done, step
+        done += sum(len(mb) for mb in micro_batches)
+    assert examples_consumed(2 * spe, n, lay) == done == 2 * n
+
+
 def test_sequential_order_and_resume_position() -> None:
     lay = Layout(1, 2, 2, seed=0, shuffle=False, group_by_length=False)
     steps = list(iter_steps(np.ones(10, dtype=int), lay, total_steps=6))

@@ -6,6 +6,10 @@ import pytest
 
 from ia3_dist.runtime.dist import DistEnv, detect, first_host, slurm_master
 
+# What srun sets in a step of a job (besides the task's own SLURM_PROCID, SLURM_NODEID, ...).
+STEP = {"SLURM_JOB_ID": "123", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_LOCALID": "0"}
+
 
 @pytest.mark.parametrize("env, want", [
     ({}, DistEnv(0, 0, 1, 1)),
@@ -23,14 +27,49 @@ from ia3_dist.runtime.dist import DistEnv, detect, first_host, slurm_master
      DistEnv(2, 0, 4, 2)),
     # one srun task that runs a launcher itself: not a rank layout
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}, DistEnv(0, 0, 1, 1)),
+    # a job's srun step: the step's task count and this node's entry of the step's layout (3 tasks on the first
+    # node, 1 on the second; 2 on each of 3 nodes and 1 on the fourth; 2 tasks of a job that has 8 per node)
+    ({**STEP, "SLURM_PROCID": "3", "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "3,1"}, DistEnv(3, 0, 4, 1)),
+    ({**STEP, "SLURM_NTASKS": "7", "SLURM_STEP_NUM_TASKS": "7", "SLURM_PROCID": "6", "SLURM_NODEID": "3",
+      "SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_TASKS_PER_NODE": "2(x3),1"}, DistEnv(6, 0, 7, 1)),
+    ({**STEP, "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
+      "SLURM_NTASKS_PER_NODE": "8", "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_STEP_TASKS_PER_NODE": "2"},
+     DistEnv(1, 1, 2, 2)),
+    # without SLURM_NODEID: the node holding the rank under srun's default block distribution
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_TASKS_PER_NODE": "3,1"},
+     DistEnv(3, 0, 4, 1)),
+    # the batch script's shell of `sbatch --ntasks=4` (no srun): the job's tasks are not this process's ranks
+    ({"SLURM_JOB_ID": "123", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4",
+      "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_NODEID": "0"}, DistEnv(0, 0, 1, 1)),
+    ({"SLURM_JOB_ID": "123", "SLURM_STEP_ID": "4294967291", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"},
+     DistEnv(0, 0, 1, 1)),
 ])
 def test_detect(env: dict[str, str], want: DistEnv) -> None:
     assert detect(env) == want
 
 
+def test_python_in_a_batch_shell_is_one_process_and_says_srun(monkeypatch, capsys) -> None:
+    from ia3_dist.runtime import dist
+
+    for k in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
+              "SLURM_NTASKS_PER_NODE", "SLURM_NODEID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(dist, "_WARNED_BATCH_SHELL", False)
+    assert detect() == DistEnv(0, 0, 1, 1)
+    err = capsys.readouterr().err
+    assert "Slurm job 77 has 4 tasks, but this process is not an srun step" in err and "srun python" in err, err
+    assert detect() == DistEnv(0, 0, 1, 1) and capsys.readouterr().err == ""  # said once
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # the same variables in an srun step: rank 0 of 4
+    assert detect() == DistEnv(0, 0, 4, 4)
+
+
 @pytest.mark.parametrize("nodelist, host", [
     ("n1", "n1"), ("n[1-2]", "n1"), ("gpu[007-010,12],cpu1", "gpu007"), ("a,b", "a"), ("x[3]-ib", "x3-ib"),
     ("node-[5-7]", "node-5"), ("c[12,3-4]", "c12"),
+    # two bracket groups in one name, each at its first value
+    ("rack[1-2]-node[01-04]", "rack1-node01"), ("n[1-2]x[3-4]", "n1x3"), ("a[2,5]b[7-8],c1", "a2b7"),
 ])
 def test_first_host_without_scontrol(nodelist: str, host: str) -> None:
     assert first_host(nodelist) == host
@@ -90,6 +129,40 @@ def test_rank_share_under_and_outside_slurm(tmp_path, cores: int, slurm: str | N
     assert mask_is_allocation(list(range(cores)), env) == (slurm is None or int(slurm) >= cores)
 
 
+@pytest.mark.parametrize("mask, local, omp, host, want", [
+    (4, 4, "4", 16, 4),    # deepspeed --bind_cores_to_rank: numactl gave each rank its 4 cores, OMP_NUM_THREADS=4
+    (4, 4, None, 16, 1),   # the same mask without the launcher's OMP_NUM_THREADS: a shared mask, split
+    (8, 2, "8", 16, 8),
+    (2, 2, "2", 2, 1),     # 2 ranks on a 2-core box: the mask is the host's, split whatever OMP_NUM_THREADS says
+    (32, 2, "32", 64, 32),
+    (32, 4, "32", 64, 8),  # numactl --cpunodebind=0 around 4 ranks: more than the host has if per rank, split
+    (16, 2, "8", 64, 8),
+])
+def test_rank_share_keeps_a_launchers_per_rank_binding(tmp_path, mask: int, local: int, omp: str | None, host: int,
+                                                      want: int) -> None:
+    from ia3_dist.runtime.cpus import rank_share
+
+    env = {} if omp is None else {"OMP_NUM_THREADS": omp}
+    assert rank_share(local, list(range(mask)), tmp_path, env, host=host) == want
+    # A container's quota is shared by every rank in it, bound or not.
+    (tmp_path / "cpu.max").write_text("800000 100000\n")
+    assert rank_share(local, list(range(mask)), tmp_path, env, host=host) == min(want, max(1, 8 // local))
+
+
+@pytest.mark.parametrize("files, want", [
+    ({"cpuset.cpus.effective": "0-3,8,10-11\n"}, 7), ({"cpuset/cpuset.effective_cpus": "0-15\n"}, 16),
+    ({"cpuset.cpus.effective": "\n"}, None), ({}, None)])
+def test_host_cpus_is_the_cgroups_cpuset(tmp_path, files: dict[str, str], want: int | None) -> None:
+    import os
+
+    from ia3_dist.runtime.cpus import host_cpus
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert host_cpus(tmp_path) == (os.cpu_count() if want is None else want)
+
+
 def test_rank_share_follows_a_cgroup_quota(tmp_path) -> None:
     from ia3_dist.runtime.cpus import rank_share
 
@@ -143,3 +216,21 @@ def test_device_index_is_among_the_devices_the_rank_sees(monkeypatch) -> None:
     for seen, want in ((4, 3), (1, 0), (2, 1)):
         monkeypatch.setattr(torch.cuda, "device_count", lambda seen=seen: seen)
         assert device_index(env) == want
+
+
+def test_set_device_is_the_ranks_gpu_and_nothing_off_the_gpu(monkeypatch) -> None:
+    """ia3-dist eval on several GPUs: each rank's current device before the process group starts (NCCL binds to
+    it); on CPU nothing is touched."""
+    import torch
+
+    from ia3_dist.runtime.dist import set_device
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    set_device(DistEnv(rank=3, local_rank=3, world_size=4, local_world_size=4))
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    set_device(DistEnv(rank=3, local_rank=3, world_size=4, local_world_size=4))
+    assert calls == [1]

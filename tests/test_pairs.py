@@ -89,6 +89,41 @@ def test_bad_pairs_name_file_and_line(rec: dict, message: str, tmp_path: Path) -
     assert len(recs) == 1 and len(recs.skipped) == 1
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                           "parameters": {"type": "object", "properties": {}}}}
+CALL = {"role": "assistant", "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+
+
+def test_pairs_keep_the_records_tools_as_sft_does(tmp_path: Path, tiny_tokenizer) -> None:
+    """The tool schemas reach both conversations (renamed with data.columns as for SFT), the template writes them
+    before the prompt, and a call to a tool the record does not declare is refused as in SFT."""
+    msgs = [{"role": "user", "content": "巴黎天气？"}, CALL, {"role": "tool", "content": '{"t": 21}'}]
+    rec = {"messages": msgs, "functions": [WEATHER], "chosen": "21 度。", "rejected": "不知道。"}
+    listed = {"prompt": msgs, "functions": [WEATHER], "chosen": "21 度。", "rejected": "不知道。"}
+    for name, r in (("messages.jsonl", rec), ("prompt.jsonl", listed)):
+        cfg = DataSection(path=str(_write(tmp_path, [r], name)), columns={"tools": "functions"}, max_length=1024)
+        p = load_records(cfg, pairs=True).examples[0]
+        assert p.chosen.tools == p.rejected.tools == (WEATHER,), name
+        (ids, _, labels) = tokenize(load_records(cfg, pairs=True), tiny_tokenizer, cfg).example(0)
+        n = next(k for k, v in enumerate(labels) if v != -100)
+        assert "get_weather" in tiny_tokenizer.decode(ids[:n]).split("巴黎")[0], name
+    other = {**rec, "functions": [{"name": "other", "parameters": {}}]}
+    cfg = DataSection(path=str(_write(tmp_path, [other], "undeclared.jsonl")), columns={"tools": "functions"})
+    with pytest.raises(UsageError, match="calls tool 'get_weather', which the record's tools do not declare"):
+        load_records(cfg, pairs=True)
+
+
+@pytest.mark.parametrize("fmt", ["prompt", "alpaca"])
+def test_tools_on_a_plain_text_prompt_are_refused(fmt: str, tmp_path: Path) -> None:
+    f = _write(tmp_path, [{**FORMATS[fmt], "tools": [WEATHER]}])
+    with pytest.raises(UsageError, match=f"{f}:1: field 'tools' declares tools, but .* cannot carry them"):
+        load_records(DataSection(path=str(f)), pairs=True)
+    # An empty tools column (what a table with the column for other rows holds) declares nothing.
+    assert len(load_records(DataSection(path=str(_write(tmp_path, [{**FORMATS[fmt], "tools": []}], "e.jsonl"))),
+                            pairs=True)) == 1
+
+
 def test_sft_records_are_no_pairs(tmp_path: Path) -> None:
     f = _write(tmp_path, [{"instruction": "x", "output": "y"}])
     with pytest.raises(UsageError, match="missing field 'chosen'"):

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import UsageError
 from .formats import ALPACA, MESSAGES, SHAREGPT, Columns, Conversation, _alpaca, _chat, _keys, _text, detect_in
+from .tools import tool_list
 
 PROMPT = "prompt"
 PAIR_FORMATS = (PROMPT, ALPACA, SHAREGPT, MESSAGES)
@@ -104,10 +105,12 @@ def to_pair(rec: Any, fmt: str, cols: Columns, where: str) -> Pair:
 def _conversation(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str, answer: str) -> Conversation:
     """The record's prompt followed by ``answer`` as the last assistant turn, parsed by the SFT format readers."""
     if fmt == ALPACA:
+        _no_tools(rec, cols, where, "an alpaca record")
         return _alpaca({**rec, cols.name("output"): answer}, cols, where)
     if fmt == PROMPT:
         prompt = rec[cols.name("prompt")]
         if isinstance(prompt, str):
+            _no_tools(rec, cols, where, f"a string {cols.label('prompt')}")
             one = {cols.name("instruction"): _text(prompt, f"field {cols.label('prompt')}", where),
                    cols.name("output"): answer}
             if rec.get(cols.name("system")) is not None:
@@ -134,9 +137,21 @@ def _conversation(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str, a
                          f"user's message and the two answers are in {cols.label('chosen')} and "
                          f"{cols.label('rejected')}")
     full = {key: [*msgs, {role_key: assistant, content_key: answer}]}
-    if cols.name("system") in rec:
-        full[cols.name("system")] = rec[cols.name("system")]
+    # The rebuilt record is all _chat sees: without the tool schemas a chat template would not render them and
+    # check_calls would not refuse a call to an undeclared tool, as it does for the same record in SFT.
+    for ours in ("system", "tools"):
+        if cols.name(ours) in rec:
+            full[cols.name(ours)] = rec[cols.name(ours)]
     return _chat(full, chat_fmt, cols, where)
+
+
+def _no_tools(rec: Mapping[str, Any], cols: Columns, where: str, what: str) -> None:
+    """Refuse a record declaring tools in a form whose prompt is plain text: the tools would be silently dropped
+    and the pair trained without the schemas its answers may rely on."""
+    if tool_list(rec.get(cols.name("tools")), f"field {cols.label('tools')}", where):
+        raise UsageError(f"{where}: field {cols.label('tools')} declares tools, but {what} is plain text and cannot "
+                         f"carry them; give the prompt as a list of messages (the messages or sharegpt pair formats, "
+                         f"or 'prompt' as a message list) or drop the tools")
 
 
 def split_pair(chosen: list[tuple[list[int], bool]], rejected: list[tuple[list[int], bool]], where: str

@@ -45,10 +45,11 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
     return -(-n // global_batch)
 
 
-def examples_consumed(steps: int, n: int, global_batch: int) -> int:
-    """Examples of the global order trained in the first ``steps`` steps (every epoch's last step may be short)."""
-    epoch, k = divmod(steps, steps_per_epoch(n, global_batch))
-    return epoch * n + min(k * global_batch, n)
+def examples_consumed(steps: int, n: int, lay: Layout) -> int:
+    """Examples trained in the first ``steps`` steps, exactly: length grouping shuffles an epoch's short step among
+    its last group's steps (:func:`step_sizes`)."""
+    epoch, k = divmod(steps, steps_per_epoch(n, lay.global_batch))
+    return epoch * n + sum(step_sizes(n, lay, epoch)[:k])
 
 
 ORDER_VERSION = 2
@@ -120,20 +121,39 @@ def plan_epoch(lengths: np.ndarray, lay: Layout, epoch: int) -> list[list[list[i
             deal = rank_runs if lay.consecutive else rank_micro_batches
             steps.append([mb for r in range(lay.world) for mb in deal(batch, r, lay.world, lay.micro, lay.accum)])
         return steps
-    rng = np.random.default_rng([lay.seed, epoch, 2])
-    group = lay.global_batch * lay.group_steps
-    for g in range(0, n, group):
-        idx = order[g:g + group]
+    for g, size, block_order in _group_blocks(n, lay, epoch):
+        idx = order[g:g + size]
         idx = idx[np.argsort(-lengths[idx], kind="stable")]
         chunk = [idx[i:i + lay.micro].tolist() for i in range(0, len(idx), lay.micro)]
         # Whole steps of neighbouring micro-batches are shuffled, not single micro-batches, and a step's
         # micro-batches are dealt round-robin to the ranks: every rank of a step gets about the same number of
         # tokens, so none waits for another at the gradient all-reduce.
         blocks = [chunk[i:i + per_step] for i in range(0, len(chunk), per_step)]
-        for j in rng.permutation(len(blocks)):
+        for j in block_order:
             b = blocks[j] + [[] for _ in range(per_step - len(blocks[j]))]
             steps.append([b[a * lay.world + r] for r in range(lay.world) for a in range(lay.accum)])
     return steps
+
+
+def _group_blocks(n: int, lay: Layout, epoch: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Length-grouped mode: ``(start, size, block order)`` of each group of the epoch order, where a group's
+    blocks are its runs of one step's worth of micro-batches (the last one short where the group is) and the
+    order is the group's shuffle of them. The sizes alone fix it, not the lengths: :func:`step_sizes` needs none."""
+    rng = np.random.default_rng([lay.seed, epoch, 2])
+    group = lay.global_batch * lay.group_steps
+    for g in range(0, n, group):
+        size = min(group, n - g)
+        yield g, size, rng.permutation(-(-size // (lay.micro * lay.world * lay.accum)))
+
+
+def step_sizes(n: int, lay: Layout, epoch: int) -> list[int]:
+    """Examples in each step of ``epoch``'s plan (:func:`plan_epoch`), without the lengths: in length-grouped
+    mode the last group's short step lands wherever that group's shuffle puts it."""
+    gb = lay.global_batch
+    if not lay.group_by_length:
+        return [min(gb, n - k * gb) for k in range(steps_per_epoch(n, gb))]
+    return [min(size, (j + 1) * gb) - j * gb for _, size, block_order in _group_blocks(n, lay, epoch)
+            for j in block_order.tolist()]
 
 
 def iter_steps(lengths: np.ndarray, lay: Layout, total_steps: int,

@@ -39,6 +39,41 @@ def _slurm_cpus(environ: Mapping[str, str]) -> int | None:
     return n if n > 0 else None
 
 
+def _cpu_list_size(text: str) -> int:
+    """CPUs in a kernel CPU list such as ``0-3,8,10-11``; ValueError when it is not one."""
+    n = 0
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+def host_cpus(root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this machine (or container) lets the job's processes use: the cgroup's cpuset (v2
+    ``cpuset.cpus.effective``, v1 ``cpuset/cpuset.effective_cpus``), else every CPU the OS counts. Unlike the
+    affinity mask, a launcher's per-rank binding does not narrow it."""
+    for f in (root / "cpuset.cpus.effective", root / "cpuset" / "cpuset.effective_cpus"):
+        try:
+            n = _cpu_list_size(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if n > 0:
+            return n
+    return os.cpu_count() or 1
+
+
+def _bound_per_rank(mask: int, local_world: int, host: int, environ: Mapping[str, str]) -> bool:
+    """Whether a launcher already bound this rank to its own CPUs (``deepspeed --bind_cores_to_rank``: numactl
+    gives each local rank a disjoint slice and sets OMP_NUM_THREADS to its size). Both signs are required: a mask
+    that only looks small (``numactl --cpunodebind=0 deepspeed ...`` puts every rank on one socket's cores) has
+    no OMP_NUM_THREADS of its size, and a user's own OMP_NUM_THREADS alone says nothing about the mask."""
+    try:
+        omp = int(environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return False
+    return local_world > 1 and omp == mask < host and mask * local_world <= host
+
+
 def affinity() -> list[int]:
     """The CPUs this process may run on (every CPU where the OS has no affinity call)."""
     try:
@@ -59,21 +94,25 @@ def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), environ: Mapping[str
 
 
 def rank_share(local_world: int, cores: list[int] | None = None, cgroup_root: Path = Path("/sys/fs/cgroup"),
-               environ: Mapping[str, str] | None = None) -> int:
+               environ: Mapping[str, str] | None = None, host: int | None = None) -> int:
     """CPU threads for one of ``local_world`` ranks on this node.
 
-    Outside Slurm the usable CPUs are split between the local ranks. Under Slurm the affinity mask is the job's
-    CPUs (one task per node running a launcher), this task's own CPUs (``srun`` one task per rank with
-    task/affinity or task/cgroup), or the whole node (a cluster that confines nothing); the node's allocation,
-    ``SLURM_CPUS_ON_NODE``, is split between the local ranks in every case, and a rank never gets more than its
-    mask."""
-    n = len(affinity() if cores is None else cores)
+    Outside Slurm the usable CPUs are split between the local ranks, unless the launcher already bound each rank
+    to its own CPUs (:func:`_bound_per_rank`; ``host``: :func:`host_cpus` by default): then the mask is the
+    rank's share. A cgroup quota is the whole container's, split between the local ranks either way. Under
+    Slurm the affinity mask is the job's CPUs (one task per node running a launcher), this task's own CPUs
+    (``srun`` one task per rank with task/affinity or task/cgroup), or the whole node (a cluster that confines
+    nothing); the node's allocation, ``SLURM_CPUS_ON_NODE``, is split between the local ranks in every case, and
+    a rank never gets more than its mask."""
+    e = os.environ if environ is None else environ
+    mask = len(affinity() if cores is None else cores)
     q = _quota(cgroup_root)
-    if q:
-        n = min(n, math.ceil(q))
-    s = _slurm_cpus(os.environ if environ is None else environ)
+    s = _slurm_cpus(e)
     if s is None:
-        return max(1, n // local_world)
+        bound = _bound_per_rank(mask, local_world, host_cpus(cgroup_root) if host is None else host, e)
+        share = mask if bound else mask // local_world
+        return max(1, min(share, math.ceil(q) // local_world) if q else share)
+    n = min(mask, math.ceil(q)) if q else mask
     return max(1, min(n, s // local_world))
 
 

@@ -2,15 +2,18 @@
 
 Launchers set different variables: ``deepspeed`` and ``torchrun`` set RANK, LOCAL_RANK, WORLD_SIZE (and
 LOCAL_SIZE / LOCAL_WORLD_SIZE); a plain ``srun`` with one task per rank only sets SLURM_PROCID, SLURM_LOCALID,
-SLURM_NTASKS. A plain ``python launch.py`` sets nothing and is world 1.
+SLURM_NTASKS and the step's SLURM_STEP_* (the batch script's shell has SLURM_PROCID and SLURM_NTASKS too, but no
+step: a ``python launch.py`` there is one process). A plain ``python launch.py`` sets nothing and is world 1.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,21 +51,73 @@ def _int_env(environ: Mapping[str, str], *names: str) -> int | None:
     return None
 
 
+def tasks_per_node(value: str) -> list[int]:
+    """Slurm's compressed tasks-per-node list, one entry per node: ``2(x3),1`` -> ``[2, 2, 2, 1]``; ``[]`` when it is
+    not one."""
+    out: list[int] = []
+    for part in value.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:\(x(\d+)\))?\s*", part)
+        if m is None:
+            return []
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
+def _slurm_local_world(e: Mapping[str, str]) -> int | None:
+    """Tasks of this srun step on this node: the step's own layout first (a job's layout counts tasks the step
+    does not have: ``srun -n2`` inside an 8-per-node job), the entry of this node (``SLURM_NODEID``), since the
+    nodes of a step may hold different counts (``3,1``)."""
+    node, rank = _int_env(e, "SLURM_NODEID"), _int_env(e, "SLURM_PROCID") or 0
+    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        counts = tasks_per_node(e.get(name) or "")
+        if not counts:
+            continue
+        if node is None or not 0 <= node < len(counts):
+            # srun sets SLURM_NODEID; without it, the node holding this rank under srun's default block
+            # distribution (consecutive ranks fill a node).
+            ends = list(itertools.accumulate(counts))
+            node = next((i for i, end in enumerate(ends) if rank < end), len(counts) - 1)
+        return counts[node]
+    return _int_env(e, "SLURM_NTASKS_PER_NODE")
+
+
+def _srun_step(e: Mapping[str, str]) -> bool:
+    """Whether SLURM_* describe this process as one task of an srun step. An sbatch shell carries SLURM_PROCID=0
+    and the job's SLURM_NTASKS as well, but only srun sets the step's layout (SLURM_STEP_NUM_TASKS,
+    SLURM_STEP_TASKS_PER_NODE: Slurm's env_array_for_step). SLURM_STEP_ID alone is not relied on: slurmstepd
+    sets it from the step id, and the batch script runs as a step of its own (a sentinel id). Variables set by
+    hand, outside any job (no SLURM_JOB_ID), are taken as given."""
+    if e.get("SLURM_PROCID") is None:
+        return False
+    return not e.get("SLURM_JOB_ID") or e.get("SLURM_STEP_NUM_TASKS") not in (None, "")
+
+
+_WARNED_BATCH_SHELL = False
+
+
 def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
-    """Rank layout from the launcher's environment (torch/deepspeed variables first, then SLURM)."""
+    """Rank layout from the launcher's environment (torch/deepspeed variables first, then an srun step's)."""
+    global _WARNED_BATCH_SHELL
     e = os.environ if environ is None else environ
     if e.get("RANK") is not None and e.get("WORLD_SIZE") is not None:
         rank = _int_env(e, "RANK") or 0
         world = _int_env(e, "WORLD_SIZE") or 1
         local = _int_env(e, "LOCAL_RANK") or 0
         local_world = _int_env(e, "LOCAL_WORLD_SIZE", "LOCAL_SIZE") or world
-    elif e.get("SLURM_PROCID") is not None and (_int_env(e, "SLURM_NTASKS") or 1) > 1:
+    elif _srun_step(e) and (_int_env(e, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1) > 1:
         rank = _int_env(e, "SLURM_PROCID") or 0
-        world = _int_env(e, "SLURM_NTASKS") or 1
+        world = _int_env(e, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1
         local = _int_env(e, "SLURM_LOCALID") or 0
-        local_world = _int_env(e, "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE") or world
+        local_world = _slurm_local_world(e) or world
     else:
         rank, local, world, local_world = 0, 0, 1, 1
+        tasks = _int_env(e, "SLURM_NTASKS") or 1
+        if e.get("SLURM_PROCID") is not None and tasks > 1 and environ is None and not _WARNED_BATCH_SHELL:
+            # Taken for rank 0 of the job's tasks, this process would wait for ranks nobody starts (30 minutes).
+            _WARNED_BATCH_SHELL = True
+            print(f"warning: Slurm job {e.get('SLURM_JOB_ID', '?')} has {tasks} tasks, but this process is not an "
+                  f"srun step (the batch script's shell): running as 1 process. Start one rank per task with "
+                  f"`srun python launch.py ...`, or a launcher (deepspeed, torchrun)", file=sys.stderr, flush=True)
     return DistEnv(rank=rank, local_rank=local, world_size=world, local_world_size=max(1, local_world))
 
 
@@ -92,12 +147,11 @@ def _free_port() -> int:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list without ``scontrol``: ``gpu[007-010,12],cpu1`` -> ``gpu007``."""
-    # The pattern matches any string (every part may be empty), so there is always a match.
-    prefix, ranges, suffix = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist.strip()).groups()
-    if not ranges:
-        return prefix + suffix
-    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+    """The first host of a Slurm node list without ``scontrol``: ``gpu[007-010,12],cpu1`` -> ``gpu007``,
+    ``rack[1-2]-node[01-04]`` -> ``rack1-node01`` (each bracket group at its first value)."""
+    # The first entry: up to the first comma outside brackets.
+    first = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist.strip()).group(0)
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
 
 
 def slurm_master(environ: Mapping[str, str], use_scontrol: bool = True) -> tuple[str, str] | None:
@@ -132,10 +186,19 @@ def device_index(env: DistEnv) -> int:
     return env.local_rank % n if n else env.local_rank
 
 
+def set_device(env: DistEnv) -> None:
+    """Make this rank's GPU (:func:`device_index`) the current CUDA device; nothing off the GPU. NCCL binds a
+    rank's communicator to the current device at its first collective: unset, every rank of a node would use
+    device 0 (DeepSpeed's engine sets it for training; ``ia3-dist eval`` has no engine)."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device_index(env))
+
+
 def init(env: DistEnv, timeout_minutes: int = 30) -> None:
     """Start the process group through DeepSpeed (gloo on CPU, nccl on GPU: DeepSpeed's accelerator picks)."""
     import deepspeed
 
+    set_device(env)
     os.environ["RANK"] = str(env.rank)
     # DeepSpeed takes LOCAL_RANK for the CUDA device index: a task that sees fewer GPUs than the node has ranks
     # (srun --gpus-per-task=1, cgroup-constrained devices) uses the one it sees.

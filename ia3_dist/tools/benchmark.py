@@ -27,7 +27,7 @@ from ..config.schema import has_heldout
 from ..errors import UsageError
 from ..runtime import dist, safe_io
 from ..runtime.dist import DistEnv
-from ..train.benchmarks import check_tasks, run_tasks
+from ..train.benchmarks import check_tasks, must_replicate, run_tasks
 from .summary import RESULTS
 
 TAG = re.compile(r"step([0-9]+)")
@@ -222,7 +222,7 @@ def evaluate_points(adapter: Path, pts: list[Point], tasks: list[str], tm: Any, 
     env = env or DistEnv(0, 0, 1, 1)
     model, tok, _, _ = load_for_inference(str(adapter), base)
     if torch.cuda.is_available():
-        model.to(torch.device("cuda", env.local_rank % torch.cuda.device_count()))
+        model.to(torch.device("cuda", dist.device_index(env)))
     held_out = None
     if run is not None and (run / "run.yaml").is_file():
         from ..config import load_config
@@ -232,10 +232,12 @@ def evaluate_points(adapter: Path, pts: list[Point], tasks: list[str], tm: Any, 
             # Raw checkpoint vectors may hold weight-decayed query entries that training's forward fixed at 1.0.
             fix_query_scales(model, getattr(model.config, "model_type", None))
         held_out = heldout_data(cfg, tok)
+    # Decided once for every point: the tasks and their documents are the same for each.
+    replicated = must_replicate(tasks, tm, limit, env)
     rows = []
     for p in pts:
         swap_in(model, vectors_of(p), str(p.path))
-        scores = run_tasks(model, tok, tasks, tm, batch_size, limit, env) if tasks else {}
+        scores = run_tasks(model, tok, tasks, tm, batch_size, limit, env, replicated) if tasks else {}
         for task, metrics in scores.items():
             for metric, value in metrics.items():
                 rows.append({"checkpoint": p.name, "step": p.step, "task": task, "metric": metric, "value": value})

@@ -27,8 +27,11 @@ A resumed run takes the micro-batch its checkpoint was written with (the continu
 from __future__ import annotations
 
 import gc
+import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,14 +85,72 @@ def with_micro(cfg: RunConfig, micro: int, samples_per_rank: int) -> RunConfig:
     return replace(cfg, train=replace(cfg.train, micro_batch_size=micro, grad_accum=samples_per_rank // micro))
 
 
+UNLIMITED = 1 << 60
+"""cgroup v1 writes "no limit" as the largest page-aligned 64-bit count (9223372036854771712): at or past this, none."""
+
+
+def _cgroup_dirs(base: Path, rel: str) -> list[Path]:
+    """``base/rel`` and each of its parents up to ``base``: a cgroup's ancestors limit it too. Inside a
+    container's cgroup namespace ``rel`` is ``/`` and ``base`` is the container's own cgroup."""
+    d = base / rel.strip("/")
+    out = [d]
+    while d != base and base in d.parents:
+        d = d.parent
+        out.append(d)
+    return out
+
+
+def host_memory_limit(root: Path = Path("/sys/fs/cgroup"), environ: Mapping[str, str] | None = None,
+                      proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes this node's ranks may use together beyond what the host has, the smallest of: the cgroup's limit
+    (v2 ``memory.max``, v1 ``memory/memory.limit_in_bytes``; this process's cgroup, named by ``proc_cgroup``, and
+    its ancestors) and Slurm's allocation on the node (``SLURM_MEM_PER_NODE``, or ``SLURM_MEM_PER_CPU`` x
+    ``SLURM_CPUS_ON_NODE``, in MiB). None when nothing limits it. A job over its limit is killed by the kernel or
+    by Slurm, whatever the host has."""
+    e = os.environ if environ is None else environ
+    try:
+        text = proc_cgroup.read_text()
+    except OSError:
+        text = ""
+    v2, v1 = "/", "/"
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+        elif len(parts) == 3 and "memory" in parts[1].split(","):
+            v1 = parts[2]
+    limits = []
+    for f in [d / "memory.max" for d in _cgroup_dirs(root, v2)] + \
+             [d / "memory.limit_in_bytes" for d in _cgroup_dirs(root / "memory", v1)]:
+        try:
+            limits.append(int(f.read_text().strip()))
+        except (OSError, ValueError):  # absent, or "max" (v2's "no limit")
+            continue
+    mib = 1 << 20
+    try:
+        per_node = int(e.get("SLURM_MEM_PER_NODE", ""))
+        limits.append(per_node * mib if per_node > 0 else 0)
+    except ValueError:
+        try:
+            per_cpu, cpus = int(e.get("SLURM_MEM_PER_CPU", "")), int(e.get("SLURM_CPUS_ON_NODE", ""))
+            limits.append(per_cpu * cpus * mib if per_cpu > 0 and cpus > 0 else 0)
+        except ValueError:
+            pass
+    limits = [n for n in limits if 0 < n < UNLIMITED]
+    return min(limits) if limits else None
+
+
 def memory_budget(local_world: int, local_rank: int) -> float:
-    """Bytes one rank may use: its GPU's memory, or on CPU ranks the host's memory split between the local ranks
-    (total, not available: the same figure on every rank)."""
+    """Bytes one rank may use: its GPU's memory, or on CPU ranks the host's memory (capped by the cgroup's and
+    Slurm's limits, :func:`host_memory_limit`) split between the local ranks (total, not available: the same
+    figure on every rank)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(local_rank % torch.cuda.device_count()).total_memory * BUDGET_FRACTION
     import psutil
 
-    return psutil.virtual_memory().total * BUDGET_FRACTION / max(local_world, 1)
+    total = psutil.virtual_memory().total
+    limit = host_memory_limit()
+    return min(total, limit or total) * BUDGET_FRACTION / max(local_world, 1)
 
 
 def plan_pick(cfg: RunConfig, model_config: Any, env: dist.DistEnv, ds: dict[str, Any], longest: int,
@@ -188,6 +249,7 @@ def probe(engine: Any, p: Any, auto: AutoBatch) -> AutoBatch:
     :class:`~.prepare.Prepared`, which imports this module); every rank joins the agreement once. Returns
     ``auto`` with the final micro-batch and the measured peak."""
     from ..data.collate import collate
+    from ..data.tokenize import IGNORE_INDEX
 
     data = p.data
     order = sorted(range(len(data)), key=lambda i: -int(data.lengths[i]))
@@ -209,7 +271,12 @@ def probe(engine: Any, p: Any, auto: AutoBatch) -> AutoBatch:
     try:
         for m in [d for d in divisors_desc(auto.samples_per_rank) if d <= auto.planned]:
             idx = [order[i % len(order)] for i in range(m)]
-            got = _measure(engine, collate(data, idx, pad_id, side), leaf, p.env.rank)
+            batch = collate(data, idx, pad_id, side)
+            # Every real position labelled: the LM head (and the last MLP, model.last_mlp_at_labels) runs only at
+            # label rows, so the longest examples with their own few labels can measure less than shorter ones
+            # with many; this is the most any micro-batch of these lengths can take.
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+            got = _measure(engine, batch, leaf, p.env.rank)
             leaf.clear()
             if got is not None and got <= budget:
                 chosen, peak = m, got

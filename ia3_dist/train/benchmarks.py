@@ -7,6 +7,7 @@ files are local; both are checked before anything loads (:func:`check_tasks`).
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,33 @@ def require_lm_eval() -> Any:
     return lm_eval
 
 
+# lm-eval's task index skips these when it walks an include dir.
+_IGNORE_DIRS = {"__pycache__", ".ipynb_checkpoints"}
+
+
+def _task_yaml_loader() -> Any:
+    """A safe YAML loader that also reads lm-eval's ``!function module.fn`` tags (as their text): task files in
+    lm-eval's own layout carry them, and they are valid task files."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    return Loader
+
+
+def _data_files(files: Any) -> list[tuple[str, Any]]:
+    """``(split, file)`` for each file of ``dataset_kwargs.data_files`` in the shapes ``datasets`` takes: one path,
+    a list of them, or a mapping of splits to either."""
+    if isinstance(files, dict):
+        return [(str(split), one) for split, name in files.items()
+                for one in (name if isinstance(name, list | tuple) else [name])]
+    if isinstance(files, list | tuple):
+        return [("train", one) for one in files]
+    return [("train", files)] if files else []
+
+
 def _local_task_files(include: Path | None, key: str = "--include") -> None:
     """Every data file a local task YAML names must exist here: the job runs offline."""
     if include is None:
@@ -34,21 +62,27 @@ def _local_task_files(include: Path | None, key: str = "--include") -> None:
 
     if not include.is_dir():
         raise UsageError(f"{key} {include}: not a directory of task YAML files")
-    for f in sorted(include.glob("*.yaml")):
+    loader = _task_yaml_loader()
+    # Recursively, as lm-eval's TaskManager indexes an include path: a task in a subfolder runs as well.
+    for f in sorted(include.rglob("*.yaml")):
+        if _IGNORE_DIRS.intersection(f.relative_to(include).parts) or not f.is_file():
+            continue
         try:
-            spec = yaml.safe_load(f.read_text(encoding="utf-8"))
+            spec = yaml.load(f.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 (a SafeLoader)
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise UsageError(f"{f}: not a valid task YAML ({' '.join(str(e).split())[:200]})") from None
         if not isinstance(spec, dict):
             raise UsageError(f"{f}: a task file is a mapping (task, dataset_path, output_type, ...)")
-        files = (spec.get("dataset_kwargs") or {}).get("data_files") if isinstance(spec.get("dataset_kwargs"),
-                                                                                    dict) else None
-        for split, name in (files.items() if isinstance(files, dict) else []):
-            for one in name if isinstance(name, list) else [name]:
-                p = Path(one).expanduser()  # datasets resolves a relative path from the working directory
-                if not p.is_file():
-                    raise UsageError(f"{f}: task {spec.get('task')!r} names data file {one} ({split}), which is not "
-                                     f"on this machine; evaluation runs offline")
+        kwargs = spec.get("dataset_kwargs")
+        for split, one in _data_files(kwargs.get("data_files") if isinstance(kwargs, dict) else None):
+            if not isinstance(one, str):
+                continue  # not a path; datasets refuses it with its own message
+            p = Path(one).expanduser()  # datasets resolves a relative path from the working directory
+            # datasets also takes glob patterns (data/*.jsonl): one file matching is what it needs.
+            if not (p.is_file() or (any(c in one for c in "*?[") and any(Path(g).is_file() for g in
+                                                                       glob.glob(str(p), recursive=True)))):
+                raise UsageError(f"{f}: task {spec.get('task')!r} names data file {one} ({split}), which is not "
+                                 f"on this machine; evaluation runs offline")
 
 
 def check_tasks(tasks: list[str], include: Path | None, keys: tuple[str, str] = ("--tasks", "--include")) -> Any:
@@ -96,14 +130,58 @@ def _ranked_lm(model: Any, tok: Any, batch_size: int, env: DistEnv) -> Any:
     return lm
 
 
+def _lm_eval_failed(e: Exception, tasks: list[str], key: str, env: DistEnv) -> UsageError:
+    """What lm-eval's failure to load or run ``tasks`` means here; re-raised on several ranks."""
+    if isinstance(e, RuntimeError) or env.world_size > 1:
+        # RuntimeError: out of memory, a failed collective: not bad input. On several ranks a rank that stops
+        # alone leaves the others in a collective: fail the job, not exit 2.
+        raise e
+    return UsageError(f"{key} {','.join(tasks)}: lm-eval could not run them ({' '.join(str(e).split())[:300]}); is "
+                      f"every task's data on this machine?")
+
+
+def doc_counts(tasks: list[str], tm: Any, limit: int | None) -> dict[str, int]:
+    """``{task: documents evaluated}`` for every leaf task of ``tasks`` (groups expanded), after ``limit`` as
+    lm-eval applies it."""
+    from lm_eval.evaluator_utils import get_sample_size
+
+    out = {}
+    for name, task in tm.load(tasks)["tasks"].items():
+        n, cap = len(task.eval_docs), get_sample_size(task, limit)
+        out[str(name)] = n if cap is None else min(n, cap)
+    return out
+
+
+def must_replicate(tasks: list[str], tm: Any, limit: int | None, env: DistEnv, key: str = "--tasks") -> bool:
+    """Whether a data-parallel evaluation must run replicated instead: lm-eval deals a task's documents to the
+    ranks as ``rank, rank + world, ...`` and refuses (on that rank alone) to run a task where a rank gets none,
+    so any task with fewer documents than ranks makes every rank run every document. Every rank takes part
+    (the decision is the same everywhere)."""
+    if env.world_size <= 1 or not tasks:
+        return False
+    try:
+        counts = doc_counts(tasks, tm, limit)
+    except Exception as e:  # datasets and lm-eval raise many types for missing data and bad task definitions
+        raise _lm_eval_failed(e, tasks, key, env) from None
+    few = {t: n for t, n in counts.items() if n < env.world_size}
+    # The same data on every rank gives the same counts; the maximum keeps the ranks on one path regardless.
+    if not dist.host_max(int(bool(few))):
+        return False
+    listed = ", ".join(f"{t} ({n})" for t, n in few.items()) if few else "a task on another rank"
+    dist.print0(env, f"benchmarks: fewer documents than the {env.world_size} ranks in {listed}: every rank "
+                     f"evaluates every document (not split between the ranks)")
+    return True
+
+
 def run_tasks(model: Any, tok: Any, tasks: list[str], tm: Any, batch_size: int, limit: int | None,
               env: DistEnv | None = None, replicated: bool = False, key: str = "--tasks",
               reseed: bool = True) -> dict:
     """``{task: {metric: value}}`` (lm-eval's ``metric,filter`` keys; stderr entries left out); on ranks other than
     0 of a data-parallel evaluation, ``{}`` (rank 0 holds the gathered result). ``replicated``: every rank runs
     every request, in the same order, and returns the result (ZeRO-3, whose forward passes gather parameters
-    collectively: every rank must run the same ones). ``key`` names the tasks in messages; ``reseed``: lm-eval's
-    fixed seeds for Python, NumPy and torch (as its CLI sets them; training keeps its own RNG state instead)."""
+    collectively: every rank must run the same ones; tasks with fewer documents than ranks, see
+    :func:`must_replicate`). ``key`` names the tasks in messages; ``reseed``: lm-eval's fixed seeds for Python,
+    NumPy and torch (as its CLI sets them; training keeps its own RNG state instead)."""
     from lm_eval import simple_evaluate
 
     env = env or DistEnv(0, 0, 1, 1)
@@ -112,13 +190,8 @@ def run_tasks(model: Any, tok: Any, tasks: list[str], tm: Any, batch_size: int, 
         seeds = {} if reseed else {"random_seed": None, "numpy_random_seed": None, "torch_random_seed": None}
         res = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, bootstrap_iters=0, log_samples=False,
                               limit=limit, **seeds)
-    except RuntimeError:
-        raise  # out of memory, a failed collective: not bad input
     except Exception as e:  # datasets and lm-eval raise many types for missing data and bad task definitions
-        if env.world_size > 1:
-            raise  # a rank that stops alone leaves the others in a collective: fail the job, not exit 2
-        raise UsageError(f"{key} {','.join(tasks)}: lm-eval could not run them ({' '.join(str(e).split())[:300]})"
-                         f"; is every task's data on this machine?") from None
+        raise _lm_eval_failed(e, tasks, key, env) from None
     if res is None:
         return {}
     out = {}
@@ -136,10 +209,8 @@ class Benchmarks:
 
     def __init__(self, cfg: Any, env: DistEnv, replicated: bool) -> None:
         e = cfg.eval
-        # Fewer documents than ranks would leave a rank with none, which lm-eval refuses on that rank alone: then
-        # every rank runs them all.
-        replicated = replicated or (e.limit is not None and e.limit < env.world_size)
-        self.cfg, self.env, self.replicated = cfg, env, replicated
+        # None: decided at the first evaluation, once the tasks' documents are counted (must_replicate).
+        self.cfg, self.env, self.replicated = cfg, env, (True if replicated else None)
         self.tasks = list(e.tasks or [])
         self.every = e.every or cfg.train.eval_every
         self.tm = check_tasks(self.tasks, Path(e.include).expanduser() if e.include else None,
@@ -158,6 +229,8 @@ class Benchmarks:
         try:
             if beat is not None:
                 beat()  # loading a task's data comes before its first forward pass
+            if self.replicated is None:
+                self.replicated = must_replicate(self.tasks, self.tm, self.cfg.eval.limit, self.env, "eval.tasks")
             scores = run_tasks(model, tok, self.tasks, self.tm, self.cfg.eval.batch_size, self.cfg.eval.limit,
                                self.env, self.replicated, key="eval.tasks", reseed=False)
         finally:

@@ -369,8 +369,7 @@ class Trainer:
         if self.stale == step:
             self.stale = None
         with self.watchdog.saving(step):
-            meta = {**self.p.meta, "examples_consumed": examples_consumed(step, len(self.p.data),
-                                                                           self.p.layout.global_batch),
+            meta = {**self.p.meta, "examples_consumed": examples_consumed(step, len(self.p.data), self.p.layout),
                     **self.selection.meta(), **({"eval_pending": True} if eval_pending else {})}
             return ckpt.save(self.engine, self.p.out, step, meta, self.p.cfg.checkpoint.keep, self.p.env, best,
                              {ckpt.BEST_VECTORS: self.best_state} if self.best_state else None)
