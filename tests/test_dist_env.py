@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ia3_dist.errors import UsageError
 from ia3_dist.runtime.dist import DistEnv, detect, first_host, slurm_master
 
 # What srun sets in a step of a job (besides the task's own SLURM_PROCID, SLURM_NODEID, ...).
@@ -46,6 +47,16 @@ STEP = {"SLURM_JOB_ID": "123", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "4", "SLURM
 ])
 def test_detect(env: dict[str, str], want: DistEnv) -> None:
     assert detect(env) == want
+
+
+@pytest.mark.parametrize("name, value", [("RANK", "1e3"), ("WORLD_SIZE", "0x10"), ("LOCAL_RANK", "-1"),
+                                         ("SLURM_STEP_NUM_TASKS", "4 tasks")])
+def test_a_launcher_variable_that_is_not_a_whole_number_is_refused(name: str, value: str) -> None:
+    """Read digit by digit ("1e3" as 13, "0x10" as 10) it was another rank layout, silently."""
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"} if name in ("RANK", "WORLD_SIZE", "LOCAL_RANK") else \
+        {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}
+    with pytest.raises(UsageError, match=f"environment variable {name}="):
+        detect({**env, name: value})
 
 
 def test_python_in_a_batch_shell_is_one_process_and_says_srun(monkeypatch, capsys) -> None:

@@ -33,6 +33,7 @@ def test_fires_after_the_limit_with_stacks_cleanup_and_marker(tmp_path: Path, ca
     theirs = _segment(other, "0")
     for f in [*mine, theirs]:
         f.write_bytes(b"x")
+    (tmp_path / "rank0.pid").write_text(str(os.getpid()))
     exited = threading.Event()
     codes: list[int] = []
     wd = Watchdog(0.3, ENV, tmp_path, poll_s=0.02, exit_fn=lambda c: (codes.append(c), exited.set()))
@@ -51,6 +52,9 @@ def test_fires_after_the_limit_with_stacks_cleanup_and_marker(tmp_path: Path, ca
         # faulthandler's dump: this (main) thread, sleeping in the test, and the watchdog thread itself.
         assert err.count("(most recent call first)") >= 2 and "test_watchdog.py" in err, err
         assert json.loads((tmp_path / HUNG_FILE).read_text())["step"] == 2
+        # The process ends with os._exit (no cleanup): rank 0 removes its pid file first, or the next job's trap
+        # would signal whatever process gets that pid.
+        assert not (tmp_path / "rank0.pid").exists()
         assert not any(f.exists() for f in mine) and theirs.exists()
     finally:
         wd.stop()

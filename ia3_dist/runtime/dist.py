@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from . import console
 from .cpus import affinity, mask_is_allocation, rank_share
 
@@ -41,13 +42,12 @@ def _int_env(environ: Mapping[str, str], *names: str) -> int | None:
     for n in names:
         v = environ.get(n)
         if v not in (None, ""):
-            try:
-                return int(v)
-            except ValueError:
-                # SLURM_TASKS_PER_NODE looks like "2(x2)": the first number is this layout's per-node count.
-                digits = "".join(c for c in v.split("(")[0].split(",")[0] if c.isdigit())
-                if digits:
-                    return int(digits)
+            # Strict: "1e3" or "0x10" read digit by digit would be another rank layout, silently. (Slurm's
+            # compressed per-node lists are tasks_per_node's.)
+            if not re.fullmatch(r"\s*\d{1,9}\s*", v):
+                raise UsageError(f"environment variable {n}={v[:40]!r}: expected a whole number (what the launcher "
+                                 f"sets); unset it or fix the job script that sets it")
+            return int(v)
     return None
 
 

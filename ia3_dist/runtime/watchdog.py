@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import EXIT_HUNG
-from . import dist
+from . import dist, manifest
 
 # A save writes the whole optimizer state per rank; allow it this multiple of the step timeout (at least 30 min).
 SAVE_ALLOWANCE = 10.0
@@ -134,6 +134,9 @@ class Watchdog:
             sys.stderr.flush()
             dist.remove_shm_segments(every_rank=True)
             self._mark(step, phase, idle)
+            if self.env.is_main and self.out is not None:
+                # os._exit skips the run's own cleanup: a pid file left behind names a pid another process may get.
+                (self.out / manifest.PID_FILE).unlink(missing_ok=True)
             # Peers idle since about the same moment fire within a poll or two. Leaving at once would close our
             # connections under them, and they would end on a gloo "connection closed" error instead of writing
             # their own stacks: stay that long, so every rank that can still run dumps where it was.
