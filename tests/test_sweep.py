@@ -194,8 +194,15 @@ def test_summary_table_of_run_dirs(tmp_path: Path, capsys: pytest.CaptureFixture
     fake_run(runs / "b", 0.03, [2.0, 1.0], adapter=False, pid=os.getpid())
     fake_run(runs / "c", 0.01, [2.0], adapter=False, preempted=True)
     fake_run(runs / "d", 0.1, [2.0, 9.0], adapter=False)
+    fake_run(runs / "e", 0.2, [2.0, float("nan")], adapter=False)
     assert cli_main(["summary", "--json", "--no-plot", str(runs)]) == 0
-    got = json.loads(capsys.readouterr().out)
+
+    def strict(name: str) -> None:
+        raise AssertionError(f"{name} in the JSON: strict readers (jq, JavaScript) refuse it")
+
+    got = json.loads(capsys.readouterr().out, parse_constant=strict)
+    assert got["rows"][-1]["train_loss"] is None  # e: its loss went NaN
+    got["rows"] = got["rows"][:-1]
     assert got["keys"] == ["train.lr"]  # output.dir differs too, but always does
     rows = {Path(r["dir"]).name: r for r in got["rows"]}
     assert {k: r["status"] for k, r in rows.items()} == {"a": "done", "b": "running", "c": "preempted",

@@ -173,6 +173,16 @@ def _pid_alive(pid_file: Path) -> bool:
         return True
 
 
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
 def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False) -> str:
     """See the module docstring."""
     state = (slurm_state or "").upper()
@@ -515,9 +525,10 @@ def main(argv: list[str], prog: str) -> int:
             row[a.metric] = eval_value(run.dir, a.metric)
         rows = rank_by(rows, a.metric)
     columns = ["rank", *keys, a.metric] if a.metric else keys
-    # default=str: a YAML date or set in a run.yaml is not JSON.
-    print(json.dumps({"keys": columns, "rows": rows}, indent=1, default=str) if a.json else table(rows, columns),
-          flush=True)
+    # default=str: a YAML date or set in a run.yaml is not JSON; a non-finite value (a run whose loss went NaN) is
+    # null, as strict JSON readers (jq, JavaScript) accept no NaN or Infinity.
+    print(json.dumps({"keys": columns, "rows": _finite(rows)}, indent=1, default=str, allow_nan=False) if a.json
+          else table(rows, columns), flush=True)
     if not a.no_plot:
         out = Path(a.plot) if a.plot else (sweep_dir / "summary.png" if sweep_dir else Path("summary.png"))
         written = plot_losses(runs, keys, out)  # labelled by the config values that differ, not the ranking
