@@ -195,6 +195,12 @@ def test_plan_reads_a_config_json(tmp_path: Path, capsys) -> None:
     assert block_activations(AutoConfig.for_model("llama", **fields)) == (4 * 32 + 6 * 32 + 4 * 16 + 2 * 32 + 8 * 88,
                                                                            2.0)
     assert block_activations(AutoConfig.for_model("bloom", **TINY["bloom"][1])) == (34 * 32, 5.0)  # Korthikanti
+    # model.arch plans without files; with a local model.path of another shape (an override of the path alone on a
+    # shipped config that names both) it would plan a model the launcher does not train: exit 2 naming both.
+    assert main(["plan", "--config", str(ROOT / "configs" / "bloom-7b1.yaml"), f"model.path={tmp_path / 'm'}",
+                 "--gpus-per-node", "1", "--gpu-mem", "80GiB"]) == 2
+    err = capsys.readouterr().err
+    assert "model.arch bloom-7b1 (7,069,876,224 params) is not the shape of model.path" in err, err
 
 
 @pytest.mark.slow

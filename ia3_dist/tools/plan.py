@@ -20,6 +20,7 @@ Per-rank memory model (bytes; b = 2 for bf16/fp16, 4 for fp32; N all params, T t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
@@ -46,8 +47,19 @@ from ..train import demo
 
 
 def model_shape(cfg: RunConfig) -> Shape:
+    """The shape planned: model.arch's (no files needed), checked against model.path's config.json where that is
+    a local dir (the launcher trains model.path: an override of it alone would otherwise plan another model; the
+    embedded demo model is no user's model, and a named shape with it plans that shape)."""
     if cfg.model.arch:
         mc = arch_config(cfg.model.arch)
+        local = cfg.model.path
+        if not local.startswith("demo:") and Path(local).is_dir():
+            there = shape_of(load_model_config(local, cfg.model), cfg.ia3)
+            named = shape_of(mc, cfg.ia3)
+            if there.n_params != named.n_params:
+                raise UsageError(f"model.arch {cfg.model.arch} ({named.n_params:,} params) is not the shape of "
+                                 f"model.path {local} ({there.n_params:,} params), which the launcher trains; set "
+                                 f"model.arch to its shape, or to null to plan from its config.json")
     else:
         try:
             mc = load_model_config(demo.model_path(cfg.model.path, cfg.data.cache_dir), cfg.model)
