@@ -44,7 +44,8 @@ def cmd_train(argv: list[str], prog: str) -> int:
     from .config import load_config
     from .train.demo import DEMO_RUN
 
-    args = _train_parser(prog).parse_args(argv)
+    # Intermixed, as the other commands: overrides may come before and after --config.
+    args = _train_parser(prog).parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO_RUN)
     from .train.run import run
 
@@ -123,6 +124,11 @@ def _gen_options(a: argparse.Namespace) -> Any:
             or a.repetition_penalty <= 0):
         raise UsageError("need --max-new-tokens >= 1, finite --temperature > 0, 0 < --top-p <= 1, --top-k >= 0 and "
                          "finite --repetition-penalty > 0")
+    # torch.manual_seed takes 64 bits; past them it fails only once the model has loaded.
+    if not 0 <= a.seed < 2**64:
+        from .config.schema import show
+
+        raise UsageError(f"--seed must be in [0, 2**64) (0 .. {2**64 - 1}), got {show(a.seed)}")
     return GenOptions(a.max_new_tokens, a.sample, a.temperature, a.top_p, a.top_k, a.seed, a.repetition_penalty)
 
 

@@ -208,7 +208,9 @@ def test_fuzz_integer_bounds(key: str, data: st.DataObject) -> None:
     lo, hi = BOUNDS[key]
     section, name = key.split(".")
     good = data.draw(st.sampled_from([lo, hi]) | st.integers(lo, hi))
-    build_config({section: {name: good}})
+    # An evaluation schedule needs something to evaluate.
+    held_out = {"data": {"eval_ratio": 0.1}} if key == "train.eval_every" else {}
+    build_config({section: {name: good}, **held_out})
     bad = data.draw(st.integers(hi + 1, 10**30) | st.integers(-(10**30), lo - 1))
     assert f"'{key}'" in _refused(build_config, {section: {name: bad}})
 
@@ -503,3 +505,178 @@ def test_compile_under_zero3_is_refused(tmp_path: Path, tiny_model: Path, capsys
     err = check_exits_2(tmp_path, tiny_model, capsys, [f"data.path={f}", "train.compile=true",
                                                        "deepspeed.config=zero3"])
     assert "'train.compile'" in err and "ZeRO-3" in err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 9. The config review: each value below used to crash, pass silently or change on its way in.
+
+@pytest.mark.parametrize("tagged", ['!!bool maybe', '!!bool ""', '!!int ""', '!!int "-"', '!!float ""',
+                                    '!!timestamp abc'])
+def test_a_tag_on_a_value_it_does_not_fit_is_refused_with_its_line(tmp_path: Path, tagged: str) -> None:
+    f = _w(tmp_path / "c.yaml", f"train:\n  lr: {tagged}\n")
+    msg = _refused(load_config, f)
+    assert f"{f}:2:7:" in msg and "remove the tag" in msg
+    # An override keeps what the strict loader refuses as its text, which the key then refuses.
+    msg = _refused(load_config, None, [f"train.epochs={tagged}"], base={})
+    assert "'train.epochs'" in msg and "override train.epochs=" in msg
+
+
+@pytest.mark.parametrize("key, written, reading", [
+    ("model.revision", "0123", "the number 83"), ("model.revision", "1.10", "the number 1.1"),
+    ("output.run_name", "12:30", "the number 750"), ("output.dir", "1_000", "the number 1000"),
+    ("output.dir", "0x1F", "the number 31"), ("data.split", "no", "the boolean false"),
+    ("output.dir", "2024-01-01", "the date 2024-01-01"), ("data.path", "0123", "the number 83"),
+])
+def test_a_number_in_a_text_setting_is_refused_with_a_hint_to_quote_it(tmp_path: Path, key: str, written: str,
+                                                                         reading: str) -> None:
+    section, name = key.split(".")
+    f = _w(tmp_path / "c.yaml", f"train:\n  lr: 0.1\n{section}:\n  {name}: {written}\n")
+    msg = _refused(load_config, f)
+    assert msg.startswith(f"{f}:4: config key '{key}'") and f"reads {written} as {reading}" in msg, msg
+    assert f"quote it ('{written}')" in msg
+    _w(tmp_path / "c.yaml", f"{section}:\n  {name}: '{written}'\n")
+    assert getattr(getattr(load_config(f), section), name) == written
+
+
+def test_an_override_of_a_text_setting_is_the_text_as_typed() -> None:
+    # YAML reads the first ones as a number, a date, a comment (None) and a mapping; the last ones keep their YAML
+    # meaning (null, a quoted string, an integer, a list).
+    for override, key, value in [
+        ("model.revision=0123", "model.revision", "0123"), ("model.revision=1.10", "model.revision", "1.10"),
+        ("output.run_name=2024-01-01", "output.run_name", "2024-01-01"),
+        ("output.run_name=#42", "output.run_name", "#42"),
+        ("data.eval_path=#held.json", "data.eval_path", "#held.json"),
+        ("data.prompt_template={instruction}", "data.prompt_template", "{instruction}"),
+        ("output.run_name=null", "output.run_name", None), ("model.tokenizer=~", "model.tokenizer", None),
+        ("model.revision='0123'", "model.revision", "0123"), ("train.micro_batch_size=4", "train.micro_batch_size", 4),
+        ("eval.tasks=[a, b]", "eval.tasks", ["a", "b"]),
+    ]:
+        section, name = key.split(".")
+        assert getattr(getattr(load_config(None, [override], base={}), section), name) == value, override
+
+
+@pytest.mark.parametrize("raw", ["\ud800x", "a\udcffb"])
+def test_a_lone_surrogate_in_a_text_setting_is_refused(tmp_path: Path, raw: str) -> None:
+    escaped = raw.encode("unicode_escape").decode("ascii")
+    f = _w(tmp_path / "c.yaml", f'output:\n  project: "{escaped}"\n')
+    msg = _refused(load_config, f)
+    assert f"{f}:2: config key 'output.project': contains \\ud" in msg and "surrogate" in msg
+    assert "'data.columns.instruction'" in _refused(build_config, {"data": {"columns": {"instruction": raw}}})
+    assert "'output.run_name'" in _refused(load_config, None, [f"output.run_name={raw}"], base={})
+
+
+def test_a_global_batch_past_the_accumulation_bound_names_global_batch_size() -> None:
+    from ia3_dist.train.prepare import with_global_batch
+
+    cfg = load_config(None, ["train.global_batch_size=131072"], base={})
+    msg = _refused(with_global_batch, cfg, 1)
+    assert msg.startswith("config key 'train.global_batch_size': 131072") and "of 131072 per step" in msg, msg
+    assert with_global_batch(cfg, 2).train.grad_accum == 65536
+
+
+def test_benchmark_metrics_need_lm_evals_filter() -> None:
+    bench = ["eval.tasks=[tiny_mc]", "eval.every=10"]
+    for key in ("checkpoint.keep_best", "train.early_stopping.metric"):
+        for metric, example in (("tiny_mc/acc", "tiny_mc/acc,none"), ("tiny_mc/bogus", "tiny_mc/bogus,none"),
+                                ("tiny_mc/acc,", "tiny_mc/acc,none")):
+            msg = _refused(load_config, None, [*bench, f"{key}={metric}"], base={})
+            assert f"'{key}'" in msg and "<task>/<metric>,<filter>" in msg and example in msg, msg
+        assert load_config(None, [*bench, f"{key}=tiny_mc/acc_norm,none"], base={})
+
+
+def test_an_evaluation_schedule_with_nothing_to_evaluate_is_refused() -> None:
+    assert "'train.eval_every'" in _refused(load_config, None, ["train.eval_every=10"], base={})
+    assert "'eval.every'" in _refused(load_config, None, ["eval.every=100"], base={})
+    for overrides in (["train.eval_every=10", "data.eval_ratio=0.1"], ["train.eval_every=10", "data.eval_path=h.json"],
+                      ["train.eval_every=10", "eval.tasks=[tiny_mc]"], ["eval.every=10", "eval.tasks=[tiny_mc]"]):
+        load_config(None, overrides, base={})
+
+
+def test_an_error_an_override_causes_names_the_override_and_a_file_error_its_line(tmp_path: Path) -> None:
+    f = _w(tmp_path / "c.yaml", "model:\n  path: m\ntrain:\n  lr: 3.0e-3\n  epochs: 2\n")
+    msg = _refused(load_config, f, ["train.lr=abc"])
+    assert msg.startswith("override train.lr=abc: config key 'train.lr'") and str(f) not in msg, msg
+    assert _refused(load_config, f, ["train.epochs=0"]).startswith("override train.epochs=0: ")
+    assert _refused(load_config, f, ["train={lr: -1}"]).startswith("override train={lr: -1}: ")
+    _w(tmp_path / "c.yaml", "model:\n  path: m\ntrain:\n  lr: -1\n")
+    assert _refused(load_config, f).startswith(f"{f}:4: config key 'train.lr'")
+    _w(tmp_path / "c.yaml", "data:\n  sources:\n    - path: a.jsonl\n    - path: b.jsonl\n      weight: 0\n")
+    assert _refused(load_config, f).startswith(f"{f}:5: config key 'data.sources[1].weight'")
+
+
+def test_the_paper_variant_refuses_feedforward_modules_by_name() -> None:
+    msg = _refused(load_config, None, ["ia3.variant=paper", "ia3.feedforward_modules=[down_proj]"], base={})
+    assert "'ia3.feedforward_modules'" in msg and "paper chooses the feed-forward modules itself" in msg, msg
+    assert "set ia3.target_modules too" not in msg
+
+
+def test_data_path_null_unsets_it_for_a_mixture(tmp_path: Path) -> None:
+    shipped = ROOT / "configs" / "bloom-1b4-zh.yaml"
+    mix = "data.sources=[{path: a.jsonl, weight: 1}]"
+    assert "'data.sources'" in _refused(load_config, shipped, [mix])
+    cfg = load_config(shipped, ["data.path=null", mix])
+    assert [s.path for s in cfg.data.sources] == ["a.jsonl"]
+    assert load_config(_w(tmp_path / "run.yaml", cfg.to_yaml())) == cfg  # run.yaml reloads as it was
+    assert "'data.path'" in _refused(load_config, shipped, ["data.path=null"])
+
+
+def test_generation_seed_past_64_bits_exits_2_before_loading(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    import ia3_dist.tools.inference as inference
+
+    def no_loading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model loaded before --seed was checked")
+
+    monkeypatch.setattr(inference, "load_for_inference", no_loading)
+    for cmd in (["generate", "hi"], ["chat"]):
+        assert main([*cmd, "--adapter", "a", "--seed", str(2**64)]) == 2
+        assert "--seed must be in [0, 2**64)" in capsys.readouterr().err
+
+
+def test_train_takes_overrides_on_both_sides_of_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ia3_dist.train.run as run
+
+    got = []
+    monkeypatch.setattr(run, "run", got.append)
+    assert main(["train", "train.lr=1e-3", "--config", TINY, "train.epochs=2"]) == 0
+    assert (got[0].train.lr, got[0].train.epochs) == (1e-3, 2)
+
+
+def test_home_is_expanded_in_path_settings_when_the_config_is_built(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    f = _w(tmp_path / "c.yaml", "model:\n  path: ~/m\n  tokenizer: ~/t\n"
+                                "data:\n  path: ~/d.json\n  eval_path: ~/e.json\n"
+                                "ia3:\n  init_from: ~/runs/a/adapter\noutput:\n  dir: ~/runs/x\n")
+    cfg = load_config(f)
+    assert (cfg.model.path, cfg.model.tokenizer, cfg.data.path, cfg.data.eval_path, cfg.ia3.init_from,
+            cfg.output.dir) == tuple(str(tmp_path / p) for p in ("m", "t", "d.json", "e.json", "runs/a/adapter",
+                                                                  "runs/x"))
+    assert load_config(None, ["data.path=[~/a.json, b.json]"], base={}).data.path == [str(tmp_path / "a.json"),
+                                                                                         "b.json"]
+    assert load_config(None, [], base={}).model.path == "demo:tiny-bloom"
+
+
+def test_null_feedforward_modules_is_pefts_default() -> None:
+    """With ia3.target_modules given, ia3.feedforward_modules: null takes the modules PEFT's own IA3Config takes by
+    default (Bloom: mlp.dense_4h_to_h); [] takes none."""
+    from peft import IA3Config, get_peft_model
+    from peft.tuners.ia3.layer import Linear as IA3Linear
+    from transformers import BloomConfig
+
+    from ia3_dist.config import IA3Section
+    from ia3_dist.models.ia3 import apply_ia3, ia3_config
+    from ia3_dist.models.load import base_on_meta
+
+    shape = BloomConfig(n_layer=2, hidden_size=16, n_head=2, vocab_size=64)
+    targets = ["query_key_value", "dense_4h_to_h"]
+
+    def feedforward(model: Any) -> set[str]:
+        return {n for n, m in model.named_modules() if isinstance(m, IA3Linear) and m.is_feedforward}
+
+    ours = feedforward(apply_ia3(base_on_meta(shape), IA3Section(target_modules=targets)))
+    pefts = feedforward(get_peft_model(base_on_meta(shape), IA3Config(task_type="CAUSAL_LM", target_modules=targets)))
+    assert ours == pefts and len(ours) == 2 and all(n.endswith("dense_4h_to_h") for n in ours)
+    assert not feedforward(apply_ia3(base_on_meta(shape), IA3Section(target_modules=targets, feedforward_modules=[])))
+    # A model type PEFT has no default for keeps working: none of the named targets is feed-forward.
+    assert not ia3_config(IA3Section(target_modules=["qkv_proj"]), "phi3").feedforward_modules

@@ -86,6 +86,7 @@ def test_realised_shares_match_the_weights(tmp_path: Path, tiny_tokenizer, by: s
     assert "domain (sharegpt)" in report and "safety (messages)" in report and "weight 70.0%" in report
 
 
+@pytest.mark.slow  # tokenizes the mixture three times over
 def test_order_is_fixed_by_the_cache_and_the_seed(tmp_path: Path, tiny_tokenizer) -> None:
     files = _three(tmp_path, (300, 200, 100))
     cache = tmp_path / "cache"

@@ -92,12 +92,20 @@ def test_overwrite_removes_only_run_files(tmp_path: Path) -> None:
     w(out / "checkpoints" / "mine.txt", "keep me")
     w(out / "data" / "train.json", "[]")
     user = {k: v for k, v in snapshot(out).items() if k.startswith(("notes", "checkpoints/mine", "data"))}
+    before = snapshot(out)
     gone = start_run_dir(out, start_over=True)
     assert {"run.yaml", "metrics.jsonl", "adapter", "tensorboard", "checkpoints/step2", "checkpoints/latest"} <= \
         set(gone)
-    left = snapshot(out)
+    # Set aside until the new run has started (a start that fails, exit 2 on a tracker setting, puts it back).
+    left = {k: v for k, v in snapshot(out).items() if not k.startswith(manifest.REPLACED)}
     assert sorted(left) == sorted([*user, manifest.MANIFEST, "checkpoints"])
     assert all(left[k] == v for k, v in user.items())
+    w(out / "run.yaml", "the failed start's")
+    assert sorted(manifest.restore_aside(out)) == sorted(gone)
+    assert snapshot(out) == before
+    start_run_dir(out, start_over=True)
+    manifest.discard_aside(out)
+    assert sorted(snapshot(out)) == sorted([*user, manifest.MANIFEST, "checkpoints"])
     # With nothing of the user's in it, checkpoints/ goes too.
     (out / "checkpoints" / "mine.txt").unlink()
     previous_run(out)

@@ -292,6 +292,7 @@ class _Slowly(list):
             yield c
 
 
+@pytest.mark.slow  # worker processes and a stall timeout: seconds, not the unit tier's milliseconds
 @pytest.mark.parametrize("task,word,pause", [(_dies_on_marked_chunk, "died", None),
                                              (_dies_on_marked_chunk, "died", 40),
                                              (_stalls_on_marked_chunk, "stalled", None)],

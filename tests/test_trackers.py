@@ -295,11 +295,24 @@ def test_tracker_preflight_exits_2(tmp_path: Path, tiny_model: Path) -> None:
     assert "pip install wandb" in proc.stderr and "startup:" not in proc.stdout
     assert not out.exists()
     out = tmp_path / "b"
+    # An earlier run there, which output.overwrite=true would replace: the start fails after it was set aside (the
+    # trackers start once the run dir is claimed), and it is put back as it was.
+    from ia3_dist.runtime import manifest
+
+    out.mkdir()
+    manifest.write_manifest(out)
+    earlier = {"run.yaml": b"output: {}\n", "metrics.jsonl": b'{"step": 1, "loss": 1.0}\n',
+               "adapter/adapter_model.safetensors": b"weights", "tensorboard/events.1": b"ev",
+               "checkpoints/step1/meta.json": b'{"step": 1}', "checkpoints/latest": b"step1", "notes.txt": b"mine"}
+    for rel, body in earlier.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(body)
     # A tracking server that is not there (a loopback port nobody listens on), asked once.
-    proc = _run([*args, f"output.dir={out}", "output.report_to=[tensorboard,mlflow]"],
+    proc = _run([*args, f"output.dir={out}", "output.report_to=[tensorboard,mlflow]", "output.overwrite=true"],
                 env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "config key 'output.report_to': mlflow could not start" in proc.stderr
-    assert "startup:" not in proc.stdout and not (out / "metrics.jsonl").exists()
-    assert not (out / "rank0.pid").exists()
+    assert "startup:" not in proc.stdout and not (out / "rank0.pid").exists()
+    files = {str(f.relative_to(out)): f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    assert {k: v for k, v in files.items() if k not in (manifest.MANIFEST, "ds_config.json")} == earlier, files

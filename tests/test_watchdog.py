@@ -24,6 +24,7 @@ def _segment(port: str, rank: str) -> Path:
     return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}")
 
 
+@pytest.mark.slow  # waits out real timeouts
 def test_fires_after_the_limit_with_stacks_cleanup_and_marker(tmp_path: Path, capfd: pytest.CaptureFixture,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     port, other = "48123", "48124"
@@ -62,6 +63,7 @@ def test_fires_after_the_limit_with_stacks_cleanup_and_marker(tmp_path: Path, ca
             f.unlink(missing_ok=True)
 
 
+@pytest.mark.slow  # waits out real timeouts
 def test_beats_and_saves_keep_it_quiet(tmp_path: Path) -> None:
     codes: list[int] = []
     wd = Watchdog(0.3, ENV, tmp_path, poll_s=0.02, exit_fn=codes.append).start()

@@ -1,14 +1,18 @@
 """Loading a run config: strict YAML, ``key.sub=value`` overrides, and construction of the typed sections.
 
 :class:`RunConfigLoader` (a ``yaml.SafeLoader`` that refuses aliases, anchors, merge keys, duplicate keys and deep
-nesting) gives a plain mapping; :func:`build_config` constructs the dataclasses from it so that an unknown key, a
-wrong type or an impossible value fails with a :class:`UsageError` naming the key, before anything starts.
+nesting) gives a mapping (:class:`ConfigMapping`: a dict that knows each key's line); :func:`build_config`
+constructs the dataclasses from it so that an unknown key, a wrong type or an impossible value fails with a
+:class:`UsageError` naming the key, before anything starts, and :func:`load_config` adds where the key was set
+(file line or override).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,7 +21,7 @@ from typing import Any
 import yaml
 
 from ..errors import UsageError
-from .schema import RunConfig, brief, fail, show
+from .schema import ConfigKeyError, RunConfig, brief, fail, show
 
 MAX_CONFIG_BYTES = 1 << 20
 """A run config is a few hundred bytes; anything near this is not one, and YAML parsing is slow per byte."""
@@ -30,6 +34,19 @@ _WHY_NO_ALIASES = "anchors and aliases are refused: nested aliases expand a smal
 
 class RefusedYAML(yaml.MarkedYAMLError):
     """Valid YAML that a run config must not use; the mark gives the file position."""
+
+
+class ConfigMapping(dict):  # type: ignore[type-arg]
+    """A mapping of a run config that knows where each of its keys was set, so that an error names the place.
+
+    ``origin[key]``: the 1-based line of the key in the config file, or the override text (``train.lr=abc``) that
+    set it. ``written[key]``: an unquoted scalar value as the file spells it (``0123``, which YAML reads as 83).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.origin: dict[Any, int | str] = {}
+        self.written: dict[Any, str] = {}
 
 
 class RunConfigLoader(yaml.SafeLoader):
@@ -63,13 +80,32 @@ class RunConfigLoader(yaml.SafeLoader):
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
-        except (ValueError, OverflowError):
+        except (ValueError, OverflowError, LookupError, AttributeError, TypeError):
+            # PyYAML's scalar constructors trust that the text matches the tag, as it does when the resolver chose
+            # the tag; text given an explicit tag (`!!bool maybe`, `!!int ""`) fails with KeyError, IndexError or
+            # AttributeError instead.
             what = node.tag.rpartition(":")[2] if isinstance(node.tag, str) else "value"
-            if what == "int" and isinstance(node.value, str):
-                raise RefusedYAML(None, None, f"integer of {len(node.value)} characters is too large",
+            text = node.value if isinstance(node, yaml.ScalarNode) else None
+            implicit = text is not None and self.resolve(yaml.ScalarNode, text, (True, False)) == node.tag
+            if implicit and what == "int":
+                raise RefusedYAML(None, None, f"integer of {len(text)} characters is too large",
                                   node.start_mark) from None
-            raise RefusedYAML(None, None, f"cannot read {show(node.value)} as {what}; quote it to make it a string",
-                              node.start_mark) from None
+            if implicit:
+                raise RefusedYAML(None, None, f"cannot read {show(text)} as {what}; quote it to make it a string",
+                                  node.start_mark) from None
+            shown = show(text) if text is not None else "this value"
+            raise RefusedYAML(None, None, f"cannot read {shown} as !!{what}; remove the tag (or give a value of that "
+                              f"type)", node.start_mark) from None
+
+    def construct_run_mapping(self, node: yaml.MappingNode) -> Any:
+        data = ConfigMapping()
+        yield data
+        data.update(self.construct_mapping(node))
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)  # constructed above: the same object, from the cache
+            data.origin[key] = key_node.start_mark.line + 1
+            if isinstance(value_node, yaml.ScalarNode) and value_node.style is None:
+                data.written[key] = value_node.value
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
@@ -92,6 +128,9 @@ class RunConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+RunConfigLoader.add_constructor("tag:yaml.org,2002:map", RunConfigLoader.construct_run_mapping)
+
+
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=RunConfigLoader)  # a SafeLoader subclass: no object construction
 
@@ -100,9 +139,48 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+_NULLS = ("null", "Null", "NULL", "~")
+"""How an override writes null (no value): YAML's spellings, not a bare comment such as ``#42``."""
+
+
+def _yaml_reading(value: Any) -> str | None:
+    """What YAML made of an unquoted scalar that is not text (``the number 83`` for ``0123``), or None."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {show(value)}"
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return f"the date {value.isoformat()}"
+    return None
+
+
+def _text(value: Any, key: str, written: str | None) -> str:
+    reading = _yaml_reading(value)
+    if reading is not None:
+        # YAML 1.1 reads many unquoted words as other types (0123 is 83, 1.10 is 1.1, 12:30 is 750, 0x1F is 31, no
+        # is false): turning them back into text would silently give another string than the one written.
+        spelled = f"reads {written} as {reading}" if written is not None else f"read this value as {reading}"
+        fix = f"quote it ({show(written)})" if written is not None else "quote it in the YAML"
+        fail(key, f"expected a string, but YAML {spelled}; {fix} to keep it as written")
+    if not isinstance(value, str):
+        fail(key, f"expected a string, got {show(value)}")
+    # Every string ends up in a path, a prompt or a command line, where NUL is an error or a truncation.
+    if "\0" in value:
+        fail(key, f"contains a NUL character: {show(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # A lone UTF-16 surrogate (YAML's "\ud800") is no character: writing it to a file or a tokenizer fails
+        # later, in the middle of the run.
+        fail(key, f"contains {show(value[e.start])[1:-1]} at character {e.start + 1}, half of a UTF-16 surrogate "
+                  f"pair, which is not text; write the character itself (or its full \\U escape)")
+    return value
+
+
+def _coerce(value: Any, tp: Any, key: str, written: str | None = None) -> Any:
     """Check ``value`` against the annotation ``tp``; accept the few safe conversions YAML needs (int -> float,
-    numeric strings such as ``3e-3`` that YAML 1.1 reads as strings)."""
+    numeric strings such as ``3e-3`` that YAML 1.1 reads as strings). ``written``: the value as the file spells it,
+    when it was an unquoted scalar (for the hint to quote it)."""
     if dataclasses.is_dataclass(tp):  # a list of sections: data.sources
         return _build(tp, value, key)
     origin = typing.get_origin(tp)
@@ -116,14 +194,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 # A list of sections: its own message (data.sources[1].wieght: unknown key) says more than "expected
                 # a list".
                 return _coerce(value, arg, key)
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1:  # Optional: the type's own message (data.columns.instruction: ...) says more
+            return _coerce(value, kinds[0], key, written)
+        for arg in kinds:
             try:
-                return _coerce(value, arg, key)
-            except UsageError as e:
-                errors.append(str(e))
+                return _coerce(value, arg, key, written)
+            except UsageError:
+                pass
+        if str in args and int not in args and _yaml_reading(value) is not None:
+            _text(value, key, written)  # a text setting: its message says how to keep the value as written
         fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {show(value)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -136,7 +216,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         key_tp, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
             fail(key, f"expected a mapping, got {show(value)}")
-        return {_coerce(k, key_tp, f"{key} key"): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+        written_in = value.written if isinstance(value, ConfigMapping) else {}
+        return {_coerce(k, key_tp, f"{key} key"): _coerce(v, val_tp, f"{key}.{k}", written_in.get(k))
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -159,17 +241,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         fail(key, f"expected a number, got {show(value)}")
     if tp is str:
-        # str() of an int over 4300 digits raises; no string setting is a number that long.
-        if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
-                                        and value.bit_length() <= 256):
-            value = str(value)
-        if isinstance(value, str):
-            # Every string ends up in a path, a prompt or a command line, where NUL is an error or a truncation.
-            if "\0" in value:
-                fail(key, f"contains a NUL character: {show(value)}")
-            return value
-        fail(key, f"expected a string, got {show(value)}")
+        return _text(value, key, written)
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _override_value(value: Any, tp: Any, text: str) -> Any:
+    """The value of an override for a setting that takes text: the text as typed where YAML reads something else
+    (``run_name=2024-01-01`` a date, ``prompt_template={instruction}`` a mapping, ``run_name=#42`` a comment, so
+    None); ``null`` and ``~`` stay None, and a list or integer stays one where the setting takes it."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    takes_list = any(typing.get_origin(a) is list and typing.get_args(a) == (str,) for a in args)
+    if (str not in args and not takes_list) or isinstance(value, str):
+        return value
+    if value is None:
+        return None if text.strip() in _NULLS else text
+    if isinstance(value, list) and takes_list:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and int in args:
+        return value
+    return text
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -183,16 +273,22 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if k not in names:
             name = k if isinstance(k, str) else show(k)
             fail(f"{prefix}.{name}" if prefix else name, f"unknown key; valid keys here: {', '.join(sorted(names))}")
+    origin = raw.origin if isinstance(raw, ConfigMapping) else {}
+    written = raw.written if isinstance(raw, ConfigMapping) else {}
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in raw:
             continue
         key = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]
+        value = raw[f.name]
+        set_by = origin.get(f.name)
+        if isinstance(set_by, str):  # an override's text
+            value = _override_value(value, tp, set_by.partition("=")[2])
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, raw[f.name], key)
+            kwargs[f.name] = _build(tp, value, key)
         else:
-            kwargs[f.name] = _coerce(raw[f.name], tp, key)
+            kwargs[f.name] = _coerce(value, tp, key, written.get(f.name))
     return cls(**kwargs)
 
 
@@ -203,7 +299,9 @@ def build_config(raw: Any) -> RunConfig:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``train.lr=1e-3`` -> (["train", "lr"], 0.001). The value is read as YAML so lists and nulls work; what the
-    strict loader refuses (bad syntax, aliases, duplicate keys) is kept as the literal string."""
+    strict loader refuses (bad syntax, aliases, duplicate keys, a tag on a value it does not fit) is kept as the
+    literal string. (Settings that take text get the text as typed where YAML reads something else: see
+    :func:`apply_overrides`.)"""
     if "=" not in text:
         raise UsageError(f"override '{brief(text)}': expected key.sub=value (e.g. train.lr=1e-3)")
     key, _, value = text.partition("=")
@@ -218,18 +316,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``raw`` with the overrides applied, each key remembering the override that set it (errors name it; a setting
+    that takes text gets the override's text as typed). ``raw`` itself when it is a :class:`ConfigMapping` (from
+    :func:`read_yaml`), else a :class:`ConfigMapping` copy of it."""
+    if not isinstance(raw, ConfigMapping):
+        raw = ConfigMapping(raw)
     for text in overrides:
         parts, value = parse_override(text)
         node = raw
         for i, p in enumerate(parts[:-1]):
             nxt = node.get(p)
             if nxt is None:
-                nxt = node[p] = {}
+                nxt = node[p] = ConfigMapping()
             if not isinstance(nxt, dict):
                 raise UsageError(f"override '{brief(text)}': '{brief('.'.join(parts[: i + 1]))}' "
                                  f"is not a section")
+            if not isinstance(nxt, ConfigMapping):
+                nxt = node[p] = ConfigMapping(nxt)
             node = nxt
         node[parts[-1]] = value
+        node.origin[parts[-1]] = text
+        node.written.pop(parts[-1], None)
     return raw
 
 
@@ -275,13 +382,42 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def _set_at(raw: Any, key: str) -> int | str | None:
+    """Where the config key ``key`` (``data.sources[1].weight``) was set: the text of the override that set it or a
+    section above it, else the line of the deepest part of it the config file has, else None."""
+    where: int | str | None = None
+    node = raw
+    for part in re.findall(r"\[\d+\]|[^.\[\]]+", key):
+        if part.startswith("["):
+            if not isinstance(node, list) or int(part[1:-1]) >= len(node):
+                break
+            node = node[int(part[1:-1])]
+            continue
+        if not isinstance(node, dict) or part not in node:
+            break
+        o = node.origin.get(part) if isinstance(node, ConfigMapping) else None
+        # A line inside an override's own YAML (train={lr: x}) is not a line of the file.
+        if isinstance(o, str) or (o is not None and not isinstance(where, str)):
+            where = o
+        node = node[part]
+    return where
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> RunConfig:
-    """Read ``path`` (or start from ``base``), apply overrides, construct and validate."""
+    """Read ``path`` (or start from ``base``), apply overrides, construct and validate. A bad value is named with
+    where it was set: ``override train.lr=abc: ...``, or ``c.yaml:12: ...``."""
     raw = read_yaml(path) if path is not None else copy.deepcopy(base or {})
     raw = apply_overrides(raw, list(overrides or []))
     try:
         return build_config(raw)
+    except ConfigKeyError as e:
+        where = _set_at(raw, e.key)
+        if isinstance(where, str):
+            raise UsageError(f"override {brief(where)}: {e}") from None
+        if path is not None:
+            raise UsageError(f"{brief(str(path))}{'' if where is None else f':{where}'}: {e}") from None
+        raise
     except UsageError as e:
         if path is not None:
             raise UsageError(f"{brief(str(path))}: {e}") from None

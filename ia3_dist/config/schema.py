@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import reprlib
 import string
 import typing
@@ -28,6 +29,9 @@ SHOW_CHARS = 200
 MAX_TEXT = 4096
 """Longest prompt template or response prefix: both are repeated in every example."""
 MAX_STEPS = 10**9
+MAX_GRAD_ACCUM = 65536
+"""Bound on ``train.grad_accum`` (and the accumulation ``train.global_batch_size`` makes): preflight plans every
+micro-step of a step."""
 MAX_SOURCES = 256
 """Sources one mixture may name: each is read, hashed and reported on its own."""
 """Bound on every step count and interval: far beyond any real run, small enough that no arithmetic overflows."""
@@ -62,8 +66,27 @@ def brief(text: str) -> str:
     return text if len(text) <= SHOW_CHARS and text.isprintable() else show(text)[1:-1]
 
 
+class ConfigKeyError(UsageError):
+    """A bad value of one config key; :func:`~ia3_dist.config.load.load_config` uses ``key`` to say where it was
+    set (the file's line, or the override)."""
+
+    def __init__(self, key: str, msg: str) -> None:
+        super().__init__(f"config key '{brief(key)}': {msg}")
+        self.key, self.msg = key, msg
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled between processes (a worker's error): rebuilt from both parts, not from the one message.
+        return type(self), (self.key, self.msg)
+
+
 def fail(key: str, msg: str) -> typing.NoReturn:
-    raise UsageError(f"config key '{brief(key)}': {msg}")
+    raise ConfigKeyError(key, msg)
+
+
+def home(path: str) -> str:
+    """``path`` with a leading ``~`` expanded, once when the config is built: every reader of the setting (the run,
+    ``ia3-dist eval``, the Slurm and sweep tools) then names the same directory. Hub names never start with ``~``."""
+    return os.path.expanduser(path) if path.startswith("~") else path
 
 
 def _in_range(key: str, value: int | float, lo: int | float, hi: int | float) -> None:
@@ -136,6 +159,9 @@ class ModelSection:
     def __post_init__(self) -> None:
         if not self.path:
             fail("model.path", "must be a model directory or hub name")
+        self.path = home(self.path)
+        if self.tokenizer is not None:
+            self.tokenizer = home(self.tokenizer)
         if self.arch is not None and self.arch not in ARCHS:
             fail("model.arch", f"unknown {show(self.arch)}; known: {', '.join(ARCHS)}")
         if self.attention not in ATTENTIONS:
@@ -203,9 +229,10 @@ class DataSource:
 
 @dataclass
 class DataSection:
-    path: str | list[str] = "demo:zh-styles"
+    path: str | list[str] | None = "demo:zh-styles"
     """A data file (``.json`` list, ``.jsonl``, ``.parquet``, ``.csv``, ``.arrow``), a ``save_to_disk`` dir, a hub
-    dataset name, ``demo:zh-styles``, or a list of files (concatenated in order, each in its own format)."""
+    dataset name, ``demo:zh-styles``, or a list of files (concatenated in order, each in its own format). null:
+    unset, for a mixture in ``data.sources`` on top of a config that sets ``data.path``."""
     sources: list[DataSource] | None = None
     """A weighted mixture instead of ``data.path``: a list of ``{path, weight, format, columns, template,
     max_examples}``. The mixture draws as many examples (or tokens, ``mix_by``) as the sources hold together, each
@@ -292,6 +319,13 @@ class DataSection:
                 fail(f"data.{key}", f"must be one of {'|'.join(allowed)}, got {show(getattr(self, key))}")
         if self.mix_by not in MIX_BY:
             fail("data.mix_by", f"must be one of {'|'.join(MIX_BY)}, got {show(self.mix_by)}")
+        if self.path is None:
+            if self.sources is None:
+                fail("data.path", "is null (unset) and data.sources is not set: give a data file, dir, list of files "
+                                  "or hub dataset name, or a mixture in data.sources")
+            # What a mixture config has when it never wrote data.path: the default, which the mixture ignores (and
+            # every reader of data.path keeps a string).
+            self.path = DataSection.path
         if self.sources is not None:
             self._check_sources()
         if isinstance(self.path, list):
@@ -301,6 +335,11 @@ class DataSection:
                 fail("data.path", "the demo data cannot be part of a list")
         elif not self.path:
             fail("data.path", "must be a data file, dir, list of files or hub dataset name")
+        self.path = [home(p) for p in self.path] if isinstance(self.path, list) else home(self.path)
+        if self.eval_path is not None:
+            self.eval_path = home(self.eval_path)
+        if self.cache_dir is not None:
+            self.cache_dir = home(self.cache_dir)
         _check_columns("data.columns", self.columns)
         if not self.template:
             fail("data.template", "use human_assistant, chat_template or a path to a Jinja file")
@@ -322,7 +361,8 @@ class DataSection:
         if not self.sources:
             fail("data.sources", "a mixture needs at least one source ({path: ..., weight: ...}); or remove the key")
         if self.path != DataSection.path:
-            fail("data.sources", "set either data.path or data.sources, not both (each source names its own path)")
+            fail("data.sources", "set either data.path or data.sources, not both (each source names its own path; "
+                                 "data.path=null unsets a path the config sets)")
         if self.limit is not None:
             fail("data.limit", "does not apply to a mixture; set data.sources[i].max_examples per source")
         if len(self.sources) > MAX_SOURCES:
@@ -333,6 +373,7 @@ class DataSection:
                 fail(f"{key}.path", "every source needs a path (a data file, save_to_disk dir or hub dataset)")
             if s.path.startswith("demo:"):
                 fail(f"{key}.path", "the demo data cannot be part of a mixture")
+            s.path = home(s.path)
             _finite(f"{key}.weight", s.weight, 0.0, strict=True)
             if s.format is not None and s.format not in FORMATS:
                 fail(f"{key}.format", f"must be one of {'|'.join(FORMATS)}, got {show(s.format)}")
@@ -363,7 +404,9 @@ class IA3Section:
     """Modules whose activations IA3 scales; null uses PEFT's default for the architecture
     (Bloom: ``query_key_value``, ``mlp.dense_4h_to_h``)."""
     feedforward_modules: list[str] | None = None
-    """Subset of target modules scaled on their input; null uses PEFT's default (Bloom: ``mlp.dense_4h_to_h``)."""
+    """Subset of target modules scaled on their input; null uses PEFT's default for the architecture (Bloom:
+    ``mlp.dense_4h_to_h``), with ``target_modules`` given too (none for a model type PEFT has no default for);
+    ``[]``: none."""
     variant: str = "default"
     """``default``: PEFT's IA3 as configured above. ``paper``: the IA3 paper's choice, keys, values and the MLP's
     inner activations but not queries. Where q, k and v are one fused Linear (Bloom, GPT-NeoX
@@ -378,11 +421,17 @@ class IA3Section:
     def __post_init__(self) -> None:
         if self.init_from is not None and not self.init_from.strip():
             fail("ia3.init_from", "must be an adapter dir, or null for a fresh adapter")
+        if self.init_from is not None:
+            self.init_from = home(self.init_from)
         if self.variant not in IA3_VARIANTS:
             fail("ia3.variant", f"must be one of {'|'.join(IA3_VARIANTS)}, got {show(self.variant)}")
+        # Before the rules between the two lists: their advice (set target_modules too) would lead into this one.
         if self.variant == "paper" and self.target_modules is not None:
             fail("ia3.variant", "paper chooses the target modules itself; set ia3.target_modules to null or use "
                                 "ia3.variant=default")
+        if self.variant == "paper" and self.feedforward_modules is not None:
+            fail("ia3.feedforward_modules", "ia3.variant=paper chooses the feed-forward modules itself; set "
+                                            "ia3.feedforward_modules to null or use ia3.variant=default")
         for key in ("target_modules", "feedforward_modules"):
             names = getattr(self, key)
             if names is not None and not all(names):
@@ -467,7 +516,7 @@ class TrainSection:
     """Log loss, lr, grad norm and tokens/s every N optimizer steps (and at the last step)."""
     eval_every: int = 0
     """Evaluate on the held-out data every N optimizer steps (0: only at the end); needs data.eval_ratio or
-    data.eval_path."""
+    data.eval_path (or, for benchmarks alone, eval.tasks)."""
     threads: int = 0
     """Torch/OMP threads per rank on CPU; 0 gives each local rank its share of the cores."""
     gradient_checkpointing: bool = False
@@ -541,7 +590,7 @@ class TrainSection:
                 fail("train.micro_batch_size", f"must be a positive integer or auto, got {show(self.micro_batch_size)}")
         else:
             _in_range("train.micro_batch_size", self.micro_batch_size, 1, 65536)
-        _in_range("train.grad_accum", self.grad_accum, 1, 65536)
+        _in_range("train.grad_accum", self.grad_accum, 1, MAX_GRAD_ACCUM)
         _in_range("train.global_batch_size", self.global_batch_size, 0, 1 << 30)
         _in_range("train.epochs", self.epochs, 1, 10**6)
         _in_range("train.log_every", self.log_every, 1, MAX_STEPS)
@@ -622,7 +671,8 @@ class CheckpointSection:
     keep_best: str = ""
     """A held-out metric (as for ``train.early_stopping.metric``; its ``mode`` decides the direction, ``auto``
     otherwise): the checkpoint of the best evaluation so far is saved at that step and kept outside the rotation
-    of ``keep``, named by ``checkpoints/best``. Needs held-out data and ``train.eval_every``. "": off."""
+    of ``keep``, named by ``checkpoints/best``. Needs held-out data and ``train.eval_every``; or a benchmark's
+    score as logged, filter included (``tiny_mc/acc,none``), with ``eval.tasks``. "": off."""
 
     def __post_init__(self) -> None:
         _in_range("checkpoint.every", self.every, 0, MAX_STEPS)
@@ -632,7 +682,8 @@ class CheckpointSection:
 @dataclass
 class OutputSection:
     dir: str = "runs/demo"
-    """Run directory: run.yaml, ds_config.json, metrics.jsonl, adapter/, checkpoints/."""
+    """Run directory: run.yaml, ds_config.json, metrics.jsonl, adapter/, checkpoints/. A leading ``~`` is expanded
+    (as in every path setting)."""
     overwrite: bool = False
     """Start over in an output dir that holds another run of ours: only the files ia3-dist wrote there (listed in
     its ``.ia3-dist-run.json``) are removed; a dir holding anything else is refused, overwrite or not."""
@@ -653,6 +704,7 @@ class OutputSection:
     def __post_init__(self) -> None:
         if not self.dir:
             fail("output.dir", "must be a directory path")
+        self.dir = home(self.dir)
         if self.report_to == ["none"]:
             self.report_to = []
         if self.report_to is not None:
@@ -691,13 +743,13 @@ class EvalSection:
 
     tasks: list[str] | None = None
     """lm-eval task names (its registry, with the data on this machine, or local task files in ``eval.include``);
-    each metric is logged as ``<task>/<metric>`` (e.g. ``tiny_mc/acc,none``), and ``train.early_stopping.metric``
-    and ``checkpoint.keep_best`` may follow one."""
+    each metric is logged as ``<task>/<metric>,<filter>`` (lm-eval's names: ``tiny_mc/acc,none``), and
+    ``train.early_stopping.metric`` and ``checkpoint.keep_best`` may follow one, named so."""
     include: str | None = None
     """A directory of local task YAML files (their data files must be local: training runs offline)."""
     every: int = 0
     """Steps between benchmark evaluations (and one at the end); 0: at every held-out evaluation
-    (``train.eval_every``), or only at the end without one."""
+    (``train.eval_every``), or only at the end without one. Needs ``eval.tasks``."""
     limit: int | None = None
     """At most this many documents per task (a quick signal on big benchmarks)."""
     batch_size: int = 8
@@ -711,7 +763,12 @@ class EvalSection:
                 fail("eval.tasks", f"{len(self.tasks)} tasks; at most 256")
         elif self.include is not None:
             fail("eval.include", "names task files for eval.tasks; set eval.tasks too")
+        if self.include is not None:
+            self.include = home(self.include)
         _in_range("eval.every", self.every, 0, MAX_STEPS)
+        if self.every and self.tasks is None:
+            fail("eval.every", "schedules the benchmarks of eval.tasks, and none is set: set eval.tasks (or "
+                               "eval.every=0), or use train.eval_every for the held-out evaluation")
         _in_range("eval.batch_size", self.batch_size, 1, 1 << 16)
         if self.limit is not None:
             _in_range("eval.limit", self.limit, 1, MAX_STEPS)
@@ -759,18 +816,29 @@ class RunConfig:
                             ("checkpoint.keep_best", self.checkpoint.keep_best)):
             if not metric:
                 continue
-            if metric.partition("/")[0] in tasks and metric.partition("/")[2]:
+            task, _, name = metric.partition("/")
+            if task in tasks and name:
+                measure, comma, filt = name.partition(",")
+                if not (comma and measure and filt):
+                    # lm-eval names every score "<metric>,<filter>"; the tracker skips an evaluation that does not
+                    # have the metric it follows, so without the filter it would follow nothing, silently.
+                    fail(key, f"{show(metric)}: lm-eval logs a benchmark's scores as <task>/<metric>,<filter>; add the "
+                              f"filter, e.g. {task}/{measure or 'acc'},none")
                 if not (self.eval.every or self.train.eval_every):
                     fail(key, f"follows the benchmark {show(metric)}: set eval.every (or train.eval_every) so it is "
                               f"evaluated during training")
                 continue
             if metric not in valid:
-                bench = f", or <task>/<metric> of eval.tasks {tasks}" if tasks else ""
+                bench = f", or <task>/<metric>,<filter> of eval.tasks {tasks}" if tasks else ""
                 fail(key, f"{show(metric)} is not a held-out metric of train.objective={self.train.objective}; "
                           f"one of {', '.join(valid)}{bench}")
             if not (self.data.eval_ratio or self.data.eval_path) or not self.train.eval_every:
                 fail(key, "follows the held-out evaluation: set data.eval_ratio (or data.eval_path) and "
                           "train.eval_every (evaluations every N steps)")
+        if self.train.eval_every and not (self.data.eval_ratio or self.data.eval_path or self.eval.tasks):
+            fail("train.eval_every", "schedules the held-out evaluation (and the benchmarks of eval.tasks), and the "
+                                     "run has neither: set data.eval_ratio or data.eval_path (or eval.tasks), or "
+                                     "train.eval_every=0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

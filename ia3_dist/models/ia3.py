@@ -33,11 +33,19 @@ def paper_targets(model_type: str | None) -> tuple[list[str], list[str]] | None:
 
 def ia3_config(section: IA3Section, model_type: str | None = None) -> Any:
     from peft import IA3Config, TaskType
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
 
     kw: dict[str, Any] = {"task_type": TaskType.CAUSAL_LM}
     if section.target_modules is not None:
         kw["target_modules"] = list(section.target_modules)
-        kw["feedforward_modules"] = list(section.feedforward_modules or [])
+        if section.feedforward_modules is not None:
+            kw["feedforward_modules"] = list(section.feedforward_modules)
+        elif model_type not in FEEDFORWARD:
+            # PEFT refuses None where it has no default for the model type; with the targets named, none of them
+            # is taken as feed-forward (as ia3.feedforward_modules documents).
+            kw["feedforward_modules"] = []
+        # Otherwise None: PEFT fills in its default for the model type when it builds the model, as ia3.*
+        # documents (a default module that is not a target is not scaled at all).
     elif section.variant == "paper":
         targets = paper_targets(model_type)
         if targets is not None:

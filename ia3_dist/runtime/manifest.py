@@ -30,21 +30,23 @@ MANIFEST = ".ia3-dist-run.json"
 TOOL = "ia3-dist"
 FORMAT = 1
 CHECKPOINTS = "checkpoints"
-# Written before the process group starts (or only to signal it): a dir of our own that holds nothing else never
-# trained, so a fresh start over it loses nothing. This is also what the other ranks may see when rank 0 is a
-# little ahead of them, and they must not refuse their own launch.
 PID_FILE = "rank0.pid"
 """Rank 0's pid while it trains, for schedulers' preemption traps (slurm/lib.sh signal it)."""
 # What a live run's rank 0 runs as (python -m ia3_dist under a launcher, launch.py, the ia3-dist script): a pid
 # file naming another program is stale (its run was killed; the pid was reused).
 _RUN_CMD = re.compile(rb"ia3_dist|ia3-dist|launch\.py")
+REPLACED = ".ia3-dist-replaced"
+"""output.overwrite: the earlier run's files, set aside here until the new run has started (see :func:`set_aside`)."""
+# Written before the process group starts (or only to signal it): a dir of our own that holds nothing else never
+# trained, so a fresh start over it loses nothing. This is also what the other ranks may see when rank 0 is a
+# little ahead of them, and they must not refuse their own launch.
 SETUP_FILES = frozenset({"run.yaml", "ds_config.json", PID_FILE, "preempted.json", "hung.json", MANIFEST,
                          MANIFEST + ".tmp"})
 # trackers.json, wandb/ and mlflow/: the experiment trackers' run ids and local records (train/trackers.py);
 # metrics.jsonl.tmp: a resume rewrites metrics.jsonl through it (train/metrics.py trim_metrics).
 RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.jsonl.tmp", "metrics.png", "trackers.json", "examples.jsonl",
                            "examples.jsonl.tmp"}
-RUN_DIRS = frozenset({"adapter", "tensorboard", "wandb", "mlflow", CHECKPOINTS})
+RUN_DIRS = frozenset({"adapter", "tensorboard", "wandb", "mlflow", CHECKPOINTS, REPLACED})
 # checkpoint.save's names (tag_for, LATEST and its temp file); tests/test_output_safety.py keeps them in step.
 # DeepSpeed's engine.save_checkpoint copies its recovery scripts beside the tag dirs on every ZeRO save.
 CKPT_DIR = re.compile(r"step[0-9]+")
@@ -170,24 +172,54 @@ def write_manifest(out: Path) -> None:
     os.replace(tmp, out / MANIFEST)
 
 
-def remove_owned(out: Path) -> list[str]:
-    """Start over: delete what a run writes (not the manifest, which the caller rewrites), nothing else; returns
-    what went. Foreign and clashing entries stay, so ``checkpoints/`` goes only if nothing else is in it."""
+def set_aside(out: Path) -> list[str]:
+    """Start over, undoably: move what an earlier run wrote (only the names a run writes: foreign and clashing
+    entries stay, so ``checkpoints/`` goes only if nothing else is in it) into
+    ``<out>/.ia3-dist-replaced`` (renames, on the same filesystem: no copy, no space). The new run removes it once
+    it has started (:func:`discard_aside`), or puts it back if its start fails (:func:`restore_aside`): a bad tracker
+    setting or ranks that disagree exit 2 without losing the run that was there. Returns what moved."""
+    aside = out / REPLACED
+    if _kind_ok(aside, True):
+        shutil.rmtree(aside)  # a start over that died before its run started: those files were to go
     st = inspect(out)
-    gone = []
+    moved = []
     for rel in st.owned:
-        p = out / rel
-        if rel in (MANIFEST, CHECKPOINTS):
+        if rel in (MANIFEST, CHECKPOINTS, REPLACED):
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
-        gone.append(rel)
+        dest = aside / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out / rel, dest)
+        moved.append(rel)
     root = out / CHECKPOINTS
     if _kind_ok(root, True) and not any(root.iterdir()):
         root.rmdir()
-    return gone
+    return moved
+
+
+def restore_aside(out: Path) -> list[str]:
+    """Put back what :func:`set_aside` moved, over whatever the failed start wrote under the same names."""
+    aside = out / REPLACED
+    if not _kind_ok(aside, True):
+        return []
+    back = []
+    for top in sorted(aside.iterdir()):
+        entries = sorted(top.iterdir()) if top.name == CHECKPOINTS and top.is_dir() else [top]
+        for e in entries:
+            rel = e.relative_to(aside)
+            dest = out / rel
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            elif os.path.lexists(dest):
+                dest.unlink()
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(e, dest)
+            back.append(str(rel))
+    shutil.rmtree(aside)
+    return back
+
+
+def discard_aside(out: Path) -> None:
+    shutil.rmtree(out / REPLACED, ignore_errors=True)
 
 
 def nearest_existing(p: Path) -> Path:

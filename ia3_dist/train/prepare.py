@@ -29,7 +29,7 @@ from ..runtime.watchdog import HUNG_FILE
 from . import autobatch, demo, objectives, trackers
 from .selection import stopped_early
 
-PID_FILE = "rank0.pid"
+PID_FILE = manifest.PID_FILE
 PREEMPTED_FILE = "preempted.json"
 
 
@@ -104,12 +104,20 @@ def total_steps_for(cfg: RunConfig, n_examples: int, layout: Layout) -> int:
 def with_global_batch(cfg: RunConfig, world: int) -> RunConfig:
     """``train.global_batch_size`` > 0: the accumulation that makes it on ``world`` ranks (with ``micro_batch_size:
     auto``, the examples per rank per step); a UsageError when it does not divide."""
+    from ..config.schema import MAX_GRAD_ACCUM
+
     g, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
     per = world * (micro if isinstance(micro, int) else 1)
+    cut = f"micro_batch_size {micro} x {world} rank(s)" if isinstance(micro, int) else f"{world} rank(s)"
     if g % per:
-        cut = f"micro_batch_size {micro} x {world} rank(s)" if isinstance(micro, int) else f"{world} rank(s)"
         fail("train.global_batch_size", f"{g} is not a multiple of {cut} = {per}, so no whole accumulation makes it "
                                         f"on this allocation; choose a multiple of {per} (or another micro-batch)")
+    if g // per > MAX_GRAD_ACCUM:
+        # Checked here, not by the replace below: its TrainSection check would blame train.grad_accum, a key the
+        # user did not set.
+        fail("train.global_batch_size", f"{g} over {cut} = {per} makes an accumulation (train.grad_accum) of "
+                                        f"{g // per} per step, more than {MAX_GRAD_ACCUM}; use a larger micro-batch, "
+                                        f"more ranks or a smaller global batch")
     return replace(cfg, train=replace(cfg.train, grad_accum=g // per))
 
 
@@ -202,6 +210,8 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     guard and the resume point. Raises :class:`UsageError` on bad input; nothing here waits on another rank."""
     out = Path(cfg.output.dir)
     ckpt.guard_output_dir(out, cfg.train.resume, cfg.output.overwrite)
+    if env.is_main:
+        manifest.refuse_live_run(out)
     trackers.check_installed(cfg, env)
     model_path = demo.model_path(cfg.model.path, cfg.data.cache_dir)
     check_model_dir(model_path)
@@ -360,8 +370,8 @@ def write_batch_files(p: Prepared) -> None:
 
 def start_run_dir(out: Path, start_over: bool) -> list[str]:
     """Create ``out`` and claim it with the manifest first, so a run that dies in the next line is still known as
-    ours; ``start_over`` then removes what an earlier run wrote (only those names: see :mod:`..runtime.manifest`)
-    and returns them."""
+    ours; ``start_over`` then sets aside what an earlier run wrote (only those names: see :mod:`..runtime.manifest`;
+    removed once the new run has started, :func:`..runtime.manifest.discard_aside`) and returns them."""
     out.mkdir(parents=True, exist_ok=True)
     manifest.write_manifest(out)
-    return manifest.remove_owned(out) if start_over else []
+    return manifest.set_aside(out) if start_over else []

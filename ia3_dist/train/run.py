@@ -12,7 +12,7 @@ from ..errors import Preempted, UsageError
 from ..models.ia3 import fixed_entries
 from ..models.load import save_tokenizer
 from ..runtime import checkpoint as ckpt
-from ..runtime import dist, faults, hostmem, lazy
+from ..runtime import dist, faults, hostmem, lazy, manifest
 from ..runtime import ds_config as dsc
 from ..runtime.adapter import save_adapter
 from ..runtime.preempt import StopFlag
@@ -81,6 +81,15 @@ def same_plan_on_every_rank(p: Prepared) -> None:
                          f"reads the same data)")
 
 
+def _undo_start(p: Prepared) -> None:
+    """Rank 0, a start that failed before training: no pid file left, and the run output.overwrite set aside is
+    back where it was (with its own run.yaml: the dir says what it holds)."""
+    (p.out / PID_FILE).unlink(missing_ok=True)
+    back = manifest.restore_aside(p.out)
+    if back:
+        dist.print0(p.env, f"output.dir {p.out}: the start failed; the earlier run's files are back ({len(back)})")
+
+
 def start_step(p: Prepared) -> int:
     """The optimizer step the run resumes from (0 for a fresh run), known before the engine loads the checkpoint."""
     return int(ckpt.read_meta(p.resume_from).get("step", 0)) if p.resume_from is not None else 0
@@ -114,7 +123,7 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     except BaseException:
         stop.uninstall()
         if env.is_main:
-            (p.out / PID_FILE).unlink(missing_ok=True)
+            _undo_start(p)
         raise
     status = "failed"
     try:
@@ -126,9 +135,12 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
         trackers.close(status)
         stop.uninstall()
         if env.is_main:
-            (p.out / PID_FILE).unlink(missing_ok=True)
+            _undo_start(p)
         dist.destroy()
         raise
+    if env.is_main:
+        # Started: the run that output.overwrite replaces goes now (until here a failed start put it back).
+        manifest.discard_aside(p.out)
     try:
         res = train(p, stop, watchdog, trackers)
         watchdog.stop()  # training is over: the hooks below may take as long as they need

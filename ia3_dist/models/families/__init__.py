@@ -82,9 +82,14 @@ def support_case(model_config: Any, section: IA3Section, where: str = "model.pat
     fam = FAMILIES.get(model_type)  # type: ignore[arg-type]
     defaults = peft_ia3_defaults(model_type)
     if section.target_modules is not None:
-        ff = section.feedforward_modules or []
-        modules = f"IA3 on {', '.join(section.target_modules)} (ia3.target_modules; feedforward: " \
-                  f"{', '.join(ff) or 'none'})"
+        if section.feedforward_modules is not None:
+            ff = ", ".join(section.feedforward_modules) or "none"
+        elif defaults is not None and defaults[1]:
+            # null: PEFT's default, among the targets (a default module that is not a target is not scaled).
+            ff = f"PEFT's default for {model_type}, {', '.join(defaults[1])}, where a target"
+        else:
+            ff = "none"
+        modules = f"IA3 on {', '.join(section.target_modules)} (ia3.target_modules; feedforward: {ff})"
     elif fam is not None:
         modules = f"IA3 on {', '.join(fam.target_modules)} (PEFT's defaults; feedforward: " \
                   f"{', '.join(fam.feedforward_modules)})"
