@@ -73,7 +73,11 @@ ia3_run() {
   [ -n "$(ia3_rank0_pid)" ] || rm -f "$OUTPUT_DIR/rank0.pid"
   # Older than anything this start writes (the run's imports alone take seconds, so even 1 s mtimes order them):
   # run.yaml newer than it means this start's run got past its setup.
-  RUN_STAMP=$(mktemp "${TMPDIR:-/tmp}/ia3-dist-start.XXXXXX")
+  # In LOG_DIR, on the shared filesystem as output.dir usually is: mtimes there come from one clock (the file
+  # server's); a node-local stamp against a run.yaml on NFS compares two clocks, and a skew of more than the run's
+  # setup time would swap "not started" and "training ended".
+  RUN_STAMP=$(mktemp "${LOG_DIR:-${TMPDIR:-/tmp}}/.ia3-dist-start.XXXXXX" 2>/dev/null ||
+              mktemp "${TMPDIR:-/tmp}/ia3-dist-start.XXXXXX")
   "$@" &
   WORK_PID=$!
   local rc
