@@ -361,6 +361,12 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch as _torch
 
     (Path(purelib) / "ia3_dist_test_deps.pth").write_text(str(Path(_torch.__file__).parents[1]) + "\n")
+    # DeepSpeed's ninja (a dependency: a user's venv has it in bin/). Without it the venv's runs build DeepSpeed's
+    # CPU ops with the system's older ninja, which hashes commands differently: each switch between the two
+    # rebuilt the shared op cache (~40-90 s of a core, three times per suite).
+    ninja = Path(sys.executable).parent / "ninja"
+    if ninja.exists():
+        (venv / "bin" / "ninja").symlink_to(ninja)
     shutil.rmtree(src)
     return venv
 
