@@ -290,3 +290,55 @@ def test_summary_ranks_a_local_sweep_by_a_benchmark_metric(tmp_path: Path, tiny_
             assert len(set(values)) == 3, values  # three learning rates, three held-out losses: a real ordering
     assert main(["summary", str(d), "--metric", "tiny_mc"]) == 2
     assert "expected TASK/METRIC" in capsys.readouterr().err
+
+
+def test_the_final_steps_checkpoint_name_picks_the_final_point(tmp_path: Path) -> None:
+    from ia3_dist.tools.benchmark import points_of
+
+    r = tmp_path / "run"
+    (r / "adapter").mkdir(parents=True)
+    (r / "adapter/adapter_config.json").write_text("{}")
+    for s in (5, 10):
+        (r / f"checkpoints/step{s}").mkdir(parents=True)
+        (r / f"checkpoints/step{s}/ia3_state.safetensors").write_bytes(b"x")
+    (r / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 11)))
+    pick = {w: [(p.name, p.step) for p in points_of(r, w)[1]] for w in ("step5", "step10", "step10,final")}
+    assert pick == {"step5": [("step5", 5)], "step10": [("final", 10)], "step10,final": [("final", 10)]}
+
+
+@pytest.mark.parametrize("save", ["bin", "links"])
+def test_eval_takes_the_adapters_generate_accepts(save: str, tmp_path: Path, tiny_model: Path, monkeypatch) -> None:
+    # The final point's vectors are the loaded adapter's: a .bin save or a hub snapshot's links load as for
+    # generate and export, instead of being refused after the base loaded.
+    import torch
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ia3_dist.tools.benchmark import Point, evaluate_points
+
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)), IA3Config(task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, q in pm.named_parameters():
+            if "ia3_l" in n:
+                q.fill_(0.5)
+    ad = tmp_path / "adapter"
+    if save == "bin":
+        pm.save_pretrained(str(ad), safe_serialization=False)
+    else:
+        blob = tmp_path / "blob"
+        pm.save_pretrained(str(blob))
+        ad.mkdir()
+        for f in blob.iterdir():
+            os.symlink(f, ad / f.name)
+    seen = []
+    from ia3_dist.tools import benchmark
+
+    real = benchmark.swap_in
+
+    def spy(model, vectors, where):
+        seen.append(vectors)
+        return real(model, vectors, where)
+
+    monkeypatch.setattr(benchmark, "swap_in", spy)
+    assert evaluate_points(ad, [Point("final", 0, ad)], [], None, 8, None, None) == []
+    assert seen and all(float(v.min()) == float(v.max()) == 0.5 for v in seen[0].values())

@@ -143,3 +143,71 @@ def test_export_and_generate_each_family(model_type: str, family_models: dict, t
     monkeypatch.setattr("sys.stdin", io.StringIO("请介绍一下猫。\n/quit\n"))
     assert main(["chat", "--adapter", str(merged), *opts]) == 0
     assert answers[0] in capsys.readouterr().out
+
+
+DROPOUT_CONFIGS = {
+    "bloom": {"vocab_size": 64, "hidden_size": 24, "n_layer": 2, "n_head": 3, "hidden_dropout": 0.3,
+              "attention_dropout": 0.3},
+    "gpt_neox": {"vocab_size": 64, "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2,
+                 "num_attention_heads": 3, "hidden_dropout": 0.3, "attention_dropout": 0.3},
+    "llama": {"vocab_size": 64, "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2,
+              "num_attention_heads": 3, "attention_dropout": 0.3, "attn_implementation": "eager"},
+}
+
+
+def _dropout_model(model_type: str, tmp_path: Path, zero3: bool) -> torch.nn.Module:
+    """The tiny model as each ZeRO path hands it over: ``from_pretrained`` (ZeRO 0-2, eval mode) or
+    ``from_config`` (ZeRO-3's build_partitioned, train mode)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ia3_dist.config import ModelSection
+    from ia3_dist.models.ia3 import apply_ia3
+    from ia3_dist.models.load import load_base_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **DROPOUT_CONFIGS[model_type]))
+    if not zero3:
+        if not (tmp_path / model_type).is_dir():
+            base.save_pretrained(str(tmp_path / model_type))
+        base = load_base_model(ModelSection(), str(tmp_path / model_type), "fp32")
+    return apply_ia3(base, IA3Section())
+
+
+def _logps(wrapper: torch.nn.Module) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(0, 64, (2, 9))
+    return [wrapper(ids, torch.ones_like(ids), torch.arange(3, 8), ids[0, 4:9]) for _ in range(3)]
+
+
+@pytest.mark.parametrize("zero3", [False, True], ids=["zero0", "zero3"])
+@pytest.mark.parametrize("model_type", sorted(DROPOUT_CONFIGS))
+def test_training_module_mode_and_dropout(model_type: str, zero3: bool, tmp_path: Path) -> None:
+    """SFT trains in train mode from step 1 on every ZeRO path (HF Trainer's model.train(): dropout on); the
+    preference objectives in train mode with every dropout at 0 (TRL's disable_dropout=True), the family's
+    functional ones (Bloom's hidden_dropout, the attention dropout probabilities) included."""
+    import types
+
+    from ia3_dist.train.objectives.preference import Preference
+    from ia3_dist.train.objectives.sft import SFT
+
+    sft = SFT().module(_dropout_model(model_type, tmp_path, zero3), None, 0, None)
+    assert all(m.training for m in sft.modules())
+    for objective in ("dpo", "orpo", "simpo"):
+        t = types.SimpleNamespace(objective=objective, cpo_alpha=0.0)
+        wrapper = Preference(t).module(_dropout_model(model_type, tmp_path, zero3), None, 0, None)
+        assert all(m.training for m in wrapper.modules())
+        assert all(m.p == 0 for m in wrapper.modules() if isinstance(m, torch.nn.Dropout))
+        runs = _logps(wrapper)
+        assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_evaluation_restores_each_module_mode() -> None:
+    """A blanket .train() after evaluating turned on what had been in eval mode (dropout then depended on whether
+    an evaluation had run)."""
+    from ia3_dist.train.evaluate import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+    model[1].eval()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model[0].training and not model[1].training

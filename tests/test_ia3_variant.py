@@ -124,3 +124,29 @@ def test_paper_run_saves_a_plain_adapter(tmp_path: Path, demo_model: Path) -> No
     for name, v in vecs.items():
         assert v.numel() == 3 * h and torch.equal(v[q], torch.ones(h)), name
         assert (v[~q] - 1).abs().max() > 1e-3, f"{name}: keys and values never trained"
+
+
+@pytest.mark.parametrize("model_type", sorted(FUSED))
+def test_paper_init_from_refuses_an_adapter_with_trained_query_scales(model_type: str, tmp_path: Path) -> None:
+    """Its query scales would silently become 1.0: the run would start from another model than the adapter's."""
+    from ia3_dist.models.ia3 import load_init_adapter
+
+    default = _tiny(model_type, IA3Section())
+    with torch.no_grad():
+        for p in _qkv_vectors(default):
+            p.uniform_(0.8, 1.2)
+    default.save_pretrained(str(tmp_path / "default"))
+    with pytest.raises(UsageError, match=r"default/adapter_model.safetensors: .*ia3.variant=default"):
+        load_init_adapter(_tiny(model_type, IA3Section(variant="paper")), str(tmp_path / "default"))
+
+    # Query entries of exactly 1.0 (what a paper-variant run saves) are the paper variant's own: accepted.
+    paper = _tiny(model_type, IA3Section(variant="paper"))
+    params = dict(paper.named_parameters())
+    with torch.no_grad():
+        for name, mask in fixed_entries(paper).items():
+            p = params[name]
+            p.copy_(torch.where(mask, 1.0, torch.rand_like(p.flatten()) + 0.5).reshape(p.shape))
+    paper.save_pretrained(str(tmp_path / "paper"))
+    target = _tiny(model_type, IA3Section(variant="paper"))
+    load_init_adapter(target, str(tmp_path / "paper"))
+    assert torch.equal(_qkv_vectors(target)[0], _qkv_vectors(paper)[0])

@@ -59,6 +59,7 @@ def _shares(data, by: str, upto: int | None = None) -> np.ndarray:
     return np.asarray([cost[which == i].sum() for i in range(3)]) / cost.sum()
 
 
+@pytest.mark.slow  # tokenizes a three-source mixture twice
 @pytest.mark.parametrize("by", ["examples", "tokens"])
 def test_realised_shares_match_the_weights(tmp_path: Path, tiny_tokenizer, by: str) -> None:
     files = _three(tmp_path)

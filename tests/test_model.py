@@ -197,3 +197,59 @@ def test_gradients_are_copied_before_autograd_keeps_them() -> None:
         lin(x).sum().backward()
     assert all(lin.weight.grad.data_ptr() != g.data_ptr() for g in returned)
     torch.testing.assert_close(lin.weight.grad, 2 * returned[0])
+
+
+FINAL_LOGIT_CONFIGS = {
+    "gemma2": {"head_dim": 8, "final_logit_softcapping": 3.0},
+    "cohere": {"logit_scale": 0.3},
+    "granite": {"logits_scaling": 0.25},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FINAL_LOGIT_CONFIGS))
+def test_losses_apply_the_model_final_logit_transform(model_type: str) -> None:
+    """The losses call the LM head themselves; the transform the model's own forward applies to its logits
+    (Gemma2's soft cap, Cohere's scale, Granite's divisor) must follow, or they train on logits the model never
+    produces: the token-sum loss is HF's loss, the log-probs are log_softmax of HF's logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ia3_dist.data.collate import label_positions
+    from ia3_dist.models.loss import TokenLogpLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager",
+                               **FINAL_LOGIT_CONFIGS[model_type])
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40)  # logits large enough for a cap of 3 to matter
+    # Explicit targets: PEFT has no IA3 defaults for Cohere or Granite (the preflight's explicit-targets case).
+    peft = apply_ia3(model, IA3Section(target_modules=["k_proj", "v_proj", "down_proj"],
+                                       feedforward_modules=["down_proj"]))
+    ids = torch.randint(0, 64, (2, 10))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    mask = torch.ones_like(ids)
+    hf = model(input_ids=ids, attention_mask=mask, labels=labels)
+    s, n = TokenSumLM(peft).eval()(ids, mask, labels, label_pos=label_positions(labels))
+    torch.testing.assert_close(s / n, hf.loss, rtol=1e-5, atol=1e-5)
+    pos, target = torch.arange(3, 9), ids[1, 4:10]
+    lp = TokenLogpLM(peft).eval()(ids, mask, pos + 10, target)
+    torch.testing.assert_close(lp, torch.log_softmax(hf.logits[1, 3:9].float(), -1).gather(1, target[:, None])[:, 0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orpo_log1mexp_has_finite_gradients_near_zero(dtype: torch.dtype) -> None:
+    """torch.where differentiates both branches: exp(x) rounding to 1 (or x = 0) made the unused one's gradient
+    NaN, and ORPO's whole step with it. Values stay TRL's wherever TRL's formula is finite."""
+    from ia3_dist.train.objectives.preference import log1mexp
+
+    x = torch.tensor([-2e-8, -1e-30, 0.0], dtype=dtype, requires_grad=True)
+    log1mexp(x).sum().backward()
+    assert torch.isfinite(x.grad).all(), x.grad
+    grid = -torch.logspace(-30, 2, 400, dtype=dtype)
+    t = -0.6931471805599453
+    trl = torch.where(grid < t, torch.log1p(-torch.exp(grid)), torch.log(-torch.expm1(grid)))
+    ok = torch.isfinite(trl)
+    assert ok.sum() > 300 and torch.equal(log1mexp(grid)[ok], trl[ok])

@@ -253,7 +253,10 @@ def test_custom_code_in_a_dir_is_refused_and_never_run(case: str, command: str, 
     before = _modules_cache_files()
     args = ["--adapter", str(d)] + (["--out", str(tmp_path / "out")] if command == "export" else [])
     rc, _, err = _run([command, *args], capsys, stdin="y\ny\nyes\n你好\n", monkeypatch=monkeypatch)
-    _refused(rc, err, needle, "ia3-dist never runs code")
+    if command == "export" and case.startswith("merged"):  # refused before anything of it is read
+        _refused(rc, err, f"--adapter {d}: not an adapter dir")
+    else:
+        _refused(rc, err, needle, "ia3-dist never runs code")
     assert not marker.exists()
     assert _modules_cache_files() == before  # the .py was not even copied into transformers' module cache
     assert not (tmp_path / "out").exists()
@@ -580,3 +583,86 @@ def test_chat_template_bomb_in_a_real_generate(adapter: Path, tmp_path: Path) ->
         rc, err, secs, rss = _cli(["generate", "--adapter", str(d), "x"], "", tmp_path, 120)
         _refused(rc, err, f"{d}/ia3_dist.json: the chat template was stopped")
         assert rss < 2.0, (name, rss)
+
+
+def _earlier_export(o: Path) -> None:
+    from ia3_dist.tools.export import MARKER
+
+    o.mkdir()
+    (o / "config.json").write_text("{}")
+    (o / MARKER).write_text(json.dumps({"tool": "ia3-dist export", "files": ["config.json"]}))
+
+
+def _staged(tmp_path: Path) -> Path:
+    st = tmp_path / "staging"
+    st.mkdir()
+    for n in ("config.json", "model.safetensors", "tokenizer.json"):
+        (st / n).write_text(n)
+    return st
+
+
+def test_export_never_writes_its_marker_through_a_planted_link(tmp_path: Path) -> None:
+    from ia3_dist.tools.export import MARKER, _publish, check_target
+
+    o = tmp_path / "out"
+    _earlier_export(o)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.symlink(victim, o / (MARKER + ".tmp"))
+    _publish(_staged(tmp_path), o, check_target(str(o), True), {})
+    assert victim.read_text() == "precious"
+    assert not (o / MARKER).is_symlink()
+    assert json.loads((o / MARKER).read_text())["files"] == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("make", ["fifo", "zero-link"])
+def test_a_fifo_or_endless_marker_is_no_earlier_export(make: str, force: bool, tmp_path: Path) -> None:
+    from ia3_dist.tools.export import MARKER, check_target
+
+    o = tmp_path / "out"
+    o.mkdir()
+    if make == "fifo":
+        os.mkfifo(o / MARKER)
+    else:
+        os.symlink("/dev/zero", o / MARKER)
+    with deadline(5), pytest.raises(UsageError, match="--out .*(not empty|did not write)"):
+        check_target(str(o), force)
+
+
+def test_an_interrupted_export_is_replaced_by_the_next_with_force(tmp_path: Path, monkeypatch) -> None:
+    from ia3_dist.tools import export
+
+    o = tmp_path / "out"
+    o.mkdir()
+    st = _staged(tmp_path)
+    real = os.replace
+
+    def dying(a, b):  # killed after the first staged file is moved in
+        if Path(a).parent == st and any(p.parent == o and p.name != export.MARKER for p in o.iterdir()):
+            raise KeyboardInterrupt("killed mid-publish")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", dying)
+    with pytest.raises(KeyboardInterrupt):
+        export._publish(st, o, export.check_target(str(o), False), {})
+    monkeypatch.setattr(os, "replace", real)
+    assert (o / "config.json").is_file()
+    assert export.check_target(str(o), True) == ["config.json"]
+
+
+@pytest.mark.parametrize("case", ["export-of-a-model-dir", "corrupt-adapter-tokenizer"])
+def test_bad_export_input_is_refused_before_the_model_loads(case: str, adapter: Path, tiny_model: Path,
+                                                              tmp_path: Path, capsys, monkeypatch) -> None:
+    def never(*a: Any) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(inference, "_from_pretrained", never)
+    if case == "export-of-a-model-dir":
+        src, needle = tiny_model, "not an adapter dir (no adapter_config.json)"
+    else:
+        src = _copy(adapter, tmp_path / "a")
+        (src / "tokenizer.json").write_text("{not json")
+        needle = "tokenizer"
+    rc, _, err = _run(["export", "--adapter", str(src), "--out", str(tmp_path / "out")], capsys)
+    _refused(rc, err, str(src), needle)

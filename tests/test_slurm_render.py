@@ -453,6 +453,7 @@ def _wait_for(path: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # a bash batch shell around a stand-in run that sleeps
 @needs_bash
 def test_a_signal_after_training_ended_does_not_requeue_a_finished_run(tmp_path: Path) -> None:
     """The scheduler's warning can land after rank 0 removed its pid file at the end of training: the batch shell
@@ -470,6 +471,7 @@ def test_a_signal_after_training_ended_does_not_requeue_a_finished_run(tmp_path:
     assert not (tmp_path / "scontrol").exists(), text
 
 
+@pytest.mark.slow  # a bash batch shell around a stand-in run that sleeps
 @needs_bash
 @pytest.mark.parametrize("when", ["before", "during"])
 def test_a_signal_before_or_during_training_requeues(tmp_path: Path, when: str) -> None:
@@ -492,6 +494,7 @@ def test_a_signal_before_or_during_training_requeues(tmp_path: Path, when: str) 
     assert (tmp_path / "scontrol").read_text() == "requeue 7\n", text
 
 
+@pytest.mark.slow  # a bash batch shell around a stand-in run that sleeps
 @needs_bash
 def test_a_stale_pid_file_is_never_signalled(tmp_path: Path) -> None:
     """rank0.pid left by a run that was killed (SIGKILL, out of memory, the hang watchdog) names a pid some other

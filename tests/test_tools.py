@@ -359,3 +359,103 @@ def test_llama_3_1_refuses_parallel_calls_by_name(tiny_model: Path, tmp_path: Pa
     cfg = DataSection(path=str(f), template="chat_template")
     with pytest.raises(UsageError, match="fails to render .*only supports single tool-calls at once"):
         tokenize(load_records(cfg), tok, cfg)
+
+
+def _scripted_qwen2(d: Path, text: str, then: tuple[int, ...] = ()):
+    """The tiny Qwen2 (ChatML template, <|im_end|> a special token) loaded as generate loads it, its LM head
+    replaced by a script that writes ``text`` token by token and the ids ``then``, then repeats the last one."""
+    import torch
+
+    from ia3_dist.tools.inference import load_for_inference
+
+    model, tok, template, _ = load_for_inference(str(d))
+    want = tok(text, add_special_tokens=False)["input_ids"] + list(then) + tok("再见", add_special_tokens=False)[
+        "input_ids"]
+    calls: list[int] = []
+
+    def hook(mod, inp, out):
+        calls.append(1)
+        new = torch.zeros_like(out)
+        new[:, -1, want[min(len(calls) - 1, len(want) - 1)]] = 100.0
+        return new
+
+    model.get_output_embeddings().register_forward_hook(hook)
+    return model, tok, template, len(want)
+
+
+def test_generate_stops_at_the_templates_end_of_turn(family_models: dict, tmp_path: Path) -> None:
+    # A model trained on ChatML ends its answer with <|im_end|>, not eos: generation must stop there instead of
+    # running on into turns the model invents.
+    from ia3_dist.data.records import Conversation, Turn
+    from ia3_dist.tools.inference import GenOptions, generate
+
+    model, tok, template, n = _scripted_qwen2(
+        family_models["qwen2"], "好的<|im_end|>\n<|im_start|>user\n再见<|im_end|>\n<|im_start|>assistant\n拜拜")
+    assert template.chat_template and "<|im_end|>" in template.chat_template
+    out = generate(model, tok, template, [Conversation([Turn("你好", "", "")])], GenOptions(max_new_tokens=n))
+    assert out == ["好的"]
+
+
+def test_generation_config_eos_ids_are_kept_and_nothing_else(family_models: dict, tmp_path: Path) -> None:
+    # An instruct model names its end-of-turn in generation_config.json (Llama 3's <|eot_id|>); only those ids are
+    # taken from it, never its decoding settings.
+    import shutil
+
+    from ia3_dist.data.records import Conversation, Turn
+    from ia3_dist.tools.inference import GenOptions, generate
+
+    d = tmp_path / "qwen2"
+    shutil.copytree(family_models["qwen2"], d)
+    start = 1200  # <|im_start|>: special, neither the tokenizer's eos nor the template's end of turn
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [start], "num_beams": 1000,
+                                                          "do_sample": True, "temperature": 100.0}))
+    model, tok, template, n = _scripted_qwen2(d, "好的", then=(start,))
+    assert tok.convert_ids_to_tokens(start) == "<|im_start|>"
+    gc = model.generation_config
+    assert start in gc.eos_token_id and tok.convert_tokens_to_ids("<|im_end|>") in gc.eos_token_id
+    assert gc.num_beams in (None, 1) and not gc.do_sample and gc.temperature in (None, 1.0)
+    out = generate(model, tok, template, [Conversation([Turn("你好", "", "")])], GenOptions(max_new_tokens=n))
+    assert out == ["好的"]
+
+
+def test_a_top_level_system_goes_with_messages_as_in_training() -> None:
+    from ia3_dist.tools.inference import parse_request
+
+    rec = {"messages": [{"role": "user", "content": "你好"}], "system": "你是一只猫。"}
+    conv = parse_request(json.dumps(rec, ensure_ascii=False), "prompt 1")
+    train = to_conversation({**rec, "messages": [*rec["messages"], {"role": "assistant", "content": "喵"}]},
+                            MESSAGES, Columns(None), "r")
+    assert conv.system == train.system == "你是一只猫。"
+    both = {"messages": [{"role": "system", "content": "甲"}, {"role": "user", "content": "你好"}], "system": "乙"}
+    with pytest.raises(UsageError, match="prompt 1: both a leading system message and a top-level 'system'"):
+        parse_request(json.dumps(both, ensure_ascii=False), "prompt 1")
+
+
+def test_export_of_a_scaled_tied_head_equals_the_adapter(family_models: dict, tmp_path: Path) -> None:
+    # The tiny Qwen2 ties its LM head to the input embeddings, as Qwen2.5-0.5B does: IA3 on lm_head must scale the
+    # head only, in the merged export too.
+    import torch
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ia3_dist.tools.export import export_merged
+    from ia3_dist.tools.inference import load_for_inference
+
+    base = family_models["qwen2"]
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
+                        IA3Config(task_type="CAUSAL_LM", target_modules=["v_proj", "lm_head"], feedforward_modules=[]))
+    assert pm.config.tie_word_embeddings
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, q in pm.named_parameters():
+            if "ia3_l" in n:
+                q.copy_(1 + 0.3 * torch.randn(q.shape, generator=g))
+    ad = tmp_path / "adapter"
+    pm.save_pretrained(str(ad))
+    out = export_merged(str(ad), str(tmp_path / "merged"))
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    x = torch.randint(4, 1000, (1, 16), generator=g)
+    a = load_for_inference(str(ad))[0]
+    m = load_for_inference(str(out))[0]
+    with torch.no_grad():
+        assert (a(input_ids=x).logits - m(input_ids=x).logits).abs().max() < 1e-5

@@ -191,6 +191,8 @@ def load_init_adapter(peft_model: Any, path: str) -> None:
         what = (f"{len(missing)} IA3 vector(s) of this model are not in it, e.g. {missing[0]}" if missing else
                 f"{len(extra)} tensor(s) in it match no IA3 vector of this model, e.g. {extra[0]}")
         raise UsageError(f"{where}: {what}; was it trained on this base model with the same ia3.* settings?")
+    # Saved names -> the entries this model (ia3.variant: paper) fixes at 1.0 whatever the file holds.
+    fixed = {n.replace(".default", ""): m for n, m in fixed_entries(peft_model).items()}
     with torch.no_grad():
         for name, q in params.items():
             src = tensors[name]
@@ -199,4 +201,10 @@ def load_init_adapter(peft_model: Any, path: str) -> None:
                 raise UsageError(f"{where}: {name} has shape {tuple(src.shape)}, this model's is {shape}")
             if not torch.isfinite(src).all():
                 raise UsageError(f"{where}: {name} holds non-finite values")
+            mask = fixed.get(name)
+            if mask is not None and not bool((src.flatten()[mask.cpu()] == 1.0).all()):
+                # Silently dropping them would start the run from a different model than the adapter's.
+                raise UsageError(f"{where}: {name} scales the queries of the fused q,k,v, which ia3.variant=paper "
+                                 f"fixes at 1.0: this adapter was trained with ia3.variant=default; continue it "
+                                 f"with ia3.variant=default, or drop ia3.init_from to train a paper-variant adapter")
             q.copy_(src.to(q.dtype))

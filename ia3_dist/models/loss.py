@@ -20,6 +20,52 @@ class RowSelector(Protocol):
     idx: torch.Tensor | None
 
 
+def _softcap(config: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    cap = getattr(config, "final_logit_softcapping", None)
+    return None if not cap else (lambda x: torch.tanh(x / cap) * cap)
+
+
+def _times(attr: str) -> Callable[[Any], Callable[[torch.Tensor], torch.Tensor] | None]:
+    def make(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        scale = getattr(config, attr)
+        return lambda x: x * scale
+    return make
+
+
+def _divided_by(attr: str) -> Callable[[Any], Callable[[torch.Tensor], torch.Tensor] | None]:
+    def make(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        scale = getattr(config, attr)
+        return lambda x: x / scale
+    return make
+
+
+FINAL_LOGITS: dict[str, Callable[[Any], Callable[[torch.Tensor], torch.Tensor] | None]] = {
+    **dict.fromkeys(("gemma2", "gemma3_text", "gemma3n_text", "vaultgemma", "nanochat"), _softcap),
+    **dict.fromkeys(("cohere", "cohere2"), _times("logit_scale")),
+    **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared",
+                     "granitemoehybrid", "minicpm3"), _divided_by("logits_scaling")),
+    "hyperclovax": _times("logits_scaling"),
+}
+"""``model_type`` -> what its ``*ForCausalLM.forward`` does to the LM head's output before the loss, from the
+config. The losses here call the head themselves (only at label rows), so without this they would train these
+models on logits their own forward never produces. Keyed by model type, not by attribute: ``logits_scaling``
+divides in Granite and multiplies in HyperCLOVA X (MiniCPM3 divides the hidden states, the same for its bias-free
+head)."""
+
+
+def final_logits(config: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The transform :data:`FINAL_LOGITS` gives ``config``'s model type, or None (logits are the head's output)."""
+    make = FINAL_LOGITS.get(getattr(config, "model_type", None) or "")
+    return make(config) if make is not None else None
+
+
+def head_logits(lm: nn.Module, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``lm``'s logits of ``hidden`` rows: its LM ``head`` and the final transform its own forward applies."""
+    logits = head(hidden)
+    f = final_logits(lm.config)
+    return f(logits) if f is not None else logits
+
+
 class TokenSumLM(nn.Module):
     """Wraps the PEFT model; ``forward`` returns the *sum* of token cross-entropies and the label-token count.
 
@@ -101,10 +147,10 @@ class TokenSumLM(nn.Module):
         vocab = getattr(head, "out_features", None) or lm.config.vocab_size
         n = self.chunks(hidden, vocab)
         if n == 1:
-            return F.cross_entropy(head(hidden).float(), target, reduction="sum")
+            return F.cross_entropy(head_logits(lm, head, hidden).float(), target, reduction="sum")
 
         def ce(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(head(h).float(), t, reduction="sum")
+            return F.cross_entropy(head_logits(lm, head, h).float(), t, reduction="sum")
 
         grad = torch.is_grad_enabled()
         parts = [checkpoint(ce, h, t, use_reentrant=False) if grad else ce(h, t)
@@ -135,7 +181,7 @@ class TokenLogpLM(TokenSumLM):
         n = self.chunks(hidden, vocab)
 
         def logp(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return torch.log_softmax(head(h).float(), -1).gather(1, t[:, None]).squeeze(1)
+            return torch.log_softmax(head_logits(lm, head, h).float(), -1).gather(1, t[:, None]).squeeze(1)
 
         if n == 1:
             return logp(hidden, target)

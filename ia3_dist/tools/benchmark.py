@@ -103,11 +103,14 @@ def points_of(path: Path, which: str) -> tuple[Path, list[Point]]:
         return adapter, [kept or _best(path, pts)]
     want = [w.strip() for w in which.split(",") if w.strip()]
     by_name = {p.name: p for p in pts}
+    if final.step > 0:
+        # The checkpoint at the final step was folded into the final point above: its name still picks it.
+        by_name.setdefault(f"step{final.step}", final)
     missing = [w for w in want if w not in by_name]
     if missing or not want:
         raise UsageError(f"--checkpoints {which}: no checkpoint {missing or which} in {path}; it has "
                          f"{', '.join(by_name)}")
-    return adapter, [by_name[w] for w in want]
+    return adapter, list(dict.fromkeys(by_name[w] for w in want))
 
 
 def _kept_best(run: Path, pts: list[Point]) -> Point | None:
@@ -134,6 +137,12 @@ def _best(run: Path, pts: list[Point]) -> Point:
     return min(scored, key=lambda p: evals[p.step])
 
 
+def loaded_vectors(peft_model: Any) -> dict[str, torch.Tensor]:
+    """The model's IA3 vectors as loaded, by the names :func:`swap_in` uses: the final point's, read and checked
+    by the same loader generate and export use (a .bin save, links in a hub snapshot) instead of the file again."""
+    return {n.replace(".default", ""): q.detach().clone() for n, q in peft_model.named_parameters() if "ia3_l" in n}
+
+
 def vectors_of(p: Point) -> dict[str, torch.Tensor]:
     """The point's IA3 vectors by PEFT parameter name without the adapter name (``...ia3_l``)."""
     from safetensors import SafetensorError
@@ -141,7 +150,7 @@ def vectors_of(p: Point) -> dict[str, torch.Tensor]:
 
     f = p.path / (ADAPTER if p.name == "final" else STATE)
     try:
-        raw = safe_io.read_bounded(f, MAX_STATE_BYTES, label="IA3 state")
+        raw = safe_io.read_bounded(f, MAX_STATE_BYTES, label="IA3 state ")
         tensors = load(raw)
     except (SafetensorError, OSError, ValueError) as e:
         raise UsageError(f"{f}: not a readable IA3 state ({e})") from None
@@ -221,6 +230,7 @@ def evaluate_points(adapter: Path, pts: list[Point], tasks: list[str], tm: Any, 
 
     env = env or DistEnv(0, 0, 1, 1)
     model, tok, _, _ = load_for_inference(str(adapter), base)
+    final = loaded_vectors(model)  # before fix_query_scales, as the final adapter's file holds them
     if torch.cuda.is_available():
         model.to(torch.device("cuda", dist.device_index(env)))
     held_out = None
@@ -236,7 +246,7 @@ def evaluate_points(adapter: Path, pts: list[Point], tasks: list[str], tm: Any, 
     replicated = must_replicate(tasks, tm, limit, env)
     rows = []
     for p in pts:
-        swap_in(model, vectors_of(p), str(p.path))
+        swap_in(model, final if p.name == "final" else vectors_of(p), str(p.path))
         scores = run_tasks(model, tok, tasks, tm, batch_size, limit, env, replicated) if tasks else {}
         for task, metrics in scores.items():
             for metric, value in metrics.items():

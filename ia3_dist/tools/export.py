@@ -20,17 +20,22 @@ from ..data.template import TEMPLATE_FILE
 from ..errors import UsageError
 from ..models.load import save_tokenizer
 from ..runtime.manifest import check_writable_dir, few
-from .inference import load_for_inference
+from ..runtime.safe_io import read_bounded, write_file
+from .inference import ADAPTER_CONFIG, load_for_inference
 
 MARKER = ".ia3-dist-export.json"
 STAGING_PREFIX = ".ia3-dist-export-staging-"
+MAX_MARKER = 1 << 20  # a list of a few dozen file names
 
 
 def _previous_export(o: Path) -> list[str] | None:
     """The plain file names an earlier export recorded in ``o``, or None if ``o`` holds no readable marker."""
     try:
-        m = json.loads((o / MARKER).read_bytes().decode("utf-8"))
-    except (OSError, ValueError):
+        # Bounded, and a link or FIFO is no marker: --out may hold anything, and /dev/zero or a FIFO with no
+        # writer would hang a plain read.
+        raw = read_bounded(o / MARKER, MAX_MARKER, follow=False, missing_ok=True)
+        m = json.loads(raw.decode("utf-8")) if raw is not None else None
+    except (UsageError, ValueError, RecursionError):
         return None
     files = m.get("files") if isinstance(m, dict) and m.get("tool") == "ia3-dist export" else None
     if not isinstance(files, list):
@@ -67,9 +72,15 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
     """Merge IA3 into the base weights (PEFT ``merge_and_unload``) and save a plain HF model + tokenizer + prompt
     template into ``out`` (see the module docstring for what may be there already)."""
     previous = check_target(out, force)
+    a = Path(adapter).expanduser()
+    if a.is_dir() and not (a / ADAPTER_CONFIG).is_file():
+        # Checked before load_for_inference, which would load a merged dir's whole model first.
+        raise UsageError(f"--adapter {adapter}: not an adapter dir (no {ADAPTER_CONFIG}); give the adapter dir of "
+                         f"a run (e.g. runs/x/adapter); a merged model needs no export")
     model, tok, template, is_adapter = load_for_inference(adapter, base, dtype)
     if not is_adapter:
         raise UsageError(f"{adapter}: not an adapter dir (no adapter_config.json)")
+    _untie_scaled_head(model)
     merged = model.merge_and_unload()
     o = Path(out).expanduser()
     o.mkdir(parents=True, exist_ok=True)
@@ -91,21 +102,48 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
     return o
 
 
+def _untie_scaled_head(peft_model: Any) -> None:
+    """Where the LM head shares its weight with the input embeddings and IA3 scales the head, give the head its
+    own copy first: merging scales the shared tensor in place, so the input embeddings would be scaled too, and a
+    saved config that still ties them would make the loader share them again."""
+    import torch
+
+    base = peft_model.get_base_model()
+    head = base.get_output_embeddings()
+    layer = getattr(head, "base_layer", None)  # PEFT wraps each module it targets
+    if layer is None:
+        return
+    cfgs = {id(c): c for c in (base.config, base.config.get_text_config())}.values()
+    if not any(getattr(c, "tie_word_embeddings", False) for c in cfgs):
+        return
+    for c in cfgs:
+        c.tie_word_embeddings = False
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+
+
 def _publish(staging: Path, o: Path, previous: list[str], info: dict[str, Any]) -> None:
     """Move the staged export into ``o``: first check that no name collides with a file the earlier export did not
     write (someone put it there since), then drop the earlier export's files this one does not write (stale
-    shards), move the new ones in and record them."""
+    shards), move the new ones in and record them.
+
+    The marker is written first, naming the old and the new files: an export killed while moving leaves a dir
+    that ``--force`` still recognises as ours and replaces, instead of a partial model nothing can clean up."""
     new = sorted(p.name for p in staging.iterdir())
     theirs = [n for n in new if n not in previous and ((o / n).exists() or (o / n).is_symlink())]
     if theirs:
         raise UsageError(f"--out {o}: {few(theirs)} would be overwritten and an earlier export did not write it; "
                          f"move it away or pick a new or empty dir")
+    _write_marker(o, sorted(set(previous) | set(new)), {**info, "complete": False})
     for name in previous:
         if name not in new and name != MARKER:
             (o / name).unlink(missing_ok=True)
     for name in new:
         os.replace(staging / name, o / name)
-    tmp = o / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"tool": "ia3-dist export", "version": __version__, **info, "files": new}, indent=1)
-                   + "\n", encoding="utf-8")
-    os.replace(tmp, o / MARKER)
+    _write_marker(o, new, info)
+
+
+def _write_marker(o: Path, files: list[str], info: dict[str, Any]) -> None:
+    text = json.dumps({"tool": "ia3-dist export", "version": __version__, **info, "files": files}, indent=1) + "\n"
+    # Never through a link: a temp name planted in --out as a symlink would redirect a plain write anywhere.
+    write_file(o / MARKER, lambda fh: fh.write(text.encode("utf-8")), what="--out ",
+               fix="remove it, or pick a new or empty dir")

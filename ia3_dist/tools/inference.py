@@ -244,22 +244,26 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
         if Path(base_path).expanduser().is_dir():
             check_dir_files(Path(base_path).expanduser(), "base model dir")
         _check_local_model(base_path, what)
-        model = _load_adapter(_from_pretrained(base_path, torch_dtype, what), d, base_path)
         tok_src = str(d) if has_tokenizer_files(d) else base_path
     elif (d / "config.json").is_file():
         check_model_dir(str(d), "merged model")
-        model = _from_pretrained(str(d), torch_dtype, "merged model")
         tok_src = str(d)
     else:
         raise UsageError(f"{d}: neither an adapter dir (adapter_config.json) nor a model dir (config.json)")
+    # The tokenizer first: a corrupt one fails in a second, not after the whole model has loaded.
     try:
         with no_code_prompt():
             tok = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=False)
     except Exception as e:  # tokenizers raise many types for corrupt files
         raise _cannot_load("tokenizer", tok_src, e) from None
+    if is_adapter:
+        model = _load_adapter(_from_pretrained(base_path, torch_dtype, what), d, base_path)
+    else:
+        model = _from_pretrained(str(d), torch_dtype, "merged model")
     check_vocab(tok, model.config, f"tokenizer {tok_src}")
     if not (d / TEMPLATE_FILE).is_file():
         template = default_template(tok, f"tokenizer {tok_src} chat_template")
+    gen_eos = _generation_eos(base_path if is_adapter else str(d))
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UsageError(f"tokenizer {tok_src}: no pad or eos token, so prompts cannot be batched; add an eos "
@@ -267,10 +271,74 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
         pad_with_eos(tok)
     # Tried once here so a template that cannot render (or runs past its budget) fails naming its source.
     template.prompt_for([], "", "hello", "", tok)
-    # The dir's generation_config.json is not read: it could ask for a thousand beams or a decoding mode that
-    # only custom code provides. Decoding is what GenOptions says, nothing else.
-    model.generation_config = GenerationConfig()
+    # Of the dir's generation_config.json only the eos ids are kept: the rest could ask for a thousand beams or a
+    # decoding mode that only custom code provides. Decoding is what GenOptions says, nothing else.
+    model.generation_config = GenerationConfig(eos_token_id=stop_ids(tok, template, gen_eos) or None)
     return model.eval(), tok, template, is_adapter
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def _generation_eos(model_path: str) -> list[int]:
+    """The ``eos_token_id`` list of a model's generation_config.json (local dir, or the hub cache: nothing is
+    downloaded for it); empty when there is none or it is unusable. Instruct models list their end-of-turn token
+    there (Llama 3's <|eot_id|>), not in the tokenizer."""
+    from ..runtime.safe_io import read_bounded
+
+    p = Path(model_path).expanduser()
+    f: Path | None = p / GENERATION_CONFIG
+    if not p.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(model_path, GENERATION_CONFIG)
+            f = Path(hit) if isinstance(hit, str) else None
+        except Exception:  # not a repo id, or no cache: there is no file to read
+            f = None
+    if f is None:
+        return []
+    try:
+        # follow: the hub cache links its files; read_bounded still refuses FIFOs and devices.
+        raw = read_bounded(f, MAX_SMALL_JSON, follow=True, missing_ok=True)
+        obj = json.loads(raw.decode("utf-8")) if raw else None
+    except (UsageError, ValueError, RecursionError):
+        return []  # only a hint for stopping; the model itself was checked and loaded
+    v = obj.get("eos_token_id") if isinstance(obj, dict) else None
+    ids = v if isinstance(v, list) else [v]
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
+
+
+END_PROBE = "Zq7 end of answer"
+
+
+def end_of_turn_ids(tok: Any, template: Template) -> list[int]:
+    """The special token(s) ``template`` writes right after an assistant's answer (ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>, eos with append_eos): what the model was trained to emit when it is done, so what generation must
+    stop on. Found by rendering a one-turn conversation, since templates spell it in many ways."""
+    try:
+        segs = template.segments(Conversation([Turn("hello", "", END_PROBE)]), tok)
+        answer = next(text for text, label in segs if label)
+    except (UsageError, StopIteration):
+        return []
+    at = answer.find(END_PROBE)
+    if at < 0:
+        return []
+    special = set(tok.all_special_ids) | {i for i, t in getattr(tok, "added_tokens_decoder", {}).items()
+                                           if getattr(t, "special", False)}
+    out: list[int] = []
+    for i in tok(answer[at + len(END_PROBE):], add_special_tokens=False)["input_ids"]:
+        if i not in special:
+            break
+        out.append(i)
+    return out
+
+
+def stop_ids(tok: Any, template: Template, extra: list[int] = ()) -> list[int]:  # type: ignore[assignment]
+    """Every id that ends an answer: ``extra`` (generation_config.json's), the tokenizer's eos and the template's
+    end of turn, each once, in vocab."""
+    ids = [*extra, tok.eos_token_id, *end_of_turn_ids(tok, template)]
+    return list(dict.fromkeys(i for i in ids if isinstance(i, int) and 0 <= i < len(tok)))
 
 
 def default_template(tok: Any, where: str = "the tokenizer's chat_template") -> Template:
@@ -393,6 +461,10 @@ def generate(model: Any, tok: Any, template: Template, requests: list[Conversati
     torch.manual_seed(opts.seed)
     budget, ctx = prompt_budget(model, tok, opts.max_new_tokens)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    # The generation config's ids (load_for_inference put generation_config.json's there) and the template's end
+    # of turn: a model trained on a chat template ends its answer with that, not with eos.
+    known = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = stop_ids(tok, template, known if isinstance(known, list) else [known])
     outs: list[str] = []
     cut = 0
     for i in range(0, len(requests), batch_size):
@@ -403,7 +475,7 @@ def generate(model: Any, tok: Any, template: Template, requests: list[Conversati
         enc = {"input_ids": torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in got]),
                "attention_mask": torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in got])}
         kw: dict[str, Any] = {"max_new_tokens": opts.max_new_tokens, "do_sample": opts.sample,
-                              "pad_token_id": pad, "eos_token_id": tok.eos_token_id,
+                              "pad_token_id": pad, "eos_token_id": eos,
                               "repetition_penalty": opts.repetition_penalty}
         if opts.sample:
             kw.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k)
@@ -514,11 +586,13 @@ def parse_request(line: str, where: str) -> Conversation:
         raise UsageError(f"{where}: a JSON prompt must be an object")
     if _uses_tools(obj):
         return _tool_request(obj, where)
-    if "messages" in obj:
-        return _from_messages(obj["messages"], where, "role", "content")
-    if "conversations" in obj:
-        conv = _from_messages(obj["conversations"], where, "from", "value")
+    if "messages" in obj or "conversations" in obj:
+        # A top-level system goes with either shape, as in the training data (data.formats).
+        conv = (_from_messages(obj["messages"], where, "role", "content") if "messages" in obj else
+                _from_messages(obj["conversations"], where, "from", "value"))
         if "system" in obj:
+            if conv.system:
+                raise UsageError(f"{where}: both a leading system message and a top-level 'system'; keep one")
             conv.system = _text(obj["system"], where, "system")
         return conv
     if "instruction" not in obj:

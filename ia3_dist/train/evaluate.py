@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,20 @@ import torch
 from ..data.collate import collate
 from ..data.tokenize import TokenizedData
 from ..runtime import dist
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside, each submodule's own mode back after: a blanket ``.train()`` would turn on
+    whatever was in eval mode before (a frozen part, or the whole model of a run that had not called
+    ``.train()``), so dropout would depend on whether an evaluation had run."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def evaluate(engine: Any, data: TokenizedData, env: dist.DistEnv, micro: int, pad_id: int, side: str,
@@ -23,9 +38,7 @@ def evaluate(engine: Any, data: TokenizedData, env: dist.DistEnv, micro: int, pa
     parts = data.parts or [("", np.arange(len(data)))]
     device = engine.device
     acc = torch.zeros(len(parts), 2, dtype=torch.float64, device=device)
-    was_training = engine.module.training
-    engine.module.eval()
-    with torch.no_grad():
+    with eval_mode(engine.module), torch.no_grad():
         for p, (_, positions) in enumerate(parts):
             mine = positions[env.rank::env.world_size].tolist()
             per_rank = -(-len(positions) // env.world_size)
@@ -38,8 +51,6 @@ def evaluate(engine: Any, data: TokenizedData, env: dist.DistEnv, micro: int, pa
                     acc[p] += torch.stack([loss_sum.detach().double(), n.detach().double()])
                 if on_batch is not None:
                     on_batch()
-    if was_training:
-        engine.module.train()
     dist.all_reduce_sum(acc)
     sums = acc.cpu().tolist()
     loss = sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1.0)

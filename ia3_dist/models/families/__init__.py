@@ -50,6 +50,27 @@ def apply_speedups(model: nn.Module, section: ModelSection, gradient_checkpointi
     return None
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Every dropout of ``model`` set to probability 0, as TRL's preference trainers do by default
+    (``disable_dropout=True``: ``disable_dropout_in_model``): the policy's log-probs must be comparable with the
+    reference's, and ORPO/SimPO's margins with each other. TRL's helper zeroes ``nn.Dropout`` modules only; the
+    probabilities a family applies functionally (:attr:`Family.dropout_probs`, e.g. Bloom's hidden dropout) are
+    zeroed too, or they would stay on there. Returns how many were nonzero."""
+    fam = family_of(getattr(model, "config", None))
+    attrs = fam.dropout_probs if fam is not None else ()
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, nn.Dropout):
+            n += mod.p > 0
+            mod.p = 0.0
+        for a in attrs:
+            v = getattr(mod, a, None)
+            if isinstance(v, float | int) and not isinstance(v, bool):
+                n += v > 0
+                setattr(mod, a, 0.0)
+    return n
+
+
 def last_block(model: nn.Module) -> nn.Module | None:
     blocks = blocks_of(model)
     return blocks[-1] if blocks else None

@@ -37,6 +37,9 @@ class Family:
     """Install a row selector on the last block, so it computes only rows that predict a label."""
     attention: Callable[[nn.Module, str], int] | None = None
     """Switch the attention modules to an implementation (``model.attention``: ``sdpa`` or ``eager``)."""
+    dropout_probs: tuple[str, ...] = ()
+    """Module attributes holding a dropout probability the family applies functionally (``F.dropout(p=...)``), not
+    through an ``nn.Dropout``: what disabling dropout must zero besides the ``nn.Dropout`` modules."""
     packed_inputs: Callable[[nn.Module], PackedInputs] | None = None
     """Prepare the model for packed rows (``data.packing``) and return how a packed batch becomes its base model's
     keyword arguments (see :mod:`.packed`). None: the family cannot be packed exactly."""

@@ -194,4 +194,4 @@ def packed_inputs(model: nn.Module) -> PackedInputs:
 FAMILY = Family(model_type="bloom", name="Bloom", target_modules=("query_key_value", "mlp.dense_4h_to_h"),
                 feedforward_modules=("mlp.dense_4h_to_h",), blocks="transformer.h", checkpoint_prefix="transformer",
                 fuse_activations=fuse_activations, last_rows=last_rows, attention=set_attention,
-                packed_inputs=packed_inputs)
+                packed_inputs=packed_inputs, dropout_probs=("hidden_dropout",))

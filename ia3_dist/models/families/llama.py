@@ -20,7 +20,7 @@ def last_rows(model: nn.Module) -> ScatterMLPRows:
 def _family(model_type: str, name: str, attn: tuple[str, ...]) -> Family:
     return Family(model_type=model_type, name=name, target_modules=(*attn, "down_proj"),
                   feedforward_modules=("down_proj",), blocks="model.layers", checkpoint_prefix="model",
-                  last_rows=last_rows, packed_inputs=rotary_inputs)
+                  last_rows=last_rows, packed_inputs=rotary_inputs, dropout_probs=("attention_dropout",))
 
 
 LLAMA = _family("llama", "Llama", ("k_proj", "v_proj"))

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 
 from ...data.collate import pair_batch
 from ...data.sampler import rank_slice
+from ...models.families import disable_dropout
 from ...models.loss import TokenLogpLM
 from ...runtime import dist
+from ..evaluate import eval_mode
 from ..metrics import executed_flops, model_flops
 from ..stats import StepStats
 
@@ -33,9 +35,13 @@ EXTRA = {"dpo": (), "orpo": ("nll_loss", "log_odds_ratio", "log_odds_chosen"), "
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (TRL's ``log1mexp``)."""
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (TRL's ``log1mexp``). Each branch sees its input
+    clamped to its own side: ``torch.where`` differentiates both, and the unused one's infinite derivative (exp(x)
+    rounding to 1, or x = 0) times a zero gradient is NaN. The used branch's values are TRL's wherever those are
+    finite; at x = 0 (an answer of probability 1) it is log(1e-30), not -inf, with a zero gradient."""
     t = -0.6931471805599453
-    return torch.where(x < t, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    return torch.where(x < t, torch.log1p(-torch.exp(x.clamp(max=t))),
+                       torch.log(-torch.expm1(x.clamp(min=t, max=-1e-30))))
 
 
 class Preference:
@@ -56,7 +62,10 @@ class Preference:
     # -- the loop's hooks -------------------------------------------------------------------------------------
 
     def module(self, peft_model: Any, rows: Any, chunk_bytes: int, packed: Any) -> torch.nn.Module:
-        return TokenLogpLM(peft_model, rows, chunk_bytes)
+        # Before the reference pass and step 1: TRL's preference configs default to disable_dropout=True. Train
+        # mode still, as HF Trainer's model.train() (gradient checkpointing only recomputes in train mode).
+        disable_dropout(peft_model.get_base_model())
+        return TokenLogpLM(peft_model, rows, chunk_bytes).train()
 
     def batches(self, tr: Any, step_mbs: list[list[int]]) -> tuple[list[dict[str, torch.Tensor]], list[bool]]:
         p = tr.p
@@ -123,9 +132,7 @@ class Preference:
         per_rank = -(-len(data) // world)
         n_batches = -(-per_rank // micro)
         acc = torch.zeros(len(self.keys) + 2, dtype=torch.float64, device=engine.device)
-        was_training = engine.module.training
-        engine.module.eval()
-        with torch.no_grad():
+        with eval_mode(engine.module), torch.no_grad():
             for k in range(n_batches):
                 idx = mine[k * micro:(k + 1) * micro]
                 b = pair_batch(data, idx or [0], tr.pad_id, self.nll)
@@ -138,8 +145,6 @@ class Preference:
                     acc += torch.cat([metrics.double(), loss.double().reshape(1), acc.new_ones(1)]) * len(idx)
                 if on_batch is not None:
                     on_batch()
-        if was_training:
-            engine.module.train()
         total = dist.all_reduce_sum(acc).tolist()
         pairs = max(total[-1], 1.0)
         out = {"eval_loss": total[-2] / pairs, "eval_pairs": total[-1]}

@@ -24,6 +24,7 @@ from ...data.cache import cache_root
 from ...data.collate import pair_batch
 from ...data.tokens import TokenizedData
 from ...runtime import dist
+from ..evaluate import eval_mode
 
 VERSION = 3
 """Bumped when the stored values change meaning (2: summed in the training dtype; 3: batched as training)."""
@@ -86,9 +87,7 @@ def reference_logps(tr: Any, data: TokenizedData, split: str) -> np.ndarray:
     runs = [list(range(i, min(i + micro, n))) for i in range(0, n, micro)]
     mine = runs[p.env.rank::world]
     table = torch.zeros((n, 2), dtype=torch.float64)
-    was_training = engine.module.training
-    engine.module.eval()
-    with torch.no_grad():
+    with eval_mode(engine.module), torch.no_grad():
         for k in range(-(-len(runs) // world)):
             idx = mine[k] if k < len(mine) else []
             b = pair_batch(data, idx or [0], tr.pad_id, "")
@@ -101,8 +100,6 @@ def reference_logps(tr: Any, data: TokenizedData, split: str) -> np.ndarray:
             if idx:
                 m = rows // 2
                 table[torch.as_tensor(idx)] = torch.stack([sums[:m], sums[m:]], 1)
-    if was_training:
-        engine.module.train()
     table = dist.all_reduce_sum(table.to(engine.device)).cpu()
     out = table.numpy()
     if p.env.local_rank == 0:
