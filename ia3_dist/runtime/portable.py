@@ -94,12 +94,9 @@ def gather(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     result is written. Returns the tensors and the JSON part (without the RNG, which :func:`write` adds)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    # DeepSpeed links each parameter to its optimizer state at the first step after it is built or loaded: a save
-    # straight after a resume (an evaluation a signal put off, then its checkpoint) comes before any step.
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None and base_optimizer(engine).state:
-        link()
     base = base_optimizer(engine)
+    # A save straight after a resume (an evaluation a signal put off, then its checkpoint) comes before any step.
+    _link_optimizer_state(engine, base)
     slots = _flat_slots(engine)
     out: dict[str, torch.Tensor] = {}
     for key, p in trainable(engine.module):
@@ -128,6 +125,14 @@ def gather(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             "scheduler": _json_state(sched.state_dict()) if sched is not None else None,
             "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples)}
     return out, info
+
+
+def _link_optimizer_state(engine: Any, base: Any) -> None:
+    """ZeRO-1/2 and bf16 map each parameter's fragment of the flat optimizer state once that state exists, which
+    DeepSpeed itself does only at the first step after the engine is built or loaded."""
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None and base.state:
+        link()
 
 
 def _json_state(sd: dict[str, Any]) -> dict[str, Any]:
@@ -206,9 +211,7 @@ def apply(engine: Any, ckpt: Path) -> dict[str, Any]:
         step = torch.tensor(float(info["optimizer_step"]), dtype=torch.float32,
                             device=t.device if on_device else "cpu")
         base.state[t] = {"step": step, **{m: torch.zeros_like(t) for m in MOMENTS}}
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:  # ZeRO-1/2 and bf16 map each parameter's fragment of the flat state once it exists
-        link()
+    _link_optimizer_state(engine, base)
     zero3 = any(hasattr(p, "ds_id") for _, p in params)
     slots = _flat_slots(engine)
     for key, p in params:
