@@ -57,6 +57,22 @@ def test_memory_arithmetic() -> None:
         2 * z3.activations)
 
 
+def test_packed_rows_are_planned_at_their_width(capsys) -> None:
+    """Packed, a micro-step is up to micro-batch rows of data.pack_length tokens (here 8x data.max_length): the
+    activations are those of that width, and auto (chosen from data plan does not have) is planned at its narrowest
+    width, saying so."""
+    base = ["--config", str(ROOT / "configs" / "bloom-1b4-zh.yaml")]
+    cfg = build_config({"model": {"arch": "bloom-1b4-zh"}, "data": {"packing": True, "pack_length": 2048}})
+    _, packed = plan(cfg, 1, 1, 80)
+    _, plain = plan(build_config({"model": {"arch": "bloom-1b4-zh"}}), 1, 1, 80)
+    assert (packed["seq"], plain["seq"]) == (2048, 256)
+    assert packed["rows"]["zero1"]["gpu_gib"] > plain["rows"]["zero1"]["gpu_gib"] + 1
+    assert packed["rows"]["zero1"]["max_micro"] < plain["rows"]["zero1"]["max_micro"] / 4
+    assert main(["plan", *base, "data.packing=true", "data.max_length=200"]) == 0
+    out = capsys.readouterr().out
+    assert "packed rows of 256 tokens" in out and "data.pack_length=auto: planned at rows of 256 tokens" in out
+
+
 SIZED = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("tiny-"))
 
 
@@ -245,6 +261,30 @@ def test_zero0_in_fp16_says_it_syncs_per_tensor(tiny_model: Path, tmp_path: Path
     out = capsys.readouterr().out
     assert rc == 0, out
     assert ("note: ZeRO-0 in fp16 runs DeepSpeed's stage-0 mixed-precision optimizer" in out) == (precision == "fp16")
+
+
+def test_auto_deepspeed_config_sizes_packed_rows_at_their_width(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    """With data.packing the stage choice counts micro-batch rows of data.pack_length tokens, not data.max_length
+    (the tiny demo data's examples are all shorter than 64 tokens; rows of 4096 are 64 times wider, and their
+    eager attention scores alone are GiBs)."""
+    from ia3_dist.config import IA3Section, ModelSection
+    from ia3_dist.models.load import load_model_config
+    from ia3_dist.models.memory import GIB, lowest_stage, shape_of
+
+    args = ["check", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"model.path={tiny_model}",
+            "deepspeed.config=auto", "train.precision=fp32", f"output.dir={tmp_path / 'out'}",
+            "train.micro_batch_size=2", "data.packing=true"]
+    s = shape_of(load_model_config(str(tiny_model), ModelSection(path=str(tiny_model))), IA3Section())
+    needs, model = {}, {}
+    for width in (64, 4096):
+        assert main([*args, f"data.pack_length={width}"]) == 0
+        out = capsys.readouterr().out
+        assert f"at micro-batch 2 (packed rows of {width} tokens); plan's memory model" in out, out
+        needs[width] = float(out.split("the lowest stage that fits (")[1].split(" of ")[0])
+        model[width] = lowest_stage(s, 1, width, 2, 4, False, cap=1e15)[1] / GIB
+    # The same memory model at the packed width (the fixed framework part cancels), to the note's rounding.
+    assert model[4096] - model[64] > 1
+    assert abs((needs[4096] - needs[64]) - (model[4096] - model[64])) < 0.15, (needs, model)
 
 
 def test_auto_deepspeed_config_refuses_when_nothing_fits(tiny_model: Path) -> None:

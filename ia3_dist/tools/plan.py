@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..config.archs import ARCHS
+from ..data.packing import ROW_ALIGN
 from ..errors import UsageError
 from ..models.families import arch_config
 from ..models.load import load_model_config
@@ -100,6 +101,18 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
     # A preference pair is two sequences (chosen, rejected) in one forward pass: rows = 2 x micro-batch.
     per = 2 if cfg.train.objective != "sft" else 1
     rows_of = f"micro-batch {micro}" + (f" pairs ({per * micro} sequences)" if per > 1 else "")
+    pack_note = ""
+    if cfg.data.packing:
+        # A packed micro-step is at most micro-batch rows of data.pack_length tokens, which may be far wider than
+        # data.max_length. auto is chosen from the data at launch (no data here): the narrowest width it picks.
+        if cfg.data.pack_length == "auto":
+            seq = -(-seq // ROW_ALIGN) * ROW_ALIGN
+            pack_note = (f"data.pack_length=auto: planned at rows of {seq} tokens, the narrowest auto picks; the "
+                         f"launch states the width it picks (and deepspeed.config=auto sizes at it): plan again "
+                         f"with data.pack_length=<that width> to see its memory")
+        else:
+            seq = int(cfg.data.pack_length)
+        rows_of += f", packed rows of {seq} tokens"
     ckpt = cfg.train.gradient_checkpointing
     cap = gpu_mem_gib * GIB
     overhead = framework_rss() if cpu else OVERHEAD
@@ -126,6 +139,8 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
                      f"{mm:>11}{mm_ck:>8}")
         if fits_at is None and total <= cap and (name, stage, off) in candidate_stages(b):
             fits_at = name
+    if pack_note:
+        lines.append(pack_note)
     est = deepspeed_estimate(s, nodes, gpus_per_node)
     if est and not cpu:
         lines.append(est)
@@ -138,7 +153,7 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
         lines.append(f"recommended: deepspeed.config={fits_at} (the lowest stage that fits: {why}); "
                      f"largest micro-batch there {rows[fits_at]['max_micro']} "
                      f"({rows[fits_at]['max_micro_ckpt']} with gradient checkpointing)")
-    info = {"n_params": s.n_params, "trainable": s.trainable, "world": world, "rows": rows, "recommended": fits_at,
+    info = {"n_params": s.n_params, "trainable": s.trainable, "world": world, "seq": seq, "rows": rows, "recommended": fits_at,
             "chosen": rows.get(_chosen(cfg)), "overhead_gib": overhead / GIB}
     return "\n".join(lines), info
 

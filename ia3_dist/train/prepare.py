@@ -156,9 +156,12 @@ def rank_memory_bytes(env: dist.DistEnv) -> tuple[float, bool]:
     return psutil.virtual_memory().total / max(env.local_world_size, 1), True
 
 
-def auto_stage(cfg: RunConfig, model_config: Any, env: dist.DistEnv) -> tuple[RunConfig, str]:
+def auto_stage(cfg: RunConfig, model_config: Any, env: dist.DistEnv, pack_length: int | None = None
+               ) -> tuple[RunConfig, str]:
     """``deepspeed.config: auto``: the lowest shipped ZeRO stage whose per-rank memory (plan's model: weights,
-    gradients, optimizer, activations at this micro-batch) fits this rank's device (or host share)."""
+    gradients, optimizer, activations at this micro-batch) fits this rank's device (or host share). Packed
+    (``pack_length``), a micro-step is at most micro-batch rows of that width, which can be far wider than
+    data.max_length: activations are counted at it."""
     from ..models.memory import GIB, OVERHEAD, framework_rss, lowest_stage, shape_of
 
     cap, host = rank_memory_bytes(env)
@@ -166,16 +169,27 @@ def auto_stage(cfg: RunConfig, model_config: Any, env: dist.DistEnv) -> tuple[Ru
     micro *= 2 if objectives.is_pairwise(cfg) else 1  # a pair is two sequences in one forward pass
     b = 4 if cfg.train.precision == "fp32" else 2
     shape = shape_of(model_config, cfg.ia3)
-    got = lowest_stage(shape, env.world_size, cfg.data.max_length, micro, b, cfg.train.gradient_checkpointing, cap,
+    seq = pack_length or cfg.data.max_length
+    got = lowest_stage(shape, env.world_size, seq, micro, b, cfg.train.gradient_checkpointing, cap,
                        framework_rss() if host else OVERHEAD, host)
+    rows = f"micro-batch {micro}" + (f" (packed rows of {pack_length} tokens)" if pack_length else "")
     if got is None:
-        fail("deepspeed.config", f"auto: no shipped ZeRO stage fits {cap / GIB:.1f} GiB per rank at micro-batch "
-                                 f"{micro} (see ia3-dist plan); lower train.micro_batch_size, turn on "
+        fail("deepspeed.config", f"auto: no shipped ZeRO stage fits {cap / GIB:.1f} GiB per rank at {rows} (see "
+                                 f"ia3-dist plan); lower train.micro_batch_size"
+                                 f"{', data.pack_length' if pack_length else ''}, turn on "
                                  f"train.gradient_checkpointing or add ranks")
     name, need = got
     note = (f"deepspeed.config=auto: {name}, the lowest stage that fits ({need / GIB:.1f} of "
-            f"{cap / GIB:.1f} GiB per rank{' of host memory' if host else ''}; plan's memory model)")
+            f"{cap / GIB:.1f} GiB per rank{' of host memory' if host else ''} at {rows}; plan's memory model)")
     return replace(cfg, deepspeed=replace(cfg.deepspeed, config=name)), note
+
+
+def _layout(cfg: RunConfig, env: dist.DistEnv, pairs: bool) -> Layout:
+    grouped = cfg.data.group_by_length
+    if grouped is None:  # packed rows waste little whatever the lengths: the order stays freely shuffled
+        grouped = cfg.train.micro_batch_size > 1 and cfg.data.shuffle and not cfg.data.packing
+    return Layout(cfg.train.micro_batch_size, cfg.train.grad_accum, env.world_size, cfg.train.seed,
+                  cfg.data.shuffle, grouped, consecutive=pairs)
 
 
 def pack_length_for(cfg: RunConfig, model_config: Any, data: TokenizedData, layout: Layout, auto_micro: bool) -> int:
@@ -250,9 +264,14 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         fail("train.grad_accum", f"{cfg.train.grad_accum} is more than the {len(data)} training examples, so every "
                                  f"optimizer step would run micro-steps with no example on any rank; set it to at most "
                                  f"{len(data)}")
+    pack_length = None
+    if cfg.data.packing:
+        # Before the stage choice, which sizes activations at the packed width (packing refuses an auto
+        # micro-batch, so this layout is the run's).
+        pack_length = pack_length_for(cfg, model_config, data, _layout(cfg, env, pairs), auto_micro)
     stage_note = ""
     if cfg.deepspeed.config == "auto":
-        cfg, stage_note = auto_stage(cfg, model_config, env)
+        cfg, stage_note = auto_stage(cfg, model_config, env, pack_length)
     ds = dsc.resolve(cfg, env.world_size, hidden)
     if cfg.train.compile and dsc.stage_of(ds) == 3:
         # ZeRO-3 gathers and releases each parameter in module hooks that a compiled block would trace around.
@@ -284,19 +303,16 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         auto = autobatch.choose(cfg, model_config, env, ds, int(data.lengths.max()), resume_from)
         cfg = autobatch.with_micro(cfg, auto.micro, auto.samples_per_rank)
         autobatch.set_ds_batch(ds, cfg, env.world_size)
-    grouped = cfg.data.group_by_length
-    if grouped is None:  # packed rows waste little whatever the lengths: the order stays freely shuffled
-        grouped = cfg.train.micro_batch_size > 1 and cfg.data.shuffle and not cfg.data.packing
-    layout = Layout(cfg.train.micro_batch_size, cfg.train.grad_accum, env.world_size, cfg.train.seed,
-                    cfg.data.shuffle, grouped, consecutive=pairs)
-    if cfg.data.packing:
-        layout = replace(layout, pack_length=pack_length_for(cfg, model_config, data, layout, auto_micro))
+    layout = _layout(cfg, env, pairs)
+    if pack_length is not None:
+        layout = replace(layout, pack_length=pack_length)
     total = total_steps_for(cfg, len(data), layout)
     data_key = data.mix.key if data.mix is not None else Path(data.cache_file).stem
     meta = {"world_size": env.world_size, "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed, "shuffle": cfg.data.shuffle,
             "total_steps": total, "data_key": data_key, "n_examples": len(data),
-            "eval_ratio": cfg.data.eval_ratio, "group_by_length": grouped, "order_version": ORDER_VERSION,
+            "eval_ratio": cfg.data.eval_ratio, "group_by_length": layout.group_by_length,
+            "order_version": ORDER_VERSION,
             "global_batch": layout.global_batch, "zero_stage": dsc.stage_of(ds), "precision": cfg.train.precision,
             "offload_optimizer": dsc.offloads_optimizer(ds), **run_keys(cfg, model_config)}
     portable, line = False, ""
