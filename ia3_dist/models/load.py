@@ -156,6 +156,14 @@ def compile_blocks(model: nn.Module, skip: nn.Module | None = None, dynamic: boo
     graphs at the first step, so no later step recompiles; None lets dynamo decide (it recompiles once when a
     size first changes). ``mode``, ``backend``: ``train.compile_mode``, ``train.compile_backend``."""
     blocks = [b for b in decoder_blocks(model) if b is not skip]
+    if dynamic:
+        # Duck sizing makes sizes that happen to be equal at the first compile one symbol, guarded equal: Bloom's
+        # alibi carries the head count beside the row count, so a first step of 4 rows on a 4-head model compiled
+        # graphs that every later step of another row count recompiled. Read when dynamo builds its shape
+        # environment, at the first call: process-wide, and this process trains one model.
+        import torch.fx.experimental._config as fx_config
+
+        fx_config.use_duck_shape = False
     for b in blocks:
         b.compile(dynamic=dynamic, mode=None if mode == "default" else mode, backend=backend)
     return len(blocks)
