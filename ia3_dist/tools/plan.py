@@ -153,8 +153,8 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
         lines.append(f"recommended: deepspeed.config={fits_at} (the lowest stage that fits: {why}); "
                      f"largest micro-batch there {rows[fits_at]['max_micro']} "
                      f"({rows[fits_at]['max_micro_ckpt']} with gradient checkpointing)")
-    info = {"n_params": s.n_params, "trainable": s.trainable, "world": world, "seq": seq, "rows": rows, "recommended": fits_at,
-            "chosen": rows.get(_chosen(cfg)), "overhead_gib": overhead / GIB}
+    info = {"n_params": s.n_params, "trainable": s.trainable, "world": world, "seq": seq, "rows": rows,
+            "recommended": fits_at, "chosen": rows.get(_chosen(cfg)), "overhead_gib": overhead / GIB}
     return "\n".join(lines), info
 
 
