@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
+import re
 import struct
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -74,22 +77,155 @@ def shard_names(index: Path) -> list[str]:
     return names
 
 
+# from_pretrained's order (single file before index, safetensors before .bin): the ZeRO-3 loader and the hub
+# download take the first one present too, so every path loads the same files from a dir that has several.
+WEIGHT_FILES = tuple(f for layout in WEIGHT_LAYOUTS for f in reversed(layout))
+INDEX_SUFFIX = ".index.json"
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The weight files of a model dir: sharded (an index) or single, safetensors preferred."""
-    for index, single in WEIGHT_LAYOUTS:
-        if (model_dir / index).exists():
-            return [model_dir / n for n in shard_names(model_dir / index)]
-        if (model_dir / single).exists():
-            return [model_dir / single]
+    """The weight files of a model dir, chosen as ``from_pretrained`` chooses them (:data:`WEIGHT_FILES`)."""
+    for name in WEIGHT_FILES:
+        if (model_dir / name).exists():
+            if name.endswith(INDEX_SUFFIX):
+                return [model_dir / n for n in shard_names(model_dir / name)]
+            return [model_dir / name]
     raise UsageError(f"model.path {model_dir}: no model.safetensors, pytorch_model.bin or shard index in it")
 
 
-WEIGHT_FILES = tuple(f for layout in WEIGHT_LAYOUTS for f in reversed(layout))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
+
+
+# What loading reads from a repo besides the weights: config.json, generation_config.json, the tokenizer's files
+# (tokenizer.json, vocab.json, merges.txt, tokenizer.model, *.tiktoken, chat_template.jinja), at the top level.
+# Subfolders hold other formats and originals (onnx/, original/consolidated.00.pth), never what from_pretrained reads.
+HUB_SUPPORT_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_weights(files: Iterable[str], where: str = "the repo") -> str:
+    """Which weight file of a hub repo's listing loads: the first of :data:`WEIGHT_FILES` it has, as
+    ``from_pretrained`` and :func:`checkpoint_files` choose. UsageError if it has none (only GGUF, ONNX, Flax,
+    TensorFlow or original-format weights); ``where`` names the listing there."""
+    names = set(files)
+    for name in WEIGHT_FILES:
+        if name in names:
+            return name
+    other = sorted(f for f in names if f.endswith((".safetensors", ".bin", ".pth", ".pt", ".gguf", ".onnx",
+                                                     ".msgpack", ".h5")))
+    seen = f" (it has {', '.join(other[:5])}{' ...' if len(other) > 5 else ''})" if other else ""
+    raise UsageError(f"no {', '.join(WEIGHT_FILES)} in {where}{seen}; transformers loads only those")
+
+
+def hub_files(files: Iterable[str], trust_remote_code: bool = False, shards: Iterable[str] = ()) -> list[str]:
+    """The files of a hub repo's listing to download, sorted: its config, generation and tokenizer files, the
+    weights :func:`hub_weights` picks (with ``shards``, the files its shard index names, once it is read) and,
+    with ``trust_remote_code``, the repo's Python files. Nothing else: a repo that ships safetensors and .bin
+    weights (or GGUF, ONNX, Flax, TensorFlow, Mistral's consolidated.safetensors) would otherwise cost its size
+    again in download time and disk for files that are never read."""
+    names = set(files)
+    weights = hub_weights(names)
+    shards = set(shards)
+    if shards and not weights.endswith(INDEX_SUFFIX):
+        raise ValueError(f"shards given for {weights}, which is not a shard index")
+    # Every *.index.json but the chosen one: the other format's index would only make the dir claim shards it
+    # does not hold.
+    support = {f for f in names if "/" not in f and f.endswith(HUB_SUPPORT_SUFFIXES) and not f.endswith(INDEX_SUFFIX)}
+    code = {f for f in names if f.endswith(".py")} if trust_remote_code else set()
+    return sorted(support | code | shards | {weights})
+
+
+def hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool = False,
+                  cache_dir: str | None = None, token: str | bool | None = None) -> Path:
+    """A hub model's snapshot dir in the hub cache, holding only what :func:`hub_files` picks from the repo's
+    listing, checked as a local model dir is (:func:`check_model_dir`). Offline (``HF_HUB_OFFLINE``, or the hub
+    unreachable) the listing is what the cached snapshot holds. ``cache_dir``, ``token``: the hub client's
+    (None: its own defaults, ``HF_HUB_CACHE``, ``HF_TOKEN``)."""
+    from huggingface_hub import snapshot_download
+
+    listing, cached = _hub_listing(repo_id, revision, cache_dir, token)
+    where = "the hub cache" if cached else "the repo"
+
+    def fetch(names: list[str], rev: str | None) -> Path:
+        try:
+            # Escaped: the hub client matches these as fnmatch patterns, and a name may hold [, * or ?.
+            return Path(snapshot_download(repo_id, revision=rev, cache_dir=cache_dir, token=token,
+                                          local_files_only=cached, allow_patterns=[glob.escape(n) for n in names]))
+        except Exception as e:  # the hub client raises many types (offline, 404, auth, disk); all mean "cannot get it"
+            raise UsageError(f"model.path {repo_id}: cannot download it ({error_line(e)})") from None
+
+    try:
+        weights = hub_weights(listing, where)
+    except UsageError as e:
+        raise UsageError(f"model.path {repo_id}: {e}") from None
+    want = hub_files(listing, trust_remote_code)
+    d = fetch(want, revision)
+    if weights.endswith(INDEX_SUFFIX):
+        shards = shard_names(d / weights)
+        missing = sorted(set(shards) - set(listing))
+        if missing:
+            raise UsageError(f"model.path {repo_id}: {weights} names shards that {where} does not have: "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        # The snapshot dir is named by its commit: the shards come from the commit the index came from, even if
+        # the branch moves meanwhile.
+        d = fetch(shards, d.name if COMMIT.fullmatch(d.name) else revision)
+        want = hub_files(listing, trust_remote_code, shards)
+    absent = [n for n in want if not (d / n).is_file()]
+    if absent:
+        raise UsageError(f"model.path {repo_id}: {d} lacks {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}"
+                         f" after the download")
+    check_model_dir(str(d), f"model.path {repo_id}, downloaded to")
+    return d
+
+
+def _hub_listing(repo_id: str, revision: str | None, cache_dir: str | None,
+                 token: str | bool | None) -> tuple[list[str], bool]:
+    """``(files, from_cache)``: the repo's file list from the hub, or, offline or where the hub cannot be reached
+    (the hub client itself falls back to its cache then), the files its cached snapshot of ``revision`` holds."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    reason = "HF_HUB_OFFLINE is set"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi(token=token).list_repo_files(repo_id, revision=revision), False
+        except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as e:  # gated repos included
+            raise UsageError(f"model.path {repo_id}: not a local dir and not on the hub ({error_line(e)})") from None
+        except HfHubHTTPError as e:
+            if getattr(getattr(e, "response", None), "status_code", None) in (401, 403):
+                raise UsageError(f"model.path {repo_id}: the hub refused access ({error_line(e)}); log in "
+                                 f"(hf auth login) or set HF_TOKEN") from None
+            reason = f"the hub cannot be reached ({error_line(e)})"
+        except Exception as e:  # connection errors: their types depend on the hub client's HTTP library
+            reason = f"the hub cannot be reached ({error_line(e)})"
+    try:
+        # config.json: every model repo has it, and loading the config has already cached it.
+        d = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True,
+                                   allow_patterns=["config.json"]))
+    except Exception as e:
+        raise UsageError(f"model.path {repo_id}: not a local dir, {reason}, and the hub cache has no snapshot of "
+                         f"it ({error_line(e)})") from None
+    return sorted(f.relative_to(d).as_posix() for f in d.rglob("*") if f.is_file()), True
+
+
+def local_model_dir(path: str, revision: str | None, trust_remote_code: bool = False) -> Path:
+    """A local dir as is; a hub name through the hub cache (:func:`hub_model_dir`; every rank asks, the hub
+    client locks downloads), so the ZeRO-3 loader and ``from_pretrained`` read the same files."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if looks_local(path):
+        raise UsageError(f"model.path {path}: not a directory")
+    return hub_model_dir(path, revision, trust_remote_code)
 
 
 def check_model_dir(path: str, what: str = "model.path") -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ModelSection
 from ..errors import UsageError
-from .files import check_tokenizer_dir, error_line
+from .files import check_tokenizer_dir, error_line, local_model_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,12 +88,15 @@ def save_tokenizer(tok: Any, out_dir: Path) -> None:
 
 def load_base_model(cfg: ModelSection, model_path: str, precision: str) -> nn.Module:
     """``from_pretrained`` in the training dtype: every rank holds the whole model (ZeRO 0-2; ZeRO-3 loads
-    through :mod:`ia3_dist.models.zero3_load` instead). A hub model is only checked here, as it loads."""
+    through :mod:`ia3_dist.models.zero3_load` instead). A hub model loads from the snapshot
+    :func:`~ia3_dist.models.files.local_model_dir` downloads, as under ZeRO-3: the same weight files, one format
+    downloaded, checked before it loads."""
     from transformers import AutoModelForCausalLM
 
+    src = local_model_dir(model_path, cfg.revision, cfg.trust_remote_code)
     try:
         with no_code_prompt():
-            return AutoModelForCausalLM.from_pretrained(model_path, revision=cfg.revision, dtype=DTYPES[precision],
+            return AutoModelForCausalLM.from_pretrained(str(src), dtype=DTYPES[precision],
                                                         trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, pickle.UnpicklingError) as e:
         raise UsageError(f"model.path {model_path}: cannot load the model ({error_line(e)})") from None

@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import UsageError
 from .families import checkpoint_names
 from .files import checkpoint_files, safetensors_header, torch_load_weights
+from .files import local_model_dir as local_model_dir  # the launcher's import; shared with load.py
 from .load import base_on_meta, no_code_prompt
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -108,21 +109,6 @@ class TorchBinFile:
 
     def close(self) -> None:
         self.sd = {}
-
-
-def local_model_dir(path: str, revision: str | None) -> Path:
-    """A local dir as is; a hub name through the hub cache (every rank asks; the hub client locks downloads)."""
-    p = Path(path)
-    if p.is_dir():
-        return p
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path, revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
-    except Exception as e:  # the hub client raises many types (offline, 404, auth); all mean "cannot get it"
-        raise UsageError(f"model.path {path}: not a local dir and not downloadable ({type(e).__name__}: {e})") \
-            from None
 
 
 CheckpointFile = SafetensorsFile | TorchBinFile

@@ -38,6 +38,8 @@ BEST_VECTORS = "early_stopping_best.safetensors"
 after it (a few MB at most: IA3 vectors), so a resumed run that then stops early still writes them as its adapter,
 whether or not the best step's own checkpoint was kept."""
 MAX_BEST_VECTORS = 1 << 30
+POINTER_TEMP = ".tmp"
+"""A pointer is replaced by writing ``<pointer>.tmp`` and renaming it over the pointer."""
 LAYOUT = ("world_size", "micro_batch_size", "grad_accum", "zero_stage")
 """How the global batch is cut over ranks and micro-steps, and the ZeRO stage. They may change between a save and
 its resume as long as the global batch stays: every step then trains the same examples (the sampler's order is a
@@ -374,6 +376,18 @@ def _agree_failed(failed: bool, device: torch.device) -> int:
     return int(dist.all_reduce_sum(torch.tensor([float(failed)], dtype=torch.float64, device=device)).item())
 
 
+def _pointer_temp(root: Path, pointer: str) -> Path:
+    """Where a pointer's new contents are written before the rename that moves it."""
+    return root / f"{pointer}{POINTER_TEMP}"
+
+
+def _remove_pointer_temps(root: Path) -> None:
+    """Unlink the pointer temps a killed or failed save left in ``root``: the next save then writes its temps
+    fresh, never through a link left under their names. An OSError goes to the caller."""
+    for f in root.glob(f"*{POINTER_TEMP}"):
+        f.unlink(missing_ok=True)
+
+
 def _fresh_tag_dir(root: Path, tag: str) -> OSError | None:
     """Rank 0, before a save: ``root/tag`` empty and new, so nothing in it is followed. A tag dir already there
     is an unfinished save of this step (a resume after a kill between its meta.json and the pointer) or one
@@ -384,8 +398,7 @@ def _fresh_tag_dir(root: Path, tag: str) -> OSError | None:
     d = root / tag
     try:
         root.mkdir(parents=True, exist_ok=True)
-        for f in root.glob("*.tmp"):  # stale pointer temps (written fresh below, never through a link)
-            f.unlink(missing_ok=True)
+        _remove_pointer_temps(root)
         if d.is_symlink() or (d.exists() and not d.is_dir()):
             d.unlink()
         elif d.is_dir() and d in (_pointed(root, LATEST), _pointed(root, BEST)):
@@ -416,8 +429,7 @@ def _failed_save(root: Path, tag: str, env: dist.DistEnv, error: Exception | Non
         # names (a pointer is not moved before the tag is complete; this guards the pointers' own word).
         if root / tag not in (prev, _pointed(root, BEST)):
             shutil.rmtree(root / tag, ignore_errors=True)
-        for f in root.glob("*.tmp"):
-            f.unlink(missing_ok=True)
+        _remove_pointer_temps(root)
     dist.barrier()
     raise CheckpointWriteError(
         f"checkpoint {tag} could not be written to {root} ({failed} rank(s) failed; {_why(error, root)})"
@@ -478,9 +490,9 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
             # had, the save would report a failure while `latest` named the new checkpoint).
             pointers = (LATEST, BEST) if best else (LATEST,)
             for name in pointers:
-                (root / f"{name}.tmp").write_text(tag)
+                _pointer_temp(root, name).write_text(tag)
             for name in pointers:
-                os.replace(root / f"{name}.tmp", root / name)
+                os.replace(_pointer_temp(root, name), root / name)
         except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
             error = e
     failed = _agree_failed(error is not None, engine.device)

@@ -1,0 +1,298 @@
+"""Hub downloads fetch one weight format: the choice on the file lists of real repos (pure), and the download path
+end to end against a fake hub: the hub client's own cache layout in a tmp dir, filled by a stand-in for
+``snapshot_download`` that filters with the client's own pattern matcher, then read back offline by the real client.
+The ZeRO-3 loader and ``from_pretrained`` read the same files from every dir."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ia3_dist.errors import UsageError
+from ia3_dist.models.files import checkpoint_files, hub_files, hub_model_dir, hub_weights
+
+TOKENIZER = ["special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+
+# meta-llama/Llama-2-7b-hf: both formats, sharded (13.5 GB each).
+LLAMA2 = [".gitattributes", "LICENSE.txt", "README.md", "Responsible-Use-Guide.pdf", "USE_POLICY.md", "config.json",
+          "generation_config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+          "model.safetensors.index.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+          "pytorch_model.bin.index.json", *TOKENIZER]
+# mistralai/Mistral-7B-v0.3: shards for transformers, plus consolidated.safetensors (the same weights, in
+# mistral-inference's layout: transformers never reads it).
+MISTRAL = [".gitattributes", "README.md", "config.json", "consolidated.safetensors", "generation_config.json",
+           "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors",
+           "model.safetensors.index.json", "params.json", *TOKENIZER, "tokenizer.model.v3"]
+# A Mistral release with a single file beside its consolidated one.
+MISTRAL_SINGLE = [".gitattributes", "README.md", "config.json", "consolidated.safetensors", "generation_config.json",
+                  "model.safetensors", "params.json", "tekken.json", "tokenizer.json", "tokenizer_config.json"]
+# huggyllama/llama-7b: .bin shards only (and a training_args.bin, which is not weights).
+BINS_ONLY = ["config.json", "generation_config.json", "pytorch_model-00001-of-00002.bin",
+             "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "training_args.bin", *TOKENIZER]
+# openai-community/gpt2: every format there is.
+GPT2 = [".gitattributes", "64-8bits.tflite", "64-fp16.tflite", "64.tflite", "README.md", "config.json",
+        "flax_model.msgpack", "generation_config.json", "merges.txt", "model.safetensors", "onnx/config.json",
+        "onnx/decoder_model.onnx", "onnx/decoder_model_merged.onnx", "onnx/decoder_with_past_model.onnx",
+        "onnx/generation_config.json", "onnx/merges.txt", "onnx/special_tokens_map.json", "onnx/tokenizer.json",
+        "onnx/tokenizer_config.json", "onnx/vocab.json", "pytorch_model.bin", "rust_model.ot", "tf_model.h5",
+        "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+# meta-llama/Llama-3.1-8B: shards, and Meta's original checkpoint in original/.
+LLAMA3 = [".gitattributes", "LICENSE", "README.md", "USE_POLICY.md", "config.json", "generation_config.json",
+          *(f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)), "model.safetensors.index.json",
+          "original/consolidated.00.pth", "original/params.json", "original/tokenizer.model",
+          "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+# microsoft/Phi-3-mini-4k-instruct: its own modelling code.
+PHI3 = ["CODE_OF_CONDUCT.md", "LICENSE", "NOTICE.md", "README.md", "SECURITY.md", "added_tokens.json", "config.json",
+        "configuration_phi3.py", "generation_config.json", "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors", "model.safetensors.index.json", "modeling_phi3.py", "sample_finetune.py",
+        *TOKENIZER]
+# TheBloke/Llama-2-7B-GGUF: quantised files only.
+GGUF = [".gitattributes", "LICENSE.txt", "Notice", "README.md", "USE_POLICY.md", "config.json",
+        "llama-2-7b.Q2_K.gguf", "llama-2-7b.Q4_K_M.gguf", "llama-2-7b.Q8_0.gguf"]
+
+
+def shards(n: int, prefix: str = "model", ext: str = "safetensors") -> list[str]:
+    return [f"{prefix}-{i:05d}-of-{n:05d}.{ext}" for i in range(1, n + 1)]
+
+
+def test_both_formats_fetch_safetensors_only() -> None:
+    assert hub_weights(LLAMA2) == "model.safetensors.index.json"
+    assert hub_files(LLAMA2) == ["LICENSE.txt", "config.json", "generation_config.json", "model.safetensors.index.json",
+                                 "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                                 "tokenizer_config.json"]
+    got = hub_files(LLAMA2, shards=shards(2))
+    assert set(got) - set(hub_files(LLAMA2)) == set(shards(2))
+    assert not [f for f in got if f.endswith(".bin") or f.startswith("pytorch_model")]
+
+
+def test_consolidated_safetensors_is_not_fetched() -> None:
+    assert hub_weights(MISTRAL) == "model.safetensors.index.json"
+    got = hub_files(MISTRAL, shards=shards(3))
+    assert "consolidated.safetensors" not in got and set(shards(3)) <= set(got)
+    assert "tokenizer.model.v3" not in got  # read by mistral-inference only
+    assert hub_weights(MISTRAL_SINGLE) == "model.safetensors"
+    assert [f for f in hub_files(MISTRAL_SINGLE) if f.endswith(".safetensors")] == ["model.safetensors"]
+
+
+def test_bins_when_there_is_no_safetensors() -> None:
+    assert hub_weights(BINS_ONLY) == "pytorch_model.bin.index.json"
+    got = hub_files(BINS_ONLY, shards=shards(2, "pytorch_model", "bin"))
+    assert [f for f in got if f.endswith(".bin")] == shards(2, "pytorch_model", "bin")
+    assert hub_weights(["config.json", "pytorch_model.bin"]) == "pytorch_model.bin"
+
+
+def test_other_formats_and_subfolders_are_not_fetched() -> None:
+    assert hub_files(GPT2) == ["config.json", "generation_config.json", "merges.txt", "model.safetensors",
+                               "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+    got = hub_files(LLAMA3, shards=shards(4))
+    assert not [f for f in got if f.startswith("original/")]
+    with pytest.raises(UsageError, match=r"no model\.safetensors.*llama-2-7b\.Q2_K\.gguf"):
+        hub_weights(GGUF)
+
+
+def test_remote_code_only_when_trusted() -> None:
+    assert not [f for f in hub_files(PHI3, shards=shards(2)) if f.endswith(".py")]
+    got = hub_files(PHI3, trust_remote_code=True, shards=shards(2))
+    assert {"configuration_phi3.py", "modeling_phi3.py", "added_tokens.json"} <= set(got)
+
+
+def test_single_file_before_index_as_from_pretrained(tmp_path: Path, tiny_model: Path) -> None:
+    """A dir with a single file and a shard index of other weights (or .bin of other weights): the ZeRO-3 loader
+    reads what from_pretrained reads, and a hub download would pick the same."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "both"
+    shutil.copytree(tiny_model, d)
+    torch.manual_seed(1)
+    other = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(str(tiny_model)).config)
+    other.save_pretrained(str(tmp_path / "other"), max_shard_size="200KB")
+    for f in (tmp_path / "other").glob("model*.safetensors*"):
+        shutil.copy(f, d / f.name)
+    torch.save(other.state_dict(), d / "pytorch_model.bin")
+    assert (d / "model.safetensors.index.json").is_file()
+    assert checkpoint_files(d) == [d / "model.safetensors"]
+    assert hub_weights(os.listdir(d)) == "model.safetensors"
+    loaded = AutoModelForCausalLM.from_pretrained(str(d)).state_dict()
+    single = load_file(str(d / "model.safetensors"))
+    for k, v in single.items():
+        assert torch.equal(loaded[k], v), k
+
+
+# The fake hub: the repo's files in a dir, served into a cache in the hub client's layout.
+REPO = "tiny-org/tiny-bloom"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _remote(root: Path, tiny_model: Path) -> Path:
+    """A repo like LLAMA2 and GPT2 at once: sharded safetensors, .bin weights, Mistral's consolidated file, GGUF,
+    Flax, ONNX, remote code; and a file name the hub client's patterns would read as a glob."""
+    from transformers import AutoModelForCausalLM
+
+    r = root / "remote"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    model.save_pretrained(str(r), max_shard_size="200KB")
+    assert len(list(r.glob("model-*.safetensors"))) > 1
+    for f in tiny_model.glob("tokenizer*"):
+        shutil.copy(f, r / f.name)
+    torch.save(model.state_dict(), r / "pytorch_model.bin")
+    shutil.copy(next(r.glob("model-*.safetensors")), r / "consolidated.safetensors")
+    for junk in ("flax_model.msgpack", "model.Q4_K_M.gguf", "onnx/model.onnx", "onnx/config.json",
+                 "modeling_custom.py", "README.md"):
+        (r / junk).parent.mkdir(exist_ok=True)
+        (r / junk).write_bytes(b"not for loading")
+    (r / "notes[v2].txt").write_text("a name with glob characters")
+    return r
+
+
+def _listing(remote: Path) -> list[str]:
+    return sorted(f.relative_to(remote).as_posix() for f in remote.rglob("*") if f.is_file())
+
+
+def _serve(remote: Path, cache: Path, names: list[str], revision: str | None) -> Path:
+    """``names`` of ``remote`` into ``cache`` as the hub client lays it out: content-addressed blobs, the commit's
+    snapshot dir of relative links to them, the revision's ref naming the commit."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = cache / repo_folder_name(repo_id=REPO, repo_type="model")
+    snap = repo / "snapshots" / COMMIT
+    for name in names:
+        data = (remote / name).read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snap / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    if revision != COMMIT:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / (revision or "main")).write_text(COMMIT)
+    return snap
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Online: listing and download come from the remote dir (downloads recorded); the real client serves every
+    ``local_files_only`` call from the cache, as it does offline."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import filter_repo_objects
+
+    remote, cache = _remote(tmp_path, tiny_model), tmp_path / "hub-cache"
+    real = huggingface_hub.snapshot_download
+    hub: dict[str, Any] = {"remote": remote, "cache": cache, "downloaded": []}
+
+    def list_repo_files(self: Any, repo_id: str, revision: str | None = None, **_: Any) -> list[str]:
+        assert repo_id == REPO
+        return _listing(remote)
+
+    def snapshot_download(repo_id: str, *, revision: str | None = None, cache_dir: Any = None,
+                          local_files_only: bool = False, allow_patterns: Any = None, **kw: Any) -> str:
+        if local_files_only:
+            return real(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True,
+                        allow_patterns=allow_patterns, **kw)
+        assert repo_id == REPO and revision in (None, "main", COMMIT)
+        names = list(filter_repo_objects(_listing(remote), allow_patterns=allow_patterns))
+        hub["downloaded"] += names
+        return str(_serve(remote, Path(cache_dir or constants.HF_HUB_CACHE), names, revision))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return hub
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_download_fetches_one_format(fake_hub: dict[str, Any], trust: bool) -> None:
+    remote = fake_hub["remote"]
+    shard_files = sorted(f.name for f in remote.glob("model-*.safetensors"))
+    d = hub_model_dir(REPO, None, trust_remote_code=trust)
+    got = sorted(fake_hub["downloaded"])
+    want = sorted(["config.json", "generation_config.json", "model.safetensors.index.json", *shard_files,
+                   "notes[v2].txt", *(f.name for f in remote.glob("tokenizer*")),
+                   *(["modeling_custom.py"] if trust else [])])
+    assert got == want
+    assert sorted(f.relative_to(d).as_posix() for f in d.rglob("*") if f.is_file()) == want
+    assert d.name == COMMIT and checkpoint_files(d) == [d / f for f in shard_files]
+
+
+def test_offline_cache_loads_on_both_paths(fake_hub: dict[str, Any], tiny_model: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache filled online, read back with HF_HUB_OFFLINE by the real hub client: ``from_pretrained`` (ZeRO 0-2)
+    and the ZeRO-3 loader's files hold the tiny model's weights."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ia3_dist.config.schema import ModelSection
+    from ia3_dist.models.load import load_base_model
+    from ia3_dist.models.zero3_load import local_model_dir
+
+    online = hub_model_dir(REPO, None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def no_network(*a: Any, **k: Any) -> Any:
+        raise AssertionError("the hub was asked while offline")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", no_network)
+    assert local_model_dir(REPO, None) == online
+    ref = _state(AutoModelForCausalLM.from_pretrained(str(tiny_model)))
+    plain = _state(load_base_model(ModelSection(path=REPO), REPO, "fp32"))
+    zero3: dict[str, torch.Tensor] = {}
+    for f in checkpoint_files(online):
+        zero3.update(load_file(str(f)))
+    for k, v in ref.items():
+        assert torch.equal(plain[k], v), k
+    for k, v in zero3.items():
+        assert torch.equal(ref[k], v), k
+
+
+def test_offline_without_cache_or_with_missing_shard(fake_hub: dict[str, Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError, match="HF_HUB_OFFLINE is set, and the hub cache has no snapshot"):
+        hub_model_dir(REPO, None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    d = hub_model_dir(REPO, None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    gone = sorted(d.glob("model-*.safetensors"))[-1]
+    gone.unlink()
+    with pytest.raises(UsageError, match=f"names shards that the hub cache does not have: {gone.name}"):
+        hub_model_dir(REPO, None)
+
+
+def test_unreachable_hub_falls_back_to_the_cache(fake_hub: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    d = hub_model_dir(REPO, None)
+
+    def unreachable(*a: Any, **k: Any) -> Any:
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    assert hub_model_dir(REPO, None) == d
+
+
+def test_repo_without_loadable_weights_downloads_nothing(fake_hub: dict[str, Any]) -> None:
+    remote = fake_hub["remote"]
+    for f in [*remote.glob("model*.safetensors*"), remote / "pytorch_model.bin"]:
+        f.unlink()
+    with pytest.raises(UsageError, match=r"model\.path tiny-org/tiny-bloom: no model\.safetensors.*in the repo "
+                                         r"\(it has consolidated\.safetensors"):
+        hub_model_dir(REPO, None)
+    assert fake_hub["downloaded"] == []
