@@ -248,19 +248,21 @@ def _pairs(n: int):
                          n_records=n, dropped=np.zeros(0, np.int64), truncated=0, group=2)
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo"])
-def test_held_out_pair_metrics_do_not_depend_on_ranks_or_micro_batch(objective: str, monkeypatch) -> None:
+@pytest.mark.parametrize("objective,cpo_alpha", [("dpo", 0.0), ("orpo", 0.0), ("simpo", 0.0), ("simpo", 0.5)])
+def test_held_out_pair_metrics_do_not_depend_on_ranks_or_micro_batch(objective: str, cpo_alpha: float,
+                                                                     monkeypatch) -> None:
     """Preference.evaluate on each rank of 1 to 3 (a stand-in engine whose log-probs follow the tokens, the
-    all-reduce summing what the ranks computed): eval_loss and the pair metrics are pair-weighted, so neither the
-    world size nor the micro-batch size moves them (eval_loss was the mean of the micro-batches' means; ORPO's
-    loss holds a per-batch token mean). A rank
-    with no pair in a logging window all-reduces its zeros on the engine's device (NCCL takes no CPU tensor)."""
+    all-reduce summing what the ranks computed): eval_loss and the pair metrics are pair-weighted and the NLL
+    (ORPO's, SimPO's with cpo_alpha) a token mean over the whole set, so neither the world size nor the
+    micro-batch size moves them (eval_loss was the mean of the micro-batches' means; the NLL a per-batch token
+    mean). A rank with no pair in a logging window all-reduces its zeros on the engine's device (NCCL takes no CPU
+    tensor)."""
     from types import SimpleNamespace
 
     from ia3_dist.train.objectives import preference as P
 
     data = _pairs(7)
-    t = SimpleNamespace(objective=objective, beta=0.5, simpo_gamma=0.5, cpo_alpha=0.0, label_smoothing=0.0,
+    t = SimpleNamespace(objective=objective, beta=0.5, simpo_gamma=0.5, cpo_alpha=cpo_alpha, label_smoothing=0.0,
                         loss_type="sigmoid")
 
     class Engine:
@@ -287,12 +289,8 @@ def test_held_out_pair_metrics_do_not_depend_on_ranks_or_micro_batch(objective: 
 
     want = run(1, 1)
     assert want["eval_pairs"] == 7
-    # ORPO's NLL term is a token mean per micro-batch (as TRL's): it, and the loss holding it, move with the batching.
-    per_batch = {"eval_loss", "eval_nll_loss"} if objective == "orpo" else set()
     for world, micro in [(1, 4), (2, 4), (3, 2), (2, 1)]:
-        got = run(world, micro)
-        assert {k: v for k, v in got.items() if k not in per_batch} == pytest.approx(
-            {k: v for k, v in want.items() if k not in per_batch}, rel=1e-6), (world, micro)  # fp32 sums per batch
+        assert run(world, micro) == pytest.approx(want, rel=1e-6), (world, micro)  # fp32 sums per batch
     seen = []
     monkeypatch.setattr(P.dist, "all_reduce_sum", lambda a: seen.append(a.device) or torch.zeros(a.shape))
     obj = P.Preference(t)

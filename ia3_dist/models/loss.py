@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..data.tokenize import IGNORE_INDEX
+from ..errors import UsageError
 
 
 class RowSelector(Protocol):
@@ -20,43 +21,166 @@ class RowSelector(Protocol):
     idx: torch.Tensor | None
 
 
-def _softcap(config: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    cap = getattr(config, "final_logit_softcapping", None)
-    return None if not cap else (lambda x: torch.tanh(x / cap) * cap)
+Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _times(attr: str) -> Callable[[Any], Callable[[torch.Tensor], torch.Tensor] | None]:
-    def make(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        scale = getattr(config, attr)
-        return lambda x: x * scale
+def _text(config: Any) -> Any:
+    """Where the text model's settings live: a multimodal config's nested text config (Gemma 3n/4's
+    ``*ForConditionalGeneration`` reads its soft cap there), else the config itself."""
+    get = getattr(config, "get_text_config", None)
+    if not callable(get):
+        return config
+    try:
+        return get(decoder=True)  # the one that makes the logits where a config also nests a text encoder
+    except (TypeError, ValueError):
+        return config
+
+
+def _softcap(attr: str = "final_logit_softcapping", fp32: bool = False) -> Callable[[Any], Transform | None]:
+    """``tanh(x / cap) * cap`` with ``cap`` the config's ``attr`` (off when unset), in fp32 where the forward
+    upcasts first (the logits' dtype otherwise, as the forward computes it)."""
+    def make(config: Any) -> Transform | None:
+        cap = getattr(_text(config), attr, None)
+        if not cap:
+            return None
+        if fp32:
+            return lambda x: torch.tanh(x.float() / cap) * cap
+        return lambda x: torch.tanh(x / cap) * cap
     return make
 
 
-def _divided_by(attr: str) -> Callable[[Any], Callable[[torch.Tensor], torch.Tensor] | None]:
-    def make(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        scale = getattr(config, attr)
+def _times(attr: str) -> Callable[[Any], Transform | None]:
+    def make(config: Any) -> Transform | None:
+        scale = getattr(_text(config), attr)
+        # Cohere Compass reads an unset scale as 1; Cohere's forward would fail on None, so nothing diverges.
+        return None if scale is None else (lambda x: x * scale)
+    return make
+
+
+def _divided_by(attr: str) -> Callable[[Any], Transform | None]:
+    def make(config: Any) -> Transform:
+        scale = getattr(_text(config), attr)
         return lambda x: x / scale
     return make
 
 
-FINAL_LOGITS: dict[str, Callable[[Any], Callable[[torch.Tensor], torch.Tensor] | None]] = {
-    **dict.fromkeys(("gemma2", "gemma3_text", "gemma3n_text", "vaultgemma", "nanochat"), _softcap),
-    **dict.fromkeys(("cohere", "cohere2"), _times("logit_scale")),
+def _inkling(config: Any) -> Transform:
+    """Inkling divides the hidden states by ``logits_mup_width_multiplier`` before its bias-free head (the same
+    as dividing the logits) and drops the logits of the vocabulary's padding rows (``unpadded_vocab_size``), so
+    the softmax is over the real tokens only."""
+    c = _text(config)
+    width, keep = c.logits_mup_width_multiplier, c.unpadded_vocab_size
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        x = x / width
+        return x[..., :keep] if keep is not None and keep < x.shape[-1] else x
+    return f
+
+
+def _nothing(config: Any) -> None:
+    return None
+
+
+def _refuse(why: str) -> Callable[[Any], Transform | None]:
+    def make(config: Any) -> Transform | None:
+        raise UsageError(f"model.path: model_type {getattr(config, 'model_type', None)!r} {why}; it cannot be "
+                         f"trained with ia3-dist's losses")
+    return make
+
+
+FINAL_LOGITS: dict[str, Callable[[Any], Transform | None]] = {
+    **dict.fromkeys(("gemma2", "gemma3_text", "gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified",
+                     "gemma4_unified_text", "vaultgemma", "nanochat"), _softcap()),
+    **dict.fromkeys(("beam", "inkling2_text", "inkling2_loop_text"), _softcap(fp32=True)),
+    "recurrent_gemma": _softcap("logits_soft_cap"),
+    "xlstm": _softcap("output_logit_soft_cap", fp32=True),
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass_text"), _times("logit_scale")),
+    "falcon_h1": _times("lm_head_multiplier"),
     **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared",
                      "granitemoehybrid", "minicpm3"), _divided_by("logits_scaling")),
     "hyperclovax": _times("logits_scaling"),
+    "inkling_text": _inkling,
+    # Gemma 3's multimodal forward applies no soft cap, whatever its text config says (its text-only one does).
+    "gemma3": _nothing,
+    **dict.fromkeys(("gemma4_assistant", "gemma4_unified_assistant"), _refuse(
+        "is an assisted-decoding drafter: its forward needs the main model's embeddings and KV states and may "
+        "compute logits over a subset of the vocabulary (use_ordered_embeddings)")),
 }
 """``model_type`` -> what its ``*ForCausalLM.forward`` does to the LM head's output before the loss, from the
 config. The losses here call the head themselves (only at label rows), so without this they would train these
 models on logits their own forward never produces. Keyed by model type, not by attribute: ``logits_scaling``
 divides in Granite and multiplies in HyperCLOVA X (MiniCPM3 divides the hidden states, the same for its bias-free
-head)."""
+head). Covers every model type of transformers' causal-LM auto mapping whose forward changes its logits
+(``tests/test_final_logits.py`` reads the installed transformers' source to keep it so); a model type not here
+whose config sets one of :data:`LOGIT_ATTRS` is refused (:func:`final_logits`)."""
 
 
-def final_logits(config: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The transform :data:`FINAL_LOGITS` gives ``config``'s model type, or None (logits are the head's output)."""
-    make = FINAL_LOGITS.get(getattr(config, "model_type", None) or "")
-    return make(config) if make is not None else None
+def _off(value: Any, config: Any) -> bool:
+    return not value  # a soft cap of None or 0 is no cap
+
+
+def _one(value: Any, config: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool) and value == 1)
+
+
+LOGIT_ATTRS: dict[str, Callable[[Any, Any], bool]] = {
+    **dict.fromkeys(("final_logit_softcapping", "final_logit_softcap", "logit_softcapping", "logit_softcap",
+                     "logits_soft_cap", "logits_softcap", "output_logit_soft_cap", "output_logits_soft_cap"), _off),
+    **dict.fromkeys(("logit_scale", "logits_scale", "logit_scaling", "logits_scaling", "logit_multiplier",
+                     "logits_multiplier", "lm_head_multiplier", "output_multiplier", "output_multiplier_scale",
+                     "output_logits_scale", "logits_mup_width_multiplier", "mup_output_alpha", "mup_width_scale"),
+                    _one),
+    # MiniCPM's remote code divides the hidden states by hidden_size / dim_model_base before the head.
+    "dim_model_base": lambda v, c: v is None or v == getattr(c, "hidden_size", None),
+    # Inkling drops the logits past it (a padded vocabulary), so the softmax covers fewer tokens than the head.
+    "unpadded_vocab_size": lambda v, c: v is None or v >= getattr(c, "vocab_size", v),
+}
+"""Config attributes that, in the model families known to use them, soft-cap or scale the LM head's logits (or
+its input) in the forward or cut the vocabulary the softmax covers -> whether a value leaves the logits alone.
+Names from transformers (Gemma 2, Cohere, Granite, Falcon-H1, Recurrent Gemma, xLSTM, Inkling, Muse) and from
+remote-code families (Grok-1's ``output_multiplier_scale``, BTLM's muP ``mup_output_alpha`` x
+``mup_width_scale``, MiniCPM's ``dim_model_base``)."""
+
+
+def logit_settings(config: Any) -> list[str]:
+    """``name=value`` for each of :data:`LOGIT_ATTRS` that ``config`` (or its nested text config) sets to a value
+    that changes the logits."""
+    found = []
+    for prefix, c in (("", config), ("text_config.", _text(config))):
+        if prefix and c is config:
+            continue
+        for attr, neutral in LOGIT_ATTRS.items():
+            value = getattr(c, attr, None)
+            if not neutral(value, c):
+                found.append(f"{prefix}{attr}={value!r}")
+    return found
+
+
+def final_logits(config: Any) -> Transform | None:
+    """The transform :data:`FINAL_LOGITS` gives ``config``'s model type, or None (logits are the head's output).
+    A UsageError for a model type the table refuses, and for one it does not know whose config sets an attribute
+    that other families' forwards use to change their logits (:data:`LOGIT_ATTRS`): the losses cannot know what
+    this model's forward does with it."""
+    model_type = getattr(config, "model_type", None) or ""
+    make = FINAL_LOGITS.get(model_type)
+    if make is not None:
+        return make(config)
+    found = logit_settings(config)
+    if found:
+        raise UsageError(
+            f"model.path: model_type {model_type!r} sets {', '.join(found)} in its config, which the model families "
+            f"that use {'it' if len(found) == 1 else 'them'} apply to the LM head's logits in their forward (a soft "
+            f"cap or a scale). ia3-dist's losses call the LM head themselves and apply only the transforms of the "
+            f"model types they know (FINAL_LOGITS in ia3_dist/models/loss.py), which {model_type!r} is not one of, "
+            f"so they would train on logits this model's own forward never produces: this model family is not "
+            f"supported for training. Please open an issue with its modeling code (what its *ForCausalLM.forward "
+            f"does to the logits), or add a FINAL_LOGITS entry for {model_type!r} that does the same")
+    return None
+
+
+def check_final_logits(config: Any) -> None:
+    """The preflight's check (before any rank waits): :func:`final_logits` raises now, not in the first step."""
+    final_logits(config)
 
 
 def head_logits(lm: nn.Module, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,12 @@ rows); the step's loss is the mean of its micro-batches' terms over all ranks, w
 accumulation makes of TRL's per-micro-batch losses. Metrics are TRL's too: per micro-batch means, averaged over
 the micro-batches of the logging window.
 
+Held-out metrics (:meth:`Preference.evaluate`) must not depend on the eval batching (micro-batch size, world
+size), so they are means over the whole held-out set: over its pairs, and for the NLL (``eval_nll_loss`` and the
+NLL part of ``eval_loss``, ORPO's and SimPO's with ``cpo_alpha``) over its NLL tokens, summed over all batches and
+ranks. A per-batch token mean, TRL's definition and still the training one, would weight a token by the size of
+the batch it fell in.
+
 DPO's reference is the model the run starts from (the base with a fresh, identity IA3 adapter, or the adapter of
 ``ia3.init_from``): its log-probabilities of every pair are computed once before step 1 (:mod:`.reference`), so no
 second model is held and the reference costs one forward pass over the data instead of one per step.
@@ -44,6 +50,13 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
                        torch.log(-torch.expm1(x.clamp(min=t, max=-1e-30))))
 
 
+def nll_parts(lp: torch.Tensor, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the NLL tokens' negative log-probs, how many there are) in the micro-batch ``b``; zeros where it
+    has none (DPO, SimPO without ``cpo_alpha``)."""
+    sel = b["is_nll"]
+    return -lp[sel].sum(), sel.sum()
+
+
 class Preference:
     """``dpo``, ``orpo`` or ``simpo`` (see the module doc)."""
 
@@ -51,6 +64,8 @@ class Preference:
         self.t = t
         self.name = t.objective
         self.nll = {"orpo": "all", "simpo": "answer" if t.cpo_alpha else ""}.get(self.name, "")
+        self.nll_weight = {"orpo": 1.0, "simpo": t.cpo_alpha}.get(self.name, 0.0)
+        """What the loss multiplies its NLL term by."""
         self.keys = (*COMMON, *EXTRA[self.name])
         self.acc: torch.Tensor | None = None
         self.device = torch.device("cpu")
@@ -123,18 +138,22 @@ class Preference:
     def evaluate(self, tr: Any, on_batch: Any) -> dict[str, float]:
         """Rank r takes pairs r, r+world, ...; every rank runs the same number of forward passes. Pair-weighted
         means of the metrics (``eval_rewards/accuracies``: the held-out pair accuracy) and of the micro-batches'
-        losses (each weighted by its pairs, as HF Trainer's evaluation weights a batch by its size): the same on
-        any number of ranks and micro-batch size."""
+        losses without their NLL (each weighted by its pairs, as HF Trainer's evaluation weights a batch by its
+        size); the NLL a token mean over all held-out NLL tokens (see the module doc). All the same on any number
+        of ranks and micro-batch size."""
         p, engine = tr.p, tr.engine
         data = p.eval_data
         world, micro = p.env.world_size, p.cfg.train.micro_batch_size
         mine = list(range(p.env.rank, len(data), world))
         per_rank = -(-len(data) // world)
         n_batches = -(-per_rank // micro)
-        acc = torch.zeros(len(self.keys) + 2, dtype=torch.float64, device=engine.device)
+        k = len(self.keys)
+        # The keys' metrics and the loss less its NLL term (each times its batch's pairs), the pairs, then the NLL
+        # tokens' sum and count: everything the means over the whole set need, in one all-reduce.
+        acc = torch.zeros(k + 4, dtype=torch.float64, device=engine.device)
         with eval_mode(engine.module), torch.no_grad():
-            for k in range(n_batches):
-                idx = mine[k * micro:(k + 1) * micro]
+            for j in range(n_batches):
+                idx = mine[j * micro:(j + 1) * micro]
                 b = pair_batch(data, idx or [0], tr.pad_id, self.nll)
                 b["split"] = torch.ones((), dtype=torch.long)
                 b = {n: v.to(engine.device) for n, v in b.items()}
@@ -142,13 +161,19 @@ class Preference:
                             target=b["target"])
                 loss, metrics = self.loss(lp, b, self.reference_of(b))
                 if idx:
-                    acc += torch.cat([metrics.double(), loss.double().reshape(1), acc.new_ones(1)]) * len(idx)
+                    nll_sum, nll_n = nll_parts(lp, b)
+                    rest = loss.double() - self.nll_weight * (nll_sum / nll_n.clamp(min=1)).double()
+                    acc[:k + 2] += torch.cat([metrics.double(), rest.reshape(1), acc.new_ones(1)]) * len(idx)
+                    acc[k + 2:] += torch.stack([nll_sum.double(), nll_n.double()])
                 if on_batch is not None:
                     on_batch()
         total = dist.all_reduce_sum(acc).tolist()
-        pairs = max(total[-1], 1.0)
-        out = {"eval_loss": total[-2] / pairs, "eval_pairs": total[-1]}
-        out.update({f"eval_{k}": v / pairs for k, v in zip(self.keys, total, strict=False)})
+        pairs = max(total[k + 1], 1.0)
+        nll = total[k + 2] / max(total[k + 3], 1.0)
+        out = {"eval_loss": total[k] / pairs + self.nll_weight * nll, "eval_pairs": total[k + 1]}
+        out.update({f"eval_{key}": v / pairs for key, v in zip(self.keys, total[:k], strict=True)})
+        if "nll_loss" in self.keys:
+            out["eval_nll_loss"] = nll
         return out
 
     # -- the formulas -----------------------------------------------------------------------------------------
@@ -193,8 +218,8 @@ class Preference:
             chosen, rejected = avg[:m], avg[m:]
             nll = lp.new_zeros(())
             if self.nll:
-                sel = b["is_nll"]
-                nll = -lp[sel].sum() / sel.sum().clamp(min=1)
+                nll_sum, nll_n = nll_parts(lp, b)
+                nll = nll_sum / nll_n.clamp(min=1)  # TRL's: a token mean over this micro-batch's chosen rows
             if self.name == "orpo":
                 log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
                 ratio = F.logsigmoid(log_odds)
