@@ -296,3 +296,32 @@ def test_repo_without_loadable_weights_downloads_nothing(fake_hub: dict[str, Any
                                          r"\(it has consolidated\.safetensors"):
         hub_model_dir(REPO, None)
     assert fake_hub["downloaded"] == []
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_preflight_downloads_and_checks_a_hub_model(fake_hub: dict[str, Any], tmp_path: Path, broken: bool,
+                                                    monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """``ia3-dist check`` (the preflight every rank runs before the process group) fetches a hub model into the
+    hub cache and checks its weights as a local dir's: a truncated shard in the cache exits 2 naming it, before
+    any rank would wait on another; the whole one passes."""
+    from huggingface_hub import constants
+
+    from ia3_dist.cli import main
+
+    d = hub_model_dir(REPO, None)  # the cache filled online; the preflight then runs offline from it
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shard = sorted(d.glob("model-*.safetensors"))[-1]
+    if broken:
+        blob = shard.resolve()
+        blob.write_bytes(blob.read_bytes()[:-100])
+    out = tmp_path / "out"
+    rc = main(["check", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"),
+               f"model.path={REPO}", f"output.dir={out}", "deepspeed.config=zero3"])
+    got = capsys.readouterr()
+    if broken:
+        assert rc == 2, got.out + got.err
+        assert shard.name in got.err and "Traceback" not in got.err, got.err
+    else:
+        assert rc == 0, got.out + got.err
+        assert "preflight: OK" in got.out

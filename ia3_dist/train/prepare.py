@@ -18,7 +18,7 @@ from ..data.sampler import ORDER_VERSION, Layout, plan_epoch, split_eval, steps_
 from ..data.tokenize import TokenizedData, load_or_tokenize
 from ..errors import RunFinished
 from ..models.families import family_of, support_case
-from ..models.files import check_model_dir, check_vocab
+from ..models.files import check_model_dir, check_vocab, local_model_dir
 from ..models.ia3 import ADAPTER_FILE, apply_ia3, load_init_adapter, paper_targets
 from ..models.load import base_on_meta, hidden_size_of, load_model_config, load_tokenizer
 from ..models.loss import check_final_logits
@@ -278,10 +278,16 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     if cfg.train.compile and dsc.stage_of(ds) == 3:
         # ZeRO-3 gathers and releases each parameter in module hooks that a compiled block would trace around.
         fail("train.compile", "is not supported with ZeRO-3 (deepspeed.config); use ZeRO-0/1/2 or set it to false")
-    if Path(model_path).is_dir() and (dsc.stage_of(ds) == 3 or family_of(model_config) is not None):
+    weights_dir = Path(model_path)
+    if not weights_dir.is_dir():
+        # A hub model downloads here, before any rank waits on another: GBs fetched inside the process group run
+        # into its timeouts, and a repo without loadable weights exits 2 now. The hub client locks, so the
+        # ranks of a node fetch it once; the loaders then find it in the hub cache.
+        weights_dir = local_model_dir(model_path, cfg.model.revision, cfg.model.trust_remote_code)
+    if dsc.stage_of(ds) == 3 or family_of(model_config) is not None:
         # ZeRO-3's loader needs every tensor; for the tested families (known key names) the other stages get the
         # same check, where from_pretrained would only warn and train on randomly initialised weights.
-        check_checkpoint(model_config, Path(model_path), cfg.model.trust_remote_code)
+        check_checkpoint(model_config, weights_dir, cfg.model.trust_remote_code)
     resume_from = ckpt.resolve_resume(cfg.train.resume, out)
     resume_best = None
     if resume_from is not None:
