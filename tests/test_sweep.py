@@ -12,12 +12,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from ia3_dist.cli import main as cli_main
 from ia3_dist.config import load_config
+from ia3_dist.tools import summary
 from ia3_dist.tools.summary import run_status
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
@@ -223,10 +225,12 @@ def test_summary_of_a_written_sweep_shows_pending_tasks_and_plots(tmp_path: Path
                                                                   capsys: pytest.CaptureFixture[str],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     d = tmp_path / "sw"
-    assert sweep(["--dir", str(d), "--grid", "train.lr=3e-3,3e-2", "--no-submit"], capsys)[0] == 0
-    # The started task's run.yaml holds a value its start resolved (as train.global_batch_size resolves
-    # grad_accum); the pending task's config is as written: not a value that differs.
-    fake_run(d / "lr=3e-2", 0.03, [2.0, 1.0], resolved=("train.grad_accum=3",))
+    assert sweep(["--dir", str(d), "--grid", "train.lr=3e-3,3e-2", "--no-submit", "train.global_batch_size=12"],
+                 capsys)[0] == 0
+    # The started task's run.yaml holds the accumulation its start derived from the global batch (12 over micro 4 x
+    # 1 rank); the pending task is planned with the config's grad_accum (2), and shows the same derivation: not a
+    # value that differs.
+    fake_run(d / "lr=3e-2", 0.03, [2.0, 1.0], resolved=("train.global_batch_size=12", "train.grad_accum=3"))
     assert cli_main(["summary", str(d)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["run", "train.lr", "status"]
@@ -265,6 +269,203 @@ def test_stale_pid_file_is_failed_when_old(tmp_path: Path) -> None:
     assert run_status(d, slurm_state="PENDING", job_known=True) == "preempted"
 
 
+def _summary_rows(d: Path, capsys: pytest.CaptureFixture[str]) -> tuple[list[str], dict[str, dict]]:
+    assert cli_main(["summary", "--json", "--no-plot", str(d)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    return got["keys"], {r["run"]: r for r in got["rows"]}
+
+
+def test_pending_tasks_show_the_accumulation_their_start_derives(tmp_path: Path, fake_sbatch: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A grid over the micro-batch at a fixed global batch: each task's start derives grad_accum = global batch /
+    (micro x ranks). Pending rows showed the config's grad_accum (no task started) or the started task's (one
+    started), not their own."""
+    d = tmp_path / "sw"
+    rc, _, err = sweep(["--dir", str(d), "--nodes", "2", "--grid", "train.micro_batch_size=1,2", "--no-submit",
+                        "train.global_batch_size=8"], capsys)
+    assert rc == 0, err
+    assert json.loads((d / "sweep.json").read_text())["world_size"] == 2  # 2 nodes x 1 CPU rank
+    keys, rows = _summary_rows(d, capsys)
+    assert keys == ["train.micro_batch_size", "train.grad_accum"], keys
+    assert [(r["train.micro_batch_size"], r["train.grad_accum"], r["status"]) for r in rows.values()] == \
+        [(1, 4, "pending"), (2, 2, "pending")]
+    # Task 0 started: its run.yaml holds its own derivation (4); task 1 still shows its own (2), not task 0's.
+    started = d / "micro_batch_size=1"
+    started.mkdir()
+    (started / "run.yaml").write_text(load_config(TINY, [f"output.dir={started}", "train.micro_batch_size=1",
+                                                         "train.global_batch_size=8", "train.grad_accum=4"]).to_yaml())
+    keys, rows = _summary_rows(d, capsys)
+    assert rows["micro_batch_size=2"]["train.grad_accum"] == 2 and rows["micro_batch_size=1"]["train.grad_accum"] == 4
+    # A record from before world_size was recorded: the ranks follow from the started task's settled batch.
+    rec = json.loads((d / "sweep.json").read_text())
+    del rec["world_size"]
+    (d / "sweep.json").write_text(json.dumps(rec))
+    _, rows = _summary_rows(d, capsys)
+    assert rows["micro_batch_size=2"]["train.grad_accum"] == 2
+
+
+@pytest.mark.parametrize(("grid", "settled"), [
+    ("train.lr=3e-3,3e-2", {"deepspeed.config": "zero2", "train.micro_batch_size": 2, "train.grad_accum": 3}),
+    ("data.max_length=128,256", {"deepspeed.config": "auto", "train.micro_batch_size": "auto",
+                                 "train.grad_accum": None}),
+])
+def test_pending_tasks_take_a_started_tasks_auto_choices_only_where_nothing_settling_them_differs(
+        tmp_path: Path, fake_sbatch: Path, capsys: pytest.CaptureFixture[str], grid: str, settled: dict) -> None:
+    """deepspeed.config and micro_batch_size auto are settled at a task's start from the model, the data and the
+    batch: a task that differs from the started one in the learning rate alone settles alike; one with another
+    data.max_length may choose otherwise, so its row shows auto, and no grad_accum (the one the chosen micro-batch
+    gives, not the config's 2)."""
+    d = tmp_path / "sw"
+    auto = ["deepspeed.config=auto", "train.micro_batch_size=auto", "train.global_batch_size=6"]
+    assert sweep(["--dir", str(d), "--grid", grid, "--no-submit", *auto], capsys)[0] == 0
+    rec = json.loads((d / "sweep.json").read_text())
+    first, second = (t["name"] for t in rec["tasks"])
+    # What prepare writes for the started task: the stage and micro-batch it chose, the accumulation that keeps 6.
+    (d / first).mkdir()
+    (d / first / "run.yaml").write_text(load_config(TINY, [
+        *auto, rec["tasks"][0]["overrides"][0], f"output.dir={d / first}", "deepspeed.config=zero2",
+        "train.micro_batch_size=2", "train.grad_accum=3"]).to_yaml())
+    runs, _ = summary.collect([str(d)])
+    assert [r.status for r in runs] == ["failed", "pending"]  # the first: a run.yaml alone, no process
+    assert {k: runs[1].config[k] for k in settled} == settled, runs[1].config
+    keys = summary.differing(runs)
+    if grid.startswith("train.lr"):
+        assert keys == ["train.lr"], keys  # settled alike: no column of values that differ
+    else:
+        assert set(settled) < set(keys), keys
+
+
+def test_pending_task_keeps_its_own_config_beside_a_task_dir_of_an_earlier_sweep(
+        tmp_path: Path, fake_sbatch: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """sweep --force keeps task dirs: a started task's run.yaml may hold the earlier sweep's config
+    (train.max_steps=5); a pending task runs with this sweep's (9), which its row shows."""
+    d = tmp_path / "sw"
+    assert sweep(["--dir", str(d), "--grid", "train.lr=3e-3,3e-2", "--no-submit", "train.max_steps=9"],
+                 capsys)[0] == 0
+    fake_run(d / "lr=3e-2", 0.03, [2.0], resolved=("train.max_steps=5",))
+    keys, rows = _summary_rows(d, capsys)
+    assert rows["lr=3e-3"]["train.max_steps"] == 9 and rows["lr=3e-2"]["train.max_steps"] == 5
+    assert "train.max_steps" in keys
+
+
+@pytest.mark.parametrize("damage", ["not-json", "not-utf8", "format-2", "job-an-option", "not-an-object"])
+def test_damaged_sweep_record_is_refused_without_force_and_replaced_with_it(
+        tmp_path: Path, fake_sbatch: Path, capsys: pytest.CaptureFixture[str], damage: str) -> None:
+    """One reader of sweep.json (summary.read_sweep): without --force a damaged record is exit 2 naming the file
+    (not "summary shows it": summary refuses it); --force writes the new sweep over it, with a note saying what was
+    there."""
+    d = tmp_path / "sw"
+    assert sweep(["--dir", str(d), "--grid", "train.lr=1e-3,1e-2", "--no-submit"], capsys)[0] == 0
+    rec = json.loads((d / "sweep.json").read_text())
+    bad = {"not-json": b'{"format": 1, "tasks": [', "not-utf8": b"\xff\xfe{}", "not-an-object": b"[]",
+           "format-2": json.dumps(rec | {"format": 2}).encode(),
+           "job-an-option": json.dumps(rec | {"job": "--help"}).encode()}[damage]
+    (d / "sweep.json").write_bytes(bad)
+    script = (d / "sweep.sbatch").read_bytes()
+    rc, _, err = sweep(["--dir", str(d), "--grid", "train.lr=1e-3,1e-2"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{d}/sweep.json" in err and "--force" in err and "summary" not in err, err
+    assert (d / "sweep.json").read_bytes() == bad and (d / "sweep.sbatch").read_bytes() == script
+    assert not fake_sbatch.exists()
+    # The same record, summarised: exit 2 naming it, as the reader's own message.
+    assert cli_main(["summary", str(d)]) == 2
+    assert f"{d}/sweep.json" in capsys.readouterr().err
+    rc, out, err = sweep(["--dir", str(d), "--grid", "train.lr=1e-3,1e-2", "--force"], capsys)
+    assert rc == 0, err
+    assert f"note: {d}/sweep.json" in err and "--force writes this sweep over it" in err, err
+    assert json.loads((d / "sweep.json").read_text())["job"] == "4242" and "submitted job array 4242" in out
+
+
+def _squeue(fake_sbatch: Path, tmp_path: Path) -> Path:
+    """An ``squeue`` beside the fake sbatch: prints the file ``queue`` (lines ``index|STATE``), or, without it,
+    answers as Slurm does for a job it has forgotten."""
+    queue = tmp_path / "queue"
+    squeue = fake_sbatch.parent / "bin" / "squeue"
+    squeue.write_text(f'#!/bin/sh\nif [ -e {queue} ]; then cat {queue}; exit 0; fi\n'
+                      'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1\n')
+    squeue.chmod(0o755)
+    return queue
+
+
+def _at(t: float, *paths: Path) -> None:
+    for p in paths:
+        os.utime(p, (t, t))
+
+
+def test_task_status_is_its_latest_attempts(tmp_path: Path, fake_sbatch: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A sweep's array (job 4242) has run task 0, which failed, leaving its pid file; the task is then run again by
+    hand. The array's batch log of the task (logs/<name>-4242_0.out) is its last sign of the task: a pid file newer
+    than it belongs to the attempt by hand, which runs (on another node: its pid is no process here) while it writes,
+    and is done once its adapter is written, even while the array's task waits in the queue."""
+    d = tmp_path / "sw"
+    assert sweep(["--dir", str(d), "--grid", "train.lr=3e-3,3e-2"], capsys)[0] == 0
+    queue = _squeue(fake_sbatch, tmp_path)
+    now = time.time()
+    run = fake_run(d / "lr=3e-3", 0.003, [2.0], adapter=False, pid=2**22 + 12345)  # no process, on any host
+    log = d / "logs" / "sw-4242_0.out"
+    log.write_text("[ia3-dist 10:00:00] run finished with exit 137\n")
+    other = d / "logs" / "sw-5151_0.out"  # another job's log of the same index: not this array's sign
+    other.write_text("")
+    _at(now - 100, d / "sweep.json")
+    _at(now - 60, run / "rank0.pid", run / "metrics.jsonl")
+    _at(now - 50, log)
+    _at(now, other)
+
+    def status(queued: str | None = None) -> str:
+        if queued is None:
+            queue.unlink(missing_ok=True)
+        else:
+            queue.write_text(queued)
+        _, rows = _summary_rows(d, capsys)
+        assert rows["lr=3e-2"]["status"] == "pending"
+        return rows["lr=3e-3"]["status"]
+
+    assert status() == "failed"  # the array's attempt: the array has ended the task; no need to wait 15 minutes
+    # Run again by hand: its rank 0 writes the pid file (and metrics) after the array's last word on the task.
+    _at(now - 10, run / "rank0.pid", run / "metrics.jsonl")
+    assert status() == "running"
+    assert status("0|FAILED\n") == "running"  # squeue listing ended tasks (SQUEUE_STATES=all): not queued
+    _at(now - summary.RECENT_S - 60, run / "rank0.pid", run / "metrics.jsonl")
+    _at(now - summary.RECENT_S - 120, log, d / "sweep.json")
+    assert status() == "failed"  # the attempt by hand stopped writing long ago
+    # It ended with its adapter (and removed its pid file): done, also while the array's task is queued again.
+    (run / "rank0.pid").unlink()
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    assert status() == "done"
+    assert status("0|PENDING\n1|PENDING\n") == "done"
+    # The array's task starts again (it resumes the finished run): Slurm's word is the latest.
+    assert status("0|RUNNING\n") == "running"
+    # An adapter older than the array's last sign: the queued task is what comes next.
+    _at(now + 5, log)
+    assert status("0|PENDING\n") == "pending"
+
+
+def test_queued_task_run_by_hand_here_is_running(tmp_path: Path, fake_sbatch: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "sw"
+    assert sweep(["--dir", str(d), "--grid", "train.lr=3e-3,3e-2"], capsys)[0] == 0
+    queue = _squeue(fake_sbatch, tmp_path)
+    queue.write_text("0|PENDING\n1|PENDING\n")
+    run = fake_run(d / "lr=3e-3", 0.003, [2.0], adapter=False, pid=os.getpid())
+    _at(time.time() - 100, d / "sweep.json")
+    _, rows = _summary_rows(d, capsys)
+    assert rows["lr=3e-3"]["status"] == "running" and rows["lr=3e-2"]["status"] == "pending"
+    # The same pid file older than the sweep record: no attempt of its own, the queue's word stands.
+    _at(time.time() - 200, run / "rank0.pid")
+    _, rows = _summary_rows(d, capsys)
+    assert rows["lr=3e-3"]["status"] == "pending"
+
+
+def test_slurm_states_leave_out_ended_tasks(fake_sbatch: Path, tmp_path: Path) -> None:
+    queue = _squeue(fake_sbatch, tmp_path)
+    queue.write_text("0|COMPLETED\n1|FAILED\n2|PENDING\n3|RUNNING\n4|TIMEOUT\n5|REQUEUE_HOLD\n")
+    assert summary.slurm_states("4242") == {2: "PENDING", 3: "RUNNING", 5: "REQUEUE_HOLD"}
+    queue.unlink()
+    assert summary.slurm_states("4242") == {}
+
+
 @pytest.mark.slow
 def test_local_sweep_runs_the_grid_in_turn(tmp_path: Path, tiny_model: Path) -> None:
     """--local: both tasks train here, one after the other, each into its own dir; the summary closes the output;
@@ -285,3 +486,60 @@ def test_local_sweep_runs_the_grid_in_turn(tmp_path: Path, tiny_model: Path) -> 
     again = subprocess.run([*cmd, "--force"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("done already, skipped") == 2
+
+
+@pytest.mark.slow
+def test_task_run_again_by_hand_after_the_array_failed_it(tmp_path: Path, tiny_model: Path, fake_sbatch: Path,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real runs in a sweep task's dir. The array's attempt is killed at step 2 (SIGKILL: its pid file stays) and its
+    batch shell logs the exit: failed. The task's command is run again by hand, held at step 2: running, also as
+    seen from another node (its pid no process here). Released, it writes its adapter: done, whether the array's
+    job is gone or its task waits in the queue again."""
+    d = tmp_path / "sw"
+    rc, _, err = sweep(["--dir", str(d), "--grid", "train.lr=3e-3,3e-2", f"model.path={tiny_model}",
+                        "train.max_steps=3", "train.log_every=1"], capsys)
+    assert rc == 0, err
+    rec = json.loads((d / "sweep.json").read_text())
+    task = rec["tasks"][0]
+    run = d / task["name"]
+    # The task's command as the array file runs it (with one rank: python -m ia3_dist).
+    cmd = [sys.executable, "-m", "ia3_dist", "--config", rec["config"], *rec["overrides"], *task["overrides"],
+           "train.resume=auto"]
+    env = {**os.environ, "IA3_DIST_FAULT": "step:2:0:kill"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9 and (run / "rank0.pid").is_file(), proc.stderr[-3000:]
+    (d / "logs" / f"{d.name}-4242_0.out").write_text("[ia3-dist 10:00:00] run finished with exit 137\n")
+    queue = _squeue(fake_sbatch, tmp_path)  # the array is gone: Slurm has forgotten job 4242
+
+    def statuses() -> list[str]:
+        runs, _ = summary.collect([str(d)])
+        return [r.status for r in runs]
+
+    assert statuses() == ["failed", "pending"]
+    release = tmp_path / "release"
+    env = {**os.environ, "IA3_DIST_FAULT": "step:2:0:hold", "IA3_DIST_FAULT_RELEASE": str(release),
+           "IA3_DIST_FAULT_HOLD_S": "600"}
+    again = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.time()
+        while not ((run / "rank0.pid").is_file() and (run / "rank0.pid").read_text() == str(again.pid)):
+            assert again.poll() is None and time.time() - t0 < 600, again.stdout.read() if again.stdout else ""
+            time.sleep(0.2)
+        assert statuses() == ["running", "pending"]
+        with monkeypatch.context() as m:
+            m.setattr(summary, "_pid_alive", lambda _: False)  # as summary sees it on another node
+            assert statuses() == ["running", "pending"]
+            queue.write_text("0|PENDING\n")
+            assert statuses()[0] == "pending"  # elsewhere and queued: the queue's word (a pid alive here is not)
+            queue.unlink()
+    finally:
+        release.touch()
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-3000:]
+    assert not (run / "rank0.pid").exists() and (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert statuses() == ["done", "pending"]
+    queue.write_text("0|PENDING\n1|PENDING\n")  # requeued by hand, or held back by --max-concurrent
+    assert statuses() == ["done", "pending"]
+    assert cli_main(["summary", "--no-plot", str(d)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == [task["name"], "0.003", "done"]

@@ -13,6 +13,12 @@ RSS on CPU). Status:
 - failed: it started and ended without an adapter (or its job is gone while the pid file says it runs);
 - pending: a sweep task that has not started.
 
+A sweep task's status is that of its latest attempt. Slurm speaks for the attempts of the sweep's job array only: an
+attempt the task dir records after the array last showed a sign of that task (its batch log, the sweep record) was
+started outside it (the task's command run again by hand), and the dir's record wins: done once its adapter is
+written, whatever the array's task did or waits to do; running while its rank 0 is alive here, or (the array done
+with the task) while it writes on another node, not failed for the array's ended task.
+
 Run dirs and sweep dirs may come from elsewhere and are read as untrusted: every file through the bounded readers
 of :mod:`..train.plots` (regular files only, never through a symlink, size-bounded), ``run.yaml`` with the strict
 loader (no aliases: an 825-byte alias bomb would expand to gigabytes), config values shown only for the keys a run
@@ -24,24 +30,27 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
 import re
 import shutil
+import stat
 import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import yaml
 
 from ..config.load import MAX_CONFIG_BYTES, RunConfigLoader
 from ..config.schema import brief, show
 from ..errors import UsageError
+from ..runtime.manifest import PID_FILE
 from ..runtime.safe_io import read_bounded
 from ..train.plots import MAX_RECORDS, note, overlay_figure, save_figure, scan_metrics
 
@@ -51,6 +60,16 @@ IGNORED_KEYS = ("output.dir", "train.resume")
 SWEEP_FILE = "sweep.json"
 """What ``ia3-dist sweep`` writes into a sweep dir (see :mod:`.sweep`): the grid, the tasks, the job id."""
 FORMAT = 1
+LOGS = "logs"
+"""The sweep dir's folder of logs: the array's batch logs (:data:`ARRAY_LOG`), ``--local`` tasks' logs."""
+ARRAY_LOG = "%x-%A_%a.out"
+"""An array task's batch log in :data:`LOGS` (Slurm's ``--output`` pattern: job name, array job id, task index):
+lib.sh writes it as the task starts and once its run has ended, Slurm when it ends the task."""
+_ARRAY_LOG = re.compile(r".+-([0-9]{1,20})_([0-9]{1,9})\.out")
+MAX_LOG_ENTRIES = 1 << 20
+"""Entries of ``logs/`` looked at for batch logs (a folder from elsewhere may hold any number)."""
+MAX_WORLD = 1 << 30
+"""A recorded ``world_size`` above this is no sweep's (``sweep`` allows 100,000 nodes x 4096 ranks)."""
 _RUN_MARKERS = (".ia3-dist-run.json", "run.yaml", "metrics.jsonl")
 MAX_SWEEP_BYTES = 16 << 20
 """sweep.json is a few hundred bytes per task: this is some 40k tasks (``ia3-dist sweep --max-tasks`` allows
@@ -74,6 +93,10 @@ class Run:
     slurm: str | None = None
     """The task's Slurm state when its sweep's job is known (None: not in the queue, or no Slurm record)."""
     job_known: bool = False
+    array_seen: float | None = None
+    """With ``job_known``: when the array last showed a sign of this task (see :func:`_array_signs`)."""
+    planned: bool = False
+    """``config`` is the task's as its sweep plans it (it has not written run.yaml yet)."""
     status: str = ""
     records: list[dict] = field(default_factory=list)
 
@@ -183,27 +206,63 @@ def _finite(v: Any) -> Any:
     return v
 
 
-def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False) -> str:
-    """See the module docstring."""
+_SLURM_RUNNING = frozenset({"RUNNING", "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING",
+                            "SUSPENDED"})
+# Ended for good: squeue lists these only when asked to (SQUEUE_STATES=all in the environment, -t all), and then
+# the task's latest attempt may be one run by hand since; the dir says how that went.
+_SLURM_ENDED = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+                          "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "TIMEOUT"})
+ADAPTER_FILE = "adapter/adapter_model.safetensors"
+
+
+def _mtime(p: Path) -> float | None:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _finished_after(d: Path, since: float) -> bool:
+    """The run's adapter was written after ``since`` and nothing of a later attempt is there: no pid file, no
+    preemption or hang marker as new."""
+    written = _mtime(d / ADAPTER_FILE)
+    if written is None or written <= since or (d / PID_FILE).exists():
+        return False
+    return all((t := _mtime(d / m)) is None or t <= written for m in ("preempted.json", "hung.json"))
+
+
+def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,
+               array_seen: float | None = None) -> str:
+    """See the module docstring. For a sweep task: ``slurm_state``, its array task's state (None: not queued);
+    ``job_known``, whether Slurm was asked about the array; ``array_seen``, when the array last showed a sign of the
+    task (:func:`_array_signs`)."""
     state = (slurm_state or "").upper()
-    if state in ("RUNNING", "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING", "SUSPENDED"):
+    if state in _SLURM_RUNNING:
         return "running"
-    requeued = (d / "preempted.json").exists() or (d / "hung.json").exists()
-    if state:  # PENDING, REQUEUED, REQUEUE_HOLD, ...: waiting to (re)start
+    pid = d / PID_FILE
+    started = _mtime(pid)
+    # Rank 0 writes the pid file as its attempt starts: one newer than the array's last sign of the task belongs to
+    # an attempt started outside the array, whose end or life the queue knows nothing of.
+    by_hand = array_seen is not None and started is not None and started > array_seen
+    if state:  # PENDING, REQUEUED, REQUEUE_HOLD, ...: the array's task waits to (re)start
+        if by_hand and _pid_alive(pid):
+            return "running"
+        if array_seen is not None and _finished_after(d, array_seen):
+            return "done"  # done by hand meanwhile: the queued task would resume a finished run
+        requeued = (d / "preempted.json").exists() or (d / "hung.json").exists()
         return "preempted" if requeued else "pending"
-    pid = d / "rank0.pid"
-    if pid.exists():
+    if started is not None:
         if _pid_alive(pid):
             return "running"
-        if job_known:
-            return "failed"
-        newest = max((p.stat().st_mtime for p in (pid, d / "metrics.jsonl") if p.exists()), default=0.0)
+        if job_known and not by_hand:
+            return "failed"  # the array's attempt wrote it, and the array no longer runs the task
+        newest = max(started, _mtime(d / "metrics.jsonl") or 0.0)
         return "running" if time.time() - newest < RECENT_S else "failed"
     if (d / "preempted.json").exists():
         return "preempted"
     if (d / "hung.json").exists():
         return "failed"
-    if (d / "adapter" / "adapter_model.safetensors").is_file():
+    if (d / ADAPTER_FILE).is_file():
         return "done"
     if any((d / m).exists() for m in _RUN_MARKERS):
         return "failed"
@@ -225,17 +284,56 @@ def slurm_states(job: str | None) -> dict[int, str] | None:
     out = {}
     for line in proc.stdout.splitlines():
         idx, _, state = line.strip().partition("|")
-        if idx.isdigit():
+        if idx.isdigit() and state.upper() not in _SLURM_ENDED:
             out[int(idx)] = state
     return out
 
 
-def read_sweep(sweep_dir: Path) -> dict:
-    """The record in ``sweep.json``, every field this module uses checked; anything else is a UsageError naming
-    the file."""
-    path = sweep_dir / SWEEP_FILE
+def _array_signs(d: Path, job: str) -> tuple[float, dict[int, float]]:
+    """When the sweep's job array last showed a sign of its tasks: the sweep record's time (written as the array
+    was submitted) and, per task index, its batch logs' (:data:`ARRAY_LOG` of ``job``). Names and times only, of
+    regular files, never through a symlink: the sweep dir may come from elsewhere."""
+    written = _mtime(d / SWEEP_FILE) or 0.0
+    seen: dict[int, float] = {}
+    logs = d / LOGS
+    try:
+        if not stat.S_ISDIR(os.lstat(logs).st_mode):
+            return written, seen
+        with os.scandir(logs) as entries:
+            for e in itertools.islice(entries, MAX_LOG_ENTRIES):
+                m = _ARRAY_LOG.fullmatch(e.name)
+                if m is None or m.group(1) != job or not e.is_file(follow_symlinks=False):
+                    continue
+                i = int(m.group(2))
+                seen[i] = max(seen.get(i, 0.0), e.stat(follow_symlinks=False).st_mtime)
+    except OSError:
+        pass  # no logs to go by: the sweep record's time alone
+    return written, seen
+
+
+READ_FIX = "give a sweep dir that `ia3-dist sweep` wrote"
+
+
+@overload
+def read_sweep(sweep_dir: Path, fix: str = ..., tolerant: Literal[False] = ...) -> dict: ...
+@overload
+def read_sweep(sweep_dir: Path, fix: str = ..., tolerant: bool = ...) -> dict | None: ...
+def read_sweep(sweep_dir: Path, fix: str = READ_FIX, tolerant: bool = False) -> dict | None:
+    """The record in ``sweep.json`` (the one reader of it: ``summary`` and ``sweep --force``), every field checked.
+    A missing, unreadable or malformed record is a UsageError naming the file and ending in ``fix``; with
+    ``tolerant`` (``sweep --force``, whose record replaces it) that message is a note on stderr and the answer
+    None."""
+    try:
+        return _read_sweep(sweep_dir / SWEEP_FILE, fix)
+    except UsageError as e:
+        if not tolerant:
+            raise
+        note(str(e))
+        return None
+
+
+def _read_sweep(path: Path, fix: str) -> dict:
     name = brief(str(path))
-    fix = "give a sweep dir that `ia3-dist sweep` wrote"
     try:
         data = read_bounded(path, MAX_SWEEP_BYTES, missing_ok=True)
     except UsageError as e:
@@ -271,6 +369,9 @@ def _sweep_problem(rec: Any) -> str | None:
     job = rec.get("job")
     if job is not None and not (isinstance(job, str) and _JOB_ID.fullmatch(job)):
         return f"job {show(job)} is not a Slurm job id"
+    world = rec.get("world_size")
+    if world is not None and not (type(world) is int and 0 < world <= MAX_WORLD):
+        return f"world_size {show(world)} is not a number of ranks"
     tasks = rec.get("tasks")
     if not isinstance(tasks, list):
         return "no list of tasks"
@@ -305,10 +406,10 @@ def collect(paths: list[str]) -> tuple[list[Run], Path | None]:
             raise UsageError(f"{brief(raw)}: cannot read it ({e.strerror or e})") from None
     keep = MAX_RECORDS // max(1, len(runs))  # a bound on memory over all runs, not per run
     for run in runs:
-        if not run.config.pop("from_sweep", False):
+        if not run.planned:
             run.config = _run_config(run.dir)
         run.records = read_records(run.dir / "metrics.jsonl", keep)
-        run.status = run_status(run.dir, run.slurm, run.job_known)
+        run.status = run_status(run.dir, run.slurm, run.job_known, run.array_seen)
     return runs, (sweeps[0] if len(paths) == 1 and sweeps else None)
 
 
@@ -320,30 +421,25 @@ def _collect_one(raw: str, n_paths: int, runs: list[Run], sweeps: list[Path]) ->
         rec = read_sweep(d)
         sweeps.append(d)
         states = slurm_states(rec.get("job"))
+        signs = _array_signs(d, rec["job"]) if states is not None else None
         base = _sweep_config(rec)
-        pending: list[tuple[Run, dict]] = []
-        started: Run | None = None
+        pending: list[Run] = []
+        started: tuple[Run, dict] | None = None
         for t in rec["tasks"]:
             # The task dir from its name, not the path recorded: a sweep dir copied from elsewhere records paths of
             # that machine, and a hostile record could name any dir.
             run = Run(Path(os.path.abspath(d)) / t["name"], f"{d.name}/{t['name']}" if n_paths > 1 else t["name"])
-            if states is not None:
+            if states is not None and signs is not None:
                 run.job_known, run.slurm = True, states.get(t["index"])
+                run.array_seen = max(signs[0], signs[1].get(t["index"], 0.0))
             if not os.path.lexists(run.dir / "run.yaml"):
-                run.config = {"from_sweep": True, **_task_config(rec, t, base)}
-                pending.append((run, t))
+                run.config, run.planned = _task_config(rec, t, base), True
+                pending.append(run)
             elif started is None:
-                started = run
+                started = run, t
             runs.append(run)
-        if started is not None and pending:
-            # A started task's run.yaml holds values resolved at its start (train.grad_accum from
-            # train.global_batch_size, micro_batch_size: auto, the chosen stage); a pending task has the config
-            # as written. Outside the grid they are the sweep's alike, so the started task's stand for them: else
-            # they show as values that differ.
-            resolved = _run_config(started.dir)
-            for run, t in pending:
-                grid = set(t.get("values", {})) | {"output.dir"}
-                run.config.update({k: v for k, v in resolved.items() if k not in grid})
+        if pending:
+            _settle_pending(rec, base, pending, started)
     elif _is_run(d):
         runs.append(Run(d, raw))
     else:
@@ -402,6 +498,84 @@ def _task_config(rec: dict, task: dict, base: dict[str, Any] | None) -> dict[str
         except (UsageError, OSError):
             pass
     return config_view(dict(task.get("values", {})))
+
+
+SETTLED_AT_START = ("train.grad_accum", "train.micro_batch_size", "deepspeed.config")
+"""What a run's start settles when its config leaves it open (train/prepare.py), written so into its run.yaml: the
+accumulation that makes train.global_batch_size on its ranks, micro_batch_size: auto (and the accumulation that
+keeps the batch), deepspeed.config: auto (the lowest stage that fits)."""
+_SETTLES_NOTHING = ("train.lr", "train.seed", "train.epochs", "train.max_steps", "train.weight_decay", "train.betas",
+                    "train.eps", "train.grad_clip", "train.scheduler", "train.warmup_steps", "train.log_every",
+                    "train.eval_every", "train.peak_tflops", "train.resume", "train.stop_after_steps",
+                    "train.early_stopping.", "train.hang_timeout_s", "train.beta", "train.label_smoothing",
+                    "train.simpo_gamma", "train.cpo_alpha", "deepspeed.timeout_minutes", "checkpoint.", "output.",
+                    "eval.")
+"""Keys that cannot change what a start settles (the optimizer's numbers, the schedule's length, logging,
+checkpoints, output; the choices depend on the model, the data and the batch): two tasks that differ in these only
+settle alike."""
+
+
+def _is_open(cfg: dict[str, Any], key: str) -> bool:
+    """Whether the config leaves ``key`` for the start to settle (``auto``: the string a config writes)."""
+    micro_auto = cfg.get("train.micro_batch_size") == "auto"
+    if key == "train.grad_accum":
+        g = cfg.get("train.global_batch_size")
+        return micro_auto or (type(g) is int and g > 0)
+    if key == "train.micro_batch_size":
+        return micro_auto
+    return cfg.get(key) == "auto"
+
+
+def _accum_for(cfg: dict[str, Any], world: int | None) -> int | None:
+    """The accumulation a start derives from train.global_batch_size on ``world`` ranks at a fixed micro-batch
+    (prepare.with_global_batch); None where it cannot be told (micro_batch_size: auto) or would not divide."""
+    g, micro = cfg.get("train.global_batch_size"), cfg.get("train.micro_batch_size")
+    if not world or type(g) is not int or g <= 0 or type(micro) is not int or micro <= 0:
+        return None
+    per = micro * world
+    return g // per if g % per == 0 else None
+
+
+def _world_of(rec: dict, resolved: dict[str, Any]) -> int | None:
+    """The ranks of a sweep's task: as the sweep recorded them, else what a started task's settled batch implies."""
+    if rec.get("world_size"):
+        return rec["world_size"]
+    g, micro, accum = (resolved.get(k) for k in ("train.global_batch_size", "train.micro_batch_size",
+                                                  "train.grad_accum"))
+    if all(type(v) is int and v > 0 for v in (g, micro, accum)) and g % (micro * accum) == 0:
+        return g // (micro * accum)
+    return None
+
+
+def _settle_pending(rec: dict, base: dict[str, Any] | None, pending: list[Run],
+                    started: tuple[Run, dict] | None) -> None:
+    """Pending tasks' rows show what each task will run with. Their configs are as planned, so the values a start
+    settles (:data:`SETTLED_AT_START`) would show as written (``auto``, a grad_accum the global batch replaces) and
+    differ from a started task's settled ones: each is derived where the task's own values fix it (grad_accum from
+    its global batch and micro-batch), else taken from the started task's run.yaml where nothing that settles it
+    differs between the two tasks, else left open (``auto``, no grad_accum). Nothing else comes from the started
+    task: its run.yaml may hold another grid value's derivations, or an earlier sweep's config (``sweep --force``
+    keeps task dirs)."""
+    resolved: dict[str, Any] = {}
+    planned: dict[str, Any] | None = None
+    if started is not None:
+        resolved = _run_config(started[0].dir)
+        planned = _task_config(rec, started[1], base)
+    world = _world_of(rec, resolved)
+    for run in pending:
+        cfg = run.config
+        alike = planned is not None and all(
+            k.startswith(_SETTLES_NOTHING) for k in set(cfg) | set(planned) if cfg.get(k) != planned.get(k))
+        for key in SETTLED_AT_START:
+            if not _is_open(cfg, key):
+                continue  # as written is what the task runs with
+            derived = _accum_for(cfg, world) if key == "train.grad_accum" else None
+            if derived is not None:
+                cfg[key] = derived
+            elif alike and planned is not None and _is_open(planned, key) and key in resolved:
+                cfg[key] = resolved[key]
+            elif key == "train.grad_accum":
+                cfg[key] = None  # not known before the start (the config's own value is replaced there)
 
 
 def differing(runs: list[Run]) -> list[str]:

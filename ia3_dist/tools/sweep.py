@@ -3,7 +3,7 @@
 Each task trains the same config with its own values and its own output dir, ``<sweep dir>/<key>=<value>,...``,
 and behaves like a job from ``ia3-dist slurm`` (checkpoint on USR1, requeue, resume): the array's tasks are jobs
 of their own, so ``scontrol requeue $SLURM_JOB_ID`` requeues only the task that was preempted. ``sweep.json`` in
-the sweep dir records the grid, the tasks and the job id; ``ia3-dist summary <sweep dir>`` reads it.
+the sweep dir records the grid, the tasks, their ranks and the job id; ``ia3-dist summary <sweep dir>`` reads it.
 
 Everything is checked before anything is written or submitted (exit 2): the grid's keys and values (each task's
 whole config is built), its size (:data:`MAX_TASKS` without ``--max-tasks``), and that no two tasks share an
@@ -36,7 +36,7 @@ from ..config.schema import brief, show
 from ..errors import UsageError
 from ..runtime.safe_io import write_file
 from . import slurm
-from .summary import FORMAT, SWEEP_FILE, run_status, slurm_states
+from .summary import ARRAY_LOG, FORMAT, LOGS, SWEEP_FILE, read_sweep, run_status, slurm_states
 from .summary import main as summary_main
 
 MAX_TASKS = 1000
@@ -45,7 +45,6 @@ MAX_TASKS_LIMIT = 10_000
 """The most ``--max-tasks`` may allow: every task's config is built before anything is written, and ``ia3-dist
 summary`` reads sweep.json up to :data:`.summary.MAX_SWEEP_BYTES`."""
 SCRIPT = "sweep.sbatch"
-LOGS = "logs"
 # Task dir names: the characters of a Slurm name plus '=' and ',' (key=value,key=value); anything else in a value
 # becomes '-'. A name longer than this is refused rather than cut, since cutting is what makes two names equal.
 _DIR_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -207,11 +206,11 @@ def check_sweep_dir(d: Path, force: bool, local: bool = False) -> None:
 
 def _refuse_live_array(d: Path, name: str) -> None:
     """--force over a sweep whose job array still runs: each task dir would get a second run beside the live one."""
-    try:
-        job = json.loads((d / SWEEP_FILE).read_text(encoding="utf-8")).get("job")
-    except (OSError, ValueError, AttributeError):
-        return  # a damaged record names no job; the sweep written now replaces it
-    live = slurm_states(str(job)) if isinstance(job, (str, int)) and not isinstance(job, bool) else None
+    # Tolerant: a damaged record is what --force is for; it names no job to ask about (a note says so).
+    rec = read_sweep(d, fix="--force writes this sweep over it; check that no job array of the earlier sweep still "
+                            "runs (squeue --me)", tolerant=True)
+    job = rec.get("job") if rec is not None else None
+    live = slurm_states(job) if job is not None else None
     if live:
         raise UsageError(f"--dir {name}: its job array {job} still has {len(live)} task(s) queued or running; "
                          f"cancel it first (scancel {job}) or wait for it, then run this again")
@@ -220,15 +219,9 @@ def _refuse_live_array(d: Path, name: str) -> None:
 def _check_entries(d: Path, name: str, force: bool) -> None:
     if d.exists() and not d.is_dir():
         raise UsageError(f"--dir {name}: not a directory")
-    if d.is_dir() and any(d.iterdir()):
-        if not (d / SWEEP_FILE).is_file():
-            raise UsageError(f"--dir {name}: not empty and not a sweep dir (no {SWEEP_FILE}); give a new or empty "
-                             f"--dir")
-        if not force:
-            raise UsageError(f"--dir {name}: holds a sweep already (ia3-dist summary {name} shows it); add --force "
-                             f"to write and start it again (task dirs are kept: their runs resume), or give another "
-                             f"--dir")
-        _refuse_live_array(d, name)
+    earlier = d.is_dir() and any(d.iterdir())
+    if earlier and not (d / SWEEP_FILE).is_file():
+        raise UsageError(f"--dir {name}: not empty and not a sweep dir (no {SWEEP_FILE}); give a new or empty --dir")
     for entry, want_dir in ((SCRIPT, False), (SWEEP_FILE, False), (LOGS, True)):
         # Checked before anything is written: these are written (or, logs/, written into) by the sweep and its tasks,
         # and through a link (a sweep dir from elsewhere, given with --force) they would be anywhere.
@@ -237,6 +230,14 @@ def _check_entries(d: Path, name: str, force: bool) -> None:
             kind = "a symlink" if p.is_symlink() else ("not a directory" if want_dir else "not a regular file")
             raise UsageError(f"--dir {name}: {entry} is {kind}, which the sweep does not write through; remove it "
                              f"or give another --dir")
+    if not earlier:
+        return
+    if not force:
+        # Read first: "summary shows it" would be wrong of a damaged record, and the error names the file.
+        read_sweep(d, fix="add --force to write this sweep over it, or give another --dir")
+        raise UsageError(f"--dir {name}: holds a sweep already (ia3-dist summary {name} shows it); add --force to "
+                         f"write and start it again (task dirs are kept: their runs resume), or give another --dir")
+    _refuse_live_array(d, name)
 
 
 def render_array(config: str, base: list[str], tasks: list[Task], sweep_dir: Path, job: slurm.Job,
@@ -267,7 +268,7 @@ def render_array(config: str, base: list[str], tasks: list[Task], sweep_dir: Pat
               "Each task is preemption-safe on its own: USR1 -> checkpoint -> requeue of that task -> resume."]
     name = job.job_name or slurm.safe_name(sweep_dir.name)
     return slurm.assemble(job, name, header, defaults,
-                          {"array": array, "output": str(logs / "%x-%A_%a.out")})
+                          {"array": array, "output": str(logs / ARRAY_LOG)})
 
 
 def _grid_of(tasks: list[Task]) -> dict[str, list[str]]:
@@ -386,8 +387,10 @@ def main(argv: list[str], prog: str) -> int:
     except OSError as e:
         raise UsageError(f"--dir {brief(str(sweep_dir))}: cannot create it ({e.strerror or e}); give another --dir") \
             from None
+    # world_size: what summary derives a pending task's grad_accum from (train.global_batch_size over the ranks).
     record = {"format": FORMAT, "ia3_dist": __version__, "config": config, "overrides": a.overrides, "grid": grid,
               "mode": "local" if a.local else "slurm", "job": None, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "world_size": a.nproc if job is None else job.nodes * job.per_node,
               "tasks": [asdict(t) for t in tasks]}
     if text is not None:
         slurm.write_out(sweep_dir / SCRIPT, text, force=True, what="", fix="give another --dir")
