@@ -8,11 +8,24 @@
 # (the partitioned loader, models/zero3_load.py, on CUDA); then the bloom-7b1 shape (250,880-token vocabulary) on
 # ZeRO-3 against its own reference. Data: ../shared/data/alpaca_zh_demo.json where present. Every row's ratio is
 # against the reference measured in the same invocation. JSON per run under $OUT.
+#
+# On a device machine (nothing can be fetched there; its image lacks DeepSpeed and `datasets`): first, here,
+# `bash bench/gpu_wheels.sh` (wheels into .whl/) and `mkdir -p .gpu-data && cp ../shared/data/alpaca_zh_demo.json
+# .gpu-data/` (both git-ignored); then run `IA3_BENCH_DATA=.gpu-data/alpaca_zh_demo.json bash bench/gpu_check.sh`
+# there with `.whl` and `.gpu-data` in the run's carry: the wheels go into /tmp/site before anything imports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 OUT=${OUT:-/tmp/ia3-gpu-check}
 mkdir -p "$OUT"
+if [ -d .whl ] && ! "$PY" -c "import deepspeed" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  "$PY" -c "import deepspeed, transformers, peft, datasets; print('[gpu_check] from .whl: deepspeed',
+deepspeed.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+fi
+DATA=()
+if [ -n "${IA3_BENCH_DATA:-}" ]; then DATA=(--data "$IA3_BENCH_DATA"); fi
 if [ "${1:-}" = "--smoke" ]; then
   SMALL=tiny; BIG=tiny; PREC=(); STEPS=6; BIG_STEPS=4
 else
@@ -22,6 +35,7 @@ bench() {  # name model steps ds micro [launcher overrides...]
   local name=$1 model=$2 steps=$3 ds=$4 micro=$5; shift 5
   local sets=(); for kv in "$@"; do sets+=(--set "$kv"); done
   "$PY" bench/bench_train.py --model "$model" --steps "$steps" --ds "$ds" --micro "$micro" "${PREC[@]}" --peer \
+    ${DATA[@]+"${DATA[@]}"} \
     --warmup "${WARMUP:-2}" \
     --work "$OUT/work-$model" --reference-json "$OUT/reference-$model.json" --json "$OUT/$name.json" \
     "${sets[@]}" > "$OUT/$name.log" 2>&1 \
