@@ -83,9 +83,24 @@ def _nothing(config: Any) -> None:
 
 def _refuse(why: str) -> Callable[[Any], Transform | None]:
     def make(config: Any) -> Transform | None:
-        raise UsageError(f"model.path: model_type {getattr(config, 'model_type', None)!r} {why}; it cannot be "
-                         f"trained with ia3-dist's losses")
+        raise UsageError(f"model.path: model_type {getattr(config, 'model_type', None)!r} {why}. ia3-dist's losses "
+                         f"compute the logits as get_output_embeddings() applied to base_model's final hidden "
+                         f"states, so they would train on logits this model's own forward never produces: this "
+                         f"model family is not supported for training")
     return make
+
+
+def _prediction_head(modules: str) -> Callable[[Any], Transform | None]:
+    return _refuse(f"computes its logits through a prediction head of several layers ({modules}), and "
+                   f"get_output_embeddings() returns only its last layer, the only one the losses would call")
+
+
+def _adaptive_softmax(config: Any) -> None:
+    """XLM's head is a plain projection unless ``asm`` makes it an adaptive softmax, whose log-probabilities come
+    from ``log_prob``, not from calling the module the losses are given."""
+    if getattr(config, "asm", False):
+        _refuse("uses an adaptive softmax (asm=True): its log-probabilities come from the head's log_prob(), not "
+                "from calling get_output_embeddings()")(config)
 
 
 FINAL_LOGITS: dict[str, Callable[[Any], Transform | None]] = {
@@ -105,13 +120,34 @@ FINAL_LOGITS: dict[str, Callable[[Any], Transform | None]] = {
     **dict.fromkeys(("gemma4_assistant", "gemma4_unified_assistant"), _refuse(
         "is an assisted-decoding drafter: its forward needs the main model's embeddings and KV states and may "
         "compute logits over a subset of the vocabulary (use_ordered_embeddings)")),
+    # Encoder-style LMs used as decoders (is_decoder=True): a dense, activation and LayerNorm before the decoder.
+    **dict.fromkeys(("bert", "big_bird", "ernie", "megatron-bert", "rembert", "roc_bert", "roformer"),
+                    _prediction_head("cls: dense, activation, LayerNorm, then cls.predictions.decoder")),
+    **dict.fromkeys(("roberta", "camembert", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm",
+                     "data2vec-text", "xmod"),
+                    _prediction_head("lm_head: dense, gelu, layer_norm, then lm_head.decoder")),
+    "electra": _prediction_head("generator_predictions: dense, gelu, LayerNorm, then generator_lm_head"),
+    "modernbert-decoder": _prediction_head("lm_head: dense, activation, norm, then decoder"),
+    "prophetnet": _refuse(
+        "predicts from its n-gram predicting streams (the decoder's second output), not from the main stream that "
+        "base_model returns first"),
+    **dict.fromkeys(("musicgen", "musicgen_melody"), _refuse(
+        "has one LM head per audio codebook (get_output_embeddings() is their list) and interleaves the codebooks' "
+        "sequences")),
+    # base_model is getattr(lm, base_model_prefix, lm): a prefix naming no submodule gives the causal LM itself.
+    **dict.fromkeys(("llama4", "llama4_text", "mllama"), _refuse(
+        "names 'language_model' as its base_model_prefix but keeps its decoder in .model, so base_model is the "
+        "whole causal LM and returns logits, not hidden states")),
+    "xlm": _adaptive_softmax,
 }
 """``model_type`` -> what its ``*ForCausalLM.forward`` does to the LM head's output before the loss, from the
 config. The losses here call the head themselves (only at label rows), so without this they would train these
 models on logits their own forward never produces. Keyed by model type, not by attribute: ``logits_scaling``
 divides in Granite and multiplies in HyperCLOVA X (MiniCPM3 divides the hidden states, the same for its bias-free
-head). Covers every model type of transformers' causal-LM auto mapping whose forward changes its logits
-(``tests/test_final_logits.py`` reads the installed transformers' source to keep it so); a model type not here
+head). Covers every model type of transformers' causal-LM auto mapping whose forward changes its logits, and refuses
+those whose logits are not ``get_output_embeddings()`` applied to ``base_model``'s first output at all (a
+prediction head of several layers, another stream, several heads, a ``base_model`` that is the whole LM):
+``tests/test_final_logits.py`` reads the installed transformers' source to keep it so. A model type not here
 whose config sets one of :data:`LOGIT_ATTRS` is refused (:func:`final_logits`)."""
 
 
