@@ -198,3 +198,22 @@ def test_best_vectors_read_back_or_are_refused_naming_the_file(tmp_path: Path) -
     (d / BEST_VECTORS).symlink_to(tmp_path / "elsewhere.safetensors")
     with pytest.raises(UsageError):
         read_best_vectors(d)
+
+
+def test_a_failed_save_that_cannot_clear_its_temps_still_fails_together(tmp_path: Path) -> None:
+    """Rank 0 clears the pointer temps of a failed save best-effort: where it cannot (an unremovable ``*.tmp``, a
+    filesystem gone read-only), it still reaches the barrier every other rank waits in and raises the save's
+    CheckpointWriteError (exit 74) naming the file, not an OSError that leaves the others in the barrier."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ia3_dist.errors import CheckpointWriteError
+    from ia3_dist.runtime import checkpoint, dist
+
+    out = tmp_path / "out"
+    (checkpoint.root_of(out) / "latest.tmp").mkdir(parents=True)  # unlink() of it fails: a directory
+    engine = SimpleNamespace(device=torch.device("cpu"))
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint step5 could not be written.*latest\.tmp"):
+        checkpoint.save(engine, out, 5, {}, keep=2, env=dist.DistEnv(0, 0, 1, 1))
+    assert not (checkpoint.root_of(out) / "step5").exists()

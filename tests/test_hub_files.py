@@ -325,3 +325,125 @@ def test_preflight_downloads_and_checks_a_hub_model(fake_hub: dict[str, Any], tm
     else:
         assert rc == 0, got.out + got.err
         assert "preflight: OK" in got.out
+
+
+def test_a_stale_index_of_the_other_format_in_the_snapshot_is_not_required(fake_hub: dict[str, Any],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot that already holds the other format's shard index without its shards (``hf download
+    --exclude "*.bin"`` fetches pytorch_model.bin.index.json; so did an interrupted earlier download): the weights
+    that load (the safetensors shards) are complete, so the download passes; from_pretrained never reads the
+    other index. The index that loads is still required whole."""
+    from huggingface_hub import constants
+
+    stale = fake_hub["remote"] / "pytorch_model.bin.index.json"
+    stale.write_text('{"weight_map": {"a": "pytorch_model-00001-of-00002.bin", '
+                     '"b": "pytorch_model-00002-of-00002.bin"}}')
+    _serve(fake_hub["remote"], Path(constants.HF_HUB_CACHE), ["config.json", stale.name], None)
+    d = hub_model_dir(REPO, None)
+    assert (d / stale.name).is_file() and checkpoint_files(d)[0].name.startswith("model-")
+    sorted(d.glob("model-*.safetensors"))[-1].unlink()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError, match="names shards that the hub cache does not have"):
+        hub_model_dir(REPO, None)
+
+
+def test_local_dir_needs_only_the_shards_that_load(tmp_path: Path, tiny_model: Path) -> None:
+    """A local dir holding complete safetensors and a .bin shard index whose shards were never copied: it loads
+    (from_pretrained reads the safetensors), so it is not refused; a missing shard of the index that loads is."""
+    import json
+
+    from ia3_dist.models.files import check_model_dir
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model, d)
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "pytorch_model-1.bin"}}))
+    check_model_dir(str(d))
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
+    with pytest.raises(UsageError, match="weight shards missing: model-1.safetensors"):
+        check_model_dir(str(d))
+
+
+def test_offline_cache_without_weights_says_how_to_get_them(fake_hub: dict[str, Any],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, a cache that holds only what ``ia3-dist prepare`` read (config, tokenizer): the error says the
+    hub cache lacks the weights, why the hub was not asked, and how to fetch them."""
+    from huggingface_hub import constants
+
+    _serve(fake_hub["remote"], Path(constants.HF_HUB_CACHE),
+           ["config.json", *(f.name for f in fake_hub["remote"].glob("tokenizer*"))], None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError, match=r"in the hub cache;.*HF_HUB_OFFLINE is set.*hf download tiny-org/tiny-bloom"):
+        hub_model_dir(REPO, None)
+
+
+def test_hub_model_keeps_its_hub_name(fake_hub: dict[str, Any]) -> None:
+    """Loaded from its snapshot dir, a hub model is still named by its hub id: PEFT writes that name into the
+    adapter's adapter_config.json (base_model_name_or_path), which generate/chat/export and AutoPeftModel load the
+    base from; a path into this machine's hub cache would not exist where the adapter is copied to."""
+    from ia3_dist.config.schema import IA3Section, ModelSection
+    from ia3_dist.models.ia3 import apply_ia3
+    from ia3_dist.models.load import load_base_model
+
+    model = load_base_model(ModelSection(path=REPO), REPO, "fp32")
+    assert model.name_or_path == REPO and model.config.name_or_path == REPO
+    peft_model = apply_ia3(model, IA3Section())
+    assert peft_model.peft_config["default"].base_model_name_or_path == REPO
+
+
+def test_loaders_read_the_dir_the_preflight_resolved(fake_hub: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    """The preflight resolves a hub model to its snapshot once (Prepared.weights_dir); the loaders, which run once
+    the ranks have met, read that dir and ask the hub nothing (no listing or download inside the process group,
+    and no other commit than the one the preflight checked, should the branch move meanwhile)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from ia3_dist.config import load_config
+    from ia3_dist.runtime import dist
+    from ia3_dist.train.loop import load_base
+    from ia3_dist.train.prepare import prepare
+
+    d = hub_model_dir(REPO, None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"),
+                      [f"model.path={REPO}", f"output.dir={tmp_path / 'out'}"])
+    p = prepare(cfg, dist.DistEnv(0, 0, 1, 1))
+    assert p.weights_dir == d and p.model_path == REPO
+
+    def no_hub(*a: Any, **k: Any) -> Any:
+        raise AssertionError("the hub was asked once the ranks had met")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", no_hub)
+    model, _ = load_base(p)
+    assert model.name_or_path == REPO
+
+
+def test_dpo_reference_key_follows_the_snapshot(tmp_path: Path, tiny_model: Path) -> None:
+    """The stored DPO reference log-probs are keyed by the files the weights load from: for a hub model, its
+    snapshot (a new commit of the same name and architecture is other weights), not the hub name alone."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ia3_dist.train.objectives.reference import reference_key
+
+    snaps = []
+    for commit, seed in (("a" * 40, 1), ("b" * 40, 2)):
+        d = tmp_path / "snapshots" / commit
+        shutil.copytree(tiny_model, d)
+        (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes() + b"x" * seed)
+        snaps.append(d)
+    data = SimpleNamespace(cache_file=str(tmp_path / "cache.npy"), rows=np.arange(4))
+
+    def key(weights_dir: Path) -> str:
+        p = SimpleNamespace(meta={"model_key": "bloom-x", "ia3": "{}"}, model_path=REPO, weights_dir=weights_dir,
+                            cfg=SimpleNamespace(train=SimpleNamespace(precision="fp32"),
+                                                model=SimpleNamespace(attention="eager"),
+                                                ia3=SimpleNamespace(init_from=None)))
+        return reference_key(p, data)
+
+    assert key(snaps[0]) != key(snaps[1])
+    assert key(snaps[0]) == key(snaps[0])

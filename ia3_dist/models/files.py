@@ -147,8 +147,13 @@ def hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool = 
     (None: its own defaults, ``HF_HUB_CACHE``, ``HF_TOKEN``)."""
     from huggingface_hub import snapshot_download
 
-    listing, cached = _hub_listing(repo_id, revision, cache_dir, token)
+    listing, offline = _hub_listing(repo_id, revision, cache_dir, token)
+    cached = offline is not None
     where = "the hub cache" if cached else "the repo"
+    # Offline, what the cache lacks is fetched where the hub can be reached (`ia3-dist prepare` caches the config
+    # and tokenizer only): the error says why the hub was not asked, and how.
+    fix = (f"; {offline}, so fetch it into this hub cache where the hub can be reached: hf download {repo_id}"
+           f"{f' --revision {revision}' if revision else ''}") if cached else ""
 
     def fetch(names: list[str], rev: str | None) -> Path:
         try:
@@ -161,7 +166,7 @@ def hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool = 
     try:
         weights = hub_weights(listing, where)
     except UsageError as e:
-        raise UsageError(f"model.path {repo_id}: {e}") from None
+        raise UsageError(f"model.path {repo_id}: {e}{fix}") from None
     want = hub_files(listing, trust_remote_code)
     d = fetch(want, revision)
     if weights.endswith(INDEX_SUFFIX):
@@ -169,7 +174,7 @@ def hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool = 
         missing = sorted(set(shards) - set(listing))
         if missing:
             raise UsageError(f"model.path {repo_id}: {weights} names shards that {where} does not have: "
-                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}{fix}")
         # The snapshot dir is named by its commit: the shards come from the commit the index came from, even if
         # the branch moves meanwhile.
         d = fetch(shards, d.name if COMMIT.fullmatch(d.name) else revision)
@@ -183,9 +188,10 @@ def hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool = 
 
 
 def _hub_listing(repo_id: str, revision: str | None, cache_dir: str | None,
-                 token: str | bool | None) -> tuple[list[str], bool]:
-    """``(files, from_cache)``: the repo's file list from the hub, or, offline or where the hub cannot be reached
-    (the hub client itself falls back to its cache then), the files its cached snapshot of ``revision`` holds."""
+                 token: str | bool | None) -> tuple[list[str], str | None]:
+    """``(files, offline)``: the repo's file list from the hub (``offline`` None), or, offline or where the hub
+    cannot be reached (the hub client itself falls back to its cache then), the files its cached snapshot of
+    ``revision`` holds and why the hub was not asked."""
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -197,7 +203,7 @@ def _hub_listing(repo_id: str, revision: str | None, cache_dir: str | None,
     reason = "HF_HUB_OFFLINE is set"
     if not constants.HF_HUB_OFFLINE:
         try:
-            return HfApi(token=token).list_repo_files(repo_id, revision=revision), False
+            return HfApi(token=token).list_repo_files(repo_id, revision=revision), None
         except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as e:  # gated repos included
             raise UsageError(f"model.path {repo_id}: not a local dir and not on the hub ({error_line(e)})") from None
         except HfHubHTTPError as e:
@@ -214,7 +220,7 @@ def _hub_listing(repo_id: str, revision: str | None, cache_dir: str | None,
     except Exception as e:
         raise UsageError(f"model.path {repo_id}: not a local dir, {reason}, and the hub cache has no snapshot of "
                          f"it ({error_line(e)})") from None
-    return sorted(f.relative_to(d).as_posix() for f in d.rglob("*") if f.is_file()), True
+    return sorted(f.relative_to(d).as_posix() for f in d.rglob("*") if f.is_file()), reason
 
 
 def local_model_dir(path: str, revision: str | None, trust_remote_code: bool = False) -> Path:
@@ -246,12 +252,16 @@ def check_model_dir(path: str, what: str = "model.path") -> None:
                          f"incomplete")
     for index, _ in WEIGHT_LAYOUTS:
         if (p / index).is_file():
-            missing = [s for s in shard_names(p / index) if not (p / s).is_file()]
-            if missing:
-                raise UsageError(f"{what} {p}: weight shards missing: {', '.join(missing[:5])}"
-                                 f"{' ...' if len(missing) > 5 else ''}")
+            shard_names(p / index)  # every index well-formed, its shards inside the dir, whichever loads
     if any((p / f).exists() for layout in WEIGHT_LAYOUTS for f in layout):
+        # Only the shards of the index that loads must be there: a dir (or hub snapshot) may also hold the other
+        # format's index without its shards (`hf download --exclude "*.bin"` fetches pytorch_model.bin.index.json),
+        # which from_pretrained never reads.
         files = checkpoint_files(p)
+        missing = [f.relative_to(p).as_posix() for f in files if not f.exists()]  # a FIFO: named below
+        if missing:
+            raise UsageError(f"{what} {p}: weight shards missing: {', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}")
     else:
         files = sorted(p.glob("*.safetensors"))
     for f in files:

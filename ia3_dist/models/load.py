@@ -86,20 +86,28 @@ def save_tokenizer(tok: Any, out_dir: Path) -> None:
         tok.pad_token = tok.eos_token
 
 
-def load_base_model(cfg: ModelSection, model_path: str, precision: str) -> nn.Module:
+def load_base_model(cfg: ModelSection, model_path: str, precision: str, weights_dir: Path | None = None) -> nn.Module:
     """``from_pretrained`` in the training dtype: every rank holds the whole model (ZeRO 0-2; ZeRO-3 loads
     through :mod:`ia3_dist.models.zero3_load` instead). A hub model loads from the snapshot
     :func:`~ia3_dist.models.files.local_model_dir` downloads, as under ZeRO-3: the same weight files, one format
-    downloaded, checked before it loads."""
+    downloaded, checked before it loads. ``weights_dir``: that dir as the preflight resolved it (no hub request
+    here then)."""
     from transformers import AutoModelForCausalLM
 
-    src = local_model_dir(model_path, cfg.revision, cfg.trust_remote_code)
+    src = weights_dir if weights_dir is not None else local_model_dir(model_path, cfg.revision, cfg.trust_remote_code)
     try:
         with no_code_prompt():
-            return AutoModelForCausalLM.from_pretrained(str(src), dtype=DTYPES[precision],
-                                                        trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(str(src), dtype=DTYPES[precision],
+                                                         trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, pickle.UnpicklingError) as e:
         raise UsageError(f"model.path {model_path}: cannot load the model ({error_line(e)})") from None
+    if not Path(model_path).expanduser().is_dir():
+        # A hub model keeps its hub name, as from_pretrained(<hub id>) and the ZeRO-3 path (its config's) name it:
+        # PEFT writes it into the adapter (base_model_name_or_path), which generate/chat/export load the base from,
+        # where a path into this machine's hub cache would not exist.
+        model.config.name_or_path = model_path
+        model.name_or_path = model_path
+    return model
 
 
 def base_on_meta(config: Any, trust_remote_code: bool = False) -> nn.Module:
@@ -166,7 +174,8 @@ def compile_blocks(model: nn.Module, skip: nn.Module | None = None, dynamic: boo
         # environment, at the first call: process-wide, and this process trains one model.
         import torch.fx.experimental._config as fx_config
 
-        fx_config.use_duck_shape = False
+        if hasattr(fx_config, "use_duck_shape"):  # a config module refuses unknown keys; older torch may lack it
+            fx_config.use_duck_shape = False
     for b in blocks:
         b.compile(dynamic=dynamic, mode=None if mode == "default" else mode, backend=backend)
     return len(blocks)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from ..config.schema import show
+from ..config.schema import brief, show
 from ..errors import CheckpointWriteError, UsageError
 from . import dist, faults, manifest, portable, safe_io, safe_load
 
@@ -363,6 +363,8 @@ def _why(error: Exception | None, root: Path) -> str:
     if error is None:
         return "this rank's part was written"
     what = (error.strerror if isinstance(error, OSError) else None) or str(error).splitlines()[0][:200]
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        what += f": {brief(str(error.filename))}"  # "Is a directory" alone would not say which
     try:
         free = shutil.disk_usage(manifest.nearest_existing(root)).free  # root itself may be what could not be made
     except OSError:
@@ -429,7 +431,11 @@ def _failed_save(root: Path, tag: str, env: dist.DistEnv, error: Exception | Non
         # names (a pointer is not moved before the tag is complete; this guards the pointers' own word).
         if root / tag not in (prev, _pointed(root, BEST)):
             shutil.rmtree(root / tag, ignore_errors=True)
-        _remove_pointer_temps(root)
+        try:
+            _remove_pointer_temps(root)
+        except OSError:
+            pass  # best effort, as the tag dir's removal: the failing filesystem may refuse it too, and every
+            # other rank waits in the barrier below (the next save clears them first, or fails naming them)
     dist.barrier()
     raise CheckpointWriteError(
         f"checkpoint {tag} could not be written to {root} ({failed} rank(s) failed; {_why(error, root)})"

@@ -72,13 +72,14 @@ def load_base(p: Prepared) -> tuple[Any, Any]:
     the ``HfDeepSpeedConfig`` that must stay referenced while it lives under ZeRO-3 (transformers and PEFT then
     treat its parameters as partitioned: shapes, gradient checkpointing, generation)."""
     if dsc.stage_of(p.ds_config) != 3:
-        return load_base_model(p.cfg.model, p.model_path, p.cfg.train.precision), None
+        return load_base_model(p.cfg.model, p.model_path, p.cfg.train.precision, p.weights_dir), None
     from transformers.integrations import HfDeepSpeedConfig
 
     keep_alive = HfDeepSpeedConfig(p.ds_config)
     base = build_partitioned(p.model_config, p.ds_config, DTYPES[p.cfg.train.precision],
                              p.cfg.model.trust_remote_code)
-    stats = load_partitions(base, local_model_dir(p.model_path, p.cfg.model.revision))
+    src = p.weights_dir or local_model_dir(p.model_path, p.cfg.model.revision, p.cfg.model.trust_remote_code)
+    stats = load_partitions(base, src)
     gc.collect()  # the untied lm_head that tie_weights replaced still holds its partition until collected
     hostmem.trim()
     dist.print0(p.env, f"ZeRO-3 load: rank 0 read {stats['bytes_read'] / 2**20:.1f} MiB of weights (its partition "

@@ -69,6 +69,10 @@ class Prepared:
     """What the rank log says about the resume (saved on W ranks, now on W')."""
     bench: Any = None
     """``eval.tasks``: the benchmark runner (:class:`.benchmarks.Benchmarks`), its tasks checked; None without."""
+    weights_dir: Path | None = None
+    """The dir the base model's weights load from, checked here: ``model_path`` itself, or a hub model's snapshot
+    in the hub cache. The loaders read it, so they ask the hub nothing once the ranks have met and load the commit
+    checked here even if the branch has moved since."""
 
 
 def eval_section(cfg: RunConfig) -> Any:
@@ -337,7 +341,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         bench = Benchmarks(cfg, env, replicated=dsc.stage_of(ds) == 3)
     return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data,
                     auto=auto, support=support, stage_note=stage_note, resume_portable=portable, resume_line=line,
-                    resume_best=resume_best, bench=bench)
+                    resume_best=resume_best, bench=bench, weights_dir=weights_dir)
 
 
 def prepare_data(cfg: RunConfig) -> str:

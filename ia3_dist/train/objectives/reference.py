@@ -51,7 +51,9 @@ def reference_key(p: Any, data: TokenizedData) -> str:
         "ia3": p.meta.get("ia3")}, sort_keys=True).encode())
     rows = data.rows if data.rows is not None else np.arange(len(data) * 2)
     h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
-    _files_digest(h, Path(p.model_path), content=False)
+    # The dir the weights load from: for a hub model its snapshot (a hub name alone would keep the table of the
+    # weights its branch named when the table was written).
+    _files_digest(h, p.weights_dir or Path(p.model_path), content=False)
     if p.cfg.ia3.init_from:
         _files_digest(h, Path(p.cfg.ia3.init_from), content=True)
     return h.hexdigest()[:32]
