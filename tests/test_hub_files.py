@@ -447,3 +447,25 @@ def test_dpo_reference_key_follows_the_snapshot(tmp_path: Path, tiny_model: Path
 
     assert key(snaps[0]) != key(snaps[1])
     assert key(snaps[0]) == key(snaps[0])
+
+
+def test_one_process_of_a_node_fetches_at_a_time(fake_hub: dict[str, Any]) -> None:
+    """The ranks' preflights fetch a hub model one after another (a file lock in the hub cache): while one holds
+    it, another neither asks the hub nor reads a half-written snapshot; it goes on once the lock is free."""
+    import fcntl
+    import threading
+
+    from huggingface_hub.file_download import repo_folder_name
+
+    lock = fake_hub["cache"] / ".locks" / "ia3-dist" / f"{repo_folder_name(repo_id=REPO, repo_type='model')}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    got: list[Path] = []
+    with open(lock, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # another rank of the node, mid-download
+        t = threading.Thread(target=lambda: got.append(hub_model_dir(REPO, None)))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive() and not got and fake_hub["downloaded"] == []
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    t.join(60)
+    assert got and got[0].name == COMMIT and fake_hub["downloaded"]

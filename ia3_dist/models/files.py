@@ -144,7 +144,23 @@ def hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool = 
     """A hub model's snapshot dir in the hub cache, holding only what :func:`hub_files` picks from the repo's
     listing, checked as a local model dir is (:func:`check_model_dir`). Offline (``HF_HUB_OFFLINE``, or the hub
     unreachable) the listing is what the cached snapshot holds. ``cache_dir``, ``token``: the hub client's
-    (None: its own defaults, ``HF_HUB_CACHE``, ``HF_TOKEN``)."""
+    (None: its own defaults, ``HF_HUB_CACHE``, ``HF_TOKEN``). One process of a node at a time (a file lock in the
+    hub cache): every rank runs the preflight, and without it the others would ask the hub all at once (rate limits
+    at a few hundred ranks) or, falling back to the cache while the first one still downloads, find a partial
+    snapshot and stop the job."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    from ..data.cache import file_lock
+
+    lock = Path(cache_dir or constants.HF_HUB_CACHE) / ".locks" / "ia3-dist" / \
+        f"{repo_folder_name(repo_id=repo_id, repo_type='model')}.lock"
+    with file_lock(lock, required=False):  # a read-only cache still serves what it holds
+        return _hub_model_dir(repo_id, revision, trust_remote_code, cache_dir, token)
+
+
+def _hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool, cache_dir: str | None,
+                   token: str | bool | None) -> Path:
     from huggingface_hub import snapshot_download
 
     listing, offline = _hub_listing(repo_id, revision, cache_dir, token)
