@@ -469,3 +469,28 @@ def test_one_process_of_a_node_fetches_at_a_time(fake_hub: dict[str, Any]) -> No
         fcntl.flock(fh, fcntl.LOCK_UN)
     t.join(60)
     assert got and got[0].name == COMMIT and fake_hub["downloaded"]
+
+
+@pytest.mark.parametrize("error, says", [
+    ("GatedRepoError", "a gated repo this login may not read"),
+    ("RepositoryNotFoundError", "if it is private, log in (hf auth login) or set HF_TOKEN"),
+])
+def test_gated_or_private_repo_says_how_to_log_in(fake_hub: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path, error: str, says: str) -> None:
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    response = httpx2.Response(401 if error == "GatedRepoError" else 404,
+                               request=httpx2.Request("GET", f"https://huggingface.co/api/models/{REPO}"))
+
+    def refuse(*a: Any, **k: Any) -> Any:
+        raise getattr(errors, error)("refused", response=response)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", refuse)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(UsageError) as e:
+        hub_model_dir(REPO, None)
+    assert says in str(e.value) and REPO in str(e.value)
+    assert fake_hub["downloaded"] == []

@@ -210,6 +210,7 @@ def _hub_listing(repo_id: str, revision: str | None, cache_dir: str | None,
     ``revision`` holds and why the hub was not asked."""
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import (
+        GatedRepoError,
         HfHubHTTPError,
         HFValidationError,
         RepositoryNotFoundError,
@@ -220,8 +221,15 @@ def _hub_listing(repo_id: str, revision: str | None, cache_dir: str | None,
     if not constants.HF_HUB_OFFLINE:
         try:
             return HfApi(token=token).list_repo_files(repo_id, revision=revision), None
-        except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as e:  # gated repos included
-            raise UsageError(f"model.path {repo_id}: not a local dir and not on the hub ({error_line(e)})") from None
+        except GatedRepoError as e:
+            raise UsageError(f"model.path {repo_id}: a gated repo this login may not read ({error_line(e)}); accept "
+                             f"its terms on its hub page, then log in (hf auth login) or set HF_TOKEN") from None
+        except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as e:
+            # The hub answers a private repo without a login as one that does not exist.
+            login = "" if token or constants.HF_TOKEN_PATH and Path(constants.HF_TOKEN_PATH).is_file() \
+                or os.environ.get("HF_TOKEN") else "; if it is private, log in (hf auth login) or set HF_TOKEN"
+            raise UsageError(f"model.path {repo_id}: not a local dir and not on the hub ({error_line(e)}){login}") \
+                from None
         except HfHubHTTPError as e:
             if getattr(getattr(e, "response", None), "status_code", None) in (401, 403):
                 raise UsageError(f"model.path {repo_id}: the hub refused access ({error_line(e)}); log in "
