@@ -692,3 +692,63 @@ def test_the_head_scan_on_each_kind_of_forward(tmp_path: Path, monkeypatch: pyte
                          ("OtherBody", "(base_model is self.language_model)")]:
         found = head_path_changes(name)
         assert any(needle in line for line in found), (name, found)
+
+
+REMOTE_CONFIG = '''from transformers import LlamaConfig
+
+
+class XConfig(LlamaConfig):
+    model_type = "x-llama"
+'''
+REMOTE_MODEL = '''from transformers import LlamaForCausalLM
+
+from .configuration_x import XConfig
+
+
+class XForCausalLM(LlamaForCausalLM):
+    config_class = XConfig
+    base_model_prefix = "language_model"  # names no submodule: base_model is the whole LM
+'''
+
+
+def test_remote_code_whose_base_model_is_the_whole_lm_is_refused(tmp_path: Path, tiny_model: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """A model with its own code (trust_remote_code, from the model dir) that no table knows: the preflight builds
+    it on the meta device and refuses the structure the losses cannot use, exit 2 before any rank starts."""
+    from safetensors.torch import save_file
+    from test_config_hardening import check_exits_2
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = tmp_path / "model"
+    model.mkdir()
+    fields = dict(vocab_size=1200, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
+    state = LlamaForCausalLM(LlamaConfig(**fields)).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(model / "model.safetensors"),
+              metadata={"format": "pt"})
+    (model / "configuration_x.py").write_text(REMOTE_CONFIG)
+    (model / "modeling_x.py").write_text(REMOTE_MODEL)
+    cfg = {**LlamaConfig(**fields).to_dict(), "model_type": "x-llama", "architectures": ["XForCausalLM"],
+           "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+    (model / "config.json").write_text(json.dumps(cfg))
+    for f in tiny_model.glob("*token*"):
+        shutil.copy(f, model / f.name)
+    err = check_exits_2(tmp_path, model, capsys, ["model.trust_remote_code=true",
+                                                  "ia3.target_modules=[q_proj,v_proj,down_proj]",
+                                                  "ia3.feedforward_modules=[down_proj]"])
+    assert "'x-llama': its base_model_prefix 'language_model' names no submodule" in err, err
+
+
+def test_a_model_without_an_lm_head_module_is_refused() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class NoHead(LlamaForCausalLM):
+        def get_output_embeddings(self) -> None:
+            return None
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    with torch.device("meta"):
+        L.check_head(LlamaForCausalLM(cfg))
+        with pytest.raises(UsageError, match="get_output_embeddings\\(\\) gives NoneType, not an LM head module"):
+            L.check_head(NoHead(cfg))

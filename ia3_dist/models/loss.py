@@ -214,6 +214,24 @@ def final_logits(config: Any) -> Transform | None:
     return None
 
 
+def check_head(lm: nn.Module) -> None:
+    """What the losses take from a causal LM's structure, checked on its meta-device build before any rank starts:
+    a body (``base_model``) that is not the LM itself, and a head module (``get_output_embeddings()``) with a weight.
+    A model that breaks either (remote code with a ``base_model_prefix`` naming no submodule, no output embeddings)
+    is refused: its first step would fail on every rank once all had loaded it, or train on other logits."""
+    model_type = getattr(getattr(lm, "config", None), "model_type", None)
+    if getattr(lm, "base_model", lm) is lm:
+        raise UsageError(f"model.path: model_type {model_type!r}: its base_model_prefix "
+                         f"{getattr(lm, 'base_model_prefix', '')!r} names no submodule, so base_model is the whole "
+                         f"causal LM, and the losses (which run base_model for the hidden states, then the head at "
+                         f"label rows) would get logits; this model is not supported for training")
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if not isinstance(head, nn.Module) or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise UsageError(f"model.path: model_type {model_type!r}: get_output_embeddings() gives "
+                         f"{type(head).__name__}, not an LM head module with a weight, which the losses call at label "
+                         f"rows; this model is not supported for training")
+
+
 def check_final_logits(config: Any) -> None:
     """The preflight's check (before any rank waits): :func:`final_logits` raises now, not in the first step."""
     final_logits(config)

@@ -21,7 +21,7 @@ from ..models.families import family_of, support_case
 from ..models.files import check_model_dir, check_vocab, local_model_dir
 from ..models.ia3 import ADAPTER_FILE, apply_ia3, load_init_adapter, paper_targets
 from ..models.load import base_on_meta, hidden_size_of, load_model_config, load_tokenizer
-from ..models.loss import check_final_logits
+from ..models.loss import check_final_logits, check_head
 from ..models.zero3_load import check_checkpoint
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, manifest, safe_load
@@ -237,10 +237,12 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     model_config = load_model_config(model_path, cfg.model)
     _, support = support_case(model_config, cfg.ia3)
     check_final_logits(model_config)  # exit 2 here, not at the first loss once every rank has loaded the model
+    # On the meta device (no memory, milliseconds): the structure the losses use, names that match no module and a
+    # starting adapter that does not fit fail here, not after the ranks have met.
+    on_meta = base_on_meta(model_config, cfg.model.trust_remote_code)
+    check_head(on_meta)
     if cfg.ia3.target_modules is not None or cfg.ia3.init_from:
-        # On the meta device (no memory): names that match no module, and a starting adapter that does not fit,
-        # fail here, not after the ranks have met.
-        on_meta = apply_ia3(base_on_meta(model_config, cfg.model.trust_remote_code), cfg.ia3)
+        on_meta = apply_ia3(on_meta, cfg.ia3)
         if cfg.ia3.init_from:
             load_init_adapter(on_meta, cfg.ia3.init_from)
     tok = load_tokenizer(cfg.model, model_path)
