@@ -308,6 +308,64 @@ def test_an_empty_tool_call_list_is_a_plain_answer(tmp_path: Path) -> None:
         load(write_jsonl(tmp_path / "b.jsonl", plain)).examples == [merged(c) for c in SINGLE]
 
 
+def parts(rec: dict) -> dict:
+    """``rec`` (messages) with every content as OpenAI content parts, the longer ones split into two text parts."""
+    def split(text: str) -> list[dict]:
+        cut = [text[:2], text[2:]] if len(text) > 2 else [text]
+        return [{"type": "text", "text": t} for t in cut]
+    return {"messages": [{**m, "content": split(m["content"])} for m in rec["messages"]]}
+
+
+@pytest.mark.parametrize("writer", [write_jsonl, write_parquet])
+def test_openai_content_parts_read_as_text(writer: Callable[[Path, list], Path], tmp_path: Path) -> None:
+    """Content as a list of text parts (OpenAI's chat and fine-tuning format) is the parts' text joined by a
+    newline, as vLLM's OpenAI server serves a text-only model; in every message, pairs' answers included."""
+    def joined(conv: Conversation) -> Conversation:
+        def j(t: str) -> str:
+            return f"{t[:2]}\n{t[2:]}" if len(t) > 2 else t
+        return Conversation([Turn(j(t.instruction), "", j(t.output)) for t in conv.turns], j(conv.system))
+    recs = [parts(messages(c)) for c in CONVS]
+    f = writer(tmp_path / f"d{'.jsonl' if writer is write_jsonl else '.parquet'}", recs)
+    assert load(f).examples == [joined(merged(c)) for c in CONVS]
+    pair = {"prompt": [{"role": "user", "content": [{"type": "text", "text": "q"}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "good"}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "bad"}]}]}
+    got = load_records(DataSection(path=str(write_jsonl(tmp_path / "p.jsonl", [pair]))), pairs=True).examples[0]
+    assert (got.chosen.turns, got.rejected.turns) == ([Turn("q", "", "good")], [Turn("q", "", "bad")])
+
+
+def test_role_aliases_of_sharegpt_dumps_and_openai_developer(tmp_path: Path) -> None:
+    """ShareGPT dumps name the assistant chatgpt, bing or bard (one file may hold several: data.columns maps one
+    name only); OpenAI's "developer" role is its system role."""
+    recs = [{"conversations": [{"from": "human", "value": "a"}, {"from": "chatgpt", "value": "b"},
+                               {"from": "human", "value": "c"}, {"from": "bing", "value": "d"},
+                               {"from": "human", "value": "e"}, {"from": "bard", "value": "f"}]},
+            {"messages": [{"role": "developer", "content": "s"}, {"role": "user", "content": "a"},
+                          {"role": "assistant", "content": "b"}]}]
+    got = [load(write_jsonl(tmp_path / f"{i}.jsonl", [r])).examples[0] for i, r in enumerate(recs)]
+    assert got == [Conversation([Turn("a", "", "b"), Turn("c", "", "d"), Turn("e", "", "f")]),
+                   Conversation([Turn("a", "", "b")], "s")]
+
+
+def test_openai_weight_zero_answers_carry_no_labels(tmp_path: Path, tiny_tokenizer) -> None:
+    """OpenAI's fine-tuning format marks assistant messages not to learn with ``"weight": 0``: such an answer is
+    context, unlabelled; 1 (or no weight, a null in a table) trains on it; anything else is refused."""
+    from ia3_dist.data.tokenize import tokenize
+
+    def msgs(w0: object, w1: object) -> dict:
+        return {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "weight": w0},
+                             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2", "weight": w1}]}
+    f = write_parquet(tmp_path / "d.parquet", [msgs(0, 1), msgs(None, 0), msgs(1, None)])
+    r = load(f)
+    assert [[t.train for t in c.turns] for c in r.examples] == [[False, True], [True, False], [True, True]]
+    data = tokenize(r, tiny_tokenizer, DataSection(path=str(f)))
+    eos = tiny_tokenizer.eos_token
+    labelled = [tiny_tokenizer.decode([t for t in data.example(i)[2] if t != -100]) for i in range(len(data))]
+    assert labelled == [f"a2{eos}", f"a1{eos}", f"a1{eos}a2{eos}"]
+    assert "message 1: 'weight' must be 0 (do not train on this answer) or 1, got 0.5" in \
+        error(write_jsonl(tmp_path / "bad.jsonl", [msgs(0.5, 1)]))
+
+
 def test_format_is_fixed_per_file_by_its_first_record(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "d.jsonl", [alpaca(CONVS[0]), sharegpt(CONVS[1])])
     msg = error(f)
@@ -333,8 +391,8 @@ U, A = {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}
 BAD: dict[str, tuple[dict | str, str]] = {
     "unknown-role": ({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
                      "record 0: message 1: unknown role 'bot'; accepted roles: system (system), user (user), "
-                     "assistant (assistant), tool (tool). Map other role names with data.columns (user, assistant, "
-                     "function_call, observation, tool)"),
+                     "assistant (assistant), tool (tool), developer (system). Map other role names with data.columns "
+                     "(user, assistant, function_call, observation, tool)"),
     "unknown-role-not-text": ({"conversations": [{"from": ["human"], "value": "q"}, A]},
                               "record 0: message 0: unknown role ['human']; accepted roles: system (system), "
                               "human (user), user (user), gpt (assistant), assistant (assistant)"),
@@ -344,9 +402,16 @@ BAD: dict[str, tuple[dict | str, str]] = {
                           "record 0: conversation has no assistant turn: nothing to train on"),
     "ends-with-user": ({"conversations": [U, A, U]},
                        "record 0: conversation ends with a user turn: no assistant turn to train on"),
-    "non-string-content": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+    "non-string-content": ({"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "a"}]},
+                           "record 0: message 0: 'content' must be a string, got int"),
+    "image-content-part": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"},
+                                                                      {"type": "image_url", "image_url": {}}]},
                                          {"role": "assistant", "content": "a"}]},
-                           "record 0: message 0: 'content' must be a string, got list"),
+                           "record 0: message 0: 'content' part 1 is not a text part (type 'image_url'); a causal LM "
+                           "trains on text only"),
+    "content-part-not-text": ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]},
+                                            {"role": "assistant", "content": "a"}]},
+                              "record 0: message 0: 'content' part 0 'text' must be a string, got NoneType"),
     "null-content": ({"conversations": [U, {"from": "gpt", "value": None}]},
                      "record 0: message 1: 'value' must be a string, got NoneType"),
     "not-alternating": ({"conversations": [U, U, A]}, "record 0: message 1: expected an assistant message, got user "

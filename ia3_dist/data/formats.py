@@ -36,10 +36,14 @@ REQUIRED = {ALPACA: ("instruction", "output"), SHAREGPT: ("conversations",), MES
 OPTIONAL = {ALPACA: ("input", "system", "history"), SHAREGPT: ("system", "tools"), MESSAGES: ("system", "tools")}
 # Message keys and role values when data.columns does not rename them.
 MESSAGE_KEYS = {SHAREGPT: ("from", "value"), MESSAGES: ("role", "content")}
-ROLES = {SHAREGPT: {"user": ("human", "user"), "assistant": ("gpt", "assistant"),
+# ShareGPT dumps name the assistant after the product it came from (FastChat's cleaning reads chatgpt, bing and
+# bard as gpt); data.columns.assistant takes one name only, so a file mixing them could not be mapped.
+ROLES = {SHAREGPT: {"user": ("human", "user"), "assistant": ("gpt", "assistant", "chatgpt", "bing", "bard"),
                     "function_call": ("function_call",), "observation": ("observation",)},
          MESSAGES: {"user": ("user",), "assistant": ("assistant",), "tool": ("tool",)}}
 SYSTEM_ROLE = "system"
+# OpenAI renamed the system role "developer" (o1 and later); data.columns has no key that maps a system role.
+SYSTEM_ALIASES = {MESSAGES: ("developer",), SHAREGPT: ()}
 # Message kinds: who speaks. A call is the assistant's (sharegpt's function_call turn); a result the tools'.
 USER, ASSISTANT, CALL, RESULT = "user", "assistant", "function_call", "tool"
 KIND = {"user": USER, "assistant": ASSISTANT, "function_call": CALL, "observation": RESULT, "tool": RESULT,
@@ -60,6 +64,9 @@ class Turn:
     results: tuple[dict[str, Any], ...] = ()
     """Tool results that open this turn instead of a user message, each ``{"content": str}`` (plus ``name`` /
     ``tool_call_id`` when the data gives them), answering the previous turn's calls."""
+    train: bool = True
+    """Whether the answer is labelled: False for an assistant message of ``"weight": 0`` (OpenAI's fine-tuning
+    format marks the answers not to learn that way); ``data.train_on`` applies on top."""
 
 
 @dataclass
@@ -98,6 +105,8 @@ class Columns:
         for ours, defaults in ROLES[fmt].items():
             for value in (self.mapping[ours],) if ours in self.mapping else defaults:
                 out[value] = ours
+        for value in SYSTEM_ALIASES[fmt]:
+            out.setdefault(value, SYSTEM_ROLE)  # a role data.columns maps to that name keeps its mapping
         return out
 
     def mapped_optional(self, fmt: str) -> list[str]:
@@ -148,6 +157,36 @@ def _text(value: Any, what: str, where: str) -> str:
             raise UsageError(f"{where}: {what} holds an unpaired UTF-16 surrogate (a \\uD800-\\uDFFF escape "
                              f"without its pair); fix the escape") from None
     return value
+
+
+# Content parts joined into one text: what vLLM's OpenAI server does with a text-only model's parts, so a model
+# trained here reads a multi-part message as it will be served.
+PART_SEP = "\n"
+
+
+def _content(value: Any, what: str, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of content parts (``[{"type": "text", "text": ...}]``, as
+    chat exports and the fine-tuning API write them) of which only text parts can be trained on."""
+    if not isinstance(value, list | tuple):
+        return _text(value, what, where)
+    texts = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind != "text":
+            got = f"type {show(kind)}" if isinstance(part, Mapping) else type(part).__name__
+            raise UsageError(f"{where}: {what} part {j} is not a text part ({got}); a causal LM trains on text only: "
+                             f"keep the {{\"type\": \"text\", \"text\": ...}} parts, or drop the record")
+        texts.append(_text(part.get("text"), f"{what} part {j} 'text'", where))
+    return PART_SEP.join(texts)
+
+
+def _weight(value: Any, where: str) -> bool:
+    """An assistant message's ``weight`` (OpenAI's fine-tuning format): 1 or absent trains on it, 0 does not."""
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, int | float) or value not in (0, 1):
+        raise UsageError(f"{where}: 'weight' must be 0 (do not train on this answer) or 1, got {show(value)}")
+    return bool(value)
 
 
 def _required(rec: Mapping[str, Any], ours: str, fmt: str, cols: Columns, where: str) -> Any:
@@ -223,11 +262,12 @@ def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conver
         content = m.get(content_key)
         if content_key not in m and not calls:
             raise UsageError(f"{at}: missing key '{brief(content_key)}' (the message has keys {_keys(m)}); {rename}")
-        text = "" if content is None and calls else _text(content, f"'{brief(content_key)}'", at)
+        text = "" if content is None and calls else _content(content, f"'{brief(content_key)}'", at)
         if kind == CALL:  # sharegpt: the call is the message's text, JSON
-            parsed.append((ASSISTANT, ("", tool_calls(_json(text, "function_call", at), at))))
+            parsed.append((ASSISTANT, ("", tool_calls(_json(text, "function_call", at), at), True)))
         elif kind == ASSISTANT:
-            parsed.append((ASSISTANT, (text, tool_calls(calls, at) if calls is not None else ())))
+            parsed.append((ASSISTANT, (text, tool_calls(calls, at) if calls is not None else (),
+                                       _weight(m.get("weight"), at) if fmt == MESSAGES else True)))
         elif kind == RESULT:
             result = {"content": text}
             for extra in ("name", "tool_call_id"):
@@ -281,8 +321,8 @@ def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conver
             raise UsageError(f"{where}: message {k + offset}: expected an assistant message, got {parsed[k][0]} "
                              f"(roles must alternate user, assistant, user, assistant, ... after an optional system "
                              f"message)")
-        text, calls = parsed[k][1]
-        turns.append(Turn(user, "", text, calls=calls, results=results))
+        text, calls, train = parsed[k][1]
+        turns.append(Turn(user, "", text, calls=calls, results=results, train=train))
         k += 1
     if any(t.calls for t in turns) or tools:
         check_calls(turns, tools, where)

@@ -21,7 +21,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
-from .formats import ALPACA, MESSAGES, SHAREGPT, Columns, Conversation, _alpaca, _chat, _keys, _text, detect_in
+from .formats import (
+    ALPACA,
+    MESSAGES,
+    SHAREGPT,
+    Columns,
+    Conversation,
+    _alpaca,
+    _chat,
+    _content,
+    _keys,
+    _text,
+    detect_in,
+)
 from .tools import tool_list
 
 PROMPT = "prompt"
@@ -75,7 +87,7 @@ def _response(v: Any, what: str, fmt: str, cols: Columns, where: str) -> str:
         roles = cols.roles(SHAREGPT if fmt == SHAREGPT else MESSAGES)
         if roles.get(v[role_key]) != "assistant":
             raise UsageError(f"{where}: {what} has role {v[role_key]!r}; a response must be the assistant's")
-        text = _text(v[content_key], f"{what} content", where)
+        text = _content(v[content_key], f"{what} content", where)
     if not text.strip():
         raise UsageError(f"{where}: {what} is empty: a preference pair needs two answers to compare")
     return text

@@ -166,7 +166,7 @@ class Template:
 
     def segments(self, conv: Conversation, tok: Any, train_on: str = "all") -> list[Segment]:
         """The conversation as ``(text, is_label)`` segments; labels on every assistant turn (its text and tool
-        calls), or on the last one only (``train_on="last"``); never on tool results."""
+        calls), or on the last one only (``train_on="last"``); never on tool results nor on a turn of weight 0."""
         last = len(conv.turns) - 1
         if self.kind == HUMAN_ASSISTANT:
             eos = tok.eos_token if self.append_eos else ""
@@ -175,7 +175,7 @@ class Template:
             for k, t in enumerate(conv.turns):
                 segs.append((self._turn_prompt(t, k == 0, preamble), False))
                 answer = "\n".join(x for x in (t.output, calls_text(t.calls)) if x) if t.calls else t.output
-                segs.append((answer + eos, train_on == "all" or k == last))
+                segs.append((answer + eos, t.train and (train_on == "all" or k == last)))
             return segs
         if len(conv.turns) > MAX_CHAT_TURNS:
             raise UsageError(f"{self.where}: a conversation of {len(conv.turns)} turns; under a chat template a "
@@ -199,7 +199,7 @@ class Template:
                                      f"the model would learn an empty answer; use a template that renders "
                                      f"tool_calls or data.template=human_assistant")
             segs.append((prompt[len(prev):], False))
-            segs.append((answer, train_on == "all" or k == last))
+            segs.append((answer, conv.turns[k].train and (train_on == "all" or k == last)))
             prev = full
         missing = [t["function"]["name"] for t in conv.tools if t["function"]["name"] not in prev]
         if missing:
