@@ -6,6 +6,7 @@ The ZeRO-3 loader and ``from_pretrained`` read the same files from every dir."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -494,3 +495,36 @@ def test_gated_or_private_repo_says_how_to_log_in(fake_hub: dict[str, Any], monk
         hub_model_dir(REPO, None)
     assert says in str(e.value) and REPO in str(e.value)
     assert fake_hub["downloaded"] == []
+
+
+class _NetworkUsed(BaseException):
+    """Raised past the hub client's own ``except Exception`` retries, so a request fails the test at once."""
+
+
+def test_an_adapter_on_a_hub_base_loads_it_from_the_cache_without_asking_the_hub(
+        fake_hub: dict[str, Any], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Offline without HF_HUB_OFFLINE (a compute node), every file transformers asks the hub for was retried for
+    # some 20 s before it fell back to the cache: three minutes for each generate, chat or export.
+    import socket
+
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ia3_dist.tools.inference import cached_snapshot, load_for_inference
+
+    snap = hub_model_dir(REPO, None)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)), IA3Config(task_type="CAUSAL_LM"))
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    cfg = tmp_path / "adapter" / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "base_model_name_or_path": REPO}))
+
+    def no_network(*a: Any, **k: Any) -> Any:
+        raise _NetworkUsed("the hub was asked")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    assert cached_snapshot(REPO) == snap and cached_snapshot(str(tiny_model)) is None
+    model = load_for_inference(str(tmp_path / "adapter"))[0]
+    assert model.get_base_model().name_or_path == str(snap)
+    sorted(snap.glob("model-*.safetensors"))[-1].unlink()
+    assert cached_snapshot(REPO) is None  # a partial snapshot: the hub id loads (and downloads) as before

@@ -459,3 +459,35 @@ def test_export_of_a_scaled_tied_head_equals_the_adapter(family_models: dict, tm
     m = load_for_inference(str(out))[0]
     with torch.no_grad():
         assert (a(input_ids=x).logits - m(input_ids=x).logits).abs().max() < 1e-5
+
+
+def test_export_writes_the_end_of_turn_into_the_generation_config(family_models: dict, tmp_path: Path) -> None:
+    # The tiny Qwen2's eos is </s>, its chat template ends an answer with <|im_end|> (as Qwen2.5 base models:
+    # <|endoftext|> and ChatML): the merged model, served by anything but ia3-dist, must stop at the end of turn.
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from ia3_dist.tools.export import export_merged
+
+    base = family_models["qwen2"]
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), IA3Config(task_type="CAUSAL_LM"))
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    out = export_merged(str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    gc = GenerationConfig.from_pretrained(str(out))
+    base_gc = GenerationConfig.from_pretrained(str(base))
+    assert base_gc.eos_token_id == 2
+    assert gc.eos_token_id == [2, 1201]  # </s>, <|im_end|>
+    assert (gc.bos_token_id, gc.pad_token_id) == (base_gc.bos_token_id, base_gc.pad_token_id)
+
+
+def test_an_answer_cut_inside_a_character_drops_its_incomplete_bytes(family_models: dict) -> None:
+    # Byte-level tokenizers spell a character outside the vocabulary in several tokens (龘: three here): an answer
+    # that --max-new-tokens cuts after the first two ended in U+FFFD.
+    from ia3_dist.data.records import Conversation, Turn
+    from ia3_dist.tools.inference import GenOptions, generate
+
+    model, tok, template, _ = _scripted_qwen2(family_models["qwen2"], "好的", then=(169, 126))
+    assert tok.decode([169, 126, 250]) == "龘" and tok.decode([169, 126]).endswith("\ufffd")
+    req = [Conversation([Turn("你好", "", "")])]
+    n = len(tok("好的", add_special_tokens=False)["input_ids"])
+    assert generate(model, tok, template, req, GenOptions(max_new_tokens=n + 2)) == ["好的"]

@@ -81,7 +81,9 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
     if not is_adapter:
         raise UsageError(f"{adapter}: not an adapter dir (no adapter_config.json)")
     _untie_scaled_head(model)
+    stop = model.generation_config.eos_token_id  # load_for_inference's: the base's, eos, the end of turn
     merged = model.merge_and_unload()
+    _keep_stop_ids(merged, stop)
     o = Path(out).expanduser()
     o.mkdir(parents=True, exist_ok=True)
     # What a killed export left (a whole merged model, GBs): ours by name, never part of an export. (Two exports
@@ -100,6 +102,20 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return o
+
+
+def _keep_stop_ids(merged: Any, stop: Any) -> None:
+    """Write the ids generate stops on into the merged model's generation config (the base's, otherwise as it
+    was): a base whose eos is not the end of turn its adapter was trained to write (Qwen2.5's <|endoftext|> under
+    a ChatML template, which ends an answer with <|im_end|>) would otherwise let transformers' generate or a
+    server (vLLM, TGI) run on past the answer into turns the model invents."""
+    from transformers import GenerationConfig
+
+    if not stop:
+        return
+    if getattr(merged, "generation_config", None) is None:
+        merged.generation_config = GenerationConfig()
+    merged.generation_config.eos_token_id = stop
 
 
 def _untie_scaled_head(peft_model: Any) -> None:

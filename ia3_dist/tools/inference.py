@@ -19,6 +19,7 @@ from ..models.files import (
     check_model_dir,
     check_vocab,
     check_weight_file,
+    checkpoint_files,
     error_line,
     has_tokenizer_files,
     looks_local,
@@ -241,6 +242,10 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
         check_weight_file(weights)
         what = "base model" + ("" if base else f" (from {d / ADAPTER_CONFIG}; --base overrides it)")
         _check_module_fields(cfg, f"{d}: cannot load the adapter onto {base_path}")
+        base_name = base_path
+        snapshot = cached_snapshot(base_path)
+        if snapshot is not None:
+            base_path = str(snapshot)
         if Path(base_path).expanduser().is_dir():
             check_dir_files(Path(base_path).expanduser(), "base model dir")
         _check_local_model(base_path, what)
@@ -257,7 +262,7 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     except Exception as e:  # tokenizers raise many types for corrupt files
         raise _cannot_load("tokenizer", tok_src, e) from None
     if is_adapter:
-        model = _load_adapter(_from_pretrained(base_path, torch_dtype, what), d, base_path)
+        model = _load_adapter(_from_pretrained(base_path, torch_dtype, what), d, base_name)
     else:
         model = _from_pretrained(str(d), torch_dtype, "merged model")
     check_vocab(tok, model.config, f"tokenizer {tok_src}")
@@ -275,6 +280,32 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     # decoding mode that only custom code provides. Decoding is what GenOptions says, nothing else.
     model.generation_config = GenerationConfig(eos_token_id=stop_ids(tok, template, gen_eos) or None)
     return model.eval(), tok, template, is_adapter
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The hub cache's snapshot of the hub model ``repo_id`` when it holds the config and every weight file that
+    loads; None for a local path, a model not cached, or a partial snapshot (``ia3-dist prepare`` caches the config
+    and tokenizer only), which the hub id then loads (and downloads) as before.
+
+    Taken whole from the cache, with no hub request: an adapter trained on a hub base is mostly used where that
+    base was trained, so its snapshot is there, and offline (a compute node) each file's request would otherwise
+    be retried for some 20 s before transformers falls back to the same cached file (three minutes per load)."""
+    if looks_local(repo_id):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a valid repo id: from_pretrained names the problem
+        return None
+    if not isinstance(hit, str):
+        return None
+    d = Path(hit).parent
+    try:
+        files = checkpoint_files(d)
+    except UsageError:  # no weights, or an unreadable index: loading the hub id reports it
+        return None
+    return d if all(f.is_file() for f in files) else None
 
 
 GENERATION_CONFIG = "generation_config.json"
@@ -481,12 +512,33 @@ def generate(model: Any, tok: Any, template: Template, requests: list[Conversati
             kw.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k)
         with torch.no_grad():
             ids = model.generate(**enc, **kw)
-        new = ids[:, width:]
-        outs += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        outs += [answer_text(tok, row, eos) for row in ids[:, width:].tolist()]
     if cut:
         print(f"note: {cut} prompt(s) longer than {budget} tokens were cut to their last {budget} (the context of "
               f"{ctx} tokens less --max-new-tokens {opts.max_new_tokens})", file=sys.stderr, flush=True)
     return outs
+
+
+# A UTF-8 character is at most 4 bytes, so an incomplete one at the end of a cut answer spans at most 3 byte tokens.
+MAX_PARTIAL_TOKENS = 3
+
+
+def answer_text(tok: Any, new_ids: list[int], stop: list[int]) -> str:
+    """The text of one generated row: up to its first stop id (what follows is padding, and a stop id that is
+    not a special token would otherwise be decoded into the answer). An answer cut by ``max_new_tokens`` in the
+    middle of a character that byte-level tokenizers spell in several tokens (most CJK characters outside the
+    vocabulary, emoji) would end in U+FFFD: its incomplete tokens are dropped instead."""
+    stops = set(stop)
+    end = next((k for k, i in enumerate(new_ids) if i in stops), None)
+    ids = new_ids if end is None else new_ids[:end]
+    text = tok.decode(ids, skip_special_tokens=True)
+    if end is None and text.endswith("\ufffd"):
+        for k in range(1, min(MAX_PARTIAL_TOKENS, len(ids)) + 1):
+            shorter = tok.decode(ids[:-k], skip_special_tokens=True)
+            if not shorter.endswith("\ufffd"):
+                text = shorter
+                break
+    return text.strip()
 
 
 def _text(v: Any, where: str, what: str) -> str:
