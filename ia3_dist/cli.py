@@ -204,7 +204,8 @@ def cmd_generate(argv: list[str], prog: str) -> int:
 
 def cmd_chat(argv: list[str], prog: str) -> int:
     """Interactive, multi-turn: type a message, get the model's answer with the conversation so far in the
-    training template. /reset starts a new conversation; an empty line or /quit ends it."""
+    training template. /reset starts a new conversation; an empty line, /quit or Ctrl-C at the prompt ends it;
+    Ctrl-C while it answers drops that answer."""
     from .data.records import Conversation, Turn
     from .data.tools import parse_calls, text_without_calls
     from .tools.inference import MAX_PROMPT_CHARS, generate, load_for_inference, parse_request, read_tools
@@ -237,6 +238,9 @@ def cmd_chat(argv: list[str], prog: str) -> int:
                     break
         except EOFError:
             break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the session, as an empty line does
+            print(flush=True)
+            break
         except UnicodeDecodeError as e:
             raise UsageError(f"stdin:{n}: not UTF-8 ({e.reason}); use a UTF-8 terminal or input") from None
         if len(line) > MAX_PROMPT_CHARS and not line.endswith("\n"):
@@ -263,7 +267,11 @@ def cmd_chat(argv: list[str], prog: str) -> int:
             # The conversation keeps its system prompt and tools from the line that set them (or --tools).
             system, tools = req.system or (system if history else ""), req.tools or tools
             conv = Conversation([*history, *req.turns], system, tools)
-        answer = generate(model, tok, template, [conv], opts)[0]
+        try:
+            answer = generate(model, tok, template, [conv], opts)[0]
+        except KeyboardInterrupt:  # Ctrl-C while it answers drops that answer; the conversation goes on without it
+            print("(interrupted)", flush=True)
+            continue
         calls = parse_calls(answer) if conv.tools else []
         last = conv.turns[-1]
         # The turn keeps the calls apart from the text: the template writes them (once) in the next prompt.

@@ -14,6 +14,7 @@ import time
 import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -541,3 +542,41 @@ def test_broken_template_and_tokenizer(adapter: Path, tiny_model: Path, tmp_path
     (m / "tokenizer.json").write_text("{not json")
     rc, _, err = _run(["generate", "--adapter", str(m), "x"], capsys)
     assert rc == 2 and f"tokenizer {m}: cannot load it" in err, err
+
+
+class _CtrlC(io.StringIO):
+    """stdin whose next read is interrupted by Ctrl-C (SIGINT raises KeyboardInterrupt in the blocked read)."""
+
+    def readline(self, *a: Any) -> str:
+        raise KeyboardInterrupt
+
+
+def _chat(tiny_model: Path, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    try:
+        return _run(["chat", "--adapter", str(tiny_model), "--max-new-tokens", "2"], capsys)
+    except KeyboardInterrupt:  # escaping, it would end the test session instead of failing this test
+        pytest.fail("Ctrl-C escaped ia3-dist chat (a traceback for the user)")
+
+
+def test_chat_ctrl_c_at_the_prompt_ends_quietly(tiny_model: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr("sys.stdin", _CtrlC())
+    rc, out, err = _chat(tiny_model, capsys)
+    assert rc == 0 and "Traceback" not in err, err
+
+
+def test_chat_ctrl_c_while_answering_drops_that_answer_and_goes_on(tiny_model: Path, capsys, monkeypatch) -> None:
+    real, calls = inference.generate, []
+
+    def interrupted_once(*a: Any, **k: Any) -> list[str]:
+        calls.append(a[3][0])
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(inference, "generate", interrupted_once)
+    monkeypatch.setattr("sys.stdin", io.StringIO("first\nsecond\n"))
+    rc, out, err = _chat(tiny_model, capsys)
+    assert rc == 0 and "Traceback" not in err, err
+    assert out.count("(interrupted)") == 1 and out.count("Assistant: ") == 1, out
+    # the interrupted exchange is not in the conversation the next answer continues
+    assert [t.instruction for t in calls[1].turns] == ["second"]
