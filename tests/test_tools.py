@@ -491,3 +491,21 @@ def test_an_answer_cut_inside_a_character_drops_its_incomplete_bytes(family_mode
     req = [Conversation([Turn("你好", "", "")])]
     n = len(tok("好的", add_special_tokens=False)["input_ids"])
     assert generate(model, tok, template, req, GenOptions(max_new_tokens=n + 2)) == ["好的"]
+
+
+def test_a_prompt_reads_content_parts_and_role_aliases_as_the_training_data_does() -> None:
+    """generate/chat prompts in the shape of a training record: OpenAI's text parts, developer as system,
+    ShareGPT's chatgpt as the assistant; an image part is refused naming the message."""
+    from ia3_dist.tools.inference import parse_request
+
+    conv = parse_request(json.dumps({"messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": "ok"}, {"role": "user", "content": "c"}]}), "input 1")
+    assert conv.system == "be brief" and [(t.instruction, t.output) for t in conv.turns] == [("a\nb", "ok"), ("c", "")]
+    conv = parse_request(json.dumps({"conversations": [
+        {"from": "human", "value": "q"}, {"from": "chatgpt", "value": "x"}, {"from": "human", "value": "r"}]}),
+        "input 2")
+    assert [(t.instruction, t.output) for t in conv.turns] == [("q", "x"), ("r", "")]
+    with pytest.raises(UsageError, match="input 3: message 0 content part 0 is not a text part"):
+        parse_request(json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "input 3")

@@ -164,7 +164,7 @@ def _text(value: Any, what: str, where: str) -> str:
 PART_SEP = "\n"
 
 
-def _content(value: Any, what: str, where: str) -> str:
+def content_text(value: Any, what: str, where: str) -> str:
     """A message's content: a string, or OpenAI's list of content parts (``[{"type": "text", "text": ...}]``, as
     chat exports and the fine-tuning API write them) of which only text parts can be trained on."""
     if not isinstance(value, list | tuple):
@@ -262,7 +262,7 @@ def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conver
         content = m.get(content_key)
         if content_key not in m and not calls:
             raise UsageError(f"{at}: missing key '{brief(content_key)}' (the message has keys {_keys(m)}); {rename}")
-        text = "" if content is None and calls else _content(content, f"'{brief(content_key)}'", at)
+        text = "" if content is None and calls else content_text(content, f"'{brief(content_key)}'", at)
         if kind == CALL:  # sharegpt: the call is the message's text, JSON
             parsed.append((ASSISTANT, ("", tool_calls(_json(text, "function_call", at), at), True)))
         elif kind == ASSISTANT:

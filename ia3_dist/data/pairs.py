@@ -29,9 +29,9 @@ from .formats import (
     Conversation,
     _alpaca,
     _chat,
-    _content,
     _keys,
     _text,
+    content_text,
     detect_in,
 )
 from .tools import tool_list
@@ -87,7 +87,7 @@ def _response(v: Any, what: str, fmt: str, cols: Columns, where: str) -> str:
         roles = cols.roles(SHAREGPT if fmt == SHAREGPT else MESSAGES)
         if roles.get(v[role_key]) != "assistant":
             raise UsageError(f"{where}: {what} has role {v[role_key]!r}; a response must be the assistant's")
-        text = _content(v[content_key], f"{what} content", where)
+        text = content_text(v[content_key], f"{what} content", where)
     if not text.strip():
         raise UsageError(f"{where}: {what} is empty: a preference pair needs two answers to compare")
     return text

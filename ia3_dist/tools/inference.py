@@ -552,11 +552,16 @@ def _text(v: Any, where: str, what: str) -> str:
     return v
 
 
-ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+# The roles the training data's parser reads by default (data.formats: ShareGPT's product names for the assistant,
+# OpenAI's developer for system), so a prompt in the shape of a training record reads the same here.
+ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant",
+                "bing": "assistant", "bard": "assistant", "system": "system", "developer": "system"}
 
 
 def _from_messages(msgs: Any, where: str, role_key: str, content_key: str) -> Conversation:
     """A conversation that ends with the user's turn to answer: [system], user, assistant, ..., user."""
+    from ..data.formats import content_text
+
     if not isinstance(msgs, list) or not msgs:
         raise UsageError(f"{where}: expected a non-empty list of messages")
     system = ""
@@ -566,7 +571,8 @@ def _from_messages(msgs: Any, where: str, role_key: str, content_key: str) -> Co
         if not isinstance(m, dict):
             raise UsageError(f"{where}: message {k} is not an object")
         role = ROLE_ALIASES.get(m.get(role_key))  # type: ignore[arg-type]
-        content = _text(m.get(content_key), where, f"message {k} {content_key}")
+        # A string or OpenAI's text content parts, as the training data's parser reads them.
+        content = content_text(m.get(content_key), f"message {k} {content_key}", where)
         if role is None:
             raise UsageError(f"{where}: message {k} has role {m.get(role_key)!r}; use system, user or assistant")
         if role == "system" and k == 0:
