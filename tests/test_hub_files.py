@@ -528,3 +528,31 @@ def test_an_adapter_on_a_hub_base_loads_it_from_the_cache_without_asking_the_hub
     assert model.get_base_model().name_or_path == str(snap)
     sorted(snap.glob("model-*.safetensors"))[-1].unlink()
     assert cached_snapshot(REPO) is None  # a partial snapshot: the hub id loads (and downloads) as before
+
+
+def test_an_adapter_records_and_loads_the_hub_base_version_it_was_trained_on(
+        fake_hub: dict[str, Any], tiny_model: Path, tmp_path: Path) -> None:
+    """Trained on a hub base, the adapter records the commit of the snapshot the preflight checked (PEFT's
+    ``revision``); inference takes that version from the cache, and an adapter naming a version the cache does not
+    hold does not silently load the cached branch head."""
+    from types import SimpleNamespace
+
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ia3_dist.config.schema import ModelSection
+    from ia3_dist.tools.inference import cached_snapshot
+    from ia3_dist.train.loop import base_revision
+
+    snap = hub_model_dir(REPO, None)
+    hub_run = SimpleNamespace(model_path=REPO, weights_dir=snap, cfg=SimpleNamespace(model=ModelSection(path=REPO)))
+    assert base_revision(hub_run) == COMMIT
+    local = SimpleNamespace(model_path=str(tiny_model), weights_dir=tiny_model,
+                            cfg=SimpleNamespace(model=ModelSection(path=str(tiny_model))))
+    assert base_revision(local) is None
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)), IA3Config(task_type="CAUSAL_LM"))
+    pm.peft_config["default"].revision = COMMIT
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["revision"] == COMMIT
+    assert cached_snapshot(REPO, COMMIT) == snap and cached_snapshot(REPO) == snap
+    assert cached_snapshot(REPO, "f" * 40) is None  # another version: not the cached one

@@ -184,12 +184,13 @@ def _cannot_load(what: str, path: str, e: Exception) -> UsageError:
     return UsageError(f"{what} {path}: cannot load it ({error_line(e)})")
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, what: str) -> Any:
+def _from_pretrained(path: str, dtype: torch.dtype, what: str, revision: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
         with no_code_prompt():
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False,
+                                                        revision=revision)
     except Exception as e:  # transformers raises many types for bad dirs and hub names; all mean "cannot load it"
         raise _cannot_load(what, path, e) from None
 
@@ -243,7 +244,9 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
         what = "base model" + ("" if base else f" (from {d / ADAPTER_CONFIG}; --base overrides it)")
         _check_module_fields(cfg, f"{d}: cannot load the adapter onto {base_path}")
         base_name = base_path
-        snapshot = cached_snapshot(base_path)
+        # The version the adapter was trained on (ia3-dist records the hub base's commit; --base names its own).
+        revision = None if base else _revision(cfg, d)
+        snapshot = cached_snapshot(base_path, revision)
         if snapshot is not None:
             base_path = str(snapshot)
         if Path(base_path).expanduser().is_dir():
@@ -262,7 +265,8 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     except Exception as e:  # tokenizers raise many types for corrupt files
         raise _cannot_load("tokenizer", tok_src, e) from None
     if is_adapter:
-        model = _load_adapter(_from_pretrained(base_path, torch_dtype, what), d, base_name)
+        model = _load_adapter(_from_pretrained(base_path, torch_dtype, what, None if snapshot else revision), d,
+                              base_name)
     else:
         model = _from_pretrained(str(d), torch_dtype, "merged model")
     check_vocab(tok, model.config, f"tokenizer {tok_src}")
@@ -282,7 +286,15 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     return model.eval(), tok, template, is_adapter
 
 
-def cached_snapshot(repo_id: str) -> Path | None:
+def _revision(cfg: dict[str, Any], d: Path) -> str | None:
+    rev = cfg.get("revision")
+    if rev is not None and not (isinstance(rev, str) and 0 < len(rev) <= 256):
+        raise UsageError(f"{d / ADAPTER_CONFIG}: 'revision' must be a hub revision (a commit, branch or tag), got "
+                         f"{type(rev).__name__}; fix it or pass --base")
+    return rev
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     """The hub cache's snapshot of the hub model ``repo_id`` when it holds the config and every weight file that
     loads; None for a local path, a model not cached, or a partial snapshot (``ia3-dist prepare`` caches the config
     and tokenizer only), which the hub id then loads (and downloads) as before.
@@ -295,7 +307,7 @@ def cached_snapshot(repo_id: str) -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        hit = try_to_load_from_cache(repo_id, "config.json")
+        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     except Exception:  # not a valid repo id: from_pretrained names the problem
         return None
     if not isinstance(hit, str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,16 @@ class TrainResult:
         return k, sum(self.losses[:k]) / k, sum(self.losses[-k:]) / k
 
 
+def base_revision(p: Prepared) -> str | None:
+    """The hub base's version the adapter is trained on: the commit of the snapshot the preflight checked (its dir
+    is named by it), else ``model.revision``; None for a local base."""
+    if Path(p.model_path).expanduser().is_dir():
+        return None
+    if p.weights_dir is not None and re.fullmatch(r"[0-9a-f]{40}", p.weights_dir.name):
+        return p.weights_dir.name
+    return p.cfg.model.revision
+
+
 def load_base(p: Prepared) -> tuple[Any, Any]:
     """The base model; under ZeRO-3 built partitioned and filled rank by rank (see zero3_load.py). Returns it and
     the ``HfDeepSpeedConfig`` that must stay referenced while it lives under ZeRO-3 (transformers and PEFT then
@@ -113,6 +124,11 @@ def build_engine(p: Prepared, objective: objectives.Objective | None = None) -> 
             raise ValueError(f"data.packing: no exact packing for model_type {base.config.model_type!r}")
         packed = fam.packed_inputs(base)
     peft_model = apply_ia3(base, p.cfg.ia3)
+    revision = base_revision(p)
+    if revision:
+        # PEFT writes it beside base_model_name_or_path: generate, chat, export and AutoPeftModel load that
+        # version of a hub base, not whatever its branch names by then.
+        peft_model.peft_config["default"].revision = revision
     if p.cfg.train.compile and p.cfg.train.compile_mode == "reduce-overhead":
         copy_gradients(peft_model)
     if p.cfg.ia3.init_from:
