@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -488,6 +489,12 @@ def test_a_run_training_in_the_dir_is_refused_a_stale_pid_file_is_not(tmp_path: 
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "ia3_dist"])
     other = subprocess.Popen(["sleep", "60"])
     try:
+        # Until a child has exec'd, its cmdline is this process's (forked): wait for their own.
+        deadline = time.monotonic() + 30
+        while (b"ia3_dist" not in Path(f"/proc/{live.pid}/cmdline").read_bytes()
+               or not Path(f"/proc/{other.pid}/cmdline").read_bytes().startswith(b"sleep")):
+            assert time.monotonic() < deadline, "the children never exec'd"
+            time.sleep(0.01)
         for body, refused in ((str(live.pid), True), (str(other.pid), False), (str(os.getpid()), False),
                               ("not a pid", False), ("", False), ("-1", False), ("9" * 40, False)):
             (tmp_path / PID_FILE).write_text(body)
