@@ -11,6 +11,7 @@ import ast
 import json
 import re
 import shutil
+import subprocess
 import sys
 from functools import cache
 from pathlib import Path
@@ -752,3 +753,61 @@ def test_a_model_without_an_lm_head_module_is_refused() -> None:
         L.check_head(LlamaForCausalLM(cfg))
         with pytest.raises(UsageError, match="get_output_embeddings\\(\\) gives NoneType, not an LM head module"):
             L.check_head(NoHead(cfg))
+
+
+REMOTE_CONFIG_LLAMA = '''from transformers import LlamaConfig
+
+
+class XConfig(LlamaConfig):
+    model_type = "qwen3"  # remote code under a type PEFT has IA3 defaults for (and not a tested family)
+'''
+REMOTE_MODEL_ITEM = '''import torch
+from transformers import LlamaForCausalLM
+
+from .configuration_x import XConfig
+
+
+class XForCausalLM(LlamaForCausalLM):
+    config_class = XConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.rate = float(torch.linspace(0, 0.1, 3)[1])  # a value computed at build time: no meta tensor has one
+'''
+
+
+@pytest.mark.slow  # `ia3-dist check` in a fresh process (about 6 s each)
+@pytest.mark.parametrize("targets", [[], ["ia3.target_modules=[k_proj,v_proj,down_proj]",
+                                         "ia3.feedforward_modules=[down_proj]"]])
+def test_remote_code_that_cannot_be_built_on_meta_skips_the_structure_check(
+        tmp_path: Path, tiny_model: Path, targets: list[str]) -> None:
+    """Remote code that reads a tensor's value in __init__ loads with from_pretrained but not on the meta device:
+    the preflight's structure check (check_head) must not turn a model that trains into a traceback."""
+    from safetensors.torch import save_file
+    from test_config_hardening import TINY
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = tmp_path / "model"
+    model.mkdir()
+    fields = dict(vocab_size=1200, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
+    state = LlamaForCausalLM(LlamaConfig(**fields)).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(model / "model.safetensors"),
+              metadata={"format": "pt"})
+    (model / "configuration_x.py").write_text(REMOTE_CONFIG_LLAMA)
+    (model / "modeling_x.py").write_text(REMOTE_MODEL_ITEM)
+    cfg = {**LlamaConfig(**fields).to_dict(), "model_type": "qwen3", "architectures": ["XForCausalLM"],
+           "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+    (model / "config.json").write_text(json.dumps(cfg))
+    for f in tiny_model.glob("*token*"):
+        shutil.copy(f, model / f.name)
+    # A process of its own: after any from_pretrained in this one, torch.device("meta") no longer reaches the
+    # factory calls (torch 2.13, transformers 5), so the meta build would succeed here on the CPU.
+    args = ["check", "--config", TINY, "model.trust_remote_code=true", *targets, f"model.path={model}",
+            f"output.dir={tmp_path / 'out'}"]
+    run = subprocess.run([sys.executable, "-c", "import sys; from ia3_dist.cli import main; "
+                          f"sys.exit(main({args!r}))"], capture_output=True, text=True, timeout=300)
+    err = run.stderr
+    assert "Traceback" not in err, err
+    assert run.returncode == 0, err
+    assert "meta device" in err, err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from ..data.sampler import ORDER_VERSION, Layout, plan_epoch, split_eval, steps_
 from ..data.tokenize import TokenizedData, load_or_tokenize
 from ..errors import RunFinished
 from ..models.families import family_of, support_case
-from ..models.files import check_model_dir, check_vocab, local_model_dir
+from ..models.files import check_model_dir, check_vocab, error_line, local_model_dir
 from ..models.ia3 import ADAPTER_FILE, apply_ia3, load_init_adapter, paper_targets
 from ..models.load import base_on_meta, hidden_size_of, load_model_config, load_tokenizer
 from ..models.loss import check_final_logits, check_head
@@ -224,6 +225,20 @@ def _adapter_written_after(adapter: Path, meta: Path) -> bool:
         return False
 
 
+def _meta_build(model_config: Any, cfg: RunConfig, env: dist.DistEnv) -> Any:
+    """The model built on the meta device for the preflight's structure checks; None where it cannot be (remote
+    code that reads a tensor's value in ``__init__``, which a meta tensor has not): the real load builds it on a
+    device and the same checks (apply_ia3, the losses) run there, so a model that trains is not refused here."""
+    try:
+        return base_on_meta(model_config, cfg.model.trust_remote_code)
+    except Exception as e:  # remote code raises anything; the real load reports a real failure
+        if env.is_main:
+            print(f"ia3-dist: note: model.path: cannot build the model on the meta device ({error_line(e)}); its "
+                  f"structure, ia3.target_modules and ia3.init_from are checked once it is loaded", file=sys.stderr,
+                  flush=True)
+        return None
+
+
 def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     """Model files, tokenizer, tokenized data (file-locked cache), the resolved DeepSpeed config, the output-dir
     guard and the resume point. Raises :class:`UsageError` on bad input; nothing here waits on another rank."""
@@ -239,9 +254,10 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     check_final_logits(model_config)  # exit 2 here, not at the first loss once every rank has loaded the model
     # On the meta device (no memory, milliseconds): the structure the losses use, names that match no module and a
     # starting adapter that does not fit fail here, not after the ranks have met.
-    on_meta = base_on_meta(model_config, cfg.model.trust_remote_code)
-    check_head(on_meta)
-    if cfg.ia3.target_modules is not None or cfg.ia3.init_from:
+    on_meta = _meta_build(model_config, cfg, env)
+    if on_meta is not None:
+        check_head(on_meta)
+    if on_meta is not None and (cfg.ia3.target_modules is not None or cfg.ia3.init_from):
         on_meta = apply_ia3(on_meta, cfg.ia3)
         if cfg.ia3.init_from:
             load_init_adapter(on_meta, cfg.ia3.init_from)
