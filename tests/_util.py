@@ -311,41 +311,56 @@ class Measured(NamedTuple):
     peak_rss_mib: float
 
 
+_TRAMPOLINE = r"""
+import os, resource, signal, sys
+limit, rss_file, *cmd = sys.argv[1:]
+if int(limit):
+    resource.setrlimit(resource.RLIMIT_AS, (int(limit), int(limit)))
+pid = os.fork()
+if pid == 0:
+    os.execv(cmd[0], cmd)
+_, status, usage = os.wait4(pid, 0)
+with open(rss_file, "w") as f:
+    f.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+if code < 0:  # ended by a signal: end so too, as the measured process did
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
 def measured_cli(args: list[str], timeout: float, stdin: str = "", env: dict | None = None,
                  address_space: int | None = 4 << 30) -> Measured:
     """``python -m ia3_dist ARGS`` as its own process, fed ``stdin``, for what hangs or blows up a real CLI: exit
-    code, output, seconds and the peak RSS of that process alone. Reaped with ``wait4``, not ``Popen.wait``: its
-    rusage is this child's own, where RUSAGE_CHILDREN would be the largest of every child this test process ever
-    had. ``address_space`` (RLIMIT_AS) keeps a regression from swapping the box; past ``timeout`` the process is
-    killed and the test fails (a hang)."""
-    import resource
+    code, output, seconds and the peak RSS of that process alone. Started from a small trampoline process, which
+    reaps it with ``wait4`` and reports its rusage: a process forked from this one (a test worker that may have
+    grown past a GiB on models) starts with this process's resident pages, and Linux carries that high-water mark
+    into its ``ru_maxrss`` across the exec; forked from the trampoline, it starts at a few MB. ``address_space``
+    (RLIMIT_AS) keeps a regression from swapping the box; past ``timeout`` the process group is killed and the
+    test fails (a hang)."""
+    import signal
     import tempfile
     import time
 
-    def limit() -> None:
-        if address_space:
-            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
-
     with tempfile.TemporaryDirectory() as tmp:
-        fin, fout, ferr = (Path(tmp) / n for n in ("in", "out", "err"))
+        fin, fout, ferr, frss = (Path(tmp) / n for n in ("in", "out", "err", "rss"))
         fin.write_text(stdin, encoding="utf-8")
         t0 = time.monotonic()
         with fin.open("rb") as i, fout.open("wb") as o, ferr.open("wb") as e:
-            p = subprocess.Popen([sys.executable, "-m", "ia3_dist", *args], cwd=ROOT, stdin=i, stdout=o, stderr=e,
-                                 env={**os.environ, **(env or {})}, preexec_fn=limit)
-        while True:
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - t0 > timeout:
-                p.kill()
-                os.wait4(p.pid, 0)
-                p.returncode = -9  # reaped here: Popen must not wait again
-                raise AssertionError(f"ia3-dist {' '.join(args)[:200]} still running after {timeout} s (a hang)")
-            time.sleep(0.05)
-        p.returncode = os.waitstatus_to_exitcode(status)
+            p = subprocess.Popen([sys.executable, "-S", "-c", _TRAMPOLINE, str(address_space or 0), str(frss),
+                                  sys.executable, "-m", "ia3_dist", *args], cwd=ROOT, stdin=i, stdout=o, stderr=e,
+                                 env={**os.environ, **(env or {})}, start_new_session=True)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                raise AssertionError(f"ia3-dist {' '.join(args)[:200]} still running after {timeout} s (a hang)") \
+                    from None
+        rss_kib = int(frss.read_text() or 0) if frss.exists() else 0
         return Measured(p.returncode, fout.read_text(errors="replace"), ferr.read_text(errors="replace"),
-                        time.monotonic() - t0, usage.ru_maxrss / 1024)
+                        time.monotonic() - t0, rss_kib / 1024)
 
 
 @contextlib.contextmanager

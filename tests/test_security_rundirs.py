@@ -589,3 +589,17 @@ def test_fifos_in_run_and_sweep_dirs_never_hang(tmp_path: Path) -> None:
     assert_refused(rc, err, "--out", "not a regular file")
     rc, _, err, _, _ = run_limited(["slurm", "--config", str(TINY), "--out", str(r / "metrics.png"), "--force"])
     assert_refused(rc, err, "--out", "not a regular file")
+
+
+@pytest.mark.slow  # a CLI process, and 1.5 GB touched here
+def test_the_measured_peak_rss_is_the_cli_process_own() -> None:
+    """The bound above is the CLI's own memory, whatever this test process holds: a child forked from a big test
+    worker used to report the worker's resident pages as its peak (Linux keeps the high-water mark across exec)."""
+    from _util import measured_cli
+
+    big = bytearray(1500 << 20)
+    for i in range(0, len(big), 4096):
+        big[i] = 1
+    m = measured_cli(["summary", "/nonexistent", "--no-plot"], 60)
+    del big
+    assert m.rc == 2 and 0 < m.peak_rss_mib < 400, m
