@@ -556,3 +556,17 @@ def test_an_adapter_records_and_loads_the_hub_base_version_it_was_trained_on(
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["revision"] == COMMIT
     assert cached_snapshot(REPO, COMMIT) == snap and cached_snapshot(REPO) == snap
     assert cached_snapshot(REPO, "f" * 40) is None  # another version: not the cached one
+
+
+def test_a_bad_recorded_revision_is_named(tmp_path: Path, tiny_model: Path) -> None:
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ia3_dist.tools.inference import load_for_inference
+
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)), IA3Config(task_type="CAUSAL_LM"))
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    cfg = tmp_path / "adapter" / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "base_model_name_or_path": REPO, "revision": ""}))
+    with pytest.raises(UsageError, match="'revision' must be a hub revision .a commit, branch or tag., got ''"):
+        load_for_inference(str(tmp_path / "adapter"))

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 import torch
 
+from ..config.schema import show
 from ..data.records import Conversation, Turn, parse_json
 from ..data.template import CHAT_TEMPLATE, TEMPLATE_FILE, Template
 from ..errors import UsageError
@@ -231,6 +232,7 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     torch_dtype = DTYPES[dtype]
     is_adapter = (d / ADAPTER_CONFIG).is_file()
     template = _load_template(d)
+    hub_revision = None  # the version to ask the hub for, where the base is read by its hub id
     if is_adapter:
         cfg = read_adapter_config(d)
         base_path = base or cfg.get("base_model_name_or_path")
@@ -249,6 +251,8 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
         snapshot = cached_snapshot(base_path, revision)
         if snapshot is not None:
             base_path = str(snapshot)
+        else:
+            hub_revision = revision
         if Path(base_path).expanduser().is_dir():
             check_dir_files(Path(base_path).expanduser(), "base model dir")
         _check_local_model(base_path, what)
@@ -261,18 +265,19 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     # The tokenizer first: a corrupt one fails in a second, not after the whole model has loaded.
     try:
         with no_code_prompt():
-            tok = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=False,
+                                                revision=None if Path(tok_src).expanduser().is_dir() else hub_revision)
     except Exception as e:  # tokenizers raise many types for corrupt files
         raise _cannot_load("tokenizer", tok_src, e) from None
     if is_adapter:
-        model = _load_adapter(_from_pretrained(base_path, torch_dtype, what, None if snapshot else revision), d,
+        model = _load_adapter(_from_pretrained(base_path, torch_dtype, what, hub_revision), d,
                               base_name)
     else:
         model = _from_pretrained(str(d), torch_dtype, "merged model")
     check_vocab(tok, model.config, f"tokenizer {tok_src}")
     if not (d / TEMPLATE_FILE).is_file():
         template = default_template(tok, f"tokenizer {tok_src} chat_template")
-    gen_eos = _generation_eos(base_path if is_adapter else str(d))
+    gen_eos = _generation_eos(base_path if is_adapter else str(d), hub_revision)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UsageError(f"tokenizer {tok_src}: no pad or eos token, so prompts cannot be batched; add an eos "
@@ -290,7 +295,7 @@ def _revision(cfg: dict[str, Any], d: Path) -> str | None:
     rev = cfg.get("revision")
     if rev is not None and not (isinstance(rev, str) and 0 < len(rev) <= 256):
         raise UsageError(f"{d / ADAPTER_CONFIG}: 'revision' must be a hub revision (a commit, branch or tag), got "
-                         f"{type(rev).__name__}; fix it or pass --base")
+                         f"{show(rev)}; fix it or pass --base")
     return rev
 
 
@@ -323,7 +328,7 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
 GENERATION_CONFIG = "generation_config.json"
 
 
-def _generation_eos(model_path: str) -> list[int]:
+def _generation_eos(model_path: str, revision: str | None = None) -> list[int]:
     """The ``eos_token_id`` list of a model's generation_config.json (local dir, or the hub cache: nothing is
     downloaded for it); empty when there is none or it is unusable. Instruct models list their end-of-turn token
     there (Llama 3's <|eot_id|>), not in the tokenizer."""
@@ -335,7 +340,7 @@ def _generation_eos(model_path: str) -> list[int]:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            hit = try_to_load_from_cache(model_path, GENERATION_CONFIG)
+            hit = try_to_load_from_cache(model_path, GENERATION_CONFIG, revision=revision)
             f = Path(hit) if isinstance(hit, str) else None
         except Exception:  # not a repo id, or no cache: there is no file to read
             f = None
