@@ -712,28 +712,35 @@ class XForCausalLM(LlamaForCausalLM):
 '''
 
 
-def test_remote_code_whose_base_model_is_the_whole_lm_is_refused(tmp_path: Path, tiny_model: Path,
-                                                                  capsys: pytest.CaptureFixture) -> None:
-    """A model with its own code (trust_remote_code, from the model dir) that no table knows: the preflight builds
-    it on the meta device and refuses the structure the losses cannot use, exit 2 before any rank starts."""
+def _remote_code_model(model: Path, tiny_model: Path, model_type: str, config_code: str, model_code: str) -> Path:
+    """A tiny Llama-shaped model dir with its own code (``auto_map``: ``configuration_x.py``, ``modeling_x.py``),
+    random weights and the tiny tokenizer, as trust_remote_code loads it."""
     from safetensors.torch import save_file
-    from test_config_hardening import check_exits_2
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = tmp_path / "model"
     model.mkdir()
     fields = dict(vocab_size=1200, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
     state = LlamaForCausalLM(LlamaConfig(**fields)).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(model / "model.safetensors"),
               metadata={"format": "pt"})
-    (model / "configuration_x.py").write_text(REMOTE_CONFIG)
-    (model / "modeling_x.py").write_text(REMOTE_MODEL)
-    cfg = {**LlamaConfig(**fields).to_dict(), "model_type": "x-llama", "architectures": ["XForCausalLM"],
+    (model / "configuration_x.py").write_text(config_code)
+    (model / "modeling_x.py").write_text(model_code)
+    cfg = {**LlamaConfig(**fields).to_dict(), "model_type": model_type, "architectures": ["XForCausalLM"],
            "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
     (model / "config.json").write_text(json.dumps(cfg))
     for f in tiny_model.glob("*token*"):
         shutil.copy(f, model / f.name)
+    return model
+
+
+def test_remote_code_whose_base_model_is_the_whole_lm_is_refused(tmp_path: Path, tiny_model: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """A model with its own code (trust_remote_code, from the model dir) that no table knows: the preflight builds
+    it on the meta device and refuses the structure the losses cannot use, exit 2 before any rank starts."""
+    from test_config_hardening import check_exits_2
+
+    model = _remote_code_model(tmp_path / "model", tiny_model, "x-llama", REMOTE_CONFIG, REMOTE_MODEL)
     err = check_exits_2(tmp_path, model, capsys, ["model.trust_remote_code=true",
                                                   "ia3.target_modules=[q_proj,v_proj,down_proj]",
                                                   "ia3.feedforward_modules=[down_proj]"])
@@ -783,24 +790,9 @@ def test_remote_code_that_cannot_be_built_on_meta_skips_the_structure_check(
         tmp_path: Path, tiny_model: Path, targets: list[str]) -> None:
     """Remote code that reads a tensor's value in __init__ loads with from_pretrained but not on the meta device:
     the preflight's structure check (check_head) must not turn a model that trains into a traceback."""
-    from safetensors.torch import save_file
     from test_config_hardening import TINY
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = tmp_path / "model"
-    model.mkdir()
-    fields = dict(vocab_size=1200, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
-    state = LlamaForCausalLM(LlamaConfig(**fields)).state_dict()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(model / "model.safetensors"),
-              metadata={"format": "pt"})
-    (model / "configuration_x.py").write_text(REMOTE_CONFIG_LLAMA)
-    (model / "modeling_x.py").write_text(REMOTE_MODEL_ITEM)
-    cfg = {**LlamaConfig(**fields).to_dict(), "model_type": "qwen3", "architectures": ["XForCausalLM"],
-           "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
-    (model / "config.json").write_text(json.dumps(cfg))
-    for f in tiny_model.glob("*token*"):
-        shutil.copy(f, model / f.name)
+    model = _remote_code_model(tmp_path / "model", tiny_model, "qwen3", REMOTE_CONFIG_LLAMA, REMOTE_MODEL_ITEM)
     # A process of its own: after any from_pretrained in this one, torch.device("meta") no longer reaches the
     # factory calls (torch 2.13, transformers 5), so the meta build would succeed here on the CPU.
     args = ["check", "--config", TINY, "model.trust_remote_code=true", *targets, f"model.path={model}",
