@@ -2,7 +2,8 @@
 (plain construction in the test process, never under ``deepspeed.zero.Init``) and loaded from disk by every test.
 They share the demo's byte-level BPE tokenizer; Llama's and Qwen2's tokenizers get a chat template in their
 family's format (with its markers as special tokens), as the real instruct models ship one; Mistral's and
-GPT-NeoX's have none, so both inference paths are covered."""
+GPT-NeoX's have none, so both inference paths are covered. Mistral's puts a BOS before every text it encodes, as
+the real one (and Llama 2's) does."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-VERSION = 1
+VERSION = 2  # 2: Mistral's tokenizer adds a BOS
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' "
@@ -22,6 +23,7 @@ LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['r
 CHAT = {"llama": (LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
         "qwen2": (CHATML, ["<|im_start|>", "<|im_end|>"]), "mistral": (None, []), "gpt_neox": (None, [])}
 FAMILY_TYPES = tuple(CHAT)
+ADDS_BOS = {"mistral"}
 
 
 def _config(model_type: str, tok: Any) -> Any:
@@ -50,6 +52,11 @@ def build(model_type: str, tokenizer_dir: Path, out: Path) -> None:
         tok.add_special_tokens({"additional_special_tokens": specials})
     if template:
         tok.chat_template = template
+    if model_type in ADDS_BOS:
+        from tokenizers import processors
+
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.bos_token_id)])
     torch.manual_seed(sum(map(ord, model_type)))
     model = AutoModelForCausalLM.from_config(_config(model_type, tok))
     model.save_pretrained(str(tmp), safe_serialization=True)

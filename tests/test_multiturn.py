@@ -133,9 +133,10 @@ def test_chat_template_tokens_are_apply_chat_templates(train_on: str) -> None:
 @pytest.mark.parametrize("template", ["human_assistant", "chat_template"])
 def test_inference_feeds_the_ids_training_had_before_the_answer(template: str) -> None:
     """generate's prompt ids are the training example's up to the last answer: human_assistant encodes each turn's
-    prompt and answer apart (the reference recipe's tok(prompt) + tok(output + eos)), so a tokenizer that adds a
-    BOS on every call (Llama's) or starts every encoding with a word-start marker (SentencePiece's) has them
-    between turns too, where one encoding of the joined text had neither."""
+    prompt and answer apart (the reference recipe's tok(prompt) + tok(output + eos)), so a tokenizer that starts
+    every encoding with a word-start marker (SentencePiece's) has it between turns too, where one encoding of the
+    joined text had not; one that adds a BOS on every call (Llama's) has it once, at the start, and no answer
+    starts with a labelled BOS."""
     from tokenizers import processors
 
     from ia3_dist.tools.inference import prompt_ids
@@ -152,8 +153,11 @@ def test_inference_feeds_the_ids_training_had_before_the_answer(template: str) -
     t = Template.of(cfg, tok)
     assert prompt_ids(t, conv, tok, 10**6) == (ids[:answer], False)
     assert prompt_ids(t, conv, tok, 5) == (ids[answer - 5:answer], True)
-    if template == "human_assistant":  # one encoding of the joined prompt text has one BOS only
-        assert ids[:answer].count(bos) == 3 and tok(t.prompt_of(conv, tok)).input_ids.count(bos) == 1
+    assert ids.count(bos) == 1 and ids[0] == bos
+    if template == "human_assistant":
+        assert bos not in [i for i, m in zip(ids, mask.tolist(), strict=True) if m]
+        first = tok("Human: hello there\n\nAssistant: ").input_ids  # the recipe's tok(prompt), BOS and all
+        assert ids[:len(first)] == first and ids[len(first)] != bos
     # generate feeds them, left-padded in a batch with a shorter conversation.
     import torch
 
@@ -174,6 +178,57 @@ def test_inference_feeds_the_ids_training_had_before_the_answer(template: str) -
     assert rows[0] == ids[:answer] and masks[0] == [1] * answer
     k = len(prompt_ids(t, short, tok, 10**6)[0])
     assert rows[1][answer - k:] == prompt_ids(t, short, tok, 10**6)[0] and masks[1] == [0] * (answer - k) + [1] * k
+
+
+def test_an_adapter_saved_before_the_bos_key_is_prompted_as_it_was_trained(tmp_path: Path) -> None:
+    """A template file without ``bos`` (adapters of earlier versions, trained with a BOS before every piece) loads
+    as ``every_piece``, and inference gives such a model the BOS before each piece that it learned; a new one
+    round-trips as ``start``. An unknown value is refused naming the file."""
+    from tokenizers import processors
+
+    from ia3_dist.tools.inference import prompt_ids
+
+    tok = _sentencepiece_style_tokenizer()
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>",
+                                                                                                             bos)])
+    conv = Conversation([Turn("hello there", "", "fine thanks"), Turn("how are you", "", "")])
+    Template().save(tmp_path)
+    saved = json.loads((tmp_path / "ia3_dist.json").read_text())
+    assert saved["bos"] == "start" and Template.load(tmp_path).bos == "start"
+    assert prompt_ids(Template.load(tmp_path), conv, tok, 10**6)[0].count(bos) == 1
+    del saved["bos"]
+    (tmp_path / "ia3_dist.json").write_text(json.dumps(saved))
+    old = Template.load(tmp_path)
+    assert old.bos == "every_piece"
+    pieces = old.prompt_pieces(conv, tok)
+    assert prompt_ids(old, conv, tok, 10**6)[0] == [i for p in pieces for i in tok(p).input_ids]
+    assert prompt_ids(old, conv, tok, 10**6)[0].count(bos) == 3
+    (tmp_path / "ia3_dist.json").write_text(json.dumps({**saved, "bos": "twice"}))
+    with pytest.raises(UsageError, match=r"ia3_dist.json: unusable prompt template \(bos must be 'start' or "
+                                         r"'every_piece', got 'twice'\)"):
+        Template.load(tmp_path)
+
+
+def test_preference_pairs_have_one_bos(tmp_path: Path) -> None:
+    """Both rows of a pair start with the one BOS of their shared prompt; neither answer starts with one."""
+    from tokenizers import processors
+
+    from ia3_dist.data.pairs import Pair
+
+    tok = _sentencepiece_style_tokenizer()
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>",
+                                                                                                             bos)])
+    from ia3_dist.data.tokenize import _ChunkTokenizer
+
+    pair = Pair(Conversation([Turn("hello there", "", "fine thanks")]),
+                Conversation([Turn("hello there", "", "go away")]))
+    c = _ChunkTokenizer(tok, DataSection(path="x"))([pair])
+    offs = [0, *c.lengths.cumsum().tolist()]
+    for r in range(2):
+        row, m = c.ids[offs[r]:offs[r + 1]].tolist(), c.label_mask[offs[r]:offs[r + 1]].tolist()
+        assert row.count(bos) == 1 and row[0] == bos and m[row.index(bos)] == 0, (row, m)
 
 
 def test_a_record_the_template_cannot_render_is_named_or_skipped(chat_tok, tmp_path: Path) -> None:

@@ -14,7 +14,10 @@ Two kinds:
       ...
 
   (``data.prompt_template``/``strip_prompt``/``response_prefix``/``append_eos`` shape each turn; a single-turn
-  record with no system prompt is byte for byte the reference recipe.) Bloom tokenizers ship no chat template;
+  record with no system prompt is byte for byte the reference recipe.) A tokenizer that puts a BOS before every
+  text it encodes (Llama's, Mistral's, Gemma's; Bloom's, Qwen2's and GPT-NeoX's add none) has it once, at the start
+  of the conversation: taken literally, ``tok(output + eos)`` would start every answer with a labelled BOS, and
+  the model would learn to answer with one. Bloom tokenizers ship no chat template;
   this is ours, and the eos after each answer is what separates turns.
 - ``chat_template``: the tokenizer's own Jinja chat template (or one read from a file). Each assistant turn's
   label span is what rendering the conversation through that turn adds to rendering it up to the generation
@@ -53,6 +56,7 @@ MAX_CHAT_TEMPLATE = 128 << 10
 MAX_CHAT_TURNS = 256
 
 Segment = tuple[str, bool]
+BOS_START, BOS_EVERY_PIECE = "start", "every_piece"
 
 
 @dataclass
@@ -70,6 +74,10 @@ class Template:
     append_eos: bool = DataSection.append_eos
     chat_template: str | None = None
     """The Jinja text for ``chat_template`` (the tokenizer's, or the file ``data.template`` named)."""
+    bos: str = BOS_START
+    """Where the special tokens the tokenizer puts before every text go under ``human_assistant`` (whose pieces
+    are encoded apart): ``start``, once, before the conversation's first piece; ``every_piece``, before each piece
+    (the recipe's calls taken literally; adapters saved before this field existed were trained so)."""
 
     @classmethod
     def of(cls, cfg: DataSection, tok: Any) -> Template:
@@ -120,6 +128,9 @@ class Template:
                                  f"{type(getattr(self, name)).__name__})")
         if self.kind not in (HUMAN_ASSISTANT, CHAT_TEMPLATE):
             raise UsageError(f"{where}: unknown template kind {_show(self.kind)}")
+        if self.bos not in (BOS_START, BOS_EVERY_PIECE):
+            raise UsageError(f"{where}: unusable prompt template (bos must be {BOS_START!r} or "
+                             f"{BOS_EVERY_PIECE!r}, got {_show(self.bos)})")
         try:
             _check_template("prompt_template", self.prompt_template)
         except UsageError as e:
@@ -147,6 +158,13 @@ class Template:
     def add_special_tokens(self) -> bool:
         """``tok(text)`` as the reference recipe calls it; a chat template writes its own special tokens."""
         return self.kind == HUMAN_ASSISTANT
+
+    def piece_ids(self, ids: list[int], k: int, lead: tuple[int, ...]) -> list[int]:
+        """The ids of piece ``k`` of a conversation as training has them, from ``tok(piece)`` (special tokens
+        added) and the tokenizer's :func:`leading_added` ``lead``: after the first piece, without ``lead``."""
+        if k and lead and self.bos == BOS_START and tuple(ids[:len(lead)]) == lead:
+            return ids[len(lead):]
+        return ids
 
     def _turn_prompt(self, t: Turn, first: bool, system: str) -> str:
         if t.results:  # the tools' answers stand where the user's message would
@@ -267,10 +285,23 @@ class Template:
             unknown = sorted(set(obj) - {fl.name for fl in fields(cls)})
             if unknown:
                 raise ValueError(f"unknown key(s) {_show(unknown)}")
+            obj.setdefault("bos", BOS_EVERY_PIECE)  # saved before the key existed: trained with a BOS per piece
             t = cls(**obj)
         except (OSError, ValueError, TypeError, RecursionError) as e:
             raise UsageError(f"{f}: unreadable prompt template ({_one_line(e)})") from None
         return t.checked(str(f))
+
+
+def leading_added(tok: Any) -> tuple[int, ...]:
+    """The special-token ids ``tok(text)`` puts before every text's own (Llama's and Mistral's BOS); () for a
+    tokenizer that adds none there (Bloom, Qwen2, GPT-NeoX)."""
+    probe = "Human: hello"
+    full = list(tok(probe)["input_ids"])
+    bare = list(tok(probe, add_special_tokens=False)["input_ids"])
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return tuple(full[:i])
+    return ()
 
 
 def _one_line(e: BaseException) -> str:

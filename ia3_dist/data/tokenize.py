@@ -32,11 +32,11 @@ from ..runtime.cpus import usable_cpus
 from .cache import cache_root, file_lock
 from .pairs import Pair, split_pair, truncate_pair
 from .records import MAX_SKIPPED_KEPT, Conversation, Records, RecordStream
-from .template import Template
+from .template import Template, leading_added
 from .tokens import IGNORE_INDEX, Chunk, TokenizedData  # noqa: F401 - IGNORE_INDEX re-exported
 
 # Bump when the cached format or the preprocessing changes meaning.
-CACHE_VERSION = 5  # 5: a chat template's conversation encoded whole
+CACHE_VERSION = 6  # 5: a chat template's conversation encoded whole; 6: human_assistant's BOS once per example
 # Records per chunk: a worker's unit of work, and what bounds the memory of tokenizing.
 CHUNK_RECORDS = 2000
 
@@ -208,6 +208,7 @@ class _ChunkTokenizer:
         self.template = Template.of(cfg, tok)
         self.encode = _encoder(tok, self.template.add_special_tokens)
         self.encode_whole = None if self.template.add_special_tokens else _whole_encoder(tok)
+        self.lead = leading_added(tok) if self.template.add_special_tokens else ()
 
     def __call__(self, convs: list[Conversation] | list[Pair]) -> Chunk:
         if convs and isinstance(convs[0], Pair):
@@ -219,7 +220,8 @@ class _ChunkTokenizer:
         else:
             uniq = list(dict.fromkeys(text for segs in rendered for text, _ in segs))
             ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
-            examples = [[(ids_of[text], is_label) for text, is_label in segs] for segs in rendered]
+            examples = [[(self.template.piece_ids(ids_of[text], k, self.lead), is_label)
+                         for k, (text, is_label) in enumerate(segs)] for segs in rendered]
         c = _pack(examples, self.cfg)
         c.skipped = skipped
         return c
@@ -232,7 +234,8 @@ class _ChunkTokenizer:
         ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
         # The two sides must share their prompt's tokens: a pair whose template renders them apart is named too.
         parts, unsplit = self._each(rendered, lambda r: split_pair(
-            *[[(ids_of[text], lab) for text, lab in segs] for segs in r[1:]], "data.template"), lambda r: r[0].where)
+            *[[(self.template.piece_ids(ids_of[text], k, self.lead), lab) for k, (text, lab) in enumerate(segs)]
+              for segs in r[1:]], "data.template"), lambda r: r[0].where)
         c = _pack_pairs(parts, self.cfg)
         c.skipped = skipped + unsplit
         return c

@@ -13,7 +13,7 @@ import torch
 
 from ..config.schema import show
 from ..data.records import Conversation, Turn, parse_json
-from ..data.template import CHAT_TEMPLATE, TEMPLATE_FILE, Template
+from ..data.template import CHAT_TEMPLATE, TEMPLATE_FILE, Template, leading_added
 from ..errors import UsageError
 from ..models.files import (
     MAX_SMALL_JSON,
@@ -480,12 +480,14 @@ def prompt_ids(template: Template, conv: Conversation, tok: Any, budget: int) ->
     conversation (its pieces apart: :meth:`Template.prompt_pieces`), cut to their last ``budget``; and whether they
     were cut. Encoded from the end, each piece only as far back as the budget needs (:func:`cut_to_tail`)."""
     add = template.add_special_tokens
+    lead = leading_added(tok) if add else ()
     pieces = template.prompt_pieces(conv, tok)
     ids: list[int] = []
     for k in range(len(pieces) - 1, -1, -1):
         if len(ids) >= budget:  # the earlier pieces fall outside the budget
             return ids[-budget:], True
-        ids = tok(cut_to_tail(tok, pieces[k], budget - len(ids), add), add_special_tokens=add)["input_ids"] + ids
+        piece = tok(cut_to_tail(tok, pieces[k], budget - len(ids), add), add_special_tokens=add)["input_ids"]
+        ids = template.piece_ids(piece, k, lead) + ids
     return (ids[-budget:], True) if len(ids) > budget else (ids, False)
 
 
