@@ -252,6 +252,26 @@ def adapter_tensors(adapter_dir: Path) -> dict:
     return load_file(str(adapter_dir / "adapter_model.safetensors"))
 
 
+def random_pairs(n: int, seed: int, max_answer: int, vocab_hi: int) -> Any:
+    """``n`` preference pairs of random token ids in [5, vocab_hi) as a TokenizedData of two rows per pair: a 3-token
+    prompt, answers of 2 to ``max_answer`` tokens (labelled)."""
+    import numpy as np
+
+    from ia3_dist.data.tokens import TokenizedData
+
+    rng = np.random.default_rng(seed)
+    ids: list[int] = []
+    mask: list[int] = []
+    offs = [0]
+    for _ in range(2 * n):
+        answer = int(rng.integers(2, max_answer + 1))
+        ids += rng.integers(5, vocab_hi, 3 + answer).tolist()
+        mask += [0] * 3 + [1] * answer
+        offs.append(offs[-1] + 3 + answer)
+    return TokenizedData(ids=np.array(ids), offsets=np.array(offs), label_mask=np.array(mask, np.uint8),
+                         n_records=n, dropped=np.zeros(0, np.int64), truncated=0, group=2)
+
+
 def write_records(path: Path, records: list[dict]) -> Path:
     path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     return path

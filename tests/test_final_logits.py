@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -129,14 +130,19 @@ def logit_changes(class_name: str) -> list[str]:
 
 
 @cache
-def transformers_logit_changes() -> dict[str, list[str]]:
-    """model_type -> what its causal-LM class(es) do to the logits, for those whose forward changes them."""
-    out = {}
+def _by_model_type(scan: Callable[[str], list[str]]) -> dict[str, list[str]]:
+    """model_type -> what ``scan`` finds in its causal-LM class(es), for those where it finds something."""
+    out: dict[str, list[str]] = {}
     for model_type, names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
         for name in names if isinstance(names, tuple) else (names,):
-            if changes := logit_changes(name):
+            if changes := scan(name):
                 out.setdefault(model_type, []).extend(changes)
     return out
+
+
+def transformers_logit_changes() -> dict[str, list[str]]:
+    """model_type -> what its causal-LM class(es) do to the logits, for those whose forward changes them."""
+    return _by_model_type(logit_changes)
 
 
 POSITIONS_ONLY = ("slice_logits_to_keep",)
@@ -275,12 +281,7 @@ def head_path_changes(class_name: str) -> list[str]:
 @cache
 def transformers_head_changes() -> dict[str, list[str]]:
     """model_type -> how its causal-LM class(es) make their logits other than the losses do, for those that do."""
-    out = {}
-    for model_type, names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
-        for name in names if isinstance(names, tuple) else (names,):
-            if changes := head_path_changes(name):
-                out.setdefault(model_type, []).extend(changes)
-    return out
+    return _by_model_type(head_path_changes)
 
 
 REVIEWED_HEADS = {

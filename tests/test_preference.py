@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from _trl_ref import max_rel, pair_ids, run_trl, vectors_close
-from _util import adapter_tensors, check, launch, metrics
+from _util import adapter_tensors, check, launch, metrics, random_pairs
 
 from ia3_dist.config import DataSection
 from ia3_dist.data.records import load_records
@@ -235,17 +235,7 @@ def test_dpo_resumes_exactly_on_another_allocation(models: dict, pair_file: Path
 
 def _pairs(n: int):
     """``n`` preference pairs of random tokens (a 3-token prompt, answers of 2 to 8 tokens)."""
-    from ia3_dist.data.tokens import TokenizedData
-
-    rng = np.random.default_rng(0)
-    ids, mask, offs = [], [], [0]
-    for _ in range(2 * n):
-        answer = int(rng.integers(2, 9))
-        ids += rng.integers(5, 50, 3 + answer).tolist()
-        mask += [0] * 3 + [1] * answer
-        offs.append(offs[-1] + 3 + answer)
-    return TokenizedData(ids=np.array(ids), offsets=np.array(offs), label_mask=np.array(mask, np.uint8),
-                         n_records=n, dropped=np.zeros(0, np.int64), truncated=0, group=2)
+    return random_pairs(n, seed=0, max_answer=8, vocab_hi=50)
 
 
 @pytest.mark.parametrize("objective,cpo_alpha", [("dpo", 0.0), ("orpo", 0.0), ("simpo", 0.0), ("simpo", 0.5)])

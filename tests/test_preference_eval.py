@@ -8,9 +8,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
+from _util import random_pairs
 
 from ia3_dist.config import IA3Section
 from ia3_dist.data.collate import pair_batch
@@ -25,17 +25,7 @@ N_PAIRS = 7
 def _pairs(n: int) -> TokenizedData:
     """``n`` pairs of random tokens: a 3-token prompt and answers of 2 to 12 tokens, lengths far enough apart that
     a per-batch token mean differs from the whole set's."""
-    rng = np.random.default_rng(1)
-    ids: list[int] = []
-    mask: list[int] = []
-    offs = [0]
-    for _ in range(2 * n):
-        answer = int(rng.integers(2, 13))
-        ids += rng.integers(5, 60, 3 + answer).tolist()
-        mask += [0] * 3 + [1] * answer
-        offs.append(offs[-1] + 3 + answer)
-    return TokenizedData(ids=np.array(ids), offsets=np.array(offs), label_mask=np.array(mask, np.uint8),
-                         n_records=n, dropped=np.zeros(0, np.int64), truncated=0, group=2)
+    return random_pairs(n, seed=1, max_answer=12, vocab_hi=60)
 
 
 @pytest.fixture(scope="module")
