@@ -304,6 +304,33 @@ def test_pending_tasks_show_the_accumulation_their_start_derives(tmp_path: Path,
     assert rows["micro_batch_size=2"]["train.grad_accum"] == 2
 
 
+def test_every_config_key_either_may_settle_a_start_or_cannot() -> None:
+    """The summary's two lists of config keys (what a start's auto choices may depend on, and what cannot change
+    them) cover every key of the schema once: a key added to the config without a decision fails here (left out
+    of both, a pending task differing only in it would take a started task's choices)."""
+    import dataclasses
+    import typing
+
+    from ia3_dist.config import schema
+
+    def keys(cls: type, prefix: str = "") -> list[str]:
+        hints = typing.get_type_hints(cls, vars(schema))
+        out = []
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            out += keys(t, f"{prefix}{f.name}.") if dataclasses.is_dataclass(t) else [prefix + f.name]
+        return out
+
+    every = keys(schema.RunConfig)
+    assert len(every) > 90 and "train.lr" in every and "data.packing" in every
+    both = [k for k in every if k.startswith(summary._SETTLES_NOTHING) and k.startswith(summary._MAY_SETTLE)]
+    neither = [k for k in every if not k.startswith(summary._SETTLES_NOTHING + summary._MAY_SETTLE)]
+    assert (both, neither) == ([], [])
+    # Every entry of the lists names some key (no entry left behind by a renamed key).
+    for entry in summary._SETTLES_NOTHING + summary._MAY_SETTLE:
+        assert any(k.startswith(entry) for k in every), entry
+
+
 @pytest.mark.parametrize(("grid", "settled"), [
     ("train.lr=3e-3,3e-2", {"deepspeed.config": "zero2", "train.micro_batch_size": 2, "train.grad_accum": 3}),
     ("data.max_length=128,256", {"deepspeed.config": "auto", "train.micro_batch_size": "auto",

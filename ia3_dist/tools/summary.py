@@ -513,6 +513,13 @@ _SETTLES_NOTHING = ("train.lr", "train.seed", "train.epochs", "train.max_steps",
 """Keys that cannot change what a start settles (the optimizer's numbers, the schedule's length, logging,
 checkpoints, output; the choices depend on the model, the data and the batch): two tasks that differ in these only
 settle alike."""
+_MAY_SETTLE = ("model.", "data.", "ia3.", "hardware.", "deepspeed.config", "train.micro_batch_size",
+               "train.grad_accum", "train.global_batch_size", "train.precision", "train.threads",
+               "train.gradient_checkpointing", "train.bind_cores", "train.lean_host_memory", "train.compile",
+               "train.loss_chunk_mib", "train.objective", "train.loss_type")
+"""The other keys: what the start's choices may depend on (the model, its data, the batch, the memory a step
+takes, the ranks and cores), so a pending task that differs from a started one in any of them waits for its own
+start. Every config key is in exactly one of the two lists (tests/test_sweep.py), so a new key is put in one."""
 
 
 def _is_open(cfg: dict[str, Any], key: str) -> bool:
