@@ -38,11 +38,13 @@ ia3_setup() {
 }
 
 # The pid in rank0.pid when it is a live ia3-dist process on this host; nothing for a pid file left by a run that
-# was killed (SIGKILL, OOM, the hang watchdog), whose pid may since belong to any other process.
+# was killed (SIGKILL, OOM, the hang watchdog), whose pid may since belong to any other process, nor for one that
+# another host wrote (its second line names the host; a requeued job may start on other nodes).
 ia3_rank0_pid() {
-  local pid
-  pid=$(head -c 32 "$OUTPUT_DIR/rank0.pid" 2>/dev/null) || return 0
+  local pid host
+  { IFS= read -r pid; IFS= read -r host; } < <(head -c 512 "$OUTPUT_DIR/rank0.pid" 2>/dev/null) || true
   case "$pid" in ''|*[!0-9]*) return 0 ;; esac
+  [ -z "$host" ] || [ "$host" = "$(hostname)" ] || return 0
   tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qE 'ia3_dist|ia3-dist|launch\.py' && echo "$pid"
   return 0
 }

@@ -169,10 +169,11 @@ def test_array_file_hands_each_task_its_values_and_dir(tmp_path: Path, capsys: p
 
 
 def fake_run(d: Path, lr: float, losses: list[float], *, adapter: bool = True, pid: int | None = None,
-             preempted: bool = False, evals: tuple[float, float] | None = None, resolved: tuple[str, ...] = ()
-             ) -> Path:
+             host: str | None = None, preempted: bool = False, evals: tuple[float, float] | None = None,
+             resolved: tuple[str, ...] = ()) -> Path:
     """A run dir as a run leaves it: run.yaml (with ``resolved``: values its start resolved), metrics.jsonl, and
-    the adapter / pid file / preemption marker."""
+    the adapter / pid file (``host`` on its second line, as rank 0 writes it; none: as earlier versions wrote it) /
+    preemption marker."""
     d.mkdir(parents=True)
     (d / "run.yaml").write_text(load_config(TINY, [f"train.lr={lr}", f"output.dir={d}", *resolved]).to_yaml())
     recs = [{"step": i + 1, "loss": x, "tokens_per_s": 100.0 * (i + 1), "peak_mem_gb": 0.5 + i}
@@ -184,7 +185,7 @@ def fake_run(d: Path, lr: float, losses: list[float], *, adapter: bool = True, p
         (d / "adapter").mkdir()
         (d / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
     if pid is not None:
-        (d / "rank0.pid").write_text(str(pid))
+        (d / "rank0.pid").write_text(f"{pid}\n{host}\n" if host else str(pid))
     if preempted:
         (d / "preempted.json").write_text('{"step": 2}')
     return d
@@ -257,8 +258,8 @@ def test_summary_bad_dir_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_stale_pid_file_is_failed_when_old(tmp_path: Path) -> None:
-    d = fake_run(tmp_path / "r", 0.1, [1.0], adapter=False, pid=2**22 + 12345)  # above pid_max: never alive
-    assert run_status(d) == "running"  # wrote just now: it may run on another node
+    d = fake_run(tmp_path / "r", 0.1, [1.0], adapter=False, pid=12345, host="other-node")
+    assert run_status(d) == "running"  # wrote just now: it runs on another node, whose processes are not seen here
     old = 10_000.0
     for f in (d / "rank0.pid", d / "metrics.jsonl"):
         os.utime(f, (old, old))
@@ -267,6 +268,49 @@ def test_stale_pid_file_is_failed_when_old(tmp_path: Path) -> None:
     assert run_status(d, slurm_state="RUNNING", job_known=True) == "running"
     (d / "preempted.json").write_text("{}")
     assert run_status(d, slurm_state="PENDING", job_known=True) == "preempted"
+
+
+def test_a_pid_file_of_this_host_is_read_at_once(tmp_path: Path) -> None:
+    """Rank 0's pid file names its host: where that is this host, whether the run lives is known at once (its
+    process is an ia3-dist one, or it ended), not guessed from how recently the run wrote. A live process of
+    another program that took the pid is no run; the same pid named by another host says nothing here, and a
+    file of an earlier version (the pid alone) is a run only where its pid is one here."""
+    import signal
+    import socket
+    import subprocess
+
+    from ia3_dist.runtime import manifest
+
+    here = socket.gethostname()
+    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "ia3_dist"])
+    other = subprocess.Popen(["sleep", "120"])
+    try:
+        d = fake_run(tmp_path / "live", 0.1, [1.0], adapter=False, pid=run.pid, host=here)
+        assert run_status(d) == "running" and manifest.live_run_pid(d) == run.pid
+        e = fake_run(tmp_path / "reused", 0.1, [1.0], adapter=False, pid=other.pid, host=here)
+        assert run_status(e) == "failed" and manifest.live_run_pid(e) is None  # wrote just now, yet no run
+        f = fake_run(tmp_path / "elsewhere", 0.1, [1.0], adapter=False, pid=run.pid, host=here + "-other")
+        assert run_status(f) == "running" and manifest.live_run_pid(f) is None  # recent: it may run there
+        g = fake_run(tmp_path / "old-format", 0.1, [1.0], adapter=False, pid=run.pid)
+        assert manifest.live_run_pid(g) == run.pid and manifest.pid_file_alive(g) is True
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        assert run_status(d) == "failed" and manifest.pid_file_alive(d) is False
+        assert manifest.pid_file_alive(g) is None and run_status(g) == "running"  # may be another host's
+    finally:
+        for p in (run, other):
+            p.kill()
+            p.wait()
+
+
+def test_rank0_writes_its_pid_and_host(tmp_path: Path) -> None:
+    import socket
+
+    from ia3_dist.runtime import manifest
+
+    manifest.write_pid_file(tmp_path)
+    assert (tmp_path / "rank0.pid").read_text() == f"{os.getpid()}\n{socket.gethostname()}\n"
+    assert manifest.live_run_pid(tmp_path) is None  # this process itself
 
 
 def _summary_rows(d: Path, capsys: pytest.CaptureFixture[str]) -> tuple[list[str], dict[str, dict]]:
@@ -429,7 +473,7 @@ def test_task_status_is_its_latest_attempts(tmp_path: Path, fake_sbatch: Path,
     assert sweep(["--dir", str(d), "--grid", "train.lr=3e-3,3e-2"], capsys)[0] == 0
     queue = _squeue(fake_sbatch, tmp_path)
     now = time.time()
-    run = fake_run(d / "lr=3e-3", 0.003, [2.0], adapter=False, pid=2**22 + 12345)  # no process, on any host
+    run = fake_run(d / "lr=3e-3", 0.003, [2.0], adapter=False, pid=12345, host="other-node")
     log = d / "logs" / "sw-4242_0.out"
     log.write_text("[ia3-dist 10:00:00] run finished with exit 137\n")
     other = d / "logs" / "sw-5151_0.out"  # another job's log of the same index: not this array's sign

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ FORMAT = 1
 CHECKPOINTS = "checkpoints"
 PID_FILE = "rank0.pid"
 """Rank 0's pid while it trains, for schedulers' preemption traps (slurm/lib.sh signal it)."""
+MAX_PID_FILE = 512  # a pid and a host name
+PID_MAX = 1 << 22  # the kernel's largest pid_max
 # What a live run's rank 0 runs as (python -m ia3_dist under a launcher, launch.py, the ia3-dist script): a pid
 # file naming another program is stale (its run was killed; the pid was reused).
 _RUN_CMD = re.compile(rb"ia3_dist|ia3-dist|launch\.py")
@@ -279,21 +282,65 @@ def check_writable_dir(path: Path, what: str) -> None:
         raise UsageError(f"{what} {path} is not writable{where}: {why}; pick a writable location")
 
 
-def live_run_pid(out: Path) -> int | None:
-    """The pid in ``<out>/rank0.pid`` when it is a live ia3-dist process on this host other than this one: a run
-    training in ``out`` now. None for no file, a stale one, or a process elsewhere (a pid file on a shared
-    filesystem written on another node says nothing about this host's processes)."""
+def write_pid_file(out: Path) -> None:
+    """Rank 0's :data:`PID_FILE`: its pid on the first line, for schedulers' preemption traps (slurm/lib.sh), then
+    the host it runs on: a pid names a process of that host only, and the file is read from others (``summary`` on
+    a login node, a requeued job's first node)."""
+    (out / PID_FILE).write_text(f"{os.getpid()}\n{socket.gethostname()}\n")
+
+
+def _read_pid_file(out: Path) -> tuple[int, str | None] | None:
+    """``(pid, host)`` of the pid file (host None in a file of a version that wrote the pid alone); None for no
+    file or an unreadable one."""
     try:
         with open(out / PID_FILE, "rb") as f:
-            raw = f.read(32)
-        pid = int(raw.strip() or b"x")
-        if pid <= 0 or pid == os.getpid():
-            return None
+            raw = f.read(MAX_PID_FILE + 1)
+    except OSError:
+        return None
+    if len(raw) > MAX_PID_FILE:
+        return None
+    lines = raw.decode("utf-8", "replace").split("\n")
+    pid = lines[0].strip()
+    if not pid.isascii() or not pid.isdigit() or not 0 < int(pid) <= PID_MAX:
+        return None
+    host = lines[1].strip() if len(lines) > 1 and lines[1].strip() else None
+    return int(pid), host
+
+
+def _is_run_process(pid: int) -> bool:
+    """Whether ``pid`` is a live ia3-dist process of this host (not a zombie, not some other program that took
+    the pid of a run that was killed)."""
+    try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read(1 << 16)
-    except (OSError, ValueError):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            zombie = f.read(4096).rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+    return not zombie and _RUN_CMD.search(cmd) is not None
+
+
+def pid_file_alive(out: Path) -> bool | None:
+    """Whether ``<out>/rank0.pid`` names a run that trains now: True or False where this host can tell (the file
+    names this host; True also for a file that names no host, written by an earlier version, when its pid is a
+    run here), None where it cannot (another host wrote it: its processes cannot be seen from here)."""
+    got = _read_pid_file(out)
+    if got is None:
+        return False
+    pid, host = got
+    if host is not None and host != socket.gethostname():
         return None
-    return pid if _RUN_CMD.search(cmd) else None
+    return True if _is_run_process(pid) else (False if host is not None else None)
+
+
+def live_run_pid(out: Path) -> int | None:
+    """The pid in ``<out>/rank0.pid`` when it is a live ia3-dist process on this host other than this one: a run
+    training in ``out`` now. None for no file, a stale one, or a run on another host (a pid file on a shared
+    filesystem written on another node says nothing about this host's processes)."""
+    got = _read_pid_file(out)
+    if got is None or got[0] == os.getpid() or pid_file_alive(out) is not True:
+        return None
+    return got[0]
 
 
 def refuse_live_run(out: Path) -> None:

@@ -50,12 +50,13 @@ import yaml
 from ..config.load import MAX_CONFIG_BYTES, RunConfigLoader
 from ..config.schema import brief, show
 from ..errors import UsageError
-from ..runtime.manifest import PID_FILE
+from ..runtime.manifest import PID_FILE, pid_file_alive
 from ..runtime.safe_io import read_bounded
 from ..train.plots import MAX_RECORDS, note, overlay_figure, save_figure, scan_metrics
 
 RECENT_S = 900
-"""A pid file without a live local process counts as running when the run wrote within this many seconds."""
+"""A pid file of another host (or of a version that wrote no host) counts as running when the run wrote within this
+many seconds."""
 IGNORED_KEYS = ("output.dir", "train.resume")
 SWEEP_FILE = "sweep.json"
 """What ``ia3-dist sweep`` writes into a sweep dir (see :mod:`.sweep`): the grid, the tasks, the job id."""
@@ -74,9 +75,6 @@ _RUN_MARKERS = (".ia3-dist-run.json", "run.yaml", "metrics.jsonl")
 MAX_SWEEP_BYTES = 16 << 20
 """sweep.json is a few hundred bytes per task: this is some 40k tasks (``ia3-dist sweep --max-tasks`` allows
 10k)."""
-PID_MAX = 1 << 22
-"""Linux's largest pid_max: a larger (or non-positive) pid in rank0.pid is no process (``kill(0)``/``kill(-1)``
-would ask about a whole process group)."""
 METRIC_KEYS = ("step", "loss", "eval_loss", "eval_ppl", "eval_rewards/accuracies", "tokens_per_s", "peak_mem_gb")
 """What the table and the overlay use of a metric record; nothing else is kept."""
 # What `ia3-dist sweep` names a task dir (see sweep.task_name): one plain path component.
@@ -176,26 +174,6 @@ def config_view(raw: Any) -> dict[str, Any]:
     return out
 
 
-def _pid_alive(pid_file: Path) -> bool:
-    try:
-        data = read_bounded(pid_file, 32, missing_ok=True)
-    except UsageError:
-        return False
-    text = (data or b"").decode("ascii", "replace").strip()
-    pid = int(text) if text.isdigit() else 0
-    if not 0 < pid <= PID_MAX:
-        return False
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:  # a zombie (ended, not yet reaped) is not running
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _finite(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
@@ -231,6 +209,11 @@ def _finished_after(d: Path, since: float) -> bool:
     return all((t := _mtime(d / m)) is None or t <= written for m in ("preempted.json", "hung.json"))
 
 
+def _recent(d: Path, started: float) -> bool:
+    """Whether the run wrote its pid file or a metrics line within :data:`RECENT_S`."""
+    return time.time() - max(started, _mtime(d / "metrics.jsonl") or 0.0) < RECENT_S
+
+
 def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,
                array_seen: float | None = None) -> str:
     """See the module docstring. For a sweep task: ``slurm_state``, its array task's state (None: not queued);
@@ -239,25 +222,27 @@ def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,
     state = (slurm_state or "").upper()
     if state in _SLURM_RUNNING:
         return "running"
-    pid = d / PID_FILE
-    started = _mtime(pid)
+    started = _mtime(d / PID_FILE)
     # Rank 0 writes the pid file as its attempt starts: one newer than the array's last sign of the task belongs to
-    # an attempt started outside the array, whose end or life the queue knows nothing of.
+    # an attempt started outside the array, whose end or life the queue knows nothing of. Whether its process lives
+    # only the host that wrote it can tell (None from any other: then the run's recent writes say it).
+    alive = pid_file_alive(d) if started is not None else False
     by_hand = array_seen is not None and started is not None and started > array_seen
     if state:  # PENDING, REQUEUED, REQUEUE_HOLD, ...: the array's task waits to (re)start
-        if by_hand and _pid_alive(pid):
+        if by_hand and (alive or (alive is None and _recent(d, started))):
             return "running"
         if array_seen is not None and _finished_after(d, array_seen):
             return "done"  # done by hand meanwhile: the queued task would resume a finished run
         requeued = (d / "preempted.json").exists() or (d / "hung.json").exists()
         return "preempted" if requeued else "pending"
     if started is not None:
-        if _pid_alive(pid):
+        if alive:
             return "running"
         if job_known and not by_hand:
             return "failed"  # the array's attempt wrote it, and the array no longer runs the task
-        newest = max(started, _mtime(d / "metrics.jsonl") or 0.0)
-        return "running" if time.time() - newest < RECENT_S else "failed"
+        if alive is False:
+            return "failed"  # this host wrote it, and its process is gone
+        return "running" if _recent(d, started) else "failed"
     if (d / "preempted.json").exists():
         return "preempted"
     if (d / "hung.json").exists():

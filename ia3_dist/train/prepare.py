@@ -4,7 +4,6 @@ written and no rank waiting on another."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -403,7 +402,7 @@ def write_run_files(p: Prepared) -> None:
     start_run_dir(p.out, p.cfg.output.overwrite and p.resume_from is None)
     write_batch_files(p)
     # For schedulers' preemption traps (slurm/lib.sh): signal rank 0 and every rank stops at the next step.
-    (p.out / PID_FILE).write_text(str(os.getpid()))
+    manifest.write_pid_file(p.out)
     (p.out / PREEMPTED_FILE).unlink(missing_ok=True)
     (p.out / HUNG_FILE).unlink(missing_ok=True)
 
