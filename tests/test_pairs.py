@@ -77,6 +77,10 @@ def test_renamed_columns(tmp_path: Path) -> None:
     ({"prompt": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "chosen": "a",
       "rejected": "b"}, "ends with an assistant message"),
     ({"prompt": "x", "chosen": 3, "rejected": "b"}, "must be a string or an assistant message"),
+    # Roles that are no strings (a TypeError, unhashable, escaped the skip policy and ended the run in a traceback).
+    ({"prompt": "x", "chosen": {"role": ["assistant"], "content": "a"}, "rejected": "b"}, "has role ['assistant']"),
+    ({"prompt": [{"role": "user", "content": "x"}, {"role": {"a": 1}, "content": "y"}], "chosen": "a",
+      "rejected": "b"}, "unknown role {'a': 1}"),
 ])
 def test_bad_pairs_name_file_and_line(rec: dict, message: str, tmp_path: Path) -> None:
     """A file's format comes from its first record (as for SFT data); a later bad one is named by line."""

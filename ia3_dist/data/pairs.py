@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config.schema import show
 from ..errors import UsageError
 from .formats import (
     ALPACA,
@@ -85,8 +86,9 @@ def _response(v: Any, what: str, fmt: str, cols: Columns, where: str) -> str:
             raise UsageError(f"{where}: {what} is a message without '{role_key}' and '{content_key}' (it has keys "
                              f"{_keys(v)}); set data.columns.role and data.columns.content to the keys it uses")
         roles = cols.roles(SHAREGPT if fmt == SHAREGPT else MESSAGES)
-        if roles.get(v[role_key]) != "assistant":
-            raise UsageError(f"{where}: {what} has role {v[role_key]!r}; a response must be the assistant's")
+        role = v[role_key]
+        if not isinstance(role, str) or roles.get(role) != "assistant":
+            raise UsageError(f"{where}: {what} has role {show(role)}; a response must be the assistant's")
         text = content_text(v[content_key], f"{what} content", where)
     if not text.strip():
         raise UsageError(f"{where}: {what} is empty: a preference pair needs two answers to compare")
@@ -144,7 +146,8 @@ def _conversation(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str, a
     assistant = cols.name("assistant") if "assistant" in cols.mapping else ("gpt" if chat_fmt == SHAREGPT
                                                                             else "assistant")
     roles = cols.roles(chat_fmt)
-    if msgs and isinstance(msgs[-1], Mapping) and roles.get(msgs[-1].get(role_key)) == "assistant":
+    last_role = msgs[-1].get(role_key) if msgs and isinstance(msgs[-1], Mapping) else None
+    if isinstance(last_role, str) and roles.get(last_role) == "assistant":
         raise UsageError(f"{where}: the prompt ends with an assistant message; a preference prompt ends with the "
                          f"user's message and the two answers are in {cols.label('chosen')} and "
                          f"{cols.label('rejected')}")
