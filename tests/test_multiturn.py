@@ -210,25 +210,33 @@ def test_an_adapter_saved_before_the_bos_key_is_prompted_as_it_was_trained(tmp_p
         Template.load(tmp_path)
 
 
-def test_preference_pairs_have_one_bos(tmp_path: Path) -> None:
-    """Both rows of a pair start with the one BOS of their shared prompt; neither answer starts with one."""
+@pytest.mark.parametrize("template", ["human_assistant", "chat_template"])
+def test_preference_rows_start_with_the_prompt_inference_feeds(template: str) -> None:
+    """Both rows of a two-turn pair start with the ids generate feeds for its prompt (one BOS, at the start), then
+    the labelled answer. Under a chat template the prompt was encoded piece by piece, so a SentencePiece-style
+    tokenizer trained on a word-start marker before every turn that inference never shows."""
     from tokenizers import processors
 
     from ia3_dist.data.pairs import Pair
+    from ia3_dist.data.tokenize import _ChunkTokenizer
+    from ia3_dist.tools.inference import prompt_ids
 
     tok = _sentencepiece_style_tokenizer()
     bos = tok.convert_tokens_to_ids("<s>")
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>",
-                                                                                                             bos)])
-    from ia3_dist.data.tokenize import _ChunkTokenizer
-
-    pair = Pair(Conversation([Turn("hello there", "", "fine thanks")]),
-                Conversation([Turn("hello there", "", "go away")]))
-    c = _ChunkTokenizer(tok, DataSection(path="x"))([pair])
+    if template == "human_assistant":
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", bos)])
+    first = [Turn("hello there", "", "fine thanks")]
+    pair = Pair(Conversation([*first, Turn("how are you", "", "good, and you")]),
+                Conversation([*first, Turn("how are you", "", "fine thanks")]))
+    cfg = DataSection(path="x", template=template)
+    c = _ChunkTokenizer(tok, cfg)([pair])
+    want, _ = prompt_ids(Template.of(cfg, tok), pair.chosen, tok, 10**6)
     offs = [0, *c.lengths.cumsum().tolist()]
     for r in range(2):
         row, m = c.ids[offs[r]:offs[r + 1]].tolist(), c.label_mask[offs[r]:offs[r + 1]].tolist()
-        assert row.count(bos) == 1 and row[0] == bos and m[row.index(bos)] == 0, (row, m)
+        assert row[:len(want)] == want and m == [0] * len(want) + [1] * (len(row) - len(want)), (row, m)
+        assert row.count(bos) == 1 and row[0] == bos
 
 
 def test_a_record_the_template_cannot_render_is_named_or_skipped(chat_tok, tmp_path: Path) -> None:

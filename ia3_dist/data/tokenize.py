@@ -36,7 +36,9 @@ from .template import Template, leading_added
 from .tokens import IGNORE_INDEX, Chunk, TokenizedData  # noqa: F401 - IGNORE_INDEX re-exported
 
 # Bump when the cached format or the preprocessing changes meaning.
-CACHE_VERSION = 6  # 5: a chat template's conversation encoded whole; 6: human_assistant's BOS once per example
+# 5: a chat template's conversation encoded whole; 6: human_assistant's BOS once per example; 7: a chat template's
+# preference prompt encoded whole
+CACHE_VERSION = 7
 # Records per chunk: a worker's unit of work, and what bounds the memory of tokenizing.
 CHUNK_RECORDS = 2000
 
@@ -227,9 +229,17 @@ class _ChunkTokenizer:
         return c
 
     def pairs(self, pairs: list[Pair]) -> Chunk:
-        """Both sides of each pair rendered like an SFT conversation with labels on the last answer only."""
-        rendered, skipped = self._each(pairs, lambda p: (p, self.template.segments(p.chosen, self.tok, "last"),
-                                                         self.template.segments(p.rejected, self.tok, "last")))
+        """Both sides of each pair rendered like an SFT conversation with labels on the last answer only. Under a
+        chat template the prompt is encoded whole, as inference encodes it, and the answer on its own (TRL's
+        way): encoded piece by piece, a SentencePiece-style tokenizer put a word-start marker before every
+        turn."""
+        def render(c: Conversation) -> list[tuple[str, bool]]:
+            segs = self.template.segments(c, self.tok, "last")
+            if self.template.add_special_tokens:
+                return segs
+            return [("".join(text for text, _ in segs[:-1]), False), segs[-1]]
+
+        rendered, skipped = self._each(pairs, lambda p: (p, render(p.chosen), render(p.rejected)))
         uniq = list(dict.fromkeys(text for _, *both in rendered for segs in both for text, _ in segs))
         ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
         # The two sides must share their prompt's tokens: a pair whose template renders them apart is named too.
