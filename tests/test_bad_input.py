@@ -213,7 +213,7 @@ def test_check_passes_and_reports_stats(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["check", "--config", TINY, f"data.path={f}", "--world-size", "2", f"model.path={tiny_model}",
                  f"output.dir={tmp_path / 'o'}"]) == 0
     out = capsys.readouterr().out
-    assert "4 records read" in out and "3 examples; 1 dropped" in out and "records [3]" in out
+    assert "4 records read" in out and "3 examples; 1 dropped" in out and f"first: {f}: record 3" in out
     assert "truncated at 256: 1 (25.0%)" in out and "length p50" in out
     assert "4 micro x 2 accum x 2 ranks = 16 global; 3 optimizer steps" in out and "preflight: OK" in out
     assert not (tmp_path / "o").exists()

@@ -102,8 +102,24 @@ def test_dropped_records_are_counted_and_logged(tmp_path: Path, tiny_tokenizer) 
     train, held = split_eval(data, 0.2, 0)
     assert len(train) == 4 and len(held) == 1
     report = "\n".join(data_lines(train, RunConfig(data=DataSection(path=str(f)))))
-    assert "data: 6 records read" in report and "4 examples; 1 dropped" in report and "records [0]" in report, \
-        report
+    assert "data: 6 records read" in report and "4 examples; 1 dropped" in report, report
+    assert f"data.unlabeled=drop), first: {f}:1\n" in report, report
+
+
+def test_the_report_names_dropped_records_where_they_were_read(tmp_path: Path, tiny_tokenizer) -> None:
+    """A dropped record is named by its file and line, also after a bad line skipped before it and through the
+    token cache (its index among the records read was 1: no line of the file)."""
+    from ia3_dist.config import RunConfig
+    from ia3_dist.data.report import data_lines
+
+    f = tmp_path / "d.jsonl"
+    f.write_text("{bad\n" + json.dumps({"instruction": "hi", "output": "ok"}) + "\n"
+                 + json.dumps({"instruction": "长" * 300, "output": "x"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    cfg = DataSection(path=str(f), on_bad_record="skip", cache_dir=str(tmp_path / "cache"))
+    for _ in range(2):  # tokenized, then read back from the cache
+        report = "\n".join(data_lines(load_or_tokenize(cfg, tiny_tokenizer), RunConfig(data=cfg)))
+        assert f"1 examples; 1 dropped (no label token after truncation, data.unlabeled=drop), first: {f}:3\n" \
+            in report, report
 
 
 def test_save_to_disk_dir_matches_json(tmp_path: Path, tiny_tokenizer) -> None:

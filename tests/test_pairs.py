@@ -166,7 +166,8 @@ def test_pairs_are_two_rows_with_labels_on_the_answers(tmp_path: Path, tiny_toke
 
     report = "\n".join(data_lines(data, RunConfig(data=cfg)))
     assert "2 preference pairs (2 rows each); 1 dropped (the prompt left no answer token" in report
-    assert "records [1]" in report, report
+    assert f"dropped (the prompt left no answer token on a side after truncation to data.max_length), first: " \
+           f"{cfg.path}:2" in report, report
     for i in range(len(data)):
         (ci, _, cl), (ri, _, rl) = data.example(2 * i), data.example(2 * i + 1)
         n = next(k for k, v in enumerate(cl) if v != -100)

@@ -30,7 +30,7 @@ def data_lines(d: TokenizedData, cfg: RunConfig) -> list[str]:
         (f"  {len(d)} preference pairs (2 rows each); {len(d.dropped)} dropped (the prompt left no answer token on a "
          f"side after truncation to data.max_length)" if d.group == 2 else
          f"  {len(d)} examples; {len(d.dropped)} dropped (no label token after truncation, data.unlabeled=drop)")
-        + (f", records {d.dropped[:5].tolist()}" if len(d.dropped) else "")
+        + (f", first: {'; '.join(d.dropped_where)}" if d.dropped_where else "")
         + (f"; {d.unlabeled} kept with no label token (data.unlabeled=keep, as the reference recipe)"
            if d.unlabeled and not len(d.dropped) else ""),
         f"  truncated at {cfg.data.max_length}: {d.truncated} ({100.0 * d.truncated / max(d.n_records, 1):.1f}%); "

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import UsageError
 from .records import MAX_SKIPPED_KEPT
-from .tokens import Chunk, TokenizedData
+from .tokens import MAX_DROPPED_NAMED, Chunk, TokenizedData
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -91,6 +91,7 @@ class CacheWriter:
         self.lengths: list[np.ndarray] = []
         self.counts: list[np.ndarray] = []
         self.dropped: list[np.ndarray] = []
+        self.dropped_where: list[str] = []
         self.n_records = self.n_tokens = self.truncated = self.unlabeled = 0
         self.skipped: list[str] = []
         """Records the template could not render (data.on_bad_record=skip): the first messages; all counted in
@@ -110,6 +111,7 @@ class CacheWriter:
         self.lengths.append(c.lengths)
         self.counts.append(c.label_counts)
         self.dropped.append(c.dropped + self.n_records)
+        self.dropped_where += c.dropped_where[:max(0, MAX_DROPPED_NAMED - len(self.dropped_where))]
         self.n_records += c.n_records
         self.n_tokens += int(c.ids.size)
         self.truncated += c.truncated
@@ -138,6 +140,7 @@ class CacheWriter:
         manifest = {"format": FORMAT, "key": self.key, "dtype": self.dtype.name, "n_tokens": self.n_tokens,
                     "n_examples": len(lens), "n_records": self.n_records, "truncated": self.truncated,
                     "unlabeled": self.unlabeled, "label_tokens": int(arrays["label_counts.npy"].sum(dtype=np.int64)),
+                    "dropped_where": self.dropped_where,
                     "host": socket.gethostname(), "pid": os.getpid(), "written": time.time(), **meta}
         with open(self.tmp / MANIFEST, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, ensure_ascii=False)
@@ -196,10 +199,13 @@ def open_cache(d: Path) -> tuple[TokenizedData, dict[str, Any]] | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise _corrupt(d, f"{type(e).__name__}: {e}") from None
     skipped = list(meta.get("skipped", []))
+    named = meta.get("dropped_where", [])
+    dropped_where = [w for w in named if isinstance(w, str)][:MAX_DROPPED_NAMED] if isinstance(named, list) else []
     data = TokenizedData(ids=ids, offsets=offsets, label_mask=mask, n_records=int(meta["n_records"]),
                          dropped=dropped, truncated=int(meta["truncated"]), unlabeled=int(meta["unlabeled"]),
                          cache_file=str(d), skipped=skipped, formats=dict(meta.get("formats", {})),
-                         label_counts=label_counts, skipped_total=int(meta.get("skipped_total", len(skipped))))
+                         label_counts=label_counts, skipped_total=int(meta.get("skipped_total", len(skipped))),
+                         dropped_where=dropped_where)
     return data, meta
 
 

@@ -33,7 +33,7 @@ from .cache import cache_root, file_lock
 from .pairs import Pair, split_pair, truncate_pair
 from .records import MAX_SKIPPED_KEPT, Conversation, Records, RecordStream
 from .template import Template, leading_added
-from .tokens import IGNORE_INDEX, Chunk, TokenizedData  # noqa: F401 - IGNORE_INDEX re-exported
+from .tokens import IGNORE_INDEX, MAX_DROPPED_NAMED, Chunk, TokenizedData  # noqa: F401 - IGNORE_INDEX re-exported
 
 # Bump when the cached format or the preprocessing changes meaning.
 # 5: a chat template's conversation encoded whole; 6: human_assistant's BOS once per example; 7: a chat template's
@@ -80,8 +80,9 @@ def truncate(ids: list[int], mask: list[int], last_response: int, max_length: in
     return ids[:max_length], mask[:max_length]
 
 
-def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection) -> Chunk:
-    """Per-example segment ids -> one :class:`Chunk` (truncated, masked, unlabeled examples dropped or kept)."""
+def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection, wheres: list[str]) -> Chunk:
+    """Per-example segment ids -> one :class:`Chunk` (truncated, masked, unlabeled examples dropped or kept);
+    ``wheres``: where each example's record was read."""
     flat: list[int] = []
     flat_mask: list[int] = []
     lens, counts, dropped = [], [], []
@@ -112,10 +113,12 @@ def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection) -> Chu
         counts.append(n_labels)
     return Chunk(len(examples), np.asarray(flat, dtype=np.int32), np.asarray(flat_mask, dtype=np.uint8),
                  np.asarray(lens, dtype=np.int64), np.asarray(counts, dtype=np.int32),
-                 np.asarray(dropped, dtype=np.int64), truncated, unlabeled)
+                 np.asarray(dropped, dtype=np.int64), truncated, unlabeled,
+                 dropped_where=[wheres[j] for j in dropped[:MAX_DROPPED_NAMED]])
 
 
-def _pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], cfg: DataSection) -> Chunk:
+def _pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], cfg: DataSection, wheres: list[str]
+                ) -> Chunk:
     """Per pair ``(prompt, chosen, rejected)`` ids -> a :class:`Chunk` of two rows per pair (prompt + chosen, prompt
     + rejected; labels on the answers), cut to ``data.max_length`` with the prompt the same on both rows. A pair
     whose prompt leaves no answer token on a side compares nothing: it is dropped and counted as unlabeled (the
@@ -138,7 +141,8 @@ def _pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], cfg: DataSe
             counts.append(len(answer) - (0 if prompt else 1))
     return Chunk(len(pairs), np.asarray(flat, dtype=np.int32), np.asarray(flat_mask, dtype=np.uint8),
                  np.asarray(lens, dtype=np.int64), np.asarray(counts, dtype=np.int32),
-                 np.asarray(dropped, dtype=np.int64), truncated, unlabeled)
+                 np.asarray(dropped, dtype=np.int64), truncated, unlabeled,
+                 dropped_where=[wheres[j] for j in dropped[:MAX_DROPPED_NAMED]])
 
 
 _WORKER: dict[str, Any] = {}
@@ -215,7 +219,8 @@ class _ChunkTokenizer:
     def __call__(self, convs: list[Conversation] | list[Pair]) -> Chunk:
         if convs and isinstance(convs[0], Pair):
             return self.pairs(convs)
-        rendered, skipped = self._each(convs, lambda c: self.template.segments(c, self.tok, self.cfg.train_on))
+        done, skipped = self._each(convs, lambda c: self.template.segments(c, self.tok, self.cfg.train_on))
+        rendered = [segs for _, segs in done]
         if self.encode_whole is not None:
             whole = self.encode_whole(["".join(text for text, _ in segs) for segs in rendered])
             examples = [_labelled_runs(segs, ids, offs) for segs, (ids, offs) in zip(rendered, whole, strict=True)]
@@ -224,7 +229,7 @@ class _ChunkTokenizer:
             ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
             examples = [[(self.template.piece_ids(ids_of[text], k, self.lead), is_label)
                          for k, (text, is_label) in enumerate(segs)] for segs in rendered]
-        c = _pack(examples, self.cfg)
+        c = _pack(examples, self.cfg, [conv.where for conv, _ in done])
         c.skipped = skipped
         return c
 
@@ -239,25 +244,26 @@ class _ChunkTokenizer:
                 return segs
             return [("".join(text for text, _ in segs[:-1]), False), segs[-1]]
 
-        rendered, skipped = self._each(pairs, lambda p: (p, render(p.chosen), render(p.rejected)))
-        uniq = list(dict.fromkeys(text for _, *both in rendered for segs in both for text, _ in segs))
+        done, skipped = self._each(pairs, lambda p: (render(p.chosen), render(p.rejected)))
+        uniq = list(dict.fromkeys(text for _, both in done for segs in both for text, _ in segs))
         ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
         # The two sides must share their prompt's tokens: a pair whose template renders them apart is named too.
-        parts, unsplit = self._each(rendered, lambda r: split_pair(
+        split, unsplit = self._each(done, lambda r: split_pair(
             *[[(self.template.piece_ids(ids_of[text], k, self.lead), lab) for k, (text, lab) in enumerate(segs)]
-              for segs in r[1:]], "data.template"), lambda r: r[0].where)
-        c = _pack_pairs(parts, self.cfg)
+              for segs in r[1]], "data.template"), lambda r: r[0].where)
+        c = _pack_pairs([parts for _, parts in split], self.cfg, [pair.where for (pair, _), _ in split])
         c.skipped = skipped + unsplit
         return c
 
     def _each(self, items: list[Any], render: Callable[[Any], Any],
-              where: Callable[[Any], str] = lambda it: it.where) -> tuple[list[Any], list[str]]:
-        """``render`` of each record; one the template cannot render (a template that raises on it, a limit) is
-        named by where it was read and, under data.on_bad_record=skip, left out with its message."""
+              where: Callable[[Any], str] = lambda it: it.where) -> tuple[list[tuple[Any, Any]], list[str]]:
+        """``(record, render(record))`` of each record; one the template cannot render (a template that raises on
+        it, a limit) is named by where it was read and, under data.on_bad_record=skip, left out with its
+        message."""
         out, skipped = [], []
         for it in items:
             try:
-                out.append(render(it))
+                out.append((it, render(it)))
             except UsageError as e:
                 msg = f"{where(it)}: {e}" if where(it) else str(e)
                 if self.cfg.on_bad_record != "skip":
@@ -433,6 +439,7 @@ def join_chunks(parts: list[Chunk], source: str, cfg: DataSection) -> TokenizedD
                          label_mask=np.concatenate([c.label_mask for c in parts]),
                          n_records=int(base[-1]),
                          dropped=np.concatenate([c.dropped + b for c, b in zip(parts, base, strict=False)]),
+                         dropped_where=[w for c in parts for w in c.dropped_where][:MAX_DROPPED_NAMED],
                          truncated=sum(c.truncated for c in parts), unlabeled=sum(c.unlabeled for c in parts),
                          label_counts=np.concatenate([c.label_counts for c in parts]))
 

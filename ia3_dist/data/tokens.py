@@ -36,6 +36,9 @@ class TokenizedData:
     """A subset's examples (indices into ``offsets``), in order; None: all of them."""
     skipped_total: int | None = None
     """Bad records skipped when ``skipped`` keeps only the first messages (from the cache)."""
+    dropped_where: list[str] = field(default_factory=list)
+    """Where the first :data:`MAX_DROPPED_NAMED` dropped records were read (file and line or record), for the data
+    report: their indices in ``dropped`` count only the records read and rendered."""
     group: int = 1
     """Sequences per example: 1, or 2 for preference pairs (sequence 2i is pair i's chosen, 2i+1 its rejected:
     see :mod:`.pairs`). Lengths, subsets and the sampler count examples."""
@@ -86,8 +89,8 @@ class TokenizedData:
     def with_report_of(self, whole: TokenizedData) -> TokenizedData:
         """This subset (training examples split off or drawn from ``whole``), reporting everything ``whole`` read:
         records, drops, truncation, skips, formats, time."""
-        for name in ("n_records", "dropped", "truncated", "unlabeled", "seconds", "skipped", "skipped_total",
-                     "formats"):
+        for name in ("n_records", "dropped", "dropped_where", "truncated", "unlabeled", "seconds", "skipped",
+                     "skipped_total", "formats"):
             setattr(self, name, getattr(whole, name))
         return self
 
@@ -99,6 +102,10 @@ class TokenizedData:
         ids = np.asarray(self.ids[s], dtype=np.int64)
         labels = np.where(np.asarray(self.label_mask[s]).astype(bool), ids, IGNORE_INDEX)
         return ids.tolist(), [1] * len(ids), labels.tolist()
+
+
+MAX_DROPPED_NAMED = 5
+"""Dropped records the data report names."""
 
 
 @dataclass
@@ -116,3 +123,5 @@ class Chunk:
     skipped: list[str] = field(default_factory=list)
     """Records the template could not render (data.on_bad_record=skip), each message naming the record; they are
     not among ``n_records``."""
+    dropped_where: list[str] = field(default_factory=list)
+    """Where the chunk's first dropped records were read (at most :data:`MAX_DROPPED_NAMED`)."""
