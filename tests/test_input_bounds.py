@@ -143,6 +143,20 @@ def test_generate_prompt_lines_are_bounded(tmp_path: Path, capsys, monkeypatch) 
     assert rc == 2 and "stdin: more than 100 characters of prompts" in err, err
 
 
+def test_a_prompts_file_with_a_bom_reads_as_without(tmp_path: Path, tiny_model: Path, capsys) -> None:
+    """A byte-order mark before the first line (Windows editors write one) is not part of the first prompt: its
+    JSON request was read as the plain text of a prompt, mark and braces included, with exit 0."""
+    rows = []
+    for name, head in (("plain", b""), ("bom", b"\xef\xbb\xbf")):
+        f = tmp_path / f"{name}.jsonl"
+        f.write_bytes(head + b'{"instruction": "hi there", "input": ""}\nsecond\n')
+        rc, out, err = _run(["generate", "--adapter", str(tiny_model), "--max-new-tokens", "2", "--file", str(f)],
+                            capsys)
+        assert rc == 0, err
+        rows.append([json.loads(line) for line in out.splitlines()])
+    assert rows[1] == rows[0] and rows[0][0]["instruction"] == "hi there" and rows[0][1]["instruction"] == "second"
+
+
 def test_chat_piped_line_is_bounded(tiny_model: Path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(inference, "MAX_PROMPT_CHARS", 50)
     monkeypatch.setattr("sys.stdin", io.StringIO("z" * 200))

@@ -453,6 +453,8 @@ def read_prompt_lines(fh: TextIO, src: str) -> list[tuple[int, str]]:
         if not line:
             return out
         n += 1
+        if n == 1:
+            line = line.removeprefix("\ufeff")  # a BOM (Windows editors write one): the training reader drops it too
         if len(line) > MAX_PROMPT_CHARS and not line.endswith(("\n", "\r")):
             raise UsageError(f"{src}:{n}: line longer than {MAX_PROMPT_CHARS} characters, the limit for one prompt "
                              f"(prompts are one per line)")
