@@ -287,6 +287,41 @@ def test_auto_deepspeed_config_sizes_packed_rows_at_their_width(tiny_model: Path
     assert abs((needs[4096] - needs[64]) - (model[4096] - model[64])) < 0.15, (needs, model)
 
 
+def test_compile_never_gets_zero3_from_auto_or_plan(tiny_model: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """train.compile does not run under ZeRO-3 (the preflight refuses the pair): deepspeed.config=auto where only
+    ZeRO-3 fits says so naming train.compile, instead of choosing ZeRO-3 and refusing it as if the user had; with
+    room for ZeRO-2 it takes that. plan recommends no ZeRO-3 for a compiled run either."""
+    from ia3_dist.config import IA3Section, ModelSection
+    from ia3_dist.models import memory
+    from ia3_dist.models.load import load_model_config
+    from ia3_dist.train import prepare
+
+    tiny = str(ROOT / "configs" / "tiny-cpu.yaml")
+    cfg = load_config(tiny, [f"model.path={tiny_model}"])
+    s = memory.shape_of(load_model_config(str(tiny_model), ModelSection(path=str(tiny_model))), IA3Section())
+    need = {name: memory.rank_memory(s, name, stage, off, 4, cfg.data.max_length, cfg.train.micro_batch_size, 4,
+                                     False, memory.OVERHEAD).gpu_total for name, stage, off in memory.STAGES}
+    assert need["zero3"] < need["zero2"]  # 4 ranks: ZeRO-3 holds a quarter of the frozen weights
+    args = ["check", "--config", tiny, f"model.path={tiny_model}", "--world-size", "4", "deepspeed.config=auto",
+            "train.precision=fp32", "train.compile=true", f"output.dir={tmp_path / 'out'}"]
+    for cap, rc_want in (((need["zero3"] + need["zero2"]) / 2, 2), (need["zero2"], 0)):
+        monkeypatch.setattr(prepare, "rank_memory_bytes", lambda env, cap=cap: (cap, False))
+        rc = main(args)
+        out, err = capsys.readouterr()
+        assert rc == rc_want, out + err
+        if rc_want:
+            assert "config key 'train.compile': with deepspeed.config=auto only ZeRO-3 fits" in err, err
+        else:
+            assert "deepspeed.config=auto: zero2, the lowest stage that fits" in out, out
+    between = (need["zero3"] + need["zero2"]) / 2
+    shape = (s, 4, cfg.data.max_length, cfg.train.micro_batch_size, 4, False, between)
+    assert memory.lowest_stage(*shape)[0] == "zero3" and memory.lowest_stage(*shape, compiled=True) is None
+    text, info = plan(load_config(str(ROOT / "configs" / "bloom-7b1.yaml"), ["train.compile=true"]), 1, 4, 16)
+    assert info["recommended"] is None and "does not fit with train.compile: only ZeRO-3 fits" in text, text
+    text, info = plan(load_config(str(ROOT / "configs" / "bloom-7b1.yaml"), []), 1, 4, 16)
+    assert info["recommended"] == "zero3", text
+
+
 def test_auto_deepspeed_config_refuses_when_nothing_fits(tiny_model: Path) -> None:
     from ia3_dist.config import IA3Section, ModelSection
     from ia3_dist.models.load import load_model_config

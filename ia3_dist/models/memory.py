@@ -155,19 +155,21 @@ first. IA3 trains ~0.03% of the weights, so ZeRO-0/1 (gradients reduced once, at
 wherever the frozen weights do; ZeRO-2 reduces at every micro-step and ZeRO-3 gathers every layer."""
 
 
-def candidate_stages(b: int) -> tuple[tuple[str, int, bool], ...]:
+def candidate_stages(b: int, compiled: bool = False) -> tuple[tuple[str, int, bool], ...]:
     """:data:`STAGES` a recommendation may pick at ``b`` bytes per weight. Mixed precision (b = 2) starts at
     ZeRO-1: DeepSpeed 0.19's stage-0 fp16 optimizer checks every tensor for overflow at every step (its loss
     scaling needs it), a host sync per tensor, and ZeRO-1 costs IA3 nothing (its optimizer state is a few MB). In
-    bf16 the launcher runs stage 0 without those checks (``runtime/ds_syncs``), and ZeRO-1 trains the same."""
-    return STAGES[1:] if b == 2 else STAGES
+    bf16 the launcher runs stage 0 without those checks (``runtime/ds_syncs``), and ZeRO-1 trains the same.
+    ``compiled`` (``train.compile``): no ZeRO-3, which the launcher refuses with it (its parameter hooks)."""
+    return tuple(st for st in (STAGES[1:] if b == 2 else STAGES) if not (compiled and st[1] == 3))
 
 
 def lowest_stage(s: Shape, world: int, seq: int, micro: int, b: int, ckpt: bool, cap: float,
-                 overhead: float = OVERHEAD, host: bool = False) -> tuple[str, float] | None:
+                 overhead: float = OVERHEAD, host: bool = False, compiled: bool = False
+                 ) -> tuple[str, float] | None:
     """``(config name, bytes per rank)`` of the first of :func:`candidate_stages` that fits ``cap`` bytes per rank
     at this micro-batch, or None. ``host``: CPU ranks, where offloaded memory is the same memory."""
-    for name, stage, off in candidate_stages(b):
+    for name, stage, off in candidate_stages(b, compiled):
         total = rank_memory(s, name, stage, off and not host, world, seq, micro, b, ckpt, overhead).gpu_total
         if total <= cap:
             return name, total

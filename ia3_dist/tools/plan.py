@@ -137,19 +137,25 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
         lines.append(f"{name:<14}{gib(r.weights)}{gib(r.grads)}{gib(r.optimizer)}"
                      f"{gib(r.activations)}{gib(r.gathered)}{gib(total)}{'' if cpu else gib(r.cpu):>9}"
                      f"{mm:>11}{mm_ck:>8}")
-        if fits_at is None and total <= cap and (name, stage, off) in candidate_stages(b):
+        if fits_at is None and total <= cap and (name, stage, off) in candidate_stages(b, cfg.train.compile):
             fits_at = name
     if pack_note:
         lines.append(pack_note)
     est = deepspeed_estimate(s, nodes, gpus_per_node)
     if est and not cpu:
         lines.append(est)
-    if fits_at is None:
+    if fits_at is None and cfg.train.compile and any(r["fits"] for r in rows.values()):
+        lines.append(f"does not fit with train.compile: only ZeRO-3 fits at {rows_of}, and compiled blocks do not "
+                     f"run under ZeRO-3; set train.compile=false, turn on train.gradient_checkpointing, lower the "
+                     f"micro-batch or add {unit}s")
+    elif fits_at is None:
         lines.append(f"does not fit: even {STAGES[-1][0]} needs {rows[STAGES[-1][0]]['total_gib']:.1f} GiB per "
                      f"{unit} at {rows_of}; turn on train.gradient_checkpointing, lower the micro-batch or "
                      f"add {unit}s")
     else:
-        why = "least communication" + ("; in fp16 ZeRO-0's optimizer checks every tensor on the host" if b == 2 else "")
+        mixed = {"fp16": "; in fp16 ZeRO-0's optimizer checks every tensor on the host",
+                 "bf16": "; mixed precision starts at ZeRO-1, which costs IA3 nothing"}
+        why = "least communication" + (mixed.get(cfg.train.precision, "") if fits_at == "zero1" else "")
         lines.append(f"recommended: deepspeed.config={fits_at} (the lowest stage that fits: {why}); "
                      f"largest micro-batch there {rows[fits_at]['max_micro']} "
                      f"({rows[fits_at]['max_micro_ckpt']} with gradient checkpointing)")

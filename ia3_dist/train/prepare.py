@@ -175,14 +175,21 @@ def auto_stage(cfg: RunConfig, model_config: Any, env: dist.DistEnv, pack_length
     b = 4 if cfg.train.precision == "fp32" else 2
     shape = shape_of(model_config, cfg.ia3)
     seq = pack_length or cfg.data.max_length
-    got = lowest_stage(shape, env.world_size, seq, micro, b, cfg.train.gradient_checkpointing, cap,
-                       framework_rss() if host else OVERHEAD, host)
+    overhead = framework_rss() if host else OVERHEAD
+    compiled = bool(cfg.train.compile)
+    got = lowest_stage(shape, env.world_size, seq, micro, b, cfg.train.gradient_checkpointing, cap, overhead,
+                       host, compiled)
     rows = f"micro-batch {micro}" + (f" (packed rows of {pack_length} tokens)" if pack_length else "")
     if got is None:
-        fail("deepspeed.config", f"auto: no shipped ZeRO stage fits {cap / GIB:.1f} GiB per rank at {rows} (see "
-                                 f"ia3-dist plan); lower train.micro_batch_size"
-                                 f"{', data.pack_length' if pack_length else ''}, turn on "
-                                 f"train.gradient_checkpointing or add ranks")
+        but3 = compiled and lowest_stage(shape, env.world_size, seq, micro, b, cfg.train.gradient_checkpointing,
+                                         cap, overhead, host) is not None
+        fail("train.compile" if but3 else "deepspeed.config",
+             f"with deepspeed.config=auto only ZeRO-3 fits {cap / GIB:.1f} GiB per rank at {rows} (see ia3-dist "
+             f"plan), and compiled blocks do not run under ZeRO-3; set train.compile=false, or fit a lower stage "
+             f"(lower train.micro_batch_size, turn on train.gradient_checkpointing or add ranks)" if but3 else
+             f"auto: no shipped ZeRO stage fits {cap / GIB:.1f} GiB per rank at {rows} (see ia3-dist plan); lower "
+             f"train.micro_batch_size{', data.pack_length' if pack_length else ''}, turn on "
+             f"train.gradient_checkpointing or add ranks")
     name, need = got
     note = (f"deepspeed.config=auto: {name}, the lowest stage that fits ({need / GIB:.1f} of "
             f"{cap / GIB:.1f} GiB per rank{' of host memory' if host else ''} at {rows}; plan's memory model)")
