@@ -147,6 +147,8 @@ def cmd_generate(argv: list[str], prog: str) -> int:
     ap.add_argument("prompts", nargs="*")
     a = ap.parse_intermixed_args(argv)
     opts = _gen_options(a)
+    if a.prompts and a.file:
+        raise UsageError(f"prompts given both as arguments and with --file {a.file}; give them one way")
     if a.prompts:
         lines = list(enumerate(a.prompts, start=1))
         src = None

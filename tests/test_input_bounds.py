@@ -292,6 +292,9 @@ def test_bad_generate_options_and_prompts(tmp_path: Path, tiny_model: Path, caps
     d.mkdir()
     rc, _, err = _run(["generate", "--adapter", none, "--file", str(d)], capsys)
     assert rc == 2 and f"--file {d}: cannot open it" in err
+    # Prompts as arguments and a --file: the file was silently ignored.
+    rc, _, err = _run(["generate", "--adapter", none, "--file", str(d), "x"], capsys)
+    assert rc == 2 and f"prompts given both as arguments and with --file {d}; give them one way" in err, err
     # chat: a bad JSON line is reported and the session goes on.
     monkeypatch.setattr("sys.stdin", io.StringIO('{"instruction": 3}\n你好\n'))
     rc, out, err = _run(["chat", "--adapter", str(tiny_model), "--max-new-tokens", "2"], capsys)

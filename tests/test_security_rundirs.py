@@ -221,6 +221,22 @@ def test_hostile_pid_file_is_no_live_process(tmp_path: Path, content: str) -> No
     assert run_status(d) == "failed"
 
 
+def test_eval_result_past_floats_range_is_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An integer score too large for a float in eval/results.json (an OverflowError, a traceback) is a malformed
+    file: a note, and the run shows no value."""
+    from ia3_dist.tools import summary
+
+    d = tmp_path / "r"
+    (d / "eval").mkdir(parents=True)
+    row = {"task": "heldout", "metric": "loss", "step": 4, "checkpoint": "final", "value": 10 ** 400}
+    (d / "eval" / "results.json").write_text(json.dumps({"rows": [row]}))
+    assert summary.eval_value(d, "heldout/loss") is None
+    assert "not readable as eval results" in capsys.readouterr().err
+    row["value"] = 3
+    (d / "eval" / "results.json").write_text(json.dumps({"rows": [row]}))
+    assert summary.eval_value(d, "heldout/loss") == 3.0
+
+
 def test_table_cells_from_files_are_escaped_short_and_config_keys_only(tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """Escape sequences in a value would drive the reader's terminal; 10,000 characters would fill it; 3,000 keys no

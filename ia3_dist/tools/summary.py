@@ -7,8 +7,8 @@ eval loss and perplexity (preference runs: the held-out pair accuracy), the medi
 RSS on CPU). Status:
 
 - done: the adapter is written and the run has ended;
-- running: Slurm lists the task as running, or (no Slurm record) rank 0's pid file is there and that process is
-  alive on this host, or the run wrote metrics within :data:`RECENT_S` (it may run on another node);
+- running: Slurm lists the task as running, or (no Slurm record) rank 0's pid file is there and names a live
+  ia3-dist process of this host, or it names another host (or none) and the run wrote within :data:`RECENT_S`;
 - preempted: stopped at a checkpoint after a signal (or by the hang watchdog); it resumes when requeued;
 - failed: it started and ended without an adapter (or its job is gone while the pid file says it runs);
 - pending: a sweep task that has not started.
@@ -645,7 +645,9 @@ def eval_value(d: Path, metric: str) -> float | None:
                           parse_constant=lambda c: None)["rows"]
         hits = [r for r in rows if r["task"] == task and r["metric"] == name and type(r["step"]) is int
                 and type(r["value"]) in (int, float)]
-    except (UsageError, OSError, ValueError, KeyError, TypeError) as e:
+        for r in hits:
+            r["value"] = float(r["value"])  # an integer past float's range: OverflowError, a malformed file
+    except (UsageError, OSError, ValueError, KeyError, TypeError, OverflowError) as e:
         note(f"{brief(str(f))}: not readable as eval results ({brief(str(e))}); the run shows no {brief(metric)}")
         return None
     final = [r for r in hits if r.get("checkpoint") == "final"]
