@@ -251,3 +251,21 @@ def test_a_mixture_trains_on_two_ranks_with_a_loss_per_source_and_resumes_on_one
     ta, tb = adapter_tensors(a / "adapter"), adapter_tensors(b / "adapter")
     for k in ta:
         np.testing.assert_allclose(ta[k].numpy(), tb[k].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_mixture_trained_on_no_source_of_data_template_says_so(tmp_path: Path) -> None:
+    """The adapter saves data.template (what generate, chat and eval prompt it in): a mixture whose every source
+    sets another template gets a note in the data report; one source on data.template, or none set, gets none."""
+    from ia3_dist.data.report import _template_note
+
+    a, b = _jsonl(tmp_path / "a.jsonl", []), _jsonl(tmp_path / "b.jsonl", [])
+
+    def note(*templates: str | None) -> list[str]:
+        src = ", ".join(f"{{path: {f}" + (f", template: {t}}}" if t else "}") for f, t in zip((a, b), templates,
+                                                                                            strict=True))
+        return _template_note(load_config(None, [f"data.sources=[{src}]"]))
+
+    assert note("chat_template", "chat_template") == [
+        "  note: the adapter's prompts at inference follow data.template (human_assistant), which no source trains "
+        "on (they use chat_template); set data.template to the one to prompt it in"]
+    assert note("chat_template", None) == note(None, None) == note("human_assistant", "chat_template") == []

@@ -36,4 +36,17 @@ def data_lines(d: TokenizedData, cfg: RunConfig) -> list[str]:
         f"  truncated at {cfg.data.max_length}: {d.truncated} ({100.0 * d.truncated / max(d.n_records, 1):.1f}%); "
         f"length p50 {pct[0]} p90 {pct[1]} p99 {pct[2]} max {int(lens.max())}; {n_labels} label tokens; " + origin,
         *(d.mix.lines() if d.mix is not None else []),
+        *_template_note(cfg),
     ]
+
+
+def _template_note(cfg: RunConfig) -> list[str]:
+    """A mixture whose every source sets a template other than data.template: the adapter saves data.template (what
+    generate, chat and eval prompt it in), a format it never trained on."""
+    if not cfg.data.sources:
+        return []
+    used = sorted({s.template or cfg.data.template for s in cfg.data.sources})
+    if cfg.data.template in used:
+        return []
+    return [f"  note: the adapter's prompts at inference follow data.template ({cfg.data.template}), which no "
+            f"source trains on (they use {', '.join(used)}); set data.template to the one to prompt it in"]
