@@ -519,14 +519,22 @@ def test_queued_task_run_by_hand_here_is_running(tmp_path: Path, fake_sbatch: Pa
     assert sweep(["--dir", str(d), "--grid", "train.lr=3e-3,3e-2"], capsys)[0] == 0
     queue = _squeue(fake_sbatch, tmp_path)
     queue.write_text("0|PENDING\n1|PENDING\n")
-    run = fake_run(d / "lr=3e-3", 0.003, [2.0], adapter=False, pid=os.getpid())
-    _at(time.time() - 100, d / "sweep.json")
-    _, rows = _summary_rows(d, capsys)
-    assert rows["lr=3e-3"]["status"] == "running" and rows["lr=3e-2"]["status"] == "pending"
-    # The same pid file older than the sweep record: no attempt of its own, the queue's word stands.
-    _at(time.time() - 200, run / "rank0.pid")
-    _, rows = _summary_rows(d, capsys)
-    assert rows["lr=3e-3"]["status"] == "pending"
+    import socket
+    import subprocess
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "ia3_dist"])  # a run's rank 0
+    try:
+        run = fake_run(d / "lr=3e-3", 0.003, [2.0], adapter=False, pid=live.pid, host=socket.gethostname())
+        _at(time.time() - 100, d / "sweep.json")
+        _, rows = _summary_rows(d, capsys)
+        assert rows["lr=3e-3"]["status"] == "running" and rows["lr=3e-2"]["status"] == "pending"
+        # The same pid file older than the sweep record: no attempt of its own, the queue's word stands.
+        _at(time.time() - 200, run / "rank0.pid")
+        _, rows = _summary_rows(d, capsys)
+        assert rows["lr=3e-3"]["status"] == "pending"
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_slurm_states_leave_out_ended_tasks(fake_sbatch: Path, tmp_path: Path) -> None:
@@ -594,12 +602,13 @@ def test_task_run_again_by_hand_after_the_array_failed_it(tmp_path: Path, tiny_m
     again = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         t0 = time.time()
-        while not ((run / "rank0.pid").is_file() and (run / "rank0.pid").read_text() == str(again.pid)):
+        while not ((run / "rank0.pid").is_file()
+                   and (run / "rank0.pid").read_text().split("\n")[0] == str(again.pid)):
             assert again.poll() is None and time.time() - t0 < 600, again.stdout.read() if again.stdout else ""
             time.sleep(0.2)
         assert statuses() == ["running", "pending"]
         with monkeypatch.context() as m:
-            m.setattr(summary, "_pid_alive", lambda _: False)  # as summary sees it on another node
+            m.setattr(summary, "pid_file_alive", lambda _: None)  # as summary sees it on another node
             assert statuses() == ["running", "pending"]
             queue.write_text("0|PENDING\n")
             assert statuses()[0] == "pending"  # elsewhere and queued: the queue's word (a pid alive here is not)

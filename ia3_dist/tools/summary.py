@@ -225,11 +225,11 @@ def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,
     started = _mtime(d / PID_FILE)
     # Rank 0 writes the pid file as its attempt starts: one newer than the array's last sign of the task belongs to
     # an attempt started outside the array, whose end or life the queue knows nothing of. Whether its process lives
-    # only the host that wrote it can tell (None from any other: then the run's recent writes say it).
+    # only the host that wrote it can tell (None from any other).
     alive = pid_file_alive(d) if started is not None else False
     by_hand = array_seen is not None and started is not None and started > array_seen
     if state:  # PENDING, REQUEUED, REQUEUE_HOLD, ...: the array's task waits to (re)start
-        if by_hand and (alive or (alive is None and _recent(d, started))):
+        if by_hand and alive:  # seen running here; one elsewhere cannot be told from the queued task's wait
             return "running"
         if array_seen is not None and _finished_after(d, array_seen):
             return "done"  # done by hand meanwhile: the queued task would resume a finished run
