@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ia3_dist.config import DataSection
@@ -152,7 +153,7 @@ def test_inference_feeds_the_ids_training_had_before_the_answer(template: str) -
     answer = int(mask.argmax())  # where the last answer starts
     t = Template.of(cfg, tok)
     assert prompt_ids(t, conv, tok, 10**6) == (ids[:answer], False)
-    assert prompt_ids(t, conv, tok, 5) == (ids[answer - 5:answer], True)
+    assert prompt_ids(t, conv, tok, 5) == ([bos] + ids[answer - 4:answer], True)  # a cut keeps the BOS
     assert ids.count(bos) == 1 and ids[0] == bos
     if template == "human_assistant":
         assert bos not in [i for i, m in zip(ids, mask.tolist(), strict=True) if m]
@@ -315,6 +316,42 @@ def test_truncation_modes() -> None:
     assert truncate(ids, mask, 7, 6, "prompt") == (ids[4:], mask[4:])   # oldest text goes, the last answer stays
     assert truncate(ids, mask, 7, 2, "prompt") == ([7, 8], [1, 1])      # then the answer's end
     assert truncate(ids, mask, 7, 20, "prompt") == (ids, mask)
+    # A head (the BOS) stays in front of what the cut leaves; never at the cost of the last answer.
+    assert truncate(ids, mask, 7, 6, "prompt", head=1) == ([0, *ids[5:]], [0, *mask[5:]])
+    assert truncate(ids, mask, 7, 3, "prompt", head=1) == ([0, 7, 8], [0, 1, 1])
+    assert truncate(ids, mask, 7, 6, "right", head=1) == (ids[:6], mask[:6])
+
+
+@pytest.mark.parametrize("template", ["human_assistant", "chat_template"])
+def test_prompt_truncation_keeps_the_bos_as_inference_does(template: str) -> None:
+    """data.truncation=prompt cuts the oldest text after the BOS the example starts with (the model saw one first
+    in every sequence), and generate cuts a long prompt alike: the training row before its answer is what
+    inference feeds at that budget. Preference pairs keep it too."""
+    from tokenizers import processors
+
+    from ia3_dist.data.pairs import Pair
+    from ia3_dist.data.tokenize import _ChunkTokenizer
+    from ia3_dist.tools.inference import prompt_ids
+
+    tok = _sentencepiece_style_tokenizer()
+    bos = tok.convert_tokens_to_ids("<s>")
+    if template == "human_assistant":
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", bos)])
+    first = [Turn(" ".join(["hello there"] * 20), "", "fine thanks")]
+    conv = Conversation([*first, Turn("how are you", "", "good, and you")])
+    cfg = DataSection(path="x", template=template, truncation="prompt", max_length=24, train_on="last")
+    c = _ChunkTokenizer(tok, cfg)([conv])
+    row, mask = c.ids.tolist(), c.label_mask.tolist()
+    answer = mask.index(1)
+    assert len(row) == 24 and row[0] == bos and row.count(bos) == 1 and c.truncated == 1
+    assert tok.decode(row[answer:], skip_special_tokens=True).strip() == "good, and you"
+    assert prompt_ids(Template.of(cfg, tok), conv, tok, answer) == (row[:answer], True)
+    # A pair cut the same way: both rows start with the BOS, then the prompt's newest tokens.
+    pair = Pair(conv, Conversation([*first, Turn("how are you", "", "fine thanks")]))
+    p = _ChunkTokenizer(tok, cfg)([pair])
+    rows = np.split(p.ids, np.cumsum(p.lengths)[:-1])
+    assert all(r[0] == bos and r.tolist().count(bos) == 1 and len(r) <= 24 for r in rows), rows
 
 
 def test_prompt_truncation_keeps_the_response(tiny_tokenizer) -> None:

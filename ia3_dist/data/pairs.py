@@ -181,17 +181,18 @@ def split_pair(chosen: list[tuple[list[int], bool]], rejected: list[tuple[list[i
     return pc, list(chosen[-1][0]), list(rejected[-1][0])
 
 
-def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, mode: str
-                  ) -> tuple[list[int], list[int], list[int], bool]:
+def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, mode: str,
+                  head: int = 0) -> tuple[list[int], list[int], list[int], bool]:
     """Fit both sequences into ``max_length`` with the prompt the same on both sides: ``right`` cuts each
     sequence's end (the responses first, as TRL's ``keep_start``); ``prompt`` first cuts the oldest prompt tokens
-    (the same ones on both sides) so the longer answer fits, then the answers' ends. Returns the parts and
-    whether anything was cut."""
+    after its first ``head`` (a BOS; the same ones on both sides) so the longer answer fits, then the answers'
+    ends. Returns the parts and whether anything was cut."""
     longest = len(prompt) + max(len(chosen), len(rejected))
     if longest <= max_length:
         return prompt, chosen, rejected, False
     if mode == "prompt":
-        prompt = prompt[min(len(prompt), longest - max_length):]
+        head = head if head < max_length else 0
+        prompt = prompt[:head] + prompt[head + min(len(prompt) - head, longest - max_length):]
     prompt = prompt[:max_length]
     room = max_length - len(prompt)
     return prompt, chosen[:room], rejected[:room], True

@@ -37,8 +37,8 @@ from .tokens import IGNORE_INDEX, MAX_DROPPED_NAMED, Chunk, TokenizedData  # noq
 
 # Bump when the cached format or the preprocessing changes meaning.
 # 5: a chat template's conversation encoded whole; 6: human_assistant's BOS once per example; 7: a chat template's
-# preference prompt encoded whole
-CACHE_VERSION = 7
+# preference prompt encoded whole; 8: truncation=prompt keeps the leading BOS
+CACHE_VERSION = 8
 # Records per chunk: a worker's unit of work, and what bounds the memory of tokenizing.
 CHUNK_RECORDS = 2000
 
@@ -66,23 +66,34 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
     return offsets
 
 
-def truncate(ids: list[int], mask: list[int], last_response: int, max_length: int, mode: str
+def truncate(ids: list[int], mask: list[int], last_response: int, max_length: int, mode: str, head: int = 0
              ) -> tuple[list[int], list[int]]:
     """Fit one example into ``max_length`` tokens. ``right``: cut the end (the reference recipe). ``prompt``: cut
-    the oldest text first, but never into the last response (which starts at ``last_response``); if that alone is
-    too long, cut its end."""
+    the oldest text first, after the first ``head`` tokens (a BOS, see :func:`head_length`), but never into the
+    last response (which starts at ``last_response``); if that alone is too long, cut its end."""
     excess = len(ids) - max_length
     if excess <= 0:
         return ids, mask
     if mode == "prompt":
-        cut = min(excess, last_response)
-        ids, mask = ids[cut:], mask[cut:]
+        head = head if head <= last_response and head < max_length else 0
+        cut = min(excess, last_response - head)
+        ids, mask = ids[:head] + ids[head + cut:], mask[:head] + mask[head + cut:]
     return ids[:max_length], mask[:max_length]
 
 
-def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection, wheres: list[str]) -> Chunk:
+def head_length(ids: list[int], lead: tuple[int, ...], bos: int | None) -> int:
+    """How many tokens at the start of ``ids`` a cut from the left keeps: the tokenizer's :func:`.template.
+    leading_added` ones (Llama's BOS under human_assistant), or the BOS a chat template writes first. The model
+    saw them first in every sequence it was trained on, and attends to them throughout."""
+    if lead and tuple(ids[:len(lead)]) == lead:
+        return len(lead)
+    return 1 if bos is not None and ids[:1] == [bos] else 0
+
+
+def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection, wheres: list[str],
+          lead: tuple[int, ...] = (), bos: int | None = None) -> Chunk:
     """Per-example segment ids -> one :class:`Chunk` (truncated, masked, unlabeled examples dropped or kept);
-    ``wheres``: where each example's record was read."""
+    ``wheres``: where each example's record was read; ``lead``, ``bos``: what a cut keeps (:func:`head_length`)."""
     flat: list[int] = []
     flat_mask: list[int] = []
     lens, counts, dropped = [], [], []
@@ -98,7 +109,8 @@ def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection, wheres
             mask += [int(is_label)] * len(seg_ids)
         if len(ids) > cfg.max_length:
             truncated += 1
-            ids, mask = truncate(ids, mask, last_response, cfg.max_length, cfg.truncation)
+            ids, mask = truncate(ids, mask, last_response, cfg.max_length, cfg.truncation,
+                                 head_length(ids, lead, bos))
         # No label past position 0 (which is never predicted): no loss signal. The reference recipe keeps such
         # examples in its batches (zero contribution); dropping them saves their compute.
         n_labels = sum(mask[1:])
@@ -117,8 +129,8 @@ def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection, wheres
                  dropped_where=[wheres[j] for j in dropped[:MAX_DROPPED_NAMED]])
 
 
-def _pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], cfg: DataSection, wheres: list[str]
-                ) -> Chunk:
+def _pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], cfg: DataSection, wheres: list[str],
+                lead: tuple[int, ...] = (), bos: int | None = None) -> Chunk:
     """Per pair ``(prompt, chosen, rejected)`` ids -> a :class:`Chunk` of two rows per pair (prompt + chosen, prompt
     + rejected; labels on the answers), cut to ``data.max_length`` with the prompt the same on both rows. A pair
     whose prompt leaves no answer token on a side compares nothing: it is dropped and counted as unlabeled (the
@@ -128,7 +140,8 @@ def _pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], cfg: DataSe
     lens, counts, dropped = [], [], []
     truncated = unlabeled = 0
     for j, (prompt, chosen, rejected) in enumerate(pairs):
-        prompt, chosen, rejected, cut = truncate_pair(prompt, chosen, rejected, cfg.max_length, cfg.truncation)
+        prompt, chosen, rejected, cut = truncate_pair(prompt, chosen, rejected, cfg.max_length, cfg.truncation,
+                                                      head_length(prompt, lead, bos))
         truncated += cut
         if not chosen or not rejected or (not prompt and (len(chosen) < 2 or len(rejected) < 2)):
             unlabeled += 1
@@ -229,7 +242,7 @@ class _ChunkTokenizer:
             ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
             examples = [[(self.template.piece_ids(ids_of[text], k, self.lead), is_label)
                          for k, (text, is_label) in enumerate(segs)] for segs in rendered]
-        c = _pack(examples, self.cfg, [conv.where for conv, _ in done])
+        c = _pack(examples, self.cfg, [conv.where for conv, _ in done], self.lead, self.tok.bos_token_id)
         c.skipped = skipped
         return c
 
@@ -251,7 +264,8 @@ class _ChunkTokenizer:
         split, unsplit = self._each(done, lambda r: split_pair(
             *[[(self.template.piece_ids(ids_of[text], k, self.lead), lab) for k, (text, lab) in enumerate(segs)]
               for segs in r[1]], "data.template"), lambda r: r[0].where)
-        c = _pack_pairs([parts for _, parts in split], self.cfg, [pair.where for (pair, _), _ in split])
+        c = _pack_pairs([parts for _, parts in split], self.cfg, [pair.where for (pair, _), _ in split], self.lead,
+                        self.tok.bos_token_id)
         c.skipped = skipped + unsplit
         return c
 

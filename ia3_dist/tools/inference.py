@@ -484,13 +484,19 @@ def prompt_ids(template: Template, conv: Conversation, tok: Any, budget: int) ->
     add = template.add_special_tokens
     lead = leading_added(tok) if add else ()
     pieces = template.prompt_pieces(conv, tok)
+    # What a cut keeps at the start, as training's (tokenize.head_length): the BOS the model always saw first.
+    head = list(lead) if add else ([tok.bos_token_id] if tok.bos_token and pieces and pieces[0].startswith(
+        tok.bos_token) else [])
+    head = head if len(head) < budget else []
     ids: list[int] = []
     for k in range(len(pieces) - 1, -1, -1):
-        if len(ids) >= budget:  # the earlier pieces fall outside the budget
-            return ids[-budget:], True
+        if len(ids) >= budget - len(head):  # the earlier pieces fall outside the budget
+            return head + ids[len(ids) - budget + len(head):], True
         piece = tok(cut_to_tail(tok, pieces[k], budget - len(ids), add), add_special_tokens=add)["input_ids"]
         ids = template.piece_ids(piece, k, lead) + ids
-    return (ids[-budget:], True) if len(ids) > budget else (ids, False)
+    if len(ids) <= budget:
+        return ids, False
+    return head + ids[len(ids) - budget + len(head):], True
 
 
 def cut_to_tail(tok: Any, text: str, budget: int, add_special_tokens: bool = True) -> str:
