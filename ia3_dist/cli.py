@@ -266,14 +266,16 @@ def cmd_chat(argv: list[str], prog: str) -> int:
             except UsageError as e:  # a typo should not end the session
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 continue
-            # The conversation keeps its system prompt and tools from the line that set them (or --tools).
-            system, tools = req.system or (system if history else ""), req.tools or tools
-            conv = Conversation([*history, *req.turns], system, tools)
+            # The conversation keeps its system prompt and tools from the line that set them (or --tools), once
+            # that line is answered.
+            conv = Conversation([*history, *req.turns], req.system or (system if history else ""),
+                                req.tools or tools)
         try:
             answer = generate(model, tok, template, [conv], opts)[0]
-        except KeyboardInterrupt:  # Ctrl-C while it answers drops that answer; the conversation goes on without it
+        except KeyboardInterrupt:  # Ctrl-C while it answers drops that line; the conversation goes on without it
             print("(interrupted)", flush=True)
             continue
+        system, tools = conv.system, conv.tools
         calls = parse_calls(answer) if conv.tools else []
         last = conv.turns[-1]
         # The turn keeps the calls apart from the text: the template writes them (once) in the next prompt.

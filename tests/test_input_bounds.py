@@ -586,14 +586,16 @@ def test_chat_ctrl_c_while_answering_drops_that_answer_and_goes_on(tiny_model: P
 
     def interrupted_once(*a: Any, **k: Any) -> list[str]:
         calls.append(a[3][0])
-        if len(calls) == 1:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
 
     monkeypatch.setattr(inference, "generate", interrupted_once)
-    monkeypatch.setattr("sys.stdin", io.StringIO("first\nsecond\n"))
+    # The interrupted line sets a system prompt: dropped with it, as its question is.
+    monkeypatch.setattr("sys.stdin", io.StringIO('zero\n{"instruction": "first", "system": "be brief"}\nsecond\n'))
     rc, out, err = _chat(tiny_model, capsys)
     assert rc == 0 and "Traceback" not in err, err
-    assert out.count("(interrupted)") == 1 and out.count("Assistant: ") == 1, out
+    assert out.count("(interrupted)") == 1 and out.count("Assistant: ") == 2, out
+    assert calls[1].system == "be brief"
     # the interrupted exchange is not in the conversation the next answer continues
-    assert [t.instruction for t in calls[1].turns] == ["second"]
+    assert [t.instruction for t in calls[2].turns] == ["zero", "second"] and calls[2].system == ""
