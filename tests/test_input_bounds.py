@@ -292,6 +292,9 @@ def test_bad_generate_options_and_prompts(tmp_path: Path, tiny_model: Path, caps
     d.mkdir()
     rc, _, err = _run(["generate", "--adapter", none, "--file", str(d)], capsys)
     assert rc == 2 and f"--file {d}: cannot open it" in err
+    # Plain text that starts with "{" is read as JSON: the error says how to ask it as text.
+    rc, _, err = _run(["generate", "--adapter", none, "{x:1} explain"], capsys)
+    assert rc == 2 and 'to ask it as plain text, send it as {"instruction": "..."}' in err, err
     # Prompts as arguments and a --file: the file was silently ignored.
     rc, _, err = _run(["generate", "--adapter", none, "--file", str(d), "x"], capsys)
     assert rc == 2 and f"prompts given both as arguments and with --file {d}; give them one way" in err, err

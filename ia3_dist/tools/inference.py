@@ -666,7 +666,11 @@ def parse_request(line: str, where: str) -> Conversation:
     s = line.strip()
     if not s.startswith("{"):
         return Conversation([Turn(_text(s, where, "the prompt"), "", "")])
-    obj = parse_json(s, where, one_line=True)
+    try:
+        obj = parse_json(s, where, one_line=True)
+    except UsageError as e:
+        raise UsageError(f"{e} (a prompt starting with '{{' is read as a JSON request; to ask it as plain text, "
+                         f"send it as {{\"instruction\": \"...\"}})") from None
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: a JSON prompt must be an object")
     if _uses_tools(obj):
