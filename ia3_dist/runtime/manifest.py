@@ -26,6 +26,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import UsageError
+from .safe_io import read_bounded
 
 MANIFEST = ".ia3-dist-run.json"
 TOOL = "ia3-dist"
@@ -293,11 +294,10 @@ def _read_pid_file(out: Path) -> tuple[int, str | None] | None:
     """``(pid, host)`` of the pid file (host None in a file of a version that wrote the pid alone); None for no
     file or an unreadable one."""
     try:
-        with open(out / PID_FILE, "rb") as f:
-            raw = f.read(MAX_PID_FILE + 1)
-    except OSError:
+        raw = read_bounded(out / PID_FILE, MAX_PID_FILE, missing_ok=True)  # regular files only: a FIFO never blocks
+    except UsageError:
         return None
-    if len(raw) > MAX_PID_FILE:
+    if raw is None:
         return None
     lines = raw.decode("utf-8", "replace").split("\n")
     pid = lines[0].strip()
