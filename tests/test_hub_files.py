@@ -472,6 +472,38 @@ def test_one_process_of_a_node_fetches_at_a_time(fake_hub: dict[str, Any]) -> No
     assert got and got[0].name == COMMIT and fake_hub["downloaded"]
 
 
+def test_the_ranks_of_one_launch_ask_the_hub_once_per_node(fake_hub: dict[str, Any],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first rank of a launch on a node records the snapshot it resolved; the other ranks of that launch take it
+    without asking the hub (a listing and a download's checks per rank were thousands of requests at a few hundred
+    ranks). Another launch, another revision, or a record whose snapshot lost a file asks the hub again."""
+    import huggingface_hub
+
+    from ia3_dist.runtime import dist
+
+    asked: list[str | None] = []
+    listing = huggingface_hub.HfApi.list_repo_files
+
+    def counting(self: Any, repo_id: str, revision: str | None = None, **kw: Any) -> list[str]:
+        asked.append(revision)
+        return listing(self, repo_id, revision=revision, **kw)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", counting)
+    first = hub_model_dir(REPO, None, shared="n1-100-5")
+    downloads = len(fake_hub["downloaded"])
+    assert [hub_model_dir(REPO, None, shared="n1-100-5") for _ in range(3)] == [first] * 3
+    assert asked == [None] and len(fake_hub["downloaded"]) == downloads
+    assert hub_model_dir(REPO, None, shared="n1-200-9") == first and asked == [None, None]  # the next launch
+    assert hub_model_dir(REPO, "main", shared="n1-100-5") == first and asked == [None, None, "main"]
+    (first / "config.json").unlink()  # the snapshot lost a file since: resolved (and fetched) again
+    assert hub_model_dir(REPO, None, shared="n1-100-5") == first and len(asked) == 4
+    assert (first / "config.json").is_file()
+    # The key: the ranks' common parent (a launcher) by host, pid and start time; a lone process has none.
+    key = dist.launch_key(dist.DistEnv(0, 0, 2, 2))
+    assert key is not None and key.split("-")[-2] == str(os.getppid())
+    assert dist.launch_key(dist.DistEnv(0, 0, 1, 1)) is None
+
+
 @pytest.mark.parametrize("error, says", [
     ("GatedRepoError", "a gated repo this login may not read"),
     ("RepositoryNotFoundError", "if it is private, log in (hf auth login) or set HF_TOKEN"),

@@ -140,14 +140,16 @@ def hub_files(files: Iterable[str], trust_remote_code: bool = False, shards: Ite
 
 
 def hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool = False,
-                  cache_dir: str | None = None, token: str | bool | None = None) -> Path:
+                  cache_dir: str | None = None, token: str | bool | None = None, shared: str | None = None) -> Path:
     """A hub model's snapshot dir in the hub cache, holding only what :func:`hub_files` picks from the repo's
     listing, checked as a local model dir is (:func:`check_model_dir`). Offline (``HF_HUB_OFFLINE``, or the hub
     unreachable) the listing is what the cached snapshot holds. ``cache_dir``, ``token``: the hub client's
     (None: its own defaults, ``HF_HUB_CACHE``, ``HF_TOKEN``). One process of a node at a time (a file lock in the
     hub cache): every rank runs the preflight, and without it the others would ask the hub all at once (rate limits
     at a few hundred ranks) or, falling back to the cache while the first one still downloads, find a partial
-    snapshot and stop the job."""
+    snapshot and stop the job. ``shared``: the launch's :func:`..runtime.dist.launch_key`; the first of its ranks
+    here records what it resolved, and the others take that snapshot without asking the hub (the listing and the
+    download's checks are a few requests per rank: thousands at a few hundred ranks)."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
@@ -156,7 +158,48 @@ def hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool = 
     lock = Path(cache_dir or constants.HF_HUB_CACHE) / ".locks" / "ia3-dist" / \
         f"{repo_folder_name(repo_id=repo_id, repo_type='model')}.lock"
     with file_lock(lock, required=False):  # a read-only cache still serves what it holds
-        return _hub_model_dir(repo_id, revision, trust_remote_code, cache_dir, token)
+        record = lock.with_name(f"{lock.stem}.{shared}.json") if shared else None
+        asked = {"repo": repo_id, "revision": revision, "trust_remote_code": trust_remote_code}
+        d = _resolved_by_this_launch(record, asked) if record is not None else None
+        if d is None:
+            d = _hub_model_dir(repo_id, revision, trust_remote_code, cache_dir, token)
+            if record is not None:
+                _record_resolved(record, {**asked, "dir": str(d)})
+        return d
+
+
+RESOLVED_KEEP_S = 86400.0
+"""A launch's record of the snapshot it resolved is removed by a later launch after this long (its ranks have all
+read it within minutes)."""
+
+
+def _resolved_by_this_launch(record: Path, asked: dict[str, Any]) -> Path | None:
+    """The snapshot dir another rank of this launch resolved for the same request, still complete; else None."""
+    try:
+        got = json.loads(record.read_bytes()[:1 << 16])
+        d = Path(got.pop("dir"))
+        if got != asked:
+            return None
+        check_model_dir(str(d), f"model.path {asked['repo']}, resolved by another rank to")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UsageError):
+        return None  # none, or unusable: resolve it here
+    return d
+
+
+def _record_resolved(record: Path, what: dict[str, Any]) -> None:
+    """Best effort (a read-only hub cache records nothing: every rank then asks, as without a record)."""
+    import time
+
+    now = time.time()
+    try:
+        for old in record.parent.glob("*.json"):  # earlier launches' records
+            if now - old.stat().st_mtime > RESOLVED_KEEP_S:
+                old.unlink(missing_ok=True)
+        tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(what))
+        os.replace(tmp, record)
+    except OSError:
+        pass
 
 
 def _hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool, cache_dir: str | None,
@@ -247,15 +290,17 @@ def _hub_listing(repo_id: str, revision: str | None, cache_dir: str | None,
     return sorted(f.relative_to(d).as_posix() for f in d.rglob("*") if f.is_file()), reason
 
 
-def local_model_dir(path: str, revision: str | None, trust_remote_code: bool = False) -> Path:
-    """A local dir as is; a hub name through the hub cache (:func:`hub_model_dir`; every rank asks, the hub
-    client locks downloads), so the ZeRO-3 loader and ``from_pretrained`` read the same files."""
+def local_model_dir(path: str, revision: str | None, trust_remote_code: bool = False, shared: str | None = None
+                    ) -> Path:
+    """A local dir as is; a hub name through the hub cache (:func:`hub_model_dir`: one process of a node at a
+    time; ``shared``, the ranks of one launch resolve it once per node), so the ZeRO-3 loader and
+    ``from_pretrained`` read the same files."""
     p = Path(path).expanduser()
     if p.is_dir():
         return p
     if looks_local(path):
         raise UsageError(f"model.path {path}: not a directory")
-    return hub_model_dir(path, revision, trust_remote_code)
+    return hub_model_dir(path, revision, trust_remote_code, shared=shared)
 
 
 def check_model_dir(path: str, what: str = "model.path") -> None:

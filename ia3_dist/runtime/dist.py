@@ -172,6 +172,21 @@ def slurm_master(environ: Mapping[str, str], use_scontrol: bool = True) -> tuple
     return host, str(20000 + job % 20000)
 
 
+def launch_key(env: DistEnv) -> str | None:
+    """A name the ranks of one launch on this host share and no other launch has: their parent process (the
+    launcher, torchrun, or Slurm's step daemon under srun) by host, pid and start time. None for a lone process,
+    whose parent (a shell) outlives many launches."""
+    if env.local_world_size <= 1:
+        return None
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/stat", "rb") as fh:
+            started = fh.read(4096).rsplit(b")", 1)[1].split()[19].decode()  # field 22: start time in ticks
+    except (OSError, IndexError):
+        return None
+    return f"{socket.gethostname()}-{ppid}-{started}"
+
+
 def under_slurm(environ: Mapping[str, str] | None = None) -> bool:
     """Whether this process runs in a Slurm job (compute nodes there often have no internet)."""
     return bool((os.environ if environ is None else environ).get("SLURM_JOB_ID"))

@@ -311,7 +311,8 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         # A hub model downloads here, before any rank waits on another: GBs fetched inside the process group run
         # into its timeouts, and a repo without loadable weights exits 2 now. The hub client locks, so the
         # ranks of a node fetch it once; the loaders then find it in the hub cache.
-        weights_dir = local_model_dir(model_path, cfg.model.revision, cfg.model.trust_remote_code)
+        weights_dir = local_model_dir(model_path, cfg.model.revision, cfg.model.trust_remote_code,
+                                      dist.launch_key(env))
     if dsc.stage_of(ds) == 3 or family_of(model_config) is not None:
         # ZeRO-3's loader needs every tensor; for the tested families (known key names) the other stages get the
         # same check, where from_pretrained would only warn and train on randomly initialised weights.
