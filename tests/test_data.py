@@ -113,13 +113,19 @@ def test_the_report_names_dropped_records_where_they_were_read(tmp_path: Path, t
     from ia3_dist.data.report import data_lines
 
     f = tmp_path / "d.jsonl"
-    f.write_text("{bad\n" + json.dumps({"instruction": "hi", "output": "ok"}) + "\n"
-                 + json.dumps({"instruction": "长" * 300, "output": "x"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    long = json.dumps({"instruction": "长" * 300, "output": "x"}, ensure_ascii=False)
+    f.write_text("{bad\n" + json.dumps({"instruction": "hi", "output": "ok"}) + "\n" + long + "\n",
+                 encoding="utf-8")
     cfg = DataSection(path=str(f), on_bad_record="skip", cache_dir=str(tmp_path / "cache"))
     for _ in range(2):  # tokenized, then read back from the cache
         report = "\n".join(data_lines(load_or_tokenize(cfg, tiny_tokenizer), RunConfig(data=cfg)))
         assert f"1 examples; 1 dropped (no label token after truncation, data.unlabeled=drop), first: {f}:3\n" \
             in report, report
+    # Several from one file: the file said once.
+    f.write_text(f.read_text(encoding="utf-8") + long + "\n", encoding="utf-8")
+    report = "\n".join(data_lines(load_or_tokenize(cfg, tiny_tokenizer), RunConfig(data=cfg)))
+    assert f"2 dropped (no label token after truncation, data.unlabeled=drop), first, in {f}: line 3, line 4\n" \
+        in report, report
 
 
 def test_save_to_disk_dir_matches_json(tmp_path: Path, tiny_tokenizer) -> None:

@@ -3,6 +3,8 @@ lengths, label tokens, and where the tokens came from."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..config import RunConfig
@@ -30,7 +32,7 @@ def data_lines(d: TokenizedData, cfg: RunConfig) -> list[str]:
         (f"  {len(d)} preference pairs (2 rows each); {len(d.dropped)} dropped (the prompt left no answer token on a "
          f"side after truncation to data.max_length)" if d.group == 2 else
          f"  {len(d)} examples; {len(d.dropped)} dropped (no label token after truncation, data.unlabeled=drop)")
-        + (f", first: {'; '.join(d.dropped_where)}" if d.dropped_where else "")
+        + (f", first{_places(d.dropped_where)}" if d.dropped_where else "")
         + (f"; {d.unlabeled} kept with no label token (data.unlabeled=keep, as the reference recipe)"
            if d.unlabeled and not len(d.dropped) else ""),
         f"  truncated at {cfg.data.max_length}: {d.truncated} ({100.0 * d.truncated / max(d.n_records, 1):.1f}%); "
@@ -38,6 +40,16 @@ def data_lines(d: TokenizedData, cfg: RunConfig) -> list[str]:
         *(d.mix.lines() if d.mix is not None else []),
         *_template_note(cfg),
     ]
+
+
+def _places(wheres: list[str]) -> str:
+    """Where records were read (``file:line``, ``file: record N``), the file said once when they share it:
+    ``, in f.jsonl: line 3, line 9`` rather than ``: f.jsonl:3; f.jsonl:9``."""
+    cut = os.path.commonprefix(wheres).rfind(":")
+    rest = [w[cut + 1:].strip() for w in wheres]
+    if len(wheres) < 2 or cut < 1 or not all(rest):
+        return ": " + "; ".join(wheres)
+    return f", in {wheres[0][:cut]}: " + ", ".join(f"line {r}" if r.isdigit() else r for r in rest)
 
 
 def _template_note(cfg: RunConfig) -> list[str]:
