@@ -387,6 +387,32 @@ def test_auto_with_latest_naming_an_incomplete_dir_is_refused(tmp_path: Path, ba
         ckpt.resolve_resume("auto", out)
 
 
+def test_a_step_written_again_and_cut_off_is_never_trained_over_nor_deleted(tmp_path: Path,
+                                                                           base_meta: dict[str, Any]) -> None:
+    """A save of the step `latest` already names (after a put-off evaluation, or for the best vectors) removes its
+    meta.json first, so a kill midway leaves no torn "complete" checkpoint. resume=auto then started over at step 1
+    over the run (keep=1: nothing else complete), and a failed write deleted the checkpoint `latest` names. Now
+    the resume refuses naming it (or points to an earlier complete one), and the failed save keeps its files."""
+    from ia3_dist.runtime.dist import DistEnv
+
+    out = tmp_path / "out"
+    write_run(out, base_meta, steps=(4,))
+    root = out / "checkpoints"
+    assert ckpt._fresh_tag_dir(root, "step4") is None  # the save of step4 again begins
+    assert not (root / "step4" / "meta.json").exists() and (root / "step4").is_dir()
+    with pytest.raises(UsageError, match=r"latest names step4, which has no meta.json: its save \(of a step written "
+                                         r"again\) did not finish.*start over with train.resume=none"):
+        ckpt.resolve_resume("auto", out)
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"step4, which latest names, was being written again and "
+                                                        r"is incomplete now"):
+        ckpt._failed_save(root, "step4", DistEnv(0, 0, 1, 1), OSError(28, "No space left on device"), 1)
+    assert (root / "step4").is_dir()  # its files stay for whoever looks into them
+    # With an earlier complete checkpoint beside it, the refusal names that one.
+    write_checkpoint(root, "step2", {**base_meta, "step": 2})
+    with pytest.raises(UsageError, match=r"the newest is .*step2"):
+        ckpt.resolve_resume("auto", out)
+
+
 def test_auto_with_no_complete_checkpoint_still_starts_fresh(tmp_path: Path) -> None:
     """A requeued job that never finished a save starts at step 1, as before."""
     out = tmp_path / "out"

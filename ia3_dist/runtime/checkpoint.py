@@ -169,6 +169,14 @@ def resolve_resume(resume: str, out: Path) -> Path | None:
         root = root_of(out)
         found = latest(root)
         done = complete_checkpoints(root) if found is None else []
+        named = _named(root, LATEST)
+        if found is None and named is not None and named.is_dir() and not done:
+            # Only a save of the step `latest` already names leaves it so (written again after a put-off
+            # evaluation or for the best vectors): killed or failed midway, its files may be torn. Starting at
+            # step 1 would train over the run without a word.
+            raise UsageError(f"train.resume=auto: {root / LATEST} names {named.name}, which has no {META}: its save "
+                             f"(of a step written again) did not finish, so its files may be torn, and no other "
+                             f"checkpoint is complete; start over with train.resume=none output.overwrite=true")
         if done:
             # Starting at step 1 here would prune these checkpoints at its first save: never silently.
             newest = done[-1]
@@ -425,11 +433,13 @@ def _failed_save(root: Path, tag: str, env: dist.DistEnv, error: Exception | Non
             prev = latest(root)
         except UsageError:  # a damaged pointer: still leave together, below
             prev = None
-        where = f"; {prev} stays the latest checkpoint" if prev is not None else "; no earlier checkpoint exists"
+        where = (f"; {prev} stays the latest checkpoint" if prev is not None else
+                 f"; {tag}, which {LATEST} names, was being written again and is incomplete now"
+                 if _named(root, LATEST) == root / tag else "; no earlier checkpoint exists")
         # Frees the space the partial save took; `latest` still names the previous complete checkpoint
         # (the pointer is the last thing written, so a failed save never moved it). Never a tag a pointer
         # names (a pointer is not moved before the tag is complete; this guards the pointers' own word).
-        if root / tag not in (prev, _pointed(root, BEST)):
+        if root / tag not in (prev, _pointed(root, BEST), _named(root, LATEST), _named(root, BEST)):
             shutil.rmtree(root / tag, ignore_errors=True)
         try:
             _remove_pointer_temps(root)
@@ -520,6 +530,17 @@ def _pointed(root: Path, pointer: str) -> Path | None:
         return latest(root, pointer)
     except UsageError:  # a damaged pointer protects nothing; the next save rewrites it
         return None
+
+
+def _named(root: Path, pointer: str) -> Path | None:
+    """The ``stepN`` dir ``pointer`` names, complete or not (a save of that step again removes its meta.json
+    first); None for no pointer or a damaged one."""
+    try:
+        raw = safe_io.read_bounded(root / pointer, MAX_LATEST, missing_ok=True)
+        name = raw.decode("utf-8").strip() if raw is not None else ""
+    except (UsageError, UnicodeDecodeError):
+        return None
+    return root / name if TAG.fullmatch(name) else None
 
 
 def load(engine: Any, ckpt: Path, portable_state: bool = False) -> int:
