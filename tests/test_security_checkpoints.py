@@ -514,6 +514,20 @@ def test_metrics_damage_is_trimmed_not_fatal(tmp_path: Path) -> None:
     assert "metrics.jsonl.tmp" in manifest.RUN_FILES  # a kill mid-rewrite leaves only a name the run owns
 
 
+def test_a_put_off_evaluation_is_logged_once_over_resumes(tmp_path: Path) -> None:
+    """A checkpoint saved before its step's evaluation (a signal came) resumes by running that evaluation first. An
+    attempt that ran it and was killed before its next checkpoint left its line: the next resume from the same
+    checkpoint logged it a second time. Its training line at that step stays, as do the other steps' evaluations."""
+    f = tmp_path / "metrics.jsonl"
+    lines = ['{"step": 2, "eval_loss": 0.9}\n', '{"step": 4, "epoch": 0, "loss": 1.5}\n',
+             '{"step": 4, "eval_loss": 0.8}\n', '{"step": 5, "epoch": 0, "loss": 1.4}\n']
+    f.write_text("".join(lines))
+    assert trim_metrics(f, 4, eval_pending=True) is None
+    assert f.read_text() == "".join(lines[:2])
+    f.write_text("".join(lines))
+    assert trim_metrics(f, 4) is None and f.read_text() == "".join(lines[:3])
+
+
 def test_metrics_on_a_full_disk_are_cut_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rewrite fails (the disk that cut the line is still full): the file is truncated after its last record
     up to the checkpoint (which needs no space), so the next line logged does not join the torn one."""

@@ -249,7 +249,7 @@ class Trainer:
         self.metrics_path = p.out / "metrics.jsonl"
         if p.env.is_main:
             if self.start:
-                note = trim_metrics(self.metrics_path, self.start)
+                note = trim_metrics(self.metrics_path, self.start, self.eval_pending)
                 if note:
                     dist.print0(p.env, note)
             else:

@@ -85,18 +85,20 @@ MAX_LINE = 1 << 20
 """A metrics line is a few hundred bytes; a longer one is damage, and is skipped without being held whole."""
 
 
-def trim_metrics(path: Path, upto: int) -> str | None:
+def trim_metrics(path: Path, upto: int, eval_pending: bool = False) -> str | None:
     """On resume, keep the lines of ``metrics.jsonl`` up to step ``upto`` (a killed run may have logged steps it
-    never saved), rewritten atomically and streamed (never held whole). The file is the run's own output but may be
-    damaged: a last line cut off by a kill or a full disk is dropped, any other line that is not a JSON object with
-    an integer ``step`` (or is over :data:`MAX_LINE` bytes) is skipped, and nothing raises, since this runs after
-    the ranks have met. Returns one line saying what was dropped, or None."""
+    never saved), rewritten atomically and streamed (never held whole); ``eval_pending``: the checkpoint's
+    evaluation of step ``upto`` runs again first, so a line of it already there (an attempt that ran it and was
+    killed before its next checkpoint) goes. The file is the run's own output but may be damaged: a last line cut
+    off by a kill or a full disk is dropped, any other line that is not a JSON object with an integer ``step`` (or
+    is over :data:`MAX_LINE` bytes) is skipped, and nothing raises, since this runs after the ranks have met.
+    Returns one line saying what was dropped, or None."""
     if not path.is_file():
         return None
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(path, "rb") as src, open(tmp, "wb") as dst:
-            bad, torn, _ = _scan(src, upto, dst)
+            bad, torn, _ = _scan(src, upto, dst, upto if eval_pending else None)
         os.replace(tmp, path)
     except OSError as e:
         # A full disk (what may have cut the line) or a read-only dir: cut the file after its last kept line
@@ -114,9 +116,11 @@ def trim_metrics(path: Path, upto: int) -> str | None:
     return f"{path}: {'; '.join(notes)}" if notes else None
 
 
-def _scan(src: IO[bytes], upto: int, dst: IO[bytes] | None) -> tuple[int, int, int]:
-    """Copy the records up to step ``upto`` from ``src`` to ``dst``: (bad lines, the torn last line's number or 0,
-    the offset in ``src`` just after the last record kept)."""
+def _scan(src: IO[bytes], upto: int, dst: IO[bytes] | None, no_eval_at: int | None = None
+          ) -> tuple[int, int, int]:
+    """Copy the records up to step ``upto`` from ``src`` to ``dst``, less the evaluation lines (no training
+    ``loss``) of step ``no_eval_at``: (bad lines, the torn last line's number or 0, the offset in ``src`` just
+    after the last record kept)."""
     bad, torn, n, kept_end = 0, 0, 0, 0
     while line := src.readline(MAX_LINE + 1):
         n += 1
@@ -134,6 +138,8 @@ def _scan(src: IO[bytes], upto: int, dst: IO[bytes] | None) -> tuple[int, int, i
                 bad += 1
             else:
                 torn = n
+            continue
+        if rec["step"] == no_eval_at and "loss" not in rec:
             continue
         if rec["step"] <= upto:
             if dst is not None:
