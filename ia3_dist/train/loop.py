@@ -539,6 +539,10 @@ class Trainer:
                     res = self.run_eval(done, heldout, bench)
                     if self.selection.active and self.follow(done, res):
                         self.end = done  # finish() saves this step, with the reason in its meta.json
+                        if self.window.steps:  # the last steps' training line, as a run's end has one
+                            self.flush()
+                            self.log_window(self.window, done, epoch, lr, t_start)
+                            self.window = Window()
                         return res
                 if p.cfg.checkpoint.every and done % p.cfg.checkpoint.every == 0 and self.saved < done < self.end:
                     self.save(done)
