@@ -175,6 +175,17 @@ def test_a_signal_before_the_first_step_names_no_checkpoint(tmp_path: Path) -> N
     assert not list((out / "checkpoints").glob("step*"))
 
 
+def test_a_signal_between_training_lines_logs_the_steps_since_the_last(tmp_path: Path) -> None:
+    """Training lines every 4 steps, SIGTERM at the start of step 7: the stop writes a line for steps 5-6 at step
+    6 before its checkpoint (no line ever covered them: the resumed run's first line is step 7's)."""
+    out = tmp_path / "between"
+    proc = launch(_args(out, "train.log_every=4"), env={"IA3_DIST_FAULT": "step:7:0:term"})
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
+    trained = [r["step"] for r in metrics(out) if "loss" in r]
+    assert trained == [1, 4, 6], trained
+    assert json.loads((out / "preempted.json").read_text())["step"] == 6
+
+
 def test_dead_rank_under_deepspeed_launcher(tmp_path: Path) -> None:
     out = tmp_path / "dead"
     proc = _start(out)

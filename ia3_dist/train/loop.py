@@ -322,6 +322,10 @@ class Trainer:
         batches, real = self.objective.batches(self, step_mbs)
         glob = self.objective.stats(self, batches, real).all_reduce()
         if glob.stop_requested > 0:
+            if self.window.steps:  # the steps since the last training line get theirs (every rank joins it)
+                self.flush()
+                self.log_window(self.window, step, *self.window_at)
+                self.window = Window()
             where = self.save(step) if step > self.saved or step == self.stale else \
                 ckpt.root_of(self.p.out) / ckpt.tag_for(step)
             # Step 0 of a fresh run has no checkpoint (a resume starts it afresh); a resumed run's is the one it
@@ -497,6 +501,8 @@ class Trainer:
         p, t = self.p, self.p.cfg.train
         self.window = Window()
         t_start = time.perf_counter()
+        self.window_at = (0, t.lr, t_start)
+        """``(epoch, lr, start time)`` of the window's last step, for a line a stop writes in :meth:`step`."""
         # Process start to the first step: loading, partitioning, engine set-up (and on resume the checkpoint).
         self.startup_s = time.time() - process_start_time()
         dist.print0(p.env, f"startup: {self.startup_s:.1f} s from process start to the first step")
@@ -521,6 +527,7 @@ class Trainer:
                 done = step + 1
                 self.window.steps += 1
                 self.window.stats += stats
+                self.window_at = (epoch, lr, t_start)
                 self.log.step()
                 if self.examples is not None:
                     self.examples.write(json.dumps({"step": done, "examples": [i for mb in step_mbs for i in mb]})
