@@ -324,7 +324,11 @@ def pid_file_alive(out: Path) -> bool | None:
     """Whether ``<out>/rank0.pid`` names a run that trains now: True or False where this host can tell (the file
     names this host; True also for a file that names no host, written by an earlier version, when its pid is a
     run here), None where it cannot (another host wrote it: its processes cannot be seen from here)."""
-    got = _read_pid_file(out)
+    return _alive(_read_pid_file(out))
+
+
+def _alive(got: tuple[int, str | None] | None) -> bool | None:
+    """:func:`pid_file_alive` of what :func:`_read_pid_file` read."""
     if got is None:
         return False
     pid, host = got
@@ -338,7 +342,7 @@ def live_run_pid(out: Path) -> int | None:
     training in ``out`` now. None for no file, a stale one, or a run on another host (a pid file on a shared
     filesystem written on another node says nothing about this host's processes)."""
     got = _read_pid_file(out)
-    if got is None or got[0] == os.getpid() or pid_file_alive(out) is not True:
+    if got is None or got[0] == os.getpid() or _alive(got) is not True:
         return None
     return got[0]
 
