@@ -209,11 +209,6 @@ def _finished_after(d: Path, since: float) -> bool:
     return all((t := _mtime(d / m)) is None or t <= written for m in ("preempted.json", "hung.json"))
 
 
-def _recent(d: Path, started: float) -> bool:
-    """Whether the run wrote its pid file or a metrics line within :data:`RECENT_S`."""
-    return time.time() - max(started, _mtime(d / "metrics.jsonl") or 0.0) < RECENT_S
-
-
 def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,
                array_seen: float | None = None) -> str:
     """See the module docstring. For a sweep task: ``slurm_state``, its array task's state (None: not queued);
@@ -242,7 +237,8 @@ def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,
             return "failed"  # the array's attempt wrote it, and the array no longer runs the task
         if alive is False:
             return "failed"  # this host wrote it, and its process is gone
-        return "running" if _recent(d, started) else "failed"
+        newest = max(started, _mtime(d / "metrics.jsonl") or 0.0)
+        return "running" if time.time() - newest < RECENT_S else "failed"
     if (d / "preempted.json").exists():
         return "preempted"
     if (d / "hung.json").exists():
