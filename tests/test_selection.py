@@ -16,7 +16,7 @@ from ia3_dist.config import load_config
 from ia3_dist.config.schema import lower_is_better
 from ia3_dist.errors import EXIT_PREEMPTED, UsageError
 from ia3_dist.runtime import checkpoint as ckpt
-from ia3_dist.train.selection import Selection, Tracker, stopped_early
+from ia3_dist.train.selection import Selection, Tracker, check_measured, measured_keys, stopped_early
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
@@ -74,6 +74,58 @@ def test_selection_stops_after_patience_and_round_trips_through_meta() -> None:
     nan = Selection.of(_cfg("train.early_stopping.metric=eval_loss", "train.early_stopping.patience=1"))
     assert nan.after_eval(2, {"eval_loss": math.inf}) == (False, False, True)
     assert "no finite value yet, stopped at step 2" in nan.stopped_early
+
+
+class _Held:
+    def __init__(self, n: int, cache_file: str = "") -> None:
+        self.n, self.cache_file = n, cache_file
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_a_resume_on_other_held_out_data_or_benchmarks_is_refused_where_a_tracker_carries_over() -> None:
+    """What the evaluations measured rides in meta.json; a resume that measures something else keeps no best value
+    measured on the old data (refused, naming the key), and otherwise says that the earlier evaluations differ."""
+    follow = ("train.early_stopping.metric=eval_loss", "checkpoint.keep_best=eval_ppl")
+    a = _cfg(*follow, "data.eval_ratio=0", "data.eval_path=a.jsonl")
+    keys = measured_keys(a, _Held(9, "/c/tokenized/0123456789abcdef0123"))
+    assert keys == {"eval_key": "data.eval_path tokens 0123456789abcdef", "bench_key": "none"}
+    assert measured_keys(_cfg(), _Held(7))["eval_key"] == "7 examples held out of the training data"
+    assert measured_keys(load_config(TINY, []), None)["eval_key"] == "none"
+    sel = Selection.of(a)
+    sel.after_eval(2, {"eval_loss": 1.5, "eval_ppl": 4.5})
+    saved = {**keys, **sel.meta()}
+    assert check_measured(a, saved, keys, "m.json") == ""
+    other = measured_keys(a, _Held(9, "/c/tokenized/fedcba9876543210fedc"))
+    with pytest.raises(UsageError, match=r"m.json: train.early_stopping.metric follows eval_loss, and the held-out "
+                                         r"data changed since this checkpoint was saved \(data.eval_path tokens "
+                                         r"0123456789abcdef; now data.eval_path tokens fedcba9876543210\): its best "
+                                         r"so far \(1.5 at step 2\)"):
+        check_measured(a, saved, other, "m.json")
+    keep_only = _cfg("checkpoint.keep_best=eval_ppl", "data.eval_ratio=0", "data.eval_path=b.jsonl")
+    with pytest.raises(UsageError, match=r"checkpoint.keep_best follows eval_ppl.*resume without "
+                                         r"checkpoint.keep_best \(set it to ''\)"):
+        check_measured(keep_only, saved, other, "m.json")
+    # Nothing carried over (no tracker now, or one that follows a benchmark): the resume line says what changed.
+    plain = _cfg("data.eval_ratio=0", "data.eval_path=b.jsonl")
+    assert check_measured(plain, saved, other, "m.json") == \
+        ("; the held-out data changed since the save (data.eval_path tokens 0123456789abcdef; now data.eval_path "
+         "tokens fedcba9876543210): the earlier evaluations in metrics.jsonl measured the saved run's")
+    # Benchmarks: a tracker of a task's metric is refused when eval.tasks changes, not when the held-out data does.
+    tasks = ("eval.tasks=[tiny_mc]", "eval.every=2", "checkpoint.keep_best=tiny_mc/acc,none")
+    b = _cfg(*tasks)
+    bsel = Selection.of(b)
+    bsel.after_eval(2, {"tiny_mc/acc,none": 0.5})
+    bkeys = measured_keys(b, _Held(7))
+    assert bkeys["bench_key"].startswith("tasks ")
+    bsaved = {**bkeys, **bsel.meta()}
+    more = measured_keys(_cfg(*tasks[1:], "eval.tasks=[tiny_mc,other]"), _Held(7))
+    with pytest.raises(UsageError, match="follows tiny_mc/acc,none, and the benchmarks changed"):
+        check_measured(b, bsaved, more, "m.json")
+    assert "the held-out data changed" in check_measured(b, bsaved, {**bkeys, "eval_key": "8 examples"}, "m.json")
+    # A checkpoint from before these keys resumes unchecked.
+    assert check_measured(a, sel.meta(), other, "m.json") == ""
 
 
 @pytest.mark.parametrize("overrides, key, says", [
@@ -235,3 +287,36 @@ def test_resuming_a_finished_run_evaluates_nothing_again(tmp_path: Path, demo_mo
     assert {r["step"]: r["eval_loss"] for r in got if "eval_loss" in r} == pytest.approx(want, rel=1e-6)
     resumed = adapter_tensors(sig / "adapter")
     assert resumed.keys() == ad.keys() and all(torch.allclose(resumed[k], ad[k], rtol=1e-6) for k in ad)
+
+
+@pytest.mark.slow
+def test_a_resume_on_a_changed_held_out_file(tmp_path: Path, demo_model: Path) -> None:
+    """A real run evaluates on data.eval_path and keeps its best eval_loss; the file changes before the resume: the
+    resume exits 2 naming checkpoint.keep_best and the change, before anything is written; without keep_best it
+    trains on and its resume line says the earlier evaluations measured the other file."""
+    import json
+
+    from ia3_dist.train.demo import make_records
+
+    held = tmp_path / "held.jsonl"
+
+    def write(seed: int) -> None:
+        held.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_records(6, seed, 0)),
+                        encoding="utf-8")
+
+    write(1)
+    out = tmp_path / "run"
+    args = ["--config", str(TINY), f"model.path={demo_model}", "train.max_steps=4", "train.eval_every=2",
+            f"data.eval_path={held}", "checkpoint.every=2", "checkpoint.keep_best=eval_loss", f"output.dir={out}"]
+    check(launch([*args, "train.stop_after_steps=2"]))
+    write(2)
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    refused = launch([*args, "train.resume=auto"])
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "checkpoint.keep_best follows eval_loss, and the held-out data changed since this checkpoint was saved " \
+           "(data.eval_path tokens " in refused.stderr, refused.stderr[-2000:]
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == before
+    resumed = check(launch([*args, "train.resume=auto", "checkpoint.keep_best="]))
+    assert "resuming step 2" in resumed.stdout and "the held-out data changed since the save (data.eval_path " \
+           "tokens" in resumed.stdout, resumed.stdout[-2000:]
+    assert [r["step"] for r in metrics(out) if "eval_loss" in r] == [2, 4]

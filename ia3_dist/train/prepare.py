@@ -28,7 +28,7 @@ from ..runtime import dist, manifest, safe_load
 from ..runtime import ds_config as dsc
 from ..runtime.watchdog import HUNG_FILE
 from . import autobatch, demo, objectives, trackers
-from .selection import stopped_early
+from .selection import check_measured, measured_keys, stopped_early
 
 PID_FILE = manifest.PID_FILE
 PREEMPTED_FILE = "preempted.json"
@@ -351,11 +351,13 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
             "eval_ratio": cfg.data.eval_ratio, "group_by_length": layout.group_by_length,
             "order_version": ORDER_VERSION,
             "global_batch": layout.global_batch, "zero_stage": dsc.stage_of(ds), "precision": cfg.train.precision,
-            "offload_optimizer": dsc.offloads_optimizer(ds), **run_keys(cfg, model_config)}
+            "offload_optimizer": dsc.offloads_optimizer(ds), **run_keys(cfg, model_config),
+            **measured_keys(cfg, eval_data)}
     portable, line = False, ""
     if resume_from is not None:
         saved, portable = ckpt.check_compatible(resume_from, meta)
-        line = ckpt.resume_line(resume_from, saved, meta, portable)
+        line = ckpt.resume_line(resume_from, saved, meta, portable) + \
+            check_measured(cfg, saved, meta, str(resume_from / ckpt.META))
         if not portable:
             safe_load.check_checkpoint_dir(resume_from)
     bench = None

@@ -8,12 +8,15 @@ resumed run counts the evaluations without improvement from where it was, on any
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
-from ..config.schema import lower_is_better
+from ..config.schema import EVAL_METRICS, lower_is_better
 from ..errors import UsageError
 
 META_KEY = "selection"
@@ -127,6 +130,60 @@ class Selection:
                                       f"for {s.bad} evaluation(s) (train.early_stopping.patience={self.patience}); "
                                       f"{best_so_far}, stopped at step {step}")
         return keep, best, stop
+
+
+HELDOUT_KEY, BENCH_KEY = "eval_key", "bench_key"
+"""meta.json keys: what the run's held-out evaluations and its benchmarks measured at the save."""
+
+
+def measured_keys(cfg: RunConfig, eval_data: Any) -> dict[str, str]:
+    """What the evaluations measure, for meta.json: the held-out data (``none``; the ``data.eval_ratio`` split;
+    ``data.eval_path``'s token cache key, which follows its content, the tokenizer and the template) and the
+    benchmarks (a digest of ``eval.tasks``, ``eval.limit`` and
+    ``eval.include``)."""
+    if eval_data is None:
+        held = "none"
+    elif cfg.data.eval_path:
+        held = f"data.eval_path tokens {Path(eval_data.cache_file).name[:16]}"
+    else:
+        # The count alone: with the training data and the seed a resume keeps, it fixes which examples.
+        held = f"{len(eval_data)} examples held out of the training data"
+    bench = "none"
+    if cfg.eval.tasks:
+        spec = {"tasks": sorted(cfg.eval.tasks), "limit": cfg.eval.limit, "include": cfg.eval.include}
+        bench = "tasks " + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return {HELDOUT_KEY: held, BENCH_KEY: bench}
+
+
+def check_measured(cfg: RunConfig, saved: dict[str, Any], now: dict[str, str], where: str) -> str:
+    """A resume whose evaluations measure other data than the saved run's: a UsageError where a tracker carries
+    a best value over from the saved run (the comparisons would mix the two; raised before any process group),
+    else the note the resume line adds (the earlier eval lines of metrics.jsonl measured the other data).
+    Checkpoints from before these keys were recorded resume unchecked."""
+    changed = {k: (saved[k], now[k]) for k in (HELDOUT_KEY, BENCH_KEY)
+               if isinstance(saved.get(k), str) and saved[k] != now[k]}
+    if not changed:
+        return ""
+    held_out = EVAL_METRICS[cfg.train.objective]
+    state = saved.get(META_KEY) if isinstance(saved.get(META_KEY), dict) else {}
+    for key, field, metric in (("train.early_stopping.metric", "early_stopping", cfg.train.early_stopping.metric),
+                               ("checkpoint.keep_best", "keep_best", cfg.checkpoint.keep_best)):
+        kind = HELDOUT_KEY if metric in held_out else BENCH_KEY
+        tracked = state.get(field)
+        if not metric or kind not in changed or not isinstance(tracked, dict) or tracked.get("metric") != metric:
+            continue
+        was, is_now = changed[kind]
+        what, keys = (("held-out data", "data.eval_ratio or data.eval_path, and that file") if kind == HELDOUT_KEY
+                      else ("benchmarks", "eval.tasks, eval.limit and eval.include"))
+        best = tracked.get("best")
+        so_far = f"{best:.6g} at step {tracked.get('best_step')}" if isinstance(best, (int, float)) else "none yet"
+        raise UsageError(f"{where}: {key} follows {metric}, and the {what} changed since this checkpoint was saved "
+                         f"({was}; now {is_now}): its best so far ({so_far}) and its count of evaluations without "
+                         f"improvement were measured on the other, so the run would compare the two. Resume with "
+                         f"the saved run's {keys}, or resume without {key} (set it to ''), or start a new run")
+    parts = [f"the {'held-out data' if k == HELDOUT_KEY else 'benchmarks'} changed since the save ({a}; now {b})"
+             for k, (a, b) in changed.items()]
+    return f"; {' and '.join(parts)}: the earlier evaluations in metrics.jsonl measured the saved run's"
 
 
 def stopped_early(meta: dict[str, Any]) -> str:
