@@ -114,6 +114,30 @@ def test_overwrite_removes_only_run_files(tmp_path: Path) -> None:
     assert not (out / "checkpoints").exists()
 
 
+def test_a_start_over_killed_before_it_started_loses_nothing(tmp_path: Path) -> None:
+    """Killed (SIGKILL) between setting the earlier run aside and starting, a start over leaves that run in the
+    aside dir. A later start without output.overwrite, which would discard it once started, is refused naming it
+    and how to put it back; a second start over replaces the dead start's files, keeps the run aside, and puts it
+    back when it fails too."""
+    out = tmp_path / "out"
+    previous_run(out)
+    before = snapshot(out)
+    gone = start_run_dir(out, start_over=True)
+    w(out / "run.yaml", "the dead start's")  # its setup files; then SIGKILL
+    w(out / "ds_config.json", "{}")
+    for resume in ("auto", "none"):
+        with pytest.raises(UsageError, match=rf"{manifest.REPLACED} holds the files of a run that a start with "
+                                             rf"output.overwrite=true set aside; .* delete what that start wrote "
+                                             rf"\(ds_config.json, run.yaml\), then move everything in"):
+            ckpt.guard_output_dir(out, resume, False)
+    ckpt.guard_output_dir(out, "none", True)
+    assert sorted(start_run_dir(out, start_over=True)) == sorted(gone)
+    assert not (out / "run.yaml").exists() and not (out / "ds_config.json").exists()
+    w(out / "run.yaml", "the second start's")  # which fails (exit 2 on a tracker setting)
+    assert sorted(manifest.restore_aside(out)) == sorted(gone)
+    assert snapshot(out) == before
+
+
 def test_overwrite_never_follows_or_deletes_symlinks(tmp_path: Path) -> None:
     precious = w(tmp_path / "elsewhere" / "model.safetensors", b"precious")
     out = tmp_path / "out"

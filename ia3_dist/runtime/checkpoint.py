@@ -318,6 +318,16 @@ def guard_output_dir(out: Path, resume: str, overwrite: bool) -> None:
                          f"output.dir")
     if not st.entries or overwrite:
         return
+    aside = out / manifest.REPLACED
+    if manifest.REPLACED in st.owned:
+        # Every later start discards the aside once it has started: without overwrite, that run would go unasked.
+        setup = [e for e in st.owned if e not in (manifest.MANIFEST, manifest.REPLACED)]
+        rm = f"delete what that start wrote ({manifest.few(setup)}), then " if setup else ""
+        raise UsageError(f"output.dir {out}: {aside} holds the files of a run that a start with "
+                         f"output.overwrite=true set aside; that start was killed before it trained, so they were "
+                         f"neither removed nor put back. Start over with output.overwrite=true (they go once the new "
+                         f"run has started), or keep that run: {rm}move everything in {aside} back into {out} and "
+                         f"remove the empty {manifest.REPLACED}")
     kept = f"; {manifest.few(st.foreign)} would stay" if st.foreign else ""
     if resume == "none":
         ckpts = complete_tags(out, st)

@@ -183,21 +183,37 @@ def set_aside(out: Path) -> list[str]:
     it has started (:func:`discard_aside`), or puts it back if its start fails (:func:`restore_aside`): a bad tracker
     setting or ranks that disagree exit 2 without losing the run that was there. Returns what moved."""
     aside = out / REPLACED
-    if _kind_ok(aside, True):
-        shutil.rmtree(aside)  # a start over that died before its run started: those files were to go
     st = inspect(out)
     moved = []
+    # Left by a start over that died (SIGKILL) before its run started: the run it set aside is still the one this
+    # start replaces, and what is in the dir now is that dead start's setup files (a run that starts discards the
+    # aside; the guard refuses any other start beside one). Those go; the aside stays, to be put back should this
+    # start fail too.
+    dead_start = _kind_ok(aside, True)
     for rel in st.owned:
         if rel in (MANIFEST, CHECKPOINTS, REPLACED):
+            continue
+        if dead_start:
+            _remove(out / rel)
             continue
         dest = aside / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(out / rel, dest)
         moved.append(rel)
+    if dead_start:
+        moved = sorted(str(e.relative_to(aside)) for top in _listing(aside)
+                       for e in (_listing(top) if top.name == CHECKPOINTS and _kind_ok(top, True) else [top]))
     root = out / CHECKPOINTS
     if _kind_ok(root, True) and not any(root.iterdir()):
         root.rmdir()
     return moved
+
+
+def _remove(p: Path) -> None:
+    if _kind_ok(p, True):
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def restore_aside(out: Path) -> list[str]:
