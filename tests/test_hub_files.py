@@ -394,27 +394,44 @@ def test_hub_model_keeps_its_hub_name(fake_hub: dict[str, Any]) -> None:
 
 def test_loaders_read_the_dir_the_preflight_resolved(fake_hub: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                                      tmp_path: Path) -> None:
-    """The preflight resolves a hub model to its snapshot once (Prepared.weights_dir); the loaders, which run once
-    the ranks have met, read that dir and ask the hub nothing (no listing or download inside the process group,
-    and no other commit than the one the preflight checked, should the branch move meanwhile)."""
+    """Online, the preflight of a launch's first rank on a node fetches the hub model's config and tokenizer files
+    (no weights yet), reads both from that snapshot, then fetches the weights of the same commit; transformers,
+    given the hub name, would ask the hub for each file on every rank. The launch's other ranks ask the hub
+    nothing. The hub name stays the model's and the tokenizer's. The loaders, which run once the ranks have met,
+    read the dir the preflight resolved and ask the hub nothing either (nor another commit, should the branch move
+    meanwhile)."""
     import huggingface_hub
-    from huggingface_hub import constants
+    import transformers.utils.hub as transformers_hub
 
     from ia3_dist.config import load_config
     from ia3_dist.runtime import dist
     from ia3_dist.train.loop import load_base
     from ia3_dist.train.prepare import prepare
 
-    d = hub_model_dir(REPO, None)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"),
-                      [f"model.path={REPO}", f"output.dir={tmp_path / 'out'}"])
-    p = prepare(cfg, dist.DistEnv(0, 0, 1, 1))
-    assert p.weights_dir == d and p.model_path == REPO
+    asked: list[str | None] = []
+    listing = huggingface_hub.HfApi.list_repo_files
+
+    def counting(self: Any, repo_id: str, revision: str | None = None, **kw: Any) -> list[str]:
+        asked.append(revision)
+        return listing(self, repo_id, revision=revision, **kw)
 
     def no_hub(*a: Any, **k: Any) -> Any:
-        raise AssertionError("the hub was asked once the ranks had met")
+        raise AssertionError("asked the hub outside the preflight's resolution")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", counting)
+    for name in ("hf_hub_download", "snapshot_download"):
+        monkeypatch.setattr(transformers_hub, name, no_hub)
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"),
+                      [f"model.path={REPO}", f"output.dir={tmp_path / 'out'}"])
+    p = prepare(cfg, dist.DistEnv(0, 0, 2, 2))
+    files = sorted(["config.json", "generation_config.json", "notes[v2].txt",
+                    *(f.name for f in fake_hub["remote"].glob("tokenizer*"))])
+    assert asked == [None, COMMIT] and sorted(fake_hub["downloaded"][:len(files)]) == files
+    assert p.weights_dir == p.weights_dir.parent / COMMIT and p.model_path == REPO
+    assert p.tokenizer.name_or_path == REPO
+    fetched = list(fake_hub["downloaded"])
+    other = prepare(cfg, dist.DistEnv(1, 1, 2, 2))  # another rank of the same launch on this node
+    assert asked == [None, COMMIT] and fake_hub["downloaded"] == fetched and other.weights_dir == p.weights_dir
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", no_hub)

@@ -132,17 +132,27 @@ def hub_files(files: Iterable[str], trust_remote_code: bool = False, shards: Ite
     shards = set(shards)
     if shards and not weights.endswith(INDEX_SUFFIX):
         raise ValueError(f"shards given for {weights}, which is not a shard index")
-    # Every *.index.json but the chosen one: the other format's index would only make the dir claim shards it
-    # does not hold.
-    support = {f for f in names if "/" not in f and f.endswith(HUB_SUPPORT_SUFFIXES) and not f.endswith(INDEX_SUFFIX)}
-    code = {f for f in names if f.endswith(".py")} if trust_remote_code else set()
-    return sorted(support | code | shards | {weights})
+    return sorted({*hub_support_files(names, trust_remote_code), *shards, weights})
+
+
+def hub_support_files(files: Iterable[str], trust_remote_code: bool = False) -> list[str]:
+    """What of a hub repo's listing the config and the tokenizer load from (:func:`hub_files` without the
+    weights): the top-level config, generation and tokenizer files and, with ``trust_remote_code``, the repo's
+    Python files (a remote-code config's class)."""
+    # Every *.index.json is left out: the other format's index would only make the dir claim shards it does not
+    # hold.
+    support = {f for f in files if "/" not in f and f.endswith(HUB_SUPPORT_SUFFIXES) and not f.endswith(INDEX_SUFFIX)}
+    code = {f for f in files if f.endswith(".py")} if trust_remote_code else set()
+    return sorted(support | code)
 
 
 def hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool = False,
-                  cache_dir: str | None = None, token: str | bool | None = None, shared: str | None = None) -> Path:
+                  cache_dir: str | None = None, token: str | bool | None = None, shared: str | None = None,
+                  weights: bool = True) -> Path:
     """A hub model's snapshot dir in the hub cache, holding only what :func:`hub_files` picks from the repo's
-    listing, checked as a local model dir is (:func:`check_model_dir`). Offline (``HF_HUB_OFFLINE``, or the hub
+    listing, checked as a local model dir is (:func:`check_model_dir`); without ``weights``, only what
+    :func:`hub_support_files` picks (the config and the tokenizer, for the preflight's checks before GBs of weights
+    are fetched), with config.json checked there. Offline (``HF_HUB_OFFLINE``, or the hub
     unreachable) the listing is what the cached snapshot holds. ``cache_dir``, ``token``: the hub client's
     (None: its own defaults, ``HF_HUB_CACHE``, ``HF_TOKEN``). One process of a node at a time (a file lock in the
     hub cache): every rank runs the preflight, and without it the others would ask the hub all at once (rate limits
@@ -158,11 +168,14 @@ def hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool = 
     lock = Path(cache_dir or constants.HF_HUB_CACHE) / ".locks" / "ia3-dist" / \
         f"{repo_folder_name(repo_id=repo_id, repo_type='model')}.lock"
     with file_lock(lock, required=False):  # a read-only cache still serves what it holds
-        record = lock.with_name(f"{lock.stem}.{shared}.json") if shared else None
-        asked = {"repo": repo_id, "revision": revision, "trust_remote_code": trust_remote_code}
+        # One record per part: the ranks of a node resolve the support files, then (later, and pinned to that
+        # commit) the weights; a shared record would send the ranks still on the first part to the hub.
+        part = "" if weights else ".files"
+        record = lock.with_name(f"{lock.stem}.{shared}{part}.json") if shared else None
+        asked = {"repo": repo_id, "revision": revision, "trust_remote_code": trust_remote_code, "weights": weights}
         d = _resolved_by_this_launch(record, asked) if record is not None else None
         if d is None:
-            d = _hub_model_dir(repo_id, revision, trust_remote_code, cache_dir, token)
+            d = _hub_model_dir(repo_id, revision, trust_remote_code, cache_dir, token, weights)
             if record is not None:
                 _record_resolved(record, {**asked, "dir": str(d)})
         return d
@@ -180,7 +193,10 @@ def _resolved_by_this_launch(record: Path, asked: dict[str, Any]) -> Path | None
         d = Path(got.pop("dir"))
         if got != asked:
             return None
-        check_model_dir(str(d), f"model.path {asked['repo']}, resolved by another rank to")
+        if asked["weights"]:
+            check_model_dir(str(d), f"model.path {asked['repo']}, resolved by another rank to")
+        elif not (d / "config.json").is_file():
+            return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UsageError):
         return None  # none, or unusable: resolve it here
     return d
@@ -203,7 +219,7 @@ def _record_resolved(record: Path, what: dict[str, Any]) -> None:
 
 
 def _hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool, cache_dir: str | None,
-                   token: str | bool | None) -> Path:
+                   token: str | bool | None, weights: bool = True) -> Path:
     from huggingface_hub import snapshot_download
 
     listing, offline = _hub_listing(repo_id, revision, cache_dir, token)
@@ -222,21 +238,34 @@ def _hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool, 
         except Exception as e:  # the hub client raises many types (offline, 404, auth, disk); all mean "cannot get it"
             raise UsageError(f"model.path {repo_id}: cannot download it ({error_line(e)})") from None
 
+    if not weights:
+        if not cached:
+            # A repo without loadable weights exits 2 here, before the preflight reads its config. Offline, the
+            # cache may hold the config and tokenizer only (`ia3-dist prepare`): the weights part says so.
+            try:
+                hub_weights(listing, where)
+            except UsageError as e:
+                raise UsageError(f"model.path {repo_id}: {e}") from None
+        d = fetch(hub_support_files(listing, trust_remote_code), revision)
+        if not (d / "config.json").is_file():
+            raise UsageError(f"model.path {repo_id}: {where} has no config.json; it is not a transformers model "
+                             f"repo{fix}")
+        return d
     try:
-        weights = hub_weights(listing, where)
+        picked = hub_weights(listing, where)
     except UsageError as e:
         raise UsageError(f"model.path {repo_id}: {e}{fix}") from None
     want = hub_files(listing, trust_remote_code)
     d = fetch(want, revision)
-    if weights.endswith(INDEX_SUFFIX):
-        shards = shard_names(d / weights)
+    if picked.endswith(INDEX_SUFFIX):
+        shards = shard_names(d / picked)
         missing = sorted(set(shards) - set(listing))
         if missing:
-            raise UsageError(f"model.path {repo_id}: {weights} names shards that {where} does not have: "
+            raise UsageError(f"model.path {repo_id}: {picked} names shards that {where} does not have: "
                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}{fix}")
         # The snapshot dir is named by its commit: the shards come from the commit the index came from, even if
         # the branch moves meanwhile.
-        d = fetch(shards, d.name if COMMIT.fullmatch(d.name) else revision)
+        d = fetch(shards, snapshot_commit(d) or revision)
         want = hub_files(listing, trust_remote_code, shards)
     absent = [n for n in want if not (d / n).is_file()]
     if absent:
@@ -290,17 +319,22 @@ def _hub_listing(repo_id: str, revision: str | None, cache_dir: str | None,
     return sorted(f.relative_to(d).as_posix() for f in d.rglob("*") if f.is_file()), reason
 
 
-def local_model_dir(path: str, revision: str | None, trust_remote_code: bool = False, shared: str | None = None
-                    ) -> Path:
+def local_model_dir(path: str, revision: str | None, trust_remote_code: bool = False, shared: str | None = None,
+                    weights: bool = True) -> Path:
     """A local dir as is; a hub name through the hub cache (:func:`hub_model_dir`: one process of a node at a
-    time; ``shared``, the ranks of one launch resolve it once per node), so the ZeRO-3 loader and
-    ``from_pretrained`` read the same files."""
+    time; ``shared``, the ranks of one launch resolve it once per node; ``weights`` False: the config and
+    tokenizer files only), so the ZeRO-3 loader and ``from_pretrained`` read the same files."""
     p = Path(path).expanduser()
     if p.is_dir():
         return p
     if looks_local(path):
         raise UsageError(f"model.path {path}: not a directory")
-    return hub_model_dir(path, revision, trust_remote_code, shared=shared)
+    return hub_model_dir(path, revision, trust_remote_code, shared=shared, weights=weights)
+
+
+def snapshot_commit(d: Path) -> str | None:
+    """The commit a hub snapshot dir is named by (the hub cache's layout); None for any other dir."""
+    return d.name if COMMIT.fullmatch(d.name) else None
 
 
 def check_model_dir(path: str, what: str = "model.path") -> None:

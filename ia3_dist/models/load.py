@@ -38,22 +38,27 @@ def no_code_prompt() -> Iterator[None]:
         dynamic_module_utils.TIME_OUT_REMOTE_CODE, sys.stdin = timeout, stdin
 
 
-def load_tokenizer(cfg: ModelSection, model_path: str) -> Any:
+def load_tokenizer(cfg: ModelSection, model_path: str, files_dir: Path | None = None) -> Any:
+    """``model.tokenizer``, else the model's tokenizer; from ``files_dir`` where given (a hub model's snapshot the
+    preflight resolved once per node: no hub request per rank), named by ``model_path`` all the same."""
     from transformers import AutoTokenizer
 
-    src = cfg.tokenizer or model_path
+    name = cfg.tokenizer or model_path
+    src = cfg.tokenizer or str(files_dir or model_path)
     check_tokenizer_dir(src)
     try:
         with no_code_prompt():
             tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"tokenizer {src}: cannot load it ({type(e).__name__}: {e})") from None
+        raise UsageError(f"tokenizer {name}: cannot load it ({type(e).__name__}: {e})") from None
+    if src != name:
+        tok.name_or_path = name
     if tok.eos_token is None:
-        raise UsageError(f"tokenizer {src} has no eos token; add one to its special_tokens_map.json")
+        raise UsageError(f"tokenizer {name} has no eos token; add one to its special_tokens_map.json")
     if getattr(tok, "split_special_tokens", False):
         # The templates write special tokens as text (the recipe's output + eos, a chat template's turn markers):
         # split, the model would learn the characters of "</s>" instead of ending its answers.
-        raise UsageError(f"tokenizer {src}: split_special_tokens is true in its tokenizer_config.json, so the eos "
+        raise UsageError(f"tokenizer {name}: split_special_tokens is true in its tokenizer_config.json, so the eos "
                          f"token the training examples end with ({tok.eos_token!r}) would be split into plain text; "
                          f"set it to false there for training")
     if tok.pad_token is None:
@@ -101,13 +106,17 @@ def load_base_model(cfg: ModelSection, model_path: str, precision: str, weights_
                                                          trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, pickle.UnpicklingError) as e:
         raise UsageError(f"model.path {model_path}: cannot load the model ({error_line(e)})") from None
+    keep_hub_name(model, model_path)
+    return model
+
+
+def keep_hub_name(model: nn.Module, model_path: str) -> None:
+    """A hub model keeps its hub name, loaded from a snapshot dir as it is: PEFT writes it into the adapter
+    (base_model_name_or_path), which generate/chat/export load the base from, where a path into this machine's
+    hub cache would not exist."""
     if not Path(model_path).expanduser().is_dir():
-        # A hub model keeps its hub name, as from_pretrained(<hub id>) and the ZeRO-3 path (its config's) name it:
-        # PEFT writes it into the adapter (base_model_name_or_path), which generate/chat/export load the base from,
-        # where a path into this machine's hub cache would not exist.
         model.config.name_or_path = model_path
         model.name_or_path = model_path
-    return model
 
 
 def base_on_meta(config: Any, trust_remote_code: bool = False) -> nn.Module:
@@ -118,13 +127,15 @@ def base_on_meta(config: Any, trust_remote_code: bool = False) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def load_model_config(model_path: str, cfg: ModelSection) -> Any:
-    """The model's config.json (shapes for ZeRO bucket sizes and the vocabulary check), without weights."""
+def load_model_config(model_path: str, cfg: ModelSection, files_dir: Path | None = None) -> Any:
+    """The model's config.json (shapes for ZeRO bucket sizes and the vocabulary check), without weights; from
+    ``files_dir`` where given (a hub model's snapshot, whose remote code, if trusted, it then loads too)."""
     from transformers import AutoConfig
 
     try:
         with no_code_prompt():
-            c = AutoConfig.from_pretrained(model_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+            c = AutoConfig.from_pretrained(str(files_dir or model_path), revision=cfg.revision,
+                                           trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         if Path(model_path).exists():
             raise UsageError(f"model.path {model_path}: cannot read config.json ({e})") from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,17 @@ import torch
 from ..data.sampler import examples_consumed, iter_steps
 from ..errors import NonFiniteLoss, Preempted, UsageError
 from ..models.families import apply_speedups, family_of, last_block
+from ..models.files import snapshot_commit
 from ..models.ia3 import apply_ia3, load_init_adapter, trainable_line
-from ..models.load import DTYPES, compile_blocks, copy_gradients, hidden_size_of, layers_of, load_base_model
+from ..models.load import (
+    DTYPES,
+    compile_blocks,
+    copy_gradients,
+    hidden_size_of,
+    keep_hub_name,
+    layers_of,
+    load_base_model,
+)
 from ..models.zero3_load import build_partitioned, load_partitions, local_model_dir
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, ds_syncs, faults, hostmem
@@ -73,7 +81,7 @@ def base_revision(p: Prepared) -> str | None:
     is named by it), else ``model.revision``; None for a local base."""
     if Path(p.model_path).expanduser().is_dir():
         return None
-    if p.weights_dir is not None and re.fullmatch(r"[0-9a-f]{40}", p.weights_dir.name):
+    if p.weights_dir is not None and snapshot_commit(p.weights_dir):
         return p.weights_dir.name
     return p.cfg.model.revision
 
@@ -89,6 +97,7 @@ def load_base(p: Prepared) -> tuple[Any, Any]:
     keep_alive = HfDeepSpeedConfig(p.ds_config)
     base = build_partitioned(p.model_config, p.ds_config, DTYPES[p.cfg.train.precision],
                              p.cfg.model.trust_remote_code)
+    keep_hub_name(base, p.model_path)  # built from a config read in a snapshot dir
     src = p.weights_dir or local_model_dir(p.model_path, p.cfg.model.revision, p.cfg.model.trust_remote_code)
     stats = load_partitions(base, src)
     gc.collect()  # the untied lm_head that tie_weights replaced still holds its partition until collected

@@ -18,7 +18,7 @@ from ..data.sampler import ORDER_VERSION, Layout, plan_epoch, split_eval, steps_
 from ..data.tokenize import TokenizedData, load_or_tokenize
 from ..errors import RunFinished
 from ..models.families import family_of, support_case
-from ..models.files import check_model_dir, check_vocab, error_line, local_model_dir
+from ..models.files import check_model_dir, check_vocab, error_line, local_model_dir, snapshot_commit
 from ..models.ia3 import ADAPTER_FILE, apply_ia3, load_init_adapter, paper_targets
 from ..models.load import base_on_meta, hidden_size_of, load_model_config, load_tokenizer
 from ..models.loss import check_final_logits, check_head
@@ -255,7 +255,13 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     trackers.check_installed(cfg, env)
     model_path = demo.model_path(cfg.model.path, cfg.data.cache_dir)
     check_model_dir(model_path)
-    model_config = load_model_config(model_path, cfg.model)
+    files_dir = None
+    if not Path(model_path).expanduser().is_dir():
+        # A hub model's config and tokenizer: from a snapshot the ranks of a node resolve once (transformers, given
+        # the hub name, asks the hub for each file on every rank: thousands of requests at a few hundred ranks).
+        files_dir = local_model_dir(model_path, cfg.model.revision, cfg.model.trust_remote_code,
+                                    dist.launch_key(env), weights=False)
+    model_config = load_model_config(model_path, cfg.model, files_dir)
     _, support = support_case(model_config, cfg.ia3)
     check_final_logits(model_config)  # exit 2 here, not at the first loss once every rank has loaded the model
     # On the meta device (no memory, milliseconds): the structure the losses use, names that match no module and a
@@ -267,7 +273,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         on_meta = apply_ia3(on_meta, cfg.ia3)
         if cfg.ia3.init_from:
             load_init_adapter(on_meta, cfg.ia3.init_from)
-    tok = load_tokenizer(cfg.model, model_path)
+    tok = load_tokenizer(cfg.model, model_path, files_dir)
     check_vocab(tok, model_config, cfg.model.tokenizer or model_path)
     fam = family_of(model_config)
     if cfg.model.attention == "flex" and fam is not None and fam.attention is not None:
@@ -311,7 +317,9 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         # A hub model downloads here, before any rank waits on another: GBs fetched inside the process group run
         # into its timeouts, and a repo without loadable weights exits 2 now. The hub client locks, so the
         # ranks of a node fetch it once; the loaders then find it in the hub cache.
-        weights_dir = local_model_dir(model_path, cfg.model.revision, cfg.model.trust_remote_code,
+        # The commit the config and tokenizer came from, should the branch move meanwhile.
+        revision = snapshot_commit(files_dir) if files_dir is not None else None
+        weights_dir = local_model_dir(model_path, revision or cfg.model.revision, cfg.model.trust_remote_code,
                                       dist.launch_key(env))
     if dsc.stage_of(ds) == 3 or family_of(model_config) is not None:
         # ZeRO-3's loader needs every tensor; for the tested families (known key names) the other stages get the
