@@ -141,6 +141,20 @@ def wait_step(job: str, tmp: Path, out: Path, step: int, timeout: float = 300) -
         time.sleep(0.2)
 
 
+def _last_step(out: Path) -> int:
+    """The last step metrics.jsonl logged (0 before any; a line still being written is skipped)."""
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue
+    return 0
+
+
 def logs(tmp: Path, tail: int | None = 3000) -> str:
     """Job and per-rank logs (each file's last ``tail`` characters; None for all)."""
     files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.suffix in (".out", ".log", ".err"))
@@ -228,6 +242,15 @@ def test_frozen_rank_requeues_and_resumes(cluster: int, direct: dict[str, Path],
     wait_step(job, tmp_path, out, 7)
     pids = tagged_ranks(tag)
     assert sorted(pids) == [0, 1], pids
+    # Frozen right after a step one past a checkpoint (saved every 5th step), rank 0 waits in a training step's
+    # all-reduce, steps before the next save. Frozen at any moment, rank 1 could stop inside a save, whose
+    # allowance (at least 30 min) holds the watchdog off: on an idle box (steps of ~0.1 s) the polling above lags
+    # a few steps, and the freeze landed in step 10's save.
+    step, t0 = 0, time.time()
+    while step < 7 or step % 5 != 1:
+        assert time.time() - t0 < 120, logs(tmp_path)
+        time.sleep(0.01)
+        step = _last_step(out)
     os.kill(pids[1], signal.SIGSTOP)
     t0 = time.time()
     while alive(list(pids.values())):
