@@ -439,6 +439,47 @@ def test_loaders_read_the_dir_the_preflight_resolved(fake_hub: dict[str, Any], m
     assert model.name_or_path == REPO
 
 
+def test_a_hub_tokenizer_is_fetched_once_per_node_and_read_from_its_snapshot(
+        fake_hub: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model: Path) -> None:
+    """``model.tokenizer`` naming a hub repo beside a local model: the launch's first rank on a node fetches its
+    config and tokenizer files (no weights), the other ranks ask nothing, transformers never asks the hub, and the
+    tokenizer keeps its hub name. A repo without tokenizer files exits 2 naming the key."""
+    import huggingface_hub
+    import transformers.utils.hub as transformers_hub
+
+    from ia3_dist.config import load_config
+    from ia3_dist.runtime import dist
+    from ia3_dist.train.prepare import prepare
+
+    asked: list[str | None] = []
+    listing = huggingface_hub.HfApi.list_repo_files
+
+    def counting(self: Any, repo_id: str, revision: str | None = None, **kw: Any) -> list[str]:
+        asked.append(revision)
+        return listing(self, repo_id, revision=revision, **kw)
+
+    def no_hub(*a: Any, **k: Any) -> Any:
+        raise AssertionError("transformers asked the hub")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", counting)
+    for name in ("hf_hub_download", "snapshot_download"):
+        monkeypatch.setattr(transformers_hub, name, no_hub)
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
+    cfg = load_config(tiny, [f"model.path={tiny_model}", f"model.tokenizer={REPO}", f"output.dir={tmp_path / 'o'}"])
+    p = prepare(cfg, dist.DistEnv(0, 0, 2, 2))
+    assert asked == [None] and not any(f.endswith((".safetensors", ".bin")) for f in fake_hub["downloaded"])
+    assert p.tokenizer.name_or_path == REPO and p.weights_dir == tiny_model
+    fetched = list(fake_hub["downloaded"])
+    prepare(cfg, dist.DistEnv(1, 1, 2, 2))
+    assert asked == [None] and fake_hub["downloaded"] == fetched
+    for f in fake_hub["remote"].glob("tokenizer*"):
+        f.unlink()
+    (fake_hub["remote"] / "vocab.json").unlink(missing_ok=True)
+    shutil.rmtree(fake_hub["cache"])
+    with pytest.raises(UsageError, match=f"model.tokenizer {REPO}: the repo has no tokenizer files"):
+        prepare(cfg, dist.DistEnv(0, 0, 1, 1))
+
+
 def test_dpo_reference_key_follows_the_snapshot(tmp_path: Path, tiny_model: Path) -> None:
     """The stored DPO reference log-probs are keyed by the files the weights load from: for a hub model, its
     snapshot (a new commit of the same name and architecture is other weights), not the hub name alone."""

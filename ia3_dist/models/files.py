@@ -148,11 +148,12 @@ def hub_support_files(files: Iterable[str], trust_remote_code: bool = False) -> 
 
 def hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool = False,
                   cache_dir: str | None = None, token: str | bool | None = None, shared: str | None = None,
-                  weights: bool = True) -> Path:
+                  weights: bool = True, tokenizer: bool = False) -> Path:
     """A hub model's snapshot dir in the hub cache, holding only what :func:`hub_files` picks from the repo's
     listing, checked as a local model dir is (:func:`check_model_dir`); without ``weights``, only what
     :func:`hub_support_files` picks (the config and the tokenizer, for the preflight's checks before GBs of weights
-    are fetched), with config.json checked there. Offline (``HF_HUB_OFFLINE``, or the hub
+    are fetched), with config.json checked there; ``tokenizer`` (without ``weights``): a ``model.tokenizer`` repo,
+    which need hold neither weights nor a config, only tokenizer files. Offline (``HF_HUB_OFFLINE``, or the hub
     unreachable) the listing is what the cached snapshot holds. ``cache_dir``, ``token``: the hub client's
     (None: its own defaults, ``HF_HUB_CACHE``, ``HF_TOKEN``). One process of a node at a time (a file lock in the
     hub cache): every rank runs the preflight, and without it the others would ask the hub all at once (rate limits
@@ -170,12 +171,14 @@ def hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool = 
     with file_lock(lock, required=False):  # a read-only cache still serves what it holds
         # One record per part: the ranks of a node resolve the support files, then (later, and pinned to that
         # commit) the weights; a shared record would send the ranks still on the first part to the hub.
-        part = "" if weights else ".files"
+        tokenizer = tokenizer and not weights
+        part = "" if weights else ".tokenizer" if tokenizer else ".files"
         record = lock.with_name(f"{lock.stem}.{shared}{part}.json") if shared else None
-        asked = {"repo": repo_id, "revision": revision, "trust_remote_code": trust_remote_code, "weights": weights}
+        asked = {"repo": repo_id, "revision": revision, "trust_remote_code": trust_remote_code, "weights": weights,
+                 "tokenizer": tokenizer}
         d = _resolved_by_this_launch(record, asked) if record is not None else None
         if d is None:
-            d = _hub_model_dir(repo_id, revision, trust_remote_code, cache_dir, token, weights)
+            d = _hub_model_dir(repo_id, revision, trust_remote_code, cache_dir, token, weights, tokenizer)
             if record is not None:
                 _record_resolved(record, {**asked, "dir": str(d)})
         return d
@@ -195,7 +198,7 @@ def _resolved_by_this_launch(record: Path, asked: dict[str, Any]) -> Path | None
             return None
         if asked["weights"]:
             check_model_dir(str(d), f"model.path {asked['repo']}, resolved by another rank to")
-        elif not (d / "config.json").is_file():
+        elif not (has_tokenizer_files(d) if asked["tokenizer"] else (d / "config.json").is_file()):
             return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UsageError):
         return None  # none, or unusable: resolve it here
@@ -219,10 +222,11 @@ def _record_resolved(record: Path, what: dict[str, Any]) -> None:
 
 
 def _hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool, cache_dir: str | None,
-                   token: str | bool | None, weights: bool = True) -> Path:
+                   token: str | bool | None, weights: bool = True, tokenizer: bool = False) -> Path:
     from huggingface_hub import snapshot_download
 
-    listing, offline = _hub_listing(repo_id, revision, cache_dir, token)
+    key = "model.tokenizer" if tokenizer else "model.path"
+    listing, offline = _hub_listing(repo_id, revision, cache_dir, token, key)
     cached = offline is not None
     where = "the hub cache" if cached else "the repo"
     # Offline, what the cache lacks is fetched where the hub can be reached (`ia3-dist prepare` caches the config
@@ -236,32 +240,37 @@ def _hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool, 
             return Path(snapshot_download(repo_id, revision=rev, cache_dir=cache_dir, token=token,
                                           local_files_only=cached, allow_patterns=[glob.escape(n) for n in names]))
         except Exception as e:  # the hub client raises many types (offline, 404, auth, disk); all mean "cannot get it"
-            raise UsageError(f"model.path {repo_id}: cannot download it ({error_line(e)})") from None
+            raise UsageError(f"{key} {repo_id}: cannot download it ({error_line(e)})") from None
 
     if not weights:
-        if not cached:
+        if not cached and not tokenizer:
             # A repo without loadable weights exits 2 here, before the preflight reads its config. Offline, the
             # cache may hold the config and tokenizer only (`ia3-dist prepare`): the weights part says so.
             try:
                 hub_weights(listing, where)
             except UsageError as e:
-                raise UsageError(f"model.path {repo_id}: {e}") from None
+                raise UsageError(f"{key} {repo_id}: {e}") from None
         d = fetch(hub_support_files(listing, trust_remote_code), revision)
+        if tokenizer:
+            if not has_tokenizer_files(d):
+                raise UsageError(f"{key} {repo_id}: {where} has no tokenizer files ({', '.join(TOKENIZER_FILES)})"
+                                 f"{fix}")
+            return d
         if not (d / "config.json").is_file():
-            raise UsageError(f"model.path {repo_id}: {where} has no config.json; it is not a transformers model "
+            raise UsageError(f"{key} {repo_id}: {where} has no config.json; it is not a transformers model "
                              f"repo{fix}")
         return d
     try:
         picked = hub_weights(listing, where)
     except UsageError as e:
-        raise UsageError(f"model.path {repo_id}: {e}{fix}") from None
+        raise UsageError(f"{key} {repo_id}: {e}{fix}") from None
     want = hub_files(listing, trust_remote_code)
     d = fetch(want, revision)
     if picked.endswith(INDEX_SUFFIX):
         shards = shard_names(d / picked)
         missing = sorted(set(shards) - set(listing))
         if missing:
-            raise UsageError(f"model.path {repo_id}: {picked} names shards that {where} does not have: "
+            raise UsageError(f"{key} {repo_id}: {picked} names shards that {where} does not have: "
                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}{fix}")
         # The snapshot dir is named by its commit: the shards come from the commit the index came from, even if
         # the branch moves meanwhile.
@@ -269,14 +278,14 @@ def _hub_model_dir(repo_id: str, revision: str | None, trust_remote_code: bool, 
         want = hub_files(listing, trust_remote_code, shards)
     absent = [n for n in want if not (d / n).is_file()]
     if absent:
-        raise UsageError(f"model.path {repo_id}: {d} lacks {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}"
+        raise UsageError(f"{key} {repo_id}: {d} lacks {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}"
                          f" after the download")
-    check_model_dir(str(d), f"model.path {repo_id}, downloaded to")
+    check_model_dir(str(d), f"{key} {repo_id}, downloaded to")
     return d
 
 
 def _hub_listing(repo_id: str, revision: str | None, cache_dir: str | None,
-                 token: str | bool | None) -> tuple[list[str], str | None]:
+                 token: str | bool | None, key: str = "model.path") -> tuple[list[str], str | None]:
     """``(files, offline)``: the repo's file list from the hub (``offline`` None), or, offline or where the hub
     cannot be reached (the hub client itself falls back to its cache then), the files its cached snapshot of
     ``revision`` holds and why the hub was not asked."""
@@ -294,17 +303,17 @@ def _hub_listing(repo_id: str, revision: str | None, cache_dir: str | None,
         try:
             return HfApi(token=token).list_repo_files(repo_id, revision=revision), None
         except GatedRepoError as e:
-            raise UsageError(f"model.path {repo_id}: a gated repo this login may not read ({error_line(e)}); accept "
+            raise UsageError(f"{key} {repo_id}: a gated repo this login may not read ({error_line(e)}); accept "
                              f"its terms on its hub page, then log in (hf auth login) or set HF_TOKEN") from None
         except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as e:
             # The hub answers a private repo without a login as one that does not exist.
             login = "" if token or constants.HF_TOKEN_PATH and Path(constants.HF_TOKEN_PATH).is_file() \
                 or os.environ.get("HF_TOKEN") else "; if it is private, log in (hf auth login) or set HF_TOKEN"
-            raise UsageError(f"model.path {repo_id}: not a local dir and not on the hub ({error_line(e)}){login}") \
+            raise UsageError(f"{key} {repo_id}: not a local dir and not on the hub ({error_line(e)}){login}") \
                 from None
         except HfHubHTTPError as e:
             if getattr(getattr(e, "response", None), "status_code", None) in (401, 403):
-                raise UsageError(f"model.path {repo_id}: the hub refused access ({error_line(e)}); log in "
+                raise UsageError(f"{key} {repo_id}: the hub refused access ({error_line(e)}); log in "
                                  f"(hf auth login) or set HF_TOKEN") from None
             reason = f"the hub cannot be reached ({error_line(e)})"
         except Exception as e:  # connection errors: their types depend on the hub client's HTTP library
@@ -314,7 +323,7 @@ def _hub_listing(repo_id: str, revision: str | None, cache_dir: str | None,
         d = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True,
                                    allow_patterns=["config.json"]))
     except Exception as e:
-        raise UsageError(f"model.path {repo_id}: not a local dir, {reason}, and the hub cache has no snapshot of "
+        raise UsageError(f"{key} {repo_id}: not a local dir, {reason}, and the hub cache has no snapshot of "
                          f"it ({error_line(e)})") from None
     return sorted(f.relative_to(d).as_posix() for f in d.rglob("*") if f.is_file()), reason
 

@@ -39,12 +39,13 @@ def no_code_prompt() -> Iterator[None]:
 
 
 def load_tokenizer(cfg: ModelSection, model_path: str, files_dir: Path | None = None) -> Any:
-    """``model.tokenizer``, else the model's tokenizer; from ``files_dir`` where given (a hub model's snapshot the
-    preflight resolved once per node: no hub request per rank), named by ``model_path`` all the same."""
+    """``model.tokenizer``, else the model's tokenizer; from ``files_dir`` where given (the hub snapshot of that
+    tokenizer or model the preflight resolved once per node: no hub request per rank), named as configured all
+    the same."""
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or model_path
-    src = cfg.tokenizer or str(files_dir or model_path)
+    src = str(files_dir) if files_dir is not None else name
     check_tokenizer_dir(src)
     try:
         with no_code_prompt():

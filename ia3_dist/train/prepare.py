@@ -18,7 +18,15 @@ from ..data.sampler import ORDER_VERSION, Layout, plan_epoch, split_eval, steps_
 from ..data.tokenize import TokenizedData, load_or_tokenize
 from ..errors import RunFinished
 from ..models.families import family_of, support_case
-from ..models.files import check_model_dir, check_vocab, error_line, local_model_dir, snapshot_commit
+from ..models.files import (
+    check_model_dir,
+    check_vocab,
+    error_line,
+    hub_model_dir,
+    local_model_dir,
+    looks_local,
+    snapshot_commit,
+)
 from ..models.ia3 import ADAPTER_FILE, apply_ia3, load_init_adapter, paper_targets
 from ..models.load import base_on_meta, hidden_size_of, load_model_config, load_tokenizer
 from ..models.loss import check_final_logits, check_head
@@ -245,6 +253,19 @@ def _meta_build(model_config: Any, cfg: RunConfig, env: dist.DistEnv) -> Any:
         return None
 
 
+def tokenizer_dir(cfg: RunConfig, env: dist.DistEnv, files_dir: Path | None) -> Path | None:
+    """Where the tokenizer loads from without asking the hub on every rank: a hub ``model.tokenizer``'s snapshot
+    (resolved once per node, as the model's files), else the model's snapshot ``files_dir`` when no
+    ``model.tokenizer`` is set; None: the local dir as configured."""
+    name = cfg.model.tokenizer
+    if not name:
+        return files_dir
+    if looks_local(name):
+        return None
+    return hub_model_dir(name, cfg.model.revision, cfg.model.trust_remote_code, shared=dist.launch_key(env),
+                         weights=False, tokenizer=True)
+
+
 def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     """Model files, tokenizer, tokenized data (file-locked cache), the resolved DeepSpeed config, the output-dir
     guard and the resume point. Raises :class:`UsageError` on bad input; nothing here waits on another rank."""
@@ -273,7 +294,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         on_meta = apply_ia3(on_meta, cfg.ia3)
         if cfg.ia3.init_from:
             load_init_adapter(on_meta, cfg.ia3.init_from)
-    tok = load_tokenizer(cfg.model, model_path, files_dir)
+    tok = load_tokenizer(cfg.model, model_path, tokenizer_dir(cfg, env, files_dir))
     check_vocab(tok, model_config, cfg.model.tokenizer or model_path)
     fam = family_of(model_config)
     if cfg.model.attention == "flex" and fam is not None and fam.attention is not None:
