@@ -138,6 +138,33 @@ def test_a_start_over_killed_before_it_started_loses_nothing(tmp_path: Path) -> 
     assert snapshot(out) == before
 
 
+def test_an_aside_cut_off_midway_or_left_beside_a_trained_run(tmp_path: Path) -> None:
+    """A start over killed while it moved the earlier run aside: the next start over finishes the move (the
+    earlier run's files still in the dir are moved, not deleted) and a failure puts the whole run back. An aside a
+    started run could not remove, beside that run's results, is no dead start's: a resume is not refused, and a
+    start over replaces it with the run now there."""
+    out = tmp_path / "out"
+    previous_run(out)
+    before = snapshot(out)
+    aside = out / manifest.REPLACED
+    for rel in ("adapter", "checkpoints/step2", "checkpoints/latest"):  # moved before the kill; the rest was not
+        (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out / rel, aside / rel)
+    with pytest.raises(UsageError, match=r"killed before it trained.* or keep that run: move everything in") as e:
+        ckpt.guard_output_dir(out, "auto", False)  # half of it moved: nothing to delete, only to move back
+    assert "delete what" not in str(e.value)
+    moved = start_run_dir(out, start_over=True)
+    assert {"adapter", "checkpoints/step2", "metrics.jsonl", "run.yaml"} <= set(moved)
+    assert sorted(manifest.restore_aside(out)) == sorted(moved)
+    assert snapshot(out) == before
+
+    w(aside / "metrics.jsonl", "a remnant its start could not remove\n")
+    ckpt.guard_output_dir(out, "auto", False)  # the trained run resumes
+    start_run_dir(out, start_over=True)
+    assert (aside / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
+    assert manifest.discard_aside(out) == "" and not aside.exists()
+
+
 def test_overwrite_never_follows_or_deletes_symlinks(tmp_path: Path) -> None:
     precious = w(tmp_path / "elsewhere" / "model.safetensors", b"precious")
     out = tmp_path / "out"

@@ -319,9 +319,13 @@ def guard_output_dir(out: Path, resume: str, overwrite: bool) -> None:
     if not st.entries or overwrite:
         return
     aside = out / manifest.REPLACED
-    if manifest.REPLACED in st.owned:
+    if manifest.dead_start(out, st) and manifest.live_run_pid(out) is None:
         # Every later start discards the aside once it has started: without overwrite, that run would go unasked.
-        setup = [e for e in st.owned if e not in (manifest.MANIFEST, manifest.REPLACED)]
+        # (A start over still starting, alive, is refused as a live run by rank 0's check.)
+        # What the dead start wrote over names the aside holds (any other entry may be the earlier run's own, not
+        # moved yet when the start was killed).
+        setup = [e for e in st.owned if e not in (manifest.MANIFEST, manifest.REPLACED)
+                 and os.path.lexists(aside / e)]
         rm = f"delete what that start wrote ({manifest.few(setup)}), then " if setup else ""
         raise UsageError(f"output.dir {out}: {aside} holds the files of a run that a start with "
                          f"output.overwrite=true set aside; that start was killed before it trained, so they were "

@@ -184,29 +184,39 @@ def set_aside(out: Path) -> list[str]:
     setting or ranks that disagree exit 2 without losing the run that was there. Returns what moved."""
     aside = out / REPLACED
     st = inspect(out)
+    if _kind_ok(aside, True) and not dead_start(out, st):
+        # Beside a run that trained: what a run's discard could not remove at its start, nothing to keep.
+        shutil.rmtree(aside)
+        st = inspect(out)
+    # An aside beside a dead start's setup files (a start over killed before its run started, or while it moved
+    # the files) holds the run this start replaces: it stays, to be put back should this start fail too. An entry
+    # it already holds is the dead start's here and goes; any other one is moved in (the move that was cut off).
     moved = []
-    # Left by a start over that died (SIGKILL) before its run started: the run it set aside is still the one this
-    # start replaces, and what is in the dir now is that dead start's setup files (a run that starts discards the
-    # aside; the guard refuses any other start beside one). Those go; the aside stays, to be put back should this
-    # start fail too.
-    dead_start = _kind_ok(aside, True)
     for rel in st.owned:
         if rel in (MANIFEST, CHECKPOINTS, REPLACED):
             continue
-        if dead_start:
+        dest = aside / rel
+        if os.path.lexists(dest):
             _remove(out / rel)
             continue
-        dest = aside / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(out / rel, dest)
-        moved.append(rel)
-    if dead_start:
+    if _kind_ok(aside, True):
         moved = sorted(str(e.relative_to(aside)) for top in _listing(aside)
                        for e in (_listing(top) if top.name == CHECKPOINTS and _kind_ok(top, True) else [top]))
     root = out / CHECKPOINTS
     if _kind_ok(root, True) and not any(root.iterdir()):
         root.rmdir()
     return moved
+
+
+def dead_start(out: Path, st: DirState) -> bool:
+    """Whether ``out`` (``st``: its :func:`inspect`) holds an aside that is the earlier run a start over set aside
+    before it was killed (before its run started, or while it moved the files): nothing a training step wrote in
+    the dir has a name the aside holds too (the move gives each name to one side). A run that trained since writes
+    such names: beside its results, an aside is what its start could not remove."""
+    aside = out / REPLACED
+    return REPLACED in st.owned and not any(os.path.lexists(aside / e) for e in st.results if e != REPLACED)
 
 
 def _remove(p: Path) -> None:
@@ -238,8 +248,14 @@ def restore_aside(out: Path) -> list[str]:
     return back
 
 
-def discard_aside(out: Path) -> None:
-    shutil.rmtree(out / REPLACED, ignore_errors=True)
+def discard_aside(out: Path) -> str:
+    """Remove the aside once the new run has started; what could not be removed, as a note ("" when all went)."""
+    errors: list[str] = []
+    shutil.rmtree(out / REPLACED, onerror=lambda _f, path, exc: errors.append(f"{path}: {exc[1]}"))
+    if not errors:
+        return ""
+    return (f"output.dir {out}: {REPLACED}, the earlier run's files output.overwrite replaced, could not all be "
+            f"removed ({errors[0]}{f' and {len(errors) - 1} more' if len(errors) > 1 else ''}); delete it by hand")
 
 
 def nearest_existing(p: Path) -> Path:

@@ -140,7 +140,9 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
         raise
     if env.is_main:
         # Started: the run that output.overwrite replaces goes now (until here a failed start put it back).
-        manifest.discard_aside(p.out)
+        left = manifest.discard_aside(p.out)
+        if left:
+            dist.print0(env, f"ia3-dist: note: {left}")
     try:
         res = train(p, stop, watchdog, trackers)
         watchdog.stop()  # training is over: the hooks below may take as long as they need
