@@ -126,6 +126,13 @@ def test_the_report_names_dropped_records_where_they_were_read(tmp_path: Path, t
     report = "\n".join(data_lines(load_or_tokenize(cfg, tiny_tokenizer), RunConfig(data=cfg)))
     assert f"2 dropped (no label token after truncation, data.unlabeled=drop), first, in {f}: line 3, line 4\n" \
         in report, report
+    # The same content under another name, served from the cache its first name filled: this file is named.
+    g = tmp_path / "elsewhere" / "copy.jsonl"
+    g.parent.mkdir()
+    g.write_bytes(f.read_bytes())
+    other = DataSection(path=str(g), on_bad_record="skip", cache_dir=str(tmp_path / "cache"))
+    report = "\n".join(data_lines(load_or_tokenize(other, tiny_tokenizer), RunConfig(data=other)))
+    assert f"first, in {g}: line 3, line 4\n" in report and str(f) not in report, report
 
 
 def test_save_to_disk_dir_matches_json(tmp_path: Path, tiny_tokenizer) -> None:

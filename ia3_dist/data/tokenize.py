@@ -503,6 +503,7 @@ def load_or_tokenize(cfg: DataSection, tok: Any, *, build: bool | None = None, l
         # Same content under other names: messages and formats name this run's files.
         data.skipped = [_renamed(m, old, stream.names) for m in data.skipped]
         data.formats = {_renamed(k, old, stream.names): v for k, v in data.formats.items()}
+        data.dropped_where = [_renamed(m, old, stream.names) for m in data.dropped_where]
     return data
 
 
