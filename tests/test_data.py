@@ -229,6 +229,23 @@ def test_split_special_tokens_is_refused_for_training_and_keyed(tmp_path: Path, 
         load_tokenizer(ModelSection(), str(d))
 
 
+def test_a_slow_tokenizer_is_keyed_by_its_settings_not_where_it_was_loaded_from() -> None:
+    """A tokenizer without a fast backend is keyed by its init settings: loaded by hub name (`ia3-dist prepare`)
+    or from that snapshot's dir (a training rank, transformers then records is_local), the same cache."""
+    from types import SimpleNamespace
+
+    from ia3_dist.data.tokenize import tokenizer_fingerprint
+
+    def slow(**kw: object) -> SimpleNamespace:
+        return SimpleNamespace(get_vocab=lambda: {"a": 0, "b": 1}, eos_token="</s>", pad_token=None, bos_token=None,
+                               init_kwargs={"add_bos_token": True, "vocab_file": "/x/spiece.model", **kw})
+
+    by_name = tokenizer_fingerprint(slow(name_or_path="org/m", is_local=False))
+    assert tokenizer_fingerprint(slow(name_or_path="/hub/snapshots/c0ffee", is_local=True,
+                                      local_files_only=True, _commit_hash="c0ffee")) == by_name
+    assert tokenizer_fingerprint(slow(name_or_path="org/m", is_local=False, add_bos_token=False)) != by_name
+
+
 def _lengths(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(8, 257, size=n)
 

@@ -465,6 +465,12 @@ def test_a_hub_tokenizer_is_fetched_once_per_node_and_read_from_its_snapshot(
     for name in ("hf_hub_download", "snapshot_download"):
         monkeypatch.setattr(transformers_hub, name, no_hub)
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
+    # The model's own repo named as its tokenizer too: read from the model's snapshot, not resolved again.
+    same = load_config(tiny, [f"model.path={REPO}", f"model.tokenizer={REPO}", f"output.dir={tmp_path / 's'}"])
+    assert prepare(same, dist.DistEnv(0, 0, 2, 2)).tokenizer.name_or_path == REPO
+    assert asked == [None, COMMIT]  # the model's files, then its weights at that commit
+    asked.clear()
+    fake_hub["downloaded"].clear()
     cfg = load_config(tiny, [f"model.path={tiny_model}", f"model.tokenizer={REPO}", f"output.dir={tmp_path / 'o'}"])
     p = prepare(cfg, dist.DistEnv(0, 0, 2, 2))
     assert asked == [None] and not any(f.endswith((".safetensors", ".bin")) for f in fake_hub["downloaded"])
@@ -478,6 +484,23 @@ def test_a_hub_tokenizer_is_fetched_once_per_node_and_read_from_its_snapshot(
     shutil.rmtree(fake_hub["cache"])
     with pytest.raises(UsageError, match=f"model.tokenizer {REPO}: the repo has no tokenizer files"):
         prepare(cfg, dist.DistEnv(0, 0, 1, 1))
+
+
+def test_tokenizer_dirs_of_every_vocabulary_kind_count_and_a_snapshot_is_named_by_its_hub_name(
+        tmp_path: Path) -> None:
+    from ia3_dist.models.files import check_tokenizer_dir, has_tokenizer_files
+
+    for name in ("vocab.txt", "spiece.model", "merges.txt", "cl100k_base.tiktoken", "tokenizer.json"):
+        d = tmp_path / name.replace(".", "_")
+        d.mkdir()
+        (d / name).write_text("x")
+        assert has_tokenizer_files(d), name
+    empty = tmp_path / "snapshots" / COMMIT
+    empty.mkdir(parents=True)
+    (empty / "config.json").write_text("{}")
+    assert not has_tokenizer_files(empty)
+    with pytest.raises(UsageError, match=f"tokenizer {REPO} \\(its files in {empty}\\): no tokenizer files"):
+        check_tokenizer_dir(str(empty), REPO)
 
 
 def test_dpo_reference_key_follows_the_snapshot(tmp_path: Path, tiny_model: Path) -> None:

@@ -43,6 +43,10 @@ CACHE_VERSION = 8
 CHUNK_RECORDS = 2000
 
 
+LOADED_FROM = frozenset({"name_or_path", "is_local", "local_files_only", "_commit_hash"})
+"""A slow tokenizer's init_kwargs that say where it was loaded from, not how it tokenizes."""
+
+
 def tokenizer_fingerprint(tok: Any) -> str:
     h = hashlib.sha256()
     backend = getattr(tok, "backend_tokenizer", None)
@@ -53,9 +57,11 @@ def tokenizer_fingerprint(tok: Any) -> str:
     h.update(repr((tok.eos_token, tok.pad_token, tok.bos_token, type(tok).__name__,
                    getattr(tok, "split_special_tokens", False))).encode())
     if backend is None:
-        # A slow tokenizer's settings (add_bos_token, legacy, ...), less the paths it was read from.
+        # A slow tokenizer's settings (add_bos_token, legacy, ...), less where it was read from: the same files by
+        # hub name (`ia3-dist prepare`) or from their snapshot dir (a training rank) are the same tokenizer.
         h.update(json.dumps({k: v for k, v in getattr(tok, "init_kwargs", {}).items()
-                             if not k.endswith("_file") and k != "name_or_path"}, sort_keys=True, default=str).encode())
+                             if not k.endswith("_file") and k not in LOADED_FROM}, sort_keys=True,
+                            default=str).encode())
     return h.hexdigest()
 
 

@@ -93,7 +93,10 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise UsageError(f"model.path {model_dir}: no model.safetensors, pytorch_model.bin or shard index in it")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.txt", "merges.txt")
+"""Files any of which a tokenizer dir holds (transformers' fast and slow tokenizers' vocabularies); ``*.tiktoken``
+files count too."""
 
 
 def looks_local(path: str) -> bool:
@@ -496,14 +499,17 @@ def check_weight_file(path: Path) -> None:
 
 
 def has_tokenizer_files(d: Path) -> bool:
-    return any((d / f).is_file() for f in TOKENIZER_FILES)
+    return any((d / f).is_file() for f in TOKENIZER_FILES) or any(f.is_file() for f in d.glob("*.tiktoken"))
 
 
-def check_tokenizer_dir(path: str) -> None:
+def check_tokenizer_dir(path: str, name: str | None = None) -> None:
+    """A local tokenizer dir must hold a tokenizer file; ``name``: what messages call it (a hub name whose snapshot
+    dir ``path`` is)."""
     p = Path(path).expanduser()
     if looks_local(path) and p.is_dir() and not has_tokenizer_files(p):
-        raise UsageError(f"tokenizer {p}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); set model.tokenizer "
-                         f"to the tokenizer's directory")
+        where = f"{name} (its files in {p})" if name and name != path else str(p)
+        raise UsageError(f"tokenizer {where}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); set "
+                         f"model.tokenizer to the tokenizer's directory or hub name")
 
 
 def check_vocab(tok: Any, model_config: Any, where: str) -> None:

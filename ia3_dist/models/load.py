@@ -46,7 +46,7 @@ def load_tokenizer(cfg: ModelSection, model_path: str, files_dir: Path | None = 
 
     name = cfg.tokenizer or model_path
     src = str(files_dir) if files_dir is not None else name
-    check_tokenizer_dir(src)
+    check_tokenizer_dir(src, name)
     try:
         with no_code_prompt():
             tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -138,7 +138,7 @@ def load_model_config(model_path: str, cfg: ModelSection, files_dir: Path | None
             c = AutoConfig.from_pretrained(str(files_dir or model_path), revision=cfg.revision,
                                            trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        if Path(model_path).exists():
+        if files_dir is not None or Path(model_path).exists():
             raise UsageError(f"model.path {model_path}: cannot read config.json ({e})") from None
         raise UsageError(f"model.path {model_path}: not a local dir and not reachable on the hub ({e})") from None
     return c

@@ -258,8 +258,8 @@ def tokenizer_dir(cfg: RunConfig, env: dist.DistEnv, files_dir: Path | None) -> 
     (resolved once per node, as the model's files), else the model's snapshot ``files_dir`` when no
     ``model.tokenizer`` is set; None: the local dir as configured."""
     name = cfg.model.tokenizer
-    if not name:
-        return files_dir
+    if not name or (name == cfg.model.path and files_dir is not None):
+        return files_dir  # the model's own snapshot (the same commit as its weights)
     if looks_local(name):
         return None
     return hub_model_dir(name, cfg.model.revision, cfg.model.trust_remote_code, shared=dist.launch_key(env),
