@@ -124,8 +124,10 @@ def test_a_resume_on_other_held_out_data_or_benchmarks_is_refused_where_a_tracke
     with pytest.raises(UsageError, match="follows tiny_mc/acc,none, and the benchmarks changed"):
         check_measured(b, bsaved, more, "m.json")
     assert "the held-out data changed" in check_measured(b, bsaved, {**bkeys, "eval_key": "8 examples"}, "m.json")
-    # A checkpoint from before these keys resumes unchecked.
+    # A checkpoint from before these keys resumes unchecked; a tracker that measured nothing yet carries nothing.
     assert check_measured(a, sel.meta(), other, "m.json") == ""
+    fresh = {**keys, **Selection.of(a).meta()}
+    assert check_measured(a, fresh, other, "m.json").startswith("; the held-out data changed")
 
 
 @pytest.mark.parametrize("overrides, key, says", [

@@ -139,8 +139,8 @@ HELDOUT_KEY, BENCH_KEY = "eval_key", "bench_key"
 def measured_keys(cfg: RunConfig, eval_data: Any) -> dict[str, str]:
     """What the evaluations measure, for meta.json: the held-out data (``none``; the ``data.eval_ratio`` split;
     ``data.eval_path``'s token cache key, which follows its content, the tokenizer and the template) and the
-    benchmarks (a digest of ``eval.tasks``, ``eval.limit`` and
-    ``eval.include``)."""
+    benchmarks (a digest of ``eval.tasks``, ``eval.limit`` and the ``eval.include`` path: edits to the task files
+    in it are not seen)."""
     if eval_data is None:
         held = "none"
     elif cfg.data.eval_path:
@@ -172,6 +172,8 @@ def check_measured(cfg: RunConfig, saved: dict[str, Any], now: dict[str, str], w
         tracked = state.get(field)
         if not metric or kind not in changed or not isinstance(tracked, dict) or tracked.get("metric") != metric:
             continue
+        if tracked.get("best") is None and not tracked.get("bad"):
+            continue  # nothing measured yet: nothing carried over
         was, is_now = changed[kind]
         what, keys = (("held-out data", "data.eval_ratio or data.eval_path, and that file") if kind == HELDOUT_KEY
                       else ("benchmarks", "eval.tasks, eval.limit and eval.include"))
