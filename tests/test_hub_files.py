@@ -215,6 +215,30 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _no_hub(*a: Any, **k: Any) -> Any:
+    raise AssertionError("asked the hub where nothing may")
+
+
+def _count_listings(monkeypatch: pytest.MonkeyPatch, forbid_transformers: bool = False) -> list[str | None]:
+    """The revisions the hub's file listing is asked for, in order. ``forbid_transformers``: transformers' own hub
+    downloads fail the test (a rank reading by hub name, which the preflight's snapshots replace)."""
+    import huggingface_hub
+    import transformers.utils.hub as transformers_hub
+
+    asked: list[str | None] = []
+    listing = huggingface_hub.HfApi.list_repo_files
+
+    def counting(self: Any, repo_id: str, revision: str | None = None, **kw: Any) -> list[str]:
+        asked.append(revision)
+        return listing(self, repo_id, revision=revision, **kw)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", counting)
+    if forbid_transformers:
+        for name in ("hf_hub_download", "snapshot_download"):
+            monkeypatch.setattr(transformers_hub, name, _no_hub)
+    return asked
+
+
 @pytest.mark.parametrize("trust", [False, True])
 def test_download_fetches_one_format(fake_hub: dict[str, Any], trust: bool) -> None:
     remote = fake_hub["remote"]
@@ -401,26 +425,13 @@ def test_loaders_read_the_dir_the_preflight_resolved(fake_hub: dict[str, Any], m
     read the dir the preflight resolved and ask the hub nothing either (nor another commit, should the branch move
     meanwhile)."""
     import huggingface_hub
-    import transformers.utils.hub as transformers_hub
 
     from ia3_dist.config import load_config
     from ia3_dist.runtime import dist
     from ia3_dist.train.loop import load_base
     from ia3_dist.train.prepare import prepare
 
-    asked: list[str | None] = []
-    listing = huggingface_hub.HfApi.list_repo_files
-
-    def counting(self: Any, repo_id: str, revision: str | None = None, **kw: Any) -> list[str]:
-        asked.append(revision)
-        return listing(self, repo_id, revision=revision, **kw)
-
-    def no_hub(*a: Any, **k: Any) -> Any:
-        raise AssertionError("asked the hub outside the preflight's resolution")
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", counting)
-    for name in ("hf_hub_download", "snapshot_download"):
-        monkeypatch.setattr(transformers_hub, name, no_hub)
+    asked = _count_listings(monkeypatch, forbid_transformers=True)
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"),
                       [f"model.path={REPO}", f"output.dir={tmp_path / 'out'}"])
     p = prepare(cfg, dist.DistEnv(0, 0, 2, 2))
@@ -433,8 +444,8 @@ def test_loaders_read_the_dir_the_preflight_resolved(fake_hub: dict[str, Any], m
     other = prepare(cfg, dist.DistEnv(1, 1, 2, 2))  # another rank of the same launch on this node
     assert asked == [None, COMMIT] and fake_hub["downloaded"] == fetched and other.weights_dir == p.weights_dir
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", no_hub)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _no_hub)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", _no_hub)
     model, _ = load_base(p)
     assert model.name_or_path == REPO
 
@@ -444,26 +455,11 @@ def test_a_hub_tokenizer_is_fetched_once_per_node_and_read_from_its_snapshot(
     """``model.tokenizer`` naming a hub repo beside a local model: the launch's first rank on a node fetches its
     config and tokenizer files (no weights), the other ranks ask nothing, transformers never asks the hub, and the
     tokenizer keeps its hub name. A repo without tokenizer files exits 2 naming the key."""
-    import huggingface_hub
-    import transformers.utils.hub as transformers_hub
-
     from ia3_dist.config import load_config
     from ia3_dist.runtime import dist
     from ia3_dist.train.prepare import prepare
 
-    asked: list[str | None] = []
-    listing = huggingface_hub.HfApi.list_repo_files
-
-    def counting(self: Any, repo_id: str, revision: str | None = None, **kw: Any) -> list[str]:
-        asked.append(revision)
-        return listing(self, repo_id, revision=revision, **kw)
-
-    def no_hub(*a: Any, **k: Any) -> Any:
-        raise AssertionError("transformers asked the hub")
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", counting)
-    for name in ("hf_hub_download", "snapshot_download"):
-        monkeypatch.setattr(transformers_hub, name, no_hub)
+    asked = _count_listings(monkeypatch, forbid_transformers=True)
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
     # The model's own repo named as its tokenizer too: read from the model's snapshot, not resolved again.
     same = load_config(tiny, [f"model.path={REPO}", f"model.tokenizer={REPO}", f"output.dir={tmp_path / 's'}"])
@@ -558,18 +554,10 @@ def test_the_ranks_of_one_launch_ask_the_hub_once_per_node(fake_hub: dict[str, A
     """The first rank of a launch on a node records the snapshot it resolved; the other ranks of that launch take it
     without asking the hub (a listing and a download's checks per rank were thousands of requests at a few hundred
     ranks). Another launch, another revision, or a record whose snapshot lost a file asks the hub again."""
-    import huggingface_hub
 
     from ia3_dist.runtime import dist
 
-    asked: list[str | None] = []
-    listing = huggingface_hub.HfApi.list_repo_files
-
-    def counting(self: Any, repo_id: str, revision: str | None = None, **kw: Any) -> list[str]:
-        asked.append(revision)
-        return listing(self, repo_id, revision=revision, **kw)
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", counting)
+    asked = _count_listings(monkeypatch)
     first = hub_model_dir(REPO, None, shared="n1-100-5")
     downloads = len(fake_hub["downloaded"])
     assert [hub_model_dir(REPO, None, shared="n1-100-5") for _ in range(3)] == [first] * 3
