@@ -191,7 +191,6 @@ def set_aside(out: Path) -> list[str]:
     # An aside beside a dead start's setup files (a start over killed before its run started, or while it moved
     # the files) holds the run this start replaces: it stays, to be put back should this start fail too. An entry
     # it already holds is the dead start's here and goes; any other one is moved in (the move that was cut off).
-    moved = []
     for rel in st.owned:
         if rel in (MANIFEST, CHECKPOINTS, REPLACED):
             continue
@@ -201,13 +200,18 @@ def set_aside(out: Path) -> list[str]:
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(out / rel, dest)
-    if _kind_ok(aside, True):
-        moved = sorted(str(e.relative_to(aside)) for top in _listing(aside)
-                       for e in (_listing(top) if top.name == CHECKPOINTS and _kind_ok(top, True) else [top]))
     root = out / CHECKPOINTS
     if _kind_ok(root, True) and not any(root.iterdir()):
         root.rmdir()
-    return moved
+    return [str(e.relative_to(aside)) for e in _aside_entries(aside)]
+
+
+def _aside_entries(aside: Path) -> list[Path]:
+    """What the aside holds, as set aside and put back: its entries, ``checkpoints/`` by its children."""
+    if not _kind_ok(aside, True):
+        return []
+    return [e for top in _listing(aside)
+            for e in (_listing(top) if top.name == CHECKPOINTS and _kind_ok(top, True) else [top])]
 
 
 def dead_start(out: Path, st: DirState) -> bool:
@@ -232,18 +236,13 @@ def restore_aside(out: Path) -> list[str]:
     if not _kind_ok(aside, True):
         return []
     back = []
-    for top in sorted(aside.iterdir()):
-        entries = sorted(top.iterdir()) if top.name == CHECKPOINTS and top.is_dir() else [top]
-        for e in entries:
-            rel = e.relative_to(aside)
-            dest = out / rel
-            if dest.is_dir() and not dest.is_symlink():
-                shutil.rmtree(dest)
-            elif os.path.lexists(dest):
-                dest.unlink()
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(e, dest)
-            back.append(str(rel))
+    for e in _aside_entries(aside):
+        rel = e.relative_to(aside)
+        dest = out / rel
+        _remove(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(e, dest)
+        back.append(str(rel))
     shutil.rmtree(aside)
     return back
 
