@@ -253,17 +253,18 @@ def _meta_build(model_config: Any, cfg: RunConfig, env: dist.DistEnv) -> Any:
         return None
 
 
-def tokenizer_dir(cfg: RunConfig, env: dist.DistEnv, files_dir: Path | None) -> Path | None:
+def tokenizer_dir(cfg: RunConfig, shared: str | None, files_dir: Path | None) -> Path | None:
     """Where the tokenizer loads from without asking the hub on every rank: a hub ``model.tokenizer``'s snapshot
     (resolved once per node, as the model's files), else the model's snapshot ``files_dir`` when no
-    ``model.tokenizer`` is set; None: the local dir as configured."""
+    ``model.tokenizer`` is set; None: the local dir as configured. ``shared``: the launch's
+    :func:`..runtime.dist.launch_key`."""
     name = cfg.model.tokenizer
     if not name or (name == cfg.model.path and files_dir is not None):
         return files_dir  # the model's own snapshot (the same commit as its weights)
     if looks_local(name):
         return None
-    return hub_model_dir(name, cfg.model.revision, cfg.model.trust_remote_code, shared=dist.launch_key(env),
-                         weights=False, tokenizer=True)
+    return hub_model_dir(name, cfg.model.revision, cfg.model.trust_remote_code, shared=shared, weights=False,
+                         tokenizer=True)
 
 
 def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
@@ -277,11 +278,12 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     model_path = demo.model_path(cfg.model.path, cfg.data.cache_dir)
     check_model_dir(model_path)
     files_dir = None
+    shared = dist.launch_key(env)
     if not Path(model_path).expanduser().is_dir():
         # A hub model's config and tokenizer: from a snapshot the ranks of a node resolve once (transformers, given
         # the hub name, asks the hub for each file on every rank: thousands of requests at a few hundred ranks).
-        files_dir = local_model_dir(model_path, cfg.model.revision, cfg.model.trust_remote_code,
-                                    dist.launch_key(env), weights=False)
+        files_dir = local_model_dir(model_path, cfg.model.revision, cfg.model.trust_remote_code, shared,
+                                    weights=False)
     model_config = load_model_config(model_path, cfg.model, files_dir)
     _, support = support_case(model_config, cfg.ia3)
     check_final_logits(model_config)  # exit 2 here, not at the first loss once every rank has loaded the model
@@ -294,7 +296,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         on_meta = apply_ia3(on_meta, cfg.ia3)
         if cfg.ia3.init_from:
             load_init_adapter(on_meta, cfg.ia3.init_from)
-    tok = load_tokenizer(cfg.model, model_path, tokenizer_dir(cfg, env, files_dir))
+    tok = load_tokenizer(cfg.model, model_path, tokenizer_dir(cfg, shared, files_dir))
     check_vocab(tok, model_config, cfg.model.tokenizer or model_path)
     fam = family_of(model_config)
     if cfg.model.attention == "flex" and fam is not None and fam.attention is not None:
@@ -341,7 +343,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         # The commit the config and tokenizer came from, should the branch move meanwhile.
         revision = snapshot_commit(files_dir) if files_dir is not None else None
         weights_dir = local_model_dir(model_path, revision or cfg.model.revision, cfg.model.trust_remote_code,
-                                      dist.launch_key(env))
+                                      shared)
     if dsc.stage_of(ds) == 3 or family_of(model_config) is not None:
         # ZeRO-3's loader needs every tensor; for the tested families (known key names) the other stages get the
         # same check, where from_pretrained would only warn and train on randomly initialised weights.
