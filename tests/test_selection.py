@@ -118,14 +118,16 @@ def test_a_resume_on_other_held_out_data_or_benchmarks_is_refused_where_a_tracke
     bsel = Selection.of(b)
     bsel.after_eval(2, {"tiny_mc/acc,none": 0.5})
     bkeys = measured_keys(b, _Held(7))
-    assert bkeys["bench_key"].startswith("tasks ")
+    assert bkeys["bench_key"].startswith("tasks+files ")
     bsaved = {**bkeys, **bsel.meta()}
     more = measured_keys(_cfg(*tasks[1:], "eval.tasks=[tiny_mc,other]"), _Held(7))
     with pytest.raises(UsageError, match="follows tiny_mc/acc,none, and the benchmarks changed"):
         check_measured(b, bsaved, more, "m.json")
     assert "the held-out data changed" in check_measured(b, bsaved, {**bkeys, "eval_key": "8 examples"}, "m.json")
-    # A checkpoint from before these keys resumes unchecked; a tracker that measured nothing yet carries nothing.
+    # A checkpoint from before these keys resumes unchecked (and one whose benchmark key digested eval.include's
+    # path, not its files); a tracker that measured nothing yet carries nothing.
     assert check_measured(a, sel.meta(), other, "m.json") == ""
+    assert check_measured(b, {**bsaved, "bench_key": "tasks 0123456789abcdef"}, more, "m.json") == ""
     fresh = {**keys, **Selection.of(a).meta()}
     assert check_measured(a, fresh, other, "m.json").startswith("; the held-out data changed")
 
@@ -322,3 +324,39 @@ def test_a_resume_on_a_changed_held_out_file(tmp_path: Path, demo_model: Path) -
     assert "resuming step 2" in resumed.stdout and "the held-out data changed since the save (data.eval_path " \
            "tokens" in resumed.stdout, resumed.stdout[-2000:]
     assert [r["step"] for r in metrics(out) if "eval_loss" in r] == [2, 4]
+
+
+def test_the_benchmark_key_follows_the_local_task_files_and_their_data(tmp_path: Path, monkeypatch) -> None:
+    """``eval.include``'s tasks are keyed by content: an edited task file, a changed data file it names (inside
+    the dir or elsewhere) or a new task file is other benchmarks; the same files copied elsewhere are not."""
+    monkeypatch.chdir(tmp_path)
+    tasks = tmp_path / "tasks"
+    (tasks / "sub").mkdir(parents=True)
+    outside = tmp_path / "data" / "qa.jsonl"
+    outside.parent.mkdir()
+    outside.write_text('{"q": "a", "a": "b"}\n')
+    (tasks / "inside.jsonl").write_text('{"q": "c", "a": "d"}\n')
+    spec = ("task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\n"
+            "output_type: multiple_choice\n")
+    (tasks / "sub" / "tiny.yaml").write_text(spec.format("data/qa.jsonl"))
+
+    def key(include: Path = tasks) -> str:
+        return measured_keys(_cfg("eval.tasks=[tiny_mc]", "eval.every=2", f"eval.include={include}"),
+                             _Held(7))["bench_key"]
+
+    first = key()
+    assert first.startswith("tasks+files ") and key() == first
+    outside.write_text('{"q": "a", "a": "B"}\n')
+    second = key()
+    assert second != first
+    (tasks / "inside.jsonl").write_text('{"q": "c", "a": "D"}\n')
+    third = key()
+    assert third != second
+    (tasks / "sub" / "tiny.yaml").write_text(spec.format("data/qa.jsonl") + "num_fewshot: 1\n")
+    fourth = key()
+    assert fourth != third
+    (tasks / "more.yaml").write_text(spec.format("data/qa.jsonl").replace("tiny_mc", "tiny_mc2"))
+    assert key() != fourth
+    # Moved, not edited: the same benchmarks.
+    shutil.copytree(tasks, tmp_path / "moved")
+    assert key(tmp_path / "moved") == key()

@@ -8,6 +8,8 @@ files are local; both are checked before anything loads (:func:`check_tasks`).
 from __future__ import annotations
 
 import glob
+import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +56,12 @@ def _data_files(files: Any) -> list[tuple[str, Any]]:
     return [("train", files)] if files else []
 
 
-def _local_task_files(include: Path | None, key: str = "--include") -> None:
-    """Every data file a local task YAML names must exist here: the job runs offline."""
-    if include is None:
-        return
+def _task_files(include: Path) -> Iterator[tuple[Path, dict[str, Any], list[tuple[str, str, list[Path]]]]]:
+    """Each local task YAML under ``include`` (recursively, as lm-eval's TaskManager indexes an include path: a
+    task in a subfolder runs as well), its spec, and ``(split, name, files here)`` for each data file it names."""
     import yaml
 
-    if not include.is_dir():
-        raise UsageError(f"{key} {include}: not a directory of task YAML files")
     loader = _task_yaml_loader()
-    # Recursively, as lm-eval's TaskManager indexes an include path: a task in a subfolder runs as well.
     for f in sorted(include.rglob("*.yaml")):
         if _IGNORE_DIRS.intersection(f.relative_to(include).parts) or not f.is_file():
             continue
@@ -74,15 +72,52 @@ def _local_task_files(include: Path | None, key: str = "--include") -> None:
         if not isinstance(spec, dict):
             raise UsageError(f"{f}: a task file is a mapping (task, dataset_path, output_type, ...)")
         kwargs = spec.get("dataset_kwargs")
+        named = []
         for split, one in _data_files(kwargs.get("data_files") if isinstance(kwargs, dict) else None):
             if not isinstance(one, str):
                 continue  # not a path; datasets refuses it with its own message
             p = Path(one).expanduser()  # datasets resolves a relative path from the working directory
-            # datasets also takes glob patterns (data/*.jsonl): one file matching is what it needs.
-            if not (p.is_file() or (any(c in one for c in "*?[") and any(Path(g).is_file() for g in
-                                                                       glob.glob(str(p), recursive=True)))):
+            # datasets also takes glob patterns (data/*.jsonl).
+            found = ([Path(g) for g in sorted(glob.glob(str(p), recursive=True)) if Path(g).is_file()]
+                     if any(c in one for c in "*?[") else [p] if p.is_file() else [])
+            named.append((split, one, found))
+        yield f, spec, named
+
+
+def _local_task_files(include: Path | None, key: str = "--include") -> None:
+    """Every data file a local task YAML names must exist here: the job runs offline."""
+    if include is None:
+        return
+    if not include.is_dir():
+        raise UsageError(f"{key} {include}: not a directory of task YAML files")
+    for f, spec, named in _task_files(include):
+        for split, one, found in named:
+            if not found:  # for a glob pattern, one file matching is what datasets needs
                 raise UsageError(f"{f}: task {spec.get('task')!r} names data file {one} ({split}), which is not "
                                  f"on this machine; evaluation runs offline")
+
+
+def include_digest(include: Path) -> str:
+    """A digest of what the local tasks in ``include`` evaluate: every file under it (task YAMLs, the Python of
+    their ``!function`` hooks, data beside them) and each data file a task names elsewhere, by content. A resume
+    compares it with the checkpoint's, so an edited task or its data counts as other benchmarks."""
+    h = hashlib.sha256()
+
+    def add(label: str, f: Path) -> None:
+        h.update(f"{label}\0{f.stat().st_size}\0".encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+
+    for f in sorted(include.rglob("*")):
+        if f.is_file() and not _IGNORE_DIRS.intersection(f.relative_to(include).parts):
+            add(f"in {f.relative_to(include).as_posix()}", f)
+    outside = {g.resolve() for _, _, named in _task_files(include) for _, _, found in named for g in found}
+    root = include.resolve()
+    for g in sorted(outside):
+        if not g.is_relative_to(root):
+            add(f"data {g}", g)
+    return h.hexdigest()
 
 
 def check_tasks(tasks: list[str], include: Path | None, keys: tuple[str, str] = ("--tasks", "--include")) -> Any:

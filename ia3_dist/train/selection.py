@@ -18,6 +18,7 @@ from typing import Any
 from ..config import RunConfig
 from ..config.schema import EVAL_METRICS, lower_is_better
 from ..errors import UsageError
+from .benchmarks import include_digest
 
 META_KEY = "selection"
 """meta.json key: ``{"early_stopping": state, "keep_best": state, "stopped_early": reason}``."""
@@ -134,13 +135,16 @@ class Selection:
 
 HELDOUT_KEY, BENCH_KEY = "eval_key", "bench_key"
 """meta.json keys: what the run's held-out evaluations and its benchmarks measured at the save."""
+BENCH_PREFIX = "tasks+files "
+"""How a benchmark key starts. Keys that start otherwise digested ``eval.include``'s path, not its files: a resume
+cannot compare them and leaves them unchecked."""
 
 
 def measured_keys(cfg: RunConfig, eval_data: Any) -> dict[str, str]:
     """What the evaluations measure, for meta.json: the held-out data (``none``; the ``data.eval_ratio`` split;
     ``data.eval_path``'s token cache key, which follows its content, the tokenizer and the template) and the
-    benchmarks (a digest of ``eval.tasks``, ``eval.limit`` and the ``eval.include`` path: edits to the task files
-    in it are not seen)."""
+    benchmarks (a digest of ``eval.tasks``, ``eval.limit`` and the content of the ``eval.include`` tasks and their
+    data files)."""
     if eval_data is None:
         held = "none"
     elif cfg.data.eval_path:
@@ -150,8 +154,10 @@ def measured_keys(cfg: RunConfig, eval_data: Any) -> dict[str, str]:
         held = f"{len(eval_data)} examples held out of the training data"
     bench = "none"
     if cfg.eval.tasks:
-        spec = {"tasks": sorted(cfg.eval.tasks), "limit": cfg.eval.limit, "include": cfg.eval.include}
-        bench = "tasks " + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        include = Path(cfg.eval.include) if cfg.eval.include else None
+        spec = {"tasks": sorted(cfg.eval.tasks), "limit": cfg.eval.limit,
+                "include": include_digest(include) if include is not None and include.is_dir() else None}
+        bench = BENCH_PREFIX + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return {HELDOUT_KEY: held, BENCH_KEY: bench}
 
 
@@ -161,7 +167,8 @@ def check_measured(cfg: RunConfig, saved: dict[str, Any], now: dict[str, str], w
     else the note the resume line adds (the earlier eval lines of metrics.jsonl measured the other data).
     Checkpoints from before these keys were recorded resume unchecked."""
     changed = {k: (saved[k], now[k]) for k in (HELDOUT_KEY, BENCH_KEY)
-               if isinstance(saved.get(k), str) and saved[k] != now[k]}
+               if isinstance(saved.get(k), str) and saved[k] != now[k]
+               and not (k == BENCH_KEY and saved[k] != "none" and not saved[k].startswith(BENCH_PREFIX))}
     if not changed:
         return ""
     held_out = EVAL_METRICS[cfg.train.objective]
