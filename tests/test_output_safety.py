@@ -482,6 +482,8 @@ def test_latest_never_leads_outside(tmp_path: Path) -> None:
 
 def test_manifest_names_match_the_writers() -> None:
     assert ckpt.TAG.fullmatch(ckpt.tag_for(12)) and manifest.CKPT_DIR.fullmatch(ckpt.tag_for(12))
+    assert all(manifest.CKPT_DIR.fullmatch(ckpt.tag_for(12) + s) and ckpt.STAGED.fullmatch(ckpt.tag_for(12) + s)
+               for s in (ckpt.NEW, ckpt.OLD))
     assert ckpt.LATEST in manifest.CKPT_FILES and ckpt.LATEST + ".tmp" in manifest.CKPT_FILES
     assert ckpt.root_of(Path("o")).name == manifest.CHECKPOINTS
     assert {PID_FILE, PREEMPTED_FILE} <= manifest.SETUP_FILES

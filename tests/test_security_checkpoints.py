@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import socket
 import stat
 import struct
@@ -387,30 +388,91 @@ def test_auto_with_latest_naming_an_incomplete_dir_is_refused(tmp_path: Path, ba
         ckpt.resolve_resume("auto", out)
 
 
-def test_a_step_written_again_and_cut_off_is_never_trained_over_nor_deleted(tmp_path: Path,
-                                                                           base_meta: dict[str, Any]) -> None:
-    """A save of the step `latest` already names (after a put-off evaluation, or for the best vectors) removes its
-    meta.json first, so a kill midway leaves no torn "complete" checkpoint. resume=auto then started over at step 1
-    over the run (keep=1: nothing else complete), and a failed write deleted the checkpoint `latest` names. Now
-    the resume refuses naming it (or points to an earlier complete one), and the failed save keeps its files."""
-    from ia3_dist.runtime.dist import DistEnv
-
+def test_a_step_written_again_and_cut_off_keeps_a_complete_checkpoint(tmp_path: Path,
+                                                                      base_meta: dict[str, Any]) -> None:
+    """A save of the step `latest` already names (after a put-off evaluation, or for the best vectors) removed its
+    meta.json and wrote over its files in place: cut off midway, resume=auto refused the step (or started at step 1
+    with nothing else complete) and a failed write left it torn. Now a save writes stepN.new, and a step written
+    again goes aside as stepN.old only once the new one is complete: cut off anywhere, a complete step N is read."""
+    base_meta = {**base_meta, "total_steps": 10}
     out = tmp_path / "out"
-    write_run(out, base_meta, steps=(4,))
+    saved = write_run(out, base_meta, steps=(4,))
     root = out / "checkpoints"
     assert ckpt._fresh_tag_dir(root, "step4") is None  # the save of step4 again begins
-    assert not (root / "step4" / "meta.json").exists() and (root / "step4").is_dir()
-    with pytest.raises(UsageError, match=r"latest names step4, which has no meta.json: its save \(of a step written "
-                                         r"again\) did not finish.*start over with train.resume=none"):
-        ckpt.resolve_resume("auto", out)
-    with pytest.raises(ckpt.CheckpointWriteError, match=r"step4, which latest names, was being written again and "
-                                                        r"is incomplete now"):
+    assert (root / "step4" / "meta.json").is_file() and (root / "step4.new").is_dir()
+    assert ckpt.resolve_resume("auto", out) == saved  # cut off while writing: the step as it was
+    # A failed write keeps the step as it was, and says so.
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"step4 stays the latest checkpoint"):
         ckpt._failed_save(root, "step4", DistEnv(0, 0, 1, 1), OSError(28, "No space left on device"), 1)
-    assert (root / "step4").is_dir()  # its files stay for whoever looks into them
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step4"]
+    # Cut off between the two renames: step4 aside, the new one complete as step4.new. Both resume forms read it.
+    assert ckpt._fresh_tag_dir(root, "step4") is None
+    write_checkpoint(root, "step4.new", {**base_meta, "step": 4, "eval_pending": False})
+    (root / "step4").rename(root / "step4.old")
+    assert ckpt.resolve_resume("auto", out) == root / "step4.new"
+    assert ckpt.resolve_resume(str(root / "step4"), out) == root / "step4.new"
+    assert ckpt.read_meta(root / "step4.new")["eval_pending"] is False
+    # Only the step the pointer names: a step4.new beside an earlier `latest` is a save cut off before its pointer
+    # moved, not a checkpoint.
+    assert ckpt.cut_between_renames(root / "step6") is None
+    # The next save (of any step) puts it in place first, and the old state goes.
+    assert ckpt._fresh_tag_dir(root, "step6") is None
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step4", "step6.new"]
+    assert ckpt.read_meta(root / "step4")["eval_pending"] is False
+    # A save cut off before its pointer moved leaves a complete step6.new that nothing reads, and it goes.
+    write_checkpoint(root, "step6.new", {**base_meta, "step": 6})
+    assert ckpt.resolve_resume("auto", out) == root / "step4"
+    assert ckpt._fresh_tag_dir(root, "step8") is None
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step4", "step8.new"]
+    # Cut off between the renames with the new one gone too (only step4.old left): the step as it was.
+    (root / "step4").rename(root / "step4.old")
+    assert ckpt.resolve_resume("auto", out) == root / "step4.old"
+    # The run dir's guard counts them as the run's own, not as a stranger's files.
+    st = manifest.inspect(out)
+    assert "checkpoints/step4.old" in st.owned and "checkpoints/step8.new" in st.owned and not st.foreign
+    # latest naming a dir without meta.json and nothing else complete: changed since the save, never trained over.
+    shutil.rmtree(root / "step4.old")
+    shutil.rmtree(root / "step8.new")
+    (root / "step4").mkdir()
+    with pytest.raises(UsageError, match=r"latest names step4, which has no meta.json \(it was complete when "
+                                         r"saved.*start over with train.resume=none"):
+        ckpt.resolve_resume("auto", out)
     # With an earlier complete checkpoint beside it, the refusal names that one.
     write_checkpoint(root, "step2", {**base_meta, "step": 2})
     with pytest.raises(UsageError, match=r"the newest is .*step2"):
         ckpt.resolve_resume("auto", out)
+
+
+def test_a_save_cut_off_before_its_pointer_moved_is_resumed_and_its_pointers_finished(
+        tmp_path: Path, base_meta: dict[str, Any]) -> None:
+    """A save puts its complete checkpoint in place, then moves `latest` (and `best`) through their temps. Cut off
+    in between: the run's first save left no `latest` at all, and resume=auto refused the complete checkpoint
+    (exit 2, which ends a requeue chain); with keep_best, `latest` named the new best while `best` still named the
+    old one, and the rotation then deleted the new best. The temp names the checkpoint the save completed: it is
+    read, and the next save moves the pointers first."""
+    base_meta = {**base_meta, "total_steps": 100}
+    out = tmp_path / "out"
+    write_run(out, base_meta, steps=(50,))
+    root = out / "checkpoints"
+    (root / "latest").rename(root / "latest.tmp")  # the first save, cut off before its pointer moved
+    assert ckpt.resolve_resume("auto", out) == root / "step50"
+    assert ckpt._fresh_tag_dir(root, "step52") is None
+    assert (root / "latest").read_text() == "step50" and not (root / "latest.tmp").exists()
+    # keep_best: `latest` moved to the new best, `best` not yet.
+    write_checkpoint(root, "step60", {**base_meta, "step": 60})
+    (root / "latest").write_text("step60")
+    (root / "best").write_text("step50")
+    (root / "best.tmp").write_text("step60")
+    assert ckpt.latest(root, ckpt.BEST) == root / "step60"
+    assert ckpt._fresh_tag_dir(root, "step70") is None
+    assert (root / "best").read_text() == "step60" and not (root / "best.tmp").exists()
+    # A temp naming a checkpoint that never went into place, an earlier one, or anything else: not followed, and
+    # the next save removes it.
+    for name in ("step80", "step50", "../step60", "x" * 5000):
+        (root / "latest.tmp").write_text(name)
+        assert ckpt.latest(root) == root / "step60"
+        assert ckpt._fresh_tag_dir(root, "step70") is None
+        assert (root / "latest").read_text() == "step60" and not (root / "latest.tmp").exists()
 
 
 def test_auto_with_no_complete_checkpoint_still_starts_fresh(tmp_path: Path) -> None:

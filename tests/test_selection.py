@@ -282,7 +282,15 @@ def test_resuming_a_finished_run_evaluates_nothing_again(tmp_path: Path, demo_mo
         assert ckpt.read_meta(sig / "checkpoints" / f"step{at}")["eval_pending"] is True
         assert not (sig / "adapter").exists()
     assert [r["step"] for r in metrics(sig) if "eval_loss" in r] == [2, 4]
+    # The resume evaluates step 6 and saves it again (its evaluation done); killed between setting the old step6
+    # aside and putting the new one in place, the next resume reads the new one and trains nothing.
+    root = sig / "checkpoints"
+    killed = launch([*sargs, "train.resume=auto"], env={"IA3_DIST_FAULT": "save-in-place:6:0:kill"})
+    assert killed.returncode != 0 and not (root / "step6").exists(), (killed.stdout + killed.stderr)[-3000:]
+    assert ckpt.read_meta(root / "step6.old")["eval_pending"] is True
+    assert "eval_pending" not in ckpt.read_meta(root / "step6.new")
     done = check(launch([*sargs, "train.resume=auto"]))
+    assert "step 6 is the run's last: nothing to train" in done.stdout, done.stdout[-2000:]
     assert "early stopping" not in done.stdout, done.stdout[-2000:]
     got = metrics(sig)
     assert [r["step"] for r in got if "eval_loss" in r] == [2, 4, 6]

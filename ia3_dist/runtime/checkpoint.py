@@ -61,6 +61,12 @@ FIX = {
 
 # What tag_for writes; ASCII digits only, so int() of the rest never fails.
 TAG = re.compile(r"step[0-9]+")
+NEW, OLD = ".new", ".old"
+"""A save writes ``stepN.new`` and renames it to ``stepN`` once complete; a save of a step that is there already
+(written again after a put-off evaluation, or for the best vectors) first renames that one to ``stepN.old``, which
+goes once the new one is in place. A checkpoint is never torn in place, so a save cut off anywhere leaves the
+previous state of that step (or, between the two renames, both) for the resume."""
+STAGED = re.compile(r"(step[0-9]+)(\.new|\.old)")
 MAX_META = 1 << 20
 """meta.json is a few hundred bytes; ``latest`` a tag name. Larger files are not ours and are not read whole."""
 MAX_LATEST = 4096
@@ -95,9 +101,29 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def latest(root: Path, pointer: str = LATEST) -> Path | None:
-    """The checkpoint ``<root>/latest`` (or ``pointer``: :data:`BEST`) names, if it is complete. The pointer may
-    only name a ``stepN`` dir of ``root`` itself: a damaged or edited one is refused rather than followed anywhere
-    else."""
+    """The checkpoint ``<root>/latest`` (or ``pointer``: :data:`BEST`) names, if it is complete; or the later one
+    a save put in place and was cut off before moving the pointer to (:func:`in_flight`). The pointer may only name
+    a ``stepN`` dir of ``root`` itself: a damaged or edited one is refused rather than followed anywhere else."""
+    named = _latest_named(root, pointer)
+    return in_flight(root, pointer, named) or named
+
+
+def in_flight(root: Path, pointer: str, named: Path | None) -> Path | None:
+    """The complete ``stepN`` that ``<pointer>.tmp`` names, later than ``named`` (what the pointer names; None:
+    nothing complete): a save wrote the temp, put its checkpoint in place and was cut off before the rename that
+    moves the pointer. Every save removes the temps before it writes, so a temp is the last save's. Else None."""
+    try:
+        raw = safe_io.read_bounded(_pointer_temp(root, pointer), MAX_LATEST, missing_ok=True)
+        name = raw.decode("utf-8").strip() if raw is not None else ""
+    except (UsageError, UnicodeDecodeError):
+        return None  # not a temp we wrote: the next save removes it
+    d = root / name
+    if not TAG.fullmatch(name) or d.is_symlink() or not d.is_dir() or not (d / META).is_file():
+        return None
+    return d if named is None or int(name[4:]) > int(named.name.split(".")[0][4:]) else None
+
+
+def _latest_named(root: Path, pointer: str) -> Path | None:
     f = root / pointer
     if not os.path.lexists(f):
         return None
@@ -110,8 +136,24 @@ def latest(root: Path, pointer: str = LATEST) -> Path | None:
     d = root / name
     if not TAG.fullmatch(name) or d.is_symlink():
         raise UsageError(f"{f} names {name[:60]!r}, not a stepN dir inside {root}; {fix}")
+    if not os.path.lexists(d):
+        return cut_between_renames(d)
     # A meta.json that is there but not a file (a FIFO, a link) is refused by read_meta, not taken for "incomplete".
     return d if os.path.lexists(d / META) else None
+
+
+def cut_between_renames(d: Path) -> Path | None:
+    """For a ``stepN`` dir that is not there but a pointer names: the complete ``stepN.new`` (or else
+    ``stepN.old``) of a save of that step again that was cut off between its two renames, else None. (A
+    ``stepN.new`` of a step no pointer names is a save cut off before its pointer moved: not a checkpoint.) Only
+    read here, as ranks may be reading it: the next save (rank 0) puts it in place (:func:`_settle`)."""
+    if os.path.lexists(d) or d not in (_named(d.parent, LATEST), _named(d.parent, BEST)):
+        return None
+    for suffix in (NEW, OLD):
+        c = d.with_name(d.name + suffix)
+        if c.is_dir() and not c.is_symlink() and (c / META).is_file():
+            return c
+    return None
 
 
 def _no_constants(text: str) -> Any:
@@ -171,12 +213,11 @@ def resolve_resume(resume: str, out: Path) -> Path | None:
         done = complete_checkpoints(root) if found is None else []
         named = _named(root, LATEST)
         if found is None and named is not None and named.is_dir() and not done:
-            # Only a save of the step `latest` already names leaves it so (written again after a put-off
-            # evaluation or for the best vectors): killed or failed midway, its files may be torn. Starting at
-            # step 1 would train over the run without a word.
-            raise UsageError(f"train.resume=auto: {root / LATEST} names {named.name}, which has no {META}: its save "
-                             f"(of a step written again) did not finish, so its files may be torn, and no other "
-                             f"checkpoint is complete; start over with train.resume=none output.overwrite=true")
+            # A save never leaves it so (a checkpoint goes into place complete): its files were changed since.
+            # Starting at step 1 would train over the run without a word.
+            raise UsageError(f"train.resume=auto: {root / LATEST} names {named.name}, which has no {META} (it was "
+                             f"complete when saved: its files have changed since), and no other checkpoint is "
+                             f"complete; start over with train.resume=none output.overwrite=true")
         if done:
             # Starting at step 1 here would prune these checkpoints at its first save: never silently.
             newest = done[-1]
@@ -189,6 +230,8 @@ def resolve_resume(resume: str, out: Path) -> Path | None:
     p = Path(resume).expanduser()
     if os.path.lexists(p / LATEST):
         p = latest(p) or p
+    elif TAG.fullmatch(p.name) and not os.path.lexists(p):
+        p = cut_between_renames(p) or p
     if not os.path.lexists(p / META):
         raise UsageError(f"train.resume {resume}: not a complete checkpoint (no {META}); use auto, none or a "
                          f"checkpoints/stepN dir")
@@ -412,30 +455,54 @@ def _remove_pointer_temps(root: Path) -> None:
         f.unlink(missing_ok=True)
 
 
+def _settle(root: Path) -> None:
+    """Rank 0, before a save and after a failed one: finish what a save cut off left (see :data:`NEW`). A
+    ``stepN`` that a pointer names but is not there gets what :func:`cut_between_renames` reads; every other
+    ``.new``/``.old`` goes (an unfinished save, one cut off before its pointer moved, or a step's previous state
+    once the new one is in place). Then the pointers a cut-off save did not get to move (:func:`in_flight`) move,
+    and the temps go. Symlinks and files under those names are unlinked, never followed. An OSError goes to the
+    caller."""
+    for base in sorted({m[1] for c in root.iterdir() if (m := STAGED.fullmatch(c.name))}):
+        found = cut_between_renames(root / base)
+        if found is not None:
+            os.rename(found, root / base)
+        for c in (root / (base + NEW), root / (base + OLD)):
+            if c.is_symlink() or (os.path.lexists(c) and not c.is_dir()):
+                c.unlink()
+            elif c.is_dir():
+                shutil.rmtree(c)
+    for pointer in (LATEST, BEST):
+        if in_flight(root, pointer, _pointed_only(root, pointer)) is not None:
+            os.replace(_pointer_temp(root, pointer), root / pointer)
+    _remove_pointer_temps(root)
+
+
 def _fresh_tag_dir(root: Path, tag: str) -> OSError | None:
-    """Rank 0, before a save: ``root/tag`` empty and new, so nothing in it is followed. A tag dir already there
-    is an unfinished save of this step (a resume after a kill between its meta.json and the pointer) or one
-    left by a run whose dir this is: a symlink planted in it would send the save's writes (DeepSpeed's files,
-    meta.json, the portable state) to any file the user can write. A tag a pointer names keeps its files
-    (removing them would leave the pointer naming nothing if this save fails); its meta.json goes, so a kill
-    while it is rewritten leaves no torn "complete" checkpoint. Returns the error of a failed write."""
-    d = root / tag
+    """Rank 0, before a save: ``root/stepN.new`` empty and new, for every rank's writes, so nothing in it is
+    followed (a symlink planted in a dir left there would send DeepSpeed's files, meta.json and the portable state
+    to any file the user can write). What a cut-off save left is settled first. Returns the error of a failed
+    write."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _remove_pointer_temps(root)
-        if d.is_symlink() or (d.exists() and not d.is_dir()):
-            d.unlink()
-        elif d.is_dir() and d in (_pointed(root, LATEST), _pointed(root, BEST)):
-            (d / META).unlink(missing_ok=True)
-            for c in d.iterdir():
-                if c.is_symlink():
-                    c.unlink()
-        elif d.is_dir():
-            shutil.rmtree(d)
-        d.mkdir(exist_ok=True)
+        _settle(root)
+        (root / (tag + NEW)).mkdir()
     except OSError as e:
         return e
     return None
+
+
+def _put_in_place(root: Path, tag: str, step: int) -> None:
+    """Rank 0: the complete ``stepN.new`` becomes ``stepN``; a ``stepN`` there already (this step written again)
+    becomes ``stepN.old`` first and goes after. Cut off between the renames, :func:`latest` reads the new one and
+    the next save puts it in place."""
+    d, old = root / tag, root / (tag + OLD)
+    if d.is_symlink() or (os.path.lexists(d) and not d.is_dir()):
+        d.unlink()  # not ours: never followed
+    elif d.is_dir():
+        os.rename(d, old)
+    faults.hit("save-in-place", step, 0)
+    os.rename(root / (tag + NEW), d)
+    shutil.rmtree(old, ignore_errors=True)  # left over, the next save removes it
 
 
 def _failed_save(root: Path, tag: str, env: dist.DistEnv, error: Exception | None, failed: int) -> NoReturn:
@@ -443,23 +510,19 @@ def _failed_save(root: Path, tag: str, env: dist.DistEnv, error: Exception | Non
     # Rank 0 wrote the pointer, so rank 0 says where it points (other ranks may not see that filesystem).
     where = ""
     if env.is_main:
+        # Frees the space the partial save took (its stepN.new; a step cut off between its renames gets the new
+        # one in place); `latest` still names the previous complete checkpoint (the pointer is the last thing
+        # written, so a failed save never moved it).
+        try:
+            _settle(root)
+        except OSError:
+            pass  # best effort: the failing filesystem may refuse it too, and every other rank waits in the
+            # barrier below (the next save settles them first, or fails naming them)
         try:
             prev = latest(root)
         except UsageError:  # a damaged pointer: still leave together, below
             prev = None
-        where = (f"; {prev} stays the latest checkpoint" if prev is not None else
-                 f"; {tag}, which {LATEST} names, was being written again and is incomplete now"
-                 if _named(root, LATEST) == root / tag else "; no earlier checkpoint exists")
-        # Frees the space the partial save took; `latest` still names the previous complete checkpoint
-        # (the pointer is the last thing written, so a failed save never moved it). Never a tag a pointer
-        # names (a pointer is not moved before the tag is complete; this guards the pointers' own word).
-        if root / tag not in (prev, _pointed(root, BEST), _named(root, LATEST), _named(root, BEST)):
-            shutil.rmtree(root / tag, ignore_errors=True)
-        try:
-            _remove_pointer_temps(root)
-        except OSError:
-            pass  # best effort, as the tag dir's removal: the failing filesystem may refuse it too, and every
-            # other rank waits in the barrier below (the next save clears them first, or fails naming them)
+        where = f"; {prev} stays the latest checkpoint" if prev is not None else "; no earlier checkpoint exists"
     dist.barrier()
     raise CheckpointWriteError(
         f"checkpoint {tag} could not be written to {root} ({failed} rank(s) failed; {_why(error, root)})"
@@ -493,7 +556,7 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
     # collectives. Not with optimizer offload or fp16, where a layout change is refused anyway (check_compatible).
     state = None if meta.get("offload_optimizer") or meta.get("precision") == "fp16" else portable.gather(engine)
     try:
-        engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "rng": rng_state()},
+        engine.save_checkpoint(str(root), tag=tag + NEW, client_state={"step": step, "rng": rng_state()},
                                save_latest=False, exclude_frozen_parameters=True)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError ("iostream error")
         if isinstance(e, (torch.OutOfMemoryError, torch.distributed.DistError)):
@@ -504,23 +567,26 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
         dist.barrier()
     faults.hit("save", step, env.rank)
     if not _agree_failed(error is not None, engine.device) and env.is_main:
-        # meta.json last in the tag dir, then the pointer: a dir without meta.json is an unfinished save.
+        # meta.json last in the tag dir, then the dir into place, then the pointer: a dir without meta.json is an
+        # unfinished save.
+        staged = root / (tag + NEW)
         try:
             if state is not None:
-                portable.write(root / tag, *state, rng_state())
+                portable.write(staged, *state, rng_state())
             from safetensors.torch import save_file
 
             for name, extra in (tensors or {}).items():
                 if extra:
-                    save_file({k: v.contiguous() for k, v in extra.items()}, str(root / tag / name))
-            tmp = root / tag / f"{META}.tmp"
+                    save_file({k: v.contiguous() for k, v in extra.items()}, str(staged / name))
+            tmp = staged / f"{META}.tmp"
             tmp.write_text(json.dumps({**meta, "step": step}, indent=1))
-            os.replace(tmp, root / tag / META)
+            os.replace(tmp, staged / META)
             # Both pointers' files before either moves: a full disk fails the save with neither moved (after one
             # had, the save would report a failure while `latest` named the new checkpoint).
             pointers = (LATEST, BEST) if best else (LATEST,)
             for name in pointers:
                 _pointer_temp(root, name).write_text(tag)
+            _put_in_place(root, tag, step)
             for name in pointers:
                 os.replace(_pointer_temp(root, name), root / name)
         except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
@@ -546,9 +612,16 @@ def _pointed(root: Path, pointer: str) -> Path | None:
         return None
 
 
+def _pointed_only(root: Path, pointer: str) -> Path | None:
+    """What the pointer itself names, complete (no temp considered); None for a damaged one."""
+    try:
+        return _latest_named(root, pointer)
+    except UsageError:
+        return None
+
+
 def _named(root: Path, pointer: str) -> Path | None:
-    """The ``stepN`` dir ``pointer`` names, complete or not (a save of that step again removes its meta.json
-    first); None for no pointer or a damaged one."""
+    """The ``stepN`` dir ``pointer`` names, complete or not; None for no pointer or a damaged one."""
     try:
         raw = safe_io.read_bounded(root / pointer, MAX_LATEST, missing_ok=True)
         name = raw.decode("utf-8").strip() if raw is not None else ""

@@ -53,7 +53,8 @@ RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.jsonl.tmp", "metrics.png", 
 RUN_DIRS = frozenset({"adapter", "tensorboard", "wandb", "mlflow", CHECKPOINTS, REPLACED})
 # checkpoint.save's names (tag_for, LATEST and its temp file); tests/test_output_safety.py keeps them in step.
 # DeepSpeed's engine.save_checkpoint copies its recovery scripts beside the tag dirs on every ZeRO save.
-CKPT_DIR = re.compile(r"step[0-9]+")
+# stepN.new / stepN.old: a save in progress, and a step's previous state while it is written again.
+CKPT_DIR = re.compile(r"step[0-9]+(\.new|\.old)?")
 CKPT_FILES = frozenset({"latest", "latest.tmp", "best", "best.tmp", "zero_to_fp32.py", "zero_to_torch.py"})
 
 
@@ -169,7 +170,7 @@ def write_manifest(out: Path) -> None:
     """Atomically (temp + rename): a reader sees the old manifest or the new one, never half of one."""
     body = {"tool": TOOL, "format": FORMAT, "version": __version__,
             "owns": sorted(RUN_FILES | {d + "/" for d in RUN_DIRS}),
-            "checkpoints": ["step<N>/", *sorted(CKPT_FILES)],
+            "checkpoints": ["step<N>/", "step<N>.new/", "step<N>.old/", *sorted(CKPT_FILES)],
             "note": "ia3-dist writes these names here; output.overwrite=true removes only them"}
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
