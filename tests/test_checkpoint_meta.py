@@ -73,6 +73,20 @@ def test_another_cut_of_the_same_global_batch_loads_the_portable_state(tmp_path:
     assert "the same 8 examples per step" in line
 
 
+@pytest.mark.parametrize("change", RECUT, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_a_preference_run_keeps_its_micro_batch(tmp_path: Path, change: dict) -> None:
+    """A preference step's loss is the mean of its micro-batches' (TRL's per-batch losses): another micro-batch
+    trains another objective, so only the number of ranks, the accumulation and the stage may change."""
+    dpo = {**META, "objective": CHANGED["objective"]}
+    now = {**dpo, **change}
+    if "micro_batch_size" in change:
+        with pytest.raises(UsageError, match=r"saved with micro_batch_size=1 \(now 2\).*; a preference step's loss .* "
+                                             r"\(dpo\). Resume with train.micro_batch_size=1"):
+            check_compatible(_ckpt(tmp_path, dpo), now)
+    else:
+        assert check_compatible(_ckpt(tmp_path, dpo), now)[1]
+
+
 def test_another_cut_without_portable_state_names_the_layout_it_needs(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no layout-independent state .* resumes only on its own layout: 2 ranks x "
                                          "micro-batch 1 x 4 accumulation, ZeRO-2"):

@@ -150,10 +150,16 @@ def test_resume_on_another_allocation(straight: dict[str, Path], tmp_path: Path,
     assert latest(c2 / "checkpoints").name == "step10" and latest(c / "checkpoints").name == f"step{k}"
 
     if ds == "zero2":
+        # Continued in a new dir and stopped before its first step: the step is saved there (it is not that dir's
+        # own checkpoint), and resume=auto in it goes on from it.
         d = tmp_path / "d"
-        proc = check(launch(["--config", TINY, "deepspeed.config=zero3", f"output.dir={d}", *RUN, *G16,
-                             f"train.resume={saved}"]))
+        dargs = ["--config", TINY, "deepspeed.config=zero3", f"output.dir={d}", *RUN, *G16]
+        proc = launch([*dargs, f"train.resume={saved}"], env={"IA3_DIST_FAULT": f"step:{k + 1}:0:term"})
+        assert proc.returncode == 75, proc.stderr[-3000:]
         assert "now 1 rank x micro-batch 4 x 4 accumulation, ZeRO-3" in proc.stdout, proc.stdout
+        assert latest(d / "checkpoints").name == f"step{k}", (proc.stdout + proc.stderr)[-3000:]
+        proc = check(launch([*dargs, "train.resume=auto"]))
+        assert f"resuming step {k} saved on 1 ranks, now on 1 ranks" in proc.stdout, proc.stdout
         assert_continues(a, d, k + 1)
 
 

@@ -274,13 +274,21 @@ def test_resuming_a_finished_run_evaluates_nothing_again(tmp_path: Path, demo_mo
     # once. Signalled again before the last evaluation, then resumed: the same evaluations, the same adapter.
     sig = tmp_path / "signalled"
     sargs = [*[a for a in args if not a.startswith("output.dir=")], f"output.dir={sig}"]
-    for fault in ("eval:4:0:term", "eval:6:0:term"):
+    # Signalled again while the resume loads, before the evaluation it puts first: it stops there (that evaluation
+    # could outlast the grace time too; it ran regardless), its checkpoint as it was.
+    for i, fault in enumerate(("eval:4:0:term", "eval:4:0:term", "eval:6:0:term")):
         stopped = launch([*sargs, "train.resume=auto"], env={"IA3_DIST_FAULT": fault})
         assert stopped.returncode == EXIT_PREEMPTED, (stopped.stdout + stopped.stderr)[-3000:]
         at = int(fault.split(":")[1])
         assert "(its evaluation runs first when resumed)" in stopped.stdout + stopped.stderr
-        assert ckpt.read_meta(sig / "checkpoints" / f"step{at}")["eval_pending"] is True
+        meta = sig / "checkpoints" / f"step{at}" / "meta.json"
+        assert ckpt.read_meta(meta.parent)["eval_pending"] is True
         assert not (sig / "adapter").exists()
+        if i == 0:
+            first_save = meta.stat().st_mtime_ns
+        elif i == 1:
+            assert meta.stat().st_mtime_ns == first_save
+            assert [r["step"] for r in metrics(sig) if "eval_loss" in r] == [2]
     assert [r["step"] for r in metrics(sig) if "eval_loss" in r] == [2, 4]
     # The resume evaluates step 6 and saves it again (its evaluation done); killed between setting the old step6
     # aside and putting the new one in place, the next resume reads the new one and trains nothing.

@@ -292,6 +292,13 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
                          f"optimizer state, which the layout-independent checkpoint does not carry (restarted at "
                          f"2^16, the run would skip other steps than the saved run). Resume on the saved layout "
                          f"({layout_of(meta)}), or train in bf16")
+    objective = meta.get("objective", "sft")
+    if "micro_batch_size" in changed and objective != "sft":
+        raise UsageError(f"checkpoint {ckpt}: saved with {what}; a preference step's loss is the mean of its "
+                         f"micro-batches' losses (each as TRL computes it, a token mean for the NLL terms), so "
+                         f"another micro-batch would train another objective ({objective.split()[0]}). Resume with "
+                         f"train.micro_batch_size={show(meta['micro_batch_size'])} (train.global_batch_size keeps the "
+                         f"global batch on another number of ranks)")
     if not portable.has_state(ckpt):
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; it has no layout-independent state (written by an "
                          f"earlier ia3-dist), so it resumes only on its own layout: {layout_of(meta)}")

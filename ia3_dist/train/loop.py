@@ -251,7 +251,10 @@ class Trainer:
         self.end = p.total_steps if not t.stop_after_steps else min(p.total_steps, self.start + t.stop_after_steps)
         if self.selection.stopped_early:  # the stopped run's last checkpoint, resumed to write its adapter
             self.end = self.start
-        self.saved = self.start
+        # A checkpoint of another run's dir (continue elsewhere) is not one of this run's: a stop before the first
+        # step saves it here.
+        own = p.resume_from is None or p.resume_from.parent.resolve() == ckpt.root_of(p.out).resolve()
+        self.saved = self.start if own else -1
         self.saved_stopped = bool(self.selection.stopped_early)
         """Whether the checkpoint of step :attr:`saved` records the early stop (written by this invocation, or the
         stopped run's last one, resumed to write its adapter)."""
@@ -412,7 +415,9 @@ class Trainer:
         faults.hit("eval", step, self.p.env.rank, self.stop)
         flag = torch.tensor([float(self.stop.requested)], dtype=torch.float64, device=self.device)
         if dist.all_reduce_sum(flag).item() > 0:
-            where = self.save(step, eval_pending=True)
+            # The checkpoint this run resumed from says so already (stopped again before the evaluation it put off).
+            kept = step == self.start == self.saved and self.eval_pending and self.p.resume_from is not None
+            where = self.p.resume_from if kept else self.save(step, eval_pending=True)
             raise Preempted(step, self.stop.signame or "a signal on another rank",
                             f"{where} (its evaluation runs first when resumed)")
 
@@ -421,6 +426,9 @@ class Trainer:
         :meth:`fit`'s own path); returns it when it stopped the run (early stopping)."""
         start = self.start
         heldout, bench = self.due(start)
+        if heldout or bench:
+            # A signal that came while the job loaded: the evaluation could outlast the scheduler's grace time.
+            self.stop_before_eval(start)
         self.stale = start
         if not (heldout or bench):
             return None
