@@ -475,6 +475,26 @@ def test_a_save_cut_off_before_its_pointer_moved_is_resumed_and_its_pointers_fin
         assert (root / "latest").read_text() == "step60" and not (root / "latest.tmp").exists()
 
 
+def test_the_rotation_cut_off_midway_leaves_no_partial_checkpoint(tmp_path: Path, base_meta: dict[str, Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rotation removed an old stepN in place: cut off midway (the removal reaching meta.json last or not at
+    all), a stepN with its meta.json and some files gone stayed, which train.resume=<it> then failed to load. It is
+    renamed stepN.old first, and the next save removes what is left."""
+    base_meta = {**base_meta, "total_steps": 10}
+    out = tmp_path / "out"
+    write_run(out, base_meta, steps=(2, 4))
+    root = out / "checkpoints"
+    real = shutil.rmtree
+    cut = lambda d, ignore_errors=False: next(iter(sorted(Path(d).iterdir()))).unlink()  # noqa: E731 (one file)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", cut)
+    ckpt._discard(root / "step2")
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real)
+    assert not (root / "step2").exists() and (root / "step2.old").is_dir()
+    assert [d.name for d in ckpt.complete_checkpoints(root)] == ["step4"]
+    assert ckpt._fresh_tag_dir(root, "step6") is None
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step4", "step6.new"]
+
+
 def test_auto_with_no_complete_checkpoint_still_starts_fresh(tmp_path: Path) -> None:
     """A requeued job that never finished a save starts at step 1, as before."""
     out = tmp_path / "out"

@@ -498,6 +498,17 @@ def _fresh_tag_dir(root: Path, tag: str) -> OSError | None:
     return None
 
 
+def _discard(d: Path) -> None:
+    """Rank 0: a checkpoint the rotation drops. Renamed first (as ``stepN.old``, which the next save removes), so
+    a removal cut off midway leaves no ``stepN`` with its meta.json and some of its files gone."""
+    gone = d.with_name(d.name + OLD)
+    try:
+        os.rename(d, gone)
+    except OSError:
+        gone = d
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def _put_in_place(root: Path, tag: str, step: int) -> None:
     """Rank 0: the complete ``stepN.new`` becomes ``stepN``; a ``stepN`` there already (this step written again)
     becomes ``stepN.old`` first and goes after. Cut off between the renames, :func:`latest` reads the new one and
@@ -607,7 +618,7 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
         # would leave one: refuse_later).
         for old in complete_checkpoints(root)[:-keep]:
             if old not in (kept, root / tag):
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
     dist.barrier()
     return root / tag
 
