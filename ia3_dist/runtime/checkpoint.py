@@ -91,6 +91,11 @@ def tag_for(step: int) -> str:
     return f"step{step}"
 
 
+def step_of(d: Path) -> int:
+    """The step of a ``stepN`` dir (or of its ``stepN.new``/``stepN.old``, read for it: :func:`latest`)."""
+    return int(d.name.split(".", 1)[0][4:])
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Tag dirs with a meta.json (written last), oldest first. Symlinks are never checkpoints of ours."""
     if not root.is_dir():
@@ -120,7 +125,7 @@ def in_flight(root: Path, pointer: str, named: Path | None) -> Path | None:
     d = root / name
     if not TAG.fullmatch(name) or d.is_symlink() or not d.is_dir() or not (d / META).is_file():
         return None
-    return d if named is None or int(name[4:]) > int(named.name.split(".")[0][4:]) else None
+    return d if named is None or step_of(d) > step_of(named) else None
 
 
 def _latest_named(root: Path, pointer: str) -> Path | None:

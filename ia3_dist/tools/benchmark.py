@@ -120,7 +120,8 @@ def _kept_best(run: Path, pts: list[Point]) -> Point | None:
     d = ckpt.latest(run / "checkpoints", ckpt.BEST)
     if d is None or not (d / STATE).is_file():
         return None
-    return next((p for p in pts if p.path == d), Point(d.name, int(d.name[4:]), d))
+    step = ckpt.step_of(d)
+    return next((p for p in pts if p.path == d), Point(ckpt.tag_for(step), step, d))
 
 
 def _best(run: Path, pts: list[Point]) -> Point:
