@@ -87,6 +87,17 @@ def _config_disagrees(tmp: Path, tiny_model: Path) -> str:
     return str(d)
 
 
+def _config_edit(**fields: object) -> Callable[[Path, Path], str]:
+    """The tiny model with ``fields`` set in its config.json."""
+    def make(tmp: Path, tiny_model: Path) -> str:
+        d = _model_copy(tiny_model, tmp / "edited")
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(fields)
+        (d / "config.json").write_text(json.dumps(cfg))
+        return str(d)
+    return make
+
+
 def _fake_checkpoint(out: Path) -> None:
     (out / "checkpoints" / "step3").mkdir(parents=True)
     (out / "checkpoints" / "step3" / "meta.json").write_text("{}")
@@ -163,6 +174,19 @@ CASES: dict[str, Case] = {
     "weights-missing-tensor": (path_arg("model.path", _weights_without),
                                "no weights for transformer.h.0.mlp.dense_4h_to_h.weight"),
     "weights-config-disagree": (path_arg("model.path", _config_disagrees), "config.json and the weights disagree"),
+    # config.json fields transformers validates when it reads the file, when it builds the model, or never (a
+    # layer count of 0 built an empty model that failed after the ranks had met)
+    "config-field-type": (path_arg("model.path", _config_edit(hidden_size="64")), "'hidden_size' is \"64\""),
+    "config-field-null": (path_arg("model.path", _config_edit(n_head=None, num_attention_heads=None)),
+                          "cannot read config.json (StrictDataclassFieldValidationError"),
+    "config-bool-as-text": (path_arg("model.path", _config_edit(tie_word_embeddings="yes")),
+                            "expected bool, got str"),
+    "config-no-layers": (path_arg("model.path", _config_edit(n_layer=0)), "'n_layer' is 0"),
+    "config-negative-layers": (path_arg("model.path", _config_edit(n_layer=-1)), "'n_layer' is -1"),
+    "config-heads-do-not-divide": (path_arg("model.path", _config_edit(n_head=3)),
+                                   "transformers cannot build a bloom model from it"),
+    "config-unknown-dtype": (path_arg("model.path", _config_edit(dtype="float128")),
+                             "has no attribute 'float128'"),
     "tokenizer-no-eos": (path_arg("model.tokenizer", _no_eos_tokenizer), "no eos token"),
     "tokenizer-empty-dir": (path_arg("model.tokenizer", lambda t, m: _mkdir(t / "tk")), "no tokenizer files"),
     # deepspeed

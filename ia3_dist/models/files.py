@@ -61,6 +61,24 @@ def read_small_json(path: Path, what: str) -> Any:
         raise UsageError(f"{path}: {what} is not valid JSON ({error_line(e)})") from None
 
 
+# The sizes a decoder's config states under these names (per family); a model has at least one of each. A
+# layer count of 0 or less builds (an empty range of blocks) and then fails after the ranks have met.
+CONFIG_COUNTS = ("n_layer", "num_hidden_layers", "hidden_size", "n_embed", "n_head", "num_attention_heads",
+                 "num_key_value_heads", "intermediate_size", "vocab_size")
+
+
+def check_config_counts(config: Any, where: Path | str) -> None:
+    """The counts in a model's config.json (``config``: the parsed JSON object) are positive integers; a
+    UsageError naming the file and the field otherwise."""
+    if not isinstance(config, dict):
+        raise UsageError(f"{where}: a model config is a JSON object (model_type, hidden_size, ...)")
+    for key in CONFIG_COUNTS:
+        v = config.get(key)
+        if key in config and v is not None and (type(v) is not int or v < 1):
+            raise UsageError(f"{where}: '{key}' is {json.dumps(v)[:60]}, where a model has a positive whole "
+                             f"number; the file is damaged or edited (restore it from the model's source)")
+
+
 def shard_names(index: Path) -> list[str]:
     """The shard files a ``*.index.json`` names (its weight_map values), sorted."""
     data = read_small_json(index, "weight index")
@@ -362,6 +380,7 @@ def check_model_dir(path: str, what: str = "model.path") -> None:
     if (p / "config.json").stat().st_size > MAX_SMALL_JSON:
         raise UsageError(f"{what} {p}: config.json is larger than {MAX_SMALL_JSON >> 20} MiB; the file is "
                          f"corrupt")
+    check_config_counts(read_small_json(p / "config.json", "model config"), p / "config.json")
     if not any((p / f).is_file() for f in WEIGHT_FILES) and not list(p.glob("*.safetensors")):
         raise UsageError(f"{what} {p}: no weights ({', '.join(WEIGHT_FILES)}); the download or copy is "
                          f"incomplete")

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ModelSection
 from ..errors import UsageError
-from .files import check_tokenizer_dir, error_line, local_model_dir
+from .files import check_config_counts, check_tokenizer_dir, error_line, local_model_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -121,11 +121,21 @@ def keep_hub_name(model: nn.Module, model_path: str) -> None:
 
 
 def base_on_meta(config: Any, trust_remote_code: bool = False) -> nn.Module:
-    """The base model of an architecture from its config alone: no weights, no memory (meta device)."""
+    """The base model of an architecture from its config alone: no weights, no memory (meta device). A config that
+    transformers' own classes cannot build from (a field it validates only then: an activation, a dtype, a head
+    count that does not divide) is a UsageError naming config.json; remote code raises as it does."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"), no_code_prompt():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"), no_code_prompt():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        if trust_remote_code and getattr(config, "auto_map", None):
+            raise
+        where = getattr(config, "name_or_path", "") or "the model"
+        raise UsageError(f"{where}/config.json: transformers cannot build a {getattr(config, 'model_type', '?')} "
+                         f"model from it ({error_line(e)}); the file is damaged or edited (restore it from the "
+                         f"model's source)") from None
 
 
 def load_model_config(model_path: str, cfg: ModelSection, files_dir: Path | None = None) -> Any:
@@ -137,10 +147,17 @@ def load_model_config(model_path: str, cfg: ModelSection, files_dir: Path | None
         with no_code_prompt():
             c = AutoConfig.from_pretrained(str(files_dir or model_path), revision=cfg.revision,
                                            trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
+    except UsageError:
+        raise
+    except Exception as e:  # transformers validates fields with its own error types (TypeError, strict dataclasses)
         if files_dir is not None or Path(model_path).exists():
-            raise UsageError(f"model.path {model_path}: cannot read config.json ({e})") from None
-        raise UsageError(f"model.path {model_path}: not a local dir and not reachable on the hub ({e})") from None
+            # Its field validators put the field's value and the reason on the lines after the first.
+            why = f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]
+            raise UsageError(f"model.path {model_path}: cannot read config.json ({why})") from None
+        raise UsageError(f"model.path {model_path}: not a local dir and not reachable on the hub "
+                         f"({error_line(e)})") from None
+    # A hub model's config (a local dir's was checked with its files).
+    check_config_counts(c.to_dict(), f"model.path {model_path}: config.json")
     return c
 
 

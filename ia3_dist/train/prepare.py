@@ -16,7 +16,7 @@ from ..data.packing import check_pack_length, choose_pack_length
 from ..data.report import data_lines
 from ..data.sampler import ORDER_VERSION, Layout, plan_epoch, split_eval, steps_per_epoch
 from ..data.tokenize import TokenizedData, load_or_tokenize
-from ..errors import RunFinished
+from ..errors import RunFinished, UsageError
 from ..models.families import family_of, support_case
 from ..models.files import (
     check_model_dir,
@@ -245,6 +245,8 @@ def _meta_build(model_config: Any, cfg: RunConfig, env: dist.DistEnv) -> Any:
     device and the same checks (apply_ia3, the losses) run there, so a model that trains is not refused here."""
     try:
         return base_on_meta(model_config, cfg.model.trust_remote_code)
+    except UsageError:
+        raise  # transformers' own classes: the config is wrong
     except Exception as e:  # remote code raises anything; the real load reports a real failure
         if env.is_main:
             print(f"ia3-dist: note: model.path: cannot build the model on the meta device ({error_line(e)}); its "
