@@ -210,6 +210,21 @@ def test_refusals_before_anything_loads(run: Path, tmp_path: Path, monkeypatch,
     assert "not on this machine" in capsys.readouterr().err
     assert main(["eval", str(run), "--tasks", "tiny_mc", "--include", str(TASKS), "--checkpoints", "step7"]) == 2
     assert "no checkpoint ['step7']" in capsys.readouterr().err
+    # A damaged checkpoint (a NaN vector; training saves none): refused before any point is evaluated, where it
+    # scored chance level as a result.
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    nan = tmp_path / "nan"
+    shutil.copytree(run, nan, ignore=shutil.ignore_patterns("eval"))
+    f = nan / "checkpoints" / "step5" / "ia3_state.safetensors"
+    state = load_file(str(f))
+    key = next(k for k in state if k.startswith("param/"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(f))
+    assert main(["eval", str(nan), "--tasks", "tiny_mc", "--include", str(TASKS), "--checkpoints", "all"]) == 2
+    assert "step5: " in (err := capsys.readouterr().err) and "holds non-finite values" in err, err
+    assert not (nan / "eval").exists()
     # eval.tasks during training: the same checks in the run's preflight, nothing written.
     out = tmp_path / "train"
     assert main(["check", "--config", TINY, f"output.dir={out}", "eval.tasks=[tiny_mc, nope]",

@@ -448,7 +448,7 @@ def test_checked_load_is_peft_load(adapter: Path, tiny_model: Path, tmp_path: Pa
     assert (base - a).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("case", ["no-tensors", "renamed", "extra-layer", "half"])
+@pytest.mark.parametrize("case", ["no-tensors", "renamed", "extra-layer", "half", "nan"])
 def test_weights_that_do_not_fit_the_base_are_refused(case: str, adapter: Path, tmp_path: Path, capsys) -> None:
     """PEFT only warns "missing adapter keys" and would export the base unchanged; here it is exit 2."""
     import torch
@@ -463,12 +463,20 @@ def test_weights_that_do_not_fit_the_base_are_refused(case: str, adapter: Path, 
         sd = {k.replace("transformer.", "model."): v for k, v in sd.items()}
     elif case == "extra-layer":
         sd["base_model.model.transformer.h.99.self_attention.query_key_value.ia3_l"] = torch.ones(384, 1)
+    elif case == "nan":  # a damaged file: every output would be NaN (an empty generation, a NaN merged model)
+        k = next(iter(sd))
+        sd[k] = torch.full_like(sd[k], float("nan"))
     else:
         sd = dict(list(sd.items())[: len(sd) // 2])
     save_file(sd, str(f))
-    needle = "match no module" if case == "extra-layer" else "IA3 vector(s) of the model are not in its weights"
     rc, _, err = _run(["export", "--adapter", str(d), "--out", str(tmp_path / "out")], capsys)
-    _refused(rc, err, f"{d}: cannot load the adapter onto", needle, "was it trained on this base model?")
+    if case == "nan":
+        _refused(rc, err, f"{d}: ", "holds non-finite values (NaN or inf)")
+        rc, _, err = _run(["generate", "--adapter", str(d), "--max-new-tokens", "2", "hi"], capsys)
+        _refused(rc, err, f"{d}: ", "holds non-finite values (NaN or inf)")
+    else:
+        needle = "match no module" if case == "extra-layer" else "IA3 vector(s) of the model are not in its weights"
+        _refused(rc, err, f"{d}: cannot load the adapter onto", needle, "was it trained on this base model?")
     assert not (tmp_path / "out").exists()
 
 

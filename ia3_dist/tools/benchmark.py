@@ -165,6 +165,15 @@ def vectors_of(p: Point) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_finite(vectors: dict[str, torch.Tensor], where: str) -> None:
+    """Every vector finite: ia3-dist saves none from a diverged run, so a NaN is a damaged file, and every score of
+    it would be a chance-level figure that reads as a result."""
+    for n, v in vectors.items():
+        if not bool(torch.isfinite(v).all()):
+            raise UsageError(f"{where}: {n} holds non-finite values (NaN or inf); the checkpoint is damaged: leave "
+                             f"it out of --checkpoints")
+
+
 def swap_in(peft_model: Any, vectors: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``vectors`` into the model's IA3 parameters in place; every one must be there, with its shape."""
     params = {n.replace(".default", ""): q for n, q in peft_model.named_parameters() if "ia3_l" in n}
@@ -245,9 +254,14 @@ def evaluate_points(adapter: Path, pts: list[Point], tasks: list[str], tm: Any, 
         held_out = heldout_data(cfg, tok)
     # Decided once for every point: the tasks and their documents are the same for each.
     replicated = must_replicate(tasks, tm, limit, env)
+    # Every point read and checked before the first is evaluated (a damaged last one fails in seconds, not after
+    # the others' benchmarks). IA3 vectors: a few MB per point.
+    vectors = [final if p.name == "final" else vectors_of(p) for p in pts]
+    for p, v in zip(pts, vectors, strict=True):
+        check_finite(v, str(p.path))
     rows = []
-    for p in pts:
-        swap_in(model, final if p.name == "final" else vectors_of(p), str(p.path))
+    for p, v in zip(pts, vectors, strict=True):
+        swap_in(model, v, str(p.path))
         scores = run_tasks(model, tok, tasks, tm, batch_size, limit, env, replicated) if tasks else {}
         for task, metrics in scores.items():
             for metric, value in metrics.items():
