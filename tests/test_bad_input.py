@@ -129,7 +129,10 @@ REC = json.dumps(GOOD[0])
 # Each case: (build files under tmp -> extra CLI args, substring the error message must contain).
 CASES: dict[str, Case] = {
     # config
-    "unknown-section": (lambda t, m: ["trian.lr=1"], "'trian': unknown key"),
+    # The override is named, not the config file (which does not hold the mistake).
+    "unknown-section": (lambda t, m: ["trian.lr=1"], "override trian.lr=1: config key 'trian': unknown key"),
+    "override-under-unset-key": (lambda t, m: ["hardware.nodes.x=1"],
+                                 "override hardware.nodes.x=1: config key 'hardware.nodes'"),
     "unknown-key": (lambda t, m: ["train.learning_rate=1"], "'train.learning_rate': unknown key"),
     "int-as-text": (lambda t, m: ["train.grad_accum=many"], "'train.grad_accum': expected an integer"),
     "bool-as-int": (lambda t, m: ["data.shuffle=3"], "'data.shuffle': expected true or false"),

@@ -328,6 +328,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             nxt = node.get(p)
             if nxt is None:
                 nxt = node[p] = ConfigMapping()
+                # A section this override made: an error under it is the override's, not the file's.
+                node.origin[p] = text
+                node.written.pop(p, None)
             if not isinstance(nxt, dict):
                 raise UsageError(f"override '{brief(text)}': '{brief('.'.join(parts[: i + 1]))}' "
                                  f"is not a section")
