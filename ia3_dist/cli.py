@@ -468,6 +468,17 @@ def main(argv: list[str] | None = None, prog: str = "ia3-dist") -> int:
     cmd = "train"
     if argv and argv[0] in COMMANDS:
         cmd = argv.pop(0)
+    elif argv and not argv[0].startswith("-") and "=" not in argv[0]:
+        # Neither a command nor what train takes (options, key.sub=value): a mistyped command.
+        import difflib
+
+        from .config.schema import brief
+
+        near = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        print(f"{prog}: error: unknown command {brief(argv[0])!r}; {hint}the commands are "
+              f"{', '.join(COMMANDS)} (`{prog} --help` says what each does)", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     try:
         return COMMANDS[cmd][0](argv, f"{prog} {cmd}")
     except UsageError as e:

@@ -55,3 +55,14 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture) -> None:
             main([name, "--help"])
         assert e.value.code == 0
         assert capsys.readouterr().out.startswith(f"usage: ia3-dist {name}")
+
+
+@pytest.mark.parametrize("word, near", [("summry", "summary"), ("generte", "generate"), ("benchmark", None)])
+def test_a_mistyped_command_is_named_with_the_commands(word: str, near: str | None,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """It was taken for train's override without '=' (or train's unknown argument), naming neither the word as a
+    command nor the commands."""
+    assert main([word, "run1", "--adapter", "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown command '{word}'" in err and ", ".join(COMMANDS) in err, err
+    assert (f"did you mean '{near}'?" in err) == (near is not None), err
