@@ -141,6 +141,8 @@ CASES: dict[str, Case] = {
     "zero-micro-batch": (lambda t, m: ["train.micro_batch_size=0"], "'train.micro_batch_size': must be >= 1"),
     "bad-policy": (lambda t, m: ["data.on_bad_record=ignore"], "'data.on_bad_record'"),
     "bad-template": (lambda t, m: ["data.prompt_template={question}"], "'data.prompt_template'"),
+    "template-without-instruction": (lambda t, m: ["data.prompt_template=Q: {input}"],
+                                     "'data.prompt_template': has no {instruction} field"),
     "override-no-equals": (lambda t, m: ["train.lr"], "expected key.sub=value"),
     "override-into-value": (lambda t, m: ["train.lr=1", "train.lr.x=2"], "'train.lr' is not a section"),
     "yaml-syntax": (lambda t, m: ["--config", _w(t / "c.yaml", "train:\n  lr: [1,\n")], "invalid YAML"),

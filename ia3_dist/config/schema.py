@@ -120,6 +120,10 @@ def _check_template(key: str, template: str) -> None:
             text = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
             fail(key, f"field {show(text)} is not allowed; {allowed}, with no format spec, conversion, index "
                       f"or attribute")
+    if "instruction" not in {name for _, name, _, _ in fields}:
+        # Every prompt would lose its instruction: the model learns answers to questions it is never shown.
+        fail(key, f"has no {{instruction}} field; put it where the instruction belongs (the default is "
+                  f"{show(PROMPT_DEFAULT)})")
 
 
 PROMPT_DEFAULT = "Human: {instruction}\n{input}"
