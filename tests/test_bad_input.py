@@ -126,6 +126,7 @@ def _mkdir(p: Path) -> Path:
 
 
 REC = json.dumps(GOOD[0])
+USERS_ONLY = "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}\n{% endif %}{% endfor %}"
 # Each case: (build files under tmp -> extra CLI args, substring the error message must contain).
 CASES: dict[str, Case] = {
     # config
@@ -168,6 +169,10 @@ CASES: dict[str, Case] = {
     "data-missing": (path_arg("data.path", lambda t, m: t / "none.json"), "file not found"),
     "all-prompt": (data("d.json", json.dumps([{"instruction": "长" * 300, "output": "x"}])),
                    "every record is all prompt"),
+    # Nothing cut: raising data.max_length (what the message said) could not help.
+    "template-labels-nothing": (lambda t, m: ["data.template=" + _w(t / "users.jinja", USERS_ONLY),
+                                              "data.path=" + _w(t / "d.json", json.dumps(GOOD))],
+                                "none was cut at data.max_length=256: data.template="),
     # model and tokenizer
     "model-missing": (path_arg("model.path", lambda t, m: t / "no-model"), "no such directory"),
     "model-no-config": (path_arg("model.path", lambda t, m: _model_copy(m, t / "mc", drop=("config.json",))),

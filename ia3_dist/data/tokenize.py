@@ -453,7 +453,7 @@ def tokenize(records: Records, tok: Any, cfg: DataSection, chunk: int = CHUNK_RE
 def join_chunks(parts: list[Chunk], source: str, cfg: DataSection) -> TokenizedData:
     lens = np.concatenate([c.lengths for c in parts]) if parts else np.zeros(0, dtype=np.int64)
     if not len(lens):
-        raise no_examples(source, cfg)
+        raise no_examples(source, cfg, sum(c.truncated for c in parts) if parts else None)
     base = np.cumsum([0] + [c.n_records for c in parts])
     return TokenizedData(ids=np.concatenate([c.ids for c in parts]), offsets=_offsets(lens),
                          label_mask=np.concatenate([c.label_mask for c in parts]),
@@ -464,7 +464,13 @@ def join_chunks(parts: list[Chunk], source: str, cfg: DataSection) -> TokenizedD
                          label_counts=np.concatenate([c.label_counts for c in parts]))
 
 
-def no_examples(source: str, cfg: DataSection) -> UsageError:
+def no_examples(source: str, cfg: DataSection, truncated: int | None = None) -> UsageError:
+    """No record has a label token. ``truncated``: how many records were cut at ``data.max_length``; none cut, the
+    template is what labels nothing."""
+    if truncated == 0:
+        return UsageError(f"{source}: no record has an answer token to train on, and none was cut at "
+                          f"data.max_length={cfg.max_length}: data.template={cfg.template} renders no assistant "
+                          f"text as an answer (a chat template must write each assistant message's content)")
     return UsageError(f"{source}: every record is all prompt after truncation to data.max_length={cfg.max_length}; "
                       f"raise data.max_length (or data.truncation=prompt)")
 
@@ -557,7 +563,7 @@ def _build(root: Any, key: str, vocab_size: int, source: str, cfg: DataSection,
         t0 = time.perf_counter()
         meta = write(w)
         if not w.n_tokens:
-            raise no_examples(source, cfg)
+            raise no_examples(source, cfg, w.truncated if w.n_records else None)
         seconds = time.perf_counter() - t0
         w.commit({**meta, "seconds": round(seconds, 3),
                   "records_per_s": round(w.n_records / max(seconds, 1e-9), 1)})
