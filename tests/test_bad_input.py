@@ -144,6 +144,11 @@ CASES: dict[str, Case] = {
     "bad-template": (lambda t, m: ["data.prompt_template={question}"], "'data.prompt_template'"),
     "template-without-instruction": (lambda t, m: ["data.prompt_template=Q: {input}"],
                                      "'data.prompt_template': has no {instruction} field"),
+    "mixture-weight-huge": (lambda t, m: ["data.path=null", "data.sources=[{path: a.json, weight: 1e308}, "
+                                          "{path: b.json, weight: 1e308}]"],
+                            "'data.sources[0].weight': must be between 1e-09 and 1e+09"),
+    "mixture-weight-subnormal": (lambda t, m: ["data.path=null", "data.sources=[{path: a.json, weight: 1e-320}]"],
+                                 "'data.sources[0].weight': must be between"),
     "override-no-equals": (lambda t, m: ["train.lr"], "expected key.sub=value"),
     "override-into-value": (lambda t, m: ["train.lr=1", "train.lr.x=2"], "'train.lr' is not a section"),
     "yaml-syntax": (lambda t, m: ["--config", _w(t / "c.yaml", "train:\n  lr: [1,\n")], "invalid YAML"),

@@ -96,6 +96,10 @@ def _in_range(key: str, value: int | float, lo: int | float, hi: int | float) ->
         fail(key, f"must be <= {hi}, got {show(value)}")
 
 
+MIN_WEIGHT, MAX_WEIGHT = 1e-9, 1e9
+"""The range of a ``data.sources`` weight."""
+
+
 def _finite(key: str, value: float, lo: float = 0.0, strict: bool = False) -> None:
     """``value`` must be finite and >= ``lo`` (> ``lo`` when ``strict``): NaN compares false with everything, so
     ``value < lo`` alone would let it through to the optimizer."""
@@ -219,7 +223,7 @@ class DataSource:
     weight: float = 1.0
     """Sampling ratio against the other sources' weights (normalised: 0.7/0.2/0.1 and 7/2/1 mix alike); by
     examples, or by tokens with ``data.mix_by: tokens``. A source drawn more often than it has examples repeats
-    them (over-sampling), less often uses a seeded subset."""
+    them (over-sampling), less often uses a seeded subset. Between 1e-9 and 1e9."""
     format: str | None = None
     """This source's record format; null: ``data.format``."""
     columns: dict[str, str] | None = None
@@ -379,6 +383,10 @@ class DataSection:
                 fail(f"{key}.path", "the demo data cannot be part of a mixture")
             s.path = home(s.path)
             _finite(f"{key}.weight", s.weight, 0.0, strict=True)
+            if not MIN_WEIGHT <= s.weight <= MAX_WEIGHT:
+                # Weights are ratios: their sum overflowed near 1e308, and a share below 1e-18 draws nothing.
+                fail(f"{key}.weight", f"must be between {MIN_WEIGHT:g} and {MAX_WEIGHT:g} (only the ratios of the "
+                                      f"weights count: 0.7/0.3 and 7/3 mix alike), got {show(s.weight)}")
             if s.format is not None and s.format not in FORMATS:
                 fail(f"{key}.format", f"must be one of {'|'.join(FORMATS)}, got {show(s.format)}")
             _check_columns(f"{key}.columns", s.columns)
