@@ -88,13 +88,18 @@ def test_eval_writes_the_job_file_the_eval_file_and_the_submit_script(tmp_path: 
 def test_eval_options_reach_ia3_dist_eval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(ROOT)  # tiny_mc.yaml names its data file relative to the working dir
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    spec = (TASKS / "tiny_mc.yaml").read_text()
+    (tasks / "tiny_mc.yaml").write_text(spec)
+    (tasks / "tiny_mc2.yaml").write_text(spec.replace("task: tiny_mc", "task: tiny_mc2"))
     rc, _, err = slurm(tmp_path, capsys, "--gpus-per-node", "8", "--time", "2-0", "--eval", "--eval-tasks",
-                       "tiny_mc,ceval-valid_computer_network", "--eval-include", "tests/data", "--eval-checkpoints",
+                       "tiny_mc,tiny_mc2", "--eval-include", str(tasks), "--eval-checkpoints",
                        "step500,final", "--eval-gpus", "2", "--eval-time", "1-12:30")
     assert rc == 0, err
     ev = files(tmp_path)[1]
     assert directives(ev, "gpus-per-node") == ["2"] and directives(ev, "time") == ["1-12:30"]
-    assert (f"-- --checkpoints step500,final --tasks tiny_mc,ceval-valid_computer_network --include {TASKS}\n"
+    assert (f"-- --checkpoints step500,final --tasks tiny_mc,tiny_mc2 --include {tasks}\n"
             in ev)  # the include dir made absolute, as the config is
 
 
@@ -291,7 +296,20 @@ def test_nothing_to_evaluate_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     assert_refused(rc, err, tmp_path, "--eval-tasks")
     rc, _, err = slurm(tmp_path, capsys, "--eval", "--eval-tasks", "tiny_mc", "--eval-checkpoints", "best")
     assert_refused(rc, err, tmp_path, "--eval-checkpoints best", "data.eval_ratio")
-    assert slurm(tmp_path, capsys, "--eval", "--eval-tasks", "tiny_mc")[0] == 0  # tasks alone: fine
+    # Tasks alone: fine (tiny_mc is a local task: its dir is named).
+    assert slurm(tmp_path, capsys, "--eval", "--eval-tasks", "tiny_mc", "--eval-include", str(TASKS))[0] == 0
+
+
+@pytest.mark.slow
+def test_a_task_eval_would_not_run_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A name that is neither a local task nor in lm-eval's registry: `ia3-dist eval` refuses it, so the job would
+    fail once the training is done; refused here, with the same message (slow: indexing the registry)."""
+    monkeypatch.chdir(ROOT)
+    rc, _, err = slurm(tmp_path, capsys, "--eval", "--eval-tasks", "tiny_mcq", "--eval-include", "tests/data")
+    assert_refused(rc, err, tmp_path, "--eval-tasks: unknown task(s) ['tiny_mcq']")
+    rc, _, err = slurm(tmp_path, capsys, "--eval", "--eval-tasks", "tiny_mc")  # local, but its dir is not named
+    assert_refused(rc, err, tmp_path, "--eval-tasks: unknown task(s) ['tiny_mc']")
 
 
 def test_a_task_file_whose_data_is_missing_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -403,6 +403,21 @@ def eval_name(train_name: str) -> str:
     return safe_name(train_name[: NAME_MAX - len("-eval")]) + "-eval"
 
 
+def _known_tasks(tasks: list[str], include: str | None) -> None:
+    """Every task one that ``ia3-dist eval`` would run (lm-eval's registry or the local task files), checked with
+    the same function where lm-eval is installed here: a wrong name would fail only once the training is done.
+    (Names that are all local cost milliseconds; the registry is indexed only for the others, in seconds.)"""
+    from ..train.benchmarks import check_tasks
+
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        print("ia3-dist slurm: note: lm-eval is not installed here, so the --eval-tasks names are not checked; the "
+              "evaluation job needs it (pip install 'ia3-dist[eval]')", file=sys.stderr, flush=True)
+        return
+    check_tasks(tasks, Path(include).expanduser() if include else None, ("--eval-tasks", "--eval-include"))
+
+
 def check_eval(train: Job, cfg: Any, tasks: str | None, include: str | None, checkpoints: str | None,
                gpus: int | None, time: str | None) -> EvalJob:
     """Every ``--eval-*`` value checked (a UsageError naming the option) against the training job ``train`` and
@@ -445,6 +460,8 @@ def check_eval(train: Job, cfg: Any, tasks: str | None, include: str | None, che
             raise UsageError(f"--eval-include {show(include)}: {e}") from None
         # Absolute, like the config: the file may be submitted from any folder.
         args += ["--include", os.path.abspath(Path(include).expanduser())]
+    if task_list:
+        _known_tasks(task_list, include)
     gpus = train.gpus_per_node if gpus is None else gpus
     if isinstance(gpus, bool) or not isinstance(gpus, int) or not 0 <= gpus <= train.gpus_per_node:
         raise UsageError(f"--eval-gpus {show(gpus)}: expected 0 to {train.gpus_per_node}, the training job's GPUs "
