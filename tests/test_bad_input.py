@@ -211,6 +211,8 @@ CASES: dict[str, Case] = {
                          "offload_param needs stage 3"),
     "ds-nvme-params": (dsfile({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}),
                        "offload_param.device nvme is not supported"),
+    "ds-key-typo": (dsfile({"zero_optimisation": {"stage": 3}}),
+                    "'zero_optimisation' is not a key DeepSpeed reads; did you mean 'zero_optimization'?"),
     "ds-json-syntax": (dsfile('{"zero_optimization": }'), "ds.json:1:23: invalid JSON"),
     "ds-leftover-auto": (dsfile({"steps_per_print": "auto"}), 'cannot resolve "auto" for steps_per_print'),
     "ds-missing": (lambda t, m: ["deepspeed.config=zero11"], "zero11: no such file"),

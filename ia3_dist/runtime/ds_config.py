@@ -7,6 +7,7 @@ owns ZeRO placement. A value present in both must agree (or be "auto").
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 from pathlib import Path
@@ -284,13 +285,49 @@ def _check_with_deepspeed_config(ds: dict[str, Any], src: Path) -> None:
         from deepspeed.runtime.config import DeepSpeedConfig
     except ImportError:
         return
-    probe = {k: copy.deepcopy(v) for k, v in ds.items() if k != "train_batch_size"}
+    probe = _Reads({k: copy.deepcopy(v) for k, v in ds.items() if k != "train_batch_size"})
     try:
         DeepSpeedConfig(probe)
     except Exception as e:  # DeepSpeed raises ValueError, AssertionError, KeyError, TypeError, pydantic errors
         lines = str(e).strip().splitlines()
         raise UsageError(f"{src}: DeepSpeed refuses this config: {brief(lines[0] if lines else type(e).__name__)}"
                          ) from None
+    # A top-level key DeepSpeed never reads is ignored without a word: "zero_optimisation" ran on ZeRO-0. Keys
+    # other parts of DeepSpeed read are not known here, so only a near miss of a key it reads is refused.
+    known = sorted(probe.read | _READ_ELSEWHERE)
+    for key in ds:
+        if key in known or key == "train_batch_size":
+            continue
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if near:
+            raise UsageError(f"{src}: '{brief(key)}' is not a key DeepSpeed reads; did you mean '{near[0]}'? "
+                             f"DeepSpeed would ignore it and run without it")
+
+
+# Top-level keys DeepSpeed reads outside DeepSpeedConfig's parser (the optimizer through keys(), the others in
+# their own components).
+_READ_ELSEWHERE = frozenset({"optimizer", "scheduler", "autotuning", "flops_profiler", "aio",
+                             "activation_checkpointing", "mics_shard_size", "mics_hierarchical_params_gather"})
+
+
+class _Reads(dict):
+    """A config dict that records the top-level keys DeepSpeed's parser asks for (present or not)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(key)  # type: ignore[arg-type]
+        return super().__contains__(key)
 
 
 def _check_top_level(ds: dict[str, Any], src: Path) -> None:
