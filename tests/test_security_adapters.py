@@ -448,7 +448,7 @@ def test_checked_load_is_peft_load(adapter: Path, tiny_model: Path, tmp_path: Pa
     assert (base - a).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("case", ["no-tensors", "renamed", "extra-layer", "half", "nan"])
+@pytest.mark.parametrize("case", ["no-tensors", "renamed", "extra-layer", "half", "nan", "shape"])
 def test_weights_that_do_not_fit_the_base_are_refused(case: str, adapter: Path, tmp_path: Path, capsys) -> None:
     """PEFT only warns "missing adapter keys" and would export the base unchanged; here it is exit 2."""
     import torch
@@ -466,11 +466,16 @@ def test_weights_that_do_not_fit_the_base_are_refused(case: str, adapter: Path, 
     elif case == "nan":  # a damaged file: every output would be NaN (an empty generation, a NaN merged model)
         k = next(iter(sd))
         sd[k] = torch.full_like(sd[k], float("nan"))
+    elif case == "shape":
+        k = next(iter(sd))
+        sd[k] = torch.ones(7)
     else:
         sd = dict(list(sd.items())[: len(sd) // 2])
     save_file(sd, str(f))
     rc, _, err = _run(["export", "--adapter", str(d), "--out", str(tmp_path / "out")], capsys)
-    if case == "nan":
+    if case == "shape":  # the tensor and both shapes named (it said only "Error(s) in loading state_dict")
+        _refused(rc, err, f"{d}: cannot load the adapter onto", f"size mismatch for {k}.default", "torch.Size([7])")
+    elif case == "nan":
         _refused(rc, err, f"{d}: ", "holds non-finite values (NaN or inf)")
         rc, _, err = _run(["generate", "--adapter", str(d), "--max-new-tokens", "2", "hi"], capsys)
         _refused(rc, err, f"{d}: ", "holds non-finite values (NaN or inf)")

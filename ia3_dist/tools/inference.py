@@ -209,7 +209,10 @@ def _load_adapter(model: Any, d: Path, base_path: str) -> Any:
         pm = PeftModelForCausalLM(model, config)
         result = pm.load_adapter(str(d), "default", key_mapping=getattr(model, "_checkpoint_conversion_mapping", {}))
     except Exception as e:  # PEFT raises many types (KeyError, TypeError, ValueError...) for one cause
-        raise UsageError(f"{where} ({error_line(e)}); was it trained on this base model?") from None
+        # torch's load_state_dict puts the tensor and both shapes on the lines after its first.
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), "")
+        why = f"{error_line(e)} {detail[:300]}".strip() if detail else error_line(e)
+        raise UsageError(f"{where} ({why}); was it trained on this base model?") from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         what = (f"{len(missing)} IA3 vector(s) of the model are not in its weights, e.g. {missing[0]}" if missing
