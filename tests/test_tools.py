@@ -146,10 +146,10 @@ BAD = {
                      "message 0: a tool result with no preceding call"),
     "arguments not JSON": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{city: Paris"}}]}]},
-        "message 1: malformed tool call arguments: not JSON"),
+        "message 1: not valid JSON in tool call arguments"),
     "function_call not JSON": ({"conversations": [{"from": "human", "value": "q"},
                                                   {"from": "function_call", "value": "get_weather(Paris)"}]},
-                               "message 1: malformed function_call: not JSON"),
+                               "message 1: not valid JSON in function_call"),
     "arguments not an object": ({"conversations": [{"from": "human", "value": "q"}, {
         "from": "function_call", "value": '{"name": "f", "arguments": [1, 2]}'}]},
         "message 1: malformed tool call arguments: expected a JSON object"),
@@ -168,7 +168,7 @@ BAD = {
     "tools not a list": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
                           "tools": {"name": "f"}}, "field 'tools' must be a list of function schemas"),
     "tools JSON broken": ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
-                           "tools": "[{"}, "malformed field 'tools' (a JSON list of function schemas): not JSON"),
+                           "tools": "[{"}, "not valid JSON in field 'tools'"),
 }
 
 

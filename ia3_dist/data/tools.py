@@ -34,13 +34,16 @@ OBSERVATION = "Observation: "
 MAX_DEPTH = 32
 
 
-def _json(text: str, what: str, where: str) -> Any:
-    """``text`` parsed as JSON, or a UsageError saying it is not."""
+CALL_SHAPE = 'a JSON object {"name": ..., "arguments": {...}}'
+"""How a tool call is written."""
+
+
+def _json(text: str, what: str, where: str, shape: str = CALL_SHAPE) -> Any:
+    """``text`` parsed as JSON, or a UsageError saying it is not and how ``shape`` it should be written."""
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as e:
-        raise UsageError(f"{where}: malformed {what}: not JSON ({str(e)[:120]}); write it as a JSON object "
-                         f"{{\"name\": ..., \"arguments\": {{...}}}}") from None
+        raise UsageError(f"{where}: not valid JSON in {what} ({str(e)[:120]}); write it as {shape}") from None
 
 
 def _depth(v: Any, limit: int = MAX_DEPTH) -> int:
@@ -62,7 +65,8 @@ def tool_list(value: Any, what: str, where: str) -> tuple[dict[str, Any], ...]:
     if value is None or value == "":
         return ()
     if isinstance(value, str):
-        value = _json(value, f"{what} (a JSON list of function schemas)", where)
+        value = _json(value, what, where, 'a JSON list of function schemas: [{"name": ..., "description": ..., '
+                      '"parameters": {...}}]')
     if not isinstance(value, list | tuple):
         raise UsageError(f"{where}: {what} must be a list of function schemas (or a JSON string of one), got "
                          f"{type(value).__name__}")
