@@ -124,6 +124,12 @@ def _gen_options(a: argparse.Namespace) -> Any:
             or a.repetition_penalty <= 0):
         raise UsageError("need --max-new-tokens >= 1, finite --temperature > 0, 0 < --top-p <= 1, --top-k >= 0 and "
                          "finite --repetition-penalty > 0")
+    from .tools.inference import MAX_SANE_CONTEXT
+
+    if a.max_new_tokens > MAX_SANE_CONTEXT:
+        # No model has a context this long; a model without a position limit (Bloom's ALiBi) would try.
+        raise UsageError(f"--max-new-tokens {a.max_new_tokens}: at most {MAX_SANE_CONTEXT} (more than any model's "
+                         f"context)")
     # torch.manual_seed takes 64 bits; past them it fails only once the model has loaded.
     if not 0 <= a.seed < 2**64:
         from .config.schema import show

@@ -141,6 +141,11 @@ def test_generate_errors(trained: Path, tmp_path: Path, capsys, monkeypatch) -> 
     monkeypatch.setattr(inference, "load_for_inference", lambda *a: pytest.fail("loaded the model"))
     assert main(["generate", "--adapter", str(trained / "adapter"), "--out", "/proc/answers.jsonl", "x"]) == 2
     assert "--out /proc/answers.jsonl: cannot write there" in capsys.readouterr().err
+    # Bloom has no position limit: a count past any context ran until it was killed.
+    for cmd in ("generate", "chat"):
+        assert main([cmd, "--adapter", str(trained / "adapter"), "--max-new-tokens", "99999999999999999999",
+                     *(["x"] if cmd == "generate" else [])]) == 2
+        assert "--max-new-tokens 99999999999999999999: at most 1048576" in capsys.readouterr().err
 
 
 def test_chat_answers_each_line_with_the_conversation_so_far(trained: Path, capsys, monkeypatch) -> None:
