@@ -149,6 +149,8 @@ CASES: dict[str, Case] = {
                             "'data.sources[0].weight': must be between 1e-09 and 1e+09"),
     "mixture-weight-subnormal": (lambda t, m: ["data.path=null", "data.sources=[{path: a.json, weight: 1e-320}]"],
                                  "'data.sources[0].weight': must be between"),
+    "columns-share-one": (lambda t, m: ["data.columns={instruction: output}"],
+                          "'data.columns': instruction and output both read column 'output'"),
     "override-no-equals": (lambda t, m: ["train.lr"], "expected key.sub=value"),
     "override-into-value": (lambda t, m: ["train.lr=1", "train.lr.x=2"], "'train.lr' is not a section"),
     "yaml-syntax": (lambda t, m: ["--config", _w(t / "c.yaml", "train:\n  lr: [1,\n")], "invalid YAML"),

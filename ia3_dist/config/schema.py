@@ -181,6 +181,10 @@ FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt")
 COLUMN_NAMES = ("instruction", "input", "output", "system", "history", "conversations", "messages", "role",
                 "content", "user", "assistant", "prompt", "chosen", "rejected", "tools", "function_call",
                 "observation", "tool")
+# Parts of a record that one format reads together (alpaca; pairs with a prompt, or alpaca-style with an
+# instruction), so no two may share a column. (prompt: instruction is how alpaca-style pairs are mapped.)
+READ_TOGETHER = (("instruction", "input", "output", "system"), ("prompt", "chosen", "rejected", "system"),
+                 ("instruction", "input", "chosen", "rejected", "system"))
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
 # What an evaluation on the held-out data reports, by objective (the eval lines of metrics.jsonl): the metrics
 # train.early_stopping and checkpoint.keep_best may follow.
@@ -405,6 +409,23 @@ def _check_columns(key: str, columns: dict[str, str] | None) -> None:
         fail(key, f"unknown name(s) {show(unknown)}; map any of {', '.join(COLUMN_NAMES)}")
     if not all(columns.values()):
         fail(key, "every mapped name must be non-empty")
+
+
+def _check_shared_columns(key: str, columns: dict[str, str] | None, pairs: bool) -> None:
+    """No two parts of a record that the objective's formats read together share a column: {instruction: output}
+    trained the model to repeat its prompt."""
+    if columns is None:
+        return
+    for group in READ_TOGETHER[1:] if pairs else READ_TOGETHER[:1]:
+        seen: dict[str, str] = {}
+        for name in group:
+            col = columns.get(name, name)
+            # Pairs come as prompt/chosen/rejected or alpaca-style: a column one layout names by default may be
+            # another's mapped part, so there only two mapped parts clash.
+            if col in seen and ((name in columns and seen[col] in columns) if pairs else
+                                (name in columns or seen[col] in columns)):
+                fail(key, f"{seen[col]} and {name} both read column {show(col)}; map each to its own column")
+            seen.setdefault(col, name)
 
 
 IA3_VARIANTS = ("default", "paper")
@@ -809,6 +830,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         pairs = self.train.objective != "sft"
+        _check_shared_columns("data.columns", self.data.columns, pairs)
+        for i, src in enumerate(self.data.sources or []):
+            _check_shared_columns(f"data.sources[{i}].columns", src.columns, pairs)
         if pairs and self.data.packing:
             fail("data.packing", f"packs SFT examples; train.objective={self.train.objective} trains on pairs (two "
                                  f"rows each, padded): set data.packing=false")
