@@ -475,6 +475,32 @@ def test_a_save_cut_off_before_its_pointer_moved_is_resumed_and_its_pointers_fin
         assert (root / "latest").read_text() == "step60" and not (root / "latest.tmp").exists()
 
 
+def test_a_step_saved_again_and_cut_off_counts_for_roll_backs_and_keeps_the_best_pointer(
+        tmp_path: Path, base_meta: dict[str, Any]) -> None:
+    """Step 4 saved again (after its put-off evaluation, now the best) and cut off: between its renames, only
+    step4.new/.old hold it, and a roll-back to step2 was accepted (its first save then put step4 in place and the
+    rotation deleted step2); before its first rename, `best.tmp` named step4, which was still the earlier, pending
+    save, and `best` moved there (the rotation then dropped the real best)."""
+    base_meta = {**base_meta, "total_steps": 10}
+    out = tmp_path / "out"
+    write_run(out, base_meta, steps=(2, 4))
+    root = out / "checkpoints"
+    (root / "best").write_text("step2")
+    write_checkpoint(root, "step4.new", {**base_meta, "step": 4})
+    (root / "best.tmp").write_text("step4")
+    (root / "latest.tmp").write_text("step4")
+    # Cut off before its first rename: step4 is the earlier save of that step, not the best.
+    assert ckpt.latest(root, ckpt.BEST) == root / "step2"
+    assert ckpt._fresh_tag_dir(root, "step6") is None
+    assert (root / "best").read_text() == "step2"
+    assert sorted(p.name for p in root.iterdir()) == ["best", "latest", "step2", "step4", "step6.new"]
+    # Cut off between its renames: a roll-back past it is refused, naming it.
+    write_checkpoint(root, "step4.new", {**base_meta, "step": 4})
+    (root / "step4").rename(root / "step4.old")
+    with pytest.raises(UsageError, match=r"resumes at step 2, but .* holds checkpoints past it \(step4.new\)"):
+        ckpt.refuse_later(root / "step2", out)
+
+
 def test_the_rotation_cut_off_midway_leaves_no_partial_checkpoint(tmp_path: Path, base_meta: dict[str, Any],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The rotation removed an old stepN in place: cut off midway (the removal reaching meta.json last or not at

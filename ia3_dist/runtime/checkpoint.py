@@ -125,6 +125,8 @@ def in_flight(root: Path, pointer: str, named: Path | None) -> Path | None:
     d = root / name
     if not TAG.fullmatch(name) or d.is_symlink() or not d.is_dir() or not (d / META).is_file():
         return None
+    if os.path.lexists(root / (name + NEW)):
+        return None  # not put in place: ``stepN`` is still that step's earlier save (a step saved again)
     return d if named is None or step_of(d) > step_of(named) else None
 
 
@@ -321,7 +323,9 @@ def refuse_later(ckpt: Path, out: Path) -> None:
     abandoned ones. (``auto`` resumes from the newest complete checkpoint ``latest`` names.)"""
     step = read_meta(ckpt)["step"]
     root = root_of(out)
-    later = [d for d in complete_checkpoints(root) if int(d.name[4:]) > step]
+    # What the pointers read too: a step saved again and cut off between its renames is only a stepN.new/.old.
+    later = sorted({d for d in (*complete_checkpoints(root), _pointed(root, LATEST), _pointed(root, BEST))
+                    if d is not None and step_of(d) > step}, key=step_of)
     if later:
         names = ", ".join(d.name for d in later)
         raise UsageError(f"train.resume={ckpt}: resumes at step {step}, but {root} holds checkpoints past it "
@@ -469,23 +473,26 @@ def _remove_pointer_temps(root: Path) -> None:
 
 def _settle(root: Path) -> None:
     """Rank 0, before a save and after a failed one: finish what a save cut off left (see :data:`NEW`). A
-    ``stepN`` that a pointer names but is not there gets what :func:`cut_between_renames` reads; every other
-    ``.new``/``.old`` goes (an unfinished save, one cut off before its pointer moved, or a step's previous state
-    once the new one is in place). Then the pointers a cut-off save did not get to move (:func:`in_flight`) move,
-    and the temps go. Symlinks and files under those names are unlinked, never followed. An OSError goes to the
-    caller."""
-    for base in sorted({m[1] for c in root.iterdir() if (m := STAGED.fullmatch(c.name))}):
+    ``stepN`` that a pointer names but is not there gets what :func:`cut_between_renames` reads; then the pointers
+    a cut-off save did not get to move (:func:`in_flight`) move; then every other ``.new``/``.old`` goes (an
+    unfinished save, one cut off before it was put in place, or a step's previous state once the new one is), and
+    the temps. Symlinks and files under those names are unlinked, never followed. An OSError goes to the caller;
+    a dir that will not go entirely (a file another process holds open on NFS) is left for a later save, as no
+    pointer depends on it."""
+    bases = sorted({m[1] for c in root.iterdir() if (m := STAGED.fullmatch(c.name))})
+    for base in bases:
         found = cut_between_renames(root / base)
         if found is not None:
             os.rename(found, root / base)
+    for pointer in (LATEST, BEST):
+        if in_flight(root, pointer, _pointed_only(root, pointer)) is not None:
+            os.replace(_pointer_temp(root, pointer), root / pointer)
+    for base in bases:
         for c in (root / (base + NEW), root / (base + OLD)):
             if c.is_symlink() or (os.path.lexists(c) and not c.is_dir()):
                 c.unlink()
             elif c.is_dir():
-                shutil.rmtree(c)
-    for pointer in (LATEST, BEST):
-        if in_flight(root, pointer, _pointed_only(root, pointer)) is not None:
-            os.replace(_pointer_temp(root, pointer), root / pointer)
+                shutil.rmtree(c, ignore_errors=True)
     _remove_pointer_temps(root)
 
 
