@@ -338,7 +338,9 @@ class Trainer:
                 self.flush()
                 self.log_window(self.window, step, *self.window_at)
                 self.window = Window()
+            # (The checkpoint resumed from by its own path: a step cut off between its renames is a stepN.new.)
             where = self.save(step) if step > self.saved or step == self.stale else \
+                self.p.resume_from if step == self.start and self.p.resume_from is not None else \
                 ckpt.root_of(self.p.out) / ckpt.tag_for(step)
             # Step 0 of a fresh run has no checkpoint (a resume starts it afresh); a resumed run's is the one it
             # resumed from.
