@@ -68,6 +68,17 @@ ia3_forward() {
   fi
 }
 
+ia3_requeue() {
+  # A requeue Slurm refused (slurmctld busy, requeue not allowed) must not end the job as COMPLETED: an afterok
+  # evaluation job would start on an unfinished run. EX_TEMPFAIL, as the run itself exits when preempted.
+  if scontrol requeue "$SLURM_JOB_ID"; then
+    exit 0
+  fi
+  ia3_log "scontrol requeue $SLURM_JOB_ID failed: ending with exit 75 (the run is not finished); submit the job" \
+          "again and it resumes with train.resume=auto"
+  exit 75
+}
+
 ia3_run() {
   rm -f "$OUTPUT_DIR/preempted.json" "$OUTPUT_DIR/hung.json"
   # A pid file of a run that did not end cleanly: until the new rank 0 writes its own, a signal must not reach
@@ -92,8 +103,7 @@ ia3_run() {
   rm -f "$RUN_STAMP"
   if [ "$rc" = 75 ] || [ -e "$OUTPUT_DIR/preempted.json" ] || [ -n "${PREEMPT_EARLY:-}" ]; then
     ia3_log "run stopped after a checkpoint (exit $rc): requeueing job $SLURM_JOB_ID; it resumes with train.resume=auto"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    ia3_requeue
   fi
   # Exit 76 (or hung.json: torchrun exits 1 and srun may report a killed peer's code): the hang watchdog ended the
   # run. Requeue like a preemption, at most MAX_HANG_REQUEUES times per job, so a hang that comes back every
@@ -105,8 +115,7 @@ ia3_run() {
     if [ "$n" -le "${MAX_HANG_REQUEUES:-3}" ]; then
       ia3_log "hang watchdog ended the run (exit $rc; $(cat "$OUTPUT_DIR/hung.json" 2>/dev/null)): requeueing job" \
               "$SLURM_JOB_ID (hang $n of at most ${MAX_HANG_REQUEUES:-3}); it resumes with train.resume=auto"
-      scontrol requeue "$SLURM_JOB_ID"
-      exit 0
+      ia3_requeue
     fi
     ia3_log "hang watchdog ended the run $n times: not requeueing again (MAX_HANG_REQUEUES=${MAX_HANG_REQUEUES:-3})"
     exit 76

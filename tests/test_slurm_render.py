@@ -431,7 +431,7 @@ until [ -e "$OUTPUT_DIR/go" ]; do sleep 0.05; done
 """
 
 
-def _batch_shell(tmp_path: Path, before: str = "") -> tuple[subprocess.Popen, Path]:
+def _batch_shell(tmp_path: Path, before: str = "", scontrol_rc: int = 0) -> tuple[subprocess.Popen, Path]:
     """lib.sh's trap and ia3_run around a stand-in for the run (scontrol recorded, not called). The stand-in's name
     holds "ia3_dist", as a real rank 0's command line does: lib.sh signals only such a process. ``before``: shell
     run before ia3_run."""
@@ -439,7 +439,7 @@ def _batch_shell(tmp_path: Path, before: str = "") -> tuple[subprocess.Popen, Pa
     out.mkdir()
     (tmp_path / "fake-ia3_dist-run.sh").write_text(FAKE_RUN)
     script = (f'source "{template_dir() / "lib.sh"}"; OUTPUT_DIR="{out}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
-              f'scontrol() {{ echo "$*" >> "{tmp_path}/scontrol"; }}; '
+              f'scontrol() {{ echo "$*" >> "{tmp_path}/scontrol"; return {scontrol_rc}; }}; '
               "trap 'ia3_forward USR1' USR1; export OUTPUT_DIR; "
               f'{before}ia3_run bash "{tmp_path}/fake-ia3_dist-run.sh"')
     proc = subprocess.Popen([BASH, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -491,6 +491,19 @@ def test_a_signal_before_or_during_training_requeues(tmp_path: Path, when: str) 
     text = proc.communicate(timeout=30)[0]
     said = "asking the run (rank 0" if when == "during" else "before training started: requeueing"
     assert said in text and "requeueing job 7" in text and proc.returncode == 0, text
+    assert (tmp_path / "scontrol").read_text() == "requeue 7\n", text
+
+
+@pytest.mark.slow  # a bash batch shell around a stand-in run that sleeps
+@needs_bash
+def test_a_refused_requeue_ends_the_job_unfinished(tmp_path: Path) -> None:
+    """scontrol requeue failing (slurmctld busy, requeue not allowed): the job ended with exit 0, as COMPLETED, so an
+    afterok evaluation job started on an unfinished run. It now ends with 75, saying how to go on."""
+    proc, out = _batch_shell(tmp_path, scontrol_rc=1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGUSR1)
+    text = proc.communicate(timeout=30)[0]
+    assert "scontrol requeue 7 failed: ending with exit 75" in text and proc.returncode == 75, text
     assert (tmp_path / "scontrol").read_text() == "requeue 7\n", text
 
 
