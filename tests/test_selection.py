@@ -376,3 +376,17 @@ def test_the_benchmark_key_follows_the_local_task_files_and_their_data(tmp_path:
     # Moved, not edited: the same benchmarks.
     shutil.copytree(tasks, tmp_path / "moved")
     assert key(tmp_path / "moved") == key()
+
+
+@pytest.mark.slow
+def test_evaluations_are_not_counted_as_training_time(tmp_path: Path, demo_model: Path) -> None:
+    """The window after an evaluation started its clock before it: the next training line's step time, tokens/s
+    and MFU included the evaluation (and a checkpoint save). An evaluation held 3 s (the fault hook waits there):
+    the training lines' step times stay those of a tiny step."""
+    out = tmp_path / "run"
+    check(launch(["--config", str(TINY), f"model.path={demo_model}", "train.max_steps=8", "train.log_every=2",
+                  *HELD_OUT, "checkpoint.every=2", f"output.dir={out}"],
+                 env={"IA3_DIST_FAULT": "eval:4:0:hold", "IA3_DIST_FAULT_HOLD_S": "3"}))
+    lines = [r for r in metrics(out) if "step_time_s" in r]
+    assert [r["step"] for r in lines] == [1, 2, 4, 6, 8], lines
+    assert all(r["step_time_s"] < 1.0 for r in lines), [(r["step"], r["step_time_s"]) for r in lines]

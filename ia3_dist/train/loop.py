@@ -530,6 +530,7 @@ class Trainer:
                 res = self.pending_eval()
                 if res is not None:
                     return res
+                self.window.t0 = time.perf_counter()  # the first window's time starts after that evaluation
             elif self.eval_pending:
                 self.stale = self.start  # the end's evaluation below is the one put off
             if self.start == self.end and not self.eval_pending:
@@ -560,18 +561,21 @@ class Trainer:
                         self._warned = True
                         dist.print0(p.env, warn)
                 heldout, bench = self.due(done)
+                paused = time.perf_counter()  # evaluations and saves are not training: out of the window's time
                 if (heldout or bench) and done < self.end:
                     self.stop_before_eval(done)
                     res = self.run_eval(done, heldout, bench)
                     if self.selection.active and self.follow(done, res):
                         self.end = done  # finish() saves this step, with the reason in its meta.json
                         if self.window.steps:  # the last steps' training line, as a run's end has one
+                            self.window.t0 += time.perf_counter() - paused
                             self.flush()
                             self.log_window(self.window, done, epoch, lr, t_start)
                             self.window = Window()
                         return res
                 if p.cfg.checkpoint.every and done % p.cfg.checkpoint.every == 0 and self.saved < done < self.end:
                     self.save(done)
+                self.window.t0 += time.perf_counter() - paused
             self.flush()
             if p.eval_data is None and p.bench is None:
                 return None
