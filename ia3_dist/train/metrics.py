@@ -106,7 +106,8 @@ def trim_metrics(path: Path, upto: int, eval_pending: bool = False) -> str | Non
         tmp.unlink(missing_ok=True)
         try:
             with open(path, "rb") as src:
-                end = _scan(src, upto, None)[2]
+                # The put-off evaluation's lines come last in their step: cut before them too.
+                end = _scan(src, upto, None, upto if eval_pending else None)[2]
             os.truncate(path, end)
         except OSError:
             pass

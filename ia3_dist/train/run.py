@@ -148,8 +148,9 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
         watchdog.stop()  # training is over: the hooks below may take as long as they need
         if res.losses:
             k, first, last = res.loss_change(cfg.train.log_every)
-            dist.print0(env, f"loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f} "
-                             f"({100.0 * (last - first) / first:+.1f}%)")
+            # A first mean of 0 (data.unlabeled=keep, steps without a label token) has no relative change.
+            change = f" ({100.0 * (last - first) / first:+.1f}%)" if first else ""
+            dist.print0(env, f"loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f}{change}")
         bench = {k: v for k, v in (res.eval or {}).items() if "/" in k and not k.startswith(("eval_", "rewards"))}
         if bench:
             dist.print0(env, "benchmarks: " + ", ".join(f"{k} {v:.4f}" for k, v in bench.items()))
