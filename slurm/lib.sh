@@ -25,6 +25,9 @@ ia3_setup() {
   LOG_DIR=${LOG_DIR:-logs}
   mkdir -p "$LOG_DIR"
   export MASTER_ADDR MASTER_PORT
+  # Slurm 22.05-23.02's srun does not read SLURM_CPUS_PER_TASK (sbatch --cpus-per-task), only this: without it a
+  # job step gets one CPU per task, and a launcher's ranks share one core where cores are enforced.
+  if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}; fi
   # Cluster-specific NCCL settings (uncomment what your fabric needs):
   # export NCCL_DEBUG=WARN
   # export NCCL_SOCKET_IFNAME=ib0            # or eth0 / hsn0: the interface between nodes

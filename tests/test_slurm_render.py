@@ -524,3 +524,21 @@ def test_a_stale_pid_file_is_never_signalled(tmp_path: Path) -> None:
     finally:
         other.kill()
 
+
+
+@needs_bash
+@pytest.mark.parametrize("cpus, srun", [("3", "3"), ("", "")])
+def test_the_job_steps_get_the_tasks_cpus(tmp_path: Path, cpus: str, srun: str) -> None:
+    """Slurm 22.05-23.02's srun reads SRUN_CPUS_PER_TASK, not sbatch's SLURM_CPUS_PER_TASK: without it a CPU job's
+    launcher and all its ranks ran on one core where cores are enforced. ia3_setup passes the job's on."""
+    stub = tmp_path / "python"
+    stub.write_text(f"#!/bin/sh\necho {tmp_path / 'out'}\n")
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_"))}
+    env.update(PYTHON=str(stub), SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1", LOG_DIR=str(tmp_path),
+               **({"SLURM_CPUS_PER_TASK": cpus} if cpus else {}))
+    script = (f'source "{template_dir() / "lib.sh"}"; scontrol() {{ echo n1; }}; ia3_setup c.yaml; '
+              'echo "srun=${SRUN_CPUS_PER_TASK:-}"')
+    proc = subprocess.run([BASH, "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"srun={srun}", proc.stdout + proc.stderr
