@@ -623,3 +623,14 @@ def test_task_run_again_by_hand_after_the_array_failed_it(tmp_path: Path, tiny_m
     assert statuses() == ["done", "pending"]
     assert cli_main(["summary", "--no-plot", str(d)]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[:3] == [task["name"], "0.003", "done"]
+
+
+def test_a_sweep_dir_yaml_would_cut_gives_each_task_its_own_dir(tmp_path: Path) -> None:
+    """A local sweep dir named "exp #2": the tasks' output.dir overrides are read as YAML, where " #" starts a
+    comment, so every task trained in ".../exp" (the second resumed the first). Each task now gets its own dir."""
+    from ia3_dist.config import load_config
+    from ia3_dist.tools.sweep import plan_tasks
+
+    tasks = plan_tasks(TINY, [], {"train.lr": ["3e-3", "1e-2"]}, tmp_path / "exp #2", 10)
+    dirs = [load_config(TINY, t.overrides).output.dir for t in tasks]
+    assert dirs == [str(tmp_path / "exp #2" / "lr=3e-3"), str(tmp_path / "exp #2" / "lr=1e-2")], dirs

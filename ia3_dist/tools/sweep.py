@@ -123,6 +123,15 @@ def task_name(values: dict[str, str]) -> str:
     return ",".join(parts)
 
 
+def _dir_override(d: Path) -> str:
+    """``output.dir=<d>``, quoted where YAML would read the path otherwise (" #" in a dir name starts a comment:
+    every task's output.dir was the same cut-off path)."""
+    from ..config.load import parse_override
+
+    text = f"output.dir={d}"
+    return text if parse_override(text)[1] == str(d) else f"output.dir={json.dumps(str(d))}"
+
+
 def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_dir: Path,
                max_tasks: int) -> list[Task]:
     """The tasks of the grid, every one's config built and checked; UsageError on anything that would fail in the
@@ -162,7 +171,7 @@ def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_d
         if len(name) > NAME_MAX:
             raise UsageError(f"--grid: the task dir name {name[:60]}... is longer than {NAME_MAX} characters; use "
                              f"shorter values")
-        task = Task(i, name, values, [f"{k}={v}" for k, v in values.items()] + [f"output.dir={sweep_dir / name}"],
+        task = Task(i, name, values, [f"{k}={v}" for k, v in values.items()] + [_dir_override(sweep_dir / name)],
                     str(sweep_dir / name))
         other = seen_names.get(name.casefold())  # casefold: two names one case-insensitive file system merges
         if other is not None:
@@ -173,6 +182,9 @@ def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_d
             cfg = build(task.overrides)
         except UsageError as e:
             raise UsageError(f"--grid task {i} ({_show(values)}): {e}") from None
+        if Path(cfg.output.dir) != Path(task.dir):
+            raise UsageError(f"--grid task {i} ({_show(values)}): its output.dir reads as {brief(cfg.output.dir)}, "
+                             f"not {brief(task.dir)}; use a sweep dir whose name YAML reads as it is")
         d = cfg.to_dict()
         d["output"].pop("dir")
         fingerprint = json.dumps(d, sort_keys=True, default=str)
