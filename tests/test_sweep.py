@@ -8,6 +8,7 @@ python to see exactly which arguments a task hands to ia3-dist. The summary read
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -634,3 +635,22 @@ def test_a_sweep_dir_yaml_would_cut_gives_each_task_its_own_dir(tmp_path: Path) 
     tasks = plan_tasks(TINY, [], {"train.lr": ["3e-3", "1e-2"]}, tmp_path / "exp #2", 10)
     dirs = [load_config(TINY, t.overrides).output.dir for t in tasks]
     assert dirs == [str(tmp_path / "exp #2" / "lr=3e-3"), str(tmp_path / "exp #2" / "lr=1e-2")], dirs
+
+
+def test_a_run_whose_final_adapter_diverged_ranks_last(tmp_path: Path) -> None:
+    """results.json of `ia3-dist eval` writes a diverged point's value as NaN: that final row was read as no value,
+    and the run was ranked by an earlier checkpoint's, first here."""
+    from ia3_dist.tools.summary import eval_value, rank_by
+
+    def run(name: str, step500: float, final: str) -> dict:
+        d = tmp_path / name
+        (d / "eval").mkdir(parents=True)
+        rows = [{"checkpoint": "step500", "step": 500, "task": "heldout", "metric": "loss", "value": step500}]
+        text = json.dumps({"rows": rows})[:-2] + (', {"checkpoint": "final", "step": 1000, "task": "heldout", '
+                                                  f'"metric": "loss", "value": {final}}}]}}')
+        (d / "eval" / "results.json").write_text(text)
+        return {"dir": str(d), "heldout/loss": eval_value(d, "heldout/loss")}
+
+    a, b = run("a", 1.1, "NaN"), run("b", 1.5, "1.3")
+    assert math.isnan(a["heldout/loss"]) and b["heldout/loss"] == 1.3
+    assert [r["dir"] for r in rank_by([a, b], "heldout/loss")] == [b["dir"], a["dir"]]

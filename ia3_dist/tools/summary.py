@@ -638,7 +638,7 @@ def eval_value(d: Path, metric: str) -> float | None:
     task, _, name = metric.partition("/")
     try:
         rows = json.loads(read_bounded(f, MAX_RESULTS_BYTES, "run ia3-dist eval again").decode("utf-8"),
-                          parse_constant=lambda c: None)["rows"]
+                          parse_constant=float)["rows"]  # NaN: a diverged point, ranked last (not skipped)
         hits = [r for r in rows if r["task"] == task and r["metric"] == name and type(r["step"]) is int
                 and type(r["value"]) in (int, float)]
         for r in hits:
@@ -646,6 +646,8 @@ def eval_value(d: Path, metric: str) -> float | None:
     except (UsageError, OSError, ValueError, KeyError, TypeError, OverflowError) as e:
         note(f"{brief(str(f))}: not readable as eval results ({brief(str(e))}); the run shows no {brief(metric)}")
         return None
+    # The final adapter's value even where it is not finite: falling back to an earlier checkpoint's ranked a run
+    # that diverged by a value it no longer has.
     final = [r for r in hits if r.get("checkpoint") == "final"]
     best = final or sorted(hits, key=lambda r: r["step"])[-1:]
     return float(best[0]["value"]) if best else None
