@@ -254,6 +254,19 @@ def test_auto_deepspeed_config_is_the_lowest_stage_that_fits(precision: str, sta
     assert "note: ZeRO-0 in" not in out, out
 
 
+def test_auto_deepspeed_config_sizes_against_the_jobs_memory_limit(tiny_model: Path, tmp_path: Path, capsys,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Slurm CPU job given 2 GiB (--mem) on a big node, 2 ranks: the stage choice used the node's whole memory
+    per rank, where micro_batch_size=auto already used the job's limit; now both use 0.9 x 1 GiB per rank."""
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "2048")
+    rc = main(["check", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"model.path={tiny_model}",
+               "--world-size", "2", "deepspeed.config=auto", f"output.dir={tmp_path / 'out'}"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "GiB per rank of host memory" in out, out
+    assert float(out.split("the lowest stage that fits (")[1].split(" of ")[1].split(" GiB")[0]) == 0.9, out
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_zero0_in_fp16_says_it_syncs_per_tensor(tiny_model: Path, tmp_path: Path, capsys, precision: str) -> None:
     rc = main(["check", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"model.path={tiny_model}",

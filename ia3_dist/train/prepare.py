@@ -159,14 +159,14 @@ def run_keys(cfg: RunConfig, model_config: Any) -> dict[str, str]:
 
 
 def rank_memory_bytes(env: dist.DistEnv) -> tuple[float, bool]:
-    """(bytes one rank may use, on the host?): this rank's GPU, else the node's memory shared by its ranks."""
+    """(bytes one rank may use, on the host?): the budget ``micro_batch_size: auto`` sizes against (this rank's
+    GPU, else the node's memory under the cgroup's and Slurm's limits, shared by its ranks). The node's whole
+    memory let a CPU job with ``--mem`` take a stage that its limit then killed."""
     import torch
 
-    if torch.cuda.is_available():
-        return float(torch.cuda.get_device_properties(env.local_rank % torch.cuda.device_count()).total_memory), False
-    import psutil
+    from .autobatch import memory_budget
 
-    return psutil.virtual_memory().total / max(env.local_world_size, 1), True
+    return memory_budget(env.local_world_size, env.local_rank), not torch.cuda.is_available()
 
 
 def auto_stage(cfg: RunConfig, model_config: Any, env: dist.DistEnv, pack_length: int | None = None
