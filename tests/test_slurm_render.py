@@ -320,6 +320,28 @@ def test_torchrun_launcher_exports_launcher() -> None:
     assert "export LAUNCHER=torchrun\n" in text and directives(text, "nodes") == ["2"]
 
 
+@pytest.mark.parametrize("launcher, want", [("deepspeed", ["32"]), ("srun", ["4"])])
+def test_gpu_nodes_get_the_cpus_asked_for(launcher: str, want: list[str]) -> None:
+    """--gpus-per-node 8 --cpus-per-node 32 rendered no --cpus-per-task: Slurm's default of one CPU per task ran
+    the launcher and its 8 ranks on one core. One launcher task gets all 32; one task per rank (srun) 32 / 8."""
+    text = render(str(TINY), [], 1, 8, "01:00:00", launcher=launcher, cpus_per_node=32)
+    assert directives(text, "cpus-per-task") == want
+    assert directives(text, "gpus-per-node") == ["8"] and "export NPROC_PER_NODE=8\n" in text
+
+
+@pytest.mark.parametrize("time, lead", [("04:00:00", 300), ("20", 300), ("8", 120), ("2", 30), ("0", 300)])
+def test_the_warning_before_the_limit_fits_in_the_limit(time: str, lead: int) -> None:
+    """A fixed USR1@300 on a limit of 5 minutes or less came as the job started: it requeued for ever without
+    training. Limits under 20 minutes get a quarter of theirs (at least 30 s); no limit (0) keeps 300 s."""
+    text = render(str(TINY), [], 1, 1, time)
+    assert directives(text, "signal") == [f"B:USR1@{lead}"], text
+
+
+def test_a_limit_too_short_to_train_is_refused() -> None:
+    with pytest.raises(UsageError, match=r"--time '1': shorter than 2 minutes"):
+        render(str(TINY), [], 1, 1, "1")
+
+
 def test_cpu_nodes() -> None:
     text = render(str(TINY), [], 1, 0, "00:20:00", cpus_per_node=2)
     assert directives(text, "gpus-per-node") == []

@@ -103,6 +103,19 @@ def check_time(value: str, opt: str = "--time") -> str:
     return value
 
 
+SIGNAL_LEAD_S = 300
+"""How long before the time limit Slurm warns the batch shell (``--signal=B:USR1@...``): the run checkpoints and
+requeues. Shorter limits get a quarter of theirs."""
+MIN_TIME_S = 120
+
+
+def signal_lead(time: str) -> int:
+    """Seconds before ``time`` the warning comes. A fixed 300 s on a limit of 5 minutes or less arrived as the job
+    started, before rank 0 ran: the job requeued for ever without training a step."""
+    limit = time_seconds(time)
+    return SIGNAL_LEAD_S if limit >= 4 * SIGNAL_LEAD_S else max(30, int(limit // 4))
+
+
 def time_seconds(value: str, opt: str = "--time") -> float:
     """A Slurm time limit in seconds (checked, naming ``opt``); ``inf`` for zero, which Slurm reads as no limit."""
     check_time(value, opt)
@@ -226,7 +239,10 @@ def check_job(nodes: int | tuple[int, int], gpus_per_node: int, time: str, parti
         raise UsageError(f"--nodes {lo}-{nodes}: a node range needs --launcher deepspeed or torchrun (one launcher "
                          f"per node starts that node's ranks); srun starts a fixed number of rank tasks, which Slurm "
                          f"would pack onto fewer nodes")
-    check_time(time)
+    if time_seconds(time) < MIN_TIME_S:
+        raise UsageError(f"--time {show(time)}: shorter than {MIN_TIME_S // 60} minutes, too short to load the model, "
+                         f"train a step and checkpoint before the limit (a job requeued at its limit starts over "
+                         f"with the same one)")
     if partition is not None:
         check_name("--partition", partition, allow_list=True)
     if account is not None:
@@ -298,16 +314,22 @@ def assemble(job: Job, name: str, header: list[str], defaults: str, directives: 
     text = _set_directive(text, "job-name", name)
     text = _set_directive(text, "nodes", job.nodes_directive)
     text = _set_directive(text, "time", job.time)
+    if re.search(r"^#SBATCH --signal=", text, re.M):
+        text = _set_directive(text, "signal", f"B:USR1@{signal_lead(job.time)}")
     text = _set_directive(text, "gpus-per-node", str(job.gpus_per_node) if job.gpus_per_node else None)
     text = _set_directive(text, "partition", job.partition)
     text = _set_directive(text, "account", job.account)
     ranged = bool(job.min_nodes)
+    # GPU nodes with --cpus-per-node: the node's CPUs for its ranks (dropped before: Slurm's default of one CPU per
+    # task then ran a launcher and all its GPU ranks on one core unless the cluster sets DefCpuPerGPU).
     if job.launcher == "srun":
         text = _set_directive(text, "ntasks-per-node", str(job.per_node))
+        per_rank = job.cpus_per_node // job.gpus_per_node if job.gpus_per_node else 0
+        text = _set_directive(text, "cpus-per-task", str(per_rank) if per_rank else None)
     else:
         text = _set_directive(text, "ntasks-per-node", "1" if not ranged else None)
         text = _set_directive(text, "ntasks", str(job.nodes) if ranged else None)
-        text = _set_directive(text, "cpus-per-task", str(job.cpus_per_node) if not job.gpus_per_node else None)
+        text = _set_directive(text, "cpus-per-task", str(job.cpus_per_node) if job.cpus_per_node else None)
     if ranged:
         # Slurm gives a range the fewest nodes its tasks fit on: as many tasks as the range's most nodes, spread,
         # take every free node up to it, and fit on fewer when fewer are left (the template starts one launcher
@@ -566,7 +588,8 @@ def add_job_args(ap: argparse.ArgumentParser) -> None:
                          "needs train.global_batch_size")
     ap.add_argument("--gpus-per-node", type=int_option("--gpus-per-node", 0, MAX_GPUS_PER_NODE), default=1)
     ap.add_argument("--cpus-per-node", type=int_option("--cpus-per-node", 0, MAX_CPUS_PER_NODE), default=0,
-                    help="ranks per node on CPU-only nodes (with --gpus-per-node 0)")
+                    help="ranks per node on CPU-only nodes (with --gpus-per-node 0); with GPUs, the CPUs a node's "
+                         "ranks get (Slurm's --cpus-per-task; default: the cluster's)")
     ap.add_argument("--time", default="04:00:00", help="Slurm time limit: minutes, minutes:seconds, "
                     "hours:minutes:seconds, days-hours, days-hours:minutes or days-hours:minutes:seconds")
     ap.add_argument("--partition", help="partition name, or a comma-separated list of them")
