@@ -225,6 +225,29 @@ def test_tensorboard_events(tracked: dict) -> None:
 
 
 @pytest.mark.slow
+def test_tensorboard_has_a_put_off_evaluation_once_after_a_killed_attempt(tmp_path: Path, tiny_model: Path) -> None:
+    """A signal before step 3's evaluation: the checkpoint says it is to do. The next attempt runs it (logging it)
+    and is killed at step 5; the one after resumes the same checkpoint and runs it again. metrics.jsonl dropped
+    the first attempt's line, TensorBoard kept it (it purged from step 4): two eval_loss events at step 3."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    base = ["--config", TINY, f"model.path={tiny_model}", "deepspeed.config=zero0", f"output.dir={out}",
+            "data.limit=64", "data.eval_ratio=0.1", "train.eval_every=3", "train.max_steps=6", "train.log_every=1",
+            "output.report_to=[tensorboard]"]
+    stopped = _run(base, env={"IA3_DIST_FAULT": "eval:3:0:term"})
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    killed = _run([*base, "train.resume=auto"], env={"IA3_DIST_FAULT": "step:5:0:kill"})
+    assert killed.returncode != 0 and "step 3: the evaluation a signal put off" in killed.stdout, killed.stdout[-2000:]
+    check(_run([*base, "train.resume=auto"], env={}))
+    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    got = [(tag, e.step, e.value) for tag in ea.Tags()["scalars"] for e in ea.Scalars(tag)]
+    assert sorted(s for tag, s, _ in got if tag == "eval_loss") == [3, 6], got
+    _assert_same(got, _expected(out), rel=1e-6)
+
+
+@pytest.mark.slow
 def test_wandb_offline_run(tracked: dict) -> None:
     out, run_id = tracked["out"], tracked["ids"]["wandb"]["id"]
     log = tracked["first"].stdout

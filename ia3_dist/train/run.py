@@ -119,7 +119,8 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     write_run_files(p)
     try:
         # Rank 0, before the process group: a tracker that cannot start ends the run here with exit 2.
-        trackers = start_trackers(cfg, env, p.out, start_step(p), p.resume_from is not None)
+        pending = p.resume_from is not None and bool(ckpt.read_meta(p.resume_from).get("eval_pending"))
+        trackers = start_trackers(cfg, env, p.out, start_step(p), p.resume_from is not None, pending)
     except BaseException:
         stop.uninstall()
         if env.is_main:

@@ -124,6 +124,10 @@ class Context:
     ids: dict[str, Any] = field(default_factory=dict)
     """What the previous invocation of this run recorded per tracker (``trackers.json``; empty on a fresh run)."""
     say: Any = print
+    replay: list[dict[str, Any]] | None = None
+    """Resuming a checkpoint whose evaluation was put off: the training lines of step ``start`` (None otherwise).
+    That evaluation runs again, so what an earlier attempt logged of it goes: a tracker that purges from ``start``
+    logs these again."""
 
     @property
     def run_name(self) -> str:
@@ -159,7 +163,12 @@ class TensorBoardTracker(Tracker):
 
         # purge_step: TensorBoard's reader drops what earlier event files of this dir hold at or past it, i.e. the
         # steps a killed invocation logged after its last checkpoint (metrics.jsonl drops them too).
-        self.w = SummaryWriter(log_dir=str(ctx.out / "tensorboard"), purge_step=ctx.start + 1 if ctx.start else None)
+        # Where the evaluation of step `start` was put off, its lines at `start` too (a killed attempt may have logged
+        # it; it runs again): the training line of that step is logged again below.
+        purge = (ctx.start if ctx.replay is not None else ctx.start + 1) if ctx.start else None
+        self.w = SummaryWriter(log_dir=str(ctx.out / "tensorboard"), purge_step=purge)
+        for rec in ctx.replay or []:
+            self.log(ctx.start, scalars(rec))
         yaml_text = ctx.cfg.to_yaml()
         # Markdown: indented lines are a code block, so the YAML keeps its layout in the Text tab.
         self.w.add_text("config", "\n".join("    " + ln for ln in yaml_text.splitlines()), global_step=ctx.start)
@@ -353,15 +362,23 @@ def start_hint(name: str, out: Path) -> str:
     return f"check that {out / 'tensorboard'} can be written"
 
 
-def start_trackers(cfg: RunConfig, env: dist.DistEnv, out: Path, start: int, resumed: bool) -> Trackers:
+def start_trackers(cfg: RunConfig, env: dist.DistEnv, out: Path, start: int, resumed: bool,
+                   eval_pending: bool = False) -> Trackers:
     """Start the named trackers on rank 0 (the other ranks get none). A tracker that cannot start (not logged in,
     server unreachable) is a UsageError; the ones started before it are closed. ``resumed``: continue the tracker
-    runs recorded in ``<out>/trackers.json``."""
+    runs recorded in ``<out>/trackers.json``; ``eval_pending``: the checkpoint resumed at ``start`` put its
+    evaluation off (see :attr:`Context.replay`)."""
     say = functools.partial(dist.print0, env)
     if not env.is_main:
         return Trackers(say=say)
     ids = read_ids(out) if resumed else {}
-    ctx = Context(cfg, out, start, ids, say)
+    replay = None
+    if eval_pending and start:
+        from .plots import scan_metrics
+
+        got = scan_metrics(out / "metrics.jsonl")
+        replay = [r for r in (got.records if got is not None else []) if r["step"] == start and "loss" in r]
+    ctx = Context(cfg, out, start, ids, say, replay)
     live: list[Tracker] = []
     for name in names(cfg):
         try:
