@@ -485,7 +485,7 @@ def _settle(root: Path) -> None:
         if found is not None:
             os.rename(found, root / base)
     for pointer in (LATEST, BEST):
-        if in_flight(root, pointer, _pointed_only(root, pointer)) is not None:
+        if in_flight(root, pointer, _pointed(root, pointer, in_flight_too=False)) is not None:
             os.replace(_pointer_temp(root, pointer), root / pointer)
     for base in bases:
         for c in (root / (base + NEW), root / (base + OLD)):
@@ -635,18 +635,12 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
     return root / tag
 
 
-def _pointed(root: Path, pointer: str) -> Path | None:
+def _pointed(root: Path, pointer: str, in_flight_too: bool = True) -> Path | None:
+    """What :func:`latest` reads (``in_flight_too`` False: what the pointer itself names, no temp considered);
+    None for a damaged pointer."""
     try:
-        return latest(root, pointer)
+        return latest(root, pointer) if in_flight_too else _latest_named(root, pointer)
     except UsageError:  # a damaged pointer protects nothing; the next save rewrites it
-        return None
-
-
-def _pointed_only(root: Path, pointer: str) -> Path | None:
-    """What the pointer itself names, complete (no temp considered); None for a damaged one."""
-    try:
-        return _latest_named(root, pointer)
-    except UsageError:
         return None
 
 
