@@ -150,3 +150,17 @@ def test_paper_init_from_refuses_an_adapter_with_trained_query_scales(model_type
     target = _tiny(model_type, IA3Section(variant="paper"))
     load_init_adapter(target, str(tmp_path / "paper"))
     assert torch.equal(_qkv_vectors(target)[0], _qkv_vectors(paper)[0])
+
+
+def test_init_from_refuses_non_finite_vectors(tmp_path: Path) -> None:
+    """A NaN vector would start the run from a NaN model: every loss non-finite, the run stopped at step 1."""
+    from ia3_dist.models.ia3 import load_init_adapter
+
+    model_type = sorted(FUSED)[0]
+    src = _tiny(model_type, IA3Section())
+    with torch.no_grad():
+        _qkv_vectors(src)[-1][0] = float("nan")
+    src.save_pretrained(str(tmp_path / "nan"))
+    with pytest.raises(UsageError, match=r"nan/adapter_model.safetensors: .*query_key_value.* holds non-finite "
+                                         r"values \(NaN or inf\); the adapter is damaged"):
+        load_init_adapter(_tiny(model_type, IA3Section()), str(tmp_path / "nan"))

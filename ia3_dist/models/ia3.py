@@ -179,6 +179,16 @@ def init_adapter_tensors(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_finite(vectors: dict[str, torch.Tensor], where: str, fix: str) -> None:
+    """Every IA3 vector finite, else a UsageError naming ``where``, the vector and ``fix``. ia3-dist never saves
+    one from a diverged run (a non-finite loss saves nothing), so a NaN is a damaged file or another tool's
+    diverged run, and every output of it (generations, an export, a benchmark score) would be meaningless."""
+    for name, v in vectors.items():
+        if not bool(torch.isfinite(v).all()):
+            raise UsageError(f"{where}: {name.replace('.default', '')} holds non-finite values (NaN or inf); "
+                             f"{fix}")
+
+
 def load_init_adapter(peft_model: Any, path: str) -> None:
     """Copy the vectors of ``path`` into the (fresh) IA3 parameters of ``peft_model``; every IA3 parameter must
     come from the file and every tensor of the file must land, with its shape."""
@@ -199,8 +209,8 @@ def load_init_adapter(peft_model: Any, path: str) -> None:
             shape = tuple(getattr(q, "ds_shape", q.shape))
             if tuple(src.shape) != shape:
                 raise UsageError(f"{where}: {name} has shape {tuple(src.shape)}, this model's is {shape}")
-            if not torch.isfinite(src).all():
-                raise UsageError(f"{where}: {name} holds non-finite values")
+            check_finite({name: src}, where, "the adapter is damaged or from a diverged run: start from "
+                         "another checkpoint's")
             mask = fixed.get(name)
             if mask is not None and not bool((src.flatten()[mask.cpu()] == 1.0).all()):
                 # Silently dropping them would start the run from a different model than the adapter's.

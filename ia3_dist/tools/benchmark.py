@@ -165,15 +165,6 @@ def vectors_of(p: Point) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_finite(vectors: dict[str, torch.Tensor], where: str) -> None:
-    """Every vector finite: ia3-dist saves none from a diverged run, so a NaN is a damaged file, and every score of
-    it would be a chance-level figure that reads as a result."""
-    for n, v in vectors.items():
-        if not bool(torch.isfinite(v).all()):
-            raise UsageError(f"{where}: {n} holds non-finite values (NaN or inf); the checkpoint is damaged: leave "
-                             f"it out of --checkpoints")
-
-
 def swap_in(peft_model: Any, vectors: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``vectors`` into the model's IA3 parameters in place; every one must be there, with its shape."""
     params = {n.replace(".default", ""): q for n, q in peft_model.named_parameters() if "ia3_l" in n}
@@ -256,9 +247,11 @@ def evaluate_points(adapter: Path, pts: list[Point], tasks: list[str], tm: Any, 
     replicated = must_replicate(tasks, tm, limit, env)
     # Every point read and checked before the first is evaluated (a damaged last one fails in seconds, not after
     # the others' benchmarks). IA3 vectors: a few MB per point.
+    from ..models.ia3 import check_finite
+
     vectors = [final if p.name == "final" else vectors_of(p) for p in pts]
     for p, v in zip(pts, vectors, strict=True):
-        check_finite(v, str(p.path))
+        check_finite(v, str(p.path), "the checkpoint is damaged: leave it out of --checkpoints")
     rows = []
     for p, v in zip(pts, vectors, strict=True):
         swap_in(model, v, str(p.path))

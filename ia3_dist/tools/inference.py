@@ -26,6 +26,7 @@ from ..models.files import (
     looks_local,
     read_small_json,
 )
+from ..models.ia3 import check_finite
 from ..models.load import DTYPES, no_code_prompt, pad_with_eos
 from ..runtime.safe_io import check_dir_files
 
@@ -218,12 +219,8 @@ def _load_adapter(model: Any, d: Path, base_path: str) -> Any:
         what = (f"{len(missing)} IA3 vector(s) of the model are not in its weights, e.g. {missing[0]}" if missing
                 else f"{len(unexpected)} tensor(s) in its weights match no module, e.g. {unexpected[0]}")
         raise UsageError(f"{where} ({what}); was it trained on this base model?")
-    for name, q in pm.named_parameters():
-        if "ia3_l" in name and not bool(torch.isfinite(q).all()):
-            # ia3-dist never saves one (a run whose loss goes non-finite saves nothing): a damaged file, or another
-            # tool's diverged run. Every output would be NaN: empty generations, a NaN model from export.
-            raise UsageError(f"{d}: {name.replace('.default', '')} holds non-finite values (NaN or inf); the "
-                             f"adapter is damaged or from a diverged run: use another checkpoint's")
+    check_finite({n: q for n, q in pm.named_parameters() if "ia3_l" in n}, str(d),
+                 "the adapter is damaged or from a diverged run: use another checkpoint's")
     return pm.eval()
 
 
