@@ -242,12 +242,12 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         """train.early_stopping.final=best: the best evaluation's vectors (rank 0; gathered on every rank)."""
         if p.resume_from is not None:
+            assert p.resumed is not None, "prepare reads the resumed checkpoint's meta.json"
             dist.print0(p.env, p.resume_line)
             self.start = ckpt.load(self.engine, p.resume_from, p.resume_portable)
-            resumed_meta = ckpt.read_meta(p.resume_from)
-            self.selection.restore(resumed_meta, str(p.resume_from / ckpt.META))
+            self.selection.restore(p.resumed, str(p.resume_from / ckpt.META))
             self._restore_best()
-            self.eval_pending = bool(resumed_meta.get("eval_pending"))
+            self.eval_pending = bool(p.resumed.get("eval_pending"))
         self.end = p.total_steps if not t.stop_after_steps else min(p.total_steps, self.start + t.stop_after_steps)
         if self.selection.stopped_early:  # the stopped run's last checkpoint, resumed to write its adapter
             self.end = self.start

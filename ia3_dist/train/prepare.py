@@ -71,6 +71,8 @@ class Prepared:
     resume_portable: bool = False
     """The checkpoint was saved on another layout (ranks, cut or ZeRO stage): its layout-independent state loads."""
     resume_line: str = ""
+    resumed: dict[str, Any] | None = None
+    """The resumed checkpoint's meta.json, read and checked once here (None for a fresh run)."""
     resume_best: dict[str, Any] | None = None
     """train.early_stopping.final=best on resume: the best evaluation's vectors the checkpoint carries
     (:data:`..runtime.checkpoint.BEST_VECTORS`), read and checked here; None where it has none."""
@@ -386,7 +388,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
             "global_batch": layout.global_batch, "zero_stage": dsc.stage_of(ds), "precision": cfg.train.precision,
             "offload_optimizer": dsc.offloads_optimizer(ds), **run_keys(cfg, model_config),
             **measured_keys(cfg, eval_data)}
-    portable, line = False, ""
+    portable, line, saved = False, "", None
     if resume_from is not None:
         saved, portable = ckpt.check_compatible(resume_from, meta)
         line = ckpt.resume_line(resume_from, saved, meta, portable) + \
@@ -401,7 +403,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         bench = Benchmarks(cfg, env, replicated=dsc.stage_of(ds) == 3)
     return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data,
                     auto=auto, support=support, stage_note=stage_note, resume_portable=portable, resume_line=line,
-                    resume_best=resume_best, bench=bench, weights_dir=weights_dir)
+                    resumed=saved, resume_best=resume_best, bench=bench, weights_dir=weights_dir)
 
 
 def prepare_data(cfg: RunConfig) -> str:

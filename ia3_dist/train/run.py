@@ -11,7 +11,6 @@ from ..data.template import Template
 from ..errors import Preempted, UsageError
 from ..models.ia3 import fixed_entries
 from ..models.load import save_tokenizer
-from ..runtime import checkpoint as ckpt
 from ..runtime import dist, faults, hostmem, lazy, manifest
 from ..runtime import ds_config as dsc
 from ..runtime.adapter import save_adapter
@@ -92,7 +91,7 @@ def _undo_start(p: Prepared) -> None:
 
 def start_step(p: Prepared) -> int:
     """The optimizer step the run resumes from (0 for a fresh run), known before the engine loads the checkpoint."""
-    return int(ckpt.read_meta(p.resume_from).get("step", 0)) if p.resume_from is not None else 0
+    return int(p.resumed["step"]) if p.resumed is not None else 0
 
 
 def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | None = None) -> TrainResult:
@@ -119,8 +118,8 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     write_run_files(p)
     try:
         # Rank 0, before the process group: a tracker that cannot start ends the run here with exit 2.
-        pending = p.resume_from is not None and bool(ckpt.read_meta(p.resume_from).get("eval_pending"))
-        trackers = start_trackers(cfg, env, p.out, start_step(p), p.resume_from is not None, pending)
+        pending = p.resumed is not None and bool(p.resumed.get("eval_pending"))
+        trackers = start_trackers(cfg, env, p.out, start_step(p), p.resumed is not None, pending)
     except BaseException:
         stop.uninstall()
         if env.is_main:
