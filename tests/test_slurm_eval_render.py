@@ -107,8 +107,12 @@ def test_eval_options_reach_ia3_dist_eval(tmp_path: Path, monkeypatch: pytest.Mo
     (["--gpus-per-node", "4", "--eval-gpus", "0"], [], []),  # a GPU job's evaluation on no GPU: Slurm's CPUs
     (["--gpus-per-node", "0", "--cpus-per-node", "3"], [], ["3"]),  # CPU nodes: the training job's CPUs
     (["--gpus-per-node", "0", "--cpus-per-node", "3", "--eval-gpus", "0"], [], ["3"]),
+    (["--gpus-per-node", "4", "--cpus-per-node", "32", "--eval-gpus", "0"], [], []),
+    # With GPUs, the training job's CPUs per GPU for each: not one core for the launcher and all its ranks.
+    (["--gpus-per-node", "4", "--cpus-per-node", "32"], ["4"], ["32"]),
+    (["--gpus-per-node", "4", "--cpus-per-node", "32", "--eval-gpus", "2"], ["2"], ["16"]),
 ])
-def test_eval_without_gpus(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], gpus: list[str],
+def test_eval_cpus(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], gpus: list[str],
                            cpus: list[str]) -> None:
     rc, _, err = slurm(tmp_path, capsys, *args, "--eval", HELDOUT)
     assert rc == 0, err

@@ -315,9 +315,12 @@ def test_srun_launcher_sets_ntasks_per_node() -> None:
     assert '"$PYTHON" -m ia3_dist --config' in text and "deepspeed.launcher" not in text  # srun_per_rank
 
 
-def test_torchrun_launcher_exports_launcher() -> None:
-    text = render(str(TINY), [], 2, 2, "01:00:00", launcher="torchrun")
-    assert "export LAUNCHER=torchrun\n" in text and directives(text, "nodes") == ["2"]
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_torchrun_launcher_runs_torchrun(nodes: int) -> None:
+    """On one node too: single_node.sbatch would start the deepspeed launcher under a torchrun label."""
+    text = render(str(TINY), [], nodes, 2, "01:00:00", launcher="torchrun")
+    assert "export LAUNCHER=torchrun\n" in text and directives(text, "nodes") == [str(nodes)]
+    assert "-m torch.distributed.run --nnodes" in text and "deepspeed.launcher.runner --num_accelerators" not in text
 
 
 @pytest.mark.parametrize("launcher, want", [("deepspeed", ["32"]), ("srun", ["4"])])

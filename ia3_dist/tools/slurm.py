@@ -276,7 +276,9 @@ def check_run_args(config: str, overrides: list[str]) -> None:
 def template_name(job: Job) -> str:
     if job.launcher == "srun":
         return TEMPLATES["srun"]
-    return TEMPLATES["multi"] if job.nodes > 1 else TEMPLATES["deepspeed"]
+    # torchrun has its own template only in the multi-node form, which is as good on one node; single_node.sbatch
+    # starts the deepspeed launcher whatever LAUNCHER says.
+    return TEMPLATES["multi"] if job.nodes > 1 or job.launcher == "torchrun" else TEMPLATES["deepspeed"]
 
 
 def _inline_helpers(job: Job) -> str:
@@ -492,8 +494,12 @@ def check_eval(train: Job, cfg: Any, tasks: str | None, include: str | None, che
     if time_seconds(time, "--eval-time") > time_seconds(train.time):
         raise UsageError(f"--eval-time {show(time)}: longer than the training job's time limit ({train.time}); the "
                          f"evaluation job never asks for more than the training job")
-    # Without GPUs the job gets the training job's CPUs per node (CPU nodes) or Slurm's default (GPU nodes).
-    job = Job(1, gpus, train.cpus_per_node if not gpus else 0, time, train.partition, train.account, "deepspeed",
+    # With GPUs, the training job's CPUs per GPU for each of its GPUs (its ranks and the torch.distributed.run
+    # launcher, which Slurm's default of one CPU per task would put on one core); without GPUs, the training job's
+    # CPUs per node (CPU nodes) or Slurm's default (GPU nodes: its CPUs would come with GPUs the job leaves).
+    cpus = train.cpus_per_node * gpus // train.gpus_per_node if gpus else (
+        0 if train.gpus_per_node else train.cpus_per_node)
+    job = Job(1, gpus, cpus, time, train.partition, train.account, "deepspeed",
               eval_name(train.job_name or safe_name(Path(cfg.output.dir).name)), train.python)
     return EvalJob(job, tuple(args))
 
