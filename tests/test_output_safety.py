@@ -486,6 +486,9 @@ def test_manifest_names_match_the_writers() -> None:
                for s in (ckpt.NEW, ckpt.OLD))
     assert ckpt.LATEST in manifest.CKPT_FILES and ckpt.LATEST + ".tmp" in manifest.CKPT_FILES
     assert ckpt.root_of(Path("o")).name == manifest.CHECKPOINTS
+    from ia3_dist.runtime import adapter
+
+    assert {"adapter" + s for s in ("", adapter.NEW, adapter.OLD)} <= manifest.RUN_DIRS
     assert {PID_FILE, PREEMPTED_FILE} <= manifest.SETUP_FILES
     # Every `<out> / "name"` a run writes into the output dir is one the manifest owns.
     written: set[str] = set()
@@ -563,3 +566,25 @@ def test_a_run_training_in_the_dir_is_refused_a_stale_pid_file_is_not(tmp_path: 
     finally:
         live.kill()
         other.kill()
+
+
+def test_flushing_never_follows_a_link(tmp_path: Path) -> None:
+    """What a save flushes is what it wrote: a link (here to a FIFO with no writer, whose open would block, or to
+    a file elsewhere) is neither opened nor flushed, and flushing one by name is an error."""
+    from ia3_dist.runtime import safe_io
+
+    d = tmp_path / "ckpt"
+    w(d / "sub" / "a.pt", b"x")
+    os.mkfifo(tmp_path / "fifo")
+    (d / "fifo").symlink_to(tmp_path / "fifo")
+    (d / "elsewhere").symlink_to(tmp_path / "ckpt" / "sub", target_is_directory=True)
+    seen: list[str] = []
+    real = os.fsync
+    os.fsync = lambda fd: (seen.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1]
+    try:
+        safe_io.fsync_tree(d)
+        with pytest.raises(OSError):
+            safe_io.fsync(d / "fifo")
+    finally:
+        os.fsync = real
+    assert seen == [str(d / "sub" / "a.pt"), str(d / "sub"), str(d)]

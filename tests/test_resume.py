@@ -367,3 +367,64 @@ def test_mixed_precision_zero0_checkpoint_moves_to_another_layout(tmp_path: Path
     assert sorted(b) == [4, 5]
     for s in b:
         assert b[s] == pytest.approx(a[s], rel=1e-2), (s, a[s], b[s])
+
+
+def _events(log: Path) -> list[list[str]]:
+    return [json.loads(ln) for ln in log.read_text().splitlines()]
+
+
+def _flushed_before(events: list[list[str]], path: Path, publish: list[str], directory: bool = False) -> None:
+    """``path`` was flushed (every file under it, with ``directory``: and it) before the rename ``publish``."""
+    at = events.index(publish)
+    flushed = {e[1] for e in events[:at] if e[0] == "fsync"}
+    assert str(path) in flushed, f"{path} not flushed before {publish}"
+
+
+def test_saves_are_flushed_before_they_are_published(tmp_path: Path) -> None:
+    """A node that crashes after a save was reported must not come back with a checkpoint or an adapter whose
+    files are empty: every file of a checkpoint (both ranks', flushed by local rank 0), meta.json and the dir's
+    names are on stable storage before ``stepN.new`` is renamed to ``stepN``; the pointer's file before it moves;
+    the checkpoints dir after both renames. The adapter likewise through ``adapter.new`` (with its tokenizer and
+    template), and on a second run the one it replaces goes to ``adapter.old`` and is gone after."""
+    out, log = tmp_path / "run", tmp_path / "events"
+    run = ["--config", TINY, "deepspeed.config=zero2", f"output.dir={out}", *RUN, "checkpoint.every=1",
+           "checkpoint.keep=1", "train.stop_after_steps=2"]
+    check(launch(run, nproc=2, script="tests/probe_durable.py", env={"IA3_TEST_EVENTS": str(log)}))
+    events = _events(Path(f"{log}.0"))
+    root = out / "checkpoints"
+    for step in (1, 2):
+        new, d = root / f"step{step}.new", root / f"step{step}"
+        publish = ["rename", str(new), str(d)]
+        files = [f.name for f in (d.iterdir() if d.is_dir() else [])] or ["meta.json"]
+        if step == 2:  # the one kept: its files, both ranks' optimizer states among them
+            assert len([f for f in files if "optim_states" in f]) == 2, files
+        for f in files:
+            _flushed_before(events, new / (f + ".tmp" if f == "meta.json" else f), publish)
+        at = events.index(publish)
+        meta = events.index(["rename", str(new / "meta.json.tmp"), str(new / "meta.json")])
+        assert ["fsync", str(new)] in events[meta:at], "meta.json's name flushed before the dir moves"
+        pointer = ["rename", str(root / "latest.tmp"), str(root / "latest")]
+        moved = next(i for i, e in enumerate(events) if i > at and e == pointer)
+        _flushed_before(events, root / "latest.tmp", pointer)
+        assert ["fsync", str(root)] in events[moved:], f"step{step}: the renames flushed"
+    other = Path(f"{log}.1")  # local rank 1 flushes nothing: local rank 0 did its files
+    assert not other.exists() or not any(e[0] == "fsync" for e in _events(other))
+
+    adapter, staged = out / "adapter", out / "adapter.new"
+    publish = ["rename", str(staged), str(adapter)]
+    for f in adapter.iterdir():
+        _flushed_before(events, staged / f.name, publish)
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {f.name for f in
+                                                                                       adapter.iterdir()}
+    assert ["fsync", str(out)] in events[events.index(publish):]
+
+    # Continued: the new adapter replaces the first one, which is gone after.
+    first = (adapter / "adapter_model.safetensors").read_bytes()
+    log.with_name("events.0").unlink()
+    check(launch([*run, "train.resume=auto"], nproc=2, script="tests/probe_durable.py",
+                 env={"IA3_TEST_EVENTS": str(log)}))
+    events = _events(Path(f"{log}.0"))
+    aside = events.index(["rename", str(adapter), str(out / "adapter.old")])
+    assert aside < events.index(publish)
+    assert (adapter / "adapter_model.safetensors").read_bytes() != first
+    assert not (out / "adapter.old").exists() and not staged.exists()

@@ -502,7 +502,9 @@ def _fresh_tag_dir(root: Path, tag: str) -> OSError | None:
     to any file the user can write). What a cut-off save left is settled first. Returns the error of a failed
     write."""
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        if not root.is_dir():
+            root.mkdir(parents=True, exist_ok=True)
+            safe_io.fsync(root.parent, directory=True)  # else a crash can lose the whole checkpoints/ name
         _settle(root)
         (root / (tag + NEW)).mkdir()
     except OSError as e:
@@ -595,6 +597,13 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
         # DeepSpeed's save ends with a barrier, which ranks whose writes succeeded are waiting in: join it, so the
         # next collective (the agreement below) pairs up on every rank.
         dist.barrier()
+    if error is None and env.local_rank == 0:
+        # DeepSpeed's save ended with a barrier: every rank's files are written. One rank per node flushes them
+        # (each node its own writes; on a shared filesystem the others' files are already clean, cheap to flush).
+        try:
+            safe_io.fsync_tree(root / (tag + NEW))
+        except OSError as e:
+            error = e
     faults.hit("save", step, env.rank)
     if not _agree_failed(error is not None, engine.device) and env.is_main:
         # meta.json last in the tag dir, then the dir into place, then the pointer: a dir without meta.json is an
@@ -610,15 +619,20 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
                     save_file({k: v.contiguous() for k, v in extra.items()}, str(staged / name))
             tmp = staged / f"{META}.tmp"
             tmp.write_text(json.dumps({**meta, "step": step}, indent=1))
+            # Rank 0's files (and meta.json's temp) flushed before meta.json marks the dir complete, and that name
+            # flushed before the dir is renamed into place: after a crash a complete-looking checkpoint is one.
+            safe_io.fsync_tree(staged)
             os.replace(tmp, staged / META)
+            safe_io.fsync(staged, directory=True)
             # Both pointers' files before either moves: a full disk fails the save with neither moved (after one
             # had, the save would report a failure while `latest` named the new checkpoint).
             pointers = (LATEST, BEST) if best else (LATEST,)
             for name in pointers:
-                _pointer_temp(root, name).write_text(tag)
+                safe_io.write_durable(_pointer_temp(root, name), tag)
             _put_in_place(root, tag, step)
             for name in pointers:
                 os.replace(_pointer_temp(root, name), root / name)
+            safe_io.fsync(root, directory=True)  # the renames: stepN and the pointers
         except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
             error = e
     failed = _agree_failed(error is not None, engine.device)

@@ -50,7 +50,9 @@ SETUP_FILES = frozenset({"run.yaml", "ds_config.json", PID_FILE, "preempted.json
 # metrics.jsonl.tmp: a resume rewrites metrics.jsonl through it (train/metrics.py trim_metrics).
 RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.jsonl.tmp", "metrics.png", "trackers.json", "examples.jsonl",
                            "examples.jsonl.tmp"}
-RUN_DIRS = frozenset({"adapter", "tensorboard", "wandb", "mlflow", CHECKPOINTS, REPLACED})
+# adapter.new / adapter.old: the adapter being written, and the one it replaces (runtime/adapter.py save_adapter).
+RUN_DIRS = frozenset({"adapter", "adapter.new", "adapter.old", "tensorboard", "wandb", "mlflow", CHECKPOINTS,
+                      REPLACED})
 # checkpoint.save's names (tag_for, LATEST and its temp file); tests/test_output_safety.py keeps them in step.
 # DeepSpeed's engine.save_checkpoint copies its recovery scripts beside the tag dirs on every ZeRO save.
 # stepN.new / stepN.old: a save in progress, and a step's previous state while it is written again.

@@ -10,6 +10,7 @@ read run dirs (``summary``, ``plot``) stay light.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
@@ -161,3 +162,43 @@ def write_file(path: Path, fill: Callable[[IO[bytes]], object], what: str = "", 
             raise UsageError(f"{name}: cannot write it ({e.strerror or e}); {fix}") from None
         raise
     return path
+
+
+def fsync(path: Path, directory: bool = False) -> None:
+    """Flush ``path`` (a file, or with ``directory`` the names in a dir) to stable storage. A rename is durable only
+    once its dir is flushed, and a file's data only once the file is: without both, a node that crashes after a
+    save was reported can come back with a checkpoint or an adapter whose files are empty. Never through a link.
+    Directories: a filesystem that cannot flush one (EINVAL, ENOTSUP: some network filesystems, which commit
+    names on their own) is taken as done."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | (os.O_DIRECTORY if directory else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (directory and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(d: Path) -> None:
+    """:func:`fsync` every regular file under ``d`` (links and other kinds are left alone), then every dir, the
+    deepest first: what a writer made there is on stable storage, names included."""
+    dirs = []
+    for top, subdirs, files in os.walk(d):
+        dirs.append(Path(top))
+        for f in files:
+            p = Path(top) / f
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                fsync(p)
+        subdirs[:] = [s for s in subdirs if not os.path.islink(os.path.join(top, s))]
+    for sub in reversed(dirs):
+        fsync(sub, directory=True)
+
+
+def write_durable(path: Path, text: str) -> None:
+    """``path.write_text(text)``, flushed to stable storage before it returns (a pointer that a rename publishes)."""
+    with open(path, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())

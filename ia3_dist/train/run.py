@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 from ..config import RunConfig
 from ..data.template import Template
@@ -44,12 +45,15 @@ def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None =
         dist.print0(p.env, f"adapter: the vectors of the last step ({trainer.end}), not those of step "
                            f"{stopper.best_step} (the best {stopper.metric}): the checkpoint this run resumed from "
                            f"did not carry them")
+
+    def beside(d: Path) -> None:  # what generate, chat and export read with the vectors
+        save_tokenizer(p.tokenizer, d)
+        Template.of(p.cfg.data, p.tokenizer).save(d)
+
     with trainer.watchdog.saving(trainer.end):
         adapter_dir = save_adapter(trainer.peft_model, p.out / "adapter", p.env.is_main,
-                                   fixed_entries(trainer.peft_model), state=best)
+                                   fixed_entries(trainer.peft_model), state=best, extra=beside)
     if p.env.is_main:
-        save_tokenizer(p.tokenizer, adapter_dir)
-        Template.of(p.cfg.data, p.tokenizer).save(adapter_dir)
         plot_metrics(trainer.metrics_path, p.out / "metrics.png")
         if trackers is not None:
             trackers.artifact(adapter_dir)
