@@ -108,7 +108,9 @@ def _reference_run(model_dir: Path, tok, parity_data: Path, out_dir: Path, sched
     # the step's loss.
     steps = [sum(micro_losses[i:i + 8]) for i in range(0, N_RECORDS, 8)]
     vectors = {n.replace(".default", ""): p.detach().clone() for n, p in model.named_parameters() if "ia3_l" in n}
-    return {"losses": steps, "vectors": vectors}
+    # HF's logged epoch (the fraction done): what a user compares our metrics.jsonl against.
+    epochs = [r["epoch"] for r in trainer.state.log_history if "loss" in r]
+    return {"losses": steps, "vectors": vectors, "epochs": epochs}
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +193,7 @@ def _run_and_compare(case: str, ref: dict, parity_data: Path, out: Path, world: 
     got = [r["loss"] for r in metrics(out)]
     want = ref["losses"]
     assert len(got) == len(want) == N_RECORDS // 8
+    assert [r["epoch"] for r in metrics(out)] == pytest.approx(ref["epochs"], abs=1e-4)
     loss_rel = _rel(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64))
     vectors = adapter_tensors(out / "adapter")
     assert set(vectors) == set(ref["vectors"])

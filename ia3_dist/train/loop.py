@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..data.sampler import examples_consumed, iter_steps
+from ..data.sampler import examples_consumed, iter_steps, steps_per_epoch
 from ..errors import NonFiniteLoss, Preempted, UsageError
 from ..models.families import apply_speedups, family_of, last_block
 from ..models.files import snapshot_commit
@@ -484,7 +484,7 @@ class Trainer:
         held, marks = self.evaluate(step, heldout, bench)
         return {**held, **marks}
 
-    def log_window(self, w: Window, done: int, epoch: int, lr: float, t_start: float) -> None:
+    def log_window(self, w: Window, done: int, lr: float, t_start: float) -> None:
         """Every rank joins the memory reduction; rank 0 writes the line."""
         dt = max(time.perf_counter() - w.t0, 1e-9)
         gn = self.engine.get_global_grad_norm()
@@ -506,7 +506,9 @@ class Trainer:
         if self.peak_tflops:
             perf["mfu"] = tflops / (self.peak_tflops * self.p.env.world_size)
             perf["mfu_executed"] = executed / (self.peak_tflops * self.p.env.world_size)
-        self.log.log({"step": done, "epoch": epoch, "loss": w.loss / w.steps, "lr": float(lr),
+        # HF Trainer's epoch: the fraction of epochs done (0.08 after 10 of 125 steps, 1.0 at the first one's end).
+        spe = steps_per_epoch(len(self.p.data), self.p.layout.global_batch)
+        self.log.log({"step": done, "epoch": round(done / spe, 4), "loss": w.loss / w.steps, "lr": float(lr),
                       "grad_norm": float(gn) if gn is not None else None,
                       "tokens_per_s": s.real_tokens / dt, "padded_tokens_per_s": s.padded_tokens / dt,
                       "samples_per_s": s.samples / dt, "padding_efficiency": s.real_tokens / max(s.padded_tokens, 1.0),
@@ -520,8 +522,8 @@ class Trainer:
         p, t = self.p, self.p.cfg.train
         self.window = Window()
         t_start = time.perf_counter()
-        self.window_at = (0, t.lr, t_start)
-        """``(epoch, lr, start time)`` of the window's last step, for a line a stop writes in :meth:`step`."""
+        self.window_at = (t.lr, t_start)
+        """``(lr, start time)`` of the window's last step, for a line a stop writes in :meth:`step`."""
         # Process start to the first step: loading, partitioning, engine set-up (and on resume the checkpoint).
         self.startup_s = time.time() - process_start_time()
         dist.print0(p.env, f"startup: {self.startup_s:.1f} s from process start to the first step")
@@ -539,7 +541,7 @@ class Trainer:
                 # count it twice towards train.early_stopping.patience.
                 dist.print0(p.env, f"step {self.start} is the run's last: nothing to train; writing its adapter")
                 return None
-            for step, epoch, step_mbs in iter_steps(p.data.lengths, p.layout, self.end, self.start):
+            for step, _, step_mbs in iter_steps(p.data.lengths, p.layout, self.end, self.start):
                 # Armed from the second step on: the first one of an invocation may compile and warm up.
                 self.watchdog.beat(step + 1, arm=step > self.start)
                 lr = self.engine.optimizer.param_groups[0]["lr"] if self.engine.optimizer is not None else t.lr
@@ -547,14 +549,14 @@ class Trainer:
                 done = step + 1
                 self.window.steps += 1
                 self.window.stats += stats
-                self.window_at = (epoch, lr, t_start)
+                self.window_at = (lr, t_start)
                 self.log.step()
                 if self.examples is not None:
                     self.examples.write(json.dumps({"step": done, "examples": [i for mb in step_mbs for i in mb]})
                                         + "\n")
                 if done % t.log_every == 0 or done in (p.total_steps, self.start + 1, self.end):
                     self.flush()
-                    self.log_window(self.window, done, epoch, lr, t_start)
+                    self.log_window(self.window, done, lr, t_start)
                     self.window = Window()
                     warn = self.watchdog.headroom()
                     if warn and not self._warned:
@@ -570,7 +572,7 @@ class Trainer:
                         if self.window.steps:  # the last steps' training line, as a run's end has one
                             self.window.t0 += time.perf_counter() - paused
                             self.flush()
-                            self.log_window(self.window, done, epoch, lr, t_start)
+                            self.log_window(self.window, done, lr, t_start)
                             self.window = Window()
                         return res
                 if p.cfg.checkpoint.every and done % p.cfg.checkpoint.every == 0 and self.saved < done < self.end:
