@@ -548,6 +548,14 @@ def test_adapter_weights_and_base_checked(adapter: Path, tiny_model: Path, tmp_p
     assert rc == 2 and "base model" in err and "no such directory" in err, err
 
 
+def test_adapter_cut_off_while_written(adapter: Path, tmp_path: Path, capsys) -> None:
+    """A run stopped between writing ``adapter.new`` and renaming it: the message says so and how to get it."""
+    shutil.copytree(adapter, tmp_path / "adapter.new")
+    rc, _, err = _run(["generate", "--adapter", str(tmp_path / "adapter"), "x"], capsys)
+    assert rc == 2 and "its run was stopped while it wrote the adapter (into adapter.new)" in err, err
+    assert "train.resume=auto" in err, err
+
+
 def test_broken_template_and_tokenizer(adapter: Path, tiny_model: Path, tmp_path: Path, capsys) -> None:
     d = _adapter_copy(adapter, tmp_path / "tpl")
     (d / "ia3_dist.json").write_text(json.dumps({"prompt_template": "{nope}", "strip_prompt": True,
