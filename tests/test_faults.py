@@ -341,6 +341,33 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(straight: Straigh
         subprocess.run(["umount", "-l", str(mnt)])
 
 
+def test_disk_full_while_the_adapter_is_written(straight: Straight, tmp_path: Path) -> None:
+    """The output dir on a 32 MiB tmpfs that fills up as rank 0 starts the final adapter (a chunk ending at step 6,
+    its checkpoint written): every rank stops with exit 74 naming the adapter (rank 1 too, not left waiting for
+    rank 0), no `adapter` is left half written, and once space is freed the resume goes on from step 6 exactly and
+    writes its adapter, the partial one gone."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out, filler = mnt / "out", mnt / "filler"
+        proc = launch(_args(out, "train.stop_after_steps=6"), nproc=2,
+                      env={"IA3_DIST_FAULT": "save-adapter:6:0:fill", "IA3_DIST_FAULT_FILL": str(filler)})
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == EXIT_CHECKPOINT_WRITE, log[-3000:]
+        assert log.count(f"the adapter could not be written to {out / 'adapter'}") == 2, log[-3000:]
+        assert "rank 0 failed; its log says why" in log and "No space left on device" in log, log[-3000:]
+        assert latest(out / "checkpoints") == out / "checkpoints" / "step6"
+        assert not (out / "adapter").exists()
+        filler.unlink()
+        resumes_exactly(out, straight)
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith("adapter")) == ["adapter"]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 

@@ -554,6 +554,10 @@ def test_adapter_cut_off_while_written(adapter: Path, tmp_path: Path, capsys) ->
     rc, _, err = _run(["generate", "--adapter", str(tmp_path / "adapter"), "x"], capsys)
     assert rc == 2 and "its run was stopped while it wrote the adapter (into adapter.new)" in err, err
     assert "train.resume=auto" in err, err
+    # Between the two renames (the earlier adapter set aside): the new one is complete.
+    shutil.copytree(adapter, tmp_path / "adapter.old.0123456789ab")
+    rc, _, err = _run(["generate", "--adapter", str(tmp_path / "adapter"), "x"], capsys)
+    assert rc == 2 and "adapter.new holds it, complete: rename it to adapter" in err, err
 
 
 def test_broken_template_and_tokenizer(adapter: Path, tiny_model: Path, tmp_path: Path, capsys) -> None:

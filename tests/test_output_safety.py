@@ -17,6 +17,7 @@ import ast
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -488,7 +489,8 @@ def test_manifest_names_match_the_writers() -> None:
     assert ckpt.root_of(Path("o")).name == manifest.CHECKPOINTS
     from ia3_dist.runtime import adapter
 
-    assert {"adapter" + s for s in ("", adapter.NEW, adapter.OLD)} <= manifest.RUN_DIRS
+    assert {"adapter", "adapter" + adapter.NEW} <= manifest.RUN_DIRS
+    assert manifest.ADAPTER_ASIDE.fullmatch("adapter" + adapter.OLD + secrets.token_hex(6))
     assert {PID_FILE, PREEMPTED_FILE} <= manifest.SETUP_FILES
     # Every `<out> / "name"` a run writes into the output dir is one the manifest owns.
     written: set[str] = set()
@@ -588,3 +590,30 @@ def test_flushing_never_follows_a_link(tmp_path: Path) -> None:
     finally:
         os.fsync = real
     assert seen == [str(d / "sub" / "a.pt"), str(d / "sub"), str(d)]
+
+
+def test_adapter_put_in_place_through_a_linked_output_dir(tmp_path: Path, tiny_model: Path) -> None:
+    """``output.dir`` named through a link (runs/x -> /scratch/..., common on clusters): the adapter is written and
+    its dir flushed where the link leads. Leftovers of killed writes (a partial ``adapter.new``, adapters set
+    aside and not removed) go; the adapter there before is replaced whole and leaves nothing behind."""
+    from transformers import AutoModelForCausalLM
+
+    from ia3_dist.config import IA3Section
+    from ia3_dist.models.ia3 import apply_ia3
+    from ia3_dist.runtime import adapter
+    from ia3_dist.runtime.adapter import save_adapter
+
+    real = tmp_path / "scratch" / "run"
+    real.mkdir(parents=True)
+    (tmp_path / "run").symlink_to(real, target_is_directory=True)
+    out = tmp_path / "run"
+    model = apply_ia3(AutoModelForCausalLM.from_pretrained(str(tiny_model)), IA3Section())
+    w(out / "adapter" / "adapter_model.safetensors", b"the earlier adapter")
+    w(out / "adapter.new" / "adapter_config.json", b"{")  # a killed write's
+    w(out / ("adapter" + adapter.OLD + "0123456789ab") / "x", b"kept by NFS once")
+    save_adapter(model, out / "adapter", True, extra=lambda d: (d / "template.json").write_text("{}"))
+    assert sorted(p.name for p in real.iterdir()) == ["adapter"]
+    assert {"adapter_model.safetensors", "adapter_config.json", "template.json"} <= set(os.listdir(real / "adapter"))
+    from _util import adapter_tensors
+
+    assert adapter_tensors(real / "adapter")

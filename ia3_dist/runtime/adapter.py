@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +12,8 @@ from typing import Any
 
 import torch
 
-from . import dist, safe_io
+from ..errors import CheckpointWriteError
+from . import dist, faults, safe_io
 
 
 def gather_trainable(peft_model: Any, is_main: bool) -> dict[str, torch.Tensor]:
@@ -36,50 +39,92 @@ def gather_trainable(peft_model: Any, is_main: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-NEW, OLD = ".new", ".old"
-"""``adapter.new``: the adapter being written; ``adapter.old``: the one it replaces, between the two renames."""
+NEW, OLD = ".new", ".old."
+"""``adapter.new``: the adapter being written; ``adapter.old.<12 hex>``: the one it replaces, set aside under a
+name no leftover can hold (``manifest.ADAPTER_ASIDE`` owns them) until it is removed."""
 
 
 def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str, torch.Tensor] | None = None,
                  state: dict[str, torch.Tensor] | None = None,
-                 extra: Callable[[Path], None] | None = None) -> Path:
-    """Gather on all ranks, write on rank 0, then wait so no rank exits before the files exist. ``fixed``:
-    parameter name -> mask of entries the forward pass holds at exactly 1.0 (``ia3.variant: paper``); they are
-    written as 1.0 whatever the optimizer's weight decay did to the stored values, so the file is a plain IA3
-    vector that ``PeftModel.from_pretrained`` loads. ``state``: vectors gathered earlier (:func:`gather_trainable`:
-    the best evaluation's) instead of the model's current ones. ``extra(dir)``: rank 0 writes the other files of
-    the adapter (tokenizer, template) there.
+                 extra: Callable[[Path], None] | None = None, step: int = 0) -> Path:
+    """Gather on all ranks, write on rank 0, then every rank learns whether it succeeded. ``fixed``: parameter name
+    -> mask of entries the forward pass holds at exactly 1.0 (``ia3.variant: paper``); they are written as 1.0
+    whatever the optimizer's weight decay did to the stored values, so the file is a plain IA3 vector that
+    ``PeftModel.from_pretrained`` loads. ``state``: vectors gathered earlier (:func:`gather_trainable`: the best
+    evaluation's) instead of the model's current ones. ``extra(dir)``: rank 0 writes the other files of the
+    adapter (tokenizer, template) there. ``step``: the run's last step (the ``save-adapter`` fault point's).
 
     Atomic and durable: everything is written to ``<out_dir>.new``, flushed to stable storage, then renamed to
-    ``out_dir`` (an adapter there already goes to ``<out_dir>.old`` first, removed after). A reader (``generate``,
-    an evaluation job, a tracker) never sees half an adapter, and a kill or a node crash leaves the earlier one or
-    the new one whole; a resume writes it again."""
+    ``out_dir`` (an adapter there already is set aside first, and removed after as far as it can be: an NFS
+    client still holding one of its files keeps it). A reader (``generate``, an evaluation job, a tracker) never
+    sees half an adapter, and a kill or a node crash leaves the earlier one or the new one whole. A write that
+    fails on rank 0 (a full disk, a quota) raises :class:`.CheckpointWriteError` (exit 74) on every rank together,
+    not on rank 0 alone with the others waiting for it."""
     state = gather_trainable(peft_model, is_main) if state is None else dict(state)
     for name, mask in (fixed or {}).items():
         if name in state:
             state[name] = state[name].masked_fill(mask.view(state[name].shape).cpu(), 1.0)
+    error: Exception | None = None
     if is_main:
-        staged, old = out_dir.with_name(out_dir.name + NEW), out_dir.with_name(out_dir.name + OLD)
-        for leftover in (staged, old):  # a killed earlier write's
-            _remove(leftover)
-        staged.mkdir(parents=True)
-        peft_model.save_pretrained(str(staged), state_dict=state, safe_serialization=True)
-        if extra is not None:
-            extra(staged)
-        safe_io.fsync_tree(staged)
-        if out_dir.is_symlink() or (os.path.lexists(out_dir) and not out_dir.is_dir()):
-            out_dir.unlink()  # not ours (the output-dir guard refuses one at the start): never followed
-        elif out_dir.is_dir():
-            os.rename(out_dir, old)
-        os.rename(staged, out_dir)
-        safe_io.fsync(out_dir.parent, directory=True)
-        _remove(old)
-    dist.barrier()
+        try:
+            _write(peft_model, out_dir, state, extra, step)
+        except Exception as e:  # any failure to write (OSError, safetensors', a tokenizer's): all ranks leave
+            error = e
+    if dist.host_max(int(error is not None)):
+        why = f"{type(error).__name__}: {error}" if error is not None else "rank 0 failed; its log says why"
+        raise CheckpointWriteError(
+            f"the adapter could not be written to {out_dir} ({why}). Free space there (or fix what the error "
+            f"names), then resume with train.resume=auto: it writes the adapter from the last checkpoint") from error
     return out_dir
 
 
-def _remove(p: Path) -> None:
+def _write(peft_model: Any, out_dir: Path, state: dict[str, torch.Tensor],
+           extra: Callable[[Path], None] | None, step: int) -> None:
+    """Rank 0: the adapter into ``<out_dir>.new``, flushed, then renamed to ``out_dir``."""
+    staged = out_dir.with_name(out_dir.name + NEW)
+    # A killed earlier write's leftovers: set aside (so a part that cannot be removed never blocks this write).
+    for leftover in [staged, *set_aside(out_dir)]:
+        _discard(leftover, out_dir)
+    staged.mkdir()
+    faults.hit("save-adapter", step, 0)
+    peft_model.save_pretrained(str(staged), state_dict=state, safe_serialization=True)
+    if extra is not None:
+        extra(staged)
+    safe_io.fsync_tree(staged)
+    aside = None
+    if out_dir.is_symlink() or (os.path.lexists(out_dir) and not out_dir.is_dir()):
+        out_dir.unlink()  # not ours (the output-dir guard refuses one at the start): never followed
+    elif out_dir.is_dir():
+        aside = _aside_name(out_dir)
+        os.rename(out_dir, aside)
+    os.rename(staged, out_dir)
+    safe_io.fsync(out_dir.parent, directory=True)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def set_aside(out_dir: Path) -> list[Path]:
+    """The earlier adapters of ``out_dir`` set aside and not (yet) removed: a write in progress or cut off
+    between its two renames (then ``<out_dir>.new`` is complete), or parts NFS kept."""
+    aside = re.compile(re.escape(out_dir.name + OLD) + r"[0-9a-f]{12}")
+    try:
+        return sorted(e for e in out_dir.parent.iterdir() if aside.fullmatch(e.name))
+    except OSError:
+        return []
+
+
+def _aside_name(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + OLD + secrets.token_hex(6))
+
+
+def _discard(p: Path, out_dir: Path) -> None:
+    """Remove ``p`` (a link or a file unlinked, never followed), a dir first renamed to a fresh aside name of
+    ``out_dir``'s: what cannot be removed (NFS keeps a file another client holds open) stays there, out of the way."""
     if p.is_symlink() or (os.path.lexists(p) and not p.is_dir()):
         p.unlink()
     elif p.is_dir():
-        shutil.rmtree(p)
+        if p.name == out_dir.name + NEW:
+            gone = _aside_name(out_dir)
+            os.rename(p, gone)
+            p = gone
+        shutil.rmtree(p, ignore_errors=True)

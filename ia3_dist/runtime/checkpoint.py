@@ -597,9 +597,10 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
         # DeepSpeed's save ends with a barrier, which ranks whose writes succeeded are waiting in: join it, so the
         # next collective (the agreement below) pairs up on every rank.
         dist.barrier()
-    if error is None and env.local_rank == 0:
+    if error is None and env.local_rank == 0 and (root / (tag + NEW)).is_dir():
         # DeepSpeed's save ended with a barrier: every rank's files are written. One rank per node flushes them
-        # (each node its own writes; on a shared filesystem the others' files are already clean, cheap to flush).
+        # (each node its own writes; on a shared filesystem the others' files are already clean: one round trip
+        # each). A node with a disk of its own where none of its ranks wrote has no such dir: nothing to flush.
         try:
             safe_io.fsync_tree(root / (tag + NEW))
         except OSError as e:
@@ -610,6 +611,7 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
         # unfinished save.
         staged = root / (tag + NEW)
         try:
+            flushed = set(os.listdir(staged))  # DeepSpeed's files, flushed above
             if state is not None:
                 portable.write(staged, *state, rng_state())
             from safetensors.torch import save_file
@@ -621,7 +623,8 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
             tmp.write_text(json.dumps({**meta, "step": step}, indent=1))
             # Rank 0's files (and meta.json's temp) flushed before meta.json marks the dir complete, and that name
             # flushed before the dir is renamed into place: after a crash a complete-looking checkpoint is one.
-            safe_io.fsync_tree(staged)
+            for name in sorted(set(os.listdir(staged)) - flushed):
+                safe_io.fsync(staged / name)
             os.replace(tmp, staged / META)
             safe_io.fsync(staged, directory=True)
             # Both pointers' files before either moves: a full disk fails the save with neither moved (after one

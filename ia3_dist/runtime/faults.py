@@ -6,7 +6,8 @@ step ``step`` (1-based, the step in progress):
 - points: ``step`` (start of the step, before its stats all-reduce), ``save-begin`` (before a checkpoint write),
   ``save`` (after this rank wrote its part, before the pointer moves), ``save-in-place`` (rank 0, its
   checkpoint complete as ``stepN.new`` and a ``stepN`` already there set aside as ``stepN.old``, before the new one
-  goes into place), ``eval`` (after the step, before the
+  goes into place), ``save-adapter`` (rank 0, the final adapter's ``adapter.new`` made, before anything is
+  written into it; ``step`` is the run's last), ``eval`` (after the step, before the
   evaluation due there), ``probe`` (the ``micro_batch_size: auto``
   probe; ``step`` is then the micro-batch being probed);
 - actions: ``kill`` (SIGKILL itself, the default), ``spin`` (a Python loop that never ends: a rank stuck in data

@@ -50,9 +50,10 @@ SETUP_FILES = frozenset({"run.yaml", "ds_config.json", PID_FILE, "preempted.json
 # metrics.jsonl.tmp: a resume rewrites metrics.jsonl through it (train/metrics.py trim_metrics).
 RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.jsonl.tmp", "metrics.png", "trackers.json", "examples.jsonl",
                            "examples.jsonl.tmp"}
-# adapter.new / adapter.old: the adapter being written, and the one it replaces (runtime/adapter.py save_adapter).
-RUN_DIRS = frozenset({"adapter", "adapter.new", "adapter.old", "tensorboard", "wandb", "mlflow", CHECKPOINTS,
-                      REPLACED})
+# adapter.new: the adapter being written (runtime/adapter.py save_adapter).
+RUN_DIRS = frozenset({"adapter", "adapter.new", "tensorboard", "wandb", "mlflow", CHECKPOINTS, REPLACED})
+ADAPTER_ASIDE = re.compile(r"adapter\.old\.[0-9a-f]{12}")
+"""The adapter a new one replaces, set aside under a name of its own until it is removed (save_adapter)."""
 # checkpoint.save's names (tag_for, LATEST and its temp file); tests/test_output_safety.py keeps them in step.
 # DeepSpeed's engine.save_checkpoint copies its recovery scripts beside the tag dirs on every ZeRO save.
 # stepN.new / stepN.old: a save in progress, and a step's previous state while it is written again.
@@ -128,9 +129,10 @@ def inspect(out: Path) -> DirState:
     try:
         for e in _listing(out):
             name = e.name
-            if name in RUN_FILES or name in RUN_DIRS:
-                if not _kind_ok(e, name in RUN_DIRS):
-                    kind = "directory" if name in RUN_DIRS else "file"
+            is_dir = name in RUN_DIRS or bool(ADAPTER_ASIDE.fullmatch(name))
+            if name in RUN_FILES or is_dir:
+                if not _kind_ok(e, is_dir):
+                    kind = "directory" if is_dir else "file"
                     st.clashes.append(f"{name} (ia3-dist writes a {kind} there, this is not one)")
                 elif name == CHECKPOINTS:
                     _inspect_checkpoints(e, st)
@@ -171,7 +173,7 @@ def _inspect_checkpoints(root: Path, st: DirState) -> None:
 def write_manifest(out: Path) -> None:
     """Atomically (temp + rename): a reader sees the old manifest or the new one, never half of one."""
     body = {"tool": TOOL, "format": FORMAT, "version": __version__,
-            "owns": sorted(RUN_FILES | {d + "/" for d in RUN_DIRS}),
+            "owns": sorted(RUN_FILES | {d + "/" for d in RUN_DIRS} | {"adapter.old.<hex>/"}),
             "checkpoints": ["step<N>/", "step<N>.new/", "step<N>.old/", *sorted(CKPT_FILES)],
             "note": "ia3-dist writes these names here; output.overwrite=true removes only them"}
     tmp = out / (MANIFEST + ".tmp")

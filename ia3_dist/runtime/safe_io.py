@@ -167,10 +167,11 @@ def write_file(path: Path, fill: Callable[[IO[bytes]], object], what: str = "", 
 def fsync(path: Path, directory: bool = False) -> None:
     """Flush ``path`` (a file, or with ``directory`` the names in a dir) to stable storage. A rename is durable only
     once its dir is flushed, and a file's data only once the file is: without both, a node that crashes after a
-    save was reported can come back with a checkpoint or an adapter whose files are empty. Never through a link.
-    Directories: a filesystem that cannot flush one (EINVAL, ENOTSUP: some network filesystems, which commit
-    names on their own) is taken as done."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | (os.O_DIRECTORY if directory else 0)
+    save was reported can come back with a checkpoint or an adapter whose files are empty. A file is never opened
+    through a link; a dir is (an ``output.dir`` named through a link, common on clusters, is flushed where it
+    lies). Directories: a filesystem that cannot flush one (EINVAL, ENOTSUP: some network filesystems, which
+    commit names on their own) is taken as done."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (os.O_DIRECTORY if directory else os.O_NOFOLLOW)
     fd = os.open(path, flags)
     try:
         os.fsync(fd)
@@ -181,11 +182,16 @@ def fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _raise(e: OSError) -> None:
+    raise e
+
+
 def fsync_tree(d: Path) -> None:
     """:func:`fsync` every regular file under ``d`` (links and other kinds are left alone), then every dir, the
-    deepest first: what a writer made there is on stable storage, names included."""
+    deepest first: what a writer made there is on stable storage, names included. A dir that cannot be listed
+    is an error, not a part left unflushed."""
     dirs = []
-    for top, subdirs, files in os.walk(d):
+    for top, subdirs, files in os.walk(d, onerror=_raise):
         dirs.append(Path(top))
         for f in files:
             p = Path(top) / f

@@ -29,6 +29,7 @@ from ..models.files import (
 from ..models.ia3 import check_finite
 from ..models.load import DTYPES, no_code_prompt, pad_with_eos
 from ..runtime.adapter import NEW as ADAPTER_NEW
+from ..runtime.adapter import set_aside
 from ..runtime.safe_io import check_dir_files
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -236,7 +237,11 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     if not d.is_dir():
         staged = d.with_name(d.name + ADAPTER_NEW)
         if staged.is_dir() and not staged.is_symlink():
-            # runtime/adapter.py save_adapter writes <dir>.new, then renames it: cut off before that rename.
+            # runtime/adapter.py save_adapter writes <dir>.new, flushes it, sets the old one aside, renames it.
+            if set_aside(d):
+                raise UsageError(f"{path}: no such directory; its run was stopped between the two renames that put "
+                                 f"a new adapter in place: {staged.name} holds it, complete: rename it to {d.name} "
+                                 f"(or resume the run, train.resume=auto, which writes it again)")
             raise UsageError(f"{path}: no such directory; its run was stopped while it wrote the adapter (into "
                              f"{staged.name}): resume the run (train.resume=auto), which writes it again")
         raise UsageError(f"{path}: no such directory (give an adapter dir, e.g. runs/x/adapter, or a merged dir)")

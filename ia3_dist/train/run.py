@@ -52,7 +52,8 @@ def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None =
 
     with trainer.watchdog.saving(trainer.end):
         adapter_dir = save_adapter(trainer.peft_model, p.out / "adapter", p.env.is_main,
-                                   fixed_entries(trainer.peft_model), state=best, extra=beside)
+                                   fixed_entries(trainer.peft_model), state=best, extra=beside,
+                                   step=trainer.end)
     if p.env.is_main:
         plot_metrics(trainer.metrics_path, p.out / "metrics.png")
         if trackers is not None:
