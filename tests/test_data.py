@@ -246,6 +246,39 @@ def test_a_slow_tokenizer_is_keyed_by_its_settings_not_where_it_was_loaded_from(
     assert tokenizer_fingerprint(slow(name_or_path="org/m", is_local=False, add_bos_token=False)) != by_name
 
 
+def test_a_slow_tokenizer_is_keyed_by_its_model_files_content(tmp_path: Path) -> None:
+    """get_vocab() leaves out SentencePiece scores and BPE merges: a tokenizer.model with the same pieces and other
+    scores tokenizes otherwise, so its bytes are keyed, wherever the file lies."""
+    from types import SimpleNamespace
+
+    from ia3_dist.data.tokenize import tokenizer_fingerprint
+
+    def slow(f: Path) -> SimpleNamespace:
+        return SimpleNamespace(get_vocab=lambda: {"a": 0}, eos_token="</s>", pad_token=None, bos_token=None,
+                               init_kwargs={"vocab_file": str(f), "name_or_path": str(f.parent)})
+
+    a, b, c = (tmp_path / n / "tokenizer.model" for n in "abc")
+    for f, body in ((a, b"scores 1"), (b, b"scores 1"), (c, b"scores 2")):
+        f.parent.mkdir()
+        f.write_bytes(body)
+    assert tokenizer_fingerprint(slow(a)) == tokenizer_fingerprint(slow(b)) != tokenizer_fingerprint(slow(c))
+    os.mkfifo(tmp_path / "fifo")  # never opened for reading (it would block): keyed as no file
+    assert tokenizer_fingerprint(slow(tmp_path / "fifo")) == tokenizer_fingerprint(slow(tmp_path / "none"))
+
+
+def test_every_special_token_is_keyed(tmp_path: Path, tiny_model: Path) -> None:
+    """A chat template may render any special token by name ({{ sep_token }}), which tokenizer.json does not
+    record: another sep_token is another tokenizer for the cache."""
+    from transformers import AutoTokenizer
+
+    from ia3_dist.data.tokenize import tokenizer_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    other = AutoTokenizer.from_pretrained(str(tiny_model), sep_token=tok.eos_token)
+    assert other.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
+
+
 def _lengths(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(8, 257, size=n)
 

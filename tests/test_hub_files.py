@@ -516,15 +516,17 @@ def test_dpo_reference_key_follows_the_snapshot(tmp_path: Path, tiny_model: Path
         snaps.append(d)
     data = SimpleNamespace(cache_file=str(tmp_path / "cache.npy"), rows=np.arange(4))
 
-    def key(weights_dir: Path) -> str:
+    def key(weights_dir: Path, micro: int = 2) -> str:
         p = SimpleNamespace(meta={"model_key": "bloom-x", "ia3": "{}"}, model_path=REPO, weights_dir=weights_dir,
-                            cfg=SimpleNamespace(train=SimpleNamespace(precision="fp32"),
+                            cfg=SimpleNamespace(train=SimpleNamespace(precision="fp32", micro_batch_size=micro),
                                                 model=SimpleNamespace(attention="eager"),
                                                 ia3=SimpleNamespace(init_from=None)))
         return reference_key(p, data)
 
     assert key(snaps[0]) != key(snaps[1])
     assert key(snaps[0]) == key(snaps[0])
+    # The pairs are batched as training batches them: another micro-batch pads them otherwise.
+    assert key(snaps[0], micro=4) != key(snaps[0])
 
 
 def test_one_process_of_a_node_fetches_at_a_time(fake_hub: dict[str, Any]) -> None:

@@ -17,6 +17,8 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
+import stat
 import sys
 import time
 from collections import deque
@@ -30,6 +32,7 @@ from ..config import DataSection
 from ..errors import UsageError
 from ..runtime.cpus import usable_cpus
 from .cache import cache_root, file_lock
+from .chat_render import special_tokens
 from .pairs import Pair, split_pair, truncate_pair
 from .records import MAX_SKIPPED_KEPT, Conversation, Records, RecordStream
 from .template import Template, leading_added
@@ -47,22 +50,46 @@ LOADED_FROM = frozenset({"name_or_path", "is_local", "local_files_only", "_commi
 """A slow tokenizer's init_kwargs that say where it was loaded from, not how it tokenizes."""
 
 
+MAX_TOKENIZER_FILE = 256 << 20
+"""A slow tokenizer's model files (a SentencePiece model, a vocab, merges) are hashed up to this size each."""
+
+
 def tokenizer_fingerprint(tok: Any) -> str:
     h = hashlib.sha256()
     backend = getattr(tok, "backend_tokenizer", None)
     h.update(backend.to_str().encode() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
              .encode())
-    # What the backend's serialisation leaves out but changes the ids: the special tokens the templates render
-    # as text, and whether special-token text is split.
-    h.update(repr((tok.eos_token, tok.pad_token, tok.bos_token, type(tok).__name__,
-                   getattr(tok, "split_special_tokens", False))).encode())
+    # What the backend's serialisation leaves out but changes the ids: the special tokens (every one a chat
+    # template may render as text, sep_token or additional_special_tokens as much as eos), and whether
+    # special-token text is split.
+    h.update(json.dumps([special_tokens(tok), tok.eos_token, tok.pad_token, tok.bos_token, type(tok).__name__,
+                         getattr(tok, "split_special_tokens", False)], sort_keys=True, default=str).encode())
     if backend is None:
         # A slow tokenizer's settings (add_bos_token, legacy, ...), less where it was read from: the same files by
-        # hub name (`ia3-dist prepare`) or from their snapshot dir (a training rank) are the same tokenizer.
-        h.update(json.dumps({k: v for k, v in getattr(tok, "init_kwargs", {}).items()
-                             if not k.endswith("_file") and k not in LOADED_FROM}, sort_keys=True,
-                            default=str).encode())
+        # hub name (`ia3-dist prepare`) or from their snapshot dir (a training rank) are the same tokenizer. Its
+        # model files by content: get_vocab() leaves out BPE merges and SentencePiece scores and normalisation.
+        kwargs = getattr(tok, "init_kwargs", {})
+        h.update(json.dumps({k: v for k, v in kwargs.items() if not k.endswith("_file") and k not in LOADED_FROM},
+                            sort_keys=True, default=str).encode())
+        for k in sorted(k for k in kwargs if k.endswith("_file")):
+            h.update(f"{k}:".encode() + _file_digest(kwargs[k]))
     return h.hexdigest()
+
+
+def _file_digest(path: Any) -> bytes:
+    """sha256 of a tokenizer file's bytes; ``b"-"`` where there is none (None, or not a regular file: a FIFO is
+    not opened for reading, which would block)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return b"-"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return b"-"
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_TOKENIZER_FILE:
+            return b"-" if not stat.S_ISREG(st.st_mode) else f"size {st.st_size}".encode()
+        return hashlib.file_digest(fh, "sha256").digest()
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:

@@ -45,10 +45,11 @@ def _files_digest(h: Any, path: Path, content: bool) -> None:
 
 def reference_key(p: Any, data: TokenizedData) -> str:
     """What the reference depends on: the examples (cache and rows), the base model's files, the starting adapter,
-    precision and attention implementation."""
+    precision, attention implementation and the micro-batch (the pairs are batched as training batches them, so
+    their padding, and in a low precision their sums, follow it)."""
     h = hashlib.sha256(json.dumps({"v": VERSION, "model_key": p.meta.get("model_key"), "data": Path(
         data.cache_file).stem, "precision": p.cfg.train.precision, "attention": p.cfg.model.attention,
-        "ia3": p.meta.get("ia3")}, sort_keys=True).encode())
+        "ia3": p.meta.get("ia3"), "micro": p.cfg.train.micro_batch_size}, sort_keys=True).encode())
     rows = data.rows if data.rows is not None else np.arange(len(data) * 2)
     h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
     # The dir the weights load from: for a hub model its snapshot (a hub name alone would keep the table of the
