@@ -700,6 +700,9 @@ DS_REFUSED: dict[str, tuple[int, dict[str, Any], dict[str, Any], dict[str, Any] 
     # DeepSpeed's own parser (DeepSpeedConfig) raises these inside deepspeed.initialize.
     "comm-dtype": (2, {"communication_data_type": "fp8"}, {}, None, "Invalid communication_data_type"),
     "allreduce-op": (0, {"gradient_allreduce_op": "max"}, {}, None, "Invalid gradient_allreduce_op"),
+    # Every micro-batch an optimizer step: train.grad_accum would silently mean nothing.
+    "unmanaged-accumulation": (2, {"managed_gradient_accumulation": False}, {}, None,
+                               "'managed_gradient_accumulation' is False"),
 }
 
 

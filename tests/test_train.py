@@ -208,3 +208,21 @@ def test_ranks_that_resolved_different_runs_stop_together(tmp_path: Path) -> Non
     for rank, log in enumerate(logs):
         assert f"the ranks resolved different runs (rank {rank}: ZeRO-2" in log, log[-3000:]
     assert not (out / "rank0.pid").exists()
+
+
+def test_gradient_allreduce_op_sum_trains_like_mean(tmp_path: Path) -> None:
+    """DeepSpeed's gradient_allreduce_op "sum" (ZeRO-0/1/2) adds the ranks' gradients where "mean" averages them:
+    the launcher's loss scale follows, so the same run's gradient norms and losses come out on 2 ranks (they were
+    2x with sum, and train.grad_clip clipped at half its setting)."""
+    runs = {}
+    for stage, op in ((2, "mean"), (2, "sum"), (0, "sum")):
+        ds = tmp_path / f"ds-{stage}-{op}.json"
+        ds.write_text(json.dumps({"zero_optimization": {"stage": stage}, "gradient_allreduce_op": op}))
+        out = tmp_path / f"{stage}-{op}"
+        check(launch(["--config", TINY, f"deepspeed.config={ds}", f"output.dir={out}", "data.limit=64",
+                      "train.max_steps=3", "train.log_every=1", "checkpoint.at_end=false"], nproc=2))
+        runs[stage, op] = [v for r in metrics(out) if "loss" in r for v in (r["loss"], r["grad_norm"])]
+    want = runs[2, "mean"]
+    assert len(want) == 6
+    for key in ((2, "sum"), (0, "sum")):
+        assert runs[key] == pytest.approx(want, rel=1e-5), (key, runs[key], want)

@@ -415,6 +415,12 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
     if type(stage) is not int or stage not in (0, 1, 2, 3):
         raise UsageError(f"{src}: zero_optimization.stage is {show(stage)}; use 0, 1, 2 or 3 (a JSON integer)")
     _refuse_bypasses(ds, zero, src)
+    managed = ds.get("managed_gradient_accumulation", True)
+    if managed is not True:
+        # Unmanaged, every engine.step() is an accumulation boundary: grad_accum optimizer steps per step.
+        raise UsageError(f"{src}: 'managed_gradient_accumulation' is {show(managed)}; the launcher steps the engine "
+                         f"after every micro-batch and DeepSpeed's managed accumulation makes every "
+                         f"train.grad_accum-th one the optimizer step. Remove it (or set it to true)")
     for kind in ("offload_optimizer", "offload_param"):
         off = zero.get(kind)
         if off is not None and not isinstance(off, dict):

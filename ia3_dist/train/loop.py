@@ -277,6 +277,10 @@ class Trainer:
         # DeepSpeed reports the global gradient norm only through optimizers that compute one (ZeRO, fp16, bf16);
         # plain fp32 at ZeRO-0 clips with torch and keeps no norm, so the step measures it (see grad_norm).
         self.own_grad_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
+        # What DeepSpeed's reduction divides each gradient by: the ranks, unless gradient_allreduce_op is "sum",
+        # which ZeRO-0/1/2 honour (no division) and ZeRO-3 does not (it always averages).
+        averages = getattr(self.engine, "gradient_average", True) or dsc.stage_of(p.ds_config) == 3
+        self.reduce_divisor = p.env.world_size if averages else 1
         self.grad_norm: torch.Tensor | None = None
         self.pending: list[tuple[int, torch.Tensor, bool | torch.Tensor | None]] = []
         """(step, loss, gradient norm ok) of steps whose loss is still on the device: read together at the next
@@ -345,10 +349,10 @@ class Trainer:
             # Step 0 of a fresh run has no checkpoint (a resume starts it afresh); a resumed run's is the one it
             # resumed from.
             raise Preempted(step, self.stop.signame or "a signal on another rank", str(where) if step else None)
-        # DeepSpeed divides by accumulation steps and averages over ranks; undo both so the gradient is
+        # DeepSpeed divides by accumulation steps and (reduce_divisor) the ranks; undo both so the gradient is
         # sum(terms of the global batch) / normaliser (sft: label tokens of the global batch, like HF Trainer).
         norm = self.objective.normaliser(glob)
-        scale = t.grad_accum * env.world_size / norm if norm else 0.0
+        scale = t.grad_accum * self.reduce_divisor / norm if norm else 0.0
         loss_local = torch.zeros((), dtype=torch.float64, device=self.device)
         skipped = self.engine.skipped_steps
         for b, r in zip(batches, real, strict=True):

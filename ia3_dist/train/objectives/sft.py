@@ -65,8 +65,8 @@ class SFT:
         return s
 
     def normaliser(self, glob: Any) -> float:
-        # A global batch with no label token at all (possible with data.unlabeled=keep) contributes nothing; the
-        # reference recipe would divide 0 by 0 there.
+        # A global batch with no label token at all (possible with data.unlabeled=keep) has a zero gradient (the
+        # optimizer still steps: momentum and weight decay, as HF's does); the reference recipe's loss is 0/0 there.
         return glob.label_tokens
 
     def term(self, engine: Any, batch: dict[str, torch.Tensor], real: bool) -> torch.Tensor:
