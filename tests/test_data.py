@@ -430,3 +430,32 @@ def test_multi_process_tokenization_equals_one_process(shared_data: Path, tiny_t
     for k in ("ids", "offsets", "label_mask", "dropped"):
         assert np.array_equal(getattr(one, k), getattr(two, k)), k
     assert len(one) == 300 - len(one.dropped) and one.ids.size > 30_000
+
+
+@pytest.mark.slow  # a process pool
+def test_a_template_file_edited_during_a_build_is_read_once(shared_data: Path, tiny_tokenizer, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache entry is named by the template the key was made from: a Jinja file edited while data.num_proc
+    workers tokenize must not reach them (each read it again), or the entry holds the new template's tokens under
+    the old one's key."""
+    from ia3_dist.data import tokenize as tokmod
+    from ia3_dist.data.template import Template
+
+    f = tmp_path / "t.jinja"
+    before = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    f.write_text(before)
+    cfg = DataSection(path=str(shared_data), limit=200, template=str(f), cache_dir=str(tmp_path / "a"), num_proc=2)
+    of = Template.of.__func__
+
+    def edited_right_after(cls: type, c: DataSection, tok: object) -> Template:
+        t = of(cls, c, tok)
+        f.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+        return t
+
+    monkeypatch.setattr(Template, "of", classmethod(edited_right_after))
+    monkeypatch.setattr(tokmod, "CHUNK_RECORDS", 40)  # several chunks: the workers tokenize most of them
+    built = load_or_tokenize(cfg, tiny_tokenizer)
+    monkeypatch.undo()
+    f.write_text(before)
+    fresh = load_or_tokenize(replace(cfg, cache_dir=str(tmp_path / "b"), num_proc=1), tiny_tokenizer)
+    assert np.array_equal(built.ids, fresh.ids) and np.array_equal(built.label_mask, fresh.label_mask)

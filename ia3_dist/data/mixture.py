@@ -195,6 +195,7 @@ def load_or_mix(cfg: DataSection, tok: Any, seed: int, eval_ratio: float, *, bui
     """(training draws, held-out examples or None) of ``data.sources``: the sources' token cache entry (tokenized
     first when missing, as :func:`.tokenize.load_or_tokenize`) and the draws file (drawn first when missing)."""
     from .records import RecordStream
+    from .template import Template
     from .tokenize import CHUNK_RECORDS, cache_key, cached, tokenize_stream
 
     sources = list(cfg.sources or [])
@@ -205,18 +206,19 @@ def load_or_mix(cfg: DataSection, tok: Any, seed: int, eval_ratio: float, *, bui
             streams.append(RecordStream(sec, pairs))  # checks and hashes the source, reads no record
         except UsageError as e:
             raise UsageError(f"data.sources[{i}].path: {str(e).removeprefix('data.path ')}") from None
-    keys = [cache_key(st.fingerprint, tok, sec) for st, sec in zip(streams, secs, strict=True)]
+    templates = [Template.of(sec, tok) for sec in secs]  # once each: the key's and the tokens'
+    keys = [cache_key(st.fingerprint, tok, sec, tm) for st, sec, tm in zip(streams, secs, templates, strict=True)]
     key = _digest({"mix": MIX_VERSION, "sources": keys, "pairs": pairs})
     names = [st.source for st in streams]
 
     def write(w: Any) -> dict[str, Any]:
         parts, formats, skipped, n_skipped = [], {}, [], 0
-        for i, (st, sec) in enumerate(zip(streams, secs, strict=True)):
+        for i, (st, sec, tm) in enumerate(zip(streams, secs, templates, strict=True)):
             first, records, tokens, truncated, unrendered = (w.n_examples, w.n_records, w.n_tokens, w.truncated,
                                                              w.n_skipped)
             shown = len(w.skipped)
             dropped = sum(len(d) for d in w.dropped)
-            tokenize_stream(st, tok, sec, w, CHUNK_RECORDS, progress)
+            tokenize_stream(st, tok, sec, w, CHUNK_RECORDS, progress, tm)
             group = 2 if pairs else 1
             if w.n_examples == first:
                 raise UsageError(f"data.sources[{i}] ({st.source}): no example left (every record dropped: no label "

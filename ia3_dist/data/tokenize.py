@@ -255,9 +255,9 @@ class _ChunkTokenizer:
     labelled by character offsets, as ``apply_chat_template`` encodes it for inference: a SentencePiece-style
     tokenizer (Llama 2, Mistral) starts every separate encoding with a word-start marker the whole text has not."""
 
-    def __init__(self, tok: Any, cfg: DataSection) -> None:
+    def __init__(self, tok: Any, cfg: DataSection, template: Template | None = None) -> None:
         self.tok, self.cfg = tok, cfg
-        self.template = Template.of(cfg, tok)
+        self.template = template if template is not None else Template.of(cfg, tok)
         self.encode = _encoder(tok, self.template.add_special_tokens)
         self.encode_whole = None if self.template.add_special_tokens else _whole_encoder(tok)
         self.lead = leading_added(tok) if self.template.add_special_tokens else ()
@@ -320,8 +320,9 @@ class _ChunkTokenizer:
         return out, skipped
 
 
-def _worker_init(tok: Any, cfg: DataSection) -> None:
-    _WORKER["run"] = _ChunkTokenizer(tok, cfg)
+def _worker_init(run: _ChunkTokenizer) -> None:
+    # The parent's own tokenizer, inherited by the fork: the template the cache is keyed by, not read again.
+    _WORKER["run"] = run
 
 
 def _worker_task(convs: list[Conversation]) -> Chunk:
@@ -344,11 +345,13 @@ def _procs(num_proc: int) -> int:
 
 
 def tokenize_stream(convs: Iterable[Conversation], tok: Any, cfg: DataSection, sink: Callable[[Chunk], None],
-                    chunk: int = CHUNK_RECORDS, progress: bool = False) -> int:
+                    chunk: int = CHUNK_RECORDS, progress: bool = False, template: Template | None = None) -> int:
     """Tokenize ``convs`` chunk by chunk, handing each :class:`Chunk` to ``sink`` in record order; returns the
     record count. Records are read here, in this process, only as fast as ``data.num_proc`` workers tokenize
-    them (at most two chunks per worker in flight), so memory is bounded by the chunk size, not the dataset."""
-    run = _ChunkTokenizer(tok, cfg)  # checks the template before any worker starts
+    them (at most two chunks per worker in flight), so memory is bounded by the chunk size, not the dataset.
+    ``template``: the one the cache key was made from (a template file is read once: edited meanwhile, the entry
+    would hold another template's tokens under this one's key)."""
+    run = _ChunkTokenizer(tok, cfg, template)  # checks the template before any worker starts
     bar = _progress(progress)
     n = 0
 
@@ -370,7 +373,7 @@ def tokenize_stream(convs: Iterable[Conversation], tok: Any, cfg: DataSection, s
             for part in _prepend(first, second, it):
                 emit(run(part))
             return n
-        for c in _pooled(_prepend(first, second, it), tok, cfg, procs, run):
+        for c in _pooled(_prepend(first, second, it), procs, run):
             emit(c)
         return n
     finally:
@@ -382,8 +385,7 @@ def tokenize_stream(convs: Iterable[Conversation], tok: Any, cfg: DataSection, s
 _WORKER_STALL_S = 300.0
 
 
-def _pooled(parts: Iterator[list[Conversation]], tok: Any, cfg: DataSection, procs: int,
-            run: Callable[[list[Conversation]], Chunk]) -> Iterator[Chunk]:
+def _pooled(parts: Iterator[list[Conversation]], procs: int, run: _ChunkTokenizer) -> Iterator[Chunk]:
     """The parts tokenized in ``procs`` forked workers, in submission order (at most two parts per worker in
     flight). A worker that dies or stalls does not hang the job: a forked child can inherit a lock that another
     thread held at the fork (torch's and tokenizers' thread pools) - seen as a launcher waiting for ever on a lost
@@ -395,7 +397,7 @@ def _pooled(parts: Iterator[list[Conversation]], tok: Any, cfg: DataSection, pro
 
     # fork: workers inherit the tokenizer instead of unpickling it, and never re-import the caller's __main__.
     pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("fork"), initializer=_worker_init,
-                               initargs=(tok, cfg))
+                               initargs=(run,))
     pending: deque[tuple[list[Conversation], Any]] = deque()
     failed = None
     try:
@@ -502,13 +504,14 @@ def no_examples(source: str, cfg: DataSection, truncated: int | None = None) -> 
                       f"raise data.max_length (or data.truncation=prompt)")
 
 
-def cache_key(fingerprint: str, tok: Any, cfg: DataSection) -> str:
+def cache_key(fingerprint: str, tok: Any, cfg: DataSection, template: Template | None = None) -> str:
     """The token cache's name: a hash of the data's content, the tokenizer and every setting that changes the
-    tokens."""
+    tokens (``template``: the data's, :meth:`.Template.of` by default)."""
     h = hashlib.sha256()
     h.update(json.dumps({
         "v": CACHE_VERSION, "data": fingerprint, "tok": tokenizer_fingerprint(tok),
-        "template": asdict(Template.of(cfg, tok)), "train_on": cfg.train_on, "truncation": cfg.truncation,
+        "template": asdict(template if template is not None else Template.of(cfg, tok)), "train_on": cfg.train_on,
+        "truncation": cfg.truncation,
         "unlabeled": cfg.unlabeled, "max_length": cfg.max_length, "limit": cfg.limit, "bad": cfg.on_bad_record,
     }, sort_keys=True).encode())
     return h.hexdigest()[:32]
@@ -527,15 +530,16 @@ def load_or_tokenize(cfg: DataSection, tok: Any, *, build: bool | None = None, l
     unless ``data.require_prepared``). ``lock``: processes of a node wait on a file lock so one of them
     tokenizes (best effort: correctness rests on the atomic publish, see :mod:`.token_cache`)."""
     stream = RecordStream(cfg, pairs)  # pairs: part of the fingerprint, so of the key
+    template = Template.of(cfg, tok)  # once: the key's and the tokens'
 
     def write(w: Any) -> dict[str, Any]:
-        tokenize_stream(stream, tok, cfg, w, CHUNK_RECORDS, progress)
+        tokenize_stream(stream, tok, cfg, w, CHUNK_RECORDS, progress, template)
         return {"sources": stream.names, "formats": stream.formats,
                 "skipped": (stream.skipped + w.skipped)[:MAX_SKIPPED_KEPT],
                 "skipped_total": stream.n_skipped + w.n_skipped}
 
-    data, meta = cached(cfg, cache_key(stream.fingerprint, tok, cfg), len(tok), stream.source, write, build=build,
-                        lock=lock)
+    data, meta = cached(cfg, cache_key(stream.fingerprint, tok, cfg, template), len(tok), stream.source, write,
+                        build=build, lock=lock)
     data.group = 2 if pairs else 1
     old = list(meta.get("sources", []))
     if old != stream.names:
