@@ -320,3 +320,27 @@ def test_a_lost_tokenizer_worker_does_not_hang_the_job(tmp_path: Path, tiny_toke
     assert f"a tokenizer worker {word}" in capsys.readouterr().err
     assert np.array_equal(got.ids, ref.ids) and np.array_equal(got.label_mask, ref.label_mask)
     assert got.offsets.tolist() == ref.offsets.tolist()
+
+
+def test_a_data_file_written_while_it_is_tokenized_is_not_cached(tmp_path: Path, tiny_tokenizer,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache entry is named by the file's content when it was hashed: a file appended to while it is
+    tokenized (a job still writing it) would put records the key never saw under it. Refused naming the file,
+    nothing published; once the file is written, the next run caches all of it."""
+    f = _data(tmp_path, 60)
+    cfg = DataSection(path=str(f), cache_dir=str(tmp_path / "c"), num_proc=1)
+    tokenize_stream = tk.tokenize_stream
+
+    def appended_meanwhile(*a: object, **k: object) -> int:
+        n = tokenize_stream(*a, **k)
+        with open(f, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(make_records(1, seed=5, style=None)[0], ensure_ascii=False) + "\n")
+        return n
+
+    monkeypatch.setattr(tk, "tokenize_stream", appended_meanwhile)
+    with pytest.raises(UsageError, match=f"{f}: changed while it was tokenized"):
+        tk.load_or_tokenize(cfg, tiny_tokenizer)
+    assert _published(tmp_path / "c") == [] and not _temps(tmp_path / "c")
+    monkeypatch.undo()
+    data = tk.load_or_tokenize(cfg, tiny_tokenizer)
+    assert len(data) + len(data.dropped) == 61

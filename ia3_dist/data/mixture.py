@@ -219,6 +219,7 @@ def load_or_mix(cfg: DataSection, tok: Any, seed: int, eval_ratio: float, *, bui
             shown = len(w.skipped)
             dropped = sum(len(d) for d in w.dropped)
             tokenize_stream(st, tok, sec, w, CHUNK_RECORDS, progress, tm)
+            st.check_unchanged()
             group = 2 if pairs else 1
             if w.n_examples == first:
                 raise UsageError(f"data.sources[{i}] ({st.source}): no example left (every record dropped: no label "

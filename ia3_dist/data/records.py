@@ -389,6 +389,13 @@ class _Resolved:
     """A data file (read by its suffix's reader)."""
     dataset: Any = None
     """A save_to_disk dir or hub dataset (Arrow, memory-mapped)."""
+    stamp: tuple[int, int, int, int] | None = None
+    """A data file's (device, inode, size, mtime_ns) before it was hashed: :meth:`RecordStream.check_unchanged`."""
+
+
+def _stamp(p: Path) -> tuple[int, int, int, int]:
+    st = os.stat(p)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _resolve(path: str, cfg: DataSection) -> _Resolved:
@@ -423,9 +430,10 @@ def _resolve(path: str, cfg: DataSection) -> _Resolved:
                 size = os.fstat(fh.fileno()).st_size
             if size > MAX_JSON_BYTES:
                 raise _too_big_json(p, str(size))
+        stamp = _stamp(p)  # before the hash: an edit while it is hashed is seen too
         h = hashlib.sha256(f"file:{p.suffix.lower()}\n".encode())
         _hash_path(p, h)
-        return _Resolved(str(p), h.hexdigest(), path=p)
+        return _Resolved(str(p), h.hexdigest(), path=p, stamp=stamp)
     if p.exists():
         raise UsageError(f"data.path {path}: not a regular file or directory (a device, pipe or socket); "
                          f"point it at a data file ({', '.join(SUFFIXES)}) or a save_to_disk dir")
@@ -470,6 +478,21 @@ class RecordStream:
         self.formats: dict[str, str] = {}
         self.count = 0
         self._c = _Collector(cfg.on_bad_record)
+
+    def check_unchanged(self) -> None:
+        """Every data file as it was when it was hashed: a file written or replaced since (while it was
+        tokenized) would put its new records under the old content's cache key. A UsageError naming it."""
+        for r in self.sources:
+            if r.path is None or r.stamp is None:
+                continue
+            try:
+                now = _stamp(r.path)
+            except OSError:
+                now = None
+            if now != r.stamp:
+                raise UsageError(f"{r.name}: changed while it was tokenized (the token cache is named by the "
+                                 f"content it had before); nothing was cached: run again once the file is "
+                                 f"written")
 
     @property
     def skipped(self) -> list[str]:

@@ -534,6 +534,7 @@ def load_or_tokenize(cfg: DataSection, tok: Any, *, build: bool | None = None, l
 
     def write(w: Any) -> dict[str, Any]:
         tokenize_stream(stream, tok, cfg, w, CHUNK_RECORDS, progress, template)
+        stream.check_unchanged()
         return {"sources": stream.names, "formats": stream.formats,
                 "skipped": (stream.skipped + w.skipped)[:MAX_SKIPPED_KEPT],
                 "skipped_total": stream.n_skipped + w.n_skipped}
