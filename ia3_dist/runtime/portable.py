@@ -180,12 +180,29 @@ def read(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, info
 
 
+def _zero3_share(p: Any, full: torch.Tensor) -> torch.Tensor:
+    """ZeRO-3: this rank's partition of ``full`` (a parameter's whole value), as DeepSpeed lays it out: the flat
+    value padded with zeros to ``world x share`` elements, rank r holding elements ``r*share .. (r+1)*share``."""
+    import torch.distributed as td
+
+    share = p.ds_tensor.numel()
+    rank = td.get_rank(group=getattr(p, "ds_process_group", None))
+    padded = torch.zeros(share * td.get_world_size(group=getattr(p, "ds_process_group", None)), dtype=full.dtype)
+    padded[:full.numel()] = full.flatten()
+    return padded[rank * share:(rank + 1) * share]
+
+
 def apply(engine: Any, ckpt: Path) -> dict[str, Any]:
     """Every rank: fill a fresh engine (any world size, micro-batch, accumulation or ZeRO stage) with the saved
     trainable state: masters, model weights, AdamW moments and step count, scheduler, LR and counters. Returns
     rank 0's RNG states for :func:`.checkpoint.set_rng_state`."""
     import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from deepspeed.utils import (
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
+    )
 
     tensors, info = read(ckpt)
     params = trainable(engine.module)
@@ -216,7 +233,13 @@ def apply(engine: Any, ckpt: Path) -> dict[str, Any]:
     slots = _flat_slots(engine)
     for key, p in params:
         master = tensors["param/" + key]
-        if partitioned:  # each rank sets its own fragment (none where the parameter lies in another's partition)
+        if zero3:
+            # This rank's share of the padded value: DeepSpeed's set-full API cuts shares of ceil(n / world) from
+            # the unpadded value and runs past its end on the last ranks where the world does not divide n.
+            safe_set_local_fp32_param(p, _zero3_share(p, master).to(engine.device))
+            for m in MOMENTS:
+                safe_set_local_optimizer_state(p, _zero3_share(p, tensors[f"{m}/{key}"]).to(engine.device), m)
+        elif partitioned:  # each rank sets its own fragment (none where the parameter lies in another's partition)
             safe_set_full_fp32_param(p, master.to(engine.device))
             for m in MOMENTS:
                 safe_set_full_optimizer_state(p, tensors[f"{m}/{key}"].to(engine.device), m)
