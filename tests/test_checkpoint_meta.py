@@ -96,6 +96,10 @@ def test_another_cut_without_portable_state_names_the_layout_it_needs(tmp_path: 
 def test_optimizer_offload_keeps_the_layout(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="optimizer offload"):
         check_compatible(_ckpt(tmp_path), {**META, "world_size": 1, "grad_accum": 8, "offload_optimizer": True})
+    # An offload run saves no layout-independent state: the message names offload, not an older ia3-dist.
+    offloaded = _ckpt(tmp_path / "off", {**META, "offload_optimizer": True}, state=False)
+    with pytest.raises(UsageError, match="optimizer offload"):
+        check_compatible(offloaded, {**META, "world_size": 1, "grad_accum": 8, "offload_optimizer": True})
 
 
 def test_checkpoint_of_an_earlier_version(tmp_path: Path) -> None:

@@ -306,13 +306,15 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
                          f"another micro-batch would train another objective ({objective.split()[0]}). Resume with "
                          f"train.micro_batch_size={show(meta['micro_batch_size'])} (train.global_batch_size keeps the "
                          f"global batch on another number of ranks)")
-    if not portable.has_state(ckpt):
-        raise UsageError(f"checkpoint {ckpt}: saved with {what}; it has no layout-independent state (written by an "
-                         f"earlier ia3-dist), so it resumes only on its own layout: {layout_of(meta)}")
+    # Offload before the state check: an offload run's checkpoint has no layout-independent state (save skips
+    # it), and not for want of a newer ia3-dist.
     if expected.get("offload_optimizer") or meta.get("offload_optimizer"):
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; with ZeRO optimizer offload the optimizer is "
                          f"DeepSpeed's CPU Adam, whose state the layout-independent checkpoint does not fill. Resume "
                          f"on the saved layout ({layout_of(meta)}) or without offload_optimizer")
+    if not portable.has_state(ckpt):
+        raise UsageError(f"checkpoint {ckpt}: saved with {what}; it has no layout-independent state (written by an "
+                         f"earlier ia3-dist), so it resumes only on its own layout: {layout_of(meta)}")
     return meta, True
 
 
