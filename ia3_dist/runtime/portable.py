@@ -222,11 +222,15 @@ def apply(engine: Any, ckpt: Path) -> dict[str, Any]:
     base = base_optimizer(engine)
     # A fresh engine's AdamW has no state until its first step: create what that step would, at the saved count.
     # The fused AdamW (and the capturable one) keep the count on the parameter's device, the others on the host.
+    # DeepSpeed's own Adams (FusedAdam: optimizer.params.torch_adam false; CPU Adam) keep it as a Python int, which
+    # their kernels take as the step argument.
     on_device = any(g.get("fused") or g.get("capturable") for g in base.param_groups)
+    torch_adamw = isinstance(base, torch.optim.AdamW)
     keys, partitioned = _state_keys(engine)
     for t in keys:
-        step = torch.tensor(float(info["optimizer_step"]), dtype=torch.float32,
-                            device=t.device if on_device else "cpu")
+        step: Any = torch.tensor(float(info["optimizer_step"]), dtype=torch.float32,
+                                 device=t.device if on_device else "cpu") if torch_adamw \
+            else int(info["optimizer_step"])
         base.state[t] = {"step": step, **{m: torch.zeros_like(t) for m in MOMENTS}}
     _link_optimizer_state(engine, base)
     zero3 = any(hasattr(p, "ds_id") for _, p in params)
