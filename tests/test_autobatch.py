@@ -124,3 +124,28 @@ def test_probe_labels_every_real_position(tiny_model: Path, tiny_tokenizer, tmp_
     assert torch.equal(b["labels"][real], b["input_ids"][real]) and bool((b["labels"][~real] == IGNORE_INDEX).all())
     own = sum(sum(v != IGNORE_INDEX for v in data.example(i)[2]) for i in range(len(data)))
     assert int(real.sum()) > own  # the examples' own labels: the answers alone
+
+
+@pytest.mark.parametrize("error, fits", [
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), False),
+    (RuntimeError("CUDA error: out of memory"), False),
+    (RuntimeError("shape '[2, 3]' is invalid for input of size 7"), None),
+])
+def test_a_library_allocation_failure_is_out_of_memory(error: RuntimeError, fits: bool | None) -> None:
+    """On a full GPU, cuBLAS's or cuDNN's own allocation fails as a RuntimeError naming it, not torch's
+    OutOfMemoryError: the probe reads it as does-not-fit (a smaller micro-batch), and any other error still
+    stops the run."""
+    from types import SimpleNamespace
+
+    import torch
+
+    def module(**_: object) -> None:
+        raise error
+
+    engine = SimpleNamespace(device=torch.device("cpu"), module=module)
+    batch = {"input_ids": torch.zeros((2, 3), dtype=torch.long)}
+    if fits is None:
+        with pytest.raises(RuntimeError, match="is invalid for input"):
+            autobatch._measure(engine, batch, {}, 0)
+    else:
+        assert autobatch._measure(engine, batch, {}, 0) is None

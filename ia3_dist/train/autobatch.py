@@ -215,6 +215,15 @@ class RssSampler:
         self.peak = max(self.peak, hostmem.rss_gib() * 2**30)
 
 
+_OOM_TEXT = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_INITIALIZED")
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """Whether ``e`` is an allocation that failed for want of device memory (its text is all there is)."""
+    text = str(e)
+    return any(t in text for t in _OOM_TEXT)
+
+
 def _measure(engine: Any, batch: dict[str, torch.Tensor], leaf: dict[str, torch.Tensor], rank: int) -> float | None:
     """Peak bytes of one forward + backward of ``batch`` (None: out of memory)."""
     cuda = engine.device.type == "cuda"
@@ -232,6 +241,12 @@ def _measure(engine: Any, batch: dict[str, torch.Tensor], leaf: dict[str, torch.
         torch.autograd.grad(loss_sum, leaf.pop("embeds"))
         del loss_sum
     except torch.OutOfMemoryError:
+        return None
+    except RuntimeError as e:
+        # A library's own allocation that fails on a full GPU (cuBLAS's workspace, a cuDNN or NCCL buffer) comes
+        # as a RuntimeError naming it, not as torch's OutOfMemoryError: the same answer, it does not fit.
+        if not _out_of_memory(e):
+            raise
         return None
     finally:
         gc.collect()
