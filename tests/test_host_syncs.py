@@ -174,11 +174,19 @@ def _assert_no_syncs_but_deepspeeds_skip(sites: dict[str, float], ds: str, preci
         assert allowed == {}, sites
 
 
+DPO = ("train.objective=dpo", "data.path=demo:zh-pairs", "data.eval_ratio=0", "train.eval_every=0",
+       "data.group_by_length=false")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("ds,precision", [("zero0", "fp32"), ("zero2", "fp32")])
-def test_steps_read_nothing_back(tmp_path: Path, tiny_model: Path, ds: str, precision: str) -> None:
-    """zero2 fp32 is the default config (ZeRO-2 runs ZeRO-1's optimizer code); bf16 below."""
-    _, sites = _run(tmp_path, tiny_model, "run", f"deepspeed.config={ds}", f"train.precision={precision}")
+@pytest.mark.parametrize("ds,precision,extra", [("zero0", "fp32", ()), ("zero2", "fp32", ()), ("zero2", "fp32", DPO)],
+                         ids=["zero0-fp32", "zero2-fp32", "zero2-fp32-dpo"])
+def test_steps_read_nothing_back(tmp_path: Path, tiny_model: Path, ds: str, precision: str,
+                                 extra: tuple[str, ...]) -> None:
+    """zero2 fp32 is the default config (ZeRO-2 runs ZeRO-1's optimizer code); bf16 below. DPO too: its pairs'
+    reference log-probs go to the device with the batch (looked up from the device copy of the pair indices,
+    they cost two reads per micro-step)."""
+    _, sites = _run(tmp_path, tiny_model, "run", f"deepspeed.config={ds}", f"train.precision={precision}", *extra)
     _assert_no_syncs_but_deepspeeds_skip(sites, ds, precision)
 
 

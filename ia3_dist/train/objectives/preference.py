@@ -54,7 +54,8 @@ def nll_parts(lp: torch.Tensor, b: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     """(sum of the NLL tokens' negative log-probs, how many there are) in the micro-batch ``b``; zeros where it
     has none (DPO, SimPO without ``cpo_alpha``)."""
     sel = b["is_nll"]
-    return -lp[sel].sum(), sel.sum()
+    # A mask, not a selection: lp[sel] has a data-dependent size (a host sync on the GPU, and one in its backward).
+    return -torch.where(sel, lp, 0.0).sum(), sel.sum()
 
 
 class Preference:
@@ -86,10 +87,16 @@ class Preference:
         p = tr.p
         mbs = rank_slice(step_mbs, p.env.rank, p.cfg.train.grad_accum)
         filler = next(mb for mb in step_mbs if mb)[:1]
-        out = [pair_batch(p.data, mb if mb else filler, tr.pad_id, self.nll) for mb in mbs]
-        for b in out:
-            b["split"] = torch.zeros((), dtype=torch.long)  # training pairs' reference
+        out = [self._with_reference(pair_batch(p.data, mb if mb else filler, tr.pad_id, self.nll), "train")
+               for mb in mbs]
         return out, [bool(mb) for mb in mbs]
+
+    def _with_reference(self, b: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
+        """DPO: the batch's pairs' reference log-probs looked up on the host, so they go to the device with the
+        batch (a lookup from the device copy of the indices would stop the host every micro-step)."""
+        if self.name == "dpo":
+            b["ref"] = self.ref[split][b["pair_index"]]
+        return b
 
     def stats(self, tr: Any, batches: list[dict[str, torch.Tensor]], real: list[bool]) -> Any:
         s = StepStats(stop_requested=float(tr.stop.requested))
@@ -99,7 +106,7 @@ class Preference:
                 mask = b["attention_mask"].numpy()
                 rows, seq = mask.shape
                 lengths = mask.sum(1)
-                labels = float(b["is_label"].sum())
+                labels = float(b["is_label"].numpy().sum())  # numpy: the host copy, no tensor op to count
                 computed = float(len(b["pos"]))
                 s += StepStats(label_tokens=labels, real_tokens=float(mask.sum()), padded_tokens=float(rows * seq),
                                samples=float(rows // 2), rows=float(rows), micro_batches=1.0,
@@ -154,8 +161,7 @@ class Preference:
         with eval_mode(engine.module), torch.no_grad():
             for j in range(n_batches):
                 idx = mine[j * micro:(j + 1) * micro]
-                b = pair_batch(data, idx or [0], tr.pad_id, self.nll)
-                b["split"] = torch.ones((), dtype=torch.long)
+                b = self._with_reference(pair_batch(data, idx or [0], tr.pad_id, self.nll), "eval")
                 b = {n: v.to(engine.device) for n, v in b.items()}
                 lp = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pos=b["pos"],
                             target=b["target"])
@@ -179,10 +185,8 @@ class Preference:
     # -- the formulas -----------------------------------------------------------------------------------------
 
     def reference_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        if self.name != "dpo":
-            return None
-        table = self.ref["eval" if int(batch["split"]) else "train"]
-        return table[batch["pair_index"].cpu()].to(batch["n_answer"].device)
+        """DPO: the pairs' reference log-probs (:meth:`_with_reference` put them in the batch)."""
+        return batch["ref"] if self.name == "dpo" else None
 
     def loss(self, lp: torch.Tensor, b: dict[str, torch.Tensor], ref: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +196,7 @@ class Preference:
         rows = len(b["n_answer"])
         m = rows // 2
         lab = b["is_label"]
-        sums = torch.zeros(rows, dtype=lp.dtype, device=lp.device).index_add(0, b["row"][lab], lp[lab])
+        sums = torch.zeros(rows, dtype=lp.dtype, device=lp.device).index_add(0, b["row"], torch.where(lab, lp, 0.0))
         n_answer = b["n_answer"].to(lp.dtype)
         if self.name == "dpo":
             chosen, rejected = sums[:m], sums[m:]
