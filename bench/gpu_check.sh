@@ -72,6 +72,9 @@ bench "$SMALL-zero2-m8" "$SMALL" "$STEPS" zero2 8
 bench "$SMALL-zero1-m4" "$SMALL" "$STEPS" zero1 4
 bench "$SMALL-zero3-m8" "$SMALL" "$STEPS" zero3 8
 bench "$BIG-zero3-m4" "$BIG" "$BIG_STEPS" zero3 4
+# FlexAttention (ALiBi as a score_mod, compiled on the GPU) against the eager row above (zero1-m8); GPU only (torch
+# has no FlexAttention backward on CPU: training with it is refused there).
+[ "${1:-}" = "--smoke" ] || bench "$SMALL-zero1-m8-flex" "$SMALL" "$STEPS" zero1 8 model.attention=flex
 WARMUP=$((STEPS / 2)) bench "$SMALL-zero1-m8-packed-compiled" "$SMALL" "$STEPS" zero1 8 data.packing=true \
   train.compile=true
 WARMUP=$((STEPS / 2)) bench "$SMALL-zero1-m8-packed-cudagraphs" "$SMALL" "$STEPS" zero1 8 data.packing=true \

@@ -3,6 +3,8 @@ block's MLP only at label rows."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,9 +70,10 @@ def _flex_forward(self: nn.Module, hidden_states: torch.Tensor, residual: torch.
     """``BloomAttention.forward`` through FlexAttention: ALiBi is a ``score_mod`` (Bloom's per-key bias
     ``slope x position``, in fp32, as Bloom adds it) and the causal/padding or per-document mask is applied in
     the same ``score_mod`` with Bloom's own fill value (the dtype's minimum, so a row that sees nothing stays
-    finite as in eager). Compiled (``train.compile`` or a GPU), the scores never exist in memory; eager (CPU, no
-    compile), it is a reference implementation, for the exactness tests. Generation with a cache, returned
-    attention weights and Bloom's tensor-parallel slicing keep the eager path."""
+    finite as in eager). Compiled (always on a GPU: :func:`_flex_attention`), the scores never exist in memory;
+    eager (CPU without ``train.compile``), it is a reference implementation, for the exactness tests.
+    Generation with a cache, returned attention weights and Bloom's tensor-parallel slicing keep the eager
+    path."""
     from torch.nn.attention.flex_attention import flex_attention
     from transformers.models.bloom.modeling_bloom import dropout_add
 
@@ -93,10 +96,26 @@ def _flex_forward(self: nn.Module, hidden_states: torch.Tensor, residual: torch.
                   ki: torch.Tensor) -> torch.Tensor:
         return torch.where(allowed[bi, qi, ki], score + bias[bi, h, ki], fill)
 
-    ctx = flex_attention(q, k, v, score_mod=score_mod, scale=self.inv_norm_factor)
+    ctx = _flex_attention(flex_attention, q, k, v, score_mod, self.inv_norm_factor)
     ctx = ctx.transpose(1, 2).reshape(b, t, self.hidden_size)
     out = dropout_add(self.dense(ctx), residual, self.hidden_dropout, self.training)
     return out, None
+
+
+_compiled_flex: Any = None
+
+
+def _flex_attention(flex: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Any,
+                    scale: float) -> torch.Tensor:
+    """``flex`` compiled on a GPU: called eagerly, torch runs FlexAttention's unfused reference path (the whole
+    score matrix in memory, and a warning). Inside ``train.compile``'s graphs it is compiled with them; on CPU
+    it stays eager (the exactness tests' path)."""
+    global _compiled_flex
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        return flex(q, k, v, score_mod=score_mod, scale=scale)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex)
+    return _compiled_flex(q, k, v, score_mod=score_mod, scale=scale)
 
 
 FORWARDS = {"sdpa": _sdpa_forward, "flex": _flex_forward}
