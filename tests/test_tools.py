@@ -509,3 +509,35 @@ def test_a_prompt_reads_content_parts_and_role_aliases_as_the_training_data_does
     assert [(t.instruction, t.output) for t in conv.turns] == [("q", "x"), ("r", "")]
     with pytest.raises(UsageError, match="input 3: message 0 content part 0 is not a text part"):
         parse_request(json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "input 3")
+
+
+def test_export_refuses_weights_beyond_the_dtype_and_an_unfinished_export(adapter: Path, tiny_model: Path,
+                                                                         tmp_path: Path) -> None:
+    """A base weight beyond fp16's range becomes inf in an fp16 export: refused naming the tensor (bf16 holds it).
+    A merged dir whose export was stopped while moving files in (its marker says complete: false) may mix two
+    exports' shards: generate refuses it and names the fix."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ia3_dist.errors import UsageError
+    from ia3_dist.tools.export import export_merged
+    from ia3_dist.tools.inference import EXPORT_MARKER, load_for_inference
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    weights = load_file(str(base / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("dense_4h_to_h.weight"))
+    weights[name][0, 0] = 1e6
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UsageError, match=rf"the merged .*{name.removeprefix('transformer.')} holds non-finite "
+                                         r"values in --dtype fp16 .*export with --dtype bf16 or fp32"):
+        export_merged(str(adapter), str(tmp_path / "fp16"), base=str(base), dtype="fp16")
+    out = export_merged(str(adapter), str(tmp_path / "bf16"), base=str(base), dtype="bf16")
+    assert torch.isfinite(load_for_inference(str(out))[0].get_parameter(name).float()).all()
+
+    marker = json.loads((out / EXPORT_MARKER).read_text())
+    (out / EXPORT_MARKER).write_text(json.dumps({**marker, "complete": False}))
+    with pytest.raises(UsageError, match="stopped while it moved the merged model in .* again with --force"):
+        load_for_inference(str(out))

@@ -20,12 +20,12 @@ from ..data.template import TEMPLATE_FILE
 from ..errors import UsageError
 from ..models.load import save_tokenizer
 from ..runtime.manifest import check_writable_dir, few
-from ..runtime.safe_io import read_bounded, write_file
-from .inference import ADAPTER_CONFIG, load_for_inference
+from ..runtime.safe_io import fsync, fsync_tree, read_bounded, write_file
+from .inference import ADAPTER_CONFIG, EXPORT_MARKER, MAX_EXPORT_MARKER, load_for_inference
 
-MARKER = ".ia3-dist-export.json"
+MARKER = EXPORT_MARKER
 STAGING_PREFIX = ".ia3-dist-export-staging-"
-MAX_MARKER = 1 << 20  # a list of a few dozen file names
+MAX_MARKER = MAX_EXPORT_MARKER
 
 
 def _previous_export(o: Path) -> list[str] | None:
@@ -83,6 +83,7 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
     _untie_scaled_head(model)
     stop = model.generation_config.eos_token_id  # load_for_inference's: the base's, eos, the end of turn
     merged = model.merge_and_unload()
+    _check_finite_weights(merged, dtype)
     _keep_stop_ids(merged, stop)
     o = Path(out).expanduser()
     o.mkdir(parents=True, exist_ok=True)
@@ -98,10 +99,24 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
         if (Path(adapter).expanduser() / TEMPLATE_FILE).is_file():
             # The template as it was checked and loaded, not the file again: it may have changed since.
             template.save(staging)
+        fsync_tree(staging)  # on stable storage before the marker calls the export complete
         _publish(staging, o, previous, {"adapter": str(adapter), "base": base, "dtype": dtype})
+        fsync(o, directory=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return o
+
+
+def _check_finite_weights(merged: Any, dtype: str) -> None:
+    """Every merged weight finite: a base whose weights exceed fp16's range (65,504; bf16 and fp32 bases can hold
+    them) becomes inf in an fp16 export, and so can a weight the adapter scales up. A model that would generate
+    nothing but NaN is refused, naming the tensor."""
+    import torch
+
+    for name, w in merged.named_parameters():
+        if not bool(torch.isfinite(w).all()):
+            raise UsageError(f"the merged {name} holds non-finite values in --dtype {dtype} (beyond its range); "
+                             f"export with --dtype bf16 or fp32")
 
 
 def _keep_stop_ids(merged: Any, stop: Any) -> None:

@@ -30,7 +30,7 @@ from ..models.ia3 import check_finite
 from ..models.load import DTYPES, no_code_prompt, pad_with_eos
 from ..runtime.adapter import NEW as ADAPTER_NEW
 from ..runtime.adapter import set_aside
-from ..runtime.safe_io import check_dir_files
+from ..runtime.safe_io import check_dir_files, read_bounded
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
@@ -226,6 +226,25 @@ def _load_adapter(model: Any, d: Path, base_path: str) -> Any:
     return pm.eval()
 
 
+EXPORT_MARKER = ".ia3-dist-export.json"
+"""What ``ia3-dist export`` records in its dir (tools/export.py): ``complete`` is false while it moves files in."""
+MAX_EXPORT_MARKER = 1 << 20  # a list of a few dozen file names
+
+
+def _check_export_finished(d: Path) -> None:
+    """A merged dir that ``ia3-dist export --force`` was replacing when it was killed may hold new shards beside
+    old ones of the same names, which load without complaint: refused, naming the fix."""
+    try:
+        raw = read_bounded(d / EXPORT_MARKER, MAX_EXPORT_MARKER, follow=False, missing_ok=True)
+        marker = json.loads(raw.decode("utf-8")) if raw is not None else None
+    except (UsageError, ValueError, RecursionError):
+        return  # not a marker of ours: the dir is checked as any model dir
+    if isinstance(marker, dict) and marker.get("tool") == "ia3-dist export" and marker.get("complete") is False:
+        raise UsageError(f"{d}: an `ia3-dist export` into it was stopped while it moved the merged model in (its "
+                         f"{EXPORT_MARKER} says so), so its files may mix two exports; run the export again with "
+                         f"--force")
+
+
 def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") -> tuple[Any, Any, Template, bool]:
     """``(model, tokenizer, template, is_adapter)`` from an adapter dir (base from its adapter_config.json unless
     ``base`` is given) or a merged model dir. The template is the one saved beside the weights (training's), else
@@ -275,6 +294,7 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
         _check_local_model(base_path, what)
         tok_src = str(d) if has_tokenizer_files(d) else base_path
     elif (d / "config.json").is_file():
+        _check_export_finished(d)
         check_model_dir(str(d), "merged model")
         tok_src = str(d)
     else:
