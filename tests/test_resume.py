@@ -449,3 +449,18 @@ def test_zero3_resume_on_a_world_that_does_not_divide_the_vectors(tmp_path: Path
     ta, tb = adapter_tensors(a / "adapter"), adapter_tensors(b / "adapter")
     for k in ta:
         torch.testing.assert_close(tb[k], ta[k], rtol=1e-5, atol=1e-5 * float(ta[k].abs().max()))
+
+
+def test_examples_log_survives_a_kill_after_a_checkpoint(tmp_path: Path) -> None:
+    """output.log_examples is buffered; a kill with no cleanup (SIGKILL, the hang watchdog's exit) after a
+    checkpoint lost the lines of the steps it covers, which the resume, starting after it, never writes again.
+    They are on disk before the checkpoint is: killed at step 6 after the step-4 save, the log holds steps 1-4,
+    and with the resume every example of each epoch exactly once."""
+    out = tmp_path / "k"
+    args = ["--config", TINY, "deepspeed.config=zero2", f"output.dir={out}", *RUN, *G16, "checkpoint.every=2"]
+    proc = launch(args, env={"IA3_DIST_FAULT": "step:6:0:kill"})
+    assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])
+    assert latest(out / "checkpoints").name == "step4"
+    assert set(range(1, 5)) <= set(examples_by_step(out))
+    check(launch([*args, "train.resume=auto"]))
+    assert_each_example_once_per_epoch(examples_by_step(out))

@@ -310,6 +310,23 @@ def test_resuming_a_finished_run_evaluates_nothing_again(tmp_path: Path, demo_mo
 
 
 @pytest.mark.slow
+def test_a_stop_before_an_evaluation_logs_the_steps_since_the_last_line(tmp_path: Path, demo_model: Path) -> None:
+    """log_every 5, an evaluation due at step 3 and a signal before it: the run stops there, and steps 2-3 get
+    their training line as at any stop (they had none: the resume's first window starts at step 4, so they were
+    never logged)."""
+    out = tmp_path / "run"
+    args = ["--config", str(TINY), f"model.path={demo_model}", "train.max_steps=6", "data.eval_ratio=0.1",
+            "train.eval_every=3", "train.log_every=5", f"output.dir={out}"]
+    stopped = launch(args, env={"IA3_DIST_FAULT": "eval:3:0:term"})
+    assert stopped.returncode == EXIT_PREEMPTED, (stopped.stdout + stopped.stderr)[-3000:]
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 3]
+    check(launch([*args, "train.resume=auto"]))
+    got = metrics(out)
+    assert [r["step"] for r in got if "loss" in r] == [1, 3, 4, 5, 6]
+    assert [r["step"] for r in got if "eval_loss" in r] == [3, 6]
+
+
+@pytest.mark.slow
 def test_a_resume_on_a_changed_held_out_file(tmp_path: Path, demo_model: Path) -> None:
     """A real run evaluates on data.eval_path and keeps its best eval_loss; the file changes before the resume: the
     resume exits 2 naming checkpoint.keep_best and the change, before anything is written; without keep_best it

@@ -139,3 +139,26 @@ def test_hold_fault_ends_on_the_stop_flag_the_release_file_or_its_deadline(tmp_p
         t0 = time.monotonic()
         faults.hit("step", 4, 0, stop)
         assert 0.2 <= time.monotonic() - t0 < 5, end
+
+
+@pytest.mark.slow  # waits out real timeouts
+def test_a_firing_watchdog_that_blocks_still_exits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own writes can block (hung.json on the hung filesystem that caused the stall, a stream lock the stuck
+    main thread holds): a backstop ends the process anyway, not the job's time limit."""
+    from ia3_dist.runtime import watchdog
+
+    monkeypatch.setattr(watchdog, "BACKSTOP_S", 0.5)
+    release = threading.Event()
+    monkeypatch.setattr(Watchdog, "_mark", lambda self, *a: release.wait(30))  # a write that never returns
+    exited = threading.Event()
+    codes: list[int] = []
+    wd = Watchdog(0.2, ENV, tmp_path, poll_s=0.02, exit_fn=lambda c: (codes.append(c), exited.set()))
+    try:
+        wd.start()
+        wd.beat(2)
+        t0 = time.monotonic()
+        assert exited.wait(10)
+        assert codes == [EXIT_HUNG] and time.monotonic() - t0 < 5
+    finally:
+        release.set()
+        wd.stop()

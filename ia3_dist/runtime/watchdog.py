@@ -31,6 +31,8 @@ from . import dist, manifest
 SAVE_ALLOWANCE = 10.0
 SAVE_FLOOR_S = 1800.0
 HUNG_FILE = "hung.json"
+BACKSTOP_S = 30.0
+"""Past its wait for the peers, how long the firing watchdog's own writes may take before the process goes anyway."""
 
 
 class Watchdog:
@@ -127,8 +129,13 @@ class Watchdog:
                f"{allowance:.0f} s, train.hang_timeout_s={self.timeout_s:g}) in optimizer step {step} ({phase}); "
                f"Python stacks of every thread follow; exiting with code {EXIT_HUNG} (resume with "
                f"train.resume=auto)")
+        # A backstop: what follows may itself block (the stream locks a main thread stuck writing to a full log
+        # pipe holds; the output dir on the hung filesystem that caused all this); the process still goes.
+        backstop = threading.Timer(2 * self.poll_s + BACKSTOP_S, self._exit, (EXIT_HUNG,))
+        backstop.daemon = True
+        backstop.start()
         try:
-            print(msg, file=sys.stderr, flush=True)
+            os.write(2, (msg + "\n").encode())  # the fd, not sys.stderr: no lock another thread may hold
             sys.stdout.flush()
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             sys.stderr.flush()
@@ -142,6 +149,7 @@ class Watchdog:
             # their own stacks: stay that long, so every rank that can still run dumps where it was.
             time.sleep(2 * self.poll_s + 1.0)
         finally:
+            backstop.cancel()
             self._exit(EXIT_HUNG)
 
     def _mark(self, step: int, phase: str, idle: float) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -403,6 +404,12 @@ class Trainer:
         """``best``: this step's evaluation is the best so far of checkpoint.keep_best (the pointer moves).
         ``eval_pending``: saved before this step's evaluation (a signal came first); a resume runs it first."""
         self.flush()  # a run whose loss went non-finite saves nothing
+        if self.examples is not None:
+            # What the checkpoint covers is on disk before it exists: a kill after it (the watchdog's exit, a
+            # SIGKILL) would lose buffered lines that the resume, starting after this step, never writes again.
+            self.examples.flush()
+            os.fsync(self.examples.fileno())
+        self.log.trackers.flush()
         self.saved = step
         self.saved_stopped = bool(self.selection.stopped_early)
         if self.stale == step:
@@ -421,6 +428,10 @@ class Trainer:
         faults.hit("eval", step, self.p.env.rank, self.stop)
         flag = torch.tensor([float(self.stop.requested)], dtype=torch.float64, device=self.device)
         if dist.all_reduce_sum(flag).item() > 0:
+            if self.window.steps:  # the steps since the last training line get theirs, as at a stop in step()
+                self.flush()
+                self.log_window(self.window, step, *self.window_at)
+                self.window = Window()
             # The checkpoint this run resumed from says so already (stopped again before the evaluation it put off).
             kept = step == self.start == self.saved and self.eval_pending and self.p.resume_from is not None
             where = self.p.resume_from if kept else self.save(step, eval_pending=True)
@@ -604,6 +615,7 @@ class Trainer:
             self.log.close()
             if self.examples is not None:
                 self.examples.close()
+                self.examples = None  # the end's save (finish) has nothing of it left to write out
 
     def finish(self) -> None:
         """The last checkpoint (stopped early, or ``checkpoint.at_end``) unless this step is saved already; a run

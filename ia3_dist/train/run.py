@@ -54,6 +54,9 @@ def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None =
         adapter_dir = save_adapter(trainer.peft_model, p.out / "adapter", p.env.is_main,
                                    fixed_entries(trainer.peft_model), state=best, extra=beside,
                                    step=trainer.end)
+    # Training is over: the plot and a tracker's upload of the adapter (MLflow's, over the network) may take as
+    # long as they need; under the watchdog they could end a finished run with 76, and a requeue.
+    trainer.watchdog.stop()
     if p.env.is_main:
         plot_metrics(trainer.metrics_path, p.out / "metrics.png")
         if trackers is not None:
@@ -103,11 +106,12 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     """The whole run. ``on_trained`` runs on every rank after the adapter is saved, while the engine and the
     process group are still alive (evaluation hooks, tests)."""
     env = dist.detect()
-    lazy.import_deepspeed()
-    # Installed first, so a signal while the model loads is honoured at the first step boundary.
+    # Installed first, so a signal while DeepSpeed imports or the model loads is honoured at the first step
+    # boundary.
     stop = StopFlag().install()
-    dist.announce(env, dist.setup_threads(env, cfg.train.threads, cfg.train.bind_cores))
     try:
+        lazy.import_deepspeed()
+        dist.announce(env, dist.setup_threads(env, cfg.train.threads, cfg.train.bind_cores))
         p = prepare(cfg, env)
     except BaseException:
         stop.uninstall()
@@ -187,7 +191,9 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     finally:
         trackers.close(status)
         watchdog.stop()
-        stop.uninstall()
         if env.is_main:
             (p.out / PID_FILE).unlink(missing_ok=True)
         dist.destroy()
+        # Last: until here a scheduler's signal (a forwarded USR1, the step's TERM) only sets the flag; restored
+        # earlier, it would kill a finished run during its teardown with 138 or 143, reported as a failed job.
+        stop.uninstall()

@@ -146,6 +146,9 @@ class Tracker:
     def artifact(self, adapter_dir: Path) -> None:
         """Called with the saved adapter dir at the end of an invocation; only MLflow keeps artifacts."""
 
+    def flush(self) -> None:
+        """What was logged so far written out (at a checkpoint: a kill after it loses nothing it covers)."""
+
     def close(self, status: str) -> None:
         """``status``: finished, failed or killed."""
 
@@ -183,6 +186,9 @@ class TensorBoardTracker(Tracker):
     def log(self, step: int, values: dict[str, float]) -> None:
         for k, v in values.items():
             self.w.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        self.w.flush()
 
     def close(self, status: str) -> None:
         self.w.close()
@@ -317,6 +323,13 @@ class Trackers:
                 t.artifact(adapter_dir)
             except Exception as e:  # the adapter is saved in the output dir either way
                 self._drop(t, f"could not store {adapter_dir}", e)
+
+    def flush(self) -> None:
+        for t in list(self.live):
+            try:
+                t.flush()
+            except Exception as e:  # as in log: metrics.jsonl has it all
+                self._drop(t, "could not write its events", e)
 
     def _drop(self, t: Tracker, what: str, e: Exception) -> None:
         self.say(f"{t.name}: {what} ({type(e).__name__}: {e}); metrics.jsonl and the output dir have everything")
