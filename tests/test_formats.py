@@ -437,7 +437,8 @@ BAD: dict[str, tuple[dict | str, str]] = {
     "history-not-strings": ({"instruction": "q", "output": "a", "history": [["q0", 7]]},
                             "record 0: field 'history' entry 0 assistant text must be a string, got int"),
     "missing-output": ({"instruction": "q"}, "record 0: missing field 'output' (every alpaca record needs "
-                                             "'instruction' and 'output'; 'input', 'system', 'history' optional); "
+                                             "'instruction' and 'output'; 'input', 'system', 'history', 'tools' "
+                                             "optional); "
                                              "the record has keys ['instruction']"),
     "null-conversations": ({"conversations": None}, "record 0: field 'conversations' is null (every sharegpt record "
                                                     "needs 'conversations'"),
@@ -630,3 +631,27 @@ def test_fuzz_valid_shapes_round_trip(tmp_path: Path, fmt: str, roles: list[str]
     assert ok
     turns = [Turn(body_texts[i], "", body_texts[i + 1]) for i in range(0, len(body_texts), 2)]
     assert r.examples == [Conversation(turns, texts[0] if lead else (system or ""))]
+
+
+def test_alpaca_edges_read_as_llama_factory_does() -> None:
+    """An alpaca record's tools column is read (LLaMA-Factory's alpaca converter reads it; it was dropped without a
+    word); an empty CSV history cell is no history; under a chat template an empty instruction with an input is
+    the input alone (not a leading newline); a sharegpt file maps its tool-result role with data.columns.tool as a
+    messages file does."""
+    from ia3_dist.data.formats import ALPACA, SHAREGPT, Columns, to_conversation
+    from ia3_dist.data.template import _messages
+
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "now", "parameters": {}}}]
+    conv = to_conversation({"instruction": "q", "output": "a", "tools": tools, "history": ""}, ALPACA, Columns({}),
+                           "f.csv: record 0")
+    assert [t["function"]["name"] for t in conv.tools] == ["get_time"] and len(conv.turns) == 1
+    empty = to_conversation({"instruction": "", "input": "x", "output": "y"}, ALPACA, Columns({}), "f.json: record 0")
+    assert _messages(empty)[0][0] == {"role": "user", "content": "x"}
+    both = to_conversation({"instruction": "q", "input": "x", "output": "y"}, ALPACA, Columns({}), "f.json: record 0")
+    assert _messages(both)[0][0] == {"role": "user", "content": "q\nx"}
+    rec = {"conversations": [{"from": "human", "value": "time?"},
+                             {"from": "function_call", "value": '{"name": "get_time", "arguments": {}}'},
+                             {"from": "ipython", "value": "12:00"}, {"from": "gpt", "value": "noon"}],
+           "tools": json.dumps(tools)}
+    conv = to_conversation(rec, SHAREGPT, Columns({"tool": "ipython"}), "f.jsonl:1")
+    assert conv.turns[-1].results and conv.turns[-1].results[0]["content"] == "12:00"

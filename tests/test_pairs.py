@@ -288,3 +288,19 @@ def test_plan_counts_two_sequences_per_pair(capsys: pytest.CaptureFixture) -> No
     assert main(["plan", "--config", cfg, "train.objective=dpo"]) == 0
     dpo = capsys.readouterr().out
     assert "pairs (" in dpo and "sequences)" in dpo and "pairs (" not in sft
+
+
+@pytest.mark.parametrize("content", ["Checking.", None])
+def test_a_preference_answer_with_tool_calls_is_refused(content: str | None) -> None:
+    """Compared as text, the answer's calls were dropped without a word (the pair then preferred the answer with
+    its calls removed; with no content the error spoke of a null string)."""
+    from ia3_dist.data.formats import MESSAGES, Columns
+    from ia3_dist.data.pairs import to_pair
+    from ia3_dist.errors import UsageError
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    rec = {"messages": [{"role": "user", "content": "weather?"}],
+           "chosen": {"role": "assistant", "content": content, "tool_calls": [call]}, "rejected": "Sunny."}
+    with pytest.raises(UsageError, match=r"p.jsonl:3: field 'chosen' calls tools \(tool_calls\); a preference "
+                                         r"answer is compared as text"):
+        to_pair(rec, MESSAGES, Columns({}), "p.jsonl:3")

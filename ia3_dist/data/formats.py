@@ -33,13 +33,15 @@ FORMATS = (ALPACA, SHAREGPT, MESSAGES)
 # The column whose presence identifies a format, in detection order.
 DETECT = ((SHAREGPT, "conversations"), (MESSAGES, "messages"), (ALPACA, "instruction"))
 REQUIRED = {ALPACA: ("instruction", "output"), SHAREGPT: ("conversations",), MESSAGES: ("messages",)}
-OPTIONAL = {ALPACA: ("input", "system", "history"), SHAREGPT: ("system", "tools"), MESSAGES: ("system", "tools")}
+OPTIONAL = {ALPACA: ("input", "system", "history", "tools"), SHAREGPT: ("system", "tools"),
+            MESSAGES: ("system", "tools")}
 # Message keys and role values when data.columns does not rename them.
 MESSAGE_KEYS = {SHAREGPT: ("from", "value"), MESSAGES: ("role", "content")}
 # ShareGPT dumps name the assistant after the product it came from (FastChat's cleaning reads chatgpt, bing and
 # bard as gpt); data.columns.assistant takes one name only, so a file mixing them could not be mapped.
+# A tool's result: sharegpt's "observation"; "tool" too, so that data.columns.tool (the messages name) maps it there.
 ROLES = {SHAREGPT: {"user": ("human", "user"), "assistant": ("gpt", "assistant", "chatgpt", "bing", "bard"),
-                    "function_call": ("function_call",), "observation": ("observation",)},
+                    "function_call": ("function_call",), "observation": ("observation",), "tool": ("tool",)},
          MESSAGES: {"user": ("user",), "assistant": ("assistant",), "tool": ("tool",)}}
 SYSTEM_ROLE = "system"
 # OpenAI renamed the system role "developer" (o1 and later); data.columns has no key that maps a system role.
@@ -210,7 +212,10 @@ def _alpaca(rec: Mapping[str, Any], cols: Columns, where: str) -> Conversation:
     inp = _optional_text(rec, "input", cols, where)
     out = _text(_required(rec, "output", ALPACA, cols, where), f"field {cols.label('output')}", where)
     system = _optional_text(rec, "system", cols, where)
+    tools = tool_list(rec.get(cols.name("tools")), f"field {cols.label('tools')}", where)
     hist = rec.get(cols.name("history"))
+    if hist == "":  # an empty CSV cell: no history (as an empty tools cell is no tools)
+        hist = None
     turns = []
     if hist is not None:
         field = f"field {cols.label('history')}"
@@ -225,7 +230,7 @@ def _alpaca(rec: Mapping[str, Any], cols: Columns, where: str) -> Conversation:
             turns.append(Turn(_text(pair[0], f"{field} entry {j} user text", where), "",
                               _text(pair[1], f"{field} entry {j} assistant text", where)))
     turns.append(Turn(ins, inp, out))
-    return Conversation(turns, system)
+    return Conversation(turns, system, tools)
 
 
 def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conversation:

@@ -89,6 +89,10 @@ def _response(v: Any, what: str, fmt: str, cols: Columns, where: str) -> str:
         role = v[role_key]
         if not isinstance(role, str) or roles.get(role) != "assistant":
             raise UsageError(f"{where}: {what} has role {show(role)}; a response must be the assistant's")
+        if v.get("tool_calls"):
+            # Kept as text alone, the pair would prefer the answer with its calls removed.
+            raise UsageError(f"{where}: {what} calls tools (tool_calls); a preference answer is compared as text "
+                             f"and its calls would be dropped: give answers without tool calls or drop the pair")
         text = content_text(v[content_key], f"{what} content", where)
     if not text.strip():
         raise UsageError(f"{where}: {what} is empty: a preference pair needs two answers to compare")

@@ -42,7 +42,9 @@ SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
 # Messages kept for skipped records (all are counted): a badly broken large file must not fill memory with them.
 MAX_SKIPPED_KEPT = 1000
 # Bump when the same files and settings come to mean different conversations.
-RECORDS_VERSION = 5  # 5: content parts and role aliases read (data.on_bad_record=skip skipped them)
+# 5: content parts and role aliases read (data.on_bad_record=skip skipped them); 6: alpaca's tools column read, a
+# sharegpt "tool" role read as a tool result
+RECORDS_VERSION = 6
 
 
 @dataclass

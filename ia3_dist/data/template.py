@@ -326,7 +326,9 @@ def _messages(conv: Conversation) -> tuple[list[dict[str, Any]], list[tuple[int,
         if t.results:
             msgs += [{"role": "tool", **r} for r in t.results]
         else:
-            msgs.append({"role": "user", "content": f"{t.instruction}\n{t.input}" if t.input else t.instruction})
+            # Its non-empty parts on lines of their own, as LLaMA-Factory joins them (an empty instruction with an
+            # input is the input alone, not a leading newline).
+            msgs.append({"role": "user", "content": "\n".join(x for x in (t.instruction, t.input) if x)})
         prompt_end = len(msgs)
         answer: dict[str, Any] = {"role": "assistant", "content": t.output}
         if t.calls:

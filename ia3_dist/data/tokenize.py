@@ -40,8 +40,9 @@ from .tokens import IGNORE_INDEX, MAX_DROPPED_NAMED, Chunk, TokenizedData  # noq
 
 # Bump when the cached format or the preprocessing changes meaning.
 # 5: a chat template's conversation encoded whole; 6: human_assistant's BOS once per example; 7: a chat template's
-# preference prompt encoded whole; 8: truncation=prompt keeps the leading BOS
-CACHE_VERSION = 8
+# preference prompt encoded whole; 8: truncation=prompt keeps the leading BOS; 9: a chat template's user message of
+# an alpaca record with an empty instruction is its input alone
+CACHE_VERSION = 9
 # Records per chunk: a worker's unit of work, and what bounds the memory of tokenizing.
 CHUNK_RECORDS = 2000
 
