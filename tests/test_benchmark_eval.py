@@ -357,3 +357,56 @@ def test_eval_takes_the_adapters_generate_accepts(save: str, tmp_path: Path, tin
     monkeypatch.setattr(benchmark, "swap_in", spy)
     assert evaluate_points(ad, [Point("final", 0, ad)], [], None, 8, None, None) == []
     assert seen and all(float(v.min()) == float(v.max()) == 0.5 for v in seen[0].values())
+
+
+def _sampling_task(d: Path) -> Path:
+    """tiny_gen: a generate_until task that samples (do_sample), with local data in ``d``."""
+    d.mkdir(parents=True, exist_ok=True)
+    data = d / "gen.jsonl"
+    data.write_text("".join(json.dumps({"q": q, "a": "很好"}, ensure_ascii=False) + "\n"
+                            for q in ("熊猫怎么样？", "太阳怎么样？", "大海怎么样？")), encoding="utf-8")
+    (d / "tiny_gen.yaml").write_text(f"""task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{q}}}}"
+doc_to_target: "{{{{a}}}}"
+generation_kwargs:
+  until: ["。"]
+  do_sample: true
+  temperature: 1.0
+  max_gen_toks: 4
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""", encoding="utf-8")
+    return d
+
+
+@pytest.mark.slow
+def test_a_sampling_benchmark_leaves_training_as_it_was(tmp_path: Path, demo_model: Path) -> None:
+    """A benchmark that samples draws from the run's random generator: with dropout on, every later step trained
+    on other masks than a run without the benchmark. The run's random state comes back after it (and lm-eval's
+    fixed seeds make the score what `ia3-dist eval` gives): the losses equal a run without eval.tasks."""
+    model = tmp_path / "dropout-model"
+    shutil.copytree(demo_model, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "hidden_dropout": 0.2, "attention_dropout": 0.2}))
+    tasks = _sampling_task(tmp_path / "tasks")
+    common = ["--config", TINY, f"model.path={model}", "train.max_steps=4", "train.log_every=1",
+              "checkpoint.at_end=false"]
+    plain = tmp_path / "plain"
+    check(launch([*common, f"output.dir={plain}"]))
+    evald = tmp_path / "evald"
+    proc = check(launch([*common, f"output.dir={evald}", "eval.tasks=[tiny_gen]", f"eval.include={tasks}",
+                         "eval.every=1"]))
+    assert "benchmarks: tiny_gen/exact_match" in proc.stdout, proc.stdout[-2000:]
+    want = [r["loss"] for r in [json.loads(x) for x in (plain / "metrics.jsonl").read_text().splitlines()]
+            if "loss" in r]
+    got = [r["loss"] for r in [json.loads(x) for x in (evald / "metrics.jsonl").read_text().splitlines()]
+           if "loss" in r]
+    assert len(want) == 4 and got == want

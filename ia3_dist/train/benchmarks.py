@@ -209,22 +209,20 @@ def must_replicate(tasks: list[str], tm: Any, limit: int | None, env: DistEnv, k
 
 
 def run_tasks(model: Any, tok: Any, tasks: list[str], tm: Any, batch_size: int, limit: int | None,
-              env: DistEnv | None = None, replicated: bool = False, key: str = "--tasks",
-              reseed: bool = True) -> dict:
+              env: DistEnv | None = None, replicated: bool = False, key: str = "--tasks") -> dict:
     """``{task: {metric: value}}`` (lm-eval's ``metric,filter`` keys; stderr entries left out); on ranks other than
     0 of a data-parallel evaluation, ``{}`` (rank 0 holds the gathered result). ``replicated``: every rank runs
     every request, in the same order, and returns the result (ZeRO-3, whose forward passes gather parameters
     collectively: every rank must run the same ones; tasks with fewer documents than ranks, see
-    :func:`must_replicate`). ``key`` names the tasks in messages; ``reseed``: lm-eval's fixed seeds for Python,
-    NumPy and torch (as its CLI sets them; training keeps its own RNG state instead)."""
+    :func:`must_replicate`). ``key`` names the tasks in messages. lm-eval's fixed seeds for Python, NumPy and
+    torch, as its CLI sets them (training puts its own random state back after: :meth:`Benchmarks.run`)."""
     from lm_eval import simple_evaluate
 
     env = env or DistEnv(0, 0, 1, 1)
     lm = _ranked_lm(model, tok, batch_size, DistEnv(0, 0, 1, 1) if replicated else env)
     try:
-        seeds = {} if reseed else {"random_seed": None, "numpy_random_seed": None, "torch_random_seed": None}
         res = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, bootstrap_iters=0, log_samples=False,
-                              limit=limit, **seeds)
+                              limit=limit)
     except Exception as e:  # datasets and lm-eval raise many types for missing data and bad task definitions
         raise _lm_eval_failed(e, tasks, key, env) from None
     if res is None:
@@ -258,20 +256,27 @@ class Benchmarks:
         """``{"<task>/<metric>": value}`` on every rank; ``beat`` runs after each forward pass (the hang
         watchdog's progress beat: a benchmark may take minutes)."""
         # On the innermost model: generation (generate_until tasks) runs its forward passes, not the PEFT wrapper's.
+        from ..runtime.checkpoint import rng_state, set_rng_state
+        from .evaluate import eval_mode
+
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         hook = inner.register_forward_hook(lambda *_: beat()) if beat is not None else None
-        was_training = model.training
+        # lm-eval's fixed seeds, as `ia3-dist eval` runs them (a sampling task scores alike in both), and the run's
+        # own random state back after: a task that samples, or seeds Python's random, would otherwise change every
+        # later dropout mask and the run would train differently for having been evaluated.
+        saved = rng_state()
         try:
             if beat is not None:
                 beat()  # loading a task's data comes before its first forward pass
             if self.replicated is None:
                 self.replicated = must_replicate(self.tasks, self.tm, self.cfg.eval.limit, self.env, "eval.tasks")
-            scores = run_tasks(model, tok, self.tasks, self.tm, self.cfg.eval.batch_size, self.cfg.eval.limit,
-                               self.env, self.replicated, key="eval.tasks", reseed=False)
+            with eval_mode(model):  # lm-eval sets eval mode itself; each submodule's own mode comes back
+                scores = run_tasks(model, tok, self.tasks, self.tm, self.cfg.eval.batch_size, self.cfg.eval.limit,
+                                   self.env, self.replicated, key="eval.tasks")
         finally:
             if hook is not None:
                 hook.remove()
-            model.train(was_training)
+            set_rng_state(saved)
         flat = {f"{task}/{metric}": value for task, metrics in scores.items() for metric, value in metrics.items()}
         # Rank 0's scores on every rank, replicated or not: each rank's trackers then decide the same stop and
         # checkpoint (collectives), even where kernels round differently from rank to rank.
