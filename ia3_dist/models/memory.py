@@ -40,6 +40,8 @@ class Shape:
     Korthikanti's dropout masks, 2 for the softmax output alone)."""
     trained: int = 0
     """IA3 parameters actually trained (``trainable`` less the query entries ``ia3.variant: paper`` fixes)."""
+    loss_chunk_bytes: int = 1024 << 20
+    """``train.loss_chunk_mib`` in bytes (0: never chunked): at most this much of fp32 logits exists at a time."""
 
 
 def block_activations(mc: Any) -> tuple[float, float]:
@@ -97,12 +99,13 @@ def count_params(mc: Any, section: IA3Section) -> tuple[int, int, int]:
             total(peft.parameters(), True) + extra * per_block[1], fixed + extra * fixed_block)
 
 
-def shape_of(mc: Any, section: IA3Section) -> Shape:
-    """The planning shape of the model ``mc`` describes (a config, no weights) with IA3 as ``section`` says."""
+def shape_of(mc: Any, section: IA3Section, loss_chunk_mib: int = 1024) -> Shape:
+    """The planning shape of the model ``mc`` describes (a config, no weights) with IA3 as ``section`` says, and
+    the loss's chunk size (``train.loss_chunk_mib``)."""
     n, t, fixed = count_params(mc, section)
     act, score = block_activations(mc)
     return Shape(n, t, mc.vocab_size, hidden_size_of(mc) or 0, layers_of(mc), mc.num_attention_heads,
-                 trainable_text(t, n, fixed), act, score, t - fixed)
+                 trainable_text(t, n, fixed), act, score, t - fixed, loss_chunk_mib << 20)
 
 
 @dataclass
@@ -126,7 +129,12 @@ class RankMemory:
 def activation_bytes(s: Shape, seq: int, micro: int, b: int, checkpointing: bool) -> float:
     per_layer_full = seq * micro * (s.act_per_token + s.score_bytes * s.heads * seq) * b / 2
     layers = (s.layers * seq * micro * s.hidden * b + per_layer_full) if checkpointing else s.layers * per_layer_full
-    logits = seq * micro * s.vocab * 4 * 2  # fp32 logits and their gradient
+    # The loss's peak: one chunk of rows' fp32 logits, their log-softmax and its gradient at once (three rows x
+    # vocab fp32 tensors, 12.25 bytes per element measured); the loss takes the rows in chunks of
+    # train.loss_chunk_mib (models/loss.py), so more rows never hold more than one chunk.
+    rows = seq * micro
+    chunk = max(1, s.loss_chunk_bytes // (4 * s.vocab)) if s.loss_chunk_bytes else rows
+    logits = min(rows, chunk) * s.vocab * 12
     return layers + logits
 
 

@@ -8,8 +8,9 @@ Per-rank memory model (bytes; b = 2 for bf16/fp16, 4 for fp32; N all params, T t
   ZeRO-1 on, 0 on the GPU with optimizer offload;
 - activations per micro-batch (Korthikanti et al., 2022), per layer s*m*(34h + 5*a*s)*b/2 for a GPT block
   without checkpointing, generalised per family to grouped k/v heads and gated MLPs of ``intermediate_size``
-  (:func:`block_activations`), s*m*h*b per layer plus one layer's full set with it; plus fp32 logits at label
-  positions (the launcher computes no others), counted at the whole sequence as an upper bound;
+  (:func:`block_activations`), s*m*h*b per layer plus one layer's full set with it; plus the loss's fp32 logits,
+  their log-softmax and its gradient (12 bytes per row and vocab entry) at label positions (the launcher computes
+  no others, counted at the whole sequence as an upper bound), at most one ``train.loss_chunk_mib`` chunk of rows;
 - ZeRO-3 gathers each parameter whole before use: the embedding matrix (used first, and again by the tied
   lm_head at the end) plus the live parameters DeepSpeed keeps within its reuse distance (the launcher's "auto"
   is two layers, capped at 1e9);
@@ -55,8 +56,8 @@ def model_shape(cfg: RunConfig) -> Shape:
         mc = arch_config(cfg.model.arch)
         local = cfg.model.path
         if not local.startswith("demo:") and Path(local).is_dir():
-            there = shape_of(load_model_config(local, cfg.model), cfg.ia3)
-            named = shape_of(mc, cfg.ia3)
+            there = shape_of(load_model_config(local, cfg.model), cfg.ia3, cfg.train.loss_chunk_mib)
+            named = shape_of(mc, cfg.ia3, cfg.train.loss_chunk_mib)
             if there.n_params != named.n_params:
                 raise UsageError(f"model.arch {cfg.model.arch} ({named.n_params:,} params) is not the shape of "
                                  f"model.path {local} ({there.n_params:,} params), which the launcher trains; set "
@@ -67,7 +68,7 @@ def model_shape(cfg: RunConfig) -> Shape:
         except UsageError as e:
             raise UsageError(f"{e}; or set model.arch to one of the named shapes ({', '.join(ARCHS)}) to plan "
                              f"without it") from None
-    return shape_of(mc, cfg.ia3)
+    return shape_of(mc, cfg.ia3, cfg.train.loss_chunk_mib)
 
 
 def deepspeed_estimate(s: Shape, nodes: int, gpus: int) -> str:
@@ -114,11 +115,15 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
             seq = int(cfg.data.pack_length)
         rows_of += f", packed rows of {seq} tokens"
     ckpt = cfg.train.gradient_checkpointing
-    cap = gpu_mem_gib * GIB
+    from ..train.autobatch import BUDGET_FRACTION
+
+    # What the launch fits against (deepspeed.config and micro_batch_size auto): the rest is the allocator's.
+    cap = gpu_mem_gib * GIB * BUDGET_FRACTION
     overhead = framework_rss() if cpu else OVERHEAD
     unit, total_name = ("CPU rank", "RSS") if cpu else ("GPU", "GPU tot")
     lines = [s.line, f"layout: {nodes} node(s) x {gpus_per_node} {unit}(s) = {world} ranks, {gpu_mem_gib:g} GiB "
-             f"each; {cfg.train.precision}, seq {seq}, {rows_of}, gradient checkpointing "
+             f"each (planned within {BUDGET_FRACTION:.0%} of it: {cap / GIB:.1f} GiB, as the launch sizes); "
+             f"{cfg.train.precision}, seq {seq}, {rows_of}, gradient checkpointing "
              f"{'on' if ckpt else 'off'}"
              + (f"; framework {overhead / GIB:.2f} GiB per rank (measured here)" if cpu else ""),
              f"{'config':<14}{'weights':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'gather':>9}{total_name:>9}"

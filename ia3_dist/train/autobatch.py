@@ -158,7 +158,7 @@ def plan_pick(cfg: RunConfig, model_config: Any, env: dist.DistEnv, ds: dict[str
     """The largest divisor of ``grad_accum`` that ``plan``'s memory model fits in the budget at ``longest``
     tokens per example (at least 1: a micro-batch of 1 that does not fit is ``plan``'s message to give)."""
     on_cpu = not torch.cuda.is_available()
-    s = memory.shape_of(model_config, cfg.ia3)
+    s = memory.shape_of(model_config, cfg.ia3, cfg.train.loss_chunk_mib)
     stage = dsc.stage_of(ds)
     offload = not on_cpu and stage == 3 and dsc.offloads(ds)
     b = 4 if cfg.train.precision == "fp32" else 2

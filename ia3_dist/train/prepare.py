@@ -183,7 +183,7 @@ def auto_stage(cfg: RunConfig, model_config: Any, env: dist.DistEnv, pack_length
     micro = cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1
     micro *= 2 if objectives.is_pairwise(cfg) else 1  # a pair is two sequences in one forward pass
     b = 4 if cfg.train.precision == "fp32" else 2
-    shape = shape_of(model_config, cfg.ia3)
+    shape = shape_of(model_config, cfg.ia3, cfg.train.loss_chunk_mib)
     seq = pack_length or cfg.data.max_length
     overhead = framework_rss() if host else OVERHEAD
     compiled = bool(cfg.train.compile)
