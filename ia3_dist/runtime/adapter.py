@@ -92,7 +92,7 @@ def _write(peft_model: Any, out_dir: Path, state: dict[str, torch.Tensor],
         extra(staged)
     safe_io.fsync_tree(staged)
     aside = None
-    if out_dir.is_symlink() or (os.path.lexists(out_dir) and not out_dir.is_dir()):
+    if safe_io.not_a_dir(out_dir):
         out_dir.unlink()  # not ours (the output-dir guard refuses one at the start): never followed
     elif out_dir.is_dir():
         aside = _aside_name(out_dir)
@@ -120,7 +120,7 @@ def _aside_name(out_dir: Path) -> Path:
 def _discard(p: Path, out_dir: Path) -> None:
     """Remove ``p`` (a link or a file unlinked, never followed), a dir first renamed to a fresh aside name of
     ``out_dir``'s: what cannot be removed (NFS keeps a file another client holds open) stays there, out of the way."""
-    if p.is_symlink() or (os.path.lexists(p) and not p.is_dir()):
+    if safe_io.not_a_dir(p):
         p.unlink()
     elif p.is_dir():
         if p.name == out_dir.name + NEW:

@@ -491,7 +491,7 @@ def _settle(root: Path) -> None:
             os.replace(_pointer_temp(root, pointer), root / pointer)
     for base in bases:
         for c in (root / (base + NEW), root / (base + OLD)):
-            if c.is_symlink() or (os.path.lexists(c) and not c.is_dir()):
+            if safe_io.not_a_dir(c):
                 c.unlink()
             elif c.is_dir():
                 shutil.rmtree(c, ignore_errors=True)
@@ -530,7 +530,7 @@ def _put_in_place(root: Path, tag: str, step: int) -> None:
     becomes ``stepN.old`` first and goes after. Cut off between the renames, :func:`latest` reads the new one and
     the next save puts it in place."""
     d, old = root / tag, root / (tag + OLD)
-    if d.is_symlink() or (os.path.lexists(d) and not d.is_dir()):
+    if safe_io.not_a_dir(d):
         d.unlink()  # not ours: never followed
     elif d.is_dir():
         os.rename(d, old)

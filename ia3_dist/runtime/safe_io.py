@@ -164,6 +164,12 @@ def write_file(path: Path, fill: Callable[[IO[bytes]], object], what: str = "", 
     return path
 
 
+def not_a_dir(p: Path) -> bool:
+    """``p`` is there and is a link (to anything) or not a directory: what a writer of a dir there removes by
+    unlinking, never following it."""
+    return p.is_symlink() or (os.path.lexists(p) and not p.is_dir())
+
+
 def fsync(path: Path, directory: bool = False) -> None:
     """Flush ``path`` (a file, or with ``directory`` the names in a dir) to stable storage. A rename is durable only
     once its dir is flushed, and a file's data only once the file is: without both, a node that crashes after a

@@ -153,8 +153,7 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
         if left:
             dist.print0(env, f"ia3-dist: note: {left}")
     try:
-        res = train(p, stop, watchdog, trackers)
-        watchdog.stop()  # training is over: the hooks below may take as long as they need
+        res = train(p, stop, watchdog, trackers)  # it stops the watchdog once the adapter is written
         if res.losses:
             k, first, last = res.loss_change(cfg.train.log_every)
             # A first mean of 0 (data.unlabeled=keep, steps without a label token) has no relative change.
