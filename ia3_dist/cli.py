@@ -300,7 +300,8 @@ def cmd_chat(argv: list[str], prog: str) -> int:
 def cmd_export(argv: list[str], prog: str) -> int:
     """Merge the IA3 adapter into its base (PEFT merge_and_unload) and save a standard HF model (safetensors),
     its tokenizer and the prompt template into --out, which must be new or empty (see --force)."""
-    from .tools.export import MARKER, export_merged
+    from .tools.export import export_merged
+    from .tools.inference import EXPORT_MARKER as MARKER
 
     ap = argparse.ArgumentParser(prog=prog, description=cmd_export.__doc__)
     ap.add_argument("--adapter", required=True)

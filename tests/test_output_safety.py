@@ -330,7 +330,7 @@ def test_export_refuses_a_dir_with_another_model(adapter: Path, tmp_path: Path, 
 
 def test_export_force_replaces_only_its_own_earlier_export(adapter: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture) -> None:
-    from ia3_dist.tools.export import MARKER
+    from ia3_dist.tools.inference import EXPORT_MARKER as MARKER
 
     d = tmp_path / "merged"
     assert run_cli(["export", "--adapter", str(adapter), "--out", str(d)], capsys)[0] == 0

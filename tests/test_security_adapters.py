@@ -599,7 +599,7 @@ def test_chat_template_bomb_in_a_real_generate(adapter: Path, tmp_path: Path) ->
 
 
 def _earlier_export(o: Path) -> None:
-    from ia3_dist.tools.export import MARKER
+    from ia3_dist.tools.inference import EXPORT_MARKER as MARKER
 
     o.mkdir()
     (o / "config.json").write_text("{}")
@@ -615,7 +615,8 @@ def _staged(tmp_path: Path) -> Path:
 
 
 def test_export_never_writes_its_marker_through_a_planted_link(tmp_path: Path) -> None:
-    from ia3_dist.tools.export import MARKER, _publish, check_target
+    from ia3_dist.tools.export import _publish, check_target
+    from ia3_dist.tools.inference import EXPORT_MARKER as MARKER
 
     o = tmp_path / "out"
     _earlier_export(o)
@@ -631,7 +632,8 @@ def test_export_never_writes_its_marker_through_a_planted_link(tmp_path: Path) -
 @pytest.mark.parametrize("force", [False, True])
 @pytest.mark.parametrize("make", ["fifo", "zero-link"])
 def test_a_fifo_or_endless_marker_is_no_earlier_export(make: str, force: bool, tmp_path: Path) -> None:
-    from ia3_dist.tools.export import MARKER, check_target
+    from ia3_dist.tools.export import check_target
+    from ia3_dist.tools.inference import EXPORT_MARKER as MARKER
 
     o = tmp_path / "out"
     o.mkdir()
@@ -645,6 +647,7 @@ def test_a_fifo_or_endless_marker_is_no_earlier_export(make: str, force: bool, t
 
 def test_an_interrupted_export_is_replaced_by_the_next_with_force(tmp_path: Path, monkeypatch) -> None:
     from ia3_dist.tools import export
+    from ia3_dist.tools.inference import EXPORT_MARKER
 
     o = tmp_path / "out"
     o.mkdir()
@@ -652,7 +655,7 @@ def test_an_interrupted_export_is_replaced_by_the_next_with_force(tmp_path: Path
     real = os.replace
 
     def dying(a, b):  # killed after the first staged file is moved in
-        if Path(a).parent == st and any(p.parent == o and p.name != export.MARKER for p in o.iterdir()):
+        if Path(a).parent == st and any(p.parent == o and p.name != EXPORT_MARKER for p in o.iterdir()):
             raise KeyboardInterrupt("killed mid-publish")
         return real(a, b)
 

@@ -1,7 +1,8 @@
 """``ia3-dist export``: merge the IA3 vectors into the base weights and save a plain HF model.
 
 The target dir is never shared with files export did not write: it must be new or empty, or (with ``force``) hold
-an earlier export of ours, recorded in :data:`MARKER`. The model is saved into a staging dir inside it first
+an earlier export of ours, recorded in :data:`.inference.EXPORT_MARKER`. The model is saved into a staging dir inside
+it first
 (``save_pretrained`` deletes weight shards it does not recognise in its target), then moved in; only files the
 earlier export listed are replaced or removed.
 """
@@ -20,24 +21,16 @@ from ..data.template import TEMPLATE_FILE
 from ..errors import UsageError
 from ..models.load import save_tokenizer
 from ..runtime.manifest import check_writable_dir, few
-from ..runtime.safe_io import fsync, fsync_tree, read_bounded, write_file
-from .inference import ADAPTER_CONFIG, EXPORT_MARKER, MAX_EXPORT_MARKER, load_for_inference
+from ..runtime.safe_io import fsync, fsync_tree, write_file
+from .inference import ADAPTER_CONFIG, EXPORT_MARKER, load_for_inference, read_export_marker
 
-MARKER = EXPORT_MARKER
 STAGING_PREFIX = ".ia3-dist-export-staging-"
-MAX_MARKER = MAX_EXPORT_MARKER
 
 
 def _previous_export(o: Path) -> list[str] | None:
     """The plain file names an earlier export recorded in ``o``, or None if ``o`` holds no readable marker."""
-    try:
-        # Bounded, and a link or FIFO is no marker: --out may hold anything, and /dev/zero or a FIFO with no
-        # writer would hang a plain read.
-        raw = read_bounded(o / MARKER, MAX_MARKER, follow=False, missing_ok=True)
-        m = json.loads(raw.decode("utf-8")) if raw is not None else None
-    except (UsageError, ValueError, RecursionError):
-        return None
-    files = m.get("files") if isinstance(m, dict) and m.get("tool") == "ia3-dist export" else None
+    m = read_export_marker(o)
+    files = m.get("files") if m is not None else None
     if not isinstance(files, list):
         return None
     # A marker is a file anyone can edit: only plain names directly in o are ever acted on.
@@ -63,8 +56,8 @@ def check_target(out: str, force: bool) -> list[str]:
         raise UsageError(f"--out {out} is not empty ({what}: {few(entries)}); pick a new or empty dir, or pass "
                          f"--force to replace an earlier `ia3-dist export` there")
     if previous is None:
-        raise UsageError(f"--out {out} holds files `ia3-dist export` did not write ({few(entries)}; no {MARKER}); "
-                         f"--force only replaces an earlier export, so pick a new or empty dir")
+        raise UsageError(f"--out {out} holds files `ia3-dist export` did not write ({few(entries)}; no "
+                         f"{EXPORT_MARKER}); --force only replaces an earlier export, so pick a new or empty dir")
     return [f for f in previous if (o / f).is_file() and not (o / f).is_symlink()]
 
 
@@ -166,7 +159,7 @@ def _publish(staging: Path, o: Path, previous: list[str], info: dict[str, Any]) 
                          f"move it away or pick a new or empty dir")
     _write_marker(o, sorted(set(previous) | set(new)), {**info, "complete": False})
     for name in previous:
-        if name not in new and name != MARKER:
+        if name not in new and name != EXPORT_MARKER:
             (o / name).unlink(missing_ok=True)
     for name in new:
         os.replace(staging / name, o / name)
@@ -176,5 +169,5 @@ def _publish(staging: Path, o: Path, previous: list[str], info: dict[str, Any]) 
 def _write_marker(o: Path, files: list[str], info: dict[str, Any]) -> None:
     text = json.dumps({"tool": "ia3-dist export", "version": __version__, **info, "files": files}, indent=1) + "\n"
     # Never through a link: a temp name planted in --out as a symlink would redirect a plain write anywhere.
-    write_file(o / MARKER, lambda fh: fh.write(text.encode("utf-8")), what="--out ",
+    write_file(o / EXPORT_MARKER, lambda fh: fh.write(text.encode("utf-8")), what="--out ",
                fix="remove it, or pick a new or empty dir")

@@ -231,15 +231,23 @@ EXPORT_MARKER = ".ia3-dist-export.json"
 MAX_EXPORT_MARKER = 1 << 20  # a list of a few dozen file names
 
 
-def _check_export_finished(d: Path) -> None:
-    """A merged dir that ``ia3-dist export --force`` was replacing when it was killed may hold new shards beside
-    old ones of the same names, which load without complaint: refused, naming the fix."""
+def read_export_marker(d: Path) -> dict[str, Any] | None:
+    """``ia3-dist export``'s marker in ``d``, or None where there is no readable one of ours. Bounded, and a link
+    or FIFO is no marker: the dir may hold anything, and /dev/zero or a FIFO with no writer would hang a plain
+    read."""
     try:
         raw = read_bounded(d / EXPORT_MARKER, MAX_EXPORT_MARKER, follow=False, missing_ok=True)
         marker = json.loads(raw.decode("utf-8")) if raw is not None else None
     except (UsageError, ValueError, RecursionError):
-        return  # not a marker of ours: the dir is checked as any model dir
-    if isinstance(marker, dict) and marker.get("tool") == "ia3-dist export" and marker.get("complete") is False:
+        return None
+    return marker if isinstance(marker, dict) and marker.get("tool") == "ia3-dist export" else None
+
+
+def _check_export_finished(d: Path) -> None:
+    """A merged dir that ``ia3-dist export --force`` was replacing when it was killed may hold new shards beside
+    old ones of the same names, which load without complaint: refused, naming the fix."""
+    marker = read_export_marker(d)
+    if marker is not None and marker.get("complete") is False:
         raise UsageError(f"{d}: an `ia3-dist export` into it was stopped while it moved the merged model in (its "
                          f"{EXPORT_MARKER} says so), so its files may mix two exports; run the export again with "
                          f"--force")
