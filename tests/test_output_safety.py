@@ -164,6 +164,7 @@ def test_an_aside_cut_off_midway_or_left_beside_a_trained_run(tmp_path: Path) ->
     start_run_dir(out, start_over=True)
     assert (aside / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
     assert manifest.discard_aside(out) == "" and not aside.exists()
+    assert manifest.discard_aside(out) == ""  # nothing set aside: nothing to say
 
 
 def test_overwrite_never_follows_or_deletes_symlinks(tmp_path: Path) -> None:

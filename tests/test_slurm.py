@@ -604,6 +604,7 @@ def test_sweep_runs_as_a_job_array_and_a_preempted_task_resumes_alone(cluster: i
             time.sleep(1)
     text = logs(sw, None)
     assert all(job_state(f"{job}_{t['index']}") == "COMPLETED" for t in tasks), text[-5000:]
+    assert "could not all be removed" not in text, text[-5000:]  # the tasks start over in new dirs: nothing aside
     got = _summary(sw, env)
     assert sorted(got["keys"]) == ["train.log_every"], got
     rows = got["rows"]

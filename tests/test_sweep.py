@@ -269,6 +269,13 @@ def test_stale_pid_file_is_failed_when_old(tmp_path: Path) -> None:
     assert run_status(d, slurm_state="RUNNING", job_known=True) == "running"
     (d / "preempted.json").write_text("{}")
     assert run_status(d, slurm_state="PENDING", job_known=True) == "preempted"
+    # Slurm lists the task as running while its batch shell requeues it: the attempt ended at its checkpoint (its
+    # pid file gone, the marker there); once the next attempt writes its pid file it runs.
+    assert run_status(d, slurm_state="RUNNING", job_known=True) == "running"
+    (d / "rank0.pid").unlink()
+    assert run_status(d, slurm_state="COMPLETING", job_known=True) == "preempted"
+    (d / "preempted.json").unlink()
+    assert run_status(d, slurm_state="RUNNING", job_known=True) == "running"
 
 
 def test_a_pid_file_of_this_host_is_read_at_once(tmp_path: Path) -> None:

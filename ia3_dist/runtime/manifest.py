@@ -255,7 +255,13 @@ def restore_aside(out: Path) -> list[str]:
 def discard_aside(out: Path) -> str:
     """Remove the aside once the new run has started; what could not be removed, as a note ("" when all went)."""
     errors: list[str] = []
-    shutil.rmtree(out / REPLACED, onerror=lambda _f, path, exc: errors.append(f"{path}: {exc[1]}"))
+
+    def failed(_f: object, path: str, exc: tuple) -> None:
+        # Gone already is removed: a start over a new dir sets nothing aside (and said so in a spurious note).
+        if not isinstance(exc[1], FileNotFoundError):
+            errors.append(f"{path}: {exc[1]}")
+
+    shutil.rmtree(out / REPLACED, onerror=failed)
     if not errors:
         return ""
     return (f"output.dir {out}: {REPLACED}, the earlier run's files output.overwrite replaced, could not all be "

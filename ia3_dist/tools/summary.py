@@ -9,7 +9,8 @@ RSS on CPU). Status:
 - done: the adapter is written and the run has ended;
 - running: Slurm lists the task as running, or (no Slurm record) rank 0's pid file is there and names a live
   ia3-dist process of this host, or it names another host (or none) and the run wrote within :data:`RECENT_S`;
-- preempted: stopped at a checkpoint after a signal (or by the hang watchdog); it resumes when requeued;
+- preempted: stopped at a checkpoint after a signal (or by the hang watchdog); it resumes when requeued (also
+  while Slurm still lists the task as running, its batch shell requeueing it);
 - failed: it started and ended without an adapter (or its job is gone while the pid file says it runs);
 - pending: a sweep task that has not started.
 
@@ -215,8 +216,12 @@ def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,
     ``job_known``, whether Slurm was asked about the array; ``array_seen``, when the array last showed a sign of the
     task (:func:`_array_signs`)."""
     state = (slurm_state or "").upper()
+    requeued = (d / "preempted.json").exists() or (d / "hung.json").exists()
     if state in _SLURM_RUNNING:
-        return "running"
+        # The attempt ended at a checkpoint (its pid file gone, the marker written) while Slurm still lists the
+        # task as running: the batch shell is requeueing it, or the next attempt starts and has not yet written
+        # its pid file (which removes the marker).
+        return "preempted" if requeued and not (d / PID_FILE).exists() else "running"
     started = _mtime(d / PID_FILE)
     # Rank 0 writes the pid file as its attempt starts: one newer than the array's last sign of the task belongs to
     # an attempt started outside the array, whose end or life the queue knows nothing of. Whether its process lives
@@ -228,7 +233,6 @@ def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,
             return "running"
         if array_seen is not None and _finished_after(d, array_seen):
             return "done"  # done by hand meanwhile: the queued task would resume a finished run
-        requeued = (d / "preempted.json").exists() or (d / "hung.json").exists()
         return "preempted" if requeued else "pending"
     if started is not None:
         if alive:
