@@ -25,10 +25,10 @@ REPLY = os.fdopen(os.dup(1), "w")
 os.dup2(2, 1)
 
 # What a rank imports before its first step and at its end (model families, the engine, ZeRO, tensorboard, the
-# metrics plot): importing it here once is the whole point of the server. The Muon module: the engine's optimizer
-# check imports it, and it imports torch._inductor (0.75 s of a core per rank and run, a quarter of a tiny run).
+# metrics plot): importing it here once is the whole point of the server. DeepSpeed as a rank imports it
+# (ia3_dist.runtime.lazy: without MLflow, with the stand-ins for its Muon modules).
 WARM = ("torch", "deepspeed", "deepspeed.runtime.engine", "deepspeed.runtime.zero.stage_1_and_2",
-        "deepspeed.runtime.zero.stage3", "deepspeed.runtime.zero.muon.muon_optimizer", "transformers",
+        "deepspeed.runtime.zero.stage3", "transformers",
         "transformers.models.bloom.modeling_bloom",
         "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
         "transformers.models.mistral.modeling_mistral", "transformers.models.gpt_neox.modeling_gpt_neox",
@@ -41,6 +41,9 @@ def _warm_up() -> None:
     import importlib
 
     os.environ.setdefault("MPLBACKEND", "Agg")
+    from ia3_dist.runtime.lazy import import_deepspeed
+
+    import_deepspeed()
     for name in WARM:
         importlib.import_module(name)
     # One figure drawn (fonts found and loaded, text layout cached): rank 0 draws metrics.png at the end of every
