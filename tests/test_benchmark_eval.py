@@ -210,6 +210,12 @@ def test_refusals_before_anything_loads(run: Path, tmp_path: Path, monkeypatch,
     assert "not on this machine" in capsys.readouterr().err
     assert main(["eval", str(run), "--tasks", "tiny_mc", "--include", str(TASKS), "--checkpoints", "step7"]) == 2
     assert "no checkpoint ['step7']" in capsys.readouterr().err
+    # Where the results cannot go: refused first, not found once every checkpoint was evaluated.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, why in ((afile, "is a file, not a directory"), (afile / "sub", "is not a directory, so it cannot")):
+        assert main(["eval", str(run), "--tasks", "tiny_mc", "--include", str(TASKS), "--out", str(out)]) == 2
+        assert f"--out {out}" in (err := capsys.readouterr().err) and why in err, err
     # A damaged checkpoint (a NaN vector; training saves none): refused before any point is evaluated, where it
     # scored chance level as a result.
     import torch

@@ -18,7 +18,6 @@ Every refusal: exit 2, one line on stderr, no traceback, the run dir byte-identi
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -236,8 +235,13 @@ def _symlink_out(path: Path) -> None:
 
 def _socket(path: Path) -> None:
     path.unlink()
-    with contextlib.chdir(path.parent), socket.socket(socket.AF_UNIX) as s:
-        s.bind(path.name)  # relative: AF_UNIX paths are limited to 108 bytes
+    cwd = os.getcwd()
+    os.chdir(path.parent)  # contextlib.chdir is Python 3.11's
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(path.name)  # relative: AF_UNIX paths are limited to 108 bytes
+    finally:
+        os.chdir(cwd)
 
 
 def _chardev(path: Path) -> None:

@@ -115,8 +115,21 @@ def test_force_over_a_live_array_is_refused(tmp_path: Path, fake_sbatch: Path,
     queue.write_text("0|RUNNING\n1|PENDING\n")
     rc, _, err = sweep(["--dir", str(d), "--grid", "train.lr=1e-3,1e-2", "--force"], capsys)
     assert rc == 2 and "job array 4242 still has 2 task(s) queued or running" in err and "scancel 4242" in err, err
+    # Slurm cannot be asked (its controller down): no sign the array ended, so refused too.
+    squeue.write_text('#!/bin/sh\necho "slurm_load_jobs error: Unable to contact slurm controller" >&2\nexit 1\n')
+    rc, _, err = sweep(["--dir", str(d), "--grid", "train.lr=1e-3,1e-2", "--force"], capsys)
+    assert rc == 2 and "cannot ask Slurm whether its job array 4242 still runs" in err, err
+    squeue.write_text(f'#!/bin/sh\ncat {queue} 2>/dev/null\n')
     queue.write_text("")
     assert sweep(["--dir", str(d), "--grid", "train.lr=1e-3,1e-2", "--force"], capsys)[0] == 0
+    # An sbatch that does not answer (slurmctld overloaded): exit 2 saying the array may be queued, not a traceback.
+    from ia3_dist.tools import sweep as sweep_mod
+
+    (fake_sbatch.parent / "bin" / "sbatch").write_text("#!/bin/sh\nexec sleep 30\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep_mod, "SBATCH_TIMEOUT_S", 1)
+        rc, _, err = sweep(["--dir", str(tmp_path / "sw2"), "--grid", "train.lr=1e-3,1e-2"], capsys)
+    assert rc == 2 and "did not answer within 1 s" in err and "squeue --me" in err, err
     # --local writes no #SBATCH line: a space in its dir is fine there.
     from ia3_dist.tools.sweep import check_sweep_dir
 

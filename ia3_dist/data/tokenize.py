@@ -90,7 +90,10 @@ def _file_digest(path: Any) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_TOKENIZER_FILE:
             return b"-" if not stat.S_ISREG(st.st_mode) else f"size {st.st_size}".encode()
-        return hashlib.file_digest(fh, "sha256").digest()
+        h = hashlib.sha256()  # hashlib.file_digest is Python 3.11's
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+        return h.digest()
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:

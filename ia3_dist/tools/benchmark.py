@@ -25,7 +25,7 @@ import torch
 
 from ..config.schema import has_heldout
 from ..errors import UsageError
-from ..runtime import dist, safe_io
+from ..runtime import dist, manifest, safe_io
 from ..runtime.dist import DistEnv
 from ..train.benchmarks import check_tasks, must_replicate, run_tasks
 from .summary import RESULTS
@@ -331,8 +331,8 @@ def main(argv: list[str], prog: str) -> int:
     out = args.out or ((run or path) / "eval")
     if args.out is None and out.is_symlink():  # a run dir from elsewhere decides nothing about where we write
         raise UsageError(f"{out}: a link; evaluation results go into a real directory there, or give --out")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: not a directory; give a directory for results.json and the plots")
+    # Before any checkpoint is evaluated: found only when the results are written, they would be lost.
+    manifest.check_writable_dir(out, "--out")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UsageError("--batch-size and --limit must be positive")
     adapter, pts = points_of(path, args.checkpoints)
@@ -349,7 +349,11 @@ def main(argv: list[str], prog: str) -> int:
         dist.destroy()
     if not env.is_main:
         return 0
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # checked before the evaluation: changed since
+        raise UsageError(f"--out {out}: cannot create it ({e.strerror or e}); the results were:\n{table(rows)}") \
+            from None
     text = json.dumps({"tasks": tasks, "rows": rows}, indent=1) + "\n"
     # Never through a link planted in a run dir from elsewhere; atomically, for `ia3-dist summary --metric`.
     safe_io.write_file(out / RESULTS, lambda f: f.write(text.encode("utf-8")), "--out ")

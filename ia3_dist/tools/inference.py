@@ -101,8 +101,12 @@ def read_adapter_config(d: Path) -> dict[str, Any]:
 
 def _safe_pattern(p: str) -> str | None:
     """Why the regex ``p`` is not in the accepted subset (see :data:`MAX_PATTERN`), or None if it is."""
-    import re._constants as sre_c  # the stdlib parser itself: what re.compile will run
-    import re._parser as sre_p
+    try:  # the stdlib parser itself: what re.compile will run (re._parser from Python 3.11, sre_parse before)
+        import re._constants as sre_c
+        import re._parser as sre_p
+    except ImportError:
+        import sre_constants as sre_c
+        import sre_parse as sre_p
 
     if len(p) > MAX_PATTERN:
         return f"{len(p)} characters, at most {MAX_PATTERN}"
@@ -111,7 +115,9 @@ def _safe_pattern(p: str) -> str | None:
     except (re.error, RecursionError, OverflowError) as e:
         return f"it does not compile: {e}"
     single = {sre_c.LITERAL, sre_c.NOT_LITERAL, sre_c.ANY, sre_c.IN, sre_c.CATEGORY}
-    repeats = {sre_c.MAX_REPEAT, sre_c.MIN_REPEAT, sre_c.POSSESSIVE_REPEAT}
+    # Possessive repeats and atomic groups are Python 3.11's; before, such a pattern does not compile at all.
+    repeats = {sre_c.MAX_REPEAT, sre_c.MIN_REPEAT, getattr(sre_c, "POSSESSIVE_REPEAT", sre_c.MAX_REPEAT)}
+    atomic = getattr(sre_c, "ATOMIC_GROUP", sre_c.SUBPATTERN)
 
     def one_char(items: Any) -> bool:
         if len(items) != 1:
@@ -131,7 +137,7 @@ def _safe_pattern(p: str) -> str | None:
                     n += 1
                 else:
                     stack.append(body)
-            elif op == sre_c.SUBPATTERN or op == sre_c.ATOMIC_GROUP:
+            elif op == sre_c.SUBPATTERN or op == atomic:
                 stack.append(av[-1] if op == sre_c.SUBPATTERN else av)
             elif op == sre_c.BRANCH:
                 stack.extend(av[1])

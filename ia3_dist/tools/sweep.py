@@ -223,6 +223,10 @@ def _refuse_live_array(d: Path, name: str) -> None:
                             "runs (squeue --me)", tolerant=True)
     job = rec.get("job") if rec is not None else None
     live = slurm_states(job) if job is not None else None
+    if job is not None and live is None and shutil.which("squeue"):
+        # Slurm could not be asked: that is no sign the array has ended.
+        raise UsageError(f"--dir {name}: cannot ask Slurm whether its job array {job} still runs (squeue failed); "
+                         f"check squeue --me, cancel the array (scancel {job}) if it runs, then run this again")
     if live:
         raise UsageError(f"--dir {name}: its job array {job} still has {len(live)} task(s) queued or running; "
                          f"cancel it first (scancel {job}) or wait for it, then run this again")
@@ -347,8 +351,21 @@ def run_local(config: str, base: list[str], tasks: list[Task], sweep_dir: Path, 
     return failed
 
 
+SBATCH_TIMEOUT_S = 120  # slurmctld answers in well under a second; a loaded one may take tens
+
+
 def _submit(script: Path) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
+                              timeout=SBATCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # slurmctld may have queued the array all the same: the record names no job, so a --force would not
+        # see it running.
+        raise UsageError(f"sbatch {brief(str(script))} did not answer within {SBATCH_TIMEOUT_S} s; the job array "
+                         f"may have been queued all the same: check squeue --me (and scancel it) before submitting "
+                         f"the sweep again") from None
+    except OSError as e:
+        raise UsageError(f"sbatch {brief(str(script))}: cannot run it ({e.strerror or e})") from None
     if proc.returncode != 0:
         msg = " ".join((proc.stderr or proc.stdout).split())
         raise UsageError(f"sbatch refused {brief(str(script))}: {brief(msg)}")
