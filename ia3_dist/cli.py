@@ -178,11 +178,16 @@ def cmd_generate(argv: list[str], prog: str) -> int:
     if a.out:
         # Made before the model loads (a directory it cannot write to is found now, not after hours of
         # generation), renamed over --out at the end (a link there is replaced, never followed).
-        import tempfile
+        import secrets
 
+        o = Path(a.out)
+        tmp = str(o.parent / f".{o.name[:100]}.{secrets.token_hex(6)}.tmp")
         try:
-            fd, tmp = tempfile.mkstemp(dir=Path(a.out).parent, prefix=f".{Path(a.out).name}.", suffix=".tmp")
+            # 0666 less the umask, as every file ia3-dist writes (mkstemp's 0600 would keep the answers from a
+            # shared project's other members).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except OSError as e:
+            tmp = None
             raise UsageError(f"--out {a.out}: cannot write there ({e.strerror or e})") from None
         os.close(fd)
     try:

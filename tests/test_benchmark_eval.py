@@ -325,6 +325,15 @@ def test_the_final_steps_checkpoint_name_picks_the_final_point(tmp_path: Path) -
     (r / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 11)))
     pick = {w: [(p.name, p.step) for p in points_of(r, w)[1]] for w in ("step5", "step10", "step10,final")}
     assert pick == {"step5": [("step5", 5)], "step10": [("final", 10)], "step10,final": [("final", 10)]}
+    # The step the adapter records wins over the run's logs: early stopping's best vectors (step 5) written as
+    # the final adapter, or (final=best with no best carried over a resume) the last step's after all.
+    from ia3_dist.runtime.adapter import STEP_FILE
+
+    (r / "adapter" / STEP_FILE).write_text('{"step": 5}')
+    assert [(p.name, p.step) for p in points_of(r, "all")[1]] == [("final", 5), ("step10", 10)]
+    assert [(p.name, p.step) for p in points_of(r, "step5")[1]] == [("final", 5)]
+    (r / "adapter" / STEP_FILE).write_text('{"step": "5"}')  # damaged: the logs say
+    assert [(p.name, p.step) for p in points_of(r, "all")[1]] == [("step5", 5), ("final", 10)]
 
 
 @pytest.mark.parametrize("save", ["bin", "links"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,10 @@ def test_generate_from_adapter_and_merged_dir(trained: Path, tmp_path: Path, cap
                  "--out", str(out)]) == 0
     d = [json.loads(ln) for ln in out.read_text().splitlines()]
     assert [r["response"] for r in c] == [r["response"] for r in d] == [r["response"] for r in a]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file written here, not a temp file's 0600
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     # Sampling: reproducible from its seed, and differs from greedy somewhere over a few seeds.
     s1 = _generate(["--adapter", str(merged), "--max-new-tokens", "20", "--sample", "--temperature", "1.5",
                     "--seed", "3", *prompts], capsys)

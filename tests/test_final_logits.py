@@ -475,6 +475,10 @@ NEW_ENTRIES = {
 def test_head_logits_are_the_model_forward_logits(model_type: str) -> None:
     """The head's output through the entry's transform is the logits of the model's own forward (the transform
     active: logits large enough for a cap of 3 to bite, a scale away from 1, a vocabulary cut)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:  # requirements.txt allows transformers 5.x releases before the model's
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
     cfg = AutoConfig.for_model(model_type, **NEW_ENTRIES[model_type])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()

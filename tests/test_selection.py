@@ -4,6 +4,7 @@ checkpoint outside the rotation, writes the best vectors as its adapter, and a r
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from ia3_dist.config import load_config
 from ia3_dist.config.schema import lower_is_better
 from ia3_dist.errors import EXIT_PREEMPTED, UsageError
 from ia3_dist.runtime import checkpoint as ckpt
+from ia3_dist.runtime.adapter import STEP_FILE
 from ia3_dist.train.selection import Selection, Tracker, check_measured, measured_keys, stopped_early
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,6 +207,7 @@ def test_early_stopping_keeps_the_best_and_a_resume_is_a_no_op(tmp_path: Path, d
     assert set(kept) == set(ad)
     assert all(torch.equal(kept[k], ad[k].float()) for k in ad)
     assert any(not torch.equal(last[k], ad[k].float()) for k in ad)
+    assert json.loads((out / "adapter" / STEP_FILE).read_text()) == {"step": best_step}  # where eval places it
     # Resuming it (a requeue, a chunked job's next chunk) is a no-op that says so and leaves every file as it was.
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
     again = check(launch([*args, "train.resume=auto"], nproc=2))
@@ -217,6 +220,7 @@ def test_early_stopping_keeps_the_best_and_a_resume_is_a_no_op(tmp_path: Path, d
     assert f"step {stop} is the run's last: nothing to train" in again.stdout, again.stdout[-2000:]
     rewritten = adapter_tensors(out / "adapter")
     assert rewritten.keys() == ad.keys() and all(torch.equal(rewritten[k], ad[k]) for k in ad)
+    assert json.loads((out / "adapter" / STEP_FILE).read_text()) == {"step": best_step}
     assert metrics(out) == lines
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")} == \
         {p: v for p, v in before.items() if root in p.parents}

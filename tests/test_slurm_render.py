@@ -301,6 +301,8 @@ def test_directives_appear_once_with_the_given_values(nodes: int) -> None:
     tmpl = "multi_node.sbatch" if nodes > 1 else "single_node.sbatch"
     assert text.splitlines()[-1] == (template_dir() / tmpl).read_text().splitlines()[-1]
     assert "export NPROC_PER_NODE=4\n" in text
+    # The launcher the header names, whatever LAUNCHER the submitting shell exports (sbatch passes it on).
+    assert ("export LAUNCHER=deepspeed\n" in text) is (nodes > 1) and "deepspeed launcher" in text.splitlines()[1]
 
 
 def test_absent_partition_and_account_give_no_directive() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -39,6 +40,10 @@ def gather_trainable(peft_model: Any, is_main: bool) -> dict[str, torch.Tensor]:
     return out
 
 
+STEP_FILE = "ia3_dist_step.json"
+"""In an adapter dir: ``{"step": N}``, the optimizer step whose vectors it holds (the last step's, or the best
+evaluation's under ``train.early_stopping.final: best``), for ``ia3-dist eval`` to place it among the checkpoints."""
+
 NEW, OLD = ".new", ".old."
 """``adapter.new``: the adapter being written; ``adapter.old.<12 hex>``: the one it replaces, set aside under a
 name no leftover can hold (``manifest.ADAPTER_ASIDE`` owns them) until it is removed."""
@@ -46,13 +51,15 @@ name no leftover can hold (``manifest.ADAPTER_ASIDE`` owns them) until it is rem
 
 def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str, torch.Tensor] | None = None,
                  state: dict[str, torch.Tensor] | None = None,
-                 extra: Callable[[Path], None] | None = None, step: int = 0) -> Path:
+                 extra: Callable[[Path], None] | None = None, step: int = 0, vectors_step: int | None = None
+                 ) -> Path:
     """Gather on all ranks, write on rank 0, then every rank learns whether it succeeded. ``fixed``: parameter name
     -> mask of entries the forward pass holds at exactly 1.0 (``ia3.variant: paper``); they are written as 1.0
     whatever the optimizer's weight decay did to the stored values, so the file is a plain IA3 vector that
     ``PeftModel.from_pretrained`` loads. ``state``: vectors gathered earlier (:func:`gather_trainable`: the best
     evaluation's) instead of the model's current ones. ``extra(dir)``: rank 0 writes the other files of the
     adapter (tokenizer, template) there. ``step``: the run's last step (the ``save-adapter`` fault point's).
+    ``vectors_step``: the step whose vectors are written, recorded in :data:`STEP_FILE` (none without it).
 
     Atomic and durable: everything is written to ``<out_dir>.new``, flushed to stable storage, then renamed to
     ``out_dir`` (an adapter there already is set aside first, and removed after as far as it can be: an NFS
@@ -67,7 +74,7 @@ def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str,
     error: Exception | None = None
     if is_main:
         try:
-            _write(peft_model, out_dir, state, extra, step)
+            _write(peft_model, out_dir, state, extra, step, vectors_step)
         except Exception as e:  # any failure to write (OSError, safetensors', a tokenizer's): all ranks leave
             error = e
     if dist.host_max(int(error is not None)):
@@ -79,7 +86,7 @@ def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str,
 
 
 def _write(peft_model: Any, out_dir: Path, state: dict[str, torch.Tensor],
-           extra: Callable[[Path], None] | None, step: int) -> None:
+           extra: Callable[[Path], None] | None, step: int, vectors_step: int | None = None) -> None:
     """Rank 0: the adapter into ``<out_dir>.new``, flushed, then renamed to ``out_dir``."""
     staged = out_dir.with_name(out_dir.name + NEW)
     # A killed earlier write's leftovers: set aside (so a part that cannot be removed never blocks this write).
@@ -90,6 +97,8 @@ def _write(peft_model: Any, out_dir: Path, state: dict[str, torch.Tensor],
     peft_model.save_pretrained(str(staged), state_dict=state, safe_serialization=True)
     if extra is not None:
         extra(staged)
+    if vectors_step is not None:
+        (staged / STEP_FILE).write_text(json.dumps({"step": vectors_step}) + "\n", encoding="utf-8")
     safe_io.fsync_tree(staged)
     aside = None
     if safe_io.not_a_dir(out_dir):

@@ -47,11 +47,29 @@ class Point:
     """The checkpoint dir (its ia3_state.safetensors) or the adapter dir."""
 
 
+def _recorded_step(adapter: Path) -> int | None:
+    """The step the adapter's :data:`..runtime.adapter.STEP_FILE` names (written since this version); None when
+    there is none or it is unreadable (the run dir may come from elsewhere: bounded, never through a link)."""
+    from ..runtime.adapter import STEP_FILE
+
+    try:
+        rec = json.loads(safe_io.read_bounded(adapter / STEP_FILE, 4096).decode("utf-8"))
+    except (UsageError, ValueError, RecursionError):
+        return None
+    step = rec.get("step") if isinstance(rec, dict) else None
+    return step if type(step) is int and step > 0 else None
+
+
 def _step_of_adapter(run: Path) -> int:
-    """The final adapter's step: the last step the run logged, or the best evaluation's where early stopping
-    ended the run and wrote the best vectors (train.early_stopping.final=best); 0 when unknown."""
+    """The final adapter's step: the one it records (the step its vectors are of), else (an adapter of an earlier
+    version) the last step the run logged, or the best evaluation's where early stopping ended the run and wrote
+    the best vectors (train.early_stopping.final=best); 0 when unknown."""
     from ..runtime import checkpoint as ckpt
     from ..train.selection import META_KEY
+
+    recorded = _recorded_step(run / "adapter")
+    if recorded is not None:
+        return recorded
 
     try:
         last = ckpt.latest(run / "checkpoints")

@@ -349,8 +349,10 @@ def assemble(job: Job, name: str, header: list[str], defaults: str, directives: 
         raise RuntimeError(f"{template_dir() / tname}: no checkout prelude ({PRELUDE.strip()!r}) to inline")
     text = text.replace(PRELUDE, _inline_helpers(job), 1)
     env = [f"export NPROC_PER_NODE={job.per_node}"]
-    if job.launcher == "torchrun":
-        env.append("export LAUNCHER=torchrun")
+    if "${LAUNCHER:-" in text:
+        # Pinned either way: sbatch hands the job the submitting shell's environment, and a LAUNCHER left exported
+        # there (the checkout templates read it) would switch the launcher the file's header names.
+        env.append(f"export LAUNCHER={job.launcher}")
     anchor = "set -uo pipefail\n"
     if anchor not in text:
         raise RuntimeError(f"{template_dir() / tname}: no '{anchor.strip()}' line to put the defaults after")
