@@ -556,6 +556,11 @@ def test_unknown_suffix_and_missing_file(tmp_path: Path) -> None:
     assert "unknown data format '.txt'; use .json, .jsonl, .parquet, .csv, .arrow" in error(f)
     assert error(tmp_path / "none.parquet") == f"data.path {tmp_path / 'none.parquet'}: file not found"
     assert error([tmp_path / "d.txt"]).startswith(f"{f}: unknown data format")
+    # A path the OS will not look up (a name over 255 bytes here; EACCES under another user's 0700 home dir, which
+    # root cannot be shown): exit 2 naming it, not pathlib's OSError as a traceback.
+    long = tmp_path / ("x" * 300 + ".jsonl")
+    assert error(long) == (f"data.path {long}: cannot access it (File name too long); check the permissions of "
+                           f"the directories on its path (each needs x for you)")
 
 
 # --- fuzzing: whatever the structure, only UsageError may escape ------------------------------------------------------

@@ -184,6 +184,13 @@ def test_bad_sources_are_named_by_their_key(tmp_path: Path, tiny_tokenizer) -> N
     with pytest.raises(UsageError, match=r"data\.sources\[1\]\.path: .*missing\.jsonl: file not found"):
         load_data(load_config(None, [f"data.sources=[{{path: {good}}}, {{path: {tmp_path}/missing.jsonl}}]",
                                      f"data.cache_dir={cache}"]), tiny_tokenizer)
+    # A source's own template is named by its key; the run's data.template by its own.
+    with pytest.raises(UsageError, match=r"^data\.sources\[1\]\.template: .*nope\.jinja: not human_assistant"):
+        load_data(load_config(None, [f"data.sources=[{{path: {good}}}, {{path: {good}, template: "
+                                     f"{tmp_path}/nope.jinja}}]", f"data.cache_dir={cache}"]), tiny_tokenizer)
+    with pytest.raises(UsageError, match=r"^data\.template chat_template: this tokenizer ships no chat template"):
+        load_data(load_config(None, [f"data.sources=[{{path: {good}}}]", "data.template=chat_template",
+                                     f"data.cache_dir={cache}"]), tiny_tokenizer)
     bad = _jsonl(tmp_path / "bad.jsonl", [{"instruction": "一", "output": "二"}, {"question": "三"}])
     with pytest.raises(UsageError, match=r"bad\.jsonl:2: missing field"):
         load_data(load_config(None, [f"data.sources=[{{path: {good}}}, {{path: {bad}, format: alpaca}}]",
@@ -269,3 +276,31 @@ def test_a_mixture_trained_on_no_source_of_data_template_says_so(tmp_path: Path)
         "  note: the adapter's prompts at inference follow data.template (human_assistant), which no source trains "
         "on (they use chat_template); set data.template to the one to prompt it in"]
     assert note("chat_template", None) == note(None, None) == note("human_assistant", "chat_template") == []
+
+
+def test_a_mixture_read_from_the_cache_names_this_runs_files(tmp_path: Path, tiny_tokenizer) -> None:
+    """The cache is named by content: the same sources under other file names reuse it, and what is reported (the
+    skipped records, the formats, the source names) names this run's files, not those of the run that built it."""
+    recs = [{"instruction": f"问{i}", "output": f"答{i}"} for i in range(8)]
+    a = _jsonl(tmp_path / "a.jsonl", recs)
+    with a.open("a", encoding="utf-8") as fh:
+        fh.write('{"question": "坏"}\n')  # line 9: no instruction
+    other = _jsonl(tmp_path / "other.jsonl", recs[:4])
+    cache = tmp_path / "cache"
+
+    def load(path: Path) -> object:
+        cfg = load_config(None, [f"data.sources=[{{path: {other}}}, {{path: {path}}}]", "data.format=alpaca",
+                                 "data.on_bad_record=skip", f"data.cache_dir={cache}"])
+        return load_data(cfg, tiny_tokenizer)[0]
+
+    first = load(a)
+    assert any(m.startswith(f"{a}:9: ") for m in first.skipped), first.skipped
+    built = sorted((cache / "tokenized").iterdir())
+    b = tmp_path / "b.jsonl"
+    b.write_bytes(a.read_bytes())
+    again = load(b)
+    assert sorted((cache / "tokenized").iterdir()) == built  # reused, not built again
+    assert any(m.startswith(f"{b}:9: ") for m in again.skipped) and not any(str(a) in m for m in again.skipped)
+    assert str(b) in again.formats and str(a) not in again.formats
+    assert [s.name for s in again.mix.sources] == [str(other), str(b)]
+    assert str(b) in again.mix.sources[1].formats and str(a) not in again.mix.sources[1].formats

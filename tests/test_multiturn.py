@@ -270,6 +270,15 @@ def test_a_record_the_template_cannot_render_is_named_or_skipped(chat_tok, tmp_p
     mem = tokenize(load_records(DataSection(path=str(f), on_bad_record="skip")), chat_tok,
                    DataSection(path=str(f), template="chat_template", on_bad_record="skip"))
     assert mem.ids.tolist() == want.ids.tolist() and mem.skipped_total == 1 and "record 1" in mem.skipped[0]
+    # Every record skipped: that is the cause named, not truncation (nothing was cut) or the template's labels.
+    every = tmp_path / "every.json"
+    every.write_text(json.dumps([{**r, "system": "s"} for r in recs]), encoding="utf-8")
+    want_msg = rf"^{every}: every record was skipped \(data.on_bad_record=skip; 4 skipped, the first: {every}: record 0"
+    with pytest.raises(UsageError, match=want_msg):
+        load_or_tokenize(DataSection(**{**common, "path": str(every)}, on_bad_record="skip"), chat_tok)
+    with pytest.raises(UsageError, match=want_msg):
+        tokenize(load_records(DataSection(path=str(every), on_bad_record="skip")), chat_tok,
+                 DataSection(path=str(every), template="chat_template", on_bad_record="skip"))
 
 
 def test_a_prompt_template_without_input_refuses_records_with_one(tiny_tokenizer, tmp_path: Path) -> None:

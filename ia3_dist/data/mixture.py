@@ -196,7 +196,15 @@ def load_or_mix(cfg: DataSection, tok: Any, seed: int, eval_ratio: float, *, bui
     first when missing, as :func:`.tokenize.load_or_tokenize`) and the draws file (drawn first when missing)."""
     from .records import RecordStream
     from .template import Template
-    from .tokenize import CHUNK_RECORDS, cache_key, cached, tokenize_stream
+    from .tokenize import (
+        CHUNK_RECORDS,
+        _renamed,
+        cache_key,
+        cached,
+        check_not_all_skipped,
+        rename_report,
+        tokenize_stream,
+    )
 
     sources = list(cfg.sources or [])
     secs = [source_section(cfg, s) for s in sources]
@@ -206,7 +214,14 @@ def load_or_mix(cfg: DataSection, tok: Any, seed: int, eval_ratio: float, *, bui
             streams.append(RecordStream(sec, pairs))  # checks and hashes the source, reads no record
         except UsageError as e:
             raise UsageError(f"data.sources[{i}].path: {str(e).removeprefix('data.path ')}") from None
-    templates = [Template.of(sec, tok) for sec in secs]  # once each: the key's and the tokens'
+    templates = []  # once each: the key's and the tokens'
+    for i, (src, sec) in enumerate(zip(sources, secs, strict=True)):
+        try:
+            templates.append(Template.of(sec, tok))
+        except UsageError as e:
+            if not src.template:  # the run's data.template, as the message says
+                raise
+            raise UsageError(f"data.sources[{i}].template: {str(e).removeprefix('data.template ')}") from None
     keys = [cache_key(st.fingerprint, tok, sec, tm) for st, sec, tm in zip(streams, secs, templates, strict=True)]
     key = _digest({"mix": MIX_VERSION, "sources": keys, "pairs": pairs})
     names = [st.source for st in streams]
@@ -221,6 +236,8 @@ def load_or_mix(cfg: DataSection, tok: Any, seed: int, eval_ratio: float, *, bui
             tokenize_stream(st, tok, sec, w, CHUNK_RECORDS, progress, tm)
             st.check_unchanged()
             group = 2 if pairs else 1
+            check_not_all_skipped(f"data.sources[{i}] ({st.source})", w.n_records - records,
+                                  st.skipped + w.skipped[shown:], st.n_skipped + w.n_skipped - unrendered)
             if w.n_examples == first:
                 raise UsageError(f"data.sources[{i}] ({st.source}): no example left (every record dropped: no label "
                                  f"token within data.max_length={cfg.max_length}); a weighted source needs examples")
@@ -231,12 +248,20 @@ def load_or_mix(cfg: DataSection, tok: Any, seed: int, eval_ratio: float, *, bui
             formats.update(st.formats)
             skipped += st.skipped + w.skipped[shown:]
             n_skipped += st.n_skipped + w.n_skipped - unrendered
-        return {"sources": names, "formats": formats, "skipped": skipped, "skipped_total": n_skipped,
-                "mixture": parts}
+        return {"sources": names, "files": files, "formats": formats, "skipped": skipped,
+                "skipped_total": n_skipped, "mixture": parts}
 
+    files = [n for st in streams for n in st.names]
     data, meta = cached(cfg, key, len(tok), ", ".join(names), write, build=build, lock=lock)
     data.group = 2 if pairs else 1
+    # Reused from a cache built from the same contents under other names: this run's names in what it reports.
+    rename_report(data, meta.get("files"), files)
     stats = cache_sources(meta, sources)
+    old_files = meta.get("files")
+    for s, name in zip(stats, names, strict=True):
+        s.name = name
+        if isinstance(old_files, list) and len(old_files) == len(files):
+            s.formats = {_renamed(k, [str(f) for f in old_files], files): v for k, v in s.formats.items()}
     mix = _draws(cfg, data, stats, key, seed, eval_ratio)
     # The report describes everything read (records, drops, truncation), not the draws alone.
     train = data.subset(mix.order).with_report_of(data)

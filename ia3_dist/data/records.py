@@ -403,6 +403,13 @@ def _stamp(p: Path) -> tuple[int, int, int, int]:
 def _resolve(path: str, cfg: DataSection) -> _Resolved:
     """Check one ``data.path`` entry and hash its content (the file is read in 1 MiB blocks, never held)."""
     p = Path(path).expanduser()
+    try:
+        os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # a hub dataset name, or not found: said below
+    except OSError as e:  # pathlib's is_dir/is_file raise these (EACCES under another user's 0700 home dir)
+        raise UsageError(f"data.path {path}: cannot access it ({e.strerror or e}); check the permissions of the "
+                         f"directories on its path (each needs x for you)") from None
     if p.is_dir():
         import datasets
 

@@ -105,7 +105,12 @@ class Template:
             return cls(CHAT_TEMPLATE, chat_template=text, **base).checked("data.template chat_template (the "
                                                                           "tokenizer's)")
         p = Path(cfg.template).expanduser()
-        if not p.is_file():
+        try:
+            is_file = p.is_file()
+        except OSError as e:  # EACCES on a directory of its path
+            raise UsageError(f"data.template {cfg.template}: cannot access it ({e.strerror or e}); check the "
+                             f"permissions of the directories on its path") from None
+        if not is_file:
             raise UsageError(f"data.template {cfg.template}: not human_assistant, chat_template or a Jinja file")
         try:
             with open(p, "rb") as fh:

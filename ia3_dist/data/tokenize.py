@@ -472,11 +472,13 @@ def tokenize(records: Records, tok: Any, cfg: DataSection, chunk: int = CHUNK_RE
     t0 = time.perf_counter()
     sink = _Collect()
     tokenize_stream(records.examples, tok, cfg, sink, chunk)
+    rendered = [m for c in sink.parts for m in c.skipped]
+    check_not_all_skipped(records.source, sum(c.n_records for c in sink.parts), list(records.skipped) + rendered,
+                          len(records.skipped) + len(rendered))
     data = join_chunks(sink.parts, records.source, cfg)
     if records.examples and isinstance(records.examples[0], Pair):
         data.group = 2
     data.seconds = time.perf_counter() - t0
-    rendered = [m for c in sink.parts for m in c.skipped]
     data.skipped = (list(records.skipped) + rendered)[:MAX_SKIPPED_KEPT]
     data.skipped_total = len(records.skipped) + len(rendered)
     data.formats = dict(records.formats)
@@ -495,6 +497,18 @@ def join_chunks(parts: list[Chunk], source: str, cfg: DataSection) -> TokenizedD
                          dropped_where=[w for c in parts for w in c.dropped_where][:MAX_DROPPED_NAMED],
                          truncated=sum(c.truncated for c in parts), unlabeled=sum(c.unlabeled for c in parts),
                          label_counts=np.concatenate([c.label_counts for c in parts]))
+
+
+def check_not_all_skipped(source: str, rendered: int, skipped: list[str], n_skipped: int) -> None:
+    """UsageError when no record was left to tokenize because ``data.on_bad_record: skip`` skipped every one (the
+    reader's bad records and the template's refusals): that, not truncation or the template's labels, is why
+    there are no examples."""
+    if rendered or not n_skipped:
+        return
+    first = f", the first: {skipped[0]}" if skipped else ""
+    raise UsageError(f"{source}: every record was skipped (data.on_bad_record=skip; {n_skipped} skipped{first}); "
+                     f"fix the records (or the template that refuses them), or set data.on_bad_record=error to stop "
+                     f"at the first with its line")
 
 
 def no_examples(source: str, cfg: DataSection, truncated: int | None = None) -> UsageError:
@@ -539,6 +553,7 @@ def load_or_tokenize(cfg: DataSection, tok: Any, *, build: bool | None = None, l
     def write(w: Any) -> dict[str, Any]:
         tokenize_stream(stream, tok, cfg, w, CHUNK_RECORDS, progress, template)
         stream.check_unchanged()
+        check_not_all_skipped(stream.source, w.n_records, stream.skipped + w.skipped, stream.n_skipped + w.n_skipped)
         return {"sources": stream.names, "formats": stream.formats,
                 "skipped": (stream.skipped + w.skipped)[:MAX_SKIPPED_KEPT],
                 "skipped_total": stream.n_skipped + w.n_skipped}
@@ -546,13 +561,19 @@ def load_or_tokenize(cfg: DataSection, tok: Any, *, build: bool | None = None, l
     data, meta = cached(cfg, cache_key(stream.fingerprint, tok, cfg, template), len(tok), stream.source, write,
                         build=build, lock=lock)
     data.group = 2 if pairs else 1
-    old = list(meta.get("sources", []))
-    if old != stream.names:
-        # Same content under other names: messages and formats name this run's files.
-        data.skipped = [_renamed(m, old, stream.names) for m in data.skipped]
-        data.formats = {_renamed(k, old, stream.names): v for k, v in data.formats.items()}
-        data.dropped_where = [_renamed(m, old, stream.names) for m in data.dropped_where]
+    rename_report(data, meta.get("sources"), stream.names)
     return data
+
+
+def rename_report(data: TokenizedData, old: Any, new: list[str]) -> None:
+    """A cache entry is named by content: built from the same data under other file names (``old``, as its
+    manifest records them), its messages and formats are made to name this run's files (``new``)."""
+    if not isinstance(old, list) or len(old) != len(new) or old == new:
+        return
+    old = [str(x) for x in old]
+    data.skipped = [_renamed(m, old, new) for m in data.skipped]
+    data.formats = {_renamed(k, old, new): v for k, v in data.formats.items()}
+    data.dropped_where = [_renamed(m, old, new) for m in data.dropped_where]
 
 
 def cached(cfg: DataSection, key: str, vocab_size: int, source: str, write: Callable[[Any], dict[str, Any]], *,
