@@ -423,6 +423,18 @@ def test_node_range_renders_a_range_that_takes_every_free_node() -> None:
     assert directives(fixed, "nodes") == ["2"] and "--spread-job" not in fixed
 
 
+def test_node_range_with_cpus_per_node_notes_the_cpus_a_node_must_hold(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """On 2 of --nodes 2-4 a node holds 2 of the 4 launcher tasks, each asking --cpus-per-node CPUs: said."""
+    args = ["slurm", "--config", str(TINY), "--nodes", "2-4", "--gpus-per-node", "8", "--time", "01:00:00",
+            "train.global_batch_size=384"]
+    assert cli_main([*args, "--cpus-per-node", "32", "--out", str(tmp_path / "a.sbatch")]) == 0
+    err = capsys.readouterr().err
+    assert "on 2 node(s) one node holds up to 2 of the 4 tasks (64 CPUs)" in err and "a node's CPUs / 2" in err, err
+    assert cli_main([*args, "--out", str(tmp_path / "b.sbatch")]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, needles", [
     (["--nodes", "1-2", "--gpus-per-node", "0", "--cpus-per-node", "1"],
      ["--nodes 1-2", "set train.global_batch_size", "train.global_batch_size=16"]),

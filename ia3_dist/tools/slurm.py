@@ -359,6 +359,18 @@ def assemble(job: Job, name: str, header: list[str], defaults: str, directives: 
     return text.replace(anchor, anchor + "\n".join([*env, defaults]) + "\n", 1)
 
 
+def range_note(job: Job) -> None:
+    """A note on stderr where a node range meets --cpus-per-node: Slurm counts the CPUs per launcher task, and on
+    fewer nodes than the range's most a node holds several of its tasks (``--ntasks=MAX --spread-job``)."""
+    if not (job.min_nodes and job.cpus_per_node and job.launcher != "srun"):
+        return
+    k = -(-job.nodes // job.min_nodes)
+    print(f"note: --nodes {job.nodes_directive} --cpus-per-node {job.cpus_per_node}: Slurm asks "
+          f"{job.cpus_per_node} CPUs per launcher task, and on {job.min_nodes} node(s) one node holds up to {k} of "
+          f"the {job.nodes} tasks ({k * job.cpus_per_node} CPUs); nodes with fewer CPUs than that cannot start (or "
+          f"restart) the job on fewer nodes: give --cpus-per-node at most a node's CPUs / {k}", file=sys.stderr)
+
+
 def check_node_range(job: Job, cfg: Any) -> None:
     """A job with a node range may start (and, requeued, restart) on any count in it: the run must keep its global
     batch on each, so ``train.global_batch_size`` is required and must divide on every allocation."""
@@ -661,6 +673,7 @@ def main(argv: list[str], prog: str) -> int:
         raise UsageError(f"--{given[0].replace('_', '-')}: an option of the evaluation job; add --eval")
     text = render(a.config, a.overrides, a.nodes, a.gpus_per_node, a.time, a.partition, a.account, a.launcher,
                   a.cpus_per_node, a.job_name, a.python)
+    range_note(job_from_args(a))
     if a.out is not None:
         _no_control("--out", a.out)
         if not a.out.strip():
