@@ -1,6 +1,7 @@
 """Command line: ``launch.py`` / ``ia3-dist`` / ``python -m ia3_dist`` [COMMAND] [--config X] [key.sub=value ...].
 
-Each command imports what it needs when it runs, so ``--help`` and bad-argument errors answer without loading torch.
+Each command imports what it needs when it runs, so ``--help`` and bad-argument errors answer without loading torch
+(but generate, chat, export and eval, whose options name the inference module's defaults and limits).
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def cmd_train(argv: list[str], prog: str) -> int:
+    # Intermixed, as the other commands: overrides may come before and after --config.
+    args = _train_parser(prog).parse_intermixed_args(argv)
     from .config import load_config
     from .train.demo import DEMO_RUN
 
-    # Intermixed, as the other commands: overrides may come before and after --config.
-    args = _train_parser(prog).parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO_RUN)
     from .train.run import run
 
@@ -57,6 +58,13 @@ def cmd_check(argv: list[str], prog: str) -> int:
     """Preflight alone: config, data, model and tokenizer dirs, DeepSpeed config, output dir; prints the data
     statistics and the run shape. Exit 0 if a run would start, 2 (naming the problem) if not. Writes nothing into
     the output dir."""
+    ap = argparse.ArgumentParser(prog=prog, description=cmd_check.__doc__)
+    ap.add_argument("--config")
+    ap.add_argument("--world-size", type=int, default=None, help="ranks the run will have (default: this "
+                    "launcher's, else 1)")
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = ap.parse_intermixed_args(argv)  # first: --help and a bad option import nothing heavy
+
     from .config import load_config
     from .runtime import dist, lazy
     from .train.demo import DEMO_RUN
@@ -64,13 +72,6 @@ def cmd_check(argv: list[str], prog: str) -> int:
     from .train.report import report
 
     lazy.import_deepspeed()
-
-    ap = argparse.ArgumentParser(prog=prog, description=cmd_check.__doc__)
-    ap.add_argument("--config")
-    ap.add_argument("--world-size", type=int, default=None, help="ranks the run will have (default: this "
-                    "launcher's, else 1)")
-    ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = ap.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO_RUN)
     env = dist.detect()
     if args.world_size is not None:
@@ -87,14 +88,14 @@ def cmd_prepare(argv: list[str], prog: str) -> int:
     report; run it on a login or CPU node before sbatch, with the run's config and overrides. The run then reads
     the cache memory-mapped and never tokenizes (data.require_prepared=true: a missing cache is an error). Writes
     nothing into the output dir."""
-    from .config import load_config
-    from .train.demo import DEMO_RUN
-    from .train.prepare import prepare_data
-
     ap = argparse.ArgumentParser(prog=prog, description=cmd_prepare.__doc__)
     ap.add_argument("--config")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = ap.parse_intermixed_args(argv)
+    from .config import load_config
+    from .train.demo import DEMO_RUN
+    from .train.prepare import prepare_data
+
     cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO_RUN)
     print(prepare_data(cfg), flush=True)
     return 0
@@ -364,9 +365,6 @@ def _gib(text: str) -> float:
 def cmd_plan(argv: list[str], prog: str) -> int:
     """Per-rank memory for weights, gradients, optimizer and activations on ZeRO 0-3 and ZeRO-3 offload, the
     largest micro-batch that fits and a recommended DeepSpeed config. Needs no GPU and no weights."""
-    from .config import load_config
-    from .tools.plan import plan
-
     ap = argparse.ArgumentParser(prog=prog, description=cmd_plan.__doc__)
     ap.add_argument("--config", required=True)
     ap.add_argument("--nodes", type=int)
@@ -377,6 +375,9 @@ def cmd_plan(argv: list[str], prog: str) -> int:
                          "table gives RSS per rank")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
     a = ap.parse_intermixed_args(argv)
+    from .config import load_config
+    from .tools.plan import plan
+
     cfg = load_config(a.config, a.overrides)
     hw = cfg.hardware
     nodes = a.nodes if a.nodes is not None else hw.nodes

@@ -66,3 +66,25 @@ def test_a_mistyped_command_is_named_with_the_commands(word: str, near: str | No
     err = capsys.readouterr().err
     assert f"unknown command '{word}'" in err and ", ".join(COMMANDS) in err, err
     assert (f"did you mean '{near}'?" in err) == (near is not None), err
+
+
+LIGHT_HELP = ["train", "check", "prepare", "plan", "slurm", "sweep", "summary", "plot", "resolve"]
+
+
+def test_help_imports_no_torch() -> None:
+    """The module docstring's promise: these commands answer --help without loading torch (seconds of a login
+    node's CPU)."""
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, sys\nfrom ia3_dist.cli import main\nheavy = []\n"
+            "for name in sys.argv[1:]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main([name, '--help'])\n"
+            "    if 'torch' in sys.modules:\n"
+            "        heavy.append(name)\n"
+            "        break\n"
+            "print(heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *LIGHT_HELP], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
