@@ -27,16 +27,17 @@ def bin_path(name: str) -> str:
 
 
 def launch(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None,
-           script: str = "launch.py", launcher: str = "direct", port: int | None = None, fresh: bool = False
-           ) -> subprocess.CompletedProcess:
+           script: str = "launch.py", launcher: str = "direct", port: int | None = None, fresh: bool = False,
+           base_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the launcher for real: ``python launch.py`` for one process; for more, ``deepspeed`` or ``torchrun``
     when a test is about that launcher, else ``direct``: the ranks started here with the variables torchrun
     sets. The ranks are the same real processes (DeepSpeed engine, gloo); ``direct`` only skips the launcher's
     own two interpreter start-ups (torch and deepspeed imported twice, about 10 s per run on 2 cores). ``port``:
     the rendezvous port (a free one by default), for tests that find a run's resources by it. Direct ranks are
     forked from a warm interpreter (``_ForkServer``) unless ``fresh``: a test about what a new interpreter does
-    (import-time output, start-up) asks for one."""
-    e = {**os.environ, **(env or {})}
+    (import-time output, start-up) asks for one. ``base_env``: the environment ``env`` adds to, instead of this
+    process's (a test that keeps the caller's settings of some library out)."""
+    e = {**(os.environ if base_env is None else base_env), **(env or {})}
     e.pop("RANK", None)
     e.pop("WORLD_SIZE", None)
     if nproc == 1 and launcher in ("deepspeed", "direct"):

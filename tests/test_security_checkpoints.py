@@ -27,8 +27,6 @@ import shutil
 import socket
 import stat
 import struct
-import subprocess
-import sys
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -37,7 +35,7 @@ from typing import Any
 
 import pytest
 import torch
-from _util import deadline, measured_cli
+from _util import deadline, launch, measured_cli
 
 from ia3_dist.cli import main
 from ia3_dist.config import load_config
@@ -789,9 +787,8 @@ def test_real_resume_over_a_torn_metrics_line_and_a_planted_step_dir(tmp_path: P
     a fresh dir, and the files the links named keep their bytes."""
     out = tmp_path / "out"
     extra = ("train.log_every=1", "checkpoint.every=1", "output.report_to=[none]")
-    args = [sys.executable, "launch.py", *run_args(tiny_model, out, *extra)]
-    first = subprocess.run([*args, "train.stop_after_steps=1"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
+    args = run_args(tiny_model, out, *extra)
+    first = launch([*args, "train.stop_after_steps=1"], timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     log = out / "metrics.jsonl"
     log.write_bytes(log.read_bytes() + b'{"step": 2, "loss": 1.')
@@ -801,7 +798,7 @@ def test_real_resume_over_a_torn_metrics_line_and_a_planted_step_dir(tmp_path: P
     for name, victim in victims.items():
         victim.write_text("the user's own file\n")
         os.symlink(victim, planted / name)
-    second = subprocess.run([*args, "train.resume=auto"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    second = launch([*args, "train.resume=auto"], timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     text = second.stdout + second.stderr
     assert text.count("cut off mid-write") == 1, text[-3000:]

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _util import bin_path, check, free_port, metrics
+from _util import bin_path, check, free_port, launch, metrics
 
 from ia3_dist.cli import main
 from ia3_dist.config import OutputSection, load_config
@@ -140,13 +140,14 @@ def test_plot_overlays_runs_labelled_by_dir(tmp_path: Path, capsys: pytest.Captu
 
 # -- one real run, read back ------------------------------------------------------------------------------------
 
-def _run(args: list[str], env: dict[str, str], script: str = "launch.py") -> subprocess.CompletedProcess:
-    """One process, with no tracker settings of the caller's environment, wandb's own dirs in a temp dir."""
-    e = {k: v for k, v in os.environ.items()
-         if not k.startswith(("WANDB_", "MLFLOW_")) and k not in ("RANK", "WORLD_SIZE", "SLURM_JOB_ID")}
-    e.update(env)
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=e, capture_output=True, text=True,
-                          timeout=900)
+def _run(args: list[str], env: dict[str, str], script: str = "launch.py", fresh: bool = False
+         ) -> subprocess.CompletedProcess:
+    """One process, with no tracker settings of the caller's environment, wandb's own dirs in a temp dir; forked
+    from the tests' warm interpreter (the trackers import in it as in a new one) unless ``fresh``: an
+    interpreter's start-up (PYTHONPATH, sitecustomize) is what the test changes."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("WANDB_", "MLFLOW_")) and k not in ("RANK", "WORLD_SIZE", "SLURM_JOB_ID")}
+    return launch(args, env=env, script=script, timeout=900, fresh=fresh, base_env=base)
 
 
 def _wandb_home(tmp: Path) -> dict[str, str]:
@@ -312,7 +313,7 @@ def test_tracker_preflight_exits_2(tmp_path: Path, tiny_model: Path) -> None:
     args = ["--config", TINY, f"model.path={tiny_model}", "data.limit=16", "train.max_steps=1"]
     pypath = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
     out = tmp_path / "a"
-    proc = _run([*args, f"output.dir={out}", ALL], env={"PYTHONPATH": pypath, "WANDB_MODE": "offline"})
+    proc = _run([*args, f"output.dir={out}", ALL], env={"PYTHONPATH": pypath, "WANDB_MODE": "offline"}, fresh=True)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "config key 'output.report_to' names wandb, but wandb cannot be imported" in proc.stderr
     assert "pip install wandb" in proc.stderr and "startup:" not in proc.stdout
