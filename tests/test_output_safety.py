@@ -223,6 +223,10 @@ REFUSED = {
     "user-run-yaml": (_user_run_yaml, [], "holds another run's files (run.yaml)"),
     "checkpoints-and-user-file": (_our_checkpoints_and_user_file, [], "holds another run's checkpoints (step2)"),
     "resume-into-user-files": (_user_files, ["train.resume=auto"], "not an ia3-dist run dir"),
+    # The trackers' records are results once a step was logged (they hold its curves).
+    "logged-run-trackers": (lambda out: (start_run_dir(out, False), w(out / "metrics.jsonl", '{"step": 1}\n'),
+                                         w(out / "tensorboard" / "events.out.tfevents.1", "x")), [],
+                            "holds another run's files (metrics.jsonl, tensorboard)"),
 }
 
 
@@ -259,6 +263,11 @@ ACCEPTED = {
     # What the other ranks see when rank 0 is a step ahead of them (write_run_files before dist.init).
     "setup-files-of-ours": (lambda out: (start_run_dir(out, False), w(out / "run.yaml", "x"),
                                          w(out / PID_FILE, "1")), "none", False),
+    # ... and once rank 0 has started its trackers too (TensorBoard makes its dir at once), before any step.
+    "trackers-started-of-ours": (lambda out: (start_run_dir(out, False), w(out / "run.yaml", "x"),
+                                              w(out / "tensorboard" / "events.out.tfevents.1", "x"),
+                                              w(out / "trackers.json", "{}"), w(out / "wandb" / "run" / "x", "x")),
+                                 "none", False),
     "manifest-being-written": (lambda out: w(out / (manifest.MANIFEST + ".tmp"), "{"), "none", False),
     "resume-ours-with-user-file": (lambda out: (_our_checkpoints_and_user_file(out)), "auto", False),
     "resume-ours-without-manifest": (lambda out: previous_run(out, with_manifest=False), "auto", False),
@@ -272,6 +281,31 @@ def test_guard_accepts(case: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     build(out)
     ckpt.guard_output_dir(out, resume, overwrite)
+
+
+def test_a_resume_from_another_dir_or_of_a_finished_run_without_checkpoints(tmp_path: Path) -> None:
+    """train.resume=<another run dir's checkpoint> is no licence to take over this dir: its run is not the one
+    resumed (refused as without a resume; overwrite sets it aside). train.resume=auto over a finished run that kept
+    no checkpoint (checkpoint.at_end=false) would start over, replacing its adapter: refused too. A run killed
+    before its first checkpoint (no adapter) restarts under auto, as a requeue needs."""
+    out, other = tmp_path / "out", tmp_path / "other"
+    previous_run(out)
+    previous_run(other)
+    theirs = other / "checkpoints" / "step2"
+    with pytest.raises(UsageError, match="holds another run's checkpoints"):
+        ckpt.guard_output_dir(out, str(theirs), False)
+    ckpt.guard_output_dir(out, str(out / "checkpoints" / "step2"), False)  # its own: a roll-back
+    ckpt.guard_output_dir(out, str(theirs), True)
+    assert ckpt.resumes_own(str(out / "checkpoints" / "step2"), out) and not ckpt.resumes_own(str(theirs), out)
+    finished = tmp_path / "finished"
+    previous_run(finished, checkpoint=False)
+    with pytest.raises(UsageError, match=r"holds a finished run \(adapter/\) and no checkpoint to resume"):
+        ckpt.guard_output_dir(finished, "auto", False)
+    ckpt.guard_output_dir(finished, "auto", True)
+    crashed = tmp_path / "crashed"
+    start_run_dir(crashed, False)
+    w(crashed / "metrics.jsonl", '{"step": 1, "loss": 2.0}\n')
+    ckpt.guard_output_dir(crashed, "auto", False)
 
 
 def test_output_dir_guard_semantics_of_test_resume(tmp_path: Path) -> None:

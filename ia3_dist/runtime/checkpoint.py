@@ -394,7 +394,14 @@ def guard_output_dir(out: Path, resume: str, overwrite: bool) -> None:
                          f"run has started), or keep that run: {rm}move everything in {aside} back into {out} and "
                          f"remove the empty {manifest.REPLACED}")
     kept = f"; {manifest.few(st.foreign)} would stay" if st.foreign else ""
-    if resume == "none":
+    if resume == "auto" and not complete_tags(out, st) and "adapter" in st.results:
+        # A finished run without checkpoints (checkpoint.at_end=false): auto finds nothing to resume and would
+        # start over, replacing its adapter and metrics (a finished job's sbatch file submitted again does this).
+        raise UsageError(f"output.dir {out} holds a finished run (adapter/) and no checkpoint to resume; set "
+                         f"output.overwrite=true to train it again (only ia3-dist's own files are removed{kept}), "
+                         f"or pick a new output.dir")
+    if resume == "none" or not resumes_own(resume, out):
+        # A checkpoint of another dir: what this dir holds is not the run it continues.
         ckpts = complete_tags(out, st)
         if ckpts:
             raise UsageError(f"output.dir {out} holds another run's checkpoints ({ckpts[-1]}); resume it with "
@@ -405,12 +412,26 @@ def guard_output_dir(out: Path, resume: str, overwrite: bool) -> None:
             raise UsageError(f"output.dir {out} holds another run's files ({manifest.few(theirs)}); "
                              f"set output.overwrite=true to start over (only ia3-dist's own files are removed"
                              f"{kept}), or pick a new output.dir")
-    if st.foreign and (resume == "none" or st.manifest is None):
+    if st.foreign and (not resumes_own(resume, out) or st.manifest is None):
         what = f"not an ia3-dist run dir (no {manifest.MANIFEST})" if st.manifest is None else "not empty"
         raise UsageError(f"output.dir {out} is {what}: it holds {manifest.few(st.foreign)}, which ia3-dist did not "
                          f"write; pick a new or empty output.dir, or set "
                          f"output.overwrite=true to run beside those files (they are kept; only ia3-dist's own "
                          f"files are replaced)")
+
+
+def resumes_own(resume: str, out: Path) -> bool:
+    """Whether ``train.resume`` continues the run of ``out`` itself: ``auto``, its checkpoints/ (the checkpoint
+    its pointer names) or a checkpoint in it (not ``none``, nor a checkpoint of another run dir)."""
+    if resume == "auto":
+        return True
+    if resume == "none":
+        return False
+    try:
+        p, root = Path(resume).expanduser().resolve(), (out / manifest.CHECKPOINTS).resolve()
+    except (OSError, RuntimeError):  # a link loop: not ours to follow
+        return False
+    return root in (p, p.parent)
 
 
 def complete_tags(out: Path, st: manifest.DirState) -> list[str]:
@@ -646,10 +667,15 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
     if env.is_main:
         kept = _pointed(root, BEST)
         # The highest steps stay; never the one just written (a checkpoint past it is refused at the resume that
-        # would leave one: refuse_later).
-        for old in complete_checkpoints(root)[:-keep]:
-            if old not in (kept, root / tag):
-                _discard(old)
+        # would leave one: refuse_later). Best effort: the save is complete and published, and rank 0 must reach
+        # the barrier below whatever the listing does (an NFS ESTALE would leave the other ranks waiting in it).
+        try:
+            for old in complete_checkpoints(root)[:-keep]:
+                if old not in (kept, root / tag):
+                    _discard(old)
+        except OSError as e:
+            dist.print0(env, f"ia3-dist: note: {root}: the older checkpoints were not rotated out ({e.strerror or e}); "
+                             f"the next save tries again")
     dist.barrier()
     return root / tag
 

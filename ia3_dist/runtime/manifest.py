@@ -46,6 +46,10 @@ REPLACED = ".ia3-dist-replaced"
 # little ahead of them, and they must not refuse their own launch.
 SETUP_FILES = frozenset({"run.yaml", "ds_config.json", PID_FILE, "preempted.json", "hung.json", MANIFEST,
                          MANIFEST + ".tmp"})
+# What rank 0's trackers write as they start, also before the process group (train/run.py start_trackers):
+# tensorboard/ (SummaryWriter makes it at once), wandb/, mlflow/ and their run ids. Beside no metrics.jsonl (no
+# step was ever logged: every logged step writes a line there first) they are a start's, not results.
+TRACKER_START = frozenset({"tensorboard", "wandb", "mlflow", "trackers.json"})
 # trackers.json, wandb/ and mlflow/: the experiment trackers' run ids and local records (train/trackers.py);
 # metrics.jsonl.tmp: a resume rewrites metrics.jsonl through it (train/metrics.py trim_metrics).
 RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.jsonl.tmp", "metrics.png", "trackers.json", "examples.jsonl",
@@ -85,8 +89,11 @@ class DirState:
 
     @property
     def results(self) -> list[str]:
-        """Owned entries that a training step produced (everything but the setup files and an empty checkpoints/)."""
-        return [e for e in self.owned if e not in SETUP_FILES and e != CHECKPOINTS]
+        """Owned entries that a training step produced (everything but the setup files, an empty checkpoints/ and,
+        before any logged step, what the trackers wrote as they started: the other ranks may see rank 0's)."""
+        started = "metrics.jsonl" not in self.owned
+        return [e for e in self.owned if e not in SETUP_FILES and e != CHECKPOINTS
+                and not (started and e in TRACKER_START)]
 
 
 def few(names: list[str], n: int = 5) -> str:

@@ -365,7 +365,9 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
             raise RunFinished(f"{resume_from} is the last checkpoint of a run that ended by early stopping ({why}); "
                               f"nothing to do: its adapter is in {out / 'adapter'}. To train on, start a new run "
                               f"from it with ia3.init_from={out / 'adapter'}")
-        if cfg.train.resume != "auto":
+        if cfg.train.resume != "auto" and ckpt.resumes_own(cfg.train.resume, out):
+            # (A checkpoint of another dir: the guard refused this dir's own checkpoints, or overwrite sets them
+            # aside.)
             ckpt.refuse_later(resume_from, out)
         es = cfg.train.early_stopping
         if es.metric and es.final == "best":
@@ -444,7 +446,9 @@ def write_run_files(p: Prepared) -> None:
     rank 0 only."""
     if not p.env.is_main:
         return
-    start_run_dir(p.out, p.cfg.output.overwrite and p.resume_from is None)
+    # A resume from another run dir's checkpoint starts this dir over too: what is here is not the run it continues.
+    start_run_dir(p.out, p.cfg.output.overwrite and (p.resume_from is None
+                                                     or not ckpt.resumes_own(p.cfg.train.resume, p.out)))
     write_batch_files(p)
     # For schedulers' preemption traps (slurm/lib.sh): signal rank 0 and every rank stops at the next step.
     manifest.write_pid_file(p.out)

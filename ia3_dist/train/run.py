@@ -188,8 +188,10 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
             (p.out / PREEMPTED_FILE).write_text(json.dumps({"step": e.step, "message": str(e)}))
         raise
     finally:
-        trackers.close(status)
+        # Stopped first: a tracker's close (an online wandb sync, MLflow retrying its server) may take longer than
+        # train.hang_timeout_s, and the watchdog would turn a preemption's 75 (or a failure's 3 or 74) into 76.
         watchdog.stop()
+        trackers.close(status)
         if env.is_main:
             (p.out / PID_FILE).unlink(missing_ok=True)
         dist.destroy()
