@@ -464,3 +464,26 @@ def test_examples_log_survives_a_kill_after_a_checkpoint(tmp_path: Path) -> None
     assert set(range(1, 5)) <= set(examples_by_step(out))
     check(launch([*args, "train.resume=auto"]))
     assert_each_example_once_per_epoch(examples_by_step(out))
+
+
+def test_resume_is_exact_with_dropout_on_every_rank(tmp_path: Path, demo_model: Path) -> None:
+    """With dropout, each rank draws from its own RNG stream, and the streams part (a micro-batch's dropout draws
+    as many numbers as it has elements, and the ranks' batches differ in length). A resume restores every rank's
+    own states, not rank 0's on all of them: the per-step losses equal the uninterrupted run's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    drop = tmp_path / "dropout-model"
+    m = AutoModelForCausalLM.from_pretrained(str(demo_model))
+    m.config.hidden_dropout = m.config.attention_dropout = 0.1
+    m.save_pretrained(str(drop))
+    AutoTokenizer.from_pretrained(str(demo_model)).save_pretrained(str(drop))
+    args = (f"model.path={drop}", "train.max_steps=6", "train.micro_batch_size=2")
+    straight, chunked = tmp_path / "straight", tmp_path / "chunked"
+    check(run2(straight, *args))
+    check(run2(chunked, *args, "train.stop_after_steps=3"))
+    check(run2(chunked, *args, "train.resume=auto"))
+    a = {r["step"]: r["loss"] for r in metrics(straight)}
+    b = {r["step"]: r["loss"] for r in metrics(chunked)}
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-6), (s, a[s], b[s])

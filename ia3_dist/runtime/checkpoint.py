@@ -453,6 +453,21 @@ def rng_state() -> dict[str, Any]:
     return out
 
 
+RNG_RANKS = "rng_ranks"
+"""In a checkpoint's client state: every rank's RNG states, in rank order (``rng``: the writer's own)."""
+
+
+def own_rng(client: Any) -> Any:
+    """The RNG states this rank saved, where the checkpoint has every rank's and the world is the one that saved
+    them; else those of the rank that wrote the file (a checkpoint of an earlier version, or another world: no
+    rank's stream of draws continues there anyway)."""
+    rngs = client.get(RNG_RANKS) if isinstance(client, dict) else None
+    rank, world = dist.rank_and_world()
+    if isinstance(rngs, list) and len(rngs) == world and len(rngs) > 1:
+        return rngs[rank]
+    return client.get("rng") if isinstance(client, dict) else None
+
+
 def set_rng_state(s: dict[str, Any]) -> None:
     version, internal, gauss = s["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -610,8 +625,13 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
     # Before any write (every rank joins its gathers): a failed write below must not leave ranks in different
     # collectives. Not with optimizer offload or fp16, where a layout change is refused anyway (check_compatible).
     state = None if meta.get("offload_optimizer") or meta.get("precision") == "fp16" else portable.gather(engine)
+    # Every rank's RNG states, in rank 0's file: below ZeRO-3 only rank 0 writes the file that carries them, and
+    # the ranks' streams part (dropout draws as many numbers as a micro-batch has elements, and the ranks' batches
+    # differ in length). Under ZeRO-3 each rank also reads its own state from its own file.
+    rngs = dist.all_gather_objects(rng_state())
+    client = {"step": step, "rng": rngs[env.rank], **({RNG_RANKS: rngs} if env.is_main else {})}
     try:
-        engine.save_checkpoint(str(root), tag=tag + NEW, client_state={"step": step, "rng": rng_state()},
+        engine.save_checkpoint(str(root), tag=tag + NEW, client_state=client,
                                save_latest=False, exclude_frozen_parameters=True)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError ("iostream error")
         if isinstance(e, (torch.OutOfMemoryError, torch.distributed.DistError)):
@@ -722,7 +742,7 @@ def load(engine: Any, ckpt: Path, portable_state: bool = False) -> int:
         if not _same(step, saved):
             raise UsageError(f"checkpoint {ckpt}: its model states record step {show(step)}, its {META} step "
                              f"{saved}; {fix}")
-        rng = client.get("rng")
+        rng = own_rng(client)
     try:
         set_rng_state(rng)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -281,6 +282,23 @@ def host_max(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     d.all_reduce(t, op=d.ReduceOp.MAX, group=_HOST_GROUP)
     return int(t.item())
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (small and picklable), in rank order, through the host group; ``[obj]`` without a
+    process group. A collective: every rank calls it."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * d.get_world_size()
+    d.all_gather_object(out, obj, group=_HOST_GROUP)
+    return out
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of the live process group; (0, 1) without one."""
+    d = _dist()
+    return (d.get_rank(), d.get_world_size()) if d is not None else (0, 1)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
