@@ -167,6 +167,14 @@ class _ForkedRank:
         return self.returncode
 
 
+class RanksTimedOut(subprocess.TimeoutExpired):
+    """``subprocess.TimeoutExpired`` whose message ends with the ranks' output."""
+
+    def __str__(self) -> str:
+        out, err = (self.output or "")[-3000:], (self.stderr or "")[-3000:]
+        return f"{super().__str__()}\n--- stdout (tail) ---\n{out}\n--- stderr (tail) ---\n{err}"
+
+
 def _direct(cmd: list[str], nproc: int, env: dict, timeout: float, port: int, rank_env: bool = True,
             fork: bool = True) -> subprocess.CompletedProcess:
     """``nproc`` ranks of ``cmd`` on this host, their output interleaved into one stdout and one stderr as under
@@ -200,7 +208,11 @@ def _direct(cmd: list[str], nproc: int, env: dict, timeout: float, port: int, ra
             while any(p.poll() is None for p in procs):
                 now = time.monotonic()
                 if now > deadline:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
+                    # What the ranks wrote, so a hang can be told from the report (the files go with the temp dir).
+                    for p in procs:
+                        p.send_signal(signal.SIGKILL)
+                    raise RanksTimedOut(cmd, timeout, out_path.read_bytes().decode(errors="replace"),
+                                        err_path.read_bytes().decode(errors="replace"))
                 bad = next((p.returncode for p in procs if p.returncode not in (None, 0)), 0)
                 if bad and not failed:
                     failed, kill_at = bad, now + _GRACE_S
