@@ -198,11 +198,11 @@ def load_or_mix(cfg: DataSection, tok: Any, seed: int, eval_ratio: float, *, bui
     from .template import Template
     from .tokenize import (
         CHUNK_RECORDS,
-        _renamed,
         cache_key,
         cached,
         check_not_all_skipped,
         rename_report,
+        renaming,
         tokenize_stream,
     )
 
@@ -255,13 +255,13 @@ def load_or_mix(cfg: DataSection, tok: Any, seed: int, eval_ratio: float, *, bui
     data, meta = cached(cfg, key, len(tok), ", ".join(names), write, build=build, lock=lock)
     data.group = 2 if pairs else 1
     # Reused from a cache built from the same contents under other names: this run's names in what it reports.
-    rename_report(data, meta.get("files"), files)
+    rename = renaming(meta.get("files"), files)
+    rename_report(data, rename)
     stats = cache_sources(meta, sources)
-    old_files = meta.get("files")
     for s, name in zip(stats, names, strict=True):
         s.name = name
-        if isinstance(old_files, list) and len(old_files) == len(files):
-            s.formats = {_renamed(k, [str(f) for f in old_files], files): v for k, v in s.formats.items()}
+        if rename is not None:
+            s.formats = {rename(k): v for k, v in s.formats.items()}
     mix = _draws(cfg, data, stats, key, seed, eval_ratio)
     # The report describes everything read (records, drops, truncation), not the draws alone.
     train = data.subset(mix.order).with_report_of(data)

@@ -561,19 +561,27 @@ def load_or_tokenize(cfg: DataSection, tok: Any, *, build: bool | None = None, l
     data, meta = cached(cfg, cache_key(stream.fingerprint, tok, cfg, template), len(tok), stream.source, write,
                         build=build, lock=lock)
     data.group = 2 if pairs else 1
-    rename_report(data, meta.get("sources"), stream.names)
+    rename_report(data, renaming(meta.get("sources"), stream.names))
     return data
 
 
-def rename_report(data: TokenizedData, old: Any, new: list[str]) -> None:
+def renaming(old: Any, new: list[str]) -> Callable[[str], str] | None:
     """A cache entry is named by content: built from the same data under other file names (``old``, as its
-    manifest records them), its messages and formats are made to name this run's files (``new``)."""
+    manifest records them), what it reports is made to name this run's files (``new``) by the function returned;
+    None when the names are the same (or the manifest records none)."""
     if not isinstance(old, list) or len(old) != len(new) or old == new:
+        return None
+    names = [str(x) for x in old]
+    return lambda text: _renamed(text, names, new)
+
+
+def rename_report(data: TokenizedData, rename: Callable[[str], str] | None) -> None:
+    """The messages and formats of ``data`` through ``rename`` (:func:`renaming`)."""
+    if rename is None:
         return
-    old = [str(x) for x in old]
-    data.skipped = [_renamed(m, old, new) for m in data.skipped]
-    data.formats = {_renamed(k, old, new): v for k, v in data.formats.items()}
-    data.dropped_where = [_renamed(m, old, new) for m in data.dropped_where]
+    data.skipped = [rename(m) for m in data.skipped]
+    data.formats = {rename(k): v for k, v in data.formats.items()}
+    data.dropped_where = [rename(m) for m in data.dropped_where]
 
 
 def cached(cfg: DataSection, key: str, vocab_size: int, source: str, write: Callable[[Any], dict[str, Any]], *,
