@@ -179,14 +179,13 @@ def cmd_generate(argv: list[str], prog: str) -> int:
     if a.out:
         # Made before the model loads (a directory it cannot write to is found now, not after hours of
         # generation), renamed over --out at the end (a link there is replaced, never followed).
-        import secrets
+        from .runtime.safe_io import create_new, temp_beside
 
-        o = Path(a.out)
-        tmp = str(o.parent / f".{o.name[:100]}.{secrets.token_hex(6)}.tmp")
+        tmp = str(temp_beside(Path(a.out)))
         try:
             # 0666 less the umask, as every file ia3-dist writes (mkstemp's 0600 would keep the answers from a
             # shared project's other members).
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            fd = create_new(Path(tmp))
         except OSError as e:
             tmp = None
             raise UsageError(f"--out {a.out}: cannot write there ({e.strerror or e})") from None

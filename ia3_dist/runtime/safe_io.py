@@ -112,6 +112,17 @@ def read_bounded(path: Path, limit: int, fix: str = "", label: str = "", follow:
     return data
 
 
+def temp_beside(path: Path) -> Path:
+    """A fresh hidden temp name in ``path``'s dir, for a file that is renamed over ``path`` once written."""
+    return path.parent / f".{path.name[:100]}.{secrets.token_hex(6)}.tmp"
+
+
+def create_new(path: Path, mode: int = 0o666) -> int:
+    """A write fd of a file created at ``path`` (``mode`` less the umask): never an existing entry (OSError
+    FileExistsError) nor through a symlink."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
 def write_file(path: Path, fill: Callable[[IO[bytes]], object], what: str = "", overwrite: bool = True,
                mode: int = 0o666, chmod: int | None = None, fix: str = "give another path") -> Path:
     """Write ``path`` through ``fill(binary file)`` and return it, never through a symlink or into anything but a
@@ -138,10 +149,9 @@ def write_file(path: Path, fill: Callable[[IO[bytes]], object], what: str = "", 
             raise UsageError(f"{name}: exists; {fix}")
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"{name}: {kind(st.st_mode)}, not a regular file; remove it or {fix}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    target = path.parent / f".{path.name[:100]}.{secrets.token_hex(6)}.tmp" if overwrite else path
+    target = temp_beside(path) if overwrite else path
     try:
-        fd = os.open(target, flags, mode)
+        fd = create_new(target, mode)
     except FileExistsError:
         raise UsageError(f"{name}: exists; {fix}") from None
     except OSError as e:
