@@ -175,61 +175,103 @@ class RanksTimedOut(subprocess.TimeoutExpired):
         return f"{super().__str__()}\n--- stdout (tail) ---\n{out}\n--- stderr (tail) ---\n{err}"
 
 
-def _direct(cmd: list[str], nproc: int, env: dict, timeout: float, port: int, rank_env: bool = True,
-            fork: bool = True) -> subprocess.CompletedProcess:
-    """``nproc`` ranks of ``cmd`` on this host, their output interleaved into one stdout and one stderr as under
-    a launcher. As deepspeed's launcher does, the first rank to fail ends the others and its exit code is the
-    result; past ``timeout`` every rank is killed and TimeoutExpired raised, as by ``subprocess.run``. The ranks
-    are forked by the warm fork server (``_ForkServer``) unless ``IA3_TEST_FORKSERVER=0``."""
-    import signal
-    import tempfile
-    import time
+class Ranks:
+    """``nproc`` ranks of ``cmd`` started on this host, their output interleaved into one stdout and one stderr file
+    as under a launcher, with the part of ``subprocess.Popen``'s interface the fault tests use (``poll``,
+    ``communicate``, ``returncode``; ``pids``: the rank processes). As deepspeed's launcher does, the first rank to
+    fail ends the others (SIGTERM, SIGKILL ``_GRACE_S`` later) and its exit code is the result. The ranks are forked
+    by the warm fork server (``_ForkServer``) unless ``fork`` is false or ``IA3_TEST_FORKSERVER=0``."""
 
-    forked = fork and _use_forkserver(cmd)
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path, err_path = Path(tmp) / "out", Path(tmp) / "err"
-        out_path.touch()
-        err_path.touch()
-        procs = []
+    def __init__(self, cmd: list[str], nproc: int, env: dict, port: int, rank_env: bool = True,
+                 fork: bool = True) -> None:
+        import tempfile
+
+        self.cmd = cmd
+        self._tmp = tempfile.TemporaryDirectory()
+        self.out_path, self.err_path = Path(self._tmp.name) / "out", Path(self._tmp.name) / "err"
+        self.out_path.touch()
+        self.err_path.touch()
+        self.procs: list[Any] = []
+        self.returncode: int | None = None
+        self._failed, self._kill_at = 0, None
+        forked = fork and _use_forkserver(cmd)
         for r in range(nproc):
             # rank_env=False: one plain `python script` process, which a launcher's variables would not describe.
             e = {**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
                  "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)
                  } if rank_env else env
             if forked:
-                procs.append(_ForkedRank(_FORKSERVER.start(cmd[1:], e, str(out_path), str(err_path))))
+                self.procs.append(_ForkedRank(_FORKSERVER.start(cmd[1:], e, str(self.out_path),
+                                                                str(self.err_path))))
             else:
-                with open(out_path, "ab") as out, open(err_path, "ab") as err:
-                    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=out, stderr=err,
-                                                  stdin=subprocess.DEVNULL))
+                with open(self.out_path, "ab") as out, open(self.err_path, "ab") as err:
+                    self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=out, stderr=err,
+                                                       stdin=subprocess.DEVNULL))
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def _output(self) -> tuple[str, str]:
+        return (self.out_path.read_bytes().decode(errors="replace"),
+                self.err_path.read_bytes().decode(errors="replace"))
+
+    def poll(self) -> int | None:
+        """None while a rank runs; a failed rank starts ending the others here, so call it often."""
+        import signal
+        import time
+
+        if self.returncode is not None:
+            return self.returncode
+        if any(p.poll() is None for p in self.procs):
+            bad = next((p.returncode for p in self.procs if p.returncode not in (None, 0)), 0)
+            now = time.monotonic()
+            if bad and not self._failed:
+                self._failed, self._kill_at = bad, now + _GRACE_S
+                for p in self.procs:
+                    p.send_signal(signal.SIGTERM)
+            if self._kill_at is None or now <= self._kill_at:
+                return None
+        self._end()
+        return self.returncode
+
+    def _end(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        self.returncode = self._failed or next((p.returncode for p in self.procs if p.returncode), 0)
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess:
+        """Until every rank has ended; past ``timeout`` every rank is killed and ``RanksTimedOut`` raised (with
+        what the ranks wrote, so a hang can be told from the report)."""
+        import signal
+        import time
+
         deadline = time.monotonic() + timeout
-        failed, kill_at = 0, None
         try:
-            while any(p.poll() is None for p in procs):
-                now = time.monotonic()
-                if now > deadline:
-                    # What the ranks wrote, so a hang can be told from the report (the files go with the temp dir).
-                    for p in procs:
+            while self.poll() is None:
+                if time.monotonic() > deadline:
+                    for p in self.procs:
                         p.send_signal(signal.SIGKILL)
-                    raise RanksTimedOut(cmd, timeout, out_path.read_bytes().decode(errors="replace"),
-                                        err_path.read_bytes().decode(errors="replace"))
-                bad = next((p.returncode for p in procs if p.returncode not in (None, 0)), 0)
-                if bad and not failed:
-                    failed, kill_at = bad, now + _GRACE_S
-                    for p in procs:
-                        if p.poll() is None:
-                            p.send_signal(signal.SIGTERM)
-                if kill_at is not None and now > kill_at:
-                    break
+                    raise RanksTimedOut(self.cmd, timeout, *self._output())
                 time.sleep(0.05)
+            return subprocess.CompletedProcess(self.cmd, self.returncode, *self._output())
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
-        failed = failed or next((p.returncode for p in procs if p.returncode), 0)
-        return subprocess.CompletedProcess(cmd, failed, out_path.read_bytes().decode(errors="replace"),
-                                           err_path.read_bytes().decode(errors="replace"))
+            if self.returncode is None:
+                self._end()
+            self._tmp.cleanup()
+
+    def communicate(self, timeout: float = 600) -> tuple[str, None]:
+        """Like ``Popen.communicate`` with stderr merged into stdout."""
+        done = self.wait(timeout)
+        return done.stdout + done.stderr, None
+
+
+def _direct(cmd: list[str], nproc: int, env: dict, timeout: float, port: int, rank_env: bool = True,
+            fork: bool = True) -> subprocess.CompletedProcess:
+    """``Ranks`` run to their end, as ``subprocess.run`` would a launcher."""
+    return Ranks(cmd, nproc, env, port, rank_env=rank_env, fork=fork).wait(timeout)
 
 
 def spawn_slurm_style(args: list[str], world: int = 2, per_rank: list[list[str]] | None = None

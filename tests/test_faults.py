@@ -21,6 +21,7 @@ import pytest
 import torch
 from _util import (
     ROOT,
+    Ranks,
     adapter_tensors,
     alive,
     bin_path,
@@ -50,9 +51,12 @@ def _args(out: Path, *extra: str) -> list[str]:
     return ["--config", TINY, f"output.dir={out}", *RUN, *extra]
 
 
-def _rank_pids(launcher: subprocess.Popen) -> list[int]:
-    """Rank processes under the deepspeed launcher, by their --local_rank argument."""
+def _rank_pids(launcher: subprocess.Popen | Ranks) -> list[int]:
+    """Rank processes under the deepspeed launcher, by their --local_rank argument (or the direct ranks')."""
     import psutil
+
+    if isinstance(launcher, Ranks):
+        return launcher.pids
 
     found: dict[int, int] = {}
     for p in psutil.Process(launcher.pid).children(recursive=True):
@@ -67,10 +71,14 @@ def _rank_pids(launcher: subprocess.Popen) -> list[int]:
 
 
 def _start(out: Path, *extra: str, launcher: str = "deepspeed", env: dict[str, str] | None = None,
-           port: int | None = None) -> subprocess.Popen:
+           port: int | None = None) -> subprocess.Popen | Ranks:
+    """The run of 2 ranks, started: under ``launcher``, or ``direct`` (forked from the warm interpreter, as
+    ``launch`` starts them) where the test is not about a launcher."""
     e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     e.update(env or {})
     port = port or free_port()
+    if launcher == "direct":
+        return Ranks([sys.executable, "launch.py", *_args(out, *extra)], 2, e, port)
     head = ([bin_path("torchrun"), "--nproc_per_node=2", f"--master_port={port}"] if launcher == "torchrun" else
             [bin_path("deepspeed"), "--num_accelerators=2", f"--master_port={port}"])
     return subprocess.Popen([*head, "launch.py", *_args(out, *extra)], cwd=ROOT, env=e, stdout=subprocess.PIPE,
@@ -144,7 +152,9 @@ def test_signal_on_one_rank_checkpoints_all_and_resumes(straight: Straight, tmp_
     # The signalled rank holds at the start of step 4 until its stop flag is set: the signal lands at a known
     # step on a loaded box too (a free-running run stopped anywhere from step 3 to ~30, and the uninterrupted run
     # to compare with then had to be run again, further: a minute of the suite).
-    proc = _start(out, env={"IA3_DIST_FAULT": f"step:4:{rank}:hold", "IA3_DIST_FAULT_HOLD_S": "300"})
+    # Direct ranks: what a signal does is the ranks' own handling (the launcher's part is the dead-rank test's).
+    proc = _start(out, launcher="direct", env={"IA3_DIST_FAULT": f"step:4:{rank}:hold",
+                                                "IA3_DIST_FAULT_HOLD_S": "300"})
     _wait_for_step(out, proc, 3)
     os.kill(_rank_pids(proc)[rank], sig)
     print(f"{time.monotonic() - t0:.1f} s: signalled")
