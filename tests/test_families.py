@@ -176,7 +176,7 @@ def _dropout_model(model_type: str, tmp_path: Path, zero3: bool) -> torch.nn.Mod
 def _logps(wrapper: torch.nn.Module) -> list[torch.Tensor]:
     torch.manual_seed(1)
     ids = torch.randint(0, 64, (2, 9))
-    return [wrapper(ids, torch.ones_like(ids), torch.arange(3, 8), ids[0, 4:9]) for _ in range(3)]
+    return [wrapper(ids, torch.arange(3, 8), ids[0, 4:9], torch.ones_like(ids)) for _ in range(3)]
 
 
 @pytest.mark.parametrize("zero3", [False, True], ids=["zero0", "zero3"])

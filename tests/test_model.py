@@ -120,10 +120,11 @@ def test_fused_attention_equals_eager(kind: str, tmp_path: Path, tiny_model: Pat
     restores the eager forward. FlexAttention has no backward on CPU (torch 2.13): there the loss is compared
     (the gradients on a GPU, bench/gpu_check.sh) and training with it is refused in the preflight."""
     from ia3_dist.data.packing import collate_packed
-    from ia3_dist.models.families.bloom import packed_inputs, set_attention
+    from ia3_dist.models.families import batch_inputs
+    from ia3_dist.models.families.bloom import set_attention
 
     data, peft = _data_and_model(tmp_path, tiny_model, tiny_tokenizer)
-    wrapper = TokenSumLM(peft, packed=packed_inputs(peft.get_base_model()))
+    wrapper = TokenSumLM(peft, inputs=batch_inputs(peft.get_base_model(), packing=True))
     attn = peft.get_base_model().transformer.h[0].self_attention
     backward = kind != "flex" or torch.cuda.is_available()
     packed = collate_packed(data, [[0, 5], [9, 11]], tiny_tokenizer.pad_token_id,
@@ -231,10 +232,10 @@ def test_losses_apply_the_model_final_logit_transform(model_type: str) -> None:
     labels[:, :3] = -100
     mask = torch.ones_like(ids)
     hf = model(input_ids=ids, attention_mask=mask, labels=labels)
-    s, n = TokenSumLM(peft).eval()(ids, mask, labels, label_pos=label_positions(labels))
+    s, n = TokenSumLM(peft).eval()(ids, labels, mask, label_pos=label_positions(labels))
     torch.testing.assert_close(s / n, hf.loss, rtol=1e-5, atol=1e-5)
     pos, target = torch.arange(3, 9), ids[1, 4:10]
-    lp = TokenLogpLM(peft).eval()(ids, mask, pos + 10, target)
+    lp = TokenLogpLM(peft).eval()(ids, pos + 10, target, mask)
     torch.testing.assert_close(lp, torch.log_softmax(hf.logits[1, 3:9].float(), -1).gather(1, target[:, None])[:, 0],
                                rtol=1e-5, atol=1e-5)
 

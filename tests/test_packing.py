@@ -16,7 +16,7 @@ from ia3_dist.data.collate import collate, label_positions
 from ia3_dist.data.packing import choose_pack_length, collate_packed, efficiency, first_fit, pack_step
 from ia3_dist.data.sampler import Layout, plan_epoch
 from ia3_dist.data.tokenize import IGNORE_INDEX, load_or_tokenize
-from ia3_dist.models.families import apply_speedups, family_of
+from ia3_dist.models.families import apply_speedups, batch_inputs
 from ia3_dist.models.ia3 import apply_ia3
 from ia3_dist.models.loss import TokenSumLM
 from ia3_dist.train.demo import make_records
@@ -94,13 +94,13 @@ def _packed_model(model_type: str, family_models: dict, tiny_model: Path, rows_a
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
     selector = apply_speedups(base, ModelSection(last_mlp_at_labels=rows_at_labels), False)
-    packed = family_of(base.config).packed_inputs(base)
+    inputs = batch_inputs(base, packing=True)
     peft = apply_ia3(base, IA3Section())
     with torch.no_grad():
         for _, p in peft.named_parameters():
             if p.requires_grad:
                 p.uniform_(0.5, 1.5)
-    return TokenSumLM(peft, selector, packed=packed), AutoTokenizer.from_pretrained(str(d))
+    return TokenSumLM(peft, selector, inputs=inputs), AutoTokenizer.from_pretrained(str(d))
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
@@ -116,7 +116,7 @@ def test_a_packed_document_sees_only_itself(model_type: str, family_models: dict
 
     def logits_of_b(rows: list[list[int]], row: int, offset: int) -> torch.Tensor:
         batch = collate_packed(data, rows, tok.pad_token_id, cap)
-        kw = model.packed(batch["seq_ids"], batch["position_ids"], torch.float32)
+        kw = model.base_inputs(batch["input_ids"], None, batch["seq_ids"], batch["position_ids"])
         with torch.no_grad():
             out = lm(input_ids=batch["input_ids"], use_cache=False, **kw).logits
         return out[row, offset:offset + lens[b]]

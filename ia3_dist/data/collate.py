@@ -27,6 +27,19 @@ def collate(data: TokenizedData, idx: Sequence[int], pad_id: int, padding_side: 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host batch -> device; an all-ones ``attention_mask`` is left out. Whether a batch is padded is known here,
+    on the host, for free; on the device, a model would have to read the mask back to learn it (transformers'
+    mask code does, for the rotary families: a host sync in every forward pass). A model then takes a missing mask
+    as no padding. On CUDA through pinned memory, asynchronously: a copy from pageable memory would make the host
+    wait for it before queueing the forward pass."""
+    # numpy: the host copy's values, read without a tensor op (one would look like a sync to the profiler probes).
+    batch = {k: v for k, v in batch.items() if k != "attention_mask" or not v.numpy().all()}
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
     """Flat (row x position) indices of the positions whose next token is a label: the rows the LM head computes.
     Found here, on the host, where the batch is built (numpy: no device work and no device sync), instead of by a

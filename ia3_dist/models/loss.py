@@ -254,13 +254,14 @@ class TokenSumLM(nn.Module):
     """
 
     def __init__(self, peft_model: nn.Module, last_mlp_rows: RowSelector | None = None,
-                 chunk_bytes: int = 0, packed: Callable[..., dict[str, Any]] | None = None) -> None:
+                 chunk_bytes: int = 0, inputs: Callable[..., dict[str, Any]] | None = None) -> None:
         super().__init__()
         self.peft = peft_model
         self.rows = last_mlp_rows
         self.chunk_bytes = chunk_bytes
-        self.packed = packed
-        """The family's packed-batch inputs (``data.packing``; see ``families.packed``), None when not packing."""
+        self.inputs = inputs
+        """How a batch becomes the base model's keyword arguments (``families.base.BatchInputs``: the family's
+        masks, packed rows); None: the 2-D padding mask as is."""
         self.agree: Callable[[int], int] | None = None
         """Under ZeRO-3 on several ranks: the number of LM-head chunks all ranks use, from this rank's (the most any
         rank needs). Every head call gathers the head's partitions, a collective: ranks that chunked their rows
@@ -284,19 +285,24 @@ class TokenSumLM(nn.Module):
                 sd.pop(prefix + name, None)
         return sd
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+    def base_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    seq_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+                    ) -> dict[str, Any]:
+        """The base model's keyword arguments besides the ids (see :attr:`inputs`)."""
+        if self.inputs is not None:
+            return self.inputs(input_ids, attention_mask, seq_ids, position_ids, self.peft.get_base_model().dtype)
+        if seq_ids is not None:
+            raise ValueError("a packed batch reached a model that was not set up for packing (data.packing)")
+        return {"attention_mask": attention_mask}
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
                 label_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``seq_ids`` and ``position_ids`` mark a packed batch (``data.packing``). ``label_pos`` (from the
-        collator, optional): the flat indices of positions whose next token is a label, found on the host, so the
-        device never stops to learn how many rows the head computes."""
+        """``attention_mask``: None where no row is padded. ``seq_ids`` and ``position_ids`` mark a packed batch
+        (``data.packing``). ``label_pos`` (from the collator, optional): the flat indices of positions whose next
+        token is a label, found on the host, so the device never stops to learn how many rows the head computes."""
         lm = self.peft.get_base_model()
-        if seq_ids is not None:
-            if self.packed is None:
-                raise ValueError("a packed batch reached a model that was not set up for packing (data.packing)")
-            inputs = self.packed(seq_ids, position_ids, lm.dtype)
-        else:
-            inputs = {"attention_mask": attention_mask}
+        inputs = self.base_inputs(input_ids, attention_mask, seq_ids, position_ids)
         # Flat (row x position) targets: position t predicts label t+1; the last position predicts nothing.
         flat_target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
         if label_pos is None:
@@ -341,17 +347,18 @@ class TokenLogpLM(TokenSumLM):
     token at the flat positions ``pos`` (fp32, with gradient), which the objective sums per row. Only those
     positions go through the last block's row selector and the LM head."""
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pos: torch.Tensor,  # type: ignore[override]
-                target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, pos: torch.Tensor, target: torch.Tensor,  # type: ignore[override]
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         lm = self.peft.get_base_model()
+        inputs = self.base_inputs(input_ids, attention_mask)
         if self.rows is not None:
             self.rows.idx = pos
             try:
-                hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+                hidden = lm.base_model(input_ids=input_ids, use_cache=False, **inputs)[0]
             finally:
                 self.rows.idx = None
         else:
-            hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+            hidden = lm.base_model(input_ids=input_ids, use_cache=False, **inputs)[0]
         if hidden.dim() == 3:
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos)
         head = lm.get_output_embeddings()

@@ -231,9 +231,11 @@ def heldout_loss(model: Any, tok: Any, data: Any, batch: int, env: DistEnv | Non
         def __call__(self, **kw: Any) -> Any:
             return self.module(**kw)
 
+    from ..models.families import batch_inputs
     from ..models.loss import TokenSumLM
 
-    res = evaluate(_Engine(TokenSumLM(model)), data, env or DistEnv(0, 0, 1, 1), batch, tok.pad_token_id,
+    module = TokenSumLM(model, inputs=batch_inputs(model.get_base_model()))
+    res = evaluate(_Engine(module), data, env or DistEnv(0, 0, 1, 1), batch, tok.pad_token_id,
                    getattr(tok, "padding_side", "right"))
     return res["eval_loss"]
 

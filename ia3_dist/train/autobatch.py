@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
+from ..data.collate import to_device
 from ..data.sampler import Layout
 from ..models import memory
 from ..runtime import dist, faults, hostmem
@@ -237,7 +238,7 @@ def _measure(engine: Any, batch: dict[str, torch.Tensor], leaf: dict[str, torch.
         faults.hit("probe", len(batch["input_ids"]), rank)
         # The module, not the engine: the engine's forward arms its backward prologue (ZeRO bucket state) on the
         # output, which this backward must not touch. Under ZeRO-0/1/2 every weight is local, so nothing else differs.
-        loss_sum, _ = engine.module(**{k: v.to(engine.device) for k, v in batch.items()})
+        loss_sum, _ = engine.module(**to_device(batch, engine.device))
         torch.autograd.grad(loss_sum, leaf.pop("embeds"))
         del loss_sum
     except torch.OutOfMemoryError:

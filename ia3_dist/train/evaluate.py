@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.collate import collate
+from ..data.collate import collate, to_device
 from ..data.tokenize import TokenizedData
 from ..runtime import dist
 
@@ -46,7 +46,7 @@ def evaluate(engine: Any, data: TokenizedData, env: dist.DistEnv, micro: int, pa
             for b in range(n_batches):
                 idx = mine[b * micro:(b + 1) * micro]
                 batch = collate(data, idx or [0], pad_id, side)
-                loss_sum, n = engine(**{k: v.to(device) for k, v in batch.items()})
+                loss_sum, n = engine(**to_device(batch, device))
                 if idx:
                     acc[p] += torch.stack([loss_sum.detach().double(), n.detach().double()])
                 if on_batch is not None:

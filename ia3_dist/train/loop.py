@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from ..data.collate import to_device
 from ..data.sampler import examples_consumed, iter_steps, steps_per_epoch
 from ..errors import NonFiniteLoss, Preempted, UsageError
-from ..models.families import apply_speedups, family_of, last_block
+from ..models.families import apply_speedups, batch_inputs, last_block
 from ..models.files import snapshot_commit
 from ..models.ia3 import apply_ia3, load_init_adapter, trainable_line
 from ..models.load import (
@@ -127,12 +128,7 @@ def build_engine(p: Prepared, objective: objectives.Objective | None = None) -> 
                            dynamic=True if p.layout.pack_length else None, mode=p.cfg.train.compile_mode,
                            backend=p.cfg.train.compile_backend)
         dist.print0(p.env, f"train.compile: {n} decoder blocks compiled (the first steps include the compile)")
-    packed = None
-    if p.layout.pack_length:
-        fam = family_of(base.config)
-        if fam is None or fam.packed_inputs is None:  # the preflight refuses this; kept for direct callers
-            raise ValueError(f"data.packing: no exact packing for model_type {base.config.model_type!r}")
-        packed = fam.packed_inputs(base)
+    inputs = batch_inputs(base, packing=bool(p.layout.pack_length))
     peft_model = apply_ia3(base, p.cfg.ia3)
     revision = base_revision(p)
     if revision:
@@ -146,7 +142,7 @@ def build_engine(p: Prepared, objective: objectives.Objective | None = None) -> 
         dist.print0(p.env, f"ia3.init_from: starting from the adapter in {p.cfg.ia3.init_from}")
     dist.print0(p.env, trainable_line(peft_model))
     objective = objective or objectives.build(p.cfg)
-    wrapper = objective.module(peft_model, rows, p.cfg.train.loss_chunk_mib << 20, packed)
+    wrapper = objective.module(peft_model, rows, p.cfg.train.loss_chunk_mib << 20, inputs)
     if dsc.stage_of(p.ds_config) == 3 and p.env.world_size > 1:
         wrapper.agree = dist.host_max  # ZeRO-3 gathers the head at each call: every rank calls it equally often
     params = [q for q in wrapper.parameters() if q.requires_grad]
@@ -199,14 +195,6 @@ def grad_norm_ok(norm: Any, device: torch.device) -> bool | torch.Tensor | None:
         return math.isfinite(float(norm)) and float(norm) >= 0
     ok = torch.isfinite(norm) & (norm >= 0)
     return ok if ok.device == device else bool(ok)
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Host batch -> device. On CUDA through pinned memory, asynchronously: a copy from pageable memory would make
-    the host wait for it before queueing the forward pass."""
-    if device.type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class Trainer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..models.load import save_tokenizer
 from ..runtime import dist, faults, hostmem, lazy, manifest
 from ..runtime import ds_config as dsc
 from ..runtime.adapter import save_adapter
+from ..runtime.build_locks import BuildLockSweeper
 from ..runtime.preempt import StopFlag
 from ..runtime.watchdog import Watchdog
 from .loop import Trainer, TrainResult
@@ -135,12 +137,15 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
             _undo_start(p)
         raise
     status = "failed"
+    # Before the process group: DeepSpeed loads its first JIT op there (see runtime/build_locks).
+    locks = BuildLockSweeper(lambda msg: print(msg, file=sys.stderr, flush=True)).start()
     try:
         dist.init(env, cfg.deepspeed.timeout_minutes)
         same_plan_on_every_rank(p)
         faults.setup()
         watchdog = Watchdog(cfg.train.hang_timeout_s, env, p.out).start()
     except BaseException:
+        locks.stop()
         trackers.close(status)
         stop.uninstall()
         if env.is_main:
@@ -191,6 +196,7 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
         # Stopped first: a tracker's close (an online wandb sync, MLflow retrying its server) may take longer than
         # train.hang_timeout_s, and the watchdog would turn a preemption's 75 (or a failure's 3 or 74) into 76.
         watchdog.stop()
+        locks.stop()
         trackers.close(status)
         if env.is_main:
             (p.out / PID_FILE).unlink(missing_ok=True)

@@ -13,7 +13,7 @@ from ...errors import UsageError
 from ..load import decoder_blocks
 from ..loss import RowSelector
 from . import bloom, gpt_neox, llama
-from .base import Family
+from .base import BatchInputs, Family
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (bloom.FAMILY, llama.LLAMA, llama.QWEN2, llama.MISTRAL,
                                                          gpt_neox.FAMILY)}
@@ -48,6 +48,20 @@ def apply_speedups(model: nn.Module, section: ModelSection, gradient_checkpointi
     if section.last_mlp_at_labels and not gradient_checkpointing and fam.last_rows is not None:
         return fam.last_rows(model)
     return None
+
+
+def batch_inputs(model: nn.Module, packing: bool = False) -> BatchInputs:
+    """How ``model``'s batches become its base model's keyword arguments: the family's masks (:mod:`.masks`) and,
+    with ``packing``, its packed rows (which may set the model up for them: call it once, before training).
+    Raises ValueError for ``packing`` on a family with no exact packing (the preflight refuses it first)."""
+    fam = family_of(model.config)
+    packed = None
+    if packing:
+        if fam is None or fam.packed_inputs is None:
+            raise ValueError(f"data.packing: no exact packing for model_type {model.config.model_type!r}")
+        packed = fam.packed_inputs(model)
+    padded = fam.padded_inputs(model) if fam is not None and fam.padded_inputs is not None else None
+    return BatchInputs(padded, packed)
 
 
 def disable_dropout(model: nn.Module) -> int:

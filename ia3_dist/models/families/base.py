@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from ..loss import RowSelector
+from .masks import PaddedInputs
 from .packed import PackedInputs
 
 
@@ -43,6 +46,9 @@ class Family:
     packed_inputs: Callable[[nn.Module], PackedInputs] | None = None
     """Prepare the model for packed rows (``data.packing``) and return how a packed batch becomes its base model's
     keyword arguments (see :mod:`.packed`). None: the family cannot be packed exactly."""
+    padded_inputs: Callable[[nn.Module], PaddedInputs] | None = None
+    """How a padded batch becomes its base model's keyword arguments (see :mod:`.masks`). None: the 2-D padding
+    mask as is."""
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks of a ``*ForCausalLM`` of this family, in order."""
@@ -50,3 +56,24 @@ class Family:
         for part in self.blocks.split("."):
             mod = getattr(mod, part)
         return mod  # type: ignore[return-value]
+
+
+class BatchInputs:
+    """How a collated batch becomes its base model's keyword arguments: padded (``attention_mask`` left out where
+    no row is padded, see :func:`...data.collate.to_device`) or packed (``seq_ids`` and ``position_ids``)."""
+
+    def __init__(self, padded: PaddedInputs | None = None, packed: PackedInputs | None = None) -> None:
+        self.padded = padded
+        self.packed = packed
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, seq_ids: torch.Tensor | None,
+                 position_ids: torch.Tensor | None, dtype: torch.dtype) -> dict[str, Any]:
+        if seq_ids is not None:
+            if self.packed is None:
+                raise ValueError("a packed batch reached a model that was not set up for packing (data.packing)")
+            return self.packed(seq_ids, position_ids, dtype)
+        if self.padded is not None:
+            return self.padded(input_ids, attention_mask, dtype)
+        # The 2-D mask the model has always had: all ones where the batch left it out (no row padded).
+        return {"attention_mask": torch.ones_like(input_ids) if attention_mask is None else attention_mask}
+

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Family
-from .packed import rotary_inputs
+from .masks import full_layout, rotary_packed, rotary_padded
 from .rows import ScatterMLPRows
 
 
@@ -19,4 +19,5 @@ def last_rows(model: nn.Module) -> ScatterMLPRows:
 FAMILY = Family(model_type="gpt_neox", name="GPT-NeoX", target_modules=("query_key_value", "dense_4h_to_h"),
                 feedforward_modules=("dense_4h_to_h",), blocks="gpt_neox.layers", checkpoint_prefix="gpt_neox",
                 checkpoint_renames=(("lm_head.", "embed_out."),), last_rows=last_rows,
-                packed_inputs=rotary_inputs, dropout_probs=("attention_dropout",))
+                packed_inputs=rotary_packed(full_layout),
+                padded_inputs=rotary_padded(full_layout), dropout_probs=("attention_dropout",))

@@ -22,15 +22,3 @@ def document_mask(seq_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     allowed = (seq_ids[:, :, None] == seq_ids[:, None, :]) & causal
     mask = torch.zeros(allowed.shape, dtype=dtype, device=seq_ids.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def rotary_inputs(_model: Any) -> PackedInputs:
-    """Llama, Qwen2, Mistral, GPT-NeoX: no 2-D mask and positions that restart per document. transformers then
-    builds the per-document causal mask itself from where the positions restart (``find_packed_sequence_indices``,
-    for eager and SDPA; flash-attention reads the positions as variable-length sequences), and the rotary
-    embedding sees each document's own positions."""
-
-    def inputs(_seq_ids: torch.Tensor, position_ids: torch.Tensor, _dtype: torch.dtype) -> dict[str, Any]:
-        return {"attention_mask": None, "position_ids": position_ids}
-
-    return inputs

@@ -16,7 +16,7 @@ import torch
 class Objective(Protocol):
     name: str
 
-    def module(self, peft_model: Any, rows: Any, chunk_bytes: int, packed: Any) -> torch.nn.Module:
+    def module(self, peft_model: Any, rows: Any, chunk_bytes: int, inputs: Any) -> torch.nn.Module:
         """The module the engine wraps (returns what :meth:`term` reads)."""
 
     def batches(self, tr: Any, step_mbs: list[list[int]]) -> tuple[list[dict[str, torch.Tensor]], list[bool]]:

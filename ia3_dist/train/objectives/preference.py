@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...data.collate import pair_batch
+from ...data.collate import pair_batch, to_device
 from ...data.sampler import rank_slice
 from ...models.families import disable_dropout
 from ...models.loss import TokenLogpLM
@@ -77,11 +77,11 @@ class Preference:
 
     # -- the loop's hooks -------------------------------------------------------------------------------------
 
-    def module(self, peft_model: Any, rows: Any, chunk_bytes: int, packed: Any) -> torch.nn.Module:
+    def module(self, peft_model: Any, rows: Any, chunk_bytes: int, inputs: Any) -> torch.nn.Module:
         # Before the reference pass and step 1: TRL's preference configs default to disable_dropout=True. Train
         # mode still, as HF Trainer's model.train() (gradient checkpointing only recomputes in train mode).
         disable_dropout(peft_model.get_base_model())
-        return TokenLogpLM(peft_model, rows, chunk_bytes).train()
+        return TokenLogpLM(peft_model, rows, chunk_bytes, inputs).train()
 
     def batches(self, tr: Any, step_mbs: list[list[int]]) -> tuple[list[dict[str, torch.Tensor]], list[bool]]:
         p = tr.p
@@ -118,7 +118,7 @@ class Preference:
         return glob.micro_batches
 
     def term(self, engine: Any, batch: dict[str, torch.Tensor], real: bool) -> torch.Tensor:
-        lp = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pos=batch["pos"],
+        lp = engine(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), pos=batch["pos"],
                     target=batch["target"])
         loss, metrics = self.loss(lp, batch, self.reference_of(batch))
         if real:
@@ -162,8 +162,8 @@ class Preference:
             for j in range(n_batches):
                 idx = mine[j * micro:(j + 1) * micro]
                 b = self._with_reference(pair_batch(data, idx or [0], tr.pad_id, self.nll), "eval")
-                b = {n: v.to(engine.device) for n, v in b.items()}
-                lp = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pos=b["pos"],
+                b = to_device(b, engine.device)
+                lp = engine(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), pos=b["pos"],
                             target=b["target"])
                 loss, metrics = self.loss(lp, b, self.reference_of(b))
                 if idx:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ...data.cache import cache_root
-from ...data.collate import pair_batch
+from ...data.collate import pair_batch, to_device
 from ...data.tokens import TokenizedData
 from ...runtime import dist
 from ..evaluate import eval_mode
@@ -94,7 +94,7 @@ def reference_logps(tr: Any, data: TokenizedData, split: str) -> np.ndarray:
         for k in range(-(-len(runs) // world)):
             idx = mine[k] if k < len(mine) else []
             b = pair_batch(data, idx or [0], tr.pad_id, "")
-            d = {name: b[name].to(engine.device) for name in ("input_ids", "attention_mask", "pos", "target")}
+            d = to_device({name: b[name] for name in ("input_ids", "attention_mask", "pos", "target")}, engine.device)
             lp = engine(**d)
             rows = len(b["n_answer"])
             # Summed in the dtype and order the training step sums in: a pair whose policy is still the

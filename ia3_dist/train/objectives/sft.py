@@ -20,10 +20,10 @@ from ..stats import StepStats
 class SFT:
     name = "sft"
 
-    def module(self, peft_model: Any, rows: Any, chunk_bytes: int, packed: Any) -> torch.nn.Module:
+    def module(self, peft_model: Any, rows: Any, chunk_bytes: int, inputs: Any) -> torch.nn.Module:
         # Train mode from step 1, as HF Trainer's model.train(): from_pretrained (ZeRO 0-2) hands the model over in
         # eval mode, from_config (ZeRO-3) in train mode, and dropout and gradient checkpointing follow the mode.
-        return TokenSumLM(peft_model, rows, chunk_bytes, packed).train()
+        return TokenSumLM(peft_model, rows, chunk_bytes, inputs).train()
 
     def batches(self, tr: Any, step_mbs: list[list[int]]) -> tuple[list[dict[str, torch.Tensor]], list[bool]]:
         """Padded like the recipe's collator, or packed with ``data.packing``."""
