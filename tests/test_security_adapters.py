@@ -388,6 +388,13 @@ CONFIGS = {
     "redos-target": ({"target_modules": "(a+)+b"}, "'target_modules' is not an accepted regular expression"),
     "redos-group-star": ({"target_modules": "(.*)*x"}, "a repeated group"),
     "polynomial": ({"target_modules": ".*.*.*.*.*.*.*.*.*.*x"}, "10 repetitions, at most 2"),
+    # Optional parts and overlapping alternations: each multiplies the ways a failed match tries (".?" x 100 ran
+    # for ever in PEFT's fullmatch over the module names; its repeats have no upper bound above 1, so they were
+    # not counted).
+    "redos-optionals": ({"target_modules": ".?" * 100 + "X"}, "over a million ways to try, at most 16"),
+    "redos-empty-branch": ({"target_modules": "(?:.|)" * 40 + "X"}, "over a million ways to try, at most 16"),
+    "redos-overlapping-branches": ({"feedforward_modules": "(a|ab)(c|cd)(e|ef)(g|gh)(i|ij)x"},
+                                   "32 ways to try, at most 16"),
     "backreference": ({"target_modules": r"(a)\1"}, "back-references and lookarounds"),
     "lookahead": ({"target_modules": "(?=a)a"}, "back-references and lookarounds"),
     "long-pattern": ({"target_modules": "a" * 300}, "300 characters, at most 256"),
@@ -417,7 +424,8 @@ def test_hostile_adapter_config_is_refused_before_peft(case: str, adapter: Path,
 
 def test_accepted_regex_targets_still_load(adapter: Path, tmp_path: Path, capsys) -> None:
     d = _copy(adapter, tmp_path / "a", {"target_modules": r".*\.(query_key_value|dense_4h_to_h)",
-                                        "feedforward_modules": r".*dense_4h_to_h"})
+                                        "feedforward_modules": r".*dense_4h_to_h",
+                                        "exclude_modules": r"(lm_head|embed)s?_?(out)?"})
     rc, out, err = _run(["generate", "--adapter", str(d), "--max-new-tokens", "2", "你好"], capsys)
     assert rc == 0, err
 

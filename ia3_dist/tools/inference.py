@@ -59,9 +59,12 @@ ADAPTER_TASK_TYPE = "CAUSAL_LM"
 # target_modules, feedforward_modules and exclude_modules may be a regular expression that PEFT full-matches
 # against every module name. Only a small subset is accepted: no back-references or lookarounds, no repeated
 # group, at most MAX_PATTERN_REPEATS repeats of single characters (each `.*` multiplies the backtracking of a
-# failed match by the name length), so one match costs at most about len(name) ** 2 steps.
+# failed match by the name length) and MAX_PATTERN_WAYS ways through its optional parts and ambiguous alternations
+# (the product of their choices; alternatives that are words with distinct first characters leave one), so one
+# match costs at most about 16 * len(name) ** 2 steps.
 MAX_PATTERN = 256
 MAX_PATTERN_REPEATS = 2
+MAX_PATTERN_WAYS = 16
 MAX_MODULE_NAMES = 4096
 # modules_to_save names are pasted into a regex by PEFT: plain dotted names only.
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]{1,256}")
@@ -125,26 +128,44 @@ def _safe_pattern(p: str) -> str | None:
         op, av = items[0]
         return op in single or (op == sre_c.SUBPATTERN and one_char(av[-1]))
 
-    n = 0
+    def distinct_words(alternatives: Any) -> bool:
+        """Alternatives that are plain words starting with different characters: at most one of them can match
+        where the branch starts, so the matcher never comes back to try another."""
+        firsts = []
+        for alt in alternatives:
+            if not len(alt) or any(op != sre_c.LITERAL for op, _ in alt):
+                return False
+            firsts.append(alt[0][1])
+        return len(set(firsts)) == len(firsts)
+
+    n, ways = 0, 1
     stack = [parsed]
     while stack:
         for op, av in stack.pop():
             if op in repeats:
-                _, hi, body = av
+                lo, hi, body = av
                 if hi > 1:
                     if not one_char(body):
                         return "a repeated group: nested repetition backtracks exponentially"
                     n += 1
                 else:
+                    ways *= 2 if lo != hi else 1  # an optional part (?): two ways to match, tried in turn
                     stack.append(body)
             elif op == sre_c.SUBPATTERN or op == atomic:
                 stack.append(av[-1] if op == sre_c.SUBPATTERN else av)
             elif op == sre_c.BRANCH:
+                ways *= 1 if distinct_words(av[1]) else len(av[1])
                 stack.extend(av[1])
             elif op not in single and op != sre_c.AT:
                 return f"{str(op).lower()}: back-references and lookarounds are not accepted"
     if n > MAX_PATTERN_REPEATS:
         return f"{n} repetitions, at most {MAX_PATTERN_REPEATS}: each one multiplies the matching work"
+    if ways > MAX_PATTERN_WAYS:
+        # Each optional part, and each alternation whose alternatives may match the same text, multiplies the ways
+        # the matcher tries before it fails: ".?" 100 times never ends.
+        shown = ways if ways < 10**6 else "over a million"
+        return (f"its optional parts and alternations with overlapping alternatives make {shown} ways to try, at "
+                f"most {MAX_PATTERN_WAYS}: each one multiplies the matching work")
     return None
 
 
