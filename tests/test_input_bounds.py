@@ -576,6 +576,19 @@ def test_broken_template_and_tokenizer(adapter: Path, tiny_model: Path, tmp_path
     assert rc == 2 and f"tokenizer {m}: cannot load it" in err, err
 
 
+def test_a_tokenizer_file_of_the_wrong_shape_stops_the_preflight(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    """Valid JSON that the Rust tokenizers library cannot read raises a bare Exception (a traceback and exit 1
+    from the training preflight before): exit 2 naming the tokenizer."""
+    m = _copy(tiny_model, tmp_path / "tok")
+    spec = json.loads((m / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["model"]["merges"] = 5
+    (m / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    rc = main(["check", "--config", "configs/tiny-cpu.yaml", f"model.path={m}", f"output.dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"tokenizer {m}: cannot load it (Exception: " in err and "tokenizer.json" in err, err
+    assert "Traceback" not in err
+
+
 class _CtrlC(io.StringIO):
     """stdin whose next read is interrupted by Ctrl-C (SIGINT raises KeyboardInterrupt in the blocked read)."""
 

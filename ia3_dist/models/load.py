@@ -50,8 +50,10 @@ def load_tokenizer(cfg: ModelSection, model_path: str, files_dir: Path | None = 
     try:
         with no_code_prompt():
             tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"tokenizer {name}: cannot load it ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - the Rust tokenizers library raises a bare Exception for a bad file
+        hint = "" if isinstance(e, OSError) else "; its tokenizer.json or tokenizer_config.json is not one " \
+                                                  "transformers can read (a truncated or hand-edited file?)"
+        raise UsageError(f"tokenizer {name}: cannot load it ({type(e).__name__}: {str(e)[:500]}){hint}") from None
     if src != name:
         tok.name_or_path = name
     if tok.eos_token is None:
