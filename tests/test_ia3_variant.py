@@ -101,6 +101,21 @@ def test_paper_targets_and_refusals() -> None:
         IA3Section(variant="paper", target_modules=["query_key_value"])
 
 
+def test_the_preflight_line_names_the_paper_variants_modules() -> None:
+    """What ia3_config scales: Qwen2's line said q_proj (PEFT's default) where the paper variant trains k_proj."""
+    from transformers import AutoConfig
+
+    from ia3_dist.models.families import support_case
+    from ia3_dist.models.ia3 import ia3_config
+
+    for mt in ("llama", "mistral", "qwen2"):
+        line = support_case(AutoConfig.for_model(mt), IA3Section(variant="paper"))[1]
+        assert set(ia3_config(IA3Section(variant="paper"), mt).target_modules) == {"k_proj", "v_proj", "down_proj"}
+        assert "IA3 on k_proj, v_proj, down_proj (ia3.variant=paper" in line, line
+    line = support_case(AutoConfig.for_model("bloom"), IA3Section(variant="paper"))[1]
+    assert "IA3 on query_key_value, mlp.dense_4h_to_h (ia3.variant=paper" in line and "held at 1.0" in line
+
+
 @pytest.mark.slow
 def test_paper_run_saves_a_plain_adapter(tmp_path: Path, demo_model: Path) -> None:
     """A real run (1 process, ZeRO-3, weight decay on): the adapter loads with PeftModel.from_pretrained, the

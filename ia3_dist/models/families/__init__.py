@@ -10,6 +10,7 @@ from torch import nn
 from ...config import IA3Section, ModelSection
 from ...config.archs import ARCHS
 from ...errors import UsageError
+from ..ia3 import paper_targets
 from ..load import decoder_blocks
 from ..loss import RowSelector
 from . import bloom, gpt_neox, llama
@@ -125,6 +126,12 @@ def support_case(model_config: Any, section: IA3Section, where: str = "model.pat
         else:
             ff = "none"
         modules = f"IA3 on {', '.join(section.target_modules)} (ia3.target_modules; feedforward: {ff})"
+    elif section.variant == "paper" and (paper := paper_targets(model_type)) is not None:
+        modules = f"IA3 on {', '.join(paper[0])} (ia3.variant=paper: the paper's keys, values and feed-forward; " \
+                  f"feedforward: {', '.join(paper[1])})"
+    elif section.variant == "paper" and fam is not None:
+        modules = f"IA3 on {', '.join(fam.target_modules)} (ia3.variant=paper: PEFT's modules, the fused " \
+                  f"projection's query entries held at 1.0; feedforward: {', '.join(fam.feedforward_modules)})"
     elif fam is not None:
         modules = f"IA3 on {', '.join(fam.target_modules)} (PEFT's defaults; feedforward: " \
                   f"{', '.join(fam.feedforward_modules)})"
