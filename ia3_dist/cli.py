@@ -347,17 +347,25 @@ def cmd_plot(argv: list[str], prog: str) -> int:
     return 0
 
 
+# Units of --gpu-mem, in GiB. Binary and bare units are GiB (nvidia-smi's MiB too); decimal ones are decimal: a
+# "80GB" read as GiB would plan 7% more memory than the card has, the direction in which plans fit and runs do not.
+_SIZE_UNITS = {"": 1.0, "g": 1.0, "gib": 1.0, "gb": 1e9 / 2**30, "m": 1 / 1024, "mib": 1 / 1024, "mb": 1e6 / 2**30,
+               "t": 1024.0, "tib": 1024.0, "tb": 1e12 / 2**30}
+
+
 def _gib(text: str) -> float:
-    """A GPU memory size in GiB: 80, 80G, 80GB, 80GiB (any case); finite and positive."""
+    """A GPU memory size in GiB: 80, 80G, 80GiB (GiB), 81559MiB (nvidia-smi's), 80GB (decimal: 74.5 GiB), any
+    case; finite and positive."""
     t = text.strip().lower()
-    for unit in ("gib", "gb", "g"):
-        t = t.removesuffix(unit)
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz").strip()
+    unit = t[len(num):].strip() if t.startswith(num) else None
     try:
-        v = float(t)
-    except ValueError:
+        v = float(num) * _SIZE_UNITS[unit]  # type: ignore[index]
+    except (ValueError, KeyError):
         v = math.nan
     if not (math.isfinite(v) and v > 0):
-        raise UsageError(f"--gpu-mem {text!r}: expected a positive size such as 80GiB, 80GB or 40")
+        raise UsageError(f"--gpu-mem {text!r}: expected a positive size such as 80GiB, 81559MiB, 80GB (decimal, "
+                         f"74.5 GiB) or 40 (GiB)")
     return v
 
 
@@ -368,7 +376,8 @@ def cmd_plan(argv: list[str], prog: str) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--nodes", type=int)
     ap.add_argument("--gpus-per-node", type=int)
-    ap.add_argument("--gpu-mem", help="per GPU, e.g. 80GiB (default: the config's hardware section)")
+    ap.add_argument("--gpu-mem", help="per GPU: 80GiB, 80 (GiB), 81559MiB (as nvidia-smi shows it) or 80GB "
+                                      "(decimal: 74.5 GiB) (default: the config's hardware section)")
     ap.add_argument("--cpu", action="store_true",
                     help="CPU ranks: --gpus-per-node is ranks per node, --gpu-mem host memory per rank, and the "
                          "table gives RSS per rank")
@@ -383,7 +392,10 @@ def cmd_plan(argv: list[str], prog: str) -> int:
     gpus = a.gpus_per_node if a.gpus_per_node is not None else hw.gpus_per_node
     if nodes < 1 or gpus < 1:
         raise UsageError("--nodes and --gpus-per-node must be >= 1")
-    text, _ = plan(cfg, nodes, gpus, _gib(a.gpu_mem) if a.gpu_mem else hw.gpu_mem_gib, cpu=a.cpu)
+    gib = _gib(a.gpu_mem) if a.gpu_mem else hw.gpu_mem_gib
+    text, _ = plan(cfg, nodes, gpus, gib, cpu=a.cpu)
+    if a.gpu_mem and not a.gpu_mem.strip().lower().endswith(("gib", "g")) and any(c.isalpha() for c in a.gpu_mem):
+        print(f"--gpu-mem {a.gpu_mem.strip()} = {gib:.2f} GiB")
     print(text)
     return 0
 

@@ -27,9 +27,15 @@ def test_bloom_1b4_zh_counts(capsys) -> None:
 def test_gpu_memory_and_node_counts_are_checked(capsys) -> None:
     from ia3_dist.cli import _gib
 
-    assert [_gib(s) for s in ("80GB", "80gib", "80G", " 80 ", "40.5GiB")] == [80, 80, 80, 80, 40.5]
+    # Binary and bare sizes are GiB; decimal ones decimal (80GB read as 80 GiB planned 7% more than the card has).
+    assert [_gib(s) for s in ("80gib", "80G", " 80 ", "40.5GiB", "81920MiB", "1TiB")] == [80, 80, 80, 40.5, 80, 1024]
+    assert _gib("80GB") == pytest.approx(74.51, abs=0.01) and _gib("80 gb") == _gib("80GB")
+    assert _gib("16000MB") == pytest.approx(14.90, abs=0.01)
     cfg = str(ROOT / "configs" / "bloom-1b4-zh.yaml")
-    for size in ("nan", "-4", "inf", "0", "80TB"):
+    assert main(["plan", "--config", cfg, "--gpu-mem", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "--gpu-mem 80GB = 74.51 GiB" in out and "74.5058 GiB each" in out, out
+    for size in ("nan", "-4", "inf", "0", "80XB", "GB", "80 GB x"):
         assert main(["plan", "--config", cfg, "--gpu-mem", size]) == 2, size
         assert "expected a positive size" in capsys.readouterr().err
     assert main(["plan", "--config", cfg, "--nodes", "0"]) == 2  # not the config's node count

@@ -17,21 +17,29 @@ from ..errors import CheckpointWriteError
 from . import dist, faults, safe_io
 
 
-def gather_trainable(peft_model: Any, is_main: bool) -> dict[str, torch.Tensor]:
+def gather_trainable(peft_model: Any, is_main: bool, engine: Any = None) -> dict[str, torch.Tensor]:
     """Full fp32 values of the trainable parameters; every rank must call this (a collective under ZeRO-3).
 
-    ``safe_get_full_fp32_param`` reads the optimizer's fp32 master copy where one exists (bf16/fp16, ZeRO-1/2/3)
-    and gathers ZeRO-3 partitions, whatever ``stage3_param_persistence_threshold`` left unpartitioned. Plain fp32
-    ZeRO-0 has no master copy: the module parameter is the value.
+    ``safe_get_full_fp32_param`` reads the optimizer's fp32 master copy where DeepSpeed maps one (bf16/fp16,
+    ZeRO-1/2/3) and gathers ZeRO-3 partitions, whatever ``stage3_param_persistence_threshold`` left unpartitioned.
+    ZeRO-0 in bf16/fp16 keeps its masters in DeepSpeed's FP16 optimizers, which that function does not see: they
+    are read from ``engine``'s optimizer (the module parameter is the master rounded to bf16, half a bf16 step off
+    it: 2**-9 near 1.0). Plain fp32 ZeRO-0 has no master copy: the module parameter is the value.
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from .portable import _flat_slots
+
+    slots = _flat_slots(engine) if engine is not None and getattr(engine, "optimizer", None) is not None else {}
     out: dict[str, torch.Tensor] = {}
     for name, p in peft_model.named_parameters():
         if not p.requires_grad:
             continue
         full = safe_get_full_fp32_param(p)
-        if full is None:
+        if full is None and id(p) in slots:
+            flat, off, n = slots[id(p)]
+            full = flat.view(-1)[off:off + n].view(p.shape)
+        elif full is None:
             if hasattr(p, "ds_id"):
                 raise RuntimeError(f"could not gather ZeRO-3 parameter {name}")
             full = p.detach()
@@ -51,8 +59,8 @@ name no leftover can hold (``manifest.ADAPTER_ASIDE`` owns them) until it is rem
 
 def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str, torch.Tensor] | None = None,
                  state: dict[str, torch.Tensor] | None = None,
-                 extra: Callable[[Path], None] | None = None, step: int = 0, vectors_step: int | None = None
-                 ) -> Path:
+                 extra: Callable[[Path], None] | None = None, step: int = 0, vectors_step: int | None = None,
+                 engine: Any = None) -> Path:
     """Gather on all ranks, write on rank 0, then every rank learns whether it succeeded. ``fixed``: parameter name
     -> mask of entries the forward pass holds at exactly 1.0 (``ia3.variant: paper``); they are written as 1.0
     whatever the optimizer's weight decay did to the stored values, so the file is a plain IA3 vector that
@@ -60,6 +68,7 @@ def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str,
     evaluation's) instead of the model's current ones. ``extra(dir)``: rank 0 writes the other files of the
     adapter (tokenizer, template) there. ``step``: the run's last step (the ``save-adapter`` fault point's).
     ``vectors_step``: the step whose vectors are written, recorded in :data:`STEP_FILE` (none without it).
+    ``engine``: the DeepSpeed engine, whose optimizer holds the fp32 masters (see :func:`gather_trainable`).
 
     Atomic and durable: everything is written to ``<out_dir>.new``, flushed to stable storage, then renamed to
     ``out_dir`` (an adapter there already is set aside first, and removed after as far as it can be: an NFS
@@ -67,7 +76,7 @@ def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str,
     sees half an adapter, and a kill or a node crash leaves the earlier one or the new one whole. A write that
     fails on rank 0 (a full disk, a quota) raises :class:`.CheckpointWriteError` (exit 74) on every rank together,
     not on rank 0 alone with the others waiting for it."""
-    state = gather_trainable(peft_model, is_main) if state is None else dict(state)
+    state = gather_trainable(peft_model, is_main, engine) if state is None else dict(state)
     for name, mask in (fixed or {}).items():
         if name in state:
             state[name] = state[name].masked_fill(mask.view(state[name].shape).cpu(), 1.0)

@@ -450,7 +450,7 @@ class Trainer:
         keep, best, stop = self.selection.after_eval(step, res)
         es = self.p.cfg.train.early_stopping
         if best and es.final == "best":
-            self.best_state = gather_trainable(self.peft_model, self.p.env.is_main)
+            self.best_state = gather_trainable(self.peft_model, self.p.env.is_main, self.engine)
         if keep:
             k = self.selection.keeper
             dist.print0(self.p.env, f"checkpoint.keep_best: {k.metric} {k.best:.6g} at step {step} is the best so "
