@@ -340,6 +340,7 @@ def test_the_warning_before_the_limit_fits_in_the_limit(time: str, lead: int) ->
     training. Limits under 20 minutes get a quarter of theirs (at least 30 s); no limit (0) keeps 300 s."""
     text = render(str(TINY), [], 1, 1, time)
     assert directives(text, "signal") == [f"B:USR1@{lead}"], text
+    assert f"# Preemption-safe: USR1 {lead} s before the time limit" in text  # the header says the same
 
 
 def test_a_limit_too_short_to_train_is_refused() -> None:

@@ -413,7 +413,8 @@ def render(config: str, overrides: list[str], nodes: int | tuple[int, int], gpus
               "Submit (from the folder that relative paths in the config refer to):  sbatch THIS_FILE",
               "Arguments after the file name replace the baked-in ones: sbatch THIS_FILE CONFIG.yaml [k.sub=value ...]",
               "Self-contained: the helpers are inlined and training runs as `$PYTHON -m ia3_dist`, no checkout needed.",
-              "Preemption-safe: USR1 300 s before the time limit -> checkpoint at the next step -> requeue -> resume",
+              f"Preemption-safe: USR1 {signal_lead(job.time)} s before the time limit -> checkpoint at the next step "
+              "-> requeue -> resume",
               "(train.resume=auto); resubmitting this file resumes too."]
     return assemble(job, job.job_name or safe_name(Path(cfg.output.dir).name), header,
                     f'[ $# -gt 0 ] || set -- {args}')
@@ -601,11 +602,12 @@ def check_writable(files: list[tuple[Path, str]], force: bool) -> None:
             raise UsageError(f"{name}: file name longer than {name_max} bytes; give a shorter --out")
 
 
-def add_job_args(ap: argparse.ArgumentParser) -> None:
-    """The Slurm options shared by ``ia3-dist slurm`` and ``ia3-dist sweep``."""
+def add_job_args(ap: argparse.ArgumentParser, node_range: bool = True) -> None:
+    """The Slurm options shared by ``ia3-dist slurm`` and ``ia3-dist sweep`` (``node_range``: whether ``--nodes``
+    may be a range; a sweep's tasks run on a fixed count)."""
     ap.add_argument("--nodes", type=nodes_option, default=(1, 1),
                     help="nodes, or a range MIN-MAX: the job starts (and, requeued, resumes) on as many as it gets; "
-                         "needs train.global_batch_size")
+                         "needs train.global_batch_size" if node_range else "nodes per task (one count)")
     ap.add_argument("--gpus-per-node", type=int_option("--gpus-per-node", 0, MAX_GPUS_PER_NODE), default=1)
     ap.add_argument("--cpus-per-node", type=int_option("--cpus-per-node", 0, MAX_CPUS_PER_NODE), default=0,
                     help="ranks per node on CPU-only nodes (with --gpus-per-node 0); with GPUs, the CPUs a node's "

@@ -390,7 +390,7 @@ def main(argv: list[str], prog: str) -> int:
     ap.add_argument("--no-submit", action="store_true", help="write the sweep dir and its sbatch file only")
     ap.add_argument("--force", action="store_true", help="write over an earlier sweep in --dir (its task dirs "
                     "stay: their runs resume)")
-    slurm.add_job_args(ap)
+    slurm.add_job_args(ap, node_range=False)
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every task")
     a = ap.parse_intermixed_args(argv)
     grid = parse_grid(a.grid)
