@@ -334,6 +334,19 @@ def test_gpu_nodes_get_the_cpus_asked_for(launcher: str, want: list[str]) -> Non
     assert directives(text, "gpus-per-node") == ["8"] and "export NPROC_PER_NODE=8\n" in text
 
 
+def test_the_layout_defaults_to_the_configs_hardware(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config written for 8 nodes x 8 GPUs (its hardware section, what plan reads) rendered a 1 x 1 job."""
+    cfg = str(TINY.parent / "bloom-176b.yaml")
+    out = tmp_path / "b.sbatch"
+    assert cli_main(["slurm", "--config", cfg, "--out", str(out)]) == 0
+    text, said = out.read_text(), capsys.readouterr().out
+    assert directives(text, "nodes") == ["8"] and directives(text, "gpus-per-node") == ["8"], text[:800]
+    assert "from the config's hardware section: --nodes 8, --gpus-per-node 8" in said
+    assert cli_main(["slurm", "--config", cfg, "--out", str(out), "--force", "--nodes", "2"]) == 0
+    assert directives(out.read_text(), "nodes") == ["2"] and directives(out.read_text(), "gpus-per-node") == ["8"]
+    assert "--gpus-per-node 8" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("time, lead", [("04:00:00", 300), ("20", 300), ("8", 120), ("2", 30), ("0", 300)])
 def test_the_warning_before_the_limit_fits_in_the_limit(time: str, lead: int) -> None:
     """A fixed USR1@300 on a limit of 5 minutes or less came as the job started: it requeued for ever without

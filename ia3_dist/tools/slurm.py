@@ -605,10 +605,12 @@ def check_writable(files: list[tuple[Path, str]], force: bool) -> None:
 def add_job_args(ap: argparse.ArgumentParser, node_range: bool = True) -> None:
     """The Slurm options shared by ``ia3-dist slurm`` and ``ia3-dist sweep`` (``node_range``: whether ``--nodes``
     may be a range; a sweep's tasks run on a fixed count)."""
-    ap.add_argument("--nodes", type=nodes_option, default=(1, 1),
-                    help="nodes, or a range MIN-MAX: the job starts (and, requeued, resumes) on as many as it gets; "
-                         "needs train.global_batch_size" if node_range else "nodes per task (one count)")
-    ap.add_argument("--gpus-per-node", type=int_option("--gpus-per-node", 0, MAX_GPUS_PER_NODE), default=1)
+    ap.add_argument("--nodes", type=nodes_option,
+                    help=("nodes, or a range MIN-MAX: the job starts (and, requeued, resumes) on as many as it gets; "
+                          "needs train.global_batch_size" if node_range else "nodes per task (one count)")
+                    + " (default: the config's hardware.nodes)")
+    ap.add_argument("--gpus-per-node", type=int_option("--gpus-per-node", 0, MAX_GPUS_PER_NODE),
+                    help="0 for CPU-only nodes (default: the config's hardware.gpus_per_node)")
     ap.add_argument("--cpus-per-node", type=int_option("--cpus-per-node", 0, MAX_CPUS_PER_NODE), default=0,
                     help="ranks per node on CPU-only nodes (with --gpus-per-node 0); with GPUs, the CPUs a node's "
                          "ranks get (Slurm's --cpus-per-task; default: the cluster's)")
@@ -622,6 +624,24 @@ def add_job_args(ap: argparse.ArgumentParser, node_range: bool = True) -> None:
                     help="deepspeed (default), torchrun (multi-node, static rendezvous) or srun (one task per rank)")
     ap.add_argument("--python", help="the python the job runs (default: this one, "
                     f"{default_python()}); IA3_DIST_PYTHON at submit time still overrides it")
+
+
+def layout_from_config(a: argparse.Namespace) -> str | None:
+    """``--nodes`` and ``--gpus-per-node`` not given: the config's ``hardware`` section's, which ``plan`` uses too
+    (a config written for 8 x 8 GPUs rendered a 1 x 1 job). Returns a line saying so where that is not 1 x 1."""
+    if a.nodes is not None and a.gpus_per_node is not None:
+        return None
+    hw = load_config(a.config, a.overrides).hardware
+    taken = []
+    if a.nodes is None:
+        a.nodes = (hw.nodes, hw.nodes)
+        taken.append(f"--nodes {hw.nodes}")
+    if a.gpus_per_node is None:
+        a.gpus_per_node = hw.gpus_per_node
+        taken.append(f"--gpus-per-node {hw.gpus_per_node}")
+    if a.nodes == (1, 1) and a.gpus_per_node == 1:
+        return None
+    return f"from the config's hardware section: {', '.join(taken)} (give them to change)"
 
 
 def job_from_args(a: argparse.Namespace) -> Job:
@@ -673,8 +693,11 @@ def main(argv: list[str], prog: str) -> int:
     given = [o for o in EVAL_OPTS if getattr(a, o) is not None]
     if given and not a.eval:
         raise UsageError(f"--{given[0].replace('_', '-')}: an option of the evaluation job; add --eval")
+    taken = layout_from_config(a)
     text = render(a.config, a.overrides, a.nodes, a.gpus_per_node, a.time, a.partition, a.account, a.launcher,
                   a.cpus_per_node, a.job_name, a.python)
+    if taken:
+        print(taken)
     range_note(job_from_args(a))
     if a.out is not None:
         _no_control("--out", a.out)

@@ -394,7 +394,10 @@ def main(argv: list[str], prog: str) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every task")
     a = ap.parse_intermixed_args(argv)
     grid = parse_grid(a.grid)
+    taken = None if a.local else slurm.layout_from_config(a)
     job = None if a.local else slurm.job_from_args(a)
+    if taken:
+        print(taken)
     if job is not None and job.min_nodes:
         # Each task may override the batch keys; a fixed count keeps every task's layout what its grid says.
         raise UsageError(f"--nodes {job.nodes_directive}: a sweep's tasks run on a fixed number of nodes; give one "
