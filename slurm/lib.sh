@@ -40,6 +40,24 @@ ia3_setup() {
   trap 'ia3_forward TERM' TERM
 }
 
+# The deepspeed launcher's device arguments (DS_DEVICES) for a one-node job: the GPUs Slurm gave it. Given
+# --num_accelerators N the launcher drops CUDA_VISIBLE_DEVICES and runs on devices 0..N-1, which on a node that does
+# not constrain devices (no ConstrainDevices=yes) may be another job's; --include names the job's own.
+ia3_ds_devices() {
+  if [[ "${CUDA_VISIBLE_DEVICES:-}" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+    local -a visible
+    IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
+    if [ "${#visible[@]}" -lt "$NPROC_PER_NODE" ]; then
+      echo "ia3-dist: NPROC_PER_NODE=$NPROC_PER_NODE ranks, but the job sees ${#visible[@]} GPU(s)" \
+           "(CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES): ask for as many GPUs (--gpus-per-node) or run fewer ranks" >&2
+      exit 2
+    fi
+    DS_DEVICES=(--include "localhost:$(IFS=,; echo "${visible[*]:0:$NPROC_PER_NODE}")")
+  else
+    DS_DEVICES=(--num_accelerators "$NPROC_PER_NODE")   # CPU ranks, or GPUs named otherwise (UUIDs, MIG)
+  fi
+}
+
 # The pid in rank0.pid when it is a live ia3-dist process on this host; nothing for a pid file left by a run that
 # was killed (SIGKILL, OOM, the hang watchdog), whose pid may since belong to any other process, nor for one that
 # another host wrote (its second line names the host; a requeued job may start on other nodes).
