@@ -346,6 +346,22 @@ def test_compile_never_gets_zero3_from_auto_or_plan(tiny_model: Path, tmp_path: 
     assert info["recommended"] == "zero3", text
 
 
+def test_the_advice_quotes_the_configured_setting_and_only_levers_that_act() -> None:
+    """bloom-176b checkpoints already: the largest micro-batch quoted first is the one with checkpointing (it read
+    "5 (85 with gradient checkpointing)"); with compile on and micro-batch 1 the only lever is compile itself (it
+    said to turn on checkpointing and lower the micro-batch, both already so)."""
+    cfg = str(ROOT / "configs" / "bloom-176b.yaml")
+    text, info = plan(load_config(cfg, []), 8, 8, 80)
+    r = info["rows"]["zero3"]
+    assert f"largest micro-batch there {r['max_micro_ckpt']} (with gradient checkpointing, as configured; " \
+           f"{r['max_micro']} without)" in text, text
+    text, info = plan(load_config(cfg, ["train.compile=true"]), 8, 8, 80)
+    last = text.splitlines()[-1]
+    assert info["recommended"] is None and last.endswith("set train.compile=false"), last
+    text, _ = plan(load_config(cfg, ["train.gradient_checkpointing=false", "train.micro_batch_size=4"]), 1, 1, 8)
+    assert text.splitlines()[-1].endswith("turn on train.gradient_checkpointing, lower the micro-batch, add GPUs")
+
+
 def test_auto_deepspeed_config_refuses_when_nothing_fits(tiny_model: Path) -> None:
     from ia3_dist.config import IA3Section, ModelSection
     from ia3_dist.models.load import load_model_config

@@ -181,6 +181,18 @@ def test_sft_then_dpo_uses_the_sft_adapter_as_reference(models: dict, pair_file:
     assert np.abs(with_sft - base).max() > 1e-2  # the SFT adapter's log-probs are not the base's
 
 
+def test_a_shuffled_bf16_first_step_has_margins_of_exactly_0(tmp_path: Path) -> None:
+    """The reference table comes from the first epoch's own micro-batches (shuffled, as training runs them): in
+    bf16 a pair's summed log-probs depend on the batch it is padded in (computed in file order, step 1's rewards
+    were off 0 by the rounding), so the policy that is still the reference has margins of exactly 0."""
+    out = tmp_path / "bf16"
+    check(launch(["--config", "configs/tiny-dpo-cpu.yaml", f"output.dir={out}", "train.precision=bf16",
+                  "train.max_steps=1", "train.log_every=1", "data.eval_ratio=0", "train.eval_every=0"]))
+    first = [r for r in metrics(out) if "loss" in r][0]
+    assert first["step"] == 1
+    assert all(first[k] == 0.0 for k in ("rewards/chosen", "rewards/rejected", "rewards/margins")), first
+
+
 def test_demo_learns_the_preference_on_two_ranks(tmp_path: Path) -> None:
     """configs/tiny-dpo-cpu.yaml on 2 CPU ranks: held-out pair accuracy >= 0.8 (it starts at 0: the policy is its
     own reference, every margin 0), in under 2 minutes from the command to the adapter."""

@@ -149,21 +149,25 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
     est = deepspeed_estimate(s, nodes, gpus_per_node)
     if est and not cpu:
         lines.append(est)
+    # Only what would change the outcome: checkpointing when it is off, a smaller micro-batch when it is above 1.
+    levers = [x for x, on in (("turn on train.gradient_checkpointing", not ckpt),
+                              ("lower the micro-batch", micro > 1)) if on]
     if fits_at is None and cfg.train.compile and any(r["fits"] for r in rows.values()):
         lines.append(f"does not fit with train.compile: only ZeRO-3 fits at {rows_of}, and compiled blocks do not "
-                     f"run under ZeRO-3; set train.compile=false, turn on train.gradient_checkpointing, lower the "
-                     f"micro-batch or add {unit}s")
+                     f"run under ZeRO-3; set train.compile=false" + "".join(f", or {x}" for x in levers))
     elif fits_at is None:
         lines.append(f"does not fit: even {STAGES[-1][0]} needs {rows[STAGES[-1][0]]['total_gib']:.1f} GiB per "
-                     f"{unit} at {rows_of}; turn on train.gradient_checkpointing, lower the micro-batch or "
-                     f"add {unit}s")
+                     f"{unit} at {rows_of}; " + ", ".join([*levers, f"add {unit}s"]))
     else:
         mixed = {"fp16": "; in fp16 ZeRO-0's optimizer checks every tensor on the host",
                  "bf16": "; mixed precision starts at ZeRO-1, which costs IA3 nothing"}
         why = "least communication" + (mixed.get(cfg.train.precision, "") if fits_at == "zero1" else "")
+        r = rows[fits_at]
+        # The figure for the run as configured first; the other setting's in brackets.
+        largest = (f"{r['max_micro_ckpt']} (with gradient checkpointing, as configured; {r['max_micro']} without)"
+                   if ckpt else f"{r['max_micro']} ({r['max_micro_ckpt']} with gradient checkpointing)")
         lines.append(f"recommended: deepspeed.config={fits_at} (the lowest stage that fits: {why}); "
-                     f"largest micro-batch there {rows[fits_at]['max_micro']} "
-                     f"({rows[fits_at]['max_micro_ckpt']} with gradient checkpointing)")
+                     f"largest micro-batch there {largest}")
     info = {"n_params": s.n_params, "trainable": s.trainable, "world": world, "seq": seq, "rows": rows,
             "recommended": fits_at, "chosen": rows.get(_chosen(cfg)), "overhead_gib": overhead / GIB}
     return "\n".join(lines), info

@@ -22,11 +22,12 @@ import torch
 
 from ...data.cache import cache_root
 from ...data.collate import pair_batch, to_device
+from ...data.sampler import plan_epoch, rank_slice
 from ...data.tokens import TokenizedData
 from ...runtime import dist
 from ..evaluate import eval_mode
 
-VERSION = 3
+VERSION = 4  # 4: the training split in the first epoch's micro-batches
 """Bumped when the stored values change meaning (2: summed in the training dtype; 3: batched as training)."""
 
 
@@ -43,13 +44,19 @@ def _files_digest(h: Any, path: Path, content: bool) -> None:
             h.update(f.read_bytes())
 
 
-def reference_key(p: Any, data: TokenizedData) -> str:
+def reference_key(p: Any, data: TokenizedData, split: str = "eval") -> str:
     """What the reference depends on: the examples (cache and rows), the base model's files, the starting adapter,
-    precision, attention implementation and the micro-batch (the pairs are batched as training batches them, so
-    their padding, and in a low precision their sums, follow it)."""
+    precision, attention implementation and the batches (the pairs are batched as training batches them, so
+    their padding, and in a low precision their sums, follow them: the micro-batch, and for the training split
+    the first epoch's plan)."""
+    plan = None
+    if split == "train":
+        lay = p.layout
+        plan = [lay.micro, lay.accum, lay.world, lay.seed, lay.shuffle, lay.group_by_length, lay.group_steps,
+                lay.consecutive]
     h = hashlib.sha256(json.dumps({"v": VERSION, "model_key": p.meta.get("model_key"), "data": Path(
         data.cache_file).stem, "precision": p.cfg.train.precision, "attention": p.cfg.model.attention,
-        "ia3": p.meta.get("ia3"), "micro": p.cfg.train.micro_batch_size}, sort_keys=True).encode())
+        "ia3": p.meta.get("ia3"), "micro": p.cfg.train.micro_batch_size, "plan": plan}, sort_keys=True).encode())
     rows = data.rows if data.rows is not None else np.arange(len(data) * 2)
     h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
     # The dir the weights load from: for a hub model its snapshot (a hub name alone would keep the table of the
@@ -76,7 +83,7 @@ def reference_logps(tr: Any, data: TokenizedData, split: str) -> np.ndarray:
     (ZeRO-3 gathers parameters in each forward, so every rank runs the same number of them)."""
     p, engine = tr.p, tr.engine
     n = len(data)
-    path = cache_root(p.cfg.data) / "reference" / f"{reference_key(p, data)}.npy"
+    path = cache_root(p.cfg.data) / "reference" / f"{reference_key(p, data, split)}.npy"
     have = torch.tensor([0.0 if _read(path, n) is None else 1.0], dtype=torch.float64)
     # Every rank must take the same branch: read only when all of them can.
     if dist.all_reduce_sum(have.to(engine.device)).item() == p.env.world_size:
@@ -84,14 +91,21 @@ def reference_logps(tr: Any, data: TokenizedData, split: str) -> np.ndarray:
         dist.print0(p.env, f"dpo reference: {n} {split} pairs' log-probs read from {path}")
         return got
     world, micro = p.env.world_size, p.cfg.train.micro_batch_size
-    # Runs of `micro` consecutive pairs, dealt to the ranks in turn: the micro-batches of an unshuffled epoch
-    # (data.sampler.rank_runs), so their padding and sums are the training step's and the first step's margins
-    # are exactly 0 there.
-    runs = [list(range(i, min(i + micro, n))) for i in range(0, n, micro)]
-    mine = runs[p.env.rank::world]
+    if split == "train":
+        # The first epoch's micro-batches as training runs them (shuffled, length-grouped: the same plan), so
+        # their padding and sums are the step's and the first step's margins are exactly 0 in any precision. Every
+        # pair is in the epoch once; every rank runs as many (an empty slot: a filler batch, not written).
+        lay = p.layout
+        mine = [mb for st in plan_epoch(data.lengths, lay, 0) for mb in rank_slice(st, p.env.rank, lay.accum)]
+        count = len(mine)
+    else:
+        # Runs of `micro` consecutive pairs, dealt to the ranks in turn (the evaluation's own batches).
+        runs = [list(range(i, min(i + micro, n))) for i in range(0, n, micro)]
+        mine = runs[p.env.rank::world]
+        count = -(-len(runs) // world)
     table = torch.zeros((n, 2), dtype=torch.float64)
     with eval_mode(engine.module), torch.no_grad():
-        for k in range(-(-len(runs) // world)):
+        for k in range(count):
             idx = mine[k] if k < len(mine) else []
             b = pair_batch(data, idx or [0], tr.pad_id, "")
             d = to_device({name: b[name] for name in ("input_ids", "attention_mask", "pos", "target")}, engine.device)
