@@ -94,10 +94,11 @@ def test_a_run_starts_past_a_stale_lock_of_a_deepspeed_op(tmp_path: Path, demo_m
     built = Path(_get_build_directory("deepspeed_shm_comm", False))
     if not (built / "deepspeed_shm_comm.so").exists():
         pytest.skip("DeepSpeed's shared-memory op was not built here yet (any earlier run builds it)")
+    # With TORCH_EXTENSIONS_DIR set, torch builds each op directly under it: the built op copied there loads
+    # without a compile (its ninja finds nothing to do).
     ext = tmp_path / "ext"
-    shutil.copytree(built.parent, ext / built.parent.name, symlinks=True,
-                    ignore=shutil.ignore_patterns("lock", ".ninja_lock"))
-    lock = ext / built.parent.name / "deepspeed_shm_comm" / "lock"
+    shutil.copytree(built, ext / built.name, symlinks=True, ignore=shutil.ignore_patterns("lock", ".ninja_lock"))
+    lock = ext / built.name / "lock"
     lock.write_bytes(b"")
     os.utime(lock, (time.time() - 3600, time.time() - 3600))
     out = tmp_path / "run"

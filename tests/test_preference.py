@@ -181,16 +181,56 @@ def test_sft_then_dpo_uses_the_sft_adapter_as_reference(models: dict, pair_file:
     assert np.abs(with_sft - base).max() > 1e-2  # the SFT adapter's log-probs are not the base's
 
 
-def test_a_shuffled_bf16_first_step_has_margins_of_exactly_0(tmp_path: Path) -> None:
-    """The reference table comes from the first epoch's own micro-batches (shuffled, as training runs them): in
-    bf16 a pair's summed log-probs depend on the batch it is padded in (computed in file order, step 1's rewards
-    were off 0 by the rounding), so the policy that is still the reference has margins of exactly 0."""
-    out = tmp_path / "bf16"
-    check(launch(["--config", "configs/tiny-dpo-cpu.yaml", f"output.dir={out}", "train.precision=bf16",
-                  "train.max_steps=1", "train.log_every=1", "data.eval_ratio=0", "train.eval_every=0"]))
-    first = [r for r in metrics(out) if "loss" in r][0]
-    assert first["step"] == 1
-    assert all(first[k] == 0.0 for k in ("rewards/chosen", "rewards/rejected", "rewards/margins")), first
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_the_reference_is_scored_in_the_first_epochs_micro_batches(group_by_length: bool, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank scores the reference in its own micro-batches of the first epoch, as training runs them
+    (shuffled, length-grouped): a pair's summed log-probs depend on the batch it is padded in (in bf16, and on
+    GPUs), so only then are step 1's margins exactly 0. They were scored in file order. A run resumed on another
+    allocation whose micro-batches hold the same pairs names the same table."""
+    from types import SimpleNamespace
+
+    from ia3_dist.config import DataSection
+    from ia3_dist.data.sampler import Layout, plan_epoch, rank_slice
+    from ia3_dist.train.objectives import reference as R
+
+    data = _pairs(11)
+    data.cache_file = str(tmp_path / "pairs.bin")
+    seen: list[list[int]] = []
+    real = R.pair_batch
+    monkeypatch.setattr(R, "pair_batch", lambda d, idx, pad, nll: seen.append(list(idx)) or real(d, idx, pad, nll))
+    monkeypatch.setattr(R.dist, "all_reduce_sum", lambda a, *_: a)  # this rank's share: nothing cached is read
+
+    class Engine:
+        device = torch.device("cpu")
+        module = torch.nn.Module()
+
+        def __call__(self, input_ids, pos, target, attention_mask=None):
+            return -(target.double() % 7 + 1).float() * 0.1
+
+    def tr(lay: Layout, rank: int) -> SimpleNamespace:
+        cfg = SimpleNamespace(data=DataSection(path="x.json", cache_dir=str(tmp_path / "cache")),
+                              train=SimpleNamespace(micro_batch_size=lay.micro, precision="bf16"),
+                              model=SimpleNamespace(attention="eager"), ia3=SimpleNamespace(init_from=None))
+        p = SimpleNamespace(cfg=cfg, env=SimpleNamespace(rank=rank, world_size=lay.world, local_rank=rank,
+                                                         is_main=rank == 0),
+                            layout=lay, meta={"model_key": "m", "ia3": "{}"}, weights_dir=tmp_path, model_path="m")
+        return SimpleNamespace(p=p, engine=Engine(), pad_id=0)
+
+    lay = Layout(micro=2, accum=2, world=2, seed=3, shuffle=True, group_by_length=group_by_length, group_steps=2)
+    plan = plan_epoch(data.lengths, lay, 0)
+    for rank in range(2):
+        seen.clear()
+        R.reference_logps(tr(lay, rank), data, "train")
+        want = [mb for st in plan for mb in rank_slice(st, rank, lay.accum)]
+        assert [b for b, w in zip(seen, want, strict=True) if w] == [w for w in want if w]
+        assert len(seen) == len(want)  # as many forward passes on every rank (ZeRO-3 gathers in each)
+    assert sorted(i for st in plan for mb in st for i in mb) == list(range(11))
+    # Micro-batches of one pair: the same table on 1 rank x 8 as on 2 ranks x 4 (what a resume there reads).
+    one = [mb for st in plan_epoch(data.lengths, Layout(1, 8, 1, 3, True, group_by_length), 0) for mb in st]
+    two = [mb for st in plan_epoch(data.lengths, Layout(1, 4, 2, 3, True, group_by_length), 0) for mb in st]
+    p = tr(lay, 0).p
+    assert R.reference_key(p, data, one) == R.reference_key(p, data, two) != R.reference_key(p, data, [[0, 1]])
 
 
 def test_demo_learns_the_preference_on_two_ranks(tmp_path: Path) -> None:

@@ -44,19 +44,20 @@ def _files_digest(h: Any, path: Path, content: bool) -> None:
             h.update(f.read_bytes())
 
 
-def reference_key(p: Any, data: TokenizedData, split: str = "eval") -> str:
+def reference_key(p: Any, data: TokenizedData, batches: list[list[int]] | None = None) -> str:
     """What the reference depends on: the examples (cache and rows), the base model's files, the starting adapter,
-    precision, attention implementation and the batches (the pairs are batched as training batches them, so
-    their padding, and in a low precision their sums, follow them: the micro-batch, and for the training split
-    the first epoch's plan)."""
-    plan = None
-    if split == "train":
-        lay = p.layout
-        plan = [lay.micro, lay.accum, lay.world, lay.seed, lay.shuffle, lay.group_by_length, lay.group_steps,
-                lay.consecutive]
+    precision, attention implementation and the batches the pairs are scored in (their padding, and in a low
+    precision their sums, follow them): the micro-batch size, and ``batches``, the training split's first-epoch
+    micro-batches, as a set of sets (which rank runs one, and in what order, changes nothing: a run resumed on
+    another allocation whose micro-batches hold the same pairs reads the table)."""
+    composition = None
+    if batches is not None:
+        c = hashlib.sha256(json.dumps(sorted(sorted(mb) for mb in batches if mb)).encode())
+        composition = c.hexdigest()
     h = hashlib.sha256(json.dumps({"v": VERSION, "model_key": p.meta.get("model_key"), "data": Path(
         data.cache_file).stem, "precision": p.cfg.train.precision, "attention": p.cfg.model.attention,
-        "ia3": p.meta.get("ia3"), "micro": p.cfg.train.micro_batch_size, "plan": plan}, sort_keys=True).encode())
+        "ia3": p.meta.get("ia3"), "micro": p.cfg.train.micro_batch_size, "batches": composition},
+        sort_keys=True).encode())
     rows = data.rows if data.rows is not None else np.arange(len(data) * 2)
     h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
     # The dir the weights load from: for a hub model its snapshot (a hub name alone would keep the table of the
@@ -83,20 +84,21 @@ def reference_logps(tr: Any, data: TokenizedData, split: str) -> np.ndarray:
     (ZeRO-3 gathers parameters in each forward, so every rank runs the same number of them)."""
     p, engine = tr.p, tr.engine
     n = len(data)
-    path = cache_root(p.cfg.data) / "reference" / f"{reference_key(p, data, split)}.npy"
+    world, micro = p.env.world_size, p.cfg.train.micro_batch_size
+    plan = plan_epoch(data.lengths, p.layout, 0) if split == "train" else None
+    path = cache_root(p.cfg.data) / "reference" / \
+        f"{reference_key(p, data, None if plan is None else [mb for st in plan for mb in st])}.npy"
     have = torch.tensor([0.0 if _read(path, n) is None else 1.0], dtype=torch.float64)
     # Every rank must take the same branch: read only when all of them can.
     if dist.all_reduce_sum(have.to(engine.device)).item() == p.env.world_size:
         got = _read(path, n)
         dist.print0(p.env, f"dpo reference: {n} {split} pairs' log-probs read from {path}")
         return got
-    world, micro = p.env.world_size, p.cfg.train.micro_batch_size
-    if split == "train":
+    if plan is not None:
         # The first epoch's micro-batches as training runs them (shuffled, length-grouped: the same plan), so
         # their padding and sums are the step's and the first step's margins are exactly 0 in any precision. Every
         # pair is in the epoch once; every rank runs as many (an empty slot: a filler batch, not written).
-        lay = p.layout
-        mine = [mb for st in plan_epoch(data.lengths, lay, 0) for mb in rank_slice(st, p.env.rank, lay.accum)]
+        mine = [mb for st in plan for mb in rank_slice(st, p.env.rank, p.layout.accum)]
         count = len(mine)
     else:
         # Runs of `micro` consecutive pairs, dealt to the ranks in turn (the evaluation's own batches).
