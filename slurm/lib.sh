@@ -42,9 +42,11 @@ ia3_setup() {
 
 # The deepspeed launcher's device arguments (DS_DEVICES) for a one-node job: the GPUs Slurm gave it. Given
 # --num_accelerators N the launcher drops CUDA_VISIBLE_DEVICES and runs on devices 0..N-1, which on a node that does
-# not constrain devices (no ConstrainDevices=yes) may be another job's; --include names the job's own.
+# not constrain devices (no ConstrainDevices=yes) may be another job's; --include names the job's own. Only where
+# Slurm gave the job GPUs: a CPU job may inherit the variable from the shell it was submitted from.
 ia3_ds_devices() {
-  if [[ "${CUDA_VISIBLE_DEVICES:-}" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+  if [ -n "${SLURM_JOB_GPUS:-}${SLURM_GPUS_ON_NODE:-}" ] &&
+     [[ "${CUDA_VISIBLE_DEVICES:-}" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
     local -a visible
     IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
     if [ "${#visible[@]}" -lt "$NPROC_PER_NODE" ]; then

@@ -56,11 +56,35 @@ def test_a_network_filesystem_waits_for_a_holder_on_another_node(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """On NFS and the like a process on another node may hold the lock: no local holder says nothing until the
     lock is older than any compile."""
-    monkeypatch.setattr(build_locks, "_fs_type", lambda _p: "nfs4")
+    monkeypatch.setattr(build_locks, "_fs_type", lambda _p: "nfs4")  # autofs, a FUSE or cluster filesystem alike
     compiling = _lock(tmp_path, "fused_adam", 300.0)
     left = _lock(tmp_path, "deepspeed_shm_comm", NETWORK_STALE_S + 60)
     assert sweep(tmp_path) == [left]
     assert compiling.exists()
+
+
+def test_a_mount_point_listed_twice_is_what_is_mounted_last(tmp_path: Path) -> None:
+    """An autofs trigger and the NFS mount over it share a mount point: the later line is the filesystem (the
+    first one made a shared home look local, and a lock a compile on another node held was removed at 20 s)."""
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\nauto.home /home autofs rw 0 0\nfs:/home /home nfs4 rw 0 0\n"
+                      "fs:/proj/a\\040b /proj/a\\040b lustre rw 0 0\n")
+    assert build_locks._fs_type(Path("/home/u/.cache/torch_extensions"), str(mounts)) == "nfs4"
+    assert build_locks._fs_type(Path("/proj/a b/ext"), str(mounts)) == "lustre"
+    assert build_locks._fs_type(Path("/var/tmp"), str(mounts)) == "ext4"
+    assert "nfs4" not in build_locks.LOCAL_FS and "autofs" not in build_locks.LOCAL_FS
+
+
+def test_the_root_is_torchs_own(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """XDG_CACHE_HOME moves torch's default root (HPC sites set it to leave a small home quota alone)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert build_locks.extensions_root() == Path(get_default_build_root())
+    assert str(build_locks.extensions_root()).startswith(str(tmp_path / "xdg"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert build_locks.extensions_root() == tmp_path / "ext"
 
 
 def test_the_sweeper_frees_a_process_waiting_on_a_stale_lock(tmp_path: Path) -> None:

@@ -226,6 +226,12 @@ def test_the_reference_is_scored_in_the_first_epochs_micro_batches(group_by_leng
         assert [b for b, w in zip(seen, want, strict=True) if w] == [w for w in want if w]
         assert len(seen) == len(want)  # as many forward passes on every rank (ZeRO-3 gathers in each)
     assert sorted(i for st in plan for mb in st for i in mb) == list(range(11))
+    # The held-out pairs in the evaluation's own batches (Preference.evaluate: rank r takes r, r+world, ...).
+    for rank in range(2):
+        seen.clear()
+        R.reference_logps(tr(lay, rank), data, "eval")
+        own = list(range(rank, 11, 2))
+        assert seen == [own[j * 2:(j + 1) * 2] or [0] for j in range(3)], seen  # [0]: an empty slot's filler
     # Micro-batches of one pair: the same table on 1 rank x 8 as on 2 ranks x 4 (what a resume there reads).
     one = [mb for st in plan_epoch(data.lengths, Layout(1, 8, 1, 3, True, group_by_length), 0) for mb in st]
     two = [mb for st in plan_epoch(data.lengths, Layout(1, 4, 2, 3, True, group_by_length), 0) for mb in st]

@@ -395,6 +395,7 @@ CONFIGS = {
     "redos-empty-branch": ({"target_modules": "(?:.|)" * 40 + "X"}, "over a million ways to try, at most 16"),
     "redos-overlapping-branches": ({"feedforward_modules": "(a|ab)(c|cd)(e|ef)(g|gh)(i|ij)x"},
                                    "32 ways to try, at most 16"),
+    "redos-case-folded-branches": ({"target_modules": "(?i)" + "(?:ab|Ab)" * 28}, "ways to try, at most 16"),
     "backreference": ({"target_modules": r"(a)\1"}, "back-references and lookarounds"),
     "lookahead": ({"target_modules": "(?=a)a"}, "back-references and lookarounds"),
     "long-pattern": ({"target_modules": "a" * 300}, "300 characters, at most 256"),

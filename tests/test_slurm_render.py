@@ -334,36 +334,43 @@ def test_gpu_nodes_get_the_cpus_asked_for(launcher: str, want: list[str]) -> Non
     assert directives(text, "gpus-per-node") == ["8"] and "export NPROC_PER_NODE=8\n" in text
 
 
-@pytest.mark.parametrize("visible, nproc, want", [
-    ("", 2, "--num_accelerators 2"),  # CPU ranks
-    ("4,5,6,7", 4, "--include localhost:4,5,6,7"),  # a node that does not renumber: the job's GPUs, not 0-3
-    ("0,1,2,3,4,5,6,7", 2, "--include localhost:0,1"),
-    ("GPU-3f2a,GPU-9c1b", 2, "--num_accelerators 2"),  # UUIDs: the launcher's include takes indices only
+def _slurm_env(**kv: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, **kv}
+
+
+@pytest.mark.parametrize("visible, nproc, gpus, want", [
+    ("", 2, "", "--num_accelerators 2"),  # CPU ranks
+    ("4,5,6,7", 4, "4", "--include localhost:4,5,6,7"),  # a node that does not renumber: the job's GPUs, not 0-3
+    ("0,1,2,3,4,5,6,7", 2, "8", "--include localhost:0,1"),
+    ("GPU-3f2a,GPU-9c1b", 2, "2", "--num_accelerators 2"),  # UUIDs: the launcher's include takes indices only
+    ("0,1,2,3", 4, "", "--num_accelerators 4"),  # a CPU job that inherited the variable from its submit shell
 ])
-def test_one_node_deepspeed_jobs_run_on_the_gpus_slurm_gave(visible: str, nproc: int, want: str) -> None:
+def test_one_node_deepspeed_jobs_run_on_the_gpus_slurm_gave(visible: str, nproc: int, gpus: str, want: str) -> None:
     """--num_accelerators N made DeepSpeed's launcher drop CUDA_VISIBLE_DEVICES and run on devices 0..N-1: on a
     node that does not constrain devices, another job's GPUs."""
-    env = {**os.environ, "NPROC_PER_NODE": str(nproc), "CUDA_VISIBLE_DEVICES": visible}
+    env = _slurm_env(NPROC_PER_NODE=str(nproc), CUDA_VISIBLE_DEVICES=visible, SLURM_GPUS_ON_NODE=gpus)
     proc = subprocess.run([BASH, "-c", 'source slurm/lib.sh; ia3_ds_devices; echo "${DS_DEVICES[*]}"'],
                           cwd=TINY.parents[1], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == want, proc.stderr
     assert '"${DS_DEVICES[@]}"' in (TINY.parents[1] / "slurm" / "single_node.sbatch").read_text()
     fewer = subprocess.run([BASH, "-c", "source slurm/lib.sh; ia3_ds_devices"], cwd=TINY.parents[1],
-                           env={**env, "CUDA_VISIBLE_DEVICES": "3"}, capture_output=True, text=True)
+                           env={**env, "CUDA_VISIBLE_DEVICES": "3", "SLURM_GPUS_ON_NODE": "1"},
+                           capture_output=True, text=True)
     assert fewer.returncode == 2
     assert f"NPROC_PER_NODE={nproc} ranks, but the job sees 1 GPU(s) (CUDA_VISIBLE_DEVICES=3)" in fewer.stderr
 
 
 @pytest.mark.parametrize("visible, ok", [("", True), ("0,1", True), ("0,1,2,3", True), ("2,3", False),
-                                         ("0,12", False), ("0", False), ("MIG-1,MIG-2", True)])
+                                         ("0,12", False), ("0", False), ("MIG-1,MIG-2", True), ("cpu-job:2,3", True)])
 def test_multi_node_deepspeed_jobs_refuse_a_node_whose_gpus_are_not_0_to_n(visible: str, ok: bool) -> None:
     """From a hostfile the launcher runs each node's ranks on devices 0..N-1: a node whose job GPUs are others
     stops the job (exit 2, saying to use torchrun) instead of running on another job's GPUs."""
     template = (TINY.parents[1] / "slurm" / "multi_node.sbatch").read_text()
     block = template[template.index("LAUNCHER=${LAUNCHER:-deepspeed}"):template.index("RANK_LOGS=")]
     block = block[block.index("if [ \"$LAUNCHER\" = torchrun ]"):]
-    env = {**os.environ, "NPROC_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": visible, "PYTHON": "true",
-           "LAUNCHER": "deepspeed"}
+    cpu_job = visible.startswith("cpu-job:")  # no GPUs from Slurm, the variable inherited from the submit shell
+    env = _slurm_env(NPROC_PER_NODE="2", CUDA_VISIBLE_DEVICES=visible.removeprefix("cpu-job:"), PYTHON="true",
+                     LAUNCHER="deepspeed", **({} if cpu_job else {"SLURM_JOB_GPUS": "0,1,2,3"}))
     proc = subprocess.run([BASH, "-c", block + 'bash -c "$NODE_CMD" node'], env=env, capture_output=True, text=True)
     assert (proc.returncode == 0) is ok, proc.stderr
     assert ok or "use LAUNCHER=torchrun" in proc.stderr

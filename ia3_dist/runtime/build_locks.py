@@ -15,6 +15,10 @@ old (a lock just taken by another process, between the look for files and the lo
 network one (a home directory shared by the nodes), where the holder may be a process on another node, once it is
 older than :data:`NETWORK_STALE_S`, longer than any compile takes. :class:`BuildLockSweeper` checks while a run
 starts (the process group and the engine), where the loads happen.
+
+A lock left by a process killed during an op's first compile, removed while ranks of a start already wait on it:
+torch has those ranks import the op without building it, so they stop with an ImportError naming it (the next
+start builds it). Without the removal they would wait for ever.
 """
 
 from __future__ import annotations
@@ -29,17 +33,24 @@ from pathlib import Path
 LOCAL_STALE_S = 20.0
 """How old a build lock on a local filesystem with no holder must be to count as stale."""
 NETWORK_STALE_S = 900.0
-"""How old a build lock on a network filesystem with no holder on this host must be to count as stale."""
-NETWORK_FS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "beegfs", "ceph", "fuse.ceph", "glusterfs",
-              "fuse.glusterfs", "panfs", "wekafs", "9p", "virtiofs", "fuse.sshfs", "afs")
-"""Filesystem types another host may write to (``/proc/mounts``)."""
+"""How old a build lock on a filesystem other hosts may share, with no holder on this host, must be to count as
+stale."""
+LOCAL_FS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "ramfs", "reiserfs", "jfs",
+            "bcachefs")
+"""Filesystem types only this host writes to (``/proc/mounts``). Any other (NFS, Lustre, GPFS, an autofs mount point,
+a FUSE or cluster filesystem) may be shared: its holder may be a process on another node."""
 POLL_S = 5.0
 
 
 def extensions_root() -> Path:
-    """Where torch builds JIT extensions: ``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``."""
+    """Where torch builds JIT extensions: ``TORCH_EXTENSIONS_DIR``, else torch's default root (under
+    ``XDG_CACHE_HOME`` where that is set, as HPC sites often set it to move caches off a small home quota)."""
     env = os.environ.get("TORCH_EXTENSIONS_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "torch_extensions"
+    if env:
+        return Path(env)
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root())
 
 
 def build_locks(root: Path) -> list[Path]:
@@ -77,18 +88,20 @@ def _open_by_us(paths: set[str]) -> set[str]:
     return held
 
 
-def _fs_type(path: Path) -> str:
+def _fs_type(path: Path, mounts: str = "/proc/mounts") -> str:
     """The type of the filesystem ``path`` is on (the longest mount point that holds it)."""
     best, kind = "", ""
     try:
         real = os.path.realpath(path)
-        with open("/proc/mounts", encoding="utf-8", errors="replace") as fh:
+        with open(mounts, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 parts = line.split()
                 if len(parts) < 3:
                     continue
                 mnt = parts[1].replace("\\040", " ")
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                # >=: of two entries at one mount point the later is what is mounted there (an autofs trigger
+                # and the NFS mount over it).
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
                     best, kind = mnt, parts[2]
     except OSError:
         return ""
@@ -113,7 +126,7 @@ def sweep(root: Path | None = None, now: float | None = None) -> list[Path]:
             st = p.stat()
         except OSError:
             continue
-        if now - st.st_mtime < (NETWORK_STALE_S if _fs_type(p) in NETWORK_FS else LOCAL_STALE_S):
+        if now - st.st_mtime < (LOCAL_STALE_S if _fs_type(p) in LOCAL_FS else NETWORK_STALE_S):
             continue
         try:
             again = p.stat()
@@ -166,4 +179,5 @@ class BuildLockSweeper:
     def stop(self) -> None:
         self._done.set()
         if self._thread is not None:
-            self._thread.join()
+            # Bounded: a sweep stuck on a hung mount must not keep a finished run from exiting (a daemon thread).
+            self._thread.join(timeout=POLL_S)

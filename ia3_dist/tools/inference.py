@@ -135,7 +135,8 @@ def _safe_pattern(p: str) -> str | None:
         for alt in alternatives:
             if not len(alt) or any(op != sre_c.LITERAL for op, _ in alt):
                 return False
-            firsts.append(alt[0][1])
+            # Case-folded: under (?i) "a" and "A" (and the Kelvin sign and "k") match the same text.
+            firsts.append(chr(alt[0][1]).casefold()[:1])
         return len(set(firsts)) == len(firsts)
 
     n, ways = 0, 1

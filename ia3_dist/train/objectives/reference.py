@@ -85,30 +85,35 @@ def reference_logps(tr: Any, data: TokenizedData, split: str) -> np.ndarray:
     p, engine = tr.p, tr.engine
     n = len(data)
     world, micro = p.env.world_size, p.cfg.train.micro_batch_size
-    plan = plan_epoch(data.lengths, p.layout, 0) if split == "train" else None
-    path = cache_root(p.cfg.data) / "reference" / \
-        f"{reference_key(p, data, None if plan is None else [mb for st in plan for mb in st])}.npy"
+    if split == "train":
+        # The first epoch's micro-batches as training runs them (shuffled, length-grouped: the same plan), so
+        # their padding and sums are the step's and the first step's margins are exactly 0 in any precision.
+        plan = plan_epoch(data.lengths, p.layout, 0)
+        every = [mb for st in plan for mb in st]
+        mine = [mb for st in plan for mb in rank_slice(st, p.env.rank, p.layout.accum)]
+    else:
+        # The evaluation's own batches (Preference.evaluate): rank r takes pairs r, r+world, ... in runs of micro.
+        per_rank = -(-n // world)
+        n_batches = -(-per_rank // micro)  # of the rank with the most pairs, on every rank
+
+        def of(rank: int) -> list[list[int]]:
+            own = list(range(rank, n, world))
+            return [own[j * micro:(j + 1) * micro] for j in range(n_batches)]
+
+        every = [mb for r in range(world) for mb in of(r)]
+        mine = of(p.env.rank)
+    # Every pair is scored once; every rank runs as many forward passes (an empty slot: a filler batch, not
+    # written).
+    path = cache_root(p.cfg.data) / "reference" / f"{reference_key(p, data, every)}.npy"
     have = torch.tensor([0.0 if _read(path, n) is None else 1.0], dtype=torch.float64)
     # Every rank must take the same branch: read only when all of them can.
     if dist.all_reduce_sum(have.to(engine.device)).item() == p.env.world_size:
         got = _read(path, n)
         dist.print0(p.env, f"dpo reference: {n} {split} pairs' log-probs read from {path}")
         return got
-    if plan is not None:
-        # The first epoch's micro-batches as training runs them (shuffled, length-grouped: the same plan), so
-        # their padding and sums are the step's and the first step's margins are exactly 0 in any precision. Every
-        # pair is in the epoch once; every rank runs as many (an empty slot: a filler batch, not written).
-        mine = [mb for st in plan for mb in rank_slice(st, p.env.rank, p.layout.accum)]
-        count = len(mine)
-    else:
-        # Runs of `micro` consecutive pairs, dealt to the ranks in turn (the evaluation's own batches).
-        runs = [list(range(i, min(i + micro, n))) for i in range(0, n, micro)]
-        mine = runs[p.env.rank::world]
-        count = -(-len(runs) // world)
     table = torch.zeros((n, 2), dtype=torch.float64)
     with eval_mode(engine.module), torch.no_grad():
-        for k in range(count):
-            idx = mine[k] if k < len(mine) else []
+        for idx in mine:
             b = pair_batch(data, idx or [0], tr.pad_id, "")
             d = to_device({name: b[name] for name in ("input_ids", "attention_mask", "pos", "target")}, engine.device)
             lp = engine(**d)
