@@ -33,6 +33,9 @@ SHAPES = {  # name: (vocab, hidden, layers, heads)
 }
 LLAMA_SHAPES = {  # name: (vocab, hidden, layers, heads, kv heads, intermediate): GQA, gated MLP, untied head
     "llama-70m": (46145, 512, 8, 8, 2, 1408),
+    # Llama-3.2-1B's block (hidden 2048, 16 layers, 32 heads, 8 kv heads, intermediate 8192) on the Chinese
+    # vocabulary the shared data tokenizes with: the rotary families' GPU row (their masks are built on the device).
+    "llama-1b": (46145, 2048, 16, 32, 8, 8192),
 }
 
 

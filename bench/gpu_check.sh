@@ -79,6 +79,9 @@ WARMUP=$((STEPS / 2)) bench "$SMALL-zero1-m8-packed-compiled" "$SMALL" "$STEPS" 
   train.compile=true
 WARMUP=$((STEPS / 2)) bench "$SMALL-zero1-m8-packed-cudagraphs" "$SMALL" "$STEPS" zero1 8 data.packing=true \
   train.compile=true train.compile_mode=reduce-overhead
+# A rotary family: its 4-D masks are built on the device (no host sync; an explicit causal mask where no row is
+# padded, so SDPA's memory-efficient kernel instead of flash), against HF Trainer's own masks at the same shape.
+[ "${1:-}" = "--smoke" ] || bench "llama-1b-zero1-m8" llama-1b "$STEPS" zero1 8
 echo "[gpu_check] $((SECONDS - T0)) s in all${FAILED[0]+; not measured: ${FAILED[*]}}"
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
