@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _util import check, launch
+from _util import adapter_tensors, check, launch
 
 from ia3_dist.config import IA3Section
 from ia3_dist.errors import UsageError
@@ -179,3 +179,29 @@ def test_init_from_refuses_non_finite_vectors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"nan/adapter_model.safetensors: .*query_key_value.* holds non-finite "
                                          r"values \(NaN or inf\); the adapter is damaged"):
         load_init_adapter(_tiny(model_type, IA3Section()), str(tmp_path / "nan"))
+
+
+@pytest.fixture(scope="module")
+def fp32_adapter(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Path:
+    """An adapter trained 2 steps in fp32: vectors that bf16 cannot hold exactly."""
+    out = tmp_path_factory.mktemp("fp32-src")
+    check(launch(["--config", "configs/tiny-cpu.yaml", f"output.dir={out}", "train.max_steps=2"]))
+    vectors = adapter_tensors(out / "adapter")
+    assert not all(torch.equal(t, t.bfloat16().float()) for t in vectors.values())
+    return out / "adapter"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds", ["zero0", "zero1", "zero3"])
+def test_init_from_gives_bf16_masters_the_files_fp32_values(fp32_adapter: Path, tmp_path: Path, ds: str) -> None:
+    """In bf16 the parameters hold ia3.init_from's vectors rounded, and DeepSpeed built its fp32 masters from them:
+    an SFT -> DPO run started half a bf16 step (2**-9) off its SFT adapter. The masters now get the file's values:
+    a step that moves nothing (lr 1e-30) ends on the file's vectors exactly, on every ZeRO stage's masters."""
+    out = tmp_path / ds
+    check(launch(["--config", "configs/tiny-cpu.yaml", f"output.dir={out}", f"ia3.init_from={fp32_adapter}",
+                  "train.precision=bf16", f"deepspeed.config={ds}", "train.max_steps=1", "train.lr=1e-30",
+                  "train.weight_decay=0"]))
+    want, got = adapter_tensors(fp32_adapter), adapter_tensors(out / "adapter")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)

@@ -189,9 +189,11 @@ def check_finite(vectors: dict[str, torch.Tensor], where: str, fix: str) -> None
                              f"{fix}")
 
 
-def load_init_adapter(peft_model: Any, path: str) -> None:
+def load_init_adapter(peft_model: Any, path: str) -> dict[int, torch.Tensor]:
     """Copy the vectors of ``path`` into the (fresh) IA3 parameters of ``peft_model``; every IA3 parameter must
-    come from the file and every tensor of the file must land, with its shape."""
+    come from the file and every tensor of the file must land, with its shape. Returns the file's fp32 values by
+    ``id`` of the parameter: in bf16/fp16 the parameters hold them rounded, and the optimizer's fp32 masters,
+    built from the parameters, must get them whole (``runtime.portable.set_masters``)."""
     tensors = init_adapter_tensors(path)
     params = {n.replace(".default", ""): q for n, q in peft_model.named_parameters() if q.requires_grad}
     missing = sorted(set(params) - set(tensors))
@@ -203,6 +205,7 @@ def load_init_adapter(peft_model: Any, path: str) -> None:
         raise UsageError(f"{where}: {what}; was it trained on this base model with the same ia3.* settings?")
     # Saved names -> the entries this model (ia3.variant: paper) fixes at 1.0 whatever the file holds.
     fixed = {n.replace(".default", ""): m for n, m in fixed_entries(peft_model).items()}
+    values: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for name, q in params.items():
             src = tensors[name]
@@ -218,3 +221,5 @@ def load_init_adapter(peft_model: Any, path: str) -> None:
                                  f"fixes at 1.0: this adapter was trained with ia3.variant=default; continue it "
                                  f"with ia3.variant=default, or drop ia3.init_from to train a paper-variant adapter")
             q.copy_(src.to(q.dtype))
+            values[id(q)] = src.float()
+    return values

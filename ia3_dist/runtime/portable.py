@@ -192,6 +192,34 @@ def _zero3_share(p: Any, full: torch.Tensor) -> torch.Tensor:
     return padded[rank * share:(rank + 1) * share]
 
 
+def set_masters(engine: Any, values: dict[int, torch.Tensor]) -> int:
+    """Every rank, before the first step: the fp32 masters of the trainable parameters in ``values`` (full fp32
+    tensors by ``id`` of the parameter) set to them. DeepSpeed builds its masters from the module's parameters,
+    which bf16/fp16 holds rounded (half a bf16 step: 2**-9 near 1.0). No optimizer state exists yet, none is set.
+    Returns how many were set (none in fp32 ZeRO-0, whose parameters are their own masters)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    _, partitioned = _state_keys(engine)
+    slots = _flat_slots(engine)
+    done = 0
+    for _, p in trainable(engine.module):
+        v = values.get(id(p))
+        if v is None:
+            continue
+        if hasattr(p, "ds_id"):
+            safe_set_local_fp32_param(p, _zero3_share(p, v).to(engine.device))
+        elif partitioned:  # each rank sets its own fragment (none where the parameter is in another's partition)
+            safe_set_full_fp32_param(p, v.to(engine.device))
+        elif id(p) in slots:
+            flat, off, n = slots[id(p)]
+            with torch.no_grad():
+                flat.view(-1)[off:off + n].copy_(v.flatten())
+        else:
+            continue
+        done += 1
+    return done
+
+
 def apply(engine: Any, ckpt: Path) -> dict[str, Any]:
     """Every rank: fill a fresh engine (any world size, micro-batch, accumulation or ZeRO stage) with the saved
     trainable state: masters, model weights, AdamW moments and step count, scheduler, LR and counters. Returns

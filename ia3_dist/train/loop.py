@@ -35,7 +35,7 @@ from ..models.load import (
 )
 from ..models.zero3_load import build_partitioned, load_partitions, local_model_dir
 from ..runtime import checkpoint as ckpt
-from ..runtime import dist, ds_syncs, faults, hostmem
+from ..runtime import dist, ds_syncs, faults, hostmem, portable
 from ..runtime import ds_config as dsc
 from ..runtime.adapter import gather_trainable
 from ..runtime.preempt import StopFlag
@@ -137,8 +137,9 @@ def build_engine(p: Prepared, objective: objectives.Objective | None = None) -> 
         peft_model.peft_config["default"].revision = revision
     if p.cfg.train.compile and p.cfg.train.compile_mode == "reduce-overhead":
         copy_gradients(peft_model)
+    init_values = None
     if p.cfg.ia3.init_from:
-        load_init_adapter(peft_model, p.cfg.ia3.init_from)
+        init_values = load_init_adapter(peft_model, p.cfg.ia3.init_from)
         dist.print0(p.env, f"ia3.init_from: starting from the adapter in {p.cfg.ia3.init_from}")
     dist.print0(p.env, trainable_line(peft_model))
     objective = objective or objectives.build(p.cfg)
@@ -151,6 +152,10 @@ def build_engine(p: Prepared, objective: objectives.Objective | None = None) -> 
                            f"launcher's sync-free form was checked against; kept as is (two host syncs per step)")
     engine, _, _, _ = deepspeed.initialize(model=wrapper, model_parameters=params, config=p.ds_config,
                                            lr_scheduler=lr_schedule(p.cfg.train, p.total_steps))
+    if init_values is not None and p.cfg.train.precision != "fp32":
+        # The masters from the file, not from its bf16/fp16 rounding in the parameters (a resume then overwrites
+        # them with the checkpoint's).
+        portable.set_masters(engine, init_values)
     return engine, peft_model, keep_alive
 
 
