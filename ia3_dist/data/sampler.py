@@ -171,5 +171,15 @@ def iter_steps(lengths: np.ndarray, lay: Layout, total_steps: int,
         yield step, epoch, plan[k]
 
 
+def strided_batches(n: int, rank: int, world: int, micro: int) -> list[list[int]]:
+    """Evaluation batches of ``n`` examples: rank r takes r, r+world, ... in runs of ``micro``, and every rank as
+    many runs (the last ones empty where it has fewer examples), so all ranks run the same number of forward
+    passes."""
+    own = list(range(rank, n, world))
+    per_rank = -(-n // world)  # the most examples any rank has
+    n_batches = -(-per_rank // micro)
+    return [own[j * micro:(j + 1) * micro] for j in range(n_batches)]
+
+
 def rank_slice(step: list[list[int]], rank: int, accum: int) -> list[list[int]]:
     return step[rank * accum:(rank + 1) * accum]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .packed import PackedInputs
+from .packed import PackedInputs, additive, document_allowed
 
 MaskLayout = Callable[[Any, torch.Tensor], "torch.Tensor | dict[str, torch.Tensor] | None"]
 """``(model config, allowed) -> the attention_mask argument``: how a family's base model takes the ``(rows, 1, T,
@@ -69,9 +69,7 @@ def _for_implementation(mask: torch.Tensor | dict[str, torch.Tensor], impl: str,
     """The bool ``mask`` as ``impl`` takes it: as is for SDPA, additive for eager (transformers' ``eager_mask``)."""
     if isinstance(mask, dict):
         return {k: _for_implementation(v, impl, dtype) for k, v in mask.items()}  # type: ignore[misc]
-    if impl == "sdpa":
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask if impl == "sdpa" else additive(mask, dtype)
 
 
 def _causal(t: int, device: torch.device) -> torch.Tensor:
@@ -117,9 +115,7 @@ def rotary_packed(layout: MaskLayout) -> Callable[[nn.Module], PackedInputs]:
         def inputs(seq_ids: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
             impl = _impl(model)
             if impl in BUILT_FOR:
-                allowed = ((seq_ids[:, :, None] == seq_ids[:, None, :])
-                           & _causal(seq_ids.shape[1], seq_ids.device)[None])[:, None]
-                mask = layout(model.config, allowed)
+                mask = layout(model.config, document_allowed(seq_ids))
                 if mask is not None:
                     return {"attention_mask": _for_implementation(mask, impl, dtype),  # type: ignore[arg-type]
                             "position_ids": position_ids}

@@ -13,12 +13,22 @@ PackedInputs = Callable[[torch.Tensor, torch.Tensor, torch.dtype], dict[str, Any
 """``(seq_ids, position_ids, dtype) -> base-model kwargs`` for a packed batch."""
 
 
-def document_mask(seq_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The additive ``(rows, 1, T, T)`` mask of a packed batch: 0 where query t may see key s (same document,
-    s <= t), the dtype's minimum elsewhere: what transformers' eager mask holds for one unpadded sequence, per
-    document."""
+def document_allowed(seq_ids: torch.Tensor) -> torch.Tensor:
+    """The bool ``(rows, 1, T, T)`` mask of a packed batch: True where query t may see key s (same document,
+    s <= t)."""
     t = seq_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=seq_ids.device).tril()
-    allowed = (seq_ids[:, :, None] == seq_ids[:, None, :]) & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=seq_ids.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    return ((seq_ids[:, :, None] == seq_ids[:, None, :]) & causal)[:, None]
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as eager attention adds it: 0 where allowed, the dtype's minimum elsewhere (transformers'
+    ``eager_mask``)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def document_mask(seq_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive ``(rows, 1, T, T)`` mask of a packed batch (:func:`document_allowed`): what transformers'
+    eager mask holds for one unpadded sequence, per document."""
+    return additive(document_allowed(seq_ids), dtype)

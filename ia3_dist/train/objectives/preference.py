@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data.collate import pair_batch, to_device
-from ...data.sampler import rank_slice
+from ...data.sampler import rank_slice, strided_batches
 from ...models.families import disable_dropout
 from ...models.loss import TokenLogpLM
 from ...runtime import dist
@@ -151,16 +151,12 @@ class Preference:
         p, engine = tr.p, tr.engine
         data = p.eval_data
         world, micro = p.env.world_size, p.cfg.train.micro_batch_size
-        mine = list(range(p.env.rank, len(data), world))
-        per_rank = -(-len(data) // world)
-        n_batches = -(-per_rank // micro)
         k = len(self.keys)
         # The keys' metrics and the loss less its NLL term (each times its batch's pairs), the pairs, then the NLL
         # tokens' sum and count: everything the means over the whole set need, in one all-reduce.
         acc = torch.zeros(k + 4, dtype=torch.float64, device=engine.device)
         with eval_mode(engine.module), torch.no_grad():
-            for j in range(n_batches):
-                idx = mine[j * micro:(j + 1) * micro]
+            for idx in strided_batches(len(data), p.env.rank, world, micro):
                 b = self._with_reference(pair_batch(data, idx or [0], tr.pad_id, self.nll), "eval")
                 b = to_device(b, engine.device)
                 lp = engine(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), pos=b["pos"],

@@ -22,7 +22,7 @@ import torch
 
 from ...data.cache import cache_root
 from ...data.collate import pair_batch, to_device
-from ...data.sampler import plan_epoch, rank_slice
+from ...data.sampler import plan_epoch, rank_slice, strided_batches
 from ...data.tokens import TokenizedData
 from ...runtime import dist
 from ..evaluate import eval_mode
@@ -92,16 +92,9 @@ def reference_logps(tr: Any, data: TokenizedData, split: str) -> np.ndarray:
         every = [mb for st in plan for mb in st]
         mine = [mb for st in plan for mb in rank_slice(st, p.env.rank, p.layout.accum)]
     else:
-        # The evaluation's own batches (Preference.evaluate): rank r takes pairs r, r+world, ... in runs of micro.
-        per_rank = -(-n // world)
-        n_batches = -(-per_rank // micro)  # of the rank with the most pairs, on every rank
-
-        def of(rank: int) -> list[list[int]]:
-            own = list(range(rank, n, world))
-            return [own[j * micro:(j + 1) * micro] for j in range(n_batches)]
-
-        every = [mb for r in range(world) for mb in of(r)]
-        mine = of(p.env.rank)
+        # The evaluation's own batches (Preference.evaluate).
+        every = [mb for r in range(world) for mb in strided_batches(n, r, world, micro)]
+        mine = strided_batches(n, p.env.rank, world, micro)
     # Every pair is scored once; every rank runs as many forward passes (an empty slot: a filler batch, not
     # written).
     path = cache_root(p.cfg.data) / "reference" / f"{reference_key(p, data, every)}.npy"
