@@ -133,9 +133,7 @@ def sweep(root: Path | None = None, now: float | None = None) -> list[Path]:
             if (again.st_ino, again.st_mtime_ns) != (st.st_ino, st.st_mtime_ns):
                 continue  # released and taken again since: a live lock
             p.unlink()
-        except FileNotFoundError:
-            continue  # another rank of this host removed it first
-        except OSError:
+        except OSError:  # FileNotFoundError: another rank of this host removed it first
             continue
         removed.append(p)
     return removed

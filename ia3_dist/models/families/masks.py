@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .packed import PackedInputs, additive, document_allowed
+from .packed import PackedInputs, additive, causal, document_allowed
 
 MaskLayout = Callable[[Any, torch.Tensor], "torch.Tensor | dict[str, torch.Tensor] | None"]
 """``(model config, allowed) -> the attention_mask argument``: how a family's base model takes the ``(rows, 1, T,
@@ -72,10 +72,6 @@ def _for_implementation(mask: torch.Tensor | dict[str, torch.Tensor], impl: str,
     return mask if impl == "sdpa" else additive(mask, dtype)
 
 
-def _causal(t: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
-
-
 def _impl(model: nn.Module) -> str | None:
     return getattr(model.config, "_attn_implementation", None)
 
@@ -92,9 +88,9 @@ def rotary_padded(layout: MaskLayout) -> Callable[[nn.Module], PaddedInputs]:
             impl = _impl(model)
             if impl in BUILT_FOR:
                 rows, t = input_ids.shape
-                causal = _causal(t, input_ids.device)
-                allowed = (causal.expand(rows, 1, t, t) if attention_mask is None else
-                           (causal[None] & attention_mask.bool()[:, None, :])[:, None])
+                tril = causal(t, input_ids.device)
+                allowed = (tril.expand(rows, 1, t, t) if attention_mask is None else
+                           (tril[None] & attention_mask.bool()[:, None, :])[:, None])
                 mask = layout(model.config, allowed)
                 if mask is not None:
                     return {"attention_mask": _for_implementation(mask, impl, dtype)}  # type: ignore[arg-type]

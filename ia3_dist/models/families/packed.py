@@ -13,12 +13,16 @@ PackedInputs = Callable[[torch.Tensor, torch.Tensor, torch.dtype], dict[str, Any
 """``(seq_ids, position_ids, dtype) -> base-model kwargs`` for a packed batch."""
 
 
+def causal(t: int, device: torch.device) -> torch.Tensor:
+    """The bool ``(T, T)`` causal mask: True where query t may see key s (s <= t)."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
+
+
 def document_allowed(seq_ids: torch.Tensor) -> torch.Tensor:
     """The bool ``(rows, 1, T, T)`` mask of a packed batch: True where query t may see key s (same document,
     s <= t)."""
-    t = seq_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=seq_ids.device).tril()
-    return ((seq_ids[:, :, None] == seq_ids[:, None, :]) & causal)[:, None]
+    same = seq_ids[:, :, None] == seq_ids[:, None, :]
+    return (same & causal(seq_ids.shape[1], seq_ids.device))[:, None]
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
