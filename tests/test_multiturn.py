@@ -437,3 +437,36 @@ def test_chat_keeps_the_conversation_and_reset_clears_it(tiny_model: Path, capsy
     assert main(["generate", "--adapter", str(tiny_model), "--max-new-tokens", "2", json.dumps(msgs)]) == 0
     assert prompts[0].replace("<pad>", "") == "系统\n\nHuman: 甲\n\nAssistant: 乙</s>Human: 丙\n\nAssistant: "
     assert json.loads(capsys.readouterr().out)["messages"] == msgs["messages"]
+
+
+DATED = ('{% if strftime_now is defined %}{% set day = strftime_now("%d %b %Y") %}{% else %}{% set day = "x" %}'
+         '{% endif %}<|im_start|>system\nToday Date: {{ day }}<|im_end|>\n' + CHATML)
+
+
+def test_template_date_pins_what_strftime_now_renders(chat_tok, tmp_path: Path) -> None:
+    """data.template_date: a chat template that writes today's date (Llama 3.x's system header) gets that day in
+    every record, in this process and in forked tokenizer workers, and the token cache is named by it (another day
+    or none is another entry); a value that is not a YYYY-MM-DD day names the key."""
+    from ia3_dist.config.schema import ConfigKeyError
+    from ia3_dist.data.tokenize import cache_key, load_or_tokenize
+
+    chat_tok.chat_template = DATED
+    fixed = DATED.replace('strftime_now("%d %b %Y")', '"26 Jul 2024"')
+    pinned = DataSection(path="x", template="chat_template", template_date="2024-07-26", num_proc=2)
+    got = tokenize(_records(CONVS * 2), chat_tok, pinned, chunk=2)  # three chunks: forked workers render them
+    chat_tok.chat_template = fixed
+    want = tokenize(_records(CONVS * 2), chat_tok, DataSection(path="x", template="chat_template", num_proc=1))
+    assert got.ids.tolist() == want.ids.tolist() and got.label_mask.tolist() == want.label_mask.tolist()
+    assert "Today Date: 26 Jul 2024" in chat_tok.decode(got.ids[got.offsets[0]:got.offsets[1]].tolist())
+    chat_tok.chat_template = DATED
+    keys = {cache_key("fp", chat_tok, DataSection(path="x", template="chat_template", template_date=d))
+            for d in ("2024-07-26", "2024-07-27", None)}
+    assert len(keys) == 3
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([{"instruction": "q", "input": "", "output": "a"}]), encoding="utf-8")
+    cached = load_or_tokenize(DataSection(path=str(f), template="chat_template", template_date="2024-07-26",
+                                          cache_dir=str(tmp_path / "c")), chat_tok)
+    assert "Today Date: 26 Jul 2024" in chat_tok.decode(cached.ids.tolist())
+    for bad in ("2024-7-26", "2024-02-30", "26 Jul 2024"):
+        with pytest.raises(ConfigKeyError, match=r"data.template_date.*must be a day written YYYY-MM-DD"):
+            DataSection(template_date=bad)

@@ -6,6 +6,7 @@ Loading (YAML, overrides, type coercion, unknown keys) is in :mod:`ia3_dist.conf
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import reprlib
@@ -273,6 +274,11 @@ class DataSection:
     unlabeled: str = "drop"
     """Examples left with no label token after truncation: ``drop`` them (they carry no loss), or ``keep`` them in
     the batches as the reference recipe does (its exact batch composition)."""
+    template_date: str | None = None
+    """The day a chat template's ``strftime_now()`` renders while the data is tokenized (``YYYY-MM-DD``; Llama
+    3.x's system header says ``Today Date: ...``), so the tokens, the token cache and a resume do not depend on the
+    day the data was tokenized. null: the clock, as transformers renders (a cache then keeps the day it was built);
+    prompts at inference always render the clock."""
     split: str = "train"
     """Split to use for hub datasets and ``DatasetDict`` dirs."""
     max_length: int = 256
@@ -329,6 +335,8 @@ class DataSection:
                              ("unlabeled", ("drop", "keep"))):
             if getattr(self, key) not in allowed:
                 fail(f"data.{key}", f"must be one of {'|'.join(allowed)}, got {show(getattr(self, key))}")
+        if self.template_date is not None:
+            self.template_day()
         if self.mix_by not in MIX_BY:
             fail("data.mix_by", f"must be one of {'|'.join(MIX_BY)}, got {show(self.mix_by)}")
         if self.path is None:
@@ -367,6 +375,18 @@ class DataSection:
             _in_range("data.pack_length", self.pack_length, 2, 1 << 20)
         if len(self.response_prefix) > MAX_TEXT:
             fail("data.response_prefix", f"{len(self.response_prefix)} characters; at most {MAX_TEXT}")
+
+    def template_day(self) -> datetime.date | None:
+        """``template_date`` as a date (None when unset); a value that is not one fails naming the key."""
+        if self.template_date is None:
+            return None
+        text = self.template_date
+        try:
+            if not isinstance(text, str) or len(text) != 10:
+                raise ValueError
+            return datetime.date.fromisoformat(text)
+        except ValueError:
+            fail("data.template_date", f"must be a day written YYYY-MM-DD (e.g. 2024-07-26), got {show(text)}")
 
     def _check_sources(self) -> None:
         """Each source's values, named by its index (``data.sources[1].weight``)."""

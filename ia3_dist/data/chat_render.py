@@ -11,6 +11,7 @@ the template.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -19,7 +20,7 @@ import re
 import string
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from jinja2.utils import Namespace as _Namespace
@@ -355,10 +356,25 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: 
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+_DATE: contextvars.ContextVar[date | None] = contextvars.ContextVar("ia3_dist_render_date", default=None)
+
+
+@contextlib.contextmanager
+def rendered_date(day: date | None) -> Iterator[None]:
+    """``strftime_now`` renders ``day`` (at midnight) within this block; None: the clock, as transformers does."""
+    token = _DATE.set(day)
+    try:
+        yield
+    finally:
+        _DATE.reset(token)
+
+
 def _strftime_now(fmt: str) -> str:
     if not isinstance(fmt, str) or len(fmt) > 256:
         raise RenderLimit("strftime_now() takes a format of at most 256 characters")
-    return datetime.now().strftime(fmt)
+    day = _DATE.get()
+    now = datetime.now() if day is None else datetime(day.year, day.month, day.day)
+    return now.strftime(fmt)
 
 
 class _TemplateDict:

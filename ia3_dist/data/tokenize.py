@@ -32,7 +32,7 @@ from ..config import DataSection
 from ..errors import UsageError
 from ..runtime.cpus import usable_cpus
 from .cache import cache_root, file_lock
-from .chat_render import special_tokens
+from .chat_render import rendered_date, special_tokens
 from .pairs import Pair, split_pair, truncate_pair
 from .records import MAX_SKIPPED_KEPT, Conversation, Records, RecordStream
 from .template import Template, leading_added
@@ -312,9 +312,11 @@ class _ChunkTokenizer:
         it, a limit) is named by where it was read and, under data.on_bad_record=skip, left out with its
         message."""
         out, skipped = [], []
+        day = self.cfg.template_day()
         for it in items:
             try:
-                out.append((it, render(it)))
+                with rendered_date(day):
+                    out.append((it, render(it)))
             except UsageError as e:
                 msg = f"{where(it)}: {e}" if where(it) else str(e)
                 if self.cfg.on_bad_record != "skip":
@@ -531,6 +533,8 @@ def cache_key(fingerprint: str, tok: Any, cfg: DataSection, template: Template |
         "template": asdict(template if template is not None else Template.of(cfg, tok)), "train_on": cfg.train_on,
         "truncation": cfg.truncation,
         "unlabeled": cfg.unlabeled, "max_length": cfg.max_length, "limit": cfg.limit, "bad": cfg.on_bad_record,
+        # Only when set, so the caches of every other config keep their names.
+        **({"date": cfg.template_date} if cfg.template_date is not None else {}),
     }, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
