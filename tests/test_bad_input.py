@@ -160,6 +160,8 @@ CASES: dict[str, Case] = {
     "json-syntax": (data("d.json", '[{"instruction": "a",, }]'), "d.json:1:"),
     "json-not-list": (data("d.json", '{"instruction": "a"}'), "expected a JSON list of records"),
     "jsonl-bad-line": (data("d.jsonl", REC + "\n{oops\n"), "d.jsonl:2:2: invalid JSON"),
+    # Cut short at the line's end: the column is that end's, not column 1 of a next line.
+    "jsonl-cut-line": (data("d.jsonl", REC + '\n{"instruction": "a", "output": "b"\n'), "d.jsonl:2:35: invalid JSON"),
     "missing-output": (data("d.json", json.dumps([{"instruction": "a"}])), "record 0: missing field 'output'"),
     "non-string-field": (data("d.json", json.dumps([GOOD[0], {"instruction": "a", "output": 5}])),
                          "record 1: field 'output' must be a string, got int"),

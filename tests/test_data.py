@@ -279,6 +279,21 @@ def test_every_special_token_is_keyed(tmp_path: Path, tiny_model: Path) -> None:
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
 
 
+def test_a_tokenizer_keeps_its_key_after_it_encodes(tiny_model: Path) -> None:
+    """tok(..., padding=True) or truncation=True leave those settings on the Rust backend, and a tokenizer.json may
+    ship a truncation block that the next plain call clears: neither changes the tokens the cache holds (they are
+    encoded with both off), so neither may change its key (a prepared cache would be missed by the job)."""
+    from transformers import AutoTokenizer
+
+    from ia3_dist.data.tokenize import tokenizer_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    before = tokenizer_fingerprint(tok)
+    tok(["a", "bb cc d e"], padding=True, truncation=True, max_length=2)
+    assert tok.backend_tokenizer.truncation is not None and tok.backend_tokenizer.padding is not None
+    assert tokenizer_fingerprint(tok) == before
+
+
 def _lengths(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(8, 257, size=n)
 

@@ -278,7 +278,8 @@ def _read_jsonl(p: Path, src: _Source) -> Rows:
             if not line.strip():
                 continue
             try:
-                rec = parse_json(line, f"{p}:{n}", one_line=True)
+                # Without its line end: a record cut short is then reported at its last column, not at 1.
+                rec = parse_json(line.rstrip("\r\n"), f"{p}:{n}", one_line=True)
             except UsageError as e:
                 c.bad(e)
                 continue

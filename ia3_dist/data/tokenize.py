@@ -58,8 +58,10 @@ MAX_TOKENIZER_FILE = 256 << 20
 def tokenizer_fingerprint(tok: Any) -> str:
     h = hashlib.sha256()
     backend = getattr(tok, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
-             .encode())
+    # The backend without its truncation and padding: settings that any tok(...) call changes and that tokenizing
+    # turns off (_backend_copy), so the same tokenizer keeps one key before and after it encodes.
+    h.update(_backend_copy(tok).to_str().encode() if backend is not None else
+             json.dumps(tok.get_vocab(), sort_keys=True).encode())
     # What the backend's serialisation leaves out but changes the ids: the special tokens (every one a chat
     # template may render as text, sep_token or additional_special_tokens as much as eos), and whether
     # special-token text is split.
