@@ -84,6 +84,49 @@ def test_beats_and_saves_keep_it_quiet(tmp_path: Path) -> None:
     assert wd.slowest_s < 0.3 and wd.headroom() is None
 
 
+SUSPENDED_CHILD = """
+import os, sys, time
+from ia3_dist.runtime.dist import DistEnv
+from ia3_dist.runtime.watchdog import Watchdog
+wd = Watchdog(1.5, DistEnv(0, 0, 1, 1), None, poll_s=0.05, exit_fn=os._exit).start()
+wd.beat(1, arm=False)
+wd.beat(2)
+print("beating", flush=True)
+t0 = time.monotonic()
+while time.monotonic() - t0 < 5.0:  # a step of 0.15 s of this thread's CPU time, around the parent's stop
+    c0 = time.thread_time()
+    while time.thread_time() - c0 < 0.15:
+        pass
+    wd.beat(3)
+print("quiet through the stop; now hung", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.slow  # waits out a real suspension and a real timeout
+def test_a_suspended_job_is_not_hung_and_a_hang_after_it_still_fires() -> None:
+    """SIGSTOP of the whole process for 3 s (a suspended Slurm job) with a 1.5 s limit, in the middle of a step:
+    the monotonic clock runs on through the stop, and without telling the two apart every rank would exit 76 as the
+    job continues, before the step ends. After the stop, a real hang still ends the process with 76."""
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", SUSPENDED_CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "beating\n"
+        time.sleep(0.5)
+        child.send_signal(signal.SIGSTOP)
+        time.sleep(3.0)
+        child.send_signal(signal.SIGCONT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert "quiet through the stop; now hung" in out, err
+    assert child.returncode == EXIT_HUNG and "hang watchdog on rank 0: no progress for 2 s" in err, err
+
+
 def test_headroom_warns_when_a_step_nears_the_limit() -> None:
     wd = Watchdog(30.0, ENV)
     wd.beat(1, arm=False)

@@ -9,7 +9,8 @@ the job's DeepSpeed shared-memory segments on this host, and exits the process w
 
 It is armed only after the first optimizer step of an invocation completes (model loading, compilation and warm-up
 are excluded), and a checkpoint save gets a longer allowance (:data:`SAVE_ALLOWANCE`), so a slow filesystem is not
-mistaken for a hang. Progress is a :meth:`Watchdog.beat`: one per optimizer step and one per eval batch.
+mistaken for a hang. Progress is a :meth:`Watchdog.beat`: one per optimizer step and one per eval batch. The time
+a suspended job spends stopped (``scontrol suspend``, SIGSTOP of the whole process) is not idle time.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ SAVE_FLOOR_S = 1800.0
 HUNG_FILE = "hung.json"
 BACKSTOP_S = 30.0
 """Past its wait for the peers, how long the firing watchdog's own writes may take before the process goes anyway."""
+SUSPENDED_POLLS = 4
+SUSPENDED_MIN_S = 2.0
+"""A poll that comes this late (this many polls, and at least this many seconds past the due one) means the
+process was stopped, not hung."""
 
 
 class Watchdog:
@@ -113,9 +118,17 @@ class Watchdog:
     # -- the thread -------------------------------------------------------------------------------------------
 
     def _watch(self) -> None:
+        prev = time.monotonic()
         while not self._done.wait(self.poll_s):
+            now = time.monotonic()
+            gap, prev = now - prev, now
             with self._lock:
-                idle = time.monotonic() - self._last
+                if gap > max(SUSPENDED_POLLS * self.poll_s, self.poll_s + SUSPENDED_MIN_S):
+                    # This thread slept far past its poll: the whole process was stopped (a suspended job,
+                    # SIGSTOP), and the monotonic clock ran on. A hung peer never stops our thread, so that time
+                    # is nobody's hang: without this, every rank would exit 76 the moment the job continues.
+                    self._last += gap - self.poll_s
+                idle = now - self._last
                 fire = self._armed and idle > self._allowance
                 allowance, step, phase = self._allowance, self.step, self.phase
             if fire:
