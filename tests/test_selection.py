@@ -40,6 +40,11 @@ def test_tracker_follows_the_direction_and_min_delta() -> None:
     assert not lower_is_better("tiny_mc/acc,none") and not lower_is_better("ceval/acc_norm,none")
     assert lower_is_better("wikitext/word_perplexity,none") and lower_is_better("wikitext/bits_per_byte,none")
     assert lower_is_better("eval_loss/instruct") and lower_is_better("heldout/loss")
+    # Preference evals: the rejected side goes down, the chosen up; a task's own name decides nothing.
+    assert lower_is_better("eval_rewards/rejected") and lower_is_better("eval_logps/rejected")
+    assert not lower_is_better("eval_rewards/chosen") and not lower_is_better("eval_logps/chosen")
+    assert not lower_is_better("eval_log_odds_ratio") and not lower_is_better("eval_log_odds_chosen")
+    assert not lower_is_better("foo_ppl/acc,none") and not lower_is_better("my_loss_task/acc_norm,none")
 
 
 def _cfg(*extra: str):

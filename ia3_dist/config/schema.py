@@ -204,15 +204,18 @@ def has_heldout(cfg: Any) -> bool:
 
 
 def lower_is_better(metric: str, mode: str = "auto") -> bool:
-    """``min`` / ``max`` as given; ``auto``: losses (``nll_loss`` too) and perplexities go down, accuracies,
-    margins and rewards go up."""
+    """``min`` / ``max`` as given; ``auto``: losses (``nll_loss`` too), perplexities and the rejected answers'
+    rewards and log-probabilities go down; accuracies, margins, the chosen side and log-odds go up."""
     if mode != "auto":
         return mode == "min"
-    # A benchmark's is "<task>/<metric>,<filter>" (wikitext/word_perplexity,none): judge the metric's own name; a
-    # per-source loss (eval_loss/<source>) by its head.
+    # A benchmark's is "<task>/<metric>,<filter>" (wikitext/word_perplexity,none): judge the metric's own name, not
+    # the task's (a task may be called anything); a per-source loss (eval_loss/<source>) by its head.
+    head = metric.split("/", 1)[0]
     name = metric.rsplit("/", 1)[-1].split(",", 1)[0]
-    return metric.split("/", 1)[0].endswith(("loss", "ppl")) or name.endswith(("loss", "ppl", "perplexity",
-                                                                                "bits_per_byte"))
+    if head in ("eval_rewards", "eval_logps"):
+        return name == "rejected"  # preference training pushes the rejected side down, the chosen up
+    return (head.startswith("eval_") and head.endswith(("loss", "ppl"))) or \
+        name.endswith(("loss", "ppl", "perplexity", "bits_per_byte"))
 DPO_LOSSES = ("sigmoid", "ipo", "robust", "hinge")
 
 

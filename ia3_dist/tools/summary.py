@@ -662,7 +662,7 @@ def rank_by(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     without a value last; each gets its ``rank``."""
     from ..config.schema import lower_is_better
 
-    lower = lower_is_better(metric.rsplit("/", 1)[-1].split(",")[0])
+    lower = lower_is_better(metric)
     scored = sorted((r for r in rows if r.get(metric) is not None and math.isfinite(r[metric])),
                     key=lambda r: r[metric] if lower else -r[metric])
     rest = [r for r in rows if r not in scored]
