@@ -378,6 +378,27 @@ def test_disk_full_while_the_adapter_is_written(straight: Straight, tmp_path: Pa
         subprocess.run(["umount", "-l", str(mnt)])
 
 
+def test_a_log_rank_0_cannot_write_stops_every_rank_at_the_next_checkpoint(straight: Straight, tmp_path: Path
+                                                                          ) -> None:
+    """Rank 0 alone writes metrics.jsonl: a write that fails at step 7 (here: the file became a dir) raised on
+    rank 0 alone, and rank 1 waited for it in the next collective. Now the step-10 checkpoint fails on every rank
+    with exit 74 naming the file (not asking for free space), step5 stays `latest`, and once the file is back the
+    resume logs steps 6.. again to the uninterrupted run's losses. (examples.jsonl, held open, takes the same
+    path.)"""
+    out, log = tmp_path / "logs", "metrics.jsonl"
+    proc = launch(_args(out), nproc=2,
+                  env={"IA3_DIST_FAULT": "step:7:0:unwritable", "IA3_DIST_FAULT_FILL": str(out / log)})
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == EXIT_CHECKPOINT_WRITE, text[-3000:]
+    assert text.count("checkpoint step10 could not be written") == 2, text[-3000:]
+    assert f"Is a directory: {out / log}" in text and "the next checkpoint stops the run (exit 74)" in text
+    assert "step5 stays the latest checkpoint" in text and "Free space there" not in text, text[-3000:]
+    assert latest(out / "checkpoints") == out / "checkpoints" / "step5"
+    (out / log).rmdir()
+    (out / f"{log}.aside").rename(out / log)
+    resumes_exactly(out, straight)
+
+
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 

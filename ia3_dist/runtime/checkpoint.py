@@ -12,6 +12,7 @@ replay of consumed batches.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -492,9 +493,17 @@ def _why(error: Exception | None, root: Path) -> str:
     return f"this rank: {what}; {full}{free} bytes free there"
 
 
-def _agree_failed(failed: bool, device: torch.device) -> int:
-    """Every rank joins: how many ranks failed (on the engine's device: NCCL reduces only GPU tensors)."""
-    return int(dist.all_reduce_sum(torch.tensor([float(failed)], dtype=torch.float64, device=device)).item())
+def _space(error: Exception | None) -> bool:
+    """Whether ``error`` may be a full disk or quota (torch and safetensors report a failed write without errno)."""
+    return not isinstance(error, OSError) or error.errno in (None, errno.ENOSPC, errno.EDQUOT)
+
+
+def _agree_failed(error: Exception | None, device: torch.device) -> tuple[int, int]:
+    """Every rank joins: how many ranks failed, and how many of them for a cause other than space (on the
+    engine's device: NCCL reduces only GPU tensors)."""
+    mine = [float(error is not None), float(error is not None and not _space(error))]
+    failed, other = dist.all_reduce_sum(torch.tensor(mine, dtype=torch.float64, device=device)).tolist()
+    return int(failed), int(other)
 
 
 def _pointer_temp(root: Path, pointer: str) -> Path:
@@ -575,7 +584,8 @@ def _put_in_place(root: Path, tag: str, step: int) -> None:
     shutil.rmtree(old, ignore_errors=True)  # left over, the next save removes it
 
 
-def _failed_save(root: Path, tag: str, env: dist.DistEnv, error: Exception | None, failed: int) -> NoReturn:
+def _failed_save(root: Path, tag: str, env: dist.DistEnv, error: Exception | None, failed: tuple[int, int]
+                 ) -> NoReturn:
     """Every rank: leave a save that failed on ``failed`` ranks together, its partial files gone (rank 0)."""
     # Rank 0 wrote the pointer, so rank 0 says where it points (other ranks may not see that filesystem).
     where = ""
@@ -590,22 +600,25 @@ def _failed_save(root: Path, tag: str, env: dist.DistEnv, error: Exception | Non
             # barrier below (the next save settles them first, or fails naming them)
         try:
             prev = latest(root)
-        except UsageError:  # a damaged pointer: still leave together, below
+        except (UsageError, OSError):  # a damaged pointer, an NFS ESTALE: still leave together, below
             prev = None
         where = f"; {prev} stays the latest checkpoint" if prev is not None else "; no earlier checkpoint exists"
     dist.barrier()
+    # Every rank gives the same advice: space only where some rank's failure may have been space.
+    fix = "Fix what the failing rank names" if failed[1] == failed[0] else \
+        "Free space there (lower checkpoint.keep, or move output.dir to a bigger filesystem)"
     raise CheckpointWriteError(
-        f"checkpoint {tag} could not be written to {root} ({failed} rank(s) failed; {_why(error, root)})"
-        f"{where}. "
-        f"Free space there (lower checkpoint.keep, or move output.dir to a bigger filesystem), then resume with "
-        f"train.resume=auto")
+        f"checkpoint {tag} could not be written to {root} ({failed[0]} rank(s) failed; {_why(error, root)})"
+        f"{where}. {fix}, then resume with train.resume=auto")
 
 
 def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env: dist.DistEnv,
-         best: bool = False, tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+         best: bool = False, tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+         log_error: OSError | None = None) -> Path:
     """Every rank writes its part; the pointer moves only after all of them have finished. ``tensors``: further
     safetensors files rank 0 writes into the tag dir (file name -> tensors; empty ones are left out), before its
-    meta.json.
+    meta.json. ``log_error``: rank 0 could not write a log this checkpoint covers (metrics.jsonl, examples.jsonl);
+    the save fails on every rank as a write of its own would, and the resume logs those steps again.
 
     A write that fails on any rank (disk full, quota, I/O error) fails the save on every rank together: the
     partial tag dir is removed, ``latest`` keeps naming the previous checkpoint, and every rank raises
@@ -615,12 +628,12 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
     faults.hit("save-begin", step, env.rank)
     error: Exception | None = None
     if env.is_main:
-        error = _fresh_tag_dir(root, tag)
+        error = log_error if log_error is not None else _fresh_tag_dir(root, tag)
     # Rank 0 made the dirs DeepSpeed would make before its own collectives (a failure there, a full disk or a
     # quota, would leave rank 0 in a barrier the others passed, and the collectives after it mismatched): every
     # rank learns of it here and leaves together.
-    failed = _agree_failed(error is not None, engine.device)
-    if failed:
+    failed = _agree_failed(error, engine.device)
+    if failed[0]:
         _failed_save(root, tag, env, error, failed)
     # Before any write (every rank joins its gathers): a failed write below must not leave ranks in different
     # collectives. Not with optimizer offload or fp16, where a layout change is refused anyway (check_compatible).
@@ -649,7 +662,7 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
         except OSError as e:
             error = e
     faults.hit("save", step, env.rank)
-    if not _agree_failed(error is not None, engine.device) and env.is_main:
+    if not _agree_failed(error, engine.device)[0] and env.is_main:
         # meta.json last in the tag dir, then the dir into place, then the pointer: a dir without meta.json is an
         # unfinished save.
         staged = root / (tag + NEW)
@@ -681,15 +694,15 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
             safe_io.fsync(root, directory=True)  # the renames: stepN and the pointers
         except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
             error = e
-    failed = _agree_failed(error is not None, engine.device)
-    if failed:
+    failed = _agree_failed(error, engine.device)
+    if failed[0]:
         _failed_save(root, tag, env, error, failed)
     if env.is_main:
-        kept = _pointed(root, BEST)
         # The highest steps stay; never the one just written (a checkpoint past it is refused at the resume that
         # would leave one: refuse_later). Best effort: the save is complete and published, and rank 0 must reach
         # the barrier below whatever the listing does (an NFS ESTALE would leave the other ranks waiting in it).
         try:
+            kept = _pointed(root, BEST)
             for old in complete_checkpoints(root)[:-keep]:
                 if old not in (kept, root / tag):
                     _discard(old)

@@ -14,7 +14,9 @@ step ``step`` (1-based, the step in progress):
   loading or a deadlock in Python), ``collective`` (an all-reduce on a side group the other ranks never join: a
   rank stuck inside a collective), ``fill`` (grow the file ``IA3_DIST_FAULT_FILL`` names until its filesystem
   is full: the next write there gets ENOSPC), ``inodes`` (as ``fill``, then empty files beside it until no
-  inode is left: the next file or dir made there gets ENOSPC, as on a full inode quota), ``oom`` (raise
+  inode is left: the next file or dir made there gets ENOSPC, as on a full inode quota), ``unwritable`` (move
+  the file ``IA3_DIST_FAULT_FILL`` names aside to ``<name>.aside`` and make an empty dir in its place: the next
+  write of it fails, as a log on a failing disk does), ``oom`` (raise
   ``torch.OutOfMemoryError``, as an allocation on a full GPU does), ``term`` (SIGTERM to itself, as a
   scheduler's preemption sends: the run checkpoints at this step and stops);
 - ``grad:<step>:<rank>:nan`` (see :func:`poisoned`): every loss term of that step on that rank keeps its value and
@@ -39,7 +41,7 @@ ENV = "IA3_DIST_FAULT"
 FILL_ENV = "IA3_DIST_FAULT_FILL"
 HOLD_ENV = "IA3_DIST_FAULT_HOLD_S"
 RELEASE_ENV = "IA3_DIST_FAULT_RELEASE"
-ACTIONS = ("kill", "spin", "collective", "fill", "inodes", "oom", "term", "hold", "nan")
+ACTIONS = ("kill", "spin", "collective", "fill", "inodes", "unwritable", "oom", "term", "hold", "nan")
 
 
 def _spec() -> tuple[str, int, int, str] | None:
@@ -88,6 +90,10 @@ def hit(point: str, step: int, rank: int, stop: Any = None) -> None:
     elif action == "inodes":
         _fill(Path(os.environ[FILL_ENV]))
         _use_inodes(Path(os.environ[FILL_ENV] + ".inodes"))
+    elif action == "unwritable":
+        target = Path(os.environ[FILL_ENV])
+        target.rename(target.with_name(target.name + ".aside"))
+        target.mkdir()
     elif action == "term":
         os.kill(os.getpid(), signal.SIGTERM)
     elif action == "hold":

@@ -262,6 +262,8 @@ class Trainer:
                 self.metrics_path.unlink(missing_ok=True)
         self.examples_path = p.out / "examples.jsonl"
         self.examples = None
+        self.log_error: OSError | None = None
+        """Rank 0's first failed write of examples.jsonl: the next checkpoint fails with it on every rank."""
         if p.env.is_main and p.cfg.output.log_examples:
             if self.start:
                 trim_metrics(self.examples_path, self.start)
@@ -397,11 +399,14 @@ class Trainer:
         """``best``: this step's evaluation is the best so far of checkpoint.keep_best (the pointer moves).
         ``eval_pending``: saved before this step's evaluation (a signal came first); a resume runs it first."""
         self.flush()  # a run whose loss went non-finite saves nothing
-        if self.examples is not None:
+        if self.examples is not None and self.log_error is None:
             # What the checkpoint covers is on disk before it exists: a kill after it (the watchdog's exit, a
             # SIGKILL) would lose buffered lines that the resume, starting after this step, never writes again.
-            self.examples.flush()
-            os.fsync(self.examples.fileno())
+            try:
+                self.examples.flush()
+                os.fsync(self.examples.fileno())
+            except OSError as e:
+                self.log_error = e
         self.log.trackers.flush()
         self.saved = step
         self.saved_stopped = bool(self.selection.stopped_early)
@@ -411,7 +416,8 @@ class Trainer:
             meta = {**self.p.meta, "examples_consumed": examples_consumed(step, len(self.p.data), self.p.layout),
                     **self.selection.meta(), **({"eval_pending": True} if eval_pending else {})}
             return ckpt.save(self.engine, self.p.out, step, meta, self.p.cfg.checkpoint.keep, self.p.env, best,
-                             {ckpt.BEST_VECTORS: self.best_state} if self.best_state else None)
+                             {ckpt.BEST_VECTORS: self.best_state} if self.best_state else None,
+                             self.log_error or self.log.error)
 
     def stop_before_eval(self, step: int) -> None:
         """Before the evaluation at ``step`` (every rank joins): a signal that came during the step, or before an
@@ -559,9 +565,12 @@ class Trainer:
                 self.window.stats += stats
                 self.window_at = (lr, t_start)
                 self.log.step()
-                if self.examples is not None:
-                    self.examples.write(json.dumps({"step": done, "examples": [i for mb in step_mbs for i in mb]})
-                                        + "\n")
+                if self.examples is not None and self.log_error is None:
+                    try:
+                        self.examples.write(json.dumps({"step": done, "examples": [i for mb in step_mbs for i in mb]})
+                                            + "\n")
+                    except OSError as e:  # rank 0's alone: the next checkpoint fails with it on every rank
+                        self.log_error = e
                 if done % t.log_every == 0 or done in (p.total_steps, self.start + 1, self.end):
                     self.flush()
                     self.log_window(self.window, done, lr, t_start)
@@ -607,7 +616,10 @@ class Trainer:
         finally:
             self.log.close()
             if self.examples is not None:
-                self.examples.close()
+                try:
+                    self.examples.close()
+                except OSError as e:
+                    self.log_error = self.log_error or e
                 self.examples = None  # the end's save (finish) has nothing of it left to write out
 
     def finish(self) -> None:

@@ -172,6 +172,8 @@ class MetricsLog:
 
         self.enabled = enabled
         self.path = path
+        self.error: OSError | None = None
+        """The first failed write of ``path`` (then no more are tried)."""
         self.trackers = trackers if trackers is not None else Trackers()
         # disable=None: tqdm draws the bar on a terminal only; the per-log lines are written either way.
         self.bar = tqdm(total=total_steps, initial=initial, disable=None if enabled else True, desc="train",
@@ -185,9 +187,16 @@ class MetricsLog:
             return
         # 7 significant digits, not decimals: a grad norm of 3e-5 or a warmup lr of 2e-7 keeps its value.
         rec = {k: (float(f"{v:.7g}") if isinstance(v, float) and math.isfinite(v) else v) for k, v in rec.items()}
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
+        if self.path is not None and self.error is None:
+            try:
+                with open(self.path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                # Not raised here, on rank 0 alone (the others would wait for it in the next collective): the next
+                # checkpoint fails on every rank with it, and the resume logs these steps again.
+                self.error = e
+                self.bar.write(f"ia3-dist: {self.path} could not be written ({e.strerror or e}); the next "
+                               f"checkpoint stops the run (exit 74)")
         self.trackers.log(rec)
         short = {k: rec[k] for k in CONSOLE if k in rec}
         short.update({k: v for k, v in rec.items() if "/" in k and "," in k})  # benchmarks: task/metric,filter
