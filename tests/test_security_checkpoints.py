@@ -405,7 +405,7 @@ def test_a_step_written_again_and_cut_off_keeps_a_complete_checkpoint(tmp_path: 
     assert ckpt.resolve_resume("auto", out) == saved  # cut off while writing: the step as it was
     # A failed write keeps the step as it was, and says so.
     with pytest.raises(ckpt.CheckpointWriteError, match=r"step4 stays the latest checkpoint"):
-        ckpt._failed_save(root, "step4", DistEnv(0, 0, 1, 1), OSError(28, "No space left on device"), 1)
+        ckpt._failed_save(root, "step4", DistEnv(0, 0, 1, 1), OSError(28, "No space left on device"), (1, 0))
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step4"]
     # Cut off between the two renames: step4 aside, the new one complete as step4.new. Both resume forms read it.
     assert ckpt._fresh_tag_dir(root, "step4") is None
