@@ -197,12 +197,14 @@ def test_plain_slurm_rank_variables(tmp_path: Path, demo_model: Path) -> None:
     _assert_trained_adapter(out, demo_model)
 
 
-def test_ranks_that_resolved_different_runs_stop_together(tmp_path: Path) -> None:
-    """One rank reads other data (a node with another copy, or other hardware choosing another auto layout): both
-    stop at the process group's start with exit 2 and say why, instead of crossing collectives in the engine."""
+@pytest.mark.parametrize("other", ["data.limit=300", "data.append_eos=false"])
+def test_ranks_that_resolved_different_runs_stop_together(tmp_path: Path, other: str) -> None:
+    """One rank reads other data (a node with another copy or another token cache: other examples, or the same
+    count of other lengths; or other hardware choosing another auto layout): both stop at the process group's
+    start with exit 2 and say why, instead of crossing collectives in the engine."""
     out = tmp_path / "mixed"
     procs = spawn_slurm_style(["--config", TINY, f"output.dir={out}", "train.max_steps=6"],
-                              per_rank=[[], ["data.limit=300"]])
+                              per_rank=[[], [other]])
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [2, 2], logs[0][-3000:] + logs[1][-3000:]
     for rank, log in enumerate(logs):

@@ -81,14 +81,20 @@ def same_plan_on_every_rank(p: Prepared) -> None:
         what: dict = {"stage": stage, "global": p.layout.global_batch}
     else:
         what = {"ds": p.ds_config, "layout": asdict(p.layout)}
-    plan = json.dumps({**what, "steps": p.total_steps, "examples": len(p.data)}, sort_keys=True, default=str)
+    # The tokens too (a node whose cache was built otherwise, e.g. on another day under a dated chat template,
+    # holds other lengths and so other batches), and the checkpoint each rank resolved on its own: train.resume=auto
+    # reads the filesystem, which two nodes may see at different moments of a save that was cut off.
+    resume = (p.resume_from.name, p.resume_portable) if p.resume_from is not None else None
+    plan = json.dumps({**what, "steps": p.total_steps, "examples": len(p.data), "tokens": int(p.data.lengths.sum()),
+                       "resume": resume, "start": start_step(p)}, sort_keys=True, default=str)
     h = int(hashlib.sha256(plan.encode()).hexdigest()[:15], 16)
     if dist.host_max(h) != -dist.host_max(-h):
+        where = f"resuming {p.resume_from}" if p.resume_from is not None else "a fresh start"
         raise UsageError(f"the ranks resolved different runs (rank {p.env.rank}: ZeRO-{stage}, "
-                         f"micro-batch {p.layout.micro} x {p.layout.accum} accumulation, {len(p.data)} examples, "
-                         f"{p.total_steps} steps): nodes with different GPUs or memory choose differently for "
-                         f"micro_batch_size/deepspeed.config auto; set them explicitly (or check that every node "
-                         f"reads the same data)")
+                         f"micro-batch {p.layout.micro} x {p.layout.accum} accumulation, {len(p.data)} examples of "
+                         f"{int(p.data.lengths.sum())} tokens, {p.total_steps} steps, {where}): nodes with different "
+                         f"GPUs or memory choose differently for micro_batch_size/deepspeed.config auto; set them "
+                         f"explicitly (or check that every node reads the same data, token cache and checkpoints)")
 
 
 def _undo_start(p: Prepared) -> None:
