@@ -62,6 +62,10 @@ def sweep(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str
     ([f"train.seed={','.join(map(str, range(41)))}", f"train.lr={','.join(f'{i + 1}e-3' for i in range(25))}"],
      ["41 x 25 = 1025 tasks", "--max-tasks 1025"]),
     ([], ["at least one --grid"]),
+    # What the job would refuse after its wait in the queue: the global batch over its ranks, a misspelt config.
+    (["train.global_batch_size=16,13"], ["task 1", "train.global_batch_size=13 does not divide"]),
+    (["deepspeed.config=zero1,zero9"], ["task 1", "deepspeed.config zero9: no such file"]),
+    (["hardware.gpus_per_node=1,8"], ["--grid hardware.gpus_per_node", "same job shape"]),
 ])
 def test_bad_grid_exits_2_before_anything_is_written_or_submitted(tmp_path: Path, fake_sbatch: Path,
                                                                   capsys: pytest.CaptureFixture[str],

@@ -371,13 +371,26 @@ def range_note(job: Job) -> None:
           f"restart) the job on fewer nodes: give --cpus-per-node at most a node's CPUs / {k}", file=sys.stderr)
 
 
+def check_job_config(job: Job, cfg: Any) -> None:
+    """What would otherwise fail in the job after its wait in the queue: the DeepSpeed config (a misspelt shipped
+    name, a file that is not one), and the global batch over the job's ranks (:func:`check_node_range`)."""
+    from ..runtime import ds_config as dsc
+
+    if cfg.deepspeed.config != "auto":
+        dsc.read(dsc.locate(cfg.deepspeed.config))
+    check_node_range(job, cfg)
+
+
 def check_node_range(job: Job, cfg: Any) -> None:
-    """A job with a node range may start (and, requeued, restart) on any count in it: the run must keep its global
-    batch on each, so ``train.global_batch_size`` is required and must divide on every allocation."""
-    if not job.min_nodes:
-        return
+    """``train.global_batch_size`` must divide on the job's ranks (else the job exits 2 after its wait in the
+    queue). A job with a node range may start (and, requeued, restart) on any count in it: the run must keep its
+    global batch on each, so there it is required and must divide on every allocation."""
+    from ..config.schema import MAX_GRAD_ACCUM
+
     t = cfg.train
     g = t.global_batch_size
+    if not job.min_nodes and not g:
+        return
     if not g:
         at_most = t.micro_batch_size * t.grad_accum * job.nodes * job.per_node if isinstance(t.micro_batch_size, int) \
             else t.grad_accum * job.nodes * job.per_node
@@ -387,11 +400,18 @@ def check_node_range(job: Job, cfg: Any) -> None:
                          f"on {job.nodes} nodes), so that train.grad_accum follows the ranks")
     per = t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1
     bad = [n for n in job.node_counts if g % (per * n * job.per_node)]
+    fix = "choose a global batch that every count in the range divides, or a narrower range" if job.min_nodes \
+        else f"choose a multiple of {per * job.nodes * job.per_node}"
     if bad:
         raise UsageError(f"--nodes {job.nodes_directive}: train.global_batch_size={g} does not divide over "
                          f"{', '.join(f'{n} node(s) x {job.per_node} rank(s)' for n in bad[:3])}"
-                         f"{' ...' if len(bad) > 3 else ''} at micro-batch {per}; choose a global batch that every "
-                         f"count in the range divides, or a narrower range")
+                         f"{' ...' if len(bad) > 3 else ''} at micro-batch {per}; {fix}")
+    fewest = job.node_counts[0]
+    if g // (per * fewest * job.per_node) > MAX_GRAD_ACCUM:
+        raise UsageError(f"--nodes {job.nodes_directive}: train.global_batch_size={g} over {fewest} node(s) x "
+                         f"{job.per_node} rank(s) at micro-batch {per} makes an accumulation of "
+                         f"{g // (per * fewest * job.per_node)} per step, more than {MAX_GRAD_ACCUM}; use a larger "
+                         f"micro-batch, more ranks or a smaller global batch")
 
 
 def render(config: str, overrides: list[str], nodes: int | tuple[int, int], gpus_per_node: int, time: str,
@@ -402,7 +422,7 @@ def render(config: str, overrides: list[str], nodes: int | tuple[int, int], gpus
     job = check_job(nodes, gpus_per_node, time, partition, account, launcher, cpus_per_node, job_name, python)
     check_run_args(config, overrides)
     cfg = load_config(config, overrides)  # fail now, not in the queue
-    check_node_range(job, cfg)
+    check_job_config(job, cfg)
     # Absolute, so the file can be submitted from any folder; output.dir keeps its meaning (the submit folder's).
     cfg_path = os.path.abspath(config)
     args = " ".join(shlex.quote(a) for a in [cfg_path, *overrides])

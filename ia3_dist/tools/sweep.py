@@ -26,6 +26,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -133,9 +134,9 @@ def _dir_override(d: Path) -> str:
 
 
 def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_dir: Path,
-               max_tasks: int) -> list[Task]:
-    """The tasks of the grid, every one's config built and checked; UsageError on anything that would fail in the
-    queue or make two tasks collide."""
+               max_tasks: int, check: Callable[[RunConfig], None] | None = None) -> list[Task]:
+    """The tasks of the grid, every one's config built and checked (``check``: what the job adds, e.g. its global
+    batch over the job's ranks); UsageError on anything that would fail in the queue or make two tasks collide."""
     count = math.prod(len(v) for v in grid.values())
     sizes = brief(" x ".join(str(len(v)) for v in grid.values()))
     if count > MAX_TASKS_LIMIT:
@@ -180,6 +181,8 @@ def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_d
                              f"make the values differ in letters or digits")
         try:
             cfg = build(task.overrides)
+            if check is not None:
+                check(cfg)
         except UsageError as e:
             raise UsageError(f"--grid task {i} ({_show(values)}): {e}") from None
         if Path(cfg.output.dir) != Path(task.dir):
@@ -407,7 +410,15 @@ def main(argv: list[str], prog: str) -> int:
     if a.dir is not None:
         slurm._no_control("--dir", a.dir)
     sweep_dir = Path(os.path.abspath(a.dir if a.dir is not None else default_dir(config, a.overrides)))
-    tasks = plan_tasks(config, a.overrides, grid, sweep_dir, a.max_tasks)
+    if job is not None:
+        shaped = [k for k in grid if k.split(".", 1)[0] == "hardware"]
+        if shaped:
+            # The job's shape is the sweep's (one sbatch array): each task's hardware.* would be read by nothing.
+            raise UsageError(f"--grid {brief(shaped[0])}: every task of a sweep runs in the same job shape "
+                             f"(--nodes / --gpus-per-node, default the config's hardware section); sweep "
+                             f"hardware.* as separate sweeps")
+    tasks = plan_tasks(config, a.overrides, grid, sweep_dir, a.max_tasks,
+                       None if job is None else lambda cfg: slurm.check_job_config(job, cfg))
     check_sweep_dir(sweep_dir, a.force, a.local)
     submit = not a.local and not a.no_submit
     if submit and not shutil.which("sbatch"):
