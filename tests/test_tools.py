@@ -478,6 +478,12 @@ def test_export_writes_the_end_of_turn_into_the_generation_config(family_models:
     assert base_gc.eos_token_id == 2
     assert gc.eos_token_id == [2, 1201]  # </s>, <|im_end|>
     assert (gc.bos_token_id, gc.pad_token_id) == (base_gc.bos_token_id, base_gc.pad_token_id)
+    # Every file 0666 less the umask, as ia3-dist writes its own: transformers saves the weights 0600.
+    from ia3_dist.runtime.safe_io import current_umask
+
+    want = 0o666 & ~current_umask()
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in out.iterdir()} == \
+        {f.name: oct(want) for f in out.iterdir()}
 
 
 def test_an_answer_cut_inside_a_character_drops_its_incomplete_bytes(family_models: dict) -> None:

@@ -202,6 +202,30 @@ def _raise(e: OSError) -> None:
     raise e
 
 
+def current_umask() -> int:
+    """The process's umask, read without setting it (``/proc/self/status`` where there is one: changing it to read
+    it would be seen by other threads creating files meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_modes(d: Path) -> None:
+    """Every regular file directly in ``d`` (links left alone) 0666 less the umask, as ia3-dist writes its own
+    files: a library that saved one private (transformers writes weights through a 0600 temp file) would keep it
+    from a shared project's other members while they read the rest."""
+    mode = 0o666 & ~current_umask()
+    for p in d.iterdir():
+        if stat.S_ISREG(os.lstat(p).st_mode):
+            os.chmod(p, mode)
+
+
 def fsync_tree(d: Path) -> None:
     """:func:`fsync` every regular file under ``d`` (links and other kinds are left alone), then every dir, the
     deepest first: what a writer made there is on stable storage, names included. A dir that cannot be listed

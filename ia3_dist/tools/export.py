@@ -21,7 +21,7 @@ from ..data.template import TEMPLATE_FILE
 from ..errors import UsageError
 from ..models.load import save_tokenizer
 from ..runtime.manifest import check_writable_dir, few
-from ..runtime.safe_io import fsync, fsync_tree, write_file
+from ..runtime.safe_io import fsync, fsync_tree, plain_modes, write_file
 from .inference import ADAPTER_CONFIG, EXPORT_MARKER, load_for_inference, read_export_marker
 
 STAGING_PREFIX = ".ia3-dist-export-staging-"
@@ -92,6 +92,7 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
         if (Path(adapter).expanduser() / TEMPLATE_FILE).is_file():
             # The template as it was checked and loaded, not the file again: it may have changed since.
             template.save(staging)
+        plain_modes(staging)
         fsync_tree(staging)  # on stable storage before the marker calls the export complete
         _publish(staging, o, previous, {"adapter": str(adapter), "base": base, "dtype": dtype})
         fsync(o, directory=True)
