@@ -414,7 +414,14 @@ def cmd_resolve(argv: list[str], prog: str) -> int:
         if not isinstance(node, dict) or part not in node:
             raise UsageError(f"--key {args.key}: no such config key")
         node = node[part]
-    print(node)
+    # As YAML writes a scalar (null, false, 0.003) and a section or list as one line of JSON, for shell tests such
+    # as [ "$(ia3-dist resolve ... --key data.packing)" = false ], not Python's None / False.
+    if isinstance(node, str):
+        print(node)
+    elif node is None or isinstance(node, (bool, int, float)):
+        print(json.dumps(node))
+    else:
+        print(json.dumps(node, ensure_ascii=False, default=str))
     return 0
 
 

@@ -3,6 +3,7 @@ and the command line a new user meets (``--help``)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,18 @@ def test_help_imports_no_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code, *LIGHT_HELP], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_resolve_prints_what_a_job_script_compares(capsys: pytest.CaptureFixture) -> None:
+    """Scalars as YAML writes them (null, false, a number), strings bare, sections and lists as one JSON line:
+    a script's [ "$(ia3-dist resolve ... --key data.packing)" = false ] matches."""
+    from ia3_dist.cli import main
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
+    got = {}
+    for key in ("model.arch", "data.packing", "train.lr", "train.betas", "output.dir", "train.early_stopping"):
+        assert main(["resolve", "--config", tiny, "--key", key, "train.lr=0.003", "output.dir=runs/x"]) == 0
+        got[key] = capsys.readouterr().out.strip()
+    assert got["model.arch"] == "null" and got["data.packing"] == "false" and got["train.lr"] == "0.003"
+    assert got["train.betas"] == "[0.9, 0.999]" and got["output.dir"] == "runs/x"
+    assert json.loads(got["train.early_stopping"])["patience"] == 3

@@ -472,6 +472,9 @@ def test_other_unusable_config_paths(tmp_path: Path) -> None:
     big = tmp_path / "big.yaml"
     big.write_text("# " + "x" * (1 << 20) + "\n")
     assert "larger than" in _refused(load_config, big)
+    for text in ("", "# only a comment\n", "{}\n", "---\n"):  # all defaults: the demo, trained in a queued job
+        f = _w(tmp_path / "empty.yaml", text)
+        assert "holds no settings (empty, or only comments)" in _refused(load_config, f)
 
 
 def test_nul_in_a_path_setting(tmp_path: Path) -> None:

@@ -378,8 +378,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"config file {where}: {what}{getattr(e, 'problem', None) or e}") from None
     except RecursionError:
         raise UsageError(f"config file {name}: nested too deeply; a run config is sections of keys") from None
-    if raw is None:
-        return {}
+    if raw is None or raw == {}:
+        # Every key at its default is the embedded demo: a file that was never filled in (or lost its text) would
+        # train that, in a job that queued for it, and call it done.
+        raise UsageError(f"config file {name}: holds no settings (empty, or only comments); give a run config "
+                         f"(see configs/, e.g. configs/tiny-cpu.yaml)")
     if not isinstance(raw, dict):
         raise UsageError(f"config file {name}: top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
