@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,7 +47,7 @@ def build_model(name: str, cache: Path, bf16: bool = False) -> Path:
     from ia3_dist.train.demo import ensure_assets
 
     d = cache / f"bench-{name}"
-    if (d / "config.json").exists():
+    if (d / "config.json").exists():  # published by the rename below: complete
         return d
     demo = ensure_assets(str(cache), pretrained=False)  # its tokenizer only: the same without 800 CPU steps
     if name in LLAMA_SHAPES:
@@ -61,8 +62,13 @@ def build_model(name: str, cache: Path, bf16: bool = False) -> Path:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = cls(cfg).to(torch.bfloat16 if bf16 else torch.float32)
-    model.save_pretrained(str(d), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(demo / "model")).save_pretrained(str(d))
+    # Into a temp dir renamed into place: a build killed mid-save (a timed-out row) leaves no half model that the
+    # next run would take for a built one (transformers writes config.json first).
+    tmp = cache / f".bench-{name}.{os.getpid()}.tmp"
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(demo / "model")).save_pretrained(str(tmp))
+    shutil.rmtree(d, ignore_errors=True)  # an unfinished build from before this rename existed
+    os.replace(tmp, d)
     return d
 
 
@@ -141,6 +147,8 @@ def _time_mean(recs: list[dict], key: str) -> float | None:
 def bench_records(src: Path | None, n: int, cache: Path, work: Path) -> tuple[Path, str, int]:
     """The first ``n`` records of ``src`` (default: the shared Alpaca sample, else the demo records) written to
     ``work/records.json``; returns that path, the source's name and the count."""
+    if src is not None and not src.is_file():
+        raise SystemExit(f"--data {src}: no such file (a figure on the demo records would pass for the Alpaca one)")
     src = src or SHARED
     if src.exists():
         records = json.loads(src.read_text(encoding="utf-8"))[:n]
@@ -165,6 +173,7 @@ def main() -> None:
     ap.add_argument("--two-ranks", action="store_true", help="also run the launcher on 2 ranks")
     ap.add_argument("--cache", default=os.environ.get("IA3_DIST_CACHE", str(Path.home() / ".cache" / "ia3-dist")))
     ap.add_argument("--work", default="/tmp/ia3-bench")
+    ap.add_argument("--launcher-dir", help="the launcher's output.dir (default: WORK/launcher)")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--data", help="records file (default: the shared Alpaca sample, else the demo records)")
     ap.add_argument("--ds", default="zero0", help="launcher DeepSpeed config")
@@ -212,7 +221,8 @@ def main() -> None:
             raise SystemExit(f"same-shape peer failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(peer_json.read_text()))
     ds = [f"deepspeed.config={a.ds}", *a.set]
-    results.append(run_launcher(model, data, a.steps, work / "launcher", 1, a.bf16, a.micro, ds, a.warmup))
+    results.append(run_launcher(model, data, a.steps, Path(a.launcher_dir) if a.launcher_dir else work / "launcher",
+                                1, a.bf16, a.micro, ds, a.warmup))
     if a.two_ranks:
         results.append(run_launcher(model, data, a.steps, work / "launcher2", 2, a.bf16, a.micro // 2, ds,
                                     a.warmup))
@@ -242,7 +252,8 @@ def main() -> None:
     print(f"tokenization: reference unbatched map {ref['tokenize_s']:.2f}s; launcher: {launcher['tokenize_line']}")
     if a.json:
         Path(a.json).write_text(json.dumps({"model": a.model, "device": dev, "ds": a.ds, "micro": a.micro,
-                                            "bf16": a.bf16, "steps": a.steps, "results": results}, indent=1))
+                                            "bf16": a.bf16, "steps": a.steps, "warmup": a.warmup, "set": a.set,
+                                            "data": source, "records": n_records, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 # it installs them into /tmp/site first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+# The checkout's venv (scripts/setup.sh): the tested versions, which the pins below read.
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 W=.whl
 rm -rf "$W" && mkdir -p "$W"
 ver() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
@@ -42,3 +43,6 @@ for n in 17 24 27 28 31 34; do plat+=(--platform "manylinux_2_${n}_x86_64"); don
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation "deepspeed==$(ver deepspeed)" -w "$W"
 du -sh "$W"
 ls "$W"
+# A device call carries at most 64 MiB of working tree, .whl and .gpu-data included.
+size=$(du -sm "$W" | cut -f1)
+[ "$size" -lt 56 ] || { echo "gpu_wheels: $W is $size MiB; a device call carries 64 MiB in all" >&2; exit 1; }

@@ -61,7 +61,8 @@ def main() -> None:
 
         ds = Dataset.from_list(records)
         tokenized = ds.map(lambda ex: process_func(ex, tok), remove_columns=ds.column_names)
-    except ImportError:  # a box without `datasets`: a list of examples is a map-style dataset too
+    except Exception:  # a box without a working `datasets` (absent, or its pyarrow too old): a list of examples
+        # is a map-style dataset too
         tokenized = [process_func(r, tok) for r in records]
     tok_s = time.perf_counter() - t0
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if a.bf16 else torch.float32)

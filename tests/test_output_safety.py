@@ -575,6 +575,43 @@ def test_rerun_with_overwrite_keeps_user_files(tmp_path: Path, tiny_model: Path)
     assert notes.read_text() == "my notes\n" and mine.read_text() == "keep me too\n"
 
 
+@pytest.mark.slow
+def test_a_signal_while_the_ranks_meet_puts_the_replaced_run_back(tmp_path: Path, tiny_model: Path) -> None:
+    """Rank 1 stops at its own checks (exit 2) while rank 0, which set the earlier run aside (output.overwrite),
+    waits for it in the process group's rendezvous; the launcher then sends rank 0 SIGTERM. Rank 0 puts the earlier
+    run back and exits 75 at once: the signal only set a flag, the run stayed set aside, and rank 0 waited for the
+    launcher's SIGKILL (deepspeed's 30 s later) or, under a plain srun, the rendezvous timeout (30 min)."""
+    import signal
+
+    from _util import spawn_slurm_style
+
+    from ia3_dist.errors import EXIT_PREEMPTED
+
+    out = tmp_path / "out"
+    previous_run(out, checkpoint=False)
+    before = snapshot(out)
+    procs = spawn_slurm_style(train_args(tiny_model, out, "output.overwrite=true"),
+                              per_rank=[[], ["data.path=/no/such.json"]])
+    try:
+        assert procs[1].wait(timeout=300) == 2
+        deadline = time.monotonic() + 300
+        while not (out / manifest.REPLACED).is_dir():  # set aside: rank 0 goes on to meet rank 1
+            assert procs[0].poll() is None and time.monotonic() < deadline, procs[0].communicate()[0][-3000:]
+            time.sleep(0.1)
+        time.sleep(2.0)
+        t0 = time.monotonic()
+        procs[0].send_signal(signal.SIGTERM)
+        log = procs[0].communicate(timeout=60)[0]
+        took = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == EXIT_PREEMPTED and took < 10, (took, log[-3000:])
+    assert "stopped by SIGTERM while the ranks met, before the first step" in log, log[-3000:]
+    assert "the earlier run's files are back" in log, log[-3000:]
+    assert snapshot(out) == before
+
+
 def test_a_run_training_in_the_dir_is_refused_a_stale_pid_file_is_not(tmp_path: Path) -> None:
     """A second run in an output dir where one trains now (a job submitted twice, sweep --force over a live sweep)
     would write the same checkpoints: rank 0's preflight refuses it, naming the pid. A pid file naming a process

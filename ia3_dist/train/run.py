@@ -17,7 +17,7 @@ from ..runtime import dist, faults, hostmem, lazy, manifest
 from ..runtime import ds_config as dsc
 from ..runtime.adapter import save_adapter
 from ..runtime.build_locks import BuildLockSweeper
-from ..runtime.preempt import StopFlag
+from ..runtime.preempt import StopFlag, WhileMeeting
 from ..runtime.watchdog import Watchdog
 from .loop import Trainer, TrainResult
 from .plots import plot_metrics
@@ -116,7 +116,7 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     process group are still alive (evaluation hooks, tests)."""
     env = dist.detect()
     # Installed first, so a signal while DeepSpeed imports or the model loads is honoured at the first step
-    # boundary.
+    # boundary (while the ranks meet, at once: WhileMeeting).
     stop = StopFlag().install()
     try:
         lazy.import_deepspeed()
@@ -147,8 +147,9 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     # Before the process group: DeepSpeed loads its first JIT op there (see runtime/build_locks).
     locks = BuildLockSweeper(lambda msg: print(msg, file=sys.stderr, flush=True)).start()
     try:
-        dist.init(env, cfg.deepspeed.timeout_minutes)
-        same_plan_on_every_rank(p)
+        with WhileMeeting(stop, lambda: _undo_start(p) if env.is_main else None):
+            dist.init(env, cfg.deepspeed.timeout_minutes)
+            same_plan_on_every_rank(p)
         faults.setup()
         watchdog = Watchdog(cfg.train.hang_timeout_s, env, p.out).start()
     except BaseException:
