@@ -62,7 +62,8 @@ def _variants(demo_model: Path, root: Path, family_models: dict[str, Path]) -> l
         out = root / model_type
         AutoModelForCausalLM.from_pretrained(str(d)).save_pretrained(str(out), max_shard_size="200KB")
         assert len(list(out.glob("*.safetensors"))) > 2, model_type
-        families.append(str(out))
+        # bf16 too: zero.Init casts the buffers constructors make (rotary inv_freq) unless they are rebuilt.
+        families += [str(out), f"{out}:bf16"]
     return [str(demo_model), str(sharded), str(bare), str(torchbin), f"{demo_model}:bf16", *families]
 
 

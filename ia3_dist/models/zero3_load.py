@@ -135,11 +135,29 @@ def build_partitioned(model_config: Any, ds_config: dict[str, Any], dtype: torch
     with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config), set_zero3_state(), no_code_prompt():
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # from_config leaves tying to from_pretrained; Bloom's lm_head is the embedding matrix
+    _fp32_rotary(model)
     wrong = {p.dtype for p in model.parameters()} - {dtype}
     if wrong:
         raise RuntimeError(f"ZeRO-3 built parameters in {wrong}, not {dtype}: the DeepSpeed config's bf16/fp16 "
                            f"blocks disagree with the training precision")
     return model
+
+
+def _fp32_rotary(model: nn.Module) -> None:
+    """zero.Init casts every floating tensor a constructor makes to the ZeRO dtype, buffers too: a rotary
+    embedding's ``inv_freq`` (which transformers computes in fp32 and the other stages keep so) would hold
+    bf16-rounded frequencies, angles off by radians a few thousand positions in (Llama 2, Qwen2, Mistral,
+    GPT-NeoX; Llama 3's scaled init builds its ``arange`` as integers). Rebuilt here, outside zero.Init, from the
+    module's own class and config."""
+    for m in model.modules():
+        inv = getattr(m, "inv_freq", None)
+        if not isinstance(inv, torch.Tensor) or inv.dtype == torch.float32 or getattr(m, "config", None) is None:
+            continue
+        fresh = type(m)(m.config)
+        for name in ("inv_freq", "original_inv_freq"):
+            value = getattr(fresh, name, None)
+            if isinstance(value, torch.Tensor):
+                setattr(m, name, value.to(inv.device))
 
 
 def checkpoint_keys(name: str, prefix: str, renames: tuple[tuple[str, str], ...] = ()) -> list[str]:
