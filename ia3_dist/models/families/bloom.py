@@ -69,8 +69,10 @@ def _flex_forward(self: nn.Module, hidden_states: torch.Tensor, residual: torch.
                   output_attentions: bool = False, **kwargs: object) -> tuple[torch.Tensor, None]:
     """``BloomAttention.forward`` through FlexAttention: ALiBi is a ``score_mod`` (Bloom's per-key bias
     ``slope x position``, in fp32, as Bloom adds it) and the causal/padding or per-document mask is applied in
-    the same ``score_mod`` with Bloom's own fill value (the dtype's minimum, so a row that sees nothing stays
-    finite as in eager). Compiled (always on a GPU: :func:`_flex_attention`), the scores never exist in memory;
+    the same ``score_mod`` with Bloom's own fill value (the dtype's minimum: a row that sees nothing averages
+    every value, as in eager, on the reference path; compiled, inductor scales scores by 1/ln 2, the fill becomes
+    -inf and such a row gives 0, finite too: only left-padding query rows see nothing, and none reaches the loss).
+    Compiled (always on a GPU: :func:`_flex_attention`), the scores never exist in memory;
     eager (CPU without ``train.compile``), it is a reference implementation, for the exactness tests.
     Generation with a cache, returned attention weights and Bloom's tensor-parallel slicing keep the eager
     path."""
