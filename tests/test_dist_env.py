@@ -138,6 +138,9 @@ def test_rank_share_under_and_outside_slurm(tmp_path, cores: int, slurm: str | N
     assert rank_share(local, list(range(cores)), tmp_path, env) == want
     # Pinning to slices of the mask stays inside the job only where the mask is the job's own CPUs.
     assert mask_is_allocation(list(range(cores)), env) == (slurm is None or int(slurm) >= cores)
+    # A container's quota of 4 CPUs is shared by every local rank in it, under Slurm too.
+    (tmp_path / "cpu.max").write_text("400000 100000\n")
+    assert rank_share(local, list(range(cores)), tmp_path, env) == max(1, min(want, 4 // local))
 
 
 @pytest.mark.parametrize("mask, local, omp, host, want", [

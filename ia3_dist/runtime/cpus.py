@@ -112,7 +112,8 @@ def rank_share(local_world: int, cores: list[int] | None = None, cgroup_root: Pa
         bound = _bound_per_rank(mask, local_world, host_cpus(cgroup_root) if host is None else host, e)
         share = mask if bound else mask // local_world
         return max(1, min(share, math.ceil(q) // local_world) if q else share)
-    n = min(mask, math.ceil(q)) if q else mask
+    # The quota, as outside Slurm, is the container's: every local rank draws on it.
+    n = min(mask, math.ceil(q) // local_world) if q else mask
     return max(1, min(n, s // local_world))
 
 
