@@ -460,6 +460,10 @@ def test_writability_probe_leaves_nothing(tmp_path: Path) -> None:
     assert list(out.iterdir()) == []
     if getattr(os, "O_TMPFILE", 0):
         assert out.stat().st_mtime_ns == mtime  # an unnamed temp file never touches the dir
+    # Where the filesystem has no O_TMPFILE the probe is a named file for an instant: another rank listing the
+    # dir then (or a probe a kill left) is no foreign entry that stops a fresh run.
+    (out / f"{manifest.PROBE_PREFIX}abc123").write_bytes(b"")
+    ckpt.guard_output_dir(out, "none", False)
 
 
 # -- 5. damaged checkpoint pointers and metadata --------------------------------------------------------------

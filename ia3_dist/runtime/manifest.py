@@ -57,6 +57,8 @@ RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.jsonl.tmp", "metrics.png", 
 # adapter.new: the adapter being written (runtime/adapter.py save_adapter).
 RUN_DIRS = frozenset({"adapter", "adapter.new", "tensorboard", "wandb", "mlflow", CHECKPOINTS, REPLACED})
 ADAPTER_ASIDE = re.compile(r"adapter\.old\.[0-9a-f]{12}")
+PROBE_PREFIX = ".ia3-dist-probe-"
+"""A named writability probe (where the filesystem has no O_TMPFILE: NFS, GPFS), removed at once."""
 """The adapter a new one replaces, set aside under a name of its own until it is removed (save_adapter)."""
 # checkpoint.save's names (tag_for, LATEST and its temp file); tests/test_output_safety.py keeps them in step.
 # DeepSpeed's engine.save_checkpoint copies its recovery scripts beside the tag dirs on every ZeRO save.
@@ -136,6 +138,8 @@ def inspect(out: Path) -> DirState:
     try:
         for e in _listing(out):
             name = e.name
+            if name.startswith(PROBE_PREFIX):
+                continue  # another rank's writability probe, there for an instant (or left by a kill: harmless)
             is_dir = name in RUN_DIRS or bool(ADAPTER_ASIDE.fullmatch(name))
             if name in RUN_FILES or is_dir:
                 if not _kind_ok(e, is_dir):
@@ -303,7 +307,7 @@ def _write_probe(d: Path) -> str | None:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 return e.strerror or str(e)
     try:
-        fd, name = tempfile.mkstemp(dir=d, prefix=".ia3-dist-probe-")
+        fd, name = tempfile.mkstemp(dir=d, prefix=PROBE_PREFIX)
         os.close(fd)
         os.unlink(name)
     except OSError as e:
