@@ -323,8 +323,8 @@ def test_eval_job_never_runs_after_a_failed_training_job(cluster: int, tmp_path:
 
 def test_plain_srun_without_master_variables(cluster: int, direct: dict[str, Path], tmp_path: Path) -> None:
     """`srun` one task per rank on 2 nodes with no MASTER_ADDR/MASTER_PORT anywhere (no template, no lib.sh): the
-    ranks meet at the first host of the allocation on the port derived from the job id, and train the same adapter
-    as deepspeed directly."""
+    ranks meet at the first host of the step's nodes on the port derived from the job and step ids, and train the
+    same adapter as deepspeed directly."""
     if cluster < 2:
         _missing(f"needs 2 Slurm nodes, the cluster has {cluster}")
     out = tmp_path / "out"
@@ -336,12 +336,12 @@ def test_plain_srun_without_master_variables(cluster: int, direct: dict[str, Pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import re
 
-    m = re.search(r"rendezvous at (\S+):(\d+) \(first host of Slurm job (\d+)'s allocation", proc.stdout)
+    m = re.search(r"rendezvous at (\S+):(\d+) \(first host of Slurm job (\d+) step (\d+);", proc.stdout)
     assert m, proc.stdout[-3000:]
-    host, port, job = m.group(1), int(m.group(2)), int(m.group(3))
+    host, port, job, step = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))
     first = subprocess.run(["scontrol", "show", "hostnames", _nodelist()], capture_output=True, text=True,
                            check=True).stdout.split()[0]
-    assert host == first and port == 20000 + job % 20000, m.group(0)
+    assert host == first and port == 20000 + (job * 8 + step) % 12000, m.group(0)
     assert "rank 1/2 on" in proc.stdout and "rank 0/2 on" in proc.stdout
     same_adapter(out, direct["short"])
 

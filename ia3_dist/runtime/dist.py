@@ -156,9 +156,11 @@ def first_host(nodelist: str) -> str:
 
 
 def slurm_master(environ: Mapping[str, str], use_scontrol: bool = True) -> tuple[str, str] | None:
-    """MASTER_ADDR and MASTER_PORT of a plain ``srun`` job: the first host of the allocation (as ``scontrol show
-    hostnames`` orders it) and a port derived from the job id, so every task computes the same pair alone."""
-    nodes = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    """MASTER_ADDR and MASTER_PORT of a plain ``srun`` job: the first host of the step's nodes (as ``scontrol show
+    hostnames`` orders them; a step on part of the allocation has no rank on the job's first node) and a port
+    derived from the job and step ids (two steps at once in one allocation meet apart), below Linux's ephemeral
+    range as ``slurm/lib.sh``'s, or ``IA3_DIST_MASTER_PORT``: every task computes the same pair alone."""
+    nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     if not nodes:
         return None
     out: list[str] = []
@@ -170,7 +172,9 @@ def slurm_master(environ: Mapping[str, str], use_scontrol: bool = True) -> tuple
             out = []
     host = out[0] if out else first_host(nodes)
     job = _int_env(environ, "SLURM_JOB_ID") or 0
-    return host, str(20000 + job % 20000)
+    step = _int_env(environ, "SLURM_STEP_ID") or 0
+    port = environ.get("IA3_DIST_MASTER_PORT") or str(20000 + (job * 8 + step) % 12000)
+    return host, port
 
 
 def launch_key(env: DistEnv) -> str | None:
@@ -225,11 +229,14 @@ def init(env: DistEnv, timeout_minutes: int = 30) -> None:
         slurm = slurm_master(os.environ) if env.world_size > 1 else None
         if slurm is not None:
             os.environ["MASTER_ADDR"] = slurm[0]
-            os.environ.setdefault("MASTER_PORT", slurm[1])
+            # Not an inherited MASTER_PORT: sbatch exports the submitting shell's, and every job from it would
+            # share that one port (as slurm/lib.sh decides).
+            os.environ["MASTER_PORT"] = slurm[1]
             if env.is_main:
                 # Said once, so a job's log shows where a plain srun's ranks met (and a test can check it).
                 print(f"rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} (first host of Slurm "
-                      f"job {os.environ.get('SLURM_JOB_ID', '?')}'s allocation; no MASTER_ADDR set)", flush=True)
+                      f"job {os.environ.get('SLURM_JOB_ID', '?')} step {os.environ.get('SLURM_STEP_ID', '?')}; no "
+                      f"MASTER_ADDR set)", flush=True)
         elif env.world_size == 1:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
         else:
