@@ -64,10 +64,19 @@ ia3_ds_devices() {
 # was killed (SIGKILL, OOM, the hang watchdog), whose pid may since belong to any other process, nor for one that
 # another host wrote (its second line names the host; a requeued job may start on other nodes).
 ia3_rank0_pid() {
-  local pid host
-  { IFS= read -r pid; IFS= read -r host; } < <(head -c 512 "$OUTPUT_DIR/rank0.pid" 2>/dev/null) || true
+  local pid host stamp now stat fields
+  { IFS= read -r pid; IFS= read -r host; IFS= read -r stamp; } < <(head -c 512 "$OUTPUT_DIR/rank0.pid" 2>/dev/null) \
+    || true
   case "$pid" in ''|*[!0-9]*) return 0 ;; esac
   [ -z "$host" ] || [ "$host" = "$(hostname)" ] || return 0
+  if [ -n "$stamp" ]; then
+    # Boot id and start time (field 22 of /proc/PID/stat): the process the file named, not one that took its pid
+    # since (a job's pids repeat from run to run, an ia3-dist rank's included).
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 0
+    read -r -a fields <<< "${stat##*) }"
+    now="$(cat /proc/sys/kernel/random/boot_id 2>/dev/null) ${fields[19]:-}"
+    [ "$now" = "$stamp" ] || return 0
+  fi
   tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qE 'ia3_dist|ia3-dist|launch\.py' && echo "$pid"
   return 0
 }

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
@@ -637,6 +638,28 @@ def test_a_run_training_in_the_dir_is_refused_a_stale_pid_file_is_not(tmp_path: 
                     manifest.refuse_live_run(tmp_path)
             else:
                 manifest.refuse_live_run(tmp_path)
+        # With the host and the process's start stamp, as rank 0 writes it: refused; the same pid with another
+        # stamp names a process that has gone, whose pid an ia3-dist process took since (a job's container hands
+        # pids out in the same order every run): refuses nothing.
+        host = socket.gethostname()
+        stamp = manifest.start_stamp(live.pid)
+        assert stamp is not None
+        (tmp_path / PID_FILE).write_text(f"{live.pid}\n{host}\n{stamp}\n")
+        with pytest.raises(UsageError, match="is in use"):
+            manifest.refuse_live_run(tmp_path)
+        boot, ticks = stamp.split()
+        (tmp_path / PID_FILE).write_text(f"{live.pid}\n{host}\n{boot} {int(ticks) - 1}\n")
+        manifest.refuse_live_run(tmp_path)
+        assert manifest.pid_file_alive(tmp_path) is False
+        # slurm/lib.sh's trap reads the same file the same way before it signals the pid.
+        lib = ROOT / "slurm" / "lib.sh"
+        for body, want in ((f"{live.pid}\n{host}\n{stamp}\n", str(live.pid)),
+                           (f"{live.pid}\n{host}\n{boot} {int(ticks) - 1}\n", ""),
+                           (f"{live.pid}\n{host}\n", str(live.pid))):
+            (tmp_path / PID_FILE).write_text(body)
+            got = subprocess.run(["bash", "-c", f'. "{lib}"; OUTPUT_DIR="{tmp_path}" ia3_rank0_pid'],
+                                 capture_output=True, text=True, timeout=30)
+            assert got.stdout.strip() == want, (body, got.stdout, got.stderr)
         live.kill()
         live.wait()
         (tmp_path / PID_FILE).write_text(str(live.pid))

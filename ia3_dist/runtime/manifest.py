@@ -336,16 +336,28 @@ def check_writable_dir(path: Path, what: str) -> None:
         raise UsageError(f"{what} {path} is not writable{where}: {why}; pick a writable location")
 
 
+def start_stamp(pid: int | str = "self") -> str | None:
+    """``<boot id> <start time in clock ticks>`` of a process of this host: which process a pid named, whatever
+    took the pid since (a job's container hands pids out in the same order every time: a killed run's rank-0 pid
+    is likely its requeue's launcher or another rank). None where /proc does not say."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot} {int(fields[19])}"
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def write_pid_file(out: Path) -> None:
     """Rank 0's :data:`PID_FILE`: its pid on the first line, for schedulers' preemption traps (slurm/lib.sh), then
-    the host it runs on: a pid names a process of that host only, and the file is read from others (``summary`` on
-    a login node, a requeued job's first node)."""
-    (out / PID_FILE).write_text(f"{os.getpid()}\n{socket.gethostname()}\n")
+    the host it runs on (a pid names a process of that host only, and the file is read from others: ``summary``
+    on a login node, a requeued job's first node), then its :func:`start_stamp`."""
+    (out / PID_FILE).write_text(f"{os.getpid()}\n{socket.gethostname()}\n{start_stamp() or ''}\n")
 
 
-def _read_pid_file(out: Path) -> tuple[int, str | None] | None:
-    """``(pid, host)`` of the pid file (host None in a file of a version that wrote the pid alone); None for no
-    file or an unreadable one."""
+def _read_pid_file(out: Path) -> tuple[int, str | None, str | None] | None:
+    """``(pid, host, start stamp)`` of the pid file (host and stamp None in a file of a version that wrote less);
+    None for no file or an unreadable one."""
     try:
         raw = read_bounded(out / PID_FILE, MAX_PID_FILE, missing_ok=True)  # regular files only: a FIFO never blocks
     except UsageError:
@@ -357,7 +369,8 @@ def _read_pid_file(out: Path) -> tuple[int, str | None] | None:
     if not pid.isascii() or not pid.isdigit() or not 0 < int(pid) <= PID_MAX:
         return None
     host = lines[1].strip() if len(lines) > 1 and lines[1].strip() else None
-    return int(pid), host
+    stamp = lines[2].strip() if len(lines) > 2 and lines[2].strip() else None
+    return int(pid), host, stamp
 
 
 def _is_run_process(pid: int) -> bool:
@@ -380,13 +393,15 @@ def pid_file_alive(out: Path) -> bool | None:
     return _alive(_read_pid_file(out))
 
 
-def _alive(got: tuple[int, str | None] | None) -> bool | None:
+def _alive(got: tuple[int, str | None, str | None] | None) -> bool | None:
     """:func:`pid_file_alive` of what :func:`_read_pid_file` read."""
     if got is None:
         return False
-    pid, host = got
+    pid, host, stamp = got
     if host is not None and host != socket.gethostname():
         return None
+    if stamp is not None and start_stamp(pid) != stamp:
+        return False  # the pid is some other process now (or none), an ia3-dist one included
     return True if _is_run_process(pid) else (False if host is not None else None)
 
 
