@@ -334,7 +334,9 @@ def test_rank0_writes_its_pid_and_host(tmp_path: Path) -> None:
     from ia3_dist.runtime import manifest
 
     manifest.write_pid_file(tmp_path)
-    assert (tmp_path / "rank0.pid").read_text() == f"{os.getpid()}\n{socket.gethostname()}\n"
+    stamp = manifest.start_stamp()
+    assert stamp is not None and len(stamp.split()) == 2
+    assert (tmp_path / "rank0.pid").read_text() == f"{os.getpid()}\n{socket.gethostname()}\n{stamp}\n"
     assert manifest.live_run_pid(tmp_path) is None  # this process itself
 
 
