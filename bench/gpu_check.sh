@@ -86,7 +86,9 @@ bench() {  # name model steps ds micro [launcher overrides...]
     FAILED+=("$name"); rm -f "$WORK/rows/$name.json"
   fi
 }
-rm -rf "$WORK/rows" "$WORK/logs" "$WORK"/reference-*.json "$WORK"/work-*/peer-*.json
+rm -rf "$WORK"/reference-*.json "$WORK"/work-*/peer-*.json
+# A ROWS= call on the same machine adds to the earlier call's rows (their own references, measured then).
+[ -n "${ROWS:-}" ] || rm -rf "$WORK/rows" "$WORK/logs"
 mkdir -p "$WORK/rows" "$WORK/logs"
 # The targets first (the seed's 1 x 8, micro-batch 8 on the stage plan picks, the best configuration:
 # packed and compiled, CUDA graphs; the bloom-7b1 shape), then what no GPU has measured yet (FlexAttention, the

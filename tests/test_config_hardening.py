@@ -474,7 +474,8 @@ def test_other_unusable_config_paths(tmp_path: Path) -> None:
     assert "larger than" in _refused(load_config, big)
     for text in ("", "# only a comment\n", "{}\n", "---\n"):  # all defaults: the demo, trained in a queued job
         f = _w(tmp_path / "empty.yaml", text)
-        assert "holds no settings (empty, or only comments)" in _refused(load_config, f)
+        assert "holds no settings (empty, or only comments) and no overrides" in _refused(load_config, f)
+        assert load_config(f, ["train.lr=0.01"]).train.lr == 0.01  # overrides may set everything
 
 
 def test_nul_in_a_path_setting(tmp_path: Path) -> None:

@@ -88,13 +88,13 @@ def test_first_host_without_scontrol(nodelist: str, host: str) -> None:
 
 def test_slurm_master_port_from_job_id() -> None:
     env = {"SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_JOB_ID": "123456"}
-    assert slurm_master(env, use_scontrol=False) == ("gpu003", str(20000 + 123456 * 8 % 12000))
-    assert slurm_master({"SLURM_NODELIST": "n2", "SLURM_JOB_ID": "7"}, use_scontrol=False) == ("n2", "20056")
+    assert slurm_master(env, use_scontrol=False) == ("gpu003", str(20000 + 123456 % 12000))
+    assert slurm_master({"SLURM_NODELIST": "n2", "SLURM_JOB_ID": "7"}, use_scontrol=False) == ("n2", "20007")
     assert slurm_master({}, use_scontrol=False) is None
     # A step on part of the allocation meets on its own first node; two steps at once on other ports; below the
     # ephemeral range (32768+) whatever the job id; IA3_DIST_MASTER_PORT by hand.
     step = {**env, "SLURM_STEP_NODELIST": "gpu004", "SLURM_STEP_ID": "1"}
-    assert slurm_master(step, use_scontrol=False) == ("gpu004", str(20000 + (123456 * 8 + 1) % 12000))
+    assert slurm_master(step, use_scontrol=False) == ("gpu004", str(20000 + (123456 + 4001) % 12000))
     assert all(int(slurm_master({**env, "SLURM_JOB_ID": str(j)}, use_scontrol=False)[1]) < 32000
                for j in (0, 11999, 19999, 12345678))
     assert slurm_master({**env, "IA3_DIST_MASTER_PORT": "23456"}, use_scontrol=False)[1] == "23456"

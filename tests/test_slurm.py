@@ -341,7 +341,7 @@ def test_plain_srun_without_master_variables(cluster: int, direct: dict[str, Pat
     host, port, job, step = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))
     first = subprocess.run(["scontrol", "show", "hostnames", _nodelist()], capture_output=True, text=True,
                            check=True).stdout.split()[0]
-    assert host == first and port == 20000 + (job * 8 + step) % 12000, m.group(0)
+    assert host == first and port == 20000 + (job + step * 4001) % 12000, m.group(0)
     assert "rank 1/2 on" in proc.stdout and "rank 0/2 on" in proc.stdout
     same_adapter(out, direct["short"])
 

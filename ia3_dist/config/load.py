@@ -378,11 +378,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"config file {where}: {what}{getattr(e, 'problem', None) or e}") from None
     except RecursionError:
         raise UsageError(f"config file {name}: nested too deeply; a run config is sections of keys") from None
-    if raw is None or raw == {}:
-        # Every key at its default is the embedded demo: a file that was never filled in (or lost its text) would
-        # train that, in a job that queued for it, and call it done.
-        raise UsageError(f"config file {name}: holds no settings (empty, or only comments); give a run config "
-                         f"(see configs/, e.g. configs/tiny-cpu.yaml)")
+    if raw is None:
+        return {}
     if not isinstance(raw, dict):
         raise UsageError(f"config file {name}: top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
@@ -414,6 +411,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     """Read ``path`` (or start from ``base``), apply overrides, construct and validate. A bad value is named with
     where it was set: ``override train.lr=abc: ...``, or ``c.yaml:12: ...``."""
     raw = read_yaml(path) if path is not None else copy.deepcopy(base or {})
+    if path is not None and not raw and not overrides:
+        # Every key at its default is the embedded demo: a file that was never filled in (or lost its text) would
+        # train that, in a job that queued for it, and call it done. (Overrides may set everything instead.)
+        raise UsageError(f"config file {brief(str(path))}: holds no settings (empty, or only comments) and no "
+                         f"overrides were given; give a run config (see configs/, e.g. configs/tiny-cpu.yaml)")
     raw = apply_overrides(raw, list(overrides or []))
     try:
         return build_config(raw)

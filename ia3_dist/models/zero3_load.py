@@ -153,7 +153,10 @@ def _fp32_rotary(model: nn.Module) -> None:
         inv = getattr(m, "inv_freq", None)
         if not isinstance(inv, torch.Tensor) or inv.dtype == torch.float32 or getattr(m, "config", None) is None:
             continue
-        fresh = type(m)(m.config)
+        try:
+            fresh = type(m)(m.config)
+        except TypeError:  # a remote-code rotary class built otherwise: left as zero.Init made it
+            continue
         for name in ("inv_freq", "original_inv_freq"):
             value = getattr(fresh, name, None)
             if isinstance(value, torch.Tensor):

@@ -55,6 +55,10 @@ on them, as before."""
 FIX = {
     "group_by_length": "set data.group_by_length explicitly to the saved value (its default follows the "
                        "micro-batch)",
+    "data_key": "the tokens differ: other data, tokenizer or data.* settings; a checkpoint of an earlier "
+                "ia3-dist whose tokenizer.json carries truncation or padding settings is keyed otherwise too. "
+                "Restore what differs, or continue in a new output.dir from the checkpoint's vectors with "
+                "ia3.init_from",
     "precision": "set train.precision to the saved value",
     "seed": "set train.seed to the saved value",
 }

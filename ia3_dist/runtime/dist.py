@@ -173,7 +173,8 @@ def slurm_master(environ: Mapping[str, str], use_scontrol: bool = True) -> tuple
     host = out[0] if out else first_host(nodes)
     job = _int_env(environ, "SLURM_JOB_ID") or 0
     step = _int_env(environ, "SLURM_STEP_ID") or 0
-    port = environ.get("IA3_DIST_MASTER_PORT") or str(20000 + (job * 8 + step) % 12000)
+    # 4001 and 12000 are coprime: the step moves the port without dividing the job id's 12,000 ports.
+    port = environ.get("IA3_DIST_MASTER_PORT") or str(20000 + (job + step * 4001) % 12000)
     return host, port
 
 

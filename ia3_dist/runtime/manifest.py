@@ -57,9 +57,9 @@ RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.jsonl.tmp", "metrics.png", 
 # adapter.new: the adapter being written (runtime/adapter.py save_adapter).
 RUN_DIRS = frozenset({"adapter", "adapter.new", "tensorboard", "wandb", "mlflow", CHECKPOINTS, REPLACED})
 ADAPTER_ASIDE = re.compile(r"adapter\.old\.[0-9a-f]{12}")
+"""The adapter a new one replaces, set aside under a name of its own until it is removed (save_adapter)."""
 PROBE_PREFIX = ".ia3-dist-probe-"
 """A named writability probe (where the filesystem has no O_TMPFILE: NFS, GPFS), removed at once."""
-"""The adapter a new one replaces, set aside under a name of its own until it is removed (save_adapter)."""
 # checkpoint.save's names (tag_for, LATEST and its temp file); tests/test_output_safety.py keeps them in step.
 # DeepSpeed's engine.save_checkpoint copies its recovery scripts beside the tag dirs on every ZeRO save.
 # stepN.new / stepN.old: a save in progress, and a step's previous state while it is written again.

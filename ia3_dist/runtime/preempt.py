@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -46,11 +47,16 @@ class WhileMeeting:
     and the main thread may wait there far past any grace time (a peer that exited at its own checks never
     arrives; its launcher sends the others SIGTERM, then SIGKILL 30 s later). Python runs a signal's handler only
     when the main thread is back in Python, which a wait inside the rendezvous never is; the C-level handler still
-    writes the signal's number to the wakeup fd, which a thread of ours reads: it calls ``on_stop`` (rank 0 puts
-    back the run a start over set aside) and exits 75, as a preemption before the first step does."""
+    writes the signal's number to the wakeup fd, which a thread of ours reads. A meeting that ends within
+    ``grace_s`` of the signal (or of its start, for a signal that came while the run loaded) leaves it to the
+    first step boundary, where every rank stops together; past that, the thread calls ``on_stop`` (rank 0 puts
+    back the run a start over set aside and says it was preempted) and exits 75, as a preemption before the first
+    step does (well inside a launcher's 30 s from SIGTERM to SIGKILL)."""
 
-    def __init__(self, stop: StopFlag, on_stop: Callable[[], None], poll_s: float = 0.2) -> None:
-        self.stop, self.on_stop, self.poll_s = stop, on_stop, poll_s
+    def __init__(self, stop: StopFlag, on_stop: Callable[[], None], poll_s: float = 0.2,
+                 grace_s: float = 10.0) -> None:
+        self.stop, self.on_stop, self.poll_s, self.grace_s = stop, on_stop, poll_s, grace_s
+        self._seen: tuple[str, float] | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="ia3-dist-start-signal", daemon=True)
         self._pair: tuple[socket.socket, socket.socket] | None = None
@@ -90,8 +96,12 @@ class WhileMeeting:
 
     def _watch(self) -> None:
         while not self._done.wait(self.poll_s):
-            name = self._signalled()
-            if name is not None:
+            if self._seen is None:
+                name = self._signalled()
+                if name is not None:
+                    self._seen = (name, time.monotonic())
+            if self._seen is not None and time.monotonic() - self._seen[1] >= self.grace_s:
+                name = self._seen[0]
                 try:
                     self.on_stop()
                 finally:

@@ -127,7 +127,8 @@ class Watchdog:
                     # This thread slept far past its poll: the whole process was stopped (a suspended job,
                     # SIGSTOP), and the monotonic clock ran on. A hung peer never stops our thread, so that time
                     # is nobody's hang: without this, every rank would exit 76 the moment the job continues.
-                    self._last += gap - self.poll_s
+                    # Never past now: a beat after the process continued has already restarted the clock.
+                    self._last = min(now, self._last + gap - self.poll_s)
                 idle = now - self._last
                 fire = self._armed and idle > self._allowance
                 allowance, step, phase = self._allowance, self.step, self.phase

@@ -11,6 +11,7 @@ import gc
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,6 +396,16 @@ class Trainer:
 
     # -- around the steps -------------------------------------------------------------------------------------
 
+    def _log_failed(self, e: OSError) -> None:
+        """Rank 0 could not write examples.jsonl: said now (a buffered write's error names no file), and the next
+        checkpoint fails with it on every rank."""
+        if self.log_error is not None:
+            return
+        e.filename = e.filename or str(self.examples_path)
+        self.log_error = e
+        print(f"ia3-dist: {self.examples_path} could not be written ({e.strerror or e}); the next checkpoint stops "
+              f"the run (exit 74)", file=sys.stderr, flush=True)
+
     def save(self, step: int, best: bool = False, eval_pending: bool = False) -> Path:
         """``best``: this step's evaluation is the best so far of checkpoint.keep_best (the pointer moves).
         ``eval_pending``: saved before this step's evaluation (a signal came first); a resume runs it first."""
@@ -406,7 +417,7 @@ class Trainer:
                 self.examples.flush()
                 os.fsync(self.examples.fileno())
             except OSError as e:
-                self.log_error = e
+                self._log_failed(e)
         self.log.trackers.flush()
         self.saved = step
         self.saved_stopped = bool(self.selection.stopped_early)
@@ -570,7 +581,7 @@ class Trainer:
                         self.examples.write(json.dumps({"step": done, "examples": [i for mb in step_mbs for i in mb]})
                                             + "\n")
                     except OSError as e:  # rank 0's alone: the next checkpoint fails with it on every rank
-                        self.log_error = e
+                        self._log_failed(e)
                 if done % t.log_every == 0 or done in (p.total_steps, self.start + 1, self.end):
                     self.flush()
                     self.log_window(self.window, done, lr, t_start)
@@ -619,7 +630,7 @@ class Trainer:
                 try:
                     self.examples.close()
                 except OSError as e:
-                    self.log_error = self.log_error or e
+                    self._log_failed(e)
                 self.examples = None  # the end's save (finish) has nothing of it left to write out
 
     def finish(self) -> None:

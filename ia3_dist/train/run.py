@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -97,6 +98,21 @@ def same_plan_on_every_rank(p: Prepared) -> None:
                          f"explicitly (or check that every node reads the same data, token cache and checkpoints)")
 
 
+def _preempted_meeting(p: Prepared, trackers: Trackers) -> None:
+    """Rank 0, stopped by a signal while the ranks met (:class:`.WhileMeeting`): the earlier run back; under
+    Slurm preempted.json, which the job script (slurm/lib.sh) requeues on where the launcher does not pass exit 75
+    on (torchrun, srun); the trackers closed as killed, within a few seconds (the process exits next)."""
+    if not p.env.is_main:
+        return
+    _undo_start(p)
+    if dist.under_slurm():
+        (p.out / PREEMPTED_FILE).write_text(json.dumps({"step": 0, "message": "stopped by a signal while the "
+                                                        "ranks met, before the first step"}))
+    closing = threading.Thread(target=trackers.close, args=("killed",), daemon=True)
+    closing.start()
+    closing.join(timeout=10)
+
+
 def _undo_start(p: Prepared) -> None:
     """Rank 0, a start that failed before training: no pid file left, and the run output.overwrite set aside is
     back where it was (with its own run.yaml: the dir says what it holds)."""
@@ -147,7 +163,7 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     # Before the process group: DeepSpeed loads its first JIT op there (see runtime/build_locks).
     locks = BuildLockSweeper(lambda msg: print(msg, file=sys.stderr, flush=True)).start()
     try:
-        with WhileMeeting(stop, lambda: _undo_start(p) if env.is_main else None):
+        with WhileMeeting(stop, lambda: _preempted_meeting(p, trackers)):
             dist.init(env, cfg.deepspeed.timeout_minutes)
             same_plan_on_every_rank(p)
         faults.setup()
