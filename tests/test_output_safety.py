@@ -598,7 +598,10 @@ def test_a_signal_while_the_ranks_meet_puts_the_replaced_run_back(tmp_path: Path
     out = tmp_path / "out"
     previous_run(out, checkpoint=False)
     before = snapshot(out)
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the ranks' job: under Slurm, preempted.json says to requeue
+    # The ranks' job and step, as srun sets them: under Slurm, preempted.json tells the job script to requeue.
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     procs = spawn_slurm_style(train_args(tiny_model, out, "output.overwrite=true"),
                               per_rank=[[], ["data.path=/no/such.json"]])
     try:
