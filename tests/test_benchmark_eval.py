@@ -334,6 +334,15 @@ def test_the_final_steps_checkpoint_name_picks_the_final_point(tmp_path: Path) -
     assert [(p.name, p.step) for p in points_of(r, "step5")[1]] == [("final", 5)]
     (r / "adapter" / STEP_FILE).write_text('{"step": "5"}')  # damaged: the logs say
     assert [(p.name, p.step) for p in points_of(r, "all")[1]] == [("step5", 5), ("final", 10)]
+    # An adapter dir given alone is one point, at the step it records (not 0).
+    (r / "adapter" / STEP_FILE).write_text('{"step": 10}')
+    assert [(p.name, p.step) for p in points_of(r / "adapter", "final")[1]] == [("final", 10)]
+    # --checkpoints best by held-out loss: an evaluation that diverged (NaN) is never the best.
+    from ia3_dist.tools.benchmark import _best
+
+    (r / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in (
+        {"step": 5, "eval_loss": float("nan")}, {"step": 10, "eval_loss": 1.2})))
+    assert _best(r, points_of(r, "all")[1]).step == 10
 
 
 @pytest.mark.parametrize("save", ["bin", "links"])

@@ -128,6 +128,11 @@ def test_generate_from_adapter_and_merged_dir(trained: Path, tmp_path: Path, cap
     s2 = _generate(["--adapter", str(merged), "--max-new-tokens", "20", "--sample", "--temperature", "1.5",
                     "--seed", "3", *prompts], capsys)
     assert s1 == s2
+    # Each prompt draws from its own seed (--seed + its index): alone it gets the answer it got among the others.
+    for k in (0, 1):
+        alone = _generate(["--adapter", str(merged), "--max-new-tokens", "20", "--sample", "--temperature", "1.5",
+                           "--seed", str(3 + k), prompts[k]], capsys)
+        assert alone[0]["response"] == s1[k]["response"]
     outs = {r["response"] for seed in range(4) for r in _generate(
         ["--adapter", str(merged), "--max-new-tokens", "20", "--sample", "--temperature", "1.5", "--seed",
          str(seed), prompts[0]], capsys)}

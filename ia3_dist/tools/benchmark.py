@@ -101,7 +101,7 @@ def points_of(path: Path, which: str) -> tuple[Path, list[Point]]:
         if which not in ("all", "latest", "final"):
             raise UsageError(f"--checkpoints {which}: {path} is an adapter dir (one point); give its run dir to pick "
                              f"checkpoints")
-        return path, [Point("final", 0, path)]
+        return path, [Point("final", _recorded_step(path) or 0, path)]
     adapter = path / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise UsageError(f"{path}: neither a run dir with adapter/ (the final adapter, written at the end of "
@@ -147,8 +147,10 @@ def _best(run: Path, pts: list[Point]) -> Point:
     from ..train.plots import read_metrics
 
     m = run / "metrics.jsonl"
+    # Finite only: an evaluation that diverged is logged as NaN, which min() would take as readily as any.
     evals = {r["step"]: r["eval_loss"] for r in (read_metrics(m, ("step", "eval_loss")) if m.is_file() else [])
-             if isinstance(r.get("step"), int) and isinstance(r.get("eval_loss"), float)}
+             if isinstance(r.get("step"), int) and isinstance(r.get("eval_loss"), float)
+             and math.isfinite(r["eval_loss"])}
     scored = [p for p in pts if p.step in evals]
     if not scored:
         raise UsageError(f"--checkpoints best: {run}/metrics.jsonl has no held-out loss at a checkpoint's step "

@@ -588,8 +588,12 @@ def generate(model: Any, tok: Any, template: Template, requests: list[Conversati
              batch_size: int = 8) -> list[str]:
     """The answer to the last turn of each conversation (its output is ignored), after the earlier turns, encoded
     as training encodes them (:func:`prompt_ids`). A prompt longer than the model's context (minus
-    ``max_new_tokens``) keeps its last tokens, where the response prefix is, and stderr says so once per call."""
+    ``max_new_tokens``) keeps its last tokens, where the response prefix is, and stderr says so once per call.
+    Sampled, prompt ``i`` draws from its own seed (``opts.seed`` + i), one prompt at a time: its answer does not
+    depend on the prompts batched with it or after it."""
     torch.manual_seed(opts.seed)
+    if opts.sample:
+        batch_size = 1
     budget, ctx = prompt_budget(model, tok, opts.max_new_tokens)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     # The generation config's ids (load_for_inference put generation_config.json's there) and the template's end
@@ -610,6 +614,8 @@ def generate(model: Any, tok: Any, template: Template, requests: list[Conversati
                               "repetition_penalty": opts.repetition_penalty}
         if opts.sample:
             kw.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k)
+        if opts.sample:
+            torch.manual_seed((opts.seed + i) % 2**64)
         with torch.no_grad():
             ids = model.generate(**enc, **kw)
         outs += [answer_text(tok, row, eos) for row in ids[:, width:].tolist()]
