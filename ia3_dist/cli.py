@@ -286,6 +286,10 @@ def cmd_chat(argv: list[str], prog: str) -> int:
         except KeyboardInterrupt:  # Ctrl-C while it answers drops that line; the conversation goes on without it
             print("(interrupted)", flush=True)
             continue
+        except UsageError as e:  # a line the template cannot render (its budget, a role it refuses): dropped too
+            print(f"error: {e}; that line is dropped (/reset starts a new conversation)", file=sys.stderr,
+                  flush=True)
+            continue
         system, tools = conv.system, conv.tools
         calls = parse_calls(answer) if conv.tools else []
         last = conv.turns[-1]

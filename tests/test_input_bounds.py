@@ -627,3 +627,25 @@ def test_chat_ctrl_c_while_answering_drops_that_answer_and_goes_on(tiny_model: P
     assert calls[1].system == "be brief"
     # the interrupted exchange is not in the conversation the next answer continues
     assert [t.instruction for t in calls[2].turns] == ["zero", "second"] and calls[2].system == ""
+
+
+def test_chat_a_line_the_template_cannot_render_is_dropped_and_the_session_goes_on(tiny_model: Path, capsys,
+                                                                                   monkeypatch) -> None:
+    """A long session can reach the chat template's render budget, or a line a role it refuses: that line is
+    dropped with the error, not the whole conversation with exit 2."""
+    from ia3_dist.errors import UsageError
+
+    real, calls = inference.generate, []
+
+    def refused_once(*a: Any, **k: Any) -> list[str]:
+        calls.append(a[3][0])
+        if len(calls) == 2:
+            raise UsageError("data.template chat_template: the chat template went past its render budget")
+        return real(*a, **k)
+
+    monkeypatch.setattr(inference, "generate", refused_once)
+    monkeypatch.setattr("sys.stdin", io.StringIO("zero\nfirst\nsecond\n"))
+    rc, out, err = _chat(tiny_model, capsys)
+    assert rc == 0 and "render budget; that line is dropped" in err, err
+    assert out.count("Assistant: ") == 2, out
+    assert [t.instruction for t in calls[2].turns] == ["zero", "second"]
