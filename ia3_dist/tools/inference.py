@@ -614,7 +614,6 @@ def generate(model: Any, tok: Any, template: Template, requests: list[Conversati
                               "repetition_penalty": opts.repetition_penalty}
         if opts.sample:
             kw.update(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k)
-        if opts.sample:
             torch.manual_seed((opts.seed + i) % 2**64)
         with torch.no_grad():
             ids = model.generate(**enc, **kw)
