@@ -127,7 +127,8 @@ def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf1
     # timed: everything between steps (this side's per-step log line, the reference's logging) is included.
     # step_time_s alone would leave out the launcher's logging block.
     secs = timed[-1]["elapsed_s"] - steps_logged[warmup - 1]["elapsed_s"]
-    tok_line = next((ln for ln in proc.stdout.splitlines() if "tokenized in" in ln), "")
+    # "tokenized in ..." or, where an earlier row of the same data built the cache, "from cache ...".
+    tok_line = next((ln for ln in proc.stdout.splitlines() if "tokenized in" in ln or "from cache" in ln), "")
     return {"side": f"ia3-dist x{nproc}", "tokens_per_s": tokens / secs, "padding_efficiency": tokens / padded,
             "step_ms": secs / len(timed) * 1e3,
             "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "mfu": _time_mean(timed, "mfu"),
