@@ -137,6 +137,27 @@ def test_held_out_examples_come_from_each_source_before_the_draws(tmp_path: Path
     assert len(data) == 540
 
 
+def test_sources_that_overlap_never_train_on_a_held_out_example(tmp_path: Path, tiny_tokenizer) -> None:
+    """One file listed twice (its first 150 records the second time, as a curated subset beside the whole): a
+    record held out of one source is a copy of a training example of the other, and was drawn for training (26 of
+    35 held-out examples): now no held-out example's tokens are among the draws', the report says how many copies
+    stayed out, and a mixture with no such copies keeps its draws' name."""
+    f = _jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "output": "a" * (1 + i % 5)} for i in range(200)])
+    cfg = load_config(None, [f"data.sources=[{{path: {f}}}, {{path: {f}, max_examples: 150}}]",
+                             f"data.cache_dir={tmp_path / 'cache'}", "data.eval_ratio=0.1"])
+    train, held = load_data(cfg, tiny_tokenizer)
+
+    def seqs(d) -> set[tuple[int, ...]]:
+        return {tuple(np.asarray(d.example(i)[0]).tolist()) for i in range(len(d))}
+
+    assert len(held) == 35 and not seqs(held) & seqs(train)
+    assert train.mix.held_copies > 0
+    assert any("copies of held-out examples in other sources" in line for line in train.mix.lines())
+    apart = load_data(_cfg(_three(tmp_path, (300, 200, 100)), tmp_path / "cache", "data.eval_ratio=0.1"),
+                      tiny_tokenizer)[0]
+    assert apart.mix.held_copies == 0
+
+
 def test_a_one_source_mixture_holds_out_what_data_path_would() -> None:
     from ia3_dist.data.mixture import SourceStats, hold_out
     from ia3_dist.data.sampler import held_out

@@ -7,8 +7,9 @@ examples: seeded permutations of them, one after another (a source drawn more th
 uses the first part of its first permutation: a seeded subset). The streams are merged by *virtual finish time*
 (weighted fair queueing): the j-th draw of source i finishes at ``(cost of its first j draws) / p_i``, and the
 mixture takes draws in that order until its cost reaches the total. Every prefix of the order then holds each
-source within one example's cost of its share, so the shares hold exactly over the whole mixture and closely over
-any part of it, whatever the sampler later does with the order.
+source within about one example's cost of its share (the last draw may overshoot the total; a source whose share
+is less than one example may get none, which the report shows), over the whole mixture and any part of it,
+whatever the sampler later does with the order.
 
 Where it lives. The tokens of every source sit in one cache entry (:mod:`.token_cache`, keyed by the sources'
 content, formats, columns, templates and the tokenizer), the sources one after another; the draws (and, with
@@ -106,6 +107,8 @@ class Mixture:
     """Example indices of the cache entry, in draw order (repeats allowed)."""
     held: list[np.ndarray]
     """Per source, the examples held out for eval (ascending)."""
+    held_copies: int = 0
+    """Examples left out of the draws as copies of held-out ones (sources that overlap)."""
 
     def lines(self) -> list[str]:
         """The data report's lines: each source's records, drops, tokens, weight and realised share."""
@@ -122,6 +125,9 @@ class Mixture:
                        + (f", {s.held} held out" if s.held else "")
                        + f"; weight {s.weight / total_w:.1%} -> drawn {s.drawn} ({share:.2%} of the {self.mix_by}, "
                        f"{reuse:.2f}x its examples)")
+        if self.held_copies:
+            out.append(f"  {self.held_copies} example(s) left out of the draws: copies of held-out examples in "
+                       f"other sources (the eval would score what the run trained on)")
         return out
 
 
@@ -156,6 +162,34 @@ def hold_out(stats: list[SourceStats], ratio: float, seed: int) -> list[np.ndarr
                              f"{s.examples} examples; give it more data or lower data.eval_ratio")
         held.append(picked.astype(np.int64) + s.first)
     return held
+
+
+def _example_bytes(data: TokenizedData, i: int) -> bytes:
+    rows = data.sequence_rows([i])
+    return b"\0".join(np.asarray(data.ids[data.offsets[r]:data.offsets[r + 1]]).tobytes() for r in rows)
+
+
+def held_copies(data: TokenizedData, stats: list[SourceStats], held: list[np.ndarray]) -> np.ndarray:
+    """The examples outside the held-out ones whose tokens equal a held-out example's (sources that overlap: one
+    file listed twice, a curated subset beside the whole): drawn for training, they would be evaluated on what the
+    run trained on. A cheap key (length and token sum) first, then the bytes of the candidates."""
+    held_all = np.concatenate(held) if held else np.zeros(0, dtype=np.int64)
+    if not len(held_all):
+        return held_all
+    n = sum(s.end - s.first for s in stats)
+    rows_per = data.group
+    lengths = np.diff(np.asarray(data.offsets, dtype=np.int64)).reshape(-1, rows_per).sum(1)[:n]
+    csum = np.concatenate([[0], np.cumsum(np.asarray(data.ids, dtype=np.int64))])
+    seq_sums = csum[np.asarray(data.offsets[1:], dtype=np.int64)] - csum[np.asarray(data.offsets[:-1], dtype=np.int64)]
+    sums = seq_sums.reshape(-1, rows_per).sum(1)[:n]
+    keys = lengths * np.int64(1 << 40) + sums % np.int64(1 << 40)
+    is_held = np.zeros(n, dtype=bool)
+    is_held[held_all] = True
+    candidates = np.flatnonzero(np.isin(keys, keys[held_all]) & ~is_held)
+    if not len(candidates):
+        return candidates
+    exact = {_example_bytes(data, int(i)) for i in held_all if np.isin(keys[i], keys[candidates])}
+    return np.asarray([i for i in candidates if _example_bytes(data, int(i)) in exact], dtype=np.int64)
 
 
 def draw(pools: list[np.ndarray], costs: list[np.ndarray], weights: list[float], seed: int) -> np.ndarray:
@@ -279,14 +313,21 @@ def _draws(cfg: DataSection, data: TokenizedData, stats: list[SourceStats], key:
     """The draws file of this mixture, read, or drawn and written (atomically: every rank may race to it and
     writes the same bytes)."""
     weights = [s.weight for s in stats]
+    held = hold_out(stats, eval_ratio, seed)  # seeded: the same here and when the draws were written
+    copies = held_copies(data, stats, held) if len(stats) > 1 else np.zeros(0, dtype=np.int64)
+    # Named apart only where copies leave the draws (the draws of every other mixture keep their name).
     mkey = _digest({"v": MIX_VERSION, "cache": key, "weights": weights, "by": cfg.mix_by, "seed": seed,
-                    "eval_ratio": eval_ratio})
+                    "eval_ratio": eval_ratio, **({"held_copies": len(copies)} if len(copies) else {})})
     f = cache_root(cfg) / "mixtures" / f"{mkey}.npz"
     got = _read_draws(f, len(data), len(stats))
     if got is None:
-        held = hold_out(stats, eval_ratio, seed)
-        pools = [np.setdiff1d(np.arange(s.first, s.end, dtype=np.int64), h) for s, h in zip(stats, held,
-                                                                                                 strict=True)]
+        pools = [np.setdiff1d(np.arange(s.first, s.end, dtype=np.int64), np.concatenate([h, copies]))
+                 for s, h in zip(stats, held, strict=True)]
+        empty = [s.name for s, pool in zip(stats, pools, strict=True) if not len(pool)]
+        if empty:
+            raise UsageError(f"data.sources ({empty[0]}): every training example of it is a copy of an example "
+                             f"another source holds out for eval (data.eval_ratio); drop the duplicate source or "
+                             f"use data.eval_path")
         order = draw(pools, [_costs(data, p, cfg.mix_by) for p in pools], weights, seed)
         _write_draws(f, order, held)
     else:
@@ -298,7 +339,7 @@ def _draws(cfg: DataSection, data: TokenizedData, stats: list[SourceStats], key:
         s.held = len(held[i])
         s.drawn = int((which == i).sum())
         s.drawn_tokens = int(tokens[which == i].sum())
-    return Mixture(mkey, f, cfg.mix_by, stats, order, held)
+    return Mixture(mkey, f, cfg.mix_by, stats, order, held, len(copies))
 
 
 def _read_draws(f: Path, n: int, n_sources: int) -> tuple[np.ndarray, list[np.ndarray]] | None:
