@@ -178,9 +178,14 @@ def held_copies(data: TokenizedData, stats: list[SourceStats], held: list[np.nda
         return held_all
     n = sum(s.end - s.first for s in stats)
     rows_per = data.group
-    lengths = np.diff(np.asarray(data.offsets, dtype=np.int64)).reshape(-1, rows_per).sum(1)[:n]
-    csum = np.concatenate([[0], np.cumsum(np.asarray(data.ids, dtype=np.int64))])
-    seq_sums = csum[np.asarray(data.offsets[1:], dtype=np.int64)] - csum[np.asarray(data.offsets[:-1], dtype=np.int64)]
+    offsets = np.asarray(data.offsets, dtype=np.int64)
+    seq_lengths = np.diff(offsets)
+    lengths = seq_lengths.reshape(-1, rows_per).sum(1)[:n]
+    # Per sequence, without an int64 copy of every token (GBs for a large mixture): reduceat casts in buffers.
+    seq_sums = np.zeros(len(seq_lengths), dtype=np.int64)
+    filled = seq_lengths > 0
+    if filled.any():
+        seq_sums[filled] = np.add.reduceat(data.ids, offsets[:-1][filled], dtype=np.int64)
     sums = seq_sums.reshape(-1, rows_per).sum(1)[:n]
     keys = lengths * np.int64(1 << 40) + sums % np.int64(1 << 40)
     is_held = np.zeros(n, dtype=bool)
