@@ -684,3 +684,16 @@ def test_null_feedforward_modules_is_pefts_default() -> None:
     assert not feedforward(apply_ia3(base_on_meta(shape), IA3Section(target_modules=targets, feedforward_modules=[])))
     # A model type PEFT has no default for keeps working: none of the named targets is feed-forward.
     assert not ia3_config(IA3Section(target_modules=["qkv_proj"]), "phi3").feedforward_modules
+
+
+@pytest.mark.parametrize("text, key, shown", [("train:\n  seed: 0123\n", "train.seed", "83"),
+                                              ("data:\n  max_length: 0512\n", "data.max_length", "330"),
+                                              ("train:\n  max_steps: 1:30\n", "train.max_steps", "90")])
+def test_yaml11_octal_and_base60_numbers_are_refused(tmp_path: Path, text: str, key: str, shown: str) -> None:
+    """YAML 1.1 reads 0123 as octal 83 and 1:30 as 90: a setting that took them trained with another value than
+    written, without a word. In the file and as an override, the message names both spellings."""
+    f = _w(tmp_path / "c.yaml", text)
+    written = text.split(": ", 1)[1].strip()
+    assert f"'{key}': {written} is read by YAML 1.1 as {shown}" in _refused(load_config, f)
+    assert f"{written} is read by YAML 1.1 as {shown}" in _refused(load_config, TINY, [f"{key}={written}"])
+    assert load_config(TINY, ["train.seed=123", "train.lr=0.003", "train.max_steps=0"]).train.seed == 123

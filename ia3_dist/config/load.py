@@ -223,6 +223,8 @@ def _coerce(value: Any, tp: Any, key: str, written: str | None = None) -> Any:
         if isinstance(value, bool):
             return value
         fail(key, f"expected true or false, got {show(value)}")
+    if tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        _plain_number(value, key, written)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -243,6 +245,17 @@ def _coerce(value: Any, tp: Any, key: str, written: str | None = None) -> Any:
     if tp is str:
         return _text(value, key, written)
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+_YAML11_NUMBER = re.compile(r"[-+]?0[0-9_]+|.*:.*")
+"""Number spellings YAML 1.1 reads otherwise than they look: a leading zero is octal (0123 -> 83, 0512 -> 330),
+colons are base 60 (1:30 -> 90)."""
+
+
+def _plain_number(value: Any, key: str, written: str | None) -> None:
+    if written is not None and _YAML11_NUMBER.fullmatch(written.strip()):
+        fail(key, f"{written.strip()} is read by YAML 1.1 as {show(value)} (a leading zero is octal, colons are base "
+                  f"60); write the number you mean without them (e.g. {show(value)} if that is it)")
 
 
 def _override_value(value: Any, tp: Any, text: str) -> Any:
@@ -340,6 +353,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node[parts[-1]] = value
         node.origin[parts[-1]] = text
         node.written.pop(parts[-1], None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            node.written[parts[-1]] = text.partition("=")[2].strip()  # as typed: 0123 is octal to YAML 1.1
     return raw
 
 
