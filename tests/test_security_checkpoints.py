@@ -697,6 +697,8 @@ DS_REFUSED: dict[str, tuple[int, dict[str, Any], dict[str, Any], dict[str, Any] 
                            "checkpoint.use_node_local_storage"),
     "checkpoint-not-object": (0, {"checkpoint": []}, {}, None, "'checkpoint' must be an object"),
     "bfloat16-alias": (0, {"bfloat16": {"enabled": True}}, {}, None, "'bfloat16' is an old DeepSpeed key"),
+    "torch-autocast": (2, {"torch_autocast": {"enabled": True, "dtype": "torch.bfloat16"}}, {}, None,
+                       "'torch_autocast' runs the forward pass in a precision train.precision does not name"),
     "cpu-offload": (2, {}, {"cpu_offload": True}, None, "'zero_optimization.cpu_offload' is an old"),
     "cpu-offload-param": (3, {}, {"cpu_offload_param": True}, None, "offload_param: {"),
     # DeepSpeed's own parser (DeepSpeedConfig) raises these inside deepspeed.initialize.

@@ -391,6 +391,12 @@ def _refuse_bypasses(ds: dict[str, Any], zero: dict[str, Any], src: Path) -> Non
         if key in zero:
             raise UsageError(f"{src}: 'zero_optimization.{key}' is an old DeepSpeed key the launcher does not "
                              f"check; {fix}")
+    autocast = ds.get("torch_autocast")
+    if autocast not in (None, {}) and (not isinstance(autocast, dict) or autocast.get("enabled", False) is not False):
+        # The forward would run in another dtype than train.precision says, which the report, plan, masks and the
+        # loss's exactness are all reckoned in.
+        raise UsageError(f"{src}: 'torch_autocast' runs the forward pass in a precision train.precision does not "
+                         f"name; remove it and set train.precision (bf16, fp16 or fp32)")
     section = ds.get("checkpoint")
     if section is None:
         return
