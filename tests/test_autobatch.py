@@ -149,3 +149,26 @@ def test_a_library_allocation_failure_is_out_of_memory(error: RuntimeError, fits
             autobatch._measure(engine, batch, {}, 0)
     else:
         assert autobatch._measure(engine, batch, {}, 0) is None
+
+
+@pytest.mark.parametrize("body, key", [({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu"),
+                                       ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps")])
+def test_auto_refuses_a_deepspeed_file_that_fixes_the_batch(tmp_path: Path, tiny_model: Path, body: dict,
+                                                           key: str, capsys: pytest.CaptureFixture) -> None:
+    """auto chooses micro-batch and accumulation: a file fixing either was compared with the provisional
+    micro-batch 1 (its value refused as if the user had written 1, or silently overwritten once auto chose)."""
+    import json
+
+    from ia3_dist.cli import main
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, **body}))
+    args = ["check", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"),
+            f"model.path={tiny_model}", "train.micro_batch_size=auto", f"deepspeed.config={ds}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"auto chooses the micro-batch and the accumulation, and {ds} sets '{key}'" in err, err
+    # With train.global_batch_size, a fixed accumulation names the key that decides it.
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 2}))
+    assert main([*args[:-2], f"deepspeed.config={ds}", "train.global_batch_size=16"]) == 2
+    assert "but the run config gives 4 (train.global_batch_size)" in capsys.readouterr().err

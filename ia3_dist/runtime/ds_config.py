@@ -444,8 +444,11 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
                              f" (stage is {stage})")
 
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", src)
-    _fill(ds, "gradient_accumulation_steps", t.grad_accum, "train.grad_accum", src)
+    # With train.global_batch_size the accumulation follows from it (and the ranks): that is the key to change.
+    _fill(ds, "gradient_accumulation_steps", t.grad_accum,
+          "train.global_batch_size" if t.global_batch_size else "train.grad_accum", src)
     _fill(ds, "train_batch_size", t.micro_batch_size * t.grad_accum * world_size,
+          "train.global_batch_size" if t.global_batch_size else
           "train.micro_batch_size x train.grad_accum x world size", src)
     _fill(ds, "gradient_clipping", t.grad_clip, "train.grad_clip", src)
     for prec in ("bf16", "fp16"):

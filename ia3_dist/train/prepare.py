@@ -85,6 +85,9 @@ class Prepared:
     checked here even if the branch has moved since."""
 
 
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
 def eval_section(cfg: RunConfig) -> Any:
     """The data section that reads ``data.eval_path`` (whole, in its own cache entry)."""
     return demo.data_section(replace(cfg.data, path=cfg.data.eval_path, eval_path=None, limit=None, sources=None),
@@ -335,6 +338,16 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     stage_note = ""
     if cfg.deepspeed.config == "auto":
         cfg, stage_note = auto_stage(cfg, model_config, env, pack_length)
+    if auto_micro and cfg.deepspeed.config != "auto":
+        # auto chooses the micro-batch and accumulation: a DeepSpeed file that fixes either would be compared
+        # with the provisional micro-batch 1 here, and overwritten once auto has chosen.
+        user = dsc.read(dsc.locate(cfg.deepspeed.config))
+        fixed = [k for k in BATCH_KEYS if user.get(k, dsc.AUTO) != dsc.AUTO]
+        if fixed:
+            fail("train.micro_batch_size", f"auto chooses the micro-batch and the accumulation, and "
+                                           f"{cfg.deepspeed.config} sets '{fixed[0]}' to {user[fixed[0]]!r}; set the "
+                                           f"DeepSpeed file's batch keys to \"auto\" (or remove them), or give "
+                                           f"train.micro_batch_size a number")
     ds = dsc.resolve(cfg, env.world_size, hidden)
     if cfg.train.compile and dsc.stage_of(ds) == 3:
         # ZeRO-3 gathers and releases each parameter in module hooks that a compiled block would trace around.
