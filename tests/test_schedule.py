@@ -40,3 +40,19 @@ def test_schedule_matches_transformers(kind: str, warmup: int, total: int) -> No
     ref = _lrs(HF[kind](ref_opt, warmup, total), ref_opt, total + 2)
     assert ours == pytest.approx(ref, rel=1e-12, abs=1e-15)
     assert ours[0] == (0.0 if warmup else lr)  # HF trains the first step at lr 0 during warmup, full lr without
+
+
+def test_a_warmup_the_run_never_finishes_is_said(tiny_model, capsys) -> None:
+    """warmup_steps >= the run's steps: the peak lr is never reached (HF Trainer runs it too): the preflight says
+    so, with the fraction of train.lr the last step gets."""
+    from pathlib import Path
+
+    from ia3_dist.cli import main
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
+    assert main(["check", "--config", tiny, f"model.path={tiny_model}", "train.warmup_steps=1000"]) == 0
+    out = capsys.readouterr().out
+    assert "note: train.warmup_steps=1000 is not below the run's 150 optimizer steps" in out, out
+    assert "its last step's is 0.149 of it" in out, out
+    assert main(["check", "--config", tiny, f"model.path={tiny_model}", "train.warmup_steps=10"]) == 0
+    assert "never reaches train.lr" not in capsys.readouterr().out

@@ -56,6 +56,13 @@ def report(p: Prepared) -> str:
         lines.append("note: ZeRO-0 in fp16 runs DeepSpeed's stage-0 mixed-precision optimizer, which checks every "
                      "gradient tensor for overflow on the host at every step (a device sync each; fp16's loss scaling "
                      "needs the check); bf16 needs none")
+    warmup = cfg.train.warmup_steps
+    if warmup >= p.total_steps:
+        # HF Trainer takes it too; said, as the peak the config names is never reached.
+        last = (p.total_steps - 1) / max(1, warmup)  # the schedule's factor at the last step (the first's is 0)
+        lines.append(f"note: train.warmup_steps={warmup} is not below the run's {p.total_steps} optimizer steps: the "
+                     f"learning rate never reaches train.lr (its last step's is {last:.3g} of it); lower "
+                     f"train.warmup_steps to warm up and then decay")
     if p.tokenizer.pad_token == p.tokenizer.eos_token:
         lines.append("note: the tokenizer has no pad token of its own; padding uses eos (masked out of the loss)")
     return "\n".join(lines)
