@@ -383,6 +383,15 @@ _BYPASS_ZERO = {
 _CHECKPOINT_KEYS_OK = {"tag_validation"}
 
 
+# The keyword arguments of the optimizer classes DeepSpeed 0.19 builds for "AdamW" (engine._configure_basic_optimizer),
+# and the keys it takes out of optimizer.params first.
+_TORCH_ADAMW_PARAMS = frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
+                                 "differentiable", "fused"})
+_DS_CPU_ADAM_PARAMS = frozenset({"lr", "bias_correction", "betas", "eps", "weight_decay", "amsgrad"})
+_DS_FUSED_ADAM_PARAMS = _DS_CPU_ADAM_PARAMS | {"set_grad_none"}
+_DS_ADAM_KEYS = frozenset({"torch_adam", "adam_w_mode", "fp32_optimizer_states"})
+
+
 def _refuse_bypasses(ds: dict[str, Any], zero: dict[str, Any], src: Path) -> None:
     for key, fix in _BYPASS_TOP.items():
         if key in ds:
@@ -482,6 +491,19 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
         raise UsageError(f"{src}: optimizer.params.{'fused' if 'fused' in prm else 'foreach'} is an option of "
                          f"torch's AdamW (torch_adam: true); DeepSpeed's own Adam (torch_adam: false) has no such "
                          f"parameter: remove it")
+    # What the class DeepSpeed builds takes (a name it does not, a typo or max_grad_norm, fails in
+    # deepspeed.initialize, after the process group started).
+    if prm["torch_adam"]:
+        takes, which = _TORCH_ADAMW_PARAMS, "torch's AdamW (torch_adam: true)"
+    elif offloads_optimizer(ds):
+        takes, which = _DS_CPU_ADAM_PARAMS, "DeepSpeed's CPU Adam (optimizer offload)"
+    else:
+        takes, which = _DS_FUSED_ADAM_PARAMS, "DeepSpeed's FusedAdam (torch_adam: false)"
+    unknown = sorted(set(prm) - takes - _DS_ADAM_KEYS)
+    if unknown:
+        hint = ("; the clipping norm is train.grad_clip" if "max_grad_norm" in unknown else
+                f"; it takes {', '.join(sorted(takes | _DS_ADAM_KEYS))}")
+        raise UsageError(f"{src}: optimizer.params.{unknown[0]} is no parameter of {which}{hint}")
 
     # The launcher owns the LR schedule (see schedule.py): DeepSpeed's Warmup* schedulers clamp warmup to >= 2
     # steps (lr 0 on step 0 with no warmup) and torch schedulers named in the JSON cannot wrap a ZeRO optimizer.
