@@ -705,6 +705,9 @@ DS_REFUSED: dict[str, tuple[int, dict[str, Any], dict[str, Any], dict[str, Any] 
     "cpu-adam-fused-param": (2, {"optimizer": {"params": {"capturable": True}}},
                              {"offload_optimizer": {"device": "cpu"}}, None,
                              "capturable is no parameter of DeepSpeed's CPU Adam"),
+    # DeepSpeed's pydantic refusal names the field and the reason, not only the model ("1 validation error").
+    "deepspeed-pydantic": (0, {"compile": {"enabled": True}}, {}, None,
+                           "DeepSpeed refuses this config: CompileConfig.enabled: Extra inputs are not permitted"),
     "torch-autocast": (2, {"torch_autocast": {"enabled": True, "dtype": "torch.bfloat16"}}, {}, None,
                        "'torch_autocast' runs the forward pass in a precision train.precision does not name"),
     "cpu-offload": (2, {}, {"cpu_offload": True}, None, "'zero_optimization.cpu_offload' is an old"),

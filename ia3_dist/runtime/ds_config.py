@@ -289,6 +289,17 @@ def _check_with_deepspeed_config(ds: dict[str, Any], src: Path) -> None:
     try:
         DeepSpeedConfig(probe)
     except Exception as e:  # DeepSpeed raises ValueError, AssertionError, KeyError, TypeError, pydantic errors
+        errors = getattr(e, "errors", None)
+        if callable(errors) and type(e).__name__ == "ValidationError":
+            # pydantic's first line says only which model failed: the field and the reason are in its errors.
+            errs = errors()
+            first = errs[0] if errs else {"loc": (), "msg": str(e)}
+            model = str(getattr(e, "title", "") or "")
+            where = ".".join([model, *(str(x) for x in first.get("loc", ()))]) if model else \
+                ".".join(str(x) for x in first.get("loc", ()))
+            more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+            raise UsageError(f"{src}: DeepSpeed refuses this config: {brief(where)}: "
+                             f"{brief(str(first.get('msg', '')))}{more}") from None
         lines = str(e).strip().splitlines()
         raise UsageError(f"{src}: DeepSpeed refuses this config: {brief(lines[0] if lines else type(e).__name__)}"
                          ) from None
