@@ -697,3 +697,13 @@ def test_yaml11_octal_and_base60_numbers_are_refused(tmp_path: Path, text: str, 
     assert f"'{key}': {written} is read by YAML 1.1 as {shown}" in _refused(load_config, f)
     assert f"{written} is read by YAML 1.1 as {shown}" in _refused(load_config, TINY, [f"{key}={written}"])
     assert load_config(TINY, ["train.seed=123", "train.lr=0.003", "train.max_steps=0"]).train.seed == 123
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.objective=dpo", "train.cpo_alpha=1"], "'train.cpo_alpha': weights the chosen answers' NLL in "
+                                                   "train.objective=simpo; dpo does not read it"),
+    (["eval.limit=5"], "'eval.limit': limits the documents of eval.tasks, and none is set"),
+])
+def test_settings_that_would_do_nothing_are_refused(overrides: list[str], needle: str) -> None:
+    """Accepted, they changed nothing (label_smoothing and eval.every were already refused so)."""
+    assert needle in _refused(load_config, TINY, overrides)

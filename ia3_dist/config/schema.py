@@ -697,6 +697,9 @@ class TrainSection:
         if self.label_smoothing and not (self.objective == "simpo" or self.loss_type == "robust"):
             fail("train.label_smoothing", "applies to train.objective=simpo and to dpo with train.loss_type=robust "
                                           "(TRL's sigmoid DPO has no label smoothing)")
+        if self.cpo_alpha and self.objective != "simpo":
+            fail("train.cpo_alpha", f"weights the chosen answers' NLL in train.objective=simpo; "
+                                    f"{self.objective} does not read it (remove it)")
 
 
 @dataclass
@@ -828,6 +831,9 @@ class EvalSection:
         _in_range("eval.batch_size", self.batch_size, 1, 1 << 16)
         if self.limit is not None:
             _in_range("eval.limit", self.limit, 1, MAX_STEPS)
+            if self.tasks is None:
+                fail("eval.limit", "limits the documents of eval.tasks, and none is set: set eval.tasks or remove "
+                                   "eval.limit")
 
 
 @dataclass
