@@ -707,3 +707,13 @@ def test_yaml11_octal_and_base60_numbers_are_refused(tmp_path: Path, text: str, 
 def test_settings_that_would_do_nothing_are_refused(overrides: list[str], needle: str) -> None:
     """Accepted, they changed nothing (label_smoothing and eval.every were already refused so)."""
     assert needle in _refused(load_config, TINY, overrides)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["data.packing=true", "train.micro_batch_size=auto"], "override data.packing=true: config key 'data.packing': "
+                                                           "does not combine with train.micro_batch_size=auto"),
+    (["train.compile=true", "deepspeed.config=zero3"], "override train.compile=true: config key 'train.compile': is "
+                                                       "not supported with ZeRO-3"),
+])
+def test_combinations_refused_by_the_config_name_where_they_were_set(overrides: list[str], needle: str) -> None:
+    assert needle in _refused(load_config, TINY, overrides)

@@ -868,6 +868,12 @@ class RunConfig:
         if pairs and self.train.micro_batch_size == "auto":
             fail("train.micro_batch_size", f"auto probes SFT batches; with train.objective={self.train.objective} "
                                            f"give it a number (each pair is two rows)")
+        # Here, where the error can name the file line or override (prepare's checks cannot).
+        if self.data.packing and self.train.micro_batch_size == "auto":
+            fail("data.packing", "does not combine with train.micro_batch_size=auto (the probe measures padded "
+                                 "batches); give train.micro_batch_size a number")
+        if self.train.compile and self.deepspeed.config in ("zero3", "zero3_offload"):
+            fail("train.compile", "is not supported with ZeRO-3 (deepspeed.config); use ZeRO-0/1/2 or set it to false")
         if not pairs and self.data.format == "prompt":
             fail("data.format", "prompt is a preference-pair format (prompt, chosen, rejected); set "
                                 "train.objective to dpo, orpo or simpo")
