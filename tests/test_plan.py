@@ -355,7 +355,7 @@ def test_the_advice_quotes_the_configured_setting_and_only_levers_that_act() -> 
     r = info["rows"]["zero3"]
     assert f"largest micro-batch there {r['max_micro_ckpt']} (with gradient checkpointing, as configured; " \
            f"{r['max_micro']} without)" in text, text
-    text, info = plan(load_config(cfg, ["train.compile=true"]), 8, 8, 80)
+    text, info = plan(load_config(cfg, ["train.compile=true", "deepspeed.config=auto"]), 8, 8, 80)
     last = text.splitlines()[-1]
     assert info["recommended"] is None and last.endswith("set train.compile=false"), last
     text, _ = plan(load_config(cfg, ["train.gradient_checkpointing=false", "train.micro_batch_size=4"]), 1, 1, 8)
