@@ -175,6 +175,12 @@ def test_checkpoint_of_an_earlier_version_resumes_on_its_layout(straight: dict[s
 
     out = tmp_path / "old"
     check(run2(out, "train.stop_after_steps=3"))
+    # A chunk's adapter says the run has not ended: summary calls it stopped, and sweep --local runs it again.
+    from ia3_dist.runtime.adapter import STEP_FILE
+    from ia3_dist.tools.summary import run_status
+
+    assert json.loads((out / "adapter" / STEP_FILE).read_text()) == {"step": 3, "final": False}
+    assert run_status(out) == "stopped"
     ck = out / "checkpoints" / "step3"
     for f in ("ia3_state.safetensors", "ia3_state.json"):
         (ck / f).unlink()

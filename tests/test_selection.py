@@ -213,7 +213,8 @@ def test_early_stopping_keeps_the_best_and_a_resume_is_a_no_op(tmp_path: Path, d
     assert set(kept) == set(ad)
     assert all(torch.equal(kept[k], ad[k].float()) for k in ad)
     assert any(not torch.equal(last[k], ad[k].float()) for k in ad)
-    assert json.loads((out / "adapter" / STEP_FILE).read_text()) == {"step": best_step}  # where eval places it
+    # Where eval places it; the run has ended (summary: done, not a chunk).
+    assert json.loads((out / "adapter" / STEP_FILE).read_text()) == {"step": best_step, "final": True}
     # Resuming it (a requeue, a chunked job's next chunk) is a no-op that says so and leaves every file as it was.
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
     again = check(launch([*args, "train.resume=auto"], nproc=2))
@@ -226,7 +227,7 @@ def test_early_stopping_keeps_the_best_and_a_resume_is_a_no_op(tmp_path: Path, d
     assert f"step {stop} is the run's last: nothing to train" in again.stdout, again.stdout[-2000:]
     rewritten = adapter_tensors(out / "adapter")
     assert rewritten.keys() == ad.keys() and all(torch.equal(rewritten[k], ad[k]) for k in ad)
-    assert json.loads((out / "adapter" / STEP_FILE).read_text()) == {"step": best_step}
+    assert json.loads((out / "adapter" / STEP_FILE).read_text()) == {"step": best_step, "final": True}
     assert metrics(out) == lines
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")} == \
         {p: v for p, v in before.items() if root in p.parents}

@@ -295,6 +295,25 @@ def test_stale_pid_file_is_failed_when_old(tmp_path: Path) -> None:
     assert run_status(d, slurm_state="RUNNING", job_known=True) == "running"
 
 
+def test_a_chunk_of_a_run_is_stopped_not_done(tmp_path: Path) -> None:
+    """train.stop_after_steps ends an invocation with its adapter written: the run is stopped (resume continues
+    it), not done, and sweep --local runs such a task again; an attempt after it that logged later steps and ended
+    without an adapter failed. The adapter of the run's end, or of an earlier version (no step file), is done."""
+    from ia3_dist.runtime.adapter import STEP_FILE
+
+    d = fake_run(tmp_path / "r", 0.1, [1.0, 0.9, 0.8])
+    assert run_status(d) == "done"  # no step file: an earlier version's adapter
+    (d / "adapter" / STEP_FILE).write_text('{"step": 3, "final": false}')
+    assert run_status(d) == "stopped"
+    with (d / "metrics.jsonl").open("a") as f:
+        f.write('\n{"step": 5, "loss": 0.7}\n')
+    assert run_status(d) == "failed"
+    (d / "adapter" / STEP_FILE).write_text('{"step": 5, "final": true}')
+    assert run_status(d) == "done"
+    (d / "adapter" / STEP_FILE).write_text('{"step": 3}')
+    assert run_status(d) == "done"
+
+
 def test_a_pid_file_of_this_host_is_read_at_once(tmp_path: Path) -> None:
     """Rank 0's pid file names its host: where that is this host, whether the run lives is known at once (its
     process is an ia3-dist one, or it ended), not guessed from how recently the run wrote. A live process of

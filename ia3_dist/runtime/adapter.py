@@ -60,7 +60,7 @@ name no leftover can hold (``manifest.ADAPTER_ASIDE`` owns them) until it is rem
 def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str, torch.Tensor] | None = None,
                  state: dict[str, torch.Tensor] | None = None,
                  extra: Callable[[Path], None] | None = None, step: int = 0, vectors_step: int | None = None,
-                 engine: Any = None) -> Path:
+                 engine: Any = None, final: bool | None = None) -> Path:
     """Gather on all ranks, write on rank 0, then every rank learns whether it succeeded. ``fixed``: parameter name
     -> mask of entries the forward pass holds at exactly 1.0 (``ia3.variant: paper``); they are written as 1.0
     whatever the optimizer's weight decay did to the stored values, so the file is a plain IA3 vector that
@@ -69,6 +69,8 @@ def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str,
     adapter (tokenizer, template) there. ``step``: the run's last step (the ``save-adapter`` fault point's).
     ``vectors_step``: the step whose vectors are written, recorded in :data:`STEP_FILE` (none without it).
     ``engine``: the DeepSpeed engine, whose optimizer holds the fp32 masters (see :func:`gather_trainable`).
+    ``final``: whether the run has ended (its last step, or early stopping) or only this invocation has
+    (``train.stop_after_steps``), recorded beside the step for ``summary`` and ``sweep --local``.
 
     Atomic and durable: everything is written to ``<out_dir>.new``, flushed to stable storage, then renamed to
     ``out_dir`` (an adapter there already is set aside first, and removed after as far as it can be: an NFS
@@ -83,7 +85,7 @@ def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str,
     error: Exception | None = None
     if is_main:
         try:
-            _write(peft_model, out_dir, state, extra, step, vectors_step)
+            _write(peft_model, out_dir, state, extra, step, vectors_step, final)
         except Exception as e:  # any failure to write (OSError, safetensors', a tokenizer's): all ranks leave
             error = e
     if dist.host_max(int(error is not None)):
@@ -95,7 +97,8 @@ def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str,
 
 
 def _write(peft_model: Any, out_dir: Path, state: dict[str, torch.Tensor],
-           extra: Callable[[Path], None] | None, step: int, vectors_step: int | None = None) -> None:
+           extra: Callable[[Path], None] | None, step: int, vectors_step: int | None = None,
+           final: bool | None = None) -> None:
     """Rank 0: the adapter into ``<out_dir>.new``, flushed, then renamed to ``out_dir``."""
     staged = out_dir.with_name(out_dir.name + NEW)
     # A killed earlier write's leftovers: set aside (so a part that cannot be removed never blocks this write).
@@ -107,7 +110,8 @@ def _write(peft_model: Any, out_dir: Path, state: dict[str, torch.Tensor],
     if extra is not None:
         extra(staged)
     if vectors_step is not None:
-        (staged / STEP_FILE).write_text(json.dumps({"step": vectors_step}) + "\n", encoding="utf-8")
+        rec = {"step": vectors_step, **({"final": final} if final is not None else {})}
+        (staged / STEP_FILE).write_text(json.dumps(rec) + "\n", encoding="utf-8")
     safe_io.fsync_tree(staged)
     aside = None
     if safe_io.not_a_dir(out_dir):

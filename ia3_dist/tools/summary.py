@@ -7,11 +7,14 @@ eval loss and perplexity (preference runs: the held-out pair accuracy), the medi
 RSS on CPU). Status:
 
 - done: the adapter is written and the run has ended;
+- stopped: a chunk of it is done (``train.stop_after_steps``: its adapter written); ``train.resume=auto``
+  continues it;
 - running: Slurm lists the task as running, or (no Slurm record) rank 0's pid file is there and names a live
   ia3-dist process of this host, or it names another host (or none) and the run wrote within :data:`RECENT_S`;
 - preempted: stopped at a checkpoint after a signal (or by the hang watchdog); it resumes when requeued (also
   while Slurm still lists the task as running, its batch shell requeueing it);
-- failed: it started and ended without an adapter (or its job is gone while the pid file says it runs);
+- failed: it started and ended without an adapter (or its job is gone while the pid file says it runs, or an
+  attempt after a chunk's adapter logged later steps and ended without one);
 - pending: a sweep task that has not started.
 
 A sweep task's status is that of its latest attempt. Slurm speaks for the attempts of the sweep's job array only: an
@@ -205,9 +208,33 @@ def _finished_after(d: Path, since: float) -> bool:
     """The run's adapter was written after ``since`` and nothing of a later attempt is there: no pid file, no
     preemption or hang marker as new."""
     written = _mtime(d / ADAPTER_FILE)
-    if written is None or written <= since or (d / PID_FILE).exists():
+    if written is None or written <= since or (d / PID_FILE).exists() or _adapter_status(d) != "done":
         return False
     return all((t := _mtime(d / m)) is None or t <= written for m in ("preempted.json", "hung.json"))
+
+
+def _adapter_status(d: Path) -> str:
+    """done, or a chunk's adapter (the step file says the run has not ended): stopped, unless a later attempt
+    logged steps past it and ended without an adapter of its own (failed)."""
+    from ..runtime.adapter import STEP_FILE
+
+    try:
+        rec = json.loads(read_bounded(d / "adapter" / STEP_FILE, 4096).decode("utf-8"))
+    except (UsageError, ValueError, RecursionError):
+        return "done"  # an adapter of an earlier version (no step file): its run ended
+    if not isinstance(rec, dict) or rec.get("final") is not False:
+        return "done"
+    step = rec.get("step")
+    last = _last_logged_step(d)
+    return "failed" if type(step) is int and last is not None and last > step else "stopped"
+
+
+def _last_logged_step(d: Path) -> int | None:
+    from ..train.plots import read_metrics
+
+    m = d / "metrics.jsonl"
+    steps = [r["step"] for r in read_metrics(m, ("step",)) if isinstance(r.get("step"), int)] if m.is_file() else []
+    return max(steps) if steps else None
 
 
 def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,
@@ -248,7 +275,7 @@ def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,
     if (d / "hung.json").exists():
         return "failed"
     if (d / ADAPTER_FILE).is_file():
-        return "done"
+        return _adapter_status(d)
     if any((d / m).exists() for m in _RUN_MARKERS):
         return "failed"
     return "pending"
