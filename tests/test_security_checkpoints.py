@@ -655,6 +655,11 @@ def test_metrics_on_a_full_disk_are_cut_in_place(tmp_path: Path, monkeypatch: py
     assert note == f"{f}: could not rewrite it (No space left on device); cut it after its last record up to step 2"
     assert f.read_bytes() == b'{"step": 1}\n{"step": 2}\n'
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    # The last kept record lost its newline to the kill (complete JSON, cut before "\n"): the cut ends the line,
+    # so the next record logged does not join it.
+    f.write_bytes(b'{"step": 1}\n{"step": 2}')
+    assert "could not rewrite it" in trim_metrics(f, 2)
+    assert f.read_bytes() == b'{"step": 1}\n{"step": 2}\n'
     # Resuming a put-off evaluation: its line goes in the cut too (the resume logs it again).
     f.write_bytes(b'{"step": 2, "loss": 1.5}\n{"step": 2, "eval_loss": 0.8}\n{"step": 3, "loss": 1.4}\n')
     assert "could not rewrite it" in trim_metrics(f, 2, eval_pending=True)

@@ -340,3 +340,23 @@ def test_tracker_preflight_exits_2(tmp_path: Path, tiny_model: Path) -> None:
     assert "startup:" not in proc.stdout and not (out / "rank0.pid").exists()
     files = {str(f.relative_to(out)): f.read_bytes() for f in out.rglob("*") if f.is_file()}
     assert {k: v for k, v in files.items() if k not in (manifest.MANIFEST, "ds_config.json")} == earlier, files
+
+
+def test_tensorboard_starts_over_where_a_killed_attempt_left_no_checkpoint(tmp_path: Path) -> None:
+    """An attempt logged steps 1-6 and was killed before its first checkpoint; the requeue finds none and starts at
+    step 0 (metrics.jsonl started over): TensorBoard purges the killed attempt's events too (both attempts'
+    values zig-zagged on one curve)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(TINY, [f"output.dir={tmp_path}"])
+    first = trackers.TensorBoardTracker(trackers.Context(cfg, tmp_path, 0))
+    for step in range(1, 7):
+        first.log(step, {"loss": 10.0 + step})
+    first.close("killed")
+    again = trackers.TensorBoardTracker(trackers.Context(cfg, tmp_path, 0))
+    for step in range(1, 4):
+        again.log(step, {"loss": float(step)})
+    again.close("finished")
+    ea = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 3.0)]

@@ -108,7 +108,13 @@ def trim_metrics(path: Path, upto: int, eval_pending: bool = False) -> str | Non
             with open(path, "rb") as src:
                 # The put-off evaluation's lines come last in their step: cut before them too.
                 end = _scan(src, upto, None, upto if eval_pending else None)[2]
+                src.seek(max(end - 1, 0))
+                ends_line = end == 0 or src.read(1) == b"\n"
             os.truncate(path, end)
+            if not ends_line:
+                # The last kept record lost its newline to the kill: the next line logged would join it.
+                with open(path, "ab") as fh:
+                    fh.write(b"\n")
         except OSError:
             pass
         return f"{path}: could not rewrite it ({e.strerror or e}); cut it after its last record up to step {upto}"

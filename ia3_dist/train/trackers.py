@@ -168,7 +168,9 @@ class TensorBoardTracker(Tracker):
         # steps a killed invocation logged after its last checkpoint (metrics.jsonl drops them too).
         # Where the evaluation of step `start` was put off, its lines at `start` too (a killed attempt may have logged
         # it; it runs again): the training line of that step is logged again below.
-        purge = (ctx.start if ctx.replay is not None else ctx.start + 1) if ctx.start else None
+        # A start from step 0 in a dir a killed attempt logged into before its first checkpoint (a requeue that
+        # found none): everything there goes, as metrics.jsonl is started over.
+        purge = (ctx.start if ctx.replay is not None else ctx.start + 1) if ctx.start else 0
         self.w = SummaryWriter(log_dir=str(ctx.out / "tensorboard"), purge_step=purge)
         for rec in ctx.replay or []:
             self.log(ctx.start, scalars(rec))
