@@ -85,6 +85,7 @@ ia3_rank0_pid() {
 # per-step all-reduce, so every rank stops at the same step boundary and checkpoints.
 ia3_forward() {
   local pid
+  SIGNALLED=1  # what a preempted.json without exit 75 is trusted on (a launcher passes 1 on for torchrun, srun)
   pid=$(ia3_rank0_pid)
   if [ -n "$pid" ]; then
     ia3_log "caught SIG$1: asking the run (rank 0, pid $pid) to checkpoint and stop"
@@ -133,7 +134,10 @@ ia3_run() {
   done
   wait "$WORK_PID"; rc=$?
   rm -f "$RUN_STAMP"
-  if [ "$rc" = 75 ] || [ -e "$OUTPUT_DIR/preempted.json" ] || [ -n "${PREEMPT_EARLY:-}" ]; then
+  # preempted.json alone only where this shell forwarded a signal: a run that wrote it on a signal of its own
+  # launcher (ending the ranks because one failed at every start) would be requeued for ever.
+  if [ "$rc" = 75 ] || { [ -e "$OUTPUT_DIR/preempted.json" ] && [ -n "${SIGNALLED:-}" ]; } ||
+     [ -n "${PREEMPT_EARLY:-}" ]; then
     ia3_log "run stopped after a checkpoint (exit $rc): requeueing job $SLURM_JOB_ID; it resumes with train.resume=auto"
     ia3_requeue
   fi

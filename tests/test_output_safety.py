@@ -584,11 +584,12 @@ def test_rerun_with_overwrite_keeps_user_files(tmp_path: Path, tiny_model: Path)
 def test_a_signal_while_the_ranks_meet_puts_the_replaced_run_back(tmp_path: Path, tiny_model: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 1 stops at its own checks (exit 2) while rank 0, which set the earlier run aside (output.overwrite),
-    waits for it in the process group's rendezvous; the launcher then sends rank 0 SIGTERM. Rank 0 puts the earlier
+    waits for it in the process group's rendezvous; the job script then forwards USR1. Rank 0 puts the earlier
     run back and exits 75 at once: the signal only set a flag, the run stayed set aside, and rank 0 waited for the
     launcher's SIGKILL (deepspeed's 30 s later) or, under a plain srun, the rendezvous timeout (30 min). Not at
     once: a meeting that ends within 10 s of the signal leaves it to the first step boundary, where every rank
-    stops together. (The ranks look like a plain srun's: preempted.json tells the job script to requeue.)"""
+    stops together. (The ranks look like a plain srun's: preempted.json tells the job script to requeue; on a
+    launcher's SIGTERM it is not written, or a rank failing at every start would be requeued for ever.)"""
     import signal
 
     from _util import spawn_slurm_style
@@ -612,14 +613,14 @@ def test_a_signal_while_the_ranks_meet_puts_the_replaced_run_back(tmp_path: Path
             time.sleep(0.1)
         time.sleep(2.0)
         t0 = time.monotonic()
-        procs[0].send_signal(signal.SIGTERM)
+        procs[0].send_signal(signal.SIGUSR1)  # slurm/lib.sh's forwarded warning
         log = procs[0].communicate(timeout=60)[0]
         took = time.monotonic() - t0
     finally:
         for p in procs:
             p.kill()
     assert procs[0].returncode == EXIT_PREEMPTED and 9 < took < 20, (took, log[-3000:])
-    assert "stopped by SIGTERM while the ranks met, before the first step" in log, log[-3000:]
+    assert "stopped by SIGUSR1 while the ranks met, before the first step" in log, log[-3000:]
     assert "the earlier run's files are back" in log, log[-3000:]
     assert json.loads((out / PREEMPTED_FILE).read_text())["step"] == 0
     (out / PREEMPTED_FILE).unlink()

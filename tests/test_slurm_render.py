@@ -593,6 +593,20 @@ def test_a_signal_before_or_during_training_requeues(tmp_path: Path, when: str) 
     assert (tmp_path / "scontrol").read_text() == "requeue 7\n", text
 
 
+@needs_bash
+def test_a_preempted_json_the_shell_did_not_ask_for_does_not_requeue(tmp_path: Path) -> None:
+    """A run that wrote preempted.json on a signal of its own launcher (ending the ranks because one failed at its
+    start) and exited 1 (torchrun's code): requeued, it would fail the same way for ever. Without a signal
+    forwarded by this shell, only exit 75 requeues."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = (f'source "{template_dir() / "lib.sh"}"; OUTPUT_DIR="{out}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
+              f'scontrol() {{ echo "$*" >> "{tmp_path}/scontrol"; }}; export OUTPUT_DIR; '
+              f'ia3_run bash -c \'echo "{{}}" > "$OUTPUT_DIR/preempted.json"; exit 1\'; echo "rc=$?"')
+    text = subprocess.run([BASH, "-c", script], capture_output=True, text=True, timeout=30).stdout
+    assert not (tmp_path / "scontrol").exists() and "requeueing" not in text, text
+
+
 @pytest.mark.slow  # a bash batch shell around a stand-in run that sleeps
 @needs_bash
 def test_a_refused_requeue_ends_the_job_unfinished(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ class WhileMeeting:
     back the run a start over set aside and says it was preempted) and exits 75, as a preemption before the first
     step does (well inside a launcher's 30 s from SIGTERM to SIGKILL)."""
 
-    def __init__(self, stop: StopFlag, on_stop: Callable[[], None], poll_s: float = 0.2,
+    def __init__(self, stop: StopFlag, on_stop: Callable[[str], None], poll_s: float = 0.2,
                  grace_s: float = 10.0) -> None:
         self.stop, self.on_stop, self.poll_s, self.grace_s = stop, on_stop, poll_s, grace_s
         self._seen: tuple[str, float] | None = None
@@ -103,7 +103,7 @@ class WhileMeeting:
             if self._seen is not None and time.monotonic() - self._seen[1] >= self.grace_s:
                 name = self._seen[0]
                 try:
-                    self.on_stop()
+                    self.on_stop(name)
                 finally:
                     print(f"ia3-dist: stopped by {name} while the ranks met, before the first step: nothing to "
                           f"save; resume with train.resume=auto", file=sys.stderr, flush=True)

@@ -99,14 +99,15 @@ def same_plan_on_every_rank(p: Prepared) -> None:
                          f"explicitly (or check that every node reads the same data, token cache and checkpoints)")
 
 
-def _preempted_meeting(p: Prepared, trackers: Trackers) -> None:
-    """Rank 0, stopped by a signal while the ranks met (:class:`.WhileMeeting`): the earlier run back; under
-    Slurm preempted.json, which the job script (slurm/lib.sh) requeues on where the launcher does not pass exit 75
-    on (torchrun, srun); the trackers closed as killed, within a few seconds (the process exits next)."""
+def _preempted_meeting(p: Prepared, trackers: Trackers, signame: str) -> None:
+    """Rank 0, stopped by a signal while the ranks met (:class:`.WhileMeeting`): the earlier run back; for the job
+    script's USR1 under Slurm, preempted.json, which slurm/lib.sh requeues on where the launcher does not pass exit
+    75 on (torchrun, srun) (not for SIGTERM: a launcher ending the ranks because one failed at its start would
+    requeue for ever); the trackers closed as killed, within a few seconds (the process exits next)."""
     if not p.env.is_main:
         return
     _undo_start(p)
-    if dist.under_slurm():
+    if dist.under_slurm() and signame == "SIGUSR1":
         (p.out / PREEMPTED_FILE).write_text(json.dumps({"step": 0, "message": "stopped by a signal while the "
                                                         "ranks met, before the first step"}))
     closing = threading.Thread(target=trackers.close, args=("killed",), daemon=True)
@@ -164,7 +165,7 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     # Before the process group: DeepSpeed loads its first JIT op there (see runtime/build_locks).
     locks = BuildLockSweeper(lambda msg: print(msg, file=sys.stderr, flush=True)).start()
     try:
-        with WhileMeeting(stop, lambda: _preempted_meeting(p, trackers)):
+        with WhileMeeting(stop, lambda signame: _preempted_meeting(p, trackers, signame)):
             dist.init(env, cfg.deepspeed.timeout_minutes)
             same_plan_on_every_rank(p)
         faults.setup()
