@@ -342,7 +342,9 @@ def _slurm_env(**kv: str) -> dict[str, str]:
     ("", 2, "", "--num_accelerators 2"),  # CPU ranks
     ("4,5,6,7", 4, "4", "--include localhost:4,5,6,7"),  # a node that does not renumber: the job's GPUs, not 0-3
     ("0,1,2,3,4,5,6,7", 2, "8", "--include localhost:0,1"),
-    ("GPU-3f2a,GPU-9c1b", 2, "2", "--num_accelerators 2"),  # UUIDs: the launcher's include takes indices only
+    # UUIDs or MIG instances: --include takes indices only, and --num_accelerators ran on devices 0..N-1
+    ("GPU-3f2a,GPU-9c1b", 2, "2", "exit 2"),
+    ("MIG-1,MIG-2", 2, "2", "exit 2"),
     ("0,1,2,3", 4, "", "--num_accelerators 4"),  # a CPU job that inherited the variable from its submit shell
 ])
 def test_one_node_deepspeed_jobs_run_on_the_gpus_slurm_gave(visible: str, nproc: int, gpus: str, want: str) -> None:
@@ -351,7 +353,11 @@ def test_one_node_deepspeed_jobs_run_on_the_gpus_slurm_gave(visible: str, nproc:
     env = _slurm_env(NPROC_PER_NODE=str(nproc), CUDA_VISIBLE_DEVICES=visible, SLURM_GPUS_ON_NODE=gpus)
     proc = subprocess.run([BASH, "-c", 'source slurm/lib.sh; ia3_ds_devices; echo "${DS_DEVICES[*]}"'],
                           cwd=TINY.parents[1], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.strip() == want, proc.stderr
+    if want == "exit 2":
+        assert proc.returncode == 2 and "which the deepspeed launcher cannot keep; use LAUNCHER=torchrun" in \
+            proc.stderr, proc.stderr
+    else:
+        assert proc.returncode == 0 and proc.stdout.strip() == want, proc.stderr
     assert '"${DS_DEVICES[@]}"' in (TINY.parents[1] / "slurm" / "single_node.sbatch").read_text()
     fewer = subprocess.run([BASH, "-c", "source slurm/lib.sh; ia3_ds_devices"], cwd=TINY.parents[1],
                            env={**env, "CUDA_VISIBLE_DEVICES": "3", "SLURM_GPUS_ON_NODE": "1"},
@@ -361,7 +367,8 @@ def test_one_node_deepspeed_jobs_run_on_the_gpus_slurm_gave(visible: str, nproc:
 
 
 @pytest.mark.parametrize("visible, ok", [("", True), ("0,1", True), ("0,1,2,3", True), ("2,3", False),
-                                         ("0,12", False), ("0", False), ("MIG-1,MIG-2", True), ("cpu-job:2,3", True)])
+                                         ("0,12", False), ("0", False), ("MIG-1,MIG-2", False),
+                                         ("cpu-job:2,3", True), ("cpu-job:GPU-aa", True)])
 def test_multi_node_deepspeed_jobs_refuse_a_node_whose_gpus_are_not_0_to_n(visible: str, ok: bool) -> None:
     """From a hostfile the launcher runs each node's ranks on devices 0..N-1: a node whose job GPUs are others
     stops the job (exit 2, saying to use torchrun) instead of running on another job's GPUs."""
