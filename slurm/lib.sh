@@ -119,6 +119,10 @@ ia3_requeue() {
 }
 
 ia3_run() {
+  if [ -n "${PREEMPT_EARLY:-}" ]; then  # the warning came before the launch: nothing to start, requeue now
+    ia3_log "caught a signal before the launch: requeueing job $SLURM_JOB_ID"
+    ia3_requeue
+  fi
   rm -f "$OUTPUT_DIR/preempted.json" "$OUTPUT_DIR/hung.json"
   # A pid file of a run that did not end cleanly: until the new rank 0 writes its own, a signal must not reach
   # whatever process has that pid now. (One naming a live run stays: that run refuses a second one in its dir.)

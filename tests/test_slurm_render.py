@@ -614,6 +614,20 @@ def test_a_preempted_json_the_shell_did_not_ask_for_does_not_requeue(tmp_path: P
     assert not (tmp_path / "scontrol").exists() and "requeueing" not in text, text
 
 
+@needs_bash
+def test_a_signal_before_the_launch_requeues_without_starting(tmp_path: Path) -> None:
+    """The warning landed after the traps were set and before ia3_run started the run (no run to stop yet): the
+    run trained to its end and the finished run was then requeued. Now nothing starts and the job requeues."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = (f'source "{template_dir() / "lib.sh"}"; OUTPUT_DIR="{out}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
+              f'scontrol() {{ echo "$*" >> "{tmp_path}/scontrol"; }}; export OUTPUT_DIR; PREEMPT_EARLY=1; '
+              f'ia3_run touch "{out}/started"')
+    text = subprocess.run([BASH, "-c", script], capture_output=True, text=True, timeout=30).stdout
+    assert not (out / "started").exists() and (tmp_path / "scontrol").read_text() == "requeue 7\n", text
+    assert "caught a signal before the launch: requeueing job 7" in text, text
+
+
 @pytest.mark.slow  # a bash batch shell around a stand-in run that sleeps
 @needs_bash
 def test_a_refused_requeue_ends_the_job_unfinished(tmp_path: Path) -> None:
