@@ -59,7 +59,7 @@ ia3_ds_devices() {
     # GPUs named by UUID or MIG instance: --include takes indices, and --num_accelerators would drop the variable
     # and run on devices 0..N-1 (another job's, or the whole GPU instead of the slice).
     echo "ia3-dist: the job's GPUs are named CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES here, which the deepspeed" \
-         "launcher cannot keep; use LAUNCHER=torchrun (ia3-dist slurm --launcher torchrun or srun), which does" >&2
+         "launcher cannot keep; render the job with ia3-dist slurm --launcher torchrun (or srun), which keeps them" >&2
     exit 2
   else
     DS_DEVICES=(--num_accelerators "$NPROC_PER_NODE")   # CPU ranks

@@ -354,8 +354,8 @@ def test_one_node_deepspeed_jobs_run_on_the_gpus_slurm_gave(visible: str, nproc:
     proc = subprocess.run([BASH, "-c", 'source slurm/lib.sh; ia3_ds_devices; echo "${DS_DEVICES[*]}"'],
                           cwd=TINY.parents[1], env=env, capture_output=True, text=True)
     if want == "exit 2":
-        assert proc.returncode == 2 and "which the deepspeed launcher cannot keep; use LAUNCHER=torchrun" in \
-            proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "which the deepspeed launcher cannot keep; render the job with ia3-dist " \
+            "slurm --launcher torchrun" in proc.stderr, proc.stderr
     else:
         assert proc.returncode == 0 and proc.stdout.strip() == want, proc.stderr
     assert '"${DS_DEVICES[@]}"' in (TINY.parents[1] / "slurm" / "single_node.sbatch").read_text()
