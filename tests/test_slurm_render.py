@@ -600,17 +600,23 @@ def test_a_signal_before_or_during_training_requeues(tmp_path: Path, when: str) 
     assert (tmp_path / "scontrol").read_text() == "requeue 7\n", text
 
 
+def _ia3_run(tmp_path: Path, command: str, before: str = "") -> tuple[str, Path]:
+    """lib.sh's ia3_run of ``command`` (shell text) in the foreground, no trap (scontrol recorded, not called):
+    its output and the output dir."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = (f'source "{template_dir() / "lib.sh"}"; OUTPUT_DIR="{out}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
+              f'scontrol() {{ echo "$*" >> "{tmp_path}/scontrol"; }}; export OUTPUT_DIR; {before}'
+              f'ia3_run {command}')
+    return subprocess.run([BASH, "-c", script], capture_output=True, text=True, timeout=30).stdout, out
+
+
 @needs_bash
 def test_a_preempted_json_the_shell_did_not_ask_for_does_not_requeue(tmp_path: Path) -> None:
     """A run that wrote preempted.json on a signal of its own launcher (ending the ranks because one failed at its
     start) and exited 1 (torchrun's code): requeued, it would fail the same way for ever. Without a signal
     forwarded by this shell, only exit 75 requeues."""
-    out = tmp_path / "out"
-    out.mkdir()
-    script = (f'source "{template_dir() / "lib.sh"}"; OUTPUT_DIR="{out}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
-              f'scontrol() {{ echo "$*" >> "{tmp_path}/scontrol"; }}; export OUTPUT_DIR; '
-              f'ia3_run bash -c \'echo "{{}}" > "$OUTPUT_DIR/preempted.json"; exit 1\'; echo "rc=$?"')
-    text = subprocess.run([BASH, "-c", script], capture_output=True, text=True, timeout=30).stdout
+    text, _ = _ia3_run(tmp_path, 'bash -c \'echo "{}" > "$OUTPUT_DIR/preempted.json"; exit 1\'')
     assert not (tmp_path / "scontrol").exists() and "requeueing" not in text, text
 
 
@@ -618,12 +624,7 @@ def test_a_preempted_json_the_shell_did_not_ask_for_does_not_requeue(tmp_path: P
 def test_a_signal_before_the_launch_requeues_without_starting(tmp_path: Path) -> None:
     """The warning landed after the traps were set and before ia3_run started the run (no run to stop yet): the
     run trained to its end and the finished run was then requeued. Now nothing starts and the job requeues."""
-    out = tmp_path / "out"
-    out.mkdir()
-    script = (f'source "{template_dir() / "lib.sh"}"; OUTPUT_DIR="{out}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
-              f'scontrol() {{ echo "$*" >> "{tmp_path}/scontrol"; }}; export OUTPUT_DIR; PREEMPT_EARLY=1; '
-              f'ia3_run touch "{out}/started"')
-    text = subprocess.run([BASH, "-c", script], capture_output=True, text=True, timeout=30).stdout
+    text, out = _ia3_run(tmp_path, 'touch "$OUTPUT_DIR/started"', before="PREEMPT_EARLY=1; ")
     assert not (out / "started").exists() and (tmp_path / "scontrol").read_text() == "requeue 7\n", text
     assert "caught a signal before the launch: requeueing job 7" in text, text
 
