@@ -118,6 +118,25 @@ ia3_requeue() {
   exit 75
 }
 
+# The step preempted.json names (0 where there is none: a stop before the first step, or before the launch).
+ia3_preempted_step() {
+  local step
+  step=$(head -c 4096 "$OUTPUT_DIR/preempted.json" 2>/dev/null | sed -n 's/.*"step": *\([0-9][0-9]*\).*/\1/p' | head -n 1)
+  echo "${step:-0}"
+}
+
+# Whether this preemption stopped at another step than the last requeues of this job did (a counter in LOG_DIR):
+# false once MAX_STALLED_REQUEUES (default 3) requeues in a row stopped at the same step.
+ia3_progress_since_last_requeue() {
+  local file="$LOG_DIR/.ia3-dist-stalls-$SLURM_JOB_ID" step last=-1 n=0
+  step=$(ia3_preempted_step)
+  { read -r last n < "$file"; } 2>/dev/null || true
+  case "$last$n" in *[!0-9-]*|'') last=-1; n=0 ;; esac
+  if [ "$step" = "$last" ]; then n=$((n + 1)); else n=0; fi
+  echo "$step $n" > "$file"
+  [ "$n" -lt "${MAX_STALLED_REQUEUES:-3}" ]
+}
+
 ia3_run() {
   if [ -n "${PREEMPT_EARLY:-}" ]; then  # the warning came before the launch: nothing to start, requeue now
     ia3_log "caught a signal before the launch: requeueing job $SLURM_JOB_ID"
@@ -148,6 +167,13 @@ ia3_run() {
   # launcher (ending the ranks because one failed at every start) would be requeued for ever.
   if [ "$rc" = 75 ] || { [ -e "$OUTPUT_DIR/preempted.json" ] && [ -n "${SIGNALLED:-}" ]; } ||
      [ -n "${PREEMPT_EARLY:-}" ]; then
+    if ! ia3_progress_since_last_requeue; then
+      ia3_log "run stopped at step $(ia3_preempted_step) again, the same step as the last" \
+              "${MAX_STALLED_REQUEUES:-3} requeue(s): not requeueing job $SLURM_JOB_ID (a start that cannot reach a" \
+              "checkpoint before the scheduler's warning loops for ever); give the job more time or an earlier" \
+              "warning (ia3-dist slurm --time), then submit it again: it resumes with train.resume=auto"
+      exit 75
+    fi
     ia3_log "run stopped after a checkpoint (exit $rc): requeueing job $SLURM_JOB_ID; it resumes with train.resume=auto"
     ia3_requeue
   fi

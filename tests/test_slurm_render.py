@@ -602,13 +602,14 @@ def test_a_signal_before_or_during_training_requeues(tmp_path: Path, when: str) 
 
 def _ia3_run(tmp_path: Path, command: str, before: str = "") -> tuple[str, Path]:
     """lib.sh's ia3_run of ``command`` (shell text) in the foreground, no trap (scontrol recorded, not called):
-    its output and the output dir."""
+    its output, ending in ``[exit N]`` (the job's code), and the output dir."""
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     script = (f'source "{template_dir() / "lib.sh"}"; OUTPUT_DIR="{out}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
               f'scontrol() {{ echo "$*" >> "{tmp_path}/scontrol"; }}; export OUTPUT_DIR; {before}'
               f'ia3_run {command}')
-    return subprocess.run([BASH, "-c", script], capture_output=True, text=True, timeout=30).stdout, out
+    proc = subprocess.run([BASH, "-c", script], capture_output=True, text=True, timeout=30)
+    return f"{proc.stdout}[exit {proc.returncode}]", out
 
 
 @needs_bash
@@ -618,6 +619,25 @@ def test_a_preempted_json_the_shell_did_not_ask_for_does_not_requeue(tmp_path: P
     forwarded by this shell, only exit 75 requeues."""
     text, _ = _ia3_run(tmp_path, 'bash -c \'echo "{}" > "$OUTPUT_DIR/preempted.json"; exit 1\'')
     assert not (tmp_path / "scontrol").exists() and "requeueing" not in text, text
+
+
+@needs_bash
+def test_requeues_that_stop_at_the_same_step_end_after_three(tmp_path: Path) -> None:
+    """A start that cannot reach a checkpoint before the scheduler's warning (a load longer than the lead) stopped
+    at the same step every time and was requeued for ever: after 3 requeues at one step the job ends (exit 75,
+    saying why); a stop at a later step counts as progress and requeues again."""
+    def stopped_at(step: int) -> tuple[str, int]:
+        text, _ = _ia3_run(tmp_path, f'bash -c \'echo "{{\\"step\\": {step}}}" > "$OUTPUT_DIR/preempted.json"; '
+                                     f'exit 75\'')
+        return text, (tmp_path / "scontrol").read_text().count("requeue") if (tmp_path / "scontrol").exists() else 0
+
+    for k in range(1, 4):
+        text, requeues = stopped_at(0)
+        assert requeues == k and "requeueing job 7" in text, text
+    text, requeues = stopped_at(0)
+    assert requeues == 3 and "not requeueing job 7" in text and text.endswith("[exit 75]"), text
+    text, requeues = stopped_at(20)  # progress: counted afresh
+    assert requeues == 4 and "requeueing job 7" in text, text
 
 
 @needs_bash
