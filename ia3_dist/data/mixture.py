@@ -193,7 +193,8 @@ def held_copies(data: TokenizedData, stats: list[SourceStats], held: list[np.nda
     candidates = np.flatnonzero(np.isin(keys, keys[held_all]) & ~is_held)
     if not len(candidates):
         return candidates
-    exact = {_example_bytes(data, int(i)) for i in held_all if np.isin(keys[i], keys[candidates])}
+    shared = set(keys[candidates].tolist())
+    exact = {_example_bytes(data, int(i)) for i in held_all if int(keys[i]) in shared}
     return np.asarray([i for i in candidates if _example_bytes(data, int(i)) in exact], dtype=np.int64)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointWriteError
-from . import dist, faults, safe_io
+from . import dist, faults, manifest, safe_io
 
 
 def gather_trainable(peft_model: Any, is_main: bool, engine: Any = None) -> dict[str, torch.Tensor]:
@@ -48,9 +48,7 @@ def gather_trainable(peft_model: Any, is_main: bool, engine: Any = None) -> dict
     return out
 
 
-STEP_FILE = "ia3_dist_step.json"
-"""In an adapter dir: ``{"step": N}``, the optimizer step whose vectors it holds (the last step's, or the best
-evaluation's under ``train.early_stopping.final: best``), for ``ia3-dist eval`` to place it among the checkpoints."""
+STEP_FILE = manifest.ADAPTER_STEP_FILE
 
 NEW, OLD = ".new", ".old."
 """``adapter.new``: the adapter being written; ``adapter.old.<12 hex>``: the one it replaces, set aside under a

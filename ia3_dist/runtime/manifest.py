@@ -98,6 +98,22 @@ class DirState:
                 and not (started and e in TRACKER_START)]
 
 
+ADAPTER_STEP_FILE = "ia3_dist_step.json"
+"""In an adapter dir: ``{"step": N, "final": bool}``, the optimizer step whose vectors it holds (the last step's, or
+the best evaluation's under ``train.early_stopping.final: best``), for ``ia3-dist eval`` to place it among the
+checkpoints, and whether the run had ended (false: a ``train.stop_after_steps`` chunk), for ``summary``."""
+
+
+def adapter_record(adapter_dir: Path) -> dict[str, Any] | None:
+    """:data:`ADAPTER_STEP_FILE` of ``adapter_dir`` as a dict; None when there is none or it is unreadable (the dir
+    may come from elsewhere: bounded, never through a link)."""
+    try:
+        rec = json.loads(read_bounded(adapter_dir / ADAPTER_STEP_FILE, 4096).decode("utf-8"))
+    except (UsageError, ValueError, RecursionError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def few(names: list[str], n: int = 5) -> str:
     """``a, b, c`` or ``a, b, c and 4 more``: for messages."""
     head = ", ".join(names[:n])

@@ -48,15 +48,9 @@ class Point:
 
 
 def _recorded_step(adapter: Path) -> int | None:
-    """The step the adapter's :data:`..runtime.adapter.STEP_FILE` names (written since this version); None when
-    there is none or it is unreadable (the run dir may come from elsewhere: bounded, never through a link)."""
-    from ..runtime.adapter import STEP_FILE
-
-    try:
-        rec = json.loads(safe_io.read_bounded(adapter / STEP_FILE, 4096).decode("utf-8"))
-    except (UsageError, ValueError, RecursionError):
-        return None
-    step = rec.get("step") if isinstance(rec, dict) else None
+    """The step the adapter's record names (:func:`..runtime.manifest.adapter_record`); None without one."""
+    rec = manifest.adapter_record(adapter)
+    step = rec.get("step") if rec is not None else None
     return step if type(step) is int and step > 0 else None
 
 
@@ -83,15 +77,9 @@ def _step_of_adapter(run: Path) -> int:
         best = (sel.get("early_stopping") or {}).get("best_step")
         if type(best) is int and best > 0:
             return best
-    steps = 0
-    m = run / "metrics.jsonl"
-    if m.is_file():
-        from ..train.plots import read_metrics
+    from ..train.plots import last_step
 
-        for r in read_metrics(m, ("step",)):
-            if isinstance(r.get("step"), int):
-                steps = max(steps, r["step"])
-    return steps
+    return max(last_step(run / "metrics.jsonl") or 0, 0)
 
 
 def points_of(path: Path, which: str) -> tuple[Path, list[Point]]:

@@ -54,9 +54,9 @@ import yaml
 from ..config.load import MAX_CONFIG_BYTES, RunConfigLoader
 from ..config.schema import brief, show
 from ..errors import UsageError
-from ..runtime.manifest import PID_FILE, pid_file_alive
+from ..runtime.manifest import PID_FILE, adapter_record, pid_file_alive
 from ..runtime.safe_io import read_bounded
-from ..train.plots import MAX_RECORDS, note, overlay_figure, save_figure, scan_metrics
+from ..train.plots import MAX_RECORDS, last_step, note, overlay_figure, save_figure, scan_metrics
 
 RECENT_S = 900
 """A pid file of another host (or of a version that wrote no host) counts as running when the run wrote within this
@@ -216,25 +216,12 @@ def _finished_after(d: Path, since: float) -> bool:
 def _adapter_status(d: Path) -> str:
     """done, or a chunk's adapter (the step file says the run has not ended): stopped, unless a later attempt
     logged steps past it and ended without an adapter of its own (failed)."""
-    from ..runtime.adapter import STEP_FILE
-
-    try:
-        rec = json.loads(read_bounded(d / "adapter" / STEP_FILE, 4096).decode("utf-8"))
-    except (UsageError, ValueError, RecursionError):
-        return "done"  # an adapter of an earlier version (no step file): its run ended
-    if not isinstance(rec, dict) or rec.get("final") is not False:
-        return "done"
+    rec = adapter_record(d / "adapter")
+    if rec is None or rec.get("final") is not False:
+        return "done"  # the run's end (or an adapter of an earlier version, without the record)
     step = rec.get("step")
-    last = _last_logged_step(d)
+    last = last_step(d / "metrics.jsonl")
     return "failed" if type(step) is int and last is not None and last > step else "stopped"
-
-
-def _last_logged_step(d: Path) -> int | None:
-    from ..train.plots import read_metrics
-
-    m = d / "metrics.jsonl"
-    steps = [r["step"] for r in read_metrics(m, ("step",)) if isinstance(r.get("step"), int)] if m.is_file() else []
-    return max(steps) if steps else None
 
 
 def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,

@@ -130,6 +130,13 @@ def _skip_line(fh: IO[bytes], line: bytes) -> None:
         line = fh.readline(MAX_LINE + 1)
 
 
+def last_step(path: Path) -> int | None:
+    """The highest step ``path`` (a metrics.jsonl) logged; None with no file or no step."""
+    steps = [r["step"] for r in read_metrics(path, ("step",)) if isinstance(r.get("step"), int)] \
+        if path.is_file() else []
+    return max(steps) if steps else None
+
+
 def read_metrics(path: Path, keys: Collection[str] | None = None, keep: int = MAX_RECORDS) -> list[dict]:
     """:func:`scan_metrics` for a run that must have metrics; what was skipped is said on stderr in one line."""
     got = scan_metrics(path, keys, keep)
