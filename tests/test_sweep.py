@@ -493,6 +493,46 @@ def test_damaged_sweep_record_is_refused_without_force_and_replaced_with_it(
     assert json.loads((d / "sweep.json").read_text())["job"] == "4242" and "submitted job array 4242" in out
 
 
+def test_force_leaves_done_tasks_out_of_the_array(tmp_path: Path, fake_sbatch: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A sweep written again with --force queues only the tasks whose runs have not finished: a done task would
+    take an allocation to say so, and with output.overwrite: true train again from scratch. All done: no array."""
+    _squeue(fake_sbatch, tmp_path)
+    d = tmp_path / "sw"
+    grid = ["--grid", "train.lr=1e-3,1e-2,3e-2,1e-1"]
+    assert sweep(["--dir", str(d), *grid], capsys)[0] == 0
+    assert "#SBATCH --array=0-3" in (d / "sweep.sbatch").read_text()
+    tasks = json.loads((d / "sweep.json").read_text())["tasks"]
+    for i in (0, 1, 3):
+        fake_run(Path(tasks[i]["dir"]), 0.001, [2.0, 1.0])
+    fake_run(Path(tasks[2]["dir"]), 0.03, [2.0], adapter=False)  # started, not finished: queued again
+    rc, out, err = sweep(["--dir", str(d), *grid, "--max-concurrent", "8", "--force"], capsys)
+    assert rc == 0, err
+    assert "3 of 4 task(s) done already, left out of the job array" in out, out
+    text = (d / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=2%1" in text and "a job array of 1 task(s)" in text, text
+    # The cases stay: an explicit sbatch --array=0 of a done task still knows its values.
+    assert "  0) TASK=" in text
+    assert fake_sbatch.read_text().count("--parsable") == 2
+    fake_run_done = Path(tasks[2]["dir"])
+    shutil.rmtree(fake_run_done)
+    fake_run(fake_run_done, 0.03, [2.0, 1.0])
+    rc, out, err = sweep(["--dir", str(d), *grid, "--force"], capsys)
+    assert rc == 0 and "every task is done: nothing to submit" in out, (out, err)
+    assert not (d / "sweep.sbatch").exists()
+    assert fake_sbatch.read_text().count("--parsable") == 2
+    assert json.loads((d / "sweep.json").read_text())["job"] is None
+    rc, out, err = sweep(["--dir", str(d), *grid, "--force", "--no-submit"], capsys)
+    assert rc == 0 and "nothing to submit" in out and not (d / "sweep.sbatch").exists(), (out, err)
+
+
+def test_array_spec_compresses_runs() -> None:
+    from ia3_dist.tools.sweep import array_spec
+
+    assert array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert array_spec([3]) == "3" and array_spec([0, 1]) == "0-1"
+
+
 def _squeue(fake_sbatch: Path, tmp_path: Path) -> Path:
     """An ``squeue`` beside the fake sbatch: prints the file ``queue`` (lines ``index|STATE``), or, without it,
     answers as Slurm does for a job it has forgotten."""

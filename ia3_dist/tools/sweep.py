@@ -259,11 +259,26 @@ def _check_entries(d: Path, name: str, force: bool) -> None:
     _refuse_live_array(d, name)
 
 
+def array_spec(indices: list[int]) -> str:
+    """Slurm's ``--array`` list of sorted task indices, runs of consecutive ones as ranges: ``0-2,5,7-8``."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def render_array(config: str, base: list[str], tasks: list[Task], sweep_dir: Path, job: slurm.Job,
-                 max_concurrent: int | None) -> str:
-    """One job array: task i trains ``tasks[i]``; preemption, requeue and resume as in ``ia3-dist slurm``."""
+                 max_concurrent: int | None, done: frozenset[int] = frozenset()) -> str:
+    """One job array: task i trains ``tasks[i]``; preemption, requeue and resume as in ``ia3-dist slurm``. Tasks in
+    ``done`` (their runs finished: a sweep written again with --force) stay out of the array, so no allocation
+    is spent on them and ``output.overwrite: true`` does not train them again; their case stays for an explicit
+    ``sbatch --array=i``."""
+    queued = [t.index for t in tasks if t.index not in done]
     # More than the tasks would mean nothing to Slurm: write what it means.
-    array = f"0-{len(tasks) - 1}" + (f"%{min(max_concurrent, len(tasks))}" if max_concurrent else "")
+    array = array_spec(queued) + (f"%{min(max_concurrent, len(queued))}" if max_concurrent else "")
     cases = [f"  {t.index}) TASK=({' '.join(shlex.quote(o) for o in t.overrides)}) ;;" for t in tasks]
     head = " ".join(shlex.quote(a) for a in [config, *base])
     logs = sweep_dir / LOGS
@@ -278,8 +293,8 @@ def render_array(config: str, base: list[str], tasks: list[Task], sweep_dir: Pat
         f'set -- {head} "${{TASK[@]}}" "$@"',
     ])
     grid = "; ".join(f"{k} in {{{','.join(vs)}}}" for k, vs in _grid_of(tasks).items())
-    header = [f"Written by `ia3-dist sweep` (ia3-dist {__version__}): a job array of {len(tasks)} task(s), each "
-              f"{job.describe()}.",
+    header = [f"Written by `ia3-dist sweep` (ia3-dist {__version__}): a job array of {len(queued)} task(s), each "
+              f"{job.describe()}" + (f" ({len(tasks) - len(queued)} more done already, left out)." if done else "."),
               f"Grid: {grid}",
               f"Config: {shlex.quote(config)}; task i trains into {sweep_dir}/<its values>.",
               f"Submit from the folder relative paths in the config refer to:  sbatch {sweep_dir / SCRIPT}",
@@ -424,7 +439,14 @@ def main(argv: list[str], prog: str) -> int:
     if submit and not shutil.which("sbatch"):
         raise UsageError("sbatch not found: run this on a Slurm login node, or use --local (run the grid here) or "
                          "--no-submit (write the files only)")
-    text = None if job is None else render_array(config, a.overrides, tasks, sweep_dir, job, a.max_concurrent)
+    # Only a --force over an earlier sweep finds finished task dirs (a new sweep dir is refused otherwise).
+    done = frozenset() if job is None else frozenset(t.index for t in tasks if run_status(Path(t.dir)) == "done")
+    if done:
+        print(f"{len(done)} of {len(tasks)} task(s) done already, left out of the job array: "
+              f"{', '.join(t.name for t in tasks if t.index in done)}", flush=True)
+    idle = len(done) == len(tasks)  # nothing left to queue: no array (an empty --array is no job)
+    text = None if job is None or idle else render_array(config, a.overrides, tasks, sweep_dir, job,
+                                                          a.max_concurrent, done)
     try:
         (sweep_dir / LOGS).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -437,6 +459,13 @@ def main(argv: list[str], prog: str) -> int:
               "tasks": [asdict(t) for t in tasks]}
     if text is not None:
         slurm.write_out(sweep_dir / SCRIPT, text, force=True, what="", fix="give another --dir")
+    elif idle:
+        # The earlier sweep's array file would queue its tasks again: only this sweep's files stay.
+        try:
+            (sweep_dir / SCRIPT).unlink(missing_ok=True)
+        except OSError as e:
+            raise UsageError(f"{sweep_dir / SCRIPT}: cannot remove the earlier sweep's array file "
+                             f"({e.strerror or e}); give another --dir") from None
     write_sweep(sweep_dir, record)
     print(f"sweep of {len(tasks)} task(s) in {sweep_dir}", flush=True)
     if a.local:
@@ -448,6 +477,9 @@ def main(argv: list[str], prog: str) -> int:
             return 1
         return 0
     script = sweep_dir / SCRIPT
+    if idle:
+        print(f"every task is done: nothing to submit\nstatus:  ia3-dist summary {shlex.quote(str(sweep_dir))}")
+        return 0
     if not submit:
         print(f"wrote {script}\nsubmit from the folder relative paths in the config refer to:  sbatch "
               f"{shlex.quote(str(script))}")
