@@ -87,15 +87,37 @@ ia3_rank0_pid() {
   return 0
 }
 
-# Forward the preemption warning to global rank 0 (on this node, the job's first); the stop flag rides on the
-# per-step all-reduce, so every rank stops at the same step boundary and checkpoints.
+# The host rank0.pid names when it is another one and this start's rank 0 wrote the file (newer than the start
+# stamp): rank 0 runs on another node of the job (a batch host that is not the step's first node, a distribution
+# that places task 0 elsewhere). Nothing otherwise.
+ia3_rank0_elsewhere() {
+  local pid host
+  [ -n "${RUN_STAMP:-}" ] && [ "$OUTPUT_DIR/rank0.pid" -nt "$RUN_STAMP" ] || return 0
+  { IFS= read -r pid; IFS= read -r host; } < <(head -c 512 "$OUTPUT_DIR/rank0.pid" 2>/dev/null) || true
+  case "$pid" in ''|*[!0-9]*) return 0 ;; esac
+  if [ -n "$host" ] && [ "$host" != "$(hostname)" ]; then echo "$host"; fi
+  return 0
+}
+
+# Forward the preemption warning to global rank 0 (on this node, the job's first, or through srun on the node that
+# runs it); the stop flag rides on the per-step all-reduce, so every rank stops at the same step boundary and
+# checkpoints.
 ia3_forward() {
-  local pid
+  local pid host
   SIGNALLED=1  # what a preempted.json without exit 75 is trusted on (a launcher passes 1 on for torchrun, srun)
   pid=$(ia3_rank0_pid)
+  host=$(ia3_rank0_elsewhere)
   if [ -n "$pid" ]; then
     ia3_log "caught SIG$1: asking the run (rank 0, pid $pid) to checkpoint and stop"
     kill -USR1 "$pid" 2>/dev/null || true
+  elif [ -n "$host" ]; then
+    # One task per node checks the pid file against its own host and process table, as ia3_rank0_pid does here:
+    # Slurm's node names need not be the hosts' names, and only the node running that process signals it. In the
+    # background: the trap returns at once, and the wait for the run goes on.
+    ia3_log "caught SIG$1: rank 0 runs on $host; asking it through srun to checkpoint and stop"
+    timeout 120 srun --overlap --jobid="$SLURM_JOB_ID" --nodes="${SLURM_NNODES:-1}" --ntasks="${SLURM_NNODES:-1}" \
+      --ntasks-per-node=1 --export=ALL bash -c "$(declare -f ia3_rank0_pid); OUTPUT_DIR=$(printf %q "$OUTPUT_DIR"); \
+pid=\$(ia3_rank0_pid); [ -z \"\$pid\" ] || kill -USR1 \"\$pid\"" > /dev/null 2>&1 &
   elif [ -n "${RUN_STAMP:-}" ] && [ "$OUTPUT_DIR/run.yaml" -nt "$RUN_STAMP" ]; then
     # This start wrote run.yaml and rank 0 has since removed its pid file: training is over (the run is writing
     # its adapter or exiting). Requeueing now would start a finished run again.

@@ -528,7 +528,7 @@ def test_a_sweep_keeps_a_fixed_node_count(tmp_path: Path, capsys: pytest.Capture
 
 FAKE_RUN = """sleep 1.1  # a run's imports take seconds: its run.yaml is newer than the batch shell's start stamp
 echo "output: {}" > "$OUTPUT_DIR/run.yaml"
-echo $$ > "$OUTPUT_DIR/rank0.pid"
+printf '%s\n%s\n' $$ "${FAKE_HOST:-}" > "$OUTPUT_DIR/rank0.pid"   # FAKE_HOST: rank 0 on another node
 trap 'touch "$OUTPUT_DIR/stop-asked"' USR1
 until [ -e "$OUTPUT_DIR/trained" ]; do sleep 0.05; done
 rm -f "$OUTPUT_DIR/rank0.pid"   # as run.py does when training is over, before the process exits
@@ -597,6 +597,35 @@ def test_a_signal_before_or_during_training_requeues(tmp_path: Path, when: str) 
     text = proc.communicate(timeout=30)[0]
     said = "asking the run (rank 0" if when == "during" else "before training started: requeueing"
     assert said in text and "requeueing job 7" in text and proc.returncode == 0, text
+    assert (tmp_path / "scontrol").read_text() == "requeue 7\n", text
+
+
+@pytest.mark.slow  # a bash batch shell around a stand-in run that sleeps
+@needs_bash
+def test_a_signal_reaches_rank_0_on_another_node_through_srun(tmp_path: Path) -> None:
+    """Rank 0's pid file names another host (task 0 placed on another node than the batch shell's): the warning
+    goes through srun, one task per node, and the node whose host and process match signals rank 0, which
+    checkpoints; the job requeues. Here srun is a stand-in on PATH running its command as on a node named n2
+    (a `hostname` saying so), the real process check included."""
+    fakebin = tmp_path / "bin"
+    node = tmp_path / "n2bin"
+    fakebin.mkdir()
+    node.mkdir()
+    (node / "hostname").write_text("#!/bin/sh\necho n2\n")
+    (fakebin / "srun").write_text(f'#!/bin/bash\necho "$@" >> "{tmp_path}/srun"\n'
+                                  f'while [ "$1" != bash ]; do shift; done\nPATH="{node}:$PATH" exec "$@"\n')
+    for f in (node / "hostname", fakebin / "srun"):
+        f.chmod(0o755)
+    proc, out = _batch_shell(tmp_path, before=f'export FAKE_HOST=n2 SLURM_NNODES=2 PATH="{fakebin}:$PATH"; ')
+    _wait_for(out / "rank0.pid", proc)
+    proc.send_signal(signal.SIGUSR1)
+    _wait_for(out / "stop-asked", proc)
+    (out / "preempted.json").write_text("{}")
+    (out / "trained").touch()
+    (out / "go").touch()
+    text = proc.communicate(timeout=30)[0]
+    assert "rank 0 runs on n2; asking it through srun" in text and "requeueing job 7" in text, text
+    assert "--overlap --jobid=7 --nodes=2 --ntasks=2 --ntasks-per-node=1" in (tmp_path / "srun").read_text()
     assert (tmp_path / "scontrol").read_text() == "requeue 7\n", text
 
 
