@@ -40,6 +40,12 @@ def test_tracker_follows_the_direction_and_min_delta() -> None:
     assert not lower_is_better("tiny_mc/acc,none") and not lower_is_better("ceval/acc_norm,none")
     assert lower_is_better("wikitext/word_perplexity,none") and lower_is_better("wikitext/bits_per_byte,none")
     assert lower_is_better("eval_loss/instruct") and lower_is_better("heldout/loss")
+    # Every metric lm-eval registers as lower-is-better, and every higher one, judged as lm-eval does.
+    hib = pytest.importorskip("lm_eval.api.registry").HIGHER_IS_BETTER_REGISTRY
+    pytest.importorskip("lm_eval.api.metrics")  # registers them
+    assert len(hib) > 10
+    for m, higher in hib.items():
+        assert lower_is_better(f"some_task/{m},none") is not higher, m
     # Preference evals: the rejected side goes down, the chosen up; a task's own name decides nothing.
     assert lower_is_better("eval_rewards/rejected") and lower_is_better("eval_logps/rejected")
     assert not lower_is_better("eval_rewards/chosen") and not lower_is_better("eval_logps/chosen")

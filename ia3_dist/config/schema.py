@@ -204,8 +204,9 @@ def has_heldout(cfg: Any) -> bool:
 
 
 def lower_is_better(metric: str, mode: str = "auto") -> bool:
-    """``min`` / ``max`` as given; ``auto``: losses (``nll_loss`` too), perplexities and the rejected answers'
-    rewards and log-probabilities go down; accuracies, margins, the chosen side and log-odds go up."""
+    """``min`` / ``max`` as given; ``auto``: losses (``nll_loss`` too), perplexities, bits per byte, TER, Brier
+    scores and the rejected answers' rewards and log-probabilities go down; accuracies, margins, the chosen side
+    and log-odds go up."""
     if mode != "auto":
         return mode == "min"
     # A benchmark's is "<task>/<metric>,<filter>" (wikitext/word_perplexity,none): judge the metric's own name, not
@@ -214,8 +215,9 @@ def lower_is_better(metric: str, mode: str = "auto") -> bool:
     name = metric.rsplit("/", 1)[-1].split(",", 1)[0]
     if head in ("eval_rewards", "eval_logps"):
         return name == "rejected"  # preference training pushes the rejected side down, the chosen up
+    # lm-eval's metrics whose higher_is_better is False (its registry: perplexities, bits_per_byte, TER, Brier).
     return (head.startswith("eval_") and head.endswith(("loss", "ppl"))) or \
-        name.endswith(("loss", "ppl", "perplexity", "bits_per_byte"))
+        name.endswith(("loss", "ppl", "perplexity", "bits_per_byte", "brier_score")) or name == "ter"
 DPO_LOSSES = ("sigmoid", "ipo", "robust", "hinge")
 
 
