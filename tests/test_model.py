@@ -183,6 +183,26 @@ def test_flex_attention_training_is_refused_on_cpu(tmp_path: Path, tiny_model: P
     assert "model.attention" in err and "no backward pass on CPU" in err, err
 
 
+def test_bf16_on_a_gpu_without_native_bf16_is_refused() -> None:
+    """A V100 (7.0) or T4 (7.5) emulates bf16 or fails in DeepSpeed's kernels: exit 2 naming train.precision and
+    the GPU, before any rank waits. The device is a stand-in (this machine has none); fp16, fp32 and the CPU pass."""
+    from types import SimpleNamespace
+
+    from ia3_dist.errors import UsageError
+    from ia3_dist.train.prepare import check_device_precision
+
+    def gpu(native: bool, cap: tuple[int, int], name: str) -> SimpleNamespace:
+        return SimpleNamespace(is_available=lambda: True, get_device_capability=lambda: cap,
+                               get_device_name=lambda: name, is_bf16_supported=lambda including_emulation: native)
+
+    with pytest.raises(UsageError, match=r"train\.precision.*Tesla V100-SXM2-32GB \(compute capability 7\.0\).*fp16"):
+        check_device_precision("bf16", gpu(False, (7, 0), "Tesla V100-SXM2-32GB"))
+    check_device_precision("fp16", gpu(False, (7, 0), "Tesla V100-SXM2-32GB"))
+    check_device_precision("fp32", gpu(False, (7, 5), "Tesla T4"))
+    check_device_precision("bf16", gpu(True, (9, 0), "NVIDIA H100 80GB HBM3"))
+    check_device_precision("bf16")  # this machine's torch.cuda: no GPU, bf16 on the CPU
+
+
 def test_gradients_are_copied_before_autograd_keeps_them() -> None:
     """train.compile_mode: reduce-overhead: what a (CUDA-graph) backward returns is never kept as .grad itself -
     the next replay would overwrite it - and the accumulated gradient is the same."""

@@ -88,6 +88,22 @@ class Prepared:
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
+def check_device_precision(precision: str, cuda: Any = None) -> None:
+    """bf16 on a GPU without native bf16 (before Ampere: V100, T4) exits 2 before any rank waits: torch would
+    emulate it (several times slower) or DeepSpeed's kernels fail mid-step. ``cuda``: torch.cuda (a stand-in in
+    tests)."""
+    if precision != "bf16":
+        return
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda
+    if not cuda.is_available() or cuda.is_bf16_supported(including_emulation=False):
+        return
+    major, minor = cuda.get_device_capability()
+    fail("train.precision", f"bf16: {cuda.get_device_name()} (compute capability {major}.{minor}) has no native "
+                            f"bf16 (Ampere, 8.0, and later have it); use train.precision=fp16 there, or fp32")
+
 def eval_section(cfg: RunConfig) -> Any:
     """The data section that reads ``data.eval_path`` (whole, in its own cache entry)."""
     return demo.data_section(replace(cfg.data, path=cfg.data.eval_path, eval_path=None, limit=None, sources=None),
@@ -312,6 +328,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         if not torch.cuda.is_available():
             fail("model.attention", "flex: FlexAttention has no backward pass on CPU (torch "
                                     f"{torch.__version__.split('+')[0]}); use eager or sdpa here, flex on GPUs")
+    check_device_precision(cfg.train.precision)
     if cfg.ia3.variant == "paper":
         paper_targets(model_config.model_type)  # refuses a family it is not defined for, before any rank waits
     hidden = hidden_size_of(model_config)
