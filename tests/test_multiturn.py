@@ -238,6 +238,12 @@ def test_preference_rows_start_with_the_prompt_inference_feeds(template: str) ->
         row, m = c.ids[offs[r]:offs[r + 1]].tolist(), c.label_mask[offs[r]:offs[r + 1]].tolist()
         assert row[:len(want)] == want and m == [0] * len(want) + [1] * (len(row) - len(want)), (row, m)
         assert row.count(bos) == 1 and row[0] == bos
+        # Each row is its side's conversation as SFT tokenizes it (labels on the last answer): under a chat template
+        # the answer encoded on its own began with a word-start marker ('▁good,') the whole text has not ('go').
+        side = _ChunkTokenizer(tok, DataSection(path="x", template=template, train_on="last"))(
+            [pair.chosen, pair.rejected][r:r + 1])
+        assert row == side.ids.tolist() and m == side.label_mask.tolist(), (tok.convert_ids_to_tokens(row),
+                                                                            tok.convert_ids_to_tokens(side.ids))
 
 
 def test_a_record_the_template_cannot_render_is_named_or_skipped(chat_tok, tmp_path: Path) -> None:

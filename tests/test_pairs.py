@@ -155,6 +155,18 @@ def test_truncation_keeps_the_pair_aligned() -> None:
     assert truncate_pair(prompt, c, r, 8, "right")[1:3] == ([], [])
 
 
+def test_a_pair_cut_to_the_same_tokens_is_dropped() -> None:
+    """Truncation before the answers differ leaves two equal rows: a margin of 0 for ever, no gradient, and a pair
+    counted wrong in the accuracies. Dropped and counted with the pairs that kept no answer token."""
+    from ia3_dist.data.tokenize import _pack_pairs
+
+    pairs = [([1, 2, 3], [4, 5, 6, 7, 2], [4, 5, 6, 8, 9, 2]), ([1, 2, 3], [4, 5, 2], [6, 2])]
+    c = _pack_pairs(pairs, DataSection(path="x", max_length=5), ["d.jsonl:1", "d.jsonl:2"])
+    assert c.dropped.tolist() == [0] and c.unlabeled == 1 and c.dropped_where == ["d.jsonl:1"]
+    assert c.ids.tolist() == [1, 2, 3, 4, 5, 1, 2, 3, 6, 2] and c.truncated == 2
+    assert _pack_pairs(pairs, DataSection(path="x", max_length=7), ["a", "b"]).dropped.tolist() == []
+
+
 def test_pairs_are_two_rows_with_labels_on_the_answers(tmp_path: Path, tiny_tokenizer) -> None:
     recs = [FORMATS["alpaca"], {**FORMATS["alpaca"], "instruction": "长" * 300},
             {**FORMATS["alpaca"], "instruction": "什么是狗？"}]
@@ -166,8 +178,8 @@ def test_pairs_are_two_rows_with_labels_on_the_answers(tmp_path: Path, tiny_toke
 
     report = "\n".join(data_lines(data, RunConfig(data=cfg)))
     assert "2 preference pairs (2 rows each); 1 dropped (the prompt left no answer token" in report
-    assert f"dropped (the prompt left no answer token on a side after truncation to data.max_length), first: " \
-           f"{cfg.path}:2" in report, report
+    assert "dropped (the prompt left no answer token on a side, or the two sides the same tokens, after " \
+           f"truncation to data.max_length), first: {cfg.path}:2" in report, report
     for i in range(len(data)):
         (ci, _, cl), (ri, _, rl) = data.example(2 * i), data.example(2 * i + 1)
         n = next(k for k, v in enumerate(cl) if v != -100)

@@ -173,16 +173,27 @@ def _no_tools(rec: Mapping[str, Any], cols: Columns, where: str, what: str) -> N
                          f"or 'prompt' as a message list) or drop the tools")
 
 
-def split_pair(chosen: list[tuple[list[int], bool]], rejected: list[tuple[list[int], bool]], where: str
+def split_pair(chosen: list[tuple[list[int], bool]], rejected: list[tuple[list[int], bool]], where: str,
+               chosen_text: list[tuple[str, bool]] | None = None, rejected_text: list[tuple[str, bool]] | None = None
                ) -> tuple[list[int], list[int], list[int]]:
-    """``(prompt ids, chosen ids, rejected ids)`` from the two rendered, tokenized conversations (segments with
-    labels on the last answer only). The prompt segments must be the same on both sides."""
+    """``(prompt ids, chosen ids, rejected ids)`` from the two rendered, tokenized conversations (runs with labels
+    on the last answer only) and, where given, their rendered text segments. The prompt must render the same on
+    both sides; it is the tokens the two sides share (a conversation encoded whole may merge the prompt's last
+    characters into the answer's first token differently on each side: those tokens go with the answer, as TRL's
+    common prefix does)."""
+    same_text = chosen_text is None or rejected_text is None or \
+        [t for t, lab in chosen_text if not lab] == [t for t, lab in rejected_text if not lab]
     pc = [t for ids, lab in chosen[:-1] for t in ids]
     pr = [t for ids, lab in rejected[:-1] for t in ids]
-    if pc != pr or not chosen[-1][1] or not rejected[-1][1]:
+    if not same_text or not chosen[-1][1] or not rejected[-1][1] or (chosen_text is None and pc != pr):
         raise UsageError(f"{where}: the template renders the prompt differently before the two answers; use a "
                          f"template whose prompt does not depend on the answer")
-    return pc, list(chosen[-1][0]), list(rejected[-1][0])
+    k = 0
+    for a, b in zip(pc, pr):
+        if a != b:
+            break
+        k += 1
+    return pc[:k], pc[k:] + list(chosen[-1][0]), pr[k:] + list(rejected[-1][0])
 
 
 def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, mode: str,

@@ -45,6 +45,9 @@ MAX_SKIPPED_KEPT = 1000
 # 5: content parts and role aliases read (data.on_bad_record=skip skipped them); 6: alpaca's tools column read, a
 # sharegpt "tool" role read as a tool result
 RECORDS_VERSION = 6
+# Preference data's own version, in its fingerprint only (SFT caches keep their names). True: the first;
+# 2: a chat template's sides encoded whole (prompt + answer), and sides that truncate to the same tokens dropped.
+PAIRS_VERSION = 2
 
 
 @dataclass
@@ -481,7 +484,7 @@ class RecordStream:
         self.source = ", ".join(self.names)
         # The settings that change what the same bytes mean are part of the content hash (the cache key).
         h = hashlib.sha256(json.dumps({"v": RECORDS_VERSION, "format": cfg.format, "columns": cfg.columns or {},
-                                       **({"pairs": True} if pairs else {})}, sort_keys=True).encode())
+                                       **({"pairs": PAIRS_VERSION} if pairs else {})}, sort_keys=True).encode())
         for s in self.sources:
             h.update(f"{s.digest}\n".encode())
         self.fingerprint = h.hexdigest()

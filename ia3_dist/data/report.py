@@ -30,7 +30,7 @@ def data_lines(d: TokenizedData, cfg: RunConfig) -> list[str]:
         + (f"; {n_skipped} bad records skipped (data.on_bad_record=skip), first: "
            + "; ".join(d.skipped[:3]) if n_skipped else ""),
         (f"  {len(d)} preference pairs (2 rows each); {len(d.dropped)} dropped (the prompt left no answer token on a "
-         f"side after truncation to data.max_length)" if d.group == 2 else
+         f"side, or the two sides the same tokens, after truncation to data.max_length)" if d.group == 2 else
          f"  {len(d)} examples; {len(d.dropped)} dropped (no label token after truncation, data.unlabeled=drop)")
         + (f", first{_places(d.dropped_where)}" if d.dropped_where else "")
         + (f"; {d.unlabeled} kept with no label token (data.unlabeled=keep, as the reference recipe)"

@@ -172,8 +172,8 @@ def _pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], cfg: DataSe
                 lead: tuple[int, ...] = (), bos: int | None = None) -> Chunk:
     """Per pair ``(prompt, chosen, rejected)`` ids -> a :class:`Chunk` of two rows per pair (prompt + chosen, prompt
     + rejected; labels on the answers), cut to ``data.max_length`` with the prompt the same on both rows. A pair
-    whose prompt leaves no answer token on a side compares nothing: it is dropped and counted as unlabeled (the
-    data report's line), whatever ``data.unlabeled`` says."""
+    whose prompt leaves no answer token on a side, or whose sides are the same tokens, compares nothing: it is
+    dropped and counted as unlabeled (the data report's line), whatever ``data.unlabeled`` says."""
     flat: list[int] = []
     flat_mask: list[int] = []
     lens, counts, dropped = [], [], []
@@ -182,7 +182,10 @@ def _pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], cfg: DataSe
         prompt, chosen, rejected, cut = truncate_pair(prompt, chosen, rejected, cfg.max_length, cfg.truncation,
                                                       head_length(prompt, lead, bos))
         truncated += cut
-        if not chosen or not rejected or (not prompt and (len(chosen) < 2 or len(rejected) < 2)):
+        # Two sides that became the same tokens (cut before they differ, or texts the template makes alike):
+        # a margin of exactly 0 for ever, no gradient, and a pair counted wrong in the accuracies.
+        if not chosen or not rejected or chosen == rejected or \
+                (not prompt and (len(chosen) < 2 or len(rejected) < 2)):
             unlabeled += 1
             dropped.append(j)
             continue
@@ -287,9 +290,11 @@ class _ChunkTokenizer:
 
     def pairs(self, pairs: list[Pair]) -> Chunk:
         """Both sides of each pair rendered like an SFT conversation with labels on the last answer only. Under a
-        chat template the prompt is encoded whole, as inference encodes it, and the answer on its own (TRL's
-        way): encoded piece by piece, a SentencePiece-style tokenizer put a word-start marker before every
-        turn."""
+        chat template each side (prompt and answer) is encoded whole and labelled by character offsets, as SFT
+        and inference encode it (and TRL's DPO: prompt + completion as one text): encoded on its own, the answer
+        of a SentencePiece-style tokenizer (Llama 2, Mistral) started with a word-start marker the whole text has
+        not. The prompt is the tokens both sides share; a token merged across the prompt's end belongs to the
+        answer."""
         def render(c: Conversation) -> list[tuple[str, bool]]:
             segs = self.template.segments(c, self.tok, "last")
             if self.template.add_special_tokens:
@@ -297,12 +302,20 @@ class _ChunkTokenizer:
             return [("".join(text for text, _ in segs[:-1]), False), segs[-1]]
 
         done, skipped = self._each(pairs, lambda p: (render(p.chosen), render(p.rejected)))
-        uniq = list(dict.fromkeys(text for _, both in done for segs in both for text, _ in segs))
-        ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
-        # The two sides must share their prompt's tokens: a pair whose template renders them apart is named too.
-        split, unsplit = self._each(done, lambda r: split_pair(
-            *[[(self.template.piece_ids(ids_of[text], k, self.lead), lab) for k, (text, lab) in enumerate(segs)]
-              for segs in r[1]], "data.template"), lambda r: r[0].where)
+        if self.encode_whole is not None:
+            sides = [segs for _, both in done for segs in both]
+            whole = self.encode_whole(["".join(text for text, _ in segs) for segs in sides])
+            runs = [_labelled_runs(segs, ids, offs) for segs, (ids, offs) in zip(sides, whole, strict=True)]
+            tokenized = [(both, (runs[2 * i], runs[2 * i + 1])) for i, (_, both) in enumerate(done)]
+        else:
+            uniq = list(dict.fromkeys(text for _, both in done for segs in both for text, _ in segs))
+            ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
+            tokenized = [(both, tuple([(self.template.piece_ids(ids_of[text], k, self.lead), lab)
+                                       for k, (text, lab) in enumerate(segs)] for segs in both)) for _, both in done]
+        # The two sides must share their prompt: a pair whose template renders them apart is named too.
+        split, unsplit = self._each([(pair, tk) for (pair, _), tk in zip(done, tokenized, strict=True)],
+                                    lambda r: split_pair(*r[1][1], "data.template", *r[1][0]),
+                                    lambda r: r[0].where)
         c = _pack_pairs([parts for _, parts in split], self.cfg, [pair.where for (pair, _), _ in split], self.lead,
                         self.tok.bos_token_id)
         c.skipped = skipped + unsplit
