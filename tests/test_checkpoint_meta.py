@@ -10,17 +10,24 @@ import pytest
 
 from ia3_dist.errors import UsageError
 from ia3_dist.runtime import portable
-from ia3_dist.runtime.checkpoint import LAYOUT, MUST_MATCH, RECORDED_SINCE_2, check_compatible, resume_line
+from ia3_dist.runtime.checkpoint import (
+    LAYOUT,
+    MUST_MATCH,
+    RECORDED_LATER,
+    RECORDED_SINCE_2,
+    check_compatible,
+    resume_line,
+)
 
 META = {"world_size": 2, "micro_batch_size": 1, "grad_accum": 4, "seed": 42, "shuffle": True, "total_steps": 12,
         "data_key": "abc123", "n_examples": 96, "eval_ratio": 0.0, "group_by_length": False, "order_version": 2,
         "global_batch": 8, "zero_stage": 2, "precision": "fp32", "offload_optimizer": False,
         "model_key": "bloom-0123456789abcdef", "ia3": '{"variant": "default"}', "schedule": "lr 0.003, linear",
-        "objective": "sft", "eval_key": "none", "bench_key": "none"}
+        "objective": "sft", "eval_key": "none", "bench_key": "none", "reference_start": "0f" * 16}
 CHANGED = {"seed": 7, "shuffle": False, "total_steps": 24, "data_key": "def456", "n_examples": 95,
            "group_by_length": True, "order_version": 1, "precision": "bf16", "model_key": "llama-0123456789abcdef",
            "ia3": '{"variant": "paper"}', "schedule": "lr 0.01, linear",
-           "objective": "dpo beta=0.1 loss_type=sigmoid label_smoothing=0.0"}
+           "objective": "dpo beta=0.1 loss_type=sigmoid label_smoothing=0.0", "reference_start": "a1" * 16}
 # The same 8 examples per step, cut otherwise.
 RECUT = [{"world_size": 1, "grad_accum": 8}, {"micro_batch_size": 2, "grad_accum": 2}, {"zero_stage": 3},
          {"world_size": 4, "grad_accum": 2, "zero_stage": 0}]
@@ -108,6 +115,41 @@ def test_checkpoint_of_an_earlier_version(tmp_path: Path) -> None:
     old = {k: v for k, v in META.items() if k not in (*RECORDED_SINCE_2, "global_batch")}
     meta, moved = check_compatible(_ckpt(tmp_path, old, state=False), {**META, "precision": "bf16"})
     assert not moved
+
+
+def test_dpo_from_an_adapter_changed_since_the_start_is_refused(tmp_path: Path) -> None:
+    """A DPO run from ia3.init_from records that adapter's content: its reference is the starting model, so a
+    resume after the adapter was retrained in place (same path, the only thing `ia3` records) would compute
+    another reference for the rest of the run. Refused naming the adapter; a copy elsewhere is the same adapter,
+    and a checkpoint of a version that did not record it resumes as before."""
+    from types import SimpleNamespace
+
+    from ia3_dist.config import load_config
+    from ia3_dist.train.prepare import run_keys
+
+    adapter = tmp_path / "sft" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"vectors-1")
+    (adapter / "adapter_config.json").write_text("{}")
+    mc = SimpleNamespace(model_type="bloom", to_dict=lambda: {"n_layer": 2})
+
+    def keys(objective: str = "dpo", init: Path = adapter) -> dict:
+        cfg = load_config("configs/tiny-cpu.yaml", [f"train.objective={objective}", f"ia3.init_from={init}"])
+        return run_keys(cfg, mc)
+
+    start = keys()
+    assert "reference_start" in start and "reference_start" not in keys("simpo")
+    import shutil
+
+    shutil.copytree(adapter, tmp_path / "copy")
+    assert keys(init=tmp_path / "copy")["reference_start"] == start["reference_start"]
+    ck = _ckpt(tmp_path, {**META, "reference_start": start["reference_start"]})
+    (adapter / "adapter_model.safetensors").write_bytes(b"vectors-2")  # the SFT run trained again in place
+    with pytest.raises(UsageError, match="reference_start=.*ia3.init_from changed since the run started"):
+        check_compatible(ck, {**META, "reference_start": keys()["reference_start"]})
+    older = {k: v for k, v in META.items() if k not in RECORDED_LATER}
+    shutil.rmtree(ck.parent)
+    assert not check_compatible(_ckpt(tmp_path, older), {**META, "reference_start": keys()["reference_start"]})[1]
 
 
 def _portable(tmp_path: Path, info: dict | None = None, state: bytes | None = None) -> Path:

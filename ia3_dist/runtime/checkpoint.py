@@ -46,15 +46,20 @@ LAYOUT = ("world_size", "micro_batch_size", "grad_accum", "zero_stage")
 its resume as long as the global batch stays: every step then trains the same examples (the sampler's order is a
 function of the global batch, not of its cut) and :mod:`.portable` carries the trainable state across."""
 MUST_MATCH = ("global_batch", "seed", "shuffle", "total_steps", "data_key", "n_examples", "group_by_length",
-              "order_version", "precision", "model_key", "ia3", "schedule", "objective")
+              "order_version", "precision", "model_key", "ia3", "schedule", "objective", "reference_start")
 """Keys of meta.json that must match the resuming run for the continuation to be exact. Checkpoints of earlier
 versions lack some (they are checked where present; ``global_batch`` is computed from the layout)."""
 RECORDED_SINCE_2 = ("precision", "model_key", "ia3", "schedule", "zero_stage", "offload_optimizer")
 """Keys meta.json has held since layout-independent checkpoints (meta ``version`` 2); older ones resume unchecked
 on them, as before."""
+RECORDED_LATER = ("reference_start",)
+"""Keys checked only where the checkpoint records them (written by later versions)."""
 FIX = {
     "group_by_length": "set data.group_by_length explicitly to the saved value (its default follows the "
                        "micro-batch)",
+    "reference_start": "the adapter at ia3.init_from changed since the run started (retrained or replaced), so "
+                       "the DPO reference (the starting model) would change halfway; put the adapter the run started "
+                       "from back, or start a new run in a new output.dir",
     "data_key": "the tokens differ: other data, tokenizer or data.* settings; a checkpoint of an earlier "
                 "ia3-dist whose tokenizer.json carries truncation or padding settings is keyed otherwise too. "
                 "Restore what differs, or continue in a new output.dir from the checkpoint's vectors with "
@@ -83,6 +88,7 @@ META_TYPES: dict[str, str] = {
     "data_key": "str", "eval_ratio": "ratio", "global_batch": "int", "zero_stage": "int", "precision": "str",
     "model_key": "str", "ia3": "str", "schedule": "str", "examples_consumed": "int",
     "offload_optimizer": "bool", "objective": "str", "eval_pending": "bool", "eval_key": "str", "bench_key": "str",
+    "reference_start": "str",
 }
 """The fields of meta.json a resume reads, by kind; each is checked in :func:`read_meta` before anything uses it
 (``True == 1`` and ``2.0 == 2`` in Python, so a bool or a float would otherwise pass for an int)."""
@@ -284,7 +290,7 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
                          f"train.global_batch_size={show(saved_g)} (train.grad_accum then follows the number of "
                          f"ranks), or resume with the saved layout")
     for k in MUST_MATCH:
-        if k == "global_batch" or (k in RECORDED_SINCE_2 and k not in meta):
+        if k == "global_batch" or (k in RECORDED_SINCE_2 + RECORDED_LATER and k not in meta):
             continue
         # Checkpoints from before train.objective are SFT runs.
         default = "sft" if k == "objective" else None

@@ -173,7 +173,14 @@ def run_keys(cfg: RunConfig, model_config: Any) -> dict[str, str]:
     elif t.objective == "simpo":
         objective += (f" beta={t.beta} simpo_gamma={t.simpo_gamma} cpo_alpha={t.cpo_alpha} "
                       f"label_smoothing={t.label_smoothing}")
-    return {"model_key": f"{getattr(model_config, 'model_type', '?')}-{digest}",
+    # DPO's reference is the model the run starts from: with ia3.init_from, that adapter's content (a resume
+    # after it was retrained in place would compute another reference for the rest of the run).
+    start = {}
+    if t.objective == "dpo" and ia3.init_from:
+        from .objectives.reference import adapter_digest
+
+        start = {"reference_start": adapter_digest(Path(ia3.init_from))}
+    return {"model_key": f"{getattr(model_config, 'model_type', '?')}-{digest}", **start,
             "ia3": json.dumps(asdict(ia3), sort_keys=True), "objective": objective,
             "schedule": f"lr {t.lr}, {t.scheduler}, warmup {t.warmup_steps}, weight_decay {t.weight_decay}, betas "
                         f"{t.betas}, eps {t.eps}, grad_clip {t.grad_clip}"}

@@ -44,6 +44,20 @@ def _files_digest(h: Any, path: Path, content: bool) -> None:
             h.update(f.read_bytes())
 
 
+def adapter_digest(path: Path) -> str:
+    """The content of a starting adapter (``ia3.init_from``): its files' names, sizes and bytes, not their times
+    (a copy is the same adapter)."""
+    h = hashlib.sha256()
+    if not path.is_dir():
+        h.update(str(path).encode())
+    else:
+        for f in sorted(x for x in path.iterdir() if x.is_file()):
+            h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+            if f.stat().st_size <= 64 << 20:
+                h.update(f.read_bytes())
+    return h.hexdigest()[:32]
+
+
 def reference_key(p: Any, data: TokenizedData, batches: list[list[int]] | None = None) -> str:
     """What the reference depends on: the examples (cache and rows), the base model's files, the starting adapter,
     precision, attention implementation and the batches the pairs are scored in (their padding, and in a low
