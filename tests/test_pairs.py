@@ -219,6 +219,15 @@ def test_batch_is_trls_layout(tmp_path: Path, tiny_tokenizer) -> None:
     assert int(b["is_nll"].sum()) == sum(len(data.example(s)[0]) - 1 for s in (2, 6))
     assert (b["row"] == b["pos"] // width).all() and b["n_answer"].tolist()[0] == float(lab[b["row"] == 0].sum())
     assert b["pair_index"].tolist() == [1, 3]
+    # row_gather: each row's kept positions in order, padded with the index of an appended zero; row sums through
+    # it are index_add's (exactly here: integers) over a fixed shape.
+    from ia3_dist.train.objectives.preference import row_sums
+
+    g, n = b["row_gather"], len(b["pos"])
+    assert g.shape == (4, int(torch.bincount(b["row"]).max()))
+    assert [r[r < n].tolist() for r in g] == [torch.nonzero(b["row"] == i).flatten().tolist() for i in range(4)]
+    vals = torch.arange(n, dtype=torch.float64)
+    assert row_sums(vals, g).tolist() == torch.zeros(4, dtype=torch.float64).index_add(0, b["row"], vals).tolist()
 
 
 def test_consecutive_micro_batches_for_pairs() -> None:
@@ -246,7 +255,7 @@ def test_dpo_losses_by_hand(loss_type: str) -> None:
     obj = Preference(t)
     # One pair; per-token log-probs at positions of row 0 (chosen: 2 tokens) and row 1 (rejected: 1 token).
     lp = torch.tensor([-1.0, -2.0, -4.0])
-    b = {"row": torch.tensor([0, 0, 1]), "is_label": torch.tensor([True, True, True]),
+    b = {"row_gather": torch.tensor([[0, 1], [2, 3]]), "is_label": torch.tensor([True, True, True]),
          "is_nll": torch.zeros(3, dtype=torch.bool), "n_answer": torch.tensor([2.0, 1.0])}
     ref = torch.tensor([[-2.5, -3.0]], dtype=torch.float64)
     loss, metrics = obj.loss(lp, b, ref)

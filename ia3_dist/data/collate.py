@@ -86,9 +86,17 @@ def pair_batch(data: TokenizedData, idx: list[int], pad_id: int, nll: str) -> di
     pos = np.flatnonzero(keep)
     nxt_ids = np.zeros(ids.shape, dtype=ids.dtype)
     nxt_ids[:, :-1] = ids[:, 1:]
+    row = pos // width
+    # Each row's positions as a (rows, most per row) index into the kept values, padded with len(pos) (a zero
+    # appended to them): a row's sum is then a gather and a sum over a fixed shape, the same bits on every device
+    # and in every pass (the reference's and the step's), where index_add on a GPU adds in atomics' order.
+    counts = np.bincount(row, minlength=rows)
+    gather = np.full((rows, max(int(counts.max(initial=0)), 1)), len(pos), dtype=np.int64)
+    gather[row, np.arange(len(pos)) - np.repeat(np.cumsum(counts) - counts, counts)] = np.arange(len(pos))
     out = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
            "pos": torch.from_numpy(pos), "target": torch.from_numpy(nxt_ids.reshape(-1)[pos]),
-           "row": torch.from_numpy(pos // width), "is_label": torch.from_numpy(is_label.reshape(-1)[pos]),
+           "row": torch.from_numpy(row), "row_gather": torch.from_numpy(gather),
+           "is_label": torch.from_numpy(is_label.reshape(-1)[pos]),
            "is_nll": torch.from_numpy(is_nll.reshape(-1)[pos]),
            "n_answer": torch.from_numpy(is_label.sum(1).astype(np.float64)),
            "pair_index": b["pair_index"]}

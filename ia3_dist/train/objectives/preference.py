@@ -50,6 +50,16 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
                        torch.log(-torch.expm1(x.clamp(min=t, max=-1e-30))))
 
 
+def row_sums(values: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum of its positions' ``values`` (``gather``: :func:`..data.collate.pair_batch`'s
+    ``row_gather``), with no host sync. Deterministic, so the reference pass and the step add alike (a pair whose
+    policy is still the reference has a margin of exactly 0): on the CPU a running sum, in order (what index_add
+    gives, and the same bits whatever else is in the micro-batch: the padding zeros come after); on a GPU, where
+    index_add adds in atomics' order and a float cumsum may too, a reduction over the fixed shape."""
+    per_row = torch.cat([values, values.new_zeros(1)])[gather]
+    return per_row.cumsum(1)[:, -1] if per_row.device.type == "cpu" else per_row.sum(1)
+
+
 def nll_parts(lp: torch.Tensor, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the NLL tokens' negative log-probs, how many there are) in the micro-batch ``b``; zeros where it
     has none (DPO, SimPO without ``cpo_alpha``)."""
@@ -192,7 +202,7 @@ class Preference:
         rows = len(b["n_answer"])
         m = rows // 2
         lab = b["is_label"]
-        sums = torch.zeros(rows, dtype=lp.dtype, device=lp.device).index_add(0, b["row"], torch.where(lab, lp, 0.0))
+        sums = row_sums(torch.where(lab, lp, 0.0), b["row_gather"])
         n_answer = b["n_answer"].to(lp.dtype)
         if self.name == "dpo":
             chosen, rejected = sums[:m], sums[m:]

@@ -26,8 +26,9 @@ from ...data.sampler import plan_epoch, rank_slice, strided_batches
 from ...data.tokens import TokenizedData
 from ...runtime import dist
 from ..evaluate import eval_mode
+from .preference import row_sums
 
-VERSION = 4  # 4: the training split in the first epoch's micro-batches
+VERSION = 5  # 4: the training split in the first epoch's micro-batches; 5: summed by row_sums on the device
 """Bumped when the stored values change meaning (2: summed in the training dtype; 3: batched as training)."""
 
 
@@ -122,12 +123,14 @@ def reference_logps(tr: Any, data: TokenizedData, split: str) -> np.ndarray:
     with eval_mode(engine.module), torch.no_grad():
         for idx in mine:
             b = pair_batch(data, idx or [0], tr.pad_id, "")
-            d = to_device({name: b[name] for name in ("input_ids", "attention_mask", "pos", "target")}, engine.device)
+            d = to_device({name: b[name] for name in ("input_ids", "attention_mask", "pos", "target", "row_gather")},
+                          engine.device)
+            gather = d.pop("row_gather")
             lp = engine(**d)
             rows = len(b["n_answer"])
-            # Summed in the dtype and order the training step sums in: a pair whose policy is still the
-            # reference then has a margin of exactly 0, as in TRL, where both come from one forward pass.
-            sums = torch.zeros(rows, dtype=lp.dtype).index_add(0, b["row"], lp.detach().cpu()).double()
+            # Summed on the device, in the dtype and by the op the training step sums with: a pair whose policy is
+            # still the reference then has a margin of exactly 0, as in TRL, where both come from one forward pass.
+            sums = row_sums(lp.detach(), gather).double().cpu()
             if idx:
                 m = rows // 2
                 table[torch.as_tensor(idx)] = torch.stack([sums[:m], sums[m:]], 1)
