@@ -87,6 +87,14 @@ def test_checkpoints_equal_lm_eval_on_their_merged_exports(run: Path, tmp_path: 
     fresh = json.loads((tmp_path / "fresh" / "results.json").read_text())["rows"]
     for r in fresh:
         assert r["value"] == got[("step5", r["task"], r["metric"])], r
+    # The run's final adapter given alone: its results go to the run's eval/ (never into the adapter dir, which
+    # the next adapter replaces whole), beside the earlier rows; its own rows replace the final point's.
+    assert main(["eval", str(run / "adapter"), "--tasks", "tiny_mc", "--include", str(TASKS), "--limit", "3"]) == 0
+    assert "kept" in capsys.readouterr().out and not (run / "adapter" / "eval").exists()
+    after = {(r["checkpoint"], r["task"], r["metric"]): r["value"]
+             for r in json.loads((run / "eval" / "results.json").read_text())["rows"]}
+    assert set(after) == set(got)
+    assert all(after[k] == v for k, v in got.items() if k[0] == "step5" or k[1] == "heldout")
 
 
 @pytest.mark.slow
@@ -311,6 +319,38 @@ def test_summary_ranks_a_local_sweep_by_a_benchmark_metric(tmp_path: Path, tiny_
             assert len(set(values)) == 3, values  # three learning rates, three held-out losses: a real ordering
     assert main(["summary", str(d), "--metric", "tiny_mc"]) == 2
     assert "expected TASK/METRIC" in capsys.readouterr().err
+
+
+def test_results_go_to_the_run_never_into_an_adapter_dir_and_keep_earlier_rows(tmp_path: Path) -> None:
+    """Without --out: <run>/eval for a run dir and for the run's own adapter dir (written into the adapter dir,
+    they were removed with it when the run wrote its next adapter); an adapter dir outside a run needs --out.
+    eval/ is the run's: output.overwrite sets it aside with the rest, so the rows kept are always this run's."""
+    from ia3_dist.errors import UsageError
+    from ia3_dist.runtime import manifest
+    from ia3_dist.tools.benchmark import default_out, earlier_rows
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / manifest.MANIFEST).write_text("{}")
+    assert default_out(run, run) == run / "eval" and default_out(run / "adapter", None) == run / "eval"
+    (tmp_path / "loose").mkdir()
+    with pytest.raises(UsageError, match="an adapter dir outside a run; give --out"):
+        default_out(tmp_path / "loose", None)
+    assert "eval" in manifest.RUN_DIRS
+    f = run / "eval" / "results.json"
+    f.parent.mkdir()
+    good = {"checkpoint": "step5", "step": 5, "task": "t", "metric": "acc,none", "value": 0.5}
+    f.write_text(json.dumps({"rows": [good, {**good, "step": "5"}, {**good, "value": None}, "x"]}))
+    assert earlier_rows(f) == [good]
+    f.write_text("{not json")
+    assert earlier_rows(f) == [] and earlier_rows(run / "none.json") == []
+    # A run written in chunks (train.stop_after_steps) has a final point per chunk evaluated: summary takes the
+    # latest.
+    from ia3_dist.tools.summary import eval_value
+
+    finals = [{**good, "checkpoint": "final", "step": s, "value": v} for s, v in ((20, 0.75), (10, 0.25))]
+    f.write_text(json.dumps({"rows": [good, *finals]}))
+    assert eval_value(run, "t/acc,none") == 0.75
 
 
 def test_the_final_steps_checkpoint_name_picks_the_final_point(tmp_path: Path) -> None:

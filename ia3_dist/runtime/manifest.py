@@ -54,8 +54,10 @@ TRACKER_START = frozenset({"tensorboard", "wandb", "mlflow", "trackers.json"})
 # metrics.jsonl.tmp: a resume rewrites metrics.jsonl through it (train/metrics.py trim_metrics).
 RUN_FILES = SETUP_FILES | {"metrics.jsonl", "metrics.jsonl.tmp", "metrics.png", "trackers.json", "examples.jsonl",
                            "examples.jsonl.tmp"}
+EVAL_DIR = "eval"
+"""``ia3-dist eval``'s results of the run's checkpoints: the run's (output.overwrite sets them aside with it)."""
 # adapter.new: the adapter being written (runtime/adapter.py save_adapter).
-RUN_DIRS = frozenset({"adapter", "adapter.new", "tensorboard", "wandb", "mlflow", CHECKPOINTS, REPLACED})
+RUN_DIRS = frozenset({"adapter", "adapter.new", "tensorboard", "wandb", "mlflow", CHECKPOINTS, REPLACED, EVAL_DIR})
 ADAPTER_ASIDE = re.compile(r"adapter\.old\.[0-9a-f]{12}")
 """The adapter a new one replaces, set aside under a name of its own until it is removed (save_adapter)."""
 PROBE_PREFIX = ".ia3-dist-probe-"

@@ -310,6 +310,42 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return done
 
 
+def default_out(path: Path, run: Path | None) -> Path:
+    """Where results go without --out: ``<run>/eval``, for a run's final adapter (``<run>/adapter``) too. Never
+    into an adapter dir: the next adapter a run writes replaces that dir whole, and the dir is what users copy
+    and upload. An adapter dir outside a run needs --out."""
+    if run is not None:
+        return run / manifest.EVAL_DIR
+    if path.name == "adapter" and (path.parent / manifest.MANIFEST).is_file():
+        return path.parent / manifest.EVAL_DIR
+    raise UsageError(f"{path}: an adapter dir outside a run; give --out DIR for the results (they are never written "
+                     f"into the adapter dir)")
+
+
+def _row_key(r: dict) -> tuple:
+    return r["checkpoint"], r["step"], r["task"], r["metric"]
+
+
+def earlier_rows(f: Path) -> list[dict]:
+    """The rows of an earlier ``results.json`` in ``f`` that are well formed; none (with a note) if it cannot be
+    read. Read as untrusted: bounded, a regular file, never through a link."""
+    from .summary import MAX_RESULTS_BYTES
+
+    if not os.path.lexists(f):
+        return []
+    try:
+        rows = json.loads(safe_io.read_bounded(f, MAX_RESULTS_BYTES, "run ia3-dist eval again").decode("utf-8"),
+                          parse_constant=float)["rows"]
+        if not isinstance(rows, list):
+            raise TypeError("rows is not a list")
+    except (UsageError, OSError, ValueError, KeyError, TypeError) as e:
+        print(f"note: {f}: earlier results not readable ({str(e)[:200]}); it is replaced by this evaluation's")
+        return []
+    return [r for r in rows if isinstance(r, dict) and type(r.get("checkpoint")) is str
+            and type(r.get("step")) is int and type(r.get("task")) is str and type(r.get("metric")) is str
+            and type(r.get("value")) in (int, float)]
+
+
 def main(argv: list[str], prog: str) -> int:
     ap = argparse.ArgumentParser(prog=prog, description="Evaluate a run's checkpoints (or an adapter) on "
                                  "lm-evaluation-harness tasks, offline, with the base model loaded once, and on the "
@@ -322,7 +358,9 @@ def main(argv: list[str], prog: str) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--limit", type=int, help="at most this many documents per task")
     ap.add_argument("--base", help="the base model (default: the adapter's base_model_name_or_path)")
-    ap.add_argument("--out", type=Path, help="where results.json and the plots go (default: <run>/eval)")
+    ap.add_argument("--out", type=Path, help="where results.json and the plots go (default: <run>/eval, for a "
+                    "run's adapter dir too; an adapter dir elsewhere needs --out); rows of earlier evaluations "
+                    "there stay, a point evaluated again replaces its own")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -338,7 +376,7 @@ def main(argv: list[str], prog: str) -> int:
         raise UsageError(f"--tasks: {run} has no held-out data (its run.yaml sets no data.eval_ratio or "
                          f"data.eval_path for train.objective sft), so there is nothing to evaluate without tasks; "
                          f"name lm-eval tasks")
-    out = args.out or ((run or path) / "eval")
+    out = args.out or default_out(path, run)
     if args.out is None and out.is_symlink():  # a run dir from elsewhere decides nothing about where we write
         raise UsageError(f"{out}: a link; evaluation results go into a real directory there, or give --out")
     # Before any checkpoint is evaluated: found only when the results are written, they would be lost.
@@ -364,11 +402,19 @@ def main(argv: list[str], prog: str) -> int:
     except OSError as e:  # checked before the evaluation: changed since
         raise UsageError(f"--out {out}: cannot create it ({e.strerror or e}); the results were:\n{table(rows)}") \
             from None
-    text = json.dumps({"tasks": tasks, "rows": rows}, indent=1) + "\n"
+    # Beside the rows of earlier evaluations (other tasks, other checkpoints); a point evaluated again replaces its
+    # rows.
+    earlier = earlier_rows(out / RESULTS)
+    new = {_row_key(r) for r in rows}
+    kept = [r for r in earlier if _row_key(r) not in new]
+    every = kept + rows
+    text = json.dumps({"tasks": sorted({r["task"] for r in every} - {"heldout"}), "rows": every}, indent=1) + "\n"
     # Never through a link planted in a run dir from elsewhere; atomically, for `ia3-dist summary --metric`.
     safe_io.write_file(out / RESULTS, lambda f: f.write(text.encode("utf-8")), "--out ")
     print(table(rows))
-    for f in plot(rows, out):
+    if kept:
+        print(f"kept {len(kept)} row(s) of earlier evaluations in {out / RESULTS}")
+    for f in plot(every, out):
         print(f"wrote {f}")
     print(f"results: {out / RESULTS}")
     bad = [r for r in rows if not math.isfinite(r["value"])]

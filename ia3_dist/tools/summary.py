@@ -54,7 +54,7 @@ import yaml
 from ..config.load import MAX_CONFIG_BYTES, RunConfigLoader
 from ..config.schema import brief, show
 from ..errors import UsageError
-from ..runtime.manifest import PID_FILE, adapter_record, pid_file_alive
+from ..runtime.manifest import EVAL_DIR, PID_FILE, adapter_record, pid_file_alive
 from ..runtime.safe_io import read_bounded
 from ..train.plots import MAX_RECORDS, last_step, note, overlay_figure, save_figure, scan_metrics
 
@@ -650,7 +650,7 @@ def eval_value(d: Path, metric: str) -> float | None:
     """The run's value of ``metric`` (``TASK/METRIC`` as in ``<run>/eval/results.json``, e.g. ``tiny_mc/acc,none``
     or ``heldout/loss``): its final adapter's row, else its latest checkpoint's; None without one. Read as
     untrusted: bounded, a regular file, anything malformed is a note and no value."""
-    f = d / "eval" / RESULTS
+    f = d / EVAL_DIR / RESULTS
     if not os.path.lexists(f):
         return None
     task, _, name = metric.partition("/")
@@ -666,7 +666,8 @@ def eval_value(d: Path, metric: str) -> float | None:
         return None
     # The final adapter's value even where it is not finite: falling back to an earlier checkpoint's ranked a run
     # that diverged by a value it no longer has.
-    final = [r for r in hits if r.get("checkpoint") == "final"]
+    # The latest final adapter's (a run written in chunks, train.stop_after_steps, has one per chunk evaluated).
+    final = sorted((r for r in hits if r.get("checkpoint") == "final"), key=lambda r: r["step"])[-1:]
     best = final or sorted(hits, key=lambda r: r["step"])[-1:]
     return float(best[0]["value"]) if best else None
 
