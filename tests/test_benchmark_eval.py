@@ -199,6 +199,33 @@ def test_task_data_preflight_follows_lm_evals_include_path(tmp_path: Path) -> No
     _local_task_files(ok)
 
 
+def test_task_data_preflight_resolves_files_as_datasets_does(tmp_path: Path, monkeypatch) -> None:
+    """datasets resolves relative data_files in dataset_path where that is a local dir (and its data_dir), in
+    data_dir for a packaged builder (json): such tasks pass the preflight, as datasets loads them from anywhere,
+    and a missing file there is still refused."""
+    from datasets import load_dataset
+
+    from ia3_dist.errors import UsageError
+    from ia3_dist.train.benchmarks import _local_task_files
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "test.jsonl").write_text('{"q": 1}\n')
+    monkeypatch.chdir(tmp_path)  # not where the files are named from
+    layouts = {"local": (str(data), {"data_dir": "sub"}), "json": ("json", {"data_dir": str(data / "sub")})}
+    for name, (path, extra) in layouts.items():
+        d = tmp_path / f"tasks-{name}"
+        d.mkdir()
+        kw = {**extra, "data_files": {"test": "test.jsonl"}}
+        (d / "t.yaml").write_text(json.dumps({"task": "t", "dataset_path": path, "dataset_kwargs": kw}))
+        _local_task_files(d)
+        assert len(load_dataset(path, **kw)["test"]) == 1, name  # what lm-eval calls
+        (d / "t.yaml").write_text(json.dumps({"task": "t", "dataset_path": path,
+                                              "dataset_kwargs": {**kw, "data_files": {"test": "none.jsonl"}}}))
+        with pytest.raises(UsageError, match="names data file none.jsonl .*not on this machine"):
+            _local_task_files(d)
+
+
 @pytest.mark.slow
 def test_refusals_before_anything_loads(run: Path, tmp_path: Path, monkeypatch,
                                         capsys: pytest.CaptureFixture) -> None:

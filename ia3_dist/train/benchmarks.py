@@ -56,6 +56,16 @@ def _data_files(files: Any) -> list[tuple[str, Any]]:
     return [("train", files)] if files else []
 
 
+def _data_base(dataset_path: Any, data_dir: Any) -> Path:
+    """Where ``datasets`` resolves a task's relative ``data_files``: in ``dataset_path`` (and its ``data_dir``)
+    where that is a local directory, in ``data_dir`` for a packaged builder (``json``, ``csv``), else in the
+    working directory."""
+    sub = Path(data_dir).expanduser() if isinstance(data_dir, str) and data_dir else Path()
+    if isinstance(dataset_path, str) and dataset_path and Path(dataset_path).expanduser().is_dir():
+        return Path(dataset_path).expanduser() / sub
+    return sub
+
+
 def _task_files(include: Path) -> Iterator[tuple[Path, dict[str, Any], list[tuple[str, str, list[Path]]]]]:
     """Each local task YAML under ``include`` (recursively, as lm-eval's TaskManager indexes an include path: a
     task in a subfolder runs as well), its spec, and ``(split, name, files here)`` for each data file it names."""
@@ -72,11 +82,13 @@ def _task_files(include: Path) -> Iterator[tuple[Path, dict[str, Any], list[tupl
         if not isinstance(spec, dict):
             raise UsageError(f"{f}: a task file is a mapping (task, dataset_path, output_type, ...)")
         kwargs = spec.get("dataset_kwargs")
+        kwargs = kwargs if isinstance(kwargs, dict) else {}
+        base = _data_base(spec.get("dataset_path"), kwargs.get("data_dir"))
         named = []
-        for split, one in _data_files(kwargs.get("data_files") if isinstance(kwargs, dict) else None):
+        for split, one in _data_files(kwargs.get("data_files")):
             if not isinstance(one, str):
                 continue  # not a path; datasets refuses it with its own message
-            p = Path(one).expanduser()  # datasets resolves a relative path from the working directory
+            p = base / Path(one).expanduser()  # an absolute path stays as it is
             # datasets also takes glob patterns (data/*.jsonl).
             found = ([Path(g) for g in sorted(glob.glob(str(p), recursive=True)) if Path(g).is_file()]
                      if any(c in one for c in "*?[") else [p] if p.is_file() else [])
