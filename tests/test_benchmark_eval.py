@@ -364,6 +364,13 @@ def test_results_go_to_the_run_never_into_an_adapter_dir_and_keep_earlier_rows(t
     with pytest.raises(UsageError, match="an adapter dir outside a run; give --out"):
         default_out(tmp_path / "loose", None)
     assert "eval" in manifest.RUN_DIRS
+    # The base loads in the run's precision (what its own evaluations ran in; half fp32's memory in bf16).
+    from ia3_dist.config import load_config
+    from ia3_dist.tools.benchmark import run_precision
+
+    assert run_precision(run) == "fp32"  # no run.yaml
+    (run / "run.yaml").write_text(load_config(ROOT / TINY, ["train.precision=bf16"]).to_yaml())
+    assert run_precision(run) == "bf16"
     f = run / "eval" / "results.json"
     f.parent.mkdir()
     good = {"checkpoint": "step5", "step": 5, "task": "t", "metric": "acc,none", "value": 0.5}

@@ -232,7 +232,7 @@ def heldout_loss(model: Any, tok: Any, data: Any, batch: int, env: DistEnv | Non
 
 def evaluate_points(adapter: Path, pts: list[Point], tasks: list[str], tm: Any, batch_size: int,
                     limit: int | None, run: Path | None, base: str | None = None,
-                    env: DistEnv | None = None) -> list[dict]:
+                    env: DistEnv | None = None, dtype: str = "fp32") -> list[dict]:
     """Rows ``{checkpoint, step, task, metric, value}``: the base loaded once, each point's vectors swapped in.
     On several ranks each evaluates its share of every task and of the held-out data; rank 0 returns the rows,
     the others ``[]``."""
@@ -240,7 +240,7 @@ def evaluate_points(adapter: Path, pts: list[Point], tasks: list[str], tm: Any, 
     from .inference import load_for_inference
 
     env = env or DistEnv(0, 0, 1, 1)
-    model, tok, _, _ = load_for_inference(str(adapter), base)
+    model, tok, _, _ = load_for_inference(str(adapter), base, dtype)
     final = loaded_vectors(model)  # before fix_query_scales, as the final adapter's file holds them
     if torch.cuda.is_available():
         model.to(torch.device("cuda", dist.device_index(env)))
@@ -310,6 +310,16 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return done
 
 
+def run_precision(run: Path) -> str:
+    """The run's ``train.precision`` (its run.yaml): what its own evaluations ran in, and half the host memory of
+    fp32 for a bf16 run's base; fp32 where there is no run.yaml."""
+    if not (run / "run.yaml").is_file():
+        return "fp32"
+    from ..config import load_config
+
+    return load_config(run / "run.yaml").train.precision
+
+
 def default_out(path: Path, run: Path | None) -> Path:
     """Where results go without --out: ``<run>/eval``, for a run's final adapter (``<run>/adapter``) too. Never
     into an adapter dir: the next adapter a run writes replaces that dir whole, and the dir is what users copy
@@ -358,6 +368,9 @@ def main(argv: list[str], prog: str) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--limit", type=int, help="at most this many documents per task")
     ap.add_argument("--base", help="the base model (default: the adapter's base_model_name_or_path)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                    help="the base model's dtype (default: the run's train.precision, as training evaluated in; "
+                         "fp32 for an adapter dir outside a run)")
     ap.add_argument("--out", type=Path, help="where results.json and the plots go (default: <run>/eval, for a "
                     "run's adapter dir too; an adapter dir elsewhere needs --out); rows of earlier evaluations "
                     "there stay, a point evaluated again replaces its own")
@@ -392,7 +405,8 @@ def main(argv: list[str], prog: str) -> int:
         dist.setup_threads(env)
         dist.init(env)
     try:
-        rows = evaluate_points(adapter, pts, tasks, tm, args.batch_size, args.limit, run, args.base, env)
+        rows = evaluate_points(adapter, pts, tasks, tm, args.batch_size, args.limit, run, args.base, env,
+                               args.dtype or run_precision(run if run is not None else path.parent))
     finally:
         dist.destroy()
     if not env.is_main:
