@@ -183,6 +183,24 @@ def test_flex_attention_training_is_refused_on_cpu(tmp_path: Path, tiny_model: P
     assert "model.attention" in err and "no backward pass on CPU" in err, err
 
 
+def test_packing_with_flash_attention_at_micro_batch_2_is_refused(tmp_path: Path, family_models: dict[str, Path],
+                                                                  capsys) -> None:
+    """A config.json naming flash-attention: transformers keeps packed documents apart under flash only in a
+    one-row batch, so packing at micro-batch 2 would attend across documents silently. Exit 2 naming both keys."""
+    import json
+    import shutil
+
+    from test_config_hardening import check_exits_2
+
+    model = tmp_path / "flash-model"
+    shutil.copytree(family_models["llama"], model)
+    conf = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**conf, "attn_implementation": "flash_attention_2"}))
+    err = check_exits_2(tmp_path, model, capsys, ["data.packing=true", "train.micro_batch_size=2",
+                                                  "train.grad_accum=2"])
+    assert "data.packing" in err and "flash_attention_2" in err and "train.micro_batch_size=1" in err, err
+
+
 def test_bf16_on_a_gpu_without_native_bf16_is_refused() -> None:
     """A V100 (7.0) or T4 (7.5) emulates bf16 or fails in DeepSpeed's kernels: exit 2 naming train.precision and
     the GPU, before any rank waits. The device is a stand-in (this machine has none); fp16, fp32 and the CPU pass."""

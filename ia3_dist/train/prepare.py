@@ -88,6 +88,19 @@ class Prepared:
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
+def check_packed_attention(cfg: RunConfig, model_config: Any) -> None:
+    """Packing with a flash-attention implementation (a model's config.json may name one) keeps documents apart
+    only in a one-row batch: transformers passes flash no mask and reads packed documents from the positions
+    when the batch has a single row, so at micro-batch 2 or more every document would attend to the ones before
+    it in its row, silently. Refused there, naming both keys."""
+    impl = getattr(model_config, "_attn_implementation", None) or ""
+    if cfg.data.packing and "flash" in str(impl) and cfg.train.micro_batch_size != 1:
+        fail("data.packing", f"with the model's attention implementation {impl} (its config.json) keeps packed "
+                             f"documents apart only at train.micro_batch_size=1 (transformers' flash path reads "
+                             f"them from the positions of a one-row batch); set train.micro_batch_size=1, or "
+                             f"data.packing=false")
+
+
 def check_device_precision(precision: str, cuda: Any = None) -> None:
     """bf16 on a GPU without native bf16 (before Ampere: V100, T4) exits 2 before any rank waits: torch would
     emulate it (several times slower) or DeepSpeed's kernels fail mid-step. ``cuda``: torch.cuda (a stand-in in
@@ -317,6 +330,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     model_config = load_model_config(model_path, cfg.model, files_dir)
     _, support = support_case(model_config, cfg.ia3)
     check_final_logits(model_config)  # exit 2 here, not at the first loss once every rank has loaded the model
+    check_packed_attention(cfg, model_config)  # before the meta build, which needs the implementation installed
     # On the meta device (no memory, milliseconds): the structure the losses use, names that match no module and a
     # starting adapter that does not fit fail here, not after the ranks have met.
     on_meta = _meta_build(model_config, cfg, env)

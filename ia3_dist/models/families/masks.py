@@ -115,6 +115,9 @@ def rotary_packed(layout: MaskLayout) -> Callable[[nn.Module], PackedInputs]:
                 if mask is not None:
                     return {"attention_mask": _for_implementation(mask, impl, dtype),  # type: ignore[arg-type]
                             "position_ids": position_ids}
+            # Flash reads packed documents from the positions only in a one-row batch (the preflight refuses
+            # packing with flash at micro-batch > 1): with more rows it would attend across documents.
+            assert not ("flash" in str(impl) and seq_ids.shape[0] > 1), f"packed rows under {impl}: one row only"
             return {"attention_mask": None, "position_ids": position_ids}
 
         return inputs
