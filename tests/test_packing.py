@@ -182,6 +182,20 @@ def test_auto_pack_length_and_efficiency_on_the_shared_alpaca_records(shared_dat
     print(f"pack_length {cap}: efficiency {eff:.3f}, {rows_per_step:.1f} rows per step, shapes {sorted(shapes)}")
 
 
+def test_efficiency_counts_the_filler_rows_of_empty_micro_steps() -> None:
+    """At micro-batch 1 x accumulation 8, eight 10-token examples pack into 2 rows of 64: the 6 micro-steps left
+    empty each run a filler row at weight 0, so 8 rows of slots are computed (15.6% real tokens), not 2 (62.5%);
+    auto then keeps the narrowest width instead of widening into more empty micro-steps."""
+    lengths = np.full(8, 10)
+    steps = [[[i] for i in range(8)]]
+    eff, rows = efficiency(steps, lengths, 8, 1, 64)
+    assert (eff, rows) == (80 / 512, 8.0)
+    assert efficiency([[list(range(8))]], lengths, 1, 1, 64) == (80 / 128, 2.0)  # micro 8 x 1: no filler
+    # A rank without examples in a step (a short last step) runs a filler per micro-step too.
+    assert efficiency([[[0], [], [], []]], lengths, 2, 2, 64) == (10 / 256, 4.0)
+    assert choose_pack_length(steps, lengths, 8, 1) == 64
+
+
 @pytest.mark.parametrize("args, key, says", [
     (["data.packing=true", "data.pack_length=32"], "data.pack_length", "longest example"),
     (["data.packing=true", "train.micro_batch_size=auto"], "data.packing", "micro_batch_size=auto"),

@@ -100,15 +100,18 @@ def collate_packed(data: TokenizedData, rows: Sequence[Sequence[int]], pad_id: i
 
 def efficiency(steps: list[list[list[int]]], lengths: np.ndarray, accum: int, world: int, cap: int
                ) -> tuple[float, float]:
-    """(real tokens / row slots, rows per optimizer step) over ``steps`` (the sampler's plan)."""
+    """(real tokens / row slots, rows per optimizer step) over ``steps`` (the sampler's plan). A micro-step left
+    without a row runs a filler row at weight 0 (:mod:`..train.objectives.sft`): its slots count, as its compute
+    does (at micro-batch 1, fewer rows than micro-steps make packing cost more than it saves)."""
     real = slots = 0
     for step in steps:
         for r in range(world):
             mbs = rank_slice(step, r, accum)
             if not any(mbs):
+                slots += len(mbs) * cap  # a rank without examples this step: a filler per micro-step
                 continue
             real += sum(int(lengths[i]) for mb in mbs for i in mb)
-            slots += sum(len(mb) for mb in pack_step(mbs, lengths, cap)) * cap
+            slots += sum(max(1, len(mb)) for mb in pack_step(mbs, lengths, cap)) * cap
     return real / max(slots, 1), slots / cap / max(len(steps), 1)
 
 

@@ -48,7 +48,15 @@ class SFT:
         s = StepStats(stop_requested=float(tr.stop.requested))
         sh = tr.shape
         for b, r in zip(batches, real, strict=True):
-            if r:
+            if not r:
+                # A filler (an empty micro-step: a short last step, or fewer packed rows than micro-steps) runs
+                # its forward and backward at weight 0: compute spent, counted as padding and executed work.
+                rows, seq = b["attention_mask"].shape
+                labels = float(len(b["label_pos"]))
+                chunked = labels if tr.chunk_rows and labels > tr.chunk_rows else 0.0
+                s += StepStats(padded_tokens=float(rows * seq), rows=float(rows),
+                               executed_flops=executed_flops(seq, rows, labels, sh, tr.recompute, chunked))
+            else:
                 mask = b["attention_mask"].numpy()
                 rows, seq = mask.shape
                 if "seq_ids" in b:  # packed: each document is a sequence of its own
