@@ -207,6 +207,17 @@ def test_a_template_that_ignores_tools_is_refused(tiny_tokenizer, tmp_path: Path
         type(conv.turns[0])(QUESTIONS[0], "", ANSWERS[0])]
     with pytest.raises(UsageError, match="does not render the record's tools"):
         Template("chat_template", chat_template=plain).segments(no_calls, tiny_tokenizer)
+    # A template that renders the calls but never the tools: every declared tool is called, so each name is in
+    # the rendered text, in the assistant's answers, which the model is trained to write, not shown before.
+    calls_only = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{% for c in m.tool_calls "
+                  "or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    called = {c["function"]["name"] for t in conv.turns for c in t.calls}
+    every_called = copy.deepcopy(conv)
+    every_called.tools = [t for t in conv.tools if t["function"]["name"] in called]
+    assert every_called.tools
+    with pytest.raises(UsageError, match="does not render the record's tools"):
+        Template("chat_template", chat_template=calls_only).segments(every_called, tiny_tokenizer)
 
 
 def test_parse_calls_reads_the_forms_models_write() -> None:

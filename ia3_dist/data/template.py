@@ -224,7 +224,10 @@ class Template:
             segs.append((prompt[len(prev):], False))
             segs.append((answer, conv.turns[k].train and (train_on == "all" or k == last)))
             prev = full
-        missing = [t["function"]["name"] for t in conv.tools if t["function"]["name"] not in prev]
+        # In what the model is shown before it answers: an assistant turn calling the tool names it too, and the
+        # schemas would count as shown where a template renders the calls but never the tools.
+        shown = "".join(text for text, _ in segs[0::2])  # (prompt, answer) pairs: the prompt pieces
+        missing = [t["function"]["name"] for t in conv.tools if t["function"]["name"] not in shown]
         if missing:
             raise UsageError(f"{self.where}: the chat template does not render the record's tools ({missing[0]!r} "
                              f"is nowhere in its output), so the model would call tools it was never shown; use a "
