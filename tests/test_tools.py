@@ -558,3 +558,35 @@ def test_export_refuses_weights_beyond_the_dtype_and_an_unfinished_export(adapte
     (out / EXPORT_MARKER).write_text(json.dumps({**marker, "complete": False}))
     with pytest.raises(UsageError, match="stopped while it moved the merged model in .* again with --force"):
         load_for_inference(str(out))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+def test_tool_records_read_from_arrow_are_the_jsonl_records(fmt: str, tmp_path: Path) -> None:
+    """Arrow stores a column of objects as one struct type of every key any record has, null where a record has
+    none: read back, get_weather's call gained search's arguments (query=null, limit=null) and its schema search's
+    properties. Those nulls are dropped: the records equal the JSONL ones."""
+    from test_formats import write_arrow, write_parquet
+
+    def call(name: str, args: dict) -> dict:
+        return {"type": "function", "function": {"name": name, "arguments": args}}
+
+    def tool(name: str, props: dict) -> dict:
+        return {"type": "function", "function": {"name": name, "description": name,
+                                                 "parameters": {"type": "object", "properties": props}}}
+
+    recs = [{"messages": [{"role": "user", "content": "weather?"},
+                          {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Paris"})]},
+                          {"role": "tool", "content": "21"}, {"role": "assistant", "content": "21C"}],
+             "tools": [tool("get_weather", {"city": {"type": "string"}})]},
+            {"messages": [{"role": "user", "content": "search?"},
+                          {"role": "assistant", "content": "", "tool_calls": [call("search", {"query": "x",
+                                                                                              "limit": 3})]},
+                          {"role": "tool", "content": "r"}, {"role": "assistant", "content": "done"}],
+             "tools": [tool("search", {"query": {"type": "string"}, "limit": {"type": "integer"}})]}]
+    j = tmp_path / "d.jsonl"
+    j.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    a = (write_parquet if fmt == "parquet" else write_arrow)(tmp_path / f"d.{fmt}", recs)
+    want = load_records(DataSection(path=str(j))).examples
+    got = load_records(DataSection(path=str(a))).examples
+    assert got == want
+    assert got[0].turns[0].calls[0]["function"]["arguments"] == {"city": "Paris"}

@@ -45,6 +45,9 @@ MAX_SKIPPED_KEPT = 1000
 # 5: content parts and role aliases read (data.on_bad_record=skip skipped them); 6: alpaca's tools column read, a
 # sharegpt "tool" role read as a tool result
 RECORDS_VERSION = 6
+# In the digest of sources read through Arrow (Parquet, Arrow files, save_to_disk dirs, hub datasets) only:
+# "arrow-nulls-1", their tool schemas and call arguments read without Arrow's null fill (_arrow_row).
+ARROW_ROWS = "arrow-nulls-1\n"
 # Preference data's own version, in its fingerprint only (SFT caches keep their names). True: the first;
 # 2: a chat template's sides encoded whole (prompt + answer), and sides that truncate to the same tokens dropped.
 PAIRS_VERSION = 2
@@ -322,11 +325,37 @@ def _dict_rows(batch: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, vals)) for vals in zip(*batch.values())]
 
 
+def _no_nulls(x: Any) -> Any:
+    """``x`` without the mapping keys whose value is None, at every depth."""
+    if isinstance(x, dict):
+        return {k: _no_nulls(v) for k, v in x.items() if v is not None}
+    if isinstance(x, list):
+        return [_no_nulls(v) for v in x]
+    return x
+
+
+def _arrow_row(row: dict[str, Any], cols: Columns) -> dict[str, Any]:
+    """A row read from Arrow (Parquet, Arrow files, datasets): Arrow stores a column of objects as one struct type
+    holding every key any record has, and fills the keys a record lacks with null. In tool schemas and call
+    arguments those nulls would be trained as if the record had them (``get_weather(city, query=null,
+    limit=null)``, another tool's parameters): they are dropped there, as the record was written."""
+    tools = cols.name("tools")
+    if isinstance(row.get(tools), list):
+        row[tools] = _no_nulls(row[tools])
+    for key in (cols.name("messages"), cols.name("conversations")):
+        msgs = row.get(key)
+        if isinstance(msgs, list):
+            for m in msgs:
+                if isinstance(m, dict) and isinstance(m.get("tool_calls"), list):
+                    m["tool_calls"] = _no_nulls(m["tool_calls"])
+    return row
+
+
 def _read_dataset(ds: Any, src: _Source, kind: str = "dataset") -> Rows:
     src.check_columns(list(ds.column_names))
     rows = _guarded(iter(ds.iter(batch_size=BATCH_ROWS)), _dict_rows, src.name, kind)
     for i, row in enumerate(rows):
-        yield row, f"{src.name}: record {i}"
+        yield _arrow_row(row, src.cols), f"{src.name}: record {i}"
 
 
 def _read_parquet(p: Path, src: _Source) -> Rows:
@@ -341,7 +370,7 @@ def _read_parquet(p: Path, src: _Source) -> Rows:
             raise _broken(p, "Parquet", e) from None
         src.check_columns(names)
         for i, row in enumerate(_guarded(batches, lambda b: b.to_pylist(), p, "Parquet")):
-            yield row, f"{p}: record {i}"
+            yield _arrow_row(row, src.cols), f"{p}: record {i}"
 
 
 def _read_csv(p: Path, src: _Source) -> Rows:
@@ -430,7 +459,7 @@ def _resolve(path: str, cfg: DataSection) -> _Resolved:
             if cfg.split not in ds:
                 raise UsageError(f"{p}: no split '{cfg.split}' (has {list(ds)}); set data.split")
             ds = ds[cfg.split]
-        h = hashlib.sha256(f"dir:{cfg.split}\n".encode())
+        h = hashlib.sha256(f"dir:{cfg.split}\n{ARROW_ROWS}".encode())
         _hash_path(p, h)
         return _Resolved(str(p), h.hexdigest(), dataset=ds)
     if p.is_file():
@@ -444,7 +473,8 @@ def _resolve(path: str, cfg: DataSection) -> _Resolved:
             if size > MAX_JSON_BYTES:
                 raise _too_big_json(p, str(size))
         stamp = _stamp(p)  # before the hash: an edit while it is hashed is seen too
-        h = hashlib.sha256(f"file:{p.suffix.lower()}\n".encode())
+        arrow = ARROW_ROWS if p.suffix.lower() in (".parquet", ".arrow") else ""
+        h = hashlib.sha256(f"file:{p.suffix.lower()}\n{arrow}".encode())
         _hash_path(p, h)
         return _Resolved(str(p), h.hexdigest(), path=p, stamp=stamp)
     if p.exists():
@@ -459,7 +489,8 @@ def _resolve(path: str, cfg: DataSection) -> _Resolved:
     except Exception as e:  # offline, missing or private dataset: all mean "cannot use this name"
         raise UsageError(f"data.path {path}: not a local file/dir and the hub dataset could not be "
                          f"loaded ({type(e).__name__}: {_one_line(e)})") from None
-    digest = hashlib.sha256(f"hub:{path}:{cfg.split}:{getattr(ds, '_fingerprint', '')}".encode()).hexdigest()
+    digest = hashlib.sha256(f"hub:{path}:{cfg.split}:{getattr(ds, '_fingerprint', '')}{ARROW_ROWS}".encode()
+                            ).hexdigest()
     return _Resolved(path, digest, dataset=ds)
 
 
