@@ -590,3 +590,20 @@ def test_tool_records_read_from_arrow_are_the_jsonl_records(fmt: str, tmp_path: 
     got = load_records(DataSection(path=str(a))).examples
     assert got == want
     assert got[0].turns[0].calls[0]["function"]["arguments"] == {"city": "Paris"}
+
+
+def test_a_lone_surrogate_in_tool_data_is_a_bad_record(tmp_path: Path) -> None:
+    """A \\ud800 escape in a call's arguments or a tool schema reached the tokenizer, whose TypeError named no
+    record and escaped data.on_bad_record=skip: now a bad record, named by its line, skippable."""
+    call = {"name": "f", "arguments": {"x": "\ud800"}}
+    good = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
+    bad_call = {"conversations": [{"from": "human", "value": "h"}, {"from": "function_call", "value": json.dumps(call)},
+                                  {"from": "observation", "value": "o"}, {"from": "gpt", "value": "g"}]}
+    bad_tool = {**good, "tools": [{"name": "f", "description": "\udc00", "parameters": {}}]}
+    good_sg = {"conversations": [{"from": "human", "value": "h"}, {"from": "gpt", "value": "g"}]}
+    for k, (ok, bad) in enumerate(((good_sg, bad_call), (good, bad_tool))):
+        f = tmp_path / f"d{k}.jsonl"
+        f.write_text(json.dumps(ok) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(UsageError, match=f"{f}:2: .*unpaired UTF-16 surrogate"):
+            load_records(DataSection(path=str(f)))
+        assert len(load_records(DataSection(path=str(f), on_bad_record="skip")).examples) == 1

@@ -60,6 +60,25 @@ def _depth(v: Any, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
+def _encodable(v: Any, what: str, where: str) -> None:
+    """Every string in ``v`` (keys too) is valid UTF-8: a lone surrogate from a JSON \\ud800 escape would reach
+    the tokenizer, which raises a TypeError naming no record (and no data.on_bad_record=skip could drop it)."""
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if not x.isascii():
+                try:
+                    x.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise UsageError(f"{where}: {what} holds an unpaired UTF-16 surrogate (a \\uD800-\\uDFFF escape "
+                                     f"without its pair); fix the escape") from None
+        elif isinstance(x, Mapping):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, list | tuple):
+            stack += list(x)
+
+
 def tool_list(value: Any, what: str, where: str) -> tuple[dict[str, Any], ...]:
     """A record's ``tools`` (None, a list, or a JSON string of one) as wrapped function schemas."""
     if value is None or value == "":
@@ -72,6 +91,7 @@ def tool_list(value: Any, what: str, where: str) -> tuple[dict[str, Any], ...]:
                          f"{type(value).__name__}")
     if _depth(value) > MAX_DEPTH:
         raise UsageError(f"{where}: {what} nests deeper than {MAX_DEPTH} levels")
+    _encodable(value, what, where)
     out = []
     for i, t in enumerate(value):
         fn = t.get("function") if isinstance(t, Mapping) and t.get("type") == "function" else t
@@ -103,6 +123,7 @@ def tool_calls(value: Any, where: str) -> tuple[dict[str, Any], ...]:
             raise UsageError(f"{where}: malformed {what} arguments: expected a JSON object, got {show(args)}")
         if _depth(args) > MAX_DEPTH:
             raise UsageError(f"{where}: {what} arguments nest deeper than {MAX_DEPTH} levels")
+        _encodable([fn["name"], args, c.get("id") if isinstance(c, Mapping) else None], what, where)
         call: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": dict(args)}}
         if isinstance(c, Mapping) and isinstance(c.get("id"), str):
             call["id"] = c["id"]
