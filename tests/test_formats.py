@@ -141,6 +141,13 @@ def test_alpaca_history_comes_before_the_turn_and_input_stays_apart(tmp_path: Pa
     assert load(f).examples == [Conversation([Turn("a", "", "b"), Turn("a2", "", "b2"), Turn("c", "in", "d")], "s")]
 
 
+def test_csv_history_is_a_json_cell(tmp_path: Path) -> None:
+    """A CSV cell is text: history there is a JSON list of pairs (as tools is), so multi-turn alpaca works in CSV."""
+    f = write_csv(tmp_path / "d.csv", [{"instruction": "c", "input": "in", "output": "d",
+                                        "history": json.dumps([["a", "b"], ["a2", "b2"]])}])
+    assert load(f).examples == [Conversation([Turn("a", "", "b"), Turn("a2", "", "b2"), Turn("c", "in", "d")])]
+
+
 def test_csv_single_turn_cells_are_strings(tmp_path: Path) -> None:
     f = write_csv(tmp_path / "d.csv", [alpaca(c) for c in SINGLE], ("instruction", "input", "output", "system"))
     assert load(f).examples == SINGLE
@@ -429,9 +436,12 @@ BAD: dict[str, tuple[dict | str, str]] = {
     "conversations-not-list": ({"conversations": "human: q"},
                                "record 0: field 'conversations' must be a list of messages ({'from': ..., 'value': "
                                "...}), got str"),
-    "history-not-list": ({"instruction": "q", "output": "a", "history": "q0 a0"},
+    "history-not-list": ({"instruction": "q", "output": "a", "history": {"q0": "a0"}},
                          "record 0: field 'history' must be a list of [user, assistant] pairs of strings (the turns "
-                         "before this one), got str"),
+                         "before this one), got dict"),
+    "history-not-json": ({"instruction": "q", "output": "a", "history": "q0 a0"},
+                         "record 0: field 'history' is not valid JSON (Expecting value: line 1 column 1 (char 0)); "
+                         "write it as a list of [user, assistant] pairs"),
     "history-not-pairs": ({"instruction": "q", "output": "a", "history": [["q0", "a0", "x"]]},
                           "record 0: field 'history' entry 0 must be a [user, assistant] pair of strings, got 3 items"),
     "history-not-strings": ({"instruction": "q", "output": "a", "history": [["q0", 7]]},

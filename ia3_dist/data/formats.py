@@ -220,6 +220,12 @@ def _alpaca(rec: Mapping[str, Any], cols: Columns, where: str) -> Conversation:
     if hist is not None:
         field = f"field {cols.label('history')}"
         how = "a list of [user, assistant] pairs of strings (the turns before this one)"
+        if isinstance(hist, str):  # a CSV cell is text: a JSON list there, as tools takes one
+            try:
+                hist = json.loads(hist)
+            except (ValueError, RecursionError) as e:
+                raise UsageError(f"{where}: {field} is not valid JSON ({str(e)[:120]}); write it as {how}, e.g. "
+                                 f'[["hi", "hello!"]]') from None
         if not isinstance(hist, list | tuple):
             raise UsageError(f"{where}: {field} must be {how}, got {type(hist).__name__}")
         for j, pair in enumerate(hist):
