@@ -226,6 +226,12 @@ def test_key_and_role_mapping(fmt: str, tmp_path: Path) -> None:
     r = load(write_jsonl(tmp_path / "d.jsonl", recs), columns=cols)
     assert r.examples == expected and r.formats == {str(tmp_path / "d.jsonl"): fmt}
     assert load(write_parquet(tmp_path / "d.parquet", recs), columns=cols).examples == expected
+    # A system message under another role name: data.columns.system_role maps it.
+    sys_named = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": "System", "value": "be brief"},
+                                                                     {"from": "human", "value": "q"},
+                                                                     {"from": "gpt", "value": "a"}]}])
+    assert load(sys_named, columns={"system_role": "System"}).examples == [Conversation([Turn("q", "", "a")],
+                                                                                         "be brief")]
     # Renamed roles replace the defaults: "user" is now an unknown role.
     recs[0]["dialog"][1]["speaker"] = "user"
     msg = error(write_json(tmp_path / "d.json", recs), columns=cols)
@@ -399,7 +405,7 @@ BAD: dict[str, tuple[dict | str, str]] = {
     "unknown-role": ({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
                      "record 0: message 1: unknown role 'bot'; accepted roles: system (system), user (user), "
                      "assistant (assistant), tool (tool), developer (system). Map other role names with data.columns "
-                     "(user, assistant, function_call, observation, tool)"),
+                     "(user, assistant, tool, system_role), e.g. data.columns.assistant=bot if bot is the assistant"),
     "unknown-role-not-text": ({"conversations": [{"from": ["human"], "value": "q"}, A]},
                               "record 0: message 0: unknown role ['human']; accepted roles: system (system), "
                               "human (user), user (user), gpt (assistant), assistant (assistant)"),

@@ -181,7 +181,7 @@ FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt")
 # What data.columns may map: record columns, message keys, role values.
 COLUMN_NAMES = ("instruction", "input", "output", "system", "history", "conversations", "messages", "role",
                 "content", "user", "assistant", "prompt", "chosen", "rejected", "tools", "function_call",
-                "observation", "tool")
+                "observation", "tool", "system_role")
 # Parts of a record that one format reads together (alpaca; pairs with a prompt, or alpaca-style with an
 # instruction), so no two may share a column. (prompt: instruction is how alpaca-style pairs are mapped.)
 READ_TOGETHER = (("instruction", "input", "output", "system"), ("prompt", "chosen", "rejected", "system"),
@@ -265,8 +265,9 @@ class DataSection:
     (conversations of from/value), ``messages`` (role/content), or ``auto``: detected per file from its columns."""
     columns: dict[str, str] | None = None
     """Our name -> the data's name, for columns (instruction, input, output, system, history, conversations,
-    messages), message keys (role, content) and role values (user, assistant); e.g.
-    ``{instruction: question, output: answer}`` or ``{user: customer, assistant: agent}``."""
+    messages), message keys (role, content) and role values (user, assistant, tool; sharegpt's function_call and
+    observation; ``system_role``, a system message's role: ``system``, and ``developer`` in messages, without it);
+    e.g. ``{instruction: question, output: answer}`` or ``{user: customer, assistant: agent}``."""
     template: str = "human_assistant"
     """How a conversation becomes text: ``human_assistant`` (the reference recipe's ``Human: ...\n\nAssistant: ``,
     turn after turn), ``chat_template`` (the tokenizer's own), or a path to a Jinja chat-template file."""

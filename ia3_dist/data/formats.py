@@ -104,6 +104,8 @@ class Columns:
     def roles(self, fmt: str) -> dict[str, str]:
         """Role value -> ``user``/``assistant``/``system``."""
         out = {SYSTEM_ROLE: SYSTEM_ROLE}
+        if "system_role" in self.mapping:
+            out[self.mapping["system_role"]] = SYSTEM_ROLE
         for ours, defaults in ROLES[fmt].items():
             for value in (self.mapping[ours],) if ours in self.mapping else defaults:
                 out[value] = ours
@@ -265,8 +267,11 @@ def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conver
         kind = KIND.get(roles.get(role, "")) if isinstance(role, str) else None
         if kind is None:
             accepted = ", ".join(f"{brief(v)} ({k})" for v, k in roles.items())
+            mappable = ", ".join([*ROLES[fmt], "system_role"])
             raise UsageError(f"{at}: unknown role {show(role)}; accepted roles: {accepted}. Map other role names "
-                             f"with data.columns (user, assistant, function_call, observation, tool)")
+                             f"with data.columns ({mappable})"
+                             + (f", e.g. data.columns.assistant={brief(role)} if {brief(role)} is the assistant"
+                                if isinstance(role, str) else ""))
         calls = m.get("tool_calls") if fmt == MESSAGES and kind == ASSISTANT else None
         if isinstance(calls, list | tuple) and not calls:
             calls = None  # "tool_calls": [] (what OpenAI-style exporters write on a plain answer): no calls
