@@ -316,7 +316,9 @@ def cmd_export(argv: list[str], prog: str) -> int:
     ap.add_argument("--adapter", required=True)
     ap.add_argument("--out", required=True, help="directory for the merged model: new or empty, unless --force")
     ap.add_argument("--base")
-    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                    help="the merged weights' dtype (default auto: the base's own, as its config.json records it; "
+                         "a bf16 or fp16 base exported in fp32 takes twice the disk and memory)")
     ap.add_argument("--force", action="store_true",
                     help=f"replace an earlier `ia3-dist export` in --out (the files its {MARKER} lists: stale weight "
                          f"shards go, other files there are kept). A non-empty dir that export did not write is "

@@ -292,3 +292,41 @@ def test_orpo_log1mexp_has_finite_gradients_near_zero(dtype: torch.dtype) -> Non
     trl = torch.where(grid < t, torch.log1p(-torch.exp(grid)), torch.log(-torch.expm1(grid)))
     ok = torch.isfinite(trl)
     assert ok.sum() > 300 and torch.equal(log1mexp(grid)[ok], trl[ok])
+
+
+def test_export_keeps_the_bases_dtype(tmp_path: Path, tiny_model: Path) -> None:
+    """export's default dtype is the base's own: a bf16 base is written in bf16 (in fp32 it took twice the disk
+    and memory, and its config said float32), its logits those of the adapter on the bf16 base; --dtype picks."""
+    import json
+
+    from peft import IA3Config, PeftModel, get_peft_model
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ia3_dist.cli import main
+
+    base = tmp_path / "base-bf16"
+    AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.bfloat16).save_pretrained(str(base))
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(str(base))
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), IA3Config(task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.uniform_(0.5, 1.5)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m")]) == 0
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    conf = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert conf.get("dtype", conf.get("torch_dtype")) == "bfloat16"
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.bfloat16).eval()
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16),
+                                    str(tmp_path / "adapter")).eval()
+    ids = torch.tensor([[5, 9, 14, 3, 7, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits.float(), ref(ids).logits.float(), rtol=0.05, atol=0.05)
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m32"),
+                 "--dtype", "fp32"]) == 0
+    with safe_open(str(tmp_path / "m32" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}

@@ -61,9 +61,10 @@ def check_target(out: str, force: bool) -> list[str]:
     return [f for f in previous if (o / f).is_file() and not (o / f).is_symlink()]
 
 
-def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = "fp32", force: bool = False) -> Path:
+def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = "auto", force: bool = False) -> Path:
     """Merge IA3 into the base weights (PEFT ``merge_and_unload``) and save a plain HF model + tokenizer + prompt
-    template into ``out`` (see the module docstring for what may be there already)."""
+    template into ``out`` (see the module docstring for what may be there already), in ``dtype`` (``auto``: the
+    base's stored dtype)."""
     previous = check_target(out, force)
     a = Path(adapter).expanduser()
     if a.is_dir() and not (a / ADAPTER_CONFIG).is_file():
@@ -73,6 +74,13 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
     model, tok, template, is_adapter = load_for_inference(adapter, base, dtype)
     if not is_adapter:
         raise UsageError(f"{adapter}: not an adapter dir (no adapter_config.json)")
+    if dtype == "auto":
+        from ..models.load import DTYPES
+
+        stored = model.get_base_model().dtype
+        dtype = next((name for name, t in DTYPES.items() if t == stored), "fp32")
+        if DTYPES[dtype] != stored:  # a float64 or quantized checkpoint: saved as fp32
+            model = model.to(DTYPES[dtype])
     _untie_scaled_head(model)
     stop = model.generation_config.eos_token_id  # load_for_inference's: the base's, eos, the end of turn
     merged = model.merge_and_unload()

@@ -216,7 +216,7 @@ def _cannot_load(what: str, path: str, e: Exception) -> UsageError:
     return UsageError(f"{what} {path}: cannot load it ({error_line(e)})")
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, what: str, revision: str | None = None) -> Any:
+def _from_pretrained(path: str, dtype: torch.dtype | str, what: str, revision: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
@@ -301,7 +301,7 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
                              f"{staged.name}): resume the run (train.resume=auto), which writes it again")
         raise UsageError(f"{path}: no such directory (give an adapter dir, e.g. runs/x/adapter, or a merged dir)")
     check_dir_files(d, "adapter or model dir")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]  # auto: the weights' stored dtype (export)
     is_adapter = (d / ADAPTER_CONFIG).is_file()
     template = _load_template(d)
     hub_revision = None  # the version to ask the hub for, where the base is read by its hub id
