@@ -330,3 +330,21 @@ def test_export_keeps_the_bases_dtype(tmp_path: Path, tiny_model: Path) -> None:
                  "--dtype", "fp32"]) == 0
     with safe_open(str(tmp_path / "m32" / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_dropout_is_off_for_preference_training_in_a_model_of_no_family() -> None:
+    """Qwen3 and Gemma (PEFT-default cases, no family here) apply attention dropout functionally from a float
+    attribute: zeroed with the nn.Dropout modules, or the policy's log-probs would be noisy against a dropout-free
+    reference."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ia3_dist.models.families import disable_dropout, family_of
+
+    for mt in ("qwen3", "gemma"):
+        c = AutoConfig.for_model(mt, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=4, head_dim=8, attention_dropout=0.3,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        m = AutoModelForCausalLM.from_config(c)
+        assert family_of(m.config) is None
+        assert disable_dropout(m) >= 1
+        assert all(getattr(mod, "attention_dropout", 0.0) == 0.0 for mod in m.modules()), mt

@@ -65,6 +65,12 @@ def batch_inputs(model: nn.Module, packing: bool = False) -> BatchInputs:
     return BatchInputs(padded, packed)
 
 
+GENERIC_DROPOUT_PROBS = ("attention_dropout", "hidden_dropout", "dropout", "attn_dropout", "dropout_p")
+"""For a model of no family here (PEFT's defaults, explicit targets): the attribute names transformers' models keep
+functionally applied dropout probabilities under (a float; an ``nn.Dropout`` under such a name is zeroed as a
+module)."""
+
+
 def disable_dropout(model: nn.Module) -> int:
     """Every dropout of ``model`` set to probability 0, as TRL's preference trainers do by default
     (``disable_dropout=True``: ``disable_dropout_in_model``): the policy's log-probs must be comparable with the
@@ -72,7 +78,7 @@ def disable_dropout(model: nn.Module) -> int:
     probabilities a family applies functionally (:attr:`Family.dropout_probs`, e.g. Bloom's hidden dropout) are
     zeroed too, or they would stay on there. Returns how many were nonzero."""
     fam = family_of(getattr(model, "config", None))
-    attrs = fam.dropout_probs if fam is not None else ()
+    attrs = fam.dropout_probs if fam is not None else GENERIC_DROPOUT_PROBS
     n = 0
     for mod in model.modules():
         if isinstance(mod, nn.Dropout):
