@@ -116,6 +116,28 @@ def test_overwrite_removes_only_run_files(tmp_path: Path) -> None:
     assert not (out / "checkpoints").exists()
 
 
+def test_overwrite_sets_aside_the_runs_eval_results_but_never_a_users_eval_folder(tmp_path: Path) -> None:
+    """eval/ holding only what `ia3-dist eval` writes (results.json, PNGs) is the run's: a start over sets it aside
+    with the rest (its scores are the earlier run's). An eval/ with anything else in it is the user's: kept."""
+    out = tmp_path / "out"
+    previous_run(out)
+    w(out / "eval" / "results.json", '{"rows": []}')
+    w(out / "eval" / "tiny_mc-acc_none.png", b"\x89PNG fake")
+    assert "eval" in start_run_dir(out, start_over=True)
+    assert not (out / "eval").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    w(mine / "eval" / "my_eval_script.py", "print('mine')")
+    w(mine / "eval" / "results.json", "{}")
+    w(mine / "notes.txt", "my notes")
+    st = manifest.inspect(mine)
+    assert "eval" in st.foreign and "eval" not in st.owned
+    start_run_dir(mine, start_over=True)
+    manifest.discard_aside(mine)
+    assert (mine / "eval" / "my_eval_script.py").read_text() == "print('mine')"
+    assert (mine / "eval" / "results.json").is_file()
+
+
 def test_a_start_over_killed_before_it_started_loses_nothing(tmp_path: Path) -> None:
     """Killed (SIGKILL) between setting the earlier run aside and starting, a start over leaves that run in the
     aside dir. A later start without output.overwrite, which would discard it once started, is refused naming it

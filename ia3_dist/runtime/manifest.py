@@ -159,7 +159,9 @@ def inspect(out: Path) -> DirState:
             if name.startswith(PROBE_PREFIX):
                 continue  # another rank's writability probe, there for an instant (or left by a kill: harmless)
             is_dir = name in RUN_DIRS or bool(ADAPTER_ASIDE.fullmatch(name))
-            if name in RUN_FILES or is_dir:
+            if name == EVAL_DIR and not _eval_dir_ours(e):
+                st.foreign.append(name)  # a folder of the user's under that name: never set aside
+            elif name in RUN_FILES or is_dir:
                 if not _kind_ok(e, is_dir):
                     kind = "directory" if is_dir else "file"
                     st.clashes.append(f"{name} (ia3-dist writes a {kind} there, this is not one)")
@@ -174,6 +176,17 @@ def inspect(out: Path) -> DirState:
                          f"another output.dir") from None
     st.manifest = read_manifest(out) if MANIFEST in st.owned else None
     return st
+
+
+EVAL_FILES = re.compile(r"results\.json|[^/]+\.png|\.[^/]+\.tmp")
+"""What ``ia3-dist eval`` writes into ``eval/``: results.json, a PNG per metric, and their temp files."""
+
+
+def _eval_dir_ours(d: Path) -> bool:
+    """Whether ``eval/`` is ``ia3-dist eval``'s: a real directory holding only what it writes (regular files)."""
+    if d.is_symlink() or not d.is_dir():
+        return False
+    return all(EVAL_FILES.fullmatch(f.name) and f.is_file() and not f.is_symlink() for f in _listing(d))
 
 
 def _listing(d: Path) -> list[Path]:
