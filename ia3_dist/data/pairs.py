@@ -183,9 +183,12 @@ def split_pair(chosen: list[tuple[list[int], bool]], rejected: list[tuple[list[i
     common prefix does)."""
     same_text = chosen_text is None or rejected_text is None or \
         [t for t, lab in chosen_text if not lab] == [t for t, lab in rejected_text if not lab]
+    if not chosen[-1][1] or not rejected[-1][1]:
+        raise UsageError(f"{where}: the template renders no answer text on a side of the pair (an answer it drops or "
+                         f"empties); use a template that renders the assistant's answer")
     pc = [t for ids, lab in chosen[:-1] for t in ids]
     pr = [t for ids, lab in rejected[:-1] for t in ids]
-    if not same_text or not chosen[-1][1] or not rejected[-1][1] or (chosen_text is None and pc != pr):
+    if not same_text or (chosen_text is None and pc != pr):
         raise UsageError(f"{where}: the template renders the prompt differently before the two answers; use a "
                          f"template whose prompt does not depend on the answer")
     k = 0

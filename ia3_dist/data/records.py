@@ -48,6 +48,9 @@ RECORDS_VERSION = 6
 # In the digest of sources read through Arrow (Parquet, Arrow files, save_to_disk dirs, hub datasets) only:
 # "arrow-nulls-1", their tool schemas and call arguments read without Arrow's null fill (_arrow_row).
 ARROW_ROWS = "arrow-nulls-1\n"
+# In the digest of CSV files only: "csv-history-1", an alpaca history cell read as JSON text (it was refused, and
+# skipped under data.on_bad_record=skip).
+CSV_ROWS = "csv-history-1\n"
 # Preference data's own version, in its fingerprint only (SFT caches keep their names). True: the first;
 # 2: a chat template's sides encoded whole (prompt + answer), and sides that truncate to the same tokens dropped.
 PAIRS_VERSION = 2
@@ -342,7 +345,8 @@ def _arrow_row(row: dict[str, Any], cols: Columns) -> dict[str, Any]:
     tools = cols.name("tools")
     if isinstance(row.get(tools), list):
         row[tools] = _no_nulls(row[tools])
-    for key in (cols.name("messages"), cols.name("conversations")):
+    # Conversations, and a preference record's prompt / answers given as message lists (TRL's layout).
+    for key in {cols.name(k) for k in ("messages", "conversations", "prompt", "chosen", "rejected")}:
         msgs = row.get(key)
         if isinstance(msgs, list):
             for m in msgs:
@@ -473,7 +477,8 @@ def _resolve(path: str, cfg: DataSection) -> _Resolved:
             if size > MAX_JSON_BYTES:
                 raise _too_big_json(p, str(size))
         stamp = _stamp(p)  # before the hash: an edit while it is hashed is seen too
-        arrow = ARROW_ROWS if p.suffix.lower() in (".parquet", ".arrow") else ""
+        arrow = ARROW_ROWS if p.suffix.lower() in (".parquet", ".arrow") else \
+            CSV_ROWS if p.suffix.lower() == ".csv" else ""
         h = hashlib.sha256(f"file:{p.suffix.lower()}\n{arrow}".encode())
         _hash_path(p, h)
         return _Resolved(str(p), h.hexdigest(), path=p, stamp=stamp)

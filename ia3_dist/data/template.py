@@ -230,8 +230,9 @@ class Template:
         missing = [t["function"]["name"] for t in conv.tools if t["function"]["name"] not in shown]
         if missing:
             raise UsageError(f"{self.where}: the chat template does not render the record's tools ({missing[0]!r} "
-                             f"is nowhere in its output), so the model would call tools it was never shown; use a "
-                             f"template that renders tools or data.template=human_assistant")
+                             f"is not in the prompt the model is shown before it answers), so the model would call "
+                             f"tools it was never shown; use a template that renders tools or "
+                             f"data.template=human_assistant")
         return segs
 
     def prompt_for(self, history: list[Turn], system: str, instruction: str, inp: str, tok: Any) -> str:

@@ -61,7 +61,9 @@ FIX = {
                        "the DPO reference (the starting model) would change halfway; put the adapter the run started "
                        "from back, or start a new run in a new output.dir",
     "data_key": "the tokens differ: other data, tokenizer or data.* settings; a checkpoint of an earlier "
-                "ia3-dist whose tokenizer.json carries truncation or padding settings is keyed otherwise too. "
+                "ia3-dist whose tokenizer.json carries truncation or padding settings is keyed otherwise too, as are "
+                "preference data (pairs encoded whole under a chat template since), Parquet/Arrow and CSV sources "
+                "(tool nulls, CSV history read since). "
                 "Restore what differs, or continue in a new output.dir from the checkpoint's vectors with "
                 "ia3.init_from",
     "precision": "set train.precision to the saved value",

@@ -274,8 +274,8 @@ def render_array(config: str, base: list[str], tasks: list[Task], sweep_dir: Pat
                  max_concurrent: int | None, done: frozenset[int] = frozenset()) -> str:
     """One job array: task i trains ``tasks[i]``; preemption, requeue and resume as in ``ia3-dist slurm``. Tasks in
     ``done`` (their runs finished: a sweep written again with --force) stay out of the array, so no allocation
-    is spent on them and ``output.overwrite: true`` does not train them again; their case stays for an explicit
-    ``sbatch --array=i``."""
+    is spent on them and ``output.overwrite: true`` does not train them again (to train one again, remove its dir);
+    their case stays in the file for an explicit ``sbatch --array=i``."""
     queued = [t.index for t in tasks if t.index not in done]
     # More than the tasks would mean nothing to Slurm: write what it means.
     array = array_spec(queued) + (f"%{min(max_concurrent, len(queued))}" if max_concurrent else "")
@@ -443,7 +443,8 @@ def main(argv: list[str], prog: str) -> int:
     done = frozenset() if job is None else frozenset(t.index for t in tasks if run_status(Path(t.dir)) == "done")
     if done:
         print(f"{len(done)} of {len(tasks)} task(s) done already, left out of the job array: "
-              f"{', '.join(t.name for t in tasks if t.index in done)}", flush=True)
+              f"{', '.join(t.name for t in tasks if t.index in done)} (to train one again, remove its dir)",
+              flush=True)
     idle = len(done) == len(tasks)  # nothing left to queue: no array (an empty --array is no job)
     text = None if job is None or idle else render_array(config, a.overrides, tasks, sweep_dir, job,
                                                           a.max_concurrent, done)
