@@ -4,6 +4,7 @@ saved on another layout (ranks, cut, ZeRO stage) with the same global batch thro
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,13 @@ META = {"world_size": 2, "micro_batch_size": 1, "grad_accum": 4, "seed": 42, "sh
         "data_key": "abc123", "n_examples": 96, "eval_ratio": 0.0, "group_by_length": False, "order_version": 2,
         "global_batch": 8, "zero_stage": 2, "precision": "fp32", "offload_optimizer": False,
         "model_key": "bloom-0123456789abcdef", "ia3": '{"variant": "default"}', "schedule": "lr 0.003, linear",
-        "objective": "sft", "eval_key": "none", "bench_key": "none", "reference_start": "0f" * 16}
+        "objective": "sft", "eval_key": "none", "bench_key": "none", "reference_start": "0f" * 16,
+        "optimizer": '{"type": "AdamW"}'}
 CHANGED = {"seed": 7, "shuffle": False, "total_steps": 24, "data_key": "def456", "n_examples": 95,
            "group_by_length": True, "order_version": 1, "precision": "bf16", "model_key": "llama-0123456789abcdef",
            "ia3": '{"variant": "paper"}', "schedule": "lr 0.01, linear",
-           "objective": "dpo beta=0.1 loss_type=sigmoid label_smoothing=0.0", "reference_start": "a1" * 16}
+           "objective": "dpo beta=0.1 loss_type=sigmoid label_smoothing=0.0", "reference_start": "a1" * 16,
+           "optimizer": '{"amsgrad": true, "type": "AdamW"}'}
 # The same 8 examples per step, cut otherwise.
 RECUT = [{"world_size": 1, "grad_accum": 8}, {"micro_batch_size": 2, "grad_accum": 2}, {"zero_stage": 3},
          {"world_size": 4, "grad_accum": 2, "zero_stage": 0}]
@@ -92,6 +95,25 @@ def test_a_preference_run_keeps_its_micro_batch(tmp_path: Path, change: dict) ->
             check_compatible(_ckpt(tmp_path, dpo), now)
     else:
         assert check_compatible(_ckpt(tmp_path, dpo), now)[1]
+
+
+def test_offload_toggled_or_amsgrad_on_another_layout_is_refused(tmp_path: Path) -> None:
+    """Optimizer offload on or off at the same layout swaps torch's AdamW for DeepSpeed's CPU Adam (their states do
+    not continue each other); amsgrad keeps a running maximum the layout-independent state does not carry. Both
+    are exit 2 before a process group starts (the second crashed at the first resumed step with a KeyError)."""
+    with pytest.raises(UsageError, match="saved with offload_optimizer=False, this run has True"):
+        check_compatible(_ckpt(tmp_path), {**META, "offload_optimizer": True})
+    ams = {**META, "optimizer": '{"amsgrad": true, "type": "AdamW"}'}
+    shutil.rmtree(tmp_path / "checkpoints")
+    assert not check_compatible(_ckpt(tmp_path, ams), dict(ams))[1]  # its own layout: DeepSpeed's files
+    with pytest.raises(UsageError, match="amsgrad the optimizer keeps a running maximum"):
+        check_compatible(tmp_path / "checkpoints" / "step3", {**ams, "world_size": 1, "grad_accum": 8})
+    from ia3_dist.runtime.ds_config import optimizer_key
+
+    assert optimizer_key({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "fused": True}}}) == \
+        '{"type": "AdamW"}'
+    assert optimizer_key({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}}) == \
+        '{"amsgrad": true, "type": "AdamW"}'
 
 
 def test_another_cut_without_portable_state_names_the_layout_it_needs(tmp_path: Path) -> None:

@@ -46,13 +46,13 @@ LAYOUT = ("world_size", "micro_batch_size", "grad_accum", "zero_stage")
 its resume as long as the global batch stays: every step then trains the same examples (the sampler's order is a
 function of the global batch, not of its cut) and :mod:`.portable` carries the trainable state across."""
 MUST_MATCH = ("global_batch", "seed", "shuffle", "total_steps", "data_key", "n_examples", "group_by_length",
-              "order_version", "precision", "model_key", "ia3", "schedule", "objective", "reference_start")
+              "order_version", "precision", "model_key", "ia3", "schedule", "objective", "reference_start", "optimizer")
 """Keys of meta.json that must match the resuming run for the continuation to be exact. Checkpoints of earlier
 versions lack some (they are checked where present; ``global_batch`` is computed from the layout)."""
 RECORDED_SINCE_2 = ("precision", "model_key", "ia3", "schedule", "zero_stage", "offload_optimizer")
 """Keys meta.json has held since layout-independent checkpoints (meta ``version`` 2); older ones resume unchecked
 on them, as before."""
-RECORDED_LATER = ("reference_start",)
+RECORDED_LATER = ("reference_start", "optimizer")
 """Keys checked only where the checkpoint records them (written by later versions)."""
 FIX = {
     "group_by_length": "set data.group_by_length explicitly to the saved value (its default follows the "
@@ -67,6 +67,12 @@ FIX = {
                 "Restore what differs, or continue in a new output.dir from the checkpoint's vectors with "
                 "ia3.init_from",
     "precision": "set train.precision to the saved value",
+    "optimizer": "the DeepSpeed config's optimizer type or its update rule (optimizer.params amsgrad, maximize, "
+                 "bias_correction, adam_w_mode, torch_adam) changed; keep the saved ones",
+    "total_steps": "train.max_steps, train.epochs or the data changed the run's length; keep them, or continue in "
+                   "a new output.dir from the checkpoint's vectors with ia3.init_from",
+    "n_examples": "the training examples changed in number (data.limit, data.eval_ratio, the data itself); keep "
+                  "them as saved",
     "seed": "set train.seed to the saved value",
 }
 
@@ -90,7 +96,7 @@ META_TYPES: dict[str, str] = {
     "data_key": "str", "eval_ratio": "ratio", "global_batch": "int", "zero_stage": "int", "precision": "str",
     "model_key": "str", "ia3": "str", "schedule": "str", "examples_consumed": "int",
     "offload_optimizer": "bool", "objective": "str", "eval_pending": "bool", "eval_key": "str", "bench_key": "str",
-    "reference_start": "str",
+    "reference_start": "str", "optimizer": "str",
 }
 """The fields of meta.json a resume reads, by kind; each is checked in :func:`read_meta` before anything uses it
 (``True == 1`` and ``2.0 == 2`` in Python, so a bool or a float would otherwise pass for an int)."""
@@ -301,6 +307,12 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
             hint = f" ({FIX[k]})" if k in FIX else ""
             raise UsageError(f"checkpoint {ckpt}: saved with {k}={show(saved)}, this run has {show(now)}; the "
                              f"continuation would not be exact{hint}")
+    if "offload_optimizer" in meta and not _same(meta["offload_optimizer"], expected.get("offload_optimizer")):
+        # The optimizer itself changes (DeepSpeed's CPU Adam and torch's AdamW keep their states apart).
+        raise UsageError(f"checkpoint {ckpt}: saved with offload_optimizer={show(meta['offload_optimizer'])}, this "
+                         f"run has {show(expected.get('offload_optimizer'))}; with ZeRO optimizer offload the "
+                         f"optimizer is DeepSpeed's CPU Adam, without it torch's AdamW, and one does not continue "
+                         f"the other's state: resume with the saved deepspeed.config")
     changed = [k for k in LAYOUT if k in meta and not _same(meta[k], expected.get(k))]
     if not changed:
         return meta, False
@@ -325,6 +337,11 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; with ZeRO optimizer offload the optimizer is "
                          f"DeepSpeed's CPU Adam, whose state the layout-independent checkpoint does not fill. Resume "
                          f"on the saved layout ({layout_of(meta)}) or without offload_optimizer")
+    if '"amsgrad": true' in str(meta.get("optimizer", "")):
+        # The layout-independent state carries AdamW's two moments; amsgrad keeps a third.
+        raise UsageError(f"checkpoint {ckpt}: saved with {what}; with optimizer.params amsgrad the optimizer keeps a "
+                         f"running maximum the layout-independent checkpoint does not carry. Resume on the saved "
+                         f"layout ({layout_of(meta)})")
     if not portable.has_state(ckpt):
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; it has no layout-independent state (written by an "
                          f"earlier ia3-dist), so it resumes only on its own layout: {layout_of(meta)}")

@@ -208,6 +208,20 @@ def offloads(ds: dict[str, Any]) -> bool:
     return any(_offload_device(ds, k) not in ("none", None) for k in ("offload_optimizer", "offload_param"))
 
 
+OPTIMIZER_MATH = ("amsgrad", "maximize", "bias_correction", "adam_w_mode", "torch_adam")
+"""``optimizer.params`` that change the update's maths (lr, betas, eps and weight decay come from the run config and
+are in its schedule; fused, foreach and the like change only how it is computed)."""
+
+
+def optimizer_key(ds: dict[str, Any]) -> str:
+    """The optimizer's type and the ``optimizer.params`` of :data:`OPTIMIZER_MATH` the DeepSpeed config sets: what a
+    resume must keep (the moments mean another thing under another update rule)."""
+    opt = ds.get("optimizer") if isinstance(ds.get("optimizer"), dict) else {}
+    params = opt.get("params") if isinstance(opt.get("params"), dict) else {}
+    return json.dumps({"type": opt.get("type"), **{k: params[k] for k in OPTIMIZER_MATH if k in params}},
+                      sort_keys=True, default=str)
+
+
 def offloads_optimizer(ds: dict[str, Any]) -> bool:
     return _offload_device(ds, "offload_optimizer") not in (None, "none")
 

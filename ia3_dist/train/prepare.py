@@ -439,7 +439,8 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
             "eval_ratio": cfg.data.eval_ratio, "group_by_length": layout.group_by_length,
             "order_version": ORDER_VERSION,
             "global_batch": layout.global_batch, "zero_stage": dsc.stage_of(ds), "precision": cfg.train.precision,
-            "offload_optimizer": dsc.offloads_optimizer(ds), **run_keys(cfg, model_config),
+            "offload_optimizer": dsc.offloads_optimizer(ds), "optimizer": dsc.optimizer_key(ds),
+            **run_keys(cfg, model_config),
             **measured_keys(cfg, eval_data)}
     portable, line, saved = False, "", None
     if resume_from is not None:
