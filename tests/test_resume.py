@@ -463,13 +463,19 @@ def test_examples_log_survives_a_kill_after_a_checkpoint(tmp_path: Path) -> None
     They are on disk before the checkpoint is: killed at step 6 after the step-4 save, the log holds steps 1-4,
     and with the resume every example of each epoch exactly once."""
     out = tmp_path / "k"
-    args = ["--config", TINY, "deepspeed.config=zero2", f"output.dir={out}", *RUN, *G16, "checkpoint.every=2"]
+    args = ["--config", TINY, "deepspeed.config=zero2", f"output.dir={out}", *RUN, *G16, "checkpoint.every=2",
+            "train.log_every=3"]
     proc = launch(args, env={"IA3_DIST_FAULT": "step:6:0:kill"})
     assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])
     assert latest(out / "checkpoints").name == "step4"
     assert set(range(1, 5)) <= set(examples_by_step(out))
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 3]  # step 4's line was still to come
     check(launch([*args, "train.resume=auto"]))
     assert_each_example_once_per_epoch(examples_by_step(out))
+    # Step 4 trained before the checkpoint and was in no line: the checkpoint carried its open window, and the
+    # resume wrote its line (every step's loss is in some line); a second resume from it would not write it again.
+    steps = [r["step"] for r in metrics(out) if "loss" in r]
+    assert steps == [1, 3, 4, 5, 6, 9, 10], steps
 
 
 def test_resume_is_exact_with_dropout_on_every_rank(tmp_path: Path, demo_model: Path) -> None:

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -425,7 +425,8 @@ class Trainer:
             self.stale = None
         with self.watchdog.saving(step):
             meta = {**self.p.meta, "examples_consumed": examples_consumed(step, len(self.p.data), self.p.layout),
-                    **self.selection.meta(), **({"eval_pending": True} if eval_pending else {})}
+                    **self.selection.meta(), **({"eval_pending": True} if eval_pending else {}),
+                    **self.window_record()}
             return ckpt.save(self.engine, self.p.out, step, meta, self.p.cfg.checkpoint.keep, self.p.env, best,
                              {ckpt.BEST_VECTORS: self.best_state} if self.best_state else None,
                              self.log_error or self.log.error)
@@ -509,16 +510,60 @@ class Trainer:
         held, marks = self.evaluate(step, heldout, bench)
         return {**held, **marks}
 
-    def log_window(self, w: Window, done: int, lr: float, t_start: float) -> None:
-        """Every rank joins the memory reduction; rank 0 writes the line."""
-        dt = max(time.perf_counter() - w.t0, 1e-9)
+    def _grad_norm(self) -> float | None:
         gn = self.engine.get_global_grad_norm()
         if gn is None and self.grad_norm is not None:
             gn = float(self.grad_norm)
+        return None if gn is None else float(gn)
+
+    def window_record(self) -> dict[str, Any]:
+        """The open window (steps since the last training line) for a checkpoint's meta.json: a run killed after
+        the checkpoint (the watchdog, OOM, a lost node) never writes their line, and the resume starts after them;
+        it writes it from this (:meth:`log_saved_window`). Empty when the window is."""
+        w = self.window
+        if not w.steps:
+            return {}
+        gn = self._grad_norm()
+        return {"window": {"steps": w.steps, "loss": w.loss, "seconds": time.perf_counter() - w.t0,
+                           "lr": float(self.window_at[0]), "grad_norm": gn if gn is not None and math.isfinite(gn)
+                           else None, "stats": list(astuple(w.stats))}}
+
+    def log_saved_window(self, rec: Any, t_start: float) -> None:
+        """The training line of the steps a resumed checkpoint's run had not logged (:meth:`window_record`), at the
+        checkpoint's step: every step's loss is in some line. A malformed record (an edited meta.json) is
+        skipped."""
+        def num(v: Any) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        n = len(fields(StepStats))
+        if not (isinstance(rec, dict) and type(rec.get("steps")) is int and rec["steps"] > 0
+                and all(num(rec.get(k)) for k in ("loss", "seconds", "lr"))
+                and (rec.get("grad_norm") is None or num(rec["grad_norm"]))
+                and isinstance(rec.get("stats"), list) and len(rec["stats"]) == n and all(map(num, rec["stats"]))):
+            return
+        w = Window(StepStats(*map(float, rec["stats"])), float(rec["loss"]), rec["steps"])
+        self.log.log(self._line(w, self.start, rec["lr"], rec["grad_norm"], max(float(rec["seconds"]), 1e-9),
+                                t_start))
+
+    def _line(self, w: Window, done: int, lr: float, gn: float | None, dt: float, t_start: float
+              ) -> dict[str, Any]:
+        s = w.stats
+        # HF Trainer's epoch: the fraction of epochs done (0.08 after 10 of 125 steps, 1.0 at the first one's end).
+        spe = steps_per_epoch(len(self.p.data), self.p.layout.global_batch)
+        return {"step": done, "epoch": round(done / spe, 4), "loss": w.loss / w.steps, "lr": float(lr),
+                "grad_norm": float(gn) if gn is not None else None,
+                "tokens_per_s": s.real_tokens / dt, "padded_tokens_per_s": s.padded_tokens / dt,
+                "samples_per_s": s.samples / dt, "padding_efficiency": s.real_tokens / max(s.padded_tokens, 1.0),
+                "rows_per_step": s.rows / w.steps, **self.objective.window_metrics(s.micro_batches),
+                "step_time_s": dt / w.steps, "elapsed_s": time.perf_counter() - t_start}
+
+    def log_window(self, w: Window, done: int, lr: float, t_start: float) -> None:
+        """Every rank joins the memory reduction; rank 0 writes the line."""
+        dt = max(time.perf_counter() - w.t0, 1e-9)
+        gn = self._grad_norm()
         mem = dist.all_reduce_max(torch.tensor([peak_memory_gb(self.device), hostmem.peak_rss_gib()],
                                                dtype=torch.float64, device=self.device)).tolist()
         s = w.stats
-        objective_metrics = self.objective.window_metrics(s.micro_batches)
         tflops, executed = s.flops / dt / 1e12, s.executed_flops / dt / 1e12
         perf = {"tflops": tflops, "tflops_executed": executed, "peak_mem_gb": mem[0], "peak_rss_gb": mem[1],
                 "load_peak_rss_gb": self.load_rss}
@@ -531,15 +576,7 @@ class Trainer:
         if self.peak_tflops:
             perf["mfu"] = tflops / (self.peak_tflops * self.p.env.world_size)
             perf["mfu_executed"] = executed / (self.peak_tflops * self.p.env.world_size)
-        # HF Trainer's epoch: the fraction of epochs done (0.08 after 10 of 125 steps, 1.0 at the first one's end).
-        spe = steps_per_epoch(len(self.p.data), self.p.layout.global_batch)
-        self.log.log({"step": done, "epoch": round(done / spe, 4), "loss": w.loss / w.steps, "lr": float(lr),
-                      "grad_norm": float(gn) if gn is not None else None,
-                      "tokens_per_s": s.real_tokens / dt, "padded_tokens_per_s": s.padded_tokens / dt,
-                      "samples_per_s": s.samples / dt, "padding_efficiency": s.real_tokens / max(s.padded_tokens, 1.0),
-                      "rows_per_step": s.rows / w.steps,
-                      **objective_metrics, "step_time_s": dt / w.steps, **perf,
-                      "elapsed_s": time.perf_counter() - t_start,
+        self.log.log({**self._line(w, done, lr, gn, dt, t_start), **perf,
                       **({"startup_s": self.startup_s} if done == self.start + 1 else {})})
 
     def fit(self) -> dict[str, float] | None:
@@ -552,6 +589,12 @@ class Trainer:
         # Process start to the first step: loading, partitioning, engine set-up (and on resume the checkpoint).
         self.startup_s = time.time() - process_start_time()
         dist.print0(p.env, f"startup: {self.startup_s:.1f} s from process start to the first step")
+        if p.resumed is not None and p.resumed.get("window") is not None and p.env.is_main:
+            from .plots import last_step
+
+            # Not twice: an earlier resume from this checkpoint wrote it (the resume trims only lines past it).
+            if (last_step(p.out / "metrics.jsonl") or 0) < self.start:
+                self.log_saved_window(p.resumed["window"], t_start)
         try:
             if self.eval_pending and self.start < self.end:
                 res = self.pending_eval()
