@@ -3,6 +3,7 @@ its step-down and the exact continuation run on 2 real ranks in test_resume.py."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -115,11 +116,32 @@ def test_probe_labels_every_real_position(tiny_model: Path, tiny_tokenizer, tmp_
     engine = SimpleNamespace(module=TokenSumLM(peft), device=torch.device("cpu"))
     seen = []
     measure = autobatch._measure
-    monkeypatch.setattr(autobatch, "_measure", lambda e, b, leaf, rank: seen.append(b) or measure(e, b, leaf, rank))
+    monkeypatch.setattr(autobatch, "_measure", lambda e, b, *a: seen.append(b) or measure(e, b, *a))
     p = SimpleNamespace(data=data, tokenizer=tiny_tokenizer, env=DistEnv(0, 0, 1, 1))
-    out = autobatch.probe(engine, p, autobatch.AutoBatch(4, 4, 1024.0, micro=4))
+
+    def saved_bytes(fn: Callable[[], object]) -> int:
+        """What autograd keeps for the backward while ``fn`` runs (the activations a step holds)."""
+        total = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return total[0]
+
+    box = []
+    probed = saved_bytes(lambda: box.append(autobatch.probe(engine, p, autobatch.AutoBatch(4, 4, 1024.0, micro=4))))
+    out = box[0]
     assert out.micro == 4 and out.probe_peak_gib is not None
     [b] = seen
+    # The probe keeps what a training step keeps, and a little more (the embeddings' output is its leaf); with the
+    # IA3 vectors frozen it kept a quarter less. It accumulates no gradient.
+    trained = saved_bytes(lambda: engine.module(**b))
+    assert trained <= probed <= 1.05 * trained, (probed, trained)
+    ia3 = [q for n, q in peft.named_parameters() if "ia3_l" in n]
+    assert ia3 and all(q.requires_grad and q.grad is None for q in ia3)
     real = b["attention_mask"] == 1
     assert torch.equal(b["labels"][real], b["input_ids"][real]) and bool((b["labels"][~real] == IGNORE_INDEX).all())
     own = sum(sum(v != IGNORE_INDEX for v in data.example(i)[2]) for i in range(len(data)))

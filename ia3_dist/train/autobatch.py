@@ -13,13 +13,12 @@ Two stages, both before step 1:
    the longest training examples, measured (CUDA peak allocation, or the process's RSS sampled during the probe
    on CPU) against the
    same budget; a micro-batch that runs out of memory or over the budget is replaced by the next smaller divisor
-   and probed again. The ranks agree on the smallest result. The probe back-propagates to the embeddings'
-   output with the IA3 vectors frozen for its duration: the backward pass through every activation (what a frozen
-   base costs) runs, but no parameter gradient exists, so DeepSpeed's gradient hooks (ZeRO-1/2 reduce buckets)
-   never fire; with the RNG state restored, training afterwards is exactly that of an explicit
-   ``micro_batch_size``. Under ZeRO-3 the
-   forward pass runs collectives (parameter gathers) that a rank running out of memory would leave its peers
-   waiting in, so there the plan's pick stands alone.
+   and probed again. The ranks agree on the smallest result. The probe's backward asks autograd for the
+   gradients of the embeddings' output and of the IA3 vectors (``torch.autograd.grad``): every activation training
+   keeps is kept, but no gradient is accumulated, so DeepSpeed's gradient hooks (ZeRO-1/2 reduce buckets) never
+   fire; with the RNG state restored, training afterwards is exactly that of an explicit ``micro_batch_size``.
+   Under ZeRO-3 the forward pass runs collectives (parameter gathers) that a rank running out of memory would
+   leave its peers waiting in, so there the plan's pick stands alone.
 
 A resumed run takes the micro-batch its checkpoint was written with (the continuation must be exact).
 """
@@ -225,7 +224,8 @@ def _out_of_memory(e: RuntimeError) -> bool:
     return any(t in text for t in _OOM_TEXT)
 
 
-def _measure(engine: Any, batch: dict[str, torch.Tensor], leaf: dict[str, torch.Tensor], rank: int) -> float | None:
+def _measure(engine: Any, batch: dict[str, torch.Tensor], leaf: dict[str, torch.Tensor], rank: int,
+             trainable: list[torch.Tensor] = ()) -> float | None:  # type: ignore[assignment]
     """Peak bytes of one forward + backward of ``batch`` (None: out of memory)."""
     cuda = engine.device.type == "cuda"
     if cuda:
@@ -239,8 +239,11 @@ def _measure(engine: Any, batch: dict[str, torch.Tensor], leaf: dict[str, torch.
         # The module, not the engine: the engine's forward arms its backward prologue (ZeRO bucket state) on the
         # output, which this backward must not touch. Under ZeRO-0/1/2 every weight is local, so nothing else differs.
         loss_sum, _ = engine.module(**to_device(batch, engine.device))
-        torch.autograd.grad(loss_sum, leaf.pop("embeds"))
-        del loss_sum
+        # The IA3 vectors' gradients too: with a vector frozen, autograd keeps none of what its gradient needs (the
+        # scaled outputs' inputs), 24-32% of the activations. Asked for by autograd.grad, they are returned, never
+        # accumulated: no .grad is written and DeepSpeed's accumulation hooks (ZeRO-1/2 buckets) never run.
+        grads = torch.autograd.grad(loss_sum, [leaf.pop("embeds"), *trainable])
+        del loss_sum, grads
     except torch.OutOfMemoryError:
         return None
     except RuntimeError as e:
@@ -282,8 +285,6 @@ def probe(engine: Any, p: Any, auto: AutoBatch) -> AutoBatch:
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     chosen, peak = 1, None
     hook = engine.module.peft.get_input_embeddings().register_forward_hook(embeds_leaf)
-    for q in trainable:
-        q.requires_grad_(False)
     try:
         for m in [d for d in divisors_desc(auto.samples_per_rank) if d <= auto.planned]:
             idx = [order[i % len(order)] for i in range(m)]
@@ -292,15 +293,13 @@ def probe(engine: Any, p: Any, auto: AutoBatch) -> AutoBatch:
             # label rows, so the longest examples with their own few labels can measure less than shorter ones
             # with many; this is the most any micro-batch of these lengths can take.
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-            got = _measure(engine, batch, leaf, p.env.rank)
+            got = _measure(engine, batch, leaf, p.env.rank, trainable)
             leaf.clear()
             if got is not None and got <= budget:
                 chosen, peak = m, got
                 break
     finally:
         hook.remove()
-        for q in trainable:
-            q.requires_grad_(True)
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
