@@ -50,6 +50,29 @@ def test_plan_pick_is_the_largest_divisor_the_memory_model_fits(tiny_model: Path
     assert "plan picked 4" in autobatch.AutoBatch(12, 4, 1.0, micro=4, probe_peak_gib=0.5, source="probe").line()
 
 
+def test_zero3_optimizer_offload_alone_keeps_the_weights_on_the_gpu(tiny_model: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU (stood in for: this machine has none) ZeRO-3's pick counted an optimizer-only offload as if the
+    weight shards had left the GPU too, and picked a micro-batch whose weights do not fit (a 70B model: 8 instead
+    of 4). Only offload_param moves the weights."""
+    monkeypatch.setattr(autobatch.torch.cuda, "is_available", lambda: True)
+    cfg = load_config(None, [f"model.path={tiny_model}", "train.grad_accum=12", "data.max_length=64"])
+    mc = load_model_config(str(tiny_model), cfg.model)
+    env = DistEnv(0, 0, 1, 1)
+    s = memory.shape_of(mc, cfg.ia3)
+    # Between the needs at micro-batch 4 with the weights on the GPU and without them.
+    on_gpu = memory.rank_memory(s, "", 3, False, 1, 64, 4, 4, False).gpu_total
+    off = memory.rank_memory(s, "", 3, True, 1, 64, 4, 4, False).gpu_total
+    assert off < on_gpu
+    budget = (on_gpu + off) / 2
+
+    def pick(zero: dict) -> int:
+        return autobatch.plan_pick(cfg, mc, env, {"zero_optimization": {"stage": 3, **zero}}, 64, budget).planned
+
+    cpu = {"device": "cpu"}
+    assert pick({"offload_optimizer": cpu}) == pick({}) < 4 <= pick({"offload_optimizer": cpu, "offload_param": cpu})
+
+
 def _cgroup(root: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)

@@ -208,6 +208,12 @@ def offloads(ds: dict[str, Any]) -> bool:
     return any(_offload_device(ds, k) not in ("none", None) for k in ("offload_optimizer", "offload_param"))
 
 
+def offloads_params(ds: dict[str, Any]) -> bool:
+    """ZeRO-3's parameter offload configured (the frozen weights leave the GPU; an optimizer offload alone keeps
+    them there)."""
+    return _offload_device(ds, "offload_param") not in ("none", None)
+
+
 OPTIMIZER_MATH = ("amsgrad", "maximize", "bias_correction", "adam_w_mode", "torch_adam")
 """``optimizer.params`` that change the update's maths (lr, betas, eps and weight decay come from the run config and
 are in its schedule; fused, foreach and the like change only how it is computed)."""

@@ -160,7 +160,9 @@ def plan_pick(cfg: RunConfig, model_config: Any, env: dist.DistEnv, ds: dict[str
     on_cpu = not torch.cuda.is_available()
     s = memory.shape_of(model_config, cfg.ia3, cfg.train.loss_chunk_mib)
     stage = dsc.stage_of(ds)
-    offload = not on_cpu and stage == 3 and dsc.offloads(ds)
+    # The memory model's offload moves the weights (and the optimizer) to the host: with the optimizer's alone the
+    # weight shards stay on the GPU (IA3's optimizer state is a few MB either way).
+    offload = not on_cpu and stage == 3 and dsc.offloads_params(ds)
     b = 4 if cfg.train.precision == "fp32" else 2
     budget = memory_budget(env.local_world_size, env.local_rank) if budget is None else budget
     overhead = memory.framework_rss() if on_cpu else memory.OVERHEAD
