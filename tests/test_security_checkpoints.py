@@ -723,6 +723,12 @@ DS_REFUSED: dict[str, tuple[int, dict[str, Any], dict[str, Any], dict[str, Any] 
     # Every micro-batch an optimizer step: train.grad_accum would silently mean nothing.
     "unmanaged-accumulation": (2, {"managed_gradient_accumulation": False}, {}, None,
                                "'managed_gradient_accumulation' is False"),
+    # Each cuts DeepSpeed's data-parallel world (an AssertionError in deepspeed.initialize after the ranks met).
+    "sequence-parallel": (2, {"sequence_parallel_size": 2}, {}, None, "'sequence_parallel_size' is 2"),
+    "autotp": (2, {"tensor_parallel": {"autotp_size": 2}}, {}, None, "'tensor_parallel.autotp_size' is 2"),
+    # ZeRO-1/2 offload to cpu only, yet build CPU Adam for nvme, which fails at the first step on a GPU.
+    "nvme-optimizer-zero2": (2, {}, {"offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}, None,
+                             "offload_optimizer.device nvme needs stage 3"),
 }
 
 

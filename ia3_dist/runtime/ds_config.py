@@ -482,6 +482,19 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
                                           or (kind == "offload_optimizer" and stage < 1)):
             raise UsageError(f"{src}: zero_optimization.{kind} needs stage {'3' if kind == 'offload_param' else '1+'}"
                              f" (stage is {stage})")
+        if kind == "offload_optimizer" and dev == "nvme" and stage in (1, 2):
+            # ZeRO-1/2 offload only to cpu, yet build DeepSpeed's CPU Adam for it, which refuses GPU parameters at
+            # the first step.
+            raise UsageError(f"{src}: zero_optimization.offload_optimizer.device nvme needs stage 3 (ZeRO-{stage} "
+                             f"offloads to cpu only, and fails at the first step otherwise); use cpu")
+    # Both cut the data-parallel world DeepSpeed sees, which the launcher's batch sizes, sampler and loss
+    # normalisation are reckoned over (every rank a data-parallel rank); DeepSpeed then fails when it is built.
+    sp = ds.get("sequence_parallel_size", 1)
+    tp = ds.get("tensor_parallel", {}).get("autotp_size", 0) if isinstance(ds.get("tensor_parallel"), dict) else 0
+    for key, v, ok in (("sequence_parallel_size", sp, 1), ("tensor_parallel.autotp_size", tp, 0)):
+        if v not in (ok, None) and not (key.startswith("tensor") and v == 1):
+            raise UsageError(f"{src}: '{key}' is {show(v)}; the launcher trains every rank as a data-parallel rank "
+                             f"(IA3's few vectors need no model parallelism): remove it")
 
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", src)
     # With train.global_batch_size the accumulation follows from it (and the ranks): that is the key to change.
