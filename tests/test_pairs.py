@@ -221,7 +221,7 @@ def test_batch_is_trls_layout(tmp_path: Path, tiny_tokenizer) -> None:
     assert b["pair_index"].tolist() == [1, 3]
     # row_gather: each row's kept positions in order, padded with the index of an appended zero; row sums through
     # it are index_add's (exactly here: integers) over a fixed shape.
-    from ia3_dist.train.objectives.preference import row_sums
+    from ia3_dist.models.loss import row_sums
 
     g, n = b["row_gather"], len(b["pos"])
     assert g.shape == (4, int(torch.bincount(b["row"]).max()))

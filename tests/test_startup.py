@@ -50,3 +50,29 @@ def test_a_run_never_imports_deepspeeds_muon(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "inductor False" in proc.stdout, proc.stdout[-2000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_demo_data_is_written_once_and_never_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two nodes (or workers) writing the demo data at once: the first link wins and the file is never renamed
+    over afterwards. A rename over it changed the file another node was hashing: its rank exited 2 with "changed
+    while it was tokenized" (seen on the 2-node Slurm test)."""
+    import os
+
+    from ia3_dist.train import demo
+
+    made = []
+
+    def make() -> list[dict[str, str]]:
+        made.append(1)
+        if len(made) == 2:  # the first writer links its file in while this one writes
+            first = demo.asset_root(str(tmp_path)).with_name(f"x-v{demo.ASSET_VERSION}.json")
+            first.write_text('[{"first": "1"}]', encoding="utf-8")
+        return [{"n": str(len(made))}]
+
+    f = demo._ensure_json(str(tmp_path), "x", make)
+    f.unlink()
+    assert demo._ensure_json(str(tmp_path), "x", make) == f
+    assert f.read_text(encoding="utf-8") == '[{"first": "1"}]'  # the winner's, not replaced by the loser's
+    ino = os.stat(f).st_ino
+    assert demo._ensure_json(str(tmp_path), "x", make) == f and os.stat(f).st_ino == ino and len(made) == 2
+    assert [p.name for p in f.parent.iterdir() if ".tmp" in p.name] == []

@@ -373,3 +373,13 @@ class TokenLogpLM(TokenSumLM):
         grad = torch.is_grad_enabled()
         return torch.cat([checkpoint(logp, h, t, use_reentrant=False) if grad else logp(h, t)
                           for h, t in zip(hidden.tensor_split(n), target.tensor_split(n), strict=True)])
+
+
+def row_sums(values: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum of its positions' ``values`` (``gather``: :func:`..data.collate.pair_batch`'s
+    ``row_gather``), with no host sync. Deterministic, so the reference pass and the step add alike (a pair whose
+    policy is still the reference has a margin of exactly 0): on the CPU a running sum in order (torch's CPU cumsum
+    accumulates in double), the same bits whatever else is in the micro-batch (the padding zeros come after); on
+    a GPU, where index_add adds in atomics' order and a float cumsum may too, a reduction over the fixed shape."""
+    per_row = torch.cat([values, values.new_zeros(1)])[gather]
+    return per_row.cumsum(1)[:, -1] if per_row.device.type == "cpu" else per_row.sum(1)

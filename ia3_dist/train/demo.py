@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -206,14 +207,21 @@ def make_pairs(n: int, seed: int) -> list[dict[str, str]]:
 
 
 def _ensure_json(cache_dir: str | None, name: str, make: Callable[[], list[dict[str, str]]]) -> Path:
-    """``make()`` as a JSON file beside the demo model, written once and atomically (concurrent ranks or test
-    workers each write a temporary file and the last rename wins with the same content)."""
+    """``make()`` as a JSON file beside the demo model, written once and atomically: concurrent ranks, nodes or
+    test workers each write a temporary file and the first to link it in place wins; the file is never replaced
+    once there (a rename over it would change the file another rank is hashing and tokenizing: "changed while it
+    was tokenized")."""
     f = asset_root(cache_dir).with_name(f"{name}-v{ASSET_VERSION}.json")
     if not f.exists():
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f"{f.name}.tmp{os.getpid()}")
+        tmp = f.with_name(f"{f.name}.tmp{os.getpid()}.{secrets.token_hex(4)}")
         tmp.write_text(json.dumps(make(), ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, f)
+        try:
+            os.link(tmp, f)
+        except FileExistsError:
+            pass  # another process's, with the same content
+        finally:
+            tmp.unlink()
     return f
 
 

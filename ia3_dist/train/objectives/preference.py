@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ...data.collate import pair_batch, to_device
 from ...data.sampler import rank_slice, strided_batches
 from ...models.families import disable_dropout
-from ...models.loss import TokenLogpLM
+from ...models.loss import TokenLogpLM, row_sums
 from ...runtime import dist
 from ..evaluate import eval_mode
 from ..metrics import executed_flops, model_flops
@@ -48,16 +48,6 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     t = -0.6931471805599453
     return torch.where(x < t, torch.log1p(-torch.exp(x.clamp(max=t))),
                        torch.log(-torch.expm1(x.clamp(min=t, max=-1e-30))))
-
-
-def row_sums(values: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
-    """Per row, the sum of its positions' ``values`` (``gather``: :func:`..data.collate.pair_batch`'s
-    ``row_gather``), with no host sync. Deterministic, so the reference pass and the step add alike (a pair whose
-    policy is still the reference has a margin of exactly 0): on the CPU a running sum in order (torch's CPU cumsum
-    accumulates in double), the same bits whatever else is in the micro-batch (the padding zeros come after); on
-    a GPU, where index_add adds in atomics' order and a float cumsum may too, a reduction over the fixed shape."""
-    per_row = torch.cat([values, values.new_zeros(1)])[gather]
-    return per_row.cumsum(1)[:, -1] if per_row.device.type == "cpu" else per_row.sum(1)
 
 
 def nll_parts(lp: torch.Tensor, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

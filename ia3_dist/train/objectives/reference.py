@@ -24,9 +24,9 @@ from ...data.cache import cache_root
 from ...data.collate import pair_batch, to_device
 from ...data.sampler import plan_epoch, rank_slice, strided_batches
 from ...data.tokens import TokenizedData
+from ...models.loss import row_sums
 from ...runtime import dist
 from ..evaluate import eval_mode
-from .preference import row_sums
 
 VERSION = 5  # 4: the training split in the first epoch's micro-batches; 5: summed by row_sums on the device
 """Bumped when the stored values change meaning (2: summed in the training dtype; 3: batched as training)."""
