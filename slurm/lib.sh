@@ -114,10 +114,13 @@ ia3_forward() {
     # One task per node checks the pid file against its own host and process table, as ia3_rank0_pid does here:
     # Slurm's node names need not be the hosts' names, and only the node running that process signals it. In the
     # background: the trap returns at once, and the wait for the run goes on.
+    # (srun --overlap: Slurm 20.11+; it starts at once beside the training step, measured on Slurm 22.05.)
     ia3_log "caught SIG$1: rank 0 runs on $host; asking it through srun to checkpoint and stop"
-    timeout 120 srun --overlap --jobid="$SLURM_JOB_ID" --nodes="${SLURM_NNODES:-1}" --ntasks="${SLURM_NNODES:-1}" \
-      --ntasks-per-node=1 --export=ALL bash -c "$(declare -f ia3_rank0_pid); OUTPUT_DIR=$(printf %q "$OUTPUT_DIR"); \
-pid=\$(ia3_rank0_pid); [ -z \"\$pid\" ] || kill -USR1 \"\$pid\"" > /dev/null 2>&1 &
+    { timeout 120 srun --overlap --jobid="$SLURM_JOB_ID" --nodes="${SLURM_NNODES:-1}" --ntasks="${SLURM_NNODES:-1}" \
+        --ntasks-per-node=1 --export=ALL bash -c "$(declare -f ia3_rank0_pid); OUTPUT_DIR=$(printf %q "$OUTPUT_DIR"); \
+pid=\$(ia3_rank0_pid); [ -z \"\$pid\" ] || kill -USR1 \"\$pid\"" > /dev/null ||
+        ia3_log "srun could not reach rank 0 on $host (exit $?): the run goes on until the job's time limit, from" \
+                "its last checkpoint"; } &
   elif [ -n "${RUN_STAMP:-}" ] && [ "$OUTPUT_DIR/run.yaml" -nt "$RUN_STAMP" ]; then
     # This start wrote run.yaml and rank 0 has since removed its pid file: training is over (the run is writing
     # its adapter or exiting). Requeueing now would start a finished run again.
