@@ -90,7 +90,8 @@ def test_checkpoints_equal_lm_eval_on_their_merged_exports(run: Path, tmp_path: 
     # The run's final adapter given alone: its results go to the run's eval/ (never into the adapter dir, which
     # the next adapter replaces whole), beside the earlier rows; its own rows replace the final point's.
     assert main(["eval", str(run / "adapter"), "--tasks", "tiny_mc", "--include", str(TASKS), "--limit", "3"]) == 0
-    assert "kept" in capsys.readouterr().out and not (run / "adapter" / "eval").exists()
+    said = capsys.readouterr().out
+    assert "measured otherwise (dtype fp32, limit None)" in said and not (run / "adapter" / "eval").exists(), said
     after = {(r["checkpoint"], r["task"], r["metric"]): r["value"]
              for r in json.loads((run / "eval" / "results.json").read_text())["rows"]}
     assert set(after) == set(got)

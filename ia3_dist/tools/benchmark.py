@@ -405,8 +405,8 @@ def main(argv: list[str], prog: str) -> int:
         dist.setup_threads(env)
         dist.init(env)
     try:
-        rows = evaluate_points(adapter, pts, tasks, tm, args.batch_size, args.limit, run, args.base, env,
-                               args.dtype or run_precision(run if run is not None else path.parent))
+        dtype = args.dtype or run_precision(run if run is not None else path.parent)
+        rows = evaluate_points(adapter, pts, tasks, tm, args.batch_size, args.limit, run, args.base, env, dtype)
     finally:
         dist.destroy()
     if not env.is_main:
@@ -418,16 +418,21 @@ def main(argv: list[str], prog: str) -> int:
             from None
     # Beside the rows of earlier evaluations (other tasks, other checkpoints); a point evaluated again replaces its
     # rows.
+    for r in rows:  # how each row was measured: rows of other settings may stay beside them
+        r.update(dtype=dtype, limit=args.limit)
     earlier = earlier_rows(out / RESULTS)
     new = {_row_key(r) for r in rows}
     kept = [r for r in earlier if _row_key(r) not in new]
+    other = sorted({(str(r.get("dtype", "fp32")), str(r.get("limit"))) for r in kept} - {(dtype, str(args.limit))})
     every = kept + rows
     text = json.dumps({"tasks": sorted({r["task"] for r in every} - {"heldout"}), "rows": every}, indent=1) + "\n"
     # Never through a link planted in a run dir from elsewhere; atomically, for `ia3-dist summary --metric`.
     safe_io.write_file(out / RESULTS, lambda f: f.write(text.encode("utf-8")), "--out ")
     print(table(rows))
     if kept:
-        print(f"kept {len(kept)} row(s) of earlier evaluations in {out / RESULTS}")
+        print(f"kept {len(kept)} row(s) of earlier evaluations in {out / RESULTS}"
+              + (f"; some were measured otherwise ({', '.join(f'dtype {d}, limit {n}' for d, n in other)}): "
+                 f"evaluate them again to compare like with like" if other else ""))
     for f in plot(every, out):
         print(f"wrote {f}")
     print(f"results: {out / RESULTS}")
