@@ -577,6 +577,17 @@ def test_a_signal_after_training_ended_does_not_requeue_a_finished_run(tmp_path:
     assert not (tmp_path / "scontrol").exists(), text
 
 
+def _signal_during_training(proc: subprocess.Popen, out: Path) -> None:
+    """USR1 to the batch shell once the stand-in run wrote its pid file; the run checkpoints (preempted.json) when
+    asked, and ends."""
+    _wait_for(out / "rank0.pid", proc)
+    proc.send_signal(signal.SIGUSR1)
+    _wait_for(out / "stop-asked", proc)
+    (out / "preempted.json").write_text("{}")
+    (out / "trained").touch()
+    (out / "go").touch()
+
+
 @pytest.mark.slow  # a bash batch shell around a stand-in run that sleeps
 @needs_bash
 @pytest.mark.parametrize("when", ["before", "during"])
@@ -585,12 +596,7 @@ def test_a_signal_before_or_during_training_requeues(tmp_path: Path, when: str) 
     the signal to rank 0 (which checkpoints and writes preempted.json) and requeues."""
     proc, out = _batch_shell(tmp_path)
     if when == "during":
-        _wait_for(out / "rank0.pid", proc)
-        proc.send_signal(signal.SIGUSR1)
-        _wait_for(out / "stop-asked", proc)
-        (out / "preempted.json").write_text("{}")
-        (out / "trained").touch()
-        (out / "go").touch()
+        _signal_during_training(proc, out)
     else:
         time.sleep(0.3)  # the batch shell is inside ia3_run, the run has not written run.yaml
         proc.send_signal(signal.SIGUSR1)
@@ -617,12 +623,7 @@ def test_a_signal_reaches_rank_0_on_another_node_through_srun(tmp_path: Path) ->
     for f in (node / "hostname", fakebin / "srun"):
         f.chmod(0o755)
     proc, out = _batch_shell(tmp_path, before=f'export FAKE_HOST=n2 SLURM_NNODES=2 PATH="{fakebin}:$PATH"; ')
-    _wait_for(out / "rank0.pid", proc)
-    proc.send_signal(signal.SIGUSR1)
-    _wait_for(out / "stop-asked", proc)
-    (out / "preempted.json").write_text("{}")
-    (out / "trained").touch()
-    (out / "go").touch()
+    _signal_during_training(proc, out)
     text = proc.communicate(timeout=30)[0]
     assert "rank 0 runs on n2; asking it through srun" in text and "requeueing job 7" in text, text
     assert "--overlap --jobid=7 --nodes=2 --ntasks=2 --ntasks-per-node=1" in (tmp_path / "srun").read_text()
