@@ -188,6 +188,61 @@ def test_killed_preparer_leaves_nothing_that_is_read(tmp_path: Path, tiny_tokeni
     assert not _temps(cache) and len(_published(cache)) == 1
 
 
+def _slow_pooled_writer(cfg: DataSection, tok) -> None:
+    tk.CHUNK_RECORDS = 20
+    write = tc.CacheWriter.__call__
+
+    def slowly(self, c):
+        write(self, c)
+        self._ids.flush()
+        time.sleep(0.5)
+
+    tc.CacheWriter.__call__ = slowly
+    tk.load_or_tokenize(cfg, tok, build=True)
+
+
+@pytest.mark.slow  # forked tokenizer workers and a kill: a few seconds
+def test_a_killed_builders_workers_die_with_it_and_free_the_lock(tmp_path: Path, tiny_tokenizer) -> None:
+    """A builder SIGKILLed mid-build (the OOM killer, a launcher ending a rank) left its forked tokenizer workers
+    blocked for ever, holding the flock the fork gave them: every later build on the node waited without a word.
+    They now die with it, and the next builder takes the lock and publishes."""
+    import fcntl
+
+    cfg = DataSection(path=str(_data(tmp_path, 400)), cache_dir=str(tmp_path / "c"), num_proc=2)
+    cache = tmp_path / "c"
+    p = mp.get_context("fork").Process(target=_slow_pooled_writer, args=(cfg, tiny_tokenizer))
+    p.start()
+    kids: list[int] = []
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        kids = [int(k) for k in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
+        if len(kids) >= 2 and any((t / "tokens.bin").exists() and (t / "tokens.bin").stat().st_size
+                                  for t in (_temps(cache) if (cache / "tokenized").exists() else [])):
+            break
+        time.sleep(0.02)
+    assert len(kids) >= 2, kids
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except (FileNotFoundError, IndexError):
+            return False
+
+    deadline = time.time() + 10
+    while any(map(alive, kids)) and time.time() < deadline:
+        time.sleep(0.05)
+    orphans = [k for k in kids if alive(k)]
+    for k in orphans:  # never left behind holding the lock and the test run's pipes
+        os.kill(k, signal.SIGKILL)
+    assert not orphans, orphans
+    [lock] = (cache / "tokenized").glob("*.lock")
+    with open(lock, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError while an orphan holds it
+    _same_as_in_memory(tk.load_or_tokenize(cfg, tiny_tokenizer, build=True), cfg, tiny_tokenizer)
+
+
 def test_damaged_cache_is_refused_by_name(tmp_path: Path, tiny_tokenizer) -> None:
     cfg = DataSection(path=str(_data(tmp_path, 30)), cache_dir=str(tmp_path / "c"))
     d = Path(tk.load_or_tokenize(cfg, tiny_tokenizer).cache_file)

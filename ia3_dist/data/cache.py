@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,10 @@ from ..config import DataSection
 def cache_root(cfg: DataSection) -> Path:
     root = cfg.cache_dir or os.environ.get("IA3_DIST_CACHE") or os.path.join(Path.home(), ".cache", "ia3-dist")
     return Path(root).expanduser()
+
+
+LOCK_WAIT_NOTE_S = 300.0
+"""How long :func:`file_lock` waits before it says what it waits for."""
 
 
 @contextlib.contextmanager
@@ -26,7 +32,17 @@ def file_lock(path: Path, required: bool = True) -> Iterator[None]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")  # noqa: SIM115 - closed below
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        # Said once a wait is long, so one that never ends (a holder stopped, not killed) names the file to look
+        # at; a rank waiting its turn while another tokenizes says nothing.
+        said = threading.Timer(LOCK_WAIT_NOTE_S, lambda: print(
+            f"ia3-dist: still waiting for {path} after {LOCK_WAIT_NOTE_S:.0f} s (another process builds this entry; "
+            f"if none does, see who holds it: fuser {path})", file=sys.stderr, flush=True))
+        said.daemon = True
+        said.start()
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        finally:
+            said.cancel()
     except OSError:
         if fh is not None:
             fh.close()

@@ -341,9 +341,21 @@ class _ChunkTokenizer:
         return out, skipped
 
 
-def _worker_init(run: _ChunkTokenizer) -> None:
+def _worker_init(run: _ChunkTokenizer, parent: int) -> None:
     # The parent's own tokenizer, inherited by the fork: the template the cache is keyed by, not read again.
     _WORKER["run"] = run
+    # A worker outlives a SIGKILLed parent (the OOM killer, a launcher ending a rank) blocked on the pool's pipes,
+    # and holds what the fork gave it: the cache build's flock, so every later build on the node waited for ever.
+    # The kernel kills it with its parent instead (Linux; elsewhere the check below is all there is).
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _worker_task(convs: list[Conversation]) -> Chunk:
@@ -418,7 +430,7 @@ def _pooled(parts: Iterator[list[Conversation]], procs: int, run: _ChunkTokenize
 
     # fork: workers inherit the tokenizer instead of unpickling it, and never re-import the caller's __main__.
     pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("fork"), initializer=_worker_init,
-                               initargs=(run,))
+                               initargs=(run, os.getpid()))
     pending: deque[tuple[list[Conversation], Any]] = deque()
     failed = None
     try:
