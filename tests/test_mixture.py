@@ -325,3 +325,27 @@ def test_a_mixture_read_from_the_cache_names_this_runs_files(tmp_path: Path, tin
     assert str(b) in again.formats and str(a) not in again.formats
     assert [s.name for s in again.mix.sources] == [str(other), str(b)]
     assert str(b) in again.mix.sources[1].formats and str(a) not in again.mix.sources[1].formats
+
+
+def test_draws_are_kept_first_wins_and_an_unwritable_cache_draws_in_memory(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """The draws file is linked in once and never renamed over (a rank reading it on NFS got ESTALE and was told to
+    delete a good file). A cache where it cannot be written (a read-only mount, a path through a file) is a
+    warning, not an OSError from cleaning up a temp file that was never made."""
+    import os
+
+    import numpy as np
+
+    from ia3_dist.data.mixture import _read_draws, _write_draws
+
+    f = tmp_path / "mixtures" / "k.npz"
+    _write_draws(f, np.arange(5), [np.asarray([1]), np.asarray([], dtype=np.int64)])
+    ino = os.stat(f).st_ino
+    _write_draws(f, np.arange(5), [np.asarray([1]), np.asarray([], dtype=np.int64)])
+    assert os.stat(f).st_ino == ino and [p.name for p in f.parent.iterdir()] == ["k.npz"]
+    order, held = _read_draws(f, 10, 2)
+    assert order.tolist() == list(range(5)) and [h.tolist() for h in held] == [[1], []]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    _write_draws(blocker / "mixtures" / "k.npz", np.arange(5), [np.asarray([1])])
+    assert "cannot keep the mixture draws" in capsys.readouterr().err

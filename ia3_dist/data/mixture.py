@@ -20,6 +20,7 @@ every epoch and every resume reads the same draws.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -376,9 +377,17 @@ def _write_draws(f: Path, order: np.ndarray, held: list[np.ndarray]) -> None:
             np.savez(fh, order=order, held=np.concatenate([np.zeros(0, np.int64), *held]), held_bounds=bounds)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, f)
+        try:
+            # First wins, never renamed over: another rank (on NFS, another node) may be reading the file, and a
+            # rename over it makes that read fail (ESTALE). The draws are the same either way.
+            os.link(tmp, f)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     except OSError as e:
         # The draws are a pure function of the cache entry, weights and seed: a rank that cannot keep them (a
         # read-only cache) draws the same again next time.
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # EROFS, not ENOENT, for a missing file on a read-only mount
+            tmp.unlink()
         print(f"warning: cannot keep the mixture draws in {f} ({e.strerror or e}); drawn in memory", file=sys.stderr)
