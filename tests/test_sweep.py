@@ -739,3 +739,17 @@ def test_a_run_whose_final_adapter_diverged_ranks_last(tmp_path: Path) -> None:
     a, b = run("a", 1.1, "NaN"), run("b", 1.5, "1.3")
     assert math.isnan(a["heldout/loss"]) and b["heldout/loss"] == 1.3
     assert [r["dir"] for r in rank_by([a, b], "heldout/loss")] == [b["dir"], a["dir"]]
+
+
+def test_a_local_sweep_keeps_the_visible_gpus() -> None:
+    """Given --num_accelerators the deepspeed launcher drops CUDA_VISIBLE_DEVICES and runs on devices 0..N-1
+    (another user's on a shared box): a local sweep's ranks take the GPUs the variable names, as lib.sh's jobs do."""
+    from ia3_dist.errors import UsageError
+    from ia3_dist.tools.sweep import local_devices
+
+    assert local_devices(2, {"CUDA_VISIBLE_DEVICES": "2,3,5"}) == ["--include", "localhost:2,3"]
+    assert local_devices(2, {}) == ["--num_accelerators", "2"]  # CPU ranks
+    with pytest.raises(UsageError, match="names 1 GPU"):
+        local_devices(2, {"CUDA_VISIBLE_DEVICES": "4"})
+    with pytest.raises(UsageError, match="UUID or MIG"):
+        local_devices(2, {"CUDA_VISIBLE_DEVICES": "GPU-8a1b,GPU-9c2d"})

@@ -335,6 +335,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_devices(nproc: int, environ: dict[str, str] | None = None) -> list[str]:
+    """The deepspeed launcher's device arguments for ``nproc`` local ranks: the GPUs CUDA_VISIBLE_DEVICES names
+    (``--include``; given --num_accelerators the launcher drops the variable and runs on devices 0..N-1, another
+    user's on a shared box or an allocation without device constraints), else ``--num_accelerators``."""
+    cvd = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES", "")
+    if re.fullmatch(r"[0-9]+(,[0-9]+)*", cvd):
+        visible = cvd.split(",")
+        if len(visible) < nproc:
+            raise UsageError(f"--nproc {nproc}: CUDA_VISIBLE_DEVICES={cvd} names {len(visible)} GPU(s); run fewer "
+                             f"ranks or make more GPUs visible")
+        return ["--include", f"localhost:{','.join(visible[:nproc])}"]
+    if cvd:
+        raise UsageError(f"--nproc {nproc}: CUDA_VISIBLE_DEVICES={cvd} names GPUs by UUID or MIG instance, which the "
+                         f"deepspeed launcher cannot keep; give their indices, or run the tasks with --nproc 1")
+    return ["--num_accelerators", str(nproc)]
+
+
 def run_local(config: str, base: list[str], tasks: list[Task], sweep_dir: Path, nproc: int) -> list[int]:
     """Each task in turn, in this process's environment; output to ``logs/<name>.log``. Tasks whose run is done
     already are skipped. Returns the indices of the tasks that failed."""
@@ -348,7 +365,7 @@ def run_local(config: str, base: list[str], tasks: list[Task], sweep_dir: Path, 
         if nproc == 1:
             cmd = [sys.executable, "-m", "ia3_dist", *args]
         else:
-            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", str(nproc),
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *local_devices(nproc),
                    "--master_port", str(_free_port()), "--module", "ia3_dist", *args]
         log = sweep_dir / LOGS / f"{t.name}.log"
         t0 = time.time()
@@ -435,6 +452,8 @@ def main(argv: list[str], prog: str) -> int:
     tasks = plan_tasks(config, a.overrides, grid, sweep_dir, a.max_tasks,
                        None if job is None else lambda cfg: slurm.check_job_config(job, cfg))
     check_sweep_dir(sweep_dir, a.force, a.local)
+    if a.local and a.nproc > 1:
+        local_devices(a.nproc)  # a device list the launcher cannot keep: refused before any task runs
     submit = not a.local and not a.no_submit
     if submit and not shutil.which("sbatch"):
         raise UsageError("sbatch not found: run this on a Slurm login node, or use --local (run the grid here) or "
