@@ -753,3 +753,13 @@ def test_a_local_sweep_keeps_the_visible_gpus() -> None:
         local_devices(2, {"CUDA_VISIBLE_DEVICES": "4"})
     with pytest.raises(UsageError, match="UUID or MIG"):
         local_devices(2, {"CUDA_VISIBLE_DEVICES": "GPU-8a1b,GPU-9c2d"})
+
+
+def test_a_preempted_task_the_queue_no_longer_holds_is_stopped(tmp_path: Path) -> None:
+    """preempted.json says a task checkpointed for its requeue; once Slurm (asked) no longer lists it (cancelled
+    after its requeue, a refused requeue, the stall guard's end) nothing will requeue it: stopped (resume=auto
+    continues it), not 'preempted' for ever. Without a record of the job it waits for its requeue, as before."""
+    d = fake_run(tmp_path / "t", 0.003, [2.0], adapter=False, preempted=True)
+    assert run_status(d) == "preempted"
+    assert run_status(d, "REQUEUED", True) == "preempted"
+    assert run_status(d, None, True) == "stopped"

@@ -7,8 +7,9 @@ eval loss and perplexity (preference runs: the held-out pair accuracy), the medi
 RSS on CPU). Status:
 
 - done: the adapter is written and the run has ended;
-- stopped: a chunk of it is done (``train.stop_after_steps``: its adapter written); ``train.resume=auto``
-  continues it;
+- stopped: a chunk of it is done (``train.stop_after_steps``: its adapter written), or a sweep task stopped at a
+  checkpoint that the queue no longer holds (cancelled after its requeue, a requeue Slurm refused);
+  ``train.resume=auto`` continues it;
 - running: Slurm lists the task as running, or (no Slurm record) rank 0's pid file is there and names a live
   ia3-dist process of this host, or it names another host (or none) and the run wrote within :data:`RECENT_S`;
 - preempted: stopped at a checkpoint after a signal (or by the hang watchdog); it resumes when requeued (also
@@ -258,7 +259,9 @@ def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,
         newest = max(started, _mtime(d / "metrics.jsonl") or 0.0)
         return "running" if time.time() - newest < RECENT_S else "failed"
     if (d / "preempted.json").exists():
-        return "preempted"
+        # Slurm was asked and no longer lists the task: nothing requeues it (cancelled once requeued, a refused
+        # requeue, the stall guard's end). It stopped at a checkpoint; train.resume=auto continues it.
+        return "stopped" if job_known else "preempted"
     if (d / "hung.json").exists():
         return "failed"
     if (d / ADAPTER_FILE).is_file():
