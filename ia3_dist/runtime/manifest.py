@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
 import socket
 import stat
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -382,8 +385,41 @@ def start_stamp(pid: int | str = "self") -> str | None:
 def write_pid_file(out: Path) -> None:
     """Rank 0's :data:`PID_FILE`: its pid on the first line, for schedulers' preemption traps (slurm/lib.sh), then
     the host it runs on (a pid names a process of that host only, and the file is read from others: ``summary``
-    on a login node, a requeued job's first node), then its :func:`start_stamp`."""
-    (out / PID_FILE).write_text(f"{os.getpid()}\n{socket.gethostname()}\n{start_stamp() or ''}\n")
+    on a login node, a requeued job's first node), then its :func:`start_stamp`, then when it was written (the
+    file's own time is :class:`PidHeartbeat`'s)."""
+    (out / PID_FILE).write_text(f"{os.getpid()}\n{socket.gethostname()}\n{start_stamp() or ''}\n{time.time():.3f}\n")
+
+
+PID_HEARTBEAT_S = 60.0
+"""How often rank 0 refreshes its pid file's time while it runs: a reader on another host (``summary`` on a login
+node) counts a pid file that recent as a live run, however long its steps or its load take."""
+
+
+class PidHeartbeat:
+    """Rank 0's pid file kept fresh (its modification time) while the run lives; never created again once gone."""
+
+    def __init__(self, out: Path, every_s: float = PID_HEARTBEAT_S) -> None:
+        self.path, self.every_s = out / PID_FILE, every_s
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PidHeartbeat:
+        self._thread = threading.Thread(target=self._beat, name="ia3-dist-pid-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.every_s):
+            try:
+                os.utime(self.path, follow_symlinks=False)
+            except OSError:
+                pass  # removed (the run ends) or unwritable: readers fall back on the metrics' time
 
 
 def _read_pid_file(out: Path) -> tuple[int, str | None, str | None] | None:
@@ -402,6 +438,20 @@ def _read_pid_file(out: Path) -> tuple[int, str | None, str | None] | None:
     host = lines[1].strip() if len(lines) > 1 and lines[1].strip() else None
     stamp = lines[2].strip() if len(lines) > 2 and lines[2].strip() else None
     return int(pid), host, stamp
+
+
+def pid_started(out: Path) -> float | None:
+    """When the pid file was written (its fourth line; None for a file of a version that wrote less, or none)."""
+    try:
+        raw = read_bounded(out / PID_FILE, MAX_PID_FILE, missing_ok=True)
+    except UsageError:
+        return None
+    lines = (raw or b"").decode("utf-8", "replace").split("\n")
+    try:
+        t = float(lines[3]) if len(lines) > 3 else None
+    except ValueError:
+        return None
+    return t if t is not None and math.isfinite(t) else None
 
 
 def _is_run_process(pid: int) -> bool:

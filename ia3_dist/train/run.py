@@ -164,6 +164,7 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
     status = "failed"
     # Before the process group: DeepSpeed loads its first JIT op there (see runtime/build_locks).
     locks = BuildLockSweeper(lambda msg: print(msg, file=sys.stderr, flush=True)).start()
+    heartbeat = manifest.PidHeartbeat(p.out).start() if env.is_main else None
     try:
         with WhileMeeting(stop, lambda signame: _preempted_meeting(p, trackers, signame)):
             dist.init(env, cfg.deepspeed.timeout_minutes)
@@ -172,6 +173,8 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
         watchdog = Watchdog(cfg.train.hang_timeout_s, env, p.out).start()
     except BaseException:
         locks.stop()
+        if heartbeat is not None:
+            heartbeat.stop()
         trackers.close(status)
         stop.uninstall()
         if env.is_main:
@@ -223,6 +226,8 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
         # train.hang_timeout_s, and the watchdog would turn a preemption's 75 (or a failure's 3 or 74) into 76.
         watchdog.stop()
         locks.stop()
+        if heartbeat is not None:
+            heartbeat.stop()
         trackers.close(status)
         if env.is_main:
             (p.out / PID_FILE).unlink(missing_ok=True)
