@@ -132,14 +132,24 @@ pid=\$(ia3_rank0_pid); [ -z \"\$pid\" ] || kill -USR1 \"\$pid\"" > /dev/null ||
   fi
 }
 
+# How to start this job again by hand: an array task alone (sbatch again would queue every task of its sweep).
+ia3_resubmit_hint() {
+  if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
+    echo "submit this task again (sbatch --array=${SLURM_ARRAY_TASK_ID:-N} on the sweep's file, or ia3-dist sweep" \
+         "--force, which leaves finished tasks out)"
+  else
+    echo "submit the job again"
+  fi
+}
+
 ia3_requeue() {
   # A requeue Slurm refused (slurmctld busy, requeue not allowed) must not end the job as COMPLETED: an afterok
   # evaluation job would start on an unfinished run. EX_TEMPFAIL, as the run itself exits when preempted.
   if scontrol requeue "$SLURM_JOB_ID"; then
     exit 0
   fi
-  ia3_log "scontrol requeue $SLURM_JOB_ID failed: ending with exit 75 (the run is not finished); submit the job" \
-          "again and it resumes with train.resume=auto"
+  ia3_log "scontrol requeue $SLURM_JOB_ID failed: ending with exit 75 (the run is not finished); $(ia3_resubmit_hint)" \
+          "and it resumes with train.resume=auto"
   exit 75
 }
 
@@ -196,7 +206,7 @@ ia3_run() {
       ia3_log "run stopped at step $(ia3_preempted_step) again, the same step as the last" \
               "${MAX_STALLED_REQUEUES:-3} requeue(s): not requeueing job $SLURM_JOB_ID (a start that cannot reach a" \
               "checkpoint before the scheduler's warning loops for ever); give the job more time or an earlier" \
-              "warning (ia3-dist slurm --time), then submit it again: it resumes with train.resume=auto"
+              "warning (ia3-dist slurm --time), then $(ia3_resubmit_hint): it resumes with train.resume=auto"
       exit 75
     fi
     ia3_log "run stopped after a checkpoint (exit $rc): requeueing job $SLURM_JOB_ID; it resumes with train.resume=auto"

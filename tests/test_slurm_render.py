@@ -630,6 +630,15 @@ def test_a_signal_reaches_rank_0_on_another_node_through_srun(tmp_path: Path) ->
     assert (tmp_path / "scontrol").read_text() == "requeue 7\n", text
 
 
+@needs_bash
+def test_an_array_task_is_told_to_resubmit_itself_alone(tmp_path: Path) -> None:
+    """A sweep task that cannot requeue: `sbatch` of the sweep file again would queue every task, so the job log
+    names the task's own --array index (or sweep --force, which leaves finished tasks out)."""
+    text, _ = _ia3_run(tmp_path, 'bash -c \'echo "{}" > "$OUTPUT_DIR/preempted.json"; exit 75\'',
+                       before='SLURM_ARRAY_JOB_ID=7 SLURM_ARRAY_TASK_ID=3; scontrol() { return 1; }; ')
+    assert "sbatch --array=3" in text and "ia3-dist sweep --force" in text and text.endswith("[exit 75]"), text
+
+
 def _ia3_run(tmp_path: Path, command: str, before: str = "") -> tuple[str, Path]:
     """lib.sh's ia3_run of ``command`` (shell text) in the foreground, no trap (scontrol recorded, not called):
     its output, ending in ``[exit N]`` (the job's code), and the output dir."""
@@ -666,6 +675,7 @@ def test_requeues_that_stop_at_the_same_step_end_after_three(tmp_path: Path) -> 
         assert requeues == k and "requeueing job 7" in text, text
     text, requeues = stopped_at(0)
     assert requeues == 3 and "not requeueing job 7" in text and text.endswith("[exit 75]"), text
+    assert "then submit the job again" in text, text
     text, requeues = stopped_at(20)  # progress: counted afresh
     assert requeues == 4 and "requeueing job 7" in text, text
 
