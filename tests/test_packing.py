@@ -182,18 +182,25 @@ def test_auto_pack_length_and_efficiency_on_the_shared_alpaca_records(shared_dat
     print(f"pack_length {cap}: efficiency {eff:.3f}, {rows_per_step:.1f} rows per step, shapes {sorted(shapes)}")
 
 
-def test_efficiency_counts_the_filler_rows_of_empty_micro_steps() -> None:
+def test_packed_steps_end_at_the_last_micro_step_any_rank_has_a_row_in() -> None:
     """At micro-batch 1 x accumulation 8, eight 10-token examples pack into 2 rows of 64: the 6 micro-steps left
-    empty each run a filler row at weight 0, so 8 rows of slots are computed (15.6% real tokens), not 2 (62.5%);
-    auto then keeps the narrowest width instead of widening into more empty micro-steps."""
-    lengths = np.full(8, 10)
-    steps = [[[i] for i in range(8)]]
-    eff, rows = efficiency(steps, lengths, 8, 1, 64)
-    assert (eff, rows) == (80 / 512, 8.0)
-    assert efficiency([[list(range(8))]], lengths, 1, 1, 64) == (80 / 128, 2.0)  # micro 8 x 1: no filler
-    # A rank without examples in a step (a short last step) runs a filler per micro-step too.
-    assert efficiency([[[0], [], [], []]], lengths, 2, 2, 64) == (10 / 256, 4.0)
-    assert choose_pack_length(steps, lengths, 8, 1) == 64
+    empty on every rank are not run (they ran a filler row each at weight 0: 4x the compute here, 6x on short
+    data). A rank with fewer rows than another runs a filler row up to the other's last: every rank runs as many
+    forward passes (ZeRO-3 gathers in each). The efficiency counts what runs."""
+    from ia3_dist.data.packing import step_micro_steps
+
+    lengths = np.full(16, 10)
+    one = [[[i] for i in range(8)]]
+    assert step_micro_steps(one[0], lengths, 64, 8, 1) == 2
+    assert efficiency(one, lengths, 8, 1, 64) == (80 / 128, 2.0)
+    assert efficiency([[list(range(8))]], lengths, 1, 1, 64) == (80 / 128, 2.0)  # micro 8 x 1
+    # Two ranks: rank 0 packs 8 examples into 2 rows, rank 1 its one example into 1 row and a filler.
+    two = [[[i] for i in range(8)] + [[8]] + [[] for _ in range(7)]]
+    assert step_micro_steps(two[0], lengths, 64, 8, 2) == 2
+    assert efficiency(two, lengths, 8, 2, 64) == (90 / 256, 4.0)
+    # A rank full to grad_accum ends the search: every micro-step runs.
+    assert step_micro_steps(one[0], np.full(16, 60), 64, 8, 1, own=8) == 8
+    assert choose_pack_length(one, lengths, 8, 1) == 64
 
 
 @pytest.mark.parametrize("args, key, says", [

@@ -67,6 +67,31 @@ def pack_step(micro_batches: list[list[int]], lengths: np.ndarray, cap: int) -> 
     return out
 
 
+def occupied(rows: list[list[list[int]]]) -> int:
+    """How many micro-steps of :func:`pack_step`'s result hold a row (they come first: rows are spread from the
+    first micro-step on)."""
+    return sum(1 for mb in rows if mb)
+
+
+def step_micro_steps(step: list[list[int]], lengths: np.ndarray, cap: int, accum: int, world: int,
+                     own: int | None = None) -> int:
+    """The micro-steps every rank runs in ``step`` (the sampler's micro-batches of all ranks): up to the last one
+    that any rank has a row in, at least one. The micro-steps after it would be filler rows at weight 0 on every
+    rank: not run, the accumulation ends there. Every rank packs every rank's slice here (a step's examples, a few
+    milliseconds), so they agree without a collective. ``own``: this rank's count, when known (a full one ends
+    the search)."""
+    if own is not None and own >= accum:
+        return accum
+    n = 1
+    for r in range(world):
+        mbs = rank_slice(step, r, accum)
+        if any(mbs):
+            n = max(n, occupied(pack_step(mbs, lengths, cap)))
+            if n >= accum:
+                break
+    return n
+
+
 def collate_packed(data: TokenizedData, rows: Sequence[Sequence[int]], pad_id: int, cap: int
                    ) -> dict[str, torch.Tensor]:
     """Rows of ``cap`` tokens. ``attention_mask`` marks the documents' tokens (it counts real tokens; the model
@@ -100,18 +125,20 @@ def collate_packed(data: TokenizedData, rows: Sequence[Sequence[int]], pad_id: i
 
 def efficiency(steps: list[list[list[int]]], lengths: np.ndarray, accum: int, world: int, cap: int
                ) -> tuple[float, float]:
-    """(real tokens / row slots, rows per optimizer step) over ``steps`` (the sampler's plan). A micro-step left
-    without a row runs a filler row at weight 0 (:mod:`..train.objectives.sft`): its slots count, as its compute
-    does (at micro-batch 1, fewer rows than micro-steps make packing cost more than it saves)."""
+    """(real tokens / row slots, rows per optimizer step) over ``steps`` (the sampler's plan). The micro-steps every
+    rank runs end at the last one any rank has a row in (:func:`step_micro_steps`); before it, a micro-step left
+    without a row on a rank runs a filler row at weight 0 (:mod:`..train.objectives.sft`), and its slots count, as
+    its compute does."""
     real = slots = 0
     for step in steps:
+        n = step_micro_steps(step, lengths, cap, accum, world)
         for r in range(world):
             mbs = rank_slice(step, r, accum)
             if not any(mbs):
-                slots += len(mbs) * cap  # a rank without examples this step: a filler per micro-step
+                slots += n * cap  # a rank without examples this step: a filler per micro-step run
                 continue
             real += sum(int(lengths[i]) for mb in mbs for i in mb)
-            slots += sum(max(1, len(mb)) for mb in pack_step(mbs, lengths, cap)) * cap
+            slots += sum(max(1, len(mb)) for mb in pack_step(mbs, lengths, cap)[:n]) * cap
     return real / max(slots, 1), slots / cap / max(len(steps), 1)
 
 

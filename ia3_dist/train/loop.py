@@ -352,7 +352,12 @@ class Trainer:
         scale = t.grad_accum * self.reduce_divisor / norm if norm else 0.0
         loss_local = torch.zeros((), dtype=torch.float64, device=self.device)
         skipped = self.engine.skipped_steps
-        for b, r in zip(batches, real, strict=True):
+        packed = bool(self.p.layout.pack_length)
+        for k, (b, r) in enumerate(zip(batches, real, strict=True)):
+            if packed:
+                # Packed steps may end before grad_accum micro-steps (none holds a row on any rank after the last
+                # run): the boundary is said at every micro-step, since DeepSpeed's own count would drift.
+                self.engine.set_gradient_accumulation_boundary(k == len(batches) - 1)
             loss_sum = faults.poisoned(self.objective.term(self.engine, to_device(b, self.device), r), step + 1,
                                        env.rank)
             # Empty slots (short last batch) still run forward/backward so every rank joins the same

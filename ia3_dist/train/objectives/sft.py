@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ...data.collate import collate, label_positions
-from ...data.packing import collate_packed, pack_step
+from ...data.packing import collate_packed, occupied, pack_step, step_micro_steps
 from ...data.sampler import rank_slice
 from ...models.loss import TokenSumLM
 from ..evaluate import evaluate
@@ -32,6 +32,10 @@ class SFT:
         cap = p.layout.pack_length
         if cap:
             rows = pack_step(mbs, p.data.lengths, cap) if any(mbs) else mbs
+            # Only the micro-steps some rank has a row in run (the loop ends the accumulation after the last);
+            # the empty ones before it run a filler row, as a short last step does.
+            n = step_micro_steps(step_mbs, p.data.lengths, cap, t.grad_accum, p.env.world_size, occupied(rows))
+            rows = rows[:n]
             filler = next((r for r in rows if r), None) or [[next(mb for mb in step_mbs if mb)[0]]]
             out = [collate_packed(p.data, r if r else filler[:1], tr.pad_id, cap) for r in rows]
             real = [bool(r) for r in rows]
