@@ -151,7 +151,7 @@ def test_second_publisher_of_a_key_discards_its_copy(tmp_path: Path, tiny_tokeni
     assert meta["sources"] == ["a"] and np.array_equal(np.asarray(data.ids), chunk.ids)
 
 
-def _slow_writer(cfg: DataSection, tok) -> None:
+def _slow_writer(cfg: DataSection, tok, lock: bool = False) -> None:
     tk.CHUNK_RECORDS = 20
     write = tc.CacheWriter.__call__
 
@@ -161,7 +161,7 @@ def _slow_writer(cfg: DataSection, tok) -> None:
         time.sleep(0.5)
 
     tc.CacheWriter.__call__ = slowly
-    tk.load_or_tokenize(cfg, tok, build=True, lock=False)
+    tk.load_or_tokenize(cfg, tok, build=True, lock=lock)
 
 
 def test_killed_preparer_leaves_nothing_that_is_read(tmp_path: Path, tiny_tokenizer) -> None:
@@ -188,19 +188,6 @@ def test_killed_preparer_leaves_nothing_that_is_read(tmp_path: Path, tiny_tokeni
     assert not _temps(cache) and len(_published(cache)) == 1
 
 
-def _slow_pooled_writer(cfg: DataSection, tok) -> None:
-    tk.CHUNK_RECORDS = 20
-    write = tc.CacheWriter.__call__
-
-    def slowly(self, c):
-        write(self, c)
-        self._ids.flush()
-        time.sleep(0.5)
-
-    tc.CacheWriter.__call__ = slowly
-    tk.load_or_tokenize(cfg, tok, build=True)
-
-
 @pytest.mark.slow  # forked tokenizer workers and a kill: a few seconds
 def test_a_killed_builders_workers_die_with_it_and_free_the_lock(tmp_path: Path, tiny_tokenizer) -> None:
     """A builder SIGKILLed mid-build (the OOM killer, a launcher ending a rank) left its forked tokenizer workers
@@ -210,7 +197,7 @@ def test_a_killed_builders_workers_die_with_it_and_free_the_lock(tmp_path: Path,
 
     cfg = DataSection(path=str(_data(tmp_path, 400)), cache_dir=str(tmp_path / "c"), num_proc=2)
     cache = tmp_path / "c"
-    p = mp.get_context("fork").Process(target=_slow_pooled_writer, args=(cfg, tiny_tokenizer))
+    p = mp.get_context("fork").Process(target=_slow_writer, args=(cfg, tiny_tokenizer, True))
     p.start()
     kids: list[int] = []
     deadline = time.time() + 60
