@@ -114,6 +114,11 @@ def test_offload_toggled_or_amsgrad_on_another_layout_is_refused(tmp_path: Path)
         '{"type": "AdamW"}'
     assert optimizer_key({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}}) == \
         '{"amsgrad": true, "type": "AdamW"}'
+    # Truth values: amsgrad 1 is amsgrad; a default written out is the default left out.
+    assert optimizer_key({"optimizer": {"type": "AdamW", "params": {"amsgrad": 1}}}) == \
+        '{"amsgrad": true, "type": "AdamW"}'
+    assert optimizer_key({"optimizer": {"type": "AdamW", "params": {"amsgrad": False, "adam_w_mode": True}}}) == \
+        '{"type": "AdamW"}'
 
 
 def test_another_cut_without_portable_state_names_the_layout_it_needs(tmp_path: Path) -> None:

@@ -352,28 +352,21 @@ def test_rank0_writes_its_pid_and_host(tmp_path: Path) -> None:
 
     from ia3_dist.runtime import manifest
 
-    t0 = time.time()
     manifest.write_pid_file(tmp_path)
     stamp = manifest.start_stamp()
     assert stamp is not None and len(stamp.split()) == 2
-    lines = (tmp_path / "rank0.pid").read_text().split("\n")
-    assert lines[:3] == [str(os.getpid()), socket.gethostname(), stamp] and lines[4:] == [""]
-    assert t0 - 1 <= manifest.pid_started(tmp_path) <= time.time() + 1
+    assert (tmp_path / "rank0.pid").read_text() == f"{os.getpid()}\n{socket.gethostname()}\n{stamp}\n"
     assert manifest.live_run_pid(tmp_path) is None  # this process itself
-    # While the run lives, rank 0 refreshes the file's time (a login node's summary tells a live run on another
-    # host by it); when it started stays what the file says, and a removed file is not made again.
-    old = time.time() - 3600
-    os.utime(tmp_path / "rank0.pid", (old, old))
+    # While the run lives, rank 0 touches rank0.alive (a login node's summary tells a live run on another host by
+    # it); the pid file's own time stays when the attempt started. Stopped, it is removed.
+    started = os.stat(tmp_path / "rank0.pid").st_mtime
     beat = manifest.PidHeartbeat(tmp_path, every_s=0.05).start()
+    alive = tmp_path / manifest.ALIVE_FILE
+    os.utime(alive, (started - 3600, started - 3600))
     time.sleep(0.3)
+    assert alive.stat().st_mtime > started - 60 and os.stat(tmp_path / "rank0.pid").st_mtime == started
     beat.stop()
-    assert os.stat(tmp_path / "rank0.pid").st_mtime > old + 3000
-    assert t0 - 1 <= manifest.pid_started(tmp_path) <= time.time() + 1
-    (tmp_path / "rank0.pid").unlink()
-    beat = manifest.PidHeartbeat(tmp_path, every_s=0.05).start()
-    time.sleep(0.2)
-    beat.stop()
-    assert not (tmp_path / "rank0.pid").exists()
+    assert not alive.exists()
 
 
 def _summary_rows(d: Path, capsys: pytest.CaptureFixture[str]) -> tuple[list[str], dict[str, dict]]:
@@ -784,11 +777,11 @@ def test_a_preempted_task_the_queue_no_longer_holds_is_stopped(tmp_path: Path) -
 
 def test_a_run_on_another_host_is_running_while_its_pid_file_beats(tmp_path: Path) -> None:
     """Seen from a login node, a run on another host counts as running while it wrote within RECENT_S: a load or a
-    log window longer than that (a big model, slow steps x log_every) showed it failed. Rank 0 refreshes its pid
-    file's time every minute; when the attempt started is the file's own fourth line."""
+    log window longer than that (a big model, slow steps x log_every) showed it failed. Rank 0 touches rank0.alive
+    every minute."""
     d = fake_run(tmp_path / "r", 0.003, [2.0], adapter=False, pid=12345, host="gpu-node-017")
     old = time.time() - summary.RECENT_S - 300
     _at(old, d / "rank0.pid", d / "metrics.jsonl")
     assert run_status(d) == "failed"
-    (d / "rank0.pid").write_text(f"12345\ngpu-node-017\nboot 1\n{time.time() - 7200:.3f}\n")  # beats: time now
+    (d / "rank0.alive").write_text("")  # rank 0's heartbeat, touched a moment ago
     assert run_status(d) == "running"

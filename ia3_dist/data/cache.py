@@ -57,3 +57,17 @@ def file_lock(path: Path, required: bool = True) -> Iterator[None]:
     finally:
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
+
+
+def publish_once(tmp: Path, dest: Path) -> None:
+    """``tmp`` (a complete file) at ``dest`` unless another process put its own there first (same content: a pure
+    function of the cache key). Linked, never renamed over: another rank may be reading ``dest`` (a rename over it
+    changes the file it hashes, or on NFS makes its read fail with ESTALE). On a filesystem without hard links
+    (gcsfuse, s3fs, some CIFS) a rename, as before. ``tmp`` is left for the caller to remove."""
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        pass
+    except OSError:
+        if not dest.exists():
+            os.replace(tmp, dest)

@@ -35,7 +35,7 @@ import numpy as np
 from ..config import DataSection
 from ..config.schema import DataSource
 from ..errors import UsageError
-from .cache import cache_root
+from .cache import cache_root, publish_once
 from .sampler import EVAL_SALT, held_out
 from .tokens import TokenizedData
 
@@ -378,13 +378,9 @@ def _write_draws(f: Path, order: np.ndarray, held: list[np.ndarray]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         try:
-            # First wins, never renamed over: another rank (on NFS, another node) may be reading the file, and a
-            # rename over it makes that read fail (ESTALE). The draws are the same either way.
-            os.link(tmp, f)
-        except FileExistsError:
-            pass
+            publish_once(tmp, f)  # first wins: another rank (on NFS, another node) may be reading the file
         finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
     except OSError as e:
         # The draws are a pure function of the cache entry, weights and seed: a rank that cannot keep them (a
         # read-only cache) draws the same again next time.

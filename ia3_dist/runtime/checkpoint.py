@@ -285,6 +285,14 @@ def global_batch_of(meta: dict[str, Any]) -> Any:
         return None
 
 
+def _amsgrad(key: Any) -> bool:
+    """Whether a checkpoint's recorded optimizer (:func:`..runtime.ds_config.optimizer_key`) keeps amsgrad's maximum."""
+    try:
+        return bool(isinstance(key, str) and json.loads(key).get("amsgrad"))
+    except (ValueError, AttributeError):
+        return False
+
+
 def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """``(meta, portable)``: the checkpoint continues this run exactly, on its own layout (``portable`` False:
     DeepSpeed's files load) or on another one with the same global batch (True: :mod:`.portable`'s state loads).
@@ -297,6 +305,12 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
                          f"the continuation would not be exact. Keep the global batch: set "
                          f"train.global_batch_size={show(saved_g)} (train.grad_accum then follows the number of "
                          f"ranks), or resume with the saved layout")
+    if "offload_optimizer" in meta and not _same(meta["offload_optimizer"], expected.get("offload_optimizer")):
+        # The optimizer itself changes (DeepSpeed's CPU Adam and torch's AdamW keep their states apart).
+        raise UsageError(f"checkpoint {ckpt}: saved with offload_optimizer={show(meta['offload_optimizer'])}, this "
+                         f"run has {show(expected.get('offload_optimizer'))}; with ZeRO optimizer offload the "
+                         f"optimizer is DeepSpeed's CPU Adam, without it torch's AdamW, and one does not continue "
+                         f"the other's state: resume with the saved deepspeed.config")
     for k in MUST_MATCH:
         if k == "global_batch" or (k in RECORDED_SINCE_2 + RECORDED_LATER and k not in meta):
             continue
@@ -307,12 +321,6 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
             hint = f" ({FIX[k]})" if k in FIX else ""
             raise UsageError(f"checkpoint {ckpt}: saved with {k}={show(saved)}, this run has {show(now)}; the "
                              f"continuation would not be exact{hint}")
-    if "offload_optimizer" in meta and not _same(meta["offload_optimizer"], expected.get("offload_optimizer")):
-        # The optimizer itself changes (DeepSpeed's CPU Adam and torch's AdamW keep their states apart).
-        raise UsageError(f"checkpoint {ckpt}: saved with offload_optimizer={show(meta['offload_optimizer'])}, this "
-                         f"run has {show(expected.get('offload_optimizer'))}; with ZeRO optimizer offload the "
-                         f"optimizer is DeepSpeed's CPU Adam, without it torch's AdamW, and one does not continue "
-                         f"the other's state: resume with the saved deepspeed.config")
     changed = [k for k in LAYOUT if k in meta and not _same(meta[k], expected.get(k))]
     if not changed:
         return meta, False
@@ -337,7 +345,7 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; with ZeRO optimizer offload the optimizer is "
                          f"DeepSpeed's CPU Adam, whose state the layout-independent checkpoint does not fill. Resume "
                          f"on the saved layout ({layout_of(meta)}) or without offload_optimizer")
-    if '"amsgrad": true' in str(meta.get("optimizer", "")):
+    if _amsgrad(meta.get("optimizer")):
         # The layout-independent state carries AdamW's two moments; amsgrad keeps a third.
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; with optimizer.params amsgrad the optimizer keeps a "
                          f"running maximum the layout-independent checkpoint does not carry. Resume on the saved "

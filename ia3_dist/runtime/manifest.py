@@ -12,9 +12,9 @@ are never ours.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
-import math
 import os
 import re
 import shutil
@@ -22,7 +22,6 @@ import socket
 import stat
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,10 @@ FORMAT = 1
 CHECKPOINTS = "checkpoints"
 PID_FILE = "rank0.pid"
 """Rank 0's pid while it trains, for schedulers' preemption traps (slurm/lib.sh signal it)."""
+ALIVE_FILE = "rank0.alive"
+"""Touched every minute by rank 0 while it trains (:class:`PidHeartbeat`): ``summary`` on another host tells a live
+run by it. Apart from the pid file, whose time says when the attempt started (on the file server's clock, which
+``summary`` compares with the batch logs')."""
 MAX_PID_FILE = 512  # a pid and a host name
 PID_MAX = 1 << 22  # the kernel's largest pid_max
 # What a live run's rank 0 runs as (python -m ia3_dist under a launcher, launch.py, the ia3-dist script): a pid
@@ -47,7 +50,7 @@ REPLACED = ".ia3-dist-replaced"
 # Written before the process group starts (or only to signal it): a dir of our own that holds nothing else never
 # trained, so a fresh start over it loses nothing. This is also what the other ranks may see when rank 0 is a
 # little ahead of them, and they must not refuse their own launch.
-SETUP_FILES = frozenset({"run.yaml", "ds_config.json", PID_FILE, "preempted.json", "hung.json", MANIFEST,
+SETUP_FILES = frozenset({"run.yaml", "ds_config.json", PID_FILE, ALIVE_FILE, "preempted.json", "hung.json", MANIFEST,
                          MANIFEST + ".tmp"})
 # What rank 0's trackers write as they start, also before the process group (train/run.py start_trackers):
 # tensorboard/ (SummaryWriter makes it at once), wandb/, mlflow/ and their run ids. Beside no metrics.jsonl (no
@@ -385,9 +388,8 @@ def start_stamp(pid: int | str = "self") -> str | None:
 def write_pid_file(out: Path) -> None:
     """Rank 0's :data:`PID_FILE`: its pid on the first line, for schedulers' preemption traps (slurm/lib.sh), then
     the host it runs on (a pid names a process of that host only, and the file is read from others: ``summary``
-    on a login node, a requeued job's first node), then its :func:`start_stamp`, then when it was written (the
-    file's own time is :class:`PidHeartbeat`'s)."""
-    (out / PID_FILE).write_text(f"{os.getpid()}\n{socket.gethostname()}\n{start_stamp() or ''}\n{time.time():.3f}\n")
+    on a login node, a requeued job's first node), then its :func:`start_stamp`."""
+    (out / PID_FILE).write_text(f"{os.getpid()}\n{socket.gethostname()}\n{start_stamp() or ''}\n")
 
 
 PID_HEARTBEAT_S = 60.0
@@ -396,14 +398,15 @@ node) counts a pid file that recent as a live run, however long its steps or its
 
 
 class PidHeartbeat:
-    """Rank 0's pid file kept fresh (its modification time) while the run lives; never created again once gone."""
+    """:data:`ALIVE_FILE` touched every ``every_s`` while the run lives, and removed when it stops."""
 
     def __init__(self, out: Path, every_s: float = PID_HEARTBEAT_S) -> None:
-        self.path, self.every_s = out / PID_FILE, every_s
+        self.path, self.every_s = out / ALIVE_FILE, every_s
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> PidHeartbeat:
+        self._touch()
         self._thread = threading.Thread(target=self._beat, name="ia3-dist-pid-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -413,13 +416,23 @@ class PidHeartbeat:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def _touch(self) -> None:
+        try:
+            # Never through a link a run dir from elsewhere plants; a regular file of ours, refreshed.
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                os.utime(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # unwritable: readers fall back on the metrics' time
 
     def _beat(self) -> None:
         while not self._done.wait(self.every_s):
-            try:
-                os.utime(self.path, follow_symlinks=False)
-            except OSError:
-                pass  # removed (the run ends) or unwritable: readers fall back on the metrics' time
+            self._touch()
 
 
 def _read_pid_file(out: Path) -> tuple[int, str | None, str | None] | None:
@@ -438,20 +451,6 @@ def _read_pid_file(out: Path) -> tuple[int, str | None, str | None] | None:
     host = lines[1].strip() if len(lines) > 1 and lines[1].strip() else None
     stamp = lines[2].strip() if len(lines) > 2 and lines[2].strip() else None
     return int(pid), host, stamp
-
-
-def pid_started(out: Path) -> float | None:
-    """When the pid file was written (its fourth line; None for a file of a version that wrote less, or none)."""
-    try:
-        raw = read_bounded(out / PID_FILE, MAX_PID_FILE, missing_ok=True)
-    except UsageError:
-        return None
-    lines = (raw or b"").decode("utf-8", "replace").split("\n")
-    try:
-        t = float(lines[3]) if len(lines) > 3 else None
-    except ValueError:
-        return None
-    return t if t is not None and math.isfinite(t) else None
 
 
 def _is_run_process(pid: int) -> bool:

@@ -55,13 +55,13 @@ import yaml
 from ..config.load import MAX_CONFIG_BYTES, RunConfigLoader
 from ..config.schema import brief, show
 from ..errors import UsageError
-from ..runtime.manifest import EVAL_DIR, PID_FILE, adapter_record, pid_file_alive, pid_started
+from ..runtime.manifest import ALIVE_FILE, EVAL_DIR, PID_FILE, adapter_record, pid_file_alive
 from ..runtime.safe_io import read_bounded
 from ..train.plots import MAX_RECORDS, last_step, note, overlay_figure, save_figure, scan_metrics
 
 RECENT_S = 900
 """A pid file of another host (or of a version that wrote no host) counts as running when the run wrote within this
-many seconds (rank 0 refreshes its pid file's time every minute: :class:`..runtime.manifest.PidHeartbeat`)."""
+many seconds (rank 0 touches its rank0.alive every minute: :class:`..runtime.manifest.PidHeartbeat`)."""
 IGNORED_KEYS = ("output.dir", "train.resume")
 SWEEP_FILE = "sweep.json"
 """What ``ia3-dist sweep`` writes into a sweep dir (see :mod:`.sweep`): the grid, the tasks, the job id."""
@@ -237,10 +237,7 @@ def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,
         # task as running: the batch shell is requeueing it, or the next attempt starts and has not yet written
         # its pid file (which removes the marker).
         return "preempted" if requeued and not (d / PID_FILE).exists() else "running"
-    # When the attempt started: the pid file says (its own time is refreshed while the run lives); the file's time
-    # for one an earlier version wrote.
-    beat = _mtime(d / PID_FILE)
-    started = (pid_started(d) or beat) if beat is not None else None
+    started = _mtime(d / PID_FILE)
     # Rank 0 writes the pid file as its attempt starts: one newer than the array's last sign of the task belongs to
     # an attempt started outside the array, whose end or life the queue knows nothing of. Whether its process lives
     # only the host that wrote it can tell (None from any other).
@@ -259,7 +256,8 @@ def run_status(d: Path, slurm_state: str | None = None, job_known: bool = False,
             return "failed"  # the array's attempt wrote it, and the array no longer runs the task
         if alive is False:
             return "failed"  # this host wrote it, and its process is gone
-        newest = max(beat or 0.0, _mtime(d / "metrics.jsonl") or 0.0)
+        # rank0.alive: refreshed every minute while rank 0 lives, however long its load or its log window.
+        newest = max(started, _mtime(d / ALIVE_FILE) or 0.0, _mtime(d / "metrics.jsonl") or 0.0)
         return "running" if time.time() - newest < RECENT_S else "failed"
     if (d / "preempted.json").exists():
         # Slurm was asked and no longer lists the task: nothing requeues it (cancelled once requeued, a refused

@@ -244,7 +244,8 @@ def _measure(engine: Any, batch: dict[str, torch.Tensor], leaf: dict[str, torch.
         # The IA3 vectors' gradients too: with a vector frozen, autograd keeps none of what its gradient needs (the
         # scaled outputs' inputs), 24-32% of the activations. Asked for by autograd.grad, they are returned, never
         # accumulated: no .grad is written and DeepSpeed's accumulation hooks (ZeRO-1/2 buckets) never run.
-        grads = torch.autograd.grad(loss_sum, [leaf.pop("embeds"), *trainable])
+        # allow_unused: a vector the text forward never reaches (a vision tower's q_proj) has no gradient here.
+        grads = torch.autograd.grad(loss_sum, [leaf.pop("embeds"), *trainable], allow_unused=True)
         del loss_sum, grads
     except torch.OutOfMemoryError:
         return None

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..config import DataSection
-from ..data.cache import cache_root, file_lock
+from ..data.cache import cache_root, file_lock, publish_once
 from ..data.collate import collate
 from ..data.records import Conversation, Records, Turn
 from ..data.tokenize import tokenize
@@ -217,11 +217,9 @@ def _ensure_json(cache_dir: str | None, name: str, make: Callable[[], list[dict[
         tmp = f.with_name(f"{f.name}.tmp{os.getpid()}.{secrets.token_hex(4)}")
         tmp.write_text(json.dumps(make(), ensure_ascii=False, indent=1), encoding="utf-8")
         try:
-            os.link(tmp, f)
-        except FileExistsError:
-            pass  # another process's, with the same content
+            publish_once(tmp, f)
         finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
     return f
 
 

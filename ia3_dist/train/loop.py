@@ -285,6 +285,8 @@ class Trainer:
         saved. The norm is checked for steps the optimizer applied: bf16 without DeepSpeed's overflow check, and
         fp32 ZeRO-0, apply a step whose gradients are not finite (where DeepSpeed skips one, nothing is applied)."""
         self.window = Window()
+        self.paused_at: float | None = None
+        """When training paused for the step's evaluation and save (the window's time ends there)."""
         self.peak_tflops = device_peak_tflops(t.peak_tflops)
         self.losses: list[float] = []
         self._warned = False
@@ -529,9 +531,12 @@ class Trainer:
         if not w.steps:
             return {}
         gn = self._grad_norm()
-        return {"window": {"steps": w.steps, "loss": w.loss, "seconds": time.perf_counter() - w.t0,
+        # Every rank saves, so every rank joins the objective's reduction here (the resume's line is rank 0's).
+        objective = {k: v for k, v in self.objective.window_metrics(w.stats.micro_batches, reset=False).items()
+                     if math.isfinite(v)}
+        return {"window": {"steps": w.steps, "loss": w.loss, "seconds": (self.paused_at or time.perf_counter()) - w.t0,
                            "lr": float(self.window_at[0]), "grad_norm": gn if gn is not None and math.isfinite(gn)
-                           else None, "stats": list(astuple(w.stats))}}
+                           else None, "stats": list(astuple(w.stats)), "objective": objective}}
 
     def log_saved_window(self, rec: Any, t_start: float) -> None:
         """The training line of the steps a resumed checkpoint's run had not logged (:meth:`window_record`), at the
@@ -541,17 +546,19 @@ class Trainer:
             return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
         n = len(fields(StepStats))
+        objective = rec.get("objective", {}) if isinstance(rec, dict) else None
         if not (isinstance(rec, dict) and type(rec.get("steps")) is int and rec["steps"] > 0
                 and all(num(rec.get(k)) for k in ("loss", "seconds", "lr"))
                 and (rec.get("grad_norm") is None or num(rec["grad_norm"]))
-                and isinstance(rec.get("stats"), list) and len(rec["stats"]) == n and all(map(num, rec["stats"]))):
+                and isinstance(rec.get("stats"), list) and len(rec["stats"]) == n and all(map(num, rec["stats"]))
+                and isinstance(objective, dict) and all(isinstance(k, str) and num(v) for k, v in objective.items())):
             return
         w = Window(StepStats(*map(float, rec["stats"])), float(rec["loss"]), rec["steps"])
         self.log.log(self._line(w, self.start, rec["lr"], rec["grad_norm"], max(float(rec["seconds"]), 1e-9),
-                                t_start))
+                                t_start, objective))
 
-    def _line(self, w: Window, done: int, lr: float, gn: float | None, dt: float, t_start: float
-              ) -> dict[str, Any]:
+    def _line(self, w: Window, done: int, lr: float, gn: float | None, dt: float, t_start: float,
+              objective: dict[str, float]) -> dict[str, Any]:
         s = w.stats
         # HF Trainer's epoch: the fraction of epochs done (0.08 after 10 of 125 steps, 1.0 at the first one's end).
         spe = steps_per_epoch(len(self.p.data), self.p.layout.global_batch)
@@ -559,7 +566,7 @@ class Trainer:
                 "grad_norm": float(gn) if gn is not None else None,
                 "tokens_per_s": s.real_tokens / dt, "padded_tokens_per_s": s.padded_tokens / dt,
                 "samples_per_s": s.samples / dt, "padding_efficiency": s.real_tokens / max(s.padded_tokens, 1.0),
-                "rows_per_step": s.rows / w.steps, **self.objective.window_metrics(s.micro_batches),
+                "rows_per_step": s.rows / w.steps, **objective,
                 "step_time_s": dt / w.steps, "elapsed_s": time.perf_counter() - t_start}
 
     def log_window(self, w: Window, done: int, lr: float, t_start: float) -> None:
@@ -581,7 +588,8 @@ class Trainer:
         if self.peak_tflops:
             perf["mfu"] = tflops / (self.peak_tflops * self.p.env.world_size)
             perf["mfu_executed"] = executed / (self.peak_tflops * self.p.env.world_size)
-        self.log.log({**self._line(w, done, lr, gn, dt, t_start), **perf,
+        objective = self.objective.window_metrics(s.micro_batches)  # every rank: it may reduce
+        self.log.log({**self._line(w, done, lr, gn, dt, t_start, objective), **perf,
                       **({"startup_s": self.startup_s} if done == self.start + 1 else {})})
 
     def fit(self) -> dict[str, float] | None:
@@ -595,10 +603,12 @@ class Trainer:
         self.startup_s = time.time() - process_start_time()
         dist.print0(p.env, f"startup: {self.startup_s:.1f} s from process start to the first step")
         if p.resumed is not None and p.resumed.get("window") is not None and p.env.is_main:
-            from .plots import last_step
+            from .plots import scan_metrics
 
-            # Not twice: an earlier resume from this checkpoint wrote it (the resume trims only lines past it).
-            if (last_step(p.out / "metrics.jsonl") or 0) < self.start:
+            # Not twice: an earlier resume from this checkpoint wrote it (the resume trims only lines past it). A
+            # training line, not any: the checkpoint's step may have an evaluation line.
+            got = scan_metrics(p.out / "metrics.jsonl", ("step", "step_time_s"))
+            if not any("step_time_s" in r and r["step"] >= self.start for r in (got.records if got else [])):
                 self.log_saved_window(p.resumed["window"], t_start)
         try:
             if self.eval_pending and self.start < self.end:
@@ -640,6 +650,7 @@ class Trainer:
                         dist.print0(p.env, warn)
                 heldout, bench = self.due(done)
                 paused = time.perf_counter()  # evaluations and saves are not training: out of the window's time
+                self.paused_at = paused
                 if (heldout or bench) and done < self.end:
                     self.stop_before_eval(done)
                     res = self.run_eval(done, heldout, bench)
@@ -654,6 +665,7 @@ class Trainer:
                 if p.cfg.checkpoint.every and done % p.cfg.checkpoint.every == 0 and self.saved < done < self.end:
                     self.save(done)
                 self.window.t0 += time.perf_counter() - paused
+                self.paused_at = None
             self.flush()
             if p.eval_data is None and p.bench is None:
                 return None

@@ -135,10 +135,12 @@ class Preference:
         if tr.p.eval_data is not None:
             self.ref["eval"] = torch.from_numpy(reference_logps(tr, tr.p.eval_data, "eval"))
 
-    def window_metrics(self, micro_batches: float) -> dict[str, float]:
+    def window_metrics(self, micro_batches: float, reset: bool = True) -> dict[str, float]:
+        """Every rank calls it (it reduces); ``reset=False`` keeps the window's sums (a checkpoint records them)."""
         acc = self.acc.double() if self.acc is not None else torch.zeros(len(self.keys), dtype=torch.float64,
                                                                            device=self.device)
-        self.acc = None
+        if reset:
+            self.acc = None
         total = dist.all_reduce_sum(acc.clone()).tolist()
         return {k: v / max(micro_batches, 1.0) for k, v in zip(self.keys, total, strict=True)}
 

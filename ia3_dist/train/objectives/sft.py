@@ -88,7 +88,7 @@ class SFT:
     def setup(self, tr: Any) -> None:
         return None
 
-    def window_metrics(self, micro_batches: float) -> dict[str, float]:
+    def window_metrics(self, micro_batches: float, reset: bool = True) -> dict[str, float]:
         return {}
 
     def evaluate(self, tr: Any, on_batch: Any) -> dict[str, float]:
