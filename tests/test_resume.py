@@ -464,18 +464,34 @@ def test_examples_log_survives_a_kill_after_a_checkpoint(tmp_path: Path) -> None
     and with the resume every example of each epoch exactly once."""
     out = tmp_path / "k"
     args = ["--config", TINY, "deepspeed.config=zero2", f"output.dir={out}", *RUN, *G16, "checkpoint.every=2",
-            "train.log_every=3"]
+            "train.log_every=3", "data.eval_ratio=0.1", "train.eval_every=4"]
     proc = launch(args, env={"IA3_DIST_FAULT": "step:6:0:kill"})
     assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])
     assert latest(out / "checkpoints").name == "step4"
     assert set(range(1, 5)) <= set(examples_by_step(out))
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 3]  # step 4's line was still to come
     check(launch([*args, "train.resume=auto"]))
-    assert_each_example_once_per_epoch(examples_by_step(out))
-    # Step 4 trained before the checkpoint and was in no line: the checkpoint carried its open window, and the
-    # resume wrote its line (every step's loss is in some line); a second resume from it would not write it again.
+    assert_each_example_once_per_epoch(examples_by_step(out), n=72)
+    # Step 4 trained before the checkpoint and was in no training line (its evaluation's line is there): the
+    # checkpoint carried its open window, and the resume wrote its line (every step's loss is in some line); a
+    # second resume from it would not write it again.
     steps = [r["step"] for r in metrics(out) if "loss" in r]
     assert steps == [1, 3, 4, 5, 6, 9, 10], steps
+
+
+def test_a_preference_run_killed_after_a_checkpoint_resumes_with_its_window_line(tmp_path: Path) -> None:
+    """DPO on 2 ranks, killed after a checkpoint whose step had no training line yet: the resume writes that line
+    from the checkpoint, reward metrics included (every rank recorded them at the save; reducing them on rank 0
+    alone at the resume waited for ever on the others), and trains on."""
+    out = tmp_path / "dpo"
+    args = ["--config", "configs/tiny-dpo-cpu.yaml", f"output.dir={out}", "train.max_steps=6", "checkpoint.every=2",
+            "train.log_every=3", "data.limit=64"]
+    proc = launch(args, nproc=2, env={"IA3_DIST_FAULT": "step:4:0:kill"})
+    assert proc.returncode != 0 and latest(out / "checkpoints").name == "step2", proc.stderr[-2000:]
+    check(launch([*args, "train.resume=auto"], nproc=2, timeout=300))
+    lines = {r["step"]: r for r in metrics(out) if "loss" in r}
+    assert sorted(lines) == [1, 2, 3, 6], sorted(lines)
+    assert lines[2]["rewards/margins"] == lines[2]["rewards/margins"] and "rewards/accuracies" in lines[2], lines[2]
 
 
 def test_resume_is_exact_with_dropout_on_every_rank(tmp_path: Path, demo_model: Path) -> None:
