@@ -406,7 +406,7 @@ class PidHeartbeat:
         self._thread: threading.Thread | None = None
 
     def start(self) -> PidHeartbeat:
-        self._touch()
+        self._touch(create=True)
         self._thread = threading.Thread(target=self._beat, name="ia3-dist-pid-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -419,16 +419,18 @@ class PidHeartbeat:
         with contextlib.suppress(OSError):
             self.path.unlink()
 
-    def _touch(self) -> None:
+    def _touch(self, create: bool = False) -> None:
         try:
-            # Never through a link a run dir from elsewhere plants; a regular file of ours, refreshed.
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            # Never through a link a run dir from elsewhere plants; made once, at the start: a start that failed
+            # (or a signal while the ranks met) removes it, and a beat after that must not bring it back.
+            fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0),
+                         0o644)
             try:
                 os.utime(fd)
             finally:
                 os.close(fd)
         except OSError:
-            pass  # unwritable: readers fall back on the metrics' time
+            pass  # gone or unwritable: readers fall back on the metrics' time
 
     def _beat(self) -> None:
         while not self._done.wait(self.every_s):

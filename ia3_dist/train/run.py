@@ -119,6 +119,7 @@ def _undo_start(p: Prepared) -> None:
     """Rank 0, a start that failed before training: no pid file left, and the run output.overwrite set aside is
     back where it was (with its own run.yaml: the dir says what it holds)."""
     (p.out / PID_FILE).unlink(missing_ok=True)
+    (p.out / manifest.ALIVE_FILE).unlink(missing_ok=True)
     back = manifest.restore_aside(p.out)
     if back:
         dist.print0(p.env, f"output.dir {p.out}: the start failed; the earlier run's files are back ({len(back)})")
