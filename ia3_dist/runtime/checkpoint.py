@@ -68,7 +68,7 @@ FIX = {
                 "ia3.init_from",
     "precision": "set train.precision to the saved value",
     "optimizer": "the DeepSpeed config's optimizer type or its update rule (optimizer.params amsgrad, maximize, "
-                 "bias_correction, adam_w_mode, torch_adam) changed; keep the saved ones",
+                 "bias_correction, adam_w_mode) changed; keep the saved ones",
     "total_steps": "train.max_steps, train.epochs or the data changed the run's length; keep them, or continue in "
                    "a new output.dir from the checkpoint's vectors with ia3.init_from",
     "n_examples": "the training examples changed in number (data.limit, data.eval_ratio, the data itself); keep "

@@ -214,21 +214,23 @@ def offloads_params(ds: dict[str, Any]) -> bool:
     return _offload_device(ds, "offload_param") not in ("none", None)
 
 
-OPTIMIZER_MATH = ("amsgrad", "maximize", "bias_correction", "adam_w_mode")
-"""``optimizer.params`` that change the update's maths (lr, betas, eps and weight decay come from the run config and
-are in its schedule; fused, foreach and the like change only how it is computed). Recorded where they differ from
-their defaults (amsgrad, maximize false; bias_correction, adam_w_mode true)."""
+OPTIMIZER_MATH_OFF = ("amsgrad", "maximize")
+OPTIMIZER_MATH_ON = ("bias_correction", "adam_w_mode")
+"""``optimizer.params`` that change the update's maths, off and on by default (lr, betas, eps and weight decay come
+from the run config and are in its schedule; fused, foreach and the like change only how it is computed). Recorded
+where they differ from their defaults."""
 
 
 def optimizer_key(ds: dict[str, Any]) -> str:
-    """The optimizer's type and the ``optimizer.params`` of :data:`OPTIMIZER_MATH` the DeepSpeed config sets: what a
-    resume must keep (the moments mean another thing under another update rule)."""
+    """The optimizer's type and the ``optimizer.params`` of :data:`OPTIMIZER_MATH_OFF` and ``_ON`` the DeepSpeed
+    config sets otherwise than their defaults: what a resume must keep (the moments mean another thing under another
+    update rule)."""
     opt = ds.get("optimizer") if isinstance(ds.get("optimizer"), dict) else {}
     params = opt.get("params") if isinstance(opt.get("params"), dict) else {}
     # Truth values, a default written out or left out alike (amsgrad 1 is amsgrad true; false is the default).
     # torch_adam follows the offload, which the checkpoint's offload_optimizer records (and refuses apart).
-    flags = {k: bool(params[k]) for k in ("amsgrad", "maximize") if params.get(k)}
-    flags.update({k: bool(params[k]) for k in ("bias_correction", "adam_w_mode") if k in params and not params[k]})
+    flags = {k: True for k in OPTIMIZER_MATH_OFF if params.get(k)}
+    flags.update({k: False for k in OPTIMIZER_MATH_ON if k in params and not params[k]})
     return json.dumps({"type": opt.get("type"), **flags}, sort_keys=True, default=str)
 
 
