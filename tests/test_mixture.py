@@ -152,10 +152,66 @@ def test_sources_that_overlap_never_train_on_a_held_out_example(tmp_path: Path, 
 
     assert len(held) == 35 and not seqs(held) & seqs(train)
     assert train.mix.held_copies > 0
-    assert any("copies of held-out examples in other sources" in line for line in train.mix.lines())
+    assert any("copies of held-out examples" in line for line in train.mix.lines())
     apart = load_data(_cfg(_three(tmp_path, (300, 200, 100)), tmp_path / "cache", "data.eval_ratio=0.1"),
                       tiny_tokenizer)[0]
     assert apart.mix.held_copies == 0
+
+
+def test_repeated_records_of_one_file_never_train_on_a_held_out_example(tmp_path: Path, tiny_tokenizer) -> None:
+    """A file that repeats records (the built-in demo:zh-styles repeats 104 of its 400): under ``data.path`` the
+    copies of a held-out example were trained on, so the eval scored them as unseen (a mixture of sources that
+    overlap already left them out). Now neither trains on them, the report says how many, a one-source mixture of
+    the file trains on the same examples as ``data.path``, and a file without repeats keeps all of its examples."""
+    f = _jsonl(tmp_path / "rep.jsonl", [{"instruction": f"q{i % 120}", "output": "a" * (1 + i % 120 % 5)}
+                                        for i in range(300)])
+
+    def seqs(d) -> list[tuple[int, ...]]:
+        return [tuple(np.asarray(d.example(i)[0]).tolist()) for i in range(len(d))]
+
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    cfg = load_config(None, [f"data.path={f}", cache, "data.eval_ratio=0.1"])
+    train, held = load_data(cfg, tiny_tokenizer)
+    assert len(held) == 30 and not set(seqs(held)) & set(seqs(train))
+    # Every held-out record has 1 or 2 copies among the other 270: all of them stayed out.
+    distinct_held = len(set(seqs(held)))
+    assert train.held_copies == 300 - 30 - len(train) > distinct_held - 1
+    assert len(set(seqs(train)) | set(seqs(held))) == 120  # nothing else left out
+    lines = data_lines(train, cfg)
+    assert any(f"{train.held_copies} example(s) left out of training: copies of held-out examples" in line
+               for line in lines), lines
+    mixed, mixed_held = load_data(load_config(None, [f"data.sources=[{{path: {f}}}]", cache, "data.eval_ratio=0.1"]),
+                                  tiny_tokenizer)
+    assert mixed.mix.held_copies == train.held_copies
+    assert sorted(seqs(mixed)) == sorted(seqs(train)) and seqs(mixed_held) == seqs(held)
+    distinct = _jsonl(tmp_path / "distinct.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(300)])
+    alone, _ = load_data(load_config(None, [f"data.path={distinct}", cache, "data.eval_ratio=0.1"]), tiny_tokenizer)
+    assert len(alone) == 270 and alone.held_copies == 0
+    assert not any("left out of training" in line for line in data_lines(alone, cfg))
+
+
+def test_copies_of_pairs_compare_both_sides(tmp_path: Path, tiny_tokenizer) -> None:
+    """Preference pairs are copies only when both sides are: a pair that shares its chosen answer with a held-out
+    pair but not its rejected one still trains."""
+    from ia3_dist.data.sampler import copies_of
+
+    rows = [{"instruction": f"q{i % 40}", "chosen": "好" * (1 + i % 40 % 3), "rejected": "不" * (1 + i % 7)}
+            for i in range(120)]
+    f = _jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = load_config(None, [f"data.path={f}", f"data.cache_dir={tmp_path / 'cache'}", "data.eval_ratio=0",
+                             "train.objective=dpo", "train.eval_every=0"])
+    data, _ = load_data(cfg, tiny_tokenizer)
+    assert data.group == 2 and len(data) == 120
+    held = np.asarray([0, 1])
+    # Pairs 40 and 80 share pair 0's prompt and chosen answer (i = 0 mod 40), not its rejected one (i mod 7).
+    assert data.example(80)[0] == data.example(0)[0] and data.example(81)[0] != data.example(1)[0]
+    assert copies_of(data, held).tolist() == []
+    rows_same = [*rows, rows[0], rows[1], {**rows[0], "rejected": "别"}]
+    g = _jsonl(tmp_path / "pairs2.jsonl", rows_same)
+    data2, _ = load_data(load_config(None, [f"data.path={g}", f"data.cache_dir={tmp_path / 'cache'}",
+                                            "data.eval_ratio=0", "train.objective=dpo", "train.eval_every=0"]),
+                         tiny_tokenizer)
+    assert copies_of(data2, held).tolist() == [120, 121]
 
 
 def test_a_one_source_mixture_holds_out_what_data_path_would() -> None:

@@ -314,7 +314,8 @@ class DataSection:
     limit: int | None = None
     """Use only the first N records (after loading, before tokenizing)."""
     eval_ratio: float = 0.0
-    """Hold out this fraction of the examples (chosen from ``train.seed``) for eval loss and perplexity."""
+    """Hold out this fraction of the examples (chosen from ``train.seed``) for eval loss and perplexity; examples
+    with the same tokens as a held-out one (repeated records) are left out of training, and the report counts them."""
     eval_path: str | None = None
     """A separate held-out file or dir (same formats as ``path``); excludes ``eval_ratio``."""
     num_proc: int = 0

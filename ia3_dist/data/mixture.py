@@ -36,7 +36,7 @@ from ..config import DataSection
 from ..config.schema import DataSource
 from ..errors import UsageError
 from .cache import cache_root, publish_once
-from .sampler import EVAL_SALT, held_out
+from .sampler import EVAL_SALT, copies_of, held_out
 from .tokens import TokenizedData
 
 MIX_VERSION = 1
@@ -109,7 +109,7 @@ class Mixture:
     held: list[np.ndarray]
     """Per source, the examples held out for eval (ascending)."""
     held_copies: int = 0
-    """Examples left out of the draws as copies of held-out ones (sources that overlap)."""
+    """Examples left out of the draws as copies of held-out ones (repeated records, sources that overlap)."""
 
     def lines(self) -> list[str]:
         """The data report's lines: each source's records, drops, tokens, weight and realised share."""
@@ -127,8 +127,8 @@ class Mixture:
                        + f"; weight {s.weight / total_w:.1%} -> drawn {s.drawn} ({share:.2%} of the {self.mix_by}, "
                        f"{reuse:.2f}x its examples)")
         if self.held_copies:
-            out.append(f"  {self.held_copies} example(s) left out of the draws: copies of held-out examples in "
-                       f"other sources (the eval would score what the run trained on)")
+            out.append(f"  {self.held_copies} example(s) left out of the draws: copies of held-out examples "
+                       f"(the eval would score what the run trained on)")
         return out
 
 
@@ -163,40 +163,6 @@ def hold_out(stats: list[SourceStats], ratio: float, seed: int) -> list[np.ndarr
                              f"{s.examples} examples; give it more data or lower data.eval_ratio")
         held.append(picked.astype(np.int64) + s.first)
     return held
-
-
-def _example_bytes(data: TokenizedData, i: int) -> bytes:
-    rows = data.sequence_rows([i])
-    return b"\0".join(np.asarray(data.ids[data.offsets[r]:data.offsets[r + 1]]).tobytes() for r in rows)
-
-
-def held_copies(data: TokenizedData, stats: list[SourceStats], held: list[np.ndarray]) -> np.ndarray:
-    """The examples outside the held-out ones whose tokens equal a held-out example's (sources that overlap: one
-    file listed twice, a curated subset beside the whole): drawn for training, they would be evaluated on what the
-    run trained on. A cheap key (length and token sum) first, then the bytes of the candidates."""
-    held_all = np.concatenate(held) if held else np.zeros(0, dtype=np.int64)
-    if not len(held_all):
-        return held_all
-    n = sum(s.end - s.first for s in stats)
-    rows_per = data.group
-    offsets = np.asarray(data.offsets, dtype=np.int64)
-    seq_lengths = np.diff(offsets)
-    lengths = seq_lengths.reshape(-1, rows_per).sum(1)[:n]
-    # Per sequence, without an int64 copy of every token (GBs for a large mixture): reduceat casts in buffers.
-    seq_sums = np.zeros(len(seq_lengths), dtype=np.int64)
-    filled = seq_lengths > 0
-    if filled.any():
-        seq_sums[filled] = np.add.reduceat(data.ids, offsets[:-1][filled], dtype=np.int64)
-    sums = seq_sums.reshape(-1, rows_per).sum(1)[:n]
-    keys = lengths * np.int64(1 << 40) + sums % np.int64(1 << 40)
-    is_held = np.zeros(n, dtype=bool)
-    is_held[held_all] = True
-    candidates = np.flatnonzero(np.isin(keys, keys[held_all]) & ~is_held)
-    if not len(candidates):
-        return candidates
-    shared = set(keys[candidates].tolist())
-    exact = {_example_bytes(data, int(i)) for i in held_all if int(keys[i]) in shared}
-    return np.asarray([i for i in candidates if _example_bytes(data, int(i)) in exact], dtype=np.int64)
 
 
 def draw(pools: list[np.ndarray], costs: list[np.ndarray], weights: list[float], seed: int) -> np.ndarray:
@@ -321,7 +287,7 @@ def _draws(cfg: DataSection, data: TokenizedData, stats: list[SourceStats], key:
     writes the same bytes)."""
     weights = [s.weight for s in stats]
     held = hold_out(stats, eval_ratio, seed)  # seeded: the same here and when the draws were written
-    copies = held_copies(data, stats, held) if len(stats) > 1 else np.zeros(0, dtype=np.int64)
+    copies = copies_of(data, np.concatenate(held), sum(s.end - s.first for s in stats))
     # Named apart only where copies leave the draws (the draws of every other mixture keep their name).
     mkey = _digest({"v": MIX_VERSION, "cache": key, "weights": weights, "by": cfg.mix_by, "seed": seed,
                     "eval_ratio": eval_ratio, **({"held_copies": len(copies)} if len(copies) else {})})

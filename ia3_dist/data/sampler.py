@@ -25,14 +25,57 @@ def held_out(n: int, ratio: float, key: Sequence[int]) -> np.ndarray | None:
     return np.sort(np.random.default_rng(list(key)).permutation(n)[:n_eval])
 
 
+def copies_of(data: TokenizedData, held: np.ndarray, upto: int | None = None) -> np.ndarray:
+    """The examples of ``data`` (of its first ``upto``) outside ``held`` whose tokens equal a held-out example's:
+    a file with repeated records (the built-in demo:zh-styles repeats 104 of its 400), one file listed twice in a
+    mixture. Trained on, they would be scored by the eval as unseen. A cheap key (length and token sum) first,
+    then the bytes of the candidates; pairs compare both sides."""
+    if not len(held):
+        return np.zeros(0, dtype=np.int64)
+    n = len(data) if upto is None else upto
+    offsets = np.asarray(data.offsets, dtype=np.int64)
+    seq_lengths = np.diff(offsets)
+    # Per sequence, without an int64 copy of every token (GBs for a large cache): reduceat casts in buffers.
+    seq_sums = np.zeros(len(seq_lengths), dtype=np.int64)
+    filled = seq_lengths > 0
+    if filled.any():
+        seq_sums[filled] = np.add.reduceat(data.ids, offsets[:-1][filled], dtype=np.int64)
+    seqs = data.sequence_rows(np.arange(n))
+    if data.rows is not None:
+        seqs = data.rows[seqs]
+    lengths = seq_lengths[seqs].reshape(n, data.group).sum(1)
+    sums = seq_sums[seqs].reshape(n, data.group).sum(1)
+    keys = lengths * np.int64(1 << 40) + sums % np.int64(1 << 40)
+    is_held = np.zeros(n, dtype=bool)
+    is_held[held] = True
+    candidates = np.flatnonzero(np.isin(keys, keys[held]) & ~is_held)
+    if not len(candidates):
+        return candidates.astype(np.int64)
+
+    def tokens(i: int) -> bytes:
+        rows = seqs.reshape(n, data.group)[i]
+        return b"\0".join(np.asarray(data.ids[offsets[r]:offsets[r + 1]]).tobytes() for r in rows)
+
+    shared = set(keys[candidates].tolist())
+    exact = {tokens(int(i)) for i in held if int(keys[i]) in shared}
+    return np.asarray([i for i in candidates if tokens(int(i)) in exact], dtype=np.int64)
+
+
 def split_eval(data: TokenizedData, ratio: float, seed: int) -> tuple[TokenizedData, TokenizedData]:
-    """(train, eval): a seeded random ``ratio`` of the examples is held out; train keeps file order."""
+    """(train, eval): a seeded random ``ratio`` of the examples is held out, and the copies of held-out examples
+    left out of training (:func:`copies_of`); train keeps file order."""
     held = held_out(len(data), ratio, [seed, EVAL_SALT])
     if held is None:
         raise UsageError(f"data.eval_ratio={ratio} leaves no training examples out of {len(data)}")
-    keep = np.setdiff1d(np.arange(len(data)), held)
+    copies = copies_of(data, held)
+    keep = np.setdiff1d(np.arange(len(data)), np.concatenate([held, copies]))
+    if not len(keep):
+        raise UsageError(f"data.eval_ratio={ratio}: every training example of {len(data)} is a copy of a held-out "
+                         f"one; give the run distinct records or use data.eval_path")
     # The training part reports everything read (records, drops, truncation), not only what it kept.
-    return data.subset(keep).with_report_of(data), data.subset(held)
+    train = data.subset(keep).with_report_of(data)
+    train.held_copies = len(copies)
+    return train, data.subset(held)
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:

@@ -44,6 +44,8 @@ class TokenizedData:
     see :mod:`.pairs`). Lengths, subsets and the sampler count examples."""
     mix: Any = None
     """A mixture's draws (:class:`.mixture.Mixture`) when this is the training data of ``data.sources``."""
+    held_copies: int = 0
+    """Examples left out of this training data as copies of held-out ones (``data.eval_ratio``)."""
     parts: list[tuple[str, np.ndarray]] | None = None
     """Named parts of this data, each its examples' positions (a mixture's held-out examples, source by source):
     the eval reports a loss per part."""
