@@ -262,6 +262,12 @@ def test_check_passes_and_reports_stats(tmp_path: Path, capsys: pytest.CaptureFi
     assert "truncated at 256: 1 (25.0%)" in out and "length p50" in out
     assert "4 micro x 2 accum x 2 ranks = 16 global; 3 optimizer steps" in out and "preflight: OK" in out
     assert not (tmp_path / "o").exists()
+    # train.global_batch_size replaces train.grad_accum (2 in tiny-cpu.yaml): the batch line says so.
+    assert main(["check", "--config", TINY, f"data.path={f}", "--world-size", "2", f"model.path={tiny_model}",
+                 f"output.dir={tmp_path / 'o'}", "train.global_batch_size=24"]) == 0
+    out = capsys.readouterr().out
+    assert ("4 micro x 3 accum x 2 ranks = 24 global (the accumulation follows train.global_batch_size=24; "
+            "train.grad_accum is not used); 1 optimizer steps") in out, out
 
 
 def test_skip_policy_counts_and_names_bad_records(tmp_path: Path, capsys: pytest.CaptureFixture,

@@ -274,12 +274,13 @@ def test_generator_writes_a_submittable_file(cluster: int, direct: dict[str, Pat
     out = tmp_path / "gen-out"
     f = tmp_path / "job.sbatch"
     proc = subprocess.run([sys.executable, "launch.py", "slurm", "--config", TINY, "--nodes", "2",
-                           "--gpus-per-node", "0", "--cpus-per-node", "1", "--time", "00:20:00", "--out", str(f),
-                           f"output.dir={out}", *SHORT], cwd=ROOT, capture_output=True, text=True)
+                           "--gpus-per-node", "0", "--cpus-per-node", "1", "--time", "00:20:00", "--mem", "512M",
+                           "--out", str(f), f"output.dir={out}", *SHORT], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert f"sbatch {f}" in proc.stdout
     text = f.read_text()
     assert "#SBATCH --time=00:20:00" in text and "#SBATCH --nodes=2" in text and "NPROC_PER_NODE=1" in text
+    assert "#SBATCH --mem=512M" in text
     # Submitted as written it trained the direct run's adapter; the suite submits the installed package's 2-node
     # deepspeed-launcher file instead (test_pip_install_renders_self_contained_jobs), for suite time. Here: Slurm
     # accepts this one (--test-only checks it against the cluster without queueing it).

@@ -164,6 +164,45 @@ def test_numbers_and_launcher_are_checked(kw: dict, opt: str) -> None:
         _render(**kw)
 
 
+@pytest.mark.parametrize(("value", "written"), [("64G", "64G"), ("500000", "500000"), ("64g", "64G"), ("0", "0"),
+                                               ("2048K", "2048K"), ("1T", "1T")])
+@pytest.mark.parametrize("launcher", ["deepspeed", "srun"])
+def test_mem_is_one_directive_per_node(value: str, written: str, launcher: str) -> None:
+    """--mem: GPU jobs asked for no host memory, so the cluster's default (often a few GB per CPU) applied to ranks
+    loading a 7B base model. One --mem directive per job, per node whatever the launcher, none when not given."""
+    text = _render(mem=value, launcher=launcher, nodes=2, gpus_per_node=4)
+    assert directives(text, "mem") == [written] and bash_syntax_ok(text)
+    assert directives(_render(launcher=launcher), "mem") == []
+    desc = "all of each node's memory" if written == "0" else f"{written} memory per node"
+    assert desc in text.splitlines()[1], text.splitlines()[1]
+
+
+@pytest.mark.parametrize("value", ["", "64GB", "1.5G", "-1", "G", "64 G", "00", "0G1", "1K", "12345678901G", "64G\n",
+                                   "64G\n#SBATCH --exclusive"])
+def test_bad_mem_is_refused(value: str) -> None:
+    with pytest.raises(UsageError, match="--mem"):
+        _render(mem=value)
+
+
+def test_mem_reaches_the_eval_job_and_the_sweep_array(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The evaluation job loads the same base model on one node: it asks for the training job's memory; a sweep's
+    array tasks take --mem as `ia3-dist slurm` does; a bad value exits 2 naming --mem, writing nothing."""
+    out = tmp_path / "job.sbatch"
+    rc, _, err = run_cli(["--gpus-per-node", "2", "--mem", "96G", "--eval", "data.eval_ratio=0.05", "--out", str(out),
+                          f"output.dir={tmp_path / 'run'}"], capsys)
+    assert rc == 0, err
+    assert directives(out.read_text(), "mem") == ["96G"]
+    assert directives((tmp_path / "job.eval.sbatch").read_text(), "mem") == ["96G"]
+    rc = cli_main(["sweep", "--config", str(TINY), "--grid", "train.lr=1e-3,2e-3", "--gpus-per-node", "1",
+                   "--mem", "32G", "--dir", str(tmp_path / "sw"), "--no-submit"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert directives((tmp_path / "sw" / "sweep.sbatch").read_text(), "mem") == ["32G"]
+    rc, _, err = run_cli(["--mem", "lots", "--out", str(tmp_path / "bad.sbatch")], capsys)
+    assert rc == 2 and "--mem 'lots'" in err and "64G" in err, err
+    assert not (tmp_path / "bad.sbatch").exists()
+
+
 def test_control_characters_in_the_config_path_are_refused() -> None:
     with pytest.raises(UsageError, match="--config"):
         _render(config=str(TINY) + "\n")

@@ -201,6 +201,8 @@ class Job:
     python: str
     min_nodes: int = 0
     """With a node range (``--nodes MIN-MAX``) the fewest nodes the job accepts; 0: exactly ``nodes``."""
+    mem: str | None = None
+    """Host memory per node (Slurm's ``--mem``, checked by :func:`check_mem`); None: the cluster's default."""
 
     @property
     def node_counts(self) -> range:
@@ -216,12 +218,29 @@ class Job:
 
     def describe(self) -> str:
         ranks = f"{self.gpus_per_node} GPU(s)" if self.gpus_per_node else f"{self.cpus_per_node} CPU rank(s)"
-        return f"{self.nodes_directive} node(s) x {ranks}, {self.launcher} launcher, time limit {self.time}"
+        return (f"{self.nodes_directive} node(s) x {ranks}, {self.launcher} launcher, time limit {self.time}"
+                + ("" if self.mem is None else ", all of each node's memory" if self.mem == "0"
+                   else f", {self.mem} memory per node"))
+
+
+_MEM_RE = re.compile(r"(0|[1-9][0-9]{0,9})([KMGT]?)")
+
+
+def check_mem(value: str) -> str:
+    """``--mem``: a whole size with an optional unit (Slurm's default unit is MB), or 0 for all of a node's memory;
+    returned as Slurm reads it."""
+    m = _MEM_RE.fullmatch(value.upper()) if isinstance(value, str) else None
+    if m is None:
+        raise UsageError(f"--mem {show(value)}: expected a whole size per node with an optional unit K, M, G or T "
+                         f"(Slurm's --mem: 64G, 500000M; a bare number is MB), or 0 for all of a node's memory")
+    if m.group(1) != "0" and m.group(2) in ("", "K") and int(m.group(1)) < (1 if m.group(2) == "" else 1024):
+        raise UsageError(f"--mem {show(value)}: less than 1 MB per node; give the size with its unit, e.g. 64G")
+    return m.group(0)
 
 
 def check_job(nodes: int | tuple[int, int], gpus_per_node: int, time: str, partition: str | None = None,
               account: str | None = None, launcher: str = "deepspeed", cpus_per_node: int = 0,
-              job_name: str | None = None, python: str | None = None) -> Job:
+              job_name: str | None = None, python: str | None = None, mem: str | None = None) -> Job:
     """Every Slurm value checked (UsageError naming the option) before any is used. ``nodes``: a count, or a
     ``(min, max)`` range."""
     lo, nodes = nodes if isinstance(nodes, tuple) else (0, nodes)
@@ -255,7 +274,7 @@ def check_job(nodes: int | tuple[int, int], gpus_per_node: int, time: str, parti
         raise UsageError("--python: empty; give the path of the environment's python, e.g. /venv/bin/python")
     _no_control("--python", python)
     return Job(nodes, gpus_per_node, cpus_per_node, time, partition, account, launcher, job_name, python,
-               lo if lo < nodes else 0)
+               lo if lo < nodes else 0, None if mem is None else check_mem(mem))
 
 
 def default_python() -> str:
@@ -321,6 +340,8 @@ def assemble(job: Job, name: str, header: list[str], defaults: str, directives: 
     text = _set_directive(text, "gpus-per-node", str(job.gpus_per_node) if job.gpus_per_node else None)
     text = _set_directive(text, "partition", job.partition)
     text = _set_directive(text, "account", job.account)
+    # Per node whatever the launcher: the launcher's ranks share it.
+    text = _set_directive(text, "mem", job.mem)
     ranged = bool(job.min_nodes)
     # GPU nodes with --cpus-per-node: the node's CPUs for its ranks (dropped before: Slurm's default of one CPU per
     # task then ran a launcher and all its GPU ranks on one core unless the cluster sets DefCpuPerGPU).
@@ -416,10 +437,11 @@ def check_node_range(job: Job, cfg: Any) -> None:
 
 def render(config: str, overrides: list[str], nodes: int | tuple[int, int], gpus_per_node: int, time: str,
            partition: str | None = None, account: str | None = None, launcher: str = "deepspeed",
-           cpus_per_node: int = 0, job_name: str | None = None, python: str | None = None) -> str:
+           cpus_per_node: int = 0, job_name: str | None = None, python: str | None = None,
+           mem: str | None = None) -> str:
     """The filled, self-contained sbatch text; every value is checked (UsageError naming the option) before any is
     used."""
-    job = check_job(nodes, gpus_per_node, time, partition, account, launcher, cpus_per_node, job_name, python)
+    job = check_job(nodes, gpus_per_node, time, partition, account, launcher, cpus_per_node, job_name, python, mem)
     check_run_args(config, overrides)
     cfg = load_config(config, overrides)  # fail now, not in the queue
     check_job_config(job, cfg)
@@ -534,8 +556,9 @@ def check_eval(train: Job, cfg: Any, tasks: str | None, include: str | None, che
     # CPUs per node (CPU nodes) or Slurm's default (GPU nodes: its CPUs would come with GPUs the job leaves).
     cpus = train.cpus_per_node * gpus // train.gpus_per_node if gpus else (
         0 if train.gpus_per_node else train.cpus_per_node)
+    # The training job's memory: the evaluation loads the same base model on one of its nodes.
     job = Job(1, gpus, cpus, time, train.partition, train.account, "deepspeed",
-              eval_name(train.job_name or safe_name(Path(cfg.output.dir).name)), train.python)
+              eval_name(train.job_name or safe_name(Path(cfg.output.dir).name)), train.python, mem=train.mem)
     return EvalJob(job, tuple(args))
 
 
@@ -634,6 +657,9 @@ def add_job_args(ap: argparse.ArgumentParser, node_range: bool = True) -> None:
     ap.add_argument("--cpus-per-node", type=int_option("--cpus-per-node", 0, MAX_CPUS_PER_NODE), default=0,
                     help="ranks per node on CPU-only nodes (with --gpus-per-node 0); with GPUs, the CPUs a node's "
                          "ranks get (Slurm's --cpus-per-task; default: the cluster's)")
+    ap.add_argument("--mem", help="host memory per node (Slurm's --mem: 64G, 500000M; 0: all of a node's memory). "
+                    "Default: the cluster's (DefMemPerNode/DefMemPerCPU), often a few GB per CPU, which a rank "
+                    "loading a large base model or offloading to the host can outgrow")
     ap.add_argument("--time", default="04:00:00", help="Slurm time limit: minutes, minutes:seconds, "
                     "hours:minutes:seconds, days-hours, days-hours:minutes or days-hours:minutes:seconds")
     ap.add_argument("--partition", help="partition name, or a comma-separated list of them")
@@ -666,7 +692,7 @@ def layout_from_config(a: argparse.Namespace) -> str | None:
 
 def job_from_args(a: argparse.Namespace) -> Job:
     return check_job(a.nodes, a.gpus_per_node, a.time, a.partition, a.account, a.launcher, a.cpus_per_node,
-                     a.job_name, a.python)
+                     a.job_name, a.python, a.mem)
 
 
 def default_out(output_dir: str) -> Path:
@@ -715,7 +741,7 @@ def main(argv: list[str], prog: str) -> int:
         raise UsageError(f"--{given[0].replace('_', '-')}: an option of the evaluation job; add --eval")
     taken = layout_from_config(a)
     text = render(a.config, a.overrides, a.nodes, a.gpus_per_node, a.time, a.partition, a.account, a.launcher,
-                  a.cpus_per_node, a.job_name, a.python)
+                  a.cpus_per_node, a.job_name, a.python, a.mem)
     if taken:
         print(taken)
     range_note(job_from_args(a))

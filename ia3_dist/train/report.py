@@ -41,7 +41,10 @@ def report(p: Prepared) -> str:
         *data_lines(d, cfg),
         *([f"  held out for eval: {len(p.eval_data)} examples"] if p.eval_data is not None else []),
         f"batch: {cfg.train.micro_batch_size} micro x {cfg.train.grad_accum} accum x {p.env.world_size} ranks = "
-        f"{p.layout.global_batch} global; {p.total_steps} optimizer steps; "
+        f"{p.layout.global_batch} global"
+        + (f" (the accumulation follows train.global_batch_size={cfg.train.global_batch_size}; train.grad_accum is "
+           f"not used)" if cfg.train.global_batch_size else "")
+        + f"; {p.total_steps} optimizer steps; "
         f"{'length-grouped' if p.layout.group_by_length else 'plain'} micro-batches, "
         f"{layout_line(d.lengths, p.layout)}",
         f"deepspeed: ZeRO-{dsc.stage_of(p.ds_config)}, {cfg.train.precision}, "
