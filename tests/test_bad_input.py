@@ -267,7 +267,7 @@ def test_check_passes_and_reports_stats(tmp_path: Path, capsys: pytest.CaptureFi
                  f"output.dir={tmp_path / 'o'}", "train.global_batch_size=24"]) == 0
     out = capsys.readouterr().out
     assert ("4 micro x 3 accum x 2 ranks = 24 global (the accumulation follows train.global_batch_size=24; "
-            "train.grad_accum is not used); 1 optimizer steps") in out, out
+            "train.grad_accum is not used); 3 optimizer steps") in out, out
 
 
 def test_skip_policy_counts_and_names_bad_records(tmp_path: Path, capsys: pytest.CaptureFixture,
