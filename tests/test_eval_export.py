@@ -62,8 +62,13 @@ def test_eval_is_logged_and_token_weighted_over_ranks(trained: Path) -> None:
     ref, n = _reference_eval_loss(trained)
     assert recs[-1]["eval_tokens"] == n
     assert recs[-1]["eval_loss"] == pytest.approx(ref, rel=1e-5)
-    # 40 held-out examples never appear in training: the run trained on 360.
-    assert json.loads((trained / "checkpoints" / "step30" / "meta.json").read_text())["n_examples"] == 360
+    # 40 held-out examples never appear in training, nor do their copies (the demo data repeats records): the run
+    # trained on the rest.
+    cfg = load_config(trained / "run.yaml")
+    data = load_or_tokenize(demo.data_section(cfg.data), load_for_inference(str(trained / "adapter"))[1])
+    train, held = split_eval(data, cfg.data.eval_ratio, cfg.train.seed)
+    assert len(held) == 40 and train.held_copies == 20 and len(train) == 340
+    assert json.loads((trained / "checkpoints" / "step30" / "meta.json").read_text())["n_examples"] == 340
 
 
 def test_export_merged_logits_equal_adapter_logits(trained: Path, tmp_path: Path, capsys) -> None:
