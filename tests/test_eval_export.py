@@ -94,6 +94,41 @@ def test_export_merged_logits_equal_adapter_logits(trained: Path, tmp_path: Path
     with torch.no_grad(), adapter_model.disable_adapter():
         base = adapter_model(**enc).logits
     assert (base - a).abs().max() > 1e-3  # the merge carried the trained scalings
+    # The training format is the exported tokenizer's chat template: transformers (and vLLM) prompt the merged model
+    # as it was trained, to the token.
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(str(merged))
+    msgs = [{"role": "user", "content": "请介绍一下猫。"}]
+    assert exported.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        "Human: 请介绍一下猫。\n\nAssistant: "
+    assert exported.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False) == \
+        tok("Human: 请介绍一下猫。\n\nAssistant: ").input_ids
+
+
+def test_export_onto_its_own_base_and_a_lax_generation_config(trained: Path, tmp_path: Path, demo_model: Path,
+                                                               capsys) -> None:
+    """A base whose generation_config.json sets sampling values without do_sample (as several hub models do) is
+    exported (transformers checked the changed config strictly and refused it after the merge, leaving an empty
+    --out); the merged model keeps those values. Exporting over the base the adapter merges onto (an earlier
+    export updated with --force) is refused, the base untouched."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(demo_model, base)
+    gen = json.loads((base / "generation_config.json").read_text()) if (base / "generation_config.json").is_file() \
+        else {}
+    (base / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.6, "top_p": 0.9}))
+    out = tmp_path / "m1"
+    assert main(["export", "--adapter", str(trained / "adapter"), "--base", str(base), "--out", str(out)]) == 0
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert saved["temperature"] == 0.6 and saved["top_p"] == 0.9 and saved.get("do_sample") in (None, False)
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["export", "--adapter", str(trained / "adapter"), "--base", str(out), "--out", str(out),
+                 "--force"]) == 2
+    assert "is the base model the adapter merges onto" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
 
 
 def _generate(args: list[str], capsys, stdin: str | None = None, monkeypatch=None) -> list[dict]:

@@ -476,3 +476,54 @@ def test_template_date_pins_what_strftime_now_renders(chat_tok, tmp_path: Path) 
     for bad in ("2024-7-26", "2024-02-30", "26 Jul 2024"):
         with pytest.raises(ConfigKeyError, match=r"data.template_date.*must be a day written YYYY-MM-DD"):
             DataSection(template_date=bad)
+
+
+@pytest.mark.parametrize("bos", ["none", "start", "every_piece"])
+@pytest.mark.parametrize("shape", ["reference", "custom"])
+def test_human_assistant_as_jinja_renders_what_inference_feeds(bos: str, shape: str) -> None:
+    """The human_assistant template written as a Jinja chat template (what `ia3-dist export` gives the exported
+    tokenizer, so transformers' apply_chat_template and vLLM prompt the model in its training format): for a
+    system message and several turns, the text is the prompt inference feeds, the tokenizer's BOS written where
+    training had it (once, or before every piece), and encoded the apply_chat_template way (no special tokens
+    added) it gives the very ids `generate` feeds. Tool calls, tools and unknown roles raise."""
+    from tokenizers import processors
+
+    from ia3_dist.tools.inference import prompt_ids
+
+    tok = _sentencepiece_style_tokenizer()
+    if bos != "none":
+        b = tok.convert_tokens_to_ids("<s>")
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                                             special_tokens=[("<s>", b)])
+    kw = {} if shape == "reference" else {"prompt_template": 'Q{{uote}} "\\{instruction}" \\u00e9 {input}é',
+                                          "strip_prompt": False, "response_prefix": "\n### A:\t"}
+    t = Template.of(DataSection(path="x", **kw), tok)
+    t.bos = "every_piece" if bos == "every_piece" else "start"
+    tok.chat_template = t.jinja(tok)
+    convs = [Conversation([Turn("hello there", "", "")]),
+             Conversation([Turn("hello there", "", "fine thanks"), Turn("how are you", "", "")], "Be brief."),
+             Conversation([Turn("a", "", "b"), Turn("c", "", "d\n"), Turn("  e  ", "", "")])]
+    for conv in convs:
+        msgs = ([{"role": "system", "content": conv.system}] if conv.system else []) + [
+            {"role": r, "content": c} for tr in conv.turns for r, c in (("user", tr.instruction),
+                                                                         ("assistant", tr.output))][:-1]
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        pieces = t.prompt_pieces(conv, tok)
+        lead = "<s>" if bos != "none" else ""
+        want = "".join((lead if k == 0 or t.bos == "every_piece" else "") + p for k, p in enumerate(pieces))
+        assert text == want, (text, want)
+        if len(conv.turns) == 1 and bos == "none":
+            # One turn is one piece: encoded whole it is the ids generate feeds. (Later turns are encoded apart in
+            # training, as the recipe's tok(prompt) + tok(output + eos); this tokenizer, like SentencePiece's,
+            # starts each piece with a word-start marker that the whole text does not have there, nor after a
+            # BOS written as text.)
+            ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+            assert ids == prompt_ids(t, conv, tok, 10**6)[0]
+    for bad in ([{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
+                                                     "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}],
+                [{"role": "tool", "content": "x"}], [{"role": "assistant", "content": "x"}]):
+        with pytest.raises(Exception, match="ia3-dist human_assistant"):
+            tok.apply_chat_template(bad, tokenize=False)
+    with pytest.raises(Exception, match="written its own way"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}], tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {}}}}], tokenize=False)

@@ -271,6 +271,61 @@ class Template:
         except Exception as e:  # jinja2 raises TemplateError subclasses and whatever the template itself raises
             raise UsageError(f"{self.where}: the chat template fails to render ({_one_line(e)})") from None
 
+    def jinja(self, tok: Any) -> str:
+        """This template as a Jinja chat template, for tools that render prompts themselves (transformers'
+        ``apply_chat_template``, vLLM, TGI) from an exported model: a chat template as it is; ``human_assistant``
+        written out, the same text as :meth:`prompt_of` for any system, user and assistant messages (each user
+        turn ends with the response prefix, so the generation prompt is already there), with the special tokens
+        ``tok(piece)`` puts before a piece (Llama's BOS) as text where training had them, since those tools encode
+        a rendered prompt without adding any. Tools and tool calls, which it cannot write as training did, raise."""
+        if self.kind == CHAT_TEMPLATE:
+            assert self.chat_template is not None
+            return self.chat_template
+        lead = leading_added(tok)
+        bos = "".join(tok.convert_ids_to_tokens(list(lead))) if lead else ""
+
+        def lit(text: str) -> str:
+            # A Jinja string literal: its lexer reads backslash escapes as Python's unicode-escape does.
+            return json.dumps(text, ensure_ascii=False)
+
+        parts = []
+        for literal, name, _, _ in string.Formatter().parse(self.prompt_template):
+            if literal:
+                parts.append(lit(literal))
+            if name == "instruction":
+                parts.append("m.content")
+            # {input}: a chat message has none (formatted as "", as training formats a record without one).
+        prompt = " ~ ".join(parts) or lit("")
+        first_bos = lit(bos)
+        piece_bos = lit(bos if self.bos == BOS_EVERY_PIECE else "")
+        eos = lit(tok.eos_token if self.append_eos and tok.eos_token else "")
+        refuse = "{{- raise_exception(%s) -}}"
+        return "".join([
+            "{#- ia3-dist human_assistant template, written by `ia3-dist export` -#}",
+            "{%- if tools -%}" + refuse % lit("this model was trained with tools written its own way "
+                                                "(ia3-dist human_assistant); prompt it with `ia3-dist generate`")
+            + "{%- endif -%}",
+            "{%- set ns = namespace(system='', first=true) -%}",
+            "{%- for m in messages -%}",
+            "{%- if m.content is not string or m.tool_calls is defined and m.tool_calls -%}",
+            refuse % lit("ia3-dist human_assistant: each message needs text content (no tool calls); prompt a "
+                         "model trained with tools with `ia3-dist generate`"),
+            "{%- elif m.role == 'system' and loop.first -%}{%- set ns.system = m.content -%}",
+            "{%- elif m.role == 'user' -%}",
+            f"{{%- set p = {prompt} -%}}",
+            "{%- set p = p | trim -%}" if self.strip_prompt else "",
+            f"{{%- set p = p ~ {lit(self.response_prefix)} -%}}",
+            "{%- if ns.first and ns.system -%}{%- set p = ns.system ~ '\n\n' ~ p -%}{%- endif -%}",
+            f"{{{{- ({first_bos} if ns.first else {piece_bos}) ~ p -}}}}",
+            "{%- set ns.first = false -%}",
+            f"{{%- elif m.role == 'assistant' and not ns.first -%}}{{{{- {piece_bos} ~ m.content ~ {eos} -}}}}",
+            "{%- else -%}",
+            refuse % lit("ia3-dist human_assistant: roles are an optional first system message, then user and "
+                         "assistant turns starting with user"),
+            "{%- endif -%}",
+            "{%- endfor -%}",
+        ])
+
     # -- persistence -------------------------------------------------------------------------------------------
 
     def save(self, out_dir: Path) -> None:

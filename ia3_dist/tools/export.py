@@ -71,6 +71,7 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
         # Checked before load_for_inference, which would load a merged dir's whole model first.
         raise UsageError(f"--adapter {adapter}: not an adapter dir (no {ADAPTER_CONFIG}); give the adapter dir of "
                          f"a run (e.g. runs/x/adapter); a merged model needs no export")
+    _check_not_base(out, a, base)
     model, tok, template, is_adapter = load_for_inference(adapter, base, dtype)
     if not is_adapter:
         raise UsageError(f"{adapter}: not an adapter dir (no adapter_config.json)")
@@ -87,6 +88,7 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
     _check_finite_weights(merged, dtype)
     _keep_stop_ids(merged, stop)
     o = Path(out).expanduser()
+    created = not o.exists()
     o.mkdir(parents=True, exist_ok=True)
     # What a killed export left (a whole merged model, GBs): ours by name, never part of an export. (Two exports
     # into one dir at once would clash anyway.)
@@ -95,7 +97,13 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
             shutil.rmtree(d, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=o, prefix=STAGING_PREFIX))
     try:
-        merged.save_pretrained(str(staging), safe_serialization=True)
+        try:
+            merged.save_pretrained(str(staging), safe_serialization=True)
+        except ValueError as e:  # transformers' checks of the configs it writes
+            raise UsageError(f"--out {out}: transformers refused to save the merged model: {e}") from None
+        # The training format as the tokenizer's chat template: transformers' apply_chat_template, vLLM and TGI
+        # then prompt the merged model as it was trained (the base's own template, or none, otherwise).
+        tok.chat_template = template.jinja(tok)
         save_tokenizer(tok, staging)
         if (Path(adapter).expanduser() / TEMPLATE_FILE).is_file():
             # The template as it was checked and loaded, not the file again: it may have changed since.
@@ -106,7 +114,30 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
         fsync(o, directory=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(o.iterdir()):
+            o.rmdir()  # a failed export into a new dir leaves no empty dir behind
     return o
+
+
+def _check_not_base(out: str, adapter: Path, base: str | None) -> None:
+    """``--out`` is not the base the adapter merges onto (an earlier export, updated with --force): replaced, it
+    would hold base+IA3, and every adapter trained on it would load onto that, IA3 applied twice, shapes intact."""
+    from .inference import read_adapter_config
+
+    if base is None and not (adapter / ADAPTER_CONFIG).is_file():
+        return  # load_for_inference names what is missing
+    src = base if base is not None else read_adapter_config(adapter).get("base_model_name_or_path")
+    o = Path(out).expanduser()
+    if not isinstance(src, str) or not o.is_dir():
+        return
+    b = Path(src).expanduser()
+    try:
+        same = b.is_dir() and os.path.samefile(b, o)
+    except OSError:
+        return
+    if same:
+        raise UsageError(f"--out {out} is the base model the adapter merges onto ({src}); replaced, it would hold "
+                         f"the merged model, and adapters trained on it would get IA3 twice; pick a new or empty dir")
 
 
 def _check_finite_weights(merged: Any, dtype: str) -> None:
@@ -132,7 +163,17 @@ def _keep_stop_ids(merged: Any, stop: Any) -> None:
         return
     if getattr(merged, "generation_config", None) is None:
         merged.generation_config = GenerationConfig()
-    merged.generation_config.eos_token_id = stop
+    gen = merged.generation_config
+    as_loaded = getattr(gen, "_original_object_hash", None) == hash(gen)
+    gen.eos_token_id = stop
+    if as_loaded:
+        try:
+            gen.validate(strict=True)
+        except ValueError:
+            # The base's own flags conflict (hub configs set temperature/top_p without do_sample): transformers
+            # saves a config it loaded so as it is, but checks a changed one strictly and refuses it, after the
+            # whole merge. The stop ids are the only change, and valid: saved as the base's would be.
+            gen._original_object_hash = hash(gen)
 
 
 def _untie_scaled_head(peft_model: Any) -> None:
