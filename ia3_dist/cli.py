@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,11 @@ def cmd_generate(argv: list[str], prog: str) -> int:
         src = None
     else:
         if a.file:
+            if Path(a.file).suffix.lower() in (".json", ".csv", ".tsv", ".parquet", ".arrow"):
+                # Read line by line, a JSON list would be one prompt and a table's header and rows prompts each.
+                raise UsageError(f"--file {a.file}: prompts are read one per line (plain text, or a JSON request "
+                                 f"per line: .txt or .jsonl); write the records as JSONL (a JSON list: "
+                                 f"jq -c '.[]' {Path(a.file).name} > prompts.jsonl)")
             try:
                 fh = open(a.file, encoding="utf-8")  # noqa: SIM115 - closed below
             except OSError as e:
@@ -282,7 +288,9 @@ def cmd_chat(argv: list[str], prog: str) -> int:
             conv = Conversation([*history, *req.turns], req.system or (system if history else ""),
                                 req.tools or tools)
         try:
-            answer = generate(model, tok, template, [conv], opts)[0]
+            # Line n draws from seed + n, as generate's prompt i from seed + i: asked again, a sampled answer is
+            # another draw, and the session replays from the same --seed.
+            answer = generate(model, tok, template, [conv], replace(opts, seed=(opts.seed + n) % 2**63))[0]
         except KeyboardInterrupt:  # Ctrl-C while it answers drops that line; the conversation goes on without it
             print("(interrupted)", flush=True)
             continue

@@ -184,7 +184,7 @@ def test_generate_errors(trained: Path, tmp_path: Path, capsys, monkeypatch) -> 
     assert "no such directory" in capsys.readouterr().err
     assert main(["generate", "--adapter", str(trained / "adapter"), "--top-p", "0", "x"]) == 2
     assert main(["generate", "--adapter", str(trained / "adapter"), '{"instruction": 3}']) == 2
-    assert "instruction must be a string, got int" in capsys.readouterr().err
+    assert "prompt 1: field 'instruction' must be a string, got int" in capsys.readouterr().err
     # An --out where nothing can be written is found before the model loads, not after the generation.
     from ia3_dist.tools import inference
 

@@ -281,7 +281,7 @@ def test_bad_generate_options_and_prompts(tmp_path: Path, tiny_model: Path, caps
         assert rc == 2 and "finite --temperature" in err, err
     for prompt, needle in (('{"instruction": ' + "1" * 5000 + "}", "prompt 1: invalid JSON: Exceeds"),
                            ('{"instruction": ' + "[" * 100000 + "}", "prompt 1: JSON nested too deeply"),
-                           ('{"instruction": "\\ud800"}', "prompt 1: not valid Unicode"),
+                           ('{"instruction": "\\ud800"}', "prompt 1: field 'instruction' holds an unpaired UTF-16"),
                            ("a\udcff", "prompt 1: not valid Unicode")):
         rc, _, err = _run(["generate", "--adapter", none, prompt], capsys)
         assert rc == 2 and needle in err, err
@@ -301,7 +301,7 @@ def test_bad_generate_options_and_prompts(tmp_path: Path, tiny_model: Path, caps
     # chat: a bad JSON line is reported and the session goes on.
     monkeypatch.setattr("sys.stdin", io.StringIO('{"instruction": 3}\n你好\n'))
     rc, out, err = _run(["chat", "--adapter", str(tiny_model), "--max-new-tokens", "2"], capsys)
-    assert rc == 0 and "input 1: instruction must be a string, got int" in err and out.count("Assistant: ") == 1
+    assert rc == 0 and "input 1: field 'instruction' must be a string, got int" in err and out.count("Assistant: ") == 1
 
 
 # --- 4. truncated or corrupt safetensors ---------------------------------------------------------------------------

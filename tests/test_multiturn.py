@@ -315,6 +315,16 @@ def test_named_chat_templates_use_default(chat_tok) -> None:
     with pytest.raises(UsageError, match=r"named chat templates \('rag', 'tool_use'\) and none called 'default'; "
                                          r"save the one to train with as a Jinja file"):
         tokenize(_records(CONVS), chat_tok, DataSection(path="x", template="chat_template"))
+    # Inference on a dir that saved no template of ours (a merged model, a hub model): the same choice, where it
+    # fell back to Human/Assistant.
+    from ia3_dist.tools.inference import default_template
+
+    chat_tok.chat_template = {"default": CHATML, "tool_use": "{{ messages }}"}
+    t = default_template(chat_tok)
+    assert t.kind == "chat_template" and t.chat_template == CHATML
+    chat_tok.chat_template = {"rag": CHATML}
+    with pytest.raises(UsageError, match=r"named chat templates \('rag'\) and none called 'default'"):
+        default_template(chat_tok)
 
 
 def test_tokenizer_without_chat_template_is_refused(tiny_tokenizer) -> None:

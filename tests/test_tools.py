@@ -607,3 +607,57 @@ def test_a_lone_surrogate_in_tool_data_is_a_bad_record(tmp_path: Path) -> None:
         with pytest.raises(UsageError, match=f"{f}:2: .*unpaired UTF-16 surrogate"):
             load_records(DataSection(path=str(f)))
         assert len(load_records(DataSection(path=str(f), on_bad_record="skip")).examples) == 1
+
+
+def test_alpaca_requests_read_as_training_reads_them(tmp_path: Path, capsys, monkeypatch) -> None:
+    """generate/chat read an alpaca request with the training parser: nulls as absent fields (exported datasets
+    write them), tools offered with an instruction, a training record's own answer ignored; a role that is not a
+    string is named (it was a TypeError traceback that ended a chat); a .json list or a table given to --file is
+    refused (read line by line, a list was one prompt and a table's rows prompts each)."""
+    from ia3_dist.cli import main
+    from ia3_dist.tools.inference import parse_request
+
+    conv = parse_request(json.dumps({"instruction": "q", "input": None, "system": None, "history": None,
+                                     "tools": None, "output": "the record's answer"}), "prompt 1")
+    assert [(t.instruction, t.input, t.output) for t in conv.turns] == [("q", "", "")]
+    assert conv.system == "" and conv.tools == ()
+    tool = {"type": "function", "function": {"name": "weather", "description": "d",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    conv = parse_request(json.dumps({"instruction": "巴黎天气怎么样？", "tools": [tool],
+                                     "history": [["hi", "hello"]]}, ensure_ascii=False), "prompt 1")
+    assert [t["function"]["name"] for t in conv.tools] == ["weather"] and len(conv.turns) == 2
+    train = to_conversation({"instruction": "巴黎天气怎么样？", "output": "", "tools": [tool]},
+                            "alpaca", Columns(None), "r")
+    assert conv.tools == train.tools
+    for role in (["user"], {"r": 1}, 3):
+        with pytest.raises(UsageError, match="prompt 1: message 0 has role"):
+            parse_request(json.dumps({"messages": [{"role": role, "content": "hi"}]}), "prompt 1")
+    with pytest.raises(UsageError, match="prompt 1"):
+        parse_request('{"instruction": 3}', "prompt 1")
+    for name in ("held.json", "rows.CSV", "t.parquet"):
+        (tmp_path / name).write_text('[{"instruction": "a"}]\n')
+        assert main(["generate", "--adapter", str(tmp_path), "--file", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"--file {tmp_path / name}: prompts are read one per line" in err and "jq -c" in err, err
+
+
+def test_chat_samples_each_line_from_its_own_seed(capsys, monkeypatch) -> None:
+    """Each chat line draws from --seed + its line number (every turn reseeded with --seed gave the same sampled
+    answer to the same question, asked again after /reset); the same session replays the same draws."""
+    import io
+
+    from ia3_dist.cli import main
+    from ia3_dist.tools import inference
+
+    seeds = []
+
+    def fake_generate(model, tok, template, convs, opts, *a, **k):
+        seeds.append(opts.seed)
+        return ["ok"]
+
+    monkeypatch.setattr(inference, "load_for_inference", lambda *a: (None, None, Template(), True))
+    monkeypatch.setattr(inference, "generate", fake_generate)
+    for _ in range(2):
+        monkeypatch.setattr("sys.stdin", io.StringIO("hi\n/reset\nhi\n/quit\n"))
+        assert main(["chat", "--adapter", "x", "--sample", "--seed", "5"]) == 0
+    assert seeds == [6, 8, 6, 8]

@@ -467,9 +467,19 @@ def default_template(tok: Any, where: str = "the tokenizer's chat_template") -> 
     tokenizer's own chat template when it ships one (Llama 3, Qwen2.5, Mistral instruct models), the model's
     native format; else the reference recipe's ``Human: ... Assistant:``."""
     text = getattr(tok, "chat_template", None)
+    if isinstance(text, dict) and text:
+        # Several named templates (chat_template.jinja beside additional_chat_templates/): transformers renders
+        # with "default", as training's data.template=chat_template does.
+        if not isinstance(text.get("default"), str):
+            raise UsageError(f"{where}: the tokenizer ships named chat templates "
+                             f"({', '.join(show(k) for k in sorted(map(str, text)))}) and none called "
+                             f"'default'; give the adapter's training template (ia3_dist.json) or a model dir "
+                             f"with a default chat template")
+        text = text["default"]
     if isinstance(text, str) and text:
         return Template(CHAT_TEMPLATE, chat_template=text).checked(where)
     return Template()
+
 
 
 def _load_template(d: Path) -> Template:
@@ -675,11 +685,12 @@ def _from_messages(msgs: Any, where: str, role_key: str, content_key: str) -> Co
     for k, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise UsageError(f"{where}: message {k} is not an object")
-        role = ROLE_ALIASES.get(m.get(role_key))  # type: ignore[arg-type]
+        raw_role = m.get(role_key)
+        role = ROLE_ALIASES.get(raw_role) if isinstance(raw_role, str) else None
         # A string or OpenAI's text content parts, as the training data's parser reads them.
         content = content_text(m.get(content_key), f"message {k} {content_key}", where)
         if role is None:
-            raise UsageError(f"{where}: message {k} has role {m.get(role_key)!r}; use system, user or assistant")
+            raise UsageError(f"{where}: message {k} has role {show(raw_role)}; use system, user or assistant")
         if role == "system" and k == 0:
             system = content
         elif role == "user" and pending is None:
@@ -715,7 +726,7 @@ def read_tools(path: str) -> tuple[dict[str, Any], ...]:
 
 def _uses_tools(obj: dict[str, Any]) -> bool:
     msgs = obj.get("messages", obj.get("conversations"))
-    return "tools" in obj or (isinstance(msgs, list) and any(
+    return obj.get("tools") is not None or (isinstance(msgs, list) and any(
         isinstance(m, dict) and (m.get("role", m.get("from")) in TOOL_ROLES or "tool_calls" in m) for m in msgs))
 
 
@@ -751,7 +762,7 @@ def parse_request(line: str, where: str) -> Conversation:
                          f"send it as {{\"instruction\": \"...\"}})") from None
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: a JSON prompt must be an object")
-    if _uses_tools(obj):
+    if ("messages" in obj or "conversations" in obj) and _uses_tools(obj):
         return _tool_request(obj, where)
     if "messages" in obj or "conversations" in obj:
         # A top-level system goes with either shape, as in the training data (data.formats).
@@ -763,12 +774,10 @@ def parse_request(line: str, where: str) -> Conversation:
             conv.system = _text(obj["system"], where, "system")
         return conv
     if "instruction" not in obj:
-        raise UsageError(f"{where}: a JSON prompt needs 'instruction' (and optional 'input', 'system', 'history'), "
-                         f"'messages' or 'conversations'")
-    history = obj.get("history", [])
-    if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
-        raise UsageError(f"{where}: history must be a list of [user, assistant] pairs")
-    turns = [Turn(_text(u, where, "history"), "", _text(a, where, "history")) for u, a in history]
-    turns.append(Turn(_text(obj["instruction"], where, "instruction"), _text(obj.get("input", ""), where, "input"),
-                      ""))
-    return Conversation(turns, _text(obj.get("system", ""), where, "system"))
+        raise UsageError(f"{where}: a JSON prompt needs 'instruction' (and optional 'input', 'system', 'history', "
+                         f"'tools'), 'messages' or 'conversations'")
+    # Read by the training data's own parser: the same shapes (nulls as absent, history as pairs, tools), the
+    # same checks; its answer, if the line is a training record, is the one to generate.
+    from ..data.formats import ALPACA, Columns, to_conversation
+
+    return to_conversation({**obj, "output": ""}, ALPACA, Columns(None), where)
