@@ -60,8 +60,15 @@ def build_model(name: str, cache: Path, bf16: bool = False) -> Path:
         cfg = BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads)
         cls = BloomForCausalLM
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = cls(cfg).to(torch.bfloat16 if bf16 else torch.float32)
+    # Built in the stored dtype: an fp32 bloom-7b1 then cast would take 28 GB, which this process's allocator kept
+    # reserved while the rows' own processes ran.
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(dtype)
     # Into a temp dir renamed into place: a build killed mid-save (a timed-out row) leaves no half model that the
     # next run would take for a built one (transformers writes config.json first).
     tmp = cache / f".bench-{name}.{os.getpid()}.tmp"
@@ -69,7 +76,35 @@ def build_model(name: str, cache: Path, bf16: bool = False) -> Path:
     AutoTokenizer.from_pretrained(str(demo / "model")).save_pretrained(str(tmp))
     shutil.rmtree(d, ignore_errors=True)  # an unfinished build from before this rename existed
     os.replace(tmp, d)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return d
+
+
+def run_child(cmd: list[str], log: Path) -> tuple[int, str]:
+    """``cmd`` with its stdout and stderr written to ``log`` as they come (a row killed by its timeout still shows
+    how far each side got); returns its exit code and the log's last 3,000 characters."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode
+    return rc, log.read_text(errors="replace")[-3000:]
+
+
+def stack_versions() -> dict[str, str | None]:
+    """What the figures were measured on: the device machine runs its image's torch, not this checkout's pin."""
+    import importlib.metadata as md
+
+    import torch
+
+    def version(name: str) -> str | None:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": version("triton"),
+            "deepspeed": version("deepspeed"), "transformers": version("transformers"), "peft": version("peft")}
 
 
 def matmul_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
@@ -98,7 +133,7 @@ def grad_accum_for(micro: int, nproc: int) -> int:
 
 
 def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf16: bool, micro: int,
-                 extra: list[str], warmup: int = WARMUP_STEPS) -> dict:
+                 extra: list[str], warmup: int = WARMUP_STEPS, log: Path | None = None) -> dict:
     """The launcher on the same model, data and global batch 8, length-grouped micro-batches. Records whose
     prompt alone fills max_length stay in (data.unlabeled=keep), as the reference's Dataset.map keeps them: both
     sides process the same examples."""
@@ -111,9 +146,10 @@ def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf1
         cmd = [sys.executable, "launch.py", *args]
     else:
         cmd = [str(Path(sys.executable).parent / "deepspeed"), f"--num_accelerators={nproc}", "launch.py", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"launcher failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    log = log or out.parent / f"{out.name}.log"
+    rc, tail = run_child(cmd, log)
+    if rc != 0:
+        raise SystemExit(f"launcher failed (exit {rc}, {log}):\n{tail}")
     from ia3_dist.train.plots import read_metrics
 
     recs = read_metrics(out / "metrics.jsonl")
@@ -128,7 +164,8 @@ def run_launcher(model: Path, data: Path, steps: int, out: Path, nproc: int, bf1
     # step_time_s alone would leave out the launcher's logging block.
     secs = timed[-1]["elapsed_s"] - steps_logged[warmup - 1]["elapsed_s"]
     # "tokenized in ..." or, where an earlier row of the same data built the cache, "from cache ...".
-    tok_line = next((ln for ln in proc.stdout.splitlines() if "tokenized in" in ln or "from cache" in ln), "")
+    tok_line = next((ln for ln in log.read_text(errors="replace").splitlines()
+                     if "tokenized in" in ln or "from cache" in ln), "")
     return {"side": f"ia3-dist x{nproc}", "tokens_per_s": tokens / secs, "padding_efficiency": tokens / padded,
             "step_ms": secs / len(timed) * 1e3,
             "peak_mem_gb": max(r["peak_mem_gb"] for r in timed), "mfu": _time_mean(timed, "mfu"),
@@ -176,6 +213,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/ia3-bench")
     ap.add_argument("--launcher-dir", help="the launcher's output.dir (default: WORK/launcher)")
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--logs", help="dir for each side's output, written as it runs (default: WORK/logs)")
     ap.add_argument("--data", help="records file (default: the shared Alpaca sample, else the demo records)")
     ap.add_argument("--ds", default="zero0", help="launcher DeepSpeed config")
     ap.add_argument("--reference-json", help="reuse the reference side measured by an earlier run (same model, data "
@@ -195,6 +233,7 @@ def main() -> None:
 
     cache, work = Path(a.cache), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    logs = Path(a.logs) if a.logs else work / "logs"
     os.environ["IA3_DIST_CACHE"] = str(cache)
     model = build_model(a.model, cache, a.bf16)
     data, source, n_records = bench_records(Path(a.data) if a.data else None, a.records, cache, work)
@@ -203,35 +242,43 @@ def main() -> None:
 
     results = []
     ref_json = Path(a.reference_json) if a.reference_json else work / "reference.json"
-    if not (a.reference_json and ref_json.exists()):
+    failed_mark = ref_json.with_name(ref_json.name + ".failed")  # rows of the same model do not retry it
+    if not (a.reference_json and (ref_json.exists() or failed_mark.exists())):
         cmd = [sys.executable, str(ROOT / "bench" / "reference_recipe.py"), "--model", str(model), "--data",
                str(data), "--steps", str(a.steps), "--warmup", str(WARMUP_STEPS), "--out", str(ref_json)] + (
             ["--bf16"] if a.bf16 else [])
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"reference failed:\n{proc.stderr[-3000:]}")
-    ref = json.loads(ref_json.read_text())
+        rc, tail = run_child(cmd, logs / "reference.log")
+        if rc != 0:
+            # Recorded, and the launcher still measured: the code under test has its figures (and its own
+            # failures) whatever happens to HF Trainer on this machine.
+            print(f"reference failed (exit {rc}):\n{tail}", file=sys.stderr)
+            failed_mark.write_text(tail)
+    ref = json.loads(ref_json.read_text()) if ref_json.exists() else {"side": "reference", "failed": True}
     results.append(ref)
     if a.peer and a.micro > 1:
         peer_json = work / f"peer-m{a.micro}.json"  # one per micro-batch and work dir: rows of one shape share it
         cmd = [sys.executable, str(ROOT / "bench" / "reference_recipe.py"), "--model", str(model), "--data",
                str(data), "--steps", str(a.steps), "--warmup", str(WARMUP_STEPS), "--micro", str(a.micro),
                "--out", str(peer_json)] + (["--bf16"] if a.bf16 else [])
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True) if not peer_json.exists() else None
-        if proc is not None and proc.returncode != 0:
-            raise SystemExit(f"same-shape peer failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(peer_json.read_text()))
+        if not peer_json.exists():
+            rc, tail = run_child(cmd, logs / f"peer-m{a.micro}.log")
+            if rc != 0:
+                print(f"same-shape peer failed (exit {rc}):\n{tail}", file=sys.stderr)
+        results.append(json.loads(peer_json.read_text()) if peer_json.exists() else
+                       {"side": f"HF peer {a.micro}x{8 // a.micro}", "failed": True})
     ds = [f"deepspeed.config={a.ds}", *a.set]
     results.append(run_launcher(model, data, a.steps, Path(a.launcher_dir) if a.launcher_dir else work / "launcher",
-                                1, a.bf16, a.micro, ds, a.warmup))
+                                1, a.bf16, a.micro, ds, a.warmup, logs / "launcher.log"))
     if a.two_ranks:
         results.append(run_launcher(model, data, a.steps, work / "launcher2", 2, a.bf16, a.micro // 2, ds,
-                                    a.warmup))
+                                    a.warmup, logs / "launcher2.log"))
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    n = ref["n_params"]
-    print(f"\nmodel {a.model} ({n / 1e6:.1f}M params incl. IA3), {source}, {n_records} records, global batch 8, "
-          f"{a.steps} steps ({'bf16' if a.bf16 else 'fp32'}), device: {dev}")
+    n = ref.get("n_params")
+    ref_tps = ref.get("tokens_per_s")
+    print(f"\nmodel {a.model}" + (f" ({n / 1e6:.1f}M params incl. IA3)" if n else "")
+          + f", {source}, {n_records} records, global batch 8, {a.steps} steps ({'bf16' if a.bf16 else 'fp32'}), "
+          f"device: {dev}")
     print(f"{'side':<16}{'real tok/s':>12}{'ratio':>8}{'pad eff':>9}{'peak GB':>9}{'TFLOP/s*':>10}{'MFU':>7}"
           f"{'exec TFLOP/s':>14}{'exec util':>11}")
 
@@ -239,23 +286,28 @@ def main() -> None:
         return format(v, spec) if v else "-"
 
     for r in results:
-        ratio = r["tokens_per_s"] / ref["tokens_per_s"]
-        print(f"{r['side']:<16}{r['tokens_per_s']:>12.1f}{ratio:>8.2f}{r['padding_efficiency']:>9.1%}"
+        if r.get("failed"):
+            print(f"{r['side']:<16}failed: see its log in {logs}")
+            continue
+        ratio = r["tokens_per_s"] / ref_tps if ref_tps else None
+        print(f"{r['side']:<16}{r['tokens_per_s']:>12.1f}{fmt(ratio, '.2f'):>8}{r['padding_efficiency']:>9.1%}"
               f"{r['peak_mem_gb']:>9.2f}{fmt(r.get('tflops'), '.3f'):>10}{fmt(r.get('mfu'), '.1%'):>7}"
               f"{fmt(r.get('tflops_executed'), '.3f'):>14}{fmt(r.get('mfu_executed'), '.1%'):>11}")
     print("* model FLOPs: 6 N per token + attention; exec: what the IA3 step executes (launcher side, see README)")
     launcher = next(r for r in results if r["side"].startswith("ia3-dist"))
-    ia3_flops = 4 * n * launcher["tokens_per_s"]
-    if not torch.cuda.is_available():
+    if n and not torch.cuda.is_available():
+        ia3_flops = 4 * n * launcher["tokens_per_s"]
         mm = matmul_gflops(os.cpu_count() or 1)
         print(f"IA3 training FLOP/s (4 N per real token, N = all params): {ia3_flops / 1e9:.1f} GFLOP/s = "
               f"{ia3_flops / 1e9 / mm:.0%} of a 2048^3 fp32 matmul ({mm:.1f} GFLOP/s, same box, same run)")
-    print(f"tokenization: reference unbatched map {ref['tokenize_s']:.2f}s; launcher: {launcher['tokenize_line']}")
+    print(f"tokenization: reference unbatched map {fmt(ref.get('tokenize_s'), '.2f')}s; launcher: "
+          f"{launcher['tokenize_line']}")
+    env = stack_versions()
+    print("stack: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     if a.json:
-        Path(a.json).write_text(json.dumps({"model": a.model, "device": dev, "ds": a.ds, "micro": a.micro,
+        Path(a.json).write_text(json.dumps({"model": a.model, "device": dev, "env": env, "ds": a.ds, "micro": a.micro,
                                             "bf16": a.bf16, "steps": a.steps, "warmup": a.warmup, "set": a.set,
                                             "data": source, "records": n_records, "results": results}, indent=1))
-
 
 if __name__ == "__main__":
     main()

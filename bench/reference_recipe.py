@@ -7,6 +7,7 @@ accumulation 8, lr 3e-3, exactly as in DEVELOPERS.md, for --steps optimizer step
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import resource
 import sys
@@ -81,12 +82,24 @@ def main() -> None:
             stamps.append(time.perf_counter())
             tokens.append(0)
 
+    # Counted in the collator, on the host: by training_step the batch is on the GPU, and int(mask.sum()) there
+    # would stop the queue every micro-step, a stall HF Trainer itself does not have. The loader may collate a
+    # batch ahead; training_step takes the counts in the same order.
+    counts: collections.deque[tuple[int, int]] = collections.deque()
+    seq2seq = DataCollatorForSeq2Seq(tokenizer=tok, padding=True)
+
+    def collate(features):
+        batch = seq2seq(features)
+        counts.append((int(batch["attention_mask"].sum()), int(batch["attention_mask"].numel())))
+        return batch
+
     class Counting(Trainer):
         def training_step(self, model, inputs, *rest, **kw):
             if not tokens:
                 tokens.append(0)
-            tokens[-1] += int(inputs["attention_mask"].sum())
-            slots[0] += int(inputs["attention_mask"].numel())
+            real, padded = counts.popleft()
+            tokens[-1] += real
+            slots[0] += padded
             return super().training_step(model, inputs, *rest, **kw)
 
     args = TrainingArguments(output_dir=str(Path(a.out).parent / "ref-trainer"), per_device_train_batch_size=a.micro,
@@ -96,7 +109,7 @@ def main() -> None:
                              max_steps=a.steps, logging_steps=1, save_strategy="no", report_to=[],
                              bf16=a.bf16, use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=42)
     trainer = Counting(model=model, args=args, train_dataset=tokenized,
-                       data_collator=DataCollatorForSeq2Seq(tokenizer=tok, padding=True), callbacks=[Timing()])
+                       data_collator=collate, callbacks=[Timing()])
     start = time.perf_counter()
     trainer.train()
     # tokens[i] counts the micro-batches that ended at stamps[i] (the list grows one step ahead).

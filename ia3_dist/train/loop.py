@@ -585,6 +585,11 @@ class Trainer:
             from torch._dynamo.utils import counters
 
             perf["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+            # reduce-overhead: inductor falls back to a plain compiled graph where it cannot capture one (CPU
+            # tensors, mutated inputs), saying so only to a logger that is off by default.
+            skips = int(counters["inductor"]["cudagraph_skips"])
+            if skips:
+                perf["cudagraph_skips"] = skips
         if self.peak_tflops:
             perf["mfu"] = tflops / (self.peak_tflops * self.p.env.world_size)
             perf["mfu_executed"] = executed / (self.peak_tflops * self.p.env.world_size)
