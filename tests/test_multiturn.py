@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ia3_dist.config import DataSection
-from ia3_dist.data.records import Conversation, Records, Turn
+from ia3_dist.data.records import Conversation, Records, Turn, load_records
 from ia3_dist.data.template import Template
 from ia3_dist.data.tokenize import tokenize, truncate
 from ia3_dist.errors import UsageError
@@ -537,3 +537,76 @@ def test_human_assistant_as_jinja_renders_what_inference_feeds(bos: str, shape: 
     with pytest.raises(Exception, match="written its own way"):
         tok.apply_chat_template([{"role": "user", "content": "x"}], tools=[{"type": "function", "function": {
             "name": "f", "parameters": {"type": "object", "properties": {}}}}], tokenize=False)
+
+
+# Qwen3's chat template (its shape): an answer after the last question carries its reasoning in <think> tags (an
+# empty block when it has none); the answers before it are rendered without, so a conversation's render is no
+# prefix of its continuation's.
+QWEN3 = (Path(__file__).parent / "data" / "chat_templates" / "qwen3_shape.jinja").read_text()
+
+
+def _tokens(data, i: int) -> list[int]:
+    return data.ids[data.offsets[i]:data.offsets[i + 1]].tolist()
+
+
+def test_reasoning_is_rendered_and_labelled_as_transformers_renders_it(chat_tok, tmp_path: Path) -> None:
+    """An assistant message's reasoning_content (or thinking / reasoning) reaches the chat template as
+    apply_chat_template passes it, so the model learns the reasoning before the answer (it was dropped: Qwen3's
+    template then labelled an empty <think> block); a template with no place for it, and human_assistant, refuse
+    the record, naming its line."""
+    chat_tok.chat_template = QWEN3
+    cfg = DataSection(path="x", max_length=1024, template="chat_template")
+    for key in ("reasoning_content", "thinking", "reasoning"):
+        rec = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", key: "R"}]}
+        f = tmp_path / f"{key}.jsonl"
+        f.write_text(json.dumps(rec) + "\n")
+        data = tokenize(load_records(DataSection(path=str(f))), chat_tok, cfg)
+        want = chat_tok.apply_chat_template(rec["messages"], tokenize=True, return_dict=False)
+        assert _tokens(data, 0) == want
+        assert _label_spans(data, 0, chat_tok) == ["<think>\nR\n</think>\n\na<|im_end|>\n"]
+    chat_tok.chat_template = CHATML
+    with pytest.raises(UsageError, match=r"reasoning.jsonl:1: .*drops the assistant's reasoning \(turn 1"):
+        tokenize(load_records(DataSection(path=str(f))), chat_tok, cfg)
+    with pytest.raises(UsageError, match=r"reasoning.jsonl:1: .*human_assistant: assistant turn 1 carries reasoning"):
+        tokenize(load_records(DataSection(path=str(f))), chat_tok, DataSection(path="x"))
+
+
+def test_a_template_that_rewrites_history_trains_the_last_answer(chat_tok) -> None:
+    """Qwen3's template renders earlier answers without their reasoning once a later question comes, so no turn
+    but the last can be cut out of the whole: data.train_on=all refuses such a conversation and names
+    data.train_on=last, which labels the last answer after the turns before it as the template renders them then:
+    the tokens apply_chat_template gives the whole conversation. On a prefix-stable template train_on=last gives
+    what it gave before (the same tokens, the last answer labelled)."""
+    chat_tok.chat_template = QWEN3
+    conv = Conversation([Turn("q1", "", "a1", reasoning="R1"), Turn("q2", "", "a2", reasoning="R2")])
+    with pytest.raises(UsageError, match="set data.train_on=last"):
+        tokenize(_records([conv]), chat_tok, DataSection(path="x", max_length=1024, template="chat_template"))
+    data = tokenize(_records([conv]), chat_tok, DataSection(path="x", max_length=1024, template="chat_template",
+                                                             train_on="last"))
+    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "reasoning_content": "R1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2", "reasoning_content": "R2"}]
+    assert _tokens(data, 0) == chat_tok.apply_chat_template(msgs, tokenize=True, return_dict=False)
+    assert _label_spans(data, 0, chat_tok) == ["<think>\nR2\n</think>\n\na2<|im_end|>\n"]
+    assert "R1" not in chat_tok.decode(_tokens(data, 0))  # the template's choice, as at inference
+    chat_tok.chat_template = CHATML
+    last = tokenize(_records(CONVS), chat_tok, DataSection(path="x", max_length=1024, template="chat_template",
+                                                           train_on="last"))
+    every = tokenize(_records(CONVS), chat_tok, DataSection(path="x", max_length=1024, template="chat_template"))
+    assert last.ids.tolist() == every.ids.tolist()
+    for i, conv in enumerate(CONVS):
+        assert _label_spans(last, i, chat_tok) == [conv.turns[-1].output + "<|im_end|>\n"]
+
+
+def test_role_content_messages_under_conversations_are_pointed_to_the_messages_format(tmp_path: Path) -> None:
+    """Role/content messages in a 'conversations' column are detected as ShareGPT; the hint was to map role and
+    content onto ShareGPT's keys, which reads no weight or tool_calls: a "weight": 0 answer was trained. The hint
+    now names the messages format, and following it keeps that answer out of the labels."""
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"conversations": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "bad", "weight": 0},
+        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "good"}]}) + "\n")
+    with pytest.raises(UsageError, match=r"c.jsonl:1: message 0: missing key 'from' .*set data.format=messages and "
+                                         r"data.columns.messages=conversations"):
+        load_records(DataSection(path=str(f)))
+    conv = load_records(DataSection(path=str(f), format="messages", columns={"messages": "conversations"})).examples[0]
+    assert [(t.output, t.train) for t in conv.turns] == [("bad", False), ("good", True)]

@@ -69,6 +69,9 @@ class Turn:
     train: bool = True
     """Whether the answer is labelled: False for an assistant message of ``"weight": 0`` (OpenAI's fine-tuning
     format marks the answers not to learn that way); ``data.train_on`` applies on top."""
+    reasoning: str = ""
+    """The assistant's reasoning before its answer (a message's ``reasoning_content``, or ``thinking`` /
+    ``reasoning``, as transformers reads them): a chat template that renders it (Qwen3's) puts it in the labels."""
 
 
 @dataclass
@@ -241,6 +244,16 @@ def _alpaca(rec: Mapping[str, Any], cols: Columns, where: str) -> Conversation:
     return Conversation(turns, system, tools)
 
 
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+"""Where an assistant message carries its reasoning, the first given (None counts as absent): transformers'
+names, in the order its apply_chat_template reads them."""
+
+
+def _reasoning(m: Mapping[str, Any], at: str) -> str:
+    key = next((k for k in REASONING_KEYS if m.get(k) is not None), None)
+    return "" if key is None else content_text(m[key], f"'{key}'", at)
+
+
 def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conversation:
     ours = "conversations" if fmt == SHAREGPT else "messages"
     field = f"field {cols.label(ours)}"
@@ -255,14 +268,20 @@ def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conver
     tools = tool_list(rec.get(cols.name("tools")), f"field {cols.label('tools')}", where)
     roles = cols.roles(fmt)
     parsed: list[tuple[str, Any]] = []
-    rename = "set data.columns.role and data.columns.content to the keys your messages use"
+    def rename(m: Mapping[str, Any]) -> str:
+        if fmt == SHAREGPT and "role" in m and "content" in m:
+            # Mapped as sharegpt's from/value (the hint it gave), their tool_calls and weight would be ignored.
+            return (f"these are role/content messages: set data.format=messages and data.columns.messages="
+                    f"{brief(cols.name(ours))}, which reads them with their tool_calls and weight")
+        return "set data.columns.role and data.columns.content to the keys your messages use"
+
     for i, m in enumerate(msgs):
         at = f"{where}: message {i}"
         if not isinstance(m, Mapping):
             raise UsageError(f"{at}: expected an object with '{brief(role_key)}' and '{brief(content_key)}', got "
                              f"{type(m).__name__}")
         if role_key not in m:
-            raise UsageError(f"{at}: missing key '{brief(role_key)}' (the message has keys {_keys(m)}); {rename}")
+            raise UsageError(f"{at}: missing key '{brief(role_key)}' (the message has keys {_keys(m)}); {rename(m)}")
         role = m[role_key]
         kind = KIND.get(roles.get(role, "")) if isinstance(role, str) else None
         if kind is None:
@@ -277,13 +296,14 @@ def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conver
             calls = None  # "tool_calls": [] (what OpenAI-style exporters write on a plain answer): no calls
         content = m.get(content_key)
         if content_key not in m and not calls:
-            raise UsageError(f"{at}: missing key '{brief(content_key)}' (the message has keys {_keys(m)}); {rename}")
+            raise UsageError(f"{at}: missing key '{brief(content_key)}' (the message has keys {_keys(m)}); "
+                             f"{rename(m)}")
         text = "" if content is None and calls else content_text(content, f"'{brief(content_key)}'", at)
         if kind == CALL:  # sharegpt: the call is the message's text, JSON
-            parsed.append((ASSISTANT, ("", tool_calls(_json(text, "function_call", at), at), True)))
+            parsed.append((ASSISTANT, ("", tool_calls(_json(text, "function_call", at), at), True, "")))
         elif kind == ASSISTANT:
             parsed.append((ASSISTANT, (text, tool_calls(calls, at) if calls is not None else (),
-                                       _weight(m.get("weight"), at) if fmt == MESSAGES else True)))
+                                       _weight(m.get("weight"), at) if fmt == MESSAGES else True, _reasoning(m, at))))
         elif kind == RESULT:
             result = {"content": text}
             for extra in ("name", "tool_call_id"):
@@ -337,8 +357,8 @@ def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conver
             raise UsageError(f"{where}: message {k + offset}: expected an assistant message, got {parsed[k][0]} "
                              f"(roles must alternate user, assistant, user, assistant, ... after an optional system "
                              f"message)")
-        text, calls, train = parsed[k][1]
-        turns.append(Turn(user, "", text, calls=calls, results=results, train=train))
+        text, calls, train, reasoning = parsed[k][1]
+        turns.append(Turn(user, "", text, calls=calls, results=results, train=train, reasoning=reasoning))
         k += 1
     if any(t.calls for t in turns) or tools:
         check_calls(turns, tools, where)
@@ -358,7 +378,8 @@ def to_conversation(rec: Any, fmt: str, cols: Columns, where: str) -> Conversati
 
 def text_length(conv: Conversation) -> int:
     """Characters of text in ``conv`` (tool schemas, calls and results included, as JSON)."""
-    n = len(conv.system) + sum(len(t.instruction) + len(t.input) + len(t.output) for t in conv.turns)
+    n = len(conv.system) + sum(len(t.instruction) + len(t.input) + len(t.output) + len(t.reasoning)
+                               for t in conv.turns)
     if conv.tools or any(t.calls or t.results for t in conv.turns):
         n += len(json.dumps([conv.tools, [(t.calls, t.results) for t in conv.turns]], ensure_ascii=False))
     return n

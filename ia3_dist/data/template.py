@@ -192,6 +192,13 @@ class Template:
         calls), or on the last one only (``train_on="last"``); never on tool results nor on a turn of weight 0."""
         last = len(conv.turns) - 1
         if self.kind == HUMAN_ASSISTANT:
+            thought = next((k for k, t in enumerate(conv.turns) if t.reasoning), None)
+            if thought is not None:
+                raise UsageError(f"{self.where} human_assistant: assistant turn {thought + 1} carries reasoning "
+                                 f"(reasoning_content, thinking or reasoning), which this format has no place for: "
+                                 f"the model would learn the answers without the reasoning that led to them; use "
+                                 f"data.template=chat_template with a template that renders it (Qwen3's), or drop "
+                                 f"the field")
             eos = tok.eos_token if self.append_eos else ""
             preamble = "\n\n".join(x for x in (conv.system, tools_text(conv.tools) if conv.tools else "") if x)
             segs: list[Segment] = []
@@ -207,22 +214,35 @@ class Template:
                              f"turns); split it into shorter conversations or use data.template=human_assistant")
         msgs, ends = _messages(conv)
         segs, prev = [], ""
-        for k, (prompt_end, answer_end) in enumerate(ends):
+        # Only the last answer labelled: the turns before it are the context the template renders when that answer
+        # is due, in two renders. Templates that render earlier turns otherwise once the conversation goes on
+        # (Qwen3's drops the reasoning of turns before the last question) label their conversations this way.
+        turns = [last] if train_on == "last" else range(len(ends))
+        for k in turns:
+            prompt_end, answer_end = ends[k]
             prompt = self._render(tok, msgs[:prompt_end], True, conv.tools)
             full = self._render(tok, msgs[:answer_end], False, conv.tools)
             if not (prompt.startswith(prev) and full.startswith(prompt)):
                 raise UsageError(f"{self.where}: the chat template does not render a conversation as a prefix of "
-                                 f"its continuation (turn {k + 1}), so assistant spans cannot be labelled; use a "
-                                 f"prefix-stable template or data.template=human_assistant")
+                                 f"its continuation (turn {k + 1}), so assistant spans cannot be labelled; set "
+                                 f"data.train_on=last (each conversation's last answer, after the turns before it "
+                                 f"as the template renders them then: what templates such as Qwen3's expect), use "
+                                 f"a prefix-stable template, or data.template=human_assistant")
             answer = full[len(prompt):]
-            for c in conv.turns[k].calls:
+            t = conv.turns[k]
+            for c in t.calls:
                 if c["function"]["name"] not in answer:
                     raise UsageError(f"{self.where}: the chat template drops the assistant's tool calls (turn "
                                      f"{k + 1}'s call of {c['function']['name']!r} is not in what it renders), so "
                                      f"the model would learn an empty answer; use a template that renders "
                                      f"tool_calls or data.template=human_assistant")
+            if t.reasoning.strip() and t.reasoning.strip() not in answer:
+                raise UsageError(f"{self.where}: the chat template drops the assistant's reasoning (turn {k + 1}'s "
+                                 f"reasoning_content is not in what it renders), so the model would learn the answer "
+                                 f"without it; use a template that renders reasoning_content (Qwen3's), or drop "
+                                 f"the field")
             segs.append((prompt[len(prev):], False))
-            segs.append((answer, conv.turns[k].train and (train_on == "all" or k == last)))
+            segs.append((answer, t.train and (train_on == "all" or k == last)))
             prev = full
         # In what the model is shown before it answers: an assistant turn calling the tool names it too, and the
         # schemas would count as shown where a template renders the calls but never the tools.
@@ -395,6 +415,9 @@ def _messages(conv: Conversation) -> tuple[list[dict[str, Any]], list[tuple[int,
             msgs.append({"role": "user", "content": "\n".join(x for x in (t.instruction, t.input) if x)})
         prompt_end = len(msgs)
         answer: dict[str, Any] = {"role": "assistant", "content": t.output}
+        if t.reasoning:
+            # Under both of the names transformers passes it (gpt-oss's template reads "thinking").
+            answer.update(reasoning_content=t.reasoning, thinking=t.reasoning)
         if t.calls:
             answer["tool_calls"] = [dict(c) for c in t.calls]
         msgs.append(answer)

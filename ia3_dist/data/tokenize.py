@@ -35,7 +35,7 @@ from .cache import cache_root, file_lock
 from .chat_render import rendered_date, special_tokens
 from .pairs import Pair, split_pair, truncate_pair
 from .records import MAX_SKIPPED_KEPT, Conversation, Records, RecordStream
-from .template import Template, leading_added
+from .template import CHAT_TEMPLATE, Template, leading_added
 from .tokens import IGNORE_INDEX, MAX_DROPPED_NAMED, Chunk, TokenizedData  # noqa: F401 - IGNORE_INDEX re-exported
 
 # Bump when the cached format or the preprocessing changes meaning.
@@ -562,8 +562,18 @@ def cache_key(fingerprint: str, tok: Any, cfg: DataSection, template: Template |
         "unlabeled": cfg.unlabeled, "max_length": cfg.max_length, "limit": cfg.limit, "bad": cfg.on_bad_record,
         # Only when set, so the caches of every other config keep their names.
         **({"date": cfg.template_date} if cfg.template_date is not None else {}),
+        # A template that reads an answer's reasoning renders what records carry there since it is passed on
+        # (before, it was dropped): such caches are named apart.
+        **({"reasoning": 1} if _reads_reasoning(template if template is not None else Template.of(cfg, tok))
+           else {}),
     }, sort_keys=True).encode())
     return h.hexdigest()[:32]
+
+
+def _reads_reasoning(template: Template) -> bool:
+    from .formats import REASONING_KEYS
+
+    return template.kind == CHAT_TEMPLATE and any(k in (template.chat_template or "") for k in REASONING_KEYS)
 
 
 def _renamed(text: str, old: list[str], new: list[str]) -> str:
