@@ -5,6 +5,7 @@ config checks and ``plan`` counting two sequences per pair."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,51 @@ def test_bad_pairs_name_file_and_line(rec: dict, message: str, tmp_path: Path) -
     # The explicit policy: drop and count instead.
     recs = load_records(DataSection(path=str(f), on_bad_record="skip"), pairs=True)
     assert len(recs) == 1 and len(recs.skipped) == 1
+
+
+def _conv(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+@pytest.mark.parametrize("shape", ["ultrafeedback", "bare", "bare-system-multiturn"])
+def test_implicit_prompt_pairs_read_as_trl_extracts_them(shape: str, tmp_path: Path) -> None:
+    """TRL's implicit prompt (UltraFeedback binarized, the most common hub DPO layout): chosen and rejected are
+    whole conversations, their shared messages the prompt, as trl.data_utils.maybe_extract_prompt splits them. It
+    was refused in every format ('chosen' is a list of 2 messages); a 'messages' or 'prompt' string beside them is
+    left aside, as TRL does, and chosen/rejected alone are detected."""
+    from trl.data_utils import maybe_extract_prompt
+
+    head = _conv(("user", "什么是猫？")) if shape != "bare-system-multiturn" else _conv(
+        ("system", "你是助手。"), ("user", "你好"), ("assistant", "你好！"), ("user", "什么是猫？"))
+    rec = {"chosen": [*head, *_conv(("assistant", "猫是动物。"))],
+           "rejected": [*head, *_conv(("assistant", "不知道。"))]}
+    if shape == "ultrafeedback":
+        rec = {"prompt": "什么是猫？", "prompt_id": "abc", **rec, "messages": rec["chosen"], "score_chosen": 8.0,
+               "score_rejected": 3.0}
+    trl = maybe_extract_prompt(dict(rec))
+    recs = load_records(DataSection(path=str(_write(tmp_path, [rec] * 2))), pairs=True)
+    p = recs.examples[0]
+    explicit = load_records(DataSection(path=str(_write(tmp_path, [{
+        "prompt": trl["prompt"], "chosen": trl["chosen"], "rejected": trl["rejected"]}], "explicit.jsonl"))),
+        pairs=True).examples[0]
+    assert (p.chosen, p.rejected) == (explicit.chosen, explicit.rejected)
+    assert p.chosen.turns[-1].output == "猫是动物。" and p.rejected.turns[-1].output == "不知道。"
+    assert len(p.chosen.turns) == (2 if shape == "bare-system-multiturn" else 1)
+    assert p.chosen.system == ("你是助手。" if shape == "bare-system-multiturn" else "")
+
+
+@pytest.mark.parametrize("chosen, rejected, message", [
+    (_conv(("user", "a"), ("assistant", "x"), ("user", "b"), ("assistant", "y")),
+     _conv(("user", "a"), ("assistant", "z"), ("user", "b"), ("assistant", "w")), "share their first 1 message(s)"),
+    (_conv(("user", "a"), ("assistant", "x")), _conv(("user", "b"), ("assistant", "y")), "share their first 0"),
+])
+def test_implicit_pairs_that_differ_before_the_answer_are_named(chosen: list, rejected: list, message: str,
+                                                                tmp_path: Path) -> None:
+    f = _write(tmp_path, [{"chosen": _conv(("user", "q"), ("assistant", "a")),
+                           "rejected": _conv(("user", "q"), ("assistant", "b"))},
+                          {"chosen": chosen, "rejected": rejected}])
+    with pytest.raises(UsageError, match=f"{f}:2: .*{re.escape(message)}"):
+        load_records(DataSection(path=str(f)), pairs=True)
 
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",

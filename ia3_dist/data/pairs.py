@@ -7,6 +7,9 @@ people bring, read into two :class:`Conversation` s that differ only in the last
 - ``sharegpt``: LLaMA-Factory's ranking files: ``conversations`` ending with the user's message, ``chosen`` and
   ``rejected`` each one assistant message.
 - ``messages``: ``messages`` ending with the user's message, ``chosen`` and ``rejected``.
+- implicit prompt (TRL's, e.g. UltraFeedback binarized): ``chosen`` and ``rejected`` each a whole conversation
+  (role/content messages) ending with its answer; the messages they share are the prompt. Read so in any format
+  (a ``prompt`` string or ``messages`` beside them are left aside, as TRL's ``maybe_extract_prompt`` does).
 
 A response is a string, one assistant message (``{"role": "assistant", "content": ...}``, sharegpt's
 ``{"from": "gpt", "value": ...}``) or a list holding one. ``data.columns`` renames columns and message keys as for
@@ -39,9 +42,12 @@ from .tools import tool_list
 
 PROMPT = "prompt"
 PAIR_FORMATS = (PROMPT, ALPACA, SHAREGPT, MESSAGES)
-# The column whose presence identifies a pair format, in detection order.
-PAIR_DETECT = ((SHAREGPT, "conversations"), (MESSAGES, "messages"), (PROMPT, "prompt"), (ALPACA, "instruction"))
-PAIR_REQUIRED = {PROMPT: ("prompt", "chosen", "rejected"), ALPACA: ("instruction", "chosen", "rejected"),
+# The column whose presence identifies a pair format, in detection order; chosen and rejected alone: the implicit
+# prompt (read as the prompt format, its prompt the messages both answers' conversations share).
+PAIR_DETECT = ((SHAREGPT, "conversations"), (MESSAGES, "messages"), (PROMPT, "prompt"), (ALPACA, "instruction"),
+               (PROMPT, "chosen"))
+# The prompt format's "prompt" is checked per record: chosen and rejected as whole conversations carry it.
+PAIR_REQUIRED = {PROMPT: ("chosen", "rejected"), ALPACA: ("instruction", "chosen", "rejected"),
                  SHAREGPT: ("conversations", "chosen", "rejected"), MESSAGES: ("messages", "chosen", "rejected")}
 
 
@@ -60,6 +66,10 @@ def detect_pair(keys: Iterable[str], cols: Columns) -> str | None:
 
 
 def pair_requirement(fmt: str, cols: Columns) -> str:
+    if fmt == PROMPT:
+        return (f"every prompt preference record needs {cols.label('prompt')}, {cols.label('chosen')} and "
+                f"{cols.label('rejected')}, or {cols.label('chosen')} and {cols.label('rejected')} as whole "
+                f"conversations (the prompt implicit)")
     return f"every {fmt} preference record needs {' and '.join(cols.label(c) for c in PAIR_REQUIRED[fmt])}"
 
 
@@ -104,7 +114,9 @@ def to_pair(rec: Any, fmt: str, cols: Columns, where: str) -> Pair:
     empty response, chosen identical to rejected, a prompt that does not end with the user)."""
     if not isinstance(rec, Mapping):
         raise UsageError(f"{where}: expected an object ({pair_requirement(fmt, cols)}), got {type(rec).__name__}")
-    for ours in PAIR_REQUIRED[fmt]:
+    if _implicit(rec, cols):
+        return _implicit_pair(rec, cols, where)
+    for ours in (*PAIR_REQUIRED[fmt], *(("prompt",) if fmt == PROMPT else ())):
         if rec.get(cols.name(ours)) is None:
             if cols.name(ours) in rec:
                 raise UsageError(f"{where}: field {cols.label(ours)} is null ({pair_requirement(fmt, cols)}); give it "
@@ -118,6 +130,30 @@ def to_pair(rec: Any, fmt: str, cols: Columns, where: str) -> Pair:
                          f"prefers nothing; drop the record")
     convs = [_conversation(rec, fmt, cols, where, a) for a in answers]
     return Pair(*convs)
+
+
+def _implicit(rec: Mapping[str, Any], cols: Columns) -> bool:
+    """``chosen`` and ``rejected`` both conversations of more than their answer: TRL's implicit prompt."""
+    c, r = rec.get(cols.name("chosen")), rec.get(cols.name("rejected"))
+    return isinstance(c, list | tuple) and isinstance(r, list | tuple) and len(c) > 1 and len(r) > 1
+
+
+def _implicit_pair(rec: Mapping[str, Any], cols: Columns, where: str) -> Pair:
+    """The pair of two whole conversations: the messages they share, from the start, are the prompt (TRL's
+    ``extract_prompt``); what follows must be one answer on each side."""
+    c, r = list(rec[cols.name("chosen")]), list(rec[cols.name("rejected")])
+    k = 0
+    while k < min(len(c), len(r)) and c[k] == r[k]:
+        k += 1
+    if len(c) - k != 1 or len(r) - k != 1:
+        raise UsageError(f"{where}: {cols.label('chosen')} and {cols.label('rejected')} are conversations that share "
+                         f"their first {k} message(s), then differ in {len(c) - k} and {len(r) - k}; an implicit-"
+                         f"prompt pair is one conversation ending in two different answers (the last message of "
+                         f"each)")
+    prompt_only = {key: v for key, v in rec.items()
+                   if key not in {cols.name(o) for o in ("prompt", "messages", "conversations", "instruction")}}
+    return to_pair({**prompt_only, cols.name("prompt"): c[:k], cols.name("chosen"): c[k],
+                    cols.name("rejected"): r[k]}, PROMPT, cols, where)
 
 
 def _conversation(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str, answer: str) -> Conversation:
