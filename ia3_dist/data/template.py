@@ -90,16 +90,9 @@ class Template:
                                  "with one")
             return cls(HUMAN_ASSISTANT, **base)
         if cfg.template == CHAT_TEMPLATE:
-            text = getattr(tok, "chat_template", None)
-            if isinstance(text, dict) and text:
-                # Several named templates (e.g. "default" and "tool_use"): transformers renders with "default".
-                if not isinstance(text.get("default"), str):
-                    raise UsageError(f"data.template chat_template: this tokenizer ships named chat templates "
-                                     f"({', '.join(show(k) for k in sorted(map(str, text)))}) and none called "
-                                     f"'default'; save the one to train with as a Jinja file and set data.template "
-                                     f"to its path")
-                text = text["default"]
-            if not isinstance(text, str) or not text:
+            text = tokenizer_template(tok, "data.template chat_template", "save the one to train with as a Jinja "
+                                                                          "file and set data.template to its path")
+            if not text:
                 raise UsageError("data.template chat_template: this tokenizer ships no chat template (Bloom's do "
                                  "not); use data.template=human_assistant or a path to a Jinja file")
             return cls(CHAT_TEMPLATE, chat_template=text, **base).checked("data.template chat_template (the "
@@ -374,6 +367,20 @@ class Template:
         except (OSError, ValueError, TypeError, RecursionError) as e:
             raise UsageError(f"{f}: unreadable prompt template ({_one_line(e)})") from None
         return t.checked(str(f))
+
+
+def tokenizer_template(tok: Any, where: str, fix: str) -> str | None:
+    """The tokenizer's chat template, None if it ships none. Of several named ones (chat_template.jinja beside
+    additional_chat_templates/, e.g. "default" and "tool_use") the one transformers renders with, "default"; a
+    UsageError naming ``where``, the names and ``fix`` when there is none of that name."""
+    text = getattr(tok, "chat_template", None)
+    if isinstance(text, dict) and text:
+        if not isinstance(text.get("default"), str):
+            raise UsageError(f"{where}: this tokenizer ships named chat templates "
+                             f"({', '.join(show(k) for k in sorted(map(str, text)))}) and none called 'default'; "
+                             f"{fix}")
+        text = text["default"]
+    return text if isinstance(text, str) and text else None
 
 
 def leading_added(tok: Any) -> tuple[int, ...]:

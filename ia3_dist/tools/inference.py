@@ -13,7 +13,7 @@ import torch
 
 from ..config.schema import show
 from ..data.records import Conversation, Turn, parse_json
-from ..data.template import CHAT_TEMPLATE, TEMPLATE_FILE, Template, leading_added
+from ..data.template import CHAT_TEMPLATE, TEMPLATE_FILE, Template, leading_added, tokenizer_template
 from ..errors import UsageError
 from ..models.files import (
     MAX_SMALL_JSON,
@@ -466,20 +466,11 @@ def default_template(tok: Any, where: str = "the tokenizer's chat_template") -> 
     """The format for a model or adapter that saved none (not trained by ia3-dist, or a plain hub model): the
     tokenizer's own chat template when it ships one (Llama 3, Qwen2.5, Mistral instruct models), the model's
     native format; else the reference recipe's ``Human: ... Assistant:``."""
-    text = getattr(tok, "chat_template", None)
-    if isinstance(text, dict) and text:
-        # Several named templates (chat_template.jinja beside additional_chat_templates/): transformers renders
-        # with "default", as training's data.template=chat_template does.
-        if not isinstance(text.get("default"), str):
-            raise UsageError(f"{where}: the tokenizer ships named chat templates "
-                             f"({', '.join(show(k) for k in sorted(map(str, text)))}) and none called "
-                             f"'default'; give the adapter's training template (ia3_dist.json) or a model dir "
-                             f"with a default chat template")
-        text = text["default"]
-    if isinstance(text, str) and text:
+    text = tokenizer_template(tok, where, "give the adapter's training template (ia3_dist.json) or a model dir "
+                                          "with a default chat template")
+    if text:
         return Template(CHAT_TEMPLATE, chat_template=text).checked(where)
     return Template()
-
 
 
 def _load_template(d: Path) -> Template:
