@@ -140,6 +140,20 @@ def _gen_options(a: argparse.Namespace) -> Any:
     return GenOptions(a.max_new_tokens, a.sample, a.temperature, a.top_p, a.top_k, a.seed, a.repetition_penalty)
 
 
+def _json_list_start(line: str) -> bool:
+    """The first line of a JSON list file: a lone ``[`` (pretty-printed) or a whole list on one line (a plain
+    prompt may start with a bracket: "[INST] ...")."""
+    s = line.strip()
+    if s == "[":
+        return True
+    if not s.startswith("["):
+        return False
+    try:
+        return isinstance(json.loads(s), list)
+    except (ValueError, RecursionError):
+        return False
+
+
 def cmd_generate(argv: list[str], prog: str) -> int:
     """Generate responses with the training template. Prompts come from the arguments, else from --file, else
     from stdin, one per line: plain text, or JSON as the training data spells it ({"instruction", "input",
@@ -162,17 +176,21 @@ def cmd_generate(argv: list[str], prog: str) -> int:
         src = None
     else:
         if a.file:
-            if Path(a.file).suffix.lower() in (".json", ".csv", ".tsv", ".parquet", ".arrow"):
-                # Read line by line, a JSON list would be one prompt and a table's header and rows prompts each.
+            if Path(a.file).suffix.lower() in (".csv", ".tsv", ".parquet", ".arrow"):
+                # Read line by line, a table's header and rows would be prompts each.
                 raise UsageError(f"--file {a.file}: prompts are read one per line (plain text, or a JSON request "
-                                 f"per line: .txt or .jsonl); write the records as JSONL (a JSON list: "
-                                 f"jq -c '.[]' {Path(a.file).name} > prompts.jsonl)")
+                                 f"per line: .txt or .jsonl); write the records as JSONL")
             try:
                 fh = open(a.file, encoding="utf-8")  # noqa: SIM115 - closed below
             except OSError as e:
                 raise UsageError(f"--file {a.file}: cannot open it ({e.strerror or e})") from None
             with fh:
                 lines = read_prompt_lines(fh, f"--file {a.file}")
+            if lines and _json_list_start(lines[0][1]):
+                # A JSON list (a .json dataset): read line by line it would be one prompt, or a broken one per line.
+                raise UsageError(f"--file {a.file}:{lines[0][0]}: a JSON list; prompts are read one per line (plain "
+                                 f"text, or a JSON request per line): write the records as JSONL (jq -c '.[]' "
+                                 f"{Path(a.file).name} > prompts.jsonl)")
             src = a.file
         else:
             lines, src = read_prompt_lines(sys.stdin, "stdin"), "stdin"

@@ -25,7 +25,7 @@ META = {"world_size": 2, "micro_batch_size": 1, "grad_accum": 4, "seed": 42, "sh
         "global_batch": 8, "zero_stage": 2, "precision": "fp32", "offload_optimizer": False,
         "model_key": "bloom-0123456789abcdef", "ia3": '{"variant": "default"}', "schedule": "lr 0.003, linear",
         "objective": "sft", "eval_key": "none", "bench_key": "none", "reference_start": "0f" * 16,
-        "optimizer": '{"type": "AdamW"}'}
+        "optimizer": '{"type": "AdamW"}', "held_copies": 0}
 CHANGED = {"seed": 7, "shuffle": False, "total_steps": 24, "data_key": "def456", "n_examples": 95,
            "group_by_length": True, "order_version": 1, "precision": "bf16", "model_key": "llama-0123456789abcdef",
            "ia3": '{"variant": "paper"}', "schedule": "lr 0.01, linear",
@@ -55,13 +55,28 @@ def test_every_key_is_checked() -> None:
     assert set(CHANGED) | {"global_batch"} == set(MUST_MATCH)
     # What the evaluations measured may change (train/selection.py refuses it only where a tracker carries over).
     measured = {"eval_key", "bench_key"}
-    assert set(LAYOUT) | set(MUST_MATCH) | {"offload_optimizer", "eval_ratio"} | measured == set(META)
+    assert set(LAYOUT) | set(MUST_MATCH) | {"offload_optimizer", "eval_ratio", "held_copies"} | measured == set(META)
 
 
 @pytest.mark.parametrize("key", list(CHANGED))
 def test_each_difference_is_refused_naming_it(tmp_path: Path, key: str) -> None:
     with pytest.raises(UsageError, match=f"saved with {key}=.*this run has"):
         check_compatible(_ckpt(tmp_path), {**META, key: CHANGED[key]})
+
+
+def test_a_checkpoint_that_trained_on_copies_of_held_out_examples_is_refused_saying_so(tmp_path: Path) -> None:
+    """This version leaves the copies of held-out examples out of training: a checkpoint of an earlier one (no
+    held_copies in its meta) trained on them, so its example count differs though the user changed nothing. The
+    refusal says so and how to go on, not that the user changed data.eval_ratio; a checkpoint that records the key
+    gets the plain message."""
+    old = {k: v for k, v in META.items() if k != "held_copies"}
+    with pytest.raises(UsageError, match=r"saved with total_steps=12, this run has 11.*leaves the 8 example\(s\) "
+                                         r"whose tokens equal a held-out one out of training.*ia3.init_from"):
+        check_compatible(_ckpt(tmp_path, old), {**META, "total_steps": 11, "n_examples": 88, "held_copies": 8})
+    shutil.rmtree(tmp_path / "checkpoints")
+    with pytest.raises(UsageError, match=r"saved with n_examples=96, this run has 88; .*\(the training examples "
+                                         r"changed in number"):
+        check_compatible(_ckpt(tmp_path), {**META, "n_examples": 88, "held_copies": 8})
 
 
 def test_another_global_batch_is_refused_with_the_key_that_keeps_it(tmp_path: Path) -> None:

@@ -125,6 +125,29 @@ def test_implicit_prompt_pairs_read_as_trl_extracts_them(shape: str, tmp_path: P
     assert p.chosen.system == ("你是助手。" if shape == "bare-system-multiturn" else "")
 
 
+def test_implicit_prompt_pairs_in_sharegpt_messages(tmp_path: Path) -> None:
+    """The implicit prompt with ShareGPT's from/value messages reads as the ranking record it spells out."""
+    sg = [{"from": "human", "value": "什么是猫？"}]
+    rec = {"chosen": [*sg, {"from": "gpt", "value": "猫是动物。"}],
+           "rejected": [*sg, {"from": "gpt", "value": "不知道。"}]}
+    p = load_records(DataSection(path=str(_write(tmp_path, [rec]))), pairs=True).examples[0]
+    explicit = load_records(DataSection(path=str(_write(tmp_path, [FORMATS["sharegpt"]], "sg.jsonl"))),
+                            pairs=True).examples[0]
+    assert (p.chosen, p.rejected) == (explicit.chosen, explicit.rejected)
+
+
+def test_reasoning_of_preference_answers_reaches_the_template(tmp_path: Path) -> None:
+    """An answer message's reasoning_content is the answer turn's reasoning (it was dropped: under Qwen3's template
+    both sides rendered an empty think block), in the explicit and the implicit form."""
+    a = {"role": "assistant", "content": "猫是动物。", "reasoning_content": "想一想"}
+    b = {"role": "assistant", "content": "不知道。"}
+    q = {"role": "user", "content": "什么是猫？"}
+    recs = [{"prompt": [q], "chosen": a, "rejected": b}, {"chosen": [q, a], "rejected": [q, b]}]
+    for rec in recs:
+        p = load_records(DataSection(path=str(_write(tmp_path, [rec]))), pairs=True).examples[0]
+        assert p.chosen.turns[-1].reasoning == "想一想" and p.rejected.turns[-1].reasoning == ""
+
+
 @pytest.mark.parametrize("chosen, rejected, message", [
     (_conv(("user", "a"), ("assistant", "x"), ("user", "b"), ("assistant", "y")),
      _conv(("user", "a"), ("assistant", "z"), ("user", "b"), ("assistant", "w")), "share their first 1 message(s)"),

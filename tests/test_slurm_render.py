@@ -165,7 +165,7 @@ def test_numbers_and_launcher_are_checked(kw: dict, opt: str) -> None:
 
 
 @pytest.mark.parametrize(("value", "written"), [("64G", "64G"), ("500000", "500000"), ("64g", "64G"), ("0", "0"),
-                                               ("2048K", "2048K"), ("1T", "1T")])
+                                               ("2048K", "2048K"), ("1T", "1T"), ("0G", "0")])
 @pytest.mark.parametrize("launcher", ["deepspeed", "srun"])
 def test_mem_is_one_directive_per_node(value: str, written: str, launcher: str) -> None:
     """--mem: GPU jobs asked for no host memory, so the cluster's default (often a few GB per CPU) applied to ranks

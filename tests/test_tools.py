@@ -634,11 +634,21 @@ def test_alpaca_requests_read_as_training_reads_them(tmp_path: Path, capsys, mon
             parse_request(json.dumps({"messages": [{"role": role, "content": "hi"}]}), "prompt 1")
     with pytest.raises(UsageError, match="prompt 1"):
         parse_request('{"instruction": 3}', "prompt 1")
-    for name in ("held.json", "rows.CSV", "t.parquet"):
-        (tmp_path / name).write_text('[{"instruction": "a"}]\n')
+    with pytest.raises(UsageError, match="prompt 1: a JSON prompt needs 'instruction'"):
+        parse_request('{"instruction": null, "input": "x"}', "prompt 1")
+    for name, text in (("held.json", '[{"instruction": "a"}]\n'), ("pretty.json", '[\n  {"instruction": "a"}\n]\n'),
+                       ("rows.CSV", "instruction,output\na,b\n"), ("t.parquet", "x\n")):
+        (tmp_path / name).write_text(text)
         assert main(["generate", "--adapter", str(tmp_path), "--file", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
-        assert f"--file {tmp_path / name}: prompts are read one per line" in err and "jq -c" in err, err
+        assert f"--file {tmp_path / name}" in err and "prompts are read one per line" in err, err
+    # JSON lines in a .json file, and a plain prompt that starts with a bracket, are prompts: read, then the
+    # (missing) adapter is what stops them.
+    for name, text in (("lines.json", '{"instruction": "a"}\n'), ("inst.txt", "[INST] hello\n")):
+        (tmp_path / name).write_text(text)
+        assert main(["generate", "--adapter", str(tmp_path / "none"), "--file", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert "prompts are read one per line" not in err and "no such directory" in err, err
 
 
 def test_chat_samples_each_line_from_its_own_seed(capsys, monkeypatch) -> None:

@@ -251,7 +251,8 @@ names, in the order its apply_chat_template reads them."""
 
 def _reasoning(m: Mapping[str, Any], at: str) -> str:
     key = next((k for k in REASONING_KEYS if m.get(k) is not None), None)
-    return "" if key is None else content_text(m[key], f"'{key}'", at)
+    text = "" if key is None else content_text(m[key], f"'{key}'", at)
+    return text if text.strip() else ""  # blank: none (Qwen3's template renders both as an empty think block)
 
 
 def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conversation:

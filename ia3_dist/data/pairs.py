@@ -8,8 +8,9 @@ people bring, read into two :class:`Conversation` s that differ only in the last
   ``rejected`` each one assistant message.
 - ``messages``: ``messages`` ending with the user's message, ``chosen`` and ``rejected``.
 - implicit prompt (TRL's, e.g. UltraFeedback binarized): ``chosen`` and ``rejected`` each a whole conversation
-  (role/content messages) ending with its answer; the messages they share are the prompt. Read so in any format
-  (a ``prompt`` string or ``messages`` beside them are left aside, as TRL's ``maybe_extract_prompt`` does).
+  (role/content or ShareGPT's from/value messages) ending with its answer; the messages they share are the
+  prompt. Read so in any format (a ``prompt`` string or ``messages`` beside them are left aside, as TRL's
+  ``maybe_extract_prompt`` does).
 
 A response is a string, one assistant message (``{"role": "assistant", "content": ...}``, sharegpt's
 ``{"from": "gpt", "value": ...}``) or a list holding one. ``data.columns`` renames columns and message keys as for
@@ -20,7 +21,7 @@ rejected, with labels on the response only.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config.schema import show
@@ -34,6 +35,7 @@ from .formats import (
     _alpaca,
     _chat,
     _keys,
+    _reasoning,
     _text,
     content_text,
     detect_in,
@@ -79,8 +81,10 @@ def undetected_pair(keys: Iterable[Any], cols: Columns) -> str:
             f"Rename your columns with data.columns (e.g. data.columns.chosen=better) or set data.format")
 
 
-def _response(v: Any, what: str, fmt: str, cols: Columns, where: str) -> str:
-    """A response as text: a string, one assistant message, or a list of one."""
+def _response(v: Any, what: str, fmt: str, cols: Columns, where: str) -> tuple[str, str]:
+    """A response as ``(text, reasoning)``: a string, one assistant message (its reasoning_content, as SFT reads
+    it), or a list of one."""
+    reasoning = ""
     if isinstance(v, str):
         text = _text(v, what, where)
     else:
@@ -104,9 +108,10 @@ def _response(v: Any, what: str, fmt: str, cols: Columns, where: str) -> str:
             raise UsageError(f"{where}: {what} calls tools (tool_calls); a preference answer is compared as text "
                              f"and its calls would be dropped: give answers without tool calls or drop the pair")
         text = content_text(v[content_key], f"{what} content", where)
+        reasoning = _reasoning(v, f"{where}: {what}")
     if not text.strip():
         raise UsageError(f"{where}: {what} is empty: a preference pair needs two answers to compare")
-    return text
+    return text, reasoning
 
 
 def to_pair(rec: Any, fmt: str, cols: Columns, where: str) -> Pair:
@@ -128,7 +133,10 @@ def to_pair(rec: Any, fmt: str, cols: Columns, where: str) -> Pair:
     if answers[0] == answers[1]:
         raise UsageError(f"{where}: {cols.label('chosen')} and {cols.label('rejected')} are the same text: the pair "
                          f"prefers nothing; drop the record")
-    convs = [_conversation(rec, fmt, cols, where, a) for a in answers]
+    # The answer's reasoning on its turn, where the template renders it (or refuses it: human_assistant).
+    convs = [_conversation(rec, fmt, cols, where, text) for text, _ in answers]
+    convs = [replace(c, turns=[*c.turns[:-1], replace(c.turns[-1], reasoning=r)]) if r else c
+             for c, (_, r) in zip(convs, answers, strict=True)]
     return Pair(*convs)
 
 
@@ -152,6 +160,11 @@ def _implicit_pair(rec: Mapping[str, Any], cols: Columns, where: str) -> Pair:
                          f"each)")
     prompt_only = {key: v for key, v in rec.items()
                    if key not in {cols.name(o) for o in ("prompt", "messages", "conversations", "instruction")}}
+    sharegpt_role = cols.keys(SHAREGPT)[0]
+    if isinstance(c[0], Mapping) and sharegpt_role in c[0] and cols.keys(MESSAGES)[0] not in c[0]:
+        # ShareGPT's from/value messages: read as LLaMA-Factory's ranking records.
+        return to_pair({**prompt_only, cols.name("conversations"): c[:k], cols.name("chosen"): c[k],
+                        cols.name("rejected"): r[k]}, SHAREGPT, cols, where)
     return to_pair({**prompt_only, cols.name("prompt"): c[:k], cols.name("chosen"): c[k],
                     cols.name("rejected"): r[k]}, PROMPT, cols, where)
 

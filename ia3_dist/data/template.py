@@ -51,8 +51,9 @@ MAX_TEMPLATE_FILE = 1 << 20
 # Real chat templates (tool calling included) are under 20 KiB. The bound also bounds the work one loop iteration
 # can do between two checks of the render budget.
 MAX_CHAT_TEMPLATE = 128 << 10
-# Labelling a conversation under a chat template renders it once per turn up to that turn (the template is a
-# program: only rendering shows where a turn's text ends), so the work grows with the square of its turns.
+# Labelling every turn of a conversation under a chat template renders it once per turn up to that turn (the
+# template is a program: only rendering shows where a turn's text ends), so the work grows with the square of its
+# turns (data.train_on=last renders it twice).
 MAX_CHAT_TURNS = 256
 
 Segment = tuple[str, bool]
@@ -200,11 +201,12 @@ class Template:
                 answer = "\n".join(x for x in (t.output, calls_text(t.calls)) if x) if t.calls else t.output
                 segs.append((answer + eos, t.train and (train_on == "all" or k == last)))
             return segs
-        if len(conv.turns) > MAX_CHAT_TURNS:
+        if len(conv.turns) > MAX_CHAT_TURNS and train_on == "all":
             raise UsageError(f"{self.where}: a conversation of {len(conv.turns)} turns; under a chat template a "
                              f"conversation may have at most {MAX_CHAT_TURNS} (each turn's labels come from "
                              f"rendering the conversation up to it, so the cost grows with the square of the "
-                             f"turns); split it into shorter conversations or use data.template=human_assistant")
+                             f"turns); split it into shorter conversations, set data.train_on=last (the last "
+                             f"answer: two renders) or use data.template=human_assistant")
         msgs, ends = _messages(conv)
         segs, prev = [], ""
         # Only the last answer labelled: the turns before it are the context the template renders when that answer
@@ -229,7 +231,7 @@ class Template:
                                      f"{k + 1}'s call of {c['function']['name']!r} is not in what it renders), so "
                                      f"the model would learn an empty answer; use a template that renders "
                                      f"tool_calls or data.template=human_assistant")
-            if t.reasoning.strip() and t.reasoning.strip() not in answer:
+            if t.reasoning and t.reasoning.strip() not in answer:
                 raise UsageError(f"{self.where}: the chat template drops the assistant's reasoning (turn {k + 1}'s "
                                  f"reasoning_content is not in what it renders), so the model would learn the answer "
                                  f"without it; use a template that renders reasoning_content (Qwen3's), or drop "

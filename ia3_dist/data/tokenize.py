@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -570,10 +571,13 @@ def cache_key(fingerprint: str, tok: Any, cfg: DataSection, template: Template |
     return h.hexdigest()[:32]
 
 
-def _reads_reasoning(template: Template) -> bool:
-    from .formats import REASONING_KEYS
+_READS_REASONING = re.compile(r"(?:\.|\[\s*['\"])(?:reasoning_content|thinking|reasoning)\b")
+"""A template reading a message's reasoning field (``message.reasoning_content``, ``m['thinking']``); a flag
+such as ``enable_thinking`` is not one."""
 
-    return template.kind == CHAT_TEMPLATE and any(k in (template.chat_template or "") for k in REASONING_KEYS)
+
+def _reads_reasoning(template: Template) -> bool:
+    return template.kind == CHAT_TEMPLATE and bool(_READS_REASONING.search(template.chat_template or ""))
 
 
 def _renamed(text: str, old: list[str], new: list[str]) -> str:

@@ -63,7 +63,8 @@ FIX = {
     "data_key": "the tokens differ: other data, tokenizer or data.* settings; a checkpoint of an earlier "
                 "ia3-dist whose tokenizer.json carries truncation or padding settings is keyed otherwise too, as are "
                 "preference data (pairs encoded whole under a chat template since), Parquet/Arrow and CSV sources "
-                "(tool nulls, CSV history read since). "
+                "(tool nulls, CSV history read since), and data under a chat template that reads an answer's "
+                "reasoning (reasoning_content, passed on since). "
                 "Restore what differs, or continue in a new output.dir from the checkpoint's vectors with "
                 "ia3.init_from",
     "precision": "set train.precision to the saved value",
@@ -96,7 +97,7 @@ META_TYPES: dict[str, str] = {
     "data_key": "str", "eval_ratio": "ratio", "global_batch": "int", "zero_stage": "int", "precision": "str",
     "model_key": "str", "ia3": "str", "schedule": "str", "examples_consumed": "int",
     "offload_optimizer": "bool", "objective": "str", "eval_pending": "bool", "eval_key": "str", "bench_key": "str",
-    "reference_start": "str", "optimizer": "str",
+    "reference_start": "str", "optimizer": "str", "held_copies": "int",
 }
 """The fields of meta.json a resume reads, by kind; each is checked in :func:`read_meta` before anything uses it
 (``True == 1`` and ``2.0 == 2`` in Python, so a bool or a float would otherwise pass for an int)."""
@@ -319,6 +320,13 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
         saved, now = meta.get(k, default), expected.get(k, default)
         if not _same(saved, now):
             hint = f" ({FIX[k]})" if k in FIX else ""
+            copies = expected.get("held_copies") or 0
+            if k in ("total_steps", "n_examples") and "held_copies" not in meta and copies:
+                # Nothing the user set changed: the checkpoint's ia3-dist trained on these copies.
+                hint = (f" (this ia3-dist leaves the {copies} example(s) whose tokens equal a held-out one out of "
+                        f"training, so the eval never scores what the run trained on; the checkpoint's earlier "
+                        f"ia3-dist trained on them. Continue in a new output.dir from the checkpoint's vectors with "
+                        f"ia3.init_from, or resume without data.eval_ratio)")
             raise UsageError(f"checkpoint {ckpt}: saved with {k}={show(saved)}, this run has {show(now)}; the "
                              f"continuation would not be exact{hint}")
     changed = [k for k in LAYOUT if k in meta and not _same(meta[k], expected.get(k))]

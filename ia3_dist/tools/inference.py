@@ -764,7 +764,7 @@ def parse_request(line: str, where: str) -> Conversation:
                 raise UsageError(f"{where}: both a leading system message and a top-level 'system'; keep one")
             conv.system = _text(obj["system"], where, "system")
         return conv
-    if "instruction" not in obj:
+    if obj.get("instruction") is None:
         raise UsageError(f"{where}: a JSON prompt needs 'instruction' (and optional 'input', 'system', 'history', "
                          f"'tools'), 'messages' or 'conversations'")
     # Read by the training data's own parser: the same shapes (nulls as absent, history as pairs, tools), the

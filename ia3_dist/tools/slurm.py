@@ -233,7 +233,9 @@ def check_mem(value: str) -> str:
     if m is None:
         raise UsageError(f"--mem {show(value)}: expected a whole size per node with an optional unit K, M, G or T "
                          f"(Slurm's --mem: 64G, 500000M; a bare number is MB), or 0 for all of a node's memory")
-    if m.group(1) != "0" and m.group(2) in ("", "K") and int(m.group(1)) < (1 if m.group(2) == "" else 1024):
+    if m.group(1) == "0":
+        return "0"  # any unit: Slurm reads a zero as all of a node's memory
+    if m.group(2) in ("", "K") and int(m.group(1)) < (1 if m.group(2) == "" else 1024):
         raise UsageError(f"--mem {show(value)}: less than 1 MB per node; give the size with its unit, e.g. 64G")
     return m.group(0)
 

@@ -436,6 +436,8 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     meta = {"world_size": env.world_size, "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum": cfg.train.grad_accum, "seed": cfg.train.seed, "shuffle": cfg.data.shuffle,
             "total_steps": total, "data_key": data_key, "n_examples": len(data),
+            # Examples left out as copies of held-out ones: a checkpoint without the key trained on them.
+            "held_copies": data.mix.held_copies if data.mix is not None else data.held_copies,
             "eval_ratio": cfg.data.eval_ratio, "group_by_length": layout.group_by_length,
             "order_version": ORDER_VERSION,
             "global_batch": layout.global_batch, "zero_stage": dsc.stage_of(ds), "precision": cfg.train.precision,
