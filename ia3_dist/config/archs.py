@@ -68,6 +68,12 @@ class BlockFacts:
     dropout_masks: bool
     """Count Korthikanti et al.'s dropout masks (Bloom's plan keeps the published formula as its upper bound;
     the newer families have no dropout in training configs)."""
+    eager_scores: bool = False
+    """The attention keeps its scores for the backward as transformers' eager code does (Bloom's default): the fp32
+    softmax and its 16-bit copy, 6 bytes per score at 16 bits rather than Korthikanti's 5; and the backward of a
+    layer holds about a layer and a quarter more while it runs (its score gradients in both precisions).
+    Measured on CPU by tracking every live tensor of a bf16 Bloom with IA3: stored 1.2x the 5-byte figure, the
+    peak 1 to 1.25 layers above the stored activations (tests/test_plan.py)."""
     fused_qkv: str | None = None
     """Name of the one Linear that computes queries, keys and values, laid out per head as [q, k, v] (each
     ``head_dim`` wide); None where they are separate projections."""
@@ -77,7 +83,7 @@ class BlockFacts:
 
 
 BLOCKS: dict[str, BlockFacts] = {
-    "bloom": BlockFacts(gated_mlp=False, dropout_masks=True, fused_qkv="query_key_value"),
+    "bloom": BlockFacts(gated_mlp=False, dropout_masks=True, eager_scores=True, fused_qkv="query_key_value"),
     "gpt_neox": BlockFacts(gated_mlp=False, dropout_masks=False, fused_qkv="query_key_value"),
     "llama": BlockFacts(gated_mlp=True, dropout_masks=False,
                         paper_targets=(("k_proj", "v_proj", "down_proj"), ("down_proj",))),

@@ -37,19 +37,24 @@ class Shape:
     for a GPT block)."""
     score_bytes: float = 5.0
     """Bytes per head and key position per token and layer at 16 bits for the attention scores (5 with
-    Korthikanti's dropout masks, 2 for the softmax output alone)."""
+    Korthikanti's dropout masks, 2 for the softmax output alone, 6 for eager attention's fp32 softmax and its
+    16-bit copy)."""
+    backward_layers: float = 0.0
+    """Layers' worth of activations the backward holds on top of the stored ones while it runs a layer (1.25 for
+    eager attention: its score gradients)."""
     trained: int = 0
     """IA3 parameters actually trained (``trainable`` less the query entries ``ia3.variant: paper`` fixes)."""
     loss_chunk_bytes: int = 1024 << 20
     """``train.loss_chunk_mib`` in bytes (0: never chunked): at most this much of fp32 logits exists at a time."""
 
 
-def block_activations(mc: Any) -> tuple[float, float]:
-    """``(act_per_token, score_bytes)`` of one decoder block at 16 bits, from the config and the family's block
-    facts. Korthikanti et al. (2022) per token: layer norms 4h; attention 2h (q,k,v input) + 2h (q) + 2 kv (k)
-    + 2 kv (v) + 2h (output projection input) + h (dropout mask); MLP 2h (input) + 2i + 2i (activation input and
-    output) + h (dropout mask), or with a gate 2h + 4 x 2i (gate, up, activation, product). With kv = h, i = 4h
-    and the masks: 34h, the published figure (kept for Bloom)."""
+def block_activations(mc: Any) -> tuple[float, float, float]:
+    """``(act_per_token, score_bytes, backward_layers)`` of one decoder block at 16 bits, from the config and the
+    family's block facts (see :class:`..config.archs.BlockFacts` for eager attention's scores). Korthikanti et al.
+    (2022) per token: layer norms 4h; attention 2h (q,k,v input) + 2h (q) + 2 kv (k) + 2 kv (v) + 2h (output
+    projection input) + h (dropout mask); MLP 2h (input) + 2i + 2i (activation input and output) + h (dropout
+    mask), or with a gate 2h + 4 x 2i (gate, up, activation, product). With kv = h, i = 4h and the masks: 34h, the
+    published figure (kept for Bloom)."""
     facts = BLOCKS.get(getattr(mc, "model_type", ""), GENERIC_BLOCK)
     h = hidden_size_of(mc) or 0
     heads = mc.num_attention_heads
@@ -59,7 +64,9 @@ def block_activations(mc: Any) -> tuple[float, float]:
     masks = facts.dropout_masks
     attn = 2 * h + 2 * heads * head_dim + 4 * kv + 2 * heads * head_dim + (h if masks else 0)
     mlp = 2 * h + 8 * inter if facts.gated_mlp else 2 * h + 4 * inter + (h if masks else 0)
-    return float(4 * h + attn + mlp), 5.0 if masks else 2.0
+    if facts.eager_scores:
+        return float(4 * h + attn + mlp), 6.0, 1.25
+    return float(4 * h + attn + mlp), 5.0 if masks else 2.0, 0.0
 
 
 def _one_block(mc: Any) -> Any | None:
@@ -103,9 +110,9 @@ def shape_of(mc: Any, section: IA3Section, loss_chunk_mib: int = 1024) -> Shape:
     """The planning shape of the model ``mc`` describes (a config, no weights) with IA3 as ``section`` says, and
     the loss's chunk size (``train.loss_chunk_mib``)."""
     n, t, fixed = count_params(mc, section)
-    act, score = block_activations(mc)
+    act, score, backward = block_activations(mc)
     return Shape(n, t, mc.vocab_size, hidden_size_of(mc) or 0, layers_of(mc), mc.num_attention_heads,
-                 trainable_text(t, n, fixed), act, score, t - fixed, loss_chunk_mib << 20)
+                 trainable_text(t, n, fixed), act, score, backward, t - fixed, loss_chunk_mib << 20)
 
 
 @dataclass
@@ -129,6 +136,7 @@ class RankMemory:
 def activation_bytes(s: Shape, seq: int, micro: int, b: int, checkpointing: bool) -> float:
     per_layer_full = seq * micro * (s.act_per_token + s.score_bytes * s.heads * seq) * b / 2
     layers = (s.layers * seq * micro * s.hidden * b + per_layer_full) if checkpointing else s.layers * per_layer_full
+    layers += s.backward_layers * per_layer_full  # the layer the backward is in, its transients on top
     # The loss's peak: one chunk of rows' fp32 logits, their log-softmax and its gradient at once (three rows x
     # vocab fp32 tensors, 12.25 bytes per element measured); the loss takes the rows in chunks of
     # train.loss_chunk_mib (models/loss.py), so more rows never hold more than one chunk.

@@ -8,7 +8,9 @@ Per-rank memory model (bytes; b = 2 for bf16/fp16, 4 for fp32; N all params, T t
   ZeRO-1 on, 0 on the GPU with optimizer offload;
 - activations per micro-batch (Korthikanti et al., 2022), per layer s*m*(34h + 5*a*s)*b/2 for a GPT block
   without checkpointing, generalised per family to grouped k/v heads and gated MLPs of ``intermediate_size``
-  (:func:`block_activations`), s*m*h*b per layer plus one layer's full set with it; plus the loss's fp32 logits,
+  (:func:`block_activations`; Bloom's eager attention keeps 6*a*s, its fp32 softmax and 16-bit copy, and the
+  backward holds a layer and a quarter more while it runs), s*m*h*b per layer plus one layer's full set with it
+  with checkpointing; plus the loss's fp32 logits,
   their log-softmax and its gradient (12 bytes per row and vocab entry) at label positions (the launcher computes
   no others, counted at the whole sequence as an upper bound), at most one ``train.loss_chunk_mib`` chunk of rows;
 - ZeRO-3 gathers each parameter whole before use: the embedding matrix (used first, and again by the tied
