@@ -729,6 +729,13 @@ DS_REFUSED: dict[str, tuple[int, dict[str, Any], dict[str, Any], dict[str, Any] 
     # ZeRO-1/2 offload to cpu only, yet build CPU Adam for nvme, which fails at the first step on a GPU.
     "nvme-optimizer-zero2": (2, {}, {"offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}, None,
                              "offload_optimizer.device nvme needs stage 3"),
+    # deepspeed.initialize joins the missing path: a TypeError on every rank after the ranks met.
+    "nvme-without-path": (3, {}, {"offload_optimizer": {"device": "nvme"}}, None,
+                          "offload_optimizer.device nvme needs nvme_path"),
+    # DeepSpeed's checkpointing API is called by models written for it, not by transformers' models.
+    "deepspeed-activation-checkpointing": (2, {"activation_checkpointing": {"partition_activations": True,
+                                                                            "cpu_checkpointing": True}}, {}, None,
+                                           "'activation_checkpointing' configures DeepSpeed's checkpointing API"),
 }
 
 

@@ -343,8 +343,7 @@ def _check_with_deepspeed_config(ds: dict[str, Any], src: Path) -> None:
 
 # Top-level keys DeepSpeed reads outside DeepSpeedConfig's parser (the optimizer through keys(), the others in
 # their own components).
-_READ_ELSEWHERE = frozenset({"optimizer", "scheduler", "autotuning", "flops_profiler", "aio",
-                             "activation_checkpointing", "mics_shard_size", "mics_hierarchical_params_gather"})
+_READ_ELSEWHERE = frozenset({"optimizer", "scheduler", "autotuning", "flops_profiler", "aio"})
 
 
 class _Reads(dict):
@@ -467,6 +466,12 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
     if type(stage) is not int or stage not in (0, 1, 2, 3):
         raise UsageError(f"{src}: zero_optimization.stage is {show(stage)}; use 0, 1, 2 or 3 (a JSON integer)")
     _refuse_bypasses(ds, zero, src)
+    if ds.get("activation_checkpointing"):
+        # DeepSpeed's own checkpointing API is called by models written for it; transformers' models are
+        # checkpointed by torch (train.gradient_checkpointing), so these settings would be read by nothing.
+        raise UsageError(f"{src}: 'activation_checkpointing' configures DeepSpeed's checkpointing API, which the "
+                         f"models here do not call: its settings (partition_activations, cpu_checkpointing) would "
+                         f"do nothing. Remove it; train.gradient_checkpointing=true checkpoints the layers")
     managed = ds.get("managed_gradient_accumulation", True)
     if managed is not True:
         # Unmanaged, every engine.step() is an accumulation boundary: grad_accum optimizer steps per step.
@@ -493,6 +498,10 @@ def resolve(cfg: RunConfig, world_size: int, hidden_size: int | None) -> dict[st
             # the first step.
             raise UsageError(f"{src}: zero_optimization.offload_optimizer.device nvme needs stage 3 (ZeRO-{stage} "
                              f"offloads to cpu only, and fails at the first step otherwise); use cpu")
+        if dev == "nvme" and not (isinstance(off.get("nvme_path"), str) and off["nvme_path"].strip()):
+            # DeepSpeed joins a None path inside deepspeed.initialize: a TypeError on every rank, process group up.
+            raise UsageError(f"{src}: zero_optimization.{kind}.device nvme needs nvme_path (a dir on a local NVMe "
+                             f"disk, e.g. \"nvme_path\": \"/local_nvme\"); give it, or use cpu")
     # Both cut the data-parallel world DeepSpeed sees, which the launcher's batch sizes, sampler and loss
     # normalisation are reckoned over (every rank a data-parallel rank); DeepSpeed then fails when it is built.
     sp = ds.get("sequence_parallel_size", 1)

@@ -11,9 +11,9 @@ Two stages, both before step 1:
    Deterministic, so every rank starts from the same pick.
 2. :func:`probe` (after the engine is built, ZeRO-0/1/2): one forward and backward of the picked micro-batch made of
    the longest training examples, measured (CUDA peak allocation, or the process's RSS sampled during the probe
-   on CPU) against the
-   same budget; a micro-batch that runs out of memory or over the budget is replaced by the next smaller divisor
-   and probed again. The ranks agree on the smallest result. The probe's backward asks autograd for the
+   on CPU) against the same budget (on a GPU less plan's fixed 1.5 GiB, which the allocator's peak does not
+   see); a micro-batch that runs out of memory or over the budget is replaced by the next smaller divisor and
+   probed again. The ranks agree on the smallest result. The probe's backward asks autograd for the
    gradients of the embeddings' output and of the IA3 vectors (``torch.autograd.grad``): every activation training
    keeps is kept, but no gradient is accumulated, so DeepSpeed's gradient hooks (ZeRO-1/2 reduce buckets) never
    fire; with the RNG state restored, training afterwards is exactly that of an explicit ``micro_batch_size``.
@@ -282,6 +282,10 @@ def probe(engine: Any, p: Any, auto: AutoBatch) -> AutoBatch:
         leaf["embeds"] = out.detach().requires_grad_()
         return leaf["embeds"]
     budget = auto.budget_gib * 2**30
+    if torch.cuda.is_available():
+        # max_memory_allocated leaves out what plan counts as its fixed part (the CUDA context, NCCL's buffers,
+        # the allocator's cached blocks): the same budget as plan's, not 1.5 GiB more of it.
+        budget -= memory.OVERHEAD
     pad_id = p.tokenizer.pad_token_id
     side = getattr(p.tokenizer, "padding_side", "right")
     rng = torch.get_rng_state()
