@@ -435,3 +435,23 @@ def test_bloom_activations_cover_every_live_tensor_of_a_step(h: int, heads: int,
     shape = replace(shape_of(cfg, IA3Section()), vocab=1)  # the blocks alone: no LM head ran
     model = activation_bytes(shape, seq, 1, 2, checkpointing)
     assert mode.peak <= model <= 1.3 * mode.peak, (mode.peak / 2**20, model / 2**20)
+
+
+def test_an_offloading_stage_must_fit_the_hosts_memory_too(capsys) -> None:
+    """zero3_offload was chosen by GPU memory alone: bloom-7b1 on one 16 GiB GPU keeps 13 GiB on the host, which a
+    node without it cannot pin. deepspeed.config=auto takes it only within the host share it is given, and plan's
+    recommendation states what a node needs."""
+    from ia3_dist.models.memory import GIB, lowest_stage, rank_memory
+
+    cfg = load_config(ROOT / "configs" / "bloom-7b1.yaml", [])
+    s = model_shape(cfg)
+    args = (s, 1, 256, 1, 2, True, 16 * GIB * 0.9)
+    off = rank_memory(s, "zero3_offload", 3, True, 1, 256, 1, 2, True)
+    assert lowest_stage(*args)[0] == "zero3_offload"
+    assert lowest_stage(*args, host_cap=off.cpu * 1.01)[0] == "zero3_offload"
+    assert lowest_stage(*args, host_cap=off.cpu * 0.99) is None
+    assert main(["plan", "--config", str(ROOT / "configs" / "bloom-7b1.yaml"), "--gpus-per-node", "1",
+                 "--gpu-mem", "16GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "recommended: deepspeed.config=zero3_offload" in out
+    assert f"host memory: zero3_offload keeps {off.cpu / GIB:.1f} GiB per rank on the host" in out, out

@@ -181,14 +181,15 @@ def candidate_stages(b: int, compiled: bool = False) -> tuple[tuple[str, int, bo
 
 
 def lowest_stage(s: Shape, world: int, seq: int, micro: int, b: int, ckpt: bool, cap: float,
-                 overhead: float = OVERHEAD, host: bool = False, compiled: bool = False
-                 ) -> tuple[str, float] | None:
+                 overhead: float = OVERHEAD, host: bool = False, compiled: bool = False,
+                 host_cap: float | None = None) -> tuple[str, float] | None:
     """``(config name, bytes per rank)`` of the first of :func:`candidate_stages` that fits ``cap`` bytes per rank
-    at this micro-batch, or None. ``host``: CPU ranks, where offloaded memory is the same memory."""
+    at this micro-batch, or None. ``host``: CPU ranks, where offloaded memory is the same memory. ``host_cap``: on
+    GPU ranks, the host memory a rank may use, which an offloading stage's host part must fit too."""
     for name, stage, off in candidate_stages(b, compiled):
-        total = rank_memory(s, name, stage, off and not host, world, seq, micro, b, ckpt, overhead).gpu_total
-        if total <= cap:
-            return name, total
+        mem = rank_memory(s, name, stage, off and not host, world, seq, micro, b, ckpt, overhead)
+        if mem.gpu_total <= cap and (host or host_cap is None or mem.cpu <= host_cap):
+            return name, mem.gpu_total
     return None
 
 

@@ -170,6 +170,12 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
                    if ckpt else f"{r['max_micro']} ({r['max_micro_ckpt']} with gradient checkpointing)")
         lines.append(f"recommended: deepspeed.config={fits_at} (the lowest stage that fits: {why}); "
                      f"largest micro-batch there {largest}")
+        if r["cpu_gib"] and not cpu:
+            # Pinned host memory, beside each rank's own framework: a node short of it fails before the first step.
+            lines.append(f"host memory: {fits_at} keeps {r['cpu_gib']:.1f} GiB per rank on the host, "
+                         f"{r['cpu_gib'] * gpus_per_node:.0f} GiB per node for its {gpus_per_node} ranks (pinned; "
+                         f"plus each rank's framework): give the job that much (ia3-dist slurm --mem); "
+                         f"deepspeed.config=auto takes an offloading stage only where the node has it")
     info = {"n_params": s.n_params, "trainable": s.trainable, "world": world, "seq": seq, "rows": rows,
             "recommended": fits_at, "chosen": rows.get(_chosen(cfg)), "overhead_gib": overhead / GIB}
     return "\n".join(lines), info

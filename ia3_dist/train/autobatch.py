@@ -146,6 +146,12 @@ def memory_budget(local_world: int, local_rank: int) -> float:
     figure on every rank)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(local_rank % torch.cuda.device_count()).total_memory * BUDGET_FRACTION
+    return host_share(local_world)
+
+
+def host_share(local_world: int) -> float:
+    """Bytes of host memory one of the node's ``local_world`` ranks may use: the node's memory under the cgroup's
+    and Slurm's limits (:func:`host_memory_limit`), within the budget fraction, split between them."""
     import psutil
 
     total = psutil.virtual_memory().total

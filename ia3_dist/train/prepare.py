@@ -217,6 +217,7 @@ def auto_stage(cfg: RunConfig, model_config: Any, env: dist.DistEnv, pack_length
     (``pack_length``), a micro-step is at most micro-batch rows of that width, which can be far wider than
     data.max_length: activations are counted at it."""
     from ..models.memory import GIB, OVERHEAD, framework_rss, lowest_stage, shape_of
+    from .autobatch import host_share
 
     cap, host = rank_memory_bytes(env)
     micro = cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1
@@ -226,8 +227,11 @@ def auto_stage(cfg: RunConfig, model_config: Any, env: dist.DistEnv, pack_length
     seq = pack_length or cfg.data.max_length
     overhead = framework_rss() if host else OVERHEAD
     compiled = bool(cfg.train.compile)
+    # On GPU ranks an offloading stage keeps its part on the host, beside each rank's own framework: it must fit
+    # the node's memory too (pinned, it cannot swap).
+    host_cap = None if host else max(host_share(env.local_world_size) - framework_rss(), 0.0)
     got = lowest_stage(shape, env.world_size, seq, micro, b, cfg.train.gradient_checkpointing, cap, overhead,
-                       host, compiled)
+                       host, compiled, host_cap)
     rows = f"micro-batch {micro}" + (f" (packed rows of {pack_length} tokens)" if pack_length else "")
     if got is None:
         but3 = compiled and lowest_stage(shape, env.world_size, seq, micro, b, cfg.train.gradient_checkpointing,
@@ -236,7 +240,10 @@ def auto_stage(cfg: RunConfig, model_config: Any, env: dist.DistEnv, pack_length
              f"with deepspeed.config=auto only ZeRO-3 fits {cap / GIB:.1f} GiB per rank at {rows} (see ia3-dist "
              f"plan), and compiled blocks do not run under ZeRO-3; set train.compile=false, or fit a lower stage "
              f"(lower train.micro_batch_size, turn on train.gradient_checkpointing or add ranks)" if but3 else
-             f"auto: no shipped ZeRO stage fits {cap / GIB:.1f} GiB per rank at {rows} (see ia3-dist plan); lower "
+             f"auto: no shipped ZeRO stage fits {cap / GIB:.1f} GiB per rank at {rows}"
+             + ("" if host_cap is None else f" (an offloading one also within {host_cap / GIB:.1f} GiB of host "
+                                           f"memory per rank)")
+             + " (see ia3-dist plan); lower "
              f"train.micro_batch_size{', data.pack_length' if pack_length else ''}, turn on "
              f"train.gradient_checkpointing or add ranks")
     name, need = got
