@@ -176,6 +176,30 @@ def test_a_task_with_fewer_documents_than_ranks_runs_on_every_rank(tmp_path: Pat
     assert "benchmarks: tiny_one/acc,none" in proc.stdout, proc.stdout[-1500:]
 
 
+@pytest.mark.slow
+def test_few_shot_prompts_do_not_depend_on_the_number_of_ranks(tmp_path: Path, tiny_model: Path, monkeypatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """lm-eval draws each document's few-shot examples from one seeded generator in the order a rank meets its
+    documents: split between 2 ranks first, 23 of tiny_mc's 24 documents got other examples than in one process,
+    and the scores depended on the allocation. Each rank now builds the prompts as one process would and keeps its
+    own documents: a 2-shot task scores the same on 2 ranks as in one process."""
+    monkeypatch.chdir(ROOT)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc2.yaml").write_text((TASKS / "tiny_mc.yaml").read_text(encoding="utf-8")
+                                         .replace("task: tiny_mc", "task: tiny_mc2")
+                                         .replace("tests/data/tiny_mc.jsonl", str(TASKS / "tiny_mc.jsonl"))
+                                         + "num_fewshot: 2\nfewshot_split: test\n", encoding="utf-8")
+    adapter = _adapter(tiny_model, tmp_path / "adapter")
+    common = ["eval", str(adapter), "--tasks", "tiny_mc2", "--include", str(tasks)]
+    check(launch([*common, "--out", str(tmp_path / "two")], nproc=2))
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    two, one = (json.loads((tmp_path / d / "results.json").read_text())["rows"] for d in ("two", "one"))
+    assert {r["metric"] for r in one} >= {"acc,none", "acc_norm,none"}
+    assert two == one, (two, one)
+
+
 def test_task_data_preflight_follows_lm_evals_include_path(tmp_path: Path) -> None:
     """lm-eval indexes an include dir recursively and datasets takes data_files as one path, a list or a mapping:
     a missing local file is refused in each shape, a task file in lm-eval's own layout (!function tags) and a
@@ -509,3 +533,69 @@ def test_a_sampling_benchmark_leaves_training_as_it_was(tmp_path: Path, demo_mod
     got = [r["loss"] for r in [json.loads(x) for x in (evald / "metrics.jsonl").read_text().splitlines()]
            if "loss" in r]
     assert len(want) == 4 and got == want
+
+
+def test_tasks_whose_names_differ_only_in_non_ascii_get_a_plot_each(tmp_path: Path) -> None:
+    """C-Eval-style task names in Chinese became the same file name (every character outside ASCII an '_'): the
+    second plot replaced the first. Names that collide get a digest of the task and metric; the rest stay."""
+    from ia3_dist.tools.benchmark import plot
+
+    rows = [{"task": t, "metric": "acc,none", "step": s, "value": 0.5} for t in ("高中数学", "高中物理", "tiny_mc")
+            for s in (1, 2)]
+    files = plot(rows, tmp_path)
+    assert len({f.name for f in files}) == 3 and all(f.is_file() for f in files)
+    assert (tmp_path / "tiny_mc-acc_none.png") in files
+
+
+def test_a_task_that_lm_eval_cannot_build_is_refused_in_the_preflight(tmp_path: Path, monkeypatch) -> None:
+    """A typo in doc_to_text passed the preflight; lm-eval renders a first document in each task's constructor, so
+    the run trained until its first evaluation and died there (no checkpoint of that interval). The local tasks
+    are built in the preflight: exit 2 naming them, before anything loads."""
+    from ia3_dist.errors import UsageError
+    from ia3_dist.train.benchmarks import check_tasks
+
+    monkeypatch.chdir(ROOT)
+    d = tmp_path / "tasks"
+    d.mkdir()
+    (d / "typo.yaml").write_text((TASKS / "tiny_mc.yaml").read_text(encoding="utf-8")
+                                 .replace("task: tiny_mc", "task: typo").replace("{{question}}", "{{questoin}}"),
+                                 encoding="utf-8")
+    with pytest.raises(UsageError, match=r"--tasks typo: lm-eval cannot build them from .*questoin"):
+        check_tasks(["typo"], d)
+    assert "tiny_mc" in check_tasks(["tiny_mc"], TASKS).all_tasks
+
+
+@pytest.mark.slow
+def test_a_local_group_of_registry_tasks_is_read_with_the_registry(tmp_path: Path) -> None:
+    """A local group listing a registry task was read with the local index alone, which cannot load that member:
+    a TypeError at the first evaluation. Groups and tags go through the whole registry."""
+    from ia3_dist.train.benchmarks import check_tasks
+
+    d = tmp_path / "tasks"
+    d.mkdir()
+    (d / "suite.yaml").write_text("group: my_suite\ntask:\n  - arc_easy\n", encoding="utf-8")
+    tm = check_tasks(["my_suite"], d)
+    assert "arc_easy" in tm.all_tasks and "my_suite" in tm.all_tasks
+
+
+def test_task_data_preflight_reads_included_yaml(tmp_path: Path) -> None:
+    """lm-eval's usual layout: a shared _base_yml gives dataset_path (or data_files) and each task includes it.
+    The preflight read the task file's own keys alone: a file found by lm-eval was refused, and a missing one that
+    only the included file names went unchecked."""
+    from ia3_dist.errors import UsageError
+    from ia3_dist.train.benchmarks import _local_task_files
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test.jsonl").write_text("{}\n")
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    (ok / "_base_yml").write_text(f"dataset_path: {data}\noutput_type: multiple_choice\n")
+    (ok / "t.yaml").write_text("include: _base_yml\ntask: t\ndataset_kwargs:\n  data_files:\n    test: test.jsonl\n")
+    _local_task_files(ok)  # test.jsonl resolves in the included dataset_path, as datasets finds it
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "_base_yml").write_text("dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: /nowhere/x.jsonl\n")
+    (bad / "t.yaml").write_text("include: _base_yml\ntask: t\n")
+    with pytest.raises(UsageError, match="names data file /nowhere/x.jsonl"):
+        _local_task_files(bad)

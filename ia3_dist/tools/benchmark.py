@@ -13,6 +13,7 @@ a table on the console and a PNG per metric against the step.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -298,14 +299,21 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     from ..train.plots import save_figure
 
     done = []
-    for task, metric in sorted({(r["task"], r["metric"]) for r in rows}):
+    pairs = sorted({(r["task"], r["metric"]) for r in rows})
+    safe = {p: re.sub(r"[^A-Za-z0-9._-]+", "_", f"{p[0]}-{p[1]}") for p in pairs}
+    shared = {n for n in safe.values() if list(safe.values()).count(n) > 1}
+    for task, metric in pairs:
         pts = sorted((r["step"], r["value"]) for r in rows if (r["task"], r["metric"]) == (task, metric))
         fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
         ax.plot([s for s, _ in pts], [v for _, v in pts], "o-")
         ax.set_xlabel("optimizer step")
         ax.set_title(f"{task} {metric}")
         ax.grid(alpha=0.3)
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{task}-{metric}") + ".png"
+        name = safe[(task, metric)]
+        if name in shared:
+            # Names that differ only in what the filter replaced (C-Eval's Chinese task names) shared one file.
+            name += "-" + hashlib.sha256(f"{task}\0{metric}".encode()).hexdigest()[:8]
+        name += ".png"
         done.append(save_figure(fig, out / name, "--out ", dpi=100))
     return done
 

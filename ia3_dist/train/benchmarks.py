@@ -7,6 +7,7 @@ files are local; both are checked before anything loads (:func:`check_tasks`).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 from collections.abc import Iterator
@@ -66,6 +67,32 @@ def _data_base(dataset_path: Any, data_dir: Any) -> Path:
     return sub
 
 
+def _included(f: Path, spec: dict[str, Any], loader: Any, depth: int = 0) -> dict[str, Any]:
+    """``spec`` over what its ``include:`` files give (a path or a list, relative to its folder; the file's own keys
+    win), as lm-eval's YAML loader merges them: a task whose dataset_path or data_files come from a shared
+    ``_base_yml`` is checked where lm-eval reads it."""
+    import yaml
+
+    includes = spec.get("include")
+    if includes is None or depth > 16:
+        return spec
+    merged: dict[str, Any] = {}
+    for inc in includes if isinstance(includes, list) else [includes]:
+        if not isinstance(inc, str):
+            continue  # lm-eval refuses it with its own message
+        p = Path(inc) if Path(inc).is_absolute() else f.parent / inc
+        try:
+            parent = yaml.load(p.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 (a SafeLoader)
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            continue  # lm-eval names a missing or broken include itself
+        if isinstance(parent, dict):
+            parent = _included(p, parent, loader, depth + 1)
+            parent.pop("task_list", None)
+            merged.update(parent)
+    merged.update({k: v for k, v in spec.items() if k != "include"})
+    return merged
+
+
 def _task_files(include: Path) -> Iterator[tuple[Path, dict[str, Any], list[tuple[str, str, list[Path]]]]]:
     """Each local task YAML under ``include`` (recursively, as lm-eval's TaskManager indexes an include path: a
     task in a subfolder runs as well), its spec, and ``(split, name, files here)`` for each data file it names."""
@@ -81,6 +108,7 @@ def _task_files(include: Path) -> Iterator[tuple[Path, dict[str, Any], list[tupl
             raise UsageError(f"{f}: not a valid task YAML ({' '.join(str(e).split())[:200]})") from None
         if not isinstance(spec, dict):
             raise UsageError(f"{f}: a task file is a mapping (task, dataset_path, output_type, ...)")
+        spec = _included(f, spec, loader)
         kwargs = spec.get("dataset_kwargs")
         kwargs = kwargs if isinstance(kwargs, dict) else {}
         base = _data_base(spec.get("dataset_path"), kwargs.get("data_dir"))
@@ -143,7 +171,18 @@ def check_tasks(tasks: list[str], include: Path | None, keys: tuple[str, str] = 
         # Indexing lm-eval's registry (some 15,000 task files) takes seconds per process, per rank; a run whose
         # tasks are all local skips it.
         local = TaskManager(include_path=str(include), include_defaults=False)
-        if all(t in local.all_tasks for t in tasks):
+        # A local group or tag may list registry tasks, which this index cannot load (a TypeError at the first
+        # evaluation): groups go through the whole registry.
+        nested = set(local.all_groups) | set(local.all_tags)
+        if all(t in local.all_tasks and t not in nested for t in tasks):
+            try:
+                # Built now, as the evaluation will build them (lm-eval renders a first document in each task's
+                # constructor): a typo in doc_to_text or a broken data line stops here, not at the first
+                # evaluation of a run that has trained until then.
+                local.load(tasks)
+            except Exception as e:  # jinja2, datasets and lm-eval raise many types for a bad task
+                raise UsageError(f"{keys[0]} {','.join(tasks)}: lm-eval cannot build them from {include} "
+                                 f"({' '.join(str(e).split())[:300]})") from None
             return local
     tm = TaskManager(include_path=str(include) if include else None)
     unknown = [t for t in tasks if t not in tm.all_tasks]
@@ -220,6 +259,31 @@ def must_replicate(tasks: list[str], tm: Any, limit: int | None, env: DistEnv, k
     return True
 
 
+@contextlib.contextmanager
+def _prompts_as_one_process() -> Iterator[None]:
+    """Each rank builds a task's requests as one process would, then keeps its documents (``doc_id % world ==
+    rank``, lm-eval's own split): lm-eval draws each document's few-shot examples from one seeded generator in the
+    order a rank meets its documents, so split first, a document got other examples on N ranks than on one (23 of
+    24 of a 2-shot task on 2 ranks) and the score depended on the allocation."""
+    from lm_eval.api.task import Task
+
+    build = Task.build_all_requests
+
+    def one_process_then_split(self: Any, *, rank: int = 0, world_size: int = 1, **kw: Any) -> None:
+        build(self, rank=0, world_size=1, **kw)
+        if world_size > 1:
+            mine = [inst for inst in self._instances if inst.doc_id % world_size == rank]
+            if not mine:
+                raise ValueError(f"{self.config.task}: no document for rank {rank} of {world_size}")
+            self._instances = mine
+
+    Task.build_all_requests = one_process_then_split  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Task.build_all_requests = build  # type: ignore[method-assign]
+
+
 def run_tasks(model: Any, tok: Any, tasks: list[str], tm: Any, batch_size: int, limit: int | None,
               env: DistEnv | None = None, replicated: bool = False, key: str = "--tasks") -> dict:
     """``{task: {metric: value}}`` (lm-eval's ``metric,filter`` keys; stderr entries left out); on ranks other than
@@ -233,8 +297,9 @@ def run_tasks(model: Any, tok: Any, tasks: list[str], tm: Any, batch_size: int, 
     env = env or DistEnv(0, 0, 1, 1)
     lm = _ranked_lm(model, tok, batch_size, DistEnv(0, 0, 1, 1) if replicated else env)
     try:
-        res = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, bootstrap_iters=0, log_samples=False,
-                              limit=limit)
+        with _prompts_as_one_process():
+            res = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, bootstrap_iters=0, log_samples=False,
+                                  limit=limit)
     except Exception as e:  # datasets and lm-eval raise many types for missing data and bad task definitions
         raise _lm_eval_failed(e, tasks, key, env) from None
     if res is None:
