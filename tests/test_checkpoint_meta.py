@@ -147,8 +147,10 @@ def test_optimizer_offload_keeps_the_layout(tmp_path: Path) -> None:
         check_compatible(_ckpt(tmp_path), {**META, "world_size": 1, "grad_accum": 8, "offload_optimizer": True})
     # An offload run saves no layout-independent state: the message names offload, not an older ia3-dist.
     offloaded = _ckpt(tmp_path / "off", {**META, "offload_optimizer": True}, state=False)
-    with pytest.raises(UsageError, match="optimizer offload"):
+    with pytest.raises(UsageError, match="optimizer offload") as e:
         check_compatible(offloaded, {**META, "world_size": 1, "grad_accum": 8, "offload_optimizer": True})
+    # The checkpoint records offload, which must match: resuming without it is no way out to offer.
+    assert "without offload_optimizer" not in str(e.value)
 
 
 def test_checkpoint_of_an_earlier_version(tmp_path: Path) -> None:
@@ -245,7 +247,7 @@ def test_fp16_keeps_the_layout(tmp_path: Path) -> None:
     fp16 = {**META, "precision": "fp16"}
     assert not check_compatible(_ckpt(tmp_path / "same", fp16), dict(fp16))[1]
     with pytest.raises(UsageError, match=r"in fp16 the dynamic loss scale .* Resume on the saved layout \(2 ranks "
-                                         r"x micro-batch 1 x 4 accumulation, ZeRO-2\), or train in bf16"):
+                                         r"x micro-batch 1 x 4 accumulation, ZeRO-2\); a new run in bf16"):
         check_compatible(_ckpt(tmp_path / "cut", fp16), {**fp16, "world_size": 1, "grad_accum": 8})
     # As saved now (no portable state in fp16 checkpoints): the same reason, not "an earlier ia3-dist".
     with pytest.raises(UsageError, match="in fp16 the dynamic loss scale"):

@@ -325,6 +325,15 @@ def test_a_resume_from_another_dir_or_of_a_finished_run_without_checkpoints(tmp_
     with pytest.raises(UsageError, match=r"holds a finished run \(adapter/\) and no checkpoint to resume"):
         ckpt.guard_output_dir(finished, "auto", False)
     ckpt.guard_output_dir(finished, "auto", True)
+    # Killed between the two renames of a step saved again (keep=1: no other checkpoint): stepN.old and stepN.new
+    # and no stepN. auto resumes stepN.new; the guard counted only stepN dirs and called the run finished, telling
+    # the user to overwrite it.
+    caught = tmp_path / "caught"
+    previous_run(caught)
+    (caught / "checkpoints" / "step2").rename(caught / "checkpoints" / "step2.old")
+    w(caught / "checkpoints" / "step2.new" / "meta.json", json.dumps(META))
+    ckpt.guard_output_dir(caught, "auto", False)
+    assert ckpt.resolve_resume("auto", caught).name == "step2.new"
     crashed = tmp_path / "crashed"
     start_run_dir(crashed, False)
     w(crashed / "metrics.jsonl", '{"step": 1, "loss": 2.0}\n')

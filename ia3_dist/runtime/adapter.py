@@ -90,7 +90,9 @@ def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str,
         why = f"{type(error).__name__}: {error}" if error is not None else "rank 0 failed; its log says why"
         raise CheckpointWriteError(
             f"the adapter could not be written to {out_dir} ({why}). Free space there (or fix what the error "
-            f"names), then resume with train.resume=auto: it writes the adapter from the last checkpoint") from error
+            f"names), then resume with train.resume=auto: it continues from the last checkpoint and writes the "
+            f"adapter (with checkpoint.at_end, the default, that is the last step: nothing is trained again)"
+        ) from error
     return out_dir
 
 

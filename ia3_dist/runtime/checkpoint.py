@@ -326,7 +326,7 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
                 hint = (f" (this ia3-dist leaves the {copies} example(s) whose tokens equal a held-out one out of "
                         f"training, so the eval never scores what the run trained on; the checkpoint's earlier "
                         f"ia3-dist trained on them. Continue in a new output.dir from the checkpoint's vectors with "
-                        f"ia3.init_from, or resume without data.eval_ratio)")
+                        f"ia3.init_from)")
             raise UsageError(f"checkpoint {ckpt}: saved with {k}={show(saved)}, this run has {show(now)}; the "
                              f"continuation would not be exact{hint}")
     changed = [k for k in LAYOUT if k in meta and not _same(meta[k], expected.get(k))]
@@ -339,7 +339,7 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; in fp16 the dynamic loss scale lives in DeepSpeed's "
                          f"optimizer state, which the layout-independent checkpoint does not carry (restarted at "
                          f"2^16, the run would skip other steps than the saved run). Resume on the saved layout "
-                         f"({layout_of(meta)}), or train in bf16")
+                         f"({layout_of(meta)}); a new run in bf16 has no loss scale to lose")
     objective = meta.get("objective", "sft")
     if "micro_batch_size" in changed and objective != "sft":
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; a preference step's loss is the mean of its "
@@ -352,7 +352,8 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
     if expected.get("offload_optimizer") or meta.get("offload_optimizer"):
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; with ZeRO optimizer offload the optimizer is "
                          f"DeepSpeed's CPU Adam, whose state the layout-independent checkpoint does not fill. Resume "
-                         f"on the saved layout ({layout_of(meta)}) or without offload_optimizer")
+                         f"on the saved layout ({layout_of(meta)})"
+                         + ("" if "offload_optimizer" in meta else " or without offload_optimizer"))
     if _amsgrad(meta.get("optimizer")):
         # The layout-independent state carries AdamW's two moments; amsgrad keeps a third.
         raise UsageError(f"checkpoint {ckpt}: saved with {what}; with optimizer.params amsgrad the optimizer keeps a "
@@ -440,7 +441,8 @@ def guard_output_dir(out: Path, resume: str, overwrite: bool) -> None:
                          f"run has started), or keep that run: {rm}move everything in {aside} back into {out} and "
                          f"remove the empty {manifest.REPLACED}")
     kept = f"; {manifest.few(st.foreign)} would stay" if st.foreign else ""
-    if resume == "auto" and not complete_tags(out, st) and "adapter" in st.results:
+    if resume == "auto" and not complete_tags(out, st) and latest(root_of(out)) is None and "adapter" in st.results:
+        # (latest() also finds a step caught between the two renames of a save: stepN.new, stepN.old.)
         # A finished run without checkpoints (checkpoint.at_end=false): auto finds nothing to resume and would
         # start over, replacing its adapter and metrics (a finished job's sbatch file submitted again does this).
         raise UsageError(f"output.dir {out} holds a finished run (adapter/) and no checkpoint to resume; set "
