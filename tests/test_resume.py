@@ -271,7 +271,11 @@ def test_roll_back_past_the_runs_own_checkpoints(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"resumes at step 4, but {root} holds checkpoints past it (step6)" in proc.stderr, proc.stderr[-2000:]
     assert sorted(str(p) for p in out.rglob("*")) == before
+    # The advice in full: move them out, and point latest back (a requeue before the first save reads it).
+    assert f"echo step4 > {root}/latest" in proc.stderr, proc.stderr[-2000:]
     (root / "step6").rename(tmp_path / "step6")
+    (root / "latest").write_text("step4\n")
+    assert latest(root).name == "step4"
     check(launch([*run, f"train.resume={root / 'step4'}"]))
     again = {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
     assert sorted(again) == list(range(1, 7))

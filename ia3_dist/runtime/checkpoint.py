@@ -380,7 +380,9 @@ def refuse_later(ckpt: Path, out: Path) -> None:
         raise UsageError(f"train.resume={ckpt}: resumes at step {step}, but {root} holds checkpoints past it "
                          f"({names}); the resumed run would save over them and its rotation would delete its own "
                          f"new ones first. Move them out of the run's directory (mv {root}/step<N> <somewhere "
-                         f"else>), or resume from the newest with train.resume=auto")
+                         f"else>) and point {root}/{LATEST} at {ckpt.name} (echo {ckpt.name} > {root}/{LATEST}; "
+                         f"{BEST} too where it names a moved one: a requeue before the first save reads them), or "
+                         f"resume from the newest with train.resume=auto")
 
 
 def read_best_vectors(ckpt: Path) -> dict[str, torch.Tensor] | None:
