@@ -306,9 +306,9 @@ def cmd_chat(argv: list[str], prog: str) -> int:
             conv = Conversation([*history, *req.turns], req.system or (system if history else ""),
                                 req.tools or tools)
         try:
-            # Line n draws from seed + n, as generate's prompt i from seed + i: asked again, a sampled answer is
-            # another draw, and the session replays from the same --seed.
-            answer = generate(model, tok, template, [conv], replace(opts, seed=(opts.seed + n) % 2**63))[0]
+            # The k-th line read (from 0) draws from seed + k, as generate's prompt k: asked again, a sampled answer
+            # is another draw, the first line answers as generate does, and the session replays from --seed.
+            answer = generate(model, tok, template, [conv], replace(opts, seed=(opts.seed + n - 1) % 2**64))[0]
         except KeyboardInterrupt:  # Ctrl-C while it answers drops that line; the conversation goes on without it
             print("(interrupted)", flush=True)
             continue

@@ -652,8 +652,8 @@ def test_alpaca_requests_read_as_training_reads_them(tmp_path: Path, capsys, mon
 
 
 def test_chat_samples_each_line_from_its_own_seed(capsys, monkeypatch) -> None:
-    """Each chat line draws from --seed + its line number (every turn reseeded with --seed gave the same sampled
-    answer to the same question, asked again after /reset); the same session replays the same draws."""
+    """The k-th chat line read draws from --seed + k, as generate's prompt k (every turn reseeded with --seed gave
+    the same sampled answer to the same question, asked again after /reset); the same session replays them."""
     import io
 
     from ia3_dist.cli import main
@@ -670,4 +670,4 @@ def test_chat_samples_each_line_from_its_own_seed(capsys, monkeypatch) -> None:
     for _ in range(2):
         monkeypatch.setattr("sys.stdin", io.StringIO("hi\n/reset\nhi\n/quit\n"))
         assert main(["chat", "--adapter", "x", "--sample", "--seed", "5"]) == 0
-    assert seeds == [6, 8, 6, 8]
+    assert seeds == [5, 7, 5, 7]

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..data.template import TEMPLATE_FILE
 from ..errors import UsageError
 from ..models.load import save_tokenizer
 from ..runtime.manifest import check_writable_dir, few
@@ -105,9 +104,10 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
         # then prompt the merged model as it was trained (the base's own template, or none, otherwise).
         tok.chat_template = template.jinja(tok)
         save_tokenizer(tok, staging)
-        if (Path(adapter).expanduser() / TEMPLATE_FILE).is_file():
-            # The template as it was checked and loaded, not the file again: it may have changed since.
-            template.save(staging)
+        # The template as it was checked and loaded, not the file again (it may have changed since); for a PEFT
+        # adapter without one, the template generate prompts it in: the merged dir's own tokenizer now carries a
+        # chat template (the one above), which would otherwise be read as the format instead.
+        template.save(staging)
         plain_modes(staging)
         fsync_tree(staging)  # on stable storage before the marker calls the export complete
         _publish(staging, o, previous, {"adapter": str(adapter), "base": base, "dtype": dtype})
