@@ -176,13 +176,16 @@ def test_a_task_with_fewer_documents_than_ranks_runs_on_every_rank(tmp_path: Pat
     assert "benchmarks: tiny_one/acc,none" in proc.stdout, proc.stdout[-1500:]
 
 
-@pytest.mark.slow
-def test_few_shot_prompts_do_not_depend_on_the_number_of_ranks(tmp_path: Path, tiny_model: Path, monkeypatch,
-                                                               capsys: pytest.CaptureFixture) -> None:
+def test_few_shot_prompts_do_not_depend_on_the_number_of_ranks(tmp_path: Path, monkeypatch) -> None:
     """lm-eval draws each document's few-shot examples from one seeded generator in the order a rank meets its
-    documents: split between 2 ranks first, 23 of tiny_mc's 24 documents got other examples than in one process,
-    and the scores depended on the allocation. Each rank now builds the prompts as one process would and keeps its
-    own documents: a 2-shot task scores the same on 2 ranks as in one process."""
+    documents: split between 2 ranks first, most of tiny_mc's 24 documents got other examples than in one process,
+    and the scores depended on the allocation. Under run_tasks' patch each rank builds the prompts as one process
+    would and keeps its own documents (lm-eval's split, doc_id % world == rank): every document's 2-shot prompt on
+    either of 2 ranks is the one a single process builds."""
+    from lm_eval.tasks import TaskManager
+
+    from ia3_dist.train.benchmarks import _prompts_as_one_process
+
     monkeypatch.chdir(ROOT)
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -190,14 +193,25 @@ def test_few_shot_prompts_do_not_depend_on_the_number_of_ranks(tmp_path: Path, t
                                          .replace("task: tiny_mc", "task: tiny_mc2")
                                          .replace("tests/data/tiny_mc.jsonl", str(TASKS / "tiny_mc.jsonl"))
                                          + "num_fewshot: 2\nfewshot_split: test\n", encoding="utf-8")
-    adapter = _adapter(tiny_model, tmp_path / "adapter")
-    common = ["eval", str(adapter), "--tasks", "tiny_mc2", "--include", str(tasks)]
-    check(launch([*common, "--out", str(tmp_path / "two")], nproc=2))
-    assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    capsys.readouterr()
-    two, one = (json.loads((tmp_path / d / "results.json").read_text())["rows"] for d in ("two", "one"))
-    assert {r["metric"] for r in one} >= {"acc,none", "acc_norm,none"}
-    assert two == one, (two, one)
+    tm = TaskManager(include_path=str(tasks), include_defaults=False)
+
+    def prompts(rank: int, world: int, patched: bool) -> dict[int, str]:
+        task = tm.load(["tiny_mc2"])["tasks"]["tiny_mc2"]
+        task.set_fewshot_seed(seed=1234)  # as simple_evaluate seeds every task before it builds the requests
+        if patched:
+            with _prompts_as_one_process():
+                task.build_all_requests(rank=rank, world_size=world)
+        else:
+            task.build_all_requests(rank=rank, world_size=world)
+        return {inst.doc_id: inst.args[0] for inst in task.instances}
+
+    one = prompts(0, 1, False)
+    assert len(one) == 24
+    split = {**prompts(0, 2, False), **prompts(1, 2, False)}
+    assert sorted(split) == sorted(one) and sum(split[d] != one[d] for d in one) > 12  # lm-eval's own: differ
+    ranks = [prompts(r, 2, True) for r in (0, 1)]
+    assert sorted(ranks[0]) == list(range(0, 24, 2)) and sorted(ranks[1]) == list(range(1, 24, 2))
+    assert {**ranks[0], **ranks[1]} == one
 
 
 def test_task_data_preflight_follows_lm_evals_include_path(tmp_path: Path) -> None:
