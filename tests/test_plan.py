@@ -383,7 +383,7 @@ def test_bloom_activations_cover_every_live_tensor_of_a_step(h: int, heads: int,
     """plan's activation bytes for Bloom against every tensor alive during a bf16 forward and backward of a tiny
     Bloom with IA3 (a dispatch mode tracks each storage from creation until it is freed; parameters left out):
     the model is at or above the tracked peak and within 1.3x of it. Korthikanti's 5 bytes per score, with no
-    backward term, was 0.46-0.69x of it: transformers' eager Bloom keeps the fp32 softmax and its bf16 copy, and
+    backward term, was 0.42-0.70x of it: transformers' eager Bloom keeps the fp32 softmax and its bf16 copy, and
     the backward of a layer holds its score gradients on top."""
     import weakref
     from dataclasses import replace
