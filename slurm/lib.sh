@@ -11,6 +11,11 @@ ia3_setup() {
   if [ $# -lt 1 ]; then echo "usage: sbatch $0 CONFIG.yaml [key.sub=value ...]" >&2; exit 2; fi
   CONFIG=$1; shift
   OVERRIDES=("$@")
+  # The traps first: a warning while the config is read (resolve loads Python) would otherwise kill the batch
+  # shell (USR1's default), with no requeue. Before the run dir is known it is "before training started".
+  OUTPUT_DIR=""
+  trap 'ia3_forward USR1' USR1
+  trap 'ia3_forward TERM' TERM
   PYTHON=${PYTHON:-python}
   export PYTHON   # the per-node launcher commands (bash -c) run "$PYTHON -m ..." too
   # output.dir as the run will see it (config + overrides), for the pid file and the preemption marker.
@@ -36,8 +41,6 @@ ia3_setup() {
   # export NCCL_ASYNC_ERROR_HANDLING=1        # fail fast instead of hanging on a dead peer
   ia3_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $SLURM_NNODES node(s) x" \
           "$NPROC_PER_NODE rank(s), master $MASTER_ADDR:$MASTER_PORT, output $OUTPUT_DIR"
-  trap 'ia3_forward USR1' USR1
-  trap 'ia3_forward TERM' TERM
 }
 
 # The deepspeed launcher's device arguments (DS_DEVICES) for a one-node job: the GPUs Slurm gave it. Given
@@ -71,6 +74,7 @@ ia3_ds_devices() {
 # another host wrote (its second line names the host; a requeued job may start on other nodes).
 ia3_rank0_pid() {
   local pid host stamp now stat fields
+  [ -n "$OUTPUT_DIR" ] || return 0  # not known yet (a signal while ia3_setup reads the config)
   { IFS= read -r pid; IFS= read -r host; IFS= read -r stamp; } < <(head -c 512 "$OUTPUT_DIR/rank0.pid" 2>/dev/null) \
     || true
   case "$pid" in ''|*[!0-9]*) return 0 ;; esac
@@ -145,10 +149,16 @@ ia3_resubmit_hint() {
 ia3_requeue() {
   # A requeue Slurm refused (slurmctld busy, requeue not allowed) must not end the job as COMPLETED: an afterok
   # evaluation job would start on an unfinished run. EX_TEMPFAIL, as the run itself exits when preempted.
-  if scontrol requeue "$SLURM_JOB_ID"; then
+  # An array task by its array id and index: the task that starts last may run under the array's own job id,
+  # which scontrol reads as the whole array (every task requeued, the finished ones run again).
+  local target=$SLURM_JOB_ID
+  if [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+    target="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+  fi
+  if scontrol requeue "$target"; then
     exit 0
   fi
-  ia3_log "scontrol requeue $SLURM_JOB_ID failed: ending with exit 75 (the run is not finished); $(ia3_resubmit_hint)" \
+  ia3_log "scontrol requeue $target failed: ending with exit 75 (the run is not finished); $(ia3_resubmit_hint)" \
           "and it resumes with train.resume=auto"
   exit 75
 }

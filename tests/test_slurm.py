@@ -266,6 +266,35 @@ def test_frozen_rank_requeues_and_resumes(cluster: int, direct: dict[str, Path],
     same_adapter(out, direct["long"])
 
 
+def test_a_cancelled_job_checkpoints_and_requeues_itself(cluster: int, direct: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    """A plain scancel sends SIGTERM to every process of the job, as a preemption does. In the one-node deepspeed
+    template DeepSpeed's runner died of it at once, and Slurm killed what was left of the step, ranks included,
+    before they reached a step boundary: no checkpoint, exit 143. The launcher now ignores TERM (its launch process
+    and the ranks have their own handlers): the ranks stop at the next step and checkpoint, the batch shell
+    requeues the job, and the restart ends on the direct run's adapter."""
+    out, release = tmp_path / "out", tmp_path / "release"
+    job = sbatch(tmp_path, "single_node.sbatch", ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2"],
+                 [f"output.dir={out}", *MID], env={"NPROC_PER_NODE": "2", "IA3_DIST_FAULT": HOLD,
+                                                    "IA3_DIST_FAULT_RELEASE": str(release),
+                                                    "IA3_DIST_FAULT_HOLD_S": "600"})
+    try:
+        wait_step(job, tmp_path, out, 3)  # rank 0 now holds at step 4
+        subprocess.run(["scancel", job], check=True)
+        t0 = time.time()
+        while not (out / "preempted.json").is_file():
+            assert time.time() - t0 < 60, logs(tmp_path)
+            time.sleep(0.5)
+        release.touch()  # the resumed run goes past step 4
+        wait_restart(job, tmp_path)
+        assert wait_job(job) == "COMPLETED", logs(tmp_path)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    text = logs(tmp_path, None)
+    assert "caught SIGTERM" in text and "resuming from" in text, text[-5000:]
+    same_adapter(out, direct["mid"])
+
+
 def test_generator_writes_a_submittable_file(cluster: int, direct: dict[str, Path], tmp_path: Path) -> None:
     """`launch.py slurm` from the checkout renders multi_node.sbatch for 2 nodes x 1 CPU rank (the deepspeed
     launcher, --no_ssh), which Slurm accepts as written."""

@@ -598,6 +598,29 @@ def _wait_for(path: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # a bash batch shell around a stand-in resolve that sleeps
+@needs_bash
+def test_a_signal_while_the_config_is_read_requeues(tmp_path: Path) -> None:
+    """The traps were set after ia3_setup read the config (resolve loads Python, seconds on a busy node): a
+    warning then killed the batch shell (USR1's default action), with no requeue and the evaluation job
+    cancelled. Now it counts as before training started: nothing starts and the job requeues."""
+    out = tmp_path / "out"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/bash\ntouch "{tmp_path}/resolving"; sleep 2; echo "{out}"\n')
+    stub.chmod(0o755)
+    script = (f'set -uo pipefail; source "{template_dir() / "lib.sh"}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
+              f'SLURM_JOB_NODELIST=n1; SLURM_NNODES=1; PYTHON="{stub}"; '
+              f'scontrol() {{ [ "$1" != requeue ] || echo "$*" >> "{tmp_path}/scontrol"; }}; '
+              f'ia3_setup cfg.yaml; ia3_run touch "{tmp_path}/started"')
+    proc = subprocess.Popen([BASH, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(tmp_path / "resolving", proc)
+    proc.send_signal(signal.SIGUSR1)
+    text = proc.communicate(timeout=30)[0]
+    assert "caught SIGUSR1 before training started: requeueing" in text, text
+    assert not (tmp_path / "started").exists() and (tmp_path / "scontrol").read_text() == "requeue 7\n", text
+    assert proc.returncode == 0, text
+
+
 @pytest.mark.slow  # a bash batch shell around a stand-in run that sleeps
 @needs_bash
 def test_a_signal_after_training_ended_does_not_requeue_a_finished_run(tmp_path: Path) -> None:
@@ -717,6 +740,15 @@ def test_requeues_that_stop_at_the_same_step_end_after_three(tmp_path: Path) -> 
     assert "then submit the job again" in text, text
     text, requeues = stopped_at(20)  # progress: counted afresh
     assert requeues == 4 and "requeueing job 7" in text, text
+
+
+@needs_bash
+def test_an_array_task_requeues_itself_alone(tmp_path: Path) -> None:
+    """The array task that starts last may run under the array's own job id, which scontrol requeue reads as the
+    whole array: every task requeued, the finished ones run again. An array task names itself as <array>_<index>."""
+    text, _ = _ia3_run(tmp_path, 'bash -c \'echo "{\\"step\\": 5}" > "$OUTPUT_DIR/preempted.json"; exit 75\'',
+                       before="SLURM_ARRAY_JOB_ID=7; SLURM_ARRAY_TASK_ID=3; ")
+    assert (tmp_path / "scontrol").read_text() == "requeue 7_3\n", text
 
 
 @needs_bash
