@@ -109,6 +109,7 @@ ia3_rank0_elsewhere() {
 ia3_forward() {
   local pid host
   SIGNALLED=1  # what a preempted.json without exit 75 is trusted on (a launcher passes 1 on for torchrun, srun)
+  LAST_SIGNAL=$1
   pid=$(ia3_rank0_pid)
   host=$(ia3_rank0_elsewhere)
   if [ -n "$pid" ]; then
@@ -171,13 +172,15 @@ ia3_preempted_step() {
 }
 
 # Whether this preemption stopped at another step than the last requeues of this job did (a counter in LOG_DIR):
-# false once MAX_STALLED_REQUEUES (default 3) requeues in a row stopped at the same step.
+# false once MAX_STALLED_REQUEUES (default 3) requeues in a row stopped at the same step. What it guards against is
+# a start that cannot reach a checkpoint before its time limit's warning (USR1): a stop on TERM (the scheduler
+# preempting or cancelling the job) is no stall, however early, and starts the count afresh.
 ia3_progress_since_last_requeue() {
   local file="$LOG_DIR/.ia3-dist-stalls-$SLURM_JOB_ID" step last=-1 n=0
   step=$(ia3_preempted_step)
   { read -r last n < "$file"; } 2>/dev/null || true
   case "$last$n" in *[!0-9-]*|'') last=-1; n=0 ;; esac
-  if [ "$step" = "$last" ]; then n=$((n + 1)); else n=0; fi
+  if [ "$step" = "$last" ] && [ "${LAST_SIGNAL:-}" != TERM ]; then n=$((n + 1)); else n=0; fi
   echo "$step $n" > "$file"
   [ "$n" -lt "${MAX_STALLED_REQUEUES:-3}" ]
 }

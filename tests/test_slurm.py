@@ -237,8 +237,10 @@ def test_frozen_rank_requeues_and_resumes(cluster: int, direct: dict[str, Path],
     log, srun --kill-on-bad-exit ends the frozen rank, the job requeues itself, resumes and finishes with the
     uninterrupted run's adapter."""
     out, tag, hang_s = tmp_path / "out", f"slurm-hang-{os.getpid()}", 5
+    # RANK/WORLD_SIZE left exported in the submitting shell (sbatch passes them on): the template ignores them.
     job = sbatch(tmp_path, "srun_per_rank.sbatch", ["--nodes=1", "--ntasks-per-node=2"],
-                 [f"output.dir={out}", *LONG, f"train.hang_timeout_s={hang_s}"], env={"IA3_TEST_TAG": tag})
+                 [f"output.dir={out}", *LONG, f"train.hang_timeout_s={hang_s}"],
+                 env={"IA3_TEST_TAG": tag, "RANK": "1", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     wait_step(job, tmp_path, out, 7)
     pids = tagged_ranks(tag)
     assert sorted(pids) == [0, 1], pids

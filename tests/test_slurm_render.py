@@ -726,7 +726,8 @@ def test_a_preempted_json_the_shell_did_not_ask_for_does_not_requeue(tmp_path: P
 def test_requeues_that_stop_at_the_same_step_end_after_three(tmp_path: Path) -> None:
     """A start that cannot reach a checkpoint before the scheduler's warning (a load longer than the lead) stopped
     at the same step every time and was requeued for ever: after 3 requeues at one step the job ends (exit 75,
-    saying why); a stop at a later step counts as progress and requeues again."""
+    saying why); a stop at a later step counts as progress and requeues again; a stop on TERM (a preemption, not
+    the time limit's warning) is never counted."""
     def stopped_at(step: int) -> tuple[str, int]:
         text, _ = _ia3_run(tmp_path, f'bash -c \'echo "{{\\"step\\": {step}}}" > "$OUTPUT_DIR/preempted.json"; '
                                      f'exit 75\'')
@@ -740,6 +741,11 @@ def test_requeues_that_stop_at_the_same_step_end_after_three(tmp_path: Path) -> 
     assert "then submit the job again" in text, text
     text, requeues = stopped_at(20)  # progress: counted afresh
     assert requeues == 4 and "requeueing job 7" in text, text
+    # Stops on TERM (the scheduler preempting the job, however early) are no stall: never counted.
+    for k in range(5, 10):
+        text, _ = _ia3_run(tmp_path, 'bash -c \'echo "{\\"step\\": 0}" > "$OUTPUT_DIR/preempted.json"; exit 75\'',
+                           before="LAST_SIGNAL=TERM; ")
+        assert (tmp_path / "scontrol").read_text().count("requeue") == k and "requeueing job 7" in text, text
 
 
 @needs_bash
