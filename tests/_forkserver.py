@@ -32,7 +32,8 @@ WARM = ("torch", "deepspeed", "deepspeed.runtime.engine", "deepspeed.runtime.zer
         "transformers.models.bloom.modeling_bloom",
         "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
         "transformers.models.mistral.modeling_mistral", "transformers.models.gpt_neox.modeling_gpt_neox",
-        "peft", "safetensors.torch", "datasets", "torch.utils.tensorboard", "matplotlib.pyplot",
+        "peft", "safetensors.torch", "datasets", "torch.utils.tensorboard", "torch.utils.cpp_extension",
+        "matplotlib.pyplot",
         "ia3_dist.cli", "ia3_dist.train.run", "ia3_dist.train.loop", "ia3_dist.train.prepare",
         "ia3_dist.models.zero3_load", "ia3_dist.train.demo")
 
