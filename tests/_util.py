@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -453,3 +455,39 @@ def deadline(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+_REGISTRY: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def lm_eval_registry_indexed_once() -> Iterator[None]:
+    """lm-eval's built-in task registry (some 15,000 YAML files, ~8 s of a core) indexed once per test process, not
+    at every TaskManager: the refusal tests build several. ``TaskIndex.build`` indexes each path on its own and
+    merges them in order (later paths override), so the built-in tasks' index, copied, and the other paths' built
+    on top of it are the dict a fresh build returns; nothing changes the entries afterwards (lm-eval deep-copies a
+    task's cfg to build it). An lm-eval without that method is left as it is (every index built afresh)."""
+    try:
+        from lm_eval.tasks import _index
+    except ImportError:
+        yield
+        return
+    build = getattr(_index.TaskIndex, "build", None)
+    if build is None:
+        yield
+        return
+    defaults = Path(_index.__file__).parent
+
+    def cached(paths: Any, **kw: Any) -> dict:
+        paths = [Path(p) for p in paths]
+        if not paths or paths[0] != defaults or kw:
+            return build(paths, **kw)
+        if "defaults" not in _REGISTRY:
+            _REGISTRY["defaults"] = build([defaults])
+        index = dict(_REGISTRY["defaults"])
+        index.update(build(paths[1:]))
+        return index
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_index.TaskIndex, "build", staticmethod(cached))
+        yield

@@ -10,16 +10,23 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _util import check, launch
+from _util import check, launch, lm_eval_registry_indexed_once
 
 from ia3_dist.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny-cpu.yaml"
 TASKS = ROOT / "tests" / "data"
+
+
+@pytest.fixture(scope="module")
+def registry_indexed_once() -> Iterator[None]:
+    with lm_eval_registry_indexed_once():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +272,7 @@ def test_task_data_preflight_resolves_files_as_datasets_does(tmp_path: Path, mon
             _local_task_files(d)
 
 
+@pytest.mark.usefixtures("registry_indexed_once")
 @pytest.mark.slow
 def test_refusals_before_anything_loads(run: Path, tmp_path: Path, monkeypatch,
                                         capsys: pytest.CaptureFixture) -> None:
@@ -354,14 +362,17 @@ def test_a_run_with_nothing_to_evaluate_or_a_linked_eval_dir_is_refused_first(tm
 @pytest.mark.slow
 def test_summary_ranks_a_local_sweep_by_a_benchmark_metric(tmp_path: Path, tiny_model: Path, monkeypatch,
                                                            capsys: pytest.CaptureFixture) -> None:
-    """3 tasks of a local sweep, each evaluated (`ia3-dist eval --checkpoints latest`), then `summary --metric`: a
-    column with each task's value and the tasks ranked by it (held-out loss ascending, accuracy descending)."""
+    """3 tasks of a sweep, each trained with its task's command, evaluated (`ia3-dist eval --checkpoints latest`),
+    then `summary --metric`: a column with each task's value and the tasks ranked by it (held-out loss ascending,
+    accuracy descending). (The sweep's own runner, --local, is test_sweep's; here the tasks run as the array would
+    run them, with one rank, through the tests' warm interpreter.)"""
     d = tmp_path / "sw"
-    proc = subprocess.run([sys.executable, "-m", "ia3_dist", "sweep", "--local", "--config", str(ROOT / TINY),
-                           "--grid", "train.lr=3e-3,3e-2,1e-1", "--dir", str(d), f"model.path={tiny_model}",
-                           "train.max_steps=2", "data.eval_ratio=0.1", "checkpoint.at_end=false"],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert main(["sweep", "--no-submit", "--gpus-per-node", "0", "--cpus-per-node", "1", "--config",
+                 str(ROOT / TINY), "--grid", "train.lr=3e-3,3e-2,1e-1", "--dir", str(d), f"model.path={tiny_model}",
+                 "train.max_steps=2", "data.eval_ratio=0.1", "checkpoint.at_end=false"]) == 0
+    rec = json.loads((d / "sweep.json").read_text())
+    for task in rec["tasks"]:
+        check(launch(["--config", rec["config"], *rec["overrides"], *task["overrides"]]))
     monkeypatch.chdir(ROOT)
     tasks = sorted(p for p in d.iterdir() if (p / "adapter").is_dir())
     assert len(tasks) == 3
@@ -579,6 +590,7 @@ def test_a_task_that_lm_eval_cannot_build_is_refused_in_the_preflight(tmp_path: 
     assert "tiny_mc" in check_tasks(["tiny_mc"], TASKS).all_tasks
 
 
+@pytest.mark.usefixtures("registry_indexed_once")
 @pytest.mark.slow
 def test_a_local_group_of_registry_tasks_is_read_with_the_registry(tmp_path: Path) -> None:
     """A local group listing a registry task was read with the local index alone, which cannot load that member:

@@ -11,7 +11,6 @@ import ast
 import json
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from functools import cache
@@ -21,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
+from _util import launch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -788,7 +788,7 @@ class XForCausalLM(LlamaForCausalLM):
 '''
 
 
-@pytest.mark.slow  # `ia3-dist check` in a fresh process (about 6 s each)
+@pytest.mark.slow  # `ia3-dist check` in a process of its own
 @pytest.mark.parametrize("targets", [[], ["ia3.target_modules=[k_proj,v_proj,down_proj]",
                                          "ia3.feedforward_modules=[down_proj]"]])
 def test_remote_code_that_cannot_be_built_on_meta_skips_the_structure_check(
@@ -799,11 +799,11 @@ def test_remote_code_that_cannot_be_built_on_meta_skips_the_structure_check(
 
     model = _remote_code_model(tmp_path / "model", tiny_model, "qwen3", REMOTE_CONFIG_LLAMA, REMOTE_MODEL_ITEM)
     # A process of its own: after any from_pretrained in this one, torch.device("meta") no longer reaches the
-    # factory calls (torch 2.13, transformers 5), so the meta build would succeed here on the CPU.
-    args = ["check", "--config", TINY, "model.trust_remote_code=true", *targets, f"model.path={model}",
-            f"output.dir={tmp_path / 'out'}"]
-    run = subprocess.run([sys.executable, "-c", "import sys; from ia3_dist.cli import main; "
-                          f"sys.exit(main({args!r}))"], capture_output=True, text=True, timeout=300)
+    # factory calls (torch 2.13, transformers 5), so the meta build would succeed here on the CPU. Forked from the
+    # tests' warm interpreter, which imports but never loads a model (a process where the meta build succeeded
+    # would fail the "meta device" check below, never pass it).
+    run = launch(["check", "--config", str(TINY), "model.trust_remote_code=true", *targets, f"model.path={model}",
+                  f"output.dir={tmp_path / 'out'}"])
     err = run.stderr
     assert "Traceback" not in err, err
     assert run.returncode == 0, err

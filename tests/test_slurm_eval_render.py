@@ -14,9 +14,11 @@ import math
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _util import lm_eval_registry_indexed_once
 
 from ia3_dist.cli import main as cli_main
 from ia3_dist.tools.slurm import NAME_MAX, template_dir, time_seconds
@@ -27,6 +29,12 @@ TASKS = ROOT / "tests" / "data"
 HELDOUT = "data.eval_ratio=0.05"  # tiny-cpu.yaml has no held-out data of its own
 BASH = shutil.which("bash")
 needs_bash = pytest.mark.skipif(BASH is None, reason="no bash")
+
+
+@pytest.fixture(scope="module")
+def registry_indexed_once() -> Iterator[None]:
+    with lm_eval_registry_indexed_once():
+        yield
 
 
 def directives(text: str, opt: str) -> list[str]:
@@ -304,6 +312,7 @@ def test_nothing_to_evaluate_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     assert slurm(tmp_path, capsys, "--eval", "--eval-tasks", "tiny_mc", "--eval-include", str(TASKS))[0] == 0
 
 
+@pytest.mark.usefixtures("registry_indexed_once")
 @pytest.mark.slow
 def test_a_task_eval_would_not_run_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
