@@ -276,19 +276,55 @@ def _direct(cmd: list[str], nproc: int, env: dict, timeout: float, port: int, ra
     return Ranks(cmd, nproc, env, port, rank_env=rank_env, fork=fork).wait(timeout)
 
 
-def spawn_slurm_style(args: list[str], world: int = 2, per_rank: list[list[str]] | None = None
-                      ) -> list[subprocess.Popen]:
+class _ForkedProcess(_ForkedRank):
+    """A forked rank with its own output file (stdout and stderr together), as ``subprocess.Popen`` with
+    ``stdout=PIPE, stderr=STDOUT, text=True`` gives one: ``wait(timeout)``, ``communicate(timeout)``."""
+
+    def __init__(self, argv: list[str], env: dict) -> None:
+        import tempfile
+
+        fd, self.out_path = tempfile.mkstemp(prefix="ia3-rank-", suffix=".log")
+        os.close(fd)
+        atexit.register(Path(self.out_path).unlink, missing_ok=True)  # output a test never read
+        super().__init__(_FORKSERVER.start(argv, env, self.out_path, self.out_path))
+        self.args = argv
+
+    def wait(self, timeout: float | None = None) -> int:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        self.wait(timeout)
+        try:
+            return Path(self.out_path).read_bytes().decode(errors="replace"), None
+        finally:
+            Path(self.out_path).unlink(missing_ok=True)
+
+
+def spawn_slurm_style(args: list[str], world: int = 2, per_rank: list[list[str]] | None = None,
+                      fresh: bool = False) -> list[Any]:
     """Start ``world`` ranks the way a plain ``srun`` task-per-rank does: only SLURM_* variables, no launcher.
-    ``per_rank``: further arguments of each rank (as if its node resolved the config otherwise)."""
+    ``per_rank``: further arguments of each rank (as if its node resolved the config otherwise). The ranks are
+    forked by the warm fork server (each its own process, environment and output) unless ``fresh`` (or
+    ``IA3_TEST_FORKSERVER=0``): new interpreters, ``subprocess.Popen`` with stdout and stderr piped together."""
     port = str(free_port())
-    procs = []
+    procs: list[Any] = []
     for rank in range(world):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(world),
                    SLURM_NTASKS_PER_NODE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "launch.py", *args, *(per_rank or [[]] * world)[rank]],
-                                      cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        cmd = [sys.executable, "launch.py", *args, *(per_rank or [[]] * world)[rank]]
+        if not fresh and _use_forkserver(cmd):
+            procs.append(_ForkedProcess(cmd[1:], env))
+        else:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
     return procs
 
 
