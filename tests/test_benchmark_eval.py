@@ -94,11 +94,18 @@ def test_checkpoints_equal_lm_eval_on_their_merged_exports(run: Path, tmp_path: 
     fresh = json.loads((tmp_path / "fresh" / "results.json").read_text())["rows"]
     for r in fresh:
         assert r["value"] == got[("step5", r["task"], r["metric"])], r
+    # Each row says what it was measured with: the base, its dtype, the limit, lm-eval's version, the local tasks.
+    from ia3_dist.train.benchmarks import include_digest
+
+    base = json.loads((tmp_path / "a5" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert {(r["base"], r["dtype"], r["limit"], r["include_digest"]) for r in fresh} == \
+        {(base, "fp32", None, include_digest(TASKS)[:16])}
+    assert all(isinstance(r["lm_eval"], str) for r in fresh)
     # The run's final adapter given alone: its results go to the run's eval/ (never into the adapter dir, which
     # the next adapter replaces whole), beside the earlier rows; its own rows replace the final point's.
     assert main(["eval", str(run / "adapter"), "--tasks", "tiny_mc", "--include", str(TASKS), "--limit", "3"]) == 0
     said = capsys.readouterr().out
-    assert "measured otherwise (dtype fp32, limit None)" in said and not (run / "adapter" / "eval").exists(), said
+    assert "measured otherwise (limit None)" in said and not (run / "adapter" / "eval").exists(), said
     after = {(r["checkpoint"], r["task"], r["metric"]): r["value"]
              for r in json.loads((run / "eval" / "results.json").read_text())["rows"]}
     assert set(after) == set(got)
@@ -625,3 +632,25 @@ def test_task_data_preflight_reads_included_yaml(tmp_path: Path) -> None:
     (bad / "t.yaml").write_text("include: _base_yml\ntask: t\n")
     with pytest.raises(UsageError, match="names data file /nowhere/x.jsonl"):
         _local_task_files(bad)
+
+
+def test_rows_measured_otherwise_are_told_apart() -> None:
+    """An earlier row kept beside new ones is compared with what this evaluation writes for the same kind of row:
+    held-out rows on the base, dtype and limit; benchmark rows on lm-eval's version too, and on the local tasks'
+    digest where the task is evaluated now (another task may come from another dir). A setting an earlier
+    ia3-dist did not record is unknown ("?"), not assumed equal."""
+    from ia3_dist.tools.benchmark import measured_otherwise
+
+    held = {"dtype": "bf16", "limit": None, "base": "/m"}
+    bench = {**held, "lm_eval": "0.4.13", "include_digest": "abc"}
+    settings = (held, bench)
+    row = {"checkpoint": "step5", "step": 5, "value": 1.0}
+    assert measured_otherwise({**row, "task": "heldout", **held}, settings, ["t"]) == ""
+    assert measured_otherwise({**row, "task": "t", **bench}, settings, ["t"]) == ""
+    assert measured_otherwise({**row, "task": "t", **bench, "include_digest": "def"}, settings, ["t"]) == \
+        "include digest def"
+    assert measured_otherwise({**row, "task": "u", **bench, "include_digest": "def"}, settings, ["t"]) == ""
+    assert measured_otherwise({**row, "task": "t", **bench, "lm_eval": "0.4.9", "limit": 3}, settings, ["t"]) == \
+        "limit 3, lm eval 0.4.9"
+    # Written before ia3-dist recorded them: dtype was fp32 then, the rest is unknown.
+    assert measured_otherwise({**row, "task": "heldout"}, settings, []) == "dtype fp32, base ?"

@@ -340,6 +340,52 @@ def default_out(path: Path, run: Path | None) -> Path:
                      f"into the adapter dir)")
 
 
+def base_of(adapter: Path, base: str | None) -> str:
+    """The base model the adapter was evaluated on: ``--base``, else the one its adapter_config.json names."""
+    from .inference import read_adapter_config
+
+    return str(base or read_adapter_config(adapter).get("base_model_name_or_path") or "")
+
+
+def measured_with(dtype: str, limit: int | None, base: str, include: Path | None) -> tuple[dict, dict]:
+    """How this evaluation measures, written beside each value: ``(held-out rows, benchmark rows)``. Both: the base
+    model, its dtype and the document limit; a benchmark row also where its task came from (the lm-eval version
+    for its registry, and with --include the digest of the local task files and their data)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    held: dict[str, Any] = {"dtype": dtype, "limit": limit, "base": base}
+    try:
+        lm_eval = version("lm_eval")
+    except PackageNotFoundError:
+        lm_eval = None
+    bench = {**held, "lm_eval": lm_eval}
+    if include is not None:
+        from ..train.benchmarks import include_digest
+
+        bench["include_digest"] = include_digest(include)[:16]
+    return held, bench
+
+
+# What a row written before ia3-dist recorded a setting was measured with, where that is known.
+_UNRECORDED = {"dtype": "fp32", "limit": None}
+
+
+def measured_otherwise(row: dict, settings: tuple[dict, dict], tasks: list[str]) -> str:
+    """How an earlier row's settings differ from this evaluation's for the same row ("" where they do not): said
+    when such rows stay beside new ones, which then compare unlike with like. A setting the row does not record
+    (written by an earlier ia3-dist) shows as "?"; the digest of local tasks counts only for a task evaluated now
+    (another task may come from another dir)."""
+    want = settings[0] if row["task"] == "heldout" else settings[1]
+    diff = []
+    for k, v in want.items():
+        if k == "include_digest" and row["task"] not in tasks:
+            continue
+        got = row.get(k, _UNRECORDED.get(k, "?"))
+        if got != v:
+            diff.append(f"{k.replace('_', ' ')} {got}")
+    return ", ".join(diff)
+
+
 def _row_key(r: dict) -> tuple:
     return r["checkpoint"], r["step"], r["task"], r["metric"]
 
@@ -426,12 +472,13 @@ def main(argv: list[str], prog: str) -> int:
             from None
     # Beside the rows of earlier evaluations (other tasks, other checkpoints); a point evaluated again replaces its
     # rows.
+    settings = measured_with(dtype, args.limit, base_of(adapter, args.base), args.include)
     for r in rows:  # how each row was measured: rows of other settings may stay beside them
-        r.update(dtype=dtype, limit=args.limit)
+        r.update(settings[0] if r["task"] == "heldout" else settings[1])
     earlier = earlier_rows(out / RESULTS)
     new = {_row_key(r) for r in rows}
     kept = [r for r in earlier if _row_key(r) not in new]
-    other = sorted({(str(r.get("dtype", "fp32")), str(r.get("limit"))) for r in kept} - {(dtype, str(args.limit))})
+    other = sorted({d for r in kept if (d := measured_otherwise(r, settings, tasks))})
     every = kept + rows
     text = json.dumps({"tasks": sorted({r["task"] for r in every} - {"heldout"}), "rows": every}, indent=1) + "\n"
     # Never through a link planted in a run dir from elsewhere; atomically, for `ia3-dist summary --metric`.
@@ -439,8 +486,8 @@ def main(argv: list[str], prog: str) -> int:
     print(table(rows))
     if kept:
         print(f"kept {len(kept)} row(s) of earlier evaluations in {out / RESULTS}"
-              + (f"; some were measured otherwise ({', '.join(f'dtype {d}, limit {n}' for d, n in other)}): "
-                 f"evaluate them again to compare like with like" if other else ""))
+              + (f"; some were measured otherwise ({'; '.join(other)}): evaluate them again to compare like with "
+                 f"like" if other else ""))
     for f in plot(every, out):
         print(f"wrote {f}")
     print(f"results: {out / RESULTS}")
