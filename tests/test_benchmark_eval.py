@@ -654,3 +654,76 @@ def test_rows_measured_otherwise_are_told_apart() -> None:
         "limit 3, lm eval 0.4.9"
     # Written before ia3-dist recorded them: dtype was fp32 then, the rest is unknown.
     assert measured_otherwise({**row, "task": "heldout"}, settings, []) == "dtype fp32, base ?"
+
+
+def _greedy_task(d: Path, targets: list[str]) -> Path:
+    """tiny_greedy: a greedy generate_until task (lm-eval's default decoding) over three prompts."""
+    d.mkdir(parents=True, exist_ok=True)
+    data = d / "greedy.jsonl"
+    data.write_text("".join(json.dumps({"q": q, "a": a}, ensure_ascii=False) + "\n"
+                            for q, a in zip(("熊猫怎么样？", "太阳怎么样？", "大海怎么样？"), targets, strict=True)),
+                    encoding="utf-8")
+    (d / "tiny_greedy.yaml").write_text(f"""task: tiny_greedy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{q}}}}"
+doc_to_target: "{{{{a}}}}"
+generation_kwargs:
+  until: ["。"]
+  do_sample: false
+  max_gen_toks: 8
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""", encoding="utf-8")
+    return d
+
+
+@pytest.mark.slow
+def test_generate_until_decodes_with_the_models_repetition_penalty_as_the_lm_eval_cli(tmp_path: Path,
+                                                                                       tiny_model: Path) -> None:
+    """A model whose generation_config.json sets a repetition penalty (Qwen2's instruct models: 1.05-1.1): lm-eval's
+    CLI decodes generate_until tasks with it. `ia3-dist eval` kept only the eos ids of that file, so its greedy
+    answers were other ones. The targets here are the CLI's own answers: exact match 1.0 through ia3-dist's
+    evaluation; without the penalty the answers differ (the random tiny model repeats itself)."""
+    from ia3_dist.tools.inference import load_for_inference
+    from ia3_dist.train.benchmarks import check_tasks, run_tasks
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    (model_dir / "generation_config.json").write_text(json.dumps({"repetition_penalty": 5.0}))
+    tasks = _greedy_task(tmp_path / "tasks", ["x", "x", "x"])
+    out = tmp_path / "cli"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={model_dir},dtype=float32", "--tasks", "tiny_greedy", "--include_path",
+                           str(tasks), "--batch_size", "1", "--device", "cpu", "--output_path", str(out),
+                           "--log_samples"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [samples] = list(out.rglob("samples_tiny_greedy*.jsonl"))
+    answers = {json.loads(ln)["doc"]["q"]: json.loads(ln)["filtered_resps"][0]
+               for ln in samples.read_text(encoding="utf-8").splitlines()}
+    qs = ("熊猫怎么样？", "太阳怎么样？", "大海怎么样？")
+    assert all(answers[q] for q in qs), answers
+    tasks = _greedy_task(tmp_path / "tasks", [answers[q] for q in qs])
+
+    model, tok, _, _ = load_for_inference(str(model_dir))
+    assert model.generation_config.repetition_penalty == 5.0
+    tm = check_tasks(["tiny_greedy"], tasks)
+    assert run_tasks(model, tok, ["tiny_greedy"], tm, 1, None)["tiny_greedy"]["exact_match,none"] == 1.0
+    model.generation_config.repetition_penalty = 1.0  # what ia3-dist decoded with before
+    assert run_tasks(model, tok, ["tiny_greedy"], tm, 1, None)["tiny_greedy"]["exact_match,none"] < 1.0
+
+
+@pytest.mark.parametrize(("value", "kept"), [(1.1, 1.1), (1, None), (1.0, None), (0, None), (-1.0, None),
+                                             (11.0, None), (float("nan"), None), (True, None), ("1.1", None)])
+def test_only_a_plausible_repetition_penalty_is_kept(value, kept) -> None:
+    from ia3_dist.tools.inference import _generation_penalty
+
+    assert _generation_penalty({"repetition_penalty": value}) == kept
+    assert _generation_penalty({}) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -350,7 +351,8 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     check_vocab(tok, model.config, f"tokenizer {tok_src}")
     if not (d / TEMPLATE_FILE).is_file():
         template = default_template(tok, f"tokenizer {tok_src} chat_template")
-    gen_eos = _generation_eos(base_path if is_adapter else str(d), hub_revision)
+    gen_file = _generation_file(base_path if is_adapter else str(d), hub_revision)
+    gen_eos = _generation_eos(gen_file)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UsageError(f"tokenizer {tok_src}: no pad or eos token, so prompts cannot be batched; add an eos "
@@ -358,9 +360,14 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
         pad_with_eos(tok)
     # Tried once here so a template that cannot render (or runs past its budget) fails naming its source.
     template.prompt_for([], "", "hello", "", tok)
-    # Of the dir's generation_config.json only the eos ids are kept: the rest could ask for a thousand beams or a
-    # decoding mode that only custom code provides. Decoding is what GenOptions says, nothing else.
-    model.generation_config = GenerationConfig(eos_token_id=stop_ids(tok, template, gen_eos) or None)
+    # Of the dir's generation_config.json only the eos ids and a repetition penalty are kept: the rest could ask for
+    # a thousand beams or a decoding mode that only custom code provides. generate and chat decode as GenOptions
+    # says (its repetition_penalty is always passed); lm-eval's generate_until tasks pass their own settings and
+    # leave the penalty to the model's, as `lm_eval --model hf` on the merged export does (Qwen2's instruct
+    # models ship 1.05-1.1: dropped, greedy answers differed from the lm-eval CLI's).
+    penalty = _generation_penalty(gen_file)
+    model.generation_config = GenerationConfig(eos_token_id=stop_ids(tok, template, gen_eos) or None,
+                                               **({"repetition_penalty": penalty} if penalty is not None else {}))
     return model.eval(), tok, template, is_adapter
 
 
@@ -401,10 +408,9 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
 GENERATION_CONFIG = "generation_config.json"
 
 
-def _generation_eos(model_path: str, revision: str | None = None) -> list[int]:
-    """The ``eos_token_id`` list of a model's generation_config.json (local dir, or the hub cache: nothing is
-    downloaded for it); empty when there is none or it is unusable. Instruct models list their end-of-turn token
-    there (Llama 3's <|eot_id|>), not in the tokenizer."""
+def _generation_file(model_path: str, revision: str | None = None) -> dict[str, Any]:
+    """A model's generation_config.json (local dir, or the hub cache: nothing is downloaded for it); empty when
+    there is none or it is unusable: only hints for decoding, the model itself was checked and loaded."""
     from ..runtime.safe_io import read_bounded
 
     p = Path(model_path).expanduser()
@@ -418,16 +424,35 @@ def _generation_eos(model_path: str, revision: str | None = None) -> list[int]:
         except Exception:  # not a repo id, or no cache: there is no file to read
             f = None
     if f is None:
-        return []
+        return {}
     try:
         # follow: the hub cache links its files; read_bounded still refuses FIFOs and devices.
         raw = read_bounded(f, MAX_SMALL_JSON, follow=True, missing_ok=True)
         obj = json.loads(raw.decode("utf-8")) if raw else None
     except (UsageError, ValueError, RecursionError):
-        return []  # only a hint for stopping; the model itself was checked and loaded
-    v = obj.get("eos_token_id") if isinstance(obj, dict) else None
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _generation_eos(gen: dict[str, Any]) -> list[int]:
+    """The ``eos_token_id`` list of a generation_config.json's contents. Instruct models list their end-of-turn
+    token there (Llama 3's <|eot_id|>), not in the tokenizer."""
+    v = gen.get("eos_token_id")
     ids = v if isinstance(v, list) else [v]
     return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
+
+
+MAX_REPETITION_PENALTY = 10.0
+"""Past this a generation_config.json's repetition_penalty is no model's setting (1.0-1.3 in practice): ignored."""
+
+
+def _generation_penalty(gen: dict[str, Any]) -> float | None:
+    """A generation_config.json's ``repetition_penalty`` when it is one a model ships (a number in
+    (0, MAX_REPETITION_PENALTY], not 1.0, which changes nothing); None otherwise."""
+    v = gen.get("repetition_penalty")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v) if 0 < v <= MAX_REPETITION_PENALTY and v != 1.0 else None
 
 
 END_PROBE = "Zq7 end of answer"
