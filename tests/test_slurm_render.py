@@ -373,6 +373,24 @@ def test_gpu_nodes_get_the_cpus_asked_for(launcher: str, want: list[str]) -> Non
     assert directives(text, "gpus-per-node") == ["8"] and "export NPROC_PER_NODE=8\n" in text
 
 
+@pytest.mark.parametrize("cmd", ["slurm", "sweep"])
+def test_a_gpu_job_without_cpus_is_told_it_gets_the_clusters_default(tmp_path: Path, cmd: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """No --cpus-per-node on GPU nodes: the job runs on the cluster's default CPUs (one per task unless it sets
+    DefCpuPerGPU), the launcher and all 8 ranks on one core: said on stderr, with what to give. CPU jobs and GPU
+    jobs with their CPUs are not told."""
+    common = {"slurm": ["slurm", "--config", str(TINY), "--out", str(tmp_path / "j.sbatch"), "--force"],
+              "sweep": ["sweep", "--config", str(TINY), "--grid", "train.lr=1e-3,2e-3", "--no-submit", "--dir",
+                        str(tmp_path / "sw"), "--force"]}[cmd]
+    for extra, told in ((["--gpus-per-node", "8"], True), (["--gpus-per-node", "8", "--cpus-per-node", "64"], False),
+                        (["--gpus-per-node", "0", "--cpus-per-node", "2"], False)):
+        assert cli_main([*common, *extra]) == 0
+        err = capsys.readouterr().err
+        assert ("note: no --cpus-per-node: the job gets the cluster's default CPUs" in err) is told, err
+        if told:
+            assert "the node's 8 GPU rank(s) would share; give --cpus-per-node (a few per GPU, e.g. 32)" in err
+
+
 def _slurm_env(**kv: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, **kv}
 
@@ -534,7 +552,8 @@ def test_node_range_with_cpus_per_node_notes_the_cpus_a_node_must_hold(tmp_path:
     err = capsys.readouterr().err
     assert "on 2 node(s) one node holds up to 2 of the 4 tasks (64 CPUs)" in err and "a node's CPUs / 2" in err, err
     assert cli_main([*args, "--out", str(tmp_path / "b.sbatch")]) == 0
-    assert "note:" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "node(s) one node holds" not in err and "note: no --cpus-per-node" in err, err  # GPUs without CPUs
 
 
 @pytest.mark.parametrize("args, needles", [

@@ -117,6 +117,16 @@ def rank_share(local_world: int, cores: list[int] | None = None, cgroup_root: Pa
     return max(1, min(n, s // local_world))
 
 
+def node_cpus(cores: list[int] | None = None, cgroup_root: Path = Path("/sys/fs/cgroup"),
+              environ: Mapping[str, str] | None = None) -> int:
+    """The CPUs this node's ranks may use together: the affinity mask, capped by a cgroup quota and by Slurm's
+    allocation on the node (see :func:`rank_share`)."""
+    n = len(affinity() if cores is None else cores)
+    q = _quota(cgroup_root)
+    s = _slurm_cpus(os.environ if environ is None else environ)
+    return max(1, min(n, math.ceil(q) if q else n, s or n))
+
+
 def mask_is_allocation(cores: list[int], environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``cores`` are this job's own CPUs, so pinning ranks to slices of them stays inside the job: false
     where Slurm allocated fewer CPUs on this node than the mask shows (nothing confines the job, and which cores

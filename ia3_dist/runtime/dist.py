@@ -24,7 +24,7 @@ import torch
 
 from ..errors import UsageError
 from . import console
-from .cpus import affinity, mask_is_allocation, rank_share
+from .cpus import affinity, mask_is_allocation, node_cpus, rank_share
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,11 @@ def setup_threads(env: DistEnv, threads: int = 0, bind: bool = False) -> int:
     on 2 cores halve throughput); with ``bind``, pin the rank to its own slice of them."""
     cores = affinity()
     share = rank_share(env.local_world_size, cores)
+    node = node_cpus(cores)
+    if node < env.local_world_size:
+        print0(env, f"note: {node} CPU(s) on this node for its {env.local_world_size} ranks: they share cores, and "
+                    f"every step's host side waits on them (a GPU rank's too); give the job a CPU per rank at least "
+                    f"(sbatch --cpus-per-task, ia3-dist slurm --cpus-per-node)")
     if bind and not mask_is_allocation(cores):
         print0(env, f"train.bind_cores: not pinning ranks: Slurm allocated fewer CPUs on this node than the "
                     f"{len(cores)} this job may run on (the cluster does not confine jobs), so which are this "

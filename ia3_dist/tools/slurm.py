@@ -382,6 +382,16 @@ def assemble(job: Job, name: str, header: list[str], defaults: str, directives: 
     return text.replace(anchor, anchor + "\n".join([*env, defaults]) + "\n", 1)
 
 
+def cpus_note(job: Job) -> None:
+    """A note on stderr for a GPU job without --cpus-per-node: it gets the cluster's default CPUs, one per task
+    unless the cluster sets DefCpuPerGPU, so the launcher and all of a node's GPU ranks may share one core, and
+    every step's host side (the Python of the step, the data, the collectives' launches) waits on it."""
+    if job.gpus_per_node and not job.cpus_per_node:
+        print(f"note: no --cpus-per-node: the job gets the cluster's default CPUs (one per task unless it sets "
+              f"DefCpuPerGPU), which the launcher and the node's {job.gpus_per_node} GPU rank(s) would share; give "
+              f"--cpus-per-node (a few per GPU, e.g. {4 * job.gpus_per_node})", file=sys.stderr)
+
+
 def range_note(job: Job) -> None:
     """A note on stderr where a node range meets --cpus-per-node: Slurm counts the CPUs per launcher task, and on
     fewer nodes than the range's most a node holds several of its tasks (``--ntasks=MAX --spread-job``)."""
@@ -755,6 +765,7 @@ def main(argv: list[str], prog: str) -> int:
     out = Path(a.out) if a.out is not None else default_out(cfg.output.dir)
     if not a.eval:
         write_out(out, text, a.force)
+        cpus_note(job_from_args(a))
         print(f"wrote {out}\nsubmit from the folder that relative paths in the config refer to (the job starts "
               f"there):  sbatch {shlex.quote(str(out))}\nwatch:  squeue -u $USER; tail -f logs/*.out\nit "
               f"checkpoints and requeues itself on preemption; resubmitting the same file resumes "
@@ -769,6 +780,7 @@ def main(argv: list[str], prog: str) -> int:
     write_out(out, text, a.force)
     write_out(eval_out, eval_text, a.force, what="--eval: ", fix="give another --out")
     write_out(submit, render_submit(out, eval_out), a.force, what="--eval: ", fix="give another --out")
+    cpus_note(job_from_args(a))
     q = shlex.quote
     print(f"wrote {out} (training), {eval_out} (evaluation: {ev_job.describe()}) and {submit}\n"
           f"submit both from the folder that relative paths in the config refer to (the jobs start there):  "

@@ -497,6 +497,8 @@ def main(argv: list[str], prog: str) -> int:
             return 1
         return 0
     script = sweep_dir / SCRIPT
+    if job is not None and not idle:
+        slurm.cpus_note(job)
     if idle:
         print(f"every task is done: nothing to submit\nstatus:  ia3-dist summary {shlex.quote(str(sweep_dir))}")
         return 0
