@@ -22,7 +22,13 @@ ia3_setup() {
   OUTPUT_DIR=$("$PYTHON" -m ia3_dist resolve --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --key output.dir) || exit 2
   NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
   NPROC_PER_NODE=${NPROC_PER_NODE##*:}          # "a100:4" -> 4
+  # The first node's address as Slurm reaches it (NodeAddr): a node's name need not resolve to it (NodeName=n1
+  # NodeHostname=... NodeAddr=10.0.0.7), and every node reaches it, slurmd to slurmd. Its name where scontrol cannot
+  # say (slurmctld busy).
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  local addr
+  addr=$(scontrol show node "$MASTER_ADDR" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' | head -n 1)
+  MASTER_ADDR=${addr:-$MASTER_ADDR}
   # From the job id, not an inherited MASTER_PORT (sbatch exports the submitting shell's: every job from it would
   # share one port); below Linux's ephemeral range (32768+), where a port may be taken by any outgoing connection.
   # IA3_DIST_MASTER_PORT picks one by hand.

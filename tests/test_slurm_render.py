@@ -833,3 +833,25 @@ def test_the_job_steps_get_the_tasks_cpus(tmp_path: Path, cpus: str, srun: str) 
     proc = subprocess.run([BASH, "-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == f"srun={srun}", proc.stdout + proc.stderr
+
+
+@needs_bash
+@pytest.mark.parametrize("node_info, want", [
+    ('echo "NodeName=n1 Arch=x86_64 CoresPerSocket=16"; echo "   NodeAddr=10.0.0.7 NodeHostName=h1 Version=23.02"',
+     "10.0.0.7"),
+    ("return 1", "n1"),  # slurmctld busy: the node's name, as before
+])
+def test_master_addr_is_the_first_nodes_address(tmp_path: Path, node_info: str, want: str) -> None:
+    """MASTER_ADDR was the first node's Slurm name, which need not resolve to the node (NodeName=n1 with its own
+    NodeAddr): the rendezvous of every rank failed. Now its NodeAddr, what slurmd reaches it at."""
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/bash\necho "{tmp_path / "out"}"\n')
+    stub.chmod(0o755)
+    script = (f'set -uo pipefail; source "{template_dir() / "lib.sh"}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
+              f'SLURM_JOB_NODELIST="n[1-2]"; SLURM_NNODES=2; PYTHON="{stub}"; '
+              f'scontrol() {{ case "$1 $2" in "show hostnames") echo n1; echo n2 ;; '
+              f'"show node") [ "$3" = n1 ] || return 1; {node_info} ;; esac; }}; '
+              'ia3_setup cfg.yaml; echo "MASTER=$MASTER_ADDR"')
+    proc = subprocess.run([BASH, "-c", script], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert f"MASTER={want}\n" in proc.stdout and f"master {want}:" in proc.stdout, proc.stdout
