@@ -217,3 +217,52 @@ def test_auto_refuses_a_deepspeed_file_that_fixes_the_batch(tmp_path: Path, tiny
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 2}))
     assert main([*args[:-2], f"deepspeed.config={ds}", "train.global_batch_size=16"]) == 2
     assert "but the run config gives 4 (train.global_batch_size)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["smaller", "same", "unrecorded", "no-state", "fp16"])
+def test_a_resume_on_less_memory_chooses_afresh_what_no_longer_fits(tiny_model: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    case: str) -> None:
+    """A checkpoint written at micro-batch 12 with ample memory, resumed with a budget plan fits 4 in. On less
+    memory than the checkpoint's run sized for (its meta's auto_budget_mib), from a checkpoint with
+    layout-independent state, auto chooses afresh (and says why); on the same budget (the same allocation: a plan
+    that estimates otherwise from one start to the next must not break an exact continuation), without the record
+    (an earlier ia3-dist), without that state, or in fp16 (whose loss scale that state lacks), the checkpoint's
+    micro-batch stays, and the last two say why."""
+    import json
+
+    from ia3_dist.runtime import portable
+
+    overrides = [f"model.path={tiny_model}", "train.grad_accum=12", "data.max_length=64"]
+    if case == "fp16":
+        overrides.append("train.precision=fp16")
+    cfg = autobatch.with_micro(load_config(None, [*overrides, "train.micro_batch_size=auto"]), 1, 12)
+    mc = load_model_config(str(tiny_model), cfg.model)
+    env = DistEnv(0, 0, 2, 2)
+    ds = {"zero_optimization": {"stage": 2}}
+    s = memory.shape_of(mc, cfg.ia3)
+    need = [memory.rank_memory(s, "", 2, False, 2, 64, m, 4, False, memory.framework_rss()).gpu_total
+            for m in (5, 6)]
+    budget = (need[0] + need[1]) / 2
+    monkeypatch.setattr(autobatch, "memory_budget", lambda *_: budget)
+    ckpt = tmp_path / "step3"
+    ckpt.mkdir()
+    meta = {"step": 3, "total_steps": 10, "world_size": 2, "micro_batch_size": 12, "grad_accum": 1,
+            "precision": "fp16" if case == "fp16" else "fp32", "objective": "sft"}
+    if case != "unrecorded":
+        meta["auto_budget_mib"] = int(budget / 2**20) if case == "same" else int(budget / 2**20) * 4
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    if case != "no-state":
+        (ckpt / portable.STATE).write_bytes(b"")
+        (ckpt / portable.INFO).write_text("{}")
+    got = autobatch.choose(cfg, mc, env, ds, 64, ckpt)
+    if case == "smaller":
+        assert (got.micro, got.source) == (4, "plan"), got
+        assert "the checkpoint's micro-batch 12 does not fit the" in got.line() and "plan picked 4" in got.line()
+    else:
+        assert (got.micro, got.source) == (12, "checkpoint"), got
+        line = got.line()
+        assert "from the checkpoint it resumes" in line
+        said = {"no-state": "kept: it has no layout-independent state",
+                "fp16": "kept: in fp16 the dynamic loss scale lives in DeepSpeed's optimizer state"}.get(case)
+        assert (said in line) if said else ("does not fit" not in line), line

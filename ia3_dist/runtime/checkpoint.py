@@ -97,7 +97,7 @@ META_TYPES: dict[str, str] = {
     "data_key": "str", "eval_ratio": "ratio", "global_batch": "int", "zero_stage": "int", "precision": "str",
     "model_key": "str", "ia3": "str", "schedule": "str", "examples_consumed": "int",
     "offload_optimizer": "bool", "objective": "str", "eval_pending": "bool", "eval_key": "str", "bench_key": "str",
-    "reference_start": "str", "optimizer": "str", "held_copies": "int",
+    "reference_start": "str", "optimizer": "str", "held_copies": "int", "auto_budget_mib": "int",
 }
 """The fields of meta.json a resume reads, by kind; each is checked in :func:`read_meta` before anything uses it
 (``True == 1`` and ``2.0 == 2`` in Python, so a bool or a float would otherwise pass for an int)."""
@@ -333,36 +333,42 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
     if not changed:
         return meta, False
     what = ", ".join(f"{k}={show(meta[k])} (now {show(expected.get(k))})" for k in changed)
+    refusal = layout_change_refusal(ckpt, meta, expected, changed)
+    if refusal:
+        raise UsageError(f"checkpoint {ckpt}: saved with {what}; {refusal}")
+    return meta, True
+
+
+def layout_change_refusal(ckpt: Path, meta: dict[str, Any], expected: dict[str, Any], changed: list[str]) -> str:
+    """Why the checkpoint cannot resume on another layout (the ``changed`` keys of :data:`LAYOUT`), and what to do
+    instead; empty when it can (from its layout-independent state). ``expected``: the resuming run's meta, or the
+    part of it known (precision, offload_optimizer)."""
     # Before the portable-state check: fp16 checkpoints carry none (save skips it), and not for want of a newer
     # ia3-dist.
     if "fp16" in (meta.get("precision"), expected.get("precision")):
-        raise UsageError(f"checkpoint {ckpt}: saved with {what}; in fp16 the dynamic loss scale lives in DeepSpeed's "
-                         f"optimizer state, which the layout-independent checkpoint does not carry (restarted at "
-                         f"2^16, the run would skip other steps than the saved run). Resume on the saved layout "
-                         f"({layout_of(meta)}); a new run in bf16 has no loss scale to lose")
+        return (f"in fp16 the dynamic loss scale lives in DeepSpeed's optimizer state, which the layout-independent "
+                f"checkpoint does not carry (restarted at 2^16, the run would skip other steps than the saved run). "
+                f"Resume on the saved layout ({layout_of(meta)}); a new run in bf16 has no loss scale to lose")
     objective = meta.get("objective", "sft")
     if "micro_batch_size" in changed and objective != "sft":
-        raise UsageError(f"checkpoint {ckpt}: saved with {what}; a preference step's loss is the mean of its "
-                         f"micro-batches' losses (each as TRL computes it, a token mean for the NLL terms), so "
-                         f"another micro-batch would train another objective ({objective.split()[0]}). Resume with "
-                         f"train.micro_batch_size={show(meta['micro_batch_size'])} (train.global_batch_size keeps the "
-                         f"global batch on another number of ranks)")
+        return (f"a preference step's loss is the mean of its micro-batches' losses (each as TRL computes it, a "
+                f"token mean for the NLL terms), so another micro-batch would train another objective "
+                f"({objective.split()[0]}). Resume with train.micro_batch_size={show(meta['micro_batch_size'])} "
+                f"(train.global_batch_size keeps the global batch on another number of ranks)")
     # Offload before the state check: an offload run's checkpoint has no layout-independent state (save skips
     # it), and not for want of a newer ia3-dist.
     if expected.get("offload_optimizer") or meta.get("offload_optimizer"):
-        raise UsageError(f"checkpoint {ckpt}: saved with {what}; with ZeRO optimizer offload the optimizer is "
-                         f"DeepSpeed's CPU Adam, whose state the layout-independent checkpoint does not fill. Resume "
-                         f"on the saved layout ({layout_of(meta)})"
-                         + ("" if "offload_optimizer" in meta else " or without offload_optimizer"))
+        return (f"with ZeRO optimizer offload the optimizer is DeepSpeed's CPU Adam, whose state the "
+                f"layout-independent checkpoint does not fill. Resume on the saved layout ({layout_of(meta)})"
+                + ("" if "offload_optimizer" in meta else " or without offload_optimizer"))
     if _amsgrad(meta.get("optimizer")):
         # The layout-independent state carries AdamW's two moments; amsgrad keeps a third.
-        raise UsageError(f"checkpoint {ckpt}: saved with {what}; with optimizer.params amsgrad the optimizer keeps a "
-                         f"running maximum the layout-independent checkpoint does not carry. Resume on the saved "
-                         f"layout ({layout_of(meta)})")
+        return (f"with optimizer.params amsgrad the optimizer keeps a running maximum the layout-independent "
+                f"checkpoint does not carry. Resume on the saved layout ({layout_of(meta)})")
     if not portable.has_state(ckpt):
-        raise UsageError(f"checkpoint {ckpt}: saved with {what}; it has no layout-independent state (written by an "
-                         f"earlier ia3-dist), so it resumes only on its own layout: {layout_of(meta)}")
-    return meta, True
+        return (f"it has no layout-independent state (written by an earlier ia3-dist), so it resumes only on its "
+                f"own layout: {layout_of(meta)}")
+    return ""
 
 
 def refuse_later(ckpt: Path, out: Path) -> None:

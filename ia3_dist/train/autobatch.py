@@ -20,7 +20,8 @@ Two stages, both before step 1:
    Under ZeRO-3 the forward pass runs collectives (parameter gathers) that a rank running out of memory would
    leave its peers waiting in, so there the plan's pick stands alone.
 
-A resumed run takes the micro-batch its checkpoint was written with (the continuation must be exact).
+A resumed run takes the micro-batch its checkpoint was written with (the continuation is then exact), unless it
+resumes on less memory per rank than that run sized against and plan does not fit it there (:func:`choose`).
 """
 
 from __future__ import annotations
@@ -62,14 +63,19 @@ class AutoBatch:
     probe_peak_gib: float | None = None
     """Peak memory measured by the probe at the final micro-batch; None when no probe ran."""
     source: str = "plan"
+    unfit: str = ""
+    """On resume: that the checkpoint's micro-batch does not fit this allocation (and, where it is kept all the
+    same, why), else empty."""
 
     def line(self) -> str:
         accum = self.samples_per_rank // self.micro
         head = (f"train.micro_batch_size=auto: {self.micro} x {accum} accumulation = {self.samples_per_rank} examples "
                 f"per rank per step")
         if self.source == "checkpoint":
-            return f"{head} (from the checkpoint it resumes)"
+            return f"{head} (from the checkpoint it resumes{'; ' + self.unfit if self.unfit else ''})"
         planned = f"plan picked {self.planned} within {self.budget_gib:.1f} GiB per rank"
+        if self.unfit:
+            planned = f"{self.unfit}; {planned}"
         if self.source == "plan":
             return f"{head} ({planned}; no probe under ZeRO-3)"
         peak = f"{self.probe_peak_gib:.2f} GiB" if self.probe_peak_gib is not None else "not measured on this rank"
@@ -183,15 +189,39 @@ def choose(cfg: RunConfig, model_config: Any, env: dist.DistEnv, ds: dict[str, A
            resume_from: Any) -> AutoBatch:
     """The preflight's pick: the checkpoint's micro-batch on resume (when it divides the examples per step; a
     mismatch is then refused by the resume check), else :func:`plan_pick`. ``cfg`` is the provisional config
-    (micro-batch 1, ``grad_accum`` = examples per rank per step)."""
+    (micro-batch 1, ``grad_accum`` = examples per rank per step).
+
+    A checkpoint's micro-batch is kept (the continuation is then exact) unless the run resumes on less memory per
+    rank than the checkpoint's run sized against (``auto_budget_mib`` in its meta: another GPU, a smaller host
+    share) and plan does not fit it there: then it is chosen afresh (plan, and the probe under ZeRO-0/1/2) and the
+    run resumes from the layout-independent state, as on another allocation. On the same allocation the budget
+    is the same, so a plan that estimates a little otherwise from one start to the next never changes it. A
+    preference objective keeps its micro-batch (another one trains another objective) and is told."""
     auto = plan_pick(cfg, model_config, env, ds, longest)
     if resume_from is not None:
-        from ..runtime.checkpoint import read_meta
+        from ..runtime.checkpoint import layout_change_refusal, read_meta
 
-        m = read_meta(resume_from).get("micro_batch_size")
+        meta = read_meta(resume_from)
+        m = meta.get("micro_batch_size")
         if isinstance(m, int) and m >= 1 and auto.samples_per_rank % m == 0:
-            return replace(auto, planned=m, micro=m, source="checkpoint")
+            saved = meta.get("auto_budget_mib")
+            if m <= auto.planned or not isinstance(saved, int) or budget_mib(auto) >= saved:
+                return replace(auto, planned=m, micro=m, source="checkpoint")
+            unfit = (f"the checkpoint's micro-batch {m} does not fit the {auto.budget_gib:.1f} GiB per rank here (it "
+                     f"was sized for {saved / 1024:.1f} GiB)")
+            refusal = layout_change_refusal(resume_from, meta, {"precision": cfg.train.precision,
+                                                                "offload_optimizer": dsc.offloads_optimizer(ds)},
+                                            ["micro_batch_size"])
+            if refusal:  # kept, and said: the step may run out of memory
+                return replace(auto, planned=m, micro=m, source="checkpoint",
+                               unfit=f"{unfit}, kept: {refusal[0].lower()}{refusal[1:]}")
+            return replace(auto, micro=auto.planned, unfit=unfit)
     return replace(auto, micro=auto.planned)
+
+
+def budget_mib(auto: AutoBatch) -> int:
+    """What a checkpoint records of ``auto``'s budget (meta ``auto_budget_mib``), for :func:`choose` on resume."""
+    return int(auto.budget_gib * 1024)
 
 
 def set_ds_batch(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> None:

@@ -450,7 +450,9 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
             "global_batch": layout.global_batch, "zero_stage": dsc.stage_of(ds), "precision": cfg.train.precision,
             "offload_optimizer": dsc.offloads_optimizer(ds), "optimizer": dsc.optimizer_key(ds),
             **run_keys(cfg, model_config),
-            **measured_keys(cfg, eval_data)}
+            **measured_keys(cfg, eval_data),
+            # What micro_batch_size=auto sized against: a resume on less memory may choose afresh (autobatch.choose).
+            **({"auto_budget_mib": autobatch.budget_mib(auto)} if auto is not None else {})}
     portable, line, saved = False, "", None
     if resume_from is not None:
         saved, portable = ckpt.check_compatible(resume_from, meta)
