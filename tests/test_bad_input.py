@@ -352,3 +352,19 @@ def test_fuzz_config_loader_text_and_overrides(tmp_path: Path, text: str, overri
         build_config(apply_overrides({}, overrides))
     except UsageError:
         pass
+
+
+def test_empty_answers_are_counted_in_the_report(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 tiny_model: Path) -> None:
+    """Records with an empty output train on their end token alone (the reference recipe keeps them): the data
+    report counts them, so a file whose answers went missing in an export is seen before it trains."""
+    f = tmp_path / "d.json"
+    recs = [{"instruction": "你好", "input": "", "output": out} for out in ("", "很好。", "", "是")]
+    f.write_text(json.dumps(recs, ensure_ascii=False))
+    args = ["check", "--config", TINY, f"data.path={f}", f"model.path={tiny_model}", f"output.dir={tmp_path / 'o'}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 examples; 0 dropped" in out and "2 example(s) train on one label token: an empty answer" in out, out
+    assert main([*args, "data.append_eos=false"]) == 0  # no end token: nothing to train on, dropped as unlabeled
+    out = capsys.readouterr().out
+    assert "2 examples; 2 dropped" in out and "train on one label token" not in out, out

@@ -75,6 +75,14 @@ class TokenizedData:
             self.label_counts = counts.astype(np.int32)
         return self.label_counts
 
+    def single_label_examples(self) -> int:
+        """Examples (of SFT data) whose loss sees one label token: an empty answer, whose end token is all it trains
+        (the reference recipe keeps such records), or an answer cut to one token by truncation."""
+        if self.group != 1:
+            return 0
+        counts = self._label_counts()
+        return int(np.count_nonzero((counts[self.rows] if self.rows is not None else counts) == 1))
+
     def label_tokens(self) -> int:
         """Label tokens the loss sees: position 0 of an example is never predicted."""
         counts = self._label_counts()
