@@ -25,10 +25,13 @@ ia3_setup() {
   # The first node's address as Slurm reaches it (NodeAddr): a node's name need not resolve to it (NodeName=n1
   # NodeHostname=... NodeAddr=10.0.0.7), and every node reaches it, slurmd to slurmd. Its name where scontrol cannot
   # say (slurmctld busy).
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-  local addr
-  addr=$(scontrol show node "$MASTER_ADDR" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' | head -n 1)
-  MASTER_ADDR=${addr:-$MASTER_ADDR}
+  local first addr=""
+  first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  # (Never `scontrol show node` without a name: it lists every node of the cluster.)
+  [ -z "$first" ] ||
+    addr=$(scontrol show node "$first" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' | head -n 1)
+  addr=${addr%%,*}
+  MASTER_ADDR=${addr:-$first}
   # From the job id, not an inherited MASTER_PORT (sbatch exports the submitting shell's: every job from it would
   # share one port); below Linux's ephemeral range (32768+), where a port may be taken by any outgoing connection.
   # IA3_DIST_MASTER_PORT picks one by hand.

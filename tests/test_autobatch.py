@@ -219,13 +219,14 @@ def test_auto_refuses_a_deepspeed_file_that_fixes_the_batch(tmp_path: Path, tiny
     assert "but the run config gives 4 (train.global_batch_size)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["smaller", "same", "unrecorded", "no-state", "fp16"])
+@pytest.mark.parametrize("case", ["smaller", "other-world", "same", "unrecorded", "no-state", "fp16"])
 def test_a_resume_on_less_memory_chooses_afresh_what_no_longer_fits(tiny_model: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch,
                                                                     case: str) -> None:
     """A checkpoint written at micro-batch 12 with ample memory, resumed with a budget plan fits 4 in. On less
-    memory than the checkpoint's run sized for (its meta's auto_budget_mib), from a checkpoint with
-    layout-independent state, auto chooses afresh (and says why); on the same budget (the same allocation: a plan
+    memory than the checkpoint's run sized for (its meta's auto_budget_mib), or on another number of ranks (whose
+    resume is layout-independent anyway), from a checkpoint with layout-independent state, auto chooses afresh
+    (and says why); on the same budget (the same allocation: a plan
     that estimates otherwise from one start to the next must not break an exact continuation), without the record
     (an earlier ia3-dist), without that state, or in fp16 (whose loss scale that state lacks), the checkpoint's
     micro-batch stays, and the last two say why."""
@@ -247,22 +248,23 @@ def test_a_resume_on_less_memory_chooses_afresh_what_no_longer_fits(tiny_model: 
     monkeypatch.setattr(autobatch, "memory_budget", lambda *_: budget)
     ckpt = tmp_path / "step3"
     ckpt.mkdir()
-    meta = {"step": 3, "total_steps": 10, "world_size": 2, "micro_batch_size": 12, "grad_accum": 1,
+    meta = {"step": 3, "total_steps": 10, "world_size": 4 if case == "other-world" else 2, "micro_batch_size": 12,
+            "grad_accum": 1,
             "precision": "fp16" if case == "fp16" else "fp32", "objective": "sft"}
-    if case != "unrecorded":
+    if case not in ("unrecorded", "other-world"):
         meta["auto_budget_mib"] = int(budget / 2**20) if case == "same" else int(budget / 2**20) * 4
     (ckpt / "meta.json").write_text(json.dumps(meta))
     if case != "no-state":
         (ckpt / portable.STATE).write_bytes(b"")
         (ckpt / portable.INFO).write_text("{}")
     got = autobatch.choose(cfg, mc, env, ds, 64, ckpt)
-    if case == "smaller":
+    if case in ("smaller", "other-world"):
         assert (got.micro, got.source) == (4, "plan"), got
         assert "the checkpoint's micro-batch 12 does not fit the" in got.line() and "plan picked 4" in got.line()
+        assert ("it was sized for" in got.line()) is (case == "smaller")
     else:
         assert (got.micro, got.source) == (12, "checkpoint"), got
         line = got.line()
         assert "from the checkpoint it resumes" in line
-        said = {"no-state": "kept: it has no layout-independent state",
-                "fp16": "kept: in fp16 the dynamic loss scale lives in DeepSpeed's optimizer state"}.get(case)
+        said = "kept, as this checkpoint resumes only at its own micro-batch" if case in ("no-state", "fp16") else None
         assert (said in line) if said else ("does not fit" not in line), line

@@ -636,16 +636,17 @@ def test_task_data_preflight_reads_included_yaml(tmp_path: Path) -> None:
 
 def test_rows_measured_otherwise_are_told_apart() -> None:
     """An earlier row kept beside new ones is compared with what this evaluation writes for the same kind of row:
-    held-out rows on the base, dtype and limit; benchmark rows on lm-eval's version too, and on the local tasks'
-    digest where the task is evaluated now (another task may come from another dir). A setting an earlier
-    ia3-dist did not record is unknown ("?"), not assumed equal."""
+    held-out rows on the base and dtype; benchmark rows on the limit and lm-eval's version too, and on the local
+    tasks' digest (None without --include) where the task is evaluated now (another task may come from another
+    dir). A setting an earlier ia3-dist did not record is unknown ("?"), not assumed equal."""
     from ia3_dist.tools.benchmark import measured_otherwise
 
-    held = {"dtype": "bf16", "limit": None, "base": "/m"}
-    bench = {**held, "lm_eval": "0.4.13", "include_digest": "abc"}
+    held = {"dtype": "bf16", "base": "/m"}  # the held-out loss takes every example: no limit
+    bench = {**held, "limit": None, "lm_eval": "0.4.13", "include_digest": "abc"}
     settings = (held, bench)
     row = {"checkpoint": "step5", "step": 5, "value": 1.0}
     assert measured_otherwise({**row, "task": "heldout", **held}, settings, ["t"]) == ""
+    assert measured_otherwise({**row, "task": "heldout", **held, "limit": 3}, settings, ["t"]) == ""
     assert measured_otherwise({**row, "task": "t", **bench}, settings, ["t"]) == ""
     assert measured_otherwise({**row, "task": "t", **bench, "include_digest": "def"}, settings, ["t"]) == \
         "include digest def"

@@ -257,3 +257,19 @@ def test_set_device_is_the_ranks_gpu_and_nothing_off_the_gpu(monkeypatch) -> Non
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     set_device(DistEnv(rank=3, local_rank=3, world_size=4, local_world_size=4))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("mask, local, env, quota, want", [
+    (8, 8, {"SLURM_CPUS_ON_NODE": "32"}, None, 32),  # srun, one task per rank: each mask is 4 of the node's 32
+    (32, 8, {"SLURM_CPUS_ON_NODE": "1"}, None, 1),   # a launcher task on the cluster's default CPU
+    (4, 4, {"OMP_NUM_THREADS": "4"}, None, 16),      # deepspeed --bind_cores_to_rank: 4 ranks x their 4 cores
+    (2, 4, {}, None, 2),                             # 4 ranks sharing 2 cores
+    (64, 8, {}, 4, 4),                               # a container's quota of 4 CPUs
+])
+def test_node_cpus_counts_the_nodes_cpus_not_a_ranks_slice(tmp_path, mask: int, local: int, env: dict,
+                                                           quota: int | None, want: int) -> None:
+    from ia3_dist.runtime.cpus import node_cpus
+
+    if quota:
+        (tmp_path / "cpu.max").write_text(f"{quota * 100000} 100000\n")
+    assert node_cpus(local, list(range(mask)), tmp_path, env, host=64) == want

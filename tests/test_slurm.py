@@ -584,11 +584,12 @@ def test_sweep_runs_as_a_job_array_and_a_preempted_task_resumes_alone(cluster: i
         # single_node.sbatch starts, ignores it (it died of it at once, and Slurm killed the ranks before they
         # reached a step boundary: no checkpoint, exit 143); the ranks stop at the next step and checkpoint, the
         # batch shell requeues the task. Sent again only when slurmctld was too busy to take it ("Job can not be
-        # altered now, try again later" on a loaded box): a second TERM is not what is tested.
+        # altered now, try again later" on a loaded box): a second TERM is not what is tested. (Its exit code
+        # decides nothing else: the batch shell's log says whether the signal came.)
         log0 = next(sw.rglob(f"*-{job}_0.out"))
         t0 = time.time()
-        while (cancel := subprocess.run(["scancel", first], capture_output=True, text=True)).returncode != 0:
-            assert "try again" in cancel.stderr and time.time() - t0 < 120, (cancel.stderr, logs(sw))
+        while "try again" in subprocess.run(["scancel", first], capture_output=True, text=True).stderr:
+            assert time.time() - t0 < 120, logs(sw)
             time.sleep(2)
         while "caught SIGTERM" not in log0.read_text(errors="replace"):
             assert time.time() - t0 < 120, logs(sw)

@@ -37,8 +37,9 @@ def data_lines(d: TokenizedData, cfg: RunConfig) -> list[str]:
            if d.unlabeled and not len(d.dropped) else ""),
         f"  truncated at {cfg.data.max_length}: {d.truncated} ({100.0 * d.truncated / max(d.n_records, 1):.1f}%); "
         f"length p50 {pct[0]} p90 {pct[1]} p99 {pct[2]} max {int(lens.max())}; {n_labels} label tokens; " + origin,
-        *([f"  {single} example(s) train on one label token: an empty answer trains only its end token (kept, as "
-           f"the reference recipe does; drop such records from the data to leave them out)"]
+        *([f"  {single} example(s) train on one label token: an empty answer (its end token alone, kept as the "
+           f"reference recipe keeps it), or a one-token answer without data.append_eos, or one cut to a token by "
+           f"truncation"]
           if (single := d.single_label_examples()) else []),
         *(d.mix.lines() if d.mix is not None else []),
         *([f"  {d.held_copies} example(s) left out of training: copies of held-out examples (data.eval_ratio; the "

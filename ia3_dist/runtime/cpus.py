@@ -117,14 +117,21 @@ def rank_share(local_world: int, cores: list[int] | None = None, cgroup_root: Pa
     return max(1, min(n, s // local_world))
 
 
-def node_cpus(cores: list[int] | None = None, cgroup_root: Path = Path("/sys/fs/cgroup"),
-              environ: Mapping[str, str] | None = None) -> int:
-    """The CPUs this node's ranks may use together: the affinity mask, capped by a cgroup quota and by Slurm's
-    allocation on the node (see :func:`rank_share`)."""
-    n = len(affinity() if cores is None else cores)
+def node_cpus(local_world: int, cores: list[int] | None = None, cgroup_root: Path = Path("/sys/fs/cgroup"),
+              environ: Mapping[str, str] | None = None, host: int | None = None) -> int:
+    """The CPUs this node's ``local_world`` ranks have together: Slurm's allocation on the node where there is one,
+    else the affinity mask (a launcher's per-rank binding counts each rank's slice: :func:`_bound_per_rank`), both
+    capped by a cgroup quota. A rank's own mask under ``srun`` one task per rank is its share, not the node's."""
+    e = os.environ if environ is None else environ
+    mask = len(affinity() if cores is None else cores)
+    s = _slurm_cpus(e)
+    if s is not None:
+        n = s
+    else:
+        bound = _bound_per_rank(mask, local_world, host_cpus(cgroup_root) if host is None else host, e)
+        n = mask * local_world if bound else mask
     q = _quota(cgroup_root)
-    s = _slurm_cpus(os.environ if environ is None else environ)
-    return max(1, min(n, math.ceil(q) if q else n, s or n))
+    return max(1, min(n, math.ceil(q)) if q else n)
 
 
 def mask_is_allocation(cores: list[int], environ: Mapping[str, str] | None = None) -> bool:

@@ -127,7 +127,7 @@ def setup_threads(env: DistEnv, threads: int = 0, bind: bool = False) -> int:
     on 2 cores halve throughput); with ``bind``, pin the rank to its own slice of them."""
     cores = affinity()
     share = rank_share(env.local_world_size, cores)
-    node = node_cpus(cores)
+    node = node_cpus(env.local_world_size, cores)
     if node < env.local_world_size:
         print0(env, f"note: {node} CPU(s) on this node for its {env.local_world_size} ranks: they share cores, and "
                     f"every step's host side waits on them (a GPU rank's too); give the job a CPU per rank at least "

@@ -349,16 +349,16 @@ def base_of(adapter: Path, base: str | None) -> str:
 
 def measured_with(dtype: str, limit: int | None, base: str, include: Path | None) -> tuple[dict, dict]:
     """How this evaluation measures, written beside each value: ``(held-out rows, benchmark rows)``. Both: the base
-    model, its dtype and the document limit; a benchmark row also where its task came from (the lm-eval version
-    for its registry, and with --include the digest of the local task files and their data)."""
+    model and its dtype; a benchmark row also the document limit (the held-out loss takes every example), the
+    lm-eval version, and the digest of the local task files and their data (``--include``; None without)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    held: dict[str, Any] = {"dtype": dtype, "limit": limit, "base": base}
+    held: dict[str, Any] = {"dtype": dtype, "base": base}
     try:
         lm_eval = version("lm_eval")
     except PackageNotFoundError:
         lm_eval = None
-    bench = {**held, "lm_eval": lm_eval}
+    bench = {**held, "limit": limit, "lm_eval": lm_eval, "include_digest": None}
     if include is not None:
         from ..train.benchmarks import include_digest
 
@@ -373,7 +373,7 @@ _UNRECORDED = {"dtype": "fp32", "limit": None}
 def measured_otherwise(row: dict, settings: tuple[dict, dict], tasks: list[str]) -> str:
     """How an earlier row's settings differ from this evaluation's for the same row ("" where they do not): said
     when such rows stay beside new ones, which then compare unlike with like. A setting the row does not record
-    (written by an earlier ia3-dist) shows as "?"; the digest of local tasks counts only for a task evaluated now
+    (written by an earlier ia3-dist) shows as "?"; the local tasks' digest counts only for a task evaluated now
     (another task may come from another dir)."""
     want = settings[0] if row["task"] == "heldout" else settings[1]
     diff = []
@@ -460,6 +460,8 @@ def main(argv: list[str], prog: str) -> int:
         dist.init(env)
     try:
         dtype = args.dtype or run_precision(run if run is not None else path.parent)
+        # Before the evaluation: a task file that cannot be read fails now, not once the results are in.
+        settings = measured_with(dtype, args.limit, base_of(adapter, args.base), args.include)
         rows = evaluate_points(adapter, pts, tasks, tm, args.batch_size, args.limit, run, args.base, env, dtype)
     finally:
         dist.destroy()
@@ -472,7 +474,6 @@ def main(argv: list[str], prog: str) -> int:
             from None
     # Beside the rows of earlier evaluations (other tasks, other checkpoints); a point evaluated again replaces its
     # rows.
-    settings = measured_with(dtype, args.limit, base_of(adapter, args.base), args.include)
     for r in rows:  # how each row was measured: rows of other settings may stay beside them
         r.update(settings[0] if r["task"] == "heldout" else settings[1])
     earlier = earlier_rows(out / RESULTS)

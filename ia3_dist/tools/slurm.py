@@ -387,9 +387,11 @@ def cpus_note(job: Job) -> None:
     unless the cluster sets DefCpuPerGPU, so the launcher and all of a node's GPU ranks may share one core, and
     every step's host side (the Python of the step, the data, the collectives' launches) waits on it."""
     if job.gpus_per_node and not job.cpus_per_node:
+        who = ("one per GPU rank, each rank's Python, data and launches on one core" if job.launcher == "srun" else
+               f"which the launcher and the node's {job.gpus_per_node} GPU rank(s) would share")
         print(f"note: no --cpus-per-node: the job gets the cluster's default CPUs (one per task unless it sets "
-              f"DefCpuPerGPU), which the launcher and the node's {job.gpus_per_node} GPU rank(s) would share; give "
-              f"--cpus-per-node (a few per GPU, e.g. {4 * job.gpus_per_node})", file=sys.stderr)
+              f"DefCpuPerGPU), {who}; give --cpus-per-node (a few per GPU, e.g. {4 * job.gpus_per_node})",
+              file=sys.stderr)
 
 
 def range_note(job: Job) -> None:

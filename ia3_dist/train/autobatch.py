@@ -191,12 +191,13 @@ def choose(cfg: RunConfig, model_config: Any, env: dist.DistEnv, ds: dict[str, A
     mismatch is then refused by the resume check), else :func:`plan_pick`. ``cfg`` is the provisional config
     (micro-batch 1, ``grad_accum`` = examples per rank per step).
 
-    A checkpoint's micro-batch is kept (the continuation is then exact) unless the run resumes on less memory per
-    rank than the checkpoint's run sized against (``auto_budget_mib`` in its meta: another GPU, a smaller host
-    share) and plan does not fit it there: then it is chosen afresh (plan, and the probe under ZeRO-0/1/2) and the
-    run resumes from the layout-independent state, as on another allocation. On the same allocation the budget
-    is the same, so a plan that estimates a little otherwise from one start to the next never changes it. A
-    preference objective keeps its micro-batch (another one trains another objective) and is told."""
+    A checkpoint's micro-batch is kept (the continuation is then exact) unless plan does not fit it here and the
+    run resumes on less memory per rank than the checkpoint's run sized against (``auto_budget_mib`` in its
+    meta: another GPU, a smaller host share) or on another number of ranks or ZeRO stage: then it is chosen
+    afresh (plan, and the probe under ZeRO-0/1/2) and the run resumes from the layout-independent state, as on
+    another allocation. On the same allocation the budget is the same, so a plan that estimates a little
+    otherwise from one start to the next never changes it. A checkpoint that resumes only at its own micro-batch
+    (fp16, offload, no layout-independent state: :func:`layout_change_refusal`) keeps it and is told."""
     auto = plan_pick(cfg, model_config, env, ds, longest)
     if resume_from is not None:
         from ..runtime.checkpoint import layout_change_refusal, read_meta
@@ -205,16 +206,23 @@ def choose(cfg: RunConfig, model_config: Any, env: dist.DistEnv, ds: dict[str, A
         m = meta.get("micro_batch_size")
         if isinstance(m, int) and m >= 1 and auto.samples_per_rank % m == 0:
             saved = meta.get("auto_budget_mib")
-            if m <= auto.planned or not isinstance(saved, int) or budget_mib(auto) >= saved:
+            less = isinstance(saved, int) and budget_mib(auto) < saved
+            # Another number of ranks or ZeRO stage resumes from the layout-independent state anyway (ZeRO-3's
+            # shards grow on fewer ranks): nothing exact to keep.
+            moved = meta.get("world_size") != env.world_size or meta.get("zero_stage", dsc.stage_of(ds)) != \
+                dsc.stage_of(ds)
+            if m <= auto.planned or not (less or moved):
                 return replace(auto, planned=m, micro=m, source="checkpoint")
-            unfit = (f"the checkpoint's micro-batch {m} does not fit the {auto.budget_gib:.1f} GiB per rank here (it "
-                     f"was sized for {saved / 1024:.1f} GiB)")
+            unfit = (f"the checkpoint's micro-batch {m} does not fit the {auto.budget_gib:.1f} GiB per rank here"
+                     + (f" (it was sized for {saved / 1024:.1f} GiB)" if less else ""))
             refusal = layout_change_refusal(resume_from, meta, {"precision": cfg.train.precision,
                                                                 "offload_optimizer": dsc.offloads_optimizer(ds)},
                                             ["micro_batch_size"])
             if refusal:  # kept, and said: the step may run out of memory
                 return replace(auto, planned=m, micro=m, source="checkpoint",
-                               unfit=f"{unfit}, kept: {refusal[0].lower()}{refusal[1:]}")
+                               unfit=f"{unfit}; kept, as this checkpoint resumes only at its own micro-batch (see "
+                                     f"ia3-dist plan for the memory it needs; ia3.init_from starts a new run from its "
+                                     f"vectors)")
             return replace(auto, micro=auto.planned, unfit=unfit)
     return replace(auto, micro=auto.planned)
 

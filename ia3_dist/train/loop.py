@@ -238,7 +238,11 @@ class Trainer:
         """train.early_stopping.final=best: the best evaluation's vectors (rank 0; gathered on every rank)."""
         if p.resume_from is not None:
             assert p.resumed is not None, "prepare reads the resumed checkpoint's meta.json"
-            dist.print0(p.env, p.resume_line)
+            line = p.resume_line
+            if p.auto is not None and p.auto.source == "probe":
+                # Built in the preflight, before the probe settled the micro-batch: said with the layout it uses.
+                line = ckpt.resume_line(p.resume_from, p.resumed, p.meta, p.resume_portable) + p.resume_measured
+            dist.print0(p.env, line)
             self.start = ckpt.load(self.engine, p.resume_from, p.resume_portable)
             self.selection.restore(p.resumed, str(p.resume_from / ckpt.META))
             self._restore_best()

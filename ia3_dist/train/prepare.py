@@ -71,6 +71,8 @@ class Prepared:
     resume_portable: bool = False
     """The checkpoint was saved on another layout (ranks, cut or ZeRO stage): its layout-independent state loads."""
     resume_line: str = ""
+    resume_measured: str = ""
+    """The part of ``resume_line`` about the measurements the checkpoint's run logged (``check_measured``)."""
     resumed: dict[str, Any] | None = None
     """The resumed checkpoint's meta.json, read and checked once here (None for a fresh run)."""
     resume_best: dict[str, Any] | None = None
@@ -434,6 +436,12 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     if auto_micro:
         auto = autobatch.choose(cfg, model_config, env, ds, int(data.lengths.max()), resume_from)
         cfg = autobatch.with_micro(cfg, auto.micro, auto.samples_per_rank)
+        if auto.source != "checkpoint" and resume_from is not None and cfg.data.group_by_length is None:
+            # Chosen afresh on resume: the order stays the checkpoint's (group_by_length follows the micro-batch
+            # unless set, and the probe may still shrink it to 1).
+            grouped = ckpt.read_meta(resume_from).get("group_by_length")
+            if isinstance(grouped, bool):
+                cfg = replace(cfg, data=replace(cfg.data, group_by_length=grouped))
         autobatch.set_ds_batch(ds, cfg, env.world_size)
     layout = _layout(cfg, env, pairs)
     if pack_length is not None:
@@ -453,11 +461,11 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
             **measured_keys(cfg, eval_data),
             # What micro_batch_size=auto sized against: a resume on less memory may choose afresh (autobatch.choose).
             **({"auto_budget_mib": autobatch.budget_mib(auto)} if auto is not None else {})}
-    portable, line, saved = False, "", None
+    portable, line, saved, measured = False, "", None, ""
     if resume_from is not None:
         saved, portable = ckpt.check_compatible(resume_from, meta)
-        line = ckpt.resume_line(resume_from, saved, meta, portable) + \
-            check_measured(cfg, saved, meta, str(resume_from / ckpt.META))
+        measured = check_measured(cfg, saved, meta, str(resume_from / ckpt.META))
+        line = ckpt.resume_line(resume_from, saved, meta, portable) + measured
         if not portable:
             safe_load.check_checkpoint_dir(resume_from)
     bench = None
@@ -468,7 +476,8 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         bench = Benchmarks(cfg, env, replicated=dsc.stage_of(ds) == 3)
     return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data,
                     auto=auto, support=support, stage_note=stage_note, resume_portable=portable, resume_line=line,
-                    resumed=saved, resume_best=resume_best, bench=bench, weights_dir=weights_dir)
+                    resume_measured=measured, resumed=saved, resume_best=resume_best, bench=bench,
+                    weights_dir=weights_dir)
 
 
 def prepare_data(cfg: RunConfig) -> str:
