@@ -521,3 +521,41 @@ def test_resume_is_exact_with_dropout_on_every_rank(tmp_path: Path, demo_model: 
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-6), (s, a[s], b[s])
+
+
+def test_auto_micro_batch_chosen_afresh_on_less_memory_keeps_the_checkpoints_order(tmp_path: Path) -> None:
+    """A run with micro_batch_size=auto (4 x 2 here, so its examples are grouped by length: group_by_length
+    follows the micro-batch unless set) stopped at step 3, resumed where its memory budget fits only micro-batch 1:
+    the preflight chooses afresh (the checkpoint recorded the budget it sized against) and resumes from the
+    layout-independent state, in the checkpoint's order (grouped), which micro-batch 1 alone would have left."""
+    from ia3_dist.config import load_config
+    from ia3_dist.models import memory
+    from ia3_dist.runtime.dist import DistEnv
+    from ia3_dist.train import autobatch
+    from ia3_dist.train.prepare import prepare
+
+    out = tmp_path / "auto"
+    # group_by_length unset (tiny-cpu.yaml turns it off): it follows the micro-batch.
+    auto = ("train.micro_batch_size=auto", "train.grad_accum=8", "data.group_by_length=null")
+    proc = check(run2(out, *auto, "train.stop_after_steps=3", env={"IA3_DIST_FAULT": "probe:8:1:oom"}))
+    assert "4 x 2 accumulation" in proc.stdout, proc.stdout[-3000:]
+    meta = json.loads((out / "checkpoints" / "step3" / "meta.json").read_text())
+    assert meta["group_by_length"] is True and meta["micro_batch_size"] == 4 and meta["auto_budget_mib"] > 0
+    cfg = load_config(TINY, ["deepspeed.config=zero2", f"output.dir={out}", *RUN, *auto, "train.resume=auto"])
+    env = DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2)
+    # The same budget as the checkpoint's run: its micro-batch stays (an exact continuation).
+    same = prepare(cfg, env)
+    assert (same.auto.micro, same.auto.source) == (4, "checkpoint") and not same.resume_portable
+    # A budget between what plan counts for micro-batch 1 and 2 at the data's longest example.
+    s = memory.shape_of(same.model_config, cfg.ia3, cfg.train.loss_chunk_mib)
+    longest = int(same.data.lengths.max())
+    need = [memory.rank_memory(s, "", 2, False, 2, longest, m, 4, False, memory.framework_rss()).gpu_total
+            for m in (1, 2)]
+    budget = (need[0] + need[1]) / 2
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autobatch, "memory_budget", lambda *_: budget)
+        p = prepare(cfg, env)
+    assert (p.auto.micro, p.auto.source) == (1, "plan") and "the checkpoint's micro-batch 4 does not fit" in \
+        p.auto.line(), p.auto.line()
+    assert p.resume_portable and p.layout.group_by_length and p.cfg.data.group_by_length is True
+    assert (p.layout.micro, p.layout.accum) == (1, 8)
