@@ -634,25 +634,34 @@ def test_task_data_preflight_reads_included_yaml(tmp_path: Path) -> None:
         _local_task_files(bad)
 
 
-def test_rows_measured_otherwise_are_told_apart() -> None:
-    """An earlier row kept beside new ones is compared with what this evaluation writes for the same kind of row:
-    held-out rows on the base and dtype; benchmark rows on the limit and lm-eval's version too, and on the local
-    tasks' digest (None without --include) where the task is evaluated now (another task may come from another
-    dir). A setting an earlier ia3-dist did not record is unknown ("?"), not assumed equal."""
-    from ia3_dist.tools.benchmark import measured_otherwise
+def test_rows_measured_otherwise_are_told_apart(tmp_path: Path) -> None:
+    """An earlier row kept beside new ones is compared with what this evaluation writes for the same row: held-out
+    rows on the base and dtype; benchmark rows on the limit and lm-eval's version too, and on the digest of the
+    --include dir for a task that dir defines and that is evaluated now (a registry task's rows carry None; another
+    task may come from another dir). A setting an earlier ia3-dist did not record is unknown ("?"), not assumed
+    equal."""
+    from ia3_dist.tools.benchmark import Settings, measured_otherwise, measured_with
+    from ia3_dist.train.benchmarks import include_digest
+
+    got = measured_with("bf16", None, "/m", TASKS)
+    assert got.local == {"tiny_mc"} and got.digest == include_digest(TASKS)[:16]
+    assert got.of({"task": "tiny_mc"})["include_digest"] == got.digest
+    assert got.of({"task": "hellaswag"})["include_digest"] is None
+    assert got.of({"task": "heldout"}) == {"dtype": "bf16", "base": "/m"}
 
     held = {"dtype": "bf16", "base": "/m"}  # the held-out loss takes every example: no limit
-    bench = {**held, "limit": None, "lm_eval": "0.4.13", "include_digest": "abc"}
-    settings = (held, bench)
+    bench = {**held, "limit": None, "lm_eval": "0.4.13", "include_digest": None}
+    settings = Settings(held, bench, "abc", frozenset({"t", "u"}))
     row = {"checkpoint": "step5", "step": 5, "value": 1.0}
     assert measured_otherwise({**row, "task": "heldout", **held}, settings, ["t"]) == ""
     assert measured_otherwise({**row, "task": "heldout", **held, "limit": 3}, settings, ["t"]) == ""
-    assert measured_otherwise({**row, "task": "t", **bench}, settings, ["t"]) == ""
+    assert measured_otherwise({**row, "task": "t", **bench, "include_digest": "abc"}, settings, ["t"]) == ""
     assert measured_otherwise({**row, "task": "t", **bench, "include_digest": "def"}, settings, ["t"]) == \
         "include digest def"
     assert measured_otherwise({**row, "task": "u", **bench, "include_digest": "def"}, settings, ["t"]) == ""
-    assert measured_otherwise({**row, "task": "t", **bench, "lm_eval": "0.4.9", "limit": 3}, settings, ["t"]) == \
-        "limit 3, lm eval 0.4.9"
+    assert measured_otherwise({**row, "task": "reg", **bench}, settings, ["reg"]) == ""  # registry: None both
+    assert measured_otherwise({**row, "task": "t", **bench, "include_digest": "abc", "lm_eval": "0.4.9", "limit": 3},
+                              settings, ["t"]) == "limit 3, lm eval 0.4.9"
     # Written before ia3-dist recorded them: dtype was fp32 then, the rest is unknown.
     assert measured_otherwise({**row, "task": "heldout"}, settings, []) == "dtype fp32, base ?"
 

@@ -347,10 +347,27 @@ def base_of(adapter: Path, base: str | None) -> str:
     return str(base or read_adapter_config(adapter).get("base_model_name_or_path") or "")
 
 
-def measured_with(dtype: str, limit: int | None, base: str, include: Path | None) -> tuple[dict, dict]:
-    """How this evaluation measures, written beside each value: ``(held-out rows, benchmark rows)``. Both: the base
-    model and its dtype; a benchmark row also the document limit (the held-out loss takes every example), the
-    lm-eval version, and the digest of the local task files and their data (``--include``; None without)."""
+@dataclass
+class Settings:
+    """How this evaluation measures, written beside each value (:meth:`of`)."""
+
+    held: dict[str, Any]
+    """A held-out row's: the base model and its dtype (the held-out loss takes every example: no limit)."""
+    bench: dict[str, Any]
+    """A benchmark row's: also the document limit, the lm-eval version and ``include_digest`` (None)."""
+    digest: str | None = None
+    """The digest of the ``--include`` dir's task files and their data (None without --include)."""
+    local: frozenset[str] = frozenset()
+    """The tasks and groups the ``--include`` dir defines: their rows carry :attr:`digest`."""
+
+    def of(self, row: dict) -> dict[str, Any]:
+        if row["task"] == "heldout":
+            return self.held
+        return {**self.bench, "include_digest": self.digest if row["task"] in self.local else None}
+
+
+def measured_with(dtype: str, limit: int | None, base: str, include: Path | None) -> Settings:
+    """This evaluation's :class:`Settings`; a local task dir is read (and digested) here, before anything runs."""
     from importlib.metadata import PackageNotFoundError, version
 
     held: dict[str, Any] = {"dtype": dtype, "base": base}
@@ -358,26 +375,25 @@ def measured_with(dtype: str, limit: int | None, base: str, include: Path | None
         lm_eval = version("lm_eval")
     except PackageNotFoundError:
         lm_eval = None
-    bench = {**held, "limit": limit, "lm_eval": lm_eval, "include_digest": None}
+    got = Settings(held, {**held, "limit": limit, "lm_eval": lm_eval, "include_digest": None})
     if include is not None:
-        from ..train.benchmarks import include_digest
+        from ..train.benchmarks import include_digest, local_task_names
 
-        bench["include_digest"] = include_digest(include)[:16]
-    return held, bench
+        got.digest, got.local = include_digest(include)[:16], frozenset(local_task_names(include))
+    return got
 
 
 # What a row written before ia3-dist recorded a setting was measured with, where that is known.
 _UNRECORDED = {"dtype": "fp32", "limit": None}
 
 
-def measured_otherwise(row: dict, settings: tuple[dict, dict], tasks: list[str]) -> str:
-    """How an earlier row's settings differ from this evaluation's for the same row ("" where they do not): said
-    when such rows stay beside new ones, which then compare unlike with like. A setting the row does not record
-    (written by an earlier ia3-dist) shows as "?"; the local tasks' digest counts only for a task evaluated now
-    (another task may come from another dir)."""
-    want = settings[0] if row["task"] == "heldout" else settings[1]
+def measured_otherwise(row: dict, settings: Settings, tasks: list[str]) -> str:
+    """How an earlier row's settings differ from what this evaluation writes for the same row ("" where they do
+    not): said when such rows stay beside new ones, which then compare unlike with like. A setting the row does
+    not record (written by an earlier ia3-dist) shows as "?"; the local tasks' digest counts only for a task
+    evaluated now (another task may come from another dir)."""
     diff = []
-    for k, v in want.items():
+    for k, v in settings.of(row).items():
         if k == "include_digest" and row["task"] not in tasks:
             continue
         got = row.get(k, _UNRECORDED.get(k, "?"))
@@ -475,7 +491,7 @@ def main(argv: list[str], prog: str) -> int:
     # Beside the rows of earlier evaluations (other tasks, other checkpoints); a point evaluated again replaces its
     # rows.
     for r in rows:  # how each row was measured: rows of other settings may stay beside them
-        r.update(settings[0] if r["task"] == "heldout" else settings[1])
+        r.update(settings.of(r))
     earlier = earlier_rows(out / RESULTS)
     new = {_row_key(r) for r in rows}
     kept = [r for r in earlier if _row_key(r) not in new]

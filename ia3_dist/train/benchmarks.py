@@ -137,6 +137,15 @@ def _local_task_files(include: Path | None, key: str = "--include") -> None:
                                  f"on this machine; evaluation runs offline")
 
 
+def local_task_names(include: Path) -> set[str]:
+    """The tasks and groups the YAML files under ``include`` define (by their ``task`` and ``group`` names; a
+    group's member list may name registry tasks, which are not counted)."""
+    names = set()
+    for _, spec, _ in _task_files(include):
+        names.update(v for v in (spec.get("task"), spec.get("group")) if isinstance(v, str))
+    return names
+
+
 def include_digest(include: Path) -> str:
     """A digest of what the local tasks in ``include`` evaluate: every file under it (task YAMLs, the Python of
     their ``!function`` hooks, data beside them) and each data file a task names elsewhere, by content. A resume
