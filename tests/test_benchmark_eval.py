@@ -514,13 +514,17 @@ def test_eval_takes_the_adapters_generate_accepts(save: str, tmp_path: Path, tin
     assert seen and all(float(v.min()) == float(v.max()) == 0.5 for v in seen[0].values())
 
 
-def _sampling_task(d: Path) -> Path:
-    """tiny_gen: a generate_until task that samples (do_sample), with local data in ``d``."""
+GEN_QUESTIONS = ("熊猫怎么样？", "太阳怎么样？", "大海怎么样？")
+
+
+def _gen_task(d: Path, name: str, targets: list[str], generation: str) -> Path:
+    """A generate_until task ``name`` over :data:`GEN_QUESTIONS` and their ``targets`` (exact match), with local
+    data in ``d``; ``generation``: its generation_kwargs besides ``until: ["。"]``, as YAML lines."""
     d.mkdir(parents=True, exist_ok=True)
-    data = d / "gen.jsonl"
-    data.write_text("".join(json.dumps({"q": q, "a": "很好"}, ensure_ascii=False) + "\n"
-                            for q in ("熊猫怎么样？", "太阳怎么样？", "大海怎么样？")), encoding="utf-8")
-    (d / "tiny_gen.yaml").write_text(f"""task: tiny_gen
+    data = d / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"q": q, "a": a}, ensure_ascii=False) + "\n"
+                            for q, a in zip(GEN_QUESTIONS, targets, strict=True)), encoding="utf-8")
+    (d / f"{name}.yaml").write_text(f"""task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -531,15 +535,17 @@ doc_to_text: "{{{{q}}}}"
 doc_to_target: "{{{{a}}}}"
 generation_kwargs:
   until: ["。"]
-  do_sample: true
-  temperature: 1.0
-  max_gen_toks: 4
-metric_list:
+{generation}metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
 """, encoding="utf-8")
     return d
+
+
+def _sampling_task(d: Path) -> Path:
+    """tiny_gen: a generate_until task that samples (do_sample)."""
+    return _gen_task(d, "tiny_gen", ["很好"] * 3, "  do_sample: true\n  temperature: 1.0\n  max_gen_toks: 4\n")
 
 
 @pytest.mark.slow
@@ -667,31 +673,8 @@ def test_rows_measured_otherwise_are_told_apart(tmp_path: Path) -> None:
 
 
 def _greedy_task(d: Path, targets: list[str]) -> Path:
-    """tiny_greedy: a greedy generate_until task (lm-eval's default decoding) over three prompts."""
-    d.mkdir(parents=True, exist_ok=True)
-    data = d / "greedy.jsonl"
-    data.write_text("".join(json.dumps({"q": q, "a": a}, ensure_ascii=False) + "\n"
-                            for q, a in zip(("熊猫怎么样？", "太阳怎么样？", "大海怎么样？"), targets, strict=True)),
-                    encoding="utf-8")
-    (d / "tiny_greedy.yaml").write_text(f"""task: tiny_greedy
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{q}}}}"
-doc_to_target: "{{{{a}}}}"
-generation_kwargs:
-  until: ["。"]
-  do_sample: false
-  max_gen_toks: 8
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-""", encoding="utf-8")
-    return d
+    """tiny_greedy: a greedy generate_until task (lm-eval's default decoding)."""
+    return _gen_task(d, "tiny_greedy", targets, "  do_sample: false\n  max_gen_toks: 8\n")
 
 
 @pytest.mark.slow
@@ -718,9 +701,8 @@ def test_generate_until_decodes_with_the_models_repetition_penalty_as_the_lm_eva
     [samples] = list(out.rglob("samples_tiny_greedy*.jsonl"))
     answers = {json.loads(ln)["doc"]["q"]: json.loads(ln)["filtered_resps"][0]
                for ln in samples.read_text(encoding="utf-8").splitlines()}
-    qs = ("熊猫怎么样？", "太阳怎么样？", "大海怎么样？")
-    assert all(answers[q] for q in qs), answers
-    tasks = _greedy_task(tmp_path / "tasks", [answers[q] for q in qs])
+    assert all(answers[q] for q in GEN_QUESTIONS), answers
+    tasks = _greedy_task(tmp_path / "tasks", [answers[q] for q in GEN_QUESTIONS])
 
     model, tok, _, _ = load_for_inference(str(model_dir))
     assert model.generation_config.repetition_penalty == 5.0
