@@ -7,7 +7,8 @@ DeepSpeed on CPU silently trains every rank on all data. Its sampling is made se
 global batches. The data mixes in records whose prompt alone exceeds max_length (no label left after
 truncation): the recipe keeps them in its batches, and so does the launcher with ``data.unlabeled=keep``.
 Per-step losses must agree within 1e-6 relative and the final IA3 vectors within 1e-5 (fp32 reassociation in
-a few thousand AdamW updates), for (world 1, ZeRO-0), (world 2, ZeRO-1/2/3 and ZeRO-3 offload), for the splits
+a few thousand AdamW updates; 1e-4 with SDPA attention, another algorithm: RTOL_VECTORS_SDPA), for (world 1,
+ZeRO-0), (world 2, ZeRO-1/2/3 and ZeRO-3 offload), for the splits
 1x8, 2x4, 8x1 of global batch 8, with HF's cosine schedule and warmup, and with the speed options on (SDPA
 attention, chunked loss); and for tiny random Llama, Qwen2, Mistral and GPT-NeoX models (one layout each, world 1
 ZeRO-0 or world 2 ZeRO-3, the splits spread across them). Packed runs (``data.packing``) meet the same tolerances
@@ -32,6 +33,13 @@ pytestmark = pytest.mark.slow
 N_RECORDS = 96   # 12 optimizer steps of global batch 8
 RTOL_LOSS = 1e-6
 RTOL_VECTORS = 1e-5
+# SDPA's CPU kernel is another algorithm than eager's (blockwise softmax, its own backward), as accurate against
+# float64 (measured: gradients of q, k, v within 3.6e-7, 5.6e-7, 5.6e-7 relative, eager 2.6e-7, 5.0e-7, 5.6e-7)
+# but with its own roundings, where the eager path repeats the reference's ops. The losses still agree within
+# RTOL_LOSS (measured up to 4.6e-7); the vectors, where AdamW amplifies the error of a few coordinates whose gradient
+# is mostly cancellation, were measured at 1.2e-6 (one box), 7.3e-6 (AVX512 kernels here), 9.3e-6
+# (ATEN_CPU_CAPABILITY=default), 1.5e-5 (=avx2) and once 3.3e-5 in CI, eager at the same split at 4.7e-7.
+RTOL_VECTORS_SDPA = 1e-4
 # Records (of the 96) whose prompt is made longer than max_length, spread over the steps: labels all masked.
 LONG_AT = (3, 17, 40, 41, 66, 90)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_zh_demo.json"
@@ -203,7 +211,7 @@ def _run_and_compare(case: str, ref: dict, parity_data: Path, out: Path, world: 
           f"(vectors moved up to {moved:.3f} from init)")
     assert moved > 1e-3
     assert loss_rel < RTOL_LOSS, (got, want)
-    assert vec_rel < RTOL_VECTORS
+    assert vec_rel < (RTOL_VECTORS_SDPA if "model.attention=sdpa" in extra else RTOL_VECTORS)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -2,7 +2,7 @@
 relative (a reward is beta times the difference of two summed log-probs of magnitude ~10, which fp32 resolves to
 ~1e-6 absolute, and ORPO's log odds are differences too: those are compared against a floor of 0.1 when near 0,
 log-probs and the rest against 1e-2), IA3
-vectors within 1e-4
+vectors within 5e-4 absolute (VEC_TOL)
 after 10 steps, for ``dpo``, ``orpo`` and ``simpo``, tiny Bloom and tiny Llama, one process ZeRO-0 and 2 ranks
 ZeRO-3, two micro-batch splits of the global batch of 8 pairs; DPO's other losses and label smoothing; SFT then
 DPO from the SFT adapter, whose reference is that adapter; the embedded demo.
@@ -28,7 +28,14 @@ from ia3_dist.train.demo import make_pairs
 
 pytestmark = pytest.mark.slow
 STEPS, LR = 10, 1e-2
-RTOL, FLOOR, REWARD_FLOOR, VEC_TOL = 1e-5, 1e-2, 0.1, 1e-4
+RTOL, FLOOR, REWARD_FLOOR = 1e-5, 1e-2, 0.1
+# IA3 vectors, absolute (they start at 1 and move up to ~0.1 in these 10 steps at lr 1e-2). Other sums than TRL's
+# (batch layout, chunked log-probs) round otherwise, and AdamW amplifies that in the few coordinates whose gradient
+# is mostly cancellation: on the pretrained demo Bloom, measured 3.7e-6 to 4.6e-5 with ATen's AVX512 kernels, up to
+# 7.7e-5 with its AVX2 and 7.2e-5 with its default ones (ATEN_CPU_CAPABILITY; the CPU decides which a box runs), and
+# once 2.0e-4 in CI (ipo); tiny random Llama 1.2e-7 to 2.4e-7. A step more or less, or another beta, moves them by
+# ~1e-2.
+VEC_TOL = 5e-4
 # (ranks, ZeRO config, micro-batch, accumulation): 8 pairs per step in every case.
 LAYOUTS = {"w1-zero0-1x8": (1, "zero0", 1, 8), "w1-zero0-2x4": (1, "zero0", 2, 4),
            "w2-zero3-1x4": (2, "zero3", 1, 4), "w2-zero3-2x2": (2, "zero3", 2, 2)}
