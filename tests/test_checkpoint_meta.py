@@ -25,12 +25,12 @@ META = {"world_size": 2, "micro_batch_size": 1, "grad_accum": 4, "seed": 42, "sh
         "global_batch": 8, "zero_stage": 2, "precision": "fp32", "offload_optimizer": False,
         "model_key": "bloom-0123456789abcdef", "ia3": '{"variant": "default"}', "schedule": "lr 0.003, linear",
         "objective": "sft", "eval_key": "none", "bench_key": "none", "reference_start": "0f" * 16,
-        "optimizer": '{"type": "AdamW"}', "held_copies": 0}
+        "optimizer": '{"type": "AdamW"}', "held_copies": 0, "base_weights": "0123456789abcdef"}
 CHANGED = {"seed": 7, "shuffle": False, "total_steps": 24, "data_key": "def456", "n_examples": 95,
            "group_by_length": True, "order_version": 1, "precision": "bf16", "model_key": "llama-0123456789abcdef",
            "ia3": '{"variant": "paper"}', "schedule": "lr 0.01, linear",
            "objective": "dpo beta=0.1 loss_type=sigmoid label_smoothing=0.0", "reference_start": "a1" * 16,
-           "optimizer": '{"amsgrad": true, "type": "AdamW"}'}
+           "optimizer": '{"amsgrad": true, "type": "AdamW"}', "base_weights": "fedcba9876543210"}
 # The same 8 examples per step, cut otherwise.
 RECUT = [{"world_size": 1, "grad_accum": 8}, {"micro_batch_size": 2, "grad_accum": 2}, {"zero_stage": 3},
          {"world_size": 4, "grad_accum": 2, "zero_stage": 0}]
@@ -62,6 +62,74 @@ def test_every_key_is_checked() -> None:
 def test_each_difference_is_refused_naming_it(tmp_path: Path, key: str) -> None:
     with pytest.raises(UsageError, match=f"saved with {key}=.*this run has"):
         check_compatible(_ckpt(tmp_path), {**META, key: CHANGED[key]})
+
+
+def test_base_weights_may_be_left_unchecked_and_nothing_else(tmp_path: Path) -> None:
+    """checkpoint.check_base_weights=false: the fingerprint may differ; every other key is still held."""
+    ck = _ckpt(tmp_path)
+    assert not check_compatible(ck, {**META, "base_weights": CHANGED["base_weights"]}, ("base_weights",))[1]
+    with pytest.raises(UsageError, match="saved with seed=42, this run has 7"):
+        check_compatible(ck, {**META, "base_weights": CHANGED["base_weights"], "seed": 7}, ("base_weights",))
+    with pytest.raises(UsageError, match="base_weights=.*checkpoint.check_base_weights=false resumes"):
+        check_compatible(ck, {**META, "base_weights": CHANGED["base_weights"]})
+
+
+def _weights(d: Path, tensors: dict, shards: int = 1, fmt: str = "safetensors") -> Path:
+    """``tensors`` as a model dir's weights: one file, ``shards`` safetensors files with an index, or a .bin as
+    transformers before 5 wrote it (torch.save of the tensors)."""
+    import torch
+    from safetensors.torch import save_file
+
+    d.mkdir()
+    if fmt == "bin":
+        torch.save(tensors, d / "pytorch_model.bin")
+    elif shards == 1:
+        save_file(tensors, d / "model.safetensors")
+    else:
+        names = sorted(tensors)
+        where = {n: f"model-{i % shards:05d}.safetensors" for i, n in enumerate(names)}
+        for f in set(where.values()):
+            save_file({n: tensors[n] for n in names if where[n] == f}, d / f)
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": where}))
+    return d
+
+
+def test_weights_fingerprint_follows_the_tensors_not_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same tensors in one safetensors file, in shards, or in a .bin: one fingerprint. A value changed in any
+    tensor's leading bytes, the dtype or a name: another. Past 64 tensors it reads 64 of them."""
+    import torch
+
+    from ia3_dist.models import files
+    from ia3_dist.models.files import weights_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"h.{i}.{k}": torch.randn(16, 24, generator=g) for i in range(6) for k in ("qkv", "mlp")}
+    tensors["ln.bias"] = torch.zeros(16, dtype=torch.bfloat16)
+    fp = weights_fingerprint(_weights(tmp_path / "one", tensors))
+    assert weights_fingerprint(_weights(tmp_path / "shards", tensors, shards=3)) == fp
+    assert weights_fingerprint(_weights(tmp_path / "bin", tensors, fmt="bin")) == fp
+    for i, name in enumerate(tensors):  # fewer than 64 tensors: each is read
+        t = tensors[name].clone()
+        t.view(-1)[0] += 1
+        assert weights_fingerprint(_weights(tmp_path / f"edited{i}", {**tensors, name: t})) != fp, name
+    assert weights_fingerprint(_weights(tmp_path / "fp16", {k: v.half() for k, v in tensors.items()})) != fp
+    renamed = {("h.9.qkv" if k == "h.0.qkv" else k): v for k, v in tensors.items()}
+    assert weights_fingerprint(_weights(tmp_path / "renamed", renamed)) != fp
+    # A large model: 64 of its tensors read, whichever files hold them.
+    big = {f"h.{i:03d}": torch.randn(4, generator=g) for i in range(200)}
+    d = _weights(tmp_path / "big", big, shards=4)
+    seeks = []
+    original = files.open_file
+
+    def counting(path: Path, what: str):
+        fh = original(path, what)
+        seek = fh.seek
+        fh.seek = lambda off, *a: (seeks.append(off), seek(off, *a))[1]
+        return fh
+
+    monkeypatch.setattr(files, "open_file", counting)
+    weights_fingerprint(d)
+    assert len(seeks) == len(range(0, 200, 4)) == 50  # every 4th of 200: at most 64
 
 
 def test_a_checkpoint_that_trained_on_copies_of_held_out_examples_is_refused_saying_so(tmp_path: Path) -> None:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from _util import adapter_tensors, check, launch, metrics
 
-from ia3_dist.runtime.checkpoint import complete_checkpoints, dir_size, latest
+from ia3_dist.runtime.checkpoint import complete_checkpoints, dir_size, latest, read_meta
 
 pytestmark = pytest.mark.slow
 TINY = "configs/tiny-cpu.yaml"
@@ -314,6 +315,8 @@ def test_changed_global_batch_is_refused(straight: dict[str, Path], tmp_path: Pa
     (["data.shuffle=false"], "shuffle", True, False),
     # Another dataset of the same size: one answer edited.
     (["data.path=EDITED"], "data_key", None, None),
+    # The base model's dir with other weights of the same architecture (one tensor's first value changed).
+    (["model.path=RETRAINED"], "base_weights", None, None),
 ])
 def test_changed_layout_seed_or_data_is_refused(straight: dict[str, Path], tmp_path: Path, change: list[str],
                                                 key: str, saved: object, now: object) -> None:
@@ -331,6 +334,19 @@ def test_changed_layout_seed_or_data_is_refused(straight: dict[str, Path], tmp_p
         edited = tmp_path / "edited.json"
         edited.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
         change = [f"data.path={edited}"]
+    if change == ["model.path=RETRAINED"]:
+        from safetensors.torch import load_file, save_file
+
+        from ia3_dist.train.demo import ensure_assets
+
+        other = tmp_path / "retrained"
+        shutil.copytree(ensure_assets(None) / "model", other)
+        tensors = load_file(other / "model.safetensors")
+        name = sorted(tensors)[-1]
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] += 0.5
+        save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+        change = [f"model.path={other}"]
     src = straight["zero2"]
     cfg = load_config(TINY, ["deepspeed.config=zero2", f"output.dir={src}", *RUN, "train.resume=auto", *change])
     before = sorted(p.name for p in (src / "checkpoints").iterdir())
@@ -341,6 +357,12 @@ def test_changed_layout_seed_or_data_is_refused(straight: dict[str, Path], tmp_p
     if saved is not None:
         assert f"saved with {key}={saved}" in msg and f"this run has {now}" in msg, msg
     assert sorted(p.name for p in (src / "checkpoints").iterdir()) == before
+    if key == "base_weights":
+        assert "checkpoint.check_base_weights=false resumes" in msg, msg
+        told = load_config(TINY, ["deepspeed.config=zero2", f"output.dir={src}", *RUN, "train.resume=auto", *change,
+                                  "checkpoint.check_base_weights=false"])
+        p = prepare(told, DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2))
+        assert p.resume_from is not None and p.meta["base_weights"] != read_meta(p.resume_from)["base_weights"]
     # The unchanged run is accepted by the same preflight (so each refusal above is the change's), on its own
     # layout with DeepSpeed's files, and cut otherwise (2 x 4 instead of 4 x 2, ZeRO-3) with the portable state.
     ok = load_config(TINY, ["deepspeed.config=zero2", f"output.dir={src}", *RUN, "train.resume=auto"])

@@ -736,6 +736,10 @@ class CheckpointSection:
     otherwise): the checkpoint of the best evaluation so far is saved at that step and kept outside the rotation
     of ``keep``, named by ``checkpoints/best``. Needs held-out data and ``train.eval_every``; or a benchmark's
     score as logged, filter included (``tiny_mc/acc,none``), with ``eval.tasks``. "": off."""
+    check_base_weights: bool = True
+    """A resume refuses base weights other than those the checkpoint trained on (a fingerprint of the weight files'
+    tensors in ``meta.json``: names, shapes, dtypes, leading bytes), as it refuses other data. false: resume on
+    them anyway, for weights whose files changed but not the values the run loads (re-saved in another dtype)."""
 
     def __post_init__(self) -> None:
         _in_range("checkpoint.every", self.every, 0, MAX_STEPS)

@@ -111,6 +111,65 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise UsageError(f"model.path {model_dir}: no model.safetensors, pytorch_model.bin or shard index in it")
 
 
+FINGERPRINT_TENSORS = 64
+"""Tensors whose leading bytes :func:`weights_fingerprint` reads: other weights of the same architecture (a
+fine-tune, another checkpoint of the pretraining) differ in every tensor, so a few spread over the model tell them
+apart in milliseconds, where hashing every byte would read GBs at each start."""
+FINGERPRINT_BYTES = 4096
+# safetensors' names for torch dtypes: a .bin and a .safetensors file of the same tensors fingerprint alike.
+_ST_DTYPE = {"torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
+             "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
+             "torch.uint8": "U8", "torch.bool": "BOOL"}
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """A digest of the base weights in ``model_dir`` (the files :func:`checkpoint_files` picks): every tensor's
+    name, dtype and shape, and the first :data:`FINGERPRINT_BYTES` of :data:`FINGERPRINT_TENSORS` tensors spread
+    over the sorted names. Keyed by tensor, not by file: the same weights resharded, or saved as safetensors
+    instead of .bin in the same dtype, keep their digest; weights edited only past the bytes read, or only in
+    tensors not read, do not change it."""
+    import hashlib
+
+    import torch
+
+    entries: dict[str, tuple[str, list[int], Any]] = {}
+    for f in checkpoint_files(model_dir):
+        if f.suffix == ".safetensors":
+            header, start = safetensors_header(f)
+            for name, info in header.items():
+                begin, end = info["data_offsets"]
+                entries[name] = (info["dtype"], info["shape"], (f, start + begin, min(end - begin, FINGERPRINT_BYTES)))
+        else:
+            for name, t in torch_load_weights(f).items():
+                entries[name] = (_ST_DTYPE.get(str(t.dtype), str(t.dtype)), list(t.shape), t)
+    names = sorted(entries)
+    read = names[::max(1, -(-len(names) // FINGERPRINT_TENSORS))]
+    leading: dict[str, bytes] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in read:
+        src = entries[name][2]
+        if isinstance(src, tuple):
+            by_file.setdefault(src[0], []).append(name)
+        else:
+            flat = src.detach().reshape(-1)
+            flat = flat[:FINGERPRINT_BYTES // max(1, flat.element_size())]
+            leading[name] = flat.contiguous().view(torch.uint8).numpy().tobytes()
+    for f, in_file in by_file.items():
+        try:
+            with open_file(f, "weights") as fh:
+                for name in in_file:
+                    _, offset, n = entries[name][2]
+                    fh.seek(offset)
+                    leading[name] = fh.read(n)
+        except OSError as e:
+            raise UsageError(f"{f}: cannot read the weights ({error_line(e)})") from None
+    h = hashlib.sha256()
+    for name in names:
+        dtype, shape, _ = entries[name]
+        h.update(json.dumps([name, dtype, shape]).encode() + leading.get(name, b""))
+    return h.hexdigest()[:16]
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
                    "sentencepiece.bpe.model", "vocab.txt", "merges.txt")
 """Files any of which a tokenizer dir holds (transformers' fast and slow tokenizers' vocabularies); ``*.tiktoken``

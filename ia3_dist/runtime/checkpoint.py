@@ -46,15 +46,22 @@ LAYOUT = ("world_size", "micro_batch_size", "grad_accum", "zero_stage")
 its resume as long as the global batch stays: every step then trains the same examples (the sampler's order is a
 function of the global batch, not of its cut) and :mod:`.portable` carries the trainable state across."""
 MUST_MATCH = ("global_batch", "seed", "shuffle", "total_steps", "data_key", "n_examples", "group_by_length",
-              "order_version", "precision", "model_key", "ia3", "schedule", "objective", "reference_start", "optimizer")
+              "order_version", "precision", "model_key", "base_weights", "ia3", "schedule", "objective",
+              "reference_start", "optimizer")
 """Keys of meta.json that must match the resuming run for the continuation to be exact. Checkpoints of earlier
 versions lack some (they are checked where present; ``global_batch`` is computed from the layout)."""
 RECORDED_SINCE_2 = ("precision", "model_key", "ia3", "schedule", "zero_stage", "offload_optimizer")
 """Keys meta.json has held since layout-independent checkpoints (meta ``version`` 2); older ones resume unchecked
 on them, as before."""
-RECORDED_LATER = ("reference_start", "optimizer")
+RECORDED_LATER = ("reference_start", "optimizer", "base_weights")
 """Keys checked only where the checkpoint records them (written by later versions)."""
 FIX = {
+    "base_weights": "the base model's weights are not the ones the checkpoint's vectors were trained on: model.path "
+                    "holds other weights of the same architecture now (replaced, retrained, a hub branch that "
+                    "moved). Point model.path (or model.revision) back at those weights; to train on these, continue "
+                    "in a new output.dir from the checkpoint's vectors with ia3.init_from; where only their files "
+                    "changed, not the values the run loads (re-saved in another dtype), "
+                    "checkpoint.check_base_weights=false resumes",
     "group_by_length": "set data.group_by_length explicitly to the saved value (its default follows the "
                        "micro-batch)",
     "reference_start": "the adapter at ia3.init_from changed since the run started (retrained or replaced), so "
@@ -97,7 +104,8 @@ META_TYPES: dict[str, str] = {
     "data_key": "str", "eval_ratio": "ratio", "global_batch": "int", "zero_stage": "int", "precision": "str",
     "model_key": "str", "ia3": "str", "schedule": "str", "examples_consumed": "int",
     "offload_optimizer": "bool", "objective": "str", "eval_pending": "bool", "eval_key": "str", "bench_key": "str",
-    "reference_start": "str", "optimizer": "str", "held_copies": "int", "auto_budget_mib": "int",
+    "reference_start": "str", "optimizer": "str", "base_weights": "str", "held_copies": "int",
+    "auto_budget_mib": "int",
 }
 """The fields of meta.json a resume reads, by kind; each is checked in :func:`read_meta` before anything uses it
 (``True == 1`` and ``2.0 == 2`` in Python, so a bool or a float would otherwise pass for an int)."""
@@ -294,10 +302,12 @@ def _amsgrad(key: Any) -> bool:
         return False
 
 
-def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def check_compatible(ckpt: Path, expected: dict[str, Any], unchecked: tuple[str, ...] = ()) -> tuple[dict[str, Any],
+                                                                                              bool]:
     """``(meta, portable)``: the checkpoint continues this run exactly, on its own layout (``portable`` False:
     DeepSpeed's files load) or on another one with the same global batch (True: :mod:`.portable`'s state loads).
-    Anything else is a UsageError naming the key and both values, raised before any process group starts."""
+    Anything else is a UsageError naming the key and both values, raised before any process group starts.
+    ``unchecked``: keys of :data:`MUST_MATCH` the user has said may differ (``checkpoint.check_base_weights``)."""
     meta = read_meta(ckpt)
     saved_g = global_batch_of(meta)
     if not _same(saved_g, expected["global_batch"]):
@@ -313,7 +323,7 @@ def check_compatible(ckpt: Path, expected: dict[str, Any]) -> tuple[dict[str, An
                          f"optimizer is DeepSpeed's CPU Adam, without it torch's AdamW, and one does not continue "
                          f"the other's state: resume with the saved deepspeed.config")
     for k in MUST_MATCH:
-        if k == "global_batch" or (k in RECORDED_SINCE_2 + RECORDED_LATER and k not in meta):
+        if k == "global_batch" or k in unchecked or (k in RECORDED_SINCE_2 + RECORDED_LATER and k not in meta):
             continue
         # Checkpoints from before train.objective are SFT runs.
         default = "sft" if k == "objective" else None

@@ -26,6 +26,7 @@ from ..models.files import (
     local_model_dir,
     looks_local,
     snapshot_commit,
+    weights_fingerprint,
 )
 from ..models.ia3 import ADAPTER_FILE, apply_ia3, load_init_adapter, paper_targets
 from ..models.load import base_on_meta, hidden_size_of, load_model_config, load_tokenizer
@@ -457,13 +458,14 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
             "order_version": ORDER_VERSION,
             "global_batch": layout.global_batch, "zero_stage": dsc.stage_of(ds), "precision": cfg.train.precision,
             "offload_optimizer": dsc.offloads_optimizer(ds), "optimizer": dsc.optimizer_key(ds),
-            **run_keys(cfg, model_config),
+            **run_keys(cfg, model_config), "base_weights": weights_fingerprint(weights_dir),
             **measured_keys(cfg, eval_data),
             # What micro_batch_size=auto sized against: a resume on less memory may choose afresh (autobatch.choose).
             **({"auto_budget_mib": autobatch.budget_mib(auto)} if auto is not None else {})}
     portable, line, saved, measured = False, "", None, ""
     if resume_from is not None:
-        saved, portable = ckpt.check_compatible(resume_from, meta)
+        saved, portable = ckpt.check_compatible(
+            resume_from, meta, () if cfg.checkpoint.check_base_weights else ("base_weights",))
         measured = check_measured(cfg, saved, meta, str(resume_from / ckpt.META))
         line = ckpt.resume_line(resume_from, saved, meta, portable) + measured
         if not portable:
