@@ -198,6 +198,40 @@ def test_generate_errors(trained: Path, tmp_path: Path, capsys, monkeypatch) -> 
         assert "--max-new-tokens 99999999999999999999: at most 1048576" in capsys.readouterr().err
 
 
+def test_a_base_dir_replaced_since_training_is_refused(trained: Path, tmp_path: Path, demo_model: Path,
+                                                       capsys) -> None:
+    """The adapter records the fingerprint of the weights it was trained on: where the base dir its
+    adapter_config.json names holds other weights of the same architecture now, generate, export and eval exit 2
+    naming both fingerprints, before anything loads; --base (the same dir) loads onto them, as asked."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(demo_model, base)
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, symlinks=True)
+    adapter = run / "adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(base)}))
+    assert main(["generate", "--adapter", str(adapter), "--max-new-tokens", "2", "x"]) == 0  # the same weights
+    capsys.readouterr()
+    tensors = load_file(base / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    before = sorted(run.rglob("*"))
+    for args in (["generate", "--adapter", str(adapter), "x"], ["export", "--adapter", str(adapter), "--out",
+                                                                 str(tmp_path / "merged")],
+                 ["eval", str(run)]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert f"{adapter}: trained on other weights than {base} holds now" in err, err
+        assert f"--base {base} to load it onto these anyway" in err, err
+    assert not (tmp_path / "merged").exists() and sorted(run.rglob("*")) == before
+    assert main(["generate", "--adapter", str(adapter), "--base", str(base), "--max-new-tokens", "2", "x"]) == 0
+
+
 def test_chat_answers_each_line_with_the_conversation_so_far(trained: Path, capsys, monkeypatch) -> None:
     """Chat is multi-turn: its second answer is generate's answer to the second question after the first turn."""
     monkeypatch.setattr("sys.stdin", io.StringIO("请介绍一下猫。\n你知道长城吗？\n/quit\n"))

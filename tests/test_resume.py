@@ -186,7 +186,10 @@ def test_checkpoint_of_an_earlier_version_resumes_on_its_layout(straight: dict[s
     from ia3_dist.runtime.adapter import STEP_FILE
     from ia3_dist.tools.summary import run_status
 
-    assert json.loads((out / "adapter" / STEP_FILE).read_text()) == {"step": 3, "final": False}
+    rec = json.loads((out / "adapter" / STEP_FILE).read_text())
+    # The base weights' fingerprint, as the checkpoints record it: generate/export/eval check the base dir by it.
+    assert rec == {"step": 3, "final": False, "base_weights": read_meta(out / "checkpoints" / "step3")["base_weights"]}
+    assert re.fullmatch("[0-9a-f]{16}", rec["base_weights"])
     assert run_status(out) == "stopped"
     ck = out / "checkpoints" / "step3"
     for f in ("ia3_state.safetensors", "ia3_state.json"):

@@ -219,8 +219,12 @@ def test_early_stopping_keeps_the_best_and_a_resume_is_a_no_op(tmp_path: Path, d
     assert set(kept) == set(ad)
     assert all(torch.equal(kept[k], ad[k].float()) for k in ad)
     assert any(not torch.equal(last[k], ad[k].float()) for k in ad)
-    # Where eval places it; the run has ended (summary: done, not a chunk).
-    assert json.loads((out / "adapter" / STEP_FILE).read_text()) == {"step": best_step, "final": True}
+    # Where eval places it; the run has ended (summary: done, not a chunk); the base it was trained on.
+    from ia3_dist.models.files import weights_fingerprint
+
+    fingerprint = weights_fingerprint(demo_model)
+    assert json.loads((out / "adapter" / STEP_FILE).read_text()) == {"step": best_step, "final": True,
+                                                                      "base_weights": fingerprint}
     # Resuming it (a requeue, a chunked job's next chunk) is a no-op that says so and leaves every file as it was.
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
     again = check(launch([*args, "train.resume=auto"], nproc=2))
@@ -233,7 +237,8 @@ def test_early_stopping_keeps_the_best_and_a_resume_is_a_no_op(tmp_path: Path, d
     assert f"step {stop} is the run's last: nothing to train" in again.stdout, again.stdout[-2000:]
     rewritten = adapter_tensors(out / "adapter")
     assert rewritten.keys() == ad.keys() and all(torch.equal(rewritten[k], ad[k]) for k in ad)
-    assert json.loads((out / "adapter" / STEP_FILE).read_text()) == {"step": best_step, "final": True}
+    assert json.loads((out / "adapter" / STEP_FILE).read_text()) == {"step": best_step, "final": True,
+                                                                      "base_weights": fingerprint}
     assert metrics(out) == lines
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")} == \
         {p: v for p, v in before.items() if root in p.parents}

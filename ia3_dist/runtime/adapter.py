@@ -58,7 +58,7 @@ name no leftover can hold (``manifest.ADAPTER_ASIDE`` owns them) until it is rem
 def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str, torch.Tensor] | None = None,
                  state: dict[str, torch.Tensor] | None = None,
                  extra: Callable[[Path], None] | None = None, step: int = 0, vectors_step: int | None = None,
-                 engine: Any = None, final: bool | None = None) -> Path:
+                 engine: Any = None, final: bool | None = None, base_weights: str | None = None) -> Path:
     """Gather on all ranks, write on rank 0, then every rank learns whether it succeeded. ``fixed``: parameter name
     -> mask of entries the forward pass holds at exactly 1.0 (``ia3.variant: paper``); they are written as 1.0
     whatever the optimizer's weight decay did to the stored values, so the file is a plain IA3 vector that
@@ -69,6 +69,9 @@ def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str,
     ``engine``: the DeepSpeed engine, whose optimizer holds the fp32 masters (see :func:`gather_trainable`).
     ``final``: whether the run has ended (its last step, or early stopping) or only this invocation has
     (``train.stop_after_steps``), recorded beside the step for ``summary`` and ``sweep --local``.
+    ``base_weights``: the fingerprint of the base weights the vectors were trained on
+    (:func:`..models.files.weights_fingerprint`), recorded there too: ``generate``, ``export`` and ``eval`` refuse
+    a base dir that holds other weights now.
 
     Atomic and durable: everything is written to ``<out_dir>.new``, flushed to stable storage, then renamed to
     ``out_dir`` (an adapter there already is set aside first, and removed after as far as it can be: an NFS
@@ -81,9 +84,13 @@ def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str,
         if name in state:
             state[name] = state[name].masked_fill(mask.view(state[name].shape).cpu(), 1.0)
     error: Exception | None = None
+    record = None
+    if vectors_step is not None:
+        record = {"step": vectors_step, **({"final": final} if final is not None else {}),
+                  **({"base_weights": base_weights} if base_weights is not None else {})}
     if is_main:
         try:
-            _write(peft_model, out_dir, state, extra, step, vectors_step, final)
+            _write(peft_model, out_dir, state, extra, step, record)
         except Exception as e:  # any failure to write (OSError, safetensors', a tokenizer's): all ranks leave
             error = e
     if dist.host_max(int(error is not None)):
@@ -97,9 +104,9 @@ def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str,
 
 
 def _write(peft_model: Any, out_dir: Path, state: dict[str, torch.Tensor],
-           extra: Callable[[Path], None] | None, step: int, vectors_step: int | None = None,
-           final: bool | None = None) -> None:
-    """Rank 0: the adapter into ``<out_dir>.new``, flushed, then renamed to ``out_dir``."""
+           extra: Callable[[Path], None] | None, step: int, record: dict[str, Any] | None = None) -> None:
+    """Rank 0: the adapter into ``<out_dir>.new`` (``record``: its :data:`STEP_FILE`), flushed, then renamed to
+    ``out_dir``."""
     staged = out_dir.with_name(out_dir.name + NEW)
     # A killed earlier write's leftovers: set aside (so a part that cannot be removed never blocks this write).
     for leftover in [staged, *set_aside(out_dir)]:
@@ -109,9 +116,8 @@ def _write(peft_model: Any, out_dir: Path, state: dict[str, torch.Tensor],
     peft_model.save_pretrained(str(staged), state_dict=state, safe_serialization=True)
     if extra is not None:
         extra(staged)
-    if vectors_step is not None:
-        rec = {"step": vectors_step, **({"final": final} if final is not None else {})}
-        (staged / STEP_FILE).write_text(json.dumps(rec) + "\n", encoding="utf-8")
+    if record is not None:
+        (staged / STEP_FILE).write_text(json.dumps(record) + "\n", encoding="utf-8")
     safe_io.fsync_tree(staged)
     aside = None
     if safe_io.not_a_dir(out_dir):

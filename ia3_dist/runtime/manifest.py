@@ -107,9 +107,10 @@ class DirState:
 
 
 ADAPTER_STEP_FILE = "ia3_dist_step.json"
-"""In an adapter dir: ``{"step": N, "final": bool}``, the optimizer step whose vectors it holds (the last step's, or
-the best evaluation's under ``train.early_stopping.final: best``), for ``ia3-dist eval`` to place it among the
-checkpoints, and whether the run had ended (false: a ``train.stop_after_steps`` chunk), for ``summary``."""
+"""In an adapter dir: ``{"step": N, "final": bool, "base_weights": str}``, the optimizer step whose vectors it holds
+(the last step's, or the best evaluation's under ``train.early_stopping.final: best``), for ``ia3-dist eval`` to
+place it among the checkpoints, whether the run had ended (false: a ``train.stop_after_steps`` chunk), for
+``summary``, and the fingerprint of the base weights it was trained on, for the loaders to check the base."""
 
 
 def adapter_record(adapter_dir: Path) -> dict[str, Any] | None:

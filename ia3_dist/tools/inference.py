@@ -26,11 +26,13 @@ from ..models.files import (
     has_tokenizer_files,
     looks_local,
     read_small_json,
+    weights_fingerprint,
 )
 from ..models.ia3 import check_finite
 from ..models.load import DTYPES, no_code_prompt, pad_with_eos
 from ..runtime.adapter import NEW as ADAPTER_NEW
 from ..runtime.adapter import set_aside
+from ..runtime.manifest import adapter_record
 from ..runtime.safe_io import check_dir_files, read_bounded
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -329,6 +331,8 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
         if Path(base_path).expanduser().is_dir():
             check_dir_files(Path(base_path).expanduser(), "base model dir")
         _check_local_model(base_path, what)
+        if not base:
+            _check_trained_base(d, base_path)
         tok_src = str(d) if has_tokenizer_files(d) else base_path
     elif (d / "config.json").is_file():
         _check_export_finished(d)
@@ -369,6 +373,23 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
     model.generation_config = GenerationConfig(eos_token_id=stop_ids(tok, template, gen_eos) or None,
                                                **({"repetition_penalty": penalty} if penalty is not None else {}))
     return model.eval(), tok, template, is_adapter
+
+
+def _check_trained_base(adapter: Path, base_path: str) -> None:
+    """The base dir its adapter_config.json names holds the weights the adapter was trained on, where the adapter
+    records them (ia3-dist's adapters do: ``base_weights`` in its step record); a dir replaced by other weights of
+    the same architecture since would load, and answer, as another model. ``--base`` skips this: it names the
+    weights to use."""
+    rec = adapter_record(adapter)
+    want = rec.get("base_weights") if rec is not None else None
+    b = Path(base_path).expanduser()
+    if not isinstance(want, str) or not b.is_dir():
+        return
+    now = weights_fingerprint(b)
+    if now != want:
+        raise UsageError(f"{adapter}: trained on other weights than {base_path} holds now (their fingerprint "
+                         f"{want}, now {now}: the dir was replaced or retrained since). Give --base the weights it "
+                         f"was trained on, or --base {base_path} to load it onto these anyway")
 
 
 def _revision(cfg: dict[str, Any], d: Path) -> str | None:

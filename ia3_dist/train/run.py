@@ -58,7 +58,8 @@ def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None =
                                    fixed_entries(trainer.peft_model), state=best, extra=beside,
                                    step=trainer.end, vectors_step=trainer.end if best is None else stopper.best_step,
                                    engine=trainer.engine,
-                                   final=trainer.end >= p.total_steps or bool(trainer.selection.stopped_early))
+                                   final=trainer.end >= p.total_steps or bool(trainer.selection.stopped_early),
+                                   base_weights=p.meta.get("base_weights"))
     # Training is over: the plot and a tracker's upload of the adapter (MLflow's, over the network) may take as
     # long as they need; under the watchdog they could end a finished run with 76, and a requeue.
     trainer.watchdog.stop()
