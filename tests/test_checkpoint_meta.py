@@ -95,41 +95,56 @@ def _weights(d: Path, tensors: dict, shards: int = 1, fmt: str = "safetensors") 
 
 
 def test_weights_fingerprint_follows_the_tensors_not_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same tensors in one safetensors file, in shards, or in a .bin: one fingerprint. A value changed in any
-    tensor's leading bytes, the dtype or a name: another. Past 64 tensors it reads 64 of them."""
+    """The same tensors in one safetensors file, in shards, or in a .bin (whose head tied to the embeddings is saved
+    under both names): one fingerprint. A value changed in any tensor's leading bytes, the dtype or a name:
+    another. Past 1024 tensors it reads 1024 of them, of every kind."""
     import torch
 
     from ia3_dist.models import files
-    from ia3_dist.models.files import weights_fingerprint
+    from ia3_dist.models.files import safetensors_header, weights_fingerprint
 
     g = torch.Generator().manual_seed(0)
     tensors = {f"h.{i}.{k}": torch.randn(16, 24, generator=g) for i in range(6) for k in ("qkv", "mlp")}
     tensors["ln.bias"] = torch.zeros(16, dtype=torch.bfloat16)
+    tensors["transformer.word_embeddings.weight"] = torch.randn(40, 16, generator=g)
+    tensors["empty.a"], tensors["empty.b"] = torch.zeros(0), torch.zeros(0)  # no storage: not one tensor
     fp = weights_fingerprint(_weights(tmp_path / "one", tensors))
     assert weights_fingerprint(_weights(tmp_path / "shards", tensors, shards=3)) == fp
-    assert weights_fingerprint(_weights(tmp_path / "bin", tensors, fmt="bin")) == fp
-    for i, name in enumerate(tensors):  # fewer than 64 tensors: each is read
+    tied = {**tensors, "lm_head.weight": tensors["transformer.word_embeddings.weight"],  # one storage, two names
+            "h.0.qkv": tensors["h.0.qkv"].t().contiguous().t()}  # a transposed view: the same values, row-major
+    assert weights_fingerprint(_weights(tmp_path / "bin", tied, fmt="bin")) == fp
+    # A head of its own (not tied) is another tensor, even with equal values.
+    untied = {**tensors, "lm_head.weight": tensors["transformer.word_embeddings.weight"].clone()}
+    assert weights_fingerprint(_weights(tmp_path / "untied", untied, fmt="bin")) != fp
+    for i, name in enumerate(n for n in tensors if tensors[n].numel()):  # fewer than 1024 tensors: each is read
         t = tensors[name].clone()
         t.view(-1)[0] += 1
         assert weights_fingerprint(_weights(tmp_path / f"edited{i}", {**tensors, name: t})) != fp, name
     assert weights_fingerprint(_weights(tmp_path / "fp16", {k: v.half() for k, v in tensors.items()})) != fp
     renamed = {("h.9.qkv" if k == "h.0.qkv" else k): v for k, v in tensors.items()}
     assert weights_fingerprint(_weights(tmp_path / "renamed", renamed)) != fp
-    # A large model: 64 of its tensors read, whichever files hold them.
-    big = {f"h.{i:03d}": torch.randn(4, generator=g) for i in range(200)}
+    # A large model: 1024 of its tensors read, of every kind (a stride through the sorted names would read the same
+    # few kinds of each layer), whichever files hold them.
+    kinds = ("qkv.weight", "qkv.bias", "dense.weight", "dense.bias", "ln1.weight", "ln1.bias")
+    big = {f"h.{i:03d}.{k}": torch.randn(4, generator=g) for i in range(200) for k in kinds}
     d = _weights(tmp_path / "big", big, shards=4)
-    seeks = []
+    at = {}
+    for f in d.glob("*.safetensors"):
+        header, start = safetensors_header(f)
+        at.update({(f.name, start + info["data_offsets"][0]): name for name, info in header.items()})
+    read = []
     original = files.open_file
 
-    def counting(path: Path, what: str):
+    def recording(path: Path, what: str):
         fh = original(path, what)
         seek = fh.seek
-        fh.seek = lambda off, *a: (seeks.append(off), seek(off, *a))[1]
+        fh.seek = lambda off, *a: (read.append(at[Path(path).name, off]), seek(off, *a))[1]
         return fh
 
-    monkeypatch.setattr(files, "open_file", counting)
+    monkeypatch.setattr(files, "open_file", recording)
     weights_fingerprint(d)
-    assert len(seeks) == len(range(0, 200, 4)) == 50  # every 4th of 200: at most 64
+    assert len(read) == len(set(read)) == 1024
+    assert all(sum(n.endswith(k) for n in read) > 100 for k in kinds)
 
 
 def test_a_checkpoint_that_trained_on_copies_of_held_out_examples_is_refused_saying_so(tmp_path: Path) -> None:

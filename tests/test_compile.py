@@ -35,3 +35,29 @@ def test_dynamic_blocks_do_not_tie_the_row_count_to_an_equal_size(tiny_model: Pa
         fx_config.use_duck_shape = duck
         torch._dynamo.reset()
     assert graphs[0] > 0 and graphs == [graphs[0]] * 3, graphs
+
+
+@pytest.mark.slow  # imports dynamo and inductor (about 4 s)
+def test_cpu_inductor_compiles_avx2_code_unless_told_otherwise(tiny_model: Path) -> None:
+    """torch 2.13's AVX-512 C++ code for the compiled blocks corrupted the heap on packed rows (the packed compile
+    run in test_packing_train.py aborted 5 of 5 times on an AVX-512 box): CPU blocks compile with 256-bit vectors;
+    a width the caller set stays; other backends are left alone. (Wrapping compiles nothing: no trace here.)"""
+    import torch._inductor.config as inductor_config
+    from transformers import AutoModelForCausalLM
+
+    from ia3_dist.models.load import compile_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    before = inductor_config.cpp.simdlen
+    try:
+        inductor_config.cpp.simdlen = None
+        compile_blocks(model, backend="aot_eager")
+        assert inductor_config.cpp.simdlen is None
+        compile_blocks(model, backend="inductor")
+        assert inductor_config.cpp.simdlen == 256
+        inductor_config.cpp.simdlen = 512
+        compile_blocks(model, backend="inductor")
+        assert inductor_config.cpp.simdlen == 512
+    finally:
+        inductor_config.cpp.simdlen = before
+        torch._dynamo.reset()

@@ -365,7 +365,10 @@ def test_changed_layout_seed_or_data_is_refused(straight: dict[str, Path], tmp_p
         told = load_config(TINY, ["deepspeed.config=zero2", f"output.dir={src}", *RUN, "train.resume=auto", *change,
                                   "checkpoint.check_base_weights=false"])
         p = prepare(told, DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2))
-        assert p.resume_from is not None and p.meta["base_weights"] != read_meta(p.resume_from)["base_weights"]
+        saved_fp = read_meta(p.resume_from)["base_weights"]
+        assert p.meta["base_weights"] != saved_fp
+        assert (f"on other base weights than the checkpoint's (fingerprint {saved_fp}, now {p.meta['base_weights']}), "
+                f"as checkpoint.check_base_weights=false allows") in p.resume_line, p.resume_line
     # The unchanged run is accepted by the same preflight (so each refusal above is the change's), on its own
     # layout with DeepSpeed's files, and cut otherwise (2 x 4 instead of 4 x 2, ZeRO-3) with the portable state.
     ok = load_config(TINY, ["deepspeed.config=zero2", f"output.dir={src}", *RUN, "train.resume=auto"])

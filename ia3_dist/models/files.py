@@ -111,63 +111,87 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise UsageError(f"model.path {model_dir}: no model.safetensors, pytorch_model.bin or shard index in it")
 
 
-FINGERPRINT_TENSORS = 64
-"""Tensors whose leading bytes :func:`weights_fingerprint` reads: other weights of the same architecture (a
-fine-tune, another checkpoint of the pretraining) differ in every tensor, so a few spread over the model tell them
-apart in milliseconds, where hashing every byte would read GBs at each start."""
+ST_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
+            "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+"""safetensors' dtype names -> torch's (``torch.<name>``)."""
+FINGERPRINT_TENSORS = 1024
+"""Tensors whose leading bytes :func:`weights_fingerprint` reads: every tensor of the models trained here (723 for a
+70B Llama, 365 for bloom-7b1), so weights that differ in a few matrices only (a LoRA merged, IA3 exported, layers
+fine-tuned) differ; past it a sample chosen by name hash, spread over every kind of tensor (a stride through the
+sorted names read only one kind per layer)."""
 FINGERPRINT_BYTES = 4096
-# safetensors' names for torch dtypes: a .bin and a .safetensors file of the same tensors fingerprint alike.
-_ST_DTYPE = {"torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
-             "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
-             "torch.uint8": "U8", "torch.bool": "BOOL"}
 
 
 def weights_fingerprint(model_dir: Path) -> str:
     """A digest of the base weights in ``model_dir`` (the files :func:`checkpoint_files` picks): every tensor's
-    name, dtype and shape, and the first :data:`FINGERPRINT_BYTES` of :data:`FINGERPRINT_TENSORS` tensors spread
-    over the sorted names. Keyed by tensor, not by file: the same weights resharded, or saved as safetensors
-    instead of .bin in the same dtype, keep their digest; weights edited only past the bytes read, or only in
-    tensors not read, do not change it."""
+    name, dtype and shape, and the first :data:`FINGERPRINT_BYTES` of each (up to :data:`FINGERPRINT_TENSORS` of
+    them). Keyed by tensor, not by file: the same weights resharded, or saved as safetensors instead of .bin in the
+    same dtype, keep their digest (a .bin's head tied to the embeddings counts once, under the embedding's name, as
+    safetensors stores it). A few ms per start: headers and 4 KB reads."""
     import hashlib
 
-    import torch
-
-    entries: dict[str, tuple[str, list[int], Any]] = {}
+    entries: dict[str, tuple[str, list[int]]] = {}
+    where: dict[str, tuple[Path, int, int]] = {}  # safetensors: (file, data offset, bytes to read)
+    leading: dict[str, bytes] = {}
     for f in checkpoint_files(model_dir):
         if f.suffix == ".safetensors":
             header, start = safetensors_header(f)
             for name, info in header.items():
                 begin, end = info["data_offsets"]
-                entries[name] = (info["dtype"], info["shape"], (f, start + begin, min(end - begin, FINGERPRINT_BYTES)))
+                entries[name] = (info["dtype"], info["shape"])
+                where[name] = (f, start + begin, min(end - begin, FINGERPRINT_BYTES))
         else:
-            for name, t in torch_load_weights(f).items():
-                entries[name] = (_ST_DTYPE.get(str(t.dtype), str(t.dtype)), list(t.shape), t)
-    names = sorted(entries)
-    read = names[::max(1, -(-len(names) // FINGERPRINT_TENSORS))]
-    leading: dict[str, bytes] = {}
+            _bin_leading(f, entries, leading)  # file by file: an old .bin that cannot be mapped is read whole
+    read = set(entries)
+    if len(read) > FINGERPRINT_TENSORS:
+        read = set(sorted(read, key=lambda n: hashlib.sha256(n.encode()).digest())[:FINGERPRINT_TENSORS])
+        leading = {n: b for n, b in leading.items() if n in read}
     by_file: dict[Path, list[str]] = {}
-    for name in read:
-        src = entries[name][2]
-        if isinstance(src, tuple):
-            by_file.setdefault(src[0], []).append(name)
-        else:
-            flat = src.detach().reshape(-1)
-            flat = flat[:FINGERPRINT_BYTES // max(1, flat.element_size())]
-            leading[name] = flat.contiguous().view(torch.uint8).numpy().tobytes()
+    for name in read & set(where):
+        by_file.setdefault(where[name][0], []).append(name)
     for f, in_file in by_file.items():
         try:
             with open_file(f, "weights") as fh:
-                for name in in_file:
-                    _, offset, n = entries[name][2]
-                    fh.seek(offset)
-                    leading[name] = fh.read(n)
+                for name in sorted(in_file, key=lambda n: where[n][1]):
+                    fh.seek(where[name][1])
+                    leading[name] = fh.read(where[name][2])
         except OSError as e:
             raise UsageError(f"{f}: cannot read the weights ({error_line(e)})") from None
     h = hashlib.sha256()
-    for name in names:
-        dtype, shape, _ = entries[name]
-        h.update(json.dumps([name, dtype, shape]).encode() + leading.get(name, b""))
+    for name in sorted(entries):
+        dtype, shape = entries[name]
+        lead = leading.get(name, b"")
+        h.update(json.dumps([name, dtype, shape, len(lead)]).encode() + lead)
     return h.hexdigest()[:16]
+
+
+def _bin_leading(f: Path, entries: dict[str, tuple[str, list[int]]], leading: dict[str, bytes]) -> None:
+    """The tensors of a .bin into ``entries`` and their first :data:`FINGERPRINT_BYTES` into ``leading``. A name
+    whose tensor is another's (a head tied to the embeddings, saved under both names) is left out: safetensors
+    files hold it once, under the name deepest in the model (the embedding's, e.g. ``model.embed_tokens.weight``
+    over ``lm_head.weight``)."""
+    import torch
+
+    names = {v: k for k, v in ST_TORCH.items()}
+    seen: dict[tuple, str] = {}
+    sd = torch_load_weights(f)
+    for name in sorted(sd, key=lambda n: (-n.count("."), n)):
+        t = sd[name].detach()
+        alias = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and alias in seen:
+            continue
+        seen[alias] = name
+        entries[name] = (names.get(str(t.dtype).removeprefix("torch."), str(t.dtype)), list(t.shape))
+        k = FINGERPRINT_BYTES // t.element_size()
+        # The first k elements in row-major order, copying no more than the rows that hold them (a transposed
+        # view's reshape would copy the whole tensor).
+        while t.dim() > 1 and t[0].numel() >= k:
+            t = t[0]
+        if t.dim() > 1:
+            t = t[:-(-k // max(1, t[0].numel()))]
+        leading[name] = t.reshape(-1)[:k].contiguous().view(torch.uint8).numpy().tobytes()
+    del sd
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",

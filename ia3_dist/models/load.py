@@ -207,6 +207,15 @@ def compile_blocks(model: nn.Module, skip: nn.Module | None = None, dynamic: boo
 
         if hasattr(fx_config, "use_duck_shape"):  # a config module refuses unknown keys; older torch may lack it
             fx_config.use_duck_shape = False
+    if backend == "inductor" and blocks and next(blocks[0].parameters()).device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        if inductor_config.cpp.simdlen is None:  # unless the caller chose a vector width
+            # torch 2.13's AVX-512 C++ code for these blocks wrote past a buffer (heap corruption: "malloc():
+            # unaligned tcache chunk detected", 5 of 5 runs of tiny Bloom on packed rows, 2 threads, an AMD EPYC with
+            # AVX-512; pytorch#181618 and its duplicates show the same on AMD). Its AVX2 code ran clean (0 of 6);
+            # the matmuls are MKL's either way. Process-wide: this process trains one model.
+            inductor_config.cpp.simdlen = 256
     for b in blocks:
         b.compile(dynamic=dynamic, mode=None if mode == "default" else mode, backend=backend)
     return len(blocks)

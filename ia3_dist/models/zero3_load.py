@@ -26,13 +26,13 @@ from torch import nn
 
 from ..errors import UsageError
 from .families import checkpoint_names
-from .files import checkpoint_files, safetensors_header, torch_load_weights
+from .files import ST_TORCH, checkpoint_files, safetensors_header, torch_load_weights
 from .files import local_model_dir as local_model_dir  # the launcher's import; shared with load.py
 from .load import base_on_meta, no_code_prompt
 
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
+# The dtypes the loader reads: FP8 checkpoints carry scales that a plain copy into the model would ignore.
+ST_DTYPES = {k: getattr(torch, ST_TORCH[k]) for k in ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8",
+                                                     "BOOL")}
 
 
 class SafetensorsFile:

@@ -70,8 +70,8 @@ def save_adapter(peft_model: Any, out_dir: Path, is_main: bool, fixed: dict[str,
     ``final``: whether the run has ended (its last step, or early stopping) or only this invocation has
     (``train.stop_after_steps``), recorded beside the step for ``summary`` and ``sweep --local``.
     ``base_weights``: the fingerprint of the base weights the vectors were trained on
-    (:func:`..models.files.weights_fingerprint`), recorded there too: ``generate``, ``export`` and ``eval`` refuse
-    a base dir that holds other weights now.
+    (:func:`..models.files.weights_fingerprint`), recorded there too: ``generate``, ``chat``, ``export`` and
+    ``eval`` refuse a base dir that holds other weights now.
 
     Atomic and durable: everything is written to ``<out_dir>.new``, flushed to stable storage, then renamed to
     ``out_dir`` (an adapter there already is set aside first, and removed after as far as it can be: an NFS

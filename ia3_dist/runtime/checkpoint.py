@@ -302,8 +302,8 @@ def _amsgrad(key: Any) -> bool:
         return False
 
 
-def check_compatible(ckpt: Path, expected: dict[str, Any], unchecked: tuple[str, ...] = ()) -> tuple[dict[str, Any],
-                                                                                              bool]:
+def check_compatible(ckpt: Path, expected: dict[str, Any],
+                     unchecked: tuple[str, ...] = ()) -> tuple[dict[str, Any], bool]:
     """``(meta, portable)``: the checkpoint continues this run exactly, on its own layout (``portable`` False:
     DeepSpeed's files load) or on another one with the same global batch (True: :mod:`.portable`'s state loads).
     Anything else is a UsageError naming the key and both values, raised before any process group starts.

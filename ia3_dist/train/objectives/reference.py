@@ -60,19 +60,21 @@ def adapter_digest(path: Path) -> str:
 
 
 def reference_key(p: Any, data: TokenizedData, batches: list[list[int]] | None = None) -> str:
-    """What the reference depends on: the examples (cache and rows), the base model's files, the starting adapter,
-    precision, attention implementation and the batches the pairs are scored in (their padding, and in a low
-    precision their sums, follow them): the micro-batch size, and ``batches``, the training split's first-epoch
-    micro-batches, as a set of sets (which rank runs one, and in what order, changes nothing: a run resumed on
-    another allocation whose micro-batches hold the same pairs reads the table)."""
+    """What the reference depends on: the examples (cache and rows), the base model's files (names, sizes, times)
+    and weights (``base_weights``, by content: other weights copied in with their times kept, ``cp -p``), the
+    starting adapter, precision, attention implementation and the batches the pairs are scored in (their padding,
+    and in a low precision their sums, follow them): the micro-batch size, and ``batches``, the training split's
+    first-epoch micro-batches, as a set of sets (which rank runs one, and in what order, changes nothing: a run
+    resumed on another allocation whose micro-batches hold the same pairs reads the table)."""
     composition = None
     if batches is not None:
         c = hashlib.sha256(json.dumps(sorted(sorted(mb) for mb in batches if mb)).encode())
         composition = c.hexdigest()
-    h = hashlib.sha256(json.dumps({"v": VERSION, "model_key": p.meta.get("model_key"), "data": Path(
-        data.cache_file).stem, "precision": p.cfg.train.precision, "attention": p.cfg.model.attention,
-        "ia3": p.meta.get("ia3"), "micro": p.cfg.train.micro_batch_size, "batches": composition},
-        sort_keys=True).encode())
+    key = {"v": VERSION, "model_key": p.meta.get("model_key"), "base_weights": p.meta.get("base_weights"),
+           "data": Path(data.cache_file).stem, "precision": p.cfg.train.precision,
+           "attention": p.cfg.model.attention, "ia3": p.meta.get("ia3"), "micro": p.cfg.train.micro_batch_size,
+           "batches": composition}
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     rows = data.rows if data.rows is not None else np.arange(len(data) * 2)
     h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
     # The dir the weights load from: for a hub model its snapshot (a hub name alone would keep the table of the
