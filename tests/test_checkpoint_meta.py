@@ -25,12 +25,12 @@ META = {"world_size": 2, "micro_batch_size": 1, "grad_accum": 4, "seed": 42, "sh
         "global_batch": 8, "zero_stage": 2, "precision": "fp32", "offload_optimizer": False,
         "model_key": "bloom-0123456789abcdef", "ia3": '{"variant": "default"}', "schedule": "lr 0.003, linear",
         "objective": "sft", "eval_key": "none", "bench_key": "none", "reference_start": "0f" * 16,
-        "optimizer": '{"type": "AdamW"}', "held_copies": 0, "base_weights": "0123456789abcdef"}
+        "optimizer": '{"type": "AdamW"}', "held_copies": 0, "base_weights": "v1-0123456789abcdef"}
 CHANGED = {"seed": 7, "shuffle": False, "total_steps": 24, "data_key": "def456", "n_examples": 95,
            "group_by_length": True, "order_version": 1, "precision": "bf16", "model_key": "llama-0123456789abcdef",
            "ia3": '{"variant": "paper"}', "schedule": "lr 0.01, linear",
            "objective": "dpo beta=0.1 loss_type=sigmoid label_smoothing=0.0", "reference_start": "a1" * 16,
-           "optimizer": '{"amsgrad": true, "type": "AdamW"}', "base_weights": "fedcba9876543210"}
+           "optimizer": '{"amsgrad": true, "type": "AdamW"}', "base_weights": "v1-fedcba9876543210"}
 # The same 8 examples per step, cut otherwise.
 RECUT = [{"world_size": 1, "grad_accum": 8}, {"micro_batch_size": 2, "grad_accum": 2}, {"zero_stage": 3},
          {"world_size": 4, "grad_accum": 2, "zero_stage": 0}]
@@ -72,6 +72,9 @@ def test_base_weights_may_be_left_unchecked_and_nothing_else(tmp_path: Path) -> 
         check_compatible(ck, {**META, "base_weights": CHANGED["base_weights"], "seed": 7}, ("base_weights",))
     with pytest.raises(UsageError, match="base_weights=.*checkpoint.check_base_weights=false resumes"):
         check_compatible(ck, {**META, "base_weights": CHANGED["base_weights"]})
+    # Fingerprints of another version (or none) say nothing about the weights: not compared.
+    for other in ("v2-fedcba9876543210", "fedcba9876543210", None):
+        assert not check_compatible(ck, {**META, "base_weights": other})[1]
 
 
 def _weights(d: Path, tensors: dict, shards: int = 1, fmt: str = "safetensors") -> Path:
@@ -97,7 +100,7 @@ def _weights(d: Path, tensors: dict, shards: int = 1, fmt: str = "safetensors") 
 def test_weights_fingerprint_follows_the_tensors_not_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same tensors in one safetensors file, in shards, or in a .bin (whose head tied to the embeddings is saved
     under both names): one fingerprint. A value changed in any tensor's leading bytes, the dtype or a name:
-    another. Past 1024 tensors it reads 1024 of them, of every kind."""
+    another. Past 1024 tensors it reads 1024 of them, of every kind and part of the model."""
     import torch
 
     from ia3_dist.models import files
@@ -108,10 +111,18 @@ def test_weights_fingerprint_follows_the_tensors_not_the_files(tmp_path: Path, m
     tensors["ln.bias"] = torch.zeros(16, dtype=torch.bfloat16)
     tensors["transformer.word_embeddings.weight"] = torch.randn(40, 16, generator=g)
     tensors["empty.a"], tensors["empty.b"] = torch.zeros(0), torch.zeros(0)  # no storage: not one tensor
+    # Past 4 KB in several layouts: the leading bytes are the first rows' (row-major), whatever the .bin's strides.
+    tensors["w.wide"] = torch.randn(64, 48, generator=g)
+    tensors["w.cube"] = torch.randn(4, 40, 30, generator=g)
+    tensors["w.half"] = torch.randn(3000, generator=g).bfloat16()
+    tensors["w.scalar"] = torch.tensor(3.0)
+    tensors["w.none"] = torch.zeros(0, 16)
     fp = weights_fingerprint(_weights(tmp_path / "one", tensors))
     assert weights_fingerprint(_weights(tmp_path / "shards", tensors, shards=3)) == fp
     tied = {**tensors, "lm_head.weight": tensors["transformer.word_embeddings.weight"],  # one storage, two names
-            "h.0.qkv": tensors["h.0.qkv"].t().contiguous().t()}  # a transposed view: the same values, row-major
+            "h.0.qkv": tensors["h.0.qkv"].t().contiguous().t(),  # transposed views: the same values, row-major
+            "w.wide": tensors["w.wide"].t().contiguous().t(),
+            "w.cube": tensors["w.cube"].permute(2, 0, 1).contiguous().permute(1, 2, 0)}
     assert weights_fingerprint(_weights(tmp_path / "bin", tied, fmt="bin")) == fp
     # A head of its own (not tied) is another tensor, even with equal values.
     untied = {**tensors, "lm_head.weight": tensors["transformer.word_embeddings.weight"].clone()}
@@ -126,8 +137,9 @@ def test_weights_fingerprint_follows_the_tensors_not_the_files(tmp_path: Path, m
     # A large model: 1024 of its tensors read, of every kind (a stride through the sorted names would read the same
     # few kinds of each layer), whichever files hold them.
     kinds = ("qkv.weight", "qkv.bias", "dense.weight", "dense.bias", "ln1.weight", "ln1.bias")
-    big = {f"h.{i:03d}.{k}": torch.randn(4, generator=g) for i in range(200) for k in kinds}
+    big = {f"h.{i:03d}.{k}": torch.randn(4, generator=g) for i in range(500) for k in kinds}
     d = _weights(tmp_path / "big", big, shards=4)
+    assert weights_fingerprint(_weights(tmp_path / "big-bin", big, fmt="bin")) == weights_fingerprint(d)
     at = {}
     for f in d.glob("*.safetensors"):
         header, start = safetensors_header(f)
@@ -144,7 +156,11 @@ def test_weights_fingerprint_follows_the_tensors_not_the_files(tmp_path: Path, m
     monkeypatch.setattr(files, "open_file", recording)
     weights_fingerprint(d)
     assert len(read) == len(set(read)) == 1024
-    assert all(sum(n.endswith(k) for n in read) > 100 for k in kinds)
+    # Of 3,000: every kind about equally (1024/6 ~ 171 each; a stride through the sorted names reads 2 of the 6)
+    # and every part of the model (the first 1,024 names would end at layer 170 of 500).
+    assert all(120 < sum(n.endswith(k) for n in read) < 220 for k in kinds), read
+    layers = sorted(int(n.split(".")[1]) for n in read)
+    assert layers[0] < 10 and layers[-1] > 490 and max(b - a for a, b in zip(layers, layers[1:])) < 20
 
 
 def test_a_checkpoint_that_trained_on_copies_of_held_out_examples_is_refused_saying_so(tmp_path: Path) -> None:

@@ -37,27 +37,37 @@ def test_dynamic_blocks_do_not_tie_the_row_count_to_an_equal_size(tiny_model: Pa
     assert graphs[0] > 0 and graphs == [graphs[0]] * 3, graphs
 
 
-@pytest.mark.slow  # imports dynamo and inductor (about 4 s)
-def test_cpu_inductor_compiles_avx2_code_unless_told_otherwise(tiny_model: Path) -> None:
+@pytest.mark.slow  # imports dynamo and inductor, which compiles its ISA probes (about 6 s)
+def test_cpu_inductor_avoids_avx512_code_unless_told_otherwise(tiny_model: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """torch 2.13's AVX-512 C++ code for the compiled blocks corrupted the heap on packed rows (the packed compile
-    run in test_packing_train.py aborted 5 of 5 times on an AVX-512 box): CPU blocks compile with 256-bit vectors;
-    a width the caller set stays; other backends are left alone. (Wrapping compiles nothing: no trace here.)"""
+    run in test_packing_train.py aborted 5 of 5 times on an AVX-512 box): where inductor would write 512-bit code
+    for CPU blocks, it writes 256-bit code; a width or an ATEN_CPU_CAPABILITY the user set stays, as do GPU runs
+    and other backends. (Wrapping compiles nothing: no trace here.)"""
     import torch._inductor.config as inductor_config
+    from torch._inductor import cpu_vec_isa
     from transformers import AutoModelForCausalLM
 
     from ia3_dist.models.load import compile_blocks
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
-    before = inductor_config.cpp.simdlen
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(inductor_config.cpp, "simdlen", None)
+    # This box's ISA decides (the AVX-512 box of the note: 256); an AVX2-only or ARM CPU keeps inductor's pick.
+    wide = cpu_vec_isa.pick_vec_isa().bit_width() == 512
     try:
-        inductor_config.cpp.simdlen = None
         compile_blocks(model, backend="aot_eager")
         assert inductor_config.cpp.simdlen is None
         compile_blocks(model, backend="inductor")
-        assert inductor_config.cpp.simdlen == 256
-        inductor_config.cpp.simdlen = 512
-        compile_blocks(model, backend="inductor")
-        assert inductor_config.cpp.simdlen == 512
+        assert inductor_config.cpp.simdlen == (256 if wide else None)
+        for told in ({"simdlen": 512}, {"env": "avx512"}, {"gpu": True}):
+            inductor_config.cpp.simdlen = told.get("simdlen")
+            if "env" in told:
+                monkeypatch.setenv("ATEN_CPU_CAPABILITY", told["env"])
+            monkeypatch.setattr(torch.cuda, "is_available", lambda told=told: told.get("gpu", False))
+            compile_blocks(model, backend="inductor")
+            assert inductor_config.cpp.simdlen == told.get("simdlen"), told
+            monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     finally:
-        inductor_config.cpp.simdlen = before
         torch._dynamo.reset()

@@ -111,16 +111,21 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise UsageError(f"model.path {model_dir}: no model.safetensors, pytorch_model.bin or shard index in it")
 
 
-ST_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
-            "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+ST_TORCH: dict[str, str] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                            "U16": "uint16", "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn",
+                            "F8_E5M2": "float8_e5m2"}
 """safetensors' dtype names -> torch's (``torch.<name>``)."""
+_ST_NAME = {v: k for k, v in ST_TORCH.items()}
 FINGERPRINT_TENSORS = 1024
 """Tensors whose leading bytes :func:`weights_fingerprint` reads: every tensor of the models trained here (723 for a
 70B Llama, 365 for bloom-7b1), so weights that differ in a few matrices only (a LoRA merged, IA3 exported, layers
 fine-tuned) differ; past it a sample chosen by name hash, spread over every kind of tensor (a stride through the
 sorted names read only one kind per layer)."""
 FINGERPRINT_BYTES = 4096
+FINGERPRINT_VERSION = "v1"
+"""Prefixed to the digest: a later ia3-dist that fingerprints otherwise does not read a weight change into the
+difference (``checkpoint.comparable``)."""
 
 
 def weights_fingerprint(model_dir: Path) -> str:
@@ -128,7 +133,8 @@ def weights_fingerprint(model_dir: Path) -> str:
     name, dtype and shape, and the first :data:`FINGERPRINT_BYTES` of each (up to :data:`FINGERPRINT_TENSORS` of
     them). Keyed by tensor, not by file: the same weights resharded, or saved as safetensors instead of .bin in the
     same dtype, keep their digest (a .bin's head tied to the embeddings counts once, under the embedding's name, as
-    safetensors stores it). A few ms per start: headers and 4 KB reads."""
+    transformers saves it). Per start: the headers and up to 1,024 reads of 4 KB (a few ms on a local disk); a .bin's
+    pickle loads memory-mapped."""
     import hashlib
 
     entries: dict[str, tuple[str, list[int]]] = {}
@@ -163,26 +169,28 @@ def weights_fingerprint(model_dir: Path) -> str:
         dtype, shape = entries[name]
         lead = leading.get(name, b"")
         h.update(json.dumps([name, dtype, shape, len(lead)]).encode() + lead)
-    return h.hexdigest()[:16]
+    return f"{FINGERPRINT_VERSION}-{h.hexdigest()[:16]}"
 
 
 def _bin_leading(f: Path, entries: dict[str, tuple[str, list[int]]], leading: dict[str, bytes]) -> None:
     """The tensors of a .bin into ``entries`` and their first :data:`FINGERPRINT_BYTES` into ``leading``. A name
-    whose tensor is another's (a head tied to the embeddings, saved under both names) is left out: safetensors
-    files hold it once, under the name deepest in the model (the embedding's, e.g. ``model.embed_tokens.weight``
-    over ``lm_head.weight``)."""
+    whose tensor is another's (a head tied to the embeddings, saved under both names) is left out: transformers
+    saves safetensors with it once, under the name deepest in the model (the embedding's, e.g.
+    ``model.embed_tokens.weight`` over ``lm_head.weight``)."""
     import torch
 
-    names = {v: k for k, v in ST_TORCH.items()}
-    seen: dict[tuple, str] = {}
+    seen: set[tuple] = set()
     sd = torch_load_weights(f)
     for name in sorted(sd, key=lambda n: (-n.count("."), n)):
         t = sd[name].detach()
         alias = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if t.numel() and alias in seen:
             continue
-        seen[alias] = name
-        entries[name] = (names.get(str(t.dtype).removeprefix("torch."), str(t.dtype)), list(t.shape))
+        seen.add(alias)
+        entries[name] = (_ST_NAME.get(str(t.dtype).removeprefix("torch."), str(t.dtype)), list(t.shape))
+        if not t.numel():
+            leading[name] = b""
+            continue
         k = FINGERPRINT_BYTES // t.element_size()
         # The first k elements in row-major order, copying no more than the rows that hold them (a transposed
         # view's reshape would copy the whole tensor).

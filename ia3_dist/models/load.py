@@ -4,6 +4,7 @@ through :mod:`ia3_dist.models.zero3_load`)."""
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import sys
 from collections.abc import Iterator
@@ -190,6 +191,23 @@ def copy_gradients(model: nn.Module) -> int:
     return len(params)
 
 
+def _avoid_avx512_codegen() -> None:
+    """Inductor's C++ code at 256 bits where it would write 512-bit (AVX-512) code, unless the user chose a width
+    (``cpp.simdlen``) or an ISA (``ATEN_CPU_CAPABILITY``, which inductor honours): torch 2.13's AVX-512 code for
+    these blocks wrote past a buffer (heap corruption, "malloc(): unaligned tcache chunk detected": 5 of 5 runs of
+    tiny Bloom on packed rows, 2 threads, an AMD EPYC with AVX-512; pytorch#181618 and its duplicates show the same
+    on AMD). Its AVX2 code ran clean (0 of 6), and the matmuls are MKL's either way. Other CPUs (ARM's 128-bit
+    NEON/SVE, AVX2-only x86) keep inductor's choice. Process-wide: this process trains one model."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor import cpu_vec_isa
+
+    if inductor_config.cpp.simdlen is not None or os.environ.get("ATEN_CPU_CAPABILITY"):
+        return
+    if cpu_vec_isa.pick_vec_isa().bit_width() == 512 and \
+            any(isa.bit_width() == 256 for isa in cpu_vec_isa.valid_vec_isa_list()):
+        inductor_config.cpp.simdlen = 256
+
+
 def compile_blocks(model: nn.Module, skip: nn.Module | None = None, dynamic: bool | None = None,
                    mode: str = "default", backend: str = "inductor") -> int:
     """``torch.compile`` every decoder block in place, except ``skip``; returns how many. Blocks, not the whole
@@ -207,15 +225,9 @@ def compile_blocks(model: nn.Module, skip: nn.Module | None = None, dynamic: boo
 
         if hasattr(fx_config, "use_duck_shape"):  # a config module refuses unknown keys; older torch may lack it
             fx_config.use_duck_shape = False
-    if backend == "inductor" and blocks and next(blocks[0].parameters()).device.type == "cpu":
-        import torch._inductor.config as inductor_config
-
-        if inductor_config.cpp.simdlen is None:  # unless the caller chose a vector width
-            # torch 2.13's AVX-512 C++ code for these blocks wrote past a buffer (heap corruption: "malloc():
-            # unaligned tcache chunk detected", 5 of 5 runs of tiny Bloom on packed rows, 2 threads, an AMD EPYC with
-            # AVX-512; pytorch#181618 and its duplicates show the same on AMD). Its AVX2 code ran clean (0 of 6);
-            # the matmuls are MKL's either way. Process-wide: this process trains one model.
-            inductor_config.cpp.simdlen = 256
+    # The blocks are still on the host here on GPU runs too (the engine moves them): where they will run decides.
+    if backend == "inductor" and not torch.cuda.is_available():
+        _avoid_avx512_codegen()
     for b in blocks:
         b.compile(dynamic=dynamic, mode=None if mode == "default" else mode, backend=backend)
     return len(blocks)

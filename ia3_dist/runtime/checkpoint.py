@@ -55,6 +55,18 @@ RECORDED_SINCE_2 = ("precision", "model_key", "ia3", "schedule", "zero_stage", "
 on them, as before."""
 RECORDED_LATER = ("reference_start", "optimizer", "base_weights")
 """Keys checked only where the checkpoint records them (written by later versions)."""
+VERSIONED = ("base_weights",)
+"""Keys whose values are ``v<N>-<digest>``: another ia3-dist may compute them otherwise, and a value of another
+version says nothing about a change (:func:`comparable`)."""
+
+
+def comparable(saved: Any, now: Any) -> bool:
+    """Two :data:`VERSIONED` values of the same version (both strings ``vN-...``), which may then be compared."""
+    if not (isinstance(saved, str) and isinstance(now, str)):
+        return False
+    return saved.split("-", 1)[0] == now.split("-", 1)[0]
+
+
 FIX = {
     "base_weights": "the base model's weights are not the ones the checkpoint's vectors were trained on: model.path "
                     "holds other weights of the same architecture now (replaced, retrained, a hub branch that "
@@ -324,6 +336,8 @@ def check_compatible(ckpt: Path, expected: dict[str, Any],
                          f"the other's state: resume with the saved deepspeed.config")
     for k in MUST_MATCH:
         if k == "global_batch" or k in unchecked or (k in RECORDED_SINCE_2 + RECORDED_LATER and k not in meta):
+            continue
+        if k in VERSIONED and not comparable(meta.get(k), expected.get(k)):
             continue
         # Checkpoints from before train.objective are SFT runs.
         default = "sft" if k == "objective" else None

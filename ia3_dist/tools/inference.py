@@ -32,6 +32,7 @@ from ..models.ia3 import check_finite
 from ..models.load import DTYPES, no_code_prompt, pad_with_eos
 from ..runtime.adapter import NEW as ADAPTER_NEW
 from ..runtime.adapter import set_aside
+from ..runtime.checkpoint import comparable
 from ..runtime.manifest import adapter_record
 from ..runtime.safe_io import check_dir_files, read_bounded
 
@@ -386,7 +387,7 @@ def _check_trained_base(adapter: Path, base_path: str) -> None:
     if not isinstance(want, str) or not b.is_dir():
         return
     now = weights_fingerprint(b)
-    if now != want:
+    if comparable(want, now) and now != want:
         raise UsageError(f"{adapter}: trained on other weights than {base_path} holds now (their fingerprint "
                          f"{want}, now {now}: the dir was replaced or retrained since). Give --base the weights it "
                          f"was trained on, or --base {base_path} to load it onto these anyway")

@@ -467,10 +467,12 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         saved, portable = ckpt.check_compatible(
             resume_from, meta, () if cfg.checkpoint.check_base_weights else ("base_weights",))
         measured = check_measured(cfg, saved, meta, str(resume_from / ckpt.META))
+        if ckpt.comparable(saved.get("base_weights"), meta["base_weights"]) \
+                and saved["base_weights"] != meta["base_weights"]:  # let through by the setting above
+            # In `measured`, which the line rebuilt after a micro-batch probe keeps too.
+            measured += (f"; on other base weights than the checkpoint's (fingerprint {saved['base_weights']}, now "
+                         f"{meta['base_weights']}), as checkpoint.check_base_weights=false allows")
         line = ckpt.resume_line(resume_from, saved, meta, portable) + measured
-        if saved.get("base_weights") not in (None, meta["base_weights"]):  # let through by the setting above
-            line += (f"; on other base weights than the checkpoint's (fingerprint {saved['base_weights']}, now "
-                     f"{meta['base_weights']}), as checkpoint.check_base_weights=false allows")
         if not portable:
             safe_load.check_checkpoint_dir(resume_from)
     bench = None
