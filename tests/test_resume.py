@@ -189,7 +189,7 @@ def test_checkpoint_of_an_earlier_version_resumes_on_its_layout(straight: dict[s
     rec = json.loads((out / "adapter" / STEP_FILE).read_text())
     # The base weights' fingerprint, as the checkpoints record it: generate/export/eval check the base dir by it.
     assert rec == {"step": 3, "final": False, "base_weights": read_meta(out / "checkpoints" / "step3")["base_weights"]}
-    assert re.fullmatch("[0-9a-f]{16}", rec["base_weights"])
+    assert re.fullmatch("v1-[0-9a-f]{16}", rec["base_weights"])
     assert run_status(out) == "stopped"
     ck = out / "checkpoints" / "step3"
     for f in ("ia3_state.safetensors", "ia3_state.json"):
