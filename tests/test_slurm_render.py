@@ -260,10 +260,8 @@ def test_hostile_overrides_stay_inert(tmp_path: Path, capsys: pytest.CaptureFixt
     # Run the generated script with a stand-in python (IA3_DIST_PYTHON) that passes the import check and records
     # the arguments of the first real call (resolve): the baked-in `set --` line must hand over the overrides byte
     # for byte and run none of them.
-    stub = tmp_path / "python"
-    stub.write_text('#!/bin/bash\nif [ "$1" = -c ]; then echo /x/ia3_dist/__init__.py; exit 0; fi\n'
-                    'printf "%s\\0" "$@" > "$ARGS_OUT"; exit 1\n')
-    stub.chmod(0o755)
+    stub = _stand_in_python(tmp_path, '#!/bin/bash\nif [ "$1" = -c ]; then echo /x/ia3_dist/__init__.py; exit 0; fi\n'
+                            'printf "%s\\0" "$@" > "$ARGS_OUT"; exit 1\n')
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "IA3_DIST_PYTHON": str(stub),
            "ARGS_OUT": str(tmp_path / "args")}
     proc = subprocess.run([BASH, str(job)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
@@ -519,10 +517,8 @@ def test_default_python_is_this_one() -> None:
 def test_a_python_without_ia3_dist_stops_the_job_with_exit_2(tmp_path: Path) -> None:
     job = tmp_path / "job.sbatch"
     job.write_text(_render())
-    stub = tmp_path / "python"
-    stub.write_text('#!/bin/bash\necho "Traceback (most recent call last):" >&2\n'
-                    'echo "ModuleNotFoundError: No module named \'ia3_dist\'" >&2\nexit 1\n')
-    stub.chmod(0o755)
+    stub = _stand_in_python(tmp_path, '#!/bin/bash\necho "Traceback (most recent call last):" >&2\n'
+                            'echo "ModuleNotFoundError: No module named \'ia3_dist\'" >&2\nexit 1\n')
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "IA3_DIST_PYTHON": str(stub)}
     proc = subprocess.run([BASH, str(job)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
@@ -595,6 +591,21 @@ until [ -e "$OUTPUT_DIR/go" ]; do sleep 0.05; done
 """
 
 
+def _stand_in_python(tmp_path: Path, script: str) -> Path:
+    """``tmp_path/python``: an executable ``script`` the job runs in place of the real interpreter."""
+    stub = tmp_path / "python"
+    stub.write_text(script)
+    stub.chmod(0o755)
+    return stub
+
+
+def _lib_shell(tmp_path: Path, python: Path, nodelist: str, nnodes: int) -> str:
+    """The start of a batch shell as the templates begin one: strict bash, lib.sh, a job on ``nodelist`` running
+    ``python``; the caller adds its scontrol stand-in and commands."""
+    return (f'set -uo pipefail; source "{template_dir() / "lib.sh"}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
+            f'SLURM_JOB_NODELIST={nodelist}; SLURM_NNODES={nnodes}; PYTHON="{python}"; ')
+
+
 def _batch_shell(tmp_path: Path, before: str = "", scontrol_rc: int = 0) -> tuple[subprocess.Popen, Path]:
     """lib.sh's trap and ia3_run around a stand-in for the run (scontrol recorded, not called). The stand-in's name
     holds "ia3_dist", as a real rank 0's command line does: lib.sh signals only such a process. ``before``: shell
@@ -624,11 +635,8 @@ def test_a_signal_while_the_config_is_read_requeues(tmp_path: Path) -> None:
     warning then killed the batch shell (USR1's default action), with no requeue and the evaluation job
     cancelled. Now it counts as before training started: nothing starts and the job requeues."""
     out = tmp_path / "out"
-    stub = tmp_path / "python"
-    stub.write_text(f'#!/bin/bash\ntouch "{tmp_path}/resolving"; sleep 2; echo "{out}"\n')
-    stub.chmod(0o755)
-    script = (f'set -uo pipefail; source "{template_dir() / "lib.sh"}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
-              f'SLURM_JOB_NODELIST=n1; SLURM_NNODES=1; PYTHON="{stub}"; '
+    stub = _stand_in_python(tmp_path, f'#!/bin/bash\ntouch "{tmp_path}/resolving"; sleep 2; echo "{out}"\n')
+    script = (_lib_shell(tmp_path, stub, "n1", 1) +
               f'scontrol() {{ [ "$1" != requeue ] || echo "$*" >> "{tmp_path}/scontrol"; }}; '
               f'ia3_setup cfg.yaml; ia3_run touch "{tmp_path}/started"')
     proc = subprocess.Popen([BASH, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -822,9 +830,7 @@ def test_a_stale_pid_file_is_never_signalled(tmp_path: Path) -> None:
 def test_the_job_steps_get_the_tasks_cpus(tmp_path: Path, cpus: str, srun: str) -> None:
     """Slurm 22.05-23.02's srun reads SRUN_CPUS_PER_TASK, not sbatch's SLURM_CPUS_PER_TASK: without it a CPU job's
     launcher and all its ranks ran on one core where cores are enforced. ia3_setup passes the job's on."""
-    stub = tmp_path / "python"
-    stub.write_text(f"#!/bin/sh\necho {tmp_path / 'out'}\n")
-    stub.chmod(0o755)
+    stub = _stand_in_python(tmp_path, f"#!/bin/sh\necho {tmp_path / 'out'}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_"))}
     env.update(PYTHON=str(stub), SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1", LOG_DIR=str(tmp_path),
                **({"SLURM_CPUS_PER_TASK": cpus} if cpus else {}))
@@ -844,11 +850,8 @@ def test_the_job_steps_get_the_tasks_cpus(tmp_path: Path, cpus: str, srun: str) 
 def test_master_addr_is_the_first_nodes_address(tmp_path: Path, node_info: str, want: str) -> None:
     """MASTER_ADDR was the first node's Slurm name, which need not resolve to the node (NodeName=n1 with its own
     NodeAddr): the rendezvous of every rank failed. Now its NodeAddr, what slurmd reaches it at."""
-    stub = tmp_path / "python"
-    stub.write_text(f'#!/bin/bash\necho "{tmp_path / "out"}"\n')
-    stub.chmod(0o755)
-    script = (f'set -uo pipefail; source "{template_dir() / "lib.sh"}"; LOG_DIR="{tmp_path}"; SLURM_JOB_ID=7; '
-              f'SLURM_JOB_NODELIST="n[1-2]"; SLURM_NNODES=2; PYTHON="{stub}"; '
+    stub = _stand_in_python(tmp_path, f'#!/bin/bash\necho "{tmp_path / "out"}"\n')
+    script = (_lib_shell(tmp_path, stub, '"n[1-2]"', 2) +
               f'scontrol() {{ case "$1 $2" in "show hostnames") echo n1; echo n2 ;; '
               f'"show node") [ "$3" = n1 ] || return 1; {node_info} ;; esac; }}; '
               'ia3_setup cfg.yaml; echo "MASTER=$MASTER_ADDR"')
