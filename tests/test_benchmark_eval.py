@@ -95,11 +95,12 @@ def test_checkpoints_equal_lm_eval_on_their_merged_exports(run: Path, tmp_path: 
     for r in fresh:
         assert r["value"] == got[("step5", r["task"], r["metric"])], r
     # Each row says what it was measured with: the base, its dtype, the limit, lm-eval's version, the local tasks.
+    from ia3_dist.models.files import weights_fingerprint
     from ia3_dist.train.benchmarks import include_digest
 
     base = json.loads((tmp_path / "a5" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert {(r["base"], r["dtype"], r["limit"], r["include_digest"]) for r in fresh} == \
-        {(base, "fp32", None, include_digest(TASKS)[:16])}
+    assert {(r["base"], r["base_weights"], r["dtype"], r["limit"], r["include_digest"]) for r in fresh} == \
+        {(base, weights_fingerprint(Path(base)), "fp32", None, include_digest(TASKS)[:16])}
     assert all(isinstance(r["lm_eval"], str) for r in fresh)
     # The run's final adapter given alone: its results go to the run's eval/ (never into the adapter dir, which
     # the next adapter replaces whole), beside the earlier rows; its own rows replace the final point's.
@@ -653,9 +654,9 @@ def test_rows_measured_otherwise_are_told_apart(tmp_path: Path) -> None:
     assert got.local == {"tiny_mc"} and got.digest == include_digest(TASKS)[:16]
     assert got.of({"task": "tiny_mc"})["include_digest"] == got.digest
     assert got.of({"task": "hellaswag"})["include_digest"] is None
-    assert got.of({"task": "heldout"}) == {"dtype": "bf16", "base": "/m"}
+    assert got.of({"task": "heldout"}) == {"dtype": "bf16", "base": "/m", "base_weights": None}
 
-    held = {"dtype": "bf16", "base": "/m"}  # the held-out loss takes every example: no limit
+    held = {"dtype": "bf16", "base": "/m", "base_weights": "v1-aa"}  # held-out: every example, no limit
     bench = {**held, "limit": None, "lm_eval": "0.4.13", "include_digest": None}
     settings = Settings(held, bench, "abc", frozenset({"t", "u"}))
     row = {"checkpoint": "step5", "step": 5, "value": 1.0}
@@ -668,8 +669,40 @@ def test_rows_measured_otherwise_are_told_apart(tmp_path: Path) -> None:
     assert measured_otherwise({**row, "task": "reg", **bench}, settings, ["reg"]) == ""  # registry: None both
     assert measured_otherwise({**row, "task": "t", **bench, "include_digest": "abc", "lm_eval": "0.4.9", "limit": 3},
                               settings, ["t"]) == "limit 3, lm eval 0.4.9"
+    # The same base dir holding other weights (replaced, retrained) since; a fingerprint of another version is
+    # not compared.
+    assert measured_otherwise({**row, "task": "heldout", **held, "base_weights": "v1-bb"}, settings, []) == \
+        "base weights v1-bb"
+    assert measured_otherwise({**row, "task": "heldout", **held, "base_weights": "v2-bb"}, settings, []) == ""
     # Written before ia3-dist recorded them: dtype was fp32 then, the rest is unknown.
-    assert measured_otherwise({**row, "task": "heldout"}, settings, []) == "dtype fp32, base ?"
+    assert measured_otherwise({**row, "task": "heldout"}, settings, []) == "dtype fp32, base ?, base weights ?"
+
+
+def test_the_base_weights_an_adapter_is_evaluated_on_are_fingerprinted(tmp_path: Path, tiny_model: Path) -> None:
+    """Each row records the fingerprint of the weights the adapter was loaded onto: its adapter_config.json's base,
+    or --base; none where there are no local weights (a hub base not cached: the load says what is wrong)."""
+    from ia3_dist.models.files import weights_fingerprint
+    from ia3_dist.tools.inference import base_weights_of
+
+    ad = tmp_path / "adapter"
+    ad.mkdir()
+    conf = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(tiny_model),
+            "target_modules": ["query_key_value"], "feedforward_modules": []}
+    (ad / "adapter_config.json").write_text(json.dumps(conf))
+    assert base_weights_of(ad) == weights_fingerprint(tiny_model)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(other / "model.safetensors"))
+    name = sorted(w)[0]
+    w[name] = w[name] + 1
+    save_file(w, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert base_weights_of(ad, str(other)) == weights_fingerprint(other) != weights_fingerprint(tiny_model)
+    (ad / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path": "org/not-cached"}))
+    assert base_weights_of(ad) is None
+    (other / "model.safetensors").unlink()
+    assert base_weights_of(ad, str(other)) is None
 
 
 def _greedy_task(d: Path, targets: list[str]) -> Path:

@@ -27,6 +27,7 @@ import torch
 from ..config.schema import has_heldout
 from ..errors import UsageError
 from ..runtime import dist, manifest, safe_io
+from ..runtime.checkpoint import comparable
 from ..runtime.dist import DistEnv
 from ..train.benchmarks import check_tasks, must_replicate, run_tasks
 from .summary import RESULTS
@@ -352,7 +353,8 @@ class Settings:
     """How this evaluation measures, written beside each value (:meth:`of`)."""
 
     held: dict[str, Any]
-    """A held-out row's: the base model and its dtype (the held-out loss takes every example: no limit)."""
+    """A held-out row's: the base model, the fingerprint of its weights (``base_weights``: a dir replaced by other
+    weights keeps its name) and its dtype (the held-out loss takes every example: no limit)."""
     bench: dict[str, Any]
     """A benchmark row's: also the document limit, the lm-eval version and ``include_digest`` (None)."""
     digest: str | None = None
@@ -366,11 +368,13 @@ class Settings:
         return {**self.bench, "include_digest": self.digest if row["task"] in self.local else None}
 
 
-def measured_with(dtype: str, limit: int | None, base: str, include: Path | None) -> Settings:
-    """This evaluation's :class:`Settings`; a local task dir is read (and digested) here, before anything runs."""
+def measured_with(dtype: str, limit: int | None, base: str, include: Path | None,
+                  base_weights: str | None = None) -> Settings:
+    """This evaluation's :class:`Settings`; a local task dir is read (and digested) here, before anything runs.
+    ``base_weights``: :func:`.inference.base_weights_of` (None where the base has no local weights)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    held: dict[str, Any] = {"dtype": dtype, "base": base}
+    held: dict[str, Any] = {"dtype": dtype, "base": base, "base_weights": base_weights}
     try:
         lm_eval = version("lm_eval")
     except PackageNotFoundError:
@@ -397,6 +401,9 @@ def measured_otherwise(row: dict, settings: Settings, tasks: list[str]) -> str:
         if k == "include_digest" and row["task"] not in tasks:
             continue
         got = row.get(k, _UNRECORDED.get(k, "?"))
+        if k == "base_weights" and k in row and isinstance(got, str) and isinstance(v, str) \
+                and not comparable(got, v):
+            continue  # fingerprinted otherwise (another ia3-dist version): unknown, not a difference
         if got != v:
             diff.append(f"{k.replace('_', ' ')} {got}")
     return ", ".join(diff)
@@ -475,9 +482,12 @@ def main(argv: list[str], prog: str) -> int:
         dist.setup_threads(env)
         dist.init(env)
     try:
+        from .inference import base_weights_of
+
         dtype = args.dtype or run_precision(run if run is not None else path.parent)
         # Before the evaluation: a task file that cannot be read fails now, not once the results are in.
-        settings = measured_with(dtype, args.limit, base_of(adapter, args.base), args.include)
+        settings = measured_with(dtype, args.limit, base_of(adapter, args.base), args.include,
+                                 base_weights_of(adapter, args.base))
         rows = evaluate_points(adapter, pts, tasks, tm, args.batch_size, args.limit, run, args.base, env, dtype)
     finally:
         dist.destroy()

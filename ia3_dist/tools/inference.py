@@ -393,6 +393,26 @@ def _check_trained_base(adapter: Path, base_path: str) -> None:
                          f"was trained on, or --base {base_path} to load it onto these anyway")
 
 
+def base_weights_of(adapter: Path, base: str | None = None) -> str | None:
+    """The fingerprint (:func:`weights_fingerprint`) of the base weights the adapter in ``adapter`` loads onto:
+    ``base``, else the base its adapter_config.json names (its hub snapshot where cached, at the recorded revision).
+    None where no local weights are found: a hub base not cached, or a dir without weight files, which the load
+    itself then names."""
+    cfg = read_adapter_config(adapter)
+    name = base or cfg.get("base_model_name_or_path")
+    if not isinstance(name, str) or not name:
+        return None
+    snapshot = cached_snapshot(name, None if base else _revision(cfg, adapter))
+    d = snapshot if snapshot is not None else Path(name).expanduser()
+    if not d.is_dir():
+        return None
+    try:
+        checkpoint_files(d)
+    except UsageError:  # no weight files: load_for_inference says so, naming the dir
+        return None
+    return weights_fingerprint(d)
+
+
 def _revision(cfg: dict[str, Any], d: Path) -> str | None:
     rev = cfg.get("revision")
     if rev is not None and not (isinstance(rev, str) and 0 < len(rev) <= 256):
