@@ -135,6 +135,35 @@ def test_the_report_names_dropped_records_where_they_were_read(tmp_path: Path, t
     assert f"first, in {g}: line 3, line 4\n" in report and str(f) not in report, report
 
 
+def test_records_weighed_out_are_told_apart_from_truncation(tmp_path: Path, tiny_tokenizer) -> None:
+    """A record whose answers to train on all have ``"weight": 0`` (or, with data.train_on=last, its last) has no
+    label token whatever data.max_length is: the report and the refusal say so, through the token cache too,
+    instead of blaming truncation or the template."""
+    from ia3_dist.config import RunConfig
+    from ia3_dist.data.report import data_lines
+    from ia3_dist.errors import UsageError
+
+    def conv(w: int) -> dict:
+        return {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2", "weight": w}]}
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(conv(1)) + "\n" + json.dumps(conv(0)) + "\n", encoding="utf-8")
+    cfg = DataSection(path=str(f), train_on="last", cache_dir=str(tmp_path / "cache"))
+    for _ in range(2):  # tokenized, then read back from the cache
+        data = load_or_tokenize(cfg, tiny_tokenizer)
+        assert (len(data), data.answerless, data.truncated) == (1, 1, 0)
+        report = "\n".join(data_lines(data, RunConfig(data=cfg)))
+        assert (f"1 dropped (no label token after truncation, data.unlabeled=drop; 1 of them weight 0 on every answer "
+                f"to train on, data.train_on=last), first: {f}:2\n") in report, report
+    assert load_or_tokenize(DataSection(path=str(f), cache_dir=str(tmp_path / "cache")), tiny_tokenizer).answerless \
+        == 0  # train_on=all: the first answer of the second record trains
+    f.write_text(json.dumps(conv(0)) + "\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"no record has an answer token to train on: 1 record\(s\) give the last "
+                                         r"answer \"weight\": 0 \(data.train_on=last\), the others label nothing; "
+                                         r"give an answer weight 1 or set data.train_on=all"):
+        load_or_tokenize(cfg, tiny_tokenizer)
+
+
 def test_save_to_disk_dir_matches_json(tmp_path: Path, tiny_tokenizer) -> None:
     import datasets
 

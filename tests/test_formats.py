@@ -89,6 +89,16 @@ def write_arrow(p: Path, recs: list) -> Path:
     return p
 
 
+def write_arrow_file(p: Path, recs: list) -> Path:
+    """An Arrow IPC *file* (Feather v2: pandas' to_feather, Polars' write_ipc), in two batches."""
+    t = table(recs)
+    with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+        half = max(1, len(recs) // 2)
+        w.write_table(t.slice(0, half))
+        w.write_table(t.slice(half))
+    return p
+
+
 def write_csv(p: Path, recs: list, fields: tuple[str, ...] | None = None) -> Path:
     with open(p, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=list(fields or dict.fromkeys(k for r in recs for k in r)))
@@ -117,6 +127,8 @@ WRITERS: dict[str, tuple[Callable[[Path, list], Path], Callable[[Conversation], 
     "alpaca-jsonl": (write_jsonl, alpaca, ".jsonl", "alpaca"),
     "alpaca-parquet": (write_parquet, alpaca, ".parquet", "alpaca"),
     "alpaca-arrow": (write_arrow, alpaca, ".arrow", "alpaca"),
+    "alpaca-arrow-file": (write_arrow_file, alpaca, ".arrow", "alpaca"),
+    "messages-arrow-file": (write_arrow_file, messages, ".arrow", "messages"),
     "sharegpt-jsonl": (write_jsonl, sharegpt, ".jsonl", "sharegpt"),
     "sharegpt-arrow": (write_arrow, sharegpt, ".arrow", "sharegpt"),
     "messages-parquet": (write_parquet, messages, ".parquet", "messages"),
@@ -562,8 +574,62 @@ def test_corruption_found_while_reading(tmp_path: Path, monkeypatch: pytest.Monk
     g = tmp_path / "d.csv"
     g.write_text("instruction,output\n" + "".join(f"{'q' * 100}{i},a{i}\n" for i in range(20_000)) + "bad,row,extra\n")
     assert g.stat().st_size > 2 << 20
-    msg = error(g, on_bad_record="skip")
-    assert msg.startswith(f"{g}: cannot read the CSV file (ArrowInvalid: CSV parse error: Expected 2 columns, got 3")
+    # A row of other width than the header: named by its text (pyarrow numbers no row where cells may span lines),
+    # and skipped under the skip policy like any bad record.
+    msg = error(g)
+    assert msg.startswith(f"{g}: a row of 3 cell(s) where the header has 2: 'bad,row,extra'; quote cells that hold "
+                          f"commas (or set data.on_bad_record=skip"), msg
+    r = load(g, on_bad_record="skip")
+    assert len(r.examples) == 20_000 and r.skipped == [f"{g}: a row of 3 cell(s) where the header has 2: "
+                                                       f"'bad,row,extra'; quote cells that hold commas"]
+    h = tmp_path / "first.csv"  # in the first block, which the header is read from too
+    h.write_text("instruction,output\nq,a\nq,a,b\nq2,a2\n")
+    assert [c.turns[0].output for c in load(h, on_bad_record="skip").examples] == ["a", "a2"]
+    assert "a row of 3 cell(s) where the header has 2: 'q,a,b'" in error(h)
+
+
+def test_columns_as_datasets_and_spark_store_them(tmp_path: Path) -> None:
+    """Conversations as hub datasets declare them (``Sequence({"from": ..., "value": ...})``: datasets gives a
+    struct of lists, not a list of structs), content parts the same way, and messages as Spark writes a MapType
+    (``array<map<string,string>>``): each read as the list of messages it stands for."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    feats = Features({"conversations": Sequence({"from": Value("string"), "value": Value("string")})})
+    conv = {"from": ["human", "gpt", "human", "gpt"], "value": ["Hi!", "Hello.", "2+2?", "4."]}
+    d = tmp_path / "seq"
+    Dataset.from_dict({"conversations": [conv]}, features=feats).save_to_disk(str(d))
+    want = Conversation([Turn("Hi!", "", "Hello."), Turn("2+2?", "", "4.")])
+    assert load(d).examples == [want]
+    parts = Features({"messages": [{"role": Value("string"),
+                                    "content": Sequence({"type": Value("string"), "text": Value("string")})}]})
+    msgs = [{"role": "user", "content": {"type": ["text", "text"], "text": ["a", "b"]}},
+            {"role": "assistant", "content": {"type": ["text"], "text": ["c"]}}]
+    e = tmp_path / "parts"
+    Dataset.from_dict({"messages": [msgs]}, features=parts).save_to_disk(str(e))
+    assert load(e).examples == [Conversation([Turn("a\nb", "", "c")])]
+    m = pa.array([[[("role", "user"), ("content", "hi")], [("role", "assistant"), ("content", "yo")]]],
+                 type=pa.list_(pa.map_(pa.string(), pa.string())))
+    f = tmp_path / "map.parquet"
+    pq.write_table(pa.table({"messages": m}), f)
+    assert load(f).examples == [Conversation([Turn("hi", "", "yo")])]
+    g = write_arrow_file(tmp_path / "map.arrow", [{}])
+    with pa.OSFile(str(g), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("messages", m.type)])) as w:
+        w.write_table(pa.table({"messages": m}))
+    assert load(g).examples == [Conversation([Turn("hi", "", "yo")])]
+    # A truncated IPC file is named as broken, like a truncated stream.
+    g.write_bytes(g.read_bytes()[:40])
+    assert error(g).startswith(f"{g}: cannot read the Arrow file (")
+
+
+def test_a_column_of_another_format_left_null_does_not_decide_the_format(tmp_path: Path) -> None:
+    """A DataFrame holding several formats' columns writes null under those a record does not use
+    (``to_json(orient="records", lines=True)``): the record is read in the format of the fields it fills."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{**alpaca(CONVS[0]), "messages": None}, {**alpaca(CONVS[2]),
+                                                                                   "messages": None}])
+    assert load(f).examples == [CONVS[0], CONVS[2]] and load(f).formats == {str(f): "alpaca"}
+    g = write_jsonl(tmp_path / "g.jsonl", [{"instruction": "q", "output": "a", "messages": None},
+                                           {"instruction": None, "output": None, "messages": [{"role": "user"}]}])
+    assert error(g).startswith(f"{g}:2: field 'instruction' is null")  # the first record decided: alpaca
 
 
 def test_unknown_suffix_and_missing_file(tmp_path: Path) -> None:

@@ -383,6 +383,21 @@ def test_a_mixture_read_from_the_cache_names_this_runs_files(tmp_path: Path, tin
     assert str(b) in again.mix.sources[1].formats and str(a) not in again.mix.sources[1].formats
 
 
+def test_names_swapped_in_a_rotation_are_renamed_once() -> None:
+    """Files renamed in a rotation (the cache built from a.jsonl, b.jsonl; this run reads the same bytes as b.jsonl,
+    c.jsonl): each message names the file it means. Replaced one name after another, the first became c.jsonl."""
+    from ia3_dist.data.tokenize import renaming
+
+    f = renaming(["/d/a.jsonl", "/d/b.jsonl"], ["/d/b.jsonl", "/d/c.jsonl"])
+    assert (f("/d/a.jsonl:3: bad"), f("/d/b.jsonl:7: bad")) == ("/d/b.jsonl:3: bad", "/d/c.jsonl:7: bad")
+    swap = renaming(["/d/a.jsonl", "/d/b.jsonl"], ["/d/b.jsonl", "/d/a.jsonl"])
+    assert swap("/d/a.jsonl:1; /d/b.jsonl:2") == "/d/b.jsonl:1; /d/a.jsonl:2"
+    # A name that begins another is not replaced inside it.
+    assert renaming(["/d/x", "/d/x.jsonl"], ["/e/y", "/e/z.jsonl"])("/d/x.jsonl:1, /d/x: record 2") == \
+        "/e/z.jsonl:1, /e/y: record 2"
+    assert renaming(["/d/a"], ["/d/a"]) is None
+
+
 def test_draws_are_kept_first_wins_and_an_unwritable_cache_draws_in_memory(tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture) -> None:
     """The draws file is linked in once and never renamed over (a rank reading it on NFS got ESTALE and was told to

@@ -17,6 +17,7 @@ from ..config.schema import show
 from ..errors import UsageError
 from .formats import (
     FORMATS,
+    MESSAGE_KEYS,
     REQUIRED,
     Columns,
     Conversation,
@@ -43,8 +44,9 @@ SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
 MAX_SKIPPED_KEPT = 1000
 # Bump when the same files and settings come to mean different conversations.
 # 5: content parts and role aliases read (data.on_bad_record=skip skipped them); 6: alpaca's tools column read, a
-# sharegpt "tool" role read as a tool result
-RECORDS_VERSION = 6
+# sharegpt "tool" role read as a tool result; 7: a record's format detected from the keys that hold a value, message
+# lists stored as Arrow structs of lists (datasets' Sequence({...})) and Arrow maps read (all were refused)
+RECORDS_VERSION = 7
 # In the digest of sources read through Arrow (Parquet, Arrow files, save_to_disk dirs, hub datasets) only:
 # "arrow-nulls-1", their tool schemas and call arguments read without Arrow's null fill (_arrow_row).
 ARROW_ROWS = "arrow-nulls-1\n"
@@ -145,7 +147,11 @@ class _Source:
         if self.first_keys is None:
             self.first_keys = list(rec)[:64]
         if self.fmt is None:
-            self.fmt = self.detect(rec, self.cols)
+            # From the keys that hold a value first: a table exported with every format's columns (a DataFrame's
+            # to_json) writes null under the ones a record does not use. A record whose only such keys are null
+            # is then told which field is null.
+            self.fmt = self.detect([k for k, v in rec.items() if v is not None], self.cols) \
+                or self.detect(rec, self.cols)
             if self.fmt is None:
                 raise UsageError(f"{where}: {self.undetected(rec, self.cols)}")
         for ours in self.cols.mapped_optional(self.fmt) if self.fmt in REQUIRED else ():
@@ -337,21 +343,43 @@ def _no_nulls(x: Any) -> Any:
     return x
 
 
+def _unzipped(x: Any) -> Any:
+    """A list of objects that datasets stored as one object of lists (a ``Sequence({...})`` feature, as many hub
+    datasets declare their conversations: ``{"from": ["human", "gpt"], "value": [...]}``) as the list it stands for;
+    anything else as it is. A message itself (a role and a content) has a value that is not a list."""
+    if isinstance(x, dict) and x and all(isinstance(v, list) for v in x.values()) \
+            and len({len(v) for v in x.values()}) == 1:
+        return [dict(zip(x, vals, strict=True)) for vals in zip(*x.values(), strict=True)]
+    return x
+
+
 def _arrow_row(row: dict[str, Any], cols: Columns) -> dict[str, Any]:
     """A row read from Arrow (Parquet, Arrow files, datasets): Arrow stores a column of objects as one struct type
     holding every key any record has, and fills the keys a record lacks with null. In tool schemas and call
     arguments those nulls would be trained as if the record had them (``get_weather(city, query=null,
-    limit=null)``, another tool's parameters): they are dropped there, as the record was written."""
+    limit=null)``, another tool's parameters): they are dropped there, as the record was written. Lists that
+    datasets gives as an object of lists (:func:`_unzipped`) are read as lists."""
     tools = cols.name("tools")
-    if isinstance(row.get(tools), list):
-        row[tools] = _no_nulls(row[tools])
+    if tools in row:
+        row[tools] = _unzipped(row[tools])
+        if isinstance(row[tools], list):
+            row[tools] = _no_nulls(row[tools])
+    content = {cols.keys(fmt)[1] for fmt in MESSAGE_KEYS}
     # Conversations, and a preference record's prompt / answers given as message lists (TRL's layout).
     for key in {cols.name(k) for k in ("messages", "conversations", "prompt", "chosen", "rejected")}:
-        msgs = row.get(key)
+        if key not in row:
+            continue
+        msgs = row[key] = _unzipped(row[key])
         if isinstance(msgs, list):
             for m in msgs:
-                if isinstance(m, dict) and isinstance(m.get("tool_calls"), list):
-                    m["tool_calls"] = _no_nulls(m["tool_calls"])
+                if not isinstance(m, dict):
+                    continue
+                for c in content & set(m):  # content parts, stored as datasets stores the messages
+                    m[c] = _unzipped(m[c])
+                if "tool_calls" in m:
+                    m["tool_calls"] = _unzipped(m["tool_calls"])
+                    if isinstance(m["tool_calls"], list):
+                        m["tool_calls"] = _no_nulls(m["tool_calls"])
     return row
 
 
@@ -360,6 +388,12 @@ def _read_dataset(ds: Any, src: _Source, kind: str = "dataset") -> Rows:
     rows = _guarded(iter(ds.iter(batch_size=BATCH_ROWS)), _dict_rows, src.name, kind)
     for i, row in enumerate(rows):
         yield _arrow_row(row, src.cols), f"{src.name}: record {i}"
+
+
+def _table_rows(batch: Any) -> list[dict[str, Any]]:
+    """An Arrow record batch's rows; a map column (Spark's ``MapType``: messages as ``array<map<string,string>>``)
+    as objects, not lists of key-value pairs."""
+    return batch.to_pylist(maps_as_pydicts="strict")
 
 
 def _read_parquet(p: Path, src: _Source) -> Rows:
@@ -373,7 +407,7 @@ def _read_parquet(p: Path, src: _Source) -> Rows:
         except Exception as e:  # ArrowInvalid, OSError, ...: not a Parquet file
             raise _broken(p, "Parquet", e) from None
         src.check_columns(names)
-        for i, row in enumerate(_guarded(batches, lambda b: b.to_pylist(), p, "Parquet")):
+        for i, row in enumerate(_guarded(batches, _table_rows, p, "Parquet")):
             yield _arrow_row(row, src.cols), f"{p}: record {i}"
 
 
@@ -383,30 +417,92 @@ def _read_csv(p: Path, src: _Source) -> Rows:
 
     # A block must hold the longest row; quoted cells may span lines.
     read = pacsv.ReadOptions(block_size=max(1 << 20, MAX_RECORD_BYTES + (1 << 16)))
-    parse = pacsv.ParseOptions(newlines_in_values=True)
+    # The header read first: a ragged row in its block is reported by the pass below.
     with _open(p) as fh:
         try:
-            with pacsv.open_csv(fh, read_options=read, parse_options=parse) as r:
+            with pacsv.open_csv(fh, read_options=read, parse_options=pacsv.ParseOptions(
+                    newlines_in_values=True, invalid_row_handler=lambda row: "skip")) as r:
                 names = list(r.schema.names)
         except Exception as e:
             raise _broken(p, "CSV", e) from None
     src.check_columns(names)
+    ragged: list[UsageError] = []
+    broken: list[UsageError] = []
+
+    def bad_row(row: Any) -> str:
+        # pyarrow numbers no row where quoted cells may span lines: the row's text says which it is. The handler
+        # cannot raise (pyarrow prints and ignores it): a refusal stops the read, and is told below.
+        text = row.text if len(row.text) <= 120 else row.text[:117] + "..."
+        if row.text.count('"') % 2:  # a quote never closed: the file is cut short or mangled, not one bad row
+            broken.append(UsageError(f"{p}: cannot read the CSV file (a quoted cell never closed: {text!r}); "
+                                     f"check that it is a complete, valid CSV file"))
+            return "error"
+        ragged.append(UsageError(f"{p}: a row of {row.actual_columns} cell(s) where the header has "
+                                 f"{row.expected_columns}: {text!r}; quote cells that hold commas"))
+        if src.c.policy == "skip":
+            src.c.bad(ragged.pop())
+            return "skip"
+        return "error"
+
+    def told() -> None:
+        if broken:
+            raise broken[0]
+        if ragged:
+            src.c.bad(ragged[0])  # data.on_bad_record=error: raises, with how to skip instead
+
+    parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=bad_row)
     # Every cell a string (no type guessing: "1" stays "1"); an empty cell is "".
     convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
     with _open(p) as fh:
         try:
             reader = pacsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
         except Exception as e:
+            told()
             raise _broken(p, "CSV", e) from None
         with reader:
-            for i, row in enumerate(_guarded(iter(reader), lambda b: b.to_pylist(), p, "CSV")):
-                yield row, f"{p}: record {i}"
+            try:
+                for i, row in enumerate(_guarded(iter(reader), lambda b: b.to_pylist(), p, "CSV")):
+                    yield row, f"{p}: record {i}"
+            except UsageError:
+                told()
+                raise
+
+
+ARROW_FILE_MAGIC = b"ARROW1"
+"""How an Arrow IPC *file* (Feather v2: pandas' to_feather, Polars' write_ipc, ``pa.ipc.new_file``) begins; datasets
+writes, and ``Dataset.from_file`` reads, the IPC *stream* format."""
+
+
+def _read_ipc_file(p: Path, src: _Source) -> Rows:
+    import pyarrow as pa
+
+    with _open(p) as fh:
+        try:
+            reader = pa.ipc.open_file(fh)
+            names = list(reader.schema.names)
+        except Exception as e:  # ArrowInvalid, OSError, ...: truncated or not Arrow
+            raise _broken(p, "Arrow", e) from None
+        src.check_columns(names)
+
+        def batches() -> Iterator[Any]:
+            for k in range(reader.num_record_batches):
+                b = reader.get_batch(k)
+                # A file written in one batch holds every row in it: read as rows a slice at a time.
+                for start in range(0, b.num_rows, BATCH_ROWS):
+                    yield b.slice(start, BATCH_ROWS)
+
+        for i, row in enumerate(_guarded(batches(), _table_rows, p, "Arrow")):
+            yield _arrow_row(row, src.cols), f"{p}: record {i}"
 
 
 def _read_arrow(p: Path, src: _Source) -> Rows:
     import datasets
 
-    _open(p).close()  # a readable file, or the usual message
+    with _open(p) as fh:  # a readable file, or the usual message
+        magic = fh.read(len(ARROW_FILE_MAGIC))
+    if magic == ARROW_FILE_MAGIC:
+        yield from _read_ipc_file(p, src)
+        return
     try:
         ds = datasets.Dataset.from_file(str(p))
     except Exception as e:  # not an Arrow stream, truncated, ...

@@ -31,9 +31,12 @@ def data_lines(d: TokenizedData, cfg: RunConfig) -> list[str]:
            + "; ".join(d.skipped[:3]) if n_skipped else ""),
         (f"  {len(d)} preference pairs (2 rows each); {len(d.dropped)} dropped (the prompt left no answer token on a "
          f"side, or the two sides the same tokens, after truncation to data.max_length)" if d.group == 2 else
-         f"  {len(d)} examples; {len(d.dropped)} dropped (no label token after truncation, data.unlabeled=drop)")
+         f"  {len(d)} examples; {len(d.dropped)} dropped (no label token after truncation, data.unlabeled=drop"
+         + (f"; {d.answerless} of them weight 0 on every answer to train on, data.train_on={cfg.data.train_on}"
+            if d.answerless and len(d.dropped) else "") + ")")
         + (f", first{_places(d.dropped_where)}" if d.dropped_where else "")
-        + (f"; {d.unlabeled} kept with no label token (data.unlabeled=keep, as the reference recipe)"
+        + (f"; {d.unlabeled} kept with no label token (data.unlabeled=keep, as the reference recipe"
+           + (f"; {d.answerless} of them weight 0 on every answer to train on" if d.answerless else "") + ")"
            if d.unlabeled and not len(d.dropped) else ""),
         f"  truncated at {cfg.data.max_length}: {d.truncated} ({100.0 * d.truncated / max(d.n_records, 1):.1f}%); "
         f"length p50 {pct[0]} p90 {pct[1]} p99 {pct[2]} max {int(lens.max())}; {n_labels} label tokens; " + origin,

@@ -92,7 +92,7 @@ class CacheWriter:
         self.counts: list[np.ndarray] = []
         self.dropped: list[np.ndarray] = []
         self.dropped_where: list[str] = []
-        self.n_records = self.n_tokens = self.truncated = self.unlabeled = 0
+        self.n_records = self.n_tokens = self.truncated = self.unlabeled = self.answerless = 0
         self.skipped: list[str] = []
         """Records the template could not render (data.on_bad_record=skip): the first messages; all counted in
         :attr:`n_skipped`. The caller records them with the reader's skips."""
@@ -116,6 +116,7 @@ class CacheWriter:
         self.n_tokens += int(c.ids.size)
         self.truncated += c.truncated
         self.unlabeled += c.unlabeled
+        self.answerless += c.answerless
         self.n_skipped += len(c.skipped)
         self.skipped += c.skipped[:max(0, MAX_SKIPPED_KEPT - len(self.skipped))]
 
@@ -139,7 +140,8 @@ class CacheWriter:
                 os.fsync(fh.fileno())
         manifest = {"format": FORMAT, "key": self.key, "dtype": self.dtype.name, "n_tokens": self.n_tokens,
                     "n_examples": len(lens), "n_records": self.n_records, "truncated": self.truncated,
-                    "unlabeled": self.unlabeled, "label_tokens": int(arrays["label_counts.npy"].sum(dtype=np.int64)),
+                    "unlabeled": self.unlabeled, "answerless": self.answerless,
+                    "label_tokens": int(arrays["label_counts.npy"].sum(dtype=np.int64)),
                     "dropped_where": self.dropped_where,
                     "host": socket.gethostname(), "pid": os.getpid(), "written": time.time(), **meta}
         with open(self.tmp / MANIFEST, "w", encoding="utf-8") as fh:
@@ -203,6 +205,7 @@ def open_cache(d: Path) -> tuple[TokenizedData, dict[str, Any]] | None:
     dropped_where = [w for w in named if isinstance(w, str)][:MAX_DROPPED_NAMED] if isinstance(named, list) else []
     data = TokenizedData(ids=ids, offsets=offsets, label_mask=mask, n_records=int(meta["n_records"]),
                          dropped=dropped, truncated=int(meta["truncated"]), unlabeled=int(meta["unlabeled"]),
+                         answerless=int(meta.get("answerless", 0)),
                          cache_file=str(d), skipped=skipped, formats=dict(meta.get("formats", {})),
                          label_counts=label_counts, skipped_total=int(meta.get("skipped_total", len(skipped))),
                          dropped_where=dropped_where)

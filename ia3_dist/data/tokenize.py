@@ -131,13 +131,15 @@ def head_length(ids: list[int], lead: tuple[int, ...], bos: int | None) -> int:
 
 
 def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection, wheres: list[str],
-          lead: tuple[int, ...] = (), bos: int | None = None) -> Chunk:
+          lead: tuple[int, ...] = (), bos: int | None = None, weighed_out: list[bool] | None = None) -> Chunk:
     """Per-example segment ids -> one :class:`Chunk` (truncated, masked, unlabeled examples dropped or kept);
-    ``wheres``: where each example's record was read; ``lead``, ``bos``: what a cut keeps (:func:`head_length`)."""
+    ``wheres``: where each example's record was read; ``lead``, ``bos``: what a cut keeps (:func:`head_length`);
+    ``weighed_out``: per example, whether every answer it would train on has weight 0 (counted apart: such an
+    example has no label token, truncated or not)."""
     flat: list[int] = []
     flat_mask: list[int] = []
     lens, counts, dropped = [], [], []
-    truncated = unlabeled = 0
+    truncated = unlabeled = answerless = 0
     for j, segs in enumerate(examples):
         ids: list[int] = []
         mask: list[int] = []
@@ -156,6 +158,7 @@ def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection, wheres
         n_labels = sum(mask[1:])
         if not n_labels:
             unlabeled += 1
+            answerless += bool(weighed_out and weighed_out[j])
             if cfg.unlabeled == "drop":
                 dropped.append(j)
                 continue
@@ -166,7 +169,7 @@ def _pack(examples: list[list[tuple[list[int], bool]]], cfg: DataSection, wheres
     return Chunk(len(examples), np.asarray(flat, dtype=np.int32), np.asarray(flat_mask, dtype=np.uint8),
                  np.asarray(lens, dtype=np.int64), np.asarray(counts, dtype=np.int32),
                  np.asarray(dropped, dtype=np.int64), truncated, unlabeled,
-                 dropped_where=[wheres[j] for j in dropped[:MAX_DROPPED_NAMED]])
+                 dropped_where=[wheres[j] for j in dropped[:MAX_DROPPED_NAMED]], answerless=answerless)
 
 
 def _pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], cfg: DataSection, wheres: list[str],
@@ -257,6 +260,13 @@ def _labelled_runs(text_segs: list[tuple[str, bool]], ids: list[int], offsets: l
     return runs
 
 
+def weighed_out(conv: Conversation, train_on: str) -> bool:
+    """Whether every answer ``conv`` would train on has weight 0 (OpenAI's ``"weight": 0``): all of them, or with
+    ``data.train_on=last`` the last one."""
+    turns = conv.turns[-1:] if train_on == "last" else conv.turns
+    return bool(turns) and not any(t.train for t in turns)
+
+
 class _ChunkTokenizer:
     """Conversations -> :class:`Chunk`: every conversation rendered to labelled segments by the template, then
     encoded, truncated and masked per example. ``human_assistant`` encodes each segment on its own, as the reference
@@ -285,7 +295,8 @@ class _ChunkTokenizer:
             ids_of = dict(zip(uniq, self.encode(uniq), strict=True))
             examples = [[(self.template.piece_ids(ids_of[text], k, self.lead), is_label)
                          for k, (text, is_label) in enumerate(segs)] for segs in rendered]
-        c = _pack(examples, self.cfg, [conv.where for conv, _ in done], self.lead, self.tok.bos_token_id)
+        c = _pack(examples, self.cfg, [conv.where for conv, _ in done], self.lead, self.tok.bos_token_id,
+                  [weighed_out(conv, self.cfg.train_on) for conv, _ in done])
         c.skipped = skipped
         return c
 
@@ -518,7 +529,8 @@ def tokenize(records: Records, tok: Any, cfg: DataSection, chunk: int = CHUNK_RE
 def join_chunks(parts: list[Chunk], source: str, cfg: DataSection) -> TokenizedData:
     lens = np.concatenate([c.lengths for c in parts]) if parts else np.zeros(0, dtype=np.int64)
     if not len(lens):
-        raise no_examples(source, cfg, sum(c.truncated for c in parts) if parts else None)
+        raise no_examples(source, cfg, sum(c.truncated for c in parts) if parts else None,
+                          sum(c.answerless for c in parts))
     base = np.cumsum([0] + [c.n_records for c in parts])
     return TokenizedData(ids=np.concatenate([c.ids for c in parts]), offsets=_offsets(lens),
                          label_mask=np.concatenate([c.label_mask for c in parts]),
@@ -526,6 +538,7 @@ def join_chunks(parts: list[Chunk], source: str, cfg: DataSection) -> TokenizedD
                          dropped=np.concatenate([c.dropped + b for c, b in zip(parts, base, strict=False)]),
                          dropped_where=[w for c in parts for w in c.dropped_where][:MAX_DROPPED_NAMED],
                          truncated=sum(c.truncated for c in parts), unlabeled=sum(c.unlabeled for c in parts),
+                         answerless=sum(c.answerless for c in parts),
                          label_counts=np.concatenate([c.label_counts for c in parts]))
 
 
@@ -541,9 +554,16 @@ def check_not_all_skipped(source: str, rendered: int, skipped: list[str], n_skip
                      f"at the first with its line")
 
 
-def no_examples(source: str, cfg: DataSection, truncated: int | None = None) -> UsageError:
-    """No record has a label token. ``truncated``: how many records were cut at ``data.max_length``; none cut, the
-    template is what labels nothing."""
+def no_examples(source: str, cfg: DataSection, truncated: int | None = None, answerless: int = 0) -> UsageError:
+    """No record has a label token. ``truncated``: how many records were cut at ``data.max_length``; ``answerless``:
+    how many have weight 0 on every answer they would train on; none cut and none weighed out, the template is what
+    labels nothing."""
+    if answerless:
+        which = "the last answer" if cfg.train_on == "last" else "every answer"
+        return UsageError(f"{source}: no record has an answer token to train on: {answerless} record(s) give "
+                          f"{which} \"weight\": 0 (data.train_on={cfg.train_on}), the others"
+                          f"{' were cut at data.max_length' if truncated else ' label nothing'}; give an answer "
+                          f"weight 1" + (" or set data.train_on=all" if cfg.train_on == "last" else ""))
     if truncated == 0:
         return UsageError(f"{source}: no record has an answer token to train on, and none was cut at "
                           f"data.max_length={cfg.max_length}: data.template={cfg.template} renders no assistant "
@@ -581,10 +601,16 @@ def _reads_reasoning(template: Template) -> bool:
 
 
 def _renamed(text: str, old: list[str], new: list[str]) -> str:
+    """``text`` with each of the ``old`` names replaced by its ``new`` one, in one pass: replaced one after another, a
+    new name that is also an old one (files renamed in a rotation, ``a b`` -> ``b c``) was replaced again. Longest
+    first, so a name that begins another is not taken out of it."""
+    swap: dict[str, str] = {}
     for a, b in zip(old, new, strict=False):
-        if a != b:
-            text = text.replace(a, b)
-    return text
+        swap.setdefault(a, b)  # the same file listed twice: its first place names it
+    if all(a == b for a, b in swap.items()):
+        return text
+    pattern = "|".join(re.escape(a) for a in sorted(swap, key=len, reverse=True) if a)
+    return re.sub(pattern, lambda m: swap[m.group(0)], text) if pattern else text
 
 
 def load_or_tokenize(cfg: DataSection, tok: Any, *, build: bool | None = None, lock: bool = True,
@@ -673,7 +699,7 @@ def _build(root: Any, key: str, vocab_size: int, source: str, cfg: DataSection,
         t0 = time.perf_counter()
         meta = write(w)
         if not w.n_tokens:
-            raise no_examples(source, cfg, w.truncated if w.n_records else None)
+            raise no_examples(source, cfg, w.truncated if w.n_records else None, w.answerless)
         seconds = time.perf_counter() - t0
         w.commit({**meta, "seconds": round(seconds, 3),
                   "records_per_s": round(w.n_records / max(seconds, 1e-9), 1)})

@@ -26,6 +26,7 @@ class TokenizedData:
     dropped: np.ndarray      # record indices dropped (no label token after truncation, data.unlabeled=drop)
     truncated: int           # examples cut at max_length
     unlabeled: int = 0       # examples with no label token after truncation (dropped or kept)
+    answerless: int = 0      # of them, those whose every answer to train on has weight 0 ("weight": 0)
     seconds: float = 0.0     # tokenization time (0 when served from cache)
     cache_file: str = ""     # the token cache dir (its name is the cache key)
     skipped: list[str] = field(default_factory=list)  # bad records skipped (data.on_bad_record=skip)
@@ -99,7 +100,8 @@ class TokenizedData:
     def with_report_of(self, whole: TokenizedData) -> TokenizedData:
         """This subset (training examples split off or drawn from ``whole``), reporting everything ``whole`` read:
         records, drops, truncation, skips, formats, time."""
-        for name in ("n_records", "dropped", "dropped_where", "truncated", "unlabeled", "seconds", "skipped",
+        for name in ("n_records", "dropped", "dropped_where", "truncated", "unlabeled", "answerless", "seconds",
+                     "skipped",
                      "skipped_total", "formats"):
             setattr(self, name, getattr(whole, name))
         return self
@@ -135,3 +137,5 @@ class Chunk:
     not among ``n_records``."""
     dropped_where: list[str] = field(default_factory=list)
     """Where the chunk's first dropped records were read (at most :data:`MAX_DROPPED_NAMED`)."""
+    answerless: int = 0
+    """Of :attr:`unlabeled`, the examples whose every answer to train on has weight 0."""
