@@ -28,7 +28,10 @@ HELD_OUT = ["data.eval_ratio=0.1", "train.eval_every=2"]
 def test_tracker_follows_the_direction_and_min_delta() -> None:
     t = Tracker("eval_loss", lower=True, min_delta=0.05)
     assert t.update(2, 1.0) and t.best_step == 2
-    assert not t.update(4, 0.97) and t.bad == 1  # better, but not by more than min_delta
+    # Better, but not by more than min_delta: the best (the vectors final=best writes), counted as no improvement
+    # (HF Trainer: best_metric moves on any gain, its EarlyStoppingCallback's patience only on one past the threshold).
+    assert t.update(4, 0.97) and (t.best, t.best_step, t.bad) == (0.97, 4, 1)
+    assert not t.update(5, 0.98) and (t.best_step, t.bad) == (4, 2)
     assert t.update(6, 0.9) and (t.best, t.best_step, t.bad) == (0.9, 6, 0)
     assert not t.update(8, math.nan) and t.bad == 1  # a non-finite evaluation is never the best
     up = Tracker("eval_rewards/accuracies", lower=False)
@@ -242,6 +245,13 @@ def test_early_stopping_keeps_the_best_and_a_resume_is_a_no_op(tmp_path: Path, d
     assert metrics(out) == lines
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")} == \
         {p: v for p, v in before.items() if root in p.parents}
+    # The same, resumed with early stopping turned off since: the last step's vectors (there is no stopper to say
+    # which was best), on every rank alike (it failed with an AttributeError on each).
+    shutil.rmtree(out / "adapter")
+    check(launch([*args, "train.resume=auto", "train.early_stopping.metric="], nproc=2))
+    off = adapter_tensors(out / "adapter")
+    assert all(torch.equal(last[k], off[k].float()) for k in off)
+    assert json.loads((out / "adapter" / STEP_FILE).read_text())["step"] == stop
 
     # The same run in chunks (train.stop_after_steps, as a time-limited job array would run it) of 3, 3, then the
     # rest: the first ends off the evaluation grid (step 3: nothing is evaluated there, as in the uninterrupted run),

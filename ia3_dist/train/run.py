@@ -36,14 +36,17 @@ def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None =
     trainer.finish()
     best = None
     stopper = trainer.selection.stopper
-    if trainer.selection.stopped_early and trainer.best_state is not None and stopper.best_step != trainer.end:
+    # Stopped early, by this config's early stopping: a run that stopped early resumed with early stopping off
+    # (only to write the adapter it did not get to write) writes the last vectors.
+    stopped = bool(trainer.selection.stopped_early) and stopper is not None
+    if stopped and trainer.best_state is not None and stopper.best_step != trainer.end:
         best = trainer.best_state
         dist.print0(p.env, f"adapter: the vectors of step {stopper.best_step}, the best {stopper.metric} "
                            f"({stopper.best:.6g}; train.early_stopping.final=best)")
-    elif trainer.selection.stopped_early and p.cfg.train.early_stopping.final == "best" and stopper.best is None:
+    elif stopped and p.cfg.train.early_stopping.final == "best" and stopper.best is None:
         dist.print0(p.env, f"adapter: the vectors of the last step ({trainer.end}): no evaluation of "
                            f"{stopper.metric} was finite")
-    elif trainer.selection.stopped_early and p.cfg.train.early_stopping.final == "best" \
+    elif stopped and p.cfg.train.early_stopping.final == "best" \
             and stopper.best_step != trainer.end:
         dist.print0(p.env, f"adapter: the vectors of the last step ({trainer.end}), not those of step "
                            f"{stopper.best_step} (the best {stopper.metric}): the checkpoint this run resumed from "

@@ -37,16 +37,19 @@ class Tracker:
     """Evaluations in a row without an improvement of more than ``min_delta``."""
 
     def update(self, step: int, value: float) -> bool:
-        """Whether ``value`` at ``step`` is a new best. A non-finite value never is."""
+        """Whether ``value`` at ``step`` is a new best: better than every evaluation before, by any amount (the
+        vectors ``final: best`` writes are the best evaluation's). Patience counts as HF's EarlyStoppingCallback
+        does: an evaluation better than the best so far by more than ``min_delta`` starts it afresh, any other
+        (a smaller gain too, which still becomes the best) counts against it. A non-finite value is never the
+        best."""
         if not math.isfinite(value):
             self.bad += 1
             return False
-        better = self.best is None or (self.best - value > self.min_delta if self.lower
-                                       else value - self.best > self.min_delta)
-        if better:
-            self.best, self.best_step, self.bad = value, step, 0
+        gain = math.inf if self.best is None else (self.best - value if self.lower else value - self.best)
+        self.bad = 0 if gain > self.min_delta else self.bad + 1
+        if gain > 0:
+            self.best, self.best_step = value, step
             return True
-        self.bad += 1
         return False
 
     def state(self) -> dict[str, Any]:
