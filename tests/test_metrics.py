@@ -67,3 +67,27 @@ def test_executed_flops_match_counted_forward_and_backward(chunk_rows: int) -> N
     want = executed_flops(T, rows, float(n), shape, recompute=False, chunked_rows=chunked)
     assert fc.get_total_flops() == pytest.approx(want, rel=0.05)
     assert model_flops(torch.tensor([T] * rows), shape.n_params, 6, 64) > 1.3 * want
+
+
+def test_the_peak_follows_the_device_and_the_precision() -> None:
+    """MFU's denominator: the tensor-core peak for bf16/fp16, the fp32 peak for an fp32 run (TF32 only where torch
+    is told to use it), the device named as a whole word (an H100 PCIe is not an SXM H100, an L40 not an L4)."""
+    import torch
+
+    from ia3_dist.train.metrics import device_peak_tflops
+
+    assert device_peak_tflops(0, "bf16", "NVIDIA H100 80GB HBM3") == 989.0
+    assert device_peak_tflops(0, "fp16", "NVIDIA H100 PCIe") == 756.0
+    assert torch.get_float32_matmul_precision() == "highest"  # torch's default: no TF32
+    assert device_peak_tflops(0, "fp32", "NVIDIA H200") == 67.0
+    assert device_peak_tflops(0, "fp32", "NVIDIA A100-SXM4-80GB") == 19.5
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert device_peak_tflops(0, "fp32", "NVIDIA A100-SXM4-80GB") == 156.0
+        assert device_peak_tflops(0, "fp32", "Tesla T4") == 8.1  # no TF32 there
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    named = {n: device_peak_tflops(0, "bf16", f"NVIDIA {n}") for n in ("L40", "L4", "A10", "L40S")}
+    assert named == {"L40": 181.0, "L4": 121.0, "A10": 125.0, "L40S": 362.0}
+    assert device_peak_tflops(0, "bf16", "Some Future GPU") is None
+    assert device_peak_tflops(500.0, "fp32", "NVIDIA H100 80GB HBM3") == 500.0  # train.peak_tflops decides

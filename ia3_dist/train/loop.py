@@ -291,7 +291,7 @@ class Trainer:
         self.window = Window()
         self.paused_at: float | None = None
         """When training paused for the step's evaluation and save (the window's time ends there)."""
-        self.peak_tflops = device_peak_tflops(t.peak_tflops)
+        self.peak_tflops = device_peak_tflops(t.peak_tflops, t.precision)
         self.losses: list[float] = []
         self._warned = False
         self.startup_s = 0.0

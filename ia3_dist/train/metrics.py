@@ -15,19 +15,41 @@ import torch
 from ..runtime.hostmem import peak_rss_gib
 from .trackers import Trackers
 
-# Dense peak TFLOP/s of one device by name fragment (bf16/fp16 tensor cores; fp32 uses TF32 where it exists).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10G": 125.0,
-               "V100": 125.0, "L4": 121.0, "T4": 65.0}
+PEAK_TFLOPS: dict[str, tuple[float, float, float | None]] = {
+    "H200": (989.0, 67.0, 495.0), "H100 PCIe": (756.0, 51.0, 378.0), "H100 NVL": (835.0, 60.0, 418.0),
+    "H100": (989.0, 67.0, 495.0), "H800": (989.0, 67.0, 495.0), "A100": (312.0, 19.5, 156.0),
+    "A800": (312.0, 19.5, 156.0), "L40S": (362.0, 91.6, 183.0), "L40": (181.0, 90.5, 90.5),
+    "A10G": (125.0, 31.2, 62.5), "A10": (125.0, 31.2, 62.5), "L4": (121.0, 30.3, 60.0),
+    "V100": (125.0, 15.7, None), "T4": (65.0, 8.1, None)}
+"""Dense peak TFLOP/s of one device by its name (``torch.cuda.get_device_name``, matched as a whole word, in this
+order: "H100 PCIe" before "H100", "L40S" before "L40" and "L4"): (bf16/fp16 tensor cores, fp32, TF32 or None
+where there is none). An fp32 run's matmuls run in TF32 only where torch is told to
+(:func:`tf32_matmuls`; off by default), else at the fp32 peak."""
 
 
-def device_peak_tflops(configured: float) -> float | None:
+def tf32_matmuls() -> bool:
+    """Whether CUDA fp32 matmuls run in TF32 (``torch.set_float32_matmul_precision("high")``, or the backend's own
+    ``fp32_precision``)."""
+    return torch.get_float32_matmul_precision() != "highest" \
+        or getattr(torch.backends.cuda.matmul, "fp32_precision", "none") == "tf32"
+
+
+def device_peak_tflops(configured: float, precision: str = "bf16", name: str | None = None) -> float | None:
+    """``train.peak_tflops`` when set, else the peak of this GPU (or of the device called ``name``) for
+    ``precision`` (:data:`PEAK_TFLOPS`); None on CPU or an unknown device (no MFU is logged)."""
+    import re
+
     if configured > 0:
         return configured
-    if torch.cuda.is_available():
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
         name = torch.cuda.get_device_name()
-        for k, v in PEAK_TFLOPS.items():
-            if k in name:
-                return v
+    for k, (half, fp32, tf32) in PEAK_TFLOPS.items():
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(k)}(?![A-Za-z0-9])", name):
+            if precision in ("bf16", "fp16"):
+                return half
+            return tf32 if tf32 is not None and tf32_matmuls() else fp32
     return None
 
 
