@@ -376,6 +376,18 @@ def test_examples_consumed_is_exact_where_grouping_moves_the_short_step(n: int, 
     assert examples_consumed(2 * spe, n, lay) == done == 2 * n
 
 
+def test_the_logged_epoch_is_hf_trainers() -> None:
+    """HF Trainer logs ``epoch + micro-batches done / micro-batches per epoch``: with an epoch's last step short
+    (674 examples in steps of 8), a fraction of examples, not of steps; 1.0 at the epoch's end, 2.0 at the second's."""
+    from ia3_dist.data.sampler import epochs_done
+
+    lay = Layout(1, 8, 1, seed=0, shuffle=True, group_by_length=False)
+    hf = [min(8 * k, 674) / 674 for k in range(1, 86)]  # transformers: (step + 1) / len(dataloader), accum 8
+    assert [epochs_done(k, 674, lay) for k in range(1, 86)] == pytest.approx(hf)
+    assert epochs_done(85, 674, lay) == 1.0 and epochs_done(170, 674, lay) == 2.0 and epochs_done(0, 674, lay) == 0
+    assert epochs_done(86, 674, lay) == pytest.approx(1 + 8 / 674)
+
+
 def test_sequential_order_and_resume_position() -> None:
     lay = Layout(1, 2, 2, seed=0, shuffle=False, group_by_length=False)
     steps = list(iter_steps(np.ones(10, dtype=int), lay, total_steps=6))

@@ -88,6 +88,13 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
     return -(-n // global_batch)
 
 
+def epochs_done(steps: int, n: int, lay: Layout) -> float:
+    """HF Trainer's logged ``epoch`` after ``steps`` optimizer steps: the fraction of the epochs' examples trained
+    (its micro-batches done over the epoch's: 80/674 after 10 steps of 8 over 674 examples, not 10/85), 1.0 at the
+    first epoch's end; an epoch's last step may be short."""
+    return examples_consumed(steps, n, lay) / max(n, 1)
+
+
 def examples_consumed(steps: int, n: int, lay: Layout) -> int:
     """Examples trained in the first ``steps`` steps, exactly: length grouping shuffles an epoch's short step among
     its last group's steps (:func:`step_sizes`)."""

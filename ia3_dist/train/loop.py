@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..data.collate import to_device
-from ..data.sampler import examples_consumed, iter_steps, steps_per_epoch
+from ..data.sampler import epochs_done, examples_consumed, iter_steps
 from ..errors import NonFiniteLoss, Preempted, UsageError
 from ..models.families import apply_speedups, batch_inputs, last_block
 from ..models.files import snapshot_commit
@@ -564,9 +564,8 @@ class Trainer:
     def _line(self, w: Window, done: int, lr: float, gn: float | None, dt: float, t_start: float,
               objective: dict[str, float]) -> dict[str, Any]:
         s = w.stats
-        # HF Trainer's epoch: the fraction of epochs done (0.08 after 10 of 125 steps, 1.0 at the first one's end).
-        spe = steps_per_epoch(len(self.p.data), self.p.layout.global_batch)
-        return {"step": done, "epoch": round(done / spe, 4), "loss": w.loss / w.steps, "lr": float(lr),
+        return {"step": done, "epoch": round(epochs_done(done, len(self.p.data), self.p.layout), 4),
+                "loss": w.loss / w.steps, "lr": float(lr),
                 "grad_norm": float(gn) if gn is not None else None,
                 "tokens_per_s": s.real_tokens / dt, "padded_tokens_per_s": s.padded_tokens / dt,
                 "samples_per_s": s.samples / dt, "padding_efficiency": s.real_tokens / max(s.padded_tokens, 1.0),
