@@ -422,3 +422,26 @@ def test_a_failed_save_that_cannot_clear_its_temps_still_fails_together(tmp_path
     with pytest.raises(CheckpointWriteError, match=r"checkpoint step5 could not be written.*latest\.tmp"):
         checkpoint.save(engine, out, 5, {}, keep=2, env=dist.DistEnv(0, 0, 1, 1))
     assert not (checkpoint.root_of(out) / "step5").exists()
+
+
+def test_an_edited_window_record_is_skipped_or_logged_never_a_crash() -> None:
+    """meta.json's ``window`` (the steps a killed run trained but had not logged) is read on rank 0 alone after the
+    ranks met: a record without its optional grad_norm is logged without it, a malformed one skipped; a KeyError
+    there left the other ranks waiting in the next collective."""
+    from dataclasses import fields
+    from types import SimpleNamespace
+
+    from ia3_dist.train.loop import Trainer
+    from ia3_dist.train.stats import StepStats
+
+    lines: list[tuple] = []
+    fake = SimpleNamespace(start=7, log=SimpleNamespace(log=lines.append),
+                           _line=lambda w, done, lr, gn, dt, t0, obj: (done, w.steps, lr, gn))
+    n = len(fields(StepStats))
+    rec = {"steps": 3, "loss": 6.0, "seconds": 1.5, "lr": 1e-3, "stats": [1.0] * n, "objective": {}}
+    Trainer.log_saved_window(fake, rec, 0.0)
+    Trainer.log_saved_window(fake, {**rec, "grad_norm": 0.5}, 0.0)
+    for bad in ({**rec, "grad_norm": "x"}, {**rec, "steps": 0}, {**rec, "stats": [1.0]}, {**rec, "lr": None}, [],
+                {**rec, "objective": {"a": "b"}}):
+        Trainer.log_saved_window(fake, bad, 0.0)
+    assert lines == [(7, 3, 1e-3, None), (7, 3, 1e-3, 0.5)]

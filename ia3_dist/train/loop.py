@@ -558,7 +558,7 @@ class Trainer:
                 and isinstance(objective, dict) and all(isinstance(k, str) and num(v) for k, v in objective.items())):
             return
         w = Window(StepStats(*map(float, rec["stats"])), float(rec["loss"]), rec["steps"])
-        self.log.log(self._line(w, self.start, rec["lr"], rec["grad_norm"], max(float(rec["seconds"]), 1e-9),
+        self.log.log(self._line(w, self.start, rec["lr"], rec.get("grad_norm"), max(float(rec["seconds"]), 1e-9),
                                 t_start, objective))
 
     def _line(self, w: Window, done: int, lr: float, gn: float | None, dt: float, t_start: float,
