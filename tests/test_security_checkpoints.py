@@ -418,8 +418,14 @@ def test_a_step_written_again_and_cut_off_keeps_a_complete_checkpoint(tmp_path: 
     # moved, not a checkpoint.
     assert ckpt.cut_between_renames(root / "step6") is None
     # The next save (of any step) puts it in place first, and the old state goes.
+    (root / "latest.tmp").write_text("step9")  # a pointer temp a killed save left: it goes
+    (root / "notes.tmp").write_text("mine")  # a user's files ending in .tmp stay (and do not stop a save)
+    (root / "rsync-partial.tmp").mkdir()
     assert ckpt._fresh_tag_dir(root, "step6") is None
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step4", "step6.new"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "notes.tmp", "rsync-partial.tmp", "step4",
+                                                      "step6.new"]
+    (root / "notes.tmp").unlink()
+    (root / "rsync-partial.tmp").rmdir()
     assert ckpt.read_meta(root / "step4")["eval_pending"] is False
     # A save cut off before its pointer moved leaves a complete step6.new that nothing reads, and it goes.
     write_checkpoint(root, "step6.new", {**base_meta, "step": 6})
@@ -566,6 +572,8 @@ def test_bad_meta_is_refused_before_anything_is_written(case: str, tmp_path: Pat
     rc = main(["train", *run_args(tiny_model, out, "train.resume=auto")])
     line = one_line_error(rc, capsys.readouterr().err)
     assert needle in line and str(d / "meta.json") in line, line
+    # An earlier step of the run would be refused while this one stays beside it: the fix says to move it out.
+    assert f"move {d} out of the run's directory" in line, line
     assert snapshot(tmp_path) == before
 
 

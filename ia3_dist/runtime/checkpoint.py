@@ -226,6 +226,10 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     UsageError naming the file and the field, raised before a resume uses any of it."""
     f = ckpt / META
     fix = "pick another checkpoint with train.resume=<path to a stepN dir>"
+    if ckpt.parent.name == "checkpoints" and TAG.fullmatch(ckpt.name):
+        # An earlier step of the same run is refused while this one stays beside it (refuse_later).
+        fix = (f"move {ckpt} out of the run's directory, then resume another with train.resume=<path to a stepN "
+               f"dir> (or point {ckpt.parent / LATEST} at it and resume with train.resume=auto)")
     raw = safe_io.read_bounded(f, MAX_META, fix)
     try:
         meta = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
@@ -593,8 +597,8 @@ def _pointer_temp(root: Path, pointer: str) -> Path:
 def _remove_pointer_temps(root: Path) -> None:
     """Unlink the pointer temps a killed or failed save left in ``root``: the next save then writes its temps
     fresh, never through a link left under their names. An OSError goes to the caller."""
-    for f in root.glob(f"*{POINTER_TEMP}"):
-        f.unlink(missing_ok=True)
+    for pointer in (LATEST, BEST):  # ours only: another *.tmp there is the user's, and stays
+        _pointer_temp(root, pointer).unlink(missing_ok=True)
 
 
 def _settle(root: Path) -> None:
