@@ -399,6 +399,31 @@ def test_a_log_rank_0_cannot_write_stops_every_rank_at_the_next_checkpoint(strai
     resumes_exactly(out, straight)
 
 
+def test_an_examples_log_rank_0_cannot_open_on_a_resume_stops_every_rank_at_the_next_checkpoint(tmp_path: Path
+                                                                                              ) -> None:
+    """output.log_examples: rank 0 opens examples.jsonl after the ranks have met. Where that failed (here the file
+    is immutable, which root cannot write either; a full inode quota on a fresh start), it raised on rank 0 alone
+    and rank 1 waited in the first collective (for the process group's 30 minutes under plain srun). Now the
+    resume's first checkpoint fails on every rank with exit 74 naming it."""
+    if os.geteuid() != 0 or not shutil.which("chattr"):
+        pytest.skip("making a file immutable needs root and chattr")
+    out = tmp_path / "ex"
+    check(launch(_args(out, "output.log_examples=true", "train.stop_after_steps=5"), nproc=2))
+    f = out / "examples.jsonl"
+    if subprocess.run(["chattr", "+i", str(f)], capture_output=True).returncode:
+        pytest.skip("this filesystem keeps no immutable flag")
+    try:
+        proc = launch(_args(out, "output.log_examples=true", "train.resume=auto", "train.stop_after_steps=5"),
+                      nproc=2, timeout=300)
+    finally:
+        subprocess.run(["chattr", "-i", str(f)], check=True)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == EXIT_CHECKPOINT_WRITE, text[-3000:]
+    assert f"{out / 'examples.jsonl'} could not be written" in text, text[-3000:]
+    assert text.count("checkpoint step10 could not be written") == 2, text[-3000:]
+    assert latest(out / "checkpoints") == out / "checkpoints" / "step5"
+
+
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 

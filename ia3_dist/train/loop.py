@@ -21,7 +21,7 @@ import torch
 
 from ..data.collate import to_device
 from ..data.sampler import epochs_done, examples_consumed, iter_steps
-from ..errors import NonFiniteLoss, Preempted, UsageError
+from ..errors import CheckpointWriteError, NonFiniteLoss, Preempted, UsageError
 from ..models.families import apply_speedups, batch_inputs, last_block
 from ..models.files import snapshot_commit
 from ..models.ia3 import apply_ia3, load_init_adapter, trainable_line
@@ -272,7 +272,10 @@ class Trainer:
         if p.env.is_main and p.cfg.output.log_examples:
             if self.start:
                 trim_metrics(self.examples_path, self.start)
-            self.examples = open(self.examples_path, "a" if self.start else "w", encoding="utf-8")
+            try:
+                self.examples = open(self.examples_path, "a" if self.start else "w", encoding="utf-8")
+            except OSError as e:  # rank 0 alone, the ranks have met: raised here, the others waited for it
+                self._log_failed(e)
         self.log = MetricsLog(self.metrics_path if p.env.is_main else None, p.total_steps, p.env.is_main,
                               initial=self.start, trackers=trackers)
         # DeepSpeed reports the global gradient norm only through optimizers that compute one (ZeRO, fp16, bf16);
@@ -327,8 +330,18 @@ class Trainer:
             p.auto = autobatch.probe(self.engine, p, p.auto)
             if p.auto.micro != planned:
                 autobatch.relayout(p, p.auto.micro, self.engine)
+                failed: OSError | None = None
                 if p.env.is_main:  # what the run really uses, for resume and for the reader
-                    write_batch_files(p)
+                    try:
+                        write_batch_files(p)
+                    except OSError as e:
+                        failed = e
+                # Every rank: rank 0 failing alone (a full disk) left the others waiting in the next collective.
+                if dist.host_max(int(failed is not None)):
+                    raise CheckpointWriteError(
+                        f"{p.out}: run.yaml and ds_config.json could not be rewritten with the micro-batch the probe "
+                        f"chose ({failed.strerror or failed if failed else 'on rank 0; its log says why'}); free "
+                        f"space there, or set train.micro_batch_size, and start the run again")
         dist.print0(p.env, p.auto.line())
 
     # -- one step --------------------------------------------------------------------------------------------
