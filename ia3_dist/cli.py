@@ -115,6 +115,11 @@ def _gen_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
 
 
+MIN_TEMPERATURE = 1e-4
+"""The lowest ``--temperature`` sampling takes: far below it the scaled logits overflow; near it sampling is greedy
+decoding already."""
+
+
 def _gen_options(a: argparse.Namespace) -> Any:
     import math
 
@@ -126,6 +131,10 @@ def _gen_options(a: argparse.Namespace) -> Any:
             or a.repetition_penalty <= 0):
         raise UsageError("need --max-new-tokens >= 1, finite --temperature > 0, 0 < --top-p <= 1, --top-k >= 0 and "
                          "finite --repetition-penalty > 0")
+    if a.sample and a.temperature < MIN_TEMPERATURE:
+        # The logits divided by it overflow to inf in fp32 (1e-38 did), and sampling fails on them mid-generation.
+        raise UsageError(f"--temperature {a.temperature:g}: sampling needs at least {MIN_TEMPERATURE:g}; for the "
+                         f"most likely answer leave out --sample (greedy decoding)")
     from .tools.inference import MAX_SANE_CONTEXT
 
     if a.max_new_tokens > MAX_SANE_CONTEXT:
@@ -152,6 +161,20 @@ def _json_list_start(line: str) -> bool:
         return isinstance(json.loads(s), list)
     except (ValueError, RecursionError):
         return False
+
+
+def _echo(line: str, req: Any, where: str) -> dict[str, Any]:
+    """What the output line of a request repeats: the JSON object as given, or a plain prompt as an instruction. A
+    JSON string with a lone surrogate escape (``"\\ud800"``) in a field the template does not read could not be
+    written (UTF-8 has no such character)."""
+    echo = json.loads(line) if line.strip().startswith("{") else {"instruction": req.turns[-1].instruction,
+                                                                  "input": ""}
+    try:
+        json.dumps(echo, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{where}: holds an unpaired UTF-16 surrogate (a \\uD800-\\uDFFF escape without its "
+                         f"pair), which cannot be written back as UTF-8; fix the escape") from None
+    return echo
 
 
 def cmd_generate(argv: list[str], prog: str) -> int:
@@ -197,6 +220,9 @@ def cmd_generate(argv: list[str], prog: str) -> int:
     reqs = [parse_request(ln, f"prompt {n}" if src is None else f"{src}:{n}") for n, ln in lines]
     if not reqs:
         raise UsageError("no prompts (give them as arguments, with --file, or on stdin)")
+    # Each request is written back with its response: checked now, not once every answer has been generated.
+    echoes = [_echo(ln, req, f"prompt {n}" if src is None else f"{src}:{n}") for (n, ln), req in zip(lines, reqs,
+                                                                                                     strict=True)]
     if a.out and (Path(a.out).is_dir() or not Path(a.out).parent.is_dir()):
         raise UsageError(f"--out {a.out}: not a file in an existing directory")
     tmp = None
@@ -218,9 +244,7 @@ def cmd_generate(argv: list[str], prog: str) -> int:
         model, tok, template, _ = load_for_inference(a.adapter, a.base, a.dtype)
         responses = generate(model, tok, template, reqs, opts)
         rows = []
-        for (_, line), req, r in zip(lines, reqs, responses, strict=True):
-            echo = json.loads(line) if line.strip().startswith("{") else {"instruction": req.turns[-1].instruction,
-                                                                          "input": ""}
+        for echo, req, r in zip(echoes, reqs, responses, strict=True):
             calls = parse_calls(r) if req.tools else []
             rows.append(json.dumps({**echo, "response": r, **({"tool_calls": calls} if calls else {})},
                                    ensure_ascii=False) + "\n")

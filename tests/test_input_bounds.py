@@ -282,9 +282,15 @@ def test_bad_generate_options_and_prompts(tmp_path: Path, tiny_model: Path, caps
     for prompt, needle in (('{"instruction": ' + "1" * 5000 + "}", "prompt 1: invalid JSON: Exceeds"),
                            ('{"instruction": ' + "[" * 100000 + "}", "prompt 1: JSON nested too deeply"),
                            ('{"instruction": "\\ud800"}', "prompt 1: field 'instruction' holds an unpaired UTF-16"),
+                           # A field the template does not read, written back with the response: refused before the
+                           # model loads (it failed writing the output, every answer generated and lost).
+                           ('{"instruction": "hi", "id": "\\ud800"}', "prompt 1: holds an unpaired UTF-16"),
                            ("a\udcff", "prompt 1: not valid Unicode")):
         rc, _, err = _run(["generate", "--adapter", none, prompt], capsys)
         assert rc == 2 and needle in err, err
+    # Sampling at a temperature that overflows the scaled logits failed mid-generation (and ended a chat).
+    rc, _, err = _run(["generate", "--adapter", none, "--sample", "--temperature", "1e-38", "x"], capsys)
+    assert rc == 2 and "--temperature 1e-38: sampling needs at least 0.0001" in err, err
     rc, _, err = _run(["generate", "--adapter", str(tiny_model), "--out", str(tmp_path / "no" / "o.jsonl"), "x"],
                       capsys)
     assert rc == 2 and "not a file in an existing directory" in err
