@@ -114,6 +114,34 @@ def test_hostile_run_yaml_is_one_note_and_the_run_still_shows(tmp_path: Path, ca
         one_note(err, "run.yaml", needle, "not shown")
 
 
+def test_config_mappings_with_keys_yaml_does_not_make_strings_compare(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A mapping value (data.columns) whose YAML keys are a number and a string, or a date: compared between runs
+    as JSON with sorted keys, they failed with a TypeError traceback; now they are compared by their text."""
+    cfg = load_config(TINY, ["train.lr=0.01"]).to_yaml()
+    a = make_run(tmp_path / "a", run_yaml=cfg.encode())
+    b = make_run(tmp_path / "b", run_yaml=cfg.replace("  columns: null", "  columns: {1: a, b: c}").encode())
+    c = make_run(tmp_path / "c", run_yaml=cfg.replace("  columns: null", "  columns: {2024-01-01: text}").encode())
+    assert b.joinpath("run.yaml").read_text() != cfg
+    rc, out, err = cli(["summary", str(a), str(b), str(c), "--no-plot"], capsys)
+    assert rc == 0 and "Traceback" not in err, err
+    assert "data.columns" in out.splitlines()[0], out
+
+
+def test_a_chunks_metrics_that_cannot_be_read_leave_the_other_runs_shown(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A chunk's adapter (its step record says the run has not ended) beside a metrics.jsonl that is a link: the
+    status reads the last logged step, which raised the link's refusal and ended the summary of every run (exit 2)."""
+    a = make_run(tmp_path / "a")
+    b = make_run(tmp_path / "b")
+    (b / "adapter" / "ia3_dist_step.json").write_text('{"step": 2, "final": false}')
+    (b / "metrics.jsonl").rename(b / "m.jsonl")
+    (b / "metrics.jsonl").symlink_to("m.jsonl")
+    rc, out, err = cli(["summary", str(a), str(b), "--no-plot"], capsys)
+    assert rc == 0, err
+    assert summary_row(out, str(a))[1] == "done" and summary_row(out, str(b))[1] == "stopped", out
+
+
 @pytest.mark.parametrize("kind", ["symlink", "dir"])
 def test_run_yaml_that_is_not_a_regular_file_is_not_read(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                          kind: str) -> None:

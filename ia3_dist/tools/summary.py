@@ -171,12 +171,22 @@ def config_view(raw: Any) -> dict[str, Any]:
                 continue
             key = f"{prefix}.{k}" if prefix else k
             if key in keys:
-                out[key] = v
+                out[key] = _str_keys(v)
             elif key in sections:
                 walk(v, key)
 
     walk(raw, "")
     return out
+
+
+def _str_keys(v: Any) -> Any:
+    """``v`` with every mapping's keys as strings: YAML keys may be numbers or dates (``{1: a, b: c}``), which the
+    comparisons (JSON with sorted keys) cannot order or write."""
+    if isinstance(v, dict):
+        return {str(k): _str_keys(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_str_keys(x) for x in v]
+    return v
 
 
 def _finite(v: Any) -> Any:
@@ -221,7 +231,10 @@ def _adapter_status(d: Path) -> str:
     if rec is None or rec.get("final") is not False:
         return "done"  # the run's end (or an adapter of an earlier version, without the record)
     step = rec.get("step")
-    last = last_step(d / "metrics.jsonl")
+    try:
+        last = last_step(d / "metrics.jsonl")
+    except UsageError:  # a link or an unreadable file: its metrics are not shown (said where they are read)
+        last = None
     return "failed" if type(step) is int and last is not None and last > step else "stopped"
 
 
