@@ -514,8 +514,15 @@ def test_force_leaves_done_tasks_out_of_the_array(tmp_path: Path, fake_sbatch: P
     assert "#SBATCH --array=0-3" in (d / "sweep.sbatch").read_text()
     tasks = json.loads((d / "sweep.json").read_text())["tasks"]
     for i in (0, 1, 3):
-        fake_run(Path(tasks[i]["dir"]), 0.001, [2.0, 1.0])
+        fake_run(Path(tasks[i]["dir"]), float(tasks[i]["values"]["train.lr"]), [2.0, 1.0])
     fake_run(Path(tasks[2]["dir"]), 0.03, [2.0], adapter=False)  # started, not finished: queued again
+    # Written again with other settings, a finished task is not what this sweep asks for: refused, naming it (the
+    # dirs are named by the grid values alone; counted as done, train.epochs=5 would never have been trained).
+    before = (d / "sweep.sbatch").read_text()
+    rc, out, err = sweep(["--dir", str(d), *grid, "--force", "train.epochs=5"], capsys)
+    assert rc == 2 and "task lr=1e-3: its run in" in err and "finished with other settings than this sweep " \
+        "gives it (train.epochs); remove its dir to train it with these, or give another --dir" in err, err
+    assert (d / "sweep.sbatch").read_text() == before
     rc, out, err = sweep(["--dir", str(d), *grid, "--max-concurrent", "8", "--force"], capsys)
     assert rc == 0, err
     assert "3 of 4 task(s) done already, left out of the job array" in out, out

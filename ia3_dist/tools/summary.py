@@ -549,6 +549,30 @@ def _is_open(cfg: dict[str, Any], key: str) -> bool:
     return cfg.get(key) == "auto"
 
 
+_RUN_ONLY = ("output.", "checkpoint.", "train.resume", "train.stop_after_steps", "train.hang_timeout_s",
+             "train.log_every", "deepspeed.timeout_minutes")
+"""Keys that change how a run goes, not what it trains: a finished run with other values of these is the same run."""
+
+
+def trained_otherwise(d: Path, planned: dict[str, Any]) -> list[str]:
+    """The keys whose value in the finished run ``d``'s run.yaml differs from ``planned`` (:func:`config_view` of
+    the config it would be started with now): the start's own choices (:data:`SETTLED_AT_START` where the plan
+    leaves them open, a value the plan leaves to the start, None) and :data:`_RUN_ONLY` keys aside. None where
+    run.yaml cannot be read (a note says why): nothing to compare."""
+    done = _run_config(d)
+    if not done:
+        return []
+    differ = []
+    for k in sorted(set(done) | set(planned)):
+        if k.startswith(_RUN_ONLY) or (k in SETTLED_AT_START and _is_open(planned, k)) or planned.get(k) is None:
+            continue
+        same = json.dumps(_finite(done.get(k)), sort_keys=True, default=str) == \
+            json.dumps(_finite(planned.get(k)), sort_keys=True, default=str)
+        if not same:
+            differ.append(k)
+    return differ
+
+
 def _accum_for(cfg: dict[str, Any], world: int | None) -> int | None:
     """The accumulation a start derives from train.global_batch_size on ``world`` ranks at a fixed micro-batch
     (prepare.with_global_batch); None where it cannot be told (micro_batch_size: auto) or would not divide."""

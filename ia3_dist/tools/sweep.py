@@ -352,13 +352,33 @@ def local_devices(nproc: int, environ: dict[str, str] | None = None) -> list[str
     return ["--num_accelerators", str(nproc)]
 
 
-def run_local(config: str, base: list[str], tasks: list[Task], sweep_dir: Path, nproc: int) -> list[int]:
+def finished(config: str, base: list[str], tasks: list[Task]) -> frozenset[int]:
+    """The tasks whose run is done already (a ``--force`` over an earlier sweep, a local sweep run again). One that
+    finished with other settings than this sweep gives it (``train.epochs=1``, now 5: the dirs are named by the grid
+    values alone) is refused: counted as done, the new settings would never be trained."""
+    from .summary import config_view, trained_otherwise
+
+    done = []
+    for t in tasks:
+        if run_status(Path(t.dir)) != "done":
+            continue
+        differ = trained_otherwise(Path(t.dir), config_view(load_config(config, [*base, *t.overrides]).to_dict()))
+        if differ:
+            raise UsageError(f"task {t.name}: its run in {brief(t.dir)} finished with other settings than this sweep "
+                             f"gives it ({', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''}); remove its "
+                             f"dir to train it with these, or give another --dir")
+        done.append(t.index)
+    return frozenset(done)
+
+
+def run_local(config: str, base: list[str], tasks: list[Task], sweep_dir: Path, nproc: int,
+              done: frozenset[int] = frozenset()) -> list[int]:
     """Each task in turn, in this process's environment; output to ``logs/<name>.log``. Tasks whose run is done
-    already are skipped. Returns the indices of the tasks that failed."""
+    already (``done``: :func:`finished`) are skipped. Returns the indices of the tasks that failed."""
     failed = []
     for t in tasks:
         label = f"[{t.index + 1}/{len(tasks)}] {t.name}"
-        if run_status(Path(t.dir)) == "done":
+        if t.index in done:
             print(f"{label}: done already, skipped", flush=True)
             continue
         args = ["--config", config, *base, *t.overrides, "train.resume=auto"]
@@ -459,8 +479,8 @@ def main(argv: list[str], prog: str) -> int:
         raise UsageError("sbatch not found: run this on a Slurm login node, or use --local (run the grid here) or "
                          "--no-submit (write the files only)")
     # Only a --force over an earlier sweep finds finished task dirs (a new sweep dir is refused otherwise).
-    done = frozenset() if job is None else frozenset(t.index for t in tasks if run_status(Path(t.dir)) == "done")
-    if done:
+    done = finished(config, a.overrides, tasks)
+    if done and job is not None:
         print(f"{len(done)} of {len(tasks)} task(s) done already, left out of the job array: "
               f"{', '.join(t.name for t in tasks if t.index in done)} (to train one again, remove its dir)",
               flush=True)
@@ -489,7 +509,7 @@ def main(argv: list[str], prog: str) -> int:
     write_sweep(sweep_dir, record)
     print(f"sweep of {len(tasks)} task(s) in {sweep_dir}", flush=True)
     if a.local:
-        failed = run_local(config, a.overrides, tasks, sweep_dir, a.nproc)
+        failed = run_local(config, a.overrides, tasks, sweep_dir, a.nproc, done)
         summary_main([str(sweep_dir)], "ia3-dist summary")
         if failed:
             print(f"{prog}: {len(failed)} task(s) failed: {', '.join(tasks[i].name for i in failed)}",
