@@ -361,6 +361,34 @@ def test_crafted_checkpoint_is_accepted_by_the_same_preflight(tmp_path: Path, ti
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("drop", [OPTIM_PT, MODEL_PT])
+def test_a_checkpoint_copied_in_part_is_refused_by_the_preflight(drop: str, tmp_path: Path, tiny_model: Path,
+                                                                 base_meta: dict[str, Any],
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """A file DeepSpeed opens on the saved layout is missing (an rsync cut short): refused naming it, before the
+    model loads, not by an IndexError or FileNotFoundError inside DeepSpeed after it (on one rank alone under
+    ZeRO-3, whose model states are per rank)."""
+    out = tmp_path / "out"
+    d = write_run(out, base_meta)
+    (d / drop).unlink()
+    rc = main(["check", *run_args(tiny_model, out, "train.resume=auto")])
+    line = one_line_error(rc, capsys.readouterr().err)
+    assert f"checkpoint {d}: saved on 1 rank(s) at ZeRO-2, it lacks {drop} (a copy cut short?)" in line, line
+
+
+def test_the_files_deepspeed_opens_follow_the_layout() -> None:
+    from ia3_dist.runtime.safe_load import missing_files
+
+    z3 = {f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in range(4) for k in ("model", "optim")}
+    assert missing_files(z3, 4, 3) == []
+    assert missing_files(z3 - {"zero_pp_rank_2_mp_rank_00_model_states.pt"}, 4, 3) == \
+        ["zero_pp_rank_2_mp_rank_00_model_states.pt"]
+    assert missing_files(z3, 8, 3)[:1] == ["zero_pp_rank_4_mp_rank_00_model_states.pt"]
+    bf16 = {MODEL_PT, *(f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2))}
+    assert missing_files(bf16, 2, 1) == [] and missing_files({MODEL_PT}, 2, 0) == []
+    assert missing_files({MODEL_PT}, 2, 2) == ["zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+
+
 # -- 2. resume: latest, meta.json, metrics.jsonl -----------------------------------------------------------------
 
 def test_auto_without_latest_is_refused_not_trained_over(tmp_path: Path, tiny_model: Path,

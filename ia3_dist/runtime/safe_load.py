@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import zipfile
 from functools import cache
 from pathlib import Path
@@ -117,14 +118,50 @@ def check_file(path: Path) -> None:
                          f"Use a checkpoint you trust")
 
 
-def check_checkpoint_dir(ckpt: Path) -> None:
-    """Scan every ``.pt`` file of a checkpoint dir (all ranks' files: each rank checks the whole checkpoint)."""
+_RANK_FILE = re.compile(r"(.*)zero_pp_rank_([0-9]+)_mp_rank_([0-9]+)_(model|optim)_states\.pt")
+"""DeepSpeed's per-rank checkpoint files (``[bf16_]zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt``)."""
+MODEL_FILE = "mp_rank_00_model_states.pt"
+"""DeepSpeed's model states below ZeRO-3 (one file; ZeRO-3 writes one per rank)."""
+
+
+def missing_files(names: set[str], world: int, stage: int) -> list[str]:
+    """The files of a checkpoint saved on ``world`` ranks at ZeRO ``stage`` that DeepSpeed will open on its own
+    layout and ``names`` lacks (a copy cut short, an rsync of some files): each per-rank kind present for some rank
+    is there for every rank, the model states are there, and from ZeRO-1 an optimizer's. Without this DeepSpeed
+    fails after the model loaded, under ZeRO-3 on the rank whose file is missing alone."""
+    groups: dict[tuple[str, str, str], set[int]] = {}
+    for n in names:
+        m = _RANK_FILE.fullmatch(n)
+        if m:
+            groups.setdefault((m[1], m[3], m[4]), set()).add(int(m[2]))
+    missing = [f"{prefix}zero_pp_rank_{r}_mp_rank_{mp}_{kind}_states.pt"
+               for (prefix, mp, kind), ranks in sorted(groups.items()) for r in range(world) if r not in ranks]
+    kinds = {kind for _, _, kind in groups}
+    if stage < 3 and MODEL_FILE not in names:
+        missing.append(MODEL_FILE)
+    if stage == 3 and "model" not in kinds:
+        missing.append("zero_pp_rank_0_mp_rank_00_model_states.pt")
+    if stage >= 1 and "optim" not in kinds:
+        missing.append("zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    return missing
+
+
+def check_checkpoint_dir(ckpt: Path, world: int | None = None, stage: int | None = None) -> None:
+    """Scan every ``.pt`` file of a checkpoint dir (all ranks' files: each rank checks the whole checkpoint); with
+    the ``world`` size and ZeRO ``stage`` it was saved on, refuse it when a file DeepSpeed opens is missing
+    (:func:`missing_files`)."""
     try:
         files = sorted(f for f in ckpt.iterdir() if f.name.endswith(".pt"))
     except OSError as e:
         raise UsageError(f"checkpoint {ckpt}: cannot list it ({e.strerror or e}); {RESUME_FIX}") from None
     if not files:
         raise UsageError(f"checkpoint {ckpt}: no .pt files; resume from another checkpoint")
+    if world is not None and stage is not None:
+        missing = missing_files({f.name for f in files}, world, stage)
+        if missing:
+            raise UsageError(f"checkpoint {ckpt}: saved on {world} rank(s) at ZeRO-{stage}, it lacks "
+                             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} (a copy cut short?); "
+                             f"copy the checkpoint whole, or {RESUME_FIX}")
     for f in files:
         check_file(f)
 

@@ -474,7 +474,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
                          f"{meta['base_weights']}), as checkpoint.check_base_weights=false allows")
         line = ckpt.resume_line(resume_from, saved, meta, portable) + measured
         if not portable:
-            safe_load.check_checkpoint_dir(resume_from)
+            safe_load.check_checkpoint_dir(resume_from, saved.get("world_size"), saved.get("zero_stage"))
     bench = None
     if cfg.eval.tasks:
         from .benchmarks import Benchmarks
