@@ -752,7 +752,7 @@ def save(engine: Any, out: Path, step: int, meta: dict[str, Any], keep: int, env
         try:
             flushed = set(os.listdir(staged))  # DeepSpeed's files, flushed above
             if state is not None:
-                portable.write(staged, *state, rng_state())
+                portable.write(staged, *state, rng_state(), rngs)
             from safetensors.torch import save_file
 
             for name, extra in (tensors or {}).items():

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from . import safe_io
+from . import dist, safe_io
 
 STATE = "ia3_state.safetensors"
 INFO = "ia3_state.json"
@@ -140,11 +140,18 @@ def _json_state(sd: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sd.items() if v is None or isinstance(v, (bool, int, float, str, list))}
 
 
-def write(ckpt: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any], rng: dict[str, Any]) -> None:
-    """Rank 0: the two files into the checkpoint's tag dir (before its meta.json, which marks it complete)."""
+def write(ckpt: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any], rng: dict[str, Any],
+          ranks: list[dict[str, Any]] | None = None) -> None:
+    """Rank 0: the two files into the checkpoint's tag dir (before its meta.json, which marks it complete).
+    ``rng``: rank 0's RNG states; ``ranks``: every rank's, of which the torch (and device) generators are kept
+    (``rng/torch/<r>``): dropout draws from them, and a resume on the same world continues each rank's stream."""
     from safetensors.torch import save_file
 
     devices = {"rng/cuda": rng["cuda"]} if "cuda" in rng else {}
+    for r, state in enumerate(ranks or []):
+        devices[f"rng/torch/{r}"] = state["torch"]
+        if "cuda" in state:
+            devices[f"rng/cuda/{r}"] = state["cuda"]
     save_file({**tensors, "rng/torch": rng["torch"], **devices}, str(ckpt / STATE), metadata={"format": str(FORMAT)})
     (ckpt / INFO).write_text(json.dumps({**info, "rng": {"python": rng["python"], "numpy": rng["numpy"]}}))
 
@@ -223,7 +230,7 @@ def set_masters(engine: Any, values: dict[int, torch.Tensor]) -> int:
 def apply(engine: Any, ckpt: Path) -> dict[str, Any]:
     """Every rank: fill a fresh engine (any world size, micro-batch, accumulation or ZeRO stage) with the saved
     trainable state: masters, model weights, AdamW moments and step count, scheduler, LR and counters. Returns
-    rank 0's RNG states for :func:`.checkpoint.set_rng_state`."""
+    the RNG states for :func:`.checkpoint.set_rng_state` (:func:`_rng_of_this_rank`)."""
     import deepspeed
     from deepspeed.utils import (
         safe_set_full_fp32_param,
@@ -305,5 +312,16 @@ def apply(engine: Any, ckpt: Path) -> dict[str, Any]:
         engine.lr_scheduler.load_state_dict(sd)
     engine.global_steps = info["global_steps"]
     engine.global_samples = info["global_samples"]
-    devices = {"cuda": tensors["rng/cuda"]} if "rng/cuda" in tensors else {}
-    return {**info["rng"], "torch": tensors["rng/torch"], **devices}
+    return _rng_of_this_rank(tensors, info)
+
+
+def _rng_of_this_rank(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0's RNG states, with this rank's own torch (and device) generators where the checkpoint holds every
+    rank's and was saved on this world size (a resume on another ZeRO stage or micro-batch cut): its dropout draws
+    continue as the native resume's do. On another world no rank's stream continues anyway."""
+    rank, world = dist.rank_and_world()
+    suffix = ""
+    if world > 1 and f"rng/torch/{world - 1}" in tensors and f"rng/torch/{world}" not in tensors:
+        suffix = f"/{rank}"
+    devices = {"cuda": tensors[f"rng/cuda{suffix}"]} if f"rng/cuda{suffix}" in tensors else {}
+    return {**info["rng"], "torch": tensors[f"rng/torch{suffix}"], **devices}
