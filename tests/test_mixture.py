@@ -272,6 +272,16 @@ def test_bad_sources_are_named_by_their_key(tmp_path: Path, tiny_tokenizer) -> N
     with pytest.raises(UsageError, match=r"bad\.jsonl:2: missing field"):
         load_data(load_config(None, [f"data.sources=[{{path: {good}}}, {{path: {bad}, format: alpaca}}]",
                                      f"data.cache_dir={cache}"]), tiny_tokenizer)
+    # A source's own columns are named by their key (data.columns may not be set at all), the run's by theirs.
+    q = _jsonl(tmp_path / "q.jsonl", [{"question": "三", "answer": "四"}] * 2)
+    with pytest.raises(UsageError, match=r"q\.jsonl: data\.sources\[1\]\.columns maps system -> 'sys', but no "
+                                         r"record has such a field"):
+        load_data(load_config(None, [f"data.sources=[{{path: {good}}}, {{path: {q}, columns: {{instruction: "
+                                     f"question, output: answer, system: sys}}}}]", f"data.cache_dir={cache}"]),
+                  tiny_tokenizer)
+    with pytest.raises(UsageError, match=r"q\.jsonl: data\.columns maps system -> 'sys'"):
+        load_data(load_config(None, [f"data.sources=[{{path: {q}}}]", "data.columns={instruction: question, "
+                                     "output: answer, system: sys}", f"data.cache_dir={cache}"]), tiny_tokenizer)
     held_all = r"data\.sources\[0\] \(.*ok\.jsonl\): data\.eval_ratio=0\.9 holds out all of its 4 examples"
     with pytest.raises(UsageError, match=held_all):
         load_data(load_config(None, [f"data.sources=[{{path: {good}}}]", "data.eval_ratio=0.9",

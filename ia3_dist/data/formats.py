@@ -89,8 +89,10 @@ class Conversation:
 class Columns:
     """``data.columns`` (ours -> the data's names) resolved per format."""
 
-    def __init__(self, mapping: Mapping[str, str] | None) -> None:
+    def __init__(self, mapping: Mapping[str, str] | None, key: str = "data.columns") -> None:
         self.mapping = dict(mapping or {})
+        self.key = key
+        """The config key the mapping comes from (``data.sources[1].columns`` for a source's own), for messages."""
 
     def name(self, ours: str) -> str:
         return self.mapping.get(ours, ours)
@@ -98,7 +100,7 @@ class Columns:
     def label(self, ours: str) -> str:
         """The data's name quoted, saying which of ours it stands for when data.columns renames it."""
         theirs = self.name(ours)
-        return f"'{brief(theirs)}'" if theirs == ours else f"'{brief(theirs)}' (data.columns.{ours})"
+        return f"'{brief(theirs)}'" if theirs == ours else f"'{brief(theirs)}' ({self.key}.{ours})"
 
     def keys(self, fmt: str) -> tuple[str, str]:
         role, content = MESSAGE_KEYS[fmt]
@@ -145,7 +147,7 @@ def undetected(keys: Iterable[Any], cols: Columns) -> str:
     """Why no format matched ``keys`` and what to do about it."""
     need = "; ".join(f"{fmt} records have {' and '.join(cols.label(c) for c in REQUIRED[fmt])}" for fmt, _ in DETECT)
     return (f"missing field: cannot detect the format from the keys found, {_keys(keys)} ({need}). Rename your "
-            f"columns with data.columns (e.g. data.columns.instruction=question) or set data.format")
+            f"columns with {cols.key} (e.g. {cols.key}.instruction=question) or set data.format")
 
 
 def requirement(fmt: str, cols: Columns) -> str:
@@ -272,9 +274,9 @@ def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conver
     def rename(m: Mapping[str, Any]) -> str:
         if fmt == SHAREGPT and "role" in m and "content" in m:
             # Mapped as sharegpt's from/value (the hint it gave), their tool_calls and weight would be ignored.
-            return (f"these are role/content messages: set data.format=messages and data.columns.messages="
+            return (f"these are role/content messages: set data.format=messages and {cols.key}.messages="
                     f"{brief(cols.name(ours))}, which reads them with their tool_calls and weight")
-        return "set data.columns.role and data.columns.content to the keys your messages use"
+        return f"set {cols.key}.role and {cols.key}.content to the keys your messages use"
 
     for i, m in enumerate(msgs):
         at = f"{where}: message {i}"
@@ -289,8 +291,8 @@ def _chat(rec: Mapping[str, Any], fmt: str, cols: Columns, where: str) -> Conver
             accepted = ", ".join(f"{brief(v)} ({k})" for v, k in roles.items())
             mappable = ", ".join([*ROLES[fmt], "system_role"])
             raise UsageError(f"{at}: unknown role {show(role)}; accepted roles: {accepted}. Map other role names "
-                             f"with data.columns ({mappable})"
-                             + (f", e.g. data.columns.assistant={brief(role)} if {brief(role)} is the assistant"
+                             f"with {cols.key} ({mappable})"
+                             + (f", e.g. {cols.key}.assistant={brief(role)} if {brief(role)} is the assistant"
                                 if isinstance(role, str) else ""))
         calls = m.get("tool_calls") if fmt == MESSAGES and kind == ASSISTANT else None
         if isinstance(calls, list | tuple) and not calls:

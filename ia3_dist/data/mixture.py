@@ -218,7 +218,8 @@ def load_or_mix(cfg: DataSection, tok: Any, seed: int, eval_ratio: float, *, bui
     streams = []
     for i, sec in enumerate(secs):
         try:
-            streams.append(RecordStream(sec, pairs))  # checks and hashes the source, reads no record
+            key = f"data.sources[{i}].columns" if sources[i].columns is not None else "data.columns"
+            streams.append(RecordStream(sec, pairs, key))  # checks and hashes the source, reads no record
         except UsageError as e:
             raise UsageError(f"data.sources[{i}].path: {str(e).removeprefix('data.path ')}") from None
     templates = []  # once each: the key's and the tokens'

@@ -78,7 +78,7 @@ def pair_requirement(fmt: str, cols: Columns) -> str:
 def undetected_pair(keys: Iterable[Any], cols: Columns) -> str:
     need = "; ".join(pair_requirement(f, cols) for f, _ in PAIR_DETECT)
     return (f"missing field: cannot detect the preference format from the keys found, {_keys(keys)} ({need}). "
-            f"Rename your columns with data.columns (e.g. data.columns.chosen=better) or set data.format")
+            f"Rename your columns with {cols.key} (e.g. {cols.key}.chosen=better) or set data.format")
 
 
 def _response(v: Any, what: str, fmt: str, cols: Columns, where: str) -> tuple[str, str]:
@@ -98,7 +98,7 @@ def _response(v: Any, what: str, fmt: str, cols: Columns, where: str) -> tuple[s
         role_key, content_key = cols.keys(SHAREGPT if fmt == SHAREGPT else MESSAGES)
         if role_key not in v or content_key not in v:
             raise UsageError(f"{where}: {what} is a message without '{role_key}' and '{content_key}' (it has keys "
-                             f"{_keys(v)}); set data.columns.role and data.columns.content to the keys it uses")
+                             f"{_keys(v)}); set {cols.key}.role and {cols.key}.content to the keys it uses")
         roles = cols.roles(SHAREGPT if fmt == SHAREGPT else MESSAGES)
         role = v[role_key]
         if not isinstance(role, str) or roles.get(role) != "assistant":

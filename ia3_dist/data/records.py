@@ -184,11 +184,11 @@ class _Source:
         missing = [self.cols.name(ours) for ours in need if self.cols.name(ours) not in names]
         if missing:
             mapped = {o: self.cols.name(o) for o in need if o in self.cols.mapping}
-            note = f"; data.columns maps {show(mapped)}" if mapped else ""
+            note = f"; {self.cols.key} maps {show(mapped)}" if mapped else ""
             need_text = self.requirement(self.fmt, self.cols)
             raise UsageError(f"{self.name}: dataset has no column(s) {show(missing)} ({need_text}{note}); columns are "
-                             f"{show(names)}. Rename yours with data.columns "
-                             f"(e.g. data.columns.instruction=question)")
+                             f"{show(names)}. Rename yours with {self.cols.key} "
+                             f"(e.g. {self.cols.key}.instruction=question)")
         if self.fmt in REQUIRED:
             self.seen.update(self.cols.mapped_optional(self.fmt))
 
@@ -199,7 +199,7 @@ class _Source:
         missing = [ours for ours in self.cols.mapped_optional(self.fmt) if ours not in self.seen]
         if missing:
             mapped = ", ".join(f"{o} -> {show(self.cols.name(o))}" for o in missing)
-            raise UsageError(f"{self.name}: data.columns maps {mapped}, but no record has such a field; the first "
+            raise UsageError(f"{self.name}: {self.cols.key} maps {mapped}, but no record has such a field; the first "
                              f"record has keys {show(self.first_keys)}. Fix or remove the mapping")
 
 
@@ -608,8 +608,11 @@ class RecordStream:
     counting skips (``data.on_bad_record=skip``) in :attr:`skipped` and each source's format in :attr:`formats`.
     Every problem is a :class:`UsageError` naming file and record."""
 
-    def __init__(self, cfg: DataSection, pairs: bool = False) -> None:
+    def __init__(self, cfg: DataSection, pairs: bool = False, columns_key: str = "data.columns") -> None:
         self.cfg, self.pairs = cfg, pairs
+        self.columns_key = columns_key
+        """Where the source's ``columns`` come from, for messages: ``data.sources[i].columns`` for a mixture
+        source's own."""
         paths = cfg.path if isinstance(cfg.path, list) else [cfg.path]
         self.sources = [_resolve(path, cfg) for path in paths]
         self.names = [s.name for s in self.sources]
@@ -649,7 +652,7 @@ class RecordStream:
         return self._c.n_skipped
 
     def __iter__(self) -> Iterator[Conversation | Pair]:
-        cols = Columns(self.cfg.columns)
+        cols = Columns(self.cfg.columns, self.columns_key)
         c = self._c = _Collector(self.cfg.on_bad_record)
         self.formats, self.count = {}, 0
         limit = self.cfg.limit
