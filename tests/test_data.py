@@ -381,11 +381,26 @@ def test_the_logged_epoch_is_hf_trainers() -> None:
     (674 examples in steps of 8), a fraction of examples, not of steps; 1.0 at the epoch's end, 2.0 at the second's."""
     from ia3_dist.data.sampler import epochs_done
 
+    import math
+
+    def hf(steps: int, n: int, micro: int, accum: int, world: int) -> float:
+        """transformers' Trainer: ``epoch + (step + 1) / len(dataloader)`` at each optimizer step, over one rank's
+        dataloader (DistributedSampler pads each rank to ceil(n / world) examples, drop_last off)."""
+        per_rank = math.ceil(math.ceil(n / world) / micro)
+        done, epoch = 0, 0.0
+        for _ in range(steps):
+            done += accum
+            if done >= per_rank:
+                done, epoch = 0, epoch + 1.0
+        return epoch + done / per_rank
+
+    for micro, accum, world, n in ((1, 8, 1, 674), (4, 2, 1, 674), (2, 2, 2, 101), (3, 1, 2, 10)):
+        lay = Layout(micro, accum, world, seed=0, shuffle=True, group_by_length=False)
+        steps = 3 * math.ceil(n / (micro * accum * world))
+        got = [epochs_done(k, n, lay) for k in range(steps + 1)]
+        assert got == pytest.approx([hf(k, n, micro, accum, world) for k in range(steps + 1)]), (micro, accum, world)
     lay = Layout(1, 8, 1, seed=0, shuffle=True, group_by_length=False)
-    hf = [min(8 * k, 674) / 674 for k in range(1, 86)]  # transformers: (step + 1) / len(dataloader), accum 8
-    assert [epochs_done(k, 674, lay) for k in range(1, 86)] == pytest.approx(hf)
-    assert epochs_done(85, 674, lay) == 1.0 and epochs_done(170, 674, lay) == 2.0 and epochs_done(0, 674, lay) == 0
-    assert epochs_done(86, 674, lay) == pytest.approx(1 + 8 / 674)
+    assert epochs_done(10, 674, lay) == pytest.approx(80 / 674) and epochs_done(85, 674, lay) == 1.0
 
 
 def test_sequential_order_and_resume_position() -> None:

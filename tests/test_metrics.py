@@ -89,5 +89,6 @@ def test_the_peak_follows_the_device_and_the_precision() -> None:
         torch.set_float32_matmul_precision("highest")
     named = {n: device_peak_tflops(0, "bf16", f"NVIDIA {n}") for n in ("L40", "L4", "A10", "L40S")}
     assert named == {"L40": 181.0, "L4": 121.0, "A10": 125.0, "L40S": 362.0}
+    assert device_peak_tflops(0, "bf16", "NVIDIA GH200 480GB") == 989.0
     assert device_peak_tflops(0, "bf16", "Some Future GPU") is None
     assert device_peak_tflops(500.0, "fp32", "NVIDIA H100 80GB HBM3") == 500.0  # train.peak_tflops decides

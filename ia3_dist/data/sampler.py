@@ -89,10 +89,14 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
 
 
 def epochs_done(steps: int, n: int, lay: Layout) -> float:
-    """HF Trainer's logged ``epoch`` after ``steps`` optimizer steps: the fraction of the epochs' examples trained
-    (its micro-batches done over the epoch's: 80/674 after 10 steps of 8 over 674 examples, not 10/85), 1.0 at the
-    first epoch's end; an epoch's last step may be short."""
-    return examples_consumed(steps, n, lay) / max(n, 1)
+    """HF Trainer's logged ``epoch`` after ``steps`` optimizer steps: ``epoch + micro-batches done / micro-batches
+    per epoch`` of one rank's dataloader (``ceil(ceil(n / world) / micro)`` of them, ``accum`` per step): 80/674
+    after 10 steps of 8 one-example micro-batches over 674 examples, not 10/85; 1.0 at the first epoch's end
+    (an epoch's last step may be short)."""
+    spe = steps_per_epoch(n, lay.global_batch)
+    epoch, k = divmod(steps, spe)
+    per_epoch = max(1, -(-(-(-n // lay.world)) // lay.micro))
+    return epoch + min(k * lay.accum, per_epoch) / per_epoch
 
 
 def examples_consumed(steps: int, n: int, lay: Layout) -> int:
