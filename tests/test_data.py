@@ -379,9 +379,9 @@ def test_examples_consumed_is_exact_where_grouping_moves_the_short_step(n: int, 
 def test_the_logged_epoch_is_hf_trainers() -> None:
     """HF Trainer logs ``epoch + micro-batches done / micro-batches per epoch``: with an epoch's last step short
     (674 examples in steps of 8), a fraction of examples, not of steps; 1.0 at the epoch's end, 2.0 at the second's."""
-    from ia3_dist.data.sampler import epochs_done
-
     import math
+
+    from ia3_dist.data.sampler import epochs_done
 
     def hf(steps: int, n: int, micro: int, accum: int, world: int) -> float:
         """transformers' Trainer: ``epoch + (step + 1) / len(dataloader)`` at each optimizer step, over one rank's

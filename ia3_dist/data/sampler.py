@@ -95,7 +95,8 @@ def epochs_done(steps: int, n: int, lay: Layout) -> float:
     (an epoch's last step may be short)."""
     spe = steps_per_epoch(n, lay.global_batch)
     epoch, k = divmod(steps, spe)
-    per_epoch = max(1, -(-(-(-n // lay.world)) // lay.micro))
+    per_rank = -(-n // lay.world)  # ceil: DistributedSampler pads the ranks to equal counts
+    per_epoch = max(1, -(-per_rank // lay.micro))
     return epoch + min(k * lay.accum, per_epoch) / per_epoch
 
 

@@ -16,15 +16,16 @@ from ..runtime.hostmem import peak_rss_gib
 from .trackers import Trackers
 
 PEAK_TFLOPS: dict[str, tuple[float, float, float | None]] = {
-    "GH200": (989.0, 67.0, 495.0), "H200": (989.0, 67.0, 495.0), "H100 PCIe": (756.0, 51.0, 378.0), "H100 NVL": (835.0, 60.0, 418.0),
+    "GH200": (989.0, 67.0, 495.0), "H200": (989.0, 67.0, 495.0), "H100 PCIe": (756.0, 51.0, 378.0),
+    "H100 NVL": (835.0, 60.0, 418.0),
     "H100": (989.0, 67.0, 495.0), "H800": (989.0, 67.0, 495.0), "A100": (312.0, 19.5, 156.0),
     "A800": (312.0, 19.5, 156.0), "L40S": (362.0, 91.6, 183.0), "L40": (181.0, 90.5, 90.5),
     "A10G": (125.0, 31.2, 62.5), "A10": (125.0, 31.2, 62.5), "L4": (121.0, 30.3, 60.0),
     "V100": (125.0, 15.7, None), "T4": (65.0, 8.1, None)}
 """Dense peak TFLOP/s of one device by its name (``torch.cuda.get_device_name``, matched as a whole word, in this
-order: "H100 PCIe" before "H100", "L40S" before "L40" and "L4"; a Grace Hopper is a "GH200"): (bf16/fp16 tensor cores, fp32, TF32 or None
-where there is none). An fp32 run's matmuls run in TF32 only where torch is told to
-(:func:`tf32_matmuls`; off by default), else at the fp32 peak."""
+order: "H100 PCIe" before "H100", "L40S" before "L40" and "L4"; a Grace Hopper is a "GH200"): (bf16/fp16
+tensor cores, fp32, TF32 or None where there is none). An fp32 run's matmuls run in TF32 only where torch is told
+to (:func:`tf32_matmuls`; off by default), else at the fp32 peak."""
 
 
 def tf32_matmuls() -> bool:
