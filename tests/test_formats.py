@@ -600,6 +600,15 @@ def test_columns_as_datasets_and_spark_store_them(tmp_path: Path) -> None:
     Dataset.from_dict({"conversations": [conv]}, features=feats).save_to_disk(str(d))
     want = Conversation([Turn("Hi!", "", "Hello."), Turn("2+2?", "", "4.")])
     assert load(d).examples == [want]
+    # A member some rows lack (an optional weight) is null in those rows, not a list: read without it.
+    wfeats = Features({"conversations": Sequence({"from": Value("string"), "value": Value("string"),
+                                                  "weight": Value("int64")})})
+    w = tmp_path / "weights"
+    Dataset.from_dict({"conversations": [{**conv, "weight": [None, 0, None, 1]}, conv]},
+                      features=wfeats).save_to_disk(str(w))
+    weighed = Conversation([Turn("Hi!", "", "Hello.", train=False), Turn("2+2?", "", "4.")])
+    assert load(w, format="messages", columns={"messages": "conversations", "role": "from", "content": "value",
+                                                "user": "human", "assistant": "gpt"}).examples == [weighed, want]
     parts = Features({"messages": [{"role": Value("string"),
                                     "content": Sequence({"type": Value("string"), "text": Value("string")})}]})
     msgs = [{"role": "user", "content": {"type": ["text", "text"], "text": ["a", "b"]}},

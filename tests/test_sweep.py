@@ -792,3 +792,21 @@ def test_a_run_on_another_host_is_running_while_its_pid_file_beats(tmp_path: Pat
     assert run_status(d) == "failed"
     (d / "rank0.alive").write_text("")  # rank 0's heartbeat, touched a moment ago
     assert run_status(d) == "running"
+
+
+def test_a_finished_run_is_compared_only_on_what_it_trained(tmp_path: Path) -> None:
+    """What `sweep --force` calls another training: a value of a key both configs hold that changes what is
+    trained. Keys an earlier ia3-dist did not write, the start's own choices and the keys that change only how a
+    run goes (logging, caches, threads, benchmarks) are not."""
+    from ia3_dist.tools.summary import config_view, trained_otherwise
+
+    planned = config_view(load_config(TINY, ["train.lr=0.01", "train.epochs=2"]).to_dict())
+    d = fake_run(tmp_path / "r", 0.01, [2.0, 1.0], resolved=("train.epochs=2",))
+    assert trained_otherwise(d, planned) == []
+    old = "".join(ln for ln in (d / "run.yaml").read_text().splitlines(keepends=True) if "compile_backend" not in ln)
+    (d / "run.yaml").write_text(old)
+    assert trained_otherwise(d, planned) == []
+    for key, value in (("train.log_every", 7), ("data.cache_dir", "/elsewhere"), ("train.peak_tflops", 5.0),
+                       ("eval.batch_size", 3), ("train.threads", 2)):
+        assert trained_otherwise(d, {**planned, key: value}) == [], key
+    assert trained_otherwise(d, {**planned, "train.epochs": 5, "train.lr": 0.02}) == ["train.epochs", "train.lr"]

@@ -346,11 +346,15 @@ def _no_nulls(x: Any) -> Any:
 def _unzipped(x: Any) -> Any:
     """A list of objects that datasets stored as one object of lists (a ``Sequence({...})`` feature, as many hub
     datasets declare their conversations: ``{"from": ["human", "gpt"], "value": [...]}``) as the list it stands for;
-    anything else as it is. A message itself (a role and a content) has a value that is not a list."""
-    if isinstance(x, dict) and x and all(isinstance(v, list) for v in x.values()) \
-            and len({len(v) for v in x.values()}) == 1:
-        return [dict(zip(x, vals, strict=True)) for vals in zip(*x.values(), strict=True)]
-    return x
+    anything else as it is. A member a row lacks (an optional ``weight``) is null rather than a list: the objects
+    lack it too. A message itself (a role and a content) has a value that is neither."""
+    if not isinstance(x, dict):
+        return x
+    lists = {k: v for k, v in x.items() if isinstance(v, list)}
+    if not lists or any(v is not None for k, v in x.items() if k not in lists) \
+            or len({len(v) for v in lists.values()}) != 1:
+        return x
+    return [dict(zip(lists, vals, strict=True)) for vals in zip(*lists.values(), strict=True)]
 
 
 def _arrow_row(row: dict[str, Any], cols: Columns) -> dict[str, Any]:

@@ -549,21 +549,24 @@ def _is_open(cfg: dict[str, Any], key: str) -> bool:
     return cfg.get(key) == "auto"
 
 
-_RUN_ONLY = ("output.", "checkpoint.", "train.resume", "train.stop_after_steps", "train.hang_timeout_s",
-             "train.log_every", "deepspeed.timeout_minutes")
-"""Keys that change how a run goes, not what it trains: a finished run with other values of these is the same run."""
+_RUN_ONLY = ("output.", "checkpoint.", "eval.", "train.resume", "train.stop_after_steps", "train.hang_timeout_s",
+             "train.log_every", "train.peak_tflops", "train.threads", "train.bind_cores", "train.compile",
+             "deepspeed.timeout_minutes", "data.cache_dir", "data.require_prepared", "hardware.")
+"""Keys that change how a run goes (logging, checkpoints, benchmarks, caches, threads, compilation, the job's
+shape), not what it trains: a finished run with other values of these is the same run."""
 
 
 def trained_otherwise(d: Path, planned: dict[str, Any]) -> list[str]:
     """The keys whose value in the finished run ``d``'s run.yaml differs from ``planned`` (:func:`config_view` of
     the config it would be started with now): the start's own choices (:data:`SETTLED_AT_START` where the plan
-    leaves them open, a value the plan leaves to the start, None) and :data:`_RUN_ONLY` keys aside. None where
-    run.yaml cannot be read (a note says why): nothing to compare."""
+    leaves them open, a value the plan leaves to the start, None), :data:`_RUN_ONLY` keys and keys the run.yaml does
+    not hold (written by an ia3-dist before them) aside. None where run.yaml cannot be read (a note says why):
+    nothing to compare."""
     done = _run_config(d)
     if not done:
         return []
     differ = []
-    for k in sorted(set(done) | set(planned)):
+    for k in sorted(set(done) & set(planned)):
         if k.startswith(_RUN_ONLY) or (k in SETTLED_AT_START and _is_open(planned, k)) or planned.get(k) is None:
             continue
         same = json.dumps(_finite(done.get(k)), sort_keys=True, default=str) == \
