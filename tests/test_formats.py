@@ -586,6 +586,18 @@ def test_corruption_found_while_reading(tmp_path: Path, monkeypatch: pytest.Monk
     h.write_text("instruction,output\nq,a\nq,a,b\nq2,a2\n")
     assert [c.turns[0].output for c in load(h, on_bad_record="skip").examples] == ["a", "a2"]
     assert "a row of 3 cell(s) where the header has 2: 'q,a,b'" in error(h)
+    # A quote inside a cell is a character (a ragged row still), a quoted cell never closed a broken file; a row
+    # after a skipped one is named among the rows kept; a ragged row that is not UTF-8 says so, with no
+    # "Exception ignored" traceback of pyarrow's on stderr.
+    h.write_text('instruction,output\nq,a\nthe 5" screen,a,b\n,\n')
+    r = load(h, on_bad_record="skip")
+    assert len(r.examples) == 1 and "the 5\" screen,a,b" in r.skipped[0], r.skipped
+    assert r.skipped[1].startswith(f"{h}: record 1 of the rows kept (1 ragged row(s) skipped so far): "), r.skipped
+    h.write_text('instruction,output\nq,a\n"never closed,a\nq2,a2\n')
+    assert error(h, on_bad_record="skip").startswith(f"{h}: cannot read the CSV file (a quoted cell never closed: ")
+    h.write_bytes(b"instruction,output\nq,a\nq,\xff,b\nq2,a2\n")
+    assert error(h, on_bad_record="skip") == f"{h}: not UTF-8 (a row of another width than the header could not " \
+        "be read as text); re-encode the file as UTF-8"
 
 
 def test_columns_as_datasets_and_spark_store_them(tmp_path: Path) -> None:
@@ -625,6 +637,13 @@ def test_columns_as_datasets_and_spark_store_them(tmp_path: Path) -> None:
     with pa.OSFile(str(g), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("messages", m.type)])) as w:
         w.write_table(pa.table({"messages": m}))
     assert load(g).examples == [Conversation([Turn("hi", "", "yo")])]
+    # A map holding a key twice is one bad record, named (skipped under the skip policy), not a broken file.
+    dup = pa.array([[[("role", "user"), ("role", "x"), ("content", "hi")], [("role", "assistant"), ("content", "a")]],
+                    [[("role", "user"), ("content", "hi")], [("role", "assistant"), ("content", "yo")]]],
+                   type=m.type)
+    pq.write_table(pa.table({"messages": dup}), f)
+    assert error(f).startswith(f"{f}: record 0: a map holds a key twice (")
+    assert load(f, on_bad_record="skip").examples == [Conversation([Turn("hi", "", "yo")])]
     # A truncated IPC file is named as broken, like a truncated stream.
     g.write_bytes(g.read_bytes()[:40])
     assert error(g).startswith(f"{g}: cannot read the Arrow file (")

@@ -7,7 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -394,10 +397,35 @@ def _read_dataset(ds: Any, src: _Source, kind: str = "dataset") -> Rows:
         yield _arrow_row(row, src.cols), f"{src.name}: record {i}"
 
 
-def _table_rows(batch: Any) -> list[dict[str, Any]]:
+@dataclass
+class _BadRow:
+    """A table row that cannot become a record (a map holding a key twice): refused, or skipped, as a bad record."""
+
+    why: str
+
+
+def _table_rows(batch: Any) -> list[dict[str, Any] | _BadRow]:
     """An Arrow record batch's rows; a map column (Spark's ``MapType``: messages as ``array<map<string,string>>``)
-    as objects, not lists of key-value pairs."""
-    return batch.to_pylist(maps_as_pydicts="strict")
+    as objects, not lists of key-value pairs. A row whose map holds a key twice is a :class:`_BadRow`, alone."""
+    try:
+        return batch.to_pylist(maps_as_pydicts="strict")
+    except KeyError:
+        rows: list[dict[str, Any] | _BadRow] = []
+        for j in range(batch.num_rows):
+            try:
+                rows += batch.slice(j, 1).to_pylist(maps_as_pydicts="strict")
+            except KeyError as e:
+                rows.append(_BadRow(f"a map holds a key twice ({str(e.args[0] if e.args else e)[:200]})"))
+        return rows
+
+
+def _table_records(rows: Iterator[dict[str, Any] | _BadRow], p: Path, src: _Source) -> Rows:
+    """``(record, where)`` of a table's rows; a :class:`_BadRow` goes to ``data.on_bad_record``."""
+    for i, row in enumerate(rows):
+        if isinstance(row, _BadRow):
+            src.c.bad(UsageError(f"{p}: record {i}: {row.why}"))
+            continue
+        yield _arrow_row(row, src.cols), f"{p}: record {i}"
 
 
 def _read_parquet(p: Path, src: _Source) -> Rows:
@@ -411,8 +439,36 @@ def _read_parquet(p: Path, src: _Source) -> Rows:
         except Exception as e:  # ArrowInvalid, OSError, ...: not a Parquet file
             raise _broken(p, "Parquet", e) from None
         src.check_columns(names)
-        for i, row in enumerate(_guarded(batches, _table_rows, p, "Parquet")):
-            yield _arrow_row(row, src.cols), f"{p}: record {i}"
+        yield from _table_records(_guarded(batches, _table_rows, p, "Parquet"), p, src)
+
+
+def _not_utf8(p: Path) -> UsageError:
+    return UsageError(f"{p}: not UTF-8 (a row of another width than the header could not be read as text); "
+                      f"re-encode the file as UTF-8")
+
+
+_OPENS_QUOTE = re.compile(r'(?:^|,)[ \t]*"')
+"""A cell that starts quoted."""
+
+
+@contextmanager
+def _handler_decode_errors(*handlers: Callable[..., Any]) -> Iterator[list[BaseException]]:
+    """The UnicodeDecodeErrors pyarrow meets decoding a row's text for the CSV invalid-row ``handlers`` (a row that
+    is not UTF-8), collected instead of printed as "Exception ignored" tracebacks; any other unraisable goes on."""
+    got: list[BaseException] = []
+    previous = sys.unraisablehook
+
+    def hook(u: Any) -> None:
+        if isinstance(u.exc_value, UnicodeDecodeError) and any(u.object is h for h in handlers):
+            got.append(u.exc_value)
+        else:
+            previous(u)
+
+    sys.unraisablehook = hook
+    try:
+        yield got
+    finally:
+        sys.unraisablehook = previous
 
 
 def _read_csv(p: Path, src: _Source) -> Rows:
@@ -422,22 +478,30 @@ def _read_csv(p: Path, src: _Source) -> Rows:
     # A block must hold the longest row; quoted cells may span lines.
     read = pacsv.ReadOptions(block_size=max(1 << 20, MAX_RECORD_BYTES + (1 << 16)))
     # The header read first: a ragged row in its block is reported by the pass below.
-    with _open(p) as fh:
+    def skip_row(row: Any) -> str:
+        return "skip"
+
+    with _open(p) as fh, _handler_decode_errors(skip_row) as undecodable:
         try:
             with pacsv.open_csv(fh, read_options=read, parse_options=pacsv.ParseOptions(
-                    newlines_in_values=True, invalid_row_handler=lambda row: "skip")) as r:
+                    newlines_in_values=True, invalid_row_handler=skip_row)) as r:
                 names = list(r.schema.names)
         except Exception as e:
+            if undecodable:
+                raise _not_utf8(p) from None
             raise _broken(p, "CSV", e) from None
     src.check_columns(names)
     ragged: list[UsageError] = []
     broken: list[UsageError] = []
+    skipped = [0]
 
     def bad_row(row: Any) -> str:
         # pyarrow numbers no row where quoted cells may span lines: the row's text says which it is. The handler
         # cannot raise (pyarrow prints and ignores it): a refusal stops the read, and is told below.
         text = row.text if len(row.text) <= 120 else row.text[:117] + "..."
-        if row.text.count('"') % 2:  # a quote never closed: the file is cut short or mangled, not one bad row
+        if row.text.count('"') % 2 and _OPENS_QUOTE.search(row.text):
+            # A quoted cell never closed: the file is cut short or mangled, not one bad row (a quote inside a cell,
+            # `5" screen`, is a character).
             broken.append(UsageError(f"{p}: cannot read the CSV file (a quoted cell never closed: {text!r}); "
                                      f"check that it is a complete, valid CSV file"))
             return "error"
@@ -445,10 +509,13 @@ def _read_csv(p: Path, src: _Source) -> Rows:
                                  f"{row.expected_columns}: {text!r}; quote cells that hold commas"))
         if src.c.policy == "skip":
             src.c.bad(ragged.pop())
+            skipped[0] += 1
             return "skip"
         return "error"
 
     def told() -> None:
+        if undecodable:
+            raise _not_utf8(p)
         if broken:
             raise broken[0]
         if ragged:
@@ -457,7 +524,7 @@ def _read_csv(p: Path, src: _Source) -> Rows:
     parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=bad_row)
     # Every cell a string (no type guessing: "1" stays "1"); an empty cell is "".
     convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
-    with _open(p) as fh:
+    with _open(p) as fh, _handler_decode_errors(bad_row) as undecodable:
         try:
             reader = pacsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
         except Exception as e:
@@ -466,7 +533,9 @@ def _read_csv(p: Path, src: _Source) -> Rows:
         with reader:
             try:
                 for i, row in enumerate(_guarded(iter(reader), lambda b: b.to_pylist(), p, "CSV")):
-                    yield row, f"{p}: record {i}"
+                    # Counted among the rows kept: a skipped row's place among them is not known (see bad_row).
+                    yield row, f"{p}: record {i}" + (f" of the rows kept ({skipped[0]} ragged row(s) skipped so "
+                                                     f"far)" if skipped[0] else "")
             except UsageError:
                 told()
                 raise
@@ -495,8 +564,7 @@ def _read_ipc_file(p: Path, src: _Source) -> Rows:
                 for start in range(0, b.num_rows, BATCH_ROWS):
                     yield b.slice(start, BATCH_ROWS)
 
-        for i, row in enumerate(_guarded(batches(), _table_rows, p, "Arrow")):
-            yield _arrow_row(row, src.cols), f"{p}: record {i}"
+        yield from _table_records(_guarded(batches(), _table_rows, p, "Arrow"), p, src)
 
 
 def _read_arrow(p: Path, src: _Source) -> Rows:
