@@ -20,7 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ia3_dist.models.families import checkpoint_names  # noqa: E402
 from ia3_dist.models.files import checkpoint_files  # noqa: E402
 from ia3_dist.models.load import DTYPES  # noqa: E402
-from ia3_dist.models.zero3_load import build_partitioned, checkpoint_keys, load_partitions  # noqa: E402
+from ia3_dist.models.zero3_load import (  # noqa: E402
+    build_partitioned,
+    checkpoint_keys,
+    load_partitions,
+    stored_apart,
+)
 from ia3_dist.runtime import dist  # noqa: E402
 
 DS = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -87,8 +92,10 @@ def main() -> None:
         prec, _, how = rest.partition(":")
         dtype = DTYPES[prec or "fp32"]
         ds = {**DS, "bf16": {"enabled": dtype == torch.bfloat16}}
-        keep = HfDeepSpeedConfig(ds)
         model_config = AutoConfig.from_pretrained(path)
+        if stored_apart(model_config, Path(path)):  # as the preflight decides (prepare.py), before any ZeRO state
+            model_config.tie_word_embeddings = False
+        keep = HfDeepSpeedConfig(ds)
         dist.barrier()
         if how == "hf":
             from transformers import AutoModelForCausalLM
@@ -122,7 +129,8 @@ def main() -> None:
         gathered = [torch.zeros_like(per_rank) for _ in range(env.world_size)]
         torch.distributed.all_gather(gathered, per_rank)
         files = checkpoint_files(Path(path))
-        results.append({"dir": path, "dtype": prec or "fp32", "loader": how or "ia3", "max_diff": worst,
+        tied = len(list(model.named_parameters(remove_duplicate=False))) > len(list(model.named_parameters()))
+        results.append({"dir": path, "dtype": prec or "fp32", "loader": how or "ia3", "max_diff": worst, "tied": tied,
                         "model_type": model.config.model_type,
                         "bytes_read": [int(g[0]) for g in gathered], "largest_read": [int(g[1]) for g in gathered],
                         "syscall_bytes": [int(g[2]) for g in gathered], "rss_growth": [int(g[3]) for g in gathered],

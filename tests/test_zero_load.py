@@ -8,6 +8,7 @@ large enough for a full-size buffer to stand out, next to transformers' own ZeRO
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,42 @@ def _variants(demo_model: Path, root: Path, family_models: dict[str, Path]) -> l
         assert len(list(out.glob("*.safetensors"))) > 2, model_type
         # bf16 too: zero.Init casts the buffers constructors make (rotary inv_freq) unless they are rebuilt.
         families += [str(out), f"{out}:bf16"]
-    return [str(demo_model), str(sharded), str(bare), str(torchbin), f"{demo_model}:bf16", *families]
+    return [str(demo_model), str(sharded), str(bare), str(torchbin), f"{demo_model}:bf16", *families,
+            str(_untied(family_models["qwen2"], root))]
+
+
+def _untied(tied: Path, root: Path) -> Path:
+    """Qwen2's tied config with a checkpoint holding its own LM head (an untied fine-tune that kept the flag)."""
+    from safetensors.torch import load_file, save_file
+
+    out = root / "untied-qwen2"
+    shutil.copytree(tied, out)
+    sd = load_file(str(out / "model.safetensors"))
+    assert "lm_head.weight" not in sd and json.loads((out / "config.json").read_text())["tie_word_embeddings"]
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"] * 3
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_a_head_stored_apart_from_tied_embeddings_is_trained_untied(tmp_path: Path, family_models: dict) -> None:
+    """from_pretrained leaves such a model untied (its stored head); the ZeRO-3 loader tied it and filled the head
+    from the embeddings. Stored alike (a .bin holds both names), the weights stay tied."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ia3_dist.models.zero3_load import stored_apart
+
+    tied = family_models["qwen2"]
+    assert not stored_apart(AutoConfig.from_pretrained(str(tied)), tied)
+    untied = _untied(tied, tmp_path)
+    assert stored_apart(AutoConfig.from_pretrained(str(untied)), untied)
+    hf = AutoModelForCausalLM.from_pretrained(str(untied))
+    assert not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)  # what it matches
+    both = tmp_path / "bin"
+    both.mkdir()
+    sd = AutoModelForCausalLM.from_pretrained(str(tied)).state_dict()
+    torch.save({**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()}, both / "pytorch_model.bin")
+    (both / "config.json").write_text((tied / "config.json").read_text())
+    assert not stored_apart(AutoConfig.from_pretrained(str(both)), both)
 
 
 def _larger_model(root: Path) -> Path:
@@ -88,6 +124,9 @@ def test_zero3_load_exact_and_partitioned(tmp_path: Path, demo_model: Path, fami
     assert {r["model_type"] for r in results} == {"bloom", *family_models}
     for r in results:
         assert r["max_diff"] == 0.0, r
+        # Qwen2's head is tied unless the checkpoint stores its own (checked against that stored head above).
+        if r["model_type"] == "qwen2":
+            assert r["tied"] is not r["dir"].endswith("untied-qwen2"), r
         mib = [round(x / 2**20, 1) for x in r["rss_growth"]]
         print(f"{r['loader']:>4} {r['dtype']} {Path(r['dir']).name}: weights {r['weight_bytes'] / 2**20:.1f} MiB, "
               f"read syscalls per rank {[round(x / 2**20, 2) for x in r['syscall_bytes']]} MiB, "

@@ -14,6 +14,7 @@ PyTorch ``.bin`` files are memory-mapped, so a rank touches only the pages of it
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from collections.abc import Iterator
@@ -208,6 +209,46 @@ def _match(model: nn.Module, where: dict[str, CheckpointFile], model_dir: Path) 
         raise UsageError(f"model.path {model_dir}: the checkpoint has no weights for {', '.join(missing[:5])}"
                          f"{' ...' if len(missing) > 5 else ''} ({len(missing)} parameter(s))")
     return out
+
+
+TIE_COMPARE_ELEMENTS = 1 << 22
+"""Elements of two stored copies of a tied weight compared at a time (:func:`stored_apart`): 32 MB per side."""
+
+
+def _same_values(where: dict[str, CheckpointFile], a: str, b: str) -> bool:
+    shape = where[a].shape(a)
+    if shape != where[b].shape(b):
+        return False
+    n = math.prod(shape)
+    x = torch.empty(min(n, TIE_COMPARE_ELEMENTS), dtype=torch.float64)  # every stored float dtype, exactly
+    y = torch.empty_like(x)
+    for start in range(0, n, TIE_COMPARE_ELEMENTS):
+        k = min(TIE_COMPARE_ELEMENTS, n - start)
+        where[a].read_into(a, start, x[:k])
+        where[b].read_into(b, start, y[:k])
+        if not torch.equal(x[:k], y[:k]):
+            return False
+    return True
+
+
+def stored_apart(model_config: Any, model_dir: Path, trust_remote_code: bool = False) -> bool:
+    """Whether a config that ties the LM head to the embeddings (``tie_word_embeddings``) comes with a checkpoint
+    holding both under their own names with different values (an untied fine-tune or merge that kept the flag):
+    ``from_pretrained`` then leaves them untied, with a warning, and trains the stored head; the ZeRO-3 loader
+    tied them and filled both from the embeddings. Both stored alike (a ``.bin``, which always holds both) stay
+    tied."""
+    if not getattr(model_config, "tie_word_embeddings", False):
+        return False
+    model = base_on_meta(model_config, trust_remote_code)
+    prefix, renames = checkpoint_names(model)
+    with _opened(model_dir) as where:
+        for _, names in _params_by_identity(model):
+            if len(names) < 2:
+                continue
+            keys = list(dict.fromkeys(c for n in names for c in checkpoint_keys(n, prefix, renames) if c in where))
+            if len(keys) >= 2 and not _same_values(where, keys[0], keys[1]):
+                return True
+    return False
 
 
 def check_checkpoint(model_config: Any, model_dir: Path, trust_remote_code: bool = False) -> None:

@@ -31,7 +31,7 @@ from ..models.files import (
 from ..models.ia3 import ADAPTER_FILE, apply_ia3, load_init_adapter, paper_targets
 from ..models.load import base_on_meta, hidden_size_of, load_model_config, load_tokenizer
 from ..models.loss import check_final_logits, check_head
-from ..models.zero3_load import check_checkpoint
+from ..models.zero3_load import check_checkpoint, stored_apart
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, manifest, safe_load
 from ..runtime import ds_config as dsc
@@ -410,6 +410,14 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         weights_dir = local_model_dir(model_path, revision or cfg.model.revision, cfg.model.trust_remote_code,
                                       shared)
     if dsc.stage_of(ds) == 3 or family_of(model_config) is not None:
+        if stored_apart(model_config, weights_dir, cfg.model.trust_remote_code):
+            # As from_pretrained decides on the other stages: the stored head is the model's.
+            model_config.tie_word_embeddings = False
+            if env.is_main:
+                print(f"ia3-dist: note: model.path {weights_dir}: config.json ties the LM head to the embeddings, "
+                      f"but the weights hold both with different values; trained untied, with the stored head (as "
+                      f"from_pretrained loads it); set tie_word_embeddings: false there to say so", file=sys.stderr,
+                      flush=True)
         # ZeRO-3's loader needs every tensor; for the tested families (known key names) the other stages get the
         # same check, where from_pretrained would only warn and train on randomly initialised weights.
         check_checkpoint(model_config, weights_dir, cfg.model.trust_remote_code)
