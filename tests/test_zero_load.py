@@ -155,3 +155,27 @@ def test_zero3_load_exact_and_partitioned(tmp_path: Path, demo_model: Path, fami
             # half (the partition's pages, touched for the first time) plus a little.
             for g in r["rss_growth"]:
                 assert g < 0.75 * r["weight_bytes"], r
+
+
+def test_rotary_tables_zero_init_rounds_are_rebuilt_in_fp32(family_models: dict) -> None:
+    """zero.Init casts every float buffer a constructor makes to the ZeRO dtype: each ``*inv_freq`` table (Gemma 3
+    keeps one per attention kind) is rebuilt in fp32, as from_pretrained keeps it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig
+
+    from ia3_dist.models.zero3_load import _fp32_rotary
+
+    gemma = Gemma3TextConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    for cfg in (gemma, AutoConfig.from_pretrained(str(family_models["llama"]))):
+        ref = AutoModelForCausalLM.from_config(cfg)
+        m = AutoModelForCausalLM.from_config(cfg)
+        tables = [n for n, _ in m.named_buffers() if n.endswith("inv_freq")]
+        assert tables, cfg.model_type
+        for name in tables:  # what zero.Init leaves
+            mod, _, attr = name.rpartition(".")
+            setattr(m.get_submodule(mod), attr, getattr(m.get_submodule(mod), attr).to(torch.bfloat16))
+        _fp32_rotary(m)
+        want = dict(ref.named_buffers())
+        for name in tables:
+            got = m.get_buffer(name)
+            assert got.dtype == torch.float32 and torch.equal(got, want[name]), (cfg.model_type, name)

@@ -149,19 +149,21 @@ def _fp32_rotary(model: nn.Module) -> None:
     embedding's ``inv_freq`` (which transformers computes in fp32 and the other stages keep so) would hold
     bf16-rounded frequencies, angles off by radians a few thousand positions in (Llama 2, Qwen2, Mistral,
     GPT-NeoX; Llama 3's scaled init builds its ``arange`` as integers). Rebuilt here, outside zero.Init, from the
-    module's own class and config."""
+    module's own class and config: every module holding a buffer named ``inv_freq`` or ending so (Gemma 3 keeps
+    ``sliding_attention_inv_freq`` and ``full_attention_inv_freq``), each of its float buffers the fresh one holds
+    in fp32."""
     for m in model.modules():
-        inv = getattr(m, "inv_freq", None)
-        if not isinstance(inv, torch.Tensor) or inv.dtype == torch.float32 or getattr(m, "config", None) is None:
+        bufs = dict(m.named_buffers(recurse=False))
+        rounded = [n for n, b in bufs.items() if n.endswith("inv_freq") and b.dtype != torch.float32]
+        if not rounded or getattr(m, "config", None) is None:
             continue
         try:
             fresh = type(m)(m.config)
         except TypeError:  # a remote-code rotary class built otherwise: left as zero.Init made it
             continue
-        for name in ("inv_freq", "original_inv_freq"):
-            value = getattr(fresh, name, None)
-            if isinstance(value, torch.Tensor):
-                setattr(m, name, value.to(inv.device))
+        for name, value in fresh.named_buffers(recurse=False):
+            if name in bufs and value.dtype == torch.float32 and bufs[name].dtype != torch.float32:
+                setattr(m, name, value.to(bufs[name].device))
 
 
 def checkpoint_keys(name: str, prefix: str, renames: tuple[tuple[str, str], ...] = ()) -> list[str]:
