@@ -220,6 +220,10 @@ def test_plan_reads_a_config_json(tmp_path: Path, capsys) -> None:
     # Korthikanti's 34h; eager attention's fp32 softmax and its bf16 copy, and a layer and a quarter more in the
     # backward
     assert block_activations(AutoConfig.for_model("bloom", **TINY["bloom"][1])) == (34 * 32, 6.0, 1.25)
+    # A config.json naming eager attention, which from_pretrained honours: the fp32 softmax kept in any family.
+    eager = AutoConfig.for_model("llama", **fields)
+    eager._attn_implementation = "eager"
+    assert block_activations(eager)[1:] == (6.0, 1.25)
     # model.arch plans without files; with a local model.path of another shape (an override of the path alone on a
     # shipped config that names both) it would plan a model the launcher does not train: exit 2 naming both.
     assert main(["plan", "--config", str(ROOT / "configs" / "bloom-7b1.yaml"), f"model.path={tmp_path / 'm'}",

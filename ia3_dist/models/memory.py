@@ -64,7 +64,9 @@ def block_activations(mc: Any) -> tuple[float, float, float]:
     masks = facts.dropout_masks
     attn = 2 * h + 2 * heads * head_dim + 4 * kv + 2 * heads * head_dim + (h if masks else 0)
     mlp = 2 * h + 8 * inter if facts.gated_mlp else 2 * h + 4 * inter + (h if masks else 0)
-    if facts.eager_scores:
+    # A config.json naming eager attention ("attn_implementation": "eager") makes any family keep the fp32
+    # softmax and its 16-bit copy, as Bloom's own attention does: charged as such (an SDPA charge was half of it).
+    if facts.eager_scores or getattr(mc, "_attn_implementation", None) == "eager":
         return float(4 * h + attn + mlp), 6.0, 1.25
     return float(4 * h + attn + mlp), 5.0 if masks else 2.0, 0.0
 
