@@ -179,3 +179,32 @@ def test_rotary_tables_zero_init_rounds_are_rebuilt_in_fp32(family_models: dict)
         for name in tables:
             got = m.get_buffer(name)
             assert got.dtype == torch.float32 and torch.equal(got, want[name]), (cfg.model_type, name)
+
+
+def test_the_weights_file_config_json_names_is_the_one_read(tmp_path: Path, family_models: dict) -> None:
+    """config.json's ``transformers_weights`` names the file from_pretrained loads before model.safetensors: the
+    ZeRO-3 loader, the checks and the base fingerprint read that one too; a name outside the dir is refused."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from ia3_dist.errors import UsageError
+    from ia3_dist.models.files import checkpoint_files, weights_fingerprint
+
+    d = tmp_path / "named"
+    shutil.copytree(family_models["llama"], d)
+    sd = load_file(str(d / "model.safetensors"))
+    save_file({k: v * 2 for k, v in sd.items()}, str(d / "alt.safetensors"), metadata={"format": "pt"})
+    plain = weights_fingerprint(d)
+    conf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**conf, "transformers_weights": "alt.safetensors"}))
+    assert checkpoint_files(d) == [d / "alt.safetensors"] and weights_fingerprint(d) != plain
+    loaded = AutoModelForCausalLM.from_pretrained(str(d)).state_dict()
+    key = next(k for k in sd if k in loaded and sd[k].dtype.is_floating_point and sd[k].abs().sum() > 0)
+    assert torch.equal(loaded[key], sd[key] * 2)  # what from_pretrained read
+    for bad in ("../x.safetensors", "/etc/passwd"):
+        (d / "config.json").write_text(json.dumps({**conf, "transformers_weights": bad}))
+        with pytest.raises(UsageError, match="'transformers_weights' must name a weights file inside the model dir"):
+            checkpoint_files(d)
+    (d / "config.json").write_text(json.dumps({**conf, "transformers_weights": "gone.safetensors"}))
+    with pytest.raises(UsageError, match="names the weights gone.safetensors"):
+        checkpoint_files(d)

@@ -101,8 +101,33 @@ WEIGHT_FILES = tuple(f for layout in WEIGHT_LAYOUTS for f in reversed(layout))
 INDEX_SUFFIX = ".index.json"
 
 
+def _named_weights(model_dir: Path) -> str | None:
+    """The weights file config.json names (``transformers_weights``), which ``from_pretrained`` loads before any
+    other; a name outside the dir is refused, as transformers refuses it."""
+    f = model_dir / "config.json"
+    if not f.is_file():
+        return None
+    cfg = read_small_json(f, "model config")
+    name = cfg.get("transformers_weights") if isinstance(cfg, dict) else None
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise UsageError(f"{f}: 'transformers_weights' must name a weights file inside the model dir, got "
+                         f"{json.dumps(name)[:80]}")
+    return name
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The weight files of a model dir, chosen as ``from_pretrained`` chooses them (:data:`WEIGHT_FILES`)."""
+    """The weight files of a model dir, chosen as ``from_pretrained`` chooses them: the file config.json names
+    (``transformers_weights``), else the first of :data:`WEIGHT_FILES` present."""
+    named = _named_weights(model_dir)
+    if named is not None:
+        if not (model_dir / named).is_file():
+            raise UsageError(f"model.path {model_dir}: its config.json names the weights {named} "
+                             f"(transformers_weights), which are not there")
+        if named.endswith(INDEX_SUFFIX):
+            return [model_dir / n for n in shard_names(model_dir / named)]
+        return [model_dir / named]
     for name in WEIGHT_FILES:
         if (model_dir / name).exists():
             if name.endswith(INDEX_SUFFIX):
