@@ -361,6 +361,24 @@ def test_crafted_checkpoint_is_accepted_by_the_same_preflight(tmp_path: Path, ti
     assert snapshot(tmp_path) == before
 
 
+def test_a_damaged_tracker_state_is_refused_by_the_preflight(tmp_path: Path, tiny_model: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """train.early_stopping's state in meta.json was read only by the trainer: after the model loaded, and after
+    output.overwrite had set the output dir's run aside (a resume from another dir's checkpoint). Now the
+    preflight reads it as the trainer will: exit 2 naming the file, the output dir as it was."""
+    held = ("data.eval_ratio=0.1", "train.eval_every=1", "train.early_stopping.metric=eval_loss")
+    src, out = tmp_path / "src", tmp_path / "out"
+    meta = prepare(load_config(TINY, run_args(tiny_model, src, *held)[2:]), ONE).meta
+    state = {"metric": "eval_loss", "best": "0.9", "best_step": 1, "bad": 0}
+    d = write_run(src, {**meta, "selection": {"early_stopping": state}})
+    write_run(out, meta)  # the run output.overwrite would set aside
+    before = snapshot(tmp_path)
+    rc = main(["train", *run_args(tiny_model, out, *held, f"train.resume={d}")])
+    line = one_line_error(rc, capsys.readouterr().err)
+    assert f"{d / 'meta.json'}: 'selection' holds" in line, line
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("drop", [OPTIM_PT, MODEL_PT])
 def test_a_checkpoint_copied_in_part_is_refused_by_the_preflight(drop: str, tmp_path: Path, tiny_model: Path,
                                                                  base_meta: dict[str, Any],

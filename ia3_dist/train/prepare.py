@@ -37,7 +37,7 @@ from ..runtime import dist, manifest, safe_load
 from ..runtime import ds_config as dsc
 from ..runtime.watchdog import HUNG_FILE
 from . import autobatch, demo, objectives, trackers
-from .selection import check_measured, measured_keys, stopped_early
+from .selection import Selection, check_measured, measured_keys, stopped_early
 
 PID_FILE = manifest.PID_FILE
 PREEMPTED_FILE = "preempted.json"
@@ -475,6 +475,9 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         saved, portable = ckpt.check_compatible(
             resume_from, meta, () if cfg.checkpoint.check_base_weights else ("base_weights",))
         measured = check_measured(cfg, saved, meta, str(resume_from / ckpt.META))
+        # Its trackers' state read as the run will read it: a damaged one is exit 2 here, before output.overwrite
+        # sets anything aside and before the model loads, not in the trainer.
+        Selection.of(cfg).restore(saved, str(resume_from / ckpt.META))
         if ckpt.comparable(saved.get("base_weights"), meta["base_weights"]) \
                 and saved["base_weights"] != meta["base_weights"]:  # let through by the setting above
             # In `measured`, which the line rebuilt after a micro-batch probe keeps too.
