@@ -25,6 +25,7 @@ from ia3_dist.models.zero3_load import (  # noqa: E402
     checkpoint_keys,
     load_partitions,
     stored_apart,
+    untied,
 )
 from ia3_dist.runtime import dist  # noqa: E402
 
@@ -93,8 +94,8 @@ def main() -> None:
         dtype = DTYPES[prec or "fp32"]
         ds = {**DS, "bf16": {"enabled": dtype == torch.bfloat16}}
         model_config = AutoConfig.from_pretrained(path)
-        if stored_apart(model_config, Path(path)):  # as the preflight decides (prepare.py), before any ZeRO state
-            model_config.tie_word_embeddings = False
+        if stored_apart(model_config, Path(path), dtype):  # as the preflight decides (prepare.py), before any ZeRO
+            model_config = untied(model_config)
         keep = HfDeepSpeedConfig(ds)
         dist.barrier()
         if how == "hf":

@@ -15,6 +15,8 @@ import pytest
 import torch
 from _util import check, launch
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ranges_read_from_the_file_are_the_tensors(tmp_path: Path, dtype: torch.dtype) -> None:
@@ -98,9 +100,30 @@ def test_a_head_stored_apart_from_tied_embeddings_is_trained_untied(tmp_path: Pa
     both = tmp_path / "bin"
     both.mkdir()
     sd = AutoModelForCausalLM.from_pretrained(str(tied)).state_dict()
-    torch.save({**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()}, both / "pytorch_model.bin")
     (both / "config.json").write_text((tied / "config.json").read_text())
-    assert not stored_apart(AutoConfig.from_pretrained(str(both)), both)
+    embed = sd["model.embed_tokens.weight"]
+    for head in (embed, embed.clone()):  # one storage under two names (as a .bin of a tied model), or two copies
+        torch.save({**sd, "lm_head.weight": head}, both / "pytorch_model.bin")
+        assert not stored_apart(AutoConfig.from_pretrained(str(both)), both)
+    # Compared in the training dtype, as from_pretrained compares the parameters it loaded: a head apart only below
+    # bf16's precision is the same head in bf16.
+    exact = embed.to(torch.bfloat16).float()  # bf16 values: 2**-20 relative apart rounds back to them
+    torch.save({**sd, "model.embed_tokens.weight": exact, "lm_head.weight": exact * (1 + 2**-20)},
+               both / "pytorch_model.bin")
+    cfg = AutoConfig.from_pretrained(str(both))
+    assert stored_apart(cfg, both, torch.float32) and not stored_apart(cfg, both, torch.bfloat16)
+    # The preflight leaves the config as read: the resume key is the same on every stage (the build unties).
+    from ia3_dist.config import load_config
+    from ia3_dist.runtime.dist import DistEnv
+    from ia3_dist.train.prepare import prepare
+
+    one = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1)
+    got = {ds: prepare(load_config(ROOT / "configs" / "tiny-cpu.yaml",
+                                   [f"model.path={untied}", f"deepspeed.config={ds}", "train.max_steps=2",
+                                    f"output.dir={tmp_path / ds}"]), one) for ds in ("zero2", "zero3")}
+    assert (got["zero2"].untie_head, got["zero3"].untie_head) == (False, True)
+    assert got["zero2"].meta["model_key"] == got["zero3"].meta["model_key"]
+    assert got["zero3"].model_config.tie_word_embeddings
 
 
 def _larger_model(root: Path) -> Path:

@@ -217,12 +217,20 @@ TIE_COMPARE_ELEMENTS = 1 << 22
 """Elements of two stored copies of a tied weight compared at a time (:func:`stored_apart`): 32 MB per side."""
 
 
-def _same_values(where: dict[str, CheckpointFile], a: str, b: str) -> bool:
+def _same_values(where: dict[str, CheckpointFile], a: str, b: str, dtype: torch.dtype) -> bool:
+    """Whether tensors ``a`` and ``b`` hold the same values in ``dtype`` (as from_pretrained compares the two
+    parameters it loaded): one storage under two names (a ``.bin``) is the same without a read."""
     shape = where[a].shape(a)
     if shape != where[b].shape(b):
         return False
+    fa, fb = where[a], where[b]
+    if isinstance(fa, TorchBinFile) and isinstance(fb, TorchBinFile):
+        ta, tb = fa.sd[a], fb.sd[b]
+        if ta.untyped_storage().data_ptr() == tb.untyped_storage().data_ptr() and \
+                ta.storage_offset() == tb.storage_offset() and ta.stride() == tb.stride() and ta.dtype == tb.dtype:
+            return True
     n = math.prod(shape)
-    x = torch.empty(min(n, TIE_COMPARE_ELEMENTS), dtype=torch.float64)  # every stored float dtype, exactly
+    x = torch.empty(min(n, TIE_COMPARE_ELEMENTS), dtype=dtype)
     y = torch.empty_like(x)
     for start in range(0, n, TIE_COMPARE_ELEMENTS):
         k = min(TIE_COMPARE_ELEMENTS, n - start)
@@ -233,12 +241,22 @@ def _same_values(where: dict[str, CheckpointFile], a: str, b: str) -> bool:
     return True
 
 
-def stored_apart(model_config: Any, model_dir: Path, trust_remote_code: bool = False) -> bool:
+def untied(model_config: Any) -> Any:
+    """A copy of ``model_config`` whose LM head is its own parameter (:func:`stored_apart`)."""
+    import copy
+
+    out = copy.deepcopy(model_config)
+    out.tie_word_embeddings = False
+    return out
+
+
+def stored_apart(model_config: Any, model_dir: Path, dtype: torch.dtype = torch.float32,
+                 trust_remote_code: bool = False) -> bool:
     """Whether a config that ties the LM head to the embeddings (``tie_word_embeddings``) comes with a checkpoint
     holding both under their own names with different values (an untied fine-tune or merge that kept the flag):
     ``from_pretrained`` then leaves them untied, with a warning, and trains the stored head; the ZeRO-3 loader
-    tied them and filled both from the embeddings. Both stored alike (a ``.bin``, which always holds both) stay
-    tied."""
+    tied them and filled both from the embeddings. Both alike in the training ``dtype`` (a ``.bin`` always holds
+    both) stay tied."""
     if not getattr(model_config, "tie_word_embeddings", False):
         return False
     model = base_on_meta(model_config, trust_remote_code)
@@ -248,7 +266,7 @@ def stored_apart(model_config: Any, model_dir: Path, trust_remote_code: bool = F
             if len(names) < 2:
                 continue
             keys = list(dict.fromkeys(c for n in names for c in checkpoint_keys(n, prefix, renames) if c in where))
-            if len(keys) >= 2 and not _same_values(where, keys[0], keys[1]):
+            if len(keys) >= 2 and not _same_values(where, keys[0], keys[1], dtype):
                 return True
     return False
 

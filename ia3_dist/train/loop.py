@@ -34,7 +34,7 @@ from ..models.load import (
     layers_of,
     load_base_model,
 )
-from ..models.zero3_load import build_partitioned, load_partitions, local_model_dir
+from ..models.zero3_load import build_partitioned, load_partitions, local_model_dir, untied
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, ds_syncs, faults, hostmem, portable
 from ..runtime import ds_config as dsc
@@ -98,8 +98,8 @@ def load_base(p: Prepared) -> tuple[Any, Any]:
     from transformers.integrations import HfDeepSpeedConfig
 
     keep_alive = HfDeepSpeedConfig(p.ds_config)
-    base = build_partitioned(p.model_config, p.ds_config, DTYPES[p.cfg.train.precision],
-                             p.cfg.model.trust_remote_code)
+    base = build_partitioned(untied(p.model_config) if p.untie_head else p.model_config, p.ds_config,
+                             DTYPES[p.cfg.train.precision], p.cfg.model.trust_remote_code)
     keep_hub_name(base, p.model_path)  # built from a config read in a snapshot dir
     src = p.weights_dir or local_model_dir(p.model_path, p.cfg.model.revision, p.cfg.model.trust_remote_code)
     stats = load_partitions(base, src)

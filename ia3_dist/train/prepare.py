@@ -29,9 +29,9 @@ from ..models.files import (
     weights_fingerprint,
 )
 from ..models.ia3 import ADAPTER_FILE, apply_ia3, load_init_adapter, paper_targets
-from ..models.load import base_on_meta, hidden_size_of, load_model_config, load_tokenizer
+from ..models.load import DTYPES, base_on_meta, hidden_size_of, load_model_config, load_tokenizer
 from ..models.loss import check_final_logits, check_head
-from ..models.zero3_load import check_checkpoint, stored_apart
+from ..models.zero3_load import check_checkpoint, stored_apart, untied
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, manifest, safe_load
 from ..runtime import ds_config as dsc
@@ -86,6 +86,10 @@ class Prepared:
     """The dir the base model's weights load from, checked here: ``model_path`` itself, or a hub model's snapshot
     in the hub cache. The loaders read it, so they ask the hub nothing once the ranks have met and load the commit
     checked here even if the branch has moved since."""
+    untie_head: bool = False
+    """ZeRO-3: the config ties the LM head to the embeddings but the weights hold a different head
+    (:func:`..models.zero3_load.stored_apart`): built untied, with that head, as ``from_pretrained`` loads it on
+    the other stages. The config itself is left as read (the resume key is the same on every stage)."""
 
 
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
@@ -409,18 +413,18 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         revision = snapshot_commit(files_dir) if files_dir is not None else None
         weights_dir = local_model_dir(model_path, revision or cfg.model.revision, cfg.model.trust_remote_code,
                                       shared)
+    # ZeRO-3 builds the model itself: where from_pretrained (the other stages) would leave a tied head untied, so
+    # does it.
+    untie = dsc.stage_of(ds) == 3 and stored_apart(model_config, weights_dir, DTYPES[cfg.train.precision],
+                                                    cfg.model.trust_remote_code)
+    if untie and env.is_main:
+        print(f"ia3-dist: note: model.path {weights_dir}: config.json ties the LM head to the embeddings, but the "
+              f"weights hold both with different values; trained untied, with the stored head (as from_pretrained "
+              f"loads it); set tie_word_embeddings: false there to say so", file=sys.stderr, flush=True)
     if dsc.stage_of(ds) == 3 or family_of(model_config) is not None:
-        if stored_apart(model_config, weights_dir, cfg.model.trust_remote_code):
-            # As from_pretrained decides on the other stages: the stored head is the model's.
-            model_config.tie_word_embeddings = False
-            if env.is_main:
-                print(f"ia3-dist: note: model.path {weights_dir}: config.json ties the LM head to the embeddings, "
-                      f"but the weights hold both with different values; trained untied, with the stored head (as "
-                      f"from_pretrained loads it); set tie_word_embeddings: false there to say so", file=sys.stderr,
-                      flush=True)
         # ZeRO-3's loader needs every tensor; for the tested families (known key names) the other stages get the
         # same check, where from_pretrained would only warn and train on randomly initialised weights.
-        check_checkpoint(model_config, weights_dir, cfg.model.trust_remote_code)
+        check_checkpoint(untied(model_config) if untie else model_config, weights_dir, cfg.model.trust_remote_code)
     resume_from = ckpt.resolve_resume(cfg.train.resume, out)
     resume_best = None
     if resume_from is not None:
@@ -495,7 +499,7 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
     return Prepared(cfg, env, model_path, tok, data, model_config, ds, total, layout, out, resume_from, meta, eval_data,
                     auto=auto, support=support, stage_note=stage_note, resume_portable=portable, resume_line=line,
                     resume_measured=measured, resumed=saved, resume_best=resume_best, bench=bench,
-                    weights_dir=weights_dir)
+                    weights_dir=weights_dir, untie_head=untie)
 
 
 def prepare_data(cfg: RunConfig) -> str:
