@@ -228,6 +228,9 @@ def test_the_weights_file_config_json_names_is_the_one_read(tmp_path: Path, fami
         (d / "config.json").write_text(json.dumps({**conf, "transformers_weights": bad}))
         with pytest.raises(UsageError, match="'transformers_weights' must name a weights file inside the model dir"):
             checkpoint_files(d)
+    (d / "config.json").write_text(json.dumps({**conf, "transformers_weights": "weights.bin"}))
+    with pytest.raises(UsageError, match="transformers loads only a .safetensors file or a .safetensors.index.json"):
+        checkpoint_files(d)
     (d / "config.json").write_text(json.dumps({**conf, "transformers_weights": "gone.safetensors"}))
     with pytest.raises(UsageError, match="names the weights gone.safetensors"):
         checkpoint_files(d)

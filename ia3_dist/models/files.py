@@ -114,6 +114,10 @@ def _named_weights(model_dir: Path) -> str | None:
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise UsageError(f"{f}: 'transformers_weights' must name a weights file inside the model dir, got "
                          f"{json.dumps(name)[:80]}")
+    if not name.endswith((".safetensors", ".safetensors" + INDEX_SUFFIX)):
+        # transformers reads only safetensors by this name (and fails on another file after the ranks met).
+        raise UsageError(f"{f}: 'transformers_weights' names {json.dumps(name)[:80]}; transformers loads only a "
+                         f".safetensors file or a .safetensors.index.json by that name")
     return name
 
 
