@@ -589,10 +589,13 @@ def test_corruption_found_while_reading(tmp_path: Path, monkeypatch: pytest.Monk
     # A quote inside a cell is a character (a ragged row still), a quoted cell never closed a broken file; a row
     # after a skipped one is named among the rows kept; a ragged row that is not UTF-8 says so, with no
     # "Exception ignored" traceback of pyarrow's on stderr.
-    h.write_text('instruction,output\nq,a\nthe 5" screen,a,b\n,\n')
+    h.write_text('instruction,output\nq,a\nthe 5" screen,a,b\n"multi\nline",the 5" screen,x\nq, "hello,x\n,\n')
     r = load(h, on_bad_record="skip")
-    assert len(r.examples) == 1 and "the 5\" screen,a,b" in r.skipped[0], r.skipped
-    assert r.skipped[1].startswith(f"{h}: record 1 of the rows kept (1 ragged row(s) skipped so far): "), r.skipped
+    assert len(r.examples) == 1 and len(r.skipped) == 4, r.skipped
+    assert ["the 5\" screen,a,b" in r.skipped[0], "line\",the 5" in r.skipped[1], '"hello,x' in r.skipped[2]] == \
+        [True] * 3, r.skipped
+    assert r.skipped[3].startswith(f"{h}: record 1 (numbered among the rows kept; ragged rows were skipped): "), \
+        r.skipped
     h.write_text('instruction,output\nq,a\n"never closed,a\nq2,a2\n')
     assert error(h, on_bad_record="skip").startswith(f"{h}: cannot read the CSV file (a quoted cell never closed: ")
     h.write_bytes(b"instruction,output\nq,a\nq,\xff,b\nq2,a2\n")

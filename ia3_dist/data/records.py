@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -447,15 +446,34 @@ def _not_utf8(p: Path) -> UsageError:
                       f"re-encode the file as UTF-8")
 
 
-_OPENS_QUOTE = re.compile(r'(?:^|,)[ \t]*"')
-"""A cell that starts quoted."""
+def _ends_inside_quotes(text: str) -> bool:
+    """Whether a CSV row's text ends inside a quoted cell, read as pyarrow reads it: a quote opens a cell only as
+    its first character, ``""`` inside one is a quote, and any other quote is a character (``5" screen``)."""
+    inside, cell_start, i = False, True, 0
+    while i < len(text):
+        c = text[i]
+        if inside:
+            if c == '"':
+                if text[i + 1:i + 2] == '"':
+                    i += 2
+                    continue
+                inside = False
+        elif c == ",":
+            cell_start = True
+            i += 1
+            continue
+        elif c == '"' and cell_start:
+            inside = True
+        cell_start = False
+        i += 1
+    return inside
 
 
 @contextmanager
-def _handler_decode_errors(*handlers: Callable[..., Any]) -> Iterator[list[BaseException]]:
+def _handler_decode_errors(got: list[BaseException], *handlers: Callable[..., Any]) -> Iterator[None]:
     """The UnicodeDecodeErrors pyarrow meets decoding a row's text for the CSV invalid-row ``handlers`` (a row that
-    is not UTF-8), collected instead of printed as "Exception ignored" tracebacks; any other unraisable goes on."""
-    got: list[BaseException] = []
+    is not UTF-8), put in ``got`` instead of printed as "Exception ignored" tracebacks; any other unraisable goes
+    on. Held only around pyarrow's own calls (never across a yield to the reader's caller)."""
     previous = sys.unraisablehook
 
     def hook(u: Any) -> None:
@@ -466,7 +484,7 @@ def _handler_decode_errors(*handlers: Callable[..., Any]) -> Iterator[list[BaseE
 
     sys.unraisablehook = hook
     try:
-        yield got
+        yield
     finally:
         sys.unraisablehook = previous
 
@@ -477,14 +495,17 @@ def _read_csv(p: Path, src: _Source) -> Rows:
 
     # A block must hold the longest row; quoted cells may span lines.
     read = pacsv.ReadOptions(block_size=max(1 << 20, MAX_RECORD_BYTES + (1 << 16)))
+    undecodable: list[BaseException] = []
+
     # The header read first: a ragged row in its block is reported by the pass below.
     def skip_row(row: Any) -> str:
         return "skip"
 
-    with _open(p) as fh, _handler_decode_errors(skip_row) as undecodable:
+    with _open(p) as fh:
         try:
-            with pacsv.open_csv(fh, read_options=read, parse_options=pacsv.ParseOptions(
-                    newlines_in_values=True, invalid_row_handler=skip_row)) as r:
+            with _handler_decode_errors(undecodable, skip_row), pacsv.open_csv(
+                    fh, read_options=read, parse_options=pacsv.ParseOptions(
+                        newlines_in_values=True, invalid_row_handler=skip_row)) as r:
                 names = list(r.schema.names)
         except Exception as e:
             if undecodable:
@@ -499,9 +520,7 @@ def _read_csv(p: Path, src: _Source) -> Rows:
         # pyarrow numbers no row where quoted cells may span lines: the row's text says which it is. The handler
         # cannot raise (pyarrow prints and ignores it): a refusal stops the read, and is told below.
         text = row.text if len(row.text) <= 120 else row.text[:117] + "..."
-        if row.text.count('"') % 2 and _OPENS_QUOTE.search(row.text):
-            # A quoted cell never closed: the file is cut short or mangled, not one bad row (a quote inside a cell,
-            # `5" screen`, is a character).
+        if _ends_inside_quotes(row.text):  # the file is cut short or mangled, not one bad row
             broken.append(UsageError(f"{p}: cannot read the CSV file (a quoted cell never closed: {text!r}); "
                                      f"check that it is a complete, valid CSV file"))
             return "error"
@@ -521,21 +540,32 @@ def _read_csv(p: Path, src: _Source) -> Rows:
         if ragged:
             src.c.bad(ragged[0])  # data.on_bad_record=error: raises, with how to skip instead
 
+    def batches(reader: Any) -> Iterator[Any]:
+        it = iter(reader)
+        while True:
+            with _handler_decode_errors(undecodable, bad_row):
+                batch = next(it, None)
+            if batch is None:
+                return
+            yield batch
+
     parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=bad_row)
     # Every cell a string (no type guessing: "1" stays "1"); an empty cell is "".
     convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
-    with _open(p) as fh, _handler_decode_errors(bad_row) as undecodable:
+    with _open(p) as fh:
         try:
-            reader = pacsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
+            with _handler_decode_errors(undecodable, bad_row):
+                reader = pacsv.open_csv(fh, read_options=read, parse_options=parse, convert_options=convert)
         except Exception as e:
             told()
             raise _broken(p, "CSV", e) from None
         with reader:
             try:
-                for i, row in enumerate(_guarded(iter(reader), lambda b: b.to_pylist(), p, "CSV")):
-                    # Counted among the rows kept: a skipped row's place among them is not known (see bad_row).
-                    yield row, f"{p}: record {i}" + (f" of the rows kept ({skipped[0]} ragged row(s) skipped so "
-                                                     f"far)" if skipped[0] else "")
+                for i, row in enumerate(_guarded(batches(reader), lambda b: b.to_pylist(), p, "CSV")):
+                    # pyarrow parses a block before its rows come out, so a skipped row's place among them is not
+                    # known: once one was skipped, a record is numbered among the rows kept.
+                    yield row, f"{p}: record {i}" + (" (numbered among the rows kept; ragged rows were skipped)"
+                                                     if skipped[0] else "")
             except UsageError:
                 told()
                 raise
