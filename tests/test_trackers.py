@@ -95,6 +95,59 @@ def test_a_tracker_failing_mid_run_is_dropped_and_the_others_go_on() -> None:
                     "output dir have everything"]
 
 
+def test_a_failed_tracker_never_holds_rank_0_and_damaged_ids_start_new_runs(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracker dropped mid-run (a server down) is closed on the side: its close waits as long as the call that
+    failed, with the other ranks in the next collective. MLflow's HTTP retries are bounded unless the environment
+    sets them (its defaults wait ~20 minutes per call, past the hang watchdog's 10). A trackers.json entry that is
+    not an object of strings is left out (that tracker starts a new run) instead of failing its start."""
+    import time
+
+    class Slow(_Recorder):
+        def close(self, status: str) -> None:
+            time.sleep(2)
+            super().close(status)
+
+    bad = Slow("bad", fail_at=1)
+    t = trackers.Trackers([bad], say=lambda _: None)
+    t0 = time.monotonic()
+    t.log({"step": 1, "loss": 1.0})
+    assert time.monotonic() - t0 < 1.0 and t.live == []
+    t.close("finished")
+    assert bad.status == "failed"
+    for k in trackers.MLFLOW_HTTP:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    trackers.bound_mlflow_http()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    (tmp_path / trackers.IDS_FILE).write_text(json.dumps({"tensorboard": 1, "mlflow": "r1",
+                                                          "wandb": {"id": "abc"}, "x": {"id": 3}}))
+    assert trackers.read_ids(tmp_path) == {"wandb": {"id": "abc"}}
+
+
+def test_a_broken_tensorboard_nobody_asked_for_is_a_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorBoard reports by default because it is installed: an install that cannot start (a protobuf mismatch)
+    is a note and the run goes on; named in output.report_to it stays exit 2."""
+    class Broken(trackers.Tracker):
+        name = "tensorboard"
+
+        def __init__(self, ctx: object) -> None:
+            raise TypeError("Descriptors cannot be created directly.")
+
+    monkeypatch.setitem(trackers.CLASSES, "tensorboard", Broken)
+    monkeypatch.setattr(trackers, "names", lambda cfg: ["tensorboard"])
+    said: list[str] = []
+    monkeypatch.setattr(dist, "print0", lambda env, *a: said.append(" ".join(map(str, a))))
+    one = dist.DistEnv(0, 0, 1, 1)
+    cfg = load_config(None, [f"output.dir={tmp_path}"])
+    assert cfg.output.report_to is None
+    assert trackers.start_trackers(cfg, one, tmp_path, 0, False).live == []
+    assert any("note: tensorboard is installed but could not start (TypeError" in s for s in said), said
+    named = load_config(None, [f"output.dir={tmp_path}", "output.report_to=[tensorboard]"])
+    with pytest.raises(UsageError, match="tensorboard could not start"):
+        trackers.start_trackers(named, one, tmp_path, 0, False)
+
+
 class _Hide:
     """A meta-path finder that makes a package look uninstalled."""
 

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,12 @@ MLFLOW_DB_NEEDS = ("sqlalchemy", "alembic")
 MLFLOW_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 MLFLOW_PARAM_CHARS = 6000
 """MLflow's limit on one param value."""
+MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+"""MLflow's HTTP client settings where the environment sets none: its defaults (7 retries of 120 s, backoff to
+120 s) block rank 0 about 20 minutes per call on a server that accepts and never answers, while the other ranks wait
+in the next collective and the hang watchdog (train.hang_timeout_s, 10 minutes) ends a healthy run. With these a
+call gives up within about a minute and the tracker is dropped (metrics.jsonl has everything)."""
 
 
 def names(cfg: RunConfig) -> list[str]:
@@ -239,6 +246,12 @@ class WandbTracker(Tracker):
         return {"id": self.run_id}
 
 
+def bound_mlflow_http() -> None:
+    """:data:`MLFLOW_HTTP` where the environment sets none (MLflow's client reads them per request)."""
+    for k, v in MLFLOW_HTTP.items():
+        os.environ.setdefault(k, v)
+
+
 class MlflowTracker(Tracker):
     name = "mlflow"
 
@@ -251,6 +264,7 @@ class MlflowTracker(Tracker):
         if default:
             store = ctx.out / "mlflow"
             store.mkdir(exist_ok=True)
+        bound_mlflow_http()
         self.client = c = MlflowClient(tracking_uri=self.uri)
         prev = ctx.ids.get(self.name, {})
         run = None
@@ -310,6 +324,8 @@ class Trackers:
         self.live = list(live or [])
         self.say = say
         self.closed = False
+        self.closing: list[threading.Thread] = []
+        """The dropped trackers' closes, on the side (:meth:`_drop`); :meth:`close` gives them a while."""
 
     def log(self, rec: dict[str, Any]) -> None:
         values = scalars(rec)
@@ -336,12 +352,19 @@ class Trackers:
     def _drop(self, t: Tracker, what: str, e: Exception) -> None:
         self.say(f"{t.name}: {what} ({type(e).__name__}: {e}); metrics.jsonl and the output dir have everything")
         self.live.remove(t)
-        self._close(t, "failed")
+        # Closed on the side: a tracker that just failed (a server down) would keep rank 0 waiting as long again,
+        # with the other ranks in the next collective.
+        th = threading.Thread(target=self._close, args=(t, "failed"), name=f"ia3-dist-close-{t.name}",
+                              daemon=True)
+        th.start()
+        self.closing.append(th)
 
     def close(self, status: str) -> None:
         if self.closed:
             return
         self.closed = True
+        for th in self.closing:  # the run has ended: a dropped tracker's close may finish meanwhile, not hold it
+            th.join(timeout=CLOSE_WAIT_S)
         for t in self.live:
             self._close(t, status)
 
@@ -352,6 +375,8 @@ class Trackers:
             self.say(f"{t.name}: could not close its run ({type(e).__name__}: {e})")
 
 
+CLOSE_WAIT_S = 30.0
+"""How long the run's end waits for the close of a tracker dropped mid-run."""
 MAX_IDS = 1 << 20
 """Ours is a few hundred bytes."""
 
@@ -364,7 +389,10 @@ def read_ids(out: Path) -> dict[str, Any]:
         ids = json.loads(raw.decode("utf-8")) if raw is not None else {}
     except (UsageError, ValueError, RecursionError):
         return {}
-    return ids if isinstance(ids, dict) else {}
+    # Each tracker's entry an object of strings (an edited file's other entries are left out: that tracker starts a
+    # new run).
+    return {k: v for k, v in ids.items() if isinstance(v, dict) and all(isinstance(x, str) for x in v.values())} \
+        if isinstance(ids, dict) else {}
 
 
 def start_hint(name: str, out: Path) -> str:
@@ -399,6 +427,12 @@ def start_trackers(cfg: RunConfig, env: dist.DistEnv, out: Path, start: int, res
         try:
             live.append(CLASSES[name](ctx))
         except Exception as e:  # any failure to start is the same answer: fix the setup or drop the tracker
+            if cfg.output.report_to is None:
+                # TensorBoard because it is installed, not asked for: a broken install (a protobuf mismatch) is a
+                # note, not the end of a run that asked for nothing.
+                say(f"note: {name} is installed but could not start ({type(e).__name__}: {str(e)[:300]}); not "
+                    f"reporting to it (set output.report_to: [] to silence this)")
+                continue
             Trackers(live, say).close("failed")
             raise UsageError(f"config key 'output.report_to': {name} could not start ({type(e).__name__}: "
                              f"{str(e)[:2000]}); {start_hint(name, out)}, or remove {name} from output.report_to"
