@@ -150,6 +150,20 @@ def test_rank_share_under_and_outside_slurm(tmp_path, cores: int, slurm: str | N
     assert rank_share(local, list(range(cores)), tmp_path, env) == max(1, min(want, 4 // local))
 
 
+def test_a_launchers_ranks_split_their_shared_mask_under_slurm_too(tmp_path) -> None:
+    """`numactl --cpunodebind=0 torchrun --nproc 4` in a job of 64 CPUs: the 4 ranks share one mask of 32; each got
+    16 threads (the allocation's share), twice the cores, and bind_cores pinned two ranks on each slice."""
+    from ia3_dist.runtime.cpus import rank_share
+
+    env = {"SLURM_CPUS_ON_NODE": "64", "LOCAL_RANK": "1"}
+    assert rank_share(4, list(range(32)), tmp_path, env, host=128) == 8
+    assert rank_share(4, list(range(64)), tmp_path, env, host=128) == 16  # the whole allocation: as before
+    # srun one task per rank (no launcher: no LOCAL_RANK): the rank's own mask is its share.
+    assert rank_share(4, list(range(16)), tmp_path, {"SLURM_CPUS_ON_NODE": "64"}, host=128) == 16
+    # deepspeed --bind_cores_to_rank inside the job: already bound per rank.
+    assert rank_share(4, list(range(16)), tmp_path, {**env, "OMP_NUM_THREADS": "16"}, host=128) == 16
+
+
 @pytest.mark.parametrize("mask, local, omp, host, want", [
     (4, 4, "4", 16, 4),    # deepspeed --bind_cores_to_rank: numactl gave each rank its 4 cores, OMP_NUM_THREADS=4
     (4, 4, None, 16, 1),   # the same mask without the launcher's OMP_NUM_THREADS: a shared mask, split

@@ -103,7 +103,8 @@ def rank_share(local_world: int, cores: list[int] | None = None, cgroup_root: Pa
     Slurm the affinity mask is the job's CPUs (one task per node running a launcher), this task's own CPUs
     (``srun`` one task per rank with task/affinity or task/cgroup), or the whole node (a cluster that confines
     nothing); the node's allocation, ``SLURM_CPUS_ON_NODE``, is split between the local ranks in every case, and
-    a rank never gets more than its mask."""
+    a rank never gets more than its mask, nor, where a launcher's ranks share one mask (``LOCAL_RANK`` set, no
+    per-rank binding), more than its slice of it."""
     e = os.environ if environ is None else environ
     mask = len(affinity() if cores is None else cores)
     q = _quota(cgroup_root)
@@ -114,6 +115,11 @@ def rank_share(local_world: int, cores: list[int] | None = None, cgroup_root: Pa
         return max(1, min(share, math.ceil(q) // local_world) if q else share)
     # The quota, as outside Slurm, is the container's: every local rank draws on it.
     n = min(mask, math.ceil(q) // local_world) if q else mask
+    if "LOCAL_RANK" in e and not _bound_per_rank(mask, local_world, host_cpus(cgroup_root) if host is None
+                                                 else host, e):
+        # A launcher's ranks (torchrun, deepspeed: it sets LOCAL_RANK) share this task's one mask, which may be
+        # narrower than the node's allocation (numactl --cpunodebind=0 torchrun ...): split it too.
+        n = min(n, mask // local_world)
     return max(1, min(n, s // local_world))
 
 
