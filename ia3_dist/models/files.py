@@ -128,7 +128,9 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     if named is not None:
         if not (model_dir / named).is_file():
             raise UsageError(f"model.path {model_dir}: its config.json names the weights {named} "
-                             f"(transformers_weights), which are not there")
+                             f"(transformers_weights), which are not there (a hub model is fetched by the usual "
+                             f"weight names: download it whole, hf download <repo> --local-dir DIR, and set "
+                             f"model.path=DIR)")
         if named.endswith(INDEX_SUFFIX):
             return [model_dir / n for n in shard_names(model_dir / named)]
         return [model_dir / named]
