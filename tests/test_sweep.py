@@ -803,10 +803,16 @@ def test_a_finished_run_is_compared_only_on_what_it_trained(tmp_path: Path) -> N
     planned = config_view(load_config(TINY, ["train.lr=0.01", "train.epochs=2"]).to_dict())
     d = fake_run(tmp_path / "r", 0.01, [2.0, 1.0], resolved=("train.epochs=2",))
     assert trained_otherwise(d, planned) == []
-    old = "".join(ln for ln in (d / "run.yaml").read_text().splitlines(keepends=True) if "compile_backend" not in ln)
+    old = "".join(ln for ln in (d / "run.yaml").read_text().splitlines(keepends=True)
+                  if "compile_backend" not in ln and "label_smoothing" not in ln)
     (d / "run.yaml").write_text(old)
     assert trained_otherwise(d, planned) == []
     for key, value in (("train.log_every", 7), ("data.cache_dir", "/elsewhere"), ("train.peak_tflops", 5.0),
                        ("eval.batch_size", 3), ("train.threads", 2)):
         assert trained_otherwise(d, {**planned, key: value}) == [], key
     assert trained_otherwise(d, {**planned, "train.epochs": 5, "train.lr": 0.02}) == ["train.epochs", "train.lr"]
+    # A key the old run.yaml lacks counts as its default: set otherwise now, it is another training.
+    assert trained_otherwise(d, {**planned, "train.label_smoothing": 0.1}) == ["train.label_smoothing"]
+    # eval.* changes what is trained where early stopping follows a benchmark score.
+    bench = {**planned, "train.early_stopping.metric": "tiny_mc/acc,none"}
+    assert trained_otherwise(d, {**bench, "eval.limit": 3}) == ["eval.limit", "train.early_stopping.metric"]

@@ -559,17 +559,26 @@ shape), not what it trains: a finished run with other values of these is the sam
 def trained_otherwise(d: Path, planned: dict[str, Any]) -> list[str]:
     """The keys whose value in the finished run ``d``'s run.yaml differs from ``planned`` (:func:`config_view` of
     the config it would be started with now): the start's own choices (:data:`SETTLED_AT_START` where the plan
-    leaves them open, a value the plan leaves to the start, None), :data:`_RUN_ONLY` keys and keys the run.yaml does
-    not hold (written by an ia3-dist before them) aside. None where run.yaml cannot be read (a note says why):
-    nothing to compare."""
+    leaves them open, a value the plan leaves to the start, None) and :data:`_RUN_ONLY` keys aside (``eval.*`` counts
+    where early stopping or keep_best follows a benchmark score); a key the run.yaml lacks (an ia3-dist before it)
+    is compared as its default. None where run.yaml cannot be read (a note says why): nothing to compare."""
     done = _run_config(d)
     if not done:
         return []
+    from ..config.schema import RunConfig
+
+    # A key the run.yaml lacks was written by an ia3-dist before it: the run had its default.
+    defaults = config_view(RunConfig().to_dict())
+    # Benchmarks decide when a run stops and which vectors it keeps where early stopping or keep_best follows one
+    # of their scores (``task/metric,filter``): then eval.* changes what is trained.
+    follows = any("/" in str(planned.get(k) or "") for k in ("train.early_stopping.metric", "checkpoint.keep_best"))
+    run_only = tuple(x for x in _RUN_ONLY if not (follows and x == "eval."))
     differ = []
-    for k in sorted(set(done) & set(planned)):
-        if k.startswith(_RUN_ONLY) or (k in SETTLED_AT_START and _is_open(planned, k)) or planned.get(k) is None:
+    for k in sorted(set(planned)):
+        if k.startswith(run_only) or (k in SETTLED_AT_START and _is_open(planned, k)) or planned.get(k) is None:
             continue
-        same = json.dumps(_finite(done.get(k)), sort_keys=True, default=str) == \
+        was = done[k] if k in done else defaults.get(k)
+        same = json.dumps(_finite(was), sort_keys=True, default=str) == \
             json.dumps(_finite(planned.get(k)), sort_keys=True, default=str)
         if not same:
             differ.append(k)
