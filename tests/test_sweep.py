@@ -816,3 +816,6 @@ def test_a_finished_run_is_compared_only_on_what_it_trained(tmp_path: Path) -> N
     # eval.* changes what is trained where early stopping follows a benchmark score.
     bench = {**planned, "train.early_stopping.metric": "tiny_mc/acc,none"}
     assert trained_otherwise(d, {**bench, "eval.limit": 3}) == ["eval.limit", "train.early_stopping.metric"]
+    # A held-out metric with a slash in its name (a preference run's) is not a benchmark score.
+    pair = {**planned, "train.objective": "dpo", "train.early_stopping.metric": "eval_rewards/margins"}
+    assert "eval.limit" not in trained_otherwise(d, {**pair, "eval.limit": 3})

@@ -234,3 +234,15 @@ def test_the_weights_file_config_json_names_is_the_one_read(tmp_path: Path, fami
     (d / "config.json").write_text(json.dumps({**conf, "transformers_weights": "gone.safetensors"}))
     with pytest.raises(UsageError, match="names the weights gone.safetensors"):
         checkpoint_files(d)
+    # The model dir check follows the named file too: an index it names, in a subdir, with a shard missing.
+    from ia3_dist.models.files import check_model_dir
+
+    sub = d / "w"
+    sub.mkdir()
+    (d / "alt.safetensors").rename(sub / "a.safetensors")
+    (sub / "i.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "w/a.safetensors" for k in sd} |
+                                                              {"extra": "w/b.safetensors"}}))
+    (d / "model.safetensors").unlink()
+    (d / "config.json").write_text(json.dumps({**conf, "transformers_weights": "w/i.safetensors.index.json"}))
+    with pytest.raises(UsageError, match="weight shards missing: w/b.safetensors"):
+        check_model_dir(str(d))

@@ -503,13 +503,14 @@ def check_model_dir(path: str, what: str = "model.path") -> None:
         raise UsageError(f"{what} {p}: config.json is larger than {MAX_SMALL_JSON >> 20} MiB; the file is "
                          f"corrupt")
     check_config_counts(read_small_json(p / "config.json", "model config"), p / "config.json")
-    if not any((p / f).is_file() for f in WEIGHT_FILES) and not list(p.glob("*.safetensors")):
+    named = _named_weights(p)
+    if not named and not any((p / f).is_file() for f in WEIGHT_FILES) and not list(p.glob("*.safetensors")):
         raise UsageError(f"{what} {p}: no weights ({', '.join(WEIGHT_FILES)}); the download or copy is "
                          f"incomplete")
     for index, _ in WEIGHT_LAYOUTS:
         if (p / index).is_file():
             shard_names(p / index)  # every index well-formed, its shards inside the dir, whichever loads
-    if any((p / f).exists() for layout in WEIGHT_LAYOUTS for f in layout):
+    if named or any((p / f).exists() for layout in WEIGHT_LAYOUTS for f in layout):
         # Only the shards of the index that loads must be there: a dir (or hub snapshot) may also hold the other
         # format's index without its shards (`hf download --exclude "*.bin"` fetches pytorch_model.bin.index.json),
         # which from_pretrained never reads.

@@ -109,14 +109,13 @@ def rank_share(local_world: int, cores: list[int] | None = None, cgroup_root: Pa
     mask = len(affinity() if cores is None else cores)
     q = _quota(cgroup_root)
     s = _slurm_cpus(e)
+    bound = _bound_per_rank(mask, local_world, host_cpus(cgroup_root) if host is None else host, e)
     if s is None:
-        bound = _bound_per_rank(mask, local_world, host_cpus(cgroup_root) if host is None else host, e)
         share = mask if bound else mask // local_world
         return max(1, min(share, math.ceil(q) // local_world) if q else share)
     # The quota, as outside Slurm, is the container's: every local rank draws on it.
     n = min(mask, math.ceil(q) // local_world) if q else mask
-    if "LOCAL_RANK" in e and not _bound_per_rank(mask, local_world, host_cpus(cgroup_root) if host is None
-                                                 else host, e):
+    if "LOCAL_RANK" in e and not bound:
         # A launcher's ranks (torchrun, deepspeed: it sets LOCAL_RANK) share this task's one mask, which may be
         # narrower than the node's allocation (numactl --cpunodebind=0 torchrun ...): split it too.
         n = min(n, mask // local_world)

@@ -560,18 +560,20 @@ def trained_otherwise(d: Path, planned: dict[str, Any]) -> list[str]:
     """The keys whose value in the finished run ``d``'s run.yaml differs from ``planned`` (:func:`config_view` of
     the config it would be started with now): the start's own choices (:data:`SETTLED_AT_START` where the plan
     leaves them open, a value the plan leaves to the start, None) and :data:`_RUN_ONLY` keys aside (``eval.*`` counts
-    where early stopping or keep_best follows a benchmark score); a key the run.yaml lacks (an ia3-dist before it)
+    where early stopping follows a benchmark score); a key the run.yaml lacks (an ia3-dist before it)
     is compared as its default. None where run.yaml cannot be read (a note says why): nothing to compare."""
     done = _run_config(d)
     if not done:
         return []
-    from ..config.schema import RunConfig
+    from ..config.schema import EVAL_METRICS, RunConfig
 
     # A key the run.yaml lacks was written by an ia3-dist before it: the run had its default.
     defaults = config_view(RunConfig().to_dict())
-    # Benchmarks decide when a run stops and which vectors it keeps where early stopping or keep_best follows one
-    # of their scores (``task/metric,filter``): then eval.* changes what is trained.
-    follows = any("/" in str(planned.get(k) or "") for k in ("train.early_stopping.metric", "checkpoint.keep_best"))
+    # Benchmarks decide when a run stops (and, final: best, which vectors it writes) where early stopping follows
+    # one of their scores rather than a held-out metric: then eval.* changes what is trained.
+    metric = planned.get("train.early_stopping.metric")
+    held_out = EVAL_METRICS.get(str(planned.get("train.objective")), ())
+    follows = bool(metric) and metric not in held_out and not str(metric).startswith("eval_loss/")
     run_only = tuple(x for x in _RUN_ONLY if not (follows and x == "eval."))
     differ = []
     for k in sorted(set(planned)):
