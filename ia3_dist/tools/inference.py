@@ -322,13 +322,7 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
         what = "base model" + ("" if base else f" (from {d / ADAPTER_CONFIG}; --base overrides it)")
         _check_module_fields(cfg, f"{d}: cannot load the adapter onto {base_path}")
         base_name = base_path
-        # The version the adapter was trained on (ia3-dist records the hub base's commit; --base names its own).
-        revision = None if base else _revision(cfg, d)
-        snapshot = cached_snapshot(base_path, revision)
-        if snapshot is not None:
-            base_path = str(snapshot)
-        else:
-            hub_revision = revision
+        base_path, hub_revision = _base_source(d, cfg, base)
         if Path(base_path).expanduser().is_dir():
             check_dir_files(Path(base_path).expanduser(), "base model dir")
         _check_local_model(base_path, what)
@@ -393,6 +387,17 @@ def _check_trained_base(adapter: Path, base_path: str) -> None:
                          f"was trained on, or --base {base_path} to load it onto these anyway")
 
 
+def _base_source(d: Path, cfg: dict[str, Any], base: str | None) -> tuple[str, str | None]:
+    """``(where the base loads from, the hub revision to ask for)`` of the adapter in ``d`` (its
+    adapter_config.json ``cfg``): ``base``, else the base it names at the version it was trained on (ia3-dist
+    records the hub base's commit; --base names its own), taken whole from the hub cache's snapshot where there is
+    one (no revision to ask for then)."""
+    name = base or cfg.get("base_model_name_or_path")
+    revision = None if base else _revision(cfg, d)
+    snapshot = cached_snapshot(name, revision)
+    return (str(snapshot), None) if snapshot is not None else (name, revision)
+
+
 def base_weights_of(adapter: Path, base: str | None = None) -> str | None:
     """The fingerprint (:func:`weights_fingerprint`) of the base weights the adapter in ``adapter`` loads onto:
     ``base``, else the base its adapter_config.json names (its hub snapshot where cached, at the recorded revision).
@@ -402,8 +407,7 @@ def base_weights_of(adapter: Path, base: str | None = None) -> str | None:
     name = base or cfg.get("base_model_name_or_path")
     if not isinstance(name, str) or not name:
         return None
-    snapshot = cached_snapshot(name, None if base else _revision(cfg, adapter))
-    d = snapshot if snapshot is not None else Path(name).expanduser()
+    d = Path(_base_source(adapter, cfg, base)[0]).expanduser()
     if not d.is_dir():
         return None
     try:
