@@ -359,20 +359,34 @@ def _unzipped(x: Any) -> Any:
     return [dict(zip(lists, vals, strict=True)) for vals in zip(*lists.values(), strict=True)]
 
 
-def _arrow_row(row: dict[str, Any], cols: Columns) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _ArrowKeys:
+    """The data's names :func:`_arrow_row` reads, resolved once per source rather than per row."""
+
+    tools: str
+    lists: frozenset[str]
+    """Conversations, and a preference record's prompt / answers given as message lists (TRL's layout)."""
+    content: frozenset[str]
+    """A message's content key in every message format (content parts are stored as the messages are)."""
+
+    @classmethod
+    def of(cls, cols: Columns) -> _ArrowKeys:
+        return cls(cols.name("tools"),
+                   frozenset(cols.name(k) for k in ("messages", "conversations", "prompt", "chosen", "rejected")),
+                   frozenset(cols.keys(fmt)[1] for fmt in MESSAGE_KEYS))
+
+
+def _arrow_row(row: dict[str, Any], keys: _ArrowKeys) -> dict[str, Any]:
     """A row read from Arrow (Parquet, Arrow files, datasets): Arrow stores a column of objects as one struct type
     holding every key any record has, and fills the keys a record lacks with null. In tool schemas and call
     arguments those nulls would be trained as if the record had them (``get_weather(city, query=null,
     limit=null)``, another tool's parameters): they are dropped there, as the record was written. Lists that
     datasets gives as an object of lists (:func:`_unzipped`) are read as lists."""
-    tools = cols.name("tools")
-    if tools in row:
-        row[tools] = _unzipped(row[tools])
-        if isinstance(row[tools], list):
-            row[tools] = _no_nulls(row[tools])
-    content = {cols.keys(fmt)[1] for fmt in MESSAGE_KEYS}
-    # Conversations, and a preference record's prompt / answers given as message lists (TRL's layout).
-    for key in {cols.name(k) for k in ("messages", "conversations", "prompt", "chosen", "rejected")}:
+    if keys.tools in row:
+        row[keys.tools] = _unzipped(row[keys.tools])
+        if isinstance(row[keys.tools], list):
+            row[keys.tools] = _no_nulls(row[keys.tools])
+    for key in keys.lists:
         if key not in row:
             continue
         msgs = row[key] = _unzipped(row[key])
@@ -380,7 +394,7 @@ def _arrow_row(row: dict[str, Any], cols: Columns) -> dict[str, Any]:
             for m in msgs:
                 if not isinstance(m, dict):
                     continue
-                for c in content & set(m):  # content parts, stored as datasets stores the messages
+                for c in keys.content & m.keys():
                     m[c] = _unzipped(m[c])
                 if "tool_calls" in m:
                     m["tool_calls"] = _unzipped(m["tool_calls"])
@@ -392,8 +406,9 @@ def _arrow_row(row: dict[str, Any], cols: Columns) -> dict[str, Any]:
 def _read_dataset(ds: Any, src: _Source, kind: str = "dataset") -> Rows:
     src.check_columns(list(ds.column_names))
     rows = _guarded(iter(ds.iter(batch_size=BATCH_ROWS)), _dict_rows, src.name, kind)
+    keys = _ArrowKeys.of(src.cols)
     for i, row in enumerate(rows):
-        yield _arrow_row(row, src.cols), f"{src.name}: record {i}"
+        yield _arrow_row(row, keys), f"{src.name}: record {i}"
 
 
 @dataclass
@@ -420,11 +435,12 @@ def _table_rows(batch: Any) -> list[dict[str, Any] | _BadRow]:
 
 def _table_records(rows: Iterator[dict[str, Any] | _BadRow], p: Path, src: _Source) -> Rows:
     """``(record, where)`` of a table's rows; a :class:`_BadRow` goes to ``data.on_bad_record``."""
+    keys = _ArrowKeys.of(src.cols)
     for i, row in enumerate(rows):
         if isinstance(row, _BadRow):
             src.c.bad(UsageError(f"{p}: record {i}: {row.why}"))
             continue
-        yield _arrow_row(row, src.cols), f"{p}: record {i}"
+        yield _arrow_row(row, keys), f"{p}: record {i}"
 
 
 def _read_parquet(p: Path, src: _Source) -> Rows:
