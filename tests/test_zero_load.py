@@ -112,6 +112,12 @@ def test_a_head_stored_apart_from_tied_embeddings_is_trained_untied(tmp_path: Pa
                both / "pytorch_model.bin")
     cfg = AutoConfig.from_pretrained(str(both))
     assert stored_apart(cfg, both, torch.float32) and not stored_apart(cfg, both, torch.bfloat16)
+    # The preflight asks it of the check's own build and open files: the same answers, and none without a dtype.
+    from ia3_dist.models.zero3_load import check_checkpoint
+
+    assert check_checkpoint(cfg, both, tie_dtype=torch.float32)
+    assert not check_checkpoint(cfg, both, tie_dtype=torch.bfloat16) and not check_checkpoint(cfg, both)
+    assert not check_checkpoint(AutoConfig.from_pretrained(str(tied)), tied, tie_dtype=torch.float32)
     # The preflight leaves the config as read: the resume key is the same on every stage (the build unties).
     from ia3_dist.config import load_config
     from ia3_dist.runtime.dist import DistEnv

@@ -260,24 +260,35 @@ def stored_apart(model_config: Any, model_dir: Path, dtype: torch.dtype = torch.
     if not getattr(model_config, "tie_word_embeddings", False):
         return False
     model = base_on_meta(model_config, trust_remote_code)
-    prefix, renames = checkpoint_names(model)
     with _opened(model_dir) as where:
-        for _, names in _params_by_identity(model):
-            if len(names) < 2:
-                continue
-            keys = list(dict.fromkeys(c for n in names for c in checkpoint_keys(n, prefix, renames) if c in where))
-            if len(keys) >= 2 and not _same_values(where, keys[0], keys[1], dtype):
-                return True
+        return _apart(model, where, dtype)
+
+
+def _apart(model: nn.Module, where: dict[str, CheckpointFile], dtype: torch.dtype) -> bool:
+    """:func:`stored_apart` on a built (meta) model and the opened files."""
+    prefix, renames = checkpoint_names(model)
+    for _, names in _params_by_identity(model):
+        if len(names) < 2:
+            continue
+        keys = list(dict.fromkeys(c for n in names for c in checkpoint_keys(n, prefix, renames) if c in where))
+        if len(keys) >= 2 and not _same_values(where, keys[0], keys[1], dtype):
+            return True
     return False
 
 
-def check_checkpoint(model_config: Any, model_dir: Path, trust_remote_code: bool = False) -> None:
+def check_checkpoint(model_config: Any, model_dir: Path, trust_remote_code: bool = False,
+                     tie_dtype: torch.dtype | None = None) -> bool:
     """Before any process group: the checkpoint files hold a tensor of the right shape for every parameter of
     the architecture (built on the meta device: no memory), so a mismatch fails on every rank with exit 2
-    instead of after the ranks have met."""
+    instead of after the ranks have met. With ``tie_dtype`` (ZeRO-3, which builds the model itself), also
+    :func:`stored_apart` in that dtype, on the same build and open files, which it returns (else False). A head
+    stored apart has the embeddings' shape (:func:`_same_values` compares shapes first), so the tied build's
+    check covers the untied one's."""
     model = base_on_meta(model_config, trust_remote_code)
     with _opened(model_dir) as where:
         _match(model, where, model_dir)
+        return tie_dtype is not None and bool(getattr(model_config, "tie_word_embeddings", False)) \
+            and _apart(model, where, tie_dtype)
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from ..models.files import (
 from ..models.ia3 import ADAPTER_FILE, apply_ia3, load_init_adapter, paper_targets
 from ..models.load import DTYPES, base_on_meta, hidden_size_of, load_model_config, load_tokenizer
 from ..models.loss import check_final_logits, check_head
-from ..models.zero3_load import check_checkpoint, stored_apart, untied
+from ..models.zero3_load import check_checkpoint
 from ..runtime import checkpoint as ckpt
 from ..runtime import dist, manifest, safe_load
 from ..runtime import ds_config as dsc
@@ -415,16 +415,17 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
                                       shared)
     # ZeRO-3 builds the model itself: where from_pretrained (the other stages) would leave a tied head untied, so
     # does it.
-    untie = dsc.stage_of(ds) == 3 and stored_apart(model_config, weights_dir, DTYPES[cfg.train.precision],
-                                                    cfg.model.trust_remote_code)
+    zero3 = dsc.stage_of(ds) == 3
+    untie = False
+    if zero3 or family_of(model_config) is not None:
+        # ZeRO-3's loader needs every tensor; for the tested families (known key names) the other stages get the
+        # same check, where from_pretrained would only warn and train on randomly initialised weights.
+        untie = check_checkpoint(model_config, weights_dir, cfg.model.trust_remote_code,
+                                 DTYPES[cfg.train.precision] if zero3 else None)
     if untie and env.is_main:
         print(f"ia3-dist: note: model.path {weights_dir}: config.json ties the LM head to the embeddings, but the "
               f"weights hold both with different values; trained untied, with the stored head (as from_pretrained "
               f"loads it); set tie_word_embeddings: false there to say so", file=sys.stderr, flush=True)
-    if dsc.stage_of(ds) == 3 or family_of(model_config) is not None:
-        # ZeRO-3's loader needs every tensor; for the tested families (known key names) the other stages get the
-        # same check, where from_pretrained would only warn and train on randomly initialised weights.
-        check_checkpoint(untied(model_config) if untie else model_config, weights_dir, cfg.model.trust_remote_code)
     resume_from = ckpt.resolve_resume(cfg.train.resume, out)
     resume_best = None
     if resume_from is not None:
