@@ -18,6 +18,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -188,6 +189,42 @@ def test_an_aside_cut_off_midway_or_left_beside_a_trained_run(tmp_path: Path) ->
     assert (aside / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
     assert manifest.discard_aside(out) == "" and not aside.exists()
     assert manifest.discard_aside(out) == ""  # nothing set aside: nothing to say
+
+
+@pytest.mark.parametrize("plant", ["checkpoints-link", "step-link", "foreign-name", "link-top", "file-as-dir"])
+def test_an_aside_holding_what_no_start_over_sets_aside_is_refused(tmp_path: Path, plant: str) -> None:
+    """A run dir from elsewhere whose aside holds a link (the earlier run's checkpoints would move through it, out
+    of the dir) or a name no run writes (put back over the user's own file of that name should the start fail) is
+    refused, with or without output.overwrite, before anything moves."""
+    out = tmp_path / "out"
+    previous_run(out)
+    w(out / "notes.txt", "the user's notes")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    aside = out / manifest.REPLACED
+    aside.mkdir()
+    if plant == "checkpoints-link":
+        (aside / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    elif plant == "step-link":
+        (aside / "checkpoints").mkdir()
+        (aside / "checkpoints" / "step9").symlink_to(elsewhere, target_is_directory=True)
+    elif plant == "foreign-name":
+        w(aside / "notes.txt", "planted")
+    elif plant == "link-top":
+        (aside / "run.yaml").symlink_to(w(elsewhere / "x.yaml", "x"))
+    else:
+        w(aside / "adapter", "a file where a run sets a directory aside")
+    before = snapshot(tmp_path)
+    for overwrite in (True, False):
+        with pytest.raises(UsageError, match=rf"{manifest.REPLACED} \(holds .*which ia3-dist never sets aside\); "
+                                             rf"move it away"):
+            ckpt.guard_output_dir(out, "none", overwrite)
+    assert snapshot(tmp_path) == before
+    # What a start over puts there itself is sound: set aside and put back.
+    shutil.rmtree(aside)
+    gone = start_run_dir(out, start_over=True)
+    assert manifest.inspect(out).clashes == [] and gone
+    assert sorted(manifest.restore_aside(out)) == sorted(gone)
 
 
 def test_overwrite_never_follows_or_deletes_symlinks(tmp_path: Path) -> None:

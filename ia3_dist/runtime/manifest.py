@@ -168,6 +168,10 @@ def inspect(out: Path) -> DirState:
             is_dir = name in RUN_DIRS or bool(ADAPTER_ASIDE.fullmatch(name))
             if name == EVAL_DIR and not _eval_dir_ours(e):
                 st.foreign.append(name)  # a folder of the user's under that name: never set aside
+            elif name == REPLACED and _kind_ok(e, True) and (odd := _aside_odd(e)):
+                # Moved into and put back from: a link in it would carry the run's files elsewhere, a name no run
+                # sets aside would be put back over the user's file of that name should the start fail.
+                st.clashes.append(f"{name} (holds {odd}, which ia3-dist never sets aside)")
             elif name in RUN_FILES or is_dir:
                 if not _kind_ok(e, is_dir):
                     kind = "directory" if is_dir else "file"
@@ -183,6 +187,33 @@ def inspect(out: Path) -> DirState:
                          f"another output.dir") from None
     st.manifest = read_manifest(out) if MANIFEST in st.owned else None
     return st
+
+
+def _aside_odd(aside: Path) -> str | None:
+    """The first entry of a :data:`REPLACED` dir that :func:`set_aside` never puts there (a symlink anywhere it
+    moves into or out of, a name a run does not write, a kind it does not write under that name); None when
+    there is none."""
+    for top in _listing(aside):
+        name = top.name
+        if name == CHECKPOINTS:
+            if not _kind_ok(top, True):
+                return f"a {name} that is not a directory"
+            for c in _listing(top):
+                if not (CKPT_DIR.fullmatch(c.name) or c.name in CKPT_FILES) \
+                        or not _kind_ok(c, c.name not in CKPT_FILES):
+                    return f"{name}/{c.name}"
+        elif name == EVAL_DIR:
+            if not _eval_dir_ours(top):
+                return name
+        elif name in RUN_FILES:
+            if not _kind_ok(top, False):
+                return name
+        elif (name in RUN_DIRS and name != REPLACED) or ADAPTER_ASIDE.fullmatch(name):
+            if not _kind_ok(top, True):
+                return name
+        else:
+            return name
+    return None
 
 
 EVAL_FILES = re.compile(r"results\.json|[^/]+\.png|\.[^/]+\.tmp")
