@@ -273,6 +273,27 @@ def test_custom_code_beside_a_known_class_is_ignored(adapter: Path, tmp_path: Pa
     assert not marker.exists()
 
 
+def test_export_drops_code_references_the_adapter_or_base_carried(adapter: Path, tiny_model: Path, tmp_path: Path,
+                                                                   capsys, monkeypatch) -> None:
+    """auto_map beside classes transformers ships (a local .py, or a hub repo's ``repo--module.Class``) loads with
+    the built-in classes, and the export, saved by them, carries no pointer to code it never ran: whoever loads it
+    with trust_remote_code (vLLM, a downstream user) would run code the adapter's author chose."""
+    marker = tmp_path / "PWNED"
+    base = _copy(tiny_model, tmp_path / "base")
+    _edit_json(base / "config.json", auto_map={"AutoModelForCausalLM": "someone/evil--modeling.EvilModel"},
+               custom_pipelines={"x": {"impl": "evil.Pipe"}})
+    d = _copy(adapter, tmp_path / "a", {"base_model_name_or_path": str(base)})
+    _evil_tokenizer(d, marker, known_class=True)
+    rc, _, err = _run(["export", "--adapter", str(d), "--out", str(tmp_path / "out")], capsys,
+                      monkeypatch=monkeypatch)
+    assert rc == 0, err
+    for name in ("config.json", "tokenizer_config.json"):
+        body = json.loads((tmp_path / "out" / name).read_text())
+        assert "auto_map" not in body and "custom_pipelines" not in body, name
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "bloom"
+    assert not marker.exists()
+
+
 def test_a_load_that_forgets_the_flag_still_cannot_ask(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
     """The backstop around every load: even with trust_remote_code unset, stdin's "y" answers nothing."""
     from transformers import AutoTokenizer

@@ -108,6 +108,7 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
         # adapter without one, the template generate prompts it in: the merged dir's own tokenizer now carries a
         # chat template (the one above), which would otherwise be read as the format instead.
         template.save(staging)
+        _drop_code_references(staging)
         plain_modes(staging)
         fsync_tree(staging)  # on stable storage before the marker calls the export complete
         _publish(staging, o, previous, {"adapter": str(adapter), "base": base, "dtype": dtype})
@@ -117,6 +118,28 @@ def export_merged(adapter: str, out: str, base: str | None = None, dtype: str = 
         if created and not any(o.iterdir()):
             o.rmdir()  # a failed export into a new dir leaves no empty dir behind
     return o
+
+
+CODE_KEYS = ("auto_map", "custom_pipelines")
+"""Keys of a config that point a loader at code (a ``.py`` beside it, or ``repo--module.Class`` on the hub)."""
+CODE_KEY_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+                  "generation_config.json")
+
+
+def _drop_code_references(staging: Path) -> None:
+    """The merged model was built, and is saved, by classes transformers ships (the inference tools never run a
+    dir's code): an ``auto_map`` the base's or the adapter's configs carried (save_pretrained copies it on) would
+    send whoever loads the export with ``trust_remote_code`` (vLLM, TGI, a downstream user) to code that export
+    never ran, chosen by whoever wrote the adapter. It goes from every config the export writes."""
+    for name in CODE_KEY_FILES:
+        f = staging / name
+        if not f.is_file():
+            continue
+        body = json.loads(f.read_text(encoding="utf-8"))
+        if isinstance(body, dict) and any(k in body for k in CODE_KEYS):
+            for k in CODE_KEYS:
+                body.pop(k, None)
+            f.write_text(json.dumps(body, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _check_not_base(out: str, adapter: Path, base: str | None) -> None:
