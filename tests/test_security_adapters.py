@@ -198,6 +198,52 @@ def test_a_fifo_or_dangling_link_in_a_dir_is_refused_before_any_load(where: str,
     _refused(rc, err, name, "named pipe" if make == "fifo" else "dangling symlink")
 
 
+@pytest.mark.parametrize("link", ["chat_template.jinja", "additional_chat_templates"])
+@pytest.mark.parametrize("command", ["generate", "export"])
+def test_a_link_out_of_an_adapter_dir_is_refused(link: str, command: str, adapter: Path, tmp_path: Path, capsys,
+                                                 monkeypatch) -> None:
+    """A shared adapter whose chat template links to a file of the user's (a key, a private note) would read it
+    into every prompt and into the export the user publishes: refused, naming the link, before anything is read."""
+    secret = tmp_path / "private" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("SECRET-KEY {{ messages }}")
+    secret.chmod(0o600)
+    d = _copy(adapter, tmp_path / "a")
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    if link == "chat_template.jinja":
+        (d / link).symlink_to(secret)
+    else:
+        (d / link).symlink_to(secret.parent, target_is_directory=True)
+    args = ["--adapter", str(d)] + (["--out", str(tmp_path / "out")] if command == "export"
+                                    else ["--max-new-tokens", "1", "hi"])
+    rc, out, err = _run([command, *args], capsys, monkeypatch=monkeypatch)
+    _refused(rc, err, f"{d / link}: a symlink to {secret if link == 'chat_template.jinja' else secret.parent}, "
+                      f"outside the dir", "cp -L")
+    assert "SECRET" not in out and not (tmp_path / "out").exists()
+
+
+def test_links_inside_a_dir_or_into_its_hub_blobs_are_followed(tmp_path: Path) -> None:
+    """A link within the dir, and a hub cache snapshot (every file a link to ../../blobs/<hash>), load as before."""
+    from ia3_dist.runtime.safe_io import check_links_inside
+
+    d = tmp_path / "a"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "t.json").write_text("{}")
+    (d / "tokenizer.json").symlink_to("sub/t.json")
+    (d / "again").symlink_to("sub", target_is_directory=True)
+    check_links_inside(d, "adapter or model dir")
+    repo = tmp_path / "hub" / "models--someone--adapter"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc123").write_text("{}")
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (snap / "adapter_config.json").symlink_to("../../blobs/abc123")
+    check_links_inside(snap, "adapter or model dir")
+    (snap / "x.json").symlink_to(tmp_path / "a" / "sub" / "t.json")  # another repo's files, or the user's
+    with pytest.raises(UsageError, match="x.json: a symlink to .*outside the dir"):
+        check_links_inside(snap, "adapter or model dir")
+
+
 def _edit_json(f: Path, **change: Any) -> None:
     c = json.loads(f.read_text())
     c.update(change)

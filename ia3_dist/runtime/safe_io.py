@@ -94,6 +94,36 @@ def check_dir_files(d: Path, what: str) -> None:
         raise UsageError(f"{what} {brief(str(d))}: cannot list it ({e.strerror or e})") from None
 
 
+def check_links_inside(d: Path, what: str) -> None:
+    """Every symlink under ``d`` (files and dirs, at any depth) leads inside ``d``, or, where ``d`` is a snapshot
+    of the hub cache (``.../snapshots/<rev>``, whose files link to ``../../blobs/``), into its repo's ``blobs/``:
+    a dir from elsewhere (an adapter someone shared) holding ``chat_template.jinja -> ~/.ssh/id_rsa`` would
+    otherwise read any file of the user's into prompts and into an export they publish. UsageError naming the
+    link."""
+    root = Path(os.path.realpath(d))
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    seen = 0
+    try:
+        for top, dirs, files in os.walk(d, followlinks=False):
+            for name in dirs + files:
+                seen += 1
+                if seen > MAX_DIR_ENTRIES:
+                    raise UsageError(f"{what} {brief(str(d))}: more than {MAX_DIR_ENTRIES} entries, which no model "
+                                     f"or adapter dir has")
+                p = os.path.join(top, name)
+                if not os.path.islink(p):
+                    continue
+                target = Path(os.path.realpath(p))
+                if not any(target == a or a in target.parents for a in allowed):
+                    raise UsageError(f"{what} {brief(p)}: a symlink to {brief(str(target))}, outside the dir; a dir "
+                                     f"from elsewhere must not read files of yours into prompts or an export: copy "
+                                     f"the file in (cp -L) if it is yours")
+    except OSError as e:
+        raise UsageError(f"{what} {brief(str(d))}: cannot list it ({e.strerror or e})") from None
+
+
 def read_bounded(path: Path, limit: int, fix: str = "", label: str = "", follow: bool = False,
                  missing_ok: bool = False) -> bytes | None:
     """The bytes of a small regular file (see :func:`open_regular`); a UsageError if it holds more than

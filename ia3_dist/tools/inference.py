@@ -34,7 +34,7 @@ from ..runtime.adapter import NEW as ADAPTER_NEW
 from ..runtime.adapter import set_aside
 from ..runtime.checkpoint import comparable
 from ..runtime.manifest import adapter_record
-from ..runtime.safe_io import check_dir_files, read_bounded
+from ..runtime.safe_io import check_dir_files, check_links_inside, read_bounded
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
@@ -305,6 +305,7 @@ def load_for_inference(path: str, base: str | None = None, dtype: str = "fp32") 
                              f"{staged.name}): resume the run (train.resume=auto), which writes it again")
         raise UsageError(f"{path}: no such directory (give an adapter dir, e.g. runs/x/adapter, or a merged dir)")
     check_dir_files(d, "adapter or model dir")
+    check_links_inside(d, "adapter or model dir")
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]  # auto: the weights' stored dtype (export)
     is_adapter = (d / ADAPTER_CONFIG).is_file()
     template = _load_template(d)
