@@ -196,6 +196,25 @@ def test_save_to_disk_dir_and_split(tmp_path: Path) -> None:
     assert "no split 'dev'" in error(tmp_path / "dd", split="dev")
 
 
+def test_a_save_to_disk_dir_reading_arrow_files_elsewhere_hashes_them(tmp_path: Path) -> None:
+    """datasets follows a state.json naming ``../other/data.arrow``: those rows are read, so an edit there must
+    change the fingerprint (the token cache's key) as an edit inside the dir does."""
+    import datasets
+
+    datasets.Dataset.from_list([messages(CONVS[0])]).save_to_disk(str(tmp_path / "dd"))
+    datasets.Dataset.from_list([messages(CONVS[1])]).save_to_disk(str(tmp_path / "other"))
+    state = json.loads((tmp_path / "dd" / "state.json").read_text())
+    state["_data_files"] = [{"filename": "../other/" + (tmp_path / "other").glob("*.arrow").__next__().name}]
+    (tmp_path / "dd" / "state.json").write_text(json.dumps(state))
+    got = load(tmp_path / "dd")
+    assert got.examples == [merged(CONVS[1])]
+    datasets.Dataset.from_list([messages(CONVS[2])]).save_to_disk(str(tmp_path / "other2"))
+    for f in (tmp_path / "other").glob("*.arrow"):
+        f.write_bytes(next((tmp_path / "other2").glob("*.arrow")).read_bytes())
+    again = load(tmp_path / "dd")
+    assert again.examples == [merged(CONVS[2])] and again.fingerprint != got.fingerprint
+
+
 def test_fingerprint_is_content_plus_meaning_settings(tmp_path: Path) -> None:
     recs = [{"question": "q", "instruction": "i", "output": "o"}]
     f = write_json(tmp_path / "d.json", recs)

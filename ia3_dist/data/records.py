@@ -99,6 +99,17 @@ def _hash_path(p: Path, h: Any) -> None:
                 raise UsageError(f"{p}: cannot read the data file ({e.strerror or e})") from None
 
 
+def _hash_files_outside(ds: Any, p: Path, h: Any) -> None:
+    """The Arrow files a save_to_disk dataset reads from outside its dir (its state.json may name
+    ``../other/data.arrow``; datasets follows it), hashed too: an edit there must not go unseen by the token cache."""
+    root = Path(os.path.realpath(p))
+    for f in sorted({os.path.realpath(c["filename"]) for c in getattr(ds, "cache_files", None) or []
+                     if isinstance(c, dict) and isinstance(c.get("filename"), str)}):
+        if root not in Path(f).parents:
+            h.update(f"outside:{f}\n".encode())
+            _hash_path(Path(f), h)
+
+
 class _Collector:
     """Applies ``data.on_bad_record``: raise on the first bad record, or skip it and remember where it was."""
 
@@ -679,6 +690,7 @@ def _resolve(path: str, cfg: DataSection) -> _Resolved:
             ds = ds[cfg.split]
         h = hashlib.sha256(f"dir:{cfg.split}\n{ARROW_ROWS}".encode())
         _hash_path(p, h)
+        _hash_files_outside(ds, p, h)
         return _Resolved(str(p), h.hexdigest(), dataset=ds)
     if p.is_file():
         if p.suffix.lower() not in READERS:
