@@ -220,9 +220,10 @@ ia3_run() {
   done
   wait "$WORK_PID"; rc=$?
   rm -f "$RUN_STAMP"
-  # preempted.json alone only where this shell forwarded a signal: a run that wrote it on a signal of its own
-  # launcher (ending the ranks because one failed at every start) would be requeued for ever.
-  if [ "$rc" = 75 ] || { [ -e "$OUTPUT_DIR/preempted.json" ] && [ -n "${SIGNALLED:-}" ]; } ||
+  # Exit 75 or preempted.json only where this shell caught a signal (a preemption's TERM, the limit's USR1, scancel
+  # all reach it): a rank that got its launcher's TERM while the ranks met, because another failed its checks
+  # (exit 2), exits 75, and srun reports the highest task code; requeued, such a start would loop.
+  if { { [ "$rc" = 75 ] || [ -e "$OUTPUT_DIR/preempted.json" ]; } && [ -n "${SIGNALLED:-}" ]; } ||
      [ -n "${PREEMPT_EARLY:-}" ]; then
     if ! ia3_progress_since_last_requeue; then
       ia3_log "run stopped at step $(ia3_preempted_step) again, the same step as the last" \
@@ -248,6 +249,12 @@ ia3_run() {
     fi
     ia3_log "hang watchdog ended the run $n times: not requeueing again (MAX_HANG_REQUEUES=${MAX_HANG_REQUEUES:-3})"
     exit 76
+  fi
+  if [ "$rc" = 75 ]; then
+    ia3_log "run ended with exit 75 without a signal to this job: not requeueing; a rank stopped while the ranks" \
+            "met because another failed first (srun reports the highest task exit code): the first error is in" \
+            "the rank logs in $LOG_DIR"
+    exit 75
   fi
   ia3_log "run finished with exit $rc"
   exit "$rc"

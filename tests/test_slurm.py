@@ -330,16 +330,22 @@ def test_eval_job_never_runs_after_a_failed_training_job(cluster: int, tmp_path:
 def test_plain_srun_without_master_variables(cluster: int, direct: dict[str, Path], tmp_path: Path) -> None:
     """`srun` one task per rank on 2 nodes with no MASTER_ADDR/MASTER_PORT anywhere (no template, no lib.sh): the
     ranks meet at the first host of the step's nodes on the port derived from the job and step ids, and train the
-    same adapter as deepspeed directly."""
+    same adapter as deepspeed directly. With the templates' --wait (here 2 s) and rank 0's work after training
+    held past it (a tracker's upload, 6 s): the ranks leave together, and srun kills no task of the finished run
+    (it did, exit 137, while rank 1 left at once)."""
     if cluster < 2:
         _missing(f"needs 2 Slurm nodes, the cluster has {cluster}")
     out = tmp_path / "out"
     env = _env(tmp_path)
     assert not {"MASTER_ADDR", "MASTER_PORT"} & set(env)
+    env.update(IA3_DIST_FAULT="trained:10:0:hold", IA3_DIST_FAULT_HOLD_S="6")
     proc = subprocess.run(["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=1",
-                           "--kill-on-bad-exit=1", f"--chdir={ROOT}", sys.executable, "launch.py", "--config", TINY,
-                           f"output.dir={out}", *SHORT], env=env, capture_output=True, text=True, timeout=600)
+                           "--kill-on-bad-exit=1", "--wait=2", f"--chdir={ROOT}", sys.executable, "launch.py",
+                           "--config", TINY, f"output.dir={out}", *SHORT], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "hold on rank 0 at point 'trained', step 10" in proc.stdout
+    assert not (out / "rank0.pid").exists()
     import re
 
     m = re.search(r"rendezvous at (\S+):(\d+) \(first host of Slurm job (\d+) step (\d+);", proc.stdout)

@@ -724,7 +724,7 @@ def test_an_array_task_is_told_to_resubmit_itself_alone(tmp_path: Path) -> None:
     """A sweep task that cannot requeue: `sbatch` of the sweep file again would queue every task, so the job log
     names the task's own --array index (or sweep --force, which leaves finished tasks out)."""
     text, _ = _ia3_run(tmp_path, 'bash -c \'echo "{}" > "$OUTPUT_DIR/preempted.json"; exit 75\'',
-                       before='SLURM_ARRAY_JOB_ID=7 SLURM_ARRAY_TASK_ID=3; scontrol() { return 1; }; ')
+                       before='SIGNALLED=1; SLURM_ARRAY_JOB_ID=7 SLURM_ARRAY_TASK_ID=3; scontrol() { return 1; }; ')
     assert "sbatch --array=3" in text and "ia3-dist sweep --force" in text and text.endswith("[exit 75]"), text
 
 
@@ -750,6 +750,16 @@ def test_a_preempted_json_the_shell_did_not_ask_for_does_not_requeue(tmp_path: P
 
 
 @needs_bash
+def test_exit_75_without_a_signal_to_the_job_does_not_requeue(tmp_path: Path) -> None:
+    """srun --kill-on-bad-exit TERMs the ranks still meeting when one fails its checks (exit 2); they exit 75, and
+    srun reports the highest task code. The job had no signal: requeued, it failed the same way up to 3 times, then
+    said to give it more time. It ends, naming where the first error is."""
+    text, _ = _ia3_run(tmp_path, "bash -c 'exit 75'")
+    assert not (tmp_path / "scontrol").exists() and "requeueing job" not in text, text
+    assert "without a signal to this job: not requeueing" in text and text.endswith("[exit 75]"), text
+
+
+@needs_bash
 def test_requeues_that_stop_at_the_same_step_end_after_three(tmp_path: Path) -> None:
     """A start that cannot reach a checkpoint before the scheduler's warning (a load longer than the lead) stopped
     at the same step every time and was requeued for ever: after 3 requeues at one step the job ends (exit 75,
@@ -757,7 +767,7 @@ def test_requeues_that_stop_at_the_same_step_end_after_three(tmp_path: Path) -> 
     the time limit's warning) is never counted."""
     def stopped_at(step: int) -> tuple[str, int]:
         text, _ = _ia3_run(tmp_path, f'bash -c \'echo "{{\\"step\\": {step}}}" > "$OUTPUT_DIR/preempted.json"; '
-                                     f'exit 75\'')
+                                     f'exit 75\'', before="SIGNALLED=1; LAST_SIGNAL=USR1; ")
         return text, (tmp_path / "scontrol").read_text().count("requeue") if (tmp_path / "scontrol").exists() else 0
 
     for k in range(1, 4):
@@ -771,7 +781,7 @@ def test_requeues_that_stop_at_the_same_step_end_after_three(tmp_path: Path) -> 
     # Stops on TERM (the scheduler preempting the job, however early) are no stall: never counted.
     for k in range(5, 10):
         text, _ = _ia3_run(tmp_path, 'bash -c \'echo "{\\"step\\": 0}" > "$OUTPUT_DIR/preempted.json"; exit 75\'',
-                           before="LAST_SIGNAL=TERM; ")
+                           before="SIGNALLED=1; LAST_SIGNAL=TERM; ")
         assert (tmp_path / "scontrol").read_text().count("requeue") == k and "requeueing job 7" in text, text
 
 
@@ -780,7 +790,7 @@ def test_an_array_task_requeues_itself_alone(tmp_path: Path) -> None:
     """The array task that starts last may run under the array's own job id, which scontrol requeue reads as the
     whole array: every task requeued, the finished ones run again. An array task names itself as <array>_<index>."""
     text, _ = _ia3_run(tmp_path, 'bash -c \'echo "{\\"step\\": 5}" > "$OUTPUT_DIR/preempted.json"; exit 75\'',
-                       before="SLURM_ARRAY_JOB_ID=7; SLURM_ARRAY_TASK_ID=3; ")
+                       before="SIGNALLED=1; SLURM_ARRAY_JOB_ID=7; SLURM_ARRAY_TASK_ID=3; ")
     assert (tmp_path / "scontrol").read_text() == "requeue 7_3\n", text
 
 

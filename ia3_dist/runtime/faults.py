@@ -7,7 +7,8 @@ step ``step`` (1-based, the step in progress):
   ``save`` (after this rank wrote its part, before the pointer moves), ``save-in-place`` (rank 0, its
   checkpoint complete as ``stepN.new`` and a ``stepN`` already there set aside as ``stepN.old``, before the new one
   goes into place), ``save-adapter`` (rank 0, the final adapter's ``adapter.new`` made, before anything is
-  written into it; ``step`` is the run's last), ``eval`` (after the step, before the
+  written into it; ``step`` is the run's last), ``trained`` (rank 0, after its work that follows training: the
+  metrics plot, a tracker's upload of the adapter; ``step`` is the run's last), ``eval`` (after the step, before the
   evaluation due there), ``probe`` (the ``micro_batch_size: auto``
   probe; ``step`` is then the micro-batch being probed);
 - actions: ``kill`` (SIGKILL itself, the default), ``spin`` (a Python loop that never ends: a rank stuck in data

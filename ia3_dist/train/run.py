@@ -70,6 +70,7 @@ def train(p: Prepared, stop: StopFlag | None = None, watchdog: Watchdog | None =
         plot_metrics(trainer.metrics_path, p.out / "metrics.png")
         if trackers is not None:
             trackers.artifact(adapter_dir)
+        faults.hit("trained", trainer.end, 0)
     return TrainResult(adapter_dir, trainer.losses, trainer.engine, trainer.peft_model, trainer.start, final_eval,
                        trainer.selection.stopped_early)
 
@@ -236,6 +237,8 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
         trackers.close(status)
         if env.is_main:
             (p.out / PID_FILE).unlink(missing_ok=True)
+        if status == "finished":  # (a failed or stopped rank may never come: its launcher ends the rest)
+            dist.leave_together()
         dist.destroy()
         # Last: until here a scheduler's signal (a forwarded USR1, the step's TERM) only sets the flag; restored
         # earlier, it would kill a finished run during its teardown with 138 or 143, reported as a failed job.
