@@ -18,6 +18,7 @@ from ..data.sampler import ORDER_VERSION, Layout, plan_epoch, split_eval, steps_
 from ..data.tokenize import TokenizedData, load_or_tokenize
 from ..errors import RunFinished, UsageError
 from ..models.families import family_of, support_case
+from ..models.families.packed import rescaled_rope
 from ..models.files import (
     check_model_dir,
     check_vocab,
@@ -279,9 +280,19 @@ def pack_length_for(cfg: RunConfig, model_config: Any, data: TokenizedData, layo
         fail("data.packing", "does not combine with train.micro_batch_size=auto (the probe measures padded "
                              "batches); give train.micro_batch_size a number")
     if cfg.data.pack_length == "auto":
-        return choose_pack_length(plan_epoch(data.lengths, layout, 0), data.lengths, layout.accum, layout.world)
-    check_pack_length(int(cfg.data.pack_length), data.lengths)
-    return int(cfg.data.pack_length)
+        n = choose_pack_length(plan_epoch(data.lengths, layout, 0), data.lengths, layout.accum, layout.world)
+    else:
+        n = int(cfg.data.pack_length)
+        check_pack_length(n, data.lengths)
+    rescaled = rescaled_rope(model_config)
+    if rescaled is not None and n > rescaled[1]:
+        kind, length = rescaled
+        fail("data.packing", f"the model's rope_type {kind!r} rebuilds its rotary frequencies from a batch's longest "
+                             f"position once it passes {length}: in packed rows of {n} tokens a document's positions "
+                             f"would turn with frequencies chosen by the documents beside it (not exact); set "
+                             f"data.pack_length to at most {length} (with data.max_length within it) or "
+                             f"data.packing=false")
+    return n
 
 
 def _adapter_written_after(adapter: Path, meta: Path) -> bool:
