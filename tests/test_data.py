@@ -530,3 +530,26 @@ def test_a_template_file_edited_during_a_build_is_read_once(shared_data: Path, t
     f.write_text(before)
     fresh = load_or_tokenize(replace(cfg, cache_dir=str(tmp_path / "b"), num_proc=1), tiny_tokenizer)
     assert np.array_equal(built.ids, fresh.ids) and np.array_equal(built.label_mask, fresh.label_mask)
+
+
+def test_a_lock_file_planted_as_a_link_is_not_followed(tmp_path: Path) -> None:
+    """In a cache dir others write too (a shared IA3_DIST_CACHE), a key's lock file planted as a link would have
+    the run create (or open for writing) whatever file it points to: never followed. Where the lock is optional
+    (the token cache) the build goes on without it; a required one fails."""
+    import pytest
+
+    from ia3_dist.data.cache import file_lock
+
+    victim = tmp_path / "victim" / "made-by-the-run"
+    victim.parent.mkdir()
+    lock = tmp_path / "cache" / "key.lock"
+    lock.parent.mkdir()
+    lock.symlink_to(victim)
+    with file_lock(lock, required=False):
+        pass
+    assert not victim.exists() and lock.is_symlink()
+    with pytest.raises(OSError), file_lock(lock):
+        pass
+    assert not victim.exists()
+    with file_lock(tmp_path / "cache" / "plain.lock"):  # an ordinary lock file is made and taken as before
+        assert (tmp_path / "cache" / "plain.lock").is_file()

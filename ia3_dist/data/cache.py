@@ -31,7 +31,10 @@ def file_lock(path: Path, required: bool = True) -> Iterator[None]:
     fh = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a+")  # noqa: SIM115 - closed below
+        # Never through a link: in a cache dir others write too (a shared IA3_DIST_CACHE), a lock file planted as
+        # a link would have this process create or open any file it may write.
+        fh = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666),
+                       "a+")
         # Said once a wait is long, so one that never ends (a holder stopped, not killed) names the file to look
         # at; a rank waiting its turn while another tokenizes says nothing.
         said = threading.Timer(LOCK_WAIT_NOTE_S, lambda: print(
