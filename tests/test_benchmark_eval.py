@@ -495,12 +495,14 @@ def test_eval_takes_the_adapters_generate_accepts(save: str, tmp_path: Path, tin
     ad = tmp_path / "adapter"
     if save == "bin":
         pm.save_pretrained(str(ad), safe_serialization=False)
-    else:
-        blob = tmp_path / "blob"
+    else:  # the hub cache's layout: a snapshot's files link into the repo's blobs/
+        repo = tmp_path / "models--someone--adapter"
+        blob = repo / "blobs"
         pm.save_pretrained(str(blob))
-        ad.mkdir()
+        ad = repo / "snapshots" / "0123abcd"
+        ad.mkdir(parents=True)
         for f in blob.iterdir():
-            os.symlink(f, ad / f.name)
+            os.symlink(os.path.relpath(f, ad), ad / f.name)
     seen = []
     from ia3_dist.tools import benchmark
 

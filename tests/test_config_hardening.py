@@ -717,3 +717,15 @@ def test_settings_that_would_do_nothing_are_refused(overrides: list[str], needle
 ])
 def test_combinations_refused_by_the_config_name_where_they_were_set(overrides: list[str], needle: str) -> None:
     assert needle in _refused(load_config, TINY, overrides)
+
+
+@pytest.mark.parametrize("value, entry", [("[query_key_value,mlp.dense_4h_to_hh]", "mlp.dense_4h_to_hh"),
+                                          ("[attn]", "attn"), ("[h.0.mlp.dense_4h_to_h,4h_to_h]", "4h_to_h")])
+def test_a_module_name_that_matches_nothing_exits_2(value: str, entry: str, tmp_path: Path, tiny_model: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """PEFT drops a target entry that matches no module as long as another one matches: a typo trained the rest
+    without a word (1,536 trainable parameters instead of 3,584) and the adapter config recorded it. Refused before
+    anything starts, naming the key, the entry and the model's linear layers as an entry names them."""
+    err = check_exits_2(tmp_path, tiny_model, capsys, [f"ia3.target_modules={value}"])
+    assert f"config key 'ia3.target_modules': '{entry}' names no module of the model" in err, err
+    assert "mlp.dense_4h_to_h, mlp.dense_h_to_4h, self_attention.dense, self_attention.query_key_value" in err, err

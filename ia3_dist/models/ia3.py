@@ -53,10 +53,40 @@ def ia3_config(section: IA3Section, model_type: str | None = None) -> Any:
     return IA3Config(**kw)
 
 
+def _matches(name: str, entry: str) -> bool:
+    """PEFT's matching of a ``target_modules`` list entry: the module's whole name, or its dotted ending."""
+    return name == entry or name.endswith("." + entry)
+
+
+def _within_block(name: str) -> str:
+    """A module's name after its block index (``transformer.h.3.mlp.dense_4h_to_h`` -> ``mlp.dense_4h_to_h``), as
+    a target entry names it for every block; the whole name outside the blocks (``lm_head``)."""
+    parts = name.split(".")
+    last = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+    return ".".join(parts[last + 1:]) if 0 <= last < len(parts) - 1 else name
+
+
+def check_module_names(model: nn.Module, section: IA3Section) -> None:
+    """Every ``ia3.target_modules`` entry names a module of the model: PEFT drops an
+    entry that matches nothing as long as another one matches (``mlp.dense_4h_to_hh`` trains the rest without a
+    word, and the adapter config records the typo). UsageError naming the entry and the model's linear layers."""
+    if section.target_modules is None:
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    # (ia3.feedforward_modules is a subset of these: the config refuses any other entry.)
+    for entry in section.target_modules:
+        if not any(_matches(n, entry) for n in names):
+            linear = sorted({_within_block(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise UsageError(f"config key 'ia3.target_modules': {entry!r} names no module of the model; its linear "
+                             f"layers are {', '.join(linear[:20])}{' ...' if len(linear) > 20 else ''} (an entry "
+                             f"matches a module's whole name or its dotted ending)")
+
+
 def apply_ia3(model: nn.Module, section: IA3Section) -> Any:
     from peft import get_peft_model
 
     model_type = getattr(model.config, "model_type", None)
+    check_module_names(model, section)
     try:
         peft_model = get_peft_model(model, ia3_config(section, model_type))
     except ValueError as e:  # e.g. target modules not found in the model
