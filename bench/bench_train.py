@@ -240,6 +240,17 @@ def main() -> None:
 
     import torch
 
+    # The code under test first: a row cut off by its time limit (gpu_check.sh's) has lost an HF side, not the
+    # launcher's figures. Each side is a process of its own; the table lists the reference first.
+    ds = [f"deepspeed.config={a.ds}", *a.set]
+    ours = [run_launcher(model, data, a.steps, Path(a.launcher_dir) if a.launcher_dir else work / "launcher",
+                         1, a.bf16, a.micro, ds, a.warmup, logs / "launcher.log")]
+    if a.two_ranks:
+        ours.append(run_launcher(model, data, a.steps, work / "launcher2", 2, a.bf16, a.micro // 2, ds,
+                                 a.warmup, logs / "launcher2.log"))
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    if a.json:
+        write_row(a, Path(a.json), dev, stack_versions(), source, n_records, ours, partial=True)
     results = []
     ref_json = Path(a.reference_json) if a.reference_json else work / "reference.json"
     failed_mark = ref_json.with_name(ref_json.name + ".failed")  # rows of the same model do not retry it
@@ -266,14 +277,8 @@ def main() -> None:
                 print(f"same-shape peer failed (exit {rc}):\n{tail}", file=sys.stderr)
         results.append(json.loads(peer_json.read_text()) if peer_json.exists() else
                        {"side": f"HF peer {a.micro}x{8 // a.micro}", "failed": True})
-    ds = [f"deepspeed.config={a.ds}", *a.set]
-    results.append(run_launcher(model, data, a.steps, Path(a.launcher_dir) if a.launcher_dir else work / "launcher",
-                                1, a.bf16, a.micro, ds, a.warmup, logs / "launcher.log"))
-    if a.two_ranks:
-        results.append(run_launcher(model, data, a.steps, work / "launcher2", 2, a.bf16, a.micro // 2, ds,
-                                    a.warmup, logs / "launcher2.log"))
+    results += ours
 
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     n = ref.get("n_params")
     ref_tps = ref.get("tokens_per_s")
     print(f"\nmodel {a.model}" + (f" ({n / 1e6:.1f}M params incl. IA3)" if n else "")
@@ -305,9 +310,17 @@ def main() -> None:
     env = stack_versions()
     print("stack: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     if a.json:
-        Path(a.json).write_text(json.dumps({"model": a.model, "device": dev, "env": env, "ds": a.ds, "micro": a.micro,
-                                            "bf16": a.bf16, "steps": a.steps, "warmup": a.warmup, "set": a.set,
-                                            "data": source, "records": n_records, "results": results}, indent=1))
+        write_row(a, Path(a.json), dev, env, source, n_records, results)
+
+
+def write_row(a: argparse.Namespace, path: Path, dev: str, env: dict, source: str, n_records: int,
+              results: list[dict], partial: bool = False) -> None:
+    """The row's JSON (gpu_check.sh's table reads it); ``partial``: written once the launcher measured, before the
+    HF sides ran, so a row its time limit cuts off still has the launcher's figures."""
+    path.write_text(json.dumps({"model": a.model, "device": dev, "env": env, "ds": a.ds, "micro": a.micro,
+                                "bf16": a.bf16, "steps": a.steps, "warmup": a.warmup, "set": a.set, "data": source,
+                                "records": n_records, "results": results, **({"partial": True} if partial else {})},
+                               indent=1))
 
 if __name__ == "__main__":
     main()

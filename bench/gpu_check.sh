@@ -28,7 +28,9 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-/tmp/ia3-gpu-check}
 WORK=${WORK:-/tmp/ia3-gpu-work}
 mkdir -p "$OUT" "$WORK"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# USE_HUB_KERNELS=0: no hub kernels in any model of the run (the loaders pass use_kernels=False too; offline
+# they fail to fetch).
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 USE_HUB_KERNELS=0
 T0=$SECONDS
 # Within one device call (600 s at most): rows that would start with less than MIN_LEFT before DEADLINE are
 # skipped, not cut off, so the table below always prints; each row is bounded by ROW_TIMEOUT.
@@ -92,10 +94,12 @@ bench() {  # name model steps ds micro [launcher overrides...]; MIN=seconds the 
     fi
   else
     echo "[gpu_check] $name failed (exit $?): see logs.tar.gz, $name.log" >&2; tail -15 "$WORK/logs/$name.log" >&2
-    FAILED+=("$name"); rm -f "$WORK/rows/$name.json"
+    FAILED+=("$name")
+    # A row cut off after the launcher measured keeps its figures (marked partial: its HF sides are missing).
+    grep -q '"partial": true' "$WORK/rows/$name.json" 2>/dev/null || rm -f "$WORK/rows/$name.json"
   fi
 }
-rm -rf "$WORK"/reference-*.json "$WORK"/work-*/peer-*.json
+rm -rf "$WORK"/reference-*.json "$WORK"/reference-*.json.failed "$WORK"/work-*/peer-*.json
 # A ROWS= call on the same machine adds to the earlier call's rows (their own references, measured then).
 [ -n "${ROWS:-}" ] || rm -rf "$WORK/rows" "$WORK/logs"
 mkdir -p "$WORK/rows" "$WORK/logs"
@@ -165,7 +169,8 @@ for f, r in runs:
               f"{l['tokens_per_s']:>9.1f}{l.get('step_ms', 0):>8.1f}{num(x(ref), '.2f'):>7}{num(x(peer), '.2f'):>7}"
               f"{pct(l.get('mfu')):>8}{pct(l.get('mfu_executed')):>10}{l['peak_mem_gb']:>8.2f}"
               f"{(l.get('startup_s') or 0):>10.1f}"
-              + ("  CUDA graphs skipped" if any(m.get("cudagraph_skips") for m in l.get("metrics", [])) else ""))
+              + ("  CUDA graphs skipped" if any(m.get("cudagraph_skips") for m in l.get("metrics", [])) else "")
+              + ("  (cut off: HF sides missing)" if r.get("partial") else ""))
     except (KeyError, StopIteration, TypeError, ZeroDivisionError) as e:
         print(f"{f.stem:<34}unreadable row ({type(e).__name__}: {e})")
 for f, r in runs:

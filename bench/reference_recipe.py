@@ -66,7 +66,10 @@ def main() -> None:
         # is a map-style dataset too
         tokenized = [process_func(r, tok) for r in records]
     tok_s = time.perf_counter() - t0
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if a.bf16 else torch.float32)
+    # use_kernels=False as the launcher loads (models/load.py HUB_KERNELS): offline, the hub kernels transformers
+    # swaps in on a GPU at model.train() cannot be fetched, and the peer would run other code than the launcher.
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16 if a.bf16 else torch.float32,
+                                                 use_kernels=False)
     model = get_peft_model(model, IA3Config(task_type=TaskType.CAUSAL_LM))
     if torch.cuda.is_available():
         model = model.cuda()

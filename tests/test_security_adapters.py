@@ -368,6 +368,29 @@ def test_every_transformers_load_passes_trust_remote_code() -> None:
     assert not missing, missing
 
 
+def test_no_model_load_swaps_in_hub_kernels(tiny_model: Path, family_models: dict) -> None:
+    """Every AutoModelForCausalLM.from_pretrained of the package and the benchmarks passes use_kernels: transformers
+    5 otherwise swaps hub kernels into Llama-type modules for the device at every train()/eval() switch, which on
+    a GPU (the first evaluation after DeepSpeed moved the model) failed offline and ran other code online. The
+    loaded models (training's and the inference tools') have them off."""
+    from ia3_dist.config import ModelSection
+    from ia3_dist.models.load import load_base_model
+    from ia3_dist.tools.inference import _from_pretrained
+
+    missing = []
+    for f in sorted([*(ROOT / "ia3_dist").rglob("*.py"), *(ROOT / "bench").glob("*.py")]):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "from_pretrained" and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id.startswith("AutoModel")
+                    and not any(k.arg == "use_kernels" for k in node.keywords)):
+                missing.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    assert not missing, missing
+    llama = str(family_models["llama"])
+    assert not load_base_model(ModelSection(path=llama), llama, "fp32").use_kernels
+    assert not _from_pretrained(llama, "auto", "base model").use_kernels
+
+
 # --- 2. templates saved in the adapter ----------------------------------------------------------------------
 
 

@@ -95,6 +95,14 @@ def save_tokenizer(tok: Any, out_dir: Path) -> None:
         tok.pad_token = tok.eos_token
 
 
+HUB_KERNELS = False
+"""``from_pretrained(use_kernels=...)``: transformers 5 (with the ``kernels`` package, which it requires) by default
+swaps kernels from the hub into a model's modules (Llama's RMSNorm and rotary, ...) for the device it is on, again
+at every train()/eval() switch: on a GPU the first evaluation (held-out loss, eval.tasks, DPO's reference pass) ran
+after DeepSpeed had moved the model there, so offline (a cluster's compute nodes) it failed fetching them, and
+online the run went on with other code than it trained and was tested with. The modules stay transformers' own."""
+
+
 def load_base_model(cfg: ModelSection, model_path: str, precision: str, weights_dir: Path | None = None) -> nn.Module:
     """``from_pretrained`` in the training dtype: every rank holds the whole model (ZeRO 0-2; ZeRO-3 loads
     through :mod:`ia3_dist.models.zero3_load` instead). A hub model loads from the snapshot
@@ -107,7 +115,8 @@ def load_base_model(cfg: ModelSection, model_path: str, precision: str, weights_
     try:
         with no_code_prompt():
             model = AutoModelForCausalLM.from_pretrained(str(src), dtype=DTYPES[precision],
-                                                         trust_remote_code=cfg.trust_remote_code)
+                                                         trust_remote_code=cfg.trust_remote_code,
+                                                         use_kernels=HUB_KERNELS)
     except (OSError, ValueError, pickle.UnpicklingError) as e:
         raise UsageError(f"model.path {model_path}: cannot load the model ({error_line(e)})") from None
     keep_hub_name(model, model_path)

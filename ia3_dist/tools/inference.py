@@ -29,7 +29,7 @@ from ..models.files import (
     weights_fingerprint,
 )
 from ..models.ia3 import check_finite
-from ..models.load import DTYPES, no_code_prompt, pad_with_eos
+from ..models.load import DTYPES, HUB_KERNELS, no_code_prompt, pad_with_eos
 from ..runtime.adapter import NEW as ADAPTER_NEW
 from ..runtime.adapter import set_aside
 from ..runtime.checkpoint import comparable
@@ -226,7 +226,7 @@ def _from_pretrained(path: str, dtype: torch.dtype | str, what: str, revision: s
     try:
         with no_code_prompt():
             return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False,
-                                                        revision=revision)
+                                                        revision=revision, use_kernels=HUB_KERNELS)
     except Exception as e:  # transformers raises many types for bad dirs and hub names; all mean "cannot load it"
         raise _cannot_load(what, path, e) from None
 
