@@ -729,3 +729,14 @@ def test_a_module_name_that_matches_nothing_exits_2(value: str, entry: str, tmp_
     err = check_exits_2(tmp_path, tiny_model, capsys, [f"ia3.target_modules={value}"])
     assert f"config key 'ia3.target_modules': '{entry}' names no module of the model" in err, err
     assert "mlp.dense_4h_to_h, mlp.dense_h_to_4h, self_attention.dense, self_attention.query_key_value" in err, err
+
+
+def test_optional_switches_take_auto_as_the_readme_lists_them(tmp_path: Path) -> None:
+    """data.group_by_length and train.lean_host_memory default to auto (null: the run decides): `auto`, written as
+    the README's table lists it, was refused with "expected true or false"."""
+    cfg = load_config(TINY, ["data.group_by_length=auto", "train.lean_host_memory=auto"])
+    assert cfg.data.group_by_length is None and cfg.train.lean_host_memory is None
+    f = _w(tmp_path / "c.yaml", "data:\n  group_by_length: auto\ntrain:\n  lean_host_memory: true\n")
+    assert load_config(f).data.group_by_length is None and load_config(f).train.lean_host_memory is True
+    assert "expected true, false or auto (null), got 'maybe'" in _refused(load_config, TINY,
+                                                                         ["data.group_by_length=maybe"])

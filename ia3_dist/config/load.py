@@ -195,6 +195,13 @@ def _coerce(value: Any, tp: Any, key: str, written: str | None = None) -> Any:
                 # a list".
                 return _coerce(value, arg, key)
         kinds = [a for a in args if a is not type(None)]
+        if kinds == [bool] and type(None) in args:
+            # Every optional switch leaves null to the run to decide (data.group_by_length, train.lean_host_memory):
+            # "auto" says so, as it does for micro_batch_size and pack_length.
+            if value == "auto":
+                return None
+            if not isinstance(value, bool):
+                fail(key, f"expected true, false or auto (null), got {show(value)}")
         if len(kinds) == 1:  # Optional: the type's own message (data.columns.instruction: ...) says more
             return _coerce(value, kinds[0], key, written)
         for arg in kinds:

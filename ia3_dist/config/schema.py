@@ -753,7 +753,8 @@ class OutputSection:
     (as in every path setting)."""
     overwrite: bool = False
     """Start over in an output dir that holds another run of ours: only the files ia3-dist wrote there (listed in
-    its ``.ia3-dist-run.json``) are removed; a dir holding anything else is refused, overwrite or not."""
+    its ``.ia3-dist-run.json``) are removed, anything else in the dir stays; without it, a dir holding another run
+    or files ia3-dist did not write is refused."""
     report_to: list[str] | None = None
     """Experiment trackers that get every line of metrics.jsonl (rank 0 only): any of ``tensorboard`` (event files
     in ``<output.dir>/tensorboard``), ``wandb`` (honours ``WANDB_MODE``; offline under Slurm unless it is set),
