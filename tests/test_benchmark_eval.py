@@ -354,7 +354,12 @@ def test_a_run_with_nothing_to_evaluate_or_a_linked_eval_dir_is_refused_first(tm
     (run / "eval" / "results.json").write_text(earlier)
     assert main(["eval", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "has no held-out data" in err and "name lm-eval tasks" in err and "Traceback" not in err, err
+    assert "has no held-out loss to evaluate (it sets no data.eval_ratio" in err and "name lm-eval tasks" in err \
+        and "Traceback" not in err, err
+    shutil.copy2(ROOT / "configs" / "tiny-dpo-cpu.yaml", run / "run.yaml")  # held-out pairs: not a loss eval takes
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "for train.objective sft only; this run's is dpo" in err, err
     assert (run / "eval" / "results.json").read_text() == earlier
     linked = tmp_path / "linked"
     linked.mkdir()

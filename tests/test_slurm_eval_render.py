@@ -303,9 +303,12 @@ def test_nothing_to_evaluate_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     """Without lm-eval tasks the job computes the held-out loss: a run without held-out data (or a preference run,
     whose held-out data are pairs) would evaluate nothing; best needs the held-out loss too."""
     rc, _, err = slurm(tmp_path, capsys, "--eval")
-    assert_refused(rc, err, tmp_path, "--eval-tasks", "no held-out data")
+    assert_refused(rc, err, tmp_path, "--eval-tasks", "no held-out loss to evaluate (it sets no data.eval_ratio",
+                   "give the run held-out data")
     rc, _, err = slurm(tmp_path, capsys, "--eval", HELDOUT, "train.objective=dpo")
-    assert_refused(rc, err, tmp_path, "--eval-tasks")
+    # Its held-out pairs exist: the message says why they are not what the job evaluates, and not to add them.
+    assert_refused(rc, err, tmp_path, "--eval-tasks", "for train.objective sft only; this run's is dpo", "name tasks")
+    assert "give the run held-out data" not in err
     rc, _, err = slurm(tmp_path, capsys, "--eval", "--eval-tasks", "tiny_mc", "--eval-checkpoints", "best")
     assert_refused(rc, err, tmp_path, "--eval-checkpoints best", "data.eval_ratio")
     # Tasks alone: fine (tiny_mc is a local task: its dir is named).

@@ -203,6 +203,15 @@ def has_heldout(cfg: Any) -> bool:
     return cfg.train.objective == "sft" and bool(cfg.data.eval_ratio or cfg.data.eval_path)
 
 
+def why_no_heldout(cfg: Any) -> str:
+    """Why :func:`has_heldout` is false, for messages: a preference run may well hold out pairs (their metrics are
+    logged while it trains), but ``ia3-dist eval`` computes the held-out loss per checkpoint for SFT runs only."""
+    if cfg.train.objective != "sft":
+        return (f"ia3-dist eval computes the held-out loss per checkpoint for train.objective sft only; this run's "
+                f"is {cfg.train.objective} (its held-out pair metrics are in metrics.jsonl, logged as it trained)")
+    return "it sets no data.eval_ratio or data.eval_path"
+
+
 def lower_is_better(metric: str, mode: str = "auto") -> bool:
     """``min`` / ``max`` as given; ``auto``: losses (``nll_loss`` too), perplexities, bits per byte, TER, Brier
     scores and the rejected answers' rewards and log-probabilities go down; accuracies, margins, the chosen side

@@ -463,9 +463,12 @@ def main(argv: list[str], prog: str) -> int:
         raise UsageError("--tasks: name at least one task (an adapter dir has no held-out data of its own)")
     if not tasks and not _run_has_heldout(run):
         # Before the model loads, and before an earlier results.json is replaced by an empty one.
-        raise UsageError(f"--tasks: {run} has no held-out data (its run.yaml sets no data.eval_ratio or "
-                         f"data.eval_path for train.objective sft), so there is nothing to evaluate without tasks; "
-                         f"name lm-eval tasks")
+        from ..config import load_config
+        from ..config.schema import why_no_heldout
+
+        why = why_no_heldout(load_config(run / "run.yaml")) if (run / "run.yaml").is_file() else "no run.yaml"
+        raise UsageError(f"--tasks: {run} has no held-out loss to evaluate ({why}), so there is nothing to evaluate "
+                         f"without tasks; name lm-eval tasks")
     out = args.out or default_out(path, run)
     if args.out is None and out.is_symlink():  # a run dir from elsewhere decides nothing about where we write
         raise UsageError(f"{out}: a link; evaluation results go into a real directory there, or give --out")

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import load_config
-from ..config.schema import brief, has_heldout, show
+from ..config.schema import brief, has_heldout, show, why_no_heldout
 from ..errors import UsageError
 from ..runtime.safe_io import write_file
 
@@ -526,9 +526,9 @@ def check_eval(train: Job, cfg: Any, tasks: str | None, include: str | None, che
             raise UsageError(f"--eval-tasks {show(tasks)}: expected a comma-separated list of lm-eval task names "
                              f"(letters, digits and ._+:-, no spaces), e.g. tiny_mc,ceval-valid_computer_network")
     if not task_list and not has_heldout(cfg):
-        raise UsageError("--eval-tasks: this run has no held-out data (data.eval_ratio or data.eval_path, "
-                         "train.objective sft), so without lm-eval tasks the evaluation job would have nothing to "
-                         "evaluate; name tasks or give the run held-out data")
+        fix = "name tasks" if cfg.train.objective != "sft" else "name tasks or give the run held-out data"
+        raise UsageError(f"--eval-tasks: this run has no held-out loss to evaluate ({why_no_heldout(cfg)}), so "
+                         f"without lm-eval tasks the evaluation job would have nothing to evaluate; {fix}")
     args = ["--checkpoints", checkpoints or "all"]
     if checkpoints is not None:
         _no_control("--eval-checkpoints", checkpoints)
