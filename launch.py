@@ -2,9 +2,7 @@
 """Entry point for ``deepspeed launch.py``, ``torchrun launch.py``, ``srun python launch.py`` and plain
 ``python launch.py`` (the embedded CPU demo when no --config is given)."""
 
-import sys
-
-from ia3_dist.cli import main
+from ia3_dist.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(prog="launch.py"))
+    entry(prog="launch.py")

@@ -585,5 +585,14 @@ def main(argv: list[str] | None = None, prog: str = "ia3-dist") -> int:
         return EXIT_CHECKPOINT_WRITE
 
 
-def entry() -> None:
-    sys.exit(main())
+def entry(prog: str = "ia3-dist") -> None:
+    """The process's exit: ``main``'s code; a reader that closed the pipe early (``ia3-dist --help | head -3``)
+    ends it quietly, not with a BrokenPipeError traceback (Python's recipe: stdout then points at devnull, so the
+    interpreter's own flush at exit cannot fail again)."""
+    try:
+        code = main(prog=prog)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    sys.exit(code)
