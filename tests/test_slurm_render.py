@@ -562,7 +562,7 @@ def test_node_range_with_cpus_per_node_notes_the_cpus_a_node_must_hold(tmp_path:
     # A fixed count too: the job would exit 2 after its wait in the queue.
     (["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-node", "3", "train.global_batch_size=16"],
      ["--nodes 2: train.global_batch_size=16 does not divide over 2 node(s) x 3 rank(s)", "a multiple of 24"]),
-    (["deepspeed.config=zero9"], ["deepspeed.config zero9: no such file", "zero0, zero1"]),
+    (["deepspeed.config=zero9"], ["deepspeed.config zero9: no such file", "zero0, zero1", "or auto (the lowest"]),
     (["--nodes", "3-2"], ["--nodes '3-2'", "the first at most the second"]),
     (["--nodes", "0-2"], ["expected counts from 1"]),
     (["--nodes", "1-2-3"], ["a node count N or a range MIN-MAX"]),

@@ -271,7 +271,8 @@ class DataSection:
     mixture's tokens)."""
     format: str = "auto"
     """Record format: ``alpaca`` (instruction/input/output, optional system and history), ``sharegpt``
-    (conversations of from/value), ``messages`` (role/content), or ``auto``: detected per file from its columns."""
+    (conversations of from/value), ``messages`` (role/content), ``prompt`` (preference pairs only:
+    prompt/chosen/rejected), or ``auto``: detected per file from its columns."""
     columns: dict[str, str] | None = None
     """Our name -> the data's name, for columns (instruction, input, output, system, history, conversations,
     messages), message keys (role, content) and role values (user, assistant, tool; sharegpt's function_call and
@@ -519,17 +520,19 @@ class IA3Section:
 @dataclass
 class EarlyStoppingSection:
     metric: str = ""
-    """Stop training when this held-out metric has not improved for ``patience`` evaluations in a row: ``eval_loss``
-    or ``eval_ppl`` (sft), ``eval_rewards/accuracies``, ``eval_rewards/margins``, ``eval_loss`` ... (preference
-    objectives). Needs held-out data and ``train.eval_every``. The run ends cleanly (exit 0) with a final
-    checkpoint and the log line saying why; resuming it is a no-op. "": off."""
+    """Stop training when this metric has not improved for ``patience`` evaluations in a row: a held-out one,
+    ``eval_loss`` or ``eval_ppl`` (sft), ``eval_rewards/accuracies``, ``eval_rewards/margins``, ``eval_loss`` ...
+    (preference objectives), which needs held-out data and ``train.eval_every``; or a benchmark score of
+    ``eval.tasks``, ``<task>/<metric>,<filter>`` (``tiny_mc/acc,none``), which needs ``eval.every`` (or
+    ``train.eval_every``). The run ends cleanly (exit 0) with a final checkpoint and the log line saying why;
+    resuming it is a no-op. "": off."""
     patience: int = 3
     """Evaluations in a row without an improvement of more than ``min_delta`` before the run stops."""
     min_delta: float = 0.0
     """The smallest change that counts as an improvement (in the metric's own units)."""
     mode: str = "auto"
-    """``min``, ``max``, or ``auto``: losses and perplexities lower is better, accuracies, margins and rewards
-    higher."""
+    """``min``, ``max``, or ``auto`` (:func:`lower_is_better`): losses, perplexities and the rejected answers'
+    rewards and log-probabilities lower is better; accuracies, margins, the chosen side and log-odds higher."""
     final: str = "best"
     """What ``adapter/`` holds when the run stops early: ``best`` (the vectors of the best evaluation) or ``last``
     (the step it stopped at)."""

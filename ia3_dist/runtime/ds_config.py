@@ -86,7 +86,8 @@ def locate(name: str) -> Path:
         q = shipped_dir() / f"{Path(stem).name}.json"
         if _is_file(q):
             return q
-    raise UsageError(f"deepspeed.config {brief(name)}: no such file; use a path or one of {', '.join(SHIPPED)}")
+    raise UsageError(f"deepspeed.config {brief(name)}: no such file; use a path, one of {', '.join(SHIPPED)}, or "
+                     f"auto (the lowest ZeRO stage that fits)")
 
 
 def _no_duplicates(path: Path) -> Any:
