@@ -110,7 +110,8 @@ def test_fuzz_any_anchor_or_alias_is_refused(tmp_path: Path, section: str, ancho
 def test_alias_in_an_override_is_not_expanded() -> None:
     parts, value = parse_override("train.betas=[&a 0.9, *a]")
     assert parts == ["train", "betas"] and value == "[&a 0.9, *a]"
-    assert "'train.betas[0]'" in _refused(load_config, None, ["train.betas=[&a 0.9, *a]"], base={})
+    msg = _refused(load_config, None, ["train.betas=[&a 0.9, *a]"], base={})
+    assert "'train.betas'" in msg and "YAML anchor &a is not allowed in a run config" in msg, msg
 
 
 def test_expanded_value_in_a_message_is_bounded() -> None:
@@ -740,3 +741,16 @@ def test_optional_switches_take_auto_as_the_readme_lists_them(tmp_path: Path) ->
     assert load_config(f).data.group_by_length is None and load_config(f).train.lean_host_memory is True
     assert "expected true, false or auto (null), got 'maybe'" in _refused(load_config, TINY,
                                                                          ["data.group_by_length=maybe"])
+
+
+@pytest.mark.parametrize("override, kind", [("ia3.target_modules=[query_key_value", "list"),
+                                            ("data.path=[a.jsonl", "list"),
+                                            ("data.columns={instruction: q", "mapping")])
+def test_a_list_or_mapping_override_that_does_not_parse_is_refused(override: str, kind: str) -> None:
+    """YAML cannot read an unclosed bracket, so the override came as text: '[query_key_value' was taken as one
+    module name (then PEFT's own message) and '[a.jsonl' as a file name. Refused, saying why and how to write it;
+    text settings keep bracketed text (a Llama 2 style template)."""
+    key = override.split("=", 1)[0]
+    msg = _refused(load_config, TINY, [override])
+    assert f"config key '{key}'" in msg and f"opens a YAML {kind} that does not parse" in msg, msg
+    assert load_config(TINY, ["data.template=[INST] {instruction} [/INST]"]).data.template.startswith("[INST]")

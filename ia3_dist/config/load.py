@@ -177,6 +177,26 @@ def _text(value: Any, key: str, written: str | None) -> str:
     return value
 
 
+def _unparsed_collection(value: Any, tp: Any, key: str) -> None:
+    """A list or mapping setting given text that opens a YAML list or mapping it does not close (an override
+    ``ia3.target_modules=[query_key_value``, or brackets the shell took apart): YAML could not read it, so it came
+    as text, and would be taken as one name (``[query_key_value``) or a file name. Refused, saying so."""
+    if not isinstance(value, str) or not value.lstrip().startswith(("[", "{")):
+        return
+    kinds = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    want = {typing.get_origin(k) or k for k in kinds}
+    opens_list = value.lstrip()[0] == "["
+    if (opens_list and list in want) or (not opens_list and dict in want):
+        try:
+            _load_yaml(value)
+            why = ""
+        except (yaml.YAMLError, RecursionError) as e:
+            why = f" ({brief(str(getattr(e, 'problem', None) or e).splitlines()[0])})"
+        fail(key, f"{show(value)} opens a YAML {'list' if opens_list else 'mapping'} that does not parse{why}; "
+                  f"write it whole, in quotes (a bracket left open, or split by the shell): "
+                  f"'{key}={'[a, b]' if opens_list else '{a: b}'}'")
+
+
 def _coerce(value: Any, tp: Any, key: str, written: str | None = None) -> Any:
     """Check ``value`` against the annotation ``tp``; accept the few safe conversions YAML needs (int -> float,
     numeric strings such as ``3e-3`` that YAML 1.1 reads as strings). ``written``: the value as the file spells it,
@@ -184,6 +204,7 @@ def _coerce(value: Any, tp: Any, key: str, written: str | None = None) -> Any:
     if dataclasses.is_dataclass(tp):  # a list of sections: data.sources
         return _build(tp, value, key)
     origin = typing.get_origin(tp)
+    _unparsed_collection(value, tp, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
