@@ -45,13 +45,14 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 def cmd_train(argv: list[str], prog: str) -> int:
     # Intermixed, as the other commands: overrides may come before and after --config.
     args = _train_parser(prog).parse_intermixed_args(argv)
-    from .config import load_config
+    from .config import load_config, located
     from .train.demo import DEMO_RUN
 
     cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO_RUN)
     from .train.run import run
 
-    run(cfg)
+    with located(args.config, args.overrides):
+        run(cfg)
     return 0
 
 
@@ -66,7 +67,7 @@ def cmd_check(argv: list[str], prog: str) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = ap.parse_intermixed_args(argv)  # first: --help and a bad option import nothing heavy
 
-    from .config import load_config
+    from .config import load_config, located
     from .runtime import dist, lazy
     from .train.demo import DEMO_RUN
     from .train.prepare import prepare
@@ -79,7 +80,8 @@ def cmd_check(argv: list[str], prog: str) -> int:
         if not 1 <= args.world_size <= MAX_WORLD_SIZE:
             raise UsageError(f"--world-size must be between 1 and {MAX_WORLD_SIZE}")
         env = dist.DistEnv(0, 0, args.world_size, args.world_size)
-    print(report(prepare(cfg, env)))
+    with located(args.config, args.overrides):
+        print(report(prepare(cfg, env)))
     print("preflight: OK")
     return 0
 
@@ -93,12 +95,13 @@ def cmd_prepare(argv: list[str], prog: str) -> int:
     ap.add_argument("--config")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = ap.parse_intermixed_args(argv)
-    from .config import load_config
+    from .config import load_config, located
     from .train.demo import DEMO_RUN
     from .train.prepare import prepare_data
 
     cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO_RUN)
-    print(prepare_data(cfg), flush=True)
+    with located(args.config, args.overrides):
+        print(prepare_data(cfg), flush=True)
     return 0
 
 
@@ -439,7 +442,7 @@ def cmd_plan(argv: list[str], prog: str) -> int:
                          "table gives RSS per rank")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
     a = ap.parse_intermixed_args(argv)
-    from .config import load_config
+    from .config import load_config, located
     from .tools.plan import plan
 
     cfg = load_config(a.config, a.overrides)
@@ -449,7 +452,8 @@ def cmd_plan(argv: list[str], prog: str) -> int:
     if nodes < 1 or gpus < 1:
         raise UsageError("--nodes and --gpus-per-node must be >= 1")
     gib = _gib(a.gpu_mem) if a.gpu_mem else hw.gpu_mem_gib
-    text, _ = plan(cfg, nodes, gpus, gib, cpu=a.cpu)
+    with located(a.config, a.overrides):
+        text, _ = plan(cfg, nodes, gpus, gib, cpu=a.cpu)
     if a.gpu_mem and not a.gpu_mem.strip().lower().endswith(("gib", "g")) and any(c.isalpha() for c in a.gpu_mem):
         print(f"--gpu-mem {a.gpu_mem.strip()} = {gib:.2f} GiB")
     print(text)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from _util import deadline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -754,3 +755,22 @@ def test_a_list_or_mapping_override_that_does_not_parse_is_refused(override: str
     msg = _refused(load_config, TINY, [override])
     assert f"config key '{key}'" in msg and f"opens a YAML {kind} that does not parse" in msg, msg
     assert load_config(TINY, ["data.template=[INST] {instruction} [/INST]"]).data.template.startswith("[INST]")
+
+
+def test_preflight_errors_name_where_the_key_was_set(tmp_path: Path, tiny_model: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """A key refused in the preflight (a check that needs the world, the model or the data) is named with the file
+    line or the override that set it, as the loader's own errors are (the README's promise for every bad value)."""
+    raw = yaml.safe_load((ROOT / TINY).read_text())
+    raw["train"]["global_batch_size"] = 10
+    raw["train"].pop("grad_accum", None)
+    text = yaml.safe_dump(raw, sort_keys=False)
+    f = _w(tmp_path / "c.yaml", text)
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if t.strip().startswith("global_batch_size:"))
+    for args, where in ((["--config", str(f), "--world-size", "2"], f"{f}:{line}: "),
+                        (["--config", TINY, "--world-size", "2", "train.global_batch_size=10"],
+                         "override train.global_batch_size=10: ")):
+        err = check_exits_2(tmp_path, tiny_model, capsys, args)
+        assert f"{where}config key 'train.global_batch_size': 10 is not a multiple" in err, err
+    err = check_exits_2(tmp_path, tiny_model, capsys, ["train.compile=true", "deepspeed.config=zero3"])
+    assert err.startswith("ia3-dist: error: override train.compile=true: config key 'train.compile'"), err

@@ -1,6 +1,6 @@
 """The run config: typed sections (:mod:`.schema`) and how YAML files and overrides become one (:mod:`.load`)."""
 
-from .load import apply_overrides, build_config, load_config, parse_override, read_yaml
+from .load import apply_overrides, build_config, load_config, located, parse_override, read_yaml
 from .schema import (
     PRECISIONS,
     CheckpointSection,
@@ -16,4 +16,4 @@ from .schema import (
 
 __all__ = ["PRECISIONS", "CheckpointSection", "DataSection", "DeepSpeedSection", "HardwareSection", "IA3Section",
            "ModelSection", "OutputSection", "RunConfig", "TrainSection", "apply_overrides", "build_config",
-           "load_config", "parse_override", "read_yaml"]
+           "load_config", "located", "parse_override", "read_yaml"]

@@ -15,6 +15,8 @@ import datetime
 import re
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -447,6 +449,26 @@ def _set_at(raw: Any, key: str) -> int | str | None:
             where = o
         node = node[part]
     return where
+
+
+@contextmanager
+def located(path: str | Path | None, overrides: list[str] | None = None) -> Iterator[None]:
+    """A bad config key found after the config was built (the preflight's checks that need the model, the world
+    or the data: ``train.global_batch_size`` on 3 ranks, ``train.compile`` with ZeRO-3) named with where it was
+    set, as :func:`load_config` names its own: ``override train.compile=true: ...`` or ``c.yaml:12: ...``."""
+    try:
+        yield
+    except ConfigKeyError as e:
+        try:
+            raw = apply_overrides(read_yaml(path) if path is not None else {}, list(overrides or []))
+        except UsageError:
+            raise e from None
+        where = _set_at(raw, e.key)
+        if isinstance(where, str):
+            raise UsageError(f"override {brief(where)}: {e}") from None
+        if path is not None and where is not None:
+            raise UsageError(f"{brief(str(path))}:{where}: {e}") from None
+        raise
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
