@@ -411,6 +411,26 @@ def test_summary_ranks_a_local_sweep_by_a_benchmark_metric(tmp_path: Path, tiny_
     assert "expected TASK/METRIC" in capsys.readouterr().err
 
 
+def test_summary_names_the_scores_a_metric_without_its_filter_missed(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """`summary --metric tiny_mc/acc`: lm-eval names the score acc,none, so no run matched and each showed "-"
+    without a word. A note now names what the runs' results hold for the task."""
+    for i, v in enumerate((0.5, 0.75)):
+        d = tmp_path / f"run{i}"
+        (d / "eval").mkdir(parents=True)
+        shutil.copy2(ROOT / TINY, d / "run.yaml")
+        (d / "eval" / "results.json").write_text(json.dumps({"rows": [
+            {"task": "tiny_mc", "metric": "acc,none", "checkpoint": "final", "step": 2, "value": v},
+            {"task": "tiny_mc", "metric": "acc_stderr,none", "checkpoint": "final", "step": 2, "value": 0.1}]}))
+    assert main(["summary", str(tmp_path / "run0"), str(tmp_path / "run1"), "--metric", "tiny_mc/acc",
+                 "--no-plot"]) == 0
+    err = capsys.readouterr().err
+    assert "--metric tiny_mc/acc: no run has it; their eval/results.json hold tiny_mc/acc,none" in err, err
+    assert main(["summary", str(tmp_path / "run0"), str(tmp_path / "run1"), "--metric", "tiny_mc/acc,none",
+                 "--no-plot"]) == 0
+    assert "no run has it" not in capsys.readouterr().err
+
+
 def test_results_go_to_the_run_never_into_an_adapter_dir_and_keep_earlier_rows(tmp_path: Path) -> None:
     """Without --out: <run>/eval for a run dir and for the run's own adapter dir (written into the adapter dir,
     they were removed with it when the run wrote its next adapter); an adapter dir outside a run needs --out.

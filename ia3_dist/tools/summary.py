@@ -727,6 +727,26 @@ def eval_value(d: Path, metric: str) -> float | None:
     return float(best[0]["value"]) if best else None
 
 
+def _say_metric_names(runs: list[Any], metric: str) -> None:
+    """No run has ``metric``: a note naming what the runs' results do hold for its task (lm-eval names a score
+    ``acc,none``, metric and filter; ``tiny_mc/acc`` matched nothing, and every run showed "-" without a word)."""
+    task, _, name = metric.partition("/")
+    have: set[str] = set()
+    for run in runs:
+        f = run.dir / EVAL_DIR / RESULTS
+        if not os.path.lexists(f):
+            continue
+        try:
+            rows = json.loads(read_bounded(f, MAX_RESULTS_BYTES).decode("utf-8"), parse_constant=float)["rows"]
+            have |= {r["metric"] for r in rows if r["task"] == task and isinstance(r["metric"], str)}
+        except (UsageError, OSError, ValueError, KeyError, TypeError):
+            continue  # eval_value said so already
+    if have:
+        near = sorted(m for m in have if m.split(",", 1)[0] == name) or sorted(have)
+        note(f"--metric {brief(metric)}: no run has it; their eval/results.json hold {brief(task)}/"
+             f"{', '.join(brief(m) for m in near[:5])} (lm-eval names a score <metric>,<filter>)")
+
+
 def rank_by(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """Rows ordered best first by ``metric`` (losses and perplexities ascending, anything else descending), runs
     without a value last; each gets its ``rank``."""
@@ -763,6 +783,8 @@ def main(argv: list[str], prog: str) -> int:
     if a.metric:
         for run, row in zip(runs, rows, strict=True):
             row[a.metric] = eval_value(run.dir, a.metric)
+        if all(row[a.metric] is None for row in rows):
+            _say_metric_names(runs, a.metric)
         rows = rank_by(rows, a.metric)
     columns = ["rank", *keys, a.metric] if a.metric else keys
     # default=str: a YAML date or set in a run.yaml is not JSON; a non-finite value (a run whose loss went NaN) is
