@@ -449,6 +449,13 @@ def test_the_layout_defaults_to_the_configs_hardware(tmp_path: Path, capsys: pyt
     assert cli_main(["slurm", "--config", cfg, "--out", str(out), "--force", "--nodes", "2"]) == 0
     assert directives(out.read_text(), "nodes") == ["2"] and directives(out.read_text(), "gpus-per-node") == ["8"]
     assert "--gpus-per-node 8" in capsys.readouterr().out
+    # A config without a hardware section (1 x 1 by default) is not said to have chosen anything.
+    assert cli_main(["slurm", "--config", str(TINY), "--out", str(out), "--force", "--gpus-per-node", "0",
+                     "--cpus-per-node", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "hardware section" not in said
+    # The hint names the batch log where the job writes it (%x-%j.out in the submit folder), not only logs/.
+    assert "tail -f demo-<jobid>.out (in that folder" in said, said
 
 
 @pytest.mark.parametrize("time, lead", [("04:00:00", 300), ("20", 300), ("8", 120), ("2", 30), ("0", 300)])

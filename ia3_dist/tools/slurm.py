@@ -327,6 +327,14 @@ ia3_log "python $PYTHON, ia3_dist from ${{IA3_DIST_FROM%/__init__.py}}"
 """
 
 
+def _job_log(text: str) -> str:
+    """The batch log's name as the job's ``--output`` directive makes it (``%x-%j.out``: job name, job id)."""
+    name = re.search(r"^#SBATCH --job-name=(.+)$", text, re.M)
+    pattern = re.search(r"^#SBATCH --output=(.+)$", text, re.M)
+    out = pattern.group(1).strip() if pattern else "slurm-%j.out"
+    return out.replace("%x", name.group(1).strip() if name else "<job name>").replace("%j", "<jobid>")
+
+
 def assemble(job: Job, name: str, header: list[str], defaults: str, directives: dict[str, str | None] | None = None,
              template: str | None = None) -> str:
     """The self-contained sbatch text: the template for ``job`` (or ``template``) with its directives set (a None
@@ -692,14 +700,16 @@ def layout_from_config(a: argparse.Namespace) -> str | None:
     if a.nodes is not None and a.gpus_per_node is not None:
         return None
     hw = load_config(a.config, a.overrides).hardware
-    taken = []
+    taken = []  # said only where the section asks for more than one (a config without one says nothing)
     if a.nodes is None:
         a.nodes = (hw.nodes, hw.nodes)
-        taken.append(f"--nodes {hw.nodes}")
+        if hw.nodes != 1:
+            taken.append(f"--nodes {hw.nodes}")
     if a.gpus_per_node is None:
         a.gpus_per_node = hw.gpus_per_node
-        taken.append(f"--gpus-per-node {hw.gpus_per_node}")
-    if a.nodes == (1, 1) and a.gpus_per_node == 1:
+        if hw.gpus_per_node != 1:
+            taken.append(f"--gpus-per-node {hw.gpus_per_node}")
+    if not taken:
         return None
     return f"from the config's hardware section: {', '.join(taken)} (give them to change)"
 
@@ -769,7 +779,8 @@ def main(argv: list[str], prog: str) -> int:
         write_out(out, text, a.force)
         cpus_note(job_from_args(a))
         print(f"wrote {out}\nsubmit from the folder that relative paths in the config refer to (the job starts "
-              f"there):  sbatch {shlex.quote(str(out))}\nwatch:  squeue -u $USER; tail -f logs/*.out\nit "
+              f"there):  sbatch {shlex.quote(str(out))}\nwatch:  squeue -u $USER; tail -f {_job_log(text)} (in that "
+              f"folder; each rank's or node's log in logs/)\nit "
               f"checkpoints and requeues itself on preemption; resubmitting the same file resumes "
               f"(train.resume=auto)")
         return 0
