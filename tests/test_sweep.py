@@ -52,7 +52,8 @@ def sweep(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str
     (["train.lr="], ["train.lr", "empty value"]),
     (["train.lr=3e-3,,1e-2"], ["train.lr", "empty value"]),
     (["train.lr"], ["--grid", "key.sub=value1,value2"]),
-    (["train.lr=3e-3,abc"], ["train.lr=abc", "expected a number"]),
+    # The grid's own bad value is the grid's, not the config file's (its path was put in front).
+    (["train.lr=3e-3,abc"], ["error: --grid train.lr=abc: config key 'train.lr': expected a number"]),
     (["train.lr=3e-3,3e-3"], ["3e-3", "listed twice"]),
     (["train.lr=3e-3,0.003"], ["train.lr=3e-3", "train.lr=0.003", "same config"]),
     (["model.revision=v/1,v-1"], ["model.revision=v/1", "model.revision=v-1", "same output dir"]),

@@ -33,7 +33,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import RunConfig, load_config
 from ..config.load import apply_overrides, build_config, read_yaml
-from ..config.schema import brief, show
+from ..config.schema import ConfigKeyError, brief, show
 from ..errors import UsageError
 from ..runtime.safe_io import write_file
 from . import slurm
@@ -148,9 +148,13 @@ def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_d
                          f"limit with --max-tasks {count} (the cluster's MaxArraySize must allow it too)")
     raw = read_yaml(config)  # once: a grid of hundreds of tasks builds hundreds of configs
 
-    def build(overrides: list[str]) -> RunConfig:
+    def build(overrides: list[str], grid_key: str | None = None) -> RunConfig:
         try:
             return build_config(apply_overrides(copy.deepcopy(raw), [*base, *overrides]))
+        except ConfigKeyError as e:
+            if grid_key is not None and (e.key == grid_key or e.key.startswith(grid_key + ".")):
+                raise  # the grid's own value: named by its --grid text, not as the file's
+            raise UsageError(f"{brief(config)}: {e}") from None
         except UsageError as e:
             raise UsageError(f"{brief(config)}: {e}") from None
 
@@ -159,7 +163,7 @@ def plan_tasks(config: str, base: list[str], grid: dict[str, list[str]], sweep_d
     for key, values in grid.items():
         for v in values:
             try:
-                build([f"{key}={v}"])
+                build([f"{key}={v}"], key)
             except UsageError as e:
                 raise UsageError(f"--grid {brief(f'{key}={v}')}: {e}") from None
     tasks: list[Task] = []
