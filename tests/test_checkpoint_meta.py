@@ -12,6 +12,7 @@ import pytest
 from ia3_dist.errors import UsageError
 from ia3_dist.runtime import portable
 from ia3_dist.runtime.checkpoint import (
+    FIX,
     LAYOUT,
     MUST_MATCH,
     RECORDED_LATER,
@@ -62,6 +63,16 @@ def test_every_key_is_checked() -> None:
 def test_each_difference_is_refused_naming_it(tmp_path: Path, key: str) -> None:
     with pytest.raises(UsageError, match=f"saved with {key}=.*this run has"):
         check_compatible(_ckpt(tmp_path), {**META, key: CHANGED[key]})
+
+
+def test_each_refusal_says_how_to_go_on(tmp_path: Path) -> None:
+    """A key that differs names the settings to restore or the way on (a resume with another train.lr said only
+    "schedule='lr 0.01, linear'", neither the key to set nor what else to do)."""
+    for key, value in CHANGED.items():
+        with pytest.raises(UsageError) as e:
+            check_compatible(_ckpt(tmp_path / key), {**META, key: value})
+        assert str(e.value).endswith(f"the continuation would not be exact ({FIX[key]})"), str(e.value)
+    assert "train.lr" in FIX["schedule"] and "ia3.init_from" in FIX["schedule"]
 
 
 def test_base_weights_may_be_left_unchecked_and_nothing_else(tmp_path: Path) -> None:

@@ -94,6 +94,19 @@ FIX = {
     "n_examples": "the training examples changed in number (data.limit, data.eval_ratio, the data itself); keep "
                   "them as saved",
     "seed": "set train.seed to the saved value",
+    "schedule": "set train.lr, train.scheduler, train.warmup_steps, train.weight_decay, train.betas, train.eps and "
+                "train.grad_clip to the saved values (the one that differs is in both values above); to train on "
+                "with another schedule, continue in a new output.dir from the checkpoint's vectors with "
+                "ia3.init_from",
+    "ia3": "set the ia3.* settings to the saved values (its target modules, variant and init); the checkpoint's "
+           "vectors belong to those",
+    "objective": "set train.objective (and its settings) to the saved values, or start the new objective in a new "
+                 "output.dir from the checkpoint's vectors with ia3.init_from (as SFT then DPO does)",
+    "shuffle": "set data.shuffle to the saved value",
+    "order_version": "an earlier ia3-dist dealt the examples in another order; resume with that version, or "
+                     "continue in a new output.dir from the checkpoint's vectors with ia3.init_from",
+    "model_key": "model.path holds another architecture than the checkpoint was trained on; point it back at that "
+                 "model",
 }
 
 
