@@ -413,3 +413,18 @@ def test_tensorboard_starts_over_where_a_killed_attempt_left_no_checkpoint(tmp_p
     ea = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
     ea.Reload()
     assert [(e.step, e.value) for e in ea.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+def test_a_linked_mlflow_store_is_not_written_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run dir from elsewhere holding mlflow/mlflow.db -> a file of the user's: SQLite would open the link's
+    target as the store and write it. Refused before anything is written there; the target is untouched."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    victim = tmp_path / "notes.db"
+    victim.write_bytes(b"the user's file")
+    out = tmp_path / "run"
+    (out / "mlflow").mkdir(parents=True)
+    (out / "mlflow" / "mlflow.db").symlink_to(victim)
+    cfg = load_config(None, [f"output.dir={out}", "output.report_to=[mlflow]"])
+    with pytest.raises(UsageError, match=r"mlflow could not start .*mlflow\.db is a symlink"):
+        trackers.start_trackers(cfg, dist.DistEnv(0, 0, 1, 1), out, 0, False)
+    assert victim.read_bytes() == b"the user's file"

@@ -264,6 +264,12 @@ class MlflowTracker(Tracker):
         if default:
             store = ctx.out / "mlflow"
             store.mkdir(exist_ok=True)
+            # SQLite opens (and creates) its files through links: a run dir from elsewhere holding
+            # mlflow/mlflow.db -> a file of the user's would have it written as a database.
+            for f in ("mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm"):
+                if (store / f).is_symlink():
+                    raise UsageError(f"output.dir {ctx.out}: {store / f} is a symlink; the run's MLflow store is "
+                                     f"written there; remove the link (or set MLFLOW_TRACKING_URI)")
         bound_mlflow_http()
         self.client = c = MlflowClient(tracking_uri=self.uri)
         prev = ctx.ids.get(self.name, {})
