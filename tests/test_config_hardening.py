@@ -745,16 +745,19 @@ def test_optional_switches_take_auto_as_the_readme_lists_them(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("override, kind", [("ia3.target_modules=[query_key_value", "list"),
-                                            ("data.path=[a.jsonl", "list"),
                                             ("data.columns={instruction: q", "mapping")])
-def test_a_list_or_mapping_override_that_does_not_parse_is_refused(override: str, kind: str) -> None:
+def test_a_list_or_mapping_override_that_does_not_parse_is_refused(override: str, kind: str, tmp_path: Path) -> None:
     """YAML cannot read an unclosed bracket, so the override came as text: '[query_key_value' was taken as one
-    module name (then PEFT's own message) and '[a.jsonl' as a file name. Refused, saying why and how to write it;
-    text settings keep bracketed text (a Llama 2 style template)."""
+    module name (then PEFT's own message). Refused, saying why and how to write it. Settings that take text keep
+    bracketed text (a Llama 2 style template; a file name, in an override or quoted in a file)."""
     key = override.split("=", 1)[0]
     msg = _refused(load_config, TINY, [override])
-    assert f"config key '{key}'" in msg and f"opens a YAML {kind} that does not parse" in msg, msg
+    assert msg.startswith(f"override {override}: config key '{key}'"), msg
+    assert f"opens a YAML {kind} that does not parse" in msg, msg
     assert load_config(TINY, ["data.template=[INST] {instruction} [/INST]"]).data.template.startswith("[INST]")
+    assert load_config(TINY, ["data.path=[v2]train.jsonl"]).data.path == "[v2]train.jsonl"
+    f = _w(tmp_path / "c.yaml", 'data:\n  path: "[v2]train.jsonl"\nia3:\n  target_modules: ["query_key_value"]\n')
+    assert load_config(f).data.path == "[v2]train.jsonl"
 
 
 def test_preflight_errors_name_where_the_key_was_set(tmp_path: Path, tiny_model: Path,
@@ -767,6 +770,10 @@ def test_preflight_errors_name_where_the_key_was_set(tmp_path: Path, tiny_model:
     text = yaml.safe_dump(raw, sort_keys=False)
     f = _w(tmp_path / "c.yaml", text)
     line = next(i for i, t in enumerate(text.splitlines(), 1) if t.strip().startswith("global_batch_size:"))
+    # A key the preflight derived from another names the one that was set, not a line that set something else.
+    err = check_exits_2(tmp_path, tiny_model, capsys, ["data.limit=3", "train.global_batch_size=64"])
+    assert "override train.global_batch_size=64: config key 'train.global_batch_size': 64 makes an accumulation" \
+        in err, err
     for args, where in ((["--config", str(f), "--world-size", "2"], f"{f}:{line}: "),
                         (["--config", TINY, "--world-size", "2", "train.global_batch_size=10"],
                          "override train.global_batch_size=10: ")):

@@ -179,24 +179,40 @@ def _text(value: Any, key: str, written: str | None) -> str:
     return value
 
 
-def _unparsed_collection(value: Any, tp: Any, key: str) -> None:
-    """A list or mapping setting given text that opens a YAML list or mapping it does not close (an override
-    ``ia3.target_modules=[query_key_value``, or brackets the shell took apart): YAML could not read it, so it came
-    as text, and would be taken as one name (``[query_key_value``) or a file name. Refused, saying so."""
+def _field_type(parts: list[str]) -> Any:
+    """The annotation of the config key ``parts`` (``["ia3", "target_modules"]``); None where it is no field."""
+    tp: Any = RunConfig
+    for part in parts:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _unparsed_collection(text: str, parts: list[str], value: Any) -> None:
+    """An override of a list or mapping setting (one that takes no text) whose value opens a YAML list or mapping
+    it does not close (``ia3.target_modules=[query_key_value``, or brackets the shell took apart): YAML could not
+    read it, so it came as text, and was taken as one name (``[query_key_value``). Refused, with YAML's reason."""
     if not isinstance(value, str) or not value.lstrip().startswith(("[", "{")):
         return
+    tp = _field_type(parts)
     kinds = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     want = {typing.get_origin(k) or k for k in kinds}
     opens_list = value.lstrip()[0] == "["
-    if (opens_list and list in want) or (not opens_list and dict in want):
-        try:
-            _load_yaml(value)
-            why = ""
-        except (yaml.YAMLError, RecursionError) as e:
-            why = f" ({brief(str(getattr(e, 'problem', None) or e).splitlines()[0])})"
-        fail(key, f"{show(value)} opens a YAML {'list' if opens_list else 'mapping'} that does not parse{why}; "
-                  f"write it whole, in quotes (a bracket left open, or split by the shell): "
-                  f"'{key}={'[a, b]' if opens_list else '{a: b}'}'")
+    if str in want or not ((opens_list and list in want) or (not opens_list and dict in want)):
+        return
+    try:
+        _load_yaml(value)
+        return  # it parses: not the case here (the override's own value would not be text)
+    except (yaml.YAMLError, RecursionError) as e:
+        why = brief(str(getattr(e, "problem", None) or e).splitlines()[0])
+    key = ".".join(parts)
+    raise UsageError(f"override {brief(text)}: config key '{brief(key)}': {show(value)} opens a YAML "
+                     f"{'list' if opens_list else 'mapping'} that does not parse ({why}); write it whole, in quotes "
+                     f"(a bracket left open, or split by the shell): '{key}={'[a, b]' if opens_list else '{a: b}'}'")
 
 
 def _coerce(value: Any, tp: Any, key: str, written: str | None = None) -> Any:
@@ -206,7 +222,6 @@ def _coerce(value: Any, tp: Any, key: str, written: str | None = None) -> Any:
     if dataclasses.is_dataclass(tp):  # a list of sections: data.sources
         return _build(tp, value, key)
     origin = typing.get_origin(tp)
-    _unparsed_collection(value, tp, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -366,6 +381,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         raw = ConfigMapping(raw)
     for text in overrides:
         parts, value = parse_override(text)
+        _unparsed_collection(text, parts, value)
         node = raw
         for i, p in enumerate(parts[:-1]):
             nxt = node.get(p)
@@ -430,6 +446,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def _has_key(raw: Any, key: str) -> bool:
+    """Whether the raw config sets ``key`` itself (``data.sources[1].weight``), not only a section above it."""
+    node = raw
+    for part in re.findall(r"\[\d+\]|[^.\[\]]+", key):
+        if part.startswith("["):
+            if not isinstance(node, list) or int(part[1:-1]) >= len(node):
+                return False
+            node = node[int(part[1:-1])]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False
+    return True
+
+
 def _set_at(raw: Any, key: str) -> int | str | None:
     """Where the config key ``key`` (``data.sources[1].weight``) was set: the text of the override that set it or a
     section above it, else the line of the deepest part of it the config file has, else None."""
@@ -463,7 +494,8 @@ def located(path: str | Path | None, overrides: list[str] | None = None) -> Iter
             raw = apply_overrides(read_yaml(path) if path is not None else {}, list(overrides or []))
         except UsageError:
             raise e from None
-        where = _set_at(raw, e.key)
+        # Only where the key itself was set: a line of the section above it would point at what did not set it.
+        where = _set_at(raw, e.key) if _has_key(raw, e.key) else None
         if isinstance(where, str):
             raise UsageError(f"override {brief(where)}: {e}") from None
         if path is not None and where is not None:

@@ -390,9 +390,13 @@ def prepare(cfg: RunConfig, env: dist.DistEnv) -> Prepared:
         cfg = autobatch.with_micro(cfg, 1, cfg.train.grad_accum)
     if cfg.train.grad_accum > len(data):
         # Refused before the sampler plans anything: each step's last micro-steps would hold no example on any rank.
-        fail("train.grad_accum", f"{cfg.train.grad_accum} is more than the {len(data)} training examples, so every "
-                                 f"optimizer step would run micro-steps with no example on any rank; set it to at most "
-                                 f"{len(data)}")
+        # Named by the key that was set: the accumulation train.global_batch_size made on this world, or its own.
+        why = (f"more than the {len(data)} training examples, so every optimizer step would run micro-steps with "
+               f"no example on any rank")
+        if cfg.train.global_batch_size:
+            fail("train.global_batch_size", f"{cfg.train.global_batch_size} makes an accumulation (train.grad_accum) "
+                                            f"of {cfg.train.grad_accum} on {env.world_size} rank(s), {why}; lower it")
+        fail("train.grad_accum", f"{cfg.train.grad_accum} is {why}; set it to at most {len(data)}")
     pack_length = None
     if cfg.data.packing:
         # Before the stage choice, which sizes activations at the packed width (packing refuses an auto
