@@ -220,11 +220,14 @@ ia3_run() {
   done
   wait "$WORK_PID"; rc=$?
   rm -f "$RUN_STAMP"
-  # Exit 75 or preempted.json only where this shell caught a signal (a preemption's TERM, the limit's USR1, scancel
-  # all reach it): a rank that got its launcher's TERM while the ranks met, because another failed its checks
-  # (exit 2), exits 75, and srun reports the highest task code; requeued, such a start would loop.
-  if { { [ "$rc" = 75 ] || [ -e "$OUTPUT_DIR/preempted.json" ]; } && [ -n "${SIGNALLED:-}" ]; } ||
-     [ -n "${PREEMPT_EARLY:-}" ]; then
+  # Exit 75 where this start checkpointed (preempted.json, removed above before it began: a signal that reached
+  # only the job's steps, scancel --signal=USR1 without --batch, stops the run there too) or this shell caught a
+  # signal. Not a bare 75: a rank TERMed by its launcher while the ranks met, because another failed its checks
+  # (exit 2), exits 75 without a checkpoint, and srun reports the highest task code; requeued, it would loop.
+  # preempted.json beside another code only where this shell forwarded a signal: a run that wrote it on a signal
+  # of its own launcher (ending the ranks because one failed at every start) would be requeued for ever.
+  if { [ "$rc" = 75 ] && { [ -n "${SIGNALLED:-}" ] || [ -e "$OUTPUT_DIR/preempted.json" ]; }; } ||
+     { [ -e "$OUTPUT_DIR/preempted.json" ] && [ -n "${SIGNALLED:-}" ]; } || [ -n "${PREEMPT_EARLY:-}" ]; then
     if ! ia3_progress_since_last_requeue; then
       ia3_log "run stopped at step $(ia3_preempted_step) again, the same step as the last" \
               "${MAX_STALLED_REQUEUES:-3} requeue(s): not requeueing job $SLURM_JOB_ID (a start that cannot reach a" \

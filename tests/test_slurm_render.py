@@ -764,6 +764,10 @@ def test_exit_75_without_a_signal_to_the_job_does_not_requeue(tmp_path: Path) ->
     text, _ = _ia3_run(tmp_path, "bash -c 'exit 75'")
     assert not (tmp_path / "scontrol").exists() and "requeueing job" not in text, text
     assert "without a signal to this job: not requeueing" in text and text.endswith("[exit 75]"), text
+    # A signal that reached only the job's steps (scancel --signal=USR1 without --batch): the run checkpointed
+    # (preempted.json) and exits 75; the shell saw no signal, and the job requeues as before.
+    text, _ = _ia3_run(tmp_path, 'bash -c \'echo "{\\"step\\": 4}" > "$OUTPUT_DIR/preempted.json"; exit 75\'')
+    assert (tmp_path / "scontrol").read_text() == "requeue 7\n" and "requeueing job 7" in text, text
 
 
 @needs_bash
