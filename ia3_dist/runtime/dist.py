@@ -252,15 +252,23 @@ def init(env: DistEnv, timeout_minutes: int = 30) -> None:
     with console.filtered_prints():
         deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False,
                                    timeout=timedelta(minutes=timeout_minutes))
-    global _HOST_GROUP
+    global _HOST_GROUP, _LEAVE_GROUP
     d = torch.distributed
     if d.get_world_size() > 1 and d.get_backend() != "gloo":
         # Every rank creates it at the same point, right after the default group (new_group is collective).
         _HOST_GROUP = d.new_group(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
+    if d.get_world_size() > 1:
+        _LEAVE_GROUP = d.new_group(backend="gloo", timeout=timedelta(minutes=max(timeout_minutes, LEAVE_MINUTES)))
 
 
 _HOST_GROUP: object = None
 """A gloo group over every rank when the default group is not gloo (NCCL on GPUs): host tensors reduce there."""
+_LEAVE_GROUP: object = None
+"""A gloo group for :func:`leave_together` alone, with a timeout of its own (:data:`LEAVE_MINUTES`)."""
+LEAVE_MINUTES = 6 * 60
+"""How long the other ranks of a finished run wait for rank 0's work after training (the plot, a tracker's upload
+of the adapter and its close: minutes at most): past deepspeed.timeout_minutes (30 by default, as little as 1),
+which would end a finished run with a timeout on every other rank."""
 
 
 def _dist():
@@ -280,7 +288,7 @@ def leave_together() -> None:
     --wait=60`` SIGKILLs the tasks still running 60 s after the first one exited, a finished run then failing."""
     d = _dist()
     if d is not None and d.get_world_size() > 1:
-        d.barrier(group=_HOST_GROUP)
+        d.barrier(group=_LEAVE_GROUP)
 
 
 def all_reduce_sum(t: torch.Tensor, group: object = None) -> torch.Tensor:
@@ -357,10 +365,12 @@ def remove_shm_segments(every_rank: bool = False) -> None:
 
 def destroy() -> None:
     """Tear the group down; ranks that exit with it alive die with rc -6 (gloo aborts)."""
+    global _HOST_GROUP, _LEAVE_GROUP
     d = _dist()
     if d is not None:
         remove_shm_segments()
         d.destroy_process_group()
+    _HOST_GROUP = _LEAVE_GROUP = None  # destroyed with it: a later run in this process makes its own
 
 
 def announce(env: DistEnv, threads: int) -> None:
