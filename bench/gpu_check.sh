@@ -78,6 +78,7 @@ bench() {  # name model steps ds micro [launcher overrides...]; MIN=seconds the 
     FAILED+=("$name (skipped)"); return 0
   fi
   local sets=(); for kv in "$@"; do sets+=(--set "$kv"); done
+  rm -f "$WORK/rows/$name.json"  # an earlier call's row (ROWS= reruns keep rows/) is never taken for this one's
   # SIGKILL, to the row's whole process group: the launcher it started takes SIGTERM as a preemption (it would
   # finish its step and save, holding the GPU while the next row runs).
   if timeout -s KILL "$(( left < ROW_TIMEOUT ? left : ROW_TIMEOUT ))" "$PY" bench/bench_train.py --model "$model" \

@@ -781,3 +781,17 @@ def test_preflight_errors_name_where_the_key_was_set(tmp_path: Path, tiny_model:
         assert f"{where}config key 'train.global_batch_size': 10 is not a multiple" in err, err
     err = check_exits_2(tmp_path, tiny_model, capsys, ["train.compile=true", "deepspeed.config=zero3"])
     assert err.startswith("ia3-dist: error: override train.compile=true: config key 'train.compile'"), err
+
+
+def test_the_names_offered_for_a_wrong_target_are_the_layers_ia3_wraps() -> None:
+    """GPT-2's projections are transformers' Conv1D, not nn.Linear: the names a typo is told about must be them."""
+    from transformers import GPT2Config
+
+    from ia3_dist.config import IA3Section
+    from ia3_dist.models.ia3 import check_module_names
+    from ia3_dist.models.load import base_on_meta
+
+    model = base_on_meta(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64))
+    with pytest.raises(UsageError, match=r"'mlp\.c_prj' names no module .*attn\.c_attn.*mlp\.c_proj"):
+        check_module_names(model, IA3Section(target_modules=["c_attn", "mlp.c_prj"]))
+    check_module_names(model, IA3Section(target_modules=["c_attn", "mlp.c_proj"]))

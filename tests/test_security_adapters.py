@@ -239,6 +239,10 @@ def test_links_inside_a_dir_or_into_its_hub_blobs_are_followed(tmp_path: Path) -
     snap.mkdir(parents=True)
     (snap / "adapter_config.json").symlink_to("../../blobs/abc123")
     check_links_inside(snap, "adapter or model dir")
+    sub = snap / "checkpoint-500"  # an adapter in a subfolder of a repo
+    sub.mkdir()
+    (sub / "adapter_config.json").symlink_to("../../../blobs/abc123")
+    check_links_inside(sub, "adapter or model dir")
     (snap / "x.json").symlink_to(tmp_path / "a" / "sub" / "t.json")  # another repo's files, or the user's
     with pytest.raises(UsageError, match="x.json: a symlink to .*outside the dir"):
         check_links_inside(snap, "adapter or model dir")

@@ -58,6 +58,13 @@ def _matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
+def _wrappable(m: nn.Module) -> bool:
+    """A layer PEFT's IA3 can wrap: linear (transformers' GPT-2 style ``Conv1D`` too) or convolution."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(m, (nn.Linear, Conv1D, nn.Conv2d, nn.Conv3d))
+
+
 def _within_block(name: str) -> str:
     """A module's name after its block index (``transformer.h.3.mlp.dense_4h_to_h`` -> ``mlp.dense_4h_to_h``), as
     a target entry names it for every block; the whole name outside the blocks (``lm_head``)."""
@@ -76,10 +83,10 @@ def check_module_names(model: nn.Module, section: IA3Section) -> None:
     # (ia3.feedforward_modules is a subset of these: the config refuses any other entry.)
     for entry in section.target_modules:
         if not any(_matches(n, entry) for n in names):
-            linear = sorted({_within_block(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            raise UsageError(f"config key 'ia3.target_modules': {entry!r} names no module of the model; its linear "
-                             f"layers are {', '.join(linear[:20])}{' ...' if len(linear) > 20 else ''} (an entry "
-                             f"matches a module's whole name or its dotted ending)")
+            layers = sorted({_within_block(n) for n, m in model.named_modules() if _wrappable(m)})
+            raise UsageError(f"config key 'ia3.target_modules': {entry!r} names no module of the model; the layers "
+                             f"IA3 can scale are {', '.join(layers[:20])}{' ...' if len(layers) > 20 else ''} (an "
+                             f"entry matches a module's whole name or its dotted ending)")
 
 
 def apply_ia3(model: nn.Module, section: IA3Section) -> Any:

@@ -95,15 +95,18 @@ def check_dir_files(d: Path, what: str) -> None:
 
 
 def check_links_inside(d: Path, what: str) -> None:
-    """Every symlink under ``d`` (files and dirs, at any depth) leads inside ``d``, or, where ``d`` is a snapshot
-    of the hub cache (``.../snapshots/<rev>``, whose files link to ``../../blobs/``), into its repo's ``blobs/``:
+    """Every symlink under ``d`` (files and dirs, at any depth) leads inside ``d``, or, where ``d`` is (in) a
+    snapshot of the hub cache (``.../snapshots/<rev>``, whose files link to ``../../blobs/``), into its repo's
+    ``blobs/``:
     a dir from elsewhere (an adapter someone shared) holding ``chat_template.jinja -> ~/.ssh/id_rsa`` would
     otherwise read any file of the user's into prompts and into an export they publish. UsageError naming the
     link."""
     root = Path(os.path.realpath(d))
     allowed = [root]
-    if root.parent.name == "snapshots":
-        allowed.append(root.parent.parent / "blobs")
+    # A snapshot's subfolder too (an adapter at snapshots/<rev>/checkpoint-500 links to ../../../blobs/).
+    snap = next((p for p in (root, *root.parents) if p.parent.name == "snapshots"), None)
+    if snap is not None:
+        allowed.append(snap.parent.parent / "blobs")
     seen = 0
     try:
         for top, dirs, files in os.walk(d, followlinks=False):
