@@ -597,6 +597,21 @@ def entry(prog: str = "ia3-dist") -> None:
         code = main(prog=prog)
         sys.stdout.flush()
     except BrokenPipeError:
+        # Only stdout's own: a broken socket elsewhere (a tracker's server) is an error to show.
+        if not _stdout_closed():
+            raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 1
     sys.exit(code)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader is gone: poll reports an error on its write end."""
+    import select
+
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fd (a test's capture), no poll on this platform
+        return False

@@ -111,6 +111,11 @@ def test_help_into_a_closed_pipe_ends_quietly(how: str) -> None:
         os.close(w)
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
     assert proc.returncode == 1
+    # A broken pipe that is not stdout's (a tracker's socket) is an error to show, not a quiet exit.
+    code = ("from ia3_dist import cli\ndef boom(prog):\n    raise BrokenPipeError('a tracker socket')\n"
+            "cli.main = boom\ncli.entry()\n")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert other.returncode == 1 and "BrokenPipeError: a tracker socket" in other.stderr, other.stderr
 
 
 def test_resolve_prints_what_a_job_script_compares(capsys: pytest.CaptureFixture) -> None:

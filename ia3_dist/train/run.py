@@ -237,7 +237,9 @@ def run(cfg: RunConfig, on_trained: Callable[[Prepared, TrainResult], None] | No
         trackers.close(status)
         if env.is_main:
             (p.out / PID_FILE).unlink(missing_ok=True)
-        if status == "finished":  # (a failed or stopped rank may never come: its launcher ends the rest)
+        if status in ("finished", "killed"):
+            # Every rank ends here at the same step (a preemption's stop rides on the step's all-reduce); a failed
+            # rank may never come (its launcher ends the rest).
             dist.leave_together()
         dist.destroy()
         # Last: until here a scheduler's signal (a forwarded USR1, the step's TERM) only sets the flag; restored
