@@ -221,7 +221,7 @@ ia3_run() {
   wait "$WORK_PID"; rc=$?
   rm -f "$RUN_STAMP"
   # Exit 75 where this start checkpointed (preempted.json, removed above before it began: a signal that reached
-  # only the job's steps, scancel --signal=USR1 without --batch, stops the run there too) or this shell caught a
+  # only the job's steps, a USR1 from scancel without --batch, stops the run there too) or this shell caught a
   # signal. Not a bare 75: a rank TERMed by its launcher while the ranks met, because another failed its checks
   # (exit 2), exits 75 without a checkpoint, and srun reports the highest task code; requeued, it would loop.
   # preempted.json beside another code only where this shell forwarded a signal: a run that wrote it on a signal
