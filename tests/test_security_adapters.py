@@ -243,7 +243,11 @@ def test_links_inside_a_dir_or_into_its_hub_blobs_are_followed(tmp_path: Path) -
     sub.mkdir()
     (sub / "adapter_config.json").symlink_to("../../../blobs/abc123")
     check_links_inside(sub, "adapter or model dir")
-    (snap / "x.json").symlink_to(tmp_path / "a" / "sub" / "t.json")  # another repo's files, or the user's
+    local = tmp_path / "local-dir"  # an older `huggingface-cli download --local-dir`: big files link into the cache
+    local.mkdir()
+    (local / "adapter_config.json").symlink_to(repo / "blobs" / "abc123")
+    check_links_inside(local, "adapter or model dir")
+    (snap / "x.json").symlink_to(tmp_path / "a" / "sub" / "t.json")  # the user's own file
     with pytest.raises(UsageError, match="x.json: a symlink to .*outside the dir"):
         check_links_inside(snap, "adapter or model dir")
 

@@ -119,7 +119,10 @@ def check_links_inside(d: Path, what: str) -> None:
                 if not os.path.islink(p):
                     continue
                 target = Path(os.path.realpath(p))
-                if not any(target == a or a in target.parents for a in allowed):
+                # A hub cache's blob (an older `huggingface-cli download --local-dir` linked big files there): a
+                # downloaded model's file, not one of the user's own.
+                blob = target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
+                if not blob and not any(target == a or a in target.parents for a in allowed):
                     raise UsageError(f"{what} {brief(p)}: a symlink to {brief(str(target))}, outside the dir; a dir "
                                      f"from elsewhere must not read files of yours into prompts or an export: copy "
                                      f"the file in (cp -L) if it is yours")
