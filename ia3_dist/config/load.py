@@ -446,34 +446,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _has_key(raw: Any, key: str) -> bool:
-    """Whether the raw config sets ``key`` itself (``data.sources[1].weight``), not only a section above it."""
-    node = raw
-    for part in re.findall(r"\[\d+\]|[^.\[\]]+", key):
-        if part.startswith("["):
-            if not isinstance(node, list) or int(part[1:-1]) >= len(node):
-                return False
-            node = node[int(part[1:-1])]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            return False
-    return True
-
-
-def _set_at(raw: Any, key: str) -> int | str | None:
+def _set_at(raw: Any, key: str, whole: bool = False) -> int | str | None:
     """Where the config key ``key`` (``data.sources[1].weight``) was set: the text of the override that set it or a
-    section above it, else the line of the deepest part of it the config file has, else None."""
+    section above it, else the line of the deepest part of it the config file has, else None. ``whole``: None
+    unless the config sets the key itself, not only a section above it."""
     where: int | str | None = None
     node = raw
     for part in re.findall(r"\[\d+\]|[^.\[\]]+", key):
         if part.startswith("["):
             if not isinstance(node, list) or int(part[1:-1]) >= len(node):
-                break
+                return None if whole else where
             node = node[int(part[1:-1])]
             continue
         if not isinstance(node, dict) or part not in node:
-            break
+            return None if whole else where
         o = node.origin.get(part) if isinstance(node, ConfigMapping) else None
         # A line inside an override's own YAML (train={lr: x}) is not a line of the file.
         if isinstance(o, str) or (o is not None and not isinstance(where, str)):
@@ -495,7 +481,7 @@ def located(path: str | Path | None, overrides: list[str] | None = None) -> Iter
         except UsageError:
             raise e from None
         # Only where the key itself was set: a line of the section above it would point at what did not set it.
-        where = _set_at(raw, e.key) if _has_key(raw, e.key) else None
+        where = _set_at(raw, e.key, whole=True)
         if isinstance(where, str):
             raise UsageError(f"override {brief(where)}: {e}") from None
         if path is not None and where is not None:

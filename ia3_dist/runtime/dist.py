@@ -282,10 +282,11 @@ def barrier() -> None:
 
 
 def leave_together() -> None:
-    """Every rank waits here for the others, through the host group (no device queue): the last thing a finished
-    run does before the group goes. Rank 0's work after training (the metrics plot, a tracker's upload of the
-    adapter and its close) may take a minute; ranks that left at once would end their srun tasks, and ``srun
-    --wait=60`` SIGKILLs the tasks still running 60 s after the first one exited, a finished run then failing."""
+    """Every rank waits here for the others, through a gloo group of its own (no device queue; its own timeout,
+    :data:`LEAVE_MINUTES`): the last thing a finished or preempted run does before the group goes. Rank 0's work
+    after training (the metrics plot, a tracker's upload of the adapter and its close) may take a minute; ranks
+    that left at once would end their srun tasks, and ``srun --wait=60`` SIGKILLs the tasks still running 60 s
+    after the first one exited, a finished run then failing."""
     d = _dist()
     if d is not None and d.get_world_size() > 1:
         d.barrier(group=_LEAVE_GROUP)

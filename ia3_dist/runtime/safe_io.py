@@ -94,19 +94,17 @@ def check_dir_files(d: Path, what: str) -> None:
         raise UsageError(f"{what} {brief(str(d))}: cannot list it ({e.strerror or e})") from None
 
 
+HUB_REPO_KINDS = ("models--", "datasets--", "spaces--")
+"""How the hub cache names a repo's dir (``models--org--name``), whose ``blobs/`` its snapshots link into."""
+
+
 def check_links_inside(d: Path, what: str) -> None:
-    """Every symlink under ``d`` (files and dirs, at any depth) leads inside ``d``, or, where ``d`` is (in) a
-    snapshot of the hub cache (``.../snapshots/<rev>``, whose files link to ``../../blobs/``), into its repo's
-    ``blobs/``:
-    a dir from elsewhere (an adapter someone shared) holding ``chat_template.jinja -> ~/.ssh/id_rsa`` would
-    otherwise read any file of the user's into prompts and into an export they publish. UsageError naming the
-    link."""
+    """Every symlink under ``d`` (files and dirs, at any depth) leads inside ``d`` or to a blob of the hub cache
+    (``<kind>--<repo>/blobs/``: a snapshot's files link there, as an older ``huggingface-cli download --local-dir``
+    linked big files): a dir from elsewhere (an adapter someone shared) holding ``chat_template.jinja ->
+    ~/.ssh/id_rsa`` would otherwise read any file of the user's into prompts and into an export they publish.
+    UsageError naming the link."""
     root = Path(os.path.realpath(d))
-    allowed = [root]
-    # A snapshot's subfolder too (an adapter at snapshots/<rev>/checkpoint-500 links to ../../../blobs/).
-    snap = next((p for p in (root, *root.parents) if p.parent.name == "snapshots"), None)
-    if snap is not None:
-        allowed.append(snap.parent.parent / "blobs")
     seen = 0
     try:
         for top, dirs, files in os.walk(d, followlinks=False):
@@ -119,10 +117,10 @@ def check_links_inside(d: Path, what: str) -> None:
                 if not os.path.islink(p):
                     continue
                 target = Path(os.path.realpath(p))
-                # A hub cache's blob (an older `huggingface-cli download --local-dir` linked big files there): a
-                # downloaded model's file, not one of the user's own.
-                blob = target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
-                if not blob and not any(target == a or a in target.parents for a in allowed):
+                # A hub cache's blob (a snapshot at any depth of its repo links there): a downloaded file, not one
+                # of the user's own.
+                blob = target.parent.name == "blobs" and target.parent.parent.name.startswith(HUB_REPO_KINDS)
+                if not blob and target != root and root not in target.parents:
                     raise UsageError(f"{what} {brief(p)}: a symlink to {brief(str(target))}, outside the dir; a dir "
                                      f"from elsewhere must not read files of yours into prompts or an export: copy "
                                      f"the file in (cp -L) if it is yours")
